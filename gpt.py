@@ -1,0 +1,919 @@
+"""gpt.py: the GPT-2 core that every stage of this project stands on.
+
+Read it top to bottom:
+
+1. configuration   `GPTConfig` and `GPT_CONFIGS`, the four released sizes
+2. the model       `CausalSelfAttention`, `MLP`, `TransformerBlock`, `GPTModel`
+3. LoRA            `LoRALinear`, `add_lora`, `merge_lora`
+4. generation      `KVCache`, `sample_next_token`, `generate_stream`, `generate`
+5. tokenizer       `get_tokenizer`, `text_to_token_ids`, `token_ids_to_text`
+6. files           `download_file`, `atomic_write_bytes`, `atomic_save`
+7. weights         `read_safetensors`, `load_gpt2` (released weights or a local file)
+8. checkpoints     `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`
+9. devices         `pick_device`
+
+The model follows OpenAI's GPT-2 release (Radford et al., 2019, "Language Models are
+Unsupervised Multitask Learners", https://github.com/openai/gpt-2) and uses the same
+parameter names as that release and Hugging Face's `GPT2LMHeadModel` (`wte`, `wpe`,
+`h.N.attn.c_attn`, ...), so importing the released weights is a loop with four
+transposes. `test_all.py` checks that the logits agree with `transformers` to 1e-4.
+
+Used by load_gpt2.py, pretrain.py, finetune_classify.py and finetune_instruct.py; it is
+not meant to be run on its own.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import mmap
+import os
+import re
+import struct
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import requests
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------
+# 1. Configuration
+# ----------------------------------------------------------------------------------------
+
+EOT_ID = 50256  # id of <|endoftext|>, the last token of GPT-2's vocabulary of 50257
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    """Hyperparameters of a GPT-2-style model.
+
+    vocab_size:     number of token ids (50257 for GPT-2's byte-pair encoding)
+    context_length: longest sequence the model reads, in tokens (position embeddings)
+    emb_dim:        embedding dimension, the width of every hidden state
+    n_heads:        attention heads per layer; emb_dim must be divisible by n_heads
+    n_layers:       number of transformer blocks
+    drop_rate:      dropout probability on embeddings, attention and residual branches
+                    (0.0 for inference and for the released weights' fine-tuning recipes)
+    qkv_bias:       whether the query/key/value projection has a bias (GPT-2: yes)
+    """
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.0
+    qkv_bias: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+
+
+# The four released sizes (GPT-2 paper, table 2; names as on the Hugging Face Hub).
+GPT_CONFIGS = {
+    "gpt2": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),  # 124M parameters
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),  # 355M
+    "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),  # 774M
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
+}
+
+
+# ----------------------------------------------------------------------------------------
+# 2. The model
+# ----------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which each position sees only itself and the past.
+
+    One fused linear layer computes queries, keys and values (`c_attn`, as in GPT-2), and
+    `torch.nn.functional.scaled_dot_product_attention` computes softmax(QK^T/sqrt(d))V
+    without materialising the attention matrix where a fused kernel exists.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.emb_dim // cfg.n_heads
+        self.drop_rate = cfg.drop_rate
+        self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.resid_drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        """x: float [batch, seq_len, emb_dim] -> float [batch, seq_len, emb_dim].
+
+        With a `KVCache`, x holds the positions after the `kv_cache.length` cached ones;
+        this layer's keys and values are appended to the cache at index `layer`.
+        """
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.length
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, start + T, hd)
+        if start == 0:
+            mask, is_causal = None, T > 1
+        else:
+            # Query i sits at position start + i and may see keys 0 .. start + i.
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            mask, is_causal = (None if T == 1 else mask), False
+        dropout_p = self.drop_rate if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hd): heads side by side
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: Linear(d, 4d) -> GELU -> Linear(4d, d)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 uses the tanh approximation
+        self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x):
+        """x: float [batch, seq_len, emb_dim] -> same shape."""
+        return self.drop(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) (GPT-2, section 2.3)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)  # eps as in GPT-2
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        """x: float [batch, seq_len, emb_dim] -> same shape."""
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPTModel(nn.Module):
+    """GPT-2: token and position embeddings, `n_layers` transformer blocks, a final
+    LayerNorm and a language-model head that shares its weight with the token embedding.
+
+    Parameter names follow the GPT-2 release (`wte`, `wpe`, `h`, `ln_f`) so that
+    `load_gpt2` can copy the released tensors by name.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim)  # token embeddings
+        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)  # position embeddings
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.h = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied input/output embeddings, as released
+        self.apply(self._init_weights)
+        # Residual projections add up over 2 * n_layers branches; scale them down so the
+        # residual stream keeps unit variance at initialisation (GPT-2, section 2.3).
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)  # 0.02 as in GPT-2's code
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def embed(self, idx, start=0):
+        """Token ids [batch, seq_len] at positions start.. -> float [batch, seq_len, emb_dim].
+
+        Raises ValueError when start + seq_len exceeds the context length.
+        """
+        T = idx.shape[1]
+        if start + T > self.cfg.context_length:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than the model's context length "
+                f"({self.cfg.context_length}); crop the input to its last {self.cfg.context_length} tokens"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))
+
+    def forward(self, idx, kv_cache=None):
+        """Token ids: LongTensor [batch, seq_len] -> logits: float [batch, seq_len, vocab_size].
+
+        With a `KVCache`, idx holds only the new positions; their keys and values are
+        added to the cache, so each new token costs one position, not the whole prefix.
+        Raises ValueError when the sequence (cached positions included) is longer than
+        the context length.
+        """
+        start = kv_cache.length if kv_cache is not None else 0
+        x = self.embed(idx, start)
+        for layer, block in enumerate(self.h):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += idx.shape[1]
+        return self.lm_head(self.ln_f(x))
+
+
+def count_parameters(model, trainable_only=False):
+    """Number of distinct parameters (a tied weight counts once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Low-rank adapters (LoRA)
+# ----------------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: y = W x + b + (alpha / rank) * B A x.
+
+    A: [rank, in_features], random; B: [out_features, rank], zeros, so training starts
+    from exactly the wrapped layer's output (Hu et al., 2021, "LoRA: Low-Rank Adaptation
+    of Large Language Models", section 4.1).
+    """
+
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.linear = linear
+        self.lora_a = nn.Parameter(torch.empty(rank, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device, dtype=linear.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        """x: float [..., in_features] -> float [..., out_features]."""
+        return self.linear(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scaling
+
+
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # linear layers of each block
+
+
+def add_lora(model, rank=8, alpha=16):
+    """Freeze every parameter of model, then wrap the attention and MLP linear layers of
+    each transformer block in `LoRALinear`, whose adapters are the only trainable
+    parameters. Unfreeze anything else that should train (a new head, say) afterwards.
+    Returns the model (changed in place)."""
+    model.requires_grad_(False)
+    for block in model.h:
+        for target in LORA_TARGETS:
+            parent_name, child_name = target.split(".")
+            parent = getattr(block, parent_name)
+            setattr(parent, child_name, LoRALinear(getattr(parent, child_name), rank, alpha))
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold each `LoRALinear` back into a plain nn.Linear (W <- W + (alpha / rank) B A), so
+    that the model has GPT-2's own parameter names again and saves as a plain checkpoint.
+    Returns the model (changed in place)."""
+    for block in model.h:
+        for target in LORA_TARGETS:
+            parent_name, child_name = target.split(".")
+            parent = getattr(block, parent_name)
+            layer = getattr(parent, child_name)
+            if isinstance(layer, LoRALinear):
+                layer.linear.weight += (layer.lora_b @ layer.lora_a) * layer.scaling
+                setattr(parent, child_name, layer.linear)
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Generation
+# ----------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of the positions a model has already read, one pair per layer.
+
+    Buffers of shape [batch, n_heads, context_length, head_dim] are allocated on first
+    use; `length` counts the positions filled. The model advances `length` after each
+    forward pass. Source: the key/value caching of GPT-2's own sampling code
+    (`past` in openai/gpt-2 src/model.py), here in preallocated buffers.
+    """
+
+    def __init__(self, cfg):
+        self.n_layers = cfg.n_layers
+        self.max_length = cfg.context_length
+        self.keys = [None] * cfg.n_layers
+        self.values = [None] * cfg.n_layers
+        self.length = 0
+
+    def update(self, layer, k, v):
+        """Append k, v: [batch, n_heads, T, head_dim] at `length`; return all keys and
+        values so far, [batch, n_heads, length + T, head_dim]."""
+        if self.keys[layer] is None:
+            B, nh, _, hd = k.shape
+            self.keys[layer] = k.new_empty(B, nh, self.max_length, hd)
+            self.values[layer] = v.new_empty(B, nh, self.max_length, hd)
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from logits: float [batch, vocab_size] -> LongTensor [batch].
+
+    temperature 0 means greedy (argmax). Otherwise the logits are divided by the
+    temperature, cut to the `top_k` most likely tokens and to the smallest set whose
+    probabilities add up to at least `top_p` (nucleus sampling, Holtzman et al., 2019,
+    "The Curious Case of Neural Text Degeneration"), then sampled.
+    Raises ValueError for a negative temperature, top_k < 1 or top_p outside (0, 1].
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the first one stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def window_start(length, context_length):
+    """First position of the window a model reads when a sequence has `length` tokens.
+
+    Up to the context length the model reads everything. Past it, the window moves
+    forward in steps of half the context length rather than one token: with absolute
+    position embeddings every move invalidates the key/value cache, so moving in big
+    steps means the cache is rebuilt once per half-window instead of once per token.
+    """
+    if length <= context_length:
+        return 0
+    step = max(1, context_length // 2)
+    return math.ceil((length - context_length) / step) * step
+
+
+@torch.no_grad()
+def generate_stream(
+    model, idx, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, eos_id=None, generator=None, use_cache=True
+):
+    """Yield new tokens one at a time: LongTensor [batch] per step.
+
+    idx: LongTensor [batch, seq_len], the prompt. Stops after `max_new_tokens` tokens, or
+    once every row has produced `eos_id` (a row that finished early repeats `eos_id`).
+    Sampling options as in `sample_next_token`; pass a seeded `torch.Generator` for
+    reproducible sampling. With `use_cache` each step reads one new position through a
+    `KVCache`; without it each step re-reads the whole window (slower, same tokens).
+    Past the context length the window is cropped as `window_start` describes.
+    Raises ValueError for an empty prompt.
+    """
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"prompt must be a LongTensor [batch, seq_len] with seq_len >= 1, got shape {tuple(idx.shape)}")
+    was_training = model.training
+    model.eval()
+    ctx = model.cfg.context_length
+    tokens = idx
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    cache, cache_start = None, None
+    try:
+        for _ in range(max_new_tokens):
+            start = window_start(tokens.shape[1], ctx)
+            if not use_cache:
+                logits = model(tokens[:, start:])
+            elif start != cache_start:  # first step, or the window moved: (re)fill the cache
+                cache, cache_start = KVCache(model.cfg), start
+                logits = model(tokens[:, start:], kv_cache=cache)
+            else:
+                logits = model(tokens[:, -1:], kv_cache=cache)
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_token = next_token.masked_fill(finished, eos_id)
+                finished |= next_token == eos_id
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            yield next_token
+            if eos_id is not None and finished.all():
+                break
+    finally:
+        model.train(was_training)
+
+
+def generate(model, idx, max_new_tokens, *, seed=None, on_token=None, **options):
+    """Continue the prompt idx: LongTensor [batch, seq_len] -> [batch, seq_len + n_new].
+
+    Greedy by default (temperature 0). `seed` makes sampling reproducible (a fresh
+    `torch.Generator` on idx's device); `on_token(token: LongTensor [batch])` is called
+    for each new token as it comes, for streaming. Other options (temperature, top_k,
+    top_p, eos_id, generator, use_cache) as in `generate_stream`. The output includes
+    the end-of-text token when generation stopped at `eos_id`.
+    """
+    if seed is not None:
+        options["generator"] = torch.Generator(device=idx.device).manual_seed(seed)
+    new_tokens = []
+    for token in generate_stream(model, idx, max_new_tokens, **options):
+        new_tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+    if not new_tokens:
+        return idx
+    return torch.cat([idx, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Tokenizer
+# ----------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def get_tokenizer():
+    """tiktoken's "gpt2" byte-pair encoding (50257 tokens, the one GPT-2 was trained with).
+
+    tiktoken downloads its two vocabulary files on first use and caches them; set
+    TIKTOKEN_CACHE_DIR to a folder that holds them to work offline.
+    """
+    return tiktoken.get_encoding("gpt2")
+
+
+def text_to_token_ids(text, device=None):
+    """Text -> LongTensor [1, n_tokens]. "<|endoftext|>" in the text becomes id 50256."""
+    ids = get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+    return torch.tensor(ids, dtype=torch.long, device=device).unsqueeze(0)
+
+
+def token_ids_to_text(token_ids):
+    """Token ids (LongTensor [n] or [1, n], or a list of ints) -> text."""
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.reshape(-1).tolist()
+    return get_tokenizer().decode(token_ids)
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Files: downloads and atomic writes
+# ----------------------------------------------------------------------------------------
+
+
+def cache_dir():
+    """Folder for downloaded weights and data: $GPT_CACHE_DIR, else ~/.cache/gpt2-lifecycle."""
+    return Path(os.environ.get("GPT_CACHE_DIR") or Path.home() / ".cache" / "gpt2-lifecycle")
+
+
+def format_duration(seconds):
+    """Seconds -> "1h02m", "3m05s" or "42s", for ETAs and wall times."""
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def atomic_write_bytes(path, data):
+    """Write bytes to path through a temporary file and a rename, so that readers never
+    see a half-written file (os.replace is atomic on POSIX and Windows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj, path):
+    """torch.save(obj) to path atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _print_progress(done, total, started, label):
+    elapsed = max(time.time() - started, 1e-9)
+    speed = done / elapsed
+    if total:
+        eta = format_duration((total - done) / speed) if speed > 0 else "?"
+        line = f"{label}: {done / 1e6:.1f} / {total / 1e6:.1f} MB ({100 * done / total:.0f}%), {speed / 1e6:.1f} MB/s, ETA {eta}"
+    else:
+        line = f"{label}: {done / 1e6:.1f} MB, {speed / 1e6:.1f} MB/s"
+    print("\r" + line, end="", file=sys.stderr, flush=True)
+
+
+def _sha256_of_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_file(url, dest, *, sha256=None, size=None, timeout=30, retries=3, quiet=False):
+    """Download url to dest, resuming and verifying; return dest as a Path.
+
+    The bytes go to `dest.part` first. An interrupted download resumes from where the
+    partial file ends with an HTTP Range request (up to `retries` attempts per call, and
+    again on the next call). When complete, the size (bytes, if given or announced by
+    the server) and the SHA-256 (hex, if given) are checked, and only then is the file
+    renamed to dest. A mismatch deletes the partial file. `timeout` is in seconds per
+    network read. Progress (MB, MB/s, ETA) goes to stderr unless `quiet`.
+    Raises RuntimeError naming the URL when the server answers with an error status,
+    the connection keeps failing, or the checks fail.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    label = f"downloading {dest.name}"
+    for attempt in range(1, retries + 1):
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+                if r.status_code == 416:  # partial file is already complete (or too long)
+                    break
+                if r.status_code not in (200, 206):
+                    raise RuntimeError(f"download of {url} failed: HTTP {r.status_code} {r.reason}")
+                if r.status_code == 200:  # server ignored the Range header: start over
+                    have = 0
+                length = r.headers.get("Content-Length")
+                total = have + int(length) if length is not None else size
+                started, done, last_print = time.time(), have, 0.0
+                with open(part, "ab" if have else "wb") as f:
+                    for chunk in r.iter_content(chunk_size=1 << 20):
+                        f.write(chunk)
+                        done += len(chunk)
+                        if not quiet and time.time() - last_print > 0.5:
+                            _print_progress(done, total, started, label)
+                            last_print = time.time()
+                if not quiet:
+                    _print_progress(done, total, started, label)
+                    print(file=sys.stderr)
+                if total is not None and done < total:
+                    raise requests.ConnectionError(f"connection closed after {done} of {total} bytes")
+                break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            if not quiet:
+                print(f"\n{label}: attempt {attempt} of {retries} failed ({e.__class__.__name__}); resuming", file=sys.stderr)
+            if attempt == retries:
+                got = part.stat().st_size if part.exists() else 0
+                raise RuntimeError(
+                    f"download of {url} failed after {retries} attempts ({e}); {got} bytes are kept in "
+                    f"{part}, run again to resume"
+                ) from e
+    got = part.stat().st_size if part.exists() else 0
+    if size is not None and got != size:
+        part.unlink(missing_ok=True)
+        raise RuntimeError(f"download of {url} has {got} bytes, expected {size}; the partial file was deleted, run again")
+    if sha256 is not None:
+        actual = _sha256_of_file(part)
+        if actual != sha256.lower():
+            part.unlink(missing_ok=True)
+            raise RuntimeError(
+                f"download of {url} is corrupt: SHA-256 {actual}, expected {sha256}; the file was deleted, run again"
+            )
+    os.replace(part, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Pretrained weights: safetensors reader and GPT-2 loader
+# ----------------------------------------------------------------------------------------
+
+# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes; the format's own limit
+
+
+def read_safetensors(path):
+    """Read a .safetensors file -> dict of name -> tensor, memory-mapped (no copy).
+
+    The format: 8 bytes little-endian header length N, N bytes of JSON mapping each name
+    to {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the end of
+    the header), then the raw little-endian tensor bytes. The tensors share memory with
+    a private (copy-on-write) mapping of the file, so reading costs no memory until the
+    bytes are touched. Raises ValueError naming the problem for a truncated or malformed
+    file, and FileNotFoundError when it does not exist.
+    """
+    path = Path(path)
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        if file_size < 8:
+            raise ValueError(f"{path}: not a safetensors file ({file_size} bytes, shorter than the 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > file_size:
+            raise ValueError(
+                f"{path}: header length {header_len} bytes runs past the end of the {file_size}-byte file "
+                "(truncated or not a safetensors file)"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: header is not a JSON object")
+        data_size = file_size - 8 - header_len
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if data_size else None
+
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} needs dtype, shape and two data_offsets, got {info!r}") from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
+        dtype = SAFETENSORS_DTYPES[dtype_name]
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed shape {shape} or offsets {[begin, end]}")
+        if not 0 <= begin <= end <= data_size:
+            raise ValueError(
+                f"{path}: tensor {name!r} data offsets [{begin}, {end}] are outside the {data_size} data bytes "
+                "(truncated file?)"
+            )
+        numel = math.prod(shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != numel * itemsize:
+            raise ValueError(
+                f"{path}: tensor {name!r} has {end - begin} bytes but shape {shape} in {dtype_name} needs {numel * itemsize}"
+            )
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            offset = 8 + header_len + begin
+            tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=numel, offset=offset).view(shape)
+    return tensors
+
+
+def hf_hub_cache():
+    """Hugging Face's cache folder: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def find_in_hf_cache(name):
+    """Path of model.safetensors of openai-community/<name> in the Hugging Face cache, or None."""
+    for repo in (f"models--openai-community--{name}", f"models--{name}"):
+        snapshots = hf_hub_cache() / repo / "snapshots"
+        ref = hf_hub_cache() / repo / "refs" / "main"
+        candidates = [snapshots / ref.read_text().strip()] if ref.exists() else []
+        candidates += sorted(snapshots.glob("*")) if snapshots.exists() else []
+        for snapshot in candidates:
+            if (snapshot / "model.safetensors").exists():
+                return snapshot / "model.safetensors"
+    return None
+
+
+def gpt2_weights_path(name):
+    """Where the weights of a released size are (or will be) cached: <cache>/<name>/model.safetensors."""
+    return cache_dir() / name / "model.safetensors"
+
+
+def download_gpt2(name, *, quiet=False):
+    """Make sure the released weights of `name` (a key of GPT_CONFIGS) are on disk; return the path.
+
+    Looks in the Hugging Face cache, then in `gpt2_weights_path(name)`; otherwise downloads
+    `model.safetensors` of openai-community/<name> from $HF_ENDPOINT (default
+    https://huggingface.co), verified against the size and SHA-256 the hub announces in
+    its X-Linked-Size and X-Linked-Etag headers. Raises ValueError for an unknown name and
+    RuntimeError when the download fails.
+    """
+    if name not in GPT_CONFIGS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(GPT_CONFIGS)} or give a path to a file")
+    found = find_in_hf_cache(name)
+    if found is not None:
+        return found
+    dest = gpt2_weights_path(name)
+    if dest.exists():
+        return dest
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/openai-community/{name}/resolve/main/model.safetensors"
+    try:
+        head = requests.head(url, allow_redirects=False, timeout=30)
+    except requests.RequestException as e:
+        raise RuntimeError(
+            f"cannot reach {url} ({e.__class__.__name__}). Offline? Pass a local .safetensors file instead of "
+            f"{name!r}, or set HF_ENDPOINT to a mirror"
+        ) from None
+    if head.status_code >= 400:
+        raise RuntimeError(f"download of {url} failed: HTTP {head.status_code} {head.reason}")
+    etag = (head.headers.get("X-Linked-Etag") or head.headers.get("ETag") or "").strip('"').removeprefix("W/").strip('"')
+    sha256 = etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None  # LFS files: the etag is the SHA-256
+    size = head.headers.get("X-Linked-Size")
+    return download_file(url, dest, sha256=sha256, size=int(size) if size else None, quiet=quiet)
+
+
+# Keys of the released files that hold no parameters of ours: the causal-mask buffers
+# `h.N.attn.bias` / `h.N.attn.masked_bias` (we build the mask on the fly) and
+# `lm_head.weight` (tied to wte).
+_IGNORED_KEYS = re.compile(r"(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)")
+# The reference implementation stores these as Conv1D weights, [in_features, out_features].
+_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def config_from_weights(tensors, config_json=None):
+    """GPTConfig for a dict of GPT-2 tensors (keys without the `transformer.` prefix).
+
+    Uses the Hugging Face config.json dict when given; otherwise reads the sizes off the
+    tensor shapes. The number of heads leaves no trace in the shapes: it is taken from the
+    released size with the same width, else emb_dim / 64 (GPT-2's head size).
+    """
+    if config_json is not None:
+        return GPTConfig(
+            vocab_size=config_json["vocab_size"],
+            context_length=config_json["n_positions"],
+            emb_dim=config_json["n_embd"],
+            n_heads=config_json["n_head"],
+            n_layers=config_json["n_layer"],
+        )
+    for key in ("wte.weight", "wpe.weight"):
+        if key not in tensors:
+            raise ValueError(f"not a GPT-2 weights file: no tensor {key!r} (found {sorted(tensors)[:5]} ...)")
+    vocab_size, emb_dim = tensors["wte.weight"].shape
+    n_layers = len({int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))})
+    same_width = [c.n_heads for c in GPT_CONFIGS.values() if c.emb_dim == emb_dim]
+    n_heads = same_width[0] if same_width else max(1, emb_dim // 64)
+    return GPTConfig(
+        vocab_size=vocab_size,
+        context_length=tensors["wpe.weight"].shape[0],
+        emb_dim=emb_dim,
+        n_heads=n_heads,
+        n_layers=n_layers,
+    )
+
+
+def load_weights_into(model, tensors, source="weights"):
+    """Copy GPT-2 tensors (release names, `transformer.` prefix already removed) into model.
+
+    Transposes the four Conv1D weights per block and converts to the model's dtype.
+    Strict: raises ValueError listing every missing, unexpected or mis-shaped tensor.
+    """
+    params = {name: p for name, p in model.state_dict(keep_vars=True).items() if name != "lm_head.weight"}
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(k for k in tensors if k not in params and not _IGNORED_KEYS.fullmatch(k))
+    mismatched = []
+    for name, param in params.items():
+        if name in tensors:
+            shape = tensors[name].shape[::-1] if name.endswith(_TRANSPOSED) else tensors[name].shape
+            if tuple(shape) != tuple(param.shape):
+                mismatched.append(f"{name}: file {tuple(tensors[name].shape)}, model {tuple(param.shape)}")
+    if missing or unexpected or mismatched:
+        problems = [f"missing: {', '.join(missing)}"] if missing else []
+        problems += [f"unexpected: {', '.join(unexpected)}"] if unexpected else []
+        problems += [f"wrong shape: {'; '.join(mismatched)}"] if mismatched else []
+        raise ValueError(f"{source} do not fit the GPT-2 model:\n  " + "\n  ".join(problems))
+    with torch.no_grad():
+        for name, param in params.items():
+            tensor = tensors[name].t() if name.endswith(_TRANSPOSED) else tensors[name]
+            param.copy_(tensor)
+
+
+def load_gpt2(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
+    """Load a GPT-2 with pretrained weights -> GPTModel in eval mode on `device`, in `dtype`.
+
+    name_or_path:
+    - a released size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"): downloaded once
+      from the Hugging Face Hub (see `download_gpt2`) and cached;
+    - a `.safetensors` file as published on the hub or written by `save_pretrained`
+      (tensor names with or without the `transformer.` prefix); the config comes from a
+      `config.json` beside it when present, else from the tensor shapes;
+    - a checkpoint written by this project's scripts (`save_checkpoint`, a `.pt` file).
+    The model is built without random initialisation (on the meta device) and the
+    tensors are copied once from the memory-mapped file, so loading needs about one
+    copy of the weights in memory. Raises ValueError for an unknown name or a malformed
+    or mismatching file, FileNotFoundError for a missing path.
+    """
+    path = Path(name_or_path)
+    if str(name_or_path) in GPT_CONFIGS and not path.exists():
+        path = download_gpt2(str(name_or_path), quiet=quiet)
+    elif not path.exists():
+        raise FileNotFoundError(
+            f"no model {str(name_or_path)!r}: give one of {', '.join(GPT_CONFIGS)}, a .safetensors file or a checkpoint"
+        )
+    if path.suffix != ".safetensors":
+        return model_from_checkpoint(load_checkpoint(path), device=device, dtype=dtype)
+
+    tensors = {k.removeprefix("transformer."): v for k, v in read_safetensors(path).items()}
+    config_file = path.with_name("config.json")
+    cfg = config_from_weights(tensors, json.loads(config_file.read_text()) if config_file.exists() else None)
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)  # allocate, skip random initialisation
+    model.lm_head.weight = model.wte.weight  # moving parameters unties them: tie again
+    load_weights_into(model, tensors, source=str(path))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Checkpoints of this project
+# ----------------------------------------------------------------------------------------
+
+
+def unwrap_model(model):
+    """The plain model inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def save_checkpoint(path, model, **extra):
+    """Save model config and weights (plus any extra entries: optimizer state, step, RNG
+    states, ...) to path atomically. Wrappers are removed first, so the keys never carry
+    `module.` or `_orig_mod.` prefixes. Extra values must be tensors, numbers, strings,
+    or lists/dicts of them, so that `load_checkpoint` can read them with weights_only."""
+    model = unwrap_model(model)
+    atomic_save({"config": dataclasses.asdict(model.cfg), "model": model.state_dict(), **extra}, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint written by `save_checkpoint` -> dict (safely: weights_only=True).
+
+    Raises ValueError when the file is not such a checkpoint.
+    """
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({e.__class__.__name__}: {str(e)[:200]})") from None
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
+        raise ValueError(f"{path}: not a checkpoint of this project (no 'config' and 'model' entries)")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
+    """GPTModel from a `load_checkpoint` dict, in eval mode. Raises ValueError when the
+    weights do not fit the config (e.g. a classifier checkpoint with its own head)."""
+    cfg = GPTConfig(**checkpoint["config"])
+    model = GPTModel(cfg)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint weights do not fit a GPT model of its config: {str(e)[:500]}") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Devices
+# ----------------------------------------------------------------------------------------
+
+
+def pick_device(name="auto"):
+    """"auto" -> "cuda" if available, else "mps" (Apple GPUs), else "cpu"; other names pass
+    through after a check. Raises ValueError for a device this machine does not have."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available here; use --device cpu")
+    return device
