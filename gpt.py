@@ -7,7 +7,7 @@ Read it top to bottom:
 3. LoRA            `LoRALinear`, `add_lora`, `merge_lora`
 4. generation      `KVCache`, `sample_next_token`, `generate_stream`, `generate`
 5. tokenizer       `get_tokenizer`, `text_to_token_ids`, `token_ids_to_text`
-6. files           `download_file`, `atomic_write_bytes`, `atomic_save`
+6. files           `download_file`, `fetch_dataset`, `atomic_write_bytes`, `atomic_save`, `plot_curves`
 7. weights         `read_safetensors`, `load_gpt2` (released weights or a local file)
 8. checkpoints     `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`
 9. devices         `pick_device`
@@ -473,7 +473,7 @@ def token_ids_to_text(token_ids):
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Files: downloads and atomic writes
+# 6. Files: downloads, atomic writes, plots
 # ----------------------------------------------------------------------------------------
 
 
@@ -604,6 +604,57 @@ def download_file(url, dest, *, sha256=None, size=None, timeout=30, retries=3, q
             )
     os.replace(part, dest)
     return dest
+
+
+def fetch_dataset(urls, filename, *, flag="--data", sha256=None, quiet=False):
+    """Path of a data file in the cache, downloading it from the first of `urls` that works.
+
+    The file lands in <cache>/data/<filename> (see `cache_dir`), so the second run reads it
+    from disk. Raises RuntimeError naming every URL tried and the command-line `flag` that
+    takes a local copy instead, when none of them works.
+    """
+    dest = cache_dir() / "data" / filename
+    if dest.exists():
+        return dest
+    errors = []
+    for url in urls:
+        try:
+            return download_file(url, dest, sha256=sha256, quiet=quiet)
+        except RuntimeError as e:
+            errors.append(f"  {url}: {e}")
+    raise RuntimeError(
+        f"could not download {filename}:\n" + "\n".join(errors) + f"\nOffline? Pass a local copy with {flag} PATH"
+    )
+
+
+def plot_curves(path, panels, xlabel):
+    """Save line plots side by side as a PNG; return the path, or None without matplotlib.
+
+    panels: {panel title: {series label: (x values, y values)}}. matplotlib is an
+    optional extra: without it this prints a one-line note and returns None.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(no plot: pip install matplotlib to get {Path(path).name})")
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, label=label, marker="." if len(xs) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------
