@@ -682,10 +682,11 @@ def read_safetensors(path):
 
     The format: 8 bytes little-endian header length N, N bytes of JSON mapping each name
     to {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the end of
-    the header), then the raw little-endian tensor bytes. The tensors share memory with
-    a private (copy-on-write) mapping of the file, so reading costs no memory until the
-    bytes are touched. Raises ValueError naming the problem for a truncated or malformed
-    file, and FileNotFoundError when it does not exist.
+    the header), then the raw little-endian tensor bytes. Each tensor is a view of a
+    private (copy-on-write) memory mapping of its own bytes: reading costs no memory
+    until the bytes are touched, and dropping the tensor releases them. Raises
+    ValueError naming the problem for a truncated or malformed file, and
+    FileNotFoundError when it does not exist.
     """
     path = Path(path)
     file_size = path.stat().st_size
@@ -705,38 +706,42 @@ def read_safetensors(path):
         if not isinstance(header, dict):
             raise ValueError(f"{path}: header is not a JSON object")
         data_size = file_size - 8 - header_len
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if data_size else None
+        return {
+            name: _map_tensor(path, f, name, info, 8 + header_len, data_size)
+            for name, info in header.items()
+            if name != "__metadata__"  # optional free-form metadata, not a tensor
+        }
 
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{path}: tensor {name!r} needs dtype, shape and two data_offsets, got {info!r}") from None
-        if dtype_name not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
-        dtype = SAFETENSORS_DTYPES[dtype_name]
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
-            raise ValueError(f"{path}: tensor {name!r} has a malformed shape {shape} or offsets {[begin, end]}")
-        if not 0 <= begin <= end <= data_size:
-            raise ValueError(
-                f"{path}: tensor {name!r} data offsets [{begin}, {end}] are outside the {data_size} data bytes "
-                "(truncated file?)"
-            )
-        numel = math.prod(shape)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if end - begin != numel * itemsize:
-            raise ValueError(
-                f"{path}: tensor {name!r} has {end - begin} bytes but shape {shape} in {dtype_name} needs {numel * itemsize}"
-            )
-        if numel == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            offset = 8 + header_len + begin
-            tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=numel, offset=offset).view(shape)
-    return tensors
+
+def _map_tensor(path, f, name, info, data_start, data_size):
+    """Check one header entry of an open safetensors file and map its bytes as a tensor."""
+    try:
+        dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"{path}: tensor {name!r} needs dtype, shape and two data_offsets, got {info!r}") from None
+    if dtype_name not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
+        raise ValueError(f"{path}: tensor {name!r} has a malformed shape {shape} or offsets {[begin, end]}")
+    if not 0 <= begin <= end <= data_size:
+        raise ValueError(
+            f"{path}: tensor {name!r} data offsets [{begin}, {end}] are outside the {data_size} data bytes "
+            "(truncated file?)"
+        )
+    numel = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if end - begin != numel * itemsize:
+        raise ValueError(
+            f"{path}: tensor {name!r} has {end - begin} bytes but shape {shape} in {dtype_name} needs {numel * itemsize}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    # Mappings start on a page boundary: map from the page that holds the first byte.
+    start = data_start + begin
+    page_start = start - start % mmap.ALLOCATIONGRANULARITY
+    region = mmap.mmap(f.fileno(), start + end - begin - page_start, offset=page_start, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(region, dtype=dtype, count=numel, offset=start - page_start).view(shape)
 
 
 def hf_hub_cache():
@@ -841,7 +846,9 @@ def load_weights_into(model, tensors, source="weights"):
     """Copy GPT-2 tensors (release names, `transformer.` prefix already removed) into model.
 
     Transposes the four Conv1D weights per block and converts to the model's dtype.
-    Strict: raises ValueError listing every missing, unexpected or mis-shaped tensor.
+    Consumes `tensors`: each is dropped right after its copy, so a memory-mapped file's
+    pages leave memory one tensor at a time. Strict: raises ValueError listing every
+    missing, unexpected or mis-shaped tensor (before anything is copied).
     """
     params = {name: p for name, p in model.state_dict(keep_vars=True).items() if name != "lm_head.weight"}
     missing = sorted(set(params) - set(tensors))
@@ -859,8 +866,8 @@ def load_weights_into(model, tensors, source="weights"):
         raise ValueError(f"{source} do not fit the GPT-2 model:\n  " + "\n  ".join(problems))
     with torch.no_grad():
         for name, param in params.items():
-            tensor = tensors[name].t() if name.endswith(_TRANSPOSED) else tensors[name]
-            param.copy_(tensor)
+            tensor = tensors.pop(name)
+            param.copy_(tensor.t() if name.endswith(_TRANSPOSED) else tensor)
 
 
 def load_gpt2(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
@@ -873,9 +880,9 @@ def load_gpt2(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=F
       (tensor names with or without the `transformer.` prefix); the config comes from a
       `config.json` beside it when present, else from the tensor shapes;
     - a checkpoint written by this project's scripts (`save_checkpoint`, a `.pt` file).
-    The model is built without random initialisation (on the meta device) and the
-    tensors are copied once from the memory-mapped file, so loading needs about one
-    copy of the weights in memory. Raises ValueError for an unknown name or a malformed
+    The model is built without random initialisation (on the meta device) and each
+    tensor is copied once from the memory-mapped file and then released, so loading
+    needs about one copy of the weights in memory. Raises ValueError for an unknown name or a malformed
     or mismatching file, FileNotFoundError for a missing path.
     """
     path = Path(name_or_path)
