@@ -13,17 +13,21 @@ printing the tokens as they are generated.
 
 Prints the parameter count, the load time and where the weights are cached, then the
 prompt and its continuation. Writes nothing but the weights cache (see gpt.cache_dir:
-$GPT_CACHE_DIR, else ~/.cache/gpt2-lifecycle; an existing Hugging Face cache is used
-as is).
+--cache-dir, else $GPT_CACHE_DIR, else ~/.cache/gpt2-lifecycle; an existing Hugging
+Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror).
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
+import torch
 
 import gpt
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None):
@@ -40,6 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of tokens whose probability reaches p")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="precision of the weights and the computation")
+    parser.add_argument("--cache-dir", default=str(gpt.cache_dir()),
+                        help="folder for downloaded weights; the default comes from $GPT_CACHE_DIR, else ~/.cache/gpt2-lifecycle")
     parser.add_argument("--download-only", action="store_true", help="download the weights into the cache and exit")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
@@ -88,6 +95,7 @@ def stream_continuation(model, prompt_ids, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.cache_dir() looks
     try:
         device = gpt.pick_device(args.device)
         if args.download_only:
@@ -97,7 +105,7 @@ def main(argv=None):
             return
 
         started = time.time()
-        model = gpt.load_gpt2(args.model, device=device)
+        model = gpt.load_gpt2(args.model, device=device, dtype=DTYPES[args.dtype])
         load_seconds = time.time() - started
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -106,7 +114,7 @@ def main(argv=None):
     print(f"model:      {args.model} ({gpt.count_parameters(model) / 1e6:.1f}M parameters: {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads, embedding dimension {cfg.emb_dim}, context length {cfg.context_length})")
     print(f"weights:    {weights_location(args.model)}")
-    print(f"load time:  {load_seconds:.2f} s on {device}")
+    print(f"load time:  {load_seconds:.2f} s on {device}, {args.dtype}")
     print("-" * 80)
 
     prompt_ids = gpt.text_to_token_ids(args.prompt, device=device)

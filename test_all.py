@@ -544,3 +544,15 @@ def test_load_gpt2_script_bad_inputs_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         load_gpt2.main(["--top-p", "2"])
     assert "--top-p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_load_gpt2_script_download_only_into_cache_dir(file_server, small_pair, monkeypatch, tmp_path, capsys):
+    import load_gpt2
+
+    data = small_pair[1].read_bytes()
+    server = file_server({"/openai-community/gpt2-medium/resolve/main/model.safetensors": data},
+                         headers={"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"'})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    load_gpt2.main(["--model", "gpt2-medium", "--download-only", "--cache-dir", str(tmp_path / "mine")])
+    assert (tmp_path / "mine" / "gpt2-medium" / "model.safetensors").read_bytes() == data
+    assert str(tmp_path / "mine" / "gpt2-medium" / "model.safetensors") in capsys.readouterr().out
