@@ -10,15 +10,32 @@ server on 127.0.0.1 that the tests start; nothing touches the network.
 
 import hashlib
 import http.server
+import importlib.util
 import json
+import math
+import os
+import random
+import signal
+import socket
 import struct
+import subprocess
+import sys
 import threading
+import zipfile
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
+import finetune_classify as fc
+import finetune_instruct as instruct
 import gpt
+import load_gpt2
+import pretrain
+
+# The real data sets, read-only beside the checkout (see ../shared/README.md).
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 # ========================================================================================
 # Shared fixtures
@@ -525,8 +542,6 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_load_gpt2_script_streams_a_continuation(tmp_path, capsys):
-    import load_gpt2
-
     model = tiny_model(context_length=64)
     gpt.save_checkpoint(tmp_path / "tiny.pt", model)
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello", "--max-new-tokens", "12"])
@@ -537,8 +552,6 @@ def test_load_gpt2_script_streams_a_continuation(tmp_path, capsys):
 
 
 def test_load_gpt2_script_bad_inputs_exit_with_a_message(capsys):
-    import load_gpt2
-
     with pytest.raises(SystemExit, match="error: no model 'gpt5'"):
         load_gpt2.main(["--model", "gpt5"])
     with pytest.raises(SystemExit):
@@ -547,8 +560,6 @@ def test_load_gpt2_script_bad_inputs_exit_with_a_message(capsys):
 
 
 def test_load_gpt2_script_download_only_into_cache_dir(file_server, small_pair, monkeypatch, tmp_path, capsys):
-    import load_gpt2
-
     data = small_pair[1].read_bytes()
     server = file_server({"/openai-community/gpt2-medium/resolve/main/model.safetensors": data},
                          headers={"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"'})
@@ -556,3 +567,885 @@ def test_load_gpt2_script_download_only_into_cache_dir(file_server, small_pair, 
     load_gpt2.main(["--model", "gpt2-medium", "--download-only", "--cache-dir", str(tmp_path / "mine")])
     assert (tmp_path / "mine" / "gpt2-medium" / "model.safetensors").read_bytes() == data
     assert str(tmp_path / "mine" / "gpt2-medium" / "model.safetensors") in capsys.readouterr().out
+
+
+# ========================================================================================
+# pretrain.py
+# ========================================================================================
+
+
+PRETRAIN_SCRIPT = Path(pretrain.__file__).resolve()
+
+
+def _pretrain_text(n_sentences=400, seed=0):
+    """A few thousand tokens of simple, learnable English."""
+    rng = random.Random(seed)
+    subjects = ["The cat", "A dog", "My neighbour", "The old painter", "Her brother"]
+    verbs = ["sat on", "looked at", "painted", "walked past", "forgot"]
+    objects = ["the mat.", "a red door.", "the garden wall.", "his last picture.", "the quiet street."]
+    lines = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}" for _ in range(n_sentences)]
+    return "\n".join(" ".join(lines[i : i + 4]) for i in range(0, len(lines), 4)) + "\n"
+
+
+def _pretrain_tiny_argv(tmp_path, text_file, *extra):
+    """Command-line flags of a tiny run (2 layers of width 32, 32-token windows)."""
+    tiny = "--n-layers 2 --n-heads 2 --emb-dim 32 --context-length 32 --batch-size 4 --eval-iters 2"
+    quiet = "--sample-tokens 5 --log-interval 100 --device cpu"
+    paths = ["--data", str(text_file), "--out-dir", str(tmp_path / "run"), "--token-dir", str(tmp_path / "tokens")]
+    return [*paths, *tiny.split(), *quiet.split(), *extra]
+
+
+@pytest.fixture
+def pretrain_text_file(tmp_path):
+    """A text file of _pretrain_text, and one CPU thread: tiny models gain
+    nothing from more, and on a busy machine competing threads make them 10 times slower."""
+    path = tmp_path / "text.txt"
+    path.write_text(_pretrain_text(), encoding="utf-8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield path
+    torch.set_num_threads(threads)
+
+
+def _pretrain_free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- windows and batches -------------------------------------------------------------------
+
+
+def test_pretrain_window_count_and_target_shift():
+    assert pretrain.count_windows(10, 4, 2) == 3  # starts 0, 2, 4; the last reads tokens 4..8
+    assert pretrain.count_windows(10, 4, 4) == 2  # starts 0, 4
+    assert pretrain.count_windows(5, 4, 1) == 1  # exactly context_length + 1 tokens
+    assert pretrain.count_windows(4, 4, 1) == 0
+    tokens = torch.arange(100, dtype=torch.int16)
+    tokens[7] = gpt.EOT_ID - 65536  # a uint16 id above 32767 as the int16 token file holds it
+    inputs, targets = pretrain.get_batch(tokens, [0, 5], 4, torch.device("cpu"))
+    assert inputs.dtype == torch.long and inputs.shape == targets.shape == (2, 4)
+    assert inputs.tolist() == [[0, 1, 2, 3], [5, 6, gpt.EOT_ID, 8]]
+    assert targets.tolist() == [[1, 2, 3, 4], [6, gpt.EOT_ID, 8, 9]]
+
+
+def test_pretrain_rank_offset_batches_equal_one_process_batch():
+    order = pretrain.WindowOrder(n_windows=10, stride=3, seed=1)
+    single = pretrain.micro_batch_starts(order, samples_seen=8, micro_step=1, batch_size=4)
+    ranks = [pretrain.micro_batch_starts(order, 8, 1, 2, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0] + ranks[1] == single
+    # One epoch visits every window once; the next epoch is another permutation.
+    epoch0 = [order.start(i) for i in range(10)]
+    epoch1 = [order.start(i) for i in range(10, 20)]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(0, 30, 3))
+    assert epoch0 != epoch1
+
+
+def test_pretrain_evaluation_windows_do_not_overlap():
+    starts = pretrain.evaluation_starts(n_tokens=100, context_length=10, max_windows=3)
+    assert starts == [0, 30, 60]  # 9 windows available, 3 spread evenly
+    assert pretrain.evaluation_starts(25, 10, 50) == [0, 10]
+
+
+# --- data preparation ------------------------------------------------------------------------
+
+
+def test_pretrain_short_text_error_says_what_would_work():
+    tokens = torch.zeros(5145, dtype=torch.int16)  # The Verdict's length
+    with pytest.raises(ValueError) as e:
+        pretrain.split_tokens(tokens, 0.9, 1024)
+    message = str(e.value)
+    assert "validation split has 515 tokens" in message
+    assert "--context-length 514 or less" in message
+    assert "--train-fraction between 0.20 and 0.80" in message
+    train, val = pretrain.split_tokens(tokens, 0.9, 514)
+    assert len(train) == 4630 and len(val) == 515
+    with pytest.raises(ValueError, match=r"training split has 1 tokens .* more text"):
+        pretrain.split_tokens(torch.zeros(3, dtype=torch.int16), 0.5, 4)
+
+
+def test_pretrain_short_text_is_a_clean_error_from_main(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(_pretrain_tiny_argv(tmp_path, short))
+    assert str(e.value).startswith("error: the training split has")
+    assert "context length 32" in str(e.value)
+
+
+def test_pretrain_empty_file_and_folder_errors(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="the file is empty"):
+        pretrain.resolve_sources(str(tmp_path / "empty.txt"))
+    with pytest.raises(ValueError, match="every .txt file in the folder is empty"):
+        pretrain.resolve_sources(str(tmp_path))
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="holds no .txt files"):
+        pretrain.resolve_sources(str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        pretrain.resolve_sources(str(tmp_path / "missing.txt"))
+
+
+def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
+    with pytest.raises(ValueError, match=r"invalid UTF-8 at byte 42 .*--replace-invalid-utf8"):
+        list(pretrain.read_text_pieces(path, chunk_bytes=5))  # chunks cut through the é and ö
+    text = "".join(pretrain.read_text_pieces(path, replace_invalid=True, chunk_bytes=5))
+    assert text == "héllo wörld " * 3 + "\ufffd tail"
+    truncated = tmp_path / "truncated.txt"
+    truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
+    with pytest.raises(ValueError, match="invalid UTF-8 at byte 3"):
+        list(pretrain.read_text_pieces(truncated, chunk_bytes=2))
+
+
+def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
+    text = _pretrain_text(200) + "Tabs\t \nand  spaces \n\n\nend<|endoftext|>Naïve café\n 42\n"
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    whole = gpt.get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+    pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(path, chunk_bytes=37)))
+    assert len(pieces) > 10  # it really cut the text
+    assert [i for ids in pieces for i in ids] == whole
+
+
+def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("First document.\n")
+    (folder / "sub" / "b.txt").write_text("Second one, in a subfolder.\n")
+    (folder / "c.txt").write_text("")  # empty documents are skipped
+    (folder / "notes.md").write_text("not a .txt file")
+    paths = pretrain.resolve_sources(str(folder))
+    assert [p.name for p in paths] == ["a.txt", "b.txt"]
+
+    token_path, n = pretrain.prepare_token_file(paths, tmp_path / "tokens")
+    enc = gpt.get_tokenizer()
+    expected = enc.encode("First document.\n") + [gpt.EOT_ID] + enc.encode("Second one, in a subfolder.\n")
+    assert n == len(expected) and token_path.stat().st_size == 2 * n
+    tokens = pretrain.load_token_file(token_path, n)
+    assert ((tokens.long() & 0xFFFF).tolist()) == expected
+
+    capsys.readouterr()
+    assert pretrain.prepare_token_file(paths, tmp_path / "tokens") == (token_path, n)
+    assert "reused" in capsys.readouterr().out
+    (folder / "a.txt").write_text("First document, edited and longer.\n")
+    token_path2, n2 = pretrain.prepare_token_file(paths, tmp_path / "tokens")
+    assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
+
+
+def test_pretrain_url_data_is_downloaded_once(tmp_path, file_server):
+    body = _pretrain_text(20).encode()
+    server = file_server({"/files/story.txt": body})
+    url = f"{server.url}/files/story.txt"
+    (path,) = pretrain.resolve_sources(url)
+    assert path == tmp_path / "gpt-cache" / "data" / "story.txt" and path.read_bytes() == body
+    server.close()
+    assert pretrain.resolve_sources(url) == [path]  # from the cache, the server is gone
+
+
+def test_pretrain_unigram_baseline_exact():
+    train = torch.tensor([0, 0, 1], dtype=torch.int16)
+    val = torch.tensor([0, 2], dtype=torch.int16)
+    # add-one smoothing over 4 ids: counts 2, 1, 0, 0 -> p = 3/7, 2/7, 1/7, 1/7
+    expected = -(math.log(3 / 7) + math.log(1 / 7)) / 2
+    assert pretrain.unigram_baseline(train, val, vocab_size=4) == pytest.approx(expected, rel=1e-12)
+
+
+# --- optimizer and schedule ------------------------------------------------------------------
+
+
+def test_pretrain_cosine_with_warmup_values():
+    lr = lambda step: pretrain.cosine_with_warmup(step, 1.0, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr(4) == 1.0
+    assert lr(9) == pytest.approx(0.55)  # halfway through the decay: (1 + 0.1) / 2
+    assert lr(14) == pytest.approx(0.1) and lr(100) == pytest.approx(0.1)
+
+
+def test_pretrain_weight_decay_on_matrices_only():
+    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    decay, no_decay = pretrain.configure_optimizer(model, 1e-3, 0.1).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert sum(p.numel() for p in decay["params"] + no_decay["params"]) == gpt.count_parameters(model)
+
+
+# --- training runs ---------------------------------------------------------------------------
+
+
+def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_file):
+    result = pretrain.main(
+        _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "40", "--eval-interval", "20", "--lr", "1e-2")
+    )
+    history = json.loads((tmp_path / "run" / "history.json").read_text())["evaluations"]
+    assert [h["step"] for h in history] == [0, 20, 40]
+    assert history[0]["train_loss"] == pytest.approx(math.log(50257), abs=0.3)  # random start: uniform guess
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 5.0
+    assert result["val_loss"] < result["unigram_loss"] - 2.0  # it uses the context, not just word counts
+    model = gpt.load_gpt2(result["best"])  # what load_gpt2.py / finetune_*.py --model read
+    assert model.cfg.n_layers == 2 and model.cfg.context_length == 32
+    checkpoint = gpt.load_checkpoint(result["best"])
+    assert checkpoint["step"] == 40 and checkpoint["val_loss"] == pytest.approx(result["val_loss"])
+    assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_pretrain_init_continues_from_weights(tmp_path, pretrain_text_file):
+    first = pretrain.main(
+        _pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, "--max-steps", "4", "--eval-interval", "4", "--lr", "1e-2")
+    )
+    argv = _pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", "--init", str(first["best"]))
+    for flag in ("--n-layers", "--n-heads", "--emb-dim"):  # the shape comes from the weights
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    pretrain.main(argv)
+    history = json.loads((tmp_path / "b" / "run" / "history.json").read_text())["evaluations"]
+    assert history[0]["step"] == 0 and history[0]["val_loss"] == pytest.approx(first["val_loss"], abs=1e-5)
+    with pytest.raises(SystemExit, match="--init takes the model's shape from its weights"):
+        pretrain.main(argv + ["--emb-dim", "64"])
+    with pytest.raises(SystemExit, match="--context-length 64 is longer than the model's context length 32"):
+        pretrain.main(argv + ["--context-length", "64"])
+
+
+def test_pretrain_resume_reproduces_an_uninterrupted_run(tmp_path, pretrain_text_file):
+    common = ("--max-steps", "8", "--eval-interval", "4", "--dropout", "0.1", "--grad-accum", "2")
+    whole = pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
+    first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "3"))
+    assert first["stopped"] == "stop-at-step" and first["steps"] == 3
+    resumed = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--resume"))
+    assert resumed["steps"] == 8 and resumed["tokens_seen"] == whole["tokens_seen"]
+    assert resumed["val_loss"] == pytest.approx(whole["val_loss"], abs=1e-6)
+    a = gpt.load_checkpoint(whole["latest"])
+    b = gpt.load_checkpoint(resumed["latest"])
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-6)
+    assert [h["step"] for h in b["history"]] == [0, 4, 8]
+
+
+def test_pretrain_resume_errors(tmp_path, pretrain_text_file):
+    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume"))
+    pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2"))
+    with pytest.raises(SystemExit, match="already made 2 of 2 steps"):
+        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--resume"))
+    with pytest.raises(SystemExit, match="has emb_dim 32, not --emb-dim 64"):
+        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "4", "--resume", "--emb-dim", "64"))
+
+
+def test_pretrain_ctrl_c_saves_a_checkpoint(tmp_path, pretrain_text_file):
+    argv = _pretrain_tiny_argv(
+        tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-interval", "1", "--eval-interval", "100000"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
+    proc = subprocess.Popen(
+        [sys.executable, str(PRETRAIN_SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    for line in proc.stdout:
+        if line.startswith("step"):  # training is under way
+            proc.send_signal(signal.SIGINT)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=60) == 130, output
+    assert "stopped at step" in output and "SIGINT" in output
+    checkpoint = gpt.load_checkpoint(tmp_path / "run" / "latest.pt")
+    assert 1 <= checkpoint["step"] < 100000 and checkpoint["total_steps"] == 100000
+
+
+def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_text_file):
+    common = ("--max-steps", "3", "--eval-interval", "3", "--grad-accum", "2", "--lr", "3e-3")
+    single = pretrain.main(_pretrain_tiny_argv(tmp_path / "one", pretrain_text_file, *common))  # batch 4
+    argv = _pretrain_tiny_argv(tmp_path / "two", pretrain_text_file, *common)
+    argv[argv.index("--batch-size") + 1] = "2"  # 2 processes x 2 windows = the same global batch
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_pretrain_free_port()),
+        str(PRETRAIN_SCRIPT),
+        *argv,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("eval step 3") == 1  # rank 0 alone prints
+    a = gpt.load_checkpoint(single["latest"])
+    b = gpt.load_checkpoint(tmp_path / "two" / "run" / "latest.pt")
+    assert a["step"] == b["step"] == 3 and a["samples_seen"] == b["samples_seen"] == 24
+    assert len(b["rng_states"]) == 2
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=1e-4, atol=1e-5)
+    assert b["history"][-1]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
+
+
+# ========================================================================================
+# finetune_classify.py
+# ========================================================================================
+
+
+_CLASSIFY_SMS = SHARED_DATA / "SMSSpamCollection"
+
+
+def _classify_tiny_model(n_layers=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = gpt.GPTConfig(vocab_size=50257, context_length=48, emb_dim=32, n_heads=4, n_layers=n_layers)
+    return gpt.GPTModel(cfg).eval()
+
+
+def _classify_tiny_classifier(trainable="last-block", n_layers=2, seed=0):
+    model = fc.add_classification_head(_classify_tiny_model(n_layers, seed), 2)
+    return fc.set_trainable(model, trainable, lora_rank=2, lora_alpha=4)
+
+
+def _classify_token_ids(lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50257, (n,), generator=generator) for n in lengths]
+
+
+def _classify_sms_slice(tmp_path, n_lines=200):
+    """The first n_lines of the real data (33 spam among the first 200)."""
+    lines = _CLASSIFY_SMS.read_bytes().split(b"\n")[:n_lines]
+    path = tmp_path / "sms.tsv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+def test_classify_parse_accepts_bom_crlf_and_invalid_utf8(capsys):
+    raw = b"\xef\xbb\xbfham\tHello there\r\nSPAM\tWin \xff cash now\r\n\r\nham\tsecond\ttab kept\r\n"
+    messages = fc.parse_sms_collection(raw, source="x.tsv")
+    assert messages == [("ham", "Hello there"), ("spam", "Win \ufffd cash now"), ("ham", "second\ttab kept")]
+    assert "invalid UTF-8" in capsys.readouterr().out
+
+
+def test_classify_parse_skips_bad_lines_with_line_numbers(capsys):
+    raw = b"ham\tok\nno tab here\nspma\ttypo label\nham\t   \nspam\tfine\n"
+    assert fc.parse_sms_collection(raw, source="x.tsv") == [("ham", "ok"), ("spam", "fine")]
+    out = capsys.readouterr().out
+    assert "x.tsv line 2: no tab" in out
+    assert "x.tsv line 3: unknown label 'spma'" in out
+    assert "x.tsv line 4: empty message" in out
+    with pytest.raises(ValueError, match=r"3 bad line\(s\) \(--strict-data\): line 2: no tab"):
+        fc.parse_sms_collection(raw, source="x.tsv", strict=True)
+
+
+def test_classify_reads_zip_and_tsv_alike(tmp_path):
+    tsv = tmp_path / "SMSSpamCollection"
+    tsv.write_bytes(b"ham\ta\nspam\tb\n")
+    good, bad = tmp_path / "good.zip", tmp_path / "bad.zip"
+    with zipfile.ZipFile(good, "w") as z:
+        z.write(tsv, "SMSSpamCollection")
+        z.writestr("readme", "not data")
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("readme", "not data")
+    assert fc.read_sms_bytes(good) == fc.read_sms_bytes(tsv) == b"ham\ta\nspam\tb\n"
+    with pytest.raises(ValueError, match="no member 'SMSSpamCollection'.*readme"):
+        fc.read_sms_bytes(bad)
+
+
+def test_classify_one_class_or_too_few_messages_are_errors(tmp_path):
+    with pytest.raises(ValueError, match="3 ham and 0 spam messages: a classifier needs both classes"):
+        fc.create_balanced_dataset([("ham", "a"), ("ham", "b"), ("ham", "c")], seed=1)
+    few = [("spam", f"s{i}") for i in range(4)] + [("ham", f"h{i}") for i in range(9)]
+    with pytest.raises(ValueError, match="8 messages after balancing are too few"):
+        fc.random_split(fc.create_balanced_dataset(few, seed=1), seed=1)
+    data = tmp_path / "ham_only.tsv"
+    data.write_text("ham\thello\nham\tthere\n")
+    with pytest.raises(SystemExit, match="error: the data has 2 ham and 0 spam messages"):
+        fc.main(["--data", str(data), "--model", str(tmp_path / "unused.pt"), "--out-dir", str(tmp_path / "run")])
+
+
+def test_classify_splits_are_balanced_and_deterministic(tmp_path):
+    messages = fc.parse_sms_collection(_CLASSIFY_SMS.read_bytes())
+    assert (len(messages), sum(label == "spam" for label, _ in messages)) == (5574, 747)
+
+    def csv_bytes(seed, folder):
+        splits = fc.random_split(fc.create_balanced_dataset(messages, seed), seed)
+        for name, split in zip(("train", "validation", "test"), splits):
+            fc.write_split_csv(tmp_path / folder / f"{name}.csv", split)
+        return splits, [(tmp_path / folder / f"{n}.csv").read_bytes() for n in ("train", "validation", "test")]
+
+    splits, first = csv_bytes(123, "a")
+    assert [len(s) for s in splits] == [1045, 149, 300]  # 747 spam + 747 ham, 70/10/20 as in the book
+    assert sum(label == "spam" for split in splits for label, _ in split) == 747
+    assert csv_bytes(123, "b")[1] == first
+    assert csv_bytes(7, "c")[1] != first
+    assert first[0].startswith(b"label,text\n")
+
+
+def test_classify_download_uses_fallback_then_cache(tmp_path, file_server):
+    archive = tmp_path / "sms.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("SMSSpamCollection", "ham\thi\nspam\twin\n")
+    server = file_server({"/sms.zip": archive.read_bytes()})
+    path = fc.sms_collection_path(urls=[f"{server.url}/missing.zip", f"{server.url}/sms.zip"])
+    assert path == tmp_path / "gpt-cache" / "data" / fc.DATA_FILENAME
+    assert fc.read_sms_bytes(path) == b"ham\thi\nspam\twin\n"
+    server.close()
+    assert fc.sms_collection_path(urls=[f"{server.url}/sms.zip"]) == path  # server gone: read from the cache
+    path.unlink()
+    with pytest.raises(RuntimeError, match=r"(?s)missing\.zip.*--data PATH"):
+        fc.sms_collection_path(urls=[f"{server.url}/missing.zip"])
+
+
+def test_classify_tokenize_truncates_to_max_length():
+    ids = fc.tokenize_messages(["hello world, this is a longer message", "hi <|endoftext|>"], max_length=3)
+    assert [len(t) for t in ids] == [3, 3]
+    assert gpt.EOT_ID not in ids[1].tolist()  # the special token's text is plain text in a message
+
+
+# -- model ------------------------------------------------------------------------------
+
+
+def test_classify_prediction_does_not_depend_on_padding():
+    model = _classify_tiny_classifier()
+    short, longer = _classify_token_ids([5, 30])
+    alone = fc.full_pass_logits(model, [short])
+    padded = fc.full_pass_logits(model, [short, longer])[:1]
+    torch.testing.assert_close(padded, alone)
+    activations = fc.compute_frozen_activations(model, [short, longer], n_frozen=1, progress=False)
+    torch.testing.assert_close(fc.cached_logits(model, activations, 1)[:1], alone)
+    torch.testing.assert_close(fc.cached_logits(model, activations[:1], 1), alone)
+
+
+@pytest.mark.parametrize("n_frozen", [0, 1, 2])
+def test_classify_activation_cache_gives_full_pass_logits_and_gradients(n_frozen):
+    model = _classify_tiny_classifier(n_layers=2)
+    model.requires_grad_(True)
+    token_ids = _classify_token_ids([3, 17, 9, 40, 1, 25])
+    token_ids.append(token_ids[1].clone())  # a repeated message
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 1])
+    top = [p for name, p in model.named_parameters() if not name.startswith(("wte", "wpe", "h.0", "h.1"))]
+    top += list(model.h[n_frozen:].parameters())
+
+    def logits_and_grads(logits_fn, inputs):
+        model.zero_grad(set_to_none=True)
+        logits = logits_fn(inputs)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        return logits.detach(), [p.grad.clone() for p in top]
+
+    full_logits, full_grads = logits_and_grads(partial(fc.full_pass_logits, model), token_ids)
+    activations = fc.compute_frozen_activations(model, token_ids, n_frozen, progress=False)
+    assert [a.shape for a in activations] == [(n, 32) for n in (3, 17, 9, 40, 1, 25, 17)]
+    assert activations[6] is activations[1]  # computed once
+    cached_logits, cached_grads = logits_and_grads(partial(fc.cached_logits, model, n_frozen=n_frozen), activations)
+    torch.testing.assert_close(cached_logits, full_logits)
+    for full, cached in zip(full_grads, cached_grads):
+        torch.testing.assert_close(cached, full)
+
+
+@pytest.mark.parametrize("trainable", fc.TRAINABLE_CHOICES)
+def test_classify_trainable_trains_exactly_what_it_names(trainable):
+    model = _classify_tiny_classifier(trainable, n_layers=2)
+    head = {"lm_head.weight", "lm_head.bias"}
+    expected = {
+        "head": head,
+        "last-block": head | {n for n, _ in model.named_parameters() if n.startswith(("h.1.", "ln_f."))},
+        "all": {n for n, _ in model.named_parameters()},
+        "lora": head | {n for n, _ in model.named_parameters() if n.endswith(("lora_a", "lora_b"))},
+    }[trainable]
+    assert len(expected) == {"head": 2, "last-block": 16, "all": 30, "lora": 18}[trainable]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    token_ids = _classify_token_ids([4, 9, 6, 12, 3, 8])
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    fc.train_classifier(model, partial(fc.full_pass_logits, model), (token_ids, labels), (token_ids, labels),
+                        epochs=2, batch_size=3, lr=1e-2, log_every=100, eval_every=100)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == expected
+
+
+def test_classify_saved_lora_classifier_gives_the_same_logits(tmp_path):
+    model = _classify_tiny_classifier("lora")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_b"):
+                param.normal_()  # adapters that change the output (they start at zero)
+    token_ids = _classify_token_ids([5, 9])
+    before = fc.full_pass_logits(model, token_ids)
+    fc.save_classifier(tmp_path / "lora.pt", model, max_length=48)
+    loaded, checkpoint = fc.load_classifier(tmp_path / "lora.pt")
+    assert not any("lora" in key for key in checkpoint["model"])  # merged into plain GPT-2 weights
+    torch.testing.assert_close(fc.full_pass_logits(loaded, token_ids), before)
+
+
+def test_classify_metrics_are_exact():
+    predictions = torch.tensor([1, 1, 0, 0, 1, 0, 1, 1])
+    labels = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0])
+    metrics = fc.binary_classification_metrics(predictions, labels)
+    assert metrics["confusion_matrix"] == [[2, 2], [1, 3]]
+    assert (metrics["precision"], metrics["recall"]) == (3 / 5, 3 / 4)
+    assert metrics["f1"] == pytest.approx(2 / 3)
+    none_predicted = fc.binary_classification_metrics(torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 0, 1]))
+    assert (none_predicted["precision"], none_predicted["recall"], none_predicted["f1"]) == (0.0, 0.0, 0.0)
+
+
+# -- the script end to end --------------------------------------------------------------
+
+
+def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys):
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    data = _classify_sms_slice(tmp_path)
+    common = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--epochs", "2", "--log-every", "5"]
+    fc.main(common + ["--out-dir", str(tmp_path / "cached")])
+    fc.main(common + ["--out-dir", str(tmp_path / "plain"), "--no-activation-cache"])
+    out = capsys.readouterr().out
+    assert "activation cache: on" in out and "activation cache: off (--no-activation-cache)" in out
+    assert "step 5/10 | loss" in out and "examples/s | ETA" in out
+    for name in ("train.csv", "validation.csv", "test.csv", "classifier.pt", "metrics.json"):
+        assert (tmp_path / "cached" / name).is_file()
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "(no plot: pip install matplotlib to get loss-accuracy.png)" in out
+    else:
+        assert (tmp_path / "cached" / "loss-accuracy.png").stat().st_size > 1000
+    cached = json.loads((tmp_path / "cached" / "metrics.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert (cached["activation_cache"], plain["activation_cache"]) == (True, False)
+    assert cached["test"]["confusion_matrix"] == plain["test"]["confusion_matrix"]
+    assert sum(map(sum, cached["test"]["confusion_matrix"])) == 14  # 33 spam + 33 ham: 46 / 6 / 14
+    assert cached["history"]["train_loss"] == pytest.approx(plain["history"]["train_loss"], abs=1e-5)
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("Are we meeting at 6?\n\nWINNER!! Claim your prize now\n")
+    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify", "Call me later",
+             "--classify-file", str(texts)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[-1] for line in lines] == ["Call me later", "Are we meeting at 6?", "WINNER!! Claim your prize now"]
+    model, checkpoint = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
+    assert checkpoint["labels"] == ["not spam", "spam"] and checkpoint["max_length"] == 48
+    expected = fc.classify_texts(model, ["Call me later"], 48)[0]
+    assert lines[0] == f"{expected[0]:<8} (p={expected[1]:.3f})  Call me later"
+
+
+def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="error: --data .*nope.tsv: no such file"):
+        fc.main(["--data", str(tmp_path / "nope.tsv")])
+    with pytest.raises(SystemExit, match="error: no classifier checkpoint at .*missing.pt: train one first"):
+        fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "missing.pt")])
+    gpt.save_checkpoint(tmp_path / "lm.pt", _classify_tiny_model())
+    with pytest.raises(SystemExit, match="error: .*lm.pt: not a classifier checkpoint"):
+        fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "lm.pt")])
+    data = tmp_path / "sms.tsv"
+    data.write_text("".join(f"spam\twin {i}\nham\thello {i}\n" for i in range(20)))
+    with pytest.raises(SystemExit, match="error: --max-length 49 is longer than the model's context length 48"):
+        fc.main(["--data", str(data), "--model", str(tmp_path / "lm.pt"), "--max-length", "49",
+                 "--out-dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit):
+        fc.main(["--batch-size", "0"])
+
+
+# ========================================================================================
+# finetune_instruct.py
+# ========================================================================================
+
+
+_INSTRUCT_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+
+
+def test_instruct_format_input_with_and_without_input():
+    with_input = {"instruction": "Translate to French.", "input": "Good morning.", "output": "Bonjour."}
+    assert instruct.format_input(with_input) == (
+        _INSTRUCT_PREAMBLE + "\n\n### Instruction:\nTranslate to French.\n\n### Input:\nGood morning."
+    )
+    assert instruct.format_prompt(with_input) == instruct.format_input(with_input) + "\n\n### Response:\n"
+    for no_input in (
+        {"instruction": "Name a color.", "input": "", "output": "Blue."},
+        {"instruction": "Name a color.", "output": "Blue."},
+    ):
+        assert instruct.format_input(no_input) == _INSTRUCT_PREAMBLE + "\n\n### Instruction:\nName a color."
+        assert "### Input:" not in instruct.format_prompt(no_input)
+
+
+def test_instruct_collate_padding_and_ignore_positions():
+    # The book's example (section 7.3): three sequences of lengths 5, 2 and 3.
+    batch = [([0, 1, 2, 3, 4], 2), ([5, 6], 1), ([7, 8, 9], 2)]
+    inputs, targets = instruct.collate_instruction_batch(batch)
+    E = gpt.EOT_ID
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]]
+    assert targets.tolist() == [
+        [1, 2, 3, 4, E],  # the end-of-text after the longest sequence is a target
+        [6, E, -100, -100, -100],  # first padding token kept, the rest ignored
+        [8, 9, E, -100, -100],
+    ]
+    assert inputs.dtype == targets.dtype == torch.long
+
+
+def test_instruct_collate_mask_prompt_and_max_length():
+    E = gpt.EOT_ID
+    batch = [([10, 11, 12, 20, 21], 3), ([13, 14, 22], 2)]  # prompt lengths 3 and 2
+    inputs, targets = instruct.collate_instruction_batch(batch, mask_prompt=True)
+    assert inputs.tolist() == [[10, 11, 12, 20, 21], [13, 14, 22, E, E]]
+    # Targets that predict prompt tokens (11, 12; 14) are -100; the first response token stays.
+    assert targets.tolist() == [[-100, -100, 20, 21, E], [-100, 22, E, -100, -100]]
+    inputs, targets = instruct.collate_instruction_batch(batch, mask_prompt=True, max_length=3)
+    assert inputs.tolist() == [[10, 11, 12], [13, 14, 22]]
+    assert targets.tolist() == [[-100, -100, 20], [-100, 22, E]]
+    # A real end-of-text inside a text stays a target: padding is found by position.
+    inputs, targets = instruct.collate_instruction_batch([([1, E, 2], 1)])
+    assert targets.tolist() == [[E, 2, E]]
+
+
+def test_instruct_tokenized_prompt_is_a_prefix(monkeypatch):
+    entry = {"instruction": "Name a color.", "input": "", "output": "Blue."}
+    [(ids, prompt_length)] = instruct.tokenize_examples([entry], max_length=1024, mask_prompt=True)
+    prompt_ids = gpt.text_to_token_ids(instruct.format_prompt(entry))[0].tolist()
+    assert ids[:prompt_length] == prompt_ids
+    assert gpt.token_ids_to_text(ids[prompt_length:]) == "Blue."
+    assert instruct.tokenize_examples([entry], max_length=prompt_length - 1, mask_prompt=True) == []
+
+
+def test_instruct_bad_entries_reported(tmp_path, capsys):
+    good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    data = [
+        good,
+        {"instruction": "No output."},  # entry 1: missing key
+        {"instruction": "  ", "input": "", "output": "x"},  # entry 2: empty instruction
+        {"instruction": "Wrong type.", "input": 3, "output": "x"},  # entry 3: input not a string
+        "just a string",  # entry 4
+        {"instruction": "No input key is fine.", "output": "Fine."},
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(data))
+    entries = instruct.load_instruction_data(path)
+    assert entries == [good, data[5]]
+    out = capsys.readouterr().out
+    assert "4 bad entries" in out
+    assert "entry 1: no 'output' key" in out
+    assert "entry 2: empty 'instruction'" in out
+    assert "entry 3: 'input' is int, not a string" in out
+    assert "entry 4: not a JSON object but str" in out
+
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text(json.dumps(good) + "\n\n{broken\n" + json.dumps({"output": "x"}) + "\n")
+    assert instruct.load_instruction_data(jsonl) == [good]
+    out = capsys.readouterr().out
+    assert "line 3: not valid JSON" in out and "line 4: no 'instruction' key" in out
+
+    path.write_text(json.dumps(data[1:5]))
+    with pytest.raises(ValueError, match="no usable entries"):
+        instruct.load_instruction_data(path)
+
+
+def test_instruct_split_85_5_10_with_seed():
+    entries = [{"instruction": str(i), "output": ""} for i in range(1100)]
+    train, val, test = instruct.split_dataset(entries, seed=123)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)  # the book's sizes
+    assert sorted(e["instruction"] for e in train + val + test) == sorted(e["instruction"] for e in entries)
+    assert instruct.split_dataset(entries, seed=123) == (train, val, test)
+    assert instruct.split_dataset(entries, seed=1)[0] != train
+    with pytest.raises(ValueError, match="at least 10"):
+        instruct.split_dataset(entries[:9], seed=123)
+
+
+def test_instruct_parse_score():
+    assert instruct.parse_score("85") == 85
+    assert instruct.parse_score("Score: 72 out of 100. The answer is correct.") == 72
+    assert instruct.parse_score("I would rate it 90/100") == 90
+    assert instruct.parse_score(" 66.6\n") == 67
+    assert instruct.parse_score("100") == 100 and instruct.parse_score("0") == 0
+    assert instruct.parse_score("no idea") is None
+    assert instruct.parse_score("150") is None
+    assert instruct.parse_score("") is None
+
+
+class _InstructFakeOllama(http.server.BaseHTTPRequestHandler):
+    """Answers /api/tags with one model and /api/chat with the next of `answers`."""
+
+    answers = []
+    requests = []
+
+    def do_GET(self):
+        self._reply(
+            {"models": [{"name": "llama3:latest"}]} if self.path == "/api/tags" else {},
+            200 if self.path == "/api/tags" else 404,
+        )
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(body)
+        self._reply(
+            {
+                "model": body["model"],
+                "message": {"role": "assistant", "content": type(self).answers.pop(0)},
+                "done": True,
+            }
+        )
+
+    def _reply(self, obj, status=200):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def _instruct_ollama():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _InstructFakeOllama)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _InstructFakeOllama.requests = []
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _instruct_responses_file(tmp_path, n):
+    entries = [
+        {"instruction": f"Task {i}.", "input": "", "output": f"Answer {i}.", "model_response": f"Reply {i}."}
+        for i in range(n)
+    ]
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(entries, indent=4))
+    return path, entries
+
+
+def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
+    _, url = _instruct_ollama
+    path, entries = _instruct_responses_file(tmp_path, 3)
+    before = path.read_bytes()
+    _InstructFakeOllama.answers = ["80", "Score: 60 out of 100 - mostly right.", "I cannot judge this."]
+    instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
+    out = capsys.readouterr().out
+    assert "mean score 70.00 over 2 entries; 1 could not be scored" in out
+    scored = json.loads((tmp_path / "responses-scored.json").read_text())
+    assert [e["score"] for e in scored] == [80, 60, None]
+    assert scored[0]["model_response"] == "Reply 0."
+    assert path.read_bytes() == before
+    request = _InstructFakeOllama.requests[0]
+    assert request["model"] == "llama3" and request["stream"] is False
+    assert request["options"]["temperature"] == 0 and request["options"]["seed"] == instruct.JUDGE_SEED
+    prompt = request["messages"][0]["content"]
+    assert "`Answer 0.`" in prompt and "`Reply 0.`" in prompt and "integer number only" in prompt
+
+    _InstructFakeOllama.answers = []
+    with pytest.raises(SystemExit, match="ollama pull mistral"):
+        instruct.main(
+            [
+                "--judge-only",
+                "--judge",
+                "ollama",
+                "--judge-url",
+                url,
+                "--judge-model",
+                "mistral",
+                "--responses",
+                str(path),
+            ]
+        )
+
+
+def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
+    server, url = _instruct_ollama
+    server.shutdown()
+    server.server_close()  # nothing listens on this port any more
+    path, _ = _instruct_responses_file(tmp_path, 2)
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
+    message = str(exc.value)
+    assert message.startswith("error: no Ollama server answers at " + url)
+    assert "ollama serve" in message and "ollama pull llama3" in message
+    assert path.read_bytes() == before
+    assert not (tmp_path / "responses-scored.json").exists()
+
+
+@pytest.fixture
+def _instruct_tiny_run(tmp_path_factory):
+    """A tiny random GPT checkpoint and a 12-entry data file (split 10 / 1 / 1)."""
+    folder = tmp_path_factory.mktemp("instruct")
+    torch.manual_seed(0)
+    model = gpt.GPTModel(gpt.GPTConfig(context_length=96, emb_dim=32, n_heads=2, n_layers=2))
+    gpt.save_checkpoint(folder / "tiny.pt", model)
+    entries = [
+        {"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"{i}", "output": f"{i}"}
+        for i in range(12)
+    ]
+    (folder / "data.json").write_text(json.dumps(entries))
+    return folder
+
+
+def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
+    folder = _instruct_tiny_run
+    monkeypatch.setenv("GPT_CACHE_DIR", str(folder / "cache"))
+    out_dir = folder / "run"
+    common = ["--data", str(folder / "data.json"), "--out-dir", str(out_dir), "--max-new-tokens", "3"]
+    recipe = [
+        "--model",
+        str(folder / "tiny.pt"),
+        *"--batch-size 5 --eval-batches 1 --lora --lora-rank 2 --mask-prompt".split(),
+    ]
+    instruct.main(common + recipe + ["--epochs", "1"])
+    out = capsys.readouterr().out
+    assert "10 train, 1 validation, 1 test entries" in out
+    assert "step 2/2 | loss" in out and "tok/s" in out and "ETA" in out
+    assert "step 2: train loss" in out
+    assert (out_dir / "losses.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+    model = gpt.load_gpt2(out_dir / "model.pt")  # merged LoRA: a plain GPT checkpoint
+    assert isinstance(model, gpt.GPTModel) and not any("lora" in k for k in model.state_dict())
+    responses = json.loads((out_dir / "responses.json").read_text())
+    assert len(responses) == 1
+    assert set(responses[0]) == {"instruction", "input", "output", "model_response"}
+    assert isinstance(responses[0]["model_response"], str)
+    state = gpt.load_checkpoint(out_dir / "train_state.pt")
+    assert state["step"] == 2 and state["history"]["step"] == [0, 2]
+
+    # --resume with one more epoch continues at step 2; a changed recipe is refused.
+    instruct.main(common + recipe + ["--epochs", "2", "--resume"])
+    out = capsys.readouterr().out
+    assert "resuming at step 2 of 4" in out and "step 4/4" in out and "trained 2 steps" in out
+    assert gpt.load_checkpoint(out_dir / "train_state.pt")["history"]["step"] == [0, 2, 4]
+    with pytest.raises(SystemExit, match="--batch-size: was 5, now 4"):
+        instruct.main(common + recipe + ["--batch-size", "4", "--resume"])
+
+    # Answers from the saved model: the test set again, and one prompt.
+    (out_dir / "responses.json").unlink()
+    instruct.main(common + ["--generate-only"])
+    assert len(json.loads((out_dir / "responses.json").read_text())) == 1
+    capsys.readouterr()
+    instruct.main(common + ["--prompt", "Repeat the number 3."])
+    printed = capsys.readouterr().out
+    model = gpt.load_gpt2(out_dir / "model.pt")
+    expected, _ = instruct.generate_response(model, {"instruction": "Repeat the number 3."}, max_new_tokens=3)
+    assert printed.endswith("\n" + expected + "\n")
+
+
+def test_instruct_clear_errors(tmp_path, _instruct_tiny_run):
+    folder = _instruct_tiny_run
+    with pytest.raises(SystemExit, match="--data .*missing.json: no such file"):
+        instruct.main(["--data", str(tmp_path / "missing.json"), "--out-dir", str(tmp_path)])
+    common = ["--data", str(folder / "data.json"), "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="no .*model.pt: fine-tune first"):
+        instruct.main(common + ["--generate-only"])
+    with pytest.raises(SystemExit, match="--resume: no .*train_state.pt"):
+        instruct.main(common + ["--model", str(folder / "tiny.pt"), "--resume"])
+    with pytest.raises(SystemExit, match="--max-length 97 is longer than the model's context length 96"):
+        instruct.main(common + ["--model", str(folder / "tiny.pt"), "--max-length", "97"])
+    with pytest.raises(SystemExit, match="--batch-size must be at least 1"):
+        instruct.main(["--batch-size", "0"])
+
+
+def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys):
+    folder = _instruct_tiny_run
+    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "1"]
+    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1"]
+    instruct.main(common + ["--out-dir", str(folder / "straight")])
+    instruct.main(common + ["--out-dir", str(folder / "halves"), "--max-steps", "1"])
+    instruct.main(common + ["--out-dir", str(folder / "halves"), "--resume"])
+    assert "resuming at step 1 of 2" in capsys.readouterr().out
+    straight = gpt.load_checkpoint(folder / "straight" / "model.pt")["model"]
+    halves = gpt.load_checkpoint(folder / "halves" / "model.pt")["model"]
+    assert all(torch.equal(straight[k], halves[k]) for k in straight)

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,11 +87,11 @@ def bench_train(ours, reference, repeats, batch=4, seq_len=256):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     times = {name: [] for name in runs}
-    for name, (model, get) in runs.items():
+    for model, get in runs.values():
         step(model, get)  # warm-up
     for _ in range(repeats):
         for name, (model, get) in runs.items():
-            times[name].append(timed(lambda: step(model, get)))
+            times[name].append(timed(partial(step, model, get)))
     for model, _ in runs.values():
         model.zero_grad(set_to_none=True)
         model.eval()
