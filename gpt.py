@@ -583,14 +583,15 @@ def download_file(url, dest, *, sha256=None, size=None, timeout=30, retries=3, q
                     raise requests.ConnectionError(f"connection closed after {done} of {total} bytes")
                 break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            if not quiet:
-                print(f"\n{label}: attempt {attempt} of {retries} failed ({e.__class__.__name__}); resuming", file=sys.stderr)
+            if not quiet and attempt < retries:
+                print(f"\n{label}: attempt {attempt} of {retries} failed ({e.__class__.__name__}); retrying", file=sys.stderr)
             if attempt == retries:
                 got = part.stat().st_size if part.exists() else 0
+                kept = f"{got} bytes are kept in {part}, run again to resume" if got else "nothing was downloaded"
                 raise RuntimeError(
-                    f"download of {url} failed after {retries} attempts ({e}); {got} bytes are kept in "
-                    f"{part}, run again to resume"
-                ) from e
+                    f"download of {url} failed after {retries} attempts ({e.__class__.__name__}: no connection, "
+                    f"or it broke off); {kept}"
+                ) from None
     got = part.stat().st_size if part.exists() else 0
     if size is not None and got != size:
         part.unlink(missing_ok=True)
@@ -621,7 +622,7 @@ def fetch_dataset(urls, filename, *, flag="--data", sha256=None, quiet=False):
         try:
             return download_file(url, dest, sha256=sha256, quiet=quiet)
         except RuntimeError as e:
-            errors.append(f"  {url}: {e}")
+            errors.append(f"  {e}")
     raise RuntimeError(
         f"could not download {filename}:\n" + "\n".join(errors) + f"\nOffline? Pass a local copy with {flag} PATH"
     )
@@ -937,7 +938,9 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({e.__class__.__name__}: {str(e)[:200]})") from None
+        raise ValueError(
+            f"{path}: not a .safetensors file or a checkpoint of this project (torch.load: {e.__class__.__name__})"
+        ) from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
         raise ValueError(f"{path}: not a checkpoint of this project (no 'config' and 'model' entries)")
     return checkpoint

@@ -529,7 +529,7 @@ def test_checkpoint_of_a_compiled_or_ddp_model_has_plain_keys(tmp_path):
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    with pytest.raises(ValueError, match="not a .safetensors file or a checkpoint of this project"):
         gpt.load_gpt2(tmp_path / "junk.pt")
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
