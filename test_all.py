@@ -34,8 +34,8 @@ import gpt
 import load_gpt2
 import pretrain
 
-# The real data sets, read-only beside the checkout (see ../shared/README.md).
-SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+# The real SMS Spam Collection, as UCI distributes it (see testdata/README.md).
+SMS_ZIP = Path(__file__).resolve().parent / "testdata" / "sms+spam+collection.zip"
 
 # ========================================================================================
 # Shared fixtures
@@ -887,7 +887,7 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
 # ========================================================================================
 
 
-_CLASSIFY_SMS = SHARED_DATA / "SMSSpamCollection"
+_CLASSIFY_SMS_BYTES = fc.read_sms_bytes(SMS_ZIP)
 
 
 def _classify_tiny_model(n_layers=2, seed=0):
@@ -908,7 +908,7 @@ def _classify_token_ids(lengths, seed=0):
 
 def _classify_sms_slice(tmp_path, n_lines=200):
     """The first n_lines of the real data (33 spam among the first 200)."""
-    lines = _CLASSIFY_SMS.read_bytes().split(b"\n")[:n_lines]
+    lines = _CLASSIFY_SMS_BYTES.split(b"\n")[:n_lines]
     path = tmp_path / "sms.tsv"
     path.write_bytes(b"\n".join(lines) + b"\n")
     return path
@@ -962,7 +962,7 @@ def test_classify_one_class_or_too_few_messages_are_errors(tmp_path):
 
 
 def test_classify_splits_are_balanced_and_deterministic(tmp_path):
-    messages = fc.parse_sms_collection(_CLASSIFY_SMS.read_bytes())
+    messages = fc.parse_sms_collection(_CLASSIFY_SMS_BYTES)
     assert (len(messages), sum(label == "spam" for label, _ in messages)) == (5574, 747)
 
     def csv_bytes(seed, folder):
