@@ -127,12 +127,11 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             start = kv_cache.length
             k, v = kv_cache.update(layer, k, v)  # (B, nh, start + T, hd)
-        if start == 0:
-            mask, is_causal = None, T > 1
-        else:
-            # Query i sits at position start + i and may see keys 0 .. start + i.
+        # One query (a decoding step) may see every key: no mask. Several queries after
+        # cached ones: query i sits at position start + i and may see keys 0 .. start + i.
+        mask, is_causal = None, T > 1 and start == 0
+        if T > 1 and start > 0:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            mask, is_causal = (None if T == 1 else mask), False
         dropout_p = self.drop_rate if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hd): heads side by side
@@ -188,12 +187,15 @@ class GPTModel(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input/output embeddings, as released
-        self.apply(self._init_weights)
-        # Residual projections add up over 2 * n_layers branches; scale them down so the
-        # residual stream keeps unit variance at initialisation (GPT-2, section 2.3).
-        for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        # A model built on the meta device only receives loaded weights (`load_gpt2`):
+        # skip the random initialisation, whose meta version costs torch seconds of imports.
+        if not self.wte.weight.is_meta:
+            self.apply(self._init_weights)
+            # Residual projections add up over 2 * n_layers branches; scale them down so the
+            # residual stream keeps unit variance at initialisation (GPT-2, section 2.3).
+            for name, param in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     @staticmethod
     def _init_weights(module):
