@@ -316,7 +316,6 @@ class KVCache:
     """
 
     def __init__(self, cfg):
-        self.n_layers = cfg.n_layers
         self.max_length = cfg.context_length
         self.keys = [None] * cfg.n_layers
         self.values = [None] * cfg.n_layers

@@ -145,12 +145,8 @@ def build_parser():
     run.add_argument("--sample-tokens", type=int, default=30, help="tokens to generate for the sample")
     run.add_argument("--out-dir", default="runs/pretrain", help="folder for checkpoints, history and plot")
     run.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir/latest.pt")
-    run.add_argument(
-        "--stop-at-step",
-        type=int,
-        default=None,
-        help="save and exit after this step although the schedule runs on; continue later with --resume",
-    )
+    run.add_argument("--stop-at-step", type=int, default=None,
+                     help="save and exit after this step although the schedule runs on; continue later with --resume")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     run.add_argument(
         "--dtype",
@@ -159,12 +155,8 @@ def build_parser():
         help="autocast precision (auto: bfloat16 on GPUs that support it, else float32)",
     )
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
-    run.add_argument(
-        "--peak-flops",
-        type=float,
-        default=None,
-        help="peak FLOP/s of one device, for MFU where it is not known (e.g. 312e12)",
-    )
+    run.add_argument("--peak-flops", type=float, default=None,
+                     help="peak FLOP/s of one device, for MFU where it is not known (e.g. 312e12)")
     return p
 
 
