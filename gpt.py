@@ -455,9 +455,16 @@ def get_tokenizer():
     """tiktoken's "gpt2" byte-pair encoding (50257 tokens, the one GPT-2 was trained with).
 
     tiktoken downloads its two vocabulary files on first use and caches them; set
-    TIKTOKEN_CACHE_DIR to a folder that holds them to work offline.
+    TIKTOKEN_CACHE_DIR to a folder that holds them to work offline. Raises RuntimeError
+    when they are neither cached nor downloadable.
     """
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except requests.RequestException as e:
+        raise RuntimeError(
+            f"cannot download tiktoken's GPT-2 vocabulary files ({e.__class__.__name__}): connect once, or set "
+            "TIKTOKEN_CACHE_DIR to a copy of tiktoken's cache folder from a machine that has them"
+        ) from None
 
 
 def text_to_token_ids(text, device=None):
@@ -950,6 +957,11 @@ def load_checkpoint(path, map_location="cpu"):
 def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
     """GPTModel from a `load_checkpoint` dict, in eval mode. Raises ValueError when the
     weights do not fit the config (e.g. a classifier checkpoint with its own head)."""
+    if "labels" in checkpoint:
+        raise ValueError(
+            "this is a spam classifier written by finetune_classify.py, not a language model: "
+            "use it with `python finetune_classify.py --classify TEXT --checkpoint PATH`"
+        )
     cfg = GPTConfig(**checkpoint["config"])
     model = GPTModel(cfg)
     try:

@@ -103,26 +103,27 @@ def main(argv=None):
                 raise ValueError(f"--download-only needs one of {', '.join(gpt.GPT_CONFIGS)}, got {args.model!r}")
             print(f"weights of {args.model} are in {gpt.download_gpt2(args.model)}")
             return
+        prompt_ids = gpt.text_to_token_ids(args.prompt, device=device)  # before the load: cheap, and fails fast
 
         started = time.time()
         model = gpt.load_gpt2(args.model, device=device, dtype=DTYPES[args.dtype])
         load_seconds = time.time() - started
+        cfg = model.cfg
+        if prompt_ids.max().item() >= cfg.vocab_size:
+            raise ValueError(f"the prompt has token ids up to {prompt_ids.max().item()}, but the model's vocabulary "
+                             f"has only {cfg.vocab_size} tokens; use a model trained with the GPT-2 tokenizer")
+        print(f"model:      {args.model} ({gpt.count_parameters(model) / 1e6:.1f}M parameters: {cfg.n_layers} layers, "
+              f"{cfg.n_heads} heads, embedding dimension {cfg.emb_dim}, context length {cfg.context_length})")
+        print(f"weights:    {weights_location(args.model)}")
+        print(f"load time:  {load_seconds:.2f} s on {device}, {args.dtype}")
+        print("-" * 80)
+        print(args.prompt, end="", flush=True)
+        stream_continuation(model, prompt_ids, args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-
-    cfg = model.cfg
-    print(f"model:      {args.model} ({gpt.count_parameters(model) / 1e6:.1f}M parameters: {cfg.n_layers} layers, "
-          f"{cfg.n_heads} heads, embedding dimension {cfg.emb_dim}, context length {cfg.context_length})")
-    print(f"weights:    {weights_location(args.model)}")
-    print(f"load time:  {load_seconds:.2f} s on {device}, {args.dtype}")
-    print("-" * 80)
-
-    prompt_ids = gpt.text_to_token_ids(args.prompt, device=device)
-    if prompt_ids.max().item() >= cfg.vocab_size:
-        sys.exit(f"error: the prompt has token ids up to {prompt_ids.max().item()}, but the model's vocabulary has "
-                 f"only {cfg.vocab_size} tokens; use a model trained with the GPT-2 tokenizer")
-    print(args.prompt, end="", flush=True)
-    stream_continuation(model, prompt_ids, args)
+    except KeyboardInterrupt:  # Ctrl-C; an interrupted download keeps its partial file and resumes next time
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 
 import finetune_classify as fc
@@ -299,6 +300,19 @@ def test_tokenizer_round_trip():
     assert gpt.token_ids_to_text(ids) == "Hello, world<|endoftext|>"
 
 
+def test_tokenizer_offline_without_cache_is_a_clear_error(monkeypatch):
+    def no_network(name):
+        raise requests.ConnectionError("no route to openaipublic.blob.core.windows.net")
+
+    monkeypatch.setattr(gpt.tiktoken, "get_encoding", no_network)
+    gpt.get_tokenizer.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
+            gpt.text_to_token_ids("Hello")
+    finally:
+        gpt.get_tokenizer.cache_clear()  # the real tokenizer again for the other tests
+
+
 # ========================================================================================
 # gpt.py: LoRA
 # ========================================================================================
@@ -534,6 +548,9 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
         gpt.load_gpt2(tmp_path / "other.pt")
+    gpt.save_checkpoint(tmp_path / "classifier.pt", tiny_model(), labels=["not spam", "spam"])
+    with pytest.raises(ValueError, match="classifier written by finetune_classify.py.*--classify"):
+        gpt.load_gpt2(tmp_path / "classifier.pt")
 
 
 # ========================================================================================
@@ -557,6 +574,19 @@ def test_load_gpt2_script_bad_inputs_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         load_gpt2.main(["--top-p", "2"])
     assert "--top-p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_load_gpt2_script_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpt, "generate", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
 
 
 def test_load_gpt2_script_download_only_into_cache_dir(file_server, small_pair, monkeypatch, tmp_path, capsys):
