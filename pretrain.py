@@ -103,20 +103,22 @@ def build_parser():
         default=None,
         help="a GPT-2 shape (default: the small shape 4 layers x 4 heads x 256, 128-token context)",
     )
-    model.add_argument("--n-layers", type=int, default=None, help="transformer blocks (overrides --size)")
-    model.add_argument("--n-heads", type=int, default=None, help="attention heads per block (overrides --size)")
-    model.add_argument("--emb-dim", type=int, default=None, help="embedding width (overrides --size)")
+    model.add_argument("--n-layers", type=int, default=None, help="transformer blocks (default: from --size)")
+    model.add_argument("--n-heads", type=int, default=None, help="attention heads per block (default: from --size)")
+    model.add_argument("--emb-dim", type=int, default=None, help="embedding width (default: from --size)")
     model.add_argument(
         "--context-length",
         type=int,
         default=None,
-        help="tokens per training window, and the model's context length when it is new",
+        help="tokens per training window, and the model's context length when it is new "
+        "(default: from --size, or the whole context of an --init or --resume model)",
     )
     model.add_argument("--dropout", type=float, default=0.0, help="dropout rate")
     model.add_argument(
         "--init",
         default=None,
-        help="start from these weights (a GPT-2 name like gpt2, a .safetensors file or a checkpoint) instead of random ones",
+        help="start from these weights: a GPT-2 name like gpt2, a .safetensors file or a checkpoint "
+        "(default: random initialisation)",
     )
 
     train = p.add_argument_group("training")
@@ -146,7 +148,8 @@ def build_parser():
     run.add_argument("--out-dir", default="runs/pretrain", help="folder for checkpoints, history and plot")
     run.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir/latest.pt")
     run.add_argument("--stop-at-step", type=int, default=None,
-                     help="save and exit after this step although the schedule runs on; continue later with --resume")
+                     help="save and exit after this step (and its evaluation) although the schedule runs on; "
+                     "continue later with --resume (default: run to the end)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     run.add_argument(
         "--dtype",
@@ -156,31 +159,41 @@ def build_parser():
     )
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
     run.add_argument("--peak-flops", type=float, default=None,
-                     help="peak FLOP/s of one device, for MFU where it is not known (e.g. 312e12)")
+                     help="peak FLOP/s of one device, for MFU where it is not known, e.g. 312e12 "
+                     "(default: from a table of NVIDIA GPUs in bfloat16; no MFU elsewhere)")
     return p
 
 
 def check_settings(args):
     """Raise ValueError naming the flag of the first setting out of range."""
-    positive = ["batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"]
-    positive += [
-        name
-        for name in ("stride", "max_steps", "n_layers", "n_heads", "emb_dim", "context_length")
-        if getattr(args, name) is not None
-    ]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+    def given(names):
+        return [name for name in names if getattr(args, name) is not None]
+
+    at_least_1 = ["batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"]
+    at_least_1 += given(["stride", "max_steps", "stop_at_step", "n_layers", "n_heads", "emb_dim", "context_length"])
+    at_least_0 = ["grad_clip", "sample_tokens"] + given(["warmup_steps"])
+    for low, names in ((1, at_least_1), (0, at_least_0)):
+        for name in names:
+            if getattr(args, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     if not 0.0 < args.train_fraction < 1.0:
         raise ValueError(f"--train-fraction must be between 0 and 1, got {args.train_fraction}")
     if args.max_steps is None and not args.epochs > 0:
         raise ValueError(f"--epochs must be positive, got {args.epochs}")
     if not args.lr > 0 or not 0.0 <= args.min_lr_ratio <= 1.0:
         raise ValueError(f"need --lr > 0 and 0 <= --min-lr-ratio <= 1, got {args.lr} and {args.min_lr_ratio}")
-    if args.warmup_steps is not None and args.warmup_steps < 0:
-        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
-    if args.init and any(getattr(args, n) is not None for n in ("size", "n_layers", "n_heads", "emb_dim")):
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.peak_flops is not None and not args.peak_flops > 0:
+        raise ValueError(f"--peak-flops must be positive, got {args.peak_flops}")
+    if args.init and given(["size", "n_layers", "n_heads", "emb_dim"]):
         raise ValueError("--init takes the model's shape from its weights: drop --size/--n-layers/--n-heads/--emb-dim")
+    if given(["n_heads", "emb_dim"]) and not args.resume:  # a resumed model's shape is checked against latest.pt
+        base = size_config(args.size)
+        emb_dim, n_heads = args.emb_dim or base.emb_dim, args.n_heads or base.n_heads
+        if emb_dim % n_heads:
+            raise ValueError(f"--emb-dim {emb_dim} must be divisible by --n-heads {n_heads} (each head gets an equal share)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -447,9 +460,14 @@ def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_00
 # ----------------------------------------------------------------------------------------
 
 
+def size_config(size):
+    """GPTConfig of --size, or of the small DEFAULT_SHAPE when it is None."""
+    return gpt.GPT_CONFIGS[size] if size else gpt.GPTConfig(**DEFAULT_SHAPE)
+
+
 def model_config(args):
     """GPTConfig of a new model: --size (or the small DEFAULT_SHAPE), then the shape flags."""
-    base = gpt.GPT_CONFIGS[args.size] if args.size else gpt.GPTConfig(**DEFAULT_SHAPE)
+    base = size_config(args.size)
     shape = {k: getattr(args, k) for k in DEFAULT_SHAPE if getattr(args, k) is not None}
     return dataclasses.replace(base, drop_rate=args.dropout, **shape)
 
@@ -731,6 +749,8 @@ def pretrain(args):
 def train_and_evaluate(args, rank, local_rank, world_size, device):
     """The body of `pretrain` once the processes are set up: data, model, optimizer, loop."""
     log = print if rank == 0 else (lambda *a, **k: None)
+    if device.type == "cpu" and args.dtype == "bfloat16":  # CPUs without bfloat16 matrix units emulate it
+        log("warning: --dtype bfloat16 is usually much slower than float32 on CPUs; --dtype auto picks float32 there")
     out_dir = Path(args.out_dir)
     latest_path, best_path = out_dir / "latest.pt", out_dir / "best.pt"
     checkpoint = None
@@ -898,6 +918,15 @@ def train_and_evaluate(args, rank, local_rank, world_size, device):
                 )
                 interval_start, interval_step, eval_seconds = time.time(), step, 0.0
 
+            evaluation_step = step % args.eval_interval == 0 or step == total_steps
+            if evaluation_step:
+                eval_started = time.time()
+                evaluate(lr)
+                save_latest()
+                eval_seconds += time.time() - eval_started
+
+            # A stop comes after the step's evaluation, so that --resume continues exactly
+            # where an uninterrupted run would be.
             stop_now = stopper.requested or (args.stop_at_step is not None and step >= args.stop_at_step)
             if world_size > 1:  # every process must stop at the same step
                 flag = torch.tensor(float(stop_now), device=device)
@@ -905,13 +934,9 @@ def train_and_evaluate(args, rank, local_rank, world_size, device):
                 stop_now = bool(flag.item())
             if stop_now and step < total_steps:
                 stopped = stopper.signal_name or "stop-at-step"
-                save_latest()
+                if not evaluation_step:  # an evaluation step has just saved it
+                    save_latest()
                 log(f"stopped at step {step} ({stopped}): saved {latest_path}; continue with the same command and --resume")
-            elif step % args.eval_interval == 0 or step == total_steps:
-                eval_started = time.time()
-                evaluate(lr)
-                save_latest()
-                eval_seconds += time.time() - eval_started
 
     if rank == 0 and history:
         plot_history(out_dir / "loss.png", history, unigram_loss)

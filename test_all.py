@@ -912,6 +912,70 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     assert b["history"][-1]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
 
 
+# --- flags checked at startup, stop and resume -----------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dropout", "2"], r"--dropout must be in \[0, 1\), got 2.0"),
+        (["--n-heads", "3"], "--emb-dim 256 must be divisible by --n-heads 3"),  # the default width
+        (["--size", "gpt2", "--n-heads", "5"], "--emb-dim 768 must be divisible by --n-heads 5"),
+        (["--emb-dim", "30"], "--emb-dim 30 must be divisible by --n-heads 4"),
+        (["--grad-clip", "-1"], "--grad-clip must be at least 0, got -1.0"),
+        (["--sample-tokens", "-1"], "--sample-tokens must be at least 0, got -1"),
+        (["--stop-at-step", "0"], "--stop-at-step must be at least 1, got 0"),
+        (["--peak-flops", "0"], "--peak-flops must be positive, got 0.0"),
+    ],
+)
+def test_pretrain_bad_flag_is_rejected_at_startup(tmp_path, monkeypatch, flags, message):
+    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
+    missing = tmp_path / "missing.txt"  # the check comes before any data or model work
+    with pytest.raises(SystemExit, match="^error: " + message):
+        pretrain.main(["--data", str(missing), "--out-dir", str(tmp_path / "run"), *flags])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_pretrain_edge_values_are_accepted():
+    argv = ["--grad-clip", "0", "--sample-tokens", "0", "--stop-at-step", "1", "--dropout", "0.5", "--n-heads", "8"]
+    pretrain.check_settings(pretrain.build_parser().parse_args(argv))
+    # a resumed model's shape comes from latest.pt, which check_resume_checkpoint compares
+    pretrain.check_settings(pretrain.build_parser().parse_args(["--resume", "--n-heads", "3"]))
+
+
+def test_pretrain_help_shows_every_default():
+    parser = pretrain.build_parser()
+    formatter = parser.formatter_class(parser.prog)
+    for action in parser._actions:
+        if action.option_strings != ["-h", "--help"]:
+            assert "(default: " in formatter._get_help_string(action), action.option_strings
+
+
+def test_pretrain_bfloat16_on_cpu_warns(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
+    for dtype, warned in (("bfloat16", True), ("float32", False), ("auto", False)):
+        with pytest.raises(SystemExit, match="no such file"):  # the warning comes before the data
+            pretrain.main(argv + ["--dtype", dtype])
+        out = capsys.readouterr().out
+        assert ("warning: --dtype bfloat16 is usually much slower than float32 on CPUs" in out) == warned
+
+
+def test_pretrain_stop_on_an_evaluation_step_then_resume_equals_whole_run(tmp_path, pretrain_text_file, capsys):
+    common = ("--max-steps", "8", "--eval-interval", "4", "--dropout", "0.1", "--lr", "1e-2")
+    pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
+    first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "4"))
+    assert first["stopped"] == "stop-at-step" and first["steps"] == 4
+    assert "eval step 4" in capsys.readouterr().out  # the stop comes after the step's evaluation
+    assert gpt.load_checkpoint(tmp_path / "b" / "run" / "best.pt")["step"] == 4
+    pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--resume"))
+    whole, resumed = (json.loads((tmp_path / r / "run" / "history.json").read_text()) for r in "ab")
+    assert [h["step"] for h in resumed["evaluations"]] == [0, 4, 8]
+    assert resumed == whole
+    best_whole, best_resumed = (gpt.load_checkpoint(tmp_path / r / "run" / "best.pt") for r in "ab")
+    assert best_resumed["step"] == best_whole["step"] and best_resumed["val_loss"] == best_whole["val_loss"]
+
+
 # ========================================================================================
 # finetune_classify.py
 # ========================================================================================
