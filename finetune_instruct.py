@@ -51,19 +51,29 @@ SPLIT_FRACTIONS = (0.85, 0.10)  # train, test; validation gets the rest (5%), as
 JUDGE_SEED = 123  # fixed seed (and temperature 0) so the judge gives the same score twice
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" after each help line, except for flags whose default is None (their help says it)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Instruction fine-tuning of GPT-2 (Alpaca format), answers for the test set, optional LLM judge."
+        description="Instruction fine-tuning of GPT-2 (Alpaca format), answers for the test set, optional LLM judge.",
+        formatter_class=HelpFormatter,
     )
     what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
     what.add_argument(
         "--generate-only", action="store_true", help="skip training: answer the test set with --checkpoint"
     )
-    what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print the answer and exit")
-    what.add_argument("--input", default="", help="input text for --prompt (the '### Input:' section; default: none)")
+    what.add_argument(
+        "--prompt", help="answer this one instruction with --checkpoint, print the answer and exit (default: none)"
+    )
+    what.add_argument("--input", help="input text for --prompt (the '### Input:' section; default: none)")
     what.add_argument("--judge-only", action="store_true", help="skip training and generation: grade --responses")
     what.add_argument("--resume", action="store_true", help="continue training from <out-dir>/train_state.pt")
-    what.add_argument("--out-dir", default="runs/instruct", help="folder for all outputs (default: %(default)s)")
+    what.add_argument("--out-dir", default="runs/instruct", help="folder for all outputs")
 
     data = p.add_argument_group("data")
     data.add_argument(
@@ -71,7 +81,7 @@ def build_parser():
         help="local JSON list or JSON Lines file in the Alpaca schema (instruction, input, output) "
         "(default: the book's instruction-data.json, downloaded once into the cache)",
     )
-    data.add_argument("--seed", type=int, default=123, help="seed of the split, the shuffling and LoRA (default: 123)")
+    data.add_argument("--seed", type=int, default=123, help="seed of the split, the shuffling, LoRA and sampling")
     data.add_argument("--max-length", type=int, help="truncate examples to this many tokens (default: context length)")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
 
@@ -80,45 +90,82 @@ def build_parser():
         "--model",
         default="gpt2-medium",
         help="starting point: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a .safetensors file, "
-        "or a checkpoint of this project such as pretrain.py's (default: %(default)s)",
+        "or a checkpoint of this project such as pretrain.py's",
     )
-    model.add_argument("--epochs", type=int, default=2, help="passes over the training set (default: %(default)s)")
-    model.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (default: %(default)s)")
-    model.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate, constant (default: %(default)s)")
-    model.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)")
+    model.add_argument("--epochs", type=int, default=2, help="passes over the training set")
+    model.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+    model.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate, constant")
+    model.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     model.add_argument("--lora", action="store_true", help="train low-rank adapters only (merged before saving)")
-    model.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (default: %(default)s)")
-    model.add_argument(
-        "--lora-alpha", type=float, default=16, help="LoRA alpha, the update scales by alpha/rank (default: 16)"
-    )
+    model.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r")
+    model.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha, the update scales by alpha/rank")
     model.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: all epochs)")
-    model.add_argument("--log-every", type=int, default=5, help="steps between progress lines (default: %(default)s)")
-    model.add_argument("--eval-every", type=int, default=25, help="steps between loss estimates (default: %(default)s)")
-    model.add_argument("--eval-batches", type=int, default=5, help="batches per loss estimate, 0: all (default: 5)")
+    model.add_argument("--log-every", type=int, default=5, help="steps between progress lines")
+    model.add_argument("--eval-every", type=int, default=25, help="steps between loss estimates")
+    model.add_argument("--eval-batches", type=int, default=5, help="batches per loss estimate, 0: all")
     model.add_argument(
-        "--save-every",
-        type=int,
-        default=50,
-        help="steps between train_state.pt saves, and each epoch's end (default: 50)",
+        "--save-every", type=int, default=50, help="steps between train_state.pt saves, and each epoch's end"
     )
-    model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
     answers = p.add_argument_group("answers and evaluation")
     answers.add_argument(
         "--checkpoint", help="model for --generate-only and --prompt, any --model value (default: <out-dir>/model.pt)"
     )
-    answers.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
-    answers.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
+    answers.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+    answers.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
     answers.add_argument("--top-k", type=int, help="sample only from the k most likely tokens (default: all)")
+    answers.add_argument(
+        "--top-p",
+        type=float,
+        help="nucleus sampling: only from the most likely tokens whose probabilities add up to p (default: all)",
+    )
     answers.add_argument(
         "--responses", help="responses file to write, or to grade with --judge-only (default: <out-dir>/responses.json)"
     )
     answers.add_argument(
         "--judge", choices=["none", "ollama"], default="none", help="grade the answers with a local Ollama server"
     )
-    answers.add_argument("--judge-url", default="http://localhost:11434", help="Ollama address (default: %(default)s)")
-    answers.add_argument("--judge-model", default="llama3", help="Ollama model that grades (default: %(default)s)")
+    answers.add_argument("--judge-url", default="http://localhost:11434", help="Ollama address")
+    answers.add_argument("--judge-model", default="llama3", help="Ollama model that grades")
     return p
+
+
+def flag(name):
+    """The command-line flag of a settings key: "batch_size" -> "--batch-size"."""
+    return "--" + name.replace("_", "-")
+
+
+# Smallest value of each integer flag (None, where allowed, means unset).
+INT_FLAG_MINIMUM = {"epochs": 1, "batch_size": 1, "log_every": 1, "eval_every": 1, "save_every": 1, "lora_rank": 1,
+                    "max_steps": 1, "max_length": 1, "top_k": 1, "eval_batches": 0, "max_new_tokens": 0}  # fmt: skip
+
+
+def parse_args(argv=None):
+    """Read the flags and reject, before any data or model work, every value that cannot
+    work: parser.error prints the flag and its value and exits with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, minimum in INT_FLAG_MINIMUM.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"{flag(name)} must be at least {minimum}, got {value}")
+    if not 0 < args.lr < math.inf:  # written so that nan fails too
+        parser.error(f"--lr must be a finite number above 0, got {args.lr}")
+    for name in ("weight_decay", "temperature"):
+        if not 0 <= getattr(args, name) < math.inf:
+            parser.error(f"{flag(name)} must be a finite number >= 0, got {getattr(args, name)}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error(f"--prompt must hold the instruction to answer, got {args.prompt!r}")
+    if args.input is not None and args.prompt is None:
+        parser.error("--input goes with --prompt: give the instruction too")
+    if args.generate_only + args.judge_only + (args.prompt is not None) > 1:
+        parser.error("choose one of --generate-only, --judge-only and --prompt")
+    if args.judge_only and args.judge == "none":
+        parser.error("--judge-only needs --judge ollama")
+    return args
 
 
 # ----------------------------------------------------------------------------------------
@@ -393,9 +440,7 @@ def check_resume(state, settings, path):
     """Raise ValueError listing every setting that differs from the run in train_state.pt."""
     saved = state["settings"]
     differ = [
-        f"--{k.replace('_', '-')}: was {saved.get(k)!r}, now {settings[k]!r}"
-        for k in RESUME_KEYS
-        if saved.get(k) != settings[k]
+        f"{flag(k)}: was {saved.get(k)!r}, now {settings[k]!r}" for k in RESUME_KEYS if saved.get(k) != settings[k]
     ]
     if differ:
         raise ValueError(
@@ -496,17 +541,24 @@ def train(model, train_examples, val_examples, settings, out_dir, device, resume
 # ----------------------------------------------------------------------------------------
 
 
-def generate_response(model, entry, *, max_new_tokens=256, temperature=0.0, top_k=None, seed=None):
+def generate_response(model, entry, *, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None, seed=None):
     """The model's answer to one entry -> (response text, number of new tokens).
 
-    Continues format_prompt(entry) with gpt.generate (greedy when temperature is 0, with
-    the KV cache), stops at <|endoftext|> or after max_new_tokens, and keeps only the new
-    text, stripped of surrounding whitespace. Follows the book's section 7.7 (which
+    Continues format_prompt(entry) with gpt.generate (greedy when temperature is 0, else
+    sampling limited by top_k and top_p; with the KV cache), stops at <|endoftext|> or
+    after max_new_tokens, and keeps only the new text, stripped of surrounding whitespace. Follows the book's section 7.7 (which
     removes "### Response:" afterwards; here the prompt already ends with it).
     """
     prompt_ids = gpt.text_to_token_ids(format_prompt(entry), device=model.wte.weight.device)
     output = gpt.generate(
-        model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=gpt.EOT_ID, seed=seed
+        model,
+        prompt_ids,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=gpt.EOT_ID,
+        seed=seed,
     )
     new_ids = output[0, prompt_ids.shape[1] :].tolist()
     if gpt.EOT_ID in new_ids:
@@ -668,25 +720,6 @@ def read_responses(path):
 # ----------------------------------------------------------------------------------------
 
 
-def check_args(args):
-    """Raise ValueError for flag values that cannot work, naming the flag."""
-    positive = ("epochs", "batch_size", "log_every", "eval_every", "save_every", "lora_rank")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("max_steps", "max_length"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.eval_batches < 0 or args.max_new_tokens < 0:
-        raise ValueError("--eval-batches and --max-new-tokens must be 0 or more")
-    if args.lr <= 0 or args.weight_decay < 0 or args.temperature < 0:
-        raise ValueError("--lr must be above 0, --weight-decay and --temperature 0 or more")
-    if args.generate_only + args.judge_only + (args.prompt is not None) > 1:
-        raise ValueError("choose one of --generate-only, --judge-only and --prompt")
-    if args.judge_only and args.judge == "none":
-        raise ValueError("--judge-only needs --judge ollama")
-
-
 def data_path(args):
     """--data, or the book's file downloaded once into the cache."""
     if args.data is not None:
@@ -727,7 +760,7 @@ def run(args):
 
     device = gpt.pick_device(args.device)
     settings = dict(vars(args))  # the recipe, saved with the checkpoints
-    answer_options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k}
+    answer_options = {key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_k", "top_p")}
     answer_options["seed"] = args.seed if args.temperature > 0 else None
 
     if args.prompt is not None:
@@ -792,9 +825,8 @@ def run(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
-        check_args(args)
         run(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

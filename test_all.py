@@ -1528,8 +1528,6 @@ def test_instruct_clear_errors(tmp_path, _instruct_tiny_run):
         instruct.main(common + ["--model", str(folder / "tiny.pt"), "--resume"])
     with pytest.raises(SystemExit, match="--max-length 97 is longer than the model's context length 96"):
         instruct.main(common + ["--model", str(folder / "tiny.pt"), "--max-length", "97"])
-    with pytest.raises(SystemExit, match="--batch-size must be at least 1"):
-        instruct.main(["--batch-size", "0"])
 
 
 def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys):
@@ -1543,3 +1541,91 @@ def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys):
     straight = gpt.load_checkpoint(folder / "straight" / "model.pt")["model"]
     halves = gpt.load_checkpoint(folder / "halves" / "model.pt")["model"]
     assert all(torch.equal(straight[k], halves[k]) for k in straight)
+
+
+# Draft tests for finetune_instruct.py's flags (to merge into test_all.py's instruct section).
+
+_INSTRUCT_BAD_FLAGS = [
+    (["--top-k", "0"], "--top-k must be at least 1, got 0"),
+    (["--prompt", "hi", "--temperature", "0.8", "--top-k", "0"], "--top-k must be at least 1, got 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
+    (["--lr", "-1"], "--lr must be a finite number above 0, got -1.0"),
+    (["--lr", "0"], "--lr must be a finite number above 0, got 0.0"),
+    (["--lr", "nan"], "--lr must be a finite number above 0, got nan"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be at least 0, got -1"),
+    (["--eval-batches", "-1"], "--eval-batches must be at least 0, got -1"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--save-every", "0"], "--save-every must be at least 1, got 0"),
+    (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+    (["--max-length", "0"], "--max-length must be at least 1, got 0"),
+    (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
+    (["--prompt", ""], "--prompt must hold the instruction to answer, got ''"),
+    (["--prompt", " \n "], "--prompt must hold the instruction to answer, got ' \\n '"),
+    (["--input", "x"], "--input goes with --prompt: give the instruction too"),
+]
+
+
+def test_instruct_bad_flags_rejected_at_startup(tmp_path, capsys, monkeypatch, _instruct_tiny_run):
+    # A valid data file and model: without the startup check, each of these would train
+    # (or load the checkpoint) first.
+    folder = _instruct_tiny_run
+    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(instruct, "run", lambda args: pytest.fail(f"run() reached with {args}"))
+    out_dir = tmp_path / "run"
+    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--out-dir", str(out_dir)]
+    common += ["--checkpoint", str(folder / "tiny.pt"), "--batch-size", "5", "--eval-batches", "1"]
+    for bad, message in _INSTRUCT_BAD_FLAGS:
+        with pytest.raises(SystemExit) as exc:
+            instruct.main(common + bad)
+        assert exc.value.code == 2, bad  # argparse's usage error, not a run-time "error: ..."
+        last_line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last_line.endswith(": error: " + message), bad
+        assert message.split()[0] in bad, message  # the message starts with the flag to fix
+    assert not out_dir.exists()
+
+
+def test_instruct_flag_limits_are_accepted():
+    limits = ["--top-k", "1", "--top-p", "1", "--temperature", "0", "--max-new-tokens", "0", "--eval-batches", "0"]
+    args = instruct.parse_args(limits + ["--weight-decay", "0"])
+    assert (args.top_k, args.top_p, args.temperature, args.max_new_tokens, args.eval_batches) == (1, 1.0, 0.0, 0, 0)
+    args = instruct.parse_args(["--prompt", "Name a color.", "--input", "x", "--top-p", "1e-9", "--lr", "1e-9"])
+    assert (args.prompt, args.input, args.top_p) == ("Name a color.", "x", 1e-9)
+
+
+def test_instruct_help_shows_every_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # each help text on one line
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(["--help"])
+    assert exc.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    entries = {}  # flag -> its help entry: "  --flag [METAVAR]  help", the help maybe on the next line
+    for i, line in enumerate(lines):
+        if line.startswith("  --"):
+            entries[line.split()[0]] = line + (lines[i + 1] if len(line.split()) <= 2 else "")
+    flags = [action.option_strings[0] for action in instruct.build_parser()._actions[1:]]  # all but --help
+    assert sorted(entries) == sorted(flags)
+    for flag in flags:
+        assert "default" in entries[flag], entries[flag]
+    for switch in ("--lora", "--mask-prompt", "--resume", "--generate-only", "--judge-only"):
+        assert entries[switch].endswith("(default: False)"), entries[switch]
+    assert entries["--judge"].endswith("(default: none)")
+    assert entries["--top-p"].endswith("(default: all)")
+
+
+def test_instruct_top_p_reaches_generation(_instruct_tiny_run, capsys, monkeypatch):
+    folder = _instruct_tiny_run
+    monkeypatch.setenv("GPT_CACHE_DIR", str(folder / "cache"))
+    prompt = ["--prompt", "Repeat the number 3.", "--checkpoint", str(folder / "tiny.pt"), "--max-new-tokens", "6"]
+    instruct.main(prompt)
+    greedy = capsys.readouterr().out.splitlines()[-1]
+    # At temperature 5 a random model's tokens are nearly uniform over 50,257: only a
+    # top-p small enough to keep the single most likely token gives the greedy answer.
+    instruct.main(prompt + ["--temperature", "5", "--top-p", "1e-9"])
+    assert capsys.readouterr().out.splitlines()[-1] == greedy
+    instruct.main(prompt + ["--temperature", "5", "--seed", "1"])
+    assert capsys.readouterr().out.splitlines()[-1] != greedy
