@@ -58,17 +58,10 @@ CACHE_BATCH_TOKENS = 4096  # tokens per batch when filling the activation cache:
 MAX_WARNINGS = 5  # bad data lines reported one by one; the rest are counted
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: ...)" after each help line, except for switches and unset options."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Fine-tune GPT-2 as an SMS spam classifier, or classify texts with a fine-tuned one.",
-        formatter_class=HelpFormatter,
+        formatter_class=gpt.HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None,
@@ -106,9 +99,11 @@ def parse_args(argv=None):
     train.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     train.add_argument("--out-dir", default="runs/classify", help="folder for the splits, checkpoint, metrics and plot")
     use = parser.add_argument_group("classify with a fine-tuned model (no training)")
-    use.add_argument("--classify", nargs="+", metavar="TEXT", default=None, help="texts to classify as spam or not spam")
+    use.add_argument("--classify", nargs="+", metavar="TEXT", default=None,
+                     help="texts to classify as spam or not spam (default: none: train a classifier)")
     use.add_argument("--classify-file", default=None, metavar="FILE",
-                     help="classify each non-empty line of FILE (- reads standard input)")
+                     help="classify each non-empty line of FILE (UTF-8 text; invalid UTF-8 is an error "
+                          "naming its byte offset); - reads standard input (default: none)")
     use.add_argument("--checkpoint", default=None,
                      help="classifier checkpoint to write (training) or read (--classify); default: OUT_DIR/classifier.pt")
     args = parser.parse_args(argv)
@@ -120,10 +115,12 @@ def parse_args(argv=None):
         parser.error(f"--max-length must be at least 1, got {args.max_length}")
     if not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
-    if args.weight_decay < 0:
+    if not args.weight_decay >= 0:
         parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not 0 <= args.drop_rate < 1:
         parser.error(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
+    if not args.lora_alpha > 0:
+        parser.error(f"--lora-alpha must be positive, got {args.lora_alpha}")
     if args.checkpoint is None:
         args.checkpoint = str(Path(args.out_dir) / "classifier.pt")
     return args
@@ -575,9 +572,20 @@ def classify_texts(model, texts, max_length, labels=CLASS_NAMES, batch_size=16):
 
 
 def read_texts_file(path):
-    """Non-empty lines of a text file (or of standard input for "-"), invalid UTF-8 replaced."""
+    """Non-empty lines of a UTF-8 text file (or of standard input for "-"), stripped.
+
+    A byte-order mark and Windows line endings are accepted. Raises ValueError naming the
+    file, the byte offset and the line of the first invalid UTF-8 byte (a binary file, or
+    another encoding), rather than classifying garbage.
+    """
     raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    return [line.strip() for line in raw.decode("utf-8-sig", errors="replace").split("\n") if line.strip()]
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # "utf-8", not "utf-8-sig": offsets count the mark
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"--classify-file {'standard input' if path == '-' else path}: not UTF-8 text: byte "
+                         f"0x{raw[e.start]:02x} at byte offset {e.start} (line {line}); save it as UTF-8") from None
+    return [line.strip() for line in text.split("\n") if line.strip()]
 
 
 def run_classify(args, device):
@@ -700,12 +708,16 @@ def plot_history(path, history):
 
 
 def train_and_evaluate(args, device):
-    """The whole job: data, model, forward pass (with or without the activation cache),
+    """The whole job: model, data, forward pass (with or without the activation cache),
     training, test metrics, then the checkpoint, plot and metrics.json."""
     started = time.time()
     out_dir = Path(args.out_dir)
-    splits = prepare_data(args, out_dir)
+    if args.data is not None:
+        sms_collection_path(args.data)  # a missing --data file fails now, not after a model download
+    # The model before the data: a wrong --model or --max-length fails in seconds, before the
+    # data download, and leaves nothing in out_dir.
     model, max_length = build_classifier(args, device)
+    splits = prepare_data(args, out_dir)
     token_ids, labels = tokenize_splits(splits, max_length, device)
 
     cache_started = time.time()
@@ -737,14 +749,20 @@ def train_and_evaluate(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    classify = args.classify is not None or args.classify_file is not None
     try:
         device = gpt.pick_device(args.device)
-        if args.classify is not None or args.classify_file is not None:
+        if classify:
             run_classify(args, device)
-            return
-        train_and_evaluate(args, device)
+        else:
+            train_and_evaluate(args, device)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback, and the shell's code for SIGINT (128 + 2)
+        lost = "nothing was classified" if classify else (
+            f"no classifier saved (it is written to {args.checkpoint} after training and the test)")
+        print(f"interrupted: {lost}; run the command again to start over", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

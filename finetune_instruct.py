@@ -51,17 +51,10 @@ SPLIT_FRACTIONS = (0.85, 0.10)  # train, test; validation gets the rest (5%), as
 JUDGE_SEED = 123  # fixed seed (and temperature 0) so the judge gives the same score twice
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: ...)" after each help line, except for flags whose default is None (their help says it)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser():
     p = argparse.ArgumentParser(
         description="Instruction fine-tuning of GPT-2 (Alpaca format), answers for the test set, optional LLM judge.",
-        formatter_class=HelpFormatter,
+        formatter_class=gpt.HelpFormatter,
     )
     what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
     what.add_argument(

@@ -10,7 +10,7 @@ Read it top to bottom:
 6. files           `download_file`, `fetch_dataset`, `atomic_write_bytes`, `atomic_save`, `plot_curves`
 7. weights         `read_safetensors`, `load_gpt2` (released weights or a local file)
 8. checkpoints     `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`
-9. devices         `pick_device`
+9. devices, CLI    `pick_device`, `HelpFormatter`
 
 The model follows OpenAI's GPT-2 release (Radford et al., 2019, "Language Models are
 Unsupervised Multitask Learners", https://github.com/openai/gpt-2) and uses the same
@@ -22,6 +22,7 @@ Used by load_gpt2.py, pretrain.py, finetune_classify.py and finetune_instruct.py
 not meant to be run on its own.
 """
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -972,8 +973,17 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------
-# 9. Devices
+# 9. Devices and command lines
 # ----------------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse help that ends each line with "(default: ...)", except for flags whose
+    default is None: their help text says what happens when they are not given."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
 
 
 def pick_device(name="auto"):

@@ -33,16 +33,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Load pretrained GPT-2 weights and generate a continuation of a prompt.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=gpt.HelpFormatter,
     )
     parser.add_argument("--model", default="gpt2",
                         help=f"one of {', '.join(gpt.GPT_CONFIGS)}, a local .safetensors file, or a checkpoint (.pt) of this project")
     parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=50, help="number of tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random sampling")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of tokens whose probability reaches p")
-    parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens (default: all)")
+    parser.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of tokens whose probability reaches p (default: all)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling (default: a fresh one each run)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="precision of the weights and the computation")
     parser.add_argument("--cache-dir", default=str(gpt.cache_dir()),

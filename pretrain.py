@@ -65,16 +65,9 @@ DEFAULT_SHAPE = {"n_layers": 4, "n_heads": 4, "emb_dim": 256, "context_length": 
 # ----------------------------------------------------------------------------------------
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: ...)" except for flags whose default is None (their help says it)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Pretrain a GPT on plain text (next-token prediction).", formatter_class=HelpFormatter
+        description="Pretrain a GPT on plain text (next-token prediction).", formatter_class=gpt.HelpFormatter
     )
     data = p.add_argument_group("data")
     data.add_argument(

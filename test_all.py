@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import struct
@@ -600,6 +601,24 @@ def test_load_gpt2_script_download_only_into_cache_dir(file_server, small_pair, 
 
 
 # ========================================================================================
+# every script's command line
+# ========================================================================================
+
+
+@pytest.mark.parametrize("script", [load_gpt2, pretrain, fc, instruct], ids=lambda script: script.__name__)
+def test_every_flag_has_a_help_line_with_its_default(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0
+    # One entry per flag: "  --flag METAVAR  help", continued on lines indented further.
+    entries = re.findall(r"^  (-.*(?:\n   +.*)*)", capsys.readouterr().out, re.M)
+    assert len(entries) > 5
+    for entry in entries:
+        if not entry.startswith("-h, --help"):
+            assert "default" in entry, entry
+
+
+# ========================================================================================
 # pretrain.py
 # ========================================================================================
 
@@ -943,14 +962,6 @@ def test_pretrain_edge_values_are_accepted():
     pretrain.check_settings(pretrain.build_parser().parse_args(["--resume", "--n-heads", "3"]))
 
 
-def test_pretrain_help_shows_every_default():
-    parser = pretrain.build_parser()
-    formatter = parser.formatter_class(parser.prog)
-    for action in parser._actions:
-        if action.option_strings != ["-h", "--help"]:
-            assert "(default: " in formatter._get_help_string(action), action.option_strings
-
-
 def test_pretrain_bfloat16_on_cpu_warns(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
     argv = ["--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
@@ -1051,8 +1062,9 @@ def test_classify_one_class_or_too_few_messages_are_errors(tmp_path):
         fc.random_split(fc.create_balanced_dataset(few, seed=1), seed=1)
     data = tmp_path / "ham_only.tsv"
     data.write_text("ham\thello\nham\tthere\n")
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())  # the model loads before the data is read
     with pytest.raises(SystemExit, match="error: the data has 2 ham and 0 spam messages"):
-        fc.main(["--data", str(data), "--model", str(tmp_path / "unused.pt"), "--out-dir", str(tmp_path / "run")])
+        fc.main(["--data", str(data), "--model", str(tmp_path / "tiny.pt"), "--out-dir", str(tmp_path / "run")])
 
 
 def test_classify_splits_are_balanced_and_deterministic(tmp_path):
@@ -1232,6 +1244,109 @@ def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
                  "--out-dir", str(tmp_path / "run")])
     with pytest.raises(SystemExit):
         fc.main(["--batch-size", "0"])
+
+
+# --- startup checks, Ctrl-C, texts files ----------------------------------
+
+
+CLASSIFY_SCRIPT = Path(fc.__file__).resolve()
+
+
+@pytest.mark.parametrize(
+    "model, extra, message",
+    [
+        ("gpt3", [], "error: no model 'gpt3'"),
+        ("truncated.safetensors", [], "error: .*truncated.safetensors.*outside the 4 data bytes"),
+        ("tiny.pt", ["--max-length", "5000"], "error: --max-length 5000 is longer than the model's context length 48"),
+    ],
+)
+def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, extra, message):
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    header = {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    write_safetensors(tmp_path / "truncated.safetensors", header, b"\0" * 4)  # cut after 4 of its 8 data bytes
+    model = model if model == "gpt3" else str(tmp_path / model)
+    data = _classify_sms_slice(tmp_path)
+    out_dir = tmp_path / "run"
+    with pytest.raises(SystemExit, match=message):
+        fc.main(["--model", model, "--data", str(data), "--out-dir", str(out_dir), *extra])
+    assert not out_dir.exists()  # no splits written
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the data was downloaded before the model was checked")
+
+    monkeypatch.setattr(gpt, "fetch_dataset", no_download)
+    with pytest.raises(SystemExit, match=message):
+        fc.main(["--model", model, "--out-dir", str(out_dir), *extra])
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lora-alpha", "-1"], "--lora-alpha must be positive, got -1.0"),
+        (["--lora-alpha", "0"], "--lora-alpha must be positive, got 0.0"),
+        (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
+        (["--weight-decay", "nan"], "--weight-decay must be >= 0, got nan"),
+    ],
+)
+def test_classify_bad_lora_flags_are_rejected_at_startup(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        fc.main(["--trainable", "lora", *flags, "--model", "gpt3", "--data", str(tmp_path / "unused.tsv"),
+                 "--out-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2  # argparse's usage error, before anything is loaded
+    assert message in capsys.readouterr().err
+
+
+def test_classify_texts_file_is_utf8_with_empty_lines_skipped(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_bytes("\ufeffWin a prize\r\n\n   \r\nSee you at 6 \u263a\n".encode("utf-8"))
+    assert fc.read_texts_file(good) == ["Win a prize", "See you at 6 \u263a"]
+    binary = tmp_path / "garbage.bin"
+    binary.write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
+    with pytest.raises(SystemExit, match=r"error: --classify-file .*garbage.bin: not UTF-8 text: byte 0xff at "
+                                         r"byte offset 12 \(line 2\)"):
+        fc.main(["--classify-file", str(binary), "--checkpoint", str(tmp_path / "unused.pt")])
+
+
+def test_classify_ctrl_c_is_one_line_and_exit_code_130(tmp_path, monkeypatch, capsys):
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    data = _classify_sms_slice(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fc, "train_classifier", interrupted)
+    try:
+        fc.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run")])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main()")  # else it would stop the whole test session
+    except SystemExit as e:
+        assert e.code == 130
+    else:
+        pytest.fail("main() returned after an interrupt")
+    assert capsys.readouterr().err == (
+        f"interrupted: no classifier saved (it is written to {tmp_path / 'run' / 'classifier.pt'} after training "
+        "and the test); run the command again to start over\n"
+    )
+    assert not (tmp_path / "run" / "classifier.pt").exists()
+
+
+def test_classify_sigint_during_training_exits_cleanly(tmp_path):
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    data = _classify_sms_slice(tmp_path)
+    argv = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run"),
+            "--epochs", "100000", "--batch-size", "2", "--log-every", "1", "--eval-every", "100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
+    proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/100000 step"):  # training is under way
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.startswith("interrupted: no classifier saved") and err.count("\n") == 1, err  # no traceback
+    assert not (tmp_path / "run" / "classifier.pt").exists()
 
 
 # ========================================================================================
@@ -1595,26 +1710,6 @@ def test_instruct_flag_limits_are_accepted():
     assert (args.top_k, args.top_p, args.temperature, args.max_new_tokens, args.eval_batches) == (1, 1.0, 0.0, 0, 0)
     args = instruct.parse_args(["--prompt", "Name a color.", "--input", "x", "--top-p", "1e-9", "--lr", "1e-9"])
     assert (args.prompt, args.input, args.top_p) == ("Name a color.", "x", 1e-9)
-
-
-def test_instruct_help_shows_every_default(capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "1000")  # each help text on one line
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(["--help"])
-    assert exc.value.code == 0
-    lines = capsys.readouterr().out.splitlines()
-    entries = {}  # flag -> its help entry: "  --flag [METAVAR]  help", the help maybe on the next line
-    for i, line in enumerate(lines):
-        if line.startswith("  --"):
-            entries[line.split()[0]] = line + (lines[i + 1] if len(line.split()) <= 2 else "")
-    flags = [action.option_strings[0] for action in instruct.build_parser()._actions[1:]]  # all but --help
-    assert sorted(entries) == sorted(flags)
-    for flag in flags:
-        assert "default" in entries[flag], entries[flag]
-    for switch in ("--lora", "--mask-prompt", "--resume", "--generate-only", "--judge-only"):
-        assert entries[switch].endswith("(default: False)"), entries[switch]
-    assert entries["--judge"].endswith("(default: none)")
-    assert entries["--top-p"].endswith("(default: all)")
 
 
 def test_instruct_top_p_reaches_generation(_instruct_tiny_run, capsys, monkeypatch):
