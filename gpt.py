@@ -181,15 +181,17 @@ class GPTModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim)  # token embeddings
-        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)  # position embeddings
+        # Token and position embeddings, created empty: _init_weights fills them below, or
+        # load_gpt2 does (nn.Embedding's own random fill would cost it seconds of imports).
+        self.wte = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.emb_dim), freeze=False)
+        self.wpe = nn.Embedding.from_pretrained(torch.empty(cfg.context_length, cfg.emb_dim), freeze=False)
         self.drop = nn.Dropout(cfg.drop_rate)
         self.h = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input/output embeddings, as released
-        # A model built on the meta device only receives loaded weights (`load_gpt2`):
-        # skip the random initialisation, whose meta version costs torch seconds of imports.
+        # A model built on the meta device only receives loaded weights (`load_gpt2`): skip
+        # the random initialisation, whose meta version makes torch import its compiler.
         if not self.wte.weight.is_meta:
             self.apply(self._init_weights)
             # Residual projections add up over 2 * n_layers branches; scale them down so the

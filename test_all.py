@@ -209,6 +209,21 @@ def test_forward_longer_than_context_is_a_clear_error():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
+def test_new_model_is_initialised_as_gpt2():
+    torch.manual_seed(0)
+    cfg = gpt.GPTConfig(vocab_size=5000, context_length=256, emb_dim=128, n_heads=4, n_layers=8)
+    model = gpt.GPTModel(cfg)
+    assert model.lm_head.weight is model.wte.weight
+    for name, param in model.named_parameters():
+        if name.endswith("c_proj.weight"):  # residual projections: 0.02 / sqrt(2 * n_layers)
+            assert param.std().item() == pytest.approx(0.02 / 4, rel=0.05), name
+        elif name.endswith("weight") and param.dim() == 2:  # embeddings and other linear layers
+            assert param.std().item() == pytest.approx(0.02, rel=0.05) and abs(param.mean().item()) < 1e-3, name
+        elif name.endswith("bias") and "ln_" not in name:
+            assert not param.any(), name
+    assert model.wte.weight.requires_grad and model.wpe.weight.requires_grad
+
+
 # ========================================================================================
 # gpt.py: generation
 # ========================================================================================
