@@ -150,6 +150,8 @@ def parse_args(argv=None):
             parser.error(f"{flag(name)} must be a finite number >= 0, got {getattr(args, name)}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.lora_alpha > 0:
+        parser.error(f"--lora-alpha must be positive, got {args.lora_alpha}")
     if args.prompt is not None and not args.prompt.strip():
         parser.error(f"--prompt must hold the instruction to answer, got {args.prompt!r}")
     if args.input is not None and args.prompt is None:

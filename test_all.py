@@ -590,6 +590,9 @@ def test_load_gpt2_script_bad_inputs_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         load_gpt2.main(["--top-p", "2"])
     assert "--top-p must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_gpt2.main(["--temperature", "nan"])
+    assert "--temperature must be >= 0, got nan" in capsys.readouterr().err
 
 
 def test_load_gpt2_script_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
@@ -1694,6 +1697,8 @@ _INSTRUCT_BAD_FLAGS = [
     (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
+    (["--lora-alpha", "-1"], "--lora-alpha must be positive, got -1.0"),
+    (["--lora-alpha", "nan"], "--lora-alpha must be positive, got nan"),
     (["--prompt", ""], "--prompt must hold the instruction to answer, got ''"),
     (["--prompt", " \n "], "--prompt must hold the instruction to answer, got ' \\n '"),
     (["--input", "x"], "--input goes with --prompt: give the instruction too"),
