@@ -131,7 +131,7 @@ def flag(name):
 
 # Smallest value of each integer flag (None, where allowed, means unset).
 INT_FLAG_MINIMUM = {"epochs": 1, "batch_size": 1, "log_every": 1, "eval_every": 1, "save_every": 1, "lora_rank": 1,
-                    "max_steps": 1, "max_length": 1, "top_k": 1, "eval_batches": 0, "max_new_tokens": 0}  # fmt: skip
+                    "max_steps": 1, "max_length": 1, "top_k": 1, "eval_batches": 0, "max_new_tokens": 0}
 
 
 def parse_args(argv=None):
@@ -413,7 +413,7 @@ def train_step(model, optimizer, batch, settings, device, autocast):
 # Settings that must agree between a run and its --resume: they shape the weights, the
 # optimizer state or the batches.
 RESUME_KEYS = ("model", "lora", "lora_rank", "lora_alpha", "lr", "weight_decay", "batch_size", "seed", "mask_prompt",
-               "max_length", "data_sha256")  # fmt: skip
+               "max_length", "data_sha256")
 
 
 def prepare_model(settings, device, resume_config=None):

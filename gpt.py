@@ -858,9 +858,10 @@ def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, sour
     """Put GPT-2 tensors (release names, `transformer.` prefix already removed) into model.
 
     Each tensor is copied once, to `device` in `dtype`, and becomes the parameter, so the
-    model may be built on the meta device: nothing is allocated twice. Consumes `tensors`: each is dropped right after its copy, so a memory-mapped
-    file's pages leave memory one tensor at a time. Strict: raises ValueError listing
-    every missing, unexpected or mis-shaped tensor (before anything is copied).
+    model may be built on the meta device: nothing is allocated twice. Consumes `tensors`:
+    each is dropped right after its copy, so a memory-mapped file's pages leave memory one
+    tensor at a time. Strict: raises ValueError listing every missing, unexpected or
+    mis-shaped tensor (before anything is copied).
     """
     params = {name: p for name, p in model.state_dict(keep_vars=True).items() if name != "lm_head.weight"}
     missing = sorted(set(params) - set(tensors))
@@ -966,11 +967,13 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
             "use it with `python finetune_classify.py --classify TEXT --checkpoint PATH`"
         )
     cfg = GPTConfig(**checkpoint["config"])
-    model = GPTModel(cfg)
+    with torch.device("meta"):  # no random initialisation: the weights come from the checkpoint
+        model = GPTModel(cfg)
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint["model"], assign=True)
     except RuntimeError as e:
         raise ValueError(f"checkpoint weights do not fit a GPT model of its config: {str(e)[:500]}") from None
+    model.lm_head.weight = model.wte.weight  # assigning untied them: the head uses the token embedding
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -985,7 +988,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
-
 
 
 def pick_device(name="auto"):
