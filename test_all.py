@@ -36,8 +36,11 @@ import gpt
 import load_gpt2
 import pretrain
 
-# The real SMS Spam Collection, as UCI distributes it (see testdata/README.md).
-SMS_ZIP = Path(__file__).resolve().parent / "testdata" / "sms+spam+collection.zip"
+TESTDATA = Path(__file__).resolve().parent / "testdata"  # see testdata/README.md
+# The real SMS Spam Collection, as UCI distributes it.
+SMS_ZIP = TESTDATA / "sms+spam+collection.zip"
+# tiktoken's two GPT-2 vocabulary files, so that the tests need no network.
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TESTDATA / "tiktoken_cache"))
 
 # ========================================================================================
 # Shared fixtures
