@@ -23,17 +23,23 @@ not meant to be run on its own.
 """
 
 import argparse
+import atexit
+import copy
 import dataclasses
+import functools
 import hashlib
+import io
 import json
 import math
 import mmap
 import os
+import random
 import re
 import struct
 import sys
+import tempfile
+import textwrap
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import requests
@@ -453,7 +459,7 @@ def generate(model, idx, max_new_tokens, *, seed=None, on_token=None, **options)
 # ----------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def get_tokenizer():
     """tiktoken's "gpt2" byte-pair encoding (50257 tokens, the one GPT-2 was trained with).
 
@@ -520,15 +526,43 @@ def atomic_write_bytes(path, data):
 
 
 def atomic_save(obj, path):
-    """torch.save(obj) to path atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """torch.save(obj) to path atomically: a temporary file, flushed to disk, then a rename."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+def write_json(path, obj):
+    """Write obj as indented UTF-8 JSON to path, atomically."""
+    atomic_write_bytes(path, json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
+
+
+def decode_utf8(raw, source):
+    """Bytes of a text file -> str. A byte-order mark is dropped (editors on Windows
+    write one); Windows line endings are left to the reader. Raises ValueError naming
+    `source`, the byte offset and the line of the first byte that is not UTF-8."""
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return raw.decode("utf-8").removeprefix("\ufeff")  # not "utf-8-sig": offsets count the mark
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{source}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} (line {line}); "
+            "save it as UTF-8"
+        ) from None
+
+
+def read_json(path, source):
+    """Parse a UTF-8 JSON file (a byte-order mark is allowed) -> object. Raises
+    FileNotFoundError or ValueError naming `source` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{source} {path}: no such file")
+    try:
+        return json.loads(decode_utf8(path.read_bytes(), f"{source} {path}"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source} {path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{source} {path}: JSON nested too deeply to read") from None
 
 
 def _print_progress(done, total, started, label):
@@ -978,16 +1012,51 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------
-# 9. Devices and command lines
+# 9. Running a stage: flags, settings, run folders, errors
 # ----------------------------------------------------------------------------------------
 
 
+def _checked_number(convert, is_valid, requirement):
+    """An argparse `type=` that converts a flag's text and checks its range in one place;
+    argparse prints "argument --flag: must be <requirement>, got 'text'" and exits 2."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not is_valid(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    parse.__name__ = requirement  # argparse names the type by it in some messages
+    return parse
+
+
+# Ranges of flags, declared with the flag: `type=gpt.positive_int`. NaN fails every float
+# check (every comparison with NaN is false) and infinity fails the "finite" ones.
+positive_int = _checked_number(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _checked_number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked_number(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+non_negative_float = _checked_number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+probability = _checked_number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+dropout_rate = _checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+fraction = _checked_number(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+seed = _checked_number(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # torch's seed range
+
+# --dtype: the precision the work runs in. Training on a GPU keeps float32 weights and
+# runs the forward pass under autocast in this type; generation converts the weights.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse help that ends each line with "(default: ...)", except for flags whose
-    default is None: their help text says what happens when they are not given."""
+    """argparse help that ends each line with "(default: ...)", except for on/off flags
+    and flags whose default is None: their help text says what happens without them."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def pick_device(name="auto"):
@@ -1008,3 +1077,277 @@ def pick_device(name="auto"):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: MPS is not available here; use --device cpu")
     return device
+
+
+def flag_name(setting):
+    """The command-line flag of a setting: "batch_size" -> "--batch-size"."""
+    return "--" + setting.replace("_", "-")
+
+
+def given_flags(parser, argv=None):
+    """The settings that argv (default: sys.argv[1:]) sets explicitly -> dict.
+
+    Parses argv once more with every default suppressed, so a flag repeated with its
+    default value still counts as given."""
+    parser = copy.deepcopy(parser)  # the caller's parser keeps its defaults
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def resume_settings(parser, argv, saved, may_change=()):
+    """The settings of a resumed run: the saved ones, plus the flags of `may_change`
+    given now (say --max-steps, to train on). Raises ValueError naming the flag and both
+    values when argv gives another flag a value that differs from the saved run's."""
+    given = given_flags(parser, argv)
+    for name, value in given.items():
+        if name in saved and name not in may_change and saved[name] != value:
+            raise ValueError(
+                f"--resume continues the saved run, which used {flag_name(name)} {saved[name]}, not {value}: "
+                f"drop {flag_name(name)}, or start a new run with --overwrite or another --out-dir"
+            )
+    defaults = vars(parser.parse_args([]))  # settings added since the run was saved
+    return argparse.Namespace(**{**defaults, **saved, **given})
+
+
+def print_settings(settings):
+    """Print a run's settings (a Namespace or dict) in one wrapped block, for the log."""
+    items = vars(settings) if isinstance(settings, argparse.Namespace) else settings
+    line = "settings: " + ", ".join(f"{name}={value}" for name, value in items.items())
+    print("\n          ".join(textwrap.wrap(line, 100, subsequent_indent="")))
+
+
+def _process_is_running(pid):
+    """Whether a process with this id runs on this machine (signal 0 tests, sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporary_files(folder):
+    """Delete the temporary files (`.NAME.tmpPID`) that writes of processes that are gone
+    left in folder, when they were interrupted; a running process's files stay."""
+    for tmp in Path(folder).glob(".*.tmp*"):
+        match = re.fullmatch(r"\..+\.tmp(\d+)(\..*)?", tmp.name)
+        if match and not _process_is_running(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
+
+
+def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False):
+    """Make out_dir this process's run folder and return it as a Path.
+
+    A folder that holds another run (any of `run_files`) is refused unless `resume`
+    (continue it; then it must hold a run) or `overwrite` (its run files are deleted
+    first). A lock file `.lock` naming this process keeps two runs out of one folder; a
+    lock whose process is gone is taken over, and the lock is removed at exit. Leftover
+    temporary files of interrupted writes are removed. Raises ValueError, naming the
+    path and the flag that helps, when the folder cannot be used, before any work starts.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file, not a folder: choose another --out-dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _take_lock(out_dir / ".lock")
+    except OSError as e:
+        raise ValueError(f"--out-dir {out_dir} cannot be used: {e.strerror or e}") from None
+    remove_stale_temporary_files(out_dir)
+    folders = [name for name in run_files if (out_dir / name).is_dir()]
+    if folders:
+        raise ValueError(f"{out_dir / folders[0]} is a folder, but this run writes a file there: move it away")
+    found = [name for name in run_files if (out_dir / name).exists()]
+    if found and not (resume or overwrite):
+        raise ValueError(
+            f"{out_dir} holds another run ({', '.join(found)}): continue it with --resume, "
+            "replace it with --overwrite, or choose another --out-dir"
+        )
+    if resume and not found:
+        raise ValueError(f"--resume: {out_dir} holds no run to continue; start one without --resume")
+    if overwrite and not resume:
+        for name in found:
+            (out_dir / name).unlink()
+    return out_dir
+
+
+def _take_lock(lock):
+    """Create the lock file `lock` holding this process's id; take over a lock whose
+    process is gone. Raises ValueError when a running process holds it."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _process_is_running(owner):
+                raise ValueError(
+                    f"{lock.parent} is in use by another run (process {owner}): wait for it, or choose another --out-dir"
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a process that is gone (or by this one)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(_release_lock, lock, os.getpid())
+        return
+
+
+def _release_lock(lock, pid):
+    if lock.exists() and lock.read_text() == str(pid):
+        lock.unlink(missing_ok=True)
+
+
+def save_with_fallback(write, path):
+    """Call write(path); when the file system refuses (a full disk, a folder that went
+    away), write to the temporary folder instead, so finished work is not lost. Returns
+    the path written. Raises OSError, naming both paths and reasons, when both fail."""
+    path = Path(path)
+    try:
+        write(path)
+        return path
+    except OSError as first:
+        fallback = Path(tempfile.gettempdir()) / f"{path.stem}-{os.getpid()}{path.suffix}"
+        print(f"warning: cannot write {path} ({first.strerror or first}); writing {fallback} instead", file=sys.stderr)
+        try:
+            write(fallback)
+        except OSError as second:
+            raise OSError(
+                f"cannot write {path} ({first.strerror or first}) nor {fallback} ({second.strerror or second}): "
+                "free some disk space and run again"
+            ) from None
+        return fallback
+
+
+_progress_line_open = False
+
+
+def show_progress(text):
+    """Overwrite the current status line on stderr with text (a long loop's progress)."""
+    global _progress_line_open
+    print("\r" + text + "\033[K", end="", file=sys.stderr, flush=True)
+    _progress_line_open = True
+
+
+def end_progress():
+    """End a status line of `show_progress`, so that what follows starts on a new line."""
+    global _progress_line_open
+    if _progress_line_open:
+        print(file=sys.stderr, flush=True)
+        _progress_line_open = False
+
+
+def eta(started, done, total):
+    """Estimated time left, formatted, when `done` of `total` units took since `started`."""
+    if done <= 0:
+        return "?"
+    return format_duration((time.time() - started) / done * (total - done))
+
+
+def is_out_of_memory(error):
+    """Whether an exception is the framework's out-of-memory error (GPU, or a CPU
+    allocation that the operating system refused)."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def command_line(memory_hint="use a smaller --batch-size"):
+    """Decorator for a script's main(argv): the expected errors become one line.
+
+    ValueError, RuntimeError and OSError (a missing file, a full disk, ...) print
+    "error: <message>" and exit 1; out-of-memory says `memory_hint`; Ctrl-C prints
+    "interrupted" and exits 130 (the shell's code for SIGINT); a reader that closed the
+    output pipe (`| head`) ends the script quietly. An open progress line is ended first.
+    """
+
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapper(argv=None):
+            try:
+                return main(argv)
+            except KeyboardInterrupt:
+                end_progress()
+                print("interrupted", file=sys.stderr)
+                raise SystemExit(130) from None
+            except BrokenPipeError:
+                # Python flushes stdout once more at exit: point it at /dev/null first.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                raise SystemExit(141) from None  # 128 + SIGPIPE, as a shell reports it
+            except (ValueError, RuntimeError, OSError) as e:
+                end_progress()
+                message = f"out of memory: {memory_hint}" if is_out_of_memory(e) else str(e)
+                sys.exit(f"error: {message}")
+
+        return wrapper
+
+    return decorate
+
+
+# ----------------------------------------------------------------------------------------
+# 10. Training helpers the stages share
+# ----------------------------------------------------------------------------------------
+
+
+def make_adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
+    """AdamW over the trainable parameters of model, with weight decay on the weight
+    matrices and embeddings (two or more dimensions) only: biases and LayerNorm scales
+    and shifts are not decayed (as nanoGPT's configure_optimizers). Fused into one
+    kernel per step where this torch build has one for the device (CUDA; CPU since torch
+    2.4): the same update with fewer passes over memory."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except RuntimeError:  # no fused kernel for this device in this torch version
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def check_finite_loss(loss, step):
+    """Raise RuntimeError when a loss (float or tensor) is NaN or infinite: training has
+    diverged, and every later step would only spread NaN through the weights."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise RuntimeError(f"the loss became {value} at step {step}: training diverged; lower --lr and run again")
+
+
+def model_summary(model, name):
+    """One line for the log: "gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide), 1,234 trainable"."""
+    cfg = model.cfg
+    trainable = count_parameters(model, trainable_only=True)
+    return (
+        f"{name}: {count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
+        f"{cfg.emb_dim} wide, context {cfg.context_length}), {trainable:,} trainable"
+    )
+
+
+def split_by_fractions(items, seed, fractions):
+    """Shuffle a copy of items with `seed` and cut it into len(fractions) + 1 parts: the
+    first parts get int(n * fraction) items each, the last part the rest."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    parts, start = [], 0
+    for share in fractions:
+        end = start + int(len(items) * share)
+        parts.append(items[start:end])
+        start = end
+    return parts + [items[start:]]
+
+
+def rng_state():
+    """The random number generators' states (CPU, and CUDA when in use), for exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    """Restore what `rng_state` returned (the CUDA state only on a CUDA device)."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
