@@ -1325,6 +1325,17 @@ def model_summary(model, name):
     )
 
 
+def check_vocabulary(model, source):
+    """Raise ValueError when the GPT-2 tokenizer can produce ids that model has no embedding
+    for (a larger vocabulary, such as one padded to 50304, is fine)."""
+    n_tokens = get_tokenizer().n_vocab
+    if model.cfg.vocab_size < n_tokens:
+        raise ValueError(
+            f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but the GPT-2 tokenizer uses "
+            f"{n_tokens}: use a model trained with the GPT-2 tokenizer"
+        )
+
+
 def split_by_fractions(items, seed, fractions):
     """Shuffle a copy of items with `seed` and cut it into len(fractions) + 1 parts: the
     first parts get int(n * fraction) items each, the last part the rest."""

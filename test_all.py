@@ -587,15 +587,31 @@ def test_load_gpt2_script_streams_a_continuation(tmp_path, capsys):
     assert out.rstrip("\n").endswith(expected)
 
 
-def test_load_gpt2_script_bad_inputs_exit_with_a_message(capsys):
+def test_load_gpt2_script_bad_inputs_exit_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: no model 'gpt5'"):
         load_gpt2.main(["--model", "gpt5"])
-    with pytest.raises(SystemExit):
-        load_gpt2.main(["--top-p", "2"])
-    assert "--top-p must be in (0, 1]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        load_gpt2.main(["--temperature", "nan"])
-    assert "--temperature must be >= 0, got nan" in capsys.readouterr().err
+    for flag, value, message in [
+        ("--top-p", "2", "argument --top-p: must be a number in (0, 1], got '2'"),
+        ("--temperature", "nan", "argument --temperature: must be a finite number >= 0, got 'nan'"),
+        ("--seed", "-1", "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
+        ("--max-new-tokens", "1e3", "argument --max-new-tokens: must be an integer >= 0, got '1e3'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            load_gpt2.main([flag, value])
+        assert exit_info.value.code == 2  # rejected by the parser, before any work
+        assert message in capsys.readouterr().err
+    small_vocabulary = tiny_model(context_length=64, vocab_size=1000)
+    gpt.save_checkpoint(tmp_path / "small.pt", small_vocabulary)
+    with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
+        load_gpt2.main(["--model", str(tmp_path / "small.pt")])
+
+
+def test_load_gpt2_script_output_into_a_closed_pipe_is_quiet(tmp_path):
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    command = f"{sys.executable} {Path(load_gpt2.__file__).resolve()} --model {tmp_path / 'tiny.pt'} | head -c 10"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert len(result.stdout) == 10
+    assert result.stderr == ""  # no BrokenPipeError traceback
 
 
 def test_load_gpt2_script_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
