@@ -24,6 +24,7 @@ not meant to be run on its own.
 
 import argparse
 import atexit
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -187,24 +188,19 @@ class GPTModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        # Token and position embeddings, created empty: _init_weights fills them below, or
-        # load_gpt2 does (nn.Embedding's own random fill would cost it seconds of imports).
-        self.wte = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.emb_dim), freeze=False)
-        self.wpe = nn.Embedding.from_pretrained(torch.empty(cfg.context_length, cfg.emb_dim), freeze=False)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim)  # token embeddings
+        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)  # learned absolute position embeddings
         self.drop = nn.Dropout(cfg.drop_rate)
         self.h = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input/output embeddings, as released
-        # A model built on the meta device only receives loaded weights (`load_gpt2`): skip
-        # the random initialisation, whose meta version makes torch import its compiler.
-        if not self.wte.weight.is_meta:
-            self.apply(self._init_weights)
-            # Residual projections add up over 2 * n_layers branches; scale them down so the
-            # residual stream keeps unit variance at initialisation (GPT-2, section 2.3).
-            for name, param in self.named_parameters():
-                if name.endswith("c_proj.weight"):
-                    nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        self.apply(self._init_weights)
+        # Residual projections add up over 2 * n_layers branches; scale them down so the
+        # residual stream keeps unit variance at initialisation (GPT-2, section 2.3).
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     @staticmethod
     def _init_weights(module):
@@ -888,6 +884,29 @@ def config_from_weights(tensors, config_json=None):
     )
 
 
+@contextlib.contextmanager
+def _no_random_initialisation():
+    """While active, torch.nn.init's fills leave tensors as they are (transformers'
+    `no_init_weights` does the same): a model whose weights are about to be loaded needs
+    no random values, and on the meta device the fills would cost seconds of imports."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fill in saved.items():
+            setattr(nn.init, name, fill)
+
+
+def empty_model(cfg):
+    """GPTModel whose parameters are placeholders on the meta device, without memory or
+    values, for a loader to assign the real tensors to: nothing is allocated twice."""
+    with torch.device("meta"), _no_random_initialisation():
+        return GPTModel(cfg)
+
+
 def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, source="weights"):
     """Put GPT-2 tensors (release names, `transformer.` prefix already removed) into model.
 
@@ -950,8 +969,7 @@ def load_gpt2(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=F
     tensors = {k.removeprefix("transformer."): v for k, v in read_safetensors(path).items()}
     config_file = path.with_name("config.json")
     cfg = config_from_weights(tensors, json.loads(config_file.read_text()) if config_file.exists() else None)
-    with torch.device("meta"):  # parameters without memory: no random initialisation
-        model = GPTModel(cfg)
+    model = empty_model(cfg)
     load_weights_into(model, tensors, device=device, dtype=dtype, source=str(path))
     return model.eval()
 
@@ -1001,8 +1019,7 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
             "use it with `python finetune_classify.py --classify TEXT --checkpoint PATH`"
         )
     cfg = GPTConfig(**checkpoint["config"])
-    with torch.device("meta"):  # no random initialisation: the weights come from the checkpoint
-        model = GPTModel(cfg)
+    model = empty_model(cfg)
     try:
         model.load_state_dict(checkpoint["model"], assign=True)
     except RuntimeError as e:
