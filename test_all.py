@@ -8,6 +8,8 @@ finetune_classify.py, finetune_instruct.py. Downloads are tested against a local
 server on 127.0.0.1 that the tests start; nothing touches the network.
 """
 
+import argparse
+import errno
 import hashlib
 import http.server
 import importlib.util
@@ -21,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import zipfile
 from functools import partial
@@ -570,6 +573,195 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     gpt.save_checkpoint(tmp_path / "classifier.pt", tiny_model(), labels=["not spam", "spam"])
     with pytest.raises(ValueError, match="classifier written by finetune_classify.py.*--classify"):
         gpt.load_gpt2(tmp_path / "classifier.pt")
+
+
+# ========================================================================================
+# gpt.py: the plumbing the stages share (flags, run folders, errors, files)
+# ========================================================================================
+
+
+@pytest.mark.parametrize(
+    "parse, good, bad",
+    [
+        (gpt.positive_int, {"1": 1, "42": 42}, ["0", "-3", "1.5", "x"]),
+        (gpt.non_negative_int, {"0": 0, "7": 7}, ["-1", "nan"]),
+        (gpt.positive_float, {"1e-3": 1e-3, "2": 2.0}, ["0", "-1", "nan", "inf", "-inf"]),
+        (gpt.non_negative_float, {"0": 0.0, "0.5": 0.5}, ["-0.1", "nan", "inf"]),
+        (gpt.probability, {"1": 1.0, "0.9": 0.9}, ["0", "1.01", "nan"]),
+        (gpt.dropout_rate, {"0": 0.0, "0.1": 0.1}, ["1", "-0.1", "nan"]),
+        (gpt.fraction, {"0.9": 0.9}, ["0", "1", "nan"]),
+        (gpt.seed, {"0": 0, "123": 123, str(2**63 - 1): 2**63 - 1}, ["-1", str(2**63), "1e3"]),
+    ],
+)
+def test_flag_types_accept_their_range_and_reject_the_rest(parse, good, bad):
+    for text, value in good.items():
+        assert parse(text) == value
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be .*, got {re.escape(repr(text))}"):
+            parse(text)
+
+
+def _settings_parser():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lr", type=gpt.positive_float, default=1e-3)
+    parser.add_argument("--max-steps", type=gpt.positive_int, default=10)
+    parser.add_argument("--new-flag", default="x")
+    parser.add_argument("--resume", action="store_true")
+    return parser
+
+
+def test_resume_settings_restore_the_saved_run_and_name_a_contradiction():
+    parser = _settings_parser()
+    saved = {"lr": 5e-4, "max_steps": 10, "resume": False}
+    assert gpt.given_flags(parser, ["--lr", "1e-3", "--resume"]) == {"lr": 1e-3, "resume": True}
+    settings = gpt.resume_settings(parser, ["--resume", "--max-steps", "20"], saved, may_change={"max_steps", "resume"})
+    assert vars(settings) == {"lr": 5e-4, "max_steps": 20, "new_flag": "x", "resume": True}
+    # Repeating a default value that differs from the saved run is still a contradiction.
+    with pytest.raises(ValueError, match=r"which used --lr 0.0005, not 0.001: drop --lr"):
+        gpt.resume_settings(parser, ["--resume", "--lr", "1e-3"], saved, may_change={"resume"})
+    assert parser.parse_args([]).lr == 1e-3  # the caller's parser keeps its defaults
+
+
+def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    files = ["latest.pt", "history.json"]
+    assert gpt.claim_run_folder(out, files) == out
+    (out / "latest.pt").write_text("old run")
+    with pytest.raises(ValueError, match=r"holds another run \(latest.pt\): continue it with --resume, replace it with --overwrite"):
+        gpt.claim_run_folder(out, files)
+    gpt.claim_run_folder(out, files, resume=True)
+    assert (out / "latest.pt").exists()
+    gpt.claim_run_folder(out, files, overwrite=True)
+    assert not (out / "latest.pt").exists()
+    with pytest.raises(ValueError, match="holds no run to continue"):
+        gpt.claim_run_folder(out, files, resume=True)
+    (out / "history.json").mkdir()
+    with pytest.raises(ValueError, match=r"history.json is a folder"):
+        gpt.claim_run_folder(out, files, overwrite=True)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"--out-dir .*file is a file, not a folder"):
+        gpt.claim_run_folder(tmp_path / "file", files)
+    with pytest.raises(ValueError, match=r"--out-dir .*cannot be used"):
+        gpt.claim_run_folder(tmp_path / "file" / "below", files)
+
+
+def test_run_folder_lock_of_a_live_process_refuses_and_a_dead_one_is_taken_over(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(str(sleeper.pid))
+        with pytest.raises(ValueError, match=f"in use by another run \\(process {sleeper.pid}\\)"):
+            gpt.claim_run_folder(tmp_path, ["latest.pt"])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    gpt.claim_run_folder(tmp_path, ["latest.pt"])  # its process is gone now
+    assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_stale_temporary_files_are_removed_but_a_running_process_keeps_its_own(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        (tmp_path / f".latest.pt.tmp{dead.stdout.strip()}").write_text("cut short")
+        (tmp_path / f".best.pt.tmp{sleeper.pid}").write_text("being written")
+        gpt.remove_stale_temporary_files(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f".best.pt.tmp{sleeper.pid}"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b)))
+    gpt.atomic_save({"x": torch.ones(2)}, tmp_path / "a.pt")
+    assert events == ["fsync", "rename"]
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]
+
+
+def test_save_with_fallback_keeps_finished_work_when_the_disk_is_full(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "fallback"))
+    (tmp_path / "fallback").mkdir()
+    written = []
+
+    def write(path):
+        if Path(path).parent.name != "fallback":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        Path(path).write_text("model")
+
+    result = gpt.save_with_fallback(write, tmp_path / "out" / "classifier.pt")
+    assert result == tmp_path / "fallback" / f"classifier-{os.getpid()}.pt" and written == [result]
+    assert f"cannot write {tmp_path / 'out' / 'classifier.pt'} (No space left on device)" in capsys.readouterr().err
+
+    def always_full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="nor .* free some disk space"):
+        gpt.save_with_fallback(always_full, tmp_path / "x.pt")
+
+
+def test_json_and_text_readers_accept_a_bom_and_name_the_problem(tmp_path):
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + b'[{"a": 1}]')
+    assert gpt.read_json(tmp_path / "bom.json", "--data") == [{"a": 1}]
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="deep.json: JSON nested too deeply"):
+        gpt.read_json(tmp_path / "deep.json", "--data")
+    (tmp_path / "bad.json").write_text('{"a": ')
+    with pytest.raises(ValueError, match="--data .*bad.json: not valid JSON"):
+        gpt.read_json(tmp_path / "bad.json", "--data")
+    with pytest.raises(FileNotFoundError, match="--data .*missing.json: no such file"):
+        gpt.read_json(tmp_path / "missing.json", "--data")
+    with pytest.raises(ValueError, match=r"x.txt: not UTF-8 text: byte 0xfe at byte offset 7 \(line 3\)"):
+        gpt.decode_utf8(b"ab\r\ncd\n\xfe\xff", "x.txt")
+
+
+def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys):
+    def failing(error):
+        @gpt.command_line(memory_hint="use a smaller --batch-size")
+        def main(argv=None):
+            gpt.show_progress("step 3/10")
+            raise error
+
+        return main
+
+    cases = [
+        (ValueError("--data x: no such file"), 1, "error: --data x: no such file"),
+        (OSError(errno.ENOSPC, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
+        (torch.OutOfMemoryError("CUDA out of memory"), 1, "error: out of memory: use a smaller --batch-size"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory"), 1, "error: out of memory: use a smaller --batch-size"),
+        (KeyboardInterrupt(), 130, None),
+    ]
+    for error, code, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            failing(error)()
+        if message is None:
+            assert exit_info.value.code == code
+            assert capsys.readouterr().err == "\rstep 3/10\033[K\ninterrupted\n"  # the progress line ended first
+        else:
+            assert exit_info.value.code == f"{message}"
+            assert capsys.readouterr().err == "\rstep 3/10\033[K\n"
+
+
+def test_split_by_fractions_is_seeded_and_covers_every_item():
+    parts = gpt.split_by_fractions(range(20), seed=123, fractions=(0.7, 0.1))
+    assert [len(p) for p in parts] == [14, 2, 4]
+    assert sorted(sum(parts, [])) == list(range(20))
+    assert parts == gpt.split_by_fractions(range(20), seed=123, fractions=(0.7, 0.1))
+    assert parts != gpt.split_by_fractions(range(20), seed=124, fractions=(0.7, 0.1))
+
+
+def test_adamw_decays_matrices_only():
+    model = tiny_model()
+    optimizer = gpt.make_adamw(model, lr=1e-3, weight_decay=0.1)
+    decayed, not_decayed = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in not_decayed["params"])
+    assert len(decayed["params"]) + len(not_decayed["params"]) == len(list(model.parameters()))
+    with pytest.raises(RuntimeError, match="the loss became nan at step 7: training diverged; lower --lr"):
+        gpt.check_finite_loss(torch.tensor(float("nan")), 7)
 
 
 # ========================================================================================
