@@ -47,11 +47,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    import fcntl  # POSIX file locks, for concurrent downloads
-except ImportError:  # Windows: see _download_lock
-    fcntl = None
-
 # ----------------------------------------------------------------------------------------
 # 1. Configuration
 # ----------------------------------------------------------------------------------------
@@ -560,9 +555,6 @@ def _sha256_of_file(path):
     return digest.hexdigest()
 
 
-FILE_KINDS = ("safetensors", "zip", "tar", "text", "json")
-
-
 def verify_file(path, kind=None, *, size=None, sha256=None, member=None):
     """Check that a downloaded or cached file is complete and what it should be.
 
@@ -574,8 +566,8 @@ def verify_file(path, kind=None, *, size=None, sha256=None, member=None):
     Raises ValueError naming the file and the problem.
     """
     path = Path(path)
-    if kind is not None and kind not in FILE_KINDS:
-        raise ValueError(f"unknown file kind {kind!r}; known: {', '.join(FILE_KINDS)}")
+    if kind not in (None, "safetensors", "zip", "tar", "text", "json"):
+        raise ValueError(f"unknown file kind {kind!r}")
     try:
         if kind == "safetensors":
             read_safetensors(path)  # memory maps only: cheap even for gpt2-xl
@@ -593,22 +585,19 @@ def verify_file(path, kind=None, *, size=None, sha256=None, member=None):
             _read_to_end(open(path, encoding="utf-8"))  # strict: the first invalid byte raises
         elif kind == "json":
             json.loads(path.read_bytes())
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, tarfile.TarError, zlib.error) as e:
+        if member is not None:
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(member)  # KeyError when there is no such member
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, tarfile.TarError, zlib.error) as e:
         raise ValueError(f"{path}: not a valid {kind} file ({e})") from None
     what = path if member is None else f"{path} (member {member})"
-    if member is not None:
-        with zipfile.ZipFile(path) as archive:
-            if member not in archive.namelist():
-                raise ValueError(f"{path}: the zip file has no member {member!r}")
-            data = archive.read(member)
-        actual_size, actual_sha256 = len(data), hashlib.sha256(data).hexdigest()
-    else:
-        actual_size = path.stat().st_size
-        actual_sha256 = _sha256_of_file(path) if sha256 is not None else None
+    actual_size = path.stat().st_size if member is None else len(data)
     if size is not None and actual_size != size:
         raise ValueError(f"{what}: {actual_size} bytes, expected {size}")
-    if sha256 is not None and actual_sha256 != sha256.lower():
-        raise ValueError(f"{what}: SHA-256 {actual_sha256}, expected {sha256}")
+    if sha256 is not None:
+        actual_sha256 = _sha256_of_file(path) if member is None else hashlib.sha256(data).hexdigest()
+        if actual_sha256 != sha256.lower():
+            raise ValueError(f"{what}: SHA-256 {actual_sha256}, expected {sha256}")
 
 
 def _read_to_end(f):
@@ -619,38 +608,64 @@ def _read_to_end(f):
 
 
 def _reuse_cached(dest, kind=None, **checks):
-    """dest when it exists and passes `verify_file`, else None. A file that fails is
-    deleted, saying why on stderr, so that it is downloaded again instead of failing
-    the same way on every run."""
+    """Whether dest exists and passes `verify_file`. A file that fails is deleted, saying
+    why on stderr, so that it is downloaded again instead of failing the same way forever."""
     if not dest.exists():
-        return None
+        return False
     try:
         verify_file(dest, kind, **checks)
-        return dest
     except ValueError as e:
         print(f"warning: cached {e}; deleting it to download it again", file=sys.stderr)
         dest.unlink()
-        return None
+        return False
+    return True
 
 
 @contextlib.contextmanager
-def _download_lock(dest, quiet):
+def _download_lock(dest):
     """Hold an exclusive lock on `<dest>.lock` for a block: two processes (or threads)
-    downloading the same file take turns, the second then reuses the first one's file.
+    downloading the same file take turns, and the second then reuses the first's file.
 
     fcntl.flock locks are released by the operating system when a process dies, so a
-    crash leaves no stale lock (the empty .lock file stays; deleting it would race).
-    Without fcntl (Windows) there is no lock: download a file from one process at a time.
+    crash leaves no stale lock (the empty .lock file stays: deleting it would race).
+    Windows has no fcntl and gets no lock: download a file from one process at a time there.
     """
     with open(dest.with_name(dest.name + ".lock"), "a") as lock:  # "a": create, never truncate
-        if fcntl is not None:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not quiet:
-                    print(f"waiting for another download of {dest.name} to finish", file=sys.stderr)
-                fcntl.flock(lock, fcntl.LOCK_EX)  # blocks; released when `lock` is closed
+        if os.name == "posix":
+            import fcntl  # POSIX only
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process holds it; released on close
         yield
+
+
+def download_file(url, dest, *, sha256=None, size=None, kind=None, member=None, timeout=30, retries=3, quiet=False):
+    """Download url to dest, resuming and verifying; return dest as a Path.
+
+    A dest that exists and passes `verify_file(kind, size, sha256, member)` (size in
+    bytes, SHA-256 in hex) is returned as is; one that fails is downloaded again. The
+    bytes go to `dest.part` first, under `_download_lock`: a second process waits, then
+    reuses the file. An interrupted download resumes with an HTTP Range request (up to
+    `retries` attempts per call, and again on the next call). Only a file that passes
+    `verify_file` is renamed to dest; one that fails is deleted. `timeout` is in seconds
+    per network read. Progress (MB, MB/s, ETA) goes to stderr unless `quiet`.
+    Raises RuntimeError, one line naming the URL, for an HTTP error status, a web page
+    (text/html) unless the URL names an .html file, any failed request (connection, TLS,
+    redirect loop, invalid URL) or a failed check.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    with _download_lock(dest):
+        if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
+            return dest  # from an earlier run, or from another process while this one waited
+        _transfer(url, part, timeout=timeout, retries=retries, quiet=quiet)
+        try:
+            verify_file(part, kind, size=size, sha256=sha256, member=member)
+        except ValueError as e:
+            part.unlink(missing_ok=True)
+            raise RuntimeError(f"download of {url} is corrupt or not the expected file: {e}; deleted, run again") from None
+        os.replace(part, dest)
+    return dest
 
 
 # requests failures that another attempt cannot fix -> what they mean, in a few words
@@ -663,89 +678,63 @@ _FATAL_REQUEST_ERRORS = {
 }
 
 
-def download_file(url, dest, *, sha256=None, size=None, kind=None, member=None, timeout=30, retries=3, quiet=False):
-    """Download url to dest, resuming and verifying; return dest as a Path.
+def _transfer(url, part, *, timeout, retries, quiet):
+    """The network half of `download_file`: bring `part` up to the whole of url.
 
-    A dest that already exists and passes the checks below is returned as is, and one
-    that fails them is downloaded again. Otherwise the bytes go to `dest.part` first,
-    under a lock (see `_download_lock`): a second process waits, then reuses the file.
-    An interrupted download resumes from where the partial file ends with an HTTP Range
-    request (up to `retries` attempts per call, and again on the next call); a 206
-    answer for another range than asked for starts over. Refused: a `text/html` answer
-    (an error or login page) unless the URL names an .html file, and a body shorter
-    than its Content-Length. When complete, `verify_file(kind, size, sha256, member)`
-    checks the file (size in bytes, SHA-256 in hex), and only then is it renamed to
-    dest; a failure deletes it. `timeout` is in seconds per network read. Progress (MB,
-    MB/s, ETA) goes to stderr unless `quiet`, its line ended before any error.
-    Raises RuntimeError, one line naming the URL, for an HTTP error status, any failed
-    request (connection, TLS, redirect loop, invalid URL) or a failed check.
+    Appends to a partial file with a Range request; starts over when the server ignores
+    the range (200) or answers for another one (206 with another Content-Range). A body
+    shorter than its Content-Length is a broken connection: the next attempt resumes.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    label = f"downloading {dest.name}"
-    with _download_lock(dest, quiet):
-        if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
-            return dest
-        reason = None
-        for attempt in range(1, retries + 1):
-            if reason is not None and not quiet:
-                print(f"{label}: attempt {attempt - 1} of {retries} failed ({reason}); retrying", file=sys.stderr)
-            have = part.stat().st_size if part.exists() else 0
-            headers = {"Range": f"bytes={have}-"} if have else {}
-            try:
-                with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-                    if r.status_code == 416:  # partial file is already complete (or too long)
-                        break
-                    if r.status_code not in (200, 206):
-                        raise RuntimeError(f"download of {url} failed: HTTP {r.status_code} {r.reason}")
-                    if r.headers.get("Content-Type", "").split(";")[0].strip().lower() == "text/html" and not (
-                        urlparse(url).path.lower().endswith((".html", ".htm"))
-                    ):
-                        raise RuntimeError(f"download of {url} failed: the server sent a web page (text/html), not the file")
-                    content_range = r.headers.get("Content-Range", "")
-                    announced = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range)
-                    if r.status_code == 200:  # server ignored the Range header: start over
-                        have = 0
-                    elif not announced or int(announced[1]) != have:
-                        part.unlink(missing_ok=True)
-                        reason = f"asked for bytes {have}-, the server sent {content_range or 'no Content-Range'}"
-                        continue
-                    length = r.headers.get("Content-Length")
-                    total = have + int(length) if length is not None else None
-                    started, done, last_print = time.time(), have, 0.0
-                    with open(part, "ab" if have else "wb") as f:
-                        try:
-                            for chunk in r.iter_content(chunk_size=1 << 16):  # small: a cut loses < 64 KiB
-                                f.write(chunk)
-                                done += len(chunk)
-                                if not quiet and time.time() - last_print > 0.5:
-                                    _print_progress(done, total, started, label)
-                                    last_print = time.time()
-                        finally:
-                            if not quiet:  # end the progress line, also before an error
-                                _print_progress(done, total, started, label)
-                                print(file=sys.stderr)
-                    if total is not None and done < total:
-                        reason = f"the connection closed after {done} of {total} bytes"
-                        continue
-                    break
-            except requests.RequestException as e:
-                fatal = [words for cls, words in _FATAL_REQUEST_ERRORS.items() if isinstance(e, cls)]
-                if fatal:
-                    raise RuntimeError(f"download of {url} failed: {fatal[0]}") from None
-                reason = e.__class__.__name__ + ": no connection, or it broke off"
-        else:
-            got = part.stat().st_size if part.exists() else 0
-            kept = f"{got} bytes are kept in {part}, run again to resume" if got else "nothing was downloaded"
-            raise RuntimeError(f"download of {url} failed after {retries} attempts ({reason}); {kept}")
+    label = f"downloading {part.name.removesuffix('.part')}"
+    reason = None
+    for attempt in range(1, retries + 1):
+        if reason is not None and not quiet:
+            print(f"{label}: attempt {attempt - 1} of {retries} failed ({reason}); retrying", file=sys.stderr)
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
         try:
-            verify_file(part, kind, size=size, sha256=sha256, member=member)
-        except ValueError as e:
-            part.unlink(missing_ok=True)
-            raise RuntimeError(f"download of {url} is corrupt or not the expected file: {e}; deleted, run again") from None
-        os.replace(part, dest)
-    return dest
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+                if r.status_code == 416:  # partial file is already complete (or too long)
+                    return
+                if r.status_code not in (200, 206):
+                    raise RuntimeError(f"download of {url} failed: HTTP {r.status_code} {r.reason}")
+                web_page = r.headers.get("Content-Type", "").split(";")[0].strip().lower() == "text/html"
+                if web_page and not urlparse(url).path.lower().endswith((".html", ".htm")):
+                    raise RuntimeError(f"download of {url} failed: the server sent a web page (text/html), not the file")
+                content_range = r.headers.get("Content-Range", "")
+                asked = re.fullmatch(rf"bytes {have}-(\d+)/(\d+|\*)", content_range)  # from `have` to the end
+                if r.status_code == 200:  # server ignored the Range header: start over
+                    have = 0
+                elif not asked or (asked[2] != "*" and int(asked[1]) + 1 != int(asked[2])):
+                    part.unlink(missing_ok=True)
+                    reason = f"asked for bytes {have}-, the server sent {content_range or 'no Content-Range'}"
+                    continue
+                length = r.headers.get("Content-Length")
+                total = have + int(length) if length is not None else None
+                started, done, last_print = time.time(), have, 0.0
+                with open(part, "ab" if have else "wb") as f:
+                    try:
+                        for chunk in r.iter_content(chunk_size=1 << 16):  # small: a cut loses < 64 KiB
+                            f.write(chunk)
+                            done += len(chunk)
+                            if not quiet and time.time() - last_print > 0.5:
+                                _print_progress(done, total, started, label)
+                                last_print = time.time()
+                    finally:
+                        if not quiet:  # end the progress line, also before an error
+                            _print_progress(done, total, started, label)
+                            print(file=sys.stderr)
+                if total is None or done >= total:
+                    return
+                reason = f"the connection closed after {done} of {total} bytes"
+        except requests.RequestException as e:
+            fatal = [words for cls, words in _FATAL_REQUEST_ERRORS.items() if isinstance(e, cls)]
+            if fatal:
+                raise RuntimeError(f"download of {url} failed: {fatal[0]}") from None
+            reason = f"{e.__class__.__name__}: no connection, or it broke off"
+    got = part.stat().st_size if part.exists() else 0
+    kept = f"{got} bytes are kept in {part}, run again to resume" if got else "nothing was downloaded"
+    raise RuntimeError(f"download of {url} failed after {retries} attempts ({reason}); {kept}")
 
 
 def fetch_dataset(urls, filename, *, flag="--data", kind=None, size=None, sha256=None, member=None, quiet=False):
@@ -759,6 +748,8 @@ def fetch_dataset(urls, filename, *, flag="--data", kind=None, size=None, sha256
     command-line `flag` that takes a local copy instead, when none of them works.
     """
     dest = cache_dir() / "data" / hashlib.sha256(urls[0].encode()).hexdigest()[:12] / filename
+    if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
+        return dest  # without taking the lock: a read-only cache works too
     errors = []
     for url in urls:
         try:

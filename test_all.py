@@ -675,7 +675,7 @@ def _corrupt_zip():
 def test_download_of_the_wrong_kind_is_deleted(route_server, tmp_path, kind, body, problem):
     server = route_server({"/file": answer(body)})
     url = server.url + "/file"
-    with pytest.raises(RuntimeError, match=f"^download of {url} is corrupt or not the expected file: .*not a valid {kind} file"):
+    with pytest.raises(RuntimeError, match=f"^download of {url} is corrupt or not the expected file: .* not a valid {kind} file"):
         gpt.download_file(url, tmp_path / "file", kind=kind, quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.lock"]  # no file, no .part
     (tmp_path / "copy").write_bytes(body)
@@ -745,7 +745,8 @@ def test_fetch_dataset_hash_mismatch_names_url_expected_and_actual(route_server,
     with pytest.raises(RuntimeError) as error:
         gpt.fetch_dataset([url], "d.json", kind="json", sha256="ab" * 32, quiet=True)
     path = cached_data_path(tmp_path, url, "d.json")
-    assert f"download of {url} is corrupt or not the expected file: {path}.part: SHA-256 {actual}, expected {'ab' * 32}" in str(error.value)
+    expected = f"download of {url} is corrupt or not the expected file: {path}.part: SHA-256 {actual}, expected {'ab' * 32}"
+    assert expected in str(error.value)
     assert not path.exists() and not path.with_name("d.json.part").exists()
 
 
@@ -757,6 +758,18 @@ def test_fetch_dataset_cache_is_keyed_by_url(route_server, tmp_path):
     assert path_b == cached_data_path(tmp_path, server.url + "/b/data.txt", "data.txt")
     assert path_a != path_b
     assert (path_a.read_bytes(), path_b.read_bytes()) == (b"from a", b"from b")
+
+
+def test_fetch_dataset_reads_a_good_cached_file_without_writing(route_server, monkeypatch):
+    server = route_server({"/d.json": answer(b"[1]")})
+    path = gpt.fetch_dataset([server.url + "/d.json"], "d.json", kind="json", quiet=True)
+
+    def unwritable(dest):  # root ignores file modes: a read-only cache is simulated here
+        raise PermissionError(f"[Errno 13] Permission denied: '{dest}.lock'")
+
+    monkeypatch.setattr(gpt, "_download_lock", unwritable)
+    assert gpt.fetch_dataset([server.url + "/d.json"], "d.json", kind="json", quiet=True) == path
+    assert len(server.requests) == 1
 
 
 def test_fetch_dataset_downloads_a_corrupt_cached_file_again(route_server, tmp_path, capsys):
@@ -795,6 +808,17 @@ def test_shipped_checks_match_the_real_data():
     gpt.verify_file(SMS_ZIP, "zip", member=fc.ZIP_MEMBER, size=fc.MEMBER_SIZE, sha256=fc.MEMBER_SHA256)
     assert fc.MEMBER_SIZE == 477_907
     assert "/main/" not in instruct.DATA_URL  # pinned to a commit
+
+
+def test_scripts_check_their_known_downloads(route_server, monkeypatch):
+    server = route_server({"/the-verdict.txt": answer(b"other text"), "/instruction-data.json": answer(b"[]")})
+    verdict, instructions = server.url + "/the-verdict.txt", server.url + "/instruction-data.json"
+    monkeypatch.setitem(pretrain.KNOWN_DOWNLOADS, verdict, pretrain.KNOWN_DOWNLOADS[pretrain.VERDICT_URL])
+    with pytest.raises(RuntimeError, match=f"{verdict} is corrupt or not the expected file: .*: 10 bytes, expected 20479"):
+        pretrain.resolve_sources(verdict)
+    monkeypatch.setattr(instruct, "DATA_URL", instructions)
+    with pytest.raises(RuntimeError, match=f"{instructions} is corrupt or not the expected file: .*: 2 bytes, expected 203524"):
+        instruct.data_path(instruct.build_parser().parse_args([]))  # no --data: the download
 
 
 def test_download_gpt2_fetches_a_truncated_cached_file_again(file_server, small_pair, monkeypatch, tmp_path, capsys):
