@@ -589,6 +589,7 @@ def verify_file(path, kind=None, *, size=None, sha256=None, member=None):
             with zipfile.ZipFile(path) as archive:
                 data = archive.read(member)  # KeyError when there is no such member
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, tarfile.TarError, zlib.error) as e:
+        kind = kind or "zip"  # without a kind only reading the zip member can fail
         raise ValueError(f"{path}: not a valid {kind} file ({e})") from None
     what = path if member is None else f"{path} (member {member})"
     actual_size = path.stat().st_size if member is None else len(data)
@@ -623,13 +624,10 @@ def _reuse_cached(dest, kind=None, **checks):
 
 @contextlib.contextmanager
 def _download_lock(dest):
-    """Hold an exclusive lock on `<dest>.lock` for a block: two processes (or threads)
-    downloading the same file take turns, and the second then reuses the first's file.
-
-    fcntl.flock locks are released by the operating system when a process dies, so a
-    crash leaves no stale lock (the empty .lock file stays: deleting it would race).
-    Windows has no fcntl and gets no lock: download a file from one process at a time there.
-    """
+    """Hold an exclusive fcntl.flock lock on `<dest>.lock` for a block, so that two processes
+    (or threads) downloading the same file take turns. The OS releases it when a process
+    dies: no stale locks (the empty .lock file stays; deleting it would race). Windows has
+    no fcntl and gets no lock: download a file from one process at a time there."""
     with open(dest.with_name(dest.name + ".lock"), "a") as lock:  # "a": create, never truncate
         if os.name == "posix":
             import fcntl  # POSIX only
@@ -679,12 +677,9 @@ _FATAL_REQUEST_ERRORS = {
 
 
 def _transfer(url, part, *, timeout, retries, quiet):
-    """The network half of `download_file`: bring `part` up to the whole of url.
-
-    Appends to a partial file with a Range request; starts over when the server ignores
-    the range (200) or answers for another one (206 with another Content-Range). A body
-    shorter than its Content-Length is a broken connection: the next attempt resumes.
-    """
+    """The network half of `download_file`: bring `part` up to the whole of url. Resumes
+    with a Range request; starts over when the server ignores it (200) or answers for
+    another range (206); a body short of its Content-Length counts as a broken connection."""
     label = f"downloading {part.name.removesuffix('.part')}"
     reason = None
     for attempt in range(1, retries + 1):
