@@ -1,8 +1,10 @@
-"""load_gpt2.py: get the released GPT-2 weights and try them.
+"""load_gpt2.py: get a GPT-2, try it, measure it.
 
-Stage 1 of the lifecycle. Downloads OpenAI's GPT-2 from the Hugging Face Hub (once;
-later runs read the cache), loads it into the model of gpt.py and continues a prompt,
-printing the tokens as they are generated.
+Stage 1 of the lifecycle. Loads OpenAI's GPT-2 from the Hugging Face Hub (downloaded
+once; later runs read the cache), a local .safetensors file or a checkpoint of this
+project, and then either continues a prompt or measures the model as the field does.
+
+Try it: continue a prompt, printing the tokens as they are generated.
 
     python load_gpt2.py                                  # gpt2 (124M), greedy
     python load_gpt2.py --model gpt2-medium --prompt "The meaning of life is" \
@@ -11,17 +13,45 @@ printing the tokens as they are generated.
     python load_gpt2.py --model runs/pretrain/best.pt       # a checkpoint of pretrain.py
     python load_gpt2.py --download-only --model gpt2-xl
 
-Prints the model, where its weights are and the load time, then the prompt and its
-continuation. Writes nothing but the weights cache (--cache-dir; an existing Hugging
-Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror).
+Measure it (any model the script loads):
+
+    python load_gpt2.py --benchmark hellaswag            # 10,042 items, acc and acc_norm
+    python load_gpt2.py --benchmark mmlu --shots 5       # 14,042 items in 57 subjects
+    python load_gpt2.py --benchmark hellaswag --limit 200 --results hellaswag.json
+    python load_gpt2.py --perplexity held_out.txt --stride 512   # perplexity, bits per byte
+    python load_gpt2.py --benchmark mmlu --contamination train.txt   # test items seen in training?
+    python load_gpt2.py --benchmark mmlu --probe         # options shuffled: recall or reasoning?
+
+Benchmarks are scored by log-likelihood as EleutherAI's lm-evaluation-harness scores
+them (same prompts, tokenization and metrics). Their files are downloaded once from
+the original sources into the cache (--cache-dir), or read from --benchmark-file.
+
+Prints the model, where its weights are and the load time, then the continuation or
+the measurements. Writes nothing but the caches, and the measurements as JSON when
+--results is given (an existing Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is
+used as is; $HF_ENDPOINT names a mirror).
 """
 
 import argparse
+import collections
+import csv
+import io
+import json
+import math
 import os
+import random
+import re
+import tarfile
 import time
 from pathlib import Path
 
+import torch
+
 import gpt
+
+# ----------------------------------------------------------------------------------------
+# Try it: generation
+# ----------------------------------------------------------------------------------------
 
 
 def stream_continuation(model, prompt_ids, args):
@@ -45,6 +75,478 @@ def stream_continuation(model, prompt_ids, args):
     print(gpt.token_ids_to_text(new_ids)[len(printed) :])
 
 
+# ----------------------------------------------------------------------------------------
+# Measure it, 1: the log-likelihood of a continuation
+# ----------------------------------------------------------------------------------------
+
+
+def encode_pair(context, continuation):
+    """Token ids of (context, continuation), as lm-evaluation-harness makes them.
+
+    The pair is tokenized whole and the continuation's ids are what follows the
+    context's own ids, so " Paris" after "capital:" is one token with its space, as
+    GPT-2 saw such text. Spaces that end the context move to the continuation first.
+    An empty context becomes <|endoftext|>. Special-token text is read as plain text.
+    """
+    tokenizer = gpt.get_tokenizer()
+    if not context:
+        return [gpt.EOT_ID], tokenizer.encode_ordinary(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode_ordinary(context + continuation)
+    context_ids = tokenizer.encode_ordinary(context)
+    return context_ids, whole[len(context_ids) :]
+
+
+def continuation_request(context, continuation, context_length):
+    """(token ids, n_scored) for `sum_logprobs`: the pair's ids cut from the left to
+    context_length + 1 tokens (the model reads all but the last), the continuation's
+    n_scored ids at the end. Raises ValueError when the continuation alone does not fit."""
+    context_ids, continuation_ids = encode_pair(context, continuation)
+    if not continuation_ids or len(continuation_ids) > context_length:
+        raise ValueError(
+            f"a continuation of {len(continuation_ids)} tokens cannot be scored with a context length of "
+            f"{context_length}: {continuation[:60]!r}"
+        )
+    return (context_ids + continuation_ids)[-(context_length + 1) :], len(continuation_ids)
+
+
+@torch.no_grad()
+def sum_logprobs(model, requests, batch_size=8, label="scoring"):
+    """Total log-probability of the last tokens of each sequence -> list of floats (nats).
+
+    requests: list of (token ids, n_scored): the model reads ids[:-1] (at most the context
+    length) and the log-probabilities of the last n_scored ids are added up. Sequences
+    that give the model the same input (the four " A".." D" of an MMLU item) share one
+    forward pass. Batches are right-padded: causal attention keeps every real position
+    blind to the padding after it, so the scores do not depend on the batch. Longest
+    first, so a batch that does not fit in memory fails at once. Shows progress and ETA.
+    """
+    device = model.wte.weight.device
+    readers = collections.defaultdict(list)  # model input -> the requests that read it
+    for i, (ids, n_scored) in enumerate(requests):
+        if not 1 <= n_scored < len(ids) <= model.cfg.context_length + 1:
+            raise ValueError(f"request {i}: {len(ids)} ids with {n_scored} scored does not fit the model")
+        readers[tuple(ids[:-1])].append(i)
+    inputs = sorted(readers, key=len, reverse=True)
+    totals = [0.0] * len(requests)
+    started = time.time()
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        idx = torch.full((len(batch), len(batch[0])), gpt.EOT_ID, dtype=torch.long)
+        for row, seq in enumerate(batch):
+            idx[row, : len(seq)] = torch.tensor(seq)
+        logits = model(idx.to(device))  # [batch, longest, vocab]
+        for row, seq in enumerate(batch):
+            for i in readers[seq]:
+                ids, n_scored = requests[i]
+                logprobs = logits[row, len(seq) - n_scored : len(seq)].float().log_softmax(dim=-1)
+                targets = torch.tensor(ids[-n_scored:], device=device)
+                totals[i] = logprobs.gather(1, targets[:, None]).sum().item()
+        done = start + len(batch)
+        gpt.show_progress(f"{label}: {done:,}/{len(inputs):,} forward passes, ETA {gpt.eta(started, done, len(inputs))}")
+    gpt.end_progress()
+    return totals
+
+
+# ----------------------------------------------------------------------------------------
+# Measure it, 2: multiple-choice benchmarks (HellaSwag, MMLU) as the harness prepares them
+# ----------------------------------------------------------------------------------------
+
+# HellaSwag (Zellers et al., 2019): the validation split, 10,042 items with four endings.
+HELLASWAG_URLS = ["https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"]
+HELLASWAG_ITEMS = 10_042
+# MMLU (Hendrycks et al., 2021): the authors' archive, data/{dev,val,test}/<subject>_<split>.csv.
+MMLU_URLS = ["https://people.eecs.berkeley.edu/~hendrycks/data.tar"]
+MMLU_TEST_ITEMS = 14_042
+MMLU_FILE = re.compile(r"(?:^|/)(dev|test)/(\w+)_(dev|test)\.csv$")
+LETTERS = "ABCD"
+
+
+def hellaswag_preprocess(text):
+    """The harness's clean-up of HellaSwag text: WikiHow items carry markers like
+    " [title]" (a sentence break) and "[step]" (dropped)."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def read_hellaswag(path):
+    """HellaSwag JSON Lines (one item a line: activity_label, ctx_a, ctx_b, four endings,
+    label) -> list of item dicts. Raises ValueError naming the line of a malformed item."""
+    text = gpt.decode_utf8(existing_file(path, "--benchmark-file").read_bytes(), f"--benchmark-file {path}")
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            fields = [item["activity_label"], item["ctx_a"], item["ctx_b"], *item["endings"]]
+            label = int(item["label"])
+        except (ValueError, TypeError, KeyError) as e:
+            problem = f"not valid JSON ({e})" if isinstance(e, json.JSONDecodeError) else f"bad or missing field {e}"
+            raise ValueError(f"{path} line {number}: {problem}; each line must be one HellaSwag item") from None
+        if not all(isinstance(field, str) for field in fields) or not 0 <= label < len(item["endings"]):
+            raise ValueError(f"{path} line {number}: texts must be strings and label an index into endings")
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no HellaSwag items in the file")
+    return items
+
+
+def hellaswag_request(item):
+    """A HellaSwag item as the harness scores it -> {context, choices, gold, text}."""
+    query = hellaswag_preprocess(item["activity_label"] + ": " + item["ctx_a"] + " " + item["ctx_b"].capitalize())
+    choices = [hellaswag_preprocess(ending) for ending in item["endings"]]
+    gold = int(item["label"])
+    return dict(context=query, choices=choices, gold=gold, text=query + " " + choices[gold], subject=None)
+
+
+def read_mmlu_csv(text, source):
+    """Rows "question,A,B,C,D,answer" (no header) -> list of {question, options, answer}."""
+    items = []
+    for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
+        if len(row) != 6 or row[5].strip() not in LETTERS:
+            raise ValueError(f"{source} row {number}: expected question, four options and a letter A-D, got {row!r:.120}")
+        items.append(dict(question=row[0], options=row[1:5], answer=LETTERS.index(row[5].strip())))
+    return items
+
+
+def read_mmlu(path, shots=0):
+    """MMLU's data.tar, or a folder holding its dev/ and test/ CSV files -> list of item
+    dicts (subject, question, options, answer, and the first `shots` dev items of the
+    subject as examples), subjects in alphabetical order. Raises ValueError for a file
+    that is neither, a malformed row, or a subject with fewer than `shots` dev items."""
+    path = Path(path)
+    files = {}  # (split, subject) -> CSV text
+    if path.is_dir():
+        for file in sorted(path.rglob("*.csv")):
+            if match := MMLU_FILE.search(file.as_posix()):
+                files[match[1], match[2]] = gpt.decode_utf8(file.read_bytes(), str(file))
+    elif tarfile.is_tarfile(existing_file(path, "--benchmark-file")):
+        with tarfile.open(path) as archive:
+            for member in archive:
+                if member.isfile() and (match := MMLU_FILE.search(member.name)):
+                    raw = archive.extractfile(member).read()
+                    files[match[1], match[2]] = gpt.decode_utf8(raw, f"{path} ({member.name})")
+    subjects = sorted(subject for split, subject in files if split == "test")
+    if not subjects:
+        raise ValueError(f"{path}: no test/<subject>_test.csv files: give MMLU's data.tar or its extracted folder")
+    items = []
+    for subject in subjects:
+        examples = read_mmlu_csv(files.get(("dev", subject), ""), f"{path} dev/{subject}_dev.csv")
+        if len(examples) < shots:
+            raise ValueError(f"{path}: {subject} has {len(examples)} dev items, fewer than --shots {shots}")
+        for item in read_mmlu_csv(files["test", subject], f"{path} test/{subject}_test.csv"):
+            items.append(dict(item, subject=subject, examples=examples[:shots]))
+    return items
+
+
+def mmlu_question(item):
+    """Question, options A-D and "Answer:", as the harness writes an MMLU item."""
+    options = "".join(f"\n{letter}. {option}" for letter, option in zip(LETTERS, item["options"]))
+    return item["question"].strip() + options + "\nAnswer:"
+
+
+def mmlu_request(item):
+    """An MMLU item as the harness scores it -> {context, choices, gold, text, subject}:
+    the subject line, the k examples with their answers, the question; choices " A".." D"."""
+    subject = item["subject"].replace("_", " ")
+    header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+    examples = "".join(mmlu_question(ex) + " " + LETTERS[ex["answer"]] + "\n\n" for ex in item["examples"])
+    text = item["question"] + "\n" + "\n".join(item["options"])  # what contamination looks for
+    return dict(context=header + examples + mmlu_question(item), choices=list(LETTERS), gold=item["answer"],
+                text=text, subject=item["subject"])
+
+
+def score_multiple_choice(model, requests, batch_size=8):
+    """Score every choice of every item by its log-likelihood after the context -> one
+    dict per item: lls (nats), acc (1 when the highest log-likelihood is the gold choice)
+    and acc_norm (the same after dividing each by the choice's length in characters),
+    as lm-evaluation-harness defines them. Choices follow the context after one space."""
+    flat = [
+        continuation_request(request["context"], " " + choice, model.cfg.context_length)
+        for request in requests
+        for choice in request["choices"]
+    ]
+    lls = sum_logprobs(model, flat, batch_size, label="scoring choices")
+    scored, start = [], 0
+    for request in requests:
+        item_lls = lls[start : start + len(request["choices"])]
+        start += len(request["choices"])
+        normalised = [ll / len(choice) for ll, choice in zip(item_lls, request["choices"])]
+        best, best_norm = argmax(item_lls), argmax(normalised)
+        scored.append(dict(lls=item_lls, acc=int(best == request["gold"]), acc_norm=int(best_norm == request["gold"])))
+    return scored
+
+
+def argmax(values):
+    """Index of the largest value (the first one on a tie, as numpy.argmax)."""
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def summarize(scored, requests):
+    """Mean acc and acc_norm with the harness's standard error sqrt(p (1 - p) / (n - 1))
+    (None for one item), the random-guess baseline, and acc per subject where items have one."""
+    n = len(scored)
+    summary = dict(items=n, random_guess=sum(1 / len(r["choices"]) for r in requests) / n)
+    for metric in ("acc", "acc_norm"):
+        p = sum(s[metric] for s in scored) / n
+        summary[metric] = p
+        summary[metric + "_stderr"] = math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
+    subjects = collections.defaultdict(list)
+    for s, r in zip(scored, requests):
+        if r["subject"] is not None:
+            subjects[r["subject"]].append(s["acc"])
+    if subjects:
+        summary["subjects"] = {name: dict(items=len(v), acc=sum(v) / len(v)) for name, v in sorted(subjects.items())}
+    return summary
+
+
+# ----------------------------------------------------------------------------------------
+# Measure it, 3: perplexity and bits per byte of a text, with a sliding window
+# ----------------------------------------------------------------------------------------
+
+
+def perplexity_requests(ids, context_length, stride):
+    """Windows over a text's token ids -> (token ids, n_scored) requests for `sum_logprobs`.
+
+    <|endoftext|> goes first so that the first token is predicted too (as the harness's
+    rolling log-likelihood does). Each window reads up to context_length tokens and
+    scores only the tokens no earlier window scored; windows start `stride` tokens
+    apart, so every token after the first window has at least context_length - stride
+    tokens of context (the sliding window of Hugging Face's perplexity guide).
+    """
+    if not 1 <= stride <= context_length:
+        raise ValueError(f"--stride {stride} must be from 1 to the model's context length ({context_length})")
+    sequence = [gpt.EOT_ID] + list(ids)
+    requests, scored = [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context_length, len(ids))  # reads sequence[begin:end], predicts sequence[begin + 1 : end + 1]
+        requests.append((sequence[begin : end + 1], end - scored))
+        scored = end
+        if end == len(ids):
+            break
+    return requests
+
+
+def perplexity(model, text, stride, batch_size=8):
+    """Perplexity (e to the mean negative log-likelihood per token) and bits per byte
+    (total negative log-likelihood in bits over the text's UTF-8 bytes: comparable
+    across tokenizers) -> dict. Raises ValueError for an empty text."""
+    if not text:
+        raise ValueError("the text to score is empty")
+    ids = gpt.get_tokenizer().encode_ordinary(text)
+    requests = perplexity_requests(ids, model.cfg.context_length, stride)
+    nll = -sum(sum_logprobs(model, requests, batch_size, label="perplexity"))
+    n_bytes = len(text.encode("utf-8"))
+    return dict(tokens=len(ids), bytes=n_bytes, windows=len(requests), stride=stride,
+                perplexity=math.exp(nll / len(ids)), bits_per_byte=nll / (n_bytes * math.log(2)))
+
+
+# ----------------------------------------------------------------------------------------
+# Measure it, 4: contamination, test items that occur in a training corpus
+# ----------------------------------------------------------------------------------------
+
+
+def normalized_words(text):
+    """Lower-cased words with punctuation removed, as GPT-3's contamination study
+    (Brown et al., 2020, appendix C) and the harness's decontamination compare texts."""
+    return re.sub(r"[^\w\s]|_", "", text.lower()).split()
+
+
+def corpus_documents(path):
+    """Stream a training corpus as documents, each an iterator of text lines, so that a
+    corpus larger than memory can be checked: a folder (every .txt file below it), an
+    instruction-data .json (list of entries; their strings), a .csv with a `text`
+    column (the classifier's splits), or any other UTF-8 text file (line by line)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise ValueError(f"--contamination {path}: no .txt files in the folder")
+        for file in files:
+            with open(file, encoding="utf-8") as f:
+                yield f
+    elif path.suffix == ".json":
+        for entry in gpt.read_json(path, "--contamination"):
+            values = entry.values() if isinstance(entry, dict) else [entry]
+            yield [" ".join(str(value) for value in values)]
+    elif path.suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                if "text" not in row:
+                    raise ValueError(f"--contamination {path}: a .csv needs a `text` column (as label,text)")
+                yield [row["text"]]
+    else:
+        with open(existing_file(path, "--contamination"), encoding="utf-8") as f:
+            yield f
+
+
+def find_contamination(texts, documents, n=13):
+    """Indices of the texts that share an n-gram of `normalized_words` with a corpus
+    (documents as `corpus_documents` yields them; n-grams do not cross documents). A text
+    shorter than n words counts when it occurs whole. -> sorted list of indices."""
+    wanted = collections.defaultdict(lambda: collections.defaultdict(set))  # length -> words -> texts
+    for i, text in enumerate(texts):
+        words = normalized_words(text)
+        if not words:
+            continue  # nothing to look for
+        length = min(n, len(words))  # a text shorter than n is looked for whole
+        for start in range(len(words) - length + 1):
+            wanted[length][tuple(words[start : start + length])].add(i)
+    found, words_read = set(), 0
+    for document in documents:
+        window = collections.deque(maxlen=n)
+        for line in document:
+            for word in normalized_words(line):
+                window.append(word)
+                for length, grams in wanted.items():
+                    if len(window) >= length:
+                        found |= grams.get(tuple(window)[-length:], set())
+                words_read += 1
+                if words_read % 1_000_000 == 0:
+                    gpt.show_progress(f"contamination: {words_read / 1e6:.0f}M words of the corpus read")
+    gpt.end_progress()
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------------------
+# Measure it, 5: memorisation probes (the same items, changed where recall would notice)
+# ----------------------------------------------------------------------------------------
+
+
+def shuffle_options(item, order):
+    """An MMLU item with its options in another order: order[k] is the option now shown
+    at letter k. The letters stay in place and move to other texts; the gold follows its text."""
+    return dict(item, options=[item["options"][k] for k in order], answer=order.index(item["answer"]))
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def reorder_sentences(item, order=None):
+    """A HellaSwag item with the sentences of its context (ctx_a, cut after . ! or ?) in
+    another order: order[k] is the sentence now at place k (default: reversed). ctx_b,
+    the start of the sentence the endings finish, stays last."""
+    sentences = SENTENCE_END.split(item["ctx_a"].strip())
+    order = list(reversed(range(len(sentences)))) if order is None else order
+    return dict(item, ctx_a=" ".join(sentences[k] for k in order))
+
+
+def perturbed_items(benchmark, items, seed):
+    """The probe's items: MMLU options in a seeded random order per item; HellaSwag
+    contexts with their sentences reversed (items of one sentence are unchanged)."""
+    if benchmark == "hellaswag":
+        return [reorder_sentences(item) for item in items]
+    rng = random.Random(seed)
+    return [shuffle_options(item, rng.sample(range(len(item["options"])), len(item["options"]))) for item in items]
+
+
+def compare_probe(scored, probe_scored, changed):
+    """The probe's report: acc before and after, and how many items flipped each way."""
+    n = len(scored)
+    before = sum(s["acc"] for s in scored) / n
+    after = sum(s["acc"] for s in probe_scored) / n
+    flipped = collections.Counter((s["acc"], p["acc"]) for s, p in zip(scored, probe_scored))
+    return dict(items=n, items_changed=changed, acc=before, acc_probe=after, change=after - before,
+                right_to_wrong=flipped[1, 0], wrong_to_right=flipped[0, 1])
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+
+def existing_file(path, flag):
+    """Path(path), after checking that it is a file: FileNotFoundError naming the flag otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    return path
+
+
+def load_benchmark(args):
+    """The items of --benchmark: from --benchmark-file, else downloaded once from the
+    original source and counted; the first --limit of them (of each MMLU subject)."""
+    path = args.benchmark_file
+    hellaswag = args.benchmark == "hellaswag"
+    if path is None and hellaswag:
+        path = gpt.fetch_dataset(HELLASWAG_URLS, "hellaswag_val.jsonl", flag="--benchmark-file", kind="text")
+    elif path is None:
+        path = gpt.fetch_dataset(MMLU_URLS, "data.tar", flag="--benchmark-file", kind="tar")
+    items = read_hellaswag(path) if hellaswag else read_mmlu(path, args.shots)
+    expected = HELLASWAG_ITEMS if hellaswag else MMLU_TEST_ITEMS
+    if args.benchmark_file is None and len(items) != expected:
+        raise ValueError(f"{path}: {len(items):,} items, expected {expected:,}: delete the file to download it again")
+    if args.limit is None:
+        return items
+    taken = collections.Counter()  # items kept per subject (HellaSwag: one group)
+    kept = []
+    for item in items:
+        if taken[item.get("subject")] < args.limit:
+            taken[item.get("subject")] += 1
+            kept.append(item)
+    return kept
+
+
+def read_text(path):
+    """The text of --perplexity FILE. Raises ValueError for an empty file."""
+    text = gpt.decode_utf8(existing_file(path, "--perplexity").read_bytes(), f"--perplexity {path}")
+    if not text:
+        raise ValueError(f"--perplexity {path}: the file is empty: give a text to score")
+    return text
+
+
+def print_scores(name, summary):
+    print(f"{name}: {summary['items']:,} items, random guess {summary['random_guess']:.4f}")
+    for metric in ("acc", "acc_norm"):
+        stderr = summary[metric + "_stderr"]
+        print(f"  {metric:<8} {summary[metric]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
+    for subject, scores in summary.get("subjects", {}).items():
+        print(f"  {subject:<40} {scores['items']:>5} items  acc {scores['acc']:.4f}")
+
+
+def run_benchmark(args, model, items):
+    """Score --benchmark, then check --contamination and run --probe -> results dict."""
+    to_request = hellaswag_request if args.benchmark == "hellaswag" else mmlu_request
+    requests = [to_request(item) for item in items]
+    if args.contamination:  # before the long scoring, so that a bad corpus fails fast
+        texts = [request["text"] for request in requests]
+        contaminated = find_contamination(texts, corpus_documents(args.contamination), args.ngram)
+    started = time.time()
+    scored = score_multiple_choice(model, requests, args.batch_size)
+    summary = summarize(scored, requests)
+    print_scores(f"{args.benchmark} ({args.shots}-shot, {gpt.format_duration(time.time() - started)})", summary)
+    results = {"benchmark": dict(name=args.benchmark, shots=args.shots, **summary)}
+    if args.contamination:
+        clean = [i for i in range(len(items)) if i not in set(contaminated)]
+        share = len(contaminated) / len(items)
+        print(f"contamination: {len(contaminated)} of {len(items)} items ({share:.1%}) share a {args.ngram}-gram "
+              f"with {args.contamination}: items {contaminated[:20]}{' ...' if len(contaminated) > 20 else ''}")
+        clean_summary = summarize([scored[i] for i in clean], [requests[i] for i in clean]) if clean else None
+        if clean_summary:
+            print_scores(f"{args.benchmark}, clean items only", clean_summary)
+        results["contamination"] = dict(corpus=str(args.contamination), ngram=args.ngram, items=contaminated,
+                                        share=share, clean=clean_summary)
+    if args.probe:
+        probe_requests = [to_request(item) for item in perturbed_items(args.benchmark, items, args.seed or 0)]
+        changed = sum(a["context"] != b["context"] for a, b in zip(requests, probe_requests))
+        probe = compare_probe(scored, score_multiple_choice(model, probe_requests, args.batch_size), changed)
+        print(f"probe ({PROBES[args.benchmark]}, {changed} items changed): acc {probe['acc']:.4f} -> "
+              f"{probe['acc_probe']:.4f} ({probe['change']:+.4f}); right to wrong {probe['right_to_wrong']}, "
+              f"wrong to right {probe['wrong_to_right']}")
+        results["probe"] = dict(perturbation=PROBES[args.benchmark], **probe)
+    return results
+
+
+PROBES = {"mmlu": "options shuffled, letters stay", "hellaswag": "context sentences reversed"}
+# Flags that only mean something with another one: given alone they would be ignored.
+NEEDS = {"benchmark_file": "benchmark", "shots": "benchmark", "limit": "benchmark", "contamination": "benchmark",
+         "probe": "benchmark", "ngram": "contamination", "stride": "perplexity"}
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=gpt.HelpFormatter)
     p.add_argument("--model", default="gpt2", help=f"{', '.join(gpt.GPT_CONFIGS)}, a .safetensors file or a checkpoint (.pt)")
@@ -53,18 +555,38 @@ def build_parser():
     p.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0 = greedy; higher = more random")
     p.add_argument("--top-k", type=gpt.positive_int, help="sample only from the k most likely tokens (default: all)")
     p.add_argument("--top-p", type=gpt.probability, help="sample from the smallest set reaching probability p (default: all)")
-    p.add_argument("--seed", type=gpt.seed, help="seed for reproducible sampling (default: a fresh one each run)")
+    p.add_argument("--seed", type=gpt.seed, help="seed for sampling and for --probe's shuffles (default: a fresh one; 0 for --probe)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of the weights and the computation")
-    p.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded weights ($GPT_CACHE_DIR)")
+    p.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded weights and data ($GPT_CACHE_DIR)")
     p.add_argument("--download-only", action="store_true", help="download the weights of a released size into the cache and exit")
+    m = p.add_argument_group("measure it (instead of generating)")
+    m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark by log-likelihood (default: none)")
+    m.add_argument("--benchmark-file", metavar="PATH", help="local hellaswag_val.jsonl, or MMLU's data.tar or data folder (default: download once)")
+    m.add_argument("--shots", type=gpt.non_negative_int, default=0, help="MMLU: examples from the dev split before each question")
+    m.add_argument("--limit", type=gpt.positive_int, help="score only the first N items (of each MMLU subject, as the harness) (default: all)")
+    m.add_argument("--batch-size", type=gpt.positive_int, default=8, help="sequences per forward pass when measuring")
+    m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 text file (default: none)")
+    m.add_argument("--stride", type=gpt.positive_int, help="tokens between perplexity windows (default: half the context length)")
+    m.add_argument("--contamination", metavar="CORPUS", help="find benchmark items sharing an n-gram with a training corpus: a text "
+                   "file, a folder of .txt, instruction .json or a label,text .csv (default: none)")
+    m.add_argument("--ngram", type=gpt.positive_int, default=13, help="words per n-gram of --contamination")
+    m.add_argument("--probe", action="store_true", help="score again with MMLU options shuffled or HellaSwag context sentences "
+                   "reversed, and report the change")
+    m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file (default: print only)")
     return p
 
 
-@gpt.command_line(memory_hint="use a smaller --model, or --dtype bfloat16")
+@gpt.command_line(memory_hint="use a smaller --batch-size or --model, or --dtype bfloat16")
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = gpt.given_flags(parser, argv)
+    for flag, needed in NEEDS.items():
+        if flag in given and not getattr(args, needed):
+            parser.error(f"{gpt.flag_name(flag)} needs {gpt.flag_name(needed)}")
+    if args.shots and args.benchmark != "mmlu":
+        parser.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
     if not args.prompt:
         parser.error("--prompt is empty: give at least one character of text to continue")
     if args.download_only and args.model not in gpt.GPT_CONFIGS:
@@ -74,7 +596,12 @@ def main(argv=None):
     if args.download_only:
         print(f"weights of {args.model} are in {gpt.download_gpt2(args.model)}")
         return
-    prompt_ids = gpt.text_to_token_ids(args.prompt, device=device)  # before the load: cheap, and fails fast
+    # Read every input before the load: cheap, and fails fast.
+    if args.results and Path(args.results).is_dir():
+        raise ValueError(f"--results {args.results} is a folder: give the path of a JSON file")
+    items = load_benchmark(args) if args.benchmark else None
+    text = read_text(args.perplexity) if args.perplexity else None
+    prompt_ids = gpt.text_to_token_ids(args.prompt, device=device)
 
     started = time.time()
     model = gpt.load_gpt2(args.model, device=device, dtype=gpt.DTYPES[args.dtype])
@@ -85,8 +612,22 @@ def main(argv=None):
     print(f"weights: {gpt.download_gpt2(args.model) if released else args.model}")
     print(f"load time: {load_seconds:.2f} s on {device}, {args.dtype}")
     print("-" * 80)
-    print(args.prompt, end="", flush=True)
-    stream_continuation(model, prompt_ids, args)
+    if items is None and text is None:
+        print(args.prompt, end="", flush=True)
+        stream_continuation(model, prompt_ids, args)
+        return
+
+    results = dict(model=args.model)
+    if text is not None:
+        stride = args.stride or max(1, model.cfg.context_length // 2)
+        results["perplexity"] = score = perplexity(model, text, stride, args.batch_size)
+        print(f"perplexity of {args.perplexity}: {score['perplexity']:.4f}, {score['bits_per_byte']:.4f} bits per byte "
+              f"({score['tokens']:,} tokens, {score['bytes']:,} bytes, {score['windows']} windows, stride {stride})")
+    if items is not None:
+        results.update(run_benchmark(args, model, items))
+    if args.results:
+        written = gpt.save_with_fallback(lambda path: gpt.write_json(path, results), args.results)
+        print(f"results written to {written}")
 
 
 if __name__ == "__main__":

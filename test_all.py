@@ -9,6 +9,7 @@ server on 127.0.0.1 that the tests start; nothing touches the network.
 """
 
 import argparse
+import collections
 import errno
 import hashlib
 import http.server
@@ -1207,6 +1208,275 @@ def test_every_flag_has_a_help_line_with_its_default(script, capsys):
         takes_a_value = re.match(r"(-\w, )?--[\w-]+ [A-Z{]", entry)  # on/off flags show no default
         if takes_a_value:
             assert "default" in entry, entry
+
+
+# ========================================================================================
+# load_gpt2.py: measuring a model (benchmarks, perplexity, contamination, probes)
+# ========================================================================================
+
+HELLASWAG_TINY = TESTDATA / "hellaswag_tiny.jsonl"  # four made-up items in HellaSwag's format
+MMLU_TINY = TESTDATA / "mmlu"  # two made-up subjects laid out as MMLU's data.tar
+
+
+def _continuation_logprob(model, context_ids, continuation_ids):
+    """Log-probability of continuation_ids after context_ids, one forward pass, by hand."""
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logprobs = model(ids[:, :-1]).log_softmax(dim=-1)[0]
+    start = len(context_ids) - 1  # the logits at position p predict token p + 1
+    return sum(logprobs[start + k, token].item() for k, token in enumerate(continuation_ids))
+
+
+def test_benchmark_hellaswag_items_are_prepared_as_the_harness_prepares_them():
+    items = load_gpt2.read_hellaswag(HELLASWAG_TINY)
+    tea, tree = load_gpt2.hellaswag_request(items[0]), load_gpt2.hellaswag_request(items[1])
+    assert tea["context"] == "Making tea: A woman fills a kettle at the sink. She sets it on the stove. She"
+    assert tea["gold"] == 2 and tea["choices"][2] == "waits for the water to boil and pours it over the leaves."
+    # " [title]" is a sentence break, other bracketed markers go, double spaces become one.
+    assert tree["context"] == ("Planting a tree: How to plant a sapling. Dig a hole twice as wide as the roots. "
+                               "Loosen the soil at the bottom. Place the sapling")
+    assert tree["choices"][0] == "in the hole and fill it with soil. Water it well."
+    assert tree["choices"][3] == "under your pillow. and sleep."
+
+
+def test_benchmark_mmlu_prompt_with_shots_and_tar_equal_to_folder(tmp_path):
+    items = load_gpt2.read_mmlu(MMLU_TINY, shots=1)
+    assert [item["subject"] for item in items] == ["made_up_arithmetic"] * 3 + ["made_up_geography"] * 2
+    request = load_gpt2.mmlu_request(items[0])
+    assert request["context"] == (
+        "The following are multiple choice questions (with answers) about made up arithmetic.\n\n"
+        "What is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B\n\n"
+        "What is 5 + 6?\nA. 10\nB. 12\nC. 11\nD. 13\nAnswer:"
+    )
+    assert request["choices"] == ["A", "B", "C", "D"] and request["gold"] == 2
+    with tarfile.open(tmp_path / "data.tar", "w") as archive:
+        archive.add(MMLU_TINY / "data", arcname="data")
+    assert load_gpt2.read_mmlu(tmp_path / "data.tar", shots=1) == items
+
+
+def test_benchmark_encode_pair_as_the_harness():
+    encode = gpt.get_tokenizer().encode
+    assert load_gpt2.encode_pair("Answer:", " A") == (encode("Answer:"), encode(" A"))
+    assert load_gpt2.encode_pair("Hello ", "world") == (encode("Hello"), encode(" world"))  # the space moves
+    assert load_gpt2.encode_pair("", "Hi") == ([gpt.EOT_ID], encode("Hi"))
+    # Longer than the context: cut from the left, the continuation kept whole.
+    ids, n_scored = load_gpt2.continuation_request("one two three four five six", " seven eight", 4)
+    assert ids == encode("one two three four five six seven eight")[-5:] and n_scored == 2
+
+
+def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path):
+    model = tiny_model(context_length=64)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    encode = gpt.get_tokenizer().encode
+    acc, acc_norm = [], []
+    for item in load_gpt2.read_hellaswag(HELLASWAG_TINY):
+        query = f"{item['activity_label']}: {item['ctx_a']} {item['ctx_b'].capitalize()}"
+        query = re.sub(r"\[.*?\]", "", query.replace(" [title]", ". ")).replace("  ", " ")
+        endings = [re.sub(r"\[.*?\]", "", e.replace(" [title]", ". ")).replace("  ", " ") for e in item["endings"]]
+        lls = [_continuation_logprob(model, encode(query), encode(query + " " + e)[len(encode(query)) :]) for e in endings]
+        acc.append(float(max(range(4), key=lambda k: lls[k]) == item["label"]))
+        acc_norm.append(float(max(range(4), key=lambda k: lls[k] / len(endings[k])) == item["label"]))
+        scored = load_gpt2.score_multiple_choice(model, [load_gpt2.hellaswag_request(item)])
+        assert scored[0]["lls"] == pytest.approx(lls, abs=1e-4)
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
+                    str(HELLASWAG_TINY), "--results", str(tmp_path / "results.json")])
+    results = json.loads((tmp_path / "results.json").read_text())["benchmark"]
+    n = len(acc)
+    assert results["acc"] == pytest.approx(sum(acc) / n) and results["acc_norm"] == pytest.approx(sum(acc_norm) / n)
+    p = sum(acc) / n
+    assert results["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
+    assert results["random_guess"] == 0.25 and results["items"] == 4
+
+
+def test_benchmark_mmlu_acc_per_subject_equals_hand_computation(tmp_path):
+    model = tiny_model(context_length=128)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    encode = gpt.get_tokenizer().encode
+    right = collections.defaultdict(list)
+    for item in load_gpt2.read_mmlu(MMLU_TINY, shots=2):
+        context = load_gpt2.mmlu_request(item)["context"]
+        lls = [_continuation_logprob(model, encode(context), encode(" " + letter)) for letter in "ABCD"]
+        right[item["subject"]].append(max(range(4), key=lambda k: lls[k]) == item["answer"])
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(MMLU_TINY),
+                    "--shots", "2", "--results", str(tmp_path / "results.json")])
+    results = json.loads((tmp_path / "results.json").read_text())["benchmark"]
+    for subject, hits in right.items():
+        assert results["subjects"][subject] == {"items": len(hits), "acc": pytest.approx(sum(hits) / len(hits))}
+    assert results["acc"] == pytest.approx(sum(map(sum, right.values())) / 5)
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(MMLU_TINY),
+                    "--limit", "1", "--results", str(tmp_path / "limited.json")])
+    limited = json.loads((tmp_path / "limited.json").read_text())["benchmark"]
+    assert {name: s["items"] for name, s in limited["subjects"].items()} == {name: 1 for name in right}
+
+
+def test_benchmark_acc_norm_divides_by_the_choice_length_without_its_space(monkeypatch):
+    # Totals -2.0 and -4.9: acc picks "ab"; per character (2 and 5) "abcde" wins (-0.98 > -1.0),
+    # while counting the leading space (3 and 6) would pick "ab" again.
+    monkeypatch.setattr(load_gpt2, "sum_logprobs", lambda model, requests, *args, **kwargs: [-2.0, -4.9, -2.0, -4.9])
+    requests = [dict(context="Pick:", choices=["ab", "abcde"], gold=gold, subject=None) for gold in (0, 1)]
+    scored = load_gpt2.score_multiple_choice(tiny_model(), requests)
+    assert [(s["acc"], s["acc_norm"]) for s in scored] == [(1, 0), (0, 1)]
+    summary = load_gpt2.summarize(scored, requests)
+    assert (summary["acc"], summary["acc_norm"], summary["acc_stderr"], summary["random_guess"]) == (0.5, 0.5, 0.5, 0.5)
+
+
+def test_benchmark_batching_and_padding_do_not_change_any_score():
+    model = tiny_model(context_length=32)
+    encode = gpt.get_tokenizer().encode
+    texts = ["a", "the cat sat on the mat", "one two three", "Lorem ipsum dolor sit amet, consectetur", "x y"]
+    requests = [(encode(text), min(2, len(encode(text)) - 1) or 1) for text in texts if len(encode(text)) > 1]
+    requests.append((encode("the cat sat on the mat")[:4], 1))  # the same input as another one: one pass
+    alone = [load_gpt2.sum_logprobs(model, [request])[0] for request in requests]
+    for batch_size in (1, 2, 8):
+        assert load_gpt2.sum_logprobs(model, requests, batch_size=batch_size) == pytest.approx(alone, abs=1e-5)
+
+
+def test_perplexity_of_a_short_text_is_exp_of_mean_cross_entropy():
+    model = tiny_model(context_length=64)
+    text = "Every effort moves you forward, one step at a time."
+    ids = gpt.get_tokenizer().encode(text)
+    with torch.no_grad():
+        logits = model(torch.tensor([[gpt.EOT_ID] + ids[:-1]]))[0]
+    cross_entropy = torch.nn.functional.cross_entropy(logits, torch.tensor(ids)).item()
+    score = load_gpt2.perplexity(model, text, stride=32)
+    assert score["windows"] == 1 and score["tokens"] == len(ids)
+    assert score["perplexity"] == pytest.approx(math.exp(cross_entropy), rel=1e-4)
+    assert score["bits_per_byte"] == pytest.approx(cross_entropy * len(ids) / (len(text.encode()) * math.log(2)), rel=1e-4)
+
+
+def test_perplexity_sliding_window_matches_a_hand_computation():
+    model = tiny_model(context_length=16)
+    ids = gpt.get_tokenizer().encode(" ".join(f"word{k}" for k in range(30)))[:50]
+    assert len(ids) == 50
+    requests = load_gpt2.perplexity_requests(ids, 16, 8)
+    assert [n_scored for _, n_scored in requests] == [16, 8, 8, 8, 8, 2]
+    sequence = [gpt.EOT_ID] + ids
+    total = 0.0
+    for j, token in enumerate(ids):  # token j is sequence[j + 1]
+        begin = 0 if j < 16 else (j - 16) // 8 * 8 + 8  # the first window (starts 8 apart) that reaches j
+        total += _continuation_logprob(model, sequence[begin : j + 1], [token])
+    text = gpt.get_tokenizer().decode(ids)
+    score = load_gpt2.perplexity(model, text, stride=8, batch_size=3)
+    assert score["perplexity"] == pytest.approx(math.exp(-total / 50), rel=1e-4)
+
+
+def test_contamination_finds_exactly_the_planted_overlaps(tmp_path):
+    texts = [
+        "The quick brown fox jumps over the lazy dog while the farmer sleeps under an old oak tree.",
+        "Seven silver spoons lay on the long wooden table beside a bowl of ripe green apples today.",
+        "Nobody expected the small village band to win the national music contest that cold winter.",
+        "Photosynthesis needs light.",  # shorter than 13 words: matched whole
+    ]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    # Text 0: 13 of its words with other case and punctuation, across a line break.
+    (corpus / "a.txt").write_text("Blah blah. THE quick, brown fox -- jumps over\nthe lazy dog; while the farmer sleeps!\n")
+    # Text 1: only 12 words in a row; text 3 whole; text 2 cut in two by a document boundary.
+    (corpus / "b.txt").write_text("seven silver spoons lay on the long wooden table beside a bowl. Photosynthesis needs "
+                                  "LIGHT. Nobody expected the small village band to")
+    (corpus / "c.txt").write_text("win the national music contest that cold winter.")
+    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(corpus), n=13) == [0, 3]
+    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(corpus), n=12) == [0, 1, 3]
+    clean = tmp_path / "clean.txt"
+    clean.write_text("A clean corpus about something else entirely. " * 50)
+    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(clean)) == []
+    instructions = tmp_path / "instructions.json"
+    instructions.write_text(json.dumps([{"instruction": "Say it.", "input": "", "output": texts[2]}]))
+    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(instructions)) == [2]
+    split = tmp_path / "train.csv"
+    split.write_text("label,text\nham,photosynthesis needs light\n")
+    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(split)) == [3]
+
+
+def test_contamination_reports_the_score_on_clean_items(tmp_path):
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    corpus = tmp_path / "corpus.txt"  # holds item 2 (query and gold ending)
+    corpus.write_text("Washing a dog: a man lifts a muddy dog into a tub. The dog shakes water everywhere.\n")
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
+                    str(HELLASWAG_TINY), "--contamination", str(corpus), "--results", str(tmp_path / "r.json")])
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["contamination"]["items"] == [2] and results["contamination"]["share"] == 0.25
+    model = tiny_model(context_length=64)
+    requests = [load_gpt2.hellaswag_request(item) for item in load_gpt2.read_hellaswag(HELLASWAG_TINY)]
+    clean = [requests[i] for i in (0, 1, 3)]
+    assert results["contamination"]["clean"] == load_gpt2.summarize(load_gpt2.score_multiple_choice(model, clean), clean)
+
+
+def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts(tmp_path):
+    model = tiny_model(context_length=128)
+    items = load_gpt2.read_mmlu(MMLU_TINY, shots=1)
+    identity = [load_gpt2.mmlu_request(load_gpt2.shuffle_options(item, [0, 1, 2, 3])) for item in items]
+    original = [load_gpt2.mmlu_request(item) for item in items]
+    assert load_gpt2.score_multiple_choice(model, identity) == load_gpt2.score_multiple_choice(model, original)
+    shuffled = load_gpt2.mmlu_request(load_gpt2.shuffle_options(items[0], [2, 0, 3, 1]))
+    assert shuffled["context"].endswith("What is 5 + 6?\nA. 11\nB. 10\nC. 13\nD. 12\nAnswer:")
+    assert shuffled["gold"] == 0  # "11" is now option A
+    assert "What is 2 + 2?\nA. 3\nB. 4" in shuffled["context"]  # the example stays as it was
+    stories = load_gpt2.read_hellaswag(HELLASWAG_TINY)
+    same = [load_gpt2.hellaswag_request(load_gpt2.reorder_sentences(s, list(range(3)))) for s in stories[2:3]]
+    assert same == [load_gpt2.hellaswag_request(stories[2])]
+    assert load_gpt2.reorder_sentences(stories[2])["ctx_a"] == (
+        "The man laughs. The dog shakes water everywhere. A man lifts a muddy dog into a tub.")
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
+                    str(HELLASWAG_TINY), "--probe", "--results", str(tmp_path / "r.json")])
+    probe = json.loads((tmp_path / "r.json").read_text())["probe"]
+    assert probe["items_changed"] == 3  # the fourth context has one sentence
+    assert probe["change"] == pytest.approx(probe["acc_probe"] - probe["acc"])
+
+
+def test_benchmark_is_downloaded_once_and_counted(file_server, monkeypatch, tmp_path, capsys):
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    server = file_server({"/hellaswag_val.jsonl": HELLASWAG_TINY.read_bytes()})
+    monkeypatch.setattr(load_gpt2, "HELLASWAG_URLS", [server.url + "/hellaswag_val.jsonl"])
+    argv = ["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag"]
+    with pytest.raises(SystemExit, match="4 items, expected 10,042: delete the file to download it again"):
+        load_gpt2.main(argv)
+    monkeypatch.setattr(load_gpt2, "HELLASWAG_ITEMS", 4)
+    load_gpt2.main(argv)
+    assert "hellaswag (0-shot" in capsys.readouterr().out
+    assert len(server.requests) == 1  # the second run read the cache
+
+
+def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    model = ["--model", str(tmp_path / "tiny.pt")]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(HELLASWAG_TINY.read_text().splitlines()[0] + "\n{not json\n")
+    no_label = tmp_path / "no_label.jsonl"
+    no_label.write_text(json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e"]}) + "\n")
+    bad_row = tmp_path / "bad_mmlu" / "test"
+    bad_row.mkdir(parents=True)
+    (bad_row / "x_test.csv").write_text("Question?,a,b,c,E\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "not_mmlu").mkdir()
+    (tmp_path / "not_mmlu" / "notes.csv").write_text("a,b\n")
+    for argv, message in [
+        (["--benchmark", "hellaswag", "--benchmark-file", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
+        (["--benchmark", "hellaswag", "--benchmark-file", str(broken)], "broken.jsonl line 2: not valid JSON"),
+        (["--benchmark", "hellaswag", "--benchmark-file", str(no_label)], "no_label.jsonl line 1: bad or missing field 'label'"),
+        (["--benchmark", "mmlu", "--benchmark-file", str(tmp_path / "bad_mmlu")], "x_test.csv row 1: expected question"),
+        (["--benchmark", "mmlu", "--benchmark-file", str(tmp_path / "not_mmlu")], "no test/<subject>_test.csv files"),
+        (["--benchmark", "mmlu", "--benchmark-file", str(MMLU_TINY), "--shots", "3"], "made_up_geography has 2 dev items"),
+        (["--perplexity", str(tmp_path / "empty.txt")], "empty.txt: the file is empty"),
+        (["--perplexity", str(HELLASWAG_TINY), "--stride", "65"], "--stride 65 must be from 1 to the model's context length (64)"),
+        (["--perplexity", str(HELLASWAG_TINY), "--results", str(tmp_path)], "is a folder: give the path of a JSON file"),
+        (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination", str(tmp_path / "nope")],
+         "nope: no such file"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            load_gpt2.main(model + argv)
+        assert str(exit_info.value.code).startswith("error: ") and message in exit_info.value.code, argv
+        assert "Traceback" not in capsys.readouterr().err
+    for argv, message in [
+        (["--benchmark", "hellaswag", "--shots", "5"], "--shots is for --benchmark mmlu"),
+        (["--contamination", "x.txt"], "--contamination needs --benchmark"),
+        (["--stride", "8"], "--stride needs --perplexity"),
+        (["--benchmark", "mmlu", "--ngram", "8"], "--ngram needs --contamination"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            load_gpt2.main(model + argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 # ========================================================================================
