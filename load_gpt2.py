@@ -121,9 +121,11 @@ def sum_logprobs(model, requests, batch_size=8, label="scoring"):
     that give the model the same input (the four " A".." D" of an MMLU item) share one
     forward pass. Batches are right-padded: causal attention keeps every real position
     blind to the padding after it, so the scores do not depend on the batch. Longest
-    first, so a batch that does not fit in memory fails at once. Shows progress and ETA.
+    first, so a batch that does not fit in memory fails at once (the logits alone take
+    batch_size x longest x vocabulary floats). Shows progress and ETA. Raises ValueError
+    for a request that does not fit the context, or a model that gives NaN.
     """
-    device = model.wte.weight.device
+    device = next(model.parameters()).device
     readers = collections.defaultdict(list)  # model input -> the requests that read it
     for i, (ids, n_scored) in enumerate(requests):
         if not 1 <= n_scored < len(ids) <= model.cfg.context_length + 1:
@@ -144,6 +146,8 @@ def sum_logprobs(model, requests, batch_size=8, label="scoring"):
                 logprobs = logits[row, len(seq) - n_scored : len(seq)].float().log_softmax(dim=-1)
                 targets = torch.tensor(ids[-n_scored:], device=device)
                 totals[i] = logprobs.gather(1, targets[:, None]).sum().item()
+                if math.isnan(totals[i]):
+                    raise ValueError("the model gives NaN log-probabilities: its weights hold NaN or infinite values")
         done = start + len(batch)
         gpt.show_progress(f"{label}: {done:,}/{len(inputs):,} forward passes, ETA {gpt.eta(started, done, len(inputs))}")
     gpt.end_progress()
@@ -275,7 +279,8 @@ def score_multiple_choice(model, requests, batch_size=8):
     for request in requests:
         item_lls = lls[start : start + len(request["choices"])]
         start += len(request["choices"])
-        normalised = [ll / len(choice) for ll, choice in zip(item_lls, request["choices"])]
+        # max(1, ...): an ending that preprocessing left empty would divide by zero.
+        normalised = [ll / max(1, len(choice)) for ll, choice in zip(item_lls, request["choices"])]
         best, best_norm = argmax(item_lls), argmax(normalised)
         scored.append(dict(lls=item_lls, acc=int(best == request["gold"]), acc_norm=int(best_norm == request["gold"])))
     return scored
@@ -370,7 +375,10 @@ def corpus_documents(path):
             with open(file, encoding="utf-8") as f:
                 yield f
     elif path.suffix == ".json":
-        for entry in gpt.read_json(path, "--contamination"):
+        entries = gpt.read_json(path, "--contamination")
+        if not isinstance(entries, list):
+            raise ValueError(f"--contamination {path}: expected a JSON list of entries (instruction data)")
+        for entry in entries:
             values = entry.values() if isinstance(entry, dict) else [entry]
             yield [" ".join(str(value) for value in values)]
     elif path.suffix == ".csv":
@@ -480,12 +488,15 @@ def load_benchmark(args):
     expected = HELLASWAG_ITEMS if hellaswag else MMLU_TEST_ITEMS
     if args.benchmark_file is None and len(items) != expected:
         raise ValueError(f"{path}: {len(items):,} items, expected {expected:,}: delete the file to download it again")
-    if args.limit is None:
-        return items
-    taken = collections.Counter()  # items kept per subject (HellaSwag: one group)
+    return items if args.limit is None else first_items(items, args.limit)
+
+
+def first_items(items, limit):
+    """The first `limit` items of each subject (HellaSwag's items make one group)."""
+    taken = collections.Counter()
     kept = []
     for item in items:
-        if taken[item.get("subject")] < args.limit:
+        if taken[item.get("subject")] < limit:
             taken[item.get("subject")] += 1
             kept.append(item)
     return kept
@@ -517,19 +528,12 @@ def run_benchmark(args, model, items):
         contaminated = find_contamination(texts, corpus_documents(args.contamination), args.ngram)
     started = time.time()
     scored = score_multiple_choice(model, requests, args.batch_size)
+    seconds = time.time() - started
     summary = summarize(scored, requests)
-    print_scores(f"{args.benchmark} ({args.shots}-shot, {gpt.format_duration(time.time() - started)})", summary)
-    results = {"benchmark": dict(name=args.benchmark, shots=args.shots, **summary)}
+    print_scores(f"{args.benchmark} ({args.shots}-shot, {gpt.format_duration(seconds)})", summary)
+    results = {"benchmark": dict(name=args.benchmark, shots=args.shots, seconds=round(seconds, 1), **summary)}
     if args.contamination:
-        clean = [i for i in range(len(items)) if i not in set(contaminated)]
-        share = len(contaminated) / len(items)
-        print(f"contamination: {len(contaminated)} of {len(items)} items ({share:.1%}) share a {args.ngram}-gram "
-              f"with {args.contamination}: items {contaminated[:20]}{' ...' if len(contaminated) > 20 else ''}")
-        clean_summary = summarize([scored[i] for i in clean], [requests[i] for i in clean]) if clean else None
-        if clean_summary:
-            print_scores(f"{args.benchmark}, clean items only", clean_summary)
-        results["contamination"] = dict(corpus=str(args.contamination), ngram=args.ngram, items=contaminated,
-                                        share=share, clean=clean_summary)
+        results["contamination"] = report_contamination(args, contaminated, scored, requests)
     if args.probe:
         probe_requests = [to_request(item) for item in perturbed_items(args.benchmark, items, args.seed or 0)]
         changed = sum(a["context"] != b["context"] for a, b in zip(requests, probe_requests))
@@ -539,6 +543,19 @@ def run_benchmark(args, model, items):
               f"wrong to right {probe['wrong_to_right']}")
         results["probe"] = dict(perturbation=PROBES[args.benchmark], **probe)
     return results
+
+
+def report_contamination(args, contaminated, scored, requests):
+    """Print and return the contaminated items, their share, and the scores of the clean ones."""
+    share = len(contaminated) / len(requests)
+    shown = ", ".join(map(str, contaminated[:20])) + (", ..." if len(contaminated) > 20 else "")
+    print(f"contamination: {len(contaminated)} of {len(requests)} items ({share:.1%}) share a {args.ngram}-gram "
+          f"with {args.contamination}" + (f": items {shown} (counted from 0)" if contaminated else ""))
+    clean = sorted(set(range(len(requests))) - set(contaminated))
+    clean_summary = summarize([scored[i] for i in clean], [requests[i] for i in clean]) if clean else None
+    if clean_summary is not None:
+        print_scores(f"{args.benchmark}, clean items only", clean_summary)
+    return dict(corpus=str(args.contamination), ngram=args.ngram, items=contaminated, share=share, clean=clean_summary)
 
 
 PROBES = {"mmlu": "options shuffled, letters stay", "hellaswag": "context sentences reversed"}
@@ -617,7 +634,7 @@ def main(argv=None):
         stream_continuation(model, prompt_ids, args)
         return
 
-    results = dict(model=args.model)
+    results = dict(model=args.model, settings=vars(args))
     if text is not None:
         stride = args.stride or max(1, model.cfg.context_length // 2)
         results["perplexity"] = score = perplexity(model, text, stride, args.batch_size)

@@ -1468,6 +1468,11 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
             load_gpt2.main(model + argv)
         assert str(exit_info.value.code).startswith("error: ") and message in exit_info.value.code, argv
         assert "Traceback" not in capsys.readouterr().err
+    broken_model = tiny_model(context_length=64)
+    torch.nn.init.constant_(broken_model.ln_f.weight, float("nan"))
+    gpt.save_checkpoint(tmp_path / "nan.pt", broken_model)
+    with pytest.raises(SystemExit, match="error: the model gives NaN log-probabilities"):
+        load_gpt2.main(["--model", str(tmp_path / "nan.pt"), "--perplexity", str(HELLASWAG_TINY)])
     for argv, message in [
         (["--benchmark", "hellaswag", "--shots", "5"], "--shots is for --benchmark mmlu"),
         (["--contamination", "x.txt"], "--contamination needs --benchmark"),
