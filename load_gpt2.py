@@ -372,8 +372,7 @@ def corpus_documents(path):
         if not files:
             raise ValueError(f"--contamination {path}: no .txt files in the folder")
         for file in files:
-            with open(file, encoding="utf-8") as f:
-                yield f
+            yield read_lines(file)
     elif path.suffix == ".json":
         entries = gpt.read_json(path, "--contamination")
         if not isinstance(entries, list):
@@ -388,8 +387,17 @@ def corpus_documents(path):
                     raise ValueError(f"--contamination {path}: a .csv needs a `text` column (as label,text)")
                 yield [row["text"]]
     else:
-        with open(existing_file(path, "--contamination"), encoding="utf-8") as f:
-            yield f
+        yield read_lines(existing_file(path, "--contamination"))
+
+
+def read_lines(path):
+    """The lines of a UTF-8 text file, one at a time (any line ending). Raises ValueError
+    naming the file at the first byte that is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield from f
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--contamination {path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
 
 
 def find_contamination(texts, documents, n=13):

@@ -1438,6 +1438,23 @@ def test_benchmark_is_downloaded_once_and_counted(file_server, monkeypatch, tmp_
     assert len(server.requests) == 1  # the second run read the cache
 
 
+def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    real_write = gpt.atomic_write_bytes
+
+    def disk_full_in_tmp_path(path, data):
+        if Path(path).parent == tmp_path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(gpt, "atomic_write_bytes", disk_full_in_tmp_path)
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
+                    str(HELLASWAG_TINY), "--results", str(tmp_path / "results.json")])
+    written = Path(re.search(r"results written to (.*)", capsys.readouterr().out)[1])
+    assert written.parent != tmp_path and json.loads(written.read_text())["benchmark"]["items"] == 4
+    written.unlink()
+
+
 def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
     gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
     model = ["--model", str(tmp_path / "tiny.pt")]
@@ -1449,6 +1466,7 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
     bad_row.mkdir(parents=True)
     (bad_row / "x_test.csv").write_text("Question?,a,b,c,E\n")
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     (tmp_path / "not_mmlu").mkdir()
     (tmp_path / "not_mmlu" / "notes.csv").write_text("a,b\n")
     for argv, message in [
@@ -1463,6 +1481,8 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
         (["--perplexity", str(HELLASWAG_TINY), "--results", str(tmp_path)], "is a folder: give the path of a JSON file"),
         (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination", str(tmp_path / "nope")],
          "nope: no such file"),
+        (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination",
+          str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8 text"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             load_gpt2.main(model + argv)
