@@ -136,7 +136,7 @@ def sum_logprobs(model, requests, batch_size=8, label="scoring"):
     started = time.time()
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
-        idx = torch.full((len(batch), len(batch[0])), gpt.EOT_ID, dtype=torch.long)
+        idx = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)  # padding: any id in the vocabulary
         for row, seq in enumerate(batch):
             idx[row, : len(seq)] = torch.tensor(seq)
         logits = model(idx.to(device))  # [batch, longest, vocab]

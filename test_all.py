@@ -1331,6 +1331,19 @@ def test_benchmark_batching_and_padding_do_not_change_any_score():
         assert load_gpt2.sum_logprobs(model, requests, batch_size=batch_size) == pytest.approx(alone, abs=1e-5)
 
 
+def test_benchmark_loglikelihoods_equal_transformers(small_pair):
+    hf_model, path = small_pair
+    model = gpt.load_gpt2(path)
+    generator = torch.Generator().manual_seed(0)
+    requests = [(torch.randint(0, 1000, (length,), generator=generator).tolist(), n) for length, n in [(20, 5), (9, 1), (33, 12)]]
+    expected = []
+    for ids, n_scored in requests:
+        with torch.no_grad():
+            logprobs = hf_model(torch.tensor([ids[:-1]])).logits[0].log_softmax(dim=-1)
+        expected.append(sum(logprobs[p - 1, ids[p]].item() for p in range(len(ids) - n_scored, len(ids))))
+    assert load_gpt2.sum_logprobs(model, requests, batch_size=3) == pytest.approx(expected, abs=1e-4)
+
+
 def test_perplexity_of_a_short_text_is_exp_of_mean_cross_entropy():
     model = tiny_model(context_length=64)
     text = "Every effort moves you forward, one step at a time."
