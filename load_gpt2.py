@@ -580,24 +580,45 @@ def build_parser():
     p.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0 = greedy; higher = more random")
     p.add_argument("--top-k", type=gpt.positive_int, help="sample only from the k most likely tokens (default: all)")
     p.add_argument("--top-p", type=gpt.probability, help="sample from the smallest set reaching probability p (default: all)")
-    p.add_argument("--seed", type=gpt.seed, help="seed for sampling and for --probe's shuffles (default: a fresh one; 0 for --probe)")
+    p.add_argument(
+        "--seed", type=gpt.seed, help="seed for sampling and for --probe's shuffles (default: a fresh one; 0 for --probe)"
+    )
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of the weights and the computation")
-    p.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded weights and data ($GPT_CACHE_DIR)")
+    p.add_argument(
+        "--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded weights and data ($GPT_CACHE_DIR)"
+    )
     p.add_argument("--download-only", action="store_true", help="download the weights of a released size into the cache and exit")
     m = p.add_argument_group("measure it (instead of generating)")
     m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark by log-likelihood (default: none)")
-    m.add_argument("--benchmark-file", metavar="PATH", help="local hellaswag_val.jsonl, or MMLU's data.tar or data folder (default: download once)")
-    m.add_argument("--shots", type=gpt.non_negative_int, default=0, help="MMLU: examples from the dev split before each question")
-    m.add_argument("--limit", type=gpt.positive_int, help="score only the first N items (of each MMLU subject, as the harness) (default: all)")
+    m.add_argument(
+        "--benchmark-file",
+        metavar="PATH",
+        help="local hellaswag_val.jsonl, or MMLU's data.tar or data folder (default: download once)",
+    )
+    m.add_argument("--shots", type=gpt.non_negative_int, default=0, help="MMLU: examples from the dev split per question")
+    m.add_argument(
+        "--limit",
+        type=gpt.positive_int,
+        help="score only the first N items (of each MMLU subject, as the harness) (default: all)",
+    )
     m.add_argument("--batch-size", type=gpt.positive_int, default=8, help="sequences per forward pass when measuring")
     m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 text file (default: none)")
-    m.add_argument("--stride", type=gpt.positive_int, help="tokens between perplexity windows (default: half the context length)")
-    m.add_argument("--contamination", metavar="CORPUS", help="find benchmark items sharing an n-gram with a training corpus: a text "
-                   "file, a folder of .txt, instruction .json or a label,text .csv (default: none)")
+    m.add_argument(
+        "--stride", type=gpt.positive_int, help="tokens between perplexity windows (default: half the context length)"
+    )
+    m.add_argument(
+        "--contamination",
+        metavar="CORPUS",
+        help="find benchmark items sharing an n-gram with a training corpus: a text file, a folder of .txt, "
+        "instruction .json or a label,text .csv (default: none)",
+    )
     m.add_argument("--ngram", type=gpt.positive_int, default=13, help="words per n-gram of --contamination")
-    m.add_argument("--probe", action="store_true", help="score again with MMLU options shuffled or HellaSwag context sentences "
-                   "reversed, and report the change")
+    m.add_argument(
+        "--probe",
+        action="store_true",
+        help="score again with MMLU options shuffled or HellaSwag context sentences reversed; report the change",
+    )
     m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file (default: print only)")
     return p
 
