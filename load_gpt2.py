@@ -10,10 +10,12 @@ printing the tokens as they are generated.
     python load_gpt2.py --model path/to/model.safetensors   # offline: a local file
     python load_gpt2.py --model runs/pretrain/best.pt       # a checkpoint of pretrain.py
     python load_gpt2.py --download-only --model gpt2-xl
+    python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # for transformers
 
 Prints the model, where its weights are and the load time, then the prompt and its
 continuation. Writes nothing but the weights cache (--cache-dir; an existing Hugging
-Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror).
+Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror),
+or with --export-hf a Hugging Face model folder (gpt.export_hf) instead of generating.
 """
 
 import argparse
@@ -47,7 +49,7 @@ def stream_continuation(model, prompt_ids, args):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=gpt.HelpFormatter)
-    p.add_argument("--model", default="gpt2", help=f"{', '.join(gpt.GPT_CONFIGS)}, a .safetensors file or a checkpoint (.pt)")
+    p.add_argument("--model", default="gpt2", help=f"{', '.join(gpt.GPT_CONFIGS)}, a .safetensors file, a model folder or a checkpoint (.pt)")
     p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     p.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=50, help="number of tokens to generate")
     p.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0 = greedy; higher = more random")
@@ -58,6 +60,8 @@ def build_parser():
     p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of the weights and the computation")
     p.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded weights ($GPT_CACHE_DIR)")
     p.add_argument("--download-only", action="store_true", help="download the weights of a released size into the cache and exit")
+    p.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder (in --dtype) and exit")
+    p.add_argument("--overwrite", action="store_true", help="let --export-hf replace a folder that is not empty")
     return p
 
 
@@ -84,6 +88,9 @@ def main(argv=None):
     released = args.model in gpt.GPT_CONFIGS and not Path(args.model).exists()
     print(f"weights: {gpt.download_gpt2(args.model) if released else args.model}")
     print(f"load time: {load_seconds:.2f} s on {device}, {args.dtype}")
+    if args.export_hf:
+        print(f"exported: {gpt.export_hf(model, args.export_hf, overwrite=args.overwrite)} (a transformers model folder)")
+        return
     print("-" * 80)
     print(args.prompt, end="", flush=True)
     stream_continuation(model, prompt_ids, args)
