@@ -789,9 +789,10 @@ def export_classifier_hf(model_or_checkpoint, folder, *, labels=CLASS_NAMES, max
     text to our classifier (encode_ordinary: several tokens) but the special padding id
     50256 to transformers' tokenizer, so such messages are classified differently there.
     Raises ValueError when W has rank below n_classes (the bias cannot be carried), and
-    as gpt.write_hf_folder.
+    as gpt.check_hf_folder and gpt.write_hf_folder.
     """
     if isinstance(model_or_checkpoint, (str, Path)):
+        gpt.check_hf_folder(folder, overwrite)  # before the load
         model, checkpoint = load_classifier(model_or_checkpoint)
         labels, max_length = checkpoint["labels"], checkpoint.get("max_length")
     else:

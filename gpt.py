@@ -1207,17 +1207,23 @@ def hf_config(cfg, dtype, architecture="GPT2LMHeadModel", **extra):
     }
 
 
-def export_hf(model, folder, *, dtype=None, overwrite=False):
+def export_hf(model_or_name, folder, *, dtype=None, overwrite=False):
     """Write a language model as a Hugging Face model folder -> its Path.
 
-    The folder holds what `GPT2LMHeadModel.from_pretrained(folder)` and
-    `AutoTokenizer.from_pretrained(folder)` read: config.json, model.safetensors (written
-    by `write_safetensors`, in `dtype`, default the weights' own), generation_config.json
-    and the tokenizer files (`hf_tokenizer_files`). `load_gpt2(folder)` reads it back.
-    Written atomically (`write_hf_folder`). Raises ValueError for a vocabulary smaller
-    than GPT-2's (the tokenizer would not fit), and as `write_hf_folder`.
+    model_or_name: a GPTModel, or whatever `load_gpt2` loads (a released size, a
+    .safetensors file or folder, a checkpoint of pretrain.py or finetune_instruct.py),
+    loaded after the folder is checked. The folder holds what
+    `GPT2LMHeadModel.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`
+    read: config.json, model.safetensors (in `dtype`, default the weights' own),
+    generation_config.json and the tokenizer files (`hf_tokenizer_files`);
+    `load_gpt2(folder)` reads it back. Written atomically (`write_hf_folder`). Raises
+    ValueError for a vocabulary smaller than GPT-2's (the tokenizer would not fit), and
+    as `check_hf_folder` and `write_hf_folder`.
     """
-    model = unwrap_model(model)
+    if not isinstance(model_or_name, nn.Module):
+        check_hf_folder(folder, overwrite)  # before a load that may take minutes
+        model_or_name = load_gpt2(model_or_name, dtype=dtype or torch.float32)
+    model = unwrap_model(model_or_name)
     check_vocabulary(model, "export")
     dtype = dtype or model.wte.weight.dtype
     files = {
@@ -1228,28 +1234,47 @@ def export_hf(model, folder, *, dtype=None, overwrite=False):
     return write_hf_folder(folder, hf_tensors(model, dtype), files, overwrite=overwrite)
 
 
+def check_hf_folder(folder, overwrite=False):
+    """The absolute Path of folder, when an export may write it: absent, empty, or with
+    `overwrite` a model folder (one holding model.safetensors: --overwrite never deletes
+    a folder of other things, such as the one a user works in). Raises ValueError
+    naming the path and the fix otherwise."""
+    folder = Path(os.path.abspath(folder))  # "." and "out/" get a name, for the temporary folder beside them
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder: choose another folder for the export")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not overwrite:
+            raise ValueError(
+                f"{folder} is not empty: choose another folder, or replace an earlier export with --overwrite"
+            )
+        if not (folder / "model.safetensors").is_file():
+            raise ValueError(
+                f"{folder} holds no model.safetensors: --overwrite replaces only a model folder; choose another folder"
+            )
+    return folder
+
+
 def write_hf_folder(folder, tensors, files, *, overwrite=False):
     """Write model.safetensors (tensors, with the `__metadata__` {"format": "pt"} that
     transformers checks) and `files` ({name: bytes or a JSON-able object}) as folder -> Path.
 
     Atomic: everything goes to a temporary folder beside it (`.NAME.partialPID`), which
     is renamed to folder at the end, so folder is complete or absent, never half-written.
-    An existing non-empty folder is refused unless `overwrite`: then it is moved aside,
-    the new one renamed in and the old one deleted (put back if the rename fails).
-    Leftovers of exports whose process is gone are removed. Raises ValueError for a
-    path that is a file or a non-empty folder without `overwrite`, before any work, and
-    OSError when the file system refuses (nothing is left behind).
+    With `overwrite` an earlier export is moved aside (`.NAME.oldPID`), the new one
+    renamed in, and the old one deleted (or put back when the rename fails). Leftovers of
+    exports whose process is gone are removed first. Raises ValueError as
+    `check_hf_folder`, before any work, and OSError when the file system refuses; then
+    nothing is left behind and an earlier export stays as it was.
     """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file, not a folder: choose another folder for the export")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise ValueError(f"{folder} is not empty: choose another folder, or replace it with --overwrite")
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder = check_hf_folder(folder, overwrite)
     for leftover in folder.parent.glob(f".{glob.escape(folder.name)}.*"):
         match = re.fullmatch(r"\..+\.(partial|old)(\d+)", leftover.name)
         if match and not _process_is_running(int(match.group(2))):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if match.group(1) == "old" and not folder.exists():
+                os.rename(leftover, folder)  # killed between its two renames: the earlier export comes back
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     partial = folder.with_name(f".{folder.name}.partial{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old{os.getpid()}")
     try:
@@ -1266,7 +1291,7 @@ def write_hf_folder(folder, tensors, files, *, overwrite=False):
             os.rename(partial, folder)
         except OSError:
             if old.exists():
-                os.rename(old, folder)  # put the old folder back
+                os.rename(old, folder)  # put the earlier export back
             raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)

@@ -13,9 +13,8 @@ printing the tokens as they are generated.
     python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # for transformers
 
 Prints the model, where its weights are and the load time, then the prompt and its
-continuation. Writes nothing but the weights cache (--cache-dir; an existing Hugging
-Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror),
-or with --export-hf a Hugging Face model folder (gpt.export_hf) instead of generating.
+continuation. Writes only the weights cache (--cache-dir; an existing Hugging Face cache,
+$HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror) and --export-hf.
 """
 
 import argparse
@@ -78,6 +77,10 @@ def main(argv=None):
     if args.download_only:
         print(f"weights of {args.model} are in {gpt.download_gpt2(args.model)}")
         return
+    if args.export_hf:
+        folder = gpt.export_hf(args.model, args.export_hf, dtype=gpt.DTYPES[args.dtype], overwrite=args.overwrite)
+        print(f"exported {args.model} ({args.dtype}) to {folder}, a folder that transformers reads")
+        return
     prompt_ids = gpt.text_to_token_ids(args.prompt, device=device)  # before the load: cheap, and fails fast
 
     started = time.time()
@@ -88,9 +91,6 @@ def main(argv=None):
     released = args.model in gpt.GPT_CONFIGS and not Path(args.model).exists()
     print(f"weights: {gpt.download_gpt2(args.model) if released else args.model}")
     print(f"load time: {load_seconds:.2f} s on {device}, {args.dtype}")
-    if args.export_hf:
-        print(f"exported: {gpt.export_hf(model, args.export_hf, overwrite=args.overwrite)} (a transformers model folder)")
-        return
     print("-" * 80)
     print(args.prompt, end="", flush=True)
     stream_continuation(model, prompt_ids, args)

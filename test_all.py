@@ -969,7 +969,8 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     gpt.save_checkpoint(tmp_path / "tiny.pt", model)
     export = ["--model", str(tmp_path / "tiny.pt"), "--export-hf"]
     load_gpt2.main([*export, str(tmp_path / "hf"), "--dtype", "bfloat16"])
-    assert f"exported: {tmp_path / 'hf'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out == f"exported {tmp_path / 'tiny.pt'} (bfloat16) to {tmp_path / 'hf'}, a folder that transformers reads\n"
     assert {t.dtype for t in gpt.read_safetensors(tmp_path / "hf" / "model.safetensors").values()} == {torch.bfloat16}
     assert gpt.read_json(tmp_path / "hf" / "config.json", "config")["torch_dtype"] == "bfloat16"
     back = gpt.load_gpt2(tmp_path / "hf", dtype=torch.bfloat16)
@@ -978,19 +979,22 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     (tmp_path / "a-file").write_text("not a folder")
-    with pytest.raises(SystemExit, match=r"error: .*taken is not empty: choose another folder, or replace it with --overwrite"):
-        load_gpt2.main([*export, str(tmp_path / "taken")])
-    with pytest.raises(SystemExit, match=r"error: .*a-file is a file, not a folder"):
-        load_gpt2.main([*export, str(tmp_path / "a-file")])
+    for target, flags, message in [
+        ("taken", [], "taken is not empty: choose another folder, or replace an earlier export with --overwrite"),
+        ("taken", ["--overwrite"], "taken holds no model.safetensors: --overwrite replaces only a model folder"),
+        ("a-file", ["--overwrite"], "a-file is a file, not a folder: choose another folder for the export"),
+    ]:
+        with pytest.raises(SystemExit, match=f"error: .*{re.escape(message)}"):
+            load_gpt2.main([*export, str(tmp_path / target), *flags])
     assert [path.name for path in (tmp_path / "taken").iterdir()] == ["notes.txt"]
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "a-file").read_text() == "not a folder"
-    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary folders
 
-    load_gpt2.main([*export, str(tmp_path / "taken"), "--overwrite"])
-    assert not (tmp_path / "taken" / "notes.txt").exists()
-    assert torch.equal(gpt.load_gpt2(tmp_path / "taken").wte.weight, model.wte.weight)
-    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]
+    (tmp_path / "hf" / "README.md").write_text("an earlier export")
+    load_gpt2.main([*export, str(tmp_path / "hf"), "--overwrite"])  # float32 this time
+    assert not (tmp_path / "hf" / "README.md").exists()
+    assert torch.equal(gpt.load_gpt2(tmp_path / "hf").wte.weight, model.wte.weight)
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary folders
 
 
 def test_export_that_fails_midway_leaves_the_old_folder_and_no_leftovers(tmp_path, monkeypatch):
