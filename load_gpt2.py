@@ -59,8 +59,8 @@ def build_parser():
     p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of the weights and the computation")
     p.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded weights ($GPT_CACHE_DIR)")
     p.add_argument("--download-only", action="store_true", help="download the weights of a released size into the cache and exit")
-    p.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder (in --dtype) and exit")
-    p.add_argument("--overwrite", action="store_true", help="let --export-hf replace a folder that is not empty")
+    p.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype and exit (default: none: generate)")
+    p.add_argument("--overwrite", action="store_true", help="let --export-hf replace an earlier export (a folder holding model.safetensors)")
     return p
 
 
