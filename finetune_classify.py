@@ -824,8 +824,8 @@ def load_classifier_hf(folder, device="cpu"):
     folder = Path(folder)
     config = gpt.read_json(folder / "config.json", "classifier config")
     tensors = {k.removeprefix("transformer."): v for k, v in gpt.read_safetensors(folder / "model.safetensors").items()}
-    if "score.weight" not in tensors:
-        raise ValueError(f"{folder}: no score.weight: not a GPT2ForSequenceClassification folder")
+    if not isinstance(config, dict) or config.get("model_type") != "gpt2" or "score.weight" not in tensors:
+        raise ValueError(f"{folder}: not a GPT2ForSequenceClassification folder (model_type gpt2 and a score.weight)")
     score = tensors.pop("score.weight")
     model = gpt.empty_model(gpt.config_from_weights(tensors, config))
     gpt.load_weights_into(model, tensors, device=device, source=str(folder))

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import glob
 import hashlib
 import io
 import json
@@ -1041,15 +1040,11 @@ _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(path, tensors, metadata=None):
-    """Write a dict of name -> tensor as a .safetensors file: the inverse of `read_safetensors`.
-
-    The header maps each name to its dtype, shape and data_offsets (in the order of the
-    dict), plus `__metadata__` (a dict of strings) when given; it is padded with spaces
-    to a multiple of 8 bytes, as the reference writer does, so that the data starts
-    8-byte aligned. The tensors' bytes follow, row-major, little-endian (the byte order
-    of the machines torch runs on). The file is written in place and flushed to disk:
-    write to a temporary path and rename it for an atomic write. Raises OSError when the
-    file system refuses.
+    """Write {name: tensor} as a .safetensors file, the inverse of `read_safetensors`: the
+    header (each tensor's dtype, shape and data_offsets, and `__metadata__`, a dict of
+    strings, when given), padded with spaces to a multiple of 8 bytes as the reference
+    writer pads it, then each tensor's bytes, row-major, little-endian. Flushed to disk
+    but not atomic: `write_hf_folder` renames. Raises OSError when the file system refuses.
     """
     header = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -1267,14 +1262,14 @@ def write_hf_folder(folder, tensors, files, *, overwrite=False):
     nothing is left behind and an earlier export stays as it was.
     """
     folder = check_hf_folder(folder, overwrite)
-    for leftover in folder.parent.glob(f".{glob.escape(folder.name)}.*"):
-        match = re.fullmatch(r"\..+\.(partial|old)(\d+)", leftover.name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.parent.iterdir():
+        match = re.fullmatch(rf"\.{re.escape(folder.name)}\.(partial|old)(\d+)", leftover.name)
         if match and not _process_is_running(int(match.group(2))):
             if match.group(1) == "old" and not folder.exists():
                 os.rename(leftover, folder)  # killed between its two renames: the earlier export comes back
             else:
                 shutil.rmtree(leftover, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     partial = folder.with_name(f".{folder.name}.partial{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old{os.getpid()}")
     try:
