@@ -1257,11 +1257,11 @@ def write_hf_folder(folder, tensors, files, *, overwrite=False):
     is renamed to folder at the end, so folder is complete or absent, never half-written.
     With `overwrite` an earlier export is moved aside (`.NAME.oldPID`), the new one
     renamed in, and the old one deleted (or put back when the rename fails). Leftovers of
-    exports whose process is gone are removed first. Raises ValueError as
+    exports whose process is gone are cleared up first. Raises ValueError as
     `check_hf_folder`, before any work, and OSError when the file system refuses; then
     nothing is left behind and an earlier export stays as it was.
     """
-    folder = check_hf_folder(folder, overwrite)
+    folder = Path(os.path.abspath(folder))
     folder.parent.mkdir(parents=True, exist_ok=True)
     for leftover in folder.parent.iterdir():
         match = re.fullmatch(rf"\.{re.escape(folder.name)}\.(partial|old)(\d+)", leftover.name)
@@ -1270,6 +1270,7 @@ def write_hf_folder(folder, tensors, files, *, overwrite=False):
                 os.rename(leftover, folder)  # killed between its two renames: the earlier export comes back
             else:
                 shutil.rmtree(leftover, ignore_errors=True)
+    check_hf_folder(folder, overwrite)
     partial = folder.with_name(f".{folder.name}.partial{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old{os.getpid()}")
     try:

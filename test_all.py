@@ -997,20 +997,44 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary folders
 
 
-def test_export_that_fails_midway_leaves_the_old_folder_and_no_leftovers(tmp_path, monkeypatch):
+def test_export_that_fails_midway_leaves_the_earlier_export_and_no_leftovers(tmp_path, monkeypatch):
     model = tiny_model(context_length=64)
     folder = gpt.export_hf(model, tmp_path / "hf")
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / f".hf.partial{dead.stdout.strip()}").mkdir()  # left by an export that was killed
+    dead_pid = dead.stdout.strip()
+    (tmp_path / f".hf.partial{dead_pid}").mkdir()  # left by an export that was killed
 
     def disk_full(path, *args, **kwargs):
         Path(path).write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(gpt, "write_safetensors", disk_full)
-    with pytest.raises(OSError, match="No space left on device"):
-        gpt.export_hf(tiny_model(seed=1, context_length=64), folder, overwrite=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(gpt, "write_safetensors", disk_full)
+        with pytest.raises(OSError, match="No space left on device"):
+            gpt.export_hf(tiny_model(seed=1, context_length=64), folder, overwrite=True)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]
+
+    rename = os.rename
+
+    def refuse_the_new_folder(source, target):
+        if ".partial" in str(source):
+            raise OSError(errno.EACCES, "Permission denied")
+        rename(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", refuse_the_new_folder)
+        with pytest.raises(OSError, match="Permission denied"):
+            gpt.export_hf(tiny_model(seed=1, context_length=64), folder, overwrite=True)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # moved aside, then put back
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]
+
+    # Killed between moving the earlier export aside and renaming the new one in: the
+    # next export puts the earlier one back, and refuses to replace it without --overwrite.
+    rename(folder, tmp_path / f".hf.old{dead_pid}")
+    with pytest.raises(ValueError, match="hf is not empty"):
+        gpt.export_hf(tiny_model(seed=1, context_length=64), folder)
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]
 
