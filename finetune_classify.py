@@ -797,6 +797,8 @@ def export_classifier_hf(model_or_checkpoint, folder, *, labels=CLASS_NAMES, max
         labels, max_length = checkpoint["labels"], checkpoint.get("max_length")
     else:
         model = gpt.unwrap_model(model_or_checkpoint)
+    if len(labels) != model.lm_head.out_features:
+        raise ValueError(f"{len(labels)} class names for a head of {model.lm_head.out_features} classes: {labels}")
     weight, bias = model.lm_head.weight.detach().double().cpu(), model.lm_head.bias.detach().double().cpu()
     shift = torch.linalg.pinv(weight) @ bias  # W⁺b: [emb_dim]
     if not torch.allclose(weight @ shift, bias, rtol=1e-6, atol=1e-6):

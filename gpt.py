@@ -1058,10 +1058,13 @@ def write_safetensors(path, tensors, metadata=None):
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
+        written = 0
         for tensor in tensors.values():
-            f.write(_tensor_bytes(tensor))
+            written += f.write(_tensor_bytes(tensor))
+            show_progress(f"writing {Path(path).name}: {written / 1e6:.0f} of {offset / 1e6:.0f} MB")
         f.flush()
         os.fsync(f.fileno())
+    end_progress()
 
 
 def _tensor_bytes(tensor):
