@@ -857,7 +857,8 @@ def _export_from_pretrained(model_class, folder):
         model, info = model_class.from_pretrained(folder, output_loading_info=True, local_files_only=True)
     finally:
         logger.removeHandler(handler)
-    problems = [record.getMessage() for record in records] + [f"{key}: {value}" for key, value in info.items() if value]
+    problems = [record.getMessage() for record in records]
+    problems += [f"{key}: {value}" for key, value in info.items() if value]  # missing, unexpected, mismatched
     return model.eval(), problems
 
 
@@ -903,7 +904,8 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text(tmp
 
     model = tiny_model(context_length=64)
     folder = gpt.export_hf(model, tmp_path / "hf")
-    names = ["config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer_config.json", "vocab.json"]
+    names = ["config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer_config.json",
+             "vocab.json"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]  # no temporary folder left
     assert sorted(path.name for path in folder.iterdir()) == names
     assert "lm_head.weight" not in gpt.read_safetensors(folder / "model.safetensors")  # tied: stored once
