@@ -770,5 +770,85 @@ def main(argv=None):
         sys.exit(130)
 
 
+# ----------------------------------------------------------------------------------------
+# Export to and import from the Hugging Face format (GPT2ForSequenceClassification)
+# ----------------------------------------------------------------------------------------
+
+
+def export_classifier_hf(model_or_checkpoint, folder, *, labels=CLASS_NAMES, max_length=None, dtype=torch.float32,
+                         overwrite=False):
+    """Write a classifier as a transformers GPT2ForSequenceClassification folder -> its Path.
+
+    model_or_checkpoint: a classifier (GPTModel whose lm_head is nn.Linear(emb_dim,
+    n_classes) with bias) with its class names `labels`, or the path of a checkpoint of
+    `save_classifier` (class names and max_length then come from it). The folder holds
+    config.json (num_labels, id2label, label2id, pad_token_id 50256), model.safetensors
+    in `dtype` and the tokenizer files, with padding by <|endoftext|> and
+    model_max_length = max_length (tokens read per message; default the context length).
+
+    transformers' `score` layer has no bias; ours has one, b, and it is carried exactly:
+    the final LayerNorm feeds only the head, so adding W⁺b (the pseudo-inverse of the
+    head weight W [n_classes, emb_dim], of rank n_classes, times b) to ln_f's bias gives
+    W (h + W⁺b) = W h + W W⁺ b = W h + b. Both classes then read each message at its last
+    token that is not the padding id. A literal "<|endoftext|>" in a message is ordinary
+    text to our classifier (encode_ordinary: several tokens) but the special padding id
+    50256 to transformers' tokenizer, so such messages are classified differently there.
+    Raises ValueError when W has rank below n_classes (the bias cannot be carried), and
+    as gpt.check_hf_folder and gpt.write_hf_folder.
+    """
+    if isinstance(model_or_checkpoint, (str, Path)):
+        gpt.check_hf_folder(folder, overwrite)  # before the load
+        model, checkpoint = load_classifier(model_or_checkpoint)
+        labels, max_length = checkpoint["labels"], checkpoint.get("max_length")
+    else:
+        model = gpt.unwrap_model(model_or_checkpoint)
+    if len(labels) != model.lm_head.out_features:
+        raise ValueError(f"{len(labels)} class names for a head of {model.lm_head.out_features} classes: {labels}")
+    weight, bias = model.lm_head.weight.detach().double().cpu(), model.lm_head.bias.detach().double().cpu()
+    shift = torch.linalg.pinv(weight) @ bias  # W⁺b: [emb_dim]
+    if not torch.allclose(weight @ shift, bias, rtol=1e-6, atol=1e-6):
+        raise ValueError(f"the head's weight has rank below {len(labels)}: its bias cannot be moved into ln_f")
+    tensors = gpt.hf_tensors(model, dtype)
+    tensors["transformer.ln_f.bias"] = (model.ln_f.bias.detach().double().cpu() + shift).to(dtype)
+    tensors["score.weight"] = model.lm_head.weight.detach().to(dtype)
+    config = gpt.hf_config(model.cfg, dtype, "GPT2ForSequenceClassification", num_labels=len(labels),
+                           id2label={str(i): name for i, name in enumerate(labels)},
+                           label2id={name: i for i, name in enumerate(labels)}, pad_token_id=gpt.EOT_ID)
+    tokenizer_files = gpt.hf_tokenizer_files(max_length or model.cfg.context_length, pad_token="<|endoftext|>")
+    return gpt.write_hf_folder(folder, tensors, {"config.json": config, **tokenizer_files}, overwrite=overwrite)
+
+
+def load_classifier_hf(folder, device="cpu"):
+    """Read a GPT2ForSequenceClassification folder -> (model in eval mode, checkpoint dict),
+    as `load_classifier` returns them: the dict has config, labels and max_length.
+
+    Reads our own export and transformers' `save_pretrained` alike. The `score` layer
+    becomes our head with bias 0: for our export ln_f's bias already holds the head's
+    bias (W⁺b, see `export_classifier_hf`), so the logits are those of the classifier
+    exported. Raises FileNotFoundError for missing files and ValueError for a folder
+    that is not such a classifier.
+    """
+    folder = Path(folder)
+    config = gpt.read_json(folder / "config.json", "classifier config")
+    tensors = {k.removeprefix("transformer."): v for k, v in gpt.read_safetensors(folder / "model.safetensors").items()}
+    if not isinstance(config, dict) or config.get("model_type") != "gpt2" or "score.weight" not in tensors:
+        raise ValueError(f"{folder}: not a GPT2ForSequenceClassification folder (model_type gpt2 and a score.weight)")
+    score = tensors.pop("score.weight")
+    model = gpt.empty_model(gpt.config_from_weights(tensors, config))
+    gpt.load_weights_into(model, tensors, device=device, source=str(folder))
+    add_classification_head(model, score.shape[0])
+    with torch.no_grad():
+        model.lm_head.weight.copy_(score)
+        model.lm_head.bias.zero_()
+    id2label = config.get("id2label") or {}
+    labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(score.shape[0])]  # transformers' default names
+    max_length = model.cfg.context_length
+    if (folder / "tokenizer_config.json").exists():  # the length the exported classifier read messages at
+        tokenizer_config = gpt.read_json(folder / "tokenizer_config.json", "tokenizer config")
+        max_length = min(tokenizer_config.get("model_max_length", max_length), max_length)
+    checkpoint = {"config": dict(vars(model.cfg)), "labels": labels, "max_length": max_length}
+    return model.eval(), checkpoint
+
+
 if __name__ == "__main__":
     main()

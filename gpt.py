@@ -36,6 +36,7 @@ import mmap
 import os
 import random
 import re
+import shutil
 import struct
 import sys
 import tarfile
@@ -1084,6 +1085,8 @@ def load_gpt2(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=F
     or a malformed or mismatching file, FileNotFoundError for a missing path.
     """
     path = Path(name_or_path)
+    if path.is_dir():  # a Hugging Face model folder, such as `export_hf` writes
+        path = path / "model.safetensors"
     if str(name_or_path) in GPT_CONFIGS and not path.exists():
         path = download_gpt2(str(name_or_path), quiet=quiet)
     elif not path.exists():
@@ -1159,6 +1162,273 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
         raise ValueError(f"checkpoint weights do not fit a GPT model of its config: {str(e)[:500]}") from None
     model.lm_head.weight = model.wte.weight  # assigning untied them: the head uses the token embedding
     return model.to(device=device, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Export to the Hugging Face format
+# ----------------------------------------------------------------------------------------
+
+# torch dtypes -> safetensors dtype names, the inverse of SAFETENSORS_DTYPES
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: tensor} as a .safetensors file, the inverse of `read_safetensors`: the
+    header (each tensor's dtype, shape and data_offsets, and `__metadata__`, a dict of
+    strings, when given), padded with spaces to a multiple of 8 bytes as the reference
+    writer pads it, then each tensor's bytes, row-major, little-endian. Flushed to disk
+    but not atomic: `write_hf_folder` renames. Raises OSError when the file system refuses.
+    """
+    header = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        dtype_name = _SAFETENSORS_NAMES[tensor.dtype]
+        header[name] = {"dtype": dtype_name, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        written = 0
+        for tensor in tensors.values():
+            written += f.write(_tensor_bytes(tensor))
+            show_progress(f"writing {Path(path).name}: {written / 1e6:.0f} of {offset / 1e6:.0f} MB")
+        f.flush()
+        os.fsync(f.fileno())
+    end_progress()
+
+
+def _tensor_bytes(tensor):
+    """A tensor's raw bytes, row-major, as a bytearray (torch has no bytes(tensor): the
+    bytes are copied into a bytearray seen as a uint8 tensor; one tensor at a time)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    buffer = bytearray(flat.numel())
+    if buffer:  # torch.frombuffer refuses an empty buffer
+        torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat)
+    return buffer
+
+
+def bytes_to_unicode():
+    """GPT-2's table byte -> character that stands for it in vocab.json and merges.txt
+    (openai/gpt-2 src/encoder.py): the 188 printable bytes stand for themselves, the
+    other 68 (control characters, space, ...) for the characters from 256 on, in byte
+    order, so that every token is a string of visible characters (space "Ġ", newline "Ċ")."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def bpe_halves(token, ranks):
+    """The two tokens whose merge makes `token` (bytes, 2 or more): [left, right].
+
+    Byte-pair encoding merges, again and again, the adjacent pair whose joined bytes have
+    the lowest rank. Run on the token's own bytes with only the ranks below its own,
+    the merging stops one step short of the token: at the two parts its last merge joins.
+    ranks: {token bytes: rank} (tiktoken's ranks are the token ids). Raises ValueError when
+    it does not end in two parts (a vocabulary that byte-pair merging did not build).
+    """
+    parts = [bytes([byte]) for byte in token]
+    while len(parts) > 2:
+        rank, i = min((ranks.get(left + right, math.inf), i) for i, (left, right) in enumerate(zip(parts, parts[1:])))
+        if rank >= ranks[token]:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"token {token!r} is not the merge of two tokens of lower rank")
+    return parts
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_vocabulary_files():
+    """GPT-2's byte-pair vocabulary as transformers reads it -> (vocab.json, merges.txt), bytes.
+
+    Derived from tiktoken's "gpt2" encoding, not downloaded: vocab.json maps each token
+    (its bytes written with `bytes_to_unicode`) to its id, plus "<|endoftext|>": 50256;
+    merges.txt lists after a version line the merges in rank order, each as "left right"
+    (`bpe_halves`). Both come out byte for byte as the files OpenAI released with GPT-2
+    (encoder.json and vocab.bpe). Takes a few seconds; cached.
+    """
+    tokenizer = get_tokenizer()
+    eot = tokenizer.eot_token
+    ranks = {tokenizer.decode_single_token_bytes(rank): rank for rank in range(eot)}  # every token but <|endoftext|>
+    char = bytes_to_unicode()
+
+    def visible(token):
+        return "".join(char[byte] for byte in token)
+
+    vocab = {visible(token): rank for token, rank in ranks.items()} | {"<|endoftext|>": eot}
+    merges = [" ".join(visible(part) for part in bpe_halves(token, ranks)) for token in ranks if len(token) > 1]
+    return json.dumps(vocab).encode("utf-8"), "\n".join(["#version: 0.2", *merges, ""]).encode("utf-8")
+
+
+def hf_tokenizer_files(model_max_length, **settings):
+    """GPT-2's tokenizer as the files transformers reads -> {file name: bytes or JSON-able}:
+    vocab.json and merges.txt (`gpt2_vocabulary_files`) and tokenizer_config.json, which
+    names the class, the special token <|endoftext|> (50256) and model_max_length (tokens;
+    the model's context length). settings: more entries of tokenizer_config.json, e.g.
+    pad_token="<|endoftext|>" for a classifier that reads padded batches."""
+    vocab, merges = gpt2_vocabulary_files()
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": model_max_length,
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "add_prefix_space": False,  # " Hello" and "Hello" are different tokens, as in tiktoken
+        **settings,
+    }
+    return {"vocab.json": vocab, "merges.txt": merges, "tokenizer_config.json": config}
+
+
+def hf_tensors(model, dtype=torch.float32):
+    """The weights of a GPTModel under transformers' GPT-2 names -> {name: tensor in dtype}.
+
+    Names get the `transformer.` prefix of GPT2LMHeadModel; the four Conv1D weights go
+    back to the release's [in_features, out_features] layout; the head is left out (tied
+    to wte, stored once, as released; a classifier's own head is its exporter's to add).
+    LoRA adapters are merged into a copy: the caller's model keeps them. A model without
+    query/key/value bias gets a zero bias, which transformers' GPT-2 always has.
+    """
+    model = unwrap_model(model)
+    if any(isinstance(module, LoRALinear) for module in model.modules()):
+        model = merge_lora(copy.deepcopy(model))
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("lm_head."):
+            continue
+        if name.endswith(_TRANSPOSED):
+            tensor = tensor.t()  # nn.Linear's [out, in] -> Conv1D's [in, out]
+        tensors["transformer." + name] = tensor.to(dtype)
+        if name.endswith("attn.c_attn.weight") and not model.cfg.qkv_bias:
+            tensors["transformer." + name.replace("weight", "bias")] = tensor.new_zeros(tensor.shape[1], dtype=dtype)
+    return tensors
+
+
+def hf_config(cfg, dtype, architecture="GPT2LMHeadModel", **extra):
+    """config.json of transformers' GPT-2 for a GPTConfig -> dict; `extra` entries are added."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": [architecture],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "bos_token_id": EOT_ID,
+        "eos_token_id": EOT_ID,
+        "tie_word_embeddings": True,
+        "torch_dtype": dtype_name,  # transformers 4 reads this name,
+        "dtype": dtype_name,  # transformers 5 this one
+        **extra,
+    }
+
+
+def export_hf(model_or_name, folder, *, dtype=None, overwrite=False):
+    """Write a language model as a Hugging Face model folder -> its Path.
+
+    model_or_name: a GPTModel, or whatever `load_gpt2` loads (a released size, a
+    .safetensors file or folder, a checkpoint of pretrain.py or finetune_instruct.py),
+    loaded after the folder is checked. The folder holds what
+    `GPT2LMHeadModel.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`
+    read: config.json, model.safetensors (in `dtype`, default the weights' own),
+    generation_config.json and the tokenizer files (`hf_tokenizer_files`);
+    `load_gpt2(folder)` reads it back. Written atomically (`write_hf_folder`). Raises
+    ValueError for a vocabulary smaller than GPT-2's (the tokenizer would not fit), and
+    as `check_hf_folder` and `write_hf_folder`.
+    """
+    if not isinstance(model_or_name, nn.Module):
+        check_hf_folder(folder, overwrite)  # before a load that may take minutes
+        model_or_name = load_gpt2(model_or_name, dtype=dtype or torch.float32)
+    model = unwrap_model(model_or_name)
+    check_vocabulary(model, "export")
+    dtype = dtype or model.wte.weight.dtype
+    files = {
+        "config.json": hf_config(model.cfg, dtype),
+        "generation_config.json": {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID},
+        **hf_tokenizer_files(model.cfg.context_length),
+    }
+    return write_hf_folder(folder, hf_tensors(model, dtype), files, overwrite=overwrite)
+
+
+def check_hf_folder(folder, overwrite=False):
+    """The absolute Path of folder, when an export may write it: absent, empty, or with
+    `overwrite` a model folder (one holding model.safetensors: --overwrite never deletes
+    a folder of other things, such as the one a user works in). Raises ValueError
+    naming the path and the fix otherwise."""
+    folder = Path(os.path.abspath(folder))  # "." and "out/" get a name, for the temporary folder beside them
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder: choose another folder for the export")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not overwrite:
+            raise ValueError(
+                f"{folder} is not empty: choose another folder, or replace an earlier export with --overwrite"
+            )
+        if not (folder / "model.safetensors").is_file():
+            raise ValueError(
+                f"{folder} holds no model.safetensors: --overwrite replaces only a model folder; choose another folder"
+            )
+    return folder
+
+
+def write_hf_folder(folder, tensors, files, *, overwrite=False):
+    """Write model.safetensors (tensors, with the `__metadata__` {"format": "pt"} that
+    transformers checks) and `files` ({name: bytes or a JSON-able object}) as folder -> Path.
+
+    Atomic: everything goes to a temporary folder beside it (`.NAME.partialPID`), which
+    is renamed to folder at the end, so folder is complete or absent, never half-written.
+    With `overwrite` an earlier export is moved aside (`.NAME.oldPID`), the new one
+    renamed in, and the old one deleted (or put back when the rename fails). Leftovers of
+    exports whose process is gone are cleared up first. Raises ValueError as
+    `check_hf_folder`, before any work, and OSError when the file system refuses; then
+    nothing is left behind and an earlier export stays as it was.
+    """
+    folder = Path(os.path.abspath(folder))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.parent.iterdir():
+        match = re.fullmatch(rf"\.{re.escape(folder.name)}\.(partial|old)(\d+)", leftover.name)
+        if match and not _process_is_running(int(match.group(2))):
+            if match.group(1) == "old" and not folder.exists():
+                os.rename(leftover, folder)  # killed between its two renames: the earlier export comes back
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+    check_hf_folder(folder, overwrite)
+    partial = folder.with_name(f".{folder.name}.partial{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+    try:
+        partial.mkdir()
+        write_safetensors(partial / "model.safetensors", tensors, metadata={"format": "pt"})
+        for name, content in files.items():
+            if isinstance(content, bytes):
+                atomic_write_bytes(partial / name, content)
+            else:
+                write_json(partial / name, content)
+        if folder.exists():
+            os.rename(folder, old)
+        try:
+            os.rename(partial, folder)
+        except OSError:
+            if old.exists():
+                os.rename(old, folder)  # put the earlier export back
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Try it: continue a prompt, printing the tokens as they are generated.
     python load_gpt2.py --model path/to/model.safetensors   # offline: a local file
     python load_gpt2.py --model runs/pretrain/best.pt       # a checkpoint of pretrain.py
     python load_gpt2.py --download-only --model gpt2-xl
+    python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # for transformers
 
 Measure it (any model the script loads):
 
@@ -27,9 +28,9 @@ them (same prompts, tokenization and metrics). Their files are downloaded once f
 the original sources into the cache (--cache-dir), or read from --benchmark-file.
 
 Prints the model, where its weights are and the load time, then the continuation or
-the measurements. Writes nothing but the caches, and the measurements as JSON when
---results is given (an existing Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is
-used as is; $HF_ENDPOINT names a mirror).
+the measurements. Writes nothing but the caches (--cache-dir; an existing Hugging Face
+cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror), the
+measurements as JSON with --results, and the model folder of --export-hf.
 """
 
 import argparse
@@ -574,7 +575,7 @@ NEEDS = {"benchmark_file": "benchmark", "shots": "benchmark", "limit": "benchmar
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=gpt.HelpFormatter)
-    p.add_argument("--model", default="gpt2", help=f"{', '.join(gpt.GPT_CONFIGS)}, a .safetensors file or a checkpoint (.pt)")
+    p.add_argument("--model", default="gpt2", help=f"{', '.join(gpt.GPT_CONFIGS)}, a .safetensors file, a model folder or a checkpoint (.pt)")
     p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     p.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=50, help="number of tokens to generate")
     p.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0 = greedy; higher = more random")
@@ -589,6 +590,8 @@ def build_parser():
         "--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded weights and data ($GPT_CACHE_DIR)"
     )
     p.add_argument("--download-only", action="store_true", help="download the weights of a released size into the cache and exit")
+    p.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype and exit (default: none: generate)")
+    p.add_argument("--overwrite", action="store_true", help="let --export-hf replace an earlier export (a folder holding model.safetensors)")
     m = p.add_argument_group("measure it (instead of generating)")
     m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark by log-likelihood (default: none)")
     m.add_argument(
@@ -641,6 +644,10 @@ def main(argv=None):
     device = gpt.pick_device(args.device)
     if args.download_only:
         print(f"weights of {args.model} are in {gpt.download_gpt2(args.model)}")
+        return
+    if args.export_hf:
+        folder = gpt.export_hf(args.model, args.export_hf, dtype=gpt.DTYPES[args.dtype], overwrite=args.overwrite)
+        print(f"exported {args.model} ({args.dtype}) to {folder}, a folder that transformers reads")
         return
     # Read every input before the load: cheap, and fails fast.
     if args.results and Path(args.results).is_dir():

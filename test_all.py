@@ -1192,6 +1192,294 @@ def test_load_gpt2_script_download_only_into_cache_dir(file_server, small_pair, 
 
 
 # ========================================================================================
+# export to the Hugging Face format (gpt.export_hf, load_gpt2.py --export-hf, classifiers)
+# ========================================================================================
+
+# English, punctuation, accents, emoji, Japanese, digits, contractions, the special token
+# and runs of whitespace: every branch of GPT-2's pre-tokenizing pattern.
+EXPORT_MIXED_TEXT = (
+    "Hello, world! I'm sure they'll see it... Café naïve Zürich 😀🚀 東京 12345 3.14 "
+    "<|endoftext|>Next\n\n  \tend   of  text \t\n"
+)
+# Where tiktoken caches OpenAI's two GPT-2 vocabulary files: the SHA-1 of their URLs.
+OPENAI_GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+
+
+def _export_from_pretrained(model_class, folder):
+    """model_class.from_pretrained(folder), offline -> (model in eval mode, problems): the
+    missing, unexpected or mis-shaped weights it reports and every warning it logs."""
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        model, info = model_class.from_pretrained(folder, output_loading_info=True, local_files_only=True)
+    finally:
+        logger.removeHandler(handler)
+    problems = [record.getMessage() for record in records]
+    problems += [f"{key}: {value}" for key, value in info.items() if value]  # missing, unexpected, mismatched
+    return model.eval(), problems
+
+
+def test_export_safetensors_writer_is_read_by_the_reference_library(tmp_path):
+    from safetensors import safe_open
+
+    tensors = {
+        "weight": torch.randn(3, 5).t(),  # not contiguous
+        "half": torch.arange(7, dtype=torch.bfloat16),
+        "flags": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "x.safetensors"
+    gpt.write_safetensors(path, tensors, metadata={"format": "pt"})
+    raw = path.read_bytes()
+    (header_length,) = struct.unpack("<Q", raw[:8])
+    header = raw[8 : 8 + header_length]
+    assert header_length % 8 == 0 and header.rstrip(b" ").endswith(b"}")  # padded with spaces
+    assert len(raw) == 8 + header_length + 15 * 4 + 7 * 2 + 3
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            assert f.get_tensor(name).dtype == tensor.dtype and torch.equal(f.get_tensor(name), tensor)
+    ours = gpt.read_safetensors(path)
+    assert all(torch.equal(ours[name], tensor) for name, tensor in tensors.items())
+
+
+def test_export_vocabulary_files_are_openais_byte_for_byte():
+    vocab, merges = gpt.gpt2_vocabulary_files()
+    cache = Path(os.environ["TIKTOKEN_CACHE_DIR"])
+    for name, derived in (("encoder.json", vocab), ("vocab.bpe", merges)):
+        assert derived == (cache / hashlib.sha1(f"{OPENAI_GPT2_FILES}{name}".encode()).hexdigest()).read_bytes(), name
+    assert merges.count(b"\n") == 1 + 50_000  # the version line, then one line per merge
+    table = gpt.bytes_to_unicode()
+    assert (table[ord(" ")], table[ord("\n")], table[ord("A")], len(set(table.values()))) == ("Ġ", "Ċ", "A", 256)
+    ranks = {gpt.get_tokenizer().decode_single_token_bytes(i): i for i in range(50256)}
+    assert gpt.bpe_halves(b" the", ranks) == [b" t", b"he"]  # the 7th merge of merges.txt: "Ġt he"
+
+
+def test_export_small_model_loads_in_transformers_with_equal_logits_and_text(tmp_path):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    model = tiny_model(context_length=64)
+    folder = gpt.export_hf(model, tmp_path / "hf")
+    names = ["config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer_config.json",
+             "vocab.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]  # no temporary folder left
+    assert sorted(path.name for path in folder.iterdir()) == names
+    assert "lm_head.weight" not in gpt.read_safetensors(folder / "model.safetensors")  # tied: stored once
+
+    reference, problems = _export_from_pretrained(GPT2LMHeadModel, folder)
+    assert problems == []
+    assert (reference.config.n_positions, reference.config.n_embd, reference.config.n_layer) == (64, 32, 2)
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (reference(idx).logits - model(idx)).abs().max().item() <= 1e-4
+    prompt = gpt.text_to_token_ids("Every effort moves you")
+    theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False)
+    assert torch.equal(theirs, gpt.generate(model, prompt, 40))
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    expected = gpt.get_tokenizer().encode(EXPORT_MIXED_TEXT, allowed_special={"<|endoftext|>"})
+    assert gpt.EOT_ID in expected
+    assert tokenizer(EXPORT_MIXED_TEXT)["input_ids"] == expected
+    assert tokenizer.decode(expected) == EXPORT_MIXED_TEXT
+    assert (tokenizer.model_max_length, tokenizer.eos_token_id, tokenizer.bos_token_id) == (64, 50256, 50256)
+
+
+def test_export_124m_shape_matches_transformers_and_reads_back_identically(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = gpt.GPTModel(gpt.GPT_CONFIGS["gpt2"]).eval()
+    folder = gpt.export_hf(model, tmp_path / "hf")
+    assert 124_439_808 * 4 < (folder / "model.safetensors").stat().st_size < 124_439_808 * 4 + 20_000  # float32, once
+    reference, problems = _export_from_pretrained(GPT2LMHeadModel, folder)
+    assert problems == []
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    prompt = gpt.text_to_token_ids("Every effort moves you")
+    with torch.no_grad():
+        assert (reference(idx).logits - model(idx)).abs().max().item() <= 1e-4
+        theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False)
+    assert torch.equal(theirs, gpt.generate(model, prompt, 40))
+    del reference
+
+    back = gpt.load_gpt2(folder)
+    assert back.cfg == model.cfg
+    for (name, tensor), read_back in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(tensor, read_back), name
+
+
+def test_export_lora_model_is_merged_and_the_model_keeps_its_adapters(tmp_path):
+    model = gpt.add_lora(tiny_model(context_length=64), rank=2, alpha=4)
+    for layer in model.modules():
+        if isinstance(layer, gpt.LoRALinear):
+            torch.nn.init.normal_(layer.lora_b, std=0.05)  # a trained adapter: B is no longer zero
+    idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(idx)
+        assert (expected - tiny_model(context_length=64)(idx)).abs().max().item() > 1e-3  # the adapters matter
+        folder = gpt.export_hf(model, tmp_path / "hf")
+        assert isinstance(model.h[0].attn.c_attn, gpt.LoRALinear)  # the caller's model keeps its adapters
+        assert not [name for name in gpt.read_safetensors(folder / "model.safetensors") if "lora" in name]
+        assert (gpt.load_gpt2(folder)(idx) - expected).abs().max().item() <= 1e-5
+
+
+def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, capsys):
+    model = tiny_model(context_length=64)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    export = ["--model", str(tmp_path / "tiny.pt"), "--export-hf"]
+    load_gpt2.main([*export, str(tmp_path / "hf"), "--dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    assert out == f"exported {tmp_path / 'tiny.pt'} (bfloat16) to {tmp_path / 'hf'}, a folder that transformers reads\n"
+    assert {t.dtype for t in gpt.read_safetensors(tmp_path / "hf" / "model.safetensors").values()} == {torch.bfloat16}
+    assert gpt.read_json(tmp_path / "hf" / "config.json", "config")["torch_dtype"] == "bfloat16"
+    back = gpt.load_gpt2(tmp_path / "hf", dtype=torch.bfloat16)
+    assert all(torch.equal(a.bfloat16(), b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("not a folder")
+    for target, flags, message in [
+        ("taken", [], "taken is not empty: choose another folder, or replace an earlier export with --overwrite"),
+        ("taken", ["--overwrite"], "taken holds no model.safetensors: --overwrite replaces only a model folder"),
+        ("a-file", ["--overwrite"], "a-file is a file, not a folder: choose another folder for the export"),
+    ]:
+        with pytest.raises(SystemExit, match=f"error: .*{re.escape(message)}"):
+            load_gpt2.main([*export, str(tmp_path / target), *flags])
+    assert [path.name for path in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+    (tmp_path / "hf" / "README.md").write_text("an earlier export")
+    load_gpt2.main([*export, str(tmp_path / "hf"), "--overwrite"])  # float32 this time
+    assert not (tmp_path / "hf" / "README.md").exists()
+    assert torch.equal(gpt.load_gpt2(tmp_path / "hf").wte.weight, model.wte.weight)
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary folders
+
+
+def test_export_that_fails_midway_leaves_the_earlier_export_and_no_leftovers(tmp_path, monkeypatch):
+    model = tiny_model(context_length=64)
+    folder = gpt.export_hf(model, tmp_path / "hf")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = dead.stdout.strip()
+    (tmp_path / f".hf.partial{dead_pid}").mkdir()  # left by an export that was killed
+
+    def disk_full(path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gpt, "write_safetensors", disk_full)
+        with pytest.raises(OSError, match="No space left on device"):
+            gpt.export_hf(tiny_model(seed=1, context_length=64), folder, overwrite=True)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]
+
+    rename = os.rename
+
+    def refuse_the_new_folder(source, target):
+        if ".partial" in str(source):
+            raise OSError(errno.EACCES, "Permission denied")
+        rename(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", refuse_the_new_folder)
+        with pytest.raises(OSError, match="Permission denied"):
+            gpt.export_hf(tiny_model(seed=1, context_length=64), folder, overwrite=True)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # moved aside, then put back
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]
+
+    # Killed between moving the earlier export aside and renaming the new one in: the
+    # next export puts the earlier one back, and refuses to replace it without --overwrite.
+    rename(folder, tmp_path / f".hf.old{dead_pid}")
+    with pytest.raises(ValueError, match="hf is not empty"):
+        gpt.export_hf(tiny_model(seed=1, context_length=64), folder)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]
+
+
+def _export_trained_classifier():
+    """A tiny classifier after three training steps, with a head bias far from zero,
+    and four messages of different lengths (none holds "<|endoftext|>")."""
+    model = _classify_tiny_classifier()
+    texts = ["Free entry! Text WIN to 80086 now to claim your prize", "See you at 6?", "ok",
+             "URGENT: your mobile number has won £2000. Call 09061701461 today"]
+    token_ids = fc.tokenize_messages(texts)
+    labels = torch.tensor([1, 0, 0, 1])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(fc.full_pass_logits(model, token_ids), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        model.lm_head.bias += torch.tensor([0.7, -0.4])  # so that dropping the bias would show
+    return model.eval(), texts, token_ids
+
+
+def test_export_classifier_gives_transformers_our_probabilities_and_reads_back(tmp_path):
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification
+
+    model, texts, token_ids = _export_trained_classifier()
+    with torch.no_grad():
+        logits = fc.full_pass_logits(model, token_ids)
+        without_bias = (logits - model.lm_head.bias).softmax(dim=-1)
+    folder = fc.export_classifier_hf(model, tmp_path / "hf")
+    reference, problems = _export_from_pretrained(GPT2ForSequenceClassification, folder)
+    assert problems == []
+    assert reference.config.id2label == {0: "not spam", 1: "spam"} and reference.config.pad_token_id == 50256
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    assert batch["input_ids"].tolist()[2][1:] == [50256] * (batch["input_ids"].shape[1] - 1)  # "ok" is padded
+    with torch.no_grad():
+        probabilities = reference(**batch).logits.softmax(dim=-1)
+    assert (probabilities - logits.softmax(dim=-1)).abs().max().item() <= 1e-5
+    assert (probabilities - without_bias).abs().max().item() > 1e-2  # the bias was carried, and it matters
+
+    back, checkpoint = fc.load_classifier_hf(folder)
+    assert (checkpoint["labels"], checkpoint["max_length"]) == (fc.CLASS_NAMES, 48)
+    with torch.no_grad():
+        assert (fc.full_pass_logits(back, token_ids) - logits).abs().max().item() <= 1e-5
+
+
+def test_export_classifier_from_a_checkpoint_keeps_its_settings(tmp_path):
+    model, _, token_ids = _export_trained_classifier()
+    fc.save_classifier(tmp_path / "classifier.pt", model, max_length=32)
+    folder = fc.export_classifier_hf(tmp_path / "classifier.pt", tmp_path / "hf")
+    assert gpt.read_json(folder / "tokenizer_config.json", "tokenizer")["model_max_length"] == 32
+    back, checkpoint = fc.load_classifier_hf(folder)
+    assert (checkpoint["labels"], checkpoint["max_length"]) == (fc.CLASS_NAMES, 32)
+    with torch.no_grad():
+        assert (fc.full_pass_logits(back, token_ids) - fc.full_pass_logits(model, token_ids)).abs().max() <= 1e-5
+    with torch.no_grad():
+        model.lm_head.weight[1] = 2 * model.lm_head.weight[0]  # rank 1: no shift of ln_f gives both biases
+    with pytest.raises(ValueError, match="rank below 2: its bias cannot be moved into ln_f"):
+        fc.export_classifier_hf(model, tmp_path / "rank-1")
+    assert not (tmp_path / "rank-1").exists()
+
+
+def test_export_classifier_reads_a_transformers_classifier(tmp_path):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, num_labels=3, pad_token_id=50256)
+    reference = GPT2ForSequenceClassification(config).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    model, checkpoint = fc.load_classifier_hf(tmp_path / "hf")
+    assert (checkpoint["labels"], checkpoint["max_length"]) == (["LABEL_0", "LABEL_1", "LABEL_2"], 48)
+    token_ids = _classify_token_ids([5, 17, 9])
+    batch = torch.nn.utils.rnn.pad_sequence(token_ids, batch_first=True, padding_value=50256)
+    with torch.no_grad():
+        assert (fc.full_pass_logits(model, token_ids) - reference(batch).logits).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="not a GPT2ForSequenceClassification folder"):
+        fc.load_classifier_hf(gpt.export_hf(tiny_model(context_length=48), tmp_path / "language-model"))
+
+
+# ========================================================================================
 # every script's command line
 # ========================================================================================
 
