@@ -2,13 +2,15 @@
 
 Read it top to bottom:
 
-1. configuration   `GPTConfig` and `GPT_CONFIGS`, the four released sizes
-2. the model       `CausalSelfAttention`, `MLP`, `TransformerBlock`, `GPTModel`
+1. configuration   `GPTConfig` and `GPT_CONFIGS`, the four released sizes; `LLAMA_CONFIGS`
+2. the model       `CausalSelfAttention`, `MLP`, `TransformerBlock`, `GPTModel`; the Llama
+                   family's `RMSNorm`, `LlamaAttention`, `SwiGLU`, `LlamaBlock`, `LlamaModel`
 3. LoRA            `LoRALinear`, `add_lora`, `merge_lora`
 4. generation      `KVCache`, `sample_next_token`, `generate_stream`, `generate`
-5. tokenizer       `get_tokenizer`, `text_to_token_ids`, `token_ids_to_text`
+5. tokenizer       `get_tokenizer`, `text_to_token_ids`, `token_ids_to_text`; `encoding_from_tokenizer_json`
 6. files           `download_file`, `verify_file`, `fetch_dataset`, `atomic_write_bytes`, `atomic_save`, `plot_curves`
-7. weights         `read_safetensors`, `load_gpt2` (released weights or a local file)
+7. weights         `read_safetensors`, `load_gpt2` (released weights or a local file); `load_llama`,
+                   `load_model` (either), `load_tokenizer`
 8. checkpoints     `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`
 9. devices, CLI    `pick_device`, `HelpFormatter`
 
@@ -17,6 +19,12 @@ Unsupervised Multitask Learners", https://github.com/openai/gpt-2) and uses the 
 parameter names as that release and Hugging Face's `GPT2LMHeadModel` (`wte`, `wpe`,
 `h.N.attn.c_attn`, ...), so importing the released weights is a loop with four
 transposes. `test_all.py` checks that the logits agree with `transformers` to 1e-4.
+
+The Llama family (SmolLM2, Qwen3, Llama 3.2) is the same decoder with a few parts
+exchanged, switched on by `GPTConfig(family="llama", ...)`: RMSNorm, rotary positions,
+a SwiGLU feed-forward layer, grouped-query attention, and (Qwen3) normalised queries and
+keys. Its classes follow GPT-2's in section 2 under Hugging Face Llama's parameter names,
+and are checked against `transformers`' LlamaForCausalLM and Qwen3ForCausalLM the same way.
 
 Used by load_gpt2.py, pretrain.py, finetune_classify.py and finetune_instruct.py; it is
 not meant to be run on its own.
@@ -544,7 +552,7 @@ class LoRALinear(nn.Module):
 
 
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # linear layers of each block
-# Llama family: its seven linear layers per block (the targets of the QLoRA paper's recipe).
+# Llama family: its seven linear layers per block (all of them, as Dettmers et al., 2023, "QLoRA", advise).
 LLAMA_LORA_TARGETS = tuple(f"self_attn.{n}_proj" for n in "qkvo") + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
@@ -840,6 +848,9 @@ class HubEncoding(tiktoken.Encoding):
     eot_token = property(lambda self: self.eot_id)
     n_vocab = property(lambda self: self.max_token_value + 1 - len(self.missing))  # without the stand-ins
 
+    def __getstate__(self):  # pickled with its own fields (DataLoader workers)
+        return {**super().__getstate__(), "nfc": self.nfc, "bos_id": self.bos_id, "eot_id": self.eot_id, "missing": self.missing}
+
     def _prepare(self, text):
         return unicodedata.normalize("NFC", text) if self.nfc else text
 
@@ -886,15 +897,20 @@ def encoding_from_tokenizer_json(tokenizer_json, source, eot_text=None):
         for merge in model["merges"]:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
             token_id = vocab[left + right]
-            if token_id <= previous:  # tiktoken would apply this merge before the one with `previous`
+            # Equal ids are one token made from another split: files converted from tiktoken
+            # (Llama 3, Qwen) list every split of a token, one after the other.
+            if token_id < previous:  # tiktoken would apply this merge before the one with `previous`
                 raise ValueError(
-                    f"{source}: merge {left!r} + {right!r} makes id {token_id}, not above the previous merge's "
+                    f"{source}: merge {left!r} + {right!r} makes id {token_id}, below the previous merge's "
                     f"{previous}: ids do not follow the merge order, tiktoken cannot reproduce this tokenizer"
                 )
             ranks[bytes(byte_of[char] for char in left + right)] = previous = token_id
+        special = {token["content"]: token["id"] for token in tokenizer_json.get("added_tokens", [])}
+        if model.get("ignore_merges"):  # Llama 3: a piece that is a whole token becomes it, as in tiktoken
+            tokens = {token: i for token, i in vocab.items() if i not in special.values()}
+            ranks.update({bytes(byte_of[char] for char in token): i for token, i in tokens.items()})
     except KeyError as e:
         raise ValueError(f"{source}: token or character {e} of the merges is not in the byte-level vocabulary") from None
-    special = {token["content"]: token["id"] for token in tokenizer_json.get("added_tokens", [])}
     top = max([*ranks.values(), *special.values()])
     lacking = [byte for byte in range(256) if bytes([byte]) not in ranks]
     ranks.update({bytes([byte]): top + 1 + n for n, byte in enumerate(lacking)})  # stand-ins, dropped by encode

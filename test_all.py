@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -678,6 +679,8 @@ def test_tokenizer_json_of_a_folder_with_its_end_of_text_from_tokenizer_config(t
     (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
     encoding, eot_id = gpt.load_tokenizer(tmp_path)
     assert eot_id == encoding.eot_token == reference.token_to_id("<|endoftext|>") and encoding.nfc
+    copy = pickle.loads(pickle.dumps(encoding))  # as DataLoader workers receive it
+    assert copy.nfc and copy.eot_token == eot_id and copy.encode(HELD_OUT[-1]) == reference.encode(HELD_OUT[-1]).ids
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|nope|>"}}))
     gpt.load_tokenizer.cache_clear()
     with pytest.raises(ValueError, match="no end-of-text token '<\\|nope\\|>'"):
@@ -707,7 +710,7 @@ def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(traine
     swapped = json.loads(json.dumps(data))
     swapped["model"]["vocab"][first], swapped["model"]["vocab"][second] = vocab[second], vocab[first]
     # Merge 10 now makes merge 20's id, so merge 11's id is the first out of order.
-    expected = f"makes id {vocab[''.join(merges[11])]}, not above the previous merge's {vocab[second]}: ids do not follow"
+    expected = f"makes id {vocab[''.join(merges[11])]}, below the previous merge's {vocab[second]}: ids do not follow"
     with pytest.raises(ValueError, match=expected):
         gpt.encoding_from_tokenizer_json(swapped, "tokenizer.json")
     for change, message in [
@@ -717,6 +720,29 @@ def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(traine
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             gpt.encoding_from_tokenizer_json({**data, **change}, "tokenizer.json")
+
+
+def test_tokenizer_json_converted_from_tiktoken_lists_every_split_of_a_token(trained_tokenizers, tmp_path):
+    """Llama 3's and Qwen's tokenizer.json come from tiktoken ranks: each token is listed with
+    every split into two tokens, one merge after the other, and the whole pieces are looked
+    up first (ignore_merges). Such a file gives the reference's ids too."""
+    from tokenizers import Tokenizer
+
+    data = json.loads((trained_tokenizers["llama3"][1] / "tokenizer.json").read_text())
+    vocab, merges = data["model"]["vocab"], [tuple(m) for m in data["model"]["merges"]]
+    listed = []
+    for left, right in merges:
+        token = left + right
+        listed.append((left, right))
+        listed += [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] != left
+                   and vocab.get(token[:i], 1e9) < vocab[token] and vocab.get(token[i:], 1e9) < vocab[token]]
+    assert len(listed) > len(merges) + 50  # many tokens have several splits
+    data["model"].update(merges=[list(m) for m in listed], ignore_merges=True)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    encoding = gpt.encoding_from_tokenizer_json(data, "llama3")
+    for text in HELD_OUT:
+        assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == reference.encode(text).ids
 
 
 def test_tokenizer_json_drops_bytes_missing_from_the_vocabulary_as_the_reference(trained_tokenizers, tmp_path, capsys):
