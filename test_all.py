@@ -566,6 +566,21 @@ def test_family_sharded_hub_download_sends_hf_token(family_models, file_server, 
     assert len(server.requests) == count
 
 
+def test_family_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_models, small_pair, tmp_path):
+    reference, folder = family_models["qwen3_gqa_qk_norm_tied_head_dim"]
+    snapshot = tmp_path / "hf-cache" / "models--Qwen--Tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((folder / name).read_bytes())
+    (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs").mkdir()
+    (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs" / "main").write_text("abc123")
+    model = gpt.load_model("Qwen/Tiny")  # HF_ENDPOINT is a closed port: only the cache can answer
+    assert model.cfg.qk_norm and model.cfg.head_dim == 32
+    with pytest.raises(RuntimeError, match="Offline\\? Pass a local folder with the model's files instead of 'Qwen/Other'"):
+        gpt.load_model("Qwen/Other", quiet=True)
+    assert type(gpt.load_model(small_pair[1].parent)) is gpt.GPTModel  # a GPT-2 folder is GPT-2's
+
+
 @pytest.mark.parametrize("token", [None, "hf_no_access"])
 def test_family_gated_model_says_what_to_do(route_server, monkeypatch, token):
     server = route_server({"/meta-llama/Llama-3.2-1B/resolve/main/config.json": answer(b"", status=401 if token is None else 403)})
