@@ -1274,7 +1274,7 @@ def plot_curves(path, panels, xlabel):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Pretrained weights: safetensors reader and GPT-2 loader
+# 7. Pretrained weights: safetensors reader, GPT-2 and Llama-family loaders
 # ----------------------------------------------------------------------------------------
 
 # safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors)
