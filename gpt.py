@@ -2144,14 +2144,15 @@ def model_summary(model, name):
     )
 
 
-def check_vocabulary(model, source):
-    """Raise ValueError when the GPT-2 tokenizer can produce ids that model has no embedding
-    for (a larger vocabulary, such as one padded to 50304, is fine)."""
-    n_tokens = get_tokenizer().n_vocab
+def check_vocabulary(model, source, tokenizer=None):
+    """Raise ValueError when the tokenizer (GPT-2's unless given) can produce ids that model has
+    no embedding for (a larger vocabulary, such as one padded to 50304, is fine)."""
+    n_tokens = (tokenizer or get_tokenizer()).n_vocab
+    which = "the GPT-2 tokenizer" if tokenizer is None else f"the tokenizer {tokenizer.name}"
     if model.cfg.vocab_size < n_tokens:
         raise ValueError(
-            f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but the GPT-2 tokenizer uses "
-            f"{n_tokens}: use a model trained with the GPT-2 tokenizer"
+            f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
+            f"{n_tokens}: use a model trained with {which}"
         )
 
 

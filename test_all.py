@@ -701,6 +701,9 @@ def test_tokenizer_json_of_a_folder_with_its_end_of_text_from_tokenizer_config(t
     with pytest.raises(ValueError, match="no end-of-text token '<\\|nope\\|>'"):
         gpt.load_tokenizer(tmp_path)
     assert gpt.load_tokenizer("gpt2") == (gpt.get_tokenizer(), 50256)
+    small = gpt.build_model(dataclasses.replace(gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"], vocab_size=999, n_layers=1))
+    with pytest.raises(ValueError, match=f"has 999 tokens, but the tokenizer {re.escape(str(tmp_path))}.* uses 1000"):
+        gpt.check_vocabulary(small, "--model x", tokenizer=encoding)
 
 
 def test_tokenizer_json_of_gpt2_gives_tiktokens_gpt2_ids(tmp_path):
