@@ -2,13 +2,15 @@
 
 Read it top to bottom:
 
-1. configuration   `GPTConfig` and `GPT_CONFIGS`, the four released sizes
-2. the model       `CausalSelfAttention`, `MLP`, `TransformerBlock`, `GPTModel`
+1. configuration   `GPTConfig` and `GPT_CONFIGS`, the four released sizes; `LLAMA_CONFIGS`
+2. the model       `CausalSelfAttention`, `MLP`, `TransformerBlock`, `GPTModel`; the Llama
+                   family's `RMSNorm`, `LlamaAttention`, `SwiGLU`, `LlamaBlock`, `LlamaModel`
 3. LoRA            `LoRALinear`, `add_lora`, `merge_lora`
 4. generation      `KVCache`, `sample_next_token`, `generate_stream`, `generate`
-5. tokenizer       `get_tokenizer`, `text_to_token_ids`, `token_ids_to_text`
+5. tokenizer       `get_tokenizer`, `text_to_token_ids`, `token_ids_to_text`; `encoding_from_tokenizer_json`
 6. files           `download_file`, `verify_file`, `fetch_dataset`, `atomic_write_bytes`, `atomic_save`, `plot_curves`
-7. weights         `read_safetensors`, `load_gpt2` (released weights or a local file)
+7. weights         `read_safetensors`, `load_gpt2` (released weights or a local file); `load_llama`,
+                   `load_model` (either), `load_tokenizer`
 8. checkpoints     `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`
 9. devices, CLI    `pick_device`, `HelpFormatter`
 
@@ -17,6 +19,12 @@ Unsupervised Multitask Learners", https://github.com/openai/gpt-2) and uses the 
 parameter names as that release and Hugging Face's `GPT2LMHeadModel` (`wte`, `wpe`,
 `h.N.attn.c_attn`, ...), so importing the released weights is a loop with four
 transposes. `test_all.py` checks that the logits agree with `transformers` to 1e-4.
+
+The Llama family (SmolLM2, Qwen3, Llama 3.2) is the same decoder with a few parts
+exchanged, switched on by `GPTConfig(family="llama", ...)`: RMSNorm, rotary positions,
+a SwiGLU feed-forward layer, grouped-query attention, and (Qwen3) normalised queries and
+keys. Its classes follow GPT-2's in section 2 under Hugging Face Llama's parameter names,
+and are checked against `transformers`' LlamaForCausalLM and Qwen3ForCausalLM the same way.
 
 Used by load_gpt2.py, pretrain.py, finetune_classify.py and finetune_instruct.py; it is
 not meant to be run on its own.
@@ -43,6 +51,7 @@ import tarfile
 import tempfile
 import textwrap
 import time
+import unicodedata
 import zipfile
 import zlib
 from pathlib import Path
@@ -63,7 +72,7 @@ EOT_ID = 50256  # id of <|endoftext|>, the last token of GPT-2's vocabulary of 5
 
 @dataclasses.dataclass
 class GPTConfig:
-    """Hyperparameters of a GPT-2-style model.
+    """Hyperparameters of a GPT-2-style model, and the switches that make it a Llama.
 
     vocab_size:     number of token ids (50257 for GPT-2's byte-pair encoding)
     context_length: longest sequence the model reads, in tokens (position embeddings)
@@ -73,6 +82,19 @@ class GPTConfig:
     drop_rate:      dropout probability on embeddings, attention and residual branches
                     (0.0 for inference and for the released weights' fine-tuning recipes)
     qkv_bias:       whether the query/key/value projection has a bias (GPT-2: yes)
+
+    Llama family (family="llama": Llama 3.2, SmolLM2, Qwen3; `LlamaModel`). GPT-2 ignores these:
+    n_kv_heads:     key/value heads, each shared by n_heads / n_kv_heads query heads
+                    (grouped-query attention); None: n_heads
+    head_dim:       width of one head; None: emb_dim / n_heads (Qwen3-0.6B: 128 with 16 heads of 1024)
+    hidden_dim:     hidden size of the SwiGLU feed-forward layer; None: 4 * emb_dim
+    rope_theta:     base of the rotary position frequencies
+    rope_scaling:   Llama 3's frequency scaling, a dict with factor, low_freq_factor,
+                    high_freq_factor and original_max_position_embeddings; None: none
+    norm_eps:       epsilon of RMSNorm
+    qk_norm:        RMSNorm on each head's queries and keys before the rotation (Qwen3)
+    out_bias:       bias on the attention output projection; mlp_bias: on the SwiGLU's three
+    tie_embeddings: whether the output head shares the token embedding's weight
     """
 
     vocab_size: int = 50257
@@ -82,13 +104,28 @@ class GPTConfig:
     n_layers: int = 12
     drop_rate: float = 0.0
     qkv_bias: bool = True
+    family: str = "gpt2"
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    hidden_dim: int | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    norm_eps: float = 1e-5
+    qk_norm: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be at least 1, got {getattr(self, name)}")
-        if self.emb_dim % self.n_heads:
+        if self.family not in ("gpt2", "llama"):
+            raise ValueError(f"GPTConfig.family must be 'gpt2' or 'llama', got {self.family!r}")
+        if self.emb_dim % self.n_heads and (self.family == "gpt2" or self.head_dim is None):
             raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
 
@@ -100,6 +137,31 @@ GPT_CONFIGS = {
     "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),  # 774M
     "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
 }
+
+# Llama family: the sizes in each model's config.json on the Hugging Face Hub (hidden_size,
+# intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
+# max_position_embeddings, rope_theta, rope_scaling, rms_norm_eps, tie_word_embeddings).
+_LLAMA = dict(family="llama", qkv_bias=False)  # what every preset below switches on
+LLAMA_CONFIGS = {
+    "HuggingFaceTB/SmolLM2-135M": GPTConfig(  # 135M parameters, Apache-2.0
+        **_LLAMA, vocab_size=49152, context_length=8192, emb_dim=576, n_heads=9, n_kv_heads=3, n_layers=30,
+        hidden_dim=1536, rope_theta=100000.0,
+    ),
+    "HuggingFaceTB/SmolLM2-360M": GPTConfig(  # 362M, Apache-2.0
+        **_LLAMA, vocab_size=49152, context_length=8192, emb_dim=960, n_heads=15, n_kv_heads=5, n_layers=32,
+        hidden_dim=2560, rope_theta=100000.0,
+    ),
+    "Qwen/Qwen3-0.6B-Base": GPTConfig(  # 596M (440M without the embedding), Apache-2.0
+        **_LLAMA, vocab_size=151936, context_length=32768, emb_dim=1024, n_heads=16, n_kv_heads=8, n_layers=28,
+        head_dim=128, hidden_dim=3072, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True,
+    ),
+    "meta-llama/Llama-3.2-1B": GPTConfig(  # 1236M, Llama 3.2 Community License, gated
+        **_LLAMA, vocab_size=128256, context_length=131072, emb_dim=2048, n_heads=32, n_kv_heads=8, n_layers=16,
+        head_dim=64, hidden_dim=8192, rope_theta=500000.0,
+        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
+}
+MODEL_CONFIGS = {**GPT_CONFIGS, **LLAMA_CONFIGS}  # every name `load_model` knows
 
 
 # ----------------------------------------------------------------------------------------
@@ -140,15 +202,23 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             start = kv_cache.length
             k, v = kv_cache.update(layer, k, v)  # (B, nh, start + T, hd)
-        # One query (a decoding step) may see every key: no mask. Several queries after
-        # cached ones: query i sits at position start + i and may see keys 0 .. start + i.
-        mask, is_causal = None, T > 1 and start == 0
-        if T > 1 and start > 0:
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-        dropout_p = self.drop_rate if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        y = causal_attention(q, k, v, start, self.drop_rate if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hd): heads side by side
         return self.resid_drop(self.c_proj(y))
+
+
+def causal_attention(q, k, v, start, dropout_p):
+    """softmax(QK^T / sqrt(d)) V where query i, at position start + i, sees keys 0 .. start + i.
+
+    q: [batch, heads, T, head_dim]; k, v: [batch, heads, start + T, head_dim] -> like q.
+    """
+    T = q.shape[2]
+    # One query (a decoding step) may see every key: no mask. Several queries after
+    # cached ones: query i sits at position start + i and may see keys 0 .. start + i.
+    mask, is_causal = None, T > 1 and start == 0
+    if T > 1 and start > 0:
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
 class MLP(nn.Module):
@@ -199,13 +269,24 @@ class GPTModel(nn.Module):
         self.h = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied input/output embeddings, as released
+        self.tie_weights()
+        self.init_weights()
+
+    # The linear layers whose outputs are added to the residual stream.
+    RESIDUAL_PROJECTIONS = ("c_proj.weight",)
+
+    def tie_weights(self):
+        """Share the token embedding with the head: tied input/output embeddings, as released."""
+        self.lm_head.weight = self.wte.weight
+
+    def init_weights(self):
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, scaled residual projections."""
         self.apply(self._init_weights)
         # Residual projections add up over 2 * n_layers branches; scale them down so the
         # residual stream keeps unit variance at initialisation (GPT-2, section 2.3).
         for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+            if name.endswith(self.RESIDUAL_PROJECTIONS):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
     @staticmethod
     def _init_weights(module):
@@ -220,11 +301,7 @@ class GPTModel(nn.Module):
         Raises ValueError when start + seq_len exceeds the context length.
         """
         T = idx.shape[1]
-        if start + T > self.cfg.context_length:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than the model's context length "
-                f"({self.cfg.context_length}); crop the input to its last {self.cfg.context_length} tokens"
-            )
+        check_context_length(start + T, self.cfg)
         pos = torch.arange(start, start + T, device=idx.device)
         return self.drop(self.wte(idx) + self.wpe(pos))
 
@@ -243,6 +320,203 @@ class GPTModel(nn.Module):
         if kv_cache is not None:
             kv_cache.length += idx.shape[1]
         return self.lm_head(self.ln_f(x))
+
+
+def check_context_length(length, cfg):
+    """Raise ValueError when a sequence of `length` tokens is longer than the context length."""
+    if length > cfg.context_length:
+        raise ValueError(
+            f"sequence of {length} tokens is longer than the model's context length "
+            f"({cfg.context_length}); crop the input to its last {cfg.context_length} tokens"
+        )
+
+
+# --- The Llama family: the same model with five parts exchanged --------------------------
+# Llama 3.2, SmolLM2 and Qwen3 keep GPT-2's pre-norm decoder and change its parts:
+# RMSNorm for LayerNorm, rotary position embeddings for the position table, a SwiGLU
+# feed-forward layer, fewer key/value heads than query heads, and (Qwen3) a norm on the
+# queries and keys. Their classes follow, named as Hugging Face's `LlamaForCausalLM`
+# names its parameters (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so that
+# loading the released weights is a loop, as for GPT-2.
+
+
+class RMSNorm(nn.Module):
+    """Llama family: x / sqrt(mean(x^2) + eps) * weight, LayerNorm without the mean and the
+    shift (Zhang and Sennrich, 2019, "Root Mean Square Layer Normalization"). Computed in
+    float32 whatever the input's type, as the reference implementation does."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        """x: float [..., dim] -> same shape and dtype."""
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_frequencies(cfg, head_dim, device=None):
+    """Rotation speeds of rotary position embeddings -> float32 [head_dim / 2], radians per position.
+
+    Pair i of a head turns by theta^(-2i / head_dim) per position (Su et al., 2021, "RoFormer").
+    Llama 3 (`cfg.rope_scaling`) slows the slow pairs down by `factor`, so that positions past
+    the original training length turn them no further than training did, keeps the fast
+    ones and blends in between (Meta's llama-models `apply_scaling`, as in transformers).
+    """
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if cfg.rope_scaling is None:
+        return freqs
+    factor = cfg.rope_scaling["factor"]
+    low, high = cfg.rope_scaling["low_freq_factor"], cfg.rope_scaling["high_freq_factor"]
+    old_length = cfg.rope_scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / freqs
+    scaled = torch.where(wavelength > old_length / low, freqs / factor, freqs)  # slow pairs: slowed down
+    smooth = (old_length / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_between = (wavelength >= old_length / high) & (wavelength <= old_length / low)
+    return torch.where(in_between, blended, scaled)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate queries or keys x: [batch, heads, T, head_dim] by their positions' angles
+    (cos, sin: [T, head_dim]). Hugging Face checkpoints pair dimension i with i + head_dim/2
+    (`rotate_half`), not with its neighbour as the RoFormer paper writes it."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rotate_half
+    return x * cos + rotated * sin
+
+
+class LlamaAttention(nn.Module):
+    """Llama family: causal self-attention with rotary positions and grouped-query attention.
+
+    Separate projections `q_proj`, `k_proj`, `v_proj`, `o_proj` (GPT-2 fuses q, k, v in
+    c_attn); n_kv_heads key/value heads, each read by n_heads / n_kv_heads query heads
+    (Ainslie et al., 2023, "GQA"), so the KV cache is that much smaller; queries and keys
+    are rotated by their positions instead of the input getting a position embedding.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.head_dim or cfg.emb_dim // cfg.n_heads
+        self.drop_rate = cfg.drop_rate
+        self.q_proj = nn.Linear(cfg.emb_dim, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.emb_dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.emb_dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.emb_dim, bias=cfg.out_bias)
+        if cfg.qk_norm:  # Qwen3: each head's queries and keys normalised before the rotation
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.resid_drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        """x: float [batch, seq_len, emb_dim] -> same shape; the cache as in `CausalSelfAttention`."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+
+        start = kv_cache.length if kv_cache is not None else 0
+        # Angles of positions start .. start + T - 1, computed in float32 (as the reference
+        # does) in every layer: a few small operations that keep a block callable as block(x).
+        positions = torch.arange(start, start + T, device=x.device).float()
+        angles = positions[:, None] * rope_frequencies(self.cfg, self.head_dim, x.device)  # (T, hd / 2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, hd): pair i with i + hd / 2
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, n_kv_heads, start + T, hd): cached once per kv head
+        repeats = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)  # (B, nh, start + T, hd)
+        y = causal_attention(q, k, v, start, self.drop_rate if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # heads side by side
+        return self.resid_drop(self.o_proj(y))
+
+
+class SwiGLU(nn.Module):
+    """Llama family feed-forward layer: down(silu(gate(x)) * up(x)), a gated unit in place of
+    GPT-2's Linear -> GELU -> Linear (Shazeer, 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        hidden_dim = cfg.hidden_dim or 4 * cfg.emb_dim
+        self.gate_proj = nn.Linear(cfg.emb_dim, hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.emb_dim, hidden_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(hidden_dim, cfg.emb_dim, bias=cfg.mlp_bias)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x):
+        """x: float [batch, seq_len, emb_dim] -> same shape."""
+        return self.drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class LlamaBlock(nn.Module):
+    """Llama family block: x + attn(norm(x)), then x + mlp(norm(x)), as GPT-2's with RMSNorm."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        """x: float [batch, seq_len, emb_dim] -> same shape."""
+        x = x + self.self_attn(self.input_layernorm(x), kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(GPTModel):
+    """Llama family: token embedding, `n_layers` LlamaBlocks, a final RMSNorm and a head,
+    tied to the embedding or not (`cfg.tie_embeddings`). No position table: positions
+    rotate the queries and keys inside each attention layer.
+
+    Parameters are named as Hugging Face's Llama names them without the `model.` prefix
+    (`embed_tokens`, `layers`, `norm`, `lm_head`). `wte`, `h` and `ln_f` name the same
+    parts as GPT-2 does, so that code written for GPT-2 (the stage scripts) runs on both.
+    `forward` is GPT-2's: embed, blocks, final norm, head.
+    """
+
+    RESIDUAL_PROJECTIONS = ("o_proj.weight", "down_proj.weight")
+
+    def __init__(self, cfg):
+        nn.Module.__init__(self)  # GPTModel's parts are replaced, not extended
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.init_weights()
+
+    wte = property(lambda self: self.embed_tokens)
+    h = property(lambda self: self.layers)
+    ln_f = property(lambda self: self.norm)
+
+    def tie_weights(self):
+        """Share the token embedding with the head when the config says so."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, idx, start=0):
+        """Token ids [batch, seq_len] -> float [batch, seq_len, emb_dim]: the token embeddings
+        alone (positions enter each attention layer). Raises ValueError past the context length."""
+        check_context_length(start + idx.shape[1], self.cfg)
+        return self.drop(self.embed_tokens(idx))
+
+
+def build_model(cfg):
+    """A new model with random weights: `GPTModel` for family "gpt2", `LlamaModel` for "llama"."""
+    return LlamaModel(cfg) if cfg.family == "llama" else GPTModel(cfg)
 
 
 def count_parameters(model, trainable_only=False):
@@ -279,6 +553,13 @@ class LoRALinear(nn.Module):
 
 
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # linear layers of each block
+# Llama family: its seven linear layers per block (all of them, as Dettmers et al., 2023, "QLoRA", advise).
+LLAMA_LORA_TARGETS = tuple(f"self_attn.{n}_proj" for n in "qkvo") + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def lora_targets(model):
+    """The names, inside each block, of the linear layers that LoRA adapts."""
+    return LLAMA_LORA_TARGETS if model.cfg.family == "llama" else LORA_TARGETS
 
 
 def add_lora(model, rank=8, alpha=16):
@@ -288,7 +569,7 @@ def add_lora(model, rank=8, alpha=16):
     Returns the model (changed in place)."""
     model.requires_grad_(False)
     for block in model.h:
-        for target in LORA_TARGETS:
+        for target in lora_targets(model):
             parent_name, child_name = target.split(".")
             parent = getattr(block, parent_name)
             setattr(parent, child_name, LoRALinear(getattr(parent, child_name), rank, alpha))
@@ -301,7 +582,7 @@ def merge_lora(model):
     that the model has GPT-2's own parameter names again and saves as a plain checkpoint.
     Returns the model (changed in place)."""
     for block in model.h:
-        for target in LORA_TARGETS:
+        for target in lora_targets(model):
             parent_name, child_name = target.split(".")
             parent = getattr(block, parent_name)
             layer = getattr(parent, child_name)
@@ -319,14 +600,16 @@ def merge_lora(model):
 class KVCache:
     """Keys and values of the positions a model has already read, one pair per layer.
 
-    Buffers of shape [batch, n_heads, context_length, head_dim] are allocated on first
-    use; `length` counts the positions filled. The model advances `length` after each
-    forward pass. Source: the key/value caching of GPT-2's own sampling code
-    (`past` in openai/gpt-2 src/model.py), here in preallocated buffers.
+    Buffers of shape [batch, n_heads, max_length, head_dim] are allocated on first use
+    (n_kv_heads heads in the Llama family); `length` counts the positions filled. The model
+    advances `length` after each forward pass. max_length: the context length, or fewer
+    positions when fewer will be read (Llama 3.2's 131,072 would take gigabytes). Source:
+    the key/value caching of GPT-2's own sampling code (`past` in openai/gpt-2
+    src/model.py), here in preallocated buffers.
     """
 
-    def __init__(self, cfg):
-        self.max_length = cfg.context_length
+    def __init__(self, cfg, max_length=None):
+        self.max_length = min(max_length or cfg.context_length, cfg.context_length)
         self.keys = [None] * cfg.n_layers
         self.values = [None] * cfg.n_layers
         self.length = 0
@@ -383,6 +666,11 @@ def window_start(length, context_length):
     forward in steps of half the context length rather than one token: with absolute
     position embeddings every move invalidates the key/value cache, so moving in big
     steps means the cache is rebuilt once per half-window instead of once per token.
+    Llama family: the same rule. Rotary keys stay valid when the window slides (attention
+    sees only distances), but a window that keeps sliding drops the first tokens, on
+    which these models park much of their attention (Xiao et al., 2023, "Efficient
+    Streaming Language Models with Attention Sinks"); a rebuilt window starts at
+    position 0, as every training sequence did.
     """
     if length <= context_length:
         return 0
@@ -418,7 +706,7 @@ def generate_stream(
             if not use_cache:
                 logits = model(tokens[:, start:])
             elif start != cache_start:  # first step, or the window moved: (re)fill the cache
-                cache, cache_start = KVCache(model.cfg), start
+                cache, cache_start = KVCache(model.cfg, tokens.shape[1] - start + max_new_tokens), start
                 logits = model(tokens[:, start:], kv_cache=cache)
             else:
                 logits = model(tokens[:, -1:], kv_cache=cache)
@@ -477,17 +765,184 @@ def get_tokenizer():
         ) from None
 
 
-def text_to_token_ids(text, device=None):
-    """Text -> LongTensor [1, n_tokens]. "<|endoftext|>" in the text becomes id 50256."""
-    ids = get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+def text_to_token_ids(text, device=None, tokenizer=None):
+    """Text -> LongTensor [1, n_tokens], with GPT-2's tokenizer unless another is given (see
+    `load_tokenizer`). The end-of-text token's text ("<|endoftext|>") becomes its id (50256
+    for GPT-2); a tokenizer whose reference prepends a begin-of-text token to a whole text
+    (Llama 3's <|begin_of_text|>, `bos_id`) gets it here too."""
+    tokenizer = tokenizer or get_tokenizer()
+    end_of_text = tokenizer.decode([tokenizer.eot_token])
+    ids = tokenizer.encode(text, allowed_special={end_of_text})
+    if getattr(tokenizer, "bos_id", None) is not None:
+        ids = [tokenizer.bos_id] + ids
     return torch.tensor(ids, dtype=torch.long, device=device).unsqueeze(0)
 
 
-def token_ids_to_text(token_ids):
-    """Token ids (LongTensor [n] or [1, n], or a list of ints) -> text."""
+def token_ids_to_text(token_ids, tokenizer=None):
+    """Token ids (LongTensor [n] or [1, n], or a list of ints) -> text, with GPT-2's tokenizer
+    unless another is given."""
     if isinstance(token_ids, torch.Tensor):
         token_ids = token_ids.reshape(-1).tolist()
-    return get_tokenizer().decode(token_ids)
+    return (tokenizer or get_tokenizer()).decode(token_ids)
+
+
+# --- Llama family: a tiktoken Encoding from a Hugging Face tokenizer.json ----------------
+# SmolLM2, Qwen3 and Llama 3 use byte-level BPE as GPT-2 does: the same algorithm with
+# another vocabulary, merge list and pre-tokenizer. tiktoken can run them when the merged
+# tokens' ids follow the merge order (tiktoken merges by id, the reference by merge list).
+
+# The regular expression of GPT-2's pre-tokenizer (`ByteLevel` with use_regex in tokenizers).
+GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# SmolLM2: `Digits` (each number character alone) and then GPT-2's expression, as one
+# expression: numbers match alone first, no other branch takes one, and whitespace before
+# a number ends as it ends before the end of a piece.
+DIGITS_SPLIT_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+
+
+def byte_level_alphabet():
+    """GPT-2's table byte -> printable character, in which byte-level BPE vocabularies write
+    their tokens: printable bytes stand for themselves, the others for chr(256 + n)
+    (openai/gpt-2 src/encoder.py, `bytes_to_unicode`)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = (b for b in range(256) if b not in printable)
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def split_pattern(pre_tokenizer, source):
+    """The pre-tokenizer of a tokenizer.json (a dict) as one regular expression for tiktoken.
+
+    Supported: GPT-2's `ByteLevel` (its own expression), `Digits` + `ByteLevel` (SmolLM2)
+    and `Split` by an expression + `ByteLevel` without one (Qwen3, Llama 3). Raises
+    ValueError naming `source` for anything else: it would not split text the same way.
+    """
+    steps = (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer] if pre_tokenizer else [])
+    kinds = [step.get("type") for step in steps]
+    last = steps[-1] if steps else {}
+    if kinds and kinds[-1] == "ByteLevel" and not last.get("add_prefix_space"):
+        if kinds == ["ByteLevel"] and last.get("use_regex", True):
+            return GPT2_SPLIT_PATTERN
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and last.get("use_regex", True):
+            return DIGITS_SPLIT_PATTERN
+        split = steps[0]
+        if kinds == ["Split", "ByteLevel"] and not last.get("use_regex", True) and "Regex" in split.get("pattern", {}):
+            if split.get("behavior") == "Isolated" and not split.get("invert"):
+                return split["pattern"]["Regex"]
+    raise ValueError(f"{source}: pre-tokenizer {kinds or None} cannot be written as one tiktoken expression")
+
+
+class HubEncoding(tiktoken.Encoding):
+    """A tiktoken Encoding of a Hugging Face tokenizer.json, plus what tiktoken leaves to the caller.
+
+    nfc:       apply Unicode NFC normalisation before encoding (Qwen's normalizer)
+    bos_id:    the token the reference prepends to a whole text (Llama 3), or None;
+               `text_to_token_ids` prepends it, `encode` does not (pieces of a prompt)
+    eot_token: the end-of-text id (GPT-2's property, from this tokenizer)
+    missing:   ids given to bytes the vocabulary lacks; the reference drops such bytes,
+               so does `encode`, with a warning the first time
+    """
+
+    def __init__(self, *, nfc, bos_id, eot_id, missing, **encoding):
+        super().__init__(**encoding)
+        self.nfc, self.bos_id, self.eot_id, self.missing = nfc, bos_id, eot_id, missing
+        self.warned = False
+
+    eot_token = property(lambda self: self.eot_id)
+    n_vocab = property(lambda self: self.max_token_value + 1 - len(self.missing))  # without the stand-ins
+
+    def __getstate__(self):  # pickled with its own fields (DataLoader workers)
+        return {**super().__getstate__(), "nfc": self.nfc, "bos_id": self.bos_id, "eot_id": self.eot_id, "missing": self.missing}
+
+    def _prepare(self, text):
+        return unicodedata.normalize("NFC", text) if self.nfc else text
+
+    def _drop_missing(self, ids):
+        if self.missing and not self.missing.isdisjoint(ids):
+            if not self.warned:
+                print(f"warning: {self.name}: characters whose bytes are not in the vocabulary are dropped", file=sys.stderr)
+                self.warned = True
+            ids = [i for i in ids if i not in self.missing]
+        return ids
+
+    def encode_ordinary(self, text):
+        """Text -> list of ids, special tokens' texts encoded as plain text."""
+        return self._drop_missing(super().encode_ordinary(self._prepare(text)))
+
+    def encode(self, text, **special):
+        """Text -> list of ids; `allowed_special` / `disallowed_special` as in tiktoken."""
+        return self._drop_missing(super().encode(self._prepare(text), **special))
+
+
+def encoding_from_tokenizer_json(tokenizer_json, source, eot_text=None):
+    """Build a `HubEncoding` from a parsed Hugging Face tokenizer.json (byte-level BPE).
+
+    Vocabulary and merges become tiktoken's ranks (the 256 bytes and each merge's result,
+    ids as ranks), added tokens its special tokens, the pre-tokenizer its expression (see
+    `split_pattern`), an NFC normalizer and a begin-of-text token of the post-processor
+    are kept for `HubEncoding`. eot_text: the end-of-text token's text (tokenizer_config's
+    eos_token); None: "<|endoftext|>" or "<|end_of_text|>", whichever exists. Raises
+    ValueError naming `source` for what tiktoken cannot run exactly: another model than
+    byte-level BPE, another normalizer, merged ids out of merge order.
+    """
+    model = tokenizer_json.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
+        raise ValueError(f"{source}: not a byte-level BPE tokenizer (model {model.get('type')!r}); tiktoken cannot run it")
+    normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise ValueError(f"{source}: normalizer {normalizer!r} is not supported (only NFC)")
+    pattern = split_pattern(tokenizer_json.get("pre_tokenizer"), source)
+    byte_of = {char: byte for byte, char in byte_level_alphabet().items()}
+    vocab = model["vocab"]
+    try:
+        ranks = {bytes([byte_of[char]]): vocab[char] for char in byte_of if char in vocab}
+        previous = -1
+        for merge in model["merges"]:
+            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            token_id = vocab[left + right]
+            # Equal ids are one token made from another split: files converted from tiktoken
+            # (Llama 3, Qwen) list every split of a token, one after the other.
+            if token_id < previous:  # tiktoken would apply this merge before the one with `previous`
+                raise ValueError(
+                    f"{source}: merge {left!r} + {right!r} makes id {token_id}, below the previous merge's "
+                    f"{previous}: ids do not follow the merge order, tiktoken cannot reproduce this tokenizer"
+                )
+            ranks[bytes(byte_of[char] for char in left + right)] = previous = token_id
+        special = {token["content"]: token["id"] for token in tokenizer_json.get("added_tokens", [])}
+        if model.get("ignore_merges"):  # Llama 3: a piece that is a whole token becomes it, as in tiktoken
+            tokens = {token: i for token, i in vocab.items() if i not in special.values()}
+            ranks.update({bytes(byte_of[char] for char in token): i for token, i in tokens.items()})
+    except KeyError as e:
+        raise ValueError(f"{source}: token or character {e} of the merges is not in the byte-level vocabulary") from None
+    top = max([*ranks.values(), *special.values()])
+    lacking = [byte for byte in range(256) if bytes([byte]) not in ranks]
+    ranks.update({bytes([byte]): top + 1 + n for n, byte in enumerate(lacking)})  # stand-ins, dropped by encode
+    if eot_text is None:
+        eot_text = next((name for name in ("<|endoftext|>", "<|end_of_text|>") if name in special), None)
+    if eot_text not in special:
+        raise ValueError(f"{source}: no end-of-text token {eot_text!r} among the added tokens")
+    return HubEncoding(
+        name=str(source),
+        pat_str=pattern,
+        mergeable_ranks=ranks,
+        special_tokens=special,
+        nfc=normalizer == "NFC",
+        bos_id=_prepended_token(tokenizer_json.get("post_processor"), source),
+        eot_id=special[eot_text],
+        missing=set(range(top + 1, top + 1 + len(lacking))),
+    )
+
+
+def _prepended_token(post_processor, source):
+    """Id of the special token the post-processor puts before a text (Llama 3), or None.
+    Raises ValueError when it adds tokens after the text (not supported)."""
+    processors = (post_processor or {}).get("processors", [post_processor] if post_processor else [])
+    for processor in processors:
+        if processor.get("type") == "TemplateProcessing":
+            template = [next(iter(piece)) for piece in processor["single"]]  # "SpecialToken" or "Sequence"
+            if template.count("SpecialToken") > (template[0] == "SpecialToken"):
+                raise ValueError(f"{source}: the post-processor adds tokens after the text; not supported")
+            if template[0] == "SpecialToken":
+                return processor["special_tokens"][processor["single"][0]["SpecialToken"]["id"]]["ids"][0]
+    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -666,7 +1121,9 @@ def _download_lock(dest):
         yield
 
 
-def download_file(url, dest, *, sha256=None, size=None, kind=None, member=None, timeout=30, retries=3, quiet=False):
+def download_file(
+    url, dest, *, sha256=None, size=None, kind=None, member=None, timeout=30, retries=3, quiet=False, headers=None
+):
     """Download url to dest, resuming and verifying; return dest as a Path.
 
     A dest that exists and passes `verify_file(kind, size, sha256, member)` (size in
@@ -675,7 +1132,8 @@ def download_file(url, dest, *, sha256=None, size=None, kind=None, member=None, 
     reuses the file. An interrupted download resumes with an HTTP Range request (up to
     `retries` attempts per call, and again on the next call). Only a file that passes
     `verify_file` is renamed to dest; one that fails is deleted. `timeout` is in seconds
-    per network read. Progress (MB, MB/s, ETA) goes to stderr unless `quiet`.
+    per network read. Progress (MB, MB/s, ETA) goes to stderr unless `quiet`. `headers`:
+    extra HTTP headers (an access token).
     Raises RuntimeError, one line naming the URL, for an HTTP error status, a web page
     (text/html) unless the URL names an .html file, any failed request (connection, TLS,
     redirect loop, invalid URL) or a failed check.
@@ -686,7 +1144,7 @@ def download_file(url, dest, *, sha256=None, size=None, kind=None, member=None, 
     with _download_lock(dest):
         if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
             return dest  # from an earlier run, or from another process while this one waited
-        _transfer(url, part, timeout=timeout, retries=retries, quiet=quiet)
+        _transfer(url, part, timeout=timeout, retries=retries, quiet=quiet, headers=headers or {})
         try:
             verify_file(part, kind, size=size, sha256=sha256, member=member)
         except ValueError as e:
@@ -706,7 +1164,7 @@ _FATAL_REQUEST_ERRORS = {
 }
 
 
-def _transfer(url, part, *, timeout, retries, quiet):
+def _transfer(url, part, *, timeout, retries, quiet, headers):
     """The network half of `download_file`: bring `part` up to the whole of url. Resumes
     with a Range request; starts over when the server ignores it (200) or answers for
     another range (206); a body short of its Content-Length counts as a broken connection."""
@@ -716,9 +1174,9 @@ def _transfer(url, part, *, timeout, retries, quiet):
         if reason is not None and not quiet:
             print(f"{label}: attempt {attempt - 1} of {retries} failed ({reason}); retrying", file=sys.stderr)
         have = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        resume = {"Range": f"bytes={have}-"} if have else {}
         try:
-            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+            with requests.get(url, headers={**headers, **resume}, stream=True, timeout=timeout) as r:
                 if r.status_code == 416:  # partial file is already complete (or too long)
                     return
                 if r.status_code not in (200, 206):
@@ -817,7 +1275,7 @@ def plot_curves(path, panels, xlabel):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Pretrained weights: safetensors reader and GPT-2 loader
+# 7. Pretrained weights: safetensors reader, GPT-2 and Llama-family loaders
 # ----------------------------------------------------------------------------------------
 
 # safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors)
@@ -910,16 +1368,17 @@ def hf_hub_cache():
     return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
 
 
-def find_in_hf_cache(name):
-    """Path of model.safetensors of openai-community/<name> in the Hugging Face cache, or None."""
-    for repo in (f"models--openai-community--{name}", f"models--{name}"):
+def find_in_hf_cache(name, filename="model.safetensors"):
+    """Path of `filename` of the model openai-community/<name> or <name> ("owner/model") in
+    the Hugging Face cache, or None."""
+    for repo in (f"models--openai-community--{name}", f"models--{name.replace('/', '--')}"):
         snapshots = hf_hub_cache() / repo / "snapshots"
         ref = hf_hub_cache() / repo / "refs" / "main"
         candidates = [snapshots / ref.read_text().strip()] if ref.exists() else []
         candidates += sorted(snapshots.glob("*")) if snapshots.exists() else []
         for snapshot in candidates:
-            if (snapshot / "model.safetensors").exists():
-                return snapshot / "model.safetensors"
+            if (snapshot / filename).exists():
+                return snapshot / filename
     return None
 
 
@@ -946,21 +1405,54 @@ def download_gpt2(name, *, quiet=False):
     dest = gpt2_weights_path(name)
     if _reuse_cached(dest, "safetensors"):
         return dest
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    url = f"{endpoint}/openai-community/{name}/resolve/main/model.safetensors"
+    url = f"{hub_endpoint()}/openai-community/{name}/resolve/main/model.safetensors"
+    checks = hub_file_checks(url, "a local .safetensors file", name)
+    return download_file(url, dest, **checks, kind="safetensors", quiet=quiet)
+
+
+def hub_endpoint():
+    """The Hugging Face Hub's address: $HF_ENDPOINT (a mirror), else https://huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_headers():
+    """HTTP headers for the Hub: the access token in $HF_TOKEN, which gated models need."""
+    token = os.environ.get("HF_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def hub_file_checks(url, local_alternative, name, missing_ok=False):
+    """Ask the Hub about a file (HEAD) -> {"sha256", "size"} to verify the download with (from
+    the X-Linked-Etag and X-Linked-Size headers of large files; None when not announced).
+
+    Returns None for a file the Hub does not have (404) when missing_ok. Raises
+    RuntimeError when the Hub cannot be reached (naming `local_alternative` to `name`), for
+    a gated model without access (401/403: what to do) and for any other HTTP error.
+    """
     try:
-        head = requests.head(url, allow_redirects=False, timeout=30)
+        head = requests.head(url, headers=hub_headers(), allow_redirects=False, timeout=30)
     except requests.RequestException as e:
         raise RuntimeError(
-            f"cannot reach {url} ({e.__class__.__name__}). Offline? Pass a local .safetensors file instead of "
+            f"cannot reach {url} ({e.__class__.__name__}). Offline? Pass {local_alternative} instead of "
             f"{name!r}, or set HF_ENDPOINT to a mirror"
         ) from None
+    if head.status_code in (401, 403):
+        token = "HF_TOKEN is set, but its account has no access yet" if hub_headers() else "HF_TOKEN is not set"
+        raise RuntimeError(
+            f"{name} is gated (HTTP {head.status_code}; {token}): accept its licence on "
+            f"https://huggingface.co/{name} while logged in, then set HF_TOKEN to an access token of that account "
+            "(https://huggingface.co/settings/tokens)"
+        )
+    if head.status_code == 404 and missing_ok:
+        return None
     if head.status_code >= 400:
         raise RuntimeError(f"download of {url} failed: HTTP {head.status_code} {head.reason}")
     etag = (head.headers.get("X-Linked-Etag") or head.headers.get("ETag") or "").strip('"').removeprefix("W/").strip('"')
-    sha256 = etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None  # LFS files: the etag is the SHA-256
     size = head.headers.get("X-Linked-Size")
-    return download_file(url, dest, sha256=sha256, size=int(size) if size else None, kind="safetensors", quiet=quiet)
+    return {
+        "sha256": etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None,  # LFS files: the etag is the SHA-256
+        "size": int(size) if size else None,
+    }
 
 
 # Keys of the released files that hold no parameters of ours: the causal-mask buffers
@@ -1029,44 +1521,50 @@ def _no_random_initialisation():
 
 
 def empty_model(cfg):
-    """GPTModel whose parameters are placeholders on the meta device, without memory or
-    values, for a loader to assign the real tensors to: nothing is allocated twice."""
+    """Model of cfg (see `build_model`) whose parameters are placeholders on the meta device,
+    without memory or values, for a loader to assign the real tensors to: nothing is
+    allocated twice."""
     with torch.device("meta"), _no_random_initialisation():
-        return GPTModel(cfg)
+        return build_model(cfg)
 
 
-def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, source="weights"):
+def load_weights_into(
+    model, tensors, *, device="cpu", dtype=torch.float32, source="weights", ignored=_IGNORED_KEYS, transposed=_TRANSPOSED
+):
     """Put GPT-2 tensors (release names, `transformer.` prefix already removed) into model.
 
     Each tensor is copied once, to `device` in `dtype`, and becomes the parameter, so the
     model may be built on the meta device: nothing is allocated twice. Consumes `tensors`:
     each is dropped right after its copy, so a memory-mapped file's pages leave memory one
     tensor at a time. Strict: raises ValueError listing every missing, unexpected or
-    mis-shaped tensor (before anything is copied).
+    mis-shaped tensor (before anything is copied). Llama family: its names (`model.`
+    prefix removed), `ignored` and `transposed` of that family (see `load_llama`).
     """
-    params = {name: p for name, p in model.state_dict(keep_vars=True).items() if name != "lm_head.weight"}
+    tied = model.lm_head.weight is model.wte.weight
+    params = {name: p for name, p in model.state_dict(keep_vars=True).items() if not (tied and name == "lm_head.weight")}
     missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(k for k in tensors if k not in params and not _IGNORED_KEYS.fullmatch(k))
+    unexpected = sorted(k for k in tensors if k not in params and not ignored.fullmatch(k))
     mismatched = []
     for name, param in params.items():
         if name in tensors:
-            shape = tensors[name].shape[::-1] if name.endswith(_TRANSPOSED) else tensors[name].shape
+            shape = tensors[name].shape[::-1] if name.endswith(transposed) else tensors[name].shape
             if tuple(shape) != tuple(param.shape):
                 mismatched.append(f"{name}: file {tuple(tensors[name].shape)}, model {tuple(param.shape)}")
     if missing or unexpected or mismatched:
         problems = [f"missing: {', '.join(missing)}"] if missing else []
         problems += [f"unexpected: {', '.join(unexpected)}"] if unexpected else []
         problems += [f"wrong shape: {'; '.join(mismatched)}"] if mismatched else []
-        raise ValueError(f"{source} do not fit the GPT-2 model:\n  " + "\n  ".join(problems))
+        family = "GPT-2" if model.cfg.family == "gpt2" else "Llama-family"
+        raise ValueError(f"{source} do not fit the {family} model:\n  " + "\n  ".join(problems))
     state = {}
     for name, param in params.items():
         tensor = tensors.pop(name).to(device=device, dtype=dtype, copy=True)
         # nn.Linear wants [out, in]; the release stores [in, out]. `.t()` is that as a view:
         # the memory keeps the release's layout, in which x @ W reads the weights in order
         # (measured about 1.2x faster greedy decoding on a CPU than a transposed copy).
-        state[name] = tensor.t() if name.endswith(_TRANSPOSED) else tensor
+        state[name] = tensor.t() if name.endswith(transposed) else tensor
     model.load_state_dict(state, strict=False, assign=True)
-    model.lm_head.weight = model.wte.weight  # tied: the head uses the token embedding
+    model.tie_weights()  # assigning untied them
 
 
 def load_gpt2(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
@@ -1108,6 +1606,178 @@ def load_gpt2(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=F
     model = empty_model(cfg)
     load_weights_into(model, tensors, device=device, dtype=dtype, source=str(path))
     return model.eval()
+
+
+# --- The Llama family: weights, config and tokenizer from the Hugging Face Hub ------------
+
+# Keys of Hugging Face Llama files that hold no parameters of ours: rotary frequencies some
+# older files stored (we compute them) and a tied head's copy of the embedding.
+_LLAMA_IGNORED_KEYS = re.compile(r"(layers\.\d+\.self_attn\.rotary_emb\.inv_freq|lm_head\.weight)")
+# config.json's model_type -> the family's switches it turns on beyond Llama's layout
+HUB_MODEL_TYPES = {"llama": {}, "qwen3": {"qk_norm": True}}
+
+
+def config_from_hub(config_json, source="config.json"):
+    """GPTConfig of the Llama family from a Hugging Face config.json (a dict) of a Llama
+    (Llama 3.2, SmolLM2) or Qwen3 model. Raises ValueError naming `source` and the key for
+    a missing size or a setting this implementation does not have."""
+    model_type = config_json.get("model_type")
+    if model_type not in HUB_MODEL_TYPES:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(HUB_MODEL_TYPES)}")
+    sizes = ("vocab_size", "max_position_embeddings", "hidden_size", "num_attention_heads", "num_hidden_layers")
+    for key in sizes + ("intermediate_size",):
+        if type(config_json.get(key)) is not int or config_json[key] < 1:
+            raise ValueError(f"{source}: {key!r} must be a positive integer, got {config_json.get(key)!r}")
+    if config_json.get("hidden_act", "silu") != "silu" or config_json.get("use_sliding_window"):
+        raise ValueError(f"{source}: only the SiLU activation and full attention are supported")
+    rope = config_json.get("rope_parameters") or config_json.get("rope_scaling") or {}  # transformers 5 / 4 names
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default or llama3)")
+    scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    attention_bias = bool(config_json.get("attention_bias", False))
+    try:
+        return GPTConfig(
+            family="llama",
+            vocab_size=config_json["vocab_size"],
+            context_length=config_json["max_position_embeddings"],
+            emb_dim=config_json["hidden_size"],
+            n_heads=config_json["num_attention_heads"],
+            n_layers=config_json["num_hidden_layers"],
+            n_kv_heads=config_json.get("num_key_value_heads"),
+            head_dim=config_json.get("head_dim"),
+            hidden_dim=config_json["intermediate_size"],
+            rope_theta=float(config_json.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            rope_scaling={key: rope[key] for key in scaling_keys} if rope_type == "llama3" else None,
+            norm_eps=float(config_json.get("rms_norm_eps", 1e-6)),
+            qkv_bias=attention_bias,
+            out_bias=attention_bias,
+            mlp_bias=bool(config_json.get("mlp_bias", False)),
+            tie_embeddings=bool(config_json.get("tie_word_embeddings", False)),
+            **HUB_MODEL_TYPES[model_type],
+        )
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def hub_file(repo, filename, *, kind=None, quiet=False, missing_ok=False):
+    """Path of `filename` of the Hub model `repo` ("owner/model"), downloading it once.
+
+    Looks in the Hugging Face cache, then in <cache>/<owner>/<model>/<filename> (see
+    `cache_dir`); else downloads it from $HF_ENDPOINT with the token in $HF_TOKEN, verified
+    (kind, and the size and SHA-256 the Hub announces for large files). Returns None for a
+    file the Hub does not have when missing_ok. Raises RuntimeError as `hub_file_checks`
+    and `download_file` do (offline, gated, failed or corrupt download).
+    """
+    local = local_hub_file(repo, filename, kind)
+    if local is not None:
+        return local
+    url = f"{hub_endpoint()}/{repo}/resolve/main/{filename}"
+    checks = hub_file_checks(url, "a local folder with the model's files", repo, missing_ok)
+    if checks is None:
+        return None
+    return download_file(url, cache_dir() / repo / filename, **checks, kind=kind, quiet=quiet, headers=hub_headers())
+
+
+def local_hub_file(repo, filename, kind=None):
+    """Path of a file of a Hub model already on disk (see `hub_file`), or None."""
+    found = find_in_hf_cache(repo, filename)
+    if found is not None:
+        return found
+    dest = cache_dir() / repo / filename
+    return dest if _reuse_cached(dest, kind) else None
+
+
+def llama_files(name_or_path, *, quiet=False):
+    """(config.json path, [safetensors paths]) of a folder or a Hub model, downloading what is missing.
+
+    The weights are model.safetensors, or the shards that model.safetensors.index.json lists.
+    Raises FileNotFoundError for a folder without them.
+    """
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+        if not single.exists() and not index.exists():
+            raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
+        shards = [] if single.exists() else sorted(set(read_json(index, "weights index")["weight_map"].values()))
+        return folder / "config.json", [single] if single.exists() else [folder / shard for shard in shards]
+    repo = str(name_or_path)
+    config = hub_file(repo, "config.json", kind="json", quiet=quiet)
+    index = local_hub_file(repo, "model.safetensors.index.json", "json")
+    single = None if index else hub_file(repo, "model.safetensors", kind="safetensors", quiet=quiet, missing_ok=True)
+    if single is not None:
+        return config, [single]
+    index = index or hub_file(repo, "model.safetensors.index.json", kind="json", quiet=quiet)
+    shards = sorted(set(read_json(index, "weights index")["weight_map"].values()))
+    return config, [hub_file(repo, shard, kind="safetensors", quiet=quiet) for shard in shards]
+
+
+def load_llama(name_or_path, *, device="cpu", dtype=torch.float32, quiet=False):
+    """Load a Llama-family model with pretrained weights -> LlamaModel in eval mode on `device`, in `dtype`.
+
+    name_or_path: a Hub name (those of LLAMA_CONFIGS, or another Llama or Qwen3 model; a
+    gated one needs HF_TOKEN), downloaded once and cached (see `hub_file`); or a folder as
+    `save_pretrained` writes it (config.json, and model.safetensors or shards listed in
+    model.safetensors.index.json). Tensors keep their Hugging Face names without the
+    `model.` prefix and need no transposes. Memory and errors as in `load_gpt2`.
+    """
+    config_path, weight_paths = llama_files(name_or_path, quiet=quiet)
+    cfg = config_from_hub(read_json(config_path, "model config"), source=config_path)
+    tensors = {}
+    for path in weight_paths:
+        tensors.update({k.removeprefix("model."): v for k, v in read_safetensors(path).items()})
+    model = empty_model(cfg)
+    load_weights_into(
+        model, tensors, device=device, dtype=dtype, source=str(name_or_path), ignored=_LLAMA_IGNORED_KEYS, transposed=()
+    )
+    return model.eval()
+
+
+def is_llama_family(name_or_path):
+    """Whether a name or path is a Llama-family model: a Hub name of the form "owner/model" that
+    is no local path, or a folder whose config.json is not GPT-2's."""
+    path = Path(name_or_path)
+    if not path.exists():
+        return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path))) and path.suffix not in (".pt", ".safetensors")
+    config = path / "config.json"
+    return path.is_dir() and not (config.exists() and read_json(config, "model config").get("model_type") == "gpt2")
+
+
+def load_model(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
+    """Load any supported model: the Llama family (see `load_llama`) for Hub names "owner/model"
+    and Hugging Face folders, GPT-2 (see `load_gpt2`) for the rest. A folder of a GPT-2
+    saved with `save_pretrained` loads its model.safetensors."""
+    if is_llama_family(name_or_path):
+        return load_llama(name_or_path, device=device, dtype=dtype, quiet=quiet)
+    path = Path(name_or_path)
+    if path.is_dir():
+        name_or_path = path / "model.safetensors"
+    return load_gpt2(name_or_path, device=device, dtype=dtype, quiet=quiet)
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name_or_path="gpt2", *, quiet=False):
+    """The tokenizer of a model and its end-of-text id -> (tiktoken Encoding, int).
+
+    GPT-2 names, files and checkpoints: GPT-2's tokenizer and 50256. The Llama family (see
+    `is_llama_family`): the `HubEncoding` of its tokenizer.json (see
+    `encoding_from_tokenizer_json`), with the end-of-text token named by tokenizer_config.json
+    when there is one. Raises ValueError for a tokenizer tiktoken cannot run exactly,
+    RuntimeError or FileNotFoundError when the files cannot be had.
+    """
+    if not is_llama_family(name_or_path):
+        return get_tokenizer(), EOT_ID
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        tokenizer_path, config_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
+        config_path = config_path if config_path.exists() else None
+    else:
+        tokenizer_path = hub_file(str(name_or_path), "tokenizer.json", kind="json", quiet=quiet)
+        config_path = hub_file(str(name_or_path), "tokenizer_config.json", kind="json", quiet=quiet, missing_ok=True)
+    eos = read_json(config_path, "tokenizer config").get("eos_token") if config_path else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos  # older files: {"content": ..., ...}
+    encoding = encoding_from_tokenizer_json(read_json(tokenizer_path, "tokenizer"), tokenizer_path, eos)
+    return encoding, encoding.eot_token
 
 
 # ----------------------------------------------------------------------------------------
@@ -1160,7 +1830,7 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
         model.load_state_dict(checkpoint["model"], assign=True)
     except RuntimeError as e:
         raise ValueError(f"checkpoint weights do not fit a GPT model of its config: {str(e)[:500]}") from None
-    model.lm_head.weight = model.wte.weight  # assigning untied them: the head uses the token embedding
+    model.tie_weights()  # assigning untied them: the head uses the token embedding
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -1745,14 +2415,15 @@ def model_summary(model, name):
     )
 
 
-def check_vocabulary(model, source):
-    """Raise ValueError when the GPT-2 tokenizer can produce ids that model has no embedding
-    for (a larger vocabulary, such as one padded to 50304, is fine)."""
-    n_tokens = get_tokenizer().n_vocab
+def check_vocabulary(model, source, tokenizer=None):
+    """Raise ValueError when the tokenizer (GPT-2's unless given) can produce ids that model has
+    no embedding for (a larger vocabulary, such as one padded to 50304, is fine)."""
+    n_tokens = (tokenizer or get_tokenizer()).n_vocab
+    which = "the GPT-2 tokenizer" if tokenizer is None else f"the tokenizer {tokenizer.name}"
     if model.cfg.vocab_size < n_tokens:
         raise ValueError(
-            f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but the GPT-2 tokenizer uses "
-            f"{n_tokens}: use a model trained with the GPT-2 tokenizer"
+            f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
+            f"{n_tokens}: use a model trained with {which}"
         )
 
 
@@ -1782,3 +2453,31 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def training_memory(cfg, *, trainable=None, dtype=torch.float32):
+    """Bytes that training a model of cfg with AdamW needs before activations: the weights
+    (every parameter, in dtype) plus a gradient and AdamW's two moments, in the same type,
+    for each trainable parameter. trainable: how many parameters train (None: all; with
+    LoRA, the adapters). Counted on the meta device: costs no memory. Full fine-tuning of
+    Llama 3.2 1B in float32: 1.24e9 parameters * 16 bytes = 19.8 GB; with LoRA about 5 GB."""
+    n_params = count_parameters(empty_model(cfg))
+    bytes_per_number = torch.empty((), dtype=dtype).element_size()
+    return n_params * bytes_per_number + 3 * (n_params if trainable is None else trainable) * bytes_per_number
+
+
+def check_training_memory(needed, device, hint):
+    """Raise RuntimeError (naming both sizes and `hint`, the flags that help) when `needed`
+    bytes exceed what device has: a CUDA device's free memory, else the machine's memory
+    (not checked where the system does not say, such as on Windows)."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    if needed > available:
+        raise RuntimeError(
+            f"training needs about {needed / 1e9:.1f} GB before activations (weights, gradients and AdamW's "
+            f"moments), but the {device.type} has {available / 1e9:.1f} GB: {hint}"
+        )

@@ -10,6 +10,7 @@ server on 127.0.0.1 that the tests start; nothing touches the network.
 
 import argparse
 import collections
+import dataclasses
 import errno
 import hashlib
 import http.server
@@ -18,6 +19,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -29,6 +31,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import unicodedata
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -363,6 +366,416 @@ def test_lora_starts_from_the_model_and_merges_back():
     assert not any("lora" in name for name, _ in model.named_parameters())
     with torch.no_grad():
         assert torch.allclose(model(idx), adapted, atol=1e-4)
+
+
+# ========================================================================================
+# gpt.py: the Llama family (SmolLM2, Qwen3, Llama 3.2) against Hugging Face transformers
+# ========================================================================================
+
+LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=16)
+# Small configs that together turn every switch: GQA, QK-norm, tied and untied heads, head
+# size != width / heads, Llama 3 rope scaling, attention and MLP biases.
+FAMILY_CONFIGS = {
+    "llama_gqa_untied_bias_rope_scaling": ("llama", dict(
+        num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+        rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))),  # a copy: transformers adds to it
+    "llama_tied_mha_no_bias": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True, rope_theta=100000.0)),
+    "qwen3_gqa_qk_norm_tied_head_dim": ("qwen3", dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)),
+    "qwen3_untied_attention_bias": ("qwen3", dict(num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True)),
+}
+
+
+def save_hf_family(folder, model_type, seed=0, perturb=True, **config):
+    """Random LlamaForCausalLM / Qwen3ForCausalLM saved with save_pretrained. With `perturb`
+    every parameter, norms and biases too, moves off its initial value, so that no switch
+    hides behind a 1 or a 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[model_type]
+    sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    model = model_class(config_class(**{**sizes, **config})).eval()
+    with torch.no_grad():
+        for param in model.parameters() if perturb else []:
+            param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    """{config name: (transformers model, folder written by save_pretrained)}."""
+    pairs = {}
+    for name, (model_type, config) in FAMILY_CONFIGS.items():
+        folder = tmp_path_factory.mktemp(name)
+        pairs[name] = save_hf_family(folder, model_type, **config), folder
+    return pairs
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_family_logits_match_transformers(family_models, name):
+    reference, folder = family_models[name]
+    model = gpt.load_model(folder)
+    model_type, config = FAMILY_CONFIGS[name]
+    assert isinstance(model, gpt.LlamaModel) and model.cfg.family == "llama"
+    assert model.cfg.n_kv_heads == config["num_key_value_heads"] and model.cfg.qk_norm == (model_type == "qwen3")
+    assert model.cfg.tie_embeddings == config["tie_word_embeddings"]
+    assert (model.lm_head.weight is model.embed_tokens.weight) == config["tie_word_embeddings"]
+    assert gpt.count_parameters(model) == reference.num_parameters()
+    idx = torch.randint(0, 300, (3, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(idx) - reference(idx).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_family_rope_scaling_and_head_dim_reach_the_model(family_models):
+    model = gpt.load_model(family_models["llama_gqa_untied_bias_rope_scaling"][1])
+    assert model.cfg.head_dim == 24 and model.layers[0].self_attn.q_proj.out_features == 4 * 24
+    assert model.cfg.rope_scaling == dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+    plain = gpt.rope_frequencies(dataclasses.replace(model.cfg, rope_scaling=None), 24)
+    scaled = gpt.rope_frequencies(model.cfg, 24)
+    # Wavelengths under 16 / 4 positions stay, over 16 / 1 are slowed down 8 times, in between blend.
+    wavelength = 2 * math.pi / plain
+    assert torch.equal(scaled[wavelength < 4], plain[wavelength < 4])
+    assert torch.allclose(scaled[wavelength > 16], plain[wavelength > 16] / 8)
+    middle = (wavelength > 4) & (wavelength < 16)
+    assert middle.any() and (scaled[middle] < plain[middle]).all() and (scaled[middle] > plain[middle] / 8).all()
+
+
+def test_family_smollm2_135m_shape_matches_transformers(tmp_path):
+    """The SmolLM2-135M preset (134,515,008 parameters, as published) against transformers
+    at that shape, random weights: once, as it takes a few seconds."""
+    preset = gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"]
+    reference = save_hf_family(
+        tmp_path, "llama", perturb=False, vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+        tie_word_embeddings=True,
+    )
+    model = gpt.load_model(tmp_path)
+    assert dataclasses.replace(model.cfg, head_dim=None) == preset  # transformers 5 writes head_dim 64
+    assert gpt.count_parameters(model) == gpt.count_parameters(gpt.empty_model(preset)) == 134_515_008
+    idx = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_family_presets_have_the_published_sizes():
+    counts = {name: gpt.count_parameters(gpt.empty_model(cfg)) for name, cfg in gpt.LLAMA_CONFIGS.items()}
+    assert counts == {
+        "HuggingFaceTB/SmolLM2-135M": 134_515_008,
+        "HuggingFaceTB/SmolLM2-360M": 361_821_120,
+        "Qwen/Qwen3-0.6B-Base": 596_049_920,
+        "meta-llama/Llama-3.2-1B": 1_235_814_400,
+    }
+    # Full fine-tuning of Llama 3.2 1B in float32 with AdamW: 16 bytes per parameter.
+    assert gpt.training_memory(gpt.LLAMA_CONFIGS["meta-llama/Llama-3.2-1B"]) == 16 * 1_235_814_400
+    assert gpt.training_memory(gpt.LLAMA_CONFIGS["meta-llama/Llama-3.2-1B"], trainable=0, dtype=torch.bfloat16) == 2 * 1_235_814_400
+    with pytest.raises(RuntimeError, match=r"needs about 1000000.0 GB before activations .* the cpu has \d+\.\d GB: use --lora"):
+        gpt.check_training_memory(10**15, torch.device("cpu"), "use --lora")
+    gpt.check_training_memory(10**6, torch.device("cpu"), "use --lora")  # a megabyte fits
+
+
+def test_family_greedy_generation_equals_transformers(family_models):
+    reference, folder = family_models["llama_gqa_untied_bias_rope_scaling"]
+    model = gpt.load_model(folder)
+    prompt = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(3))
+    ours = gpt.generate(model, prompt, 40)
+    theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
+                                min_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert ours.shape == (1, 46)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_untied_bias_rope_scaling", "qwen3_gqa_qk_norm_tied_head_dim"])
+def test_family_cache_on_equals_cache_off(family_models, name):
+    model = gpt.load_model(family_models[name][1])
+    idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx)
+        cache = gpt.KVCache(model.cfg, max_length=30)
+        pieces = [model(idx[:, :10], kv_cache=cache), model(idx[:, 10:25], kv_cache=cache)]
+        pieces += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(25, 30)]
+    assert cache.keys[0].shape == (2, model.cfg.n_kv_heads, 30, model.layers[0].self_attn.head_dim)  # kv heads only
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+    prompt = idx[:, :5]
+    # 5 + 100 tokens run past the context length (64): the window rule of GPT-2 applies.
+    assert torch.equal(gpt.generate(model, prompt, 100), gpt.generate(model, prompt, 100, use_cache=False))
+    sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
+    assert torch.equal(*sampled)
+
+
+def test_family_lora_wraps_the_seven_projections_and_merges_back(family_models):
+    model = gpt.load_model(family_models["qwen3_gqa_qk_norm_tied_head_dim"][1])
+    idx = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        before = model(idx)
+    gpt.add_lora(model, rank=4, alpha=8)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj"]
+    assert trainable == {f"layers.{i}.{t}.lora_{ab}" for i in range(2) for t in targets for ab in "ab"}
+    with torch.no_grad():
+        assert torch.allclose(model(idx), before, atol=1e-6)  # B starts at zero
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+        adapted = model(idx)
+    assert not torch.allclose(adapted, before, atol=1e-3)
+    gpt.merge_lora(model)
+    assert set(model.state_dict()) == set(gpt.load_model(family_models["qwen3_gqa_qk_norm_tied_head_dim"][1]).state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(idx), adapted, atol=1e-4)
+
+
+def test_family_new_model_checkpoint_round_trip_and_gpt2_names(tmp_path):
+    cfg = dataclasses.replace(gpt.LLAMA_CONFIGS["Qwen/Qwen3-0.6B-Base"], vocab_size=500, context_length=32, emb_dim=64,
+                              n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=96, n_layers=2, tie_embeddings=False)
+    torch.manual_seed(0)
+    model = gpt.build_model(cfg).eval()
+    assert model.h is model.layers and model.ln_f is model.norm and model.wte is model.embed_tokens  # GPT-2's names
+    assert not any("c_proj" in name or "wpe" in name for name, _ in model.named_parameters())
+    assert model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)  # scaled residual
+    gpt.save_checkpoint(tmp_path / "model.pt", model)
+    loaded = gpt.load_model(tmp_path / "model.pt")
+    idx = torch.randint(0, 500, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+    assert loaded.cfg == cfg and loaded.lm_head.weight is not loaded.embed_tokens.weight
+
+
+def test_family_sharded_hub_download_sends_hf_token(family_models, file_server, monkeypatch, tmp_path):
+    reference, _ = family_models["llama_tied_mha_no_bias"]
+    folder = tmp_path / "sharded"
+    reference.save_pretrained(folder, max_shard_size="40KB")
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (folder / "model.safetensors").exists()
+    files = {f"/owner/tiny/resolve/main/{p.name}": p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    server = file_server(files)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    model = gpt.load_model("owner/tiny", quiet=True)
+    idx = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    assert all(headers.get("Authorization") == "Bearer hf_secret" for _, _, headers in server.requests)
+    assert sorted(p.name for p in (tmp_path / "gpt-cache" / "owner" / "tiny").glob("model-*.safetensors")) == shards
+    count = len(server.requests)
+    gpt.load_model("owner/tiny", quiet=True)  # the second load reads the cache
+    assert len(server.requests) == count
+
+
+def test_family_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_models, small_pair, tmp_path):
+    reference, folder = family_models["qwen3_gqa_qk_norm_tied_head_dim"]
+    snapshot = tmp_path / "hf-cache" / "models--Qwen--Tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((folder / name).read_bytes())
+    (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs").mkdir()
+    (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs" / "main").write_text("abc123")
+    model = gpt.load_model("Qwen/Tiny")  # HF_ENDPOINT is a closed port: only the cache can answer
+    assert model.cfg.qk_norm and model.cfg.head_dim == 32
+    with pytest.raises(RuntimeError, match="Offline\\? Pass a local folder with the model's files instead of 'Qwen/Other'"):
+        gpt.load_model("Qwen/Other", quiet=True)
+    assert type(gpt.load_model(small_pair[1].parent)) is gpt.GPTModel  # a GPT-2 folder is GPT-2's
+
+
+@pytest.mark.parametrize("token", [None, "hf_no_access"])
+def test_family_gated_model_says_what_to_do(route_server, monkeypatch, token):
+    server = route_server({"/meta-llama/Llama-3.2-1B/resolve/main/config.json": answer(b"", status=401 if token is None else 403)})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    else:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(RuntimeError) as error:
+        gpt.load_model("meta-llama/Llama-3.2-1B", quiet=True)
+    message = str(error.value)
+    assert "meta-llama/Llama-3.2-1B is gated" in message and "accept its licence on https://huggingface.co/meta-llama/Llama-3.2-1B" in message
+    assert ("HF_TOKEN is not set" in message) == (token is None)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
+        ({"hidden_size": 0}, "'hidden_size' must be a positive integer"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}}, "rope type 'yarn'"),
+        ({"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
+    ],
+)
+def test_family_unsupported_config_is_a_clear_error(family_models, tmp_path, change, message):
+    folder = family_models["llama_tied_mha_no_bias"][1]
+    config = {**json.loads((folder / "config.json").read_text()), **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        gpt.load_model(tmp_path)
+
+
+# --- the family's tokenizers: tokenizer.json -> tiktoken ---------------------------------
+
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = QWEN_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+HELD_OUT = [
+    "Grüße aus Köln, naïve café: 東京タワーは高い。Привет, мир! مرحبا بالعالم",
+    "emoji 👋🏽 👨‍👩‍👧 🇫🇷 and ZWJ sequences",
+    "digits 1234567 3.14159 2024-12-03 ١٢٣٤ ²³ 10,000,000",
+    "whitespace  two   three\t\ttabs\n\n\nnewlines   \n  trailing   ",
+    "don't I'LL WE'VE it's 'quoted'",
+    "decomposed e\u0301 and composed \u00e9",  # NFC makes them one
+]
+
+
+def train_byte_level_bpe(style):
+    """A byte-level BPE of 1000 tokens trained on 4000 text messages (the SMS test data) with the
+    `tokenizers` library, with the pre-tokenizer (and normalizer, post-processor) of
+    Qwen3, SmolLM2 or Llama 3 -> the tokenizers.Tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style == "smollm2")
+    first = {
+        "qwen3": pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        "llama3": pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        "smollm2": pre_tokenizers.Digits(individual_digits=True),
+    }[style]
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([first, byte_level])
+    tokenizer.decoder = decoders.ByteLevel()
+    if style == "qwen3":
+        tokenizer.normalizer = normalizers.NFC()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"] if style == "llama3" else ["<|endoftext|>"]
+    lines = zipfile.ZipFile(SMS_ZIP).read("SMSSpamCollection").decode("utf-8", "replace").splitlines()[:4000]
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(lines, trainer)
+    if style == "llama3":
+        bos = tokenizer.token_to_id("<|begin_of_text|>")
+        tokenizer.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                                 special_tokens=[("<|begin_of_text|>", bos)])
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizers(tmp_path_factory):
+    """{style: (tokenizers.Tokenizer, folder with its tokenizer.json)} for qwen3, smollm2, llama3."""
+    pairs = {}
+    for style in ("qwen3", "smollm2", "llama3"):
+        folder = tmp_path_factory.mktemp(f"tokenizer-{style}")
+        pairs[style] = train_byte_level_bpe(style), folder
+        pairs[style][0].save(str(folder / "tokenizer.json"))
+    return pairs
+
+
+@pytest.mark.parametrize("style", ["qwen3", "smollm2", "llama3"])
+def test_tokenizer_json_gives_the_reference_ids_on_held_out_text(trained_tokenizers, style):
+    reference, folder = trained_tokenizers[style]
+    encoding = gpt.encoding_from_tokenizer_json(json.loads((folder / "tokenizer.json").read_text()), "tokenizer.json")
+    for text in HELD_OUT:
+        ids = reference.encode(text).ids
+        if style == "llama3":  # the reference prepends <|begin_of_text|> to a whole text, as text_to_token_ids does
+            assert ids[0] == encoding.bos_id == reference.token_to_id("<|begin_of_text|>")
+            assert encoding.encode(text) == ids[1:]
+        else:
+            assert encoding.bos_id is None and encoding.encode(text) == ids
+        assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == ids
+        assert gpt.token_ids_to_text(encoding.encode(text), tokenizer=encoding) == (
+            unicodedata.normalize("NFC", text) if style == "qwen3" else text
+        )
+    end_of_text = "<|end_of_text|>" if style == "llama3" else "<|endoftext|>"
+    assert encoding.eot_token == reference.token_to_id(end_of_text)
+    assert gpt.text_to_token_ids(f"a{end_of_text}", tokenizer=encoding)[0, -1].item() == encoding.eot_token
+
+
+def test_tokenizer_json_of_a_folder_with_its_end_of_text_from_tokenizer_config(trained_tokenizers, tmp_path):
+    reference, folder = trained_tokenizers["qwen3"]
+    (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    encoding, eot_id = gpt.load_tokenizer(tmp_path)
+    assert eot_id == encoding.eot_token == reference.token_to_id("<|endoftext|>") and encoding.nfc
+    copy = pickle.loads(pickle.dumps(encoding))  # as DataLoader workers receive it
+    assert copy.nfc and copy.eot_token == eot_id and copy.encode(HELD_OUT[-1]) == reference.encode(HELD_OUT[-1]).ids
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|nope|>"}}))
+    gpt.load_tokenizer.cache_clear()
+    with pytest.raises(ValueError, match="no end-of-text token '<\\|nope\\|>'"):
+        gpt.load_tokenizer(tmp_path)
+    assert gpt.load_tokenizer("gpt2") == (gpt.get_tokenizer(), 50256)
+    small = gpt.build_model(dataclasses.replace(gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"], vocab_size=999, n_layers=1))
+    with pytest.raises(ValueError, match=f"has 999 tokens, but the tokenizer {re.escape(str(tmp_path))}.* uses 1000"):
+        gpt.check_vocabulary(small, "--model x", tokenizer=encoding)
+
+
+def test_tokenizer_json_of_gpt2_gives_tiktokens_gpt2_ids(tmp_path):
+    from transformers import GPT2TokenizerFast
+
+    # GPT-2's two files in tiktoken's cache: encoder.json and vocab.bpe (see testdata/README.md).
+    cache = TESTDATA / "tiktoken_cache"
+    vocab = json.loads((cache / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6").read_text(encoding="utf-8"))
+    merges = (cache / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").read_text(encoding="utf-8").split("\n")[1:]
+    GPT2TokenizerFast(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges if m]).save_pretrained(tmp_path)
+    encoding = gpt.encoding_from_tokenizer_json(json.loads((tmp_path / "tokenizer.json").read_text()), "gpt2")
+    reference = gpt.get_tokenizer()
+    assert encoding.n_vocab == reference.n_vocab == 50257 and encoding.eot_token == 50256
+    for text in HELD_OUT + ["Hello, world<|endoftext|>"]:
+        assert encoding.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+
+
+def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(trained_tokenizers):
+    data = json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text())
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    first, second = ("".join(merges[10]), "".join(merges[20]))
+    swapped = json.loads(json.dumps(data))
+    swapped["model"]["vocab"][first], swapped["model"]["vocab"][second] = vocab[second], vocab[first]
+    # Merge 10 now makes merge 20's id, so merge 11's id is the first out of order.
+    expected = f"makes id {vocab[''.join(merges[11])]}, below the previous merge's {vocab[second]}: ids do not follow"
+    with pytest.raises(ValueError, match=expected):
+        gpt.encoding_from_tokenizer_json(swapped, "tokenizer.json")
+    for change, message in [
+        ({"normalizer": {"type": "NFKC"}}, "normalizer 'NFKC' is not supported"),
+        ({"pre_tokenizer": {"type": "Whitespace"}}, "pre-tokenizer ['Whitespace'] cannot be written"),
+        ({"model": {**data["model"], "type": "Unigram"}}, "not a byte-level BPE tokenizer"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            gpt.encoding_from_tokenizer_json({**data, **change}, "tokenizer.json")
+
+
+def test_tokenizer_json_converted_from_tiktoken_lists_every_split_of_a_token(trained_tokenizers, tmp_path):
+    """Llama 3's and Qwen's tokenizer.json come from tiktoken ranks: each token is listed with
+    every split into two tokens, one merge after the other, and the whole pieces are looked
+    up first (ignore_merges). Such a file gives the reference's ids too."""
+    from tokenizers import Tokenizer
+
+    data = json.loads((trained_tokenizers["llama3"][1] / "tokenizer.json").read_text())
+    vocab, merges = data["model"]["vocab"], [tuple(m) for m in data["model"]["merges"]]
+    listed = []
+    for left, right in merges:
+        token = left + right
+        listed.append((left, right))
+        listed += [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] != left
+                   and vocab.get(token[:i], 1e9) < vocab[token] and vocab.get(token[i:], 1e9) < vocab[token]]
+    assert len(listed) > len(merges) + 50  # many tokens have several splits
+    data["model"].update(merges=[list(m) for m in listed], ignore_merges=True)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    encoding = gpt.encoding_from_tokenizer_json(data, "llama3")
+    for text in HELD_OUT:
+        assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == reference.encode(text).ids
+
+
+def test_tokenizer_json_drops_bytes_missing_from_the_vocabulary_as_the_reference(trained_tokenizers, tmp_path, capsys):
+    from tokenizers import Tokenizer
+
+    data = json.loads((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_text())
+    del data["model"]["vocab"][gpt.byte_level_alphabet()[0x01]]  # a byte no merge uses
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    encoding = gpt.encoding_from_tokenizer_json(data, "smol")
+    text = "a\x01b\x01 c 12"
+    assert encoding.encode(text) == reference.encode(text).ids
+    assert encoding.encode(text) == encoding.encode("a") + encoding.encode("b") + encoding.encode(" c 12")  # \x01 split them
+    assert encoding.n_vocab == len(data["model"]["vocab"]) + 1  # + <|endoftext|>; no stand-in counts
+    assert capsys.readouterr().err.count("dropped") == 1
 
 
 # ========================================================================================
