@@ -1,36 +1,34 @@
 """pretrain.py: pretrain a GPT on plain text by next-token prediction.
 
 The "pretrain" stage of the GPT-2 lifecycle. With no flag it trains a small GPT from
-random initialisation on "The Verdict" (Edith Wharton, public domain, the short story of
+random weights on "The Verdict" (Edith Wharton, public domain; the short story of
 chapter 5 of "Build a Large Language Model (From Scratch)"), downloaded once, on the CPU
 in a few minutes:
 
     python pretrain.py
     python pretrain.py --data tinyshakespeare.txt --emb-dim 128 --max-steps 240 --lr 3e-3 --eval-every 40
-    python pretrain.py --data corpus/ --size gpt2 --batch-size 16 --grad-accum 32
     python pretrain.py --model gpt2 --data my_notes/         # continue from released weights
-    torchrun --nproc_per_node 8 pretrain.py --data corpus/ --size gpt2   # several GPUs
+    torchrun --nproc_per_node 8 pretrain.py --data corpus/ --size gpt2 --grad-accum 4   # several GPUs
     python pretrain.py --resume                              # continue the run in runs/pretrain/ as it was
     python pretrain.py --resume --max-steps 2000             # ... and extend it
 
-The story, top to bottom: the text is tokenized once into a memory-mapped token file,
-split into training and validation tokens and cut into input/target windows; a GPT is
-built (or loaded); one loop trains it with AdamW, warm-up and cosine decay, gradient
-accumulation (and DistributedDataParallel under torchrun), and every --eval-every steps
-measures the train and validation losses, prints a sample and saves. Ctrl-C (or
-SIGTERM) finishes the current step, saves and exits; --resume continues exactly.
+The story: the text is tokenized once into a token file, split into training and
+validation tokens and cut into windows; a GPT is built (or loaded); one loop trains it
+with AdamW, warm-up and cosine decay and gradient accumulation, and every --eval-every
+steps measures both losses, prints a sample and saves. Ctrl-C (or SIGTERM) finishes the
+step, saves and exits; --resume continues exactly.
 
 Writes to --out-dir (default runs/pretrain/; a folder that holds another run is refused
 unless --resume continues it or --overwrite replaces it):
-    run.json      the settings and the data's fingerprint (a few KB)
-    latest.pt     the training state: model, AdamW moments, step, data position, RNG
+    run.json      the settings and the data's fingerprint (1 KB)
+    latest.pt     the training state: model, AdamW moments, step, data position, RNG states
                   (12 bytes per parameter: 196 MB for the default model, 1.5 GB for --size gpt2)
-    best.pt       the model with the lowest validation loss (4 bytes per parameter: 65 MB, 500 MB),
-                  for load_gpt2.py / finetune_classify.py / finetune_instruct.py --model runs/pretrain/best.pt
+    best.pt       the model with the lowest validation loss (4 bytes per parameter: 65 MB,
+                  500 MB), for load_gpt2.py and the fine-tunes: --model runs/pretrain/best.pt
     history.json  the evaluations: step, tokens seen, learning rate, train and validation loss
-    loss.png      train and validation loss against tokens seen (needs matplotlib)
-The token file of a corpus (2 bytes per token) goes to <--cache-dir>/tokens/ and is
-reused while the text files are unchanged.
+    loss.png      both losses against tokens seen (needs matplotlib)
+The token file (2 bytes per token) goes to <--cache-dir>/tokens/, reused while the text
+files are unchanged.
 """
 
 import argparse
@@ -43,7 +41,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -79,45 +76,33 @@ def log(*parts):
 
 
 def resolve_sources(data):
-    """--data -> sorted list of text file Paths.
-
-    A URL is downloaded once into <cache>/data/ (gpt.fetch_dataset); a folder gives the
-    .txt files below it, in sorted order so that the token stream is reproducible.
-    Raises FileNotFoundError for a missing path and ValueError for an empty file or a
-    folder without non-empty .txt files.
-    """
+    """--data -> sorted list of text file Paths: a URL downloaded once into <cache>/data/,
+    a file, or the non-empty .txt files below a folder (sorted: the same token stream
+    every time). Raises FileNotFoundError or ValueError when there is no text."""
     if urlparse(data).scheme in ("http", "https"):
         name = Path(urlparse(data).path).name or "corpus.txt"
         return [gpt.fetch_dataset([data], name, flag="--data")]
     path = Path(data)
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*.txt") if f.is_file())
+        files = sorted(f for f in path.rglob("*.txt") if f.is_file() and f.stat().st_size > 0)
         if not files:
-            raise ValueError(f"--data {data}: the folder holds no .txt files")
-        files = [f for f in files if f.stat().st_size > 0]
-        if not files:
-            raise ValueError(f"--data {data}: every .txt file in the folder is empty")
+            raise ValueError(f"--data {data}: the folder holds no .txt file with text")
         return files
     if not path.is_file():
-        raise FileNotFoundError(
-            f"--data {data}: no such file or folder (give a text file, a folder of .txt files or a URL)"
-        )
+        raise FileNotFoundError(f"--data {data}: no such file or folder (give a text file, a folder or a URL)")
     if path.stat().st_size == 0:
         raise ValueError(f"--data {data}: the file is empty")
     return [path]
 
 
 def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
-    """Yield the text of a UTF-8 file, open in binary mode as f, in pieces decoded from
-    chunk_bytes bytes each, so that a file larger than memory can be read. Line endings
-    become "\\n" whatever they were ("\\r\\n" of Windows, "\\r"), also where a chunk ends
-    between "\\r" and "\\n"; a leading byte-order mark is dropped.
-
-    Raises ValueError with the byte offset of the first invalid UTF-8 sequence, unless
-    replace_invalid, in which case such bytes become U+FFFD.
-    """
+    """Yield the text of a UTF-8 file opened in binary mode (f), decoded chunk_bytes at a
+    time, so that a file larger than memory can be read. Line endings become "\\n"
+    ("\\r\\n" and "\\r" too, also when a chunk ends between "\\r" and "\\n"); a leading
+    byte-order mark is dropped. Raises ValueError with the byte offset of the first
+    invalid UTF-8 sequence, unless replace_invalid (then it becomes U+FFFD)."""
     utf8 = codecs.getincrementaldecoder("utf-8")("replace" if replace_invalid else "strict")
-    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)  # holds back a final "\r"
+    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)  # holds a final "\r" back
     if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
         f.seek(0)
     offset = f.tell()  # bytes of the file handed to the decoder so far
@@ -138,12 +123,9 @@ def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
 
 
 def safe_cut(text):
-    """Index just after the last newline that has non-whitespace on both sides, or 0.
-
-    GPT-2's pre-tokenizer always ends a word there (the newline is a token of its own and
-    the next character starts a new one), so encoding text[:cut] and text[cut:] separately
-    gives exactly the tokens of encoding the whole text.
-    """
+    """Index just after the last newline with non-whitespace on both sides, or 0. GPT-2's
+    pre-tokenizer always ends a word there, so encoding text[:cut] and text[cut:] apart
+    gives exactly the tokens of the whole text."""
     cut = text.rfind("\n", 1, len(text) - 1)
     while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
         cut = text.rfind("\n", 1, cut)
@@ -151,9 +133,8 @@ def safe_cut(text):
 
 
 def encode_pieces(pieces):
-    """Token ids of a stream of text pieces: yields lists of ints whose concatenation
-    equals encoding the joined text at once (cut only where `safe_cut` allows).
-    "<|endoftext|>" in the text becomes the end-of-text token 50256."""
+    """Token ids of a stream of text pieces: yields lists of ints whose concatenation is
+    the encoding of the joined text ("<|endoftext|>" becomes the end-of-text token 50256)."""
     enc = gpt.get_tokenizer()
     buffer = ""
     for piece in pieces:
@@ -168,16 +149,15 @@ def encode_pieces(pieces):
 
 def write_token_file(paths, token_path, replace_invalid=False, chunk_bytes=1 << 20):
     """Tokenize the text files (documents) into token_path, with the end-of-text token
-    50256 between documents, as GPT-2's training data separates them. The file holds the
-    ids as uint16 (GPT-2's 50257 ids fit), native byte order, nothing else. It is written
-    to a temporary file and renamed, so an interrupted run leaves no half file (Ctrl-C
-    here exits 130). Returns (number of tokens, SHA-256 of the file: the data's fingerprint).
-    """
-    token_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = token_path.with_name(f".{token_path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    between documents as in GPT-2's training data: the ids as uint16 (50257 ids fit),
+    native byte order. Written to a temporary file and renamed, so an interrupted run
+    leaves no half file (Ctrl-C here exits 130). Returns (number of tokens, SHA-256 of
+    the file: the data's fingerprint)."""
+    tmp = token_path.with_name(f".{token_path.name}.tmp{os.getpid()}")
     total_bytes, done_bytes = sum(p.stat().st_size for p in paths), 0
     digest, n_tokens, started = hashlib.sha256(), 0, time.time()
     try:
+        token_path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as out:
             for path in paths:
                 separator = [gpt.EOT_ID] if n_tokens else []  # between documents, not before the first
@@ -201,7 +181,7 @@ def write_token_file(paths, token_path, replace_invalid=False, chunk_bytes=1 << 
         os.replace(tmp, token_path)
     except KeyboardInterrupt:
         gpt.end_progress()
-        print("interrupted while tokenizing: the partial token file is deleted, no run file written", file=sys.stderr)
+        print("interrupted while tokenizing: nothing new is saved, the partial token file is deleted", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         tmp.unlink(missing_ok=True)
@@ -209,51 +189,35 @@ def write_token_file(paths, token_path, replace_invalid=False, chunk_bytes=1 << 
 
 
 def prepare_token_file(paths, token_dir, replace_invalid=False):
-    """(Path of the token file of the corpus, number of tokens, its SHA-256), tokenizing
-    only when needed: the file is reused while a JSON file beside it records the same
-    sources with the same sizes and modification times. Raises ValueError when the text
-    has no tokens.
-    """
+    """(token file Path, number of tokens, SHA-256) of the corpus, tokenizing only when
+    needed: the file is reused while the JSON record beside it lists the same sources
+    with the same sizes and modification times. Raises ValueError for a text without tokens."""
     sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
     key = hashlib.sha256(json.dumps([[s[0] for s in sources], replace_invalid]).encode()).hexdigest()[:16]
     token_path = Path(token_dir) / f"{paths[0].stem}-{key}.uint16"
-    meta_path = token_path.with_suffix(".json")
-    meta = {"tokenizer": "gpt2", "dtype": "uint16", "replace_invalid_utf8": replace_invalid, "sources": sources}
+    record_path = token_path.with_suffix(".json")
+    record = {"tokenizer": "gpt2", "dtype": "uint16", "replace_invalid_utf8": replace_invalid, "sources": sources}
     try:
-        saved = json.loads(meta_path.read_text())
-    except (OSError, ValueError):  # not tokenized yet, or an unreadable record: tokenize
-        saved = {}
-    if {k: saved.get(k) for k in meta} == meta and token_path.is_file() and "sha256" in saved:
-        if token_path.stat().st_size == 2 * saved["n_tokens"]:
+        saved = json.loads(record_path.read_text())
+        if {k: saved[k] for k in record} == record and token_path.stat().st_size == 2 * saved["n_tokens"]:
             log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
             return token_path, saved["n_tokens"], saved["sha256"]
+    except (OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
+        pass
     started = time.time()
-    meta_path.unlink(missing_ok=True)  # the token file is about to change
+    record_path.unlink(missing_ok=True)  # the token file is about to change
     n_tokens, sha256 = write_token_file(paths, token_path, replace_invalid)
     if n_tokens == 0:
         raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
-    gpt.write_json(meta_path, {**meta, "n_tokens": n_tokens, "sha256": sha256})
-    megabytes = sum(s[1] for s in sources) / 1e6
-    log(
-        f"token file: {token_path} ({n_tokens:,} tokens from {len(paths)} file(s), {megabytes:.1f} MB, "
-        f"in {gpt.format_duration(time.time() - started)})"
-    )
+    gpt.write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": sha256})
+    log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
     return token_path, n_tokens, sha256
-
-
-def load_token_file(path, n_tokens):
-    """Memory-map a token file -> int16 tensor [n_tokens] that reads the file on demand
-    (no copy: a corpus larger than memory works). torch has no general uint16 type before
-    2.3, so the ids above 32767 read as negative int16; `& 0xFFFF` in `get_batch` undoes it."""
-    return torch.from_file(str(path), shared=False, size=n_tokens, dtype=torch.int16)
 
 
 def split_tokens(tokens, train_fraction, context_length):
     """tokens [n] -> (train tokens [int(train_fraction * n)], validation tokens [the rest]).
-
-    Raises ValueError when either split has fewer than context_length + 1 tokens (one
-    window and its shifted target), saying which context length or split would work.
-    """
+    Raises ValueError when a split has fewer than context_length + 1 tokens (one window
+    and its shifted target), saying which context length or split would work."""
     n = len(tokens)
     n_train = int(train_fraction * n)
     need = context_length + 1
@@ -274,32 +238,30 @@ def split_tokens(tokens, train_fraction, context_length):
 
 
 def count_windows(n_tokens, context_length, stride):
-    """Number of training windows in n_tokens tokens: they start at 0, stride, 2 * stride, ...
-    and each needs context_length + 1 tokens (the inputs, and the targets one further).
-    E.g. 10 tokens, context 4, stride 2: starts 0, 2, 4 -> 3 windows."""
+    """Number of windows starting at 0, stride, 2 * stride, ..., each with context_length
+    + 1 tokens (the inputs, and the targets one further). 10 tokens, context 4, stride 2:
+    starts 0, 2, 4 -> 3 windows."""
     if n_tokens < context_length + 1:
         return 0
     return (n_tokens - context_length - 1) // stride + 1
 
 
 def get_batch(tokens, starts, context_length, device):
-    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length].
-
-    targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token.
-    """
+    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length],
+    with targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
     rows = torch.stack([tokens[s : s + context_length + 1] for s in starts]).long() & 0xFFFF  # uint16 ids
     if device.type == "cuda":
-        rows = rows.pin_memory().to(device, non_blocking=True)  # copy overlaps with compute
+        rows = rows.pin_memory().to(device, non_blocking=True)  # the copy overlaps with compute
     else:
         rows = rows.to(device)
     return rows[:, :-1], rows[:, 1:]
 
 
 class WindowOrder:
-    """The order in which the training windows are read: sample i of the run is window
-    perm(i // n_windows)[i % n_windows], where perm(epoch) is a random permutation seeded
-    by (seed, epoch). The data position is therefore one number, the samples seen, which
-    a checkpoint stores and any process can turn into its share of any batch."""
+    """The order of the training windows: sample i of the run is window
+    perm(i // n_windows)[i % n_windows], perm(epoch) a permutation seeded by (seed, epoch).
+    The data position is then one number, the samples seen, which a checkpoint stores
+    and any process turns into its share of any batch."""
 
     def __init__(self, n_windows, stride, seed):
         self.n_windows, self.stride, self.seed = n_windows, stride, seed
@@ -315,13 +277,10 @@ class WindowOrder:
 
 
 def micro_batch_starts(order, samples_seen, micro_step, batch_size, rank=0, world_size=1):
-    """Window starts of one process's micro-batch.
-
-    An optimizer step reads batch_size * grad_accum * world_size consecutive samples from
-    samples_seen on. Micro-step m of rank r takes samples samples_seen + (m * world_size
-    + r) * batch_size + [0, batch_size): the ranks' micro-batches side by side are the
-    micro-batch of one process with batch_size * world_size (rank-offset windows).
-    """
+    """Window starts of one process's micro-batch. A step reads batch_size * grad_accum
+    * world_size consecutive samples from samples_seen on; micro-step m of rank r takes
+    samples_seen + (m * world_size + r) * batch_size + [0, batch_size), so the ranks'
+    micro-batches side by side are one process's micro-batch of batch_size * world_size."""
     first = samples_seen + (micro_step * world_size + rank) * batch_size
     return [order.start(i) for i in range(first, first + batch_size)]
 
@@ -335,8 +294,8 @@ def evaluation_starts(n_tokens, context_length, max_windows):
 
 
 def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_000):
-    """Cross-entropy (nats per token) of the validation tokens under the token frequencies
-    of the training tokens, add-one smoothed: the loss of a model that ignores context.
+    """Cross-entropy (nats per token) of the validation tokens under the add-one smoothed
+    token frequencies of the training tokens: the loss of a model that ignores context.
     Counts at most the first max_tokens of each split, to stay quick on big corpora."""
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     train_tokens, val_tokens = train_tokens[:max_tokens], val_tokens[:max_tokens]
@@ -354,7 +313,7 @@ def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_00
 class Splits:
     """The token splits and the windows that training and evaluation read from them."""
 
-    train: torch.Tensor  # int16 [n_train], uint16 ids (see load_token_file)
+    train: torch.Tensor  # int16 [n_train]: uint16 ids read as int16 (& 0xFFFF undoes it)
     val: torch.Tensor  # int16 [n_val]
     context_length: int  # tokens per window
     order: WindowOrder  # the training window of each sample of the run
@@ -364,33 +323,30 @@ class Splits:
 
 
 def make_splits(token_path, n_tokens, args, cfg, world_size=1):
-    """The Splits of a token file for a model of config cfg and the settings args
-    (context length, stride, train fraction, evaluation batches, seed)."""
+    """The Splits of a token file, for a model of config cfg and the settings args."""
     context_length = args.context_length or cfg.context_length
     if context_length > cfg.context_length:
         raise ValueError(
             f"--context-length {context_length} is longer than the model's context length {cfg.context_length}"
         )
     stride = args.stride or context_length
-    train, val = split_tokens(load_token_file(token_path, n_tokens), args.train_fraction, context_length)
+    # Memory-mapped: read on demand, so a corpus larger than memory works (torch has no uint16 before 2.3).
+    tokens = torch.from_file(str(token_path), shared=False, size=n_tokens, dtype=torch.int16)
+    train, val = split_tokens(tokens, args.train_fraction, context_length)
     n_windows = count_windows(len(train), context_length, stride)
     eval_windows = args.eval_batches * args.batch_size * world_size
-    eval_starts = {
-        name: evaluation_starts(len(split), context_length, eval_windows)
-        for name, split in [("train", train), ("val", val)]
-    }
+    eval_starts = {"train": evaluation_starts(len(train), context_length, eval_windows)}
+    eval_starts["val"] = evaluation_starts(len(val), context_length, eval_windows)
     log(
         f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
         f"{n_windows:,} training windows of {context_length} tokens, stride {stride}"
     )
-    order = WindowOrder(n_windows, stride, args.seed)
-    return Splits(
-        train, val, context_length, order, n_windows, eval_starts, unigram_baseline(train, val, cfg.vocab_size)
-    )
+    order, unigram_loss = WindowOrder(n_windows, stride, args.seed), unigram_baseline(train, val, cfg.vocab_size)
+    return Splits(train, val, context_length, order, n_windows, eval_starts, unigram_loss)
 
 
 # ----------------------------------------------------------------------------------------
-# 2. Model
+# 2. Model and learning-rate schedule (the optimizer: gpt.make_adamw, in `pretrain`)
 # ----------------------------------------------------------------------------------------
 
 
@@ -400,10 +356,10 @@ def size_config(size):
 
 
 def build_model(args, checkpoint=None):
-    """The GPTModel to train, in float32 on the CPU, in training mode: from a --resume
-    checkpoint, from --model weights (with this run's --drop-rate), or new with random
-    weights (GPT-2's initialisation, seeded by --seed) of --size and the shape flags.
-    Raises ValueError when a --model's vocabulary is smaller than the GPT-2 tokenizer's."""
+    """The GPTModel to train, float32 on the CPU, in training mode: from a --resume
+    checkpoint, from --model weights (with this run's --drop-rate), or new (GPT-2's
+    initialisation, seeded by --seed). Raises ValueError for a --model whose vocabulary
+    is smaller than the GPT-2 tokenizer's."""
     if checkpoint is not None:
         return gpt.model_from_checkpoint(checkpoint).train()
     if args.model:
@@ -421,11 +377,6 @@ def build_model(args, checkpoint=None):
     return gpt.GPTModel(dataclasses.replace(size_config(args.size), drop_rate=args.drop_rate, **shape)).train()
 
 
-# ----------------------------------------------------------------------------------------
-# 3. Learning-rate schedule (the optimizer: gpt.make_adamw with GPT-3's betas, in pretrain)
-# ----------------------------------------------------------------------------------------
-
-
 def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
     """Learning rate of optimizer step `step` (0-based): a linear warm-up to max_lr over
     warmup_steps, then a cosine decay to min_lr_ratio * max_lr at total_steps (Loshchilov
@@ -438,15 +389,14 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Training and evaluation
+# 3. Training and evaluation
 # ----------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def evaluate_loss(model, splits, split, batch_size, autocast, proc):
-    """Mean cross-entropy (nats per token) of the evaluation windows of a split ("train"
-    or "val"). With several processes each takes every world_size-th window and the sums
-    are all-reduced, so every process returns the same number."""
+    """Mean cross-entropy (nats per token) of the evaluation windows of split ("train" or
+    "val"). Each process takes every world_size-th window; the sums are all-reduced."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
     mine = splits.eval_starts[split][proc.rank :: proc.world_size]
@@ -465,71 +415,59 @@ def evaluate_loss(model, splits, split, batch_size, autocast, proc):
 
 
 def sample_text(model, prompt, max_new_tokens, seed, device):
-    """The prompt and a continuation of it (temperature 0.8, top-k 50, seeded: successive
-    evaluations differ only through training). An empty prompt starts from <|endoftext|>."""
+    """The prompt and a continuation (temperature 0.8, top-k 50, seeded: successive samples
+    differ only through training), lines after the first indented for the log. An empty
+    prompt starts from <|endoftext|>."""
     idx = gpt.text_to_token_ids(prompt, device=device) if prompt else torch.tensor([[gpt.EOT_ID]], device=device)
     out = gpt.generate(model, idx, max_new_tokens, temperature=0.8, top_k=50, seed=seed)
-    return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :])
+    return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :]).replace("\n", "\n          ")
 
 
 def train(args, model, optimizer, splits, proc, state):
-    """The training loop, from optimizer step state["step"] to state["total_steps"].
-
-    Each step reads --grad-accum micro-batches of --batch-size windows per process.
-    Every --eval-every steps, at the start and at the end, the loop measures both
-    losses, prints a sample and saves best.pt (when validation improved), history.json
-    and latest.pt. A stop (Ctrl-C, SIGTERM, --stop-at-step) comes after the step's
-    evaluation and saves latest.pt, so that --resume continues exactly where an
-    uninterrupted run would be. Updates state in place; returns None at the end of the
-    schedule, else "stop-at-step" or the signal's name.
-    """
+    """The training loop, from step state["step"] to state["total_steps"], updating state.
+    Evaluates and saves every --eval-every steps, at the start and at the end; a stop
+    (Ctrl-C, SIGTERM, --stop-at-step) saves latest.pt after the step's evaluation, so
+    --resume goes on exactly. Returns None at the end, else "stop-at-step" or the signal."""
     out_dir, history, total_steps = Path(args.out_dir), state["history"], state["total_steps"]
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total_steps)
-    global_batch = args.batch_size * args.grad_accum * proc.world_size
+    global_batch = args.batch_size * args.grad_accum * proc.world_size  # windows per optimizer step
     autocast, dtype_name = autocast_context(proc.device, args.dtype)
-    compiled = torch.compile(model) if args.compile else model
-    train_model = wrap_for_processes(compiled, proc)
+    compiled, train_model = compile_and_wrap(model, args.compile, proc)
     peak = peak_flops(proc.device, dtype_name, args.peak_flops)  # None: no MFU
-    flops_token = flops_per_token(model, splits.context_length)
+    flops_token, tokens_per_step = flops_per_token(model, splits.context_length), global_batch * splits.context_length
     started, first_step = time.time(), state["step"]
     interval_start, interval_step = started, first_step
     with StopSignal(single_process=proc.world_size == 1) as stopper:
         while True:
-            step = state["step"]
+            step, tokens = state["step"], state["samples_seen"] * splits.context_length
             lr = cosine_with_warmup(step, args.lr, warmup_steps, total_steps, args.min_lr_ratio)
-            # Evaluate, sample and save (unless this step was evaluated before a --resume).
-            evaluation_step = step % args.eval_every == 0 or step == total_steps
-            if evaluation_step and not (history and history[-1]["step"] == step):
-                eval_started = time.time()
-                train_loss, val_loss = [
-                    evaluate_loss(compiled, splits, name, args.batch_size, autocast, proc) for name in ("train", "val")
-                ]
-                gpt.check_finite_loss(train_loss + val_loss, step)  # NaN or infinity in either
-                improved = step > 0 and val_loss < state["best_val_loss"]  # the random start is never "best"
-                state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
-                tokens = state["samples_seen"] * splits.context_length
-                history.append(
-                    {"step": step, "tokens": tokens, "lr": lr, "train_loss": train_loss, "val_loss": val_loss}
-                )
+            paused = time.time()  # evaluating and saving do not count in tokens/s
+            evaluated = bool(history) and history[-1]["step"] == step  # before a --resume
+            evaluate_now = (step % args.eval_every == 0 or step == total_steps) and not evaluated
+            if evaluate_now:
+                losses = [evaluate_loss(compiled, splits, s, args.batch_size, autocast, proc) for s in ("train", "val")]
+                gpt.check_finite_loss(sum(losses), step)  # NaN or infinity in either
+                improved = step > 0 and losses[1] < state["best_val_loss"]  # the random start is never "best"
+                state["best_val_loss"] = losses[1] if improved else state["best_val_loss"]
+                history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=losses[0], val_loss=losses[1]))
                 log(
-                    f"eval step {step} | train loss {train_loss:.3f} (ppl {math.exp(train_loss):,.1f}) | "
-                    f"val loss {val_loss:.3f} (ppl {math.exp(val_loss):,.1f})" + (" | best so far" if improved else "")
+                    f"eval step {step} | train loss {losses[0]:.3f} | val loss {losses[1]:.3f} "
+                    f"(perplexity {math.exp(losses[1]):,.1f})" + (" | best so far" if improved else "")
                 )
                 if proc.rank == 0:
-                    sample = sample_text(model, args.prompt, args.sample_tokens, args.seed, proc.device)
-                    log("  sample: " + sample.replace("\n", "\n          "))
+                    log("  sample: " + sample_text(model, args.prompt, args.sample_tokens, args.seed, proc.device))
                     if improved:
-                        save_model(out_dir / "best.pt", model, step=step, tokens_seen=tokens, val_loss=val_loss)
+                        save_model(out_dir / "best.pt", model, step=step, tokens_seen=tokens, val_loss=losses[1])
                     gpt.write_json(
-                        out_dir / "history.json", {"unigram_loss": splits.unigram_loss, "evaluations": history}
+                        out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history)
                     )
+            stop = stopper.requested or step >= (args.stop_at_step or math.inf)
+            stop = step == total_steps or any_process(stop, proc)  # every process stops at the same step
+            if evaluate_now or stop:
                 save_training_state(out_dir / "latest.pt", model, optimizer, proc, state)
-                interval_start += time.time() - eval_started  # the throughput counts training time only
-            stop = stopper.requested or (args.stop_at_step is not None and step >= args.stop_at_step)
-            if step == total_steps or any_process(stop, proc):  # every process stops at the same step
-                if not evaluation_step:
-                    save_training_state(out_dir / "latest.pt", model, optimizer, proc, state)
+            if stop:
                 return None if step == total_steps else stopper.signal_name or "stop-at-step"
+            interval_start += time.time() - paused
 
             # One optimizer step: forward, loss and backward for each micro-batch, then the update.
             for group in optimizer.param_groups:
@@ -540,8 +478,8 @@ def train(args, model, optimizer, splits, proc, state):
                     splits.order, state["samples_seen"], micro_step, args.batch_size, proc.rank, proc.world_size
                 )
                 inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
-                last = micro_step == args.grad_accum - 1
-                with train_model.no_sync() if proc.world_size > 1 and not last else nullcontext():  # sync once
+                accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
+                with train_model.no_sync() if accumulate else nullcontext():
                     with autocast:
                         logits = train_model(inputs)  # [batch, seq_len, vocab_size]
                         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / args.grad_accum
@@ -550,25 +488,25 @@ def train(args, model, optimizer, splits, proc, state):
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            state["step"], state["samples_seen"] = step + 1, state["samples_seen"] + global_batch
+            step += 1
+            state.update(step=step, samples_seen=state["samples_seen"] + global_batch)
 
-            if state["step"] % args.log_every == 0 or state["step"] == total_steps:
+            if step % args.log_every == 0 or step == total_steps:
                 loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
-                gpt.check_finite_loss(loss_value, state["step"])
-                seconds = time.time() - interval_start
-                tokens_per_s = (state["step"] - interval_step) * global_batch * splits.context_length / seconds
-                mfu = f" | MFU {100 * flops_token * tokens_per_s / (peak * proc.world_size):.1f}%" if peak else ""
+                gpt.check_finite_loss(loss_value, step)
+                tokens_per_s = (step - interval_step) * tokens_per_step / (time.time() - interval_start)
+                mfu = f" | MFU {flops_token * tokens_per_s / (peak * proc.world_size):.1%}" if peak else ""
+                eta = gpt.eta(started, step - first_step, total_steps - first_step)
                 log(
-                    f"step {state['step']:>{len(str(total_steps))}}/{total_steps} | loss {loss_value:.3f} | "
-                    f"lr {lr:.2e} | grad norm {norm.item():.2f} | {tokens_per_s:,.0f} tok/s{mfu} | "
-                    f"ETA {gpt.eta(started, state['step'] - first_step, total_steps - first_step)}"
+                    f"step {step}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | grad norm {norm:.2f} | "
+                    f"{tokens_per_s:,.0f} tok/s{mfu} | ETA {eta}"
                 )
-                interval_start, interval_step = time.time(), state["step"]
+                interval_start, interval_step = time.time(), step
 
 
 def plot_history(path, history, unigram_loss):
-    """loss.png: train and validation loss of each evaluation against tokens seen, with
-    the unigram baseline as a flat line. Returns the path, or None without matplotlib."""
+    """loss.png: both losses of each evaluation against tokens seen, and the unigram
+    baseline as a flat line. Returns the path, or None without matplotlib."""
     tokens = [h["tokens"] for h in history]
     series = {
         "train": (tokens, [h["train_loss"] for h in history]),
@@ -579,15 +517,14 @@ def plot_history(path, history, unigram_loss):
 
 
 # ----------------------------------------------------------------------------------------
-# 5. The stage: data, model, optimizer, loop
+# 4. The stage: data, model, optimizer, the loop
 # ----------------------------------------------------------------------------------------
 
 
 def pretrain(args, proc):
-    """Run the stage with the settings args (see parse_settings) in the processes proc
-    (see setup_distributed). Returns a summary dict: steps, tokens_seen, train_loss,
-    val_loss, best_val_loss, unigram_loss, latest, best, stopped (None, or
-    "stop-at-step" / the signal's name when the run stopped early)."""
+    """Run the stage with the settings args (see `parse_settings`) in this process (proc:
+    see `setup_distributed`). Returns a summary dict: steps, tokens_seen, train_loss,
+    val_loss, best_val_loss, unigram_loss, latest, best, stopped (see `train`)."""
     out_dir = Path(args.out_dir)
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
         gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
@@ -597,17 +534,16 @@ def pretrain(args, proc):
         log("warning: --dtype bfloat16 is usually much slower than float32 on CPUs; --dtype auto picks float32 there")
     checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
 
-    # Data. The first process of each machine tokenizes; the others wait, then reuse its file.
-    barrier(proc, proc.local_rank != 0)
+    # Data: the first process of each machine tokenizes; the others wait, then reuse its file.
+    barrier(proc, wait=proc.local_rank != 0)
     token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
     token_path, n_tokens, sha256 = prepare_token_file(resolve_sources(args.data), token_dir, args.replace_invalid_utf8)
-    barrier(proc, proc.local_rank == 0)
+    barrier(proc, wait=proc.local_rank == 0)
     data = {"n_tokens": n_tokens, "sha256": sha256}
     if checkpoint is not None and checkpoint["data"] != data:
         raise ValueError(
-            f"--resume: --data {args.data} changed since the run started ({n_tokens:,} tokens, SHA-256 {sha256[:12]}... "
-            f"against {checkpoint['data']['n_tokens']:,}, {checkpoint['data']['sha256'][:12]}...): "
-            "restore the data, or start a new run with --overwrite"
+            f"--resume: --data {args.data} changed since the run started (SHA-256 of its tokens {sha256[:12]}..., "
+            f"was {checkpoint['data']['sha256'][:12]}...): restore it, or start a new run with --overwrite"
         )
 
     # Model and optimizer: AdamW with betas (0.9, 0.95), as GPT-3 (Brown et al., 2020, appendix B).
@@ -635,28 +571,34 @@ def pretrain(args, proc):
         gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
     log(gpt.model_summary(model, "model") + f"; {proc.device}, {proc.world_size} process(es)")
     log(
-        f"training: {total_steps} steps of {global_batch} windows ({global_batch * splits.context_length:,} tokens) = "
-        f"{total_steps * global_batch / splits.n_windows:.2f} epochs, peak lr {args.lr:g}"
+        f"training: {total_steps} steps of {global_batch} windows ({global_batch * splits.context_length:,} tokens), "
+        f"{total_steps * global_batch / splits.n_windows:.2f} epochs; unigram baseline {splits.unigram_loss:.3f}"
     )
-    log(f"unigram baseline: validation loss {splits.unigram_loss:.3f} for a model that ignores context")
 
     stopped = train(args, model, optimizer, splits, proc, state)
     if proc.rank == 0:
         plot_history(out_dir / "loss.png", state["history"], splits.unigram_loss)
     last = state["history"][-1]
     if stopped:
-        log(f"stopped at step {state['step']} ({stopped}): saved {out_dir / 'latest.pt'}; continue with --resume")
+        log(f"stopped at step {state['step']} ({stopped}): saved {out_dir / 'latest.pt'}; go on with --resume")
     else:
-        log(f"done: {state['step']} steps; validation loss {last['val_loss']:.3f} (best {state['best_val_loss']:.3f})")
+        log(f"done: {state['step']} steps, validation loss {last['val_loss']:.3f} (best {state['best_val_loss']:.3f})")
         log(f"try the model: python load_gpt2.py --model {out_dir / 'best.pt'}")
-    summary = {"steps": state["step"], "tokens_seen": state["samples_seen"] * splits.context_length}
-    summary.update(train_loss=last["train_loss"], val_loss=last["val_loss"], best_val_loss=state["best_val_loss"])
-    summary.update(unigram_loss=splits.unigram_loss, stopped=stopped)
-    return {**summary, "latest": out_dir / "latest.pt", "best": out_dir / "best.pt"}
+    return {
+        "steps": state["step"],
+        "tokens_seen": state["samples_seen"] * splits.context_length,
+        "train_loss": last["train_loss"],
+        "val_loss": last["val_loss"],
+        "best_val_loss": state["best_val_loss"],
+        "unigram_loss": splits.unigram_loss,
+        "latest": out_dir / "latest.pt",
+        "best": out_dir / "best.pt",
+        "stopped": stopped,
+    }
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Command line and settings
+# 5. Command line and settings
 # ----------------------------------------------------------------------------------------
 
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
@@ -738,25 +680,19 @@ def build_parser():
 
 
 def parse_settings(argv=None):
-    """The run's settings -> Namespace.
-
-    A new run: the command line, and the checks that involve two flags (argparse exits
-    2 for a bad flag). --resume: the settings saved in --out-dir/run.json, with
-    THIS_COMMAND's from the command line and --max-steps/--epochs when given. Raises
-    ValueError naming the flag and both values when another flag contradicts the saved run.
-    """
+    """The run's settings -> Namespace. A new run: the command line, checked (argparse
+    exits 2). --resume: the settings in --out-dir/run.json, THIS_COMMAND's from the
+    command line, --max-steps/--epochs when given; raises ValueError naming the flag and
+    both values when another flag contradicts the saved run."""
     parser = build_parser()
     args = parser.parse_args(argv)
     shape_flags = [gpt.flag_name(k) for k in ("size", "n_layers", "n_heads", "emb_dim") if getattr(args, k) is not None]
     if args.model and shape_flags and not args.resume:
         parser.error(f"--model takes the model's shape from its weights: drop {', '.join(shape_flags)}")
+    emb_dim, n_heads = args.emb_dim or size_config(args.size).emb_dim, args.n_heads or size_config(args.size).n_heads
+    if not args.resume and emb_dim % n_heads:
+        parser.error(f"--emb-dim {emb_dim} must be divisible by --n-heads {n_heads} (each head gets an equal share)")
     if not args.resume:
-        base = size_config(args.size)
-        emb_dim, n_heads = args.emb_dim or base.emb_dim, args.n_heads or base.n_heads
-        if emb_dim % n_heads:
-            parser.error(
-                f"--emb-dim {emb_dim} must be divisible by --n-heads {n_heads} (each head gets an equal share)"
-            )
         return args
     run_file = Path(args.out_dir) / "run.json"
     if not run_file.is_file():
@@ -774,16 +710,16 @@ def parse_settings(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Plumbing: processes and devices, memory, checkpoints, signals
+# 6. Plumbing: processes and devices, memory, checkpoints, signals
 # ----------------------------------------------------------------------------------------
 
 Processes = collections.namedtuple("Processes", "rank local_rank world_size device")
 
 
 def setup_distributed(device_name):
-    """Processes(rank, local_rank, world_size, device). Under torchrun (RANK and
-    WORLD_SIZE in the environment) this joins the process group: NCCL between GPUs, one
-    GPU per process (cuda:LOCAL_RANK), or Gloo between CPU processes. Otherwise one process."""
+    """Processes(rank, local_rank, world_size, device). Under torchrun (RANK and WORLD_SIZE
+    set) this joins the process group: NCCL between GPUs, one GPU per process
+    (cuda:LOCAL_RANK), or Gloo between CPU processes. Otherwise one process."""
     device = gpt.pick_device(device_name)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Processes(0, 0, 1, device)
@@ -798,13 +734,13 @@ def setup_distributed(device_name):
 
 
 def barrier(proc, wait=True):
-    """Wait until every process gets here (only with several processes, and when wait)."""
+    """Wait here until every process arrives (with several processes, and when wait)."""
     if proc.world_size > 1 and wait:
         dist.barrier()
 
 
 def any_process(flag, proc):
-    """Whether flag is true in any process (all-reduced; every process must call this)."""
+    """Whether flag is true in any process (every process must call this)."""
     if proc.world_size == 1:
         return flag
     value = torch.tensor(float(flag), device=proc.device)
@@ -812,18 +748,19 @@ def any_process(flag, proc):
     return bool(value.item())
 
 
-def wrap_for_processes(model, proc):
-    """DistributedDataParallel(model) with several processes (it all-reduces the
-    gradients in backward), else the model itself."""
+def compile_and_wrap(model, compile_model, proc):
+    """(model to evaluate, model to train): torch.compile'd with --compile; to train under
+    torchrun in DistributedDataParallel, which all-reduces the gradients in backward."""
+    compiled = torch.compile(model) if compile_model else model
     if proc.world_size == 1:
-        return model
-    return DistributedDataParallel(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
+        return compiled, compiled
+    return compiled, DistributedDataParallel(compiled, device_ids=[proc.device] if proc.device.type == "cuda" else None)
 
 
 def autocast_context(device, dtype_name):
     """(autocast context, dtype name): bfloat16 autocast where asked for (auto: on CUDA
-    GPUs that support it), else a no-op context and float32. The weights, gradients
-    and optimizer state stay float32 either way."""
+    GPUs that support it), else a no-op context and float32. Weights, gradients and
+    optimizer state stay float32 either way."""
     if dtype_name == "auto":
         dtype_name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype_name == "bfloat16":
@@ -833,65 +770,47 @@ def autocast_context(device, dtype_name):
 
 # Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found
 # in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.
-GPU_PEAK_BF16_FLOPS = {
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-}
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
 
 def peak_flops(device, dtype_name, given=None):
-    """Peak FLOP/s of one device for MFU: --peak-flops if given, else the table entry for a
-    CUDA GPU training in bfloat16, else None (CPUs: no reliable number, so no MFU)."""
-    if given:
+    """Peak FLOP/s of one device for MFU: --peak-flops if given, else the table's for a CUDA
+    GPU training in bfloat16, else None (CPUs: no reliable number, so no MFU)."""
+    if given or device.type != "cuda" or dtype_name != "bfloat16":
         return given
-    if device.type != "cuda" or dtype_name != "bfloat16":
-        return None
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_BF16_FLOPS.items() if key in name), None)
+    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
 
 
 def flops_per_token(model, seq_len):
-    """Training FLOPs per token: 6 N for the forward and backward matrix multiplications
-    of N weights (the tied output head included, the position lookup not) plus
-    12 * n_layers * emb_dim * seq_len for attention (PaLM, Chowdhery et al., 2022, app. B)."""
-    cfg = model.cfg
+    """Training FLOPs per token: 6 N for the forward and backward matrix multiplications of
+    N weights (the tied head included, the position lookup not) plus 12 * n_layers *
+    emb_dim * seq_len for attention (PaLM, Chowdhery et al., 2022, appendix B)."""
     n_params = gpt.count_parameters(model) - model.wpe.weight.numel()
-    return 6 * n_params + 12 * cfg.n_layers * cfg.emb_dim * seq_len
+    return 6 * n_params + 12 * model.cfg.n_layers * model.cfg.emb_dim * seq_len
 
 
 def available_memory():
-    """Bytes of memory available to this process: MemAvailable of /proc/meminfo (Linux),
-    else the physical memory, else None when neither can be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        pass
+    """Bytes of memory this machine has, or None where the operating system does not say."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
+    except (AttributeError, OSError, ValueError):  # no sysconf on Windows
         return None
 
 
 def check_step_memory(model, batch_size, context_length):
-    """Raise ValueError when a training step on the CPU needs more memory than is
-    available, before training starts: there the operating system may kill a process
-    that runs out, without a message. The estimate, in bytes: 16 per parameter (float32
-    weights, gradients, AdamW's two moments), per token 68 * emb_dim per layer for the
-    activations kept for the backward pass (Korthikanti et al., 2022, section 4.1, in
-    float32 and without the attention matrix, which scaled_dot_product_attention never
-    holds), and 12 per vocabulary entry for the logits, their softmax and its gradient."""
+    """Raise ValueError before training when a step on the CPU needs more memory than the
+    machine has (the operating system may kill such a process without a message). The
+    estimate, in bytes: 16 per parameter (float32 weights, gradients, AdamW's moments) and
+    per token 68 * emb_dim per layer of activations (Korthikanti et al., 2022, section
+    4.1, in float32, no attention matrix) plus 12 per vocabulary entry (logits, softmax, gradient)."""
     cfg, processes = model.cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     per_token = 68 * cfg.emb_dim * cfg.n_layers + 12 * cfg.vocab_size
     need = processes * (16 * gpt.count_parameters(model) + batch_size * context_length * per_token)
     have = available_memory()
     if have is not None and need > have:
         raise ValueError(
-            f"a training step needs about {need / 1e6:,.0f} MB of memory, but {have / 1e6:,.0f} MB are available: "
+            f"a training step needs about {need / 1e6:,.0f} MB of memory, but this machine has {have / 1e6:,.0f} MB: "
             "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
         )
 
@@ -902,9 +821,9 @@ def save_model(path, model, **extra):
 
 
 def save_training_state(path, model, optimizer, proc, state):
-    """Write latest.pt: the model, the AdamW moments, every process's RNG states (for the
-    same dropout masks after --resume) and `state` (step, data position, history,
-    settings, data fingerprint). Every process must call this; the first one writes."""
+    """Write latest.pt: the model, AdamW's moments, every process's RNG states (the same
+    dropout masks after --resume) and state (step, data position, history, settings, data
+    fingerprint). Every process must call this; the first one writes."""
     rng_states = [gpt.rng_state()]
     if proc.world_size > 1:
         rng_states = [None] * proc.world_size
@@ -914,8 +833,8 @@ def save_training_state(path, model, optimizer, proc, state):
 
 
 def load_training_state(path):
-    """latest.pt of the run to continue -> checkpoint dict. Raises ValueError when it is
-    missing or not a training state of this pretrain.py."""
+    """latest.pt of the run to continue -> dict. Raises ValueError when it is missing or
+    not a training state of this pretrain.py."""
     if not path.is_file():
         raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
     checkpoint = gpt.load_checkpoint(path)
@@ -926,8 +845,8 @@ def load_training_state(path):
 
 
 def restore_training_state(checkpoint, optimizer, proc):
-    """Load the AdamW moments and this process's RNG states from a latest.pt checkpoint
-    (reseeding when it was saved by another number of processes) -> the loop's state."""
+    """Load AdamW's moments and this process's RNG states from latest.pt (reseed when it
+    was saved by another number of processes) -> the loop's state."""
     fused = optimizer.defaults.get("fused")
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:
@@ -936,23 +855,19 @@ def restore_training_state(checkpoint, optimizer, proc):
     if len(states) == proc.world_size:
         gpt.set_rng_state(states[proc.rank], proc.device)
     else:
-        log(
-            f"note: the checkpoint has RNG states of {len(states)} processes, this run has {proc.world_size}: reseeding"
-        )
+        log(f"note: latest.pt has the RNG states of {len(states)} processes, not {proc.world_size}: reseeding")
         torch.manual_seed(checkpoint["settings"]["seed"] + proc.rank + checkpoint["step"])
     return {key: checkpoint[key] for key in ("step", "samples_seen", "best_val_loss", "history")}
 
 
 class StopSignal:
     """While active, Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current
-    step, so that it can save, instead of killing it. A second Ctrl-C stops at once in a
-    single process; under torchrun the launcher forwards the signal it receives, so
-    repeats are expected and ignored (torchrun kills the workers after 30 s)."""
+    step, to save, instead of killing it. A second Ctrl-C stops at once in one process;
+    under torchrun the launcher forwards the signal it receives, so repeats are ignored
+    (torchrun kills the workers after 30 s)."""
 
     def __init__(self, single_process=True):
-        self.requested, self.signal_name = False, None
-        self.single_process = single_process
-        self._previous = {}
+        self.requested, self.signal_name, self.single_process, self._previous = False, None, single_process, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers only work there
@@ -974,7 +889,7 @@ class StopSignal:
     "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
 )
 def main(argv=None):
-    """Run the stage from the command line. After a Ctrl-C or SIGTERM stop (its state
+    """Run the stage from the command line; after a stop by Ctrl-C or SIGTERM (the state
     saved) exit with the shell's code for the signal, 130 or 143."""
     args = parse_settings(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # downloads go there
