@@ -22,9 +22,9 @@ Writes to --out-dir (default runs/pretrain/; a folder that holds another run is 
 unless --resume continues it or --overwrite replaces it):
     run.json      the settings and the data's fingerprint (1 KB)
     latest.pt     the training state: model, AdamW moments, step, data position, RNG states
-                  (12 bytes per parameter: 196 MB for the default model, 1.5 GB for --size gpt2)
-    best.pt       the model with the lowest validation loss (4 bytes per parameter: 65 MB,
-                  500 MB), for load_gpt2.py and the fine-tunes: --model runs/pretrain/best.pt
+                  (12 bytes per parameter: 193 MB for the default model, 1.5 GB for --size gpt2)
+    best.pt       the model with the lowest validation loss (4 bytes per parameter: 64 MB,
+                  498 MB), for load_gpt2.py and the fine-tunes: --model runs/pretrain/best.pt
     history.json  the evaluations: step, tokens seen, learning rate, train and validation loss
     loss.png      both losses against tokens seen (needs matplotlib)
 The token file (2 bytes per token) goes to <--cache-dir>/tokens/, reused while the text
@@ -580,7 +580,7 @@ def pretrain(args, proc):
         plot_history(out_dir / "loss.png", state["history"], splits.unigram_loss)
     last = state["history"][-1]
     if stopped:
-        log(f"stopped at step {state['step']} ({stopped}): saved {out_dir / 'latest.pt'}; go on with --resume")
+        log(f"stopped at step {state['step']} ({stopped}): go on with python pretrain.py --resume --out-dir {out_dir}")
     else:
         log(f"done: {state['step']} steps, validation loss {last['val_loss']:.3f} (best {state['best_val_loss']:.3f})")
         log(f"try the model: python load_gpt2.py --model {out_dir / 'best.pt'}")
@@ -630,7 +630,9 @@ def build_parser():
     model.add_argument(
         "--model", help="start from gpt2 (or another size), a .safetensors file, a checkpoint (default: random)"
     )
-    model.add_argument("--size", choices=list(gpt.GPT_CONFIGS), help="a GPT-2 shape (default: 4 x 4 heads x 256)")
+    model.add_argument(
+        "--size", choices=list(gpt.GPT_CONFIGS), help="a GPT-2 shape (default: 4 layers, 4 heads, width 256)"
+    )
     model.add_argument("--n-layers", type=gpt.positive_int, help="transformer blocks (default: from --size)")
     model.add_argument("--n-heads", type=gpt.positive_int, help="attention heads per block (default: from --size)")
     model.add_argument("--emb-dim", type=gpt.positive_int, help="embedding width (default: from --size)")
@@ -644,14 +646,18 @@ def build_parser():
     train.add_argument("--max-steps", type=gpt.positive_int, help="optimizer steps (default: from --epochs)")
     train.add_argument("--lr", type=gpt.positive_float, default=1e-3, help="peak learning rate")
     train.add_argument("--min-lr-ratio", type=unit_interval, default=0.1, help="final learning rate / --lr")
-    train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="steps of warm-up (default: 5%% of them)")
+    train.add_argument(
+        "--warmup-steps", type=gpt.non_negative_int, help="steps of linear warm-up (default: 5%% of the steps)"
+    )
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
     train.add_argument("--grad-clip", type=gpt.non_negative_float, default=1.0, help="gradient norm limit (0: none)")
     train.add_argument("--seed", type=gpt.seed, default=123, help="seed of weights, data order, dropout, samples")
 
     run = p.add_argument_group("evaluation, run folder, devices")
     run.add_argument("--eval-every", type=gpt.positive_int, default=10, help="evaluate and save every N steps")
-    run.add_argument("--eval-batches", type=gpt.positive_int, default=10, help="batches per split in an evaluation")
+    run.add_argument(
+        "--eval-batches", type=gpt.positive_int, default=10, help="batches of --batch-size windows per split"
+    )
     run.add_argument("--log-every", type=gpt.positive_int, default=5, help="print a progress line every N steps")
     run.add_argument("--prompt", default="Every effort moves you", help="start of the sample of each evaluation")
     run.add_argument("--sample-tokens", type=gpt.non_negative_int, default=30, help="tokens of the sample")
@@ -665,7 +671,9 @@ def build_parser():
     )
     again.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir, start a new one")
     run.add_argument(
-        "--stop-at-step", type=gpt.positive_int, help="save and exit after this step (default: at the end)"
+        "--stop-at-step",
+        type=gpt.positive_int,
+        help="save and exit after this step, for --resume (default: at the end)",
     )
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     run.add_argument(
