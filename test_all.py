@@ -921,7 +921,8 @@ def test_pretrain_model_flag_continues_from_weights(tmp_path, pretrain_text_file
     assert history[0]["step"] == 0 and history[0]["val_loss"] == pytest.approx(first["val_loss"], abs=1e-5)
     with pytest.raises(SystemExit) as e:
         pretrain.main(argv + ["--emb-dim", "64"])
-    assert e.value.code == 2 and "--model takes the model's shape from its weights: drop --emb-dim" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "--model takes the model's shape from its weights: drop --emb-dim" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--context-length 64 is longer than the model's context length 32"):
         pretrain.main(argv + ["--context-length", "64", "--overwrite"])
 
@@ -956,7 +957,7 @@ def test_pretrain_resume_errors(tmp_path, pretrain_text_file):
     with pytest.raises(SystemExit, match=f"which used --data {pretrain_text_file}, not {other}"):
         pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--data", str(other), "--max-steps", "4"])
     pretrain_text_file.write_text(_pretrain_text(seed=2))  # the same file, other text
-    with pytest.raises(SystemExit, match=f"^error: --resume: --data {pretrain_text_file} changed since the run started"):
+    with pytest.raises(SystemExit, match=f"^error: --resume: --data {pretrain_text_file} changed since the run"):
         pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "4"])
     (tmp_path / "run" / "latest.pt").unlink()
     with pytest.raises(SystemExit, match="the run stopped before its first save; start it again with --overwrite"):
@@ -976,9 +977,8 @@ def test_pretrain_bare_resume_continues_with_the_saved_settings(tmp_path, pretra
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
     extended = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run"), "--max-steps", "10"])
-    assert extended["steps"] == 10 and json.loads((tmp_path / "b" / "run" / "run.json").read_text())["settings"][
-        "max_steps"
-    ] == 10
+    settings = json.loads((tmp_path / "b" / "run" / "run.json").read_text())["settings"]
+    assert extended["steps"] == 10 and settings["max_steps"] == 10 and settings["lr"] == 0.01
 
 
 def test_pretrain_folder_of_another_run_is_refused_or_overwritten(tmp_path, pretrain_text_file):
@@ -992,7 +992,7 @@ def test_pretrain_folder_of_another_run_is_refused_or_overwritten(tmp_path, pret
     assert gpt.load_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 1
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match=r"--out-dir .*file is a file, not a folder"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file)[:-0] + ["--out-dir", str(tmp_path / "file")])
+        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file) + ["--out-dir", str(tmp_path / "file")])
 
 
 def test_pretrain_lock_of_a_running_process_is_refused_and_a_stale_one_taken_over(tmp_path, pretrain_text_file):
@@ -1016,7 +1016,7 @@ def test_pretrain_model_with_another_vocabulary_is_one_line(tmp_path, pretrain_t
     for flag in ("--n-layers", "--n-heads", "--emb-dim"):
         i = argv.index(flag)
         del argv[i : i + 2]
-    with pytest.raises(SystemExit, match=r"^error: --model .* has a vocabulary of 1000 tokens, but the GPT-2 tokenizer has 50257"):
+    with pytest.raises(SystemExit, match=r"^error: --model .* has a vocabulary of 1000 tokens, but the GPT-2 tok"):
         pretrain.main(argv)
 
 
@@ -1026,10 +1026,12 @@ def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, mon
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(pretrain, "evaluate_loss", out_of_memory)
-    with pytest.raises(SystemExit, match="^error: out of memory: use a smaller --batch-size"):
-        pretrain.main(argv)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain, "evaluate_loss", out_of_memory)
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(argv)
+    hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
+    assert str(e.value) == "error: out of memory: " + hint
     # On the CPU a step that needs more than the machine has is refused before training.
     monkeypatch.setattr(pretrain, "available_memory", lambda: 50_000_000)
     with pytest.raises(SystemExit) as e:
@@ -1037,7 +1039,7 @@ def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, mon
     message = str(e.value)
     # 16 bytes x 1.6M parameters + 4 x 32 tokens x (68 x 32 x 2 + 12 x 50257) bytes of activations and logits
     assert message.startswith("error: a training step needs about 104 MB of memory, but this machine has 50 MB")
-    assert "use a smaller --batch-size" in message and "--context-length" in message
+    assert message.endswith(hint)
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
 
 
