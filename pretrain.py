@@ -396,7 +396,9 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
 @torch.no_grad()
 def evaluate_loss(model, splits, split, batch_size, autocast, proc):
     """Mean cross-entropy (nats per token) of the evaluation windows of split ("train" or
-    "val"). Each process takes every world_size-th window; the sums are all-reduced."""
+    "val"). proc: this process's rank, the number of processes and the device (see
+    `setup_distributed`); each process takes every world_size-th window, and the sums
+    are all-reduced."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
     mine = splits.eval_starts[split][proc.rank :: proc.world_size]
