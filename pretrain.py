@@ -605,12 +605,12 @@ def pretrain(args, proc):
 
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
 
-# With --resume these settings come from this command, not from the saved run: where the
-# files are, the device, when to stop. --max-steps or --epochs given with --resume extend
-# the run (the cosine schedule then stretches to the new end).
-THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "device", "compile", "peak_flops")
-THIS_COMMAND += ("out_dir", "cache_dir", "token_dir")
-EXTEND = ("max_steps", "epochs")
+# With --resume these come from the command line, not from the saved run: where the files
+# are and when to stop.
+THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir", "token_dir")
+# With --resume these may differ from the saved run when given: --max-steps or --epochs
+# extend it (the cosine schedule stretches to the new end); the others change the speed.
+MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "peak_flops")
 unit_interval = gpt._checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
@@ -691,9 +691,9 @@ def build_parser():
 
 def parse_settings(argv=None):
     """The run's settings -> Namespace. A new run: the command line, checked (argparse
-    exits 2). --resume: the settings in --out-dir/run.json, THIS_COMMAND's from the
-    command line, --max-steps/--epochs when given; raises ValueError naming the flag and
-    both values when another flag contradicts the saved run."""
+    exits 2). --resume: the settings saved in --out-dir/run.json, THIS_COMMAND's from the
+    command line, MAY_CHANGE's where given; raises ValueError naming the flag and both
+    values when another flag contradicts the saved run."""
     parser = build_parser()
     args = parser.parse_args(argv)
     shape_flags = [gpt.flag_name(k) for k in ("size", "n_layers", "n_heads", "emb_dim") if getattr(args, k) is not None]
@@ -710,7 +710,7 @@ def parse_settings(argv=None):
     saved = gpt.read_json(run_file, "--resume: the run's settings")
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
         raise ValueError(f"--resume: {run_file} holds no settings of pretrain.py; start a new run with --overwrite")
-    settings = gpt.resume_settings(parser, argv, saved["settings"], may_change=THIS_COMMAND + EXTEND)
+    settings = gpt.resume_settings(parser, argv, saved["settings"], may_change=THIS_COMMAND + MAY_CHANGE)
     for name in THIS_COMMAND:
         setattr(settings, name, getattr(args, name))
     given = gpt.given_flags(parser, argv)
