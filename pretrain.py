@@ -706,7 +706,10 @@ def parse_settings(argv=None):
         return args
     run_file = Path(args.out_dir) / "run.json"
     if not run_file.is_file():
-        raise ValueError(f"--resume: {args.out_dir} holds no run to continue (no run.json); start one without --resume")
+        raise ValueError(
+            f"--resume: {args.out_dir} holds no run.json, so no run to continue (or one of an earlier pretrain.py): "
+            "start a new run without --resume"
+        )
     saved = gpt.read_json(run_file, "--resume: the run's settings")
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
         raise ValueError(f"--resume: {run_file} holds no settings of pretrain.py; start a new run with --overwrite")

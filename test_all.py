@@ -943,7 +943,7 @@ def test_pretrain_resume_reproduces_an_uninterrupted_run(tmp_path, pretrain_text
 
 
 def test_pretrain_resume_errors(tmp_path, pretrain_text_file):
-    with pytest.raises(SystemExit, match="--resume: .* holds no run to continue"):
+    with pytest.raises(SystemExit, match="--resume: .* holds no run.json, so no run to continue"):
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume"))
     pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2"))
     with pytest.raises(SystemExit, match="already made 2 of 2 steps"):
