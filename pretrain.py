@@ -80,9 +80,10 @@ def log(*parts):
 
 
 def resolve_sources(data):
-    """--data -> sorted list of text file Paths: a URL downloaded once into <cache>/data/,
-    a file, or the non-empty .txt files below a folder (sorted: the same token stream
-    every time). Raises FileNotFoundError or ValueError when there is no text."""
+    """--data -> sorted list of text file Paths: a URL downloaded once into <cache>/data/
+    (checked when KNOWN_DOWNLOADS lists it), a file, or the non-empty .txt files below a
+    folder (sorted: the same token stream every time). Raises FileNotFoundError or
+    ValueError when there is no text."""
     if urlparse(data).scheme in ("http", "https"):
         name = Path(urlparse(data).path).name or "corpus.txt"
         return [gpt.fetch_dataset([data], name, flag="--data", **KNOWN_DOWNLOADS.get(data, {}))]
