@@ -436,7 +436,6 @@ def train(args, model, optimizer, splits, proc, state):
     (Ctrl-C, SIGTERM, --stop-at-step) saves latest.pt after the step's evaluation, so
     --resume goes on exactly. Returns None at the end, else "stop-at-step" or the signal."""
     out_dir, history, total_steps = Path(args.out_dir), state["history"], state["total_steps"]
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total_steps)
     global_batch = args.batch_size * args.grad_accum * proc.world_size  # windows per optimizer step
     autocast, dtype_name = autocast_context(proc.device, args.dtype)
     compiled, train_model = compile_and_wrap(model, args.compile, proc)
@@ -447,7 +446,7 @@ def train(args, model, optimizer, splits, proc, state):
     with StopSignal(single_process=proc.world_size == 1) as stopper:
         while True:
             step, tokens = state["step"], state["samples_seen"] * splits.context_length
-            lr = cosine_with_warmup(step, args.lr, warmup_steps, total_steps, args.min_lr_ratio)
+            lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
             paused = time.time()  # evaluating and saving do not count in tokens/s
             evaluated = bool(history) and history[-1]["step"] == step  # before a --resume
             evaluate_now = (step % args.eval_every == 0 or step == total_steps) and not evaluated
@@ -562,6 +561,8 @@ def pretrain(args, proc):
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))
     global_batch = args.batch_size * args.grad_accum * proc.world_size
     total_steps = args.max_steps or math.ceil(args.epochs * splits.n_windows / global_batch)
+    if args.warmup_steps is None:  # 5% of the steps, saved as a number: extending the run keeps it
+        args.warmup_steps = round(0.05 * total_steps)
     if checkpoint is None:
         state = {"step": 0, "samples_seen": 0, "best_val_loss": math.inf, "history": []}
         torch.manual_seed(args.seed + proc.rank)  # dropout masks differ between processes
