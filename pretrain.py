@@ -1,43 +1,46 @@
 """pretrain.py: pretrain a GPT on plain text by next-token prediction.
 
 The "pretrain" stage of the GPT-2 lifecycle. With no flag it trains a small GPT from
-random initialisation on "The Verdict" (Edith Wharton, public domain, the short story of
+random weights on "The Verdict" (Edith Wharton, public domain; the short story of
 chapter 5 of "Build a Large Language Model (From Scratch)"), downloaded once, on the CPU
 in a few minutes:
 
     python pretrain.py
-    python pretrain.py --data tinyshakespeare.txt --emb-dim 128 --max-steps 240 --lr 3e-3 --eval-interval 40
-    python pretrain.py --data corpus/ --size gpt2 --batch-size 16 --grad-accum 32
-    python pretrain.py --init gpt2 --data my_notes/          # continue from released weights
-    torchrun --nproc_per_node 8 pretrain.py --data corpus/ --size gpt2   # several GPUs
-    python pretrain.py --resume                              # continue an interrupted run
+    python pretrain.py --data tinyshakespeare.txt --emb-dim 128 --max-steps 240 --lr 3e-3 --eval-every 40
+    python pretrain.py --model gpt2 --data my_notes/         # continue from released weights
+    torchrun --nproc_per_node 8 pretrain.py --data corpus/ --size gpt2 --grad-accum 4   # several GPUs
+    python pretrain.py --resume                              # continue the run in runs/pretrain/ as it was
+    python pretrain.py --resume --max-steps 2000             # ... and extend it
 
-The story, top to bottom: the text is tokenized once into a memory-mapped token file,
-split into training and validation tokens and cut into input/target windows; a GPT is
-built (or loaded); AdamW with warm-up and cosine decay trains it with gradient
-accumulation (and DistributedDataParallel under torchrun); every --eval-interval steps
-the train and validation losses are measured, a sample is printed and checkpoints are
-written. Ctrl-C finishes the current step, saves, and exits; --resume continues exactly.
+The story: the text is tokenized once into a token file, split into training and
+validation tokens and cut into windows; a GPT is built (or loaded); one loop trains it
+with AdamW, warm-up and cosine decay and gradient accumulation, and every --eval-every
+steps measures both losses, prints a sample and saves. Ctrl-C (or SIGTERM) finishes the
+step, saves and exits; --resume continues exactly.
 
-Writes to --out-dir (default runs/pretrain/):
-    latest.pt     the full training state (model, optimizer, step, data position, RNG)
-    best.pt       the model with the lowest validation loss, for the next stages:
-                  load_gpt2.py / finetune_classify.py / finetune_instruct.py --model runs/pretrain/best.pt
+Writes to --out-dir (default runs/pretrain/; a folder that holds another run is refused
+unless --resume continues it or --overwrite replaces it):
+    run.json      the settings and the data's fingerprint (1 KB)
+    latest.pt     the training state: model, AdamW moments, step, data position, RNG states
+                  (12 bytes per parameter: 193 MB for the default model, 1.5 GB for --size gpt2)
+    best.pt       the model with the lowest validation loss (4 bytes per parameter: 64 MB,
+                  498 MB), for load_gpt2.py and the fine-tunes: --model runs/pretrain/best.pt
     history.json  the evaluations: step, tokens seen, learning rate, train and validation loss
-    loss.png      train and validation loss against tokens seen (needs matplotlib)
-The token file of a corpus goes to <cache>/tokens/ (cache: $GPT_CACHE_DIR or
-~/.cache/gpt2-lifecycle) and is reused while the text files are unchanged.
+    loss.png      both losses against tokens seen (needs matplotlib)
+The token file (2 bytes per token) goes to <--cache-dir>/tokens/, reused while the text
+files are unchanged.
 """
 
 import argparse
 import codecs
+import collections
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -64,133 +67,11 @@ KNOWN_DOWNLOADS = {
 # cores, and 128 + 1 tokens fit in the 515-token validation split of The Verdict.
 DEFAULT_SHAPE = {"n_layers": 4, "n_heads": 4, "emb_dim": 256, "context_length": 128}
 
-# ----------------------------------------------------------------------------------------
-# Settings
-# ----------------------------------------------------------------------------------------
 
-
-def build_parser():
-    p = argparse.ArgumentParser(
-        description="Pretrain a GPT on plain text (next-token prediction).", formatter_class=gpt.HelpFormatter
-    )
-    data = p.add_argument_group("data")
-    data.add_argument(
-        "--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files (searched recursively)"
-    )
-    data.add_argument(
-        "--train-fraction", type=float, default=0.9, help="share of the tokens for training; the rest is for validation"
-    )
-    data.add_argument(
-        "--stride",
-        type=int,
-        default=None,
-        help="tokens between the starts of training windows (default: the context length, no overlap)",
-    )
-    data.add_argument(
-        "--replace-invalid-utf8",
-        action="store_true",
-        help="replace bytes that are not UTF-8 with U+FFFD instead of stopping",
-    )
-    data.add_argument("--token-dir", default=None, help="folder of the cached token files (default: <cache>/tokens)")
-
-    model = p.add_argument_group("model")
-    model.add_argument(
-        "--size",
-        choices=list(gpt.GPT_CONFIGS),
-        default=None,
-        help="a GPT-2 shape (default: the small shape 4 layers x 4 heads x 256, 128-token context)",
-    )
-    model.add_argument("--n-layers", type=int, default=None, help="transformer blocks (default: from --size)")
-    model.add_argument("--n-heads", type=int, default=None, help="attention heads per block (default: from --size)")
-    model.add_argument("--emb-dim", type=int, default=None, help="embedding width (default: from --size)")
-    model.add_argument(
-        "--context-length",
-        type=int,
-        default=None,
-        help="tokens per training window, and the model's context length when it is new "
-        "(default: from --size, or the whole context of an --init or --resume model)",
-    )
-    model.add_argument("--dropout", type=float, default=0.0, help="dropout rate")
-    model.add_argument(
-        "--init",
-        default=None,
-        help="start from these weights: a GPT-2 name like gpt2, a .safetensors file or a checkpoint "
-        "(default: random initialisation)",
-    )
-
-    train = p.add_argument_group("training")
-    train.add_argument("--batch-size", type=int, default=8, help="windows per micro-batch, per process")
-    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
-    train.add_argument(
-        "--epochs", type=float, default=10.0, help="passes over the training windows (ignored with --max-steps)"
-    )
-    train.add_argument(
-        "--max-steps", type=int, default=None, help="optimizer steps of the whole run (default: from --epochs)"
-    )
-    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    train.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decay ends at this fraction of --lr")
-    train.add_argument("--warmup-steps", type=int, default=None, help="steps of linear warm-up (default: 5%% of the steps)")
-    train.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the weight matrices")
-    train.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this value (0: no clipping)")
-    train.add_argument("--seed", type=int, default=123, help="seed of the initial weights, data order, dropout and samples")
-
-    run = p.add_argument_group("evaluation, checkpoints, devices")
-    run.add_argument("--eval-interval", type=int, default=10, help="evaluate, sample and save latest.pt every N steps")
-    run.add_argument(
-        "--eval-iters", type=int, default=10, help="batches of --batch-size windows (per process) per split in an evaluation"
-    )
-    run.add_argument("--log-interval", type=int, default=5, help="print a progress line every N steps")
-    run.add_argument("--prompt", default="Every effort moves you", help="the start of the sample printed at each evaluation")
-    run.add_argument("--sample-tokens", type=int, default=30, help="tokens to generate for the sample")
-    run.add_argument("--out-dir", default="runs/pretrain", help="folder for checkpoints, history and plot")
-    run.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir/latest.pt")
-    run.add_argument("--stop-at-step", type=int, default=None,
-                     help="save and exit after this step (and its evaluation) although the schedule runs on; "
-                     "continue later with --resume (default: run to the end)")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    run.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="autocast precision (auto: bfloat16 on GPUs that support it, else float32)",
-    )
-    run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
-    run.add_argument("--peak-flops", type=float, default=None,
-                     help="peak FLOP/s of one device, for MFU where it is not known, e.g. 312e12 "
-                     "(default: from a table of NVIDIA GPUs in bfloat16; no MFU elsewhere)")
-    return p
-
-
-def check_settings(args):
-    """Raise ValueError naming the flag of the first setting out of range."""
-
-    def given(names):
-        return [name for name in names if getattr(args, name) is not None]
-
-    at_least_1 = ["batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"]
-    at_least_1 += given(["stride", "max_steps", "stop_at_step", "n_layers", "n_heads", "emb_dim", "context_length"])
-    at_least_0 = ["grad_clip", "sample_tokens"] + given(["warmup_steps"])
-    for low, names in ((1, at_least_1), (0, at_least_0)):
-        for name in names:
-            if getattr(args, name) < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    if not 0.0 < args.train_fraction < 1.0:
-        raise ValueError(f"--train-fraction must be between 0 and 1, got {args.train_fraction}")
-    if args.max_steps is None and not args.epochs > 0:
-        raise ValueError(f"--epochs must be positive, got {args.epochs}")
-    if not args.lr > 0 or not 0.0 <= args.min_lr_ratio <= 1.0:
-        raise ValueError(f"need --lr > 0 and 0 <= --min-lr-ratio <= 1, got {args.lr} and {args.min_lr_ratio}")
-    if not 0.0 <= args.dropout < 1.0:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.peak_flops is not None and not args.peak_flops > 0:
-        raise ValueError(f"--peak-flops must be positive, got {args.peak_flops}")
-    if args.init and given(["size", "n_layers", "n_heads", "emb_dim"]):
-        raise ValueError("--init takes the model's shape from its weights: drop --size/--n-layers/--n-heads/--emb-dim")
-    if given(["n_heads", "emb_dim"]) and not args.resume:  # a resumed model's shape is checked against latest.pt
-        base = size_config(args.size)
-        emb_dim, n_heads = args.emb_dim or base.emb_dim, args.n_heads or base.n_heads
-        if emb_dim % n_heads:
-            raise ValueError(f"--emb-dim {emb_dim} must be divisible by --n-heads {n_heads} (each head gets an equal share)")
+def log(*parts):
+    """print, in the first process only (under torchrun every process runs this script)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*parts, flush=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,65 +80,57 @@ def check_settings(args):
 
 
 def resolve_sources(data):
-    """--data -> sorted list of text file Paths.
-
-    A URL is downloaded once into <cache>/data/ (gpt.fetch_dataset); a folder gives the
-    .txt files below it, in sorted order so that the token stream is reproducible.
-    Raises FileNotFoundError for a missing path and ValueError for an empty file or a
-    folder without non-empty .txt files.
-    """
+    """--data -> sorted list of text file Paths: a URL downloaded once into <cache>/data/
+    (checked when KNOWN_DOWNLOADS lists it), a file, or the non-empty .txt files below a
+    folder (sorted: the same token stream every time). Raises FileNotFoundError or
+    ValueError when there is no text."""
     if urlparse(data).scheme in ("http", "https"):
         name = Path(urlparse(data).path).name or "corpus.txt"
         return [gpt.fetch_dataset([data], name, flag="--data", **KNOWN_DOWNLOADS.get(data, {}))]
     path = Path(data)
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*.txt") if f.is_file())
+        files = sorted(f for f in path.rglob("*.txt") if f.is_file() and f.stat().st_size > 0)
         if not files:
-            raise ValueError(f"--data {data}: the folder holds no .txt files")
-        files = [f for f in files if f.stat().st_size > 0]
-        if not files:
-            raise ValueError(f"--data {data}: every .txt file in the folder is empty")
+            raise ValueError(f"--data {data}: the folder holds no .txt file with text")
         return files
     if not path.is_file():
-        raise FileNotFoundError(f"--data {data}: no such file or folder (give a text file, a folder of .txt files or a URL)")
+        raise FileNotFoundError(f"--data {data}: no such file or folder (give a text file, a folder or a URL)")
     if path.stat().st_size == 0:
         raise ValueError(f"--data {data}: the file is empty")
     return [path]
 
 
-def read_text_pieces(path, replace_invalid=False, chunk_bytes=1 << 20):
-    """Yield the text of a UTF-8 file in pieces decoded from about chunk_bytes bytes each,
-    so that a file larger than memory can be read.
-
-    Raises ValueError with the byte offset of the first invalid UTF-8 sequence, unless
-    replace_invalid, in which case such bytes become U+FFFD.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")("replace" if replace_invalid else "strict")
-    offset = 0  # bytes of the file handed to the decoder so far
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(chunk_bytes)
-            held_back = len(decoder.getstate()[0])  # an incomplete character from the previous chunk
-            try:
-                text = decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{path}: invalid UTF-8 at byte {offset - held_back + e.start} ({e.reason}); "
-                    "fix the file or pass --replace-invalid-utf8"
-                ) from None
-            offset += len(chunk)
-            yield text
-            if not chunk:
-                return
+def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
+    """Yield the text of a UTF-8 file opened in binary mode (f), decoded chunk_bytes at a
+    time, so that a file larger than memory can be read. Line endings become "\\n"
+    ("\\r\\n" and "\\r" too, also when a chunk ends between "\\r" and "\\n"); a leading
+    byte-order mark is dropped. Raises ValueError with the byte offset of the first
+    invalid UTF-8 sequence, unless replace_invalid (then it becomes U+FFFD)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")("replace" if replace_invalid else "strict")
+    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)  # holds a final "\r" back
+    if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+        f.seek(0)
+    offset = f.tell()  # bytes of the file handed to the decoder so far
+    while True:
+        chunk = f.read(chunk_bytes)
+        held_back = len(utf8.getstate()[0])  # an incomplete character from the previous chunk
+        try:
+            text = decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{f.name}: invalid UTF-8 at byte {offset - held_back + e.start} ({e.reason}); "
+                "fix the file or pass --replace-invalid-utf8"
+            ) from None
+        offset += len(chunk)
+        yield text
+        if not chunk:
+            return
 
 
 def safe_cut(text):
-    """Index just after the last newline that has non-whitespace on both sides, or 0.
-
-    GPT-2's pre-tokenizer always ends a word there (the newline is a token of its own and
-    the next character starts a new one), so encoding text[:cut] and text[cut:] separately
-    gives exactly the tokens of encoding the whole text.
-    """
+    """Index just after the last newline with non-whitespace on both sides, or 0. GPT-2's
+    pre-tokenizer always ends a word there, so encoding text[:cut] and text[cut:] apart
+    gives exactly the tokens of the whole text."""
     cut = text.rfind("\n", 1, len(text) - 1)
     while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
         cut = text.rfind("\n", 1, cut)
@@ -265,9 +138,8 @@ def safe_cut(text):
 
 
 def encode_pieces(pieces):
-    """Token ids of a stream of text pieces: yields lists of ints whose concatenation
-    equals encoding the joined text at once (cut only where `safe_cut` allows).
-    "<|endoftext|>" in the text becomes the end-of-text token 50256."""
+    """Token ids of a stream of text pieces: yields lists of ints whose concatenation is
+    the encoding of the joined text ("<|endoftext|>" becomes the end-of-text token 50256)."""
     enc = gpt.get_tokenizer()
     buffer = ""
     for piece in pieces:
@@ -280,84 +152,77 @@ def encode_pieces(pieces):
         yield enc.encode(buffer, allowed_special={"<|endoftext|>"})
 
 
-def corpus_token_chunks(paths, replace_invalid=False, chunk_bytes=1 << 20):
-    """Yield lists of token ids of all documents (files) in order, with the end-of-text
-    token 50256 between documents, as GPT-2's training data separates them."""
-    started = False
-    for path in paths:
-        document_started = False
-        for ids in encode_pieces(read_text_pieces(path, replace_invalid, chunk_bytes)):
-            if not ids:
-                continue
-            if started and not document_started:
-                ids = [gpt.EOT_ID] + ids
-            started = document_started = True
-            yield ids
-
-
 def write_token_file(paths, token_path, replace_invalid=False, chunk_bytes=1 << 20):
-    """Tokenize the text files into token_path: the ids as uint16 (GPT-2's 50257 ids fit),
-    native byte order, nothing else. Written to a temporary file and renamed, so an
-    interrupted run leaves no half file. Returns the number of tokens."""
-    token_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = token_path.with_name(f".{token_path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    n_tokens = 0
+    """Tokenize the text files (documents) into token_path, with the end-of-text token
+    between documents as in GPT-2's training data: the ids as uint16 (50257 ids fit),
+    native byte order. Written to a temporary file and renamed, so an interrupted run
+    leaves no half file (Ctrl-C here exits 130). Returns (number of tokens, SHA-256 of
+    the file: the data's fingerprint)."""
+    tmp = token_path.with_name(f".{token_path.name}.tmp{os.getpid()}")
+    total_bytes, done_bytes = sum(p.stat().st_size for p in paths), 0
+    digest, n_tokens, started = hashlib.sha256(), 0, time.time()
     try:
-        with open(tmp, "wb") as f:
-            for ids in corpus_token_chunks(paths, replace_invalid, chunk_bytes):
-                f.write(array("H", ids).tobytes())
-                n_tokens += len(ids)
-            f.flush()
-            os.fsync(f.fileno())
+        token_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as out:
+            for path in paths:
+                separator = [gpt.EOT_ID] if n_tokens else []  # between documents, not before the first
+                with open(path, "rb") as f:
+                    for ids in encode_pieces(read_text_pieces(f, replace_invalid, chunk_bytes)):
+                        if ids and separator:
+                            ids, separator = separator + ids, []
+                        data = array("H", ids).tobytes()
+                        out.write(data)
+                        digest.update(data)
+                        n_tokens += len(ids)
+                        done = done_bytes + f.tell()
+                        gpt.show_progress(
+                            f"tokenizing: {done / 1e6:,.1f} of {total_bytes / 1e6:,.1f} MB, {n_tokens:,} tokens, "
+                            f"ETA {gpt.eta(started, done, total_bytes)}"
+                        )
+                done_bytes += path.stat().st_size
+            out.flush()
+            os.fsync(out.fileno())
+        gpt.end_progress()
         os.replace(tmp, token_path)
+    except KeyboardInterrupt:
+        gpt.end_progress()
+        print("interrupted while tokenizing: nothing new is saved, the partial token file is deleted", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         tmp.unlink(missing_ok=True)
-    return n_tokens
+    return n_tokens, digest.hexdigest()
 
 
-def prepare_token_file(paths, token_dir, replace_invalid=False, log=print):
-    """(Path of the token file of the corpus, number of tokens), tokenizing only when needed.
-
-    The file is reused while a JSON file beside it records the same sources with the same
-    sizes and modification times. Raises ValueError when the text has no tokens.
-    """
+def prepare_token_file(paths, token_dir, replace_invalid=False):
+    """(token file Path, number of tokens, SHA-256) of the corpus, tokenizing only when
+    needed: the file is reused while the JSON record beside it lists the same sources
+    with the same sizes and modification times. Raises ValueError for a text without tokens."""
     sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
     key = hashlib.sha256(json.dumps([[s[0] for s in sources], replace_invalid]).encode()).hexdigest()[:16]
     token_path = Path(token_dir) / f"{paths[0].stem}-{key}.uint16"
-    meta_path = token_path.with_suffix(".json")
-    meta = {"tokenizer": "gpt2", "dtype": "uint16", "replace_invalid_utf8": replace_invalid, "sources": sources}
-    if meta_path.exists() and token_path.exists():
-        saved = json.loads(meta_path.read_text())
-        if {k: saved.get(k) for k in meta} == meta and token_path.stat().st_size == 2 * saved["n_tokens"]:
+    record_path = token_path.with_suffix(".json")
+    record = {"tokenizer": "gpt2", "dtype": "uint16", "replace_invalid_utf8": replace_invalid, "sources": sources}
+    try:
+        saved = json.loads(record_path.read_text())
+        if {k: saved[k] for k in record} == record and token_path.stat().st_size == 2 * saved["n_tokens"]:
             log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
-            return token_path, saved["n_tokens"]
+            return token_path, saved["n_tokens"], saved["sha256"]
+    except (OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
+        pass
     started = time.time()
-    meta_path.unlink(missing_ok=True)  # the token file is about to change
-    n_tokens = write_token_file(paths, token_path, replace_invalid)
+    record_path.unlink(missing_ok=True)  # the token file is about to change
+    n_tokens, sha256 = write_token_file(paths, token_path, replace_invalid)
     if n_tokens == 0:
         raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
-    gpt.atomic_write_bytes(meta_path, json.dumps({**meta, "n_tokens": n_tokens}, indent=1).encode())
-    megabytes = sum(s[1] for s in sources) / 1e6
-    log(
-        f"token file: {token_path} ({n_tokens:,} tokens from {len(paths)} file(s), {megabytes:.1f} MB, "
-        f"in {gpt.format_duration(time.time() - started)})"
-    )
-    return token_path, n_tokens
-
-
-def load_token_file(path, n_tokens):
-    """Memory-map a token file -> int16 tensor [n_tokens] that reads the file on demand
-    (no copy: a corpus larger than memory works). torch has no general uint16 type before
-    2.3, so the ids above 32767 read as negative int16; `& 0xFFFF` in `get_batch` undoes it."""
-    return torch.from_file(str(path), shared=False, size=n_tokens, dtype=torch.int16)
+    gpt.write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": sha256})
+    log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
+    return token_path, n_tokens, sha256
 
 
 def split_tokens(tokens, train_fraction, context_length):
     """tokens [n] -> (train tokens [int(train_fraction * n)], validation tokens [the rest]).
-
-    Raises ValueError when either split has fewer than context_length + 1 tokens (one
-    window and its shifted target), saying which context length or split would work.
-    """
+    Raises ValueError when a split has fewer than context_length + 1 tokens (one window
+    and its shifted target), saying which context length or split would work."""
     n = len(tokens)
     n_train = int(train_fraction * n)
     need = context_length + 1
@@ -378,32 +243,30 @@ def split_tokens(tokens, train_fraction, context_length):
 
 
 def count_windows(n_tokens, context_length, stride):
-    """Number of training windows in n_tokens tokens: they start at 0, stride, 2 * stride, ...
-    and each needs context_length + 1 tokens (the inputs, and the targets one further).
-    E.g. 10 tokens, context 4, stride 2: starts 0, 2, 4 -> 3 windows."""
+    """Number of windows starting at 0, stride, 2 * stride, ..., each with context_length
+    + 1 tokens (the inputs, and the targets one further). 10 tokens, context 4, stride 2:
+    starts 0, 2, 4 -> 3 windows."""
     if n_tokens < context_length + 1:
         return 0
     return (n_tokens - context_length - 1) // stride + 1
 
 
 def get_batch(tokens, starts, context_length, device):
-    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length].
-
-    targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token.
-    """
+    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length],
+    with targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
     rows = torch.stack([tokens[s : s + context_length + 1] for s in starts]).long() & 0xFFFF  # uint16 ids
     if device.type == "cuda":
-        rows = rows.pin_memory().to(device, non_blocking=True)  # copy overlaps with compute
+        rows = rows.pin_memory().to(device, non_blocking=True)  # the copy overlaps with compute
     else:
         rows = rows.to(device)
     return rows[:, :-1], rows[:, 1:]
 
 
 class WindowOrder:
-    """The order in which the training windows are read: sample i of the run is window
-    perm(i // n_windows)[i % n_windows], where perm(epoch) is a random permutation seeded
-    by (seed, epoch). The data position is therefore one number, the samples seen, which
-    a checkpoint stores and any process can turn into its share of any batch."""
+    """The order of the training windows: sample i of the run is window
+    perm(i // n_windows)[i % n_windows], perm(epoch) a permutation seeded by (seed, epoch).
+    The data position is then one number, the samples seen, which a checkpoint stores
+    and any process turns into its share of any batch."""
 
     def __init__(self, n_windows, stride, seed):
         self.n_windows, self.stride, self.seed = n_windows, stride, seed
@@ -419,13 +282,10 @@ class WindowOrder:
 
 
 def micro_batch_starts(order, samples_seen, micro_step, batch_size, rank=0, world_size=1):
-    """Window starts of one process's micro-batch.
-
-    An optimizer step reads batch_size * grad_accum * world_size consecutive samples from
-    samples_seen on. Micro-step m of rank r takes samples samples_seen + (m * world_size
-    + r) * batch_size + [0, batch_size): the ranks' micro-batches side by side are the
-    micro-batch of one process with batch_size * world_size (rank-offset windows).
-    """
+    """Window starts of one process's micro-batch. A step reads batch_size * grad_accum
+    * world_size consecutive samples from samples_seen on; micro-step m of rank r takes
+    samples_seen + (m * world_size + r) * batch_size + [0, batch_size), so the ranks'
+    micro-batches side by side are one process's micro-batch of batch_size * world_size."""
     first = samples_seen + (micro_step * world_size + rank) * batch_size
     return [order.start(i) for i in range(first, first + batch_size)]
 
@@ -439,8 +299,8 @@ def evaluation_starts(n_tokens, context_length, max_windows):
 
 
 def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_000):
-    """Cross-entropy (nats per token) of the validation tokens under the token frequencies
-    of the training tokens, add-one smoothed: the loss of a model that ignores context.
+    """Cross-entropy (nats per token) of the validation tokens under the add-one smoothed
+    token frequencies of the training tokens: the loss of a model that ignores context.
     Counts at most the first max_tokens of each split, to stay quick on big corpora."""
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     train_tokens, val_tokens = train_tokens[:max_tokens], val_tokens[:max_tokens]
@@ -448,12 +308,50 @@ def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_00
     for i in range(0, len(train_tokens), step):
         counts += torch.bincount(train_tokens[i : i + step].long() & 0xFFFF, minlength=vocab_size)
     log_probs = ((counts + 1) / (counts.sum() + vocab_size)).log()
-    total = sum(log_probs[val_tokens[i : i + step].long() & 0xFFFF].sum().item() for i in range(0, len(val_tokens), step))
+    total = sum(
+        log_probs[val_tokens[i : i + step].long() & 0xFFFF].sum().item() for i in range(0, len(val_tokens), step)
+    )
     return -total / len(val_tokens)
 
 
+@dataclasses.dataclass
+class Splits:
+    """The token splits and the windows that training and evaluation read from them."""
+
+    train: torch.Tensor  # int16 [n_train]: uint16 ids read as int16 (& 0xFFFF undoes it)
+    val: torch.Tensor  # int16 [n_val]
+    context_length: int  # tokens per window
+    order: WindowOrder  # the training window of each sample of the run
+    n_windows: int  # training windows in one epoch
+    eval_starts: dict  # {"train": starts, "val": starts}: the same windows at every evaluation
+    unigram_loss: float  # validation loss of a model that ignores context, nats per token
+
+
+def make_splits(token_path, n_tokens, args, cfg, world_size=1):
+    """The Splits of a token file, for a model of config cfg and the settings args."""
+    context_length = args.context_length or cfg.context_length
+    if context_length > cfg.context_length:
+        raise ValueError(
+            f"--context-length {context_length} is longer than the model's context length {cfg.context_length}"
+        )
+    stride = args.stride or context_length
+    # Memory-mapped: read on demand, so a corpus larger than memory works (torch has no uint16 before 2.3).
+    tokens = torch.from_file(str(token_path), shared=False, size=n_tokens, dtype=torch.int16)
+    train, val = split_tokens(tokens, args.train_fraction, context_length)
+    n_windows = count_windows(len(train), context_length, stride)
+    eval_windows = args.eval_batches * args.batch_size * world_size
+    eval_starts = {"train": evaluation_starts(len(train), context_length, eval_windows)}
+    eval_starts["val"] = evaluation_starts(len(val), context_length, eval_windows)
+    log(
+        f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
+        f"{n_windows:,} training windows of {context_length} tokens, stride {stride}"
+    )
+    order, unigram_loss = WindowOrder(n_windows, stride, args.seed), unigram_baseline(train, val, cfg.vocab_size)
+    return Splits(train, val, context_length, order, n_windows, eval_starts, unigram_loss)
+
+
 # ----------------------------------------------------------------------------------------
-# 2. Model
+# 2. Model and learning-rate schedule (the optimizer: gpt.make_adamw, in `pretrain`)
 # ----------------------------------------------------------------------------------------
 
 
@@ -462,45 +360,26 @@ def size_config(size):
     return gpt.GPT_CONFIGS[size] if size else gpt.GPTConfig(**DEFAULT_SHAPE)
 
 
-def model_config(args):
-    """GPTConfig of a new model: --size (or the small DEFAULT_SHAPE), then the shape flags."""
-    base = size_config(args.size)
-    shape = {k: getattr(args, k) for k in DEFAULT_SHAPE if getattr(args, k) is not None}
-    return dataclasses.replace(base, drop_rate=args.dropout, **shape)
-
-
 def build_model(args, checkpoint=None):
-    """The GPTModel to train, in float32 on the CPU, in training mode: from a --resume
-    checkpoint, from --init weights (with this run's dropout), or new with random weights
-    (GPT-2's initialisation, seeded by --seed)."""
+    """The GPTModel to train, float32 on the CPU, in training mode: from a --resume
+    checkpoint, from --model weights (with this run's --drop-rate), or new (GPT-2's
+    initialisation, seeded by --seed). Raises ValueError for a --model whose vocabulary
+    is smaller than the GPT-2 tokenizer's."""
     if checkpoint is not None:
-        model = gpt.model_from_checkpoint(checkpoint)
-    elif args.init:
-        loaded = gpt.load_gpt2(args.init)
-        model = gpt.GPTModel(dataclasses.replace(loaded.cfg, drop_rate=args.dropout))
+        return gpt.model_from_checkpoint(checkpoint).train()
+    if args.model:
+        loaded = gpt.load_gpt2(args.model)
+        if loaded.cfg.vocab_size < gpt.get_tokenizer().n_vocab:
+            raise ValueError(
+                f"--model {args.model} has a vocabulary of {loaded.cfg.vocab_size} tokens, but the GPT-2 tokenizer "
+                f"has {gpt.get_tokenizer().n_vocab}: give a model made for the GPT-2 tokenizer"
+            )
+        model = gpt.GPTModel(dataclasses.replace(loaded.cfg, drop_rate=args.drop_rate))
         model.load_state_dict(loaded.state_dict())
-    else:
-        torch.manual_seed(args.seed)
-        model = gpt.GPTModel(model_config(args))
-    return model.train()
-
-
-# ----------------------------------------------------------------------------------------
-# 3. Optimizer and learning-rate schedule
-# ----------------------------------------------------------------------------------------
-
-
-def configure_optimizer(model, lr, weight_decay, fused=False):
-    """AdamW with weight decay on the weight matrices and embeddings (parameters with two
-    or more dimensions) only; biases and LayerNorm scales and shifts are not decayed, as
-    in nanoGPT's configure_optimizers. betas (0.9, 0.95) as in GPT-3 (Brown et al., 2020,
-    appendix B). fused: one CUDA kernel for the whole update."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        return model.train()
+    torch.manual_seed(args.seed)
+    shape = {name: getattr(args, name) for name in DEFAULT_SHAPE if getattr(args, name) is not None}
+    return gpt.GPTModel(dataclasses.replace(size_config(args.size), drop_rate=args.drop_rate, **shape)).train()
 
 
 def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
@@ -515,17 +394,354 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Devices, precision, several processes
+# 3. Training and evaluation
 # ----------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def evaluate_loss(model, splits, split, batch_size, autocast, proc):
+    """Mean cross-entropy (nats per token) of the evaluation windows of split ("train" or
+    "val"). proc: this process's rank, the number of processes and the device (see
+    `setup_distributed`); each process takes every world_size-th window, and the sums
+    are all-reduced."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
+    mine = splits.eval_starts[split][proc.rank :: proc.world_size]
+    for i in range(0, len(mine), batch_size):
+        inputs, targets = get_batch(
+            getattr(splits, split), mine[i : i + batch_size], splits.context_length, proc.device
+        )
+        with autocast:
+            logits = model(inputs)  # [batch, seq_len, vocab_size]
+        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+        total[1] += targets.numel()
+    if proc.world_size > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def sample_text(model, prompt, max_new_tokens, seed, device):
+    """The prompt and a continuation (temperature 0.8, top-k 50, seeded: successive samples
+    differ only through training), lines after the first indented for the log. An empty
+    prompt starts from <|endoftext|>."""
+    idx = gpt.text_to_token_ids(prompt, device=device) if prompt else torch.tensor([[gpt.EOT_ID]], device=device)
+    out = gpt.generate(model, idx, max_new_tokens, temperature=0.8, top_k=50, seed=seed)
+    return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :]).replace("\n", "\n          ")
+
+
+def train(args, model, optimizer, splits, proc, state):
+    """The training loop, from step state["step"] to state["total_steps"], updating state.
+    Evaluates and saves every --eval-every steps, at the start and at the end; a stop
+    (Ctrl-C, SIGTERM, --stop-at-step) saves latest.pt after the step's evaluation, so
+    --resume goes on exactly. Returns None at the end, else "stop-at-step" or the signal."""
+    out_dir, history, total_steps = Path(args.out_dir), state["history"], state["total_steps"]
+    global_batch = args.batch_size * args.grad_accum * proc.world_size  # windows per optimizer step
+    autocast, dtype_name = autocast_context(proc.device, args.dtype)
+    compiled, train_model = compile_and_wrap(model, args.compile, proc)
+    peak = peak_flops(proc.device, dtype_name, args.peak_flops)  # None: no MFU
+    flops_token, tokens_per_step = flops_per_token(model, splits.context_length), global_batch * splits.context_length
+    started, first_step = time.time(), state["step"]
+    interval_start, interval_step = started, first_step
+    with StopSignal(single_process=proc.world_size == 1) as stopper:
+        while True:
+            step, tokens = state["step"], state["samples_seen"] * splits.context_length
+            lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
+            paused = time.time()  # evaluating and saving do not count in tokens/s
+            evaluated = bool(history) and history[-1]["step"] == step  # before a --resume
+            evaluate_now = (step % args.eval_every == 0 or step == total_steps) and not evaluated
+            if evaluate_now:
+                losses = [evaluate_loss(compiled, splits, s, args.batch_size, autocast, proc) for s in ("train", "val")]
+                gpt.check_finite_loss(sum(losses), step)  # NaN or infinity in either
+                improved = step > 0 and losses[1] < state["best_val_loss"]  # the random start is never "best"
+                state["best_val_loss"] = losses[1] if improved else state["best_val_loss"]
+                history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=losses[0], val_loss=losses[1]))
+                log(
+                    f"eval step {step} | train loss {losses[0]:.3f} | val loss {losses[1]:.3f} "
+                    f"(perplexity {math.exp(losses[1]):,.1f})" + (" | best so far" if improved else "")
+                )
+                if proc.rank == 0:
+                    log("  sample: " + sample_text(model, args.prompt, args.sample_tokens, args.seed, proc.device))
+                    if improved:
+                        save_model(out_dir / "best.pt", model, step=step, tokens_seen=tokens, val_loss=losses[1])
+                    gpt.write_json(
+                        out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history)
+                    )
+            stop = stopper.requested or step >= (args.stop_at_step or math.inf)
+            stop = step == total_steps or any_process(stop, proc)  # every process stops at the same step
+            if evaluate_now or stop:
+                save_training_state(out_dir / "latest.pt", model, optimizer, proc, state)
+            if stop:
+                return None if step == total_steps else stopper.signal_name or "stop-at-step"
+            interval_start += time.time() - paused
+
+            # One optimizer step: forward, loss and backward for each micro-batch, then the update.
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro_step in range(args.grad_accum):
+                starts = micro_batch_starts(
+                    splits.order, state["samples_seen"], micro_step, args.batch_size, proc.rank, proc.world_size
+                )
+                inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
+                accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
+                with train_model.no_sync() if accumulate else nullcontext():
+                    with autocast:
+                        logits = train_model(inputs)  # [batch, seq_len, vocab_size]
+                        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / args.grad_accum
+                    loss.backward()  # adds to the gradients of the earlier micro-batches
+                loss_sum += loss.detach()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state.update(step=step, samples_seen=state["samples_seen"] + global_batch)
+
+            if step % args.log_every == 0 or step == total_steps:
+                loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
+                gpt.check_finite_loss(loss_value, step)
+                tokens_per_s = (step - interval_step) * tokens_per_step / (time.time() - interval_start)
+                mfu = f" | MFU {flops_token * tokens_per_s / (peak * proc.world_size):.1%}" if peak else ""
+                eta = gpt.eta(started, step - first_step, total_steps - first_step)
+                log(
+                    f"step {step}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | grad norm {norm:.2f} | "
+                    f"{tokens_per_s:,.0f} tok/s{mfu} | ETA {eta}"
+                )
+                interval_start, interval_step = time.time(), step
+
+
+def plot_history(path, history, unigram_loss):
+    """loss.png: both losses of each evaluation against tokens seen, and the unigram
+    baseline as a flat line. Returns the path, or None without matplotlib."""
+    tokens = [h["tokens"] for h in history]
+    series = {
+        "train": (tokens, [h["train_loss"] for h in history]),
+        "validation": (tokens, [h["val_loss"] for h in history]),
+        "unigram baseline": ([tokens[0], tokens[-1]], [unigram_loss, unigram_loss]),
+    }
+    return gpt.plot_curves(path, {"loss (nats per token)": series}, xlabel="tokens seen")
+
+
+# ----------------------------------------------------------------------------------------
+# 4. The stage: data, model, optimizer, the loop
+# ----------------------------------------------------------------------------------------
+
+
+def pretrain(args, proc):
+    """Run the stage with the settings args (see `parse_settings`) in this process (proc:
+    see `setup_distributed`). Returns a summary dict: steps, tokens_seen, train_loss,
+    val_loss, best_val_loss, unigram_loss, latest, best, stopped (see `train`)."""
+    out_dir = Path(args.out_dir)
+    if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
+        gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
+        gpt.print_settings(args)
+    barrier(proc)
+    if proc.device.type == "cpu" and args.dtype == "bfloat16":  # CPUs without bfloat16 matrix units emulate it
+        log("warning: --dtype bfloat16 is usually much slower than float32 on CPUs; --dtype auto picks float32 there")
+    checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
+
+    # Data: the first process of each machine tokenizes; the others wait, then reuse its file.
+    barrier(proc, wait=proc.local_rank != 0)
+    token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
+    token_path, n_tokens, sha256 = prepare_token_file(resolve_sources(args.data), token_dir, args.replace_invalid_utf8)
+    barrier(proc, wait=proc.local_rank == 0)
+    data = {"n_tokens": n_tokens, "sha256": sha256}
+    if checkpoint is not None and checkpoint["data"] != data:
+        raise ValueError(
+            f"--resume: --data {args.data} changed since the run started (SHA-256 of its tokens {sha256[:12]}..., "
+            f"was {checkpoint['data']['sha256'][:12]}...): restore it, or start a new run with --overwrite"
+        )
+
+    # Model and optimizer: AdamW with betas (0.9, 0.95), as GPT-3 (Brown et al., 2020, appendix B).
+    model = build_model(args, checkpoint)
+    splits = make_splits(token_path, n_tokens, args, model.cfg, proc.world_size)
+    if proc.device.type == "cpu":
+        check_step_memory(model, args.batch_size, splits.context_length)
+    model.to(proc.device)
+    optimizer = gpt.make_adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))
+    global_batch = args.batch_size * args.grad_accum * proc.world_size
+    total_steps = args.max_steps or math.ceil(args.epochs * splits.n_windows / global_batch)
+    if args.warmup_steps is None:  # 5% of the steps, saved as a number: extending the run keeps it
+        args.warmup_steps = round(0.05 * total_steps)
+    if checkpoint is None:
+        state = {"step": 0, "samples_seen": 0, "best_val_loss": math.inf, "history": []}
+        torch.manual_seed(args.seed + proc.rank)  # dropout masks differ between processes
+    else:
+        state = restore_training_state(checkpoint, optimizer, proc)
+        if state["step"] >= total_steps:
+            raise ValueError(
+                f"--resume: the run in {out_dir} already made {state['step']} of {total_steps} steps; "
+                "raise --max-steps or --epochs to go on"
+            )
+        log(f"resumed from {out_dir / 'latest.pt'} at step {state['step']}")
+    state.update(total_steps=total_steps, settings=vars(args), data=data)
+    if proc.rank == 0:
+        gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
+    log(gpt.model_summary(model, "model") + f"; {proc.device}, {proc.world_size} process(es)")
+    log(
+        f"training: {total_steps} steps of {global_batch} windows ({global_batch * splits.context_length:,} tokens), "
+        f"{total_steps * global_batch / splits.n_windows:.2f} epochs; unigram baseline {splits.unigram_loss:.3f}"
+    )
+
+    stopped = train(args, model, optimizer, splits, proc, state)
+    if proc.rank == 0:
+        plot_history(out_dir / "loss.png", state["history"], splits.unigram_loss)
+    last = state["history"][-1]
+    if stopped:
+        log(f"stopped at step {state['step']} ({stopped}): go on with python pretrain.py --resume --out-dir {out_dir}")
+    else:
+        log(f"done: {state['step']} steps, validation loss {last['val_loss']:.3f} (best {state['best_val_loss']:.3f})")
+        log(f"try the model: python load_gpt2.py --model {out_dir / 'best.pt'}")
+    return {
+        "steps": state["step"],
+        "tokens_seen": state["samples_seen"] * splits.context_length,
+        "train_loss": last["train_loss"],
+        "val_loss": last["val_loss"],
+        "best_val_loss": state["best_val_loss"],
+        "unigram_loss": splits.unigram_loss,
+        "latest": out_dir / "latest.pt",
+        "best": out_dir / "best.pt",
+        "stopped": stopped,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Command line and settings
+# ----------------------------------------------------------------------------------------
+
+RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
+
+# With --resume these come from the command line, not from the saved run: where the files
+# are and when to stop.
+THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir", "token_dir")
+# With --resume these may differ from the saved run when given: --max-steps or --epochs
+# extend it (the cosine schedule stretches to the new end); the others change the speed.
+MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "peak_flops")
+unit_interval = gpt._checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Pretrain a GPT on plain text (next-token prediction). A new run refuses an --out-dir that holds "
+        "another run: --resume continues that run with its saved settings, --overwrite deletes it first.",
+        formatter_class=gpt.HelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files")
+    data.add_argument("--train-fraction", type=gpt.fraction, default=0.9, help="share of the tokens for training")
+    data.add_argument("--stride", type=gpt.positive_int, help="tokens between window starts (default: no overlap)")
+    data.add_argument("--replace-invalid-utf8", action="store_true", help="read bytes that are not UTF-8 as U+FFFD")
+    data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloads and token files")
+    data.add_argument("--token-dir", help="folder of the token files (default: <--cache-dir>/tokens)")
+
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--model", help="start from gpt2 (or another size), a .safetensors file, a checkpoint (default: random)"
+    )
+    model.add_argument(
+        "--size", choices=list(gpt.GPT_CONFIGS), help="a GPT-2 shape (default: 4 layers, 4 heads, width 256)"
+    )
+    model.add_argument("--n-layers", type=gpt.positive_int, help="transformer blocks (default: from --size)")
+    model.add_argument("--n-heads", type=gpt.positive_int, help="attention heads per block (default: from --size)")
+    model.add_argument("--emb-dim", type=gpt.positive_int, help="embedding width (default: from --size)")
+    model.add_argument("--context-length", type=gpt.positive_int, help="tokens per window (default: the model's)")
+    model.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout probability")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="windows per micro-batch and process")
+    train.add_argument("--grad-accum", type=gpt.positive_int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--epochs", type=gpt.positive_float, default=10.0, help="passes over the training windows")
+    train.add_argument("--max-steps", type=gpt.positive_int, help="optimizer steps (default: from --epochs)")
+    train.add_argument("--lr", type=gpt.positive_float, default=1e-3, help="peak learning rate")
+    train.add_argument("--min-lr-ratio", type=unit_interval, default=0.1, help="final learning rate / --lr")
+    train.add_argument(
+        "--warmup-steps", type=gpt.non_negative_int, help="steps of linear warm-up (default: 5%% of the steps)"
+    )
+    train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
+    train.add_argument("--grad-clip", type=gpt.non_negative_float, default=1.0, help="gradient norm limit (0: none)")
+    train.add_argument("--seed", type=gpt.seed, default=123, help="seed of weights, data order, dropout, samples")
+
+    run = p.add_argument_group("evaluation, run folder, devices")
+    run.add_argument("--eval-every", type=gpt.positive_int, default=10, help="evaluate and save every N steps")
+    run.add_argument(
+        "--eval-batches", type=gpt.positive_int, default=10, help="batches of --batch-size windows per split"
+    )
+    run.add_argument("--log-every", type=gpt.positive_int, default=5, help="print a progress line every N steps")
+    run.add_argument("--prompt", default="Every effort moves you", help="start of the sample of each evaluation")
+    run.add_argument("--sample-tokens", type=gpt.non_negative_int, default=30, help="tokens of the sample")
+    run.add_argument("--out-dir", default="runs/pretrain", help="folder of the run's files")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out-dir with its saved settings; only --max-steps/--epochs (to extend it), "
+        "--stop-at-step, --device, --compile, --peak-flops, --cache-dir and --token-dir may differ from them",
+    )
+    again.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir, start a new one")
+    run.add_argument(
+        "--stop-at-step",
+        type=gpt.positive_int,
+        help="save and exit after this step, for --resume (default: at the end)",
+    )
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    run.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="precision of the work: autocast on GPUs, float32 weights (auto: bfloat16 where supported)",
+    )
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
+    run.add_argument("--peak-flops", type=gpt.positive_float, help="FLOP/s of one device for MFU (default: known GPUs)")
+    return p
+
+
+def parse_settings(argv=None):
+    """The run's settings -> Namespace. A new run: the command line, checked (argparse
+    exits 2). --resume: the settings saved in --out-dir/run.json, THIS_COMMAND's from the
+    command line, MAY_CHANGE's where given; raises ValueError naming the flag and both
+    values when another flag contradicts the saved run."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    shape_flags = [gpt.flag_name(k) for k in ("size", "n_layers", "n_heads", "emb_dim") if getattr(args, k) is not None]
+    if args.model and shape_flags and not args.resume:
+        parser.error(f"--model takes the model's shape from its weights: drop {', '.join(shape_flags)}")
+    emb_dim, n_heads = args.emb_dim or size_config(args.size).emb_dim, args.n_heads or size_config(args.size).n_heads
+    if not args.resume and emb_dim % n_heads:
+        parser.error(f"--emb-dim {emb_dim} must be divisible by --n-heads {n_heads} (each head gets an equal share)")
+    if not args.resume:
+        return args
+    run_file = Path(args.out_dir) / "run.json"
+    if not run_file.is_file():
+        raise ValueError(
+            f"--resume: {args.out_dir} holds no run.json, so no run to continue (or one of an earlier pretrain.py): "
+            "start a new run without --resume"
+        )
+    saved = gpt.read_json(run_file, "--resume: the run's settings")
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        raise ValueError(f"--resume: {run_file} holds no settings of pretrain.py; start a new run with --overwrite")
+    settings = gpt.resume_settings(parser, argv, saved["settings"], may_change=THIS_COMMAND + MAY_CHANGE)
+    for name in THIS_COMMAND:
+        setattr(settings, name, getattr(args, name))
+    given = gpt.given_flags(parser, argv)
+    if "epochs" in given and "max_steps" not in given:
+        settings.max_steps = None  # the --epochs given now set the end of the run
+    return settings
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Plumbing: processes and devices, memory, checkpoints, signals
+# ----------------------------------------------------------------------------------------
+
+Processes = collections.namedtuple("Processes", "rank local_rank world_size device")
+
+
 def setup_distributed(device_name):
-    """(rank, local_rank, world_size, device). Under torchrun (RANK and WORLD_SIZE in the
-    environment) this joins the process group: NCCL between GPUs, one GPU per process
-    (cuda:LOCAL_RANK), or Gloo between CPU processes. Otherwise one process, rank 0."""
+    """Processes(rank, local_rank, world_size, device). Under torchrun (RANK and WORLD_SIZE
+    set) this joins the process group: NCCL between GPUs, one GPU per process
+    (cuda:LOCAL_RANK), or Gloo between CPU processes. Otherwise one process."""
     device = gpt.pick_device(device_name)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 0, 1, device
+        return Processes(0, 0, 1, device)
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.type == "mps":
         raise ValueError("torchrun with MPS is not supported: use --device cpu")
@@ -533,13 +749,37 @@ def setup_distributed(device_name):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, local_rank, world_size, device
+    return Processes(rank, local_rank, world_size, device)
+
+
+def barrier(proc, wait=True):
+    """Wait here until every process arrives (with several processes, and when wait)."""
+    if proc.world_size > 1 and wait:
+        dist.barrier()
+
+
+def any_process(flag, proc):
+    """Whether flag is true in any process (every process must call this)."""
+    if proc.world_size == 1:
+        return flag
+    value = torch.tensor(float(flag), device=proc.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def compile_and_wrap(model, compile_model, proc):
+    """(model to evaluate, model to train): torch.compile'd with --compile; to train under
+    torchrun in DistributedDataParallel, which all-reduces the gradients in backward."""
+    compiled = torch.compile(model) if compile_model else model
+    if proc.world_size == 1:
+        return compiled, compiled
+    return compiled, DistributedDataParallel(compiled, device_ids=[proc.device] if proc.device.type == "cuda" else None)
 
 
 def autocast_context(device, dtype_name):
     """(autocast context, dtype name): bfloat16 autocast where asked for (auto: on CUDA
-    GPUs that support it), else a no-op context and float32. The weights, gradients
-    and optimizer state stay float32 either way."""
+    GPUs that support it), else a no-op context and float32. Weights, gradients and
+    optimizer state stay float32 either way."""
     if dtype_name == "auto":
         dtype_name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype_name == "bfloat16":
@@ -549,153 +789,104 @@ def autocast_context(device, dtype_name):
 
 # Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found
 # in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.
-GPU_PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
 
 def peak_flops(device, dtype_name, given=None):
-    """Peak FLOP/s of one device for MFU: --peak-flops if given, else the table entry for a
-    CUDA GPU training in bfloat16, else None (CPUs: no reliable number, so no MFU)."""
-    if given:
+    """Peak FLOP/s of one device for MFU: --peak-flops if given, else the table's for a CUDA
+    GPU training in bfloat16, else None (CPUs: no reliable number, so no MFU)."""
+    if given or device.type != "cuda" or dtype_name != "bfloat16":
         return given
-    if device.type != "cuda" or dtype_name != "bfloat16":
-        return None
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_BF16_FLOPS.items() if key in name), None)
+    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
 
 
 def flops_per_token(model, seq_len):
-    """Training FLOPs per token: 6 N for the forward and backward matrix multiplications
-    of N weights (the tied output head included, the position lookup not) plus
-    12 * n_layers * emb_dim * seq_len for attention (PaLM, Chowdhery et al., 2022, app. B)."""
-    cfg = model.cfg
+    """Training FLOPs per token: 6 N for the forward and backward matrix multiplications of
+    N weights (the tied head included, the position lookup not) plus 12 * n_layers *
+    emb_dim * seq_len for attention (PaLM, Chowdhery et al., 2022, appendix B)."""
     n_params = gpt.count_parameters(model) - model.wpe.weight.numel()
-    return 6 * n_params + 12 * cfg.n_layers * cfg.emb_dim * seq_len
+    return 6 * n_params + 12 * model.cfg.n_layers * model.cfg.emb_dim * seq_len
 
 
-# ----------------------------------------------------------------------------------------
-# 5. Training and evaluation
-# ----------------------------------------------------------------------------------------
+def available_memory():
+    """Bytes of memory this machine has, or None where the operating system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # no sysconf on Windows
+        return None
 
 
-def train_step(model, optimizer, micro_batches, autocast=None, grad_clip=1.0):
-    """One optimizer step with gradient accumulation: for each (inputs, targets) pair of
-    LongTensors [batch, seq_len] in micro_batches, forward, cross-entropy / number of
-    micro-batches, backward; then clip the gradient norm and step. Under DDP the
-    gradients are all-reduced only in the last backward pass (no_sync before it).
-    Returns (mean loss, gradient norm before clipping), 0-dim tensors on the device."""
-    n = len(micro_batches)
-    total_loss = 0.0
-    for i, (inputs, targets) in enumerate(micro_batches):
-        skip_sync = isinstance(model, DistributedDataParallel) and i < n - 1
-        with model.no_sync() if skip_sync else nullcontext(), autocast or nullcontext():
-            logits = model(inputs)  # [batch, seq_len, vocab_size]
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / n
-            loss.backward()
-        total_loss += loss.detach()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total_loss, norm
+def check_step_memory(model, batch_size, context_length):
+    """Raise ValueError before training when a step on the CPU needs more memory than the
+    machine has (the operating system may kill such a process without a message). The
+    estimate, in bytes: 16 per parameter (float32 weights, gradients, AdamW's moments) and
+    per token 68 * emb_dim per layer of activations (Korthikanti et al., 2022, section
+    4.1, in float32, no attention matrix) plus 12 per vocabulary entry (logits, softmax, gradient)."""
+    cfg, processes = model.cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    per_token = 68 * cfg.emb_dim * cfg.n_layers + 12 * cfg.vocab_size
+    need = processes * (16 * gpt.count_parameters(model) + batch_size * context_length * per_token)
+    have = available_memory()
+    if have is not None and need > have:
+        raise ValueError(
+            f"a training step needs about {need / 1e6:,.0f} MB of memory, but this machine has {have / 1e6:,.0f} MB: "
+            "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
+        )
 
 
-@torch.no_grad()
-def evaluate_loss(model, tokens, starts, context_length, batch_size, device, autocast=None, rank=0, world_size=1):
-    """Mean cross-entropy (nats per token) of the windows of context_length tokens at
-    `starts`. With several processes each takes every world_size-th window and the sums
-    are all-reduced, so every process returns the same number."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, tokens]
-    mine = starts[rank::world_size]
-    for i in range(0, len(mine), batch_size):
-        inputs, targets = get_batch(tokens, mine[i : i + batch_size], context_length, device)
-        with autocast or nullcontext():
-            logits = model(inputs)
-        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
-        total[1] += targets.numel()
-    if world_size > 1:
-        dist.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item()
+def save_model(path, model, **extra):
+    """Save a checkpoint; when the file system refuses (a full disk), to the temporary folder."""
+    gpt.save_with_fallback(lambda p: gpt.save_checkpoint(p, model, **extra), path)
 
 
-def sample_text(model, prompt, max_new_tokens, seed, device):
-    """The prompt and a continuation of it (temperature 0.8, top-k 50, seeded: successive
-    evaluations differ only through training). An empty prompt starts from <|endoftext|>."""
-    idx = gpt.text_to_token_ids(prompt, device=device) if prompt else torch.tensor([[gpt.EOT_ID]], device=device)
-    out = gpt.generate(model, idx, max_new_tokens, temperature=0.8, top_k=50, seed=seed)
-    return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :])
+def save_training_state(path, model, optimizer, proc, state):
+    """Write latest.pt: the model, AdamW's moments, every process's RNG states (the same
+    dropout masks after --resume) and state (step, data position, history, settings, data
+    fingerprint). Every process must call this; the first one writes."""
+    rng_states = [gpt.rng_state()]
+    if proc.world_size > 1:
+        rng_states = [None] * proc.world_size
+        dist.all_gather_object(rng_states, gpt.rng_state())
+    if proc.rank == 0:
+        save_model(path, model, optimizer=optimizer.state_dict(), rng_states=rng_states, **state)
 
 
-# ----------------------------------------------------------------------------------------
-# 6. Checkpoints and stopping
-# ----------------------------------------------------------------------------------------
+def load_training_state(path):
+    """latest.pt of the run to continue -> dict. Raises ValueError when it is missing or
+    not a training state of this pretrain.py."""
+    if not path.is_file():
+        raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
+    checkpoint = gpt.load_checkpoint(path)
+    missing = [k for k in ("optimizer", "step", "samples_seen", "rng_states", "history", "data") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"--resume: {path} is not a training state of this pretrain.py (no {', '.join(missing)})")
+    return checkpoint
 
 
-def rng_states(world_size):
-    """Every process's random number generator states ({"cpu": ..., "cuda": ...}), gathered
-    from all processes, for --resume to restore dropout masks exactly."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    if world_size == 1:
-        return [state]
-    states = [None] * world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def save_training_state(path, model, optimizer, rank, world_size, **state):
-    """Write the full training state to path (rank 0; every process must call this because
-    the RNG states are gathered): model and config, optimizer moments, the RNG states and
-    the loop's counters in `state` (step, samples_seen, best_val_loss, history, ...)."""
-    states = rng_states(world_size)
-    if rank == 0:
-        gpt.save_checkpoint(path, model, optimizer=optimizer.state_dict(), rng_states=states, **state)
-
-
-def restore_training_state(checkpoint, optimizer, rank, world_size, device):
-    """Load the optimizer moments and this process's RNG states from a latest.pt checkpoint
-    (reseeding instead when the checkpoint was saved by another number of processes)."""
+def restore_training_state(checkpoint, optimizer, proc):
+    """Load AdamW's moments and this process's RNG states from latest.pt (reseed when it
+    was saved by another number of processes) -> the loop's state."""
     fused = optimizer.defaults.get("fused")
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:
         group["fused"] = fused  # the saved flag belongs to the device the run was saved on
     states = checkpoint["rng_states"]
-    if len(states) != world_size:
-        if rank == 0:
-            print(f"note: the checkpoint has RNG states of {len(states)} processes, this run has {world_size}: reseeding")
-        torch.manual_seed(checkpoint["settings"]["seed"] + rank + checkpoint["step"])
-        return
-    torch.set_rng_state(states[rank]["cpu"])
-    if "cuda" in states[rank] and device.type == "cuda":
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
-
-
-def check_resume_checkpoint(args, checkpoint, path):
-    """Raise ValueError when latest.pt is not a pretrain.py training state or its model
-    disagrees with a shape flag given on the command line."""
-    missing = [k for k in ("optimizer", "step", "samples_seen", "rng_states", "settings") if k not in checkpoint]
-    if missing:
-        raise ValueError(f"--resume: {path} is not a training state of pretrain.py (no {', '.join(missing)})")
-    for name in ("n_layers", "n_heads", "emb_dim"):
-        if getattr(args, name) is not None and getattr(args, name) != checkpoint["config"][name]:
-            raise ValueError(
-                f"--resume: the model in {path} has {name} {checkpoint['config'][name]}, not "
-                f"--{name.replace('_', '-')} {getattr(args, name)}; drop the flag or use another --out-dir"
-            )
+    if len(states) == proc.world_size:
+        gpt.set_rng_state(states[proc.rank], proc.device)
+    else:
+        log(f"note: latest.pt has the RNG states of {len(states)} processes, not {proc.world_size}: reseeding")
+        torch.manual_seed(checkpoint["settings"]["seed"] + proc.rank + checkpoint["step"])
+    return {key: checkpoint[key] for key in ("step", "samples_seen", "best_val_loss", "history")}
 
 
 class StopSignal:
     """While active, Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current
-    step, so that it can save a checkpoint, instead of killing it. A second Ctrl-C stops at
-    once in a single process; under torchrun the launcher forwards the signal it receives,
-    so repeats are expected and ignored (torchrun kills the workers after 30 s)."""
+    step, to save, instead of killing it. A second Ctrl-C stops at once in one process;
+    under torchrun the launcher forwards the signal it receives, so repeats are ignored
+    (torchrun kills the workers after 30 s)."""
 
     def __init__(self, single_process=True):
-        self.requested, self.signal_name = False, None
-        self.single_process = single_process
-        self._previous = {}
+        self.requested, self.signal_name, self.single_process, self._previous = False, None, single_process, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers only work there
@@ -709,264 +900,26 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         if self.requested and self.single_process and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # latest.pt keeps the state of the last save
         self.requested, self.signal_name = True, signal.Signals(signum).name
 
 
-def plot_history(path, history, unigram_loss):
-    """loss.png: train and validation loss of each evaluation against tokens seen, with
-    the unigram baseline as a flat line. Returns the path, or None without matplotlib."""
-    tokens = [h["tokens"] for h in history]
-    series = {
-        "train": (tokens, [h["train_loss"] for h in history]),
-        "validation": (tokens, [h["val_loss"] for h in history]),
-        "unigram baseline": ([tokens[0], tokens[-1]], [unigram_loss, unigram_loss]),
-    }
-    return gpt.plot_curves(path, {"loss (nats per token)": series}, xlabel="tokens seen")
-
-
-# ----------------------------------------------------------------------------------------
-# 7. The run
-# ----------------------------------------------------------------------------------------
-
-
-def pretrain(args):
-    """Run the stage with parsed settings. Returns a summary dict: steps, tokens_seen,
-    train_loss, val_loss, best_val_loss, unigram_loss, latest, best, stopped (None, or
-    "stop-at-step" / the signal's name when the run stopped early)."""
-    check_settings(args)
-    rank, local_rank, world_size, device = setup_distributed(args.device)
-    try:
-        return train_and_evaluate(args, rank, local_rank, world_size, device)
-    finally:
-        if world_size > 1:
-            dist.destroy_process_group()
-
-
-def train_and_evaluate(args, rank, local_rank, world_size, device):
-    """The body of `pretrain` once the processes are set up: data, model, optimizer, loop."""
-    log = print if rank == 0 else (lambda *a, **k: None)
-    if device.type == "cpu" and args.dtype == "bfloat16":  # CPUs without bfloat16 matrix units emulate it
-        log("warning: --dtype bfloat16 is usually much slower than float32 on CPUs; --dtype auto picks float32 there")
-    out_dir = Path(args.out_dir)
-    latest_path, best_path = out_dir / "latest.pt", out_dir / "best.pt"
-    checkpoint = None
-    if args.resume:
-        if not latest_path.exists():
-            raise FileNotFoundError(
-                f"--resume: no checkpoint {latest_path}; run without --resume or set --out-dir to the run's folder"
-            )
-        checkpoint = gpt.load_checkpoint(latest_path)
-        check_resume_checkpoint(args, checkpoint, latest_path)
-    elif latest_path.exists():
-        log(f"note: {out_dir} holds an earlier run; this new run replaces its checkpoints (--resume continues it instead)")
-
-    # Data. Local rank 0 downloads and tokenizes; the other processes wait, then reuse its file.
-    if world_size > 1 and local_rank != 0:
-        dist.barrier()
-    token_dir = Path(args.token_dir) if args.token_dir else gpt.cache_dir() / "tokens"
-    token_path, n_tokens = prepare_token_file(resolve_sources(args.data), token_dir, args.replace_invalid_utf8, log)
-    if world_size > 1 and local_rank == 0:
-        dist.barrier()
-    model = build_model(args, checkpoint)
-    cfg = model.cfg
-    context_length = args.context_length or cfg.context_length
-    if context_length > cfg.context_length:
-        raise ValueError(f"--context-length {context_length} is longer than the model's context length {cfg.context_length}")
-    stride = args.stride or context_length
-    train_tokens, val_tokens = split_tokens(load_token_file(token_path, n_tokens), args.train_fraction, context_length)
-    n_windows = count_windows(len(train_tokens), context_length, stride)
-    order = WindowOrder(n_windows, stride, args.seed)
-    global_batch = args.batch_size * args.grad_accum * world_size
-    total_steps = args.max_steps or math.ceil(args.epochs * n_windows / global_batch)
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total_steps)
-    eval_windows = args.eval_iters * args.batch_size * world_size
-    train_eval_starts = evaluation_starts(len(train_tokens), context_length, eval_windows)
-    val_eval_starts = evaluation_starts(len(val_tokens), context_length, eval_windows)
-    unigram_loss = unigram_baseline(train_tokens, val_tokens, cfg.vocab_size)
-    log(
-        f"data: {n_tokens:,} tokens = {len(train_tokens):,} training + {len(val_tokens):,} validation; "
-        f"{n_windows:,} training windows of {context_length} tokens, stride {stride}"
-    )
-
-    # Model, precision, optimizer, and the state of a resumed run.
-    model.to(device)
-    autocast, dtype_name = autocast_context(device, args.dtype)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for the float32 matmuls
-    optimizer = configure_optimizer(model, args.lr, args.weight_decay, fused=device.type == "cuda")
-    step, samples_seen, best_val_loss, history = 0, 0, float("inf"), []
-    if checkpoint is not None:
-        restore_training_state(checkpoint, optimizer, rank, world_size, device)
-        step, samples_seen = checkpoint["step"], checkpoint["samples_seen"]
-        best_val_loss, history = checkpoint["best_val_loss"], checkpoint["history"]
-        if step >= total_steps:
-            raise ValueError(
-                f"--resume: the run in {out_dir} already made {step} of {total_steps} steps; raise --max-steps or --epochs to go on"
-            )
-        log(f"resumed from {latest_path} at step {step} ({samples_seen * context_length:,} tokens seen)")
-    else:
-        torch.manual_seed(args.seed + rank)  # dropout masks differ between processes
-    compiled = torch.compile(model) if args.compile else model
-    train_model = compiled
-    if world_size > 1:
-        train_model = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    peak = peak_flops(device, dtype_name, args.peak_flops)
-    flops_token = flops_per_token(model, context_length)
-    log(
-        f"model: {gpt.count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
-        f"width {cfg.emb_dim}, context {cfg.context_length}); {device}, {dtype_name}, {world_size} process(es)"
-    )
-    log(
-        f"training: {total_steps} steps of {global_batch} windows ({global_batch * context_length:,} tokens) = "
-        f"{total_steps * global_batch / n_windows:.2f} epochs; lr {args.lr:g}, {warmup_steps} warm-up steps, "
-        f"cosine decay to {args.min_lr_ratio * args.lr:g}"
-    )
-    log(
-        f"unigram baseline: validation loss {unigram_loss:.3f} (perplexity {math.exp(unigram_loss):,.0f}) "
-        "for a model that ignores context"
-    )
-
-    def evaluate(lr):
-        """Losses on both splits, a history entry, a sample, and best.pt when validation improved."""
-        nonlocal best_val_loss
-        losses = [
-            evaluate_loss(compiled, split, starts, context_length, args.batch_size, device, autocast, rank, world_size)
-            for split, starts in ((train_tokens, train_eval_starts), (val_tokens, val_eval_starts))
-        ]
-        if not all(math.isfinite(x) for x in losses):
-            raise RuntimeError(
-                f"the loss became {losses} at step {step}: training diverged; lower --lr or raise --warmup-steps"
-            )
-        history.append(
-            {"step": step, "tokens": samples_seen * context_length, "lr": lr, "train_loss": losses[0], "val_loss": losses[1]}
-        )
-        improved = step > 0 and losses[1] < best_val_loss  # the random start is never "best"
-        best_val_loss = min(best_val_loss, losses[1]) if step > 0 else best_val_loss
-        log(
-            f"eval step {step} | train loss {losses[0]:.3f} (ppl {math.exp(losses[0]):,.1f}) | "
-            f"val loss {losses[1]:.3f} (ppl {math.exp(losses[1]):,.1f})" + (" | best so far" if improved else "")
-        )
-        if rank == 0:
-            log(
-                "  sample: "
-                + sample_text(model, args.prompt, args.sample_tokens, args.seed, device).replace("\n", "\n          ")
-            )
-            if improved:
-                gpt.save_checkpoint(
-                    best_path, model, step=step, tokens_seen=samples_seen * context_length, val_loss=losses[1]
-                )
-            gpt.atomic_write_bytes(
-                out_dir / "history.json",
-                json.dumps({"unigram_loss": unigram_loss, "evaluations": history}, indent=1).encode(),
-            )
-
-    def save_latest():
-        save_training_state(
-            latest_path,
-            model,
-            optimizer,
-            rank,
-            world_size,
-            step=step,
-            samples_seen=samples_seen,
-            total_steps=total_steps,
-            best_val_loss=best_val_loss,
-            history=history,
-            settings=vars(args),
-        )
-
-    # The loop: one optimizer step per iteration; evaluate and save every --eval-interval steps.
-    stopper, stopped = StopSignal(single_process=world_size == 1), None
-    with stopper:
-        if step == 0:
-            evaluate(cosine_with_warmup(0, args.lr, warmup_steps, total_steps, args.min_lr_ratio))
-        started, first_step = time.time(), step
-        interval_start, interval_step, eval_seconds = time.time(), step, 0.0
-        while step < total_steps and not stopped:
-            lr = cosine_with_warmup(step, args.lr, warmup_steps, total_steps, args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro_batches = [
-                get_batch(
-                    train_tokens,
-                    micro_batch_starts(order, samples_seen, m, args.batch_size, rank, world_size),
-                    context_length,
-                    device,
-                )
-                for m in range(args.grad_accum)
-            ]
-            loss, norm = train_step(train_model, optimizer, micro_batches, autocast, args.grad_clip)
-            step, samples_seen = step + 1, samples_seen + global_batch
-
-            if step % args.log_interval == 0 or step == total_steps:
-                loss_value = loss.item()  # waits for the GPU: only on logging steps
-                if not math.isfinite(loss_value):
-                    raise RuntimeError(
-                        f"the loss became {loss_value} at step {step} (lr {lr:.2e}): training diverged; lower --lr or raise --warmup-steps"
-                    )
-                seconds = time.time() - interval_start - eval_seconds
-                tokens_per_s = (step - interval_step) * global_batch * context_length / max(seconds, 1e-9)
-                mfu = f" | MFU {100 * flops_token * tokens_per_s / (peak * world_size):.1f}%" if peak else ""
-                eta = (time.time() - started) / (step - first_step) * (total_steps - step)
-                log(
-                    f"step {step:>{len(str(total_steps))}}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | "
-                    f"grad norm {norm.item():.2f} | {tokens_per_s:,.0f} tok/s{mfu} | ETA {gpt.format_duration(eta)}"
-                )
-                interval_start, interval_step, eval_seconds = time.time(), step, 0.0
-
-            evaluation_step = step % args.eval_interval == 0 or step == total_steps
-            if evaluation_step:
-                eval_started = time.time()
-                evaluate(lr)
-                save_latest()
-                eval_seconds += time.time() - eval_started
-
-            # A stop comes after the step's evaluation, so that --resume continues exactly
-            # where an uninterrupted run would be.
-            stop_now = stopper.requested or (args.stop_at_step is not None and step >= args.stop_at_step)
-            if world_size > 1:  # every process must stop at the same step
-                flag = torch.tensor(float(stop_now), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop_now = bool(flag.item())
-            if stop_now and step < total_steps:
-                stopped = stopper.signal_name or "stop-at-step"
-                if not evaluation_step:  # an evaluation step has just saved it
-                    save_latest()
-                log(f"stopped at step {step} ({stopped}): saved {latest_path}; continue with the same command and --resume")
-
-    if rank == 0 and history:
-        plot_history(out_dir / "loss.png", history, unigram_loss)
-    last = history[-1] if history else {}
-    if not stopped:
-        log(
-            f"done: {step} steps, {samples_seen * context_length:,} tokens; validation loss {last['val_loss']:.3f} "
-            f"(best {best_val_loss:.3f}, unigram baseline {unigram_loss:.3f})"
-        )
-        log(f"try the model: python load_gpt2.py --model {best_path}")
-    return {
-        "steps": step,
-        "tokens_seen": samples_seen * context_length,
-        "train_loss": last.get("train_loss"),
-        "val_loss": last.get("val_loss"),
-        "best_val_loss": best_val_loss,
-        "unigram_loss": unigram_loss,
-        "latest": latest_path,
-        "best": best_path,
-        "stopped": stopped,
-    }
-
-
+@gpt.command_line(
+    "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
+)
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Run the stage from the command line; after a stop by Ctrl-C or SIGTERM (the state
+    saved) exit with the shell's code for the signal, 130 or 143."""
+    args = parse_settings(argv)
+    os.environ["GPT_CACHE_DIR"] = args.cache_dir  # downloads go there
+    proc = setup_distributed(args.device)
     try:
-        result = pretrain(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted (no checkpoint written since the last evaluation)")
+        result = pretrain(args, proc)
+    finally:
+        if proc.world_size > 1:
+            dist.destroy_process_group()
     if result["stopped"] in ("SIGINT", "SIGTERM"):
-        sys.exit(128 + signal.Signals[result["stopped"]])  # the shell's code for "killed by this signal"
+        raise SystemExit(128 + signal.Signals[result["stopped"]])
     return result
 
 

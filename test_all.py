@@ -9,6 +9,7 @@ server on 127.0.0.1 that the tests start; nothing touches the network.
 """
 
 import argparse
+import array
 import collections
 import dataclasses
 import errno
@@ -2239,8 +2240,8 @@ def _pretrain_text(n_sentences=400, seed=0):
 
 def _pretrain_tiny_argv(tmp_path, text_file, *extra):
     """Command-line flags of a tiny run (2 layers of width 32, 32-token windows)."""
-    tiny = "--n-layers 2 --n-heads 2 --emb-dim 32 --context-length 32 --batch-size 4 --eval-iters 2"
-    quiet = "--sample-tokens 5 --log-interval 100 --device cpu"
+    tiny = "--n-layers 2 --n-heads 2 --emb-dim 32 --context-length 32 --batch-size 4 --eval-batches 2"
+    quiet = "--sample-tokens 5 --log-every 100 --device cpu"
     paths = ["--data", str(text_file), "--out-dir", str(tmp_path / "run"), "--token-dir", str(tmp_path / "tokens")]
     return [*paths, *tiny.split(), *quiet.split(), *extra]
 
@@ -2327,10 +2328,10 @@ def test_pretrain_empty_file_and_folder_errors(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(ValueError, match="the file is empty"):
         pretrain.resolve_sources(str(tmp_path / "empty.txt"))
-    with pytest.raises(ValueError, match="every .txt file in the folder is empty"):
+    with pytest.raises(ValueError, match="the folder holds no .txt file with text"):
         pretrain.resolve_sources(str(tmp_path))
     (tmp_path / "none").mkdir()
-    with pytest.raises(ValueError, match="holds no .txt files"):
+    with pytest.raises(ValueError, match="the folder holds no .txt file with text"):
         pretrain.resolve_sources(str(tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         pretrain.resolve_sources(str(tmp_path / "missing.txt"))
@@ -2339,14 +2340,19 @@ def test_pretrain_empty_file_and_folder_errors(tmp_path):
 def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
-    with pytest.raises(ValueError, match=r"invalid UTF-8 at byte 42 .*--replace-invalid-utf8"):
-        list(pretrain.read_text_pieces(path, chunk_bytes=5))  # chunks cut through the é and ö
-    text = "".join(pretrain.read_text_pieces(path, replace_invalid=True, chunk_bytes=5))
+    with open(path, "rb") as f, pytest.raises(ValueError, match=r"invalid UTF-8 at byte 42 .*--replace-invalid-utf8"):
+        list(pretrain.read_text_pieces(f, chunk_bytes=5))  # chunks cut through the é and ö
+    with open(path, "rb") as f:
+        text = "".join(pretrain.read_text_pieces(f, replace_invalid=True, chunk_bytes=5))
     assert text == "héllo wörld " * 3 + "\ufffd tail"
     truncated = tmp_path / "truncated.txt"
     truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
-    with pytest.raises(ValueError, match="invalid UTF-8 at byte 3"):
-        list(pretrain.read_text_pieces(truncated, chunk_bytes=2))
+    with open(truncated, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 3"):
+        list(pretrain.read_text_pieces(f, chunk_bytes=2))
+    with_bom = tmp_path / "bom.txt"
+    with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
+    with open(with_bom, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 6"):
+        list(pretrain.read_text_pieces(f, chunk_bytes=2))
 
 
 def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
@@ -2354,9 +2360,42 @@ def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
     whole = gpt.get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
-    pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(path, chunk_bytes=37)))
+    with open(path, "rb") as f:
+        pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=37)))
     assert len(pieces) > 10  # it really cut the text
     assert [i for ids in pieces for i in ids] == whole
+
+
+class _CountingFile(io.FileIO):
+    """A binary file that records the size of every read."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.read_sizes = []
+
+    def read(self, size=-1):
+        self.read_sizes.append(size)
+        return super().read(size)
+
+
+def test_pretrain_crlf_corpus_streams_and_gives_the_tokens_of_lf(tmp_path):
+    text = _pretrain_text(200) + "\n\nA last line.\n"
+    lf, crlf, cr = tmp_path / "lf.txt", tmp_path / "crlf.txt", tmp_path / "cr.txt"
+    lf.write_bytes(text.encode())
+    crlf.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())  # as Windows editors save it
+    cr.write_bytes(text.replace("\n", "\r").encode())
+    expected = gpt.get_tokenizer().encode(text)
+    for path in (lf, crlf, cr):
+        f = _CountingFile(path)
+        with f:
+            pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=64)))
+        assert [i for ids in pieces for i in ids] == expected, path.name
+        assert len(f.read_sizes) > 100 and set(f.read_sizes) <= {3, 64}  # the BOM check, then chunks: never all
+        assert max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text at once
+    n_lf = pretrain.write_token_file([lf], tmp_path / "lf.uint16", chunk_bytes=64)
+    n_crlf = pretrain.write_token_file([crlf], tmp_path / "crlf.uint16", chunk_bytes=64)
+    assert n_lf == n_crlf and n_lf[0] == len(expected)  # the same tokens, so the same fingerprint
+    assert (tmp_path / "lf.uint16").read_bytes() == (tmp_path / "crlf.uint16").read_bytes()
 
 
 def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
@@ -2369,18 +2408,18 @@ def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
     paths = pretrain.resolve_sources(str(folder))
     assert [p.name for p in paths] == ["a.txt", "b.txt"]
 
-    token_path, n = pretrain.prepare_token_file(paths, tmp_path / "tokens")
+    token_path, n, sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens")
     enc = gpt.get_tokenizer()
     expected = enc.encode("First document.\n") + [gpt.EOT_ID] + enc.encode("Second one, in a subfolder.\n")
     assert n == len(expected) and token_path.stat().st_size == 2 * n
-    tokens = pretrain.load_token_file(token_path, n)
-    assert ((tokens.long() & 0xFFFF).tolist()) == expected
+    assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()
+    assert array.array("H", token_path.read_bytes()).tolist() == expected  # uint16, native byte order
 
     capsys.readouterr()
-    assert pretrain.prepare_token_file(paths, tmp_path / "tokens") == (token_path, n)
+    assert pretrain.prepare_token_file(paths, tmp_path / "tokens") == (token_path, n, sha256)
     assert "reused" in capsys.readouterr().out
     (folder / "a.txt").write_text("First document, edited and longer.\n")
-    token_path2, n2 = pretrain.prepare_token_file(paths, tmp_path / "tokens")
+    token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens")
     assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
 
 
@@ -2415,7 +2454,7 @@ def test_pretrain_cosine_with_warmup_values():
 
 def test_pretrain_weight_decay_on_matrices_only():
     model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
-    decay, no_decay = pretrain.configure_optimizer(model, 1e-3, 0.1).param_groups
+    decay, no_decay = gpt.make_adamw(model, 1e-3, 0.1, betas=(0.9, 0.95)).param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert sum(p.numel() for p in decay["params"] + no_decay["params"]) == gpt.count_parameters(model)
@@ -2426,7 +2465,7 @@ def test_pretrain_weight_decay_on_matrices_only():
 
 def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_file):
     result = pretrain.main(
-        _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "40", "--eval-interval", "20", "--lr", "1e-2")
+        _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "40", "--eval-every", "20", "--lr", "1e-2")
     )
     history = json.loads((tmp_path / "run" / "history.json").read_text())["evaluations"]
     assert [h["step"] for h in history] == [0, 20, 40]
@@ -2437,28 +2476,37 @@ def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_fi
     assert model.cfg.n_layers == 2 and model.cfg.context_length == 32
     checkpoint = gpt.load_checkpoint(result["best"])
     assert checkpoint["step"] == 40 and checkpoint["val_loss"] == pytest.approx(result["val_loss"])
+    decay, no_decay = gpt.load_checkpoint(result["latest"])["optimizer"]["param_groups"]
+    assert decay["betas"] == no_decay["betas"] == (0.9, 0.95)  # GPT-3's, appendix B
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["settings"]["lr"] == 1e-2 and run["data"]["n_tokens"] == pretrain.prepare_token_file(
+        [pretrain_text_file], tmp_path / "tokens"
+    )[1]
     assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 
-def test_pretrain_init_continues_from_weights(tmp_path, pretrain_text_file):
+def test_pretrain_model_flag_continues_from_weights(tmp_path, pretrain_text_file, capsys):
     first = pretrain.main(
-        _pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, "--max-steps", "4", "--eval-interval", "4", "--lr", "1e-2")
+        _pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, "--max-steps", "4", "--eval-every", "4", "--lr", "1e-2")
     )
-    argv = _pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", "--init", str(first["best"]))
+    argv = _pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", "--model", str(first["best"]))
     for flag in ("--n-layers", "--n-heads", "--emb-dim"):  # the shape comes from the weights
         i = argv.index(flag)
         del argv[i : i + 2]
     pretrain.main(argv)
     history = json.loads((tmp_path / "b" / "run" / "history.json").read_text())["evaluations"]
     assert history[0]["step"] == 0 and history[0]["val_loss"] == pytest.approx(first["val_loss"], abs=1e-5)
-    with pytest.raises(SystemExit, match="--init takes the model's shape from its weights"):
+    with pytest.raises(SystemExit) as e:
         pretrain.main(argv + ["--emb-dim", "64"])
+    assert e.value.code == 2
+    assert "--model takes the model's shape from its weights: drop --emb-dim" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--context-length 64 is longer than the model's context length 32"):
-        pretrain.main(argv + ["--context-length", "64"])
+        pretrain.main(argv + ["--context-length", "64", "--overwrite"])
 
 
 def test_pretrain_resume_reproduces_an_uninterrupted_run(tmp_path, pretrain_text_file):
-    common = ("--max-steps", "8", "--eval-interval", "4", "--dropout", "0.1", "--grad-accum", "2")
+    common = ("--max-steps", "8", "--eval-every", "4", "--drop-rate", "0.1", "--grad-accum", "2")
     whole = pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
     first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "3"))
     assert first["stopped"] == "stop-at-step" and first["steps"] == 3
@@ -2473,18 +2521,125 @@ def test_pretrain_resume_reproduces_an_uninterrupted_run(tmp_path, pretrain_text
 
 
 def test_pretrain_resume_errors(tmp_path, pretrain_text_file):
-    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+    with pytest.raises(SystemExit, match="--resume: .* holds no run.json, so no run to continue"):
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume"))
     pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2"))
     with pytest.raises(SystemExit, match="already made 2 of 2 steps"):
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--resume"))
-    with pytest.raises(SystemExit, match="has emb_dim 32, not --emb-dim 64"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "4", "--resume", "--emb-dim", "64"))
+    with pytest.raises(SystemExit, match="^error: --resume continues the saved run, which used --emb-dim 32, not 64"):
+        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume", "--emb-dim", "64"))
+    with pytest.raises(SystemExit, match="which used --lr 0.001, not 0.5: drop --lr"):
+        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--lr", "0.5"])
+    other = tmp_path / "other.txt"
+    other.write_text(_pretrain_text(seed=1))
+    with pytest.raises(SystemExit, match=f"which used --data {pretrain_text_file}, not {other}"):
+        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--data", str(other), "--max-steps", "4"])
+    pretrain_text_file.write_text(_pretrain_text(seed=2))  # the same file, other text
+    with pytest.raises(SystemExit, match=f"^error: --resume: --data {pretrain_text_file} changed since the run"):
+        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "4"])
+    (tmp_path / "run" / "latest.pt").unlink()
+    with pytest.raises(SystemExit, match="the run stopped before its first save; start it again with --overwrite"):
+        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "4"])
+
+
+def test_pretrain_bare_resume_continues_with_the_saved_settings(tmp_path, pretrain_text_file, capsys):
+    common = ("--max-steps", "8", "--eval-every", "4", "--drop-rate", "0.1", "--lr", "1e-2", "--grad-accum", "2")
+    whole = pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
+    pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "3"))
+    capsys.readouterr()
+    resumed = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run")])  # nothing else
+    assert "lr=0.01" in capsys.readouterr().out  # the saved settings, printed
+    assert resumed["steps"] == 8 and resumed["val_loss"] == whole["val_loss"]
+    a, b = (gpt.load_checkpoint(tmp_path / r / "run" / "latest.pt") for r in "ab")
+    assert a["history"] == b["history"]
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
+    extended = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run"), "--max-steps", "10"])
+    settings = json.loads((tmp_path / "b" / "run" / "run.json").read_text())["settings"]
+    assert extended["steps"] == 10 and settings["max_steps"] == 10 and settings["lr"] == 0.01
+
+
+def test_pretrain_folder_of_another_run_is_refused_or_overwritten(tmp_path, pretrain_text_file):
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "4", "--eval-every", "4")
+    pretrain.main(argv)
+    assert (tmp_path / "run" / "best.pt").exists()
+    with pytest.raises(SystemExit, match=r"holds another run \(latest.pt, best.pt, .*--resume.*--overwrite"):
+        pretrain.main(argv)
+    pretrain.main(argv + ["--overwrite", "--stop-at-step", "1"])  # stops before an evaluation could write best.pt
+    assert not (tmp_path / "run" / "best.pt").exists()  # the old run's model is gone with it
+    assert gpt.load_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 1
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"--out-dir .*file is a file, not a folder"):
+        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file) + ["--out-dir", str(tmp_path / "file")])
+
+
+def test_pretrain_lock_of_a_running_process_is_refused_and_a_stale_one_taken_over(tmp_path, pretrain_text_file):
+    (tmp_path / "run").mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run" / ".lock").write_text(str(sleeper.pid))
+        argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "1")
+        with pytest.raises(SystemExit, match=f"in use by another run \\(process {sleeper.pid}\\)"):
+            pretrain.main(argv)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert pretrain.main(argv)["steps"] == 1  # its process is gone: the lock is taken over
+
+
+def test_pretrain_model_with_another_vocabulary_is_one_line(tmp_path, pretrain_text_file):
+    path = tmp_path / "small-vocab.pt"
+    gpt.save_checkpoint(path, tiny_model(vocab_size=1000))
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--model", str(path))
+    for flag in ("--n-layers", "--n-heads", "--emb-dim"):
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    with pytest.raises(SystemExit, match=r"^error: --model .* has a vocabulary of 1000 tokens, but the GPT-2 tok"):
+        pretrain.main(argv)
+
+
+def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, monkeypatch):
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--overwrite")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain, "evaluate_loss", out_of_memory)
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(argv)
+    hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
+    assert str(e.value) == "error: out of memory: " + hint
+    # On the CPU a step that needs more than the machine has is refused before training.
+    monkeypatch.setattr(pretrain, "available_memory", lambda: 50_000_000)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(argv)
+    message = str(e.value)
+    # 16 bytes x 1.6M parameters + 4 x 32 tokens x (68 x 32 x 2 + 12 x 50257) bytes of activations and logits
+    assert message.startswith("error: a training step needs about 104 MB of memory, but this machine has 50 MB")
+    assert message.endswith(hint)
+    assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
+
+
+def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
+    def interrupted(pieces):
+        yield [1, 2, 3]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "encode_pieces", interrupted)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file))
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted while tokenizing: nothing new is saved, the partial token file is deleted" in err
+    assert err.index("tokenizing: ") < err.index("\ninterrupted")  # the progress line was ended first
+    assert list((tmp_path / "tokens").iterdir()) == []  # no token file, partial or whole
+    assert list((tmp_path / "run").iterdir()) == [tmp_path / "run" / ".lock"]
 
 
 def test_pretrain_ctrl_c_saves_a_checkpoint(tmp_path, pretrain_text_file):
     argv = _pretrain_tiny_argv(
-        tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-interval", "1", "--eval-interval", "100000"
+        tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-every", "1", "--eval-every", "100000"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     proc = subprocess.Popen(
@@ -2502,7 +2657,7 @@ def test_pretrain_ctrl_c_saves_a_checkpoint(tmp_path, pretrain_text_file):
 
 
 def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_text_file):
-    common = ("--max-steps", "3", "--eval-interval", "3", "--grad-accum", "2", "--lr", "3e-3")
+    common = ("--max-steps", "3", "--eval-every", "3", "--grad-accum", "2", "--lr", "3e-3")
     single = pretrain.main(_pretrain_tiny_argv(tmp_path / "one", pretrain_text_file, *common))  # batch 4
     argv = _pretrain_tiny_argv(tmp_path / "two", pretrain_text_file, *common)
     argv[argv.index("--batch-size") + 1] = "2"  # 2 processes x 2 windows = the same global batch
@@ -2538,29 +2693,47 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--dropout", "2"], r"--dropout must be in \[0, 1\), got 2.0"),
+        (["--drop-rate", "2"], "argument --drop-rate: must be a number in [0, 1), got '2'"),
         (["--n-heads", "3"], "--emb-dim 256 must be divisible by --n-heads 3"),  # the default width
         (["--size", "gpt2", "--n-heads", "5"], "--emb-dim 768 must be divisible by --n-heads 5"),
         (["--emb-dim", "30"], "--emb-dim 30 must be divisible by --n-heads 4"),
-        (["--grad-clip", "-1"], "--grad-clip must be at least 0, got -1.0"),
-        (["--sample-tokens", "-1"], "--sample-tokens must be at least 0, got -1"),
-        (["--stop-at-step", "0"], "--stop-at-step must be at least 1, got 0"),
-        (["--peak-flops", "0"], "--peak-flops must be positive, got 0.0"),
+        (["--model", "gpt2", "--n-layers", "2"], "--model takes the model's shape from its weights: drop --n-layers"),
+        (["--epochs", "inf"], "argument --epochs: must be a finite number > 0, got 'inf'"),
+        (["--grad-clip", "nan"], "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
+        (["--grad-clip", "-1"], "argument --grad-clip: must be a finite number >= 0, got '-1'"),
+        (["--weight-decay", "-0.1"], "argument --weight-decay: must be a finite number >= 0, got '-0.1'"),
+        (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
+        (["--min-lr-ratio", "1.5"], "argument --min-lr-ratio: must be a number in [0, 1], got '1.5'"),
+        (["--train-fraction", "1"], "argument --train-fraction: must be a number strictly between 0 and 1, got '1'"),
+        (["--sample-tokens", "-1"], "argument --sample-tokens: must be an integer >= 0, got '-1'"),
+        (["--stop-at-step", "0"], "argument --stop-at-step: must be an integer >= 1, got '0'"),
+        (["--peak-flops", "0"], "argument --peak-flops: must be a finite number > 0, got '0'"),
+        (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
+        (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
     ],
 )
-def test_pretrain_bad_flag_is_rejected_at_startup(tmp_path, monkeypatch, flags, message):
-    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
+def test_pretrain_bad_flag_is_rejected_at_startup(tmp_path, capsys, flags, message):
     missing = tmp_path / "missing.txt"  # the check comes before any data or model work
-    with pytest.raises(SystemExit, match="^error: " + message):
+    with pytest.raises(SystemExit) as e:
         pretrain.main(["--data", str(missing), "--out-dir", str(tmp_path / "run"), *flags])
-    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "gpt-cache").exists()
 
 
 def test_pretrain_edge_values_are_accepted():
-    argv = ["--grad-clip", "0", "--sample-tokens", "0", "--stop-at-step", "1", "--dropout", "0.5", "--n-heads", "8"]
-    pretrain.check_settings(pretrain.build_parser().parse_args(argv))
-    # a resumed model's shape comes from latest.pt, which check_resume_checkpoint compares
-    pretrain.check_settings(pretrain.build_parser().parse_args(["--resume", "--n-heads", "3"]))
+    argv = ["--grad-clip", "0", "--sample-tokens", "0", "--stop-at-step", "1", "--drop-rate", "0.5", "--n-heads", "8"]
+    argv += ["--min-lr-ratio", "0", "--warmup-steps", "0", "--weight-decay", "0", "--seed", str(2**63 - 1)]
+    args = pretrain.parse_settings(argv)
+    assert (args.grad_clip, args.min_lr_ratio, args.seed, args.n_heads) == (0.0, 0.0, 2**63 - 1, 8)
+
+
+def test_pretrain_help_says_the_run_folder_rule(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.main(["--help"])
+    help_text = " ".join(re.sub(r"-\n +", "-", capsys.readouterr().out).split())  # words cut at hyphens joined
+    assert "refuses an --out-dir that holds another run: --resume continues that run" in help_text
+    assert "--overwrite deletes it first" in help_text
+    assert "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops" in help_text
 
 
 def test_pretrain_bfloat16_on_cpu_warns(tmp_path, monkeypatch, capsys):
@@ -2574,7 +2747,7 @@ def test_pretrain_bfloat16_on_cpu_warns(tmp_path, monkeypatch, capsys):
 
 
 def test_pretrain_stop_on_an_evaluation_step_then_resume_equals_whole_run(tmp_path, pretrain_text_file, capsys):
-    common = ("--max-steps", "8", "--eval-interval", "4", "--dropout", "0.1", "--lr", "1e-2")
+    common = ("--max-steps", "8", "--eval-every", "4", "--drop-rate", "0.1", "--lr", "1e-2")
     pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
     first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "4"))
     assert first["stopped"] == "stop-at-step" and first["steps"] == 4

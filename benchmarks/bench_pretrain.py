@@ -5,8 +5,8 @@ Model (From Scratch)", rasbt/LLMs-from-scratch, ch04 `GPTModel`): separate query
 value projections, the full [seq_len, seq_len] attention matrix masked and soft-maxed
 explicitly, a hand-written LayerNorm and GELU. Both models get the same shape (GPT-2 124M
 by default), the same weights (copied, and checked to give the same logits), no dropout,
-a tied output head, the same batches, and the same training step and optimizer
-(`pretrain.train_step`, `pretrain.configure_optimizer`). Steps alternate between the two
+a tied output head, the same batches, and the same training step and optimizer (the step of
+pretrain.py's loop, `gpt.make_adamw` with pretrain.py's betas). Steps alternate between the two
 in one process, so both see the same machine load.
 
     python benchmarks/bench_pretrain.py                      # 124M, 2 x 256 tokens, CPU
@@ -28,7 +28,6 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's top level
 import gpt  # noqa: E402
-import pretrain  # noqa: E402
 
 
 class BookMultiHeadAttention(nn.Module):
@@ -127,6 +126,16 @@ def copy_weights(ours, book):
     book.final_norm.shift.copy_(ours.ln_f.bias)
 
 
+def train_step(model, optimizer, inputs, targets):
+    """One optimizer step as pretrain.py's training loop takes it (float32, one micro-batch)."""
+    logits = model(inputs)  # [batch, seq_len, vocab_size]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", choices=list(gpt.GPT_CONFIGS), default="gpt2", help="model shape")
@@ -158,12 +167,12 @@ def main(argv=None):
         "pretrain.py (gpt.GPTModel, scaled_dot_product_attention)": ours,
         "book chapter 4 (materialised attention)": book,
     }
-    optimizers = {name: pretrain.configure_optimizer(m, 1e-4, 0.1) for name, m in models.items()}
+    optimizers = {name: gpt.make_adamw(m, 1e-4, 0.1, betas=(0.9, 0.95)) for name, m in models.items()}
     seconds = {name: [] for name in models}
     for i in range(args.warmup + args.steps):
         for name, model in models.items():  # alternate, so that both see the same machine load
             started = time.perf_counter()
-            pretrain.train_step(model, optimizers[name], batch, grad_clip=1.0)
+            train_step(model, optimizers[name], *batch[0])
             if i >= args.warmup:
                 seconds[name].append(time.perf_counter() - started)
     tokens = args.batch_size * args.context_length
