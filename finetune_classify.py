@@ -8,17 +8,18 @@ LayerNorm and the new head are trained.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
     python finetune_classify.py --data path/to/SMSSpamCollection --model path/to/model.safetensors
-    python finetune_classify.py --trainable lora --lora-rank 16
+    python finetune_classify.py --lora --lora-rank 16
     python finetune_classify.py --classify "You won a prize! Call now" "See you at 6?"
     python finetune_classify.py --classify-file messages.txt --checkpoint runs/classify/classifier.pt
 
 Data: the SMS Spam Collection (UCI Machine Learning Repository, data set 228; Almeida and
 Gomez Hidalgo, 2011), balanced to as many ham as spam messages, shuffled and split 70/10/20.
 
-Writes into --out-dir (default runs/classify/): train.csv, validation.csv and test.csv
-(the splits), classifier.pt (config and all weights of the fine-tuned classifier, read
-back by --classify), metrics.json (settings, per-epoch history, final metrics, timings)
-and loss-accuracy.png (when matplotlib is installed).
+Writes into --out-dir (default runs/classify/; a folder that holds another run is refused
+unless --overwrite): run.json (the settings), train.csv, validation.csv and test.csv (the
+splits), classifier.pt (config, settings and all weights of the fine-tuned classifier, read
+back by --classify), metrics.json (settings, history, test metrics, timings) and
+loss-accuracy.png (when matplotlib is installed).
 
 Speed: when the lower blocks are frozen and dropout is 0, their outputs never change.
 They are computed once per message (the "activation cache") and training runs only the
@@ -28,11 +29,13 @@ trainable top on them, with the same logits and gradients as the full forward pa
 import argparse
 import csv
 import io
-import json
+import math
+import os
 import random
 import sys
 import time
 import zipfile
+import zlib
 from functools import partial
 from pathlib import Path
 
@@ -53,81 +56,13 @@ ZIP_MEMBER = "SMSSpamCollection"
 LABELS = {"ham": 0, "spam": 1}  # the data set's labels -> class index
 CLASS_NAMES = ["not spam", "spam"]  # what --classify prints for class 0 and 1
 SPLIT_FRACTIONS = (0.7, 0.1)  # train, validation; the test set gets the rest (0.2)
-TRAINABLE_CHOICES = ("last-block", "all", "head", "lora")
+TRAINABLE_CHOICES = ("last-block", "all", "head")  # --trainable; --lora trains adapters instead
 CACHE_BATCH_TOKENS = 4096  # tokens per batch when filling the activation cache: big matrices run faster
 MAX_WARNINGS = 5  # bad data lines reported one by one; the rest are counted
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Fine-tune GPT-2 as an SMS spam classifier, or classify texts with a fine-tuned one.",
-        formatter_class=gpt.HelpFormatter,
-    )
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default=None,
-                      help="local copy of the SMS Spam Collection: the UCI zip or the extracted tab-separated "
-                           "SMSSpamCollection file (default: download it once into the cache)")
-    data.add_argument("--strict-data", action="store_true",
-                      help="stop at bad lines of the data file (no tab, unknown label, empty message) "
-                           "instead of skipping them with a warning")
-    data.add_argument("--max-length", type=int, default=None,
-                      help="truncate messages to this many tokens (default: the model's context length)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="gpt2",
-                       help=f"pretrained model: one of {', '.join(gpt.GPT_CONFIGS)}, a local .safetensors file, "
-                            "or a checkpoint (.pt) of pretrain.py")
-    model.add_argument("--trainable", choices=TRAINABLE_CHOICES, default="last-block",
-                       help="what trains: last-block (last transformer block + final LayerNorm + head), "
-                            "all, head (the new head only), lora (low-rank adapters + head)")
-    model.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA adapters (--trainable lora)")
-    model.add_argument("--lora-alpha", type=float, default=16.0,
-                       help="LoRA scaling alpha; the update is scaled by alpha / rank (--trainable lora)")
-    model.add_argument("--drop-rate", type=float, default=0.0,
-                       help="dropout probability during training (above 0 turns the activation cache off)")
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=5, help="passes over the training split")
-    train.add_argument("--batch-size", type=int, default=8, help="messages per optimizer step")
-    train.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
-    train.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
-    train.add_argument("--seed", type=int, default=123, help="seed of the data split, the head's initialisation and the shuffling")
-    train.add_argument("--log-every", type=int, default=25, help="print a progress line every N steps")
-    train.add_argument("--eval-every", type=int, default=50,
-                       help="estimate train/validation loss and accuracy every N steps (on --eval-batches batches)")
-    train.add_argument("--eval-batches", type=int, default=5, help="batches per split for the estimates every --eval-every steps")
-    train.add_argument("--no-activation-cache", action="store_true",
-                       help="recompute the frozen blocks at every step (slower; same result), to compare")
-    train.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    train.add_argument("--out-dir", default="runs/classify", help="folder for the splits, checkpoint, metrics and plot")
-    use = parser.add_argument_group("classify with a fine-tuned model (no training)")
-    use.add_argument("--classify", nargs="+", metavar="TEXT", default=None,
-                     help="texts to classify as spam or not spam (default: none: train a classifier)")
-    use.add_argument("--classify-file", default=None, metavar="FILE",
-                     help="classify each non-empty line of FILE (UTF-8 text; invalid UTF-8 is an error "
-                          "naming its byte offset); - reads standard input (default: none)")
-    use.add_argument("--checkpoint", default=None,
-                     help="classifier checkpoint to write (training) or read (--classify); default: OUT_DIR/classifier.pt")
-    args = parser.parse_args(argv)
-
-    for name in ("epochs", "batch_size", "log_every", "eval_every", "eval_batches", "lora_rank"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_length is not None and args.max_length < 1:
-        parser.error(f"--max-length must be at least 1, got {args.max_length}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
-    if not args.weight_decay >= 0:
-        parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if not 0 <= args.drop_rate < 1:
-        parser.error(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
-    if not args.lora_alpha > 0:
-        parser.error(f"--lora-alpha must be positive, got {args.lora_alpha}")
-    if args.checkpoint is None:
-        args.checkpoint = str(Path(args.out_dir) / "classifier.pt")
-    return args
-
-
 # ----------------------------------------------------------------------------------------
-# Data: download, parse, balance, split
+# Data: download, parse, balance, split, tokenize
 # ----------------------------------------------------------------------------------------
 
 
@@ -144,14 +79,20 @@ def sms_collection_path(data=None, urls=DATA_URLS):
 
 def read_sms_bytes(path):
     """Raw bytes of the collection: the file itself, or its `SMSSpamCollection` member when
-    path is a zip file (as UCI distributes it). Raises ValueError for a zip without it."""
-    if not zipfile.is_zipfile(path):
-        return Path(path).read_bytes()
-    with zipfile.ZipFile(path) as archive:
-        members = [name for name in archive.namelist() if Path(name).name == ZIP_MEMBER]
-        if not members:
-            raise ValueError(f"{path}: the zip file has no member {ZIP_MEMBER!r} (it has: {', '.join(archive.namelist())})")
-        return archive.read(members[0])
+    path is a zip file (as UCI distributes it). Raises ValueError naming the file for a
+    damaged zip file or one without that member."""
+    raw = Path(path).read_bytes()
+    if not raw.startswith(b"PK"):  # the zip signature; the data file starts with a label
+        return raw
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            members = [name for name in archive.namelist() if Path(name).name == ZIP_MEMBER]
+            if not members:
+                raise ValueError(f"{path}: the zip file has no member {ZIP_MEMBER!r} (it has: {', '.join(archive.namelist())})")
+            return archive.read(members[0])
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ValueError(f"{path}: a damaged zip file ({e}): delete it to download it again, or pass the "
+                         f"extracted {ZIP_MEMBER} with --data") from None
 
 
 def parse_sms_collection(raw, source="data", strict=False):
@@ -211,11 +152,7 @@ def random_split(messages, seed, min_train=1):
     Raises ValueError when a split would be empty or the training split smaller than
     `min_train` (one batch).
     """
-    messages = list(messages)
-    random.Random(seed).shuffle(messages)
-    train_end = int(len(messages) * SPLIT_FRACTIONS[0])
-    val_end = train_end + int(len(messages) * SPLIT_FRACTIONS[1])
-    splits = messages[:train_end], messages[train_end:val_end], messages[val_end:]
+    splits = gpt.split_by_fractions(messages, seed, SPLIT_FRACTIONS)
     if min(len(s) for s in splits) < 1 or len(splits[0]) < min_train:
         raise ValueError(
             f"{len(messages)} messages after balancing are too few for a 70/10/20 split with a training "
@@ -269,10 +206,10 @@ def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
     """Freeze model except what `trainable` names; returns the model.
 
     last-block: the last transformer block, the final LayerNorm and the head (the book's
-    choice); all: every parameter; head: the head only; lora: LoRA adapters on the
-    attention and MLP linear layers of every block (gpt.add_lora) and the head.
+    choice); all: every parameter; head: the head only; lora (--lora): LoRA adapters on
+    the attention and MLP linear layers of every block (gpt.add_lora) and the head.
     """
-    if trainable not in TRAINABLE_CHOICES:
+    if trainable not in (*TRAINABLE_CHOICES, "lora"):
         raise ValueError(f"--trainable {trainable!r}: choose one of {', '.join(TRAINABLE_CHOICES)}")
     if trainable == "lora":
         gpt.add_lora(model, rank=lora_rank, alpha=lora_alpha)
@@ -336,7 +273,7 @@ def compute_frozen_activations(model, token_ids, n_frozen, progress=True):
 
     activations = [None] * len(token_ids)
     total_tokens = sum(len(token_ids[i]) for i in order)
-    done_tokens, started, last_print = 0, time.time(), time.time()
+    done_tokens, started = 0, time.time()
     for batch in batches:
         seqs = [token_ids[i] for i in batch]
         x = model.embed(pad_sequence(seqs, batch_first=True, padding_value=gpt.EOT_ID))  # [B, T, C]
@@ -345,12 +282,11 @@ def compute_frozen_activations(model, token_ids, n_frozen, progress=True):
         for row, i in enumerate(batch):
             activations[i] = x[row, : len(token_ids[i])].clone()  # a copy frees the padded batch
         done_tokens += sum(len(s) for s in seqs)
-        if progress and (time.time() - last_print > 10 or done_tokens == total_tokens):
-            elapsed = time.time() - started
-            eta = gpt.format_duration(elapsed / done_tokens * (total_tokens - done_tokens))
-            print(f"activation cache: {done_tokens}/{total_tokens} tokens of {len(order)} distinct messages, "
-                  f"{done_tokens / elapsed:.0f} tokens/s, ETA {eta}", flush=True)
-            last_print = time.time()
+        if progress:
+            gpt.show_progress(f"activation cache: {done_tokens}/{total_tokens} tokens of {len(order)} distinct messages, "
+                              f"{done_tokens / (time.time() - started):.0f} tokens/s, "
+                              f"ETA {gpt.eta(started, done_tokens, total_tokens)}")
+    gpt.end_progress()
     for i, ids in enumerate(token_ids):
         activations[i] = activations[first_of[tuple(ids.tolist())]]
     model.train(was_training)
@@ -402,19 +338,20 @@ def cached_logits(model, activations, n_frozen):
     return model.lm_head(model.ln_f(x_last))
 
 
+def autocast_logits(logits_fn, device, dtype):
+    """logits_fn with its forward pass in mixed precision (torch.autocast to `dtype`: the
+    weights stay float32, matrix products run in dtype); returns float32 logits."""
+
+    def logits(inputs):
+        with torch.autocast(device.type, dtype=dtype):
+            return logits_fn(inputs).float()
+
+    return logits
+
+
 # ----------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------
-
-
-def make_adamw(params, lr, weight_decay):
-    """torch.optim.AdamW, fused into one kernel per step where this torch build has one
-    for the device (CUDA; CPU since torch 2.4): the same update with fewer passes over
-    memory (about half the optimizer time of the default here, on CPU)."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except RuntimeError:  # no fused kernel for this device in this torch version
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 @torch.no_grad()
@@ -439,47 +376,53 @@ def evaluate(model, logits_fn, inputs, labels, batch_size):
     return total_loss / len(inputs), accuracy, predictions
 
 
-def train_classifier(model, logits_fn, train, validation, *, epochs=5, batch_size=8, lr=5e-5, weight_decay=0.1,
-                     seed=123, log_every=25, eval_every=50, eval_batches=5):
+def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps=None, batch_size=8, lr=5e-5,
+                     weight_decay=0.1, seed=123, log_every=25, eval_every=50, eval_batches=5, scale_loss=False):
     """Fine-tune the trainable parameters of model with AdamW on cross-entropy; returns the history.
 
     train, validation: (inputs, labels): a list of per-message inputs for `logits_fn`
     and a LongTensor [n] of class indices. Each epoch shuffles the training split with
-    a generator seeded by `seed` and drops the last incomplete batch (as the book does).
-    Prints a progress line every `log_every` steps, loss and accuracy estimates on the
-    first `eval_batches` batches of each split every `eval_every` steps, and the loss
-    and accuracy on both full splits after each epoch; the history holds the latter.
-    Raises RuntimeError when the loss stops being finite.
+    a generator seeded by `seed` and drops the last incomplete batch (as the book does);
+    training stops after `max_steps` optimizer steps when given. Prints a progress line
+    every `log_every` steps, loss and accuracy estimates on the first `eval_batches`
+    batches of each split every `eval_every` steps, and the loss and accuracy on both
+    full splits after each epoch and at the last step. The history holds the latter
+    (with the step and the epoch, a fraction when stopped within one) and `step_loss`,
+    the loss of every step. `scale_loss`: loss scaling for float16 autocast, so that
+    small gradients do not underflow to zero. Raises RuntimeError when the loss stops
+    being finite.
     """
     train_inputs, train_labels = train
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_adamw(params, lr=lr, weight_decay=weight_decay)
+    optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(train_labels.device.type, enabled=scale_loss)  # a pass-through when disabled
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(train_inputs) // batch_size
-    total_steps = steps_per_epoch * epochs
-    history = {name: [] for name in ("epoch", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy")}
+    total_steps = min(steps_per_epoch * epochs, max_steps or math.inf)
+    names = ("epoch", "step", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy")
+    history = {name: [] for name in (*names, "step_loss")}
     estimate_size = eval_batches * batch_size
     step, started = 0, time.time()
     window_start, window_examples = started, 0
     model.train()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, math.ceil(total_steps / steps_per_epoch) + 1):
         order = torch.randperm(len(train_inputs), generator=generator).tolist()
-        for b in range(steps_per_epoch):
+        for b in range(min(steps_per_epoch, total_steps - step)):
             batch = order[b * batch_size : (b + 1) * batch_size]
             logits = logits_fn([train_inputs[i] for i in batch])
             loss = F.cross_entropy(logits, train_labels[batch])
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"the loss became {loss.item()} at step {step + 1}; try a lower --lr")
+            gpt.check_finite_loss(loss.item(), step + 1)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
+            history["step_loss"].append(loss.item())
             window_examples += len(batch)
             if step % log_every == 0 or step == total_steps:
                 now = time.time()
-                eta = gpt.format_duration((now - started) / step * (total_steps - step))
                 print(f"epoch {epoch}/{epochs} step {step}/{total_steps} | loss {loss.item():.4f} | "
-                      f"{window_examples / (now - window_start):.1f} examples/s | ETA {eta}", flush=True)
+                      f"{window_examples / (now - window_start):.1f} examples/s | ETA {gpt.eta(started, step, total_steps)}",
+                      flush=True)
                 window_start, window_examples = now, 0
             if step % eval_every == 0:
                 train_loss, train_acc, _ = evaluate(model, logits_fn, train_inputs[:estimate_size],
@@ -493,7 +436,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, batch_siz
         val_loss, val_acc, _ = evaluate(model, logits_fn, *validation, batch_size)
         print(f"epoch {epoch}: train loss {train_loss:.4f} accuracy {100 * train_acc:.2f}% | "
               f"validation loss {val_loss:.4f} accuracy {100 * val_acc:.2f}%", flush=True)
-        for name, value in zip(history, (epoch, train_loss, train_acc, val_loss, val_acc)):
+        for name, value in zip(names, (step / steps_per_epoch, step, train_loss, train_acc, val_loss, val_acc)):
             history[name].append(value)
         window_start, window_examples = time.time(), 0
     return history
@@ -564,7 +507,7 @@ def classify_texts(model, texts, max_length, labels=CLASS_NAMES, batch_size=16):
     token_ids = [t.to(device) for t in tokenize_messages(texts, max_length)]
     results = []
     for start in range(0, len(token_ids), batch_size):
-        probabilities = full_pass_logits(model, token_ids[start : start + batch_size]).softmax(dim=-1)
+        probabilities = full_pass_logits(model, token_ids[start : start + batch_size]).float().softmax(dim=-1)
         for p in probabilities:
             best = int(p.argmax())
             results.append((labels[best], p[best].item()))
@@ -576,20 +519,18 @@ def read_texts_file(path):
 
     A byte-order mark and Windows line endings are accepted. Raises ValueError naming the
     file, the byte offset and the line of the first invalid UTF-8 byte (a binary file, or
-    another encoding), rather than classifying garbage.
+    another encoding), rather than classifying garbage; and when standard input is closed.
     """
+    if path == "-" and sys.stdin is None:
+        raise ValueError("--classify-file -: standard input is closed: pipe the texts in, or give a file name")
     raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")  # "utf-8", not "utf-8-sig": offsets count the mark
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"--classify-file {'standard input' if path == '-' else path}: not UTF-8 text: byte "
-                         f"0x{raw[e.start]:02x} at byte offset {e.start} (line {line}); save it as UTF-8") from None
+    text = gpt.decode_utf8(raw, f"--classify-file {'standard input' if path == '-' else path}")
     return [line.strip() for line in text.split("\n") if line.strip()]
 
 
 def run_classify(args, device):
-    """--classify / --classify-file: print `label (p=probability)  text` per text."""
+    """--classify / --classify-file: print `label (p=probability)  text` per text, with
+    the max length the classifier was trained with."""
     texts = list(args.classify or [])
     if args.classify_file is not None:
         if args.classify_file != "-" and not Path(args.classify_file).is_file():
@@ -598,13 +539,88 @@ def run_classify(args, device):
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("nothing to classify: give non-empty texts with --classify or lines in --classify-file")
     model, checkpoint = load_classifier(args.checkpoint, device)
-    for text, (label, probability) in zip(texts, classify_texts(model, texts, checkpoint.get("max_length"), checkpoint["labels"])):
+    model.to(gpt.DTYPES[args.dtype])
+    results = classify_texts(model, texts, checkpoint["max_length"], checkpoint["labels"])
+    for text, (label, probability) in zip(texts, results):
         print(f"{label:<8} (p={probability:.3f})  {text}")
 
 
 # ----------------------------------------------------------------------------------------
-# main
+# Command line and the run
 # ----------------------------------------------------------------------------------------
+
+# What a training run writes into --out-dir (besides the checkpoint, see --checkpoint).
+RUN_FILES = ("run.json", "train.csv", "validation.csv", "test.csv", "metrics.json", "loss-accuracy.png")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Fine-tune GPT-2 as an SMS spam classifier, or classify texts with a fine-tuned one. A run "
+                    "writes into --out-dir; a folder that holds another run is refused unless --overwrite.",
+        formatter_class=gpt.HelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=None,
+                      help="local copy of the SMS Spam Collection: the UCI zip or the extracted tab-separated "
+                           "SMSSpamCollection file (default: download it once into --cache-dir)")
+    data.add_argument("--strict-data", action="store_true",
+                      help="stop at bad lines of the data file (no tab, unknown label, empty message) "
+                           "instead of skipping them with a warning")
+    data.add_argument("--max-length", type=gpt.positive_int, default=None,
+                      help="truncate messages to this many tokens (default: the model's context length)")
+    data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded data and weights")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="gpt2",
+                       help=f"pretrained model: one of {', '.join(gpt.GPT_CONFIGS)}, a local .safetensors file, "
+                            "or a checkpoint (.pt) of pretrain.py")
+    model.add_argument("--trainable", choices=TRAINABLE_CHOICES, default="last-block",
+                       help="what trains: last-block (last transformer block + final LayerNorm + head), "
+                            "all, or head (the new head only)")
+    model.add_argument("--lora", action="store_true",
+                       help="train low-rank adapters on every block's linear layers and the head instead "
+                            "(merged into the weights before saving)")
+    model.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="rank of the LoRA adapters")
+    model.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0,
+                       help="LoRA scaling alpha; the update is scaled by alpha / rank")
+    model.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0,
+                       help="dropout probability during training (above 0 turns the activation cache off)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=gpt.positive_int, default=5, help="passes over the training split")
+    train.add_argument("--max-steps", type=gpt.positive_int, default=None,
+                       help="stop after this many optimizer steps (default: all --epochs)")
+    train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="messages per optimizer step")
+    train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate")
+    train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
+    train.add_argument("--seed", type=gpt.seed, default=123,
+                       help="seed of the data split, the head's initialisation and the shuffling")
+    train.add_argument("--log-every", type=gpt.positive_int, default=25, help="print a progress line every N steps")
+    train.add_argument("--eval-every", type=gpt.positive_int, default=50,
+                       help="estimate train/validation loss and accuracy every N steps (on --eval-batches batches)")
+    train.add_argument("--eval-batches", type=gpt.positive_int, default=5,
+                       help="batches per split for the estimates every --eval-every steps")
+    train.add_argument("--no-activation-cache", action="store_true",
+                       help="recompute the frozen blocks at every step (slower; same result), to compare")
+    train.add_argument("--dtype", choices=gpt.DTYPES, default="float32",
+                       help="precision: training runs the forward pass under autocast in it (mixed precision, "
+                            "for GPUs; float16 with loss scaling); --classify converts the weights to it")
+    train.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    train.add_argument("--out-dir", default="runs/classify", help="folder for the splits, checkpoint, metrics and plot")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --out-dir (its files are deleted first) instead of refusing")
+    use = parser.add_argument_group("classify with a fine-tuned model (no training)")
+    use.add_argument("--classify", nargs="+", metavar="TEXT", default=None,
+                     help="texts to classify as spam or not spam (default: none: train a classifier)")
+    use.add_argument("--classify-file", default=None, metavar="FILE",
+                     help="classify each non-empty line of FILE (UTF-8 text; invalid UTF-8 is an error "
+                          "naming its byte offset); - reads standard input (default: none)")
+    use.add_argument("--checkpoint", default=None,
+                     help="classifier checkpoint to write (training) or read (--classify); default: OUT_DIR/classifier.pt")
+    args = parser.parse_args(argv)
+    if args.lora and args.trainable != "last-block":
+        parser.error(f"--lora trains the adapters and the head: drop --trainable {args.trainable}")
+    if args.checkpoint is None:
+        args.checkpoint = str(Path(args.out_dir) / "classifier.pt")
+    return args
 
 
 def prepare_data(args, out_dir):
@@ -639,9 +655,9 @@ def build_classifier(args, device):
     torch.manual_seed(args.seed)  # the head's (and LoRA's) initialisation, and dropout
     add_classification_head(model, len(CLASS_NAMES))
     set_dropout(model, args.drop_rate)
-    set_trainable(model, args.trainable, args.lora_rank, args.lora_alpha)
-    print(f"model:      {args.model} ({gpt.count_parameters(model) / 1e6:.1f}M parameters, "
-          f"{gpt.count_parameters(model, trainable_only=True):,} trainable: --trainable {args.trainable}) on {device}")
+    set_trainable(model, "lora" if args.lora else args.trainable, args.lora_rank, args.lora_alpha)
+    trains = "--lora" if args.lora else f"--trainable {args.trainable}"
+    print(f"model:      {gpt.model_summary(model, args.model)} ({trains}) on {device}")
     return model, max_length
 
 
@@ -663,11 +679,12 @@ def choose_forward_pass(model, token_ids, args):
     cfg = model.cfg
     # The fast path, decided in one line: frozen lower blocks without dropout give the same
     # activations at every step, so compute them once (n_frozen: blocks below the trainable top).
-    n_frozen = {"last-block": cfg.n_layers - 1, "head": cfg.n_layers}.get(args.trainable)
+    n_frozen = None if args.lora else {"last-block": cfg.n_layers - 1, "head": cfg.n_layers}.get(args.trainable)
     use_cache = n_frozen is not None and args.drop_rate == 0 and not args.no_activation_cache
     if not use_cache:
+        trains = "--lora trains adapters" if args.lora else f"--trainable {args.trainable} trains"
         reason = "--no-activation-cache" if args.no_activation_cache else (
-            f"--drop-rate {args.drop_rate}" if args.drop_rate else f"--trainable {args.trainable} trains the lower blocks")
+            f"--drop-rate {args.drop_rate}" if args.drop_rate else f"{trains} in the lower blocks")
         print(f"activation cache: off ({reason}): full forward pass at every step")
         return token_ids, partial(full_pass_logits, model), False
     print(f"activation cache: on (embeddings and {n_frozen} of {cfg.n_layers} blocks frozen, dropout 0)")
@@ -708,61 +725,68 @@ def plot_history(path, history):
 
 
 def train_and_evaluate(args, device):
-    """The whole job: model, data, forward pass (with or without the activation cache),
-    training, test metrics, then the checkpoint, plot and metrics.json."""
+    """The whole job: run folder, model, data, forward pass (with or without the
+    activation cache), training, test metrics, then the checkpoint, metrics.json and plot."""
     started = time.time()
-    out_dir = Path(args.out_dir)
     if args.data is not None:
         sms_collection_path(args.data)  # a missing --data file fails now, not after a model download
-    # The model before the data: a wrong --model or --max-length fails in seconds, before the
-    # data download, and leaves nothing in out_dir.
-    model, max_length = build_classifier(args, device)
+    # Before hours of work: the folder is ours, holds no other run, and can be written. The
+    # checkpoint, named relative to it, is checked too (--checkpoint may put it elsewhere).
+    out_dir = gpt.claim_run_folder(args.out_dir, [os.path.relpath(args.checkpoint, args.out_dir), *RUN_FILES],
+                                   overwrite=args.overwrite)
+    # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
+    model, args.max_length = build_classifier(args, device)
+    gpt.print_settings(args)
+    gpt.write_json(out_dir / "run.json", {"settings": vars(args)})
     splits = prepare_data(args, out_dir)
-    token_ids, labels = tokenize_splits(splits, max_length, device)
+    token_ids, labels = tokenize_splits(splits, args.max_length, device)
 
     cache_started = time.time()
     inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids, args)
     cache_seconds = time.time() - cache_started
+    if args.dtype != "float32":  # mixed precision: the forward pass in args.dtype, weights and loss in float32
+        logits_fn = autocast_logits(logits_fn, device, gpt.DTYPES[args.dtype])
 
     train_started = time.time()
     history = train_classifier(
         model, logits_fn, (inputs[0], labels[0]), (inputs[1], labels[1]),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-        log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, scale_loss=args.dtype == "float16",
     )
     train_seconds = time.time() - train_started
     metrics = evaluate_test_split(model, logits_fn, inputs[2], labels[2], history, args.batch_size)
 
-    save_classifier(args.checkpoint, model, max_length=max_length, base_model=str(args.model),
-                    trainable=args.trainable, seed=args.seed, metrics=metrics)
-    size_mb = Path(args.checkpoint).stat().st_size / 1e6
-    print(f"saved:      {args.checkpoint} (config and all weights, {size_mb:.0f} MB); try it with\n"
-          f"            python finetune_classify.py --checkpoint {args.checkpoint} --classify \"Free entry! Text WIN now\"")
-    plot_history(out_dir / "loss-accuracy.png", history)
+    # A full disk must not lose the trained model: save_with_fallback writes to the temporary folder then.
+    checkpoint = gpt.save_with_fallback(
+        lambda path: save_classifier(path, model, max_length=args.max_length, settings=vars(args), metrics=metrics),
+        args.checkpoint,
+    )
+    print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB); "
+          f"try it with\n            python finetune_classify.py --checkpoint {checkpoint} --classify \"Free entry! Text WIN now\"")
     seconds = {"wall": time.time() - started, "activation_cache": cache_seconds, "training": train_seconds}
-    gpt.atomic_write_bytes(out_dir / "metrics.json", json.dumps(
-        {"settings": vars(args), "activation_cache": use_cache, "history": history, "test": metrics,
-         "seconds": seconds}, indent=2).encode("utf-8"))
+    report = {"settings": vars(args), "activation_cache": use_cache, "history": history, "test": metrics, "seconds": seconds}
+    metrics_path = gpt.save_with_fallback(lambda path: gpt.write_json(path, report), out_dir / "metrics.json")
+    plot_history(out_dir / "loss-accuracy.png", history)
     print(f"wall time:  {gpt.format_duration(seconds['wall'])} (activation cache {gpt.format_duration(cache_seconds)}, "
-          f"training with evaluations {gpt.format_duration(train_seconds)}); metrics in {out_dir / 'metrics.json'}")
+          f"training with evaluations {gpt.format_duration(train_seconds)}); metrics in {metrics_path}")
 
 
+@gpt.command_line(memory_hint="use a smaller --batch-size (or --max-length)")
 def main(argv=None):
     args = parse_args(argv)
-    classify = args.classify is not None or args.classify_file is not None
+    os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.py downloads data and weights
+    device = gpt.pick_device(args.device)
+    if args.classify is not None or args.classify_file is not None:
+        run_classify(args, device)
+        return
     try:
-        device = gpt.pick_device(args.device)
-        if classify:
-            run_classify(args, device)
-        else:
-            train_and_evaluate(args, device)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback, and the shell's code for SIGINT (128 + 2)
-        lost = "nothing was classified" if classify else (
-            f"no classifier saved (it is written to {args.checkpoint} after training and the test)")
-        print(f"interrupted: {lost}; run the command again to start over", file=sys.stderr)
-        sys.exit(130)
+        train_and_evaluate(args, device)
+    except KeyboardInterrupt:  # say what is lost, not only "interrupted" (gpt.command_line)
+        gpt.end_progress()
+        print(f"interrupted: no classifier saved (it is written to {args.checkpoint} after training and the test); "
+              "run the command again with --overwrite to start over", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
