@@ -1,10 +1,10 @@
 """finetune_classify.py: fine-tune a pretrained GPT-2 into an SMS spam classifier.
 
 Stage "fine-tune a pretrained GPT for classification" of the lifecycle (chapter 6 of
-"Build a Large Language Model (From Scratch)", rasbt/LLMs-from-scratch). The language-
-model head of GPT-2 is replaced by a 2-class linear head that reads the hidden state of
+"Build a Large Language Model (From Scratch)", rasbt/LLMs-from-scratch). GPT-2's
+language-model head is replaced by a 2-class linear head that reads the hidden state of
 each message's last token; by default only the last transformer block, the final
-LayerNorm and the new head are trained.
+LayerNorm and the new head train.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
     python finetune_classify.py --data path/to/SMSSpamCollection --model path/to/model.safetensors
@@ -16,13 +16,12 @@ Data: the SMS Spam Collection (UCI Machine Learning Repository, data set 228; Al
 Gomez Hidalgo, 2011), balanced to as many ham as spam messages, shuffled and split 70/10/20.
 
 Writes into --out-dir (default runs/classify/; a folder that holds another run is refused
-unless --overwrite): run.json (the settings), train.csv, validation.csv and test.csv (the
-splits), classifier.pt (config, settings and all weights of the fine-tuned classifier, read
-back by --classify), metrics.json (settings, history, test metrics, timings) and
-loss-accuracy.png (when matplotlib is installed).
+unless --overwrite): run.json (the settings), train.csv, validation.csv, test.csv (the
+splits), classifier.pt (config, settings and all weights, read back by --classify),
+metrics.json (settings, history, test metrics, timings), loss-accuracy.png (with matplotlib).
 
-Speed: when the lower blocks are frozen and dropout is 0, their outputs never change.
-They are computed once per message (the "activation cache") and training runs only the
+Speed: when the lower blocks are frozen and dropout is 0, their outputs never change. They
+are computed once per message (the "activation cache") and training runs only the
 trainable top on them, with the same logits and gradients as the full forward pass.
 """
 
@@ -67,9 +66,8 @@ MAX_WARNINGS = 5  # bad data lines reported one by one; the rest are counted
 
 
 def sms_collection_path(data=None, urls=DATA_URLS):
-    """Path of the SMS Spam Collection: `data` when given, else the cached download
-    (fetched from the first of `urls` that works). Raises FileNotFoundError for a
-    missing `data`, RuntimeError naming the URLs and --data when the download fails."""
+    """`data` when given (FileNotFoundError if missing), else the cached download from the
+    first of `urls` that works (RuntimeError naming the URLs and --data if none does)."""
     if data is not None:
         if not Path(data).is_file():
             raise FileNotFoundError(f"--data {data}: no such file")
@@ -96,13 +94,10 @@ def read_sms_bytes(path):
 
 
 def parse_sms_collection(raw, source="data", strict=False):
-    """Messages of the collection's format -> list of (label, text), label "ham" or "spam".
-
-    raw: bytes, one message per line: the label, a tab, the text. A UTF-8 byte-order mark
-    and Windows line endings are accepted; invalid UTF-8 bytes become U+FFFD. Blank lines
-    are ignored. A line without a tab, with a label other than ham/spam (any case) or
-    with an empty text is bad: it is skipped with a warning naming its line number, or,
-    when `strict`, raises ValueError naming the line.
+    """Bytes of the collection (per line: label, tab, text) -> list of (label, text), label
+    "ham" or "spam". A byte-order mark and Windows line endings are accepted, invalid
+    UTF-8 becomes U+FFFD, blank lines are ignored. A line without a tab, with another label
+    or an empty text is skipped with a warning naming it; with `strict` it is a ValueError.
     """
     try:
         text = raw.decode("utf-8-sig")
@@ -136,9 +131,7 @@ def parse_sms_collection(raw, source="data", strict=False):
 
 def create_balanced_dataset(messages, seed):
     """All spam messages plus as many ham messages sampled with `seed`, in that order.
-
-    Raises ValueError when one class is missing.
-    """
+    Raises ValueError when one class is missing."""
     spam = [m for m in messages if m[0] == "spam"]
     ham = [m for m in messages if m[0] == "ham"]
     if not spam or not ham:
@@ -148,10 +141,7 @@ def create_balanced_dataset(messages, seed):
 
 def random_split(messages, seed, min_train=1):
     """Shuffle with `seed` and cut into train/validation/test by SPLIT_FRACTIONS (70/10/20).
-
-    Raises ValueError when a split would be empty or the training split smaller than
-    `min_train` (one batch).
-    """
+    Raises ValueError when a split would be empty or the training split under `min_train`."""
     splits = gpt.split_by_fractions(messages, seed, SPLIT_FRACTIONS)
     if min(len(s) for s in splits) < 1 or len(splits[0]) < min_train:
         raise ValueError(
@@ -172,17 +162,22 @@ def write_split_csv(path, messages):
 
 
 def tokenize_messages(texts, max_length=None):
-    """Texts -> list of LongTensor [n_tokens], each cut to its first `max_length` tokens (if given).
-
-    "<|endoftext|>" inside a message is read as plain text, not as the special token.
-    """
+    """Texts -> list of LongTensor [n_tokens], each cut to its first `max_length` tokens (if given)."""
     tokenizer = gpt.get_tokenizer()
+    # encode_ordinary: "<|endoftext|>" inside a message is plain text, not the special token.
     return [torch.tensor(tokenizer.encode_ordinary(text)[:max_length], dtype=torch.long) for text in texts]
 
 
 # ----------------------------------------------------------------------------------------
 # Model: GPT-2 with a classification head
 # ----------------------------------------------------------------------------------------
+
+
+def add_classification_head(model, num_classes=2):
+    """Replace the language-model head (emb_dim -> 50257 logits) by nn.Linear(emb_dim,
+    num_classes), initialised from the global torch seed. Returns the model."""
+    model.lm_head = nn.Linear(model.cfg.emb_dim, num_classes).to(model.wte.weight.device)
+    return model
 
 
 def set_dropout(model, drop_rate):
@@ -195,22 +190,10 @@ def set_dropout(model, drop_rate):
             module.drop_rate = drop_rate
 
 
-def add_classification_head(model, num_classes=2):
-    """Replace the language-model head (emb_dim -> 50257 logits) by nn.Linear(emb_dim,
-    num_classes), initialised from the global torch seed. Returns the model."""
-    model.lm_head = nn.Linear(model.cfg.emb_dim, num_classes).to(model.wte.weight.device)
-    return model
-
-
 def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
-    """Freeze model except what `trainable` names; returns the model.
-
-    last-block: the last transformer block, the final LayerNorm and the head (the book's
-    choice); all: every parameter; head: the head only; lora (--lora): LoRA adapters on
-    the attention and MLP linear layers of every block (gpt.add_lora) and the head.
-    """
-    if trainable not in (*TRAINABLE_CHOICES, "lora"):
-        raise ValueError(f"--trainable {trainable!r}: choose one of {', '.join(TRAINABLE_CHOICES)}")
+    """Freeze model except what `trainable` names; returns the model. last-block: the last
+    transformer block, the final LayerNorm and the head (the book's choice); all; head;
+    lora (--lora): adapters on the linear layers of every block (gpt.add_lora) and the head."""
     if trainable == "lora":
         gpt.add_lora(model, rank=lora_rank, alpha=lora_alpha)
     else:
@@ -227,38 +210,29 @@ def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
 # ----------------------------------------------------------------------------------------
 
 
-def last_token_index(sequences, device):
-    """Index of each sequence's last real token (its length - 1): LongTensor [batch]."""
-    return torch.tensor([len(s) - 1 for s in sequences], device=device)
-
-
 def full_pass_logits(model, token_ids):
     """Class logits of a batch through the whole model: float [batch, num_classes].
 
     token_ids: list of LongTensor [n_tokens_i]. The batch is right-padded with
-    <|endoftext|> (50256, GPT-2's only special token) to its longest message; with
-    causal attention no real token sees the padding, so reading the hidden state at
-    each message's last real token makes the prediction independent of the padding.
+    <|endoftext|> (50256, GPT-2's only special token) to its longest message; with causal
+    attention no real token sees the padding, so reading each message's last real token
+    makes the prediction independent of the padding.
     """
     idx = pad_sequence(token_ids, batch_first=True, padding_value=gpt.EOT_ID)  # [B, T]
-    last = last_token_index(token_ids, idx.device)
-    logits = model(idx)  # [B, T, num_classes]
-    return logits[torch.arange(len(token_ids), device=idx.device), last]
+    last = torch.tensor([len(t) - 1 for t in token_ids], device=idx.device)  # [B]
+    return model(idx)[torch.arange(len(token_ids), device=idx.device), last]  # [B, T, classes] -> [B, classes]
 
 
 @torch.no_grad()
 def compute_frozen_activations(model, token_ids, n_frozen, progress=True):
-    """Hidden states after the embeddings and the first `n_frozen` blocks, per message.
+    """Hidden states after the embeddings and the first `n_frozen` blocks, per message:
+    list of LongTensor [n_tokens_i] -> list of float [n_tokens_i, emb_dim].
 
-    token_ids: list of LongTensor [n_tokens_i] -> list of float [n_tokens_i, emb_dim].
     Identical messages (the collection repeats some) are computed once and share one
-    tensor. Messages run in batches of similar length (sorted, at most
-    CACHE_BATCH_TOKENS padded tokens each), which wastes little on padding; causal
-    attention keeps each message's states independent of its batch. Valid while those
-    blocks are frozen and dropout is 0.
+    tensor. Batches hold messages of similar length (sorted, at most CACHE_BATCH_TOKENS
+    padded tokens), so little is spent on padding. Valid while those blocks are frozen
+    and dropout is 0 (then training and evaluation mode give the same states).
     """
-    was_training = model.training
-    model.eval()
     first_of = {}  # token sequence -> index of its first occurrence
     for i, ids in enumerate(token_ids):
         first_of.setdefault(tuple(ids.tolist()), i)
@@ -283,24 +257,19 @@ def compute_frozen_activations(model, token_ids, n_frozen, progress=True):
             activations[i] = x[row, : len(token_ids[i])].clone()  # a copy frees the padded batch
         done_tokens += sum(len(s) for s in seqs)
         if progress:
-            gpt.show_progress(f"activation cache: {done_tokens}/{total_tokens} tokens of {len(order)} distinct messages, "
-                              f"{done_tokens / (time.time() - started):.0f} tokens/s, "
-                              f"ETA {gpt.eta(started, done_tokens, total_tokens)}")
+            gpt.show_progress(f"activation cache: {done_tokens}/{total_tokens} tokens of {len(order)} distinct "
+                              f"messages, ETA {gpt.eta(started, done_tokens, total_tokens)}")
     gpt.end_progress()
     for i, ids in enumerate(token_ids):
         activations[i] = activations[first_of[tuple(ids.tolist())]]
-    model.train(was_training)
     return activations
 
 
 def last_block_at_last_token(block, x, last):
-    """A transformer block's output at one position per row: float [B, C].
-
-    x: float [B, T, C], the states entering the block (right-padded); last: LongTensor
-    [B], each row's last real position. Equals block(x)[arange(B), last] without dropout:
-    the classifier reads only that position, so the query, the attention output and the
-    MLP are computed there alone; keys and values still come from every position up to
-    it (padding after it is masked out).
+    """block(x)[arange(B), last] without dropout: float [B, C], computed only where the
+    classifier reads. x: float [B, T, C], right-padded; last: LongTensor [B], each row's
+    last real position. The query, attention output and MLP run at that position alone;
+    keys and values still come from every position up to it (later padding is masked).
     """
     attn = block.attn
     B, T, C = x.shape
@@ -319,15 +288,12 @@ def last_block_at_last_token(block, x, last):
 
 
 def cached_logits(model, activations, n_frozen):
-    """Class logits from cached activations: float [batch, num_classes], the same as
-    `full_pass_logits` on the messages they came from.
-
-    activations: list of float [n_tokens_i, emb_dim], the states after the first
-    `n_frozen` blocks (`compute_frozen_activations`). The remaining blocks run on the
-    right-padded batch, the last of them only at each message's last token.
-    """
+    """Class logits from cached activations (list of float [n_tokens_i, emb_dim], the states
+    after the first `n_frozen` blocks): float [batch, num_classes], equal to
+    `full_pass_logits` on their messages. The top blocks run on the right-padded batch,
+    the last of them only at each message's last token."""
     x = pad_sequence(activations, batch_first=True)  # [B, T, C], zero padding after each message
-    last = last_token_index(activations, x.device)
+    last = torch.tensor([len(a) - 1 for a in activations], device=x.device)  # [B]
     top_blocks = model.h[n_frozen:]
     for block in top_blocks[:-1]:
         x = block(x)
@@ -339,8 +305,8 @@ def cached_logits(model, activations, n_frozen):
 
 
 def autocast_logits(logits_fn, device, dtype):
-    """logits_fn with its forward pass in mixed precision (torch.autocast to `dtype`: the
-    weights stay float32, matrix products run in dtype); returns float32 logits."""
+    """logits_fn in mixed precision (--dtype): its forward pass under torch.autocast in
+    `dtype` (weights stay float32, matrix products run in dtype); float32 logits."""
 
     def logits(inputs):
         with torch.autocast(device.type, dtype=dtype):
@@ -357,10 +323,7 @@ def autocast_logits(logits_fn, device, dtype):
 @torch.no_grad()
 def evaluate(model, logits_fn, inputs, labels, batch_size):
     """Mean cross-entropy loss, accuracy and predictions (LongTensor [n], in input order).
-
-    Batches hold messages of similar length (sorted), so little compute goes to padding;
-    the predictions do not depend on the batching (see `full_pass_logits`).
-    """
+    Batches hold messages of similar length (sorted), so little compute goes to padding."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
@@ -378,19 +341,15 @@ def evaluate(model, logits_fn, inputs, labels, batch_size):
 
 def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps=None, batch_size=8, lr=5e-5,
                      weight_decay=0.1, seed=123, log_every=25, eval_every=50, eval_batches=5, scale_loss=False):
-    """Fine-tune the trainable parameters of model with AdamW on cross-entropy; returns the history.
+    """Fine-tune the trainable parameters with AdamW on cross-entropy; returns the history.
 
-    train, validation: (inputs, labels): a list of per-message inputs for `logits_fn`
-    and a LongTensor [n] of class indices. Each epoch shuffles the training split with
-    a generator seeded by `seed` and drops the last incomplete batch (as the book does);
-    training stops after `max_steps` optimizer steps when given. Prints a progress line
-    every `log_every` steps, loss and accuracy estimates on the first `eval_batches`
-    batches of each split every `eval_every` steps, and the loss and accuracy on both
-    full splits after each epoch and at the last step. The history holds the latter
-    (with the step and the epoch, a fraction when stopped within one) and `step_loss`,
-    the loss of every step. `scale_loss`: loss scaling for float16 autocast, so that
-    small gradients do not underflow to zero. Raises RuntimeError when the loss stops
-    being finite.
+    train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch
+    shuffles the training split (generator seeded by `seed`) and drops the last incomplete
+    batch, as the book does; training stops after `max_steps` steps when given. Every
+    `eval_every` steps: estimates on `eval_batches` batches per split; after each epoch and
+    at the last step: both full splits, kept in the history (with the step and the epoch,
+    a fraction when stopped within one) beside `step_loss`, the loss of every step.
+    `scale_loss`: loss scaling for float16, so small gradients do not underflow to zero.
     """
     train_inputs, train_labels = train
     optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
@@ -443,12 +402,9 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
 
 
 def binary_classification_metrics(predictions, labels, positive=1):
-    """Precision, recall and F1 of the `positive` class and the confusion matrix.
-
-    predictions, labels: LongTensor [n] of class indices 0/1. Returns a dict with
-    precision, recall, f1 (0.0 where undefined: no positive predictions or labels) and
-    confusion_matrix [[true 0 predicted 0, true 0 predicted 1], [true 1 ..., ...]].
-    """
+    """Precision, recall and F1 of the `positive` class (0.0 where undefined) and the
+    confusion matrix [[true 0 predicted 0, true 0 predicted 1], [true 1 ..., ...]].
+    predictions, labels: LongTensor [n] of class indices 0/1."""
     matrix = [[int(((labels == t) & (predictions == p)).sum()) for p in (0, 1)] for t in (0, 1)]
     true_pos = matrix[positive][positive]
     predicted_pos = matrix[0][positive] + matrix[1][positive]
@@ -457,14 +413,6 @@ def binary_classification_metrics(predictions, labels, positive=1):
     recall = true_pos / actual_pos if actual_pos else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "confusion_matrix": matrix}
-
-
-def print_confusion_matrix(matrix):
-    """Print a 2x2 confusion matrix with the class names."""
-    print("confusion matrix on the test split (rows: true label, columns: predicted label):")
-    print(f"  {'':>10} {CLASS_NAMES[0]:>10} {CLASS_NAMES[1]:>10}")
-    for name, row in zip(CLASS_NAMES, matrix):
-        print(f"  {name:>10} {row[0]:>10} {row[1]:>10}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -481,18 +429,14 @@ def save_classifier(path, model, **extra):
 
 def load_classifier(path, device="cpu"):
     """Read a checkpoint of `save_classifier` -> (model in eval mode, checkpoint dict).
-
-    Raises FileNotFoundError for a missing file and ValueError for a file that is not
-    a classifier checkpoint of this script.
-    """
+    Raises FileNotFoundError for a missing file, ValueError for another kind of file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no classifier checkpoint at {path}: train one first, or pass --checkpoint PATH")
     checkpoint = gpt.load_checkpoint(path)
     if "labels" not in checkpoint:
         raise ValueError(f"{path}: not a classifier checkpoint of finetune_classify.py (no 'labels' entry)")
-    cfg = gpt.GPTConfig(**checkpoint["config"])
     with torch.device("meta"):  # no random initialisation: the weights come from the file
-        model = add_classification_head(gpt.GPTModel(cfg), len(checkpoint["labels"]))
+        model = add_classification_head(gpt.GPTModel(gpt.GPTConfig(**checkpoint["config"])), len(checkpoint["labels"]))
     try:
         model.load_state_dict(checkpoint["model"], assign=True)
     except RuntimeError as e:
@@ -503,8 +447,7 @@ def load_classifier(path, device="cpu"):
 @torch.no_grad()
 def classify_texts(model, texts, max_length, labels=CLASS_NAMES, batch_size=16):
     """Classify texts -> list of (label, probability of that label), in the texts' order."""
-    device = model.wte.weight.device
-    token_ids = [t.to(device) for t in tokenize_messages(texts, max_length)]
+    token_ids = [t.to(model.wte.weight.device) for t in tokenize_messages(texts, max_length)]
     results = []
     for start in range(0, len(token_ids), batch_size):
         probabilities = full_pass_logits(model, token_ids[start : start + batch_size]).float().softmax(dim=-1)
@@ -515,12 +458,9 @@ def classify_texts(model, texts, max_length, labels=CLASS_NAMES, batch_size=16):
 
 
 def read_texts_file(path):
-    """Non-empty lines of a UTF-8 text file (or of standard input for "-"), stripped.
-
-    A byte-order mark and Windows line endings are accepted. Raises ValueError naming the
-    file, the byte offset and the line of the first invalid UTF-8 byte (a binary file, or
-    another encoding), rather than classifying garbage; and when standard input is closed.
-    """
+    """Non-empty lines, stripped, of a UTF-8 text file or of standard input ("-"). Raises
+    ValueError when standard input is closed, or naming the file, byte offset and line
+    of the first byte that is not UTF-8 (rather than classifying garbage)."""
     if path == "-" and sys.stdin is None:
         raise ValueError("--classify-file -: standard input is closed: pipe the texts in, or give a file name")
     raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
@@ -529,7 +469,7 @@ def read_texts_file(path):
 
 
 def run_classify(args, device):
-    """--classify / --classify-file: print `label (p=probability)  text` per text, with
+    """--classify / --classify-file: print `label (p=probability)  text` per text, cut to
     the max length the classifier was trained with."""
     texts = list(args.classify or [])
     if args.classify_file is not None:
@@ -549,8 +489,7 @@ def run_classify(args, device):
 # Command line and the run
 # ----------------------------------------------------------------------------------------
 
-# What a training run writes into --out-dir (besides the checkpoint, see --checkpoint).
-RUN_FILES = ("run.json", "train.csv", "validation.csv", "test.csv", "metrics.json", "loss-accuracy.png")
+RUN_FILES = ("run.json", "train.csv", "validation.csv", "test.csv", "metrics.json", "loss-accuracy.png")  # + checkpoint
 
 
 def parse_args(argv=None):
@@ -560,71 +499,49 @@ def parse_args(argv=None):
         formatter_class=gpt.HelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default=None,
-                      help="local copy of the SMS Spam Collection: the UCI zip or the extracted tab-separated "
-                           "SMSSpamCollection file (default: download it once into --cache-dir)")
-    data.add_argument("--strict-data", action="store_true",
-                      help="stop at bad lines of the data file (no tab, unknown label, empty message) "
-                           "instead of skipping them with a warning")
-    data.add_argument("--max-length", type=gpt.positive_int, default=None,
-                      help="truncate messages to this many tokens (default: the model's context length)")
+    data.add_argument("--data", help="the UCI zip or the extracted SMSSpamCollection (default: download it once)")
+    data.add_argument("--strict-data", action="store_true", help="stop at bad data lines instead of skipping them")
+    data.add_argument("--max-length", type=gpt.positive_int, help="cut messages to N tokens (default: the context)")
     data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded data and weights")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="gpt2",
-                       help=f"pretrained model: one of {', '.join(gpt.GPT_CONFIGS)}, a local .safetensors file, "
-                            "or a checkpoint (.pt) of pretrain.py")
+    model.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a .safetensors file or a .pt checkpoint")
     model.add_argument("--trainable", choices=TRAINABLE_CHOICES, default="last-block",
-                       help="what trains: last-block (last transformer block + final LayerNorm + head), "
-                            "all, or head (the new head only)")
-    model.add_argument("--lora", action="store_true",
-                       help="train low-rank adapters on every block's linear layers and the head instead "
-                            "(merged into the weights before saving)")
+                       help="what trains: last-block (+ final LayerNorm + head), all, or head (the new head only)")
+    model.add_argument("--lora", action="store_true", help="train LoRA adapters in every block + the head instead")
     model.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="rank of the LoRA adapters")
-    model.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0,
-                       help="LoRA scaling alpha; the update is scaled by alpha / rank")
-    model.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0,
-                       help="dropout probability during training (above 0 turns the activation cache off)")
+    model.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0, help="LoRA updates scale by alpha/rank")
+    model.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout (> 0 turns the cache off)")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=gpt.positive_int, default=5, help="passes over the training split")
-    train.add_argument("--max-steps", type=gpt.positive_int, default=None,
-                       help="stop after this many optimizer steps (default: all --epochs)")
+    train.add_argument("--max-steps", type=gpt.positive_int, help="stop after N optimizer steps (default: all epochs)")
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="messages per optimizer step")
     train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
-    train.add_argument("--seed", type=gpt.seed, default=123,
-                       help="seed of the data split, the head's initialisation and the shuffling")
+    train.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, head init and shuffling")
     train.add_argument("--log-every", type=gpt.positive_int, default=25, help="print a progress line every N steps")
-    train.add_argument("--eval-every", type=gpt.positive_int, default=50,
-                       help="estimate train/validation loss and accuracy every N steps (on --eval-batches batches)")
-    train.add_argument("--eval-batches", type=gpt.positive_int, default=5,
-                       help="batches per split for the estimates every --eval-every steps")
-    train.add_argument("--no-activation-cache", action="store_true",
-                       help="recompute the frozen blocks at every step (slower; same result), to compare")
+    train.add_argument("--eval-every", type=gpt.positive_int, default=50, help="estimate loss and accuracy every N steps")
+    train.add_argument("--eval-batches", type=gpt.positive_int, default=5, help="batches per split for the estimates")
+    train.add_argument("--no-activation-cache", action="store_true", help="run the frozen blocks at every step")
     train.add_argument("--dtype", choices=gpt.DTYPES, default="float32",
-                       help="precision: training runs the forward pass under autocast in it (mixed precision, "
-                            "for GPUs; float16 with loss scaling); --classify converts the weights to it")
-    train.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+                       help="training autocasts the forward pass to it (mixed precision, for GPUs; float16 with loss "
+                            "scaling); --classify converts the weights to it")
+    train.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
     train.add_argument("--out-dir", default="runs/classify", help="folder for the splits, checkpoint, metrics and plot")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace the run in --out-dir (its files are deleted first) instead of refusing")
+    train.add_argument("--overwrite", action="store_true", help="replace the run in --out-dir (deletes its files)")
     use = parser.add_argument_group("classify with a fine-tuned model (no training)")
-    use.add_argument("--classify", nargs="+", metavar="TEXT", default=None,
-                     help="texts to classify as spam or not spam (default: none: train a classifier)")
-    use.add_argument("--classify-file", default=None, metavar="FILE",
-                     help="classify each non-empty line of FILE (UTF-8 text; invalid UTF-8 is an error "
-                          "naming its byte offset); - reads standard input (default: none)")
-    use.add_argument("--checkpoint", default=None,
-                     help="classifier checkpoint to write (training) or read (--classify); default: OUT_DIR/classifier.pt")
+    use.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
+    use.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE; - reads stdin (default: none)")
+    use.add_argument("--checkpoint", help="classifier to write or read (default: OUT_DIR/classifier.pt)")
     args = parser.parse_args(argv)
     if args.lora and args.trainable != "last-block":
         parser.error(f"--lora trains the adapters and the head: drop --trainable {args.trainable}")
-    if args.checkpoint is None:
-        args.checkpoint = str(Path(args.out_dir) / "classifier.pt")
+    args.checkpoint = args.checkpoint or str(Path(args.out_dir) / "classifier.pt")
     return args
 
 
-def prepare_data(args, out_dir):
-    """Read, balance and split the data; write the splits as CSV; returns (train, validation, test)."""
+def prepare_data(args, out_dir, device):
+    """Read, balance and split the data, write the splits as CSV and tokenize them ->
+    (token ids per split: lists of LongTensor [n_tokens], labels per split: LongTensor [n])."""
     path = sms_collection_path(args.data)
     messages = parse_sms_collection(read_sms_bytes(path), source=str(path), strict=args.strict_data)
     n_spam = sum(label == "spam" for label, _ in messages)
@@ -635,11 +552,15 @@ def prepare_data(args, out_dir):
     print(f"splits:     {' / '.join(str(len(s)) for s in splits)} (train / validation / test, balanced, seed "
           f"{args.seed}) written to {out_dir}/{{train,validation,test}}.csv")
     train_texts = {text for _, text in splits[0]}
-    repeated = sum(text in train_texts for _, text in splits[2])
-    if repeated:
-        print(f"note:       {repeated} of {len(splits[2])} test messages also occur in the training split "
-              "(the collection repeats some messages)")
-    return splits
+    repeated = sum(text in train_texts for _, text in splits[2])  # the collection repeats some messages
+    print(f"note:       {repeated} of {len(splits[2])} test messages also occur in the training split")
+    token_ids = [tokenize_messages([text for _, text in split]) for split in splits]
+    labels = [torch.tensor([LABELS[label] for label, _ in split], device=device) for split in splits]
+    n_truncated = sum(len(t) > args.max_length for split in token_ids for t in split)
+    token_ids = [[t[: args.max_length].to(device) for t in split] for split in token_ids]
+    print(f"tokens:     longest message {max(len(t) for split in token_ids for t in split)} tokens after truncation "
+          f"to --max-length {args.max_length} ({n_truncated} messages truncated)")
+    return token_ids, labels
 
 
 def build_classifier(args, device):
@@ -656,35 +577,23 @@ def build_classifier(args, device):
     add_classification_head(model, len(CLASS_NAMES))
     set_dropout(model, args.drop_rate)
     set_trainable(model, "lora" if args.lora else args.trainable, args.lora_rank, args.lora_alpha)
-    trains = "--lora" if args.lora else f"--trainable {args.trainable}"
-    print(f"model:      {gpt.model_summary(model, args.model)} ({trains}) on {device}")
+    print(f"model:      {gpt.model_summary(model, args.model)} ({'--lora' if args.lora else '--trainable ' + args.trainable})"
+          f" on {device}")
     return model, max_length
 
 
-def tokenize_splits(splits, max_length, device):
-    """Token ids of each split's messages (cut to max_length) and their labels, on device."""
-    token_ids = [tokenize_messages([text for _, text in split]) for split in splits]
-    labels = [torch.tensor([LABELS[label] for label, _ in split], device=device) for split in splits]
-    n_truncated = sum(len(t) > max_length for split in token_ids for t in split)
-    token_ids = [[t[:max_length].to(device) for t in split] for split in token_ids]
-    print(f"tokens:     longest message {max(len(t) for split in token_ids for t in split)} tokens after truncation "
-          f"to --max-length {max_length} ({n_truncated} messages truncated)")
-    return token_ids, labels
-
-
 def choose_forward_pass(model, token_ids, args):
-    """The model inputs of each split and the function that turns a batch of them into
-    logits: cached activations and the trainable top where that is exact, else token
-    ids and the full forward pass. Returns (inputs, logits_fn, use_cache)."""
+    """The inputs of each split and the function that turns a batch of them into logits:
+    cached activations and the trainable top where that is exact, else token ids and the
+    full forward pass. Returns (inputs, logits_fn, use_cache)."""
     cfg = model.cfg
     # The fast path, decided in one line: frozen lower blocks without dropout give the same
     # activations at every step, so compute them once (n_frozen: blocks below the trainable top).
     n_frozen = None if args.lora else {"last-block": cfg.n_layers - 1, "head": cfg.n_layers}.get(args.trainable)
     use_cache = n_frozen is not None and args.drop_rate == 0 and not args.no_activation_cache
     if not use_cache:
-        trains = "--lora trains adapters" if args.lora else f"--trainable {args.trainable} trains"
         reason = "--no-activation-cache" if args.no_activation_cache else (
-            f"--drop-rate {args.drop_rate}" if args.drop_rate else f"{trains} in the lower blocks")
+            f"--drop-rate {args.drop_rate}" if args.drop_rate else "the lower blocks train")
         print(f"activation cache: off ({reason}): full forward pass at every step")
         return token_ids, partial(full_pass_logits, model), False
     print(f"activation cache: on (embeddings and {n_frozen} of {cfg.n_layers} blocks frozen, dropout 0)")
@@ -695,7 +604,8 @@ def choose_forward_pass(model, token_ids, args):
 
 
 def evaluate_test_split(model, logits_fn, inputs, labels, history, batch_size):
-    """Evaluate on the test split and print the results; returns the metrics dict."""
+    """Evaluate on the test split and print accuracies, precision, recall, F1 and the
+    confusion matrix; returns the metrics dict."""
     _, test_accuracy, test_predictions = evaluate(model, logits_fn, inputs, labels, batch_size)
     metrics = binary_classification_metrics(test_predictions.cpu(), labels.cpu())
     metrics.update(train_accuracy=history["train_accuracy"][-1], validation_accuracy=history["validation_accuracy"][-1],
@@ -704,24 +614,11 @@ def evaluate_test_split(model, logits_fn, inputs, labels, history, batch_size):
           f"| test {100 * test_accuracy:.2f}%")
     print(f"test, spam as the positive class: precision {metrics['precision']:.4f} | recall {metrics['recall']:.4f} "
           f"| F1 {metrics['f1']:.4f}")
-    print_confusion_matrix(metrics["confusion_matrix"])
+    print("confusion matrix on the test split (rows: true label, columns: predicted label):")
+    print(f"  {'':>10} {CLASS_NAMES[0]:>10} {CLASS_NAMES[1]:>10}")
+    for name, row in zip(CLASS_NAMES, metrics["confusion_matrix"]):
+        print(f"  {name:>10} {row[0]:>10} {row[1]:>10}")
     return metrics
-
-
-def plot_history(path, history):
-    """Loss and accuracy per epoch, train and validation, as a PNG (when matplotlib is installed)."""
-    epochs = history["epoch"]
-    plot = gpt.plot_curves(
-        path,
-        {
-            "loss": {"train": (epochs, history["train_loss"]), "validation": (epochs, history["validation_loss"])},
-            "accuracy": {"train": (epochs, history["train_accuracy"]),
-                         "validation": (epochs, history["validation_accuracy"])},
-        },
-        xlabel="epoch",
-    )
-    if plot is not None:
-        print(f"plot:       {plot} (loss and accuracy per epoch)")
 
 
 def train_and_evaluate(args, device):
@@ -730,7 +627,7 @@ def train_and_evaluate(args, device):
     started = time.time()
     if args.data is not None:
         sms_collection_path(args.data)  # a missing --data file fails now, not after a model download
-    # Before hours of work: the folder is ours, holds no other run, and can be written. The
+    # Before any work: the folder is ours, holds no other run, and can be written. The
     # checkpoint, named relative to it, is checked too (--checkpoint may put it elsewhere).
     out_dir = gpt.claim_run_folder(args.out_dir, [os.path.relpath(args.checkpoint, args.out_dir), *RUN_FILES],
                                    overwrite=args.overwrite)
@@ -738,23 +635,19 @@ def train_and_evaluate(args, device):
     model, args.max_length = build_classifier(args, device)
     gpt.print_settings(args)
     gpt.write_json(out_dir / "run.json", {"settings": vars(args)})
-    splits = prepare_data(args, out_dir)
-    token_ids, labels = tokenize_splits(splits, args.max_length, device)
+    token_ids, labels = prepare_data(args, out_dir, device)
 
     cache_started = time.time()
     inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids, args)
-    cache_seconds = time.time() - cache_started
+    train_started = time.time()
     if args.dtype != "float32":  # mixed precision: the forward pass in args.dtype, weights and loss in float32
         logits_fn = autocast_logits(logits_fn, device, gpt.DTYPES[args.dtype])
-
-    train_started = time.time()
-    history = train_classifier(
-        model, logits_fn, (inputs[0], labels[0]), (inputs[1], labels[1]),
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
-        eval_batches=args.eval_batches, scale_loss=args.dtype == "float16",
-    )
-    train_seconds = time.time() - train_started
+    history = train_classifier(model, logits_fn, (inputs[0], labels[0]), (inputs[1], labels[1]), epochs=args.epochs,
+                               max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                               weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every,
+                               eval_every=args.eval_every, eval_batches=args.eval_batches,
+                               scale_loss=args.dtype == "float16")
+    seconds = {"activation_cache": train_started - cache_started, "training": time.time() - train_started}
     metrics = evaluate_test_split(model, logits_fn, inputs[2], labels[2], history, args.batch_size)
 
     # A full disk must not lose the trained model: save_with_fallback writes to the temporary folder then.
@@ -764,12 +657,16 @@ def train_and_evaluate(args, device):
     )
     print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB); "
           f"try it with\n            python finetune_classify.py --checkpoint {checkpoint} --classify \"Free entry! Text WIN now\"")
-    seconds = {"wall": time.time() - started, "activation_cache": cache_seconds, "training": train_seconds}
+    seconds["wall"] = time.time() - started
     report = {"settings": vars(args), "activation_cache": use_cache, "history": history, "test": metrics, "seconds": seconds}
     metrics_path = gpt.save_with_fallback(lambda path: gpt.write_json(path, report), out_dir / "metrics.json")
-    plot_history(out_dir / "loss-accuracy.png", history)
-    print(f"wall time:  {gpt.format_duration(seconds['wall'])} (activation cache {gpt.format_duration(cache_seconds)}, "
-          f"training with evaluations {gpt.format_duration(train_seconds)}); metrics in {metrics_path}")
+    panels = {name: {split: (history["epoch"], history[f"{split}_{name}"]) for split in ("train", "validation")}
+              for name in ("loss", "accuracy")}
+    if gpt.plot_curves(out_dir / "loss-accuracy.png", panels, xlabel="epoch") is not None:
+        print(f"plot:       {out_dir / 'loss-accuracy.png'} (loss and accuracy per epoch, train and validation)")
+    print(f"wall time:  {gpt.format_duration(seconds['wall'])} (activation cache "
+          f"{gpt.format_duration(seconds['activation_cache'])}, training with evaluations "
+          f"{gpt.format_duration(seconds['training'])}); metrics in {metrics_path}")
 
 
 @gpt.command_line(memory_hint="use a smaller --batch-size (or --max-length)")
@@ -778,15 +675,8 @@ def main(argv=None):
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.py downloads data and weights
     device = gpt.pick_device(args.device)
     if args.classify is not None or args.classify_file is not None:
-        run_classify(args, device)
-        return
-    try:
-        train_and_evaluate(args, device)
-    except KeyboardInterrupt:  # say what is lost, not only "interrupted" (gpt.command_line)
-        gpt.end_progress()
-        print(f"interrupted: no classifier saved (it is written to {args.checkpoint} after training and the test); "
-              "run the command again with --overwrite to start over", file=sys.stderr)
-        raise SystemExit(130) from None
+        return run_classify(args, device)
+    train_and_evaluate(args, device)
 
 
 if __name__ == "__main__":
