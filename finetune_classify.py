@@ -258,7 +258,8 @@ def compute_frozen_activations(model, token_ids, n_frozen, progress=True):
         done_tokens += sum(len(s) for s in seqs)
         if progress:
             gpt.show_progress(f"activation cache: {done_tokens}/{total_tokens} tokens of {len(order)} distinct "
-                              f"messages, ETA {gpt.eta(started, done_tokens, total_tokens)}")
+                              f"messages, {done_tokens / (time.time() - started):.0f} tokens/s, "
+                              f"ETA {gpt.eta(started, done_tokens, total_tokens)}")
     gpt.end_progress()
     for i, ids in enumerate(token_ids):
         activations[i] = activations[first_of[tuple(ids.tolist())]]
@@ -540,8 +541,8 @@ def parse_args(argv=None):
 
 
 def prepare_data(args, out_dir, device):
-    """Read, balance and split the data, write the splits as CSV and tokenize them ->
-    (token ids per split: lists of LongTensor [n_tokens], labels per split: LongTensor [n])."""
+    """Read, balance, split (written as CSV) and tokenize the data -> (token ids, labels) per split:
+    lists of LongTensor [n_tokens] cut to --max-length, and LongTensor [n]."""
     path = sms_collection_path(args.data)
     messages = parse_sms_collection(read_sms_bytes(path), source=str(path), strict=args.strict_data)
     n_spam = sum(label == "spam" for label, _ in messages)
@@ -604,8 +605,7 @@ def choose_forward_pass(model, token_ids, args):
 
 
 def evaluate_test_split(model, logits_fn, inputs, labels, history, batch_size):
-    """Evaluate on the test split and print accuracies, precision, recall, F1 and the
-    confusion matrix; returns the metrics dict."""
+    """Accuracies, test precision, recall, F1 and confusion matrix: printed, and returned as a dict."""
     _, test_accuracy, test_predictions = evaluate(model, logits_fn, inputs, labels, batch_size)
     metrics = binary_classification_metrics(test_predictions.cpu(), labels.cpu())
     metrics.update(train_accuracy=history["train_accuracy"][-1], validation_accuracy=history["validation_accuracy"][-1],
@@ -622,8 +622,7 @@ def evaluate_test_split(model, logits_fn, inputs, labels, history, batch_size):
 
 
 def train_and_evaluate(args, device):
-    """The whole job: run folder, model, data, forward pass (with or without the
-    activation cache), training, test metrics, then the checkpoint, metrics.json and plot."""
+    """The whole job, in order: run folder, model, data, activation cache, training, test, saving."""
     started = time.time()
     if args.data is not None:
         sms_collection_path(args.data)  # a missing --data file fails now, not after a model download
