@@ -86,7 +86,7 @@ def read_sms_bytes(path):
         with zipfile.ZipFile(io.BytesIO(raw)) as archive:
             members = [name for name in archive.namelist() if Path(name).name == ZIP_MEMBER]
             if not members:
-                raise ValueError(f"{path}: the zip file has no member {ZIP_MEMBER!r} (it has: {', '.join(archive.namelist())})")
+                raise ValueError(f"{path}: the zip file has no member {ZIP_MEMBER!r} (it has: {archive.namelist()})")
             return archive.read(members[0])
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise ValueError(f"{path}: a damaged zip file ({e}): delete it to download it again, or pass the "
@@ -381,8 +381,8 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
             if step % log_every == 0 or step == total_steps:
                 now = time.time()
                 print(f"epoch {epoch}/{epochs} step {step}/{total_steps} | loss {loss.item():.4f} | "
-                      f"{window_examples / (now - window_start):.1f} examples/s | ETA {gpt.eta(started, step, total_steps)}",
-                      flush=True)
+                      f"{window_examples / (now - window_start):.1f} examples/s | "
+                      f"ETA {gpt.eta(started, step, total_steps)}", flush=True)
                 window_start, window_examples = now, 0
             if step % eval_every == 0:
                 train_loss, train_acc, _ = evaluate(model, logits_fn, train_inputs[:estimate_size],
@@ -505,7 +505,7 @@ def parse_args(argv=None):
     data.add_argument("--max-length", type=gpt.positive_int, help="cut messages to N tokens (default: the context)")
     data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded data and weights")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a .safetensors file or a .pt checkpoint")
+    model.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], .safetensors or .pt file")
     model.add_argument("--trainable", choices=TRAINABLE_CHOICES, default="last-block",
                        help="what trains: last-block (+ final LayerNorm + head), all, or head (the new head only)")
     model.add_argument("--lora", action="store_true", help="train LoRA adapters in every block + the head instead")
@@ -531,7 +531,7 @@ def parse_args(argv=None):
     train.add_argument("--overwrite", action="store_true", help="replace the run in --out-dir (deletes its files)")
     use = parser.add_argument_group("classify with a fine-tuned model (no training)")
     use.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
-    use.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE; - reads stdin (default: none)")
+    use.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, - for stdin (default: none)")
     use.add_argument("--checkpoint", help="classifier to write or read (default: OUT_DIR/classifier.pt)")
     args = parser.parse_args(argv)
     if args.lora and args.trainable != "last-block":
@@ -578,8 +578,8 @@ def build_classifier(args, device):
     add_classification_head(model, len(CLASS_NAMES))
     set_dropout(model, args.drop_rate)
     set_trainable(model, "lora" if args.lora else args.trainable, args.lora_rank, args.lora_alpha)
-    print(f"model:      {gpt.model_summary(model, args.model)} ({'--lora' if args.lora else '--trainable ' + args.trainable})"
-          f" on {device}")
+    trains = "--lora" if args.lora else f"--trainable {args.trainable}"
+    print(f"model:      {gpt.model_summary(model, args.model)} ({trains}) on {device}")
     return model, max_length
 
 
@@ -610,8 +610,8 @@ def evaluate_test_split(model, logits_fn, inputs, labels, history, batch_size):
     metrics = binary_classification_metrics(test_predictions.cpu(), labels.cpu())
     metrics.update(train_accuracy=history["train_accuracy"][-1], validation_accuracy=history["validation_accuracy"][-1],
                    test_accuracy=test_accuracy)
-    print(f"accuracy:   train {100 * metrics['train_accuracy']:.2f}% | validation {100 * metrics['validation_accuracy']:.2f}% "
-          f"| test {100 * test_accuracy:.2f}%")
+    print(f"accuracy:   train {100 * metrics['train_accuracy']:.2f}% | "
+          f"validation {100 * metrics['validation_accuracy']:.2f}% | test {100 * test_accuracy:.2f}%")
     print(f"test, spam as the positive class: precision {metrics['precision']:.4f} | recall {metrics['recall']:.4f} "
           f"| F1 {metrics['f1']:.4f}")
     print("confusion matrix on the test split (rows: true label, columns: predicted label):")
@@ -654,10 +654,10 @@ def train_and_evaluate(args, device):
         lambda path: save_classifier(path, model, max_length=args.max_length, settings=vars(args), metrics=metrics),
         args.checkpoint,
     )
-    print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB); "
-          f"try it with\n            python finetune_classify.py --checkpoint {checkpoint} --classify \"Free entry! Text WIN now\"")
+    print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB)")
+    print(f"try it:     python finetune_classify.py --checkpoint {checkpoint} --classify \"Win a prize now\"")
     seconds["wall"] = time.time() - started
-    report = {"settings": vars(args), "activation_cache": use_cache, "history": history, "test": metrics, "seconds": seconds}
+    report = dict(settings=vars(args), activation_cache=use_cache, history=history, test=metrics, seconds=seconds)
     metrics_path = gpt.save_with_fallback(lambda path: gpt.write_json(path, report), out_dir / "metrics.json")
     panels = {name: {split: (history["epoch"], history[f"{split}_{name}"]) for split in ("train", "validation")}
               for name in ("loss", "accuracy")}

@@ -1513,6 +1513,21 @@ def test_classify_damaged_zip_names_the_file(tmp_path):
         fc.main(argv)
 
 
+def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatch):
+    seen = []
+
+    def fetch_dataset(urls, filename, **kwargs):
+        seen.append(gpt.cache_dir())
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(gpt, "fetch_dataset", fetch_dataset)
+    argv = _classify_run_argv(tmp_path, "run", "--cache-dir", str(tmp_path / "my-cache"))
+    del argv[argv.index("--data") : argv.index("--data") + 2]
+    with pytest.raises(SystemExit, match="error: offline"):
+        fc.main(argv)
+    assert seen == [tmp_path / "my-cache"]
+
+
 def test_classify_closed_standard_input_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdin", None)  # what Python sets for `--classify-file - <&-`
     with pytest.raises(SystemExit, match="error: --classify-file -: standard input is closed"):
