@@ -633,8 +633,8 @@ def train_and_evaluate(args, device):
     # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
     model, args.max_length = build_classifier(args, device)
     gpt.print_settings(args)
-    gpt.write_json(out_dir / "run.json", {"settings": vars(args)})
     token_ids, labels = prepare_data(args, out_dir, device)
+    gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # after the data: bad data leaves no run behind
 
     cache_started = time.time()
     inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids, args)

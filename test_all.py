@@ -1089,6 +1089,7 @@ def test_classify_one_class_or_too_few_messages_are_errors(tmp_path):
     gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())  # the model loads before the data is read
     with pytest.raises(SystemExit, match="error: the data has 2 ham and 0 spam messages"):
         fc.main(["--data", str(data), "--model", str(tmp_path / "tiny.pt"), "--out-dir", str(tmp_path / "run")])
+    assert not [p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")]  # a rerun is not refused
 
 
 def test_classify_splits_are_balanced_and_deterministic(tmp_path):
