@@ -639,7 +639,7 @@ def train_and_evaluate(args, device):
     cache_started = time.time()
     inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids, args)
     train_started = time.time()
-    if args.dtype != "float32":  # mixed precision: the forward pass in args.dtype, weights and loss in float32
+    if args.dtype != "float32":  # mixed precision for what runs per step; weights, cache and loss stay float32
         logits_fn = autocast_logits(logits_fn, device, gpt.DTYPES[args.dtype])
     history = train_classifier(model, logits_fn, (inputs[0], labels[0]), (inputs[1], labels[1]), epochs=args.epochs,
                                max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
