@@ -358,13 +358,14 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(train_inputs) // batch_size
     total_steps = min(steps_per_epoch * epochs, max_steps or math.inf)
+    epochs = math.ceil(total_steps / steps_per_epoch)  # fewer when max_steps stops earlier
     names = ("epoch", "step", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy")
     history = {name: [] for name in (*names, "step_loss")}
     estimate_size = eval_batches * batch_size
     step, started = 0, time.time()
     window_start, window_examples = started, 0
     model.train()
-    for epoch in range(1, math.ceil(total_steps / steps_per_epoch) + 1):
+    for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train_inputs), generator=generator).tolist()
         for b in range(min(steps_per_epoch, total_steps - step)):
             batch = order[b * batch_size : (b + 1) * batch_size]
@@ -389,7 +390,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
                                                     train_labels[:estimate_size], batch_size)
                 val_loss, val_acc, _ = evaluate(model, logits_fn, validation[0][:estimate_size],
                                                 validation[1][:estimate_size], batch_size)
-                print(f"  step {step} estimate ({estimate_size} messages per split): train loss {train_loss:.4f} "
+                print(f"  step {step} estimate (first {eval_batches} batches per split): train loss {train_loss:.4f} "
                       f"accuracy {100 * train_acc:.1f}% | validation loss {val_loss:.4f} accuracy {100 * val_acc:.1f}%")
                 window_start, window_examples = time.time(), 0  # throughput counts training only
         train_loss, train_acc, _ = evaluate(model, logits_fn, *train, batch_size)

@@ -1396,7 +1396,7 @@ def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
     # 46 training messages, batch 8: 5 steps per epoch; 7 steps end 2 steps into epoch 2.
     fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "7", "--log-every", "1", "--epochs", "3"))
     out = capsys.readouterr().out
-    assert "epoch 2/3 step 7/7 | loss" in out and "step 8/" not in out
+    assert "epoch 2/2 step 7/7 | loss" in out and "step 8/" not in out
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert len(history["step_loss"]) == 7
     assert (history["step"], history["epoch"]) == ([5, 7], [1.0, 1.4])  # after epoch 1, and at the stop
