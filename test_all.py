@@ -2839,6 +2839,7 @@ def test_classify_one_class_or_too_few_messages_are_errors(tmp_path):
     gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())  # the model loads before the data is read
     with pytest.raises(SystemExit, match="error: the data has 2 ham and 0 spam messages"):
         fc.main(["--data", str(data), "--model", str(tmp_path / "tiny.pt"), "--out-dir", str(tmp_path / "run")])
+    assert not [p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")]  # a rerun is not refused
 
 
 def test_classify_splits_are_balanced_and_deterministic(tmp_path):
@@ -2917,7 +2918,7 @@ def test_classify_activation_cache_gives_full_pass_logits_and_gradients(n_frozen
         torch.testing.assert_close(cached, full)
 
 
-@pytest.mark.parametrize("trainable", fc.TRAINABLE_CHOICES)
+@pytest.mark.parametrize("trainable", [*fc.TRAINABLE_CHOICES, "lora"])
 def test_classify_trainable_trains_exactly_what_it_names(trainable):
     model = _classify_tiny_classifier(trainable, n_layers=2)
     head = {"lm_head.weight", "lm_head.bias"}
@@ -3040,7 +3041,7 @@ def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, 
     out_dir = tmp_path / "run"
     with pytest.raises(SystemExit, match=message):
         fc.main(["--model", model, "--data", str(data), "--out-dir", str(out_dir), *extra])
-    assert not out_dir.exists()  # no splits written
+    assert not [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]  # no splits, no run.json
 
     def no_download(*args, **kwargs):
         raise AssertionError("the data was downloaded before the model was checked")
@@ -3048,24 +3049,32 @@ def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, 
     monkeypatch.setattr(gpt, "fetch_dataset", no_download)
     with pytest.raises(SystemExit, match=message):
         fc.main(["--model", model, "--out-dir", str(out_dir), *extra])
-    assert not out_dir.exists()
+    assert not [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--lora-alpha", "-1"], "--lora-alpha must be positive, got -1.0"),
-        (["--lora-alpha", "0"], "--lora-alpha must be positive, got 0.0"),
-        (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
-        (["--weight-decay", "nan"], "--weight-decay must be >= 0, got nan"),
+        (["--lora-alpha", "-1"], "argument --lora-alpha: must be a finite number > 0, got '-1'"),
+        (["--lora-alpha", "0"], "argument --lora-alpha: must be a finite number > 0, got '0'"),
+        (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
+        (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number >= 0, got 'nan'"),
+        (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
+        (["--max-steps", "0"], "argument --max-steps: must be an integer >= 1, got '0'"),
+        (["--drop-rate", "1"], "argument --drop-rate: must be a number in [0, 1), got '1'"),
+        (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
+        (["--seed", str(2**63)], "argument --seed: must be an integer from 0 to 2**63 - 1, got '9223372036854775808'"),
+        (["--trainable", "all"], "--lora trains the adapters and the head: drop --trainable all"),
+        (["--trainable", "lora"], "argument --trainable: invalid choice: 'lora'"),
     ],
 )
-def test_classify_bad_lora_flags_are_rejected_at_startup(tmp_path, capsys, flags, message):
+def test_classify_bad_flags_are_rejected_at_startup(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        fc.main(["--trainable", "lora", *flags, "--model", "gpt3", "--data", str(tmp_path / "unused.tsv"),
+        fc.main(["--lora", *flags, "--model", "gpt3", "--data", str(tmp_path / "unused.tsv"),
                  "--out-dir", str(tmp_path / "run")])
     assert exit_info.value.code == 2  # argparse's usage error, before anything is loaded
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_classify_texts_file_is_utf8_with_empty_lines_skipped(tmp_path):
@@ -3095,11 +3104,10 @@ def test_classify_ctrl_c_is_one_line_and_exit_code_130(tmp_path, monkeypatch, ca
         assert e.code == 130
     else:
         pytest.fail("main() returned after an interrupt")
-    assert capsys.readouterr().err == (
-        f"interrupted: no classifier saved (it is written to {tmp_path / 'run' / 'classifier.pt'} after training "
-        "and the test); run the command again to start over\n"
-    )
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"  # after the activation cache's progress line
     assert not (tmp_path / "run" / "classifier.pt").exists()
+    with pytest.raises(SystemExit, match="holds another run .*replace it with --overwrite"):  # the splits stay
+        fc.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run")])
 
 
 def test_classify_sigint_during_training_exits_cleanly(tmp_path):
@@ -3116,8 +3124,185 @@ def test_classify_sigint_during_training_exits_cleanly(tmp_path):
             break
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.startswith("interrupted: no classifier saved") and err.count("\n") == 1, err  # no traceback
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
     assert not (tmp_path / "run" / "classifier.pt").exists()
+
+
+# --- max steps, LoRA, dtype, run folders, full disk, closed input, broken pipe -----------
+
+
+def _classify_run_argv(tmp_path, out="run", *extra):
+    """A run of the tiny model on the first 200 lines of the real data (46 / 6 / 14 split)."""
+    if not (tmp_path / "tiny.pt").exists():
+        gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    data = _classify_sms_slice(tmp_path)
+    return ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / out), *extra]
+
+
+def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
+    # 46 training messages, batch 8: 5 steps per epoch; 7 steps end 2 steps into epoch 2.
+    fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "7", "--log-every", "1", "--epochs", "3"))
+    out = capsys.readouterr().out
+    assert "epoch 2/2 step 7/7 | loss" in out and "step 8/" not in out
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert len(history["step_loss"]) == 7
+    assert (history["step"], history["epoch"]) == ([5, 7], [1.0, 1.4])  # after epoch 1, and at the stop
+    fc.main(_classify_run_argv(tmp_path, "all", "--max-steps", "1000", "--epochs", "2"))
+    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]["step"] == [5, 10]
+    # The first 7 steps of the 10-step run are the 7 steps of the stopped run: same shuffling, same updates.
+    full = json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]["step_loss"]
+    assert full[:7] == history["step_loss"]
+
+
+def test_classify_settings_travel_with_the_run(tmp_path, capsys):
+    fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2", "--seed", "7"))
+    out = capsys.readouterr().out
+    assert "settings: " in out and "seed=7" in out and "max_length=48" in out
+    run = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    checkpoint = gpt.load_checkpoint(tmp_path / "run" / "classifier.pt")
+    assert run == checkpoint["settings"]
+    assert (run["seed"], run["max_steps"], run["max_length"], checkpoint["max_length"]) == (7, 2, 48, 48)
+
+
+def test_classify_lora_trains_only_adapters_and_head(tmp_path, capsys):
+    fc.main(_classify_run_argv(tmp_path, "run", "--lora", "--max-steps", "2"))
+    out = capsys.readouterr().out
+    # per block, rank 16: c_attn 16*32 + 96*16, attn.c_proj 16*32 + 32*16, c_fc 16*32 + 128*16,
+    # mlp.c_proj 16*128 + 32*16 = 8,192; two blocks plus the head (32*2 + 2) = 16,450
+    assert "16,450 trainable (--lora)" in out
+    assert "activation cache: off (the lower blocks train): full forward pass at every step" in out
+    checkpoint = gpt.load_checkpoint(tmp_path / "run" / "classifier.pt")
+    assert not any("lora" in key for key in checkpoint["model"])
+
+
+def test_classify_bfloat16_autocast_trains_and_stays_close():
+    model = _classify_tiny_classifier()
+    token_ids = _classify_token_ids([5, 30, 12])
+    full = partial(fc.full_pass_logits, model)
+    mixed = fc.autocast_logits(full, torch.device("cpu"), torch.bfloat16)(token_ids)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, full(token_ids), atol=0.05, rtol=0.05)
+
+
+def test_classify_dtype_bfloat16_run_finishes(tmp_path):
+    fc.main(_classify_run_argv(tmp_path, "run", "--dtype", "bfloat16", "--max-steps", "3"))
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert len(history["step_loss"]) == 3 and all(math.isfinite(x) for x in history["step_loss"])
+
+
+def test_classify_folder_with_another_run_is_refused_unless_overwrite(tmp_path, capsys):
+    argv = _classify_run_argv(tmp_path, "run", "--max-steps", "1")
+    fc.main(argv)
+    before = (tmp_path / "run" / "classifier.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        fc.main(argv)
+    assert re.fullmatch(r"error: .*run holds another run \(classifier\.pt, run\.json, train\.csv, validation\.csv, "
+                        r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", str(exit_info.value.code))
+    assert (tmp_path / "run" / "classifier.pt").read_bytes() == before
+    (tmp_path / "run" / "loss-accuracy.png").unlink(missing_ok=True)  # a run without the plot is replaced as well
+    fc.main(argv + ["--overwrite", "--seed", "5"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
+    with pytest.raises(SystemExit):
+        fc.main(["--help"])
+    assert "refused unless --overwrite" in " ".join(capsys.readouterr().out.split())
+
+
+def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the run folder was checked")
+
+    monkeypatch.setattr(gpt, "load_gpt2", no_model)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"error: --out-dir .*file is a file, not a folder"):
+        fc.main(_classify_run_argv(tmp_path, "file"))
+    (tmp_path / "run" / "classifier.pt").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"error: .*run/classifier.pt is a folder, but this run writes a file there"):
+        fc.main(_classify_run_argv(tmp_path, "run"))
+    (tmp_path / "elsewhere.pt").mkdir()
+    with pytest.raises(SystemExit, match=r"error: .*elsewhere.pt is a folder"):
+        fc.main(_classify_run_argv(tmp_path, "run2", "--checkpoint", str(tmp_path / "elsewhere.pt")))
+
+
+def test_classify_full_disk_at_the_final_save_keeps_the_model(tmp_path, monkeypatch, capsys):
+    real_write = gpt.atomic_write_bytes
+    failed = []
+
+    def full_disk(path, data):
+        if Path(path).name == "classifier.pt" and not failed:
+            failed.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(gpt, "atomic_write_bytes", full_disk)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2"))
+    fallback = tmp_path / "tmp" / f"classifier-{os.getpid()}.pt"
+    captured = capsys.readouterr()
+    assert f"cannot write {tmp_path / 'run' / 'classifier.pt'} (No space left on device); writing {fallback}" in captured.err
+    assert f"saved:      {fallback}" in captured.out
+    model, checkpoint = fc.load_classifier(fallback)
+    assert checkpoint["labels"] == ["not spam", "spam"]
+    assert not (tmp_path / "run" / "classifier.pt").exists()
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_classify_damaged_zip_names_the_file(tmp_path):
+    raw = SMS_ZIP.read_bytes()
+    truncated, flipped = tmp_path / "truncated.zip", tmp_path / "flipped.zip"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    flipped.write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
+    for path in (truncated, flipped):
+        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file \(.*\): delete it"):
+            fc.read_sms_bytes(path)
+    argv = _classify_run_argv(tmp_path, "run")
+    argv[argv.index("--data") + 1] = str(flipped)
+    with pytest.raises(SystemExit, match=r"error: .*flipped.zip: a damaged zip file"):
+        fc.main(argv)
+
+
+def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatch):
+    seen = []
+
+    def fetch_dataset(urls, filename, **kwargs):
+        seen.append(gpt.cache_dir())
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(gpt, "fetch_dataset", fetch_dataset)
+    argv = _classify_run_argv(tmp_path, "run", "--cache-dir", str(tmp_path / "my-cache"))
+    del argv[argv.index("--data") : argv.index("--data") + 2]
+    with pytest.raises(SystemExit, match="error: offline"):
+        fc.main(argv)
+    assert seen == [tmp_path / "my-cache"]
+
+
+def test_classify_closed_standard_input_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)  # what Python sets for `--classify-file - <&-`
+    with pytest.raises(SystemExit, match="error: --classify-file -: standard input is closed"):
+        fc.main(["--classify-file", "-", "--checkpoint", str(tmp_path / "unused.pt")])
+
+
+def test_classify_out_of_memory_names_the_batch_size(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fc, "train_classifier", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        fc.main(_classify_run_argv(tmp_path, "run"))
+    assert exit_info.value.code == "error: out of memory: use a smaller --batch-size (or --max-length)"
+
+
+def test_classify_output_into_a_closed_pipe_is_quiet(tmp_path):
+    model = fc.add_classification_head(_classify_tiny_model(), 2)
+    fc.save_classifier(tmp_path / "classifier.pt", model, max_length=48)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"message number {i}\n" for i in range(5000)))  # more than a pipe buffer holds
+    proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), "--checkpoint", str(tmp_path / "classifier.pt"),
+                             "--classify-file", str(texts)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1)  # as `| head -c1`: read one byte, then close the pipe
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err
 
 
 # ========================================================================================
