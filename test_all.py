@@ -1618,7 +1618,7 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
         str(folder / "tiny.pt"),
         *"--batch-size 5 --eval-batches 1 --lora --lora-rank 2 --mask-prompt".split(),
     ]
-    instruct.main(common + recipe + ["--epochs", "1"])
+    instruct.main(common + recipe + ["--epochs", "1", "--keep-state"])
     out = capsys.readouterr().out
     assert "10 train, 1 validation, 1 test entries" in out
     assert "step 2/2 | loss" in out and "tok/s" in out and "ETA" in out
@@ -1639,7 +1639,7 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "resuming at step 2 of 4" in out and "step 4/4" in out and "trained 2 steps" in out
     assert gpt.load_checkpoint(out_dir / "train_state.pt")["history"]["step"] == [0, 2, 4]
-    with pytest.raises(SystemExit, match="--batch-size: was 5, now 4"):
+    with pytest.raises(SystemExit, match="which used --batch-size 5, not 4"):
         instruct.main(common + recipe + ["--batch-size", "4", "--resume"])
 
     # Answers from the saved model: the test set again, and one prompt.
@@ -1661,51 +1661,76 @@ def test_instruct_clear_errors(tmp_path, _instruct_tiny_run):
     common = ["--data", str(folder / "data.json"), "--out-dir", str(tmp_path)]
     with pytest.raises(SystemExit, match="no .*model.pt: fine-tune first"):
         instruct.main(common + ["--generate-only"])
-    with pytest.raises(SystemExit, match="--resume: no .*train_state.pt"):
+    with pytest.raises(SystemExit, match="--resume: .* holds no run to continue"):
         instruct.main(common + ["--model", str(folder / "tiny.pt"), "--resume"])
     with pytest.raises(SystemExit, match="--max-length 97 is longer than the model's context length 96"):
         instruct.main(common + ["--model", str(folder / "tiny.pt"), "--max-length", "97"])
 
 
-def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys):
+def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
     folder = _instruct_tiny_run
-    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "1"]
-    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1"]
+    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
+    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
     instruct.main(common + ["--out-dir", str(folder / "straight")])
-    instruct.main(common + ["--out-dir", str(folder / "halves"), "--max-steps", "1"])
-    instruct.main(common + ["--out-dir", str(folder / "halves"), "--resume"])
-    assert "resuming at step 1 of 2" in capsys.readouterr().out
+    # Ctrl-C in step 3 of 4: the state of step 2 (an epoch's end) is on disk; --resume alone goes on from it.
+    check = gpt.check_finite_loss
+
+    def ctrl_c_in_step_3(loss, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        check(loss, step)
+
+    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c_in_step_3)
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(common + ["--out-dir", str(folder / "halves")])
+    assert exc.value.code == 130
+    assert gpt.load_checkpoint(folder / "halves" / "train_state.pt")["step"] == 2
+    monkeypatch.setattr(gpt, "check_finite_loss", check)
+    instruct.main(["--out-dir", str(folder / "halves"), "--resume"])
+    assert "resuming at step 2 of 4" in capsys.readouterr().out
     straight = gpt.load_checkpoint(folder / "straight" / "model.pt")["model"]
     halves = gpt.load_checkpoint(folder / "halves" / "model.pt")["model"]
     assert all(torch.equal(straight[k], halves[k]) for k in straight)
+    assert not (folder / "halves" / "train_state.pt").exists()  # a finished run keeps no training state
+    assert json.loads((folder / "halves" / "responses.json").read_text()) == json.loads(
+        (folder / "straight" / "responses.json").read_text()
+    )
+    with pytest.raises(SystemExit, match="has finished, and its train_state.pt was not kept"):
+        instruct.main(["--out-dir", str(folder / "halves"), "--resume", "--epochs", "3"])
 
 
-# Draft tests for finetune_instruct.py's flags (to merge into test_all.py's instruct section).
-
+# Values that argparse and the `type=` helpers reject (exit 2), and combinations parse_args refuses.
 _INSTRUCT_BAD_FLAGS = [
-    (["--top-k", "0"], "--top-k must be at least 1, got 0"),
-    (["--prompt", "hi", "--temperature", "0.8", "--top-k", "0"], "--top-k must be at least 1, got 0"),
-    (["--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
-    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
-    (["--lr", "-1"], "--lr must be a finite number above 0, got -1.0"),
-    (["--lr", "0"], "--lr must be a finite number above 0, got 0.0"),
-    (["--lr", "nan"], "--lr must be a finite number above 0, got nan"),
-    (["--max-new-tokens", "-1"], "--max-new-tokens must be at least 0, got -1"),
-    (["--eval-batches", "-1"], "--eval-batches must be at least 0, got -1"),
-    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
-    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--save-every", "0"], "--save-every must be at least 1, got 0"),
-    (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
-    (["--max-length", "0"], "--max-length must be at least 1, got 0"),
-    (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
-    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
-    (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
-    (["--lora-alpha", "-1"], "--lora-alpha must be positive, got -1.0"),
-    (["--lora-alpha", "nan"], "--lora-alpha must be positive, got nan"),
+    (["--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
+    (["--prompt", "hi", "--temperature", "0.8", "--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
+    (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got '-1'"),
+    (["--temperature", "inf"], "argument --temperature: must be a finite number >= 0, got 'inf'"),
+    (["--weight-decay", "-1"], "argument --weight-decay: must be a finite number >= 0, got '-1'"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+    (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
+    (["--eval-batches", "-1"], "argument --eval-batches: must be an integer >= 0, got '-1'"),
+    (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got '0'"),
+    (["--epochs", "inf"], "argument --epochs: must be an integer >= 1, got 'inf'"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+    (["--save-every", "0"], "argument --save-every: must be an integer >= 1, got '0'"),
+    (["--max-steps", "0"], "argument --max-steps: must be an integer >= 1, got '0'"),
+    (["--max-length", "0"], "argument --max-length: must be an integer >= 1, got '0'"),
+    (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
+    (["--top-p", "0"], "argument --top-p: must be a number in (0, 1], got '0'"),
+    (["--top-p", "nan"], "argument --top-p: must be a number in (0, 1], got 'nan'"),
+    (["--lora-alpha", "nan"], "argument --lora-alpha: must be a finite number > 0, got 'nan'"),
+    (["--drop-rate", "1"], "argument --drop-rate: must be a number in [0, 1), got '1'"),
+    (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
+    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64' (choose from 'float32', 'bfloat16', "
+     "'float16')"),
+    (["--dtype", "float16"], "--dtype float16 trains without loss scaling: train in bfloat16 or float32"),
     (["--prompt", ""], "--prompt must hold the instruction to answer, got ''"),
     (["--prompt", " \n "], "--prompt must hold the instruction to answer, got ' \\n '"),
     (["--input", "x"], "--input goes with --prompt: give the instruction too"),
+    (["--resume", "--overwrite"], "choose --resume (continue the run) or --overwrite (replace it)"),
+    (["--resume", "--generate-only"], "choose one of --generate-only, --judge-only, --prompt and --resume"),
+    (["--judge-only"], "--judge-only needs --judge ollama"),
 ]
 
 
@@ -1713,8 +1738,7 @@ def test_instruct_bad_flags_rejected_at_startup(tmp_path, capsys, monkeypatch, _
     # A valid data file and model: without the startup check, each of these would train
     # (or load the checkpoint) first.
     folder = _instruct_tiny_run
-    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(instruct, "run", lambda args: pytest.fail(f"run() reached with {args}"))
+    monkeypatch.setattr(gpt, "pick_device", lambda name: pytest.fail(f"got past the flags to the device {name}"))
     out_dir = tmp_path / "run"
     common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--out-dir", str(out_dir)]
     common += ["--checkpoint", str(folder / "tiny.pt"), "--batch-size", "5", "--eval-batches", "1"]
@@ -1723,8 +1747,8 @@ def test_instruct_bad_flags_rejected_at_startup(tmp_path, capsys, monkeypatch, _
             instruct.main(common + bad)
         assert exc.value.code == 2, bad  # argparse's usage error, not a run-time "error: ..."
         last_line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last_line.endswith(": error: " + message), bad
-        assert message.split()[0] in bad, message  # the message starts with the flag to fix
+        assert last_line.endswith(": error: " + message), (bad, last_line)
+        assert re.search(r"--[\w-]+", message).group() in bad, message  # the message names a flag given
     assert not out_dir.exists()
 
 
