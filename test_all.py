@@ -8,6 +8,7 @@ finetune_classify.py, finetune_instruct.py. Downloads are tested against a local
 server on 127.0.0.1 that the tests start; nothing touches the network.
 """
 
+import errno
 import hashlib
 import http.server
 import importlib.util
@@ -21,6 +22,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import zipfile
 from functools import partial
@@ -1772,3 +1774,149 @@ def test_instruct_top_p_reaches_generation(_instruct_tiny_run, capsys, monkeypat
     assert capsys.readouterr().out.splitlines()[-1] == greedy
     instruct.main(prompt + ["--temperature", "5", "--seed", "1"])
     assert capsys.readouterr().out.splitlines()[-1] != greedy
+
+
+# --- run folder, saved split, answers kept, bad inputs -------------------------------------
+
+
+def _instruct_quick(folder, out_dir, *extra):
+    """Flags for a 1-step run of the tiny model on the 12-entry data."""
+    return ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--out-dir", str(out_dir),
+            "--batch-size", "10", "--epochs", "1", "--eval-batches", "1", "--max-new-tokens", "2", *extra]
+
+
+def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_run, tmp_path, monkeypatch):
+    folder = _instruct_tiny_run
+    instruct.main(_instruct_quick(folder, tmp_path / "run", "--seed", "7"))
+    entries = json.loads((folder / "data.json").read_text())
+    train, val, test = instruct.split_dataset(entries, seed=7)
+    saved = [json.loads((tmp_path / "run" / name).read_text()) for name in instruct.SPLIT_FILES]
+    assert saved == [train, val, test]
+    answered = json.loads((tmp_path / "run" / "responses.json").read_text())
+    # Offline, with the default --seed and no --data: the run's own test split, no download.
+    monkeypatch.setattr(gpt, "fetch_dataset", lambda *a, **k: pytest.fail("--generate-only tried to download"))
+    (tmp_path / "run" / "responses.json").unlink()
+    instruct.main(["--generate-only", "--out-dir", str(tmp_path / "run"), "--max-new-tokens", "2"])
+    again = json.loads((tmp_path / "run" / "responses.json").read_text())
+    assert [{k: e[k] for k in ("instruction", "input", "output")} for e in again] == test
+    assert again == answered
+
+
+def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_path):
+    folder = _instruct_tiny_run
+    instruct.main(_instruct_quick(folder, tmp_path / "run", "--keep-state"))
+    before = (tmp_path / "run" / "model.pt").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(_instruct_quick(folder, tmp_path / "run"))
+    assert "holds another run" in str(exc.value) and "--overwrite" in str(exc.value)
+    assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns == before
+    instruct.main(_instruct_quick(folder, tmp_path / "run", "--overwrite"))
+    assert not (tmp_path / "run" / "train_state.pt").exists()  # the old run's state went with --overwrite
+    assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns != before
+    # A finished run with its state: --resume needs more steps, and then trains them.
+    instruct.main(_instruct_quick(folder, tmp_path / "kept", "--keep-state"))
+    with pytest.raises(SystemExit, match="the run has trained its 1 steps; give more --epochs or --max-steps"):
+        instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume"])
+    instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2"])
+    assert gpt.load_checkpoint(tmp_path / "kept" / "train_state.pt")["step"] == 2
+
+
+def test_instruct_bom_and_deep_nesting(tmp_path):
+    entry = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    path = tmp_path / "data.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([entry]).encode())
+    assert instruct.load_instruction_data(path) == [entry]
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(entry).encode() + b"\n")  # JSON Lines
+    assert instruct.load_instruction_data(path) == [entry]
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(["--data", str(path), "--out-dir", str(tmp_path / "run")])
+    assert str(exc.value) == f"error: --data {path}: JSON nested too deeply to read"
+
+
+def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
+    torch.manual_seed(0)
+    small = gpt.GPTModel(gpt.GPTConfig(vocab_size=1000, context_length=32, emb_dim=32, n_heads=2, n_layers=1))
+    gpt.save_checkpoint(tmp_path / "small.pt", small)
+    message = (
+        f"error: --model {tmp_path / 'small.pt'} has a vocabulary of 1000 tokens, but the GPT-2 tokenizer has 50257: "
+        "use a GPT-2 model, or one trained with the GPT-2 tokenizer"
+    )
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "small.pt")])
+    assert str(exc.value) == message.replace("--model", "--checkpoint")
+    data = [{"instruction": f"Task {i}.", "output": "Done."} for i in range(10)]
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    run = ["--data", str(tmp_path / "data.json"), "--model", str(tmp_path / "small.pt")]
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(run + ["--out-dir", str(tmp_path / "run")])
+    assert str(exc.value) == message
+    assert os.listdir(tmp_path / "run") == [".lock"]  # no run files before the checks pass: no --overwrite needed
+
+
+def test_instruct_answers_survive_a_full_disk_and_an_interruption(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
+    folder = _instruct_tiny_run
+    entries = [{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
+    (tmp_path / "data.json").write_text(json.dumps(entries))  # test split: 4 entries
+    common = ["--data", str(tmp_path / "data.json"), "--checkpoint", str(folder / "tiny.pt"), "--generate-only"]
+    common += ["--max-new-tokens", "2"]
+    instruct.main(common + ["--out-dir", str(tmp_path / "straight")])
+    straight = json.loads((tmp_path / "straight" / "responses.json").read_text())
+    assert len(straight) == 4
+
+    # Ctrl-C during the third answer, saving every answer: two are kept and not made again.
+    monkeypatch.setattr(instruct, "ANSWERS_PER_SAVE", 1)
+    answer = instruct.generate_response
+    calls = []
+
+    def interrupted_at_the_third(model, entry, **options):
+        calls.append(entry["instruction"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return answer(model, entry, **options)
+
+    monkeypatch.setattr(instruct, "generate_response", interrupted_at_the_third)
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(common + ["--out-dir", str(tmp_path / "run")])
+    assert exc.value.code == 130
+    assert len(json.loads((tmp_path / "run" / "responses.partial.json").read_text())["responses"]) == 2
+    capsys.readouterr()
+    # The disk is full when the answers are written: they go to the temporary folder.
+    write_json = gpt.write_json
+
+    def full_disk(path, obj):
+        if Path(path).name == "responses.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_json(path, obj)
+
+    monkeypatch.setattr(gpt, "write_json", full_disk)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    instruct.main(common + ["--out-dir", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert "answers: 2 of 4 taken from" in captured.out
+    assert len(calls) == 5 and calls[3] == calls[2]  # only the interrupted third answer and the fourth are made
+    assert "No space left on device" in captured.err
+    [fallback] = (tmp_path / "tmp").glob("responses-*.json")
+    assert json.loads(fallback.read_text()) == straight
+    assert not (tmp_path / "run" / "responses.json").exists()
+
+
+def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_path, monkeypatch):
+    folder = _instruct_tiny_run
+    (tmp_path / "answers.json").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(_instruct_quick(folder, tmp_path / "run", "--responses", str(tmp_path / "answers.json")))
+    assert str(exc.value) == (
+        f"error: {tmp_path / 'answers.json'} is a folder, but a file goes there: move it away, or give another "
+        "--responses"
+    )
+    assert not (tmp_path / "run").exists()
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(_instruct_quick(folder, tmp_path / "run"))
+    assert str(exc.value) == "error: out of memory: use a smaller --batch-size or --max-length, or --lora"
