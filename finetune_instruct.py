@@ -62,12 +62,11 @@ ANSWERS_PER_SAVE = 10  # answers between saves of responses.partial.json
 
 
 def read_entries(path):
-    """Read a JSON list or a JSON Lines file -> (entries, bad).
+    """Read a JSON list or a JSON Lines file (UTF-8, a byte-order mark allowed) -> (entries, bad).
 
     entries: list of (where, object), `where` naming the entry for messages ("entry 7",
     0-based, in a JSON list; "line 8", 1-based, in JSON Lines). bad: list of (where,
-    reason) for JSON Lines lines that do not parse. A UTF-8 byte-order mark is allowed.
-    Raises FileNotFoundError for a missing file and ValueError for a file that is neither.
+    reason) for JSON Lines lines that do not parse. Raises FileNotFoundError or ValueError.
     """
     path = Path(path)
     if not path.is_file():
@@ -296,15 +295,12 @@ def evaluate_loss(model, examples, collate, args, device, autocast):
 
 
 def train(model, train_examples, val_examples, args, max_length, state_path, device, state=None):
-    """Fine-tune model in place with AdamW; return the loss history
-    {"step": [...], "train_loss": [...], "val_loss": [...]}.
+    """Fine-tune model in place with AdamW, one step per batch, for --epochs (or
+    --max-steps); return the loss history {"step": [...], "train_loss": [...], "val_loss": [...]}.
 
-    One optimizer step per batch, for --epochs epochs (or --max-steps steps in all).
-    Prints a progress line every --log-every steps, a train/validation loss estimate every
-    --eval-every steps and at the end, and saves the training state to state_path every
-    --save-every steps and at each epoch's end. With state (a train_state.pt dict), the
-    weights, optimizer, random state, step and history are restored and training goes
-    on with the next batch, exactly as if it had not stopped.
+    Saves the training state to state_path every --save-every steps and at each epoch's
+    end. With state (a train_state.pt dict), weights, optimizer, random state, step and
+    history are restored and training goes on exactly as if it had not stopped.
     """
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
     dtype = gpt.DTYPES[args.dtype]
@@ -319,7 +315,7 @@ def train(model, train_examples, val_examples, args, max_length, state_path, dev
         gpt.set_rng_state(state["rng"], device)
         step, history = state["step"], state["history"]
         if step >= total_steps:
-            raise ValueError(f"--resume: the run has trained its {step} steps; give more --epochs or --max-steps")
+            raise ValueError(f"--resume: the run has trained all its {step} steps; give larger --epochs or --max-steps")
         print(f"resuming at step {step} of {total_steps}")
     print(f"training: {len(train_examples)} examples, {steps_per_epoch} steps per epoch, {total_steps} steps in all")
     started, start_step, window_seconds, window_tokens = time.time(), step, 0.0, 0
@@ -371,11 +367,10 @@ def train(model, train_examples, val_examples, args, max_length, state_path, dev
 def generate_response(model, entry, *, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None, seed=None):
     """The model's answer to one entry -> (response text, number of new tokens).
 
-    Continues format_prompt(entry) with gpt.generate (greedy when temperature is 0, else
-    sampling limited by top_k and top_p; with the KV cache), stops at <|endoftext|> or
-    after max_new_tokens, and keeps only the new text, stripped of surrounding whitespace.
-    Follows the book's section 7.7 (which removes "### Response:" afterwards; here the
-    prompt already ends with it).
+    Continues format_prompt(entry) with gpt.generate (greedy at temperature 0, else
+    sampling limited by top_k and top_p), stops at <|endoftext|> or after max_new_tokens,
+    and keeps the new text, stripped. As the book's section 7.7, whose prompt did not
+    end with "### Response:" yet.
     """
     prompt_ids = gpt.text_to_token_ids(format_prompt(entry), device=model.wte.weight.device)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=gpt.EOT_ID, seed=seed)
@@ -583,7 +578,8 @@ def build_parser():
     )
     what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
     what.add_argument("--generate-only", action="store_true",
-                      help="no training: answer the run's test split (<out-dir>/test.json) with --checkpoint")
+                      help="no training: answer the run's test split with --checkpoint (<out-dir>/test.json; "
+                      "without one, the split of --data)")
     what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print it, exit (default: none)")
     what.add_argument("--input", help="input text for --prompt (the '### Input:' section; default: none)")
     what.add_argument("--judge-only", action="store_true", help="no training, no answers: grade --responses")
@@ -753,7 +749,12 @@ def fine_tune(args, argv, device):
         gpt.write_json(out_dir / name, entries)
 
     state_path = out_dir / "train_state.pt"
-    history = train(model, train_examples, val_examples, args, max_length, state_path, device, state)
+    try:
+        history = train(model, train_examples, val_examples, args, max_length, state_path, device, state)
+    except KeyboardInterrupt:
+        if state_path.exists():
+            print(f"--resume --out-dir {out_dir} goes on from the last save in {state_path}", file=sys.stderr)
+        raise
     losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
     gpt.plot_curves(out_dir / "losses.png", {"loss": losses}, "step")
     if args.lora:

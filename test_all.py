@@ -1686,6 +1686,10 @@ def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, m
     with pytest.raises(SystemExit) as exc:
         instruct.main(common + ["--out-dir", str(folder / "halves")])
     assert exc.value.code == 130
+    assert capsys.readouterr().err.endswith(
+        f"--resume --out-dir {folder / 'halves'} goes on from the last save in {folder / 'halves' / 'train_state.pt'}"
+        "\ninterrupted\n"
+    )
     assert gpt.load_checkpoint(folder / "halves" / "train_state.pt")["step"] == 2
     monkeypatch.setattr(gpt, "check_finite_loss", check)
     instruct.main(["--out-dir", str(folder / "halves"), "--resume"])
@@ -1815,7 +1819,7 @@ def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_pa
     assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns != before
     # A finished run with its state: --resume needs more steps, and then trains them.
     instruct.main(_instruct_quick(folder, tmp_path / "kept", "--keep-state"))
-    with pytest.raises(SystemExit, match="the run has trained its 1 steps; give more --epochs or --max-steps"):
+    with pytest.raises(SystemExit, match="the run has trained all its 1 steps; give larger --epochs or --max-steps"):
         instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume"])
     instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2"])
     assert gpt.load_checkpoint(tmp_path / "kept" / "train_state.pt")["step"] == 2
