@@ -1916,6 +1916,8 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
         "--responses"
     )
     assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match="answers.json is a folder, but a file goes there: .* another --checkpoint"):
+        instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "answers.json")])
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
