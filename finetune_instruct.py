@@ -231,7 +231,8 @@ def epoch_batches(examples, batch_size, seed, epoch):
     """The batches of one epoch (lists of examples; the last may be shorter), shuffled
     reproducibly from seed and epoch alone, so that a resumed run sees the same batches
     as an uninterrupted one."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    generator = torch.Generator().manual_seed((seed * 1000 + epoch) % 2**64)  # any --seed: torch takes 64 bits
+    order = torch.randperm(len(examples), generator=generator).tolist()
     return [[examples[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
 
 

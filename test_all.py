@@ -1764,6 +1764,10 @@ def test_instruct_flag_limits_are_accepted():
     assert (args.top_k, args.top_p, args.temperature, args.max_new_tokens, args.eval_batches) == (1, 1.0, 0.0, 0, 0)
     args = instruct.parse_args(["--prompt", "Name a color.", "--input", "x", "--top-p", "1e-9", "--lr", "1e-9"])
     assert (args.prompt, args.input, args.top_p) == ("Name a color.", "x", 1e-9)
+    largest_seed = instruct.parse_args(["--seed", str(2**63 - 1)]).seed
+    batches = instruct.epoch_batches(list(range(5)), 2, largest_seed, epoch=1)
+    assert sorted(sum(batches, [])) == [0, 1, 2, 3, 4] and [len(b) for b in batches] == [2, 2, 1]
+    assert instruct.epoch_batches(list(range(5)), 2, largest_seed, epoch=1) == batches
 
 
 def test_instruct_top_p_reaches_generation(_instruct_tiny_run, capsys, monkeypatch):
