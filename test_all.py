@@ -1800,6 +1800,7 @@ def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_r
     train, val, test = instruct.split_dataset(entries, seed=7)
     saved = [json.loads((tmp_path / "run" / name).read_text()) for name in instruct.SPLIT_FILES]
     assert saved == [train, val, test]
+    assert instruct.split_dataset(entries, seed=123)[2] != test  # the default --seed would answer another entry
     answered = json.loads((tmp_path / "run" / "responses.json").read_text())
     # Offline, with the default --seed and no --data: the run's own test split, no download.
     monkeypatch.setattr(gpt, "fetch_dataset", lambda *a, **k: pytest.fail("--generate-only tried to download"))
