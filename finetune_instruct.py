@@ -440,18 +440,54 @@ def judge_prompt(entry):
     )
 
 
-def parse_score(text):
-    """The judge's answer -> int score in 0..100, or None when it holds no such number.
+# The parts of a judge's reply that parse_score reads (re.I: "Score", "RATING", "8.5E1").
+# 85, 85.5, -5, 8.5e1, always whole: not the 2 of "GPT-2", nor the 8 of "85" or the 0 of "7/0"
+_NUMBER = r"(?<![\w./-])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?!\.?\d|e[-+]?\d)"
+# 85, 8/10, 4 out of 5; a number before a "/" that makes no ratio ("7/0", a date) is no score
+_SCORE = re.compile(rf"(?P<value>{_NUMBER})(?:\s*(?:/|out of)\s*(?P<top>[1-9]\d*))?(?!\s*/)", re.I)
+_LABEL = (
+    r"(?:\b(?:score|rating|grade)\b[\s*:=\"']*(?:(?:is|of|would be)\s+)?"  # "Score: 85", "**Rating:** 8/10"
+    r"|\b(?:give|rate|score)s?\s+(?:(?:it|this|that|the)\s+(?:response\s+|answer\s+)?)?(?:an?\s+)?)"  # "I'd give it"
+)
+_LABELLED = re.compile(_LABEL + _SCORE.pattern, re.I)
+_NOISE = re.compile(
+    r"`(?=[^`\n]*[a-z])[^`\n]*`|\"(?=[^\"\n]*[a-z])[^\"\n]*\"|“[^”]*”"  # a quoted answer; a bare "85" stays
+    r"|(?:\bbetween\s+\d+(?:\.\d+)?\s+and|\b\d+(?:\.\d+)?\s*(?:-|–|to))\s*\d+(?:\.\d+)?\b"  # "0 to 100", "0-100"
+    r"|(?:^|(?<=[.!?]))[ \t]*\d[.)](?=\s)",  # a list marker: "1. The response...", "2) It..."
+    re.I | re.M,
+)
+_JSON_OBJECT = re.compile(r'\{[^{}]*"score"[^{}]*\}')  # {"score": 85} inside prose or a ```json block
 
-    Takes the first number in the text, so extra words around it do no harm ("Score: 85",
-    "85/100", "I would rate it 85. The response..."); a decimal is rounded; a number
-    outside 0..100 gives None.
+
+def parse_score(reply):
+    """The judge's reply -> its score as a float in 0..100, or None when the reply has no
+    single score (unscorable). reply is the message content: text, or a JSON value.
+
+    The first rule that applies decides:
+    1. JSON, the structured output asked for: a number, or an object {"score": x} (the
+       whole reply, or an object within it) -> x. Anything else (null, a list) -> None.
+    2. A labelled score: "Score: 85", "rating = 8/10", "I'd give it 85", "I would rate it 85".
+    3. The number left once quoted text, scales and ranges ("0 to 100", "0-100") and list
+       markers ("1. ") are dropped: "85", "85/100", "It deserves 85%."
+    A ratio goes on the 0-100 scale: "8/10" and "4 out of 5" -> 80.0 (6 decimals kept).
+    Two different values under rule 2 or 3 (ambiguous), or a value outside 0..100 -> None.
     """
-    match = re.search(r"-?\d+(?:\.\d+)?", text or "")
-    if match is None:
-        return None
-    value = float(match.group())
-    return round(value) if 0 <= value <= 100 else None
+    if isinstance(reply, dict):
+        reply = reply.get("score")
+    if isinstance(reply, (int, float)) and not isinstance(reply, bool):
+        return float(reply) if 0 <= reply <= 100 else None  # NaN fails both comparisons
+    if not isinstance(reply, str):
+        return None  # no content (None), a list, true or false
+    for candidate in [reply, *_JSON_OBJECT.findall(reply)]:
+        try:
+            return parse_score(json.loads(candidate))
+        except (ValueError, RecursionError):  # not JSON (or nested too deep): the next candidate, then the text
+            pass
+    text = _NOISE.sub(" ", reply)
+    matches = list(_LABELLED.finditer(text)) or list(_SCORE.finditer(text))
+    # rounded so that 8.7/10 gives 87.0, not 86.99999999999999
+    values = {round(float(m["value"]) * 100 / float(m["top"] or 100), 6) for m in matches}
+    return parse_score(values.pop()) if len(values) == 1 else None
 
 
 def ollama_help(url, model):
@@ -481,10 +517,21 @@ def check_ollama(url, model):
         )
 
 
+# Ollama's structured output (https://ollama.com/blog/structured-outputs, Ollama 0.5+): the
+# JSON schema in the request's "format" field constrains the reply to {"score": <0..100>}.
+SCORE_FORMAT = {
+    "type": "object",
+    "properties": {"score": {"type": "number", "minimum": 0, "maximum": 100}},
+    "required": ["score"],
+}
+
+
 def query_ollama(prompt, url, model, timeout=600):
     """One chat request to Ollama's HTTP API (POST /api/chat, not streamed) with
-    temperature 0 and a fixed seed -> the answer text. Raises RuntimeError when the
-    server cannot be reached or answers with an error."""
+    temperature 0, a fixed seed and the SCORE_FORMAT schema -> the reply's content: text
+    (normally '{"score": 85}'), or whatever JSON value the server sent instead. A server
+    older than Ollama 0.5 rejects a schema (HTTP 400); it is then asked again without one.
+    Raises RuntimeError when the server cannot be reached or answers with an error."""
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -492,7 +539,10 @@ def query_ollama(prompt, url, model, timeout=600):
         "options": {"temperature": 0, "seed": JUDGE_SEED, "num_ctx": 2048},
     }
     try:
-        reply = requests.post(f"{url}/api/chat", json=payload, timeout=(5, timeout))
+        reply = requests.post(f"{url}/api/chat", json={**payload, "format": SCORE_FORMAT}, timeout=(5, timeout))
+        if reply.status_code == 400 and "format" in reply.text:
+            # before 0.5 "format" could only be "json"; parse_score then reads the prose
+            reply = requests.post(f"{url}/api/chat", json=payload, timeout=(5, timeout))
     except requests.RequestException as e:
         raise RuntimeError(
             f"the Ollama server at {url} stopped answering ({e.__class__.__name__}): {ollama_help(url, model)}"
@@ -508,7 +558,7 @@ def query_ollama(prompt, url, model, timeout=600):
 def judge_responses(entries, url, model, path):
     """Score each entry's "model_response" against its "output" with the judge, print
     the mean score and how many could not be scored, and write the entries with a
-    "score" field (int, or null when unscorable) to path. Returns (mean or None,
+    "score" field (a number 0-100, or null when unscorable) to path. Returns (mean or None,
     number unscorable). The responses file is only read."""
     check_ollama(url, model)
     scored, started = [], time.time()
@@ -523,7 +573,7 @@ def judge_responses(entries, url, model, path):
             answer = query_ollama(judge_prompt(entry), url, model)
             score = parse_score(answer)
             if score is None:
-                print(f"  entry {i - 1}: no score 0-100 in the judge's answer {answer[:80]!r}")
+                print(f"  entry {i - 1}: no score 0-100 in the judge's answer {answer!r:.80}")
         scored.append({**entry, "score": score} if isinstance(entry, dict) else {"entry": entry, "score": None})
         elapsed = time.time() - started
         print(f"judging {i}/{len(entries)} | ETA {gpt.format_duration(elapsed / i * (len(entries) - i))}", flush=True)

@@ -1478,22 +1478,63 @@ def test_instruct_split_85_5_10_with_seed():
         instruct.split_dataset(entries[:9], seed=123)
 
 
-def test_instruct_parse_score():
-    assert instruct.parse_score("85") == 85
-    assert instruct.parse_score("Score: 72 out of 100. The answer is correct.") == 72
-    assert instruct.parse_score("I would rate it 90/100") == 90
-    assert instruct.parse_score(" 66.6\n") == 67
-    assert instruct.parse_score("100") == 100 and instruct.parse_score("0") == 0
-    assert instruct.parse_score("no idea") is None
-    assert instruct.parse_score("150") is None
-    assert instruct.parse_score("") is None
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ('{"score": 85}', 85.0),  # the structured output query_ollama asks for
+        ('{"score": 92.5}', 92.5),
+        ('{"score": 150}', None),  # JSON decides, even out of range
+        ('```json\n{"score": 70}\n```', 70.0),
+        ('My grade: {"score": 60, "reason": "mostly right"}', 60.0),
+        ("85", 85.0),
+        (" 66.6\n", 66.6),
+        ("8.5e1", 85.0),
+        ("100", 100.0),
+        ("0", 0.0),
+        ("On a scale from 0 to 100, I'd give 85", 85.0),  # not the 0 or 100 of the scale
+        ("1. The response is correct. 2. It is concise. Score: 70", 70.0),  # not the list numbers
+        ("1. The response is correct.\n2. It misses one detail.\n\n75", 75.0),
+        ("Score: 72 out of 100. The answer is correct.", 72.0),
+        ("**Score:** 88", 88.0),
+        ("Score = 85.5", 85.5),
+        ("Rating: 8/10", 80.0),
+        ("8/10", 80.0),
+        ("85/100", 85.0),
+        ("4 out of 5", 80.0),
+        ("Score: 8.7/10", 87.0),
+        ("I would rate it 90/100", 90.0),
+        ("I'd give it 85 because 2 of the 3 facts are right.", 85.0),  # the label wins
+        ("The model response `The sum is 12` is correct, so 95", 95.0),  # not the quoted 12
+        ("85%", 85.0),
+        ("150", None),
+        ("-5", None),
+        ("Score: 85/0", None),  # not the 8 of 85
+        ("Between 80 and 90.", None),  # a range: ambiguous
+        ("Score: 70. On second thought, final score: 85", None),  # two scores: ambiguous
+        ("The response is good, 3 points off: 97", None),
+        ("I cannot judge this.", None),
+        ("", None),
+        ("null", None),
+        ("[85]", None),
+        (None, None),
+        (85, 85.0),
+        ({"score": 85}, 85.0),
+        (True, None),
+    ],
+)
+def test_instruct_parse_score(reply, expected):
+    score = instruct.parse_score(reply)
+    assert score == expected and type(score) is type(expected)
 
 
 class _InstructFakeOllama(http.server.BaseHTTPRequestHandler):
-    """Answers /api/tags with one model and /api/chat with the next of `answers`."""
+    """Answers /api/tags with one model and /api/chat with the next of `answers` (any JSON
+    value as the message content); records each request body. With reject_format it
+    answers a schema in "format" with HTTP 400, as servers before Ollama 0.5 did."""
 
     answers = []
     requests = []
+    reject_format = False
 
     def do_GET(self):
         self._reply(
@@ -1504,6 +1545,9 @@ class _InstructFakeOllama(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append(body)
+        if type(self).reject_format and isinstance(body.get("format"), dict):
+            message = "json: cannot unmarshal object into Go struct field ChatRequest.format of type string"
+            return self._reply({"error": message}, 400)
         self._reply(
             {
                 "model": body["model"],
@@ -1530,6 +1574,7 @@ def _instruct_ollama():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     _InstructFakeOllama.requests = []
+    _InstructFakeOllama.reject_format = False
     yield server, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -1560,6 +1605,11 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
     request = _InstructFakeOllama.requests[0]
     assert request["model"] == "llama3" and request["stream"] is False
     assert request["options"]["temperature"] == 0 and request["options"]["seed"] == instruct.JUDGE_SEED
+    assert request["format"] == {
+        "type": "object",
+        "properties": {"score": {"type": "number", "minimum": 0, "maximum": 100}},
+        "required": ["score"],
+    }
     prompt = request["messages"][0]["content"]
     assert "`Answer 0.`" in prompt and "`Reply 0.`" in prompt and "integer number only" in prompt
 
@@ -1578,6 +1628,38 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
                 str(path),
             ]
         )
+
+
+def test_instruct_judge_any_content_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
+    _, url = _instruct_ollama
+    path, _ = _instruct_responses_file(tmp_path, 8)
+    _InstructFakeOllama.answers = [
+        '{"score": 92.5}',  # the text structured output sends
+        85,  # JSON values instead of text
+        {"score": 80},
+        None,
+        [85],
+        {"rating": 85},
+        "",  # an empty reply
+        '{"score": -5}',  # out of range
+    ]
+    instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
+    out = capsys.readouterr().out
+    assert "mean score 85.83 over 3 entries; 5 could not be scored" in out
+    assert "entry 3: no score 0-100 in the judge's answer None" in out
+    assert "entry 6: no score 0-100 in the judge's answer ''" in out
+    scored = json.loads((tmp_path / "responses-scored.json").read_text())
+    assert [e["score"] for e in scored] == [92.5, 85.0, 80.0, None, None, None, None, None]
+
+
+def test_instruct_query_ollama_asks_old_servers_without_schema(_instruct_ollama):
+    _, url = _instruct_ollama
+    _InstructFakeOllama.reject_format = True
+    _InstructFakeOllama.answers = ["Score: 75"]
+    assert instruct.query_ollama("grade this", url, "llama3") == "Score: 75"
+    first, second = _InstructFakeOllama.requests
+    assert first["format"] == instruct.SCORE_FORMAT and "format" not in second
+    assert second["messages"] == first["messages"]
 
 
 def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
