@@ -50,6 +50,9 @@ DATA_URLS = [
 ]
 DATA_FILENAME = "sms+spam+collection.zip"
 ZIP_MEMBER = "SMSSpamCollection"
+# The extracted member is checked (size in bytes, SHA-256), not the zip: a zip made anew differs byte-wise.
+MEMBER_SIZE = 477907
+MEMBER_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 LABELS = {"ham": 0, "spam": 1}  # the data set's labels -> class index
 CLASS_NAMES = ["not spam", "spam"]  # what --classify prints for class 0 and 1
 SPLIT_FRACTIONS = (0.7, 0.1)  # train, validation; the test set gets the rest (0.2)
@@ -139,7 +142,9 @@ def sms_collection_path(data=None, urls=DATA_URLS):
         if not Path(data).is_file():
             raise FileNotFoundError(f"--data {data}: no such file")
         return Path(data)
-    return gpt.fetch_dataset(urls, DATA_FILENAME, flag="--data")
+    return gpt.fetch_dataset(
+        urls, DATA_FILENAME, flag="--data", kind="zip", member=ZIP_MEMBER, size=MEMBER_SIZE, sha256=MEMBER_SHA256
+    )
 
 
 def read_sms_bytes(path):

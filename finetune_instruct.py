@@ -46,9 +46,13 @@ import torch.nn.functional as F
 
 import gpt
 
+# The book's file at a fixed commit, checked by size (bytes) and SHA-256 after each download and use.
 DATA_URL = (
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/"
+    "b80e7804b30830a00eb55d2abc7ac25a07f36fdc/ch07/01_main-chapter-code/instruction-data.json"
 )
+DATA_SIZE = 203524
+DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
 IGNORE_INDEX = -100  # the target value torch.nn.functional.cross_entropy skips by default
 SPLIT_FRACTIONS = (0.85, 0.10)  # train, test; validation gets the rest (5%), as in the book
 SPLIT_FILES = ("train.json", "validation.json", "test.json")
@@ -733,7 +737,9 @@ def data_path(args):
     """--data, or the book's file downloaded once into the cache."""
     if args.data is not None:
         return Path(args.data)
-    return gpt.fetch_dataset([DATA_URL], "instruction-data.json", flag="--data")
+    return gpt.fetch_dataset(
+        [DATA_URL], "instruction-data.json", flag="--data", kind="json", size=DATA_SIZE, sha256=DATA_SHA256
+    )
 
 
 def load_for_answers(args, checkpoint, device):

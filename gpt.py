@@ -7,7 +7,7 @@ Read it top to bottom:
 3. LoRA            `LoRALinear`, `add_lora`, `merge_lora`
 4. generation      `KVCache`, `sample_next_token`, `generate_stream`, `generate`
 5. tokenizer       `get_tokenizer`, `text_to_token_ids`, `token_ids_to_text`
-6. files           `download_file`, `fetch_dataset`, `atomic_write_bytes`, `atomic_save`, `plot_curves`
+6. files           `download_file`, `verify_file`, `fetch_dataset`, `atomic_write_bytes`, `atomic_save`, `plot_curves`
 7. weights         `read_safetensors`, `load_gpt2` (released weights or a local file)
 8. checkpoints     `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`
 9. devices, CLI    `pick_device`, `HelpFormatter`
@@ -24,6 +24,7 @@ not meant to be run on its own.
 
 import argparse
 import atexit
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -37,10 +38,15 @@ import random
 import re
 import struct
 import sys
+import tarfile
 import tempfile
 import textwrap
 import time
+import zipfile
+import zlib
+from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 import requests
 import tiktoken
@@ -584,88 +590,200 @@ def _sha256_of_file(path):
     return digest.hexdigest()
 
 
-def download_file(url, dest, *, sha256=None, size=None, timeout=30, retries=3, quiet=False):
+def verify_file(path, kind=None, *, size=None, sha256=None, member=None):
+    """Check that a downloaded or cached file is complete and what it should be.
+
+    kind: "safetensors" (header length, a JSON header that fits, every tensor inside the
+    file), "zip" (every member's CRC-32), "tar" (every member readable to its end),
+    "text" (valid UTF-8), "json" (parses), or None (no format check). size (bytes) and
+    sha256 (hex) are those of the file, or of its zip member `member` when given: a zip
+    made anew may differ byte-wise from the one hashed while its contents do not.
+    Raises ValueError naming the file and the problem.
+    """
+    path = Path(path)
+    if kind not in (None, "safetensors", "zip", "tar", "text", "json"):
+        raise ValueError(f"unknown file kind {kind!r}")
+    try:
+        if kind == "safetensors":
+            read_safetensors(path)  # memory maps only: cheap even for gpt2-xl
+        elif kind == "zip":
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()  # reads every member and checks its CRC-32
+            if bad is not None:
+                raise ValueError(f"member {bad!r} is corrupt")
+        elif kind == "tar":
+            with tarfile.open(path) as archive:
+                for info in archive:
+                    if info.isfile():
+                        _read_to_end(archive.extractfile(info))
+        elif kind == "text":
+            _read_to_end(open(path, encoding="utf-8"))  # strict: the first invalid byte raises
+        elif kind == "json":
+            json.loads(path.read_bytes())
+        if member is not None:
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(member)  # KeyError when there is no such member
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, tarfile.TarError, zlib.error) as e:
+        kind = kind or "zip"  # without a kind only reading the zip member can fail
+        raise ValueError(f"{path}: not a valid {kind} file ({e})") from None
+    what = path if member is None else f"{path} (member {member})"
+    actual_size = path.stat().st_size if member is None else len(data)
+    if size is not None and actual_size != size:
+        raise ValueError(f"{what}: {actual_size} bytes, expected {size}")
+    if sha256 is not None:
+        actual_sha256 = _sha256_of_file(path) if member is None else hashlib.sha256(data).hexdigest()
+        if actual_sha256 != sha256.lower():
+            raise ValueError(f"{what}: SHA-256 {actual_sha256}, expected {sha256}")
+
+
+def _read_to_end(f):
+    """Read and close a file object in 1 MiB pieces: decoding or decompressing checks it."""
+    with f:
+        while f.read(1 << 20):
+            pass
+
+
+def _reuse_cached(dest, kind=None, **checks):
+    """Whether dest exists and passes `verify_file`. A file that fails is deleted, saying
+    why on stderr, so that it is downloaded again instead of failing the same way forever."""
+    if not dest.exists():
+        return False
+    try:
+        verify_file(dest, kind, **checks)
+    except ValueError as e:
+        print(f"warning: cached {e}; deleting it to download it again", file=sys.stderr)
+        dest.unlink()
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _download_lock(dest):
+    """Hold an exclusive fcntl.flock lock on `<dest>.lock` for a block, so that two processes
+    (or threads) downloading the same file take turns. The OS releases it when a process
+    dies: no stale locks (the empty .lock file stays; deleting it would race). Windows has
+    no fcntl and gets no lock: download a file from one process at a time there."""
+    with open(dest.with_name(dest.name + ".lock"), "a") as lock:  # "a": create, never truncate
+        if os.name == "posix":
+            import fcntl  # POSIX only
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process holds it; released on close
+        yield
+
+
+def download_file(url, dest, *, sha256=None, size=None, kind=None, member=None, timeout=30, retries=3, quiet=False):
     """Download url to dest, resuming and verifying; return dest as a Path.
 
-    The bytes go to `dest.part` first. An interrupted download resumes from where the
-    partial file ends with an HTTP Range request (up to `retries` attempts per call, and
-    again on the next call). When complete, the size (bytes, if given or announced by
-    the server) and the SHA-256 (hex, if given) are checked, and only then is the file
-    renamed to dest. A mismatch deletes the partial file. `timeout` is in seconds per
-    network read. Progress (MB, MB/s, ETA) goes to stderr unless `quiet`.
-    Raises RuntimeError naming the URL when the server answers with an error status,
-    the connection keeps failing, or the checks fail.
+    A dest that exists and passes `verify_file(kind, size, sha256, member)` (size in
+    bytes, SHA-256 in hex) is returned as is; one that fails is downloaded again. The
+    bytes go to `dest.part` first, under `_download_lock`: a second process waits, then
+    reuses the file. An interrupted download resumes with an HTTP Range request (up to
+    `retries` attempts per call, and again on the next call). Only a file that passes
+    `verify_file` is renamed to dest; one that fails is deleted. `timeout` is in seconds
+    per network read. Progress (MB, MB/s, ETA) goes to stderr unless `quiet`.
+    Raises RuntimeError, one line naming the URL, for an HTTP error status, a web page
+    (text/html) unless the URL names an .html file, any failed request (connection, TLS,
+    redirect loop, invalid URL) or a failed check.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    label = f"downloading {dest.name}"
+    with _download_lock(dest):
+        if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
+            return dest  # from an earlier run, or from another process while this one waited
+        _transfer(url, part, timeout=timeout, retries=retries, quiet=quiet)
+        try:
+            verify_file(part, kind, size=size, sha256=sha256, member=member)
+        except ValueError as e:
+            part.unlink(missing_ok=True)
+            raise RuntimeError(f"download of {url} is corrupt or not the expected file: {e}; deleted, run again") from None
+        os.replace(part, dest)
+    return dest
+
+
+# requests failures that another attempt cannot fix -> what they mean, in a few words
+_FATAL_REQUEST_ERRORS = {
+    requests.exceptions.SSLError: "TLS/SSL error (a certificate or proxy problem)",
+    requests.TooManyRedirects: "too many redirects (a redirect loop)",
+    requests.exceptions.MissingSchema: "not a URL (it needs http:// or https://)",
+    requests.exceptions.InvalidSchema: "not an http:// or https:// URL",
+    requests.exceptions.InvalidURL: "not a valid URL",
+}
+
+
+def _transfer(url, part, *, timeout, retries, quiet):
+    """The network half of `download_file`: bring `part` up to the whole of url. Resumes
+    with a Range request; starts over when the server ignores it (200) or answers for
+    another range (206); a body short of its Content-Length counts as a broken connection."""
+    label = f"downloading {part.name.removesuffix('.part')}"
+    reason = None
     for attempt in range(1, retries + 1):
+        if reason is not None and not quiet:
+            print(f"{label}: attempt {attempt - 1} of {retries} failed ({reason}); retrying", file=sys.stderr)
         have = part.stat().st_size if part.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
             with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
                 if r.status_code == 416:  # partial file is already complete (or too long)
-                    break
+                    return
                 if r.status_code not in (200, 206):
                     raise RuntimeError(f"download of {url} failed: HTTP {r.status_code} {r.reason}")
+                web_page = r.headers.get("Content-Type", "").split(";")[0].strip().lower() == "text/html"
+                if web_page and not urlparse(url).path.lower().endswith((".html", ".htm")):
+                    raise RuntimeError(f"download of {url} failed: the server sent a web page (text/html), not the file")
+                content_range = r.headers.get("Content-Range", "")
+                asked = re.fullmatch(rf"bytes {have}-(\d+)/(\d+|\*)", content_range)  # from `have` to the end
                 if r.status_code == 200:  # server ignored the Range header: start over
                     have = 0
+                elif not asked or (asked[2] != "*" and int(asked[1]) + 1 != int(asked[2])):
+                    part.unlink(missing_ok=True)
+                    reason = f"asked for bytes {have}-, the server sent {content_range or 'no Content-Range'}"
+                    continue
                 length = r.headers.get("Content-Length")
-                total = have + int(length) if length is not None else size
+                total = have + int(length) if length is not None else None
                 started, done, last_print = time.time(), have, 0.0
                 with open(part, "ab" if have else "wb") as f:
-                    for chunk in r.iter_content(chunk_size=1 << 16):  # small: a cut loses < 64 KiB
-                        f.write(chunk)
-                        done += len(chunk)
-                        if not quiet and time.time() - last_print > 0.5:
+                    try:
+                        for chunk in r.iter_content(chunk_size=1 << 16):  # small: a cut loses < 64 KiB
+                            f.write(chunk)
+                            done += len(chunk)
+                            if not quiet and time.time() - last_print > 0.5:
+                                _print_progress(done, total, started, label)
+                                last_print = time.time()
+                    finally:
+                        if not quiet:  # end the progress line, also before an error
                             _print_progress(done, total, started, label)
-                            last_print = time.time()
-                if not quiet:
-                    _print_progress(done, total, started, label)
-                    print(file=sys.stderr)
-                if total is not None and done < total:
-                    raise requests.ConnectionError(f"connection closed after {done} of {total} bytes")
-                break
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            if not quiet and attempt < retries:
-                print(f"\n{label}: attempt {attempt} of {retries} failed ({e.__class__.__name__}); retrying", file=sys.stderr)
-            if attempt == retries:
-                got = part.stat().st_size if part.exists() else 0
-                kept = f"{got} bytes are kept in {part}, run again to resume" if got else "nothing was downloaded"
-                raise RuntimeError(
-                    f"download of {url} failed after {retries} attempts ({e.__class__.__name__}: no connection, "
-                    f"or it broke off); {kept}"
-                ) from None
+                            print(file=sys.stderr)
+                if total is None or done >= total:
+                    return
+                reason = f"the connection closed after {done} of {total} bytes"
+        except requests.RequestException as e:
+            fatal = [words for cls, words in _FATAL_REQUEST_ERRORS.items() if isinstance(e, cls)]
+            if fatal:
+                raise RuntimeError(f"download of {url} failed: {fatal[0]}") from None
+            reason = f"{e.__class__.__name__}: no connection, or it broke off"
     got = part.stat().st_size if part.exists() else 0
-    if size is not None and got != size:
-        part.unlink(missing_ok=True)
-        raise RuntimeError(f"download of {url} has {got} bytes, expected {size}; the partial file was deleted, run again")
-    if sha256 is not None:
-        actual = _sha256_of_file(part)
-        if actual != sha256.lower():
-            part.unlink(missing_ok=True)
-            raise RuntimeError(
-                f"download of {url} is corrupt: SHA-256 {actual}, expected {sha256}; the file was deleted, run again"
-            )
-    os.replace(part, dest)
-    return dest
+    kept = f"{got} bytes are kept in {part}, run again to resume" if got else "nothing was downloaded"
+    raise RuntimeError(f"download of {url} failed after {retries} attempts ({reason}); {kept}")
 
 
-def fetch_dataset(urls, filename, *, flag="--data", sha256=None, quiet=False):
+def fetch_dataset(urls, filename, *, flag="--data", kind=None, size=None, sha256=None, member=None, quiet=False):
     """Path of a data file in the cache, downloading it from the first of `urls` that works.
 
-    The file lands in <cache>/data/<filename> (see `cache_dir`), so the second run reads it
-    from disk. Raises RuntimeError naming every URL tried and the command-line `flag` that
-    takes a local copy instead, when none of them works.
+    The file lands in <cache>/data/<key>/<filename> (see `cache_dir`), where key is the
+    first 12 hex digits of the SHA-256 of urls[0] (the others are mirrors of the same
+    file): another URL with the same file name is another file. Each use checks the
+    cached file with `verify_file(kind, size, sha256, member)` (see `download_file`) and
+    downloads it again when it fails. Raises RuntimeError naming every URL tried and the
+    command-line `flag` that takes a local copy instead, when none of them works.
     """
-    dest = cache_dir() / "data" / filename
-    if dest.exists():
-        return dest
+    dest = cache_dir() / "data" / hashlib.sha256(urls[0].encode()).hexdigest()[:12] / filename
+    if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
+        return dest  # without taking the lock: a read-only cache works too
     errors = []
     for url in urls:
         try:
-            return download_file(url, dest, sha256=sha256, quiet=quiet)
+            return download_file(url, dest, sha256=sha256, size=size, kind=kind, member=member, quiet=quiet)
         except RuntimeError as e:
             errors.append(f"  {e}")
     raise RuntimeError(
@@ -821,7 +939,8 @@ def download_gpt2(name, *, quiet=False):
     Looks in the Hugging Face cache, then in `gpt2_weights_path(name)`; otherwise downloads
     `model.safetensors` of openai-community/<name> from $HF_ENDPOINT (default
     https://huggingface.co), verified against the size and SHA-256 the hub announces in
-    its X-Linked-Size and X-Linked-Etag headers. Raises ValueError for an unknown name and
+    its X-Linked-Size and X-Linked-Etag headers. A cached file that is not a complete
+    safetensors file is downloaded again. Raises ValueError for an unknown name and
     RuntimeError when the download fails.
     """
     if name not in GPT_CONFIGS:
@@ -830,7 +949,7 @@ def download_gpt2(name, *, quiet=False):
     if found is not None:
         return found
     dest = gpt2_weights_path(name)
-    if dest.exists():
+    if _reuse_cached(dest, "safetensors"):
         return dest
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     url = f"{endpoint}/openai-community/{name}/resolve/main/model.safetensors"
@@ -846,7 +965,7 @@ def download_gpt2(name, *, quiet=False):
     etag = (head.headers.get("X-Linked-Etag") or head.headers.get("ETag") or "").strip('"').removeprefix("W/").strip('"')
     sha256 = etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None  # LFS files: the etag is the SHA-256
     size = head.headers.get("X-Linked-Size")
-    return download_file(url, dest, sha256=sha256, size=int(size) if size else None, quiet=quiet)
+    return download_file(url, dest, sha256=sha256, size=int(size) if size else None, kind="safetensors", quiet=quiet)
 
 
 # Keys of the released files that hold no parameters of ours: the causal-mask buffers
@@ -857,14 +976,24 @@ _IGNORED_KEYS = re.compile(r"(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)"
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def config_from_weights(tensors, config_json=None):
+def config_from_weights(tensors, config_json=None, source="config.json"):
     """GPTConfig for a dict of GPT-2 tensors (keys without the `transformer.` prefix).
 
     Uses the Hugging Face config.json dict when given; otherwise reads the sizes off the
     tensor shapes. The number of heads leaves no trace in the shapes: it is taken from the
-    released size with the same width, else emb_dim / 64 (GPT-2's head size).
+    released size with the same width, else emb_dim / 64 (GPT-2's head size). Raises
+    ValueError naming `source` (the config file) and the key for a missing, non-integer
+    or non-positive size, or sizes that do not fit together.
     """
     if config_json is not None:
+        if not isinstance(config_json, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(config_json).__name__}")
+        for key in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"):
+            value = config_json.get(key)
+            if type(value) is not int or value < 1:  # not isinstance: True is an int too
+                raise ValueError(f"{source}: {key!r} must be a positive integer, got {value!r}")
+        if config_json["n_embd"] % config_json["n_head"]:
+            raise ValueError(f"{source}: 'n_embd' ({config_json['n_embd']}) must be divisible by 'n_head' ({config_json['n_head']})")
         return GPTConfig(
             vocab_size=config_json["vocab_size"],
             context_length=config_json["n_positions"],
@@ -949,7 +1078,13 @@ def load_gpt2(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=F
 
     tensors = {k.removeprefix("transformer."): v for k, v in read_safetensors(path).items()}
     config_file = path.with_name("config.json")
-    cfg = config_from_weights(tensors, json.loads(config_file.read_text()) if config_file.exists() else None)
+    config_json = None
+    if config_file.exists():
+        try:
+            config_json = json.loads(config_file.read_bytes())
+        except (OSError, ValueError) as e:  # a folder, unreadable, or not JSON
+            raise ValueError(f"{config_file}: not a readable JSON file ({e})") from None
+    cfg = config_from_weights(tensors, config_json, source=config_file)
     with torch.device("meta"):  # parameters without memory: no random initialisation
         model = GPTModel(cfg)
     load_weights_into(model, tensors, device=device, dtype=dtype, source=str(path))

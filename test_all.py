@@ -12,6 +12,7 @@ import errno
 import hashlib
 import http.server
 import importlib.util
+import io
 import json
 import math
 import os
@@ -22,8 +23,10 @@ import socket
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
+import time
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -473,14 +476,14 @@ def test_download_hash_mismatch_leaves_no_file(file_server, tmp_path):
     server = file_server({"/f.bin": b"corrupted"})
     with pytest.raises(RuntimeError, match="SHA-256"):
         gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256="0" * 64, quiet=True)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin.lock"]  # only the empty lock file
 
 
 def test_download_404_names_the_url(file_server, tmp_path):
     server = file_server({})
     with pytest.raises(RuntimeError, match=f"{server.url}/missing.bin failed: HTTP 404"):
         gpt.download_file(server.url + "/missing.bin", tmp_path / "m.bin", quiet=True)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["m.bin.lock"]
 
 
 def test_load_gpt2_downloads_from_hf_endpoint(file_server, small_pair, monkeypatch, tmp_path):
@@ -528,9 +531,367 @@ def test_fetch_dataset_tries_each_url_and_names_the_flag(file_server, tmp_path):
     server = file_server({"/mirror/data.txt": b"hello"})
     path = gpt.fetch_dataset([server.url + "/main/data.txt", server.url + "/mirror/data.txt"], "data.txt", quiet=True)
     assert path.read_bytes() == b"hello"
-    assert path.parent == tmp_path / "gpt-cache" / "data"
+    assert path == cached_data_path(tmp_path, server.url + "/main/data.txt", "data.txt")  # keyed by the first URL
     with pytest.raises(RuntimeError, match="(?s)/a/x.txt.*/b/x.txt.*--data PATH"):
         gpt.fetch_dataset([server.url + "/a/x.txt", server.url + "/b/x.txt"], "x.txt", quiet=True)
+
+
+# --- downloads: every way a server or a cached file can be wrong ------------------------
+
+
+class RouteServer:
+    """A local HTTP server whose answers are functions: routes {url path: fn(handler)},
+    each writing its own (mis)behaving response; records (method, path, headers)."""
+
+    def __init__(self, routes):
+        self.requests = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.command, self.path, dict(self.headers)))
+                routes[self.path](self)
+
+            do_HEAD = do_GET
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def route_server():
+    servers = []
+
+    def start(routes):
+        servers.append(RouteServer(routes))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def answer(body, status=200, **headers):
+    """A route that sends body with Content-Length and the given headers (underscores in
+    names become dashes); a `Content_Length` header overrides the true length."""
+
+    def respond(handler):
+        handler.send_response(status)
+        headers.setdefault("Content_Length", str(len(body)))
+        for key, value in headers.items():
+            handler.send_header(key.replace("_", "-"), value)
+        handler.end_headers()
+        if handler.command == "GET":
+            handler.wfile.write(body)
+
+    return respond
+
+
+def cached_data_path(tmp_path, url, filename):
+    """Where fetch_dataset keeps the file of url: <cache>/data/<12 hex of SHA-256(url)>/<filename>."""
+    return tmp_path / "gpt-cache" / "data" / hashlib.sha256(url.encode()).hexdigest()[:12] / filename
+
+
+def zip_bytes(members, compression=zipfile.ZIP_STORED):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def tar_bytes(members):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_download_body_shorter_than_content_length_is_an_error(route_server, tmp_path, capsys):
+    server = route_server({"/f.bin": answer(b"x" * 500, Content_Length="1000")})
+    with pytest.raises(RuntimeError) as error:
+        gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", retries=2)
+    assert str(error.value).startswith(f"download of {server.url}/f.bin failed after 2 attempts (")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "f.bin").exists()
+    assert (tmp_path / "f.bin.part").stat().st_size < 1000  # kept for a resume, never renamed
+    assert capsys.readouterr().err.endswith("\n")  # the progress line is ended before the error
+
+
+def test_download_206_with_another_range_starts_over(route_server, tmp_path):
+    data = bytes(range(256)) * 40
+
+    def serve(handler):
+        if "Range" in handler.headers:  # a wrong range: the whole file again, as bytes 0-
+            answer(data, 206, Content_Range=f"bytes 0-{len(data) - 1}/{len(data)}")(handler)
+        else:
+            answer(data)(handler)
+
+    server = route_server({"/f.bin": serve})
+    (tmp_path / "f.bin.part").write_bytes(b"stale")
+    gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
+    assert (tmp_path / "f.bin").read_bytes() == data
+    assert [r[2].get("Range") for r in server.requests] == ["bytes=5-", None]
+
+
+def test_download_refuses_a_web_page_unless_an_html_file_was_asked_for(route_server, tmp_path):
+    page = answer(b"<html>please log in</html>", Content_Type="text/html; charset=utf-8")
+    server = route_server({"/data.zip": page, "/page.html": page})
+    with pytest.raises(RuntimeError, match=f"^download of {server.url}/data.zip failed: the server sent a web page"):
+        gpt.download_file(server.url + "/data.zip", tmp_path / "data.zip", quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.zip.lock"]
+    path = gpt.download_file(server.url + "/page.html", tmp_path / "page.html", quiet=True)
+    assert path.read_bytes() == b"<html>please log in</html>"
+
+
+def _corrupt_zip():
+    data = bytearray(zip_bytes({"a.txt": b"hello world"}))
+    data[data.index(b"hello")] ^= 1  # the stored bytes no longer match the CRC-32
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "kind, body, problem",
+    [
+        ("text", b"caf\xe9 au lait", "'utf-8' codec can't decode byte 0xe9 in position 3"),
+        ("json", b'{"a": ', "Expecting value"),
+        ("zip", b"not a zip file", "File is not a zip file"),
+        ("zip", _corrupt_zip(), "member 'a.txt' is corrupt"),
+        ("tar", b"not a tar file" * 100, "file could not be opened successfully"),
+        ("safetensors", struct.pack("<Q", 10**6) + b"{}", "runs past the end"),
+        ("safetensors", struct.pack("<Q", 2) + b"[]", "header is not a JSON object"),
+    ],
+    ids=["text", "json", "zip", "zip-crc", "tar", "safetensors-length", "safetensors-json"],
+)
+def test_download_of_the_wrong_kind_is_deleted(route_server, tmp_path, kind, body, problem):
+    server = route_server({"/file": answer(body)})
+    url = server.url + "/file"
+    with pytest.raises(RuntimeError, match=f"^download of {url} is corrupt or not the expected file: .* not a valid {kind} file"):
+        gpt.download_file(url, tmp_path / "file", kind=kind, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.lock"]  # no file, no .part
+    (tmp_path / "copy").write_bytes(body)
+    with pytest.raises(ValueError) as error:
+        gpt.verify_file(tmp_path / "copy", kind)  # the same check on any file on disk
+    assert str(error.value).startswith(f"{tmp_path / 'copy'}: not a valid {kind} file (") and problem in str(error.value)
+
+
+def test_truncated_safetensors_is_not_a_valid_file(small_pair, tmp_path):
+    (tmp_path / "cut.safetensors").write_bytes(small_pair[1].read_bytes()[:-100])
+    with pytest.raises(ValueError, match="not a valid safetensors file .*outside the"):
+        gpt.verify_file(tmp_path / "cut.safetensors", "safetensors")
+    gpt.verify_file(small_pair[1], "safetensors")
+
+
+@pytest.mark.parametrize(
+    "kind, body",
+    [
+        ("text", "café\n".encode()),
+        ("json", b'[{"instruction": "x"}]'),
+        ("zip", zip_bytes({"a.txt": b"hello" * 100}, zipfile.ZIP_DEFLATED)),
+        ("tar", tar_bytes({"a.txt": b"hello", "b/c.txt": b"world"})),
+    ],
+    ids=["text", "json", "zip", "tar"],
+)
+def test_download_of_the_right_kind_is_kept(route_server, tmp_path, kind, body):
+    server = route_server({"/file": answer(body)})
+    assert gpt.download_file(server.url + "/file", tmp_path / "file", kind=kind, quiet=True).read_bytes() == body
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("{server}/loop", "too many redirects (a redirect loop)"),
+        ("https://127.0.0.1:{port}/f.bin", "TLS/SSL error (a certificate or proxy problem)"),
+        ("127.0.0.1/f.bin", "not a URL (it needs http:// or https://)"),
+        ("ftp://127.0.0.1/f.bin", "not an http:// or https:// URL"),
+        ("http://", "not a valid URL"),
+        ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: no connection, or it broke off)"),
+    ],
+    ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused"],
+)
+def test_every_request_failure_is_one_line_naming_the_url(route_server, tmp_path, url, message):
+    server = route_server({"/loop": answer(b"", 302, Location="/loop")})
+    url = url.format(server=server.url, port=server.httpd.server_address[1])  # https to plain HTTP: TLS fails
+    with pytest.raises(RuntimeError) as error:
+        gpt.download_file(url, tmp_path / "f.bin", quiet=True)
+    assert str(error.value).startswith(f"download of {url} ")
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "f.bin").exists()
+
+
+def test_load_gpt2_script_redirect_loop_is_one_error_line(route_server, monkeypatch):
+    server = route_server({"/openai-community/gpt2/resolve/main/model.safetensors": answer(b"", 302, Location="/x"),
+                           "/x": answer(b"", 302, Location="/openai-community/gpt2/resolve/main/model.safetensors")})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    with pytest.raises(SystemExit) as exit_info:
+        load_gpt2.main(["--model", "gpt2", "--download-only"])
+    url = f"{server.url}/openai-community/gpt2/resolve/main/model.safetensors"
+    assert exit_info.value.code == f"error: download of {url} failed: too many redirects (a redirect loop)"
+
+
+def test_fetch_dataset_hash_mismatch_names_url_expected_and_actual(route_server, tmp_path):
+    server = route_server({"/d.json": answer(b"[]")})
+    url = server.url + "/d.json"
+    actual = hashlib.sha256(b"[]").hexdigest()
+    with pytest.raises(RuntimeError) as error:
+        gpt.fetch_dataset([url], "d.json", kind="json", sha256="ab" * 32, quiet=True)
+    path = cached_data_path(tmp_path, url, "d.json")
+    expected = f"download of {url} is corrupt or not the expected file: {path}.part: SHA-256 {actual}, expected {'ab' * 32}"
+    assert expected in str(error.value)
+    assert not path.exists() and not path.with_name("d.json.part").exists()
+
+
+def test_fetch_dataset_cache_is_keyed_by_url(route_server, tmp_path):
+    server = route_server({"/a/data.txt": answer(b"from a"), "/b/data.txt": answer(b"from b")})
+    path_a = gpt.fetch_dataset([server.url + "/a/data.txt"], "data.txt", quiet=True)
+    path_b = gpt.fetch_dataset([server.url + "/b/data.txt"], "data.txt", quiet=True)
+    assert path_a == cached_data_path(tmp_path, server.url + "/a/data.txt", "data.txt")
+    assert path_b == cached_data_path(tmp_path, server.url + "/b/data.txt", "data.txt")
+    assert path_a != path_b
+    assert (path_a.read_bytes(), path_b.read_bytes()) == (b"from a", b"from b")
+
+
+def test_fetch_dataset_reads_a_good_cached_file_without_writing(route_server, monkeypatch):
+    server = route_server({"/d.json": answer(b"[1]")})
+    path = gpt.fetch_dataset([server.url + "/d.json"], "d.json", kind="json", quiet=True)
+
+    def unwritable(dest):  # root ignores file modes: a read-only cache is simulated here
+        raise PermissionError(f"[Errno 13] Permission denied: '{dest}.lock'")
+
+    monkeypatch.setattr(gpt, "_download_lock", unwritable)
+    assert gpt.fetch_dataset([server.url + "/d.json"], "d.json", kind="json", quiet=True) == path
+    assert len(server.requests) == 1
+
+
+def test_fetch_dataset_downloads_a_corrupt_cached_file_again(route_server, tmp_path, capsys):
+    server = route_server({"/d.json": answer(b'{"ok": 1}')})
+    url = server.url + "/d.json"
+    path = gpt.fetch_dataset([url], "d.json", kind="json", quiet=True)
+    path.write_bytes(b'{"ok": ')  # cut short in the cache
+    assert gpt.fetch_dataset([url], "d.json", kind="json", quiet=True).read_bytes() == b'{"ok": 1}'
+    assert len(server.requests) == 2
+    assert f"warning: cached {path}: not a valid json file" in capsys.readouterr().err
+    path.write_bytes(b'{"ok": ')
+    server.close()  # offline: the bad file is deleted and named, the next run does not fail the same way
+    with pytest.raises(RuntimeError, match="Offline\\?"):
+        gpt.fetch_dataset([url], "d.json", kind="json", quiet=True)
+    assert f"cached {path}: not a valid json file" in capsys.readouterr().err
+    assert not path.exists()
+
+
+def test_fetch_dataset_checks_the_zip_member_not_the_zip(route_server, tmp_path, capsys):
+    real = SMS_ZIP.read_bytes()
+    member = zipfile.ZipFile(SMS_ZIP).read(fc.ZIP_MEMBER)
+    remade = zip_bytes({"readme": b"another zip, the same member", fc.ZIP_MEMBER: member}, zipfile.ZIP_DEFLATED)
+    other = zip_bytes({fc.ZIP_MEMBER: member[:-1]})
+    server = route_server({"/real.zip": answer(real), "/remade.zip": answer(remade), "/other.zip": answer(other)})
+    for name in ("real", "remade"):
+        path = fc.sms_collection_path(urls=[f"{server.url}/{name}.zip"])
+        assert fc.read_sms_bytes(path) == member
+    with pytest.raises(RuntimeError, match=f"{fc.ZIP_MEMBER}\\): {fc.MEMBER_SIZE - 1} bytes, expected {fc.MEMBER_SIZE}"):
+        fc.sms_collection_path(urls=[f"{server.url}/other.zip"])
+    path.write_bytes(real[:1000])  # a cut zip in the cache is fetched again
+    assert fc.read_sms_bytes(fc.sms_collection_path(urls=[f"{server.url}/remade.zip"])) == member
+    assert "not a valid zip file" in capsys.readouterr().err
+
+
+def test_shipped_checks_match_the_real_data():
+    gpt.verify_file(SMS_ZIP, "zip", member=fc.ZIP_MEMBER, size=fc.MEMBER_SIZE, sha256=fc.MEMBER_SHA256)
+    assert fc.MEMBER_SIZE == 477_907
+    assert "/main/" not in instruct.DATA_URL  # pinned to a commit
+
+
+def test_scripts_check_their_known_downloads(route_server, monkeypatch):
+    server = route_server({"/the-verdict.txt": answer(b"other text"), "/instruction-data.json": answer(b"[]")})
+    verdict, instructions = server.url + "/the-verdict.txt", server.url + "/instruction-data.json"
+    monkeypatch.setitem(pretrain.KNOWN_DOWNLOADS, verdict, pretrain.KNOWN_DOWNLOADS[pretrain.VERDICT_URL])
+    with pytest.raises(RuntimeError, match=f"{verdict} is corrupt or not the expected file: .*: 10 bytes, expected 20479"):
+        pretrain.resolve_sources(verdict)
+    monkeypatch.setattr(instruct, "DATA_URL", instructions)
+    with pytest.raises(RuntimeError, match=f"{instructions} is corrupt or not the expected file: .*: 2 bytes, expected 203524"):
+        instruct.data_path(instruct.build_parser().parse_args([]))  # no --data: the download
+
+
+def test_download_gpt2_fetches_a_truncated_cached_file_again(file_server, small_pair, monkeypatch, tmp_path, capsys):
+    data = small_pair[1].read_bytes()
+    server = file_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
+                         headers={"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    cached = tmp_path / "gpt-cache" / "gpt2" / "model.safetensors"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(data[: len(data) // 2])
+    assert gpt.load_gpt2("gpt2", quiet=True).cfg.emb_dim == 128
+    assert cached.read_bytes() == data
+    assert f"cached {cached}: not a valid safetensors file" in capsys.readouterr().err
+
+
+def test_concurrent_downloads_of_one_file_take_turns(route_server, tmp_path):
+    data = os.urandom(64 * 1024)
+
+    def slow(handler):  # 8 pieces, 50 ms apart: the second caller arrives mid-download
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        for i in range(0, len(data), 8192):
+            handler.wfile.write(data[i : i + 8192])
+            handler.wfile.flush()
+            time.sleep(0.05)
+
+    server = route_server({"/big.bin": slow})
+    url = server.url + "/big.bin"
+    start = threading.Barrier(2)
+    results = [None, None]
+
+    def fetch(i):
+        start.wait()
+        results[i] = gpt.fetch_dataset([url], "big.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert results[0] == results[1] == cached_data_path(tmp_path, url, "big.bin")
+    assert results[0].read_bytes() == data
+    assert len(server.requests) == 1  # the second waited for the lock, then reused the file
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"n_positions": 64, "n_embd": 128, "n_layer": 2, "n_head": 2}, "'vocab_size' must be a positive integer, got None"),
+        ({**SMALL_HF, "n_layer": "2"}, "'n_layer' must be a positive integer, got '2'"),
+        ({**SMALL_HF, "n_head": 2.0}, "'n_head' must be a positive integer, got 2.0"),
+        ({**SMALL_HF, "n_layer": True}, "'n_layer' must be a positive integer, got True"),
+        ({**SMALL_HF, "n_embd": 0}, "'n_embd' must be a positive integer, got 0"),
+        ({**SMALL_HF, "n_head": 3}, "'n_embd' (128) must be divisible by 'n_head' (3)"),
+        ([1, 2], "expected a JSON object, got list"),
+        ('{"n_layer": 2,', "not a readable JSON file (Expecting property name"),
+        ("folder", "not a readable JSON file ([Errno 21] Is a directory"),
+    ],
+    ids=["missing", "string", "float", "bool", "zero", "heads", "list", "bad-json", "folder"],
+)
+def test_malformed_config_json_names_the_file_and_the_key(small_pair, tmp_path, config, message):
+    (tmp_path / "model.safetensors").symlink_to(small_pair[1])
+    config_file = tmp_path / "config.json"
+    if config == "folder":
+        config_file.mkdir()
+    else:
+        config_file.write_text(config if isinstance(config, str) else json.dumps(config))
+    with pytest.raises(ValueError) as error:
+        gpt.load_gpt2(tmp_path / "model.safetensors")
+    assert str(error.value).startswith(f"{config_file}: {message}")
 
 
 # ========================================================================================
@@ -812,7 +1173,7 @@ def test_pretrain_url_data_is_downloaded_once(tmp_path, file_server):
     server = file_server({"/files/story.txt": body})
     url = f"{server.url}/files/story.txt"
     (path,) = pretrain.resolve_sources(url)
-    assert path == tmp_path / "gpt-cache" / "data" / "story.txt" and path.read_bytes() == body
+    assert path == cached_data_path(tmp_path, url, "story.txt") and path.read_bytes() == body
     server.close()
     assert pretrain.resolve_sources(url) == [path]  # from the cache, the server is gone
 
@@ -1110,15 +1471,12 @@ def test_classify_splits_are_balanced_and_deterministic(tmp_path):
 
 
 def test_classify_download_uses_fallback_then_cache(tmp_path, file_server):
-    archive = tmp_path / "sms.zip"
-    with zipfile.ZipFile(archive, "w") as z:
-        z.writestr("SMSSpamCollection", "ham\thi\nspam\twin\n")
-    server = file_server({"/sms.zip": archive.read_bytes()})
+    server = file_server({"/sms.zip": SMS_ZIP.read_bytes()})
     path = fc.sms_collection_path(urls=[f"{server.url}/missing.zip", f"{server.url}/sms.zip"])
-    assert path == tmp_path / "gpt-cache" / "data" / fc.DATA_FILENAME
-    assert fc.read_sms_bytes(path) == b"ham\thi\nspam\twin\n"
+    assert path == cached_data_path(tmp_path, f"{server.url}/missing.zip", fc.DATA_FILENAME)
+    assert len(fc.read_sms_bytes(path)) == fc.MEMBER_SIZE
     server.close()
-    assert fc.sms_collection_path(urls=[f"{server.url}/sms.zip"]) == path  # server gone: read from the cache
+    assert fc.sms_collection_path(urls=[f"{server.url}/missing.zip", f"{server.url}/sms.zip"]) == path  # from the cache
     path.unlink()
     with pytest.raises(RuntimeError, match=r"(?s)missing\.zip.*--data PATH"):
         fc.sms_collection_path(urls=[f"{server.url}/missing.zip"])
