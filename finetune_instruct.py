@@ -8,29 +8,32 @@ decay 0.1, batch size 8, 2 epochs. Then the fine-tuned model answers every test
 instruction, and a local LLM served by Ollama can grade the answers (0-100).
 
 Read it top to bottom: data -> prompt format -> batching with masking -> fine-tuning ->
-generating answers -> evaluating them with an LLM judge.
+answers -> evaluation with an LLM judge; the command line comes last.
 
 Run:
     python finetune_instruct.py                                  # the book's recipe (downloads data and gpt2-medium)
     python finetune_instruct.py --data instruction-data.json --model gpt2 --lora
-    python finetune_instruct.py --generate-only --checkpoint runs/instruct/model.pt
+    python finetune_instruct.py --resume                         # continue an interrupted run
+    python finetune_instruct.py --generate-only                  # answer the run's test split again
     python finetune_instruct.py --prompt "Rewrite the sentence in passive voice." --input "The cat ate the fish."
     python finetune_instruct.py --judge-only --judge ollama      # grade runs/instruct/responses.json
 
-Writes to --out-dir (default runs/instruct/):
-    model.pt            the fine-tuned model, a plain GPT checkpoint (LoRA adapters merged):
-                        gpt.load_gpt2("runs/instruct/model.pt") reads it
-    train_state.pt      weights, optimizer state, step and loss history for --resume
-    losses.png          train and validation loss per step (with matplotlib installed)
-    responses.json      the test entries, each with a "model_response" field
-    responses-scored.json   the same with a "score" field (0-100 or null), after --judge ollama
+Writes to --out-dir (default runs/instruct/; a folder that holds another run is refused
+unless --resume or --overwrite is given):
+    run.json, train.json, validation.json, test.json   the settings and the split, for --resume and --generate-only
+    model.pt          the fine-tuned model, LoRA merged: gpt.load_gpt2("runs/instruct/model.pt") (1.4 GB, gpt2-medium)
+    train_state.pt    model, optimizer, step, history, random state (3x the model), while training or with --keep-state
+    losses.png        train and validation loss per step (with matplotlib installed)
+    responses.json    the test entries with a "model_response" each (responses.partial.json while answering)
+    responses-scored.json   the same with a "score" (0-100 or null), after --judge ollama
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
-import random
+import os
 import re
 import sys
 import time
@@ -52,146 +55,29 @@ DATA_SIZE = 203524
 DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
 IGNORE_INDEX = -100  # the target value torch.nn.functional.cross_entropy skips by default
 SPLIT_FRACTIONS = (0.85, 0.10)  # train, test; validation gets the rest (5%), as in the book
+SPLIT_FILES = ("train.json", "validation.json", "test.json")
 JUDGE_SEED = 123  # fixed seed (and temperature 0) so the judge gives the same score twice
-
-
-def build_parser():
-    p = argparse.ArgumentParser(
-        description="Instruction fine-tuning of GPT-2 (Alpaca format), answers for the test set, optional LLM judge.",
-        formatter_class=gpt.HelpFormatter,
-    )
-    what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
-    what.add_argument(
-        "--generate-only", action="store_true", help="skip training: answer the test set with --checkpoint"
-    )
-    what.add_argument(
-        "--prompt", help="answer this one instruction with --checkpoint, print the answer and exit (default: none)"
-    )
-    what.add_argument("--input", help="input text for --prompt (the '### Input:' section; default: none)")
-    what.add_argument("--judge-only", action="store_true", help="skip training and generation: grade --responses")
-    what.add_argument("--resume", action="store_true", help="continue training from <out-dir>/train_state.pt")
-    what.add_argument("--out-dir", default="runs/instruct", help="folder for all outputs")
-
-    data = p.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        help="local JSON list or JSON Lines file in the Alpaca schema (instruction, input, output) "
-        "(default: the book's instruction-data.json, downloaded once into the cache)",
-    )
-    data.add_argument("--seed", type=int, default=123, help="seed of the split, the shuffling, LoRA and sampling")
-    data.add_argument("--max-length", type=int, help="truncate examples to this many tokens (default: context length)")
-    data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
-
-    model = p.add_argument_group("model and training")
-    model.add_argument(
-        "--model",
-        default="gpt2-medium",
-        help="starting point: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a .safetensors file, "
-        "or a checkpoint of this project such as pretrain.py's",
-    )
-    model.add_argument("--epochs", type=int, default=2, help="passes over the training set")
-    model.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
-    model.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate, constant")
-    model.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
-    model.add_argument("--lora", action="store_true", help="train low-rank adapters only (merged before saving)")
-    model.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r")
-    model.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha, the update scales by alpha/rank")
-    model.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: all epochs)")
-    model.add_argument("--log-every", type=int, default=5, help="steps between progress lines")
-    model.add_argument("--eval-every", type=int, default=25, help="steps between loss estimates")
-    model.add_argument("--eval-batches", type=int, default=5, help="batches per loss estimate, 0: all")
-    model.add_argument(
-        "--save-every", type=int, default=50, help="steps between train_state.pt saves, and each epoch's end"
-    )
-    model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-
-    answers = p.add_argument_group("answers and evaluation")
-    answers.add_argument(
-        "--checkpoint", help="model for --generate-only and --prompt, any --model value (default: <out-dir>/model.pt)"
-    )
-    answers.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
-    answers.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
-    answers.add_argument("--top-k", type=int, help="sample only from the k most likely tokens (default: all)")
-    answers.add_argument(
-        "--top-p",
-        type=float,
-        help="nucleus sampling: only from the most likely tokens whose probabilities add up to p (default: all)",
-    )
-    answers.add_argument(
-        "--responses", help="responses file to write, or to grade with --judge-only (default: <out-dir>/responses.json)"
-    )
-    answers.add_argument(
-        "--judge", choices=["none", "ollama"], default="none", help="grade the answers with a local Ollama server"
-    )
-    answers.add_argument("--judge-url", default="http://localhost:11434", help="Ollama address")
-    answers.add_argument("--judge-model", default="llama3", help="Ollama model that grades")
-    return p
-
-
-def flag(name):
-    """The command-line flag of a settings key: "batch_size" -> "--batch-size"."""
-    return "--" + name.replace("_", "-")
-
-
-# Smallest value of each integer flag (None, where allowed, means unset).
-INT_FLAG_MINIMUM = {"epochs": 1, "batch_size": 1, "log_every": 1, "eval_every": 1, "save_every": 1, "lora_rank": 1,
-                    "max_steps": 1, "max_length": 1, "top_k": 1, "eval_batches": 0, "max_new_tokens": 0}
-
-
-def parse_args(argv=None):
-    """Read the flags and reject, before any data or model work, every value that cannot
-    work: parser.error prints the flag and its value and exits with status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name, minimum in INT_FLAG_MINIMUM.items():
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            parser.error(f"{flag(name)} must be at least {minimum}, got {value}")
-    if not 0 < args.lr < math.inf:  # written so that nan fails too
-        parser.error(f"--lr must be a finite number above 0, got {args.lr}")
-    for name in ("weight_decay", "temperature"):
-        if not 0 <= getattr(args, name) < math.inf:
-            parser.error(f"{flag(name)} must be a finite number >= 0, got {getattr(args, name)}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not args.lora_alpha > 0:
-        parser.error(f"--lora-alpha must be positive, got {args.lora_alpha}")
-    if args.prompt is not None and not args.prompt.strip():
-        parser.error(f"--prompt must hold the instruction to answer, got {args.prompt!r}")
-    if args.input is not None and args.prompt is None:
-        parser.error("--input goes with --prompt: give the instruction too")
-    if args.generate_only + args.judge_only + (args.prompt is not None) > 1:
-        parser.error("choose one of --generate-only, --judge-only and --prompt")
-    if args.judge_only and args.judge == "none":
-        parser.error("--judge-only needs --judge ollama")
-    return args
+ANSWERS_PER_SAVE = 10  # answers between saves of responses.partial.json
 
 
 # ----------------------------------------------------------------------------------------
-# 1. Data: load, check, split
+# 1. Data: read, check, split
 # ----------------------------------------------------------------------------------------
 
 
 def read_entries(path):
-    """Read a JSON list or a JSON Lines file -> (entries, bad).
+    """Read a JSON list or a JSON Lines file (UTF-8, a byte-order mark allowed) -> (entries, bad).
 
     entries: list of (where, object), `where` naming the entry for messages ("entry 7",
     0-based, in a JSON list; "line 8", 1-based, in JSON Lines). bad: list of (where,
-    reason) for JSON Lines lines that do not parse. Raises FileNotFoundError for a
-    missing file and ValueError for a file that is neither.
+    reason) for JSON Lines lines that do not parse. Raises FileNotFoundError or ValueError.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--data {path}: not UTF-8 text ({e})") from None
+    text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")
     if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--data {path}: not valid JSON ({e})") from None
+        items = gpt.read_json(path, "--data")
         return [(f"entry {i}", item) for i, item in enumerate(items)], []
     entries, bad = [], []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -200,6 +86,8 @@ def read_entries(path):
                 entries.append((f"line {number}", json.loads(line)))
             except json.JSONDecodeError as e:
                 bad.append((f"line {number}", f"not valid JSON ({e.msg})"))
+            except RecursionError:
+                bad.append((f"line {number}", "JSON nested too deeply"))
     return entries, bad
 
 
@@ -209,18 +97,13 @@ def check_entry(entry):
     optional string "input" (missing or null means no input)."""
     if not isinstance(entry, dict):
         return f"not a JSON object but {type(entry).__name__}"
-    for key in ("instruction", "output"):
-        if key not in entry:
-            return f"no {key!r} key"
     for key in ("instruction", "output", "input"):
         value = entry.get(key)
+        if value is None and key != "input":
+            return f"{key!r} is null" if key in entry else f"no {key!r} key"
         if value is not None and not isinstance(value, str):
             return f"{key!r} is {type(value).__name__}, not a string"
-    if entry["output"] is None:
-        return "'output' is null"
-    if not (entry["instruction"] or "").strip():
-        return "empty 'instruction'"
-    return None
+    return None if entry["instruction"].strip() else "empty 'instruction'"
 
 
 def load_instruction_data(path, max_reported=10):
@@ -255,11 +138,7 @@ def split_dataset(entries, seed):
     """Shuffle with `seed`, then split 85% train, 10% test, the rest (5%) validation, as in
     the book (1,100 entries -> 935 / 110 / 55). Returns (train, validation, test) lists.
     Raises ValueError when a part would be empty (fewer than 10 entries)."""
-    entries = list(entries)
-    random.Random(seed).shuffle(entries)
-    n_train = int(len(entries) * SPLIT_FRACTIONS[0])
-    n_test = int(len(entries) * SPLIT_FRACTIONS[1])
-    train, test, val = entries[:n_train], entries[n_train : n_train + n_test], entries[n_train + n_test :]
+    train, test, val = gpt.split_by_fractions(entries, seed, SPLIT_FRACTIONS)
     if not (train and test and val):
         raise ValueError(f"the 85/5/10 split needs at least 10 usable entries, --data has {len(entries)}")
     return train, val, test
@@ -352,239 +231,201 @@ def collate_instruction_batch(batch, *, mask_prompt=False, max_length=None, pad_
     return torch.tensor(inputs), torch.tensor(targets)
 
 
-def batches(examples, batch_size, order=None):
-    """Split examples into lists of batch_size (the last may be shorter), in `order`
-    (a list of indices; default: as given)."""
-    order = range(len(examples)) if order is None else order
-    chosen = [examples[i] for i in order]
-    return [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
-
-
-def epoch_order(n_examples, seed, epoch):
-    """The shuffled order of one epoch, reproducible from seed and epoch alone, so that a
-    resumed run sees the same batches as an uninterrupted one."""
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return torch.randperm(n_examples, generator=generator).tolist()
+def epoch_batches(examples, batch_size, seed, epoch):
+    """The batches of one epoch (lists of examples; the last may be shorter), shuffled
+    reproducibly from seed and epoch alone, so that a resumed run sees the same batches
+    as an uninterrupted one."""
+    generator = torch.Generator().manual_seed((seed * 1000 + epoch) % 2**64)  # any --seed: torch takes 64 bits
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    return [[examples[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Fine-tuning
+# 4. Fine-tuning: the model (+ LoRA) and the training loop
 # ----------------------------------------------------------------------------------------
 
 
-def batch_tensors(batch, settings, device):
-    """collate_instruction_batch with the run's --mask-prompt and --max-length, on device."""
-    inputs, targets = collate_instruction_batch(
-        batch, mask_prompt=settings["mask_prompt"], max_length=settings["max_length"]
-    )
-    return inputs.to(device), targets.to(device)
+def load_language_model(name, flag, device, dtype=torch.float32):
+    """gpt.load_gpt2(name) on device in dtype, checked to read GPT-2's tokens. Raises
+    ValueError naming `flag` when its vocabulary is not the tokenizer's (50257)."""
+    model = gpt.load_gpt2(name, device=device, dtype=dtype)
+    n_vocab = gpt.get_tokenizer().n_vocab
+    if model.cfg.vocab_size != n_vocab:
+        raise ValueError(
+            f"{flag} {name} has a vocabulary of {model.cfg.vocab_size} tokens, but the GPT-2 tokenizer has {n_vocab}: "
+            "use a GPT-2 model, or one trained with the GPT-2 tokenizer"
+        )
+    return model
+
+
+def prepare_model(args, device, state=None):
+    """The model to train, in train mode on device: args.model, or, when resuming, a
+    GPTModel of the train_state.pt dict's config (its weights come later from the state);
+    dropout at args.drop_rate; with args.lora, LoRA adapters are the only trainable part."""
+    torch.manual_seed(args.seed)  # LoRA's A matrices start random
+    if state is None:
+        model = load_language_model(args.model, "--model", device)
+    else:
+        model = gpt.GPTModel(gpt.GPTConfig(**state["config"])).to(device)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = args.drop_rate
+    for block in model.h:
+        block.attn.drop_rate = args.drop_rate  # attention dropout is an argument of scaled_dot_product_attention
+    if args.lora:
+        gpt.add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
+    return model.train()
 
 
 def calc_loss_batch(model, inputs, targets, autocast):
     """Mean cross-entropy over the targets that are not -100 (a float scalar tensor).
     inputs, targets: LongTensor [batch, seq_len] on the model's device."""
     with autocast:
-        logits = model(inputs)  # (B, T, vocab)
+        logits = model(inputs)  # (batch, seq_len, vocab)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples, settings, device, autocast):
-    """Mean batch loss over the first `eval_batches` batches of examples (all when 0),
+def evaluate_loss(model, examples, collate, args, device, autocast):
+    """Mean batch loss over the first --eval-batches batches of examples (all when 0),
     in eval mode, in order (no shuffling), so successive estimates are comparable."""
     model.eval()
-    chunks = batches(examples, settings["batch_size"])
-    if settings["eval_batches"]:
-        chunks = chunks[: settings["eval_batches"]]
+    chunks = [examples[i : i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
     losses = []
-    for chunk in chunks:
-        inputs, targets = batch_tensors(chunk, settings, device)
-        losses.append(calc_loss_batch(model, inputs, targets, autocast).item())
+    for chunk in chunks[: args.eval_batches or None]:
+        inputs, targets = collate(chunk)
+        losses.append(calc_loss_batch(model, inputs.to(device), targets.to(device), autocast).item())
     model.train()
     return sum(losses) / len(losses)
 
 
-def train_step(model, optimizer, batch, settings, device, autocast):
-    """One optimizer step on a batch of examples -> (loss as a float, tokens in the batch)."""
-    inputs, targets = batch_tensors(batch, settings, device)
-    loss = calc_loss_batch(model, inputs, targets, autocast)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item(), inputs.numel()  # .item() also waits for the device, so step timings are true
+def train(model, train_examples, val_examples, args, max_length, state_path, device, state=None):
+    """Fine-tune model in place with AdamW, one step per batch, for --epochs (or
+    --max-steps); return the loss history {"step": [...], "train_loss": [...], "val_loss": [...]}.
 
-
-# Settings that must agree between a run and its --resume: they shape the weights, the
-# optimizer state or the batches.
-RESUME_KEYS = ("model", "lora", "lora_rank", "lora_alpha", "lr", "weight_decay", "batch_size", "seed", "mask_prompt",
-               "max_length", "data_sha256")
-
-
-def prepare_model(settings, device, resume_config=None):
-    """The model to train, in train mode on device: settings["model"] through
-    gpt.load_gpt2, or, when resuming, an empty GPTModel of resume_config (a GPTConfig
-    dict) whose weights `train` then restores; wrapped with LoRA adapters when
-    settings["lora"] (only the adapters train)."""
-    torch.manual_seed(settings["seed"])  # LoRA's A matrices start random
-    if resume_config is None:
-        model = gpt.load_gpt2(settings["model"], device=device)
-    else:
-        model = gpt.GPTModel(gpt.GPTConfig(**resume_config)).to(device)
-    if settings["lora"]:
-        gpt.add_lora(model, rank=settings["lora_rank"], alpha=settings["lora_alpha"])
-    return model.train()
-
-
-def check_resume(state, settings, path):
-    """Raise ValueError listing every setting that differs from the run in train_state.pt."""
-    saved = state["settings"]
-    differ = [
-        f"{flag(k)}: was {saved.get(k)!r}, now {settings[k]!r}" for k in RESUME_KEYS if saved.get(k) != settings[k]
-    ]
-    if differ:
-        raise ValueError(
-            f"--resume: {path} comes from a different run:\n  "
-            + "\n  ".join(differ)
-            + "\nuse the same flags, or another --out-dir"
-        )
-
-
-def train(model, train_examples, val_examples, settings, out_dir, device, resume_state=None):
-    """Fine-tune model in place with AdamW; return the loss history
-    {"step": [...], "train_loss": [...], "val_loss": [...]}.
-
-    One optimizer step per batch, for settings["epochs"] epochs (or settings["max_steps"]
-    steps in all). Prints a progress line every log_every steps (loss, tokens/s and
-    seconds per step of the training steps alone, ETA), a train/validation loss estimate
-    every eval_every steps and at the end, and writes out_dir/train_state.pt every
-    save_every steps and at each epoch's end. With resume_state (a train_state.pt dict),
-    the weights, optimizer state, step and history are restored and training goes on
-    with the next batch.
+    Saves the training state to state_path every --save-every steps and at each epoch's
+    end. With state (a train_state.pt dict), weights, optimizer, random state, step and
+    history are restored and training goes on exactly as if it had not stopped.
     """
-    # The book's recipe: every trainable parameter decays (biases and LayerNorm included).
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=settings["lr"], weight_decay=settings["weight_decay"]
-    )
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    steps_per_epoch = -(-len(train_examples) // settings["batch_size"])  # ceil: the last batch may be smaller
-    total_steps = steps_per_epoch * settings["epochs"]
-    if settings["max_steps"] is not None:
-        total_steps = min(total_steps, settings["max_steps"])
+    optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
+    dtype = gpt.DTYPES[args.dtype]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    collate = functools.partial(collate_instruction_batch, mask_prompt=args.mask_prompt, max_length=max_length)
+    steps_per_epoch = math.ceil(len(train_examples) / args.batch_size)  # the last batch may be smaller
+    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     step, history = 0, {"step": [], "train_loss": [], "val_loss": []}
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        step, history = resume_state["step"], resume_state["history"]
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gpt.set_rng_state(state["rng"], device)
+        step, history = state["step"], state["history"]
+        if step >= total_steps:
+            raise ValueError(f"--resume: the run has trained all its {step} steps; give larger --epochs or --max-steps")
         print(f"resuming at step {step} of {total_steps}")
-    state_path = Path(out_dir) / "train_state.pt"
-
-    def save_state():
-        gpt.save_checkpoint(
-            state_path, model, optimizer=optimizer.state_dict(), step=step, history=history, settings=settings
-        )
-
-    def log_losses():
-        train_loss = evaluate_loss(model, train_examples, settings, device, autocast)
-        val_loss = evaluate_loss(model, val_examples, settings, device, autocast)
-        history["step"].append(step)
-        history["train_loss"].append(train_loss)
-        history["val_loss"].append(val_loss)
-        print(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
-
     print(f"training: {len(train_examples)} examples, {steps_per_epoch} steps per epoch, {total_steps} steps in all")
-    if step == 0:
-        log_losses()  # the starting point of the loss curves
-    started, start_step = time.time(), step
-    step_seconds, window_seconds, window_tokens = 0.0, 0.0, 0
-    model.train()
-    epoch_batches = None
-    while step < total_steps:
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch_batches is None or index == 0:
-            epoch_batches = batches(
-                train_examples, settings["batch_size"], epoch_order(len(train_examples), settings["seed"], epoch)
+    started, start_step, window_seconds, window_tokens = time.time(), step, 0.0, 0
+    while True:
+        # Evaluate at step 0, every --eval-every steps and at the end (a resumed run has this step already).
+        if (step % args.eval_every == 0 or step == total_steps) and step not in history["step"]:
+            train_loss = evaluate_loss(model, train_examples, collate, args, device, autocast)
+            val_loss = evaluate_loss(model, val_examples, collate, args, device, autocast)
+            history["step"].append(step)
+            history["train_loss"].append(train_loss)
+            history["val_loss"].append(val_loss)
+            print(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
+        if step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps):
+            gpt.save_checkpoint(
+                state_path, model, optimizer=optimizer.state_dict(), step=step, history=history, rng=gpt.rng_state()
             )
-        step_start = time.time()
-        loss_value, n_tokens = train_step(model, optimizer, epoch_batches[index], settings, device, autocast)
-        step += 1
-        window_seconds += time.time() - step_start
-        window_tokens += n_tokens
-        if not math.isfinite(loss_value):
-            raise RuntimeError(f"the loss became {loss_value} at step {step}: lower --lr (now {settings['lr']})")
+        if step == total_steps:
+            break
 
-        if step % settings["log_every"] == 0 or step == total_steps:
-            step_seconds += window_seconds
-            eta = (time.time() - started) / (step - start_step) * (total_steps - step)  # evaluation included
+        epoch, index = divmod(step, steps_per_epoch)
+        inputs, targets = collate(epoch_batches(train_examples, args.batch_size, args.seed, epoch)[index])
+        step_started = time.time()
+        loss = calc_loss_batch(model, inputs.to(device), targets.to(device), autocast)
+        gpt.check_finite_loss(loss.detach(), step + 1)  # before the update: a NaN never reaches the weights
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        window_seconds += time.time() - step_started
+        window_tokens += inputs.numel()
+
+        if step % args.log_every == 0 or step == total_steps:
+            eta = gpt.eta(started, step - start_step, total_steps - start_step)
             print(
-                f"epoch {epoch + 1}/{settings['epochs']} step {step}/{total_steps} | loss {loss_value:.3f} | "
-                f"{window_tokens / window_seconds:.0f} tok/s | {step_seconds / (step - start_step):.2f} s/step | "
-                f"ETA {gpt.format_duration(eta)}",
+                f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} | loss {loss.item():.3f} | "
+                f"{window_tokens / window_seconds:.0f} tok/s | ETA {eta}",
                 flush=True,
             )
             window_seconds, window_tokens = 0.0, 0
-        if step % settings["eval_every"] == 0 or step == total_steps:
-            log_losses()
-        if step % settings["save_every"] == 0 or step % steps_per_epoch == 0 or step == total_steps:
-            save_state()
-    if step > start_step:
-        print(
-            f"trained {step - start_step} steps: {step_seconds / (step - start_step):.3f} s/step "
-            "in the training steps, "
-            f"{gpt.format_duration(time.time() - started)} wall time with evaluation and saving"
-        )
+    print(f"trained {step - start_step} steps in {gpt.format_duration(time.time() - started)}")
     return history
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Answers: generate a response for each test entry
+# 5. Answers: a response for each test entry
 # ----------------------------------------------------------------------------------------
 
 
 def generate_response(model, entry, *, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None, seed=None):
     """The model's answer to one entry -> (response text, number of new tokens).
 
-    Continues format_prompt(entry) with gpt.generate (greedy when temperature is 0, else
-    sampling limited by top_k and top_p; with the KV cache), stops at <|endoftext|> or
-    after max_new_tokens, and keeps only the new text, stripped of surrounding whitespace. Follows the book's section 7.7 (which
-    removes "### Response:" afterwards; here the prompt already ends with it).
+    Continues format_prompt(entry) with gpt.generate (greedy at temperature 0, else
+    sampling limited by top_k and top_p), stops at <|endoftext|> or after max_new_tokens,
+    and keeps the new text, stripped. As the book's section 7.7, whose prompt did not
+    end with "### Response:" yet.
     """
     prompt_ids = gpt.text_to_token_ids(format_prompt(entry), device=model.wte.weight.device)
-    output = gpt.generate(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_id=gpt.EOT_ID,
-        seed=seed,
-    )
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=gpt.EOT_ID, seed=seed)
+    output = gpt.generate(model, prompt_ids, max_new_tokens, **options)
     new_ids = output[0, prompt_ids.shape[1] :].tolist()
     if gpt.EOT_ID in new_ids:
         new_ids = new_ids[: new_ids.index(gpt.EOT_ID)]
     return gpt.token_ids_to_text(new_ids).strip(), len(new_ids)
 
 
-def write_json(path, obj):
-    """Write obj as indented UTF-8 JSON to path atomically."""
-    gpt.atomic_write_bytes(path, json.dumps(obj, indent=4, ensure_ascii=False).encode("utf-8") + b"\n")
+def generate_responses(model, entries, path, fingerprint, **options):
+    """Answer every entry (options as in `generate_response`) and write the entries, each
+    with a "model_response" field, to path (JSON). Returns that list.
 
-
-def generate_responses(model, entries, path, **options):
-    """Answer every entry (options as in `generate_response`), printing a progress line per
-    entry, and write the entries, each with a "model_response" field, to path (JSON,
-    atomically). Returns that list."""
-    results, tokens, started = [], 0, time.time()
-    for i, entry in enumerate(entries, start=1):
-        response, n_tokens = generate_response(model, entry, **options)
-        results.append({**entry, "model_response": response})
+    Every ANSWERS_PER_SAVE answers are saved to <path stem>.partial.json with `fingerprint`
+    (see `answers_fingerprint`); a later call with the same fingerprint goes on from there.
+    When path cannot be written, the answers go to the temporary folder instead.
+    """
+    so_far = path.with_name(path.stem + ".partial.json")
+    saved = gpt.read_json(so_far, "saved answers") if so_far.is_file() else {}
+    results = saved["responses"] if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else []
+    if results:
+        print(f"answers: {len(results)} of {len(entries)} taken from {so_far}")
+    done_before, tokens, started = len(results), 0, time.time()
+    for i in range(done_before, len(entries)):
+        response, n_tokens = generate_response(model, entries[i], **options)
+        results.append({**entries[i], "model_response": response})
         tokens += n_tokens
-        elapsed = time.time() - started
-        eta = gpt.format_duration(elapsed / i * (len(entries) - i))
-        print(f"answers {i}/{len(entries)} | {tokens / elapsed:.1f} tok/s | ETA {eta}", flush=True)
-    write_json(path, results)
-    print(f"wrote {len(results)} responses to {path}")
+        eta = gpt.eta(started, i + 1 - done_before, len(entries) - done_before)
+        gpt.show_progress(f"answers {i + 1}/{len(entries)} | {tokens / (time.time() - started):.1f} tok/s | ETA {eta}")
+        if (i + 1) % ANSWERS_PER_SAVE == 0:
+            try:
+                gpt.write_json(so_far, {"fingerprint": fingerprint, "responses": results})
+            except OSError as e:  # the answers stay in memory, and the final write has a fallback
+                gpt.end_progress()
+                print(f"warning: cannot save the answers so far to {so_far} ({e.strerror or e})", file=sys.stderr)
+    gpt.end_progress()
+    written = gpt.save_with_fallback(lambda target: gpt.write_json(target, results), path)
+    so_far.unlink(missing_ok=True)
+    print(f"wrote {len(results)} responses to {written}")
     return results
+
+
+def answers_fingerprint(checkpoint, entries, options):
+    """What a set of answers depends on, to resume them only for the same work: the model
+    file (path, size, modification time), the entries (SHA-256) and the options."""
+    path = Path(checkpoint)
+    model = f"{path} {path.stat().st_size} {path.stat().st_mtime_ns}" if path.is_file() else str(checkpoint)
+    entries_sha256 = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+    return {"model": model, "entries_sha256": entries_sha256, **options}
 
 
 # ----------------------------------------------------------------------------------------
@@ -603,18 +444,54 @@ def judge_prompt(entry):
     )
 
 
-def parse_score(text):
-    """The judge's answer -> int score in 0..100, or None when it holds no such number.
+# The parts of a judge's reply that parse_score reads (re.I: "Score", "RATING", "8.5E1").
+# 85, 85.5, -5, 8.5e1, always whole: not the 2 of "GPT-2", nor the 8 of "85" or the 0 of "7/0"
+_NUMBER = r"(?<![\w./-])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?!\.?\d|e[-+]?\d)"
+# 85, 8/10, 4 out of 5; a number before a "/" that makes no ratio ("7/0", a date) is no score
+_SCORE = re.compile(rf"(?P<value>{_NUMBER})(?:\s*(?:/|out of)\s*(?P<top>[1-9]\d*))?(?!\s*/)", re.I)
+_LABEL = (
+    r"(?:\b(?:score|rating|grade)\b[\s*:=\"']*(?:(?:is|of|would be)\s+)?"  # "Score: 85", "**Rating:** 8/10"
+    r"|\b(?:give|rate|score)s?\s+(?:(?:it|this|that|the)\s+(?:response\s+|answer\s+)?)?(?:an?\s+)?)"  # "I'd give it"
+)
+_LABELLED = re.compile(_LABEL + _SCORE.pattern, re.I)
+_NOISE = re.compile(
+    r"`(?=[^`\n]*[a-z])[^`\n]*`|\"(?=[^\"\n]*[a-z])[^\"\n]*\"|“[^”]*”"  # a quoted answer; a bare "85" stays
+    r"|(?:\bbetween\s+\d+(?:\.\d+)?\s+and|\b\d+(?:\.\d+)?\s*(?:-|–|to))\s*\d+(?:\.\d+)?\b"  # "0 to 100", "0-100"
+    r"|(?:^|(?<=[.!?]))[ \t]*\d[.)](?=\s)",  # a list marker: "1. The response...", "2) It..."
+    re.I | re.M,
+)
+_JSON_OBJECT = re.compile(r'\{[^{}]*"score"[^{}]*\}')  # {"score": 85} inside prose or a ```json block
 
-    Takes the first number in the text, so extra words around it do no harm ("Score: 85",
-    "85/100", "I would rate it 85. The response..."); a decimal is rounded; a number
-    outside 0..100 gives None.
+
+def parse_score(reply):
+    """The judge's reply -> its score as a float in 0..100, or None when the reply has no
+    single score (unscorable). reply is the message content: text, or a JSON value.
+
+    The first rule that applies decides:
+    1. JSON, the structured output asked for: a number, or an object {"score": x} (the
+       whole reply, or an object within it) -> x. Anything else (null, a list) -> None.
+    2. A labelled score: "Score: 85", "rating = 8/10", "I'd give it 85", "I would rate it 85".
+    3. The number left once quoted text, scales and ranges ("0 to 100", "0-100") and list
+       markers ("1. ") are dropped: "85", "85/100", "It deserves 85%."
+    A ratio goes on the 0-100 scale: "8/10" and "4 out of 5" -> 80.0 (6 decimals kept).
+    Two different values under rule 2 or 3 (ambiguous), or a value outside 0..100 -> None.
     """
-    match = re.search(r"-?\d+(?:\.\d+)?", text or "")
-    if match is None:
-        return None
-    value = float(match.group())
-    return round(value) if 0 <= value <= 100 else None
+    if isinstance(reply, dict):
+        reply = reply.get("score")
+    if isinstance(reply, (int, float)) and not isinstance(reply, bool):
+        return float(reply) if 0 <= reply <= 100 else None  # NaN fails both comparisons
+    if not isinstance(reply, str):
+        return None  # no content (None), a list, true or false
+    for candidate in [reply, *_JSON_OBJECT.findall(reply)]:
+        try:
+            return parse_score(json.loads(candidate))
+        except (ValueError, RecursionError):  # not JSON (or nested too deep): the next candidate, then the text
+            pass
+    text = _NOISE.sub(" ", reply)
+    matches = list(_LABELLED.finditer(text)) or list(_SCORE.finditer(text))
+    # rounded so that 8.7/10 gives 87.0, not 86.99999999999999
+    values = {round(float(m["value"]) * 100 / float(m["top"] or 100), 6) for m in matches}
+    return parse_score(values.pop()) if len(values) == 1 else None
 
 
 def ollama_help(url, model):
@@ -644,10 +521,21 @@ def check_ollama(url, model):
         )
 
 
+# Ollama's structured output (https://ollama.com/blog/structured-outputs, Ollama 0.5+): the
+# JSON schema in the request's "format" field constrains the reply to {"score": <0..100>}.
+SCORE_FORMAT = {
+    "type": "object",
+    "properties": {"score": {"type": "number", "minimum": 0, "maximum": 100}},
+    "required": ["score"],
+}
+
+
 def query_ollama(prompt, url, model, timeout=600):
     """One chat request to Ollama's HTTP API (POST /api/chat, not streamed) with
-    temperature 0 and a fixed seed -> the answer text. Raises RuntimeError when the
-    server cannot be reached or answers with an error."""
+    temperature 0, a fixed seed and the SCORE_FORMAT schema -> the reply's content: text
+    (normally '{"score": 85}'), or whatever JSON value the server sent instead. A server
+    older than Ollama 0.5 rejects a schema (HTTP 400); it is then asked again without one.
+    Raises RuntimeError when the server cannot be reached or answers with an error."""
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -655,7 +543,10 @@ def query_ollama(prompt, url, model, timeout=600):
         "options": {"temperature": 0, "seed": JUDGE_SEED, "num_ctx": 2048},
     }
     try:
-        reply = requests.post(f"{url}/api/chat", json=payload, timeout=(5, timeout))
+        reply = requests.post(f"{url}/api/chat", json={**payload, "format": SCORE_FORMAT}, timeout=(5, timeout))
+        if reply.status_code == 400 and "format" in reply.text:
+            # before 0.5 "format" could only be "json"; parse_score then reads the prose
+            reply = requests.post(f"{url}/api/chat", json=payload, timeout=(5, timeout))
     except requests.RequestException as e:
         raise RuntimeError(
             f"the Ollama server at {url} stopped answering ({e.__class__.__name__}): {ollama_help(url, model)}"
@@ -671,7 +562,7 @@ def query_ollama(prompt, url, model, timeout=600):
 def judge_responses(entries, url, model, path):
     """Score each entry's "model_response" against its "output" with the judge, print
     the mean score and how many could not be scored, and write the entries with a
-    "score" field (int, or null when unscorable) to path. Returns (mean or None,
+    "score" field (a number 0-100, or null when unscorable) to path. Returns (mean or None,
     number unscorable). The responses file is only read."""
     check_ollama(url, model)
     scored, started = [], time.time()
@@ -686,14 +577,14 @@ def judge_responses(entries, url, model, path):
             answer = query_ollama(judge_prompt(entry), url, model)
             score = parse_score(answer)
             if score is None:
-                print(f"  entry {i - 1}: no score 0-100 in the judge's answer {answer[:80]!r}")
+                print(f"  entry {i - 1}: no score 0-100 in the judge's answer {answer!r:.80}")
         scored.append({**entry, "score": score} if isinstance(entry, dict) else {"entry": entry, "score": None})
         elapsed = time.time() - started
         print(f"judging {i}/{len(entries)} | ETA {gpt.format_duration(elapsed / i * (len(entries) - i))}", flush=True)
     scores = [e["score"] for e in scored if e["score"] is not None]
     mean = sum(scores) / len(scores) if scores else None
     unscorable = len(entries) - len(scores)
-    write_json(path, scored)
+    gpt.write_json(path, scored)
     mean_text = f"{mean:.2f}" if mean is not None else "n/a"
     print(f"judge {model}: mean score {mean_text} over {len(scores)} entries; {unscorable} could not be scored")
     print(f"wrote the scores to {path}")
@@ -702,21 +593,144 @@ def judge_responses(entries, url, model, path):
 
 def read_responses(path):
     """The list of entries in a responses file written by generate_responses."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"--responses {path}: no such file; generate it first (e.g. --generate-only)")
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--responses {path}: not valid JSON ({e})") from None
+    entries = gpt.read_json(path, "--responses")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"--responses {path}: expected a non-empty JSON list of entries")
     return entries
 
 
+def judge(args, responses_path):
+    """Grade the responses file with the --judge; the scores go to <name>-scored.json beside it."""
+    try:
+        entries = read_responses(responses_path)
+        judge_responses(entries, args.judge_url.rstrip("/"), args.judge_model, scored_path(responses_path))
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{e}\nthe answers stay in {responses_path}; grade them later with: "
+            f"python finetune_instruct.py --judge-only --judge ollama --responses {responses_path}"
+        ) from None
+
+
 # ----------------------------------------------------------------------------------------
-# 7. Putting it together
+# 7. Command line and run folder
 # ----------------------------------------------------------------------------------------
+
+RUN_FILES = ("run.json", *SPLIT_FILES, "train_state.pt", "model.pt", "losses.png", "responses.json",
+             "responses.partial.json", "responses-scored.json")
+# Flags that may differ from the saved run on --resume: more steps, another machine, other answers.
+RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "device", "cache_dir", "out_dir", "responses",
+                     "max_new_tokens", "temperature", "top_k", "top_p", "judge", "judge_url", "judge_model")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Instruction fine-tuning of GPT-2 (Alpaca format), answers for the test set, optional LLM judge. "
+        "A new run refuses an --out-dir that holds another run unless --resume continues it or --overwrite "
+        "replaces it; --generate-only, --prompt and --judge-only use an existing run.",
+        formatter_class=gpt.HelpFormatter,
+    )
+    what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
+    what.add_argument("--generate-only", action="store_true",
+                      help="no training: answer the run's test split with --checkpoint (<out-dir>/test.json; "
+                      "without one, the split of --data)")
+    what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print it, exit (default: none)")
+    what.add_argument("--input", help="input text for --prompt (the '### Input:' section; default: none)")
+    what.add_argument("--judge-only", action="store_true", help="no training, no answers: grade --responses")
+    what.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings")
+    what.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir first")
+    what.add_argument("--keep-state", action="store_true",
+                      help="keep train_state.pt (3x the model) after training, so --resume can extend the run")
+    what.add_argument("--out-dir", default="runs/instruct", help="folder for all outputs")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help="JSON list or JSON Lines file in the Alpaca schema (instruction, input, output) "
+                      "(default: the book's instruction-data.json, downloaded once into --cache-dir)")
+    data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded data and weights")
+    data.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, the shuffling, LoRA and sampling")
+    data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples to this many tokens "
+                      "(default: the context length)")
+    data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
+
+    train = p.add_argument_group("model and training")
+    train.add_argument("--model", default="gpt2-medium", help="starting point: gpt2, gpt2-medium, gpt2-large, "
+                       "gpt2-xl, a .safetensors file, or a checkpoint of this project such as pretrain.py's")
+    train.add_argument("--epochs", type=gpt.positive_int, default=2, help="passes over the training set")
+    train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="examples per optimizer step")
+    train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate, constant")
+    train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
+    train.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout probability while training")
+    train.add_argument("--lora", action="store_true", help="train low-rank adapters only (merged before saving)")
+    train.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="LoRA rank r")
+    train.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0, help="LoRA scale: alpha / rank")
+    train.add_argument("--max-steps", type=gpt.positive_int, help="stop after this many steps (default: all epochs)")
+    train.add_argument("--log-every", type=gpt.positive_int, default=5, help="steps between progress lines")
+    train.add_argument("--eval-every", type=gpt.positive_int, default=25, help="steps between loss estimates")
+    train.add_argument("--eval-batches", type=gpt.non_negative_int, default=5, help="batches per estimate, 0: all")
+    train.add_argument("--save-every", type=gpt.positive_int, default=50,
+                       help="steps between train_state.pt saves (and at each epoch's end)")
+    train.add_argument("--dtype", choices=gpt.DTYPES, default="float32", help="precision: autocast while training "
+                       "(float32 weights; not float16), the weights' type when only answering")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+    answers = p.add_argument_group("answers and evaluation")
+    answers.add_argument("--checkpoint", help="model for --generate-only and --prompt, any --model value "
+                         "(default: <out-dir>/model.pt)")
+    answers.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=256, help="longest answer in tokens")
+    answers.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; above: sampling")
+    answers.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens (default: all)")
+    answers.add_argument("--top-p", type=gpt.probability, help="nucleus sampling: from the most likely tokens whose "
+                         "probabilities add up to p (default: all)")
+    answers.add_argument("--responses", help="answers file to write, or to grade with --judge-only "
+                         "(default: <out-dir>/responses.json)")
+    answers.add_argument("--judge", choices=["none", "ollama"], default="none", help="grade with a local Ollama")
+    answers.add_argument("--judge-url", default="http://localhost:11434", help="Ollama address")
+    answers.add_argument("--judge-model", default="llama3", help="Ollama model that grades")
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, each value checked by its `type=`; the combinations that cannot work
+    are refused here (parser.error names the flag and exits 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error(f"--prompt must hold the instruction to answer, got {args.prompt!r}")
+    if args.input is not None and args.prompt is None:
+        parser.error("--input goes with --prompt: give the instruction too")
+    if args.generate_only + args.judge_only + (args.prompt is not None) + args.resume > 1:
+        parser.error("choose one of --generate-only, --judge-only, --prompt and --resume")
+    if args.resume and args.overwrite:
+        parser.error("choose --resume (continue the run) or --overwrite (replace it)")
+    if args.judge_only and args.judge == "none":
+        parser.error("--judge-only needs --judge ollama")
+    if args.dtype == "float16" and not (args.generate_only or args.judge_only or args.prompt is not None):
+        parser.error("--dtype float16 trains without loss scaling: train in bfloat16 or float32")
+    return args
+
+
+def answer_options(args):
+    """The generation options of `generate_response` from the flags (sampling seeded by --seed)."""
+    options = {key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_k", "top_p")}
+    return {**options, "seed": args.seed if args.temperature > 0 else None}
+
+
+def scored_path(responses_path):
+    """Where the judge writes: responses.json -> responses-scored.json beside it."""
+    return responses_path.with_name(responses_path.stem + "-scored.json")
+
+
+def answer_paths(args):
+    """(responses file, checkpoint) of this command; a folder where a file goes is an
+    error (ValueError) before any work."""
+    responses = Path(args.responses or Path(args.out_dir) / "responses.json")
+    checkpoint = Path(args.checkpoint or Path(args.out_dir) / "model.pt")
+    files = {responses: "--responses", scored_path(responses): "--responses", checkpoint: "--checkpoint"}
+    for path, flag in files.items():
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, but a file goes there: move it away, or give another {flag}")
+    return responses, checkpoint
 
 
 def data_path(args):
@@ -728,113 +742,116 @@ def data_path(args):
     )
 
 
-def load_for_answers(args, out_dir, device):
-    """The model of --checkpoint (default <out-dir>/model.pt) for --generate-only and --prompt."""
-    checkpoint = args.checkpoint or str(out_dir / "model.pt")
-    if args.checkpoint is None and not Path(checkpoint).exists():
-        raise FileNotFoundError(
-            f"no {checkpoint}: fine-tune first, or pass --checkpoint PATH (any --model value works)"
-        )
+def load_for_answers(args, checkpoint, device):
+    """The model of --checkpoint (default <out-dir>/model.pt) in --dtype, for answers."""
+    if args.checkpoint is None and not checkpoint.exists():
+        raise FileNotFoundError(f"no {checkpoint}: fine-tune first, or give --checkpoint (any --model value works)")
     print(f"model: {checkpoint}")
-    return gpt.load_gpt2(checkpoint, device=device)
+    return load_language_model(str(checkpoint), "--checkpoint", device, gpt.DTYPES[args.dtype])
 
 
-def judge(args, responses_path):
-    """Grade the responses file with the --judge; the scores go to <name>-scored.json beside it."""
-    scored_path = responses_path.with_name(responses_path.stem + "-scored.json")
+def test_split(args, out_dir):
+    """The entries --generate-only answers: the run's test.json, else the split of --data."""
+    if (out_dir / "test.json").is_file():
+        print(f"data: the run's test split, {out_dir / 'test.json'}")
+        return gpt.read_json(out_dir / "test.json", "the run's test split")
+    path = data_path(args)
+    print(f"data: {out_dir} holds no test.json: answering the test split of {path} with --seed {args.seed}")
+    return split_dataset(load_instruction_data(path), args.seed)[2]
+
+
+def resume_run(args, argv, out_dir):
+    """The saved run in out_dir -> (settings, (train, validation, test), train state dict).
+    Flags given with --resume must agree with the saved ones, except RESUME_MAY_CHANGE."""
+    saved = gpt.read_json(out_dir / "run.json", "--resume")
+    args = gpt.resume_settings(build_parser(), argv, saved, may_change=RESUME_MAY_CHANGE)
+    splits = [gpt.read_json(out_dir / name, "--resume") for name in SPLIT_FILES]
+    state_path = out_dir / "train_state.pt"
+    if not state_path.is_file() and (out_dir / "model.pt").is_file():
+        raise ValueError(
+            f"--resume: the run in {out_dir} has finished, and its train_state.pt was not kept (--keep-state keeps "
+            f"it): answer its test split with --generate-only, or train on with --model {out_dir / 'model.pt'}"
+        )
+    if not state_path.is_file():
+        raise ValueError(f"--resume: the run in {out_dir} stopped before its first save; start again with --overwrite")
+    return args, splits, gpt.load_checkpoint(state_path)
+
+
+def fine_tune(args, argv, device):
+    """Claim --out-dir, read and split the data (the saved run's with --resume), fine-tune
+    and save model.pt -> (settings, model in --dtype, where model.pt went, test entries).
+    Settings and split are written once data and model have passed their checks."""
+    out_dir = gpt.claim_run_folder(args.out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
+    if args.resume:
+        args, splits, state = resume_run(args, argv, out_dir)
+        source = f"the run's split in {out_dir}"
+    else:
+        source = data_path(args)
+        splits, state = split_dataset(load_instruction_data(source), args.seed), None
+    train_set, val_set, test_set = splits
+    print(f"data: {source}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries")
+    gpt.print_settings(args)
+    model = prepare_model(args, device, state)
+    context_length = model.cfg.context_length
+    max_length = args.max_length or context_length
+    if max_length > context_length:
+        raise ValueError(f"--max-length {max_length} is longer than the model's context length {context_length}")
+    print(gpt.model_summary(model, args.model) + f", on {device}")
+    train_examples = tokenize_examples(train_set, max_length, args.mask_prompt)
+    val_examples = tokenize_examples(val_set, max_length, args.mask_prompt)
+    if not train_examples or not val_examples:
+        raise ValueError("no training or validation example is left: raise --max-length or drop --mask-prompt")
+    gpt.write_json(out_dir / "run.json", vars(args))  # on --resume: with an extended --epochs or --max-steps
+    for name, entries in zip(SPLIT_FILES, splits):
+        gpt.write_json(out_dir / name, entries)
+
+    state_path = out_dir / "train_state.pt"
     try:
-        judge_responses(read_responses(responses_path), args.judge_url.rstrip("/"), args.judge_model, scored_path)
-    except RuntimeError as e:
-        raise RuntimeError(
-            f"{e}\nthe answers stay in {responses_path}; grade them later with: "
-            f"python finetune_instruct.py --judge-only --judge ollama --responses {responses_path}"
-        ) from None
+        history = train(model, train_examples, val_examples, args, max_length, state_path, device, state)
+    except KeyboardInterrupt:
+        if state_path.exists():
+            print(f"--resume --out-dir {out_dir} goes on from the last save in {state_path}", file=sys.stderr)
+        raise
+    losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
+    gpt.plot_curves(out_dir / "losses.png", {"loss": losses}, "step")
+    if args.lora:
+        gpt.merge_lora(model)  # back to GPT-2's own layers: a plain checkpoint
+    save = functools.partial(gpt.save_checkpoint, model=model.eval(), settings=vars(args), history=history)
+    checkpoint = gpt.save_with_fallback(save, out_dir / "model.pt")
+    print(f"saved the fine-tuned model to {checkpoint}")
+    if not args.keep_state:
+        state_path.unlink(missing_ok=True)  # 3x the model; --keep-state keeps it for a longer --resume
+    return args, model.to(gpt.DTYPES[args.dtype]), checkpoint, test_set
 
 
-def run(args):
-    out_dir = Path(args.out_dir)
-    responses_path = Path(args.responses) if args.responses else out_dir / "responses.json"
+# ----------------------------------------------------------------------------------------
+# 8. Putting it together
+# ----------------------------------------------------------------------------------------
 
+
+@gpt.command_line(memory_hint="use a smaller --batch-size or --max-length, or --lora")
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ["GPT_CACHE_DIR"] = args.cache_dir
+    responses_path, checkpoint = answer_paths(args)
     if args.judge_only:
         judge(args, responses_path)
         return
-
     device = gpt.pick_device(args.device)
-    settings = dict(vars(args))  # the recipe, saved with the checkpoints
-    answer_options = {key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_k", "top_p")}
-    answer_options["seed"] = args.seed if args.temperature > 0 else None
-
     if args.prompt is not None:
-        model = load_for_answers(args, out_dir, device)
-        response, _ = generate_response(model, {"instruction": args.prompt, "input": args.input}, **answer_options)
-        print(response)
+        model = load_for_answers(args, checkpoint, device)
+        print(generate_response(model, {"instruction": args.prompt, "input": args.input}, **answer_options(args))[0])
         return
-
-    path = data_path(args)
-    train_set, val_set, test_set = split_dataset(load_instruction_data(path), args.seed)
-    sizes = f"{len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries"
-    print(f"data: {path}: {sizes} (seed {args.seed})")
-
     if args.generate_only:
-        model = load_for_answers(args, out_dir, device)
+        model = load_for_answers(args, checkpoint, device)
+        test_set = test_split(args, gpt.claim_run_folder(args.out_dir, []))  # []: answers may be written again
     else:
-        resume_state, state_path = None, out_dir / "train_state.pt"
-        if args.resume:
-            if not state_path.exists():
-                raise FileNotFoundError(f"--resume: no {state_path} to continue from; run without --resume first")
-            resume_state = gpt.load_checkpoint(state_path)
-        model = prepare_model(settings, device, resume_state["config"] if resume_state else None)
-        context_length = model.cfg.context_length
-        if settings["max_length"] is None:
-            settings["max_length"] = context_length
-        elif settings["max_length"] > context_length:
-            raise ValueError(
-                f"--max-length {settings['max_length']} is longer than the model's context length {context_length}"
-            )
-        settings["data_sha256"] = hashlib.sha256(json.dumps(train_set + val_set, sort_keys=True).encode()).hexdigest()
-        if resume_state is not None:
-            check_resume(resume_state, settings, state_path)
-        trainable = gpt.count_parameters(model, trainable_only=True) / 1e6
-        print(
-            f"model: {args.model}, {gpt.count_parameters(model) / 1e6:.1f}M parameters, "
-            f"{trainable:.2f}M trainable{' (LoRA adapters)' if args.lora else ''}, on {device}"
-        )
-        train_examples = tokenize_examples(train_set, settings["max_length"], args.mask_prompt)
-        val_examples = tokenize_examples(val_set, settings["max_length"], args.mask_prompt)
-        if not train_examples or not val_examples:
-            raise ValueError("no training or validation example is left: raise --max-length or drop --mask-prompt")
-
-        history = train(model, train_examples, val_examples, settings, out_dir, device, resume_state)
-        gpt.plot_curves(
-            out_dir / "losses.png",
-            {
-                "loss": {
-                    "train": (history["step"], history["train_loss"]),
-                    "validation": (history["step"], history["val_loss"]),
-                }
-            },
-            "step",
-        )
-        if args.lora:
-            gpt.merge_lora(model)  # back to GPT-2's own layers: a plain checkpoint
-        gpt.save_checkpoint(out_dir / "model.pt", model.eval(), settings=settings, history=history)
-        print(f"saved the fine-tuned model to {out_dir / 'model.pt'}")
-
-    generate_responses(model, test_set, responses_path, **answer_options)
+        args, model, checkpoint, test_set = fine_tune(args, argv, device)
+        responses_path, _ = answer_paths(args)  # with --resume, the saved run's
+    options = answer_options(args)
+    generate_responses(model, test_set, responses_path, answers_fingerprint(checkpoint, test_set, options), **options)
     if args.judge == "ollama":
         judge(args, responses_path)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(
-            f"interrupted: --resume continues from the last {Path(args.out_dir) / 'train_state.pt'} (see --save-every)"
-        )
 
 
 if __name__ == "__main__":

@@ -3410,22 +3410,63 @@ def test_instruct_split_85_5_10_with_seed():
         instruct.split_dataset(entries[:9], seed=123)
 
 
-def test_instruct_parse_score():
-    assert instruct.parse_score("85") == 85
-    assert instruct.parse_score("Score: 72 out of 100. The answer is correct.") == 72
-    assert instruct.parse_score("I would rate it 90/100") == 90
-    assert instruct.parse_score(" 66.6\n") == 67
-    assert instruct.parse_score("100") == 100 and instruct.parse_score("0") == 0
-    assert instruct.parse_score("no idea") is None
-    assert instruct.parse_score("150") is None
-    assert instruct.parse_score("") is None
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ('{"score": 85}', 85.0),  # the structured output query_ollama asks for
+        ('{"score": 92.5}', 92.5),
+        ('{"score": 150}', None),  # JSON decides, even out of range
+        ('```json\n{"score": 70}\n```', 70.0),
+        ('My grade: {"score": 60, "reason": "mostly right"}', 60.0),
+        ("85", 85.0),
+        (" 66.6\n", 66.6),
+        ("8.5e1", 85.0),
+        ("100", 100.0),
+        ("0", 0.0),
+        ("On a scale from 0 to 100, I'd give 85", 85.0),  # not the 0 or 100 of the scale
+        ("1. The response is correct. 2. It is concise. Score: 70", 70.0),  # not the list numbers
+        ("1. The response is correct.\n2. It misses one detail.\n\n75", 75.0),
+        ("Score: 72 out of 100. The answer is correct.", 72.0),
+        ("**Score:** 88", 88.0),
+        ("Score = 85.5", 85.5),
+        ("Rating: 8/10", 80.0),
+        ("8/10", 80.0),
+        ("85/100", 85.0),
+        ("4 out of 5", 80.0),
+        ("Score: 8.7/10", 87.0),
+        ("I would rate it 90/100", 90.0),
+        ("I'd give it 85 because 2 of the 3 facts are right.", 85.0),  # the label wins
+        ("The model response `The sum is 12` is correct, so 95", 95.0),  # not the quoted 12
+        ("85%", 85.0),
+        ("150", None),
+        ("-5", None),
+        ("Score: 85/0", None),  # not the 8 of 85
+        ("Between 80 and 90.", None),  # a range: ambiguous
+        ("Score: 70. On second thought, final score: 85", None),  # two scores: ambiguous
+        ("The response is good, 3 points off: 97", None),
+        ("I cannot judge this.", None),
+        ("", None),
+        ("null", None),
+        ("[85]", None),
+        (None, None),
+        (85, 85.0),
+        ({"score": 85}, 85.0),
+        (True, None),
+    ],
+)
+def test_instruct_parse_score(reply, expected):
+    score = instruct.parse_score(reply)
+    assert score == expected and type(score) is type(expected)
 
 
 class _InstructFakeOllama(http.server.BaseHTTPRequestHandler):
-    """Answers /api/tags with one model and /api/chat with the next of `answers`."""
+    """Answers /api/tags with one model and /api/chat with the next of `answers` (any JSON
+    value as the message content); records each request body. With reject_format it
+    answers a schema in "format" with HTTP 400, as servers before Ollama 0.5 did."""
 
     answers = []
     requests = []
+    reject_format = False
 
     def do_GET(self):
         self._reply(
@@ -3436,6 +3477,9 @@ class _InstructFakeOllama(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append(body)
+        if type(self).reject_format and isinstance(body.get("format"), dict):
+            message = "json: cannot unmarshal object into Go struct field ChatRequest.format of type string"
+            return self._reply({"error": message}, 400)
         self._reply(
             {
                 "model": body["model"],
@@ -3462,6 +3506,7 @@ def _instruct_ollama():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     _InstructFakeOllama.requests = []
+    _InstructFakeOllama.reject_format = False
     yield server, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -3492,6 +3537,11 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
     request = _InstructFakeOllama.requests[0]
     assert request["model"] == "llama3" and request["stream"] is False
     assert request["options"]["temperature"] == 0 and request["options"]["seed"] == instruct.JUDGE_SEED
+    assert request["format"] == {
+        "type": "object",
+        "properties": {"score": {"type": "number", "minimum": 0, "maximum": 100}},
+        "required": ["score"],
+    }
     prompt = request["messages"][0]["content"]
     assert "`Answer 0.`" in prompt and "`Reply 0.`" in prompt and "integer number only" in prompt
 
@@ -3510,6 +3560,38 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
                 str(path),
             ]
         )
+
+
+def test_instruct_judge_any_content_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
+    _, url = _instruct_ollama
+    path, _ = _instruct_responses_file(tmp_path, 8)
+    _InstructFakeOllama.answers = [
+        '{"score": 92.5}',  # the text structured output sends
+        85,  # JSON values instead of text
+        {"score": 80},
+        None,
+        [85],
+        {"rating": 85},
+        "",  # an empty reply
+        '{"score": -5}',  # out of range
+    ]
+    instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
+    out = capsys.readouterr().out
+    assert "mean score 85.83 over 3 entries; 5 could not be scored" in out
+    assert "entry 3: no score 0-100 in the judge's answer None" in out
+    assert "entry 6: no score 0-100 in the judge's answer ''" in out
+    scored = json.loads((tmp_path / "responses-scored.json").read_text())
+    assert [e["score"] for e in scored] == [92.5, 85.0, 80.0, None, None, None, None, None]
+
+
+def test_instruct_query_ollama_asks_old_servers_without_schema(_instruct_ollama):
+    _, url = _instruct_ollama
+    _InstructFakeOllama.reject_format = True
+    _InstructFakeOllama.answers = ["Score: 75"]
+    assert instruct.query_ollama("grade this", url, "llama3") == "Score: 75"
+    first, second = _InstructFakeOllama.requests
+    assert first["format"] == instruct.SCORE_FORMAT and "format" not in second
+    assert second["messages"] == first["messages"]
 
 
 def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
@@ -3552,7 +3634,7 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
         str(folder / "tiny.pt"),
         *"--batch-size 5 --eval-batches 1 --lora --lora-rank 2 --mask-prompt".split(),
     ]
-    instruct.main(common + recipe + ["--epochs", "1"])
+    instruct.main(common + recipe + ["--epochs", "1", "--keep-state"])
     out = capsys.readouterr().out
     assert "10 train, 1 validation, 1 test entries" in out
     assert "step 2/2 | loss" in out and "tok/s" in out and "ETA" in out
@@ -3573,7 +3655,7 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "resuming at step 2 of 4" in out and "step 4/4" in out and "trained 2 steps" in out
     assert gpt.load_checkpoint(out_dir / "train_state.pt")["history"]["step"] == [0, 2, 4]
-    with pytest.raises(SystemExit, match="--batch-size: was 5, now 4"):
+    with pytest.raises(SystemExit, match="which used --batch-size 5, not 4"):
         instruct.main(common + recipe + ["--batch-size", "4", "--resume"])
 
     # Answers from the saved model: the test set again, and one prompt.
@@ -3595,51 +3677,80 @@ def test_instruct_clear_errors(tmp_path, _instruct_tiny_run):
     common = ["--data", str(folder / "data.json"), "--out-dir", str(tmp_path)]
     with pytest.raises(SystemExit, match="no .*model.pt: fine-tune first"):
         instruct.main(common + ["--generate-only"])
-    with pytest.raises(SystemExit, match="--resume: no .*train_state.pt"):
+    with pytest.raises(SystemExit, match="--resume: .* holds no run to continue"):
         instruct.main(common + ["--model", str(folder / "tiny.pt"), "--resume"])
     with pytest.raises(SystemExit, match="--max-length 97 is longer than the model's context length 96"):
         instruct.main(common + ["--model", str(folder / "tiny.pt"), "--max-length", "97"])
 
 
-def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys):
+def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
     folder = _instruct_tiny_run
-    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "1"]
-    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1"]
+    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
+    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
     instruct.main(common + ["--out-dir", str(folder / "straight")])
-    instruct.main(common + ["--out-dir", str(folder / "halves"), "--max-steps", "1"])
-    instruct.main(common + ["--out-dir", str(folder / "halves"), "--resume"])
-    assert "resuming at step 1 of 2" in capsys.readouterr().out
+    # Ctrl-C in step 3 of 4: the state of step 2 (an epoch's end) is on disk; --resume alone goes on from it.
+    check = gpt.check_finite_loss
+
+    def ctrl_c_in_step_3(loss, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        check(loss, step)
+
+    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c_in_step_3)
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(common + ["--out-dir", str(folder / "halves")])
+    assert exc.value.code == 130
+    assert capsys.readouterr().err.endswith(
+        f"--resume --out-dir {folder / 'halves'} goes on from the last save in {folder / 'halves' / 'train_state.pt'}"
+        "\ninterrupted\n"
+    )
+    assert gpt.load_checkpoint(folder / "halves" / "train_state.pt")["step"] == 2
+    monkeypatch.setattr(gpt, "check_finite_loss", check)
+    instruct.main(["--out-dir", str(folder / "halves"), "--resume"])
+    assert "resuming at step 2 of 4" in capsys.readouterr().out
     straight = gpt.load_checkpoint(folder / "straight" / "model.pt")["model"]
     halves = gpt.load_checkpoint(folder / "halves" / "model.pt")["model"]
     assert all(torch.equal(straight[k], halves[k]) for k in straight)
+    assert not (folder / "halves" / "train_state.pt").exists()  # a finished run keeps no training state
+    assert json.loads((folder / "halves" / "responses.json").read_text()) == json.loads(
+        (folder / "straight" / "responses.json").read_text()
+    )
+    with pytest.raises(SystemExit, match="has finished, and its train_state.pt was not kept"):
+        instruct.main(["--out-dir", str(folder / "halves"), "--resume", "--epochs", "3"])
 
 
-# Draft tests for finetune_instruct.py's flags (to merge into test_all.py's instruct section).
-
+# Values that argparse and the `type=` helpers reject (exit 2), and combinations parse_args refuses.
 _INSTRUCT_BAD_FLAGS = [
-    (["--top-k", "0"], "--top-k must be at least 1, got 0"),
-    (["--prompt", "hi", "--temperature", "0.8", "--top-k", "0"], "--top-k must be at least 1, got 0"),
-    (["--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
-    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
-    (["--lr", "-1"], "--lr must be a finite number above 0, got -1.0"),
-    (["--lr", "0"], "--lr must be a finite number above 0, got 0.0"),
-    (["--lr", "nan"], "--lr must be a finite number above 0, got nan"),
-    (["--max-new-tokens", "-1"], "--max-new-tokens must be at least 0, got -1"),
-    (["--eval-batches", "-1"], "--eval-batches must be at least 0, got -1"),
-    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
-    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--save-every", "0"], "--save-every must be at least 1, got 0"),
-    (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
-    (["--max-length", "0"], "--max-length must be at least 1, got 0"),
-    (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
-    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
-    (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
-    (["--lora-alpha", "-1"], "--lora-alpha must be positive, got -1.0"),
-    (["--lora-alpha", "nan"], "--lora-alpha must be positive, got nan"),
+    (["--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
+    (["--prompt", "hi", "--temperature", "0.8", "--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
+    (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got '-1'"),
+    (["--temperature", "inf"], "argument --temperature: must be a finite number >= 0, got 'inf'"),
+    (["--weight-decay", "-1"], "argument --weight-decay: must be a finite number >= 0, got '-1'"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+    (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
+    (["--eval-batches", "-1"], "argument --eval-batches: must be an integer >= 0, got '-1'"),
+    (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got '0'"),
+    (["--epochs", "inf"], "argument --epochs: must be an integer >= 1, got 'inf'"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+    (["--save-every", "0"], "argument --save-every: must be an integer >= 1, got '0'"),
+    (["--max-steps", "0"], "argument --max-steps: must be an integer >= 1, got '0'"),
+    (["--max-length", "0"], "argument --max-length: must be an integer >= 1, got '0'"),
+    (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
+    (["--top-p", "0"], "argument --top-p: must be a number in (0, 1], got '0'"),
+    (["--top-p", "nan"], "argument --top-p: must be a number in (0, 1], got 'nan'"),
+    (["--lora-alpha", "nan"], "argument --lora-alpha: must be a finite number > 0, got 'nan'"),
+    (["--drop-rate", "1"], "argument --drop-rate: must be a number in [0, 1), got '1'"),
+    (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
+    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64' (choose from 'float32', 'bfloat16', "
+     "'float16')"),
+    (["--dtype", "float16"], "--dtype float16 trains without loss scaling: train in bfloat16 or float32"),
     (["--prompt", ""], "--prompt must hold the instruction to answer, got ''"),
     (["--prompt", " \n "], "--prompt must hold the instruction to answer, got ' \\n '"),
     (["--input", "x"], "--input goes with --prompt: give the instruction too"),
+    (["--resume", "--overwrite"], "choose --resume (continue the run) or --overwrite (replace it)"),
+    (["--resume", "--generate-only"], "choose one of --generate-only, --judge-only, --prompt and --resume"),
+    (["--judge-only"], "--judge-only needs --judge ollama"),
 ]
 
 
@@ -3647,8 +3758,7 @@ def test_instruct_bad_flags_rejected_at_startup(tmp_path, capsys, monkeypatch, _
     # A valid data file and model: without the startup check, each of these would train
     # (or load the checkpoint) first.
     folder = _instruct_tiny_run
-    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(instruct, "run", lambda args: pytest.fail(f"run() reached with {args}"))
+    monkeypatch.setattr(gpt, "pick_device", lambda name: pytest.fail(f"got past the flags to the device {name}"))
     out_dir = tmp_path / "run"
     common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--out-dir", str(out_dir)]
     common += ["--checkpoint", str(folder / "tiny.pt"), "--batch-size", "5", "--eval-batches", "1"]
@@ -3657,8 +3767,8 @@ def test_instruct_bad_flags_rejected_at_startup(tmp_path, capsys, monkeypatch, _
             instruct.main(common + bad)
         assert exc.value.code == 2, bad  # argparse's usage error, not a run-time "error: ..."
         last_line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last_line.endswith(": error: " + message), bad
-        assert message.split()[0] in bad, message  # the message starts with the flag to fix
+        assert last_line.endswith(": error: " + message), (bad, last_line)
+        assert re.search(r"--[\w-]+", message).group() in bad, message  # the message names a flag given
     assert not out_dir.exists()
 
 
@@ -3668,6 +3778,10 @@ def test_instruct_flag_limits_are_accepted():
     assert (args.top_k, args.top_p, args.temperature, args.max_new_tokens, args.eval_batches) == (1, 1.0, 0.0, 0, 0)
     args = instruct.parse_args(["--prompt", "Name a color.", "--input", "x", "--top-p", "1e-9", "--lr", "1e-9"])
     assert (args.prompt, args.input, args.top_p) == ("Name a color.", "x", 1e-9)
+    largest_seed = instruct.parse_args(["--seed", str(2**63 - 1)]).seed
+    batches = instruct.epoch_batches(list(range(5)), 2, largest_seed, epoch=1)
+    assert sorted(sum(batches, [])) == [0, 1, 2, 3, 4] and [len(b) for b in batches] == [2, 2, 1]
+    assert instruct.epoch_batches(list(range(5)), 2, largest_seed, epoch=1) == batches
 
 
 def test_instruct_top_p_reaches_generation(_instruct_tiny_run, capsys, monkeypatch):
@@ -3682,3 +3796,152 @@ def test_instruct_top_p_reaches_generation(_instruct_tiny_run, capsys, monkeypat
     assert capsys.readouterr().out.splitlines()[-1] == greedy
     instruct.main(prompt + ["--temperature", "5", "--seed", "1"])
     assert capsys.readouterr().out.splitlines()[-1] != greedy
+
+
+# --- run folder, saved split, answers kept, bad inputs -------------------------------------
+
+
+def _instruct_quick(folder, out_dir, *extra):
+    """Flags for a 1-step run of the tiny model on the 12-entry data."""
+    return ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--out-dir", str(out_dir),
+            "--batch-size", "10", "--epochs", "1", "--eval-batches", "1", "--max-new-tokens", "2", *extra]
+
+
+def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_run, tmp_path, monkeypatch):
+    folder = _instruct_tiny_run
+    instruct.main(_instruct_quick(folder, tmp_path / "run", "--seed", "7"))
+    entries = json.loads((folder / "data.json").read_text())
+    train, val, test = instruct.split_dataset(entries, seed=7)
+    saved = [json.loads((tmp_path / "run" / name).read_text()) for name in instruct.SPLIT_FILES]
+    assert saved == [train, val, test]
+    assert instruct.split_dataset(entries, seed=123)[2] != test  # the default --seed would answer another entry
+    answered = json.loads((tmp_path / "run" / "responses.json").read_text())
+    # Offline, with the default --seed and no --data: the run's own test split, no download.
+    monkeypatch.setattr(gpt, "fetch_dataset", lambda *a, **k: pytest.fail("--generate-only tried to download"))
+    (tmp_path / "run" / "responses.json").unlink()
+    instruct.main(["--generate-only", "--out-dir", str(tmp_path / "run"), "--max-new-tokens", "2"])
+    again = json.loads((tmp_path / "run" / "responses.json").read_text())
+    assert [{k: e[k] for k in ("instruction", "input", "output")} for e in again] == test
+    assert again == answered
+
+
+def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_path):
+    folder = _instruct_tiny_run
+    instruct.main(_instruct_quick(folder, tmp_path / "run", "--keep-state"))
+    before = (tmp_path / "run" / "model.pt").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(_instruct_quick(folder, tmp_path / "run"))
+    assert "holds another run" in str(exc.value) and "--overwrite" in str(exc.value)
+    assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns == before
+    instruct.main(_instruct_quick(folder, tmp_path / "run", "--overwrite"))
+    assert not (tmp_path / "run" / "train_state.pt").exists()  # the old run's state went with --overwrite
+    assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns != before
+    # A finished run with its state: --resume needs more steps, and then trains them.
+    instruct.main(_instruct_quick(folder, tmp_path / "kept", "--keep-state"))
+    with pytest.raises(SystemExit, match="the run has trained all its 1 steps; give larger --epochs or --max-steps"):
+        instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume"])
+    instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2"])
+    assert gpt.load_checkpoint(tmp_path / "kept" / "train_state.pt")["step"] == 2
+
+
+def test_instruct_bom_and_deep_nesting(tmp_path):
+    entry = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    path = tmp_path / "data.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([entry]).encode())
+    assert instruct.load_instruction_data(path) == [entry]
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(entry).encode() + b"\n")  # JSON Lines
+    assert instruct.load_instruction_data(path) == [entry]
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(["--data", str(path), "--out-dir", str(tmp_path / "run")])
+    assert str(exc.value) == f"error: --data {path}: JSON nested too deeply to read"
+
+
+def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
+    torch.manual_seed(0)
+    small = gpt.GPTModel(gpt.GPTConfig(vocab_size=1000, context_length=32, emb_dim=32, n_heads=2, n_layers=1))
+    gpt.save_checkpoint(tmp_path / "small.pt", small)
+    message = (
+        f"error: --model {tmp_path / 'small.pt'} has a vocabulary of 1000 tokens, but the GPT-2 tokenizer has 50257: "
+        "use a GPT-2 model, or one trained with the GPT-2 tokenizer"
+    )
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "small.pt")])
+    assert str(exc.value) == message.replace("--model", "--checkpoint")
+    data = [{"instruction": f"Task {i}.", "output": "Done."} for i in range(10)]
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    run = ["--data", str(tmp_path / "data.json"), "--model", str(tmp_path / "small.pt")]
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(run + ["--out-dir", str(tmp_path / "run")])
+    assert str(exc.value) == message
+    assert os.listdir(tmp_path / "run") == [".lock"]  # no run files before the checks pass: no --overwrite needed
+
+
+def test_instruct_answers_survive_a_full_disk_and_an_interruption(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
+    folder = _instruct_tiny_run
+    entries = [{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
+    (tmp_path / "data.json").write_text(json.dumps(entries))  # test split: 4 entries
+    common = ["--data", str(tmp_path / "data.json"), "--checkpoint", str(folder / "tiny.pt"), "--generate-only"]
+    common += ["--max-new-tokens", "2"]
+    instruct.main(common + ["--out-dir", str(tmp_path / "straight")])
+    straight = json.loads((tmp_path / "straight" / "responses.json").read_text())
+    assert len(straight) == 4
+
+    # Ctrl-C during the third answer, saving every answer: two are kept and not made again.
+    monkeypatch.setattr(instruct, "ANSWERS_PER_SAVE", 1)
+    answer = instruct.generate_response
+    calls = []
+
+    def interrupted_at_the_third(model, entry, **options):
+        calls.append(entry["instruction"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return answer(model, entry, **options)
+
+    monkeypatch.setattr(instruct, "generate_response", interrupted_at_the_third)
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(common + ["--out-dir", str(tmp_path / "run")])
+    assert exc.value.code == 130
+    assert len(json.loads((tmp_path / "run" / "responses.partial.json").read_text())["responses"]) == 2
+    capsys.readouterr()
+    # The disk is full when the answers are written: they go to the temporary folder.
+    write_json = gpt.write_json
+
+    def full_disk(path, obj):
+        if Path(path).name == "responses.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_json(path, obj)
+
+    monkeypatch.setattr(gpt, "write_json", full_disk)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    instruct.main(common + ["--out-dir", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert "answers: 2 of 4 taken from" in captured.out
+    assert len(calls) == 5 and calls[3] == calls[2]  # only the interrupted third answer and the fourth are made
+    assert "No space left on device" in captured.err
+    [fallback] = (tmp_path / "tmp").glob("responses-*.json")
+    assert json.loads(fallback.read_text()) == straight
+    assert not (tmp_path / "run" / "responses.json").exists()
+
+
+def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_path, monkeypatch):
+    folder = _instruct_tiny_run
+    (tmp_path / "answers.json").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(_instruct_quick(folder, tmp_path / "run", "--responses", str(tmp_path / "answers.json")))
+    assert str(exc.value) == (
+        f"error: {tmp_path / 'answers.json'} is a folder, but a file goes there: move it away, or give another "
+        "--responses"
+    )
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match="answers.json is a folder, but a file goes there: .* another --checkpoint"):
+        instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "answers.json")])
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(_instruct_quick(folder, tmp_path / "run"))
+    assert str(exc.value) == "error: out of memory: use a smaller --batch-size or --max-length, or --lora"
