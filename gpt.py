@@ -1763,8 +1763,10 @@ def load_tokenizer(name_or_path="gpt2", *, quiet=False):
     `is_llama_family`): the `HubEncoding` of its tokenizer.json (see
     `encoding_from_tokenizer_json`), with the end-of-text token named by tokenizer_config.json
     when there is one. Raises ValueError for a tokenizer tiktoken cannot run exactly,
-    RuntimeError or FileNotFoundError when the files cannot be had.
+    RuntimeError or FileNotFoundError when the files cannot be had. A checkpoint of this
+    project: the tokenizer it names (see `tokenizer_source`).
     """
+    name_or_path = tokenizer_source(name_or_path)
     if not is_llama_family(name_or_path):
         return get_tokenizer(), EOT_ID
     folder = Path(name_or_path)
@@ -1778,6 +1780,30 @@ def load_tokenizer(name_or_path="gpt2", *, quiet=False):
     eos = eos.get("content") if isinstance(eos, dict) else eos  # older files: {"content": ..., ...}
     encoding = encoding_from_tokenizer_json(read_json(tokenizer_path, "tokenizer"), tokenizer_path, eos)
     return encoding, encoding.eot_token
+
+
+def tokenizer_source(name_or_path):
+    """What names the tokenizer of a model -> str for `load_tokenizer`, and what a checkpoint
+    stores as its "tokenizer" entry: a Hub name as is, a folder as its absolute path, and
+    for a checkpoint of this project (a file neither .safetensors nor a folder) its own
+    "tokenizer" entry, or "gpt2" when it has none (every checkpoint from before the Llama
+    family). Scripts save `tokenizer=gpt.tokenizer_source(args.model)` with a checkpoint.
+    Reads a checkpoint memory-mapped: the entry, not the weights."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return str(path.resolve())
+    if not path.is_file() or path.suffix == ".safetensors":
+        return str(name_or_path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project ({e.__class__.__name__})") from None
+    source = checkpoint.get("tokenizer", "gpt2") if isinstance(checkpoint, dict) else "gpt2"
+    if not isinstance(source, str):
+        raise ValueError(f"{path}: the checkpoint's 'tokenizer' entry must name a Hub model or a folder, got {source!r}")
+    if source not in GPT_CONFIGS and not Path(source).is_dir() and not is_llama_family(source):
+        raise FileNotFoundError(f"{path}: its tokenizer {source!r} is neither a Hub model nor a folder (moved?)")
+    return source
 
 
 # ----------------------------------------------------------------------------------------
@@ -2418,8 +2444,9 @@ def model_summary(model, name):
 def check_vocabulary(model, source, tokenizer=None):
     """Raise ValueError when the tokenizer (GPT-2's unless given) can produce ids that model has
     no embedding for (a larger vocabulary, such as one padded to 50304, is fine)."""
-    n_tokens = (tokenizer or get_tokenizer()).n_vocab
-    which = "the GPT-2 tokenizer" if tokenizer is None else f"the tokenizer {tokenizer.name}"
+    tokenizer = tokenizer or get_tokenizer()
+    n_tokens = tokenizer.n_vocab
+    which = "the GPT-2 tokenizer" if tokenizer is get_tokenizer() else f"the tokenizer {tokenizer.name}"
     if model.cfg.vocab_size < n_tokens:
         raise ValueError(
             f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
