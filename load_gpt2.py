@@ -4,7 +4,8 @@ Stage 1 of the lifecycle. Loads OpenAI's GPT-2 from the Hugging Face Hub (downlo
 once; later runs read the cache), a local .safetensors file or a checkpoint of this
 project, and then either continues a prompt or measures the model as the field does.
 New: a model of the Llama family (SmolLM2, Qwen3, Llama 3.2) works the same way, by its
-Hub name or a folder, with its own tokenizer and end-of-text token.
+Hub name or a folder, with its own tokenizer and end-of-text token. A checkpoint names
+its tokenizer (its "tokenizer" entry, see gpt.tokenizer_source; none: GPT-2's).
 
 Try it: continue a prompt, printing the tokens as they are generated.
 
@@ -335,11 +336,12 @@ def summarize(scored, requests):
 def perplexity_requests(ids, context_length, stride, first_id=gpt.EOT_ID):
     """Windows over a text's token ids -> (token ids, n_scored) requests for `sum_logprobs`.
 
-    first_id goes first so that the first token is predicted too (as the harness's
-    rolling log-likelihood does; `prefix_id`: <|endoftext|> for GPT-2). Each window reads up to context_length tokens and
-    scores only the tokens no earlier window scored; windows start `stride` tokens
-    apart, so every token after the first window has at least context_length - stride
-    tokens of context (the sliding window of Hugging Face's perplexity guide).
+    first_id (`prefix_id`: <|endoftext|> for GPT-2) goes first so that the first token is
+    predicted too, as the harness's rolling log-likelihood does. Each window reads up to
+    context_length tokens and scores only the tokens no earlier window scored; windows
+    start `stride` tokens apart, so every token after the first window has at least
+    context_length - stride tokens of context (the sliding window of Hugging Face's
+    perplexity guide).
     """
     if not 1 <= stride <= context_length:
         raise ValueError(f"--stride {stride} must be from 1 to the model's context length ({context_length})")
@@ -506,7 +508,7 @@ def download_model(name):
     tokenizer is converted once, so that a tokenizer tiktoken cannot run fails now)."""
     if name in gpt.GPT_CONFIGS:
         return gpt.download_gpt2(name)
-    config, weights = gpt.llama_files(name)
+    config, _ = gpt.llama_files(name)
     gpt.load_tokenizer(name)
     return config.parent
 

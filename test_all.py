@@ -783,14 +783,15 @@ def test_tokenizer_json_drops_bytes_missing_from_the_vocabulary_as_the_reference
 FAMILY_STYLES = {"smollm2": "llama", "llama3": "llama", "qwen3": "qwen3"}  # tokenizer style -> model_type
 
 
-def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt):
+def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt, **config):
     """A random model (vocabulary 1000, context 256) saved with save_pretrained beside the
     trained tokenizer.json of `style`, whose greedy continuation of `prompt` reaches the
     end-of-text token early: the untied head's row of that token is, slightly larger, the
-    row of the token greedy decoding picks third -> (transformers model, tokenizers.Tokenizer)."""
+    row of the token greedy decoding picks third (tied: the embedding's row too) -> (transformers
+    model, tokenizers.Tokenizer). config: more of transformers' config."""
     tokenizer, tokenizer_folder = trained_tokenizers[style]
-    reference = save_hf_family(folder, FAMILY_STYLES[style], vocab_size=1000, max_position_embeddings=256,
-                               num_key_value_heads=2, tie_word_embeddings=False)
+    sizes = dict(vocab_size=1000, max_position_embeddings=256, num_key_value_heads=2, tie_word_embeddings=False)
+    reference = save_hf_family(folder, FAMILY_STYLES[style], **{**sizes, **config})
     (folder / "tokenizer.json").write_bytes((tokenizer_folder / "tokenizer.json").read_bytes())
     prompt_ids = torch.tensor([tokenizer.encode(prompt).ids])
     third = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=3,
@@ -877,6 +878,30 @@ def test_family_load_gpt2_download_only_fetches_model_and_tokenizer(trained_toke
     with pytest.raises(SystemExit) as exit_info:
         load_gpt2.main(["--model", str(tmp_path / "model"), "--download-only"])
     assert exit_info.value.code == 2  # a folder is no name to download
+
+
+@pytest.mark.parametrize("style, config", [
+    ("llama3", dict(rope_scaling=dict(LLAMA3_SCALING), attention_bias=True, mlp_bias=True, head_dim=24)),
+    ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
+])
+def test_family_load_gpt2_export_hf_is_read_by_transformers(trained_tokenizers, tmp_path, style, config):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, "Hi", **config)
+    model = gpt.load_model(tmp_path / "model")
+    gpt.save_checkpoint(tmp_path / "tuned.pt", model, tokenizer=gpt.tokenizer_source(tmp_path / "model"))
+    load_gpt2.main(["--model", str(tmp_path / "tuned.pt"), "--export-hf", str(tmp_path / "hf")])
+    exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
+    assert problems == [] and type(exported) is type(reference)
+    idx = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (exported(idx).logits - reference(idx).logits).abs().max().item() <= 1e-4
+        assert torch.equal(gpt.load_model(tmp_path / "hf")(idx), model(idx))  # and back
+    exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in HELD_OUT:
+        assert exported_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
+    end_of_text = gpt.load_tokenizer(tmp_path / "model")[1]
+    assert exported.generation_config.eos_token_id == exported.config.eos_token_id == end_of_text
 
 
 # ========================================================================================
