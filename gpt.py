@@ -1738,7 +1738,7 @@ def is_llama_family(name_or_path):
     is no local path, or a folder whose config.json is not GPT-2's."""
     path = Path(name_or_path)
     if not path.exists():
-        return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path))) and path.suffix not in (".pt", ".safetensors")
+        return bool(re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(name_or_path))) and path.suffix not in (".pt", ".safetensors")
     config = path / "config.json"
     return path.is_dir() and not (config.exists() and read_json(config, "model config").get("model_type") == "gpt2")
 
