@@ -1738,7 +1738,7 @@ def is_llama_family(name_or_path):
     is no local path, or a folder whose config.json is not GPT-2's."""
     path = Path(name_or_path)
     if not path.exists():
-        return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path))) and path.suffix not in (".pt", ".safetensors")
+        return bool(re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(name_or_path))) and path.suffix not in (".pt", ".safetensors")
     config = path / "config.json"
     return path.is_dir() and not (config.exists() and read_json(config, "model config").get("model_type") == "gpt2")
 
@@ -1763,21 +1763,52 @@ def load_tokenizer(name_or_path="gpt2", *, quiet=False):
     `is_llama_family`): the `HubEncoding` of its tokenizer.json (see
     `encoding_from_tokenizer_json`), with the end-of-text token named by tokenizer_config.json
     when there is one. Raises ValueError for a tokenizer tiktoken cannot run exactly,
-    RuntimeError or FileNotFoundError when the files cannot be had.
+    RuntimeError or FileNotFoundError when the files cannot be had. A checkpoint of this
+    project: the tokenizer it names (see `tokenizer_source`).
     """
+    name_or_path = tokenizer_source(name_or_path)
     if not is_llama_family(name_or_path):
         return get_tokenizer(), EOT_ID
-    folder = Path(name_or_path)
-    if folder.is_dir():
-        tokenizer_path, config_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
-        config_path = config_path if config_path.exists() else None
-    else:
-        tokenizer_path = hub_file(str(name_or_path), "tokenizer.json", kind="json", quiet=quiet)
-        config_path = hub_file(str(name_or_path), "tokenizer_config.json", kind="json", quiet=quiet, missing_ok=True)
+    tokenizer_path, config_path = tokenizer_files(name_or_path, quiet=quiet)
     eos = read_json(config_path, "tokenizer config").get("eos_token") if config_path else None
     eos = eos.get("content") if isinstance(eos, dict) else eos  # older files: {"content": ..., ...}
     encoding = encoding_from_tokenizer_json(read_json(tokenizer_path, "tokenizer"), tokenizer_path, eos)
     return encoding, encoding.eot_token
+
+
+def tokenizer_files(name_or_path, *, quiet=False):
+    """(tokenizer.json path, tokenizer_config.json path or None) of a Llama-family folder or
+    Hub model, downloading them once (see `hub_file`)."""
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        config_path = folder / "tokenizer_config.json"
+        return folder / "tokenizer.json", config_path if config_path.exists() else None
+    tokenizer_path = hub_file(str(name_or_path), "tokenizer.json", kind="json", quiet=quiet)
+    return tokenizer_path, hub_file(str(name_or_path), "tokenizer_config.json", kind="json", quiet=quiet, missing_ok=True)
+
+
+def tokenizer_source(name_or_path):
+    """What names the tokenizer of a model -> str for `load_tokenizer`, and what a checkpoint
+    stores as its "tokenizer" entry: a Hub name as is, a folder as its absolute path, and
+    for a checkpoint of this project (a file neither .safetensors nor a folder) its own
+    "tokenizer" entry, or "gpt2" when it has none (every checkpoint from before the Llama
+    family). Scripts save `tokenizer=gpt.tokenizer_source(args.model)` with a checkpoint.
+    Reads a checkpoint memory-mapped: the entry, not the weights."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return str(path.resolve())
+    if not path.is_file() or path.suffix == ".safetensors":
+        return str(name_or_path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project ({e.__class__.__name__})") from None
+    source = checkpoint.get("tokenizer", "gpt2") if isinstance(checkpoint, dict) else "gpt2"
+    if not isinstance(source, str):
+        raise ValueError(f"{path}: the checkpoint's 'tokenizer' entry must name a Hub model or a folder, got {source!r}")
+    if source not in GPT_CONFIGS and not Path(source).is_dir() and not is_llama_family(source):
+        raise FileNotFoundError(f"{path}: its tokenizer {source!r} is neither a Hub model nor a folder (moved?)")
+    return source
 
 
 # ----------------------------------------------------------------------------------------
@@ -1959,7 +1990,8 @@ def hf_tokenizer_files(model_max_length, **settings):
 
 
 def hf_tensors(model, dtype=torch.float32):
-    """The weights of a GPTModel under transformers' GPT-2 names -> {name: tensor in dtype}.
+    """The weights of a GPTModel under transformers' GPT-2 names -> {name: tensor in dtype}
+    (a LlamaModel: under LlamaForCausalLM's names, `model.` prefix and `lm_head`).
 
     Names get the `transformer.` prefix of GPT2LMHeadModel; the four Conv1D weights go
     back to the release's [in_features, out_features] layout; the head is left out (tied
@@ -1970,6 +2002,13 @@ def hf_tensors(model, dtype=torch.float32):
     model = unwrap_model(model)
     if any(isinstance(module, LoRALinear) for module in model.modules()):
         model = merge_lora(copy.deepcopy(model))
+    if model.cfg.family == "llama":  # New: Hugging Face Llama names already, [out, in]; a tied head stored once
+        tied = model.cfg.tie_embeddings
+        return {
+            (name if name.startswith("lm_head.") else "model." + name): tensor.to(dtype)
+            for name, tensor in model.state_dict().items()
+            if not (tied and name == "lm_head.weight")
+        }
     tensors = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("lm_head."):
@@ -2008,29 +2047,89 @@ def hf_config(cfg, dtype, architecture="GPT2LMHeadModel", **extra):
     }
 
 
-def export_hf(model_or_name, folder, *, dtype=None, overwrite=False):
+def hf_llama_config(cfg, dtype, bos_id, eos_id):
+    """config.json of transformers' LlamaForCausalLM for a Llama-family GPTConfig, or of
+    Qwen3ForCausalLM when it normalises queries and keys -> dict (`config_from_hub` reads
+    it back). Raises ValueError for biases neither class can express."""
+    if cfg.qkv_bias != cfg.out_bias or (cfg.qk_norm and cfg.mlp_bias):
+        raise ValueError(
+            "this model's biases have no Llama or Qwen3 config.json: attention_bias is one switch for the "
+            "q, k, v and o projections, and Qwen3 has no MLP biases"
+        )
+    rope = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else {"rope_type": "default"}
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
+        "model_type": "qwen3" if cfg.qk_norm else "llama",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.context_length,
+        "hidden_size": cfg.emb_dim,
+        "intermediate_size": cfg.hidden_dim or 4 * cfg.emb_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+        "head_dim": cfg.head_dim or cfg.emb_dim // cfg.n_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,  # transformers 4 reads these two,
+        "rope_scaling": rope if cfg.rope_scaling else None,
+        "rope_parameters": {**rope, "rope_theta": cfg.rope_theta},  # transformers 5 this one
+        "attention_bias": cfg.qkv_bias,
+        **({} if cfg.qk_norm else {"mlp_bias": cfg.mlp_bias}),
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+
+
+def copied_tokenizer_files(source, encoding, model_max_length):
+    """The tokenizer of a Llama-family model (a folder or Hub name, see `tokenizer_files`) for
+    an export -> {file name: bytes or JSON-able}: its tokenizer.json as it is, and its
+    tokenizer_config.json, or when it has none one naming transformers' fast tokenizer,
+    the end-of-text token and model_max_length (tokens)."""
+    tokenizer_path, config_path = tokenizer_files(source)
+    end_of_text = encoding.decode([encoding.eot_token])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end_of_text, "model_max_length": model_max_length}
+    config = read_json(config_path, "tokenizer config") if config_path else config
+    return {"tokenizer.json": tokenizer_path.read_bytes(), "tokenizer_config.json": config}
+
+
+def export_hf(model_or_name, folder, *, dtype=None, overwrite=False, tokenizer=None):
     """Write a language model as a Hugging Face model folder -> its Path.
 
-    model_or_name: a GPTModel, or whatever `load_gpt2` loads (a released size, a
-    .safetensors file or folder, a checkpoint of pretrain.py or finetune_instruct.py),
-    loaded after the folder is checked. The folder holds what
-    `GPT2LMHeadModel.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`
+    model_or_name: a GPTModel or LlamaModel, or whatever `load_model` loads (a released
+    size, a .safetensors file or folder, a Llama-family Hub name or folder, a checkpoint
+    of pretrain.py or finetune_instruct.py), loaded after the folder is checked.
+    tokenizer: what names the model's tokenizer (see `tokenizer_source`); None: the one of
+    model_or_name when it is a name or path, else GPT-2's. The folder holds what
+    `AutoModelForCausalLM.from_pretrained(folder)` (GPT2LMHeadModel; LlamaForCausalLM or
+    Qwen3ForCausalLM, see `hf_llama_config`) and `AutoTokenizer.from_pretrained(folder)`
     read: config.json, model.safetensors (in `dtype`, default the weights' own),
-    generation_config.json and the tokenizer files (`hf_tokenizer_files`);
-    `load_gpt2(folder)` reads it back. Written atomically (`write_hf_folder`). Raises
-    ValueError for a vocabulary smaller than GPT-2's (the tokenizer would not fit), and
-    as `check_hf_folder` and `write_hf_folder`.
+    generation_config.json and the tokenizer files (GPT-2's `hf_tokenizer_files`, or
+    `copied_tokenizer_files`); `load_model(folder)` reads it back. Written atomically
+    (`write_hf_folder`). Raises ValueError for a vocabulary smaller than the tokenizer's
+    (the tokenizer would not fit), and as `check_hf_folder` and `write_hf_folder`.
     """
     if not isinstance(model_or_name, nn.Module):
         check_hf_folder(folder, overwrite)  # before a load that may take minutes
-        model_or_name = load_gpt2(model_or_name, dtype=dtype or torch.float32)
+        tokenizer = tokenizer or tokenizer_source(model_or_name)
+        model_or_name = load_model(model_or_name, dtype=dtype or torch.float32)
     model = unwrap_model(model_or_name)
-    check_vocabulary(model, "export")
+    encoding, eot_id = load_tokenizer(tokenizer or "gpt2")
+    check_vocabulary(model, "export", encoding)
     dtype = dtype or model.wte.weight.dtype
+    bos_id = eot_id if getattr(encoding, "bos_id", None) is None else encoding.bos_id
+    if model.cfg.family == "llama":
+        config = hf_llama_config(model.cfg, dtype, bos_id, eot_id)
+    else:
+        config = hf_config(model.cfg, dtype, bos_token_id=bos_id, eos_token_id=eot_id)
+    length = model.cfg.context_length
     files = {
-        "config.json": hf_config(model.cfg, dtype),
-        "generation_config.json": {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID},
-        **hf_tokenizer_files(model.cfg.context_length),
+        "config.json": config,
+        "generation_config.json": {"bos_token_id": bos_id, "eos_token_id": eot_id},
+        **(hf_tokenizer_files(length) if encoding is get_tokenizer() else copied_tokenizer_files(tokenizer, encoding, length)),
     }
     return write_hf_folder(folder, hf_tensors(model, dtype), files, overwrite=overwrite)
 
@@ -2418,8 +2517,9 @@ def model_summary(model, name):
 def check_vocabulary(model, source, tokenizer=None):
     """Raise ValueError when the tokenizer (GPT-2's unless given) can produce ids that model has
     no embedding for (a larger vocabulary, such as one padded to 50304, is fine)."""
-    n_tokens = (tokenizer or get_tokenizer()).n_vocab
-    which = "the GPT-2 tokenizer" if tokenizer is None else f"the tokenizer {tokenizer.name}"
+    tokenizer = tokenizer or get_tokenizer()
+    n_tokens = tokenizer.n_vocab
+    which = "the GPT-2 tokenizer" if tokenizer is get_tokenizer() else f"the tokenizer {tokenizer.name}"
     if model.cfg.vocab_size < n_tokens:
         raise ValueError(
             f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "

@@ -3,6 +3,9 @@
 Stage 1 of the lifecycle. Loads OpenAI's GPT-2 from the Hugging Face Hub (downloaded
 once; later runs read the cache), a local .safetensors file or a checkpoint of this
 project, and then either continues a prompt or measures the model as the field does.
+New: a model of the Llama family (SmolLM2, Qwen3, Llama 3.2) works the same way, by its
+Hub name or a folder, with its own tokenizer and end-of-text token. A checkpoint names
+its tokenizer (its "tokenizer" entry, see gpt.tokenizer_source; none: GPT-2's).
 
 Try it: continue a prompt, printing the tokens as they are generated.
 
@@ -12,6 +15,7 @@ Try it: continue a prompt, printing the tokens as they are generated.
     python load_gpt2.py --model path/to/model.safetensors   # offline: a local file
     python load_gpt2.py --model runs/pretrain/best.pt       # a checkpoint of pretrain.py
     python load_gpt2.py --download-only --model gpt2-xl
+    python load_gpt2.py --model HuggingFaceTB/SmolLM2-135M   # the Llama family, its own tokenizer
     python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # for transformers
 
 Measure it (any model the script loads):
@@ -55,8 +59,9 @@ import gpt
 # ----------------------------------------------------------------------------------------
 
 
-def stream_continuation(model, prompt_ids, args):
-    """Generate after prompt_ids [1, n], printing each token's text as soon as it comes.
+def stream_continuation(model, prompt_ids, args, tokenizer, eot_id):
+    """Generate after prompt_ids [1, n], printing each token's text as soon as it comes,
+    until the model's end-of-text token `eot_id` (not printed) or --max-new-tokens.
 
     A token can end in the middle of a multi-byte character, so the text printed is the
     decoded text so far minus what was already printed.
@@ -65,15 +70,17 @@ def stream_continuation(model, prompt_ids, args):
 
     def print_token(token):
         nonlocal printed
+        if token.item() == eot_id:
+            return
         new_ids.append(token.item())
-        text = gpt.token_ids_to_text(new_ids)
+        text = gpt.token_ids_to_text(new_ids, tokenizer)
         if not text.endswith("\ufffd"):  # wait for the rest of a split character
             print(text[len(printed) :], end="", flush=True)
             printed = text
 
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eot_id)
     gpt.generate(model, prompt_ids, args.max_new_tokens, on_token=print_token, **options)
-    print(gpt.token_ids_to_text(new_ids)[len(printed) :])
+    print(gpt.token_ids_to_text(new_ids, tokenizer)[len(printed) :])
 
 
 # ----------------------------------------------------------------------------------------
@@ -81,17 +88,27 @@ def stream_continuation(model, prompt_ids, args):
 # ----------------------------------------------------------------------------------------
 
 
-def encode_pair(context, continuation):
-    """Token ids of (context, continuation), as lm-evaluation-harness makes them.
+def prefix_id(tokenizer):
+    """The token that stands before a text with nothing before it: the begin-of-text token
+    where the tokenizer has one (Llama 3), else the end-of-text token (<|endoftext|>, 50256
+    for GPT-2), as lm-evaluation-harness's `prefix_token_id`."""
+    bos_id = getattr(tokenizer, "bos_id", None)
+    return tokenizer.eot_token if bos_id is None else bos_id
+
+
+def encode_pair(context, continuation, tokenizer=None):
+    """Token ids of (context, continuation), as lm-evaluation-harness makes them, with
+    GPT-2's tokenizer unless another is given (`gpt.load_tokenizer`).
 
     The pair is tokenized whole and the continuation's ids are what follows the
     context's own ids, so " Paris" after "capital:" is one token with its space, as
     GPT-2 saw such text. Spaces that end the context move to the continuation first.
-    An empty context becomes <|endoftext|>. Special-token text is read as plain text.
+    An empty context becomes `prefix_id`. Special-token text is read as plain text, and
+    no begin-of-text token is added (the harness's default, Llama 3 too).
     """
-    tokenizer = gpt.get_tokenizer()
+    tokenizer = tokenizer or gpt.get_tokenizer()
     if not context:
-        return [gpt.EOT_ID], tokenizer.encode_ordinary(continuation)
+        return [prefix_id(tokenizer)], tokenizer.encode_ordinary(continuation)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
@@ -100,11 +117,11 @@ def encode_pair(context, continuation):
     return context_ids, whole[len(context_ids) :]
 
 
-def continuation_request(context, continuation, context_length):
-    """(token ids, n_scored) for `sum_logprobs`: the pair's ids cut from the left to
-    context_length + 1 tokens (the model reads all but the last), the continuation's
+def continuation_request(context, continuation, context_length, tokenizer=None):
+    """(token ids, n_scored) for `sum_logprobs`: the pair's ids (`encode_pair`) cut from the
+    left to context_length + 1 tokens (the model reads all but the last), the continuation's
     n_scored ids at the end. Raises ValueError when the continuation alone does not fit."""
-    context_ids, continuation_ids = encode_pair(context, continuation)
+    context_ids, continuation_ids = encode_pair(context, continuation, tokenizer)
     if not continuation_ids or len(continuation_ids) > context_length:
         raise ValueError(
             f"a continuation of {len(continuation_ids)} tokens cannot be scored with a context length of "
@@ -265,13 +282,14 @@ def mmlu_request(item):
                 text=text, subject=item["subject"])
 
 
-def score_multiple_choice(model, requests, batch_size=8):
+def score_multiple_choice(model, requests, batch_size=8, tokenizer=None):
     """Score every choice of every item by its log-likelihood after the context -> one
     dict per item: lls (nats), acc (1 when the highest log-likelihood is the gold choice)
     and acc_norm (the same after dividing each by the choice's length in characters),
-    as lm-evaluation-harness defines them. Choices follow the context after one space."""
+    as lm-evaluation-harness defines them. Choices follow the context after one space.
+    tokenizer: the model's (`gpt.load_tokenizer`); None: GPT-2's."""
     flat = [
-        continuation_request(request["context"], " " + choice, model.cfg.context_length)
+        continuation_request(request["context"], " " + choice, model.cfg.context_length, tokenizer)
         for request in requests
         for choice in request["choices"]
     ]
@@ -315,18 +333,19 @@ def summarize(scored, requests):
 # ----------------------------------------------------------------------------------------
 
 
-def perplexity_requests(ids, context_length, stride):
+def perplexity_requests(ids, context_length, stride, first_id=gpt.EOT_ID):
     """Windows over a text's token ids -> (token ids, n_scored) requests for `sum_logprobs`.
 
-    <|endoftext|> goes first so that the first token is predicted too (as the harness's
-    rolling log-likelihood does). Each window reads up to context_length tokens and
-    scores only the tokens no earlier window scored; windows start `stride` tokens
-    apart, so every token after the first window has at least context_length - stride
-    tokens of context (the sliding window of Hugging Face's perplexity guide).
+    first_id (`prefix_id`: <|endoftext|> for GPT-2) goes first so that the first token is
+    predicted too, as the harness's rolling log-likelihood does. Each window reads up to
+    context_length tokens and scores only the tokens no earlier window scored; windows
+    start `stride` tokens apart, so every token after the first window has at least
+    context_length - stride tokens of context (the sliding window of Hugging Face's
+    perplexity guide).
     """
     if not 1 <= stride <= context_length:
         raise ValueError(f"--stride {stride} must be from 1 to the model's context length ({context_length})")
-    sequence = [gpt.EOT_ID] + list(ids)
+    sequence = [first_id] + list(ids)
     requests, scored = [], 0
     for begin in range(0, len(ids), stride):
         end = min(begin + context_length, len(ids))  # reads sequence[begin:end], predicts sequence[begin + 1 : end + 1]
@@ -337,14 +356,16 @@ def perplexity_requests(ids, context_length, stride):
     return requests
 
 
-def perplexity(model, text, stride, batch_size=8):
+def perplexity(model, text, stride, batch_size=8, tokenizer=None):
     """Perplexity (e to the mean negative log-likelihood per token) and bits per byte
     (total negative log-likelihood in bits over the text's UTF-8 bytes: comparable
-    across tokenizers) -> dict. Raises ValueError for an empty text."""
+    across tokenizers) -> dict. tokenizer: the model's; None: GPT-2's. Raises ValueError
+    for an empty text."""
     if not text:
         raise ValueError("the text to score is empty")
-    ids = gpt.get_tokenizer().encode_ordinary(text)
-    requests = perplexity_requests(ids, model.cfg.context_length, stride)
+    tokenizer = tokenizer or gpt.get_tokenizer()
+    ids = tokenizer.encode_ordinary(text)
+    requests = perplexity_requests(ids, model.cfg.context_length, stride, prefix_id(tokenizer))
     nll = -sum(sum_logprobs(model, requests, batch_size, label="perplexity"))
     n_bytes = len(text.encode("utf-8"))
     return dict(tokens=len(ids), bytes=n_bytes, windows=len(requests), stride=stride,
@@ -476,6 +497,22 @@ def compare_probe(scored, probe_scored, changed):
 # ----------------------------------------------------------------------------------------
 
 
+def is_hub_model(name):
+    """Whether --model names a model to download: a GPT-2 size, or a Hub name "owner/model"."""
+    return not Path(name).exists() and (name in gpt.GPT_CONFIGS or gpt.is_llama_family(name))
+
+
+def download_model(name):
+    """Download what --model needs into the cache, verified -> the folder or file it is in:
+    GPT-2's weights, or a Llama-family model's config, weights and tokenizer files (its
+    tokenizer is converted once, so that a tokenizer tiktoken cannot run fails now)."""
+    if name in gpt.GPT_CONFIGS:
+        return gpt.download_gpt2(name)
+    config, _ = gpt.llama_files(name)
+    gpt.load_tokenizer(name)
+    return config.parent
+
+
 def existing_file(path, flag):
     """Path(path), after checking that it is a file: FileNotFoundError naming the flag otherwise."""
     path = Path(path)
@@ -528,7 +565,7 @@ def print_scores(name, summary):
         print(f"  {subject:<40} {scores['items']:>5} items  acc {scores['acc']:.4f}")
 
 
-def run_benchmark(args, model, items):
+def run_benchmark(args, model, items, tokenizer=None):
     """Score --benchmark, then check --contamination and run --probe -> results dict."""
     to_request = hellaswag_request if args.benchmark == "hellaswag" else mmlu_request
     requests = [to_request(item) for item in items]
@@ -536,7 +573,7 @@ def run_benchmark(args, model, items):
         texts = [request["text"] for request in requests]
         contaminated = find_contamination(texts, corpus_documents(args.contamination), args.ngram)
     started = time.time()
-    scored = score_multiple_choice(model, requests, args.batch_size)
+    scored = score_multiple_choice(model, requests, args.batch_size, tokenizer)
     seconds = time.time() - started
     summary = summarize(scored, requests)
     print_scores(f"{args.benchmark} ({args.shots}-shot, {gpt.format_duration(seconds)})", summary)
@@ -546,7 +583,7 @@ def run_benchmark(args, model, items):
     if args.probe:
         probe_requests = [to_request(item) for item in perturbed_items(args.benchmark, items, args.seed or 0)]
         changed = sum(a["context"] != b["context"] for a, b in zip(requests, probe_requests))
-        probe = compare_probe(scored, score_multiple_choice(model, probe_requests, args.batch_size), changed)
+        probe = compare_probe(scored, score_multiple_choice(model, probe_requests, args.batch_size, tokenizer), changed)
         print(f"probe ({PROBES[args.benchmark]}, {changed} items changed): acc {probe['acc']:.4f} -> "
               f"{probe['acc_probe']:.4f} ({probe['change']:+.4f}); right to wrong {probe['right_to_wrong']}, "
               f"wrong to right {probe['wrong_to_right']}")
@@ -575,7 +612,12 @@ NEEDS = {"benchmark_file": "benchmark", "shots": "benchmark", "limit": "benchmar
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=gpt.HelpFormatter)
-    p.add_argument("--model", default="gpt2", help=f"{', '.join(gpt.GPT_CONFIGS)}, a .safetensors file, a model folder or a checkpoint (.pt)")
+    p.add_argument(
+        "--model",
+        default="gpt2",
+        help=f"{', '.join(gpt.MODEL_CONFIGS)} (or another Llama or Qwen3 on the Hub), a .safetensors file, a model "
+        "folder or a checkpoint (.pt)",
+    )
     p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     p.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=50, help="number of tokens to generate")
     p.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0 = greedy; higher = more random")
@@ -589,7 +631,9 @@ def build_parser():
     p.add_argument(
         "--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded weights and data ($GPT_CACHE_DIR)"
     )
-    p.add_argument("--download-only", action="store_true", help="download the weights of a released size into the cache and exit")
+    p.add_argument(
+        "--download-only", action="store_true", help="download --model (a name, not a path) into the cache and exit"
+    )
     p.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype and exit (default: none: generate)")
     p.add_argument("--overwrite", action="store_true", help="let --export-hf replace an earlier export (a folder holding model.safetensors)")
     m = p.add_argument_group("measure it (instead of generating)")
@@ -638,12 +682,12 @@ def main(argv=None):
         parser.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
     if not args.prompt:
         parser.error("--prompt is empty: give at least one character of text to continue")
-    if args.download_only and args.model not in gpt.GPT_CONFIGS:
-        parser.error(f"--download-only needs one of {', '.join(gpt.GPT_CONFIGS)}, got {args.model!r}")
+    if args.download_only and not is_hub_model(args.model):
+        parser.error(f"--download-only needs a model name ({', '.join(gpt.MODEL_CONFIGS)}, ...), got {args.model!r}")
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.cache_dir() looks
     device = gpt.pick_device(args.device)
     if args.download_only:
-        print(f"weights of {args.model} are in {gpt.download_gpt2(args.model)}")
+        print(f"{args.model} is in {download_model(args.model)}")
         return
     if args.export_hf:
         folder = gpt.export_hf(args.model, args.export_hf, dtype=gpt.DTYPES[args.dtype], overwrite=args.overwrite)
@@ -654,30 +698,31 @@ def main(argv=None):
         raise ValueError(f"--results {args.results} is a folder: give the path of a JSON file")
     items = load_benchmark(args) if args.benchmark else None
     text = read_text(args.perplexity) if args.perplexity else None
-    prompt_ids = gpt.text_to_token_ids(args.prompt, device=device)
+    # New: the model's own tokenizer (GPT-2's, a tokenizer.json, or the one a checkpoint names).
+    tokenizer, eot_id = gpt.load_tokenizer(args.model)
+    prompt_ids = gpt.text_to_token_ids(args.prompt, device=device, tokenizer=tokenizer)
 
     started = time.time()
-    model = gpt.load_gpt2(args.model, device=device, dtype=gpt.DTYPES[args.dtype])
+    model = gpt.load_model(args.model, device=device, dtype=gpt.DTYPES[args.dtype])
     load_seconds = time.time() - started
-    gpt.check_vocabulary(model, f"--model {args.model}")
+    gpt.check_vocabulary(model, f"--model {args.model}", tokenizer)
     print(gpt.model_summary(model, args.model))
-    released = args.model in gpt.GPT_CONFIGS and not Path(args.model).exists()
-    print(f"weights: {gpt.download_gpt2(args.model) if released else args.model}")
+    print(f"weights: {download_model(args.model) if is_hub_model(args.model) else args.model}")
     print(f"load time: {load_seconds:.2f} s on {device}, {args.dtype}")
     print("-" * 80)
     if items is None and text is None:
         print(args.prompt, end="", flush=True)
-        stream_continuation(model, prompt_ids, args)
+        stream_continuation(model, prompt_ids, args, tokenizer, eot_id)
         return
 
     results = dict(model=args.model, settings=vars(args))
     if text is not None:
         stride = args.stride or max(1, model.cfg.context_length // 2)
-        results["perplexity"] = score = perplexity(model, text, stride, args.batch_size)
+        results["perplexity"] = score = perplexity(model, text, stride, args.batch_size, tokenizer)
         print(f"perplexity of {args.perplexity}: {score['perplexity']:.4f}, {score['bits_per_byte']:.4f} bits per byte "
               f"({score['tokens']:,} tokens, {score['bytes']:,} bytes, {score['windows']} windows, stride {stride})")
     if items is not None:
-        results.update(run_benchmark(args, model, items))
+        results.update(run_benchmark(args, model, items, tokenizer))
     if args.results:
         written = gpt.save_with_fallback(lambda path: gpt.write_json(path, results), args.results)
         print(f"results written to {written}")

@@ -779,6 +779,132 @@ def test_tokenizer_json_drops_bytes_missing_from_the_vocabulary_as_the_reference
     assert capsys.readouterr().err.count("dropped") == 1
 
 
+# --- the family through load_gpt2.py: its own tokenizer, end token and measurements -------
+
+FAMILY_STYLES = {"smollm2": "llama", "llama3": "llama", "qwen3": "qwen3"}  # tokenizer style -> model_type
+
+
+def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt, **config):
+    """A random model (vocabulary 1000, context 256) saved with save_pretrained beside the
+    trained tokenizer.json of `style`, whose greedy continuation of `prompt` reaches the
+    end-of-text token early: the untied head's row of that token is, slightly larger, the
+    row of the token greedy decoding picks third (tied: the embedding's row too) -> (transformers
+    model, tokenizers.Tokenizer). config: more of transformers' config."""
+    tokenizer, tokenizer_folder = trained_tokenizers[style]
+    sizes = dict(vocab_size=1000, max_position_embeddings=256, num_key_value_heads=2, tie_word_embeddings=False)
+    reference = save_hf_family(folder, FAMILY_STYLES[style], **{**sizes, **config})
+    (folder / "tokenizer.json").write_bytes((tokenizer_folder / "tokenizer.json").read_bytes())
+    prompt_ids = torch.tensor([tokenizer.encode(prompt).ids])
+    third = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=3,
+                               min_new_tokens=3, do_sample=False, pad_token_id=0)[0, -1].item()
+    eot = tokenizer.token_to_id("<|end_of_text|>" if style == "llama3" else "<|endoftext|>")
+    with torch.no_grad():
+        reference.lm_head.weight[eot] = reference.lm_head.weight[third] * 1.05
+    reference.save_pretrained(folder)
+    return reference, tokenizer
+
+
+@pytest.mark.parametrize("style", FAMILY_STYLES)
+def test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token(trained_tokenizers, tmp_path, capsys, style):
+    prompt = "Every effort moves you"
+    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, prompt)
+    eot = gpt.load_tokenizer(tmp_path / "model")[1]
+    prompt_ids = torch.tensor([tokenizer.encode(prompt).ids])  # Llama 3: <|begin_of_text|> first
+    expected = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=20,
+                                  do_sample=False, eos_token_id=eot, pad_token_id=eot)[0, prompt_ids.shape[1] :].tolist()
+    assert expected[-1] == eot and len(expected) <= 3 and eot not in expected[:-1]  # stopped at its end token
+    text = tokenizer.decode(expected[:-1])
+    load_gpt2.main(["--model", str(tmp_path / "model"), "--prompt", prompt, "--max-new-tokens", "20"])
+    assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")
+    # A checkpoint names its tokenizer; one without the entry is GPT-2's (every older checkpoint).
+    model = gpt.load_model(tmp_path / "model")
+    gpt.save_checkpoint(tmp_path / "named.pt", model, tokenizer=gpt.tokenizer_source(tmp_path / "model"))
+    load_gpt2.main(["--model", str(tmp_path / "named.pt"), "--prompt", prompt, "--max-new-tokens", "20"])
+    assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")
+    gpt.save_checkpoint(tmp_path / "unnamed.pt", model)
+    with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
+        load_gpt2.main(["--model", str(tmp_path / "unnamed.pt")])
+    gpt.save_checkpoint(tmp_path / "moved.pt", model, tokenizer=str(tmp_path / "gone"))
+    with pytest.raises(SystemExit, match=f"moved.pt: its tokenizer '{re.escape(str(tmp_path))}/gone' is neither"):
+        load_gpt2.main(["--model", str(tmp_path / "moved.pt")])
+
+
+@pytest.mark.parametrize("style", ["smollm2", "llama3"])
+def test_family_load_gpt2_perplexity_and_hellaswag_equal_transformers(trained_tokenizers, tmp_path, style):
+    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, "Hi")
+    # A text starts after <|endoftext|>, or Llama 3's <|begin_of_text|>, as in the harness.
+    text = "Every effort moves you forward, one step at a time: 12 steps.\nDon't stop."
+    ids = tokenizer.encode(text).ids if style == "llama3" else [tokenizer.token_to_id("<|endoftext|>")] + tokenizer.encode(text).ids
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids[:-1]])).logits[0]
+    cross_entropy = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item()
+    (tmp_path / "text.txt").write_text(text)
+    load_gpt2.main(["--model", str(tmp_path / "model"), "--perplexity", str(tmp_path / "text.txt"),
+                    "--results", str(tmp_path / "perplexity.json")])
+    score = json.loads((tmp_path / "perplexity.json").read_text())["perplexity"]
+    assert score["tokens"] == len(ids) - 1 and score["windows"] == 1
+    assert score["perplexity"] == pytest.approx(math.exp(cross_entropy), rel=1e-4)
+    # One HellaSwag item: the harness's prompt, encoded without a begin-of-text token.
+    item = load_gpt2.read_hellaswag(HELLASWAG_TINY)[0]
+    request = load_gpt2.hellaswag_request(item)
+    encode = partial(tokenizer.encode, add_special_tokens=False)
+    context = encode(request["context"]).ids
+    lls = []
+    for choice in request["choices"]:
+        continuation = encode(request["context"] + " " + choice).ids[len(context) :]
+        all_ids = torch.tensor([context + continuation])
+        with torch.no_grad():
+            logprobs = reference(all_ids[:, :-1]).logits[0].log_softmax(dim=-1)
+        lls.append(sum(logprobs[len(context) - 1 + k, t].item() for k, t in enumerate(continuation)))
+    encoding = gpt.load_tokenizer(tmp_path / "model")[0]
+    scored = load_gpt2.score_multiple_choice(gpt.load_model(tmp_path / "model"), [request], tokenizer=encoding)
+    assert scored[0]["lls"] == pytest.approx(lls, abs=1e-4)
+    load_gpt2.main(["--model", str(tmp_path / "model"), "--benchmark", "hellaswag", "--benchmark-file",
+                    str(HELLASWAG_TINY), "--limit", "1", "--results", str(tmp_path / "hellaswag.json")])
+    results = json.loads((tmp_path / "hellaswag.json").read_text())["benchmark"]
+    assert results["items"] == 1 and results["acc"] == float(max(range(4), key=lls.__getitem__) == item["label"])
+    normalised = [ll / len(choice) for ll, choice in zip(lls, request["choices"])]
+    assert results["acc_norm"] == float(max(range(4), key=normalised.__getitem__) == item["label"])
+
+
+def test_family_load_gpt2_download_only_fetches_model_and_tokenizer(trained_tokenizers, file_server, monkeypatch,
+                                                                      tmp_path, capsys):
+    family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "smollm2", "Hi")
+    files = {f"/owner/smol/resolve/main/{p.name}": p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    monkeypatch.setenv("HF_ENDPOINT", file_server(files).url)
+    load_gpt2.main(["--model", "owner/smol", "--download-only", "--cache-dir", str(tmp_path / "mine")])
+    assert capsys.readouterr().out == f"owner/smol is in {tmp_path / 'mine' / 'owner' / 'smol'}\n"
+    downloaded = {p.name for p in (tmp_path / "mine" / "owner" / "smol").iterdir() if p.suffix != ".lock"}
+    assert downloaded == {"config.json", "model.safetensors", "tokenizer.json"}
+    with pytest.raises(SystemExit) as exit_info:
+        load_gpt2.main(["--model", str(tmp_path / "model"), "--download-only"])
+    assert exit_info.value.code == 2  # a folder is no name to download
+
+
+@pytest.mark.parametrize("style, config", [
+    ("llama3", dict(rope_scaling=dict(LLAMA3_SCALING), attention_bias=True, mlp_bias=True, head_dim=24)),
+    ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
+])
+def test_family_load_gpt2_export_hf_is_read_by_transformers(trained_tokenizers, tmp_path, style, config):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, "Hi", **config)
+    model = gpt.load_model(tmp_path / "model")
+    gpt.save_checkpoint(tmp_path / "tuned.pt", model, tokenizer=gpt.tokenizer_source(tmp_path / "model"))
+    load_gpt2.main(["--model", str(tmp_path / "tuned.pt"), "--export-hf", str(tmp_path / "hf")])
+    exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
+    assert problems == [] and type(exported) is type(reference)
+    idx = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (exported(idx).logits - reference(idx).logits).abs().max().item() <= 1e-4
+        assert torch.equal(gpt.load_model(tmp_path / "hf")(idx), model(idx))  # and back
+    exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in HELD_OUT:
+        assert exported_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
+    end_of_text = gpt.load_tokenizer(tmp_path / "model")[1]
+    assert exported.generation_config.eos_token_id == exported.config.eos_token_id == end_of_text
+
+
 # ========================================================================================
 # gpt.py: safetensors reader and strict weight mapping
 # ========================================================================================

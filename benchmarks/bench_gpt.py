@@ -2,10 +2,11 @@
 
     python benchmarks/bench_gpt.py                       # everything, 124M shape, float32
     python benchmarks/bench_gpt.py --only generate --repeats 5
+    python benchmarks/bench_gpt.py --family smollm2      # the Llama family: SmolLM2-135M's shape
 
 Both models get the same random weights (a 124M-shaped model.safetensors written by
-transformers' save_pretrained into a temporary folder, or --weights), so the work is
-identical. Ours and the reference alternate within each repeat and the medians are
+transformers' save_pretrained into a temporary folder, or --weights; with --family
+smollm2 a LlamaForCausalLM of SmolLM2-135M's shape), so the work is identical. Ours and the reference alternate within each repeat and the medians are
 compared, which keeps the ratios meaningful on a noisy machine. Measures:
 
 - train:    forward + backward tokens/s at batch 4 x 256 tokens (cross-entropy loss)
@@ -44,24 +45,40 @@ def parse_args():
     parser.add_argument("--only", choices=["train", "generate", "load"], action="append",
                         help="run only these measurements (repeatable); default: all")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each measurement per implementation")
-    parser.add_argument("--weights", default=None, help="a 124M-shaped model.safetensors with config.json beside it; default: random weights in a temporary folder")
+    parser.add_argument("--family", choices=list(FAMILIES), default="gpt2", help="GPT-2 124M, or the Llama family at SmolLM2-135M's shape")
+    parser.add_argument("--weights", default=None, help="a model.safetensors of --family's shape with config.json beside it; default: random weights in a temporary folder")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return parser.parse_args()
 
 
-def write_random_weights(folder):
-    from transformers import GPT2Config, GPT2LMHeadModel
+# --family -> transformers' model class and its config of that shape (random weights)
+FAMILIES = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", {}),
+    "smollm2": ("LlamaForCausalLM", "LlamaConfig", dict(  # HuggingFaceTB/SmolLM2-135M's config.json
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True)),
+}
 
+
+def reference_class(family):
+    import transformers
+
+    return getattr(transformers, FAMILIES[family][0])
+
+
+def write_random_weights(folder, family):
+    import transformers
+
+    _, config_class, sizes = FAMILIES[family]
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
+    reference_class(family)(getattr(transformers, config_class)(**sizes)).save_pretrained(folder)
     return Path(folder) / "model.safetensors"
 
 
-def load_both(weights):
-    from transformers import GPT2LMHeadModel
-
-    ours = gpt.load_gpt2(weights)
-    reference = GPT2LMHeadModel.from_pretrained(Path(weights).parent, attn_implementation="sdpa").eval()
+def load_both(weights, family):
+    ours = gpt.load_gpt2(weights) if family == "gpt2" else gpt.load_model(Path(weights).parent)
+    reference = reference_class(family).from_pretrained(Path(weights).parent, attn_implementation="sdpa").eval()
     return ours, reference
 
 
@@ -74,8 +91,8 @@ def timed(fn):
 def bench_train(ours, reference, repeats, batch=4, seq_len=256):
     """Median forward+backward tokens/s of each model at [batch, seq_len]."""
     torch.manual_seed(1)
-    idx = torch.randint(0, 50257, (batch, seq_len))
-    targets = torch.randint(0, 50257, (batch, seq_len))
+    idx = torch.randint(0, ours.cfg.vocab_size, (batch, seq_len))
+    targets = torch.randint(0, ours.cfg.vocab_size, (batch, seq_len))
 
     def step(model, get_logits):
         model.zero_grad(set_to_none=True)
@@ -112,7 +129,7 @@ def memory_bandwidth():
 def bench_generate(ours, reference, repeats, prompt_len=16, new_tokens=200):
     """Median tokens/s of greedy decoding; also checks both produce the same tokens."""
     torch.manual_seed(2)
-    prompt = torch.randint(0, 50257, (1, prompt_len))
+    prompt = torch.randint(0, ours.cfg.vocab_size, (1, prompt_len))
     outputs = {}
 
     def run_ours():
@@ -121,7 +138,7 @@ def bench_generate(ours, reference, repeats, prompt_len=16, new_tokens=200):
     def run_reference():
         outputs["transformers"] = reference.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=gpt.EOT_ID,
+            do_sample=False, pad_token_id=0,  # batch 1: never used
         )
 
     runs = {"ours": run_ours, "transformers": run_reference}
@@ -155,13 +172,14 @@ print(json.dumps({{"seconds": seconds, "process_seconds": time.perf_counter() - 
 """
 
 
-def bench_load(weights, repeats):
+def bench_load(weights, repeats, family):
     """Load each way in a fresh process (imports done before the clock starts)."""
     root = Path(__file__).resolve().parent.parent
+    ours = "gpt.load_gpt2(%r)" % str(weights) if family == "gpt2" else "gpt.load_model(%r)" % str(Path(weights).parent)
+    name = FAMILIES[family][0]
     ways = {
-        "ours": ("sys.path.insert(0, %r); import gpt" % str(root), "gpt.load_gpt2(%r)" % str(weights)),
-        "transformers": ("from transformers import GPT2LMHeadModel",
-                         "GPT2LMHeadModel.from_pretrained(%r).eval()" % str(Path(weights).parent)),
+        "ours": ("sys.path.insert(0, %r); import gpt" % str(root), ours),
+        "transformers": (f"from transformers import {name}", f"{name}.from_pretrained(%r).eval()" % str(Path(weights).parent)),
     }
     results = {name: [] for name in ways}
     for _ in range(repeats):
@@ -178,13 +196,13 @@ def main():
         torch.set_num_threads(args.threads)
     only = set(args.only or ["train", "generate", "load"])
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}, {args.family}")
     with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(args.weights) if args.weights else write_random_weights(tmp)
+        weights = Path(args.weights) if args.weights else write_random_weights(tmp, args.family)
         file_mb = weights.stat().st_size / 1e6
         rows = []
         if only & {"train", "generate"}:
-            ours, reference = load_both(weights)
+            ours, reference = load_both(weights, args.family)
         if "train" in only:
             tps = bench_train(ours, reference, args.repeats)
             rows.append(("forward+backward, batch 4 x 256, tokens/s", tps["ours"], tps["transformers"]))
@@ -197,7 +215,7 @@ def main():
             print(f"decoding reads {weight_bytes / 1e6:.0f} MB of weights per token: ours {tps['ours'] * weight_bytes / 1e9:.1f} GB/s, "
                   f"transformers {tps['transformers'] * weight_bytes / 1e9:.1f} GB/s; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
         if "load" in only:
-            load = bench_load(weights, args.repeats)
+            load = bench_load(weights, args.repeats, args.family)
             for key, label in (("process_seconds", "new process to a ready model (imports included), s"),
                                ("seconds", "load call to a ready model (after imports), s"),
                                ("extra_rss", "extra resident memory after the load call, x file"),
