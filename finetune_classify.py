@@ -485,7 +485,8 @@ def run_classify(args, device):
         texts += read_texts_file(args.classify_file)
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("nothing to classify: give non-empty texts with --classify or lines in --classify-file")
-    model, checkpoint = load_classifier(args.checkpoint, device)
+    load = load_classifier_hf if Path(args.checkpoint).is_dir() else load_classifier
+    model, checkpoint = load(args.checkpoint, device)
     model.to(gpt.DTYPES[args.dtype])
     results = classify_texts(model, texts, checkpoint["max_length"], checkpoint["labels"])
     for text, (label, probability) in zip(texts, results):
@@ -534,11 +535,15 @@ def parse_args(argv=None):
                             "scaling); --classify converts the weights to it")
     train.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
     train.add_argument("--out-dir", default="runs/classify", help="folder for the splits, checkpoint, metrics and plot")
-    train.add_argument("--overwrite", action="store_true", help="replace the run in --out-dir (deletes its files)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --out-dir (deletes its files), or an earlier --export-hf folder")
     use = parser.add_argument_group("classify with a fine-tuned model (no training)")
     use.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
     use.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, - for stdin (default: none)")
-    use.add_argument("--checkpoint", help="classifier to write or read (default: OUT_DIR/classifier.pt)")
+    use.add_argument("--checkpoint", help="classifier to write or read, or a GPT2ForSequenceClassification folder "
+                                          "(default: OUT_DIR/classifier.pt)")
+    use.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint as a transformers "
+                     "GPT2ForSequenceClassification folder in --dtype and exit (default: none)")
     args = parser.parse_args(argv)
     if args.lora and args.trainable != "last-block":
         parser.error(f"--lora trains the adapters and the head: drop --trainable {args.trainable}")
@@ -635,7 +640,7 @@ def train_and_evaluate(args, device):
     # Before any work: the folder is ours, holds no other run, and can be written. The
     # checkpoint, named relative to it, is checked too (--checkpoint may put it elsewhere).
     out_dir = gpt.claim_run_folder(args.out_dir, [os.path.relpath(args.checkpoint, args.out_dir), *RUN_FILES],
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, resumable=False)
     # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
     model, args.max_length = build_classifier(args, device)
     gpt.print_settings(args)
@@ -679,6 +684,11 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.py downloads data and weights
     device = gpt.pick_device(args.device)
+    if args.export_hf is not None:
+        dtype = gpt.DTYPES[args.dtype]
+        folder = export_classifier_hf(args.checkpoint, args.export_hf, dtype=dtype, overwrite=args.overwrite)
+        print(f"exported {args.checkpoint} ({args.dtype}) to {folder}, a GPT2ForSequenceClassification folder")
+        return None
     if args.classify is not None or args.classify_file is not None:
         return run_classify(args, device)
     train_and_evaluate(args, device)

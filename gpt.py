@@ -2326,7 +2326,7 @@ def remove_stale_temporary_files(folder):
             tmp.unlink(missing_ok=True)
 
 
-def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False):
+def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resumable=True):
     """Make out_dir this process's run folder and return it as a Path.
 
     A folder that holds another run (any of `run_files`) is refused unless `resume`
@@ -2335,6 +2335,7 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False):
     lock whose process is gone is taken over, and the lock is removed at exit. Leftover
     temporary files of interrupted writes are removed. Raises ValueError, naming the
     path and the flag that helps, when the folder cannot be used, before any work starts.
+    `resumable` says whether the script has --resume to suggest.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -2351,8 +2352,9 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False):
     found = [name for name in run_files if (out_dir / name).exists()]
     if found and not (resume or overwrite):
         raise ValueError(
-            f"{out_dir} holds another run ({', '.join(found)}): continue it with --resume, "
-            "replace it with --overwrite, or choose another --out-dir"
+            f"{out_dir} holds another run ({', '.join(found)}): "
+            + ("continue it with --resume, " if resumable else "")
+            + "replace it with --overwrite, or choose another --out-dir"
         )
     if resume and not found:
         raise ValueError(f"--resume: {out_dir} holds no run to continue; start one without --resume")

@@ -3324,6 +3324,7 @@ def test_classify_folder_with_another_run_is_refused_unless_overwrite(tmp_path, 
         fc.main(argv)
     assert re.fullmatch(r"error: .*run holds another run \(classifier\.pt, run\.json, train\.csv, validation\.csv, "
                         r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", str(exit_info.value.code))
+    assert "--resume" not in str(exit_info.value.code)  # the classifier has no --resume to suggest
     assert (tmp_path / "run" / "classifier.pt").read_bytes() == before
     (tmp_path / "run" / "loss-accuracy.png").unlink(missing_ok=True)  # a run without the plot is replaced as well
     fc.main(argv + ["--overwrite", "--seed", "5"])
@@ -4071,3 +4072,18 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
     with pytest.raises(SystemExit) as exc:
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
     assert str(exc.value) == "error: out of memory: use a smaller --batch-size or --max-length, or --lora"
+
+
+def test_classify_export_hf_flag_and_a_folder_as_checkpoint(tmp_path, capsys):
+    fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2"))
+    capsys.readouterr()
+    checkpoint = str(tmp_path / "run" / "classifier.pt")
+    texts = ["WINNER! Claim your free prize now", "See you at 6?"]
+    fc.main(["--classify", *texts, "--checkpoint", checkpoint])
+    from_checkpoint = capsys.readouterr().out
+    fc.main(["--checkpoint", checkpoint, "--export-hf", str(tmp_path / "hf")])
+    assert "GPT2ForSequenceClassification folder" in capsys.readouterr().out
+    fc.main(["--classify", *texts, "--checkpoint", str(tmp_path / "hf")])
+    assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
+    with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
+        fc.main(["--checkpoint", checkpoint, "--export-hf", str(tmp_path / "hf")])
