@@ -84,7 +84,33 @@ def tiny_model(seed=0, **overrides):
     return gpt.GPTModel(gpt.GPTConfig(**cfg)).eval()
 
 
-class FileServer:
+class LocalServer:
+    """An HTTP server on 127.0.0.1 in a background thread: tests never touch the network."""
+
+    def serve(self, handler_class):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def started_servers(server_class):
+    """Fixture body: yields start(*args) -> a new server_class; closes them all after the test."""
+    servers = []
+
+    def start(*args, **kwargs):
+        servers.append(server_class(*args, **kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+class FileServer(LocalServer):
     """A local HTTP server for download tests: serves `files` {url path: bytes} with
     Range support; records request headers; can cut the first response short."""
 
@@ -131,26 +157,12 @@ class FileServer:
                     return
                 self.wfile.write(payload)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
 
 
 @pytest.fixture
 def file_server():
-    servers = []
-
-    def start(files, **kwargs):
-        servers.append(FileServer(files, **kwargs))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
+    yield from started_servers(FileServer)
 
 
 @pytest.fixture(autouse=True)
@@ -1081,7 +1093,7 @@ def test_fetch_dataset_tries_each_url_and_names_the_flag(file_server, tmp_path):
 # --- downloads: every way a server or a cached file can be wrong ------------------------
 
 
-class RouteServer:
+class RouteServer(LocalServer):
     """A local HTTP server whose answers are functions: routes {url path: fn(handler)},
     each writing its own (mis)behaving response; records (method, path, headers)."""
 
@@ -1099,26 +1111,12 @@ class RouteServer:
 
             do_HEAD = do_GET
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
 
 
 @pytest.fixture
 def route_server():
-    servers = []
-
-    def start(routes):
-        servers.append(RouteServer(routes))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
+    yield from started_servers(RouteServer)
 
 
 def answer(body, status=200, **headers):
