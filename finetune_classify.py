@@ -185,16 +185,6 @@ def add_classification_head(model, num_classes=2):
     return model
 
 
-def set_dropout(model, drop_rate):
-    """Set the dropout probability of every dropout layer and attention of model."""
-    model.cfg.drop_rate = drop_rate
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = drop_rate
-        if isinstance(module, gpt.CausalSelfAttention):
-            module.drop_rate = drop_rate
-
-
 def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
     """Freeze model except what `trainable` names; returns the model. last-block: the last
     transformer block, the final LayerNorm and the head (the book's choice); all; head;
@@ -587,7 +577,7 @@ def build_classifier(args, device):
                          f"{gpt.get_tokenizer().n_vocab}")
     torch.manual_seed(args.seed)  # the head's (and LoRA's) initialisation, and dropout
     add_classification_head(model, len(CLASS_NAMES))
-    set_dropout(model, args.drop_rate)
+    gpt.set_drop_rate(model, args.drop_rate)
     set_trainable(model, "lora" if args.lora else args.trainable, args.lora_rank, args.lora_alpha)
     trains = "--lora" if args.lora else f"--trainable {args.trainable}"
     print(f"model:      {gpt.model_summary(model, args.model)} ({trains}) on {device}")

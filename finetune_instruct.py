@@ -267,11 +267,7 @@ def prepare_model(args, device, state=None):
         model = load_language_model(args.model, "--model", device)
     else:
         model = gpt.GPTModel(gpt.GPTConfig(**state["config"])).to(device)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = args.drop_rate
-    for block in model.h:
-        block.attn.drop_rate = args.drop_rate  # attention dropout is an argument of scaled_dot_product_attention
+    gpt.set_drop_rate(model, args.drop_rate)
     if args.lora:
         gpt.add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
     return model.train()

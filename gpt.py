@@ -1029,7 +1029,7 @@ def _print_progress(done, total, started, label):
         line = f"{label}: {done / 1e6:.1f} / {total / 1e6:.1f} MB ({100 * done / total:.0f}%), {speed / 1e6:.1f} MB/s, ETA {eta}"
     else:
         line = f"{label}: {done / 1e6:.1f} MB, {speed / 1e6:.1f} MB/s"
-    print("\r" + line, end="", file=sys.stderr, flush=True)
+    show_progress(line)
 
 
 def _sha256_of_file(path):
@@ -1206,7 +1206,7 @@ def _transfer(url, part, *, timeout, retries, quiet, headers):
                     finally:
                         if not quiet:  # end the progress line, also before an error
                             _print_progress(done, total, started, label)
-                            print(file=sys.stderr)
+                            end_progress()
                 if total is None or done >= total:
                     return
                 reason = f"the connection closed after {done} of {total} bytes"
@@ -2231,6 +2231,7 @@ non_negative_float = _checked_number(float, lambda v: 0 <= v < math.inf, "a fini
 probability = _checked_number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 dropout_rate = _checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 fraction = _checked_number(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+unit_interval = _checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 seed = _checked_number(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # torch's seed range
 
 # --dtype: the precision the work runs in. Training on a GPU keeps float32 weights and
@@ -2501,7 +2502,7 @@ def make_adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
 def check_finite_loss(loss, step):
     """Raise RuntimeError when a loss (float or tensor) is NaN or infinite: training has
     diverged, and every later step would only spread NaN through the weights."""
-    value = float(loss)
+    value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)  # .item(): no autograd warning
     if not math.isfinite(value):
         raise RuntimeError(f"the loss became {value} at step {step}: training diverged; lower --lr and run again")
 
@@ -2527,6 +2528,17 @@ def check_vocabulary(model, source, tokenizer=None):
             f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
             f"{n_tokens}: use a model trained with {which}"
         )
+
+
+def set_drop_rate(model, drop_rate):
+    """Set the dropout probability of every dropout layer and of attention (an argument of
+    scaled_dot_product_attention, kept on each attention layer) in model and its config."""
+    model.cfg.drop_rate = drop_rate
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = drop_rate
+        if hasattr(module, "drop_rate"):
+            module.drop_rate = drop_rate
 
 
 def split_by_fractions(items, seed, fractions):

@@ -617,7 +617,6 @@ THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir", "
 # With --resume these may differ from the saved run when given: --max-steps or --epochs
 # extend it (the cosine schedule stretches to the new end); the others change the speed.
 MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "peak_flops")
-unit_interval = gpt._checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def build_parser():
@@ -653,7 +652,7 @@ def build_parser():
     train.add_argument("--epochs", type=gpt.positive_float, default=10.0, help="passes over the training windows")
     train.add_argument("--max-steps", type=gpt.positive_int, help="optimizer steps (default: from --epochs)")
     train.add_argument("--lr", type=gpt.positive_float, default=1e-3, help="peak learning rate")
-    train.add_argument("--min-lr-ratio", type=unit_interval, default=0.1, help="final learning rate / --lr")
+    train.add_argument("--min-lr-ratio", type=gpt.unit_interval, default=0.1, help="final learning rate / --lr")
     train.add_argument(
         "--warmup-steps", type=gpt.non_negative_int, help="steps of linear warm-up (default: 5%% of the steps)"
     )
