@@ -1,30 +1,35 @@
 """gpt.py: the GPT-2 core that every stage of this project stands on.
 
-Read it top to bottom:
+Read it top to bottom. Sections 1 to 5 are GPT-2, the whole model a learner studies:
 
-1. configuration   `GPTConfig` and `GPT_CONFIGS`, the four released sizes; `LLAMA_CONFIGS`
-2. the model       `CausalSelfAttention`, `MLP`, `TransformerBlock`, `GPTModel`; the Llama
-                   family's `RMSNorm`, `LlamaAttention`, `SwiGLU`, `LlamaBlock`, `LlamaModel`
+1. configuration   `GPTConfig`, and `GPT_CONFIGS`, the four released sizes
+2. the model       `CausalSelfAttention`, `MLP`, `TransformerBlock`, `GPTModel`
 3. LoRA            `LoRALinear`, `add_lora`, `merge_lora`
 4. generation      `KVCache`, `sample_next_token`, `generate_stream`, `generate`
-5. tokenizer       `get_tokenizer`, `text_to_token_ids`, `token_ids_to_text`; `encoding_from_tokenizer_json`
-6. files           `download_file`, `verify_file`, `fetch_dataset`, `atomic_write_bytes`, `atomic_save`, `plot_curves`
-7. weights         `read_safetensors`, `load_gpt2` (released weights or a local file); `load_llama`,
-                   `load_model` (either), `load_tokenizer`
-8. checkpoints     `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`
-9. devices, CLI    `pick_device`, `HelpFormatter`
+5. tokenizer       `get_tokenizer`, `text_to_token_ids`, `token_ids_to_text`
+6. Llama family    the same decoder with five parts exchanged (SmolLM2, Qwen3, Llama 3.2):
+                   `LLAMA_CONFIGS`, `RMSNorm`, rotary positions, `LlamaAttention`, `SwiGLU`,
+                   `LlamaModel`; their tokenizers as tiktoken encodings
+                   (`encoding_from_tokenizer_json`)
+
+The rest is what the stage scripts share:
+
+7. files           `download_file`, `verify_file`, `fetch_dataset`, `atomic_write_bytes`,
+                   `atomic_save`, `read_json`, `plot_curves`
+8. weights         `read_safetensors`, `load_gpt2`, `load_llama`, `load_model` (either
+                   family, by name or path), `load_tokenizer`
+9. checkpoints     `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`
+10. export         `export_hf`: a folder that Hugging Face transformers loads
+11. a stage's run  flag types, `command_line` (errors to one line, exit codes), settings,
+                   run folders, progress lines, devices
+12. training       `make_adamw`, `check_finite_loss`, seeded splits, RNG state, memory checks
 
 The model follows OpenAI's GPT-2 release (Radford et al., 2019, "Language Models are
 Unsupervised Multitask Learners", https://github.com/openai/gpt-2) and uses the same
 parameter names as that release and Hugging Face's `GPT2LMHeadModel` (`wte`, `wpe`,
 `h.N.attn.c_attn`, ...), so importing the released weights is a loop with four
-transposes. `test_all.py` checks that the logits agree with `transformers` to 1e-4.
-
-The Llama family (SmolLM2, Qwen3, Llama 3.2) is the same decoder with a few parts
-exchanged, switched on by `GPTConfig(family="llama", ...)`: RMSNorm, rotary positions,
-a SwiGLU feed-forward layer, grouped-query attention, and (Qwen3) normalised queries and
-keys. Its classes follow GPT-2's in section 2 under Hugging Face Llama's parameter names,
-and are checked against `transformers`' LlamaForCausalLM and Qwen3ForCausalLM the same way.
+transposes. The Llama family uses Hugging Face Llama's parameter names for the same
+reason. `test_all.py` checks that the logits of both agree with `transformers` to 1e-4.
 
 Used by load_gpt2.py, pretrain.py, finetune_classify.py and finetune_instruct.py; it is
 not meant to be run on its own.
@@ -138,30 +143,6 @@ GPT_CONFIGS = {
     "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
 }
 
-# Llama family: the sizes in each model's config.json on the Hugging Face Hub (hidden_size,
-# intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
-# max_position_embeddings, rope_theta, rope_scaling, rms_norm_eps, tie_word_embeddings).
-_LLAMA = dict(family="llama", qkv_bias=False)  # what every preset below switches on
-LLAMA_CONFIGS = {
-    "HuggingFaceTB/SmolLM2-135M": GPTConfig(  # 135M parameters, Apache-2.0
-        **_LLAMA, vocab_size=49152, context_length=8192, emb_dim=576, n_heads=9, n_kv_heads=3, n_layers=30,
-        hidden_dim=1536, rope_theta=100000.0,
-    ),
-    "HuggingFaceTB/SmolLM2-360M": GPTConfig(  # 362M, Apache-2.0
-        **_LLAMA, vocab_size=49152, context_length=8192, emb_dim=960, n_heads=15, n_kv_heads=5, n_layers=32,
-        hidden_dim=2560, rope_theta=100000.0,
-    ),
-    "Qwen/Qwen3-0.6B-Base": GPTConfig(  # 596M (440M without the embedding), Apache-2.0
-        **_LLAMA, vocab_size=151936, context_length=32768, emb_dim=1024, n_heads=16, n_kv_heads=8, n_layers=28,
-        head_dim=128, hidden_dim=3072, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True,
-    ),
-    "meta-llama/Llama-3.2-1B": GPTConfig(  # 1236M, Llama 3.2 Community License, gated
-        **_LLAMA, vocab_size=128256, context_length=131072, emb_dim=2048, n_heads=32, n_kv_heads=8, n_layers=16,
-        head_dim=64, hidden_dim=8192, rope_theta=500000.0,
-        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
-    ),
-}
-MODEL_CONFIGS = {**GPT_CONFIGS, **LLAMA_CONFIGS}  # every name `load_model` knows
 
 
 # ----------------------------------------------------------------------------------------
@@ -329,189 +310,6 @@ def check_context_length(length, cfg):
             f"sequence of {length} tokens is longer than the model's context length "
             f"({cfg.context_length}); crop the input to its last {cfg.context_length} tokens"
         )
-
-
-# --- The Llama family: the same model with five parts exchanged --------------------------
-# Llama 3.2, SmolLM2 and Qwen3 keep GPT-2's pre-norm decoder and change its parts:
-# RMSNorm for LayerNorm, rotary position embeddings for the position table, a SwiGLU
-# feed-forward layer, fewer key/value heads than query heads, and (Qwen3) a norm on the
-# queries and keys. Their classes follow, named as Hugging Face's `LlamaForCausalLM`
-# names its parameters (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so that
-# loading the released weights is a loop, as for GPT-2.
-
-
-class RMSNorm(nn.Module):
-    """Llama family: x / sqrt(mean(x^2) + eps) * weight, LayerNorm without the mean and the
-    shift (Zhang and Sennrich, 2019, "Root Mean Square Layer Normalization"). Computed in
-    float32 whatever the input's type, as the reference implementation does."""
-
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        """x: float [..., dim] -> same shape and dtype."""
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
-
-
-def rope_frequencies(cfg, head_dim, device=None):
-    """Rotation speeds of rotary position embeddings -> float32 [head_dim / 2], radians per position.
-
-    Pair i of a head turns by theta^(-2i / head_dim) per position (Su et al., 2021, "RoFormer").
-    Llama 3 (`cfg.rope_scaling`) slows the slow pairs down by `factor`, so that positions past
-    the original training length turn them no further than training did, keeps the fast
-    ones and blends in between (Meta's llama-models `apply_scaling`, as in transformers).
-    """
-    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    if cfg.rope_scaling is None:
-        return freqs
-    factor = cfg.rope_scaling["factor"]
-    low, high = cfg.rope_scaling["low_freq_factor"], cfg.rope_scaling["high_freq_factor"]
-    old_length = cfg.rope_scaling["original_max_position_embeddings"]
-    wavelength = 2 * math.pi / freqs
-    scaled = torch.where(wavelength > old_length / low, freqs / factor, freqs)  # slow pairs: slowed down
-    smooth = (old_length / wavelength - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    in_between = (wavelength >= old_length / high) & (wavelength <= old_length / low)
-    return torch.where(in_between, blended, scaled)
-
-
-def apply_rope(x, cos, sin):
-    """Rotate queries or keys x: [batch, heads, T, head_dim] by their positions' angles
-    (cos, sin: [T, head_dim]). Hugging Face checkpoints pair dimension i with i + head_dim/2
-    (`rotate_half`), not with its neighbour as the RoFormer paper writes it."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rotate_half
-    return x * cos + rotated * sin
-
-
-class LlamaAttention(nn.Module):
-    """Llama family: causal self-attention with rotary positions and grouped-query attention.
-
-    Separate projections `q_proj`, `k_proj`, `v_proj`, `o_proj` (GPT-2 fuses q, k, v in
-    c_attn); n_kv_heads key/value heads, each read by n_heads / n_kv_heads query heads
-    (Ainslie et al., 2023, "GQA"), so the KV cache is that much smaller; queries and keys
-    are rotated by their positions instead of the input getting a position embedding.
-    """
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.head_dim or cfg.emb_dim // cfg.n_heads
-        self.drop_rate = cfg.drop_rate
-        self.q_proj = nn.Linear(cfg.emb_dim, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.emb_dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.emb_dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.emb_dim, bias=cfg.out_bias)
-        if cfg.qk_norm:  # Qwen3: each head's queries and keys normalised before the rotation
-            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
-        self.resid_drop = nn.Dropout(cfg.drop_rate)
-
-    def forward(self, x, kv_cache=None, layer=0):
-        """x: float [batch, seq_len, emb_dim] -> same shape; the cache as in `CausalSelfAttention`."""
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-
-        start = kv_cache.length if kv_cache is not None else 0
-        # Angles of positions start .. start + T - 1, computed in float32 (as the reference
-        # does) in every layer: a few small operations that keep a block callable as block(x).
-        positions = torch.arange(start, start + T, device=x.device).float()
-        angles = positions[:, None] * rope_frequencies(self.cfg, self.head_dim, x.device)  # (T, hd / 2)
-        angles = torch.cat([angles, angles], dim=-1)  # (T, hd): pair i with i + hd / 2
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, n_kv_heads, start + T, hd): cached once per kv head
-        repeats = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)  # (B, nh, start + T, hd)
-        y = causal_attention(q, k, v, start, self.drop_rate if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # heads side by side
-        return self.resid_drop(self.o_proj(y))
-
-
-class SwiGLU(nn.Module):
-    """Llama family feed-forward layer: down(silu(gate(x)) * up(x)), a gated unit in place of
-    GPT-2's Linear -> GELU -> Linear (Shazeer, 2020, "GLU Variants Improve Transformer")."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        hidden_dim = cfg.hidden_dim or 4 * cfg.emb_dim
-        self.gate_proj = nn.Linear(cfg.emb_dim, hidden_dim, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.emb_dim, hidden_dim, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(hidden_dim, cfg.emb_dim, bias=cfg.mlp_bias)
-        self.drop = nn.Dropout(cfg.drop_rate)
-
-    def forward(self, x):
-        """x: float [batch, seq_len, emb_dim] -> same shape."""
-        return self.drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
-
-
-class LlamaBlock(nn.Module):
-    """Llama family block: x + attn(norm(x)), then x + mlp(norm(x)), as GPT-2's with RMSNorm."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
-        self.self_attn = LlamaAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
-
-    def forward(self, x, kv_cache=None, layer=0):
-        """x: float [batch, seq_len, emb_dim] -> same shape."""
-        x = x + self.self_attn(self.input_layernorm(x), kv_cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class LlamaModel(GPTModel):
-    """Llama family: token embedding, `n_layers` LlamaBlocks, a final RMSNorm and a head,
-    tied to the embedding or not (`cfg.tie_embeddings`). No position table: positions
-    rotate the queries and keys inside each attention layer.
-
-    Parameters are named as Hugging Face's Llama names them without the `model.` prefix
-    (`embed_tokens`, `layers`, `norm`, `lm_head`). `wte`, `h` and `ln_f` name the same
-    parts as GPT-2 does, so that code written for GPT-2 (the stage scripts) runs on both.
-    `forward` is GPT-2's: embed, blocks, final norm, head.
-    """
-
-    RESIDUAL_PROJECTIONS = ("o_proj.weight", "down_proj.weight")
-
-    def __init__(self, cfg):
-        nn.Module.__init__(self)  # GPTModel's parts are replaced, not extended
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.drop = nn.Dropout(cfg.drop_rate)
-        self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        self.tie_weights()
-        self.init_weights()
-
-    wte = property(lambda self: self.embed_tokens)
-    h = property(lambda self: self.layers)
-    ln_f = property(lambda self: self.norm)
-
-    def tie_weights(self):
-        """Share the token embedding with the head when the config says so."""
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    def embed(self, idx, start=0):
-        """Token ids [batch, seq_len] -> float [batch, seq_len, emb_dim]: the token embeddings
-        alone (positions enter each attention layer). Raises ValueError past the context length."""
-        check_context_length(start + idx.shape[1], self.cfg)
-        return self.drop(self.embed_tokens(idx))
 
 
 def build_model(cfg):
@@ -786,7 +584,218 @@ def token_ids_to_text(token_ids, tokenizer=None):
     return (tokenizer or get_tokenizer()).decode(token_ids)
 
 
-# --- Llama family: a tiktoken Encoding from a Hugging Face tokenizer.json ----------------
+# ----------------------------------------------------------------------------------------
+# 6. The Llama family: five parts of GPT-2 exchanged
+# ----------------------------------------------------------------------------------------
+
+# Llama 3.2, SmolLM2 and Qwen3 keep GPT-2's pre-norm decoder and change its parts:
+# RMSNorm for LayerNorm, rotary position embeddings for the position table, a SwiGLU
+# feed-forward layer, fewer key/value heads than query heads, and (Qwen3) a norm on the
+# queries and keys. Their classes follow, named as Hugging Face's `LlamaForCausalLM`
+# names its parameters (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so that
+# loading the released weights is a loop, as for GPT-2. The tokenizers follow the model.
+
+# The presets: the sizes in each model's config.json on the Hugging Face Hub (hidden_size,
+# intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
+# max_position_embeddings, rope_theta, rope_scaling, rms_norm_eps, tie_word_embeddings).
+_LLAMA = dict(family="llama", qkv_bias=False)  # what every preset below switches on
+LLAMA_CONFIGS = {
+    "HuggingFaceTB/SmolLM2-135M": GPTConfig(  # 135M parameters, Apache-2.0
+        **_LLAMA, vocab_size=49152, context_length=8192, emb_dim=576, n_heads=9, n_kv_heads=3, n_layers=30,
+        hidden_dim=1536, rope_theta=100000.0,
+    ),
+    "HuggingFaceTB/SmolLM2-360M": GPTConfig(  # 362M, Apache-2.0
+        **_LLAMA, vocab_size=49152, context_length=8192, emb_dim=960, n_heads=15, n_kv_heads=5, n_layers=32,
+        hidden_dim=2560, rope_theta=100000.0,
+    ),
+    "Qwen/Qwen3-0.6B-Base": GPTConfig(  # 596M (440M without the embedding), Apache-2.0
+        **_LLAMA, vocab_size=151936, context_length=32768, emb_dim=1024, n_heads=16, n_kv_heads=8, n_layers=28,
+        head_dim=128, hidden_dim=3072, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True,
+    ),
+    "meta-llama/Llama-3.2-1B": GPTConfig(  # 1236M, Llama 3.2 Community License, gated
+        **_LLAMA, vocab_size=128256, context_length=131072, emb_dim=2048, n_heads=32, n_kv_heads=8, n_layers=16,
+        head_dim=64, hidden_dim=8192, rope_theta=500000.0,
+        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
+}
+MODEL_CONFIGS = {**GPT_CONFIGS, **LLAMA_CONFIGS}  # every name `load_model` knows
+
+
+class RMSNorm(nn.Module):
+    """Llama family: x / sqrt(mean(x^2) + eps) * weight, LayerNorm without the mean and the
+    shift (Zhang and Sennrich, 2019, "Root Mean Square Layer Normalization"). Computed in
+    float32 whatever the input's type, as the reference implementation does."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        """x: float [..., dim] -> same shape and dtype."""
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_frequencies(cfg, head_dim, device=None):
+    """Rotation speeds of rotary position embeddings -> float32 [head_dim / 2], radians per position.
+
+    Pair i of a head turns by theta^(-2i / head_dim) per position (Su et al., 2021, "RoFormer").
+    Llama 3 (`cfg.rope_scaling`) slows the slow pairs down by `factor`, so that positions past
+    the original training length turn them no further than training did, keeps the fast
+    ones and blends in between (Meta's llama-models `apply_scaling`, as in transformers).
+    """
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if cfg.rope_scaling is None:
+        return freqs
+    factor = cfg.rope_scaling["factor"]
+    low, high = cfg.rope_scaling["low_freq_factor"], cfg.rope_scaling["high_freq_factor"]
+    old_length = cfg.rope_scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / freqs
+    scaled = torch.where(wavelength > old_length / low, freqs / factor, freqs)  # slow pairs: slowed down
+    smooth = (old_length / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_between = (wavelength >= old_length / high) & (wavelength <= old_length / low)
+    return torch.where(in_between, blended, scaled)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate queries or keys x: [batch, heads, T, head_dim] by their positions' angles
+    (cos, sin: [T, head_dim]). Hugging Face checkpoints pair dimension i with i + head_dim/2
+    (`rotate_half`), not with its neighbour as the RoFormer paper writes it."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rotate_half
+    return x * cos + rotated * sin
+
+
+class LlamaAttention(nn.Module):
+    """Llama family: causal self-attention with rotary positions and grouped-query attention.
+
+    Separate projections `q_proj`, `k_proj`, `v_proj`, `o_proj` (GPT-2 fuses q, k, v in
+    c_attn); n_kv_heads key/value heads, each read by n_heads / n_kv_heads query heads
+    (Ainslie et al., 2023, "GQA"), so the KV cache is that much smaller; queries and keys
+    are rotated by their positions instead of the input getting a position embedding.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.head_dim or cfg.emb_dim // cfg.n_heads
+        self.drop_rate = cfg.drop_rate
+        self.q_proj = nn.Linear(cfg.emb_dim, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.emb_dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.emb_dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.emb_dim, bias=cfg.out_bias)
+        if cfg.qk_norm:  # Qwen3: each head's queries and keys normalised before the rotation
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.resid_drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        """x: float [batch, seq_len, emb_dim] -> same shape; the cache as in `CausalSelfAttention`."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+
+        start = kv_cache.length if kv_cache is not None else 0
+        # Angles of positions start .. start + T - 1, computed in float32 (as the reference
+        # does) in every layer: a few small operations that keep a block callable as block(x).
+        positions = torch.arange(start, start + T, device=x.device).float()
+        angles = positions[:, None] * rope_frequencies(self.cfg, self.head_dim, x.device)  # (T, hd / 2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, hd): pair i with i + hd / 2
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, n_kv_heads, start + T, hd): cached once per kv head
+        repeats = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)  # (B, nh, start + T, hd)
+        y = causal_attention(q, k, v, start, self.drop_rate if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # heads side by side
+        return self.resid_drop(self.o_proj(y))
+
+
+class SwiGLU(nn.Module):
+    """Llama family feed-forward layer: down(silu(gate(x)) * up(x)), a gated unit in place of
+    GPT-2's Linear -> GELU -> Linear (Shazeer, 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        hidden_dim = cfg.hidden_dim or 4 * cfg.emb_dim
+        self.gate_proj = nn.Linear(cfg.emb_dim, hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.emb_dim, hidden_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(hidden_dim, cfg.emb_dim, bias=cfg.mlp_bias)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x):
+        """x: float [batch, seq_len, emb_dim] -> same shape."""
+        return self.drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class LlamaBlock(nn.Module):
+    """Llama family block: x + attn(norm(x)), then x + mlp(norm(x)), as GPT-2's with RMSNorm."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        """x: float [batch, seq_len, emb_dim] -> same shape."""
+        x = x + self.self_attn(self.input_layernorm(x), kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(GPTModel):
+    """Llama family: token embedding, `n_layers` LlamaBlocks, a final RMSNorm and a head,
+    tied to the embedding or not (`cfg.tie_embeddings`). No position table: positions
+    rotate the queries and keys inside each attention layer.
+
+    Parameters are named as Hugging Face's Llama names them without the `model.` prefix
+    (`embed_tokens`, `layers`, `norm`, `lm_head`). `wte`, `h` and `ln_f` name the same
+    parts as GPT-2 does, so that code written for GPT-2 (the stage scripts) runs on both.
+    `forward` is GPT-2's: embed, blocks, final norm, head.
+    """
+
+    RESIDUAL_PROJECTIONS = ("o_proj.weight", "down_proj.weight")
+
+    def __init__(self, cfg):
+        nn.Module.__init__(self)  # GPTModel's parts are replaced, not extended
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.init_weights()
+
+    wte = property(lambda self: self.embed_tokens)
+    h = property(lambda self: self.layers)
+    ln_f = property(lambda self: self.norm)
+
+    def tie_weights(self):
+        """Share the token embedding with the head when the config says so."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, idx, start=0):
+        """Token ids [batch, seq_len] -> float [batch, seq_len, emb_dim]: the token embeddings
+        alone (positions enter each attention layer). Raises ValueError past the context length."""
+        check_context_length(start + idx.shape[1], self.cfg)
+        return self.drop(self.embed_tokens(idx))
+
+
+# --- The family's tokenizers: a tiktoken Encoding from a Hugging Face tokenizer.json -----
 # SmolLM2, Qwen3 and Llama 3 use byte-level BPE as GPT-2 does: the same algorithm with
 # another vocabulary, merge list and pre-tokenizer. tiktoken can run them when the merged
 # tokens' ids follow the merge order (tiktoken merges by id, the reference by merge list).
@@ -946,7 +955,7 @@ def _prepended_token(post_processor, source):
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Files: downloads, atomic writes, plots
+# 7. Files: downloads, atomic writes, plots
 # ----------------------------------------------------------------------------------------
 
 
@@ -1275,7 +1284,7 @@ def plot_curves(path, panels, xlabel):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Pretrained weights: safetensors reader, GPT-2 and Llama-family loaders
+# 8. Pretrained weights: safetensors reader, GPT-2 and Llama-family loaders
 # ----------------------------------------------------------------------------------------
 
 # safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors)
@@ -1812,7 +1821,7 @@ def tokenizer_source(name_or_path):
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Checkpoints of this project
+# 9. Checkpoints of this project
 # ----------------------------------------------------------------------------------------
 
 
@@ -1866,7 +1875,7 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------
-# 9. Export to the Hugging Face format
+# 10. Export to the Hugging Face format
 # ----------------------------------------------------------------------------------------
 
 # torch dtypes -> safetensors dtype names, the inverse of SAFETENSORS_DTYPES
@@ -2201,7 +2210,7 @@ def write_hf_folder(folder, tensors, files, *, overwrite=False):
 
 
 # ----------------------------------------------------------------------------------------
-# 9. Running a stage: flags, settings, run folders, errors
+# 11. Running a stage: flags, settings, run folders, errors
 # ----------------------------------------------------------------------------------------
 
 
@@ -2478,7 +2487,7 @@ def command_line(memory_hint="use a smaller --batch-size"):
 
 
 # ----------------------------------------------------------------------------------------
-# 10. Training helpers the stages share
+# 12. Training helpers the stages share
 # ----------------------------------------------------------------------------------------
 
 
