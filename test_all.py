@@ -3457,7 +3457,7 @@ def test_instruct_format_input_with_and_without_input():
 def test_instruct_collate_padding_and_ignore_positions():
     # The book's example (section 7.3): three sequences of lengths 5, 2 and 3.
     batch = [([0, 1, 2, 3, 4], 2), ([5, 6], 1), ([7, 8, 9], 2)]
-    inputs, targets = instruct.collate_instruction_batch(batch)
+    inputs, targets = instruct.collate_instruction_batch(batch, gpt.EOT_ID)
     E = gpt.EOT_ID
     assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]]
     assert targets.tolist() == [
@@ -3471,25 +3471,25 @@ def test_instruct_collate_padding_and_ignore_positions():
 def test_instruct_collate_mask_prompt_and_max_length():
     E = gpt.EOT_ID
     batch = [([10, 11, 12, 20, 21], 3), ([13, 14, 22], 2)]  # prompt lengths 3 and 2
-    inputs, targets = instruct.collate_instruction_batch(batch, mask_prompt=True)
+    inputs, targets = instruct.collate_instruction_batch(batch, gpt.EOT_ID, mask_prompt=True)
     assert inputs.tolist() == [[10, 11, 12, 20, 21], [13, 14, 22, E, E]]
     # Targets that predict prompt tokens (11, 12; 14) are -100; the first response token stays.
     assert targets.tolist() == [[-100, -100, 20, 21, E], [-100, 22, E, -100, -100]]
-    inputs, targets = instruct.collate_instruction_batch(batch, mask_prompt=True, max_length=3)
+    inputs, targets = instruct.collate_instruction_batch(batch, gpt.EOT_ID, mask_prompt=True, max_length=3)
     assert inputs.tolist() == [[10, 11, 12], [13, 14, 22]]
     assert targets.tolist() == [[-100, -100, 20], [-100, 22, E]]
     # A real end-of-text inside a text stays a target: padding is found by position.
-    inputs, targets = instruct.collate_instruction_batch([([1, E, 2], 1)])
+    inputs, targets = instruct.collate_instruction_batch([([1, E, 2], 1)], E)
     assert targets.tolist() == [[E, 2, E]]
 
 
 def test_instruct_tokenized_prompt_is_a_prefix(monkeypatch):
     entry = {"instruction": "Name a color.", "input": "", "output": "Blue."}
-    [(ids, prompt_length)] = instruct.tokenize_examples([entry], max_length=1024, mask_prompt=True)
+    [(ids, prompt_length)] = instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=1024, mask_prompt=True)
     prompt_ids = gpt.text_to_token_ids(instruct.format_prompt(entry))[0].tolist()
     assert ids[:prompt_length] == prompt_ids
     assert gpt.token_ids_to_text(ids[prompt_length:]) == "Blue."
-    assert instruct.tokenize_examples([entry], max_length=prompt_length - 1, mask_prompt=True) == []
+    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=prompt_length - 1, mask_prompt=True) == []
 
 
 def test_instruct_bad_entries_reported(tmp_path, capsys):
@@ -3791,7 +3791,9 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     instruct.main(common + ["--prompt", "Repeat the number 3."])
     printed = capsys.readouterr().out
     model = gpt.load_gpt2(out_dir / "model.pt")
-    expected, _ = instruct.generate_response(model, {"instruction": "Repeat the number 3."}, max_new_tokens=3)
+    expected, _ = instruct.generate_response(
+        model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."}, max_new_tokens=3
+    )
     assert printed.endswith("\n" + expected + "\n")
 
 
@@ -3987,8 +3989,8 @@ def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
     small = gpt.GPTModel(gpt.GPTConfig(vocab_size=1000, context_length=32, emb_dim=32, n_heads=2, n_layers=1))
     gpt.save_checkpoint(tmp_path / "small.pt", small)
     message = (
-        f"error: --model {tmp_path / 'small.pt'} has a vocabulary of 1000 tokens, but the GPT-2 tokenizer has 50257: "
-        "use a GPT-2 model, or one trained with the GPT-2 tokenizer"
+        f"error: --model {tmp_path / 'small.pt'}: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses "
+        "50257: use a model trained with the GPT-2 tokenizer"
     )
     with pytest.raises(SystemExit) as exc:
         instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "small.pt")])
@@ -4017,11 +4019,11 @@ def test_instruct_answers_survive_a_full_disk_and_an_interruption(_instruct_tiny
     answer = instruct.generate_response
     calls = []
 
-    def interrupted_at_the_third(model, entry, **options):
+    def interrupted_at_the_third(model, tokenizer, entry, **options):
         calls.append(entry["instruction"])
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return answer(model, entry, **options)
+        return answer(model, tokenizer, entry, **options)
 
     monkeypatch.setattr(instruct, "generate_response", interrupted_at_the_third)
     with pytest.raises(SystemExit) as exc:
@@ -4060,12 +4062,19 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
         "--responses"
     )
     assert not (tmp_path / "run").exists()
-    with pytest.raises(SystemExit, match="answers.json is a folder, but a file goes there: .* another --checkpoint"):
+    # A folder is a model folder to --checkpoint: one without a model says so.
+    with pytest.raises(SystemExit, match="answers.json: neither model.safetensors nor model.safetensors.index.json"):
         instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "answers.json")])
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    # Memory is checked before the first step: full fine-tuning that cannot fit says what helps.
+    monkeypatch.setattr(gpt, "training_memory", lambda cfg, trainable=None, dtype=None: 10**15)
+    with pytest.raises(SystemExit, match=r"error: training needs about 1000000.0 GB .*: train only low-rank adapters "
+                       r"with --lora, or choose a smaller --model$"):
+        instruct.main(_instruct_quick(folder, tmp_path / "run"))
+    monkeypatch.undo()
     monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
     with pytest.raises(SystemExit) as exc:
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
