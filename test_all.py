@@ -4081,6 +4081,114 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
     assert str(exc.value) == "error: out of memory: use a smaller --batch-size or --max-length, or --lora"
 
 
+# --- the kept model: lowest validation loss, --keep-last, across --resume ---------------------
+
+
+def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
+    # 10 training entries in batches of 5 for 2 epochs: 4 steps, evaluated at steps 0 to 4, with
+    # validation losses made up so that the lowest is at step 1 (neither the start nor the end).
+    folder = _instruct_tiny_run
+    val_loss_at, weights, next_step = [5.0, 3.0, 4.0, 4.5, 4.2], {}, [0]
+    evaluate = instruct.evaluate_loss
+
+    def scripted(model, examples, *rest):
+        if len(examples) > 1:  # the training set (10 entries); the validation set has 1
+            return evaluate(model, examples, *rest)
+        step = next_step[0]
+        next_step[0] += 1
+        weights[step] = {name: value.clone() for name, value in model.state_dict().items()}
+        return val_loss_at[step]
+
+    monkeypatch.setattr(instruct, "evaluate_loss", scripted)
+    flags = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--batch-size", "5",
+             "--epochs", "2", "--eval-every", "1", "--eval-batches", "1", "--max-new-tokens", "1"]
+
+    def saved_weights_equal(out_dir, step):
+        saved = gpt.load_checkpoint(tmp_path / out_dir / "model.pt")["model"]
+        return all(torch.equal(saved[name], weights[step][name]) for name in weights[step])
+
+    instruct.main(flags + ["--out-dir", str(tmp_path / "best")])
+    assert "kept the weights of step 1, the lowest validation loss (3.000)" in capsys.readouterr().out
+    assert gpt.load_checkpoint(tmp_path / "best" / "model.pt")["kept"] == {"step": 1, "lowest_val_loss_step": 1}
+    assert saved_weights_equal("best", 1) and not saved_weights_equal("best", 4)  # later steps changed them
+
+    next_step[0] = 0
+    instruct.main(flags + ["--out-dir", str(tmp_path / "last"), "--keep-last"])
+    assert "kept the last weights (step 4); the lowest validation loss was at step 1" in capsys.readouterr().out
+    assert saved_weights_equal("last", 4)
+
+    # Ctrl-C in step 3: the state saved at step 2 holds step 1's weights as the best so far.
+    next_step[0] = 0
+    check = gpt.check_finite_loss
+
+    def ctrl_c_in_step_3(loss, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        check(loss, step)
+
+    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c_in_step_3)
+    with pytest.raises(SystemExit):
+        instruct.main(flags + ["--out-dir", str(tmp_path / "halves"), "--save-every", "1"])
+    state = gpt.load_checkpoint(tmp_path / "halves" / "train_state.pt")
+    assert (state["step"], state["best"]["step"], state["best"]["val_loss"]) == (2, 1, 3.0)
+    monkeypatch.setattr(gpt, "check_finite_loss", check)
+    instruct.main(["--out-dir", str(tmp_path / "halves"), "--resume"])
+    assert "kept the weights of step 1, the lowest validation loss (3.000)" in capsys.readouterr().out
+    assert saved_weights_equal("halves", 1)
+
+
+# --- the Llama family -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["smollm2", "llama3"])
+def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run, tmp_path, capsys, style):
+    data = _instruct_tiny_run / "data.json"
+    entries = json.loads(data.read_text())
+    folder = tmp_path / "model"  # config.json, model.safetensors, tokenizer.json; greedy answers end at token 3
+    reference, tokenizer = family_model_with_tokenizer(folder, trained_tokenizers, style, instruct.format_prompt(entries[0]))
+    encoding, eot = gpt.load_tokenizer(folder)
+    assert eot == tokenizer.token_to_id("<|end_of_text|>" if style == "llama3" else "<|endoftext|>") != gpt.EOT_ID
+
+    # Batches end and pad with the family's end-of-text id; Llama 3's <|begin_of_text|> starts the prompt only.
+    prompts = [tokenizer.encode(instruct.format_prompt(e)).ids for e in entries[:2]]
+    responses = [tokenizer.encode(e["output"], add_special_tokens=False).ids for e in entries[:2]]
+    examples = instruct.tokenize_examples(entries[:2], encoding, 256, mask_prompt=True)
+    assert examples == [(p + r, len(p)) for p, r in zip(prompts, responses)]
+    inputs, targets = instruct.collate_instruction_batch(examples, eot, mask_prompt=True)
+    (long, short), pad = [p + r for p, r in zip(prompts, responses)], len(examples[0][0]) - len(examples[1][0])
+    assert pad > 0 and inputs.tolist() == [long, short + [eot] * pad]
+    assert targets.tolist() == [
+        [-100] * (len(prompts[0]) - 1) + responses[0] + [eot],
+        [-100] * (len(prompts[1]) - 1) + responses[1] + [eot] + [-100] * pad,
+    ]
+
+    # Answers stop at the family's end-of-text token, as transformers' generate does.
+    prompt_ids = torch.tensor([prompts[0]])
+    expected = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=20,
+                                  do_sample=False, eos_token_id=eot, pad_token_id=eot)[0, prompt_ids.shape[1] :].tolist()
+    assert expected[-1] == eot and eot not in expected[:-1]
+    answer = instruct.generate_response(gpt.load_model(folder), encoding, entries[0], max_new_tokens=20)
+    assert answer == (tokenizer.decode(expected[:-1]).strip(), len(expected) - 1)
+
+    # Train, resume, answer: the checkpoints name the tokenizer, so every later command reloads it.
+    out_dir = tmp_path / "run"
+    run = ["--data", str(data), "--out-dir", str(out_dir), "--max-new-tokens", "5"]
+    recipe = ["--model", str(folder), "--batch-size", "5", "--eval-batches", "1", "--lora", "--lora-rank", "2"]
+    instruct.main(run + recipe + ["--epochs", "1", "--keep-state"])
+    assert gpt.load_checkpoint(out_dir / "train_state.pt")["tokenizer"] == str(folder.resolve())
+    instruct.main(run + ["--resume", "--epochs", "2"])
+    assert "resuming at step 2 of 4" in capsys.readouterr().out
+    saved = gpt.load_checkpoint(out_dir / "model.pt")
+    assert saved["tokenizer"] == str(folder.resolve()) and saved["config"]["family"] == "llama"
+    answered = json.loads((out_dir / "responses.json").read_text())
+    model = gpt.load_model(out_dir / "model.pt")
+    test_entry = {key: answered[0][key] for key in ("instruction", "input", "output")}
+    assert answered[0]["model_response"] == instruct.generate_response(model, encoding, test_entry, max_new_tokens=5)[0]
+    (out_dir / "responses.json").unlink()
+    instruct.main(run + ["--generate-only"])
+    assert json.loads((out_dir / "responses.json").read_text()) == answered
+
+
 def test_classify_export_hf_flag_and_a_folder_as_checkpoint(tmp_path, capsys):
     fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2"))
     capsys.readouterr()
