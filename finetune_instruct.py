@@ -1,15 +1,13 @@
-"""finetune_instruct.py: teach GPT-2 (or a Llama-family model) to follow instructions.
+"""finetune_instruct.py: teach GPT-2, or a Llama-family model, to follow instructions.
 
-Supervised instruction fine-tuning as in chapter 7 of "Build a Large Language Model (From
-Scratch)" (S. Raschka, 2024; https://github.com/rasbt/LLMs-from-scratch/tree/main/ch07): the
-book's 1,100 instruction/response pairs in the Alpaca prompt format (Taori et al., 2023,
-"Stanford Alpaca", https://github.com/tatsu-lab/stanford_alpaca), GPT-2 medium, AdamW at lr
-5e-5 with weight decay 0.1, batch size 8, 2 epochs. The run keeps the weights of the
-evaluation with the lowest validation loss; they answer every test instruction, and a local
-LLM served by Ollama can grade the answers (0-100). A Llama-family model (SmolLM2, Qwen3,
+Chapter 7 of "Build a Large Language Model (From Scratch)" (S. Raschka, 2024;
+https://github.com/rasbt/LLMs-from-scratch/tree/main/ch07): the book's 1,100 instruction/response
+pairs in the Alpaca prompt format (Taori et al., 2023, https://github.com/tatsu-lab/stanford_alpaca),
+GPT-2 medium, AdamW at lr 5e-5 with weight decay 0.1, batch size 8, 2 epochs. The weights of the
+evaluation with the lowest validation loss are kept; they answer every test instruction, and a
+local LLM served by Ollama can grade the answers (0-100). A Llama-family model (SmolLM2, Qwen3,
 Llama 3.2) trains the same way, with its own tokenizer and end-of-text token.
 
-Run:
     python finetune_instruct.py                                  # the book's recipe (downloads data and gpt2-medium)
     python finetune_instruct.py --model HuggingFaceTB/SmolLM2-135M --lora --mask-prompt
     python finetune_instruct.py --resume                         # continue an interrupted run
@@ -17,16 +15,14 @@ Run:
     python finetune_instruct.py --prompt "Rewrite the sentence in passive voice." --input "The cat ate the fish."
     python finetune_instruct.py --judge-only --judge ollama      # grade runs/instruct/responses.json
 
-Writes to --out-dir (default runs/instruct/; a folder that holds another run is refused
-unless --resume or --overwrite is given):
-    run.json, train.json, validation.json, test.json   the settings and the split, for --resume and --generate-only
-    model.pt          the weights of the lowest validation loss (--keep-last: the last), LoRA merged, naming its
-                      tokenizer: gpt.load_model("runs/instruct/model.pt") (1.4 GB, gpt2-medium)
-    train_state.pt    model, optimizer, step, history, random state and the best weights so far (4x the model;
-                      3x with --lora), while training or with --keep-state
-    losses.png        train and validation loss per step (with matplotlib installed)
-    responses.json    the test entries with a "model_response" each (responses.partial.json while answering)
-    responses-scored.json   the same with a "score" (0-100 or null), after --judge ollama
+Writes to --out-dir (default runs/instruct/; a folder that holds another run is refused unless
+--resume or --overwrite): run.json and train/validation/test.json (settings and split, for --resume
+and --generate-only); model.pt (the kept weights, LoRA merged, naming its tokenizer:
+gpt.load_model("runs/instruct/model.pt"); 1.4 GB for gpt2-medium); train_state.pt (model, optimizer,
+step, history, random state and the best weights so far: 4x the model, 3x with --lora; while
+training or with --keep-state); losses.png (with matplotlib); responses.json (the test entries with
+a "model_response" each; responses.partial.json while answering); responses-scored.json (with a
+"score" 0-100 or null, after --judge ollama).
 """
 
 import argparse
@@ -179,14 +175,9 @@ def format_prompt(entry):
 
 
 def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
-    """Entries -> list of (token ids, prompt length in tokens) for training, with the model's
-    tokenizer (see gpt.load_tokenizer).
-
-    Prompt and response are tokenized separately and joined, so that the prompt's tokens
-    are exactly the first `prompt length` ids (needed to mask them). With --mask-prompt an
-    entry whose prompt alone is longer than max_length has nothing left to learn and is
-    reported and left out.
-    """
+    """Entries -> list of (token ids, prompt length) with the model's tokenizer. Prompt and response
+    are tokenized apart and joined, so the prompt is exactly the first ids (to mask them). With
+    --mask-prompt an entry whose prompt alone is over max_length has nothing to learn: left out."""
     examples, too_long = [], 0
     for entry in entries:
         prompt_ids = gpt.text_to_token_ids(format_prompt(entry), tokenizer=tokenizer)[0].tolist()
@@ -203,19 +194,15 @@ def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
 
 
 def collate_instruction_batch(batch, eot_id, *, mask_prompt=False, max_length=None):
-    """Pad a batch of examples into inputs and targets: LongTensor [batch, seq_len] each.
+    """Pad a batch of (token ids, prompt length) into inputs and targets: LongTensor [batch, seq_len] each.
 
-    batch: list of (token ids, prompt length). eot_id: the tokenizer's end-of-text id (50256
-    for GPT-2; New: the Llama family's own, which also pads, as they define no padding token).
-    Every sequence gets at least one end-of-text appended and is padded with it to one token
-    more than the longest in the batch; inputs are all but the last token, targets the same
-    shifted left by one (target j is the token after input j). The first end-of-text target
-    stays (the model learns to stop), the remaining padding targets become -100 so the loss
-    ignores them. With mask_prompt the targets that predict prompt tokens become -100 too,
-    so only the response (and its end-of-text) is learned. Sequences are then cut to
-    max_length tokens. Follows the book's custom_collate_fn (section 7.3 and exercise 7.2),
-    with the padding found by position rather than by token value, so a real end-of-text
-    inside a text stays a target.
+    The book's custom_collate_fn (section 7.3, exercise 7.2). Each sequence gets at least one
+    end-of-text token (eot_id: the tokenizer's, 50256 for GPT-2; New: the Llama family's own, which
+    also pads, as those models define no padding token) and is padded with it to one token more
+    than the longest; targets are the inputs shifted left by one. The first end-of-text target
+    stays (the model learns to stop); later padding targets become -100 (the loss skips them), and
+    so do, with mask_prompt, the targets that predict prompt tokens. Then sequences are cut to
+    max_length. Padding is found by position, not value: a real end-of-text in a text stays a target.
     """
     seq_len = max(len(ids) for ids, _ in batch) + 1  # +1: room for the end-of-text token
     inputs, targets = [], []
@@ -247,10 +234,9 @@ def epoch_batches(examples, batch_size, seed, epoch):
 
 def prepare_model(args, tokenizer, device, state=None):
     """The model to train, in train mode on device: --model (GPT-2 or the Llama family, see
-    gpt.load_model), or when resuming a model of the train_state.pt dict's config (its weights
-    come from the state in `train`); dropout at --drop-rate; with --lora only adapters train.
-    Raises ValueError when the tokenizer has ids the model lacks, RuntimeError when AdamW
-    training would not fit in the device's memory (checked before the first step)."""
+    gpt.load_model), or on --resume one of the state's config (`train` loads its weights); dropout
+    at --drop-rate; with --lora only adapters train. Raises ValueError when the tokenizer has ids
+    the model lacks, RuntimeError when AdamW training cannot fit in the device's memory."""
     torch.manual_seed(args.seed)  # LoRA's A matrices start random
     if state is None:
         model = gpt.load_model(args.model, device=device)
@@ -295,15 +281,11 @@ def trainable_weights(model):
 
 
 def train(model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state=None):
-    """Fine-tune model in place with AdamW, one step per batch, for --epochs (or --max-steps)
-    -> (history {"step", "train_loss", "val_loss": lists}, best {"step", "val_loss", "weights"}):
-    best holds the `trainable_weights` of the evaluation with the lowest validation loss.
-
-    Saves the training state (best included, and the tokenizer's name) to state_path every
-    --save-every steps and at each epoch's end. With state (a train_state.pt dict), weights,
-    optimizer, random state, step, history and best are restored and training goes on
-    exactly as if it had not stopped.
-    """
+    """Fine-tune model in place with AdamW, one step per batch, for --epochs (or --max-steps) ->
+    (history {"step", "train_loss", "val_loss": lists}, best {"step", "val_loss", "weights"}: the
+    `trainable_weights` of the evaluation with the lowest validation loss). The training state,
+    best and tokenizer name included, goes to state_path every --save-every steps and at each
+    epoch's end; given back as `state`, training goes on exactly as if it had not stopped."""
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
     dtype = gpt.DTYPES[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -378,32 +360,24 @@ def keep_weights(model, best, keep_last, last_step):
 # ----------------------------------------------------------------------------------------
 
 
-def generate_response(model, tokenizer, entry, *, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
-                      seed=None):
-    """The model's answer to one entry -> (response text, number of new tokens).
-
-    Continues format_prompt(entry) with gpt.generate (greedy at temperature 0, else
-    sampling limited by top_k and top_p), stops at the tokenizer's end-of-text token or
-    after max_new_tokens, and keeps the new text, stripped. As the book's section 7.7,
-    whose prompt did not end with "### Response:" yet.
-    """
+def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
+    """The model's answer to one entry -> (response text, number of new tokens): format_prompt(entry)
+    continued by gpt.generate (greedy; `sampling`: temperature, top_k, top_p and seed as there) up to
+    the tokenizer's end-of-text token or max_new_tokens, the new text stripped (the book's section 7.7)."""
     prompt_ids = gpt.text_to_token_ids(format_prompt(entry), device=model.wte.weight.device, tokenizer=tokenizer)
-    eot_id = tokenizer.eot_token  # 50256 for GPT-2, the family's own otherwise
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eot_id, seed=seed)
-    new_ids = gpt.generate(model, prompt_ids, max_new_tokens, **options)[0, prompt_ids.shape[1] :].tolist()
+    eot_id = tokenizer.eot_token  # 50256 for GPT-2; New: the Llama family's own
+    output = gpt.generate(model, prompt_ids, max_new_tokens, eos_id=eot_id, **sampling)
+    new_ids = output[0, prompt_ids.shape[1] :].tolist()
     if eot_id in new_ids:
         new_ids = new_ids[: new_ids.index(eot_id)]
     return gpt.token_ids_to_text(new_ids, tokenizer=tokenizer).strip(), len(new_ids)
 
 
 def generate_responses(model, tokenizer, entries, path, fingerprint, **options):
-    """Answer every entry (options as in `generate_response`) and write the entries, each
-    with a "model_response" field, to path (JSON) -> that list.
-
-    Every ANSWERS_PER_SAVE answers are saved to <path stem>.partial.json with `fingerprint`
-    (see `answers_fingerprint`); a later call with the same fingerprint goes on from there.
-    When path cannot be written, the answers go to the temporary folder instead.
-    """
+    """Answer every entry (options as in `generate_response`) and write the entries, each with a
+    "model_response", to path (JSON; the temporary folder if path cannot be written) -> that list.
+    Every ANSWERS_PER_SAVE answers go to <path stem>.partial.json with `fingerprint` (see
+    `answers_fingerprint`); a later call with the same fingerprint goes on from there."""
     so_far = path.with_name(path.stem + ".partial.json")
     saved = gpt.read_json(so_far, "saved answers") if so_far.is_file() else {}
     results = saved["responses"] if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else []
@@ -513,36 +487,34 @@ SCORE_FORMAT = {
 }
 
 
-def ollama_help(url, model):
-    """How to get a judge running, for error messages."""
-    return (
-        f"start the server with `ollama serve` (install it from https://ollama.com) and get the judge with "
-        f"`ollama pull {model}`, or point --judge-url at a running server (now {url})"
-    )
+OLLAMA_HELP = (
+    "start the server with `ollama serve` (install it from https://ollama.com) and get the judge with "
+    "`ollama pull {model}`, or point --judge-url at a running server (now {url})"
+)
 
 
 def check_ollama(url, model):
-    """Make sure an Ollama server answers at url (GET /api/tags, the list of local models) and
-    has `model`; raise RuntimeError with the commands that fix it otherwise."""
+    """Make sure an Ollama server answers at url (GET /api/tags, the list of local models) and has
+    `model`; raise RuntimeError with the commands that fix it otherwise."""
     try:
         reply = requests.get(f"{url}/api/tags", timeout=5)
         reply.raise_for_status()
         names = {m.get("name") for m in reply.json().get("models", [])}
     except (requests.RequestException, ValueError, AttributeError) as e:
-        raise RuntimeError(f"no Ollama server answers at {url} ({type(e).__name__}): {ollama_help(url, model)}") from None
+        fix = OLLAMA_HELP.format(url=url, model=model)
+        raise RuntimeError(f"no Ollama server answers at {url} ({type(e).__name__}): {fix}") from None
     if model not in names and f"{model}:latest" not in names:
         raise RuntimeError(
-            f"the Ollama server at {url} does not have the model {model!r} (it has: {', '.join(sorted(names)) or 'none'}); "
-            f"run `ollama pull {model}` or choose another --judge-model"
+            f"the Ollama server at {url} does not have the model {model!r} "
+            f"(it has: {', '.join(sorted(names)) or 'none'}); run `ollama pull {model}` or choose another --judge-model"
         )
 
 
 def query_ollama(prompt, url, model, timeout=600):
-    """One chat request to Ollama's HTTP API (POST /api/chat, not streamed) with temperature
-    0, a fixed seed and the SCORE_FORMAT schema -> the reply's content: text (normally
-    '{"score": 85}'), or whatever JSON value the server sent instead. A server older than
-    Ollama 0.5 rejects a schema (HTTP 400); it is then asked again without one. Raises
-    RuntimeError when the server cannot be reached or answers with an error."""
+    """One chat request to Ollama's HTTP API (POST /api/chat, not streamed) with temperature 0, a
+    fixed seed and the SCORE_FORMAT schema -> the reply's content: text (normally '{"score": 85}'),
+    or whatever JSON value the server sent. A server older than Ollama 0.5 rejects a schema (HTTP
+    400) and is asked again without. Raises RuntimeError when the server fails to answer."""
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -555,7 +527,8 @@ def query_ollama(prompt, url, model, timeout=600):
             # before 0.5 "format" could only be "json"; parse_score then reads the prose
             reply = requests.post(f"{url}/api/chat", json=payload, timeout=(5, timeout))
     except requests.RequestException as e:
-        raise RuntimeError(f"the Ollama server at {url} stopped answering ({type(e).__name__}): {ollama_help(url, model)}") from None
+        fix = OLLAMA_HELP.format(url=url, model=model)
+        raise RuntimeError(f"the Ollama server at {url} stopped answering ({type(e).__name__}): {fix}") from None
     if reply.status_code != 200:
         raise RuntimeError(f"the Ollama server at {url} answered HTTP {reply.status_code}: {reply.text[:300]}")
     try:
@@ -564,48 +537,43 @@ def query_ollama(prompt, url, model, timeout=600):
         raise RuntimeError(f"the Ollama server at {url} sent an unexpected answer: {reply.text[:300]}") from None
 
 
-def judge_responses(entries, url, model, path):
-    """Score each entry's "model_response" against its "output" with the judge, print the
-    mean score and how many could not be scored, and write the entries with a "score"
-    field (a number 0-100, or null when unscorable) to path -> (mean or None, number
-    unscorable)."""
-    check_ollama(url, model)
-    scored, started = [], time.time()
-    for i, entry in enumerate(entries):
-        problem = check_entry(entry) or (None if isinstance(entry.get("model_response"), str) else "no string 'model_response'")
-        score = None
-        if problem:
-            print(f"  entry {i}: cannot be scored: {problem}")
-        else:
-            answer = query_ollama(judge_prompt(entry), url, model)
-            score = parse_score(answer)
-            if score is None:
-                print(f"  entry {i}: no score 0-100 in the judge's answer {answer!r:.80}")
-        scored.append({**entry, "score": score} if isinstance(entry, dict) else {"entry": entry, "score": None})
-        print(f"judging {i + 1}/{len(entries)} | ETA {gpt.eta(started, i + 1, len(entries))}", flush=True)
-    scores = [e["score"] for e in scored if e["score"] is not None]
-    mean = sum(scores) / len(scores) if scores else None
-    gpt.write_json(path, scored)
-    mean_text = f"{mean:.2f}" if mean is not None else "n/a"
-    print(f"judge {model}: mean score {mean_text} over {len(scores)} entries; {len(entries) - len(scores)} could not be scored")
-    print(f"wrote the scores to {path}")
-    return mean, len(entries) - len(scores)
-
-
 def judge(args, responses_path):
-    """Grade the responses file with the --judge; the scores go to <name>-scored.json beside it."""
+    """Grade each "model_response" of the responses file against its "output" with the --judge;
+    print the mean score and how many could not be scored, and write the entries with a "score"
+    (0-100, or null when unscorable) to <name>-scored.json beside it. The responses file is only read."""
     if not responses_path.is_file():
         raise FileNotFoundError(f"--responses {responses_path}: no such file; generate it first (e.g. --generate-only)")
     entries = gpt.read_json(responses_path, "--responses")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"--responses {responses_path}: expected a non-empty JSON list of entries")
+    url, scored, started = args.judge_url.rstrip("/"), [], time.time()
     try:
-        judge_responses(entries, args.judge_url.rstrip("/"), args.judge_model, scored_path(responses_path))
+        check_ollama(url, args.judge_model)
+        for i, entry in enumerate(entries):
+            problem = check_entry(entry) or (
+                None if isinstance(entry.get("model_response"), str) else "no string 'model_response'"
+            )
+            score = None
+            if problem:
+                print(f"  entry {i}: cannot be scored: {problem}")
+            else:
+                answer = query_ollama(judge_prompt(entry), url, args.judge_model)
+                score = parse_score(answer)
+                if score is None:
+                    print(f"  entry {i}: no score 0-100 in the judge's answer {answer!r:.80}")
+            scored.append({**entry, "score": score} if isinstance(entry, dict) else {"entry": entry, "score": None})
+            print(f"judging {i + 1}/{len(entries)} | ETA {gpt.eta(started, i + 1, len(entries))}", flush=True)
     except RuntimeError as e:
         raise RuntimeError(
             f"{e}\nthe answers stay in {responses_path}; grade them later with: "
             f"python finetune_instruct.py --judge-only --judge ollama --responses {responses_path}"
         ) from None
+    scores = [e["score"] for e in scored if e["score"] is not None]
+    mean = f"{sum(scores) / len(scores):.2f}" if scores else "n/a"
+    print(f"judge {args.judge_model}: mean score {mean} over {len(scores)} entries; "
+          f"{len(entries) - len(scores)} could not be scored")
+    gpt.write_json(scored_path(responses_path), scored)
+    print(f"wrote the scores to {scored_path(responses_path)}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -616,7 +584,8 @@ RUN_FILES = ("run.json", *SPLIT_FILES, "train_state.pt", "model.pt", "losses.png
              "responses.partial.json", "responses-scored.json")
 # Flags that may differ from the saved run on --resume: more steps, another machine, other answers.
 RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "keep_last", "device", "cache_dir", "out_dir",
-                     "responses", "max_new_tokens", "temperature", "top_k", "top_p", "judge", "judge_url", "judge_model")
+                     "responses", "max_new_tokens", "temperature", "top_k", "top_p", "judge", "judge_url",
+                     "judge_model")
 
 
 def build_parser():
@@ -627,17 +596,14 @@ def build_parser():
         formatter_class=gpt.HelpFormatter,
     )
     what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
-    what.add_argument("--generate-only", action="store_true",
-                      help="no training: answer the run's test split with --checkpoint (<out-dir>/test.json; "
-                      "without one, the split of --data)")
+    what.add_argument("--generate-only", action="store_true", help="no training: answer the run's test split "
+                      "(<out-dir>/test.json, else the split of --data) with --checkpoint")
     what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print it, exit (default: none)")
     what.add_argument("--input", help="input text for --prompt (the '### Input:' section; default: none)")
     what.add_argument("--judge-only", action="store_true", help="no training, no answers: grade --responses")
-    what.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings "
-                      "(train_state.pt holds the best weights so far too)")
+    what.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings")
     what.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir first")
-    what.add_argument("--keep-state", action="store_true",
-                      help="keep train_state.pt (3-4x the model) after training, so --resume can extend the run")
+    what.add_argument("--keep-state", action="store_true", help="keep train_state.pt after training, for --resume")
     what.add_argument("--out-dir", default="runs/instruct", help="folder for all outputs")
 
     data = p.add_argument_group("data")
@@ -645,8 +611,7 @@ def build_parser():
                       "(default: the book's instruction-data.json, downloaded once into --cache-dir)")
     data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded data and weights")
     data.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, the shuffling, LoRA and sampling")
-    data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples to this many tokens "
-                      "(default: the context length)")
+    data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples (default: the context length)")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
 
     train = p.add_argument_group("model and training")
@@ -659,31 +624,28 @@ def build_parser():
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
     train.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout probability while training")
     train.add_argument("--lora", action="store_true", help="train low-rank adapters only (merged before saving); "
-                       "full fine-tuning needs about 16 bytes per parameter (a 1B model: 20 GB)")
+                       "full fine-tuning needs about 16 bytes a parameter (a 1B model: 20 GB)")
     train.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="LoRA rank r")
     train.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0, help="LoRA scale: alpha / rank")
     train.add_argument("--max-steps", type=gpt.positive_int, help="stop after this many steps (default: all epochs)")
     train.add_argument("--log-every", type=gpt.positive_int, default=5, help="steps between progress lines")
     train.add_argument("--eval-every", type=gpt.positive_int, default=25, help="steps between loss estimates")
     train.add_argument("--eval-batches", type=gpt.non_negative_int, default=5, help="batches per estimate, 0: all")
-    train.add_argument("--keep-last", action="store_true", help="save the last step's weights as model.pt "
-                       "(default: those of the evaluation with the lowest validation loss)")
-    train.add_argument("--save-every", type=gpt.positive_int, default=50,
-                       help="steps between train_state.pt saves (and at each epoch's end)")
+    train.add_argument("--keep-last", action="store_true",
+                       help="save the last weights (default: those of the evaluation with the lowest validation loss)")
+    train.add_argument("--save-every", type=gpt.positive_int, default=50, help="steps between train_state.pt saves")
     train.add_argument("--dtype", choices=gpt.DTYPES, default="float32", help="precision: autocast while training "
                        "(float32 weights; not float16), the weights' type when only answering")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
     answers = p.add_argument_group("answers and evaluation")
-    answers.add_argument("--checkpoint", help="model for --generate-only and --prompt, any --model value "
-                         "(default: <out-dir>/model.pt)")
+    answers.add_argument("--checkpoint", help="model for --generate-only and --prompt (default: <out-dir>/model.pt)")
     answers.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=256, help="longest answer in tokens")
     answers.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; above: sampling")
     answers.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens (default: all)")
-    answers.add_argument("--top-p", type=gpt.probability, help="nucleus sampling: from the most likely tokens whose "
+    answers.add_argument("--top-p", type=gpt.probability, help="sample from the most likely tokens whose "
                          "probabilities add up to p (default: all)")
-    answers.add_argument("--responses", help="answers file to write, or to grade with --judge-only "
-                         "(default: <out-dir>/responses.json)")
+    answers.add_argument("--responses", help="answers to write, or to grade (default: <out-dir>/responses.json)")
     answers.add_argument("--judge", choices=["none", "ollama"], default="none", help="grade with a local Ollama")
     answers.add_argument("--judge-url", default="http://localhost:11434", help="Ollama address")
     answers.add_argument("--judge-model", default="llama3", help="Ollama model that grades")
@@ -735,9 +697,8 @@ def data_path(args):
     """--data, or the book's file downloaded once into the cache."""
     if args.data is not None:
         return Path(args.data)
-    return gpt.fetch_dataset(
-        [DATA_URL], "instruction-data.json", flag="--data", kind="json", size=DATA_SIZE, sha256=DATA_SHA256
-    )
+    return gpt.fetch_dataset([DATA_URL], "instruction-data.json", flag="--data", kind="json", size=DATA_SIZE,
+                             sha256=DATA_SHA256)
 
 
 def load_for_answers(args, checkpoint, device):
@@ -794,9 +755,10 @@ def fine_tune(args, argv, device):
     gpt.print_settings(args)
     tokenizer, eot_id = gpt.load_tokenizer(tokenizer_name)  # New: the model's own tokenizer and end-of-text id
     model = prepare_model(args, tokenizer, device, state)
-    max_length = args.max_length or model.cfg.context_length
-    if max_length > model.cfg.context_length:
-        raise ValueError(f"--max-length {max_length} is longer than the model's context length {model.cfg.context_length}")
+    context_length = model.cfg.context_length
+    max_length = args.max_length or context_length
+    if max_length > context_length:
+        raise ValueError(f"--max-length {max_length} is longer than the model's context length {context_length}")
     print(gpt.model_summary(model, args.model) + f", on {device}")
     train_examples = tokenize_examples(train_set, tokenizer, max_length, args.mask_prompt)
     val_examples = tokenize_examples(val_set, tokenizer, max_length, args.mask_prompt)
@@ -806,9 +768,13 @@ def fine_tune(args, argv, device):
     for name, entries in zip(SPLIT_FILES, splits):
         gpt.write_json(out_dir / name, entries)
 
-    collate = functools.partial(collate_instruction_batch, eot_id=eot_id, mask_prompt=args.mask_prompt, max_length=max_length)
+    collate = functools.partial(
+        collate_instruction_batch, eot_id=eot_id, mask_prompt=args.mask_prompt, max_length=max_length
+    )
     try:
-        history, best = train(model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state)
+        history, best = train(
+            model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state
+        )
     except KeyboardInterrupt:
         if state_path.exists():
             print(f"--resume --out-dir {out_dir} goes on from the last save in {state_path}", file=sys.stderr)
