@@ -296,7 +296,8 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gpt.set_rng_state(state["rng"], device)
-        step, history, best = state["step"], state["history"], state["best"]
+        step, history = state["step"], state["history"]
+        best = state.get("best", best)  # a state from before best-keeping: the best from here on
         if step >= total_steps:
             raise ValueError(f"--resume: the run has trained all its {step} steps; give larger --epochs or --max-steps")
         print(f"resuming at step {step} of {total_steps}")
@@ -345,14 +346,16 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
     return history, best
 
 
-def keep_weights(model, best, keep_last, last_step):
-    """Load the best evaluation's weights into model (unless keep_last) and say which were kept."""
+def keep_weights(model, history, best, keep_last):
+    """Load the weights of the lowest validation loss into model (with keep_last: keep the last
+    ones) and say which were kept -> {"step", "val_loss"} of the kept weights' evaluation."""
     if keep_last:
-        print(f"kept the last weights (step {last_step}); the lowest validation loss was at step {best['step']}")
-    else:
-        model.load_state_dict(best["weights"], strict=False)  # the trainable part; the rest never changed
-        print(f"kept the weights of step {best['step']}, the lowest validation loss ({best['val_loss']:.3f})")
-    return {"step": last_step if keep_last else best["step"], "lowest_val_loss_step": best["step"]}
+        last = {"step": history["step"][-1], "val_loss": history["val_loss"][-1]}  # the end is always evaluated
+        print(f"kept the last weights (step {last['step']}); the lowest validation loss was at step {best['step']}")
+        return last
+    model.load_state_dict(best["weights"], strict=False)  # the trainable part; the rest never changed
+    print(f"kept the weights of step {best['step']}, the lowest validation loss ({best['val_loss']:.3f})")
+    return {"step": best["step"], "val_loss": best["val_loss"]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -631,15 +634,17 @@ def build_parser():
     train.add_argument("--log-every", type=gpt.positive_int, default=5, help="steps between progress lines")
     train.add_argument("--eval-every", type=gpt.positive_int, default=25, help="steps between loss estimates")
     train.add_argument("--eval-batches", type=gpt.non_negative_int, default=5, help="batches per estimate, 0: all")
-    train.add_argument("--keep-last", action="store_true",
-                       help="save the last weights (default: those of the evaluation with the lowest validation loss)")
-    train.add_argument("--save-every", type=gpt.positive_int, default=50, help="steps between train_state.pt saves")
+    train.add_argument("--keep-last", action="store_true", help="save the last weights as model.pt (default: those "
+                       "of the evaluation with the lowest validation loss, kept in train_state.pt across --resume)")
+    train.add_argument("--save-every", type=gpt.positive_int, default=50,
+                       help="steps between train_state.pt saves (also at each epoch's end)")
     train.add_argument("--dtype", choices=gpt.DTYPES, default="float32", help="precision: autocast while training "
                        "(float32 weights; not float16), the weights' type when only answering")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
     answers = p.add_argument_group("answers and evaluation")
-    answers.add_argument("--checkpoint", help="model for --generate-only and --prompt (default: <out-dir>/model.pt)")
+    answers.add_argument("--checkpoint", help="model for --generate-only and --prompt, any --model value "
+                         "(default: <out-dir>/model.pt)")
     answers.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=256, help="longest answer in tokens")
     answers.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; above: sampling")
     answers.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens (default: all)")
@@ -781,7 +786,7 @@ def fine_tune(args, argv, device):
         raise
     losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
     gpt.plot_curves(out_dir / "losses.png", {"loss": losses}, "step")
-    kept = keep_weights(model, best, args.keep_last, history["step"][-1])
+    kept = keep_weights(model, history, best, args.keep_last)
     if args.lora:
         gpt.merge_lora(model)  # back to the model's own layers: a plain checkpoint
     save = functools.partial(gpt.save_checkpoint, model=model.eval(), settings=vars(args), history=history, kept=kept,
