@@ -580,7 +580,67 @@ def judge(args, responses_path):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Command line and run folder
+# 7. The stage: data, model, training, the kept weights saved
+# ----------------------------------------------------------------------------------------
+
+
+def fine_tune(args, argv, device):
+    """Claim --out-dir, read and split the data (the saved run's with --resume), fine-tune and
+    save model.pt -> (settings, model in --dtype, its tokenizer, where model.pt went, test
+    entries). Settings and split are written once data and model have passed their checks."""
+    out_dir = gpt.claim_run_folder(args.out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
+    state_path = out_dir / "train_state.pt"
+    if args.resume:
+        args, splits, state = resume_run(args, argv, out_dir)
+        source, tokenizer_name = f"the run's split in {out_dir}", gpt.tokenizer_source(state_path)
+    else:
+        source, state, tokenizer_name = data_path(args), None, gpt.tokenizer_source(args.model)
+        splits = split_dataset(load_instruction_data(source), args.seed)
+    train_set, val_set, test_set = splits
+    print(f"data: {source}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries")
+    gpt.print_settings(args)
+    tokenizer, eot_id = gpt.load_tokenizer(tokenizer_name)  # New: the model's own tokenizer and end-of-text id
+    model = prepare_model(args, tokenizer, device, state)
+    context_length = model.cfg.context_length
+    max_length = args.max_length or context_length
+    if max_length > context_length:
+        raise ValueError(f"--max-length {max_length} is longer than the model's context length {context_length}")
+    print(gpt.model_summary(model, args.model) + f", on {device}")
+    train_examples = tokenize_examples(train_set, tokenizer, max_length, args.mask_prompt)
+    val_examples = tokenize_examples(val_set, tokenizer, max_length, args.mask_prompt)
+    if not train_examples or not val_examples:
+        raise ValueError("no training or validation example is left: raise --max-length or drop --mask-prompt")
+    gpt.write_json(out_dir / "run.json", vars(args))  # on --resume: with an extended --epochs or --max-steps
+    for name, entries in zip(SPLIT_FILES, splits):
+        gpt.write_json(out_dir / name, entries)
+
+    collate = functools.partial(
+        collate_instruction_batch, eot_id=eot_id, mask_prompt=args.mask_prompt, max_length=max_length
+    )
+    try:
+        history, best = train(
+            model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state
+        )
+    except KeyboardInterrupt:
+        if state_path.exists():
+            print(f"--resume --out-dir {out_dir} goes on from the last save in {state_path}", file=sys.stderr)
+        raise
+    losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
+    gpt.plot_curves(out_dir / "losses.png", {"loss": losses}, "step")
+    kept = keep_weights(model, history, best, args.keep_last)
+    if args.lora:
+        gpt.merge_lora(model)  # back to the model's own layers: a plain checkpoint
+    save = functools.partial(gpt.save_checkpoint, model=model.eval(), settings=vars(args), history=history, kept=kept,
+                             tokenizer=tokenizer_name)
+    checkpoint = gpt.save_with_fallback(save, out_dir / "model.pt")
+    print(f"saved the fine-tuned model to {checkpoint}")
+    if not args.keep_state:
+        state_path.unlink(missing_ok=True)  # 3-4x the model; --keep-state keeps it for a longer --resume
+    return args, model.to(gpt.DTYPES[args.dtype]), tokenizer, checkpoint, test_set
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Command line and run folder
 # ----------------------------------------------------------------------------------------
 
 RUN_FILES = ("run.json", *SPLIT_FILES, "train_state.pt", "model.pt", "losses.png", "responses.json",
@@ -743,63 +803,8 @@ def resume_run(args, argv, out_dir):
     return args, splits, gpt.load_checkpoint(out_dir / "train_state.pt")
 
 
-def fine_tune(args, argv, device):
-    """Claim --out-dir, read and split the data (the saved run's with --resume), fine-tune and
-    save model.pt -> (settings, model in --dtype, its tokenizer, where model.pt went, test
-    entries). Settings and split are written once data and model have passed their checks."""
-    out_dir = gpt.claim_run_folder(args.out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
-    state_path = out_dir / "train_state.pt"
-    if args.resume:
-        args, splits, state = resume_run(args, argv, out_dir)
-        source, tokenizer_name = f"the run's split in {out_dir}", gpt.tokenizer_source(state_path)
-    else:
-        source, state, tokenizer_name = data_path(args), None, gpt.tokenizer_source(args.model)
-        splits = split_dataset(load_instruction_data(source), args.seed)
-    train_set, val_set, test_set = splits
-    print(f"data: {source}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries")
-    gpt.print_settings(args)
-    tokenizer, eot_id = gpt.load_tokenizer(tokenizer_name)  # New: the model's own tokenizer and end-of-text id
-    model = prepare_model(args, tokenizer, device, state)
-    context_length = model.cfg.context_length
-    max_length = args.max_length or context_length
-    if max_length > context_length:
-        raise ValueError(f"--max-length {max_length} is longer than the model's context length {context_length}")
-    print(gpt.model_summary(model, args.model) + f", on {device}")
-    train_examples = tokenize_examples(train_set, tokenizer, max_length, args.mask_prompt)
-    val_examples = tokenize_examples(val_set, tokenizer, max_length, args.mask_prompt)
-    if not train_examples or not val_examples:
-        raise ValueError("no training or validation example is left: raise --max-length or drop --mask-prompt")
-    gpt.write_json(out_dir / "run.json", vars(args))  # on --resume: with an extended --epochs or --max-steps
-    for name, entries in zip(SPLIT_FILES, splits):
-        gpt.write_json(out_dir / name, entries)
-
-    collate = functools.partial(
-        collate_instruction_batch, eot_id=eot_id, mask_prompt=args.mask_prompt, max_length=max_length
-    )
-    try:
-        history, best = train(
-            model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state
-        )
-    except KeyboardInterrupt:
-        if state_path.exists():
-            print(f"--resume --out-dir {out_dir} goes on from the last save in {state_path}", file=sys.stderr)
-        raise
-    losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
-    gpt.plot_curves(out_dir / "losses.png", {"loss": losses}, "step")
-    kept = keep_weights(model, history, best, args.keep_last)
-    if args.lora:
-        gpt.merge_lora(model)  # back to the model's own layers: a plain checkpoint
-    save = functools.partial(gpt.save_checkpoint, model=model.eval(), settings=vars(args), history=history, kept=kept,
-                             tokenizer=tokenizer_name)
-    checkpoint = gpt.save_with_fallback(save, out_dir / "model.pt")
-    print(f"saved the fine-tuned model to {checkpoint}")
-    if not args.keep_state:
-        state_path.unlink(missing_ok=True)  # 3-4x the model; --keep-state keeps it for a longer --resume
-    return args, model.to(gpt.DTYPES[args.dtype]), tokenizer, checkpoint, test_set
-
-
 # ----------------------------------------------------------------------------------------
-# 8. Putting it together
+# 9. Putting it together
 # ----------------------------------------------------------------------------------------
 
 
