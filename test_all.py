@@ -3489,7 +3489,8 @@ def test_instruct_tokenized_prompt_is_a_prefix(monkeypatch):
     prompt_ids = gpt.text_to_token_ids(instruct.format_prompt(entry))[0].tolist()
     assert ids[:prompt_length] == prompt_ids
     assert gpt.token_ids_to_text(ids[prompt_length:]) == "Blue."
-    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=prompt_length - 1, mask_prompt=True) == []
+    too_short = prompt_length - 1
+    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=too_short, mask_prompt=True) == []
 
 
 def test_instruct_bad_entries_reported(tmp_path, capsys):
@@ -4146,7 +4147,8 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
     data = _instruct_tiny_run / "data.json"
     entries = json.loads(data.read_text())
     folder = tmp_path / "model"  # config.json, model.safetensors, tokenizer.json; greedy answers end at token 3
-    reference, tokenizer = family_model_with_tokenizer(folder, trained_tokenizers, style, instruct.format_prompt(entries[0]))
+    prompt = instruct.format_prompt(entries[0])
+    reference, tokenizer = family_model_with_tokenizer(folder, trained_tokenizers, style, prompt)
     encoding, eot = gpt.load_tokenizer(folder)
     assert eot == tokenizer.token_to_id("<|end_of_text|>" if style == "llama3" else "<|endoftext|>") != gpt.EOT_ID
 
@@ -4156,7 +4158,8 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
     examples = instruct.tokenize_examples(entries[:2], encoding, 256, mask_prompt=True)
     assert examples == [(p + r, len(p)) for p, r in zip(prompts, responses)]
     inputs, targets = instruct.collate_instruction_batch(examples, eot, mask_prompt=True)
-    (long, short), pad = [p + r for p, r in zip(prompts, responses)], len(examples[0][0]) - len(examples[1][0])
+    long, short = [p + r for p, r in zip(prompts, responses)]
+    pad = len(long) - len(short)
     assert pad > 0 and inputs.tolist() == [long, short + [eot] * pad]
     assert targets.tolist() == [
         [-100] * (len(prompts[0]) - 1) + responses[0] + [eot],
@@ -4165,8 +4168,9 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
 
     # Answers stop at the family's end-of-text token, as transformers' generate does.
     prompt_ids = torch.tensor([prompts[0]])
-    expected = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=20,
-                                  do_sample=False, eos_token_id=eot, pad_token_id=eot)[0, prompt_ids.shape[1] :].tolist()
+    output = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=20,
+                                do_sample=False, eos_token_id=eot, pad_token_id=eot)
+    expected = output[0, prompt_ids.shape[1] :].tolist()
     assert expected[-1] == eot and eot not in expected[:-1]
     answer = instruct.generate_response(gpt.load_model(folder), encoding, entries[0], max_new_tokens=20)
     assert answer == (tokenizer.decode(expected[:-1]).strip(), len(expected) - 1)
