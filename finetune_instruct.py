@@ -16,13 +16,15 @@ Llama 3.2) trains the same way, with its own tokenizer and end-of-text token.
     python finetune_instruct.py --judge-only --judge ollama      # grade runs/instruct/responses.json
 
 Writes to --out-dir (default runs/instruct/; a folder that holds another run is refused unless
---resume or --overwrite): run.json and train/validation/test.json (settings and split, for --resume
-and --generate-only); model.pt (the kept weights, LoRA merged, naming its tokenizer:
-gpt.load_model("runs/instruct/model.pt"); 1.4 GB for gpt2-medium); train_state.pt (model, optimizer,
-step, history, random state and the best weights so far: 4x the model, 3x with --lora; while
-training or with --keep-state); losses.png (with matplotlib); responses.json (the test entries with
-a "model_response" each; responses.partial.json while answering); responses-scored.json (with a
-"score" 0-100 or null, after --judge ollama).
+--resume or --overwrite is given):
+    run.json, train.json, validation.json, test.json   the settings and the split, for --resume and --generate-only
+    model.pt          the kept weights, LoRA merged, naming its tokenizer: gpt.load_model("runs/instruct/model.pt")
+                      (1.4 GB for gpt2-medium)
+    train_state.pt    model, optimizer, step, history, random state and the best weights so far (4x the model,
+                      3x with --lora), while training or with --keep-state
+    losses.png        train and validation loss per step (with matplotlib installed)
+    responses.json    the test entries with a "model_response" each (responses.partial.json while answering)
+    responses-scored.json   the same with a "score" (0-100 or null), after --judge ollama
 """
 
 import argparse
@@ -176,7 +178,7 @@ def format_prompt(entry):
 
 def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
     """Entries -> list of (token ids, prompt length) with the model's tokenizer. Prompt and response
-    are tokenized apart and joined, so the prompt is exactly the first ids (to mask them). With
+    are tokenized separately and joined, so the prompt is exactly the first ids (to mask them). With
     --mask-prompt an entry whose prompt alone is over max_length has nothing to learn: left out."""
     examples, too_long = [], 0
     for entry in entries:
@@ -246,8 +248,9 @@ def prepare_model(args, tokenizer, device, state=None):
     gpt.set_drop_rate(model, args.drop_rate)
     if args.lora:
         gpt.add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
+    # New: weights, gradients and AdamW's moments (16 bytes a parameter; 20 GB for a 1B model) must fit
     trainable = gpt.count_parameters(model, trainable_only=True) if args.lora else None
-    hint = "train only low-rank adapters with --lora, or choose a smaller --model"
+    hint = "choose a smaller --model" + ("" if args.lora else ", or train only low-rank adapters with --lora")
     gpt.check_training_memory(gpt.training_memory(model.cfg, trainable=trainable), device, hint)
     return model.train()
 

@@ -4070,11 +4070,21 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    # Memory is checked before the first step: full fine-tuning that cannot fit says what helps.
-    monkeypatch.setattr(gpt, "training_memory", lambda cfg, trainable=None, dtype=None: 10**15)
-    with pytest.raises(SystemExit, match=r"error: training needs about 1000000.0 GB .*: train only low-rank adapters "
-                       r"with --lora, or choose a smaller --model$"):
+    # Memory is checked before any run file is written: training that cannot fit says what helps.
+    asked = []
+
+    def too_much(cfg, trainable=None, dtype=torch.float32):
+        asked.append(trainable)
+        return 10**15
+
+    monkeypatch.setattr(gpt, "training_memory", too_much)
+    with pytest.raises(SystemExit, match=r"error: training needs about 1000000.0 GB .*: choose a smaller --model, "
+                       r"or train only low-rank adapters with --lora$"):
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
+    with pytest.raises(SystemExit, match=r"GB .*: choose a smaller --model$"):
+        instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))
+    assert asked[0] is None and 0 < asked[1] < gpt.count_parameters(gpt.load_gpt2(folder / "tiny.pt")) / 10
+    assert os.listdir(tmp_path / "run") == [".lock"]
     monkeypatch.undo()
     monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
     with pytest.raises(SystemExit) as exc:
