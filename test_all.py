@@ -3811,20 +3811,27 @@ def test_instruct_clear_errors(tmp_path, _instruct_tiny_run):
         instruct.main(common + ["--model", str(folder / "tiny.pt"), "--max-length", "97"])
 
 
+def _instruct_ctrl_c_in_step(monkeypatch, stop_step):
+    """Make training raise KeyboardInterrupt in step `stop_step`, before its update, as a Ctrl-C
+    there would -> the real gpt.check_finite_loss, to put back."""
+    check = gpt.check_finite_loss
+
+    def ctrl_c(loss, step):
+        if step == stop_step:
+            raise KeyboardInterrupt
+        check(loss, step)
+
+    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c)
+    return check
+
+
 def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
     folder = _instruct_tiny_run
     common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
     common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
     instruct.main(common + ["--out-dir", str(folder / "straight")])
     # Ctrl-C in step 3 of 4: the state of step 2 (an epoch's end) is on disk; --resume alone goes on from it.
-    check = gpt.check_finite_loss
-
-    def ctrl_c_in_step_3(loss, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        check(loss, step)
-
-    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c_in_step_3)
+    check = _instruct_ctrl_c_in_step(monkeypatch, 3)
     with pytest.raises(SystemExit) as exc:
         instruct.main(common + ["--out-dir", str(folder / "halves")])
     assert exc.value.code == 130
@@ -4131,14 +4138,7 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
 
     # Ctrl-C in step 3: the state saved at step 2 holds step 1's weights as the best so far.
     next_step[0] = 0
-    check = gpt.check_finite_loss
-
-    def ctrl_c_in_step_3(loss, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        check(loss, step)
-
-    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c_in_step_3)
+    check = _instruct_ctrl_c_in_step(monkeypatch, 3)
     with pytest.raises(SystemExit):
         instruct.main(flags + ["--out-dir", str(tmp_path / "halves"), "--save-every", "1"])
     state = gpt.load_checkpoint(tmp_path / "halves" / "train_state.pt")
