@@ -278,8 +278,8 @@ def evaluate_loss(model, examples, collate, args, device, autocast):
 
 
 def trainable_weights(model):
-    """A CPU copy of the parameters that train (all of them, or the LoRA adapters): the part
-    of the weights that one evaluation's model differs in from another's."""
+    """A CPU copy of the parameters that train (all of them, or only the LoRA adapters): the rest
+    never changes, so this copy is enough to bring back the weights of an evaluation."""
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
