@@ -20,8 +20,8 @@ Writes to --out-dir (default runs/instruct/; a folder that holds another run is 
     run.json, train.json, validation.json, test.json   the settings and the split, for --resume and --generate-only
     model.pt          the kept weights, LoRA merged, naming its tokenizer: gpt.load_model("runs/instruct/model.pt")
                       (1.4 GB for gpt2-medium)
-    train_state.pt    model, optimizer, step, history, random state and the best weights so far (4x the model,
-                      3x with --lora), while training or with --keep-state
+    train_state.pt    model, optimizer, step, history, random state and the best weights so far (4x the model;
+                      about 1x with --lora), while training or with --keep-state
     losses.png        train and validation loss per step (with matplotlib installed)
     responses.json    the test entries with a "model_response" each (responses.partial.json while answering)
     responses-scored.json   the same with a "score" (0-100 or null), after --judge ollama
@@ -638,7 +638,7 @@ def fine_tune(args, argv, device):
     checkpoint = gpt.save_with_fallback(save, out_dir / "model.pt")
     print(f"saved the fine-tuned model to {checkpoint}")
     if not args.keep_state:
-        state_path.unlink(missing_ok=True)  # 3-4x the model; --keep-state keeps it for a longer --resume
+        state_path.unlink(missing_ok=True)  # up to 4x the model; --keep-state keeps it for --resume
     return args, model.to(gpt.DTYPES[args.dtype]), tokenizer, checkpoint, test_set
 
 
