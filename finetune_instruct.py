@@ -1,28 +1,27 @@
-"""finetune_instruct.py: teach GPT-2 to follow instructions (supervised instruction fine-tuning).
+"""finetune_instruct.py: teach GPT-2, or a Llama-family model, to follow instructions.
 
-The recipe of chapter 7 of "Build a Large Language Model (From Scratch)" (S. Raschka, 2024;
-https://github.com/rasbt/LLMs-from-scratch/tree/main/ch07): the 1,100 instruction/response
-pairs of the book in the Alpaca prompt format (Taori et al., 2023, "Stanford Alpaca",
-https://github.com/tatsu-lab/stanford_alpaca), GPT-2 medium, AdamW at lr 5e-5 with weight
-decay 0.1, batch size 8, 2 epochs. Then the fine-tuned model answers every test
-instruction, and a local LLM served by Ollama can grade the answers (0-100).
+Chapter 7 of "Build a Large Language Model (From Scratch)" (S. Raschka, 2024;
+https://github.com/rasbt/LLMs-from-scratch/tree/main/ch07): the book's 1,100 instruction/response
+pairs in the Alpaca prompt format (Taori et al., 2023, https://github.com/tatsu-lab/stanford_alpaca),
+GPT-2 medium, AdamW at lr 5e-5 with weight decay 0.1, batch size 8, 2 epochs. The weights of the
+evaluation with the lowest validation loss are kept; they answer every test instruction, and a
+local LLM served by Ollama can grade the answers (0-100). A Llama-family model (SmolLM2, Qwen3,
+Llama 3.2) trains the same way, with its own tokenizer and end-of-text token.
 
-Read it top to bottom: data -> prompt format -> batching with masking -> fine-tuning ->
-answers -> evaluation with an LLM judge; the command line comes last.
-
-Run:
     python finetune_instruct.py                                  # the book's recipe (downloads data and gpt2-medium)
-    python finetune_instruct.py --data instruction-data.json --model gpt2 --lora
+    python finetune_instruct.py --model HuggingFaceTB/SmolLM2-135M --lora --mask-prompt
     python finetune_instruct.py --resume                         # continue an interrupted run
     python finetune_instruct.py --generate-only                  # answer the run's test split again
     python finetune_instruct.py --prompt "Rewrite the sentence in passive voice." --input "The cat ate the fish."
     python finetune_instruct.py --judge-only --judge ollama      # grade runs/instruct/responses.json
 
-Writes to --out-dir (default runs/instruct/; a folder that holds another run is refused
-unless --resume or --overwrite is given):
+Writes to --out-dir (default runs/instruct/; a folder that holds another run is refused unless
+--resume or --overwrite is given):
     run.json, train.json, validation.json, test.json   the settings and the split, for --resume and --generate-only
-    model.pt          the fine-tuned model, LoRA merged: gpt.load_gpt2("runs/instruct/model.pt") (1.4 GB, gpt2-medium)
-    train_state.pt    model, optimizer, step, history, random state (3x the model), while training or with --keep-state
+    model.pt          the kept weights, LoRA merged, naming its tokenizer: gpt.load_model("runs/instruct/model.pt")
+                      (1.4 GB for gpt2-medium)
+    train_state.pt    model, optimizer, step, history, random state and the best weights so far (4x the model;
+                      about 1x with --lora), while training or with --keep-state
     losses.png        train and validation loss per step (with matplotlib installed)
     responses.json    the test entries with a "model_response" each (responses.partial.json while answering)
     responses-scored.json   the same with a "score" (0-100 or null), after --judge ollama
@@ -66,19 +65,16 @@ ANSWERS_PER_SAVE = 10  # answers between saves of responses.partial.json
 
 
 def read_entries(path):
-    """Read a JSON list or a JSON Lines file (UTF-8, a byte-order mark allowed) -> (entries, bad).
-
-    entries: list of (where, object), `where` naming the entry for messages ("entry 7",
-    0-based, in a JSON list; "line 8", 1-based, in JSON Lines). bad: list of (where,
-    reason) for JSON Lines lines that do not parse. Raises FileNotFoundError or ValueError.
-    """
+    """Read a JSON list or a JSON Lines file (UTF-8, a byte-order mark allowed) -> (entries, bad):
+    lists of (where, object) and of (where, reason) for JSON Lines lines that do not parse;
+    `where` is "entry 7" (0-based) in a list, "line 8" (1-based) in JSON Lines.
+    Raises FileNotFoundError or ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file")
     text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")
     if text.lstrip().startswith("["):
-        items = gpt.read_json(path, "--data")
-        return [(f"entry {i}", item) for i, item in enumerate(items)], []
+        return [(f"entry {i}", item) for i, item in enumerate(gpt.read_json(path, "--data"))], []
     entries, bad = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -92,9 +88,9 @@ def read_entries(path):
 
 
 def check_entry(entry):
-    """Why an entry cannot be used (a string), or None when it is a valid Alpaca entry:
-    a JSON object with a non-empty string "instruction", a string "output", and an
-    optional string "input" (missing or null means no input)."""
+    """Why an entry cannot be used (a string), or None for a valid Alpaca entry: a JSON object
+    with a non-empty string "instruction", a string "output" and an optional string "input"
+    (missing or null: no input)."""
     if not isinstance(entry, dict):
         return f"not a JSON object but {type(entry).__name__}"
     for key in ("instruction", "output", "input"):
@@ -108,10 +104,8 @@ def check_entry(entry):
 
 def load_instruction_data(path, max_reported=10):
     """Read and check an Alpaca-style file -> list of usable entries (dicts, as in the file).
-
-    Bad entries (see `check_entry`) are reported with their position and left out; the
-    rest go on. Raises ValueError when no usable entry is left.
-    """
+    Bad entries are reported with their position and left out. Raises ValueError when no
+    usable entry is left."""
     entries, bad = read_entries(path)
     good = []
     for where, entry in entries:
@@ -136,7 +130,7 @@ def load_instruction_data(path, max_reported=10):
 
 def split_dataset(entries, seed):
     """Shuffle with `seed`, then split 85% train, 10% test, the rest (5%) validation, as in
-    the book (1,100 entries -> 935 / 110 / 55). Returns (train, validation, test) lists.
+    the book (1,100 entries -> 935 / 110 / 55) -> (train, validation, test) lists.
     Raises ValueError when a part would be empty (fewer than 10 entries)."""
     train, test, val = gpt.split_by_fractions(entries, seed, SPLIT_FRACTIONS)
     if not (train and test and val):
@@ -182,18 +176,16 @@ def format_prompt(entry):
 # ----------------------------------------------------------------------------------------
 
 
-def tokenize_examples(entries, max_length, mask_prompt):
-    """Entries -> list of (token ids, prompt length in tokens) for training.
-
-    Prompt and response are tokenized separately and joined, so that the prompt's tokens
-    are exactly the first `prompt length` ids (needed to mask them). With --mask-prompt an
-    entry whose prompt alone is longer than max_length has nothing left to learn and is
-    reported and left out.
-    """
+def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
+    """Entries -> list of (token ids, prompt length) with the model's tokenizer. Prompt and response
+    are tokenized separately and joined, so the prompt is exactly the first ids (to mask them). With
+    --mask-prompt an entry whose prompt alone is over max_length has nothing to learn: left out."""
     examples, too_long = [], 0
     for entry in entries:
-        prompt_ids = gpt.text_to_token_ids(format_prompt(entry))[0].tolist()
-        response_ids = gpt.text_to_token_ids(entry["output"])[0].tolist()
+        prompt_ids = gpt.text_to_token_ids(format_prompt(entry), tokenizer=tokenizer)[0].tolist()
+        response_ids = gpt.text_to_token_ids(entry["output"], tokenizer=tokenizer)[0].tolist()
+        if getattr(tokenizer, "bos_id", None) is not None:
+            response_ids = response_ids[1:]  # New: Llama 3's <|begin_of_text|> starts the prompt, not the response
         if mask_prompt and len(prompt_ids) > max_length:
             too_long += 1
             continue
@@ -203,24 +195,21 @@ def tokenize_examples(entries, max_length, mask_prompt):
     return examples
 
 
-def collate_instruction_batch(batch, *, mask_prompt=False, max_length=None, pad_id=gpt.EOT_ID):
-    """Pad a batch of examples into inputs and targets: LongTensor [batch, seq_len] each.
+def collate_instruction_batch(batch, eot_id, *, mask_prompt=False, max_length=None):
+    """Pad a batch of (token ids, prompt length) into inputs and targets: LongTensor [batch, seq_len] each.
 
-    batch: list of (token ids, prompt length). Every sequence gets at least one
-    <|endoftext|> (50256) appended and is padded with it to one token more than the
-    longest in the batch; inputs are all but the last token, targets the same shifted
-    left by one (target j is the token after input j). The first end-of-text target stays
-    (the model learns to stop), the remaining padding targets become -100 so the loss
-    ignores them. With mask_prompt the targets that predict prompt tokens become -100
-    too, so only the response (and its end-of-text) is learned. Sequences are then cut
-    to max_length tokens. Follows the book's custom_collate_fn (section 7.3 and exercise
-    7.2), with the padding found by position rather than by token value, so a real
-    50256 inside a text stays a target.
+    The book's custom_collate_fn (section 7.3, exercise 7.2). Each sequence gets at least one
+    end-of-text token (eot_id: the tokenizer's, 50256 for GPT-2; New: the Llama family's own, which
+    also pads, as those models define no padding token) and is padded with it to one token more
+    than the longest; targets are the inputs shifted left by one. The first end-of-text target
+    stays (the model learns to stop); later padding targets become -100 (the loss skips them), and
+    so do, with mask_prompt, the targets that predict prompt tokens. Then sequences are cut to
+    max_length. Padding is found by position, not value: a real end-of-text in a text stays a target.
     """
     seq_len = max(len(ids) for ids, _ in batch) + 1  # +1: room for the end-of-text token
     inputs, targets = [], []
     for ids, prompt_length in batch:
-        padded = ids + [pad_id] * (seq_len - len(ids))
+        padded = ids + [eot_id] * (seq_len - len(ids))
         x, y = padded[:-1], padded[1:]
         y[len(ids) :] = [IGNORE_INDEX] * (len(y) - len(ids))  # y[len(ids) - 1] is the kept end-of-text
         if mask_prompt:
@@ -245,31 +234,24 @@ def epoch_batches(examples, batch_size, seed, epoch):
 # ----------------------------------------------------------------------------------------
 
 
-def load_language_model(name, flag, device, dtype=torch.float32):
-    """gpt.load_gpt2(name) on device in dtype, checked to read GPT-2's tokens. Raises
-    ValueError naming `flag` when its vocabulary is not the tokenizer's (50257)."""
-    model = gpt.load_gpt2(name, device=device, dtype=dtype)
-    n_vocab = gpt.get_tokenizer().n_vocab
-    if model.cfg.vocab_size != n_vocab:
-        raise ValueError(
-            f"{flag} {name} has a vocabulary of {model.cfg.vocab_size} tokens, but the GPT-2 tokenizer has {n_vocab}: "
-            "use a GPT-2 model, or one trained with the GPT-2 tokenizer"
-        )
-    return model
-
-
-def prepare_model(args, device, state=None):
-    """The model to train, in train mode on device: args.model, or, when resuming, a
-    GPTModel of the train_state.pt dict's config (its weights come later from the state);
-    dropout at args.drop_rate; with args.lora, LoRA adapters are the only trainable part."""
+def prepare_model(args, tokenizer, device, state=None):
+    """The model to train, in train mode on device: --model (GPT-2 or the Llama family, see
+    gpt.load_model), or on --resume one of the state's config (`train` loads its weights); dropout
+    at --drop-rate; with --lora only adapters train. Raises ValueError when the tokenizer has ids
+    the model lacks, RuntimeError when AdamW training cannot fit in the device's memory."""
     torch.manual_seed(args.seed)  # LoRA's A matrices start random
     if state is None:
-        model = load_language_model(args.model, "--model", device)
+        model = gpt.load_model(args.model, device=device)
     else:
-        model = gpt.GPTModel(gpt.GPTConfig(**state["config"])).to(device)
+        model = gpt.build_model(gpt.GPTConfig(**state["config"])).to(device)
+    gpt.check_vocabulary(model, f"--model {args.model}", tokenizer)
     gpt.set_drop_rate(model, args.drop_rate)
     if args.lora:
         gpt.add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
+    # New: weights, gradients and AdamW's moments (16 bytes a parameter; 20 GB for a 1B model) must fit
+    trainable = gpt.count_parameters(model, trainable_only=True) if args.lora else None
+    hint = "choose a smaller --model" + ("" if args.lora else ", or train only low-rank adapters with --lora")
+    gpt.check_training_memory(gpt.training_memory(model.cfg, trainable=trainable), device, hint)
     return model.train()
 
 
@@ -295,26 +277,30 @@ def evaluate_loss(model, examples, collate, args, device, autocast):
     return sum(losses) / len(losses)
 
 
-def train(model, train_examples, val_examples, args, max_length, state_path, device, state=None):
-    """Fine-tune model in place with AdamW, one step per batch, for --epochs (or
-    --max-steps); return the loss history {"step": [...], "train_loss": [...], "val_loss": [...]}.
+def trainable_weights(model):
+    """A CPU copy of the parameters that train (all of them, or only the LoRA adapters): the rest
+    never changes, so this copy is enough to bring back the weights of an evaluation."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
-    Saves the training state to state_path every --save-every steps and at each epoch's
-    end. With state (a train_state.pt dict), weights, optimizer, random state, step and
-    history are restored and training goes on exactly as if it had not stopped.
-    """
+
+def train(model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state=None):
+    """Fine-tune model in place with AdamW, one step per batch, for --epochs (or --max-steps) ->
+    (history {"step", "train_loss", "val_loss": lists}, best {"step", "val_loss", "weights"}: the
+    `trainable_weights` of the evaluation with the lowest validation loss). The training state,
+    best and tokenizer name included, goes to state_path every --save-every steps and at each
+    epoch's end; given back as `state`, training goes on exactly as if it had not stopped."""
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
     dtype = gpt.DTYPES[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    collate = functools.partial(collate_instruction_batch, mask_prompt=args.mask_prompt, max_length=max_length)
     steps_per_epoch = math.ceil(len(train_examples) / args.batch_size)  # the last batch may be smaller
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    step, history = 0, {"step": [], "train_loss": [], "val_loss": []}
+    step, history, best = 0, {"step": [], "train_loss": [], "val_loss": []}, {"val_loss": math.inf}
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gpt.set_rng_state(state["rng"], device)
         step, history = state["step"], state["history"]
+        best = state.get("best", best)  # a state from before best-keeping: the best from here on
         if step >= total_steps:
             raise ValueError(f"--resume: the run has trained all its {step} steps; give larger --epochs or --max-steps")
         print(f"resuming at step {step} of {total_steps}")
@@ -329,9 +315,12 @@ def train(model, train_examples, val_examples, args, max_length, state_path, dev
             history["train_loss"].append(train_loss)
             history["val_loss"].append(val_loss)
             print(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
+            if val_loss < best["val_loss"]:  # New: keep the weights that generalise best (early stopping)
+                best = {"step": step, "val_loss": val_loss, "weights": trainable_weights(model)}
         if step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps):
             gpt.save_checkpoint(
-                state_path, model, optimizer=optimizer.state_dict(), step=step, history=history, rng=gpt.rng_state()
+                state_path, model, optimizer=optimizer.state_dict(), step=step, history=history, best=best,
+                rng=gpt.rng_state(), tokenizer=tokenizer_name,
             )
         if step == total_steps:
             break
@@ -357,7 +346,19 @@ def train(model, train_examples, val_examples, args, max_length, state_path, dev
             )
             window_seconds, window_tokens = 0.0, 0
     print(f"trained {step - start_step} steps in {gpt.format_duration(time.time() - started)}")
-    return history
+    return history, best
+
+
+def keep_weights(model, history, best, keep_last):
+    """Load the weights of the lowest validation loss into model (with keep_last: keep the last
+    ones) and say which were kept -> {"step", "val_loss"} of the kept weights' evaluation."""
+    if keep_last:
+        last = {"step": history["step"][-1], "val_loss": history["val_loss"][-1]}  # the end is always evaluated
+        print(f"kept the last weights (step {last['step']}); the lowest validation loss was at step {best['step']}")
+        return last
+    model.load_state_dict(best["weights"], strict=False)  # the trainable part; the rest never changed
+    print(f"kept the weights of step {best['step']}, the lowest validation loss ({best['val_loss']:.3f})")
+    return {"step": best["step"], "val_loss": best["val_loss"]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -365,31 +366,24 @@ def train(model, train_examples, val_examples, args, max_length, state_path, dev
 # ----------------------------------------------------------------------------------------
 
 
-def generate_response(model, entry, *, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None, seed=None):
-    """The model's answer to one entry -> (response text, number of new tokens).
-
-    Continues format_prompt(entry) with gpt.generate (greedy at temperature 0, else
-    sampling limited by top_k and top_p), stops at <|endoftext|> or after max_new_tokens,
-    and keeps the new text, stripped. As the book's section 7.7, whose prompt did not
-    end with "### Response:" yet.
-    """
-    prompt_ids = gpt.text_to_token_ids(format_prompt(entry), device=model.wte.weight.device)
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=gpt.EOT_ID, seed=seed)
-    output = gpt.generate(model, prompt_ids, max_new_tokens, **options)
+def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
+    """The model's answer to one entry -> (response text, number of new tokens): format_prompt(entry)
+    continued by gpt.generate (greedy; `sampling`: temperature, top_k, top_p and seed as there) up to
+    the tokenizer's end-of-text token or max_new_tokens, the new text stripped (the book's section 7.7)."""
+    prompt_ids = gpt.text_to_token_ids(format_prompt(entry), device=model.wte.weight.device, tokenizer=tokenizer)
+    eot_id = tokenizer.eot_token  # 50256 for GPT-2; New: the Llama family's own
+    output = gpt.generate(model, prompt_ids, max_new_tokens, eos_id=eot_id, **sampling)
     new_ids = output[0, prompt_ids.shape[1] :].tolist()
-    if gpt.EOT_ID in new_ids:
-        new_ids = new_ids[: new_ids.index(gpt.EOT_ID)]
-    return gpt.token_ids_to_text(new_ids).strip(), len(new_ids)
+    if eot_id in new_ids:
+        new_ids = new_ids[: new_ids.index(eot_id)]
+    return gpt.token_ids_to_text(new_ids, tokenizer=tokenizer).strip(), len(new_ids)
 
 
-def generate_responses(model, entries, path, fingerprint, **options):
-    """Answer every entry (options as in `generate_response`) and write the entries, each
-    with a "model_response" field, to path (JSON). Returns that list.
-
-    Every ANSWERS_PER_SAVE answers are saved to <path stem>.partial.json with `fingerprint`
-    (see `answers_fingerprint`); a later call with the same fingerprint goes on from there.
-    When path cannot be written, the answers go to the temporary folder instead.
-    """
+def generate_responses(model, tokenizer, entries, path, fingerprint, **options):
+    """Answer every entry (options as in `generate_response`) and write the entries, each with a
+    "model_response", to path (JSON; the temporary folder if path cannot be written) -> that list.
+    Every ANSWERS_PER_SAVE answers go to <path stem>.partial.json with `fingerprint` (see
+    `answers_fingerprint`); a later call with the same fingerprint goes on from there."""
     so_far = path.with_name(path.stem + ".partial.json")
     saved = gpt.read_json(so_far, "saved answers") if so_far.is_file() else {}
     results = saved["responses"] if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else []
@@ -397,7 +391,7 @@ def generate_responses(model, entries, path, fingerprint, **options):
         print(f"answers: {len(results)} of {len(entries)} taken from {so_far}")
     done_before, tokens, started = len(results), 0, time.time()
     for i in range(done_before, len(entries)):
-        response, n_tokens = generate_response(model, entries[i], **options)
+        response, n_tokens = generate_response(model, tokenizer, entries[i], **options)
         results.append({**entries[i], "model_response": response})
         tokens += n_tokens
         eta = gpt.eta(started, i + 1 - done_before, len(entries) - done_before)
@@ -490,33 +484,6 @@ def parse_score(reply):
     return parse_score(values.pop()) if len(values) == 1 else None
 
 
-def ollama_help(url, model):
-    """How to get a judge running, for error messages."""
-    return (
-        f"start the server with `ollama serve` (install it from https://ollama.com) and get the judge with "
-        f"`ollama pull {model}`, or point --judge-url at a running server (now {url})"
-    )
-
-
-def check_ollama(url, model):
-    """Make sure an Ollama server answers at url and has `model`; raise RuntimeError with
-    the commands that fix it otherwise. Uses GET /api/tags (the list of local models)."""
-    try:
-        reply = requests.get(f"{url}/api/tags", timeout=5)
-        reply.raise_for_status()
-        names = {m.get("name") for m in reply.json().get("models", [])}
-    except (requests.RequestException, ValueError, AttributeError) as e:
-        raise RuntimeError(
-            f"no Ollama server answers at {url} ({e.__class__.__name__}): {ollama_help(url, model)}"
-        ) from None
-    if model not in names and f"{model}:latest" not in names:
-        raise RuntimeError(
-            f"the Ollama server at {url} does not have the model {model!r} "
-            f"(it has: {', '.join(sorted(names)) or 'none'}); "
-            f"run `ollama pull {model}` or choose another --judge-model"
-        )
-
-
 # Ollama's structured output (https://ollama.com/blog/structured-outputs, Ollama 0.5+): the
 # JSON schema in the request's "format" field constrains the reply to {"score": <0..100>}.
 SCORE_FORMAT = {
@@ -526,12 +493,34 @@ SCORE_FORMAT = {
 }
 
 
+OLLAMA_HELP = (
+    "start the server with `ollama serve` (install it from https://ollama.com) and get the judge with "
+    "`ollama pull {model}`, or point --judge-url at a running server (now {url})"
+)
+
+
+def check_ollama(url, model):
+    """Make sure an Ollama server answers at url (GET /api/tags, the list of local models) and has
+    `model`; raise RuntimeError with the commands that fix it otherwise."""
+    try:
+        reply = requests.get(f"{url}/api/tags", timeout=5)
+        reply.raise_for_status()
+        names = {m.get("name") for m in reply.json().get("models", [])}
+    except (requests.RequestException, ValueError, AttributeError) as e:
+        fix = OLLAMA_HELP.format(url=url, model=model)
+        raise RuntimeError(f"no Ollama server answers at {url} ({type(e).__name__}): {fix}") from None
+    if model not in names and f"{model}:latest" not in names:
+        raise RuntimeError(
+            f"the Ollama server at {url} does not have the model {model!r} "
+            f"(it has: {', '.join(sorted(names)) or 'none'}); run `ollama pull {model}` or choose another --judge-model"
+        )
+
+
 def query_ollama(prompt, url, model, timeout=600):
-    """One chat request to Ollama's HTTP API (POST /api/chat, not streamed) with
-    temperature 0, a fixed seed and the SCORE_FORMAT schema -> the reply's content: text
-    (normally '{"score": 85}'), or whatever JSON value the server sent instead. A server
-    older than Ollama 0.5 rejects a schema (HTTP 400); it is then asked again without one.
-    Raises RuntimeError when the server cannot be reached or answers with an error."""
+    """One chat request to Ollama's HTTP API (POST /api/chat, not streamed) with temperature 0, a
+    fixed seed and the SCORE_FORMAT schema -> the reply's content: text (normally '{"score": 85}'),
+    or whatever JSON value the server sent. A server older than Ollama 0.5 rejects a schema (HTTP
+    400) and is asked again without. Raises RuntimeError when the server fails to answer."""
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -544,9 +533,8 @@ def query_ollama(prompt, url, model, timeout=600):
             # before 0.5 "format" could only be "json"; parse_score then reads the prose
             reply = requests.post(f"{url}/api/chat", json=payload, timeout=(5, timeout))
     except requests.RequestException as e:
-        raise RuntimeError(
-            f"the Ollama server at {url} stopped answering ({e.__class__.__name__}): {ollama_help(url, model)}"
-        ) from None
+        fix = OLLAMA_HELP.format(url=url, model=model)
+        raise RuntimeError(f"the Ollama server at {url} stopped answering ({type(e).__name__}): {fix}") from None
     if reply.status_code != 200:
         raise RuntimeError(f"the Ollama server at {url} answered HTTP {reply.status_code}: {reply.text[:300]}")
     try:
@@ -555,89 +543,133 @@ def query_ollama(prompt, url, model, timeout=600):
         raise RuntimeError(f"the Ollama server at {url} sent an unexpected answer: {reply.text[:300]}") from None
 
 
-def judge_responses(entries, url, model, path):
-    """Score each entry's "model_response" against its "output" with the judge, print
-    the mean score and how many could not be scored, and write the entries with a
-    "score" field (a number 0-100, or null when unscorable) to path. Returns (mean or None,
-    number unscorable). The responses file is only read."""
-    check_ollama(url, model)
-    scored, started = [], time.time()
-    for i, entry in enumerate(entries, start=1):
-        problem = check_entry(entry) or (
-            None if isinstance(entry.get("model_response"), str) else "no string 'model_response'"
-        )
-        score = None
-        if problem:
-            print(f"  entry {i - 1}: cannot be scored: {problem}")
-        else:
-            answer = query_ollama(judge_prompt(entry), url, model)
-            score = parse_score(answer)
-            if score is None:
-                print(f"  entry {i - 1}: no score 0-100 in the judge's answer {answer!r:.80}")
-        scored.append({**entry, "score": score} if isinstance(entry, dict) else {"entry": entry, "score": None})
-        elapsed = time.time() - started
-        print(f"judging {i}/{len(entries)} | ETA {gpt.format_duration(elapsed / i * (len(entries) - i))}", flush=True)
-    scores = [e["score"] for e in scored if e["score"] is not None]
-    mean = sum(scores) / len(scores) if scores else None
-    unscorable = len(entries) - len(scores)
-    gpt.write_json(path, scored)
-    mean_text = f"{mean:.2f}" if mean is not None else "n/a"
-    print(f"judge {model}: mean score {mean_text} over {len(scores)} entries; {unscorable} could not be scored")
-    print(f"wrote the scores to {path}")
-    return mean, unscorable
-
-
-def read_responses(path):
-    """The list of entries in a responses file written by generate_responses."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--responses {path}: no such file; generate it first (e.g. --generate-only)")
-    entries = gpt.read_json(path, "--responses")
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"--responses {path}: expected a non-empty JSON list of entries")
-    return entries
-
-
 def judge(args, responses_path):
-    """Grade the responses file with the --judge; the scores go to <name>-scored.json beside it."""
+    """Grade each "model_response" of the responses file against its "output" with the --judge;
+    print the mean score and how many could not be scored, and write the entries with a "score"
+    (0-100, or null when unscorable) to <name>-scored.json beside it. The responses file is only read."""
+    if not responses_path.is_file():
+        raise FileNotFoundError(f"--responses {responses_path}: no such file; generate it first (e.g. --generate-only)")
+    entries = gpt.read_json(responses_path, "--responses")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"--responses {responses_path}: expected a non-empty JSON list of entries")
+    url, scored, started = args.judge_url.rstrip("/"), [], time.time()
     try:
-        entries = read_responses(responses_path)
-        judge_responses(entries, args.judge_url.rstrip("/"), args.judge_model, scored_path(responses_path))
+        check_ollama(url, args.judge_model)
+        for i, entry in enumerate(entries):
+            problem = check_entry(entry) or (
+                None if isinstance(entry.get("model_response"), str) else "no string 'model_response'"
+            )
+            score = None
+            if problem:
+                print(f"  entry {i}: cannot be scored: {problem}")
+            else:
+                answer = query_ollama(judge_prompt(entry), url, args.judge_model)
+                score = parse_score(answer)
+                if score is None:
+                    print(f"  entry {i}: no score 0-100 in the judge's answer {answer!r:.80}")
+            scored.append({**entry, "score": score} if isinstance(entry, dict) else {"entry": entry, "score": None})
+            print(f"judging {i + 1}/{len(entries)} | ETA {gpt.eta(started, i + 1, len(entries))}", flush=True)
     except RuntimeError as e:
         raise RuntimeError(
             f"{e}\nthe answers stay in {responses_path}; grade them later with: "
             f"python finetune_instruct.py --judge-only --judge ollama --responses {responses_path}"
         ) from None
+    scores = [e["score"] for e in scored if e["score"] is not None]
+    mean = f"{sum(scores) / len(scores):.2f}" if scores else "n/a"
+    print(f"judge {args.judge_model}: mean score {mean} over {len(scores)} entries; "
+          f"{len(entries) - len(scores)} could not be scored")
+    gpt.write_json(scored_path(responses_path), scored)
+    print(f"wrote the scores to {scored_path(responses_path)}")
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Command line and run folder
+# 7. The stage: data, model, training, the kept weights saved
+# ----------------------------------------------------------------------------------------
+
+
+def fine_tune(args, argv, device):
+    """Claim --out-dir, read and split the data (the saved run's with --resume), fine-tune and
+    save model.pt -> (settings, model in --dtype, its tokenizer, where model.pt went, test
+    entries). Settings and split are written once data and model have passed their checks."""
+    out_dir = gpt.claim_run_folder(args.out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
+    state_path = out_dir / "train_state.pt"
+    if args.resume:
+        args, splits, state = resume_run(args, argv, out_dir)
+        source, tokenizer_name = f"the run's split in {out_dir}", gpt.tokenizer_source(state_path)
+    else:
+        source, state, tokenizer_name = data_path(args), None, gpt.tokenizer_source(args.model)
+        splits = split_dataset(load_instruction_data(source), args.seed)
+    train_set, val_set, test_set = splits
+    print(f"data: {source}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries")
+    gpt.print_settings(args)
+    tokenizer, eot_id = gpt.load_tokenizer(tokenizer_name)  # New: the model's own tokenizer and end-of-text id
+    model = prepare_model(args, tokenizer, device, state)
+    context_length = model.cfg.context_length
+    max_length = args.max_length or context_length
+    if max_length > context_length:
+        raise ValueError(f"--max-length {max_length} is longer than the model's context length {context_length}")
+    print(gpt.model_summary(model, args.model) + f", on {device}")
+    train_examples = tokenize_examples(train_set, tokenizer, max_length, args.mask_prompt)
+    val_examples = tokenize_examples(val_set, tokenizer, max_length, args.mask_prompt)
+    if not train_examples or not val_examples:
+        raise ValueError("no training or validation example is left: raise --max-length or drop --mask-prompt")
+    gpt.write_json(out_dir / "run.json", vars(args))  # on --resume: with an extended --epochs or --max-steps
+    for name, entries in zip(SPLIT_FILES, splits):
+        gpt.write_json(out_dir / name, entries)
+
+    collate = functools.partial(
+        collate_instruction_batch, eot_id=eot_id, mask_prompt=args.mask_prompt, max_length=max_length
+    )
+    try:
+        history, best = train(
+            model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state
+        )
+    except KeyboardInterrupt:
+        if state_path.exists():
+            print(f"--resume --out-dir {out_dir} goes on from the last save in {state_path}", file=sys.stderr)
+        raise
+    losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
+    gpt.plot_curves(out_dir / "losses.png", {"loss": losses}, "step")
+    kept = keep_weights(model, history, best, args.keep_last)
+    if args.lora:
+        gpt.merge_lora(model)  # back to the model's own layers: a plain checkpoint
+    save = functools.partial(gpt.save_checkpoint, model=model.eval(), settings=vars(args), history=history, kept=kept,
+                             tokenizer=tokenizer_name)
+    checkpoint = gpt.save_with_fallback(save, out_dir / "model.pt")
+    print(f"saved the fine-tuned model to {checkpoint}")
+    if not args.keep_state:
+        state_path.unlink(missing_ok=True)  # up to 4x the model; --keep-state keeps it for --resume
+    return args, model.to(gpt.DTYPES[args.dtype]), tokenizer, checkpoint, test_set
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Command line and run folder
 # ----------------------------------------------------------------------------------------
 
 RUN_FILES = ("run.json", *SPLIT_FILES, "train_state.pt", "model.pt", "losses.png", "responses.json",
              "responses.partial.json", "responses-scored.json")
 # Flags that may differ from the saved run on --resume: more steps, another machine, other answers.
-RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "device", "cache_dir", "out_dir", "responses",
-                     "max_new_tokens", "temperature", "top_k", "top_p", "judge", "judge_url", "judge_model")
+RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "keep_last", "device", "cache_dir", "out_dir",
+                     "responses", "max_new_tokens", "temperature", "top_k", "top_p", "judge", "judge_url",
+                     "judge_model")
 
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Instruction fine-tuning of GPT-2 (Alpaca format), answers for the test set, optional LLM judge. "
-        "A new run refuses an --out-dir that holds another run unless --resume continues it or --overwrite "
-        "replaces it; --generate-only, --prompt and --judge-only use an existing run.",
+        description="Instruction fine-tuning of GPT-2 or a Llama-family model (Alpaca format), answers for the test "
+        "set, optional LLM judge. A new run refuses an --out-dir that holds another run unless --resume continues it "
+        "or --overwrite replaces it; --generate-only, --prompt and --judge-only use an existing run.",
         formatter_class=gpt.HelpFormatter,
     )
     what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
-    what.add_argument("--generate-only", action="store_true",
-                      help="no training: answer the run's test split with --checkpoint (<out-dir>/test.json; "
-                      "without one, the split of --data)")
+    what.add_argument("--generate-only", action="store_true", help="no training: answer the run's test split "
+                      "(<out-dir>/test.json, else the split of --data) with --checkpoint")
     what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print it, exit (default: none)")
     what.add_argument("--input", help="input text for --prompt (the '### Input:' section; default: none)")
     what.add_argument("--judge-only", action="store_true", help="no training, no answers: grade --responses")
     what.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings")
     what.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir first")
-    what.add_argument("--keep-state", action="store_true",
-                      help="keep train_state.pt (3x the model) after training, so --resume can extend the run")
+    what.add_argument("--keep-state", action="store_true", help="keep train_state.pt after training, for --resume")
     what.add_argument("--out-dir", default="runs/instruct", help="folder for all outputs")
 
     data = p.add_argument_group("data")
@@ -645,27 +677,30 @@ def build_parser():
                       "(default: the book's instruction-data.json, downloaded once into --cache-dir)")
     data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded data and weights")
     data.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, the shuffling, LoRA and sampling")
-    data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples to this many tokens "
-                      "(default: the context length)")
+    data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples (default: the context length)")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
 
     train = p.add_argument_group("model and training")
-    train.add_argument("--model", default="gpt2-medium", help="starting point: gpt2, gpt2-medium, gpt2-large, "
-                       "gpt2-xl, a .safetensors file, or a checkpoint of this project such as pretrain.py's")
+    train.add_argument("--model", default="gpt2-medium", help="starting point: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                       "a Llama-family Hub name (HuggingFaceTB/SmolLM2-135M, Qwen/Qwen3-0.6B-Base, "
+                       "meta-llama/Llama-3.2-1B) or folder, a .safetensors file, or a checkpoint of this project")
     train.add_argument("--epochs", type=gpt.positive_int, default=2, help="passes over the training set")
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="examples per optimizer step")
     train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate, constant")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
     train.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout probability while training")
-    train.add_argument("--lora", action="store_true", help="train low-rank adapters only (merged before saving)")
+    train.add_argument("--lora", action="store_true", help="train low-rank adapters only (merged before saving); "
+                       "full fine-tuning needs about 16 bytes a parameter (a 1B model: 20 GB)")
     train.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="LoRA rank r")
     train.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0, help="LoRA scale: alpha / rank")
     train.add_argument("--max-steps", type=gpt.positive_int, help="stop after this many steps (default: all epochs)")
     train.add_argument("--log-every", type=gpt.positive_int, default=5, help="steps between progress lines")
     train.add_argument("--eval-every", type=gpt.positive_int, default=25, help="steps between loss estimates")
     train.add_argument("--eval-batches", type=gpt.non_negative_int, default=5, help="batches per estimate, 0: all")
+    train.add_argument("--keep-last", action="store_true", help="save the last weights as model.pt (default: those "
+                       "of the evaluation with the lowest validation loss, kept in train_state.pt across --resume)")
     train.add_argument("--save-every", type=gpt.positive_int, default=50,
-                       help="steps between train_state.pt saves (and at each epoch's end)")
+                       help="steps between train_state.pt saves (also at each epoch's end)")
     train.add_argument("--dtype", choices=gpt.DTYPES, default="float32", help="precision: autocast while training "
                        "(float32 weights; not float16), the weights' type when only answering")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -676,10 +711,9 @@ def build_parser():
     answers.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=256, help="longest answer in tokens")
     answers.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; above: sampling")
     answers.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens (default: all)")
-    answers.add_argument("--top-p", type=gpt.probability, help="nucleus sampling: from the most likely tokens whose "
+    answers.add_argument("--top-p", type=gpt.probability, help="sample from the most likely tokens whose "
                          "probabilities add up to p (default: all)")
-    answers.add_argument("--responses", help="answers file to write, or to grade with --judge-only "
-                         "(default: <out-dir>/responses.json)")
+    answers.add_argument("--responses", help="answers to write, or to grade (default: <out-dir>/responses.json)")
     answers.add_argument("--judge", choices=["none", "ollama"], default="none", help="grade with a local Ollama")
     answers.add_argument("--judge-url", default="http://localhost:11434", help="Ollama address")
     answers.add_argument("--judge-model", default="llama3", help="Ollama model that grades")
@@ -687,8 +721,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """The flags, each value checked by its `type=`; the combinations that cannot work
-    are refused here (parser.error names the flag and exits 2)."""
+    """The flags, each value checked by its `type=`; the combinations that cannot work are
+    refused here (parser.error names the flag and exits 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():
@@ -718,32 +752,33 @@ def scored_path(responses_path):
 
 
 def answer_paths(args):
-    """(responses file, checkpoint) of this command; a folder where a file goes is an
-    error (ValueError) before any work."""
+    """(responses file, checkpoint) of this command; a folder where the answers or scores go
+    is an error (ValueError) before any work. A checkpoint may be a model folder."""
     responses = Path(args.responses or Path(args.out_dir) / "responses.json")
-    checkpoint = Path(args.checkpoint or Path(args.out_dir) / "model.pt")
-    files = {responses: "--responses", scored_path(responses): "--responses", checkpoint: "--checkpoint"}
-    for path, flag in files.items():
+    for path in (responses, scored_path(responses)):
         if path.is_dir():
-            raise ValueError(f"{path} is a folder, but a file goes there: move it away, or give another {flag}")
-    return responses, checkpoint
+            raise ValueError(f"{path} is a folder, but a file goes there: move it away, or give another --responses")
+    return responses, Path(args.checkpoint or Path(args.out_dir) / "model.pt")
 
 
 def data_path(args):
     """--data, or the book's file downloaded once into the cache."""
     if args.data is not None:
         return Path(args.data)
-    return gpt.fetch_dataset(
-        [DATA_URL], "instruction-data.json", flag="--data", kind="json", size=DATA_SIZE, sha256=DATA_SHA256
-    )
+    return gpt.fetch_dataset([DATA_URL], "instruction-data.json", flag="--data", kind="json", size=DATA_SIZE,
+                             sha256=DATA_SHA256)
 
 
 def load_for_answers(args, checkpoint, device):
-    """The model of --checkpoint (default <out-dir>/model.pt) in --dtype, for answers."""
+    """The model of --checkpoint (default <out-dir>/model.pt) in --dtype and its tokenizer
+    (the one a checkpoint names, see gpt.tokenizer_source) -> (model, tokenizer)."""
     if args.checkpoint is None and not checkpoint.exists():
         raise FileNotFoundError(f"no {checkpoint}: fine-tune first, or give --checkpoint (any --model value works)")
     print(f"model: {checkpoint}")
-    return load_language_model(str(checkpoint), "--checkpoint", device, gpt.DTYPES[args.dtype])
+    model = gpt.load_model(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype])
+    tokenizer, _ = gpt.load_tokenizer(gpt.tokenizer_source(checkpoint))
+    gpt.check_vocabulary(model, f"--checkpoint {checkpoint}", tokenizer)
+    return model, tokenizer
 
 
 def test_split(args, out_dir):
@@ -759,69 +794,20 @@ def test_split(args, out_dir):
 def resume_run(args, argv, out_dir):
     """The saved run in out_dir -> (settings, (train, validation, test), train state dict).
     Flags given with --resume must agree with the saved ones, except RESUME_MAY_CHANGE."""
-    saved = gpt.read_json(out_dir / "run.json", "--resume")
-    args = gpt.resume_settings(build_parser(), argv, saved, may_change=RESUME_MAY_CHANGE)
+    args = gpt.resume_settings(build_parser(), argv, gpt.read_json(out_dir / "run.json", "--resume"), RESUME_MAY_CHANGE)
     splits = [gpt.read_json(out_dir / name, "--resume") for name in SPLIT_FILES]
-    state_path = out_dir / "train_state.pt"
-    if not state_path.is_file() and (out_dir / "model.pt").is_file():
+    if not (out_dir / "train_state.pt").is_file() and (out_dir / "model.pt").is_file():
         raise ValueError(
             f"--resume: the run in {out_dir} has finished, and its train_state.pt was not kept (--keep-state keeps "
             f"it): answer its test split with --generate-only, or train on with --model {out_dir / 'model.pt'}"
         )
-    if not state_path.is_file():
+    if not (out_dir / "train_state.pt").is_file():
         raise ValueError(f"--resume: the run in {out_dir} stopped before its first save; start again with --overwrite")
-    return args, splits, gpt.load_checkpoint(state_path)
-
-
-def fine_tune(args, argv, device):
-    """Claim --out-dir, read and split the data (the saved run's with --resume), fine-tune
-    and save model.pt -> (settings, model in --dtype, where model.pt went, test entries).
-    Settings and split are written once data and model have passed their checks."""
-    out_dir = gpt.claim_run_folder(args.out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
-    if args.resume:
-        args, splits, state = resume_run(args, argv, out_dir)
-        source = f"the run's split in {out_dir}"
-    else:
-        source = data_path(args)
-        splits, state = split_dataset(load_instruction_data(source), args.seed), None
-    train_set, val_set, test_set = splits
-    print(f"data: {source}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries")
-    gpt.print_settings(args)
-    model = prepare_model(args, device, state)
-    context_length = model.cfg.context_length
-    max_length = args.max_length or context_length
-    if max_length > context_length:
-        raise ValueError(f"--max-length {max_length} is longer than the model's context length {context_length}")
-    print(gpt.model_summary(model, args.model) + f", on {device}")
-    train_examples = tokenize_examples(train_set, max_length, args.mask_prompt)
-    val_examples = tokenize_examples(val_set, max_length, args.mask_prompt)
-    if not train_examples or not val_examples:
-        raise ValueError("no training or validation example is left: raise --max-length or drop --mask-prompt")
-    gpt.write_json(out_dir / "run.json", vars(args))  # on --resume: with an extended --epochs or --max-steps
-    for name, entries in zip(SPLIT_FILES, splits):
-        gpt.write_json(out_dir / name, entries)
-
-    state_path = out_dir / "train_state.pt"
-    try:
-        history = train(model, train_examples, val_examples, args, max_length, state_path, device, state)
-    except KeyboardInterrupt:
-        if state_path.exists():
-            print(f"--resume --out-dir {out_dir} goes on from the last save in {state_path}", file=sys.stderr)
-        raise
-    losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
-    gpt.plot_curves(out_dir / "losses.png", {"loss": losses}, "step")
-    if args.lora:
-        gpt.merge_lora(model)  # back to GPT-2's own layers: a plain checkpoint
-    save = functools.partial(gpt.save_checkpoint, model=model.eval(), settings=vars(args), history=history)
-    checkpoint = gpt.save_with_fallback(save, out_dir / "model.pt")
-    print(f"saved the fine-tuned model to {checkpoint}")
-    if not args.keep_state:
-        state_path.unlink(missing_ok=True)  # 3x the model; --keep-state keeps it for a longer --resume
-    return args, model.to(gpt.DTYPES[args.dtype]), checkpoint, test_set
+    return args, splits, gpt.load_checkpoint(out_dir / "train_state.pt")
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Putting it together
+# 9. Putting it together
 # ----------------------------------------------------------------------------------------
 
 
@@ -835,17 +821,19 @@ def main(argv=None):
         return
     device = gpt.pick_device(args.device)
     if args.prompt is not None:
-        model = load_for_answers(args, checkpoint, device)
-        print(generate_response(model, {"instruction": args.prompt, "input": args.input}, **answer_options(args))[0])
+        model, tokenizer = load_for_answers(args, checkpoint, device)
+        entry = {"instruction": args.prompt, "input": args.input}
+        print(generate_response(model, tokenizer, entry, **answer_options(args))[0])
         return
     if args.generate_only:
-        model = load_for_answers(args, checkpoint, device)
+        model, tokenizer = load_for_answers(args, checkpoint, device)
         test_set = test_split(args, gpt.claim_run_folder(args.out_dir, []))  # []: answers may be written again
     else:
-        args, model, checkpoint, test_set = fine_tune(args, argv, device)
+        args, model, tokenizer, checkpoint, test_set = fine_tune(args, argv, device)
         responses_path, _ = answer_paths(args)  # with --resume, the saved run's
     options = answer_options(args)
-    generate_responses(model, test_set, responses_path, answers_fingerprint(checkpoint, test_set, options), **options)
+    fingerprint = answers_fingerprint(checkpoint, test_set, options)
+    generate_responses(model, tokenizer, test_set, responses_path, fingerprint, **options)
     if args.judge == "ollama":
         judge(args, responses_path)
 

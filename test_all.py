@@ -3457,7 +3457,7 @@ def test_instruct_format_input_with_and_without_input():
 def test_instruct_collate_padding_and_ignore_positions():
     # The book's example (section 7.3): three sequences of lengths 5, 2 and 3.
     batch = [([0, 1, 2, 3, 4], 2), ([5, 6], 1), ([7, 8, 9], 2)]
-    inputs, targets = instruct.collate_instruction_batch(batch)
+    inputs, targets = instruct.collate_instruction_batch(batch, gpt.EOT_ID)
     E = gpt.EOT_ID
     assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]]
     assert targets.tolist() == [
@@ -3471,25 +3471,26 @@ def test_instruct_collate_padding_and_ignore_positions():
 def test_instruct_collate_mask_prompt_and_max_length():
     E = gpt.EOT_ID
     batch = [([10, 11, 12, 20, 21], 3), ([13, 14, 22], 2)]  # prompt lengths 3 and 2
-    inputs, targets = instruct.collate_instruction_batch(batch, mask_prompt=True)
+    inputs, targets = instruct.collate_instruction_batch(batch, gpt.EOT_ID, mask_prompt=True)
     assert inputs.tolist() == [[10, 11, 12, 20, 21], [13, 14, 22, E, E]]
     # Targets that predict prompt tokens (11, 12; 14) are -100; the first response token stays.
     assert targets.tolist() == [[-100, -100, 20, 21, E], [-100, 22, E, -100, -100]]
-    inputs, targets = instruct.collate_instruction_batch(batch, mask_prompt=True, max_length=3)
+    inputs, targets = instruct.collate_instruction_batch(batch, gpt.EOT_ID, mask_prompt=True, max_length=3)
     assert inputs.tolist() == [[10, 11, 12], [13, 14, 22]]
     assert targets.tolist() == [[-100, -100, 20], [-100, 22, E]]
     # A real end-of-text inside a text stays a target: padding is found by position.
-    inputs, targets = instruct.collate_instruction_batch([([1, E, 2], 1)])
+    inputs, targets = instruct.collate_instruction_batch([([1, E, 2], 1)], E)
     assert targets.tolist() == [[E, 2, E]]
 
 
 def test_instruct_tokenized_prompt_is_a_prefix(monkeypatch):
     entry = {"instruction": "Name a color.", "input": "", "output": "Blue."}
-    [(ids, prompt_length)] = instruct.tokenize_examples([entry], max_length=1024, mask_prompt=True)
+    [(ids, prompt_length)] = instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=1024, mask_prompt=True)
     prompt_ids = gpt.text_to_token_ids(instruct.format_prompt(entry))[0].tolist()
     assert ids[:prompt_length] == prompt_ids
     assert gpt.token_ids_to_text(ids[prompt_length:]) == "Blue."
-    assert instruct.tokenize_examples([entry], max_length=prompt_length - 1, mask_prompt=True) == []
+    too_short = prompt_length - 1
+    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=too_short, mask_prompt=True) == []
 
 
 def test_instruct_bad_entries_reported(tmp_path, capsys):
@@ -3791,7 +3792,9 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     instruct.main(common + ["--prompt", "Repeat the number 3."])
     printed = capsys.readouterr().out
     model = gpt.load_gpt2(out_dir / "model.pt")
-    expected, _ = instruct.generate_response(model, {"instruction": "Repeat the number 3."}, max_new_tokens=3)
+    expected, _ = instruct.generate_response(
+        model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."}, max_new_tokens=3
+    )
     assert printed.endswith("\n" + expected + "\n")
 
 
@@ -3808,20 +3811,27 @@ def test_instruct_clear_errors(tmp_path, _instruct_tiny_run):
         instruct.main(common + ["--model", str(folder / "tiny.pt"), "--max-length", "97"])
 
 
+def _instruct_ctrl_c_in_step(monkeypatch, stop_step):
+    """Make training raise KeyboardInterrupt in step `stop_step`, before its update, as a Ctrl-C
+    there would -> the real gpt.check_finite_loss, to put back."""
+    check = gpt.check_finite_loss
+
+    def ctrl_c(loss, step):
+        if step == stop_step:
+            raise KeyboardInterrupt
+        check(loss, step)
+
+    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c)
+    return check
+
+
 def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
     folder = _instruct_tiny_run
     common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
     common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
     instruct.main(common + ["--out-dir", str(folder / "straight")])
     # Ctrl-C in step 3 of 4: the state of step 2 (an epoch's end) is on disk; --resume alone goes on from it.
-    check = gpt.check_finite_loss
-
-    def ctrl_c_in_step_3(loss, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        check(loss, step)
-
-    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c_in_step_3)
+    check = _instruct_ctrl_c_in_step(monkeypatch, 3)
     with pytest.raises(SystemExit) as exc:
         instruct.main(common + ["--out-dir", str(folder / "halves")])
     assert exc.value.code == 130
@@ -3987,8 +3997,8 @@ def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
     small = gpt.GPTModel(gpt.GPTConfig(vocab_size=1000, context_length=32, emb_dim=32, n_heads=2, n_layers=1))
     gpt.save_checkpoint(tmp_path / "small.pt", small)
     message = (
-        f"error: --model {tmp_path / 'small.pt'} has a vocabulary of 1000 tokens, but the GPT-2 tokenizer has 50257: "
-        "use a GPT-2 model, or one trained with the GPT-2 tokenizer"
+        f"error: --model {tmp_path / 'small.pt'}: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses "
+        "50257: use a model trained with the GPT-2 tokenizer"
     )
     with pytest.raises(SystemExit) as exc:
         instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "small.pt")])
@@ -4017,11 +4027,11 @@ def test_instruct_answers_survive_a_full_disk_and_an_interruption(_instruct_tiny
     answer = instruct.generate_response
     calls = []
 
-    def interrupted_at_the_third(model, entry, **options):
+    def interrupted_at_the_third(model, tokenizer, entry, **options):
         calls.append(entry["instruction"])
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return answer(model, entry, **options)
+        return answer(model, tokenizer, entry, **options)
 
     monkeypatch.setattr(instruct, "generate_response", interrupted_at_the_third)
     with pytest.raises(SystemExit) as exc:
@@ -4060,16 +4070,138 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
         "--responses"
     )
     assert not (tmp_path / "run").exists()
-    with pytest.raises(SystemExit, match="answers.json is a folder, but a file goes there: .* another --checkpoint"):
+    # A folder is a model folder to --checkpoint: one without a model says so.
+    with pytest.raises(SystemExit, match="answers.json: neither model.safetensors nor model.safetensors.index.json"):
         instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "answers.json")])
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    # Memory is checked before any run file is written: training that cannot fit says what helps.
+    asked = []
+
+    def too_much(cfg, trainable=None, dtype=torch.float32):
+        asked.append(trainable)
+        return 10**15
+
+    monkeypatch.setattr(gpt, "training_memory", too_much)
+    with pytest.raises(SystemExit, match=r"error: training needs about 1000000.0 GB .*: choose a smaller --model, "
+                       r"or train only low-rank adapters with --lora$"):
+        instruct.main(_instruct_quick(folder, tmp_path / "run"))
+    with pytest.raises(SystemExit, match=r"GB .*: choose a smaller --model$"):
+        instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))
+    assert asked[0] is None and 0 < asked[1] < gpt.count_parameters(gpt.load_gpt2(folder / "tiny.pt")) / 10
+    assert os.listdir(tmp_path / "run") == [".lock"]
+    monkeypatch.undo()
     monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
     with pytest.raises(SystemExit) as exc:
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
     assert str(exc.value) == "error: out of memory: use a smaller --batch-size or --max-length, or --lora"
+
+
+# --- the kept model: lowest validation loss, --keep-last, across --resume ---------------------
+
+
+def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
+    # 10 training entries in batches of 5 for 2 epochs: 4 steps, evaluated at steps 0 to 4, with
+    # validation losses made up so that the lowest is at step 1 (neither the start nor the end).
+    folder = _instruct_tiny_run
+    val_loss_at, weights, next_step = [5.0, 3.0, 4.0, 4.5, 4.2], {}, [0]
+    evaluate = instruct.evaluate_loss
+
+    def scripted(model, examples, *rest):
+        if len(examples) > 1:  # the training set (10 entries); the validation set has 1
+            return evaluate(model, examples, *rest)
+        step = next_step[0]
+        next_step[0] += 1
+        weights[step] = {name: value.clone() for name, value in model.state_dict().items()}
+        return val_loss_at[step]
+
+    monkeypatch.setattr(instruct, "evaluate_loss", scripted)
+    flags = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--batch-size", "5",
+             "--epochs", "2", "--eval-every", "1", "--eval-batches", "1", "--max-new-tokens", "1"]
+
+    def saved_weights_equal(out_dir, step):
+        saved = gpt.load_checkpoint(tmp_path / out_dir / "model.pt")["model"]
+        return all(torch.equal(saved[name], weights[step][name]) for name in weights[step])
+
+    instruct.main(flags + ["--out-dir", str(tmp_path / "best")])
+    assert "kept the weights of step 1, the lowest validation loss (3.000)" in capsys.readouterr().out
+    assert gpt.load_checkpoint(tmp_path / "best" / "model.pt")["kept"] == {"step": 1, "val_loss": 3.0}
+    assert saved_weights_equal("best", 1) and not saved_weights_equal("best", 4)  # later steps changed them
+
+    next_step[0] = 0
+    instruct.main(flags + ["--out-dir", str(tmp_path / "last"), "--keep-last"])
+    assert "kept the last weights (step 4); the lowest validation loss was at step 1" in capsys.readouterr().out
+    assert saved_weights_equal("last", 4)
+    assert gpt.load_checkpoint(tmp_path / "last" / "model.pt")["kept"] == {"step": 4, "val_loss": 4.2}
+
+    # Ctrl-C in step 3: the state saved at step 2 holds step 1's weights as the best so far.
+    next_step[0] = 0
+    check = _instruct_ctrl_c_in_step(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        instruct.main(flags + ["--out-dir", str(tmp_path / "halves"), "--save-every", "1"])
+    state = gpt.load_checkpoint(tmp_path / "halves" / "train_state.pt")
+    assert (state["step"], state["best"]["step"], state["best"]["val_loss"]) == (2, 1, 3.0)
+    monkeypatch.setattr(gpt, "check_finite_loss", check)
+    instruct.main(["--out-dir", str(tmp_path / "halves"), "--resume"])
+    assert "kept the weights of step 1, the lowest validation loss (3.000)" in capsys.readouterr().out
+    assert saved_weights_equal("halves", 1)
+
+
+# --- the Llama family -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["smollm2", "llama3"])
+def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run, tmp_path, capsys, style):
+    data = _instruct_tiny_run / "data.json"
+    entries = json.loads(data.read_text())
+    folder = tmp_path / "model"  # config.json, model.safetensors, tokenizer.json; greedy answers end at token 3
+    prompt = instruct.format_prompt(entries[0])
+    reference, tokenizer = family_model_with_tokenizer(folder, trained_tokenizers, style, prompt)
+    encoding, eot = gpt.load_tokenizer(folder)
+    assert eot == tokenizer.token_to_id("<|end_of_text|>" if style == "llama3" else "<|endoftext|>") != gpt.EOT_ID
+
+    # Batches end and pad with the family's end-of-text id; Llama 3's <|begin_of_text|> starts the prompt only.
+    prompts = [tokenizer.encode(instruct.format_prompt(e)).ids for e in entries[:2]]
+    responses = [tokenizer.encode(e["output"], add_special_tokens=False).ids for e in entries[:2]]
+    examples = instruct.tokenize_examples(entries[:2], encoding, 256, mask_prompt=True)
+    assert examples == [(p + r, len(p)) for p, r in zip(prompts, responses)]
+    inputs, targets = instruct.collate_instruction_batch(examples, eot, mask_prompt=True)
+    long, short = [p + r for p, r in zip(prompts, responses)]
+    pad = len(long) - len(short)
+    assert pad > 0 and inputs.tolist() == [long, short + [eot] * pad]
+    assert targets.tolist() == [
+        [-100] * (len(prompts[0]) - 1) + responses[0] + [eot],
+        [-100] * (len(prompts[1]) - 1) + responses[1] + [eot] + [-100] * pad,
+    ]
+
+    # Answers stop at the family's end-of-text token, as transformers' generate does.
+    prompt_ids = torch.tensor([prompts[0]])
+    output = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=20,
+                                do_sample=False, eos_token_id=eot, pad_token_id=eot)
+    expected = output[0, prompt_ids.shape[1] :].tolist()
+    assert expected[-1] == eot and eot not in expected[:-1]
+    answer = instruct.generate_response(gpt.load_model(folder), encoding, entries[0], max_new_tokens=20)
+    assert answer == (tokenizer.decode(expected[:-1]).strip(), len(expected) - 1)
+
+    # Train, resume, answer: the checkpoints name the tokenizer, so every later command reloads it.
+    out_dir = tmp_path / "run"
+    run = ["--data", str(data), "--out-dir", str(out_dir), "--max-new-tokens", "5"]
+    recipe = ["--model", str(folder), "--batch-size", "5", "--eval-batches", "1", "--lora", "--lora-rank", "2"]
+    instruct.main(run + recipe + ["--epochs", "1", "--keep-state"])
+    assert gpt.load_checkpoint(out_dir / "train_state.pt")["tokenizer"] == str(folder.resolve())
+    instruct.main(run + ["--resume", "--epochs", "2"])
+    assert "resuming at step 2 of 4" in capsys.readouterr().out
+    saved = gpt.load_checkpoint(out_dir / "model.pt")
+    assert saved["tokenizer"] == str(folder.resolve()) and saved["config"]["family"] == "llama"
+    answered = json.loads((out_dir / "responses.json").read_text())
+    model = gpt.load_model(out_dir / "model.pt")
+    test_entry = {key: answered[0][key] for key in ("instruction", "input", "output")}
+    assert answered[0]["model_response"] == instruct.generate_response(model, encoding, test_entry, max_new_tokens=5)[0]
+    (out_dir / "responses.json").unlink()
+    instruct.main(run + ["--generate-only"])
+    assert json.loads((out_dir / "responses.json").read_text()) == answered
 
 
 def test_classify_export_hf_flag_and_a_folder_as_checkpoint(tmp_path, capsys):
