@@ -32,15 +32,15 @@ Download or export it:
     python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # a folder transformers reads
 
 Prints the model, where its weights are and the load time, then the continuation or the
-measurements. Writes nothing but the caches (--cache-dir; an existing Hugging Face cache,
-$HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror), the
-measurements as JSON with --results, and the model folder of --export-hf.
+measurements. Writes only the caches (--cache-dir; a Hugging Face cache, $HF_HUB_CACHE or
+$HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror), --results and --export-hf.
 """
 
 import argparse
 import collections
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -60,10 +60,8 @@ import gpt
 
 
 def stream_continuation(model, prompt_ids, args, tokenizer, eot_id):
-    """Generate after prompt_ids [1, n] with the sampling flags of args, printing each token's
-    text as soon as it comes, until the end-of-text token `eot_id` (not printed) or
-    --max-new-tokens. A token can end inside a multi-byte character, so what is printed is
-    the text decoded so far minus what was printed before."""
+    """Continue prompt_ids [1, n] with the sampling flags of args, printing each token's text as
+    it comes, until the end-of-text token `eot_id` (not printed) or --max-new-tokens."""
     new_ids, printed = [], ""
 
     def print_token(token):
@@ -72,7 +70,7 @@ def stream_continuation(model, prompt_ids, args, tokenizer, eot_id):
             return
         new_ids.append(token.item())
         text = gpt.token_ids_to_text(new_ids, tokenizer)
-        if not text.endswith("\ufffd"):  # wait for the rest of a split character
+        if not text.endswith("\ufffd"):  # a token can end inside a character: wait for the rest
             print(text[len(printed) :], end="", flush=True)
             printed = text
 
@@ -85,6 +83,11 @@ def stream_continuation(model, prompt_ids, args, tokenizer, eot_id):
 # Measure it: log-likelihoods, benchmarks, perplexity, contamination, memorisation probes
 # ----------------------------------------------------------------------------------------
 
+# One quantity underlies every measurement here: how likely the model finds a continuation
+# after a context, the sum of its tokens' log-probabilities. A benchmark item's answers are
+# continuations of its question; a text's perplexity comes from each token as the
+# continuation of the tokens before it.
+
 # --- 1. The log-likelihood of a continuation ---------------------------------------------
 
 
@@ -96,15 +99,12 @@ def prefix_id(tokenizer):
 
 
 def encode_pair(context, continuation, tokenizer=None):
-    """Token ids (context ids, continuation ids) as lm-evaluation-harness makes them, with
-    GPT-2's tokenizer unless another is given (`gpt.load_tokenizer`).
-
-    The pair is tokenized whole and the continuation's ids are what follows the context's
-    own ids, so " Paris" after "capital:" is one token with its space, as GPT-2 saw such
-    text. Spaces that end the context move to the continuation first. An empty context
-    becomes [`prefix_id`]. Special-token text is read as plain text, and no begin-of-text
-    token is added (the harness's default, Llama 3 too).
-    """
+    """Token ids (context ids, continuation ids) as lm-evaluation-harness makes them: the pair
+    is tokenized whole and the continuation's ids are what follows the context's own ids, so
+    " Paris" after "capital:" is one token with its space, as GPT-2 saw such text. Spaces that
+    end the context move to the continuation first; an empty context becomes [`prefix_id`].
+    Special-token text is plain text; no begin-of-text token is added (the harness's default,
+    Llama 3 too). tokenizer: the model's (`gpt.load_tokenizer`); None: GPT-2's."""
     tokenizer = tokenizer or gpt.get_tokenizer()
     if not context:
         return [prefix_id(tokenizer)], tokenizer.encode_ordinary(continuation)
@@ -123,25 +123,20 @@ def continuation_request(context, continuation, context_length, tokenizer=None):
     ValueError when the continuation alone does not fit."""
     context_ids, continuation_ids = encode_pair(context, continuation, tokenizer)
     if not continuation_ids or len(continuation_ids) > context_length:
-        raise ValueError(
-            f"a continuation of {len(continuation_ids)} tokens cannot be scored with a context length of "
-            f"{context_length}: {continuation[:60]!r}"
-        )
+        raise ValueError(f"a continuation of {len(continuation_ids)} tokens cannot be scored with a context length "
+                         f"of {context_length}: {continuation[:60]!r}")
     return (context_ids + continuation_ids)[-(context_length + 1) :], len(continuation_ids)
 
 
 @torch.no_grad()
 def sum_logprobs(model, requests, batch_size=8, label="scoring"):
-    """Total log-probability (nats) of the last n_scored ids of each request -> list of floats.
-
-    requests: (token ids, n_scored) pairs; the model reads ids[:-1], at most its context
-    length. Requests with the same input (the four " A".." D" of an MMLU item) share one
-    forward pass. Batches are right-padded: causal attention keeps every real position
-    blind to the padding after it, so no score depends on the batch. Longest first, so that
-    a batch too large for memory fails at once (the logits alone take batch_size x longest
-    x vocabulary floats). Raises ValueError for a request that does not fit the model, or
-    for NaN log-probabilities.
-    """
+    """Total log-probability (nats) of the last n_scored ids of each (token ids, n_scored)
+    request -> list of floats. The model reads ids[:-1], at most its context length; requests
+    with the same input (the four " A".." D" of an MMLU item) share one forward pass. Batches
+    are right-padded: causal attention keeps every real position blind to the padding after
+    it, so no score depends on the batch. Longest first, so that a batch too large for memory
+    fails at once (its logits take batch_size x longest x vocabulary floats). Raises
+    ValueError for a request that does not fit the model, or NaN log-probabilities."""
     device = next(model.parameters()).device
     readers = collections.defaultdict(list)  # model input -> the requests that read it
     for i, (ids, n_scored) in enumerate(requests):
@@ -262,14 +257,12 @@ def summarize(scored, requests):
 
 
 def perplexity_requests(ids, context_length, stride, first_id=gpt.EOT_ID):
-    """Windows over a text's token ids -> (token ids, n_scored) requests for `sum_logprobs`.
-
-    first_id (`prefix_id`) goes first so that the first token is predicted too, as in the
-    harness's rolling log-likelihood. Each window reads up to context_length tokens and
-    scores only the tokens no earlier window scored; windows start `stride` tokens apart, so
-    every token after the first window has at least context_length - stride tokens of
-    context (the sliding window of Hugging Face's perplexity guide).
-    """
+    """Windows over a text's token ids -> (token ids, n_scored) requests for `sum_logprobs`: the
+    sliding window of Hugging Face's perplexity guide. Each window reads up to context_length
+    tokens and scores only those no earlier window scored; windows start `stride` tokens apart,
+    so every token after the first window has at least context_length - stride tokens of
+    context. first_id (`prefix_id`) goes first so that the first token is predicted too, as in
+    the harness's rolling log-likelihood."""
     if not 1 <= stride <= context_length:
         raise ValueError(f"--stride {stride} must be from 1 to the model's context length ({context_length})")
     sequence = [first_id] + list(ids)
@@ -395,33 +388,41 @@ def build_parser():
                    "the Hub, a .safetensors file, a model folder or a checkpoint (.pt)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of weights and computation")
-    p.add_argument("--cache-dir", metavar="FOLDER", default=str(gpt.cache_dir()), help="downloads ($GPT_CACHE_DIR)")
+    p.add_argument("--cache-dir", metavar="FOLDER", default=str(gpt.cache_dir()), help="folder for downloaded weights "
+                   "and data ($GPT_CACHE_DIR)")
     g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
     g.add_argument("--prompt", metavar="TEXT", default="Every effort moves you", help="text to continue")
     g.add_argument("--max-new-tokens", metavar="N", type=gpt.non_negative_int, default=50, help="tokens to generate")
-    g.add_argument("--temperature", metavar="T", type=gpt.non_negative_float, default=0.0, help="0: greedy")
-    g.add_argument("--top-k", metavar="K", type=gpt.positive_int, help="sample from the k likeliest (default: all)")
+    g.add_argument("--temperature", metavar="T", type=gpt.non_negative_float, default=0.0, help="0: greedy; "
+                   "higher: more random")
+    g.add_argument("--top-k", metavar="K", type=gpt.positive_int, help="sample from the k most likely tokens only "
+                   "(default: all)")
     g.add_argument("--top-p", metavar="P", type=gpt.probability, help="sample from the fewest tokens that reach "
                    "probability p (default: all)")
     g.add_argument("--seed", metavar="N", type=gpt.seed, help="seed of the sampling and of --probe's shuffles "
                    "(default: a fresh one; 0 for --probe)")
     m = p.add_argument_group("measure it (instead of generating)")
-    m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score by log-likelihood (default: none)")
+    m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark by log-likelihood "
+                   "(default: none)")
     m.add_argument("--benchmark-file", metavar="PATH", help="hellaswag_val.jsonl, or MMLU's data.tar or its folder "
                    "(default: download once)")
-    m.add_argument("--shots", metavar="K", type=gpt.non_negative_int, default=0, help="MMLU: examples from dev")
+    m.add_argument("--shots", metavar="K", type=gpt.non_negative_int, default=0, help="MMLU: solved examples from the "
+                   "dev split before each question")
     m.add_argument("--limit", metavar="N", type=gpt.positive_int, help="score the first N items (of each MMLU "
                    "subject, as the harness) (default: all)")
-    m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a text (default: none)")
+    m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 "
+                   "text file (default: none)")
     m.add_argument("--stride", metavar="N", type=gpt.positive_int, help="tokens between perplexity windows "
                    "(default: half the context length)")
     m.add_argument("--contamination", metavar="CORPUS", help="find the items that share an n-gram with a training "
                    "corpus: a text file, a folder of .txt, instruction .json or label,text .csv (default: none)")
-    m.add_argument("--ngram", metavar="N", type=gpt.positive_int, default=13, help="words per n-gram")
+    m.add_argument("--ngram", metavar="N", type=gpt.positive_int, default=13, help="words per n-gram of "
+                   "--contamination")
     m.add_argument("--probe", action="store_true", help="score again with MMLU options shuffled or HellaSwag "
                    "context sentences reversed, and report the change")
     m.add_argument("--batch-size", metavar="N", type=gpt.positive_int, default=8, help="sequences per forward pass")
-    m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file (default: none)")
+    m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file "
+                   "(default: print only)")
     e = p.add_argument_group("download or export it (instead of generating)")
     e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
     e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype "
@@ -455,15 +456,8 @@ def load_benchmark(args):
     expected = HELLASWAG_ITEMS if hellaswag else MMLU_TEST_ITEMS
     if args.benchmark_file is None and len(items) != expected:
         raise ValueError(f"{path}: {len(items):,} items, expected {expected:,}: delete the file to download it again")
-    if args.limit is None:
-        return items
-    taken = collections.Counter()  # items kept per subject (HellaSwag's are one group)
-    kept = []
-    for item in items:
-        if taken[item.get("subject")] < args.limit:
-            taken[item.get("subject")] += 1
-            kept.append(item)
-    return kept
+    groups = itertools.groupby(items, key=lambda item: item.get("subject"))  # HellaSwag's items: one group
+    return [item for _, group in groups for item in itertools.islice(group, args.limit)]
 
 
 def read_hellaswag(path):
@@ -490,10 +484,10 @@ def read_hellaswag(path):
 
 
 def read_mmlu(path, shots=0):
-    """MMLU's data.tar, or a folder holding its dev/ and test/ CSV files -> list of item
-    dicts (subject, question, options, answer, and as examples the subject's first `shots`
-    dev items, as the harness picks them), subjects in alphabetical order. Raises ValueError
-    for a file that is neither, a malformed row, or a subject with fewer than `shots` dev items."""
+    """MMLU's data.tar, or a folder of its dev/ and test/ CSV files -> list of item dicts (subject,
+    question, options, answer, and as examples the subject's first `shots` dev items, as the
+    harness picks them), subjects in alphabetical order. Raises ValueError for a file that is
+    neither, a malformed row, or a subject with fewer than `shots` dev items."""
     path = Path(path)
     files = {}  # (split, subject) -> CSV text
     if path.is_dir():
@@ -558,8 +552,8 @@ def corpus_documents(path):
 
 
 def read_lines(path):
-    """The lines of a UTF-8 text file of --contamination, one at a time. Raises
-    FileNotFoundError, or ValueError at the first byte that is not UTF-8, naming the file."""
+    """The lines of a UTF-8 text file of --contamination, one at a time. Raises FileNotFoundError,
+    or ValueError at the first byte that is not UTF-8, naming the file."""
     try:
         with open(existing_file(path, "--contamination"), encoding="utf-8") as f:
             yield from f
@@ -589,9 +583,9 @@ def is_hub_model(name):
 
 
 def download_model(name):
-    """Download what --model needs into the cache, verified -> the folder or file it is in:
-    GPT-2's weights, or a Llama-family model's config, weights and tokenizer files (its
-    tokenizer is converted once, so that a tokenizer tiktoken cannot run fails now)."""
+    """Download what --model needs into the cache, verified -> the file or folder it is in: GPT-2's
+    weights, or a Llama-family model's config, weights and tokenizer (converted once, so that a
+    tokenizer tiktoken cannot run fails now)."""
     if name in gpt.GPT_CONFIGS:
         return gpt.download_gpt2(name)
     config, _ = gpt.llama_files(name)
@@ -663,7 +657,7 @@ def main(argv=None):
         parser.error(f"--download-only needs a model name ({', '.join(gpt.MODEL_CONFIGS)}, ...), got {args.model!r}")
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.cache_dir() looks
     device = gpt.pick_device(args.device)
-    if args.export_hf:
+    if args.export_hf:  # export it
         folder = gpt.export_hf(args.model, args.export_hf, dtype=gpt.DTYPES[args.dtype], overwrite=args.overwrite)
         print(f"exported {args.model} ({args.dtype}) to {folder}, a folder that transformers reads")
         return
@@ -673,7 +667,7 @@ def main(argv=None):
     items = load_benchmark(args) if args.benchmark else None
     text = read_text(args.perplexity) if args.perplexity else None
     weights = download_model(args.model) if is_hub_model(args.model) else args.model
-    if args.download_only:
+    if args.download_only:  # download it
         print(f"{args.model} is in {weights}")
         return
     # New: the model's own tokenizer (GPT-2's, a tokenizer.json, or the one a checkpoint names).

@@ -2338,6 +2338,10 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
         (["--contamination", "x.txt"], "--contamination needs --benchmark"),
         (["--stride", "8"], "--stride needs --perplexity"),
         (["--benchmark", "mmlu", "--ngram", "8"], "--ngram needs --contamination"),
+        (["--results", "r.json"], "--results needs --benchmark or --perplexity"),  # nothing would be written
+        (["--overwrite"], "--overwrite needs --export-hf"),
+        (["--perplexity", "t.txt", "--export-hf", "out"], "--download-only, --export-hf and measuring (--benchmark, "
+         "--perplexity) are separate runs"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             load_gpt2.main(model + argv)
