@@ -381,7 +381,14 @@ def probe_memorisation(model, benchmark, items, scored, seed=0, batch_size=8, to
 # ----------------------------------------------------------------------------------------
 
 
-def build_parser():
+# Flags that mean something only with another: given alone they would be ignored.
+NEEDS = {"benchmark_file": "benchmark", "shots": "benchmark", "limit": "benchmark", "contamination": "benchmark",
+         "probe": "benchmark", "ngram": "contamination", "stride": "perplexity", "overwrite": "export_hf"}
+
+
+def parse_args(argv=None):
+    """The settings of the run -> argparse.Namespace. Flags that contradict each other, or that
+    would be ignored, exit with one line (exit status 2)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=gpt.HelpFormatter)
     models = ", ".join(gpt.MODEL_CONFIGS)
     p.add_argument("--model", metavar="NAME_OR_PATH", default="gpt2", help=f"{models}, another Llama or Qwen3 of "
@@ -428,12 +435,24 @@ def build_parser():
     e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype "
                    "(default: none)")
     e.add_argument("--overwrite", action="store_true", help="let --export-hf replace an earlier export")
-    return p
+    args = p.parse_args(argv)
+    given = gpt.given_flags(p, argv)
+    for flag, needed in NEEDS.items():
+        if flag in given and not getattr(args, needed):
+            p.error(f"{gpt.flag_name(flag)} needs {gpt.flag_name(needed)}")
+    measuring = args.benchmark or args.perplexity
+    if sum(map(bool, (args.download_only, args.export_hf, measuring))) > 1:
+        p.error("--download-only, --export-hf and measuring (--benchmark, --perplexity) are separate runs")
+    if args.results and not measuring:
+        p.error("--results needs --benchmark or --perplexity")
+    if args.shots and args.benchmark != "mmlu":
+        p.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
+    if not args.prompt:
+        p.error("--prompt is empty: give at least one character of text to continue")
+    if args.download_only and not is_hub_model(args.model):
+        p.error(f"--download-only needs a model name ({', '.join(gpt.MODEL_CONFIGS)}, ...), got {args.model!r}")
+    return args
 
-
-# Flags that mean something only with another: given alone they would be ignored.
-NEEDS = {"benchmark_file": "benchmark", "shots": "benchmark", "limit": "benchmark", "contamination": "benchmark",
-         "probe": "benchmark", "ngram": "contamination", "stride": "perplexity", "overwrite": "export_hf"}
 
 # The benchmarks' original files, downloaded once; their item counts tell a complete download.
 HELLASWAG_URLS = ["https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"]
@@ -638,23 +657,7 @@ def run_benchmark(args, model, items, tokenizer):
 
 @gpt.command_line(memory_hint="use a smaller --batch-size or --model, or --dtype bfloat16")
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    given = gpt.given_flags(parser, argv)
-    for flag, needed in NEEDS.items():
-        if flag in given and not getattr(args, needed):
-            parser.error(f"{gpt.flag_name(flag)} needs {gpt.flag_name(needed)}")
-    measuring = args.benchmark or args.perplexity
-    if sum(map(bool, (args.download_only, args.export_hf, measuring))) > 1:
-        parser.error("--download-only, --export-hf and measuring (--benchmark, --perplexity) are separate runs")
-    if args.results and not measuring:
-        parser.error("--results needs --benchmark or --perplexity")
-    if args.shots and args.benchmark != "mmlu":
-        parser.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
-    if not args.prompt:
-        parser.error("--prompt is empty: give at least one character of text to continue")
-    if args.download_only and not is_hub_model(args.model):
-        parser.error(f"--download-only needs a model name ({', '.join(gpt.MODEL_CONFIGS)}, ...), got {args.model!r}")
+    args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.cache_dir() looks
     device = gpt.pick_device(args.device)
     if args.export_hf:  # export it
@@ -680,7 +683,7 @@ def main(argv=None):
     print(f"weights: {weights}")
     print(f"load time: {load_seconds:.2f} s on {device}, {args.dtype}")
     print("-" * 80)
-    if not measuring:  # try it
+    if items is None and text is None:  # try it
         print(args.prompt, end="", flush=True)
         prompt_ids = gpt.text_to_token_ids(args.prompt, device=device, tokenizer=tokenizer)
         stream_continuation(model, prompt_ids, args, tokenizer, eot_id)
