@@ -339,19 +339,13 @@ def shuffle_options(item, order):
     return dict(item, options=[item["options"][k] for k in order], answer=order.index(item["answer"]))
 
 
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
 def reorder_sentences(item, order=None):
     """A HellaSwag item with the sentences of its context (ctx_a, cut after . ! or ?) in
     another order: order[k] is the sentence now at place k (default: reversed). ctx_b,
     the start of the sentence the endings finish, stays last."""
-    sentences = SENTENCE_END.split(item["ctx_a"].strip())
+    sentences = re.split(r"(?<=[.!?])\s+", item["ctx_a"].strip())
     order = list(reversed(range(len(sentences)))) if order is None else order
     return dict(item, ctx_a=" ".join(sentences[k] for k in order))
-
-
-PROBES = {"mmlu": "options shuffled, letters stay", "hellaswag": "context sentences reversed"}
 
 
 def probe_memorisation(model, benchmark, items, scored, seed=0, batch_size=8, tokenizer=None):
@@ -360,19 +354,20 @@ def probe_memorisation(model, benchmark, items, scored, seed=0, batch_size=8, to
     options in a seeded random order; HellaSwag: the context's sentences reversed (an item of
     one sentence stays as it is). scored: `score_multiple_choice` of the unchanged items."""
     if benchmark == "hellaswag":
-        to_request = hellaswag_request
+        perturbation = "context sentences reversed"
         changed_items = [reorder_sentences(item) for item in items]
     else:
-        to_request = mmlu_request
+        perturbation = "options shuffled, letters stay"
         rng = random.Random(seed)
         changed_items = [shuffle_options(item, rng.sample(range(4), 4)) for item in items]  # the 4 options reordered
+    to_request = hellaswag_request if benchmark == "hellaswag" else mmlu_request
     requests = [to_request(item) for item in changed_items]
     changed = sum(to_request(item)["context"] != request["context"] for item, request in zip(items, requests))
     probe_scored = score_multiple_choice(model, requests, batch_size, tokenizer)
     before = sum(s["acc"] for s in scored) / len(items)
     after = sum(s["acc"] for s in probe_scored) / len(items)
     flipped = collections.Counter((s["acc"], p["acc"]) for s, p in zip(scored, probe_scored))
-    return dict(perturbation=PROBES[benchmark], items=len(items), items_changed=changed, acc=before, acc_probe=after,
+    return dict(perturbation=perturbation, items=len(items), items_changed=changed, acc=before, acc_probe=after,
                 change=after - before, right_to_wrong=flipped[1, 0], wrong_to_right=flipped[0, 1])
 
 

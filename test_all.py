@@ -2323,6 +2323,8 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
          "nope: no such file"),
         (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination",
           str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8 text"),
+        (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination",
+          str(tmp_path / "train.csv")], "train.csv: no such file"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             load_gpt2.main(model + argv)
