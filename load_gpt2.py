@@ -9,8 +9,7 @@ names its tokenizer (see gpt.tokenizer_source; none: GPT-2's).
 Try it: continue a prompt, printing the tokens as they are generated.
 
     python load_gpt2.py                                      # gpt2 (124M), greedy, 50 tokens
-    python load_gpt2.py --model gpt2-medium --prompt "The meaning of life is" \\
-        --temperature 0.8 --top-k 50 --seed 1
+    python load_gpt2.py --model gpt2-medium --prompt "The meaning of life is" --temperature 0.8 --top-k 50 --seed 1
     python load_gpt2.py --model path/to/model.safetensors   # offline: a local file
     python load_gpt2.py --model runs/pretrain/best.pt       # a checkpoint of pretrain.py
     python load_gpt2.py --model HuggingFaceTB/SmolLM2-135M   # the Llama family
@@ -91,13 +90,6 @@ def stream_continuation(model, prompt_ids, args, tokenizer, eot_id):
 # --- 1. The log-likelihood of a continuation ---------------------------------------------
 
 
-def prefix_id(tokenizer):
-    """The token before a text that has nothing before it, as the harness's `prefix_token_id`:
-    the begin-of-text token where the tokenizer has one (Llama 3), else end-of-text (GPT-2: 50256)."""
-    bos_id = getattr(tokenizer, "bos_id", None)
-    return tokenizer.eot_token if bos_id is None else bos_id
-
-
 def encode_pair(context, continuation, tokenizer=None):
     """Token ids (context ids, continuation ids) as lm-evaluation-harness makes them: the pair
     is tokenized whole and the continuation's ids are what follows the context's own ids, so
@@ -114,6 +106,13 @@ def encode_pair(context, continuation, tokenizer=None):
     whole = tokenizer.encode_ordinary(context + continuation)
     context_ids = tokenizer.encode_ordinary(context)
     return context_ids, whole[len(context_ids) :]
+
+
+def prefix_id(tokenizer):
+    """The token before a text that has nothing before it, as the harness's `prefix_token_id`:
+    the begin-of-text token where the tokenizer has one (Llama 3), else end-of-text (GPT-2: 50256)."""
+    bos_id = getattr(tokenizer, "bos_id", None)
+    return tokenizer.eot_token if bos_id is None else bos_id
 
 
 def continuation_request(context, continuation, context_length, tokenizer=None):
@@ -423,8 +422,7 @@ def parse_args(argv=None):
     m.add_argument("--probe", action="store_true", help="score again with MMLU options shuffled or HellaSwag "
                    "context sentences reversed, and report the change")
     m.add_argument("--batch-size", metavar="N", type=gpt.positive_int, default=8, help="sequences per forward pass")
-    m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file "
-                   "(default: print only)")
+    m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file (default: print only)")
     e = p.add_argument_group("download or export it (instead of generating)")
     e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
     e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype "
