@@ -2342,6 +2342,7 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
         (["--benchmark", "mmlu", "--ngram", "8"], "--ngram needs --contamination"),
         (["--results", "r.json"], "--results needs --benchmark or --perplexity"),  # nothing would be written
         (["--overwrite"], "--overwrite needs --export-hf"),
+        (["--benchmark", "mmlu", "--temperature", "0.7"], "--temperature is for generating text, not for measuring"),
         (["--perplexity", "t.txt", "--export-hf", "out"], "--download-only, --export-hf and measuring (--benchmark, "
          "--perplexity) are separate runs"),
     ]:
