@@ -440,7 +440,7 @@ def parse_args(argv=None):
         p.error("--results needs --benchmark or --perplexity")
     sampling = [flag for flag in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
     if sampling and (measuring or args.download_only or args.export_hf):
-        p.error(f"{gpt.flag_name(sampling[0])} is for generating text: not for measuring, downloading or exporting")
+        p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring, downloading or exporting")
     if args.shots and args.benchmark != "mmlu":
         p.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
     if not args.prompt:
