@@ -304,7 +304,7 @@ def find_contamination(texts, documents, n=13):
     """Indices of the texts that share an n-gram of `normalized_words` with a training corpus
     -> sorted list. documents: iterables of text lines, read once as a stream (a corpus
     larger than memory works; n-grams do not cross documents). A text shorter than n words
-    counts when it occurs whole."""
+    counts when it occurs whole. The benchmark is then also scored on the items not found."""
     wanted = collections.defaultdict(lambda: collections.defaultdict(set))  # length -> words -> texts
     for i, text in enumerate(texts):
         words = normalized_words(text)
