@@ -1,46 +1,45 @@
-"""load_gpt2.py: get a GPT-2, try it, measure it.
+"""load_gpt2.py: get a model, try it, measure it.
 
-Stage 1 of the lifecycle. Loads OpenAI's GPT-2 from the Hugging Face Hub (downloaded
-once; later runs read the cache), a local .safetensors file or a checkpoint of this
-project, and then either continues a prompt or measures the model as the field does.
-New: a model of the Llama family (SmolLM2, Qwen3, Llama 3.2) works the same way, by its
-Hub name or a folder, with its own tokenizer and end-of-text token. A checkpoint names
-its tokenizer (its "tokenizer" entry, see gpt.tokenizer_source; none: GPT-2's).
+Stage 1 of the lifecycle. Loads OpenAI's GPT-2 from the Hugging Face Hub (downloaded once,
+then read from the cache), a local .safetensors file or model folder, or a checkpoint of
+this project. New: a model of the Llama family (SmolLM2, Qwen3, Llama 3.2) works the same
+way, by Hub name or folder, with its own tokenizer and end-of-text token; a checkpoint
+names its tokenizer (see gpt.tokenizer_source; none: GPT-2's).
 
 Try it: continue a prompt, printing the tokens as they are generated.
 
-    python load_gpt2.py                                  # gpt2 (124M), greedy
-    python load_gpt2.py --model gpt2-medium --prompt "The meaning of life is" \
-        --temperature 0.8 --top-k 50 --seed 1
+    python load_gpt2.py                                      # gpt2 (124M), greedy, 50 tokens
+    python load_gpt2.py --model gpt2-medium --prompt "The meaning of life is" --temperature 0.8 --top-k 50 --seed 1
     python load_gpt2.py --model path/to/model.safetensors   # offline: a local file
     python load_gpt2.py --model runs/pretrain/best.pt       # a checkpoint of pretrain.py
-    python load_gpt2.py --download-only --model gpt2-xl
-    python load_gpt2.py --model HuggingFaceTB/SmolLM2-135M   # the Llama family, its own tokenizer
-    python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # for transformers
+    python load_gpt2.py --model HuggingFaceTB/SmolLM2-135M   # the Llama family
 
-Measure it (any model the script loads):
+Measure it, as EleutherAI's lm-evaluation-harness does (the same prompts, tokenization and
+metrics). Benchmark files are downloaded once from the original sources, or read from
+--benchmark-file.
 
-    python load_gpt2.py --benchmark hellaswag            # 10,042 items, acc and acc_norm
-    python load_gpt2.py --benchmark mmlu --shots 5       # 14,042 items in 57 subjects
+    python load_gpt2.py --benchmark hellaswag                # 10,042 items: acc and acc_norm
+    python load_gpt2.py --benchmark mmlu --shots 5           # 14,042 items in 57 subjects
     python load_gpt2.py --benchmark hellaswag --limit 200 --results hellaswag.json
-    python load_gpt2.py --perplexity held_out.txt --stride 512   # perplexity, bits per byte
+    python load_gpt2.py --perplexity held_out.txt --stride 512       # perplexity, bits per byte
     python load_gpt2.py --benchmark mmlu --contamination train.txt   # test items seen in training?
-    python load_gpt2.py --benchmark mmlu --probe         # options shuffled: recall or reasoning?
+    python load_gpt2.py --benchmark mmlu --probe             # options shuffled: recall or reasoning?
 
-Benchmarks are scored by log-likelihood as EleutherAI's lm-evaluation-harness scores
-them (same prompts, tokenization and metrics). Their files are downloaded once from
-the original sources into the cache (--cache-dir), or read from --benchmark-file.
+Download or export it:
 
-Prints the model, where its weights are and the load time, then the continuation or
-the measurements. Writes nothing but the caches (--cache-dir; an existing Hugging Face
-cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror), the
-measurements as JSON with --results, and the model folder of --export-hf.
+    python load_gpt2.py --download-only --model gpt2-xl
+    python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # a folder transformers reads
+
+Prints the model, where its weights are and the load time, then the continuation or the
+measurements. Writes only the caches (--cache-dir; a Hugging Face cache, $HF_HUB_CACHE or
+$HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror), --results and --export-hf.
 """
 
 import argparse
 import collections
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -60,12 +59,8 @@ import gpt
 
 
 def stream_continuation(model, prompt_ids, args, tokenizer, eot_id):
-    """Generate after prompt_ids [1, n], printing each token's text as soon as it comes,
-    until the model's end-of-text token `eot_id` (not printed) or --max-new-tokens.
-
-    A token can end in the middle of a multi-byte character, so the text printed is the
-    decoded text so far minus what was already printed.
-    """
+    """Continue prompt_ids [1, n] with the sampling flags of args, printing each token's text as
+    it comes, until the end-of-text token `eot_id` (not printed) or --max-new-tokens."""
     new_ids, printed = [], ""
 
     def print_token(token):
@@ -74,7 +69,7 @@ def stream_continuation(model, prompt_ids, args, tokenizer, eot_id):
             return
         new_ids.append(token.item())
         text = gpt.token_ids_to_text(new_ids, tokenizer)
-        if not text.endswith("\ufffd"):  # wait for the rest of a split character
+        if not text.endswith("\ufffd"):  # a token can end inside a character: wait for the rest
             print(text[len(printed) :], end="", flush=True)
             printed = text
 
@@ -84,28 +79,24 @@ def stream_continuation(model, prompt_ids, args, tokenizer, eot_id):
 
 
 # ----------------------------------------------------------------------------------------
-# Measure it, 1: the log-likelihood of a continuation
+# Measure it: log-likelihoods, benchmarks, perplexity, contamination, memorisation probes
 # ----------------------------------------------------------------------------------------
 
+# One quantity underlies every measurement here: how likely the model finds a continuation
+# after a context, the sum of its tokens' log-probabilities. A benchmark item's answers are
+# continuations of its question; a text's perplexity comes from each token as the
+# continuation of the tokens before it.
 
-def prefix_id(tokenizer):
-    """The token that stands before a text with nothing before it: the begin-of-text token
-    where the tokenizer has one (Llama 3), else the end-of-text token (<|endoftext|>, 50256
-    for GPT-2), as lm-evaluation-harness's `prefix_token_id`."""
-    bos_id = getattr(tokenizer, "bos_id", None)
-    return tokenizer.eot_token if bos_id is None else bos_id
+# --- 1. The log-likelihood of a continuation ---------------------------------------------
 
 
 def encode_pair(context, continuation, tokenizer=None):
-    """Token ids of (context, continuation), as lm-evaluation-harness makes them, with
-    GPT-2's tokenizer unless another is given (`gpt.load_tokenizer`).
-
-    The pair is tokenized whole and the continuation's ids are what follows the
-    context's own ids, so " Paris" after "capital:" is one token with its space, as
-    GPT-2 saw such text. Spaces that end the context move to the continuation first.
-    An empty context becomes `prefix_id`. Special-token text is read as plain text, and
-    no begin-of-text token is added (the harness's default, Llama 3 too).
-    """
+    """Token ids (context ids, continuation ids) as lm-evaluation-harness makes them: the pair
+    is tokenized whole and the continuation's ids are what follows the context's own ids, so
+    " Paris" after "capital:" is one token with its space, as GPT-2 saw such text. Spaces that
+    end the context move to the continuation first; an empty context becomes [`prefix_id`].
+    Special-token text is plain text; no begin-of-text token is added (the harness's default,
+    Llama 3 too). tokenizer: the model's (`gpt.load_tokenizer`); None: GPT-2's."""
     tokenizer = tokenizer or gpt.get_tokenizer()
     if not context:
         return [prefix_id(tokenizer)], tokenizer.encode_ordinary(continuation)
@@ -117,32 +108,34 @@ def encode_pair(context, continuation, tokenizer=None):
     return context_ids, whole[len(context_ids) :]
 
 
+def prefix_id(tokenizer):
+    """The token before a text that has nothing before it, as the harness's `prefix_token_id`:
+    the begin-of-text token where the tokenizer has one (Llama 3), else end-of-text (GPT-2: 50256)."""
+    bos_id = getattr(tokenizer, "bos_id", None)
+    return tokenizer.eot_token if bos_id is None else bos_id
+
+
 def continuation_request(context, continuation, context_length, tokenizer=None):
     """(token ids, n_scored) for `sum_logprobs`: the pair's ids (`encode_pair`) cut from the
-    left to context_length + 1 tokens (the model reads all but the last), the continuation's
-    n_scored ids at the end. Raises ValueError when the continuation alone does not fit."""
+    left to context_length + 1 tokens (the model reads all but the last), as the harness cuts
+    a context too long for the model; the continuation's n_scored ids come last. Raises
+    ValueError when the continuation alone does not fit."""
     context_ids, continuation_ids = encode_pair(context, continuation, tokenizer)
     if not continuation_ids or len(continuation_ids) > context_length:
-        raise ValueError(
-            f"a continuation of {len(continuation_ids)} tokens cannot be scored with a context length of "
-            f"{context_length}: {continuation[:60]!r}"
-        )
+        raise ValueError(f"a continuation of {len(continuation_ids)} tokens cannot be scored with a context length "
+                         f"of {context_length}: {continuation[:60]!r}")
     return (context_ids + continuation_ids)[-(context_length + 1) :], len(continuation_ids)
 
 
 @torch.no_grad()
 def sum_logprobs(model, requests, batch_size=8, label="scoring"):
-    """Total log-probability of the last tokens of each sequence -> list of floats (nats).
-
-    requests: list of (token ids, n_scored): the model reads ids[:-1] (at most the context
-    length) and the log-probabilities of the last n_scored ids are added up. Sequences
-    that give the model the same input (the four " A".." D" of an MMLU item) share one
-    forward pass. Batches are right-padded: causal attention keeps every real position
-    blind to the padding after it, so the scores do not depend on the batch. Longest
-    first, so a batch that does not fit in memory fails at once (the logits alone take
-    batch_size x longest x vocabulary floats). Shows progress and ETA. Raises ValueError
-    for a request that does not fit the context, or a model that gives NaN.
-    """
+    """Total log-probability (nats) of the last n_scored ids of each (token ids, n_scored)
+    request -> list of floats. The model reads ids[:-1], at most its context length; requests
+    with the same input (the four " A".." D" of an MMLU item) share one forward pass. Batches
+    are right-padded: causal attention keeps every real position blind to the padding after
+    it, so no score depends on the batch. Longest first, so that a batch too large for memory
+    fails at once (its logits take batch_size x longest x vocabulary floats). Raises
+    ValueError for a request that does not fit the model, or NaN log-probabilities."""
     device = next(model.parameters()).device
     readers = collections.defaultdict(list)  # model input -> the requests that read it
     for i, (ids, n_scored) in enumerate(requests):
@@ -172,17 +165,12 @@ def sum_logprobs(model, requests, batch_size=8, label="scoring"):
     return totals
 
 
-# ----------------------------------------------------------------------------------------
-# Measure it, 2: multiple-choice benchmarks (HellaSwag, MMLU) as the harness prepares them
-# ----------------------------------------------------------------------------------------
+# --- 2. Multiple-choice benchmarks, prepared and scored as the harness does ---------------
 
-# HellaSwag (Zellers et al., 2019): the validation split, 10,042 items with four endings.
-HELLASWAG_URLS = ["https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"]
-HELLASWAG_ITEMS = 10_042
-# MMLU (Hendrycks et al., 2021): the authors' archive, data/{dev,val,test}/<subject>_<split>.csv.
-MMLU_URLS = ["https://people.eecs.berkeley.edu/~hendrycks/data.tar"]
-MMLU_TEST_ITEMS = 14_042
-MMLU_FILE = re.compile(r"(?:^|/)(dev|test)/(\w+)_(dev|test)\.csv$")
+# HellaSwag (Zellers et al., 2019): a context and four endings, one of them right; its
+# validation split (10,042 items) is scored. MMLU (Hendrycks et al., 2021): questions with
+# four options A-D in 57 subjects; its test split (14,042 items) is scored, its dev split
+# gives the k-shot examples.
 LETTERS = "ABCD"
 
 
@@ -192,6 +180,299 @@ def hellaswag_preprocess(text):
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
+
+
+def hellaswag_request(item):
+    """A HellaSwag item as the harness scores it -> dict: context "activity_label: ctx_a Ctx_b",
+    the four endings as choices, gold (the label), and the text contamination looks for."""
+    query = hellaswag_preprocess(item["activity_label"] + ": " + item["ctx_a"] + " " + item["ctx_b"].capitalize())
+    choices = [hellaswag_preprocess(ending) for ending in item["endings"]]
+    gold = int(item["label"])
+    return dict(context=query, choices=choices, gold=gold, text=query + " " + choices[gold], subject=None)
+
+
+def mmlu_question(item):
+    """Question, options "A. .." to "D. .." and "Answer:", as the harness writes an MMLU item."""
+    options = "".join(f"\n{letter}. {option}" for letter, option in zip(LETTERS, item["options"]))
+    return item["question"].strip() + options + "\nAnswer:"
+
+
+def mmlu_request(item):
+    """An MMLU item as the harness scores it -> dict: context (the subject line, the k examples
+    with their answers, the question), choices "A".."D", gold, the text contamination looks
+    for (question and options), subject."""
+    subject = item["subject"].replace("_", " ")
+    header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+    examples = "".join(mmlu_question(ex) + " " + LETTERS[ex["answer"]] + "\n\n" for ex in item["examples"])
+    text = item["question"] + "\n" + "\n".join(item["options"])
+    return dict(context=header + examples + mmlu_question(item), choices=list(LETTERS), gold=item["answer"],
+                text=text, subject=item["subject"])
+
+
+def score_multiple_choice(model, requests, batch_size=8, tokenizer=None):
+    """Score every choice by its log-likelihood as a continuation of the context, after one
+    space -> one dict per item: lls (nats); acc, 1 when the highest log-likelihood is the gold
+    choice's; acc_norm, the same after dividing each by the choice's length in characters
+    (the space not counted), as lm-evaluation-harness defines them (for MMLU's one-letter
+    choices the two agree). tokenizer: the model's; None: GPT-2's."""
+    flat = [
+        continuation_request(request["context"], " " + choice, model.cfg.context_length, tokenizer)
+        for request in requests
+        for choice in request["choices"]
+    ]
+    lls = sum_logprobs(model, flat, batch_size, label="scoring choices")
+    scored, start = [], 0
+    for request in requests:
+        choices, gold = request["choices"], request["gold"]
+        item_lls = torch.tensor(lls[start : start + len(choices)], dtype=torch.float64)
+        start += len(choices)
+        # max(1, ...): an ending that preprocessing left empty would divide by zero.
+        n_chars = torch.tensor([max(1, len(choice)) for choice in choices], dtype=torch.float64)
+        acc = int(item_lls.argmax() == gold)  # argmax: the first of equal values, as numpy's in the harness
+        acc_norm = int((item_lls / n_chars).argmax() == gold)
+        scored.append(dict(lls=item_lls.tolist(), acc=acc, acc_norm=acc_norm))
+    return scored
+
+
+def summarize(scored, requests):
+    """Mean acc and acc_norm with the harness's standard error sqrt(p (1 - p) / (n - 1))
+    (None for one item), the random-guess baseline, and acc per subject where items have one."""
+    n = len(scored)
+    summary = dict(items=n, random_guess=sum(1 / len(r["choices"]) for r in requests) / n)
+    for metric in ("acc", "acc_norm"):
+        p = sum(s[metric] for s in scored) / n
+        summary[metric] = p
+        summary[metric + "_stderr"] = math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
+    subjects = collections.defaultdict(list)
+    for s, r in zip(scored, requests):
+        if r["subject"] is not None:
+            subjects[r["subject"]].append(s["acc"])
+    if subjects:
+        summary["subjects"] = {name: dict(items=len(v), acc=sum(v) / len(v)) for name, v in sorted(subjects.items())}
+    return summary
+
+
+# --- 3. Perplexity and bits per byte of a text, with a sliding window ---------------------
+
+
+def perplexity_requests(ids, context_length, stride, first_id=gpt.EOT_ID):
+    """Windows over a text's token ids -> (token ids, n_scored) requests for `sum_logprobs`: the
+    sliding window of Hugging Face's perplexity guide. Each window reads up to context_length
+    tokens and scores only those no earlier window scored; windows start `stride` tokens apart,
+    so every token after the first window has at least context_length - stride tokens of
+    context. first_id (`prefix_id`) goes first so that the first token is predicted too, as in
+    the harness's rolling log-likelihood."""
+    if not 1 <= stride <= context_length:
+        raise ValueError(f"--stride {stride} must be from 1 to the model's context length ({context_length})")
+    sequence = [first_id] + list(ids)
+    requests, scored = [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context_length, len(ids))  # reads sequence[begin:end], predicts sequence[begin + 1 : end + 1]
+        requests.append((sequence[begin : end + 1], end - scored))
+        scored = end
+        if end == len(ids):
+            break
+    return requests
+
+
+def perplexity(model, text, stride, batch_size=8, tokenizer=None):
+    """Perplexity (e to the mean negative log-likelihood per token) and bits per byte (the
+    total negative log-likelihood in bits over the text's UTF-8 bytes: comparable across
+    tokenizers) -> dict. tokenizer: the model's; None: GPT-2's. Raises ValueError for an
+    empty text."""
+    if not text:
+        raise ValueError("the text to score is empty")
+    tokenizer = tokenizer or gpt.get_tokenizer()
+    ids = tokenizer.encode_ordinary(text)
+    requests = perplexity_requests(ids, model.cfg.context_length, stride, prefix_id(tokenizer))
+    nll = -sum(sum_logprobs(model, requests, batch_size, label="perplexity"))
+    n_bytes = len(text.encode("utf-8"))
+    return dict(tokens=len(ids), bytes=n_bytes, windows=len(requests), stride=stride,
+                perplexity=math.exp(nll / len(ids)), bits_per_byte=nll / (n_bytes * math.log(2)))
+
+
+# --- 4. Contamination: test items that occur in a training corpus -------------------------
+
+
+def normalized_words(text):
+    """Lower-cased words with punctuation removed, as GPT-3's contamination study
+    (Brown et al., 2020, appendix C) and the harness's decontamination compare texts."""
+    return re.sub(r"[^\w\s]|_", "", text.lower()).split()
+
+
+def find_contamination(texts, documents, n=13):
+    """Indices of the texts that share an n-gram of `normalized_words` with a training corpus
+    -> sorted list. documents: iterables of text lines, read once as a stream (a corpus
+    larger than memory works; n-grams do not cross documents). A text shorter than n words
+    counts when it occurs whole. The benchmark is then also scored on the items not found."""
+    wanted = collections.defaultdict(lambda: collections.defaultdict(set))  # length -> words -> texts
+    for i, text in enumerate(texts):
+        words = normalized_words(text)
+        if not words:
+            continue  # nothing to look for
+        length = min(n, len(words))  # a text shorter than n is looked for whole
+        for start in range(len(words) - length + 1):
+            wanted[length][tuple(words[start : start + length])].add(i)
+    found, words_read = set(), 0
+    for document in documents:
+        window = collections.deque(maxlen=n)
+        for line in document:
+            for word in normalized_words(line):
+                window.append(word)
+                for length, grams in wanted.items():
+                    if len(window) >= length:
+                        found |= grams.get(tuple(window)[-length:], set())
+                words_read += 1
+                if words_read % 1_000_000 == 0:
+                    gpt.show_progress(f"contamination: {words_read / 1e6:.0f}M words of the corpus read")
+    gpt.end_progress()
+    return sorted(found)
+
+
+# --- 5. Memorisation probes: the same items, changed where recall would notice ------------
+
+
+def shuffle_options(item, order):
+    """An MMLU item with its options in another order: order[k] is the option now shown
+    at letter k. The letters stay in place and move to other texts; the gold follows its text."""
+    return dict(item, options=[item["options"][k] for k in order], answer=order.index(item["answer"]))
+
+
+def reorder_sentences(item, order=None):
+    """A HellaSwag item with the sentences of its context (ctx_a, cut after . ! or ?) in
+    another order: order[k] is the sentence now at place k (default: reversed). ctx_b,
+    the start of the sentence the endings finish, stays last."""
+    sentences = re.split(r"(?<=[.!?])\s+", item["ctx_a"].strip())
+    order = list(reversed(range(len(sentences)))) if order is None else order
+    return dict(item, ctx_a=" ".join(sentences[k] for k in order))
+
+
+def probe_memorisation(model, benchmark, items, scored, seed=0, batch_size=8, tokenizer=None):
+    """Score the items again, changed where recall would notice -> dict: acc before and after,
+    the change, and how many items went right to wrong and wrong to right. MMLU: each item's
+    options in a seeded random order; HellaSwag: the context's sentences reversed (an item of
+    one sentence stays as it is). scored: `score_multiple_choice` of the unchanged items."""
+    if benchmark == "hellaswag":
+        perturbation = "context sentences reversed"
+        changed_items = [reorder_sentences(item) for item in items]
+    else:
+        perturbation = "options shuffled, letters stay"
+        rng = random.Random(seed)
+        changed_items = [shuffle_options(item, rng.sample(range(4), 4)) for item in items]  # the 4 options reordered
+    to_request = hellaswag_request if benchmark == "hellaswag" else mmlu_request
+    requests = [to_request(item) for item in changed_items]
+    changed = sum(to_request(item)["context"] != request["context"] for item, request in zip(items, requests))
+    probe_scored = score_multiple_choice(model, requests, batch_size, tokenizer)
+    before = sum(s["acc"] for s in scored) / len(items)
+    after = sum(s["acc"] for s in probe_scored) / len(items)
+    flipped = collections.Counter((s["acc"], p["acc"]) for s, p in zip(scored, probe_scored))
+    return dict(perturbation=perturbation, items=len(items), items_changed=changed, acc=before, acc_probe=after,
+                change=after - before, right_to_wrong=flipped[1, 0], wrong_to_right=flipped[0, 1])
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: flags, files and downloads, printing, main
+# ----------------------------------------------------------------------------------------
+
+
+# Flags that mean something only with another: given alone they would be ignored.
+NEEDS = {"benchmark_file": "benchmark", "shots": "benchmark", "limit": "benchmark", "contamination": "benchmark",
+         "probe": "benchmark", "ngram": "contamination", "stride": "perplexity", "overwrite": "export_hf"}
+
+
+def parse_args(argv=None):
+    """The settings of the run -> argparse.Namespace. Flags that contradict each other, or that
+    would be ignored, exit with one line (exit status 2)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=gpt.HelpFormatter)
+    models = ", ".join(gpt.MODEL_CONFIGS)
+    p.add_argument("--model", metavar="NAME_OR_PATH", default="gpt2", help=f"{models}, another Llama or Qwen3 of "
+                   "the Hub, a .safetensors file, a model folder or a checkpoint (.pt)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of weights and computation")
+    p.add_argument("--cache-dir", metavar="FOLDER", default=str(gpt.cache_dir()), help="folder for downloaded weights "
+                   "and data ($GPT_CACHE_DIR)")
+    g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
+    g.add_argument("--prompt", metavar="TEXT", default="Every effort moves you", help="text to continue")
+    g.add_argument("--max-new-tokens", metavar="N", type=gpt.non_negative_int, default=50, help="tokens to generate")
+    g.add_argument("--temperature", metavar="T", type=gpt.non_negative_float, default=0.0, help="0: greedy; "
+                   "higher: more random")
+    g.add_argument("--top-k", metavar="K", type=gpt.positive_int, help="sample from the k most likely tokens only "
+                   "(default: all)")
+    g.add_argument("--top-p", metavar="P", type=gpt.probability, help="sample from the fewest tokens that reach "
+                   "probability p (default: all)")
+    g.add_argument("--seed", metavar="N", type=gpt.seed, help="seed of the sampling and of --probe's shuffles "
+                   "(default: a fresh one; 0 for --probe)")
+    m = p.add_argument_group("measure it (instead of generating)")
+    m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark by log-likelihood "
+                   "(default: none)")
+    m.add_argument("--benchmark-file", metavar="PATH", help="hellaswag_val.jsonl, or MMLU's data.tar or its folder "
+                   "(default: download once)")
+    m.add_argument("--shots", metavar="K", type=gpt.non_negative_int, default=0, help="MMLU: solved examples from the "
+                   "dev split before each question")
+    m.add_argument("--limit", metavar="N", type=gpt.positive_int, help="score the first N items (of each MMLU "
+                   "subject, as the harness) (default: all)")
+    m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 "
+                   "text file (default: none)")
+    m.add_argument("--stride", metavar="N", type=gpt.positive_int, help="tokens between perplexity windows "
+                   "(default: half the context length)")
+    m.add_argument("--contamination", metavar="CORPUS", help="find the items that share an n-gram with a training "
+                   "corpus: a text file, a folder of .txt, instruction .json or label,text .csv (default: none)")
+    m.add_argument("--ngram", metavar="N", type=gpt.positive_int, default=13, help="words per n-gram of "
+                   "--contamination")
+    m.add_argument("--probe", action="store_true", help="score again with MMLU options shuffled or HellaSwag "
+                   "context sentences reversed, and report the change")
+    m.add_argument("--batch-size", metavar="N", type=gpt.positive_int, default=8, help="sequences per forward pass")
+    m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file (default: print only)")
+    e = p.add_argument_group("download or export it (instead of generating)")
+    e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
+    e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype "
+                   "(default: none)")
+    e.add_argument("--overwrite", action="store_true", help="let --export-hf replace an earlier export")
+    args = p.parse_args(argv)
+    given = gpt.given_flags(p, argv)
+    for flag, needed in NEEDS.items():
+        if flag in given and not getattr(args, needed):
+            p.error(f"{gpt.flag_name(flag)} needs {gpt.flag_name(needed)}")
+    measuring = args.benchmark or args.perplexity
+    if sum(map(bool, (args.download_only, args.export_hf, measuring))) > 1:
+        p.error("--download-only, --export-hf and measuring (--benchmark, --perplexity) are separate runs")
+    if args.results and not measuring:
+        p.error("--results needs --benchmark or --perplexity")
+    sampling = [flag for flag in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
+    if sampling and (measuring or args.download_only or args.export_hf):
+        p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring, downloading or exporting")
+    if args.shots and args.benchmark != "mmlu":
+        p.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
+    if not args.prompt:
+        p.error("--prompt is empty: give at least one character of text to continue")
+    if args.download_only and not is_hub_model(args.model):
+        p.error(f"--download-only needs a model name ({', '.join(gpt.MODEL_CONFIGS)}, ...), got {args.model!r}")
+    return args
+
+
+# The benchmarks' original files, downloaded once; their item counts tell a complete download.
+HELLASWAG_URLS = ["https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"]
+HELLASWAG_ITEMS = 10_042
+MMLU_URLS = ["https://people.eecs.berkeley.edu/~hendrycks/data.tar"]  # data/{dev,val,test}/<subject>_<split>.csv
+MMLU_TEST_ITEMS = 14_042
+MMLU_FILE = re.compile(r"(?:^|/)(dev|test)/(\w+)_\1\.csv$")
+
+
+def load_benchmark(args):
+    """The items of --benchmark: from --benchmark-file, else downloaded once from the
+    original source and counted; the first --limit of them (of each MMLU subject)."""
+    path = args.benchmark_file
+    hellaswag = args.benchmark == "hellaswag"
+    if path is None and hellaswag:
+        path = gpt.fetch_dataset(HELLASWAG_URLS, "hellaswag_val.jsonl", flag="--benchmark-file", kind="text")
+    elif path is None:
+        path = gpt.fetch_dataset(MMLU_URLS, "data.tar", flag="--benchmark-file", kind="tar")
+    items = read_hellaswag(path) if hellaswag else read_mmlu(path, args.shots)
+    expected = HELLASWAG_ITEMS if hellaswag else MMLU_TEST_ITEMS
+    if args.benchmark_file is None and len(items) != expected:
+        raise ValueError(f"{path}: {len(items):,} items, expected {expected:,}: delete the file to download it again")
+    groups = itertools.groupby(items, key=lambda item: item.get("subject"))  # HellaSwag's items: one group
+    return [item for _, group in groups for item in itertools.islice(group, args.limit)]
 
 
 def read_hellaswag(path):
@@ -217,29 +498,11 @@ def read_hellaswag(path):
     return items
 
 
-def hellaswag_request(item):
-    """A HellaSwag item as the harness scores it -> {context, choices, gold, text}."""
-    query = hellaswag_preprocess(item["activity_label"] + ": " + item["ctx_a"] + " " + item["ctx_b"].capitalize())
-    choices = [hellaswag_preprocess(ending) for ending in item["endings"]]
-    gold = int(item["label"])
-    return dict(context=query, choices=choices, gold=gold, text=query + " " + choices[gold], subject=None)
-
-
-def read_mmlu_csv(text, source):
-    """Rows "question,A,B,C,D,answer" (no header) -> list of {question, options, answer}."""
-    items = []
-    for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
-        if len(row) != 6 or row[5].strip() not in LETTERS:
-            raise ValueError(f"{source} row {number}: expected question, four options and a letter A-D, got {row!r:.120}")
-        items.append(dict(question=row[0], options=row[1:5], answer=LETTERS.index(row[5].strip())))
-    return items
-
-
 def read_mmlu(path, shots=0):
-    """MMLU's data.tar, or a folder holding its dev/ and test/ CSV files -> list of item
-    dicts (subject, question, options, answer, and the first `shots` dev items of the
-    subject as examples), subjects in alphabetical order. Raises ValueError for a file
-    that is neither, a malformed row, or a subject with fewer than `shots` dev items."""
+    """MMLU's data.tar, or a folder of its dev/ and test/ CSV files -> list of item dicts (subject,
+    question, options, answer, and as examples the subject's first `shots` dev items, as the
+    harness picks them), subjects in alphabetical order. Raises ValueError for a file that is
+    neither, a malformed row, or a subject with fewer than `shots` dev items."""
     path = Path(path)
     files = {}  # (split, subject) -> CSV text
     if path.is_dir():
@@ -265,129 +528,21 @@ def read_mmlu(path, shots=0):
     return items
 
 
-def mmlu_question(item):
-    """Question, options A-D and "Answer:", as the harness writes an MMLU item."""
-    options = "".join(f"\n{letter}. {option}" for letter, option in zip(LETTERS, item["options"]))
-    return item["question"].strip() + options + "\nAnswer:"
-
-
-def mmlu_request(item):
-    """An MMLU item as the harness scores it -> {context, choices, gold, text, subject}:
-    the subject line, the k examples with their answers, the question; choices " A".." D"."""
-    subject = item["subject"].replace("_", " ")
-    header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-    examples = "".join(mmlu_question(ex) + " " + LETTERS[ex["answer"]] + "\n\n" for ex in item["examples"])
-    text = item["question"] + "\n" + "\n".join(item["options"])  # what contamination looks for
-    return dict(context=header + examples + mmlu_question(item), choices=list(LETTERS), gold=item["answer"],
-                text=text, subject=item["subject"])
-
-
-def score_multiple_choice(model, requests, batch_size=8, tokenizer=None):
-    """Score every choice of every item by its log-likelihood after the context -> one
-    dict per item: lls (nats), acc (1 when the highest log-likelihood is the gold choice)
-    and acc_norm (the same after dividing each by the choice's length in characters),
-    as lm-evaluation-harness defines them. Choices follow the context after one space.
-    tokenizer: the model's (`gpt.load_tokenizer`); None: GPT-2's."""
-    flat = [
-        continuation_request(request["context"], " " + choice, model.cfg.context_length, tokenizer)
-        for request in requests
-        for choice in request["choices"]
-    ]
-    lls = sum_logprobs(model, flat, batch_size, label="scoring choices")
-    scored, start = [], 0
-    for request in requests:
-        item_lls = lls[start : start + len(request["choices"])]
-        start += len(request["choices"])
-        # max(1, ...): an ending that preprocessing left empty would divide by zero.
-        normalised = [ll / max(1, len(choice)) for ll, choice in zip(item_lls, request["choices"])]
-        best, best_norm = argmax(item_lls), argmax(normalised)
-        scored.append(dict(lls=item_lls, acc=int(best == request["gold"]), acc_norm=int(best_norm == request["gold"])))
-    return scored
-
-
-def argmax(values):
-    """Index of the largest value (the first one on a tie, as numpy.argmax)."""
-    return max(range(len(values)), key=values.__getitem__)
-
-
-def summarize(scored, requests):
-    """Mean acc and acc_norm with the harness's standard error sqrt(p (1 - p) / (n - 1))
-    (None for one item), the random-guess baseline, and acc per subject where items have one."""
-    n = len(scored)
-    summary = dict(items=n, random_guess=sum(1 / len(r["choices"]) for r in requests) / n)
-    for metric in ("acc", "acc_norm"):
-        p = sum(s[metric] for s in scored) / n
-        summary[metric] = p
-        summary[metric + "_stderr"] = math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
-    subjects = collections.defaultdict(list)
-    for s, r in zip(scored, requests):
-        if r["subject"] is not None:
-            subjects[r["subject"]].append(s["acc"])
-    if subjects:
-        summary["subjects"] = {name: dict(items=len(v), acc=sum(v) / len(v)) for name, v in sorted(subjects.items())}
-    return summary
-
-
-# ----------------------------------------------------------------------------------------
-# Measure it, 3: perplexity and bits per byte of a text, with a sliding window
-# ----------------------------------------------------------------------------------------
-
-
-def perplexity_requests(ids, context_length, stride, first_id=gpt.EOT_ID):
-    """Windows over a text's token ids -> (token ids, n_scored) requests for `sum_logprobs`.
-
-    first_id (`prefix_id`: <|endoftext|> for GPT-2) goes first so that the first token is
-    predicted too, as the harness's rolling log-likelihood does. Each window reads up to
-    context_length tokens and scores only the tokens no earlier window scored; windows
-    start `stride` tokens apart, so every token after the first window has at least
-    context_length - stride tokens of context (the sliding window of Hugging Face's
-    perplexity guide).
-    """
-    if not 1 <= stride <= context_length:
-        raise ValueError(f"--stride {stride} must be from 1 to the model's context length ({context_length})")
-    sequence = [first_id] + list(ids)
-    requests, scored = [], 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + context_length, len(ids))  # reads sequence[begin:end], predicts sequence[begin + 1 : end + 1]
-        requests.append((sequence[begin : end + 1], end - scored))
-        scored = end
-        if end == len(ids):
-            break
-    return requests
-
-
-def perplexity(model, text, stride, batch_size=8, tokenizer=None):
-    """Perplexity (e to the mean negative log-likelihood per token) and bits per byte
-    (total negative log-likelihood in bits over the text's UTF-8 bytes: comparable
-    across tokenizers) -> dict. tokenizer: the model's; None: GPT-2's. Raises ValueError
-    for an empty text."""
-    if not text:
-        raise ValueError("the text to score is empty")
-    tokenizer = tokenizer or gpt.get_tokenizer()
-    ids = tokenizer.encode_ordinary(text)
-    requests = perplexity_requests(ids, model.cfg.context_length, stride, prefix_id(tokenizer))
-    nll = -sum(sum_logprobs(model, requests, batch_size, label="perplexity"))
-    n_bytes = len(text.encode("utf-8"))
-    return dict(tokens=len(ids), bytes=n_bytes, windows=len(requests), stride=stride,
-                perplexity=math.exp(nll / len(ids)), bits_per_byte=nll / (n_bytes * math.log(2)))
-
-
-# ----------------------------------------------------------------------------------------
-# Measure it, 4: contamination, test items that occur in a training corpus
-# ----------------------------------------------------------------------------------------
-
-
-def normalized_words(text):
-    """Lower-cased words with punctuation removed, as GPT-3's contamination study
-    (Brown et al., 2020, appendix C) and the harness's decontamination compare texts."""
-    return re.sub(r"[^\w\s]|_", "", text.lower()).split()
+def read_mmlu_csv(text, source):
+    """Rows "question,A,B,C,D,answer" (no header) -> list of {question, options, answer}."""
+    items = []
+    for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
+        if len(row) != 6 or row[5].strip() not in LETTERS:
+            raise ValueError(f"{source} row {number}: expected question, four options and a letter A-D, got {row!r:.120}")
+        items.append(dict(question=row[0], options=row[1:5], answer=LETTERS.index(row[5].strip())))
+    return items
 
 
 def corpus_documents(path):
-    """Stream a training corpus as documents, each an iterator of text lines, so that a
-    corpus larger than memory can be checked: a folder (every .txt file below it), an
-    instruction-data .json (list of entries; their strings), a .csv with a `text`
-    column (the classifier's splits), or any other UTF-8 text file (line by line)."""
+    """The training corpus of --contamination as documents for `find_contamination`, each an
+    iterable of text lines: a folder (each .txt file below it), instruction data .json (each
+    entry's strings), a .csv with a `text` column (each row, as the classifier's splits), or
+    any other UTF-8 text file (one document)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
@@ -403,149 +558,22 @@ def corpus_documents(path):
             values = entry.values() if isinstance(entry, dict) else [entry]
             yield [" ".join(str(value) for value in values)]
     elif path.suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            for row in csv.DictReader(f):
-                if "text" not in row:
-                    raise ValueError(f"--contamination {path}: a .csv needs a `text` column (as label,text)")
-                yield [row["text"]]
+        for row in csv.DictReader(read_lines(path)):
+            if "text" not in row:
+                raise ValueError(f"--contamination {path}: a .csv needs a `text` column (as label,text)")
+            yield [row["text"]]
     else:
-        yield read_lines(existing_file(path, "--contamination"))
+        yield read_lines(path)
 
 
 def read_lines(path):
-    """The lines of a UTF-8 text file, one at a time (any line ending). Raises ValueError
-    naming the file at the first byte that is not UTF-8."""
+    """The lines of a UTF-8 text file of --contamination, one at a time. Raises FileNotFoundError,
+    or ValueError at the first byte that is not UTF-8, naming the file."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(existing_file(path, "--contamination"), encoding="utf-8") as f:
             yield from f
     except UnicodeDecodeError as e:
         raise ValueError(f"--contamination {path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
-
-
-def find_contamination(texts, documents, n=13):
-    """Indices of the texts that share an n-gram of `normalized_words` with a corpus
-    (documents as `corpus_documents` yields them; n-grams do not cross documents). A text
-    shorter than n words counts when it occurs whole. -> sorted list of indices."""
-    wanted = collections.defaultdict(lambda: collections.defaultdict(set))  # length -> words -> texts
-    for i, text in enumerate(texts):
-        words = normalized_words(text)
-        if not words:
-            continue  # nothing to look for
-        length = min(n, len(words))  # a text shorter than n is looked for whole
-        for start in range(len(words) - length + 1):
-            wanted[length][tuple(words[start : start + length])].add(i)
-    found, words_read = set(), 0
-    for document in documents:
-        window = collections.deque(maxlen=n)
-        for line in document:
-            for word in normalized_words(line):
-                window.append(word)
-                for length, grams in wanted.items():
-                    if len(window) >= length:
-                        found |= grams.get(tuple(window)[-length:], set())
-                words_read += 1
-                if words_read % 1_000_000 == 0:
-                    gpt.show_progress(f"contamination: {words_read / 1e6:.0f}M words of the corpus read")
-    gpt.end_progress()
-    return sorted(found)
-
-
-# ----------------------------------------------------------------------------------------
-# Measure it, 5: memorisation probes (the same items, changed where recall would notice)
-# ----------------------------------------------------------------------------------------
-
-
-def shuffle_options(item, order):
-    """An MMLU item with its options in another order: order[k] is the option now shown
-    at letter k. The letters stay in place and move to other texts; the gold follows its text."""
-    return dict(item, options=[item["options"][k] for k in order], answer=order.index(item["answer"]))
-
-
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def reorder_sentences(item, order=None):
-    """A HellaSwag item with the sentences of its context (ctx_a, cut after . ! or ?) in
-    another order: order[k] is the sentence now at place k (default: reversed). ctx_b,
-    the start of the sentence the endings finish, stays last."""
-    sentences = SENTENCE_END.split(item["ctx_a"].strip())
-    order = list(reversed(range(len(sentences)))) if order is None else order
-    return dict(item, ctx_a=" ".join(sentences[k] for k in order))
-
-
-def perturbed_items(benchmark, items, seed):
-    """The probe's items: MMLU options in a seeded random order per item; HellaSwag
-    contexts with their sentences reversed (items of one sentence are unchanged)."""
-    if benchmark == "hellaswag":
-        return [reorder_sentences(item) for item in items]
-    rng = random.Random(seed)
-    return [shuffle_options(item, rng.sample(range(len(item["options"])), len(item["options"]))) for item in items]
-
-
-def compare_probe(scored, probe_scored, changed):
-    """The probe's report: acc before and after, and how many items flipped each way."""
-    n = len(scored)
-    before = sum(s["acc"] for s in scored) / n
-    after = sum(s["acc"] for s in probe_scored) / n
-    flipped = collections.Counter((s["acc"], p["acc"]) for s, p in zip(scored, probe_scored))
-    return dict(items=n, items_changed=changed, acc=before, acc_probe=after, change=after - before,
-                right_to_wrong=flipped[1, 0], wrong_to_right=flipped[0, 1])
-
-
-# ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
-
-
-def is_hub_model(name):
-    """Whether --model names a model to download: a GPT-2 size, or a Hub name "owner/model"."""
-    return not Path(name).exists() and (name in gpt.GPT_CONFIGS or gpt.is_llama_family(name))
-
-
-def download_model(name):
-    """Download what --model needs into the cache, verified -> the folder or file it is in:
-    GPT-2's weights, or a Llama-family model's config, weights and tokenizer files (its
-    tokenizer is converted once, so that a tokenizer tiktoken cannot run fails now)."""
-    if name in gpt.GPT_CONFIGS:
-        return gpt.download_gpt2(name)
-    config, _ = gpt.llama_files(name)
-    gpt.load_tokenizer(name)
-    return config.parent
-
-
-def existing_file(path, flag):
-    """Path(path), after checking that it is a file: FileNotFoundError naming the flag otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such file")
-    return path
-
-
-def load_benchmark(args):
-    """The items of --benchmark: from --benchmark-file, else downloaded once from the
-    original source and counted; the first --limit of them (of each MMLU subject)."""
-    path = args.benchmark_file
-    hellaswag = args.benchmark == "hellaswag"
-    if path is None and hellaswag:
-        path = gpt.fetch_dataset(HELLASWAG_URLS, "hellaswag_val.jsonl", flag="--benchmark-file", kind="text")
-    elif path is None:
-        path = gpt.fetch_dataset(MMLU_URLS, "data.tar", flag="--benchmark-file", kind="tar")
-    items = read_hellaswag(path) if hellaswag else read_mmlu(path, args.shots)
-    expected = HELLASWAG_ITEMS if hellaswag else MMLU_TEST_ITEMS
-    if args.benchmark_file is None and len(items) != expected:
-        raise ValueError(f"{path}: {len(items):,} items, expected {expected:,}: delete the file to download it again")
-    return items if args.limit is None else first_items(items, args.limit)
-
-
-def first_items(items, limit):
-    """The first `limit` items of each subject (HellaSwag's items make one group)."""
-    taken = collections.Counter()
-    kept = []
-    for item in items:
-        if taken[item.get("subject")] < limit:
-            taken[item.get("subject")] += 1
-            kept.append(item)
-    return kept
 
 
 def read_text(path):
@@ -556,7 +584,32 @@ def read_text(path):
     return text
 
 
+def existing_file(path, flag):
+    """Path(path), after checking that it is a file: FileNotFoundError naming the flag otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    return path
+
+
+def is_hub_model(name):
+    """Whether --model names a model to download: a GPT-2 size, or a Hub name "owner/model"."""
+    return not Path(name).exists() and (name in gpt.GPT_CONFIGS or gpt.is_llama_family(name))
+
+
+def download_model(name):
+    """Download what --model needs into the cache, verified -> the file or folder it is in: GPT-2's
+    weights, or a Llama-family model's config, weights and tokenizer (converted once, so that a
+    tokenizer tiktoken cannot run fails now)."""
+    if name in gpt.GPT_CONFIGS:
+        return gpt.download_gpt2(name)
+    config, _ = gpt.llama_files(name)
+    gpt.load_tokenizer(name)
+    return config.parent
+
+
 def print_scores(name, summary):
+    """Print a `summarize` dict: items, random guess, acc and acc_norm ± standard error, subjects."""
     print(f"{name}: {summary['items']:,} items, random guess {summary['random_guess']:.4f}")
     for metric in ("acc", "acc_norm"):
         stderr = summary[metric + "_stderr"]
@@ -565,8 +618,8 @@ def print_scores(name, summary):
         print(f"  {subject:<40} {scores['items']:>5} items  acc {scores['acc']:.4f}")
 
 
-def run_benchmark(args, model, items, tokenizer=None):
-    """Score --benchmark, then check --contamination and run --probe -> results dict."""
+def run_benchmark(args, model, items, tokenizer):
+    """Score --benchmark, check --contamination and run --probe, printing each -> results dict."""
     to_request = hellaswag_request if args.benchmark == "hellaswag" else mmlu_request
     requests = [to_request(item) for item in items]
     if args.contamination:  # before the long scoring, so that a bad corpus fails fast
@@ -579,143 +632,59 @@ def run_benchmark(args, model, items, tokenizer=None):
     print_scores(f"{args.benchmark} ({args.shots}-shot, {gpt.format_duration(seconds)})", summary)
     results = {"benchmark": dict(name=args.benchmark, shots=args.shots, seconds=round(seconds, 1), **summary)}
     if args.contamination:
-        results["contamination"] = report_contamination(args, contaminated, scored, requests)
+        share = len(contaminated) / len(requests)
+        shown = ", ".join(map(str, contaminated[:20])) + (", ..." if len(contaminated) > 20 else "")
+        print(f"contamination: {len(contaminated)} of {len(requests)} items ({share:.1%}) share a {args.ngram}-gram "
+              f"with {args.contamination}" + (f": items {shown} (counted from 0)" if contaminated else ""))
+        clean = sorted(set(range(len(requests))) - set(contaminated))
+        clean_summary = summarize([scored[i] for i in clean], [requests[i] for i in clean]) if clean else None
+        if clean_summary is not None:
+            print_scores(f"{args.benchmark}, clean items only", clean_summary)
+        results["contamination"] = dict(corpus=str(args.contamination), ngram=args.ngram, items=contaminated,
+                                        share=share, clean=clean_summary)
     if args.probe:
-        probe_requests = [to_request(item) for item in perturbed_items(args.benchmark, items, args.seed or 0)]
-        changed = sum(a["context"] != b["context"] for a, b in zip(requests, probe_requests))
-        probe = compare_probe(scored, score_multiple_choice(model, probe_requests, args.batch_size, tokenizer), changed)
-        print(f"probe ({PROBES[args.benchmark]}, {changed} items changed): acc {probe['acc']:.4f} -> "
+        probe = probe_memorisation(model, args.benchmark, items, scored, args.seed or 0, args.batch_size, tokenizer)
+        print(f"probe ({probe['perturbation']}, {probe['items_changed']} items changed): acc {probe['acc']:.4f} -> "
               f"{probe['acc_probe']:.4f} ({probe['change']:+.4f}); right to wrong {probe['right_to_wrong']}, "
               f"wrong to right {probe['wrong_to_right']}")
-        results["probe"] = dict(perturbation=PROBES[args.benchmark], **probe)
+        results["probe"] = probe
     return results
-
-
-def report_contamination(args, contaminated, scored, requests):
-    """Print and return the contaminated items, their share, and the scores of the clean ones."""
-    share = len(contaminated) / len(requests)
-    shown = ", ".join(map(str, contaminated[:20])) + (", ..." if len(contaminated) > 20 else "")
-    print(f"contamination: {len(contaminated)} of {len(requests)} items ({share:.1%}) share a {args.ngram}-gram "
-          f"with {args.contamination}" + (f": items {shown} (counted from 0)" if contaminated else ""))
-    clean = sorted(set(range(len(requests))) - set(contaminated))
-    clean_summary = summarize([scored[i] for i in clean], [requests[i] for i in clean]) if clean else None
-    if clean_summary is not None:
-        print_scores(f"{args.benchmark}, clean items only", clean_summary)
-    return dict(corpus=str(args.contamination), ngram=args.ngram, items=contaminated, share=share, clean=clean_summary)
-
-
-PROBES = {"mmlu": "options shuffled, letters stay", "hellaswag": "context sentences reversed"}
-# Flags that only mean something with another one: given alone they would be ignored.
-NEEDS = {"benchmark_file": "benchmark", "shots": "benchmark", "limit": "benchmark", "contamination": "benchmark",
-         "probe": "benchmark", "ngram": "contamination", "stride": "perplexity"}
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=gpt.HelpFormatter)
-    p.add_argument(
-        "--model",
-        default="gpt2",
-        help=f"{', '.join(gpt.MODEL_CONFIGS)} (or another Llama or Qwen3 on the Hub), a .safetensors file, a model "
-        "folder or a checkpoint (.pt)",
-    )
-    p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
-    p.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=50, help="number of tokens to generate")
-    p.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0 = greedy; higher = more random")
-    p.add_argument("--top-k", type=gpt.positive_int, help="sample only from the k most likely tokens (default: all)")
-    p.add_argument("--top-p", type=gpt.probability, help="sample from the smallest set reaching probability p (default: all)")
-    p.add_argument(
-        "--seed", type=gpt.seed, help="seed for sampling and for --probe's shuffles (default: a fresh one; 0 for --probe)"
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of the weights and the computation")
-    p.add_argument(
-        "--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded weights and data ($GPT_CACHE_DIR)"
-    )
-    p.add_argument(
-        "--download-only", action="store_true", help="download --model (a name, not a path) into the cache and exit"
-    )
-    p.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype and exit (default: none: generate)")
-    p.add_argument("--overwrite", action="store_true", help="let --export-hf replace an earlier export (a folder holding model.safetensors)")
-    m = p.add_argument_group("measure it (instead of generating)")
-    m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark by log-likelihood (default: none)")
-    m.add_argument(
-        "--benchmark-file",
-        metavar="PATH",
-        help="local hellaswag_val.jsonl, or MMLU's data.tar or data folder (default: download once)",
-    )
-    m.add_argument("--shots", type=gpt.non_negative_int, default=0, help="MMLU: examples from the dev split per question")
-    m.add_argument(
-        "--limit",
-        type=gpt.positive_int,
-        help="score only the first N items (of each MMLU subject, as the harness) (default: all)",
-    )
-    m.add_argument("--batch-size", type=gpt.positive_int, default=8, help="sequences per forward pass when measuring")
-    m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 text file (default: none)")
-    m.add_argument(
-        "--stride", type=gpt.positive_int, help="tokens between perplexity windows (default: half the context length)"
-    )
-    m.add_argument(
-        "--contamination",
-        metavar="CORPUS",
-        help="find benchmark items sharing an n-gram with a training corpus: a text file, a folder of .txt, "
-        "instruction .json or a label,text .csv (default: none)",
-    )
-    m.add_argument("--ngram", type=gpt.positive_int, default=13, help="words per n-gram of --contamination")
-    m.add_argument(
-        "--probe",
-        action="store_true",
-        help="score again with MMLU options shuffled or HellaSwag context sentences reversed; report the change",
-    )
-    m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file (default: print only)")
-    return p
 
 
 @gpt.command_line(memory_hint="use a smaller --batch-size or --model, or --dtype bfloat16")
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    given = gpt.given_flags(parser, argv)
-    for flag, needed in NEEDS.items():
-        if flag in given and not getattr(args, needed):
-            parser.error(f"{gpt.flag_name(flag)} needs {gpt.flag_name(needed)}")
-    if args.shots and args.benchmark != "mmlu":
-        parser.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
-    if not args.prompt:
-        parser.error("--prompt is empty: give at least one character of text to continue")
-    if args.download_only and not is_hub_model(args.model):
-        parser.error(f"--download-only needs a model name ({', '.join(gpt.MODEL_CONFIGS)}, ...), got {args.model!r}")
+    args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.cache_dir() looks
     device = gpt.pick_device(args.device)
-    if args.download_only:
-        print(f"{args.model} is in {download_model(args.model)}")
-        return
-    if args.export_hf:
+    if args.export_hf:  # export it
         folder = gpt.export_hf(args.model, args.export_hf, dtype=gpt.DTYPES[args.dtype], overwrite=args.overwrite)
         print(f"exported {args.model} ({args.dtype}) to {folder}, a folder that transformers reads")
         return
-    # Read every input before the load: cheap, and fails fast.
+    # Read every input before the download and the load: cheap, and fails fast.
     if args.results and Path(args.results).is_dir():
         raise ValueError(f"--results {args.results} is a folder: give the path of a JSON file")
     items = load_benchmark(args) if args.benchmark else None
     text = read_text(args.perplexity) if args.perplexity else None
+    weights = download_model(args.model) if is_hub_model(args.model) else args.model
+    if args.download_only:  # download it
+        print(f"{args.model} is in {weights}")
+        return
     # New: the model's own tokenizer (GPT-2's, a tokenizer.json, or the one a checkpoint names).
     tokenizer, eot_id = gpt.load_tokenizer(args.model)
-    prompt_ids = gpt.text_to_token_ids(args.prompt, device=device, tokenizer=tokenizer)
-
     started = time.time()
     model = gpt.load_model(args.model, device=device, dtype=gpt.DTYPES[args.dtype])
     load_seconds = time.time() - started
     gpt.check_vocabulary(model, f"--model {args.model}", tokenizer)
     print(gpt.model_summary(model, args.model))
-    print(f"weights: {download_model(args.model) if is_hub_model(args.model) else args.model}")
+    print(f"weights: {weights}")
     print(f"load time: {load_seconds:.2f} s on {device}, {args.dtype}")
     print("-" * 80)
-    if items is None and text is None:
+    if items is None and text is None:  # try it
         print(args.prompt, end="", flush=True)
+        prompt_ids = gpt.text_to_token_ids(args.prompt, device=device, tokenizer=tokenizer)
         stream_continuation(model, prompt_ids, args, tokenizer, eot_id)
         return
-
-    results = dict(model=args.model, settings=vars(args))
+    results = dict(model=args.model, settings=vars(args))  # measure it
     if text is not None:
         stride = args.stride or max(1, model.cfg.context_length // 2)
         results["perplexity"] = score = perplexity(model, text, stride, args.batch_size, tokenizer)

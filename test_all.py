@@ -2323,6 +2323,8 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
          "nope: no such file"),
         (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination",
           str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8 text"),
+        (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination",
+          str(tmp_path / "train.csv")], "train.csv: no such file"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             load_gpt2.main(model + argv)
@@ -2338,6 +2340,11 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
         (["--contamination", "x.txt"], "--contamination needs --benchmark"),
         (["--stride", "8"], "--stride needs --perplexity"),
         (["--benchmark", "mmlu", "--ngram", "8"], "--ngram needs --contamination"),
+        (["--results", "r.json"], "--results needs --benchmark or --perplexity"),  # nothing would be written
+        (["--overwrite"], "--overwrite needs --export-hf"),
+        (["--benchmark", "mmlu", "--temperature", "0.7"], "--temperature is for generating text, not for measuring"),
+        (["--perplexity", "t.txt", "--export-hf", "out"], "--download-only, --export-hf and measuring (--benchmark, "
+         "--perplexity) are separate runs"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             load_gpt2.main(model + argv)
