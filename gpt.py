@@ -2595,3 +2595,115 @@ def check_training_memory(needed, device, hint):
             f"training needs about {needed / 1e9:.1f} GB before activations (weights, gradients and AdamW's "
             f"moments), but the {device.type} has {available / 1e9:.1f} GB: {hint}"
         )
+
+
+# --- pretrain2: training plumbing any stage can use (stop signal, autocast, training state, throughput)
+import signal  # noqa: E402  (imports of this appended block)
+import threading  # noqa: E402
+
+
+class StopSignal:
+    """While active, Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current
+    step, to save, instead of killing it: `requested` turns True, `signal_name` says which.
+    A second Ctrl-C stops at once in one process; under torchrun (single_process=False)
+    the launcher forwards the signal it receives, so repeats are ignored (torchrun kills
+    the workers after 30 s)."""
+
+    def __init__(self, single_process=True):
+        self.requested, self.signal_name, self.single_process, self._previous = False, None, single_process, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers only work there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested and self.single_process and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the last save stays as it was
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+
+
+def autocast_context(device, dtype_name="auto"):
+    """(context manager, dtype name) for the forward pass in dtype_name: "float32" (a no-op
+    context), "bfloat16" or "float16" (torch.autocast), or "auto" (bfloat16 on CUDA GPUs
+    that support it, else float32). Weights, gradients and optimizer state stay float32."""
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype_name == "float32":
+        return contextlib.nullcontext(), dtype_name
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype_name]), dtype_name
+
+
+def save_training_state(path, model, optimizer, **state):
+    """Save what an exact resume needs: the model (`save_checkpoint`), the optimizer's state
+    and `state` (step, history, data position, RNG states from `rng_state`, ...). On a full
+    disk it writes to the temporary folder instead (`save_with_fallback`). -> the path written."""
+    return save_with_fallback(lambda p: save_checkpoint(p, model, optimizer=optimizer.state_dict(), **state), path)
+
+
+def restore_training_state(checkpoint, optimizer, device, rng):
+    """Load the optimizer's state from a `save_training_state` checkpoint (the model's weights
+    come with `model_from_checkpoint`) and set the RNG states `rng` (see `set_rng_state`)."""
+    fused = optimizer.defaults.get("fused")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:
+        group["fused"] = fused  # the saved flag belongs to the device the run was saved on
+    set_rng_state(rng, device)
+
+
+# Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found
+# in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device, dtype_name):
+    """Peak FLOP/s of one device for MFU: the table's for a CUDA GPU training in bfloat16,
+    else None (CPUs: no reliable number, so no MFU)."""
+    if device.type != "cuda" or dtype_name != "bfloat16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
+
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs per token: 6 N for the forward and backward matrix multiplications of
+    N weights (the head included, lookup tables not) plus 12 * n_layers * attention width
+    * seq_len for attention (PaLM, Chowdhery et al., 2022, appendix B)."""
+    cfg = model.cfg
+    lookups = [] if cfg.family == "llama" else [model.wpe.weight]  # Llama has no position table
+    if not cfg.tie_embeddings:
+        lookups.append(model.wte.weight)  # only looked up: the separate head multiplies
+    n_params = count_parameters(model) - sum(table.numel() for table in lookups)
+    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * (cfg.head_dim or cfg.emb_dim // cfg.n_heads) * seq_len
+
+
+class Throughput:
+    """The numbers of a training progress line: tokens/s and MFU (model FLOPs utilisation,
+    against peak_flops per device, None: none shown) of the steps since the last report,
+    time between `pause` and `resume` (evaluating, saving) not counted, and the ETA."""
+
+    def __init__(self, model, seq_len, tokens_per_step, peak_flops=None, world_size=1, first_step=0):
+        self.tokens_per_step, self.first_step = tokens_per_step, first_step
+        self.flops_per_token = flops_per_token(model, seq_len)
+        self.peak = peak_flops * world_size if peak_flops else None
+        self.started = self.interval_start = self.paused = time.time()
+        self.interval_step = first_step
+
+    def pause(self):
+        self.paused = time.time()
+
+    def resume(self):
+        self.interval_start += time.time() - self.paused
+
+    def report(self, step, total_steps):
+        """"1,234 tok/s | MFU 41.0% | ETA 3m05s" for the steps since the last report."""
+        tokens_per_s = (step - self.interval_step) * self.tokens_per_step / (time.time() - self.interval_start)
+        mfu = f" | MFU {self.flops_per_token * tokens_per_s / self.peak:.1%}" if self.peak else ""
+        remaining = eta(self.started, step - self.first_step, total_steps - self.first_step)
+        self.interval_start, self.interval_step = time.time(), step
+        return f"{tokens_per_s:,.0f} tok/s{mfu} | ETA {remaining}"

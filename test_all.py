@@ -2485,7 +2485,7 @@ def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
     path.write_text(text, encoding="utf-8")
     whole = gpt.get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
     with open(path, "rb") as f:
-        pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=37)))
+        pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
     assert len(pieces) > 10  # it really cut the text
     assert [i for ids in pieces for i in ids] == whole
 
@@ -2512,12 +2512,12 @@ def test_pretrain_crlf_corpus_streams_and_gives_the_tokens_of_lf(tmp_path):
     for path in (lf, crlf, cr):
         f = _CountingFile(path)
         with f:
-            pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=64)))
+            pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=64), gpt.get_tokenizer()))
         assert [i for ids in pieces for i in ids] == expected, path.name
         assert len(f.read_sizes) > 100 and set(f.read_sizes) <= {3, 64}  # the BOM check, then chunks: never all
         assert max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text at once
-    n_lf = pretrain.write_token_file([lf], tmp_path / "lf.uint16", chunk_bytes=64)
-    n_crlf = pretrain.write_token_file([crlf], tmp_path / "crlf.uint16", chunk_bytes=64)
+    n_lf = pretrain.write_token_file([lf], tmp_path / "lf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
+    n_crlf = pretrain.write_token_file([crlf], tmp_path / "crlf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
     assert n_lf == n_crlf and n_lf[0] == len(expected)  # the same tokens, so the same fingerprint
     assert (tmp_path / "lf.uint16").read_bytes() == (tmp_path / "crlf.uint16").read_bytes()
 
@@ -2532,18 +2532,18 @@ def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
     paths = pretrain.resolve_sources(str(folder))
     assert [p.name for p in paths] == ["a.txt", "b.txt"]
 
-    token_path, n, sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens")
     enc = gpt.get_tokenizer()
+    token_path, n, sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
     expected = enc.encode("First document.\n") + [gpt.EOT_ID] + enc.encode("Second one, in a subfolder.\n")
     assert n == len(expected) and token_path.stat().st_size == 2 * n
     assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()
     assert array.array("H", token_path.read_bytes()).tolist() == expected  # uint16, native byte order
 
     capsys.readouterr()
-    assert pretrain.prepare_token_file(paths, tmp_path / "tokens") == (token_path, n, sha256)
+    assert pretrain.prepare_token_file(paths, tmp_path / "tokens", enc) == (token_path, n, sha256)
     assert "reused" in capsys.readouterr().out
     (folder / "a.txt").write_text("First document, edited and longer.\n")
-    token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens")
+    token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
     assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
 
 
@@ -2605,7 +2605,7 @@ def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_fi
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["settings"]["lr"] == 1e-2 and run["data"]["n_tokens"] == pretrain.prepare_token_file(
-        [pretrain_text_file], tmp_path / "tokens"
+        [pretrain_text_file], tmp_path / "tokens", gpt.get_tokenizer()
     )[1]
     assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
@@ -2718,7 +2718,7 @@ def test_pretrain_model_with_another_vocabulary_is_one_line(tmp_path, pretrain_t
     for flag in ("--n-layers", "--n-heads", "--emb-dim"):
         i = argv.index(flag)
         del argv[i : i + 2]
-    with pytest.raises(SystemExit, match=r"^error: --model .* has a vocabulary of 1000 tokens, but the GPT-2 tok"):
+    with pytest.raises(SystemExit, match=r"^error: --model .*: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
         pretrain.main(argv)
 
 
@@ -2746,7 +2746,7 @@ def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, mon
 
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
-    def interrupted(pieces):
+    def interrupted(pieces, tokenizer):
         yield [1, 2, 3]
         raise KeyboardInterrupt
 
@@ -2818,9 +2818,10 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     "flags, message",
     [
         (["--drop-rate", "2"], "argument --drop-rate: must be a number in [0, 1), got '2'"),
-        (["--n-heads", "3"], "--emb-dim 256 must be divisible by --n-heads 3"),  # the default width
-        (["--size", "gpt2", "--n-heads", "5"], "--emb-dim 768 must be divisible by --n-heads 5"),
-        (["--emb-dim", "30"], "--emb-dim 30 must be divisible by --n-heads 4"),
+        (["--n-heads", "3"], "the model's shape (--size and the shape flags): emb_dim (256) must be divisible by n_heads (3)"),
+        (["--size", "gpt2", "--n-heads", "5"], "emb_dim (768) must be divisible by n_heads (5)"),
+        (["--emb-dim", "30"], "emb_dim (30) must be divisible by n_heads (4)"),
+        (["--size", "HuggingFaceTB/SmolLM2-135M", "--n-heads", "4"], "n_heads (4) must be a multiple of n_kv_heads (3)"),
         (["--model", "gpt2", "--n-layers", "2"], "--model takes the model's shape from its weights: drop --n-layers"),
         (["--epochs", "inf"], "argument --epochs: must be a finite number > 0, got 'inf'"),
         (["--grad-clip", "nan"], "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
