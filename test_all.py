@@ -2886,6 +2886,83 @@ def test_pretrain_stop_on_an_evaluation_step_then_resume_equals_whole_run(tmp_pa
     assert best_resumed["step"] == best_whole["step"] and best_resumed["val_loss"] == best_whole["val_loss"]
 
 
+# --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
+
+
+def test_pretrain_token_file_of_gpt2_is_not_reused_for_another_tokenizer(trained_tokenizers, tmp_path, capsys):
+    reference, folder = trained_tokenizers["qwen3"]
+    text = _pretrain_text(40) + "Naïve café, 12 steps.\n"
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    paths = [tmp_path / "text.txt"]
+    gpt2_path, _, gpt2_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())
+    capsys.readouterr()
+    qwen_path, n, qwen_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.load_tokenizer(folder)[0])
+    assert "reused" not in capsys.readouterr().out  # tokenized again, into another file
+    assert qwen_path != gpt2_path and qwen_sha256 != gpt2_sha256 and qwen_path.suffix == ".uint16"  # 1000 ids
+    assert array.array("H", qwen_path.read_bytes()).tolist() == reference.encode(text).ids and n == len(reference.encode(text).ids)
+    assert pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())[0] == gpt2_path
+    assert "reused" in capsys.readouterr().out
+    assert json.loads(gpt2_path.with_suffix(".json").read_text())["tokenizer"] == "gpt2"
+
+
+def test_pretrain_token_file_holds_ids_above_65535_as_uint32(tmp_path):
+    # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
+    import tiktoken
+
+    big = tiktoken.Encoding(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={"<|endoftext|>": 69_999})
+    (tmp_path / "a.txt").write_text("ab")
+    (tmp_path / "b.txt").write_text("c<|endoftext|>d")
+    token_path, n, _ = pretrain.prepare_token_file([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "tokens", big)
+    expected = [97, 98, 69_999, 99, 69_999, 100]  # the end-of-text id between the documents, and from the text
+    assert token_path.suffix == ".uint32" and n == 6 and token_path.stat().st_size == 4 * 6
+    assert array.array("I", token_path.read_bytes()).tolist() == expected
+    tokens = torch.from_file(str(token_path), size=n, dtype=pretrain.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
+    inputs, targets = pretrain.get_batch(tokens, [0, 1], 4, torch.device("cpu"))
+    assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
+    # The unigram baseline counts the id too: once in 3 training tokens, add-one over 70,000 ids.
+    baseline = pretrain.unigram_baseline(tokens[:3], tokens[2:3], vocab_size=70_000)
+    assert baseline == pytest.approx(-math.log((1 + 1) / (3 + 70_000)), rel=1e-12)
+    assert pretrain.token_type(gpt.get_tokenizer()) == "uint16"
+
+
+def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
+    trained_tokenizers, tmp_path, pretrain_text_file, monkeypatch, capsys
+):
+    prompt = "Every effort moves you"
+    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
+    monkeypatch.setattr(pretrain, "token_type", lambda tokenizer: "uint32")  # as for 151,936 ids; 1000 need uint16
+
+    def argv(run, *extra):
+        flags = _pretrain_tiny_argv(tmp_path / run, pretrain_text_file, "--model", str(tmp_path / "model"))
+        for flag in ("--n-layers", "--n-heads", "--emb-dim"):  # the shape comes from the weights
+            i = flags.index(flag)
+            del flags[i : i + 2]
+        return flags + ["--max-steps", "4", "--eval-every", "2", "--drop-rate", "0.1", "--lr", "1e-2", *extra]
+
+    whole = pretrain.main(argv("a"))
+    out = capsys.readouterr().out
+    (token_path,) = (tmp_path / "a" / "tokens").glob("*.uint32")
+    text = pretrain_text_file.read_text()
+    assert array.array("I", token_path.read_bytes()).tolist() == tokenizer.encode(text, add_special_tokens=False).ids
+    # The sample of step 0 is the loaded model's, in its tokenizer, until its end token at most.
+    encoding, eot_id = gpt.load_tokenizer(tmp_path / "model")
+    start = gpt.text_to_token_ids(prompt, tokenizer=encoding)  # <|begin_of_text|> first
+    sample = gpt.generate(gpt.load_model(tmp_path / "model"), start, 5, temperature=0.8, top_k=50, seed=123, eos_id=eot_id)
+    assert "  sample: " + gpt.token_ids_to_text(sample[0], encoding).replace("\n", "\n          ") + "\n" in out
+    history = json.loads((tmp_path / "a" / "run" / "history.json").read_text())["evaluations"]
+    assert [h["step"] for h in history] == [0, 2, 4] and history[-1]["train_loss"] < history[0]["train_loss"]
+    for path in (whole["best"], whole["latest"]):  # the later stages reload the same tokenizer
+        assert gpt.load_checkpoint(path)["tokenizer"] == str((tmp_path / "model").resolve())
+        assert gpt.load_tokenizer(path)[1] == eot_id and type(gpt.load_model(path)) is gpt.LlamaModel
+    pretrain.main(argv("b", "--stop-at-step", "3"))
+    resumed = pretrain.main(argv("b", "--resume"))
+    assert resumed["steps"] == 4 and resumed["val_loss"] == whole["val_loss"]
+    a, b = (gpt.load_checkpoint(tmp_path / r / "run" / "latest.pt") for r in "ab")
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
+
+
 # ========================================================================================
 # finetune_classify.py
 # ========================================================================================
