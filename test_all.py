@@ -2465,18 +2465,18 @@ def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
     with open(path, "rb") as f, pytest.raises(ValueError, match=r"invalid UTF-8 at byte 42 .*--replace-invalid-utf8"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=5))  # chunks cut through the é and ö
+        list(gpt.read_text_pieces(f, chunk_bytes=5))  # chunks cut through the é and ö
     with open(path, "rb") as f:
-        text = "".join(pretrain.read_text_pieces(f, replace_invalid=True, chunk_bytes=5))
+        text = "".join(gpt.read_text_pieces(f, replace_invalid=True, chunk_bytes=5))
     assert text == "héllo wörld " * 3 + "\ufffd tail"
     truncated = tmp_path / "truncated.txt"
     truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
     with open(truncated, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 3"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=2))
+        list(gpt.read_text_pieces(f, chunk_bytes=2))
     with_bom = tmp_path / "bom.txt"
     with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
     with open(with_bom, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 6"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=2))
+        list(gpt.read_text_pieces(f, chunk_bytes=2))
 
 
 def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
@@ -2485,7 +2485,7 @@ def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
     path.write_text(text, encoding="utf-8")
     whole = gpt.get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
     with open(path, "rb") as f:
-        pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
+        pieces = list(gpt.encode_pieces(gpt.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
     assert len(pieces) > 10  # it really cut the text
     assert [i for ids in pieces for i in ids] == whole
 
@@ -2512,12 +2512,12 @@ def test_pretrain_crlf_corpus_streams_and_gives_the_tokens_of_lf(tmp_path):
     for path in (lf, crlf, cr):
         f = _CountingFile(path)
         with f:
-            pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=64), gpt.get_tokenizer()))
+            pieces = list(gpt.encode_pieces(gpt.read_text_pieces(f, chunk_bytes=64), gpt.get_tokenizer()))
         assert [i for ids in pieces for i in ids] == expected, path.name
         assert len(f.read_sizes) > 100 and set(f.read_sizes) <= {3, 64}  # the BOM check, then chunks: never all
         assert max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text at once
-    n_lf = pretrain.write_token_file([lf], tmp_path / "lf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
-    n_crlf = pretrain.write_token_file([crlf], tmp_path / "crlf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
+    n_lf = gpt.write_token_file([lf], tmp_path / "lf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
+    n_crlf = gpt.write_token_file([crlf], tmp_path / "crlf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
     assert n_lf == n_crlf and n_lf[0] == len(expected)  # the same tokens, so the same fingerprint
     assert (tmp_path / "lf.uint16").read_bytes() == (tmp_path / "crlf.uint16").read_bytes()
 
@@ -2533,17 +2533,17 @@ def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
     assert [p.name for p in paths] == ["a.txt", "b.txt"]
 
     enc = gpt.get_tokenizer()
-    token_path, n, sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
+    token_path, n, sha256 = gpt.prepare_token_file(paths, tmp_path / "tokens", enc)
     expected = enc.encode("First document.\n") + [gpt.EOT_ID] + enc.encode("Second one, in a subfolder.\n")
     assert n == len(expected) and token_path.stat().st_size == 2 * n
     assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()
     assert array.array("H", token_path.read_bytes()).tolist() == expected  # uint16, native byte order
 
     capsys.readouterr()
-    assert pretrain.prepare_token_file(paths, tmp_path / "tokens", enc) == (token_path, n, sha256)
+    assert gpt.prepare_token_file(paths, tmp_path / "tokens", enc) == (token_path, n, sha256)
     assert "reused" in capsys.readouterr().out
     (folder / "a.txt").write_text("First document, edited and longer.\n")
-    token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
+    token_path2, n2, _ = gpt.prepare_token_file(paths, tmp_path / "tokens", enc)
     assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
 
 
@@ -2604,7 +2604,7 @@ def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_fi
     assert decay["betas"] == no_decay["betas"] == (0.9, 0.95)  # GPT-3's, appendix B
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["settings"]["lr"] == 1e-2 and run["data"]["n_tokens"] == pretrain.prepare_token_file(
+    assert run["settings"]["lr"] == 1e-2 and run["data"]["n_tokens"] == gpt.prepare_token_file(
         [pretrain_text_file], tmp_path / "tokens", gpt.get_tokenizer()
     )[1]
     assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
@@ -2750,7 +2750,7 @@ def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file
         yield [1, 2, 3]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "encode_pieces", interrupted)
+    monkeypatch.setattr(gpt, "encode_pieces", interrupted)
     with pytest.raises(SystemExit) as e:
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file))
     assert e.value.code == 130
@@ -2894,13 +2894,13 @@ def test_pretrain_token_file_of_gpt2_is_not_reused_for_another_tokenizer(trained
     text = _pretrain_text(40) + "Naïve café, 12 steps.\n"
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     paths = [tmp_path / "text.txt"]
-    gpt2_path, _, gpt2_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())
+    gpt2_path, _, gpt2_sha256 = gpt.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())
     capsys.readouterr()
-    qwen_path, n, qwen_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.load_tokenizer(folder)[0])
+    qwen_path, n, qwen_sha256 = gpt.prepare_token_file(paths, tmp_path / "tokens", gpt.load_tokenizer(folder)[0])
     assert "reused" not in capsys.readouterr().out  # tokenized again, into another file
     assert qwen_path != gpt2_path and qwen_sha256 != gpt2_sha256 and qwen_path.suffix == ".uint16"  # 1000 ids
     assert array.array("H", qwen_path.read_bytes()).tolist() == reference.encode(text).ids and n == len(reference.encode(text).ids)
-    assert pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())[0] == gpt2_path
+    assert gpt.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())[0] == gpt2_path
     assert "reused" in capsys.readouterr().out
     assert json.loads(gpt2_path.with_suffix(".json").read_text())["tokenizer"] == "gpt2"
 
@@ -2913,17 +2913,17 @@ def test_pretrain_token_file_holds_ids_above_65535_as_uint32(tmp_path):
                             special_tokens={"<|endoftext|>": 69_999})
     (tmp_path / "a.txt").write_text("ab")
     (tmp_path / "b.txt").write_text("c<|endoftext|>d")
-    token_path, n, _ = pretrain.prepare_token_file([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "tokens", big)
+    token_path, n, _ = gpt.prepare_token_file([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "tokens", big)
     expected = [97, 98, 69_999, 99, 69_999, 100]  # the end-of-text id between the documents, and from the text
     assert token_path.suffix == ".uint32" and n == 6 and token_path.stat().st_size == 4 * 6
     assert array.array("I", token_path.read_bytes()).tolist() == expected
-    tokens = torch.from_file(str(token_path), size=n, dtype=pretrain.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
+    tokens = torch.from_file(str(token_path), size=n, dtype=gpt.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
     inputs, targets = pretrain.get_batch(tokens, [0, 1], 4, torch.device("cpu"))
     assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
     # The unigram baseline counts the id too: once in 3 training tokens, add-one over 70,000 ids.
     baseline = pretrain.unigram_baseline(tokens[:3], tokens[2:3], vocab_size=70_000)
     assert baseline == pytest.approx(-math.log((1 + 1) / (3 + 70_000)), rel=1e-12)
-    assert pretrain.token_type(gpt.get_tokenizer()) == "uint16"
+    assert gpt.token_type(gpt.get_tokenizer()) == "uint16"
 
 
 def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
@@ -2931,7 +2931,7 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
 ):
     prompt = "Every effort moves you"
     reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
-    monkeypatch.setattr(pretrain, "token_type", lambda tokenizer: "uint32")  # as for 151,936 ids; 1000 need uint16
+    monkeypatch.setattr(gpt, "token_type", lambda tokenizer: "uint32")  # as for 151,936 ids; 1000 need uint16
 
     def argv(run, *extra):
         flags = _pretrain_tiny_argv(tmp_path / run, pretrain_text_file, "--model", str(tmp_path / "model"))
