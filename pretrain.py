@@ -309,12 +309,12 @@ def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
 # ----------------------------------------------------------------------------------------
 
 
-def train(args, model, optimizer, splits, tokenizer, proc, state):
+def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
     """Train from step state["step"] to state["total_steps"], updating state. At the start,
     every --eval-every steps and at the end: both losses, a sample, best.pt when the
-    validation loss improved, latest.pt. A stop (Ctrl-C, SIGTERM, --stop-at-step) saves
-    latest.pt after the step's evaluation, so --resume goes on exactly. Returns None at
-    the end, else "stop-at-step" or the signal's name."""
+    validation loss improved, latest.pt. A stop (stopper: Ctrl-C or SIGTERM, see
+    gpt.StopSignal; --stop-at-step) saves latest.pt after the step's evaluation, so
+    --resume goes on exactly. Returns None at the end, else "stop-at-step" or the signal."""
     out_dir, history, total_steps = Path(args.out_dir), state["history"], state["total_steps"]
     global_batch = args.batch_size * args.grad_accum * proc.world_size  # windows per optimizer step
     autocast, dtype_name = gpt.autocast_context(proc.device, args.dtype)
@@ -322,65 +322,66 @@ def train(args, model, optimizer, splits, tokenizer, proc, state):
     peak = args.peak_flops or gpt.peak_flops(proc.device, dtype_name)  # None: no MFU
     tokens_per_step = global_batch * splits.context_length
     speed = gpt.Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
-    with gpt.StopSignal(single_process=proc.world_size == 1) as stopper:
-        while True:
-            step, tokens = state["step"], state["samples_seen"] * splits.context_length
-            lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
-            speed.pause()  # evaluating and saving do not count in tokens/s
-            evaluated = bool(history) and history[-1]["step"] == step  # before a --resume
-            evaluate_now = (step % args.eval_every == 0 or step == total_steps) and not evaluated
-            if evaluate_now:
-                losses = [evaluate_loss(eval_model, splits, s, args.batch_size, autocast, proc) for s in ("train", "val")]
-                gpt.check_finite_loss(sum(losses), step)  # NaN or infinity in either
-                improved = step > 0 and losses[1] < state["best_val_loss"]  # the random start is never "best"
-                state["best_val_loss"] = losses[1] if improved else state["best_val_loss"]
-                history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=losses[0], val_loss=losses[1]))
-                best = " | best so far" if improved else ""
-                log(f"eval step {step} | train loss {losses[0]:.3f} | val loss {losses[1]:.3f} "
-                    f"(perplexity {math.exp(losses[1]):,.1f}){best}")
-                if proc.rank == 0:
-                    log("  sample: " + sample_text(model, tokenizer, args.prompt, args.sample_tokens, args.seed, proc.device))
-                    if improved:
-                        save_model(out_dir / "best.pt", model, step=step, tokens_seen=tokens, val_loss=losses[1],
-                                   tokenizer=state["tokenizer"])
-                    gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
-            stop = stopper.requested or step >= (args.stop_at_step or math.inf)
-            stop = step == total_steps or any_process(stop, proc)  # every process stops at the same step
-            if evaluate_now or stop:
-                rng_states = all_rng_states(proc)  # every process's, for the same dropout masks after --resume
-                if proc.rank == 0:
-                    gpt.save_training_state(out_dir / "latest.pt", model, optimizer, rng_states=rng_states, **state)
-            if stop:
-                return None if step == total_steps else stopper.signal_name or "stop-at-step"
-            speed.resume()
+    while True:
+        step, tokens = state["step"], state["samples_seen"] * splits.context_length
+        lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
+        speed.pause()  # evaluating and saving do not count in tokens/s
+        evaluated = bool(history) and history[-1]["step"] == step  # before a --resume
+        evaluate_now = (step % args.eval_every == 0 or step == total_steps) and not evaluated
+        if evaluate_now:
+            train_loss = evaluate_loss(eval_model, splits, "train", args.batch_size, autocast, proc)
+            val_loss = evaluate_loss(eval_model, splits, "val", args.batch_size, autocast, proc)
+            gpt.check_finite_loss(train_loss + val_loss, step)  # NaN or infinity in either
+            improved = step > 0 and val_loss < state["best_val_loss"]  # the random start is never "best"
+            state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
+            history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=train_loss, val_loss=val_loss))
+            best = " | best so far" if improved else ""
+            log(f"eval step {step} | train loss {train_loss:.3f} | val loss {val_loss:.3f} "
+                f"(perplexity {math.exp(val_loss):,.1f}){best}")
+            if proc.rank == 0:
+                sample = sample_text(model, tokenizer, args.prompt, args.sample_tokens, args.seed, proc.device)
+                log("  sample: " + sample)
+                if improved:
+                    best_state = dict(step=step, tokens_seen=tokens, val_loss=val_loss, tokenizer=state["tokenizer"])
+                    save_model(out_dir / "best.pt", model, **best_state)
+                gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
+        stop = stopper.requested or step >= (args.stop_at_step or math.inf)
+        stop = step == total_steps or any_process(stop, proc)  # every process stops at the same step
+        if evaluate_now or stop:
+            rng_states = all_rng_states(proc)  # every process's, for the same dropout masks after --resume
+            if proc.rank == 0:
+                gpt.save_training_state(out_dir / "latest.pt", model, optimizer, rng_states=rng_states, **state)
+        if stop:
+            return None if step == total_steps else stopper.signal_name or "stop-at-step"
+        speed.resume()
 
-            # One optimizer step: forward, loss and backward for each micro-batch, then the update.
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro_step in range(args.grad_accum):
-                starts = micro_batch_starts(
-                    splits.order, state["samples_seen"], micro_step, args.batch_size, proc.rank, proc.world_size
-                )
-                inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
-                accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
-                with train_model.no_sync() if accumulate else nullcontext():
-                    with autocast:
-                        logits = train_model(inputs)  # [batch, seq_len, vocab_size]
-                        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / args.grad_accum
-                    loss.backward()  # adds to the gradients of the earlier micro-batches
-                loss_sum += loss.detach()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            state.update(step=step, samples_seen=state["samples_seen"] + global_batch)
+        # One optimizer step: forward, loss and backward for each micro-batch, then the update.
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro_step in range(args.grad_accum):
+            starts = micro_batch_starts(
+                splits.order, state["samples_seen"], micro_step, args.batch_size, proc.rank, proc.world_size
+            )
+            inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
+            accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
+            with train_model.no_sync() if accumulate else nullcontext():
+                with autocast:
+                    logits = train_model(inputs)  # [batch, seq_len, vocab_size]
+                    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / args.grad_accum
+                loss.backward()  # adds to the gradients of the earlier micro-batches
+            loss_sum += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        state.update(step=step, samples_seen=state["samples_seen"] + global_batch)
 
-            if step % args.log_every == 0 or step == total_steps:
-                loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
-                gpt.check_finite_loss(loss_value, step)
-                log(f"step {step}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | grad norm {norm:.2f} | "
-                    f"{speed.report(step, total_steps)}")
+        if step % args.log_every == 0 or step == total_steps:
+            loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
+            gpt.check_finite_loss(loss_value, step)
+            log(f"step {step}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | grad norm {norm:.2f} | "
+                f"{speed.report(step, total_steps)}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -456,7 +457,8 @@ def pretrain(args, proc):
     see `setup_distributed`). Returns a summary dict: steps, tokens_seen, train_loss,
     val_loss, best_val_loss, unigram_loss, latest, best, stopped (see `train`)."""
     model, optimizer, splits, tokenizer, state = start_run(args, proc)
-    stopped = train(args, model, optimizer, splits, tokenizer, proc, state)
+    with gpt.StopSignal(single_process=proc.world_size == 1) as stopper:
+        stopped = train(args, model, optimizer, splits, tokenizer, proc, state, stopper)
     out_dir, history = Path(args.out_dir), state["history"]
     if proc.rank == 0:
         tokens = [h["tokens"] for h in history]
@@ -539,18 +541,14 @@ def build_parser():
     train.add_argument("--max-steps", type=gpt.positive_int, help="optimizer steps (default: from --epochs)")
     train.add_argument("--lr", type=gpt.positive_float, default=1e-3, help="peak learning rate")
     train.add_argument("--min-lr-ratio", type=gpt.unit_interval, default=0.1, help="final learning rate / --lr")
-    train.add_argument(
-        "--warmup-steps", type=gpt.non_negative_int, help="steps of linear warm-up (default: 5%% of the steps)"
-    )
+    train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="linear warm-up steps (default: 5%% of all)")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
     train.add_argument("--grad-clip", type=gpt.non_negative_float, default=1.0, help="gradient norm limit (0: none)")
     train.add_argument("--seed", type=gpt.seed, default=123, help="seed of weights, data order, dropout, samples")
 
     run = p.add_argument_group("evaluation, run folder, devices")
     run.add_argument("--eval-every", type=gpt.positive_int, default=10, help="evaluate and save every N steps")
-    run.add_argument(
-        "--eval-batches", type=gpt.positive_int, default=10, help="batches of --batch-size windows per split"
-    )
+    run.add_argument("--eval-batches", type=gpt.positive_int, default=10, help="batches of evaluation per split")
     run.add_argument("--log-every", type=gpt.positive_int, default=5, help="print a progress line every N steps")
     run.add_argument("--prompt", default="Every effort moves you", help="start of the sample of each evaluation")
     run.add_argument("--sample-tokens", type=gpt.non_negative_int, default=30, help="tokens of the sample")
@@ -563,15 +561,11 @@ def build_parser():
         "--stop-at-step, --device, --compile, --peak-flops, --cache-dir and --token-dir may differ from them",
     )
     again.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir, start a new one")
-    run.add_argument(
-        "--stop-at-step", type=gpt.positive_int, help="save and exit after this step, for --resume (default: at the end)"
-    )
+    run.add_argument("--stop-at-step", type=gpt.positive_int, help="save and exit after this step (default: the end)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     run.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="precision of the work: autocast on GPUs, float32 weights (auto: bfloat16 where supported)",
+        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="precision of the work (autocast; "
+        "the weights stay float32; auto: bfloat16 on GPUs that have it)"
     )
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
     run.add_argument("--peak-flops", type=gpt.positive_float, help="FLOP/s of one device for MFU (default: known GPUs)")
@@ -677,8 +671,8 @@ def check_memory(cfg, batch_size, context_length, device):
     12 per vocabulary entry (logits, softmax, gradient). Processes of a machine share it."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     weights = processes * gpt.training_memory(cfg)
-    hint = "pretraining trains every weight in float32: use a smaller model, or adapt this one with LoRA (the fine-tunes' --lora)"
-    gpt.check_training_memory(weights, device, hint)
+    gpt.check_training_memory(weights, device, "pretraining trains every weight: use a smaller model, or a machine "
+                              "with more memory, or adapt this one with LoRA (the fine-tunes' --lora)")
     per_token = 68 * cfg.emb_dim * cfg.n_layers + 12 * cfg.vocab_size
     need = weights + processes * batch_size * context_length * per_token
     have = available_memory() if device.type == "cpu" else None
