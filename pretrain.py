@@ -301,7 +301,9 @@ def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
     start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_token]])
     out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
                        eos_id=tokenizer.eot_token)
-    return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :], tokenizer).replace("\n", "\n          ")
+    # Rows of the embedding past the tokenizer's ids (Qwen3: 151,936 for 151,669 tokens) have no text.
+    ids = [i for i in out[0, (0 if prompt else 1) :].tolist() if i <= tokenizer.max_token_value]
+    return gpt.token_ids_to_text(ids, tokenizer).replace("\n", "\n          ")
 
 
 # ----------------------------------------------------------------------------------------
@@ -335,15 +337,14 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
             improved = step > 0 and val_loss < state["best_val_loss"]  # the random start is never "best"
             state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
             history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=train_loss, val_loss=val_loss))
-            best = " | best so far" if improved else ""
             log(f"eval step {step} | train loss {train_loss:.3f} | val loss {val_loss:.3f} "
-                f"(perplexity {math.exp(val_loss):,.1f}){best}")
+                f"(perplexity {math.exp(val_loss):,.1f})" + (" | best so far" if improved else ""))
             if proc.rank == 0:
                 sample = sample_text(model, tokenizer, args.prompt, args.sample_tokens, args.seed, proc.device)
                 log("  sample: " + sample)
                 if improved:
-                    best_state = dict(step=step, tokens_seen=tokens, val_loss=val_loss, tokenizer=state["tokenizer"])
-                    save_model(out_dir / "best.pt", model, **best_state)
+                    best = dict(step=step, tokens_seen=tokens, val_loss=val_loss, tokenizer=state["tokenizer"])
+                    gpt.save_with_fallback(lambda path: gpt.save_checkpoint(path, model, **best), out_dir / "best.pt")
                 gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
         stop = stopper.requested or step >= (args.stop_at_step or math.inf)
         stop = step == total_steps or any_process(stop, proc)  # every process stops at the same step
@@ -681,11 +682,6 @@ def check_memory(cfg, batch_size, context_length, device):
             f"a training step needs about {need / 1e6:,.0f} MB of memory, but this machine has {have / 1e6:,.0f} MB: "
             + MEMORY_HINT
         )
-
-
-def save_model(path, model, **extra):
-    """Save a checkpoint; when the file system refuses (a full disk), to the temporary folder."""
-    gpt.save_with_fallback(lambda p: gpt.save_checkpoint(p, model, **extra), path)
 
 
 def all_rng_states(proc):

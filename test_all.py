@@ -2963,6 +2963,35 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
 
 
+def test_pretrain_size_of_a_llama_shape_trains_from_scratch_with_its_hub_tokenizer(
+    trained_tokenizers, file_server, monkeypatch, tmp_path, pretrain_text_file
+):
+    reference, folder = trained_tokenizers["smollm2"]  # stands in for SmolLM2's tokenizer.json on the Hub
+    name = "HuggingFaceTB/SmolLM2-135M"
+    server = file_server({f"/{name}/resolve/main/tokenizer.json": (folder / "tokenizer.json").read_bytes()})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "2", "--eval-every", "2")
+    argv[argv.index("--n-heads") + 1] = "3"  # a multiple of the shape's 3 key/value heads
+    argv[argv.index("--emb-dim") + 1] = "48"
+    result = pretrain.main(argv)
+    checkpoint = gpt.load_checkpoint(result["best"])
+    assert checkpoint["tokenizer"] == name and checkpoint["step"] == 2
+    expected = dict(family="llama", vocab_size=49152, n_layers=2, n_heads=3, n_kv_heads=3, emb_dim=48, hidden_dim=1536)
+    assert {key: checkpoint["config"][key] for key in expected} == expected  # the shape, with the flags given
+    (token_path,) = (tmp_path / "tokens").glob("*.uint16")
+    assert array.array("H", token_path.read_bytes()).tolist() == reference.encode(pretrain_text_file.read_text()).ids
+
+
+def test_pretrain_memory_check_says_when_the_weights_alone_do_not_fit(tmp_path, pretrain_text_file, monkeypatch):
+    monkeypatch.setattr(gpt, "training_memory", lambda cfg: 10**15)  # as for a model of 62 trillion parameters
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "1"))
+    assert str(e.value).startswith("error: training needs about 1000000.0 GB before activations")
+    assert str(e.value).endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
+                                 "or adapt this one with LoRA (the fine-tunes' --lora)")
+    assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
+
+
 # ========================================================================================
 # finetune_classify.py
 # ========================================================================================
