@@ -2774,8 +2774,8 @@ TOKEN_TYPES = {"uint16": ("H", torch.int16), "uint32": ("I", torch.int32)}
 
 
 def token_type(tokenizer):
-    """"uint16" when every id of the tokenizer fits in 2 bytes (GPT-2: 50257 ids), else
-    "uint32" (Qwen3: 151,936, Llama 3: 128,256)."""
+    """"uint16" when every id of the tokenizer fits in 2 bytes (GPT-2: 50,257 ids, SmolLM2:
+    49,152), else "uint32" (Qwen3: 151,669, Llama 3: 128,256)."""
     return "uint16" if tokenizer.max_token_value < 1 << 16 else "uint32"
 
 
@@ -2840,7 +2840,8 @@ def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False, quiet
     record.update(replace_invalid_utf8=replace_invalid, sources=sources)
     try:
         saved = json.loads(record_path.read_text())
-        if {k: saved[k] for k in record} == record and token_path.stat().st_size == int(dtype[4:]) // 8 * saved["n_tokens"]:
+        size = saved["n_tokens"] * array(TOKEN_TYPES[dtype][0]).itemsize  # bytes
+        if {k: saved[k] for k in record} == record and token_path.stat().st_size == size:
             if not quiet:
                 print(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
             return token_path, saved["n_tokens"], saved["sha256"]

@@ -31,6 +31,11 @@ unless --resume continues it or --overwrite replaces it):
     loss.png      both losses against tokens seen (needs matplotlib)
 The token file goes to <--cache-dir>/tokens/ (2 bytes per token, 4 for a vocabulary of more
 than 65,536 ids), one per text and tokenizer, reused while the text files are unchanged.
+
+Memory: every weight trains, with AdamW 16 bytes per parameter before activations
+(SmolLM2-135M: 2.2 GB, Qwen3-0.6B: 9.5 GB, Llama 3.2 1B: 20 GB), checked at the start.
+--dtype bfloat16 speeds up the work on GPUs but keeps float32 weights; to adapt a model
+too big for that, fine-tune it with LoRA (finetune_classify.py, finetune_instruct.py).
 """
 
 import argparse
@@ -71,6 +76,8 @@ def log(*parts):
 # ----------------------------------------------------------------------------------------
 # 1. Data: text files -> token file -> train/validation splits -> windows -> batches
 # ----------------------------------------------------------------------------------------
+# The token file is written by gpt.prepare_token_file: the text streamed through the
+# model's tokenizer once, the ids stored as uint16 (uint32 for vocabularies over 65,536).
 
 
 def resolve_sources(data):
