@@ -250,9 +250,9 @@ def model_config(args):
 
 def build_model(args, tokenizer, checkpoint=None):
     """The model to train, float32 on the CPU, in training mode: from a --resume
-    checkpoint, from --model weights (with this run's --drop-rate), or new (GPT-2's
-    initialisation, seeded by --seed). Raises ValueError for a --model whose vocabulary
-    is smaller than the tokenizer's."""
+    checkpoint, from --model weights (with this run's --drop-rate), or new (`model_config`,
+    initialised as its family is, seeded by --seed). Raises ValueError for a --model whose
+    vocabulary is smaller than its tokenizer's."""
     if checkpoint is not None:
         return gpt.model_from_checkpoint(checkpoint).train()
     if args.model:
