@@ -533,8 +533,9 @@ def build_parser():
     model.add_argument(
         "--size",
         choices=list(gpt.MODEL_CONFIGS),
-        help="a GPT-2 or Llama-family shape, random weights (a Hub name brings its tokenizer; default: 4 layers, "
-        "4 heads, width 256)",
+        metavar="NAME",
+        help=f"the shape of a new model: {', '.join(gpt.MODEL_CONFIGS)} (a Llama-family name brings its Hub "
+        "tokenizer; default: 4 layers, 4 heads, width 256)",
     )
     model.add_argument("--n-layers", type=gpt.positive_int, help="transformer blocks (default: from --size)")
     model.add_argument("--n-heads", type=gpt.positive_int, help="attention heads per block (default: from --size)")
