@@ -2995,6 +2995,25 @@ def test_pretrain_memory_check_says_when_the_weights_alone_do_not_fit(tmp_path, 
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
 
 
+# --- gpt.py: the training plumbing pretrain.py moved there (autocast, FLOPs, throughput) --
+
+
+def test_pretrain_autocast_flops_and_throughput_line_are_exact(monkeypatch):
+    context, dtype_name = gpt.autocast_context(torch.device("cpu"), "auto")
+    assert dtype_name == "float32" and not isinstance(context, torch.autocast)  # CPUs: float32 unless asked
+    context, dtype_name = gpt.autocast_context(torch.device("cpu"), "bfloat16")
+    assert dtype_name == "bfloat16" and context.fast_dtype == torch.bfloat16
+    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    # 5040 parameters; the 8 x 16 position table is only looked up: 6 x 4912 + 12 x 1 layer x 16 wide x 8 tokens
+    assert gpt.count_parameters(model) == 5040 and gpt.flops_per_token(model, 8) == 6 * 4912 + 12 * 16 * 8 == 31008
+    clock = iter([0.0, 10.0, 15.0, 20.0, 20.0, 20.0])  # start, pause, resume, then the report's three readings
+    monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
+    speed = gpt.Throughput(model, 8, tokens_per_step=150, peak_flops=31008 * 100 / 0.5, first_step=0)
+    speed.pause()
+    speed.resume()  # 5 s of evaluation: not counted
+    assert speed.report(step=10, total_steps=20) == "100 tok/s | MFU 50.0% | ETA 20s"  # 1500 tokens in 15 s
+
+
 # ========================================================================================
 # finetune_classify.py
 # ========================================================================================
