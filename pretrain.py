@@ -8,6 +8,7 @@ in a few minutes:
     python pretrain.py
     python pretrain.py --data tinyshakespeare.txt --emb-dim 128 --max-steps 240 --lr 3e-3 --eval-every 40
     python pretrain.py --model gpt2 --data my_notes/         # continue from released weights
+    python pretrain.py --model HuggingFaceTB/SmolLM2-135M --data my_notes/   # a Llama-family model
     torchrun --nproc_per_node 8 pretrain.py --data corpus/ --size gpt2 --grad-accum 4   # several GPUs
     python pretrain.py --resume                              # continue the run in runs/pretrain/ as it was
     python pretrain.py --resume --max-steps 2000             # ... and extend it
@@ -16,7 +17,8 @@ The story: the text is tokenized once into a token file, split into training and
 validation tokens and cut into windows; a GPT is built (or loaded); one loop trains it
 with AdamW, warm-up and cosine decay and gradient accumulation, and every --eval-every
 steps measures both losses, prints a sample and saves. Ctrl-C (or SIGTERM) finishes the
-step, saves and exits; --resume continues exactly.
+step, saves and exits; --resume continues exactly. A Llama-family model (--model, or
+--size with a Hub name to start from random weights) brings its own tokenizer.
 
 Writes to --out-dir (default runs/pretrain/; a folder that holds another run is refused
 unless --resume continues it or --overwrite replaces it):
@@ -27,24 +29,21 @@ unless --resume continues it or --overwrite replaces it):
                   498 MB), for load_gpt2.py and the fine-tunes: --model runs/pretrain/best.pt
     history.json  the evaluations: step, tokens seen, learning rate, train and validation loss
     loss.png      both losses against tokens seen (needs matplotlib)
-The token file (2 bytes per token) goes to <--cache-dir>/tokens/, reused while the text
-files are unchanged.
+The token file goes to <--cache-dir>/tokens/ (2 bytes per token, 4 for a vocabulary of more
+than 65,536 ids), one per text and tokenizer, reused while the text files are unchanged.
+
+Memory: every weight trains, with AdamW 16 bytes per parameter before activations
+(SmolLM2-135M: 2.2 GB, Qwen3-0.6B: 9.5 GB, Llama 3.2 1B: 20 GB), checked at the start.
+--dtype bfloat16 speeds up the work on GPUs but keeps float32 weights; to adapt a model
+too big for that, fine-tune it with LoRA (finetune_classify.py, finetune_instruct.py).
 """
 
 import argparse
-import codecs
 import collections
 import dataclasses
-import hashlib
-import io
-import json
 import math
 import os
 import signal
-import sys
-import threading
-import time
-from array import array
 from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import urlparse
@@ -75,8 +74,10 @@ def log(*parts):
 
 
 # ----------------------------------------------------------------------------------------
-# 1. Data: text files -> token file -> train/validation splits -> windows
+# 1. Data: text files -> token file -> train/validation splits -> windows -> batches
 # ----------------------------------------------------------------------------------------
+# The token file is written by gpt.prepare_token_file: the text streamed through the
+# model's tokenizer once, the ids stored as uint16 (uint32 for vocabularies over 65,536).
 
 
 def resolve_sources(data):
@@ -98,125 +99,6 @@ def resolve_sources(data):
     if path.stat().st_size == 0:
         raise ValueError(f"--data {data}: the file is empty")
     return [path]
-
-
-def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
-    """Yield the text of a UTF-8 file opened in binary mode (f), decoded chunk_bytes at a
-    time, so that a file larger than memory can be read. Line endings become "\\n"
-    ("\\r\\n" and "\\r" too, also when a chunk ends between "\\r" and "\\n"); a leading
-    byte-order mark is dropped. Raises ValueError with the byte offset of the first
-    invalid UTF-8 sequence, unless replace_invalid (then it becomes U+FFFD)."""
-    utf8 = codecs.getincrementaldecoder("utf-8")("replace" if replace_invalid else "strict")
-    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)  # holds a final "\r" back
-    if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
-        f.seek(0)
-    offset = f.tell()  # bytes of the file handed to the decoder so far
-    while True:
-        chunk = f.read(chunk_bytes)
-        held_back = len(utf8.getstate()[0])  # an incomplete character from the previous chunk
-        try:
-            text = decoder.decode(chunk, final=not chunk)
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{f.name}: invalid UTF-8 at byte {offset - held_back + e.start} ({e.reason}); "
-                "fix the file or pass --replace-invalid-utf8"
-            ) from None
-        offset += len(chunk)
-        yield text
-        if not chunk:
-            return
-
-
-def safe_cut(text):
-    """Index just after the last newline with non-whitespace on both sides, or 0. GPT-2's
-    pre-tokenizer always ends a word there, so encoding text[:cut] and text[cut:] apart
-    gives exactly the tokens of the whole text."""
-    cut = text.rfind("\n", 1, len(text) - 1)
-    while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
-        cut = text.rfind("\n", 1, cut)
-    return cut + 1 if cut > 0 else 0
-
-
-def encode_pieces(pieces):
-    """Token ids of a stream of text pieces: yields lists of ints whose concatenation is
-    the encoding of the joined text ("<|endoftext|>" becomes the end-of-text token 50256)."""
-    enc = gpt.get_tokenizer()
-    buffer = ""
-    for piece in pieces:
-        buffer += piece
-        cut = safe_cut(buffer)
-        if cut:
-            yield enc.encode(buffer[:cut], allowed_special={"<|endoftext|>"})
-            buffer = buffer[cut:]
-    if buffer:
-        yield enc.encode(buffer, allowed_special={"<|endoftext|>"})
-
-
-def write_token_file(paths, token_path, replace_invalid=False, chunk_bytes=1 << 20):
-    """Tokenize the text files (documents) into token_path, with the end-of-text token
-    between documents as in GPT-2's training data: the ids as uint16 (50257 ids fit),
-    native byte order. Written to a temporary file and renamed, so an interrupted run
-    leaves no half file (Ctrl-C here exits 130). Returns (number of tokens, SHA-256 of
-    the file: the data's fingerprint)."""
-    tmp = token_path.with_name(f".{token_path.name}.tmp{os.getpid()}")
-    total_bytes, done_bytes = sum(p.stat().st_size for p in paths), 0
-    digest, n_tokens, started = hashlib.sha256(), 0, time.time()
-    try:
-        token_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as out:
-            for path in paths:
-                separator = [gpt.EOT_ID] if n_tokens else []  # between documents, not before the first
-                with open(path, "rb") as f:
-                    for ids in encode_pieces(read_text_pieces(f, replace_invalid, chunk_bytes)):
-                        if ids and separator:
-                            ids, separator = separator + ids, []
-                        data = array("H", ids).tobytes()
-                        out.write(data)
-                        digest.update(data)
-                        n_tokens += len(ids)
-                        done = done_bytes + f.tell()
-                        gpt.show_progress(
-                            f"tokenizing: {done / 1e6:,.1f} of {total_bytes / 1e6:,.1f} MB, {n_tokens:,} tokens, "
-                            f"ETA {gpt.eta(started, done, total_bytes)}"
-                        )
-                done_bytes += path.stat().st_size
-            out.flush()
-            os.fsync(out.fileno())
-        gpt.end_progress()
-        os.replace(tmp, token_path)
-    except KeyboardInterrupt:
-        gpt.end_progress()
-        print("interrupted while tokenizing: nothing new is saved, the partial token file is deleted", file=sys.stderr)
-        raise SystemExit(130) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return n_tokens, digest.hexdigest()
-
-
-def prepare_token_file(paths, token_dir, replace_invalid=False):
-    """(token file Path, number of tokens, SHA-256) of the corpus, tokenizing only when
-    needed: the file is reused while the JSON record beside it lists the same sources
-    with the same sizes and modification times. Raises ValueError for a text without tokens."""
-    sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-    key = hashlib.sha256(json.dumps([[s[0] for s in sources], replace_invalid]).encode()).hexdigest()[:16]
-    token_path = Path(token_dir) / f"{paths[0].stem}-{key}.uint16"
-    record_path = token_path.with_suffix(".json")
-    record = {"tokenizer": "gpt2", "dtype": "uint16", "replace_invalid_utf8": replace_invalid, "sources": sources}
-    try:
-        saved = json.loads(record_path.read_text())
-        if {k: saved[k] for k in record} == record and token_path.stat().st_size == 2 * saved["n_tokens"]:
-            log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
-            return token_path, saved["n_tokens"], saved["sha256"]
-    except (OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
-        pass
-    started = time.time()
-    record_path.unlink(missing_ok=True)  # the token file is about to change
-    n_tokens, sha256 = write_token_file(paths, token_path, replace_invalid)
-    if n_tokens == 0:
-        raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
-    gpt.write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": sha256})
-    log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
-    return token_path, n_tokens, sha256
 
 
 def split_tokens(tokens, train_fraction, context_length):
@@ -249,17 +131,6 @@ def count_windows(n_tokens, context_length, stride):
     if n_tokens < context_length + 1:
         return 0
     return (n_tokens - context_length - 1) // stride + 1
-
-
-def get_batch(tokens, starts, context_length, device):
-    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length],
-    with targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
-    rows = torch.stack([tokens[s : s + context_length + 1] for s in starts]).long() & 0xFFFF  # uint16 ids
-    if device.type == "cuda":
-        rows = rows.pin_memory().to(device, non_blocking=True)  # the copy overlaps with compute
-    else:
-        rows = rows.to(device)
-    return rows[:, :-1], rows[:, 1:]
 
 
 class WindowOrder:
@@ -298,6 +169,17 @@ def evaluation_starts(n_tokens, context_length, max_windows):
     return [(j * available // k) * context_length for j in range(k)]
 
 
+def get_batch(tokens, starts, context_length, device):
+    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length],
+    with targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
+    rows = gpt.as_ids(torch.stack([tokens[s : s + context_length + 1] for s in starts]))
+    if device.type == "cuda":
+        rows = rows.pin_memory().to(device, non_blocking=True)  # the copy overlaps with compute
+    else:
+        rows = rows.to(device)
+    return rows[:, :-1], rows[:, 1:]
+
+
 def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_000):
     """Cross-entropy (nats per token) of the validation tokens under the add-one smoothed
     token frequencies of the training tokens: the loss of a model that ignores context.
@@ -306,11 +188,9 @@ def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_00
     train_tokens, val_tokens = train_tokens[:max_tokens], val_tokens[:max_tokens]
     step = 1 << 24
     for i in range(0, len(train_tokens), step):
-        counts += torch.bincount(train_tokens[i : i + step].long() & 0xFFFF, minlength=vocab_size)
+        counts += torch.bincount(gpt.as_ids(train_tokens[i : i + step]), minlength=vocab_size)
     log_probs = ((counts + 1) / (counts.sum() + vocab_size)).log()
-    total = sum(
-        log_probs[val_tokens[i : i + step].long() & 0xFFFF].sum().item() for i in range(0, len(val_tokens), step)
-    )
+    total = sum(log_probs[gpt.as_ids(val_tokens[i : i + step])].sum().item() for i in range(0, len(val_tokens), step))
     return -total / len(val_tokens)
 
 
@@ -318,8 +198,8 @@ def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_00
 class Splits:
     """The token splits and the windows that training and evaluation read from them."""
 
-    train: torch.Tensor  # int16 [n_train]: uint16 ids read as int16 (& 0xFFFF undoes it)
-    val: torch.Tensor  # int16 [n_val]
+    train: torch.Tensor  # [n_train], as the token file holds them (see `gpt.as_ids`)
+    val: torch.Tensor  # [n_val]
     context_length: int  # tokens per window
     order: WindowOrder  # the training window of each sample of the run
     n_windows: int  # training windows in one epoch
@@ -335,8 +215,7 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
             f"--context-length {context_length} is longer than the model's context length {cfg.context_length}"
         )
     stride = args.stride or context_length
-    # Memory-mapped: read on demand, so a corpus larger than memory works (torch has no uint16 before 2.3).
-    tokens = torch.from_file(str(token_path), shared=False, size=n_tokens, dtype=torch.int16)
+    tokens = gpt.read_token_file(token_path, n_tokens)
     train, val = split_tokens(tokens, args.train_fraction, context_length)
     n_windows = count_windows(len(train), context_length, stride)
     eval_windows = args.eval_batches * args.batch_size * world_size
@@ -351,35 +230,38 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
 
 
 # ----------------------------------------------------------------------------------------
-# 2. Model and learning-rate schedule (the optimizer: gpt.make_adamw, in `pretrain`)
+# 2. Model and learning-rate schedule (the optimizer: gpt.make_adamw, in `start_run`)
 # ----------------------------------------------------------------------------------------
 
 
-def size_config(size):
-    """GPTConfig of --size, or of the small DEFAULT_SHAPE when it is None."""
-    return gpt.GPT_CONFIGS[size] if size else gpt.GPTConfig(**DEFAULT_SHAPE)
+def tokenizer_name(args):
+    """What names the run's tokenizer (see gpt.load_tokenizer): --model's, the Hub model's
+    of a Llama-family --size, or GPT-2's."""
+    return args.model or (args.size if args.size in gpt.LLAMA_CONFIGS else "gpt2")
 
 
-def build_model(args, checkpoint=None):
-    """The GPTModel to train, float32 on the CPU, in training mode: from a --resume
-    checkpoint, from --model weights (with this run's --drop-rate), or new (GPT-2's
-    initialisation, seeded by --seed). Raises ValueError for a --model whose vocabulary
-    is smaller than the GPT-2 tokenizer's."""
+def model_config(args):
+    """GPTConfig of a new model: --size (default: DEFAULT_SHAPE) with the shape flags given.
+    Raises ValueError for a shape that does not fit together."""
+    base = gpt.MODEL_CONFIGS[args.size] if args.size else gpt.GPTConfig(**DEFAULT_SHAPE)
+    shape = {name: getattr(args, name) for name in DEFAULT_SHAPE if getattr(args, name) is not None}
+    return dataclasses.replace(base, drop_rate=args.drop_rate, **shape)
+
+
+def build_model(args, tokenizer, checkpoint=None):
+    """The model to train, float32 on the CPU, in training mode: from a --resume
+    checkpoint, from --model weights (with this run's --drop-rate), or new (`model_config`,
+    initialised as its family is, seeded by --seed). Raises ValueError for a --model whose
+    vocabulary is smaller than its tokenizer's."""
     if checkpoint is not None:
         return gpt.model_from_checkpoint(checkpoint).train()
     if args.model:
-        loaded = gpt.load_gpt2(args.model)
-        if loaded.cfg.vocab_size < gpt.get_tokenizer().n_vocab:
-            raise ValueError(
-                f"--model {args.model} has a vocabulary of {loaded.cfg.vocab_size} tokens, but the GPT-2 tokenizer "
-                f"has {gpt.get_tokenizer().n_vocab}: give a model made for the GPT-2 tokenizer"
-            )
-        model = gpt.GPTModel(dataclasses.replace(loaded.cfg, drop_rate=args.drop_rate))
-        model.load_state_dict(loaded.state_dict())
+        model = gpt.load_model(args.model)
+        gpt.check_vocabulary(model, f"--model {args.model}", tokenizer)
+        gpt.set_drop_rate(model, args.drop_rate)
         return model.train()
     torch.manual_seed(args.seed)
-    shape = {name: getattr(args, name) for name in DEFAULT_SHAPE if getattr(args, name) is not None}
-    return gpt.GPTModel(dataclasses.replace(size_config(args.size), drop_rate=args.drop_rate, **shape)).train()
+    return gpt.build_model(model_config(args)).train()
 
 
 def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
@@ -394,23 +276,21 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Training and evaluation
+# 3. Evaluation: both losses, and a sample of text
 # ----------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def evaluate_loss(model, splits, split, batch_size, autocast, proc):
     """Mean cross-entropy (nats per token) of the evaluation windows of split ("train" or
-    "val"). proc: this process's rank, the number of processes and the device (see
-    `setup_distributed`); each process takes every world_size-th window, and the sums
-    are all-reduced."""
+    "val"). Each process (proc: see `setup_distributed`) takes every world_size-th
+    window, and the sums are all-reduced."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
     mine = splits.eval_starts[split][proc.rank :: proc.world_size]
     for i in range(0, len(mine), batch_size):
-        inputs, targets = get_batch(
-            getattr(splits, split), mine[i : i + batch_size], splits.context_length, proc.device
-        )
+        tokens = getattr(splits, split)
+        inputs, targets = get_batch(tokens, mine[i : i + batch_size], splits.context_length, proc.device)
         with autocast:
             logits = model(inputs)  # [batch, seq_len, vocab_size]
         total[0] += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
@@ -421,116 +301,107 @@ def evaluate_loss(model, splits, split, batch_size, autocast, proc):
     return (total[0] / total[1]).item()
 
 
-def sample_text(model, prompt, max_new_tokens, seed, device):
+def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
     """The prompt and a continuation (temperature 0.8, top-k 50, seeded: successive samples
-    differ only through training), lines after the first indented for the log. An empty
-    prompt starts from <|endoftext|>."""
-    idx = gpt.text_to_token_ids(prompt, device=device) if prompt else torch.tensor([[gpt.EOT_ID]], device=device)
-    out = gpt.generate(model, idx, max_new_tokens, temperature=0.8, top_k=50, seed=seed)
-    return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :]).replace("\n", "\n          ")
+    differ only through training), until the model's end-of-text token at most, lines
+    after the first indented for the log. An empty prompt starts from that token."""
+    start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_token]])
+    out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
+                       eos_id=tokenizer.eot_token)
+    # Rows of the embedding past the tokenizer's ids (Qwen3: 151,936 for 151,669 tokens) have no text.
+    ids = [i for i in out[0, (0 if prompt else 1) :].tolist() if i <= tokenizer.max_token_value]
+    return gpt.token_ids_to_text(ids, tokenizer).replace("\n", "\n          ")
 
 
-def train(args, model, optimizer, splits, proc, state):
-    """The training loop, from step state["step"] to state["total_steps"], updating state.
-    Evaluates and saves every --eval-every steps, at the start and at the end; a stop
-    (Ctrl-C, SIGTERM, --stop-at-step) saves latest.pt after the step's evaluation, so
+# ----------------------------------------------------------------------------------------
+# 4. The training loop
+# ----------------------------------------------------------------------------------------
+
+
+def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
+    """Train from step state["step"] to state["total_steps"], updating state. At the start,
+    every --eval-every steps and at the end: both losses, a sample, best.pt when the
+    validation loss improved, latest.pt. A stop (stopper: Ctrl-C or SIGTERM, see
+    gpt.StopSignal; --stop-at-step) saves latest.pt after the step's evaluation, so
     --resume goes on exactly. Returns None at the end, else "stop-at-step" or the signal."""
     out_dir, history, total_steps = Path(args.out_dir), state["history"], state["total_steps"]
     global_batch = args.batch_size * args.grad_accum * proc.world_size  # windows per optimizer step
-    autocast, dtype_name = autocast_context(proc.device, args.dtype)
-    compiled, train_model = compile_and_wrap(model, args.compile, proc)
-    peak = peak_flops(proc.device, dtype_name, args.peak_flops)  # None: no MFU
-    flops_token, tokens_per_step = flops_per_token(model, splits.context_length), global_batch * splits.context_length
-    started, first_step = time.time(), state["step"]
-    interval_start, interval_step = started, first_step
-    with StopSignal(single_process=proc.world_size == 1) as stopper:
-        while True:
-            step, tokens = state["step"], state["samples_seen"] * splits.context_length
-            lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
-            paused = time.time()  # evaluating and saving do not count in tokens/s
-            evaluated = bool(history) and history[-1]["step"] == step  # before a --resume
-            evaluate_now = (step % args.eval_every == 0 or step == total_steps) and not evaluated
-            if evaluate_now:
-                losses = [evaluate_loss(compiled, splits, s, args.batch_size, autocast, proc) for s in ("train", "val")]
-                gpt.check_finite_loss(sum(losses), step)  # NaN or infinity in either
-                improved = step > 0 and losses[1] < state["best_val_loss"]  # the random start is never "best"
-                state["best_val_loss"] = losses[1] if improved else state["best_val_loss"]
-                history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=losses[0], val_loss=losses[1]))
-                log(
-                    f"eval step {step} | train loss {losses[0]:.3f} | val loss {losses[1]:.3f} "
-                    f"(perplexity {math.exp(losses[1]):,.1f})" + (" | best so far" if improved else "")
-                )
-                if proc.rank == 0:
-                    log("  sample: " + sample_text(model, args.prompt, args.sample_tokens, args.seed, proc.device))
-                    if improved:
-                        save_model(out_dir / "best.pt", model, step=step, tokens_seen=tokens, val_loss=losses[1])
-                    gpt.write_json(
-                        out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history)
-                    )
-            stop = stopper.requested or step >= (args.stop_at_step or math.inf)
-            stop = step == total_steps or any_process(stop, proc)  # every process stops at the same step
-            if evaluate_now or stop:
-                save_training_state(out_dir / "latest.pt", model, optimizer, proc, state)
-            if stop:
-                return None if step == total_steps else stopper.signal_name or "stop-at-step"
-            interval_start += time.time() - paused
+    autocast, dtype_name = gpt.autocast_context(proc.device, args.dtype)
+    eval_model, train_model = compile_and_wrap(model, args.compile, proc)
+    peak = args.peak_flops or gpt.peak_flops(proc.device, dtype_name)  # None: no MFU
+    tokens_per_step = global_batch * splits.context_length
+    speed = gpt.Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
+    while True:
+        step, tokens = state["step"], state["samples_seen"] * splits.context_length
+        lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
+        speed.pause()  # evaluating and saving do not count in tokens/s
+        evaluated = bool(history) and history[-1]["step"] == step  # before a --resume
+        evaluate_now = (step % args.eval_every == 0 or step == total_steps) and not evaluated
+        if evaluate_now:
+            train_loss = evaluate_loss(eval_model, splits, "train", args.batch_size, autocast, proc)
+            val_loss = evaluate_loss(eval_model, splits, "val", args.batch_size, autocast, proc)
+            gpt.check_finite_loss(train_loss + val_loss, step)  # NaN or infinity in either
+            improved = step > 0 and val_loss < state["best_val_loss"]  # the random start is never "best"
+            state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
+            history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=train_loss, val_loss=val_loss))
+            log(f"eval step {step} | train loss {train_loss:.3f} | val loss {val_loss:.3f} "
+                f"(perplexity {math.exp(val_loss):,.1f})" + (" | best so far" if improved else ""))
+            if proc.rank == 0:
+                sample = sample_text(model, tokenizer, args.prompt, args.sample_tokens, args.seed, proc.device)
+                log("  sample: " + sample)
+                if improved:
+                    best = dict(step=step, tokens_seen=tokens, val_loss=val_loss, tokenizer=state["tokenizer"])
+                    gpt.save_with_fallback(lambda path: gpt.save_checkpoint(path, model, **best), out_dir / "best.pt")
+                gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
+        stop = stopper.requested or step >= (args.stop_at_step or math.inf)
+        stop = step == total_steps or any_process(stop, proc)  # every process stops at the same step
+        if evaluate_now or stop:
+            rng_states = all_rng_states(proc)  # every process's, for the same dropout masks after --resume
+            if proc.rank == 0:
+                gpt.save_training_state(out_dir / "latest.pt", model, optimizer, rng_states=rng_states, **state)
+        if stop:
+            return None if step == total_steps else stopper.signal_name or "stop-at-step"
+        speed.resume()
 
-            # One optimizer step: forward, loss and backward for each micro-batch, then the update.
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro_step in range(args.grad_accum):
-                starts = micro_batch_starts(
-                    splits.order, state["samples_seen"], micro_step, args.batch_size, proc.rank, proc.world_size
-                )
-                inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
-                accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
-                with train_model.no_sync() if accumulate else nullcontext():
-                    with autocast:
-                        logits = train_model(inputs)  # [batch, seq_len, vocab_size]
-                        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / args.grad_accum
-                    loss.backward()  # adds to the gradients of the earlier micro-batches
-                loss_sum += loss.detach()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            state.update(step=step, samples_seen=state["samples_seen"] + global_batch)
+        # One optimizer step: forward, loss and backward for each micro-batch, then the update.
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro_step in range(args.grad_accum):
+            starts = micro_batch_starts(
+                splits.order, state["samples_seen"], micro_step, args.batch_size, proc.rank, proc.world_size
+            )
+            inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
+            accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
+            with train_model.no_sync() if accumulate else nullcontext():
+                with autocast:
+                    logits = train_model(inputs)  # [batch, seq_len, vocab_size]
+                    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / args.grad_accum
+                loss.backward()  # adds to the gradients of the earlier micro-batches
+            loss_sum += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        state.update(step=step, samples_seen=state["samples_seen"] + global_batch)
 
-            if step % args.log_every == 0 or step == total_steps:
-                loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
-                gpt.check_finite_loss(loss_value, step)
-                tokens_per_s = (step - interval_step) * tokens_per_step / (time.time() - interval_start)
-                mfu = f" | MFU {flops_token * tokens_per_s / (peak * proc.world_size):.1%}" if peak else ""
-                eta = gpt.eta(started, step - first_step, total_steps - first_step)
-                log(
-                    f"step {step}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | grad norm {norm:.2f} | "
-                    f"{tokens_per_s:,.0f} tok/s{mfu} | ETA {eta}"
-                )
-                interval_start, interval_step = time.time(), step
-
-
-def plot_history(path, history, unigram_loss):
-    """loss.png: both losses of each evaluation against tokens seen, and the unigram
-    baseline as a flat line. Returns the path, or None without matplotlib."""
-    tokens = [h["tokens"] for h in history]
-    series = {
-        "train": (tokens, [h["train_loss"] for h in history]),
-        "validation": (tokens, [h["val_loss"] for h in history]),
-        "unigram baseline": ([tokens[0], tokens[-1]], [unigram_loss, unigram_loss]),
-    }
-    return gpt.plot_curves(path, {"loss (nats per token)": series}, xlabel="tokens seen")
+        if step % args.log_every == 0 or step == total_steps:
+            loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
+            gpt.check_finite_loss(loss_value, step)
+            log(f"step {step}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | grad norm {norm:.2f} | "
+                f"{speed.report(step, total_steps)}")
 
 
 # ----------------------------------------------------------------------------------------
-# 4. The stage: data, model, optimizer, the loop
+# 5. The stage: start (or resume) the run, train, report
 # ----------------------------------------------------------------------------------------
 
 
-def pretrain(args, proc):
-    """Run the stage with the settings args (see `parse_settings`) in this process (proc:
-    see `setup_distributed`). Returns a summary dict: steps, tokens_seen, train_loss,
-    val_loss, best_val_loss, unigram_loss, latest, best, stopped (see `train`)."""
+def start_run(args, proc):
+    """Everything the loop needs, in the order a run needs it: the run folder, the
+    tokenizer and the token file, the model and AdamW, the step count, and the loop's
+    state (new, or restored from latest.pt with --resume) -> (model, optimizer, splits,
+    tokenizer, state)."""
     out_dir = Path(args.out_dir)
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
         gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
@@ -541,9 +412,13 @@ def pretrain(args, proc):
     checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
 
     # Data: the first process of each machine tokenizes; the others wait, then reuse its file.
+    tokenizer = gpt.load_tokenizer(tokenizer_name(args))[0]
     barrier(proc, wait=proc.local_rank != 0)
     token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
-    token_path, n_tokens, sha256 = prepare_token_file(resolve_sources(args.data), token_dir, args.replace_invalid_utf8)
+    sources = resolve_sources(args.data)
+    token_path, n_tokens, sha256 = gpt.prepare_token_file(
+        sources, token_dir, tokenizer, args.replace_invalid_utf8, quiet=proc.rank != 0
+    )
     barrier(proc, wait=proc.local_rank == 0)
     data = {"n_tokens": n_tokens, "sha256": sha256}
     if checkpoint is not None and checkpoint["data"] != data:
@@ -553,10 +428,9 @@ def pretrain(args, proc):
         )
 
     # Model and optimizer: AdamW with betas (0.9, 0.95), as GPT-3 (Brown et al., 2020, appendix B).
-    model = build_model(args, checkpoint)
+    model = build_model(args, tokenizer, checkpoint)
     splits = make_splits(token_path, n_tokens, args, model.cfg, proc.world_size)
-    if proc.device.type == "cpu":
-        check_step_memory(model, args.batch_size, splits.context_length)
+    check_memory(model.cfg, args.batch_size, splits.context_length, proc.device)
     model.to(proc.device)
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))
     global_batch = args.batch_size * args.grad_accum * proc.world_size
@@ -574,7 +448,8 @@ def pretrain(args, proc):
                 "raise --max-steps or --epochs to go on"
             )
         log(f"resumed from {out_dir / 'latest.pt'} at step {state['step']}")
-    state.update(total_steps=total_steps, settings=vars(args), data=data)
+    tokenizer_entry = gpt.tokenizer_source(tokenizer_name(args))  # for load_gpt2.py and the fine-tunes
+    state.update(total_steps=total_steps, settings=vars(args), data=data, tokenizer=tokenizer_entry)
     if proc.rank == 0:
         gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
     log(gpt.model_summary(model, "model") + f"; {proc.device}, {proc.world_size} process(es)")
@@ -582,21 +457,36 @@ def pretrain(args, proc):
         f"training: {total_steps} steps of {global_batch} windows ({global_batch * splits.context_length:,} tokens), "
         f"{total_steps * global_batch / splits.n_windows:.2f} epochs; unigram baseline {splits.unigram_loss:.3f}"
     )
+    return model, optimizer, splits, tokenizer, state
 
-    stopped = train(args, model, optimizer, splits, proc, state)
+
+def pretrain(args, proc):
+    """Run the stage with the settings args (see `parse_settings`) in this process (proc:
+    see `setup_distributed`). Returns a summary dict: steps, tokens_seen, train_loss,
+    val_loss, best_val_loss, unigram_loss, latest, best, stopped (see `train`)."""
+    model, optimizer, splits, tokenizer, state = start_run(args, proc)
+    with gpt.StopSignal(single_process=proc.world_size == 1) as stopper:
+        stopped = train(args, model, optimizer, splits, tokenizer, proc, state, stopper)
+    out_dir, history = Path(args.out_dir), state["history"]
     if proc.rank == 0:
-        plot_history(out_dir / "loss.png", state["history"], splits.unigram_loss)
-    last = state["history"][-1]
+        tokens = [h["tokens"] for h in history]
+        series = {
+            "train": (tokens, [h["train_loss"] for h in history]),
+            "validation": (tokens, [h["val_loss"] for h in history]),
+            "unigram baseline": ([tokens[0], tokens[-1]], [splits.unigram_loss] * 2),
+        }
+        gpt.plot_curves(out_dir / "loss.png", {"loss (nats per token)": series}, xlabel="tokens seen")
     if stopped:
         log(f"stopped at step {state['step']} ({stopped}): go on with python pretrain.py --resume --out-dir {out_dir}")
     else:
-        log(f"done: {state['step']} steps, validation loss {last['val_loss']:.3f} (best {state['best_val_loss']:.3f})")
+        log(f"done: {state['step']} steps, validation loss {history[-1]['val_loss']:.3f} "
+            f"(best {state['best_val_loss']:.3f})")
         log(f"try the model: python load_gpt2.py --model {out_dir / 'best.pt'}")
     return {
         "steps": state["step"],
         "tokens_seen": state["samples_seen"] * splits.context_length,
-        "train_loss": last["train_loss"],
-        "val_loss": last["val_loss"],
+        "train_loss": history[-1]["train_loss"],
+        "val_loss": history[-1]["val_loss"],
         "best_val_loss": state["best_val_loss"],
         "unigram_loss": splits.unigram_loss,
         "latest": out_dir / "latest.pt",
@@ -606,7 +496,7 @@ def pretrain(args, proc):
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Command line and settings
+# 6. Command line and settings
 # ----------------------------------------------------------------------------------------
 
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
@@ -617,6 +507,7 @@ THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir", "
 # With --resume these may differ from the saved run when given: --max-steps or --epochs
 # extend it (the cosine schedule stretches to the new end); the others change the speed.
 MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "peak_flops")
+MEMORY_HINT = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
 
 
 def build_parser():
@@ -635,10 +526,16 @@ def build_parser():
 
     model = p.add_argument_group("model")
     model.add_argument(
-        "--model", help="start from gpt2 (or another size), a .safetensors file, a checkpoint (default: random)"
+        "--model",
+        help="start from these weights, with their tokenizer: gpt2 (or another size), a Llama-family Hub name or "
+        "folder, a .safetensors file, a checkpoint (default: random weights)",
     )
     model.add_argument(
-        "--size", choices=list(gpt.GPT_CONFIGS), help="a GPT-2 shape (default: 4 layers, 4 heads, width 256)"
+        "--size",
+        choices=list(gpt.MODEL_CONFIGS),
+        metavar="NAME",
+        help=f"the shape of a new model: {', '.join(gpt.MODEL_CONFIGS)} (a Llama-family name brings its Hub "
+        "tokenizer; default: 4 layers, 4 heads, width 256)",
     )
     model.add_argument("--n-layers", type=gpt.positive_int, help="transformer blocks (default: from --size)")
     model.add_argument("--n-heads", type=gpt.positive_int, help="attention heads per block (default: from --size)")
@@ -653,18 +550,14 @@ def build_parser():
     train.add_argument("--max-steps", type=gpt.positive_int, help="optimizer steps (default: from --epochs)")
     train.add_argument("--lr", type=gpt.positive_float, default=1e-3, help="peak learning rate")
     train.add_argument("--min-lr-ratio", type=gpt.unit_interval, default=0.1, help="final learning rate / --lr")
-    train.add_argument(
-        "--warmup-steps", type=gpt.non_negative_int, help="steps of linear warm-up (default: 5%% of the steps)"
-    )
+    train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="linear warm-up steps (default: 5%% of all)")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
     train.add_argument("--grad-clip", type=gpt.non_negative_float, default=1.0, help="gradient norm limit (0: none)")
     train.add_argument("--seed", type=gpt.seed, default=123, help="seed of weights, data order, dropout, samples")
 
     run = p.add_argument_group("evaluation, run folder, devices")
     run.add_argument("--eval-every", type=gpt.positive_int, default=10, help="evaluate and save every N steps")
-    run.add_argument(
-        "--eval-batches", type=gpt.positive_int, default=10, help="batches of --batch-size windows per split"
-    )
+    run.add_argument("--eval-batches", type=gpt.positive_int, default=10, help="batches of evaluation per split")
     run.add_argument("--log-every", type=gpt.positive_int, default=5, help="print a progress line every N steps")
     run.add_argument("--prompt", default="Every effort moves you", help="start of the sample of each evaluation")
     run.add_argument("--sample-tokens", type=gpt.non_negative_int, default=30, help="tokens of the sample")
@@ -677,17 +570,11 @@ def build_parser():
         "--stop-at-step, --device, --compile, --peak-flops, --cache-dir and --token-dir may differ from them",
     )
     again.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir, start a new one")
-    run.add_argument(
-        "--stop-at-step",
-        type=gpt.positive_int,
-        help="save and exit after this step, for --resume (default: at the end)",
-    )
+    run.add_argument("--stop-at-step", type=gpt.positive_int, help="save and exit after this step (default: the end)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     run.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="precision of the work: autocast on GPUs, float32 weights (auto: bfloat16 where supported)",
+        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="precision of the work (autocast; "
+        "the weights stay float32; auto: bfloat16 on GPUs that have it)"
     )
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
     run.add_argument("--peak-flops", type=gpt.positive_float, help="FLOP/s of one device for MFU (default: known GPUs)")
@@ -701,13 +588,14 @@ def parse_settings(argv=None):
     values when another flag contradicts the saved run."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    shape_flags = [gpt.flag_name(k) for k in ("size", "n_layers", "n_heads", "emb_dim") if getattr(args, k) is not None]
-    if args.model and shape_flags and not args.resume:
-        parser.error(f"--model takes the model's shape from its weights: drop {', '.join(shape_flags)}")
-    emb_dim, n_heads = args.emb_dim or size_config(args.size).emb_dim, args.n_heads or size_config(args.size).n_heads
-    if not args.resume and emb_dim % n_heads:
-        parser.error(f"--emb-dim {emb_dim} must be divisible by --n-heads {n_heads} (each head gets an equal share)")
     if not args.resume:
+        shape_flags = [gpt.flag_name(k) for k in ("size", "n_layers", "n_heads", "emb_dim") if getattr(args, k)]
+        if args.model and shape_flags:
+            parser.error(f"--model takes the model's shape from its weights: drop {', '.join(shape_flags)}")
+        try:
+            model_config(args)
+        except ValueError as e:
+            parser.error(f"the model's shape (--size and the shape flags): {e}")
         return args
     run_file = Path(args.out_dir) / "run.json"
     if not run_file.is_file():
@@ -728,7 +616,7 @@ def parse_settings(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Plumbing: processes and devices, memory, checkpoints, signals
+# 7. Plumbing: processes and devices, memory, the training state
 # ----------------------------------------------------------------------------------------
 
 Processes = collections.namedtuple("Processes", "rank local_rank world_size device")
@@ -775,39 +663,6 @@ def compile_and_wrap(model, compile_model, proc):
     return compiled, DistributedDataParallel(compiled, device_ids=[proc.device] if proc.device.type == "cuda" else None)
 
 
-def autocast_context(device, dtype_name):
-    """(autocast context, dtype name): bfloat16 autocast where asked for (auto: on CUDA
-    GPUs that support it), else a no-op context and float32. Weights, gradients and
-    optimizer state stay float32 either way."""
-    if dtype_name == "auto":
-        dtype_name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype_name == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16), dtype_name
-    return nullcontext(), dtype_name
-
-
-# Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found
-# in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.
-GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
-
-
-def peak_flops(device, dtype_name, given=None):
-    """Peak FLOP/s of one device for MFU: --peak-flops if given, else the table's for a CUDA
-    GPU training in bfloat16, else None (CPUs: no reliable number, so no MFU)."""
-    if given or device.type != "cuda" or dtype_name != "bfloat16":
-        return given
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
-
-
-def flops_per_token(model, seq_len):
-    """Training FLOPs per token: 6 N for the forward and backward matrix multiplications of
-    N weights (the tied head included, the position lookup not) plus 12 * n_layers *
-    emb_dim * seq_len for attention (PaLM, Chowdhery et al., 2022, appendix B)."""
-    n_params = gpt.count_parameters(model) - model.wpe.weight.numel()
-    return 6 * n_params + 12 * model.cfg.n_layers * model.cfg.emb_dim * seq_len
-
-
 def available_memory():
     """Bytes of memory this machine has, or None where the operating system does not say."""
     try:
@@ -816,38 +671,34 @@ def available_memory():
         return None
 
 
-def check_step_memory(model, batch_size, context_length):
-    """Raise ValueError before training when a step on the CPU needs more memory than the
-    machine has (the operating system may kill such a process without a message). The
-    estimate, in bytes: 16 per parameter (float32 weights, gradients, AdamW's moments) and
-    per token 68 * emb_dim per layer of activations (Korthikanti et al., 2022, section
-    4.1, in float32, no attention matrix) plus 12 per vocabulary entry (logits, softmax, gradient)."""
-    cfg, processes = model.cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+def check_memory(cfg, batch_size, context_length, device):
+    """Raise an error before training when it cannot fit. Everywhere: the weights, their
+    gradients and AdamW's moments (16 bytes per parameter, gpt.check_training_memory; a
+    1B model needs 20 GB). On the CPU also a whole step, where the operating system may
+    kill the process without a message: per token 68 * emb_dim bytes per layer of
+    activations (Korthikanti et al., 2022, section 4.1, float32, no attention matrix) plus
+    12 per vocabulary entry (logits, softmax, gradient). Processes of a machine share it."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    weights = processes * gpt.training_memory(cfg)
+    gpt.check_training_memory(weights, device, "pretraining trains every weight: use a smaller model, or a machine "
+                              "with more memory, or adapt this one with LoRA (the fine-tunes' --lora)")
     per_token = 68 * cfg.emb_dim * cfg.n_layers + 12 * cfg.vocab_size
-    need = processes * (16 * gpt.count_parameters(model) + batch_size * context_length * per_token)
-    have = available_memory()
+    need = weights + processes * batch_size * context_length * per_token
+    have = available_memory() if device.type == "cpu" else None
     if have is not None and need > have:
         raise ValueError(
             f"a training step needs about {need / 1e6:,.0f} MB of memory, but this machine has {have / 1e6:,.0f} MB: "
-            "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
+            + MEMORY_HINT
         )
 
 
-def save_model(path, model, **extra):
-    """Save a checkpoint; when the file system refuses (a full disk), to the temporary folder."""
-    gpt.save_with_fallback(lambda p: gpt.save_checkpoint(p, model, **extra), path)
-
-
-def save_training_state(path, model, optimizer, proc, state):
-    """Write latest.pt: the model, AdamW's moments, every process's RNG states (the same
-    dropout masks after --resume) and state (step, data position, history, settings, data
-    fingerprint). Every process must call this; the first one writes."""
-    rng_states = [gpt.rng_state()]
-    if proc.world_size > 1:
-        rng_states = [None] * proc.world_size
-        dist.all_gather_object(rng_states, gpt.rng_state())
-    if proc.rank == 0:
-        save_model(path, model, optimizer=optimizer.state_dict(), rng_states=rng_states, **state)
+def all_rng_states(proc):
+    """Every process's RNG states (gpt.rng_state), in rank order; every process must call this."""
+    if proc.world_size == 1:
+        return [gpt.rng_state()]
+    states = [None] * proc.world_size
+    dist.all_gather_object(states, gpt.rng_state())
+    return states
 
 
 def load_training_state(path):
@@ -863,49 +714,18 @@ def load_training_state(path):
 
 
 def restore_training_state(checkpoint, optimizer, proc):
-    """Load AdamW's moments and this process's RNG states from latest.pt (reseed when it
-    was saved by another number of processes) -> the loop's state."""
-    fused = optimizer.defaults.get("fused")
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    for group in optimizer.param_groups:
-        group["fused"] = fused  # the saved flag belongs to the device the run was saved on
-    states = checkpoint["rng_states"]
-    if len(states) == proc.world_size:
-        gpt.set_rng_state(states[proc.rank], proc.device)
-    else:
-        log(f"note: latest.pt has the RNG states of {len(states)} processes, not {proc.world_size}: reseeding")
+    """AdamW's moments and this process's RNG states from latest.pt (reseeded when it was
+    saved by another number of processes) -> the loop's state."""
+    rng_states = checkpoint["rng_states"]  # one per process of the saved run
+    same_processes = len(rng_states) == proc.world_size
+    gpt.restore_training_state(checkpoint, optimizer, proc.device, rng_states[proc.rank if same_processes else 0])
+    if not same_processes:
+        log(f"note: latest.pt has the RNG states of {len(rng_states)} processes, not {proc.world_size}: reseeding")
         torch.manual_seed(checkpoint["settings"]["seed"] + proc.rank + checkpoint["step"])
     return {key: checkpoint[key] for key in ("step", "samples_seen", "best_val_loss", "history")}
 
 
-class StopSignal:
-    """While active, Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current
-    step, to save, instead of killing it. A second Ctrl-C stops at once in one process;
-    under torchrun the launcher forwards the signal it receives, so repeats are ignored
-    (torchrun kills the workers after 30 s)."""
-
-    def __init__(self, single_process=True):
-        self.requested, self.signal_name, self.single_process, self._previous = False, None, single_process, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # handlers only work there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc_info):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested and self.single_process and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # latest.pt keeps the state of the last save
-        self.requested, self.signal_name = True, signal.Signals(signum).name
-
-
-@gpt.command_line(
-    "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
-)
+@gpt.command_line(MEMORY_HINT)
 def main(argv=None):
     """Run the stage from the command line; after a stop by Ctrl-C or SIGTERM (the state
     saved) exit with the shell's code for the signal, 130 or 143."""

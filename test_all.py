@@ -2472,18 +2472,18 @@ def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
     with open(path, "rb") as f, pytest.raises(ValueError, match=r"invalid UTF-8 at byte 42 .*--replace-invalid-utf8"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=5))  # chunks cut through the é and ö
+        list(gpt.read_text_pieces(f, chunk_bytes=5))  # chunks cut through the é and ö
     with open(path, "rb") as f:
-        text = "".join(pretrain.read_text_pieces(f, replace_invalid=True, chunk_bytes=5))
+        text = "".join(gpt.read_text_pieces(f, replace_invalid=True, chunk_bytes=5))
     assert text == "héllo wörld " * 3 + "\ufffd tail"
     truncated = tmp_path / "truncated.txt"
     truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
     with open(truncated, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 3"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=2))
+        list(gpt.read_text_pieces(f, chunk_bytes=2))
     with_bom = tmp_path / "bom.txt"
     with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
     with open(with_bom, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 6"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=2))
+        list(gpt.read_text_pieces(f, chunk_bytes=2))
 
 
 def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
@@ -2492,7 +2492,7 @@ def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
     path.write_text(text, encoding="utf-8")
     whole = gpt.get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
     with open(path, "rb") as f:
-        pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=37)))
+        pieces = list(gpt.encode_pieces(gpt.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
     assert len(pieces) > 10  # it really cut the text
     assert [i for ids in pieces for i in ids] == whole
 
@@ -2519,12 +2519,12 @@ def test_pretrain_crlf_corpus_streams_and_gives_the_tokens_of_lf(tmp_path):
     for path in (lf, crlf, cr):
         f = _CountingFile(path)
         with f:
-            pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=64)))
+            pieces = list(gpt.encode_pieces(gpt.read_text_pieces(f, chunk_bytes=64), gpt.get_tokenizer()))
         assert [i for ids in pieces for i in ids] == expected, path.name
         assert len(f.read_sizes) > 100 and set(f.read_sizes) <= {3, 64}  # the BOM check, then chunks: never all
         assert max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text at once
-    n_lf = pretrain.write_token_file([lf], tmp_path / "lf.uint16", chunk_bytes=64)
-    n_crlf = pretrain.write_token_file([crlf], tmp_path / "crlf.uint16", chunk_bytes=64)
+    n_lf = gpt.write_token_file([lf], tmp_path / "lf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
+    n_crlf = gpt.write_token_file([crlf], tmp_path / "crlf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
     assert n_lf == n_crlf and n_lf[0] == len(expected)  # the same tokens, so the same fingerprint
     assert (tmp_path / "lf.uint16").read_bytes() == (tmp_path / "crlf.uint16").read_bytes()
 
@@ -2539,18 +2539,18 @@ def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
     paths = pretrain.resolve_sources(str(folder))
     assert [p.name for p in paths] == ["a.txt", "b.txt"]
 
-    token_path, n, sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens")
     enc = gpt.get_tokenizer()
+    token_path, n, sha256 = gpt.prepare_token_file(paths, tmp_path / "tokens", enc)
     expected = enc.encode("First document.\n") + [gpt.EOT_ID] + enc.encode("Second one, in a subfolder.\n")
     assert n == len(expected) and token_path.stat().st_size == 2 * n
     assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()
     assert array.array("H", token_path.read_bytes()).tolist() == expected  # uint16, native byte order
 
     capsys.readouterr()
-    assert pretrain.prepare_token_file(paths, tmp_path / "tokens") == (token_path, n, sha256)
+    assert gpt.prepare_token_file(paths, tmp_path / "tokens", enc) == (token_path, n, sha256)
     assert "reused" in capsys.readouterr().out
     (folder / "a.txt").write_text("First document, edited and longer.\n")
-    token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens")
+    token_path2, n2, _ = gpt.prepare_token_file(paths, tmp_path / "tokens", enc)
     assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
 
 
@@ -2611,8 +2611,8 @@ def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_fi
     assert decay["betas"] == no_decay["betas"] == (0.9, 0.95)  # GPT-3's, appendix B
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["settings"]["lr"] == 1e-2 and run["data"]["n_tokens"] == pretrain.prepare_token_file(
-        [pretrain_text_file], tmp_path / "tokens"
+    assert run["settings"]["lr"] == 1e-2 and run["data"]["n_tokens"] == gpt.prepare_token_file(
+        [pretrain_text_file], tmp_path / "tokens", gpt.get_tokenizer()
     )[1]
     assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
@@ -2725,7 +2725,8 @@ def test_pretrain_model_with_another_vocabulary_is_one_line(tmp_path, pretrain_t
     for flag in ("--n-layers", "--n-heads", "--emb-dim"):
         i = argv.index(flag)
         del argv[i : i + 2]
-    with pytest.raises(SystemExit, match=r"^error: --model .* has a vocabulary of 1000 tokens, but the GPT-2 tok"):
+    message = r"^error: --model .*: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"
+    with pytest.raises(SystemExit, match=message):
         pretrain.main(argv)
 
 
@@ -2753,11 +2754,11 @@ def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, mon
 
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
-    def interrupted(pieces):
+    def interrupted(pieces, tokenizer):
         yield [1, 2, 3]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "encode_pieces", interrupted)
+    monkeypatch.setattr(gpt, "encode_pieces", interrupted)
     with pytest.raises(SystemExit) as e:
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file))
     assert e.value.code == 130
@@ -2825,9 +2826,10 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     "flags, message",
     [
         (["--drop-rate", "2"], "argument --drop-rate: must be a number in [0, 1), got '2'"),
-        (["--n-heads", "3"], "--emb-dim 256 must be divisible by --n-heads 3"),  # the default width
-        (["--size", "gpt2", "--n-heads", "5"], "--emb-dim 768 must be divisible by --n-heads 5"),
-        (["--emb-dim", "30"], "--emb-dim 30 must be divisible by --n-heads 4"),
+        (["--n-heads", "3"], "the model's shape (--size and the shape flags): emb_dim (256) must be divisible by"),
+        (["--size", "gpt2", "--n-heads", "5"], "emb_dim (768) must be divisible by n_heads (5)"),
+        (["--emb-dim", "30"], "emb_dim (30) must be divisible by n_heads (4)"),
+        (["--size", "HuggingFaceTB/SmolLM2-135M", "--n-heads", "4"], "n_heads (4) must be a multiple of n_kv_heads"),
         (["--model", "gpt2", "--n-layers", "2"], "--model takes the model's shape from its weights: drop --n-layers"),
         (["--epochs", "inf"], "argument --epochs: must be a finite number > 0, got 'inf'"),
         (["--grad-clip", "nan"], "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
@@ -2890,6 +2892,133 @@ def test_pretrain_stop_on_an_evaluation_step_then_resume_equals_whole_run(tmp_pa
     assert resumed == whole
     best_whole, best_resumed = (gpt.load_checkpoint(tmp_path / r / "run" / "best.pt") for r in "ab")
     assert best_resumed["step"] == best_whole["step"] and best_resumed["val_loss"] == best_whole["val_loss"]
+
+
+# --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
+
+
+def test_pretrain_token_file_of_gpt2_is_not_reused_for_another_tokenizer(trained_tokenizers, tmp_path, capsys):
+    reference, folder = trained_tokenizers["qwen3"]
+    text = _pretrain_text(40) + "Naïve café, 12 steps.\n"
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    paths = [tmp_path / "text.txt"]
+    gpt2_path, _, gpt2_sha256 = gpt.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())
+    capsys.readouterr()
+    qwen_path, n, qwen_sha256 = gpt.prepare_token_file(paths, tmp_path / "tokens", gpt.load_tokenizer(folder)[0])
+    assert "reused" not in capsys.readouterr().out  # tokenized again, into another file
+    assert qwen_path != gpt2_path and qwen_sha256 != gpt2_sha256 and qwen_path.suffix == ".uint16"  # 1000 ids
+    expected = reference.encode(text).ids
+    assert array.array("H", qwen_path.read_bytes()).tolist() == expected and n == len(expected)
+    assert gpt.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())[0] == gpt2_path
+    assert "reused" in capsys.readouterr().out
+    assert json.loads(gpt2_path.with_suffix(".json").read_text())["tokenizer"] == "gpt2"
+
+
+def test_pretrain_token_file_holds_ids_above_65535_as_uint32(tmp_path):
+    # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
+    import tiktoken
+
+    big = tiktoken.Encoding(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={"<|endoftext|>": 69_999})
+    (tmp_path / "a.txt").write_text("ab")
+    (tmp_path / "b.txt").write_text("c<|endoftext|>d")
+    token_path, n, _ = gpt.prepare_token_file([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "tokens", big)
+    expected = [97, 98, 69_999, 99, 69_999, 100]  # the end-of-text id between the documents, and from the text
+    assert token_path.suffix == ".uint32" and n == 6 and token_path.stat().st_size == 4 * 6
+    assert array.array("I", token_path.read_bytes()).tolist() == expected
+    tokens = torch.from_file(str(token_path), size=n, dtype=gpt.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
+    inputs, targets = pretrain.get_batch(tokens, [0, 1], 4, torch.device("cpu"))
+    assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
+    # The unigram baseline counts the id too: once in 3 training tokens, add-one over 70,000 ids.
+    baseline = pretrain.unigram_baseline(tokens[:3], tokens[2:3], vocab_size=70_000)
+    assert baseline == pytest.approx(-math.log((1 + 1) / (3 + 70_000)), rel=1e-12)
+    assert gpt.token_type(gpt.get_tokenizer()) == "uint16"
+
+
+def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
+    trained_tokenizers, tmp_path, pretrain_text_file, monkeypatch, capsys
+):
+    prompt = "Every effort moves you"
+    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
+    monkeypatch.setattr(gpt, "token_type", lambda tokenizer: "uint32")  # as for 151,936 ids; 1000 need uint16
+
+    def argv(run, *extra):
+        flags = _pretrain_tiny_argv(tmp_path / run, pretrain_text_file, "--model", str(tmp_path / "model"))
+        for flag in ("--n-layers", "--n-heads", "--emb-dim"):  # the shape comes from the weights
+            i = flags.index(flag)
+            del flags[i : i + 2]
+        return flags + ["--max-steps", "4", "--eval-every", "2", "--drop-rate", "0.1", "--lr", "1e-2", *extra]
+
+    whole = pretrain.main(argv("a"))
+    out = capsys.readouterr().out
+    (token_path,) = (tmp_path / "a" / "tokens").glob("*.uint32")
+    text = pretrain_text_file.read_text()
+    assert array.array("I", token_path.read_bytes()).tolist() == tokenizer.encode(text, add_special_tokens=False).ids
+    # The sample of step 0 is the loaded model's, in its tokenizer, until its end token at most.
+    encoding, eot_id = gpt.load_tokenizer(tmp_path / "model")
+    start = gpt.text_to_token_ids(prompt, tokenizer=encoding)  # <|begin_of_text|> first
+    model = gpt.load_model(tmp_path / "model")
+    sample = gpt.generate(model, start, 5, temperature=0.8, top_k=50, seed=123, eos_id=eot_id)
+    assert "  sample: " + gpt.token_ids_to_text(sample[0], encoding).replace("\n", "\n          ") + "\n" in out
+    history = json.loads((tmp_path / "a" / "run" / "history.json").read_text())["evaluations"]
+    assert [h["step"] for h in history] == [0, 2, 4] and history[-1]["train_loss"] < history[0]["train_loss"]
+    for path in (whole["best"], whole["latest"]):  # the later stages reload the same tokenizer
+        assert gpt.load_checkpoint(path)["tokenizer"] == str((tmp_path / "model").resolve())
+        assert gpt.load_tokenizer(path)[1] == eot_id and type(gpt.load_model(path)) is gpt.LlamaModel
+    pretrain.main(argv("b", "--stop-at-step", "3"))
+    resumed = pretrain.main(argv("b", "--resume"))
+    assert resumed["steps"] == 4 and resumed["val_loss"] == whole["val_loss"]
+    a, b = (gpt.load_checkpoint(tmp_path / r / "run" / "latest.pt") for r in "ab")
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
+
+
+def test_pretrain_size_of_a_llama_shape_trains_from_scratch_with_its_hub_tokenizer(
+    trained_tokenizers, file_server, monkeypatch, tmp_path, pretrain_text_file
+):
+    reference, folder = trained_tokenizers["smollm2"]  # stands in for SmolLM2's tokenizer.json on the Hub
+    name = "HuggingFaceTB/SmolLM2-135M"
+    server = file_server({f"/{name}/resolve/main/tokenizer.json": (folder / "tokenizer.json").read_bytes()})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "2", "--eval-every", "2")
+    argv[argv.index("--n-heads") + 1] = "3"  # a multiple of the shape's 3 key/value heads
+    argv[argv.index("--emb-dim") + 1] = "48"
+    result = pretrain.main(argv)
+    checkpoint = gpt.load_checkpoint(result["best"])
+    assert checkpoint["tokenizer"] == name and checkpoint["step"] == 2
+    expected = dict(family="llama", vocab_size=49152, n_layers=2, n_heads=3, n_kv_heads=3, emb_dim=48, hidden_dim=1536)
+    assert {key: checkpoint["config"][key] for key in expected} == expected  # the shape, with the flags given
+    (token_path,) = (tmp_path / "tokens").glob("*.uint16")
+    assert array.array("H", token_path.read_bytes()).tolist() == reference.encode(pretrain_text_file.read_text()).ids
+
+
+def test_pretrain_memory_check_says_when_the_weights_alone_do_not_fit(tmp_path, pretrain_text_file, monkeypatch):
+    monkeypatch.setattr(gpt, "training_memory", lambda cfg: 10**15)  # as for a model of 62 trillion parameters
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "1"))
+    assert str(e.value).startswith("error: training needs about 1000000.0 GB before activations")
+    assert str(e.value).endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
+                                 "or adapt this one with LoRA (the fine-tunes' --lora)")
+    assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
+
+
+# --- gpt.py: the training plumbing pretrain.py moved there (autocast, FLOPs, throughput) --
+
+
+def test_pretrain_autocast_flops_and_throughput_line_are_exact(monkeypatch):
+    context, dtype_name = gpt.autocast_context(torch.device("cpu"), "auto")
+    assert dtype_name == "float32" and not isinstance(context, torch.autocast)  # CPUs: float32 unless asked
+    context, dtype_name = gpt.autocast_context(torch.device("cpu"), "bfloat16")
+    assert dtype_name == "bfloat16" and context.fast_dtype == torch.bfloat16
+    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    # 5040 parameters; the 8 x 16 position table is only looked up: 6 x 4912 + 12 x 1 layer x 16 wide x 8 tokens
+    assert gpt.count_parameters(model) == 5040 and gpt.flops_per_token(model, 8) == 6 * 4912 + 12 * 16 * 8 == 31008
+    clock = iter([0.0, 10.0, 15.0, 20.0, 20.0, 20.0])  # start, pause, resume, then the report's three readings
+    monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
+    speed = gpt.Throughput(model, 8, tokens_per_step=150, peak_flops=31008 * 100 / 0.5, first_step=0)
+    speed.pause()
+    speed.resume()  # 5 s of evaluation: not counted
+    assert speed.report(step=10, total_steps=20) == "100 tok/s | MFU 50.0% | ETA 20s"  # 1500 tokens in 15 s
 
 
 # ========================================================================================
