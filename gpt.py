@@ -15,14 +15,15 @@ Read it top to bottom. Sections 1 to 5 are GPT-2, the whole model a learner stud
 The rest is what the stage scripts share:
 
 7. files           `download_file`, `verify_file`, `fetch_dataset`, `atomic_write_bytes`,
-                   `atomic_save`, `read_json`, `plot_curves`
+                   `atomic_save`, `read_json`, `plot_curves`; token files (`prepare_token_file`)
 8. weights         `read_safetensors`, `load_gpt2`, `load_llama`, `load_model` (either
                    family, by name or path), `load_tokenizer`
 9. checkpoints     `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`
 10. export         `export_hf`: a folder that Hugging Face transformers loads
 11. a stage's run  flag types, `command_line` (errors to one line, exit codes), settings,
                    run folders, progress lines, devices
-12. training       `make_adamw`, `check_finite_loss`, seeded splits, RNG state, memory checks
+12. training       `make_adamw`, `check_finite_loss`, seeded splits, RNG state, memory checks,
+                   `StopSignal`, `save_training_state`, `restore_training_state`, `Throughput`
 
 The model follows OpenAI's GPT-2 release (Radford et al., 2019, "Language Models are
 Unsupervised Multitask Learners", https://github.com/openai/gpt-2) and uses the same
@@ -37,6 +38,7 @@ not meant to be run on its own.
 
 import argparse
 import atexit
+import codecs
 import contextlib
 import copy
 import dataclasses
@@ -47,18 +49,22 @@ import json
 import math
 import mmap
 import os
+import pickle
 import random
 import re
 import shutil
+import signal
 import struct
 import sys
 import tarfile
 import tempfile
 import textwrap
+import threading
 import time
 import unicodedata
 import zipfile
 import zlib
+from array import array
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -1281,6 +1287,158 @@ def plot_curves(path, panels, xlabel):
     plt.close(fig)
     os.replace(tmp, path)
     return Path(path)
+
+
+# --- Token files: a text corpus tokenized once (streamed: larger than memory is fine) -----
+
+
+def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
+    """Yield the text of a UTF-8 file opened in binary mode (f), chunk_bytes at a time (a
+    file larger than memory works). Line endings become "\\n", also when a chunk ends
+    between "\\r" and "\\n"; a leading byte-order mark is dropped. Raises ValueError with
+    the byte offset of the first invalid UTF-8, unless replace_invalid (then U+FFFD)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")("replace" if replace_invalid else "strict")
+    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)  # holds a final "\r" back
+    if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+        f.seek(0)
+    offset = f.tell()  # bytes of the file handed to the decoder so far
+    while True:
+        chunk = f.read(chunk_bytes)
+        held_back = len(utf8.getstate()[0])  # an incomplete character from the previous chunk
+        try:
+            text = decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{f.name}: invalid UTF-8 at byte {offset - held_back + e.start} ({e.reason}); "
+                "fix the file or pass --replace-invalid-utf8"
+            ) from None
+        offset += len(chunk)
+        yield text
+        if not chunk:
+            return
+
+
+def safe_cut(text):
+    """Index just after the last newline with non-whitespace on both sides, or 0. The
+    pre-tokenizers of GPT-2 and the Llama family always end a piece there, so encoding
+    text[:cut] and text[cut:] apart gives exactly the tokens of the whole text."""
+    cut = text.rfind("\n", 1, len(text) - 1)
+    while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+        cut = text.rfind("\n", 1, cut)
+    return cut + 1 if cut > 0 else 0
+
+
+def encode_pieces(pieces, tokenizer):
+    """Token ids of a stream of text pieces: yields lists of ints whose concatenation is
+    the encoding of the joined text. The end-of-text token's text ("<|endoftext|>" for
+    GPT-2) becomes its id."""
+    end_of_text = {tokenizer.decode([tokenizer.eot_token])}
+    buffer = ""
+    for piece in pieces:
+        buffer += piece
+        cut = safe_cut(buffer)
+        if cut:
+            yield tokenizer.encode(buffer[:cut], allowed_special=end_of_text)
+            buffer = buffer[cut:]
+    if buffer:
+        yield tokenizer.encode(buffer, allowed_special=end_of_text)
+
+
+# Token file types: (array typecode, torch dtype the file is read as). torch before 2.3 has
+# no unsigned types: uint16 ids are read as int16 (`as_ids` undoes it), uint32 ids as int32
+# (every vocabulary is far below 2**31 ids).
+TOKEN_TYPES = {"uint16": ("H", torch.int16), "uint32": ("I", torch.int32)}
+
+
+def token_type(tokenizer):
+    """"uint16" when every id of the tokenizer fits in 2 bytes (GPT-2: 50,257 ids, SmolLM2:
+    49,152), else "uint32" (Qwen3: 151,669, Llama 3: 128,256)."""
+    return "uint16" if tokenizer.max_token_value < 1 << 16 else "uint32"
+
+
+def as_ids(tokens):
+    """Tokens read from a token file -> LongTensor of ids (int16 back to uint16)."""
+    return tokens.long() & 0xFFFF if tokens.dtype == torch.int16 else tokens.long()
+
+
+def write_token_file(paths, token_path, tokenizer, replace_invalid=False, chunk_bytes=1 << 20):
+    """Tokenize the text files (documents) into token_path, with the end-of-text token
+    between documents as in GPT-2's training data: the ids as `token_type` says, native
+    byte order. Written to a temporary file and renamed, so an interrupted run leaves no
+    half file (Ctrl-C here exits 130). Returns (number of tokens, SHA-256 of the file)."""
+    tmp = token_path.with_name(f".{token_path.name}.tmp{os.getpid()}")
+    typecode = TOKEN_TYPES[token_type(tokenizer)][0]
+    total_bytes, done_bytes = sum(p.stat().st_size for p in paths), 0
+    digest, n_tokens, started = hashlib.sha256(), 0, time.time()
+    try:
+        token_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as out:
+            for path in paths:
+                separator = [tokenizer.eot_token] if n_tokens else []  # between documents, not before the first
+                with open(path, "rb") as f:
+                    for ids in encode_pieces(read_text_pieces(f, replace_invalid, chunk_bytes), tokenizer):
+                        if ids and separator:
+                            ids, separator = separator + ids, []
+                        data = array(typecode, ids).tobytes()
+                        out.write(data)
+                        digest.update(data)
+                        n_tokens += len(ids)
+                        done = done_bytes + f.tell()
+                        show_progress(
+                            f"tokenizing: {done / 1e6:,.1f} of {total_bytes / 1e6:,.1f} MB, {n_tokens:,} tokens, "
+                            f"ETA {eta(started, done, total_bytes)}"
+                        )
+                done_bytes += path.stat().st_size
+            out.flush()
+            os.fsync(out.fileno())
+        end_progress()
+        os.replace(tmp, token_path)
+    except KeyboardInterrupt:
+        end_progress()
+        print("interrupted while tokenizing: nothing new is saved, the partial token file is deleted", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n_tokens, digest.hexdigest()
+
+
+def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False, quiet=False):
+    """(token file Path, number of tokens, SHA-256) of the corpus, tokenizing only when
+    needed: the file is reused while the JSON record beside it names the same tokenizer
+    (its pickled vocabulary, merges and pattern) and lists the same sources with the same
+    sizes and modification times. Raises ValueError for a text without tokens."""
+    sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+    tokenizer_sha256 = hashlib.sha256(pickle.dumps(tokenizer)).hexdigest()
+    dtype = token_type(tokenizer)
+    key = hashlib.sha256(json.dumps([[s[0] for s in sources], replace_invalid, tokenizer_sha256]).encode())
+    token_path = Path(token_dir) / f"{paths[0].stem}-{key.hexdigest()[:16]}.{dtype}"
+    record_path = token_path.with_suffix(".json")
+    record = {"tokenizer": tokenizer.name, "tokenizer_sha256": tokenizer_sha256, "dtype": dtype}
+    record.update(replace_invalid_utf8=replace_invalid, sources=sources)
+    try:
+        saved = json.loads(record_path.read_text())
+        size = saved["n_tokens"] * array(TOKEN_TYPES[dtype][0]).itemsize  # bytes
+        if {k: saved[k] for k in record} == record and token_path.stat().st_size == size:
+            if not quiet:
+                print(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
+            return token_path, saved["n_tokens"], saved["sha256"]
+    except (OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
+        pass
+    started = time.time()
+    record_path.unlink(missing_ok=True)  # the token file is about to change
+    n_tokens, sha256 = write_token_file(paths, token_path, tokenizer, replace_invalid)
+    if n_tokens == 0:
+        raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
+    write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": sha256})
+    if not quiet:
+        print(f"token file: {token_path} ({n_tokens:,} tokens, in {format_duration(time.time() - started)})")
+    return token_path, n_tokens, sha256
+
+
+def read_token_file(path, n_tokens):
+    """The n_tokens tokens of a token file (its suffix names the type), memory-mapped: read on
+    demand, so a corpus larger than memory works -> tensor [n_tokens] (see `as_ids`)."""
+    return torch.from_file(str(path), size=n_tokens, dtype=TOKEN_TYPES[Path(path).suffix[1:]][1])
 
 
 # ----------------------------------------------------------------------------------------
@@ -2606,9 +2764,7 @@ def check_training_memory(needed, device, hint):
         )
 
 
-# --- pretrain2: training plumbing any stage can use (stop signal, autocast, training state, throughput)
-import signal  # noqa: E402  (imports of this appended block)
-import threading  # noqa: E402
+# --- A training run: stop signal, autocast, training state, throughput -------------------
 
 
 class StopSignal:
@@ -2716,158 +2872,3 @@ class Throughput:
         remaining = eta(self.started, step - self.first_step, total_steps - self.first_step)
         self.interval_start, self.interval_step = time.time(), step
         return f"{tokens_per_s:,.0f} tok/s{mfu} | ETA {remaining}"
-
-
-# --- pretrain2: token files, a text corpus tokenized once (streamed: larger than memory is fine)
-import codecs  # noqa: E402  (imports of this appended block)
-import pickle  # noqa: E402
-from array import array  # noqa: E402
-
-
-def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
-    """Yield the text of a UTF-8 file opened in binary mode (f), chunk_bytes at a time (a
-    file larger than memory works). Line endings become "\\n", also when a chunk ends
-    between "\\r" and "\\n"; a leading byte-order mark is dropped. Raises ValueError with
-    the byte offset of the first invalid UTF-8, unless replace_invalid (then U+FFFD)."""
-    utf8 = codecs.getincrementaldecoder("utf-8")("replace" if replace_invalid else "strict")
-    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)  # holds a final "\r" back
-    if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
-        f.seek(0)
-    offset = f.tell()  # bytes of the file handed to the decoder so far
-    while True:
-        chunk = f.read(chunk_bytes)
-        held_back = len(utf8.getstate()[0])  # an incomplete character from the previous chunk
-        try:
-            text = decoder.decode(chunk, final=not chunk)
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{f.name}: invalid UTF-8 at byte {offset - held_back + e.start} ({e.reason}); "
-                "fix the file or pass --replace-invalid-utf8"
-            ) from None
-        offset += len(chunk)
-        yield text
-        if not chunk:
-            return
-
-
-def safe_cut(text):
-    """Index just after the last newline with non-whitespace on both sides, or 0. The
-    pre-tokenizers of GPT-2 and the Llama family always end a piece there, so encoding
-    text[:cut] and text[cut:] apart gives exactly the tokens of the whole text."""
-    cut = text.rfind("\n", 1, len(text) - 1)
-    while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
-        cut = text.rfind("\n", 1, cut)
-    return cut + 1 if cut > 0 else 0
-
-
-def encode_pieces(pieces, tokenizer):
-    """Token ids of a stream of text pieces: yields lists of ints whose concatenation is
-    the encoding of the joined text. The end-of-text token's text ("<|endoftext|>" for
-    GPT-2) becomes its id."""
-    end_of_text = {tokenizer.decode([tokenizer.eot_token])}
-    buffer = ""
-    for piece in pieces:
-        buffer += piece
-        cut = safe_cut(buffer)
-        if cut:
-            yield tokenizer.encode(buffer[:cut], allowed_special=end_of_text)
-            buffer = buffer[cut:]
-    if buffer:
-        yield tokenizer.encode(buffer, allowed_special=end_of_text)
-
-
-# Token file types: (array typecode, torch dtype the file is read as). torch before 2.3 has
-# no unsigned types: uint16 ids are read as int16 (`as_ids` undoes it), uint32 ids as int32
-# (every vocabulary is far below 2**31 ids).
-TOKEN_TYPES = {"uint16": ("H", torch.int16), "uint32": ("I", torch.int32)}
-
-
-def token_type(tokenizer):
-    """"uint16" when every id of the tokenizer fits in 2 bytes (GPT-2: 50,257 ids, SmolLM2:
-    49,152), else "uint32" (Qwen3: 151,669, Llama 3: 128,256)."""
-    return "uint16" if tokenizer.max_token_value < 1 << 16 else "uint32"
-
-
-def as_ids(tokens):
-    """Tokens read from a token file -> LongTensor of ids (int16 back to uint16)."""
-    return tokens.long() & 0xFFFF if tokens.dtype == torch.int16 else tokens.long()
-
-
-def write_token_file(paths, token_path, tokenizer, replace_invalid=False, chunk_bytes=1 << 20):
-    """Tokenize the text files (documents) into token_path, with the end-of-text token
-    between documents as in GPT-2's training data: the ids as `token_type` says, native
-    byte order. Written to a temporary file and renamed, so an interrupted run leaves no
-    half file (Ctrl-C here exits 130). Returns (number of tokens, SHA-256 of the file)."""
-    tmp = token_path.with_name(f".{token_path.name}.tmp{os.getpid()}")
-    typecode = TOKEN_TYPES[token_type(tokenizer)][0]
-    total_bytes, done_bytes = sum(p.stat().st_size for p in paths), 0
-    digest, n_tokens, started = hashlib.sha256(), 0, time.time()
-    try:
-        token_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as out:
-            for path in paths:
-                separator = [tokenizer.eot_token] if n_tokens else []  # between documents, not before the first
-                with open(path, "rb") as f:
-                    for ids in encode_pieces(read_text_pieces(f, replace_invalid, chunk_bytes), tokenizer):
-                        if ids and separator:
-                            ids, separator = separator + ids, []
-                        data = array(typecode, ids).tobytes()
-                        out.write(data)
-                        digest.update(data)
-                        n_tokens += len(ids)
-                        done = done_bytes + f.tell()
-                        show_progress(
-                            f"tokenizing: {done / 1e6:,.1f} of {total_bytes / 1e6:,.1f} MB, {n_tokens:,} tokens, "
-                            f"ETA {eta(started, done, total_bytes)}"
-                        )
-                done_bytes += path.stat().st_size
-            out.flush()
-            os.fsync(out.fileno())
-        end_progress()
-        os.replace(tmp, token_path)
-    except KeyboardInterrupt:
-        end_progress()
-        print("interrupted while tokenizing: nothing new is saved, the partial token file is deleted", file=sys.stderr)
-        raise SystemExit(130) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return n_tokens, digest.hexdigest()
-
-
-def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False, quiet=False):
-    """(token file Path, number of tokens, SHA-256) of the corpus, tokenizing only when
-    needed: the file is reused while the JSON record beside it names the same tokenizer
-    (its pickled vocabulary, merges and pattern) and lists the same sources with the same
-    sizes and modification times. Raises ValueError for a text without tokens."""
-    sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-    tokenizer_sha256 = hashlib.sha256(pickle.dumps(tokenizer)).hexdigest()
-    dtype = token_type(tokenizer)
-    key = hashlib.sha256(json.dumps([[s[0] for s in sources], replace_invalid, tokenizer_sha256]).encode())
-    token_path = Path(token_dir) / f"{paths[0].stem}-{key.hexdigest()[:16]}.{dtype}"
-    record_path = token_path.with_suffix(".json")
-    record = {"tokenizer": tokenizer.name, "tokenizer_sha256": tokenizer_sha256, "dtype": dtype}
-    record.update(replace_invalid_utf8=replace_invalid, sources=sources)
-    try:
-        saved = json.loads(record_path.read_text())
-        size = saved["n_tokens"] * array(TOKEN_TYPES[dtype][0]).itemsize  # bytes
-        if {k: saved[k] for k in record} == record and token_path.stat().st_size == size:
-            if not quiet:
-                print(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
-            return token_path, saved["n_tokens"], saved["sha256"]
-    except (OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
-        pass
-    started = time.time()
-    record_path.unlink(missing_ok=True)  # the token file is about to change
-    n_tokens, sha256 = write_token_file(paths, token_path, tokenizer, replace_invalid)
-    if n_tokens == 0:
-        raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
-    write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": sha256})
-    if not quiet:
-        print(f"token file: {token_path} ({n_tokens:,} tokens, in {format_duration(time.time() - started)})")
-    return token_path, n_tokens, sha256
-
-
-def read_token_file(path, n_tokens):
-    """The n_tokens tokens of a token file (its suffix names the type), memory-mapped: read on
-    demand, so a corpus larger than memory works -> tensor [n_tokens] (see `as_ids`)."""
-    return torch.from_file(str(path), size=n_tokens, dtype=TOKEN_TYPES[Path(path).suffix[1:]][1])
