@@ -584,10 +584,13 @@ def text_to_token_ids(text, device=None, tokenizer=None):
 
 def token_ids_to_text(token_ids, tokenizer=None):
     """Token ids (LongTensor [n] or [1, n], or a list of ints) -> text, with GPT-2's tokenizer
-    unless another is given."""
+    unless another is given. Ids past the tokenizer's last one have no text and are left out:
+    a model may have more embedding rows than its tokenizer has tokens (Qwen3: 151,936 for
+    151,669), and a random or barely trained one may generate them."""
     if isinstance(token_ids, torch.Tensor):
         token_ids = token_ids.reshape(-1).tolist()
-    return (tokenizer or get_tokenizer()).decode(token_ids)
+    tokenizer = tokenizer or get_tokenizer()
+    return tokenizer.decode([i for i in token_ids if i <= tokenizer.max_token_value])
 
 
 # ----------------------------------------------------------------------------------------

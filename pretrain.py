@@ -308,9 +308,7 @@ def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
     start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_token]])
     out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
                        eos_id=tokenizer.eot_token)
-    # Rows of the embedding past the tokenizer's ids (Qwen3: 151,936 for 151,669 tokens) have no text.
-    ids = [i for i in out[0, (0 if prompt else 1) :].tolist() if i <= tokenizer.max_token_value]
-    return gpt.token_ids_to_text(ids, tokenizer).replace("\n", "\n          ")
+    return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :], tokenizer).replace("\n", "\n          ")
 
 
 # ----------------------------------------------------------------------------------------

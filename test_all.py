@@ -340,6 +340,8 @@ def test_tokenizer_round_trip():
     ids = gpt.text_to_token_ids("Hello, world<|endoftext|>")
     assert ids.tolist() == [[15496, 11, 995, 50256]]
     assert gpt.token_ids_to_text(ids) == "Hello, world<|endoftext|>"
+    # Embedding rows past the tokenizer's last id (a model of 50,304 rows) have no text.
+    assert gpt.token_ids_to_text([15496, 50257, 50303, 11]) == "Hello,"
 
 
 def test_tokenizer_offline_without_cache_is_a_clear_error(monkeypatch):
