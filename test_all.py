@@ -2934,7 +2934,7 @@ def test_classify_parse_skips_bad_lines_with_line_numbers(capsys):
     assert "x.tsv line 2: no tab" in out
     assert "x.tsv line 3: unknown label 'spma'" in out
     assert "x.tsv line 4: empty message" in out
-    with pytest.raises(ValueError, match=r"3 bad line\(s\) \(--strict-data\): line 2: no tab"):
+    with pytest.raises(ValueError, match=r"3 bad line\(s\): line 2: no tab"):
         fc.parse_sms_collection(raw, source="x.tsv", strict=True)
 
 
@@ -2973,7 +2973,7 @@ def test_classify_splits_are_balanced_and_deterministic(tmp_path):
     def csv_bytes(seed, folder):
         splits = fc.random_split(fc.create_balanced_dataset(messages, seed), seed)
         for name, split in zip(("train", "validation", "test"), splits):
-            fc.write_split_csv(tmp_path / folder / f"{name}.csv", split)
+            fc.write_csv(tmp_path / folder / f"{name}.csv", ("label", "text"), split)
         return splits, [(tmp_path / folder / f"{n}.csv").read_bytes() for n in ("train", "validation", "test")]
 
     splits, first = csv_bytes(123, "a")
@@ -3083,7 +3083,7 @@ def test_classify_metrics_are_exact():
     metrics = fc.binary_classification_metrics(predictions, labels)
     assert metrics["confusion_matrix"] == [[2, 2], [1, 3]]
     assert (metrics["precision"], metrics["recall"]) == (3 / 5, 3 / 4)
-    assert metrics["f1"] == pytest.approx(2 / 3)
+    assert metrics["f1"] == pytest.approx(2 / 3) and metrics["accuracy"] == 5 / 8
     none_predicted = fc.binary_classification_metrics(torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 0, 1]))
     assert (none_predicted["precision"], none_predicted["recall"], none_predicted["f1"]) == (0.0, 0.0, 0.0)
 
@@ -3121,8 +3121,8 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
     assert [line.split("  ")[-1] for line in lines] == ["Call me later", "Are we meeting at 6?", "WINNER!! Claim your prize now"]
     model, checkpoint = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
     assert checkpoint["labels"] == ["not spam", "spam"] and checkpoint["max_length"] == 48
-    expected = fc.classify_texts(model, ["Call me later"], 48)[0]
-    assert lines[0] == f"{expected[0]:<8} (p={expected[1]:.3f})  Call me later"
+    spam_probability = fc.classify_texts(model, ["Call me later"], 48)[0]
+    assert lines[0] == f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later"
 
 
 def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
@@ -3336,7 +3336,7 @@ def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkey
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the run folder was checked")
 
-    monkeypatch.setattr(gpt, "load_gpt2", no_model)
+    monkeypatch.setattr(gpt, "load_model", no_model)
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SystemExit, match=r"error: --out-dir .*file is a file, not a folder"):
         fc.main(_classify_run_argv(tmp_path, "file"))
