@@ -3271,6 +3271,8 @@ def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert len(history["step_loss"]) == 7
     assert (history["step"], history["epoch"]) == ([5, 7], [1.0, 1.4])  # after epoch 1, and at the stop
+    best = max(range(2), key=lambda i: (history["validation_accuracy"][i], -history["validation_loss"][i], -i))
+    assert history["kept_epoch"] == history["epoch"][best]  # the stop within epoch 2 is a candidate too
     fc.main(_classify_run_argv(tmp_path, "all", "--max-steps", "1000", "--epochs", "2"))
     assert json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]["step"] == [5, 10]
     # The first 7 steps of the 10-step run are the 7 steps of the stopped run: same shuffling, same updates.
@@ -3468,12 +3470,14 @@ def test_classify_keeps_the_epoch_with_the_best_validation_accuracy(monkeypatch,
 
 @pytest.mark.parametrize("extra", [[], ["--lora", "--keep-last"]])
 def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(tmp_path, capsys, extra):
-    fc.main(_classify_run_argv(tmp_path, "run", "--epochs", "3", "--lr", "1e-3", *extra))
+    fc.main(_classify_run_argv(tmp_path, "run", "--epochs", "4", "--lr", "3e-3", *extra))
     trained = capsys.readouterr().out
     report = json.loads((tmp_path / "run" / "metrics.json").read_text())
     history = report["history"]
-    best = max(range(3), key=lambda i: (history["validation_accuracy"][i], -history["validation_loss"][i], -i))
-    assert history["kept_epoch"] == (3 if extra else best + 1)
+    if not extra:  # validation accuracy 100% after epochs 2, 3 and 4: epoch 3 has the lowest loss
+        assert history["validation_accuracy"][1:] == [1.0, 1.0, 1.0]
+        assert history["validation_loss"][2] < min(history["validation_loss"][1], history["validation_loss"][3])
+    assert history["kept_epoch"] == (4 if extra else 3)
     fc.main(["--checkpoint", str(tmp_path / "run" / "classifier.pt"), "--evaluate", str(tmp_path / "run" / "test.csv"),
              "--results", str(tmp_path / "evaluation.json")])
     evaluated = capsys.readouterr().out
