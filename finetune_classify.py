@@ -66,9 +66,7 @@ CACHE_BATCH_TOKENS = 4096  # tokens per batch when filling the activation cache:
 MAX_WARNINGS = 5  # bad data lines reported one by one; the rest are counted
 
 
-# ----------------------------------------------------------------------------------------
-# Data: download, parse, balance, split, tokenize
-# ----------------------------------------------------------------------------------------
+# --- Data: download, parse, balance, split, tokenize ----------------------------------
 
 
 def existing_file(path, flag):
@@ -143,14 +141,10 @@ def parse_sms_collection(raw, source="data", strict=False):
 
 
 def read_labelled_file(path):
-    """Labelled messages to evaluate on -> list of (label, text), label "ham" or "spam".
-
-    A file whose name ends in .csv is CSV with a header naming a `text` and a `label`
-    column (as the split CSVs of a run); any other file is in the collection's format
-    (`parse_sms_collection`, or the UCI zip), read strictly. Raises ValueError naming the
-    file and line for a missing column, an unknown label or an empty text: metrics on
-    silently fewer messages would mislead.
-    """
+    """Labelled messages for --evaluate -> list of (label, text), label "ham" or "spam": a .csv
+    file with `text` and `label` columns (as a run's split CSVs), else the collection's
+    format, read strictly. Raises ValueError naming file and line for a missing column, an
+    unknown label or an empty text: metrics on silently fewer messages would mislead."""
     raw = read_sms_bytes(path)
     if Path(path).suffix.lower() != ".csv":
         return parse_sms_collection(raw, source=str(path), strict=True)
@@ -211,9 +205,7 @@ def tokenize_messages(texts, max_length=None, tokenizer=None):
     return [torch.tensor(tokenizer.encode_ordinary(text)[:max_length], dtype=torch.long) for text in texts]
 
 
-# ----------------------------------------------------------------------------------------
-# Model: a pretrained GPT with a classification head
-# ----------------------------------------------------------------------------------------
+# --- Model: a pretrained GPT with a classification head -------------------------------
 
 
 def add_classification_head(model, num_classes=2):
@@ -241,18 +233,15 @@ def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
     return model
 
 
-# ----------------------------------------------------------------------------------------
-# Forward passes: the full model, or the trainable top on cached activations
-# ----------------------------------------------------------------------------------------
+# --- Forward passes: the full model, or the trainable top on cached activations -------
 
 
 def full_pass_logits(model, token_ids, pad_id=gpt.EOT_ID):
     """Class logits of a batch through the whole model: float [batch, num_classes].
 
-    token_ids: list of LongTensor [n_tokens_i]. The batch is right-padded with `pad_id`, the
-    tokenizer's end-of-text id (GPT-2's 50256; the Llama family define no padding token)
-    to its longest message; with causal attention no real token sees the padding, so
-    reading each message's last real token makes the prediction independent of the padding.
+    token_ids: list of LongTensor [n_tokens_i], right-padded with `pad_id` (the tokenizer's
+    end-of-text id: GPT-2's 50256; the Llama family define no padding token). With causal
+    attention no real token sees the padding: each message's last real token is read.
     """
     idx = pad_sequence(token_ids, batch_first=True, padding_value=pad_id)  # [B, T]
     last = torch.tensor([len(t) - 1 for t in token_ids], device=idx.device)  # [B]
@@ -266,8 +255,7 @@ def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, pr
 
     Identical messages (the collection repeats some) are computed once and share one
     tensor. Batches hold messages of similar length (sorted, at most CACHE_BATCH_TOKENS
-    padded tokens), so little is spent on padding. Valid while those blocks are frozen
-    and dropout is 0 (then training and evaluation mode give the same states).
+    padded tokens). Valid while those blocks are frozen and dropout is 0.
     """
     first_of = {}  # token sequence -> index of its first occurrence
     for i, ids in enumerate(token_ids):
@@ -354,9 +342,7 @@ def autocast_logits(logits_fn, device, dtype):
     return logits
 
 
-# ----------------------------------------------------------------------------------------
-# Training and evaluation
-# ----------------------------------------------------------------------------------------
+# --- Training and evaluation ----------------------------------------------------------
 
 
 @torch.no_grad()
@@ -384,14 +370,12 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     """Fine-tune the trainable parameters with AdamW on cross-entropy; returns the history.
 
     train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch
-    shuffles the training split (generator seeded by `seed`) and drops the last incomplete
-    batch, as the book does; training stops after `max_steps` steps when given. Every
-    `eval_every` steps: estimates on `eval_batches` batches per split; after each epoch and
-    at the last step: both full splits, kept in the history (with the step and the epoch,
-    a fraction when stopped within one) beside `step_loss`, the loss of every step.
-    Model selection: the weights of the epoch with the best validation accuracy (ties: the
-    lower validation loss, then the earlier) are put back at the end, unless `keep_last`;
-    history["kept_epoch"] names it. `scale_loss`: loss scaling for float16.
+    shuffles the training split (seeded by `seed`) and drops the last incomplete batch, as
+    the book does; `max_steps` stops earlier. Every `eval_every` steps: estimates on
+    `eval_batches` batches per split; after each epoch and at the last step: both full
+    splits, in the history (epoch: a fraction when stopped within one), with `step_loss`.
+    Model selection: the weights of the best epoch on validation (accuracy; ties: lower
+    loss, then earlier) are put back at the end unless `keep_last`; history["kept_epoch"].
     """
     train_inputs, train_labels = train
     optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
@@ -488,9 +472,7 @@ def print_metrics(metrics, what, threshold):
         print(f"  {name:>10} {row[0]:>10} {row[1]:>10}")
 
 
-# ----------------------------------------------------------------------------------------
-# The saved classifier, classifying new texts
-# ----------------------------------------------------------------------------------------
+# --- The saved classifier, classifying new texts --------------------------------------
 
 
 def save_classifier(path, model, **extra):
@@ -539,28 +521,21 @@ def read_texts_file(path):
     return [line.strip() for line in text.split("\n") if line.strip()]
 
 
-# ----------------------------------------------------------------------------------------
-# Export to and import from the Hugging Face format (...ForSequenceClassification)
-# ----------------------------------------------------------------------------------------
+# --- Export to and import from the Hugging Face format (...ForSequenceClassification) ---
 
 
 def export_classifier_hf(model_or_checkpoint, folder, *, labels=CLASS_NAMES, max_length=None, dtype=torch.float32,
                          overwrite=False, tokenizer="gpt2"):
     """Write a classifier as a transformers GPT2ForSequenceClassification folder (Llama
-    family: LlamaForSequenceClassification, or Qwen3's) -> its Path.
+    family: LlamaForSequenceClassification or Qwen3's) -> its Path: config.json (labels,
+    pad_token_id: end-of-text), model.safetensors in `dtype`, tokenizer files that pad with
+    end-of-text, model_max_length = max_length (default: the context length).
 
     model_or_checkpoint: a classifier with its class names `labels` and `tokenizer` (see
-    gpt.tokenizer_source), or the path of a `save_classifier` checkpoint, which names
-    them and max_length. The folder holds config.json (num_labels, id2label, label2id,
-    pad_token_id: the end-of-text id), model.safetensors in `dtype` and the tokenizer
-    files, padding with end-of-text and model_max_length = max_length (default: context).
-
-    transformers' `score` layer has no bias. GPT-2's head has one, b, carried exactly: the
-    final LayerNorm feeds only the head, so adding W⁺b (the pseudo-inverse of the head
-    weight W [n_classes, emb_dim] times b) to ln_f's bias gives W (h + W⁺b) = W h + b.
-    transformers reads each message at its last token that is not the padding id; a
-    literal end-of-text text in a message is one token there, several here. Raises
-    ValueError when W has rank below n_classes, and as gpt.write_hf_folder.
+    gpt.tokenizer_source), or a `save_classifier` checkpoint, which names them. transformers'
+    `score` has no bias; GPT-2's head bias b is carried exactly: ln_f feeds only the head,
+    so adding W⁺b (pseudo-inverse of the head weight W [n_classes, emb_dim] times b) to its
+    bias gives W (h + W⁺b) = W h + b. Raises ValueError when W has rank below n_classes.
     """
     if isinstance(model_or_checkpoint, (str, Path)):
         gpt.check_hf_folder(folder, overwrite)  # before the load
@@ -583,27 +558,22 @@ def export_classifier_hf(model_or_checkpoint, folder, *, labels=CLASS_NAMES, max
         config.update(architectures=[config["architectures"][0].replace("CausalLM", "SequenceClassification")], **names)
         files = gpt.copied_tokenizer_files(tokenizer, encoding, length)
         files["tokenizer_config.json"].update(pad_token=encoding.decode([eot_id]), model_max_length=length)
-        return gpt.write_hf_folder(folder, tensors, {"config.json": config, **files}, overwrite=overwrite)
-    weight, bias = model.lm_head.weight.detach().double().cpu(), model.lm_head.bias.detach().double().cpu()
-    shift = torch.linalg.pinv(weight) @ bias  # W⁺b: [emb_dim]
-    if not torch.allclose(weight @ shift, bias, rtol=1e-6, atol=1e-6):
-        raise ValueError(f"the head's weight has rank below {len(labels)}: its bias cannot be moved into ln_f")
-    tensors["transformer.ln_f.bias"] = (model.ln_f.bias.detach().double().cpu() + shift).to(dtype)
-    config = gpt.hf_config(model.cfg, dtype, "GPT2ForSequenceClassification", **names)
-    files = gpt.hf_tokenizer_files(length, pad_token="<|endoftext|>")
+    else:
+        weight, bias = model.lm_head.weight.detach().double().cpu(), model.lm_head.bias.detach().double().cpu()
+        shift = torch.linalg.pinv(weight) @ bias  # W⁺b: [emb_dim]
+        if not torch.allclose(weight @ shift, bias, rtol=1e-6, atol=1e-6):
+            raise ValueError(f"the head's weight has rank below {len(labels)}: its bias cannot be moved into ln_f")
+        tensors["transformer.ln_f.bias"] = (model.ln_f.bias.detach().double().cpu() + shift).to(dtype)
+        config = gpt.hf_config(model.cfg, dtype, "GPT2ForSequenceClassification", **names)
+        files = gpt.hf_tokenizer_files(length, pad_token="<|endoftext|>")
     return gpt.write_hf_folder(folder, tensors, {"config.json": config, **files}, overwrite=overwrite)
 
 
 def load_classifier_hf(folder, device="cpu"):
-    """Read a GPT2ForSequenceClassification folder (Llama family: LlamaForSequenceClassification
-    or Qwen3's) -> (model in eval mode, checkpoint dict with config, labels, max_length and
-    tokenizer), as `load_classifier` returns them.
-
-    Reads our own export and transformers' `save_pretrained` alike. The `score` layer
-    becomes our head, with bias 0 for GPT-2 (our export's ln_f bias holds the head's bias).
-    Raises FileNotFoundError for missing files and ValueError for a folder that is not such
-    a classifier.
-    """
+    """Read a ...ForSequenceClassification folder, our export or transformers' alike ->
+    (model in eval mode, checkpoint dict), as `load_classifier`. `score` becomes our head,
+    with bias 0 for GPT-2 (our export's ln_f bias holds the bias). Raises FileNotFoundError
+    for missing files and ValueError for a folder that is not such a classifier."""
     folder = Path(folder)
     config = gpt.read_json(folder / "config.json", "classifier config")
     tensors = gpt.read_safetensors(folder / "model.safetensors")
@@ -637,9 +607,7 @@ def load_classifier_hf(folder, device="cpu"):
     return model.eval(), checkpoint
 
 
-# ----------------------------------------------------------------------------------------
-# Command line and the run
-# ----------------------------------------------------------------------------------------
+# --- Command line and the run ---------------------------------------------------------
 
 RUN_FILES = ("run.json", "train.csv", "validation.csv", "test.csv", "metrics.json", "loss-accuracy.png")  # + checkpoint
 
@@ -861,9 +829,10 @@ def run_classify(args, device):
         return
     keys = ("text", "label", "spam_probability")
     if Path(args.results).suffix.lower() == ".json":
-        path = gpt.save_with_fallback(lambda path: gpt.write_json(path, [dict(zip(keys, r)) for r in rows]), args.results)
+        write = partial(gpt.write_json, obj=[dict(zip(keys, row)) for row in rows])
     else:
-        path = gpt.save_with_fallback(lambda path: write_csv(path, keys, rows), args.results)
+        write = partial(write_csv, header=keys, rows=rows)
+    path = gpt.save_with_fallback(write, args.results)
     n_spam = sum(p >= args.threshold for p in probabilities)
     print(f"classified: {len(rows)} texts, {n_spam} spam (probability >= {args.threshold}), written to {path}")
 
