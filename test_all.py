@@ -3575,14 +3575,16 @@ def _classify_llama_folder(folder, trained_tokenizers, model_type):
     return folder
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("model_type, extra", [("llama", []), ("qwen3", ["--lora", "--max-steps", "3"])])
 def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_tokenizers, tmp_path, capsys,
-                                                                        model_type):
+                                                                        model_type, extra):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = _classify_llama_folder(tmp_path / "model", trained_tokenizers, model_type)
     run = tmp_path / "run"
-    fc.main(["--model", str(folder), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run), "--epochs", "1"])
+    fc.main(["--model", str(folder), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run), "--epochs", "1",
+             *extra])  # the activation cache; LoRA adapters on the seven projections and the full forward pass
+    assert ("activation cache: on" in capsys.readouterr().out) == (not extra)
     checkpoint = gpt.load_checkpoint(run / "classifier.pt")
     assert checkpoint["tokenizer"] == str(folder.resolve()) and checkpoint["model"]["lm_head.weight"].shape == (2, 64)
     assert "lm_head.bias" not in checkpoint["model"]  # as transformers' ...ForSequenceClassification
