@@ -744,7 +744,8 @@ def choose_forward_pass(model, token_ids, args, pad_id):
         return token_ids, partial(full_pass_logits, model, pad_id=pad_id), False
     print(f"activation cache: on (embeddings and {n_frozen} of {cfg.n_layers} blocks frozen, dropout 0)")
     flat = compute_frozen_activations(model, [t for split in token_ids for t in split], n_frozen, pad_id)
-    return [flat[: len(token_ids[0])], flat[len(token_ids[0]) :]], partial(cached_logits, model, n_frozen=n_frozen), True
+    inputs = [flat[: len(token_ids[0])], flat[len(token_ids[0]) :]]
+    return inputs, partial(cached_logits, model, n_frozen=n_frozen), True
 
 
 def train_and_evaluate(args, device):
@@ -806,7 +807,7 @@ def load_for_use(args, device):
     load = load_classifier_hf if Path(args.checkpoint).is_dir() else load_classifier
     model, checkpoint = load(args.checkpoint, device)
     if len(checkpoint["labels"]) != 2:
-        raise ValueError(f"{args.checkpoint} has {len(checkpoint['labels'])} classes: this script's have 2 (spam or not)")
+        raise ValueError(f"{args.checkpoint} has {len(checkpoint['labels'])} classes: a spam classifier has 2")
     tokenizer, eot_id = gpt.load_tokenizer(args.checkpoint)  # the one it names (see gpt.tokenizer_source)
     gpt.check_vocabulary(model, args.checkpoint, tokenizer)
     return model.to(gpt.DTYPES[args.dtype]), checkpoint, tokenizer, eot_id

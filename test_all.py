@@ -3485,7 +3485,8 @@ def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(
     assert evaluation["metrics"] == report["test"] and report["test"]["messages"] == 14
     assert sum(map(sum, report["test"]["confusion_matrix"])) == 14
     printed = trained[trained.index("test split (") :].split("\n")[:5]
-    assert evaluated.split("\n")[:5] == [printed[0].replace("test split", str(tmp_path / "run" / "test.csv")), *printed[1:]]
+    printed[0] = printed[0].replace("test split", str(tmp_path / "run" / "test.csv"))
+    assert evaluated.split("\n")[:5] == printed
     assert evaluated.split("\n")[5] == f"metrics in {tmp_path / 'evaluation.json'}"
 
 
@@ -3512,8 +3513,8 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("a.csv", "label,message\nham,hi\n", r"a.csv: no text column \(header: \['label', 'message'\]\): a CSV file needs a "
-                                         r"header with text and label columns"),
+    ("a.csv", "label,message\nham,hi\n",
+     r"a.csv: no text column \(header: \['label', 'message'\]\): a CSV file needs a header with text and label columns"),
     ("b.csv", "text,label\nhi,ham\nyo,spma\n", r"b.csv line 3: unknown label 'spma' \(expected ham or spam\)"),
     ("c.csv", "text,label\n", r"c.csv: no labelled messages"),
     ("d.tsv", "ham\thi\nspma\tyo\n", r"d.tsv: 1 bad line\(s\): line 2: unknown label 'spma' \(expected ham or spam\)"),
@@ -3560,7 +3561,8 @@ def test_classify_file_writes_predictions_as_csv_or_json_with_probabilities(tmp_
                                       f"{tmp_path / 'predictions.csv'}\n"
     with open(tmp_path / "predictions.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    assert rows == [["text", "label", "spam_probability"], *([t, l, repr(p)] for t, l, p in zip(texts, labels, probabilities))]
+    assert rows[0] == ["text", "label", "spam_probability"]
+    assert rows[1:] == [[text, label, repr(p)] for text, label, p in zip(texts, labels, probabilities)]
     fc.main(common + [str(tmp_path / "predictions.json")])
     assert json.loads((tmp_path / "predictions.json").read_text()) == [
         {"text": t, "label": l, "spam_probability": p} for t, l, p in zip(texts, labels, probabilities)]
@@ -3582,8 +3584,8 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
 
     folder = _classify_llama_folder(tmp_path / "model", trained_tokenizers, model_type)
     run = tmp_path / "run"
-    fc.main(["--model", str(folder), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run), "--epochs", "1",
-             *extra])  # the activation cache; LoRA adapters on the seven projections and the full forward pass
+    data = _classify_sms_slice(tmp_path)
+    fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--epochs", "1", *extra])  # the activation cache; LoRA adapters on the seven projections and the full forward pass
     assert ("activation cache: on" in capsys.readouterr().out) == (not extra)
     checkpoint = gpt.load_checkpoint(run / "classifier.pt")
     assert checkpoint["tokenizer"] == str(folder.resolve()) and checkpoint["model"]["lm_head.weight"].shape == (2, 64)
@@ -3611,8 +3613,8 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
     reference = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert type(reference).__name__ == architecture and reference.config.pad_token_id == eot_id
     batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
-    assert [row[: len(ids)] for row, ids in zip(batch["input_ids"].tolist(), token_ids)] == [t.tolist() for t in token_ids]
-    assert batch["input_ids"][2].tolist()[len(token_ids[2]) :] == [eot_id] * (batch["input_ids"].shape[1] - len(token_ids[2]))
+    for row, ids in zip(batch["input_ids"].tolist(), token_ids):  # our ids, padded on the right with end-of-text
+        assert row == ids.tolist() + [eot_id] * (len(row) - len(ids))
     with torch.no_grad():
         assert (reference(**batch).logits.softmax(dim=-1) - probabilities).abs().max().item() <= 1e-5
     fc.main(["--checkpoint", str(tmp_path / "hf"), "--classify", texts[0]])  # the folder reads back
