@@ -659,7 +659,7 @@ def parse_args(argv=None):
     use.add_argument("--evaluate", metavar="FILE", help="accuracy, precision, recall, F1 and confusion matrix on a "
                      "labelled FILE: .csv with text and label columns (as OUT_DIR/test.csv), else label TAB text "
                      "lines (default: none)")
-    use.add_argument("--threshold", type=gpt.unit_interval, default=0.5,
+    use.add_argument("--threshold", type=gpt.unit_interval, default=0.5, metavar="P",
                      help="spam when its probability is at least this (--classify, --evaluate, the test metrics)")
     use.add_argument("--results", metavar="FILE", help="write --evaluate's metrics (.json) or the predictions of "
                      "--classify with spam probabilities (.csv or .json) (default: print only)")
