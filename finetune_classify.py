@@ -547,6 +547,7 @@ def export_classifier_hf(model_or_checkpoint, folder, *, labels=CLASS_NAMES, max
     if len(labels) != model.lm_head.out_features:
         raise ValueError(f"{len(labels)} class names for a head of {model.lm_head.out_features} classes: {labels}")
     encoding, eot_id = gpt.load_tokenizer(tokenizer)
+    gpt.check_vocabulary(model, "export", encoding)
     length = max_length or model.cfg.context_length
     names = dict(num_labels=len(labels), id2label={str(i): name for i, name in enumerate(labels)},
                  label2id={name: i for i, name in enumerate(labels)}, pad_token_id=eot_id)
