@@ -3610,8 +3610,8 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
     architecture = {"llama": "LlamaForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}[model_type]
     assert f"a {architecture} folder" in capsys.readouterr().out
-    reference = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    assert type(reference).__name__ == architecture and reference.config.pad_token_id == eot_id
+    reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
+    assert problems == [] and type(reference).__name__ == architecture and reference.config.pad_token_id == eot_id
     batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
     for row, ids in zip(batch["input_ids"].tolist(), token_ids):  # our ids, padded on the right with end-of-text
         assert row == ids.tolist() + [eot_id] * (len(row) - len(ids))
