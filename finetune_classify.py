@@ -1,24 +1,26 @@
-"""finetune_classify.py: fine-tune a pretrained GPT-2 into an SMS spam classifier.
+"""finetune_classify.py: fine-tune a pretrained GPT-2 (or a Llama-family model) into an SMS spam classifier.
 
 Stage "fine-tune a pretrained GPT for classification" of the lifecycle (chapter 6 of
-"Build a Large Language Model (From Scratch)", rasbt/LLMs-from-scratch). GPT-2's
-language-model head is replaced by a 2-class linear head that reads the hidden state of
-each message's last token; by default only the last transformer block, the final
-LayerNorm and the new head train.
+"Build a Large Language Model (From Scratch)", rasbt/LLMs-from-scratch). The language-model
+head is replaced by a 2-class linear head that reads the hidden state of each message's
+last token; by default only the last transformer block, the final norm and the new head
+train, and the epoch with the best validation accuracy is kept.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
     python finetune_classify.py --data path/to/SMSSpamCollection --model path/to/model.safetensors
-    python finetune_classify.py --lora --lora-rank 16
+    python finetune_classify.py --model HuggingFaceTB/SmolLM2-135M --lora --lora-rank 16
     python finetune_classify.py --classify "You won a prize! Call now" "See you at 6?"
-    python finetune_classify.py --classify-file messages.txt --checkpoint runs/classify/classifier.pt
+    python finetune_classify.py --classify-file messages.txt --results predictions.csv --threshold 0.8
+    python finetune_classify.py --evaluate runs/classify/test.csv --results evaluation.json
 
 Data: the SMS Spam Collection (UCI Machine Learning Repository, data set 228; Almeida and
 Gomez Hidalgo, 2011), balanced to as many ham as spam messages, shuffled and split 70/10/20.
 
 Writes into --out-dir (default runs/classify/; a folder that holds another run is refused
 unless --overwrite): run.json (the settings), train.csv, validation.csv, test.csv (the
-splits), classifier.pt (config, settings and all weights, read back by --classify),
-metrics.json (settings, history, test metrics, timings), loss-accuracy.png (with matplotlib).
+splits, columns label and text, as --evaluate reads them), classifier.pt (config,
+settings, tokenizer and all weights of the kept epoch), metrics.json (settings, history,
+kept epoch, test metrics, timings), loss-accuracy.png (with matplotlib).
 
 Speed: when the lower blocks are frozen and dropout is 0, their outputs never change. They
 are computed once per message (the "activation cache") and training runs only the
@@ -27,6 +29,7 @@ trainable top on them, with the same logits and gradients as the full forward pa
 
 import argparse
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -63,18 +66,21 @@ CACHE_BATCH_TOKENS = 4096  # tokens per batch when filling the activation cache:
 MAX_WARNINGS = 5  # bad data lines reported one by one; the rest are counted
 
 
-# ----------------------------------------------------------------------------------------
-# Data: download, parse, balance, split, tokenize
-# ----------------------------------------------------------------------------------------
+# --- Data: download, parse, balance, split, tokenize ----------------------------------
+
+
+def existing_file(path, flag):
+    """Path(path), or FileNotFoundError "FLAG PATH: no such file"."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    return Path(path)
 
 
 def sms_collection_path(data=None, urls=DATA_URLS):
-    """`data` when given (FileNotFoundError if missing), else the cached download from the
-    first of `urls` that works (RuntimeError naming the URLs and --data if none does)."""
+    """`data` when given, else the cached download from the first of `urls` that works
+    (RuntimeError naming the URLs and --data if none does)."""
     if data is not None:
-        if not Path(data).is_file():
-            raise FileNotFoundError(f"--data {data}: no such file")
-        return Path(data)
+        return existing_file(data, "--data")
     return gpt.fetch_dataset(
         urls, DATA_FILENAME, flag="--data", kind="zip", member=ZIP_MEMBER, size=MEMBER_SIZE, sha256=MEMBER_SHA256
     )
@@ -126,11 +132,36 @@ def parse_sms_collection(raw, source="data", strict=False):
         else:
             messages.append((label, message))
     if bad and strict:
-        raise ValueError(f"{source}: {len(bad)} bad line(s) (--strict-data): " + "; ".join(bad[:MAX_WARNINGS]))
+        raise ValueError(f"{source}: {len(bad)} bad line(s): " + "; ".join(bad[:MAX_WARNINGS]))
     for problem in bad[:MAX_WARNINGS]:
         print(f"warning: {source} {problem}; skipped (--strict-data makes this an error)")
     if len(bad) > MAX_WARNINGS:
         print(f"warning: {source}: {len(bad) - MAX_WARNINGS} more bad lines skipped")
+    return messages
+
+
+def read_labelled_file(path):
+    """Labelled messages for --evaluate -> list of (label, text), label "ham" or "spam": a .csv
+    file with `text` and `label` columns (as a run's split CSVs), else the collection's
+    format, read strictly. Raises ValueError naming file and line for a missing column, an
+    unknown label or an empty text: metrics on silently fewer messages would mislead."""
+    raw = read_sms_bytes(path)
+    if Path(path).suffix.lower() != ".csv":
+        return parse_sms_collection(raw, source=str(path), strict=True)
+    rows = csv.DictReader(io.StringIO(gpt.decode_utf8(raw, str(path)), newline=""))
+    missing = [column for column in ("text", "label") if column not in (rows.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: no {' and no '.join(missing)} column (header: {rows.fieldnames}): "
+                         "a CSV file needs a header with text and label columns")
+    messages = []
+    for row in rows:
+        label, text = (row["label"] or "").strip().lower(), (row["text"] or "").strip()
+        if label not in LABELS or not text:
+            problem = f"unknown label {label[:20]!r} (expected ham or spam)" if text else "empty text"
+            raise ValueError(f"{path} line {rows.line_num}: {problem}")
+        messages.append((label, text))
+    if not messages:
+        raise ValueError(f"{path}: no labelled messages")
     return messages
 
 
@@ -157,37 +188,39 @@ def random_split(messages, seed, min_train=1):
     return splits
 
 
-def write_split_csv(path, messages):
-    """Write (label, text) pairs as CSV (header `label,text`, UTF-8, "\\n" line ends), atomically."""
+def write_csv(path, header, rows):
+    """Write rows as CSV (UTF-8, "\\n" line ends) under a header line, atomically."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["label", "text"])
-    writer.writerows(messages)
+    writer.writerow(header)
+    writer.writerows(rows)
     gpt.atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
 
 
-def tokenize_messages(texts, max_length=None):
-    """Texts -> list of LongTensor [n_tokens], each cut to its first `max_length` tokens (if given)."""
-    tokenizer = gpt.get_tokenizer()
+def tokenize_messages(texts, max_length=None, tokenizer=None):
+    """Texts -> list of LongTensor [n_tokens], each cut to its first `max_length` tokens (if
+    given), by the model's tokenizer (default GPT-2's)."""
+    tokenizer = tokenizer or gpt.get_tokenizer()
     # encode_ordinary: "<|endoftext|>" inside a message is plain text, not the special token.
     return [torch.tensor(tokenizer.encode_ordinary(text)[:max_length], dtype=torch.long) for text in texts]
 
 
-# ----------------------------------------------------------------------------------------
-# Model: GPT-2 with a classification head
-# ----------------------------------------------------------------------------------------
+# --- Model: a pretrained GPT with a classification head -------------------------------
 
 
 def add_classification_head(model, num_classes=2):
-    """Replace the language-model head (emb_dim -> 50257 logits) by nn.Linear(emb_dim,
+    """Replace the language-model head (emb_dim -> vocabulary logits) by nn.Linear(emb_dim,
     num_classes), initialised from the global torch seed. Returns the model."""
-    model.lm_head = nn.Linear(model.cfg.emb_dim, num_classes).to(model.wte.weight.device)
+    # New: the Llama family's head has no bias, as transformers' LlamaForSequenceClassification:
+    # its RMSNorm has no shift that could carry one into an export (see export_classifier_hf).
+    bias = model.cfg.family == "gpt2"
+    model.lm_head = nn.Linear(model.cfg.emb_dim, num_classes, bias=bias).to(model.wte.weight.device)
     return model
 
 
 def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
     """Freeze model except what `trainable` names; returns the model. last-block: the last
-    transformer block, the final LayerNorm and the head (the book's choice); all; head;
+    transformer block, the final norm and the head (the book's choice); all; head;
     lora (--lora): adapters on the linear layers of every block (gpt.add_lora) and the head."""
     if trainable == "lora":
         gpt.add_lora(model, rank=lora_rank, alpha=lora_alpha)
@@ -200,33 +233,29 @@ def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
     return model
 
 
-# ----------------------------------------------------------------------------------------
-# Forward passes: the full model, or the trainable top on cached activations
-# ----------------------------------------------------------------------------------------
+# --- Forward passes: the full model, or the trainable top on cached activations -------
 
 
-def full_pass_logits(model, token_ids):
+def full_pass_logits(model, token_ids, pad_id=gpt.EOT_ID):
     """Class logits of a batch through the whole model: float [batch, num_classes].
 
-    token_ids: list of LongTensor [n_tokens_i]. The batch is right-padded with
-    <|endoftext|> (50256, GPT-2's only special token) to its longest message; with causal
-    attention no real token sees the padding, so reading each message's last real token
-    makes the prediction independent of the padding.
+    token_ids: list of LongTensor [n_tokens_i], right-padded with `pad_id` (the tokenizer's
+    end-of-text id: GPT-2's 50256; the Llama family define no padding token). With causal
+    attention no real token sees the padding: each message's last real token is read.
     """
-    idx = pad_sequence(token_ids, batch_first=True, padding_value=gpt.EOT_ID)  # [B, T]
+    idx = pad_sequence(token_ids, batch_first=True, padding_value=pad_id)  # [B, T]
     last = torch.tensor([len(t) - 1 for t in token_ids], device=idx.device)  # [B]
     return model(idx)[torch.arange(len(token_ids), device=idx.device), last]  # [B, T, classes] -> [B, classes]
 
 
 @torch.no_grad()
-def compute_frozen_activations(model, token_ids, n_frozen, progress=True):
+def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, progress=True):
     """Hidden states after the embeddings and the first `n_frozen` blocks, per message:
     list of LongTensor [n_tokens_i] -> list of float [n_tokens_i, emb_dim].
 
     Identical messages (the collection repeats some) are computed once and share one
     tensor. Batches hold messages of similar length (sorted, at most CACHE_BATCH_TOKENS
-    padded tokens), so little is spent on padding. Valid while those blocks are frozen
-    and dropout is 0 (then training and evaluation mode give the same states).
+    padded tokens). Valid while those blocks are frozen and dropout is 0.
     """
     first_of = {}  # token sequence -> index of its first occurrence
     for i, ids in enumerate(token_ids):
@@ -245,7 +274,7 @@ def compute_frozen_activations(model, token_ids, n_frozen, progress=True):
     done_tokens, started = 0, time.time()
     for batch in batches:
         seqs = [token_ids[i] for i in batch]
-        x = model.embed(pad_sequence(seqs, batch_first=True, padding_value=gpt.EOT_ID))  # [B, T, C]
+        x = model.embed(pad_sequence(seqs, batch_first=True, padding_value=pad_id))  # [B, T, C]
         for block in model.h[:n_frozen]:
             x = block(x)
         for row, i in enumerate(batch):
@@ -262,9 +291,9 @@ def compute_frozen_activations(model, token_ids, n_frozen, progress=True):
 
 
 def last_block_at_last_token(block, x, last):
-    """block(x)[arange(B), last] without dropout: float [B, C], computed only where the
-    classifier reads. x: float [B, T, C], right-padded; last: LongTensor [B], each row's
-    last real position. The query, attention output and MLP run at that position alone;
+    """block(x)[arange(B), last] of a GPT-2 block without dropout: float [B, C], computed only
+    where the classifier reads. x: float [B, T, C], right-padded; last: LongTensor [B], each
+    row's last real position. The query, attention output and MLP run at that position alone;
     keys and values still come from every position up to it (later padding is masked).
     """
     attn = block.attn
@@ -286,23 +315,25 @@ def last_block_at_last_token(block, x, last):
 def cached_logits(model, activations, n_frozen):
     """Class logits from cached activations (list of float [n_tokens_i, emb_dim], the states
     after the first `n_frozen` blocks): float [batch, num_classes], equal to
-    `full_pass_logits` on their messages. The top blocks run on the right-padded batch,
-    the last of them only at each message's last token."""
+    `full_pass_logits` on their messages. The top blocks run on the right-padded batch;
+    GPT-2's last one only at each message's last token."""
     x = pad_sequence(activations, batch_first=True)  # [B, T, C], zero padding after each message
     last = torch.tensor([len(a) - 1 for a in activations], device=x.device)  # [B]
     top_blocks = model.h[n_frozen:]
-    for block in top_blocks[:-1]:
+    shortcut = len(top_blocks) > 0 and model.cfg.family == "gpt2"  # New: the Llama family runs every position
+    for block in top_blocks[:-1] if shortcut else top_blocks:
         x = block(x)
-    if len(top_blocks):
-        x_last = last_block_at_last_token(top_blocks[-1], x, last)
-    else:
-        x_last = x[torch.arange(len(activations), device=x.device), last]
-    return model.lm_head(model.ln_f(x_last))
+    if shortcut:
+        return model.lm_head(model.ln_f(last_block_at_last_token(top_blocks[-1], x, last)))
+    return model.lm_head(model.ln_f(x[torch.arange(len(activations), device=x.device), last]))
 
 
 def autocast_logits(logits_fn, device, dtype):
     """logits_fn in mixed precision (--dtype): its forward pass under torch.autocast in
-    `dtype` (weights stay float32, matrix products run in dtype); float32 logits."""
+    `dtype` (weights stay float32, matrix products run in dtype); float32 logits.
+    float32: logits_fn itself."""
+    if dtype == torch.float32:
+        return logits_fn
 
     def logits(inputs):
         with torch.autocast(device.type, dtype=dtype):
@@ -311,15 +342,14 @@ def autocast_logits(logits_fn, device, dtype):
     return logits
 
 
-# ----------------------------------------------------------------------------------------
-# Training and evaluation
-# ----------------------------------------------------------------------------------------
+# --- Training and evaluation ----------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate(model, logits_fn, inputs, labels, batch_size):
-    """Mean cross-entropy loss, accuracy and predictions (LongTensor [n], in input order).
-    Batches hold messages of similar length (sorted), so little compute goes to padding."""
+def evaluate(model, logits_fn, inputs, labels, batch_size, threshold=0.5):
+    """Mean cross-entropy loss, accuracy and predictions (LongTensor [n], in input order: spam
+    where its probability reaches `threshold`). Batches hold messages of similar length
+    (sorted), so little compute goes to padding."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
@@ -327,25 +357,25 @@ def evaluate(model, logits_fn, inputs, labels, batch_size):
     total_loss = 0.0
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        logits = logits_fn([inputs[i] for i in batch])
+        logits = logits_fn([inputs[i] for i in batch]).float()
         total_loss += F.cross_entropy(logits, labels[batch], reduction="sum").item()
-        predictions[batch] = logits.argmax(dim=-1)
+        predictions[batch] = (logits.softmax(dim=-1)[:, 1] >= threshold).long()
     model.train(was_training)
-    accuracy = (predictions == labels).float().mean().item()
-    return total_loss / len(inputs), accuracy, predictions
+    return total_loss / len(inputs), (predictions == labels).sum().item() / len(inputs), predictions
 
 
 def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps=None, batch_size=8, lr=5e-5,
-                     weight_decay=0.1, seed=123, log_every=25, eval_every=50, eval_batches=5, scale_loss=False):
+                     weight_decay=0.1, seed=123, log_every=25, eval_every=50, eval_batches=5, scale_loss=False,
+                     keep_last=False):
     """Fine-tune the trainable parameters with AdamW on cross-entropy; returns the history.
 
     train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch
-    shuffles the training split (generator seeded by `seed`) and drops the last incomplete
-    batch, as the book does; training stops after `max_steps` steps when given. Every
-    `eval_every` steps: estimates on `eval_batches` batches per split; after each epoch and
-    at the last step: both full splits, kept in the history (with the step and the epoch,
-    a fraction when stopped within one) beside `step_loss`, the loss of every step.
-    `scale_loss`: loss scaling for float16, so small gradients do not underflow to zero.
+    shuffles the training split (seeded by `seed`) and drops the last incomplete batch, as
+    the book does; `max_steps` stops earlier. Every `eval_every` steps: estimates on
+    `eval_batches` batches per split; after each epoch and at the last step: both full
+    splits, in the history (epoch: a fraction when stopped within one), with `step_loss`.
+    Model selection: the weights of the best epoch on validation (accuracy; ties: lower
+    loss, then earlier) are put back at the end unless `keep_last`; history["kept_epoch"].
     """
     train_inputs, train_labels = train
     optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
@@ -357,6 +387,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     names = ("epoch", "step", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy")
     history = {name: [] for name in (*names, "step_loss")}
     estimate_size = eval_batches * batch_size
+    best_score, kept, kept_weights = None, None, None
     step, started = 0, time.time()
     window_start, window_examples = started, 0
     model.train()
@@ -366,7 +397,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
             batch = order[b * batch_size : (b + 1) * batch_size]
             logits = logits_fn([train_inputs[i] for i in batch])
             loss = F.cross_entropy(logits, train_labels[batch])
-            gpt.check_finite_loss(loss.item(), step + 1)
+            gpt.check_finite_loss(loss, step + 1)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -394,33 +425,60 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
               f"validation loss {val_loss:.4f} accuracy {100 * val_acc:.2f}%", flush=True)
         for name, value in zip(names, (step / steps_per_epoch, step, train_loss, train_acc, val_loss, val_acc)):
             history[name].append(value)
+        # Model selection: keep a copy of the trainable weights of the best epoch so far.
+        if keep_last or best_score is None or (val_acc, -val_loss) > best_score:
+            best_score, kept = (val_acc, -val_loss), epoch - 1
+            if not keep_last:
+                kept_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         window_start, window_examples = time.time(), 0
+    if not keep_last:
+        model.load_state_dict(kept_weights, strict=False)
+    history["kept_epoch"] = history["epoch"][kept]
+    print(f"kept:       epoch {history['kept_epoch']:g} of {history['epoch'][-1]:g} "
+          f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'}): train "
+          f"accuracy {100 * history['train_accuracy'][kept]:.2f}% | validation accuracy "
+          f"{100 * history['validation_accuracy'][kept]:.2f}%, loss {history['validation_loss'][kept]:.4f}")
     return history
 
 
-def binary_classification_metrics(predictions, labels, positive=1):
-    """Precision, recall and F1 of the `positive` class (0.0 where undefined) and the
+def binary_classification_metrics(predictions, labels):
+    """Accuracy; precision, recall and F1 of spam (class 1; 0.0 where undefined); and the
     confusion matrix [[true 0 predicted 0, true 0 predicted 1], [true 1 ..., ...]].
     predictions, labels: LongTensor [n] of class indices 0/1."""
     matrix = [[int(((labels == t) & (predictions == p)).sum()) for p in (0, 1)] for t in (0, 1)]
-    true_pos = matrix[positive][positive]
-    predicted_pos = matrix[0][positive] + matrix[1][positive]
-    actual_pos = sum(matrix[positive])
+    true_pos, predicted_pos, actual_pos = matrix[1][1], matrix[0][1] + matrix[1][1], sum(matrix[1])
     precision = true_pos / predicted_pos if predicted_pos else 0.0
     recall = true_pos / actual_pos if actual_pos else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "confusion_matrix": matrix}
+    accuracy = (matrix[0][0] + matrix[1][1]) / len(labels)
+    return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1, "confusion_matrix": matrix}
 
 
-# ----------------------------------------------------------------------------------------
-# The saved classifier and --classify
-# ----------------------------------------------------------------------------------------
+def labelled_metrics(model, logits_fn, inputs, labels, batch_size, threshold):
+    """Messages, loss and `binary_classification_metrics` of a labelled split -> dict. What
+    a training run reports on its test split and --evaluate on a file: one computation."""
+    loss, _, predictions = evaluate(model, logits_fn, inputs, labels, batch_size, threshold)
+    return {"messages": len(inputs), "loss": loss, **binary_classification_metrics(predictions.cpu(), labels.cpu())}
+
+
+def print_metrics(metrics, what, threshold):
+    """Print accuracy, precision, recall, F1 and the confusion matrix of `labelled_metrics`."""
+    print(f"{what} ({metrics['messages']} messages, spam at probability >= {threshold}): accuracy "
+          f"{100 * metrics['accuracy']:.2f}% | spam precision {metrics['precision']:.4f} | recall "
+          f"{metrics['recall']:.4f} | F1 {metrics['f1']:.4f}")
+    print("confusion matrix (rows: true label, columns: predicted label):")
+    print(f"  {'':>10} {CLASS_NAMES[0]:>10} {CLASS_NAMES[1]:>10}")
+    for name, row in zip(CLASS_NAMES, metrics["confusion_matrix"]):
+        print(f"  {name:>10} {row[0]:>10} {row[1]:>10}")
+
+
+# --- The saved classifier, classifying new texts --------------------------------------
 
 
 def save_classifier(path, model, **extra):
-    """Save the classifier atomically: config, ALL weights (the GPT-2 body with the
-    2-class head, LoRA adapters merged), the class names and `extra` entries."""
-    gpt.merge_lora(model)  # plain GPT-2 parameter names, no LoRA wrapper needed to load
+    """Save the classifier atomically: config, ALL weights (the body with the 2-class head,
+    LoRA adapters merged), the class names and `extra` entries (the "tokenizer" among them)."""
+    gpt.merge_lora(model)  # plain parameter names, no LoRA wrapper needed to load
     gpt.save_checkpoint(path, model, labels=CLASS_NAMES, **extra)
 
 
@@ -432,8 +490,7 @@ def load_classifier(path, device="cpu"):
     checkpoint = gpt.load_checkpoint(path)
     if "labels" not in checkpoint:
         raise ValueError(f"{path}: not a classifier checkpoint of finetune_classify.py (no 'labels' entry)")
-    with torch.device("meta"):  # no random initialisation: the weights come from the file
-        model = add_classification_head(gpt.GPTModel(gpt.GPTConfig(**checkpoint["config"])), len(checkpoint["labels"]))
+    model = add_classification_head(gpt.empty_model(gpt.GPTConfig(**checkpoint["config"])), len(checkpoint["labels"]))
     try:
         model.load_state_dict(checkpoint["model"], assign=True)
     except RuntimeError as e:
@@ -442,16 +499,15 @@ def load_classifier(path, device="cpu"):
 
 
 @torch.no_grad()
-def classify_texts(model, texts, max_length, labels=CLASS_NAMES, batch_size=16):
-    """Classify texts -> list of (label, probability of that label), in the texts' order."""
-    token_ids = [t.to(model.wte.weight.device) for t in tokenize_messages(texts, max_length)]
-    results = []
+def classify_texts(model, texts, max_length, tokenizer=None, pad_id=gpt.EOT_ID, batch_size=16):
+    """Spam probability of each text -> list of float, in the texts' order; each text cut to
+    its first `max_length` tokens of `tokenizer` (default GPT-2's)."""
+    token_ids = [t.to(model.wte.weight.device) for t in tokenize_messages(texts, max_length, tokenizer)]
+    probabilities = []
     for start in range(0, len(token_ids), batch_size):
-        probabilities = full_pass_logits(model, token_ids[start : start + batch_size]).float().softmax(dim=-1)
-        for p in probabilities:
-            best = int(p.argmax())
-            results.append((labels[best], p[best].item()))
-    return results
+        logits = full_pass_logits(model, token_ids[start : start + batch_size], pad_id)
+        probabilities += logits.float().softmax(dim=-1)[:, 1].tolist()
+    return probabilities
 
 
 def read_texts_file(path):
@@ -460,40 +516,108 @@ def read_texts_file(path):
     of the first byte that is not UTF-8 (rather than classifying garbage)."""
     if path == "-" and sys.stdin is None:
         raise ValueError("--classify-file -: standard input is closed: pipe the texts in, or give a file name")
-    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    raw = sys.stdin.buffer.read() if path == "-" else existing_file(path, "--classify-file").read_bytes()
     text = gpt.decode_utf8(raw, f"--classify-file {'standard input' if path == '-' else path}")
     return [line.strip() for line in text.split("\n") if line.strip()]
 
 
-def run_classify(args, device):
-    """--classify / --classify-file: print `label (p=probability)  text` per text, cut to
-    the max length the classifier was trained with."""
-    texts = list(args.classify or [])
-    if args.classify_file is not None:
-        if args.classify_file != "-" and not Path(args.classify_file).is_file():
-            raise FileNotFoundError(f"--classify-file {args.classify_file}: no such file")
-        texts += read_texts_file(args.classify_file)
-    if not texts or any(not t.strip() for t in texts):
-        raise ValueError("nothing to classify: give non-empty texts with --classify or lines in --classify-file")
-    load = load_classifier_hf if Path(args.checkpoint).is_dir() else load_classifier
-    model, checkpoint = load(args.checkpoint, device)
-    model.to(gpt.DTYPES[args.dtype])
-    results = classify_texts(model, texts, checkpoint["max_length"], checkpoint["labels"])
-    for text, (label, probability) in zip(texts, results):
-        print(f"{label:<8} (p={probability:.3f})  {text}")
+# --- Export to and import from the Hugging Face format (...ForSequenceClassification) ---
 
 
-# ----------------------------------------------------------------------------------------
-# Command line and the run
-# ----------------------------------------------------------------------------------------
+def export_classifier_hf(model_or_checkpoint, folder, *, labels=CLASS_NAMES, max_length=None, dtype=torch.float32,
+                         overwrite=False, tokenizer="gpt2"):
+    """Write a classifier as a transformers GPT2ForSequenceClassification folder (Llama
+    family: LlamaForSequenceClassification or Qwen3's) -> its Path: config.json (labels,
+    pad_token_id: end-of-text), model.safetensors in `dtype`, tokenizer files that pad with
+    end-of-text, model_max_length = max_length (default: the context length).
+
+    model_or_checkpoint: a classifier with its class names `labels` and `tokenizer` (see
+    gpt.tokenizer_source), or a `save_classifier` checkpoint, which names them. transformers'
+    `score` has no bias; GPT-2's head bias b is carried exactly: ln_f feeds only the head,
+    so adding W⁺b (pseudo-inverse of the head weight W [n_classes, emb_dim] times b) to its
+    bias gives W (h + W⁺b) = W h + b. Raises ValueError when W has rank below n_classes.
+    """
+    if isinstance(model_or_checkpoint, (str, Path)):
+        gpt.check_hf_folder(folder, overwrite)  # before the load
+        model, checkpoint = load_classifier(model_or_checkpoint)
+        labels, max_length = checkpoint["labels"], checkpoint.get("max_length")
+        tokenizer = gpt.tokenizer_source(model_or_checkpoint)
+    else:
+        model = gpt.unwrap_model(model_or_checkpoint)
+    if len(labels) != model.lm_head.out_features:
+        raise ValueError(f"{len(labels)} class names for a head of {model.lm_head.out_features} classes: {labels}")
+    encoding, eot_id = gpt.load_tokenizer(tokenizer)
+    gpt.check_vocabulary(model, "export", encoding)
+    length = max_length or model.cfg.context_length
+    names = dict(num_labels=len(labels), id2label={str(i): name for i, name in enumerate(labels)},
+                 label2id={name: i for i, name in enumerate(labels)}, pad_token_id=eot_id)
+    tensors = {name: t for name, t in gpt.hf_tensors(model, dtype).items() if not name.startswith("lm_head.")}
+    tensors["score.weight"] = model.lm_head.weight.detach().to(dtype)
+    if model.cfg.family == "llama":  # New: a head without bias (see add_classification_head)
+        bos_id = eot_id if getattr(encoding, "bos_id", None) is None else encoding.bos_id
+        config = gpt.hf_llama_config(model.cfg, dtype, bos_id, eot_id)
+        config.update(architectures=[config["architectures"][0].replace("CausalLM", "SequenceClassification")], **names)
+        files = gpt.copied_tokenizer_files(tokenizer, encoding, length)
+        files["tokenizer_config.json"].update(pad_token=encoding.decode([eot_id]), model_max_length=length)
+    else:
+        weight, bias = model.lm_head.weight.detach().double().cpu(), model.lm_head.bias.detach().double().cpu()
+        shift = torch.linalg.pinv(weight) @ bias  # W⁺b: [emb_dim]
+        if not torch.allclose(weight @ shift, bias, rtol=1e-6, atol=1e-6):
+            raise ValueError(f"the head's weight has rank below {len(labels)}: its bias cannot be moved into ln_f")
+        tensors["transformer.ln_f.bias"] = (model.ln_f.bias.detach().double().cpu() + shift).to(dtype)
+        config = gpt.hf_config(model.cfg, dtype, "GPT2ForSequenceClassification", **names)
+        files = gpt.hf_tokenizer_files(length, pad_token="<|endoftext|>")
+    return gpt.write_hf_folder(folder, tensors, {"config.json": config, **files}, overwrite=overwrite)
+
+
+def load_classifier_hf(folder, device="cpu"):
+    """Read a ...ForSequenceClassification folder, our export or transformers' alike ->
+    (model in eval mode, checkpoint dict), as `load_classifier`. `score` becomes our head,
+    with bias 0 for GPT-2 (our export's ln_f bias holds the bias). Raises FileNotFoundError
+    for missing files and ValueError for a folder that is not such a classifier."""
+    folder = Path(folder)
+    config = gpt.read_json(folder / "config.json", "classifier config")
+    tensors = gpt.read_safetensors(folder / "model.safetensors")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in ("gpt2", *gpt.HUB_MODEL_TYPES) or "score.weight" not in tensors:
+        raise ValueError(f"{folder}: not a GPT2ForSequenceClassification folder (or Llama's, Qwen3's): "
+                         "no model_type gpt2, llama or qwen3, or no score.weight")
+    score = tensors.pop("score.weight")
+    if model_type == "gpt2":
+        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+        cfg, layout = gpt.config_from_weights(tensors, config), {}
+    else:  # New: the Llama family; "tied": the folder has no language-model head to load
+        tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
+        cfg = dataclasses.replace(gpt.config_from_hub(config, folder / "config.json"), tie_embeddings=True)
+        layout = {"transposed": ()}  # its weights are [out, in] as ours
+    model = gpt.empty_model(cfg)
+    gpt.load_weights_into(model, tensors, device=device, source=str(folder), **layout)
+    add_classification_head(model, score.shape[0])
+    with torch.no_grad():
+        model.lm_head.weight.copy_(score)
+        if model.lm_head.bias is not None:
+            model.lm_head.bias.zero_()
+    id2label = config.get("id2label") or {}
+    labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(score.shape[0])]  # transformers' default names
+    max_length = model.cfg.context_length
+    if (folder / "tokenizer_config.json").exists():  # the length the exported classifier read messages at
+        tokenizer_config = gpt.read_json(folder / "tokenizer_config.json", "tokenizer config")
+        max_length = min(tokenizer_config.get("model_max_length", max_length), max_length)
+    checkpoint = {"config": dict(vars(model.cfg)), "labels": labels, "max_length": max_length,
+                  "tokenizer": gpt.tokenizer_source(folder)}
+    return model.eval(), checkpoint
+
+
+# --- Command line and the run ---------------------------------------------------------
 
 RUN_FILES = ("run.json", "train.csv", "validation.csv", "test.csv", "metrics.json", "loss-accuracy.png")  # + checkpoint
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Fine-tune GPT-2 as an SMS spam classifier, or classify texts with a fine-tuned one. A run "
-                    "writes into --out-dir; a folder that holds another run is refused unless --overwrite.",
+        description="Fine-tune GPT-2 (or a Llama-family model) as an SMS spam classifier, or classify texts and "
+                    "evaluate on labelled files with a fine-tuned one. A run writes into --out-dir; a folder that "
+                    "holds another run is refused unless --overwrite.",
         formatter_class=gpt.HelpFormatter,
     )
     data = parser.add_argument_group("data")
@@ -502,9 +626,10 @@ def parse_args(argv=None):
     data.add_argument("--max-length", type=gpt.positive_int, help="cut messages to N tokens (default: the context)")
     data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded data and weights")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], .safetensors or .pt file")
+    model.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Llama-family Hub name such as "
+                       "HuggingFaceTB/SmolLM2-135M or a folder of one, a .safetensors or .pt file")
     model.add_argument("--trainable", choices=TRAINABLE_CHOICES, default="last-block",
-                       help="what trains: last-block (+ final LayerNorm + head), all, or head (the new head only)")
+                       help="what trains: last-block (+ final norm + head), all, or head (the new head only)")
     model.add_argument("--lora", action="store_true", help="train LoRA adapters in every block + the head instead")
     model.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="rank of the LoRA adapters")
     model.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0, help="LoRA updates scale by alpha/rank")
@@ -512,36 +637,53 @@ def parse_args(argv=None):
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=gpt.positive_int, default=5, help="passes over the training split")
     train.add_argument("--max-steps", type=gpt.positive_int, help="stop after N optimizer steps (default: all epochs)")
-    train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="messages per optimizer step")
+    train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="messages per step or evaluation batch")
     train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
     train.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, head init and shuffling")
     train.add_argument("--log-every", type=gpt.positive_int, default=25, help="print a progress line every N steps")
     train.add_argument("--eval-every", type=gpt.positive_int, default=50, help="estimate loss and accuracy every N steps")
     train.add_argument("--eval-batches", type=gpt.positive_int, default=5, help="batches per split for the estimates")
+    train.add_argument("--keep-last", action="store_true",
+                       help="keep the last epoch's weights, not those of the best validation accuracy")
     train.add_argument("--no-activation-cache", action="store_true", help="run the frozen blocks at every step")
     train.add_argument("--dtype", choices=gpt.DTYPES, default="float32",
                        help="training autocasts the forward pass to it (mixed precision, for GPUs; float16 with loss "
-                            "scaling); --classify converts the weights to it")
+                            "scaling); --classify and --evaluate convert the weights to it")
     train.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
     train.add_argument("--out-dir", default="runs/classify", help="folder for the splits, checkpoint, metrics and plot")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run in --out-dir (deletes its files), or an earlier --export-hf folder")
-    use = parser.add_argument_group("classify with a fine-tuned model (no training)")
+    use = parser.add_argument_group("use a fine-tuned classifier (no training)")
     use.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
     use.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, - for stdin (default: none)")
-    use.add_argument("--checkpoint", help="classifier to write or read, or a GPT2ForSequenceClassification folder "
+    use.add_argument("--evaluate", metavar="FILE", help="accuracy, precision, recall, F1 and confusion matrix on a "
+                     "labelled FILE: .csv with text and label columns (as OUT_DIR/test.csv), else label TAB text "
+                     "lines (default: none)")
+    use.add_argument("--threshold", type=gpt.unit_interval, default=0.5, metavar="P",
+                     help="spam when its probability is at least this (--classify, --evaluate, the test metrics)")
+    use.add_argument("--results", metavar="FILE", help="write --evaluate's metrics (.json) or the predictions of "
+                     "--classify with spam probabilities (.csv or .json) (default: print only)")
+    use.add_argument("--checkpoint", help="classifier to write or read, or a ...ForSequenceClassification folder "
                                           "(default: OUT_DIR/classifier.pt)")
     use.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint as a transformers "
-                     "GPT2ForSequenceClassification folder in --dtype and exit (default: none)")
+                     "...ForSequenceClassification folder in --dtype and exit (default: none)")
     args = parser.parse_args(argv)
+    classify = args.classify is not None or args.classify_file is not None
     if args.lora and args.trainable != "last-block":
         parser.error(f"--lora trains the adapters and the head: drop --trainable {args.trainable}")
+    if args.evaluate is not None and classify:
+        parser.error("--evaluate and --classify/--classify-file: give one of them")
+    kinds = (".json",) if args.evaluate is not None else (".csv", ".json")
+    if args.results is not None and (not classify and args.evaluate is None):
+        parser.error("--results goes with --evaluate, --classify or --classify-file (a run writes metrics.json)")
+    if args.results is not None and Path(args.results).suffix.lower() not in kinds:
+        parser.error(f"--results {args.results}: give a {' or '.join(kinds)} file")
     args.checkpoint = args.checkpoint or str(Path(args.out_dir) / "classifier.pt")
     return args
 
 
-def prepare_data(args, out_dir, device):
+def prepare_data(args, out_dir, device, tokenizer):
     """Read, balance, split (written as CSV) and tokenize the data -> (token ids, labels) per split:
     lists of LongTensor [n_tokens] cut to --max-length, and LongTensor [n]."""
     path = sms_collection_path(args.data)
@@ -550,13 +692,13 @@ def prepare_data(args, out_dir, device):
     print(f"data:       {path}: {len(messages)} messages ({len(messages) - n_spam} ham, {n_spam} spam)")
     splits = random_split(create_balanced_dataset(messages, args.seed), args.seed, min_train=args.batch_size)
     for name, split in zip(("train", "validation", "test"), splits):
-        write_split_csv(out_dir / f"{name}.csv", split)
+        write_csv(out_dir / f"{name}.csv", ("label", "text"), split)
     print(f"splits:     {' / '.join(str(len(s)) for s in splits)} (train / validation / test, balanced, seed "
           f"{args.seed}) written to {out_dir}/{{train,validation,test}}.csv")
     train_texts = {text for _, text in splits[0]}
     repeated = sum(text in train_texts for _, text in splits[2])  # the collection repeats some messages
     print(f"note:       {repeated} of {len(splits[2])} test messages also occur in the training split")
-    token_ids = [tokenize_messages([text for _, text in split]) for split in splits]
+    token_ids = [tokenize_messages([text for _, text in split], tokenizer=tokenizer) for split in splits]
     labels = [torch.tensor([LABELS[label] for label, _ in split], device=device) for split in splits]
     n_truncated = sum(len(t) > args.max_length for split in token_ids for t in split)
     token_ids = [[t[: args.max_length].to(device) for t in split] for split in token_ids]
@@ -566,25 +708,28 @@ def prepare_data(args, out_dir, device):
 
 
 def build_classifier(args, device):
-    """Pretrained GPT-2 with a 2-class head, dropout and trainable parameters set -> (model, max_length)."""
-    model = gpt.load_gpt2(args.model, device=device)
+    """Pretrained model with a 2-class head, dropout and trainable parameters set, and its
+    tokenizer -> (model, max_length, tokenizer, end-of-text id)."""
+    model = gpt.load_model(args.model, device=device)
+    tokenizer, eot_id = gpt.load_tokenizer(args.model)
     cfg = model.cfg
     max_length = args.max_length or cfg.context_length
     if max_length > cfg.context_length:
         raise ValueError(f"--max-length {max_length} is longer than the model's context length {cfg.context_length}")
-    if cfg.vocab_size < gpt.get_tokenizer().n_vocab:
-        raise ValueError(f"--model {args.model} has a vocabulary of {cfg.vocab_size} tokens; the GPT-2 tokenizer needs "
-                         f"{gpt.get_tokenizer().n_vocab}")
+    gpt.check_vocabulary(model, f"--model {args.model}", tokenizer)
     torch.manual_seed(args.seed)  # the head's (and LoRA's) initialisation, and dropout
     add_classification_head(model, len(CLASS_NAMES))
     gpt.set_drop_rate(model, args.drop_rate)
     set_trainable(model, "lora" if args.lora else args.trainable, args.lora_rank, args.lora_alpha)
     trains = "--lora" if args.lora else f"--trainable {args.trainable}"
     print(f"model:      {gpt.model_summary(model, args.model)} ({trains}) on {device}")
-    return model, max_length
+    # Weights, gradients and AdamW's moments must fit before the work starts (activations come on top).
+    needed = gpt.training_memory(cfg, trainable=gpt.count_parameters(model, trainable_only=True))
+    gpt.check_training_memory(needed, device, "train fewer parameters (--lora, or --trainable last-block or head)")
+    return model, max_length, tokenizer, eot_id
 
 
-def choose_forward_pass(model, token_ids, args):
+def choose_forward_pass(model, token_ids, args, pad_id):
     """The inputs of each split and the function that turns a batch of them into logits:
     cached activations and the trainable top where that is exact, else token ids and the
     full forward pass. Returns (inputs, logits_fn, use_cache)."""
@@ -597,29 +742,11 @@ def choose_forward_pass(model, token_ids, args):
         reason = "--no-activation-cache" if args.no_activation_cache else (
             f"--drop-rate {args.drop_rate}" if args.drop_rate else "the lower blocks train")
         print(f"activation cache: off ({reason}): full forward pass at every step")
-        return token_ids, partial(full_pass_logits, model), False
+        return token_ids, partial(full_pass_logits, model, pad_id=pad_id), False
     print(f"activation cache: on (embeddings and {n_frozen} of {cfg.n_layers} blocks frozen, dropout 0)")
-    flat = compute_frozen_activations(model, [t for split in token_ids for t in split], n_frozen)
-    n_train, n_val = len(token_ids[0]), len(token_ids[1])
-    inputs = [flat[:n_train], flat[n_train : n_train + n_val], flat[n_train + n_val :]]
+    flat = compute_frozen_activations(model, [t for split in token_ids for t in split], n_frozen, pad_id)
+    inputs = [flat[: len(token_ids[0])], flat[len(token_ids[0]) :]]
     return inputs, partial(cached_logits, model, n_frozen=n_frozen), True
-
-
-def evaluate_test_split(model, logits_fn, inputs, labels, history, batch_size):
-    """Accuracies, test precision, recall, F1 and confusion matrix: printed, and returned as a dict."""
-    _, test_accuracy, test_predictions = evaluate(model, logits_fn, inputs, labels, batch_size)
-    metrics = binary_classification_metrics(test_predictions.cpu(), labels.cpu())
-    metrics.update(train_accuracy=history["train_accuracy"][-1], validation_accuracy=history["validation_accuracy"][-1],
-                   test_accuracy=test_accuracy)
-    print(f"accuracy:   train {100 * metrics['train_accuracy']:.2f}% | "
-          f"validation {100 * metrics['validation_accuracy']:.2f}% | test {100 * test_accuracy:.2f}%")
-    print(f"test, spam as the positive class: precision {metrics['precision']:.4f} | recall {metrics['recall']:.4f} "
-          f"| F1 {metrics['f1']:.4f}")
-    print("confusion matrix on the test split (rows: true label, columns: predicted label):")
-    print(f"  {'':>10} {CLASS_NAMES[0]:>10} {CLASS_NAMES[1]:>10}")
-    for name, row in zip(CLASS_NAMES, metrics["confusion_matrix"]):
-        print(f"  {name:>10} {row[0]:>10} {row[1]:>10}")
-    return metrics
 
 
 def train_and_evaluate(args, device):
@@ -632,27 +759,33 @@ def train_and_evaluate(args, device):
     out_dir = gpt.claim_run_folder(args.out_dir, [os.path.relpath(args.checkpoint, args.out_dir), *RUN_FILES],
                                    overwrite=args.overwrite, resumable=False)
     # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
-    model, args.max_length = build_classifier(args, device)
+    model, args.max_length, tokenizer, eot_id = build_classifier(args, device)
     gpt.print_settings(args)
-    token_ids, labels = prepare_data(args, out_dir, device)
+    token_ids, labels = prepare_data(args, out_dir, device, tokenizer)
     gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # after the data: bad data leaves no run behind
 
     cache_started = time.time()
-    inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids, args)
+    inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids[:2], args, eot_id)  # train, validation
     train_started = time.time()
-    if args.dtype != "float32":  # mixed precision for what runs per step; weights, cache and loss stay float32
-        logits_fn = autocast_logits(logits_fn, device, gpt.DTYPES[args.dtype])
-    history = train_classifier(model, logits_fn, (inputs[0], labels[0]), (inputs[1], labels[1]), epochs=args.epochs,
-                               max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+    # --dtype: mixed precision for what runs per step; weights, cache and loss stay float32.
+    mixed = partial(autocast_logits, device=device, dtype=gpt.DTYPES[args.dtype])
+    history = train_classifier(model, mixed(logits_fn), (inputs[0], labels[0]), (inputs[1], labels[1]),
+                               epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                                weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every,
                                eval_every=args.eval_every, eval_batches=args.eval_batches,
-                               scale_loss=args.dtype == "float16")
+                               scale_loss=args.dtype == "float16", keep_last=args.keep_last)
     seconds = {"activation_cache": train_started - cache_started, "training": time.time() - train_started}
-    metrics = evaluate_test_split(model, logits_fn, inputs[2], labels[2], history, args.batch_size)
+    # The test split through the full forward pass of the weights as saved (LoRA merged), as
+    # --evaluate runs the checkpoint: evaluating OUT_DIR/test.csv gives these numbers again.
+    gpt.merge_lora(model)
+    full_pass = mixed(partial(full_pass_logits, model, pad_id=eot_id))
+    metrics = labelled_metrics(model, full_pass, token_ids[2], labels[2], args.batch_size, args.threshold)
+    print_metrics(metrics, "test split", args.threshold)
 
     # A full disk must not lose the trained model: save_with_fallback writes to the temporary folder then.
     checkpoint = gpt.save_with_fallback(
-        lambda path: save_classifier(path, model, max_length=args.max_length, settings=vars(args), metrics=metrics),
+        lambda path: save_classifier(path, model, max_length=args.max_length, settings=vars(args), metrics=metrics,
+                                     tokenizer=gpt.tokenizer_source(args.model)),
         args.checkpoint,
     )
     print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB)")
@@ -669,99 +802,75 @@ def train_and_evaluate(args, device):
           f"{gpt.format_duration(seconds['training'])}); metrics in {metrics_path}")
 
 
+def load_for_use(args, device):
+    """The classifier of --checkpoint (a file or a folder) in --dtype and its tokenizer ->
+    (model, checkpoint dict, tokenizer, end-of-text id)."""
+    load = load_classifier_hf if Path(args.checkpoint).is_dir() else load_classifier
+    model, checkpoint = load(args.checkpoint, device)
+    if len(checkpoint["labels"]) != 2:
+        raise ValueError(f"{args.checkpoint} has {len(checkpoint['labels'])} classes: a spam classifier has 2")
+    tokenizer, eot_id = gpt.load_tokenizer(args.checkpoint)  # the one it names (see gpt.tokenizer_source)
+    gpt.check_vocabulary(model, args.checkpoint, tokenizer)
+    return model.to(gpt.DTYPES[args.dtype]), checkpoint, tokenizer, eot_id
+
+
+def run_classify(args, device):
+    """--classify / --classify-file: print `label (p(spam)=probability)  text` per text, or write
+    text, label and spam probability to --results (CSV or JSON, by its extension)."""
+    texts = list(args.classify or [])
+    if args.classify_file is not None:
+        texts += read_texts_file(args.classify_file)
+    if not texts or any(not t.strip() for t in texts):
+        raise ValueError("nothing to classify: give non-empty texts with --classify or lines in --classify-file")
+    model, checkpoint, tokenizer, eot_id = load_for_use(args, device)
+    probabilities = classify_texts(model, texts, checkpoint["max_length"], tokenizer, eot_id)
+    rows = [(text, checkpoint["labels"][p >= args.threshold], p) for text, p in zip(texts, probabilities)]
+    if args.results is None:
+        for text, label, probability in rows:
+            print(f"{label:<8} (p(spam)={probability:.3f})  {text}")
+        return
+    keys = ("text", "label", "spam_probability")
+    if Path(args.results).suffix.lower() == ".json":
+        write = partial(gpt.write_json, obj=[dict(zip(keys, row)) for row in rows])
+    else:
+        write = partial(write_csv, header=keys, rows=rows)
+    path = gpt.save_with_fallback(write, args.results)
+    n_spam = sum(p >= args.threshold for p in probabilities)
+    print(f"classified: {len(rows)} texts, {n_spam} spam (probability >= {args.threshold}), written to {path}")
+
+
+def run_evaluate(args, device):
+    """--evaluate: `labelled_metrics` of --checkpoint on a labelled file, printed, and written
+    as JSON to --results."""
+    messages = read_labelled_file(existing_file(args.evaluate, "--evaluate"))
+    model, checkpoint, tokenizer, eot_id = load_for_use(args, device)
+    texts = [text for _, text in messages]
+    token_ids = [t.to(device) for t in tokenize_messages(texts, checkpoint["max_length"], tokenizer)]
+    labels = torch.tensor([LABELS[label] for label, _ in messages], device=device)
+    full_pass = partial(full_pass_logits, model, pad_id=eot_id)
+    metrics = labelled_metrics(model, full_pass, token_ids, labels, args.batch_size, args.threshold)
+    print_metrics(metrics, args.evaluate, args.threshold)
+    if args.results is not None:
+        report = {"checkpoint": args.checkpoint, "file": args.evaluate, "threshold": args.threshold, "metrics": metrics}
+        print(f"metrics in {gpt.save_with_fallback(lambda path: gpt.write_json(path, report), args.results)}")
+
+
 @gpt.command_line(memory_hint="use a smaller --batch-size (or --max-length)")
 def main(argv=None):
     args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.py downloads data and weights
     device = gpt.pick_device(args.device)
     if args.export_hf is not None:
-        dtype = gpt.DTYPES[args.dtype]
-        folder = export_classifier_hf(args.checkpoint, args.export_hf, dtype=dtype, overwrite=args.overwrite)
-        print(f"exported {args.checkpoint} ({args.dtype}) to {folder}, a GPT2ForSequenceClassification folder")
-        return None
-    if args.classify is not None or args.classify_file is not None:
-        return run_classify(args, device)
-    train_and_evaluate(args, device)
-
-
-# ----------------------------------------------------------------------------------------
-# Export to and import from the Hugging Face format (GPT2ForSequenceClassification)
-# ----------------------------------------------------------------------------------------
-
-
-def export_classifier_hf(model_or_checkpoint, folder, *, labels=CLASS_NAMES, max_length=None, dtype=torch.float32,
-                         overwrite=False):
-    """Write a classifier as a transformers GPT2ForSequenceClassification folder -> its Path.
-
-    model_or_checkpoint: a classifier (GPTModel whose lm_head is nn.Linear(emb_dim,
-    n_classes) with bias) with its class names `labels`, or the path of a checkpoint of
-    `save_classifier` (class names and max_length then come from it). The folder holds
-    config.json (num_labels, id2label, label2id, pad_token_id 50256), model.safetensors
-    in `dtype` and the tokenizer files, with padding by <|endoftext|> and
-    model_max_length = max_length (tokens read per message; default the context length).
-
-    transformers' `score` layer has no bias; ours has one, b, and it is carried exactly:
-    the final LayerNorm feeds only the head, so adding W⁺b (the pseudo-inverse of the
-    head weight W [n_classes, emb_dim], of rank n_classes, times b) to ln_f's bias gives
-    W (h + W⁺b) = W h + W W⁺ b = W h + b. Both classes then read each message at its last
-    token that is not the padding id. A literal "<|endoftext|>" in a message is ordinary
-    text to our classifier (encode_ordinary: several tokens) but the special padding id
-    50256 to transformers' tokenizer, so such messages are classified differently there.
-    Raises ValueError when W has rank below n_classes (the bias cannot be carried), and
-    as gpt.check_hf_folder and gpt.write_hf_folder.
-    """
-    if isinstance(model_or_checkpoint, (str, Path)):
-        gpt.check_hf_folder(folder, overwrite)  # before the load
-        model, checkpoint = load_classifier(model_or_checkpoint)
-        labels, max_length = checkpoint["labels"], checkpoint.get("max_length")
+        folder = export_classifier_hf(args.checkpoint, args.export_hf, dtype=gpt.DTYPES[args.dtype],
+                                      overwrite=args.overwrite)
+        architecture = gpt.read_json(folder / "config.json", "config")["architectures"][0]
+        print(f"exported {args.checkpoint} ({args.dtype}) to {folder}, a {architecture} folder")
+    elif args.evaluate is not None:
+        run_evaluate(args, device)
+    elif args.classify is not None or args.classify_file is not None:
+        run_classify(args, device)
     else:
-        model = gpt.unwrap_model(model_or_checkpoint)
-    if len(labels) != model.lm_head.out_features:
-        raise ValueError(f"{len(labels)} class names for a head of {model.lm_head.out_features} classes: {labels}")
-    weight, bias = model.lm_head.weight.detach().double().cpu(), model.lm_head.bias.detach().double().cpu()
-    shift = torch.linalg.pinv(weight) @ bias  # W⁺b: [emb_dim]
-    if not torch.allclose(weight @ shift, bias, rtol=1e-6, atol=1e-6):
-        raise ValueError(f"the head's weight has rank below {len(labels)}: its bias cannot be moved into ln_f")
-    tensors = gpt.hf_tensors(model, dtype)
-    tensors["transformer.ln_f.bias"] = (model.ln_f.bias.detach().double().cpu() + shift).to(dtype)
-    tensors["score.weight"] = model.lm_head.weight.detach().to(dtype)
-    config = gpt.hf_config(model.cfg, dtype, "GPT2ForSequenceClassification", num_labels=len(labels),
-                           id2label={str(i): name for i, name in enumerate(labels)},
-                           label2id={name: i for i, name in enumerate(labels)}, pad_token_id=gpt.EOT_ID)
-    tokenizer_files = gpt.hf_tokenizer_files(max_length or model.cfg.context_length, pad_token="<|endoftext|>")
-    return gpt.write_hf_folder(folder, tensors, {"config.json": config, **tokenizer_files}, overwrite=overwrite)
-
-
-def load_classifier_hf(folder, device="cpu"):
-    """Read a GPT2ForSequenceClassification folder -> (model in eval mode, checkpoint dict),
-    as `load_classifier` returns them: the dict has config, labels and max_length.
-
-    Reads our own export and transformers' `save_pretrained` alike. The `score` layer
-    becomes our head with bias 0: for our export ln_f's bias already holds the head's
-    bias (W⁺b, see `export_classifier_hf`), so the logits are those of the classifier
-    exported. Raises FileNotFoundError for missing files and ValueError for a folder
-    that is not such a classifier.
-    """
-    folder = Path(folder)
-    config = gpt.read_json(folder / "config.json", "classifier config")
-    tensors = {k.removeprefix("transformer."): v for k, v in gpt.read_safetensors(folder / "model.safetensors").items()}
-    if not isinstance(config, dict) or config.get("model_type") != "gpt2" or "score.weight" not in tensors:
-        raise ValueError(f"{folder}: not a GPT2ForSequenceClassification folder (model_type gpt2 and a score.weight)")
-    score = tensors.pop("score.weight")
-    model = gpt.empty_model(gpt.config_from_weights(tensors, config))
-    gpt.load_weights_into(model, tensors, device=device, source=str(folder))
-    add_classification_head(model, score.shape[0])
-    with torch.no_grad():
-        model.lm_head.weight.copy_(score)
-        model.lm_head.bias.zero_()
-    id2label = config.get("id2label") or {}
-    labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(score.shape[0])]  # transformers' default names
-    max_length = model.cfg.context_length
-    if (folder / "tokenizer_config.json").exists():  # the length the exported classifier read messages at
-        tokenizer_config = gpt.read_json(folder / "tokenizer_config.json", "tokenizer config")
-        max_length = min(tokenizer_config.get("model_max_length", max_length), max_length)
-    checkpoint = {"config": dict(vars(model.cfg)), "labels": labels, "max_length": max_length}
-    return model.eval(), checkpoint
+        train_and_evaluate(args, device)
 
 
 if __name__ == "__main__":

@@ -3072,7 +3072,7 @@ def test_classify_parse_skips_bad_lines_with_line_numbers(capsys):
     assert "x.tsv line 2: no tab" in out
     assert "x.tsv line 3: unknown label 'spma'" in out
     assert "x.tsv line 4: empty message" in out
-    with pytest.raises(ValueError, match=r"3 bad line\(s\) \(--strict-data\): line 2: no tab"):
+    with pytest.raises(ValueError, match=r"3 bad line\(s\): line 2: no tab"):
         fc.parse_sms_collection(raw, source="x.tsv", strict=True)
 
 
@@ -3111,7 +3111,7 @@ def test_classify_splits_are_balanced_and_deterministic(tmp_path):
     def csv_bytes(seed, folder):
         splits = fc.random_split(fc.create_balanced_dataset(messages, seed), seed)
         for name, split in zip(("train", "validation", "test"), splits):
-            fc.write_split_csv(tmp_path / folder / f"{name}.csv", split)
+            fc.write_csv(tmp_path / folder / f"{name}.csv", ("label", "text"), split)
         return splits, [(tmp_path / folder / f"{n}.csv").read_bytes() for n in ("train", "validation", "test")]
 
     splits, first = csv_bytes(123, "a")
@@ -3221,7 +3221,7 @@ def test_classify_metrics_are_exact():
     metrics = fc.binary_classification_metrics(predictions, labels)
     assert metrics["confusion_matrix"] == [[2, 2], [1, 3]]
     assert (metrics["precision"], metrics["recall"]) == (3 / 5, 3 / 4)
-    assert metrics["f1"] == pytest.approx(2 / 3)
+    assert metrics["f1"] == pytest.approx(2 / 3) and metrics["accuracy"] == 5 / 8
     none_predicted = fc.binary_classification_metrics(torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 0, 1]))
     assert (none_predicted["precision"], none_predicted["recall"], none_predicted["f1"]) == (0.0, 0.0, 0.0)
 
@@ -3259,8 +3259,8 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
     assert [line.split("  ")[-1] for line in lines] == ["Call me later", "Are we meeting at 6?", "WINNER!! Claim your prize now"]
     model, checkpoint = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
     assert checkpoint["labels"] == ["not spam", "spam"] and checkpoint["max_length"] == 48
-    expected = fc.classify_texts(model, ["Call me later"], 48)[0]
-    assert lines[0] == f"{expected[0]:<8} (p={expected[1]:.3f})  Call me later"
+    spam_probability = fc.classify_texts(model, ["Call me later"], 48)[0]
+    assert lines[0] == f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later"
 
 
 def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
@@ -3409,6 +3409,8 @@ def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert len(history["step_loss"]) == 7
     assert (history["step"], history["epoch"]) == ([5, 7], [1.0, 1.4])  # after epoch 1, and at the stop
+    best = max(range(2), key=lambda i: (history["validation_accuracy"][i], -history["validation_loss"][i], -i))
+    assert history["kept_epoch"] == history["epoch"][best]  # the stop within epoch 2 is a candidate too
     fc.main(_classify_run_argv(tmp_path, "all", "--max-steps", "1000", "--epochs", "2"))
     assert json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]["step"] == [5, 10]
     # The first 7 steps of the 10-step run are the 7 steps of the stopped run: same shuffling, same updates.
@@ -3474,7 +3476,7 @@ def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkey
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the run folder was checked")
 
-    monkeypatch.setattr(gpt, "load_gpt2", no_model)
+    monkeypatch.setattr(gpt, "load_model", no_model)
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SystemExit, match=r"error: --out-dir .*file is a file, not a folder"):
         fc.main(_classify_run_argv(tmp_path, "file"))
@@ -3566,6 +3568,195 @@ def test_classify_output_into_a_closed_pipe_is_quiet(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+# --- model selection, evaluation on labelled files, predictions files, the Llama family ---
+
+
+def _classify_scripted_training(monkeypatch, scores, keep_last=False):
+    """train_classifier of the tiny classifier on 6 messages, one epoch per entry of `scores`,
+    where the full validation split scores (loss, accuracy) = that entry -> (model, history)."""
+    model = _classify_tiny_classifier()
+    token_ids = _classify_token_ids([4, 9, 6, 12, 3, 8])
+    labels, validation_labels = torch.tensor([0, 1, 0, 1, 1, 0]), torch.tensor([0, 1, 0, 1, 1, 0])
+    real_evaluate, scripted = fc.evaluate, iter(scores)
+
+    def evaluate(model, logits_fn, inputs, labels, batch_size, threshold=0.5):
+        loss, accuracy, predictions = real_evaluate(model, logits_fn, inputs, labels, batch_size, threshold)
+        return (*next(scripted), predictions) if labels is validation_labels else (loss, accuracy, predictions)
+
+    monkeypatch.setattr(fc, "evaluate", evaluate)
+    history = fc.train_classifier(model, partial(fc.full_pass_logits, model), (token_ids, labels),
+                                  (token_ids, validation_labels), epochs=len(scores), batch_size=3, lr=1e-2,
+                                  log_every=100, eval_every=100, keep_last=keep_last)
+    return model, history
+
+
+def test_classify_keeps_the_epoch_with_the_best_validation_accuracy(monkeypatch, capsys):
+    after_two, _ = _classify_scripted_training(monkeypatch, [(0.5, 0.5), (0.5, 0.5)], keep_last=True)
+    model, history = _classify_scripted_training(monkeypatch, [(0.6, 0.5), (0.4, 0.9), (0.3, 0.7)])
+    assert history["validation_accuracy"] == [0.5, 0.9, 0.7] and history["kept_epoch"] == 2
+    assert "kept:       epoch 2 of 3 (best validation accuracy; --keep-last keeps the last)" in capsys.readouterr().out
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after_two.parameters()))  # epoch 2's weights
+    last, history = _classify_scripted_training(monkeypatch, [(0.6, 0.5), (0.4, 0.9), (0.3, 0.7)], keep_last=True)
+    assert history["kept_epoch"] == 3 and "kept:       epoch 3 of 3 (--keep-last)" in capsys.readouterr().out
+    assert not torch.equal(last.lm_head.weight, after_two.lm_head.weight)
+    # Equal accuracies: the lower validation loss; equal in both: the earlier epoch.
+    assert _classify_scripted_training(monkeypatch, [(0.5, 0.8), (0.3, 0.8), (0.4, 0.8)])[1]["kept_epoch"] == 2
+    assert _classify_scripted_training(monkeypatch, [(0.3, 0.8), (0.3, 0.8), (0.4, 0.5)])[1]["kept_epoch"] == 1
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora", "--keep-last"]])
+def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(tmp_path, capsys, extra):
+    fc.main(_classify_run_argv(tmp_path, "run", "--epochs", "4", "--lr", "3e-3", *extra))
+    trained = capsys.readouterr().out
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    history = report["history"]
+    if not extra:  # validation accuracy 100% after epochs 2, 3 and 4: epoch 3 has the lowest loss
+        assert history["validation_accuracy"][1:] == [1.0, 1.0, 1.0]
+        assert history["validation_loss"][2] < min(history["validation_loss"][1], history["validation_loss"][3])
+    assert history["kept_epoch"] == (4 if extra else 3)
+    fc.main(["--checkpoint", str(tmp_path / "run" / "classifier.pt"), "--evaluate", str(tmp_path / "run" / "test.csv"),
+             "--results", str(tmp_path / "evaluation.json")])
+    evaluated = capsys.readouterr().out
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["metrics"] == report["test"] and report["test"]["messages"] == 14
+    assert sum(map(sum, report["test"]["confusion_matrix"])) == 14
+    printed = trained[trained.index("test split (") :].split("\n")[:5]
+    printed[0] = printed[0].replace("test split", str(tmp_path / "run" / "test.csv"))
+    assert evaluated.split("\n")[:5] == printed
+    assert evaluated.split("\n")[5] == f"metrics in {tmp_path / 'evaluation.json'}"
+
+
+def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
+    model = fc.add_classification_head(_classify_tiny_model(), 2)
+    fc.save_classifier(tmp_path / "classifier.pt", model, max_length=48)
+    messages = [("spam", "WINNER!! Claim your prize, call 09061701461"), ("ham", 'He said "ok, fine" then left'),
+                ("ham", "See you at 6?"), ("spam", "Free entry: text WIN to 80086"), ("ham", "ok")]
+    fc.write_csv(tmp_path / "labelled.csv", ("text", "label"), [(text, label) for label, text in messages])
+    (tmp_path / "labelled.tsv").write_text("".join(f"{label}\t{text}\n" for label, text in messages))
+    probabilities = fc.classify_texts(model, [text for _, text in messages], 48)
+    middle = sorted(probabilities)[2]  # spam at >= threshold: three messages reach it
+    truth = [fc.LABELS[label] for label, _ in messages]
+    for threshold in (0.0, middle, 1.0):
+        predicted = [int(p >= threshold) for p in probabilities]
+        matrix = [[sum((t, p) == (i, j) for t, p in zip(truth, predicted)) for j in (0, 1)] for i in (0, 1)]
+        for name in ("labelled.csv", "labelled.tsv"):
+            fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--evaluate", str(tmp_path / name),
+                     "--threshold", str(threshold), "--results", str(tmp_path / "results.json")])
+            results = json.loads((tmp_path / "results.json").read_text())
+            assert results["threshold"] == threshold and results["metrics"]["confusion_matrix"] == matrix
+    assert sum(predicted) == 0 and results["metrics"]["precision"] == 0.0  # threshold 1: no message is that sure
+    assert sum(int(p >= middle) for p in probabilities) == 3
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a.csv", "label,message\nham,hi\n",
+     r"a.csv: no text column \(header: \['label', 'message'\]\): a CSV file needs a header with text and label columns"),
+    ("b.csv", "text,label\nhi,ham\nyo,spma\n", r"b.csv line 3: unknown label 'spma' \(expected ham or spam\)"),
+    ("c.csv", "text,label\n", r"c.csv: no labelled messages"),
+    ("d.tsv", "ham\thi\nspma\tyo\n", r"d.tsv: 1 bad line\(s\): line 2: unknown label 'spma' \(expected ham or spam\)"),
+    ("e.tsv", "ham\thi\nno tab\n", r"e.tsv: 1 bad line\(s\): line 2: no tab between label and message"),
+])
+def test_classify_evaluate_bad_file_is_one_line_and_exit_1(tmp_path, capsys, name, content, message):
+    fc.save_classifier(tmp_path / "classifier.pt", fc.add_classification_head(_classify_tiny_model(), 2), max_length=48)
+    (tmp_path / name).write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--evaluate", str(tmp_path / name)])
+    assert re.fullmatch(f"error: .*{message}", exit_info.value.code)  # a string: Python prints it and exits 1
+
+
+def test_classify_evaluate_and_results_flags_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"error: --evaluate .*missing.csv: no such file"):
+        fc.main(["--evaluate", str(tmp_path / "missing.csv"), "--checkpoint", str(tmp_path / "unused.pt")])
+    for flags, message in [
+        (["--evaluate", "x.csv", "--results", "m.csv"], "--results m.csv: give a .json file"),
+        (["--classify", "hi", "--results", "p.txt"], "--results p.txt: give a .csv or .json file"),
+        (["--results", "p.json"], "--results goes with --evaluate, --classify or --classify-file"),
+        (["--evaluate", "x.csv", "--classify", "hi"], "--evaluate and --classify/--classify-file: give one of them"),
+        (["--classify", "hi", "--threshold", "1.5"], "argument --threshold: must be a number in [0, 1], got '1.5'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            fc.main(flags)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_classify_file_writes_predictions_as_csv_or_json_with_probabilities(tmp_path, capsys):
+    import csv
+
+    model = fc.add_classification_head(_classify_tiny_model(), 2)
+    fc.save_classifier(tmp_path / "classifier.pt", model, max_length=48)
+    texts = ["Are we meeting at 6?", 'WINNER, "claim" your prize', "ok", "Call 09061701461 now to win £2000"]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    probabilities = fc.classify_texts(model, texts, 48)
+    threshold = sorted(probabilities)[1]  # spam at >= threshold: all but the least likely
+    labels = ["spam" if p >= threshold else "not spam" for p in probabilities]
+    assert labels.count("spam") == 3
+    common = ["--checkpoint", str(tmp_path / "classifier.pt"), "--classify-file", str(tmp_path / "texts.txt"),
+              "--threshold", str(threshold), "--results"]
+    fc.main(common + [str(tmp_path / "predictions.csv")])
+    assert capsys.readouterr().out == f"classified: 4 texts, 3 spam (probability >= {threshold}), written to " \
+                                      f"{tmp_path / 'predictions.csv'}\n"
+    with open(tmp_path / "predictions.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["text", "label", "spam_probability"]
+    assert rows[1:] == [[text, label, repr(p)] for text, label, p in zip(texts, labels, probabilities)]
+    fc.main(common + [str(tmp_path / "predictions.json")])
+    assert json.loads((tmp_path / "predictions.json").read_text()) == [
+        {"text": t, "label": l, "spam_probability": p} for t, l, p in zip(texts, labels, probabilities)]
+
+
+def _classify_llama_folder(folder, trained_tokenizers, model_type):
+    """A tiny random Llama or Qwen3 (vocabulary 1000, context 64, untied head) saved with
+    save_pretrained, beside the SmolLM2-style tokenizer.json trained on SMS messages."""
+    save_hf_family(folder, model_type, vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
+                   tie_word_embeddings=False)
+    (folder / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("model_type, extra", [("llama", []), ("qwen3", ["--lora", "--max-steps", "3"])])
+def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_tokenizers, tmp_path, capsys,
+                                                                        model_type, extra):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = _classify_llama_folder(tmp_path / "model", trained_tokenizers, model_type)
+    run = tmp_path / "run"
+    data = _classify_sms_slice(tmp_path)
+    fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--epochs", "1", *extra])  # the activation cache; LoRA adapters on the seven projections and the full forward pass
+    assert ("activation cache: on" in capsys.readouterr().out) == (not extra)
+    checkpoint = gpt.load_checkpoint(run / "classifier.pt")
+    assert checkpoint["tokenizer"] == str(folder.resolve()) and checkpoint["model"]["lm_head.weight"].shape == (2, 64)
+    assert "lm_head.bias" not in checkpoint["model"]  # as transformers' ...ForSequenceClassification
+    encoding, eot_id = gpt.load_tokenizer(folder)
+    model, _ = fc.load_classifier(run / "classifier.pt")
+    texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
+    token_ids = [torch.tensor(encoding.encode_ordinary(text)) for text in texts]
+    with torch.no_grad():
+        probabilities = fc.full_pass_logits(model, token_ids, pad_id=eot_id).softmax(dim=-1)
+        alone = model(token_ids[0][None])[0, -1].softmax(dim=-1)  # no padding: the last token's logits
+    torch.testing.assert_close(probabilities[0], alone)
+    capsys.readouterr()
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", texts[0]])
+    line = f"{fc.CLASS_NAMES[alone[1].item() >= 0.5]:<8} (p(spam)={alone[1].item():.3f})  {texts[0]}\n"
+    assert capsys.readouterr().out == line
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv"),
+             "--results", str(tmp_path / "evaluation.json")])
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["metrics"] == json.loads((run / "metrics.json").read_text())["test"]
+
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
+    architecture = {"llama": "LlamaForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}[model_type]
+    assert f"a {architecture} folder" in capsys.readouterr().out
+    reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
+    assert problems == [] and type(reference).__name__ == architecture and reference.config.pad_token_id == eot_id
+    batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
+    for row, ids in zip(batch["input_ids"].tolist(), token_ids):  # our ids, padded on the right with end-of-text
+        assert row == ids.tolist() + [eot_id] * (len(row) - len(ids))
+    with torch.no_grad():
+        assert (reference(**batch).logits.softmax(dim=-1) - probabilities).abs().max().item() <= 1e-5
+    fc.main(["--checkpoint", str(tmp_path / "hf"), "--classify", texts[0]])  # the folder reads back
+    assert capsys.readouterr().out == line
 
 
 # ========================================================================================
