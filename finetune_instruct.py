@@ -61,28 +61,6 @@ ANSWERS_PER_SAVE = 10  # answers between saves of responses.partial.json
 # ----------------------------------------------------------------------------------------
 
 
-def read_entries(path):
-    """Read a JSON list or a JSON Lines file (UTF-8, a byte-order mark allowed) -> (entries, bad): lists of
-    (where, object) and of (where, reason) for JSON Lines lines that do not parse; `where` is "entry 7" (0-based) in a
-    list, "line 8" (1-based) in JSON Lines. Raises FileNotFoundError or ValueError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file")
-    text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")
-    if text.lstrip().startswith("["):
-        return [(f"entry {i}", item) for i, item in enumerate(gpt.read_json(path, "--data"))], []
-    entries, bad = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                entries.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                bad.append((f"line {number}", f"not valid JSON ({e.msg})"))
-            except RecursionError:
-                bad.append((f"line {number}", "JSON nested too deeply"))
-    return entries, bad
-
-
 def check_entry(entry):
     """Why an entry cannot be used (a string), or None for a valid Alpaca entry: a JSON object with a non-empty
     string "instruction", a string "output" and an optional string "input" (missing or null: no input)."""
@@ -98,10 +76,26 @@ def check_entry(entry):
 
 
 def load_instruction_data(path, max_reported=10):
-    """Read and check an Alpaca-style file -> list of usable entries (dicts, as in the file). Bad entries are reported
-    with their position and left out. Raises ValueError when no usable entry is left."""
-    entries, bad = read_entries(path)
-    good = []
+    """Read an Alpaca-style JSON list or JSON Lines file (UTF-8, a byte-order mark allowed) -> the usable entries
+    (dicts, as in the file). Bad entries are reported with their position, "entry 7" (0-based) in a list, "line 8"
+    (1-based) in JSON Lines, and left out. Raises FileNotFoundError, or ValueError when no usable entry is left."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file")
+    text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")
+    entries, bad, good = [], [], []
+    if text.lstrip().startswith("["):
+        entries = [(f"entry {i}", item) for i, item in enumerate(gpt.read_json(path, "--data"))]
+    else:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                bad.append((f"line {number}", f"not valid JSON ({e.msg})"))
+            except RecursionError:
+                bad.append((f"line {number}", "JSON nested too deeply"))
     for where, entry in entries:
         problem = check_entry(entry)
         if problem:
@@ -295,10 +289,8 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
                 }
                 best = {"step": step, "val_loss": val_loss, "weights": weights}
         if step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps):
-            gpt.save_checkpoint(
-                state_path, model, optimizer=optimizer.state_dict(), step=step, history=history, best=best,
-                rng=gpt.rng_state(), tokenizer=tokenizer_name,
-            )
+            gpt.save_checkpoint(state_path, model, optimizer=optimizer.state_dict(), step=step, history=history,
+                                best=best, rng=gpt.rng_state(), tokenizer=tokenizer_name)
         if step == total_steps:
             break
 
@@ -316,11 +308,8 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
 
         if step % args.log_every == 0 or step == total_steps:
             eta = gpt.eta(started, step - start_step, total_steps - start_step)
-            print(
-                f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} | loss {loss.item():.3f} | "
-                f"{window_tokens / window_seconds:.0f} tok/s | ETA {eta}",
-                flush=True,
-            )
+            print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} | loss {loss.item():.3f} | "
+                  f"{window_tokens / window_seconds:.0f} tok/s | ETA {eta}", flush=True)
             window_seconds, window_tokens = 0.0, 0
     print(f"trained {step - start_step} steps in {gpt.format_duration(time.time() - started)}")
     return history, best
@@ -356,10 +345,20 @@ def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
     return gpt.token_ids_to_text(new_ids, tokenizer=tokenizer).strip(), len(new_ids)
 
 
-def generate_responses(model, tokenizer, entries, path, fingerprint, **options):
-    """Answer every entry (options as in `generate_response`) and write the entries, each with a "model_response",
-    to path (JSON; the temporary folder if path cannot be written) -> that list. Every ANSWERS_PER_SAVE answers go to
-    <path stem>.partial.json with `fingerprint`; a later call with the same fingerprint goes on from there."""
+def answers_fingerprint(checkpoint, entries, options):
+    """What a set of answers depends on, to resume them only for the same work: the model file (path, size,
+    modification time), the entries (SHA-256) and the options."""
+    path = Path(checkpoint)
+    model = f"{path} {path.stat().st_size} {path.stat().st_mtime_ns}" if path.is_file() else str(checkpoint)
+    entries_sha256 = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+    return {"model": model, "entries_sha256": entries_sha256, **options}
+
+
+def generate_responses(model, tokenizer, entries, path, checkpoint, **options):
+    """Answer every entry (options as in `generate_response`) and write them, each with a "model_response", to path
+    (JSON; the temporary folder if path cannot be written) -> that list. Every ANSWERS_PER_SAVE answers go to <path
+    stem>.partial.json; a later call for the same work (`answers_fingerprint`: checkpoint, entries, options) goes on."""
+    fingerprint = answers_fingerprint(checkpoint, entries, options)
     so_far = path.with_name(path.stem + ".partial.json")
     saved = gpt.read_json(so_far, "saved answers") if so_far.is_file() else {}
     results = saved["responses"] if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else []
@@ -385,15 +384,6 @@ def generate_responses(model, tokenizer, entries, path, fingerprint, **options):
     return results
 
 
-def answers_fingerprint(checkpoint, entries, options):
-    """What a set of answers depends on, to resume them only for the same work: the model file (path, size,
-    modification time), the entries (SHA-256) and the options."""
-    path = Path(checkpoint)
-    model = f"{path} {path.stat().st_size} {path.stat().st_mtime_ns}" if path.is_file() else str(checkpoint)
-    entries_sha256 = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
-    return {"model": model, "entries_sha256": entries_sha256, **options}
-
-
 # ----------------------------------------------------------------------------------------
 # 6. Evaluation: an LLM judge served by Ollama
 # ----------------------------------------------------------------------------------------
@@ -402,10 +392,8 @@ def answers_fingerprint(checkpoint, entries, options):
 def judge_prompt(entry):
     """The grading request for one response (the book's section 7.8 wording)."""
     return (
-        f"Given the input `{format_input(entry)}` "
-        f"and correct output `{entry['output']}`, "
-        f"score the model response `{entry['model_response']}`"
-        " on a scale from 0 to 100, where 100 is the best score. "
+        f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, "
+        f"score the model response `{entry['model_response']}` on a scale from 0 to 100, where 100 is the best score. "
         "Respond with the integer number only."
     )
 
@@ -792,9 +780,7 @@ def main(argv=None):
     else:
         args, model, tokenizer, checkpoint, test_set = fine_tune(args, argv, device)
         responses_path, _ = answer_paths(args)  # with --resume, the saved run's
-    options = answer_options(args)
-    fingerprint = answers_fingerprint(checkpoint, test_set, options)
-    generate_responses(model, tokenizer, test_set, responses_path, fingerprint, **options)
+    generate_responses(model, tokenizer, test_set, responses_path, checkpoint, **answer_options(args))
     if args.judge == "ollama":
         judge(args, responses_path)
 
