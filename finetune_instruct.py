@@ -613,7 +613,8 @@ RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "keep_last",
 def build_parser():
     p = argparse.ArgumentParser(
         description="Instruction fine-tuning of GPT-2 or a Llama-family model (Alpaca format), answers for the test "
-        "set, optional LLM judge; --generate-only, --prompt and --judge-only use an existing run.",
+        "set, optional LLM judge. A new run refuses an --out-dir that holds another run unless --resume continues it "
+        "or --overwrite replaces it; --generate-only, --prompt and --judge-only use an existing run.",
         formatter_class=gpt.HelpFormatter,
     )
     what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
@@ -622,7 +623,7 @@ def build_parser():
     what.add_argument("--input", help="input text for --prompt (the '### Input:' section; default: none)")
     what.add_argument("--judge-only", action="store_true", help="no training, no answers: grade --responses")
     what.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings")
-    what.add_argument("--overwrite", action="store_true", help="replace the run in --out-dir (else refused)")
+    what.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir first")
     what.add_argument("--keep-state", action="store_true", help="keep train_state.pt after training, for --resume")
     what.add_argument("--out-dir", default="runs/instruct", help="folder for all outputs")
 
@@ -634,9 +635,9 @@ def build_parser():
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
 
     train = p.add_argument_group("model and training")
-    train.add_argument("--model", default="gpt2-medium", help="gpt2(-medium, -large, -xl), a Llama-family Hub name "
-                       "(HuggingFaceTB/SmolLM2-135M, Qwen/Qwen3-0.6B-Base, meta-llama/Llama-3.2-1B) or folder, "
-                       "a .safetensors file, or a checkpoint of this project")
+    train.add_argument("--model", default="gpt2-medium", help="starting point: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                       "a Llama-family Hub name (HuggingFaceTB/SmolLM2-135M, Qwen/Qwen3-0.6B-Base, "
+                       "meta-llama/Llama-3.2-1B) or folder, a .safetensors file, or a checkpoint of this project")
     train.add_argument("--epochs", type=gpt.positive_int, default=2, help="passes over the training set")
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="examples per optimizer step")
     train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate, constant")
@@ -649,7 +650,7 @@ def build_parser():
     train.add_argument("--log-every", type=gpt.positive_int, default=5, help="steps between progress lines")
     train.add_argument("--eval-every", type=gpt.positive_int, default=25, help="steps between loss estimates")
     train.add_argument("--eval-batches", type=gpt.non_negative_int, default=5, help="batches per estimate, 0: all")
-    train.add_argument("--keep-last", action="store_true", help="save the last weights, not the best validation's")
+    train.add_argument("--keep-last", action="store_true", help="keep the last weights, not the lowest validation loss")
     train.add_argument("--save-every", type=gpt.positive_int, default=50, help="steps between train_state.pt saves")
     train.add_argument("--dtype", choices=gpt.DTYPES, default="float32", help="precision: autocast while training "
                        "(float32 weights; not float16), the weights' type when only answering")
