@@ -16,7 +16,8 @@ answer every test instruction, and a local LLM served by Ollama can grade the an
 
 Writes to --out-dir (default runs/instruct/; one that holds another run is refused unless --resume or --overwrite):
     run.json, train.json, validation.json, test.json   the settings and the split, for --resume and --generate-only
-    model.pt          the kept weights, LoRA merged, naming its tokenizer, for gpt.load_model (1.4 GB for gpt2-medium)
+    model.pt          the kept weights, LoRA merged, naming its tokenizer (1.4 GB for gpt2-medium); load it with
+                      gpt.load_model("runs/instruct/model.pt")
     train_state.pt    model, optimizer, step, history, random state and the best weights so far (4x the model; about 1x
                       with --lora), while training or with --keep-state
     losses.png        train and validation loss per step (with matplotlib installed)
