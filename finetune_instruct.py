@@ -256,7 +256,8 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
     """Fine-tune model in place with AdamW, one step per batch, for --epochs (or --max-steps) -> (history {"step",
     "train_loss", "val_loss": lists}, best {"step", "val_loss", "weights"}: a CPU copy of the trainable weights at the
     evaluation with the lowest validation loss). The training state, best and tokenizer name included, goes to
-    state_path every --save-every steps and at each epoch's end; given back as `state`, training goes on exactly."""
+    state_path every --save-every steps and at each epoch's end; given back as `state`, training goes on as if it had
+    not stopped."""
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
     dtype = gpt.DTYPES[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
