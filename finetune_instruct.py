@@ -1,12 +1,11 @@
 """finetune_instruct.py: teach GPT-2, or a Llama-family model, to follow instructions.
 
 Chapter 7 of "Build a Large Language Model (From Scratch)" (S. Raschka, 2024;
-https://github.com/rasbt/LLMs-from-scratch/tree/main/ch07): the book's 1,100 instruction/response
-pairs in the Alpaca prompt format (Taori et al., 2023, https://github.com/tatsu-lab/stanford_alpaca),
-GPT-2 medium, AdamW at lr 5e-5 with weight decay 0.1, batch size 8, 2 epochs. The weights of the
-evaluation with the lowest validation loss are kept; they answer every test instruction, and a
-local LLM served by Ollama can grade the answers (0-100). A Llama-family model (SmolLM2, Qwen3,
-Llama 3.2) trains the same way, with its own tokenizer and end-of-text token.
+https://github.com/rasbt/LLMs-from-scratch/tree/main/ch07): the book's 1,100 instruction/response pairs in the Alpaca
+prompt format (Taori et al., 2023, https://github.com/tatsu-lab/stanford_alpaca), GPT-2 medium, AdamW at lr 5e-5 with
+weight decay 0.1, batch size 8, 2 epochs. The weights of the evaluation with the lowest validation loss are kept; they
+answer every test instruction, and a local LLM served by Ollama can grade the answers (0-100). A Llama-family model
+(SmolLM2, Qwen3, Llama 3.2) trains the same way, with its own tokenizer and end-of-text token.
 
     python finetune_instruct.py                                  # the book's recipe (downloads data and gpt2-medium)
     python finetune_instruct.py --model HuggingFaceTB/SmolLM2-135M --lora --mask-prompt
@@ -15,13 +14,12 @@ Llama 3.2) trains the same way, with its own tokenizer and end-of-text token.
     python finetune_instruct.py --prompt "Rewrite the sentence in passive voice." --input "The cat ate the fish."
     python finetune_instruct.py --judge-only --judge ollama      # grade runs/instruct/responses.json
 
-Writes to --out-dir (default runs/instruct/; a folder that holds another run is refused unless
---resume or --overwrite is given):
+Writes to --out-dir (default runs/instruct/; one that holds another run is refused unless --resume or --overwrite):
     run.json, train.json, validation.json, test.json   the settings and the split, for --resume and --generate-only
-    model.pt          the kept weights, LoRA merged, naming its tokenizer: gpt.load_model("runs/instruct/model.pt")
-                      (1.4 GB for gpt2-medium)
-    train_state.pt    model, optimizer, step, history, random state and the best weights so far (4x the model;
-                      about 1x with --lora), while training or with --keep-state
+    model.pt          the kept weights, LoRA merged, naming its tokenizer (1.4 GB for gpt2-medium); load it with
+                      gpt.load_model("runs/instruct/model.pt")
+    train_state.pt    model, optimizer, step, history, random state and the best weights so far (4x the model; about 1x
+                      with --lora), while training or with --keep-state
     losses.png        train and validation loss per step (with matplotlib installed)
     responses.json    the test entries with a "model_response" each (responses.partial.json while answering)
     responses-scored.json   the same with a "score" (0-100 or null), after --judge ollama
@@ -64,33 +62,9 @@ ANSWERS_PER_SAVE = 10  # answers between saves of responses.partial.json
 # ----------------------------------------------------------------------------------------
 
 
-def read_entries(path):
-    """Read a JSON list or a JSON Lines file (UTF-8, a byte-order mark allowed) -> (entries, bad):
-    lists of (where, object) and of (where, reason) for JSON Lines lines that do not parse;
-    `where` is "entry 7" (0-based) in a list, "line 8" (1-based) in JSON Lines.
-    Raises FileNotFoundError or ValueError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file")
-    text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")
-    if text.lstrip().startswith("["):
-        return [(f"entry {i}", item) for i, item in enumerate(gpt.read_json(path, "--data"))], []
-    entries, bad = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                entries.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                bad.append((f"line {number}", f"not valid JSON ({e.msg})"))
-            except RecursionError:
-                bad.append((f"line {number}", "JSON nested too deeply"))
-    return entries, bad
-
-
 def check_entry(entry):
-    """Why an entry cannot be used (a string), or None for a valid Alpaca entry: a JSON object
-    with a non-empty string "instruction", a string "output" and an optional string "input"
-    (missing or null: no input)."""
+    """Why an entry cannot be used (a string), or None for a valid Alpaca entry: a JSON object with a non-empty
+    string "instruction", a string "output" and an optional string "input" (missing or null: no input)."""
     if not isinstance(entry, dict):
         return f"not a JSON object but {type(entry).__name__}"
     for key in ("instruction", "output", "input"):
@@ -103,11 +77,26 @@ def check_entry(entry):
 
 
 def load_instruction_data(path, max_reported=10):
-    """Read and check an Alpaca-style file -> list of usable entries (dicts, as in the file).
-    Bad entries are reported with their position and left out. Raises ValueError when no
-    usable entry is left."""
-    entries, bad = read_entries(path)
-    good = []
+    """Read an Alpaca-style JSON list or JSON Lines file (UTF-8, a byte-order mark allowed) -> the usable entries
+    (dicts, as in the file). Bad entries are reported with their position, "entry 7" (0-based) in a list, "line 8"
+    (1-based) in JSON Lines, and left out. Raises FileNotFoundError, or ValueError when no usable entry is left."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file")
+    text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")
+    entries, bad, good = [], [], []
+    if text.lstrip().startswith("["):
+        entries = [(f"entry {i}", item) for i, item in enumerate(gpt.read_json(path, "--data"))]
+    else:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                bad.append((f"line {number}", f"not valid JSON ({e.msg})"))
+            except RecursionError:
+                bad.append((f"line {number}", "JSON nested too deeply"))
     for where, entry in entries:
         problem = check_entry(entry)
         if problem:
@@ -129,9 +118,8 @@ def load_instruction_data(path, max_reported=10):
 
 
 def split_dataset(entries, seed):
-    """Shuffle with `seed`, then split 85% train, 10% test, the rest (5%) validation, as in
-    the book (1,100 entries -> 935 / 110 / 55) -> (train, validation, test) lists.
-    Raises ValueError when a part would be empty (fewer than 10 entries)."""
+    """Shuffle with `seed`, then split 85% train, 10% test, the rest (5%) validation, as in the book (1,100 entries ->
+    935 / 110 / 55) -> (train, validation, test) lists. Raises ValueError when a part would be empty (< 10 entries)."""
     train, test, val = gpt.split_by_fractions(entries, seed, SPLIT_FRACTIONS)
     if not (train and test and val):
         raise ValueError(f"the 85/5/10 split needs at least 10 usable entries, --data has {len(entries)}")
@@ -144,18 +132,8 @@ def split_dataset(entries, seed):
 
 
 def format_input(entry):
-    """The Alpaca prompt of an entry, without the response section (the book's format_input):
-
-        Below is an instruction that describes a task. Write a response that appropriately completes the request.
-
-        ### Instruction:
-        <instruction>
-
-        ### Input:
-        <input>
-
-    An entry without input (empty, missing or null) leaves out the "### Input:" section.
-    """
+    """The Alpaca prompt of an entry without its response section (the book's format_input); an entry without
+    input (empty, missing or null) leaves out the "### Input:" section."""
     text = (
         "Below is an instruction that describes a task. "
         "Write a response that appropriately completes the request."
@@ -177,9 +155,9 @@ def format_prompt(entry):
 
 
 def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
-    """Entries -> list of (token ids, prompt length) with the model's tokenizer. Prompt and response
-    are tokenized separately and joined, so the prompt is exactly the first ids (to mask them). With
-    --mask-prompt an entry whose prompt alone is over max_length has nothing to learn: left out."""
+    """Entries -> list of (token ids, prompt length) with the model's tokenizer. Prompt and response are tokenized
+    separately and joined, so the prompt is exactly the first ids (to mask them). With --mask-prompt an entry whose
+    prompt alone is over max_length has nothing to learn: left out."""
     examples, too_long = [], 0
     for entry in entries:
         prompt_ids = gpt.text_to_token_ids(format_prompt(entry), tokenizer=tokenizer)[0].tolist()
@@ -198,12 +176,11 @@ def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
 def collate_instruction_batch(batch, eot_id, *, mask_prompt=False, max_length=None):
     """Pad a batch of (token ids, prompt length) into inputs and targets: LongTensor [batch, seq_len] each.
 
-    The book's custom_collate_fn (section 7.3, exercise 7.2). Each sequence gets at least one
-    end-of-text token (eot_id: the tokenizer's, 50256 for GPT-2; New: the Llama family's own, which
-    also pads, as those models define no padding token) and is padded with it to one token more
-    than the longest; targets are the inputs shifted left by one. The first end-of-text target
-    stays (the model learns to stop); later padding targets become -100 (the loss skips them), and
-    so do, with mask_prompt, the targets that predict prompt tokens. Then sequences are cut to
+    The book's custom_collate_fn (section 7.3, exercise 7.2). Each sequence gets at least one end-of-text token
+    (eot_id: the tokenizer's, 50256 for GPT-2; New: the Llama family's own, which also pads, as those models define no
+    padding token) and is padded with it to one token more than the longest; targets are the inputs shifted left by
+    one. The first end-of-text target stays (the model learns to stop); later padding targets become -100 (the loss
+    skips them), and so do, with mask_prompt, the targets that predict prompt tokens. Then sequences are cut to
     max_length. Padding is found by position, not value: a real end-of-text in a text stays a target.
     """
     seq_len = max(len(ids) for ids, _ in batch) + 1  # +1: room for the end-of-text token
@@ -221,9 +198,8 @@ def collate_instruction_batch(batch, eot_id, *, mask_prompt=False, max_length=No
 
 
 def epoch_batches(examples, batch_size, seed, epoch):
-    """The batches of one epoch (lists of examples; the last may be shorter), shuffled
-    reproducibly from seed and epoch alone, so that a resumed run sees the same batches
-    as an uninterrupted one."""
+    """The batches of one epoch (lists of examples; the last may be shorter), shuffled reproducibly from seed and
+    epoch alone, so that a resumed run sees the same batches as an uninterrupted one."""
     generator = torch.Generator().manual_seed((seed * 1000 + epoch) % 2**64)  # any --seed: torch takes 64 bits
     order = torch.randperm(len(examples), generator=generator).tolist()
     return [[examples[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
@@ -235,10 +211,9 @@ def epoch_batches(examples, batch_size, seed, epoch):
 
 
 def prepare_model(args, tokenizer, device, state=None):
-    """The model to train, in train mode on device: --model (GPT-2 or the Llama family, see
-    gpt.load_model), or on --resume one of the state's config (`train` loads its weights); dropout
-    at --drop-rate; with --lora only adapters train. Raises ValueError when the tokenizer has ids
-    the model lacks, RuntimeError when AdamW training cannot fit in the device's memory."""
+    """The model to train, in train mode on device: --model (GPT-2 or the Llama family, see gpt.load_model), or on
+    --resume one of the state's config (`train` loads its weights); dropout at --drop-rate; with --lora only adapters
+    train. Raises ValueError when the tokenizer has ids the model lacks, RuntimeError when training cannot fit."""
     torch.manual_seed(args.seed)  # LoRA's A matrices start random
     if state is None:
         model = gpt.load_model(args.model, device=device)
@@ -265,8 +240,8 @@ def calc_loss_batch(model, inputs, targets, autocast):
 
 @torch.no_grad()
 def evaluate_loss(model, examples, collate, args, device, autocast):
-    """Mean batch loss over the first --eval-batches batches of examples (all when 0),
-    in eval mode, in order (no shuffling), so successive estimates are comparable."""
+    """Mean batch loss over the first --eval-batches batches of examples (all when 0), in eval mode, in order (no
+    shuffling), so successive estimates are comparable."""
     model.eval()
     chunks = [examples[i : i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
     losses = []
@@ -277,18 +252,12 @@ def evaluate_loss(model, examples, collate, args, device, autocast):
     return sum(losses) / len(losses)
 
 
-def trainable_weights(model):
-    """A CPU copy of the parameters that train (all of them, or only the LoRA adapters): the rest
-    never changes, so this copy is enough to bring back the weights of an evaluation."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
-
-
 def train(model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state=None):
-    """Fine-tune model in place with AdamW, one step per batch, for --epochs (or --max-steps) ->
-    (history {"step", "train_loss", "val_loss": lists}, best {"step", "val_loss", "weights"}: the
-    `trainable_weights` of the evaluation with the lowest validation loss). The training state,
-    best and tokenizer name included, goes to state_path every --save-every steps and at each
-    epoch's end; given back as `state`, training goes on exactly as if it had not stopped."""
+    """Fine-tune model in place with AdamW, one step per batch, for --epochs (or --max-steps) -> (history {"step",
+    "train_loss", "val_loss": lists}, best {"step", "val_loss", "weights"}: a CPU copy of the trainable weights at the
+    evaluation with the lowest validation loss). The training state, best and tokenizer name included, goes to
+    state_path every --save-every steps and at each epoch's end; given back as `state`, training goes on as if it had
+    not stopped."""
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
     dtype = gpt.DTYPES[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -316,12 +285,14 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
             history["val_loss"].append(val_loss)
             print(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
             if val_loss < best["val_loss"]:  # New: keep the weights that generalise best (early stopping)
-                best = {"step": step, "val_loss": val_loss, "weights": trainable_weights(model)}
+                # only what trains changes (all weights, or the LoRA adapters): a copy of it brings them back
+                weights = {
+                    name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad
+                }
+                best = {"step": step, "val_loss": val_loss, "weights": weights}
         if step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps):
-            gpt.save_checkpoint(
-                state_path, model, optimizer=optimizer.state_dict(), step=step, history=history, best=best,
-                rng=gpt.rng_state(), tokenizer=tokenizer_name,
-            )
+            gpt.save_checkpoint(state_path, model, optimizer=optimizer.state_dict(), step=step, history=history,
+                                best=best, rng=gpt.rng_state(), tokenizer=tokenizer_name)
         if step == total_steps:
             break
 
@@ -339,19 +310,16 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
 
         if step % args.log_every == 0 or step == total_steps:
             eta = gpt.eta(started, step - start_step, total_steps - start_step)
-            print(
-                f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} | loss {loss.item():.3f} | "
-                f"{window_tokens / window_seconds:.0f} tok/s | ETA {eta}",
-                flush=True,
-            )
+            print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} | loss {loss.item():.3f} | "
+                  f"{window_tokens / window_seconds:.0f} tok/s | ETA {eta}", flush=True)
             window_seconds, window_tokens = 0.0, 0
     print(f"trained {step - start_step} steps in {gpt.format_duration(time.time() - started)}")
     return history, best
 
 
 def keep_weights(model, history, best, keep_last):
-    """Load the weights of the lowest validation loss into model (with keep_last: keep the last
-    ones) and say which were kept -> {"step", "val_loss"} of the kept weights' evaluation."""
+    """Load the weights of the lowest validation loss into model (with keep_last: keep the last ones) and say which
+    were kept -> {"step", "val_loss"} of the kept weights' evaluation."""
     if keep_last:
         last = {"step": history["step"][-1], "val_loss": history["val_loss"][-1]}  # the end is always evaluated
         print(f"kept the last weights (step {last['step']}); the lowest validation loss was at step {best['step']}")
@@ -367,9 +335,9 @@ def keep_weights(model, history, best, keep_last):
 
 
 def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
-    """The model's answer to one entry -> (response text, number of new tokens): format_prompt(entry)
-    continued by gpt.generate (greedy; `sampling`: temperature, top_k, top_p and seed as there) up to
-    the tokenizer's end-of-text token or max_new_tokens, the new text stripped (the book's section 7.7)."""
+    """The model's answer to one entry -> (response text, number of new tokens): format_prompt(entry) continued by
+    gpt.generate (greedy; `sampling`: temperature, top_k, top_p and seed as there) up to the tokenizer's end-of-text
+    token or max_new_tokens, the new text stripped (the book's section 7.7)."""
     prompt_ids = gpt.text_to_token_ids(format_prompt(entry), device=model.wte.weight.device, tokenizer=tokenizer)
     eot_id = tokenizer.eot_token  # 50256 for GPT-2; New: the Llama family's own
     output = gpt.generate(model, prompt_ids, max_new_tokens, eos_id=eot_id, **sampling)
@@ -379,11 +347,20 @@ def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
     return gpt.token_ids_to_text(new_ids, tokenizer=tokenizer).strip(), len(new_ids)
 
 
-def generate_responses(model, tokenizer, entries, path, fingerprint, **options):
-    """Answer every entry (options as in `generate_response`) and write the entries, each with a
-    "model_response", to path (JSON; the temporary folder if path cannot be written) -> that list.
-    Every ANSWERS_PER_SAVE answers go to <path stem>.partial.json with `fingerprint` (see
-    `answers_fingerprint`); a later call with the same fingerprint goes on from there."""
+def answers_fingerprint(checkpoint, entries, options):
+    """What a set of answers depends on, to resume them only for the same work: the model file (path, size,
+    modification time), the entries (SHA-256) and the options."""
+    path = Path(checkpoint)
+    model = f"{path} {path.stat().st_size} {path.stat().st_mtime_ns}" if path.is_file() else str(checkpoint)
+    entries_sha256 = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+    return {"model": model, "entries_sha256": entries_sha256, **options}
+
+
+def generate_responses(model, tokenizer, entries, path, checkpoint, **options):
+    """Answer every entry (options as in `generate_response`) and write them, each with a "model_response", to path
+    (JSON; the temporary folder if path cannot be written) -> that list. Every ANSWERS_PER_SAVE answers go to <path
+    stem>.partial.json; a later call for the same work (`answers_fingerprint`: checkpoint, entries, options) goes on."""
+    fingerprint = answers_fingerprint(checkpoint, entries, options)
     so_far = path.with_name(path.stem + ".partial.json")
     saved = gpt.read_json(so_far, "saved answers") if so_far.is_file() else {}
     results = saved["responses"] if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else []
@@ -409,15 +386,6 @@ def generate_responses(model, tokenizer, entries, path, fingerprint, **options):
     return results
 
 
-def answers_fingerprint(checkpoint, entries, options):
-    """What a set of answers depends on, to resume them only for the same work: the model
-    file (path, size, modification time), the entries (SHA-256) and the options."""
-    path = Path(checkpoint)
-    model = f"{path} {path.stat().st_size} {path.stat().st_mtime_ns}" if path.is_file() else str(checkpoint)
-    entries_sha256 = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
-    return {"model": model, "entries_sha256": entries_sha256, **options}
-
-
 # ----------------------------------------------------------------------------------------
 # 6. Evaluation: an LLM judge served by Ollama
 # ----------------------------------------------------------------------------------------
@@ -426,10 +394,8 @@ def answers_fingerprint(checkpoint, entries, options):
 def judge_prompt(entry):
     """The grading request for one response (the book's section 7.8 wording)."""
     return (
-        f"Given the input `{format_input(entry)}` "
-        f"and correct output `{entry['output']}`, "
-        f"score the model response `{entry['model_response']}`"
-        " on a scale from 0 to 100, where 100 is the best score. "
+        f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, "
+        f"score the model response `{entry['model_response']}` on a scale from 0 to 100, where 100 is the best score. "
         "Respond with the integer number only."
     )
 
@@ -454,17 +420,16 @@ _JSON_OBJECT = re.compile(r'\{[^{}]*"score"[^{}]*\}')  # {"score": 85} inside pr
 
 
 def parse_score(reply):
-    """The judge's reply -> its score as a float in 0..100, or None when the reply has no
-    single score (unscorable). reply is the message content: text, or a JSON value.
+    """The judge's reply -> its score as a float in 0..100, or None when the reply has no single score
+    (unscorable). reply is the message content: text, or a JSON value. The first rule that applies decides:
 
-    The first rule that applies decides:
-    1. JSON, the structured output asked for: a number, or an object {"score": x} (the
-       whole reply, or an object within it) -> x. Anything else (null, a list) -> None.
+    1. JSON, the structured output asked for: a number, or an object {"score": x} (the whole reply, or an object
+       within it) -> x. Anything else (null, a list) -> None.
     2. A labelled score: "Score: 85", "rating = 8/10", "I'd give it 85", "I would rate it 85".
-    3. The number left once quoted text, scales and ranges ("0 to 100", "0-100") and list
-       markers ("1. ") are dropped: "85", "85/100", "It deserves 85%."
-    A ratio goes on the 0-100 scale: "8/10" and "4 out of 5" -> 80.0 (6 decimals kept).
-    Two different values under rule 2 or 3 (ambiguous), or a value outside 0..100 -> None.
+    3. The number left once quoted text, scales and ranges ("0 to 100", "0-100") and list markers ("1. ") are
+       dropped: "85", "85/100", "It deserves 85%."
+    A ratio goes on the 0-100 scale: "8/10" and "4 out of 5" -> 80.0 (6 decimals kept). Two different values under
+    rule 2 or 3 (ambiguous), or a value outside 0..100 -> None.
     """
     if isinstance(reply, dict):
         reply = reply.get("score")
@@ -491,8 +456,6 @@ SCORE_FORMAT = {
     "properties": {"score": {"type": "number", "minimum": 0, "maximum": 100}},
     "required": ["score"],
 }
-
-
 OLLAMA_HELP = (
     "start the server with `ollama serve` (install it from https://ollama.com) and get the judge with "
     "`ollama pull {model}`, or point --judge-url at a running server (now {url})"
@@ -500,8 +463,8 @@ OLLAMA_HELP = (
 
 
 def check_ollama(url, model):
-    """Make sure an Ollama server answers at url (GET /api/tags, the list of local models) and has
-    `model`; raise RuntimeError with the commands that fix it otherwise."""
+    """Make sure an Ollama server answers at url (GET /api/tags, the list of local models) and has `model`; raise
+    RuntimeError with the commands that fix it otherwise."""
     try:
         reply = requests.get(f"{url}/api/tags", timeout=5)
         reply.raise_for_status()
@@ -517,16 +480,12 @@ def check_ollama(url, model):
 
 
 def query_ollama(prompt, url, model, timeout=600):
-    """One chat request to Ollama's HTTP API (POST /api/chat, not streamed) with temperature 0, a
-    fixed seed and the SCORE_FORMAT schema -> the reply's content: text (normally '{"score": 85}'),
-    or whatever JSON value the server sent. A server older than Ollama 0.5 rejects a schema (HTTP
-    400) and is asked again without. Raises RuntimeError when the server fails to answer."""
-    payload = {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "stream": False,
-        "options": {"temperature": 0, "seed": JUDGE_SEED, "num_ctx": 2048},
-    }
+    """One chat request to Ollama's HTTP API (POST /api/chat, not streamed) with temperature 0, a fixed seed and the
+    SCORE_FORMAT schema -> the reply's content: text (normally '{"score": 85}'), or whatever JSON value the server
+    sent. A server older than Ollama 0.5 rejects a schema (HTTP 400) and is asked again without. Raises RuntimeError
+    when the server fails to answer."""
+    options = {"temperature": 0, "seed": JUDGE_SEED, "num_ctx": 2048}
+    payload = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False, "options": options}
     try:
         reply = requests.post(f"{url}/api/chat", json={**payload, "format": SCORE_FORMAT}, timeout=(5, timeout))
         if reply.status_code == 400 and "format" in reply.text:
@@ -544,9 +503,9 @@ def query_ollama(prompt, url, model, timeout=600):
 
 
 def judge(args, responses_path):
-    """Grade each "model_response" of the responses file against its "output" with the --judge;
-    print the mean score and how many could not be scored, and write the entries with a "score"
-    (0-100, or null when unscorable) to <name>-scored.json beside it. The responses file is only read."""
+    """Grade each "model_response" of the responses file against its "output" with the --judge; print the mean score
+    and how many could not be scored, and write the entries with a "score" (0-100, or null when unscorable) to
+    <name>-scored.json beside it. The responses file is only read."""
     if not responses_path.is_file():
         raise FileNotFoundError(f"--responses {responses_path}: no such file; generate it first (e.g. --generate-only)")
     entries = gpt.read_json(responses_path, "--responses")
@@ -556,9 +515,9 @@ def judge(args, responses_path):
     try:
         check_ollama(url, args.judge_model)
         for i, entry in enumerate(entries):
-            problem = check_entry(entry) or (
-                None if isinstance(entry.get("model_response"), str) else "no string 'model_response'"
-            )
+            problem = check_entry(entry)
+            if not problem and not isinstance(entry.get("model_response"), str):
+                problem = "no string 'model_response'"
             score = None
             if problem:
                 print(f"  entry {i}: cannot be scored: {problem}")
@@ -588,9 +547,9 @@ def judge(args, responses_path):
 
 
 def fine_tune(args, argv, device):
-    """Claim --out-dir, read and split the data (the saved run's with --resume), fine-tune and
-    save model.pt -> (settings, model in --dtype, its tokenizer, where model.pt went, test
-    entries). Settings and split are written once data and model have passed their checks."""
+    """Claim --out-dir, read and split the data (the saved run's with --resume), fine-tune and save model.pt ->
+    (settings, model in --dtype, its tokenizer, where model.pt went, test entries). Settings and split are written
+    once data and model have passed their checks."""
     out_dir = gpt.claim_run_folder(args.out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     state_path = out_dir / "train_state.pt"
     if args.resume:
@@ -617,9 +576,8 @@ def fine_tune(args, argv, device):
     for name, entries in zip(SPLIT_FILES, splits):
         gpt.write_json(out_dir / name, entries)
 
-    collate = functools.partial(
-        collate_instruction_batch, eot_id=eot_id, mask_prompt=args.mask_prompt, max_length=max_length
-    )
+    collate = functools.partial(collate_instruction_batch, eot_id=eot_id, mask_prompt=args.mask_prompt,
+                                max_length=max_length)
     try:
         history, best = train(
             model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state
@@ -662,8 +620,7 @@ def build_parser():
         formatter_class=gpt.HelpFormatter,
     )
     what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
-    what.add_argument("--generate-only", action="store_true", help="no training: answer the run's test split "
-                      "(<out-dir>/test.json, else the split of --data) with --checkpoint")
+    what.add_argument("--generate-only", action="store_true", help="answer the run's test split with --checkpoint")
     what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print it, exit (default: none)")
     what.add_argument("--input", help="input text for --prompt (the '### Input:' section; default: none)")
     what.add_argument("--judge-only", action="store_true", help="no training, no answers: grade --responses")
@@ -673,8 +630,7 @@ def build_parser():
     what.add_argument("--out-dir", default="runs/instruct", help="folder for all outputs")
 
     data = p.add_argument_group("data")
-    data.add_argument("--data", help="JSON list or JSON Lines file in the Alpaca schema (instruction, input, output) "
-                      "(default: the book's instruction-data.json, downloaded once into --cache-dir)")
+    data.add_argument("--data", help="Alpaca JSON list or JSON Lines (default: the book's, downloaded to --cache-dir)")
     data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded data and weights")
     data.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, the shuffling, LoRA and sampling")
     data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples (default: the context length)")
@@ -689,25 +645,21 @@ def build_parser():
     train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate, constant")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
     train.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout probability while training")
-    train.add_argument("--lora", action="store_true", help="train low-rank adapters only (merged before saving); "
-                       "full fine-tuning needs about 16 bytes a parameter (a 1B model: 20 GB)")
+    train.add_argument("--lora", action="store_true", help="train low-rank adapters only (merged before saving)")
     train.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="LoRA rank r")
     train.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0, help="LoRA scale: alpha / rank")
     train.add_argument("--max-steps", type=gpt.positive_int, help="stop after this many steps (default: all epochs)")
     train.add_argument("--log-every", type=gpt.positive_int, default=5, help="steps between progress lines")
     train.add_argument("--eval-every", type=gpt.positive_int, default=25, help="steps between loss estimates")
     train.add_argument("--eval-batches", type=gpt.non_negative_int, default=5, help="batches per estimate, 0: all")
-    train.add_argument("--keep-last", action="store_true", help="save the last weights as model.pt (default: those "
-                       "of the evaluation with the lowest validation loss, kept in train_state.pt across --resume)")
-    train.add_argument("--save-every", type=gpt.positive_int, default=50,
-                       help="steps between train_state.pt saves (also at each epoch's end)")
+    train.add_argument("--keep-last", action="store_true", help="keep the last weights, not the lowest validation loss")
+    train.add_argument("--save-every", type=gpt.positive_int, default=50, help="steps between train_state.pt saves")
     train.add_argument("--dtype", choices=gpt.DTYPES, default="float32", help="precision: autocast while training "
                        "(float32 weights; not float16), the weights' type when only answering")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
     answers = p.add_argument_group("answers and evaluation")
-    answers.add_argument("--checkpoint", help="model for --generate-only and --prompt, any --model value "
-                         "(default: <out-dir>/model.pt)")
+    answers.add_argument("--checkpoint", help="model that answers, any --model value (default: <out-dir>/model.pt)")
     answers.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=256, help="longest answer in tokens")
     answers.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; above: sampling")
     answers.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens (default: all)")
@@ -721,8 +673,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """The flags, each value checked by its `type=`; the combinations that cannot work are
-    refused here (parser.error names the flag and exits 2)."""
+    """The flags, each value checked by its `type=`; the combinations that cannot work are refused here (parser.error
+    names the flag and exits 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():
@@ -831,9 +783,7 @@ def main(argv=None):
     else:
         args, model, tokenizer, checkpoint, test_set = fine_tune(args, argv, device)
         responses_path, _ = answer_paths(args)  # with --resume, the saved run's
-    options = answer_options(args)
-    fingerprint = answers_fingerprint(checkpoint, test_set, options)
-    generate_responses(model, tokenizer, test_set, responses_path, fingerprint, **options)
+    generate_responses(model, tokenizer, test_set, responses_path, checkpoint, **answer_options(args))
     if args.judge == "ollama":
         judge(args, responses_path)
 
