@@ -1,6 +1,7 @@
 """gpt.py: the GPT-2 core that every stage of this project stands on.
 
-Read it top to bottom. Sections 1 to 5 are GPT-2, the whole model a learner studies:
+Read it top to bottom. Sections 1 to 5 are GPT-2, the whole model a learner studies (the
+configuration also holds the switches of section 6, and a few functions dispatch to it):
 
 1. configuration   `GPTConfig`, and `GPT_CONFIGS`, the four released sizes
 2. the model       `CausalSelfAttention`, `MLP`, `TransformerBlock`, `GPTModel`
@@ -92,9 +93,12 @@ class GPTConfig:
     n_layers:       number of transformer blocks
     drop_rate:      dropout probability on embeddings, attention and residual branches
                     (0.0 for inference and for the released weights' fine-tuning recipes)
-    qkv_bias:       whether the query/key/value projection has a bias (GPT-2: yes)
+    qkv_bias:       whether the query/key/value projections have a bias; None: yes for GPT-2,
+                    no for the Llama family
+    family:         "gpt2" (`GPTModel`) or "llama" (`LlamaModel`, section 6: Llama 3.2,
+                    SmolLM2, Qwen3)
 
-    Llama family (family="llama": Llama 3.2, SmolLM2, Qwen3; `LlamaModel`). GPT-2 ignores these:
+    The Llama family's switches (section 6); GPT-2 ignores them:
     n_kv_heads:     key/value heads, each shared by n_heads / n_kv_heads query heads
                     (grouped-query attention); None: n_heads
     head_dim:       width of one head; None: emb_dim / n_heads (Qwen3-0.6B: 128 with 16 heads of 1024)
@@ -104,7 +108,8 @@ class GPTConfig:
                     high_freq_factor and original_max_position_embeddings; None: none
     norm_eps:       epsilon of RMSNorm
     qk_norm:        RMSNorm on each head's queries and keys before the rotation (Qwen3)
-    out_bias:       bias on the attention output projection; mlp_bias: on the SwiGLU's three
+    out_bias:       bias on the attention output projection
+    mlp_bias:       biases on the SwiGLU's three projections
     tie_embeddings: whether the output head shares the token embedding's weight
     """
 
@@ -114,7 +119,7 @@ class GPTConfig:
     n_heads: int = 12
     n_layers: int = 12
     drop_rate: float = 0.0
-    qkv_bias: bool = True
+    qkv_bias: bool | None = None
     family: str = "gpt2"
     n_kv_heads: int | None = None
     head_dim: int | None = None
@@ -133,6 +138,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.family not in ("gpt2", "llama"):
             raise ValueError(f"GPTConfig.family must be 'gpt2' or 'llama', got {self.family!r}")
+        if self.qkv_bias is None:
+            self.qkv_bias = self.family == "gpt2"
         if self.emb_dim % self.n_heads and (self.family == "gpt2" or self.head_dim is None):
             raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
@@ -325,7 +332,7 @@ def build_model(cfg):
 
 def count_parameters(model, trainable_only=False):
     """Number of distinct parameters (a tied weight counts once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    return sum(p.numel() for p in model.parameters() if not trainable_only or p.requires_grad)
 
 
 # ----------------------------------------------------------------------------------------
@@ -383,7 +390,7 @@ def add_lora(model, rank=8, alpha=16):
 @torch.no_grad()
 def merge_lora(model):
     """Fold each `LoRALinear` back into a plain nn.Linear (W <- W + (alpha / rank) B A), so
-    that the model has GPT-2's own parameter names again and saves as a plain checkpoint.
+    that the model has its own parameter names again and saves as a plain checkpoint.
     Returns the model (changed in place)."""
     for block in model.h:
         for target in lora_targets(model):
@@ -404,10 +411,10 @@ def merge_lora(model):
 class KVCache:
     """Keys and values of the positions a model has already read, one pair per layer.
 
-    Buffers of shape [batch, n_heads, max_length, head_dim] are allocated on first use
-    (n_kv_heads heads in the Llama family); `length` counts the positions filled. The model
-    advances `length` after each forward pass. max_length: the context length, or fewer
-    positions when fewer will be read (Llama 3.2's 131,072 would take gigabytes). Source:
+    Buffers of shape [batch, n_heads, max_length, head_dim] are allocated on first use;
+    `length` counts the positions filled. The model advances `length` after each forward
+    pass. max_length: the context length, or fewer positions when fewer will be read (a long
+    context's buffers would take gigabytes). Source:
     the key/value caching of GPT-2's own sampling code (`past` in openai/gpt-2
     src/model.py), here in preallocated buffers.
     """
@@ -420,12 +427,15 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Append k, v: [batch, n_heads, T, head_dim] at `length`; return all keys and
-        values so far, [batch, n_heads, length + T, head_dim]."""
+        values so far, [batch, n_heads, length + T, head_dim]. Raises ValueError when they
+        do not fit in max_length positions."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KVCache holds {self.max_length} positions, {end} were asked for: make a larger one")
         if self.keys[layer] is None:
             B, nh, _, hd = k.shape
             self.keys[layer] = k.new_empty(B, nh, self.max_length, hd)
             self.values[layer] = v.new_empty(B, nh, self.max_length, hd)
-        end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -457,7 +467,7 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens before it already reach top_p (the first one stays).
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
@@ -470,11 +480,7 @@ def window_start(length, context_length):
     forward in steps of half the context length rather than one token: with absolute
     position embeddings every move invalidates the key/value cache, so moving in big
     steps means the cache is rebuilt once per half-window instead of once per token.
-    Llama family: the same rule. Rotary keys stay valid when the window slides (attention
-    sees only distances), but a window that keeps sliding drops the first tokens, on
-    which these models park much of their attention (Xiao et al., 2023, "Efficient
-    Streaming Language Models with Attention Sinks"); a rebuilt window starts at
-    position 0, as every training sequence did.
+    The Llama family follows the same rule (section 6 says why).
     """
     if length <= context_length:
         return 0
@@ -533,8 +539,11 @@ def generate(model, idx, max_new_tokens, *, seed=None, on_token=None, **options)
     `torch.Generator` on idx's device); `on_token(token: LongTensor [batch])` is called
     for each new token as it comes, for streaming. Other options (temperature, top_k,
     top_p, eos_id, generator, use_cache) as in `generate_stream`. The output includes
-    the end-of-text token when generation stopped at `eos_id`.
+    the end-of-text token when generation stopped at `eos_id`. Raises ValueError when both
+    `seed` and `generator` are given.
     """
+    if seed is not None and "generator" in options:
+        raise ValueError("give generate() a seed or a generator, not both")
     if seed is not None:
         options["generator"] = torch.Generator(device=idx.device).manual_seed(seed)
     new_tokens = []
@@ -603,11 +612,18 @@ def token_ids_to_text(token_ids, tokenizer=None):
 # queries and keys. Their classes follow, named as Hugging Face's `LlamaForCausalLM`
 # names its parameters (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so that
 # loading the released weights is a loop, as for GPT-2. The tokenizers follow the model.
+#
+# Generation past the context length moves the window as for GPT-2 (`window_start`), though
+# rotary keys would stay valid under a window sliding one token at a time (attention sees
+# only distances): such a window drops the first tokens, which these models use as
+# "attention sinks", a place to put attention that is needed nowhere else (Xiao et al.,
+# 2023, "Efficient Streaming Language Models with Attention Sinks"). A rebuilt window
+# starts at position 0, as every training sequence did.
 
 # The presets: the sizes in each model's config.json on the Hugging Face Hub (hidden_size,
 # intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
 # max_position_embeddings, rope_theta, rope_scaling, rms_norm_eps, tie_word_embeddings).
-_LLAMA = dict(family="llama", qkv_bias=False)  # what every preset below switches on
+_LLAMA = dict(family="llama")  # what every preset below switches on
 LLAMA_CONFIGS = {
     "HuggingFaceTB/SmolLM2-135M": GPTConfig(  # 135M parameters, Apache-2.0
         **_LLAMA, vocab_size=49152, context_length=8192, emb_dim=576, n_heads=9, n_kv_heads=3, n_layers=30,
@@ -664,7 +680,7 @@ def rope_frequencies(cfg, head_dim, device=None):
     wavelength = 2 * math.pi / freqs
     scaled = torch.where(wavelength > old_length / low, freqs / factor, freqs)  # slow pairs: slowed down
     smooth = (old_length / wavelength - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
     in_between = (wavelength >= old_length / high) & (wavelength <= old_length / low)
     return torch.where(in_between, blended, scaled)
 
@@ -812,15 +828,18 @@ class LlamaModel(GPTModel):
 # The regular expression of GPT-2's pre-tokenizer (`ByteLevel` with use_regex in tokenizers).
 GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # SmolLM2: `Digits` (each number character alone) and then GPT-2's expression, as one
-# expression: numbers match alone first, no other branch takes one, and whitespace before
-# a number ends as it ends before the end of a piece.
+# expression. Digits match alone first and no other branch takes one; whitespace before a
+# digit is kept whole, as GPT-2's expression keeps it at the end of a piece, since Digits
+# cut the text there: "a  12 b" -> "a", "  ", "1", "2", " b" (GPT-2: "a", " ", " 12", " b").
 DIGITS_SPLIT_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 
 
 def byte_level_alphabet():
-    """GPT-2's table byte -> printable character, in which byte-level BPE vocabularies write
-    their tokens: printable bytes stand for themselves, the others for chr(256 + n)
-    (openai/gpt-2 src/encoder.py, `bytes_to_unicode`)."""
+    """GPT-2's table byte -> printable character, in which byte-level BPE vocabularies
+    (vocab.json, merges.txt, tokenizer.json) write their tokens: the 188 printable bytes
+    stand for themselves, the other 68 (control characters, space, ...) for chr(256 + n) in
+    byte order, so every token is a string of visible characters (space "Ġ", newline "Ċ").
+    Source: openai/gpt-2 src/encoder.py, `bytes_to_unicode`."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = (b for b in range(256) if b not in printable)
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
@@ -854,7 +873,7 @@ class HubEncoding(tiktoken.Encoding):
     nfc:       apply Unicode NFC normalisation before encoding (Qwen's normalizer)
     bos_id:    the token the reference prepends to a whole text (Llama 3), or None;
                `text_to_token_ids` prepends it, `encode` does not (pieces of a prompt)
-    eot_token: the end-of-text id (GPT-2's property, from this tokenizer)
+    eot_token: the end-of-text id (tiktoken's `Encoding.eot_token`, here from this tokenizer)
     missing:   ids given to bytes the vocabulary lacks; the reference drops such bytes,
                so does `encode`, with a warning the first time
     """
@@ -867,7 +886,9 @@ class HubEncoding(tiktoken.Encoding):
     eot_token = property(lambda self: self.eot_id)
     n_vocab = property(lambda self: self.max_token_value + 1 - len(self.missing))  # without the stand-ins
 
-    def __getstate__(self):  # pickled with its own fields (DataLoader workers)
+    # Pickled (for DataLoader workers) with its own fields: tiktoken's __setstate__ passes the
+    # state to __init__ as keyword arguments, which takes them.
+    def __getstate__(self):
         return {**super().__getstate__(), "nfc": self.nfc, "bos_id": self.bos_id, "eot_id": self.eot_id, "missing": self.missing}
 
     def _prepare(self, text):
@@ -901,19 +922,19 @@ def encoding_from_tokenizer_json(tokenizer_json, source, eot_text=None):
     ValueError naming `source` for what tiktoken cannot run exactly: another model than
     byte-level BPE, another normalizer, merged ids out of merge order.
     """
-    model = tokenizer_json.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
-        raise ValueError(f"{source}: not a byte-level BPE tokenizer (model {model.get('type')!r}); tiktoken cannot run it")
+    bpe = tokenizer_json.get("model") or {}  # the tokenizer model: BPE
+    if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or bpe.get("continuing_subword_prefix"):
+        raise ValueError(f"{source}: not a byte-level BPE tokenizer (model {bpe.get('type')!r}); tiktoken cannot run it")
     normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
     if normalizer not in (None, "NFC"):
         raise ValueError(f"{source}: normalizer {normalizer!r} is not supported (only NFC)")
     pattern = split_pattern(tokenizer_json.get("pre_tokenizer"), source)
     byte_of = {char: byte for byte, char in byte_level_alphabet().items()}
-    vocab = model["vocab"]
+    vocab = bpe["vocab"]
     try:
         ranks = {bytes([byte_of[char]]): vocab[char] for char in byte_of if char in vocab}
         previous = -1
-        for merge in model["merges"]:
+        for merge in bpe["merges"]:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
             token_id = vocab[left + right]
             # Equal ids are one token made from another split: files converted from tiktoken
@@ -925,7 +946,7 @@ def encoding_from_tokenizer_json(tokenizer_json, source, eot_text=None):
                 )
             ranks[bytes(byte_of[char] for char in left + right)] = previous = token_id
         special = {token["content"]: token["id"] for token in tokenizer_json.get("added_tokens", [])}
-        if model.get("ignore_merges"):  # Llama 3: a piece that is a whole token becomes it, as in tiktoken
+        if bpe.get("ignore_merges"):  # Llama 3: a piece that is a whole token becomes it, as in tiktoken
             tokens = {token: i for token, i in vocab.items() if i not in special.values()}
             ranks.update({bytes(byte_of[char] for char in token): i for token, i in tokens.items()})
     except KeyError as e:
@@ -956,7 +977,7 @@ def _prepended_token(post_processor, source):
     for processor in processors:
         if processor.get("type") == "TemplateProcessing":
             template = [next(iter(piece)) for piece in processor["single"]]  # "SpecialToken" or "Sequence"
-            if template.count("SpecialToken") > (template[0] == "SpecialToken"):
+            if "SpecialToken" in template[1:]:
                 raise ValueError(f"{source}: the post-processor adds tokens after the text; not supported")
             if template[0] == "SpecialToken":
                 return processor["special_tokens"][processor["single"][0]["SpecialToken"]["id"]]["ids"][0]
@@ -1759,7 +1780,8 @@ def load_gpt2(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=F
         path = download_gpt2(str(name_or_path), quiet=quiet)
     elif not path.exists():
         raise FileNotFoundError(
-            f"no model {str(name_or_path)!r}: give one of {', '.join(GPT_CONFIGS)}, a .safetensors file or a checkpoint"
+            f"no such file {str(name_or_path)!r}; a model is one of {', '.join(MODEL_CONFIGS)} (or another "
+            "Llama-family Hub name), a model folder, a .safetensors file or a checkpoint"
         )
     if path.suffix != ".safetensors":
         return model_from_checkpoint(load_checkpoint(path), device=device, dtype=dtype)
@@ -1908,7 +1930,9 @@ def is_llama_family(name_or_path):
     is no local path, or a folder whose config.json is not GPT-2's."""
     path = Path(name_or_path)
     if not path.exists():
-        return bool(re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(name_or_path))) and path.suffix not in (".pt", ".safetensors")
+        owner_is_a_folder = Path(str(name_or_path).split("/")[0]).is_dir()  # then it is a mistyped path
+        hub_name = re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(name_or_path)) and not owner_is_a_folder
+        return bool(hub_name) and path.suffix not in (".pt", ".safetensors")
     config = path / "config.json"
     return path.is_dir() and not (config.exists() and read_json(config, "model config").get("model_type") == "gpt2")
 
@@ -1937,13 +1961,22 @@ def load_tokenizer(name_or_path="gpt2", *, quiet=False):
     project: the tokenizer it names (see `tokenizer_source`).
     """
     name_or_path = tokenizer_source(name_or_path)
-    if not is_llama_family(name_or_path):
+    if not is_llama_family(name_or_path) or _holds_gpt2_vocabulary(name_or_path):
         return get_tokenizer(), EOT_ID
     tokenizer_path, config_path = tokenizer_files(name_or_path, quiet=quiet)
     eos = read_json(config_path, "tokenizer config").get("eos_token") if config_path else None
     eos = eos.get("content") if isinstance(eos, dict) else eos  # older files: {"content": ..., ...}
     encoding = encoding_from_tokenizer_json(read_json(tokenizer_path, "tokenizer"), tokenizer_path, eos)
     return encoding, encoding.eot_token
+
+
+def _holds_gpt2_vocabulary(folder):
+    """Whether a folder holds GPT-2's vocab.json and no tokenizer.json: an `export_hf` folder of
+    a Llama-family model that was trained with GPT-2's tokenizer."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / "tokenizer.json").exists() or not (folder / "vocab.json").is_file():
+        return False
+    return (folder / "vocab.json").read_bytes() == gpt2_vocabulary_files()[0]
 
 
 def tokenizer_files(name_or_path, *, quiet=False):
@@ -2008,18 +2041,17 @@ def load_checkpoint(path, map_location="cpu"):
     """
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"{path}: not a .safetensors file or a checkpoint of this project (torch.load: {e.__class__.__name__})"
-        ) from None
+    except Exception:
+        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project (torch.load cannot read it)") from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
         raise ValueError(f"{path}: not a checkpoint of this project (no 'config' and 'model' entries)")
     return checkpoint
 
 
 def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
-    """GPTModel from a `load_checkpoint` dict, in eval mode. Raises ValueError when the
-    weights do not fit the config (e.g. a classifier checkpoint with its own head)."""
+    """The model (`GPTModel` or `LlamaModel`, see `build_model`) of a `load_checkpoint` dict, in
+    eval mode. Raises ValueError when the weights do not fit the config (e.g. a classifier
+    checkpoint with its own head), naming the first tensor that does not fit."""
     if "labels" in checkpoint:
         raise ValueError(
             "this is a spam classifier written by finetune_classify.py, not a language model: "
@@ -2027,10 +2059,18 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
         )
     cfg = GPTConfig(**checkpoint["config"])
     model = empty_model(cfg)
+    expected = model.state_dict()
+    for name, tensor in checkpoint["model"].items():
+        if name in expected and tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"checkpoint weights do not fit the model of its config: {name} is {tuple(tensor.shape)}, "
+                f"the config makes it {tuple(expected[name].shape)}"
+            )
     try:
         model.load_state_dict(checkpoint["model"], assign=True)
     except RuntimeError as e:
-        raise ValueError(f"checkpoint weights do not fit a GPT model of its config: {str(e)[:500]}") from None
+        first_line = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise ValueError(f"checkpoint weights do not fit the model of its config: {first_line}") from None
     model.tie_weights()  # assigning untied them: the head uses the token embedding
     return model.to(device=device, dtype=dtype).eval()
 
@@ -2081,22 +2121,6 @@ def _tensor_bytes(tensor):
     return buffer
 
 
-def bytes_to_unicode():
-    """GPT-2's table byte -> character that stands for it in vocab.json and merges.txt
-    (openai/gpt-2 src/encoder.py): the 188 printable bytes stand for themselves, the
-    other 68 (control characters, space, ...) for the characters from 256 on, in byte
-    order, so that every token is a string of visible characters (space "Ġ", newline "Ċ")."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, shifted = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + shifted)
-            shifted += 1
-    return table
-
-
 def bpe_halves(token, ranks):
     """The two tokens whose merge makes `token` (bytes, 2 or more): [left, right].
 
@@ -2122,7 +2146,7 @@ def gpt2_vocabulary_files():
     """GPT-2's byte-pair vocabulary as transformers reads it -> (vocab.json, merges.txt), bytes.
 
     Derived from tiktoken's "gpt2" encoding, not downloaded: vocab.json maps each token
-    (its bytes written with `bytes_to_unicode`) to its id, plus "<|endoftext|>": 50256;
+    (its bytes written with `byte_level_alphabet`) to its id, plus "<|endoftext|>": 50256;
     merges.txt lists after a version line the merges in rank order, each as "left right"
     (`bpe_halves`). Both come out byte for byte as the files OpenAI released with GPT-2
     (encoder.json and vocab.bpe). Takes a few seconds; cached.
@@ -2130,7 +2154,7 @@ def gpt2_vocabulary_files():
     tokenizer = get_tokenizer()
     eot = tokenizer.eot_token
     ranks = {tokenizer.decode_single_token_bytes(rank): rank for rank in range(eot)}  # every token but <|endoftext|>
-    char = bytes_to_unicode()
+    char = byte_level_alphabet()
 
     def visible(token):
         return "".join(char[byte] for byte in token)

@@ -334,6 +334,23 @@ def test_bad_sampling_options_are_clear_errors():
         gpt.sample_next_token(logits, 1.0, top_p=1.5)
     with pytest.raises(ValueError, match="prompt"):
         gpt.generate(tiny_model(), torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="a seed or a generator, not both"):
+        gpt.generate(tiny_model(), torch.tensor([[1]]), 3, seed=1, generator=torch.Generator())
+
+
+def test_kv_cache_that_is_too_small_is_a_clear_error():
+    model = tiny_model()
+    cache = gpt.KVCache(model.cfg, max_length=4)
+    model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
+    with pytest.raises(ValueError, match="KVCache holds 4 positions, 5 were asked for"):
+        model(torch.tensor([[4, 5]]), kv_cache=cache)
+
+
+def test_config_biases_follow_the_family_and_a_mismatching_checkpoint_names_its_tensor():
+    assert gpt.GPTConfig().qkv_bias is True and gpt.GPTConfig(family="llama").qkv_bias is False
+    checkpoint = {"config": dataclasses.asdict(tiny_model().cfg), "model": dict(tiny_model(emb_dim=16).state_dict())}
+    with pytest.raises(ValueError, match=r"wte.weight is \(50257, 16\), the config makes it \(50257, 32\)$"):
+        gpt.model_from_checkpoint(checkpoint)
 
 
 def test_tokenizer_round_trip():
@@ -989,7 +1006,7 @@ def test_weight_mapping_is_strict(small_pair, tmp_path):
 
 
 def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="no model 'gpt3'"):
+    with pytest.raises(FileNotFoundError, match="no such file 'gpt3'"):
         gpt.load_gpt2("gpt3")
 
 
@@ -1682,7 +1699,7 @@ def test_load_gpt2_script_streams_a_continuation(tmp_path, capsys):
 
 
 def test_load_gpt2_script_bad_inputs_exit_with_a_message(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="error: no model 'gpt5'"):
+    with pytest.raises(SystemExit, match="error: no such file 'gpt5'"):
         load_gpt2.main(["--model", "gpt5"])
     for flag, value, message in [
         ("--top-p", "2", "argument --top-p: must be a number in (0, 1], got '2'"),
@@ -1795,7 +1812,7 @@ def test_export_vocabulary_files_are_openais_byte_for_byte():
     for name, derived in (("encoder.json", vocab), ("vocab.bpe", merges)):
         assert derived == (cache / hashlib.sha1(f"{OPENAI_GPT2_FILES}{name}".encode()).hexdigest()).read_bytes(), name
     assert merges.count(b"\n") == 1 + 50_000  # the version line, then one line per merge
-    table = gpt.bytes_to_unicode()
+    table = gpt.byte_level_alphabet()
     assert (table[ord(" ")], table[ord("\n")], table[ord("A")], len(set(table.values()))) == ("Ġ", "Ċ", "A", 256)
     ranks = {gpt.get_tokenizer().decode_single_token_bytes(i): i for i in range(50256)}
     assert gpt.bpe_halves(b" the", ranks) == [b" t", b"he"]  # the 7th merge of merges.txt: "Ġt he"
@@ -1866,6 +1883,19 @@ def test_export_lora_model_is_merged_and_the_model_keeps_its_adapters(tmp_path):
         assert isinstance(model.h[0].attn.c_attn, gpt.LoRALinear)  # the caller's model keeps its adapters
         assert not [name for name in gpt.read_safetensors(folder / "model.safetensors") if "lora" in name]
         assert (gpt.load_gpt2(folder)(idx) - expected).abs().max().item() <= 1e-5
+
+
+def test_export_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path):
+    torch.manual_seed(0)
+    cfg = gpt.GPTConfig(family="llama", context_length=32, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=1)
+    model = gpt.build_model(cfg).eval()
+    gpt.save_checkpoint(tmp_path / "model.pt", model)  # no tokenizer entry: GPT-2's
+    folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "hf")
+    assert not (folder / "tokenizer.json").exists() and (folder / "vocab.json").exists()
+    assert gpt.load_tokenizer(folder) == (gpt.get_tokenizer(), 50256)
+    idx = torch.tensor([[15496, 11, 995]])
+    with torch.no_grad():
+        assert (gpt.load_model(folder)(idx) - model(idx)).abs().max().item() <= 1e-5
 
 
 def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, capsys):
@@ -3289,7 +3319,7 @@ CLASSIFY_SCRIPT = Path(fc.__file__).resolve()
 @pytest.mark.parametrize(
     "model, extra, message",
     [
-        ("gpt3", [], "error: no model 'gpt3'"),
+        ("gpt3", [], "error: no such file 'gpt3'"),
         ("truncated.safetensors", [], "error: .*truncated.safetensors.*outside the 4 data bytes"),
         ("tiny.pt", ["--max-length", "5000"], "error: --max-length 5000 is longer than the model's context length 48"),
     ],
