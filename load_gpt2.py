@@ -2,7 +2,7 @@
 
 Stage 1 of the lifecycle. Loads OpenAI's GPT-2 from the Hugging Face Hub (downloaded once,
 then read from the cache), a local .safetensors file or model folder, or a checkpoint of
-this project. New: a model of the Llama family (SmolLM2, Qwen3, Llama 3.2) works the same
+this project. A model of the Llama family (SmolLM2, Qwen3, Llama 3.2) works the same
 way, by Hub name or folder, with its own tokenizer and end-of-text token; a checkpoint
 names its tokenizer (see gpt.tokenizer_source; none: GPT-2's).
 
@@ -304,7 +304,7 @@ def find_contamination(texts, documents, n=13):
     """Indices of the texts that share an n-gram of `normalized_words` with a training corpus
     -> sorted list. documents: iterables of text lines, read once as a stream (a corpus
     larger than memory works; n-grams do not cross documents). A text shorter than n words
-    counts when it occurs whole. The benchmark is then also scored on the items not found."""
+    counts when it occurs whole."""
     wanted = collections.defaultdict(lambda: collections.defaultdict(set))  # length -> words -> texts
     for i, text in enumerate(texts):
         words = normalized_words(text)
@@ -441,6 +441,11 @@ def parse_args(argv=None):
     sampling = [flag for flag in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
     if sampling and (measuring or args.download_only or args.export_hf):
         p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring, downloading or exporting")
+    sampling_options = [flag for flag in ("top_k", "top_p", "seed") if flag in given]
+    if sampling_options and not args.temperature and not measuring:
+        p.error(f"{gpt.flag_name(sampling_options[0])} is for sampling: give --temperature above 0 as well")
+    if "batch_size" in given and not measuring:
+        p.error("--batch-size is for measuring (--benchmark, --perplexity)")
     if args.shots and args.benchmark != "mmlu":
         p.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
     if not args.prompt:
@@ -463,6 +468,8 @@ def load_benchmark(args):
     original source and counted; the first --limit of them (of each MMLU subject)."""
     path = args.benchmark_file
     hellaswag = args.benchmark == "hellaswag"
+    if hellaswag and path is not None and Path(path).is_dir():
+        raise ValueError(f"--benchmark-file {path} is a folder: HellaSwag needs its hellaswag_val.jsonl file")
     if path is None and hellaswag:
         path = gpt.fetch_dataset(HELLASWAG_URLS, "hellaswag_val.jsonl", flag="--benchmark-file", kind="text")
     elif path is None:
@@ -610,7 +617,8 @@ def download_model(name):
 
 def print_scores(name, summary):
     """Print a `summarize` dict: items, random guess, acc and acc_norm ± standard error, subjects."""
-    print(f"{name}: {summary['items']:,} items, random guess {summary['random_guess']:.4f}")
+    items = f"{summary['items']:,} item" + ("s" if summary["items"] != 1 else "")
+    print(f"{name}: {items}, random guess {summary['random_guess']:.4f}")
     for metric in ("acc", "acc_norm"):
         stderr = summary[metric + "_stderr"]
         print(f"  {metric:<8} {summary[metric]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
@@ -663,13 +671,15 @@ def main(argv=None):
     # Read every input before the download and the load: cheap, and fails fast.
     if args.results and Path(args.results).is_dir():
         raise ValueError(f"--results {args.results} is a folder: give the path of a JSON file")
+    if args.contamination and not Path(args.contamination).exists():
+        raise FileNotFoundError(f"--contamination {args.contamination}: no such file or folder")
     items = load_benchmark(args) if args.benchmark else None
     text = read_text(args.perplexity) if args.perplexity else None
     weights = download_model(args.model) if is_hub_model(args.model) else args.model
     if args.download_only:  # download it
         print(f"{args.model} is in {weights}")
         return
-    # New: the model's own tokenizer (GPT-2's, a tokenizer.json, or the one a checkpoint names).
+    # The model's own tokenizer: GPT-2's, a tokenizer.json, or the one a checkpoint names.
     tokenizer, eot_id = gpt.load_tokenizer(args.model)
     started = time.time()
     model = gpt.load_model(args.model, device=device, dtype=gpt.DTYPES[args.dtype])

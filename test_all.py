@@ -2343,6 +2343,8 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
     (tmp_path / "not_mmlu" / "notes.csv").write_text("a,b\n")
     for argv, message in [
         (["--benchmark", "hellaswag", "--benchmark-file", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
+        (["--benchmark", "hellaswag", "--benchmark-file", str(TESTDATA / "mmlu")], "is a folder: HellaSwag needs"),
+        (["--benchmark", "mmlu", "--contamination", "no-such-corpus"], "--contamination no-such-corpus: no such file"),
         (["--benchmark", "hellaswag", "--benchmark-file", str(broken)], "broken.jsonl line 2: not valid JSON"),
         (["--benchmark", "hellaswag", "--benchmark-file", str(no_label)], "no_label.jsonl line 1: bad or missing field"),
         (["--benchmark", "mmlu", "--benchmark-file", str(tmp_path / "bad_mmlu")], "x_test.csv row 1: expected question"),
@@ -2375,6 +2377,9 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
         (["--results", "r.json"], "--results needs --benchmark or --perplexity"),  # nothing would be written
         (["--overwrite"], "--overwrite needs --export-hf"),
         (["--benchmark", "mmlu", "--temperature", "0.7"], "--temperature is for generating text, not for measuring"),
+        (["--top-k", "5"], "--top-k is for sampling: give --temperature above 0 as well"),  # greedy would ignore it
+        (["--seed", "1"], "--seed is for sampling: give --temperature above 0 as well"),
+        (["--batch-size", "4"], "--batch-size is for measuring (--benchmark, --perplexity)"),
         (["--perplexity", "t.txt", "--export-hf", "out"], "--download-only, --export-hf and measuring (--benchmark, "
          "--perplexity) are separate runs"),
     ]:
