@@ -172,11 +172,9 @@ def random_split(messages, seed, min_train=1):
     split would be empty or the training split under `min_train`."""
     splits = gpt.split_by_fractions(messages, seed, SPLIT_FRACTIONS)
     if min(len(s) for s in splits) < 1 or len(splits[0]) < min_train:
-        raise ValueError(
-            f"{len(messages)} messages after balancing are too few for a 70/10/20 split with a training "
-            f"batch of {min_train}: got {len(splits[0])} / {len(splits[1])} / {len(splits[2])}; "
-            "use a larger data file or a smaller --batch-size"
-        )
+        raise ValueError(f"{len(messages)} messages after balancing are too few for a 70/10/20 split with a training "
+                         f"batch of {min_train}: got {len(splits[0])} / {len(splits[1])} / {len(splits[2])}; "
+                         "use a larger data file or a smaller --batch-size")
     return splits
 
 
@@ -242,8 +240,7 @@ def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, pr
     Identical messages (the collection repeats some) are computed once and share one tensor. Batches hold messages
     of similar length (sorted, at most CACHE_BATCH_TOKENS padded tokens)."""
     first_of = {}  # token sequence -> index of its first occurrence
-    for i, ids in enumerate(token_ids):
-        first_of.setdefault(tuple(ids.tolist()), i)
+    first_index = [first_of.setdefault(tuple(ids.tolist()), i) for i, ids in enumerate(token_ids)]  # per message
     order = sorted(first_of.values(), key=lambda i: len(token_ids[i]))
     batches, batch = [], []
     for i in order:  # ascending lengths: the newest message is the batch's longest
@@ -252,8 +249,7 @@ def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, pr
             batch = []
         batch.append(i)
     batches.append(batch)
-
-    activations = [None] * len(token_ids)
+    activations = {}  # index of a first occurrence -> its hidden states
     total_tokens = sum(len(token_ids[i]) for i in order)
     done_tokens, started = 0, time.time()
     for batch in batches:
@@ -269,9 +265,7 @@ def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, pr
                               f"messages, {done_tokens / (time.time() - started):.0f} tokens/s, "
                               f"ETA {gpt.eta(started, done_tokens, total_tokens)}")
     gpt.end_progress()
-    for i, ids in enumerate(token_ids):
-        activations[i] = activations[first_of[tuple(ids.tolist())]]
-    return activations
+    return [activations[i] for i in first_index]
 
 
 def last_block_at_last_token(block, x, last):
@@ -344,14 +338,13 @@ def evaluate(model, logits_fn, inputs, labels, batch_size, threshold=0.5):
 def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps=None, batch_size=8, lr=5e-5,
                      weight_decay=0.1, seed=123, log_every=25, eval_every=50, eval_batches=5, scale_loss=False,
                      keep_last=False):
-    """Fine-tune the trainable parameters with AdamW on cross-entropy -> history.
+    """Fine-tune the trainable parameters with AdamW on cross-entropy -> history (per epoch; `step_loss` per step).
 
     train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch shuffles the training split
-    (seeded by `seed`) and drops the last incomplete batch, as the book does; `max_steps` stops earlier. Every
-    `eval_every` steps: estimates on `eval_batches` batches per split; after each epoch and at the last step: both
-    full splits, in the history (epoch: a fraction when stopped within one), with `step_loss`. Model selection: the
-    weights of the best epoch on validation (accuracy; ties: lower loss, then earlier) are put back at the end unless
-    `keep_last`; history["kept_epoch"].
+    (seeded) and drops the last incomplete batch, as the book does; `max_steps` stops earlier. Every `eval_every`
+    steps: estimates on `eval_batches` batches per split; after each epoch and at the last step: both full splits
+    (epoch: a fraction when stopped within one). The weights of the best epoch on validation (accuracy; ties: lower
+    loss, then earlier) are put back at the end unless `keep_last`: history["kept_epoch"].
     """
     train_inputs, train_labels = train
     optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
@@ -362,7 +355,8 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     epochs = math.ceil(total_steps / steps_per_epoch)  # fewer when max_steps stops earlier
     names = ("epoch", "step", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy")
     history = {name: [] for name in (*names, "step_loss")}
-    estimate_size = eval_batches * batch_size
+    n = eval_batches * batch_size  # the estimates run on the first eval_batches batches of each split
+    estimate_train, estimate_validation = (train_inputs[:n], train_labels[:n]), (validation[0][:n], validation[1][:n])
     best_score, kept, kept_weights = None, None, None
     step, started = 0, time.time()
     window_seconds, window_examples = 0.0, 0  # throughput counts the training steps only
@@ -389,10 +383,8 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
                       flush=True)
                 window_seconds, window_examples = 0.0, 0
             if step % eval_every == 0:
-                train_loss, train_acc, _ = evaluate(model, logits_fn, train_inputs[:estimate_size],
-                                                    train_labels[:estimate_size], batch_size)
-                val_loss, val_acc, _ = evaluate(model, logits_fn, validation[0][:estimate_size],
-                                                validation[1][:estimate_size], batch_size)
+                train_loss, train_acc, _ = evaluate(model, logits_fn, *estimate_train, batch_size)
+                val_loss, val_acc, _ = evaluate(model, logits_fn, *estimate_validation, batch_size)
                 print(f"  step {step} estimate (first {eval_batches} batches per split): train loss {train_loss:.4f} "
                       f"accuracy {100 * train_acc:.1f}% | validation loss {val_loss:.4f} accuracy {100 * val_acc:.1f}%")
         train_loss, train_acc, _ = evaluate(model, logits_fn, *train, batch_size)
@@ -401,13 +393,11 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
               f"validation loss {val_loss:.4f} accuracy {100 * val_acc:.2f}%", flush=True)
         for name, value in zip(names, (step / steps_per_epoch, step, train_loss, train_acc, val_loss, val_acc)):
             history[name].append(value)
-        # Model selection: keep a copy of the trainable weights of the best epoch so far.
+        # Model selection: keep a copy of the trainable weights of the best epoch so far (--keep-last: the last).
         if keep_last or best_score is None or (val_acc, -val_loss) > best_score:
             best_score, kept = (val_acc, -val_loss), epoch - 1
-            if not keep_last:
-                kept_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    if not keep_last:
-        model.load_state_dict(kept_weights, strict=False)
+            kept_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.load_state_dict(kept_weights, strict=False)
     history["kept_epoch"] = history["epoch"][kept]
     print(f"kept:       epoch {history['kept_epoch']:g} of {history['epoch'][-1]:g} "
           f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'}): train "
@@ -581,12 +571,10 @@ RUN_FILES = ("run.json", "train.csv", "validation.csv", "test.csv", "metrics.jso
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Fine-tune GPT-2 (or a Llama-family model) as an SMS spam classifier, or classify texts and "
-                    "evaluate on labelled files with a fine-tuned one. A run writes into --out-dir; a folder that "
-                    "holds another run is refused unless --overwrite.",
-        formatter_class=gpt.HelpFormatter,
-    )
+    parser = argparse.ArgumentParser(formatter_class=gpt.HelpFormatter, description="Fine-tune GPT-2 (or a "
+                                     "Llama-family model) as an SMS spam classifier, or classify texts and evaluate "
+                                     "on labelled files with a fine-tuned one. A run writes into --out-dir; a folder "
+                                     "that holds another run is refused unless --overwrite.")
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="the UCI zip or the extracted SMSSpamCollection (default: download it once)")
     data.add_argument("--strict-data", action="store_true", help="stop at bad data lines instead of skipping them")
