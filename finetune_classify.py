@@ -427,8 +427,7 @@ def labelled_metrics(model, logits_fn, inputs, labels, batch_size, threshold, wh
           f"{100 * metrics['accuracy']:.2f}% | spam precision {metrics['precision']:.4f} | recall "
           f"{metrics['recall']:.4f} | F1 {metrics['f1']:.4f}")
     print("confusion matrix (rows: true label, columns: predicted label):")
-    print(f"  {'':>10} {CLASS_NAMES[0]:>10} {CLASS_NAMES[1]:>10}")
-    for name, row in zip(CLASS_NAMES, metrics["confusion_matrix"]):
+    for name, row in zip(["", *CLASS_NAMES], [CLASS_NAMES, *metrics["confusion_matrix"]]):  # a header, then the counts
         print(f"  {name:>10} {row[0]:>10} {row[1]:>10}")
     return metrics
 
