@@ -472,7 +472,7 @@ def classify_texts(model, texts, max_length, tokenizer=None, pad_id=gpt.EOT_ID, 
 
 def read_texts_file(path):
     """Non-empty lines, stripped, of a UTF-8 text file or of standard input ("-"). Raises ValueError when standard
-    input is closed, or naming the file, byte offset and line of the first byte that is not UTF-8 (not garbage in)."""
+    input is closed, or naming file, byte offset and line of the first byte not UTF-8 (not classifying garbage)."""
     if path == "-" and sys.stdin is None:
         raise ValueError("--classify-file -: standard input is closed: pipe the texts in, or give a file name")
     raw = sys.stdin.buffer.read() if path == "-" else existing_file(path, "--classify-file").read_bytes()
