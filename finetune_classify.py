@@ -1,10 +1,9 @@
 """finetune_classify.py: fine-tune a pretrained GPT-2 (or a Llama-family model) into an SMS spam classifier.
 
-Stage "fine-tune a pretrained GPT for classification" of the lifecycle (chapter 6 of
-"Build a Large Language Model (From Scratch)", rasbt/LLMs-from-scratch). The language-model
-head is replaced by a 2-class linear head that reads the hidden state of each message's
-last token; by default only the last transformer block, the final norm and the new head
-train, and the epoch with the best validation accuracy is kept.
+Stage "fine-tune a pretrained GPT for classification" of the lifecycle (chapter 6 of "Build a Large Language Model
+(From Scratch)", rasbt/LLMs-from-scratch). The language-model head is replaced by a 2-class linear head that reads the
+hidden state of each message's last token; by default only the last transformer block, the final norm and the new
+head train, and the epoch with the best validation accuracy is kept.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
     python finetune_classify.py --data path/to/SMSSpamCollection --model path/to/model.safetensors
@@ -13,18 +12,16 @@ train, and the epoch with the best validation accuracy is kept.
     python finetune_classify.py --classify-file messages.txt --results predictions.csv --threshold 0.8
     python finetune_classify.py --evaluate runs/classify/test.csv --results evaluation.json
 
-Data: the SMS Spam Collection (UCI Machine Learning Repository, data set 228; Almeida and
-Gomez Hidalgo, 2011), balanced to as many ham as spam messages, shuffled and split 70/10/20.
+Data: the SMS Spam Collection (UCI Machine Learning Repository, data set 228; Almeida and Gomez Hidalgo, 2011),
+balanced to as many ham as spam messages, shuffled and split 70/10/20.
 
-Writes into --out-dir (default runs/classify/; a folder that holds another run is refused
-unless --overwrite): run.json (the settings), train.csv, validation.csv, test.csv (the
-splits, columns label and text, as --evaluate reads them), classifier.pt (config,
-settings, tokenizer and all weights of the kept epoch), metrics.json (settings, history,
-kept epoch, test metrics, timings), loss-accuracy.png (with matplotlib).
+Writes into --out-dir (default runs/classify/; a folder that holds another run is refused unless --overwrite):
+run.json (the settings), train.csv, validation.csv, test.csv (the splits, columns label and text, as --evaluate
+reads them), classifier.pt (config, settings, tokenizer and all weights of the kept epoch), metrics.json (settings,
+history, kept epoch, test metrics, timings), loss-accuracy.png (with matplotlib).
 
-Speed: when the lower blocks are frozen and dropout is 0, their outputs never change. They
-are computed once per message (the "activation cache") and training runs only the
-trainable top on them, with the same logits and gradients as the full forward pass.
+Speed: frozen lower blocks without dropout give the same outputs at every step: they run once per message (the
+"activation cache") and training runs only the trainable top, with the same logits and gradients as the full model.
 """
 
 import argparse
@@ -77,19 +74,17 @@ def existing_file(path, flag):
 
 
 def sms_collection_path(data=None, urls=DATA_URLS):
-    """`data` when given, else the cached download from the first of `urls` that works
-    (RuntimeError naming the URLs and --data if none does)."""
+    """`data` when given, else the cached download from the first of `urls` that works (RuntimeError naming the URLs
+    and --data if none does)."""
     if data is not None:
         return existing_file(data, "--data")
-    return gpt.fetch_dataset(
-        urls, DATA_FILENAME, flag="--data", kind="zip", member=ZIP_MEMBER, size=MEMBER_SIZE, sha256=MEMBER_SHA256
-    )
+    return gpt.fetch_dataset(urls, DATA_FILENAME, flag="--data", kind="zip", member=ZIP_MEMBER, size=MEMBER_SIZE,
+                             sha256=MEMBER_SHA256)
 
 
 def read_sms_bytes(path):
-    """Raw bytes of the collection: the file itself, or its `SMSSpamCollection` member when
-    path is a zip file (as UCI distributes it). Raises ValueError naming the file for a
-    damaged zip file or one without that member."""
+    """Raw bytes of the collection: the file itself, or its `SMSSpamCollection` member when path is a zip file (as UCI
+    distributes it). Raises ValueError naming the file for a damaged zip file or one without that member."""
     raw = Path(path).read_bytes()
     if not raw.startswith(b"PK"):  # the zip signature; the data file starts with a label
         return raw
@@ -105,11 +100,10 @@ def read_sms_bytes(path):
 
 
 def parse_sms_collection(raw, source="data", strict=False):
-    """Bytes of the collection (per line: label, tab, text) -> list of (label, text), label
-    "ham" or "spam". A byte-order mark and Windows line endings are accepted, invalid
-    UTF-8 becomes U+FFFD, blank lines are ignored. A line without a tab, with another label
-    or an empty text is skipped with a warning naming it; with `strict` it is a ValueError.
-    """
+    """Bytes of the collection (per line: label, tab, text) -> list of (label, text), label "ham" or "spam". A
+    byte-order mark and Windows line endings are accepted, invalid UTF-8 becomes U+FFFD, blank lines are ignored. A
+    line without a tab, with another label or an empty text is skipped with a warning naming it; with `strict` it is
+    a ValueError."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -118,11 +112,10 @@ def parse_sms_collection(raw, source="data", strict=False):
     messages, bad = [], []
     # split("\n"), not splitlines(): messages may contain other Unicode line separators.
     for number, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
         if not line.strip():
             continue
         label, tab, message = line.partition("\t")
-        label, message = label.strip().lower(), message.strip()
+        label, message = label.strip().lower(), message.strip()  # strip(): also the "\r" of Windows line endings
         if not tab:
             bad.append(f"line {number}: no tab between label and message")
         elif label not in LABELS:
@@ -141,33 +134,32 @@ def parse_sms_collection(raw, source="data", strict=False):
 
 
 def read_labelled_file(path):
-    """Labelled messages for --evaluate -> list of (label, text), label "ham" or "spam": a .csv
-    file with `text` and `label` columns (as a run's split CSVs), else the collection's
-    format, read strictly. Raises ValueError naming file and line for a missing column, an
-    unknown label or an empty text: metrics on silently fewer messages would mislead."""
+    """Labelled messages for --evaluate -> list of (label, text): a .csv file with `text` and `label` columns (as a
+    run's split CSVs), else the collection's format, read strictly. Raises ValueError naming file and line for a
+    missing column, an unknown label or an empty text, and for no messages: metrics on fewer would mislead."""
     raw = read_sms_bytes(path)
     if Path(path).suffix.lower() != ".csv":
-        return parse_sms_collection(raw, source=str(path), strict=True)
-    rows = csv.DictReader(io.StringIO(gpt.decode_utf8(raw, str(path)), newline=""))
-    missing = [column for column in ("text", "label") if column not in (rows.fieldnames or [])]
-    if missing:
-        raise ValueError(f"{path}: no {' and no '.join(missing)} column (header: {rows.fieldnames}): "
-                         "a CSV file needs a header with text and label columns")
-    messages = []
-    for row in rows:
-        label, text = (row["label"] or "").strip().lower(), (row["text"] or "").strip()
-        if label not in LABELS or not text:
-            problem = f"unknown label {label[:20]!r} (expected ham or spam)" if text else "empty text"
-            raise ValueError(f"{path} line {rows.line_num}: {problem}")
-        messages.append((label, text))
+        messages = parse_sms_collection(raw, source=str(path), strict=True)
+    else:
+        rows = csv.DictReader(io.StringIO(gpt.decode_utf8(raw, str(path)), newline=""))
+        missing = [column for column in ("text", "label") if column not in (rows.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: no {' and no '.join(missing)} column (header: {rows.fieldnames}): "
+                             "a CSV file needs a header with text and label columns")
+        messages = []
+        for row in rows:
+            label, text = (row["label"] or "").strip().lower(), (row["text"] or "").strip()
+            if label not in LABELS or not text:
+                problem = f"unknown label {label[:20]!r} (expected ham or spam)" if text else "empty text"
+                raise ValueError(f"{path} line {rows.line_num}: {problem}")
+            messages.append((label, text))
     if not messages:
         raise ValueError(f"{path}: no labelled messages")
     return messages
 
 
 def create_balanced_dataset(messages, seed):
-    """All spam messages plus as many ham messages sampled with `seed`, in that order.
-    Raises ValueError when one class is missing."""
+    """All spam messages and as many ham messages sampled with `seed`, in that order. ValueError: a class is missing."""
     spam = [m for m in messages if m[0] == "spam"]
     ham = [m for m in messages if m[0] == "ham"]
     if not spam or not ham:
@@ -176,15 +168,13 @@ def create_balanced_dataset(messages, seed):
 
 
 def random_split(messages, seed, min_train=1):
-    """Shuffle with `seed` and cut into train/validation/test by SPLIT_FRACTIONS (70/10/20).
-    Raises ValueError when a split would be empty or the training split under `min_train`."""
+    """Shuffle with `seed` and cut into train/validation/test by SPLIT_FRACTIONS (70/10/20). Raises ValueError when a
+    split would be empty or the training split under `min_train`."""
     splits = gpt.split_by_fractions(messages, seed, SPLIT_FRACTIONS)
     if min(len(s) for s in splits) < 1 or len(splits[0]) < min_train:
-        raise ValueError(
-            f"{len(messages)} messages after balancing are too few for a 70/10/20 split with a training "
-            f"batch of {min_train}: got {len(splits[0])} / {len(splits[1])} / {len(splits[2])}; "
-            "use a larger data file or a smaller --batch-size"
-        )
+        raise ValueError(f"{len(messages)} messages after balancing are too few for a 70/10/20 split with a training "
+                         f"batch of {min_train}: got {len(splits[0])} / {len(splits[1])} / {len(splits[2])}; "
+                         "use a larger data file or a smaller --batch-size")
     return splits
 
 
@@ -198,8 +188,7 @@ def write_csv(path, header, rows):
 
 
 def tokenize_messages(texts, max_length=None, tokenizer=None):
-    """Texts -> list of LongTensor [n_tokens], each cut to its first `max_length` tokens (if
-    given), by the model's tokenizer (default GPT-2's)."""
+    """Texts -> list of LongTensor [n_tokens] by `tokenizer` (default GPT-2's), cut to `max_length` tokens if set."""
     tokenizer = tokenizer or gpt.get_tokenizer()
     # encode_ordinary: "<|endoftext|>" inside a message is plain text, not the special token.
     return [torch.tensor(tokenizer.encode_ordinary(text)[:max_length], dtype=torch.long) for text in texts]
@@ -209,19 +198,18 @@ def tokenize_messages(texts, max_length=None, tokenizer=None):
 
 
 def add_classification_head(model, num_classes=2):
-    """Replace the language-model head (emb_dim -> vocabulary logits) by nn.Linear(emb_dim,
-    num_classes), initialised from the global torch seed. Returns the model."""
+    """Replace the language-model head (emb_dim -> vocabulary logits) by nn.Linear(emb_dim, num_classes), initialised
+    from the global torch seed. Returns the model."""
     # New: the Llama family's head has no bias, as transformers' LlamaForSequenceClassification:
     # its RMSNorm has no shift that could carry one into an export (see export_classifier_hf).
-    bias = model.cfg.family == "gpt2"
-    model.lm_head = nn.Linear(model.cfg.emb_dim, num_classes, bias=bias).to(model.wte.weight.device)
+    head = nn.Linear(model.cfg.emb_dim, num_classes, bias=model.cfg.family == "gpt2")
+    model.lm_head = head.to(model.wte.weight.device)
     return model
 
 
 def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
-    """Freeze model except what `trainable` names; returns the model. last-block: the last
-    transformer block, the final norm and the head (the book's choice); all; head;
-    lora (--lora): adapters on the linear layers of every block (gpt.add_lora) and the head."""
+    """Freeze model except what `trainable` names -> model. last-block: the last transformer block, the final norm and
+    the head (the book's choice); all; head; lora (--lora): adapters on every block's linear layers and the head."""
     if trainable == "lora":
         gpt.add_lora(model, rank=lora_rank, alpha=lora_alpha)
     else:
@@ -237,12 +225,9 @@ def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
 
 
 def full_pass_logits(model, token_ids, pad_id=gpt.EOT_ID):
-    """Class logits of a batch through the whole model: float [batch, num_classes].
-
-    token_ids: list of LongTensor [n_tokens_i], right-padded with `pad_id` (the tokenizer's
-    end-of-text id: GPT-2's 50256; the Llama family define no padding token). With causal
-    attention no real token sees the padding: each message's last real token is read.
-    """
+    """Class logits of a batch through the whole model: float [batch, num_classes]. token_ids: list of LongTensor
+    [n_tokens_i], right-padded with `pad_id` (the tokenizer's end-of-text id: GPT-2's 50256; the Llama family define
+    no padding token). With causal attention no real token sees the padding: each message's last real token is read."""
     idx = pad_sequence(token_ids, batch_first=True, padding_value=pad_id)  # [B, T]
     last = torch.tensor([len(t) - 1 for t in token_ids], device=idx.device)  # [B]
     return model(idx)[torch.arange(len(token_ids), device=idx.device), last]  # [B, T, classes] -> [B, classes]
@@ -250,16 +235,12 @@ def full_pass_logits(model, token_ids, pad_id=gpt.EOT_ID):
 
 @torch.no_grad()
 def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, progress=True):
-    """Hidden states after the embeddings and the first `n_frozen` blocks, per message:
-    list of LongTensor [n_tokens_i] -> list of float [n_tokens_i, emb_dim].
-
-    Identical messages (the collection repeats some) are computed once and share one
-    tensor. Batches hold messages of similar length (sorted, at most CACHE_BATCH_TOKENS
-    padded tokens). Valid while those blocks are frozen and dropout is 0.
-    """
+    """Hidden states after the embeddings and the first `n_frozen` blocks, per message: list of LongTensor
+    [n_tokens_i] -> list of float [n_tokens_i, emb_dim]; valid while those blocks are frozen and dropout is 0.
+    Identical messages (the collection repeats some) are computed once and share one tensor. Batches hold messages
+    of similar length (sorted, at most CACHE_BATCH_TOKENS padded tokens)."""
     first_of = {}  # token sequence -> index of its first occurrence
-    for i, ids in enumerate(token_ids):
-        first_of.setdefault(tuple(ids.tolist()), i)
+    first_index = [first_of.setdefault(tuple(ids.tolist()), i) for i, ids in enumerate(token_ids)]  # per message
     order = sorted(first_of.values(), key=lambda i: len(token_ids[i]))
     batches, batch = [], []
     for i in order:  # ascending lengths: the newest message is the batch's longest
@@ -268,8 +249,7 @@ def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, pr
             batch = []
         batch.append(i)
     batches.append(batch)
-
-    activations = [None] * len(token_ids)
+    activations = {}  # index of a first occurrence -> its hidden states
     total_tokens = sum(len(token_ids[i]) for i in order)
     done_tokens, started = 0, time.time()
     for batch in batches:
@@ -285,17 +265,13 @@ def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, pr
                               f"messages, {done_tokens / (time.time() - started):.0f} tokens/s, "
                               f"ETA {gpt.eta(started, done_tokens, total_tokens)}")
     gpt.end_progress()
-    for i, ids in enumerate(token_ids):
-        activations[i] = activations[first_of[tuple(ids.tolist())]]
-    return activations
+    return [activations[i] for i in first_index]
 
 
 def last_block_at_last_token(block, x, last):
-    """block(x)[arange(B), last] of a GPT-2 block without dropout: float [B, C], computed only
-    where the classifier reads. x: float [B, T, C], right-padded; last: LongTensor [B], each
-    row's last real position. The query, attention output and MLP run at that position alone;
-    keys and values still come from every position up to it (later padding is masked).
-    """
+    """block(x)[arange(B), last] of a GPT-2 block without dropout: float [B, C], computed only where the classifier
+    reads. x: float [B, T, C], right-padded; last: LongTensor [B], each row's last real position. The query, attention
+    output and MLP run at that position alone; keys and values come from every position up to it (later: masked)."""
     attn = block.attn
     B, T, C = x.shape
     rows = torch.arange(B, device=x.device)
@@ -313,10 +289,9 @@ def last_block_at_last_token(block, x, last):
 
 
 def cached_logits(model, activations, n_frozen):
-    """Class logits from cached activations (list of float [n_tokens_i, emb_dim], the states
-    after the first `n_frozen` blocks): float [batch, num_classes], equal to
-    `full_pass_logits` on their messages. The top blocks run on the right-padded batch;
-    GPT-2's last one only at each message's last token."""
+    """Class logits from cached activations (list of float [n_tokens_i, emb_dim], the states after the first
+    `n_frozen` blocks): float [batch, num_classes], equal to `full_pass_logits` on their messages. The top blocks run
+    on the right-padded batch; GPT-2's last one only at each message's last token."""
     x = pad_sequence(activations, batch_first=True)  # [B, T, C], zero padding after each message
     last = torch.tensor([len(a) - 1 for a in activations], device=x.device)  # [B]
     top_blocks = model.h[n_frozen:]
@@ -329,14 +304,11 @@ def cached_logits(model, activations, n_frozen):
 
 
 def autocast_logits(logits_fn, device, dtype):
-    """logits_fn in mixed precision (--dtype): its forward pass under torch.autocast in
-    `dtype` (weights stay float32, matrix products run in dtype); float32 logits.
-    float32: logits_fn itself."""
-    if dtype == torch.float32:
-        return logits_fn
+    """logits_fn in mixed precision (--dtype): its forward pass under torch.autocast in `dtype` (weights stay float32,
+    matrix products run in dtype; float32: no autocast) -> float32 logits."""
 
     def logits(inputs):
-        with torch.autocast(device.type, dtype=dtype):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return logits_fn(inputs).float()
 
     return logits
@@ -347,9 +319,8 @@ def autocast_logits(logits_fn, device, dtype):
 
 @torch.no_grad()
 def evaluate(model, logits_fn, inputs, labels, batch_size, threshold=0.5):
-    """Mean cross-entropy loss, accuracy and predictions (LongTensor [n], in input order: spam
-    where its probability reaches `threshold`). Batches hold messages of similar length
-    (sorted), so little compute goes to padding."""
+    """Mean cross-entropy loss, accuracy and predictions (LongTensor [n], in input order: spam where its probability
+    reaches `threshold`). Batches hold messages of similar length (sorted): little compute goes to padding."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
@@ -367,15 +338,13 @@ def evaluate(model, logits_fn, inputs, labels, batch_size, threshold=0.5):
 def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps=None, batch_size=8, lr=5e-5,
                      weight_decay=0.1, seed=123, log_every=25, eval_every=50, eval_batches=5, scale_loss=False,
                      keep_last=False):
-    """Fine-tune the trainable parameters with AdamW on cross-entropy; returns the history.
+    """Fine-tune the trainable parameters with AdamW on cross-entropy -> history (per epoch; `step_loss` per step).
 
-    train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch
-    shuffles the training split (seeded by `seed`) and drops the last incomplete batch, as
-    the book does; `max_steps` stops earlier. Every `eval_every` steps: estimates on
-    `eval_batches` batches per split; after each epoch and at the last step: both full
-    splits, in the history (epoch: a fraction when stopped within one), with `step_loss`.
-    Model selection: the weights of the best epoch on validation (accuracy; ties: lower
-    loss, then earlier) are put back at the end unless `keep_last`; history["kept_epoch"].
+    train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch shuffles the training split
+    (seeded) and drops the last incomplete batch, as the book does; `max_steps` stops earlier. Every `eval_every`
+    steps: estimates on `eval_batches` batches per split; after each epoch and at the last step: both full splits
+    (epoch: a fraction when stopped within one). The weights of the best epoch on validation (accuracy; ties: lower
+    loss, then earlier) are put back at the end unless `keep_last`: history["kept_epoch"].
     """
     train_inputs, train_labels = train
     optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
@@ -386,14 +355,16 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     epochs = math.ceil(total_steps / steps_per_epoch)  # fewer when max_steps stops earlier
     names = ("epoch", "step", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy")
     history = {name: [] for name in (*names, "step_loss")}
-    estimate_size = eval_batches * batch_size
+    n = eval_batches * batch_size  # the estimates run on the first eval_batches batches of each split
+    estimate_train, estimate_validation = (train_inputs[:n], train_labels[:n]), (validation[0][:n], validation[1][:n])
     best_score, kept, kept_weights = None, None, None
     step, started = 0, time.time()
-    window_start, window_examples = started, 0
+    window_seconds, window_examples = 0.0, 0  # throughput counts the training steps only
     model.train()
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train_inputs), generator=generator).tolist()
         for b in range(min(steps_per_epoch, total_steps - step)):
+            step_started = time.perf_counter()
             batch = order[b * batch_size : (b + 1) * batch_size]
             logits = logits_fn([train_inputs[i] for i in batch])
             loss = F.cross_entropy(logits, train_labels[batch])
@@ -404,35 +375,29 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
             scaler.update()
             step += 1
             history["step_loss"].append(loss.item())
+            window_seconds += time.perf_counter() - step_started
             window_examples += len(batch)
             if step % log_every == 0 or step == total_steps:
-                now = time.time()
                 print(f"epoch {epoch}/{epochs} step {step}/{total_steps} | loss {loss.item():.4f} | "
-                      f"{window_examples / (now - window_start):.1f} examples/s | "
-                      f"ETA {gpt.eta(started, step, total_steps)}", flush=True)
-                window_start, window_examples = now, 0
+                      f"{window_examples / window_seconds:.1f} examples/s | ETA {gpt.eta(started, step, total_steps)}",
+                      flush=True)
+                window_seconds, window_examples = 0.0, 0
             if step % eval_every == 0:
-                train_loss, train_acc, _ = evaluate(model, logits_fn, train_inputs[:estimate_size],
-                                                    train_labels[:estimate_size], batch_size)
-                val_loss, val_acc, _ = evaluate(model, logits_fn, validation[0][:estimate_size],
-                                                validation[1][:estimate_size], batch_size)
+                train_loss, train_acc, _ = evaluate(model, logits_fn, *estimate_train, batch_size)
+                val_loss, val_acc, _ = evaluate(model, logits_fn, *estimate_validation, batch_size)
                 print(f"  step {step} estimate (first {eval_batches} batches per split): train loss {train_loss:.4f} "
                       f"accuracy {100 * train_acc:.1f}% | validation loss {val_loss:.4f} accuracy {100 * val_acc:.1f}%")
-                window_start, window_examples = time.time(), 0  # throughput counts training only
         train_loss, train_acc, _ = evaluate(model, logits_fn, *train, batch_size)
         val_loss, val_acc, _ = evaluate(model, logits_fn, *validation, batch_size)
         print(f"epoch {epoch}: train loss {train_loss:.4f} accuracy {100 * train_acc:.2f}% | "
               f"validation loss {val_loss:.4f} accuracy {100 * val_acc:.2f}%", flush=True)
         for name, value in zip(names, (step / steps_per_epoch, step, train_loss, train_acc, val_loss, val_acc)):
             history[name].append(value)
-        # Model selection: keep a copy of the trainable weights of the best epoch so far.
+        # Model selection: keep a copy of the trainable weights of the best epoch so far (--keep-last: the last).
         if keep_last or best_score is None or (val_acc, -val_loss) > best_score:
             best_score, kept = (val_acc, -val_loss), epoch - 1
-            if not keep_last:
-                kept_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        window_start, window_examples = time.time(), 0
-    if not keep_last:
-        model.load_state_dict(kept_weights, strict=False)
+            kept_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.load_state_dict(kept_weights, strict=False)
     history["kept_epoch"] = history["epoch"][kept]
     print(f"kept:       epoch {history['kept_epoch']:g} of {history['epoch'][-1]:g} "
           f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'}): train "
@@ -442,9 +407,8 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
 
 
 def binary_classification_metrics(predictions, labels):
-    """Accuracy; precision, recall and F1 of spam (class 1; 0.0 where undefined); and the
-    confusion matrix [[true 0 predicted 0, true 0 predicted 1], [true 1 ..., ...]].
-    predictions, labels: LongTensor [n] of class indices 0/1."""
+    """Accuracy; precision, recall and F1 of spam (class 1; 0.0 where undefined); the confusion matrix [[true 0
+    predicted 0, true 0 predicted 1], [true 1 ..., ...]]. predictions, labels: LongTensor [n] of class indices 0/1."""
     matrix = [[int(((labels == t) & (predictions == p)).sum()) for p in (0, 1)] for t in (0, 1)]
     true_pos, predicted_pos, actual_pos = matrix[1][1], matrix[0][1] + matrix[1][1], sum(matrix[1])
     precision = true_pos / predicted_pos if predicted_pos else 0.0
@@ -454,37 +418,33 @@ def binary_classification_metrics(predictions, labels):
     return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1, "confusion_matrix": matrix}
 
 
-def labelled_metrics(model, logits_fn, inputs, labels, batch_size, threshold):
-    """Messages, loss and `binary_classification_metrics` of a labelled split -> dict. What
-    a training run reports on its test split and --evaluate on a file: one computation."""
+def labelled_metrics(model, logits_fn, inputs, labels, batch_size, threshold, what):
+    """Messages, loss and `binary_classification_metrics` of labelled messages -> dict, printed as `what`: what a
+    training run reports on its test split and --evaluate on a file, one computation."""
     loss, _, predictions = evaluate(model, logits_fn, inputs, labels, batch_size, threshold)
-    return {"messages": len(inputs), "loss": loss, **binary_classification_metrics(predictions.cpu(), labels.cpu())}
-
-
-def print_metrics(metrics, what, threshold):
-    """Print accuracy, precision, recall, F1 and the confusion matrix of `labelled_metrics`."""
+    metrics = {"messages": len(inputs), "loss": loss, **binary_classification_metrics(predictions.cpu(), labels.cpu())}
     print(f"{what} ({metrics['messages']} messages, spam at probability >= {threshold}): accuracy "
           f"{100 * metrics['accuracy']:.2f}% | spam precision {metrics['precision']:.4f} | recall "
           f"{metrics['recall']:.4f} | F1 {metrics['f1']:.4f}")
     print("confusion matrix (rows: true label, columns: predicted label):")
-    print(f"  {'':>10} {CLASS_NAMES[0]:>10} {CLASS_NAMES[1]:>10}")
-    for name, row in zip(CLASS_NAMES, metrics["confusion_matrix"]):
+    for name, row in zip(["", *CLASS_NAMES], [CLASS_NAMES, *metrics["confusion_matrix"]]):  # a header, then the counts
         print(f"  {name:>10} {row[0]:>10} {row[1]:>10}")
+    return metrics
 
 
 # --- The saved classifier, classifying new texts --------------------------------------
 
 
 def save_classifier(path, model, **extra):
-    """Save the classifier atomically: config, ALL weights (the body with the 2-class head,
-    LoRA adapters merged), the class names and `extra` entries (the "tokenizer" among them)."""
+    """Save the classifier atomically: config, ALL weights (the body with the 2-class head, LoRA adapters merged), the
+    class names and `extra` entries (the "tokenizer" among them)."""
     gpt.merge_lora(model)  # plain parameter names, no LoRA wrapper needed to load
     gpt.save_checkpoint(path, model, labels=CLASS_NAMES, **extra)
 
 
 def load_classifier(path, device="cpu"):
-    """Read a checkpoint of `save_classifier` -> (model in eval mode, checkpoint dict).
-    Raises FileNotFoundError for a missing file, ValueError for another kind of file."""
+    """Read a checkpoint of `save_classifier` -> (model in eval mode, checkpoint dict). Raises FileNotFoundError for a
+    missing file, ValueError for another kind of file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no classifier checkpoint at {path}: train one first, or pass --checkpoint PATH")
     checkpoint = gpt.load_checkpoint(path)
@@ -500,8 +460,8 @@ def load_classifier(path, device="cpu"):
 
 @torch.no_grad()
 def classify_texts(model, texts, max_length, tokenizer=None, pad_id=gpt.EOT_ID, batch_size=16):
-    """Spam probability of each text -> list of float, in the texts' order; each text cut to
-    its first `max_length` tokens of `tokenizer` (default GPT-2's)."""
+    """Spam probability of each text -> list of float, in the texts' order; each text cut to its first `max_length`
+    tokens of `tokenizer` (default GPT-2's)."""
     token_ids = [t.to(model.wte.weight.device) for t in tokenize_messages(texts, max_length, tokenizer)]
     probabilities = []
     for start in range(0, len(token_ids), batch_size):
@@ -511,9 +471,8 @@ def classify_texts(model, texts, max_length, tokenizer=None, pad_id=gpt.EOT_ID, 
 
 
 def read_texts_file(path):
-    """Non-empty lines, stripped, of a UTF-8 text file or of standard input ("-"). Raises
-    ValueError when standard input is closed, or naming the file, byte offset and line
-    of the first byte that is not UTF-8 (rather than classifying garbage)."""
+    """Non-empty lines, stripped, of a UTF-8 text file or of standard input ("-"). Raises ValueError when standard
+    input is closed, or naming file, byte offset and line of the first byte not UTF-8 (not classifying garbage)."""
     if path == "-" and sys.stdin is None:
         raise ValueError("--classify-file -: standard input is closed: pipe the texts in, or give a file name")
     raw = sys.stdin.buffer.read() if path == "-" else existing_file(path, "--classify-file").read_bytes()
@@ -526,16 +485,14 @@ def read_texts_file(path):
 
 def export_classifier_hf(model_or_checkpoint, folder, *, labels=CLASS_NAMES, max_length=None, dtype=torch.float32,
                          overwrite=False, tokenizer="gpt2"):
-    """Write a classifier as a transformers GPT2ForSequenceClassification folder (Llama
-    family: LlamaForSequenceClassification or Qwen3's) -> its Path: config.json (labels,
-    pad_token_id: end-of-text), model.safetensors in `dtype`, tokenizer files that pad with
-    end-of-text, model_max_length = max_length (default: the context length).
+    """Write a classifier as a transformers GPT2ForSequenceClassification folder (Llama family: Llama's or Qwen3's)
+    -> its Path: config.json (labels, pad_token_id: end-of-text), model.safetensors in `dtype`, tokenizer files that
+    pad with end-of-text, model_max_length = max_length (default: the context length).
 
-    model_or_checkpoint: a classifier with its class names `labels` and `tokenizer` (see
-    gpt.tokenizer_source), or a `save_classifier` checkpoint, which names them. transformers'
-    `score` has no bias; GPT-2's head bias b is carried exactly: ln_f feeds only the head,
-    so adding W⁺b (pseudo-inverse of the head weight W [n_classes, emb_dim] times b) to its
-    bias gives W (h + W⁺b) = W h + b. Raises ValueError when W has rank below n_classes.
+    model_or_checkpoint: a classifier with its class names `labels` and `tokenizer` (see gpt.tokenizer_source), or a
+    `save_classifier` checkpoint, which names them. transformers' `score` has no bias; GPT-2's head bias b is carried
+    exactly: ln_f feeds only the head, so adding W⁺b (pseudo-inverse of the head weight W [n_classes, emb_dim] times
+    b) to its bias gives W (h + W⁺b) = W h + b. Raises ValueError when W has rank below n_classes.
     """
     if isinstance(model_or_checkpoint, (str, Path)):
         gpt.check_hf_folder(folder, overwrite)  # before the load
@@ -571,10 +528,9 @@ def export_classifier_hf(model_or_checkpoint, folder, *, labels=CLASS_NAMES, max
 
 
 def load_classifier_hf(folder, device="cpu"):
-    """Read a ...ForSequenceClassification folder, our export or transformers' alike ->
-    (model in eval mode, checkpoint dict), as `load_classifier`. `score` becomes our head,
-    with bias 0 for GPT-2 (our export's ln_f bias holds the bias). Raises FileNotFoundError
-    for missing files and ValueError for a folder that is not such a classifier."""
+    """Read a ...ForSequenceClassification folder, our export or transformers' alike -> (model in eval mode,
+    checkpoint dict), as `load_classifier`. `score` becomes our head, with bias 0 for GPT-2 (our export's ln_f bias
+    holds the bias). Raises FileNotFoundError for missing files, ValueError for a folder that is no such classifier."""
     folder = Path(folder)
     config = gpt.read_json(folder / "config.json", "classifier config")
     tensors = gpt.read_safetensors(folder / "model.safetensors")
@@ -614,12 +570,10 @@ RUN_FILES = ("run.json", "train.csv", "validation.csv", "test.csv", "metrics.jso
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Fine-tune GPT-2 (or a Llama-family model) as an SMS spam classifier, or classify texts and "
-                    "evaluate on labelled files with a fine-tuned one. A run writes into --out-dir; a folder that "
-                    "holds another run is refused unless --overwrite.",
-        formatter_class=gpt.HelpFormatter,
-    )
+    parser = argparse.ArgumentParser(formatter_class=gpt.HelpFormatter, description="Fine-tune GPT-2 (or a "
+                                     "Llama-family model) as an SMS spam classifier, or classify texts and evaluate "
+                                     "on labelled files with a fine-tuned one. A run writes into --out-dir; a folder "
+                                     "that holds another run is refused unless --overwrite.")
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="the UCI zip or the extracted SMSSpamCollection (default: download it once)")
     data.add_argument("--strict-data", action="store_true", help="stop at bad data lines instead of skipping them")
@@ -642,14 +596,12 @@ def parse_args(argv=None):
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
     train.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, head init and shuffling")
     train.add_argument("--log-every", type=gpt.positive_int, default=25, help="print a progress line every N steps")
-    train.add_argument("--eval-every", type=gpt.positive_int, default=50, help="estimate loss and accuracy every N steps")
+    train.add_argument("--eval-every", type=gpt.positive_int, default=50, help="estimate loss, accuracy every N steps")
     train.add_argument("--eval-batches", type=gpt.positive_int, default=5, help="batches per split for the estimates")
-    train.add_argument("--keep-last", action="store_true",
-                       help="keep the last epoch's weights, not those of the best validation accuracy")
+    train.add_argument("--keep-last", action="store_true", help="keep the last epoch, not the best on validation")
     train.add_argument("--no-activation-cache", action="store_true", help="run the frozen blocks at every step")
-    train.add_argument("--dtype", choices=gpt.DTYPES, default="float32",
-                       help="training autocasts the forward pass to it (mixed precision, for GPUs; float16 with loss "
-                            "scaling); --classify and --evaluate convert the weights to it")
+    train.add_argument("--dtype", choices=gpt.DTYPES, default="float32", help="mixed precision of training's forward "
+                       "pass (autocast, for GPUs; float16 with loss scaling); --classify, --evaluate: weight type")
     train.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
     train.add_argument("--out-dir", default="runs/classify", help="folder for the splits, checkpoint, metrics and plot")
     train.add_argument("--overwrite", action="store_true",
@@ -657,9 +609,8 @@ def parse_args(argv=None):
     use = parser.add_argument_group("use a fine-tuned classifier (no training)")
     use.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
     use.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, - for stdin (default: none)")
-    use.add_argument("--evaluate", metavar="FILE", help="accuracy, precision, recall, F1 and confusion matrix on a "
-                     "labelled FILE: .csv with text and label columns (as OUT_DIR/test.csv), else label TAB text "
-                     "lines (default: none)")
+    use.add_argument("--evaluate", metavar="FILE", help="accuracy, precision, recall, F1 on a labelled FILE: .csv "
+                     "with text and label columns (as OUT_DIR/test.csv), else label TAB text lines (default: none)")
     use.add_argument("--threshold", type=gpt.unit_interval, default=0.5, metavar="P",
                      help="spam when its probability is at least this (--classify, --evaluate, the test metrics)")
     use.add_argument("--results", metavar="FILE", help="write --evaluate's metrics (.json) or the predictions of "
@@ -675,7 +626,7 @@ def parse_args(argv=None):
     if args.evaluate is not None and classify:
         parser.error("--evaluate and --classify/--classify-file: give one of them")
     kinds = (".json",) if args.evaluate is not None else (".csv", ".json")
-    if args.results is not None and (not classify and args.evaluate is None):
+    if args.results is not None and not classify and args.evaluate is None:
         parser.error("--results goes with --evaluate, --classify or --classify-file (a run writes metrics.json)")
     if args.results is not None and Path(args.results).suffix.lower() not in kinds:
         parser.error(f"--results {args.results}: give a {' or '.join(kinds)} file")
@@ -684,8 +635,8 @@ def parse_args(argv=None):
 
 
 def prepare_data(args, out_dir, device, tokenizer):
-    """Read, balance, split (written as CSV) and tokenize the data -> (token ids, labels) per split:
-    lists of LongTensor [n_tokens] cut to --max-length, and LongTensor [n]."""
+    """Read, balance, split (written as CSV) and tokenize the data -> (token ids, labels) per split: lists of
+    LongTensor [n_tokens] cut to --max-length, and LongTensor [n]."""
     path = sms_collection_path(args.data)
     messages = parse_sms_collection(read_sms_bytes(path), source=str(path), strict=args.strict_data)
     n_spam = sum(label == "spam" for label, _ in messages)
@@ -708,8 +659,8 @@ def prepare_data(args, out_dir, device, tokenizer):
 
 
 def build_classifier(args, device):
-    """Pretrained model with a 2-class head, dropout and trainable parameters set, and its
-    tokenizer -> (model, max_length, tokenizer, end-of-text id)."""
+    """Pretrained model with a 2-class head, dropout and trainable parameters set, and its tokenizer -> (model,
+    max_length, tokenizer, end-of-text id)."""
     model = gpt.load_model(args.model, device=device)
     tokenizer, eot_id = gpt.load_tokenizer(args.model)
     cfg = model.cfg
@@ -730,9 +681,8 @@ def build_classifier(args, device):
 
 
 def choose_forward_pass(model, token_ids, args, pad_id):
-    """The inputs of each split and the function that turns a batch of them into logits:
-    cached activations and the trainable top where that is exact, else token ids and the
-    full forward pass. Returns (inputs, logits_fn, use_cache)."""
+    """The inputs of each split and the function that turns a batch of them into logits: cached activations and the
+    trainable top where that is exact, else token ids and the full forward pass -> (inputs, logits_fn, use_cache)."""
     cfg = model.cfg
     # The fast path, decided in one line: frozen lower blocks without dropout give the same
     # activations at every step, so compute them once (n_frozen: blocks below the trainable top).
@@ -779,15 +729,12 @@ def train_and_evaluate(args, device):
     # --evaluate runs the checkpoint: evaluating OUT_DIR/test.csv gives these numbers again.
     gpt.merge_lora(model)
     full_pass = mixed(partial(full_pass_logits, model, pad_id=eot_id))
-    metrics = labelled_metrics(model, full_pass, token_ids[2], labels[2], args.batch_size, args.threshold)
-    print_metrics(metrics, "test split", args.threshold)
+    metrics = labelled_metrics(model, full_pass, token_ids[2], labels[2], args.batch_size, args.threshold, "test split")
 
     # A full disk must not lose the trained model: save_with_fallback writes to the temporary folder then.
-    checkpoint = gpt.save_with_fallback(
-        lambda path: save_classifier(path, model, max_length=args.max_length, settings=vars(args), metrics=metrics,
-                                     tokenizer=gpt.tokenizer_source(args.model)),
-        args.checkpoint,
-    )
+    save = partial(save_classifier, model=model, max_length=args.max_length, settings=vars(args), metrics=metrics,
+                   tokenizer=gpt.tokenizer_source(args.model))
+    checkpoint = gpt.save_with_fallback(save, args.checkpoint)
     print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB)")
     print(f"try it:     python finetune_classify.py --checkpoint {checkpoint} --classify \"Win a prize now\"")
     seconds["wall"] = time.time() - started
@@ -803,8 +750,8 @@ def train_and_evaluate(args, device):
 
 
 def load_for_use(args, device):
-    """The classifier of --checkpoint (a file or a folder) in --dtype and its tokenizer ->
-    (model, checkpoint dict, tokenizer, end-of-text id)."""
+    """The classifier of --checkpoint (a file or a folder) in --dtype and its tokenizer -> (model, checkpoint dict,
+    tokenizer, end-of-text id)."""
     load = load_classifier_hf if Path(args.checkpoint).is_dir() else load_classifier
     model, checkpoint = load(args.checkpoint, device)
     if len(checkpoint["labels"]) != 2:
@@ -815,8 +762,8 @@ def load_for_use(args, device):
 
 
 def run_classify(args, device):
-    """--classify / --classify-file: print `label (p(spam)=probability)  text` per text, or write
-    text, label and spam probability to --results (CSV or JSON, by its extension)."""
+    """--classify / --classify-file: print `label (p(spam)=probability)  text` per text, or write text, label and spam
+    probability to --results (CSV or JSON, by its extension)."""
     texts = list(args.classify or [])
     if args.classify_file is not None:
         texts += read_texts_file(args.classify_file)
@@ -840,16 +787,14 @@ def run_classify(args, device):
 
 
 def run_evaluate(args, device):
-    """--evaluate: `labelled_metrics` of --checkpoint on a labelled file, printed, and written
-    as JSON to --results."""
+    """--evaluate: `labelled_metrics` of --checkpoint on a labelled file, printed, and written as JSON to --results."""
     messages = read_labelled_file(existing_file(args.evaluate, "--evaluate"))
     model, checkpoint, tokenizer, eot_id = load_for_use(args, device)
     texts = [text for _, text in messages]
     token_ids = [t.to(device) for t in tokenize_messages(texts, checkpoint["max_length"], tokenizer)]
     labels = torch.tensor([LABELS[label] for label, _ in messages], device=device)
     full_pass = partial(full_pass_logits, model, pad_id=eot_id)
-    metrics = labelled_metrics(model, full_pass, token_ids, labels, args.batch_size, args.threshold)
-    print_metrics(metrics, args.evaluate, args.threshold)
+    metrics = labelled_metrics(model, full_pass, token_ids, labels, args.batch_size, args.threshold, args.evaluate)
     if args.results is not None:
         report = {"checkpoint": args.checkpoint, "file": args.evaluate, "threshold": args.threshold, "metrics": metrics}
         print(f"metrics in {gpt.save_with_fallback(lambda path: gpt.write_json(path, report), args.results)}")

@@ -3481,6 +3481,7 @@ def test_classify_bfloat16_autocast_trains_and_stays_close():
     mixed = fc.autocast_logits(full, torch.device("cpu"), torch.bfloat16)(token_ids)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, full(token_ids), atol=0.05, rtol=0.05)
+    assert torch.equal(fc.autocast_logits(full, torch.device("cpu"), torch.float32)(token_ids), full(token_ids))
 
 
 def test_classify_dtype_bfloat16_run_finishes(tmp_path):
@@ -3692,6 +3693,7 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
     ("c.csv", "text,label\n", r"c.csv: no labelled messages"),
     ("d.tsv", "ham\thi\nspma\tyo\n", r"d.tsv: 1 bad line\(s\): line 2: unknown label 'spma' \(expected ham or spam\)"),
     ("e.tsv", "ham\thi\nno tab\n", r"e.tsv: 1 bad line\(s\): line 2: no tab between label and message"),
+    ("f.tsv", "\n", r"f.tsv: no labelled messages"),
 ])
 def test_classify_evaluate_bad_file_is_one_line_and_exit_1(tmp_path, capsys, name, content, message):
     fc.save_classifier(tmp_path / "classifier.pt", fc.add_classification_head(_classify_tiny_model(), 2), max_length=48)
