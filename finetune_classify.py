@@ -200,7 +200,7 @@ def tokenize_messages(texts, max_length=None, tokenizer=None):
 def add_classification_head(model, num_classes=2):
     """Replace the language-model head (emb_dim -> vocabulary logits) by nn.Linear(emb_dim, num_classes), initialised
     from the global torch seed. Returns the model."""
-    # New: the Llama family's head has no bias, as transformers' LlamaForSequenceClassification:
+    # The Llama family's head has no bias, as transformers' LlamaForSequenceClassification:
     # its RMSNorm has no shift that could carry one into an export (see export_classifier_hf).
     head = nn.Linear(model.cfg.emb_dim, num_classes, bias=model.cfg.family == "gpt2")
     model.lm_head = head.to(model.wte.weight.device)
@@ -295,7 +295,7 @@ def cached_logits(model, activations, n_frozen):
     x = pad_sequence(activations, batch_first=True)  # [B, T, C], zero padding after each message
     last = torch.tensor([len(a) - 1 for a in activations], device=x.device)  # [B]
     top_blocks = model.h[n_frozen:]
-    shortcut = len(top_blocks) > 0 and model.cfg.family == "gpt2"  # New: the Llama family runs every position
+    shortcut = len(top_blocks) > 0 and model.cfg.family == "gpt2"  # the Llama family runs every position
     for block in top_blocks[:-1] if shortcut else top_blocks:
         x = block(x)
     if shortcut:
@@ -510,7 +510,7 @@ def export_classifier_hf(model_or_checkpoint, folder, *, labels=CLASS_NAMES, max
                  label2id={name: i for i, name in enumerate(labels)}, pad_token_id=eot_id)
     tensors = {name: t for name, t in gpt.hf_tensors(model, dtype).items() if not name.startswith("lm_head.")}
     tensors["score.weight"] = model.lm_head.weight.detach().to(dtype)
-    if model.cfg.family == "llama":  # New: a head without bias (see add_classification_head)
+    if model.cfg.family == "llama":  # a head without bias (see add_classification_head)
         bos_id = eot_id if getattr(encoding, "bos_id", None) is None else encoding.bos_id
         config = gpt.hf_llama_config(model.cfg, dtype, bos_id, eot_id)
         config.update(architectures=[config["architectures"][0].replace("CausalLM", "SequenceClassification")], **names)
@@ -542,7 +542,7 @@ def load_classifier_hf(folder, device="cpu"):
     if model_type == "gpt2":
         tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
         cfg, layout = gpt.config_from_weights(tensors, config), {}
-    else:  # New: the Llama family; "tied": the folder has no language-model head to load
+    else:  # the Llama family; "tied": the folder has no language-model head to load
         tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
         cfg = dataclasses.replace(gpt.config_from_hub(config, folder / "config.json"), tie_embeddings=True)
         layout = {"transposed": ()}  # its weights are [out, in] as ours

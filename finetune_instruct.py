@@ -163,7 +163,7 @@ def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
         prompt_ids = gpt.text_to_token_ids(format_prompt(entry), tokenizer=tokenizer)[0].tolist()
         response_ids = gpt.text_to_token_ids(entry["output"], tokenizer=tokenizer)[0].tolist()
         if getattr(tokenizer, "bos_id", None) is not None:
-            response_ids = response_ids[1:]  # New: Llama 3's <|begin_of_text|> starts the prompt, not the response
+            response_ids = response_ids[1:]  # Llama 3's <|begin_of_text|> starts the prompt, not the response
         if mask_prompt and len(prompt_ids) > max_length:
             too_long += 1
             continue
@@ -177,7 +177,7 @@ def collate_instruction_batch(batch, eot_id, *, mask_prompt=False, max_length=No
     """Pad a batch of (token ids, prompt length) into inputs and targets: LongTensor [batch, seq_len] each.
 
     The book's custom_collate_fn (section 7.3, exercise 7.2). Each sequence gets at least one end-of-text token
-    (eot_id: the tokenizer's, 50256 for GPT-2; New: the Llama family's own, which also pads, as those models define no
+    (eot_id: the tokenizer's, 50256 for GPT-2; the Llama family's own, which also pads, as those models define no
     padding token) and is padded with it to one token more than the longest; targets are the inputs shifted left by
     one. The first end-of-text target stays (the model learns to stop); later padding targets become -100 (the loss
     skips them), and so do, with mask_prompt, the targets that predict prompt tokens. Then sequences are cut to
@@ -223,7 +223,7 @@ def prepare_model(args, tokenizer, device, state=None):
     gpt.set_drop_rate(model, args.drop_rate)
     if args.lora:
         gpt.add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
-    # New: weights, gradients and AdamW's moments (16 bytes a parameter; 20 GB for a 1B model) must fit
+    # Weights, gradients and AdamW's moments (16 bytes a parameter; 20 GB for a 1B model) must fit
     trainable = gpt.count_parameters(model, trainable_only=True) if args.lora else None
     hint = "choose a smaller --model" + ("" if args.lora else ", or train only low-rank adapters with --lora")
     gpt.check_training_memory(gpt.training_memory(model.cfg, trainable=trainable), device, hint)
@@ -284,7 +284,7 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
             history["train_loss"].append(train_loss)
             history["val_loss"].append(val_loss)
             print(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
-            if val_loss < best["val_loss"]:  # New: keep the weights that generalise best (early stopping)
+            if val_loss < best["val_loss"]:  # keep the weights that generalise best (early stopping)
                 # only what trains changes (all weights, or the LoRA adapters): a copy of it brings them back
                 weights = {
                     name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad
@@ -339,7 +339,7 @@ def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
     gpt.generate (greedy; `sampling`: temperature, top_k, top_p and seed as there) up to the tokenizer's end-of-text
     token or max_new_tokens, the new text stripped (the book's section 7.7)."""
     prompt_ids = gpt.text_to_token_ids(format_prompt(entry), device=model.wte.weight.device, tokenizer=tokenizer)
-    eot_id = tokenizer.eot_token  # 50256 for GPT-2; New: the Llama family's own
+    eot_id = tokenizer.eot_token  # 50256 for GPT-2; the Llama family's own
     output = gpt.generate(model, prompt_ids, max_new_tokens, eos_id=eot_id, **sampling)
     new_ids = output[0, prompt_ids.shape[1] :].tolist()
     if eot_id in new_ids:
@@ -561,7 +561,7 @@ def fine_tune(args, argv, device):
     train_set, val_set, test_set = splits
     print(f"data: {source}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries")
     gpt.print_settings(args)
-    tokenizer, eot_id = gpt.load_tokenizer(tokenizer_name)  # New: the model's own tokenizer and end-of-text id
+    tokenizer, eot_id = gpt.load_tokenizer(tokenizer_name)  # the model's own tokenizer and end-of-text id
     model = prepare_model(args, tokenizer, device, state)
     context_length = model.cfg.context_length
     max_length = args.max_length or context_length

@@ -2196,7 +2196,7 @@ def hf_tensors(model, dtype=torch.float32):
     model = unwrap_model(model)
     if any(isinstance(module, LoRALinear) for module in model.modules()):
         model = merge_lora(copy.deepcopy(model))
-    if model.cfg.family == "llama":  # New: Hugging Face Llama names already, [out, in]; a tied head stored once
+    if model.cfg.family == "llama":  # Hugging Face Llama names already, [out, in]; a tied head stored once
         tied = model.cfg.tie_embeddings
         return {
             (name if name.startswith("lm_head.") else "model." + name): tensor.to(dtype)
