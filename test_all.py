@@ -16,6 +16,7 @@ import errno
 import hashlib
 import http.server
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -4583,3 +4584,39 @@ def test_classify_export_hf_flag_and_a_folder_as_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
     with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
         fc.main(["--checkpoint", checkpoint, "--export-hf", str(tmp_path / "hf")])
+
+
+# ========================================================================================
+# README: "Type it live" runs as typed
+# ========================================================================================
+
+
+def type_it_live_sources():
+    """The README's "Type it live" lists -> {script: source of the listed definitions, in order}."""
+    readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Type it live", 1)[1].split("\n## ", 1)[0]
+    modules = {"finetune_classify.py": fc, "pretrain.py": pretrain}
+    sources = {}
+    for script, names in re.findall(r"^- `(\w+\.py)`: (.+)$", section, flags=re.M):
+        text = Path(modules[script].__file__).read_text(encoding="utf-8")
+        parts = []
+        for name in re.findall(r"`(\w+)`", names):
+            if callable(getattr(modules[script], name)):
+                parts.append(inspect.getsource(getattr(modules[script], name)))
+            else:  # a constant: its assignment, as written in the script
+                parts.append(re.search(rf"^{name} = .*$", text, flags=re.M).group(0) + "\n")
+        sources[script] = "\n\n".join(parts)
+    return section, sources
+
+
+def test_readme_type_it_live_definitions_run_as_typed():
+    section, sources = type_it_live_sources()
+    assert set(sources) >= {"finetune_classify.py"}
+    assert sum(len(source.splitlines()) for source in sources.values()) <= 320  # short enough to type
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    raw = b"".join(fc.read_sms_bytes(SMS_ZIP).splitlines(keepends=True)[:400])
+    code = code.replace('open("SMSSpamCollection", "rb").read()', "SMS_BYTES").replace('gpt.load_gpt2("gpt2")', "MODEL")
+    code = code.replace("# ... the definitions above, then:", sources["finetune_classify.py"])
+    namespace = {"SMS_BYTES": raw, "MODEL": tiny_model(context_length=256)}
+    exec(compile(code, "README.md", "exec"), namespace)  # NameError here: a definition the list lacks
+    assert namespace["test_labels"].shape == (len(namespace["test"]),)
