@@ -24,7 +24,6 @@ Speed: frozen lower blocks without dropout give the same outputs at every step: 
 "activation cache") and training runs only the trainable top, with the same logits and gradients as the full model.
 """
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -570,7 +569,7 @@ RUN_FILES = ("run.json", "train.csv", "validation.csv", "test.csv", "metrics.jso
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(formatter_class=gpt.HelpFormatter, description="Fine-tune GPT-2 (or a "
+    parser = gpt.ArgumentParser(description="Fine-tune GPT-2 (or a "
                                      "Llama-family model) as an SMS spam classifier, or classify texts and evaluate "
                                      "on labelled files with a fine-tuned one. A run writes into --out-dir; a folder "
                                      "that holds another run is refused unless --overwrite.")

@@ -25,7 +25,6 @@ Writes to --out-dir (default runs/instruct/; one that holds another run is refus
     responses-scored.json   the same with a "score" (0-100 or null), after --judge ollama
 """
 
-import argparse
 import functools
 import hashlib
 import json
@@ -613,11 +612,10 @@ RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "keep_last",
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = gpt.ArgumentParser(
         description="Instruction fine-tuning of GPT-2 or a Llama-family model (Alpaca format), answers for the test "
         "set, optional LLM judge. A new run refuses an --out-dir that holds another run unless --resume continues it "
-        "or --overwrite replaces it; --generate-only, --prompt and --judge-only use an existing run.",
-        formatter_class=gpt.HelpFormatter,
+        "or --overwrite replaces it; --generate-only, --prompt and --judge-only use an existing run."
     )
     what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
     what.add_argument("--generate-only", action="store_true", help="answer the run's test split with --checkpoint")

@@ -2443,6 +2443,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with `HelpFormatter`, whose errors are one line: "prog: error: ... (see --help)",
+    exit status 2, instead of the usage block and then the error."""
+
+    def __init__(self, **options):
+        super().__init__(formatter_class=HelpFormatter, **options)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def pick_device(name="auto"):
     """"auto" -> "cuda" if available, else "mps" (Apple GPUs), else "cpu"; other names pass
     through after a check. Raises ValueError for a device this machine does not have."""

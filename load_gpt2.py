@@ -35,7 +35,6 @@ measurements. Writes only the caches (--cache-dir; a Hugging Face cache, $HF_HUB
 $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror), --results and --export-hf.
 """
 
-import argparse
 import collections
 import csv
 import io
@@ -383,7 +382,7 @@ NEEDS = {"benchmark_file": "benchmark", "shots": "benchmark", "limit": "benchmar
 def parse_args(argv=None):
     """The settings of the run -> argparse.Namespace. Flags that contradict each other, or that
     would be ignored, exit with one line (exit status 2)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=gpt.HelpFormatter)
+    p = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
     models = ", ".join(gpt.MODEL_CONFIGS)
     p.add_argument("--model", metavar="NAME_OR_PATH", default="gpt2", help=f"{models}, another Llama or Qwen3 of "
                    "the Hub, a .safetensors file, a model folder or a checkpoint (.pt)")

@@ -354,6 +354,15 @@ def test_config_biases_follow_the_family_and_a_mismatching_checkpoint_names_its_
         gpt.model_from_checkpoint(checkpoint)
 
 
+def test_argument_parser_errors_are_one_line(capsys):
+    parser = gpt.ArgumentParser(prog="stage.py")
+    parser.add_argument("--lr", type=gpt.positive_float, default=1e-3, help="learning rate")
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--lr", "-1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "stage.py: error: argument --lr: must be a finite number > 0, got '-1' (see --help)\n"
+
+
 def test_tokenizer_round_trip():
     ids = gpt.text_to_token_ids("Hello, world<|endoftext|>")
     assert ids.tolist() == [[15496, 11, 995, 50256]]
@@ -4269,7 +4278,7 @@ def test_instruct_bad_flags_rejected_at_startup(tmp_path, capsys, monkeypatch, _
             instruct.main(common + bad)
         assert exc.value.code == 2, bad  # argparse's usage error, not a run-time "error: ..."
         last_line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last_line.endswith(": error: " + message), (bad, last_line)
+        assert last_line.endswith(f": error: {message} (see --help)"), (bad, last_line)
         assert re.search(r"--[\w-]+", message).group() in bad, message  # the message names a flag given
     assert not out_dir.exists()
 
