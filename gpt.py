@@ -2619,12 +2619,21 @@ def save_with_fallback(write, path):
         return fallback
 
 
-_progress_line_open = False
+_progress_line_open = False  # a status line of show_progress waits for its end
+PLAIN_PROGRESS_SECONDS = 30  # without a terminal: one progress line per this many seconds
+_last_plain_progress = 0.0  # when show_progress last printed a plain line
 
 
 def show_progress(text):
-    """Overwrite the current status line on stderr with text (a long loop's progress)."""
-    global _progress_line_open
+    """Overwrite the current status line on stderr with text (a long loop's progress). When
+    stderr is no terminal (a log file, a pipe), print it as a plain line instead, at most
+    every PLAIN_PROGRESS_SECONDS, so that a log holds readable lines, not hundreds of updates."""
+    global _progress_line_open, _last_plain_progress
+    if not sys.stderr.isatty():
+        if time.time() - _last_plain_progress >= PLAIN_PROGRESS_SECONDS:
+            print(text, file=sys.stderr, flush=True)
+            _last_plain_progress = time.time()
+        return
     print("\r" + text + "\033[K", end="", file=sys.stderr, flush=True)
     _progress_line_open = True
 

@@ -1647,7 +1647,9 @@ def test_json_and_text_readers_accept_a_bom_and_name_the_problem(tmp_path):
         gpt.decode_utf8(b"ab\r\ncd\n\xfe\xff", "x.txt")
 
 
-def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys):
+def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: one overwritten status line
+
     def failing(error):
         @gpt.command_line(memory_hint="use a smaller --batch-size")
         def main(argv=None):
@@ -1672,6 +1674,16 @@ def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys):
         else:
             assert exit_info.value.code == f"{message}"
             assert capsys.readouterr().err == "\rstep 3/10\033[K\n"
+
+
+def test_progress_without_a_terminal_is_a_plain_line_every_30_seconds(capsys, monkeypatch):
+    clock = iter([1000.0, 1000.0, 1010.0, 1031.0, 1031.0])
+    monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
+    monkeypatch.setattr(gpt, "_last_plain_progress", 0.0)
+    for text in ("step 1/3", "step 2/3", "step 3/3"):
+        gpt.show_progress(text)
+    gpt.end_progress()
+    assert capsys.readouterr().err == "step 1/3\nstep 3/3\n"  # step 2 came 10 s after step 1: not printed
 
 
 def test_split_by_fractions_is_seeded_and_covers_every_item():
