@@ -39,8 +39,8 @@ too big for that, fine-tune it with LoRA (finetune_classify.py, finetune_instruc
 """
 
 import argparse
-import collections
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -51,7 +51,6 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 import gpt
 
@@ -125,40 +124,28 @@ def split_tokens(tokens, train_fraction, context_length):
 
 
 def count_windows(n_tokens, context_length, stride):
-    """Number of windows starting at 0, stride, 2 * stride, ..., each with context_length
-    + 1 tokens (the inputs, and the targets one further). 10 tokens, context 4, stride 2:
-    starts 0, 2, 4 -> 3 windows."""
-    if n_tokens < context_length + 1:
-        return 0
-    return (n_tokens - context_length - 1) // stride + 1
+    """Windows of context_length + 1 tokens (the inputs, and the targets one further) that start at 0,
+    stride, 2 * stride, ... in n_tokens tokens. 10 tokens, context 4, stride 2: starts 0, 2, 4 -> 3 windows."""
+    return max(0, (n_tokens - context_length - 1) // stride + 1)
 
 
-class WindowOrder:
-    """The order of the training windows: sample i of the run is window
-    perm(i // n_windows)[i % n_windows], perm(epoch) a permutation seeded by (seed, epoch).
-    The data position is then one number, the samples seen, which a checkpoint stores
-    and any process turns into its share of any batch."""
-
-    def __init__(self, n_windows, stride, seed):
-        self.n_windows, self.stride, self.seed = n_windows, stride, seed
-        self._epoch, self._perm = None, None
-
-    def start(self, i):
-        """Token position of the first token of sample i."""
-        epoch = i // self.n_windows
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n_windows, generator=generator)
-        return int(self._perm[i % self.n_windows]) * self.stride
+@functools.lru_cache(maxsize=2)  # this epoch's order, and the next one's where a batch crosses into it
+def window_order(n_windows, seed, epoch):
+    """The training windows of one epoch in the order training reads them: a permutation of
+    range(n_windows) seeded by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_windows, generator=generator)
 
 
-def micro_batch_starts(order, samples_seen, micro_step, batch_size, rank=0, world_size=1):
-    """Window starts of one process's micro-batch. A step reads batch_size * grad_accum
-    * world_size consecutive samples from samples_seen on; micro-step m of rank r takes
-    samples_seen + (m * world_size + r) * batch_size + [0, batch_size), so the ranks'
+def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
+    """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows of
+    window_order(epoch i // n_windows), so the data position is one number that a checkpoint stores: the
+    samples seen. A step reads batch_size * grad_accum * world_size samples from samples_seen on; micro-step
+    m of rank r takes samples_seen + (m * world_size + r) * batch_size + [0, batch_size), so the ranks'
     micro-batches side by side are one process's micro-batch of batch_size * world_size."""
     first = samples_seen + (micro_step * world_size + rank) * batch_size
-    return [order.start(i) for i in range(first, first + batch_size)]
+    n = splits.n_windows
+    return [int(window_order(n, splits.seed, i // n)[i % n]) * splits.stride for i in range(first, first + batch_size)]
 
 
 def evaluation_starts(n_tokens, context_length, max_windows):
@@ -201,8 +188,9 @@ class Splits:
     train: torch.Tensor  # [n_train], as the token file holds them (see `gpt.as_ids`)
     val: torch.Tensor  # [n_val]
     context_length: int  # tokens per window
-    order: WindowOrder  # the training window of each sample of the run
+    stride: int  # tokens between the starts of two training windows
     n_windows: int  # training windows in one epoch
+    seed: int  # of the order of the training windows (`window_order`)
     eval_starts: dict  # {"train": starts, "val": starts}: the same windows at every evaluation
     unigram_loss: float  # validation loss of a model that ignores context, nats per token
 
@@ -225,8 +213,8 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
         f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
         f"{n_windows:,} training windows of {context_length} tokens, stride {stride}"
     )
-    order, unigram_loss = WindowOrder(n_windows, stride, args.seed), unigram_baseline(train, val, cfg.vocab_size)
-    return Splits(train, val, context_length, order, n_windows, eval_starts, unigram_loss)
+    unigram_loss = unigram_baseline(train, val, cfg.vocab_size)
+    return Splits(train, val, context_length, stride, n_windows, args.seed, eval_starts, unigram_loss)
 
 
 # ----------------------------------------------------------------------------------------
@@ -283,7 +271,7 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
 @torch.no_grad()
 def evaluate_loss(model, splits, split, batch_size, autocast, proc):
     """Mean cross-entropy (nats per token) of the evaluation windows of split ("train" or
-    "val"). Each process (proc: see `setup_distributed`) takes every world_size-th
+    "val"). Each process (proc: see `gpt.distributed_run`) takes every world_size-th
     window, and the sums are all-reduced."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
@@ -325,7 +313,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
     out_dir, history, total_steps = Path(args.out_dir), state["history"], state["total_steps"]
     global_batch = args.batch_size * args.grad_accum * proc.world_size  # windows per optimizer step
     autocast, dtype_name = gpt.autocast_context(proc.device, args.dtype)
-    eval_model, train_model = compile_and_wrap(model, args.compile, proc)
+    eval_model, train_model = gpt.compile_and_wrap(model, args.compile, proc)
     peak = args.peak_flops or gpt.peak_flops(proc.device, dtype_name)  # None: no MFU
     tokens_per_step = global_batch * splits.context_length
     speed = gpt.Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
@@ -352,9 +340,9 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
                     gpt.save_with_fallback(lambda path: gpt.save_checkpoint(path, model, **best), out_dir / "best.pt")
                 gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
         stop = stopper.requested or step >= (args.stop_at_step or math.inf)
-        stop = step == total_steps or any_process(stop, proc)  # every process stops at the same step
+        stop = step == total_steps or gpt.any_process(stop, proc)  # every process stops at the same step
         if evaluate_now or stop:
-            rng_states = all_rng_states(proc)  # every process's, for the same dropout masks after --resume
+            rng_states = gpt.all_rng_states(proc)  # every process's, for the same dropout masks after --resume
             if proc.rank == 0:
                 gpt.save_training_state(out_dir / "latest.pt", model, optimizer, rng_states=rng_states, **state)
         if stop:
@@ -366,9 +354,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
             group["lr"] = lr
         loss_sum = 0.0
         for micro_step in range(args.grad_accum):
-            starts = micro_batch_starts(
-                splits.order, state["samples_seen"], micro_step, args.batch_size, proc.rank, proc.world_size
-            )
+            starts = micro_batch_starts(splits, state["samples_seen"], micro_step, args.batch_size, proc.rank, proc.world_size)
             inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
             accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
             with train_model.no_sync() if accumulate else nullcontext():
@@ -404,20 +390,20 @@ def start_run(args, proc):
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
         gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
         gpt.print_settings(args)
-    barrier(proc)
+    gpt.barrier(proc)
     if proc.device.type == "cpu" and args.dtype == "bfloat16":  # CPUs without bfloat16 matrix units emulate it
         log("warning: --dtype bfloat16 is usually much slower than float32 on CPUs; --dtype auto picks float32 there")
     checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
 
     # Data: the first process of each machine tokenizes; the others wait, then reuse its file.
     tokenizer = gpt.load_tokenizer(tokenizer_name(args))[0]
-    barrier(proc, wait=proc.local_rank != 0)
+    gpt.barrier(proc, wait=proc.local_rank != 0)
     token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
     sources = resolve_sources(args.data)
     token_path, n_tokens, sha256 = gpt.prepare_token_file(
         sources, token_dir, tokenizer, args.replace_invalid_utf8, quiet=proc.rank != 0
     )
-    barrier(proc, wait=proc.local_rank == 0)
+    gpt.barrier(proc, wait=proc.local_rank == 0)
     data = {"n_tokens": n_tokens, "sha256": sha256}
     if checkpoint is not None and checkpoint["data"] != data:
         raise ValueError(
@@ -460,7 +446,7 @@ def start_run(args, proc):
 
 def pretrain(args, proc):
     """Run the stage with the settings args (see `parse_settings`) in this process (proc:
-    see `setup_distributed`). Returns a summary dict: steps, tokens_seen, train_loss,
+    see `gpt.distributed_run`). Returns a summary dict: steps, tokens_seen, train_loss,
     val_loss, best_val_loss, unigram_loss, latest, best, stopped (see `train`)."""
     model, optimizer, splits, tokenizer, state = start_run(args, proc)
     with gpt.StopSignal(single_process=proc.world_size == 1) as stopper:
@@ -523,18 +509,11 @@ def build_parser():
     data.add_argument("--token-dir", help="folder of the token files (default: <--cache-dir>/tokens)")
 
     model = p.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        help="start from these weights, with their tokenizer: gpt2 (or another size), a Llama-family Hub name or "
-        "folder, a .safetensors file, a checkpoint (default: random weights)",
-    )
-    model.add_argument(
-        "--size",
-        choices=list(gpt.MODEL_CONFIGS),
-        metavar="NAME",
-        help=f"the shape of a new model: {', '.join(gpt.MODEL_CONFIGS)} (a Llama-family name brings its Hub "
-        "tokenizer; default: 4 layers, 4 heads, width 256)",
-    )
+    model.add_argument("--model", help="start from these weights, with their tokenizer: gpt2 (or another size), a "
+                       "Llama-family Hub name or folder, a .safetensors file, a checkpoint (default: random weights)")
+    model.add_argument("--size", choices=list(gpt.MODEL_CONFIGS), metavar="NAME", help="the shape of a new model: "
+                       f"{', '.join(gpt.MODEL_CONFIGS)} (a Llama-family name brings its Hub tokenizer; default: "
+                       "4 layers, 4 heads, width 256)")
     model.add_argument("--n-layers", type=gpt.positive_int, help="transformer blocks (default: from --size)")
     model.add_argument("--n-heads", type=gpt.positive_int, help="attention heads per block (default: from --size)")
     model.add_argument("--emb-dim", type=gpt.positive_int, help="embedding width (default: from --size)")
@@ -561,19 +540,14 @@ def build_parser():
     run.add_argument("--sample-tokens", type=gpt.non_negative_int, default=30, help="tokens of the sample")
     run.add_argument("--out-dir", default="runs/pretrain", help="folder of the run's files")
     again = run.add_mutually_exclusive_group()
-    again.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out-dir with its saved settings; only --max-steps/--epochs (to extend it), "
-        "--stop-at-step, --device, --compile, --peak-flops, --cache-dir and --token-dir may differ from them",
-    )
+    again.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings; "
+                       "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops, "
+                       "--cache-dir and --token-dir may differ from them")
     again.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir, start a new one")
     run.add_argument("--stop-at-step", type=gpt.positive_int, help="save and exit after this step (default: the end)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    run.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="precision of the work (autocast; "
-        "the weights stay float32; auto: bfloat16 on GPUs that have it)"
-    )
+    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="precision of the "
+                     "work (autocast; the weights stay float32; auto: bfloat16 on GPUs that have it)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
     run.add_argument("--peak-flops", type=gpt.positive_float, help="FLOP/s of one device for MFU (default: known GPUs)")
     return p
@@ -604,9 +578,8 @@ def parse_settings(argv=None):
     saved = gpt.read_json(run_file, "--resume: the run's settings")
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
         raise ValueError(f"--resume: {run_file} holds no settings of pretrain.py; start a new run with --overwrite")
-    settings = gpt.resume_settings(parser, argv, saved["settings"], may_change=THIS_COMMAND + MAY_CHANGE)
-    for name in THIS_COMMAND:
-        setattr(settings, name, getattr(args, name))
+    saved = {name: value for name, value in saved["settings"].items() if name not in THIS_COMMAND}
+    settings = gpt.resume_settings(parser, argv, saved, may_change=MAY_CHANGE)
     given = gpt.given_flags(parser, argv)
     if "epochs" in given and "max_steps" not in given:
         settings.max_steps = None  # the --epochs given now set the end of the run
@@ -616,58 +589,6 @@ def parse_settings(argv=None):
 # ----------------------------------------------------------------------------------------
 # 7. Plumbing: processes and devices, memory, the training state
 # ----------------------------------------------------------------------------------------
-
-Processes = collections.namedtuple("Processes", "rank local_rank world_size device")
-
-
-def setup_distributed(device_name):
-    """Processes(rank, local_rank, world_size, device). Under torchrun (RANK and WORLD_SIZE
-    set) this joins the process group: NCCL between GPUs, one GPU per process
-    (cuda:LOCAL_RANK), or Gloo between CPU processes. Otherwise one process."""
-    device = gpt.pick_device(device_name)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Processes(0, 0, 1, device)
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.type == "mps":
-        raise ValueError("torchrun with MPS is not supported: use --device cpu")
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank, local_rank, world_size, device)
-
-
-def barrier(proc, wait=True):
-    """Wait here until every process arrives (with several processes, and when wait)."""
-    if proc.world_size > 1 and wait:
-        dist.barrier()
-
-
-def any_process(flag, proc):
-    """Whether flag is true in any process (every process must call this)."""
-    if proc.world_size == 1:
-        return flag
-    value = torch.tensor(float(flag), device=proc.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def compile_and_wrap(model, compile_model, proc):
-    """(model to evaluate, model to train): torch.compile'd with --compile; to train under
-    torchrun in DistributedDataParallel, which all-reduces the gradients in backward."""
-    compiled = torch.compile(model) if compile_model else model
-    if proc.world_size == 1:
-        return compiled, compiled
-    return compiled, DistributedDataParallel(compiled, device_ids=[proc.device] if proc.device.type == "cuda" else None)
-
-
-def available_memory():
-    """Bytes of memory this machine has, or None where the operating system does not say."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):  # no sysconf on Windows
-        return None
-
 
 def check_memory(cfg, batch_size, context_length, device):
     """Raise an error before training when it cannot fit. Everywhere: the weights, their
@@ -682,21 +603,12 @@ def check_memory(cfg, batch_size, context_length, device):
                               "with more memory, or adapt this one with LoRA (the fine-tunes' --lora)")
     per_token = 68 * cfg.emb_dim * cfg.n_layers + 12 * cfg.vocab_size
     need = weights + processes * batch_size * context_length * per_token
-    have = available_memory() if device.type == "cpu" else None
+    have = gpt.machine_memory() if device.type == "cpu" else None
     if have is not None and need > have:
         raise ValueError(
             f"a training step needs about {need / 1e6:,.0f} MB of memory, but this machine has {have / 1e6:,.0f} MB: "
             + MEMORY_HINT
         )
-
-
-def all_rng_states(proc):
-    """Every process's RNG states (gpt.rng_state), in rank order; every process must call this."""
-    if proc.world_size == 1:
-        return [gpt.rng_state()]
-    states = [None] * proc.world_size
-    dist.all_gather_object(states, gpt.rng_state())
-    return states
 
 
 def load_training_state(path):
@@ -729,12 +641,8 @@ def main(argv=None):
     saved) exit with the shell's code for the signal, 130 or 143."""
     args = parse_settings(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # downloads go there
-    proc = setup_distributed(args.device)
-    try:
+    with gpt.distributed_run(args.device) as proc:
         result = pretrain(args, proc)
-    finally:
-        if proc.world_size > 1:
-            dist.destroy_process_group()
     if result["stopped"] in ("SIGINT", "SIGTERM"):
         raise SystemExit(128 + signal.Signals[result["stopped"]])
     return result
