@@ -80,10 +80,9 @@ def log(*parts):
 
 
 def resolve_sources(data):
-    """--data -> sorted list of text file Paths: a URL downloaded once into <cache>/data/
-    (checked when KNOWN_DOWNLOADS lists it), a file, or the non-empty .txt files below a
-    folder (sorted: the same token stream every time). Raises FileNotFoundError or
-    ValueError when there is no text."""
+    """--data -> sorted list of text file Paths: a URL downloaded once into <cache>/data/ (checked when KNOWN_DOWNLOADS
+    lists it), a file, or the non-empty .txt files below a folder (sorted: the same token stream every time). Raises
+    FileNotFoundError or ValueError when there is no text."""
     if urlparse(data).scheme in ("http", "https"):
         name = Path(urlparse(data).path).name or "corpus.txt"
         return [gpt.fetch_dataset([data], name, flag="--data", **KNOWN_DOWNLOADS.get(data, {}))]
@@ -101,9 +100,9 @@ def resolve_sources(data):
 
 
 def split_tokens(tokens, train_fraction, context_length):
-    """tokens [n] -> (train tokens [int(train_fraction * n)], validation tokens [the rest]).
-    Raises ValueError when a split has fewer than context_length + 1 tokens (one window
-    and its shifted target), saying which context length or split would work."""
+    """tokens [n] -> (train tokens [int(train_fraction * n)], validation tokens [the rest]). Raises ValueError when a
+    split has fewer than context_length + 1 tokens (one window and its shifted target), saying which context length
+    or split would work."""
     n = len(tokens)
     n_train = int(train_fraction * n)
     need = context_length + 1
@@ -124,53 +123,52 @@ def split_tokens(tokens, train_fraction, context_length):
 
 
 def count_windows(n_tokens, context_length, stride):
-    """Windows of context_length + 1 tokens (the inputs, and the targets one further) that start at 0,
-    stride, 2 * stride, ... in n_tokens tokens. 10 tokens, context 4, stride 2: starts 0, 2, 4 -> 3 windows."""
+    """Windows of context_length + 1 tokens (the inputs, and the targets one further) that start at 0, stride, 2 *
+    stride, ... in n_tokens tokens. 10 tokens, context 4, stride 2: starts 0, 2, 4 -> 3 windows."""
     return max(0, (n_tokens - context_length - 1) // stride + 1)
 
 
 @functools.lru_cache(maxsize=2)  # this epoch's order, and the next one's where a batch crosses into it
 def window_order(n_windows, seed, epoch):
-    """The training windows of one epoch in the order training reads them: a permutation of
-    range(n_windows) seeded by (seed, epoch)."""
+    """The training windows of one epoch in the order training reads them: a permutation of range(n_windows) seeded by
+    (seed, epoch)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n_windows, generator=generator)
 
 
 def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
-    """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows of
-    window_order(epoch i // n_windows), so the data position is one number that a checkpoint stores: the
-    samples seen. A step reads batch_size * grad_accum * world_size samples from samples_seen on; micro-step
-    m of rank r takes samples_seen + (m * world_size + r) * batch_size + [0, batch_size), so the ranks'
-    micro-batches side by side are one process's micro-batch of batch_size * world_size."""
+    """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows of window_order(epoch i
+    // n_windows), so the data position is one number that a checkpoint stores: the samples seen. A step reads
+    batch_size * grad_accum * world_size samples from samples_seen on; micro-step m of rank r takes samples_seen +
+    (m * world_size + r) * batch_size + [0, batch_size), so the ranks' micro-batches side by side are one process's
+    micro-batch of batch_size * world_size."""
     first = samples_seen + (micro_step * world_size + rank) * batch_size
     n = splits.n_windows
-    return [int(window_order(n, splits.seed, i // n)[i % n]) * splits.stride for i in range(first, first + batch_size)]
+    samples = range(first, first + batch_size)
+    return [int(window_order(n, splits.seed, i // n)[i % n]) * splits.stride for i in samples]
 
 
 def evaluation_starts(n_tokens, context_length, max_windows):
-    """Starts of up to max_windows non-overlapping windows spread evenly over a split:
-    the same windows at every evaluation, so that the losses are comparable."""
+    """Starts of up to max_windows non-overlapping windows spread evenly over a split: the same windows at every
+    evaluation, so that the losses are comparable."""
     available = count_windows(n_tokens, context_length, context_length)
     k = min(available, max_windows)
     return [(j * available // k) * context_length for j in range(k)]
 
 
 def get_batch(tokens, starts, context_length, device):
-    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length],
-    with targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
+    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length], with targets[b, t] =
+    inputs[b, t + 1]: the model learns to predict each next token."""
     rows = gpt.as_ids(torch.stack([tokens[s : s + context_length + 1] for s in starts]))
-    if device.type == "cuda":
-        rows = rows.pin_memory().to(device, non_blocking=True)  # the copy overlaps with compute
-    else:
-        rows = rows.to(device)
+    # On a GPU from pinned memory, so that the copy overlaps with compute.
+    rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
     return rows[:, :-1], rows[:, 1:]
 
 
 def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_000):
-    """Cross-entropy (nats per token) of the validation tokens under the add-one smoothed
-    token frequencies of the training tokens: the loss of a model that ignores context.
-    Counts at most the first max_tokens of each split, to stay quick on big corpora."""
+    """Cross-entropy (nats per token) of the validation tokens under the add-one smoothed token frequencies of the
+    training tokens: the loss of a model that ignores context. Counts at most the first max_tokens of each split, to
+    stay quick on big corpora."""
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     train_tokens, val_tokens = train_tokens[:max_tokens], val_tokens[:max_tokens]
     step = 1 << 24
@@ -199,9 +197,8 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
     """The Splits of a token file, for a model of config cfg and the settings args."""
     context_length = args.context_length or cfg.context_length
     if context_length > cfg.context_length:
-        raise ValueError(
-            f"--context-length {context_length} is longer than the model's context length {cfg.context_length}"
-        )
+        limit = cfg.context_length
+        raise ValueError(f"--context-length {context_length} is longer than the model's context length {limit}")
     stride = args.stride or context_length
     tokens = gpt.read_token_file(token_path, n_tokens)
     train, val = split_tokens(tokens, args.train_fraction, context_length)
@@ -209,10 +206,8 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
     eval_windows = args.eval_batches * args.batch_size * world_size
     eval_starts = {"train": evaluation_starts(len(train), context_length, eval_windows)}
     eval_starts["val"] = evaluation_starts(len(val), context_length, eval_windows)
-    log(
-        f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
-        f"{n_windows:,} training windows of {context_length} tokens, stride {stride}"
-    )
+    log(f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
+        f"{n_windows:,} training windows of {context_length} tokens, stride {stride}")
     unigram_loss = unigram_baseline(train, val, cfg.vocab_size)
     return Splits(train, val, context_length, stride, n_windows, args.seed, eval_starts, unigram_loss)
 
@@ -223,24 +218,23 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
 
 
 def tokenizer_name(args):
-    """What names the run's tokenizer (see gpt.load_tokenizer): --model's, the Hub model's
-    of a Llama-family --size, or GPT-2's."""
+    """What names the run's tokenizer (see gpt.load_tokenizer): --model's, the Hub model's of a Llama-family --size, or
+    GPT-2's."""
     return args.model or (args.size if args.size in gpt.LLAMA_CONFIGS else "gpt2")
 
 
 def model_config(args):
-    """GPTConfig of a new model: --size (default: DEFAULT_SHAPE) with the shape flags given.
-    Raises ValueError for a shape that does not fit together."""
+    """GPTConfig of a new model: --size (default: DEFAULT_SHAPE) with the shape flags given. Raises ValueError for a
+    shape that does not fit together."""
     base = gpt.MODEL_CONFIGS[args.size] if args.size else gpt.GPTConfig(**DEFAULT_SHAPE)
     shape = {name: getattr(args, name) for name in DEFAULT_SHAPE if getattr(args, name) is not None}
     return dataclasses.replace(base, drop_rate=args.drop_rate, **shape)
 
 
 def build_model(args, tokenizer, checkpoint=None):
-    """The model to train, float32 on the CPU, in training mode: from a --resume
-    checkpoint, from --model weights (with this run's --drop-rate), or new (`model_config`,
-    initialised as its family is, seeded by --seed). Raises ValueError for a --model whose
-    vocabulary is smaller than its tokenizer's."""
+    """The model to train, float32 on the CPU, in training mode: from a --resume checkpoint, from --model weights (with
+    this run's --drop-rate), or new (`model_config`, initialised as its family is, seeded by --seed). Raises
+    ValueError for a --model whose vocabulary is smaller than its tokenizer's."""
     if checkpoint is not None:
         return gpt.model_from_checkpoint(checkpoint).train()
     if args.model:
@@ -253,9 +247,9 @@ def build_model(args, tokenizer, checkpoint=None):
 
 
 def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
-    """Learning rate of optimizer step `step` (0-based): a linear warm-up to max_lr over
-    warmup_steps, then a cosine decay to min_lr_ratio * max_lr at total_steps (Loshchilov
-    and Hutter, 2017, "SGDR"; the GPT-3 recipe decays to 10%)."""
+    """Learning rate of optimizer step `step` (0-based): a linear warm-up to max_lr over warmup_steps, then a cosine
+    decay to min_lr_ratio * max_lr at total_steps (Loshchilov and Hutter, 2017, "SGDR"; the GPT-3 recipe decays to
+    10%)."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -270,9 +264,8 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
 
 @torch.no_grad()
 def evaluate_loss(model, splits, split, batch_size, autocast, proc):
-    """Mean cross-entropy (nats per token) of the evaluation windows of split ("train" or
-    "val"). Each process (proc: see `gpt.distributed_run`) takes every world_size-th
-    window, and the sums are all-reduced."""
+    """Mean cross-entropy (nats per token) of the evaluation windows of split ("train" or "val"). Each process (proc:
+    see `gpt.distributed_run`) takes every world_size-th window, and the sums are all-reduced."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
     mine = splits.eval_starts[split][proc.rank :: proc.world_size]
@@ -290,9 +283,9 @@ def evaluate_loss(model, splits, split, batch_size, autocast, proc):
 
 
 def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
-    """The prompt and a continuation (temperature 0.8, top-k 50, seeded: successive samples
-    differ only through training), until the model's end-of-text token at most, lines
-    after the first indented for the log. An empty prompt starts from that token."""
+    """The prompt and a continuation (temperature 0.8, top-k 50, seeded: successive samples differ only through
+    training), until the model's end-of-text token at most, lines after the first indented for the log. An empty
+    prompt starts from that token."""
     start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_token]])
     out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
                        eos_id=tokenizer.eot_token)
@@ -305,11 +298,10 @@ def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
 
 
 def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
-    """Train from step state["step"] to state["total_steps"], updating state. At the start,
-    every --eval-every steps and at the end: both losses, a sample, best.pt when the
-    validation loss improved, latest.pt. A stop (stopper: Ctrl-C or SIGTERM, see
-    gpt.StopSignal; --stop-at-step) saves latest.pt after the step's evaluation, so
-    --resume goes on exactly. Returns None at the end, else "stop-at-step" or the signal."""
+    """Train from step state["step"] to state["total_steps"], updating state; at the start, every --eval-every steps
+    and at the end: both losses, a sample, best.pt when the validation loss improved, latest.pt. A stop (Ctrl-C or
+    SIGTERM: stopper, a gpt.StopSignal; --stop-at-step) saves latest.pt after the step's evaluation, for --resume.
+    Returns None at the end, else "stop-at-step" or the signal's name."""
     out_dir, history, total_steps = Path(args.out_dir), state["history"], state["total_steps"]
     global_batch = args.batch_size * args.grad_accum * proc.world_size  # windows per optimizer step
     autocast, dtype_name = gpt.autocast_context(proc.device, args.dtype)
@@ -318,7 +310,8 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
     tokens_per_step = global_batch * splits.context_length
     speed = gpt.Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
     while True:
-        step, tokens = state["step"], state["samples_seen"] * splits.context_length
+        step, samples_seen = state["step"], state["samples_seen"]
+        tokens = samples_seen * splits.context_length
         lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
         speed.pause()  # evaluating and saving do not count in tokens/s
         evaluated = bool(history) and history[-1]["step"] == step  # before a --resume
@@ -354,7 +347,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
             group["lr"] = lr
         loss_sum = 0.0
         for micro_step in range(args.grad_accum):
-            starts = micro_batch_starts(splits, state["samples_seen"], micro_step, args.batch_size, proc.rank, proc.world_size)
+            starts = micro_batch_starts(splits, samples_seen, micro_step, args.batch_size, proc.rank, proc.world_size)
             inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
             accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
             with train_model.no_sync() if accumulate else nullcontext():
@@ -367,7 +360,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        state.update(step=step, samples_seen=state["samples_seen"] + global_batch)
+        state.update(step=step, samples_seen=samples_seen + global_batch)
 
         if step % args.log_every == 0 or step == total_steps:
             loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
@@ -382,10 +375,9 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
 
 
 def start_run(args, proc):
-    """Everything the loop needs, in the order a run needs it: the run folder, the
-    tokenizer and the token file, the model and AdamW, the step count, and the loop's
-    state (new, or restored from latest.pt with --resume) -> (model, optimizer, splits,
-    tokenizer, state)."""
+    """Everything the loop needs, in the order a run needs it: the run folder, the tokenizer and the token file, the
+    model and AdamW, the step count and the loop's state (new, or from latest.pt with --resume) -> (model,
+    optimizer, splits, tokenizer, state)."""
     out_dir = Path(args.out_dir)
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
         gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
@@ -427,27 +419,23 @@ def start_run(args, proc):
     else:
         state = restore_training_state(checkpoint, optimizer, proc)
         if state["step"] >= total_steps:
-            raise ValueError(
-                f"--resume: the run in {out_dir} already made {state['step']} of {total_steps} steps; "
-                "raise --max-steps or --epochs to go on"
-            )
+            raise ValueError(f"--resume: the run in {out_dir} already made {state['step']} of {total_steps} steps; "
+                             "raise --max-steps or --epochs to go on")
         log(f"resumed from {out_dir / 'latest.pt'} at step {state['step']}")
     tokenizer_entry = gpt.tokenizer_source(tokenizer_name(args))  # for load_gpt2.py and the fine-tunes
     state.update(total_steps=total_steps, settings=vars(args), data=data, tokenizer=tokenizer_entry)
     if proc.rank == 0:
         gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
     log(gpt.model_summary(model, "model") + f"; {proc.device}, {proc.world_size} process(es)")
-    log(
-        f"training: {total_steps} steps of {global_batch} windows ({global_batch * splits.context_length:,} tokens), "
-        f"{total_steps * global_batch / splits.n_windows:.2f} epochs; unigram baseline {splits.unigram_loss:.3f}"
-    )
+    log(f"training: {total_steps} steps of {global_batch} windows ({global_batch * splits.context_length:,} tokens), "
+        f"{total_steps * global_batch / splits.n_windows:.2f} epochs; unigram baseline {splits.unigram_loss:.3f}")
     return model, optimizer, splits, tokenizer, state
 
 
 def pretrain(args, proc):
-    """Run the stage with the settings args (see `parse_settings`) in this process (proc:
-    see `gpt.distributed_run`). Returns a summary dict: steps, tokens_seen, train_loss,
-    val_loss, best_val_loss, unigram_loss, latest, best, stopped (see `train`)."""
+    """Run the stage with the settings args (see `parse_settings`) in this process (proc: see `gpt.distributed_run`).
+    Returns a summary dict: steps, tokens_seen, train_loss, val_loss, best_val_loss, unigram_loss, latest, best,
+    stopped (see `train`)."""
     model, optimizer, splits, tokenizer, state = start_run(args, proc)
     with gpt.StopSignal(single_process=proc.world_size == 1) as stopper:
         stopped = train(args, model, optimizer, splits, tokenizer, proc, state, stopper)
@@ -554,10 +542,9 @@ def build_parser():
 
 
 def parse_settings(argv=None):
-    """The run's settings -> Namespace. A new run: the command line, checked (argparse
-    exits 2). --resume: the settings saved in --out-dir/run.json, THIS_COMMAND's from the
-    command line, MAY_CHANGE's where given; raises ValueError naming the flag and both
-    values when another flag contradicts the saved run."""
+    """The run's settings -> Namespace. A new run: the command line, checked (argparse exits 2). --resume: the settings
+    saved in --out-dir/run.json, THIS_COMMAND's from the command line, MAY_CHANGE's where given; raises ValueError
+    naming the flag and both values when another flag contradicts the saved run."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.resume:
@@ -587,16 +574,16 @@ def parse_settings(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Plumbing: processes and devices, memory, the training state
+# 7. Plumbing: memory, the training state, main
 # ----------------------------------------------------------------------------------------
 
+
 def check_memory(cfg, batch_size, context_length, device):
-    """Raise an error before training when it cannot fit. Everywhere: the weights, their
-    gradients and AdamW's moments (16 bytes per parameter, gpt.check_training_memory; a
-    1B model needs 20 GB). On the CPU also a whole step, where the operating system may
-    kill the process without a message: per token 68 * emb_dim bytes per layer of
-    activations (Korthikanti et al., 2022, section 4.1, float32, no attention matrix) plus
-    12 per vocabulary entry (logits, softmax, gradient). Processes of a machine share it."""
+    """Raise an error before training when it cannot fit. Everywhere: the weights, their gradients and AdamW's moments
+    (16 bytes per parameter, gpt.check_training_memory; a 1B model needs 20 GB). On the CPU also a whole step, where
+    the operating system may kill the process without a message: per token 68 * emb_dim bytes per layer of
+    activations (Korthikanti et al., 2022, section 4.1, float32, no attention matrix) plus 12 per vocabulary entry
+    (logits, softmax, gradient). Processes of a machine share it."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     weights = processes * gpt.training_memory(cfg)
     gpt.check_training_memory(weights, device, "pretraining trains every weight: use a smaller model, or a machine "
@@ -605,15 +592,13 @@ def check_memory(cfg, batch_size, context_length, device):
     need = weights + processes * batch_size * context_length * per_token
     have = gpt.machine_memory() if device.type == "cpu" else None
     if have is not None and need > have:
-        raise ValueError(
-            f"a training step needs about {need / 1e6:,.0f} MB of memory, but this machine has {have / 1e6:,.0f} MB: "
-            + MEMORY_HINT
-        )
+        raise ValueError(f"a training step needs about {need / 1e6:,.0f} MB of memory, but this machine has "
+                         f"{have / 1e6:,.0f} MB: {MEMORY_HINT}")
 
 
 def load_training_state(path):
-    """latest.pt of the run to continue -> dict. Raises ValueError when it is missing or
-    not a training state of this pretrain.py."""
+    """latest.pt of the run to continue -> dict. Raises ValueError when it is missing or not a training state of this
+    pretrain.py."""
     if not path.is_file():
         raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
     checkpoint = gpt.load_checkpoint(path)
@@ -624,8 +609,8 @@ def load_training_state(path):
 
 
 def restore_training_state(checkpoint, optimizer, proc):
-    """AdamW's moments and this process's RNG states from latest.pt (reseeded when it was
-    saved by another number of processes) -> the loop's state."""
+    """AdamW's moments and this process's RNG states from latest.pt (reseeded when it was saved by another number of
+    processes) -> the loop's state."""
     rng_states = checkpoint["rng_states"]  # one per process of the saved run
     same_processes = len(rng_states) == proc.world_size
     gpt.restore_training_state(checkpoint, optimizer, proc.device, rng_states[proc.rank if same_processes else 0])
@@ -637,8 +622,8 @@ def restore_training_state(checkpoint, optimizer, proc):
 
 @gpt.command_line(MEMORY_HINT)
 def main(argv=None):
-    """Run the stage from the command line; after a stop by Ctrl-C or SIGTERM (the state
-    saved) exit with the shell's code for the signal, 130 or 143."""
+    """Run the stage from the command line; after a stop by Ctrl-C or SIGTERM (the state saved) exit with the shell's
+    code for the signal, 130 or 143."""
     args = parse_settings(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # downloads go there
     with gpt.distributed_run(args.device) as proc:
