@@ -298,10 +298,9 @@ def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
 
 
 def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
-    """Train from step state["step"] to state["total_steps"], updating state; at the start, every --eval-every steps
-    and at the end: both losses, a sample, best.pt when the validation loss improved, latest.pt. A stop (Ctrl-C or
-    SIGTERM: stopper, a gpt.StopSignal; --stop-at-step) saves latest.pt after the step's evaluation, for --resume.
-    Returns None at the end, else "stop-at-step" or the signal's name."""
+    """Train from step state["step"] to state["total_steps"], updating state. Evaluates (both losses, a sample, best.pt)
+    at the start, every --eval-every steps and at the end; saves latest.pt then and at a stop (stopper: Ctrl-C or
+    SIGTERM, a gpt.StopSignal; --stop-at-step). Returns None at the end, else "stop-at-step" or the signal's name."""
     out_dir, history, total_steps = Path(args.out_dir), state["history"], state["total_steps"]
     global_batch = args.batch_size * args.grad_accum * proc.world_size  # windows per optimizer step
     autocast, dtype_name = gpt.autocast_context(proc.device, args.dtype)
@@ -392,9 +391,8 @@ def start_run(args, proc):
     gpt.barrier(proc, wait=proc.local_rank != 0)
     token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
     sources = resolve_sources(args.data)
-    token_path, n_tokens, sha256 = gpt.prepare_token_file(
-        sources, token_dir, tokenizer, args.replace_invalid_utf8, quiet=proc.rank != 0
-    )
+    token_path, n_tokens, sha256 = gpt.prepare_token_file(sources, token_dir, tokenizer, args.replace_invalid_utf8,
+                                                          quiet=proc.rank != 0)
     gpt.barrier(proc, wait=proc.local_rank == 0)
     data = {"n_tokens": n_tokens, "sha256": sha256}
     if checkpoint is not None and checkpoint["data"] != data:
