@@ -123,25 +123,25 @@ def split_tokens(tokens, train_fraction, context_length):
 
 
 def count_windows(n_tokens, context_length, stride):
-    """Windows of context_length + 1 tokens (the inputs, and the targets one further) that start at 0, stride, 2 *
-    stride, ... in n_tokens tokens. 10 tokens, context 4, stride 2: starts 0, 2, 4 -> 3 windows."""
+    """Windows of context_length + 1 tokens (the inputs, and the targets one further) that start at 0, stride,
+    2 * stride, ... in n_tokens tokens. 10 tokens, context 4, stride 2: starts 0, 2, 4 -> 3 windows."""
     return max(0, (n_tokens - context_length - 1) // stride + 1)
 
 
 @functools.lru_cache(maxsize=2)  # this epoch's order, and the next one's where a batch crosses into it
 def window_order(n_windows, seed, epoch):
-    """The training windows of one epoch in the order training reads them: a permutation of range(n_windows) seeded by
-    (seed, epoch)."""
+    """The training windows of one epoch in the order training reads them: a permutation of range(n_windows)
+    seeded by (seed, epoch)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n_windows, generator=generator)
 
 
 def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
-    """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows of window_order(epoch i
-    // n_windows), so the data position is one number that a checkpoint stores: the samples seen. A step reads
-    batch_size * grad_accum * world_size samples from samples_seen on; micro-step m of rank r takes samples_seen +
-    (m * world_size + r) * batch_size + [0, batch_size), so the ranks' micro-batches side by side are one process's
-    micro-batch of batch_size * world_size."""
+    """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows in the order of epoch
+    i // n_windows (`window_order`), so the data position is one number that a checkpoint stores: the samples seen.
+    A step reads batch_size * grad_accum * world_size samples from samples_seen on; micro-step m of rank r takes
+    samples_seen + (m * world_size + r) * batch_size + [0, batch_size), so the ranks' micro-batches side by side are
+    one process's micro-batch of batch_size * world_size."""
     first = samples_seen + (micro_step * world_size + rank) * batch_size
     n = splits.n_windows
     samples = range(first, first + batch_size)
@@ -157,8 +157,8 @@ def evaluation_starts(n_tokens, context_length, max_windows):
 
 
 def get_batch(tokens, starts, context_length, device):
-    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length], with targets[b, t] =
-    inputs[b, t + 1]: the model learns to predict each next token."""
+    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length], with
+    targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
     rows = gpt.as_ids(torch.stack([tokens[s : s + context_length + 1] for s in starts]))
     # On a GPU from pinned memory, so that the copy overlaps with compute.
     rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
@@ -218,8 +218,7 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
 
 
 def tokenizer_name(args):
-    """What names the run's tokenizer (see gpt.load_tokenizer): --model's, the Hub model's of a Llama-family --size, or
-    GPT-2's."""
+    """The name of the run's tokenizer (gpt.load_tokenizer): --model's, a Llama-family --size's, or GPT-2's."""
     return args.model or (args.size if args.size in gpt.LLAMA_CONFIGS else "gpt2")
 
 
@@ -248,8 +247,7 @@ def build_model(args, tokenizer, checkpoint=None):
 
 def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
     """Learning rate of optimizer step `step` (0-based): a linear warm-up to max_lr over warmup_steps, then a cosine
-    decay to min_lr_ratio * max_lr at total_steps (Loshchilov and Hutter, 2017, "SGDR"; the GPT-3 recipe decays to
-    10%)."""
+    decay to min_lr_ratio * max_lr at total_steps (Loshchilov and Hutter, 2017, "SGDR"; GPT-3 decays to 10%)."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -595,8 +593,7 @@ def check_memory(cfg, batch_size, context_length, device):
 
 
 def load_training_state(path):
-    """latest.pt of the run to continue -> dict. Raises ValueError when it is missing or not a training state of this
-    pretrain.py."""
+    """latest.pt of the run to continue -> dict; ValueError if it is missing or no training state of pretrain.py."""
     if not path.is_file():
         raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
     checkpoint = gpt.load_checkpoint(path)
