@@ -60,9 +60,8 @@ KNOWN_DOWNLOADS = {
     VERDICT_URL: dict(kind="text", size=20479, sha256="b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"),
 }
 
-# The default model: 4 layers of width 256 (16M parameters, 13M of them the token
-# embedding) and 128-token windows. It trains at several hundred tokens/s on two CPU
-# cores, and 128 + 1 tokens fit in the 515-token validation split of The Verdict.
+# The default model: 4 layers of width 256 (16M parameters, 13M of them the token embedding) and 128-token windows.
+# It trains at hundreds of tokens/s on two CPU cores; 128 + 1 tokens fit in The Verdict's 515-token validation split.
 DEFAULT_SHAPE = {"n_layers": 4, "n_heads": 4, "emb_dim": 256, "context_length": 128}
 
 
@@ -469,11 +468,10 @@ def pretrain(args, proc):
 
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
 
-# With --resume these come from the command line, not from the saved run: where the files
-# are and when to stop.
+# With --resume these come from the command line, not from the saved run: where the files are and when to stop.
 THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir", "token_dir")
-# With --resume these may differ from the saved run when given: --max-steps or --epochs
-# extend it (the cosine schedule stretches to the new end); the others change the speed.
+# With --resume these may differ from the saved run when given: --max-steps or --epochs extend it (the cosine
+# schedule stretches to the new end); the others change the speed.
 MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "peak_flops")
 MEMORY_HINT = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
 
