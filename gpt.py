@@ -2881,6 +2881,7 @@ class Throughput:
 
 # --- A distributed run: one process per device under torchrun -------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Processes:
     """The processes of a run, as this one sees them."""
