@@ -127,7 +127,7 @@ def count_windows(n_tokens, context_length, stride):
     return max(0, (n_tokens - context_length - 1) // stride + 1)
 
 
-@functools.lru_cache(maxsize=2)  # this epoch's order, and the next one's where a batch crosses into it
+@functools.lru_cache(maxsize=1)  # the current epoch's order, made once when the run enters the epoch
 def window_order(n_windows, seed, epoch):
     """The training windows of one epoch in the order training reads them: a permutation of range(n_windows)
     seeded by (seed, epoch)."""
