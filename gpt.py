@@ -2794,17 +2794,19 @@ def training_memory(cfg, *, trainable=None, dtype=torch.float32):
     return n_params * bytes_per_number + 3 * (n_params if trainable is None else trainable) * bytes_per_number
 
 
+def machine_memory():
+    """Bytes of memory this machine has, or None where the operating system does not say (Windows)."""
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
 def check_training_memory(needed, device, hint):
     """Raise RuntimeError (naming both sizes and `hint`, the flags that help) when `needed`
     bytes exceed what device has: a CUDA device's free memory, else the machine's memory
     (not checked where the system does not say, such as on Windows)."""
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    else:
-        return
-    if needed > available:
+    available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else machine_memory()
+    if available is not None and needed > available:
         raise RuntimeError(
             f"training needs about {needed / 1e9:.1f} GB before activations (weights, gradients and AdamW's "
             f"moments), but the {device.type} has {available / 1e9:.1f} GB: {hint}"
@@ -2919,3 +2921,72 @@ class Throughput:
         remaining = eta(self.started, step - self.first_step, total_steps - self.first_step)
         self.interval_start, self.interval_step = time.time(), step
         return f"{tokens_per_s:,.0f} tok/s{mfu} | ETA {remaining}"
+
+
+# --- A distributed run: one process per device under torchrun -------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """The processes of a run, as this one sees them."""
+
+    rank: int  # 0 to world_size - 1; process 0 prints and writes the files
+    local_rank: int  # the rank among the processes of this machine
+    world_size: int  # how many processes train together
+    device: torch.device  # this process's device
+
+
+@contextlib.contextmanager
+def distributed_run(device_name="auto"):
+    """Processes(rank, local_rank, world_size, device) of this run, for a `with` block. Under torchrun
+    (RANK and WORLD_SIZE set) the block runs in the process group: NCCL between GPUs, one GPU per process
+    (cuda:LOCAL_RANK), or Gloo between CPU processes; the group is left at the end. Otherwise one process."""
+    device = pick_device(device_name)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        yield Processes(0, 0, 1, device)
+        return
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "mps":
+        raise ValueError("torchrun with MPS is not supported: use --device cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield Processes(rank, local_rank, world_size, device)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def barrier(proc, wait=True):
+    """Wait here until every process arrives (with several processes, and when wait)."""
+    if proc.world_size > 1 and wait:
+        torch.distributed.barrier()
+
+
+def any_process(flag, proc):
+    """Whether flag is true in any process (every process must call this)."""
+    if proc.world_size == 1:
+        return flag
+    value = torch.tensor(float(flag), device=proc.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_rng_states(proc):
+    """Every process's RNG states (`rng_state`), in rank order; every process must call this."""
+    if proc.world_size == 1:
+        return [rng_state()]
+    states = [None] * proc.world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def compile_and_wrap(model, compile_model, proc):
+    """(model to evaluate, model to train): torch.compile'd when compile_model; to train with several
+    processes in DistributedDataParallel, which all-reduces the gradients in backward."""
+    compiled = torch.compile(model) if compile_model else model
+    if proc.world_size == 1:
+        return compiled, compiled
+    device_ids = [proc.device] if proc.device.type == "cuda" else None
+    return compiled, nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)

@@ -39,8 +39,8 @@ too big for that, fine-tune it with LoRA (finetune_classify.py, finetune_instruc
 """
 
 import argparse
-import collections
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -51,7 +51,6 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 import gpt
 
@@ -61,9 +60,8 @@ KNOWN_DOWNLOADS = {
     VERDICT_URL: dict(kind="text", size=20479, sha256="b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"),
 }
 
-# The default model: 4 layers of width 256 (16M parameters, 13M of them the token
-# embedding) and 128-token windows. It trains at several hundred tokens/s on two CPU
-# cores, and 128 + 1 tokens fit in the 515-token validation split of The Verdict.
+# The default model: 4 layers of width 256 (16M parameters, 13M of them the token embedding) and 128-token windows.
+# It trains at hundreds of tokens/s on two CPU cores; 128 + 1 tokens fit in The Verdict's 515-token validation split.
 DEFAULT_SHAPE = {"n_layers": 4, "n_heads": 4, "emb_dim": 256, "context_length": 128}
 
 
@@ -81,10 +79,9 @@ def log(*parts):
 
 
 def resolve_sources(data):
-    """--data -> sorted list of text file Paths: a URL downloaded once into <cache>/data/
-    (checked when KNOWN_DOWNLOADS lists it), a file, or the non-empty .txt files below a
-    folder (sorted: the same token stream every time). Raises FileNotFoundError or
-    ValueError when there is no text."""
+    """--data -> sorted list of text file Paths: a URL downloaded once into <cache>/data/ (checked when KNOWN_DOWNLOADS
+    lists it), a file, or the non-empty .txt files below a folder (sorted: the same token stream every time). Raises
+    FileNotFoundError or ValueError when there is no text."""
     if urlparse(data).scheme in ("http", "https"):
         name = Path(urlparse(data).path).name or "corpus.txt"
         return [gpt.fetch_dataset([data], name, flag="--data", **KNOWN_DOWNLOADS.get(data, {}))]
@@ -102,9 +99,9 @@ def resolve_sources(data):
 
 
 def split_tokens(tokens, train_fraction, context_length):
-    """tokens [n] -> (train tokens [int(train_fraction * n)], validation tokens [the rest]).
-    Raises ValueError when a split has fewer than context_length + 1 tokens (one window
-    and its shifted target), saying which context length or split would work."""
+    """tokens [n] -> (train tokens [int(train_fraction * n)], validation tokens [the rest]). Raises ValueError when a
+    split has fewer than context_length + 1 tokens (one window and its shifted target), saying which context length
+    or split would work."""
     n = len(tokens)
     n_train = int(train_fraction * n)
     need = context_length + 1
@@ -125,65 +122,52 @@ def split_tokens(tokens, train_fraction, context_length):
 
 
 def count_windows(n_tokens, context_length, stride):
-    """Number of windows starting at 0, stride, 2 * stride, ..., each with context_length
-    + 1 tokens (the inputs, and the targets one further). 10 tokens, context 4, stride 2:
-    starts 0, 2, 4 -> 3 windows."""
-    if n_tokens < context_length + 1:
-        return 0
-    return (n_tokens - context_length - 1) // stride + 1
+    """Windows of context_length + 1 tokens (the inputs, and the targets one further) that start at 0, stride,
+    2 * stride, ... in n_tokens tokens. 10 tokens, context 4, stride 2: starts 0, 2, 4 -> 3 windows."""
+    return max(0, (n_tokens - context_length - 1) // stride + 1)
 
 
-class WindowOrder:
-    """The order of the training windows: sample i of the run is window
-    perm(i // n_windows)[i % n_windows], perm(epoch) a permutation seeded by (seed, epoch).
-    The data position is then one number, the samples seen, which a checkpoint stores
-    and any process turns into its share of any batch."""
-
-    def __init__(self, n_windows, stride, seed):
-        self.n_windows, self.stride, self.seed = n_windows, stride, seed
-        self._epoch, self._perm = None, None
-
-    def start(self, i):
-        """Token position of the first token of sample i."""
-        epoch = i // self.n_windows
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n_windows, generator=generator)
-        return int(self._perm[i % self.n_windows]) * self.stride
+@functools.lru_cache(maxsize=1)  # the current epoch's order, made once when the run enters the epoch
+def window_order(n_windows, seed, epoch):
+    """The training windows of one epoch in the order training reads them: a permutation of range(n_windows)
+    seeded by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_windows, generator=generator)
 
 
-def micro_batch_starts(order, samples_seen, micro_step, batch_size, rank=0, world_size=1):
-    """Window starts of one process's micro-batch. A step reads batch_size * grad_accum
-    * world_size consecutive samples from samples_seen on; micro-step m of rank r takes
-    samples_seen + (m * world_size + r) * batch_size + [0, batch_size), so the ranks'
-    micro-batches side by side are one process's micro-batch of batch_size * world_size."""
+def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
+    """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows in the order of epoch
+    i // n_windows (`window_order`), so the data position is one number that a checkpoint stores: the samples seen.
+    A step reads batch_size * grad_accum * world_size samples from samples_seen on; micro-step m of rank r takes
+    samples_seen + (m * world_size + r) * batch_size + [0, batch_size), so the ranks' micro-batches side by side are
+    one process's micro-batch of batch_size * world_size."""
     first = samples_seen + (micro_step * world_size + rank) * batch_size
-    return [order.start(i) for i in range(first, first + batch_size)]
+    n = splits.n_windows
+    samples = range(first, first + batch_size)
+    return [int(window_order(n, splits.seed, i // n)[i % n]) * splits.stride for i in samples]
 
 
 def evaluation_starts(n_tokens, context_length, max_windows):
-    """Starts of up to max_windows non-overlapping windows spread evenly over a split:
-    the same windows at every evaluation, so that the losses are comparable."""
+    """Starts of up to max_windows non-overlapping windows spread evenly over a split: the same windows at every
+    evaluation, so that the losses are comparable."""
     available = count_windows(n_tokens, context_length, context_length)
     k = min(available, max_windows)
     return [(j * available // k) * context_length for j in range(k)]
 
 
 def get_batch(tokens, starts, context_length, device):
-    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length],
-    with targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
+    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length], with
+    targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
     rows = gpt.as_ids(torch.stack([tokens[s : s + context_length + 1] for s in starts]))
-    if device.type == "cuda":
-        rows = rows.pin_memory().to(device, non_blocking=True)  # the copy overlaps with compute
-    else:
-        rows = rows.to(device)
+    # On a GPU from pinned memory, so that the copy overlaps with compute.
+    rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
     return rows[:, :-1], rows[:, 1:]
 
 
 def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_000):
-    """Cross-entropy (nats per token) of the validation tokens under the add-one smoothed
-    token frequencies of the training tokens: the loss of a model that ignores context.
-    Counts at most the first max_tokens of each split, to stay quick on big corpora."""
+    """Cross-entropy (nats per token) of the validation tokens under the add-one smoothed token frequencies of the
+    training tokens: the loss of a model that ignores context. Counts at most the first max_tokens of each split, to
+    stay quick on big corpora."""
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     train_tokens, val_tokens = train_tokens[:max_tokens], val_tokens[:max_tokens]
     step = 1 << 24
@@ -201,8 +185,9 @@ class Splits:
     train: torch.Tensor  # [n_train], as the token file holds them (see `gpt.as_ids`)
     val: torch.Tensor  # [n_val]
     context_length: int  # tokens per window
-    order: WindowOrder  # the training window of each sample of the run
+    stride: int  # tokens between the starts of two training windows
     n_windows: int  # training windows in one epoch
+    seed: int  # of the order of the training windows (`window_order`)
     eval_starts: dict  # {"train": starts, "val": starts}: the same windows at every evaluation
     unigram_loss: float  # validation loss of a model that ignores context, nats per token
 
@@ -211,9 +196,8 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
     """The Splits of a token file, for a model of config cfg and the settings args."""
     context_length = args.context_length or cfg.context_length
     if context_length > cfg.context_length:
-        raise ValueError(
-            f"--context-length {context_length} is longer than the model's context length {cfg.context_length}"
-        )
+        limit = cfg.context_length
+        raise ValueError(f"--context-length {context_length} is longer than the model's context length {limit}")
     stride = args.stride or context_length
     tokens = gpt.read_token_file(token_path, n_tokens)
     train, val = split_tokens(tokens, args.train_fraction, context_length)
@@ -221,12 +205,10 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
     eval_windows = args.eval_batches * args.batch_size * world_size
     eval_starts = {"train": evaluation_starts(len(train), context_length, eval_windows)}
     eval_starts["val"] = evaluation_starts(len(val), context_length, eval_windows)
-    log(
-        f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
-        f"{n_windows:,} training windows of {context_length} tokens, stride {stride}"
-    )
-    order, unigram_loss = WindowOrder(n_windows, stride, args.seed), unigram_baseline(train, val, cfg.vocab_size)
-    return Splits(train, val, context_length, order, n_windows, eval_starts, unigram_loss)
+    log(f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
+        f"{n_windows:,} training windows of {context_length} tokens, stride {stride}")
+    unigram_loss = unigram_baseline(train, val, cfg.vocab_size)
+    return Splits(train, val, context_length, stride, n_windows, args.seed, eval_starts, unigram_loss)
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,24 +217,22 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
 
 
 def tokenizer_name(args):
-    """What names the run's tokenizer (see gpt.load_tokenizer): --model's, the Hub model's
-    of a Llama-family --size, or GPT-2's."""
+    """The name of the run's tokenizer (gpt.load_tokenizer): --model's, a Llama-family --size's, or GPT-2's."""
     return args.model or (args.size if args.size in gpt.LLAMA_CONFIGS else "gpt2")
 
 
 def model_config(args):
-    """GPTConfig of a new model: --size (default: DEFAULT_SHAPE) with the shape flags given.
-    Raises ValueError for a shape that does not fit together."""
+    """GPTConfig of a new model: --size (default: DEFAULT_SHAPE) with the shape flags given. Raises ValueError for a
+    shape that does not fit together."""
     base = gpt.MODEL_CONFIGS[args.size] if args.size else gpt.GPTConfig(**DEFAULT_SHAPE)
     shape = {name: getattr(args, name) for name in DEFAULT_SHAPE if getattr(args, name) is not None}
     return dataclasses.replace(base, drop_rate=args.drop_rate, **shape)
 
 
 def build_model(args, tokenizer, checkpoint=None):
-    """The model to train, float32 on the CPU, in training mode: from a --resume
-    checkpoint, from --model weights (with this run's --drop-rate), or new (`model_config`,
-    initialised as its family is, seeded by --seed). Raises ValueError for a --model whose
-    vocabulary is smaller than its tokenizer's."""
+    """The model to train, float32 on the CPU, in training mode: from a --resume checkpoint, from --model weights (with
+    this run's --drop-rate), or new (`model_config`, initialised as its family is, seeded by --seed). Raises
+    ValueError for a --model whose vocabulary is smaller than its tokenizer's."""
     if checkpoint is not None:
         return gpt.model_from_checkpoint(checkpoint).train()
     if args.model:
@@ -265,9 +245,8 @@ def build_model(args, tokenizer, checkpoint=None):
 
 
 def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
-    """Learning rate of optimizer step `step` (0-based): a linear warm-up to max_lr over
-    warmup_steps, then a cosine decay to min_lr_ratio * max_lr at total_steps (Loshchilov
-    and Hutter, 2017, "SGDR"; the GPT-3 recipe decays to 10%)."""
+    """Learning rate of optimizer step `step` (0-based): a linear warm-up to max_lr over warmup_steps, then a cosine
+    decay to min_lr_ratio * max_lr at total_steps (Loshchilov and Hutter, 2017, "SGDR"; GPT-3 decays to 10%)."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -282,9 +261,8 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
 
 @torch.no_grad()
 def evaluate_loss(model, splits, split, batch_size, autocast, proc):
-    """Mean cross-entropy (nats per token) of the evaluation windows of split ("train" or
-    "val"). Each process (proc: see `setup_distributed`) takes every world_size-th
-    window, and the sums are all-reduced."""
+    """Mean cross-entropy (nats per token) of the evaluation windows of split ("train" or "val"). Each process (proc:
+    see `gpt.distributed_run`) takes every world_size-th window, and the sums are all-reduced."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
     mine = splits.eval_starts[split][proc.rank :: proc.world_size]
@@ -302,9 +280,9 @@ def evaluate_loss(model, splits, split, batch_size, autocast, proc):
 
 
 def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
-    """The prompt and a continuation (temperature 0.8, top-k 50, seeded: successive samples
-    differ only through training), until the model's end-of-text token at most, lines
-    after the first indented for the log. An empty prompt starts from that token."""
+    """The prompt and a continuation (temperature 0.8, top-k 50, seeded: successive samples differ only through
+    training), until the model's end-of-text token at most, lines after the first indented for the log. An empty
+    prompt starts from that token."""
     start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_token]])
     out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
                        eos_id=tokenizer.eot_token)
@@ -317,20 +295,19 @@ def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
 
 
 def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
-    """Train from step state["step"] to state["total_steps"], updating state. At the start,
-    every --eval-every steps and at the end: both losses, a sample, best.pt when the
-    validation loss improved, latest.pt. A stop (stopper: Ctrl-C or SIGTERM, see
-    gpt.StopSignal; --stop-at-step) saves latest.pt after the step's evaluation, so
-    --resume goes on exactly. Returns None at the end, else "stop-at-step" or the signal."""
+    """Train from step state["step"] to state["total_steps"], updating state. Evaluates (both losses, a sample, best.pt)
+    at the start, every --eval-every steps and at the end; saves latest.pt then and at a stop (stopper: Ctrl-C or
+    SIGTERM, a gpt.StopSignal; --stop-at-step). Returns None at the end, else "stop-at-step" or the signal's name."""
     out_dir, history, total_steps = Path(args.out_dir), state["history"], state["total_steps"]
     global_batch = args.batch_size * args.grad_accum * proc.world_size  # windows per optimizer step
     autocast, dtype_name = gpt.autocast_context(proc.device, args.dtype)
-    eval_model, train_model = compile_and_wrap(model, args.compile, proc)
+    eval_model, train_model = gpt.compile_and_wrap(model, args.compile, proc)
     peak = args.peak_flops or gpt.peak_flops(proc.device, dtype_name)  # None: no MFU
     tokens_per_step = global_batch * splits.context_length
     speed = gpt.Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
     while True:
-        step, tokens = state["step"], state["samples_seen"] * splits.context_length
+        step, samples_seen = state["step"], state["samples_seen"]
+        tokens = samples_seen * splits.context_length
         lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
         speed.pause()  # evaluating and saving do not count in tokens/s
         evaluated = bool(history) and history[-1]["step"] == step  # before a --resume
@@ -352,9 +329,9 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
                     gpt.save_with_fallback(lambda path: gpt.save_checkpoint(path, model, **best), out_dir / "best.pt")
                 gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
         stop = stopper.requested or step >= (args.stop_at_step or math.inf)
-        stop = step == total_steps or any_process(stop, proc)  # every process stops at the same step
+        stop = step == total_steps or gpt.any_process(stop, proc)  # every process stops at the same step
         if evaluate_now or stop:
-            rng_states = all_rng_states(proc)  # every process's, for the same dropout masks after --resume
+            rng_states = gpt.all_rng_states(proc)  # every process's, for the same dropout masks after --resume
             if proc.rank == 0:
                 gpt.save_training_state(out_dir / "latest.pt", model, optimizer, rng_states=rng_states, **state)
         if stop:
@@ -366,9 +343,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
             group["lr"] = lr
         loss_sum = 0.0
         for micro_step in range(args.grad_accum):
-            starts = micro_batch_starts(
-                splits.order, state["samples_seen"], micro_step, args.batch_size, proc.rank, proc.world_size
-            )
+            starts = micro_batch_starts(splits, samples_seen, micro_step, args.batch_size, proc.rank, proc.world_size)
             inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
             accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
             with train_model.no_sync() if accumulate else nullcontext():
@@ -381,7 +356,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        state.update(step=step, samples_seen=state["samples_seen"] + global_batch)
+        state.update(step=step, samples_seen=samples_seen + global_batch)
 
         if step % args.log_every == 0 or step == total_steps:
             loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
@@ -396,28 +371,26 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
 
 
 def start_run(args, proc):
-    """Everything the loop needs, in the order a run needs it: the run folder, the
-    tokenizer and the token file, the model and AdamW, the step count, and the loop's
-    state (new, or restored from latest.pt with --resume) -> (model, optimizer, splits,
-    tokenizer, state)."""
+    """Everything the loop needs, in the order a run needs it: the run folder, the tokenizer and the token file, the
+    model and AdamW, the step count and the loop's state (new, or from latest.pt with --resume) -> (model,
+    optimizer, splits, tokenizer, state)."""
     out_dir = Path(args.out_dir)
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
         gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
         gpt.print_settings(args)
-    barrier(proc)
+    gpt.barrier(proc)
     if proc.device.type == "cpu" and args.dtype == "bfloat16":  # CPUs without bfloat16 matrix units emulate it
         log("warning: --dtype bfloat16 is usually much slower than float32 on CPUs; --dtype auto picks float32 there")
     checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
 
     # Data: the first process of each machine tokenizes; the others wait, then reuse its file.
     tokenizer = gpt.load_tokenizer(tokenizer_name(args))[0]
-    barrier(proc, wait=proc.local_rank != 0)
+    gpt.barrier(proc, wait=proc.local_rank != 0)
     token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
     sources = resolve_sources(args.data)
-    token_path, n_tokens, sha256 = gpt.prepare_token_file(
-        sources, token_dir, tokenizer, args.replace_invalid_utf8, quiet=proc.rank != 0
-    )
-    barrier(proc, wait=proc.local_rank == 0)
+    token_path, n_tokens, sha256 = gpt.prepare_token_file(sources, token_dir, tokenizer, args.replace_invalid_utf8,
+                                                          quiet=proc.rank != 0)
+    gpt.barrier(proc, wait=proc.local_rank == 0)
     data = {"n_tokens": n_tokens, "sha256": sha256}
     if checkpoint is not None and checkpoint["data"] != data:
         raise ValueError(
@@ -441,27 +414,23 @@ def start_run(args, proc):
     else:
         state = restore_training_state(checkpoint, optimizer, proc)
         if state["step"] >= total_steps:
-            raise ValueError(
-                f"--resume: the run in {out_dir} already made {state['step']} of {total_steps} steps; "
-                "raise --max-steps or --epochs to go on"
-            )
+            raise ValueError(f"--resume: the run in {out_dir} already made {state['step']} of {total_steps} steps; "
+                             "raise --max-steps or --epochs to go on")
         log(f"resumed from {out_dir / 'latest.pt'} at step {state['step']}")
     tokenizer_entry = gpt.tokenizer_source(tokenizer_name(args))  # for load_gpt2.py and the fine-tunes
     state.update(total_steps=total_steps, settings=vars(args), data=data, tokenizer=tokenizer_entry)
     if proc.rank == 0:
         gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
     log(gpt.model_summary(model, "model") + f"; {proc.device}, {proc.world_size} process(es)")
-    log(
-        f"training: {total_steps} steps of {global_batch} windows ({global_batch * splits.context_length:,} tokens), "
-        f"{total_steps * global_batch / splits.n_windows:.2f} epochs; unigram baseline {splits.unigram_loss:.3f}"
-    )
+    log(f"training: {total_steps} steps of {global_batch} windows ({global_batch * splits.context_length:,} tokens), "
+        f"{total_steps * global_batch / splits.n_windows:.2f} epochs; unigram baseline {splits.unigram_loss:.3f}")
     return model, optimizer, splits, tokenizer, state
 
 
 def pretrain(args, proc):
-    """Run the stage with the settings args (see `parse_settings`) in this process (proc:
-    see `setup_distributed`). Returns a summary dict: steps, tokens_seen, train_loss,
-    val_loss, best_val_loss, unigram_loss, latest, best, stopped (see `train`)."""
+    """Run the stage with the settings args (see `parse_settings`) in this process (proc: see `gpt.distributed_run`).
+    Returns a summary dict: steps, tokens_seen, train_loss, val_loss, best_val_loss, unigram_loss, latest, best,
+    stopped (see `train`)."""
     model, optimizer, splits, tokenizer, state = start_run(args, proc)
     with gpt.StopSignal(single_process=proc.world_size == 1) as stopper:
         stopped = train(args, model, optimizer, splits, tokenizer, proc, state, stopper)
@@ -499,11 +468,10 @@ def pretrain(args, proc):
 
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
 
-# With --resume these come from the command line, not from the saved run: where the files
-# are and when to stop.
+# With --resume these come from the command line, not from the saved run: where the files are and when to stop.
 THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir", "token_dir")
-# With --resume these may differ from the saved run when given: --max-steps or --epochs
-# extend it (the cosine schedule stretches to the new end); the others change the speed.
+# With --resume these may differ from the saved run when given: --max-steps or --epochs extend it (the cosine
+# schedule stretches to the new end); the others change the speed.
 MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "peak_flops")
 MEMORY_HINT = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
 
@@ -523,18 +491,11 @@ def build_parser():
     data.add_argument("--token-dir", help="folder of the token files (default: <--cache-dir>/tokens)")
 
     model = p.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        help="start from these weights, with their tokenizer: gpt2 (or another size), a Llama-family Hub name or "
-        "folder, a .safetensors file, a checkpoint (default: random weights)",
-    )
-    model.add_argument(
-        "--size",
-        choices=list(gpt.MODEL_CONFIGS),
-        metavar="NAME",
-        help=f"the shape of a new model: {', '.join(gpt.MODEL_CONFIGS)} (a Llama-family name brings its Hub "
-        "tokenizer; default: 4 layers, 4 heads, width 256)",
-    )
+    model.add_argument("--model", help="start from these weights, with their tokenizer: gpt2 (or another size), a "
+                       "Llama-family Hub name or folder, a .safetensors file, a checkpoint (default: random weights)")
+    model.add_argument("--size", choices=list(gpt.MODEL_CONFIGS), metavar="NAME", help="the shape of a new model: "
+                       f"{', '.join(gpt.MODEL_CONFIGS)} (a Llama-family name brings its Hub tokenizer; default: "
+                       "4 layers, 4 heads, width 256)")
     model.add_argument("--n-layers", type=gpt.positive_int, help="transformer blocks (default: from --size)")
     model.add_argument("--n-heads", type=gpt.positive_int, help="attention heads per block (default: from --size)")
     model.add_argument("--emb-dim", type=gpt.positive_int, help="embedding width (default: from --size)")
@@ -561,29 +522,23 @@ def build_parser():
     run.add_argument("--sample-tokens", type=gpt.non_negative_int, default=30, help="tokens of the sample")
     run.add_argument("--out-dir", default="runs/pretrain", help="folder of the run's files")
     again = run.add_mutually_exclusive_group()
-    again.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out-dir with its saved settings; only --max-steps/--epochs (to extend it), "
-        "--stop-at-step, --device, --compile, --peak-flops, --cache-dir and --token-dir may differ from them",
-    )
+    again.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings; "
+                       "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops, "
+                       "--cache-dir and --token-dir may differ from them")
     again.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir, start a new one")
     run.add_argument("--stop-at-step", type=gpt.positive_int, help="save and exit after this step (default: the end)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    run.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="precision of the work (autocast; "
-        "the weights stay float32; auto: bfloat16 on GPUs that have it)"
-    )
+    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="precision of the "
+                     "work (autocast; the weights stay float32; auto: bfloat16 on GPUs that have it)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
     run.add_argument("--peak-flops", type=gpt.positive_float, help="FLOP/s of one device for MFU (default: known GPUs)")
     return p
 
 
 def parse_settings(argv=None):
-    """The run's settings -> Namespace. A new run: the command line, checked (argparse
-    exits 2). --resume: the settings saved in --out-dir/run.json, THIS_COMMAND's from the
-    command line, MAY_CHANGE's where given; raises ValueError naming the flag and both
-    values when another flag contradicts the saved run."""
+    """The run's settings -> Namespace. A new run: the command line, checked (argparse exits 2). --resume: the settings
+    saved in --out-dir/run.json, THIS_COMMAND's from the command line, MAY_CHANGE's where given; raises ValueError
+    naming the flag and both values when another flag contradicts the saved run."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.resume:
@@ -604,9 +559,8 @@ def parse_settings(argv=None):
     saved = gpt.read_json(run_file, "--resume: the run's settings")
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
         raise ValueError(f"--resume: {run_file} holds no settings of pretrain.py; start a new run with --overwrite")
-    settings = gpt.resume_settings(parser, argv, saved["settings"], may_change=THIS_COMMAND + MAY_CHANGE)
-    for name in THIS_COMMAND:
-        setattr(settings, name, getattr(args, name))
+    saved = {name: value for name, value in saved["settings"].items() if name not in THIS_COMMAND}
+    settings = gpt.resume_settings(parser, argv, saved, may_change=MAY_CHANGE)
     given = gpt.given_flags(parser, argv)
     if "epochs" in given and "max_steps" not in given:
         settings.max_steps = None  # the --epochs given now set the end of the run
@@ -614,94 +568,30 @@ def parse_settings(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Plumbing: processes and devices, memory, the training state
+# 7. Plumbing: memory, the training state, main
 # ----------------------------------------------------------------------------------------
-
-Processes = collections.namedtuple("Processes", "rank local_rank world_size device")
-
-
-def setup_distributed(device_name):
-    """Processes(rank, local_rank, world_size, device). Under torchrun (RANK and WORLD_SIZE
-    set) this joins the process group: NCCL between GPUs, one GPU per process
-    (cuda:LOCAL_RANK), or Gloo between CPU processes. Otherwise one process."""
-    device = gpt.pick_device(device_name)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Processes(0, 0, 1, device)
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.type == "mps":
-        raise ValueError("torchrun with MPS is not supported: use --device cpu")
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank, local_rank, world_size, device)
-
-
-def barrier(proc, wait=True):
-    """Wait here until every process arrives (with several processes, and when wait)."""
-    if proc.world_size > 1 and wait:
-        dist.barrier()
-
-
-def any_process(flag, proc):
-    """Whether flag is true in any process (every process must call this)."""
-    if proc.world_size == 1:
-        return flag
-    value = torch.tensor(float(flag), device=proc.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def compile_and_wrap(model, compile_model, proc):
-    """(model to evaluate, model to train): torch.compile'd with --compile; to train under
-    torchrun in DistributedDataParallel, which all-reduces the gradients in backward."""
-    compiled = torch.compile(model) if compile_model else model
-    if proc.world_size == 1:
-        return compiled, compiled
-    return compiled, DistributedDataParallel(compiled, device_ids=[proc.device] if proc.device.type == "cuda" else None)
-
-
-def available_memory():
-    """Bytes of memory this machine has, or None where the operating system does not say."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):  # no sysconf on Windows
-        return None
 
 
 def check_memory(cfg, batch_size, context_length, device):
-    """Raise an error before training when it cannot fit. Everywhere: the weights, their
-    gradients and AdamW's moments (16 bytes per parameter, gpt.check_training_memory; a
-    1B model needs 20 GB). On the CPU also a whole step, where the operating system may
-    kill the process without a message: per token 68 * emb_dim bytes per layer of
-    activations (Korthikanti et al., 2022, section 4.1, float32, no attention matrix) plus
-    12 per vocabulary entry (logits, softmax, gradient). Processes of a machine share it."""
+    """Raise an error before training when it cannot fit. Everywhere: the weights, their gradients and AdamW's moments
+    (16 bytes per parameter, gpt.check_training_memory; a 1B model needs 20 GB). On the CPU also a whole step, where
+    the operating system may kill the process without a message: per token 68 * emb_dim bytes per layer of
+    activations (Korthikanti et al., 2022, section 4.1, float32, no attention matrix) plus 12 per vocabulary entry
+    (logits, softmax, gradient). Processes of a machine share it."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     weights = processes * gpt.training_memory(cfg)
     gpt.check_training_memory(weights, device, "pretraining trains every weight: use a smaller model, or a machine "
                               "with more memory, or adapt this one with LoRA (the fine-tunes' --lora)")
     per_token = 68 * cfg.emb_dim * cfg.n_layers + 12 * cfg.vocab_size
     need = weights + processes * batch_size * context_length * per_token
-    have = available_memory() if device.type == "cpu" else None
+    have = gpt.machine_memory() if device.type == "cpu" else None
     if have is not None and need > have:
-        raise ValueError(
-            f"a training step needs about {need / 1e6:,.0f} MB of memory, but this machine has {have / 1e6:,.0f} MB: "
-            + MEMORY_HINT
-        )
-
-
-def all_rng_states(proc):
-    """Every process's RNG states (gpt.rng_state), in rank order; every process must call this."""
-    if proc.world_size == 1:
-        return [gpt.rng_state()]
-    states = [None] * proc.world_size
-    dist.all_gather_object(states, gpt.rng_state())
-    return states
+        raise ValueError(f"a training step needs about {need / 1e6:,.0f} MB of memory, but this machine has "
+                         f"{have / 1e6:,.0f} MB: {MEMORY_HINT}")
 
 
 def load_training_state(path):
-    """latest.pt of the run to continue -> dict. Raises ValueError when it is missing or
-    not a training state of this pretrain.py."""
+    """latest.pt of the run to continue -> dict; ValueError if it is missing or no training state of pretrain.py."""
     if not path.is_file():
         raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
     checkpoint = gpt.load_checkpoint(path)
@@ -712,8 +602,8 @@ def load_training_state(path):
 
 
 def restore_training_state(checkpoint, optimizer, proc):
-    """AdamW's moments and this process's RNG states from latest.pt (reseeded when it was
-    saved by another number of processes) -> the loop's state."""
+    """AdamW's moments and this process's RNG states from latest.pt (reseeded when it was saved by another number of
+    processes) -> the loop's state."""
     rng_states = checkpoint["rng_states"]  # one per process of the saved run
     same_processes = len(rng_states) == proc.world_size
     gpt.restore_training_state(checkpoint, optimizer, proc.device, rng_states[proc.rank if same_processes else 0])
@@ -725,16 +615,12 @@ def restore_training_state(checkpoint, optimizer, proc):
 
 @gpt.command_line(MEMORY_HINT)
 def main(argv=None):
-    """Run the stage from the command line; after a stop by Ctrl-C or SIGTERM (the state
-    saved) exit with the shell's code for the signal, 130 or 143."""
+    """Run the stage from the command line; after a stop by Ctrl-C or SIGTERM (the state saved) exit with the shell's
+    code for the signal, 130 or 143."""
     args = parse_settings(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # downloads go there
-    proc = setup_distributed(args.device)
-    try:
+    with gpt.distributed_run(args.device) as proc:
         result = pretrain(args, proc)
-    finally:
-        if proc.world_size > 1:
-            dist.destroy_process_group()
     if result["stopped"] in ("SIGINT", "SIGTERM"):
         raise SystemExit(128 + signal.Signals[result["stopped"]])
     return result

@@ -2471,15 +2471,18 @@ def test_pretrain_window_count_and_target_shift():
 
 
 def test_pretrain_rank_offset_batches_equal_one_process_batch():
-    order = pretrain.WindowOrder(n_windows=10, stride=3, seed=1)
-    single = pretrain.micro_batch_starts(order, samples_seen=8, micro_step=1, batch_size=4)
-    ranks = [pretrain.micro_batch_starts(order, 8, 1, 2, rank=r, world_size=2) for r in range(2)]
+    splits = argparse.Namespace(n_windows=10, stride=3, seed=1)  # what micro_batch_starts reads of Splits
+    single = pretrain.micro_batch_starts(splits, samples_seen=8, micro_step=1, batch_size=4)
+    ranks = [pretrain.micro_batch_starts(splits, 8, 1, 2, rank=r, world_size=2) for r in range(2)]
     assert ranks[0] + ranks[1] == single
     # One epoch visits every window once; the next epoch is another permutation.
-    epoch0 = [order.start(i) for i in range(10)]
-    epoch1 = [order.start(i) for i in range(10, 20)]
+    epoch0 = pretrain.micro_batch_starts(splits, samples_seen=0, micro_step=0, batch_size=10)
+    epoch1 = pretrain.micro_batch_starts(splits, samples_seen=10, micro_step=0, batch_size=10)
     assert sorted(epoch0) == sorted(epoch1) == list(range(0, 30, 3))
     assert epoch0 != epoch1
+    assert single == epoch1[2:6]  # samples 12 to 15
+    assert pretrain.micro_batch_starts(splits, 8, 0, 4) == epoch0[8:10] + epoch1[0:2]  # across the epochs' border
+    assert epoch0 == [3 * int(i) for i in torch.randperm(10, generator=torch.Generator().manual_seed(100_003))]
 
 
 def test_pretrain_evaluation_windows_do_not_overlap():
@@ -2802,7 +2805,7 @@ def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, mon
     hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
     assert str(e.value) == "error: out of memory: " + hint
     # On the CPU a step that needs more than the machine has is refused before training.
-    monkeypatch.setattr(pretrain, "available_memory", lambda: 50_000_000)
+    monkeypatch.setattr(gpt, "machine_memory", lambda: 50_000_000)
     with pytest.raises(SystemExit) as e:
         pretrain.main(argv)
     message = str(e.value)
