@@ -339,7 +339,7 @@ def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
     token or max_new_tokens, the new text stripped (the book's section 7.7)."""
     prompt_ids = gpt.text_to_token_ids(format_prompt(entry), device=model.wte.weight.device, tokenizer=tokenizer)
     eot_id = tokenizer.eot_token  # 50256 for GPT-2; the Llama family's own
-    output = gpt.generate(model, prompt_ids, max_new_tokens, eos_id=eot_id, **sampling)
+    output = gpt.generate(model, prompt_ids, max_new_tokens, eot_id=eot_id, **sampling)
     new_ids = output[0, prompt_ids.shape[1] :].tolist()
     if eot_id in new_ids:
         new_ids = new_ids[: new_ids.index(eot_id)]

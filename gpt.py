@@ -24,7 +24,8 @@ The rest is what the stage scripts share:
 11. a stage's run  flag types, `command_line` (errors to one line, exit codes), settings,
                    run folders, progress lines, devices
 12. training       `make_adamw`, `check_finite_loss`, seeded splits, RNG state, memory checks,
-                   `StopSignal`, `save_training_state`, `restore_training_state`, `Throughput`
+                   `StopSignal`, `save_training_state`, `restore_training_state`, `Throughput`;
+                   a run of several processes under torchrun (`distributed_run`)
 
 The model follows OpenAI's GPT-2 release (Radford et al., 2019, "Language Models are
 Unsupervised Multitask Learners", https://github.com/openai/gpt-2) and uses the same
@@ -490,12 +491,12 @@ def window_start(length, context_length):
 
 @torch.no_grad()
 def generate_stream(
-    model, idx, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, eos_id=None, generator=None, use_cache=True
+    model, idx, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, eot_id=None, generator=None, use_cache=True
 ):
     """Yield new tokens one at a time: LongTensor [batch] per step.
 
     idx: LongTensor [batch, seq_len], the prompt. Stops after `max_new_tokens` tokens, or
-    once every row has produced `eos_id` (a row that finished early repeats `eos_id`).
+    once every row has produced `eot_id` (a row that finished early repeats `eot_id`).
     Sampling options as in `sample_next_token`; pass a seeded `torch.Generator` for
     reproducible sampling. With `use_cache` each step reads one new position through a
     `KVCache`; without it each step re-reads the whole window (slower, same tokens).
@@ -521,12 +522,12 @@ def generate_stream(
             else:
                 logits = model(tokens[:, -1:], kv_cache=cache)
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                next_token = next_token.masked_fill(finished, eos_id)
-                finished |= next_token == eos_id
+            if eot_id is not None:
+                next_token = next_token.masked_fill(finished, eot_id)
+                finished |= next_token == eot_id
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             yield next_token
-            if eos_id is not None and finished.all():
+            if eot_id is not None and finished.all():
                 break
     finally:
         model.train(was_training)
@@ -538,8 +539,8 @@ def generate(model, idx, max_new_tokens, *, seed=None, on_token=None, **options)
     Greedy by default (temperature 0). `seed` makes sampling reproducible (a fresh
     `torch.Generator` on idx's device); `on_token(token: LongTensor [batch])` is called
     for each new token as it comes, for streaming. Other options (temperature, top_k,
-    top_p, eos_id, generator, use_cache) as in `generate_stream`. The output includes
-    the end-of-text token when generation stopped at `eos_id`. Raises ValueError when both
+    top_p, eot_id, generator, use_cache) as in `generate_stream`. The output includes
+    the end-of-text token when generation stopped at `eot_id`. Raises ValueError when both
     `seed` and `generator` are given.
     """
     if seed is not None and "generator" in options:
@@ -1964,9 +1965,9 @@ def load_tokenizer(name_or_path="gpt2", *, quiet=False):
     if not is_llama_family(name_or_path) or _holds_gpt2_vocabulary(name_or_path):
         return get_tokenizer(), EOT_ID
     tokenizer_path, config_path = tokenizer_files(name_or_path, quiet=quiet)
-    eos = read_json(config_path, "tokenizer config").get("eos_token") if config_path else None
-    eos = eos.get("content") if isinstance(eos, dict) else eos  # older files: {"content": ..., ...}
-    encoding = encoding_from_tokenizer_json(read_json(tokenizer_path, "tokenizer"), tokenizer_path, eos)
+    eot_text = read_json(config_path, "tokenizer config").get("eos_token") if config_path else None
+    eot_text = eot_text.get("content") if isinstance(eot_text, dict) else eot_text  # older files: {"content": ...}
+    encoding = encoding_from_tokenizer_json(read_json(tokenizer_path, "tokenizer"), tokenizer_path, eot_text)
     return encoding, encoding.eot_token
 
 
@@ -2241,7 +2242,7 @@ def hf_config(cfg, dtype, architecture="GPT2LMHeadModel", **extra):
     }
 
 
-def hf_llama_config(cfg, dtype, bos_id, eos_id):
+def hf_llama_config(cfg, dtype, bos_id, eot_id):
     """config.json of transformers' LlamaForCausalLM for a Llama-family GPTConfig, or of
     Qwen3ForCausalLM when it normalises queries and keys -> dict (`config_from_hub` reads
     it back). Raises ValueError for biases neither class can express."""
@@ -2272,7 +2273,7 @@ def hf_llama_config(cfg, dtype, bos_id, eos_id):
         **({} if cfg.qk_norm else {"mlp_bias": cfg.mlp_bias}),
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
+        "eos_token_id": eot_id,
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
     }

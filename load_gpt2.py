@@ -72,7 +72,7 @@ def stream_continuation(model, prompt_ids, args, tokenizer, eot_id):
             print(text[len(printed) :], end="", flush=True)
             printed = text
 
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eot_id)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eot_id=eot_id)
     gpt.generate(model, prompt_ids, args.max_new_tokens, on_token=print_token, **options)
     print(gpt.token_ids_to_text(new_ids, tokenizer)[len(printed) :])
 

@@ -38,7 +38,6 @@ Memory: every weight trains, with AdamW 16 bytes per parameter before activation
 too big for that, fine-tune it with LoRA (finetune_classify.py, finetune_instruct.py).
 """
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -285,7 +284,7 @@ def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
     prompt starts from that token."""
     start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_token]])
     out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
-                       eos_id=tokenizer.eot_token)
+                       eot_id=tokenizer.eot_token)
     return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :], tokenizer).replace("\n", "\n          ")
 
 
@@ -477,10 +476,9 @@ MEMORY_HINT = "use a smaller --batch-size (and a larger --grad-accum for the sam
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = gpt.ArgumentParser(
         description="Pretrain a GPT on plain text (next-token prediction). A new run refuses an --out-dir that holds "
-        "another run: --resume continues that run with its saved settings, --overwrite deletes it first.",
-        formatter_class=gpt.HelpFormatter,
+        "another run: --resume continues that run with its saved settings, --overwrite deletes it first."
     )
     data = p.add_argument_group("data")
     data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files")
