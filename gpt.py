@@ -2625,12 +2625,17 @@ PLAIN_PROGRESS_SECONDS = 30  # without a terminal: one progress line per this ma
 _last_plain_progress = 0.0  # when show_progress last printed a plain line
 
 
+def stderr_is_terminal():
+    """Whether standard error is a terminal, which can overwrite a line in place."""
+    return sys.stderr.isatty()
+
+
 def show_progress(text):
     """Overwrite the current status line on stderr with text (a long loop's progress). When
     stderr is no terminal (a log file, a pipe), print it as a plain line instead, at most
     every PLAIN_PROGRESS_SECONDS, so that a log holds readable lines, not hundreds of updates."""
     global _progress_line_open, _last_plain_progress
-    if not sys.stderr.isatty():
+    if not stderr_is_terminal():
         if time.time() - _last_plain_progress >= PLAIN_PROGRESS_SECONDS:
             print(text, file=sys.stderr, flush=True)
             _last_plain_progress = time.time()

@@ -60,6 +60,12 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TESTDATA / "tiktoken_cache"))
 # ========================================================================================
 
 
+@pytest.fixture(autouse=True)
+def progress_as_on_a_terminal(monkeypatch):
+    """Progress lines as a terminal shows them (overwritten in place), whatever pytest's stderr is."""
+    monkeypatch.setattr(gpt, "stderr_is_terminal", lambda: True)
+
+
 def save_hf_gpt2(folder, seed=0, **config):
     """Random GPT2LMHeadModel saved with save_pretrained (safetensors + config.json)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -1649,7 +1655,6 @@ def test_json_and_text_readers_accept_a_bom_and_name_the_problem(tmp_path):
 
 
 def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: one overwritten status line
 
     def failing(error):
         @gpt.command_line(memory_hint="use a smaller --batch-size")
@@ -1678,6 +1683,7 @@ def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypa
 
 
 def test_progress_without_a_terminal_is_a_plain_line_every_30_seconds(capsys, monkeypatch):
+    monkeypatch.setattr(gpt, "stderr_is_terminal", lambda: False)
     clock = iter([1000.0, 1000.0, 1010.0, 1031.0, 1031.0])
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
     monkeypatch.setattr(gpt, "_last_plain_progress", 0.0)
