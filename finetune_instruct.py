@@ -54,6 +54,12 @@ SPLIT_FRACTIONS = (0.85, 0.10)  # train, test; validation gets the rest (5%), as
 SPLIT_FILES = ("train.json", "validation.json", "test.json")
 JUDGE_SEED = 123  # fixed seed (and temperature 0) so the judge gives the same score twice
 ANSWERS_PER_SAVE = 10  # answers between saves of responses.partial.json
+RUN_FILES = ("run.json", *SPLIT_FILES, "train_state.pt", "model.pt", "losses.png", "responses.json",
+             "responses.partial.json", "responses-scored.json")
+# Flags that may differ from the saved run on --resume: more steps, another machine, other answers.
+RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "keep_last", "device", "cache_dir", "out_dir",
+                     "responses", "max_new_tokens", "temperature", "top_k", "top_p", "judge", "judge_url",
+                     "judge_model")
 
 
 # ----------------------------------------------------------------------------------------
@@ -66,12 +72,12 @@ def check_entry(entry):
     string "instruction", a string "output" and an optional string "input" (missing or null: no input)."""
     if not isinstance(entry, dict):
         return f"not a JSON object but {type(entry).__name__}"
-    for key in ("instruction", "output", "input"):
-        value = entry.get(key)
-        if value is None and key != "input":
+    for key in ("instruction", "output"):  # required
+        if entry.get(key) is None:
             return f"{key!r} is null" if key in entry else f"no {key!r} key"
-        if value is not None and not isinstance(value, str):
-            return f"{key!r} is {type(value).__name__}, not a string"
+    for key in ("instruction", "output", "input"):  # "input" may be missing or null
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            return f"{key!r} is {type(entry[key]).__name__}, not a string"
     return None if entry["instruction"].strip() else "empty 'instruction'"
 
 
@@ -83,6 +89,16 @@ def load_instruction_data(path, max_reported=10):
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file")
     text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")
+    if not text.strip():
+        raise ValueError(f"--data {path}: the file is empty: give a JSON list of Alpaca entries")
+    if text.lstrip().startswith("{"):
+        try:
+            whole = json.loads(text)  # JSON Lines of two or more entries fail here: "extra data"
+        except (json.JSONDecodeError, RecursionError):
+            whole = None
+        if isinstance(whole, dict) and "instruction" not in whole:
+            raise ValueError(f"--data {path}: one JSON object, not a list of entries: give a JSON list (or JSON "
+                             "Lines) of Alpaca entries")
     entries, bad, good = [], [], []
     if text.lstrip().startswith("["):
         entries = [(f"entry {i}", item) for i, item in enumerate(gpt.read_json(path, "--data"))]
@@ -268,11 +284,9 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
         optimizer.load_state_dict(state["optimizer"])
         gpt.set_rng_state(state["rng"], device)
         step, history = state["step"], state["history"]
-        best = state.get("best", best)  # a state from before best-keeping: the best from here on
-        if step >= total_steps:
-            raise ValueError(f"--resume: the run has trained all its {step} steps; give larger --epochs or --max-steps")
+        best = state.get("best", best)
         print(f"resuming at step {step} of {total_steps}")
-    print(f"training: {len(train_examples)} examples, {steps_per_epoch} steps per epoch, {total_steps} steps in all")
+    print(f"training: {len(train_examples)} examples, {steps_per_epoch} steps per epoch, {total_steps} in all")
     started, start_step, window_seconds, window_tokens = time.time(), step, 0.0, 0
     while True:
         # Evaluate at step 0, every --eval-every steps and at the end (a resumed run has this step already).
@@ -312,7 +326,8 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
             print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} | loss {loss.item():.3f} | "
                   f"{window_tokens / window_seconds:.0f} tok/s | ETA {eta}", flush=True)
             window_seconds, window_tokens = 0.0, 0
-    print(f"trained {step - start_step} steps in {gpt.format_duration(time.time() - started)}")
+    trained = f"{step - start_step} step" + ("s" if step - start_step != 1 else "")
+    print(f"trained {trained} in {gpt.format_duration(time.time() - started)}")
     return history, best
 
 
@@ -528,9 +543,11 @@ def judge(args, responses_path):
             scored.append({**entry, "score": score} if isinstance(entry, dict) else {"entry": entry, "score": None})
             print(f"judging {i + 1}/{len(entries)} | ETA {gpt.eta(started, i + 1, len(entries))}", flush=True)
     except RuntimeError as e:
+        if args.judge_only:
+            raise
         raise RuntimeError(
-            f"{e}\nthe answers stay in {responses_path}; grade them later with: "
-            f"python finetune_instruct.py --judge-only --judge ollama --responses {responses_path}"
+            f"{e}; the answers stay in {responses_path}: grade them later with python finetune_instruct.py "
+            f"--judge-only --judge ollama --responses {responses_path} --judge-url {url} --judge-model {args.judge_model}"
         ) from None
     scores = [e["score"] for e in scored if e["score"] is not None]
     mean = f"{sum(scores) / len(scores):.2f}" if scores else "n/a"
@@ -603,14 +620,6 @@ def fine_tune(args, argv, device):
 # 8. Command line and run folder
 # ----------------------------------------------------------------------------------------
 
-RUN_FILES = ("run.json", *SPLIT_FILES, "train_state.pt", "model.pt", "losses.png", "responses.json",
-             "responses.partial.json", "responses-scored.json")
-# Flags that may differ from the saved run on --resume: more steps, another machine, other answers.
-RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "keep_last", "device", "cache_dir", "out_dir",
-                     "responses", "max_new_tokens", "temperature", "top_k", "top_p", "judge", "judge_url",
-                     "judge_model")
-
-
 def build_parser():
     p = gpt.ArgumentParser(
         description="Instruction fine-tuning of GPT-2 or a Llama-family model (Alpaca format), answers for the test "
@@ -653,7 +662,7 @@ def build_parser():
     train.add_argument("--keep-last", action="store_true", help="keep the last weights, not the lowest validation loss")
     train.add_argument("--save-every", type=gpt.positive_int, default=50, help="steps between train_state.pt saves")
     train.add_argument("--dtype", choices=gpt.DTYPES, default="float32", help="precision: autocast while training "
-                       "(float32 weights; not float16), the weights' type when only answering")
+                       "(float32 weights; not float16), the weights' type when answering")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
     answers = p.add_argument_group("answers and evaluation")
@@ -685,6 +694,9 @@ def parse_args(argv=None):
         parser.error("choose --resume (continue the run) or --overwrite (replace it)")
     if args.judge_only and args.judge == "none":
         parser.error("--judge-only needs --judge ollama")
+    sampling = [flag for flag in ("top_k", "top_p") if getattr(args, flag) is not None]
+    if sampling and not args.temperature:
+        parser.error(f"{gpt.flag_name(sampling[0])} is for sampling: give --temperature above 0 as well")
     if args.dtype == "float16" and not (args.generate_only or args.judge_only or args.prompt is not None):
         parser.error("--dtype float16 trains without loss scaling: train in bfloat16 or float32")
     return args
@@ -748,12 +760,19 @@ def resume_run(args, argv, out_dir):
     splits = [gpt.read_json(out_dir / name, "--resume") for name in SPLIT_FILES]
     if not (out_dir / "train_state.pt").is_file() and (out_dir / "model.pt").is_file():
         raise ValueError(
-            f"--resume: the run in {out_dir} has finished, and its train_state.pt was not kept (--keep-state keeps "
-            f"it): answer its test split with --generate-only, or train on with --model {out_dir / 'model.pt'}"
+            f"--resume: the run in {out_dir} has finished, and its train_state.pt was not kept (a run started with "
+            f"--keep-state keeps it): answer its test split with --generate-only, or train on with --model {out_dir / 'model.pt'}"
         )
     if not (out_dir / "train_state.pt").is_file():
         raise ValueError(f"--resume: the run in {out_dir} stopped before its first save; start again with --overwrite")
-    return args, splits, gpt.load_checkpoint(out_dir / "train_state.pt")
+    state = gpt.load_checkpoint(out_dir / "train_state.pt")
+    epoch_steps = math.ceil(len(splits[0]) / args.batch_size) * args.epochs
+    limit = f"--max-steps {args.max_steps}" if args.max_steps and args.max_steps < epoch_steps else f"--epochs {args.epochs}"
+    if state["step"] >= min(epoch_steps, args.max_steps or math.inf):  # before run.json is written again
+        steps = f"{state['step']} step" + ("s" if state["step"] != 1 else "")
+        raise ValueError(f"--resume: the run is complete ({steps}, as {limit} allows): raise {limit.split()[0]} "
+                         "to train on")
+    return args, splits, state
 
 
 # ----------------------------------------------------------------------------------------
@@ -769,6 +788,8 @@ def main(argv=None):
     if args.judge_only:
         judge(args, responses_path)
         return
+    if args.judge == "ollama":  # before hours of training and answering: is the judge there?
+        check_ollama(args.judge_url.rstrip("/"), args.judge_model)
     device = gpt.pick_device(args.device)
     if args.prompt is not None:
         model, tokenizer = load_for_answers(args, checkpoint, device)
@@ -777,7 +798,8 @@ def main(argv=None):
         return
     if args.generate_only:
         model, tokenizer = load_for_answers(args, checkpoint, device)
-        test_set = test_split(args, gpt.claim_run_folder(args.out_dir, []))  # []: answers may be written again
+        # No run file is protected: answering again replaces responses.json, which is what was asked for.
+        test_set = test_split(args, gpt.claim_run_folder(args.out_dir, []))
     else:
         args, model, tokenizer, checkpoint, test_set = fine_tune(args, argv, device)
         responses_path, _ = answer_paths(args)  # with --resume, the saved run's

@@ -4306,10 +4306,12 @@ def test_instruct_bad_flags_rejected_at_startup(tmp_path, capsys, monkeypatch, _
 
 
 def test_instruct_flag_limits_are_accepted():
-    limits = ["--top-k", "1", "--top-p", "1", "--temperature", "0", "--max-new-tokens", "0", "--eval-batches", "0"]
+    limits = ["--top-k", "1", "--top-p", "1", "--temperature", "1e-9", "--max-new-tokens", "0", "--eval-batches", "0"]
     args = instruct.parse_args(limits + ["--weight-decay", "0"])
-    assert (args.top_k, args.top_p, args.temperature, args.max_new_tokens, args.eval_batches) == (1, 1.0, 0.0, 0, 0)
-    args = instruct.parse_args(["--prompt", "Name a color.", "--input", "x", "--top-p", "1e-9", "--lr", "1e-9"])
+    assert (args.top_k, args.top_p, args.temperature, args.max_new_tokens, args.eval_batches) == (1, 1.0, 1e-9, 0, 0)
+    with pytest.raises(SystemExit):  # greedy decoding would ignore top-k
+        instruct.parse_args(["--top-k", "1", "--temperature", "0"])
+    args = instruct.parse_args(["--prompt", "Name a color.", "--input", "x", "--top-p", "1e-9", "--temperature", "1"])
     assert (args.prompt, args.input, args.top_p) == ("Name a color.", "x", 1e-9)
     largest_seed = instruct.parse_args(["--seed", str(2**63 - 1)]).seed
     batches = instruct.epoch_batches(list(range(5)), 2, largest_seed, epoch=1)
@@ -4371,8 +4373,10 @@ def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_pa
     assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns != before
     # A finished run with its state: --resume needs more steps, and then trains them.
     instruct.main(_instruct_quick(folder, tmp_path / "kept", "--keep-state"))
-    with pytest.raises(SystemExit, match="the run has trained all its 1 steps; give larger --epochs or --max-steps"):
+    settings_before = (tmp_path / "kept" / "run.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"the run is complete \(1 step, as --epochs 1 allows\): raise --epochs"):
         instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume"])
+    assert (tmp_path / "kept" / "run.json").read_bytes() == settings_before  # a refused resume changes nothing
     instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2"])
     assert gpt.load_checkpoint(tmp_path / "kept" / "train_state.pt")["step"] == 2
 
