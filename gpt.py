@@ -1007,9 +1007,12 @@ def format_duration(seconds):
 
 def atomic_write_bytes(path, data):
     """Write bytes to path through a temporary file and a rename, so that readers never
-    see a half-written file (os.replace is atomic on POSIX and Windows)."""
+    see a half-written file (os.replace is atomic on POSIX and Windows). The first write
+    into a run folder claimed with `overwrite` deletes the old run's files first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for old_file in _overwritten_runs.pop(path.parent.resolve(), []):
+        old_file.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -2537,8 +2540,9 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
     """Make out_dir this process's run folder and return it as a Path.
 
     A folder that holds another run (any of `run_files`) is refused unless `resume`
-    (continue it; then it must hold a run) or `overwrite` (its run files are deleted
-    first). A lock file `.lock` naming this process keeps two runs out of one folder; a
+    (continue it; then it must hold a run) or `overwrite` (its run files are deleted when
+    the new run writes its first file, see `atomic_write_bytes`: a new run that fails its
+    checks first leaves the old one as it was). A lock file `.lock` naming this process keeps two runs out of one folder; a
     lock whose process is gone is taken over, and the lock is removed at exit. Leftover
     temporary files of interrupted writes are removed. Raises ValueError, naming the
     path and the flag that helps, when the folder cannot be used, before any work starts.
@@ -2565,10 +2569,12 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
         )
     if resume and not found:
         raise ValueError(f"--resume: {out_dir} holds no run to continue; start one without --resume")
-    if overwrite and not resume:
-        for name in found:
-            (out_dir / name).unlink()
+    if overwrite and not resume:  # deleted by the new run's first write: a run that fails before it loses nothing
+        _overwritten_runs[out_dir.resolve()] = [out_dir / name for name in found]
     return out_dir
+
+
+_overwritten_runs = {}  # run folder -> the files of the old run that --overwrite replaces
 
 
 def _take_lock(lock):

@@ -1568,7 +1568,10 @@ def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
     gpt.claim_run_folder(out, files, resume=True)
     assert (out / "latest.pt").exists()
     gpt.claim_run_folder(out, files, overwrite=True)
-    assert not (out / "latest.pt").exists()
+    assert (out / "latest.pt").exists()  # kept until the new run writes: a run that fails its checks loses nothing
+    gpt.write_json(out / "history.json", [])
+    assert not (out / "latest.pt").exists()  # the new run's first write took the old run away
+    (out / "history.json").unlink()
     with pytest.raises(ValueError, match="holds no run to continue"):
         gpt.claim_run_folder(out, files, resume=True)
     (out / "history.json").mkdir()
@@ -2820,6 +2823,14 @@ def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, mon
     assert message.startswith("error: a training step needs about 104 MB of memory, but this machine has 50 MB")
     assert message.endswith(hint)
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
+
+
+def test_pretrain_overwrite_that_fails_its_checks_keeps_the_old_run(tmp_path, pretrain_text_file):
+    pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--eval-every", "1"))
+    old = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        pretrain.main(_pretrain_tiny_argv(tmp_path, tmp_path / "missing.txt", "--overwrite"))
+    assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()} == old
 
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
