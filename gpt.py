@@ -2623,7 +2623,12 @@ def save_with_fallback(write, path):
                 f"cannot write {path} ({first.strerror or first}) nor {fallback} ({second.strerror or second}): "
                 "free some disk space and run again"
             ) from None
+        written_elsewhere.append(f"{path} is in {fallback} ({first.strerror or first} at {path.parent})")
         return fallback
+
+
+# What `save_with_fallback` wrote elsewhere in this run: `command_line` then exits 1, saying where.
+written_elsewhere = []
 
 
 _progress_line_open = False  # a status line of show_progress waits for its end
@@ -2677,14 +2682,19 @@ def command_line(memory_hint="use a smaller --batch-size"):
     ValueError, RuntimeError and OSError (a missing file, a full disk, ...) print
     "error: <message>" and exit 1; out-of-memory says `memory_hint`; Ctrl-C prints
     "interrupted" and exits 130 (the shell's code for SIGINT); a reader that closed the
-    output pipe (`| head`) ends the script quietly. An open progress line is ended first.
+    output pipe (`| head`) ends the script quietly. An open progress line is ended first. A
+    run whose files `save_with_fallback` had to write elsewhere exits 1, saying where they are.
     """
 
     def decorate(main):
         @functools.wraps(main)
         def wrapper(argv=None):
+            written_elsewhere.clear()
             try:
-                return main(argv)
+                result = main(argv)
+                if written_elsewhere:  # the work is saved, but not where it was asked for: not a success
+                    raise OSError("the run finished, but " + "; ".join(written_elsewhere) + ": move it where it belongs")
+                return result
             except KeyboardInterrupt:
                 end_progress()
                 print("interrupted", file=sys.stderr)

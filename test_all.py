@@ -2352,8 +2352,9 @@ def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
         real_write(path, data)
 
     monkeypatch.setattr(gpt, "atomic_write_bytes", disk_full_in_tmp_path)
-    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
-                    str(HELLASWAG_TINY), "--results", str(tmp_path / "results.json")])
+    with pytest.raises(SystemExit, match=r"error: the run finished, but .*results.json is in .*\(No space left"):
+        load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
+                        str(HELLASWAG_TINY), "--results", str(tmp_path / "results.json")])
     written = Path(re.search(r"results written to (.*)", capsys.readouterr().out)[1])
     assert written.parent != tmp_path and json.loads(written.read_text())["benchmark"]["items"] == 4
     written.unlink()
@@ -3580,7 +3581,8 @@ def test_classify_full_disk_at_the_final_save_keeps_the_model(tmp_path, monkeypa
     monkeypatch.setattr(gpt, "atomic_write_bytes", full_disk)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2"))
+    with pytest.raises(SystemExit, match=r"error: the run finished, but .*classifier.pt is in .*classifier-\d+.pt"):
+        fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2"))
     fallback = tmp_path / "tmp" / f"classifier-{os.getpid()}.pt"
     captured = capsys.readouterr()
     assert f"cannot write {tmp_path / 'run' / 'classifier.pt'} (No space left on device); writing {fallback}" in captured.err
@@ -4463,7 +4465,8 @@ def test_instruct_answers_survive_a_full_disk_and_an_interruption(_instruct_tiny
     monkeypatch.setattr(gpt, "write_json", full_disk)
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    instruct.main(common + ["--out-dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match=r"error: the run finished, but .*responses.json is in"):
+        instruct.main(common + ["--out-dir", str(tmp_path / "run")])
     captured = capsys.readouterr()
     assert "answers: 2 of 4 taken from" in captured.out
     assert len(calls) == 5 and calls[3] == calls[2]  # only the interrupted third answer and the fourth are made
