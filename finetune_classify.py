@@ -94,8 +94,8 @@ def read_sms_bytes(path):
                 raise ValueError(f"{path}: the zip file has no member {ZIP_MEMBER!r} (it has: {archive.namelist()})")
             return archive.read(members[0])
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise ValueError(f"{path}: a damaged zip file ({e}): delete it to download it again, or pass the "
-                         f"extracted {ZIP_MEMBER} with --data") from None
+        raise ValueError(f"{path}: a damaged zip file ({e}): give the extracted {ZIP_MEMBER} file instead (a "
+                         "downloaded zip is fetched again once deleted)") from None
 
 
 def parse_sms_collection(raw, source="data", strict=False):
@@ -148,8 +148,9 @@ def read_labelled_file(path):
         messages = []
         for row in rows:
             label, text = (row["label"] or "").strip().lower(), (row["text"] or "").strip()
+            label = {"not spam": "ham"}.get(label, label)  # the class names --classify writes
             if label not in LABELS or not text:
-                problem = f"unknown label {label[:20]!r} (expected ham or spam)" if text else "empty text"
+                problem = f"unknown label {label[:20]!r} (expected ham, spam or not spam)" if text else "empty text"
                 raise ValueError(f"{path} line {rows.line_num}: {problem}")
             messages.append((label, text))
     if not messages:
@@ -630,6 +631,10 @@ def parse_args(argv=None):
     if args.results is not None and Path(args.results).suffix.lower() not in kinds:
         parser.error(f"--results {args.results}: give a {' or '.join(kinds)} file")
     args.checkpoint = args.checkpoint or str(Path(args.out_dir) / "classifier.pt")
+    if (Path(args.checkpoint) / "classifier.pt").is_file():  # a run folder: its classifier
+        args.checkpoint = str(Path(args.checkpoint) / "classifier.pt")
+    if args.results is not None and Path(args.results).is_dir():
+        parser.error(f"--results {args.results} is a folder: give the path of a {' or '.join(kinds)} file")
     return args
 
 
@@ -638,6 +643,8 @@ def prepare_data(args, out_dir, device, tokenizer):
     LongTensor [n_tokens] cut to --max-length, and LongTensor [n]."""
     path = sms_collection_path(args.data)
     messages = parse_sms_collection(read_sms_bytes(path), source=str(path), strict=args.strict_data)
+    if not messages:
+        raise ValueError(f"--data {path}: no 'ham|spam<TAB>message' lines: is this the SMS Spam Collection?")
     n_spam = sum(label == "spam" for label, _ in messages)
     print(f"data:       {path}: {len(messages)} messages ({len(messages) - n_spam} ham, {n_spam} spam)")
     splits = random_split(create_balanced_dataset(messages, args.seed), args.seed, min_train=args.batch_size)
@@ -814,7 +821,12 @@ def main(argv=None):
     elif args.classify is not None or args.classify_file is not None:
         run_classify(args, device)
     else:
-        train_and_evaluate(args, device)
+        try:
+            train_and_evaluate(args, device)
+        except KeyboardInterrupt:
+            print(f"nothing is saved (a run takes minutes): run again with --overwrite --out-dir {args.out_dir}",
+                  file=sys.stderr)
+            raise
 
 
 if __name__ == "__main__":

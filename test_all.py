@@ -3357,6 +3357,9 @@ def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
                  "--out-dir", str(tmp_path / "run")])
     with pytest.raises(SystemExit):
         fc.main(["--batch-size", "0"])
+    (tmp_path / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
+    with pytest.raises(SystemExit, match=r"error: --data .*story.txt: no 'ham\|spam<TAB>message' lines: is this the SMS"):
+        fc.main(["--data", str(tmp_path / "story.txt"), "--model", str(tmp_path / "lm.pt"), "--out-dir", str(tmp_path / "r")])
 
 
 # --- startup checks, Ctrl-C, texts files ----------------------------------
@@ -3445,7 +3448,9 @@ def test_classify_ctrl_c_is_one_line_and_exit_code_130(tmp_path, monkeypatch, ca
         assert e.code == 130
     else:
         pytest.fail("main() returned after an interrupt")
-    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"  # after the activation cache's progress line
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == [f"nothing is saved (a run takes minutes): run again with --overwrite --out-dir {tmp_path / 'run'}",
+                        "interrupted"]
     assert not (tmp_path / "run" / "classifier.pt").exists()
     with pytest.raises(SystemExit, match="holds another run .*replace it with --overwrite"):  # the splits stay
         fc.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run")])
@@ -3599,7 +3604,7 @@ def test_classify_damaged_zip_names_the_file(tmp_path):
     truncated.write_bytes(raw[: len(raw) // 2])
     flipped.write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
     for path in (truncated, flipped):
-        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file \(.*\): delete it"):
+        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file \(.*\): give the extracted SMSSpamCollection"):
             fc.read_sms_bytes(path)
     argv = _classify_run_argv(tmp_path, "run")
     argv[argv.index("--data") + 1] = str(flipped)
@@ -3734,7 +3739,7 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
 @pytest.mark.parametrize("name, content, message", [
     ("a.csv", "label,message\nham,hi\n",
      r"a.csv: no text column \(header: \['label', 'message'\]\): a CSV file needs a header with text and label columns"),
-    ("b.csv", "text,label\nhi,ham\nyo,spma\n", r"b.csv line 3: unknown label 'spma' \(expected ham or spam\)"),
+    ("b.csv", "text,label\nhi,ham\nyo,spma\n", r"b.csv line 3: unknown label 'spma' \(expected ham, spam or not spam\)"),
     ("c.csv", "text,label\n", r"c.csv: no labelled messages"),
     ("d.tsv", "ham\thi\nspma\tyo\n", r"d.tsv: 1 bad line\(s\): line 2: unknown label 'spma' \(expected ham or spam\)"),
     ("e.tsv", "ham\thi\nno tab\n", r"e.tsv: 1 bad line\(s\): line 2: no tab between label and message"),
@@ -3786,6 +3791,9 @@ def test_classify_file_writes_predictions_as_csv_or_json_with_probabilities(tmp_
     fc.main(common + [str(tmp_path / "predictions.json")])
     assert json.loads((tmp_path / "predictions.json").read_text()) == [
         {"text": t, "label": l, "spam_probability": p} for t, l, p in zip(texts, labels, probabilities)]
+    # The predictions, as labelled data, evaluate the classifier against itself: every answer right.
+    fc.main(["--checkpoint", str(tmp_path), "--evaluate", str(tmp_path / "predictions.csv"), "--threshold", str(threshold)])
+    assert "accuracy 100.00%" in capsys.readouterr().out  # "not spam" read as ham; the folder's classifier.pt used
 
 
 def _classify_llama_folder(folder, trained_tokenizers, model_type):
