@@ -1413,7 +1413,7 @@ def write_token_file(paths, token_path, tokenizer, replace_invalid=False, chunk_
                         n_tokens += len(ids)
                         done = done_bytes + f.tell()
                         show_progress(
-                            f"tokenizing: {done / 1e6:,.1f} of {total_bytes / 1e6:,.1f} MB, {n_tokens:,} tokens, "
+                            f"tokenizing: {done / 1e6:,.2f} of {total_bytes / 1e6:,.2f} MB, {n_tokens:,} tokens, "
                             f"ETA {eta(started, done, total_bytes)}"
                         )
                 done_bytes += path.stat().st_size
@@ -2513,7 +2513,8 @@ def print_settings(settings):
     """Print a run's settings (a Namespace or dict) in one wrapped block, for the log."""
     items = vars(settings) if isinstance(settings, argparse.Namespace) else settings
     line = "settings: " + ", ".join(f"{name}={value}" for name, value in items.items())
-    print("\n          ".join(textwrap.wrap(line, 100, subsequent_indent="")))
+    # Whole values on each line: a path or URL broken at a hyphen could not be copied.
+    print("\n          ".join(textwrap.wrap(line, 100, break_on_hyphens=False, break_long_words=False)))
 
 
 def _process_is_running(pid):
