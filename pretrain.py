@@ -120,6 +120,20 @@ def split_tokens(tokens, train_fraction, context_length):
     return tokens[:n_train], tokens[n_train:]
 
 
+@dataclasses.dataclass
+class Splits:
+    """The token splits and the windows that training and evaluation read from them."""
+
+    train: torch.Tensor  # [n_train], as the token file holds them (see `gpt.as_ids`)
+    val: torch.Tensor  # [n_val]
+    context_length: int  # tokens per window
+    stride: int  # tokens between the starts of two training windows
+    n_windows: int  # training windows in one epoch
+    seed: int  # of the order of the training windows (`window_order`)
+    eval_starts: dict  # {"train": starts, "val": starts}: the same windows at every evaluation
+    unigram_loss: float  # validation loss of a model that ignores context, nats per token
+
+
 def count_windows(n_tokens, context_length, stride):
     """Windows of context_length + 1 tokens (the inputs, and the targets one further) that start at 0, stride,
     2 * stride, ... in n_tokens tokens. 10 tokens, context 4, stride 2: starts 0, 2, 4 -> 3 windows."""
@@ -130,6 +144,7 @@ def count_windows(n_tokens, context_length, stride):
 def window_order(n_windows, seed, epoch):
     """The training windows of one epoch in the order training reads them: a permutation of range(n_windows)
     seeded by (seed, epoch)."""
+    # One seed per (seed, epoch) pair: distinct for fewer than 100,003 epochs.
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n_windows, generator=generator)
 
@@ -175,20 +190,6 @@ def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_00
     log_probs = ((counts + 1) / (counts.sum() + vocab_size)).log()
     total = sum(log_probs[gpt.as_ids(val_tokens[i : i + step])].sum().item() for i in range(0, len(val_tokens), step))
     return -total / len(val_tokens)
-
-
-@dataclasses.dataclass
-class Splits:
-    """The token splits and the windows that training and evaluation read from them."""
-
-    train: torch.Tensor  # [n_train], as the token file holds them (see `gpt.as_ids`)
-    val: torch.Tensor  # [n_val]
-    context_length: int  # tokens per window
-    stride: int  # tokens between the starts of two training windows
-    n_windows: int  # training windows in one epoch
-    seed: int  # of the order of the training windows (`window_order`)
-    eval_starts: dict  # {"train": starts, "val": starts}: the same windows at every evaluation
-    unigram_loss: float  # validation loss of a model that ignores context, nats per token
 
 
 def make_splits(token_path, n_tokens, args, cfg, world_size=1):
@@ -309,7 +310,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
         tokens = samples_seen * splits.context_length
         lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
         speed.pause()  # evaluating and saving do not count in tokens/s
-        evaluated = bool(history) and history[-1]["step"] == step  # before a --resume
+        evaluated = bool(history) and history[-1]["step"] == step  # already, before the run stopped and resumed
         evaluate_now = (step % args.eval_every == 0 or step == total_steps) and not evaluated
         if evaluate_now:
             train_loss = evaluate_loss(eval_model, splits, "train", args.batch_size, autocast, proc)
@@ -529,7 +530,8 @@ def build_parser():
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="precision of the "
                      "work (autocast; the weights stay float32; auto: bfloat16 on GPUs that have it)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
-    run.add_argument("--peak-flops", type=gpt.positive_float, help="FLOP/s of one device for MFU (default: known GPUs)")
+    run.add_argument("--peak-flops", type=gpt.positive_float, help="FLOP/s of one device, for the model FLOPs "
+                     "utilisation (MFU) in the log (default: known GPUs)")
     return p
 
 
