@@ -2817,13 +2817,14 @@ def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, mon
     assert str(e.value) == "error: out of memory: " + hint
     # On the CPU a step that needs more than the machine has is refused before training.
     monkeypatch.setattr(gpt, "machine_memory", lambda: 50_000_000)
+    first_run = (tmp_path / "run" / "run.json").read_bytes()
     with pytest.raises(SystemExit) as e:
         pretrain.main(argv)
     message = str(e.value)
     # 16 bytes x 1.6M parameters + 4 x 32 tokens x (68 x 32 x 2 + 12 x 50257) bytes of activations and logits
     assert message.startswith("error: a training step needs about 104 MB of memory, but this machine has 50 MB")
     assert message.endswith(hint)
-    assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
+    assert (tmp_path / "run" / "run.json").read_bytes() == first_run  # refused before the run wrote anything
 
 
 def test_pretrain_overwrite_that_fails_its_checks_keeps_the_old_run(tmp_path, pretrain_text_file):
@@ -3080,7 +3081,7 @@ def test_pretrain_memory_check_says_when_the_weights_alone_do_not_fit(tmp_path, 
     assert str(e.value).startswith("error: training needs about 1000000.0 GB before activations")
     assert str(e.value).endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
                                  "or adapt this one with LoRA (the fine-tunes' --lora)")
-    assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
+    assert (tmp_path / "run" / "run.json").read_bytes() == first_run  # refused before the run wrote anything
 
 
 # --- gpt.py: the training plumbing pretrain.py moved there (autocast, FLOPs, throughput) --
