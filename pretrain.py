@@ -229,7 +229,7 @@ def model_config(args):
     return dataclasses.replace(base, drop_rate=args.drop_rate, **shape)
 
 
-def build_model(args, tokenizer, checkpoint=None):
+def model_to_train(args, tokenizer, checkpoint=None):
     """The model to train, float32 on the CPU, in training mode: from a --resume checkpoint, from --model weights (with
     this run's --drop-rate), or new (`model_config`, initialised as its family is, seeded by --seed). Raises
     ValueError for a --model whose vocabulary is smaller than its tokenizer's."""
@@ -399,7 +399,7 @@ def start_run(args, proc):
         )
 
     # Model and optimizer: AdamW with betas (0.9, 0.95), as GPT-3 (Brown et al., 2020, appendix B).
-    model = build_model(args, tokenizer, checkpoint)
+    model = model_to_train(args, tokenizer, checkpoint)
     splits = make_splits(token_path, n_tokens, args, model.cfg, proc.world_size)
     check_memory(model.cfg, args.batch_size, splits.context_length, proc.device)
     model.to(proc.device)
@@ -412,7 +412,7 @@ def start_run(args, proc):
         state = {"step": 0, "samples_seen": 0, "best_val_loss": math.inf, "history": []}
         torch.manual_seed(args.seed + proc.rank)  # dropout masks differ between processes
     else:
-        state = restore_training_state(checkpoint, optimizer, proc)
+        state = resume_state(checkpoint, optimizer, proc)
         if state["step"] >= total_steps:
             raise ValueError(f"--resume: the run in {out_dir} already made {state['step']} of {total_steps} steps; "
                              "raise --max-steps or --epochs to go on")
@@ -601,7 +601,7 @@ def load_training_state(path):
     return checkpoint
 
 
-def restore_training_state(checkpoint, optimizer, proc):
+def resume_state(checkpoint, optimizer, proc):
     """AdamW's moments and this process's RNG states from latest.pt (reseeded when it was saved by another number of
     processes) -> the loop's state."""
     rng_states = checkpoint["rng_states"]  # one per process of the saved run
