@@ -221,7 +221,7 @@ def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
     return model
 
 
-# --- Forward passes: the full model, or the trainable top on cached activations -------
+# --- Forward pass: class logits at each message's last real token ---------------------
 
 
 def full_pass_logits(model, token_ids, pad_id=gpt.EOT_ID):
@@ -231,76 +231,6 @@ def full_pass_logits(model, token_ids, pad_id=gpt.EOT_ID):
     idx = pad_sequence(token_ids, batch_first=True, padding_value=pad_id)  # [B, T]
     last = torch.tensor([len(t) - 1 for t in token_ids], device=idx.device)  # [B]
     return model(idx)[torch.arange(len(token_ids), device=idx.device), last]  # [B, T, classes] -> [B, classes]
-
-
-@torch.no_grad()
-def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, progress=True):
-    """Hidden states after the embeddings and the first `n_frozen` blocks, per message: list of LongTensor
-    [n_tokens_i] -> list of float [n_tokens_i, emb_dim]; valid while those blocks are frozen and dropout is 0.
-    Identical messages (the collection repeats some) are computed once and share one tensor. Batches hold messages
-    of similar length (sorted, at most CACHE_BATCH_TOKENS padded tokens)."""
-    first_of = {}  # token sequence -> index of its first occurrence
-    first_index = [first_of.setdefault(tuple(ids.tolist()), i) for i, ids in enumerate(token_ids)]  # per message
-    order = sorted(first_of.values(), key=lambda i: len(token_ids[i]))
-    batches, batch = [], []
-    for i in order:  # ascending lengths: the newest message is the batch's longest
-        if batch and (len(batch) + 1) * len(token_ids[i]) > CACHE_BATCH_TOKENS:
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    batches.append(batch)
-    activations = {}  # index of a first occurrence -> its hidden states
-    total_tokens = sum(len(token_ids[i]) for i in order)
-    done_tokens, started = 0, time.time()
-    for batch in batches:
-        seqs = [token_ids[i] for i in batch]
-        x = model.embed(pad_sequence(seqs, batch_first=True, padding_value=pad_id))  # [B, T, C]
-        for block in model.h[:n_frozen]:
-            x = block(x)
-        for row, i in enumerate(batch):
-            activations[i] = x[row, : len(token_ids[i])].clone()  # a copy frees the padded batch
-        done_tokens += sum(len(s) for s in seqs)
-        if progress:
-            gpt.show_progress(f"activation cache: {done_tokens}/{total_tokens} tokens of {len(order)} distinct "
-                              f"messages, {done_tokens / (time.time() - started):.0f} tokens/s, "
-                              f"ETA {gpt.eta(started, done_tokens, total_tokens)}")
-    gpt.end_progress()
-    return [activations[i] for i in first_index]
-
-
-def last_block_at_last_token(block, x, last):
-    """block(x)[arange(B), last] of a GPT-2 block without dropout: float [B, C], computed only where the classifier
-    reads. x: float [B, T, C], right-padded; last: LongTensor [B], each row's last real position. The query, attention
-    output and MLP run at that position alone; keys and values come from every position up to it (later: masked)."""
-    attn = block.attn
-    B, T, C = x.shape
-    rows = torch.arange(B, device=x.device)
-    h = block.ln_1(x)  # [B, T, C]
-    w_q, w_kv = attn.c_attn.weight.split([C, 2 * C])  # c_attn stacks the q, k, v projections
-    b_q, b_kv = attn.c_attn.bias.split([C, 2 * C]) if attn.c_attn.bias is not None else (None, None)
-    q = F.linear(h[rows, last], w_q, b_q).view(B, attn.n_heads, 1, attn.head_dim)  # (B, nh, 1, hd)
-    k, v = F.linear(h, w_kv, b_kv).split(C, dim=2)
-    k = k.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-    v = v.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-    visible = torch.arange(T, device=x.device) <= last[:, None]  # [B, T]: the keys the last token sees
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])  # (B, nh, 1, hd)
-    x_last = x[rows, last] + attn.c_proj(y.reshape(B, C))
-    return x_last + block.mlp(block.ln_2(x_last))
-
-
-def cached_logits(model, activations, n_frozen):
-    """Class logits from cached activations (list of float [n_tokens_i, emb_dim], the states after the first
-    `n_frozen` blocks): float [batch, num_classes], equal to `full_pass_logits` on their messages. The top blocks run
-    on the right-padded batch; GPT-2's last one only at each message's last token."""
-    x = pad_sequence(activations, batch_first=True)  # [B, T, C], zero padding after each message
-    last = torch.tensor([len(a) - 1 for a in activations], device=x.device)  # [B]
-    top_blocks = model.h[n_frozen:]
-    shortcut = len(top_blocks) > 0 and model.cfg.family == "gpt2"  # the Llama family runs every position
-    for block in top_blocks[:-1] if shortcut else top_blocks:
-        x = block(x)
-    if shortcut:
-        return model.lm_head(model.ln_f(last_block_at_last_token(top_blocks[-1], x, last)))
-    return model.lm_head(model.ln_f(x[torch.arange(len(activations), device=x.device), last]))
 
 
 def autocast_logits(logits_fn, device, dtype):
@@ -430,6 +360,79 @@ def labelled_metrics(model, logits_fn, inputs, labels, batch_size, threshold, wh
     for name, row in zip(["", *CLASS_NAMES], [CLASS_NAMES, *metrics["confusion_matrix"]]):  # a header, then the counts
         print(f"  {name:>10} {row[0]:>10} {row[1]:>10}")
     return metrics
+
+
+# --- Speed: the activation cache (the same logits; frozen blocks run once per message) --
+
+
+@torch.no_grad()
+def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, progress=True):
+    """Hidden states after the embeddings and the first `n_frozen` blocks, per message: list of LongTensor
+    [n_tokens_i] -> list of float [n_tokens_i, emb_dim]; valid while those blocks are frozen and dropout is 0.
+    Identical messages (the collection repeats some) are computed once and share one tensor. Batches hold messages
+    of similar length (sorted, at most CACHE_BATCH_TOKENS padded tokens)."""
+    first_of = {}  # token sequence -> index of its first occurrence
+    first_index = [first_of.setdefault(tuple(ids.tolist()), i) for i, ids in enumerate(token_ids)]  # per message
+    order = sorted(first_of.values(), key=lambda i: len(token_ids[i]))
+    batches, batch = [], []
+    for i in order:  # ascending lengths: the newest message is the batch's longest
+        if batch and (len(batch) + 1) * len(token_ids[i]) > CACHE_BATCH_TOKENS:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    batches.append(batch)
+    activations = {}  # index of a first occurrence -> its hidden states
+    total_tokens = sum(len(token_ids[i]) for i in order)
+    done_tokens, started = 0, time.time()
+    for batch in batches:
+        seqs = [token_ids[i] for i in batch]
+        x = model.embed(pad_sequence(seqs, batch_first=True, padding_value=pad_id))  # [B, T, C]
+        for block in model.h[:n_frozen]:
+            x = block(x)
+        for row, i in enumerate(batch):
+            activations[i] = x[row, : len(token_ids[i])].clone()  # a copy frees the padded batch
+        done_tokens += sum(len(s) for s in seqs)
+        if progress:
+            gpt.show_progress(f"activation cache: {done_tokens}/{total_tokens} tokens of {len(order)} distinct "
+                              f"messages, {done_tokens / (time.time() - started):.0f} tokens/s, "
+                              f"ETA {gpt.eta(started, done_tokens, total_tokens)}")
+    gpt.end_progress()
+    return [activations[i] for i in first_index]
+
+
+def last_block_at_last_token(block, x, last):
+    """block(x)[arange(B), last] of a GPT-2 block without dropout: float [B, C], computed only where the classifier
+    reads. x: float [B, T, C], right-padded; last: LongTensor [B], each row's last real position. The query, attention
+    output and MLP run at that position alone; keys and values come from every position up to it (later: masked)."""
+    attn = block.attn
+    B, T, C = x.shape
+    rows = torch.arange(B, device=x.device)
+    h = block.ln_1(x)  # [B, T, C]
+    w_q, w_kv = attn.c_attn.weight.split([C, 2 * C])  # c_attn stacks the q, k, v projections
+    b_q, b_kv = attn.c_attn.bias.split([C, 2 * C]) if attn.c_attn.bias is not None else (None, None)
+    q = F.linear(h[rows, last], w_q, b_q).view(B, attn.n_heads, 1, attn.head_dim)  # (B, nh, 1, hd)
+    k, v = F.linear(h, w_kv, b_kv).split(C, dim=2)
+    k = k.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+    v = v.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+    visible = torch.arange(T, device=x.device) <= last[:, None]  # [B, T]: the keys the last token sees
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])  # (B, nh, 1, hd)
+    x_last = x[rows, last] + attn.c_proj(y.reshape(B, C))
+    return x_last + block.mlp(block.ln_2(x_last))
+
+
+def cached_logits(model, activations, n_frozen):
+    """Class logits from cached activations (list of float [n_tokens_i, emb_dim], the states after the first
+    `n_frozen` blocks): float [batch, num_classes], equal to `full_pass_logits` on their messages. The top blocks run
+    on the right-padded batch; GPT-2's last one only at each message's last token."""
+    x = pad_sequence(activations, batch_first=True)  # [B, T, C], zero padding after each message
+    last = torch.tensor([len(a) - 1 for a in activations], device=x.device)  # [B]
+    top_blocks = model.h[n_frozen:]
+    shortcut = len(top_blocks) > 0 and model.cfg.family == "gpt2"  # the Llama family runs every position
+    for block in top_blocks[:-1] if shortcut else top_blocks:
+        x = block(x)
+    if shortcut:
+        return model.lm_head(model.ln_f(last_block_at_last_token(top_blocks[-1], x, last)))
+    return model.lm_head(model.ln_f(x[torch.arange(len(activations), device=x.device), last]))
 
 
 # --- The saved classifier, classifying new texts --------------------------------------
