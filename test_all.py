@@ -4695,10 +4695,21 @@ def test_readme_type_it_live_pretraining_loop_runs_as_typed(tmp_path, capsys):
     section, sources = type_it_live_sources()
     code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[1]
     text = " ".join(f"Sentence {i} of a short story, told again and again." for i in range(200))
-    code = code.replace('open("the-verdict.txt", encoding="utf-8").read()', "TEXT").replace("total_steps=60", "total_steps=4")
+    code = code.replace('open("the-verdict.txt", encoding="utf-8").read()', "TEXT")
+    code = code.replace("total_steps=60", "total_steps=4")
     code = code.replace('"runs/live"', repr(str(tmp_path / "live")))
     code = code.replace("# ... the definitions above, then:", sources["pretrain.py"])
     namespace = {"TEXT": text}
     exec(compile(code, "README.md", "exec"), namespace)  # NameError here: a definition the list lacks
     assert namespace["state"]["step"] == 4 and (tmp_path / "live" / "latest.pt").is_file()
     assert "step 4/4 | loss" in capsys.readouterr().out
+
+
+def test_readme_gpt_py_example_runs(capsys):
+    readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### `gpt.py`: the model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    assert 'gpt.load_gpt2("gpt2")' in code
+    code = code.replace('gpt.load_gpt2("gpt2")', "MODEL")
+    exec(compile(code, "README.md", "exec"), {"MODEL": tiny_model(context_length=64)})
+    assert capsys.readouterr().out.startswith("Every effort moves you")
