@@ -329,7 +329,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
             kept_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.load_state_dict(kept_weights, strict=False)
     history["kept_epoch"] = history["epoch"][kept]
-    print(f"kept:       epoch {history['kept_epoch']:g} of {history['epoch'][-1]:g} "
+    print(f"kept:       epoch {history['kept_epoch']:.3g} of {history['epoch'][-1]:.3g} "
           f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'}): train "
           f"accuracy {100 * history['train_accuracy'][kept]:.2f}% | validation accuracy "
           f"{100 * history['validation_accuracy'][kept]:.2f}%, loss {history['validation_loss'][kept]:.4f}")

@@ -794,7 +794,8 @@ def main(argv=None):
     if args.prompt is not None:
         model, tokenizer = load_for_answers(args, checkpoint, device)
         entry = {"instruction": args.prompt, "input": args.input}
-        print(generate_response(model, tokenizer, entry, **answer_options(args))[0])
+        answer = generate_response(model, tokenizer, entry, **answer_options(args))[0]
+        print(answer or "(an empty answer: the model ended it at once with its end-of-text token)")
         return
     if args.generate_only:
         model, tokenizer = load_for_answers(args, checkpoint, device)

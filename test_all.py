@@ -4216,6 +4216,10 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
         model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."}, max_new_tokens=3
     )
     assert printed.endswith("\n" + expected + "\n")
+    with pytest.MonkeyPatch.context() as patch:  # a model that ends its answer at once: said, not a blank line
+        patch.setattr(instruct, "generate_response", lambda *args, **options: ("", 1))
+        instruct.main(common + ["--prompt", "Repeat the number 3."])
+    assert capsys.readouterr().out.endswith("\n(an empty answer: the model ended it at once with its end-of-text token)\n")
 
 
 def test_instruct_clear_errors(tmp_path, _instruct_tiny_run):
