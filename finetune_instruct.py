@@ -547,7 +547,8 @@ def judge(args, responses_path):
             raise
         raise RuntimeError(
             f"{e}; the answers stay in {responses_path}: grade them later with python finetune_instruct.py "
-            f"--judge-only --judge ollama --responses {responses_path} --judge-url {url} --judge-model {args.judge_model}"
+            f"--judge-only --judge ollama --responses {responses_path} --judge-url {url} "
+            f"--judge-model {args.judge_model}"
         ) from None
     scores = [e["score"] for e in scored if e["score"] is not None]
     mean = f"{sum(scores) / len(scores):.2f}" if scores else "n/a"
@@ -761,13 +762,15 @@ def resume_run(args, argv, out_dir):
     if not (out_dir / "train_state.pt").is_file() and (out_dir / "model.pt").is_file():
         raise ValueError(
             f"--resume: the run in {out_dir} has finished, and its train_state.pt was not kept (a run started with "
-            f"--keep-state keeps it): answer its test split with --generate-only, or train on with --model {out_dir / 'model.pt'}"
+            f"--keep-state keeps it): answer its test split with --generate-only, or train on with "
+            f"--model {out_dir / 'model.pt'}"
         )
     if not (out_dir / "train_state.pt").is_file():
         raise ValueError(f"--resume: the run in {out_dir} stopped before its first save; start again with --overwrite")
     state = gpt.load_checkpoint(out_dir / "train_state.pt")
     epoch_steps = math.ceil(len(splits[0]) / args.batch_size) * args.epochs
-    limit = f"--max-steps {args.max_steps}" if args.max_steps and args.max_steps < epoch_steps else f"--epochs {args.epochs}"
+    stopped_by_max_steps = args.max_steps and args.max_steps < epoch_steps
+    limit = f"--max-steps {args.max_steps}" if stopped_by_max_steps else f"--epochs {args.epochs}"
     if state["step"] >= min(epoch_steps, args.max_steps or math.inf):  # before run.json is written again
         steps = f"{state['step']} step" + ("s" if state["step"] != 1 else "")
         raise ValueError(f"--resume: the run is complete ({steps}, as {limit} allows): raise {limit.split()[0]} "
