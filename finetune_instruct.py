@@ -33,7 +33,6 @@ import os
 import re
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import requests
@@ -274,15 +273,13 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
     state_path every --save-every steps and at each epoch's end; given back as `state`, training goes on as if it had
     not stopped."""
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
-    dtype = gpt.DTYPES[args.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    autocast, _ = gpt.autocast_context(device, args.dtype)
     steps_per_epoch = math.ceil(len(train_examples) / args.batch_size)  # the last batch may be smaller
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     step, history, best = 0, {"step": [], "train_loss": [], "val_loss": []}, {"val_loss": math.inf}
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        gpt.set_rng_state(state["rng"], device)
+        gpt.restore_training_state(state, optimizer, device, state["rng"])  # AdamW's moments, the random state
         step, history = state["step"], state["history"]
         best = state.get("best", best)
         print(f"resuming at step {step} of {total_steps}")
