@@ -12,6 +12,7 @@ import argparse
 import array
 import ast
 import collections
+import copy
 import dataclasses
 import errno
 import hashlib
@@ -4637,6 +4638,136 @@ def test_classify_export_hf_flag_and_a_folder_as_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
     with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
         fc.main(["--checkpoint", checkpoint, "--export-hf", str(tmp_path / "hf")])
+
+
+# ========================================================================================
+# On a CUDA GPU: what differs there (these run where a GPU is present; CI has none)
+# ========================================================================================
+
+CUDA = torch.device("cuda")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cuda_tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = gpt.GPTConfig(family="llama", vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_kv_heads=2,
+                        n_layers=2, hidden_dim=96)
+    return gpt.build_model(cfg).eval()
+
+
+@needs_cuda
+def test_cuda_logits_equal_the_cpu_logits():
+    for model in (tiny_model(context_length=32), _cuda_tiny_llama()):
+        token_ids = torch.randint(0, model.cfg.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = model(token_ids)
+            on_gpu = copy.deepcopy(model).to(CUDA)(token_ids.to(CUDA)).cpu()
+        torch.testing.assert_close(on_gpu, expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_cuda
+def test_cuda_bfloat16_autocast_loss_is_close_to_float32():
+    if torch.cuda.is_bf16_supported():
+        assert gpt.autocast_context(CUDA, "auto")[1] == "bfloat16"  # what pretrain.py's --dtype auto picks
+    model = tiny_model(context_length=64, emb_dim=64, n_layers=4).to(CUDA)
+    token_ids = torch.randint(0, 50257, (4, 65), generator=torch.Generator().manual_seed(0)).to(CUDA)
+    inputs, targets = token_ids[:, :-1], token_ids[:, 1:]
+
+    def loss_in(dtype_name):
+        autocast, _ = gpt.autocast_context(CUDA, dtype_name)
+        with torch.no_grad(), autocast:
+            logits = model(inputs)
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).item()
+
+    full, mixed = loss_in("float32"), loss_in("bfloat16")
+    assert math.isfinite(mixed) and mixed == pytest.approx(full, rel=1e-2)
+
+
+@needs_cuda
+def test_cuda_compiled_model_gives_the_same_logits_and_gradients():
+    model = tiny_model(context_length=32).to(CUDA)
+    compiled = torch.compile(model)
+    token_ids = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1)).to(CUDA)
+    eager_loss = model(token_ids).float().logsumexp(-1).mean()
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    compiled_loss = compiled(token_ids).float().logsumexp(-1).mean()
+    compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-4, rtol=1e-4)
+    for eager, fused in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-3)
+
+
+@needs_cuda
+def test_cuda_greedy_generation_chooses_the_cpu_tokens():
+    for model in (tiny_model(context_length=32), _cuda_tiny_llama()):
+        prompt = torch.randint(0, model.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
+        expected = gpt.generate(model, prompt, 40)  # past the context length: the window moves
+        on_gpu = copy.deepcopy(model).to(CUDA)
+        assert torch.equal(gpt.generate(on_gpu, prompt.to(CUDA), 40).cpu(), expected)
+        assert torch.equal(gpt.generate(on_gpu, prompt.to(CUDA), 40, use_cache=False).cpu(), expected)
+
+
+@needs_cuda
+def test_cuda_fused_adamw_steps_equal_the_cpu_steps():
+    models = {"cpu": tiny_model(), "cuda": tiny_model().to(CUDA)}
+    token_ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(3))
+    for device, model in models.items():
+        model.train()
+        optimizer = gpt.make_adamw(model, lr=1e-3, weight_decay=0.1)
+        assert optimizer.defaults["fused"] is True
+        for _ in range(3):
+            model(token_ids.to(device)).float().logsumexp(-1).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for name, tensor in models["cpu"].state_dict().items():
+        torch.testing.assert_close(models["cuda"].state_dict()[name].cpu(), tensor, atol=1e-5, rtol=1e-4)
+
+
+@needs_cuda
+def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones(tmp_path):
+    runs = {}
+    for name, device in (("cpu", "cpu"), ("gpu", "cuda")):
+        fc.main(_classify_run_argv(tmp_path, name, "--max-steps", "6", "--device", device))
+        report = json.loads((tmp_path / name / "metrics.json").read_text())
+        texts = ["WINNER! Claim your prize now", "See you at 6?"]
+        fc.main(["--checkpoint", str(tmp_path / name), "--classify", *texts, "--device", device,
+                 "--results", str(tmp_path / f"{name}.json")])
+        runs[name] = report, json.loads((tmp_path / f"{name}.json").read_text())
+    (cpu_report, cpu_predictions), (gpu_report, gpu_predictions) = runs["cpu"], runs["gpu"]
+    assert gpu_report["activation_cache"] and gpu_report["history"]["step"] == cpu_report["history"]["step"]
+    assert gpu_report["history"]["step_loss"] == pytest.approx(cpu_report["history"]["step_loss"], abs=1e-4)
+    assert gpu_report["test"]["confusion_matrix"] == cpu_report["test"]["confusion_matrix"]
+    assert gpu_report["test"]["loss"] == pytest.approx(cpu_report["test"]["loss"], abs=1e-4)
+    assert [p["label"] for p in gpu_predictions] == [p["label"] for p in cpu_predictions]
+    for gpu_prediction, cpu_prediction in zip(gpu_predictions, cpu_predictions):
+        assert gpu_prediction["spam_probability"] == pytest.approx(cpu_prediction["spam_probability"], abs=1e-4)
+
+
+@needs_cuda
+def test_cuda_pretrain_in_bfloat16_compiled_runs_and_resumes(tmp_path, pretrain_text_file):
+    common = ("--max-steps", "6", "--eval-every", "3", "--device", "cuda", "--dtype", "bfloat16", "--compile")
+    whole = pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
+    first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "3"))
+    assert first["steps"] == 3
+    resumed = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--resume"))
+    assert resumed["steps"] == 6 and resumed["tokens_seen"] == whole["tokens_seen"]
+    # Scattered additions on a GPU (the embedding's gradient) are not bit-reproducible: close, not equal.
+    assert math.isfinite(whole["val_loss"]) and resumed["val_loss"] == pytest.approx(whole["val_loss"], abs=1e-2)
+    cpu = pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, "--max-steps", "6", "--eval-every", "3"))
+    assert whole["val_loss"] == pytest.approx(cpu["val_loss"], abs=0.05)  # bfloat16 against float32 on the CPU
+
+
+@needs_cuda
+def test_cuda_instruct_run_and_answers_equal_the_cpu_ones(_instruct_tiny_run, tmp_path):
+    results = {}
+    for name, device in (("cpu", "cpu"), ("gpu", "cuda")):
+        instruct.main(_instruct_quick(_instruct_tiny_run, tmp_path / name, "--device", device))
+        results[name] = (json.loads((tmp_path / name / "responses.json").read_text()),
+                         gpt.load_checkpoint(tmp_path / name / "model.pt")["model"])
+    (cpu_answers, cpu_weights), (gpu_answers, gpu_weights) = results["cpu"], results["gpu"]
+    assert gpu_answers == cpu_answers
+    for name, tensor in cpu_weights.items():
+        torch.testing.assert_close(gpu_weights[name], tensor, atol=1e-5, rtol=1e-4)
 
 
 # ========================================================================================

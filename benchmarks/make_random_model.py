@@ -46,29 +46,33 @@ def standin_tokenizer(vocab_size, folder):
     return size
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", choices=list(gpt.MODEL_CONFIGS), help="the shape to copy")
-    parser.add_argument("out_dir", help="the folder to write")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    args = parser.parse_args()
+def write_random_model(cfg, folder, seed=0):
+    """Write a `transformers` model folder of shape cfg (a gpt.GPTConfig) with random weights
+    (seed), and for the Llama family a stand-in tokenizer. -> a line saying what was written."""
     import transformers
 
-    torch.manual_seed(args.seed)
-    cfg = gpt.MODEL_CONFIGS[args.model]
-    folder = Path(args.out_dir)
+    torch.manual_seed(seed)
+    folder = Path(folder)
     if cfg.family == "gpt2":
         config = transformers.GPT2Config(**gpt.hf_config(cfg, torch.float32))
         transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-        print(f"{folder}: {args.model} shape, random weights")
-        return
+        return f"{folder}: random weights"
     folder.mkdir(parents=True, exist_ok=True)
     eot_id = standin_tokenizer(cfg.vocab_size, folder)
     config = gpt.hf_llama_config(cfg, torch.float32, bos_id=None, eot_id=eot_id)
     model_class = transformers.Qwen3ForCausalLM if cfg.qk_norm else transformers.LlamaForCausalLM
     config_class = transformers.Qwen3Config if cfg.qk_norm else transformers.LlamaConfig
     model_class(config_class(**config)).save_pretrained(folder)
-    print(f"{folder}: {args.model} shape, random weights, stand-in tokenizer of {eot_id + 1} ids")
+    return f"{folder}: random weights, stand-in tokenizer of {eot_id + 1} ids"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", choices=list(gpt.MODEL_CONFIGS), help="the shape to copy")
+    parser.add_argument("out_dir", help="the folder to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args()
+    print(write_random_model(gpt.MODEL_CONFIGS[args.model], args.out_dir, args.seed) + f", {args.model} shape")
 
 
 if __name__ == "__main__":
