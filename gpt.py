@@ -354,8 +354,9 @@ class LoRALinear(nn.Module):
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
         self.linear = linear
-        self.lora_a = nn.Parameter(torch.empty(rank, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype))
-        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device, dtype=linear.weight.dtype))
+        like = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.lora_a = nn.Parameter(torch.empty(rank, linear.in_features, **like))
+        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.scaling = alpha / rank
 
@@ -504,7 +505,8 @@ def generate_stream(
     Raises ValueError for an empty prompt.
     """
     if idx.dim() != 2 or idx.shape[1] == 0:
-        raise ValueError(f"prompt must be a LongTensor [batch, seq_len] with seq_len >= 1, got shape {tuple(idx.shape)}")
+        raise ValueError(f"prompt must be a LongTensor [batch, seq_len] with seq_len >= 1, "
+                         f"got shape {tuple(idx.shape)}")
     was_training = model.training
     model.eval()
     ctx = model.cfg.context_length
@@ -641,7 +643,8 @@ LLAMA_CONFIGS = {
     "meta-llama/Llama-3.2-1B": GPTConfig(  # 1236M, Llama 3.2 Community License, gated
         **_LLAMA, vocab_size=128256, context_length=131072, emb_dim=2048, n_heads=32, n_kv_heads=8, n_layers=16,
         head_dim=64, hidden_dim=8192, rope_theta=500000.0,
-        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
+        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
     ),
 }
 MODEL_CONFIGS = {**GPT_CONFIGS, **LLAMA_CONFIGS}  # every name `load_model` knows
@@ -890,7 +893,8 @@ class HubEncoding(tiktoken.Encoding):
     # Pickled (for DataLoader workers) with its own fields: tiktoken's __setstate__ passes the
     # state to __init__ as keyword arguments, which takes them.
     def __getstate__(self):
-        return {**super().__getstate__(), "nfc": self.nfc, "bos_id": self.bos_id, "eot_id": self.eot_id, "missing": self.missing}
+        extra = {"nfc": self.nfc, "bos_id": self.bos_id, "eot_id": self.eot_id, "missing": self.missing}
+        return {**super().__getstate__(), **extra}
 
     def _prepare(self, text):
         return unicodedata.normalize("NFC", text) if self.nfc else text
@@ -898,7 +902,8 @@ class HubEncoding(tiktoken.Encoding):
     def _drop_missing(self, ids):
         if self.missing and not self.missing.isdisjoint(ids):
             if not self.warned:
-                print(f"warning: {self.name}: characters whose bytes are not in the vocabulary are dropped", file=sys.stderr)
+                print(f"warning: {self.name}: characters whose bytes are not in the vocabulary are dropped",
+                      file=sys.stderr)
                 self.warned = True
             ids = [i for i in ids if i not in self.missing]
         return ids
@@ -925,7 +930,8 @@ def encoding_from_tokenizer_json(tokenizer_json, source, eot_text=None):
     """
     bpe = tokenizer_json.get("model") or {}  # the tokenizer model: BPE
     if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or bpe.get("continuing_subword_prefix"):
-        raise ValueError(f"{source}: not a byte-level BPE tokenizer (model {bpe.get('type')!r}); tiktoken cannot run it")
+        raise ValueError(f"{source}: not a byte-level BPE tokenizer (model {bpe.get('type')!r}); "
+                         "tiktoken cannot run it")
     normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
     if normalizer not in (None, "NFC"):
         raise ValueError(f"{source}: normalizer {normalizer!r} is not supported (only NFC)")
@@ -951,7 +957,8 @@ def encoding_from_tokenizer_json(tokenizer_json, source, eot_text=None):
             tokens = {token: i for token, i in vocab.items() if i not in special.values()}
             ranks.update({bytes(byte_of[char] for char in token): i for token, i in tokens.items()})
     except KeyError as e:
-        raise ValueError(f"{source}: token or character {e} of the merges is not in the byte-level vocabulary") from None
+        raise ValueError(f"{source}: token or character {e} of the merges is not in the byte-level "
+                         "vocabulary") from None
     top = max([*ranks.values(), *special.values()])
     lacking = [byte for byte in range(256) if bytes([byte]) not in ranks]
     ranks.update({bytes([byte]): top + 1 + n for n, byte in enumerate(lacking)})  # stand-ins, dropped by encode
@@ -1069,7 +1076,8 @@ def _print_progress(done, total, started, label):
     speed = done / elapsed
     if total:
         eta = format_duration((total - done) / speed) if speed > 0 else "?"
-        line = f"{label}: {done / 1e6:.1f} / {total / 1e6:.1f} MB ({100 * done / total:.0f}%), {speed / 1e6:.1f} MB/s, ETA {eta}"
+        line = (f"{label}: {done / 1e6:.1f} / {total / 1e6:.1f} MB ({100 * done / total:.0f}%), "
+                f"{speed / 1e6:.1f} MB/s, ETA {eta}")
     else:
         line = f"{label}: {done / 1e6:.1f} MB, {speed / 1e6:.1f} MB/s"
     show_progress(line)
@@ -1192,7 +1200,8 @@ def download_file(
             verify_file(part, kind, size=size, sha256=sha256, member=member)
         except ValueError as e:
             part.unlink(missing_ok=True)
-            raise RuntimeError(f"download of {url} is corrupt or not the expected file: {e}; deleted, run again") from None
+            raise RuntimeError(f"download of {url} is corrupt or not the expected file: {e}; "
+                               "deleted, run again") from None
         os.replace(part, dest)
     return dest
 
@@ -1226,7 +1235,8 @@ def _transfer(url, part, *, timeout, retries, quiet, headers):
                     raise RuntimeError(f"download of {url} failed: HTTP {r.status_code} {r.reason}")
                 web_page = r.headers.get("Content-Type", "").split(";")[0].strip().lower() == "text/html"
                 if web_page and not urlparse(url).path.lower().endswith((".html", ".htm")):
-                    raise RuntimeError(f"download of {url} failed: the server sent a web page (text/html), not the file")
+                    raise RuntimeError(f"download of {url} failed: the server sent a web page (text/html), "
+                                       "not the file")
                 content_range = r.headers.get("Content-Range", "")
                 asked = re.fullmatch(rf"bytes {have}-(\d+)/(\d+|\*)", content_range)  # from `have` to the end
                 if r.status_code == 200:  # server ignored the Range header: start over
@@ -1504,7 +1514,8 @@ def read_safetensors(path):
     file_size = path.stat().st_size
     with open(path, "rb") as f:
         if file_size < 8:
-            raise ValueError(f"{path}: not a safetensors file ({file_size} bytes, shorter than the 8-byte header length)")
+            raise ValueError(f"{path}: not a safetensors file ({file_size} bytes, shorter than the 8-byte "
+                             "header length)")
         (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > file_size:
             raise ValueError(
@@ -1532,7 +1543,8 @@ def _map_tensor(path, f, name, info, data_start, data_size):
     except (TypeError, KeyError, ValueError):
         raise ValueError(f"{path}: tensor {name!r} needs dtype, shape and two data_offsets, got {info!r}") from None
     if dtype_name not in SAFETENSORS_DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
+        raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}; "
+                         f"known: {', '.join(SAFETENSORS_DTYPES)}")
     dtype = SAFETENSORS_DTYPES[dtype_name]
     if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
         raise ValueError(f"{path}: tensor {name!r} has a malformed shape {shape} or offsets {[begin, end]}")
@@ -1545,7 +1557,8 @@ def _map_tensor(path, f, name, info, data_start, data_size):
     itemsize = torch.empty((), dtype=dtype).element_size()
     if end - begin != numel * itemsize:
         raise ValueError(
-            f"{path}: tensor {name!r} has {end - begin} bytes but shape {shape} in {dtype_name} needs {numel * itemsize}"
+            f"{path}: tensor {name!r} has {end - begin} bytes but shape {shape} in {dtype_name} "
+            f"needs {numel * itemsize}"
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
@@ -1642,7 +1655,8 @@ def hub_file_checks(url, local_alternative, name, missing_ok=False):
         return None
     if head.status_code >= 400:
         raise RuntimeError(f"download of {url} failed: HTTP {head.status_code} {head.reason}")
-    etag = (head.headers.get("X-Linked-Etag") or head.headers.get("ETag") or "").strip('"').removeprefix("W/").strip('"')
+    etag = head.headers.get("X-Linked-Etag") or head.headers.get("ETag") or ""
+    etag = etag.strip('"').removeprefix("W/").strip('"')
     size = head.headers.get("X-Linked-Size")
     return {
         "sha256": etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None,  # LFS files: the etag is the SHA-256
@@ -1675,7 +1689,8 @@ def config_from_weights(tensors, config_json=None, source="config.json"):
             if type(value) is not int or value < 1:  # not isinstance: True is an int too
                 raise ValueError(f"{source}: {key!r} must be a positive integer, got {value!r}")
         if config_json["n_embd"] % config_json["n_head"]:
-            raise ValueError(f"{source}: 'n_embd' ({config_json['n_embd']}) must be divisible by 'n_head' ({config_json['n_head']})")
+            raise ValueError(f"{source}: 'n_embd' ({config_json['n_embd']}) must be divisible by "
+                             f"'n_head' ({config_json['n_head']})")
         return GPTConfig(
             vocab_size=config_json["vocab_size"],
             context_length=config_json["n_positions"],
@@ -1724,7 +1739,8 @@ def empty_model(cfg):
 
 
 def load_weights_into(
-    model, tensors, *, device="cpu", dtype=torch.float32, source="weights", ignored=_IGNORED_KEYS, transposed=_TRANSPOSED
+    model, tensors, *, device="cpu", dtype=torch.float32, source="weights",
+    ignored=_IGNORED_KEYS, transposed=_TRANSPOSED
 ):
     """Put GPT-2 tensors (release names, `transformer.` prefix already removed) into model.
 
@@ -1736,7 +1752,8 @@ def load_weights_into(
     prefix removed), `ignored` and `transposed` of that family (see `load_llama`).
     """
     tied = model.lm_head.weight is model.wte.weight
-    params = {name: p for name, p in model.state_dict(keep_vars=True).items() if not (tied and name == "lm_head.weight")}
+    params = {name: p for name, p in model.state_dict(keep_vars=True).items()
+              if not (tied and name == "lm_head.weight")}
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(k for k in tensors if k not in params and not ignored.fullmatch(k))
     mismatched = []
@@ -1819,7 +1836,8 @@ def config_from_hub(config_json, source="config.json"):
     a missing size or a setting this implementation does not have."""
     model_type = config_json.get("model_type")
     if model_type not in HUB_MODEL_TYPES:
-        raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(HUB_MODEL_TYPES)}")
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported; "
+                         f"supported: {', '.join(HUB_MODEL_TYPES)}")
     sizes = ("vocab_size", "max_position_embeddings", "hidden_size", "num_attention_heads", "num_hidden_layers")
     for key in sizes + ("intermediate_size",):
         if type(config_json.get(key)) is not int or config_json[key] < 1:
@@ -1991,7 +2009,8 @@ def tokenizer_files(name_or_path, *, quiet=False):
         config_path = folder / "tokenizer_config.json"
         return folder / "tokenizer.json", config_path if config_path.exists() else None
     tokenizer_path = hub_file(str(name_or_path), "tokenizer.json", kind="json", quiet=quiet)
-    return tokenizer_path, hub_file(str(name_or_path), "tokenizer_config.json", kind="json", quiet=quiet, missing_ok=True)
+    config_path = hub_file(str(name_or_path), "tokenizer_config.json", kind="json", quiet=quiet, missing_ok=True)
+    return tokenizer_path, config_path
 
 
 def tokenizer_source(name_or_path):
@@ -2009,10 +2028,12 @@ def tokenizer_source(name_or_path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project ({e.__class__.__name__})") from None
+        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project "
+                         f"({e.__class__.__name__})") from None
     source = checkpoint.get("tokenizer", "gpt2") if isinstance(checkpoint, dict) else "gpt2"
     if not isinstance(source, str):
-        raise ValueError(f"{path}: the checkpoint's 'tokenizer' entry must name a Hub model or a folder, got {source!r}")
+        raise ValueError(f"{path}: the checkpoint's 'tokenizer' entry must name a Hub model or a folder, "
+                         f"got {source!r}")
     if source not in GPT_CONFIGS and not Path(source).is_dir() and not is_llama_family(source):
         raise FileNotFoundError(f"{path}: its tokenizer {source!r} is neither a Hub model nor a folder (moved?)")
     return source
@@ -2046,7 +2067,8 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception:
-        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project (torch.load cannot read it)") from None
+        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project "
+                         "(torch.load cannot read it)") from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
         raise ValueError(f"{path}: not a checkpoint of this project (no 'config' and 'model' entries)")
     return checkpoint
@@ -2289,7 +2311,8 @@ def copied_tokenizer_files(source, encoding, model_max_length):
     the end-of-text token and model_max_length (tokens)."""
     tokenizer_path, config_path = tokenizer_files(source)
     end_of_text = encoding.decode([encoding.eot_token])
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end_of_text, "model_max_length": model_max_length}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end_of_text,
+              "model_max_length": model_max_length}
     config = read_json(config_path, "tokenizer config") if config_path else config
     return {"tokenizer.json": tokenizer_path.read_bytes(), "tokenizer_config.json": config}
 
@@ -2324,10 +2347,14 @@ def export_hf(model_or_name, folder, *, dtype=None, overwrite=False, tokenizer=N
     else:
         config = hf_config(model.cfg, dtype, bos_token_id=bos_id, eos_token_id=eot_id)
     length = model.cfg.context_length
+    if encoding is get_tokenizer():
+        tokenizer_files = hf_tokenizer_files(length)
+    else:
+        tokenizer_files = copied_tokenizer_files(tokenizer, encoding, length)
     files = {
         "config.json": config,
         "generation_config.json": {"bos_token_id": bos_id, "eos_token_id": eot_id},
-        **(hf_tokenizer_files(length) if encoding is get_tokenizer() else copied_tokenizer_files(tokenizer, encoding, length)),
+        **tokenizer_files,
     }
     return write_hf_folder(folder, hf_tensors(model, dtype), files, overwrite=overwrite)
 
@@ -2543,8 +2570,9 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
     A folder that holds another run (any of `run_files`) is refused unless `resume`
     (continue it; then it must hold a run) or `overwrite` (its run files are deleted when
     the new run writes its first file, see `atomic_write_bytes`: a new run that fails its
-    checks first leaves the old one as it was). A lock file `.lock` naming this process keeps two runs out of one folder; a
-    lock whose process is gone is taken over, and the lock is removed at exit. Leftover
+    checks first leaves the old one as it was). A lock file `.lock` naming this process
+    keeps two runs out of one folder; a lock whose process is gone is taken over, and the
+    lock is removed at exit. Leftover
     temporary files of interrupted writes are removed. Raises ValueError, naming the
     path and the flag that helps, when the folder cannot be used, before any work starts.
     `resumable` says whether the script has --resume to suggest.
@@ -2591,7 +2619,8 @@ def _take_lock(lock):
                 owner = 0
             if owner and owner != os.getpid() and _process_is_running(owner):
                 raise ValueError(
-                    f"{lock.parent} is in use by another run (process {owner}): wait for it, or choose another --out-dir"
+                    f"{lock.parent} is in use by another run (process {owner}): wait for it, "
+                    "or choose another --out-dir"
                 ) from None
             lock.unlink(missing_ok=True)  # left by a process that is gone (or by this one)
             continue
@@ -2694,7 +2723,8 @@ def command_line(memory_hint="use a smaller --batch-size"):
             try:
                 result = main(argv)
                 if written_elsewhere:  # the work is saved, but not where it was asked for: not a success
-                    raise OSError("the run finished, but " + "; ".join(written_elsewhere) + ": move it where it belongs")
+                    raise OSError("the run finished, but " + "; ".join(written_elsewhere)
+                                  + ": move it where it belongs")
                 return result
             except KeyboardInterrupt:
                 end_progress()

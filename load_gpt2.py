@@ -159,7 +159,8 @@ def sum_logprobs(model, requests, batch_size=8, label="scoring"):
                 if math.isnan(totals[i]):
                     raise ValueError("the model gives NaN log-probabilities: its weights hold NaN or infinite values")
         done = start + len(batch)
-        gpt.show_progress(f"{label}: {done:,}/{len(inputs):,} forward passes, ETA {gpt.eta(started, done, len(inputs))}")
+        remaining = gpt.eta(started, done, len(inputs))
+        gpt.show_progress(f"{label}: {done:,}/{len(inputs):,} forward passes, ETA {remaining}")
     gpt.end_progress()
     return totals
 
@@ -539,7 +540,8 @@ def read_mmlu_csv(text, source):
     items = []
     for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
         if len(row) != 6 or row[5].strip() not in LETTERS:
-            raise ValueError(f"{source} row {number}: expected question, four options and a letter A-D, got {row!r:.120}")
+            raise ValueError(f"{source} row {number}: expected question, four options and a letter A-D, "
+                             f"got {row!r:.120}")
         items.append(dict(question=row[0], options=row[1:5], answer=LETTERS.index(row[5].strip())))
     return items
 

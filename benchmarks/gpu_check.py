@@ -131,7 +131,8 @@ def check_pretrain(ctx):
     results = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         result, output = run_script("pretrain.py", [
-            "--data", ctx.args.text, "--token-dir", ctx.work / "tokens", "--out-dir", ctx.work / "runs" / f"pretrain-{name}",
+            "--data", ctx.args.text, "--token-dir", ctx.work / "tokens",
+            "--out-dir", ctx.work / "runs" / f"pretrain-{name}",
             "--overwrite", *shape, "--batch-size", batch_size, "--max-steps", steps, "--epochs", 1000,
             "--log-every", log_every, "--eval-every", 10 * steps, "--eval-batches", 2, "--sample-tokens", 20,
             "--dtype", dtype, "--device", ctx.device, *extra], ctx.log, ctx.time_left(240))
