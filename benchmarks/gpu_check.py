@@ -110,9 +110,10 @@ def child(memory_file, script, *args):
 def check_classify(ctx):
     """The main job with its defaults on the 124M shape, on the real SMS data."""
     out_dir = ctx.work / "runs" / "classify"
-    result, _ = run_script("finetune_classify.py", ["--model", ctx.models["124M"], "--data", ROOT / "testdata" /
-                        "sms+spam+collection.zip", "--out-dir", out_dir, "--overwrite", "--device", ctx.device,
-                        *ctx.quick_args(["--max-steps", "10"])], ctx.log, ctx.time_left(300))
+    data = ROOT / "testdata" / "sms+spam+collection.zip"
+    argv = ["--model", ctx.models["124M"], "--data", data, "--out-dir", out_dir, "--overwrite", "--device", ctx.device]
+    result, _ = run_script("finetune_classify.py", argv + ctx.quick_args(["--max-steps", "10"]), ctx.log,
+                           ctx.time_left(300))
     metrics_file = out_dir / "metrics.json"
     if result["rc"] == 0 and metrics_file.exists():
         metrics = json.loads(metrics_file.read_text())
