@@ -5,6 +5,7 @@ does: the compute of the released models, none of their knowledge), then runs, e
 script in a process of its own, timed, with its peak GPU memory:
 
   matmul    a large bfloat16 matrix product: the GPU's measured peak, for MFU
+  load      load_gpt2.py: a prompt, perplexity, the HellaSwag and MMLU samples in testdata/
   classify  the main job, finetune_classify.py with its defaults, on testdata's SMS zip
   pretrain  pretrain.py at the 124M shape in bfloat16, without and with --compile:
             tokens/s and MFU against the data-sheet peak and against the measured one
@@ -46,7 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpt  # noqa: E402
 from make_random_model import write_random_model  # noqa: E402
 
-PARTS = ["matmul", "classify", "pretrain", "instruct", "generate", "tests"]
+PARTS = ["matmul", "load", "classify", "pretrain", "instruct", "generate", "tests"]
 # A 2-layer model of GPT-2's vocabulary for --quick: the same code paths, seconds of work.
 QUICK_SHAPE = dict(n_layers=2, n_heads=2, emb_dim=64, context_length=128)
 
@@ -105,6 +106,22 @@ def child(memory_file, script, *args):
 
 
 # --- The parts -----------------------------------------------------------------------------
+
+
+def check_load(ctx):
+    """load_gpt2.py on the GPU: try the model, then measure it (each in float32 and bfloat16)."""
+    text = ctx.work / "text-100k.txt"
+    text.write_text(Path(ctx.args.text).read_text(encoding="utf-8")[:100_000], encoding="utf-8")
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        common = ["--model", ctx.models["124M"], "--device", ctx.device, "--dtype", dtype]
+        for name, extra in (("prompt", ["--prompt", "Every effort moves you", "--max-new-tokens", 50]),
+                            ("perplexity", ["--perplexity", text]),
+                            ("hellaswag", ["--benchmark", "hellaswag", "--benchmark-file",
+                                           ROOT / "testdata" / "hellaswag_tiny.jsonl"]),
+                            ("mmlu", ["--benchmark", "mmlu", "--benchmark-file", ROOT / "testdata" / "mmlu"])):
+            results[f"{name} {dtype}"], _ = run_script("load_gpt2.py", common + extra, ctx.log, ctx.time_left(60))
+    return results
 
 
 def check_classify(ctx):
@@ -312,6 +329,8 @@ def summary_table(results):
         add("pretrain", f"124M bf16 {name}: MFU data sheet / measured peak",
             f"{r.get('mfu_data_sheet', '-')} / {r.get('mfu_measured_peak', '-')}")
         add("pretrain", f"124M bf16 {name}: peak GPU memory", f"{r['peak_gpu_gb']} GB")
+    for name, r in results.get("load", {}).items():
+        add("load", f"load_gpt2.py {name}", f"{r['seconds']} s (rc {r['rc']})")
     for size, r in results.get("instruct", {}).items():
         add("instruct", f"{size}: wall time, answers", f"{r['seconds']} s, {r.get('answers')} (rc {r['rc']})")
         add("instruct", f"{size}: peak GPU memory", f"{r['peak_gpu_gb']} GB")
@@ -361,7 +380,7 @@ def main():
         ctx.matmul_peak = measured_matmul_peak(torch.device(args.device), n)
         results["matmul_peak_tflops"] = round(ctx.matmul_peak / 1e12, 1)
         print(f"matmul: {n}^3 bfloat16 at {ctx.matmul_peak / 1e12:.1f} TFLOP/s", flush=True)
-    parts = {"classify": check_classify, "pretrain": check_pretrain, "instruct": check_instruct,
+    parts = {"load": check_load, "classify": check_classify, "pretrain": check_pretrain, "instruct": check_instruct,
              "generate": check_generate, "tests": check_tests}
     for name in args.only:
         if name in parts:
