@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -266,12 +267,13 @@ def evaluate_loss(model, examples, collate, args, device, autocast):
     return sum(losses) / len(losses)
 
 
-def train(model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state=None):
+def train(model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, stopper, state=None):
     """Fine-tune model in place with AdamW, one step per batch, for --epochs (or --max-steps) -> (history {"step",
     "train_loss", "val_loss": lists}, best {"step", "val_loss", "weights"}: a CPU copy of the trainable weights at the
-    evaluation with the lowest validation loss). The training state, best and tokenizer name included, goes to
-    state_path every --save-every steps and at each epoch's end; given back as `state`, training goes on as if it had
-    not stopped."""
+    evaluation with the lowest validation loss, stopped: None at the end, else the name of the signal that stopped
+    it). The training state, best and tokenizer name included, goes to state_path every --save-every steps, at each
+    epoch's end and at a stop (stopper: Ctrl-C or SIGTERM, a gpt.StopSignal); given back as `state`, training goes
+    on as if it had not stopped."""
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
     autocast, _ = gpt.autocast_context(device, args.dtype)
     steps_per_epoch = math.ceil(len(train_examples) / args.batch_size)  # the last batch may be smaller
@@ -300,9 +302,16 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
                     name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad
                 }
                 best = {"step": step, "val_loss": val_loss, "weights": weights}
-        if step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps):
+        # A stop saves the steps made since the last save: --resume goes on from this very step.
+        stop = stopper.requested and step < total_steps
+        if stop or (step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0
+                                           or step == total_steps)):
             gpt.save_checkpoint(state_path, model, optimizer=optimizer.state_dict(), step=step, history=history,
                                 best=best, rng=gpt.rng_state(), tokenizer=tokenizer_name)
+        if stop:
+            print(f"stopped at step {step} ({stopper.signal_name}), the state saved: go on with python "
+                  f"finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
+            return history, best, stopper.signal_name
         if step == total_steps:
             break
 
@@ -325,7 +334,7 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
             window_seconds, window_tokens = 0.0, 0
     trained = f"{step - start_step} step" + ("s" if step - start_step != 1 else "")
     print(f"trained {trained} in {gpt.format_duration(time.time() - started)}")
-    return history, best
+    return history, best, None
 
 
 def keep_weights(model, history, best, keep_last):
@@ -593,13 +602,16 @@ def fine_tune(args, argv, device):
     collate = functools.partial(collate_instruction_batch, eot_id=eot_id, mask_prompt=args.mask_prompt,
                                 max_length=max_length)
     try:
-        history, best = train(
-            model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state
-        )
-    except KeyboardInterrupt:
+        with gpt.StopSignal() as stopper:  # Ctrl-C or SIGTERM: finish the step, save, stop
+            history, best, stopped = train(
+                model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, stopper, state
+            )
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, without saving
         if state_path.exists():
             print(f"--resume --out-dir {out_dir} goes on from the last save in {state_path}", file=sys.stderr)
         raise
+    if stopped:
+        raise SystemExit(128 + signal.Signals[stopped])  # the shell's code for the signal: 130 or 143
     losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
     gpt.plot_curves(out_dir / "losses.png", {"loss": losses}, "step")
     kept = keep_weights(model, history, best, args.keep_last)

@@ -4269,6 +4269,39 @@ def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, m
         instruct.main(["--out-dir", str(folder / "halves"), "--resume", "--epochs", "3"])
 
 
+def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instruct_tiny_run, capsys, monkeypatch):
+    folder = _instruct_tiny_run
+    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "3"]
+    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
+    instruct.main(common + ["--out-dir", str(folder / "straight3")])
+    # SIGTERM (a job scheduler, `timeout`, `docker stop`) in step 3 of 6, between the saves of steps 2 and 4:
+    # step 3 is finished and saved, not lost.
+    check = gpt.check_finite_loss
+
+    def sigterm_in_step_3(loss, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        check(loss, step)
+
+    monkeypatch.setattr(gpt, "check_finite_loss", sigterm_in_step_3)
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(common + ["--out-dir", str(folder / "stopped")])
+    assert exc.value.code == 143
+    assert capsys.readouterr().err.endswith(
+        "stopped at step 3 (SIGTERM), the state saved: go on with python finetune_instruct.py --resume --out-dir "
+        f"{folder / 'stopped'}\n"
+    )
+    assert gpt.load_checkpoint(folder / "stopped" / "train_state.pt")["step"] == 3
+    assert not (folder / "stopped" / "model.pt").exists()
+    monkeypatch.setattr(gpt, "check_finite_loss", check)
+    instruct.main(["--out-dir", str(folder / "stopped"), "--resume"])
+    assert "resuming at step 3 of 6" in capsys.readouterr().out
+    straight = gpt.load_checkpoint(folder / "straight3" / "model.pt")["model"]
+    resumed = gpt.load_checkpoint(folder / "stopped" / "model.pt")["model"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
+
+
 # Values that argparse and the `type=` helpers reject (exit 2), and combinations parse_args refuses.
 _INSTRUCT_BAD_FLAGS = [
     (["--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
