@@ -3760,6 +3760,30 @@ def test_classify_evaluate_and_results_flags_are_checked(tmp_path, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_classify_use_refuses_training_flags_it_would_ignore(tmp_path, capsys):
+    # The classifier of --checkpoint is used as trained: a --model or --max-length given with --classify, --evaluate
+    # or --export-hf would be silently ignored (another classifier, another message length than the user asked for).
+    for flags, message in [
+        (["--classify", "hi", "--model", "other.pt"], "--model is for training; --classify uses the classifier of "
+         "--checkpoint as it was trained: to use another classifier, give --checkpoint PATH (see --help)"),
+        (["--evaluate", "x.csv", "--max-length", "10"], "--max-length is for training; --evaluate uses the "
+         "classifier of --checkpoint as it was trained: drop --max-length (see --help)"),
+        (["--classify-file", "x.txt", "--lora"], "--lora is for training; --classify-file uses the classifier of "
+         "--checkpoint as it was trained: drop --lora (see --help)"),
+        (["--export-hf", "out", "--epochs", "5"], "--epochs is for training; --export-hf uses the classifier of "
+         "--checkpoint as it was trained: drop --epochs (see --help)"),
+        (["--export-hf", "out", "--classify", "hi"], "--export-hf writes the classifier and exits: run --classify on "
+         "its own (see --help)"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            fc.main(["--checkpoint", str(tmp_path / "unused.pt"), *flags])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.endswith(f": error: {message}\n")
+    # What using a classifier reads is still accepted with it.
+    args = fc.parse_args(["--classify", "hi", "--batch-size", "3", "--threshold", "0.4", "--dtype", "bfloat16"])
+    assert (args.batch_size, args.threshold, args.dtype) == (3, 0.4, "bfloat16")
+
+
 def test_classify_file_writes_predictions_as_csv_or_json_with_probabilities(tmp_path, capsys):
     import csv
 
