@@ -60,6 +60,10 @@ RUN_FILES = ("run.json", *SPLIT_FILES, "train_state.pt", "model.pt", "losses.png
 RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "keep_last", "device", "cache_dir", "out_dir",
                      "responses", "max_new_tokens", "temperature", "top_k", "top_p", "judge", "judge_url",
                      "judge_model")
+# Flags of training alone: --generate-only, --prompt and --judge-only would ignore them, so they are refused there.
+TRAINING_FLAGS = ("model", "epochs", "batch_size", "lr", "weight_decay", "drop_rate", "lora", "lora_rank", "lora_alpha",
+                  "max_steps", "log_every", "eval_every", "eval_batches", "keep_last", "save_every", "keep_state",
+                  "max_length", "mask_prompt")
 
 
 # ----------------------------------------------------------------------------------------
@@ -709,6 +713,14 @@ def parse_args(argv=None):
         parser.error(f"{gpt.flag_name(sampling[0])} is for sampling: give --temperature above 0 as well")
     if args.dtype == "float16" and not (args.generate_only or args.judge_only or args.prompt is not None):
         parser.error("--dtype float16 trains without loss scaling: train in bfloat16 or float32")
+    modes = [flag for flag in ("generate_only", "judge_only", "prompt") if getattr(args, flag) not in (None, False)]
+    ignored = [flag for flag in TRAINING_FLAGS if flag in gpt.given_flags(parser, argv)]
+    if modes and ignored:
+        mode = gpt.flag_name(modes[0])
+        if ignored[0] == "model" and mode != "--judge-only":  # a model to answer with: that is --checkpoint
+            parser.error(f"--model is the model that trains; {mode} answers with --checkpoint: give --checkpoint "
+                         f"{args.model}")
+        parser.error(f"{gpt.flag_name(ignored[0])} is for training, and {mode} does not train: drop it")
     return args
 
 

@@ -4379,6 +4379,26 @@ def test_instruct_bad_flags_rejected_at_startup(tmp_path, capsys, monkeypatch, _
     assert not out_dir.exists()
 
 
+def test_instruct_answer_modes_refuse_training_flags_they_would_ignore(tmp_path, capsys, monkeypatch):
+    # --model given with --generate-only or --prompt would silently not be the model that answers (--checkpoint is).
+    monkeypatch.setattr(gpt, "pick_device", lambda name: pytest.fail(f"got past the flags to the device {name}"))
+    for flags, message in [
+        (["--generate-only", "--model", "gpt2"], "--model is the model that trains; --generate-only answers with "
+         "--checkpoint: give --checkpoint gpt2"),
+        (["--prompt", "hi", "--lora"], "--lora is for training, and --prompt does not train: drop it"),
+        (["--judge-only", "--judge", "ollama", "--epochs", "3"], "--epochs is for training, and --judge-only does "
+         "not train: drop it"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            instruct.main(["--out-dir", str(tmp_path / "run"), *flags])
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.endswith(f": error: {message} (see --help)\n")
+    # What answering reads is still accepted with it.
+    args = instruct.parse_args(["--generate-only", "--data", "d.json", "--seed", "3", "--max-new-tokens", "2"])
+    assert (args.data, args.seed, args.max_new_tokens) == ("d.json", 3, 2)
+    assert not (tmp_path / "run").exists()
+
+
 def test_instruct_flag_limits_are_accepted():
     limits = ["--top-k", "1", "--top-p", "1", "--temperature", "1e-9", "--max-new-tokens", "0", "--eval-batches", "0"]
     args = instruct.parse_args(limits + ["--weight-decay", "0"])
