@@ -2340,6 +2340,9 @@ def check_hf_folder(folder, overwrite=False):
     folder = Path(os.path.abspath(folder))  # "." and "out/" get a name, for the temporary folder beside them
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file, not a folder: choose another folder for the export")
+    nearest = next(parent for parent in folder.parents if parent.exists())  # "/" at the latest
+    if not nearest.is_dir():  # the folder would go under a file: no folder can be made there
+        raise ValueError(f"{folder}: {nearest} is a file, not a folder: choose another folder for the export")
     if folder.is_dir() and any(folder.iterdir()):
         if not overwrite:
             raise ValueError(

@@ -1940,6 +1940,8 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
         ("taken", [], "taken is not empty: choose another folder, or replace an earlier export with --overwrite"),
         ("taken", ["--overwrite"], "taken holds no model.safetensors: --overwrite replaces only a model folder"),
         ("a-file", ["--overwrite"], "a-file is a file, not a folder: choose another folder for the export"),
+        ("a-file/hf", [], f"a-file/hf: {tmp_path / 'a-file'} is a file, not a folder: choose another folder for the "
+         "export"),
     ]:
         with pytest.raises(SystemExit, match=f"error: .*{re.escape(message)}"):
             load_gpt2.main([*export, str(tmp_path / target), *flags])
