@@ -2627,7 +2627,9 @@ def save_with_fallback(write, path):
                 f"cannot write {path} ({first.strerror or first}) nor {fallback} ({second.strerror or second}): "
                 "free some disk space and run again"
             ) from None
-        written_elsewhere.append(f"{path} is in {fallback} ({first.strerror or first} at {path.parent})")
+        moved = f"{path} is in {fallback} ({first.strerror or first} at {path.parent})"
+        if moved not in written_elsewhere:  # a file saved again and again (latest.pt) is named once
+            written_elsewhere.append(moved)
         return fallback
 
 

@@ -1622,9 +1622,15 @@ def test_save_with_fallback_keeps_finished_work_when_the_disk_is_full(tmp_path, 
         written.append(path)
         Path(path).write_text("model")
 
+    gpt.written_elsewhere.clear()
     result = gpt.save_with_fallback(write, tmp_path / "out" / "classifier.pt")
     assert result == tmp_path / "fallback" / f"classifier-{os.getpid()}.pt" and written == [result]
     assert f"cannot write {tmp_path / 'out' / 'classifier.pt'} (No space left on device)" in capsys.readouterr().err
+    # A file saved again at every evaluation (pretrain's latest.pt) is named once in the run's last line.
+    gpt.save_with_fallback(write, tmp_path / "out" / "classifier.pt")
+    assert gpt.written_elsewhere == [f"{tmp_path / 'out' / 'classifier.pt'} is in {result} (No space left on device "
+                                     f"at {tmp_path / 'out'})"]
+    gpt.written_elsewhere.clear()
 
     def always_full(path):
         raise OSError(errno.ENOSPC, "No space left on device")
