@@ -310,10 +310,11 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
         stop = stopper.requested and step < total_steps
         if stop or (step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0
                                            or step == total_steps)):
-            gpt.save_checkpoint(state_path, model, optimizer=optimizer.state_dict(), step=step, history=history,
-                                best=best, rng=gpt.rng_state(), tokenizer=tokenizer_name)
+            # On a full disk the state goes to the temporary folder (gpt.save_with_fallback) and training goes on.
+            saved = gpt.save_training_state(state_path, model, optimizer, step=step, history=history, best=best,
+                                            rng=gpt.rng_state(), tokenizer=tokenizer_name)
         if stop:
-            print(f"stopped at step {step} ({stopper.signal_name}), the state saved: go on with python "
+            print(f"stopped at step {step} ({stopper.signal_name}), the state saved in {saved}: go on with python "
                   f"finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
             return history, best, stopper.signal_name
         if step == total_steps:

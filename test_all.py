@@ -4320,8 +4320,8 @@ def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instr
         instruct.main(common + ["--out-dir", str(folder / "stopped")])
     assert exc.value.code == 143
     assert capsys.readouterr().err.endswith(
-        "stopped at step 3 (SIGTERM), the state saved: go on with python finetune_instruct.py --resume --out-dir "
-        f"{folder / 'stopped'}\n"
+        f"stopped at step 3 (SIGTERM), the state saved in {folder / 'stopped' / 'train_state.pt'}: go on with python "
+        f"finetune_instruct.py --resume --out-dir {folder / 'stopped'}\n"
     )
     assert gpt.load_checkpoint(folder / "stopped" / "train_state.pt")["step"] == 3
     assert not (folder / "stopped" / "model.pt").exists()
@@ -4563,6 +4563,31 @@ def test_instruct_answers_survive_a_full_disk_and_an_interruption(_instruct_tiny
     [fallback] = (tmp_path / "tmp").glob("responses-*.json")
     assert json.loads(fallback.read_text()) == straight
     assert not (tmp_path / "run" / "responses.json").exists()
+
+
+def test_instruct_full_disk_at_a_training_state_save_keeps_training(_instruct_tiny_run, tmp_path, monkeypatch):
+    folder = _instruct_tiny_run
+    atomic_save = gpt.atomic_save
+
+    def full_run_folder(obj, path):  # the run's folder is full; the temporary folder is not
+        if Path(path).parent == tmp_path / "run":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        atomic_save(obj, path)
+
+    monkeypatch.setattr(gpt, "atomic_save", full_run_folder)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(_instruct_quick(folder, tmp_path / "run"))
+    # Not "error: [Errno 28] No space left on device" in the middle of training: the state and the model are kept.
+    state, model = tmp_path / "tmp" / f"train_state-{os.getpid()}.pt", tmp_path / "tmp" / f"model-{os.getpid()}.pt"
+    assert str(exc.value) == (
+        f"error: the run finished, but {tmp_path / 'run' / 'train_state.pt'} is in {state} (No space left on device "
+        f"at {tmp_path / 'run'}); {tmp_path / 'run' / 'model.pt'} is in {model} (No space left on device at "
+        f"{tmp_path / 'run'}): move it where it belongs"
+    )
+    assert gpt.load_checkpoint(state)["step"] == 1 and gpt.load_checkpoint(model)["kept"]["step"] == 1
+    assert len(json.loads((tmp_path / "run" / "responses.json").read_text())) == 1
 
 
 def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_path, monkeypatch):
