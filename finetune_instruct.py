@@ -136,6 +136,20 @@ def load_instruction_data(path, max_reported=10):
     return good
 
 
+def read_split(path):
+    """The entries of a split file a run wrote (train.json, validation.json, test.json) -> list. Raises ValueError
+    naming the file when it is no longer a non-empty list of usable entries (edited or damaged since)."""
+    entries = gpt.read_json(path, "the run's split")
+    if not isinstance(entries, list) or not entries:
+        problem = "it holds no entries" if entries == [] else "it is not a JSON list"
+    else:
+        problem = next((f"entry {i}: {check_entry(e)}" for i, e in enumerate(entries) if check_entry(e)), None)
+    if problem:
+        raise ValueError(f"{path}: the run's split is damaged ({problem}): put back the file the run wrote, or "
+                         "start the run again with --overwrite")
+    return entries
+
+
 def split_dataset(entries, seed):
     """Shuffle with `seed`, then split 85% train, 10% test, the rest (5%) validation, as in the book (1,100 entries ->
     935 / 110 / 55) -> (train, validation, test) lists. Raises ValueError when a part would be empty (< 10 entries)."""
@@ -770,7 +784,7 @@ def test_split(args, out_dir):
     """The entries --generate-only answers: the run's test.json, else the split of --data."""
     if (out_dir / "test.json").is_file():
         print(f"data: the run's test split, {out_dir / 'test.json'}")
-        return gpt.read_json(out_dir / "test.json", "the run's test split")
+        return read_split(out_dir / "test.json")
     path = data_path(args)
     print(f"data: {out_dir} holds no test.json: answering the test split of {path} with --seed {args.seed}")
     return split_dataset(load_instruction_data(path), args.seed)[2]
@@ -780,7 +794,7 @@ def resume_run(args, argv, out_dir):
     """The saved run in out_dir -> (settings, (train, validation, test), train state dict).
     Flags given with --resume must agree with the saved ones, except RESUME_MAY_CHANGE."""
     args = gpt.resume_settings(build_parser(), argv, gpt.read_json(out_dir / "run.json", "--resume"), RESUME_MAY_CHANGE)
-    splits = [gpt.read_json(out_dir / name, "--resume") for name in SPLIT_FILES]
+    splits = [read_split(out_dir / name) for name in SPLIT_FILES]
     if not (out_dir / "train_state.pt").is_file() and (out_dir / "model.pt").is_file():
         raise ValueError(
             f"--resume: the run in {out_dir} has finished, and its train_state.pt was not kept (a run started with "

@@ -4460,6 +4460,16 @@ def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_r
     again = json.loads((tmp_path / "run" / "responses.json").read_text())
     assert [{k: e[k] for k in ("instruction", "input", "output")} for e in again] == test
     assert again == answered
+    # A split file edited or damaged since: one line naming it, not a traceback, nor 0 answers written.
+    run = tmp_path / "run"
+    for content, problem in [("[1, 2]", "entry 0: not a JSON object but int"), ("{}", "it is not a JSON list"),
+                             ("[]", "it holds no entries")]:
+        (run / "test.json").write_text(content)
+        with pytest.raises(SystemExit) as exc:
+            instruct.main(["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
+        assert str(exc.value) == (f"error: {run / 'test.json'}: the run's split is damaged ({problem}): put back the "
+                                  "file the run wrote, or start the run again with --overwrite")
+    assert json.loads((run / "responses.json").read_text()) == answered
 
 
 def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_path):
