@@ -570,6 +570,11 @@ def load_classifier_hf(folder, device="cpu"):
 # --- Command line and the run ---------------------------------------------------------
 
 RUN_FILES = ("run.json", "train.csv", "validation.csv", "test.csv", "metrics.json", "loss-accuracy.png")  # + checkpoint
+# Flags of a training run. --classify, --classify-file, --evaluate and --export-hf use the classifier of --checkpoint
+# as it was trained (its model, its --max-length): given with them, these flags would be ignored, so they are refused.
+TRAINING_FLAGS = ("data", "strict_data", "max_length", "model", "trainable", "lora", "lora_rank", "lora_alpha",
+                  "drop_rate", "epochs", "max_steps", "lr", "weight_decay", "seed", "log_every", "eval_every",
+                  "eval_batches", "keep_last", "no_activation_cache")
 
 
 def parse_args(argv=None):
@@ -628,6 +633,16 @@ def parse_args(argv=None):
         parser.error(f"--lora trains the adapters and the head: drop --trainable {args.trainable}")
     if args.evaluate is not None and classify:
         parser.error("--evaluate and --classify/--classify-file: give one of them")
+    use = [flag for flag in ("classify", "classify_file", "evaluate") if getattr(args, flag) is not None]
+    if args.export_hf is not None and use:
+        parser.error(f"--export-hf writes the classifier and exits: run {gpt.flag_name(use[0])} on its own")
+    if use or args.export_hf is not None:
+        mode = gpt.flag_name(use[0]) if use else "--export-hf"
+        ignored = [flag for flag in TRAINING_FLAGS if flag in gpt.given_flags(parser, argv)]
+        if ignored:
+            hint = ": to use another classifier, give --checkpoint PATH" if "model" in ignored else ""
+            parser.error(f"{gpt.flag_name(ignored[0])} is for training; {mode} uses the classifier of --checkpoint "
+                         f"as it was trained{hint or ': drop ' + gpt.flag_name(ignored[0])}")
     kinds = (".json",) if args.evaluate is not None else (".csv", ".json")
     if args.results is not None and not classify and args.evaluate is None:
         parser.error("--results goes with --evaluate, --classify or --classify-file (a run writes metrics.json)")

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,10 @@ RUN_FILES = ("run.json", *SPLIT_FILES, "train_state.pt", "model.pt", "losses.png
 RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "keep_last", "device", "cache_dir", "out_dir",
                      "responses", "max_new_tokens", "temperature", "top_k", "top_p", "judge", "judge_url",
                      "judge_model")
+# Flags of training alone: --generate-only, --prompt and --judge-only would ignore them, so they are refused there.
+TRAINING_FLAGS = ("model", "epochs", "batch_size", "lr", "weight_decay", "drop_rate", "lora", "lora_rank", "lora_alpha",
+                  "max_steps", "log_every", "eval_every", "eval_batches", "keep_last", "save_every", "keep_state",
+                  "max_length", "mask_prompt")
 
 
 # ----------------------------------------------------------------------------------------
@@ -129,6 +134,20 @@ def load_instruction_data(path, max_reported=10):
             "line) of objects with a non-empty string 'instruction' and a string 'output' (Alpaca schema)"
         )
     return good
+
+
+def read_split(path):
+    """The entries of a split file a run wrote (train.json, validation.json, test.json) -> list. Raises ValueError
+    naming the file when it is no longer a non-empty list of usable entries (edited or damaged since)."""
+    entries = gpt.read_json(path, "the run's split")
+    if not isinstance(entries, list) or not entries:
+        problem = "it holds no entries" if entries == [] else "it is not a JSON list"
+    else:
+        problem = next((f"entry {i}: {check_entry(e)}" for i, e in enumerate(entries) if check_entry(e)), None)
+    if problem:
+        raise ValueError(f"{path}: the run's split is damaged ({problem}): put back the file the run wrote, or "
+                         "start the run again with --overwrite")
+    return entries
 
 
 def split_dataset(entries, seed):
@@ -266,12 +285,13 @@ def evaluate_loss(model, examples, collate, args, device, autocast):
     return sum(losses) / len(losses)
 
 
-def train(model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state=None):
+def train(model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, stopper, state=None):
     """Fine-tune model in place with AdamW, one step per batch, for --epochs (or --max-steps) -> (history {"step",
     "train_loss", "val_loss": lists}, best {"step", "val_loss", "weights"}: a CPU copy of the trainable weights at the
-    evaluation with the lowest validation loss). The training state, best and tokenizer name included, goes to
-    state_path every --save-every steps and at each epoch's end; given back as `state`, training goes on as if it had
-    not stopped."""
+    evaluation with the lowest validation loss, stopped: None at the end, else the name of the signal that stopped
+    it). The training state, best and tokenizer name included, goes to state_path every --save-every steps, at each
+    epoch's end and at a stop (stopper: Ctrl-C or SIGTERM, a gpt.StopSignal); given back as `state`, training goes
+    on as if it had not stopped."""
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
     autocast, _ = gpt.autocast_context(device, args.dtype)
     steps_per_epoch = math.ceil(len(train_examples) / args.batch_size)  # the last batch may be smaller
@@ -300,9 +320,17 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
                     name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad
                 }
                 best = {"step": step, "val_loss": val_loss, "weights": weights}
-        if step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps):
-            gpt.save_checkpoint(state_path, model, optimizer=optimizer.state_dict(), step=step, history=history,
-                                best=best, rng=gpt.rng_state(), tokenizer=tokenizer_name)
+        # A stop saves the steps made since the last save: --resume goes on from this very step.
+        stop = stopper.requested and step < total_steps
+        if stop or (step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0
+                                           or step == total_steps)):
+            # On a full disk the state goes to the temporary folder (gpt.save_with_fallback) and training goes on.
+            saved = gpt.save_training_state(state_path, model, optimizer, step=step, history=history, best=best,
+                                            rng=gpt.rng_state(), tokenizer=tokenizer_name)
+        if stop:
+            print(f"stopped at step {step} ({stopper.signal_name}), the state saved in {saved}: go on with python "
+                  f"finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
+            return history, best, stopper.signal_name
         if step == total_steps:
             break
 
@@ -325,7 +353,7 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
             window_seconds, window_tokens = 0.0, 0
     trained = f"{step - start_step} step" + ("s" if step - start_step != 1 else "")
     print(f"trained {trained} in {gpt.format_duration(time.time() - started)}")
-    return history, best
+    return history, best, None
 
 
 def keep_weights(model, history, best, keep_last):
@@ -593,13 +621,16 @@ def fine_tune(args, argv, device):
     collate = functools.partial(collate_instruction_batch, eot_id=eot_id, mask_prompt=args.mask_prompt,
                                 max_length=max_length)
     try:
-        history, best = train(
-            model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, state
-        )
-    except KeyboardInterrupt:
+        with gpt.StopSignal() as stopper:  # Ctrl-C or SIGTERM: finish the step, save, stop
+            history, best, stopped = train(
+                model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, stopper, state
+            )
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, without saving
         if state_path.exists():
             print(f"--resume --out-dir {out_dir} goes on from the last save in {state_path}", file=sys.stderr)
         raise
+    if stopped:
+        raise SystemExit(128 + signal.Signals[stopped])  # the shell's code for the signal: 130 or 143
     losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
     gpt.plot_curves(out_dir / "losses.png", {"loss": losses}, "step")
     kept = keep_weights(model, history, best, args.keep_last)
@@ -697,6 +728,14 @@ def parse_args(argv=None):
         parser.error(f"{gpt.flag_name(sampling[0])} is for sampling: give --temperature above 0 as well")
     if args.dtype == "float16" and not (args.generate_only or args.judge_only or args.prompt is not None):
         parser.error("--dtype float16 trains without loss scaling: train in bfloat16 or float32")
+    modes = [flag for flag in ("generate_only", "judge_only", "prompt") if getattr(args, flag) not in (None, False)]
+    ignored = [flag for flag in TRAINING_FLAGS if flag in gpt.given_flags(parser, argv)]
+    if modes and ignored:
+        mode = gpt.flag_name(modes[0])
+        if ignored[0] == "model" and mode != "--judge-only":  # a model to answer with: that is --checkpoint
+            parser.error(f"--model is the model that trains; {mode} answers with --checkpoint: give --checkpoint "
+                         f"{args.model}")
+        parser.error(f"{gpt.flag_name(ignored[0])} is for training, and {mode} does not train: drop it")
     return args
 
 
@@ -745,7 +784,7 @@ def test_split(args, out_dir):
     """The entries --generate-only answers: the run's test.json, else the split of --data."""
     if (out_dir / "test.json").is_file():
         print(f"data: the run's test split, {out_dir / 'test.json'}")
-        return gpt.read_json(out_dir / "test.json", "the run's test split")
+        return read_split(out_dir / "test.json")
     path = data_path(args)
     print(f"data: {out_dir} holds no test.json: answering the test split of {path} with --seed {args.seed}")
     return split_dataset(load_instruction_data(path), args.seed)[2]
@@ -755,7 +794,7 @@ def resume_run(args, argv, out_dir):
     """The saved run in out_dir -> (settings, (train, validation, test), train state dict).
     Flags given with --resume must agree with the saved ones, except RESUME_MAY_CHANGE."""
     args = gpt.resume_settings(build_parser(), argv, gpt.read_json(out_dir / "run.json", "--resume"), RESUME_MAY_CHANGE)
-    splits = [gpt.read_json(out_dir / name, "--resume") for name in SPLIT_FILES]
+    splits = [read_split(out_dir / name) for name in SPLIT_FILES]
     if not (out_dir / "train_state.pt").is_file() and (out_dir / "model.pt").is_file():
         raise ValueError(
             f"--resume: the run in {out_dir} has finished, and its train_state.pt was not kept (a run started with "

@@ -2367,6 +2367,9 @@ def check_hf_folder(folder, overwrite=False):
     folder = Path(os.path.abspath(folder))  # "." and "out/" get a name, for the temporary folder beside them
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file, not a folder: choose another folder for the export")
+    nearest = next(parent for parent in folder.parents if parent.exists())  # "/" at the latest
+    if not nearest.is_dir():  # the folder would go under a file: no folder can be made there
+        raise ValueError(f"{folder}: {nearest} is a file, not a folder: choose another folder for the export")
     if folder.is_dir() and any(folder.iterdir()):
         if not overwrite:
             raise ValueError(
@@ -2653,7 +2656,9 @@ def save_with_fallback(write, path):
                 f"cannot write {path} ({first.strerror or first}) nor {fallback} ({second.strerror or second}): "
                 "free some disk space and run again"
             ) from None
-        written_elsewhere.append(f"{path} is in {fallback} ({first.strerror or first} at {path.parent})")
+        moved = f"{path} is in {fallback} ({first.strerror or first} at {path.parent})"
+        if moved not in written_elsewhere:  # a file saved again and again (latest.pt) is named once
+            written_elsewhere.append(moved)
         return fallback
 
 

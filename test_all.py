@@ -1623,9 +1623,15 @@ def test_save_with_fallback_keeps_finished_work_when_the_disk_is_full(tmp_path, 
         written.append(path)
         Path(path).write_text("model")
 
+    gpt.written_elsewhere.clear()
     result = gpt.save_with_fallback(write, tmp_path / "out" / "classifier.pt")
     assert result == tmp_path / "fallback" / f"classifier-{os.getpid()}.pt" and written == [result]
     assert f"cannot write {tmp_path / 'out' / 'classifier.pt'} (No space left on device)" in capsys.readouterr().err
+    # A file saved again at every evaluation (pretrain's latest.pt) is named once in the run's last line.
+    gpt.save_with_fallback(write, tmp_path / "out" / "classifier.pt")
+    assert gpt.written_elsewhere == [f"{tmp_path / 'out' / 'classifier.pt'} is in {result} (No space left on device "
+                                     f"at {tmp_path / 'out'})"]
+    gpt.written_elsewhere.clear()
 
     def always_full(path):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -1941,6 +1947,8 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
         ("taken", [], "taken is not empty: choose another folder, or replace an earlier export with --overwrite"),
         ("taken", ["--overwrite"], "taken holds no model.safetensors: --overwrite replaces only a model folder"),
         ("a-file", ["--overwrite"], "a-file is a file, not a folder: choose another folder for the export"),
+        ("a-file/hf", [], f"a-file/hf: {tmp_path / 'a-file'} is a file, not a folder: choose another folder for the "
+         "export"),
     ]:
         with pytest.raises(SystemExit, match=f"error: .*{re.escape(message)}"):
             load_gpt2.main([*export, str(tmp_path / target), *flags])
@@ -3761,6 +3769,30 @@ def test_classify_evaluate_and_results_flags_are_checked(tmp_path, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_classify_use_refuses_training_flags_it_would_ignore(tmp_path, capsys):
+    # The classifier of --checkpoint is used as trained: a --model or --max-length given with --classify, --evaluate
+    # or --export-hf would be silently ignored (another classifier, another message length than the user asked for).
+    for flags, message in [
+        (["--classify", "hi", "--model", "other.pt"], "--model is for training; --classify uses the classifier of "
+         "--checkpoint as it was trained: to use another classifier, give --checkpoint PATH (see --help)"),
+        (["--evaluate", "x.csv", "--max-length", "10"], "--max-length is for training; --evaluate uses the "
+         "classifier of --checkpoint as it was trained: drop --max-length (see --help)"),
+        (["--classify-file", "x.txt", "--lora"], "--lora is for training; --classify-file uses the classifier of "
+         "--checkpoint as it was trained: drop --lora (see --help)"),
+        (["--export-hf", "out", "--epochs", "5"], "--epochs is for training; --export-hf uses the classifier of "
+         "--checkpoint as it was trained: drop --epochs (see --help)"),
+        (["--export-hf", "out", "--classify", "hi"], "--export-hf writes the classifier and exits: run --classify on "
+         "its own (see --help)"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            fc.main(["--checkpoint", str(tmp_path / "unused.pt"), *flags])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.endswith(f": error: {message}\n")
+    # What using a classifier reads is still accepted with it.
+    args = fc.parse_args(["--classify", "hi", "--batch-size", "3", "--threshold", "0.4", "--dtype", "bfloat16"])
+    assert (args.batch_size, args.threshold, args.dtype) == (3, 0.4, "bfloat16")
+
+
 def test_classify_file_writes_predictions_as_csv_or_json_with_probabilities(tmp_path, capsys):
     import csv
 
@@ -4270,6 +4302,39 @@ def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, m
         instruct.main(["--out-dir", str(folder / "halves"), "--resume", "--epochs", "3"])
 
 
+def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instruct_tiny_run, capsys, monkeypatch):
+    folder = _instruct_tiny_run
+    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "3"]
+    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
+    instruct.main(common + ["--out-dir", str(folder / "straight3")])
+    # SIGTERM (a job scheduler, `timeout`, `docker stop`) in step 3 of 6, between the saves of steps 2 and 4:
+    # step 3 is finished and saved, not lost.
+    check = gpt.check_finite_loss
+
+    def sigterm_in_step_3(loss, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        check(loss, step)
+
+    monkeypatch.setattr(gpt, "check_finite_loss", sigterm_in_step_3)
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(common + ["--out-dir", str(folder / "stopped")])
+    assert exc.value.code == 143
+    assert capsys.readouterr().err.endswith(
+        f"stopped at step 3 (SIGTERM), the state saved in {folder / 'stopped' / 'train_state.pt'}: go on with python "
+        f"finetune_instruct.py --resume --out-dir {folder / 'stopped'}\n"
+    )
+    assert gpt.load_checkpoint(folder / "stopped" / "train_state.pt")["step"] == 3
+    assert not (folder / "stopped" / "model.pt").exists()
+    monkeypatch.setattr(gpt, "check_finite_loss", check)
+    instruct.main(["--out-dir", str(folder / "stopped"), "--resume"])
+    assert "resuming at step 3 of 6" in capsys.readouterr().out
+    straight = gpt.load_checkpoint(folder / "straight3" / "model.pt")["model"]
+    resumed = gpt.load_checkpoint(folder / "stopped" / "model.pt")["model"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
+
+
 # Values that argparse and the `type=` helpers reject (exit 2), and combinations parse_args refuses.
 _INSTRUCT_BAD_FLAGS = [
     (["--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
@@ -4321,6 +4386,26 @@ def test_instruct_bad_flags_rejected_at_startup(tmp_path, capsys, monkeypatch, _
         assert last_line.endswith(f": error: {message} (see --help)"), (bad, last_line)
         assert re.search(r"--[\w-]+", message).group() in bad, message  # the message names a flag given
     assert not out_dir.exists()
+
+
+def test_instruct_answer_modes_refuse_training_flags_they_would_ignore(tmp_path, capsys, monkeypatch):
+    # --model given with --generate-only or --prompt would silently not be the model that answers (--checkpoint is).
+    monkeypatch.setattr(gpt, "pick_device", lambda name: pytest.fail(f"got past the flags to the device {name}"))
+    for flags, message in [
+        (["--generate-only", "--model", "gpt2"], "--model is the model that trains; --generate-only answers with "
+         "--checkpoint: give --checkpoint gpt2"),
+        (["--prompt", "hi", "--lora"], "--lora is for training, and --prompt does not train: drop it"),
+        (["--judge-only", "--judge", "ollama", "--epochs", "3"], "--epochs is for training, and --judge-only does "
+         "not train: drop it"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            instruct.main(["--out-dir", str(tmp_path / "run"), *flags])
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.endswith(f": error: {message} (see --help)\n")
+    # What answering reads is still accepted with it.
+    args = instruct.parse_args(["--generate-only", "--data", "d.json", "--seed", "3", "--max-new-tokens", "2"])
+    assert (args.data, args.seed, args.max_new_tokens) == ("d.json", 3, 2)
+    assert not (tmp_path / "run").exists()
 
 
 def test_instruct_flag_limits_are_accepted():
@@ -4376,6 +4461,16 @@ def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_r
     again = json.loads((tmp_path / "run" / "responses.json").read_text())
     assert [{k: e[k] for k in ("instruction", "input", "output")} for e in again] == test
     assert again == answered
+    # A split file edited or damaged since: one line naming it, not a traceback, nor 0 answers written.
+    run = tmp_path / "run"
+    for content, problem in [("[1, 2]", "entry 0: not a JSON object but int"), ("{}", "it is not a JSON list"),
+                             ("[]", "it holds no entries")]:
+        (run / "test.json").write_text(content)
+        with pytest.raises(SystemExit) as exc:
+            instruct.main(["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
+        assert str(exc.value) == (f"error: {run / 'test.json'}: the run's split is damaged ({problem}): put back the "
+                                  "file the run wrote, or start the run again with --overwrite")
+    assert json.loads((run / "responses.json").read_text()) == answered
 
 
 def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_path):
@@ -4479,6 +4574,31 @@ def test_instruct_answers_survive_a_full_disk_and_an_interruption(_instruct_tiny
     [fallback] = (tmp_path / "tmp").glob("responses-*.json")
     assert json.loads(fallback.read_text()) == straight
     assert not (tmp_path / "run" / "responses.json").exists()
+
+
+def test_instruct_full_disk_at_a_training_state_save_keeps_training(_instruct_tiny_run, tmp_path, monkeypatch):
+    folder = _instruct_tiny_run
+    atomic_save = gpt.atomic_save
+
+    def full_run_folder(obj, path):  # the run's folder is full; the temporary folder is not
+        if Path(path).parent == tmp_path / "run":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        atomic_save(obj, path)
+
+    monkeypatch.setattr(gpt, "atomic_save", full_run_folder)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(_instruct_quick(folder, tmp_path / "run"))
+    # Not "error: [Errno 28] No space left on device" in the middle of training: the state and the model are kept.
+    state, model = tmp_path / "tmp" / f"train_state-{os.getpid()}.pt", tmp_path / "tmp" / f"model-{os.getpid()}.pt"
+    assert str(exc.value) == (
+        f"error: the run finished, but {tmp_path / 'run' / 'train_state.pt'} is in {state} (No space left on device "
+        f"at {tmp_path / 'run'}); {tmp_path / 'run' / 'model.pt'} is in {model} (No space left on device at "
+        f"{tmp_path / 'run'}): move it where it belongs"
+    )
+    assert gpt.load_checkpoint(state)["step"] == 1 and gpt.load_checkpoint(model)["kept"]["step"] == 1
+    assert len(json.loads((tmp_path / "run" / "responses.json").read_text())) == 1
 
 
 def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_path, monkeypatch):
