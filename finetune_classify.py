@@ -65,18 +65,11 @@ MAX_WARNINGS = 5  # bad data lines reported one by one; the rest are counted
 # --- Data: download, parse, balance, split, tokenize ----------------------------------
 
 
-def existing_file(path, flag):
-    """Path(path), or FileNotFoundError "FLAG PATH: no such file"."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such file")
-    return Path(path)
-
-
 def sms_collection_path(data=None, urls=DATA_URLS):
     """`data` when given, else the cached download from the first of `urls` that works (RuntimeError naming the URLs
     and --data if none does)."""
     if data is not None:
-        return existing_file(data, "--data")
+        return gpt.existing_file(data, "--data")
     return gpt.fetch_dataset(urls, DATA_FILENAME, flag="--data", kind="zip", member=ZIP_MEMBER, size=MEMBER_SIZE,
                              sha256=MEMBER_SHA256)
 
@@ -478,7 +471,7 @@ def read_texts_file(path):
     input is closed, or naming file, byte offset and line of the first byte not UTF-8 (not classifying garbage)."""
     if path == "-" and sys.stdin is None:
         raise ValueError("--classify-file -: standard input is closed: pipe the texts in, or give a file name")
-    raw = sys.stdin.buffer.read() if path == "-" else existing_file(path, "--classify-file").read_bytes()
+    raw = sys.stdin.buffer.read() if path == "-" else gpt.existing_file(path, "--classify-file").read_bytes()
     text = gpt.decode_utf8(raw, f"--classify-file {'standard input' if path == '-' else path}")
     return [line.strip() for line in text.split("\n") if line.strip()]
 
@@ -812,7 +805,7 @@ def run_classify(args, device):
 
 def run_evaluate(args, device):
     """--evaluate: `labelled_metrics` of --checkpoint on a labelled file, printed, and written as JSON to --results."""
-    messages = read_labelled_file(existing_file(args.evaluate, "--evaluate"))
+    messages = read_labelled_file(gpt.existing_file(args.evaluate, "--evaluate"))
     model, checkpoint, tokenizer, eot_id = load_for_use(args, device)
     texts = [text for _, text in messages]
     token_ids = [t.to(device) for t in tokenize_messages(texts, checkpoint["max_length"], tokenizer)]

@@ -1057,12 +1057,21 @@ def decode_utf8(raw, source):
         ) from None
 
 
+def existing_file(path, flag):
+    """Path(path), after checking that it is a file. Raises FileNotFoundError naming `flag`:
+    "FLAG PATH: no such file", or for a folder "FLAG PATH: a folder, not a file"."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: a folder, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    return path
+
+
 def read_json(path, source):
     """Parse a UTF-8 JSON file (a byte-order mark is allowed) -> object. Raises
     FileNotFoundError or ValueError naming `source` and the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{source} {path}: no such file")
+    path = existing_file(path, source)
     try:
         return json.loads(decode_utf8(path.read_bytes(), f"{source} {path}"))
     except json.JSONDecodeError as e:

@@ -485,7 +485,7 @@ def load_benchmark(args):
 def read_hellaswag(path):
     """HellaSwag JSON Lines (one item a line: activity_label, ctx_a, ctx_b, four endings,
     label) -> list of item dicts. Raises ValueError naming the line of a malformed item."""
-    text = gpt.decode_utf8(existing_file(path, "--benchmark-file").read_bytes(), f"--benchmark-file {path}")
+    text = gpt.decode_utf8(gpt.existing_file(path, "--benchmark-file").read_bytes(), f"--benchmark-file {path}")
     items = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -516,7 +516,7 @@ def read_mmlu(path, shots=0):
         for file in sorted(path.rglob("*.csv")):
             if match := MMLU_FILE.search(file.as_posix()):
                 files[match[1], match[2]] = gpt.decode_utf8(file.read_bytes(), str(file))
-    elif tarfile.is_tarfile(existing_file(path, "--benchmark-file")):
+    elif tarfile.is_tarfile(gpt.existing_file(path, "--benchmark-file")):
         with tarfile.open(path) as archive:
             for member in archive:
                 if member.isfile() and (match := MMLU_FILE.search(member.name)):
@@ -578,7 +578,7 @@ def read_lines(path):
     """The lines of a UTF-8 text file of --contamination, one at a time. Raises FileNotFoundError,
     or ValueError at the first byte that is not UTF-8, naming the file."""
     try:
-        with open(existing_file(path, "--contamination"), encoding="utf-8") as f:
+        with open(gpt.existing_file(path, "--contamination"), encoding="utf-8") as f:
             yield from f
     except UnicodeDecodeError as e:
         raise ValueError(f"--contamination {path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
@@ -586,18 +586,10 @@ def read_lines(path):
 
 def read_text(path):
     """The text of --perplexity FILE. Raises ValueError for an empty file."""
-    text = gpt.decode_utf8(existing_file(path, "--perplexity").read_bytes(), f"--perplexity {path}")
+    text = gpt.decode_utf8(gpt.existing_file(path, "--perplexity").read_bytes(), f"--perplexity {path}")
     if not text:
         raise ValueError(f"--perplexity {path}: the file is empty: give a text to score")
     return text
-
-
-def existing_file(path, flag):
-    """Path(path), after checking that it is a file: FileNotFoundError naming the flag otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such file")
-    return path
 
 
 def is_hub_model(name):

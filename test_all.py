@@ -1602,6 +1602,17 @@ def test_stale_temporary_files_are_removed_but_a_running_process_keeps_its_own(t
         sleeper.wait()
 
 
+def test_a_folder_or_a_missing_path_given_for_a_file_is_named(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match=f"^--perplexity {re.escape(str(tmp_path))}: a folder, not a file$"):
+        gpt.existing_file(tmp_path, "--perplexity")
+    with pytest.raises(FileNotFoundError, match="^--evaluate .*missing.csv: no such file$"):
+        gpt.existing_file(tmp_path / "missing.csv", "--evaluate")
+    (tmp_path / "sms.txt").write_text("hello\n")
+    assert gpt.existing_file(tmp_path / "sms.txt", "--classify-file") == tmp_path / "sms.txt"
+    with pytest.raises(SystemExit, match=f"^error: --classify-file {re.escape(str(tmp_path))}: a folder, not a file$"):
+        fc.main(["--classify-file", str(tmp_path), "--checkpoint", str(tmp_path / "none.pt")])
+
+
 def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
     events = []
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
