@@ -2012,9 +2012,13 @@ def _holds_gpt2_vocabulary(folder):
 
 def tokenizer_files(name_or_path, *, quiet=False):
     """(tokenizer.json path, tokenizer_config.json path or None) of a Llama-family folder or
-    Hub model, downloading them once (see `hub_file`)."""
+    Hub model, downloading them once (see `hub_file`). Raises FileNotFoundError for a folder
+    that holds no model files."""
     folder = Path(name_or_path)
     if folder.is_dir():
+        model_files = ("model.safetensors", "model.safetensors.index.json", "tokenizer.json")
+        if not any((folder / name).exists() for name in model_files):
+            raise FileNotFoundError(f"{folder} holds no model: none of {', '.join(model_files)}")
         config_path = folder / "tokenizer_config.json"
         return folder / "tokenizer.json", config_path if config_path.exists() else None
     tokenizer_path = hub_file(str(name_or_path), "tokenizer.json", kind="json", quiet=quiet)

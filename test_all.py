@@ -747,6 +747,24 @@ def test_tokenizer_json_of_a_folder_with_its_end_of_text_from_tokenizer_config(t
         gpt.check_vocabulary(small, "--model x", tokenizer=encoding)
 
 
+def test_a_folder_without_model_files_is_named_by_every_script(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "text.txt").write_text("Every effort moves you. " * 50)
+    (tmp_path / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
+    model, out_dir = ["--model", str(empty)], ["--out-dir", str(tmp_path / "run")]
+    runs = [(load_gpt2.main, model),
+            (pretrain.main, [*model, *out_dir, "--data", str(tmp_path / "text.txt")]),
+            (instruct.main, [*model, *out_dir, "--data", str(tmp_path / "data.json")])]
+    for main, argv in runs:
+        with pytest.raises(SystemExit, match=f"^error: {re.escape(str(empty))} holds no model: none of "
+                                             "model.safetensors, model.safetensors.index.json, tokenizer.json$"):
+            main(argv)
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(str(empty))}: neither model.safetensors nor "
+                                         "model.safetensors.index.json$"):
+        fc.main([*model, *out_dir, "--data", str(_classify_sms_slice(tmp_path))])
+
+
 def test_tokenizer_json_of_gpt2_gives_tiktokens_gpt2_ids(tmp_path):
     from transformers import GPT2TokenizerFast
 
