@@ -2938,6 +2938,14 @@ def restore_training_state(checkpoint, optimizer, device, rng):
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:
         group["fused"] = fused  # the saved flag belongs to the device the run was saved on
+        for param in group["params"]:
+            state = optimizer.state[param]
+            for name, value in state.items():
+                # Moments saved beside weights of another memory layout (`load_weights_into` maps
+                # GPT-2's weights as transposed views) take this parameter's: the fused kernel pairs
+                # them element by element in memory order (and refuses other layouts on CUDA).
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[name] = torch.empty_like(param).copy_(value)
     set_rng_state(rng, device)
 
 

@@ -1556,6 +1556,32 @@ def _settings_parser():
     return parser
 
 
+def test_restored_adamw_moments_take_the_layout_of_the_parameters():
+    # A run that trained weights stored transposed (as load_weights_into maps GPT-2's), saved,
+    # then resumed into a model whose weights are laid out plainly: the steps must be the same.
+    torch.manual_seed(0)
+    transposed = torch.nn.Linear(5, 3, bias=False)
+    transposed.weight = torch.nn.Parameter(torch.randn(5, 3).t())  # [3, 5], strides (1, 3)
+    inputs = torch.randn(4, 5)
+    optimizer = gpt.make_adamw(transposed, lr=0.1, weight_decay=0.0)
+
+    def step(model, optimizer):
+        model(inputs).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step(transposed, optimizer)
+    saved = pickle.loads(pickle.dumps({"optimizer": optimizer.state_dict()}))
+    plain = torch.nn.Linear(5, 3, bias=False)
+    plain.weight = torch.nn.Parameter(transposed.weight.detach().contiguous())
+    resumed = gpt.make_adamw(plain, lr=0.1, weight_decay=0.0)
+    gpt.restore_training_state(saved, resumed, torch.device("cpu"), gpt.rng_state())
+    assert resumed.state[plain.weight]["exp_avg"].stride() == plain.weight.stride() == (5, 1)
+    step(transposed, optimizer)
+    step(plain, resumed)
+    torch.testing.assert_close(plain.weight, transposed.weight, rtol=0, atol=1e-6)
+
+
 def test_resume_settings_restore_the_saved_run_and_name_a_contradiction():
     parser = _settings_parser()
     saved = {"lr": 5e-4, "max_steps": 10, "resume": False}
