@@ -2950,8 +2950,9 @@ def restore_training_state(checkpoint, optimizer, device, rng):
 
 
 # Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found
-# in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.
-GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+# in torch.cuda.get_device_name() wins, so the PCIe H100 and the H200 NVL come before the SXM ones.
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 836e12, "H200": 989e12, "A100": 312e12,
+                  "L40S": 362e12, "L4": 121e12}
 
 
 def peak_flops(device, dtype_name):

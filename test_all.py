@@ -3142,6 +3142,15 @@ def test_pretrain_memory_check_says_when_the_weights_alone_do_not_fit(tmp_path, 
 # --- gpt.py: the training plumbing pretrain.py moved there (autocast, FLOPs, throughput) --
 
 
+def test_peak_flops_of_a_gpu_come_from_its_name(monkeypatch):
+    cuda = torch.device("cuda")
+    for name, flops in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200 NVL", 836e12),
+                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert gpt.peak_flops(cuda, "bfloat16") == flops, name
+    assert gpt.peak_flops(cuda, "float32") is None and gpt.peak_flops(torch.device("cpu"), "bfloat16") is None
+
+
 def test_pretrain_autocast_flops_and_throughput_line_are_exact(monkeypatch):
     context, dtype_name = gpt.autocast_context(torch.device("cpu"), "auto")
     assert dtype_name == "float32" and not isinstance(context, torch.autocast)  # CPUs: float32 unless asked
