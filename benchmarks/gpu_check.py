@@ -22,8 +22,9 @@ parts, the scripts each in a process of its own, timed, with its peak GPU memory
 Parts run in that order until --time-limit; a part that has no time left, or fails, is
 recorded as such and the next one runs. A second call with --only adds to the same
 results. --quick swaps in a 2-layer model and a few steps to check the plumbing: its
-numbers mean nothing. The pretraining text and the instruction data are files beside the
-repository (--text, --instructions); nothing is downloaded.
+numbers mean nothing. The pretraining text (tinyshakespeare) and the book's instruction data
+are read from gpu_data/ beside the scripts when they are there (a machine without internet),
+else downloaded once and checked (--text and --instructions take other files).
 
 Writes into --out-dir: results.json (every number), results.md (a table), log.txt (what
 every process printed), and the models and runs it made (gigabytes: keep --out-dir out of
@@ -49,12 +50,31 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's top level
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import finetune_instruct  # noqa: E402
 import gpt  # noqa: E402
 from make_random_model import write_random_model  # noqa: E402
 
 PARTS = ["matmul", "cuda-tests", "classify", "pretrain", "instruct", "load", "generate", "tests"]
 # A 2-layer model of GPT-2's vocabulary for --quick: the same code paths, seconds of work.
 QUICK_SHAPE = dict(n_layers=2, n_heads=2, emb_dim=64, context_length=128)
+# The two data files: (name in gpu_data/, where they are published, size in bytes, SHA-256).
+DATA = {
+    "--text": ("tinyshakespeare.txt", "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+               "tinyshakespeare/input.txt", 1115394, "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+    "--instructions": ("instruction-data.json", finetune_instruct.DATA_URL, finetune_instruct.DATA_SIZE,
+                       finetune_instruct.DATA_SHA256),
+}
+
+
+def data_file(flag, given):
+    """The file of --text or --instructions: the one given, else the copy in gpu_data/, else
+    the published file, downloaded once into the cache and checked."""
+    name, url, size, sha256 = DATA[flag]
+    if given is not None:
+        return gpt.existing_file(given, flag)
+    if (ROOT / "gpu_data" / name).is_file():
+        return ROOT / "gpu_data" / name
+    return gpt.fetch_dataset([url], name, flag=flag, size=size, sha256=sha256)
 
 
 class OutOfTime(Exception):
@@ -373,19 +393,19 @@ def main():
     parser.add_argument("--only", nargs="+", choices=PARTS, default=PARTS, help="the parts to run, in this order")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N (cpu: with --quick, the plumbing)")
     parser.add_argument("--quick", action="store_true", help="a 2-layer model and a few steps: the plumbing only")
-    parser.add_argument("--text", default=str(ROOT / "gpu_data" / "tinyshakespeare.txt"),
-                        help="pretraining text (tinyshakespeare: about 338,000 tokens)")
-    parser.add_argument("--instructions", default=str(ROOT / "gpu_data" / "instruction-data.json"),
-                        help="the book's instruction data (the first 200 entries are used)")
+    parser.add_argument("--text", help="pretraining text (default: tinyshakespeare, about 338,000 tokens)")
+    parser.add_argument("--instructions", help="instruction data, of which the first 200 entries are used "
+                        "(default: the book's)")
     parser.add_argument("--pretrain-steps", type=int, default=60, help="optimizer steps of each pretraining run")
     parser.add_argument("--pretrain-batch-size", type=int, default=32, help="windows of 1,024 tokens per step")
     parser.add_argument("--time-limit", type=float, default=360, help="seconds for all parts")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check.py: error: no CUDA GPU here; --device cpu --quick checks the plumbing")
-    for flag, path in (("--text", args.text), ("--instructions", args.instructions)):
-        if not Path(path).is_file():
-            sys.exit(f"gpu_check.py: error: {flag} {path}: no such file (copy it from the data sets, see --help)")
+    try:
+        args.text, args.instructions = data_file("--text", args.text), data_file("--instructions", args.instructions)
+    except (OSError, RuntimeError) as e:
+        sys.exit(f"gpu_check.py: error: {e}")
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / "testdata" / "tiktoken_cache"))
     os.environ.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 
