@@ -3598,10 +3598,13 @@ def test_classify_bfloat16_autocast_trains_and_stays_close():
     assert torch.equal(fc.autocast_logits(full, torch.device("cpu"), torch.float32)(token_ids), full(token_ids))
 
 
-def test_classify_dtype_bfloat16_run_finishes(tmp_path):
-    fc.main(_classify_run_argv(tmp_path, "run", "--dtype", "bfloat16", "--max-steps", "3"))
-    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
-    assert len(history["step_loss"]) == 3 and all(math.isfinite(x) for x in history["step_loss"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # float16: with loss scaling (GradScaler)
+def test_classify_mixed_precision_run_finishes_close_to_float32(tmp_path, dtype):
+    fc.main(_classify_run_argv(tmp_path, "full", "--max-steps", "3"))
+    fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", dtype, "--max-steps", "3"))
+    full, mixed = (json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("full", "mixed"))
+    assert len(mixed["step_loss"]) == 3 and all(math.isfinite(x) for x in mixed["step_loss"])
+    assert mixed["step_loss"] == pytest.approx(full["step_loss"], abs=0.05)
 
 
 def test_classify_folder_with_another_run_is_refused_unless_overwrite(tmp_path, capsys):
@@ -4925,6 +4928,16 @@ def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones(tmp_path):
     assert [p["label"] for p in gpu_predictions] == [p["label"] for p in cpu_predictions]
     for gpu_prediction, cpu_prediction in zip(gpu_predictions, cpu_predictions):
         assert gpu_prediction["spam_probability"] == pytest.approx(cpu_prediction["spam_probability"], abs=1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # float16: GradScaler with fused AdamW
+def test_cuda_classifier_in_mixed_precision_trains_close_to_float32(tmp_path, dtype):
+    fc.main(_classify_run_argv(tmp_path, "full", "--max-steps", "3", "--device", "cuda"))
+    fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", dtype, "--max-steps", "3", "--device", "cuda"))
+    full, mixed = (json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("full", "mixed"))
+    assert all(math.isfinite(x) for x in mixed["step_loss"])
+    assert mixed["step_loss"] == pytest.approx(full["step_loss"], abs=0.05)
 
 
 @needs_cuda
