@@ -4371,7 +4371,10 @@ def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, m
 
 def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instruct_tiny_run, capsys, monkeypatch):
     folder = _instruct_tiny_run
-    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "3"]
+    # A model folder as save_pretrained writes it: its weights load as transposed views, whose AdamW
+    # moments must be restored in the layout of the resumed model's weights.
+    save_hf_gpt2(folder / "hf", n_positions=96, n_embd=32, n_layer=2, n_head=2)
+    common = ["--data", str(folder / "data.json"), "--model", str(folder / "hf"), "--epochs", "3"]
     common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
     instruct.main(common + ["--out-dir", str(folder / "straight3")])
     # SIGTERM (a job scheduler, `timeout`, `docker stop`) in step 3 of 6, between the saves of steps 2 and 4:
