@@ -31,7 +31,6 @@ every process printed), and the models and runs it made (gigabytes: keep --out-d
 any folder that is copied back).
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -387,10 +386,10 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(*sys.argv[2:])
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default="/tmp/gpu-check", help="folder for results, logs, models and runs")
-    parser.add_argument("--only", nargs="+", choices=PARTS, default=PARTS, help="the parts to run, in this order")
+    parser.add_argument("--only", nargs="+", choices=PARTS, metavar="PART",
+                        help=f"the parts to run, in this order: {', '.join(PARTS)} (default: all)")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N (cpu: with --quick, the plumbing)")
     parser.add_argument("--quick", action="store_true", help="a 2-layer model and a few steps: the plumbing only")
     parser.add_argument("--text", help="pretraining text (default: tinyshakespeare, about 338,000 tokens)")
@@ -400,6 +399,7 @@ def main():
     parser.add_argument("--pretrain-batch-size", type=int, default=32, help="windows of 1,024 tokens per step")
     parser.add_argument("--time-limit", type=float, default=360, help="seconds for all parts")
     args = parser.parse_args()
+    args.only = args.only or PARTS
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check.py: error: no CUDA GPU here; --device cpu --quick checks the plumbing")
     try:
