@@ -94,15 +94,15 @@ def run_script(script, args, ctx, timeout):
     memory_file = ctx.work / "peak-memory.txt"
     memory_file.unlink(missing_ok=True)
     command = [sys.executable, __file__, "--child", str(memory_file), str(ROOT / script), *map(str, args)]
-    rc, output, seconds = run_logged(command, ctx, timeout)
+    rc, output, seconds = run_logged(command, ctx, timeout, title=f"{script} {' '.join(map(str, args))}")
     peak = float(memory_file.read_text()) if memory_file.exists() else None
     print(f"{script}: rc {rc}, {seconds:.1f} s" + (f", peak GPU memory {peak:.2f} GB" if peak else ""), flush=True)
     return dict(rc=rc, seconds=round(seconds, 2), peak_gpu_gb=peak), output
 
 
-def run_logged(command, ctx, timeout):
+def run_logged(command, ctx, timeout, title=None):
     """Run command in the repository, stopped after timeout seconds -> (exit status or "timeout",
-    output, seconds). The output is appended to the log."""
+    output, seconds). The output is appended to the log under `title` (default: the command)."""
     started = time.time()
     try:
         done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -112,8 +112,7 @@ def run_logged(command, ctx, timeout):
         rc, output = "timeout", (e.stdout or b"").decode("utf-8", "replace") + f"\n[stopped after {timeout:.0f} s]"
     seconds = time.time() - started
     with ctx.log.open("a", encoding="utf-8") as f:
-        f.write(f"\n===== {' '.join(command[3:] if '--child' in command else command)}\n{output}\n"
-                f"===== rc {rc}, {seconds:.1f} s\n")
+        f.write(f"\n===== {title or ' '.join(command)}\n{output}\n===== rc {rc}, {seconds:.1f} s\n")
     return rc, output, seconds
 
 
