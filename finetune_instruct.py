@@ -89,9 +89,7 @@ def load_instruction_data(path, max_reported=10):
     """Read an Alpaca-style JSON list or JSON Lines file (UTF-8, a byte-order mark allowed) -> the usable entries
     (dicts, as in the file). Bad entries are reported with their position, "entry 7" (0-based) in a list, "line 8"
     (1-based) in JSON Lines, and left out. Raises FileNotFoundError, or ValueError when no usable entry is left."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file")
+    path = gpt.existing_file(path, "--data")
     text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")
     if not text.strip():
         raise ValueError(f"--data {path}: the file is empty: give a JSON list of Alpaca entries")
