@@ -228,12 +228,11 @@ def collate_instruction_batch(batch, eot_id, *, mask_prompt=False, max_length=No
     return torch.tensor(inputs), torch.tensor(targets)
 
 
-def epoch_batches(examples, batch_size, seed, epoch):
-    """The batches of one epoch (lists of examples; the last may be shorter), shuffled reproducibly from seed and
-    epoch alone, so that a resumed run sees the same batches as an uninterrupted one."""
-    generator = torch.Generator().manual_seed((seed * 1000 + epoch) % 2**64)  # any --seed: torch takes 64 bits
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    return [[examples[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
+def epoch_batch(examples, batch_size, seed, epoch, index):
+    """Batch `index` of an epoch (a list of examples; the epoch's last batch may be shorter), in the order
+    `gpt.epoch_order` gives the epoch from seed and epoch alone: a resumed run reads what an uninterrupted one would."""
+    order = gpt.epoch_order(len(examples), seed, epoch)[index * batch_size : (index + 1) * batch_size]
+    return [examples[i] for i in order.tolist()]
 
 
 # ----------------------------------------------------------------------------------------
@@ -333,7 +332,7 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
             break
 
         epoch, index = divmod(step, steps_per_epoch)
-        inputs, targets = collate(epoch_batches(train_examples, args.batch_size, args.seed, epoch)[index])
+        inputs, targets = collate(epoch_batch(train_examples, args.batch_size, args.seed, epoch, index))
         step_started = time.time()
         loss = calc_loss_batch(model, inputs.to(device), targets.to(device), autocast)
         gpt.check_finite_loss(loss.detach(), step + 1)  # before the update: a NaN never reaches the weights

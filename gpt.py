@@ -2826,6 +2826,16 @@ def set_drop_rate(model, drop_rate):
             module.drop_rate = drop_rate
 
 
+@functools.lru_cache(maxsize=1)  # the current epoch's order, made once when training enters the epoch
+def epoch_order(n_items, seed, epoch):
+    """The order in which one epoch reads the training items: a permutation of range(n_items),
+    LongTensor [n_items], from (seed, epoch) alone, so that a resumed run reads what an
+    uninterrupted one would."""
+    # One seed per (seed, epoch) pair, distinct for fewer than 100,003 epochs; torch takes 64 bits.
+    generator = torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64)
+    return torch.randperm(n_items, generator=generator)
+
+
 def split_by_fractions(items, seed, fractions):
     """Shuffle a copy of items with `seed` and cut it into len(fractions) + 1 parts: the
     first parts get int(n * fraction) items each, the last part the rest."""

@@ -39,7 +39,6 @@ too big for that, fine-tune it with LoRA (finetune_classify.py, finetune_instruc
 """
 
 import dataclasses
-import functools
 import math
 import os
 import signal
@@ -130,7 +129,7 @@ class Splits:
     context_length: int  # tokens per window
     stride: int  # tokens between the starts of two training windows
     n_windows: int  # training windows in one epoch
-    seed: int  # of the order of the training windows (`window_order`)
+    seed: int  # of the order of the training windows (`gpt.epoch_order`)
     eval_starts: dict  # {"train": starts, "val": starts}: the same windows at every evaluation
     unigram_loss: float  # validation loss of a model that ignores context, nats per token
 
@@ -141,25 +140,16 @@ def count_windows(n_tokens, context_length, stride):
     return max(0, (n_tokens - context_length - 1) // stride + 1)
 
 
-@functools.lru_cache(maxsize=1)  # the current epoch's order, made once when the run enters the epoch
-def window_order(n_windows, seed, epoch):
-    """The training windows of one epoch in the order training reads them: a permutation of range(n_windows)
-    seeded by (seed, epoch)."""
-    # One seed per (seed, epoch) pair: distinct for fewer than 100,003 epochs.
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n_windows, generator=generator)
-
-
 def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
     """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows in the order of epoch
-    i // n_windows (`window_order`), so the data position is one number that a checkpoint stores: the samples seen.
+    i // n_windows (`gpt.epoch_order`), so the data position is one number that a checkpoint stores: the samples seen.
     A step reads batch_size * grad_accum * world_size samples from samples_seen on; micro-step m of rank r takes
     samples_seen + (m * world_size + r) * batch_size + [0, batch_size), so the ranks' micro-batches side by side are
     one process's micro-batch of batch_size * world_size."""
     first = samples_seen + (micro_step * world_size + rank) * batch_size
     n = splits.n_windows
     samples = range(first, first + batch_size)
-    return [int(window_order(n, splits.seed, i // n)[i % n]) * splits.stride for i in samples]
+    return [int(gpt.epoch_order(n, splits.seed, i // n)[i % n]) * splits.stride for i in samples]
 
 
 def evaluation_starts(n_tokens, context_length, max_windows):
