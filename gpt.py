@@ -1365,13 +1365,15 @@ def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
             return
 
 
-def safe_cut(text):
-    """Index just after the last newline with non-whitespace on both sides, or 0. The
+def safe_cut(text, start=0):
+    """Index just after the last newline with non-whitespace on both sides, or 0; newlines
+    before `start` are not looked at (the caller knows there is no cut there). The
     pre-tokenizers of GPT-2 and the Llama family always end a piece there, so encoding
     text[:cut] and text[cut:] apart gives exactly the tokens of the whole text."""
-    cut = text.rfind("\n", 1, len(text) - 1)
+    first = max(1, start)
+    cut = text.rfind("\n", first, len(text) - 1)
     while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
-        cut = text.rfind("\n", 1, cut)
+        cut = text.rfind("\n", first, cut)
     return cut + 1 if cut > 0 else 0
 
 
@@ -1382,8 +1384,10 @@ def encode_pieces(pieces, tokenizer):
     end_of_text = {tokenizer.decode([tokenizer.eot_token])}
     buffer = ""
     for piece in pieces:
+        # The buffer held no cut; only its last character may now become one (it gets a right neighbour).
+        searched = max(len(buffer) - 1, 0)
         buffer += piece
-        cut = safe_cut(buffer)
+        cut = safe_cut(buffer, searched)
         if cut:
             yield tokenizer.encode(buffer[:cut], allowed_special=end_of_text)
             buffer = buffer[cut:]
