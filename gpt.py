@@ -1447,7 +1447,7 @@ def write_token_file(paths, token_path, tokenizer, replace_invalid=False, chunk_
     except KeyboardInterrupt:
         end_progress()
         print("interrupted while tokenizing: nothing new is saved, the partial token file is deleted", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise  # the script's command_line ends it (exit status 130)
     finally:
         tmp.unlink(missing_ok=True)
     return n_tokens, digest.hexdigest()
