@@ -413,7 +413,8 @@ def merge_lora(model):
 class KVCache:
     """Keys and values of the positions a model has already read, one pair per layer.
 
-    Buffers of shape [batch, n_heads, max_length, head_dim] are allocated on first use;
+    Buffers of shape [batch, n_heads, max_length, head_dim] (n_kv_heads for the Llama
+    family's grouped-query attention) are allocated on first use;
     `length` counts the positions filled. The model advances `length` after each forward
     pass. max_length: the context length, or fewer positions when fewer will be read (a long
     context's buffers would take gigabytes). Source:
@@ -1804,8 +1805,9 @@ def load_gpt2(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=F
     - a checkpoint written by this project's scripts (`save_checkpoint`, a `.pt` file).
     The model is built without random initialisation (on the meta device) and each
     tensor is copied once from the memory-mapped file and then released, so loading
-    needs about one copy of the weights in memory. Raises ValueError for an unknown name
-    or a malformed or mismatching file, FileNotFoundError for a missing path.
+    needs about one copy of the weights in memory. Raises FileNotFoundError for an unknown
+    name or a missing path (naming what a model can be, as `load_model` reaches here for
+    any name that is not of the Llama family), ValueError for a malformed or mismatching file.
     """
     path = Path(name_or_path)
     if path.is_dir():  # a Hugging Face model folder, such as `export_hf` writes
