@@ -226,12 +226,13 @@ def full_pass_logits(model, token_ids, pad_id=gpt.EOT_ID):
     return model(idx)[torch.arange(len(token_ids), device=idx.device), last]  # [B, T, classes] -> [B, classes]
 
 
-def autocast_logits(logits_fn, device, dtype):
-    """logits_fn in mixed precision (--dtype): its forward pass under torch.autocast in `dtype` (weights stay float32,
-    matrix products run in dtype; float32: no autocast) -> float32 logits."""
+def autocast_logits(logits_fn, device, dtype_name):
+    """logits_fn in mixed precision (--dtype): its forward pass under `gpt.autocast_context` in dtype_name (weights
+    stay float32, matrix products run in that type; "float32": no autocast) -> float32 logits."""
+    autocast, _ = gpt.autocast_context(device, dtype_name)
 
     def logits(inputs):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast:
             return logits_fn(inputs).float()
 
     return logits
@@ -291,17 +292,18 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
             batch = order[b * batch_size : (b + 1) * batch_size]
             logits = logits_fn([train_inputs[i] for i in batch])
             loss = F.cross_entropy(logits, train_labels[batch])
-            gpt.check_finite_loss(loss, step + 1)
+            loss_value = loss.item()  # the one read from the device per step
+            gpt.check_finite_loss(loss_value, step + 1)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            history["step_loss"].append(loss.item())
+            history["step_loss"].append(loss_value)
             window_seconds += time.perf_counter() - step_started
             window_examples += len(batch)
             if step % log_every == 0 or step == total_steps:
-                print(f"epoch {epoch}/{epochs} step {step}/{total_steps} | loss {loss.item():.4f} | "
+                print(f"epoch {epoch}/{epochs} step {step}/{total_steps} | loss {loss_value:.4f} | "
                       f"{window_examples / window_seconds:.1f} examples/s | ETA {gpt.eta(started, step, total_steps)}",
                       flush=True)
                 window_seconds, window_examples = 0.0, 0
@@ -735,7 +737,7 @@ def train_and_evaluate(args, device):
     inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids[:2], args, eot_id)  # train, validation
     train_started = time.time()
     # --dtype: mixed precision for what runs per step; weights, cache and loss stay float32.
-    mixed = partial(autocast_logits, device=device, dtype=gpt.DTYPES[args.dtype])
+    mixed = partial(autocast_logits, device=device, dtype_name=args.dtype)
     history = train_classifier(model, mixed(logits_fn), (inputs[0], labels[0]), (inputs[1], labels[1]),
                                epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                                weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every,

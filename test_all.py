@@ -3592,10 +3592,10 @@ def test_classify_bfloat16_autocast_trains_and_stays_close():
     model = _classify_tiny_classifier()
     token_ids = _classify_token_ids([5, 30, 12])
     full = partial(fc.full_pass_logits, model)
-    mixed = fc.autocast_logits(full, torch.device("cpu"), torch.bfloat16)(token_ids)
+    mixed = fc.autocast_logits(full, torch.device("cpu"), "bfloat16")(token_ids)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, full(token_ids), atol=0.05, rtol=0.05)
-    assert torch.equal(fc.autocast_logits(full, torch.device("cpu"), torch.float32)(token_ids), full(token_ids))
+    assert torch.equal(fc.autocast_logits(full, torch.device("cpu"), "float32")(token_ids), full(token_ids))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # float16: with loss scaling (GradScaler)
