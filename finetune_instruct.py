@@ -772,7 +772,7 @@ def load_for_answers(args, checkpoint, device):
         raise FileNotFoundError(f"no {checkpoint}: fine-tune first, or give --checkpoint (any --model value works)")
     print(f"model: {checkpoint}")
     model = gpt.load_model(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype])
-    tokenizer, _ = gpt.load_tokenizer(gpt.tokenizer_source(checkpoint))
+    tokenizer, _ = gpt.load_tokenizer(checkpoint)  # the one the checkpoint names
     gpt.check_vocabulary(model, f"--checkpoint {checkpoint}", tokenizer)
     return model, tokenizer
 

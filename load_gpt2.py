@@ -468,8 +468,6 @@ def load_benchmark(args):
     original source and counted; the first --limit of them (of each MMLU subject)."""
     path = args.benchmark_file
     hellaswag = args.benchmark == "hellaswag"
-    if hellaswag and path is not None and Path(path).is_dir():
-        raise ValueError(f"--benchmark-file {path} is a folder: HellaSwag needs its hellaswag_val.jsonl file")
     if path is None and hellaswag:
         path = gpt.fetch_dataset(HELLASWAG_URLS, "hellaswag_val.jsonl", flag="--benchmark-file", kind="text")
     elif path is None:

@@ -2431,7 +2431,7 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
     (tmp_path / "not_mmlu" / "notes.csv").write_text("a,b\n")
     for argv, message in [
         (["--benchmark", "hellaswag", "--benchmark-file", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
-        (["--benchmark", "hellaswag", "--benchmark-file", str(TESTDATA / "mmlu")], "is a folder: HellaSwag needs"),
+        (["--benchmark", "hellaswag", "--benchmark-file", str(TESTDATA / "mmlu")], "mmlu: a folder, not a file"),
         (["--benchmark", "mmlu", "--contamination", "no-such-corpus"], "--contamination no-such-corpus: no such file"),
         (["--benchmark", "hellaswag", "--benchmark-file", str(broken)], "broken.jsonl line 2: not valid JSON"),
         (["--benchmark", "hellaswag", "--benchmark-file", str(no_label)], "no_label.jsonl line 1: bad or missing field"),
