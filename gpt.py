@@ -1329,11 +1329,10 @@ def plot_curves(path, panels, xlabel):
         ax.set_xlabel(xlabel)
         ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png.getbuffer())
     return Path(path)
 
 
