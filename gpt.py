@@ -627,22 +627,21 @@ def token_ids_to_text(token_ids, tokenizer=None):
 # The presets: the sizes in each model's config.json on the Hugging Face Hub (hidden_size,
 # intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
 # max_position_embeddings, rope_theta, rope_scaling, rms_norm_eps, tie_word_embeddings).
-_LLAMA = dict(family="llama")  # what every preset below switches on
 LLAMA_CONFIGS = {
     "HuggingFaceTB/SmolLM2-135M": GPTConfig(  # 135M parameters, Apache-2.0
-        **_LLAMA, vocab_size=49152, context_length=8192, emb_dim=576, n_heads=9, n_kv_heads=3, n_layers=30,
+        family="llama", vocab_size=49152, context_length=8192, emb_dim=576, n_heads=9, n_kv_heads=3, n_layers=30,
         hidden_dim=1536, rope_theta=100000.0,
     ),
     "HuggingFaceTB/SmolLM2-360M": GPTConfig(  # 362M, Apache-2.0
-        **_LLAMA, vocab_size=49152, context_length=8192, emb_dim=960, n_heads=15, n_kv_heads=5, n_layers=32,
+        family="llama", vocab_size=49152, context_length=8192, emb_dim=960, n_heads=15, n_kv_heads=5, n_layers=32,
         hidden_dim=2560, rope_theta=100000.0,
     ),
     "Qwen/Qwen3-0.6B-Base": GPTConfig(  # 596M (440M without the embedding), Apache-2.0
-        **_LLAMA, vocab_size=151936, context_length=32768, emb_dim=1024, n_heads=16, n_kv_heads=8, n_layers=28,
+        family="llama", vocab_size=151936, context_length=32768, emb_dim=1024, n_heads=16, n_kv_heads=8, n_layers=28,
         head_dim=128, hidden_dim=3072, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True,
     ),
     "meta-llama/Llama-3.2-1B": GPTConfig(  # 1236M, Llama 3.2 Community License, gated
-        **_LLAMA, vocab_size=128256, context_length=131072, emb_dim=2048, n_heads=32, n_kv_heads=8, n_layers=16,
+        family="llama", vocab_size=128256, context_length=131072, emb_dim=2048, n_heads=32, n_kv_heads=8, n_layers=16,
         head_dim=64, hidden_dim=8192, rope_theta=500000.0,
         rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192),
