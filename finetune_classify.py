@@ -683,9 +683,7 @@ def build_classifier(args, device):
     model = gpt.load_model(args.model, device=device)
     tokenizer, eot_id = gpt.load_tokenizer(args.model)
     cfg = model.cfg
-    max_length = args.max_length or cfg.context_length
-    if max_length > cfg.context_length:
-        raise ValueError(f"--max-length {max_length} is longer than the model's context length {cfg.context_length}")
+    max_length = gpt.length_within_context(args.max_length, cfg, "--max-length")
     gpt.check_vocabulary(model, f"--model {args.model}", tokenizer)
     torch.manual_seed(args.seed)  # the head's (and LoRA's) initialisation, and dropout
     add_classification_head(model, len(CLASS_NAMES))

@@ -602,10 +602,7 @@ def fine_tune(args, argv, device):
     gpt.print_settings(args)
     tokenizer, eot_id = gpt.load_tokenizer(tokenizer_name)  # the model's own tokenizer and end-of-text id
     model = prepare_model(args, tokenizer, device, state)
-    context_length = model.cfg.context_length
-    max_length = args.max_length or context_length
-    if max_length > context_length:
-        raise ValueError(f"--max-length {max_length} is longer than the model's context length {context_length}")
+    max_length = gpt.length_within_context(args.max_length, model.cfg, "--max-length")
     print(gpt.model_summary(model, args.model) + f", on {device}")
     train_examples = tokenize_examples(train_set, tokenizer, max_length, args.mask_prompt)
     val_examples = tokenize_examples(val_set, tokenizer, max_length, args.mask_prompt)

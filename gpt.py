@@ -326,6 +326,14 @@ def check_context_length(length, cfg):
         )
 
 
+def length_within_context(length, cfg, flag):
+    """The value of a length flag (--max-length, --context-length), or the model's context
+    length when it is None. Raises ValueError naming the flag when it is longer."""
+    if length is not None and length > cfg.context_length:
+        raise ValueError(f"{flag} {length} is longer than the model's context length {cfg.context_length}")
+    return length or cfg.context_length
+
+
 def build_model(cfg):
     """A new model with random weights: `GPTModel` for family "gpt2", `LlamaModel` for "llama"."""
     return LlamaModel(cfg) if cfg.family == "llama" else GPTModel(cfg)

@@ -185,10 +185,7 @@ def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_00
 
 def make_splits(token_path, n_tokens, args, cfg, world_size=1):
     """The Splits of a token file, for a model of config cfg and the settings args."""
-    context_length = args.context_length or cfg.context_length
-    if context_length > cfg.context_length:
-        limit = cfg.context_length
-        raise ValueError(f"--context-length {context_length} is longer than the model's context length {limit}")
+    context_length = gpt.length_within_context(args.context_length, cfg, "--context-length")
     stride = args.stride or context_length
     tokens = gpt.read_token_file(token_path, n_tokens)
     train, val = split_tokens(tokens, args.train_fraction, context_length)
