@@ -321,7 +321,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
         # Model selection: keep a copy of the trainable weights of the best epoch so far (--keep-last: the last).
         if keep_last or best_score is None or (val_acc, -val_loss) > best_score:
             best_score, kept = (val_acc, -val_loss), epoch - 1
-            kept_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            kept_weights = gpt.trainable_weights(model)
     model.load_state_dict(kept_weights, strict=False)
     history["kept_epoch"] = history["epoch"][kept]
     print(f"kept:       epoch {history['kept_epoch']:.3g} of {history['epoch'][-1]:.3g} "

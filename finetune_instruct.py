@@ -312,11 +312,7 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
             history["val_loss"].append(val_loss)
             print(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
             if val_loss < best["val_loss"]:  # keep the weights that generalise best (early stopping)
-                # only what trains changes (all weights, or the LoRA adapters): a copy of it brings them back
-                weights = {
-                    name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad
-                }
-                best = {"step": step, "val_loss": val_loss, "weights": weights}
+                best = {"step": step, "val_loss": val_loss, "weights": gpt.trainable_weights(model)}
         # A stop saves the steps made since the last save: --resume goes on from this very step.
         stop = stopper.requested and step < total_steps
         if stop or (step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0

@@ -2796,6 +2796,12 @@ def make_adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def trainable_weights(model):
+    """A CPU copy of the weights that train, {name: tensor}: all a kept "best" model needs, as
+    the frozen ones do not change. `model.load_state_dict(weights, strict=False)` brings it back."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
 def check_finite_loss(loss, step):
     """Raise RuntimeError when a loss (float or tensor) is NaN or infinite: training has
     diverged, and every later step would only spread NaN through the weights."""
