@@ -103,7 +103,7 @@ def load_instruction_data(path, max_reported=10):
                              "Lines) of Alpaca entries")
     entries, bad, good = [], [], []
     if text.lstrip().startswith("["):
-        entries = [(f"entry {i}", item) for i, item in enumerate(gpt.read_json(path, "--data"))]
+        entries = [(f"entry {i}", item) for i, item in enumerate(gpt.parse_json(text, f"--data {path}"))]
     else:
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():

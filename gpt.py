@@ -1080,12 +1080,17 @@ def read_json(path, source):
     """Parse a UTF-8 JSON file (a byte-order mark is allowed) -> object. Raises
     FileNotFoundError or ValueError naming `source` and the file."""
     path = existing_file(path, source)
+    return parse_json(decode_utf8(path.read_bytes(), f"{source} {path}"), f"{source} {path}")
+
+
+def parse_json(text, source):
+    """json.loads(text), with ValueError naming `source` (flag and file) for text that is not JSON."""
     try:
-        return json.loads(decode_utf8(path.read_bytes(), f"{source} {path}"))
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{source} {path}: not valid JSON ({e})") from None
+        raise ValueError(f"{source}: not valid JSON ({e})") from None
     except RecursionError:
-        raise ValueError(f"{source} {path}: JSON nested too deeply to read") from None
+        raise ValueError(f"{source}: JSON nested too deeply to read") from None
 
 
 def _print_progress(done, total, started, label):
