@@ -618,8 +618,8 @@ def parse_args(argv=None):
                      help="spam when its probability is at least this (--classify, --evaluate, the test metrics)")
     use.add_argument("--results", metavar="FILE", help="write --evaluate's metrics (.json) or the predictions of "
                      "--classify with spam probabilities (.csv or .json) (default: print only)")
-    use.add_argument("--checkpoint", help="classifier to write or read, or a ...ForSequenceClassification folder "
-                                          "(default: OUT_DIR/classifier.pt)")
+    use.add_argument("--checkpoint", help="classifier to write or read: a file, a run folder (its classifier.pt) "
+                                          "or a ...ForSequenceClassification folder (default: OUT_DIR/classifier.pt)")
     use.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint as a transformers "
                      "...ForSequenceClassification folder in --dtype and exit (default: none)")
     args = parser.parse_args(argv)
