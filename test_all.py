@@ -4327,6 +4327,12 @@ def test_instruct_clear_errors(tmp_path, _instruct_tiny_run):
         instruct.main(common + ["--model", str(folder / "tiny.pt"), "--max-length", "97"])
 
 
+def _instruct_same_weights(run_a, run_b):
+    """Whether two runs saved exactly the same model.pt."""
+    a, b = (gpt.load_checkpoint(run / "model.pt")["model"] for run in (run_a, run_b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _instruct_ctrl_c_in_step(monkeypatch, stop_step):
     """Make training raise KeyboardInterrupt in step `stop_step`, before its update, as a Ctrl-C
     there would -> the real gpt.check_finite_loss, to put back."""
@@ -4359,9 +4365,7 @@ def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, m
     monkeypatch.setattr(gpt, "check_finite_loss", check)
     instruct.main(["--out-dir", str(folder / "halves"), "--resume"])
     assert "resuming at step 2 of 4" in capsys.readouterr().out
-    straight = gpt.load_checkpoint(folder / "straight" / "model.pt")["model"]
-    halves = gpt.load_checkpoint(folder / "halves" / "model.pt")["model"]
-    assert all(torch.equal(straight[k], halves[k]) for k in straight)
+    assert _instruct_same_weights(folder / "straight", folder / "halves")
     assert not (folder / "halves" / "train_state.pt").exists()  # a finished run keeps no training state
     assert json.loads((folder / "halves" / "responses.json").read_text()) == json.loads(
         (folder / "straight" / "responses.json").read_text()
@@ -4400,9 +4404,7 @@ def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instr
     monkeypatch.setattr(gpt, "check_finite_loss", check)
     instruct.main(["--out-dir", str(folder / "stopped"), "--resume"])
     assert "resuming at step 3 of 6" in capsys.readouterr().out
-    straight = gpt.load_checkpoint(folder / "straight3" / "model.pt")["model"]
-    resumed = gpt.load_checkpoint(folder / "stopped" / "model.pt")["model"]
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert _instruct_same_weights(folder / "straight3", folder / "stopped")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
 
 
