@@ -25,7 +25,6 @@ Speed: frozen lower blocks without dropout give the same outputs at every step: 
 """
 
 import csv
-import dataclasses
 import io
 import math
 import os
@@ -38,7 +37,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
@@ -181,23 +179,21 @@ def write_csv(path, header, rows):
 
 
 def tokenize_messages(texts, max_length=None, tokenizer=None):
-    """Texts -> list of LongTensor [n_tokens] by `tokenizer` (default GPT-2's), cut to `max_length` tokens if set."""
+    """Texts -> list of LongTensor [n_tokens] by `tokenizer` (default GPT-2's), cut to `max_length` tokens if set.
+    Each message is a whole text: Llama 3 starts it with <|begin_of_text|>, as transformers' tokenizer does."""
     tokenizer = tokenizer or gpt.get_tokenizer()
-    # encode_ordinary: "<|endoftext|>" inside a message is plain text, not the special token.
-    return [torch.tensor(tokenizer.encode_ordinary(text)[:max_length], dtype=torch.long) for text in texts]
+    return [torch.tensor(tokenizer.encode(text, bos=True)[:max_length], dtype=torch.long) for text in texts]
 
 
 # --- Model: a pretrained GPT with a classification head -------------------------------
 
 
-def add_classification_head(model, num_classes=2):
-    """Replace the language-model head (emb_dim -> vocabulary logits) by nn.Linear(emb_dim, num_classes), initialised
-    from the global torch seed. Returns the model."""
+def add_classification_head(model):
+    """Replace the language-model head (emb_dim -> vocabulary logits) by nn.Linear(emb_dim, 2) for CLASS_NAMES,
+    initialised from the global torch seed. Returns the model."""
     # The Llama family's head has no bias, as transformers' LlamaForSequenceClassification:
-    # its RMSNorm has no shift that could carry one into an export (see export_classifier_hf).
-    head = nn.Linear(model.cfg.emb_dim, num_classes, bias=model.cfg.family == "gpt2")
-    model.lm_head = head.to(model.wte.weight.device)
-    return model
+    # its RMSNorm has no shift that could carry one into an export (see gpt.classifier_tensors).
+    return gpt.add_classifier_head(model, CLASS_NAMES, bias=model.cfg.family == "gpt2")
 
 
 def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
@@ -433,27 +429,31 @@ def cached_logits(model, activations, n_frozen):
 # --- The saved classifier, classifying new texts --------------------------------------
 
 
-def save_classifier(path, model, **extra):
-    """Save the classifier atomically: config, ALL weights (the body with the 2-class head, LoRA adapters merged), the
-    class names and `extra` entries (the "tokenizer" among them)."""
+def save_classifier(path, model, tokenizer, **extra):
+    """Save the classifier whole, atomically: config, ALL weights (the body with the 2-class head, LoRA adapters
+    merged), its class names and tokenizer, and `extra` entries (max_length, settings, metrics)."""
     gpt.merge_lora(model)  # plain parameter names, no LoRA wrapper needed to load
-    gpt.save_checkpoint(path, model, labels=CLASS_NAMES, **extra)
+    gpt.save_checkpoint(path, model, tokenizer, **extra)
 
 
 def load_classifier(path, device="cpu"):
-    """Read a checkpoint of `save_classifier` -> (model in eval mode, checkpoint dict). Raises FileNotFoundError for a
-    missing file, ValueError for another kind of file."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no classifier checkpoint at {path}: train one first, or pass --checkpoint PATH")
-    checkpoint = gpt.load_checkpoint(path)
-    if "labels" not in checkpoint:
-        raise ValueError(f"{path}: not a classifier checkpoint of finetune_classify.py (no 'labels' entry)")
-    model = add_classification_head(gpt.empty_model(gpt.GPTConfig(**checkpoint["config"])), len(checkpoint["labels"]))
-    try:
-        model.load_state_dict(checkpoint["model"], assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the weights do not fit the classifier of its config: {str(e)[:300]}") from None
-    return model.to(device).eval(), checkpoint
+    """A classifier saved by `save_classifier`, or a ...ForSequenceClassification folder (our export or transformers')
+    -> (model in eval mode, its tokenizer, the length in tokens it reads messages at). Raises FileNotFoundError for a
+    missing path, ValueError for a model that is no classifier."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no classifier at {path}: train one first, or pass --checkpoint PATH")
+    model, tokenizer = gpt.load(path, device=device)
+    if not hasattr(model, "labels"):
+        raise ValueError(f"{path} is a language model, not a classifier of finetune_classify.py (it has no class "
+                         "names): train a classifier from it with --model")
+    # The length the classifier read messages at: saved with it, or as the export's model_max_length.
+    if Path(path).is_dir():
+        config_path = Path(path) / "tokenizer_config.json"
+        saved = gpt.read_json(config_path, "classifier tokenizer config") if config_path.is_file() else {}
+        max_length = saved.get("model_max_length")
+    else:  # memory-mapped: the one entry is read, not the weights again
+        max_length = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("max_length")
+    return model, tokenizer, min(max_length or model.cfg.context_length, model.cfg.context_length)
 
 
 @torch.no_grad()
@@ -476,90 +476,6 @@ def read_texts_file(path):
     raw = sys.stdin.buffer.read() if path == "-" else gpt.existing_file(path, "--classify-file").read_bytes()
     text = gpt.decode_utf8(raw, f"--classify-file {'standard input' if path == '-' else path}")
     return [line.strip() for line in text.split("\n") if line.strip()]
-
-
-# --- Export to and import from the Hugging Face format (...ForSequenceClassification) ---
-
-
-def export_classifier_hf(model_or_checkpoint, folder, *, labels=CLASS_NAMES, max_length=None, dtype=torch.float32,
-                         overwrite=False, tokenizer="gpt2"):
-    """Write a classifier as a transformers GPT2ForSequenceClassification folder (Llama family: Llama's or Qwen3's)
-    -> its Path: config.json (labels, pad_token_id: end-of-text), model.safetensors in `dtype`, tokenizer files that
-    pad with end-of-text, model_max_length = max_length (default: the context length).
-
-    model_or_checkpoint: a classifier with its class names `labels` and `tokenizer` (see gpt.tokenizer_source), or a
-    `save_classifier` checkpoint, which names them. transformers' `score` has no bias; GPT-2's head bias b is carried
-    exactly: ln_f feeds only the head, so adding W⁺b (pseudo-inverse of the head weight W [n_classes, emb_dim] times
-    b) to its bias gives W (h + W⁺b) = W h + b. Raises ValueError when W has rank below n_classes.
-    """
-    if isinstance(model_or_checkpoint, (str, Path)):
-        gpt.check_hf_folder(folder, overwrite)  # before the load
-        model, checkpoint = load_classifier(model_or_checkpoint)
-        labels, max_length = checkpoint["labels"], checkpoint.get("max_length")
-        tokenizer = gpt.tokenizer_source(model_or_checkpoint)
-    else:
-        model = gpt.unwrap_model(model_or_checkpoint)
-    if len(labels) != model.lm_head.out_features:
-        raise ValueError(f"{len(labels)} class names for a head of {model.lm_head.out_features} classes: {labels}")
-    encoding, eot_id = gpt.load_tokenizer(tokenizer)
-    gpt.check_vocabulary(model, "export", encoding)
-    length = max_length or model.cfg.context_length
-    names = dict(num_labels=len(labels), id2label={str(i): name for i, name in enumerate(labels)},
-                 label2id={name: i for i, name in enumerate(labels)}, pad_token_id=eot_id)
-    tensors = {name: t for name, t in gpt.hf_tensors(model, dtype).items() if not name.startswith("lm_head.")}
-    tensors["score.weight"] = model.lm_head.weight.detach().to(dtype)
-    if model.cfg.family == "llama":  # a head without bias (see add_classification_head)
-        bos_id = eot_id if getattr(encoding, "bos_id", None) is None else encoding.bos_id
-        config = gpt.hf_llama_config(model.cfg, dtype, bos_id, eot_id)
-        config.update(architectures=[config["architectures"][0].replace("CausalLM", "SequenceClassification")], **names)
-        files = gpt.copied_tokenizer_files(tokenizer, encoding, length)
-        files["tokenizer_config.json"].update(pad_token=encoding.decode([eot_id]), model_max_length=length)
-    else:
-        weight, bias = model.lm_head.weight.detach().double().cpu(), model.lm_head.bias.detach().double().cpu()
-        shift = torch.linalg.pinv(weight) @ bias  # W⁺b: [emb_dim]
-        if not torch.allclose(weight @ shift, bias, rtol=1e-6, atol=1e-6):
-            raise ValueError(f"the head's weight has rank below {len(labels)}: its bias cannot be moved into ln_f")
-        tensors["transformer.ln_f.bias"] = (model.ln_f.bias.detach().double().cpu() + shift).to(dtype)
-        config = gpt.hf_config(model.cfg, dtype, "GPT2ForSequenceClassification", **names)
-        files = gpt.hf_tokenizer_files(length, pad_token="<|endoftext|>")
-    return gpt.write_hf_folder(folder, tensors, {"config.json": config, **files}, overwrite=overwrite)
-
-
-def load_classifier_hf(folder, device="cpu"):
-    """Read a ...ForSequenceClassification folder, our export or transformers' alike -> (model in eval mode,
-    checkpoint dict), as `load_classifier`. `score` becomes our head, with bias 0 for GPT-2 (our export's ln_f bias
-    holds the bias). Raises FileNotFoundError for missing files, ValueError for a folder that is no such classifier."""
-    folder = Path(folder)
-    config = gpt.read_json(folder / "config.json", "classifier config")
-    tensors = gpt.read_safetensors(folder / "model.safetensors")
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in ("gpt2", *gpt.HUB_MODEL_TYPES) or "score.weight" not in tensors:
-        raise ValueError(f"{folder}: not a GPT2ForSequenceClassification folder (or Llama's, Qwen3's): "
-                         "no model_type gpt2, llama or qwen3, or no score.weight")
-    score = tensors.pop("score.weight")
-    if model_type == "gpt2":
-        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-        cfg, layout = gpt.config_from_weights(tensors, config), {}
-    else:  # the Llama family; "tied": the folder has no language-model head to load
-        tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
-        cfg = dataclasses.replace(gpt.config_from_hub(config, folder / "config.json"), tie_embeddings=True)
-        layout = {"transposed": ()}  # its weights are [out, in] as ours
-    model = gpt.empty_model(cfg)
-    gpt.load_weights_into(model, tensors, device=device, source=str(folder), **layout)
-    add_classification_head(model, score.shape[0])
-    with torch.no_grad():
-        model.lm_head.weight.copy_(score)
-        if model.lm_head.bias is not None:
-            model.lm_head.bias.zero_()
-    id2label = config.get("id2label") or {}
-    labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(score.shape[0])]  # transformers' default names
-    max_length = model.cfg.context_length
-    if (folder / "tokenizer_config.json").exists():  # the length the exported classifier read messages at
-        tokenizer_config = gpt.read_json(folder / "tokenizer_config.json", "tokenizer config")
-        max_length = min(tokenizer_config.get("model_max_length", max_length), max_length)
-    checkpoint = {"config": dict(vars(model.cfg)), "labels": labels, "max_length": max_length,
-                  "tokenizer": gpt.tokenizer_source(folder)}
-    return model.eval(), checkpoint
 
 
 # --- Command line and the run ---------------------------------------------------------
@@ -679,14 +595,12 @@ def prepare_data(args, out_dir, device, tokenizer):
 
 def build_classifier(args, device):
     """Pretrained model with a 2-class head, dropout and trainable parameters set, and its tokenizer -> (model,
-    max_length, tokenizer, end-of-text id)."""
-    model = gpt.load_model(args.model, device=device)
-    tokenizer, eot_id = gpt.load_tokenizer(args.model)
+    max_length, tokenizer)."""
+    model, tokenizer = gpt.load(args.model, device=device)
     cfg = model.cfg
     max_length = gpt.length_within_context(args.max_length, cfg, "--max-length")
-    gpt.check_vocabulary(model, f"--model {args.model}", tokenizer)
     torch.manual_seed(args.seed)  # the head's (and LoRA's) initialisation, and dropout
-    add_classification_head(model, len(CLASS_NAMES))
+    add_classification_head(model)
     gpt.set_drop_rate(model, args.drop_rate)
     set_trainable(model, "lora" if args.lora else args.trainable, args.lora_rank, args.lora_alpha)
     trains = "--lora" if args.lora else f"--trainable {args.trainable}"
@@ -694,7 +608,7 @@ def build_classifier(args, device):
     # Weights, gradients and AdamW's moments must fit before the work starts (activations come on top).
     needed = gpt.training_memory(cfg, trainable=gpt.count_parameters(model, trainable_only=True))
     gpt.check_training_memory(needed, device, "train fewer parameters (--lora, or --trainable last-block or head)")
-    return model, max_length, tokenizer, eot_id
+    return model, max_length, tokenizer
 
 
 def choose_forward_pass(model, token_ids, args, pad_id):
@@ -726,7 +640,8 @@ def train_and_evaluate(args, device):
     out_dir = gpt.claim_run_folder(args.out_dir, [os.path.relpath(args.checkpoint, args.out_dir), *RUN_FILES],
                                    overwrite=args.overwrite, resumable=False)
     # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
-    model, args.max_length, tokenizer, eot_id = build_classifier(args, device)
+    model, args.max_length, tokenizer = build_classifier(args, device)
+    eot_id = tokenizer.eot_id  # pads the batches
     gpt.print_settings(args)
     token_ids, labels = prepare_data(args, out_dir, device, tokenizer)
     gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # after the data: bad data leaves no run behind
@@ -749,8 +664,8 @@ def train_and_evaluate(args, device):
     metrics = labelled_metrics(model, full_pass, token_ids[2], labels[2], args.batch_size, args.threshold, "test split")
 
     # A full disk must not lose the trained model: save_with_fallback writes to the temporary folder then.
-    save = partial(save_classifier, model=model, max_length=args.max_length, settings=vars(args), metrics=metrics,
-                   tokenizer=gpt.tokenizer_source(args.model))
+    save = partial(save_classifier, model=model, tokenizer=tokenizer, max_length=args.max_length, settings=vars(args),
+                   metrics=metrics)
     checkpoint = gpt.save_with_fallback(save, args.checkpoint)
     print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB)")
     print(f"try it:     python finetune_classify.py --checkpoint {checkpoint} --classify \"Win a prize now\"")
@@ -767,15 +682,11 @@ def train_and_evaluate(args, device):
 
 
 def load_for_use(args, device):
-    """The classifier of --checkpoint (a file or a folder) in --dtype and its tokenizer -> (model, checkpoint dict,
-    tokenizer, end-of-text id)."""
-    load = load_classifier_hf if Path(args.checkpoint).is_dir() else load_classifier
-    model, checkpoint = load(args.checkpoint, device)
-    if len(checkpoint["labels"]) != 2:
-        raise ValueError(f"{args.checkpoint} has {len(checkpoint['labels'])} classes: a spam classifier has 2")
-    tokenizer, eot_id = gpt.load_tokenizer(args.checkpoint)  # the one it names (see gpt.tokenizer_source)
-    gpt.check_vocabulary(model, args.checkpoint, tokenizer)
-    return model.to(gpt.DTYPES[args.dtype]), checkpoint, tokenizer, eot_id
+    """The classifier of --checkpoint (a file or a folder) in --dtype -> (model, tokenizer, max_length)."""
+    model, tokenizer, max_length = load_classifier(args.checkpoint, device)
+    if len(model.labels) != 2:
+        raise ValueError(f"{args.checkpoint} has {len(model.labels)} classes: a spam classifier has 2")
+    return model.to(gpt.DTYPES[args.dtype]), tokenizer, max_length
 
 
 def run_classify(args, device):
@@ -786,9 +697,9 @@ def run_classify(args, device):
         texts += read_texts_file(args.classify_file)
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("nothing to classify: give non-empty texts with --classify or lines in --classify-file")
-    model, checkpoint, tokenizer, eot_id = load_for_use(args, device)
-    probabilities = classify_texts(model, texts, checkpoint["max_length"], tokenizer, eot_id)
-    rows = [(text, checkpoint["labels"][p >= args.threshold], p) for text, p in zip(texts, probabilities)]
+    model, tokenizer, max_length = load_for_use(args, device)
+    probabilities = classify_texts(model, texts, max_length, tokenizer, tokenizer.eot_id)
+    rows = [(text, model.labels[p >= args.threshold], p) for text, p in zip(texts, probabilities)]
     if args.results is None:
         for text, label, probability in rows:
             print(f"{label:<8} (p(spam)={probability:.3f})  {text}")
@@ -806,11 +717,11 @@ def run_classify(args, device):
 def run_evaluate(args, device):
     """--evaluate: `labelled_metrics` of --checkpoint on a labelled file, printed, and written as JSON to --results."""
     messages = read_labelled_file(gpt.existing_file(args.evaluate, "--evaluate"))
-    model, checkpoint, tokenizer, eot_id = load_for_use(args, device)
+    model, tokenizer, max_length = load_for_use(args, device)
     texts = [text for _, text in messages]
-    token_ids = [t.to(device) for t in tokenize_messages(texts, checkpoint["max_length"], tokenizer)]
+    token_ids = [t.to(device) for t in tokenize_messages(texts, max_length, tokenizer)]
     labels = torch.tensor([LABELS[label] for label, _ in messages], device=device)
-    full_pass = partial(full_pass_logits, model, pad_id=eot_id)
+    full_pass = partial(full_pass_logits, model, pad_id=tokenizer.eot_id)
     metrics = labelled_metrics(model, full_pass, token_ids, labels, args.batch_size, args.threshold, args.evaluate)
     if args.results is not None:
         report = {"checkpoint": args.checkpoint, "file": args.evaluate, "threshold": args.threshold, "metrics": metrics}
@@ -823,8 +734,10 @@ def main(argv=None):
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.py downloads data and weights
     device = gpt.pick_device(args.device)
     if args.export_hf is not None:
-        folder = export_classifier_hf(args.checkpoint, args.export_hf, dtype=gpt.DTYPES[args.dtype],
-                                      overwrite=args.overwrite)
+        gpt.check_hf_folder(args.export_hf, args.overwrite)  # before the load
+        model, tokenizer, max_length = load_classifier(args.checkpoint)
+        folder = gpt.export_hf(model, args.export_hf, tokenizer=tokenizer, dtype=gpt.DTYPES[args.dtype],
+                               overwrite=args.overwrite, max_length=max_length)
         architecture = gpt.read_json(folder / "config.json", "config")["architectures"][0]
         print(f"exported {args.checkpoint} ({args.dtype}) to {folder}, a {architecture} folder")
     elif args.evaluate is not None:

@@ -16,8 +16,8 @@ answer every test instruction, and a local LLM served by Ollama can grade the an
 
 Writes to --out-dir (default runs/instruct/; one that holds another run is refused unless --resume or --overwrite):
     run.json, train.json, validation.json, test.json   the settings and the split, for --resume and --generate-only
-    model.pt          the kept weights, LoRA merged, naming its tokenizer (1.4 GB for gpt2-medium); load it with
-                      gpt.load_model("runs/instruct/model.pt")
+    model.pt          the kept weights, LoRA merged, with its tokenizer (1.4 GB for gpt2-medium); load it with
+                      model, tokenizer = gpt.load("runs/instruct/model.pt")
     train_state.pt    model, optimizer, step, history, random state and the best weights so far (4x the model; about 1x
                       with --lora), while training or with --keep-state
     losses.png        train and validation loss per step (with matplotlib installed)
@@ -191,10 +191,8 @@ def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
     prompt alone is over max_length has nothing to learn: left out."""
     examples, too_long = [], 0
     for entry in entries:
-        prompt_ids = gpt.text_to_token_ids(format_prompt(entry), tokenizer=tokenizer)[0].tolist()
-        response_ids = gpt.text_to_token_ids(entry["output"], tokenizer=tokenizer)[0].tolist()
-        if getattr(tokenizer, "bos_id", None) is not None:
-            response_ids = response_ids[1:]  # Llama 3's <|begin_of_text|> starts the prompt, not the response
+        prompt_ids = tokenizer.encode(format_prompt(entry), bos=True)  # Llama 3: <|begin_of_text|> first
+        response_ids = tokenizer.encode(entry["output"])  # a piece of the same text: no begin token
         if mask_prompt and len(prompt_ids) > max_length:
             too_long += 1
             continue
@@ -240,16 +238,16 @@ def epoch_batch(examples, batch_size, seed, epoch, index):
 # ----------------------------------------------------------------------------------------
 
 
-def prepare_model(args, tokenizer, device, state=None):
-    """The model to train, in train mode on device: --model (GPT-2 or the Llama family, see gpt.load_model), or on
-    --resume one of the state's config (`train` loads its weights); dropout at --drop-rate; with --lora only adapters
-    train. Raises ValueError when the tokenizer has ids the model lacks, RuntimeError when training cannot fit."""
+def prepare_model(args, device, state=None):
+    """The model to train, in train mode on device, and its tokenizer -> (model, gpt.Tokenizer): --model (see
+    gpt.load), or on --resume one of the state's config and tokenizer (`train` loads its weights); dropout at
+    --drop-rate; with --lora only adapters train. Raises RuntimeError when training cannot fit."""
     torch.manual_seed(args.seed)  # LoRA's A matrices start random
     if state is None:
-        model = gpt.load_model(args.model, device=device)
+        model, tokenizer = gpt.load(args.model, device=device)
     else:
         model = gpt.build_model(gpt.GPTConfig(**state["config"])).to(device)
-    gpt.check_vocabulary(model, f"--model {args.model}", tokenizer)
+        tokenizer = gpt.tokenizer_from_state(state.get("tokenizer"))
     gpt.set_drop_rate(model, args.drop_rate)
     if args.lora:
         gpt.add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
@@ -257,7 +255,7 @@ def prepare_model(args, tokenizer, device, state=None):
     trainable = gpt.count_parameters(model, trainable_only=True) if args.lora else None
     hint = "choose a smaller --model" + ("" if args.lora else ", or train only low-rank adapters with --lora")
     gpt.check_training_memory(gpt.training_memory(model.cfg, trainable=trainable), device, hint)
-    return model.train()
+    return model.train(), tokenizer
 
 
 def calc_loss_batch(model, inputs, targets, autocast):
@@ -282,11 +280,11 @@ def evaluate_loss(model, examples, collate, args, device, autocast):
     return sum(losses) / len(losses)
 
 
-def train(model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, stopper, state=None):
+def train(model, tokenizer, train_examples, val_examples, collate, args, device, state_path, stopper, state=None):
     """Fine-tune model in place with AdamW, one step per batch, for --epochs (or --max-steps) -> (history {"step",
     "train_loss", "val_loss": lists}, best {"step", "val_loss", "weights"}: a CPU copy of the trainable weights at the
     evaluation with the lowest validation loss, stopped: None at the end, else the name of the signal that stopped
-    it). The training state, best and tokenizer name included, goes to state_path every --save-every steps, at each
+    it). The training state, best and tokenizer included, goes to state_path every --save-every steps, at each
     epoch's end and at a stop (stopper: Ctrl-C or SIGTERM, a gpt.StopSignal); given back as `state`, training goes
     on as if it had not stopped."""
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
@@ -318,8 +316,8 @@ def train(model, train_examples, val_examples, collate, args, device, state_path
         if stop or (step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0
                                            or step == total_steps)):
             # On a full disk the state goes to the temporary folder (gpt.save_with_fallback) and training goes on.
-            saved = gpt.save_training_state(state_path, model, optimizer, step=step, history=history, best=best,
-                                            rng=gpt.rng_state(), tokenizer=tokenizer_name)
+            saved = gpt.save_training_state(state_path, model, tokenizer, optimizer, step=step, history=history,
+                                            best=best, rng=gpt.rng_state())
         if stop:
             print(f"stopped at step {step} ({stopper.signal_name}), the state saved in {saved}: go on with python "
                   f"finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
@@ -371,7 +369,7 @@ def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
     gpt.generate (greedy; `sampling`: temperature, top_k, top_p and seed as there) up to the tokenizer's end-of-text
     token or max_new_tokens, the new text stripped (the book's section 7.7)."""
     prompt_ids = gpt.text_to_token_ids(format_prompt(entry), device=model.wte.weight.device, tokenizer=tokenizer)
-    eot_id = tokenizer.eot_token  # 50256 for GPT-2; the Llama family's own
+    eot_id = tokenizer.eot_id  # 50256 for GPT-2; the Llama family's own
     output = gpt.generate(model, prompt_ids, max_new_tokens, eot_id=eot_id, **sampling)
     new_ids = output[0, prompt_ids.shape[1] :].tolist()
     if eot_id in new_ids:
@@ -589,15 +587,14 @@ def fine_tune(args, argv, device):
     state_path = out_dir / "train_state.pt"
     if args.resume:
         args, splits, state = resume_run(args, argv, out_dir)
-        source, tokenizer_name = f"the run's split in {out_dir}", gpt.tokenizer_source(state_path)
+        source = f"the run's split in {out_dir}"
     else:
-        source, state, tokenizer_name = data_path(args), None, gpt.tokenizer_source(args.model)
+        source, state = data_path(args), None
         splits = split_dataset(load_instruction_data(source), args.seed)
     train_set, val_set, test_set = splits
     print(f"data: {source}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries")
     gpt.print_settings(args)
-    tokenizer, eot_id = gpt.load_tokenizer(tokenizer_name)  # the model's own tokenizer and end-of-text id
-    model = prepare_model(args, tokenizer, device, state)
+    model, tokenizer = prepare_model(args, device, state)  # the model's own tokenizer and end-of-text token
     max_length = gpt.length_within_context(args.max_length, model.cfg, "--max-length")
     print(gpt.model_summary(model, args.model) + f", on {device}")
     train_examples = tokenize_examples(train_set, tokenizer, max_length, args.mask_prompt)
@@ -608,12 +605,12 @@ def fine_tune(args, argv, device):
     for name, entries in zip(SPLIT_FILES, splits):
         gpt.write_json(out_dir / name, entries)
 
-    collate = functools.partial(collate_instruction_batch, eot_id=eot_id, mask_prompt=args.mask_prompt,
+    collate = functools.partial(collate_instruction_batch, eot_id=tokenizer.eot_id, mask_prompt=args.mask_prompt,
                                 max_length=max_length)
     try:
         with gpt.StopSignal() as stopper:  # Ctrl-C or SIGTERM: finish the step, save, stop
             history, best, stopped = train(
-                model, train_examples, val_examples, collate, args, device, state_path, tokenizer_name, stopper, state
+                model, tokenizer, train_examples, val_examples, collate, args, device, state_path, stopper, state
             )
     except KeyboardInterrupt:  # a second Ctrl-C: at once, without saving
         if state_path.exists():
@@ -626,8 +623,8 @@ def fine_tune(args, argv, device):
     kept = keep_weights(model, history, best, args.keep_last)
     if args.lora:
         gpt.merge_lora(model)  # back to the model's own layers: a plain checkpoint
-    save = functools.partial(gpt.save_checkpoint, model=model.eval(), settings=vars(args), history=history, kept=kept,
-                             tokenizer=tokenizer_name)
+    save = functools.partial(gpt.save_checkpoint, model=model.eval(), tokenizer=tokenizer, settings=vars(args),
+                             history=history, kept=kept)
     checkpoint = gpt.save_with_fallback(save, out_dir / "model.pt")
     print(f"saved the fine-tuned model to {checkpoint}")
     if not args.keep_state:
@@ -759,15 +756,12 @@ def data_path(args):
 
 
 def load_for_answers(args, checkpoint, device):
-    """The model of --checkpoint (default <out-dir>/model.pt) in --dtype and its tokenizer
-    (the one a checkpoint names, see gpt.tokenizer_source) -> (model, tokenizer)."""
+    """The model of --checkpoint (default <out-dir>/model.pt) in --dtype and the tokenizer it
+    carries -> (model, tokenizer)."""
     if args.checkpoint is None and not checkpoint.exists():
         raise FileNotFoundError(f"no {checkpoint}: fine-tune first, or give --checkpoint (any --model value works)")
     print(f"model: {checkpoint}")
-    model = gpt.load_model(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype])
-    tokenizer, _ = gpt.load_tokenizer(checkpoint)  # the one the checkpoint names
-    gpt.check_vocabulary(model, f"--checkpoint {checkpoint}", tokenizer)
-    return model, tokenizer
+    return gpt.load(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype])
 
 
 def test_split(args, out_dir):

@@ -11,14 +11,14 @@ configuration also holds the switches of section 6, and a few functions dispatch
 6. Llama family    the same decoder with five parts exchanged (SmolLM2, Qwen3, Llama 3.2):
                    `LLAMA_CONFIGS`, `RMSNorm`, rotary positions, `LlamaAttention`, `SwiGLU`,
                    `LlamaModel`; their tokenizers as tiktoken encodings
-                   (`encoding_from_tokenizer_json`)
+                   (`tokenizer_from_files`)
 
 The rest is what the stage scripts share:
 
 7. files           `download_file`, `verify_file`, `fetch_dataset`, `atomic_write_bytes`,
                    `atomic_save`, `read_json`, `plot_curves`; token files (`prepare_token_file`)
-8. weights         `read_safetensors`, `load_gpt2`, `load_llama`, `load_model` (either
-                   family, by name or path), `load_tokenizer`
+8. weights         `load`: a model and its tokenizer from any source (a released name,
+                   a Hub name, a folder, a .safetensors file, a checkpoint); `read_safetensors`
 9. checkpoints     `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`
 10. export         `export_hf`: a folder that Hugging Face transformers loads
 11. a stage's run  flag types, `command_line` (errors to one line, exit codes), settings,
@@ -572,35 +572,97 @@ def generate(model, idx, max_new_tokens, *, seed=None, on_token=None, **options)
 # 5. Tokenizer
 # ----------------------------------------------------------------------------------------
 
+# One rule for the text of special tokens, everywhere (prompts, corpora, instruction data,
+# classified messages, benchmark items): text that spells a special or added token, such as
+# "<|endoftext|>" or SmolLM2's "<|im_start|>", IS that token, as in transformers and llama.cpp.
+
+
+class Tokenizer(tiktoken.Encoding):
+    """A model's tokenizer: a tiktoken byte-pair Encoding, plus what tiktoken leaves to the caller.
+
+    eot_id:  the end-of-text token (ends documents and answers, pads batches); `eot_token` too
+    bos_id:  the begin token its configuration names (GPT-2: <|endoftext|>), or None; perplexity
+             and empty benchmark contexts start with it, else with eot_id (lm-evaluation-harness'
+             prefix token)
+    add_bos: whether a whole text starts with bos_id, as Llama 3's post-processor adds
+             <|begin_of_text|> (see `encode`)
+    nfc:     apply Unicode NFC normalisation before encoding (Qwen's normalizer)
+    missing: ids of stand-ins for bytes the vocabulary lacks; the reference drops such bytes,
+             so does `encode`, with a warning the first time
+    files:   {file name: text} of the Hugging Face tokenizer files it was read from
+             (tokenizer.json, tokenizer_config.json, chat_template.jinja, ...); {} for GPT-2's.
+             Checkpoints and exports carry them whole (`state`), never a path.
+    """
+
+    def __init__(self, *, eot_id, bos_id=None, add_bos=False, nfc=False, missing=(), files=None, **encoding):
+        super().__init__(**encoding)
+        self.eot_id, self.bos_id, self.add_bos, self.nfc = eot_id, bos_id, add_bos, nfc
+        self.missing, self.files, self.warned = frozenset(missing), dict(files or {}), False
+
+    eot_token = property(lambda self: self.eot_id)
+    n_vocab = property(lambda self: self.max_token_value + 1 - len(self.missing))  # without the stand-ins
+
+    # Pickled (for DataLoader workers) with its own fields: tiktoken's __setstate__ passes the
+    # state to __init__ as keyword arguments, which takes them.
+    def __getstate__(self):
+        extra = dict(eot_id=self.eot_id, bos_id=self.bos_id, add_bos=self.add_bos, nfc=self.nfc,
+                     missing=self.missing, files=self.files)
+        return {**super().__getstate__(), **extra}
+
+    def encode(self, text, bos=False):
+        """Text -> list of ids. Text that spells a special token is that token. bos=True: `text`
+        is a whole text (a prompt, a message, a document), which starts with bos_id when the
+        tokenizer adds one (`add_bos`); pieces of a text are encoded without."""
+        text = unicodedata.normalize("NFC", text) if self.nfc else text
+        ids = super().encode(text, allowed_special="all")
+        if self.missing and not self.missing.isdisjoint(ids):
+            if not self.warned:
+                print(f"warning: {self.name}: characters whose bytes are not in the vocabulary are dropped",
+                      file=sys.stderr)
+                self.warned = True
+            ids = [i for i in ids if i not in self.missing]
+        return [self.bos_id] + ids if bos and self.add_bos else ids
+
+    def token_ids(self):
+        """The ids of its named tokens, as transformers' config.json and generation_config.json
+        name them -> {"bos_token_id": ..., "eos_token_id": ..., "pad_token_id": ..., "unk_token_id": ...}
+        (those it has; pad and unk from tokenizer_config.json)."""
+        config = json.loads(self.files.get("tokenizer_config.json", "{}"))
+        ids = {"bos_token_id": self.bos_id, "eos_token_id": self.eot_id}
+        for key in ("pad_token", "unk_token"):
+            ids[f"{key}_id"] = self.encode_single_token(special_token_text(config.get(key))) if config.get(key) \
+                else (self.eot_id if not self.files and key == "unk_token" else None)
+        return {key: value for key, value in ids.items() if value is not None}
+
+    def state(self):
+        """What a checkpoint stores to rebuild this tokenizer (`tokenizer_from_state`): its content."""
+        return {"files": self.files} if self.files else {"name": "gpt2"}
+
 
 @functools.lru_cache(maxsize=1)
 def get_tokenizer():
-    """tiktoken's "gpt2" byte-pair encoding (50257 tokens, the one GPT-2 was trained with).
+    """GPT-2's tokenizer: tiktoken's "gpt2" byte-pair encoding (50257 tokens), as a `Tokenizer`.
 
     tiktoken downloads its two vocabulary files on first use and caches them; set
-    TIKTOKEN_CACHE_DIR to a folder that holds them to work offline. Raises RuntimeError
-    when they are neither cached nor downloadable.
+    TIKTOKEN_CACHE_DIR to a folder that holds them to work offline (testdata/tiktoken_cache
+    has them). Raises RuntimeError when they are neither cached nor downloadable.
     """
     try:
-        return tiktoken.get_encoding("gpt2")
+        encoding = tiktoken.get_encoding("gpt2")
     except requests.RequestException as e:
         raise RuntimeError(
             f"cannot download tiktoken's GPT-2 vocabulary files ({e.__class__.__name__}): connect once, or set "
-            "TIKTOKEN_CACHE_DIR to a copy of tiktoken's cache folder from a machine that has them"
+            "TIKTOKEN_CACHE_DIR to a folder holding them (this repository's testdata/tiktoken_cache has them)"
         ) from None
+    return Tokenizer(name="gpt2", pat_str=encoding._pat_str, mergeable_ranks=encoding._mergeable_ranks,
+                     special_tokens=encoding._special_tokens, eot_id=EOT_ID, bos_id=EOT_ID)
 
 
 def text_to_token_ids(text, device=None, tokenizer=None):
-    """Text -> LongTensor [1, n_tokens], with GPT-2's tokenizer unless another is given (see
-    `load_tokenizer`). The end-of-text token's text ("<|endoftext|>") becomes its id (50256
-    for GPT-2); a tokenizer whose reference prepends a begin-of-text token to a whole text
-    (Llama 3's <|begin_of_text|>, `bos_id`) gets it here too."""
+    """A whole text -> LongTensor [1, n_tokens], with GPT-2's tokenizer unless another is given
+    (see `Tokenizer.encode`: special-token text is the token; Llama 3's begin token first)."""
     tokenizer = tokenizer or get_tokenizer()
-    end_of_text = tokenizer.decode([tokenizer.eot_token])
-    ids = tokenizer.encode(text, allowed_special={end_of_text})
-    if getattr(tokenizer, "bos_id", None) is not None:
-        ids = [tokenizer.bos_id] + ids
-    return torch.tensor(ids, dtype=torch.long, device=device).unsqueeze(0)
+    return torch.tensor(tokenizer.encode(text, bos=True), dtype=torch.long, device=device).unsqueeze(0)
 
 
 def token_ids_to_text(token_ids, tokenizer=None):
@@ -612,6 +674,11 @@ def token_ids_to_text(token_ids, tokenizer=None):
         token_ids = token_ids.reshape(-1).tolist()
     tokenizer = tokenizer or get_tokenizer()
     return tokenizer.decode([i for i in token_ids if i <= tokenizer.max_token_value])
+
+
+def special_token_text(entry):
+    """A token of tokenizer_config.json (a string, or older files' {"content": ...}) -> its text."""
+    return entry.get("content") if isinstance(entry, dict) else entry
 
 
 # ----------------------------------------------------------------------------------------
@@ -655,7 +722,7 @@ LLAMA_CONFIGS = {
                           original_max_position_embeddings=8192),
     ),
 }
-MODEL_CONFIGS = {**GPT_CONFIGS, **LLAMA_CONFIGS}  # every name `load_model` knows
+MODEL_CONFIGS = {**GPT_CONFIGS, **LLAMA_CONFIGS}  # every preset name (pretrain.py --size)
 
 
 class RMSNorm(nn.Module):
@@ -879,63 +946,28 @@ def split_pattern(pre_tokenizer, source):
     raise ValueError(f"{source}: pre-tokenizer {kinds or None} cannot be written as one tiktoken expression")
 
 
-class HubEncoding(tiktoken.Encoding):
-    """A tiktoken Encoding of a Hugging Face tokenizer.json, plus what tiktoken leaves to the caller.
+def tokenizer_from_files(files, source):
+    """A model's `Tokenizer` from the text of its Hugging Face tokenizer files.
 
-    nfc:       apply Unicode NFC normalisation before encoding (Qwen's normalizer)
-    bos_id:    the token the reference prepends to a whole text (Llama 3), or None;
-               `text_to_token_ids` prepends it, `encode` does not (pieces of a prompt)
-    eot_token: the end-of-text id (tiktoken's `Encoding.eot_token`, here from this tokenizer)
-    missing:   ids given to bytes the vocabulary lacks; the reference drops such bytes,
-               so does `encode`, with a warning the first time
-    """
-
-    def __init__(self, *, nfc, bos_id, eot_id, missing, **encoding):
-        super().__init__(**encoding)
-        self.nfc, self.bos_id, self.eot_id, self.missing = nfc, bos_id, eot_id, missing
-        self.warned = False
-
-    eot_token = property(lambda self: self.eot_id)
-    n_vocab = property(lambda self: self.max_token_value + 1 - len(self.missing))  # without the stand-ins
-
-    # Pickled (for DataLoader workers) with its own fields: tiktoken's __setstate__ passes the
-    # state to __init__ as keyword arguments, which takes them.
-    def __getstate__(self):
-        extra = {"nfc": self.nfc, "bos_id": self.bos_id, "eot_id": self.eot_id, "missing": self.missing}
-        return {**super().__getstate__(), **extra}
-
-    def _prepare(self, text):
-        return unicodedata.normalize("NFC", text) if self.nfc else text
-
-    def _drop_missing(self, ids):
-        if self.missing and not self.missing.isdisjoint(ids):
-            if not self.warned:
-                print(f"warning: {self.name}: characters whose bytes are not in the vocabulary are dropped",
-                      file=sys.stderr)
-                self.warned = True
-            ids = [i for i in ids if i not in self.missing]
-        return ids
-
-    def encode_ordinary(self, text):
-        """Text -> list of ids, special tokens' texts encoded as plain text."""
-        return self._drop_missing(super().encode_ordinary(self._prepare(text)))
-
-    def encode(self, text, **special):
-        """Text -> list of ids; `allowed_special` / `disallowed_special` as in tiktoken."""
-        return self._drop_missing(super().encode(self._prepare(text), **special))
-
-
-def encoding_from_tokenizer_json(tokenizer_json, source, eot_text=None):
-    """Build a `HubEncoding` from a parsed Hugging Face tokenizer.json (byte-level BPE).
-
+    files: {file name: text}: tokenizer.json (byte-level BPE), with tokenizer_config.json
+    (end and begin tokens; else "<|endoftext|>" or "<|end_of_text|>" ends texts) and
+    whatever else the model has (special_tokens_map.json, chat_template.jinja), all kept in
+    `Tokenizer.files`; or GPT-2's vocab.json (and merges.txt), as GPT-2 exports hold it. A
+    tokenizer that is GPT-2's, by its vocabulary, is `get_tokenizer()`.
     Vocabulary and merges become tiktoken's ranks (the 256 bytes and each merge's result,
     ids as ranks), added tokens its special tokens, the pre-tokenizer its expression (see
-    `split_pattern`), an NFC normalizer and a begin-of-text token of the post-processor
-    are kept for `HubEncoding`. eot_text: the end-of-text token's text (tokenizer_config's
-    eos_token); None: "<|endoftext|>" or "<|end_of_text|>", whichever exists. Raises
-    ValueError naming `source` for what tiktoken cannot run exactly: another model than
-    byte-level BPE, another normalizer, merged ids out of merge order.
+    `split_pattern`); the post-processor's begin token sets `add_bos`. Raises ValueError
+    naming `source` for what tiktoken cannot run exactly: another model than byte-level
+    BPE, another normalizer, merged ids out of merge order; FileNotFoundError without
+    tokenizer.json or GPT-2's vocab.json.
     """
+    if "tokenizer.json" not in files:
+        if "vocab.json" in files and parse_json(files["vocab.json"], f"{source} vocab.json") == gpt2_vocabulary():
+            return get_tokenizer()
+        raise FileNotFoundError(f"{source}: no tokenizer.json (nor GPT-2's vocab.json): the model's tokenizer is "
+                                "missing; copy its tokenizer.json beside the weights")
+    tokenizer_json = parse_json(files["tokenizer.json"], f"{source} tokenizer.json")
+    config = parse_json(files.get("tokenizer_config.json", "{}"), f"{source} tokenizer_config.json")
     bpe = tokenizer_json.get("model") or {}  # the tokenizer model: BPE
     if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or bpe.get("continuing_subword_prefix"):
         raise ValueError(f"{source}: not a byte-level BPE tokenizer (model {bpe.get('type')!r}); "
@@ -967,22 +999,29 @@ def encoding_from_tokenizer_json(tokenizer_json, source, eot_text=None):
     except KeyError as e:
         raise ValueError(f"{source}: token or character {e} of the merges is not in the byte-level "
                          "vocabulary") from None
+    gpt2 = get_tokenizer()
+    if pattern == gpt2._pat_str and special == gpt2._special_tokens and ranks == gpt2._mergeable_ranks:
+        return gpt2
     top = max([*ranks.values(), *special.values()])
     lacking = [byte for byte in range(256) if bytes([byte]) not in ranks]
     ranks.update({bytes([byte]): top + 1 + n for n, byte in enumerate(lacking)})  # stand-ins, dropped by encode
-    if eot_text is None:
-        eot_text = next((name for name in ("<|endoftext|>", "<|end_of_text|>") if name in special), None)
+    eot_text = special_token_text(config.get("eos_token"))
+    eot_text = eot_text or next((name for name in ("<|endoftext|>", "<|end_of_text|>") if name in special), None)
     if eot_text not in special:
         raise ValueError(f"{source}: no end-of-text token {eot_text!r} among the added tokens")
-    return HubEncoding(
+    bos_text = special_token_text(config.get("bos_token"))
+    prepended = _prepended_token(tokenizer_json.get("post_processor"), source)
+    return Tokenizer(
         name=str(source),
         pat_str=pattern,
         mergeable_ranks=ranks,
         special_tokens=special,
-        nfc=normalizer == "NFC",
-        bos_id=_prepended_token(tokenizer_json.get("post_processor"), source),
         eot_id=special[eot_text],
-        missing=set(range(top + 1, top + 1 + len(lacking))),
+        bos_id=special.get(bos_text, prepended),
+        add_bos=prepended is not None,
+        nfc=normalizer == "NFC",
+        missing=range(top + 1, top + 1 + len(lacking)),
+        files=files,
     )
 
 
@@ -998,6 +1037,17 @@ def _prepended_token(post_processor, source):
             if template[0] == "SpecialToken":
                 return processor["special_tokens"][processor["single"][0]["SpecialToken"]["id"]]["ids"][0]
     return None
+
+
+def tokenizer_from_state(state):
+    """The `Tokenizer` a checkpoint carries (`Tokenizer.state`). Checkpoints without one
+    (written before tokenizers travelled with them) hold GPT-2's."""
+    if isinstance(state, dict) and state.get("files"):
+        return tokenizer_from_files(state["files"], "the checkpoint's tokenizer")
+    if state in (None, "gpt2") or state == {"name": "gpt2"}:
+        return get_tokenizer()
+    raise ValueError(f"the checkpoint names its tokenizer by a path ({state!r}), which may have moved: "
+                     "train it again with this version, which stores the tokenizer itself")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1391,9 +1441,8 @@ def safe_cut(text, start=0):
 
 def encode_pieces(pieces, tokenizer):
     """Token ids of a stream of text pieces: yields lists of ints whose concatenation is
-    the encoding of the joined text. The end-of-text token's text ("<|endoftext|>" for
-    GPT-2) becomes its id."""
-    end_of_text = {tokenizer.decode([tokenizer.eot_token])}
+    the encoding of the joined text. Text that spells a special token ("<|endoftext|>"
+    for GPT-2) becomes its id (`Tokenizer.encode`)."""
     buffer = ""
     for piece in pieces:
         # The buffer held no cut; only its last character may now become one (it gets a right neighbour).
@@ -1401,10 +1450,10 @@ def encode_pieces(pieces, tokenizer):
         buffer += piece
         cut = safe_cut(buffer, searched)
         if cut:
-            yield tokenizer.encode(buffer[:cut], allowed_special=end_of_text)
+            yield tokenizer.encode(buffer[:cut])
             buffer = buffer[cut:]
     if buffer:
-        yield tokenizer.encode(buffer, allowed_special=end_of_text)
+        yield tokenizer.encode(buffer)
 
 
 # Token file types: (array typecode, torch dtype the file is read as). torch before 2.3 has
@@ -1774,7 +1823,7 @@ def load_weights_into(
     each is dropped right after its copy, so a memory-mapped file's pages leave memory one
     tensor at a time. Strict: raises ValueError listing every missing, unexpected or
     mis-shaped tensor (before anything is copied). Llama family: its names (`model.`
-    prefix removed), `ignored` and `transposed` of that family (see `load_llama`).
+    prefix removed), `ignored` and `transposed` of that family (see `model_from_tensors`).
     """
     tied = model.lm_head.weight is model.wte.weight
     params = {name: p for name, p in model.state_dict(keep_vars=True).items()
@@ -1802,49 +1851,6 @@ def load_weights_into(
         state[name] = tensor.t() if name.endswith(transposed) else tensor
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # assigning untied them
-
-
-def load_gpt2(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
-    """Load a GPT-2 with pretrained weights -> GPTModel in eval mode on `device`, in `dtype`.
-
-    name_or_path:
-    - a released size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"): downloaded once
-      from the Hugging Face Hub (see `download_gpt2`) and cached;
-    - a `.safetensors` file as published on the hub or written by `save_pretrained`
-      (tensor names with or without the `transformer.` prefix); the config comes from a
-      `config.json` beside it when present, else from the tensor shapes;
-    - a checkpoint written by this project's scripts (`save_checkpoint`, a `.pt` file).
-    The model is built without random initialisation (on the meta device) and each
-    tensor is copied once from the memory-mapped file and then released, so loading
-    needs about one copy of the weights in memory. Raises FileNotFoundError for an unknown
-    name or a missing path (naming what a model can be, as `load_model` reaches here for
-    any name that is not of the Llama family), ValueError for a malformed or mismatching file.
-    """
-    path = Path(name_or_path)
-    if path.is_dir():  # a Hugging Face model folder, such as `export_hf` writes
-        path = path / "model.safetensors"
-    if str(name_or_path) in GPT_CONFIGS and not path.exists():
-        path = download_gpt2(str(name_or_path), quiet=quiet)
-    elif not path.exists():
-        raise FileNotFoundError(
-            f"no such file {str(name_or_path)!r}; a model is one of {', '.join(MODEL_CONFIGS)} (or another "
-            "Llama-family Hub name), a model folder, a .safetensors file or a checkpoint"
-        )
-    if path.suffix != ".safetensors":
-        return model_from_checkpoint(load_checkpoint(path), device=device, dtype=dtype)
-
-    tensors = {k.removeprefix("transformer."): v for k, v in read_safetensors(path).items()}
-    config_file = path.with_name("config.json")
-    config_json = None
-    if config_file.exists():
-        try:
-            config_json = json.loads(config_file.read_bytes())
-        except (OSError, ValueError) as e:  # a folder, unreadable, or not JSON
-            raise ValueError(f"{config_file}: not a readable JSON file ({e})") from None
-    cfg = config_from_weights(tensors, config_json, source=config_file)
-    model = empty_model(cfg)
-    load_weights_into(model, tensors, device=device, dtype=dtype, source=str(path))
-    return model.eval()
 
 
 # --- The Llama family: weights, config and tokenizer from the Hugging Face Hub ------------
@@ -1928,145 +1934,141 @@ def local_hub_file(repo, filename, kind=None):
     return dest if _reuse_cached(dest, kind) else None
 
 
-def llama_files(name_or_path, *, quiet=False):
-    """(config.json path, [safetensors paths]) of a folder or a Hub model, downloading what is missing.
+# --- One loader: a model and its tokenizer from any source ------------------------------
 
-    The weights are model.safetensors, or the shards that model.safetensors.index.json lists.
-    Raises FileNotFoundError for a folder without them.
+# The tokenizer files a model carries along: read, kept in `Tokenizer.files`, exported as they are.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# A Hub model's name: "owner/model" (a local path is tried first).
+HUB_NAME = re.compile(r"\w[\w.-]*/\w[\w.-]*")
+
+
+def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
+    """Load a model and its tokenizer -> (model in eval mode on `device` in `dtype`, `Tokenizer`).
+
+    source, whatever it is, loads the same way (`model(idx)` gives logits, `generate` text):
+    - a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"): its weights
+      downloaded once from the Hugging Face Hub (`download_gpt2`), GPT-2's tokenizer;
+    - a Hub name "owner/model": config.json, weights and tokenizer files, downloaded once
+      (`hub_file`; a gated model needs HF_TOKEN);
+    - a folder as transformers' `save_pretrained` or `export_hf` writes it;
+    - a .safetensors file: the config.json and tokenizer files beside it, when there;
+    - a checkpoint of this project (any other file): its config, weights and tokenizer.
+    What a model is is read from its content: config.json's model_type (gpt2, llama,
+    qwen3), else the tensor names (GPT-2's `wte.weight`); a classifier (a checkpoint with
+    class names, or a ...ForSequenceClassification folder) gets its head and `labels`.
+    The model is built on the meta device and each tensor copied once from the
+    memory-mapped file. Raises FileNotFoundError for a missing path or model files,
+    ValueError for a file that does not fit (naming it), RuntimeError when a download fails.
     """
-    folder = Path(name_or_path)
-    if folder.is_dir():
-        single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-        if not single.exists() and not index.exists():
-            raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
-        shards = [] if single.exists() else sorted(set(read_json(index, "weights index")["weight_map"].values()))
-        return folder / "config.json", [single] if single.exists() else [folder / shard for shard in shards]
-    repo = str(name_or_path)
-    config = hub_file(repo, "config.json", kind="json", quiet=quiet)
+    path = Path(source)
+    if path.is_file() and path.suffix != ".safetensors":
+        checkpoint = load_checkpoint(path)
+        model = model_from_checkpoint(checkpoint, device=device, dtype=dtype)
+        return model, tokenizer_from_state(checkpoint.get("tokenizer"))
+    config_json, weight_paths, tokenizer_files = model_files(source, quiet=quiet)
+    tensors = {}
+    for weight_path in weight_paths:
+        tensors.update(read_safetensors(weight_path))
+    model = model_from_tensors(tensors, config_json, source, device=device, dtype=dtype)
+    tokenizer = tokenizer_from_files(tokenizer_files, source) if tokenizer_files or model.cfg.family != "gpt2" \
+        else get_tokenizer()
+    check_vocabulary(model, source, tokenizer)
+    return model, tokenizer
+
+
+def model_files(source, *, quiet=False):
+    """Where a model's parts are -> (config.json as a dict or None, [safetensors paths],
+    {tokenizer file name: text}). A folder, a .safetensors file (its folder's config and
+    tokenizer), a released GPT-2 size or a Hub name, downloading what is missing. Raises
+    FileNotFoundError when `source` is none of these, or a folder holds no weights."""
+    path = Path(source)
+    if path.is_dir() or (path.suffix == ".safetensors" and path.is_file()):
+        folder = path if path.is_dir() else path.parent
+        if path.is_dir():
+            index = folder / "model.safetensors.index.json"
+            weight_paths = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else \
+                [folder / shard for shard in shard_names(index)] if index.is_file() else []
+            if not weight_paths:
+                raise FileNotFoundError(f"{folder} holds no model: neither model.safetensors nor "
+                                        "model.safetensors.index.json")
+        else:
+            weight_paths = [path]
+        config_path = folder / "config.json"
+        config_json = read_json(config_path, "model config") if config_path.is_file() else None
+        names = TOKENIZER_FILES if (folder / "tokenizer.json").is_file() else ("vocab.json",)
+        files = {name: decode_utf8((folder / name).read_bytes(), folder / name)
+                 for name in names if (folder / name).is_file()}
+        return config_json, weight_paths, files
+    if str(source) in GPT_CONFIGS:
+        return None, [download_gpt2(str(source), quiet=quiet)], {}
+    owner = Path(str(source).split("/")[0])
+    if not HUB_NAME.fullmatch(str(source)) or owner.is_dir() or path.suffix in (".pt", ".safetensors"):
+        raise FileNotFoundError(
+            f"no such file or model {str(source)!r}: a model is a released GPT-2 size ({', '.join(GPT_CONFIGS)}), "
+            "a Hub name owner/model, a model folder, a .safetensors file or a checkpoint of this project"
+        )
+    repo = str(source)
+    config_json = read_json(hub_file(repo, "config.json", kind="json", quiet=quiet), "model config")
     index = local_hub_file(repo, "model.safetensors.index.json", "json")
     single = None if index else hub_file(repo, "model.safetensors", kind="safetensors", quiet=quiet, missing_ok=True)
     if single is not None:
-        return config, [single]
-    index = index or hub_file(repo, "model.safetensors.index.json", kind="json", quiet=quiet)
-    shards = sorted(set(read_json(index, "weights index")["weight_map"].values()))
-    return config, [hub_file(repo, shard, kind="safetensors", quiet=quiet) for shard in shards]
+        weight_paths = [single]
+    else:
+        index = index or hub_file(repo, "model.safetensors.index.json", kind="json", quiet=quiet)
+        weight_paths = [hub_file(repo, shard, kind="safetensors", quiet=quiet) for shard in shard_names(index)]
+    return config_json, weight_paths, hub_tokenizer_files(repo, quiet=quiet)
 
 
-def load_llama(name_or_path, *, device="cpu", dtype=torch.float32, quiet=False):
-    """Load a Llama-family model with pretrained weights -> LlamaModel in eval mode on `device`, in `dtype`.
+def hub_tokenizer_files(repo, *, quiet=False):
+    """{file name: text} of the tokenizer files (TOKENIZER_FILES) a Hub model has, downloaded once."""
+    files = {}
+    for name in TOKENIZER_FILES:
+        file = hub_file(repo, name, quiet=quiet, missing_ok=True)
+        if file is not None:
+            files[name] = decode_utf8(file.read_bytes(), file)
+    return files
 
-    name_or_path: a Hub name (those of LLAMA_CONFIGS, or another Llama or Qwen3 model; a
-    gated one needs HF_TOKEN), downloaded once and cached (see `hub_file`); or a folder as
-    `save_pretrained` writes it (config.json, and model.safetensors or shards listed in
-    model.safetensors.index.json). Tensors keep their Hugging Face names without the
-    `model.` prefix and need no transposes. Memory and errors as in `load_gpt2`.
-    """
-    config_path, weight_paths = llama_files(name_or_path, quiet=quiet)
-    cfg = config_from_hub(read_json(config_path, "model config"), source=config_path)
-    tensors = {}
-    for path in weight_paths:
-        tensors.update({k.removeprefix("model."): v for k, v in read_safetensors(path).items()})
+
+def shard_names(index):
+    """The weight files a model.safetensors.index.json lists, in order."""
+    return sorted(set(read_json(index, "weights index")["weight_map"].values()))
+
+
+def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torch.float32):
+    """The model of Hugging Face tensors (names as transformers saves them) and config.json
+    (a dict, or None: GPT-2 sizes from the tensor shapes) -> model in eval mode. A
+    ...ForSequenceClassification's `score` becomes a classifier head. Raises ValueError
+    naming `source` for a model type this project lacks or tensors that do not fit."""
+    tensors = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in tensors.items()}
+    model_type = (config_json or {}).get("model_type", "gpt2" if "wte.weight" in tensors else None)
+    if model_type is None:
+        raise ValueError(f"{source}: no config.json beside it, and its tensors are not GPT-2's (no wte.weight): "
+                         "put the model's config.json beside the weights")
+    score = tensors.pop("score.weight", None)  # a ...ForSequenceClassification: `score` is its head
+    if model_type == "gpt2":
+        cfg = config_from_weights(tensors, config_json, source=f"{source} config.json")
+        layout = {}
+    else:
+        cfg = config_from_hub(config_json, source=f"{source} config.json")
+        layout = {"ignored": _LLAMA_IGNORED_KEYS, "transposed": ()}
+    if score is not None:
+        cfg = dataclasses.replace(cfg, tie_embeddings=True)  # no language-model head to load
     model = empty_model(cfg)
-    load_weights_into(
-        model, tensors, device=device, dtype=dtype, source=str(name_or_path), ignored=_LLAMA_IGNORED_KEYS, transposed=()
-    )
+    load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source), **layout)
+    if score is not None:
+        labels = (config_json or {}).get("id2label") or {}
+        add_classifier_head(model, [labels.get(str(i), f"LABEL_{i}") for i in range(score.shape[0])], bias=False)
+        model.lm_head.weight = nn.Parameter(score.to(device=device, dtype=dtype))
     return model.eval()
 
 
-def is_llama_family(name_or_path):
-    """Whether a name or path is a Llama-family model: a Hub name of the form "owner/model" that
-    is no local path, or a folder whose config.json is not GPT-2's."""
-    path = Path(name_or_path)
-    if not path.exists():
-        owner_is_a_folder = Path(str(name_or_path).split("/")[0]).is_dir()  # then it is a mistyped path
-        hub_name = re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(name_or_path)) and not owner_is_a_folder
-        return bool(hub_name) and path.suffix not in (".pt", ".safetensors")
-    config = path / "config.json"
-    return path.is_dir() and not (config.exists() and read_json(config, "model config").get("model_type") == "gpt2")
-
-
-def load_model(name_or_path="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
-    """Load any supported model: the Llama family (see `load_llama`) for Hub names "owner/model"
-    and Hugging Face folders, GPT-2 (see `load_gpt2`) for the rest. A folder of a GPT-2
-    saved with `save_pretrained` loads its model.safetensors."""
-    if is_llama_family(name_or_path):
-        return load_llama(name_or_path, device=device, dtype=dtype, quiet=quiet)
-    path = Path(name_or_path)
-    if path.is_dir():
-        name_or_path = path / "model.safetensors"
-    return load_gpt2(name_or_path, device=device, dtype=dtype, quiet=quiet)
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(name_or_path="gpt2", *, quiet=False):
-    """The tokenizer of a model and its end-of-text id -> (tiktoken Encoding, int).
-
-    GPT-2 names, files and checkpoints: GPT-2's tokenizer and 50256. The Llama family (see
-    `is_llama_family`): the `HubEncoding` of its tokenizer.json (see
-    `encoding_from_tokenizer_json`), with the end-of-text token named by tokenizer_config.json
-    when there is one. Raises ValueError for a tokenizer tiktoken cannot run exactly,
-    RuntimeError or FileNotFoundError when the files cannot be had. A checkpoint of this
-    project: the tokenizer it names (see `tokenizer_source`).
-    """
-    name_or_path = tokenizer_source(name_or_path)
-    if not is_llama_family(name_or_path) or _holds_gpt2_vocabulary(name_or_path):
-        return get_tokenizer(), EOT_ID
-    tokenizer_path, config_path = tokenizer_files(name_or_path, quiet=quiet)
-    eot_text = read_json(config_path, "tokenizer config").get("eos_token") if config_path else None
-    eot_text = eot_text.get("content") if isinstance(eot_text, dict) else eot_text  # older files: {"content": ...}
-    encoding = encoding_from_tokenizer_json(read_json(tokenizer_path, "tokenizer"), tokenizer_path, eot_text)
-    return encoding, encoding.eot_token
-
-
-def _holds_gpt2_vocabulary(folder):
-    """Whether a folder holds GPT-2's vocab.json and no tokenizer.json: an `export_hf` folder of
-    a Llama-family model that was trained with GPT-2's tokenizer."""
-    folder = Path(folder)
-    if not folder.is_dir() or (folder / "tokenizer.json").exists() or not (folder / "vocab.json").is_file():
-        return False
-    return (folder / "vocab.json").read_bytes() == gpt2_vocabulary_files()[0]
-
-
-def tokenizer_files(name_or_path, *, quiet=False):
-    """(tokenizer.json path, tokenizer_config.json path or None) of a Llama-family folder or
-    Hub model, downloading them once (see `hub_file`). Raises FileNotFoundError for a folder
-    that holds no model files."""
-    folder = Path(name_or_path)
-    if folder.is_dir():
-        model_files = ("model.safetensors", "model.safetensors.index.json", "tokenizer.json")
-        if not any((folder / name).exists() for name in model_files):
-            raise FileNotFoundError(f"{folder} holds no model: none of {', '.join(model_files)}")
-        config_path = folder / "tokenizer_config.json"
-        return folder / "tokenizer.json", config_path if config_path.exists() else None
-    tokenizer_path = hub_file(str(name_or_path), "tokenizer.json", kind="json", quiet=quiet)
-    config_path = hub_file(str(name_or_path), "tokenizer_config.json", kind="json", quiet=quiet, missing_ok=True)
-    return tokenizer_path, config_path
-
-
-def tokenizer_source(name_or_path):
-    """What names the tokenizer of a model -> str for `load_tokenizer`, and what a checkpoint
-    stores as its "tokenizer" entry: a Hub name as is, a folder as its absolute path, and
-    for a checkpoint of this project (a file neither .safetensors nor a folder) its own
-    "tokenizer" entry, or "gpt2" when it has none (every checkpoint from before the Llama
-    family). Scripts save `tokenizer=gpt.tokenizer_source(args.model)` with a checkpoint.
-    Reads a checkpoint memory-mapped: the entry, not the weights."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return str(path.resolve())
-    if not path.is_file() or path.suffix == ".safetensors":
-        return str(name_or_path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project "
-                         f"({e.__class__.__name__})") from None
-    source = checkpoint.get("tokenizer", "gpt2") if isinstance(checkpoint, dict) else "gpt2"
-    if not isinstance(source, str):
-        raise ValueError(f"{path}: the checkpoint's 'tokenizer' entry must name a Hub model or a folder, "
-                         f"got {source!r}")
-    if source not in GPT_CONFIGS and not Path(source).is_dir() and not is_llama_family(source):
-        raise FileNotFoundError(f"{path}: its tokenizer {source!r} is neither a Hub model nor a folder (moved?)")
-    return source
+def add_classifier_head(model, labels, bias=True):
+    """Replace the language-model head by nn.Linear(emb_dim, len(labels)): a classifier that
+    reads the last hidden state (finetune_classify.py). The class names travel with the
+    model as `model.labels`. Random initialisation from the global torch seed."""
+    model.lm_head = nn.Linear(model.cfg.emb_dim, len(labels), bias=bias).to(model.wte.weight.device)
+    model.labels = list(labels)
+    return model
 
 
 # ----------------------------------------------------------------------------------------
@@ -2080,13 +2082,16 @@ def unwrap_model(model):
     return getattr(model, "_orig_mod", model)
 
 
-def save_checkpoint(path, model, **extra):
-    """Save model config and weights (plus any extra entries: optimizer state, step, RNG
-    states, ...) to path atomically. Wrappers are removed first, so the keys never carry
+def save_checkpoint(path, model, tokenizer, **extra):
+    """Save a model whole, atomically: config, weights, its tokenizer by content
+    (`Tokenizer.state`), a classifier's class names, and any extra entries (optimizer
+    state, step, RNG states, ...). Wrappers are removed first, so the keys never carry
     `module.` or `_orig_mod.` prefixes. Extra values must be tensors, numbers, strings,
     or lists/dicts of them, so that `load_checkpoint` can read them with weights_only."""
     model = unwrap_model(model)
-    atomic_save({"config": dataclasses.asdict(model.cfg), "model": model.state_dict(), **extra}, path)
+    labels = {"labels": model.labels} if hasattr(model, "labels") else {}
+    whole = {"config": dataclasses.asdict(model.cfg), "model": model.state_dict(), "tokenizer": tokenizer.state()}
+    atomic_save({**whole, **labels, **extra}, path)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -2105,16 +2110,12 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
-    """The model (`GPTModel` or `LlamaModel`, see `build_model`) of a `load_checkpoint` dict, in
-    eval mode. Raises ValueError when the weights do not fit the config (e.g. a classifier
-    checkpoint with its own head), naming the first tensor that does not fit."""
+    """The model (`GPTModel` or `LlamaModel`, see `build_model`; a classifier when the
+    checkpoint has class names) of a `load_checkpoint` dict, in eval mode. Raises
+    ValueError when the weights do not fit the config, naming the first tensor that does not fit."""
+    model = empty_model(GPTConfig(**checkpoint["config"]))
     if "labels" in checkpoint:
-        raise ValueError(
-            "this is a spam classifier written by finetune_classify.py, not a language model: "
-            "use it with `python finetune_classify.py --classify TEXT --checkpoint PATH`"
-        )
-    cfg = GPTConfig(**checkpoint["config"])
-    model = empty_model(cfg)
+        add_classifier_head(model, checkpoint["labels"], bias="lm_head.bias" in checkpoint["model"])
     expected = model.state_dict()
     for name, tensor in checkpoint["model"].items():
         if name in expected and tensor.shape != expected[name].shape:
@@ -2127,7 +2128,8 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
     except RuntimeError as e:
         first_line = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise ValueError(f"checkpoint weights do not fit the model of its config: {first_line}") from None
-    model.tie_weights()  # assigning untied them: the head uses the token embedding
+    if "labels" not in checkpoint:
+        model.tie_weights()  # assigning untied them: the head uses the token embedding
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -2197,46 +2199,61 @@ def bpe_halves(token, ranks):
     return parts
 
 
+def _visible(token):
+    """Token bytes -> the visible characters byte-level BPE files write it in (`byte_level_alphabet`)."""
+    char = byte_level_alphabet()
+    return "".join(char[byte] for byte in token)
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_vocabulary():
+    """GPT-2's vocab.json as a dict: each token (`_visible`) -> its id, "<|endoftext|>" -> 50256."""
+    tokenizer = get_tokenizer()
+    tokens = {_visible(tokenizer.decode_single_token_bytes(rank)): rank for rank in range(EOT_ID)}
+    return tokens | {"<|endoftext|>": EOT_ID}
+
+
 @functools.lru_cache(maxsize=1)
 def gpt2_vocabulary_files():
     """GPT-2's byte-pair vocabulary as transformers reads it -> (vocab.json, merges.txt), bytes.
 
-    Derived from tiktoken's "gpt2" encoding, not downloaded: vocab.json maps each token
-    (its bytes written with `byte_level_alphabet`) to its id, plus "<|endoftext|>": 50256;
+    Derived from tiktoken's "gpt2" encoding, not downloaded: vocab.json is `gpt2_vocabulary`;
     merges.txt lists after a version line the merges in rank order, each as "left right"
     (`bpe_halves`). Both come out byte for byte as the files OpenAI released with GPT-2
     (encoder.json and vocab.bpe). Takes a few seconds; cached.
     """
     tokenizer = get_tokenizer()
-    eot = tokenizer.eot_token
-    ranks = {tokenizer.decode_single_token_bytes(rank): rank for rank in range(eot)}  # every token but <|endoftext|>
-    char = byte_level_alphabet()
-
-    def visible(token):
-        return "".join(char[byte] for byte in token)
-
-    vocab = {visible(token): rank for token, rank in ranks.items()} | {"<|endoftext|>": eot}
-    merges = [" ".join(visible(part) for part in bpe_halves(token, ranks)) for token in ranks if len(token) > 1]
-    return json.dumps(vocab).encode("utf-8"), "\n".join(["#version: 0.2", *merges, ""]).encode("utf-8")
+    ranks = {tokenizer.decode_single_token_bytes(rank): rank for rank in range(EOT_ID)}  # all but <|endoftext|>
+    merges = [" ".join(_visible(part) for part in bpe_halves(token, ranks)) for token in ranks if len(token) > 1]
+    return json.dumps(gpt2_vocabulary()).encode("utf-8"), "\n".join(["#version: 0.2", *merges, ""]).encode("utf-8")
 
 
-def hf_tokenizer_files(model_max_length, **settings):
-    """GPT-2's tokenizer as the files transformers reads -> {file name: bytes or JSON-able}:
-    vocab.json and merges.txt (`gpt2_vocabulary_files`) and tokenizer_config.json, which
-    names the class, the special token <|endoftext|> (50256) and model_max_length (tokens;
-    the model's context length). settings: more entries of tokenizer_config.json, e.g.
-    pad_token="<|endoftext|>" for a classifier that reads padded batches."""
-    vocab, merges = gpt2_vocabulary_files()
-    config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": model_max_length,
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "add_prefix_space": False,  # " Hello" and "Hello" are different tokens, as in tiktoken
-        **settings,
-    }
-    return {"vocab.json": vocab, "merges.txt": merges, "tokenizer_config.json": config}
+def hf_tokenizer_files(tokenizer, **settings):
+    """A `Tokenizer` as the files transformers reads -> {file name: bytes or JSON-able}.
+
+    GPT-2's: vocab.json and merges.txt (`gpt2_vocabulary_files`) and a tokenizer_config.json
+    naming the class and the special token <|endoftext|> (50256). Any other: the files it
+    was read from, as they were (`Tokenizer.files`: tokenizer.json, tokenizer_config.json,
+    chat_template.jinja, ...). settings: entries of tokenizer_config.json to set, e.g.
+    model_max_length (tokens), or pad_token for a classifier that reads padded batches.
+    """
+    if not tokenizer.files:
+        vocab, merges = gpt2_vocabulary_files()
+        config = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "bos_token": "<|endoftext|>",
+            "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "add_prefix_space": False,  # " Hello" and "Hello" are different tokens, as in tiktoken
+            **settings,
+        }
+        return {"vocab.json": vocab, "merges.txt": merges, "tokenizer_config.json": config}
+    files = {name: text.encode("utf-8") for name, text in tokenizer.files.items()}
+    config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
+    end_of_text = tokenizer.decode([tokenizer.eot_id])
+    files["tokenizer_config.json"] = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end_of_text,
+                                      **config, **settings}
+    return files
 
 
 def hf_tensors(model, dtype=torch.float32):
@@ -2284,12 +2301,10 @@ def hf_config(cfg, dtype, architecture="GPT2LMHeadModel", **extra):
         "n_layer": cfg.n_layers,
         "n_head": cfg.n_heads,
         "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
-        "layer_norm_epsilon": 1e-5,
+        "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": cfg.drop_rate,
         "embd_pdrop": cfg.drop_rate,
         "attn_pdrop": cfg.drop_rate,
-        "bos_token_id": EOT_ID,
-        "eos_token_id": EOT_ID,
         "tie_word_embeddings": True,
         "torch_dtype": dtype_name,  # transformers 4 reads this name,
         "dtype": dtype_name,  # transformers 5 this one
@@ -2297,7 +2312,7 @@ def hf_config(cfg, dtype, architecture="GPT2LMHeadModel", **extra):
     }
 
 
-def hf_llama_config(cfg, dtype, bos_id, eot_id):
+def hf_llama_config(cfg, dtype):
     """config.json of transformers' LlamaForCausalLM for a Llama-family GPTConfig, or of
     Qwen3ForCausalLM when it normalises queries and keys -> dict (`config_from_hub` reads
     it back). Raises ValueError for biases neither class can express."""
@@ -2327,66 +2342,65 @@ def hf_llama_config(cfg, dtype, bos_id, eot_id):
         "attention_bias": cfg.qkv_bias,
         **({} if cfg.qk_norm else {"mlp_bias": cfg.mlp_bias}),
         "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": bos_id,
-        "eos_token_id": eot_id,
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
     }
 
 
-def copied_tokenizer_files(source, encoding, model_max_length):
-    """The tokenizer of a Llama-family model (a folder or Hub name, see `tokenizer_files`) for
-    an export -> {file name: bytes or JSON-able}: its tokenizer.json as it is, and its
-    tokenizer_config.json, or when it has none one naming transformers' fast tokenizer,
-    the end-of-text token and model_max_length (tokens)."""
-    tokenizer_path, config_path = tokenizer_files(source)
-    end_of_text = encoding.decode([encoding.eot_token])
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end_of_text,
-              "model_max_length": model_max_length}
-    config = read_json(config_path, "tokenizer config") if config_path else config
-    return {"tokenizer.json": tokenizer_path.read_bytes(), "tokenizer_config.json": config}
+def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=False, max_length=None):
+    """Write a model as a Hugging Face model folder -> its Path.
 
-
-def export_hf(model_or_name, folder, *, dtype=None, overwrite=False, tokenizer=None):
-    """Write a language model as a Hugging Face model folder -> its Path.
-
-    model_or_name: a GPTModel or LlamaModel, or whatever `load_model` loads (a released
-    size, a .safetensors file or folder, a Llama-family Hub name or folder, a checkpoint
-    of pretrain.py or finetune_instruct.py), loaded after the folder is checked.
-    tokenizer: what names the model's tokenizer (see `tokenizer_source`); None: the one of
-    model_or_name when it is a name or path, else GPT-2's. The folder holds what
-    `AutoModelForCausalLM.from_pretrained(folder)` (GPT2LMHeadModel; LlamaForCausalLM or
-    Qwen3ForCausalLM, see `hf_llama_config`) and `AutoTokenizer.from_pretrained(folder)`
-    read: config.json, model.safetensors (in `dtype`, default the weights' own),
-    generation_config.json and the tokenizer files (GPT-2's `hf_tokenizer_files`, or
-    `copied_tokenizer_files`); `load_model(folder)` reads it back. Written atomically
-    (`write_hf_folder`). Raises ValueError for a vocabulary smaller than the tokenizer's
-    (the tokenizer would not fit), and as `check_hf_folder` and `write_hf_folder`.
+    model_or_source: a model with its `Tokenizer` (None: GPT-2's), or whatever `load`
+    loads, loaded after the folder is checked. The folder holds what transformers'
+    `AutoModelForCausalLM` (GPT2LMHeadModel; LlamaForCausalLM or Qwen3ForCausalLM, see
+    `hf_llama_config`) and `AutoTokenizer` read: config.json and generation_config.json
+    with the tokenizer's token ids (`Tokenizer.token_ids`), model.safetensors in `dtype`
+    (default the weights' own) and the tokenizer's files (`hf_tokenizer_files`, the chat
+    template among them); `load(folder)` reads it back. A classifier (`model.labels`)
+    becomes a ...ForSequenceClassification (see `classifier_tensors`) that pads with the
+    end-of-text token and reads max_length tokens (default: the context length). Written
+    atomically (`write_hf_folder`). Raises ValueError as `check_vocabulary`,
+    `check_hf_folder`, `classifier_tensors` and `write_hf_folder` do.
     """
-    if not isinstance(model_or_name, nn.Module):
+    if not isinstance(model_or_source, nn.Module):
         check_hf_folder(folder, overwrite)  # before a load that may take minutes
-        tokenizer = tokenizer or tokenizer_source(model_or_name)
-        model_or_name = load_model(model_or_name, dtype=dtype or torch.float32)
-    model = unwrap_model(model_or_name)
-    encoding, eot_id = load_tokenizer(tokenizer or "gpt2")
-    check_vocabulary(model, "export", encoding)
+        model_or_source, tokenizer = load(model_or_source, dtype=dtype or torch.float32)
+    model = unwrap_model(model_or_source)
+    tokenizer = tokenizer or get_tokenizer()
+    check_vocabulary(model, "export", tokenizer)
     dtype = dtype or model.wte.weight.dtype
-    bos_id = eot_id if getattr(encoding, "bos_id", None) is None else encoding.bos_id
-    if model.cfg.family == "llama":
-        config = hf_llama_config(model.cfg, dtype, bos_id, eot_id)
-    else:
-        config = hf_config(model.cfg, dtype, bos_token_id=bos_id, eos_token_id=eot_id)
-    length = model.cfg.context_length
-    if encoding is get_tokenizer():
-        tokenizer_files = hf_tokenizer_files(length)
-    else:
-        tokenizer_files = copied_tokenizer_files(tokenizer, encoding, length)
-    files = {
-        "config.json": config,
-        "generation_config.json": {"bos_token_id": bos_id, "eos_token_id": eot_id},
-        **tokenizer_files,
-    }
-    return write_hf_folder(folder, hf_tensors(model, dtype), files, overwrite=overwrite)
+    ids = tokenizer.token_ids()
+    config = {**(hf_llama_config if model.cfg.family == "llama" else hf_config)(model.cfg, dtype), **ids}
+    tensors = hf_tensors(model, dtype)
+    length = max_length or model.cfg.context_length
+    settings = {"model_max_length": length}
+    if hasattr(model, "labels"):
+        family = "GPT2" if model.cfg.family == "gpt2" else config["architectures"][0].removesuffix("ForCausalLM")
+        config.update(architectures=[family + "ForSequenceClassification"], num_labels=len(model.labels),
+                      id2label=dict(enumerate(model.labels)), label2id={name: i for i, name in enumerate(model.labels)},
+                      pad_token_id=tokenizer.eot_id)
+        tensors = {**{k: v for k, v in tensors.items() if not k.startswith("lm_head.")},
+                   **classifier_tensors(model, dtype)}
+        settings["pad_token"] = tokenizer.decode([tokenizer.eot_id])
+    generation = {key: value for key, value in ids.items() if key != "unk_token_id"}
+    files = {"config.json": config, "generation_config.json": generation,
+             **hf_tokenizer_files(tokenizer, **settings)}
+    return write_hf_folder(folder, tensors, files, overwrite=overwrite)
+
+
+def classifier_tensors(model, dtype):
+    """A classifier's head as transformers' ...ForSequenceClassification holds it -> {name: tensor}:
+    `score.weight`, which has no bias. GPT-2's head bias b is carried exactly: ln_f feeds only
+    the head, so adding W⁺b (pseudo-inverse of the head weight W [n_classes, emb_dim] times b)
+    to ln_f's bias gives W (h + W⁺b) = W h + b. Raises ValueError when W has rank below n_classes."""
+    tensors = {"score.weight": model.lm_head.weight.detach().to(dtype)}
+    if model.lm_head.bias is not None:
+        weight, bias = model.lm_head.weight.detach().double().cpu(), model.lm_head.bias.detach().double().cpu()
+        shift = torch.linalg.pinv(weight) @ bias  # W⁺b: [emb_dim]
+        if not torch.allclose(weight @ shift, bias, rtol=1e-6, atol=1e-6):
+            raise ValueError(f"the head's weight has rank below {len(bias)}: its bias cannot be moved into ln_f")
+        tensors["transformer.ln_f.bias"] = (model.ln_f.bias.detach().double().cpu() + shift).to(dtype)
+    return tensors
 
 
 def check_hf_folder(folder, overwrite=False):
@@ -2957,11 +2971,14 @@ def autocast_context(device, dtype_name="auto"):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype_name]), dtype_name
 
 
-def save_training_state(path, model, optimizer, **state):
-    """Save what an exact resume needs: the model (`save_checkpoint`), the optimizer's state
-    and `state` (step, history, data position, RNG states from `rng_state`, ...). On a full
-    disk it writes to the temporary folder instead (`save_with_fallback`). -> the path written."""
-    return save_with_fallback(lambda p: save_checkpoint(p, model, optimizer=optimizer.state_dict(), **state), path)
+def save_training_state(path, model, tokenizer, optimizer, **state):
+    """Save what an exact resume needs: the model and its tokenizer (`save_checkpoint`), the
+    optimizer's state and `state` (step, history, data position, RNG states from `rng_state`,
+    ...). On a full disk it writes to the temporary folder instead (`save_with_fallback`).
+    -> the path written."""
+    def save(p):
+        save_checkpoint(p, model, tokenizer, optimizer=optimizer.state_dict(), **state)
+    return save_with_fallback(save, path)
 
 
 def restore_training_state(checkpoint, optimizer, device, rng):

@@ -4,7 +4,7 @@ Stage 1 of the lifecycle. Loads OpenAI's GPT-2 from the Hugging Face Hub (downlo
 then read from the cache), a local .safetensors file or model folder, or a checkpoint of
 this project. A model of the Llama family (SmolLM2, Qwen3, Llama 3.2) works the same
 way, by Hub name or folder, with its own tokenizer and end-of-text token; a checkpoint
-names its tokenizer (see gpt.tokenizer_source; none: GPT-2's).
+carries its tokenizer (everything loads through gpt.load).
 
 Try it: continue a prompt, printing the tokens as they are generated.
 
@@ -94,24 +94,24 @@ def encode_pair(context, continuation, tokenizer=None):
     is tokenized whole and the continuation's ids are what follows the context's own ids, so
     " Paris" after "capital:" is one token with its space, as GPT-2 saw such text. Spaces that
     end the context move to the continuation first; an empty context becomes [`prefix_id`].
-    Special-token text is plain text; no begin-of-text token is added (the harness's default,
-    Llama 3 too). tokenizer: the model's (`gpt.load_tokenizer`); None: GPT-2's."""
+    Special-token text is the token, as in transformers' tokenizers; no begin-of-text token
+    is added (the harness's default, Llama 3 too). tokenizer: the model's; None: GPT-2's."""
     tokenizer = tokenizer or gpt.get_tokenizer()
     if not context:
-        return [prefix_id(tokenizer)], tokenizer.encode_ordinary(continuation)
+        return [prefix_id(tokenizer)], tokenizer.encode(continuation)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode_ordinary(context + continuation)
-    context_ids = tokenizer.encode_ordinary(context)
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
     return context_ids, whole[len(context_ids) :]
 
 
 def prefix_id(tokenizer):
     """The token before a text that has nothing before it, as the harness's `prefix_token_id`:
-    the begin-of-text token where the tokenizer has one (Llama 3), else end-of-text (GPT-2: 50256)."""
-    bos_id = getattr(tokenizer, "bos_id", None)
-    return tokenizer.eot_token if bos_id is None else bos_id
+    the tokenizer's begin token where it names one (GPT-2: <|endoftext|>, 50256; Llama 3:
+    <|begin_of_text|>; SmolLM2-Instruct: <|im_start|>), else its end-of-text token (Qwen3)."""
+    return tokenizer.eot_id if tokenizer.bos_id is None else tokenizer.bos_id
 
 
 def continuation_request(context, continuation, context_length, tokenizer=None):
@@ -283,7 +283,7 @@ def perplexity(model, text, stride, batch_size=8, tokenizer=None):
     if not text:
         raise ValueError("the text to score is empty")
     tokenizer = tokenizer or gpt.get_tokenizer()
-    ids = tokenizer.encode_ordinary(text)
+    ids = tokenizer.encode(text)
     requests = perplexity_requests(ids, model.cfg.context_length, stride, prefix_id(tokenizer))
     nll = -sum(sum_logprobs(model, requests, batch_size, label="perplexity"))
     n_bytes = len(text.encode("utf-8"))
@@ -450,8 +450,8 @@ def parse_args(argv=None):
         p.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
     if not args.prompt:
         p.error("--prompt is empty: give at least one character of text to continue")
-    if args.download_only and not is_hub_model(args.model):
-        p.error(f"--download-only needs a model name ({', '.join(gpt.MODEL_CONFIGS)}, ...), got {args.model!r}")
+    if args.download_only and Path(args.model).exists():
+        p.error(f"--download-only needs a model name ({', '.join(gpt.MODEL_CONFIGS)}, ...), got the path {args.model!r}")
     return args
 
 
@@ -590,20 +590,13 @@ def read_text(path):
     return text
 
 
-def is_hub_model(name):
-    """Whether --model names a model to download: a GPT-2 size, or a Hub name "owner/model"."""
-    return not Path(name).exists() and (name in gpt.GPT_CONFIGS or gpt.is_llama_family(name))
-
-
 def download_model(name):
-    """Download what --model needs into the cache, verified -> the file or folder it is in: GPT-2's
-    weights, or a Llama-family model's config, weights and tokenizer (converted once, so that a
-    tokenizer tiktoken cannot run fails now)."""
-    if name in gpt.GPT_CONFIGS:
-        return gpt.download_gpt2(name)
-    config, _ = gpt.llama_files(name)
-    gpt.load_tokenizer(name)
-    return config.parent
+    """Download what --model needs into the cache, verified -> the folder its weights are in.
+    Its tokenizer is converted once, so that one tiktoken cannot run fails now."""
+    _, weight_paths, tokenizer_files = gpt.model_files(name)
+    if tokenizer_files:
+        gpt.tokenizer_from_files(tokenizer_files, name)
+    return weight_paths[0].parent
 
 
 def print_scores(name, summary):
@@ -666,24 +659,22 @@ def main(argv=None):
         raise FileNotFoundError(f"--contamination {args.contamination}: no such file or folder")
     items = load_benchmark(args) if args.benchmark else None
     text = read_text(args.perplexity) if args.perplexity else None
-    weights = download_model(args.model) if is_hub_model(args.model) else args.model
     if args.download_only:  # download it
-        print(f"{args.model} is in {weights}")
+        print(f"{args.model} is in {download_model(args.model)}")
         return
-    # The model's own tokenizer: GPT-2's, a tokenizer.json, or the one a checkpoint names.
-    tokenizer, eot_id = gpt.load_tokenizer(args.model)
     started = time.time()
-    model = gpt.load_model(args.model, device=device, dtype=gpt.DTYPES[args.dtype])
+    model, tokenizer = gpt.load(args.model, device=device, dtype=gpt.DTYPES[args.dtype])  # its own tokenizer
     load_seconds = time.time() - started
-    gpt.check_vocabulary(model, f"--model {args.model}", tokenizer)
+    if hasattr(model, "labels"):
+        raise ValueError(f"--model {args.model} is a classifier, not a language model: use it with "
+                         f"`python finetune_classify.py --checkpoint {args.model} --classify TEXT`")
     print(gpt.model_summary(model, args.model))
-    print(f"weights: {weights}")
     print(f"load time: {load_seconds:.2f} s on {device}, {args.dtype}")
     print("-" * 80)
     if items is None and text is None:  # try it
         print(args.prompt, end="", flush=True)
         prompt_ids = gpt.text_to_token_ids(args.prompt, device=device, tokenizer=tokenizer)
-        stream_continuation(model, prompt_ids, args, tokenizer, eot_id)
+        stream_continuation(model, prompt_ids, args, tokenizer, tokenizer.eot_id)
         return
     results = dict(model=args.model, settings=vars(args))  # measure it
     if text is not None:

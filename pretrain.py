@@ -204,11 +204,6 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
 # ----------------------------------------------------------------------------------------
 
 
-def tokenizer_name(args):
-    """The name of the run's tokenizer (gpt.load_tokenizer): --model's, a Llama-family --size's, or GPT-2's."""
-    return args.model or (args.size if args.size in gpt.LLAMA_CONFIGS else "gpt2")
-
-
 def model_config(args):
     """GPTConfig of a new model: --size (default: DEFAULT_SHAPE) with the shape flags given. Raises ValueError for a
     shape that does not fit together."""
@@ -217,19 +212,23 @@ def model_config(args):
     return dataclasses.replace(base, drop_rate=args.drop_rate, **shape)
 
 
-def model_to_train(args, tokenizer, checkpoint=None):
-    """The model to train, float32 on the CPU, in training mode: from a --resume checkpoint, from --model weights (with
-    this run's --drop-rate), or new (`model_config`, initialised as its family is, seeded by --seed). Raises
-    ValueError for a --model whose vocabulary is smaller than its tokenizer's."""
+def model_to_train(args, checkpoint=None):
+    """The model to train, float32 on the CPU, in training mode, and its tokenizer -> (model, gpt.Tokenizer): from a
+    --resume checkpoint, from --model (with this run's --drop-rate), or new (`model_config`, initialised as its family
+    is, seeded by --seed; a Llama-family --size brings its Hub tokenizer, else GPT-2's)."""
     if checkpoint is not None:
-        return gpt.model_from_checkpoint(checkpoint).train()
+        return gpt.model_from_checkpoint(checkpoint).train(), gpt.tokenizer_from_state(checkpoint.get("tokenizer"))
     if args.model:
-        model = gpt.load_model(args.model)
-        gpt.check_vocabulary(model, f"--model {args.model}", tokenizer)
+        model, tokenizer = gpt.load(args.model)
         gpt.set_drop_rate(model, args.drop_rate)
-        return model.train()
+        return model.train(), tokenizer
+    tokenizer = gpt.get_tokenizer()
+    if args.size in gpt.LLAMA_CONFIGS:
+        tokenizer = gpt.tokenizer_from_files(gpt.hub_tokenizer_files(args.size), args.size)
     torch.manual_seed(args.seed)
-    return gpt.build_model(model_config(args)).train()
+    model = gpt.build_model(model_config(args))
+    gpt.check_vocabulary(model, "the model's shape", tokenizer)
+    return model.train(), tokenizer
 
 
 def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
@@ -271,9 +270,9 @@ def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
     """The prompt and a continuation (temperature 0.8, top-k 50, seeded: successive samples differ only through
     training), until the model's end-of-text token at most, lines after the first indented for the log. An empty
     prompt starts from that token."""
-    start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_token]])
+    start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_id]])
     out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
-                       eot_id=tokenizer.eot_token)
+                       eot_id=tokenizer.eot_id)
     return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :], tokenizer).replace("\n", "\n          ")
 
 
@@ -313,15 +312,17 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
                 sample = sample_text(model, tokenizer, args.prompt, args.sample_tokens, args.seed, proc.device)
                 log("  sample: " + sample)
                 if improved:
-                    best = dict(step=step, tokens_seen=tokens, val_loss=val_loss, tokenizer=state["tokenizer"])
-                    gpt.save_with_fallback(lambda path: gpt.save_checkpoint(path, model, **best), out_dir / "best.pt")
+                    best = dict(step=step, tokens_seen=tokens, val_loss=val_loss)
+                    gpt.save_with_fallback(lambda path: gpt.save_checkpoint(path, model, tokenizer, **best),
+                                           out_dir / "best.pt")
                 gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
         stop = stopper.requested or step >= (args.stop_at_step or math.inf)
         stop = step == total_steps or gpt.any_process(stop, proc)  # every process stops at the same step
         if evaluate_now or stop:
             rng_states = gpt.all_rng_states(proc)  # every process's, for the same dropout masks after --resume
             if proc.rank == 0:
-                gpt.save_training_state(out_dir / "latest.pt", model, optimizer, rng_states=rng_states, **state)
+                gpt.save_training_state(out_dir / "latest.pt", model, tokenizer, optimizer, rng_states=rng_states,
+                                        **state)
         if stop:
             return None if step == total_steps else stopper.signal_name or "stop-at-step"
         speed.resume()
@@ -359,8 +360,8 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
 
 
 def start_run(args, proc):
-    """Everything the loop needs, in the order a run needs it: the run folder, the tokenizer and the token file, the
-    model and AdamW, the step count and the loop's state (new, or from latest.pt with --resume) -> (model,
+    """Everything the loop needs, in the order a run needs it: the run folder, the model and its tokenizer, the token
+    file, AdamW, the step count and the loop's state (new, or from latest.pt with --resume) -> (model,
     optimizer, splits, tokenizer, state)."""
     out_dir = Path(args.out_dir)
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
@@ -371,8 +372,10 @@ def start_run(args, proc):
         log("warning: --dtype bfloat16 is usually much slower than float32 on CPUs; --dtype auto picks float32 there")
     checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
 
+    # The model with its tokenizer before the data: a wrong --model fails in seconds.
+    model, tokenizer = model_to_train(args, checkpoint)
+
     # Data: the first process of each machine tokenizes; the others wait, then reuse its file.
-    tokenizer = gpt.load_tokenizer(tokenizer_name(args))[0]
     gpt.barrier(proc, wait=proc.local_rank != 0)
     token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
     sources = resolve_sources(args.data)
@@ -386,8 +389,7 @@ def start_run(args, proc):
             f"was {checkpoint['data']['sha256'][:12]}...): restore it, or start a new run with --overwrite"
         )
 
-    # Model and optimizer: AdamW with betas (0.9, 0.95), as GPT-3 (Brown et al., 2020, appendix B).
-    model = model_to_train(args, tokenizer, checkpoint)
+    # The optimizer: AdamW with betas (0.9, 0.95), as GPT-3 (Brown et al., 2020, appendix B).
     splits = make_splits(token_path, n_tokens, args, model.cfg, proc.world_size)
     check_memory(model.cfg, args.batch_size, splits.context_length, proc.device)
     model.to(proc.device)
@@ -405,8 +407,7 @@ def start_run(args, proc):
             raise ValueError(f"--resume: the run in {out_dir} already made {state['step']} of {total_steps} steps; "
                              "raise --max-steps or --epochs to go on")
         log(f"resumed from {out_dir / 'latest.pt'} at step {state['step']}")
-    tokenizer_entry = gpt.tokenizer_source(tokenizer_name(args))  # for load_gpt2.py and the fine-tunes
-    state.update(total_steps=total_steps, settings=vars(args), data=data, tokenizer=tokenizer_entry)
+    state.update(total_steps=total_steps, settings=vars(args), data=data)
     if proc.rank == 0:
         gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
     log(gpt.model_summary(model, "model") + f"; {proc.device}, {proc.world_size} process(es)")

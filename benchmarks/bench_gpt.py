@@ -77,7 +77,7 @@ def write_random_weights(folder, family):
 
 
 def load_both(weights, family):
-    ours = gpt.load_gpt2(weights) if family == "gpt2" else gpt.load_model(Path(weights).parent)
+    ours, _ = gpt.load(weights if family == "gpt2" else Path(weights).parent)
     reference = reference_class(family).from_pretrained(Path(weights).parent, attn_implementation="sdpa").eval()
     return ours, reference
 
@@ -175,7 +175,7 @@ print(json.dumps({{"seconds": seconds, "process_seconds": time.perf_counter() - 
 def bench_load(weights, repeats, family):
     """Load each way in a fresh process (imports done before the clock starts)."""
     root = Path(__file__).resolve().parent.parent
-    ours = "gpt.load_gpt2(%r)" % str(weights) if family == "gpt2" else "gpt.load_model(%r)" % str(Path(weights).parent)
+    ours = "gpt.load(%r)" % str(weights if family == "gpt2" else Path(weights).parent)
     name = FAMILIES[family][0]
     ways = {
         "ours": ("sys.path.insert(0, %r); import gpt" % str(root), ours),

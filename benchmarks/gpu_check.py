@@ -242,7 +242,7 @@ def check_generate(ctx, out, new_tokens=256, prompt_length=16, repeats=2):
     device = torch.device(ctx.device)
     for dtype_name in ("float32", "bfloat16"):
         dtype = gpt.DTYPES[dtype_name]
-        ours = gpt.load_model(ctx.models["124M"], device=device, dtype=dtype, quiet=True)
+        ours, _ = gpt.load(ctx.models["124M"], device=device, dtype=dtype, quiet=True)
         theirs = AutoModelForCausalLM.from_pretrained(ctx.models["124M"], dtype=dtype).to(device).eval()
         theirs.generation_config.eos_token_id = None  # no early stop, as ours without eot_id: every row runs to the end
         new_tokens = min(new_tokens, ours.cfg.context_length - prompt_length)  # --quick: a short context
