@@ -94,6 +94,7 @@ class GPTConfig:
     n_layers:       number of transformer blocks
     drop_rate:      dropout probability on embeddings, attention and residual branches
                     (0.0 for inference and for the released weights' fine-tuning recipes)
+    norm_eps:       epsilon of the LayerNorms (GPT-2) or RMSNorms (Llama family)
     qkv_bias:       whether the query/key/value projections have a bias; None: yes for GPT-2,
                     no for the Llama family
     family:         "gpt2" (`GPTModel`) or "llama" (`LlamaModel`, section 6: Llama 3.2,
@@ -107,7 +108,6 @@ class GPTConfig:
     rope_theta:     base of the rotary position frequencies
     rope_scaling:   Llama 3's frequency scaling, a dict with factor, low_freq_factor,
                     high_freq_factor and original_max_position_embeddings; None: none
-    norm_eps:       epsilon of RMSNorm
     qk_norm:        RMSNorm on each head's queries and keys before the rotation (Qwen3)
     out_bias:       bias on the attention output projection
     mlp_bias:       biases on the SwiGLU's three projections
@@ -236,9 +236,9 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)  # eps as in GPT-2
+        self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps)  # 1e-5 in the released GPT-2
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x, kv_cache=None, layer=0):
@@ -262,7 +262,7 @@ class GPTModel(nn.Module):
         self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)  # learned absolute position embeddings
         self.drop = nn.Dropout(cfg.drop_rate)
         self.h = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.init_weights()
@@ -1746,6 +1746,50 @@ _IGNORED_KEYS = re.compile(r"(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)"
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+# --- config.json: the settings that change what a model computes ---------------------------
+#
+# A Hugging Face config.json holds sizes, settings that change what the model computes
+# (activation, norm epsilon, attention scaling, ...) and bookkeeping (architectures, dtype,
+# transformers_version, token ids, dropout, initializer_range, ...). The tables below list
+# the settings, as {key: (test of its value, what this implementation supports)}. A model
+# whose file asks for something else is refused, not loaded as a different model that
+# computes other logits without a word. A listed key that is absent takes transformers'
+# default, which is what is implemented. Keys not listed are ignored: bookkeeping changes
+# nothing that loading must reproduce, and the keys a newer transformers adds keep loading.
+
+
+def _positive_number(value):
+    """A finite number > 0 (not a bool, which JSON's true would make 1)."""
+    return type(value) in (int, float) and math.isfinite(value) and value > 0
+
+
+def _is(*values):
+    """Test that a value is one of `values`, compared by type too (JSON's true is not 1)."""
+    return lambda value: any(type(value) is type(v) and value == v for v in values)
+
+
+GPT2_SETTINGS = {
+    "activation_function": (_is("gelu_new", "gelu_pytorch_tanh"),
+                            "'gelu_new' or 'gelu_pytorch_tanh', GELU's tanh approximation"),
+    "layer_norm_epsilon": (_positive_number, "a finite number > 0"),
+    "scale_attn_weights": (_is(True), "true, scores divided by the square root of the head size"),
+    "scale_attn_by_inverse_layer_idx": (_is(False), "false"),
+    "reorder_and_upcast_attn": (_is(False), "false"),
+    "add_cross_attention": (_is(False), "false, a decoder only"),
+    "tie_word_embeddings": (_is(True), "true, the head is the token embedding"),
+}
+
+
+def check_settings(config_json, settings, source, prefix=""):
+    """Raise ValueError naming `source`, the key, its value and what is supported for the
+    first key of `settings` ({key: (test, supported)}) whose value in `config_json` fails
+    its test; `prefix` names the dict the keys are in, when it is not the file itself."""
+    for key, (test, supported) in settings.items():
+        if key in config_json and not test(config_json[key]):
+            raise ValueError(f"{source}: {prefix}{key} = {config_json[key]!r} is not supported "
+                             f"(this implementation: {supported})")
+
+
 def config_from_weights(tensors, config_json=None, source="config.json"):
     """GPTConfig for a dict of GPT-2 tensors (keys without the `transformer.` prefix).
 
@@ -1753,7 +1797,8 @@ def config_from_weights(tensors, config_json=None, source="config.json"):
     tensor shapes. The number of heads leaves no trace in the shapes: it is taken from the
     released size with the same width, else emb_dim / 64 (GPT-2's head size). Raises
     ValueError naming `source` (the config file) and the key for a missing, non-integer
-    or non-positive size, or sizes that do not fit together.
+    or non-positive size, sizes that do not fit together, or a setting this implementation
+    does not have (see `GPT2_SETTINGS`).
     """
     if config_json is not None:
         if not isinstance(config_json, dict):
@@ -1765,12 +1810,16 @@ def config_from_weights(tensors, config_json=None, source="config.json"):
         if config_json["n_embd"] % config_json["n_head"]:
             raise ValueError(f"{source}: 'n_embd' ({config_json['n_embd']}) must be divisible by "
                              f"'n_head' ({config_json['n_head']})")
+        hidden = 4 * config_json["n_embd"]  # the MLP's width, n_inner, is GPT-2's: null means this
+        inner = {"n_inner": (_is(None, hidden), f"null or 4 * n_embd = {hidden}")}
+        check_settings(config_json, {**GPT2_SETTINGS, **inner}, source)
         return GPTConfig(
             vocab_size=config_json["vocab_size"],
             context_length=config_json["n_positions"],
             emb_dim=config_json["n_embd"],
             n_heads=config_json["n_head"],
             n_layers=config_json["n_layer"],
+            norm_eps=float(config_json.get("layer_norm_epsilon", 1e-5)),
         )
     for key in ("wte.weight", "wpe.weight"):
         if key not in tensors:
@@ -1860,12 +1909,35 @@ def load_weights_into(
 _LLAMA_IGNORED_KEYS = re.compile(r"(layers\.\d+\.self_attn\.rotary_emb\.inv_freq|lm_head\.weight)")
 # config.json's model_type -> the family's switches it turns on beyond Llama's layout
 HUB_MODEL_TYPES = {"llama": {}, "qwen3": {"qk_norm": True}}
+# The settings of the family's config.json (see `GPT2_SETTINGS`). attention_bias, mlp_bias,
+# head_dim and tie_word_embeddings are implemented, and read by `config_from_hub`.
+# pretraining_tp is not listed: transformers 4 split the matrix products into that many
+# slices, the same function, and transformers 5 ignores it.
+LLAMA_SETTINGS = {
+    "hidden_act": (_is("silu"), "'silu', the SwiGLU feed-forward layer"),
+    "rms_norm_eps": (_positive_number, "a finite number > 0"),
+    "rope_theta": (_positive_number, "a finite number > 0"),
+    "head_dim": (lambda value: value is None or (type(value) is int and value > 0), "null or a positive integer"),
+    "use_sliding_window": (_is(False), "false, every layer attends to the whole context"),
+    "layer_types": (lambda value: value is None or (type(value) is list and all(t == "full_attention" for t in value)),
+                    "'full_attention' in every layer"),
+}
+# ... and of its rotary positions, in rope_parameters (transformers 5, with rope_theta) or
+# rope_scaling (transformers 4, which called rope_type type).
+ROPE_SETTINGS = {
+    "rope_type": (_is("default", "llama3"), "'default' or 'llama3'"),
+    "type": (_is("default", "llama3"), "'default' or 'llama3'"),
+    "rope_theta": (_positive_number, "a finite number > 0"),
+    **{key: (_positive_number, "a finite number > 0")
+       for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")},
+}
 
 
 def config_from_hub(config_json, source="config.json"):
     """GPTConfig of the Llama family from a Hugging Face config.json (a dict) of a Llama
     (Llama 3.2, SmolLM2) or Qwen3 model. Raises ValueError naming `source` and the key for
-    a missing size or a setting this implementation does not have."""
+    a missing size or a setting this implementation does not have (see `LLAMA_SETTINGS`
+    and `ROPE_SETTINGS`)."""
     model_type = config_json.get("model_type")
     if model_type not in HUB_MODEL_TYPES:
         raise ValueError(f"{source}: model_type {model_type!r} is not supported; "
@@ -1874,12 +1946,12 @@ def config_from_hub(config_json, source="config.json"):
     for key in sizes + ("intermediate_size",):
         if type(config_json.get(key)) is not int or config_json[key] < 1:
             raise ValueError(f"{source}: {key!r} must be a positive integer, got {config_json.get(key)!r}")
-    if config_json.get("hidden_act", "silu") != "silu" or config_json.get("use_sliding_window"):
-        raise ValueError(f"{source}: only the SiLU activation and full attention are supported")
-    rope = config_json.get("rope_parameters") or config_json.get("rope_scaling") or {}  # transformers 5 / 4 names
+    check_settings(config_json, LLAMA_SETTINGS, source)
+    rope_key = "rope_parameters" if config_json.get("rope_parameters") else "rope_scaling"  # transformers 5 / 4
+    rope = config_json.get(rope_key) or {}
+    check_settings(rope, ROPE_SETTINGS, source, prefix=f"{rope_key}.")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default or llama3)")
+    theta = config_json.get("rope_theta", rope.get("rope_theta", 10000.0))  # 0 is refused above, not a default
     scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     attention_bias = bool(config_json.get("attention_bias", False))
     try:
@@ -1893,7 +1965,7 @@ def config_from_hub(config_json, source="config.json"):
             n_kv_heads=config_json.get("num_key_value_heads"),
             head_dim=config_json.get("head_dim"),
             hidden_dim=config_json["intermediate_size"],
-            rope_theta=float(config_json.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            rope_theta=float(theta),
             rope_scaling={key: rope[key] for key in scaling_keys} if rope_type == "llama3" else None,
             norm_eps=float(config_json.get("rms_norm_eps", 1e-6)),
             qkv_bias=attention_bias,

@@ -642,7 +642,8 @@ def test_family_gated_model_says_what_to_do(route_server, monkeypatch, token):
     [
         ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
         ({"hidden_size": 0}, "'hidden_size' must be a positive integer"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}}, "rope type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}},
+         "rope_parameters.rope_type = 'yarn' is not supported"),
         ({"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
     ],
 )
@@ -5043,3 +5044,89 @@ def test_readme_gpt_py_example_runs(capsys):
     code = code.replace('gpt.load_gpt2("gpt2")', "MODEL")
     exec(compile(code, "README.md", "exec"), {"MODEL": tiny_model(context_length=64)})
     assert capsys.readouterr().out.startswith("Every effort moves you")
+
+
+# --- Strict model configs ---
+
+STRICT_GPT2 = dict(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+
+
+@pytest.fixture(scope="module")
+def strict_folders(tmp_path_factory):
+    """{"gpt2": folder, "llama": folder} of tiny models saved with save_pretrained."""
+    gpt2 = tmp_path_factory.mktemp("strict_gpt2")
+    save_hf_gpt2(gpt2, **STRICT_GPT2)
+    llama = tmp_path_factory.mktemp("strict_llama")
+    save_hf_family(llama, "llama", perturb=False, num_key_value_heads=4)
+    return {"gpt2": gpt2, "llama": llama}
+
+
+def changed_copy(folder, dest, change):
+    """A copy of a model folder in dest whose config.json has the entries of `change` -> dest."""
+    config = {**json.loads((folder / "config.json").read_text()), **change}
+    (dest / "config.json").write_text(json.dumps(config))
+    (dest / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    return dest
+
+
+def test_strict_gpt2_layer_norm_epsilon_reaches_the_model(tmp_path):
+    reference, _ = save_hf_gpt2(tmp_path, **STRICT_GPT2, layer_norm_epsilon=1e-3)
+    model = gpt.load_model(tmp_path)
+    assert model.cfg.norm_eps == 1e-3 and model.h[0].ln_1.eps == model.ln_f.eps == 1e-3
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_strict_gpt2_export_keeps_layer_norm_epsilon(tmp_path):
+    folder = gpt.export_hf(tiny_model(norm_eps=1e-3), tmp_path / "hf")
+    assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-3
+    assert gpt.load_model(folder).cfg.norm_eps == 1e-3
+
+
+@pytest.mark.parametrize(
+    "family, change, key",
+    [
+        ("gpt2", {"activation_function": "gelu"}, "activation_function = 'gelu'"),
+        ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu'"),
+        ("gpt2", {"layer_norm_epsilon": 0}, "layer_norm_epsilon = 0"),
+        ("gpt2", {"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon = nan"),
+        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True"),
+        ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn = True"),
+        ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights = False"),
+        ("gpt2", {"add_cross_attention": True}, "add_cross_attention = True"),
+        ("gpt2", {"n_inner": 64}, "n_inner = 64"),
+        ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False"),
+        ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
+        ("llama", {"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06"),
+        ("llama", {"rope_theta": 0}, "rope_theta = 0"),
+        ("llama", {"rope_theta": -1}, "rope_theta = -1"),
+        ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta = 0"),
+        ("llama", {"rope_parameters": None, "rope_theta": -1.0}, "rope_theta = -1.0"),
+        ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+         "rope_scaling.type = 'dynamic'"),
+        ("llama", {"use_sliding_window": True}, "use_sliding_window = True"),
+        ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
+         "layer_types = ['full_attention', 'sliding_attention']"),
+        ("llama", {"head_dim": 0}, "head_dim = 0"),
+    ],
+)
+def test_strict_config_refuses_what_is_not_implemented(strict_folders, tmp_path, family, change, key):
+    folder = changed_copy(strict_folders[family], tmp_path, change)
+    with pytest.raises(ValueError, match=re.escape(f"config.json: {key} is not supported (this implementation: ")):
+        gpt.load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "family, change",
+    [
+        ("gpt2", {"some_new_key": 1, "dtype": "bfloat16", "architectures": ["Other"], "summary_type": "mean",
+                  "activation_function": "gelu_pytorch_tanh", "n_inner": 128, "scale_attn_weights": True}),
+        ("llama", {"some_new_key": 1, "dtype": "bfloat16", "transformers_version": "9.0", "pretraining_tp": 2,
+                   "attention_dropout": 0.1, "layer_types": ["full_attention"] * 2, "use_sliding_window": False}),
+        ("llama", {"rope_parameters": None, "rope_scaling": None, "rope_theta": 10000}),  # transformers 4's spelling
+    ],
+)
+def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, change):
+    folder = changed_copy(strict_folders[family], tmp_path, change)
+    assert gpt.load_model(folder).cfg == gpt.load_model(strict_folders[family]).cfg
