@@ -1066,12 +1066,14 @@ def decode_utf8(raw, source):
 
 
 def existing_file(path, flag):
-    """Path(path), after checking that it is a file. Raises FileNotFoundError naming `flag`:
-    "FLAG PATH: no such file", or for a folder "FLAG PATH: a folder, not a file"."""
+    """Path(path), after checking that it exists and is not a folder: a regular file, or
+    something read like one (/dev/null, a pipe such as the shell's <(...), /dev/stdin).
+    Raises FileNotFoundError naming `flag`: "FLAG PATH: no such file", or for a folder
+    "FLAG PATH: a folder, not a file"."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{flag} {path}: a folder, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{flag} {path}: no such file")
     return path
 

@@ -5043,3 +5043,19 @@ def test_readme_gpt_py_example_runs(capsys):
     code = code.replace('gpt.load_gpt2("gpt2")', "MODEL")
     exec(compile(code, "README.md", "exec"), {"MODEL": tiny_model(context_length=64)})
     assert capsys.readouterr().out.startswith("Every effort moves you")
+
+
+# --- Small reliability fixes ---
+
+
+def test_classify_file_reads_dev_null_and_pipes(tmp_path, capsys):
+    # /dev/null and the shell's <(...) (a pipe, /dev/fd/N) are files to read, not "no such file"
+    with pytest.raises(SystemExit, match="error: nothing to classify"):
+        fc.main(["--classify-file", "/dev/null", "--checkpoint", str(tmp_path / "unused.pt")])
+    read_end, write_end = os.pipe()
+    os.write(write_end, "Win a prize now\n\nsee you at 5\n".encode())
+    os.close(write_end)
+    try:
+        assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
+    finally:
+        os.close(read_end)
