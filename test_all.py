@@ -5059,3 +5059,36 @@ def test_classify_file_reads_dev_null_and_pipes(tmp_path, capsys):
         assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
     finally:
         os.close(read_end)
+
+
+_HELLASWAG_ITEM = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e", "f", "g"], "label": 1}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[" * 100_000 + "]" * 100_000, "line 1: JSON nested too deeply to read"),
+    ('{**ITEM, "label": Infinity}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, got inf"),
+    ('{**ITEM, "label": 1.7}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, got 1.7"),
+    ('{**ITEM, "label": true}', "line 1: bad or missing field 'label'"),
+    ('{**ITEM, "label": 4}', "line 1: bad or missing field 'label'"),
+    ('{**ITEM, "endings": "abcd"}', "line 1: bad or missing field 'endings': must be a non-empty list of strings"),
+    ('{**ITEM, "endings": []}', "line 1: bad or missing field 'endings'"),
+    ('{**ITEM, "endings": ["d", 5]}', "line 1: bad or missing field 'endings'"),
+    ('{**ITEM, "ctx_a": null}', "line 1: bad or missing field 'ctx_a': must be a string"),
+    ("[1, 2]", "line 1: expected a JSON object, got list"),
+], ids=["deep", "label-inf", "label-float", "label-bool", "label-range", "endings-str", "endings-empty",
+        "endings-int", "ctx-null", "list"])
+def test_benchmark_bad_hellaswag_item_is_one_line(tmp_path, line, message):
+    if line.startswith("{**ITEM"):  # the good item with one field changed, written as JSON would be
+        line = json.dumps(_HELLASWAG_ITEM)[:-1] + ", " + line.removeprefix("{**ITEM, ")
+    path = tmp_path / "items.jsonl"
+    path.write_text(line + "\n")
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    with pytest.raises(SystemExit) as exit_info:
+        load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file", str(path)])
+    assert exit_info.value.code.startswith(f"error: {path} {message}") and "\n" not in exit_info.value.code
+
+
+def test_benchmark_hellaswag_label_may_be_a_digit_string(tmp_path):
+    path = tmp_path / "items.jsonl"  # as Hugging Face's copy of HellaSwag writes it
+    path.write_text(json.dumps({**_HELLASWAG_ITEM, "label": "3"}) + "\n")
+    assert load_gpt2.read_hellaswag(path)[0]["label"] == "3"
