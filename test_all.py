@@ -4082,6 +4082,9 @@ def test_instruct_split_85_5_10_with_seed():
         ("Between 80 and 90.", None),  # a range: ambiguous
         ("Score: 70. On second thought, final score: 85", None),  # two scores: ambiguous
         ("The response is good, 3 points off: 97", None),
+        ("Score: 1,000", None),  # a thousands separator: not 1
+        ("Score: 7,5/10", None),  # a decimal comma: not 7
+        ("7,5/10", None),
         ("I cannot judge this.", None),
         ("", None),
         ("null", None),
@@ -5092,3 +5095,13 @@ def test_benchmark_hellaswag_label_may_be_a_digit_string(tmp_path):
     path = tmp_path / "items.jsonl"  # as Hugging Face's copy of HellaSwag writes it
     path.write_text(json.dumps({**_HELLASWAG_ITEM, "label": "3"}) + "\n")
     assert load_gpt2.read_hellaswag(path)[0]["label"] == "3"
+
+
+@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"models": 5}', b"<html>not Ollama</html>"],
+                         ids=["list", "no-models", "models-number", "not-json"])
+def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, route_server, body):
+    server = route_server({"/api/tags": answer(body, Content_Type="application/json")})
+    path, _ = _instruct_responses_file(tmp_path, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
+    assert exit_info.value.code.startswith(f"error: the server at {server.url} answered an unexpected reply: ")
