@@ -671,7 +671,8 @@ def build_parser():
 
     data = p.add_argument_group("data")
     data.add_argument("--data", help="Alpaca JSON list or JSON Lines (default: the book's, downloaded to --cache-dir)")
-    data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded data and weights")
+    data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
+                      help="folder for downloaded data and weights")
     data.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, the shuffling, LoRA and sampling")
     data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples (default: the context length)")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")

@@ -2494,6 +2494,19 @@ fraction = _checked_number(float, lambda v: 0 < v < 1, "a number strictly betwee
 unit_interval = _checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 seed = _checked_number(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # torch's seed range
 
+def folder_path(text):
+    """An argparse `type=` for a folder that is made when missing (--cache-dir, --token-dir): the
+    text as given, after checking that neither it nor a folder above it is a file, which would
+    fail later with a bare "[Errno 20] Not a directory" naming no flag. argparse then prints
+    "argument --flag: PATH: is a file, not a folder: ..." and exits 2."""
+    path = Path(text)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)  # the nearest that exists
+    if existing is not None and not existing.is_dir():
+        which = "" if existing == path else f" {existing}"  # "runs/notes.txt/cache: runs/notes.txt is a file"
+        raise argparse.ArgumentTypeError(f"{text}:{which} is a file, not a folder: choose another folder")
+    return text
+
+
 # --dtype: the precision the work runs in. Training on a GPU keeps float32 weights and
 # runs the forward pass under autocast in this type; generation converts the weights.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

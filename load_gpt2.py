@@ -388,8 +388,8 @@ def parse_args(argv=None):
                    "the Hub, a .safetensors file, a model folder or a checkpoint (.pt)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of weights and computation")
-    p.add_argument("--cache-dir", metavar="FOLDER", default=str(gpt.cache_dir()), help="folder for downloaded weights "
-                   "and data ($GPT_CACHE_DIR)")
+    p.add_argument("--cache-dir", metavar="FOLDER", type=gpt.folder_path, default=str(gpt.cache_dir()),
+                   help="folder for downloaded weights and data ($GPT_CACHE_DIR)")
     g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
     g.add_argument("--prompt", metavar="TEXT", default="Every effort moves you", help="text to continue")
     g.add_argument("--max-new-tokens", metavar="N", type=gpt.non_negative_int, default=50, help="tokens to generate")

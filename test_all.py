@@ -5105,3 +5105,18 @@ def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, route_server
     with pytest.raises(SystemExit) as exit_info:
         instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
     assert exit_info.value.code.startswith(f"error: the server at {server.url} answered an unexpected reply: ")
+
+
+@pytest.mark.parametrize("script, flag", [(load_gpt2, "--cache-dir"), (pretrain, "--cache-dir"), (pretrain, "--token-dir"),
+                                          (fc, "--cache-dir"), (instruct, "--cache-dir")],
+                         ids=["load_gpt2", "pretrain", "pretrain-tokens", "classify", "instruct"])
+def test_folder_flag_that_is_a_file_names_the_flag(tmp_path, capsys, script, flag):
+    (tmp_path / "notes.txt").write_text("a file")
+    for given, which in [("notes.txt", ""), ("notes.txt/cache", f" {tmp_path / 'notes.txt'}")]:
+        with pytest.raises(SystemExit) as exit_info:
+            script.main([flag, str(tmp_path / given), "--out-dir" if script is not load_gpt2 else "--prompt",
+                         str(tmp_path / "run")])
+        assert exit_info.value.code == 2  # argparse's usage error, before any work
+        err = capsys.readouterr().err
+        assert f"argument {flag}: {tmp_path / given}:{which} is a file, not a folder" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
