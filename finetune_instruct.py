@@ -809,6 +809,10 @@ def resume_run(args, argv, out_dir):
     if not (out_dir / "train_state.pt").is_file():
         raise ValueError(f"--resume: the run in {out_dir} stopped before its first save; start again with --overwrite")
     state = gpt.load_checkpoint(out_dir / "train_state.pt")
+    missing = [key for key in ("optimizer", "step", "history", "rng") if key not in state]
+    if missing:  # a model checkpoint (a copy of model.pt, say) has the weights but not where training stood
+        raise ValueError(f"--resume: {out_dir / 'train_state.pt'} is a model checkpoint, not a training state of "
+                         f"finetune_instruct.py (no {', '.join(missing)}): start again with --overwrite")
     epoch_steps = math.ceil(len(splits[0]) / args.batch_size) * args.epochs
     stopped_by_max_steps = args.max_steps and args.max_steps < epoch_steps
     limit = f"--max-steps {args.max_steps}" if stopped_by_max_steps else f"--epochs {args.epochs}"

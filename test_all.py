@@ -5120,3 +5120,15 @@ def test_folder_flag_that_is_a_file_names_the_flag(tmp_path, capsys, script, fla
         err = capsys.readouterr().err
         assert f"argument {flag}: {tmp_path / given}:{which} is a file, not a folder" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_instruct_resume_of_a_model_checkpoint_says_what_it_is(_instruct_tiny_run, capsys):
+    folder, out_dir = _instruct_tiny_run, _instruct_tiny_run / "copied-state"
+    instruct.main(["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--out-dir", str(out_dir),
+                   *"--epochs 1 --batch-size 5 --eval-batches 1 --max-new-tokens 1".split()])
+    (out_dir / "train_state.pt").write_bytes((out_dir / "model.pt").read_bytes())  # a model where the state belongs
+    with pytest.raises(SystemExit) as exit_info:
+        instruct.main(["--out-dir", str(out_dir), "--resume", "--epochs", "2"])
+    assert exit_info.value.code == (f"error: --resume: {out_dir / 'train_state.pt'} is a model checkpoint, not a "
+                                    "training state of finetune_instruct.py (no optimizer, step, rng): "
+                                    "start again with --overwrite")
