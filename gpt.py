@@ -2623,13 +2623,17 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
     lock is removed at exit. Leftover
     temporary files of interrupted writes are removed. Raises ValueError, naming the
     path and the flag that helps, when the folder cannot be used, before any work starts.
-    `resumable` says whether the script has --resume to suggest.
+    `resumable` says whether the script has --resume to suggest. A folder made here that
+    the run leaves empty (it failed at a later check) is removed by `command_line`.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {out_dir} is a file, not a folder: choose another --out-dir")
+    made = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # mkdir makes these
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if made:
+            _made_run_folders.append(made)
         _take_lock(out_dir / ".lock")
     except OSError as e:
         raise ValueError(f"--out-dir {out_dir} cannot be used: {e.strerror or e}") from None
@@ -2652,6 +2656,26 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
 
 
 _overwritten_runs = {}  # run folder -> the files of the old run that --overwrite replaces
+_made_run_folders = []  # per claim_run_folder: the folders it made, the run folder first
+
+
+def remove_unused_run_folders():
+    """Remove the folders that `claim_run_folder` made in this process and the run left empty
+    (but for its own lock): a run that failed at a check after the claim leaves no empty
+    run folder behind. A folder that holds anything stays, and so do those above it."""
+    while _made_run_folders:
+        made = _made_run_folders.pop()
+        try:
+            if any(path.name != ".lock" for path in made[0].iterdir()):
+                continue  # the run wrote into it: it stays (its lock goes at exit)
+        except OSError:
+            continue  # gone already, or no longer a folder
+        _release_lock(made[0] / ".lock", os.getpid())
+        for folder in made:
+            try:
+                folder.rmdir()  # only an empty folder: OSError otherwise, or when it is gone
+            except OSError:
+                break
 
 
 def _take_lock(lock):
@@ -2788,6 +2812,8 @@ def command_line(memory_hint="use a smaller --batch-size"):
                 end_progress()
                 message = f"out of memory: {memory_hint}" if is_out_of_memory(e) else str(e)
                 sys.exit(f"error: {message}")
+            finally:
+                remove_unused_run_folders()  # made for this run, and still empty: it failed before writing
 
         return wrapper
 

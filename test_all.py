@@ -2903,7 +2903,7 @@ def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file
     assert "interrupted while tokenizing: nothing new is saved, the partial token file is deleted" in err
     assert err.index("tokenizing: ") < err.index("\ninterrupted")  # the progress line was ended first
     assert list((tmp_path / "tokens").iterdir()) == []  # no token file, partial or whole
-    assert list((tmp_path / "run").iterdir()) == [tmp_path / "run" / ".lock"]
+    assert not (tmp_path / "run").exists()  # made for the run, left empty: removed
 
 
 def test_pretrain_ctrl_c_saves_a_checkpoint(tmp_path, pretrain_text_file):
@@ -3245,7 +3245,7 @@ def test_classify_one_class_or_too_few_messages_are_errors(tmp_path):
     gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())  # the model loads before the data is read
     with pytest.raises(SystemExit, match="error: the data has 2 ham and 0 spam messages"):
         fc.main(["--data", str(data), "--model", str(tmp_path / "tiny.pt"), "--out-dir", str(tmp_path / "run")])
-    assert not [p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")]  # a rerun is not refused
+    assert not (tmp_path / "run").exists()  # a rerun is not refused
 
 
 def test_classify_splits_are_balanced_and_deterministic(tmp_path):
@@ -3450,7 +3450,7 @@ def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, 
     out_dir = tmp_path / "run"
     with pytest.raises(SystemExit, match=message):
         fc.main(["--model", model, "--data", str(data), "--out-dir", str(out_dir), *extra])
-    assert not [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]  # no splits, no run.json
+    assert not out_dir.exists()  # no splits, no run.json, no empty folder
 
     def no_download(*args, **kwargs):
         raise AssertionError("the data was downloaded before the model was checked")
@@ -3458,7 +3458,7 @@ def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, 
     monkeypatch.setattr(gpt, "fetch_dataset", no_download)
     with pytest.raises(SystemExit, match=message):
         fc.main(["--model", model, "--out-dir", str(out_dir), *extra])
-    assert not [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]
+    assert not out_dir.exists()
 
 
 @pytest.mark.parametrize(
@@ -4601,7 +4601,7 @@ def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as exc:
         instruct.main(run + ["--out-dir", str(tmp_path / "run")])
     assert str(exc.value) == message
-    assert os.listdir(tmp_path / "run") == [".lock"]  # no run files before the checks pass: no --overwrite needed
+    assert not (tmp_path / "run").exists()  # no run files before the checks pass: no --overwrite needed
 
 
 def test_instruct_answers_survive_a_full_disk_and_an_interruption(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
@@ -4709,7 +4709,7 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
     with pytest.raises(SystemExit, match=r"GB .*: choose a smaller --model$"):
         instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))
     assert asked[0] is None and 0 < asked[1] < gpt.count_parameters(gpt.load_gpt2(folder / "tiny.pt")) / 10
-    assert os.listdir(tmp_path / "run") == [".lock"]
+    assert not (tmp_path / "run").exists()
     monkeypatch.undo()
     monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
     with pytest.raises(SystemExit) as exc:
@@ -5132,3 +5132,21 @@ def test_instruct_resume_of_a_model_checkpoint_says_what_it_is(_instruct_tiny_ru
     assert exit_info.value.code == (f"error: --resume: {out_dir / 'train_state.pt'} is a model checkpoint, not a "
                                     "training state of finetune_instruct.py (no optimizer, step, rng): "
                                     "start again with --overwrite")
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    (pretrain, ["--data", "{tmp}/missing.txt"], "missing.txt"),
+    (fc, ["--data", "{tmp}/sms.tsv", "--model", "{tmp}/missing.pt"], "missing.pt"),
+    (instruct, ["--data", "{tmp}/data.json", "--model", "{tmp}/missing.pt"], "missing.pt"),
+], ids=["pretrain", "classify", "instruct"])
+def test_run_that_fails_early_leaves_no_empty_run_folder(tmp_path, script, flags, message):
+    _classify_sms_slice(tmp_path)
+    (tmp_path / "data.json").write_text(json.dumps([{"instruction": f"Task {i}.", "output": "Done."} for i in range(10)]))
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    with pytest.raises(SystemExit, match=message):
+        script.main([*flags, "--out-dir", str(tmp_path / "runs" / "x")])
+    assert not (tmp_path / "runs").exists()  # the run folder, and the folder it made above it
+    (tmp_path / "mine").mkdir()  # a folder that was there before stays
+    with pytest.raises(SystemExit, match=message):
+        script.main([*flags, "--out-dir", str(tmp_path / "mine")])
+    assert (tmp_path / "mine").is_dir()
