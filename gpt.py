@@ -1182,51 +1182,47 @@ def _reuse_cached(dest, kind=None, **checks):
     return True
 
 
-@contextlib.contextmanager
-def _download_lock(dest):
-    """Hold an exclusive fcntl.flock lock on `<dest>.lock` for a block, so that two processes
-    (or threads) downloading the same file take turns. The OS releases it when a process
-    dies: no stale locks (the empty .lock file stays; deleting it would race). Windows has
-    no fcntl and gets no lock: download a file from one process at a time there."""
-    with open(dest.with_name(dest.name + ".lock"), "a") as lock:  # "a": create, never truncate
-        if os.name == "posix":
-            import fcntl  # POSIX only
-
-            fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process holds it; released on close
-        yield
-
-
 def download_file(
     url, dest, *, sha256=None, size=None, kind=None, member=None, timeout=30, retries=3, quiet=False, headers=None
 ):
-    """Download url to dest, resuming and verifying; return dest as a Path.
+    """Download url to dest, verifying; return dest as a Path.
 
     A dest that exists and passes `verify_file(kind, size, sha256, member)` (size in
     bytes, SHA-256 in hex) is returned as is; one that fails is downloaded again. The
-    bytes go to `dest.part` first, under `_download_lock`: a second process waits, then
-    reuses the file. An interrupted download resumes with an HTTP Range request (up to
-    `retries` attempts per call, and again on the next call). Only a file that passes
-    `verify_file` is renamed to dest; one that fails is deleted. `timeout` is in seconds
-    per network read. Progress (MB, MB/s, ETA) goes to stderr unless `quiet`. `headers`:
-    extra HTTP headers (an access token).
+    bytes go to a temporary file of this process and thread beside dest
+    (`.NAME.tmpPID.THREAD.part`), which `os.replace` renames to dest only once it passes
+    `verify_file`: no reader ever sees a partial file, and two processes that download the
+    same file need no lock (each renames a whole, verified copy). A connection that breaks
+    off is resumed with an HTTP Range request, up to `retries` attempts. A failed or
+    interrupted download deletes its temporary file and the folders it made for dest, when
+    empty; the next call starts over (temporary files of processes that are gone are
+    removed then). `timeout` is in seconds per network read. Progress (MB, MB/s, ETA) goes
+    to stderr unless `quiet`. `headers`: extra HTTP headers (an access token).
     Raises RuntimeError, one line naming the URL, for an HTTP error status, a web page
     (text/html) unless the URL names an .html file, any failed request (connection, TLS,
     redirect loop, invalid URL) or a failed check.
     """
     dest = Path(dest)
+    if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
+        return dest  # from an earlier run: nothing is written, so a read-only cache works too
+    made = [folder for folder in (dest.parent, *dest.parent.parents) if not folder.exists()]  # mkdir makes these
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    with _download_lock(dest):
-        if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
-            return dest  # from an earlier run, or from another process while this one waited
-        _transfer(url, part, timeout=timeout, retries=retries, quiet=quiet, headers=headers or {})
+    remove_stale_temporary_files(dest.parent)  # left by downloads whose process was killed
+    # Not tempfile.mkstemp: its files are private (mode 600), and a shared cache must stay readable.
+    part = dest.with_name(f".{dest.name}.tmp{os.getpid()}.{threading.get_ident()}.part")
+    try:
+        _transfer(url, part, label=f"downloading {dest.name}", timeout=timeout, retries=retries, quiet=quiet,
+                  headers=headers or {})
         try:
             verify_file(part, kind, size=size, sha256=sha256, member=member)
-        except ValueError as e:
-            part.unlink(missing_ok=True)
-            raise RuntimeError(f"download of {url} is corrupt or not the expected file: {e}; "
-                               "deleted, run again") from None
+        except ValueError as e:  # named as dest: the temporary name means nothing to the reader
+            raise RuntimeError(f"download of {url} is corrupt or not the expected file: "
+                               f"{str(e).replace(str(part), str(dest))}; deleted, run again") from None
         os.replace(part, dest)
+    except BaseException:  # also Ctrl-C: nothing half-done stays behind
+        part.unlink(missing_ok=True)
+        remove_empty_folders(made)
+        raise
     return dest
 
 
@@ -1240,11 +1236,10 @@ _FATAL_REQUEST_ERRORS = {
 }
 
 
-def _transfer(url, part, *, timeout, retries, quiet, headers):
+def _transfer(url, part, *, label, timeout, retries, quiet, headers):
     """The network half of `download_file`: bring `part` up to the whole of url. Resumes
     with a Range request; starts over when the server ignores it (200) or answers for
     another range (206); a body short of its Content-Length counts as a broken connection."""
-    label = f"downloading {part.name.removesuffix('.part')}"
     reason = None
     for attempt in range(1, retries + 1):
         if reason is not None and not quiet:
@@ -1292,9 +1287,7 @@ def _transfer(url, part, *, timeout, retries, quiet, headers):
             if fatal:
                 raise RuntimeError(f"download of {url} failed: {fatal[0]}") from None
             reason = f"{e.__class__.__name__}: no connection, or it broke off"
-    got = part.stat().st_size if part.exists() else 0
-    kept = f"{got} bytes are kept in {part}, run again to resume" if got else "nothing was downloaded"
-    raise RuntimeError(f"download of {url} failed after {retries} attempts ({reason}); {kept}")
+    raise RuntimeError(f"download of {url} failed after {retries} attempts ({reason}); run again later")
 
 
 def fetch_dataset(urls, filename, *, flag="--data", kind=None, size=None, sha256=None, member=None, quiet=False):
@@ -1309,7 +1302,7 @@ def fetch_dataset(urls, filename, *, flag="--data", kind=None, size=None, sha256
     """
     dest = cache_dir() / "data" / hashlib.sha256(urls[0].encode()).hexdigest()[:12] / filename
     if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
-        return dest  # without taking the lock: a read-only cache works too
+        return dest
     errors = []
     for url in urls:
         try:
@@ -2659,6 +2652,16 @@ _overwritten_runs = {}  # run folder -> the files of the old run that --overwrit
 _made_run_folders = []  # per claim_run_folder: the folders it made, the run folder first
 
 
+def remove_empty_folders(folders):
+    """rmdir each of folders in turn (innermost first), stopping at the first that is not
+    empty or not there: what a failed download or run made and left empty goes again."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only an empty folder: OSError otherwise
+        except OSError:
+            break
+
+
 def remove_unused_run_folders():
     """Remove the folders that `claim_run_folder` made in this process and the run left empty
     (but for its own lock): a run that failed at a check after the claim leaves no empty
@@ -2671,11 +2674,7 @@ def remove_unused_run_folders():
         except OSError:
             continue  # gone already, or no longer a folder
         _release_lock(made[0] / ".lock", os.getpid())
-        for folder in made:
-            try:
-                folder.rmdir()  # only an empty folder: OSError otherwise, or when it is gone
-            except OSError:
-                break
+        remove_empty_folders(made)
 
 
 def _take_lock(lock):

@@ -1050,17 +1050,16 @@ def test_download_complete_file(file_server, tmp_path):
     assert not (tmp_path / "f.bin.part").exists()
 
 
-def test_download_resumes_after_a_cut(file_server, tmp_path):
+def test_download_cut_leaves_nothing_and_the_next_call_starts_over(file_server, tmp_path):
     data = bytes(range(256)) * 4000
     server = file_server({"/f.bin": data}, cut_after=300_000)
-    with pytest.raises(RuntimeError, match="run again to resume"):
-        gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", retries=1, quiet=True)
-    assert not (tmp_path / "f.bin").exists()
-    kept = (tmp_path / "f.bin.part").stat().st_size
-    assert 0 < kept <= 300_000
-    gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
-    assert (tmp_path / "f.bin").read_bytes() == data
-    assert server.requests[-1][2]["Range"] == f"bytes={kept}-"
+    with pytest.raises(RuntimeError, match=r"failed after 1 attempts \(.*\); run again later$"):
+        gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "f.bin", retries=1, quiet=True)
+    assert not (tmp_path / "cache").exists()  # no temporary file, no lock file, no folder made for them
+    gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "f.bin", sha256=hashlib.sha256(data).hexdigest(),
+                      quiet=True)
+    assert os.listdir(tmp_path / "cache") == ["f.bin"] and (tmp_path / "cache" / "f.bin").read_bytes() == data
+    assert "Range" not in server.requests[-1][2]
 
 
 def test_download_retries_a_cut_within_one_call(file_server, tmp_path):
@@ -1076,14 +1075,14 @@ def test_download_hash_mismatch_leaves_no_file(file_server, tmp_path):
     server = file_server({"/f.bin": b"corrupted"})
     with pytest.raises(RuntimeError, match="SHA-256"):
         gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256="0" * 64, quiet=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["f.bin.lock"]  # only the empty lock file
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_download_404_names_the_url(file_server, tmp_path):
     server = file_server({})
     with pytest.raises(RuntimeError, match=f"{server.url}/missing.bin failed: HTTP 404"):
         gpt.download_file(server.url + "/missing.bin", tmp_path / "m.bin", quiet=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["m.bin.lock"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_gpt2_downloads_from_hf_endpoint(file_server, small_pair, monkeypatch, tmp_path):
@@ -1210,13 +1209,12 @@ def test_download_body_shorter_than_content_length_is_an_error(route_server, tmp
         gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", retries=2)
     assert str(error.value).startswith(f"download of {server.url}/f.bin failed after 2 attempts (")
     assert "\n" not in str(error.value)
-    assert not (tmp_path / "f.bin").exists()
-    assert (tmp_path / "f.bin.part").stat().st_size < 1000  # kept for a resume, never renamed
+    assert list(tmp_path.iterdir()) == []  # never renamed, and deleted
     assert capsys.readouterr().err.endswith("\n")  # the progress line is ended before the error
 
 
 def test_download_206_with_another_range_starts_over(route_server, tmp_path):
-    data = bytes(range(256)) * 40
+    data = bytes(range(256)) * 400
 
     def serve(handler):
         if "Range" in handler.headers:  # a wrong range: the whole file again, as bytes 0-
@@ -1224,11 +1222,15 @@ def test_download_206_with_another_range_starts_over(route_server, tmp_path):
         else:
             answer(data)(handler)
 
-    server = route_server({"/f.bin": serve})
-    (tmp_path / "f.bin.part").write_bytes(b"stale")
+    def cut_first(handler):  # the first answer breaks off after one 64 KiB piece: the retry asks for the rest
+        if not server.requests[:-1]:
+            return answer(data[: 1 << 16], Content_Length=str(len(data)))(handler)
+        serve(handler)
+
+    server = route_server({"/f.bin": cut_first})
     gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
     assert (tmp_path / "f.bin").read_bytes() == data
-    assert [r[2].get("Range") for r in server.requests] == ["bytes=5-", None]
+    assert [r[2].get("Range") for r in server.requests] == [None, f"bytes={1 << 16}-", None]
 
 
 def test_download_refuses_a_web_page_unless_an_html_file_was_asked_for(route_server, tmp_path):
@@ -1236,7 +1238,7 @@ def test_download_refuses_a_web_page_unless_an_html_file_was_asked_for(route_ser
     server = route_server({"/data.zip": page, "/page.html": page})
     with pytest.raises(RuntimeError, match=f"^download of {server.url}/data.zip failed: the server sent a web page"):
         gpt.download_file(server.url + "/data.zip", tmp_path / "data.zip", quiet=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.zip.lock"]
+    assert list(tmp_path.iterdir()) == []
     path = gpt.download_file(server.url + "/page.html", tmp_path / "page.html", quiet=True)
     assert path.read_bytes() == b"<html>please log in</html>"
 
@@ -1265,7 +1267,7 @@ def test_download_of_the_wrong_kind_is_deleted(route_server, tmp_path, kind, bod
     url = server.url + "/file"
     with pytest.raises(RuntimeError, match=f"^download of {url} is corrupt or not the expected file: .* not a valid {kind} file"):
         gpt.download_file(url, tmp_path / "file", kind=kind, quiet=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.lock"]  # no file, no .part
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary file
     (tmp_path / "copy").write_bytes(body)
     with pytest.raises(ValueError) as error:
         gpt.verify_file(tmp_path / "copy", kind)  # the same check on any file on disk
@@ -1333,9 +1335,9 @@ def test_fetch_dataset_hash_mismatch_names_url_expected_and_actual(route_server,
     with pytest.raises(RuntimeError) as error:
         gpt.fetch_dataset([url], "d.json", kind="json", sha256="ab" * 32, quiet=True)
     path = cached_data_path(tmp_path, url, "d.json")
-    expected = f"download of {url} is corrupt or not the expected file: {path}.part: SHA-256 {actual}, expected {'ab' * 32}"
+    expected = f"download of {url} is corrupt or not the expected file: {path}: SHA-256 {actual}, expected {'ab' * 32}"
     assert expected in str(error.value)
-    assert not path.exists() and not path.with_name("d.json.part").exists()
+    assert not path.parent.exists()  # no file, no temporary file, not the folder made for them
 
 
 def test_fetch_dataset_cache_is_keyed_by_url(route_server, tmp_path):
@@ -1352,10 +1354,11 @@ def test_fetch_dataset_reads_a_good_cached_file_without_writing(route_server, mo
     server = route_server({"/d.json": answer(b"[1]")})
     path = gpt.fetch_dataset([server.url + "/d.json"], "d.json", kind="json", quiet=True)
 
-    def unwritable(dest):  # root ignores file modes: a read-only cache is simulated here
-        raise PermissionError(f"[Errno 13] Permission denied: '{dest}.lock'")
+    def unwritable(*args, **kwargs):  # root ignores file modes: a read-only cache is simulated here
+        raise PermissionError("[Errno 13] Permission denied")
 
-    monkeypatch.setattr(gpt, "_download_lock", unwritable)
+    monkeypatch.setattr(Path, "mkdir", unwritable)
+    monkeypatch.setattr(gpt, "remove_stale_temporary_files", unwritable)
     assert gpt.fetch_dataset([server.url + "/d.json"], "d.json", kind="json", quiet=True) == path
     assert len(server.requests) == 1
 
@@ -1422,7 +1425,7 @@ def test_download_gpt2_fetches_a_truncated_cached_file_again(file_server, small_
     assert f"cached {cached}: not a valid safetensors file" in capsys.readouterr().err
 
 
-def test_concurrent_downloads_of_one_file_take_turns(route_server, tmp_path):
+def test_concurrent_downloads_of_one_file_need_no_lock(route_server, tmp_path):
     data = os.urandom(64 * 1024)
 
     def slow(handler):  # 8 pieces, 50 ms apart: the second caller arrives mid-download
@@ -1450,7 +1453,7 @@ def test_concurrent_downloads_of_one_file_take_turns(route_server, tmp_path):
         thread.join(timeout=20)
     assert results[0] == results[1] == cached_data_path(tmp_path, url, "big.bin")
     assert results[0].read_bytes() == data
-    assert len(server.requests) == 1  # the second waited for the lock, then reused the file
+    assert os.listdir(results[0].parent) == ["big.bin"]  # each renamed its own whole copy: no temporary file left
 
 
 @pytest.mark.parametrize(
