@@ -497,7 +497,8 @@ def parse_args(argv=None):
     data.add_argument("--data", help="the UCI zip or the extracted SMSSpamCollection (default: download it once)")
     data.add_argument("--strict-data", action="store_true", help="stop at bad data lines instead of skipping them")
     data.add_argument("--max-length", type=gpt.positive_int, help="cut messages to N tokens (default: the context)")
-    data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded data and weights")
+    data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
+                      help="folder for downloaded data and weights")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Llama-family Hub name such as "
                        "HuggingFaceTB/SmolLM2-135M or a folder of one, a .safetensors or .pt file")

@@ -431,8 +431,9 @@ def judge_prompt(entry):
 
 
 # The parts of a judge's reply that parse_score reads (re.I: "Score", "RATING", "8.5E1").
-# 85, 85.5, -5, 8.5e1, always whole: not the 2 of "GPT-2", nor the 8 of "85" or the 0 of "7/0"
-_NUMBER = r"(?<![\w./-])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?!\.?\d|e[-+]?\d)"
+# 85, 85.5, -5, 8.5e1, always whole: not the 2 of "GPT-2", nor the 8 of "85" or the 0 of "7/0";
+# no part of "1,000" or of a decimal comma "7,5": which one is meant cannot be told, so neither is read
+_NUMBER = r"(?<![\w./-])(?<!\d,)-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?!\.?\d|e[-+]?\d|,\d)"
 # 85, 8/10, 4 out of 5; a number before a "/" that makes no ratio ("7/0", a date) is no score
 _SCORE = re.compile(rf"(?P<value>{_NUMBER})(?:\s*(?:/|out of)\s*(?P<top>[1-9]\d*))?(?!\s*/)", re.I)
 _LABEL = (
@@ -497,11 +498,11 @@ def check_ollama(url, model):
     RuntimeError with the commands that fix it otherwise."""
     try:
         reply = requests.get(f"{url}/api/tags", timeout=5)
-        reply.raise_for_status()
-        names = {m.get("name") for m in reply.json().get("models", [])}
-    except (requests.RequestException, ValueError, AttributeError) as e:
+    except requests.RequestException as e:
         fix = OLLAMA_HELP.format(url=url, model=model)
         raise RuntimeError(f"no Ollama server answers at {url} ({type(e).__name__}): {fix}") from None
+    models = ollama_reply_field(reply, url, "models", kind=list)  # [{"name": "llama3:latest", ...}, ...]
+    names = {str(m.get("name")) for m in models if isinstance(m, dict)}
     if model not in names and f"{model}:latest" not in names:
         raise RuntimeError(
             f"the Ollama server at {url} does not have the model {model!r} "
@@ -524,12 +525,25 @@ def query_ollama(prompt, url, model, timeout=600):
     except requests.RequestException as e:
         fix = OLLAMA_HELP.format(url=url, model=model)
         raise RuntimeError(f"the Ollama server at {url} stopped answering ({type(e).__name__}): {fix}") from None
+    return ollama_reply_field(reply, url, "message", "content")
+
+
+def ollama_reply_field(reply, url, *keys, kind=object):
+    """The value at `keys` in the JSON of a server's reply (("message", "content") -> reply["message"]["content"]),
+    of type `kind`. Raises RuntimeError quoting the reply for an HTTP error status, and for a reply of another shape
+    (not JSON, a list, a missing field): a server answers, but not as Ollama does."""
     if reply.status_code != 200:
-        raise RuntimeError(f"the Ollama server at {url} answered HTTP {reply.status_code}: {reply.text[:300]}")
+        raise RuntimeError(f"the server at {url} answered HTTP {reply.status_code}: {reply.text[:300]}")
     try:
-        return reply.json()["message"]["content"]
-    except (ValueError, KeyError, TypeError):
-        raise RuntimeError(f"the Ollama server at {url} sent an unexpected answer: {reply.text[:300]}") from None
+        value = reply.json()
+        for key in keys:
+            value = value[key]  # TypeError for a list or a number, KeyError for a missing field
+        if not isinstance(value, kind):
+            raise TypeError
+        return value
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise RuntimeError(f"the server at {url} answered an unexpected reply: {reply.text[:300]!r}; "
+                           "is it an Ollama server? check --judge-url") from None
 
 
 def judge(args, responses_path):
@@ -654,7 +668,8 @@ def build_parser():
 
     data = p.add_argument_group("data")
     data.add_argument("--data", help="Alpaca JSON list or JSON Lines (default: the book's, downloaded to --cache-dir)")
-    data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloaded data and weights")
+    data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
+                      help="folder for downloaded data and weights")
     data.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, the shuffling, LoRA and sampling")
     data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples (default: the context length)")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
@@ -788,6 +803,10 @@ def resume_run(args, argv, out_dir):
     if not (out_dir / "train_state.pt").is_file():
         raise ValueError(f"--resume: the run in {out_dir} stopped before its first save; start again with --overwrite")
     state = gpt.load_checkpoint(out_dir / "train_state.pt")
+    missing = [key for key in ("optimizer", "step", "history", "rng") if key not in state]
+    if missing:  # a model checkpoint (a copy of model.pt, say) has the weights but not where training stood
+        raise ValueError(f"--resume: {out_dir / 'train_state.pt'} is a model checkpoint, not a training state of "
+                         f"finetune_instruct.py (no {', '.join(missing)}): start again with --overwrite")
     epoch_steps = math.ceil(len(splits[0]) / args.batch_size) * args.epochs
     stopped_by_max_steps = args.max_steps and args.max_steps < epoch_steps
     limit = f"--max-steps {args.max_steps}" if stopped_by_max_steps else f"--epochs {args.epochs}"

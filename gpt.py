@@ -1116,12 +1116,14 @@ def decode_utf8(raw, source):
 
 
 def existing_file(path, flag):
-    """Path(path), after checking that it is a file. Raises FileNotFoundError naming `flag`:
-    "FLAG PATH: no such file", or for a folder "FLAG PATH: a folder, not a file"."""
+    """Path(path), after checking that it exists and is not a folder: a regular file, or
+    something read like one (/dev/null, a pipe such as the shell's <(...), /dev/stdin).
+    Raises FileNotFoundError naming `flag`: "FLAG PATH: no such file", or for a folder
+    "FLAG PATH: a folder, not a file"."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{flag} {path}: a folder, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{flag} {path}: no such file")
     return path
 
@@ -1230,51 +1232,47 @@ def _reuse_cached(dest, kind=None, **checks):
     return True
 
 
-@contextlib.contextmanager
-def _download_lock(dest):
-    """Hold an exclusive fcntl.flock lock on `<dest>.lock` for a block, so that two processes
-    (or threads) downloading the same file take turns. The OS releases it when a process
-    dies: no stale locks (the empty .lock file stays; deleting it would race). Windows has
-    no fcntl and gets no lock: download a file from one process at a time there."""
-    with open(dest.with_name(dest.name + ".lock"), "a") as lock:  # "a": create, never truncate
-        if os.name == "posix":
-            import fcntl  # POSIX only
-
-            fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process holds it; released on close
-        yield
-
-
 def download_file(
     url, dest, *, sha256=None, size=None, kind=None, member=None, timeout=30, retries=3, quiet=False, headers=None
 ):
-    """Download url to dest, resuming and verifying; return dest as a Path.
+    """Download url to dest, verifying; return dest as a Path.
 
     A dest that exists and passes `verify_file(kind, size, sha256, member)` (size in
     bytes, SHA-256 in hex) is returned as is; one that fails is downloaded again. The
-    bytes go to `dest.part` first, under `_download_lock`: a second process waits, then
-    reuses the file. An interrupted download resumes with an HTTP Range request (up to
-    `retries` attempts per call, and again on the next call). Only a file that passes
-    `verify_file` is renamed to dest; one that fails is deleted. `timeout` is in seconds
-    per network read. Progress (MB, MB/s, ETA) goes to stderr unless `quiet`. `headers`:
-    extra HTTP headers (an access token).
+    bytes go to a temporary file of this process and thread beside dest
+    (`.NAME.tmpPID.THREAD.part`), which `os.replace` renames to dest only once it passes
+    `verify_file`: no reader ever sees a partial file, and two processes that download the
+    same file need no lock (each renames a whole, verified copy). A connection that breaks
+    off is resumed with an HTTP Range request, up to `retries` attempts. A failed or
+    interrupted download deletes its temporary file and the folders it made for dest, when
+    empty; the next call starts over (temporary files of processes that are gone are
+    removed then). `timeout` is in seconds per network read. Progress (MB, MB/s, ETA) goes
+    to stderr unless `quiet`. `headers`: extra HTTP headers (an access token).
     Raises RuntimeError, one line naming the URL, for an HTTP error status, a web page
     (text/html) unless the URL names an .html file, any failed request (connection, TLS,
     redirect loop, invalid URL) or a failed check.
     """
     dest = Path(dest)
+    if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
+        return dest  # from an earlier run: nothing is written, so a read-only cache works too
+    made = [folder for folder in (dest.parent, *dest.parent.parents) if not folder.exists()]  # mkdir makes these
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    with _download_lock(dest):
-        if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
-            return dest  # from an earlier run, or from another process while this one waited
-        _transfer(url, part, timeout=timeout, retries=retries, quiet=quiet, headers=headers or {})
+    remove_stale_temporary_files(dest.parent)  # left by downloads whose process was killed
+    # Not tempfile.mkstemp: its files are private (mode 600), and a shared cache must stay readable.
+    part = dest.with_name(f".{dest.name}.tmp{os.getpid()}.{threading.get_ident()}.part")
+    try:
+        _transfer(url, part, label=f"downloading {dest.name}", timeout=timeout, retries=retries, quiet=quiet,
+                  headers=headers or {})
         try:
             verify_file(part, kind, size=size, sha256=sha256, member=member)
-        except ValueError as e:
-            part.unlink(missing_ok=True)
-            raise RuntimeError(f"download of {url} is corrupt or not the expected file: {e}; "
-                               "deleted, run again") from None
+        except ValueError as e:  # named as dest: the temporary name means nothing to the reader
+            raise RuntimeError(f"download of {url} is corrupt or not the expected file: "
+                               f"{str(e).replace(str(part), str(dest))}; deleted, run again") from None
         os.replace(part, dest)
+    except BaseException:  # also Ctrl-C: nothing half-done stays behind
+        part.unlink(missing_ok=True)
+        remove_empty_folders(made)
+        raise
     return dest
 
 
@@ -1288,11 +1286,10 @@ _FATAL_REQUEST_ERRORS = {
 }
 
 
-def _transfer(url, part, *, timeout, retries, quiet, headers):
+def _transfer(url, part, *, label, timeout, retries, quiet, headers):
     """The network half of `download_file`: bring `part` up to the whole of url. Resumes
     with a Range request; starts over when the server ignores it (200) or answers for
     another range (206); a body short of its Content-Length counts as a broken connection."""
-    label = f"downloading {part.name.removesuffix('.part')}"
     reason = None
     for attempt in range(1, retries + 1):
         if reason is not None and not quiet:
@@ -1340,9 +1337,7 @@ def _transfer(url, part, *, timeout, retries, quiet, headers):
             if fatal:
                 raise RuntimeError(f"download of {url} failed: {fatal[0]}") from None
             reason = f"{e.__class__.__name__}: no connection, or it broke off"
-    got = part.stat().st_size if part.exists() else 0
-    kept = f"{got} bytes are kept in {part}, run again to resume" if got else "nothing was downloaded"
-    raise RuntimeError(f"download of {url} failed after {retries} attempts ({reason}); {kept}")
+    raise RuntimeError(f"download of {url} failed after {retries} attempts ({reason}); run again later")
 
 
 def fetch_dataset(urls, filename, *, flag="--data", kind=None, size=None, sha256=None, member=None, quiet=False):
@@ -1357,7 +1352,7 @@ def fetch_dataset(urls, filename, *, flag="--data", kind=None, size=None, sha256
     """
     dest = cache_dir() / "data" / hashlib.sha256(urls[0].encode()).hexdigest()[:12] / filename
     if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
-        return dest  # without taking the lock: a read-only cache works too
+        return dest
     errors = []
     for url in urls:
         try:
@@ -2578,6 +2573,19 @@ fraction = _checked_number(float, lambda v: 0 < v < 1, "a number strictly betwee
 unit_interval = _checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 seed = _checked_number(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # torch's seed range
 
+def folder_path(text):
+    """An argparse `type=` for a folder that is made when missing (--cache-dir, --token-dir): the
+    text as given, after checking that neither it nor a folder above it is a file, which would
+    fail later with a bare "[Errno 20] Not a directory" naming no flag. argparse then prints
+    "argument --flag: PATH: is a file, not a folder: ..." and exits 2."""
+    path = Path(text)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)  # the nearest that exists
+    if existing is not None and not existing.is_dir():
+        which = "" if existing == path else f" {existing}"  # "runs/notes.txt/cache: runs/notes.txt is a file"
+        raise argparse.ArgumentTypeError(f"{text}:{which} is a file, not a folder: choose another folder")
+    return text
+
+
 # --dtype: the precision the work runs in. Training on a GPU keeps float32 weights and
 # runs the forward pass under autocast in this type; generation converts the weights.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -2694,13 +2702,17 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
     lock is removed at exit. Leftover
     temporary files of interrupted writes are removed. Raises ValueError, naming the
     path and the flag that helps, when the folder cannot be used, before any work starts.
-    `resumable` says whether the script has --resume to suggest.
+    `resumable` says whether the script has --resume to suggest. A folder made here that
+    the run leaves empty (it failed at a later check) is removed by `command_line`.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {out_dir} is a file, not a folder: choose another --out-dir")
+    made = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # mkdir makes these
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if made:
+            _made_run_folders.append(made)
         _take_lock(out_dir / ".lock")
     except OSError as e:
         raise ValueError(f"--out-dir {out_dir} cannot be used: {e.strerror or e}") from None
@@ -2723,6 +2735,32 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
 
 
 _overwritten_runs = {}  # run folder -> the files of the old run that --overwrite replaces
+_made_run_folders = []  # per claim_run_folder: the folders it made, the run folder first
+
+
+def remove_empty_folders(folders):
+    """rmdir each of folders in turn (innermost first), stopping at the first that is not
+    empty or not there: what a failed download or run made and left empty goes again."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only an empty folder: OSError otherwise
+        except OSError:
+            break
+
+
+def remove_unused_run_folders():
+    """Remove the folders that `claim_run_folder` made in this process and the run left empty
+    (but for its own lock): a run that failed at a check after the claim leaves no empty
+    run folder behind. A folder that holds anything stays, and so do those above it."""
+    while _made_run_folders:
+        made = _made_run_folders.pop()
+        try:
+            if any(path.name != ".lock" for path in made[0].iterdir()):
+                continue  # the run wrote into it: it stays (its lock goes at exit)
+        except OSError:
+            continue  # gone already, or no longer a folder
+        _release_lock(made[0] / ".lock", os.getpid())
+        remove_empty_folders(made)
 
 
 def _take_lock(lock):
@@ -2859,6 +2897,8 @@ def command_line(memory_hint="use a smaller --batch-size"):
                 end_progress()
                 message = f"out of memory: {memory_hint}" if is_out_of_memory(e) else str(e)
                 sys.exit(f"error: {message}")
+            finally:
+                remove_unused_run_folders()  # made for this run, and still empty: it failed before writing
 
         return wrapper
 

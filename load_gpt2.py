@@ -39,7 +39,6 @@ import collections
 import csv
 import io
 import itertools
-import json
 import math
 import os
 import random
@@ -389,8 +388,8 @@ def parse_args(argv=None):
                    "the Hub, a .safetensors file, a model folder or a checkpoint (.pt)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of weights and computation")
-    p.add_argument("--cache-dir", metavar="FOLDER", default=str(gpt.cache_dir()), help="folder for downloaded weights "
-                   "and data ($GPT_CACHE_DIR)")
+    p.add_argument("--cache-dir", metavar="FOLDER", type=gpt.folder_path, default=str(gpt.cache_dir()),
+                   help="folder for downloaded weights and data ($GPT_CACHE_DIR)")
     g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
     g.add_argument("--prompt", metavar="TEXT", default="Every effort moves you", help="text to continue")
     g.add_argument("--max-new-tokens", metavar="N", type=gpt.non_negative_int, default=50, help="tokens to generate")
@@ -488,19 +487,34 @@ def read_hellaswag(path):
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-            fields = [item["activity_label"], item["ctx_a"], item["ctx_b"], *item["endings"]]
-            label = int(item["label"])
-        except (ValueError, TypeError, KeyError) as e:
-            problem = f"not valid JSON ({e})" if isinstance(e, json.JSONDecodeError) else f"bad or missing field {e}"
-            raise ValueError(f"{path} line {number}: {problem}; each line must be one HellaSwag item") from None
-        if not all(isinstance(field, str) for field in fields) or not 0 <= label < len(item["endings"]):
-            raise ValueError(f"{path} line {number}: texts must be strings and label an index into endings")
+        item = gpt.parse_json(line, f"{path} line {number}")  # names the line, also when nested too deeply
+        problem = hellaswag_item_problem(item)
+        if problem:
+            raise ValueError(f"{path} line {number}: {problem}; each line must be one HellaSwag item")
         items.append(item)
     if not items:
         raise ValueError(f"{path}: no HellaSwag items in the file")
     return items
+
+
+def hellaswag_item_problem(item):
+    """What is wrong with one parsed HellaSwag line, in a few words naming the field, or None. Checked
+    field by field, so that no other value is silently read as one: a string of endings would be
+    scored as one-letter endings, and a label 1.7 as 1."""
+    if not isinstance(item, dict):
+        return f"expected a JSON object, got {type(item).__name__}"
+    for field in ("activity_label", "ctx_a", "ctx_b"):
+        if not isinstance(item.get(field), str):
+            return f"bad or missing field '{field}': must be a string"
+    endings = item.get("endings")
+    if not isinstance(endings, list) or not endings or not all(isinstance(e, str) for e in endings):
+        return "bad or missing field 'endings': must be a non-empty list of strings"
+    label = item.get("label")
+    if isinstance(label, str) and label.isdecimal() and label.isascii():
+        label = int(label)  # Hugging Face's copy of the data writes the label as a string: "2"
+    if type(label) is not int or not 0 <= label < len(endings):  # type(): not True, not 1.7
+        return f"bad or missing field 'label': must be an integer from 0 to {len(endings) - 1}, got {label!r:.40}"
+    return None
 
 
 def read_mmlu(path, shots=0):

@@ -475,8 +475,10 @@ def build_parser():
     data.add_argument("--train-fraction", type=gpt.fraction, default=0.9, help="share of the tokens for training")
     data.add_argument("--stride", type=gpt.positive_int, help="tokens between window starts (default: no overlap)")
     data.add_argument("--replace-invalid-utf8", action="store_true", help="read bytes that are not UTF-8 as U+FFFD")
-    data.add_argument("--cache-dir", default=str(gpt.cache_dir()), help="folder for downloads and token files")
-    data.add_argument("--token-dir", help="folder of the token files (default: <--cache-dir>/tokens)")
+    data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
+                      help="folder for downloads and token files")
+    data.add_argument("--token-dir", type=gpt.folder_path,
+                      help="folder of the token files (default: <--cache-dir>/tokens)")
 
     model = p.add_argument_group("model")
     model.add_argument("--model", help="start from these weights, with their tokenizer: gpt2 (or another size), a "

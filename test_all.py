@@ -1051,17 +1051,16 @@ def test_download_complete_file(file_server, tmp_path):
     assert not (tmp_path / "f.bin.part").exists()
 
 
-def test_download_resumes_after_a_cut(file_server, tmp_path):
+def test_download_cut_leaves_nothing_and_the_next_call_starts_over(file_server, tmp_path):
     data = bytes(range(256)) * 4000
     server = file_server({"/f.bin": data}, cut_after=300_000)
-    with pytest.raises(RuntimeError, match="run again to resume"):
-        gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", retries=1, quiet=True)
-    assert not (tmp_path / "f.bin").exists()
-    kept = (tmp_path / "f.bin.part").stat().st_size
-    assert 0 < kept <= 300_000
-    gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
-    assert (tmp_path / "f.bin").read_bytes() == data
-    assert server.requests[-1][2]["Range"] == f"bytes={kept}-"
+    with pytest.raises(RuntimeError, match=r"failed after 1 attempts \(.*\); run again later$"):
+        gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "f.bin", retries=1, quiet=True)
+    assert not (tmp_path / "cache").exists()  # no temporary file, no lock file, no folder made for them
+    gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "f.bin", sha256=hashlib.sha256(data).hexdigest(),
+                      quiet=True)
+    assert os.listdir(tmp_path / "cache") == ["f.bin"] and (tmp_path / "cache" / "f.bin").read_bytes() == data
+    assert "Range" not in server.requests[-1][2]
 
 
 def test_download_retries_a_cut_within_one_call(file_server, tmp_path):
@@ -1077,14 +1076,14 @@ def test_download_hash_mismatch_leaves_no_file(file_server, tmp_path):
     server = file_server({"/f.bin": b"corrupted"})
     with pytest.raises(RuntimeError, match="SHA-256"):
         gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256="0" * 64, quiet=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["f.bin.lock"]  # only the empty lock file
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_download_404_names_the_url(file_server, tmp_path):
     server = file_server({})
     with pytest.raises(RuntimeError, match=f"{server.url}/missing.bin failed: HTTP 404"):
         gpt.download_file(server.url + "/missing.bin", tmp_path / "m.bin", quiet=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["m.bin.lock"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_gpt2_downloads_from_hf_endpoint(file_server, small_pair, monkeypatch, tmp_path):
@@ -1211,13 +1210,12 @@ def test_download_body_shorter_than_content_length_is_an_error(route_server, tmp
         gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", retries=2)
     assert str(error.value).startswith(f"download of {server.url}/f.bin failed after 2 attempts (")
     assert "\n" not in str(error.value)
-    assert not (tmp_path / "f.bin").exists()
-    assert (tmp_path / "f.bin.part").stat().st_size < 1000  # kept for a resume, never renamed
+    assert list(tmp_path.iterdir()) == []  # never renamed, and deleted
     assert capsys.readouterr().err.endswith("\n")  # the progress line is ended before the error
 
 
 def test_download_206_with_another_range_starts_over(route_server, tmp_path):
-    data = bytes(range(256)) * 40
+    data = bytes(range(256)) * 400
 
     def serve(handler):
         if "Range" in handler.headers:  # a wrong range: the whole file again, as bytes 0-
@@ -1225,11 +1223,15 @@ def test_download_206_with_another_range_starts_over(route_server, tmp_path):
         else:
             answer(data)(handler)
 
-    server = route_server({"/f.bin": serve})
-    (tmp_path / "f.bin.part").write_bytes(b"stale")
+    def cut_first(handler):  # the first answer breaks off after one 64 KiB piece: the retry asks for the rest
+        if not server.requests[:-1]:
+            return answer(data[: 1 << 16], Content_Length=str(len(data)))(handler)
+        serve(handler)
+
+    server = route_server({"/f.bin": cut_first})
     gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
     assert (tmp_path / "f.bin").read_bytes() == data
-    assert [r[2].get("Range") for r in server.requests] == ["bytes=5-", None]
+    assert [r[2].get("Range") for r in server.requests] == [None, f"bytes={1 << 16}-", None]
 
 
 def test_download_refuses_a_web_page_unless_an_html_file_was_asked_for(route_server, tmp_path):
@@ -1237,7 +1239,7 @@ def test_download_refuses_a_web_page_unless_an_html_file_was_asked_for(route_ser
     server = route_server({"/data.zip": page, "/page.html": page})
     with pytest.raises(RuntimeError, match=f"^download of {server.url}/data.zip failed: the server sent a web page"):
         gpt.download_file(server.url + "/data.zip", tmp_path / "data.zip", quiet=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.zip.lock"]
+    assert list(tmp_path.iterdir()) == []
     path = gpt.download_file(server.url + "/page.html", tmp_path / "page.html", quiet=True)
     assert path.read_bytes() == b"<html>please log in</html>"
 
@@ -1266,7 +1268,7 @@ def test_download_of_the_wrong_kind_is_deleted(route_server, tmp_path, kind, bod
     url = server.url + "/file"
     with pytest.raises(RuntimeError, match=f"^download of {url} is corrupt or not the expected file: .* not a valid {kind} file"):
         gpt.download_file(url, tmp_path / "file", kind=kind, quiet=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.lock"]  # no file, no .part
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary file
     (tmp_path / "copy").write_bytes(body)
     with pytest.raises(ValueError) as error:
         gpt.verify_file(tmp_path / "copy", kind)  # the same check on any file on disk
@@ -1334,9 +1336,9 @@ def test_fetch_dataset_hash_mismatch_names_url_expected_and_actual(route_server,
     with pytest.raises(RuntimeError) as error:
         gpt.fetch_dataset([url], "d.json", kind="json", sha256="ab" * 32, quiet=True)
     path = cached_data_path(tmp_path, url, "d.json")
-    expected = f"download of {url} is corrupt or not the expected file: {path}.part: SHA-256 {actual}, expected {'ab' * 32}"
+    expected = f"download of {url} is corrupt or not the expected file: {path}: SHA-256 {actual}, expected {'ab' * 32}"
     assert expected in str(error.value)
-    assert not path.exists() and not path.with_name("d.json.part").exists()
+    assert not path.parent.exists()  # no file, no temporary file, not the folder made for them
 
 
 def test_fetch_dataset_cache_is_keyed_by_url(route_server, tmp_path):
@@ -1353,10 +1355,11 @@ def test_fetch_dataset_reads_a_good_cached_file_without_writing(route_server, mo
     server = route_server({"/d.json": answer(b"[1]")})
     path = gpt.fetch_dataset([server.url + "/d.json"], "d.json", kind="json", quiet=True)
 
-    def unwritable(dest):  # root ignores file modes: a read-only cache is simulated here
-        raise PermissionError(f"[Errno 13] Permission denied: '{dest}.lock'")
+    def unwritable(*args, **kwargs):  # root ignores file modes: a read-only cache is simulated here
+        raise PermissionError("[Errno 13] Permission denied")
 
-    monkeypatch.setattr(gpt, "_download_lock", unwritable)
+    monkeypatch.setattr(Path, "mkdir", unwritable)
+    monkeypatch.setattr(gpt, "remove_stale_temporary_files", unwritable)
     assert gpt.fetch_dataset([server.url + "/d.json"], "d.json", kind="json", quiet=True) == path
     assert len(server.requests) == 1
 
@@ -1423,7 +1426,7 @@ def test_download_gpt2_fetches_a_truncated_cached_file_again(file_server, small_
     assert f"cached {cached}: not a valid safetensors file" in capsys.readouterr().err
 
 
-def test_concurrent_downloads_of_one_file_take_turns(route_server, tmp_path):
+def test_concurrent_downloads_of_one_file_need_no_lock(route_server, tmp_path):
     data = os.urandom(64 * 1024)
 
     def slow(handler):  # 8 pieces, 50 ms apart: the second caller arrives mid-download
@@ -1451,7 +1454,7 @@ def test_concurrent_downloads_of_one_file_take_turns(route_server, tmp_path):
         thread.join(timeout=20)
     assert results[0] == results[1] == cached_data_path(tmp_path, url, "big.bin")
     assert results[0].read_bytes() == data
-    assert len(server.requests) == 1  # the second waited for the lock, then reused the file
+    assert os.listdir(results[0].parent) == ["big.bin"]  # each renamed its own whole copy: no temporary file left
 
 
 @pytest.mark.parametrize(
@@ -2904,7 +2907,7 @@ def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file
     assert "interrupted while tokenizing: nothing new is saved, the partial token file is deleted" in err
     assert err.index("tokenizing: ") < err.index("\ninterrupted")  # the progress line was ended first
     assert list((tmp_path / "tokens").iterdir()) == []  # no token file, partial or whole
-    assert list((tmp_path / "run").iterdir()) == [tmp_path / "run" / ".lock"]
+    assert not (tmp_path / "run").exists()  # made for the run, left empty: removed
 
 
 def test_pretrain_ctrl_c_saves_a_checkpoint(tmp_path, pretrain_text_file):
@@ -3246,7 +3249,7 @@ def test_classify_one_class_or_too_few_messages_are_errors(tmp_path):
     gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())  # the model loads before the data is read
     with pytest.raises(SystemExit, match="error: the data has 2 ham and 0 spam messages"):
         fc.main(["--data", str(data), "--model", str(tmp_path / "tiny.pt"), "--out-dir", str(tmp_path / "run")])
-    assert not [p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")]  # a rerun is not refused
+    assert not (tmp_path / "run").exists()  # a rerun is not refused
 
 
 def test_classify_splits_are_balanced_and_deterministic(tmp_path):
@@ -3451,7 +3454,7 @@ def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, 
     out_dir = tmp_path / "run"
     with pytest.raises(SystemExit, match=message):
         fc.main(["--model", model, "--data", str(data), "--out-dir", str(out_dir), *extra])
-    assert not [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]  # no splits, no run.json
+    assert not out_dir.exists()  # no splits, no run.json, no empty folder
 
     def no_download(*args, **kwargs):
         raise AssertionError("the data was downloaded before the model was checked")
@@ -3459,7 +3462,7 @@ def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, 
     monkeypatch.setattr(gpt, "fetch_dataset", no_download)
     with pytest.raises(SystemExit, match=message):
         fc.main(["--model", model, "--out-dir", str(out_dir), *extra])
-    assert not [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]
+    assert not out_dir.exists()
 
 
 @pytest.mark.parametrize(
@@ -4083,6 +4086,9 @@ def test_instruct_split_85_5_10_with_seed():
         ("Between 80 and 90.", None),  # a range: ambiguous
         ("Score: 70. On second thought, final score: 85", None),  # two scores: ambiguous
         ("The response is good, 3 points off: 97", None),
+        ("Score: 1,000", None),  # a thousands separator: not 1
+        ("Score: 7,5/10", None),  # a decimal comma: not 7
+        ("7,5/10", None),
         ("I cannot judge this.", None),
         ("", None),
         ("null", None),
@@ -4599,7 +4605,7 @@ def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as exc:
         instruct.main(run + ["--out-dir", str(tmp_path / "run")])
     assert str(exc.value) == message
-    assert os.listdir(tmp_path / "run") == [".lock"]  # no run files before the checks pass: no --overwrite needed
+    assert not (tmp_path / "run").exists()  # no run files before the checks pass: no --overwrite needed
 
 
 def test_instruct_answers_survive_a_full_disk_and_an_interruption(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
@@ -4707,7 +4713,7 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
     with pytest.raises(SystemExit, match=r"GB .*: choose a smaller --model$"):
         instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))
     assert asked[0] is None and 0 < asked[1] < gpt.count_parameters(gpt.load_gpt2(folder / "tiny.pt")) / 10
-    assert os.listdir(tmp_path / "run") == [".lock"]
+    assert not (tmp_path / "run").exists()
     monkeypatch.undo()
     monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
     with pytest.raises(SystemExit) as exc:
@@ -5130,3 +5136,107 @@ def test_strict_config_refuses_what_is_not_implemented(strict_folders, tmp_path,
 def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, change):
     folder = changed_copy(strict_folders[family], tmp_path, change)
     assert gpt.load_model(folder).cfg == gpt.load_model(strict_folders[family]).cfg
+
+
+# --- Small reliability fixes ---
+
+
+def test_classify_file_reads_dev_null_and_pipes(tmp_path, capsys):
+    # /dev/null and the shell's <(...) (a pipe, /dev/fd/N) are files to read, not "no such file"
+    with pytest.raises(SystemExit, match="error: nothing to classify"):
+        fc.main(["--classify-file", "/dev/null", "--checkpoint", str(tmp_path / "unused.pt")])
+    read_end, write_end = os.pipe()
+    os.write(write_end, "Win a prize now\n\nsee you at 5\n".encode())
+    os.close(write_end)
+    try:
+        assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
+    finally:
+        os.close(read_end)
+
+
+_HELLASWAG_ITEM = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e", "f", "g"], "label": 1}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[" * 100_000 + "]" * 100_000, "line 1: JSON nested too deeply to read"),
+    ('{**ITEM, "label": Infinity}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, got inf"),
+    ('{**ITEM, "label": 1.7}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, got 1.7"),
+    ('{**ITEM, "label": true}', "line 1: bad or missing field 'label'"),
+    ('{**ITEM, "label": 4}', "line 1: bad or missing field 'label'"),
+    ('{**ITEM, "endings": "abcd"}', "line 1: bad or missing field 'endings': must be a non-empty list of strings"),
+    ('{**ITEM, "endings": []}', "line 1: bad or missing field 'endings'"),
+    ('{**ITEM, "endings": ["d", 5]}', "line 1: bad or missing field 'endings'"),
+    ('{**ITEM, "ctx_a": null}', "line 1: bad or missing field 'ctx_a': must be a string"),
+    ("[1, 2]", "line 1: expected a JSON object, got list"),
+], ids=["deep", "label-inf", "label-float", "label-bool", "label-range", "endings-str", "endings-empty",
+        "endings-int", "ctx-null", "list"])
+def test_benchmark_bad_hellaswag_item_is_one_line(tmp_path, line, message):
+    if line.startswith("{**ITEM"):  # the good item with one field changed, written as JSON would be
+        line = json.dumps(_HELLASWAG_ITEM)[:-1] + ", " + line.removeprefix("{**ITEM, ")
+    path = tmp_path / "items.jsonl"
+    path.write_text(line + "\n")
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    with pytest.raises(SystemExit) as exit_info:
+        load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file", str(path)])
+    assert exit_info.value.code.startswith(f"error: {path} {message}") and "\n" not in exit_info.value.code
+
+
+def test_benchmark_hellaswag_label_may_be_a_digit_string(tmp_path):
+    path = tmp_path / "items.jsonl"  # as Hugging Face's copy of HellaSwag writes it
+    path.write_text(json.dumps({**_HELLASWAG_ITEM, "label": "3"}) + "\n")
+    assert load_gpt2.read_hellaswag(path)[0]["label"] == "3"
+
+
+@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"models": 5}', b"<html>not Ollama</html>"],
+                         ids=["list", "no-models", "models-number", "not-json"])
+def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, route_server, body):
+    server = route_server({"/api/tags": answer(body, Content_Type="application/json")})
+    path, _ = _instruct_responses_file(tmp_path, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
+    assert exit_info.value.code.startswith(f"error: the server at {server.url} answered an unexpected reply: ")
+
+
+@pytest.mark.parametrize("script, flag", [(load_gpt2, "--cache-dir"), (pretrain, "--cache-dir"), (pretrain, "--token-dir"),
+                                          (fc, "--cache-dir"), (instruct, "--cache-dir")],
+                         ids=["load_gpt2", "pretrain", "pretrain-tokens", "classify", "instruct"])
+def test_folder_flag_that_is_a_file_names_the_flag(tmp_path, capsys, script, flag):
+    (tmp_path / "notes.txt").write_text("a file")
+    for given, which in [("notes.txt", ""), ("notes.txt/cache", f" {tmp_path / 'notes.txt'}")]:
+        with pytest.raises(SystemExit) as exit_info:
+            script.main([flag, str(tmp_path / given), "--out-dir" if script is not load_gpt2 else "--prompt",
+                         str(tmp_path / "run")])
+        assert exit_info.value.code == 2  # argparse's usage error, before any work
+        err = capsys.readouterr().err
+        assert f"argument {flag}: {tmp_path / given}:{which} is a file, not a folder" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_instruct_resume_of_a_model_checkpoint_says_what_it_is(_instruct_tiny_run, capsys):
+    folder, out_dir = _instruct_tiny_run, _instruct_tiny_run / "copied-state"
+    instruct.main(["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--out-dir", str(out_dir),
+                   *"--epochs 1 --batch-size 5 --eval-batches 1 --max-new-tokens 1".split()])
+    (out_dir / "train_state.pt").write_bytes((out_dir / "model.pt").read_bytes())  # a model where the state belongs
+    with pytest.raises(SystemExit) as exit_info:
+        instruct.main(["--out-dir", str(out_dir), "--resume", "--epochs", "2"])
+    assert exit_info.value.code == (f"error: --resume: {out_dir / 'train_state.pt'} is a model checkpoint, not a "
+                                    "training state of finetune_instruct.py (no optimizer, step, rng): "
+                                    "start again with --overwrite")
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    (pretrain, ["--data", "{tmp}/missing.txt"], "missing.txt"),
+    (fc, ["--data", "{tmp}/sms.tsv", "--model", "{tmp}/missing.pt"], "missing.pt"),
+    (instruct, ["--data", "{tmp}/data.json", "--model", "{tmp}/missing.pt"], "missing.pt"),
+], ids=["pretrain", "classify", "instruct"])
+def test_run_that_fails_early_leaves_no_empty_run_folder(tmp_path, script, flags, message):
+    _classify_sms_slice(tmp_path)
+    (tmp_path / "data.json").write_text(json.dumps([{"instruction": f"Task {i}.", "output": "Done."} for i in range(10)]))
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    with pytest.raises(SystemExit, match=message):
+        script.main([*flags, "--out-dir", str(tmp_path / "runs" / "x")])
+    assert not (tmp_path / "runs").exists()  # the run folder, and the folder it made above it
+    (tmp_path / "mine").mkdir()  # a folder that was there before stays
+    with pytest.raises(SystemExit, match=message):
+        script.main([*flags, "--out-dir", str(tmp_path / "mine")])
+    assert (tmp_path / "mine").is_dir()
