@@ -658,6 +658,7 @@ def train_and_evaluate(args, device):
                                eval_every=args.eval_every, eval_batches=args.eval_batches,
                                scale_loss=args.dtype == "float16", keep_last=args.keep_last)
     seconds = {"activation_cache": train_started - cache_started, "training": time.time() - train_started}
+    del inputs, logits_fn  # the activation cache (held by both): the test split needs the full model only
     # The test split through the full forward pass of the weights as saved (LoRA merged), as
     # --evaluate runs the checkpoint: evaluating OUT_DIR/test.csv gives these numbers again.
     gpt.merge_lora(model)

@@ -1073,7 +1073,8 @@ def format_duration(seconds):
 def atomic_write_bytes(path, data):
     """Write bytes to path through a temporary file and a rename, so that readers never
     see a half-written file (os.replace is atomic on POSIX and Windows). The first write
-    into a run folder claimed with `overwrite` deletes the old run's files first."""
+    into a run folder claimed with `overwrite` deletes the old run's files first. data:
+    bytes, or a function that writes them to the open file (no copy of them in memory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for old_file in _overwritten_runs.pop(path.parent.resolve(), []):
@@ -1081,7 +1082,7 @@ def atomic_write_bytes(path, data):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1091,9 +1092,8 @@ def atomic_write_bytes(path, data):
 
 def atomic_save(obj, path):
     """torch.save(obj) to path atomically: a temporary file, flushed to disk, then a rename."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getbuffer())
+    # Straight into the file: a buffer in memory would hold a second copy of every weight.
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
 
 
 def write_json(path, obj):
