@@ -38,7 +38,6 @@ from pathlib import Path
 
 import requests
 import torch
-import torch.nn.functional as F
 
 import gpt
 
@@ -263,7 +262,7 @@ def calc_loss_batch(model, inputs, targets, autocast):
     inputs, targets: LongTensor [batch, seq_len] on the model's device."""
     with autocast:
         logits = model(inputs)  # (batch, seq_len, vocab)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return gpt.next_token_loss(logits, targets)
 
 
 @torch.no_grad()

@@ -317,6 +317,18 @@ class GPTModel(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+def next_token_loss(logits, targets, reduction="mean"):
+    """Cross-entropy of next-token prediction, the loss of pretraining and instruction tuning.
+
+    logits: float [batch, seq_len, vocab_size]; targets: LongTensor [batch, seq_len], the
+    inputs shifted left by one, -100 where nothing is to be learned (padding, a masked
+    prompt). -> a float32 scalar: the mean over the targets that count, or their sum with
+    reduction="sum" (nats). bfloat16 logits are upcast first: a log-softmax over 50,257
+    tokens needs float32's precision.
+    """
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
+
+
 def check_context_length(length, cfg):
     """Raise ValueError when a sequence of `length` tokens is longer than the context length."""
     if length > cfg.context_length:

@@ -450,7 +450,8 @@ def parse_args(argv=None):
     if not args.prompt:
         p.error("--prompt is empty: give at least one character of text to continue")
     if args.download_only and Path(args.model).exists():
-        p.error(f"--download-only needs a model name ({', '.join(gpt.MODEL_CONFIGS)}, ...), got the path {args.model!r}")
+        p.error(f"--download-only needs a model name ({', '.join(gpt.MODEL_CONFIGS)}, ...), "
+                f"got the path {args.model!r}")
     return args
 
 

@@ -48,7 +48,6 @@ from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import gpt
 
@@ -258,7 +257,7 @@ def evaluate_loss(model, splits, split, batch_size, autocast, proc):
         inputs, targets = get_batch(tokens, mine[i : i + batch_size], splits.context_length, proc.device)
         with autocast:
             logits = model(inputs)  # [batch, seq_len, vocab_size]
-        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+        total[0] += gpt.next_token_loss(logits, targets, reduction="sum").double()
         total[1] += targets.numel()
     if proc.world_size > 1:
         dist.all_reduce(total)
@@ -338,7 +337,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
             with train_model.no_sync() if accumulate else nullcontext():
                 with autocast:
                     logits = train_model(inputs)  # [batch, seq_len, vocab_size]
-                    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / args.grad_accum
+                    loss = gpt.next_token_loss(logits, targets) / args.grad_accum
                 loss.backward()  # adds to the gradients of the earlier micro-batches
             loss_sum += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
