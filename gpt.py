@@ -1,41 +1,24 @@
-"""gpt.py: the GPT-2 core that every stage of this project stands on.
+"""gpt.py: the GPT-2 model that every stage of this project stands on, then what the stages share.
 
-Read it top to bottom. Sections 1 to 5 are GPT-2, the whole model a learner studies (the
-configuration also holds the switches of section 6, and a few functions dispatch to it):
+Read it top to bottom. Sections 1 to 5 are GPT-2, the whole model a learner studies:
 
-1. configuration   `GPTConfig`, and `GPT_CONFIGS`, the four released sizes
-2. the model       `CausalSelfAttention`, `MLP`, `TransformerBlock`, `GPTModel`
+1. configuration   `GPTConfig`, `GPT_CONFIGS` (the four released sizes)
+2. the model       `CausalSelfAttention`, `MLP`, `TransformerBlock`, `GPTModel`, `next_token_loss`
 3. LoRA            `LoRALinear`, `add_lora`, `merge_lora`
 4. generation      `KVCache`, `sample_next_token`, `generate_stream`, `generate`
-5. tokenizer       `get_tokenizer`, `text_to_token_ids`, `token_ids_to_text`
-6. Llama family    the same decoder with five parts exchanged (SmolLM2, Qwen3, Llama 3.2):
-                   `LLAMA_CONFIGS`, `RMSNorm`, rotary positions, `LlamaAttention`, `SwiGLU`,
-                   `LlamaModel`; their tokenizers as tiktoken encodings
-                   (`tokenizer_from_files`)
+5. tokenizer       `Tokenizer`, `get_tokenizer`, `text_to_token_ids`, `token_ids_to_text`
+6. Llama family    the same decoder with five parts exchanged (SmolLM2, Qwen3, Llama 3.2),
+                   and their tokenizer.json files as tiktoken encodings
 
-The rest is what the stage scripts share:
-
-7. files           `download_file`, `verify_file`, `fetch_dataset`, `atomic_write_bytes`,
-                   `atomic_save`, `read_json`, `plot_curves`; token files (`prepare_token_file`)
-8. weights         `load`: a model and its tokenizer from any source (a released name,
-                   a Hub name, a folder, a .safetensors file, a checkpoint); `read_safetensors`
-9. checkpoints     `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`
-10. export         `export_hf`: a folder that Hugging Face transformers loads
-11. a stage's run  flag types, `command_line` (errors to one line, exit codes), settings,
-                   run folders, progress lines, devices
-12. training       `make_adamw`, `check_finite_loss`, seeded splits, RNG state, memory checks,
-                   `StopSignal`, `save_training_state`, `restore_training_state`, `Throughput`;
-                   a run of several processes under torchrun (`distributed_run`)
+The toolbox the stage scripts share follows: files and downloads, `load` (a model and its
+tokenizer from any source), checkpoints, `export_hf`, and the plumbing of a run.
 
 The model follows OpenAI's GPT-2 release (Radford et al., 2019, "Language Models are
-Unsupervised Multitask Learners", https://github.com/openai/gpt-2) and uses the same
-parameter names as that release and Hugging Face's `GPT2LMHeadModel` (`wte`, `wpe`,
-`h.N.attn.c_attn`, ...), so importing the released weights is a loop with four
-transposes. The Llama family uses Hugging Face Llama's parameter names for the same
-reason. `test_all.py` checks that the logits of both agree with `transformers` to 1e-4.
-
-Used by load_gpt2.py, pretrain.py, finetune_classify.py and finetune_instruct.py; it is
-not meant to be run on its own.
+Unsupervised Multitask Learners", https://github.com/openai/gpt-2) and names its parameters
+as that release and Hugging Face's `GPT2LMHeadModel` do (`wte`, `wpe`, `h.N.attn.c_attn`,
+...), so importing the released weights is a loop with four transposes; the Llama family
+uses Hugging Face Llama's names for the same reason. `test_all.py` checks that the logits
+of both agree with `transformers` to 1e-4.
 """
 
 import argparse
@@ -85,7 +68,7 @@ EOT_ID = 50256  # id of <|endoftext|>, the last token of GPT-2's vocabulary of 5
 
 @dataclasses.dataclass
 class GPTConfig:
-    """Hyperparameters of a GPT-2-style model, and the switches that make it a Llama.
+    """Hyperparameters of a GPT-2-style model (and the switches of section 6's Llama family).
 
     vocab_size:     number of token ids (50257 for GPT-2's byte-pair encoding)
     context_length: longest sequence the model reads, in tokens (position embeddings)
@@ -94,24 +77,10 @@ class GPTConfig:
     n_layers:       number of transformer blocks
     drop_rate:      dropout probability on embeddings, attention and residual branches
                     (0.0 for inference and for the released weights' fine-tuning recipes)
-    norm_eps:       epsilon of the LayerNorms (GPT-2) or RMSNorms (Llama family)
-    qkv_bias:       whether the query/key/value projections have a bias; None: yes for GPT-2,
-                    no for the Llama family
-    family:         "gpt2" (`GPTModel`) or "llama" (`LlamaModel`, section 6: Llama 3.2,
-                    SmolLM2, Qwen3)
-
-    The Llama family's switches (section 6); GPT-2 ignores them:
-    n_kv_heads:     key/value heads, each shared by n_heads / n_kv_heads query heads
-                    (grouped-query attention); None: n_heads
-    head_dim:       width of one head; None: emb_dim / n_heads (Qwen3-0.6B: 128 with 16 heads of 1024)
-    hidden_dim:     hidden size of the SwiGLU feed-forward layer; None: 4 * emb_dim
-    rope_theta:     base of the rotary position frequencies
-    rope_scaling:   Llama 3's frequency scaling, a dict with factor, low_freq_factor,
-                    high_freq_factor and original_max_position_embeddings; None: none
-    qk_norm:        RMSNorm on each head's queries and keys before the rotation (Qwen3)
-    out_bias:       bias on the attention output projection
-    mlp_bias:       biases on the SwiGLU's three projections
-    tie_embeddings: whether the output head shares the token embedding's weight
+    qkv_bias:       whether the query/key/value projections have a bias; None: yes for GPT-2
+    norm_eps:       epsilon of the layer norms (1e-5 in GPT-2)
+    tie_embeddings: whether the output head shares the token embedding's weight (GPT-2: yes)
+    family:         "gpt2" (`GPTModel`) or "llama" (`LlamaModel`, whose switches section 6 lists)
     """
 
     vocab_size: int = 50257
@@ -121,17 +90,18 @@ class GPTConfig:
     n_layers: int = 12
     drop_rate: float = 0.0
     qkv_bias: bool | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
     family: str = "gpt2"
+    # The Llama family's switches (section 6)
     n_kv_heads: int | None = None
     head_dim: int | None = None
     hidden_dim: int | None = None
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
-    norm_eps: float = 1e-5
     qk_norm: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
-    tie_embeddings: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -269,6 +239,8 @@ class GPTModel(nn.Module):
 
     # The linear layers whose outputs are added to the residual stream.
     RESIDUAL_PROJECTIONS = ("c_proj.weight",)
+    # The linear layers of each block that LoRA adapts (section 3).
+    LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
     def tie_weights(self):
         """Share the token embedding with the head: tied input/output embeddings, as released."""
@@ -385,16 +357,6 @@ class LoRALinear(nn.Module):
         return self.linear(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scaling
 
 
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # linear layers of each block
-# Llama family: its seven linear layers per block (all of them, as Dettmers et al., 2023, "QLoRA", advise).
-LLAMA_LORA_TARGETS = tuple(f"self_attn.{n}_proj" for n in "qkvo") + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def lora_targets(model):
-    """The names, inside each block, of the linear layers that LoRA adapts."""
-    return LLAMA_LORA_TARGETS if model.cfg.family == "llama" else LORA_TARGETS
-
-
 def add_lora(model, rank=8, alpha=16):
     """Freeze every parameter of model, then wrap the attention and MLP linear layers of
     each transformer block in `LoRALinear`, whose adapters are the only trainable
@@ -402,7 +364,7 @@ def add_lora(model, rank=8, alpha=16):
     Returns the model (changed in place)."""
     model.requires_grad_(False)
     for block in model.h:
-        for target in lora_targets(model):
+        for target in model.LORA_TARGETS:
             parent_name, child_name = target.split(".")
             parent = getattr(block, parent_name)
             setattr(parent, child_name, LoRALinear(getattr(parent, child_name), rank, alpha))
@@ -415,7 +377,7 @@ def merge_lora(model):
     that the model has its own parameter names again and saves as a plain checkpoint.
     Returns the model (changed in place)."""
     for block in model.h:
-        for target in lora_targets(model):
+        for target in model.LORA_TARGETS:
             parent_name, child_name = target.split(".")
             parent = getattr(block, parent_name)
             layer = getattr(parent, child_name)
@@ -711,6 +673,17 @@ def special_token_text(entry):
 # 2023, "Efficient Streaming Language Models with Attention Sinks"). A rebuilt window
 # starts at position 0, as every training sequence did.
 
+# The family's switches in GPTConfig (GPT-2 ignores them):
+#   n_kv_heads    key/value heads, each shared by n_heads / n_kv_heads query heads
+#                 (grouped-query attention); None: n_heads
+#   head_dim      width of one head; None: emb_dim / n_heads (Qwen3-0.6B: 128 with 16 heads of 1024)
+#   hidden_dim    hidden size of the SwiGLU feed-forward layer; None: 4 * emb_dim
+#   rope_theta    base of the rotary position frequencies
+#   rope_scaling  Llama 3's frequency scaling: factor, low_freq_factor, high_freq_factor and
+#                 original_max_position_embeddings; None: none
+#   qk_norm       RMSNorm on each head's queries and keys before the rotation (Qwen3)
+#   out_bias, mlp_bias   biases on the attention output and on the SwiGLU's projections
+
 # The presets: the sizes in each model's config.json on the Hugging Face Hub (hidden_size,
 # intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
 # max_position_embeddings, rope_theta, rope_scaling, rms_norm_eps, tie_word_embeddings).
@@ -883,6 +856,8 @@ class LlamaModel(GPTModel):
     """
 
     RESIDUAL_PROJECTIONS = ("o_proj.weight", "down_proj.weight")
+    # All seven linear layers of each block, as Dettmers et al., 2023 ("QLoRA") advise.
+    LORA_TARGETS = tuple(f"self_attn.{n}_proj" for n in "qkvo") + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
     def __init__(self, cfg):
         nn.Module.__init__(self)  # GPTModel's parts are replaced, not extended
