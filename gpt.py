@@ -598,15 +598,15 @@ class Tokenizer(tiktoken.Encoding):
         return [self.bos_id] + ids if bos and self.add_bos else ids
 
     def token_ids(self):
-        """The ids of its named tokens, as transformers' config.json and generation_config.json
-        name them -> {"bos_token_id": ..., "eos_token_id": ..., "pad_token_id": ..., "unk_token_id": ...}
-        (those it has; pad and unk from tokenizer_config.json)."""
+        """The ids of its named tokens, as transformers' config.json names them ->
+        {"bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"}: those it has (pad and
+        unk as tokenizer_config.json names them; GPT-2's unknown token is its end-of-text)."""
         config = json.loads(self.files.get("tokenizer_config.json", "{}"))
-        ids = {"bos_token_id": self.bos_id, "eos_token_id": self.eot_id}
-        for key in ("pad_token", "unk_token"):
-            ids[f"{key}_id"] = self.encode_single_token(special_token_text(config.get(key))) if config.get(key) \
-                else (self.eot_id if not self.files and key == "unk_token" else None)
-        return {key: value for key, value in ids.items() if value is not None}
+        named = {key: special_token_text(config.get(key)) for key in ("pad_token", "unk_token")}
+        ids = {f"{key}_id": self.encode_single_token(text) for key, text in named.items() if text}
+        if not self.files:
+            ids["unk_token_id"] = self.eot_id
+        return {"bos_token_id": self.bos_id, "eos_token_id": self.eot_id, **ids}
 
     def state(self):
         """What a checkpoint stores to rebuild this tokenizer (`tokenizer_from_state`): its content."""
