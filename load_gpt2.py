@@ -1,10 +1,8 @@
 """load_gpt2.py: get a model, try it, measure it.
 
-Stage 1 of the lifecycle. Loads OpenAI's GPT-2 from the Hugging Face Hub (downloaded once,
-then read from the cache), a local .safetensors file or model folder, or a checkpoint of
-this project. A model of the Llama family (SmolLM2, Qwen3, Llama 3.2) works the same
-way, by Hub name or folder, with its own tokenizer and end-of-text token; a checkpoint
-carries its tokenizer (everything loads through gpt.load).
+Stage 1 of the lifecycle. Loads (gpt.load) OpenAI's GPT-2 from the Hugging Face Hub, downloaded
+once, a local .safetensors file or model folder, or a checkpoint of this project; a model of
+the Llama family (SmolLM2, Qwen3, Llama 3.2) the same way, with its own tokenizer.
 
 Try it: continue a prompt, printing the tokens as they are generated.
 
@@ -30,9 +28,9 @@ Download or export it:
     python load_gpt2.py --download-only --model gpt2-xl
     python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # a folder transformers reads
 
-Prints the model, where its weights are and the load time, then the continuation or the
-measurements. Writes only the caches (--cache-dir; a Hugging Face cache, $HF_HUB_CACHE or
-$HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror), --results and --export-hf.
+Prints the model and its load time, then the continuation or the measurements. Writes only the
+caches (--cache-dir; a Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is;
+$HF_ENDPOINT names a mirror), --results and --export-hf.
 """
 
 import collections
@@ -52,49 +50,22 @@ import torch
 import gpt
 
 # ----------------------------------------------------------------------------------------
-# Try it: generation
-# ----------------------------------------------------------------------------------------
-
-
-def stream_continuation(model, prompt_ids, args, tokenizer, eot_id):
-    """Continue prompt_ids [1, n] with the sampling flags of args, printing each token's text as
-    it comes, until the end-of-text token `eot_id` (not printed) or --max-new-tokens."""
-    new_ids, printed = [], ""
-
-    def print_token(token):
-        nonlocal printed
-        if token.item() == eot_id:
-            return
-        new_ids.append(token.item())
-        text = gpt.token_ids_to_text(new_ids, tokenizer)
-        if not text.endswith("\ufffd"):  # a token can end inside a character: wait for the rest
-            print(text[len(printed) :], end="", flush=True)
-            printed = text
-
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eot_id=eot_id)
-    gpt.generate(model, prompt_ids, args.max_new_tokens, on_token=print_token, **options)
-    print(gpt.token_ids_to_text(new_ids, tokenizer)[len(printed) :])
-
-
-# ----------------------------------------------------------------------------------------
 # Measure it: log-likelihoods, benchmarks, perplexity, contamination, memorisation probes
 # ----------------------------------------------------------------------------------------
 
-# One quantity underlies every measurement here: how likely the model finds a continuation
-# after a context, the sum of its tokens' log-probabilities. A benchmark item's answers are
-# continuations of its question; a text's perplexity comes from each token as the
-# continuation of the tokens before it.
+# One quantity underlies every measurement here: the log-likelihood of a continuation after a
+# context. A benchmark item's answers continue its question; a text's perplexity comes from
+# each token as the continuation of the tokens before it.
 
 # --- 1. The log-likelihood of a continuation ---------------------------------------------
 
 
 def encode_pair(context, continuation, tokenizer=None):
-    """Token ids (context ids, continuation ids) as lm-evaluation-harness makes them: the pair
-    is tokenized whole and the continuation's ids are what follows the context's own ids, so
-    " Paris" after "capital:" is one token with its space, as GPT-2 saw such text. Spaces that
-    end the context move to the continuation first; an empty context becomes [`prefix_id`].
-    Special-token text is the token, as in transformers' tokenizers; no begin-of-text token
-    is added (the harness's default, Llama 3 too). tokenizer: the model's; None: GPT-2's."""
+    """(context ids, continuation ids) as lm-evaluation-harness makes them: the pair is tokenized
+    whole and the continuation gets the ids after the context's own, so " Paris" after "capital:"
+    is one token with its space. Spaces ending the context move to the continuation; an empty
+    context becomes [`prefix_id`]; no begin-of-text token is added (the harness's default).
+    tokenizer: the model's; None: GPT-2's."""
     tokenizer = tokenizer or gpt.get_tokenizer()
     if not context:
         return [prefix_id(tokenizer)], tokenizer.encode(continuation)
@@ -127,13 +98,12 @@ def continuation_request(context, continuation, context_length, tokenizer=None):
 
 @torch.no_grad()
 def sum_logprobs(model, requests, batch_size=8, label="scoring"):
-    """Total log-probability (nats) of the last n_scored ids of each (token ids, n_scored)
-    request -> list of floats. The model reads ids[:-1], at most its context length; requests
-    with the same input (the four " A".." D" of an MMLU item) share one forward pass. Batches
-    are right-padded: causal attention keeps every real position blind to the padding after
-    it, so no score depends on the batch. Longest first, so that a batch too large for memory
-    fails at once (its logits take batch_size x longest x vocabulary floats). Raises
-    ValueError for a request that does not fit the model, or NaN log-probabilities."""
+    """Total log-probability (nats) of the last n_scored ids of each (token ids, n_scored) request
+    -> list of floats: minus `gpt.next_token_loss` summed over them. The model reads ids[:-1];
+    requests with the same input (the four " A".." D" of an MMLU item) share one forward pass.
+    Batches are right-padded (causal attention keeps real positions blind to the padding after
+    them, so no score depends on the batch), longest first, so that a batch too large for memory
+    fails at once. Raises ValueError for a request that does not fit the model, or NaN scores."""
     device = next(model.parameters()).device
     readers = collections.defaultdict(list)  # model input -> the requests that read it
     for i, (ids, n_scored) in enumerate(requests):
@@ -152,9 +122,9 @@ def sum_logprobs(model, requests, batch_size=8, label="scoring"):
         for row, seq in enumerate(batch):
             for i in readers[seq]:
                 ids, n_scored = requests[i]
-                logprobs = logits[row, len(seq) - n_scored : len(seq)].float().log_softmax(dim=-1)
-                targets = torch.tensor(ids[-n_scored:], device=device)
-                totals[i] = logprobs.gather(1, targets[:, None]).sum().item()
+                scored_logits = logits[row : row + 1, len(seq) - n_scored : len(seq)]  # [1, n_scored, vocab]
+                targets = torch.tensor([ids[-n_scored:]], device=device)
+                totals[i] = -gpt.next_token_loss(scored_logits, targets, reduction="sum").item()
                 if math.isnan(totals[i]):
                     raise ValueError("the model gives NaN log-probabilities: its weights hold NaN or infinite values")
         done = start + len(batch)
@@ -197,9 +167,8 @@ def mmlu_question(item):
 
 
 def mmlu_request(item):
-    """An MMLU item as the harness scores it -> dict: context (the subject line, the k examples
-    with their answers, the question), choices "A".."D", gold, the text contamination looks
-    for (question and options), subject."""
+    """An MMLU item as the harness scores it -> dict: context (subject line, the k solved examples,
+    the question), choices "A".."D", gold, the text contamination looks for, subject."""
     subject = item["subject"].replace("_", " ")
     header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
     examples = "".join(mmlu_question(ex) + " " + LETTERS[ex["answer"]] + "\n\n" for ex in item["examples"])
@@ -209,16 +178,13 @@ def mmlu_request(item):
 
 
 def score_multiple_choice(model, requests, batch_size=8, tokenizer=None):
-    """Score every choice by its log-likelihood as a continuation of the context, after one
-    space -> one dict per item: lls (nats); acc, 1 when the highest log-likelihood is the gold
-    choice's; acc_norm, the same after dividing each by the choice's length in characters
-    (the space not counted), as lm-evaluation-harness defines them (for MMLU's one-letter
-    choices the two agree). tokenizer: the model's; None: GPT-2's."""
-    flat = [
-        continuation_request(request["context"], " " + choice, model.cfg.context_length, tokenizer)
-        for request in requests
-        for choice in request["choices"]
-    ]
+    """Score each choice by its log-likelihood after the context and one space -> one dict per
+    item: lls (nats); acc, 1 when the gold choice's is the highest; acc_norm, the same with each
+    divided by the choice's length in characters (the space not counted), as the harness
+    defines them. tokenizer: the model's; None: GPT-2's."""
+    length = model.cfg.context_length
+    pairs = [(request["context"], " " + choice) for request in requests for choice in request["choices"]]
+    flat = [continuation_request(context, choice, length, tokenizer) for context, choice in pairs]
     lls = sum_logprobs(model, flat, batch_size, label="scoring choices")
     scored, start = [], 0
     for request in requests:
@@ -251,210 +217,6 @@ def summarize(scored, requests):
     return summary
 
 
-# --- 3. Perplexity and bits per byte of a text, with a sliding window ---------------------
-
-
-def perplexity_requests(ids, context_length, stride, first_id=gpt.EOT_ID):
-    """Windows over a text's token ids -> (token ids, n_scored) requests for `sum_logprobs`: the
-    sliding window of Hugging Face's perplexity guide. Each window reads up to context_length
-    tokens and scores only those no earlier window scored; windows start `stride` tokens apart,
-    so every token after the first window has at least context_length - stride tokens of
-    context. first_id (`prefix_id`) goes first so that the first token is predicted too, as in
-    the harness's rolling log-likelihood."""
-    if not 1 <= stride <= context_length:
-        raise ValueError(f"--stride {stride} must be from 1 to the model's context length ({context_length})")
-    sequence = [first_id] + list(ids)
-    requests, scored = [], 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + context_length, len(ids))  # reads sequence[begin:end], predicts sequence[begin + 1 : end + 1]
-        requests.append((sequence[begin : end + 1], end - scored))
-        scored = end
-        if end == len(ids):
-            break
-    return requests
-
-
-def perplexity(model, text, stride, batch_size=8, tokenizer=None):
-    """Perplexity (e to the mean negative log-likelihood per token) and bits per byte (the
-    total negative log-likelihood in bits over the text's UTF-8 bytes: comparable across
-    tokenizers) -> dict. tokenizer: the model's; None: GPT-2's. Raises ValueError for an
-    empty text."""
-    if not text:
-        raise ValueError("the text to score is empty")
-    tokenizer = tokenizer or gpt.get_tokenizer()
-    ids = tokenizer.encode(text)
-    requests = perplexity_requests(ids, model.cfg.context_length, stride, prefix_id(tokenizer))
-    nll = -sum(sum_logprobs(model, requests, batch_size, label="perplexity"))
-    n_bytes = len(text.encode("utf-8"))
-    return dict(tokens=len(ids), bytes=n_bytes, windows=len(requests), stride=stride,
-                perplexity=math.exp(nll / len(ids)), bits_per_byte=nll / (n_bytes * math.log(2)))
-
-
-# --- 4. Contamination: test items that occur in a training corpus -------------------------
-
-
-def normalized_words(text):
-    """Lower-cased words with punctuation removed, as GPT-3's contamination study
-    (Brown et al., 2020, appendix C) and the harness's decontamination compare texts."""
-    return re.sub(r"[^\w\s]|_", "", text.lower()).split()
-
-
-def find_contamination(texts, documents, n=13):
-    """Indices of the texts that share an n-gram of `normalized_words` with a training corpus
-    -> sorted list. documents: iterables of text lines, read once as a stream (a corpus
-    larger than memory works; n-grams do not cross documents). A text shorter than n words
-    counts when it occurs whole."""
-    wanted = collections.defaultdict(lambda: collections.defaultdict(set))  # length -> words -> texts
-    for i, text in enumerate(texts):
-        words = normalized_words(text)
-        if not words:
-            continue  # nothing to look for
-        length = min(n, len(words))  # a text shorter than n is looked for whole
-        for start in range(len(words) - length + 1):
-            wanted[length][tuple(words[start : start + length])].add(i)
-    found, words_read = set(), 0
-    for document in documents:
-        window = collections.deque(maxlen=n)
-        for line in document:
-            for word in normalized_words(line):
-                window.append(word)
-                for length, grams in wanted.items():
-                    if len(window) >= length:
-                        found |= grams.get(tuple(window)[-length:], set())
-                words_read += 1
-                if words_read % 1_000_000 == 0:
-                    gpt.show_progress(f"contamination: {words_read / 1e6:.0f}M words of the corpus read")
-    gpt.end_progress()
-    return sorted(found)
-
-
-# --- 5. Memorisation probes: the same items, changed where recall would notice ------------
-
-
-def shuffle_options(item, order):
-    """An MMLU item with its options in another order: order[k] is the option now shown
-    at letter k. The letters stay in place and move to other texts; the gold follows its text."""
-    return dict(item, options=[item["options"][k] for k in order], answer=order.index(item["answer"]))
-
-
-def reorder_sentences(item, order=None):
-    """A HellaSwag item with the sentences of its context (ctx_a, cut after . ! or ?) in
-    another order: order[k] is the sentence now at place k (default: reversed). ctx_b,
-    the start of the sentence the endings finish, stays last."""
-    sentences = re.split(r"(?<=[.!?])\s+", item["ctx_a"].strip())
-    order = list(reversed(range(len(sentences)))) if order is None else order
-    return dict(item, ctx_a=" ".join(sentences[k] for k in order))
-
-
-def probe_memorisation(model, benchmark, items, scored, seed=0, batch_size=8, tokenizer=None):
-    """Score the items again, changed where recall would notice -> dict: acc before and after,
-    the change, and how many items went right to wrong and wrong to right. MMLU: each item's
-    options in a seeded random order; HellaSwag: the context's sentences reversed (an item of
-    one sentence stays as it is). scored: `score_multiple_choice` of the unchanged items."""
-    if benchmark == "hellaswag":
-        perturbation = "context sentences reversed"
-        changed_items = [reorder_sentences(item) for item in items]
-    else:
-        perturbation = "options shuffled, letters stay"
-        rng = random.Random(seed)
-        changed_items = [shuffle_options(item, rng.sample(range(4), 4)) for item in items]  # the 4 options reordered
-    to_request = hellaswag_request if benchmark == "hellaswag" else mmlu_request
-    requests = [to_request(item) for item in changed_items]
-    changed = sum(to_request(item)["context"] != request["context"] for item, request in zip(items, requests))
-    probe_scored = score_multiple_choice(model, requests, batch_size, tokenizer)
-    before = sum(s["acc"] for s in scored) / len(items)
-    after = sum(s["acc"] for s in probe_scored) / len(items)
-    flipped = collections.Counter((s["acc"], p["acc"]) for s, p in zip(scored, probe_scored))
-    return dict(perturbation=perturbation, items=len(items), items_changed=changed, acc=before, acc_probe=after,
-                change=after - before, right_to_wrong=flipped[1, 0], wrong_to_right=flipped[0, 1])
-
-
-# ----------------------------------------------------------------------------------------
-# Command line: flags, files and downloads, printing, main
-# ----------------------------------------------------------------------------------------
-
-
-# Flags that mean something only with another: given alone they would be ignored.
-NEEDS = {"benchmark_file": "benchmark", "shots": "benchmark", "limit": "benchmark", "contamination": "benchmark",
-         "probe": "benchmark", "ngram": "contamination", "stride": "perplexity", "overwrite": "export_hf"}
-
-
-def parse_args(argv=None):
-    """The settings of the run -> argparse.Namespace. Flags that contradict each other, or that
-    would be ignored, exit with one line (exit status 2)."""
-    p = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
-    models = ", ".join(gpt.MODEL_CONFIGS)
-    p.add_argument("--model", metavar="NAME_OR_PATH", default="gpt2", help=f"{models}, another Llama or Qwen3 of "
-                   "the Hub, a .safetensors file, a model folder or a checkpoint (.pt)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of weights and computation")
-    p.add_argument("--cache-dir", metavar="FOLDER", type=gpt.folder_path, default=str(gpt.cache_dir()),
-                   help="folder for downloaded weights and data ($GPT_CACHE_DIR)")
-    g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
-    g.add_argument("--prompt", metavar="TEXT", default="Every effort moves you", help="text to continue")
-    g.add_argument("--max-new-tokens", metavar="N", type=gpt.non_negative_int, default=50, help="tokens to generate")
-    g.add_argument("--temperature", metavar="T", type=gpt.non_negative_float, default=0.0, help="0: greedy; "
-                   "higher: more random")
-    g.add_argument("--top-k", metavar="K", type=gpt.positive_int, help="sample from the k most likely tokens only "
-                   "(default: all)")
-    g.add_argument("--top-p", metavar="P", type=gpt.probability, help="sample from the fewest tokens that reach "
-                   "probability p (default: all)")
-    g.add_argument("--seed", metavar="N", type=gpt.seed, help="seed of the sampling and of --probe's shuffles "
-                   "(default: a fresh one; 0 for --probe)")
-    m = p.add_argument_group("measure it (instead of generating)")
-    m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark by log-likelihood "
-                   "(default: none)")
-    m.add_argument("--benchmark-file", metavar="PATH", help="hellaswag_val.jsonl, or MMLU's data.tar or its folder "
-                   "(default: download once)")
-    m.add_argument("--shots", metavar="K", type=gpt.non_negative_int, default=0, help="MMLU: solved examples from the "
-                   "dev split before each question")
-    m.add_argument("--limit", metavar="N", type=gpt.positive_int, help="score the first N items (of each MMLU "
-                   "subject, as the harness) (default: all)")
-    m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 "
-                   "text file (default: none)")
-    m.add_argument("--stride", metavar="N", type=gpt.positive_int, help="tokens between perplexity windows "
-                   "(default: half the context length)")
-    m.add_argument("--contamination", metavar="CORPUS", help="find the items that share an n-gram with a training "
-                   "corpus: a text file, a folder of .txt, instruction .json or label,text .csv (default: none)")
-    m.add_argument("--ngram", metavar="N", type=gpt.positive_int, default=13, help="words per n-gram of "
-                   "--contamination")
-    m.add_argument("--probe", action="store_true", help="score again with MMLU options shuffled or HellaSwag "
-                   "context sentences reversed, and report the change")
-    m.add_argument("--batch-size", metavar="N", type=gpt.positive_int, default=8, help="sequences per forward pass")
-    m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file (default: print only)")
-    e = p.add_argument_group("download or export it (instead of generating)")
-    e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
-    e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype "
-                   "(default: none)")
-    e.add_argument("--overwrite", action="store_true", help="let --export-hf replace an earlier export")
-    args = p.parse_args(argv)
-    given = gpt.given_flags(p, argv)
-    for flag, needed in NEEDS.items():
-        if flag in given and not getattr(args, needed):
-            p.error(f"{gpt.flag_name(flag)} needs {gpt.flag_name(needed)}")
-    measuring = args.benchmark or args.perplexity
-    if sum(map(bool, (args.download_only, args.export_hf, measuring))) > 1:
-        p.error("--download-only, --export-hf and measuring (--benchmark, --perplexity) are separate runs")
-    if args.results and not measuring:
-        p.error("--results needs --benchmark or --perplexity")
-    sampling = [flag for flag in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
-    if sampling and (measuring or args.download_only or args.export_hf):
-        p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring, downloading or exporting")
-    sampling_options = [flag for flag in ("top_k", "top_p", "seed") if flag in given]
-    if sampling_options and not args.temperature and not measuring:
-        p.error(f"{gpt.flag_name(sampling_options[0])} is for sampling: give --temperature above 0 as well")
-    if "batch_size" in given and not measuring:
-        p.error("--batch-size is for measuring (--benchmark, --perplexity)")
-    if args.shots and args.benchmark != "mmlu":
-        p.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
-    if not args.prompt:
-        p.error("--prompt is empty: give at least one character of text to continue")
-    if args.download_only and Path(args.model).exists():
-        p.error(f"--download-only needs a model name ({', '.join(gpt.MODEL_CONFIGS)}, ...), "
-                f"got the path {args.model!r}")
-    return args
-
-
 # The benchmarks' original files, downloaded once; their item counts tell a complete download.
 HELLASWAG_URLS = ["https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"]
 HELLASWAG_ITEMS = 10_042
@@ -464,10 +226,10 @@ MMLU_FILE = re.compile(r"(?:^|/)(dev|test)/(\w+)_\1\.csv$")
 
 
 def load_benchmark(args):
-    """The items of --benchmark: from --benchmark-file, else downloaded once from the
-    original source and counted; the first --limit of them (of each MMLU subject)."""
-    path = args.benchmark_file
+    """The items of --benchmark (--benchmark-file, or downloaded once and counted), the first
+    --limit of them (of each MMLU subject)."""
     hellaswag = args.benchmark == "hellaswag"
+    path = args.benchmark_file
     if path is None and hellaswag:
         path = gpt.fetch_dataset(HELLASWAG_URLS, "hellaswag_val.jsonl", flag="--benchmark-file", kind="text")
     elif path is None:
@@ -481,27 +243,24 @@ def load_benchmark(args):
 
 
 def read_hellaswag(path):
-    """HellaSwag JSON Lines (one item a line: activity_label, ctx_a, ctx_b, four endings,
-    label) -> list of item dicts. Raises ValueError naming the line of a malformed item."""
+    """HellaSwag JSON Lines (activity_label, ctx_a, ctx_b, endings, label) -> list of item dicts.
+    Raises ValueError naming the line of a malformed item."""
     text = gpt.decode_utf8(gpt.existing_file(path, "--benchmark-file").read_bytes(), f"--benchmark-file {path}")
     items = []
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        item = gpt.parse_json(line, f"{path} line {number}")  # names the line, also when nested too deeply
-        problem = hellaswag_item_problem(item)
-        if problem:
-            raise ValueError(f"{path} line {number}: {problem}; each line must be one HellaSwag item")
-        items.append(item)
+        if line.strip():
+            item = gpt.parse_json(line, f"{path} line {number}")  # names the line, also when nested too deeply
+            if problem := hellaswag_item_problem(item):
+                raise ValueError(f"{path} line {number}: {problem}; each line must be one HellaSwag item")
+            items.append(item)
     if not items:
         raise ValueError(f"{path}: no HellaSwag items in the file")
     return items
 
 
 def hellaswag_item_problem(item):
-    """What is wrong with one parsed HellaSwag line, in a few words naming the field, or None. Checked
-    field by field, so that no other value is silently read as one: a string of endings would be
-    scored as one-letter endings, and a label 1.7 as 1."""
+    """What is wrong with one parsed HellaSwag line, naming the field, or None. Field by field, so
+    that nothing is silently misread: endings "abcd" as four endings, a label 1.7 as 1."""
     if not isinstance(item, dict):
         return f"expected a JSON object, got {type(item).__name__}"
     for field in ("activity_label", "ctx_a", "ctx_b"):
@@ -510,19 +269,17 @@ def hellaswag_item_problem(item):
     endings = item.get("endings")
     if not isinstance(endings, list) or not endings or not all(isinstance(e, str) for e in endings):
         return "bad or missing field 'endings': must be a non-empty list of strings"
-    label = item.get("label")
-    if isinstance(label, str) and label.isdecimal() and label.isascii():
-        label = int(label)  # Hugging Face's copy of the data writes the label as a string: "2"
-    if type(label) is not int or not 0 <= label < len(endings):  # type(): not True, not 1.7
+    label = item.get("label")  # an integer, or a digit string as in Hugging Face's copy: "2" (not True, not 1.7)
+    if type(label) not in (int, str) or str(label) not in map(str, range(len(endings))):
         return f"bad or missing field 'label': must be an integer from 0 to {len(endings) - 1}, got {label!r:.40}"
     return None
 
 
 def read_mmlu(path, shots=0):
-    """MMLU's data.tar, or a folder of its dev/ and test/ CSV files -> list of item dicts (subject,
-    question, options, answer, and as examples the subject's first `shots` dev items, as the
-    harness picks them), subjects in alphabetical order. Raises ValueError for a file that is
-    neither, a malformed row, or a subject with fewer than `shots` dev items."""
+    """MMLU's data.tar or its extracted folder -> list of item dicts (subject, question, options,
+    answer, and as examples the subject's first `shots` dev items, as the harness picks them),
+    subjects in alphabetical order. Raises ValueError for another file, a malformed row, or a
+    subject with fewer than `shots` dev items."""
     path = Path(path)
     files = {}  # (split, subject) -> CSV text
     if path.is_dir():
@@ -559,18 +316,90 @@ def read_mmlu_csv(text, source):
     return items
 
 
+# --- 3. Perplexity and bits per byte of a text, with a sliding window ---------------------
+
+
+def perplexity_requests(ids, context_length, stride, first_id=gpt.EOT_ID):
+    """Sliding windows over a text's ids (Hugging Face's perplexity guide) -> (token ids, n_scored)
+    requests for `sum_logprobs`. Windows start `stride` apart and read up to context_length
+    tokens, scoring only those no earlier window scored: each token after the first window
+    has at least context_length - stride tokens of context. first_id (`prefix_id`) goes first,
+    so that the first token is predicted too, as in the harness's rolling log-likelihood."""
+    if not 1 <= stride <= context_length:
+        raise ValueError(f"--stride {stride} must be from 1 to the model's context length ({context_length})")
+    sequence = [first_id] + list(ids)
+    requests, scored = [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context_length, len(ids))  # reads sequence[begin:end], predicts sequence[begin + 1 : end + 1]
+        requests.append((sequence[begin : end + 1], end - scored))
+        scored = end
+        if end == len(ids):
+            break
+    return requests
+
+
+def perplexity(model, text, stride, batch_size=8, tokenizer=None):
+    """Perplexity (e to the mean negative log-likelihood per token) and bits per byte (the total
+    in bits over the UTF-8 bytes: comparable across tokenizers) -> dict. tokenizer: the model's;
+    None: GPT-2's. Raises ValueError for an empty text."""
+    if not text:
+        raise ValueError("the text to score is empty")
+    tokenizer = tokenizer or gpt.get_tokenizer()
+    ids = tokenizer.encode(text)
+    requests = perplexity_requests(ids, model.cfg.context_length, stride, prefix_id(tokenizer))
+    nll = -sum(sum_logprobs(model, requests, batch_size, label="perplexity"))
+    n_bytes = len(text.encode("utf-8"))
+    return dict(tokens=len(ids), bytes=n_bytes, windows=len(requests), stride=stride,
+                perplexity=math.exp(nll / len(ids)), bits_per_byte=nll / (n_bytes * math.log(2)))
+
+
+# --- 4. Contamination: test items that occur in a training corpus -------------------------
+
+
+def normalized_words(text):
+    """Lower-cased words with punctuation removed, as GPT-3's contamination study
+    (Brown et al., 2020, appendix C) and the harness's decontamination compare texts."""
+    return re.sub(r"[^\w\s]|_", "", text.lower()).split()
+
+
+def find_contamination(texts, documents, n=13):
+    """Indices of the texts that share an n-gram of `normalized_words` with a corpus -> sorted
+    list. documents: iterables of lines, read once as a stream (a corpus larger than memory
+    works; n-grams do not cross documents). A text under n words counts when it occurs whole."""
+    wanted = collections.defaultdict(lambda: collections.defaultdict(set))  # length -> words -> texts
+    for i, text in enumerate(texts):
+        words = normalized_words(text)
+        if not words:
+            continue  # nothing to look for
+        length = min(n, len(words))  # a text shorter than n is looked for whole
+        for start in range(len(words) - length + 1):
+            wanted[length][tuple(words[start : start + length])].add(i)
+    found, words_read = set(), 0
+    for document in documents:
+        window = collections.deque(maxlen=n)
+        for line in document:
+            for word in normalized_words(line):
+                window.append(word)
+                for length, grams in wanted.items():
+                    if len(window) >= length:
+                        found |= grams.get(tuple(window)[-length:], set())
+                words_read += 1
+                if words_read % 1_000_000 == 0:
+                    gpt.show_progress(f"contamination: {words_read / 1e6:.0f}M words of the corpus read")
+    gpt.end_progress()
+    return sorted(found)
+
+
 def corpus_documents(path):
-    """The training corpus of --contamination as documents for `find_contamination`, each an
-    iterable of text lines: a folder (each .txt file below it), instruction data .json (each
-    entry's strings), a .csv with a `text` column (each row, as the classifier's splits), or
-    any other UTF-8 text file (one document)."""
+    """The corpus of --contamination as documents for `find_contamination`: each .txt file of a
+    folder, each entry of instruction data .json, each row of a .csv with a `text` column (the
+    classifier's splits), or one UTF-8 text file."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise ValueError(f"--contamination {path}: no .txt files in the folder")
-        for file in files:
-            yield read_lines(file)
+        yield from map(read_lines, files)
     elif path.suffix == ".json":
         entries = gpt.read_json(path, "--contamination")
         if not isinstance(entries, list):
@@ -589,7 +418,7 @@ def corpus_documents(path):
 
 def read_lines(path):
     """The lines of a UTF-8 text file of --contamination, one at a time. Raises FileNotFoundError,
-    or ValueError at the first byte that is not UTF-8, naming the file."""
+    or ValueError naming the file at the first byte that is not UTF-8."""
     try:
         with open(gpt.existing_file(path, "--contamination"), encoding="utf-8") as f:
             yield from f
@@ -597,12 +426,164 @@ def read_lines(path):
         raise ValueError(f"--contamination {path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
 
 
-def read_text(path):
-    """The text of --perplexity FILE. Raises ValueError for an empty file."""
-    text = gpt.decode_utf8(gpt.existing_file(path, "--perplexity").read_bytes(), f"--perplexity {path}")
-    if not text:
-        raise ValueError(f"--perplexity {path}: the file is empty: give a text to score")
-    return text
+# --- 5. Memorisation probes: the same items, changed where recall would notice ------------
+
+
+def shuffle_options(item, order):
+    """An MMLU item with its options in another order: order[k] is the option now shown
+    at letter k. The letters stay in place and move to other texts; the gold follows its text."""
+    return dict(item, options=[item["options"][k] for k in order], answer=order.index(item["answer"]))
+
+
+def reorder_sentences(item, order=None):
+    """A HellaSwag item with the sentences of its context (ctx_a, cut after . ! or ?) in
+    another order: order[k] is the sentence now at place k (default: reversed). ctx_b,
+    the start of the sentence the endings finish, stays last."""
+    sentences = re.split(r"(?<=[.!?])\s+", item["ctx_a"].strip())
+    order = list(reversed(range(len(sentences)))) if order is None else order
+    return dict(item, ctx_a=" ".join(sentences[k] for k in order))
+
+
+def probe_memorisation(model, benchmark, items, scored, seed=0, batch_size=8, tokenizer=None):
+    """Score the items again, changed where recall would notice (MMLU: options in a seeded random
+    order; HellaSwag: the context's sentences reversed) -> dict: acc before and after, the change,
+    items right to wrong and wrong to right. scored: `score_multiple_choice` of the items."""
+    if benchmark == "hellaswag":
+        perturbation, to_request = "context sentences reversed", hellaswag_request
+        changed_items = [reorder_sentences(item) for item in items]
+    else:
+        perturbation, to_request = "options shuffled, letters stay", mmlu_request
+        rng = random.Random(seed)
+        changed_items = [shuffle_options(item, rng.sample(range(4), 4)) for item in items]  # the 4 options reordered
+    requests = [to_request(item) for item in changed_items]
+    changed = sum(to_request(item)["context"] != request["context"] for item, request in zip(items, requests))
+    probe_scored = score_multiple_choice(model, requests, batch_size, tokenizer)
+    before = sum(s["acc"] for s in scored) / len(items)
+    after = sum(s["acc"] for s in probe_scored) / len(items)
+    flipped = collections.Counter((s["acc"], p["acc"]) for s, p in zip(scored, probe_scored))
+    return dict(perturbation=perturbation, items=len(items), items_changed=changed, acc=before, acc_probe=after,
+                change=after - before, right_to_wrong=flipped[1, 0], wrong_to_right=flipped[0, 1])
+
+
+# ----------------------------------------------------------------------------------------
+# Try it: generation
+# ----------------------------------------------------------------------------------------
+
+
+def stream_continuation(model, prompt_ids, args, tokenizer):
+    """Continue prompt_ids [1, n] with the sampling flags of args, printing each token's text as
+    it comes, until the tokenizer's end-of-text token (not printed) or --max-new-tokens."""
+    new_ids, printed = [], ""
+
+    def print_token(token):
+        nonlocal printed
+        if token.item() == tokenizer.eot_id:
+            return
+        new_ids.append(token.item())
+        text = gpt.token_ids_to_text(new_ids, tokenizer)
+        if not text.endswith("\ufffd"):  # a token can end inside a character: wait for the rest
+            print(text[len(printed) :], end="", flush=True)
+            printed = text
+
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot_id=tokenizer.eot_id)
+    gpt.generate(model, prompt_ids, args.max_new_tokens, seed=args.seed, on_token=print_token, **options)
+    print(gpt.token_ids_to_text(new_ids, tokenizer)[len(printed) :])
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: flags, inputs, printing, main
+# ----------------------------------------------------------------------------------------
+
+MEASURING = ("benchmark", "perplexity")
+# Flags that mean something only with another: given alone they would be ignored.
+NEEDS = {"benchmark_file": ("benchmark",), "shots": ("benchmark",), "limit": ("benchmark",),
+         "contamination": ("benchmark",), "probe": ("benchmark",), "ngram": ("contamination",),
+         "stride": ("perplexity",), "overwrite": ("export_hf",), "results": MEASURING, "batch_size": MEASURING}
+
+
+def parse_args(argv=None):
+    """The settings of the run -> argparse.Namespace. Flags that contradict each other, or that
+    would be ignored, exit with one line (exit status 2)."""
+    p = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gpt2", help=f"{', '.join(gpt.MODEL_CONFIGS)}, a Llama-family Hub name, "
+                   "a .safetensors file, a model folder or a checkpoint (.pt)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of weights and computation")
+    p.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
+                   help="folder for downloaded weights and data ($GPT_CACHE_DIR)")
+    g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
+    g.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    g.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=50, help="tokens to generate")
+    g.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; higher: more random")
+    g.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens only (default: all)")
+    g.add_argument("--top-p", type=gpt.probability, help="sample from the fewest tokens that reach probability p "
+                   "(default: all)")
+    g.add_argument("--seed", type=gpt.seed, help="seed of the sampling and of --probe (default: fresh; --probe: 0)")
+    m = p.add_argument_group("measure it (instead of generating)")
+    m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark by log-likelihood "
+                   "(default: none)")
+    m.add_argument("--benchmark-file", help="hellaswag_val.jsonl, or MMLU's data.tar or its folder (default: download)")
+    m.add_argument("--shots", type=gpt.non_negative_int, default=0, help="MMLU: solved examples before each question")
+    m.add_argument("--limit", metavar="N", type=gpt.positive_int, help="score the first N items (of each MMLU "
+                   "subject) (default: all)")
+    m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 text file "
+                   "(default: none)")
+    m.add_argument("--stride", type=gpt.positive_int, help="tokens between perplexity windows (default: half the "
+                   "context length)")
+    m.add_argument("--contamination", metavar="CORPUS", help="find the items that share an n-gram with a training "
+                   "corpus: a text file, a folder of .txt, instruction .json or label,text .csv (default: none)")
+    m.add_argument("--ngram", type=gpt.positive_int, default=13, help="words per n-gram of --contamination")
+    m.add_argument("--probe", action="store_true", help="score again with MMLU options shuffled or HellaSwag "
+                   "context sentences reversed, and report the change")
+    m.add_argument("--batch-size", type=gpt.positive_int, default=8, help="sequences per forward pass")
+    m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file (default: print only)")
+    e = p.add_argument_group("download or export it (instead of generating)")
+    e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
+    e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype "
+                   "(default: none)")
+    e.add_argument("--overwrite", action="store_true", help="let --export-hf replace an earlier export")
+    args = p.parse_args(argv)
+    check_flags(p, args, gpt.given_flags(p, argv))
+    return args
+
+
+def check_flags(p, args, given):
+    """Exit through parser p with one line for flags that contradict each other or would be ignored."""
+    for flag, needed in NEEDS.items():
+        if flag in given and not any(getattr(args, name) for name in needed):
+            p.error(f"{gpt.flag_name(flag)} needs {' or '.join(map(gpt.flag_name, needed))}")
+    measuring = args.benchmark or args.perplexity
+    if sum(map(bool, (args.download_only, args.export_hf, measuring))) > 1:
+        p.error("--download-only, --export-hf and measuring (--benchmark, --perplexity) are separate runs")
+    sampling = [flag for flag in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
+    if sampling and (measuring or args.download_only or args.export_hf):
+        p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring, downloading or exporting")
+    sampling_options = [flag for flag in ("top_k", "top_p", "seed") if flag in given]
+    if sampling_options and not args.temperature and not measuring:
+        p.error(f"{gpt.flag_name(sampling_options[0])} is for sampling: give --temperature above 0 as well")
+    if args.shots and args.benchmark != "mmlu":
+        p.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
+    if not args.prompt:
+        p.error("--prompt is empty: give at least one character of text to continue")
+    if args.download_only and Path(args.model).exists():
+        names = ", ".join(gpt.MODEL_CONFIGS)
+        p.error(f"--download-only needs a model name ({names}, ...), not the path {args.model!r}")
+
+
+def read_inputs(args):
+    """Read every input of the run before the download and the load (cheap, and fails fast) ->
+    (benchmark items or None, --perplexity text or None)."""
+    if args.results and Path(args.results).is_dir():
+        raise ValueError(f"--results {args.results} is a folder: give the path of a JSON file")
+    if args.contamination and not Path(args.contamination).exists():
+        raise FileNotFoundError(f"--contamination {args.contamination}: no such file or folder")
+    text = None
+    if args.perplexity:
+        raw = gpt.existing_file(args.perplexity, "--perplexity").read_bytes()
+        text = gpt.decode_utf8(raw, f"--perplexity {args.perplexity}")
+        if not text:
+            raise ValueError(f"--perplexity {args.perplexity}: the file is empty: give a text to score")
+    return (load_benchmark(args) if args.benchmark else None), text
 
 
 def download_model(name):
@@ -627,8 +608,7 @@ def print_scores(name, summary):
 
 def run_benchmark(args, model, items, tokenizer):
     """Score --benchmark, check --contamination and run --probe, printing each -> results dict."""
-    to_request = hellaswag_request if args.benchmark == "hellaswag" else mmlu_request
-    requests = [to_request(item) for item in items]
+    requests = [(hellaswag_request if args.benchmark == "hellaswag" else mmlu_request)(item) for item in items]
     if args.contamination:  # before the long scoring, so that a bad corpus fails fast
         texts = [request["text"] for request in requests]
         contaminated = find_contamination(texts, corpus_documents(args.contamination), args.ngram)
@@ -667,13 +647,7 @@ def main(argv=None):
         folder = gpt.export_hf(args.model, args.export_hf, dtype=gpt.DTYPES[args.dtype], overwrite=args.overwrite)
         print(f"exported {args.model} ({args.dtype}) to {folder}, a folder that transformers reads")
         return
-    # Read every input before the download and the load: cheap, and fails fast.
-    if args.results and Path(args.results).is_dir():
-        raise ValueError(f"--results {args.results} is a folder: give the path of a JSON file")
-    if args.contamination and not Path(args.contamination).exists():
-        raise FileNotFoundError(f"--contamination {args.contamination}: no such file or folder")
-    items = load_benchmark(args) if args.benchmark else None
-    text = read_text(args.perplexity) if args.perplexity else None
+    items, text = read_inputs(args)
     if args.download_only:  # download it
         print(f"{args.model} is in {download_model(args.model)}")
         return
@@ -689,7 +663,7 @@ def main(argv=None):
     if items is None and text is None:  # try it
         print(args.prompt, end="", flush=True)
         prompt_ids = gpt.text_to_token_ids(args.prompt, device=device, tokenizer=tokenizer)
-        stream_continuation(model, prompt_ids, args, tokenizer, tokenizer.eot_id)
+        stream_continuation(model, prompt_ids, args, tokenizer)
         return
     results = dict(model=args.model, settings=vars(args))  # measure it
     if text is not None:

@@ -2471,7 +2471,7 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
         (["--benchmark", "mmlu", "--temperature", "0.7"], "--temperature is for generating text, not for measuring"),
         (["--top-k", "5"], "--top-k is for sampling: give --temperature above 0 as well"),  # greedy would ignore it
         (["--seed", "1"], "--seed is for sampling: give --temperature above 0 as well"),
-        (["--batch-size", "4"], "--batch-size is for measuring (--benchmark, --perplexity)"),
+        (["--batch-size", "4"], "--batch-size needs --benchmark or --perplexity"),
         (["--perplexity", "t.txt", "--export-hf", "out"], "--download-only, --export-hf and measuring (--benchmark, "
          "--perplexity) are separate runs"),
     ]:
