@@ -11,6 +11,7 @@ head train, and the epoch with the best validation accuracy is kept.
     python finetune_classify.py --classify "You won a prize! Call now" "See you at 6?"
     python finetune_classify.py --classify-file messages.txt --results predictions.csv --threshold 0.8
     python finetune_classify.py --evaluate runs/classify/test.csv --results evaluation.json
+    python finetune_classify.py --checkpoint runs/classify --export-hf out/classifier
 
 Data: the SMS Spam Collection (UCI Machine Learning Repository, data set 228; Almeida and Gomez Hidalgo, 2011),
 balanced to as many ham as spam messages, shuffled and split 70/10/20.
@@ -56,11 +57,12 @@ LABELS = {"ham": 0, "spam": 1}  # the data set's labels -> class index
 CLASS_NAMES = ["not spam", "spam"]  # what --classify prints for class 0 and 1
 SPLIT_FRACTIONS = (0.7, 0.1)  # train, validation; the test set gets the rest (0.2)
 TRAINABLE_CHOICES = ("last-block", "all", "head")  # --trainable; --lora trains adapters instead
-CACHE_BATCH_TOKENS = 4096  # tokens per batch when filling the activation cache: big matrices run faster
-MAX_WARNINGS = 5  # bad data lines reported one by one; the rest are counted
+CACHE_BATCH = 32  # messages per batch when filling the activation cache: big matrices run faster
+MAX_WARNINGS = 5  # bad data lines named in a warning or error; the rest are counted
+HISTORY = ("epoch", "step", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy")  # per epoch
 
 
-# --- Data: download, parse, balance, split, tokenize ----------------------------------
+# --- Data: download, read, balance, split, tokenize -------------------------------------
 
 
 def sms_collection_path(data=None, urls=DATA_URLS):
@@ -73,10 +75,10 @@ def sms_collection_path(data=None, urls=DATA_URLS):
 
 
 def read_sms_bytes(path):
-    """Raw bytes of the collection: the file itself, or its `SMSSpamCollection` member when path is a zip file (as UCI
-    distributes it). Raises ValueError naming the file for a damaged zip file or one without that member."""
+    """Raw bytes of a file, or of its `SMSSpamCollection` member when path is a zip file (as UCI distributes the
+    collection). Raises ValueError naming the file for a damaged zip file or one without that member."""
     raw = Path(path).read_bytes()
-    if not raw.startswith(b"PK"):  # the zip signature; the data file starts with a label
+    if not raw.startswith(b"PK"):  # the zip signature; a data file starts with a label
         return raw
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as archive:
@@ -89,63 +91,52 @@ def read_sms_bytes(path):
                          "downloaded zip is fetched again once deleted)") from None
 
 
-def parse_sms_collection(raw, source="data", strict=False):
-    """Bytes of the collection (per line: label, tab, text) -> list of (label, text), label "ham" or "spam". A
-    byte-order mark and Windows line endings are accepted, invalid UTF-8 becomes U+FFFD, blank lines are ignored. A
-    line without a tab, with another label or an empty text is skipped with a warning naming it; with `strict` it is
-    a ValueError."""
+def parse_labelled(raw, source="data", strict=False):
+    """Bytes of labelled messages -> list of (label, text), label "ham" or "spam". Two formats, by `source`'s name:
+    a .csv file has a header with label and text columns (as a run writes its splits; the label "not spam", as
+    --classify writes it, is ham), any other file the collection's lines `label TAB text`. A byte-order mark and
+    Windows line endings are accepted, invalid UTF-8 becomes U+FFFD, blank lines are ignored. A line without a tab,
+    with another label or an empty text is skipped with a warning naming it; with `strict` it is a ValueError, as are
+    a CSV header without those columns and no messages at all."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         print(f"warning: {source}: invalid UTF-8 (first at byte {e.start}) replaced by U+FFFD")
         text = raw.decode("utf-8-sig", errors="replace")
+    rows = []  # (line number, label, text or None for a line without a tab)
+    if str(source).lower().endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = [column for column in ("label", "text") if column not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{source}: no {' and no '.join(missing)} column (header: {reader.fieldnames}): "
+                             "a CSV file needs a header with label and text columns")
+        rows = [(reader.line_num, row["label"] or "", row["text"] or "") for row in reader]
+    else:  # split("\n"), not splitlines(): messages may contain other Unicode line separators
+        for number, line in enumerate(text.split("\n"), start=1):
+            label, tab, message = line.partition("\t")
+            if line.strip():
+                rows.append((number, label, message if tab else None))
     messages, bad = [], []
-    # split("\n"), not splitlines(): messages may contain other Unicode line separators.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        label, tab, message = line.partition("\t")
-        label, message = label.strip().lower(), message.strip()  # strip(): also the "\r" of Windows line endings
-        if not tab:
+    for number, label, message in rows:
+        label = label.strip().lower()  # strip(): also the "\r" of Windows line endings
+        label = "ham" if label == CLASS_NAMES[0] else label
+        if message is None:
             bad.append(f"line {number}: no tab between label and message")
         elif label not in LABELS:
             bad.append(f"line {number}: unknown label {label[:20]!r} (expected ham or spam)")
-        elif not message:
+        elif not message.strip():
             bad.append(f"line {number}: empty message")
         else:
-            messages.append((label, message))
+            messages.append((label, message.strip()))
+    named = "; ".join(bad[:MAX_WARNINGS]) + ("; ..." if len(bad) > MAX_WARNINGS else "")
+    summary = f"{source}: {len(bad)} bad line(s): {named}"
     if bad and strict:
-        raise ValueError(f"{source}: {len(bad)} bad line(s): " + "; ".join(bad[:MAX_WARNINGS]))
-    for problem in bad[:MAX_WARNINGS]:
-        print(f"warning: {source} {problem}; skipped (--strict-data makes this an error)")
-    if len(bad) > MAX_WARNINGS:
-        print(f"warning: {source}: {len(bad) - MAX_WARNINGS} more bad lines skipped")
-    return messages
-
-
-def read_labelled_file(path):
-    """Labelled messages for --evaluate -> list of (label, text): a .csv file with `text` and `label` columns (as a
-    run's split CSVs), else the collection's format, read strictly. Raises ValueError naming file and line for a
-    missing column, an unknown label or an empty text, and for no messages: metrics on fewer would mislead."""
-    raw = read_sms_bytes(path)
-    if Path(path).suffix.lower() != ".csv":
-        messages = parse_sms_collection(raw, source=str(path), strict=True)
-    else:
-        rows = csv.DictReader(io.StringIO(gpt.decode_utf8(raw, str(path)), newline=""))
-        missing = [column for column in ("text", "label") if column not in (rows.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: no {' and no '.join(missing)} column (header: {rows.fieldnames}): "
-                             "a CSV file needs a header with text and label columns")
-        messages = []
-        for row in rows:
-            label, text = (row["label"] or "").strip().lower(), (row["text"] or "").strip()
-            label = {"not spam": "ham"}.get(label, label)  # the class names --classify writes
-            if label not in LABELS or not text:
-                problem = f"unknown label {label[:20]!r} (expected ham, spam or not spam)" if text else "empty text"
-                raise ValueError(f"{path} line {rows.line_num}: {problem}")
-            messages.append((label, text))
+        raise ValueError(summary)
+    if bad:
+        print(f"warning: {summary}: skipped (--strict-data makes them an error)")
     if not messages:
-        raise ValueError(f"{path}: no labelled messages")
+        raise ValueError(f"{source}: no labelled messages: give 'ham|spam<TAB>message' lines (the SMS Spam "
+                         "Collection) or a .csv file with label and text columns")
     return messages
 
 
@@ -210,9 +201,6 @@ def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
     return model
 
 
-# --- Forward pass: class logits at each message's last real token ---------------------
-
-
 def full_pass_logits(model, token_ids, pad_id=gpt.EOT_ID):
     """Class logits of a batch through the whole model: float [batch, num_classes]. token_ids: list of LongTensor
     [n_tokens_i], right-padded with `pad_id` (the tokenizer's end-of-text id: GPT-2's 50256; the Llama family define
@@ -223,8 +211,8 @@ def full_pass_logits(model, token_ids, pad_id=gpt.EOT_ID):
 
 
 def autocast_logits(logits_fn, device, dtype_name):
-    """logits_fn in mixed precision (--dtype): its forward pass under `gpt.autocast_context` in dtype_name (weights
-    stay float32, matrix products run in that type; "float32": no autocast) -> float32 logits."""
+    """logits_fn in --dtype: its forward pass under torch.autocast in dtype_name (weights stay float32, matrix
+    products run in that type; "float32": no autocast) -> float32 logits."""
     autocast, _ = gpt.autocast_context(device, dtype_name)
 
     def logits(inputs):
@@ -232,125 +220,6 @@ def autocast_logits(logits_fn, device, dtype_name):
             return logits_fn(inputs).float()
 
     return logits
-
-
-# --- Training and evaluation ----------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(model, logits_fn, inputs, labels, batch_size, threshold=0.5):
-    """Mean cross-entropy loss, accuracy and predictions (LongTensor [n], in input order: spam where its probability
-    reaches `threshold`). Batches hold messages of similar length (sorted): little compute goes to padding."""
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-    predictions = torch.empty(len(inputs), dtype=torch.long, device=labels.device)
-    total_loss = 0.0
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        logits = logits_fn([inputs[i] for i in batch]).float()
-        total_loss += F.cross_entropy(logits, labels[batch], reduction="sum").item()
-        predictions[batch] = (logits.softmax(dim=-1)[:, 1] >= threshold).long()
-    model.train(was_training)
-    return total_loss / len(inputs), (predictions == labels).sum().item() / len(inputs), predictions
-
-
-def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps=None, batch_size=8, lr=5e-5,
-                     weight_decay=0.1, seed=123, log_every=25, eval_every=50, eval_batches=5, scale_loss=False,
-                     keep_last=False):
-    """Fine-tune the trainable parameters with AdamW on cross-entropy -> history (per epoch; `step_loss` per step).
-
-    train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch shuffles the training split
-    (seeded) and drops the last incomplete batch, as the book does; `max_steps` stops earlier. Every `eval_every`
-    steps: estimates on `eval_batches` batches per split; after each epoch and at the last step: both full splits
-    (epoch: a fraction when stopped within one). The weights of the best epoch on validation (accuracy; ties: lower
-    loss, then earlier) are put back at the end unless `keep_last`: history["kept_epoch"].
-    """
-    train_inputs, train_labels = train
-    optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler(train_labels.device.type, enabled=scale_loss)  # a pass-through when disabled
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = len(train_inputs) // batch_size
-    total_steps = min(steps_per_epoch * epochs, max_steps or math.inf)
-    epochs = math.ceil(total_steps / steps_per_epoch)  # fewer when max_steps stops earlier
-    names = ("epoch", "step", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy")
-    history = {name: [] for name in (*names, "step_loss")}
-    n = eval_batches * batch_size  # the estimates run on the first eval_batches batches of each split
-    estimate_train, estimate_validation = (train_inputs[:n], train_labels[:n]), (validation[0][:n], validation[1][:n])
-    best_score, kept, kept_weights = None, None, None
-    step, started = 0, time.time()
-    window_seconds, window_examples = 0.0, 0  # throughput counts the training steps only
-    model.train()
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(train_inputs), generator=generator).tolist()
-        for b in range(min(steps_per_epoch, total_steps - step)):
-            step_started = time.perf_counter()
-            batch = order[b * batch_size : (b + 1) * batch_size]
-            logits = logits_fn([train_inputs[i] for i in batch])
-            loss = F.cross_entropy(logits, train_labels[batch])
-            loss_value = loss.item()  # the one read from the device per step
-            gpt.check_finite_loss(loss_value, step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            history["step_loss"].append(loss_value)
-            window_seconds += time.perf_counter() - step_started
-            window_examples += len(batch)
-            if step % log_every == 0 or step == total_steps:
-                print(f"epoch {epoch}/{epochs} step {step}/{total_steps} | loss {loss_value:.4f} | "
-                      f"{window_examples / window_seconds:.1f} examples/s | ETA {gpt.eta(started, step, total_steps)}",
-                      flush=True)
-                window_seconds, window_examples = 0.0, 0
-            if step % eval_every == 0:
-                train_loss, train_acc, _ = evaluate(model, logits_fn, *estimate_train, batch_size)
-                val_loss, val_acc, _ = evaluate(model, logits_fn, *estimate_validation, batch_size)
-                print(f"  step {step} estimate (first {eval_batches} batches per split): train loss {train_loss:.4f} "
-                      f"accuracy {100 * train_acc:.1f}% | validation loss {val_loss:.4f} accuracy {100 * val_acc:.1f}%")
-        train_loss, train_acc, _ = evaluate(model, logits_fn, *train, batch_size)
-        val_loss, val_acc, _ = evaluate(model, logits_fn, *validation, batch_size)
-        print(f"epoch {epoch}: train loss {train_loss:.4f} accuracy {100 * train_acc:.2f}% | "
-              f"validation loss {val_loss:.4f} accuracy {100 * val_acc:.2f}%", flush=True)
-        for name, value in zip(names, (step / steps_per_epoch, step, train_loss, train_acc, val_loss, val_acc)):
-            history[name].append(value)
-        # Model selection: keep a copy of the trainable weights of the best epoch so far (--keep-last: the last).
-        if keep_last or best_score is None or (val_acc, -val_loss) > best_score:
-            best_score, kept = (val_acc, -val_loss), epoch - 1
-            kept_weights = gpt.trainable_weights(model)
-    model.load_state_dict(kept_weights, strict=False)
-    history["kept_epoch"] = history["epoch"][kept]
-    print(f"kept:       epoch {history['kept_epoch']:.3g} of {history['epoch'][-1]:.3g} "
-          f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'}): train "
-          f"accuracy {100 * history['train_accuracy'][kept]:.2f}% | validation accuracy "
-          f"{100 * history['validation_accuracy'][kept]:.2f}%, loss {history['validation_loss'][kept]:.4f}")
-    return history
-
-
-def binary_classification_metrics(predictions, labels):
-    """Accuracy; precision, recall and F1 of spam (class 1; 0.0 where undefined); the confusion matrix [[true 0
-    predicted 0, true 0 predicted 1], [true 1 ..., ...]]. predictions, labels: LongTensor [n] of class indices 0/1."""
-    matrix = [[int(((labels == t) & (predictions == p)).sum()) for p in (0, 1)] for t in (0, 1)]
-    true_pos, predicted_pos, actual_pos = matrix[1][1], matrix[0][1] + matrix[1][1], sum(matrix[1])
-    precision = true_pos / predicted_pos if predicted_pos else 0.0
-    recall = true_pos / actual_pos if actual_pos else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    accuracy = (matrix[0][0] + matrix[1][1]) / len(labels)
-    return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1, "confusion_matrix": matrix}
-
-
-def labelled_metrics(model, logits_fn, inputs, labels, batch_size, threshold, what):
-    """Messages, loss and `binary_classification_metrics` of labelled messages -> dict, printed as `what`: what a
-    training run reports on its test split and --evaluate on a file, one computation."""
-    loss, _, predictions = evaluate(model, logits_fn, inputs, labels, batch_size, threshold)
-    metrics = {"messages": len(inputs), "loss": loss, **binary_classification_metrics(predictions.cpu(), labels.cpu())}
-    print(f"{what} ({metrics['messages']} messages, spam at probability >= {threshold}): accuracy "
-          f"{100 * metrics['accuracy']:.2f}% | spam precision {metrics['precision']:.4f} | recall "
-          f"{metrics['recall']:.4f} | F1 {metrics['f1']:.4f}")
-    print("confusion matrix (rows: true label, columns: predicted label):")
-    for name, row in zip(["", *CLASS_NAMES], [CLASS_NAMES, *metrics["confusion_matrix"]]):  # a header, then the counts
-        print(f"  {name:>10} {row[0]:>10} {row[1]:>10}")
-    return metrics
 
 
 # --- Speed: the activation cache (the same logits; frozen blocks run once per message) --
@@ -361,17 +230,11 @@ def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, pr
     """Hidden states after the embeddings and the first `n_frozen` blocks, per message: list of LongTensor
     [n_tokens_i] -> list of float [n_tokens_i, emb_dim]; valid while those blocks are frozen and dropout is 0.
     Identical messages (the collection repeats some) are computed once and share one tensor. Batches hold messages
-    of similar length (sorted, at most CACHE_BATCH_TOKENS padded tokens)."""
+    of similar length (sorted)."""
     first_of = {}  # token sequence -> index of its first occurrence
     first_index = [first_of.setdefault(tuple(ids.tolist()), i) for i, ids in enumerate(token_ids)]  # per message
-    order = sorted(first_of.values(), key=lambda i: len(token_ids[i]))
-    batches, batch = [], []
-    for i in order:  # ascending lengths: the newest message is the batch's longest
-        if batch and (len(batch) + 1) * len(token_ids[i]) > CACHE_BATCH_TOKENS:
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    batches.append(batch)
+    order = sorted(first_of.values(), key=lambda i: len(token_ids[i]))  # similar lengths batch together
+    batches = [order[start : start + CACHE_BATCH] for start in range(0, len(order), CACHE_BATCH)]
     activations = {}  # index of a first occurrence -> its hidden states
     total_tokens = sum(len(token_ids[i]) for i in order)
     done_tokens, started = 0, time.time()
@@ -426,45 +289,284 @@ def cached_logits(model, activations, n_frozen):
     return model.lm_head(model.ln_f(x[torch.arange(len(activations), device=x.device), last]))
 
 
-# --- The saved classifier, classifying new texts --------------------------------------
+# --- Training ---------------------------------------------------------------------------
 
 
-def save_classifier(path, model, tokenizer, **extra):
-    """Save the classifier whole, atomically: config, ALL weights (the body with the 2-class head, LoRA adapters
-    merged), its class names and tokenizer, and `extra` entries (max_length, settings, metrics)."""
-    gpt.merge_lora(model)  # plain parameter names, no LoRA wrapper needed to load
-    gpt.save_checkpoint(path, model, tokenizer, **extra)
+def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps=None, batch_size=8, lr=5e-5,
+                     weight_decay=0.1, seed=123, log_every=25, eval_every=50, eval_batches=5, keep_last=False):
+    """Fine-tune the trainable parameters with AdamW on cross-entropy -> history (HISTORY per epoch, `step_loss` per
+    step, `kept_epoch`).
+
+    train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch shuffles the training split
+    (seeded) and drops the last incomplete batch, as the book does; `max_steps` stops earlier. Every `eval_every`
+    steps: estimates on `eval_batches` batches per split; after each epoch and at the last step: both full splits
+    (epoch: a fraction when stopped within one). The weights of the best epoch on validation (accuracy; ties: lower
+    loss, then earlier) are put back at the end unless `keep_last`.
+    """
+    train_inputs, train_labels = train
+    optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = len(train_inputs) // batch_size
+    total_steps = min(steps_per_epoch * epochs, max_steps or math.inf)
+    epochs = math.ceil(total_steps / steps_per_epoch)  # fewer when max_steps stops earlier
+    history = {name: [] for name in (*HISTORY, "step_loss")}
+    n = eval_batches * batch_size  # the estimates run on the first eval_batches batches of each split
+    estimate_splits = [(train_inputs[:n], train_labels[:n]), (validation[0][:n], validation[1][:n])]
+    best, kept_weights = None, None
+    step, started, window_seconds = 0, time.time(), 0.0  # throughput counts the training steps only
+    model.train()
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(train_inputs), generator=generator).tolist()
+        for b in range(min(steps_per_epoch, total_steps - step)):
+            step_started = time.perf_counter()
+            batch = order[b * batch_size : (b + 1) * batch_size]
+            loss = F.cross_entropy(logits_fn([train_inputs[i] for i in batch]), train_labels[batch])
+            loss_value = loss.item()  # the one read from the device per step
+            gpt.check_finite_loss(loss_value, step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            history["step_loss"].append(loss_value)
+            window_seconds += time.perf_counter() - step_started
+            if step % log_every == 0 or step == total_steps:
+                examples = ((step - 1) % log_every + 1) * batch_size  # since the last progress line
+                print(f"epoch {epoch}/{epochs} step {step}/{total_steps} | loss {loss_value:.4f} | "
+                      f"{examples / window_seconds:.1f} examples/s | ETA {gpt.eta(started, step, total_steps)}",
+                      flush=True)
+                window_seconds = 0.0
+            if step % eval_every == 0:
+                _, line = split_scores(model, logits_fn, estimate_splits, batch_size, digits=1)
+                print(f"  step {step} estimate (first {eval_batches} batches per split): {line}")
+        scores, line = split_scores(model, logits_fn, (train, validation), batch_size, digits=2)
+        print(f"epoch {epoch}: {line}", flush=True)
+        for name, value in zip(HISTORY, (step / steps_per_epoch, step, *scores)):
+            history[name].append(value)
+        # Model selection: keep a copy of the trainable weights of the best epoch so far (--keep-last: the last).
+        if keep_last or best is None or (scores[3], -scores[2]) > best:
+            best, kept_weights = (scores[3], -scores[2]), gpt.trainable_weights(model)
+            history["kept_epoch"] = history["epoch"][-1]
+    model.load_state_dict(kept_weights, strict=False)
+    print_kept_epoch(history, keep_last)
+    return history
+
+
+def split_scores(model, logits_fn, splits, batch_size, digits):
+    """`evaluate` on the training and validation splits -> ((train loss, train accuracy, validation loss,
+    validation accuracy), a line that shows them with `digits` decimals of the accuracies)."""
+    (train_loss, train_acc, _), (val_loss, val_acc, _) = [evaluate(model, logits_fn, *s, batch_size) for s in splits]
+    line = (f"train loss {train_loss:.4f} accuracy {100 * train_acc:.{digits}f}% | "
+            f"validation loss {val_loss:.4f} accuracy {100 * val_acc:.{digits}f}%")
+    return (train_loss, train_acc, val_loss, val_acc), line
+
+
+def print_kept_epoch(history, keep_last):
+    """Say which epoch's weights `train_classifier` kept, and its scores."""
+    kept = history["epoch"].index(history["kept_epoch"])
+    print(f"kept:       epoch {history['kept_epoch']:.3g} of {history['epoch'][-1]:.3g} "
+          f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'}): train "
+          f"accuracy {100 * history['train_accuracy'][kept]:.2f}% | validation accuracy "
+          f"{100 * history['validation_accuracy'][kept]:.2f}%, loss {history['validation_loss'][kept]:.4f}")
+
+
+# --- Evaluation -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, logits_fn, inputs, labels, batch_size, threshold=0.5):
+    """Mean cross-entropy loss, accuracy and predictions (LongTensor [n], in input order: spam where its probability
+    reaches `threshold`). Batches hold messages of similar length (sorted): little compute goes to padding."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    predictions = torch.empty(len(inputs), dtype=torch.long, device=labels.device)
+    total_loss = 0.0
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        logits = logits_fn([inputs[i] for i in batch]).float()
+        total_loss += F.cross_entropy(logits, labels[batch], reduction="sum").item()
+        predictions[batch] = (logits.softmax(dim=-1)[:, 1] >= threshold).long()
+    model.train(was_training)
+    return total_loss / len(inputs), (predictions == labels).sum().item() / len(inputs), predictions
+
+
+def binary_classification_metrics(predictions, labels):
+    """Accuracy; precision, recall and F1 of spam (class 1; 0.0 where undefined); the confusion matrix [[true 0
+    predicted 0, true 0 predicted 1], [true 1 ..., ...]]. predictions, labels: LongTensor [n] of class indices 0/1."""
+    matrix = [[int(((labels == t) & (predictions == p)).sum()) for p in (0, 1)] for t in (0, 1)]
+    true_pos, predicted_pos, actual_pos = matrix[1][1], matrix[0][1] + matrix[1][1], sum(matrix[1])
+    precision = true_pos / predicted_pos if predicted_pos else 0.0
+    recall = true_pos / actual_pos if actual_pos else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    accuracy = (matrix[0][0] + matrix[1][1]) / len(labels)
+    return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1, "confusion_matrix": matrix}
+
+
+def labelled_metrics(model, logits_fn, inputs, labels, batch_size, threshold, what):
+    """Messages, loss and `binary_classification_metrics` of labelled messages -> dict, printed as `what`: what a
+    training run reports on its test split and --evaluate on a file, one computation."""
+    loss, _, predictions = evaluate(model, logits_fn, inputs, labels, batch_size, threshold)
+    metrics = {"messages": len(inputs), "loss": loss, **binary_classification_metrics(predictions.cpu(), labels.cpu())}
+    print(f"{what} ({metrics['messages']} messages, spam at probability >= {threshold}): accuracy "
+          f"{100 * metrics['accuracy']:.2f}% | spam precision {metrics['precision']:.4f} | recall "
+          f"{metrics['recall']:.4f} | F1 {metrics['f1']:.4f}")
+    print("confusion matrix (rows: true label, columns: predicted label):")
+    for name, row in zip(["", *CLASS_NAMES], [CLASS_NAMES, *metrics["confusion_matrix"]]):  # a header, then the counts
+        print(f"  {name:>10} {row[0]:>10} {row[1]:>10}")
+    return metrics
+
+
+# --- The stage: a run from the data to the saved classifier and its test metrics --------
+
+RUN_FILES = ("run.json", "train.csv", "validation.csv", "test.csv", "metrics.json", "loss-accuracy.png")  # + checkpoint
+
+
+def build_classifier(args, device):
+    """Pretrained model with a 2-class head, dropout and trainable parameters set -> (model, its tokenizer); sets
+    args.max_length (default: the context length)."""
+    model, tokenizer = gpt.load(args.model, device=device)
+    args.max_length = gpt.length_within_context(args.max_length, model.cfg, "--max-length")
+    torch.manual_seed(args.seed)  # the head's (and LoRA's) initialisation, and dropout
+    add_classification_head(model)
+    gpt.set_drop_rate(model, args.drop_rate)
+    set_trainable(model, "lora" if args.lora else args.trainable, args.lora_rank, args.lora_alpha)
+    trains = "--lora" if args.lora else f"--trainable {args.trainable}"
+    print(f"model:      {gpt.model_summary(model, args.model)} ({trains}) on {device}")
+    # Weights, gradients and AdamW's moments must fit before the work starts (activations come on top).
+    needed = gpt.training_memory(model.cfg, trainable=gpt.count_parameters(model, trainable_only=True))
+    gpt.check_training_memory(needed, device, "train fewer parameters (--lora, or --trainable last-block or head)")
+    return model, tokenizer
+
+
+def prepare_data(args, out_dir, device, tokenizer):
+    """Read, balance, split (written as CSV) and tokenize the data -> (token ids, labels) per split: lists of
+    LongTensor [n_tokens] cut to --max-length, and LongTensor [n]."""
+    path = sms_collection_path(args.data)
+    messages = parse_labelled(read_sms_bytes(path), str(path), strict=args.strict_data)
+    n_spam = sum(label == "spam" for label, _ in messages)
+    print(f"data:       {path}: {len(messages)} messages ({len(messages) - n_spam} ham, {n_spam} spam)")
+    splits = random_split(create_balanced_dataset(messages, args.seed), args.seed, min_train=args.batch_size)
+    for name, split in zip(("train", "validation", "test"), splits):
+        write_csv(out_dir / f"{name}.csv", ("label", "text"), split)
+    train_texts = {text for _, text in splits[0]}
+    repeated = sum(text in train_texts for _, text in splits[2])  # the collection repeats some messages
+    print(f"splits:     {' / '.join(str(len(s)) for s in splits)} (train / validation / test, balanced, seed "
+          f"{args.seed}) in {out_dir}/{{train,validation,test}}.csv; {repeated} test messages occur in training")
+    token_ids = [tokenize_messages([text for _, text in split], tokenizer=tokenizer) for split in splits]
+    n_truncated = sum(len(t) > args.max_length for split in token_ids for t in split)
+    token_ids = [[t[: args.max_length].to(device) for t in split] for split in token_ids]
+    print(f"tokens:     longest message {max(len(t) for split in token_ids for t in split)} tokens after truncation "
+          f"to --max-length {args.max_length} ({n_truncated} messages truncated)")
+    return token_ids, [torch.tensor([LABELS[label] for label, _ in split], device=device) for split in splits]
+
+
+def choose_forward_pass(model, token_ids, args, pad_id):
+    """The inputs of each split and the function that turns a batch of them into logits: cached activations and the
+    trainable top where that is exact, else token ids and the full forward pass -> (inputs, logits_fn, use_cache)."""
+    # Frozen lower blocks without dropout give the same activations at every step: compute
+    # them once (n_frozen: the blocks below the trainable top).
+    n_layers = model.cfg.n_layers
+    n_frozen = None if args.lora else {"last-block": n_layers - 1, "head": n_layers}.get(args.trainable)
+    reasons = {"--no-activation-cache": args.no_activation_cache, f"--drop-rate {args.drop_rate}": args.drop_rate,
+               "the lower blocks train": n_frozen is None}
+    if any(reasons.values()):
+        print(f"activation cache: off ({next(r for r, on in reasons.items() if on)}): full forward pass at every step")
+        return token_ids, partial(full_pass_logits, model, pad_id=pad_id), False
+    print(f"activation cache: on (embeddings and {n_frozen} of {model.cfg.n_layers} blocks frozen, dropout 0)")
+    flat = compute_frozen_activations(model, [t for split in token_ids for t in split], n_frozen, pad_id)
+    inputs = [flat[: len(token_ids[0])], flat[len(token_ids[0]) :]]
+    return inputs, partial(cached_logits, model, n_frozen=n_frozen), True
+
+
+def train_and_evaluate(args, device):
+    """The whole job, in order: run folder, model, data, activation cache, training, test, saving."""
+    started = time.time()
+    if args.data is not None:
+        sms_collection_path(args.data)  # a missing --data file fails now, not after a model download
+    # Before any work: the folder is ours, holds no other run, and can be written. The
+    # checkpoint, named relative to it, is checked too (--checkpoint may put it elsewhere).
+    out_dir = gpt.claim_run_folder(args.out_dir, [os.path.relpath(args.checkpoint, args.out_dir), *RUN_FILES],
+                                   overwrite=args.overwrite, resumable=False)
+    # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
+    model, tokenizer = build_classifier(args, device)
+    gpt.print_settings(args)
+    token_ids, labels = prepare_data(args, out_dir, device, tokenizer)
+    gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # after the data: bad data leaves no run behind
+    cache_started = time.time()
+    inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids[:2], args, tokenizer.eot_id)
+    train_started = time.time()
+    # --dtype: mixed precision for what runs per step; weights, cache and loss stay float32.
+    history = train_classifier(model, autocast_logits(logits_fn, device, args.dtype), (inputs[0], labels[0]),
+                               (inputs[1], labels[1]), epochs=args.epochs, max_steps=args.max_steps,
+                               batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                               log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                               keep_last=args.keep_last)
+    seconds = {"activation_cache": train_started - cache_started, "training": time.time() - train_started}
+    del inputs, logits_fn  # the activation cache (held by both): the test split needs the full model only
+    # The test split through the full forward pass of the weights as saved (LoRA merged), as
+    # --evaluate runs the checkpoint: evaluating OUT_DIR/test.csv gives these numbers again.
+    gpt.merge_lora(model)
+    full_pass = autocast_logits(partial(full_pass_logits, model, pad_id=tokenizer.eot_id), device, args.dtype)
+    metrics = labelled_metrics(model, full_pass, token_ids[2], labels[2], args.batch_size, args.threshold, "test split")
+    report = dict(settings=vars(args), activation_cache=use_cache, history=history, test=metrics, seconds=seconds)
+    save_run(args, out_dir, model, tokenizer, report, started)
+
+
+def save_run(args, out_dir, model, tokenizer, report, started):
+    """Write the classifier (all weights, its tokenizer, --max-length, settings and test metrics), metrics.json and the
+    plot. A full disk must not lose the trained model: `gpt.save_with_fallback` writes to the temporary folder then."""
+    save = partial(gpt.save_checkpoint, model=model, tokenizer=tokenizer, max_length=args.max_length,
+                   settings=report["settings"], metrics=report["test"])
+    checkpoint = gpt.save_with_fallback(save, args.checkpoint)
+    print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB)")
+    print(f"try it:     python finetune_classify.py --checkpoint {checkpoint} --classify \"Win a prize now\"")
+    seconds = report["seconds"]
+    seconds["wall"] = time.time() - started
+    metrics_path = gpt.save_with_fallback(lambda path: gpt.write_json(path, report), out_dir / "metrics.json")
+    history = report["history"]
+    panels = {name: {split: (history["epoch"], history[f"{split}_{name}"]) for split in ("train", "validation")}
+              for name in ("loss", "accuracy")}
+    if gpt.plot_curves(out_dir / "loss-accuracy.png", panels, xlabel="epoch") is not None:
+        print(f"plot:       {out_dir / 'loss-accuracy.png'} (loss and accuracy per epoch, train and validation)")
+    print(f"wall time:  {gpt.format_duration(seconds['wall'])} (activation cache "
+          f"{gpt.format_duration(seconds['activation_cache'])}, training with evaluations "
+          f"{gpt.format_duration(seconds['training'])}); metrics in {metrics_path}")
+
+
+# --- The other modes: classify texts, evaluate on a labelled file (export: in main) -----
 
 
 def load_classifier(path, device="cpu"):
-    """A classifier saved by `save_classifier`, or a ...ForSequenceClassification folder (our export or transformers')
-    -> (model in eval mode, its tokenizer, the length in tokens it reads messages at). Raises FileNotFoundError for a
-    missing path, ValueError for a model that is no classifier."""
+    """A classifier saved by a run, or a ...ForSequenceClassification folder (our export or transformers') -> (model
+    in eval mode, its tokenizer, the length in tokens it reads messages at). Raises FileNotFoundError for a missing
+    path, ValueError for a model that is no spam classifier."""
     if not Path(path).exists():
         raise FileNotFoundError(f"no classifier at {path}: train one first, or pass --checkpoint PATH")
     model, tokenizer = gpt.load(path, device=device)
-    if not hasattr(model, "labels"):
-        raise ValueError(f"{path} is a language model, not a classifier of finetune_classify.py (it has no class "
-                         "names): train a classifier from it with --model")
+    if len(getattr(model, "labels", ())) != 2:
+        raise ValueError(f"{path} is no spam classifier of finetune_classify.py (class names: "
+                         f"{getattr(model, 'labels', 'none, a language model')}): train one from it with --model")
     # The length the classifier read messages at: saved with it, or as the export's model_max_length.
     if Path(path).is_dir():
         config_path = Path(path) / "tokenizer_config.json"
-        saved = gpt.read_json(config_path, "classifier tokenizer config") if config_path.is_file() else {}
-        max_length = saved.get("model_max_length")
+        max_length = gpt.read_json(config_path, "tokenizer config").get("model_max_length") \
+            if config_path.is_file() else None
     else:  # memory-mapped: the one entry is read, not the weights again
         max_length = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("max_length")
     return model, tokenizer, min(max_length or model.cfg.context_length, model.cfg.context_length)
 
 
 @torch.no_grad()
-def classify_texts(model, texts, max_length, tokenizer=None, pad_id=gpt.EOT_ID, batch_size=16):
+def classify_texts(model, texts, max_length, tokenizer=None, dtype_name="float32", batch_size=16):
     """Spam probability of each text -> list of float, in the texts' order; each text cut to its first `max_length`
-    tokens of `tokenizer` (default GPT-2's)."""
-    token_ids = [t.to(model.wte.weight.device) for t in tokenize_messages(texts, max_length, tokenizer)]
+    tokens of `tokenizer` (default GPT-2's), the forward pass in `dtype_name` (see `autocast_logits`)."""
+    tokenizer = tokenizer or gpt.get_tokenizer()
+    device = model.wte.weight.device
+    token_ids = [t.to(device) for t in tokenize_messages(texts, max_length, tokenizer)]
+    logits_fn = autocast_logits(partial(full_pass_logits, model, pad_id=tokenizer.eot_id), device, dtype_name)
     probabilities = []
     for start in range(0, len(token_ids), batch_size):
-        logits = full_pass_logits(model, token_ids[start : start + batch_size], pad_id)
-        probabilities += logits.float().softmax(dim=-1)[:, 1].tolist()
+        probabilities += logits_fn(token_ids[start : start + batch_size]).softmax(dim=-1)[:, 1].tolist()
     return probabilities
 
 
@@ -478,9 +580,46 @@ def read_texts_file(path):
     return [line.strip() for line in text.split("\n") if line.strip()]
 
 
-# --- Command line and the run ---------------------------------------------------------
+def run_classify(args, device):
+    """--classify / --classify-file: print `label (p(spam)=probability)  text` per text, or write text, label and spam
+    probability to --results (CSV or JSON, by its extension)."""
+    texts = args.classify or read_texts_file(args.classify_file)
+    if not texts or any(not t.strip() for t in texts):
+        raise ValueError("nothing to classify: give non-empty texts with --classify or lines in --classify-file")
+    model, tokenizer, max_length = load_classifier(args.checkpoint, device)
+    probabilities = classify_texts(model, texts, max_length, tokenizer, args.dtype)
+    rows = [(text, model.labels[p >= args.threshold], p) for text, p in zip(texts, probabilities)]
+    if args.results is None:
+        for text, label, probability in rows:
+            print(f"{label:<8} (p(spam)={probability:.3f})  {text}")
+        return
+    keys = ("text", "label", "spam_probability")
+    if Path(args.results).suffix.lower() == ".json":
+        write = partial(gpt.write_json, obj=[dict(zip(keys, row)) for row in rows])
+    else:
+        write = partial(write_csv, header=keys, rows=rows)
+    path = gpt.save_with_fallback(write, args.results)
+    n_spam = sum(p >= args.threshold for p in probabilities)
+    print(f"classified: {len(rows)} texts, {n_spam} spam (probability >= {args.threshold}), written to {path}")
 
-RUN_FILES = ("run.json", "train.csv", "validation.csv", "test.csv", "metrics.json", "loss-accuracy.png")  # + checkpoint
+
+def run_evaluate(args, device):
+    """--evaluate: `labelled_metrics` of --checkpoint on a labelled file, printed, and written as JSON to --results.
+    The test split of a run (OUT_DIR/test.csv) gives its test metrics again, to the last digit."""
+    path = gpt.existing_file(args.evaluate, "--evaluate")
+    messages = parse_labelled(read_sms_bytes(path), args.evaluate, strict=True)
+    model, tokenizer, max_length = load_classifier(args.checkpoint, device)
+    token_ids = [t.to(device) for t in tokenize_messages([text for _, text in messages], max_length, tokenizer)]
+    labels = torch.tensor([LABELS[label] for label, _ in messages], device=device)
+    full_pass = autocast_logits(partial(full_pass_logits, model, pad_id=tokenizer.eot_id), device, args.dtype)
+    metrics = labelled_metrics(model, full_pass, token_ids, labels, args.batch_size, args.threshold, args.evaluate)
+    if args.results is not None:
+        report = {"checkpoint": args.checkpoint, "file": args.evaluate, "threshold": args.threshold, "metrics": metrics}
+        print(f"metrics in {gpt.save_with_fallback(lambda path: gpt.write_json(path, report), args.results)}")
+
+
+# --- Command line -----------------------------------------------------------------------
+
 # Flags of a training run. --classify, --classify-file, --evaluate and --export-hf use the classifier of --checkpoint
 # as it was trained (its model, its --max-length): given with them, these flags would be ignored, so they are refused.
 TRAINING_FLAGS = ("data", "strict_data", "max_length", "model", "trainable", "lora", "lora_rank", "lora_alpha",
@@ -489,12 +628,12 @@ TRAINING_FLAGS = ("data", "strict_data", "max_length", "model", "trainable", "lo
 
 
 def parse_args(argv=None):
-    parser = gpt.ArgumentParser(description="Fine-tune GPT-2 (or a "
-                                     "Llama-family model) as an SMS spam classifier, or classify texts and evaluate "
-                                     "on labelled files with a fine-tuned one. A run writes into --out-dir; a folder "
-                                     "that holds another run is refused unless --overwrite.")
+    parser = gpt.ArgumentParser(description="Fine-tune GPT-2 (or a Llama-family model) as an SMS spam classifier, or "
+                                "classify texts and evaluate on labelled files with a fine-tuned one. A run writes "
+                                "into --out-dir; a folder that holds another run is refused unless --overwrite.")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", help="the UCI zip or the extracted SMSSpamCollection (default: download it once)")
+    data.add_argument("--data", help="labelled messages: the UCI zip, the SMSSpamCollection file (label TAB text) or a "
+                      ".csv with label and text columns (default: download the collection once)")
     data.add_argument("--strict-data", action="store_true", help="stop at bad data lines instead of skipping them")
     data.add_argument("--max-length", type=gpt.positive_int, help="cut messages to N tokens (default: the context)")
     data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
@@ -520,221 +659,56 @@ def parse_args(argv=None):
     train.add_argument("--eval-batches", type=gpt.positive_int, default=5, help="batches per split for the estimates")
     train.add_argument("--keep-last", action="store_true", help="keep the last epoch, not the best on validation")
     train.add_argument("--no-activation-cache", action="store_true", help="run the frozen blocks at every step")
-    train.add_argument("--dtype", choices=gpt.DTYPES, default="float32", help="mixed precision of training's forward "
-                       "pass (autocast, for GPUs; float16 with loss scaling); --classify, --evaluate: weight type")
+    train.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="precision of the work "
+                       "(autocast; the weights stay float32); --export-hf: the type of the weights written")
     train.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
     train.add_argument("--out-dir", default="runs/classify", help="folder for the splits, checkpoint, metrics and plot")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run in --out-dir (deletes its files), or an earlier --export-hf folder")
     use = parser.add_argument_group("use a fine-tuned classifier (no training)")
-    use.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
-    use.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, - for stdin (default: none)")
-    use.add_argument("--evaluate", metavar="FILE", help="accuracy, precision, recall, F1 on a labelled FILE: .csv "
-                     "with text and label columns (as OUT_DIR/test.csv), else label TAB text lines (default: none)")
+    mode = use.add_mutually_exclusive_group()
+    mode.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
+    mode.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, - for stdin (default: none)")
+    mode.add_argument("--evaluate", metavar="FILE", help="accuracy, precision, recall, F1 on a labelled FILE as "
+                      "--data reads it (OUT_DIR/test.csv gives the run's test metrics) (default: none)")
     use.add_argument("--threshold", type=gpt.unit_interval, default=0.5, metavar="P",
                      help="spam when its probability is at least this (--classify, --evaluate, the test metrics)")
     use.add_argument("--results", metavar="FILE", help="write --evaluate's metrics (.json) or the predictions of "
                      "--classify with spam probabilities (.csv or .json) (default: print only)")
     use.add_argument("--checkpoint", help="classifier to write or read: a file, a run folder (its classifier.pt) "
                                           "or a ...ForSequenceClassification folder (default: OUT_DIR/classifier.pt)")
-    use.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint as a transformers "
+    mode.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint as a transformers "
                      "...ForSequenceClassification folder in --dtype and exit (default: none)")
     args = parser.parse_args(argv)
-    classify = args.classify is not None or args.classify_file is not None
-    if args.lora and args.trainable != "last-block":
-        parser.error(f"--lora trains the adapters and the head: drop --trainable {args.trainable}")
-    if args.evaluate is not None and classify:
-        parser.error("--evaluate and --classify/--classify-file: give one of them")
-    use = [flag for flag in ("classify", "classify_file", "evaluate") if getattr(args, flag) is not None]
-    if args.export_hf is not None and use:
-        parser.error(f"--export-hf writes the classifier and exits: run {gpt.flag_name(use[0])} on its own")
-    if use or args.export_hf is not None:
-        mode = gpt.flag_name(use[0]) if use else "--export-hf"
-        ignored = [flag for flag in TRAINING_FLAGS if flag in gpt.given_flags(parser, argv)]
-        if ignored:
-            hint = ": to use another classifier, give --checkpoint PATH" if "model" in ignored else ""
-            parser.error(f"{gpt.flag_name(ignored[0])} is for training; {mode} uses the classifier of --checkpoint "
-                         f"as it was trained{hint or ': drop ' + gpt.flag_name(ignored[0])}")
-    kinds = (".json",) if args.evaluate is not None else (".csv", ".json")
-    if args.results is not None and not classify and args.evaluate is None:
-        parser.error("--results goes with --evaluate, --classify or --classify-file (a run writes metrics.json)")
-    if args.results is not None and Path(args.results).suffix.lower() not in kinds:
-        parser.error(f"--results {args.results}: give a {' or '.join(kinds)} file")
+    check_args(parser, argv, args)
     args.checkpoint = args.checkpoint or str(Path(args.out_dir) / "classifier.pt")
     if (Path(args.checkpoint) / "classifier.pt").is_file():  # a run folder: its classifier
         args.checkpoint = str(Path(args.checkpoint) / "classifier.pt")
-    if args.results is not None and Path(args.results).is_dir():
-        parser.error(f"--results {args.results} is a folder: give the path of a {' or '.join(kinds)} file")
     return args
 
 
-def prepare_data(args, out_dir, device, tokenizer):
-    """Read, balance, split (written as CSV) and tokenize the data -> (token ids, labels) per split: lists of
-    LongTensor [n_tokens] cut to --max-length, and LongTensor [n]."""
-    path = sms_collection_path(args.data)
-    messages = parse_sms_collection(read_sms_bytes(path), source=str(path), strict=args.strict_data)
-    if not messages:
-        raise ValueError(f"--data {path}: no 'ham|spam<TAB>message' lines: is this the SMS Spam Collection?")
-    n_spam = sum(label == "spam" for label, _ in messages)
-    print(f"data:       {path}: {len(messages)} messages ({len(messages) - n_spam} ham, {n_spam} spam)")
-    splits = random_split(create_balanced_dataset(messages, args.seed), args.seed, min_train=args.batch_size)
-    for name, split in zip(("train", "validation", "test"), splits):
-        write_csv(out_dir / f"{name}.csv", ("label", "text"), split)
-    print(f"splits:     {' / '.join(str(len(s)) for s in splits)} (train / validation / test, balanced, seed "
-          f"{args.seed}) written to {out_dir}/{{train,validation,test}}.csv")
-    train_texts = {text for _, text in splits[0]}
-    repeated = sum(text in train_texts for _, text in splits[2])  # the collection repeats some messages
-    print(f"note:       {repeated} of {len(splits[2])} test messages also occur in the training split")
-    token_ids = [tokenize_messages([text for _, text in split], tokenizer=tokenizer) for split in splits]
-    labels = [torch.tensor([LABELS[label] for label, _ in split], device=device) for split in splits]
-    n_truncated = sum(len(t) > args.max_length for split in token_ids for t in split)
-    token_ids = [[t[: args.max_length].to(device) for t in split] for split in token_ids]
-    print(f"tokens:     longest message {max(len(t) for split in token_ids for t in split)} tokens after truncation "
-          f"to --max-length {args.max_length} ({n_truncated} messages truncated)")
-    return token_ids, labels
-
-
-def build_classifier(args, device):
-    """Pretrained model with a 2-class head, dropout and trainable parameters set, and its tokenizer -> (model,
-    max_length, tokenizer)."""
-    model, tokenizer = gpt.load(args.model, device=device)
-    cfg = model.cfg
-    max_length = gpt.length_within_context(args.max_length, cfg, "--max-length")
-    torch.manual_seed(args.seed)  # the head's (and LoRA's) initialisation, and dropout
-    add_classification_head(model)
-    gpt.set_drop_rate(model, args.drop_rate)
-    set_trainable(model, "lora" if args.lora else args.trainable, args.lora_rank, args.lora_alpha)
-    trains = "--lora" if args.lora else f"--trainable {args.trainable}"
-    print(f"model:      {gpt.model_summary(model, args.model)} ({trains}) on {device}")
-    # Weights, gradients and AdamW's moments must fit before the work starts (activations come on top).
-    needed = gpt.training_memory(cfg, trainable=gpt.count_parameters(model, trainable_only=True))
-    gpt.check_training_memory(needed, device, "train fewer parameters (--lora, or --trainable last-block or head)")
-    return model, max_length, tokenizer
-
-
-def choose_forward_pass(model, token_ids, args, pad_id):
-    """The inputs of each split and the function that turns a batch of them into logits: cached activations and the
-    trainable top where that is exact, else token ids and the full forward pass -> (inputs, logits_fn, use_cache)."""
-    cfg = model.cfg
-    # The fast path, decided in one line: frozen lower blocks without dropout give the same
-    # activations at every step, so compute them once (n_frozen: blocks below the trainable top).
-    n_frozen = None if args.lora else {"last-block": cfg.n_layers - 1, "head": cfg.n_layers}.get(args.trainable)
-    use_cache = n_frozen is not None and args.drop_rate == 0 and not args.no_activation_cache
-    if not use_cache:
-        reason = "--no-activation-cache" if args.no_activation_cache else (
-            f"--drop-rate {args.drop_rate}" if args.drop_rate else "the lower blocks train")
-        print(f"activation cache: off ({reason}): full forward pass at every step")
-        return token_ids, partial(full_pass_logits, model, pad_id=pad_id), False
-    print(f"activation cache: on (embeddings and {n_frozen} of {cfg.n_layers} blocks frozen, dropout 0)")
-    flat = compute_frozen_activations(model, [t for split in token_ids for t in split], n_frozen, pad_id)
-    inputs = [flat[: len(token_ids[0])], flat[len(token_ids[0]) :]]
-    return inputs, partial(cached_logits, model, n_frozen=n_frozen), True
-
-
-def train_and_evaluate(args, device):
-    """The whole job, in order: run folder, model, data, activation cache, training, test, saving."""
-    started = time.time()
-    if args.data is not None:
-        sms_collection_path(args.data)  # a missing --data file fails now, not after a model download
-    # Before any work: the folder is ours, holds no other run, and can be written. The
-    # checkpoint, named relative to it, is checked too (--checkpoint may put it elsewhere).
-    out_dir = gpt.claim_run_folder(args.out_dir, [os.path.relpath(args.checkpoint, args.out_dir), *RUN_FILES],
-                                   overwrite=args.overwrite, resumable=False)
-    # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
-    model, args.max_length, tokenizer = build_classifier(args, device)
-    eot_id = tokenizer.eot_id  # pads the batches
-    gpt.print_settings(args)
-    token_ids, labels = prepare_data(args, out_dir, device, tokenizer)
-    gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # after the data: bad data leaves no run behind
-
-    cache_started = time.time()
-    inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids[:2], args, eot_id)  # train, validation
-    train_started = time.time()
-    # --dtype: mixed precision for what runs per step; weights, cache and loss stay float32.
-    mixed = partial(autocast_logits, device=device, dtype_name=args.dtype)
-    history = train_classifier(model, mixed(logits_fn), (inputs[0], labels[0]), (inputs[1], labels[1]),
-                               epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                               weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every,
-                               eval_every=args.eval_every, eval_batches=args.eval_batches,
-                               scale_loss=args.dtype == "float16", keep_last=args.keep_last)
-    seconds = {"activation_cache": train_started - cache_started, "training": time.time() - train_started}
-    del inputs, logits_fn  # the activation cache (held by both): the test split needs the full model only
-    # The test split through the full forward pass of the weights as saved (LoRA merged), as
-    # --evaluate runs the checkpoint: evaluating OUT_DIR/test.csv gives these numbers again.
-    gpt.merge_lora(model)
-    full_pass = mixed(partial(full_pass_logits, model, pad_id=eot_id))
-    metrics = labelled_metrics(model, full_pass, token_ids[2], labels[2], args.batch_size, args.threshold, "test split")
-
-    # A full disk must not lose the trained model: save_with_fallback writes to the temporary folder then.
-    save = partial(save_classifier, model=model, tokenizer=tokenizer, max_length=args.max_length, settings=vars(args),
-                   metrics=metrics)
-    checkpoint = gpt.save_with_fallback(save, args.checkpoint)
-    print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB)")
-    print(f"try it:     python finetune_classify.py --checkpoint {checkpoint} --classify \"Win a prize now\"")
-    seconds["wall"] = time.time() - started
-    report = dict(settings=vars(args), activation_cache=use_cache, history=history, test=metrics, seconds=seconds)
-    metrics_path = gpt.save_with_fallback(lambda path: gpt.write_json(path, report), out_dir / "metrics.json")
-    panels = {name: {split: (history["epoch"], history[f"{split}_{name}"]) for split in ("train", "validation")}
-              for name in ("loss", "accuracy")}
-    if gpt.plot_curves(out_dir / "loss-accuracy.png", panels, xlabel="epoch") is not None:
-        print(f"plot:       {out_dir / 'loss-accuracy.png'} (loss and accuracy per epoch, train and validation)")
-    print(f"wall time:  {gpt.format_duration(seconds['wall'])} (activation cache "
-          f"{gpt.format_duration(seconds['activation_cache'])}, training with evaluations "
-          f"{gpt.format_duration(seconds['training'])}); metrics in {metrics_path}")
-
-
-def load_for_use(args, device):
-    """The classifier of --checkpoint (a file or a folder) in --dtype -> (model, tokenizer, max_length)."""
-    model, tokenizer, max_length = load_classifier(args.checkpoint, device)
-    if len(model.labels) != 2:
-        raise ValueError(f"{args.checkpoint} has {len(model.labels)} classes: a spam classifier has 2")
-    return model.to(gpt.DTYPES[args.dtype]), tokenizer, max_length
-
-
-def run_classify(args, device):
-    """--classify / --classify-file: print `label (p(spam)=probability)  text` per text, or write text, label and spam
-    probability to --results (CSV or JSON, by its extension)."""
-    texts = list(args.classify or [])
-    if args.classify_file is not None:
-        texts += read_texts_file(args.classify_file)
-    if not texts or any(not t.strip() for t in texts):
-        raise ValueError("nothing to classify: give non-empty texts with --classify or lines in --classify-file")
-    model, tokenizer, max_length = load_for_use(args, device)
-    probabilities = classify_texts(model, texts, max_length, tokenizer, tokenizer.eot_id)
-    rows = [(text, model.labels[p >= args.threshold], p) for text, p in zip(texts, probabilities)]
-    if args.results is None:
-        for text, label, probability in rows:
-            print(f"{label:<8} (p(spam)={probability:.3f})  {text}")
-        return
-    keys = ("text", "label", "spam_probability")
-    if Path(args.results).suffix.lower() == ".json":
-        write = partial(gpt.write_json, obj=[dict(zip(keys, row)) for row in rows])
-    else:
-        write = partial(write_csv, header=keys, rows=rows)
-    path = gpt.save_with_fallback(write, args.results)
-    n_spam = sum(p >= args.threshold for p in probabilities)
-    print(f"classified: {len(rows)} texts, {n_spam} spam (probability >= {args.threshold}), written to {path}")
-
-
-def run_evaluate(args, device):
-    """--evaluate: `labelled_metrics` of --checkpoint on a labelled file, printed, and written as JSON to --results."""
-    messages = read_labelled_file(gpt.existing_file(args.evaluate, "--evaluate"))
-    model, tokenizer, max_length = load_for_use(args, device)
-    texts = [text for _, text in messages]
-    token_ids = [t.to(device) for t in tokenize_messages(texts, max_length, tokenizer)]
-    labels = torch.tensor([LABELS[label] for label, _ in messages], device=device)
-    full_pass = partial(full_pass_logits, model, pad_id=tokenizer.eot_id)
-    metrics = labelled_metrics(model, full_pass, token_ids, labels, args.batch_size, args.threshold, args.evaluate)
-    if args.results is not None:
-        report = {"checkpoint": args.checkpoint, "file": args.evaluate, "threshold": args.threshold, "metrics": metrics}
-        print(f"metrics in {gpt.save_with_fallback(lambda path: gpt.write_json(path, report), args.results)}")
+def check_args(parser, argv, args):
+    """Refuse flags that cannot go together (parser.error: one line, exit code 2)."""
+    if args.lora and args.trainable != "last-block":
+        parser.error(f"--lora trains the adapters and the head: drop --trainable {args.trainable}")
+    use = [flag for flag in ("classify", "classify_file", "evaluate", "export_hf") if getattr(args, flag) is not None]
+    ignored = [flag for flag in TRAINING_FLAGS if flag in gpt.given_flags(parser, argv)] if use else []
+    if ignored:
+        hint = "to use another classifier, give --checkpoint PATH" if "model" in ignored else \
+            f"drop {gpt.flag_name(ignored[0])}"
+        parser.error(f"{gpt.flag_name(ignored[0])} is for training; {gpt.flag_name(use[0])} uses the classifier of "
+                     f"--checkpoint as it was trained: {hint}")
+    kinds = (".json",) if args.evaluate is not None else (".csv", ".json")
+    if args.results is not None and use in ([], ["export_hf"]):
+        parser.error("--results goes with --evaluate, --classify or --classify-file (a run writes metrics.json)")
+    if args.results is not None and (Path(args.results).suffix.lower() not in kinds or Path(args.results).is_dir()):
+        parser.error(f"--results {args.results}: give a {' or '.join(kinds)} file")
 
 
 @gpt.command_line(memory_hint="use a smaller --batch-size (or --max-length)")
 def main(argv=None):
     args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.py downloads data and weights
-    device = gpt.pick_device(args.device)
     if args.export_hf is not None:
         gpt.check_hf_folder(args.export_hf, args.overwrite)  # before the load
         model, tokenizer, max_length = load_classifier(args.checkpoint)
@@ -742,7 +716,12 @@ def main(argv=None):
                                overwrite=args.overwrite, max_length=max_length)
         architecture = gpt.read_json(folder / "config.json", "config")["architectures"][0]
         print(f"exported {args.checkpoint} ({args.dtype}) to {folder}, a {architecture} folder")
-    elif args.evaluate is not None:
+        return
+    device = gpt.pick_device(args.device)
+    if args.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print("note: this GPU has no bfloat16 (a T4, say): the work runs in float32")
+        args.dtype = "float32"
+    if args.evaluate is not None:
         run_evaluate(args, device)
     elif args.classify is not None or args.classify_file is not None:
         run_classify(args, device)
