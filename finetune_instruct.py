@@ -67,24 +67,12 @@ TRAINING_FLAGS = ("model", "epochs", "batch_size", "lr", "weight_decay", "drop_r
 # ----------------------------------------------------------------------------------------
 
 
-def entry_problem(entry, keys=("instruction", "output")):
-    """Why entry cannot be used (a few words), or None for an Alpaca entry: a JSON object with a string under each
-    of `keys` and an optional string "input" (missing or null: no input)."""
-    if not isinstance(entry, dict):
-        return f"not a JSON object but {type(entry).__name__}"
-    missing = [key for key in keys if not isinstance(entry.get(key), str)]
-    if missing:
-        return f"no string {missing[0]!r}"
-    if entry.get("input") is not None and not isinstance(entry["input"], str):
-        return f"'input' is {type(entry['input']).__name__}, not a string"
-    return None
-
-
 def load_instruction_data(path, source="--data", fix=DATA_FIX, keys=("instruction", "output")):
-    """Read a JSON list or JSON Lines file of entries (UTF-8, a byte-order mark allowed) -> list of dicts, as in the
-    file: the one reader of --data, the run's split files and --responses. Raises FileNotFoundError, or ValueError
-    "SOURCE PATH: entry 7: no string 'output': FIX" for the first entry `entry_problem` refuses (entries of a list
-    count from 0, lines of JSON Lines from 1), for text that is not JSON, and for a file with no entry."""
+    """Read a JSON list or JSON Lines file of Alpaca entries (UTF-8, a byte-order mark allowed) -> list of dicts, as
+    in the file: the one reader of --data, the run's split files and --responses. An entry is a JSON object with a
+    string under each of `keys` and an optional string "input" (missing or null: no input). Raises FileNotFoundError,
+    or ValueError "SOURCE PATH: entry 7: no string 'output': FIX" for the first bad entry (entries of a list count
+    from 0, lines of JSON Lines from 1), for text that is not JSON, and for a file with no entry."""
     path = gpt.existing_file(path, source)
     source = f"{source} {path}"
     text = gpt.decode_utf8(path.read_bytes(), source)
@@ -94,9 +82,12 @@ def load_instruction_data(path, source="--data", fix=DATA_FIX, keys=("instructio
         lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
         numbered = [(f"line {number}", gpt.parse_json(line, f"{source} line {number}")) for number, line in lines]
     for where, entry in numbered:
-        problem = entry_problem(entry, keys)
-        if problem:
-            raise ValueError(f"{source}: {where}: {problem}: {fix}")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{source}: {where}: not a JSON object but {type(entry).__name__}: {fix}")
+        for key in (*keys, "input"):
+            if not isinstance(entry.get(key), str) and (key != "input" or entry.get(key) is not None):
+                value = json.dumps(entry.get(key))[:30]
+                raise ValueError(f"{source}: {where}: {key!r} must be a string, not {value}: {fix}")
     if not numbered:
         raise ValueError(f"{source}: no entries: {fix}")
     return [entry for _, entry in numbered]
@@ -111,8 +102,8 @@ def data_path(args):
 
 
 def split_dataset(entries, seed):
-    """Shuffle with `seed`, then split 85% train, 10% test, the rest (5%) validation, as in the book (1,100 entries ->
-    935 / 110 / 55) -> (train, validation, test) lists. Raises ValueError when a part would be empty (< 10 entries)."""
+    """Shuffle with `seed` and split 85/5/10 as the book does (1,100 entries -> 935 train, 55 validation, 110 test)
+    -> (train, validation, test) lists. Raises ValueError when a part would be empty (< 10 entries)."""
     train, test, val = gpt.split_by_fractions(entries, seed, SPLIT_FRACTIONS)
     if not (train and test and val):
         raise ValueError(f"the 85/5/10 split needs at least 10 usable entries, --data has {len(entries)}")
@@ -195,9 +186,8 @@ def epoch_batch(examples, batch_size, seed, epoch, index):
 
 
 def prepare_model(args, device, state=None):
-    """The model to train, in train mode on device, and its tokenizer -> (model, gpt.Tokenizer): --model (see
-    gpt.load), or on --resume one of the state's config and tokenizer (`train` loads its weights); dropout at
-    --drop-rate; with --lora only adapters train. Raises RuntimeError when training cannot fit."""
+    """--model (see gpt.load), or the state's model on --resume (`train` loads its weights), in train mode on device,
+    with --drop-rate and --lora -> (model, gpt.Tokenizer). Raises RuntimeError when training cannot fit."""
     torch.manual_seed(args.seed)  # LoRA's A matrices start random
     if state is None:
         model, tokenizer = gpt.load(args.model, device=device)
@@ -215,8 +205,7 @@ def prepare_model(args, device, state=None):
 
 
 def calc_loss_batch(model, inputs, targets, autocast):
-    """Mean cross-entropy over the targets that are not -100 (a float scalar tensor).
-    inputs, targets: LongTensor [batch, seq_len] on the model's device."""
+    """Mean cross-entropy over the targets that are not -100; inputs, targets: LongTensor [batch, seq_len]."""
     with autocast:
         logits = model(inputs)  # (batch, seq_len, vocab)
     return gpt.next_token_loss(logits, targets)
@@ -224,8 +213,7 @@ def calc_loss_batch(model, inputs, targets, autocast):
 
 @torch.no_grad()
 def evaluate_loss(model, examples, collate, args, device, autocast):
-    """Mean batch loss over the first --eval-batches batches of examples (all when 0), in eval mode, in order (no
-    shuffling), so successive estimates are comparable."""
+    """Mean loss of the first --eval-batches batches of examples (0: all), unshuffled: estimates stay comparable."""
     model.eval()
     chunks = [examples[i : i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
     losses = []
@@ -237,9 +225,8 @@ def evaluate_loss(model, examples, collate, args, device, autocast):
 
 
 def evaluate(model, train_examples, val_examples, progress, *options):
-    """Estimate both losses at progress["step"] (options: those of `evaluate_loss`), add them to progress["history"]
-    and print them; the lowest validation loss so far puts a CPU copy of the trainable weights in progress["best"]:
-    the weights early stopping keeps."""
+    """Add both losses at progress["step"] to progress["history"] (options: `evaluate_loss`'s) and print them; at the
+    lowest validation loss so far a CPU copy of the trainable weights goes to progress["best"] (early stopping)."""
     losses = [evaluate_loss(model, examples, *options) for examples in (train_examples, val_examples)]
     step, history = progress["step"], progress["history"]
     for key, value in zip(("step", "train_loss", "val_loss"), (step, *losses)):
@@ -260,8 +247,8 @@ def training_step(model, optimizer, inputs, targets, autocast, step):
 
 
 def save_state(state_path, model, tokenizer, optimizer, progress, stopper=None):
-    """Save the training state (on a full disk to the temporary folder, and training goes on: gpt.save_with_fallback);
-    after a stop by `stopper` (Ctrl-C or SIGTERM), say where it went and how to go on."""
+    """Save the training state (a full disk: to the temporary folder, and training goes on); after a stop by
+    `stopper` (Ctrl-C or SIGTERM), say where it went and how to go on."""
     saved = gpt.save_training_state(state_path, model, tokenizer, optimizer, **progress, rng=gpt.rng_state())
     if stopper is not None:
         print(f"stopped at step {progress['step']} ({stopper.signal_name}), the state saved in {saved}: go on with "
@@ -318,13 +305,13 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
 
 
 def keep_weights(model, progress, keep_last):
-    """Load the weights of the lowest validation loss into model (with keep_last: keep the last ones) and say which
-    were kept -> {"step", "val_loss"} of the kept weights' evaluation."""
+    """Load the weights of the lowest validation loss into model (keep_last: keep the last) -> their {"step",
+    "val_loss"}."""
     history, best = progress["history"], progress["best"]
-    if keep_last:
-        last = {"step": history["step"][-1], "val_loss": history["val_loss"][-1]}  # the end is always evaluated
-        print(f"kept the last weights (step {last['step']}); the lowest validation loss was at step {best['step']}")
-        return last
+    if keep_last:  # the end is always evaluated
+        print(f"kept the last weights (step {history['step'][-1]}); the lowest validation loss was at step "
+              f"{best['step']}")
+        return {"step": history["step"][-1], "val_loss": history["val_loss"][-1]}
     model.load_state_dict(best["weights"], strict=False)  # the trainable part; the rest never changed
     print(f"kept the weights of step {best['step']}, the lowest validation loss ({best['val_loss']:.3f})")
     return {"step": best["step"], "val_loss": best["val_loss"]}
@@ -349,9 +336,8 @@ def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
 
 
 def generate_responses(model, tokenizer, entries, path, **options):
-    """Answer every entry (options as in `generate_response`), then write them, each with a "model_response", to path
-    in one atomic write (JSON; the temporary folder if path cannot be written) -> that list. Interrupted, it writes
-    nothing: answering again starts over (the book's 110 test entries take minutes on a GPU)."""
+    """Answer every entry (options: `generate_response`'s), then write them with a "model_response" each to path in
+    one atomic write (the temporary folder if path cannot be written) -> that list. Interrupted, it writes nothing."""
     results, tokens, started = [], 0, time.time()
     for i, entry in enumerate(entries):
         response, n_tokens = generate_response(model, tokenizer, entry, **options)
@@ -371,7 +357,7 @@ def generate_responses(model, tokenizer, entries, path, **options):
 
 
 def judge_prompt(entry):
-    """The grading request for one response (the book's section 7.8 wording)."""
+    """The grading request for one response (the book's section 7.8)."""
     return (
         f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, "
         f"score the model response `{entry['model_response']}` on a scale from 0 to 100, where 100 is the best score. "
@@ -410,40 +396,39 @@ OLLAMA_HELP = ("start the server with `ollama serve` (install it from https://ol
                "`ollama pull {model}`, or point --judge-url at a running server (now {url})")
 
 
-def ollama_request(url, path, model, payload=None, timeout=600):
-    """GET url + path of Ollama's HTTP API, or POST payload there as JSON -> the requests.Response. Raises
-    RuntimeError saying how to start a server when none answers."""
+def ask_ollama(url, path, model, *keys, kind=object, payload=None):
+    """GET url + path of Ollama's HTTP API, or POST payload there as JSON -> the value at `keys` of the JSON reply
+    (("message", "content") -> reply["message"]["content"]), of type `kind`. A server older than Ollama 0.5 refuses
+    a schema in "format" (HTTP 400) and is asked again without. Raises RuntimeError saying how to start a server
+    when none answers, and quoting the reply for an HTTP error or a reply of another shape (not Ollama's)."""
     try:
         if payload is None:
-            return requests.get(url + path, timeout=5)
-        return requests.post(url + path, json=payload, timeout=(5, timeout))
+            reply = requests.get(url + path, timeout=5)
+        else:
+            reply = requests.post(url + path, json=payload, timeout=(5, 600))
     except requests.RequestException as e:
         fix = OLLAMA_HELP.format(url=url, model=model)
         raise RuntimeError(f"no Ollama server answers at {url} ({type(e).__name__}): {fix}") from None
-
-
-def ollama_reply_field(reply, url, *keys, kind=object):
-    """The value at `keys` in the JSON of a server's reply (("message", "content") -> reply["message"]["content"]),
-    of type `kind`. Raises RuntimeError quoting the reply for an HTTP error status, and for a reply of another shape
-    (not JSON, a list, a missing field): a server answers, but not as Ollama does."""
+    if reply.status_code == 400 and "format" in reply.text and "format" in (payload or {}):
+        payload = {key: value for key, value in payload.items() if key != "format"}  # parse_score reads the prose
+        return ask_ollama(url, path, model, *keys, kind=kind, payload=payload)
     if reply.status_code != 200:
         raise RuntimeError(f"the server at {url} answered HTTP {reply.status_code}: {reply.text[:300]}")
     try:
         value = reply.json()
         for key in keys:
             value = value[key]  # TypeError for a list or a number, KeyError for a missing field
-        if not isinstance(value, kind):
-            raise TypeError
-        return value
+        if isinstance(value, kind):
+            return value
     except (ValueError, KeyError, TypeError, IndexError):
-        raise RuntimeError(f"the server at {url} answered an unexpected reply: {reply.text[:300]!r}; "
-                           "is it an Ollama server? check --judge-url") from None
+        pass
+    raise RuntimeError(f"the server at {url} answered an unexpected reply: {reply.text[:300]!r}; is it an Ollama "
+                       "server? check --judge-url")
 
 
 def check_ollama(url, model):
-    """Make sure an Ollama server answers at url (GET /api/tags, the list of local models) and has `model`; raise
-    RuntimeError with the commands that fix it otherwise."""
-    models = ollama_reply_field(ollama_request(url, "/api/tags", model), url, "models", kind=list)
+    """Raise RuntimeError, with the commands that fix it, unless an Ollama server at url has `model` (GET /api/tags)."""
+    models = ask_ollama(url, "/api/tags", model, "models", kind=list)
     names = {str(m.get("name")) for m in models if isinstance(m, dict)}  # [{"name": "llama3:latest", ...}, ...]
     if model not in names and f"{model}:latest" not in names:
         raise RuntimeError(
@@ -453,27 +438,16 @@ def check_ollama(url, model):
 
 
 def query_ollama(prompt, url, model):
-    """One chat request to Ollama's HTTP API (POST /api/chat, not streamed) with temperature 0, a fixed seed and the
-    SCORE_FORMAT schema -> the reply's content: text (normally '{"score": 85}'), or whatever JSON value the server
-    sent. A server older than Ollama 0.5 rejects a schema (HTTP 400) and is asked again without. Raises RuntimeError
-    when the server fails to answer."""
+    """One chat request to Ollama (POST /api/chat, not streamed) with temperature 0, a fixed seed and the SCORE_FORMAT
+    schema -> the reply's content: text (normally '{"score": 85}'), or whatever JSON value the server sent."""
     options = {"temperature": 0, "seed": JUDGE_SEED, "num_ctx": 2048}
     payload = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False, "options": options}
-    reply = ollama_request(url, "/api/chat", model, {**payload, "format": SCORE_FORMAT})
-    if reply.status_code == 400 and "format" in reply.text:  # before 0.5 "format" could only be "json"
-        reply = ollama_request(url, "/api/chat", model, payload)  # parse_score then reads the prose
-    return ollama_reply_field(reply, url, "message", "content")
-
-
-def scored_path(responses_path):
-    """Where the judge writes: responses.json -> responses-scored.json beside it."""
-    return responses_path.with_name(responses_path.stem + "-scored.json")
+    return ask_ollama(url, "/api/chat", model, "message", "content", payload={**payload, "format": SCORE_FORMAT})
 
 
 def judge(args, responses_path):
-    """Grade each "model_response" of the responses file against its "output" with the --judge; print the mean score
-    and how many could not be scored, and write the entries with a "score" (0-100, or null when unscorable) to
-    <name>-scored.json beside it. The responses file is only read."""
+    """Grade each "model_response" of the responses file against its "output"; print the mean score and write the
+    entries with a "score" (0-100, null when unscorable) to <name>-scored.json beside it."""
     entries = load_instruction_data(responses_path, "--responses", "give answers as --generate-only writes them",
                                     keys=("instruction", "output", "model_response"))
     url, scored, started = args.judge_url.rstrip("/"), [], time.time()
@@ -495,8 +469,9 @@ def judge(args, responses_path):
     mean = f"{sum(scores) / len(scores):.2f}" if scores else "n/a"
     print(f"judge {args.judge_model}: mean score {mean} over {len(scores)} entries; "
           f"{len(entries) - len(scores)} could not be scored")
-    gpt.write_json(scored_path(responses_path), scored)
-    print(f"wrote the scores to {scored_path(responses_path)}")
+    scored_path = responses_path.with_name(responses_path.stem + "-scored.json")
+    gpt.write_json(scored_path, scored)
+    print(f"wrote the scores to {scored_path}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -505,9 +480,8 @@ def judge(args, responses_path):
 
 
 def resume_run(args, argv, out_dir):
-    """The saved run in out_dir -> (settings, (train, validation, test), train state dict). Flags given with --resume
-    must agree with the saved ones, except RESUME_MAY_CHANGE. Raises ValueError when there is no training state to go
-    on from, or no step left to train."""
+    """The saved run in out_dir -> (settings, [train, validation, test], training state). Raises ValueError for a flag
+    that differs from the saved one (but RESUME_MAY_CHANGE), no training state, or no step left to train."""
     args = gpt.resume_settings(build_parser(), argv, gpt.read_json(out_dir / "run.json", "--resume"), RESUME_MAY_CHANGE)
     splits = [load_instruction_data(out_dir / name, "the run's split", SPLIT_FIX) for name in SPLIT_FILES]
     state_path = out_dir / "train_state.pt"
@@ -540,9 +514,8 @@ def train_until_stopped(model, tokenizer, examples, collate, args, device, state
 
 
 def fine_tune(args, argv, device):
-    """Claim --out-dir, read and split the data (the saved run's with --resume), fine-tune and save model.pt ->
-    (settings, model in --dtype, its tokenizer, test entries). Settings and split are written once data and model
-    have passed their checks."""
+    """Claim --out-dir, split the data (the saved split with --resume), fine-tune, save model.pt -> (settings, model in
+    --dtype, its tokenizer, test entries). Nothing is written before data and model have passed their checks."""
     out_dir = gpt.claim_run_folder(args.out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         args, splits, state = resume_run(args, argv, out_dir)
@@ -601,8 +574,7 @@ def load_for_answers(args, device):
 
 
 def test_split(args, device):
-    """--generate-only: the model of --checkpoint and the entries it answers -> (model, tokenizer, entries): the
-    run's test.json, else the test split of --data with --seed."""
+    """--generate-only: (model, tokenizer, entries): --checkpoint and the run's test.json, else --data's test split."""
     model, tokenizer = load_for_answers(args, device)
     out_dir = gpt.claim_run_folder(args.out_dir, [])  # answering again replaces responses.json, as was asked
     if (out_dir / "test.json").is_file():
@@ -619,11 +591,8 @@ def test_split(args, device):
 
 
 def build_parser():
-    p = gpt.ArgumentParser(
-        description="Instruction fine-tuning of GPT-2 or a Llama-family model (Alpaca format), answers for the test "
-        "set, optional LLM judge. A new run refuses an --out-dir that holds another run unless --resume continues it "
-        "or --overwrite replaces it; --generate-only, --prompt and --judge-only use an existing run."
-    )
+    p = gpt.ArgumentParser(description="Instruction fine-tuning of GPT-2 or a Llama-family model (Alpaca format), "
+                           "answers for the test set, an optional LLM judge.")
     what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
     what.add_argument("--generate-only", action="store_true", help="answer the run's test split with --checkpoint")
     what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print it, exit (default: none)")
@@ -633,7 +602,6 @@ def build_parser():
     what.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir first")
     what.add_argument("--keep-state", action="store_true", help="keep train_state.pt after training, for --resume")
     what.add_argument("--out-dir", default="runs/instruct", help="folder for all outputs")
-
     data = p.add_argument_group("data")
     data.add_argument("--data", help="Alpaca JSON list or JSON Lines (default: the book's, downloaded to --cache-dir)")
     data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
@@ -641,7 +609,6 @@ def build_parser():
     data.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, the shuffling, LoRA and sampling")
     data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples (default: the context length)")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
-
     train = p.add_argument_group("model and training")
     train.add_argument("--model", default="gpt2-medium", help="starting point: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
                        "a Llama-family Hub name (HuggingFaceTB/SmolLM2-135M, Qwen/Qwen3-0.6B-Base, "
@@ -663,7 +630,6 @@ def build_parser():
     train.add_argument("--dtype", choices=gpt.DTYPES, default="float32", help="precision: autocast while training "
                        "(float32 weights; not float16), the weights' type when answering")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-
     answers = p.add_argument_group("answers and evaluation")
     answers.add_argument("--checkpoint", help="model that answers, any --model value (default: <out-dir>/model.pt)")
     answers.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=256, help="longest answer in tokens")
@@ -710,10 +676,9 @@ def parse_args(argv=None):
 
 
 def responses_path(args):
-    """The answers file of this command (--responses, default <out-dir>/responses.json). Raises ValueError, before
-    any work, when it or the judge's file beside it is a folder."""
+    """--responses (default <out-dir>/responses.json); ValueError before any work when it or the scores are a folder."""
     path = Path(args.responses or Path(args.out_dir) / "responses.json")
-    for target in (path, scored_path(path)):
+    for target in (path, path.with_name(path.stem + "-scored.json")):
         if target.is_dir():
             raise ValueError(f"{target} is a folder, but a file goes there: move it away, or give another --responses")
     return path

@@ -4013,8 +4013,8 @@ def test_instruct_bad_entries_reported(tmp_path):
     good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     path = tmp_path / "data.json"
     for bad, problem in [
-        ({"instruction": "No output."}, "entry 1: no string 'output'"),
-        ({"instruction": "Wrong type.", "input": 3, "output": "x"}, "entry 1: 'input' is int, not a string"),
+        ({"instruction": "No output."}, "entry 1: 'output' must be a string, not null"),
+        ({"instruction": "Wrong type.", "input": 3, "output": "x"}, "entry 1: 'input' must be a string, not 3"),
         ("just a string", "entry 1: not a JSON object but str"),
     ]:
         path.write_text(json.dumps([good, bad]))
@@ -4025,7 +4025,7 @@ def test_instruct_bad_entries_reported(tmp_path):
     assert instruct.load_instruction_data(path)[0] == good
     jsonl = tmp_path / "data.jsonl"
     jsonl.write_text(json.dumps(good) + "\n\n" + json.dumps({"output": "x"}) + "\n")
-    with pytest.raises(ValueError, match="line 3: no string 'instruction'"):
+    with pytest.raises(ValueError, match="line 3: 'instruction' must be a string, not null"):
         instruct.load_instruction_data(jsonl)
     jsonl.write_text(json.dumps(good) + "\n{broken\n")
     with pytest.raises(ValueError, match="line 2: not valid JSON"):
@@ -4528,7 +4528,7 @@ def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_r
     assert again == answered
     # A split file edited or damaged since: one line naming it, not a traceback, nor 0 answers written.
     run = tmp_path / "run"
-    for content, problem in [("[1, 2]", "entry 0: not a JSON object but int"), ("{}", "line 1: no string 'instruction'"),
+    for content, problem in [("[1, 2]", "entry 0: not a JSON object but int"), ("{}", "line 1: 'instruction' must be a string, not null"),
                              ("[]", "no entries")]:
         (run / "test.json").write_text(content)
         with pytest.raises(SystemExit) as exc:
