@@ -16,17 +16,13 @@ answer every test instruction, and a local LLM served by Ollama can grade the an
 
 Writes to --out-dir (default runs/instruct/; one that holds another run is refused unless --resume or --overwrite):
     run.json, train.json, validation.json, test.json   the settings and the split, for --resume and --generate-only
-    model.pt          the kept weights, LoRA merged, with its tokenizer (1.4 GB for gpt2-medium); load it with
-                      model, tokenizer = gpt.load("runs/instruct/model.pt")
-    train_state.pt    model, optimizer, step, history, random state and the best weights so far (4x the model; about 1x
-                      with --lora), while training or with --keep-state
+    model.pt          the kept weights, LoRA merged, with their tokenizer (1.4 GB for gpt2-medium): gpt.load() reads it
+    train_state.pt    all --resume needs (4x the model; about 1x with --lora), while training or with --keep-state
     losses.png        train and validation loss per step (with matplotlib installed)
-    responses.json    the test entries with a "model_response" each (responses.partial.json while answering)
-    responses-scored.json   the same with a "score" (0-100 or null), after --judge ollama
+    responses.json    the test entries with a "model_response" each; responses-scored.json adds a "score" (--judge)
 """
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -48,13 +44,14 @@ DATA_URL = (
 )
 DATA_SIZE = 203524
 DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+DATA_FIX = "give a JSON list, or JSON Lines, of objects with a string 'instruction' and 'output' (and 'input' or not)"
+SPLIT_FIX = "put back the file the run wrote, or start the run again with --overwrite"
 IGNORE_INDEX = -100  # the target value torch.nn.functional.cross_entropy skips by default
 SPLIT_FRACTIONS = (0.85, 0.10)  # train, test; validation gets the rest (5%), as in the book
 SPLIT_FILES = ("train.json", "validation.json", "test.json")
 JUDGE_SEED = 123  # fixed seed (and temperature 0) so the judge gives the same score twice
-ANSWERS_PER_SAVE = 10  # answers between saves of responses.partial.json
 RUN_FILES = ("run.json", *SPLIT_FILES, "train_state.pt", "model.pt", "losses.png", "responses.json",
-             "responses.partial.json", "responses-scored.json")
+             "responses-scored.json")
 # Flags that may differ from the saved run on --resume: more steps, another machine, other answers.
 RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "keep_last", "device", "cache_dir", "out_dir",
                      "responses", "max_new_tokens", "temperature", "top_k", "top_p", "judge", "judge_url",
@@ -70,86 +67,43 @@ TRAINING_FLAGS = ("model", "epochs", "batch_size", "lr", "weight_decay", "drop_r
 # ----------------------------------------------------------------------------------------
 
 
-def check_entry(entry):
-    """Why an entry cannot be used (a string), or None for a valid Alpaca entry: a JSON object with a non-empty
-    string "instruction", a string "output" and an optional string "input" (missing or null: no input)."""
-    if not isinstance(entry, dict):
-        return f"not a JSON object but {type(entry).__name__}"
-    for key in ("instruction", "output"):  # required
-        if entry.get(key) is None:
-            return f"{key!r} is null" if key in entry else f"no {key!r} key"
-    for key in ("instruction", "output", "input"):  # "input" may be missing or null
-        if entry.get(key) is not None and not isinstance(entry[key], str):
-            return f"{key!r} is {type(entry[key]).__name__}, not a string"
-    return None if entry["instruction"].strip() else "empty 'instruction'"
-
-
-def load_instruction_data(path, max_reported=10):
-    """Read an Alpaca-style JSON list or JSON Lines file (UTF-8, a byte-order mark allowed) -> the usable entries
-    (dicts, as in the file). Bad entries are reported with their position, "entry 7" (0-based) in a list, "line 8"
-    (1-based) in JSON Lines, and left out. Raises FileNotFoundError, or ValueError when no usable entry is left."""
-    path = gpt.existing_file(path, "--data")
-    text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")
-    if not text.strip():
-        raise ValueError(f"--data {path}: the file is empty: give a JSON list of Alpaca entries")
-    if text.lstrip().startswith("{"):
-        try:
-            whole = json.loads(text)  # JSON Lines of two or more entries fail here: "extra data"
-        except (json.JSONDecodeError, RecursionError):
-            whole = None
-        if isinstance(whole, dict) and "instruction" not in whole:
-            raise ValueError(f"--data {path}: one JSON object, not a list of entries: give a JSON list (or JSON "
-                             "Lines) of Alpaca entries")
-    entries, bad, good = [], [], []
+def load_instruction_data(path, source="--data", fix=DATA_FIX, keys=("instruction", "output")):
+    """Read a JSON list or JSON Lines file of Alpaca entries (UTF-8, a byte-order mark allowed) -> list of dicts, as
+    in the file: the one reader of --data, the run's split files and --responses. An entry is a JSON object with a
+    string under each of `keys` and an optional string "input" (missing or null: no input). Raises FileNotFoundError,
+    or ValueError "SOURCE PATH: entry 7: no string 'output': FIX" for the first bad entry (entries of a list count
+    from 0, lines of JSON Lines from 1), for text that is not JSON, and for a file with no entry."""
+    path = gpt.existing_file(path, source)
+    source = f"{source} {path}"
+    text = gpt.decode_utf8(path.read_bytes(), source)
     if text.lstrip().startswith("["):
-        entries = [(f"entry {i}", item) for i, item in enumerate(gpt.parse_json(text, f"--data {path}"))]
-    else:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                bad.append((f"line {number}", f"not valid JSON ({e.msg})"))
-            except RecursionError:
-                bad.append((f"line {number}", "JSON nested too deeply"))
-    for where, entry in entries:
-        problem = check_entry(entry)
-        if problem:
-            bad.append((where, problem))
-        else:
-            good.append(entry)
-    if bad:
-        print(f"data: {len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'} in {path} left out:")
-        for where, problem in bad[:max_reported]:
-            print(f"  {where}: {problem}")
-        if len(bad) > max_reported:
-            print(f"  ... and {len(bad) - max_reported} more")
-    if not good:
-        raise ValueError(
-            f"--data {path}: no usable entries ({len(bad)} bad); expected a JSON list or JSON Lines (one entry a "
-            "line) of objects with a non-empty string 'instruction' and a string 'output' (Alpaca schema)"
-        )
-    return good
+        numbered = [(f"entry {i}", entry) for i, entry in enumerate(gpt.parse_json(text, source))]
+    else:  # JSON Lines: one entry a line, blank lines skipped
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        numbered = [(f"line {number}", gpt.parse_json(line, f"{source} line {number}")) for number, line in lines]
+    for where, entry in numbered:
+        if not isinstance(entry, dict):
+            raise ValueError(f"{source}: {where}: not a JSON object but {type(entry).__name__}: {fix}")
+        for key in (*keys, "input"):
+            if not isinstance(entry.get(key), str) and (key != "input" or entry.get(key) is not None):
+                value = json.dumps(entry.get(key))[:30]
+                raise ValueError(f"{source}: {where}: {key!r} must be a string, not {value}: {fix}")
+    if not numbered:
+        raise ValueError(f"{source}: no entries: {fix}")
+    return [entry for _, entry in numbered]
 
 
-def read_split(path):
-    """The entries of a split file a run wrote (train.json, validation.json, test.json) -> list. Raises ValueError
-    naming the file when it is no longer a non-empty list of usable entries (edited or damaged since)."""
-    entries = gpt.read_json(path, "the run's split")
-    if not isinstance(entries, list) or not entries:
-        problem = "it holds no entries" if entries == [] else "it is not a JSON list"
-    else:
-        problem = next((f"entry {i}: {check_entry(e)}" for i, e in enumerate(entries) if check_entry(e)), None)
-    if problem:
-        raise ValueError(f"{path}: the run's split is damaged ({problem}): put back the file the run wrote, or "
-                         "start the run again with --overwrite")
-    return entries
+def data_path(args):
+    """--data, or the book's file downloaded once into the cache."""
+    if args.data is not None:
+        return Path(args.data)
+    return gpt.fetch_dataset([DATA_URL], "instruction-data.json", flag="--data", kind="json", size=DATA_SIZE,
+                             sha256=DATA_SHA256)
 
 
 def split_dataset(entries, seed):
-    """Shuffle with `seed`, then split 85% train, 10% test, the rest (5%) validation, as in the book (1,100 entries ->
-    935 / 110 / 55) -> (train, validation, test) lists. Raises ValueError when a part would be empty (< 10 entries)."""
+    """Shuffle with `seed` and split 85/5/10 as the book does (1,100 entries -> 935 train, 55 validation, 110 test)
+    -> (train, validation, test) lists. Raises ValueError when a part would be empty (< 10 entries)."""
     train, test, val = gpt.split_by_fractions(entries, seed, SPLIT_FRACTIONS)
     if not (train and test and val):
         raise ValueError(f"the 85/5/10 split needs at least 10 usable entries, --data has {len(entries)}")
@@ -157,7 +111,7 @@ def split_dataset(entries, seed):
 
 
 # ----------------------------------------------------------------------------------------
-# 2. Prompt format (Alpaca)
+# 2. Prompt format (Alpaca) and batching: tokenize, pad, mask
 # ----------------------------------------------------------------------------------------
 
 
@@ -179,25 +133,19 @@ def format_prompt(entry):
     return format_input(entry) + "\n\n### Response:\n"
 
 
-# ----------------------------------------------------------------------------------------
-# 3. Batching: tokenize, pad, mask
-# ----------------------------------------------------------------------------------------
-
-
 def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
     """Entries -> list of (token ids, prompt length) with the model's tokenizer. Prompt and response are tokenized
     separately and joined, so the prompt is exactly the first ids (to mask them). With --mask-prompt an entry whose
     prompt alone is over max_length has nothing to learn: left out."""
-    examples, too_long = [], 0
+    examples = []
     for entry in entries:
         prompt_ids = tokenizer.encode(format_prompt(entry), bos=True)  # Llama 3: <|begin_of_text|> first
         response_ids = tokenizer.encode(entry["output"])  # a piece of the same text: no begin token
-        if mask_prompt and len(prompt_ids) > max_length:
-            too_long += 1
-            continue
-        examples.append((prompt_ids + response_ids, len(prompt_ids)))
-    if too_long:
-        print(f"data: {too_long} entries left out: with --mask-prompt their prompt is over --max-length {max_length}")
+        if not (mask_prompt and len(prompt_ids) > max_length):
+            examples.append((prompt_ids + response_ids, len(prompt_ids)))
+    if len(examples) < len(entries):
+        print(f"data: {len(entries) - len(examples)} entries left out: with --mask-prompt their prompt is over "
+              f"--max-length {max_length}")
     return examples
 
 
@@ -233,14 +181,13 @@ def epoch_batch(examples, batch_size, seed, epoch, index):
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Fine-tuning: the model (+ LoRA) and the training loop
+# 3. Fine-tuning: the model (+ LoRA) and the training loop
 # ----------------------------------------------------------------------------------------
 
 
 def prepare_model(args, device, state=None):
-    """The model to train, in train mode on device, and its tokenizer -> (model, gpt.Tokenizer): --model (see
-    gpt.load), or on --resume one of the state's config and tokenizer (`train` loads its weights); dropout at
-    --drop-rate; with --lora only adapters train. Raises RuntimeError when training cannot fit."""
+    """--model (see gpt.load), or the state's model on --resume (`train` loads its weights), in train mode on device,
+    with --drop-rate and --lora -> (model, gpt.Tokenizer). Raises RuntimeError when training cannot fit."""
     torch.manual_seed(args.seed)  # LoRA's A matrices start random
     if state is None:
         model, tokenizer = gpt.load(args.model, device=device)
@@ -258,8 +205,7 @@ def prepare_model(args, device, state=None):
 
 
 def calc_loss_batch(model, inputs, targets, autocast):
-    """Mean cross-entropy over the targets that are not -100 (a float scalar tensor).
-    inputs, targets: LongTensor [batch, seq_len] on the model's device."""
+    """Mean cross-entropy over the targets that are not -100; inputs, targets: LongTensor [batch, seq_len]."""
     with autocast:
         logits = model(inputs)  # (batch, seq_len, vocab)
     return gpt.next_token_loss(logits, targets)
@@ -267,8 +213,7 @@ def calc_loss_batch(model, inputs, targets, autocast):
 
 @torch.no_grad()
 def evaluate_loss(model, examples, collate, args, device, autocast):
-    """Mean batch loss over the first --eval-batches batches of examples (all when 0), in eval mode, in order (no
-    shuffling), so successive estimates are comparable."""
+    """Mean loss of the first --eval-batches batches of examples (0: all), unshuffled: estimates stay comparable."""
     model.eval()
     chunks = [examples[i : i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
     losses = []
@@ -279,87 +224,101 @@ def evaluate_loss(model, examples, collate, args, device, autocast):
     return sum(losses) / len(losses)
 
 
+def evaluate(model, train_examples, val_examples, progress, *options):
+    """Add both losses at progress["step"] to progress["history"] (options: `evaluate_loss`'s) and print them; at the
+    lowest validation loss so far a CPU copy of the trainable weights goes to progress["best"] (early stopping)."""
+    losses = [evaluate_loss(model, examples, *options) for examples in (train_examples, val_examples)]
+    step, history = progress["step"], progress["history"]
+    for key, value in zip(("step", "train_loss", "val_loss"), (step, *losses)):
+        history[key].append(value)
+    print(f"step {step}: train loss {losses[0]:.3f}, val loss {losses[1]:.3f}", flush=True)
+    if losses[1] < progress["best"]["val_loss"]:
+        progress["best"] = {"step": step, "val_loss": losses[1], "weights": gpt.trainable_weights(model)}
+
+
+def training_step(model, optimizer, inputs, targets, autocast, step):
+    """One AdamW update on a batch (the step-th, counted from 0) -> its loss, a detached scalar tensor."""
+    loss = calc_loss_batch(model, inputs, targets, autocast)
+    gpt.check_finite_loss(loss.detach(), step + 1)  # before the update: a NaN never reaches the weights
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def save_state(state_path, model, tokenizer, optimizer, progress, stopper=None):
+    """Save the training state (a full disk: to the temporary folder, and training goes on); after a stop by
+    `stopper` (Ctrl-C or SIGTERM), say where it went and how to go on."""
+    saved = gpt.save_training_state(state_path, model, tokenizer, optimizer, **progress, rng=gpt.rng_state())
+    if stopper is not None:
+        print(f"stopped at step {progress['step']} ({stopper.signal_name}), the state saved in {saved}: go on with "
+              f"python finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
+
+
 def train(model, tokenizer, train_examples, val_examples, collate, args, device, state_path, stopper, state=None):
-    """Fine-tune model in place with AdamW, one step per batch, for --epochs (or --max-steps) -> (history {"step",
-    "train_loss", "val_loss": lists}, best {"step", "val_loss", "weights"}: a CPU copy of the trainable weights at the
-    evaluation with the lowest validation loss, stopped: None at the end, else the name of the signal that stopped
-    it). The training state, best and tokenizer included, goes to state_path every --save-every steps, at each
-    epoch's end and at a stop (stopper: Ctrl-C or SIGTERM, a gpt.StopSignal); given back as `state`, training goes
-    on as if it had not stopped."""
+    """Fine-tune model in place with AdamW, one step per batch, for --epochs (or --max-steps) -> (progress {"step",
+    "history": {"step", "train_loss", "val_loss": lists}, "best": {"step", "val_loss", "weights"}}, stopped: None,
+    or the name of the signal that stopped it). The training state goes to state_path every --save-every steps, at
+    each epoch's end and at a stop (stopper: Ctrl-C or SIGTERM, a gpt.StopSignal); given back as `state`, training
+    goes on as if it had not stopped."""
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
     autocast, _ = gpt.autocast_context(device, args.dtype)
     steps_per_epoch = math.ceil(len(train_examples) / args.batch_size)  # the last batch may be smaller
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    step, history, best = 0, {"step": [], "train_loss": [], "val_loss": []}, {"val_loss": math.inf}
+    progress = {"step": 0, "history": {"step": [], "train_loss": [], "val_loss": []}, "best": {"val_loss": math.inf}}
     if state is not None:
         model.load_state_dict(state["model"])
         gpt.restore_training_state(state, optimizer, device, state["rng"])  # AdamW's moments, the random state
-        step, history = state["step"], state["history"]
-        best = state.get("best", best)
-        print(f"resuming at step {step} of {total_steps}")
+        progress = {key: state[key] for key in progress}
+        print(f"resuming at step {progress['step']} of {total_steps}")
     print(f"training: {len(train_examples)} examples, {steps_per_epoch} steps per epoch, {total_steps} in all")
-    started, start_step, window_seconds, window_tokens = time.time(), step, 0.0, 0
+    started, start_step, window_seconds, window_tokens = time.time(), progress["step"], 0.0, 0
     while True:
+        step = progress["step"]
         # Evaluate at step 0, every --eval-every steps and at the end (a resumed run has this step already).
-        if (step % args.eval_every == 0 or step == total_steps) and step not in history["step"]:
-            train_loss = evaluate_loss(model, train_examples, collate, args, device, autocast)
-            val_loss = evaluate_loss(model, val_examples, collate, args, device, autocast)
-            history["step"].append(step)
-            history["train_loss"].append(train_loss)
-            history["val_loss"].append(val_loss)
-            print(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}", flush=True)
-            if val_loss < best["val_loss"]:  # keep the weights that generalise best (early stopping)
-                best = {"step": step, "val_loss": val_loss, "weights": gpt.trainable_weights(model)}
-        # A stop saves the steps made since the last save: --resume goes on from this very step.
-        stop = stopper.requested and step < total_steps
+        if (step % args.eval_every == 0 or step == total_steps) and step not in progress["history"]["step"]:
+            evaluate(model, train_examples, val_examples, progress, collate, args, device, autocast)
+        stop = stopper.requested and step < total_steps  # a stop saves the steps made since the last save
         if stop or (step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0
                                            or step == total_steps)):
-            # On a full disk the state goes to the temporary folder (gpt.save_with_fallback) and training goes on.
-            saved = gpt.save_training_state(state_path, model, tokenizer, optimizer, step=step, history=history,
-                                            best=best, rng=gpt.rng_state())
-        if stop:
-            print(f"stopped at step {step} ({stopper.signal_name}), the state saved in {saved}: go on with python "
-                  f"finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
-            return history, best, stopper.signal_name
-        if step == total_steps:
+            save_state(state_path, model, tokenizer, optimizer, progress, stopper if stop else None)
+        if stop or step == total_steps:
             break
 
         epoch, index = divmod(step, steps_per_epoch)
         inputs, targets = collate(epoch_batch(train_examples, args.batch_size, args.seed, epoch, index))
         step_started = time.time()
-        loss = calc_loss_batch(model, inputs.to(device), targets.to(device), autocast)
-        gpt.check_finite_loss(loss.detach(), step + 1)  # before the update: a NaN never reaches the weights
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
+        loss = training_step(model, optimizer, inputs.to(device), targets.to(device), autocast, step)
+        progress["step"] = step = step + 1
         window_seconds += time.time() - step_started
         window_tokens += inputs.numel()
-
         if step % args.log_every == 0 or step == total_steps:
             eta = gpt.eta(started, step - start_step, total_steps - start_step)
             print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} | loss {loss.item():.3f} | "
                   f"{window_tokens / window_seconds:.0f} tok/s | ETA {eta}", flush=True)
             window_seconds, window_tokens = 0.0, 0
+    if stop:
+        return progress, stopper.signal_name
     trained = f"{step - start_step} step" + ("s" if step - start_step != 1 else "")
     print(f"trained {trained} in {gpt.format_duration(time.time() - started)}")
-    return history, best, None
+    return progress, None
 
 
-def keep_weights(model, history, best, keep_last):
-    """Load the weights of the lowest validation loss into model (with keep_last: keep the last ones) and say which
-    were kept -> {"step", "val_loss"} of the kept weights' evaluation."""
-    if keep_last:
-        last = {"step": history["step"][-1], "val_loss": history["val_loss"][-1]}  # the end is always evaluated
-        print(f"kept the last weights (step {last['step']}); the lowest validation loss was at step {best['step']}")
-        return last
+def keep_weights(model, progress, keep_last):
+    """Load the weights of the lowest validation loss into model (keep_last: keep the last) -> their {"step",
+    "val_loss"}."""
+    history, best = progress["history"], progress["best"]
+    if keep_last:  # the end is always evaluated
+        print(f"kept the last weights (step {history['step'][-1]}); the lowest validation loss was at step "
+              f"{best['step']}")
+        return {"step": history["step"][-1], "val_loss": history["val_loss"][-1]}
     model.load_state_dict(best["weights"], strict=False)  # the trainable part; the rest never changed
     print(f"kept the weights of step {best['step']}, the lowest validation loss ({best['val_loss']:.3f})")
     return {"step": best["step"], "val_loss": best["val_loss"]}
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Answers: a response for each test entry
+# 4. Answers: a response for each test entry
 # ----------------------------------------------------------------------------------------
 
 
@@ -376,52 +335,29 @@ def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
     return gpt.token_ids_to_text(new_ids, tokenizer=tokenizer).strip(), len(new_ids)
 
 
-def answers_fingerprint(checkpoint, entries, options):
-    """What a set of answers depends on, to resume them only for the same work: the model file (path, size,
-    modification time), the entries (SHA-256) and the options."""
-    path = Path(checkpoint)
-    model = f"{path} {path.stat().st_size} {path.stat().st_mtime_ns}" if path.is_file() else str(checkpoint)
-    entries_sha256 = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
-    return {"model": model, "entries_sha256": entries_sha256, **options}
-
-
-def generate_responses(model, tokenizer, entries, path, checkpoint, **options):
-    """Answer every entry (options as in `generate_response`) and write them, each with a "model_response", to path
-    (JSON; the temporary folder if path cannot be written) -> that list. Every ANSWERS_PER_SAVE answers go to <path
-    stem>.partial.json; a later call for the same work (`answers_fingerprint`: checkpoint, entries, options) goes on."""
-    fingerprint = answers_fingerprint(checkpoint, entries, options)
-    so_far = path.with_name(path.stem + ".partial.json")
-    saved = gpt.read_json(so_far, "saved answers") if so_far.is_file() else {}
-    results = saved["responses"] if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else []
-    if results:
-        print(f"answers: {len(results)} of {len(entries)} taken from {so_far}")
-    done_before, tokens, started = len(results), 0, time.time()
-    for i in range(done_before, len(entries)):
-        response, n_tokens = generate_response(model, tokenizer, entries[i], **options)
-        results.append({**entries[i], "model_response": response})
+def generate_responses(model, tokenizer, entries, path, **options):
+    """Answer every entry (options: `generate_response`'s), then write them with a "model_response" each to path in
+    one atomic write (the temporary folder if path cannot be written) -> that list. Interrupted, it writes nothing."""
+    results, tokens, started = [], 0, time.time()
+    for i, entry in enumerate(entries):
+        response, n_tokens = generate_response(model, tokenizer, entry, **options)
+        results.append({**entry, "model_response": response})
         tokens += n_tokens
-        eta = gpt.eta(started, i + 1 - done_before, len(entries) - done_before)
+        eta = gpt.eta(started, i + 1, len(entries))
         gpt.show_progress(f"answers {i + 1}/{len(entries)} | {tokens / (time.time() - started):.1f} tok/s | ETA {eta}")
-        if (i + 1) % ANSWERS_PER_SAVE == 0:
-            try:
-                gpt.write_json(so_far, {"fingerprint": fingerprint, "responses": results})
-            except OSError as e:  # the answers stay in memory, and the final write has a fallback
-                gpt.end_progress()
-                print(f"warning: cannot save the answers so far to {so_far} ({e.strerror or e})", file=sys.stderr)
     gpt.end_progress()
     written = gpt.save_with_fallback(lambda target: gpt.write_json(target, results), path)
-    so_far.unlink(missing_ok=True)
     print(f"wrote {len(results)} responses to {written}")
     return results
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Evaluation: an LLM judge served by Ollama
+# 5. Evaluation: an LLM judge served by Ollama
 # ----------------------------------------------------------------------------------------
 
 
 def judge_prompt(entry):
-    """The grading request for one response (the book's section 7.8 wording)."""
+    """The grading request for one response (the book's section 7.8)."""
     return (
         f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, "
         f"score the model response `{entry['model_response']}` on a scale from 0 to 100, where 100 is the best score. "
@@ -429,79 +365,71 @@ def judge_prompt(entry):
     )
 
 
-# The parts of a judge's reply that parse_score reads (re.I: "Score", "RATING", "8.5E1").
-# 85, 85.5, -5, 8.5e1, always whole: not the 2 of "GPT-2", nor the 8 of "85" or the 0 of "7/0";
-# no part of "1,000" or of a decimal comma "7,5": which one is meant cannot be told, so neither is read
-_NUMBER = r"(?<![\w./-])(?<!\d,)-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?!\.?\d|e[-+]?\d|,\d)"
-# 85, 8/10, 4 out of 5; a number before a "/" that makes no ratio ("7/0", a date) is no score
-_SCORE = re.compile(rf"(?P<value>{_NUMBER})(?:\s*(?:/|out of)\s*(?P<top>[1-9]\d*))?(?!\s*/)", re.I)
-_LABEL = (
-    r"(?:\b(?:score|rating|grade)\b[\s*:=\"']*(?:(?:is|of|would be)\s+)?"  # "Score: 85", "**Rating:** 8/10"
-    r"|\b(?:give|rate|score)s?\s+(?:(?:it|this|that|the)\s+(?:response\s+|answer\s+)?)?(?:an?\s+)?)"  # "I'd give it"
-)
-_LABELLED = re.compile(_LABEL + _SCORE.pattern, re.I)
-_NOISE = re.compile(
-    r"`(?=[^`\n]*[a-z])[^`\n]*`|\"(?=[^\"\n]*[a-z])[^\"\n]*\"|“[^”]*”"  # a quoted answer; a bare "85" stays
-    r"|(?:\bbetween\s+\d+(?:\.\d+)?\s+and|\b\d+(?:\.\d+)?\s*(?:-|–|to))\s*\d+(?:\.\d+)?\b"  # "0 to 100", "0-100"
-    r"|(?:^|(?<=[.!?]))[ \t]*\d[.)](?=\s)",  # a list marker: "1. The response...", "2) It..."
-    re.I | re.M,
-)
-_JSON_OBJECT = re.compile(r'\{[^{}]*"score"[^{}]*\}')  # {"score": 85} inside prose or a ```json block
+# A number standing alone in a judge's reply: 85, 85.5, "85%", "85." at a sentence's end. Not a part of "1,000" or of
+# a decimal comma "7,5" (which is meant cannot be told), nor of a ratio "8/10", a name "GPT-2", or "-5".
+_NUMBER = re.compile(r"(?<![\w.,/-])\d+(?:\.\d+)?(?![\w/]|[.,]\d)")
 
 
 def parse_score(reply):
-    """The judge's reply -> its score as a float in 0..100, or None when the reply has no single score
-    (unscorable). reply is the message content: text, or a JSON value. The first rule that applies decides:
-
-    1. JSON, the structured output asked for: a number, or an object {"score": x} (the whole reply, or an object
-       within it) -> x. Anything else (null, a list) -> None.
-    2. A labelled score: "Score: 85", "rating = 8/10", "I'd give it 85", "I would rate it 85".
-    3. The number left once quoted text, scales and ranges ("0 to 100", "0-100") and list markers ("1. ") are
-       dropped: "85", "85/100", "It deserves 85%."
-    A ratio goes on the 0-100 scale: "8/10" and "4 out of 5" -> 80.0 (6 decimals kept). Two different values under
-    rule 2 or 3 (ambiguous), or a value outside 0..100 -> None.
-    """
+    """The judge's reply -> its score as a float in 0..100, or None when the reply has no single score. reply is the
+    message content: text, or a JSON value. JSON comes first, the structured output asked for: a number, or an
+    object {"score": x}. Other text scores only when it holds one number, however often ("Score: 85. 85 it is").
+    A value outside 0..100 -> None."""
+    if isinstance(reply, str):
+        try:
+            reply = json.loads(reply)
+        except (ValueError, RecursionError):  # not JSON: prose, or JSON inside prose
+            numbers = {float(number) for number in _NUMBER.findall(reply)}
+            reply = numbers.pop() if len(numbers) == 1 else None
     if isinstance(reply, dict):
         reply = reply.get("score")
-    if isinstance(reply, (int, float)) and not isinstance(reply, bool):
-        return float(reply) if 0 <= reply <= 100 else None  # NaN fails both comparisons
-    if not isinstance(reply, str):
-        return None  # no content (None), a list, true or false
-    for candidate in [reply, *_JSON_OBJECT.findall(reply)]:
-        try:
-            return parse_score(json.loads(candidate))
-        except (ValueError, RecursionError):  # not JSON (or nested too deep): the next candidate, then the text
-            pass
-    text = _NOISE.sub(" ", reply)
-    matches = list(_LABELLED.finditer(text)) or list(_SCORE.finditer(text))
-    # rounded so that 8.7/10 gives 87.0, not 86.99999999999999
-    values = {round(float(m["value"]) * 100 / float(m["top"] or 100), 6) for m in matches}
-    return parse_score(values.pop()) if len(values) == 1 else None
+    if isinstance(reply, (int, float)) and not isinstance(reply, bool) and 0 <= reply <= 100:  # NaN fails
+        return float(reply)
+    return None
 
 
 # Ollama's structured output (https://ollama.com/blog/structured-outputs, Ollama 0.5+): the
 # JSON schema in the request's "format" field constrains the reply to {"score": <0..100>}.
-SCORE_FORMAT = {
-    "type": "object",
-    "properties": {"score": {"type": "number", "minimum": 0, "maximum": 100}},
-    "required": ["score"],
-}
-OLLAMA_HELP = (
-    "start the server with `ollama serve` (install it from https://ollama.com) and get the judge with "
-    "`ollama pull {model}`, or point --judge-url at a running server (now {url})"
-)
+SCORE_FORMAT = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
+                "required": ["score"]}
+OLLAMA_HELP = ("start the server with `ollama serve` (install it from https://ollama.com) and get the judge with "
+               "`ollama pull {model}`, or point --judge-url at a running server (now {url})")
 
 
-def check_ollama(url, model):
-    """Make sure an Ollama server answers at url (GET /api/tags, the list of local models) and has `model`; raise
-    RuntimeError with the commands that fix it otherwise."""
+def ask_ollama(url, path, model, *keys, kind=object, payload=None):
+    """GET url + path of Ollama's HTTP API, or POST payload there as JSON -> the value at `keys` of the JSON reply
+    (("message", "content") -> reply["message"]["content"]), of type `kind`. A server older than Ollama 0.5 refuses
+    a schema in "format" (HTTP 400) and is asked again without. Raises RuntimeError saying how to start a server
+    when none answers, and quoting the reply for an HTTP error or a reply of another shape (not Ollama's)."""
     try:
-        reply = requests.get(f"{url}/api/tags", timeout=5)
+        if payload is None:
+            reply = requests.get(url + path, timeout=5)
+        else:
+            reply = requests.post(url + path, json=payload, timeout=(5, 600))
     except requests.RequestException as e:
         fix = OLLAMA_HELP.format(url=url, model=model)
         raise RuntimeError(f"no Ollama server answers at {url} ({type(e).__name__}): {fix}") from None
-    models = ollama_reply_field(reply, url, "models", kind=list)  # [{"name": "llama3:latest", ...}, ...]
-    names = {str(m.get("name")) for m in models if isinstance(m, dict)}
+    if reply.status_code == 400 and "format" in reply.text and "format" in (payload or {}):
+        payload = {key: value for key, value in payload.items() if key != "format"}  # parse_score reads the prose
+        return ask_ollama(url, path, model, *keys, kind=kind, payload=payload)
+    if reply.status_code != 200:
+        raise RuntimeError(f"the server at {url} answered HTTP {reply.status_code}: {reply.text[:300]}")
+    try:
+        value = reply.json()
+        for key in keys:
+            value = value[key]  # TypeError for a list or a number, KeyError for a missing field
+        if isinstance(value, kind):
+            return value
+    except (ValueError, KeyError, TypeError, IndexError):
+        pass
+    raise RuntimeError(f"the server at {url} answered an unexpected reply: {reply.text[:300]!r}; is it an Ollama "
+                       "server? check --judge-url")
+
+
+def check_ollama(url, model):
+    """Raise RuntimeError, with the commands that fix it, unless an Ollama server at url has `model` (GET /api/tags)."""
+    models = ask_ollama(url, "/api/tags", model, "models", kind=list)
+    names = {str(m.get("name")) for m in models if isinstance(m, dict)}  # [{"name": "llama3:latest", ...}, ...]
     if model not in names and f"{model}:latest" not in names:
         raise RuntimeError(
             f"the Ollama server at {url} does not have the model {model!r} "
@@ -509,110 +437,99 @@ def check_ollama(url, model):
         )
 
 
-def query_ollama(prompt, url, model, timeout=600):
-    """One chat request to Ollama's HTTP API (POST /api/chat, not streamed) with temperature 0, a fixed seed and the
-    SCORE_FORMAT schema -> the reply's content: text (normally '{"score": 85}'), or whatever JSON value the server
-    sent. A server older than Ollama 0.5 rejects a schema (HTTP 400) and is asked again without. Raises RuntimeError
-    when the server fails to answer."""
+def query_ollama(prompt, url, model):
+    """One chat request to Ollama (POST /api/chat, not streamed) with temperature 0, a fixed seed and the SCORE_FORMAT
+    schema -> the reply's content: text (normally '{"score": 85}'), or whatever JSON value the server sent."""
     options = {"temperature": 0, "seed": JUDGE_SEED, "num_ctx": 2048}
     payload = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False, "options": options}
-    try:
-        reply = requests.post(f"{url}/api/chat", json={**payload, "format": SCORE_FORMAT}, timeout=(5, timeout))
-        if reply.status_code == 400 and "format" in reply.text:
-            # before 0.5 "format" could only be "json"; parse_score then reads the prose
-            reply = requests.post(f"{url}/api/chat", json=payload, timeout=(5, timeout))
-    except requests.RequestException as e:
-        fix = OLLAMA_HELP.format(url=url, model=model)
-        raise RuntimeError(f"the Ollama server at {url} stopped answering ({type(e).__name__}): {fix}") from None
-    return ollama_reply_field(reply, url, "message", "content")
-
-
-def ollama_reply_field(reply, url, *keys, kind=object):
-    """The value at `keys` in the JSON of a server's reply (("message", "content") -> reply["message"]["content"]),
-    of type `kind`. Raises RuntimeError quoting the reply for an HTTP error status, and for a reply of another shape
-    (not JSON, a list, a missing field): a server answers, but not as Ollama does."""
-    if reply.status_code != 200:
-        raise RuntimeError(f"the server at {url} answered HTTP {reply.status_code}: {reply.text[:300]}")
-    try:
-        value = reply.json()
-        for key in keys:
-            value = value[key]  # TypeError for a list or a number, KeyError for a missing field
-        if not isinstance(value, kind):
-            raise TypeError
-        return value
-    except (ValueError, KeyError, TypeError, IndexError):
-        raise RuntimeError(f"the server at {url} answered an unexpected reply: {reply.text[:300]!r}; "
-                           "is it an Ollama server? check --judge-url") from None
+    return ask_ollama(url, "/api/chat", model, "message", "content", payload={**payload, "format": SCORE_FORMAT})
 
 
 def judge(args, responses_path):
-    """Grade each "model_response" of the responses file against its "output" with the --judge; print the mean score
-    and how many could not be scored, and write the entries with a "score" (0-100, or null when unscorable) to
-    <name>-scored.json beside it. The responses file is only read."""
-    if not responses_path.is_file():
-        raise FileNotFoundError(f"--responses {responses_path}: no such file; generate it first (e.g. --generate-only)")
-    entries = gpt.read_json(responses_path, "--responses")
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"--responses {responses_path}: expected a non-empty JSON list of entries")
+    """Grade each "model_response" of the responses file against its "output"; print the mean score and write the
+    entries with a "score" (0-100, null when unscorable) to <name>-scored.json beside it."""
+    entries = load_instruction_data(responses_path, "--responses", "give answers as --generate-only writes them",
+                                    keys=("instruction", "output", "model_response"))
     url, scored, started = args.judge_url.rstrip("/"), [], time.time()
     try:
         check_ollama(url, args.judge_model)
         for i, entry in enumerate(entries):
-            problem = check_entry(entry)
-            if not problem and not isinstance(entry.get("model_response"), str):
-                problem = "no string 'model_response'"
-            score = None
-            if problem:
-                print(f"  entry {i}: cannot be scored: {problem}")
-            else:
-                answer = query_ollama(judge_prompt(entry), url, args.judge_model)
-                score = parse_score(answer)
-                if score is None:
-                    print(f"  entry {i}: no score 0-100 in the judge's answer {answer!r:.80}")
-            scored.append({**entry, "score": score} if isinstance(entry, dict) else {"entry": entry, "score": None})
+            answer = query_ollama(judge_prompt(entry), url, args.judge_model)
+            scored.append({**entry, "score": parse_score(answer)})
+            if scored[-1]["score"] is None:
+                print(f"  entry {i}: no score 0-100 in the judge's answer {answer!r:.80}")
             print(f"judging {i + 1}/{len(entries)} | ETA {gpt.eta(started, i + 1, len(entries))}", flush=True)
     except RuntimeError as e:
         if args.judge_only:
             raise
-        raise RuntimeError(
-            f"{e}; the answers stay in {responses_path}: grade them later with python finetune_instruct.py "
-            f"--judge-only --judge ollama --responses {responses_path} --judge-url {url} "
-            f"--judge-model {args.judge_model}"
-        ) from None
+        raise RuntimeError(f"{e}; the answers stay in {responses_path}: grade them later with python "
+                           f"finetune_instruct.py --judge-only --judge ollama --responses {responses_path} "
+                           f"--judge-url {url} --judge-model {args.judge_model}") from None
     scores = [e["score"] for e in scored if e["score"] is not None]
     mean = f"{sum(scores) / len(scores):.2f}" if scores else "n/a"
     print(f"judge {args.judge_model}: mean score {mean} over {len(scores)} entries; "
           f"{len(entries) - len(scores)} could not be scored")
-    gpt.write_json(scored_path(responses_path), scored)
-    print(f"wrote the scores to {scored_path(responses_path)}")
+    scored_path = responses_path.with_name(responses_path.stem + "-scored.json")
+    gpt.write_json(scored_path, scored)
+    print(f"wrote the scores to {scored_path}")
 
 
 # ----------------------------------------------------------------------------------------
-# 7. The stage: data, model, training, the kept weights saved
+# 6. The stage: data, model, training, the kept weights saved
 # ----------------------------------------------------------------------------------------
+
+
+def resume_run(args, argv, out_dir):
+    """The saved run in out_dir -> (settings, [train, validation, test], training state). Raises ValueError for a flag
+    that differs from the saved one (but RESUME_MAY_CHANGE), no training state, or no step left to train."""
+    args = gpt.resume_settings(build_parser(), argv, gpt.read_json(out_dir / "run.json", "--resume"), RESUME_MAY_CHANGE)
+    splits = [load_instruction_data(out_dir / name, "the run's split", SPLIT_FIX) for name in SPLIT_FILES]
+    state_path = out_dir / "train_state.pt"
+    state = gpt.load_checkpoint(state_path) if state_path.is_file() else {}
+    if not {"optimizer", "step", "history", "rng"} <= state.keys():  # none, or a model checkpoint (model.pt copied)
+        raise ValueError(f"--resume: {state_path} is {'not a training state' if state else 'not there'} (a finished "
+                         f"run keeps it only with --keep-state): train on from {out_dir / 'model.pt'} with --model, "
+                         "or start again with --overwrite")
+    steps = min(math.ceil(len(splits[0]) / args.batch_size) * args.epochs, args.max_steps or math.inf)
+    if state["step"] >= steps:  # before run.json is written again
+        limit = "--max-steps" if steps == args.max_steps else "--epochs"
+        raise ValueError(f"--resume: the run is complete ({state['step']} step{'s' * (state['step'] != 1)}, as "
+                         f"{limit} {getattr(args, limit[2:].replace('-', '_'))} allows): raise {limit} to train on")
+    return args, splits, state
+
+
+def train_until_stopped(model, tokenizer, examples, collate, args, device, state_path, state):
+    """`train` with Ctrl-C and SIGTERM turned into a saved stop -> its progress. A stopped run exits with the shell's
+    code for the signal (130 or 143); a second Ctrl-C stops at once, from the last save."""
+    try:
+        with gpt.StopSignal() as stopper:  # Ctrl-C or SIGTERM: finish the step, save, stop
+            progress, stopped = train(model, tokenizer, *examples, collate, args, device, state_path, stopper, state)
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, without saving
+        if state_path.exists():
+            print(f"--resume --out-dir {state_path.parent} goes on from the last save in {state_path}", file=sys.stderr)
+        raise
+    if stopped:
+        raise SystemExit(128 + signal.Signals[stopped])
+    return progress
 
 
 def fine_tune(args, argv, device):
-    """Claim --out-dir, read and split the data (the saved run's with --resume), fine-tune and save model.pt ->
-    (settings, model in --dtype, its tokenizer, where model.pt went, test entries). Settings and split are written
-    once data and model have passed their checks."""
+    """Claim --out-dir, split the data (the saved split with --resume), fine-tune, save model.pt -> (settings, model in
+    --dtype, its tokenizer, test entries). Nothing is written before data and model have passed their checks."""
     out_dir = gpt.claim_run_folder(args.out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
-    state_path = out_dir / "train_state.pt"
     if args.resume:
         args, splits, state = resume_run(args, argv, out_dir)
         source = f"the run's split in {out_dir}"
     else:
         source, state = data_path(args), None
         splits = split_dataset(load_instruction_data(source), args.seed)
-    train_set, val_set, test_set = splits
-    print(f"data: {source}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test entries")
+    print(f"data: {source}: {len(splits[0])} train, {len(splits[1])} validation, {len(splits[2])} test entries")
     gpt.print_settings(args)
     model, tokenizer = prepare_model(args, device, state)  # the model's own tokenizer and end-of-text token
     max_length = gpt.length_within_context(args.max_length, model.cfg, "--max-length")
     print(gpt.model_summary(model, args.model) + f", on {device}")
-    train_examples = tokenize_examples(train_set, tokenizer, max_length, args.mask_prompt)
-    val_examples = tokenize_examples(val_set, tokenizer, max_length, args.mask_prompt)
-    if not train_examples or not val_examples:
+    examples = [tokenize_examples(entries, tokenizer, max_length, args.mask_prompt) for entries in splits[:2]]
+    if not all(examples):
         raise ValueError("no training or validation example is left: raise --max-length or drop --mask-prompt")
     gpt.write_json(out_dir / "run.json", vars(args))  # on --resume: with an extended --epochs or --max-steps
     for name, entries in zip(SPLIT_FILES, splits):
@@ -620,41 +537,62 @@ def fine_tune(args, argv, device):
 
     collate = functools.partial(collate_instruction_batch, eot_id=tokenizer.eot_id, mask_prompt=args.mask_prompt,
                                 max_length=max_length)
-    try:
-        with gpt.StopSignal() as stopper:  # Ctrl-C or SIGTERM: finish the step, save, stop
-            history, best, stopped = train(
-                model, tokenizer, train_examples, val_examples, collate, args, device, state_path, stopper, state
-            )
-    except KeyboardInterrupt:  # a second Ctrl-C: at once, without saving
-        if state_path.exists():
-            print(f"--resume --out-dir {out_dir} goes on from the last save in {state_path}", file=sys.stderr)
-        raise
-    if stopped:
-        raise SystemExit(128 + signal.Signals[stopped])  # the shell's code for the signal: 130 or 143
+    state_path = out_dir / "train_state.pt"
+    progress = train_until_stopped(model, tokenizer, examples, collate, args, device, state_path, state)
+    history = progress["history"]
     losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
     gpt.plot_curves(out_dir / "losses.png", {"loss": losses}, "step")
-    kept = keep_weights(model, history, best, args.keep_last)
+    kept = keep_weights(model, progress, args.keep_last)
     if args.lora:
         gpt.merge_lora(model)  # back to the model's own layers: a plain checkpoint
     save = functools.partial(gpt.save_checkpoint, model=model.eval(), tokenizer=tokenizer, settings=vars(args),
                              history=history, kept=kept)
-    checkpoint = gpt.save_with_fallback(save, out_dir / "model.pt")
-    print(f"saved the fine-tuned model to {checkpoint}")
+    print(f"saved the fine-tuned model to {gpt.save_with_fallback(save, out_dir / 'model.pt')}")
     if not args.keep_state:
         state_path.unlink(missing_ok=True)  # up to 4x the model; --keep-state keeps it for --resume
-    return args, model.to(gpt.DTYPES[args.dtype]), tokenizer, checkpoint, test_set
+    return args, model.to(gpt.DTYPES[args.dtype]), tokenizer, splits[2]
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Command line and run folder
+# 7. The other modes: answers of a saved model (--generate-only, --prompt)
 # ----------------------------------------------------------------------------------------
+
+
+def answer_options(args):
+    """The generation options of `generate_response` from the flags (sampling seeded by --seed)."""
+    options = {key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_k", "top_p")}
+    return {**options, "seed": args.seed if args.temperature > 0 else None}
+
+
+def load_for_answers(args, device):
+    """The model of --checkpoint (default <out-dir>/model.pt; any --model value) in --dtype, and its tokenizer."""
+    checkpoint = Path(args.checkpoint or Path(args.out_dir) / "model.pt")
+    if args.checkpoint is None and not checkpoint.exists():
+        raise FileNotFoundError(f"no {checkpoint}: fine-tune first, or give --checkpoint (any --model value works)")
+    print(f"model: {checkpoint}")
+    return gpt.load(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype])
+
+
+def test_split(args, device):
+    """--generate-only: (model, tokenizer, entries): --checkpoint and the run's test.json, else --data's test split."""
+    model, tokenizer = load_for_answers(args, device)
+    out_dir = gpt.claim_run_folder(args.out_dir, [])  # answering again replaces responses.json, as was asked
+    if (out_dir / "test.json").is_file():
+        print(f"data: the run's test split, {out_dir / 'test.json'}")
+        return model, tokenizer, load_instruction_data(out_dir / "test.json", "the run's split", SPLIT_FIX)
+    path = data_path(args)
+    print(f"data: {out_dir} holds no test.json: answering the test split of {path} with --seed {args.seed}")
+    return model, tokenizer, split_dataset(load_instruction_data(path), args.seed)[2]
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Command line
+# ----------------------------------------------------------------------------------------
+
 
 def build_parser():
-    p = gpt.ArgumentParser(
-        description="Instruction fine-tuning of GPT-2 or a Llama-family model (Alpaca format), answers for the test "
-        "set, optional LLM judge. A new run refuses an --out-dir that holds another run unless --resume continues it "
-        "or --overwrite replaces it; --generate-only, --prompt and --judge-only use an existing run."
-    )
+    p = gpt.ArgumentParser(description="Instruction fine-tuning of GPT-2 or a Llama-family model (Alpaca format), "
+                           "answers for the test set, an optional LLM judge.")
     what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
     what.add_argument("--generate-only", action="store_true", help="answer the run's test split with --checkpoint")
     what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print it, exit (default: none)")
@@ -664,7 +602,6 @@ def build_parser():
     what.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir first")
     what.add_argument("--keep-state", action="store_true", help="keep train_state.pt after training, for --resume")
     what.add_argument("--out-dir", default="runs/instruct", help="folder for all outputs")
-
     data = p.add_argument_group("data")
     data.add_argument("--data", help="Alpaca JSON list or JSON Lines (default: the book's, downloaded to --cache-dir)")
     data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
@@ -672,7 +609,6 @@ def build_parser():
     data.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, the shuffling, LoRA and sampling")
     data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples (default: the context length)")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
-
     train = p.add_argument_group("model and training")
     train.add_argument("--model", default="gpt2-medium", help="starting point: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
                        "a Llama-family Hub name (HuggingFaceTB/SmolLM2-135M, Qwen/Qwen3-0.6B-Base, "
@@ -694,7 +630,6 @@ def build_parser():
     train.add_argument("--dtype", choices=gpt.DTYPES, default="float32", help="precision: autocast while training "
                        "(float32 weights; not float16), the weights' type when answering")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-
     answers = p.add_argument_group("answers and evaluation")
     answers.add_argument("--checkpoint", help="model that answers, any --model value (default: <out-dir>/model.pt)")
     answers.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=256, help="longest answer in tokens")
@@ -727,9 +662,9 @@ def parse_args(argv=None):
     sampling = [flag for flag in ("top_k", "top_p") if getattr(args, flag) is not None]
     if sampling and not args.temperature:
         parser.error(f"{gpt.flag_name(sampling[0])} is for sampling: give --temperature above 0 as well")
-    if args.dtype == "float16" and not (args.generate_only or args.judge_only or args.prompt is not None):
-        parser.error("--dtype float16 trains without loss scaling: train in bfloat16 or float32")
     modes = [flag for flag in ("generate_only", "judge_only", "prompt") if getattr(args, flag) not in (None, False)]
+    if args.dtype == "float16" and not modes:
+        parser.error("--dtype float16 trains without loss scaling: train in bfloat16 or float32")
     ignored = [flag for flag in TRAINING_FLAGS if flag in gpt.given_flags(parser, argv)]
     if modes and ignored:
         mode = gpt.flag_name(modes[0])
@@ -740,114 +675,38 @@ def parse_args(argv=None):
     return args
 
 
-def answer_options(args):
-    """The generation options of `generate_response` from the flags (sampling seeded by --seed)."""
-    options = {key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_k", "top_p")}
-    return {**options, "seed": args.seed if args.temperature > 0 else None}
-
-
-def scored_path(responses_path):
-    """Where the judge writes: responses.json -> responses-scored.json beside it."""
-    return responses_path.with_name(responses_path.stem + "-scored.json")
-
-
-def answer_paths(args):
-    """(responses file, checkpoint) of this command; a folder where the answers or scores go
-    is an error (ValueError) before any work. A checkpoint may be a model folder."""
-    responses = Path(args.responses or Path(args.out_dir) / "responses.json")
-    for path in (responses, scored_path(responses)):
-        if path.is_dir():
-            raise ValueError(f"{path} is a folder, but a file goes there: move it away, or give another --responses")
-    return responses, Path(args.checkpoint or Path(args.out_dir) / "model.pt")
-
-
-def data_path(args):
-    """--data, or the book's file downloaded once into the cache."""
-    if args.data is not None:
-        return Path(args.data)
-    return gpt.fetch_dataset([DATA_URL], "instruction-data.json", flag="--data", kind="json", size=DATA_SIZE,
-                             sha256=DATA_SHA256)
-
-
-def load_for_answers(args, checkpoint, device):
-    """The model of --checkpoint (default <out-dir>/model.pt) in --dtype and the tokenizer it
-    carries -> (model, tokenizer)."""
-    if args.checkpoint is None and not checkpoint.exists():
-        raise FileNotFoundError(f"no {checkpoint}: fine-tune first, or give --checkpoint (any --model value works)")
-    print(f"model: {checkpoint}")
-    return gpt.load(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype])
-
-
-def test_split(args, out_dir):
-    """The entries --generate-only answers: the run's test.json, else the split of --data."""
-    if (out_dir / "test.json").is_file():
-        print(f"data: the run's test split, {out_dir / 'test.json'}")
-        return read_split(out_dir / "test.json")
-    path = data_path(args)
-    print(f"data: {out_dir} holds no test.json: answering the test split of {path} with --seed {args.seed}")
-    return split_dataset(load_instruction_data(path), args.seed)[2]
-
-
-def resume_run(args, argv, out_dir):
-    """The saved run in out_dir -> (settings, (train, validation, test), train state dict).
-    Flags given with --resume must agree with the saved ones, except RESUME_MAY_CHANGE."""
-    args = gpt.resume_settings(build_parser(), argv, gpt.read_json(out_dir / "run.json", "--resume"), RESUME_MAY_CHANGE)
-    splits = [read_split(out_dir / name) for name in SPLIT_FILES]
-    if not (out_dir / "train_state.pt").is_file() and (out_dir / "model.pt").is_file():
-        raise ValueError(
-            f"--resume: the run in {out_dir} has finished, and its train_state.pt was not kept (a run started with "
-            f"--keep-state keeps it): answer its test split with --generate-only, or train on with "
-            f"--model {out_dir / 'model.pt'}"
-        )
-    if not (out_dir / "train_state.pt").is_file():
-        raise ValueError(f"--resume: the run in {out_dir} stopped before its first save; start again with --overwrite")
-    state = gpt.load_checkpoint(out_dir / "train_state.pt")
-    missing = [key for key in ("optimizer", "step", "history", "rng") if key not in state]
-    if missing:  # a model checkpoint (a copy of model.pt, say) has the weights but not where training stood
-        raise ValueError(f"--resume: {out_dir / 'train_state.pt'} is a model checkpoint, not a training state of "
-                         f"finetune_instruct.py (no {', '.join(missing)}): start again with --overwrite")
-    epoch_steps = math.ceil(len(splits[0]) / args.batch_size) * args.epochs
-    stopped_by_max_steps = args.max_steps and args.max_steps < epoch_steps
-    limit = f"--max-steps {args.max_steps}" if stopped_by_max_steps else f"--epochs {args.epochs}"
-    if state["step"] >= min(epoch_steps, args.max_steps or math.inf):  # before run.json is written again
-        steps = f"{state['step']} step" + ("s" if state["step"] != 1 else "")
-        raise ValueError(f"--resume: the run is complete ({steps}, as {limit} allows): raise {limit.split()[0]} "
-                         "to train on")
-    return args, splits, state
-
-
-# ----------------------------------------------------------------------------------------
-# 9. Putting it together
-# ----------------------------------------------------------------------------------------
+def responses_path(args):
+    """--responses (default <out-dir>/responses.json); ValueError before any work when it or the scores are a folder."""
+    path = Path(args.responses or Path(args.out_dir) / "responses.json")
+    for target in (path, path.with_name(path.stem + "-scored.json")):
+        if target.is_dir():
+            raise ValueError(f"{target} is a folder, but a file goes there: move it away, or give another --responses")
+    return path
 
 
 @gpt.command_line(memory_hint="use a smaller --batch-size or --max-length, or --lora")
 def main(argv=None):
     args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir
-    responses_path, checkpoint = answer_paths(args)
+    responses = responses_path(args)
     if args.judge_only:
-        judge(args, responses_path)
-        return
+        return judge(args, responses)
     if args.judge == "ollama":  # before hours of training and answering: is the judge there?
         check_ollama(args.judge_url.rstrip("/"), args.judge_model)
     device = gpt.pick_device(args.device)
     if args.prompt is not None:
-        model, tokenizer = load_for_answers(args, checkpoint, device)
+        model, tokenizer = load_for_answers(args, device)
         entry = {"instruction": args.prompt, "input": args.input}
         answer = generate_response(model, tokenizer, entry, **answer_options(args))[0]
-        print(answer or "(an empty answer: the model ended it at once with its end-of-text token)")
-        return
+        return print(answer or "(an empty answer: the model ended it at once with its end-of-text token)")
     if args.generate_only:
-        model, tokenizer = load_for_answers(args, checkpoint, device)
-        # No run file is protected: answering again replaces responses.json, which is what was asked for.
-        test_set = test_split(args, gpt.claim_run_folder(args.out_dir, []))
+        model, tokenizer, test_set = test_split(args, device)
     else:
-        args, model, tokenizer, checkpoint, test_set = fine_tune(args, argv, device)
-        responses_path, _ = answer_paths(args)  # with --resume, the saved run's
-    generate_responses(model, tokenizer, test_set, responses_path, checkpoint, **answer_options(args))
+        args, model, tokenizer, test_set = fine_tune(args, argv, device)
+        responses = responses_path(args)  # with --resume, the saved run's
+    generate_responses(model, tokenizer, test_set, responses, **answer_options(args))
     if args.judge == "ollama":
-        judge(args, responses_path)
+        judge(args, responses)
 
 
 if __name__ == "__main__":

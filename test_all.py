@@ -4009,35 +4009,29 @@ def test_instruct_tokenized_prompt_is_a_prefix(monkeypatch):
     assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=too_short, mask_prompt=True) == []
 
 
-def test_instruct_bad_entries_reported(tmp_path, capsys):
+def test_instruct_bad_entries_reported(tmp_path):
     good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
-    data = [
-        good,
-        {"instruction": "No output."},  # entry 1: missing key
-        {"instruction": "  ", "input": "", "output": "x"},  # entry 2: empty instruction
-        {"instruction": "Wrong type.", "input": 3, "output": "x"},  # entry 3: input not a string
-        "just a string",  # entry 4
-        {"instruction": "No input key is fine.", "output": "Fine."},
-    ]
     path = tmp_path / "data.json"
-    path.write_text(json.dumps(data))
-    entries = instruct.load_instruction_data(path)
-    assert entries == [good, data[5]]
-    out = capsys.readouterr().out
-    assert "4 bad entries" in out
-    assert "entry 1: no 'output' key" in out
-    assert "entry 2: empty 'instruction'" in out
-    assert "entry 3: 'input' is int, not a string" in out
-    assert "entry 4: not a JSON object but str" in out
-
+    for bad, problem in [
+        ({"instruction": "No output."}, "entry 1: 'output' must be a string, not null"),
+        ({"instruction": "Wrong type.", "input": 3, "output": "x"}, "entry 1: 'input' must be a string, not 3"),
+        ("just a string", "entry 1: not a JSON object but str"),
+    ]:
+        path.write_text(json.dumps([good, bad]))
+        with pytest.raises(ValueError) as exc:
+            instruct.load_instruction_data(path)
+        assert str(exc.value) == f"--data {path}: {problem}: {instruct.DATA_FIX}"
+    path.write_text(json.dumps([good, {"instruction": "No input key is fine.", "output": "Fine."}]))
+    assert instruct.load_instruction_data(path)[0] == good
     jsonl = tmp_path / "data.jsonl"
-    jsonl.write_text(json.dumps(good) + "\n\n{broken\n" + json.dumps({"output": "x"}) + "\n")
-    assert instruct.load_instruction_data(jsonl) == [good]
-    out = capsys.readouterr().out
-    assert "line 3: not valid JSON" in out and "line 4: no 'instruction' key" in out
-
-    path.write_text(json.dumps(data[1:5]))
-    with pytest.raises(ValueError, match="no usable entries"):
+    jsonl.write_text(json.dumps(good) + "\n\n" + json.dumps({"output": "x"}) + "\n")
+    with pytest.raises(ValueError, match="line 3: 'instruction' must be a string, not null"):
+        instruct.load_instruction_data(jsonl)
+    jsonl.write_text(json.dumps(good) + "\n{broken\n")
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        instruct.load_instruction_data(jsonl)
+    path.write_text("[]")
+    with pytest.raises(ValueError, match="no entries"):
         instruct.load_instruction_data(path)
 
 
@@ -4065,29 +4059,19 @@ def test_instruct_split_85_5_10_with_seed():
         ("8.5e1", 85.0),
         ("100", 100.0),
         ("0", 0.0),
-        ("On a scale from 0 to 100, I'd give 85", 85.0),  # not the 0 or 100 of the scale
-        ("1. The response is correct. 2. It is concise. Score: 70", 70.0),  # not the list numbers
-        ("1. The response is correct.\n2. It misses one detail.\n\n75", 75.0),
-        ("Score: 72 out of 100. The answer is correct.", 72.0),
         ("**Score:** 88", 88.0),
-        ("Score = 85.5", 85.5),
-        ("Rating: 8/10", 80.0),
-        ("8/10", 80.0),
-        ("85/100", 85.0),
-        ("4 out of 5", 80.0),
-        ("Score: 8.7/10", 87.0),
-        ("I would rate it 90/100", 90.0),
-        ("I'd give it 85 because 2 of the 3 facts are right.", 85.0),  # the label wins
-        ("The model response `The sum is 12` is correct, so 95", 95.0),  # not the quoted 12
+        ("Score = 85.5. I stand by 85.5", 85.5),  # one number, twice
         ("85%", 85.0),
+        ("Score: 85.", 85.0),
         ("150", None),
         ("-5", None),
-        ("Score: 85/0", None),  # not the 8 of 85
-        ("Between 80 and 90.", None),  # a range: ambiguous
-        ("Score: 70. On second thought, final score: 85", None),  # two scores: ambiguous
-        ("The response is good, 3 points off: 97", None),
+        ("Score: -5", None),
+        ("GPT-2 would give 85", 85.0),  # not the 2 of a name
+        ("On a scale from 0 to 100, I'd give 85", None),  # three numbers: ambiguous
+        ("8/10", None),  # a ratio is not a 0-100 score
+        ("Score: 70. On second thought, final score: 85", None),
         ("Score: 1,000", None),  # a thousands separator: not 1
-        ("Score: 7,5/10", None),  # a decimal comma: not 7
+        ("Score: 7,5", None),  # a decimal comma: not 7 nor 5
         ("7,5/10", None),
         ("I cannot judge this.", None),
         ("", None),
@@ -4171,7 +4155,7 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
     _, url = _instruct_ollama
     path, entries = _instruct_responses_file(tmp_path, 3)
     before = path.read_bytes()
-    _InstructFakeOllama.answers = ["80", "Score: 60 out of 100 - mostly right.", "I cannot judge this."]
+    _InstructFakeOllama.answers = ["80", "Score: 60 - mostly right.", "I cannot judge this."]
     instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
     out = capsys.readouterr().out
     assert "mean score 70.00 over 2 entries; 1 could not be scored" in out
@@ -4184,7 +4168,7 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
     assert request["options"]["temperature"] == 0 and request["options"]["seed"] == instruct.JUDGE_SEED
     assert request["format"] == {
         "type": "object",
-        "properties": {"score": {"type": "number", "minimum": 0, "maximum": 100}},
+        "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
         "required": ["score"],
     }
     prompt = request["messages"][0]["content"]
@@ -4377,7 +4361,7 @@ def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, m
     assert json.loads((folder / "halves" / "responses.json").read_text()) == json.loads(
         (folder / "straight" / "responses.json").read_text()
     )
-    with pytest.raises(SystemExit, match="has finished, and its train_state.pt was not kept"):
+    with pytest.raises(SystemExit, match="train_state.pt is not there \\(a finished run keeps it only with --keep-state"):
         instruct.main(["--out-dir", str(folder / "halves"), "--resume", "--epochs", "3"])
 
 
@@ -4544,13 +4528,13 @@ def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_r
     assert again == answered
     # A split file edited or damaged since: one line naming it, not a traceback, nor 0 answers written.
     run = tmp_path / "run"
-    for content, problem in [("[1, 2]", "entry 0: not a JSON object but int"), ("{}", "it is not a JSON list"),
-                             ("[]", "it holds no entries")]:
+    for content, problem in [("[1, 2]", "entry 0: not a JSON object but int"), ("{}", "line 1: 'instruction' must be a string, not null"),
+                             ("[]", "no entries")]:
         (run / "test.json").write_text(content)
         with pytest.raises(SystemExit) as exc:
             instruct.main(["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
-        assert str(exc.value) == (f"error: {run / 'test.json'}: the run's split is damaged ({problem}): put back the "
-                                  "file the run wrote, or start the run again with --overwrite")
+        assert str(exc.value) == (f"error: the run's split {run / 'test.json'}: {problem}: put back the file the run "
+                                  "wrote, or start the run again with --overwrite")
     assert json.loads((run / "responses.json").read_text()) == answered
 
 
@@ -4608,7 +4592,7 @@ def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()  # no run files before the checks pass: no --overwrite needed
 
 
-def test_instruct_answers_survive_a_full_disk_and_an_interruption(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
+def test_instruct_answers_survive_a_full_disk(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
     folder = _instruct_tiny_run
     entries = [{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
     (tmp_path / "data.json").write_text(json.dumps(entries))  # test split: 4 entries
@@ -4618,23 +4602,6 @@ def test_instruct_answers_survive_a_full_disk_and_an_interruption(_instruct_tiny
     straight = json.loads((tmp_path / "straight" / "responses.json").read_text())
     assert len(straight) == 4
 
-    # Ctrl-C during the third answer, saving every answer: two are kept and not made again.
-    monkeypatch.setattr(instruct, "ANSWERS_PER_SAVE", 1)
-    answer = instruct.generate_response
-    calls = []
-
-    def interrupted_at_the_third(model, tokenizer, entry, **options):
-        calls.append(entry["instruction"])
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return answer(model, tokenizer, entry, **options)
-
-    monkeypatch.setattr(instruct, "generate_response", interrupted_at_the_third)
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(common + ["--out-dir", str(tmp_path / "run")])
-    assert exc.value.code == 130
-    assert len(json.loads((tmp_path / "run" / "responses.partial.json").read_text())["responses"]) == 2
-    capsys.readouterr()
     # The disk is full when the answers are written: they go to the temporary folder.
     write_json = gpt.write_json
 
@@ -4648,10 +4615,7 @@ def test_instruct_answers_survive_a_full_disk_and_an_interruption(_instruct_tiny
     (tmp_path / "tmp").mkdir()
     with pytest.raises(SystemExit, match=r"error: the run finished, but .*responses.json is in"):
         instruct.main(common + ["--out-dir", str(tmp_path / "run")])
-    captured = capsys.readouterr()
-    assert "answers: 2 of 4 taken from" in captured.out
-    assert len(calls) == 5 and calls[3] == calls[2]  # only the interrupted third answer and the fourth are made
-    assert "No space left on device" in captured.err
+    assert "No space left on device" in capsys.readouterr().err
     [fallback] = (tmp_path / "tmp").glob("responses-*.json")
     assert json.loads(fallback.read_text()) == straight
     assert not (tmp_path / "run" / "responses.json").exists()
@@ -5219,9 +5183,9 @@ def test_instruct_resume_of_a_model_checkpoint_says_what_it_is(_instruct_tiny_ru
     (out_dir / "train_state.pt").write_bytes((out_dir / "model.pt").read_bytes())  # a model where the state belongs
     with pytest.raises(SystemExit) as exit_info:
         instruct.main(["--out-dir", str(out_dir), "--resume", "--epochs", "2"])
-    assert exit_info.value.code == (f"error: --resume: {out_dir / 'train_state.pt'} is a model checkpoint, not a "
-                                    "training state of finetune_instruct.py (no optimizer, step, rng): "
-                                    "start again with --overwrite")
+    assert exit_info.value.code == (f"error: --resume: {out_dir / 'train_state.pt'} is not a training state (a "
+                                    "finished run keeps it only with --keep-state): train on from "
+                                    f"{out_dir / 'model.pt'} with --model, or start again with --overwrite")
 
 
 @pytest.mark.parametrize("script, flags, message", [
