@@ -70,7 +70,7 @@ def sms_collection_path(data=None, urls=DATA_URLS):
     and --data if none does)."""
     if data is not None:
         return gpt.existing_file(data, "--data")
-    return gpt.fetch_dataset(urls, DATA_FILENAME, flag="--data", kind="zip", member=ZIP_MEMBER, size=MEMBER_SIZE,
+    return gpt.fetch_dataset(urls, DATA_FILENAME, flag="--data", member=ZIP_MEMBER, size=MEMBER_SIZE,
                              sha256=MEMBER_SHA256)
 
 

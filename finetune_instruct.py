@@ -97,7 +97,7 @@ def data_path(args):
     """--data, or the book's file downloaded once into the cache."""
     if args.data is not None:
         return Path(args.data)
-    return gpt.fetch_dataset([DATA_URL], "instruction-data.json", flag="--data", kind="json", size=DATA_SIZE,
+    return gpt.fetch_dataset([DATA_URL], "instruction-data.json", flag="--data", size=DATA_SIZE,
                              sha256=DATA_SHA256)
 
 

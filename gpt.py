@@ -41,7 +41,6 @@ import shutil
 import signal
 import struct
 import sys
-import tarfile
 import tempfile
 import textwrap
 import threading
@@ -51,7 +50,6 @@ import zipfile
 import zlib
 from array import array
 from pathlib import Path
-from urllib.parse import urlparse
 
 import requests
 import tiktoken
@@ -1132,131 +1130,84 @@ def parse_json(text, source):
         raise ValueError(f"{source}: JSON nested too deeply to read") from None
 
 
-def _print_progress(done, total, started, label):
-    elapsed = max(time.time() - started, 1e-9)
-    speed = done / elapsed
-    if total:
-        eta = format_duration((total - done) / speed) if speed > 0 else "?"
-        line = (f"{label}: {done / 1e6:.1f} / {total / 1e6:.1f} MB ({100 * done / total:.0f}%), "
-                f"{speed / 1e6:.1f} MB/s, ETA {eta}")
-    else:
-        line = f"{label}: {done / 1e6:.1f} MB, {speed / 1e6:.1f} MB/s"
-    show_progress(line)
+# --- Downloads: verified by size and SHA-256, renamed into place whole -------------------
+#
+# Every download is checked before it counts: the files this project names (data sets)
+# carry a pinned size and SHA-256; the Hub's large (LFS) files the SHA-256 the Hub
+# announces; its small files (config.json, tokenizer.json), which have only a git SHA-1,
+# their size and a parse. A wrong hash catches a cut file, a web page sent in its place
+# and a bad resumed range alike. The bytes go to a temporary file of this process and
+# thread, renamed into place (`os.replace`) once checked: a reader never sees a partial
+# file, and processes that fetch the same file at once (torchrun ranks) need no lock.
 
 
-def _sha256_of_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_file(path, kind=None, *, size=None, sha256=None, member=None):
-    """Check that a downloaded or cached file is complete and what it should be.
-
-    kind: "safetensors" (header length, a JSON header that fits, every tensor inside the
-    file), "zip" (every member's CRC-32), "tar" (every member readable to its end),
-    "text" (valid UTF-8), "json" (parses), or None (no format check). size (bytes) and
-    sha256 (hex) are those of the file, or of its zip member `member` when given: a zip
-    made anew may differ byte-wise from the one hashed while its contents do not.
-    Raises ValueError naming the file and the problem.
-    """
-    path = Path(path)
-    if kind not in (None, "safetensors", "zip", "tar", "text", "json"):
-        raise ValueError(f"unknown file kind {kind!r}")
-    try:
-        if kind == "safetensors":
-            read_safetensors(path)  # memory maps only: cheap even for gpt2-xl
-        elif kind == "zip":
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()  # reads every member and checks its CRC-32
-            if bad is not None:
-                raise ValueError(f"member {bad!r} is corrupt")
-        elif kind == "tar":
-            with tarfile.open(path) as archive:
-                for info in archive:
-                    if info.isfile():
-                        _read_to_end(archive.extractfile(info))
-        elif kind == "text":
-            _read_to_end(open(path, encoding="utf-8"))  # strict: the first invalid byte raises
-        elif kind == "json":
-            json.loads(path.read_bytes())
-        if member is not None:
-            with zipfile.ZipFile(path) as archive:
-                data = archive.read(member)  # KeyError when there is no such member
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, tarfile.TarError, zlib.error) as e:
-        kind = kind or "zip"  # without a kind only reading the zip member can fail
-        raise ValueError(f"{path}: not a valid {kind} file ({e})") from None
+def verify_file(path, *, size=None, sha256=None, member=None, check=None):
+    """Raise ValueError naming the file when it is not the expected one: its size (bytes)
+    or SHA-256 (hex) differ from those given, or those of its zip member `member` (a zip
+    made anew may differ byte-wise while the member does not), or `check(path)`, a parse
+    of the file, raises ValueError. Nothing given: nothing checked."""
     what = path if member is None else f"{path} (member {member})"
-    actual_size = path.stat().st_size if member is None else len(data)
+    if check is not None:
+        check(path)
+    if size is None and sha256 is None:
+        return
+    digest, actual_size = hashlib.sha256(), 0
+    try:
+        with zipfile.ZipFile(path).open(member) if member else open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+                actual_size += len(chunk)
+    except (OSError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{what}: not the expected file ({e})") from None
     if size is not None and actual_size != size:
         raise ValueError(f"{what}: {actual_size} bytes, expected {size}")
-    if sha256 is not None:
-        actual_sha256 = _sha256_of_file(path) if member is None else hashlib.sha256(data).hexdigest()
-        if actual_sha256 != sha256.lower():
-            raise ValueError(f"{what}: SHA-256 {actual_sha256}, expected {sha256}")
+    if sha256 is not None and digest.hexdigest() != sha256.lower():
+        raise ValueError(f"{what}: SHA-256 {digest.hexdigest()}, expected {sha256}")
 
 
-def _read_to_end(f):
-    """Read and close a file object in 1 MiB pieces: decoding or decompressing checks it."""
-    with f:
-        while f.read(1 << 20):
-            pass
-
-
-def _reuse_cached(dest, kind=None, **checks):
-    """Whether dest exists and passes `verify_file`. A file that fails is deleted, saying
-    why on stderr, so that it is downloaded again instead of failing the same way forever."""
-    if not dest.exists():
-        return False
+def cached_file(path, **checks):
+    """path when it exists and passes `verify_file(**checks)`, else None. A file that fails is
+    deleted, saying why on stderr, so that it is fetched again instead of failing forever."""
+    path = Path(path)
+    if not path.exists():
+        return None
     try:
-        verify_file(dest, kind, **checks)
+        verify_file(path, **checks)
+        return path
     except ValueError as e:
         print(f"warning: cached {e}; deleting it to download it again", file=sys.stderr)
-        dest.unlink()
-        return False
-    return True
+        path.unlink()
+        return None
 
 
-def download_file(
-    url, dest, *, sha256=None, size=None, kind=None, member=None, timeout=30, retries=3, quiet=False, headers=None
-):
-    """Download url to dest, verifying; return dest as a Path.
+def download_file(url, dest, *, size=None, sha256=None, member=None, check=None, headers=None, quiet=False,
+                  retries=3, timeout=30):
+    """Download url to dest -> dest as a Path; a dest that passes the checks is used as it is.
 
-    A dest that exists and passes `verify_file(kind, size, sha256, member)` (size in
-    bytes, SHA-256 in hex) is returned as is; one that fails is downloaded again. The
-    bytes go to a temporary file of this process and thread beside dest
-    (`.NAME.tmpPID.THREAD.part`), which `os.replace` renames to dest only once it passes
-    `verify_file`: no reader ever sees a partial file, and two processes that download the
-    same file need no lock (each renames a whole, verified copy). A connection that breaks
-    off is resumed with an HTTP Range request, up to `retries` attempts. A failed or
-    interrupted download deletes its temporary file and the folders it made for dest, when
-    empty; the next call starts over (temporary files of processes that are gone are
-    removed then). `timeout` is in seconds per network read. Progress (MB, MB/s, ETA) goes
-    to stderr unless `quiet`. `headers`: extra HTTP headers (an access token).
-    Raises RuntimeError, one line naming the URL, for an HTTP error status, a web page
-    (text/html) unless the URL names an .html file, any failed request (connection, TLS,
-    redirect loop, invalid URL) or a failed check.
+    size, sha256, member, check: as `verify_file`, applied to the download before it is
+    renamed to dest and to a cached dest (see `cached_file`). A connection that breaks off
+    is resumed with an HTTP Range request, up to `retries` attempts; `timeout` is in seconds
+    per network read; `headers` are extra HTTP headers (an access token). A progress line
+    goes to stderr unless `quiet`. Whatever fails, Ctrl-C included, deletes the temporary
+    file and the folders made for it. Raises RuntimeError, one line naming the URL: an HTTP
+    error status, a failed request or a download that fails the checks.
     """
     dest = Path(dest)
-    if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
-        return dest  # from an earlier run: nothing is written, so a read-only cache works too
+    checks = {"size": size, "sha256": sha256, "member": member, "check": check}
+    if cached_file(dest, **checks):
+        return dest  # nothing is written: a read-only cache works too
     made = [folder for folder in (dest.parent, *dest.parent.parents) if not folder.exists()]  # mkdir makes these
     dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporary_files(dest.parent)  # left by downloads whose process was killed
-    # Not tempfile.mkstemp: its files are private (mode 600), and a shared cache must stay readable.
     part = dest.with_name(f".{dest.name}.tmp{os.getpid()}.{threading.get_ident()}.part")
     try:
-        _transfer(url, part, label=f"downloading {dest.name}", timeout=timeout, retries=retries, quiet=quiet,
-                  headers=headers or {})
+        _transfer(url, part, f"downloading {dest.name}", headers or {}, quiet, retries, timeout)
         try:
-            verify_file(part, kind, size=size, sha256=sha256, member=member)
+            verify_file(part, **checks)
         except ValueError as e:  # named as dest: the temporary name means nothing to the reader
             raise RuntimeError(f"download of {url} is corrupt or not the expected file: "
                                f"{str(e).replace(str(part), str(dest))}; deleted, run again") from None
         os.replace(part, dest)
-    except BaseException:  # also Ctrl-C: nothing half-done stays behind
+    except BaseException:
         part.unlink(missing_ok=True)
         remove_empty_folders(made)
         raise
@@ -1273,49 +1224,29 @@ _FATAL_REQUEST_ERRORS = {
 }
 
 
-def _transfer(url, part, *, label, timeout, retries, quiet, headers):
-    """The network half of `download_file`: bring `part` up to the whole of url. Resumes
-    with a Range request; starts over when the server ignores it (200) or answers for
-    another range (206); a body short of its Content-Length counts as a broken connection."""
+def _transfer(url, part, label, headers, quiet, retries, timeout):
+    """The network half of `download_file`: bring `part` up to the whole of url, asking for
+    the bytes it lacks (Range) after a break. A body short of its Content-Length is a break."""
     reason = None
-    for attempt in range(1, retries + 1):
+    for attempt in range(retries):
         if reason is not None and not quiet:
-            print(f"{label}: attempt {attempt - 1} of {retries} failed ({reason}); retrying", file=sys.stderr)
+            print(f"{label}: attempt {attempt} of {retries} failed ({reason}); retrying", file=sys.stderr)
         have = part.stat().st_size if part.exists() else 0
-        resume = {"Range": f"bytes={have}-"} if have else {}
         try:
-            with requests.get(url, headers={**headers, **resume}, stream=True, timeout=timeout) as r:
-                if r.status_code == 416:  # partial file is already complete (or too long)
-                    return
+            with requests.get(url, headers={**headers, **({"Range": f"bytes={have}-"} if have else {})},
+                              stream=True, timeout=timeout) as r:
                 if r.status_code not in (200, 206):
                     raise RuntimeError(f"download of {url} failed: HTTP {r.status_code} {r.reason}")
-                web_page = r.headers.get("Content-Type", "").split(";")[0].strip().lower() == "text/html"
-                if web_page and not urlparse(url).path.lower().endswith((".html", ".htm")):
-                    raise RuntimeError(f"download of {url} failed: the server sent a web page (text/html), "
-                                       "not the file")
-                content_range = r.headers.get("Content-Range", "")
-                asked = re.fullmatch(rf"bytes {have}-(\d+)/(\d+|\*)", content_range)  # from `have` to the end
-                if r.status_code == 200:  # server ignored the Range header: start over
-                    have = 0
-                elif not asked or (asked[2] != "*" and int(asked[1]) + 1 != int(asked[2])):
-                    part.unlink(missing_ok=True)
-                    reason = f"asked for bytes {have}-, the server sent {content_range or 'no Content-Range'}"
-                    continue
-                length = r.headers.get("Content-Length")
-                total = have + int(length) if length is not None else None
-                started, done, last_print = time.time(), have, 0.0
+                have = have if r.status_code == 206 else 0  # 200: the whole file again
+                total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+                done, started = have, time.time()
                 with open(part, "ab" if have else "wb") as f:
-                    try:
-                        for chunk in r.iter_content(chunk_size=1 << 16):  # small: a cut loses < 64 KiB
-                            f.write(chunk)
-                            done += len(chunk)
-                            if not quiet and time.time() - last_print > 0.5:
-                                _print_progress(done, total, started, label)
-                                last_print = time.time()
-                    finally:
-                        if not quiet:  # end the progress line, also before an error
-                            _print_progress(done, total, started, label)
-                            end_progress()
+                    for chunk in r.iter_content(chunk_size=1 << 16):  # small: a cut loses < 64 KiB
+                        done += f.write(chunk)
+                        if not quiet:
+                            size = f"{done / 1e6:.1f} / {total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+                            left = f", ETA {eta(started, done - have, total - have)}" if total else ""
+                            show_progress(f"{label}: {size}{left}")
                 if total is None or done >= total:
                     return
                 reason = f"the connection closed after {done} of {total} bytes"
@@ -1324,31 +1255,29 @@ def _transfer(url, part, *, label, timeout, retries, quiet, headers):
             if fatal:
                 raise RuntimeError(f"download of {url} failed: {fatal[0]}") from None
             reason = f"{e.__class__.__name__}: no connection, or it broke off"
+        finally:
+            end_progress()
     raise RuntimeError(f"download of {url} failed after {retries} attempts ({reason}); run again later")
 
 
-def fetch_dataset(urls, filename, *, flag="--data", kind=None, size=None, sha256=None, member=None, quiet=False):
-    """Path of a data file in the cache, downloading it from the first of `urls` that works.
+def fetch_dataset(urls, filename, *, flag="--data", size=None, sha256=None, member=None, quiet=False):
+    """Path of a data file in the cache, downloaded once from the first of `urls` that works.
 
     The file lands in <cache>/data/<key>/<filename> (see `cache_dir`), where key is the
     first 12 hex digits of the SHA-256 of urls[0] (the others are mirrors of the same
-    file): another URL with the same file name is another file. Each use checks the
-    cached file with `verify_file(kind, size, sha256, member)` (see `download_file`) and
-    downloads it again when it fails. Raises RuntimeError naming every URL tried and the
-    command-line `flag` that takes a local copy instead, when none of them works.
+    file). size, sha256 and member: see `download_file`; each use checks the cached file
+    again. Raises RuntimeError naming every URL tried and the command-line `flag` that
+    takes a local copy instead, when none of them works.
     """
     dest = cache_dir() / "data" / hashlib.sha256(urls[0].encode()).hexdigest()[:12] / filename
-    if _reuse_cached(dest, kind, size=size, sha256=sha256, member=member):
-        return dest
     errors = []
     for url in urls:
         try:
-            return download_file(url, dest, sha256=sha256, size=size, kind=kind, member=member, quiet=quiet)
+            return download_file(url, dest, sha256=sha256, size=size, member=member, quiet=quiet)
         except RuntimeError as e:
             errors.append(f"  {e}")
-    raise RuntimeError(
-        f"could not download {filename}:\n" + "\n".join(errors) + f"\nOffline? Pass a local copy with {flag} PATH"
-    )
+    raise RuntimeError(f"could not download {filename}:\n" + "\n".join(errors)
+                       + f"\nOffline? Pass a local copy with {flag} PATH")
 
 
 def plot_curves(path, panels, xlabel):
@@ -1552,7 +1481,6 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes; the format's own limit
 
 
 def read_safetensors(path):
@@ -1563,59 +1491,33 @@ def read_safetensors(path):
     the header), then the raw little-endian tensor bytes. Each tensor is a view of a
     private (copy-on-write) memory mapping of its own bytes: reading costs no memory
     until the bytes are touched, and dropping the tensor releases them. Raises
-    ValueError naming the problem for a truncated or malformed file, and
-    FileNotFoundError when it does not exist.
+    FileNotFoundError when it does not exist, ValueError naming the file and the first
+    problem for a truncated or malformed one (one bounds check per tensor catches both).
     """
     path = Path(path)
     file_size = path.stat().st_size
-    with open(path, "rb") as f:
-        if file_size < 8:
-            raise ValueError(f"{path}: not a safetensors file ({file_size} bytes, shorter than the 8-byte "
-                             "header length)")
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > file_size:
-            raise ValueError(
-                f"{path}: header length {header_len} bytes runs past the end of the {file_size}-byte file "
-                "(truncated or not a safetensors file)"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: header is not valid JSON ({e})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: header is not a JSON object")
-        data_size = file_size - 8 - header_len
-        return {
-            name: _map_tensor(path, f, name, info, 8 + header_len, data_size)
-            for name, info in header.items()
-            if name != "__metadata__"  # optional free-form metadata, not a tensor
-        }
-
-
-def _map_tensor(path, f, name, info, data_start, data_size):
-    """Check one header entry of an open safetensors file and map its bytes as a tensor."""
     try:
-        dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-    except (TypeError, KeyError, ValueError):
-        raise ValueError(f"{path}: tensor {name!r} needs dtype, shape and two data_offsets, got {info!r}") from None
-    if dtype_name not in SAFETENSORS_DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}; "
-                         f"known: {', '.join(SAFETENSORS_DTYPES)}")
-    dtype = SAFETENSORS_DTYPES[dtype_name]
-    if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
-        raise ValueError(f"{path}: tensor {name!r} has a malformed shape {shape} or offsets {[begin, end]}")
-    if not 0 <= begin <= end <= data_size:
-        raise ValueError(
-            f"{path}: tensor {name!r} data offsets [{begin}, {end}] are outside the {data_size} data bytes "
-            "(truncated file?)"
-        )
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if 8 + header_len > file_size:
+                raise ValueError(f"a header of {header_len} bytes runs past the end of the {file_size}-byte file")
+            header = json.loads(f.read(header_len))
+            return {name: _map_tensor(f, name, info, 8 + header_len, file_size)
+                    for name, info in header.items() if name != "__metadata__"}  # free-form, not a tensor
+    except (struct.error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
+
+
+def _map_tensor(f, name, info, data_start, file_size):
+    """One header entry of an open safetensors file -> its bytes mapped as a tensor,
+    once they are checked to lie inside the file and to hold shape x dtype."""
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor {name!r}: unknown dtype {info['dtype']!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
+    dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
     numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if end - begin != numel * itemsize:
-        raise ValueError(
-            f"{path}: tensor {name!r} has {end - begin} bytes but shape {shape} in {dtype_name} "
-            f"needs {numel * itemsize}"
-        )
+    if min(shape, default=0) < 0 or not 0 <= begin == end - numel * dtype.itemsize or data_start + end > file_size:
+        raise ValueError(f"tensor {name!r}: {info['dtype']} {shape} at data offsets [{begin}, {end}] does not "
+                         f"fit in the {file_size - data_start} data bytes (truncated?)")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     # Mappings start on a page boundary: map from the page that holds the first byte.
@@ -1625,99 +1527,67 @@ def _map_tensor(path, f, name, info, data_start, data_size):
     return torch.frombuffer(region, dtype=dtype, count=numel, offset=start - page_start).view(shape)
 
 
-def hf_hub_cache():
-    """Hugging Face's cache folder: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+def hub_file(repo, filename, *, quiet=False, missing_ok=False):
+    """Path of `filename` of the Hub model `repo` ("owner/model"), downloaded once.
 
-
-def find_in_hf_cache(name, filename="model.safetensors"):
-    """Path of `filename` of the model openai-community/<name> or <name> ("owner/model") in
-    the Hugging Face cache, or None."""
-    for repo in (f"models--openai-community--{name}", f"models--{name.replace('/', '--')}"):
-        snapshots = hf_hub_cache() / repo / "snapshots"
-        ref = hf_hub_cache() / repo / "refs" / "main"
-        candidates = [snapshots / ref.read_text().strip()] if ref.exists() else []
-        candidates += sorted(snapshots.glob("*")) if snapshots.exists() else []
-        for snapshot in candidates:
-            if (snapshot / filename).exists():
-                return snapshot / filename
-    return None
-
-
-def gpt2_weights_path(name):
-    """Where the weights of a released size are (or will be) cached: <cache>/<name>/model.safetensors."""
-    return cache_dir() / name / "model.safetensors"
-
-
-def download_gpt2(name, *, quiet=False):
-    """Make sure the released weights of `name` (a key of GPT_CONFIGS) are on disk; return the path.
-
-    Looks in the Hugging Face cache, then in `gpt2_weights_path(name)`; otherwise downloads
-    `model.safetensors` of openai-community/<name> from $HF_ENDPOINT (default
-    https://huggingface.co), verified against the size and SHA-256 the hub announces in
-    its X-Linked-Size and X-Linked-Etag headers. A cached file that is not a complete
-    safetensors file is downloaded again. Raises ValueError for an unknown name and
-    RuntimeError when the download fails.
+    Looks in the Hugging Face cache, then in <cache>/<repo>/<filename> (see `cache_dir`;
+    GPT-2's released sizes in <cache>/<size>/), where a .safetensors or .json file must
+    parse; else downloads it from $HF_ENDPOINT (default https://huggingface.co) with the
+    token in $HF_TOKEN, checked against the SHA-256 and size the Hub announces for large
+    files (X-Linked-Etag, X-Linked-Size) and by that parse. Returns None for a file the
+    Hub does not have when missing_ok. Raises RuntimeError offline (naming what to pass
+    instead), for a gated model (what to do) and as `download_file` does.
     """
-    if name not in GPT_CONFIGS:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(GPT_CONFIGS)} or give a path to a file")
-    found = find_in_hf_cache(name)
-    if found is not None:
-        return found
-    dest = gpt2_weights_path(name)
-    if _reuse_cached(dest, "safetensors"):
-        return dest
-    url = f"{hub_endpoint()}/openai-community/{name}/resolve/main/model.safetensors"
-    checks = hub_file_checks(url, "a local .safetensors file", name)
-    return download_file(url, dest, **checks, kind="safetensors", quiet=quiet)
-
-
-def hub_endpoint():
-    """The Hugging Face Hub's address: $HF_ENDPOINT (a mirror), else https://huggingface.co."""
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def hub_headers():
-    """HTTP headers for the Hub: the access token in $HF_TOKEN, which gated models need."""
-    token = os.environ.get("HF_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def hub_file_checks(url, local_alternative, name, missing_ok=False):
-    """Ask the Hub about a file (HEAD) -> {"sha256", "size"} to verify the download with (from
-    the X-Linked-Etag and X-Linked-Size headers of large files; None when not announced).
-
-    Returns None for a file the Hub does not have (404) when missing_ok. Raises
-    RuntimeError when the Hub cannot be reached (naming `local_alternative` to `name`), for
-    a gated model without access (401/403: what to do) and for any other HTTP error.
-    """
+    local = local_hub_file(repo, filename)
+    if local is not None:
+        return local
+    url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo}/resolve/main/{filename}"
+    headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
     try:
-        head = requests.head(url, headers=hub_headers(), allow_redirects=False, timeout=30)
+        head = requests.head(url, headers=headers, allow_redirects=False, timeout=30)
     except requests.RequestException as e:
-        raise RuntimeError(
-            f"cannot reach {url} ({e.__class__.__name__}). Offline? Pass {local_alternative} instead of "
-            f"{name!r}, or set HF_ENDPOINT to a mirror"
-        ) from None
+        raise RuntimeError(f"cannot reach {url} ({e.__class__.__name__}). Offline? Pass a local .safetensors file "
+                           f"or a folder with the model's files instead of {repo!r}, or set HF_ENDPOINT to a mirror"
+                           ) from None
     if head.status_code in (401, 403):
-        token = "HF_TOKEN is set, but its account has no access yet" if hub_headers() else "HF_TOKEN is not set"
-        raise RuntimeError(
-            f"{name} is gated (HTTP {head.status_code}; {token}): accept its licence on "
-            f"https://huggingface.co/{name} while logged in, then set HF_TOKEN to an access token of that account "
-            "(https://huggingface.co/settings/tokens)"
-        )
+        token = "HF_TOKEN is set, but its account has no access yet" if headers else "HF_TOKEN is not set"
+        raise RuntimeError(f"{repo} is gated (HTTP {head.status_code}; {token}): accept its licence on "
+                           f"https://huggingface.co/{repo} while logged in, then set HF_TOKEN to an access token "
+                           "of that account (https://huggingface.co/settings/tokens)")
     if head.status_code == 404 and missing_ok:
         return None
     if head.status_code >= 400:
         raise RuntimeError(f"download of {url} failed: HTTP {head.status_code} {head.reason}")
-    etag = head.headers.get("X-Linked-Etag") or head.headers.get("ETag") or ""
-    etag = etag.strip('"').removeprefix("W/").strip('"')
-    size = head.headers.get("X-Linked-Size")
-    return {
-        "sha256": etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None,  # LFS files: the etag is the SHA-256
-        "size": int(size) if size else None,
-    }
+    etag = (head.headers.get("X-Linked-Etag") or head.headers.get("ETag") or "").removeprefix("W/").strip('"')
+    sha256 = etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None  # LFS files: the etag is the SHA-256
+    size = int(head.headers["X-Linked-Size"]) if head.headers.get("X-Linked-Size") else None
+    return download_file(url, _own_hub_path(repo, filename), sha256=sha256, size=size, check=_parse_check(filename),
+                         headers=headers, quiet=quiet)
+
+
+def _own_hub_path(repo, filename):
+    """Where `hub_file` keeps a file it downloaded (GPT-2's released sizes as in earlier versions)."""
+    return cache_dir() / repo.removeprefix("openai-community/") / filename
+
+
+def _parse_check(filename):
+    """The parse that a Hub file of this name must pass (see `verify_file`), or None."""
+    if filename.endswith(".safetensors"):
+        return read_safetensors  # memory maps only: cheap even for gpt2-xl
+    return (lambda path: parse_json(path.read_bytes(), path)) if filename.endswith(".json") else None
+
+
+def local_hub_file(repo, filename):
+    """Path of a file of a Hub model already on disk (see `hub_file`), or None."""
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" /
+                                                      "huggingface") / "hub")
+    model = hub / f"models--{repo.replace('/', '--')}"
+    ref = model / "refs" / "main"
+    snapshots = [model / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
+    for snapshot in snapshots + sorted(model.glob("snapshots/*")):
+        if (snapshot / filename).is_file():
+            return snapshot / filename
+    return cached_file(_own_hub_path(repo, filename), check=_parse_check(filename))
 
 
 # Keys of the released files that hold no parameters of ours: the causal-mask buffers
@@ -1960,34 +1830,6 @@ def config_from_hub(config_json, source="config.json"):
         raise ValueError(f"{source}: {e}") from None
 
 
-def hub_file(repo, filename, *, kind=None, quiet=False, missing_ok=False):
-    """Path of `filename` of the Hub model `repo` ("owner/model"), downloading it once.
-
-    Looks in the Hugging Face cache, then in <cache>/<owner>/<model>/<filename> (see
-    `cache_dir`); else downloads it from $HF_ENDPOINT with the token in $HF_TOKEN, verified
-    (kind, and the size and SHA-256 the Hub announces for large files). Returns None for a
-    file the Hub does not have when missing_ok. Raises RuntimeError as `hub_file_checks`
-    and `download_file` do (offline, gated, failed or corrupt download).
-    """
-    local = local_hub_file(repo, filename, kind)
-    if local is not None:
-        return local
-    url = f"{hub_endpoint()}/{repo}/resolve/main/{filename}"
-    checks = hub_file_checks(url, "a local folder with the model's files", repo, missing_ok)
-    if checks is None:
-        return None
-    return download_file(url, cache_dir() / repo / filename, **checks, kind=kind, quiet=quiet, headers=hub_headers())
-
-
-def local_hub_file(repo, filename, kind=None):
-    """Path of a file of a Hub model already on disk (see `hub_file`), or None."""
-    found = find_in_hf_cache(repo, filename)
-    if found is not None:
-        return found
-    dest = cache_dir() / repo / filename
-    return dest if _reuse_cached(dest, kind) else None
-
-
 # --- One loader: a model and its tokenizer from any source ------------------------------
 
 # The tokenizer files a model carries along: read, kept in `Tokenizer.files`, exported as they are.
@@ -2001,7 +1843,7 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
 
     source, whatever it is, loads the same way (`model(idx)` gives logits, `generate` text):
     - a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"): its weights
-      downloaded once from the Hugging Face Hub (`download_gpt2`), GPT-2's tokenizer;
+      downloaded once from openai-community/<size> on the Hugging Face Hub, GPT-2's tokenizer;
     - a Hub name "owner/model": config.json, weights and tokenizer files, downloaded once
       (`hub_file`; a gated model needs HF_TOKEN);
     - a folder as transformers' `save_pretrained` or `export_hf` writes it;
@@ -2054,7 +1896,7 @@ def model_files(source, *, quiet=False):
                  for name in names if (folder / name).is_file()}
         return config_json, weight_paths, files
     if str(source) in GPT_CONFIGS:
-        return None, [download_gpt2(str(source), quiet=quiet)], {}
+        return None, [hub_file(f"openai-community/{source}", "model.safetensors", quiet=quiet)], {}
     owner = Path(str(source).split("/")[0])
     if not HUB_NAME.fullmatch(str(source)) or owner.is_dir() or path.suffix in (".pt", ".safetensors"):
         raise FileNotFoundError(
@@ -2062,14 +1904,14 @@ def model_files(source, *, quiet=False):
             "a Hub name owner/model, a model folder, a .safetensors file or a checkpoint of this project"
         )
     repo = str(source)
-    config_json = read_json(hub_file(repo, "config.json", kind="json", quiet=quiet), "model config")
-    index = local_hub_file(repo, "model.safetensors.index.json", "json")
-    single = None if index else hub_file(repo, "model.safetensors", kind="safetensors", quiet=quiet, missing_ok=True)
+    config_json = read_json(hub_file(repo, "config.json", quiet=quiet), "model config")
+    index = local_hub_file(repo, "model.safetensors.index.json")  # sharded and cached: no request at all
+    single = None if index else hub_file(repo, "model.safetensors", quiet=quiet, missing_ok=True)
     if single is not None:
         weight_paths = [single]
     else:
-        index = index or hub_file(repo, "model.safetensors.index.json", kind="json", quiet=quiet)
-        weight_paths = [hub_file(repo, shard, kind="safetensors", quiet=quiet) for shard in shard_names(index)]
+        index = index or hub_file(repo, "model.safetensors.index.json", quiet=quiet)
+        weight_paths = [hub_file(repo, shard, quiet=quiet) for shard in shard_names(index)]
     return config_json, weight_paths, hub_tokenizer_files(repo, quiet=quiet)
 
 
@@ -2484,34 +2326,24 @@ def write_hf_folder(folder, tensors, files, *, overwrite=False):
     """Write model.safetensors (tensors, with the `__metadata__` {"format": "pt"} that
     transformers checks) and `files` ({name: bytes or a JSON-able object}) as folder -> Path.
 
-    Atomic: everything goes to a temporary folder beside it (`.NAME.partialPID`), which
-    is renamed to folder at the end, so folder is complete or absent, never half-written.
-    With `overwrite` an earlier export is moved aside (`.NAME.oldPID`), the new one
-    renamed in, and the old one deleted (or put back when the rename fails). Leftovers of
-    exports whose process is gone are cleared up first. Raises ValueError as
-    `check_hf_folder`, before any work, and OSError when the file system refuses; then
-    nothing is left behind and an earlier export stays as it was.
+    Atomic: everything goes to a temporary folder beside it, renamed to folder at the end,
+    so folder is complete or absent, never half-written. With `overwrite` an earlier export
+    is moved aside, the new one renamed in, and the old one deleted (put back when the
+    rename fails). Raises ValueError as `check_hf_folder`, before any work, and OSError
+    when the file system refuses; then nothing is left behind and an earlier export stays.
     """
-    folder = Path(os.path.abspath(folder))
+    folder = check_hf_folder(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.parent.iterdir():
-        match = re.fullmatch(rf"\.{re.escape(folder.name)}\.(partial|old)(\d+)", leftover.name)
-        if match and not _process_is_running(int(match.group(2))):
-            if match.group(1) == "old" and not folder.exists():
-                os.rename(leftover, folder)  # killed between its two renames: the earlier export comes back
-            else:
-                shutil.rmtree(leftover, ignore_errors=True)
-    check_hf_folder(folder, overwrite)
-    partial = folder.with_name(f".{folder.name}.partial{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    old = partial.with_name(partial.name + ".old")
     try:
-        partial.mkdir()
         write_safetensors(partial / "model.safetensors", tensors, metadata={"format": "pt"})
         for name, content in files.items():
             if isinstance(content, bytes):
                 atomic_write_bytes(partial / name, content)
             else:
                 write_json(partial / name, content)
+        partial.chmod(0o755)  # mkdtemp's folders are private; an export is for others to read
         if folder.exists():
             os.rename(folder, old)
         try:

@@ -231,9 +231,9 @@ def load_benchmark(args):
     hellaswag = args.benchmark == "hellaswag"
     path = args.benchmark_file
     if path is None and hellaswag:
-        path = gpt.fetch_dataset(HELLASWAG_URLS, "hellaswag_val.jsonl", flag="--benchmark-file", kind="text")
+        path = gpt.fetch_dataset(HELLASWAG_URLS, "hellaswag_val.jsonl", flag="--benchmark-file")
     elif path is None:
-        path = gpt.fetch_dataset(MMLU_URLS, "data.tar", flag="--benchmark-file", kind="tar")
+        path = gpt.fetch_dataset(MMLU_URLS, "data.tar", flag="--benchmark-file")
     items = read_hellaswag(path) if hellaswag else read_mmlu(path, args.shots)
     expected = HELLASWAG_ITEMS if hellaswag else MMLU_TEST_ITEMS
     if args.benchmark_file is None and len(items) != expected:

@@ -54,7 +54,7 @@ import gpt
 VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
 # Checks of the downloads we know (size in bytes, SHA-256), so that `main` moving on is an error, not other data.
 KNOWN_DOWNLOADS = {
-    VERDICT_URL: dict(kind="text", size=20479,
+    VERDICT_URL: dict(size=20479,
                       sha256="b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"),
 }
 
