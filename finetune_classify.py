@@ -507,14 +507,15 @@ def parse_args(argv=None):
     model.add_argument("--lora", action="store_true", help="train LoRA adapters in every block + the head instead")
     model.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="rank of the LoRA adapters")
     model.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0, help="LoRA updates scale by alpha/rank")
-    model.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout (> 0 turns the cache off)")
+    model.add_argument("--drop-rate", type=gpt.fraction, default=0.0, help="dropout (> 0 turns the cache off)")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=gpt.positive_int, default=5, help="passes over the training split")
     train.add_argument("--max-steps", type=gpt.positive_int, help="stop after N optimizer steps (default: all epochs)")
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="messages per step or evaluation batch")
     train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
-    train.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, head init and shuffling")
+    train.add_argument("--seed", type=gpt.non_negative_int, default=123,
+                       help="seed of the split, head init and shuffling")
     train.add_argument("--log-every", type=gpt.positive_int, default=25, help="print a progress line every N steps")
     train.add_argument("--eval-every", type=gpt.positive_int, default=50, help="estimate loss, accuracy every N steps")
     train.add_argument("--eval-batches", type=gpt.positive_int, default=5, help="batches per split for the estimates")
@@ -531,7 +532,7 @@ def parse_args(argv=None):
     use.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, - for stdin (default: none)")
     use.add_argument("--evaluate", metavar="FILE", help="accuracy, precision, recall, F1 on a labelled FILE: .csv "
                      "with text and label columns (as OUT_DIR/test.csv), else label TAB text lines (default: none)")
-    use.add_argument("--threshold", type=gpt.unit_interval, default=0.5, metavar="P",
+    use.add_argument("--threshold", type=gpt.fraction, default=0.5, metavar="P",
                      help="spam when its probability is at least this (--classify, --evaluate, the test metrics)")
     use.add_argument("--results", metavar="FILE", help="write --evaluate's metrics (.json) or the predictions of "
                      "--classify with spam probabilities (.csv or .json) (default: print only)")
@@ -607,8 +608,7 @@ def build_classifier(args, device):
     trains = "--lora" if args.lora else f"--trainable {args.trainable}"
     print(f"model:      {gpt.model_summary(model, args.model)} ({trains}) on {device}")
     # Weights, gradients and AdamW's moments must fit before the work starts (activations come on top).
-    needed = gpt.training_memory(cfg, trainable=gpt.count_parameters(model, trainable_only=True))
-    gpt.check_training_memory(needed, device, "train fewer parameters (--lora, or --trainable last-block or head)")
+    gpt.check_training_memory(model, device, "train fewer parameters (--lora, or --trainable last-block or head)")
     return model, max_length, tokenizer
 
 
@@ -665,15 +665,15 @@ def train_and_evaluate(args, device):
     full_pass = mixed(partial(full_pass_logits, model, pad_id=eot_id))
     metrics = labelled_metrics(model, full_pass, token_ids[2], labels[2], args.batch_size, args.threshold, "test split")
 
-    # A full disk must not lose the trained model: save_with_fallback writes to the temporary folder then.
-    save = partial(save_classifier, model=model, tokenizer=tokenizer, max_length=args.max_length, settings=vars(args),
-                   metrics=metrics)
-    checkpoint = gpt.save_with_fallback(save, args.checkpoint)
+    checkpoint = Path(args.checkpoint)
+    save_classifier(checkpoint, model=model, tokenizer=tokenizer, max_length=args.max_length, settings=vars(args),
+                    metrics=metrics)
     print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB)")
     print(f"try it:     python finetune_classify.py --checkpoint {checkpoint} --classify \"Win a prize now\"")
     seconds["wall"] = time.time() - started
     report = dict(settings=vars(args), activation_cache=use_cache, history=history, test=metrics, seconds=seconds)
-    metrics_path = gpt.save_with_fallback(lambda path: gpt.write_json(path, report), out_dir / "metrics.json")
+    metrics_path = out_dir / "metrics.json"
+    gpt.write_json(metrics_path, report)
     panels = {name: {split: (history["epoch"], history[f"{split}_{name}"]) for split in ("train", "validation")}
               for name in ("loss", "accuracy")}
     if gpt.plot_curves(out_dir / "loss-accuracy.png", panels, xlabel="epoch") is not None:
@@ -711,7 +711,8 @@ def run_classify(args, device):
         write = partial(gpt.write_json, obj=[dict(zip(keys, row)) for row in rows])
     else:
         write = partial(write_csv, header=keys, rows=rows)
-    path = gpt.save_with_fallback(write, args.results)
+    path = args.results
+    write(path)
     n_spam = sum(p >= args.threshold for p in probabilities)
     print(f"classified: {len(rows)} texts, {n_spam} spam (probability >= {args.threshold}), written to {path}")
 
@@ -727,7 +728,8 @@ def run_evaluate(args, device):
     metrics = labelled_metrics(model, full_pass, token_ids, labels, args.batch_size, args.threshold, args.evaluate)
     if args.results is not None:
         report = {"checkpoint": args.checkpoint, "file": args.evaluate, "threshold": args.threshold, "metrics": metrics}
-        print(f"metrics in {gpt.save_with_fallback(lambda path: gpt.write_json(path, report), args.results)}")
+        gpt.write_json(args.results, report)
+        print(f"metrics in {args.results}")
 
 
 @gpt.command_line(memory_hint="use a smaller --batch-size (or --max-length)")

@@ -251,9 +251,8 @@ def prepare_model(args, device, state=None):
     if args.lora:
         gpt.add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
     # Weights, gradients and AdamW's moments (16 bytes a parameter; 20 GB for a 1B model) must fit
-    trainable = gpt.count_parameters(model, trainable_only=True) if args.lora else None
     hint = "choose a smaller --model" + ("" if args.lora else ", or train only low-rank adapters with --lora")
-    gpt.check_training_memory(gpt.training_memory(model.cfg, trainable=trainable), device, hint)
+    gpt.check_training_memory(model, device, hint)
     return model.train(), tokenizer
 
 
@@ -314,9 +313,9 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
         stop = stopper.requested and step < total_steps
         if stop or (step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0
                                            or step == total_steps)):
-            # On a full disk the state goes to the temporary folder (gpt.save_with_fallback) and training goes on.
-            saved = gpt.save_training_state(state_path, model, tokenizer, optimizer, step=step, history=history,
-                                            best=best, rng=gpt.rng_state())
+            gpt.save_training_state(state_path, model, tokenizer, optimizer, step=step, history=history, best=best,
+                                    rng=gpt.rng_state())
+            saved = state_path
         if stop:
             print(f"stopped at step {step} ({stopper.signal_name}), the state saved in {saved}: go on with python "
                   f"finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
@@ -409,7 +408,8 @@ def generate_responses(model, tokenizer, entries, path, checkpoint, **options):
                 gpt.end_progress()
                 print(f"warning: cannot save the answers so far to {so_far} ({e.strerror or e})", file=sys.stderr)
     gpt.end_progress()
-    written = gpt.save_with_fallback(lambda target: gpt.write_json(target, results), path)
+    gpt.write_json(path, results)
+    written = path
     so_far.unlink(missing_ok=True)
     print(f"wrote {len(results)} responses to {written}")
     return results
@@ -636,9 +636,8 @@ def fine_tune(args, argv, device):
     kept = keep_weights(model, history, best, args.keep_last)
     if args.lora:
         gpt.merge_lora(model)  # back to the model's own layers: a plain checkpoint
-    save = functools.partial(gpt.save_checkpoint, model=model.eval(), tokenizer=tokenizer, settings=vars(args),
-                             history=history, kept=kept)
-    checkpoint = gpt.save_with_fallback(save, out_dir / "model.pt")
+    checkpoint = out_dir / "model.pt"
+    gpt.save_checkpoint(checkpoint, model.eval(), tokenizer, settings=vars(args), history=history, kept=kept)
     print(f"saved the fine-tuned model to {checkpoint}")
     if not args.keep_state:
         state_path.unlink(missing_ok=True)  # up to 4x the model; --keep-state keeps it for --resume
@@ -669,7 +668,8 @@ def build_parser():
     data.add_argument("--data", help="Alpaca JSON list or JSON Lines (default: the book's, downloaded to --cache-dir)")
     data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
                       help="folder for downloaded data and weights")
-    data.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, the shuffling, LoRA and sampling")
+    data.add_argument("--seed", type=gpt.non_negative_int, default=123,
+                      help="seed of the split, the shuffling, LoRA and sampling")
     data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples (default: the context length)")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
 
@@ -681,7 +681,7 @@ def build_parser():
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="examples per optimizer step")
     train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate, constant")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
-    train.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout probability while training")
+    train.add_argument("--drop-rate", type=gpt.fraction, default=0.0, help="dropout probability while training")
     train.add_argument("--lora", action="store_true", help="train low-rank adapters only (merged before saving)")
     train.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="LoRA rank r")
     train.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0, help="LoRA scale: alpha / rank")
@@ -700,7 +700,7 @@ def build_parser():
     answers.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=256, help="longest answer in tokens")
     answers.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; above: sampling")
     answers.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens (default: all)")
-    answers.add_argument("--top-p", type=gpt.probability, help="sample from the most likely tokens whose "
+    answers.add_argument("--top-p", type=gpt.fraction, help="sample from the most likely tokens whose "
                          "probabilities add up to p (default: all)")
     answers.add_argument("--responses", help="answers to write, or to grade (default: <out-dir>/responses.json)")
     answers.add_argument("--judge", choices=["none", "ollama"], default="none", help="grade with a local Ollama")
