@@ -507,7 +507,7 @@ def parse_args(argv=None):
     model.add_argument("--lora", action="store_true", help="train LoRA adapters in every block + the head instead")
     model.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="rank of the LoRA adapters")
     model.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0, help="LoRA updates scale by alpha/rank")
-    model.add_argument("--drop-rate", type=gpt.fraction, default=0.0, help="dropout (> 0 turns the cache off)")
+    model.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout (> 0 turns the cache off)")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=gpt.positive_int, default=5, help="passes over the training split")
     train.add_argument("--max-steps", type=gpt.positive_int, help="stop after N optimizer steps (default: all epochs)")

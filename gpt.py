@@ -2413,13 +2413,14 @@ def _checked_number(convert, is_valid, requirement):
 
 # Ranges of flags, declared with the flag: `type=gpt.positive_int`. NaN fails every float
 # check (every comparison with NaN is false) and infinity fails them too. Integers stay below
-# 2**63, torch's seed range. Stricter ranges (a dropout of 1, a top-p of 0) are refused where
-# the value is used, by GPTConfig and sample_next_token.
+# 2**63, torch's seed range, so that a seed is a non-negative integer.
 positive_int = _checked_number(int, lambda v: 1 <= v < 2**63, "an integer >= 1")
 non_negative_int = _checked_number(int, lambda v: 0 <= v < 2**63, "an integer >= 0")
 positive_float = _checked_number(float, lambda v: 0 < v < math.inf, "a finite number > 0")
 non_negative_float = _checked_number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 fraction = _checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+probability = _checked_number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")  # --top-p
+dropout_rate = _checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")  # 1 would drop everything
 
 
 def folder_path(text):
@@ -2593,7 +2594,8 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
 
 
 PLAIN_PROGRESS_SECONDS = 30  # without a terminal: one progress line per this many seconds
-_progress = {"open": False, "last_plain": 0.0}  # a status line waits for its end; when a plain line was printed
+_last_plain_progress = 0.0  # when show_progress last printed a plain line
+_progress_line_open = False  # a status line of show_progress waits for its end
 
 
 def stderr_is_terminal():
@@ -2605,20 +2607,22 @@ def show_progress(text):
     """Overwrite the current status line on stderr with text (a long loop's progress). When
     stderr is no terminal (a log file, a pipe), print it as a plain line instead, at most
     every PLAIN_PROGRESS_SECONDS, so that a log holds readable lines, not hundreds of updates."""
+    global _progress_line_open, _last_plain_progress
     if not stderr_is_terminal():
-        if time.time() - _progress["last_plain"] >= PLAIN_PROGRESS_SECONDS:
+        if time.time() - _last_plain_progress >= PLAIN_PROGRESS_SECONDS:
             print(text, file=sys.stderr, flush=True)
-            _progress["last_plain"] = time.time()
+            _last_plain_progress = time.time()
         return
     print("\r" + text + "\033[K", end="", file=sys.stderr, flush=True)
-    _progress["open"] = True
+    _progress_line_open = True
 
 
 def end_progress():
     """End a status line of `show_progress`, so that what follows starts on a new line."""
-    if _progress["open"]:
+    global _progress_line_open
+    if _progress_line_open:
         print(file=sys.stderr, flush=True)
-        _progress["open"] = False
+        _progress_line_open = False
 
 
 def eta(started, done, total):
@@ -2722,10 +2726,7 @@ def check_vocabulary(model, source, tokenizer=None):
 
 def set_drop_rate(model, drop_rate):
     """Set the dropout probability of every dropout layer and of attention (an argument of
-    scaled_dot_product_attention, kept on each attention layer) in model and its config.
-    Raises ValueError for a rate of 1 or more, which would drop every activation."""
-    if not 0 <= drop_rate < 1:
-        raise ValueError(f"--drop-rate {drop_rate}: must be below 1 (1 drops every activation)")
+    scaled_dot_product_attention, kept on each attention layer) in model and its config."""
     model.cfg.drop_rate = drop_rate
     for module in model.modules():
         if isinstance(module, nn.Dropout):

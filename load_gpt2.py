@@ -397,7 +397,7 @@ def parse_args(argv=None):
                    "higher: more random")
     g.add_argument("--top-k", metavar="K", type=gpt.positive_int, help="sample from the k most likely tokens only "
                    "(default: all)")
-    g.add_argument("--top-p", metavar="P", type=gpt.fraction, help="sample from the fewest tokens that reach "
+    g.add_argument("--top-p", metavar="P", type=gpt.probability, help="sample from the fewest tokens that reach "
                    "probability p (default: all)")
     g.add_argument("--seed", metavar="N", type=gpt.non_negative_int,
                    help="seed of the sampling and of --probe's shuffles "

@@ -750,7 +750,7 @@ def build_parser():
     model.add_argument("--n-heads", type=gpt.positive_int, help="attention heads per block (default: from --size)")
     model.add_argument("--emb-dim", type=gpt.positive_int, help="embedding width (default: from --size)")
     model.add_argument("--context-length", type=gpt.positive_int, help="tokens per window (default: the model's)")
-    model.add_argument("--drop-rate", type=gpt.fraction, default=0.0, help="dropout probability")
+    model.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout probability")
 
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="windows per micro-batch and process")
