@@ -2795,20 +2795,6 @@ def test_pretrain_folder_of_another_run_is_refused_or_overwritten(tmp_path, pret
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file) + ["--out-dir", str(tmp_path / "file")])
 
 
-def test_pretrain_lock_of_a_running_process_is_refused_and_a_stale_one_taken_over(tmp_path, pretrain_text_file):
-    (tmp_path / "run").mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (tmp_path / "run" / ".lock").write_text(str(sleeper.pid))
-        argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "1")
-        with pytest.raises(SystemExit, match=f"in use by another run \\(process {sleeper.pid}\\)"):
-            pretrain.main(argv)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    assert pretrain.main(argv)["steps"] == 1  # its process is gone: the lock is taken over
-
-
 def test_pretrain_model_with_another_vocabulary_is_one_line(tmp_path, pretrain_text_file):
     path = tmp_path / "small-vocab.pt"
     gpt.save_checkpoint(path, tiny_model(vocab_size=1000))
