@@ -433,8 +433,7 @@ def build_classifier(args, device):
     trains = "--lora" if args.lora else f"--trainable {args.trainable}"
     print(f"model:      {gpt.model_summary(model, args.model)} ({trains}) on {device}")
     # Weights, gradients and AdamW's moments must fit before the work starts (activations come on top).
-    needed = gpt.training_memory(model.cfg, trainable=gpt.count_parameters(model, trainable_only=True))
-    gpt.check_training_memory(needed, device, "train fewer parameters (--lora, or --trainable last-block or head)")
+    gpt.check_training_memory(model, device, "train fewer parameters (--lora, or --trainable last-block or head)")
     return model, tokenizer
 
 
@@ -514,15 +513,16 @@ def train_and_evaluate(args, device):
 
 def save_run(args, out_dir, model, tokenizer, report, started):
     """Write the classifier (all weights, its tokenizer, --max-length, settings and test metrics), metrics.json and the
-    plot. A full disk must not lose the trained model: `gpt.save_with_fallback` writes to the temporary folder then."""
-    save = partial(gpt.save_checkpoint, model=model, tokenizer=tokenizer, max_length=args.max_length,
-                   settings=report["settings"], metrics=report["test"])
-    checkpoint = gpt.save_with_fallback(save, args.checkpoint)
+    plot."""
+    checkpoint = Path(args.checkpoint)
+    gpt.save_checkpoint(checkpoint, model, tokenizer, max_length=args.max_length, settings=report["settings"],
+                        metrics=report["test"])
     print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB)")
     print(f"try it:     python finetune_classify.py --checkpoint {checkpoint} --classify \"Win a prize now\"")
     seconds = report["seconds"]
     seconds["wall"] = time.time() - started
-    metrics_path = gpt.save_with_fallback(lambda path: gpt.write_json(path, report), out_dir / "metrics.json")
+    metrics_path = out_dir / "metrics.json"
+    gpt.write_json(metrics_path, report)
     history = report["history"]
     panels = {name: {split: (history["epoch"], history[f"{split}_{name}"]) for split in ("train", "validation")}
               for name in ("loss", "accuracy")}
@@ -598,7 +598,8 @@ def run_classify(args, device):
         write = partial(gpt.write_json, obj=[dict(zip(keys, row)) for row in rows])
     else:
         write = partial(write_csv, header=keys, rows=rows)
-    path = gpt.save_with_fallback(write, args.results)
+    path = args.results
+    write(path)
     n_spam = sum(p >= args.threshold for p in probabilities)
     print(f"classified: {len(rows)} texts, {n_spam} spam (probability >= {args.threshold}), written to {path}")
 
@@ -615,7 +616,8 @@ def run_evaluate(args, device):
     metrics = labelled_metrics(model, full_pass, token_ids, labels, args.batch_size, args.threshold, args.evaluate)
     if args.results is not None:
         report = {"checkpoint": args.checkpoint, "file": args.evaluate, "threshold": args.threshold, "metrics": metrics}
-        print(f"metrics in {gpt.save_with_fallback(lambda path: gpt.write_json(path, report), args.results)}")
+        gpt.write_json(args.results, report)
+        print(f"metrics in {args.results}")
 
 
 # --- Command line -----------------------------------------------------------------------
@@ -653,7 +655,8 @@ def parse_args(argv=None):
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="messages per step or evaluation batch")
     train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
-    train.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, head init and shuffling")
+    train.add_argument("--seed", type=gpt.non_negative_int, default=123,
+                       help="seed of the split, head init and shuffling")
     train.add_argument("--log-every", type=gpt.positive_int, default=25, help="print a progress line every N steps")
     train.add_argument("--eval-every", type=gpt.positive_int, default=50, help="estimate loss, accuracy every N steps")
     train.add_argument("--eval-batches", type=gpt.positive_int, default=5, help="batches per split for the estimates")
@@ -671,7 +674,7 @@ def parse_args(argv=None):
     mode.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, - for stdin (default: none)")
     mode.add_argument("--evaluate", metavar="FILE", help="accuracy, precision, recall, F1 on a labelled FILE as "
                       "--data reads it (OUT_DIR/test.csv gives the run's test metrics) (default: none)")
-    use.add_argument("--threshold", type=gpt.unit_interval, default=0.5, metavar="P",
+    use.add_argument("--threshold", type=gpt.fraction, default=0.5, metavar="P",
                      help="spam when its probability is at least this (--classify, --evaluate, the test metrics)")
     use.add_argument("--results", metavar="FILE", help="write --evaluate's metrics (.json) or the predictions of "
                      "--classify with spam probabilities (.csv or .json) (default: print only)")

@@ -198,9 +198,8 @@ def prepare_model(args, device, state=None):
     if args.lora:
         gpt.add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
     # Weights, gradients and AdamW's moments (16 bytes a parameter; 20 GB for a 1B model) must fit
-    trainable = gpt.count_parameters(model, trainable_only=True) if args.lora else None
     hint = "choose a smaller --model" + ("" if args.lora else ", or train only low-rank adapters with --lora")
-    gpt.check_training_memory(gpt.training_memory(model.cfg, trainable=trainable), device, hint)
+    gpt.check_training_memory(model, device, hint)
     return model.train(), tokenizer
 
 
@@ -247,12 +246,11 @@ def training_step(model, optimizer, inputs, targets, autocast, step):
 
 
 def save_state(state_path, model, tokenizer, optimizer, progress, stopper=None):
-    """Save the training state (a full disk: to the temporary folder, and training goes on); after a stop by
-    `stopper` (Ctrl-C or SIGTERM), say where it went and how to go on."""
-    saved = gpt.save_training_state(state_path, model, tokenizer, optimizer, **progress, rng=gpt.rng_state())
+    """Save the training state; after a stop by `stopper` (Ctrl-C or SIGTERM), say where it went and how to go on."""
+    gpt.save_training_state(state_path, model, tokenizer, optimizer, **progress, rng=gpt.rng_state())
     if stopper is not None:
-        print(f"stopped at step {progress['step']} ({stopper.signal_name}), the state saved in {saved}: go on with "
-              f"python finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
+        print(f"stopped at step {progress['step']} ({stopper.signal_name}), the state saved in {state_path}: go on "
+              f"with python finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
 
 
 def train(model, tokenizer, train_examples, val_examples, collate, args, device, state_path, stopper, state=None):
@@ -346,7 +344,8 @@ def generate_responses(model, tokenizer, entries, path, **options):
         eta = gpt.eta(started, i + 1, len(entries))
         gpt.show_progress(f"answers {i + 1}/{len(entries)} | {tokens / (time.time() - started):.1f} tok/s | ETA {eta}")
     gpt.end_progress()
-    written = gpt.save_with_fallback(lambda target: gpt.write_json(target, results), path)
+    gpt.write_json(path, results)
+    written = path
     print(f"wrote {len(results)} responses to {written}")
     return results
 
@@ -545,9 +544,9 @@ def fine_tune(args, argv, device):
     kept = keep_weights(model, progress, args.keep_last)
     if args.lora:
         gpt.merge_lora(model)  # back to the model's own layers: a plain checkpoint
-    save = functools.partial(gpt.save_checkpoint, model=model.eval(), tokenizer=tokenizer, settings=vars(args),
-                             history=history, kept=kept)
-    print(f"saved the fine-tuned model to {gpt.save_with_fallback(save, out_dir / 'model.pt')}")
+    checkpoint = out_dir / "model.pt"
+    gpt.save_checkpoint(checkpoint, model.eval(), tokenizer, settings=vars(args), history=history, kept=kept)
+    print(f"saved the fine-tuned model to {checkpoint}")
     if not args.keep_state:
         state_path.unlink(missing_ok=True)  # up to 4x the model; --keep-state keeps it for --resume
     return args, model.to(gpt.DTYPES[args.dtype]), tokenizer, splits[2]
@@ -606,7 +605,8 @@ def build_parser():
     data.add_argument("--data", help="Alpaca JSON list or JSON Lines (default: the book's, downloaded to --cache-dir)")
     data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
                       help="folder for downloaded data and weights")
-    data.add_argument("--seed", type=gpt.seed, default=123, help="seed of the split, the shuffling, LoRA and sampling")
+    data.add_argument("--seed", type=gpt.non_negative_int, default=123,
+                      help="seed of the split, the shuffling, LoRA and sampling")
     data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples (default: the context length)")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
     train = p.add_argument_group("model and training")

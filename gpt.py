@@ -22,8 +22,6 @@ of both agree with `transformers` to 1e-4.
 """
 
 import argparse
-import atexit
-import codecs
 import contextlib
 import copy
 import dataclasses
@@ -34,7 +32,6 @@ import json
 import math
 import mmap
 import os
-import pickle
 import random
 import re
 import shutil
@@ -48,7 +45,6 @@ import time
 import unicodedata
 import zipfile
 import zlib
-from array import array
 from pathlib import Path
 
 import requests
@@ -1057,13 +1053,11 @@ def format_duration(seconds):
 
 def atomic_write_bytes(path, data):
     """Write bytes to path through a temporary file and a rename, so that readers never
-    see a half-written file (os.replace is atomic on POSIX and Windows). The first write
-    into a run folder claimed with `overwrite` deletes the old run's files first. data:
-    bytes, or a function that writes them to the open file (no copy of them in memory)."""
+    see a half-written file (os.replace is atomic on POSIX and Windows); on a full disk the
+    previous file stays. data: bytes, or a function that writes them to the open file (no
+    copy of them in memory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for old_file in _overwritten_runs.pop(path.parent.resolve(), []):
-        old_file.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -1307,161 +1301,6 @@ def plot_curves(path, panels, xlabel):
     plt.close(fig)
     atomic_write_bytes(path, png.getbuffer())
     return Path(path)
-
-
-# --- Token files: a text corpus tokenized once (streamed: larger than memory is fine) -----
-
-
-def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
-    """Yield the text of a UTF-8 file opened in binary mode (f), chunk_bytes at a time (a
-    file larger than memory works). Line endings become "\\n", also when a chunk ends
-    between "\\r" and "\\n"; a leading byte-order mark is dropped. Raises ValueError with
-    the byte offset of the first invalid UTF-8, unless replace_invalid (then U+FFFD)."""
-    utf8 = codecs.getincrementaldecoder("utf-8")("replace" if replace_invalid else "strict")
-    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)  # holds a final "\r" back
-    if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
-        f.seek(0)
-    offset = f.tell()  # bytes of the file handed to the decoder so far
-    while True:
-        chunk = f.read(chunk_bytes)
-        held_back = len(utf8.getstate()[0])  # an incomplete character from the previous chunk
-        try:
-            text = decoder.decode(chunk, final=not chunk)
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{f.name}: invalid UTF-8 at byte {offset - held_back + e.start} ({e.reason}); "
-                "fix the file or pass --replace-invalid-utf8"
-            ) from None
-        offset += len(chunk)
-        yield text
-        if not chunk:
-            return
-
-
-def safe_cut(text, start=0):
-    """Index just after the last newline with non-whitespace on both sides, or 0; newlines
-    before `start` are not looked at (the caller knows there is no cut there). The
-    pre-tokenizers of GPT-2 and the Llama family always end a piece there, so encoding
-    text[:cut] and text[cut:] apart gives exactly the tokens of the whole text."""
-    first = max(1, start)
-    cut = text.rfind("\n", first, len(text) - 1)
-    while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
-        cut = text.rfind("\n", first, cut)
-    return cut + 1 if cut > 0 else 0
-
-
-def encode_pieces(pieces, tokenizer):
-    """Token ids of a stream of text pieces: yields lists of ints whose concatenation is
-    the encoding of the joined text. Text that spells a special token ("<|endoftext|>"
-    for GPT-2) becomes its id (`Tokenizer.encode`)."""
-    buffer = ""
-    for piece in pieces:
-        # The buffer held no cut; only its last character may now become one (it gets a right neighbour).
-        searched = max(len(buffer) - 1, 0)
-        buffer += piece
-        cut = safe_cut(buffer, searched)
-        if cut:
-            yield tokenizer.encode(buffer[:cut])
-            buffer = buffer[cut:]
-    if buffer:
-        yield tokenizer.encode(buffer)
-
-
-# Token file types: (array typecode, torch dtype the file is read as). torch before 2.3 has
-# no unsigned types: uint16 ids are read as int16 (`as_ids` undoes it), uint32 ids as int32
-# (every vocabulary is far below 2**31 ids).
-TOKEN_TYPES = {"uint16": ("H", torch.int16), "uint32": ("I", torch.int32)}
-
-
-def token_type(tokenizer):
-    """"uint16" when every id of the tokenizer fits in 2 bytes (GPT-2: 50,257 ids, SmolLM2:
-    49,152), else "uint32" (Qwen3: 151,669, Llama 3: 128,256)."""
-    return "uint16" if tokenizer.max_token_value < 1 << 16 else "uint32"
-
-
-def as_ids(tokens):
-    """Tokens read from a token file -> LongTensor of ids (int16 back to uint16)."""
-    return tokens.long() & 0xFFFF if tokens.dtype == torch.int16 else tokens.long()
-
-
-def write_token_file(paths, token_path, tokenizer, replace_invalid=False, chunk_bytes=1 << 20):
-    """Tokenize the text files (documents) into token_path, with the end-of-text token
-    between documents as in GPT-2's training data: the ids as `token_type` says, native
-    byte order. Written to a temporary file and renamed, so an interrupted run leaves no
-    half file (Ctrl-C here exits 130). Returns (number of tokens, SHA-256 of the file)."""
-    tmp = token_path.with_name(f".{token_path.name}.tmp{os.getpid()}")
-    typecode = TOKEN_TYPES[token_type(tokenizer)][0]
-    total_bytes, done_bytes = sum(p.stat().st_size for p in paths), 0
-    digest, n_tokens, started = hashlib.sha256(), 0, time.time()
-    try:
-        token_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as out:
-            for path in paths:
-                separator = [tokenizer.eot_token] if n_tokens else []  # between documents, not before the first
-                with open(path, "rb") as f:
-                    for ids in encode_pieces(read_text_pieces(f, replace_invalid, chunk_bytes), tokenizer):
-                        if ids and separator:
-                            ids, separator = separator + ids, []
-                        data = array(typecode, ids).tobytes()
-                        out.write(data)
-                        digest.update(data)
-                        n_tokens += len(ids)
-                        done = done_bytes + f.tell()
-                        show_progress(
-                            f"tokenizing: {done / 1e6:,.2f} of {total_bytes / 1e6:,.2f} MB, {n_tokens:,} tokens, "
-                            f"ETA {eta(started, done, total_bytes)}"
-                        )
-                done_bytes += path.stat().st_size
-            out.flush()
-            os.fsync(out.fileno())
-        end_progress()
-        os.replace(tmp, token_path)
-    except KeyboardInterrupt:
-        end_progress()
-        print("interrupted while tokenizing: nothing new is saved, the partial token file is deleted", file=sys.stderr)
-        raise  # the script's command_line ends it (exit status 130)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return n_tokens, digest.hexdigest()
-
-
-def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False, quiet=False):
-    """(token file Path, number of tokens, SHA-256) of the corpus, tokenizing only when
-    needed: the file is reused while the JSON record beside it names the same tokenizer
-    (its pickled vocabulary, merges and pattern) and lists the same sources with the same
-    sizes and modification times. Raises ValueError for a text without tokens."""
-    sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-    tokenizer_sha256 = hashlib.sha256(pickle.dumps(tokenizer)).hexdigest()
-    dtype = token_type(tokenizer)
-    key = hashlib.sha256(json.dumps([[s[0] for s in sources], replace_invalid, tokenizer_sha256]).encode())
-    token_path = Path(token_dir) / f"{paths[0].stem}-{key.hexdigest()[:16]}.{dtype}"
-    record_path = token_path.with_suffix(".json")
-    record = {"tokenizer": tokenizer.name, "tokenizer_sha256": tokenizer_sha256, "dtype": dtype}
-    record.update(replace_invalid_utf8=replace_invalid, sources=sources)
-    try:
-        saved = json.loads(record_path.read_text())
-        size = saved["n_tokens"] * array(TOKEN_TYPES[dtype][0]).itemsize  # bytes
-        if {k: saved[k] for k in record} == record and token_path.stat().st_size == size:
-            if not quiet:
-                print(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
-            return token_path, saved["n_tokens"], saved["sha256"]
-    except (OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
-        pass
-    started = time.time()
-    record_path.unlink(missing_ok=True)  # the token file is about to change
-    n_tokens, sha256 = write_token_file(paths, token_path, tokenizer, replace_invalid)
-    if n_tokens == 0:
-        raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
-    write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": sha256})
-    if not quiet:
-        print(f"token file: {token_path} ({n_tokens:,} tokens, in {format_duration(time.time() - started)})")
-    return token_path, n_tokens, sha256
-
-
-def read_token_file(path, n_tokens):
-    """The n_tokens tokens of a token file (its suffix names the type), memory-mapped: read on
-    demand, so a corpus larger than memory works -> tensor [n_tokens] (see `as_ids`)."""
-    return torch.from_file(str(path), size=n_tokens, dtype=TOKEN_TYPES[Path(path).suffix[1:]][1])
 
 
 # ----------------------------------------------------------------------------------------
@@ -2359,7 +2198,7 @@ def write_hf_folder(folder, tensors, files, *, overwrite=False):
 
 
 # ----------------------------------------------------------------------------------------
-# 11. Running a stage: flags, settings, run folders, errors
+# 11. Running a stage: flags, settings, run folders, progress, errors
 # ----------------------------------------------------------------------------------------
 
 
@@ -2381,22 +2220,22 @@ def _checked_number(convert, is_valid, requirement):
 
 
 # Ranges of flags, declared with the flag: `type=gpt.positive_int`. NaN fails every float
-# check (every comparison with NaN is false) and infinity fails the "finite" ones.
-positive_int = _checked_number(int, lambda v: v >= 1, "an integer >= 1")
-non_negative_int = _checked_number(int, lambda v: v >= 0, "an integer >= 0")
+# check (every comparison with NaN is false) and infinity fails them too. Integers stay below
+# 2**63, torch's seed range, so that a seed is a non-negative integer.
+positive_int = _checked_number(int, lambda v: 1 <= v < 2**63, "an integer >= 1")
+non_negative_int = _checked_number(int, lambda v: 0 <= v < 2**63, "an integer >= 0")
 positive_float = _checked_number(float, lambda v: 0 < v < math.inf, "a finite number > 0")
 non_negative_float = _checked_number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-probability = _checked_number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-dropout_rate = _checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-fraction = _checked_number(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
-unit_interval = _checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-seed = _checked_number(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # torch's seed range
+fraction = _checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+probability = _checked_number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")  # --top-p
+dropout_rate = _checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")  # 1 would drop everything
+
 
 def folder_path(text):
-    """An argparse `type=` for a folder that is made when missing (--cache-dir, --token-dir): the
-    text as given, after checking that neither it nor a folder above it is a file, which would
-    fail later with a bare "[Errno 20] Not a directory" naming no flag. argparse then prints
-    "argument --flag: PATH: is a file, not a folder: ..." and exits 2."""
+    """An argparse `type=` for a folder that is made when missing (--cache-dir): the text as
+    given, after checking that neither it nor a folder above it is a file, which would fail
+    later with a bare "[Errno 20] Not a directory". argparse then prints "argument --flag:
+    PATH: is a file, not a folder: ..." and exits 2."""
     path = Path(text)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)  # the nearest that exists
     if existing is not None and not existing.is_dir():
@@ -2411,8 +2250,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse help that ends each line with "(default: ...)", except for on/off flags
-    and flags whose default is None: their help text says what happens without them."""
+    """argparse's help with "(default: ...)", except for on/off flags and flags whose
+    default is None: their help text says what happens without them."""
 
     def _get_help_string(self, action):
         if action.default is None or isinstance(action.default, bool):
@@ -2437,9 +2276,7 @@ def pick_device(name="auto"):
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -2467,6 +2304,15 @@ def given_flags(parser, argv=None):
     return vars(parser.parse_args(argv))
 
 
+def refuse_flags(parser, argv, settings, mode):
+    """Exit 2 through parser.error when argv gives any of `settings` (names such as "lr"),
+    flags that `mode` would ignore: "--evaluate does not use --lr, --epochs: drop them".
+    mode: the flag or phrase that decides, as the user typed it."""
+    given = [flag_name(name) for name in settings if name in given_flags(parser, argv)]
+    if given:
+        parser.error(f"{mode} does not use {', '.join(given)}: drop {'them' if len(given) > 1 else 'it'}")
+
+
 def resume_settings(parser, argv, saved, may_change=()):
     """The settings of a resumed run: the saved ones, plus the flags of `may_change`
     given now (say --max-steps, to train on). Raises ValueError naming the flag and both
@@ -2490,6 +2336,15 @@ def print_settings(settings):
     print("\n          ".join(textwrap.wrap(line, 100, break_on_hyphens=False, break_long_words=False)))
 
 
+def remove_stale_temporary_files(folder):
+    """Delete the temporary files (`.NAME.tmpPID...`) that writes of processes that are gone
+    left in folder (killed mid-write); a running process's files stay."""
+    for tmp in Path(folder).glob(".*.tmp*"):
+        match = re.fullmatch(r"\..+\.tmp(\d+)(\..*)?", tmp.name)
+        if match and not _process_is_running(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
+
+
 def _process_is_running(pid):
     """Whether a process with this id runs on this machine (signal 0 tests, sends nothing)."""
     try:
@@ -2501,45 +2356,37 @@ def _process_is_running(pid):
     return True
 
 
-def remove_stale_temporary_files(folder):
-    """Delete the temporary files (`.NAME.tmpPID`) that writes of processes that are gone
-    left in folder, when they were interrupted; a running process's files stay."""
-    for tmp in Path(folder).glob(".*.tmp*"):
-        match = re.fullmatch(r"\..+\.tmp(\d+)(\..*)?", tmp.name)
-        if match and not _process_is_running(int(match.group(1))):
-            tmp.unlink(missing_ok=True)
+def remove_empty_folders(folders):
+    """rmdir each of folders in turn (innermost first), stopping at the first that is not
+    empty or not there: what a failed download made and left empty goes again."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only an empty folder: OSError otherwise
+        except OSError:
+            break
 
 
 def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resumable=True):
-    """Make out_dir this process's run folder and return it as a Path.
+    """Check that out_dir can take this run, before any work starts; return it as a Path.
 
-    A folder that holds another run (any of `run_files`) is refused unless `resume`
-    (continue it; then it must hold a run) or `overwrite` (its run files are deleted when
-    the new run writes its first file, see `atomic_write_bytes`: a new run that fails its
-    checks first leaves the old one as it was). A lock file `.lock` naming this process
-    keeps two runs out of one folder; a lock whose process is gone is taken over, and the
-    lock is removed at exit. Leftover
-    temporary files of interrupted writes are removed. Raises ValueError, naming the
-    path and the flag that helps, when the folder cannot be used, before any work starts.
-    `resumable` says whether the script has --resume to suggest. A folder made here that
-    the run leaves empty (it failed at a later check) is removed by `command_line`.
+    The one run-folder rule: a folder that holds another run (any of `run_files`) is refused
+    unless `resume` (continue it; then it must hold a run) or `overwrite` (its run files are
+    deleted now). The folder is not made here: the run's first write makes it, so a run that
+    fails before writing leaves no empty folder. Raises ValueError naming the path and the
+    flag that helps. `resumable`: whether the script has --resume to suggest.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out-dir {out_dir} is a file, not a folder: choose another --out-dir")
-    made = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # mkdir makes these
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if made:
-            _made_run_folders.append(made)
-        _take_lock(out_dir / ".lock")
-    except OSError as e:
-        raise ValueError(f"--out-dir {out_dir} cannot be used: {e.strerror or e}") from None
+    existing = next(p for p in (out_dir, *out_dir.resolve().parents) if p.exists())
+    if not existing.is_dir():
+        which = "" if existing == out_dir else f": {existing}"  # "--out-dir notes.txt/run: notes.txt is a file"
+        raise ValueError(f"--out-dir {out_dir}{which} is a file, not a folder: choose another --out-dir")
+    if not out_dir.exists():
+        return out_dir
     remove_stale_temporary_files(out_dir)
-    folders = [name for name in run_files if (out_dir / name).is_dir()]
+    found = [name for name in run_files if (out_dir / name).exists()]
+    folders = [name for name in found if (out_dir / name).is_dir()]
     if folders:
         raise ValueError(f"{out_dir / folders[0]} is a folder, but this run writes a file there: move it away")
-    found = [name for name in run_files if (out_dir / name).exists()]
     if found and not (resume or overwrite):
         raise ValueError(
             f"{out_dir} holds another run ({', '.join(found)}): "
@@ -2548,100 +2395,15 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
         )
     if resume and not found:
         raise ValueError(f"--resume: {out_dir} holds no run to continue; start one without --resume")
-    if overwrite and not resume:  # deleted by the new run's first write: a run that fails before it loses nothing
-        _overwritten_runs[out_dir.resolve()] = [out_dir / name for name in found]
+    if overwrite and not resume:
+        for name in found:
+            (out_dir / name).unlink()
     return out_dir
 
 
-_overwritten_runs = {}  # run folder -> the files of the old run that --overwrite replaces
-_made_run_folders = []  # per claim_run_folder: the folders it made, the run folder first
-
-
-def remove_empty_folders(folders):
-    """rmdir each of folders in turn (innermost first), stopping at the first that is not
-    empty or not there: what a failed download or run made and left empty goes again."""
-    for folder in folders:
-        try:
-            folder.rmdir()  # only an empty folder: OSError otherwise
-        except OSError:
-            break
-
-
-def remove_unused_run_folders():
-    """Remove the folders that `claim_run_folder` made in this process and the run left empty
-    (but for its own lock): a run that failed at a check after the claim leaves no empty
-    run folder behind. A folder that holds anything stays, and so do those above it."""
-    while _made_run_folders:
-        made = _made_run_folders.pop()
-        try:
-            if any(path.name != ".lock" for path in made[0].iterdir()):
-                continue  # the run wrote into it: it stays (its lock goes at exit)
-        except OSError:
-            continue  # gone already, or no longer a folder
-        _release_lock(made[0] / ".lock", os.getpid())
-        remove_empty_folders(made)
-
-
-def _take_lock(lock):
-    """Create the lock file `lock` holding this process's id; take over a lock whose
-    process is gone. Raises ValueError when a running process holds it."""
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = int(lock.read_text() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and owner != os.getpid() and _process_is_running(owner):
-                raise ValueError(
-                    f"{lock.parent} is in use by another run (process {owner}): wait for it, "
-                    "or choose another --out-dir"
-                ) from None
-            lock.unlink(missing_ok=True)  # left by a process that is gone (or by this one)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        atexit.register(_release_lock, lock, os.getpid())
-        return
-
-
-def _release_lock(lock, pid):
-    if lock.exists() and lock.read_text() == str(pid):
-        lock.unlink(missing_ok=True)
-
-
-def save_with_fallback(write, path):
-    """Call write(path); when the file system refuses (a full disk, a folder that went
-    away), write to the temporary folder instead, so finished work is not lost. Returns
-    the path written. Raises OSError, naming both paths and reasons, when both fail."""
-    path = Path(path)
-    try:
-        write(path)
-        return path
-    except OSError as first:
-        fallback = Path(tempfile.gettempdir()) / f"{path.stem}-{os.getpid()}{path.suffix}"
-        print(f"warning: cannot write {path} ({first.strerror or first}); writing {fallback} instead", file=sys.stderr)
-        try:
-            write(fallback)
-        except OSError as second:
-            raise OSError(
-                f"cannot write {path} ({first.strerror or first}) nor {fallback} ({second.strerror or second}): "
-                "free some disk space and run again"
-            ) from None
-        moved = f"{path} is in {fallback} ({first.strerror or first} at {path.parent})"
-        if moved not in written_elsewhere:  # a file saved again and again (latest.pt) is named once
-            written_elsewhere.append(moved)
-        return fallback
-
-
-# What `save_with_fallback` wrote elsewhere in this run: `command_line` then exits 1, saying where.
-written_elsewhere = []
-
-
-_progress_line_open = False  # a status line of show_progress waits for its end
 PLAIN_PROGRESS_SECONDS = 30  # without a terminal: one progress line per this many seconds
 _last_plain_progress = 0.0  # when show_progress last printed a plain line
+_progress_line_open = False  # a status line of show_progress waits for its end
 
 
 def stderr_is_terminal():
@@ -2678,32 +2440,21 @@ def eta(started, done, total):
     return format_duration((time.time() - started) / done * (total - done))
 
 
-def is_out_of_memory(error):
-    """Whether an exception is the framework's out-of-memory error (GPU, or a CPU
-    allocation that the operating system refused)."""
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
-
-
 def command_line(memory_hint="use a smaller --batch-size"):
     """Decorator for a script's main(argv): the expected errors become one line.
 
     ValueError, RuntimeError and OSError (a missing file, a full disk, ...) print
-    "error: <message>" and exit 1; out-of-memory says `memory_hint`; Ctrl-C prints
-    "interrupted" and exits 130 (the shell's code for SIGINT); a reader that closed the
-    output pipe (`| head`) ends the script quietly. An open progress line is ended first. A
-    run whose files `save_with_fallback` had to write elsewhere exits 1, saying where they are.
+    "error: <message>" and exit 1; out-of-memory (the GPU's, or a CPU allocation the system
+    refused) says `memory_hint`; Ctrl-C prints "interrupted" and exits 130 (the shell's code
+    for SIGINT); a reader that closed the output pipe (`| head`) ends the script quietly.
+    An open progress line is ended first.
     """
 
     def decorate(main):
         @functools.wraps(main)
         def wrapper(argv=None):
-            written_elsewhere.clear()
             try:
-                result = main(argv)
-                if written_elsewhere:  # the work is saved, but not where it was asked for: not a success
-                    raise OSError("the run finished, but " + "; ".join(written_elsewhere)
-                                  + ": move it where it belongs")
-                return result
+                return main(argv)
             except KeyboardInterrupt:
                 end_progress()
                 print("interrupted", file=sys.stderr)
@@ -2714,10 +2465,8 @@ def command_line(memory_hint="use a smaller --batch-size"):
                 raise SystemExit(141) from None  # 128 + SIGPIPE, as a shell reports it
             except (ValueError, RuntimeError, OSError) as e:
                 end_progress()
-                message = f"out of memory: {memory_hint}" if is_out_of_memory(e) else str(e)
-                sys.exit(f"error: {message}")
-            finally:
-                remove_unused_run_folders()  # made for this run, and still empty: it failed before writing
+                out_of_memory = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+                sys.exit(f"error: {'out of memory: ' + memory_hint if out_of_memory else e}")
 
         return wrapper
 
@@ -2832,29 +2581,23 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def training_memory(cfg, *, trainable=None, dtype=torch.float32):
-    """Bytes that training a model of cfg with AdamW needs before activations: the weights
-    (every parameter, in dtype) plus a gradient and AdamW's two moments, in the same type,
-    for each trainable parameter. trainable: how many parameters train (None: all; with
-    LoRA, the adapters). Counted on the meta device: costs no memory. Full fine-tuning of
-    Llama 3.2 1B in float32: 1.24e9 parameters * 16 bytes = 19.8 GB; with LoRA about 5 GB."""
-    n_params = count_parameters(empty_model(cfg))
-    bytes_per_number = torch.empty((), dtype=dtype).element_size()
-    return n_params * bytes_per_number + 3 * (n_params if trainable is None else trainable) * bytes_per_number
+def training_memory(model):
+    """Bytes that training model with AdamW needs before activations: every parameter's
+    weight, plus for each trainable one its gradient and AdamW's two moments, in the
+    parameter's type. Full fine-tuning of Llama 3.2 1B in float32: 1.24e9 * 16 bytes = 19.8 GB."""
+    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
 
 
-def machine_memory():
-    """Bytes of memory this machine has, or None where the operating system does not say (Windows)."""
-    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return None
-
-
-def check_training_memory(needed, device, hint):
-    """Raise RuntimeError (naming both sizes and `hint`, the flags that help) when `needed`
-    bytes exceed what device has: a CUDA device's free memory, else the machine's memory
-    (not checked where the system does not say, such as on Windows)."""
-    available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else machine_memory()
+def check_training_memory(model, device, hint, processes=1):
+    """Raise RuntimeError, naming both sizes and `hint` (the flags that help), when training
+    model (`training_memory`, times `processes` of one machine) exceeds a CUDA device's free
+    memory or, elsewhere, the machine's memory (not checked where the system does not say, as
+    on Windows). A check before the work, as the system kills a process out of memory without a word."""
+    needed = processes * training_memory(model)
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     if available is not None and needed > available:
         raise RuntimeError(
             f"training needs about {needed / 1e9:.1f} GB before activations (weights, gradients and AdamW's "
@@ -2862,7 +2605,7 @@ def check_training_memory(needed, device, hint):
         )
 
 
-# --- A training run: stop signal, autocast, training state, throughput -------------------
+# --- A training run: stop signal, autocast, training state --------------------------------
 
 
 class StopSignal:
@@ -2903,13 +2646,11 @@ def autocast_context(device, dtype_name="auto"):
 
 
 def save_training_state(path, model, tokenizer, optimizer, **state):
-    """Save what an exact resume needs: the model and its tokenizer (`save_checkpoint`), the
-    optimizer's state and `state` (step, history, data position, RNG states from `rng_state`,
-    ...). On a full disk it writes to the temporary folder instead (`save_with_fallback`).
-    -> the path written."""
-    def save(p):
-        save_checkpoint(p, model, tokenizer, optimizer=optimizer.state_dict(), **state)
-    return save_with_fallback(save, path)
+    """Save what an exact resume needs, atomically: the model and its tokenizer
+    (`save_checkpoint`), the optimizer's state and `state` (step, history, data position,
+    RNG states from `rng_state`, ...). On a full disk the previous file stays and OSError
+    names the file."""
+    save_checkpoint(path, model, tokenizer, optimizer=optimizer.state_dict(), **state)
 
 
 def restore_training_state(checkpoint, optimizer, device, rng):
@@ -2928,126 +2669,3 @@ def restore_training_state(checkpoint, optimizer, device, rng):
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                     state[name] = torch.empty_like(param).copy_(value)
     set_rng_state(rng, device)
-
-
-# Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found
-# in torch.cuda.get_device_name() wins, so the PCIe H100 and the H200 NVL come before the SXM ones.
-GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 836e12, "H200": 989e12, "A100": 312e12,
-                  "L40S": 362e12, "L4": 121e12}
-
-
-def peak_flops(device, dtype_name):
-    """Peak FLOP/s of one device for MFU: the table's for a CUDA GPU training in bfloat16,
-    else None (CPUs: no reliable number, so no MFU)."""
-    if device.type != "cuda" or dtype_name != "bfloat16":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
-
-
-def flops_per_token(model, seq_len):
-    """Training FLOPs per token: 6 N for the forward and backward matrix multiplications of
-    N weights (the head included, lookup tables not) plus 12 * n_layers * attention width
-    * seq_len for attention (PaLM, Chowdhery et al., 2022, appendix B)."""
-    cfg = model.cfg
-    lookups = [] if cfg.family == "llama" else [model.wpe.weight]  # Llama has no position table
-    if not cfg.tie_embeddings:
-        lookups.append(model.wte.weight)  # only looked up: the separate head multiplies
-    n_params = count_parameters(model) - sum(table.numel() for table in lookups)
-    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * (cfg.head_dim or cfg.emb_dim // cfg.n_heads) * seq_len
-
-
-class Throughput:
-    """The numbers of a training progress line: tokens/s and MFU (model FLOPs utilisation,
-    against peak_flops per device, None: none shown) of the steps since the last report,
-    time between `pause` and `resume` (evaluating, saving) not counted, and the ETA."""
-
-    def __init__(self, model, seq_len, tokens_per_step, peak_flops=None, world_size=1, first_step=0):
-        self.tokens_per_step, self.first_step = tokens_per_step, first_step
-        self.flops_per_token = flops_per_token(model, seq_len)
-        self.peak = peak_flops * world_size if peak_flops else None
-        self.started = self.interval_start = self.paused = time.time()
-        self.interval_step = first_step
-
-    def pause(self):
-        self.paused = time.time()
-
-    def resume(self):
-        self.interval_start += time.time() - self.paused
-
-    def report(self, step, total_steps):
-        """"1,234 tok/s | MFU 41.0% | ETA 3m05s" for the steps since the last report."""
-        tokens_per_s = (step - self.interval_step) * self.tokens_per_step / (time.time() - self.interval_start)
-        mfu = f" | MFU {self.flops_per_token * tokens_per_s / self.peak:.1%}" if self.peak else ""
-        remaining = eta(self.started, step - self.first_step, total_steps - self.first_step)
-        self.interval_start, self.interval_step = time.time(), step
-        return f"{tokens_per_s:,.0f} tok/s{mfu} | ETA {remaining}"
-
-
-# --- A distributed run: one process per device under torchrun -------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Processes:
-    """The processes of a run, as this one sees them."""
-
-    rank: int  # 0 to world_size - 1; process 0 prints and writes the files
-    local_rank: int  # the rank among the processes of this machine
-    world_size: int  # how many processes train together
-    device: torch.device  # this process's device
-
-
-@contextlib.contextmanager
-def distributed_run(device_name="auto"):
-    """Processes(rank, local_rank, world_size, device) of this run, for a `with` block. Under torchrun
-    (RANK and WORLD_SIZE set) the block runs in the process group: NCCL between GPUs, one GPU per process
-    (cuda:LOCAL_RANK), or Gloo between CPU processes; the group is left at the end. Otherwise one process."""
-    device = pick_device(device_name)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        yield Processes(0, 0, 1, device)
-        return
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.type == "mps":
-        raise ValueError("torchrun with MPS is not supported: use --device cpu")
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield Processes(rank, local_rank, world_size, device)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def barrier(proc, wait=True):
-    """Wait here until every process arrives (with several processes, and when wait)."""
-    if proc.world_size > 1 and wait:
-        torch.distributed.barrier()
-
-
-def any_process(flag, proc):
-    """Whether flag is true in any process (every process must call this)."""
-    if proc.world_size == 1:
-        return flag
-    value = torch.tensor(float(flag), device=proc.device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def all_rng_states(proc):
-    """Every process's RNG states (`rng_state`), in rank order; every process must call this."""
-    if proc.world_size == 1:
-        return [rng_state()]
-    states = [None] * proc.world_size
-    torch.distributed.all_gather_object(states, rng_state())
-    return states
-
-
-def compile_and_wrap(model, compile_model, proc):
-    """(model to evaluate, model to train): torch.compile'd when compile_model; to train with several
-    processes in DistributedDataParallel, which all-reduces the gradients in backward."""
-    compiled = torch.compile(model) if compile_model else model
-    if proc.world_size == 1:
-        return compiled, compiled
-    device_ids = [proc.device] if proc.device.type == "cuda" else None
-    return compiled, nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)

@@ -518,7 +518,8 @@ def parse_args(argv=None):
     g.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens only (default: all)")
     g.add_argument("--top-p", type=gpt.probability, help="sample from the fewest tokens that reach probability p "
                    "(default: all)")
-    g.add_argument("--seed", type=gpt.seed, help="seed of the sampling and of --probe (default: fresh; --probe: 0)")
+    g.add_argument("--seed", type=gpt.non_negative_int,
+                   help="seed of the sampling and of --probe (default: fresh; --probe: 0)")
     m = p.add_argument_group("measure it (instead of generating)")
     m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark by log-likelihood "
                    "(default: none)")
@@ -674,8 +675,8 @@ def main(argv=None):
     if items is not None:
         results.update(run_benchmark(args, model, items, tokenizer))
     if args.results:
-        written = gpt.save_with_fallback(lambda path: gpt.write_json(path, results), args.results)
-        print(f"results written to {written}")
+        gpt.write_json(args.results, results)
+        print(f"results written to {args.results}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ The story: the text is tokenized once into a token file, split into training and
 validation tokens and cut into windows; a GPT is built (or loaded); one loop trains it
 with AdamW, warm-up and cosine decay and gradient accumulation, and every --eval-every
 steps measures both losses, prints a sample and saves. Ctrl-C (or SIGTERM) finishes the
-step, saves and exits; --resume continues exactly. A Llama-family model (--model, or
---size with a Hub name to start from random weights) brings its own tokenizer.
+step, saves and exits; --resume continues exactly. Under torchrun each process trains on
+its share of every batch (DistributedDataParallel), as in nanoGPT's train.py.
 
 Writes to --out-dir (default runs/pretrain/; a folder that holds another run is refused
 unless --resume continues it or --overwrite replaces it):
@@ -33,16 +33,22 @@ The token file goes to <--cache-dir>/tokens/ (2 bytes per token, 4 for a vocabul
 than 65,536 ids), one per text and tokenizer, reused while the text files are unchanged.
 
 Memory: every weight trains, with AdamW 16 bytes per parameter before activations
-(SmolLM2-135M: 2.2 GB, Qwen3-0.6B: 9.5 GB, Llama 3.2 1B: 20 GB), checked at the start.
---dtype bfloat16 speeds up the work on GPUs but keeps float32 weights; to adapt a model
-too big for that, fine-tune it with LoRA (finetune_classify.py, finetune_instruct.py).
+(SmolLM2-135M: 2.2 GB, Llama 3.2 1B: 20 GB), checked at the start. To adapt a model too
+big for that, fine-tune it with LoRA (finetune_classify.py, finetune_instruct.py).
 """
 
+import codecs
+import contextlib
 import dataclasses
+import hashlib
+import io
+import json
 import math
 import os
+import pickle
 import signal
-from contextlib import nullcontext
+import time
+from array import array
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -72,8 +78,6 @@ def log(*parts):
 # ----------------------------------------------------------------------------------------
 # 1. Data: text files -> token file -> train/validation splits -> windows -> batches
 # ----------------------------------------------------------------------------------------
-# The token file is written by gpt.prepare_token_file: the text streamed through the
-# model's tokenizer once, the ids stored as uint16 (uint32 for vocabularies over 65,536).
 
 
 def resolve_sources(data):
@@ -96,34 +100,155 @@ def resolve_sources(data):
     return [path]
 
 
+def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
+    """Yield the text of a UTF-8 file opened in binary mode (f), chunk_bytes at a time (a file larger than memory
+    works). Line endings become "\\n", also when a chunk ends between "\\r" and "\\n"; a leading byte-order mark is
+    dropped. Raises ValueError with the byte offset of the first invalid UTF-8, unless replace_invalid (then U+FFFD)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")("replace" if replace_invalid else "strict")
+    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)  # holds a final "\r" back
+    if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+        f.seek(0)
+    offset = f.tell()  # bytes of the file handed to the decoder so far
+    while True:
+        chunk = f.read(chunk_bytes)
+        held_back = len(utf8.getstate()[0])  # an incomplete character from the previous chunk
+        try:
+            text = decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{f.name}: invalid UTF-8 at byte {offset - held_back + e.start} ({e.reason}); "
+                "fix the file or pass --replace-invalid-utf8"
+            ) from None
+        offset += len(chunk)
+        yield text
+        if not chunk:
+            return
+
+
+def safe_cut(text, start=0):
+    """Index just after the last newline with non-whitespace on both sides, or 0; newlines before `start` are not
+    looked at. The pre-tokenizers of GPT-2 and the Llama family always end a piece there, so encoding text[:cut] and
+    text[cut:] apart gives exactly the tokens of the whole text."""
+    first = max(1, start)
+    cut = text.rfind("\n", first, len(text) - 1)
+    while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+        cut = text.rfind("\n", first, cut)
+    return cut + 1 if cut > 0 else 0
+
+
+def encode_pieces(pieces, tokenizer):
+    """Token ids of a stream of text pieces: yields lists of ints whose concatenation is the encoding of the joined
+    text. Text that spells a special token ("<|endoftext|>" for GPT-2) becomes its id (`gpt.Tokenizer.encode`)."""
+    buffer = ""
+    for piece in pieces:
+        # The buffer held no cut; only its last character may now become one (it gets a right neighbour).
+        searched = max(len(buffer) - 1, 0)
+        buffer += piece
+        cut = safe_cut(buffer, searched)
+        if cut:
+            yield tokenizer.encode(buffer[:cut])
+            buffer = buffer[cut:]
+    if buffer:
+        yield tokenizer.encode(buffer)
+
+
+# Token file types: (array typecode, torch dtype the file is read as). torch before 2.3 has no unsigned types: uint16
+# ids are read as int16 (`as_ids` undoes it), uint32 ids as int32 (every vocabulary is far below 2**31 ids).
+TOKEN_TYPES = {"uint16": ("H", torch.int16), "uint32": ("I", torch.int32)}
+
+
+def token_type(tokenizer):
+    """"uint16" when every id fits in 2 bytes (GPT-2: 50,257 ids, SmolLM2: 49,152), else "uint32" (Qwen3, Llama 3)."""
+    return "uint16" if tokenizer.max_token_value < 1 << 16 else "uint32"
+
+
+def as_ids(tokens):
+    """Tokens read from a token file -> LongTensor of ids (int16 back to uint16)."""
+    return tokens.long() & 0xFFFF if tokens.dtype == torch.int16 else tokens.long()
+
+
+def write_token_file(paths, token_path, tokenizer, replace_invalid=False, chunk_bytes=1 << 20):
+    """Tokenize the text files (documents) into token_path, atomically, with the end-of-text token between documents
+    as in GPT-2's training data: the ids as `token_type` says, native byte order. Returns (tokens, SHA-256)."""
+    typecode = TOKEN_TYPES[token_type(tokenizer)][0]
+    total_bytes, digest, counts, started = sum(p.stat().st_size for p in paths), hashlib.sha256(), [0, 0], time.time()
+
+    def write(out):  # counts: [tokens written, bytes of the finished files]
+        for path in paths:
+            separator = [tokenizer.eot_token] if counts[0] else []  # between documents, not before the first
+            with open(path, "rb") as f:
+                for ids in encode_pieces(read_text_pieces(f, replace_invalid, chunk_bytes), tokenizer):
+                    if ids and separator:
+                        ids, separator = separator + ids, []
+                    data = array(typecode, ids).tobytes()
+                    out.write(data)
+                    digest.update(data)
+                    counts[0] += len(ids)
+                    done = counts[1] + f.tell()
+                    gpt.show_progress(f"tokenizing: {done / 1e6:,.2f} of {total_bytes / 1e6:,.2f} MB, "
+                                      f"{counts[0]:,} tokens, ETA {gpt.eta(started, done, total_bytes)}")
+            counts[1] += path.stat().st_size
+
+    try:
+        gpt.atomic_write_bytes(token_path, write)  # an interrupted run leaves no half file
+    finally:
+        gpt.end_progress()
+    return counts[0], digest.hexdigest()
+
+
+def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False, quiet=False):
+    """(token file Path, number of tokens, SHA-256) of the corpus, tokenizing only when needed: the file is reused
+    while the JSON record beside it names the same tokenizer (its pickled vocabulary, merges and pattern) and lists
+    the same sources with the same sizes and modification times. Raises ValueError for a text without tokens."""
+    sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+    tokenizer_sha256 = hashlib.sha256(pickle.dumps(tokenizer)).hexdigest()
+    dtype = token_type(tokenizer)
+    key = hashlib.sha256(json.dumps([[s[0] for s in sources], replace_invalid, tokenizer_sha256]).encode())
+    token_path = Path(token_dir) / f"{paths[0].stem}-{key.hexdigest()[:16]}.{dtype}"
+    record_path = token_path.with_suffix(".json")
+    record = {"tokenizer": tokenizer.name, "tokenizer_sha256": tokenizer_sha256, "dtype": dtype,
+              "replace_invalid_utf8": replace_invalid, "sources": sources}
+    try:
+        saved = json.loads(record_path.read_text())
+        size = saved["n_tokens"] * array(TOKEN_TYPES[dtype][0]).itemsize  # bytes
+        if {k: saved[k] for k in record} == record and token_path.stat().st_size == size:
+            if not quiet:
+                log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
+            return token_path, saved["n_tokens"], saved["sha256"]
+    except (OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
+        pass
+    started = time.time()
+    record_path.unlink(missing_ok=True)  # the token file is about to change
+    n_tokens, sha256 = write_token_file(paths, token_path, tokenizer, replace_invalid)
+    if n_tokens == 0:
+        raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
+    gpt.write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": sha256})
+    if not quiet:
+        log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
+    return token_path, n_tokens, sha256
+
+
 def split_tokens(tokens, train_fraction, context_length):
     """tokens [n] -> (train tokens [int(train_fraction * n)], validation tokens [the rest]). Raises ValueError when a
-    split has fewer than context_length + 1 tokens (one window and its shifted target), saying which context length
-    or split would work."""
+    split has fewer than context_length + 1 tokens (one window and its shifted target), saying what would work."""
     n = len(tokens)
     n_train = int(train_fraction * n)
     need = context_length + 1
     if min(n_train, n - n_train) < need:
         which, have = ("training", n_train) if n_train < need else ("validation", n - n_train)
-        hints = []
-        if min(n_train, n - n_train) >= 2:
-            hints.append(f"--context-length {min(n_train, n - n_train) - 1} or less")
+        hints = [f"--context-length {min(n_train, n - n_train) - 1} or less"] if min(n_train, n - n_train) >= 2 else []
         low, high = math.ceil(100 * need / n) / 100, math.floor(100 * (n - need) / n) / 100
-        if low <= high:
-            hints.append(f"--train-fraction between {low:.2f} and {high:.2f}")
-        hints.append("more text")
+        hints += [f"--train-fraction between {low:.2f} and {high:.2f}"] if low <= high else []
         raise ValueError(
             f"the {which} split has {have:,} tokens ({n:,} in all, --train-fraction {train_fraction}), fewer than "
-            f"context length {context_length} + 1 = {need:,}; use " + ", or ".join(hints)
+            f"context length {context_length} + 1 = {need:,}; use " + ", or ".join(hints + ["more text"])
         )
     return tokens[:n_train], tokens[n_train:]
-
-
 @dataclasses.dataclass
 class Splits:
     """The token splits and the windows that training and evaluation read from them."""
 
-    train: torch.Tensor  # [n_train], as the token file holds them (see `gpt.as_ids`)
+    train: torch.Tensor  # [n_train], as the token file holds them (see `as_ids`)
     val: torch.Tensor  # [n_val]
     context_length: int  # tokens per window
     stride: int  # tokens between the starts of two training windows
@@ -162,7 +287,7 @@ def evaluation_starts(n_tokens, context_length, max_windows):
 def get_batch(tokens, starts, context_length, device):
     """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length], with
     targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
-    rows = gpt.as_ids(torch.stack([tokens[s : s + context_length + 1] for s in starts]))
+    rows = as_ids(torch.stack([tokens[s : s + context_length + 1] for s in starts]))
     # On a GPU from pinned memory, so that the copy overlaps with compute.
     rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
     return rows[:, :-1], rows[:, 1:]
@@ -176,9 +301,9 @@ def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_00
     train_tokens, val_tokens = train_tokens[:max_tokens], val_tokens[:max_tokens]
     step = 1 << 24
     for i in range(0, len(train_tokens), step):
-        counts += torch.bincount(gpt.as_ids(train_tokens[i : i + step]), minlength=vocab_size)
+        counts += torch.bincount(as_ids(train_tokens[i : i + step]), minlength=vocab_size)
     log_probs = ((counts + 1) / (counts.sum() + vocab_size)).log()
-    total = sum(log_probs[gpt.as_ids(val_tokens[i : i + step])].sum().item() for i in range(0, len(val_tokens), step))
+    total = sum(log_probs[as_ids(val_tokens[i : i + step])].sum().item() for i in range(0, len(val_tokens), step))
     return -total / len(val_tokens)
 
 
@@ -186,7 +311,8 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
     """The Splits of a token file, for a model of config cfg and the settings args."""
     context_length = gpt.length_within_context(args.context_length, cfg, "--context-length")
     stride = args.stride or context_length
-    tokens = gpt.read_token_file(token_path, n_tokens)
+    # Memory-mapped: read on demand, so a corpus larger than memory works.
+    tokens = torch.from_file(str(token_path), size=n_tokens, dtype=TOKEN_TYPES[token_path.suffix[1:]][1])
     train, val = split_tokens(tokens, args.train_fraction, context_length)
     n_windows = count_windows(len(train), context_length, stride)
     eval_windows = args.eval_batches * args.batch_size * world_size
@@ -226,7 +352,6 @@ def model_to_train(args, checkpoint=None):
         tokenizer = gpt.tokenizer_from_files(gpt.hub_tokenizer_files(args.size), args.size)
     torch.manual_seed(args.seed)
     model = gpt.build_model(model_config(args))
-    gpt.check_vocabulary(model, "the model's shape", tokenizer)
     return model.train(), tokenizer
 
 
@@ -248,7 +373,7 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
 @torch.no_grad()
 def evaluate_loss(model, splits, split, batch_size, autocast, proc):
     """Mean cross-entropy (nats per token) of the evaluation windows of split ("train" or "val"). Each process (proc:
-    see `gpt.distributed_run`) takes every world_size-th window, and the sums are all-reduced."""
+    see `distributed_run`) takes every world_size-th window, and the sums are all-reduced."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
     mine = splits.eval_starts[split][proc.rank :: proc.world_size]
@@ -284,73 +409,92 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
     """Train from step state["step"] to state["total_steps"], updating state. Evaluates (both losses, a sample, best.pt)
     at the start, every --eval-every steps and at the end; saves latest.pt then and at a stop (stopper: Ctrl-C or
     SIGTERM, a gpt.StopSignal; --stop-at-step). Returns None at the end, else "stop-at-step" or the signal's name."""
-    out_dir, history, total_steps = Path(args.out_dir), state["history"], state["total_steps"]
-    global_batch = args.batch_size * args.grad_accum * proc.world_size  # windows per optimizer step
+    total_steps = state["total_steps"]
     autocast, dtype_name = gpt.autocast_context(proc.device, args.dtype)
-    eval_model, train_model = gpt.compile_and_wrap(model, args.compile, proc)
-    peak = args.peak_flops or gpt.peak_flops(proc.device, dtype_name)  # None: no MFU
-    tokens_per_step = global_batch * splits.context_length
-    speed = gpt.Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
+    eval_model = torch.compile(model) if args.compile else model
+    train_model = eval_model  # with several processes: DistributedDataParallel all-reduces the gradients in backward
+    if proc.world_size > 1:
+        device_ids = [proc.device] if proc.device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(eval_model, device_ids=device_ids)
+    peak = args.peak_flops or peak_flops(proc.device, dtype_name)  # None: no MFU
+    tokens_per_step = args.batch_size * args.grad_accum * proc.world_size * splits.context_length
+    speed = Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
     while True:
-        step, samples_seen = state["step"], state["samples_seen"]
-        tokens = samples_seen * splits.context_length
+        step = state["step"]
         lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
         speed.pause()  # evaluating and saving do not count in tokens/s
-        evaluated = bool(history) and history[-1]["step"] == step  # already, before the run stopped and resumed
-        evaluate_now = (step % args.eval_every == 0 or step == total_steps) and not evaluated
-        if evaluate_now:
-            train_loss = evaluate_loss(eval_model, splits, "train", args.batch_size, autocast, proc)
-            val_loss = evaluate_loss(eval_model, splits, "val", args.batch_size, autocast, proc)
-            gpt.check_finite_loss(train_loss + val_loss, step)  # NaN or infinity in either
-            improved = step > 0 and val_loss < state["best_val_loss"]  # the random start is never "best"
-            state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
-            history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=train_loss, val_loss=val_loss))
-            log(f"eval step {step} | train loss {train_loss:.3f} | val loss {val_loss:.3f} "
-                f"(perplexity {math.exp(val_loss):,.1f})" + (" | best so far" if improved else ""))
-            if proc.rank == 0:
-                sample = sample_text(model, tokenizer, args.prompt, args.sample_tokens, args.seed, proc.device)
-                log("  sample: " + sample)
-                if improved:
-                    best = dict(step=step, tokens_seen=tokens, val_loss=val_loss)
-                    gpt.save_with_fallback(lambda path: gpt.save_checkpoint(path, model, tokenizer, **best),
-                                           out_dir / "best.pt")
-                gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
+        evaluated = evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast)
         stop = stopper.requested or step >= (args.stop_at_step or math.inf)
-        stop = step == total_steps or gpt.any_process(stop, proc)  # every process stops at the same step
-        if evaluate_now or stop:
-            rng_states = gpt.all_rng_states(proc)  # every process's, for the same dropout masks after --resume
-            if proc.rank == 0:
-                gpt.save_training_state(out_dir / "latest.pt", model, tokenizer, optimizer, rng_states=rng_states,
-                                        **state)
+        stop = step == total_steps or any_process(stop, proc)  # every process stops at the same step
+        if evaluated or stop:
+            save_latest(Path(args.out_dir) / "latest.pt", model, tokenizer, optimizer, proc, state)
         if stop:
             return None if step == total_steps else stopper.signal_name or "stop-at-step"
         speed.resume()
+        loss, norm = train_step(args, train_model, model, optimizer, splits, proc, state, lr, autocast)
+        if state["step"] % args.log_every == 0 or state["step"] == total_steps:
+            loss_value = float(loss)  # waits for the GPU: only on logging steps
+            gpt.check_finite_loss(loss_value, state["step"])
+            log(f"step {state['step']}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | grad norm {norm:.2f} | "
+                f"{speed.report(state['step'], total_steps)}")
 
-        # One optimizer step: forward, loss and backward for each micro-batch, then the update.
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for micro_step in range(args.grad_accum):
-            starts = micro_batch_starts(splits, samples_seen, micro_step, args.batch_size, proc.rank, proc.world_size)
-            inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
-            accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
-            with train_model.no_sync() if accumulate else nullcontext():
-                with autocast:
-                    logits = train_model(inputs)  # [batch, seq_len, vocab_size]
-                    loss = gpt.next_token_loss(logits, targets) / args.grad_accum
-                loss.backward()  # adds to the gradients of the earlier micro-batches
-            loss_sum += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        state.update(step=step, samples_seen=samples_seen + global_batch)
 
-        if step % args.log_every == 0 or step == total_steps:
-            loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
-            gpt.check_finite_loss(loss_value, step)
-            log(f"step {step}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | grad norm {norm:.2f} | "
-                f"{speed.report(step, total_steps)}")
+def train_step(args, train_model, model, optimizer, splits, proc, state, lr, autocast):
+    """One optimizer step: forward, loss and backward for each of --grad-accum micro-batches, then the update, with
+    the gradient norm clipped to --grad-clip. Advances state -> (mean loss, a tensor; gradient norm before clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for micro_step in range(args.grad_accum):
+        starts = micro_batch_starts(splits, state["samples_seen"], micro_step, args.batch_size, proc.rank,
+                                    proc.world_size)
+        inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
+        accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
+        with train_model.no_sync() if accumulate else contextlib.nullcontext():
+            with autocast:
+                logits = train_model(inputs)  # [batch, seq_len, vocab_size]
+                loss = gpt.next_token_loss(logits, targets) / args.grad_accum
+            loss.backward()  # adds to the gradients of the earlier micro-batches
+        loss_sum += loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    global_batch = args.batch_size * args.grad_accum * proc.world_size
+    state.update(step=state["step"] + 1, samples_seen=state["samples_seen"] + global_batch)
+    return loss_sum, norm
+
+
+def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast):
+    """At an evaluation step (every --eval-every, and the last) not evaluated yet: both losses into state["history"]
+    and history.json, a sample in the log, best.pt when the validation loss is the lowest so far. -> whether it did."""
+    step, history = state["step"], state["history"]
+    evaluated = bool(history) and history[-1]["step"] == step  # already, before the run stopped and resumed
+    if evaluated or not (step % args.eval_every == 0 or step == state["total_steps"]):
+        return False
+    train_loss = evaluate_loss(eval_model, splits, "train", args.batch_size, autocast, proc)
+    val_loss = evaluate_loss(eval_model, splits, "val", args.batch_size, autocast, proc)
+    gpt.check_finite_loss(train_loss + val_loss, step)  # NaN or infinity in either
+    improved = step > 0 and val_loss < state["best_val_loss"]  # the random start is never "best"
+    state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
+    tokens = state["samples_seen"] * splits.context_length
+    history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=train_loss, val_loss=val_loss))
+    log(f"eval step {step} | train loss {train_loss:.3f} | val loss {val_loss:.3f} "
+        f"(perplexity {math.exp(val_loss):,.1f})" + (" | best so far" if improved else ""))
+    if proc.rank == 0:
+        log("  sample: " + sample_text(model, tokenizer, args.prompt, args.sample_tokens, args.seed, proc.device))
+        out_dir = Path(args.out_dir)
+        if improved:
+            gpt.save_checkpoint(out_dir / "best.pt", model, tokenizer, step=step, tokens_seen=tokens, val_loss=val_loss)
+        gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
+    return True
+
+
+def save_latest(path, model, tokenizer, optimizer, proc, state):
+    """Save the training state (`gpt.save_training_state`) with every process's RNG states, for the same dropout
+    masks after --resume; every process must call this."""
+    rng_states = all_rng_states(proc)
+    if proc.rank == 0:
+        gpt.save_training_state(path, model, tokenizer, optimizer, rng_states=rng_states, **state)
 
 
 # ----------------------------------------------------------------------------------------
@@ -366,7 +510,7 @@ def start_run(args, proc):
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
         gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
         gpt.print_settings(args)
-    gpt.barrier(proc)
+    barrier(proc)
     if proc.device.type == "cpu" and args.dtype == "bfloat16":  # CPUs without bfloat16 matrix units emulate it
         log("warning: --dtype bfloat16 is usually much slower than float32 on CPUs; --dtype auto picks float32 there")
     checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
@@ -375,12 +519,12 @@ def start_run(args, proc):
     model, tokenizer = model_to_train(args, checkpoint)
 
     # Data: the first process of each machine tokenizes; the others wait, then reuse its file.
-    gpt.barrier(proc, wait=proc.local_rank != 0)
+    barrier(proc, wait=proc.local_rank != 0)
     token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
     sources = resolve_sources(args.data)
-    token_path, n_tokens, sha256 = gpt.prepare_token_file(sources, token_dir, tokenizer, args.replace_invalid_utf8,
-                                                          quiet=proc.rank != 0)
-    gpt.barrier(proc, wait=proc.local_rank == 0)
+    token_path, n_tokens, sha256 = prepare_token_file(sources, token_dir, tokenizer, args.replace_invalid_utf8,
+                                                      quiet=proc.rank != 0)
+    barrier(proc, wait=proc.local_rank == 0)
     data = {"n_tokens": n_tokens, "sha256": sha256}
     if checkpoint is not None and checkpoint["data"] != data:
         raise ValueError(
@@ -390,7 +534,10 @@ def start_run(args, proc):
 
     # The optimizer: AdamW with betas (0.9, 0.95), as GPT-3 (Brown et al., 2020, appendix B).
     splits = make_splits(token_path, n_tokens, args, model.cfg, proc.world_size)
-    check_memory(model.cfg, args.batch_size, splits.context_length, proc.device)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if proc.device.type == "cpu" else 1  # share the RAM
+    hint = ("pretraining trains every weight: use a smaller model, or a machine with more memory, or adapt this one "
+            "with LoRA (the fine-tunes' --lora)")
+    gpt.check_training_memory(model, proc.device, hint, processes)
     model.to(proc.device)
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))
     global_batch = args.batch_size * args.grad_accum * proc.world_size
@@ -416,7 +563,7 @@ def start_run(args, proc):
 
 
 def pretrain(args, proc):
-    """Run the stage with the settings args (see `parse_settings`) in this process (proc: see `gpt.distributed_run`).
+    """Run the stage with the settings args (see `parse_settings`) in this process (proc: see `distributed_run`).
     Returns a summary dict: steps, tokens_seen, train_loss, val_loss, best_val_loss, unigram_loss, latest, best,
     stopped (see `train`)."""
     model, optimizer, splits, tokenizer, state = start_run(args, proc)
@@ -451,7 +598,121 @@ def pretrain(args, proc):
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Command line and settings
+# 6. Several processes under torchrun, and the speed in the log
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """The processes of a run, as this one sees them."""
+
+    rank: int  # 0 to world_size - 1; process 0 prints and writes the files
+    local_rank: int  # the rank among the processes of this machine
+    world_size: int  # how many processes train together
+    device: torch.device  # this process's device
+
+
+@contextlib.contextmanager
+def distributed_run(device_name="auto"):
+    """Processes(rank, local_rank, world_size, device) of this run, for a `with` block. Under torchrun (RANK and
+    WORLD_SIZE set) the block runs in the process group: NCCL between GPUs, one GPU per process (cuda:LOCAL_RANK), or
+    Gloo between CPU processes; the group is left at the end. Otherwise one process."""
+    device = gpt.pick_device(device_name)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        yield Processes(0, 0, 1, device)
+        return
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "mps":
+        raise ValueError("torchrun with MPS is not supported: use --device cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield Processes(rank, local_rank, world_size, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier(proc, wait=True):
+    """Wait here until every process arrives (with several processes, and when wait)."""
+    if proc.world_size > 1 and wait:
+        dist.barrier()
+
+
+def any_process(flag, proc):
+    """Whether flag is true in any process (every process must call this)."""
+    if proc.world_size == 1:
+        return flag
+    value = torch.tensor(float(flag), device=proc.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_rng_states(proc):
+    """Every process's RNG states (`gpt.rng_state`), in rank order; every process must call this."""
+    states = [None] * proc.world_size
+    if proc.world_size == 1:
+        return [gpt.rng_state()]
+    dist.all_gather_object(states, gpt.rng_state())
+    return states
+
+
+# Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found in
+# torch.cuda.get_device_name() wins, so the PCIe H100 and the H200 NVL come before the SXM ones.
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 836e12, "H200": 989e12, "A100": 312e12,
+                  "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device, dtype_name):
+    """Peak FLOP/s of one device for MFU: the table's for a CUDA GPU training in bfloat16, else None (CPUs: no
+    reliable number, so no MFU)."""
+    if device.type != "cuda" or dtype_name != "bfloat16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
+
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs per token: 6 N for the forward and backward matrix multiplications of N weights (the head
+    included, lookup tables not) plus 12 * n_layers * attention width * seq_len for attention (PaLM, Chowdhery et al.,
+    2022, appendix B)."""
+    cfg = model.cfg
+    lookups = [] if cfg.family == "llama" else [model.wpe.weight]  # Llama has no position table
+    if not cfg.tie_embeddings:
+        lookups.append(model.wte.weight)  # only looked up: the separate head multiplies
+    n_params = gpt.count_parameters(model) - sum(table.numel() for table in lookups)
+    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * (cfg.head_dim or cfg.emb_dim // cfg.n_heads) * seq_len
+
+
+class Throughput:
+    """The numbers of a progress line: tokens/s and MFU (model FLOPs utilisation, against peak_flops per device; None:
+    none shown) of the steps since the last report, time between `pause` and `resume` (evaluating, saving) not
+    counted, and the ETA."""
+
+    def __init__(self, model, seq_len, tokens_per_step, peak_flops=None, world_size=1, first_step=0):
+        self.tokens_per_step, self.first_step, self.interval_step = tokens_per_step, first_step, first_step
+        self.flops_per_token = flops_per_token(model, seq_len)
+        self.peak = peak_flops * world_size if peak_flops else None
+        self.started = self.interval_start = self.paused = time.time()
+
+    def pause(self):
+        self.paused = time.time()
+
+    def resume(self):
+        self.interval_start += time.time() - self.paused
+
+    def report(self, step, total_steps):
+        """"1,234 tok/s | MFU 41.0% | ETA 3m05s" for the steps since the last report."""
+        tokens_per_s = (step - self.interval_step) * self.tokens_per_step / (time.time() - self.interval_start)
+        mfu = f" | MFU {self.flops_per_token * tokens_per_s / self.peak:.1%}" if self.peak else ""
+        remaining = gpt.eta(self.started, step - self.first_step, total_steps - self.first_step)
+        self.interval_start, self.interval_step = time.time(), step
+        return f"{tokens_per_s:,.0f} tok/s{mfu} | ETA {remaining}"
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Command line and settings
 # ----------------------------------------------------------------------------------------
 
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
@@ -497,11 +758,12 @@ def build_parser():
     train.add_argument("--epochs", type=gpt.positive_float, default=10.0, help="passes over the training windows")
     train.add_argument("--max-steps", type=gpt.positive_int, help="optimizer steps (default: from --epochs)")
     train.add_argument("--lr", type=gpt.positive_float, default=1e-3, help="peak learning rate")
-    train.add_argument("--min-lr-ratio", type=gpt.unit_interval, default=0.1, help="final learning rate / --lr")
+    train.add_argument("--min-lr-ratio", type=gpt.fraction, default=0.1, help="final learning rate / --lr")
     train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="linear warm-up steps (default: 5%% of all)")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
     train.add_argument("--grad-clip", type=gpt.non_negative_float, default=1.0, help="gradient norm limit (0: none)")
-    train.add_argument("--seed", type=gpt.seed, default=123, help="seed of weights, data order, dropout, samples")
+    train.add_argument("--seed", type=gpt.non_negative_int, default=123,
+                       help="seed of weights, data order, dropout, samples")
 
     run = p.add_argument_group("evaluation, run folder, devices")
     run.add_argument("--eval-every", type=gpt.positive_int, default=10, help="evaluate and save every N steps")
@@ -532,9 +794,9 @@ def parse_settings(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.resume:
-        shape_flags = [gpt.flag_name(k) for k in ("size", "n_layers", "n_heads", "emb_dim") if getattr(args, k)]
-        if args.model and shape_flags:
-            parser.error(f"--model takes the model's shape from its weights: drop {', '.join(shape_flags)}")
+        if args.model:
+            shape = ("size", "n_layers", "n_heads", "emb_dim")
+            gpt.refuse_flags(parser, argv, shape, "--model (its weights bring the shape)")
         try:
             model_config(args)
         except ValueError as e:
@@ -558,26 +820,8 @@ def parse_settings(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Plumbing: memory, the training state, main
+# 8. Resuming, and main
 # ----------------------------------------------------------------------------------------
-
-
-def check_memory(cfg, batch_size, context_length, device):
-    """Raise an error before training when it cannot fit. Everywhere: the weights, their gradients and AdamW's moments
-    (16 bytes per parameter, gpt.check_training_memory; a 1B model needs 20 GB). On the CPU also a whole step, where
-    the operating system may kill the process without a message: per token 68 * emb_dim bytes per layer of
-    activations (Korthikanti et al., 2022, section 4.1, float32, no attention matrix) plus 12 per vocabulary entry
-    (logits, softmax, gradient). Processes of a machine share it."""
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    weights = processes * gpt.training_memory(cfg)
-    gpt.check_training_memory(weights, device, "pretraining trains every weight: use a smaller model, or a machine "
-                              "with more memory, or adapt this one with LoRA (the fine-tunes' --lora)")
-    per_token = 68 * cfg.emb_dim * cfg.n_layers + 12 * cfg.vocab_size
-    need = weights + processes * batch_size * context_length * per_token
-    have = gpt.machine_memory() if device.type == "cpu" else None
-    if have is not None and need > have:
-        raise ValueError(f"a training step needs about {need / 1e6:,.0f} MB of memory, but this machine has "
-                         f"{have / 1e6:,.0f} MB: {MEMORY_HINT}")
 
 
 def load_training_state(path):
@@ -609,7 +853,7 @@ def main(argv=None):
     code for the signal, 130 or 143."""
     args = parse_settings(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # downloads go there
-    with gpt.distributed_run(args.device) as proc:
+    with distributed_run(args.device) as proc:
         result = pretrain(args, proc)
     if result["stopped"] in ("SIGINT", "SIGTERM"):
         raise SystemExit(128 + signal.Signals[result["stopped"]])

@@ -526,11 +526,13 @@ def test_family_presets_have_the_published_sizes():
         "meta-llama/Llama-3.2-1B": 1_235_814_400,
     }
     # Full fine-tuning of Llama 3.2 1B in float32 with AdamW: 16 bytes per parameter.
-    assert gpt.training_memory(gpt.LLAMA_CONFIGS["meta-llama/Llama-3.2-1B"]) == 16 * 1_235_814_400
-    assert gpt.training_memory(gpt.LLAMA_CONFIGS["meta-llama/Llama-3.2-1B"], trainable=0, dtype=torch.bfloat16) == 2 * 1_235_814_400
-    with pytest.raises(RuntimeError, match=r"needs about 1000000.0 GB before activations .* the cpu has \d+\.\d GB: use --lora"):
-        gpt.check_training_memory(10**15, torch.device("cpu"), "use --lora")
-    gpt.check_training_memory(10**6, torch.device("cpu"), "use --lora")  # a megabyte fits
+    llama = gpt.empty_model(gpt.LLAMA_CONFIGS["meta-llama/Llama-3.2-1B"])
+    assert gpt.training_memory(llama) == 16 * 1_235_814_400
+    assert gpt.training_memory(llama.requires_grad_(False).to(torch.bfloat16)) == 2 * 1_235_814_400
+    small = gpt.build_model(gpt.GPTConfig(vocab_size=10, context_length=4, emb_dim=8, n_heads=2, n_layers=1))
+    with pytest.raises(RuntimeError, match=r"needs about .* GB before activations .* the cpu has \d+\.\d GB: use --lora"):
+        gpt.check_training_memory(small, torch.device("cpu"), "use --lora", processes=10**12)
+    gpt.check_training_memory(small, torch.device("cpu"), "use --lora")  # a few kilobytes fit
 
 
 def test_family_greedy_generation_equals_transformers(family_models):
@@ -1497,10 +1499,10 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
         (gpt.non_negative_int, {"0": 0, "7": 7}, ["-1", "nan"]),
         (gpt.positive_float, {"1e-3": 1e-3, "2": 2.0}, ["0", "-1", "nan", "inf", "-inf"]),
         (gpt.non_negative_float, {"0": 0.0, "0.5": 0.5}, ["-0.1", "nan", "inf"]),
+        (gpt.fraction, {"0": 0.0, "0.9": 0.9, "1": 1.0}, ["-0.1", "1.01", "nan"]),
         (gpt.probability, {"1": 1.0, "0.9": 0.9}, ["0", "1.01", "nan"]),
         (gpt.dropout_rate, {"0": 0.0, "0.1": 0.1}, ["1", "-0.1", "nan"]),
-        (gpt.fraction, {"0.9": 0.9}, ["0", "1", "nan"]),
-        (gpt.seed, {"0": 0, "123": 123, str(2**63 - 1): 2**63 - 1}, ["-1", str(2**63), "1e3"]),
+        (gpt.non_negative_int, {str(2**63 - 1): 2**63 - 1}, [str(2**63), "1e3"]),  # torch's seed range
     ],
 )
 def test_flag_types_accept_their_range_and_reject_the_rest(parse, good, bad):
@@ -1561,17 +1563,15 @@ def test_resume_settings_restore_the_saved_run_and_name_a_contradiction():
 def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
     out = tmp_path / "run"
     files = ["latest.pt", "history.json"]
-    assert gpt.claim_run_folder(out, files) == out
+    assert gpt.claim_run_folder(out, files) == out and not out.exists()  # the run's first write makes it
+    out.mkdir()
     (out / "latest.pt").write_text("old run")
     with pytest.raises(ValueError, match=r"holds another run \(latest.pt\): continue it with --resume, replace it with --overwrite"):
         gpt.claim_run_folder(out, files)
     gpt.claim_run_folder(out, files, resume=True)
     assert (out / "latest.pt").exists()
     gpt.claim_run_folder(out, files, overwrite=True)
-    assert (out / "latest.pt").exists()  # kept until the new run writes: a run that fails its checks loses nothing
-    gpt.write_json(out / "history.json", [])
-    assert not (out / "latest.pt").exists()  # the new run's first write took the old run away
-    (out / "history.json").unlink()
+    assert not (out / "latest.pt").exists()  # the old run's files go at once
     with pytest.raises(ValueError, match="holds no run to continue"):
         gpt.claim_run_folder(out, files, resume=True)
     (out / "history.json").mkdir()
@@ -1580,21 +1580,8 @@ def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"--out-dir .*file is a file, not a folder"):
         gpt.claim_run_folder(tmp_path / "file", files)
-    with pytest.raises(ValueError, match=r"--out-dir .*cannot be used"):
+    with pytest.raises(ValueError, match=r"--out-dir .*below: .*file is a file, not a folder"):
         gpt.claim_run_folder(tmp_path / "file" / "below", files)
-
-
-def test_run_folder_lock_of_a_live_process_refuses_and_a_dead_one_is_taken_over(tmp_path):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (tmp_path / ".lock").write_text(str(sleeper.pid))
-        with pytest.raises(ValueError, match=f"in use by another run \\(process {sleeper.pid}\\)"):
-            gpt.claim_run_folder(tmp_path, ["latest.pt"])
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    gpt.claim_run_folder(tmp_path, ["latest.pt"])  # its process is gone now
-    assert (tmp_path / ".lock").read_text() == str(os.getpid())
 
 
 def test_stale_temporary_files_are_removed_but_a_running_process_keeps_its_own(tmp_path):
@@ -1629,34 +1616,6 @@ def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
     gpt.atomic_save({"x": torch.ones(2)}, tmp_path / "a.pt")
     assert events == ["fsync", "rename"]
     assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]
-
-
-def test_save_with_fallback_keeps_finished_work_when_the_disk_is_full(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "fallback"))
-    (tmp_path / "fallback").mkdir()
-    written = []
-
-    def write(path):
-        if Path(path).parent.name != "fallback":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written.append(path)
-        Path(path).write_text("model")
-
-    gpt.written_elsewhere.clear()
-    result = gpt.save_with_fallback(write, tmp_path / "out" / "classifier.pt")
-    assert result == tmp_path / "fallback" / f"classifier-{os.getpid()}.pt" and written == [result]
-    assert f"cannot write {tmp_path / 'out' / 'classifier.pt'} (No space left on device)" in capsys.readouterr().err
-    # A file saved again at every evaluation (pretrain's latest.pt) is named once in the run's last line.
-    gpt.save_with_fallback(write, tmp_path / "out" / "classifier.pt")
-    assert gpt.written_elsewhere == [f"{tmp_path / 'out' / 'classifier.pt'} is in {result} (No space left on device "
-                                     f"at {tmp_path / 'out'})"]
-    gpt.written_elsewhere.clear()
-
-    def always_full(path):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    with pytest.raises(OSError, match="nor .* free some disk space"):
-        gpt.save_with_fallback(always_full, tmp_path / "x.pt")
 
 
 def test_json_and_text_readers_accept_a_bom_and_name_the_problem(tmp_path):
@@ -1753,7 +1712,7 @@ def test_load_gpt2_script_bad_inputs_exit_with_a_message(tmp_path, capsys):
     for flag, value, message in [
         ("--top-p", "2", "argument --top-p: must be a number in (0, 1], got '2'"),
         ("--temperature", "nan", "argument --temperature: must be a finite number >= 0, got 'nan'"),
-        ("--seed", "-1", "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
+        ("--seed", "-1", "argument --seed: must be an integer >= 0, got '-1'"),
         ("--max-new-tokens", "1e3", "argument --max-new-tokens: must be an integer >= 0, got '1e3'"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
@@ -2553,18 +2512,18 @@ def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
     with open(path, "rb") as f, pytest.raises(ValueError, match=r"invalid UTF-8 at byte 42 .*--replace-invalid-utf8"):
-        list(gpt.read_text_pieces(f, chunk_bytes=5))  # chunks cut through the é and ö
+        list(pretrain.read_text_pieces(f, chunk_bytes=5))  # chunks cut through the é and ö
     with open(path, "rb") as f:
-        text = "".join(gpt.read_text_pieces(f, replace_invalid=True, chunk_bytes=5))
+        text = "".join(pretrain.read_text_pieces(f, replace_invalid=True, chunk_bytes=5))
     assert text == "héllo wörld " * 3 + "\ufffd tail"
     truncated = tmp_path / "truncated.txt"
     truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
     with open(truncated, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 3"):
-        list(gpt.read_text_pieces(f, chunk_bytes=2))
+        list(pretrain.read_text_pieces(f, chunk_bytes=2))
     with_bom = tmp_path / "bom.txt"
     with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
     with open(with_bom, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 6"):
-        list(gpt.read_text_pieces(f, chunk_bytes=2))
+        list(pretrain.read_text_pieces(f, chunk_bytes=2))
 
 
 def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
@@ -2573,7 +2532,7 @@ def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
     path.write_text(text, encoding="utf-8")
     whole = gpt.get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
     with open(path, "rb") as f:
-        pieces = list(gpt.encode_pieces(gpt.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
+        pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
     assert len(pieces) > 10  # it really cut the text
     assert [i for ids in pieces for i in ids] == whole
 
@@ -2600,12 +2559,12 @@ def test_pretrain_crlf_corpus_streams_and_gives_the_tokens_of_lf(tmp_path):
     for path in (lf, crlf, cr):
         f = _CountingFile(path)
         with f:
-            pieces = list(gpt.encode_pieces(gpt.read_text_pieces(f, chunk_bytes=64), gpt.get_tokenizer()))
+            pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=64), gpt.get_tokenizer()))
         assert [i for ids in pieces for i in ids] == expected, path.name
         assert len(f.read_sizes) > 100 and set(f.read_sizes) <= {3, 64}  # the BOM check, then chunks: never all
         assert max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text at once
-    n_lf = gpt.write_token_file([lf], tmp_path / "lf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
-    n_crlf = gpt.write_token_file([crlf], tmp_path / "crlf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
+    n_lf = pretrain.write_token_file([lf], tmp_path / "lf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
+    n_crlf = pretrain.write_token_file([crlf], tmp_path / "crlf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
     assert n_lf == n_crlf and n_lf[0] == len(expected)  # the same tokens, so the same fingerprint
     assert (tmp_path / "lf.uint16").read_bytes() == (tmp_path / "crlf.uint16").read_bytes()
 
@@ -2621,17 +2580,17 @@ def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
     assert [p.name for p in paths] == ["a.txt", "b.txt"]
 
     enc = gpt.get_tokenizer()
-    token_path, n, sha256 = gpt.prepare_token_file(paths, tmp_path / "tokens", enc)
+    token_path, n, sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
     expected = enc.encode("First document.\n") + [gpt.EOT_ID] + enc.encode("Second one, in a subfolder.\n")
     assert n == len(expected) and token_path.stat().st_size == 2 * n
     assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()
     assert array.array("H", token_path.read_bytes()).tolist() == expected  # uint16, native byte order
 
     capsys.readouterr()
-    assert gpt.prepare_token_file(paths, tmp_path / "tokens", enc) == (token_path, n, sha256)
+    assert pretrain.prepare_token_file(paths, tmp_path / "tokens", enc) == (token_path, n, sha256)
     assert "reused" in capsys.readouterr().out
     (folder / "a.txt").write_text("First document, edited and longer.\n")
-    token_path2, n2, _ = gpt.prepare_token_file(paths, tmp_path / "tokens", enc)
+    token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
     assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
 
 
@@ -2692,7 +2651,7 @@ def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_fi
     assert decay["betas"] == no_decay["betas"] == (0.9, 0.95)  # GPT-3's, appendix B
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["settings"]["lr"] == 1e-2 and run["data"]["n_tokens"] == gpt.prepare_token_file(
+    assert run["settings"]["lr"] == 1e-2 and run["data"]["n_tokens"] == pretrain.prepare_token_file(
         [pretrain_text_file], tmp_path / "tokens", gpt.get_tokenizer()
     )[1]
     assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
@@ -2712,7 +2671,7 @@ def test_pretrain_model_flag_continues_from_weights(tmp_path, pretrain_text_file
     with pytest.raises(SystemExit) as e:
         pretrain.main(argv + ["--emb-dim", "64"])
     assert e.value.code == 2
-    assert "--model takes the model's shape from its weights: drop --emb-dim" in capsys.readouterr().err
+    assert "--model (its weights bring the shape) does not use --emb-dim: drop it" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--context-length 64 is longer than the model's context length 32"):
         pretrain.main(argv + ["--context-length", "64", "--overwrite"])
 
@@ -2785,20 +2744,6 @@ def test_pretrain_folder_of_another_run_is_refused_or_overwritten(tmp_path, pret
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file) + ["--out-dir", str(tmp_path / "file")])
 
 
-def test_pretrain_lock_of_a_running_process_is_refused_and_a_stale_one_taken_over(tmp_path, pretrain_text_file):
-    (tmp_path / "run").mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (tmp_path / "run" / ".lock").write_text(str(sleeper.pid))
-        argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "1")
-        with pytest.raises(SystemExit, match=f"in use by another run \\(process {sleeper.pid}\\)"):
-            pretrain.main(argv)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    assert pretrain.main(argv)["steps"] == 1  # its process is gone: the lock is taken over
-
-
 def test_pretrain_model_with_another_vocabulary_is_one_line(tmp_path, pretrain_text_file):
     path = tmp_path / "small-vocab.pt"
     gpt.save_checkpoint(path, tiny_model(vocab_size=1000))
@@ -2823,23 +2768,13 @@ def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, mon
             pretrain.main(argv)
     hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
     assert str(e.value) == "error: out of memory: " + hint
-    # On the CPU a step that needs more than the machine has is refused before training.
-    monkeypatch.setattr(gpt, "machine_memory", lambda: 50_000_000)
-    first_run = (tmp_path / "run" / "run.json").read_bytes()
-    with pytest.raises(SystemExit) as e:
-        pretrain.main(argv)
-    message = str(e.value)
-    # 16 bytes x 1.6M parameters + 4 x 32 tokens x (68 x 32 x 2 + 12 x 50257) bytes of activations and logits
-    assert message.startswith("error: a training step needs about 104 MB of memory, but this machine has 50 MB")
-    assert message.endswith(hint)
-    assert (tmp_path / "run" / "run.json").read_bytes() == first_run  # refused before the run wrote anything
 
 
 def test_pretrain_overwrite_that_fails_its_checks_keeps_the_old_run(tmp_path, pretrain_text_file):
     pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--eval-every", "1"))
     old = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
-    with pytest.raises(SystemExit, match="no such file or folder"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, tmp_path / "missing.txt", "--overwrite"))
+    with pytest.raises(SystemExit):  # the flags are checked before the old run is deleted
+        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--overwrite", "--model", "gpt2", "--size", "gpt2"))
     assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()} == old
 
 
@@ -2848,12 +2783,12 @@ def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file
         yield [1, 2, 3]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gpt, "encode_pieces", interrupted)
+    monkeypatch.setattr(pretrain, "encode_pieces", interrupted)
     with pytest.raises(SystemExit) as e:
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file))
     assert e.value.code == 130
     err = capsys.readouterr().err
-    assert "interrupted while tokenizing: nothing new is saved, the partial token file is deleted" in err
+    assert "\ninterrupted\n" in err
     assert err.index("tokenizing: ") < err.index("\ninterrupted")  # the progress line was ended first
     assert list((tmp_path / "tokens").iterdir()) == []  # no token file, partial or whole
     assert not (tmp_path / "run").exists()  # made for the run, left empty: removed
@@ -2920,18 +2855,18 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
         (["--size", "gpt2", "--n-heads", "5"], "emb_dim (768) must be divisible by n_heads (5)"),
         (["--emb-dim", "30"], "emb_dim (30) must be divisible by n_heads (4)"),
         (["--size", "HuggingFaceTB/SmolLM2-135M", "--n-heads", "4"], "n_heads (4) must be a multiple of n_kv_heads"),
-        (["--model", "gpt2", "--n-layers", "2"], "--model takes the model's shape from its weights: drop --n-layers"),
+        (["--model", "gpt2", "--n-layers", "2"], "--model (its weights bring the shape) does not use --n-layers: drop it"),
         (["--epochs", "inf"], "argument --epochs: must be a finite number > 0, got 'inf'"),
         (["--grad-clip", "nan"], "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
         (["--grad-clip", "-1"], "argument --grad-clip: must be a finite number >= 0, got '-1'"),
         (["--weight-decay", "-0.1"], "argument --weight-decay: must be a finite number >= 0, got '-0.1'"),
         (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
         (["--min-lr-ratio", "1.5"], "argument --min-lr-ratio: must be a number in [0, 1], got '1.5'"),
-        (["--train-fraction", "1"], "argument --train-fraction: must be a number strictly between 0 and 1, got '1'"),
+        (["--train-fraction", "1.5"], "argument --train-fraction: must be a number in [0, 1], got '1.5'"),
         (["--sample-tokens", "-1"], "argument --sample-tokens: must be an integer >= 0, got '-1'"),
         (["--stop-at-step", "0"], "argument --stop-at-step: must be an integer >= 1, got '0'"),
         (["--peak-flops", "0"], "argument --peak-flops: must be a finite number > 0, got '0'"),
-        (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
+        (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
         (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
     ],
 )
@@ -2992,14 +2927,14 @@ def test_pretrain_token_file_of_gpt2_is_not_reused_for_another_tokenizer(trained
     text = _pretrain_text(40) + "Naïve café, 12 steps.\n"
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     paths = [tmp_path / "text.txt"]
-    gpt2_path, _, gpt2_sha256 = gpt.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())
+    gpt2_path, _, gpt2_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())
     capsys.readouterr()
-    qwen_path, n, qwen_sha256 = gpt.prepare_token_file(paths, tmp_path / "tokens", gpt.load_tokenizer(folder)[0])
+    qwen_path, n, qwen_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.load_tokenizer(folder)[0])
     assert "reused" not in capsys.readouterr().out  # tokenized again, into another file
     assert qwen_path != gpt2_path and qwen_sha256 != gpt2_sha256 and qwen_path.suffix == ".uint16"  # 1000 ids
     expected = reference.encode(text).ids
     assert array.array("H", qwen_path.read_bytes()).tolist() == expected and n == len(expected)
-    assert gpt.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())[0] == gpt2_path
+    assert pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())[0] == gpt2_path
     assert "reused" in capsys.readouterr().out
     assert json.loads(gpt2_path.with_suffix(".json").read_text())["tokenizer"] == "gpt2"
 
@@ -3012,17 +2947,17 @@ def test_pretrain_token_file_holds_ids_above_65535_as_uint32(tmp_path):
                             special_tokens={"<|endoftext|>": 69_999})
     (tmp_path / "a.txt").write_text("ab")
     (tmp_path / "b.txt").write_text("c<|endoftext|>d")
-    token_path, n, _ = gpt.prepare_token_file([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "tokens", big)
+    token_path, n, _ = pretrain.prepare_token_file([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "tokens", big)
     expected = [97, 98, 69_999, 99, 69_999, 100]  # the end-of-text id between the documents, and from the text
     assert token_path.suffix == ".uint32" and n == 6 and token_path.stat().st_size == 4 * 6
     assert array.array("I", token_path.read_bytes()).tolist() == expected
-    tokens = torch.from_file(str(token_path), size=n, dtype=gpt.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
+    tokens = torch.from_file(str(token_path), size=n, dtype=pretrain.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
     inputs, targets = pretrain.get_batch(tokens, [0, 1], 4, torch.device("cpu"))
     assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
     # The unigram baseline counts the id too: once in 3 training tokens, add-one over 70,000 ids.
     baseline = pretrain.unigram_baseline(tokens[:3], tokens[2:3], vocab_size=70_000)
     assert baseline == pytest.approx(-math.log((1 + 1) / (3 + 70_000)), rel=1e-12)
-    assert gpt.token_type(gpt.get_tokenizer()) == "uint16"
+    assert pretrain.token_type(gpt.get_tokenizer()) == "uint16"
 
 
 def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
@@ -3030,7 +2965,7 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
 ):
     prompt = "Every effort moves you"
     reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
-    monkeypatch.setattr(gpt, "token_type", lambda tokenizer: "uint32")  # as for 151,936 ids; 1000 need uint16
+    monkeypatch.setattr(pretrain, "token_type", lambda tokenizer: "uint32")  # as for 151,936 ids; 1000 need uint16
 
     def argv(run, *extra):
         flags = _pretrain_tiny_argv(tmp_path / run, pretrain_text_file, "--model", str(tmp_path / "model"))
@@ -3100,8 +3035,8 @@ def test_peak_flops_of_a_gpu_come_from_its_name(monkeypatch):
     for name, flops in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200 NVL", 836e12),
                         ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert gpt.peak_flops(cuda, "bfloat16") == flops, name
-    assert gpt.peak_flops(cuda, "float32") is None and gpt.peak_flops(torch.device("cpu"), "bfloat16") is None
+        assert pretrain.peak_flops(cuda, "bfloat16") == flops, name
+    assert pretrain.peak_flops(cuda, "float32") is None and pretrain.peak_flops(torch.device("cpu"), "bfloat16") is None
 
 
 def test_pretrain_autocast_flops_and_throughput_line_are_exact(monkeypatch):
@@ -3111,10 +3046,10 @@ def test_pretrain_autocast_flops_and_throughput_line_are_exact(monkeypatch):
     assert dtype_name == "bfloat16" and context.fast_dtype == torch.bfloat16
     model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
     # 5040 parameters; the 8 x 16 position table is only looked up: 6 x 4912 + 12 x 1 layer x 16 wide x 8 tokens
-    assert gpt.count_parameters(model) == 5040 and gpt.flops_per_token(model, 8) == 6 * 4912 + 12 * 16 * 8 == 31008
+    assert gpt.count_parameters(model) == 5040 and pretrain.flops_per_token(model, 8) == 6 * 4912 + 12 * 16 * 8 == 31008
     clock = iter([0.0, 10.0, 15.0, 20.0, 20.0, 20.0])  # start, pause, resume, then the report's three readings
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
-    speed = gpt.Throughput(model, 8, tokens_per_step=150, peak_flops=31008 * 100 / 0.5, first_step=0)
+    speed = pretrain.Throughput(model, 8, tokens_per_step=150, peak_flops=31008 * 100 / 0.5, first_step=0)
     speed.pause()
     speed.resume()  # 5 s of evaluation: not counted
     assert speed.report(step=10, total_steps=20) == "100 tok/s | MFU 50.0% | ETA 20s"  # 1500 tokens in 15 s
@@ -3424,8 +3359,8 @@ def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, 
         (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
         (["--max-steps", "0"], "argument --max-steps: must be an integer >= 1, got '0'"),
         (["--drop-rate", "1"], "argument --drop-rate: must be a number in [0, 1), got '1'"),
-        (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
-        (["--seed", str(2**63)], "argument --seed: must be an integer from 0 to 2**63 - 1, got '9223372036854775808'"),
+        (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
+        (["--seed", str(2**63)], "argument --seed: must be an integer >= 0, got '9223372036854775808'"),
         (["--trainable", "all"], "--lora trains the adapters and the head: drop --trainable all"),
         (["--trainable", "lora"], "argument --trainable: invalid choice: 'lora'"),
     ],
@@ -4370,7 +4305,7 @@ _INSTRUCT_BAD_FLAGS = [
     (["--top-p", "nan"], "argument --top-p: must be a number in (0, 1], got 'nan'"),
     (["--lora-alpha", "nan"], "argument --lora-alpha: must be a finite number > 0, got 'nan'"),
     (["--drop-rate", "1"], "argument --drop-rate: must be a number in [0, 1), got '1'"),
-    (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
+    (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
     (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64' (choose from 'float32', 'bfloat16', "
      "'float16')"),
     (["--dtype", "float16"], "--dtype float16 trains without loss scaling: train in bfloat16 or float32"),

@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))  # the project's top level
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import finetune_instruct  # noqa: E402
 import gpt  # noqa: E402
+import pretrain  # noqa: E402
 from make_random_model import write_random_model  # noqa: E402
 
 PARTS = ["matmul", "cuda-tests", "classify", "pretrain", "instruct", "load", "generate", "tests"]
@@ -284,10 +285,10 @@ class Context:
         self.log = self.work / "log.txt"
         self.deadline = time.time() + args.time_limit
         self.models, self.matmul_peak = {}, None
-        self.sheet_peak = gpt.peak_flops(torch.device(args.device), "bfloat16")
+        self.sheet_peak = pretrain.peak_flops(torch.device(args.device), "bfloat16")
         shape = dict(QUICK_SHAPE) if args.quick else dict(context_length=1024)
         model = gpt.build_model(gpt.GPTConfig(**{**dataclasses.asdict(gpt.GPT_CONFIGS["gpt2"]), **shape}))
-        self.flops_per_token = gpt.flops_per_token(model, shape["context_length"])
+        self.flops_per_token = pretrain.flops_per_token(model, shape["context_length"])
 
     def quick_args(self, args):
         return args if self.args.quick else []
