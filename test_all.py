@@ -93,6 +93,41 @@ def tiny_model(seed=0, **overrides):
     return gpt.GPTModel(gpt.GPTConfig(**cfg)).eval()
 
 
+def load_lm(source, *, device="cpu", dtype=torch.float32, quiet=False):
+    """The model alone, as `gpt.load` builds it (which also reads its tokenizer, which the
+    model folders of many tests lack): a checkpoint, or `gpt.model_files` -> `model_from_tensors`."""
+    path = Path(source)
+    if path.is_file() and path.suffix != ".safetensors":
+        return gpt.model_from_checkpoint(gpt.load_checkpoint(path), device=device, dtype=dtype)
+    config_json, weight_paths, _ = gpt.model_files(source, quiet=quiet)
+    tensors = {}
+    for weight_path in weight_paths:
+        tensors.update(gpt.read_safetensors(weight_path))
+    return gpt.model_from_tensors(tensors, config_json, source, device=device, dtype=dtype)
+
+
+def tokenizer_and_eot(source):
+    """(the tokenizer `gpt.load` gives with source's model, its end-of-text id). A folder's is
+    read from its tokenizer files as `gpt.model_files` reads them (it may hold no weights);
+    without any, and for "gpt2", it is GPT-2's."""
+    path = Path(source)
+    if path.is_dir():
+        names = gpt.TOKENIZER_FILES if (path / "tokenizer.json").is_file() else ("vocab.json",)
+        files = {name: (path / name).read_text(encoding="utf-8") for name in names if (path / name).is_file()}
+        tokenizer = gpt.tokenizer_from_files(files, path) if files else gpt.get_tokenizer()
+    else:
+        tokenizer = gpt.get_tokenizer() if str(source) == "gpt2" else gpt.load(source)[1]
+    return tokenizer, tokenizer.eot_id
+
+
+def tokenizer_of_json(data, source, **config):
+    """A `gpt.Tokenizer` of a tokenizer.json dict (and tokenizer_config.json entries `config`)."""
+    files = {"tokenizer.json": json.dumps(data)}
+    if config:
+        files["tokenizer_config.json"] = json.dumps(config)
+    return gpt.tokenizer_from_files(files, source)
+
+
 class LocalServer:
     """An HTTP server on 127.0.0.1 in a background thread: tests never touch the network."""
 
@@ -189,7 +224,7 @@ def isolated_caches(tmp_path, monkeypatch):
 
 def test_logits_match_transformers_small(small_pair):
     reference, path = small_pair
-    model = gpt.load_gpt2(path)
+    model = load_lm(path)
     assert model.cfg == gpt.GPTConfig(vocab_size=1000, context_length=64, emb_dim=128, n_heads=2, n_layers=2)
     idx = torch.randint(0, 1000, (3, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -199,7 +234,7 @@ def test_logits_match_transformers_small(small_pair):
 
 def test_logits_match_transformers_124m_shape(tmp_path):
     reference, path = save_hf_gpt2(tmp_path)
-    model = gpt.load_gpt2(path)
+    model = load_lm(path)
     assert model.cfg == gpt.GPT_CONFIGS["gpt2"]
     assert gpt.count_parameters(model) == 124_439_808  # GPT-2 small, embeddings tied
     idx = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -219,7 +254,7 @@ def test_hub_style_file_without_prefix_or_config(small_pair, tmp_path):
     # The hub's files also carry the old causal-mask buffers, which the loader skips.
     stripped["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
     save_file(stripped, tmp_path / "model.safetensors")
-    model = gpt.load_gpt2(tmp_path / "model.safetensors")
+    model = load_lm(tmp_path / "model.safetensors")
     assert model.cfg.n_heads == 2
     idx = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -227,7 +262,7 @@ def test_hub_style_file_without_prefix_or_config(small_pair, tmp_path):
 
 
 def test_kv_cache_logits_equal_full_forward(small_pair):
-    model = gpt.load_gpt2(small_pair[1])
+    model = load_lm(small_pair[1])
     idx = torch.randint(0, 1000, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(idx)
@@ -266,7 +301,7 @@ def test_new_model_is_initialised_as_gpt2():
 
 def test_greedy_generation_equals_transformers(small_pair):
     reference, path = small_pair
-    model = gpt.load_gpt2(path)
+    model = load_lm(path)
     prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(3))
     ours = gpt.generate(model, prompt, 40)
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
@@ -276,7 +311,7 @@ def test_greedy_generation_equals_transformers(small_pair):
 
 
 def test_generation_same_with_and_without_cache(small_pair):
-    model = gpt.load_gpt2(small_pair[1])
+    model = load_lm(small_pair[1])
     prompt = torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(4))
     assert torch.equal(gpt.generate(model, prompt, 30), gpt.generate(model, prompt, 30, use_cache=False))
     sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
@@ -284,7 +319,7 @@ def test_generation_same_with_and_without_cache(small_pair):
 
 
 def test_top_k_1_equals_greedy_and_seeded_sampling_is_reproducible(small_pair):
-    model = gpt.load_gpt2(small_pair[1])
+    model = load_lm(small_pair[1])
     prompt = torch.randint(0, 1000, (1, 4), generator=torch.Generator().manual_seed(5))
     greedy = gpt.generate(model, prompt, 20)
     assert torch.equal(gpt.generate(model, prompt, 20, temperature=1.0, top_k=1, seed=1), greedy)
@@ -307,7 +342,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_eos_stops_generation(small_pair):
-    model = gpt.load_gpt2(small_pair[1])
+    model = load_lm(small_pair[1])
     prompt = torch.randint(0, 1000, (1, 4), generator=torch.Generator().manual_seed(6))
     greedy = gpt.generate(model, prompt, 20)
     eos = greedy[0, 4 + 6].item()  # the 7th new token
@@ -473,7 +508,7 @@ def family_models(tmp_path_factory):
 @pytest.mark.parametrize("name", FAMILY_CONFIGS)
 def test_family_logits_match_transformers(family_models, name):
     reference, folder = family_models[name]
-    model = gpt.load_model(folder)
+    model = load_lm(folder)
     model_type, config = FAMILY_CONFIGS[name]
     assert isinstance(model, gpt.LlamaModel) and model.cfg.family == "llama"
     assert model.cfg.n_kv_heads == config["num_key_value_heads"] and model.cfg.qk_norm == (model_type == "qwen3")
@@ -487,7 +522,7 @@ def test_family_logits_match_transformers(family_models, name):
 
 
 def test_family_rope_scaling_and_head_dim_reach_the_model(family_models):
-    model = gpt.load_model(family_models["llama_gqa_untied_bias_rope_scaling"][1])
+    model = load_lm(family_models["llama_gqa_untied_bias_rope_scaling"][1])
     assert model.cfg.head_dim == 24 and model.layers[0].self_attn.q_proj.out_features == 4 * 24
     assert model.cfg.rope_scaling == dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
     plain = gpt.rope_frequencies(dataclasses.replace(model.cfg, rope_scaling=None), 24)
@@ -509,7 +544,7 @@ def test_family_smollm2_135m_shape_matches_transformers(tmp_path):
         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
         tie_word_embeddings=True,
     )
-    model = gpt.load_model(tmp_path)
+    model = load_lm(tmp_path)
     assert dataclasses.replace(model.cfg, head_dim=None) == preset  # transformers 5 writes head_dim 64
     assert gpt.count_parameters(model) == gpt.count_parameters(gpt.empty_model(preset)) == 134_515_008
     idx = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(1))
@@ -535,7 +570,7 @@ def test_family_presets_have_the_published_sizes():
 
 def test_family_greedy_generation_equals_transformers(family_models):
     reference, folder = family_models["llama_gqa_untied_bias_rope_scaling"]
-    model = gpt.load_model(folder)
+    model = load_lm(folder)
     prompt = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(3))
     ours = gpt.generate(model, prompt, 40)
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
@@ -546,7 +581,7 @@ def test_family_greedy_generation_equals_transformers(family_models):
 
 @pytest.mark.parametrize("name", ["llama_gqa_untied_bias_rope_scaling", "qwen3_gqa_qk_norm_tied_head_dim"])
 def test_family_cache_on_equals_cache_off(family_models, name):
-    model = gpt.load_model(family_models[name][1])
+    model = load_lm(family_models[name][1])
     idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(idx)
@@ -563,7 +598,7 @@ def test_family_cache_on_equals_cache_off(family_models, name):
 
 
 def test_family_lora_wraps_the_seven_projections_and_merges_back(family_models):
-    model = gpt.load_model(family_models["qwen3_gqa_qk_norm_tied_head_dim"][1])
+    model = load_lm(family_models["qwen3_gqa_qk_norm_tied_head_dim"][1])
     targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj"]
     expected = {f"layers.{i}.{t}.lora_{ab}" for i in range(2) for t in targets for ab in "ab"}
@@ -578,8 +613,8 @@ def test_family_new_model_checkpoint_round_trip_and_gpt2_names(tmp_path):
     assert model.h is model.layers and model.ln_f is model.norm and model.wte is model.embed_tokens  # GPT-2's names
     assert not any("c_proj" in name or "wpe" in name for name, _ in model.named_parameters())
     assert model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)  # scaled residual
-    gpt.save_checkpoint(tmp_path / "model.pt", model)
-    loaded = gpt.load_model(tmp_path / "model.pt")
+    gpt.save_checkpoint(tmp_path / "model.pt", model, gpt.get_tokenizer())
+    loaded = load_lm(tmp_path / "model.pt")
     idx = torch.randint(0, 500, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
@@ -593,17 +628,21 @@ def test_family_sharded_hub_download_sends_hf_token(family_models, file_server, 
     shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
     assert len(shards) > 1 and not (folder / "model.safetensors").exists()
     files = {f"/owner/tiny/resolve/main/{p.name}": p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    files["/owner/tiny/resolve/main/tokenizer.json"] = b"{}"  # a Hub model has one (read as text, unused here)
     server = file_server(files)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    model = gpt.load_model("owner/tiny", quiet=True)
+    model = load_lm("owner/tiny", quiet=True)
     idx = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
     assert all(headers.get("Authorization") == "Bearer hf_secret" for _, _, headers in server.requests)
     assert sorted(p.name for p in (tmp_path / "gpt-cache" / "owner" / "tiny").glob("model-*.safetensors")) == shards
     count = len(server.requests)
-    gpt.load_model("owner/tiny", quiet=True)  # the second load reads the cache
+    load_lm("owner/tiny", quiet=True)  # the second load reads the cache
+    # SOURCE BUG (gpt.hub_tokenizer_files, a2420df): the optional tokenizer files the model lacks
+    # (tokenizer_config.json, special_tokens_map.json, chat_template.jinja) are asked for (HEAD)
+    # again on every load: a cached Hub model is not loaded from the cache alone. Left failing.
     assert len(server.requests) == count
 
 
@@ -613,13 +652,18 @@ def test_family_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_m
     snapshot.mkdir(parents=True)
     for name in ("config.json", "model.safetensors"):
         (snapshot / name).write_bytes((folder / name).read_bytes())
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # no chat_template.jinja,
+        (snapshot / name).write_text("{}")  # as a base model has none (read as text, unused here)
+    # SOURCE BUG (gpt.hub_tokenizer_files, a2420df): offline, the absent chat_template.jinja is
+    # asked of the Hub, which cannot be reached: RuntimeError instead of a load from the cache.
+    # Left failing.
     (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs").mkdir()
     (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs" / "main").write_text("abc123")
-    model = gpt.load_model("Qwen/Tiny")  # HF_ENDPOINT is a closed port: only the cache can answer
+    model = load_lm("Qwen/Tiny")  # HF_ENDPOINT is a closed port: only the cache can answer
     assert model.cfg.qk_norm and model.cfg.head_dim == 32
     with pytest.raises(RuntimeError, match="Offline\\? Pass a local folder with the model's files instead of 'Qwen/Other'"):
-        gpt.load_model("Qwen/Other", quiet=True)
-    assert type(gpt.load_model(small_pair[1].parent)) is gpt.GPTModel  # a GPT-2 folder is GPT-2's
+        load_lm("Qwen/Other", quiet=True)
+    assert type(load_lm(small_pair[1].parent)) is gpt.GPTModel  # a GPT-2 folder is GPT-2's
 
 
 @pytest.mark.parametrize("token", [None, "hf_no_access"])
@@ -631,7 +675,7 @@ def test_family_gated_model_says_what_to_do(route_server, monkeypatch, token):
     else:
         monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(RuntimeError) as error:
-        gpt.load_model("meta-llama/Llama-3.2-1B", quiet=True)
+        load_lm("meta-llama/Llama-3.2-1B", quiet=True)
     message = str(error.value)
     assert "meta-llama/Llama-3.2-1B is gated" in message and "accept its licence on https://huggingface.co/meta-llama/Llama-3.2-1B" in message
     assert ("HF_TOKEN is not set" in message) == (token is None)
@@ -653,7 +697,7 @@ def test_family_unsupported_config_is_a_clear_error(family_models, tmp_path, cha
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match=re.escape(message)):
-        gpt.load_model(tmp_path)
+        load_lm(tmp_path)
 
 
 # --- the family's tokenizers: tokenizer.json -> tiktoken ---------------------------------
@@ -714,7 +758,7 @@ def trained_tokenizers(tmp_path_factory):
 @pytest.mark.parametrize("style", ["qwen3", "smollm2", "llama3"])
 def test_tokenizer_json_gives_the_reference_ids_on_held_out_text(trained_tokenizers, style):
     reference, folder = trained_tokenizers[style]
-    encoding = gpt.encoding_from_tokenizer_json(json.loads((folder / "tokenizer.json").read_text()), "tokenizer.json")
+    encoding = tokenizer_of_json(json.loads((folder / "tokenizer.json").read_text()), "tokenizer.json")
     for text in HELD_OUT:
         ids = reference.encode(text).ids
         if style == "llama3":  # the reference prepends <|begin_of_text|> to a whole text, as text_to_token_ids does
@@ -734,15 +778,14 @@ def test_tokenizer_json_gives_the_reference_ids_on_held_out_text(trained_tokeniz
 def test_tokenizer_json_of_a_folder_with_its_end_of_text_from_tokenizer_config(trained_tokenizers, tmp_path):
     reference, folder = trained_tokenizers["qwen3"]
     (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
-    encoding, eot_id = gpt.load_tokenizer(tmp_path)
+    encoding, eot_id = tokenizer_and_eot(tmp_path)
     assert eot_id == encoding.eot_token == reference.token_to_id("<|endoftext|>") and encoding.nfc
     copy = pickle.loads(pickle.dumps(encoding))  # as DataLoader workers receive it
     assert copy.nfc and copy.eot_token == eot_id and copy.encode(HELD_OUT[-1]) == reference.encode(HELD_OUT[-1]).ids
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|nope|>"}}))
-    gpt.load_tokenizer.cache_clear()
     with pytest.raises(ValueError, match="no end-of-text token '<\\|nope\\|>'"):
-        gpt.load_tokenizer(tmp_path)
-    assert gpt.load_tokenizer("gpt2") == (gpt.get_tokenizer(), 50256)
+        tokenizer_and_eot(tmp_path)
+    assert tokenizer_and_eot("gpt2") == (gpt.get_tokenizer(), 50256)
     small = gpt.build_model(dataclasses.replace(gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"], vocab_size=999, n_layers=1))
     with pytest.raises(ValueError, match=f"has 999 tokens, but the tokenizer {re.escape(str(tmp_path))}.* uses 1000"):
         gpt.check_vocabulary(small, "--model x", tokenizer=encoding)
@@ -774,11 +817,17 @@ def test_tokenizer_json_of_gpt2_gives_tiktokens_gpt2_ids(tmp_path):
     vocab = json.loads((cache / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6").read_text(encoding="utf-8"))
     merges = (cache / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").read_text(encoding="utf-8").split("\n")[1:]
     GPT2TokenizerFast(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges if m]).save_pretrained(tmp_path)
-    encoding = gpt.encoding_from_tokenizer_json(json.loads((tmp_path / "tokenizer.json").read_text()), "gpt2")
+    encoding = tokenizer_of_json(json.loads((tmp_path / "tokenizer.json").read_text()), "gpt2")
     reference = gpt.get_tokenizer()
     assert encoding.n_vocab == reference.n_vocab == 50257 and encoding.eot_token == 50256
     for text in HELD_OUT + ["Hello, world<|endoftext|>"]:
-        assert encoding.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+        assert encoding.encode(text) == reference.encode(text)
+    # SOURCE BUG (gpt.tokenizer_from_files, a2420df): "a tokenizer that is GPT-2's is get_tokenizer()"
+    # compares the pre-tokenizer expression GPT2_SPLIT_PATTERN with tiktoken's own gpt2 _pat_str,
+    # which tiktoken writes differently ('(?:[sdmt]|ll|ve|re)| ?\p{L}++...), so GPT-2's own
+    # tokenizer.json never gives GPT-2's tokenizer: it gets bos_id None (not 50256) and is stored
+    # and exported as files. Left failing.
+    assert encoding is reference  # GPT-2's vocabulary, merges, pattern and special token: GPT-2's tokenizer itself
 
 
 def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(trained_tokenizers):
@@ -790,14 +839,14 @@ def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(traine
     # Merge 10 now makes merge 20's id, so merge 11's id is the first out of order.
     expected = f"makes id {vocab[''.join(merges[11])]}, below the previous merge's {vocab[second]}: ids do not follow"
     with pytest.raises(ValueError, match=expected):
-        gpt.encoding_from_tokenizer_json(swapped, "tokenizer.json")
+        tokenizer_of_json(swapped, "tokenizer.json")
     for change, message in [
         ({"normalizer": {"type": "NFKC"}}, "normalizer 'NFKC' is not supported"),
         ({"pre_tokenizer": {"type": "Whitespace"}}, "pre-tokenizer ['Whitespace'] cannot be written"),
         ({"model": {**data["model"], "type": "Unigram"}}, "not a byte-level BPE tokenizer"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            gpt.encoding_from_tokenizer_json({**data, **change}, "tokenizer.json")
+            tokenizer_of_json({**data, **change}, "tokenizer.json")
 
 
 def test_tokenizer_json_converted_from_tiktoken_lists_every_split_of_a_token(trained_tokenizers, tmp_path):
@@ -818,7 +867,7 @@ def test_tokenizer_json_converted_from_tiktoken_lists_every_split_of_a_token(tra
     data["model"].update(merges=[list(m) for m in listed], ignore_merges=True)
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    encoding = gpt.encoding_from_tokenizer_json(data, "llama3")
+    encoding = tokenizer_of_json(data, "llama3")
     for text in HELD_OUT:
         assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == reference.encode(text).ids
 
@@ -830,7 +879,7 @@ def test_tokenizer_json_drops_bytes_missing_from_the_vocabulary_as_the_reference
     del data["model"]["vocab"][gpt.byte_level_alphabet()[0x01]]  # a byte no merge uses
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    encoding = gpt.encoding_from_tokenizer_json(data, "smol")
+    encoding = tokenizer_of_json(data, "smol")
     text = "a\x01b\x01 c 12"
     assert encoding.encode(text) == reference.encode(text).ids
     assert encoding.encode(text) == encoding.encode("a") + encoding.encode("b") + encoding.encode(" c 12")  # \x01 split them
@@ -867,7 +916,7 @@ def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt, **con
 def test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token(trained_tokenizers, tmp_path, capsys, style):
     prompt = "Every effort moves you"
     reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, prompt)
-    eot = gpt.load_tokenizer(tmp_path / "model")[1]
+    eot = tokenizer_and_eot(tmp_path / "model")[1]
     prompt_ids = torch.tensor([tokenizer.encode(prompt).ids])  # Llama 3: <|begin_of_text|> first
     expected = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=20,
                                   do_sample=False, eos_token_id=eot, pad_token_id=eot)[0, prompt_ids.shape[1] :].tolist()
@@ -875,17 +924,22 @@ def test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token(train
     text = tokenizer.decode(expected[:-1])
     load_gpt2.main(["--model", str(tmp_path / "model"), "--prompt", prompt, "--max-new-tokens", "20"])
     assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")
-    # A checkpoint names its tokenizer; one without the entry is GPT-2's (every older checkpoint).
-    model = gpt.load_model(tmp_path / "model")
-    gpt.save_checkpoint(tmp_path / "named.pt", model, tokenizer=gpt.tokenizer_source(tmp_path / "model"))
+    # A checkpoint carries its tokenizer; one saved with GPT-2's (every older checkpoint without the entry) has GPT-2's.
+    model, tokenizer_of_model = gpt.load(tmp_path / "model")
+    gpt.save_checkpoint(tmp_path / "named.pt", model, tokenizer_of_model)
     load_gpt2.main(["--model", str(tmp_path / "named.pt"), "--prompt", prompt, "--max-new-tokens", "20"])
     assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")
-    gpt.save_checkpoint(tmp_path / "unnamed.pt", model)
+    old_style = {**gpt.load_checkpoint(tmp_path / "named.pt"), "tokenizer": str(tmp_path / "gone")}  # before a2420df
+    torch.save(old_style, tmp_path / "moved.pt")
+    with pytest.raises(SystemExit, match="names its tokenizer by a path .* train it again"):
+        load_gpt2.main(["--model", str(tmp_path / "moved.pt")])
+    gpt.save_checkpoint(tmp_path / "unnamed.pt", model, gpt.get_tokenizer())
+    # SOURCE BUG (gpt.load, a2420df): a checkpoint returns before check_vocabulary, so a model of
+    # 1000 tokens with GPT-2's tokenizer (as every older checkpoint without a "tokenizer" entry
+    # loads) fails later with IndexError "index out of range in self" (a traceback), not this
+    # one-line error. Left failing.
     with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
         load_gpt2.main(["--model", str(tmp_path / "unnamed.pt")])
-    gpt.save_checkpoint(tmp_path / "moved.pt", model, tokenizer=str(tmp_path / "gone"))
-    with pytest.raises(SystemExit, match=f"moved.pt: its tokenizer '{re.escape(str(tmp_path))}/gone' is neither"):
-        load_gpt2.main(["--model", str(tmp_path / "moved.pt")])
 
 
 @pytest.mark.parametrize("style", ["smollm2", "llama3"])
@@ -915,8 +969,8 @@ def test_family_load_gpt2_perplexity_and_hellaswag_equal_transformers(trained_to
         with torch.no_grad():
             logprobs = reference(all_ids[:, :-1]).logits[0].log_softmax(dim=-1)
         lls.append(sum(logprobs[len(context) - 1 + k, t].item() for k, t in enumerate(continuation)))
-    encoding = gpt.load_tokenizer(tmp_path / "model")[0]
-    scored = load_gpt2.score_multiple_choice(gpt.load_model(tmp_path / "model"), [request], tokenizer=encoding)
+    encoding = tokenizer_and_eot(tmp_path / "model")[0]
+    scored = load_gpt2.score_multiple_choice(load_lm(tmp_path / "model"), [request], tokenizer=encoding)
     assert scored[0]["lls"] == pytest.approx(lls, abs=1e-4)
     load_gpt2.main(["--model", str(tmp_path / "model"), "--benchmark", "hellaswag", "--benchmark-file",
                     str(HELLASWAG_TINY), "--limit", "1", "--results", str(tmp_path / "hellaswag.json")])
@@ -948,19 +1002,19 @@ def test_family_load_gpt2_export_hf_is_read_by_transformers(trained_tokenizers, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, "Hi", **config)
-    model = gpt.load_model(tmp_path / "model")
-    gpt.save_checkpoint(tmp_path / "tuned.pt", model, tokenizer=gpt.tokenizer_source(tmp_path / "model"))
+    model, tokenizer_of_model = gpt.load(tmp_path / "model")
+    gpt.save_checkpoint(tmp_path / "tuned.pt", model, tokenizer_of_model)
     load_gpt2.main(["--model", str(tmp_path / "tuned.pt"), "--export-hf", str(tmp_path / "hf")])
     exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
     assert problems == [] and type(exported) is type(reference)
     idx = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (exported(idx).logits - reference(idx).logits).abs().max().item() <= 1e-4
-        assert torch.equal(gpt.load_model(tmp_path / "hf")(idx), model(idx))  # and back
+        assert torch.equal(load_lm(tmp_path / "hf")(idx), model(idx))  # and back
     exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in HELD_OUT:
         assert exported_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
-    end_of_text = gpt.load_tokenizer(tmp_path / "model")[1]
+    end_of_text = tokenizer_and_eot(tmp_path / "model")[1]
     assert exported.generation_config.eos_token_id == exported.config.eos_token_id == end_of_text
 
 
@@ -1026,7 +1080,7 @@ def test_weight_mapping_is_strict(small_pair, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 1000, "n_positions": 64, "n_embd": 128, "n_layer": 2, "n_head": 2}))
     with pytest.raises(ValueError) as error:
-        gpt.load_gpt2(tmp_path / "model.safetensors")
+        load_lm(tmp_path / "model.safetensors")
     text = str(error.value)
     assert "missing: h.1.mlp.c_fc.bias" in text
     assert "unexpected: h.0.extra.weight" in text
@@ -1035,7 +1089,7 @@ def test_weight_mapping_is_strict(small_pair, tmp_path):
 
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="no such file 'gpt3'"):
-        gpt.load_gpt2("gpt3")
+        load_lm("gpt3")
 
 
 # ========================================================================================
@@ -1093,12 +1147,12 @@ def test_load_gpt2_downloads_from_hf_endpoint(file_server, small_pair, monkeypat
     server = file_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
                          headers={"X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data))})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
-    model = gpt.load_gpt2("gpt2", quiet=True)
+    model = load_lm("gpt2", quiet=True)
     assert model.cfg.emb_dim == 128
     cached = tmp_path / "gpt-cache" / "gpt2" / "model.safetensors"
     assert cached.read_bytes() == data
     count = len(server.requests)
-    gpt.load_gpt2("gpt2", quiet=True)  # the second load reads the cache
+    load_lm("gpt2", quiet=True)  # the second load reads the cache
     assert len(server.requests) == count
 
 
@@ -1108,7 +1162,7 @@ def test_load_gpt2_rejects_a_download_that_does_not_match_the_hub_hash(file_serv
                          headers={"X-Linked-Etag": '"' + "ab" * 32 + '"'})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     with pytest.raises(RuntimeError, match="corrupt"):
-        gpt.load_gpt2("gpt2", quiet=True)
+        load_lm("gpt2", quiet=True)
     assert not (tmp_path / "gpt-cache" / "gpt2" / "model.safetensors").exists()
     assert not (tmp_path / "gpt-cache" / "gpt2" / "model.safetensors.part").exists()
 
@@ -1120,12 +1174,12 @@ def test_existing_hugging_face_cache_is_used(small_pair, tmp_path):
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("abc123")
     assert gpt.download_gpt2("gpt2") == snapshot / "model.safetensors"
-    assert gpt.load_gpt2("gpt2").cfg.emb_dim == 128  # HF_ENDPOINT points nowhere: no download
+    assert load_lm("gpt2").cfg.emb_dim == 128  # HF_ENDPOINT points nowhere: no download
 
 
 def test_offline_name_is_a_clear_error():
     with pytest.raises(RuntimeError, match="Offline\\? Pass a local .safetensors file"):
-        gpt.load_gpt2("gpt2-medium", quiet=True)
+        load_lm("gpt2-medium", quiet=True)
 
 
 def test_fetch_dataset_tries_each_url_and_names_the_flag(file_server, tmp_path):
@@ -1418,7 +1472,7 @@ def test_download_gpt2_fetches_a_truncated_cached_file_again(file_server, small_
     cached = tmp_path / "gpt-cache" / "gpt2" / "model.safetensors"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(data[: len(data) // 2])
-    assert gpt.load_gpt2("gpt2", quiet=True).cfg.emb_dim == 128
+    assert load_lm("gpt2", quiet=True).cfg.emb_dim == 128
     assert cached.read_bytes() == data
     assert f"cached {cached}: not a valid safetensors file" in capsys.readouterr().err
 
@@ -1477,7 +1531,7 @@ def test_malformed_config_json_names_the_file_and_the_key(small_pair, tmp_path, 
     else:
         config_file.write_text(config if isinstance(config, str) else json.dumps(config))
     with pytest.raises(ValueError) as error:
-        gpt.load_gpt2(tmp_path / "model.safetensors")
+        load_lm(tmp_path / "model.safetensors")
     assert str(error.value).startswith(f"{config_file}: {message}")
 
 
@@ -1488,9 +1542,9 @@ def test_malformed_config_json_names_the_file_and_the_key(small_pair, tmp_path, 
 
 def test_checkpoint_round_trip_through_load_gpt2(tmp_path):
     model = tiny_model()
-    gpt.save_checkpoint(tmp_path / "ckpt.pt", model, step=7)
+    gpt.save_checkpoint(tmp_path / "ckpt.pt", model, gpt.get_tokenizer(), step=7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
-    loaded = gpt.load_gpt2(tmp_path / "ckpt.pt")
+    loaded = load_lm(tmp_path / "ckpt.pt")
     assert loaded.cfg == model.cfg
     assert gpt.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
     idx = torch.randint(0, 50257, (1, 16))
@@ -1505,7 +1559,7 @@ def test_checkpoint_of_a_compiled_or_ddp_model_has_plain_keys(tmp_path):
             super().__init__()
             self.module = module
 
-    gpt.save_checkpoint(tmp_path / "ckpt.pt", Wrapper(tiny_model()))
+    gpt.save_checkpoint(tmp_path / "ckpt.pt", Wrapper(tiny_model()), gpt.get_tokenizer())
     keys = gpt.load_checkpoint(tmp_path / "ckpt.pt")["model"].keys()
     assert "wte.weight" in keys and not any(k.startswith("module.") for k in keys)
 
@@ -1513,13 +1567,13 @@ def test_checkpoint_of_a_compiled_or_ddp_model_has_plain_keys(tmp_path):
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a .safetensors file or a checkpoint of this project"):
-        gpt.load_gpt2(tmp_path / "junk.pt")
+        load_lm(tmp_path / "junk.pt")
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
-        gpt.load_gpt2(tmp_path / "other.pt")
-    gpt.save_checkpoint(tmp_path / "classifier.pt", tiny_model(), labels=["not spam", "spam"])
+        load_lm(tmp_path / "other.pt")
+    gpt.save_checkpoint(tmp_path / "classifier.pt", tiny_model(), gpt.get_tokenizer(), labels=["not spam", "spam"])
     with pytest.raises(ValueError, match="classifier written by finetune_classify.py.*--classify"):
-        gpt.load_gpt2(tmp_path / "classifier.pt")
+        load_lm(tmp_path / "classifier.pt")
 
 
 # ========================================================================================
@@ -1776,7 +1830,7 @@ def test_adamw_decays_matrices_only():
 
 def test_load_gpt2_script_streams_a_continuation(tmp_path, capsys):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello", "--max-new-tokens", "12"])
     out = capsys.readouterr().out
     expected = gpt.token_ids_to_text(gpt.generate(model, gpt.text_to_token_ids("Hello"), 12))
@@ -1798,13 +1852,13 @@ def test_load_gpt2_script_bad_inputs_exit_with_a_message(tmp_path, capsys):
         assert exit_info.value.code == 2  # rejected by the parser, before any work
         assert message in capsys.readouterr().err
     small_vocabulary = tiny_model(context_length=64, vocab_size=1000)
-    gpt.save_checkpoint(tmp_path / "small.pt", small_vocabulary)
+    gpt.save_checkpoint(tmp_path / "small.pt", small_vocabulary, gpt.get_tokenizer())
     with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
         load_gpt2.main(["--model", str(tmp_path / "small.pt")])
 
 
 def test_load_gpt2_script_output_into_a_closed_pipe_is_quiet(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     command = f"{sys.executable} {Path(load_gpt2.__file__).resolve()} --model {tmp_path / 'tiny.pt'} | head -c 10"
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
     assert len(result.stdout) == 10
@@ -1812,7 +1866,7 @@ def test_load_gpt2_script_output_into_a_closed_pipe_is_quiet(tmp_path):
 
 
 def test_load_gpt2_script_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -1950,7 +2004,7 @@ def test_export_124m_shape_matches_transformers_and_reads_back_identically(tmp_p
     assert torch.equal(theirs, gpt.generate(model, prompt, 40))
     del reference
 
-    back = gpt.load_gpt2(folder)
+    back = load_lm(folder)
     assert back.cfg == model.cfg
     for (name, tensor), read_back in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(tensor, read_back), name
@@ -1968,32 +2022,32 @@ def test_export_lora_model_is_merged_and_the_model_keeps_its_adapters(tmp_path):
         folder = gpt.export_hf(model, tmp_path / "hf")
         assert isinstance(model.h[0].attn.c_attn, gpt.LoRALinear)  # the caller's model keeps its adapters
         assert not [name for name in gpt.read_safetensors(folder / "model.safetensors") if "lora" in name]
-        assert (gpt.load_gpt2(folder)(idx) - expected).abs().max().item() <= 1e-5
+        assert (load_lm(folder)(idx) - expected).abs().max().item() <= 1e-5
 
 
 def test_export_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path):
     torch.manual_seed(0)
     cfg = gpt.GPTConfig(family="llama", context_length=32, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=1)
     model = gpt.build_model(cfg).eval()
-    gpt.save_checkpoint(tmp_path / "model.pt", model)  # no tokenizer entry: GPT-2's
+    gpt.save_checkpoint(tmp_path / "model.pt", model, gpt.get_tokenizer())  # no tokenizer entry: GPT-2's
     folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "hf")
     assert not (folder / "tokenizer.json").exists() and (folder / "vocab.json").exists()
-    assert gpt.load_tokenizer(folder) == (gpt.get_tokenizer(), 50256)
+    assert tokenizer_and_eot(folder) == (gpt.get_tokenizer(), 50256)
     idx = torch.tensor([[15496, 11, 995]])
     with torch.no_grad():
-        assert (gpt.load_model(folder)(idx) - model(idx)).abs().max().item() <= 1e-5
+        assert (load_lm(folder)(idx) - model(idx)).abs().max().item() <= 1e-5
 
 
 def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, capsys):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     export = ["--model", str(tmp_path / "tiny.pt"), "--export-hf"]
     load_gpt2.main([*export, str(tmp_path / "hf"), "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert out == f"exported {tmp_path / 'tiny.pt'} (bfloat16) to {tmp_path / 'hf'}, a folder that transformers reads\n"
     assert {t.dtype for t in gpt.read_safetensors(tmp_path / "hf" / "model.safetensors").values()} == {torch.bfloat16}
     assert gpt.read_json(tmp_path / "hf" / "config.json", "config")["torch_dtype"] == "bfloat16"
-    back = gpt.load_gpt2(tmp_path / "hf", dtype=torch.bfloat16)
+    back = load_lm(tmp_path / "hf", dtype=torch.bfloat16)
     assert all(torch.equal(a.bfloat16(), b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
 
     (tmp_path / "taken").mkdir()
@@ -2015,7 +2069,7 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     (tmp_path / "hf" / "README.md").write_text("an earlier export")
     load_gpt2.main([*export, str(tmp_path / "hf"), "--overwrite"])  # float32 this time
     assert not (tmp_path / "hf" / "README.md").exists()
-    assert torch.equal(gpt.load_gpt2(tmp_path / "hf").wte.weight, model.wte.weight)
+    assert torch.equal(load_lm(tmp_path / "hf").wte.weight, model.wte.weight)
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary folders
 
 
@@ -2106,7 +2160,7 @@ def test_export_classifier_gives_transformers_our_probabilities_and_reads_back(t
 
 def test_export_classifier_from_a_checkpoint_keeps_its_settings(tmp_path):
     model, _, token_ids = _export_trained_classifier()
-    fc.save_classifier(tmp_path / "classifier.pt", model, max_length=32)
+    fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=32)
     folder = fc.export_classifier_hf(tmp_path / "classifier.pt", tmp_path / "hf")
     assert gpt.read_json(folder / "tokenizer_config.json", "tokenizer")["model_max_length"] == 32
     back, checkpoint = fc.load_classifier_hf(folder)
@@ -2212,7 +2266,7 @@ def test_benchmark_encode_pair_as_the_harness():
 
 def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     encode = gpt.get_tokenizer().encode
     acc, acc_norm = [], []
     for item in load_gpt2.read_hellaswag(HELLASWAG_TINY):
@@ -2236,7 +2290,7 @@ def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path)
 
 def test_benchmark_mmlu_acc_per_subject_equals_hand_computation(tmp_path):
     model = tiny_model(context_length=128)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     encode = gpt.get_tokenizer().encode
     right = collections.defaultdict(list)
     for item in load_gpt2.read_mmlu(MMLU_TINY, shots=2):
@@ -2279,7 +2333,7 @@ def test_benchmark_batching_and_padding_do_not_change_any_score():
 
 def test_benchmark_loglikelihoods_equal_transformers(small_pair):
     hf_model, path = small_pair
-    model = gpt.load_gpt2(path)
+    model = load_lm(path)
     generator = torch.Generator().manual_seed(0)
     lengths = [(20, 5), (9, 1), (33, 12)]  # (tokens, of which scored)
     requests = [(torch.randint(0, 1000, (length,), generator=generator).tolist(), n) for length, n in lengths]
@@ -2349,7 +2403,7 @@ def test_contamination_finds_exactly_the_planted_overlaps(tmp_path):
 
 
 def test_contamination_reports_the_score_on_clean_items(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     corpus = tmp_path / "corpus.txt"  # holds item 2 (query and gold ending)
     corpus.write_text("Washing a dog: a man lifts a muddy dog into a tub. The dog shakes water everywhere.\n")
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
@@ -2377,7 +2431,7 @@ def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts
     assert same == [load_gpt2.hellaswag_request(stories[2])]
     assert load_gpt2.reorder_sentences(stories[2])["ctx_a"] == (
         "The man laughs. The dog shakes water everywhere. A man lifts a muddy dog into a tub.")
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
                     str(HELLASWAG_TINY), "--probe", "--results", str(tmp_path / "r.json")])
     probe = json.loads((tmp_path / "r.json").read_text())["probe"]
@@ -2386,7 +2440,7 @@ def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts
 
 
 def test_benchmark_is_downloaded_once_and_counted(file_server, monkeypatch, tmp_path, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     server = file_server({"/hellaswag_val.jsonl": HELLASWAG_TINY.read_bytes()})
     monkeypatch.setattr(load_gpt2, "HELLASWAG_URLS", [server.url + "/hellaswag_val.jsonl"])
     argv = ["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag"]
@@ -2399,7 +2453,7 @@ def test_benchmark_is_downloaded_once_and_counted(file_server, monkeypatch, tmp_
 
 
 def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     real_write = gpt.atomic_write_bytes
 
     def disk_full_in_tmp_path(path, data):
@@ -2417,7 +2471,7 @@ def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
 
 
 def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     model = ["--model", str(tmp_path / "tiny.pt")]
     broken = tmp_path / "broken.jsonl"
     broken.write_text(HELLASWAG_TINY.read_text().splitlines()[0] + "\n{not json\n")
@@ -2455,7 +2509,7 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
         assert "Traceback" not in capsys.readouterr().err
     broken_model = tiny_model(context_length=64)
     torch.nn.init.constant_(broken_model.ln_f.weight, float("nan"))
-    gpt.save_checkpoint(tmp_path / "nan.pt", broken_model)
+    gpt.save_checkpoint(tmp_path / "nan.pt", broken_model, gpt.get_tokenizer())
     with pytest.raises(SystemExit, match="error: the model gives NaN log-probabilities"):
         load_gpt2.main(["--model", str(tmp_path / "nan.pt"), "--perplexity", str(HELLASWAG_TINY)])
     for argv, message in [
@@ -2732,7 +2786,7 @@ def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_fi
     assert history[0]["train_loss"] == pytest.approx(math.log(50257), abs=0.3)  # random start: uniform guess
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 5.0
     assert result["val_loss"] < result["unigram_loss"] - 2.0  # it uses the context, not just word counts
-    model = gpt.load_gpt2(result["best"])  # what load_gpt2.py / finetune_*.py --model read
+    model = load_lm(result["best"])  # what load_gpt2.py / finetune_*.py --model read
     assert model.cfg.n_layers == 2 and model.cfg.context_length == 32
     checkpoint = gpt.load_checkpoint(result["best"])
     assert checkpoint["step"] == 40 and checkpoint["val_loss"] == pytest.approx(result["val_loss"])
@@ -2849,7 +2903,7 @@ def test_pretrain_lock_of_a_running_process_is_refused_and_a_stale_one_taken_ove
 
 def test_pretrain_model_with_another_vocabulary_is_one_line(tmp_path, pretrain_text_file):
     path = tmp_path / "small-vocab.pt"
-    gpt.save_checkpoint(path, tiny_model(vocab_size=1000))
+    gpt.save_checkpoint(path, tiny_model(vocab_size=1000), gpt.get_tokenizer())
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--model", str(path))
     for flag in ("--n-layers", "--n-heads", "--emb-dim"):
         i = argv.index(flag)
@@ -3042,7 +3096,7 @@ def test_pretrain_token_file_of_gpt2_is_not_reused_for_another_tokenizer(trained
     paths = [tmp_path / "text.txt"]
     gpt2_path, _, gpt2_sha256 = gpt.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())
     capsys.readouterr()
-    qwen_path, n, qwen_sha256 = gpt.prepare_token_file(paths, tmp_path / "tokens", gpt.load_tokenizer(folder)[0])
+    qwen_path, n, qwen_sha256 = gpt.prepare_token_file(paths, tmp_path / "tokens", tokenizer_and_eot(folder)[0])
     assert "reused" not in capsys.readouterr().out  # tokenized again, into another file
     assert qwen_path != gpt2_path and qwen_sha256 != gpt2_sha256 and qwen_path.suffix == ".uint16"  # 1000 ids
     expected = reference.encode(text).ids
@@ -3093,16 +3147,16 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
     text = pretrain_text_file.read_text()
     assert array.array("I", token_path.read_bytes()).tolist() == tokenizer.encode(text, add_special_tokens=False).ids
     # The sample of step 0 is the loaded model's, in its tokenizer, until its end token at most.
-    encoding, eot_id = gpt.load_tokenizer(tmp_path / "model")
+    encoding, eot_id = tokenizer_and_eot(tmp_path / "model")
     start = gpt.text_to_token_ids(prompt, tokenizer=encoding)  # <|begin_of_text|> first
-    model = gpt.load_model(tmp_path / "model")
+    model = load_lm(tmp_path / "model")
     sample = gpt.generate(model, start, 5, temperature=0.8, top_k=50, seed=123, eot_id=eot_id)
     assert "  sample: " + gpt.token_ids_to_text(sample[0], encoding).replace("\n", "\n          ") + "\n" in out
     history = json.loads((tmp_path / "a" / "run" / "history.json").read_text())["evaluations"]
     assert [h["step"] for h in history] == [0, 2, 4] and history[-1]["train_loss"] < history[0]["train_loss"]
     for path in (whole["best"], whole["latest"]):  # the later stages reload the same tokenizer
         assert gpt.load_checkpoint(path)["tokenizer"] == str((tmp_path / "model").resolve())
-        assert gpt.load_tokenizer(path)[1] == eot_id and type(gpt.load_model(path)) is gpt.LlamaModel
+        assert tokenizer_and_eot(path)[1] == eot_id and type(load_lm(path)) is gpt.LlamaModel
     pretrain.main(argv("b", "--stop-at-step", "3"))
     resumed = pretrain.main(argv("b", "--resume"))
     assert resumed["steps"] == 4 and resumed["val_loss"] == whole["val_loss"]
@@ -3183,7 +3237,7 @@ def _classify_tiny_model(n_layers=2, seed=0):
 
 
 def _classify_tiny_classifier(trainable="last-block", n_layers=2, seed=0):
-    model = fc.add_classification_head(_classify_tiny_model(n_layers, seed), 2)
+    model = fc.add_classification_head(_classify_tiny_model(n_layers, seed))
     return fc.set_trainable(model, trainable, lora_rank=2, lora_alpha=4)
 
 
@@ -3243,7 +3297,7 @@ def test_classify_one_class_or_too_few_messages_are_errors(tmp_path):
         fc.random_split(fc.create_balanced_dataset(few, seed=1), seed=1)
     data = tmp_path / "ham_only.tsv"
     data.write_text("ham\thello\nham\tthere\n")
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())  # the model loads before the data is read
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())  # the model loads before the data is read
     with pytest.raises(SystemExit, match="error: the data has 2 ham and 0 spam messages"):
         fc.main(["--data", str(data), "--model", str(tmp_path / "tiny.pt"), "--out-dir", str(tmp_path / "run")])
     assert not [p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")]  # a rerun is not refused
@@ -3354,7 +3408,7 @@ def test_classify_saved_lora_classifier_gives_the_same_logits(tmp_path):
                 param.normal_()  # adapters that change the output (they start at zero)
     token_ids = _classify_token_ids([5, 9])
     before = fc.full_pass_logits(model, token_ids)
-    fc.save_classifier(tmp_path / "lora.pt", model, max_length=48)
+    fc.save_classifier(tmp_path / "lora.pt", model, gpt.get_tokenizer(), max_length=48)
     loaded, checkpoint = fc.load_classifier(tmp_path / "lora.pt")
     assert not any("lora" in key for key in checkpoint["model"])  # merged into plain GPT-2 weights
     torch.testing.assert_close(fc.full_pass_logits(loaded, token_ids), before)
@@ -3375,7 +3429,7 @@ def test_classify_metrics_are_exact():
 
 
 def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     data = _classify_sms_slice(tmp_path)
     common = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--epochs", "2", "--log-every", "5"]
     fc.main(common + ["--out-dir", str(tmp_path / "cached")])
@@ -3413,7 +3467,7 @@ def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
         fc.main(["--data", str(tmp_path / "nope.tsv")])
     with pytest.raises(SystemExit, match="error: no classifier checkpoint at .*missing.pt: train one first"):
         fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "missing.pt")])
-    gpt.save_checkpoint(tmp_path / "lm.pt", _classify_tiny_model())
+    gpt.save_checkpoint(tmp_path / "lm.pt", _classify_tiny_model(), gpt.get_tokenizer())
     with pytest.raises(SystemExit, match="error: .*lm.pt: not a classifier checkpoint"):
         fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "lm.pt")])
     data = tmp_path / "sms.tsv"
@@ -3443,7 +3497,7 @@ CLASSIFY_SCRIPT = Path(fc.__file__).resolve()
     ],
 )
 def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, extra, message):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     header = {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     write_safetensors(tmp_path / "truncated.safetensors", header, b"\0" * 4)  # cut after 4 of its 8 data bytes
     model = model if model == "gpt3" else str(tmp_path / model)
@@ -3499,7 +3553,7 @@ def test_classify_texts_file_is_utf8_with_empty_lines_skipped(tmp_path):
 
 
 def test_classify_ctrl_c_is_one_line_and_exit_code_130(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     data = _classify_sms_slice(tmp_path)
 
     def interrupted(*args, **kwargs):
@@ -3523,7 +3577,7 @@ def test_classify_ctrl_c_is_one_line_and_exit_code_130(tmp_path, monkeypatch, ca
 
 
 def test_classify_sigint_during_training_exits_cleanly(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     data = _classify_sms_slice(tmp_path)
     argv = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run"),
             "--epochs", "100000", "--batch-size", "2", "--log-every", "1", "--eval-every", "100000"]
@@ -3546,7 +3600,7 @@ def test_classify_sigint_during_training_exits_cleanly(tmp_path):
 def _classify_run_argv(tmp_path, out="run", *extra):
     """A run of the tiny model on the first 200 lines of the real data (46 / 6 / 14 split)."""
     if not (tmp_path / "tiny.pt").exists():
-        gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+        gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     data = _classify_sms_slice(tmp_path)
     return ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / out), *extra]
 
@@ -3714,8 +3768,8 @@ def test_classify_out_of_memory_names_the_batch_size(tmp_path, monkeypatch):
 
 
 def test_classify_output_into_a_closed_pipe_is_quiet(tmp_path):
-    model = fc.add_classification_head(_classify_tiny_model(), 2)
-    fc.save_classifier(tmp_path / "classifier.pt", model, max_length=48)
+    model = fc.add_classification_head(_classify_tiny_model())
+    fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
     texts = tmp_path / "texts.txt"
     texts.write_text("".join(f"message number {i}\n" for i in range(5000)))  # more than a pipe buffer holds
     proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), "--checkpoint", str(tmp_path / "classifier.pt"),
@@ -3785,8 +3839,8 @@ def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(
 
 
 def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
-    model = fc.add_classification_head(_classify_tiny_model(), 2)
-    fc.save_classifier(tmp_path / "classifier.pt", model, max_length=48)
+    model = fc.add_classification_head(_classify_tiny_model())
+    fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
     messages = [("spam", "WINNER!! Claim your prize, call 09061701461"), ("ham", 'He said "ok, fine" then left'),
                 ("ham", "See you at 6?"), ("spam", "Free entry: text WIN to 80086"), ("ham", "ok")]
     fc.write_csv(tmp_path / "labelled.csv", ("text", "label"), [(text, label) for label, text in messages])
@@ -3816,7 +3870,7 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
     ("f.tsv", "\n", r"f.tsv: no labelled messages"),
 ])
 def test_classify_evaluate_bad_file_is_one_line_and_exit_1(tmp_path, capsys, name, content, message):
-    fc.save_classifier(tmp_path / "classifier.pt", fc.add_classification_head(_classify_tiny_model(), 2), max_length=48)
+    fc.save_classifier(tmp_path / "classifier.pt", fc.add_classification_head(_classify_tiny_model()), gpt.get_tokenizer(), max_length=48)
     (tmp_path / name).write_text(content)
     with pytest.raises(SystemExit) as exit_info:
         fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--evaluate", str(tmp_path / name)])
@@ -3865,8 +3919,8 @@ def test_classify_use_refuses_training_flags_it_would_ignore(tmp_path, capsys):
 def test_classify_file_writes_predictions_as_csv_or_json_with_probabilities(tmp_path, capsys):
     import csv
 
-    model = fc.add_classification_head(_classify_tiny_model(), 2)
-    fc.save_classifier(tmp_path / "classifier.pt", model, max_length=48)
+    model = fc.add_classification_head(_classify_tiny_model())
+    fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
     texts = ["Are we meeting at 6?", 'WINNER, "claim" your prize', "ok", "Call 09061701461 now to win £2000"]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     probabilities = fc.classify_texts(model, texts, 48)
@@ -3912,7 +3966,7 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
     checkpoint = gpt.load_checkpoint(run / "classifier.pt")
     assert checkpoint["tokenizer"] == str(folder.resolve()) and checkpoint["model"]["lm_head.weight"].shape == (2, 64)
     assert "lm_head.bias" not in checkpoint["model"]  # as transformers' ...ForSequenceClassification
-    encoding, eot_id = gpt.load_tokenizer(folder)
+    encoding, eot_id = tokenizer_and_eot(folder)
     model, _ = fc.load_classifier(run / "classifier.pt")
     texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
     token_ids = [torch.tensor(encoding.encode_ordinary(text)) for text in texts]
@@ -4254,7 +4308,7 @@ def _instruct_tiny_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("instruct")
     torch.manual_seed(0)
     model = gpt.GPTModel(gpt.GPTConfig(context_length=96, emb_dim=32, n_heads=2, n_layers=2))
-    gpt.save_checkpoint(folder / "tiny.pt", model)
+    gpt.save_checkpoint(folder / "tiny.pt", model, gpt.get_tokenizer())
     entries = [
         {"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"{i}", "output": f"{i}"}
         for i in range(12)
@@ -4280,7 +4334,7 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     assert "step 2: train loss" in out
     assert (out_dir / "losses.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
-    model = gpt.load_gpt2(out_dir / "model.pt")  # merged LoRA: a plain GPT checkpoint
+    model = load_lm(out_dir / "model.pt")  # merged LoRA: a plain GPT checkpoint
     assert isinstance(model, gpt.GPTModel) and not any("lora" in k for k in model.state_dict())
     responses = json.loads((out_dir / "responses.json").read_text())
     assert len(responses) == 1
@@ -4304,7 +4358,7 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     capsys.readouterr()
     instruct.main(common + ["--prompt", "Repeat the number 3."])
     printed = capsys.readouterr().out
-    model = gpt.load_gpt2(out_dir / "model.pt")
+    model = load_lm(out_dir / "model.pt")
     expected, _ = instruct.generate_response(
         model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."}, max_new_tokens=3
     )
@@ -4585,7 +4639,7 @@ def test_instruct_bom_and_deep_nesting(tmp_path):
 def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
     torch.manual_seed(0)
     small = gpt.GPTModel(gpt.GPTConfig(vocab_size=1000, context_length=32, emb_dim=32, n_heads=2, n_layers=1))
-    gpt.save_checkpoint(tmp_path / "small.pt", small)
+    gpt.save_checkpoint(tmp_path / "small.pt", small, gpt.get_tokenizer())
     message = (
         f"error: --model {tmp_path / 'small.pt'}: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses "
         "50257: use a model trained with the GPT-2 tokenizer"
@@ -4706,7 +4760,7 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
     with pytest.raises(SystemExit, match=r"GB .*: choose a smaller --model$"):
         instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))
-    assert asked[0] is None and 0 < asked[1] < gpt.count_parameters(gpt.load_gpt2(folder / "tiny.pt")) / 10
+    assert asked[0] is None and 0 < asked[1] < gpt.count_parameters(load_lm(folder / "tiny.pt")) / 10
     assert os.listdir(tmp_path / "run") == [".lock"]
     monkeypatch.undo()
     monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
@@ -4775,7 +4829,7 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
     folder = tmp_path / "model"  # config.json, model.safetensors, tokenizer.json; greedy answers end at token 3
     prompt = instruct.format_prompt(entries[0])
     reference, tokenizer = family_model_with_tokenizer(folder, trained_tokenizers, style, prompt)
-    encoding, eot = gpt.load_tokenizer(folder)
+    encoding, eot = tokenizer_and_eot(folder)
     assert eot == tokenizer.token_to_id("<|end_of_text|>" if style == "llama3" else "<|endoftext|>") != gpt.EOT_ID
 
     # Batches end and pad with the family's end-of-text id; Llama 3's <|begin_of_text|> starts the prompt only.
@@ -4798,7 +4852,7 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
                                 do_sample=False, eos_token_id=eot, pad_token_id=eot)
     expected = output[0, prompt_ids.shape[1] :].tolist()
     assert expected[-1] == eot and eot not in expected[:-1]
-    answer = instruct.generate_response(gpt.load_model(folder), encoding, entries[0], max_new_tokens=20)
+    answer = instruct.generate_response(load_lm(folder), encoding, entries[0], max_new_tokens=20)
     assert answer == (tokenizer.decode(expected[:-1]).strip(), len(expected) - 1)
 
     # Train, resume, answer: the checkpoints name the tokenizer, so every later command reloads it.
@@ -4812,7 +4866,7 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
     saved = gpt.load_checkpoint(out_dir / "model.pt")
     assert saved["tokenizer"] == str(folder.resolve()) and saved["config"]["family"] == "llama"
     answered = json.loads((out_dir / "responses.json").read_text())
-    model = gpt.load_model(out_dir / "model.pt")
+    model = load_lm(out_dir / "model.pt")
     test_entry = {key: answered[0][key] for key in ("instruction", "input", "output")}
     assert answered[0]["model_response"] == instruct.generate_response(model, encoding, test_entry, max_new_tokens=5)[0]
     (out_dir / "responses.json").unlink()
@@ -5015,7 +5069,7 @@ def test_readme_type_it_live_definitions_run_as_typed():
     assert len(typed) <= 280  # short enough to type: the README says "about 270 lines of code"
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     raw = b"".join(fc.read_sms_bytes(SMS_ZIP).splitlines(keepends=True)[:400])
-    code = code.replace('open("SMSSpamCollection", "rb").read()', "SMS_BYTES").replace('gpt.load_gpt2("gpt2")', "MODEL")
+    code = code.replace('open("SMSSpamCollection", "rb").read()', "SMS_BYTES").replace('load_lm("gpt2")', "MODEL")
     code = code.replace("# ... the definitions above, then:", sources["finetune_classify.py"])
     namespace = {"SMS_BYTES": raw, "MODEL": tiny_model(context_length=256)}
     exec(compile(code, "README.md", "exec"), namespace)  # NameError here: a definition the list lacks
@@ -5040,8 +5094,8 @@ def test_readme_gpt_py_example_runs(capsys):
     readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
     section = readme.split("### `gpt.py`: the model", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
-    assert 'gpt.load_gpt2("gpt2")' in code
-    code = code.replace('gpt.load_gpt2("gpt2")', "MODEL")
+    assert 'load_lm("gpt2")' in code
+    code = code.replace('load_lm("gpt2")', "MODEL")
     exec(compile(code, "README.md", "exec"), {"MODEL": tiny_model(context_length=64)})
     assert capsys.readouterr().out.startswith("Every effort moves you")
 
@@ -5071,7 +5125,7 @@ def changed_copy(folder, dest, change):
 
 def test_strict_gpt2_layer_norm_epsilon_reaches_the_model(tmp_path):
     reference, _ = save_hf_gpt2(tmp_path, **STRICT_GPT2, layer_norm_epsilon=1e-3)
-    model = gpt.load_model(tmp_path)
+    model = load_lm(tmp_path)
     assert model.cfg.norm_eps == 1e-3 and model.h[0].ln_1.eps == model.ln_f.eps == 1e-3
     idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -5081,7 +5135,7 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model(tmp_path):
 def test_strict_gpt2_export_keeps_layer_norm_epsilon(tmp_path):
     folder = gpt.export_hf(tiny_model(norm_eps=1e-3), tmp_path / "hf")
     assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-3
-    assert gpt.load_model(folder).cfg.norm_eps == 1e-3
+    assert load_lm(folder).cfg.norm_eps == 1e-3
 
 
 @pytest.mark.parametrize(
@@ -5114,7 +5168,7 @@ def test_strict_gpt2_export_keeps_layer_norm_epsilon(tmp_path):
 def test_strict_config_refuses_what_is_not_implemented(strict_folders, tmp_path, family, change, key):
     folder = changed_copy(strict_folders[family], tmp_path, change)
     with pytest.raises(ValueError, match=re.escape(f"config.json: {key} is not supported (this implementation: ")):
-        gpt.load_model(folder)
+        load_lm(folder)
 
 
 @pytest.mark.parametrize(
@@ -5129,4 +5183,4 @@ def test_strict_config_refuses_what_is_not_implemented(strict_folders, tmp_path,
 )
 def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, change):
     folder = changed_copy(strict_folders[family], tmp_path, change)
-    assert gpt.load_model(folder).cfg == gpt.load_model(strict_folders[family]).cfg
+    assert load_lm(folder).cfg == load_lm(strict_folders[family]).cfg
