@@ -2140,7 +2140,7 @@ def test_export_classifier_gives_transformers_our_probabilities_and_reads_back(t
     with torch.no_grad():
         logits = fc.full_pass_logits(model, token_ids)
         without_bias = (logits - model.lm_head.bias).softmax(dim=-1)
-    folder = fc.export_classifier_hf(model, tmp_path / "hf")
+    folder = gpt.export_hf(model, tmp_path / "hf")
     reference, problems = _export_from_pretrained(GPT2ForSequenceClassification, folder)
     assert problems == []
     assert reference.config.id2label == {0: "not spam", 1: "spam"} and reference.config.pad_token_id == 50256
@@ -2152,8 +2152,8 @@ def test_export_classifier_gives_transformers_our_probabilities_and_reads_back(t
     assert (probabilities - logits.softmax(dim=-1)).abs().max().item() <= 1e-5
     assert (probabilities - without_bias).abs().max().item() > 1e-2  # the bias was carried, and it matters
 
-    back, checkpoint = fc.load_classifier_hf(folder)
-    assert (checkpoint["labels"], checkpoint["max_length"]) == (fc.CLASS_NAMES, 48)
+    back, _, max_length = fc.load_classifier(folder)
+    assert (back.labels, max_length) == (fc.CLASS_NAMES, 48)
     with torch.no_grad():
         assert (fc.full_pass_logits(back, token_ids) - logits).abs().max().item() <= 1e-5
 
@@ -2161,16 +2161,17 @@ def test_export_classifier_gives_transformers_our_probabilities_and_reads_back(t
 def test_export_classifier_from_a_checkpoint_keeps_its_settings(tmp_path):
     model, _, token_ids = _export_trained_classifier()
     fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=32)
-    folder = fc.export_classifier_hf(tmp_path / "classifier.pt", tmp_path / "hf")
+    fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
+    folder = tmp_path / "hf"
     assert gpt.read_json(folder / "tokenizer_config.json", "tokenizer")["model_max_length"] == 32
-    back, checkpoint = fc.load_classifier_hf(folder)
-    assert (checkpoint["labels"], checkpoint["max_length"]) == (fc.CLASS_NAMES, 32)
+    back, _, max_length = fc.load_classifier(folder)
+    assert (back.labels, max_length) == (fc.CLASS_NAMES, 32)
     with torch.no_grad():
         assert (fc.full_pass_logits(back, token_ids) - fc.full_pass_logits(model, token_ids)).abs().max() <= 1e-5
     with torch.no_grad():
         model.lm_head.weight[1] = 2 * model.lm_head.weight[0]  # rank 1: no shift of ln_f gives both biases
     with pytest.raises(ValueError, match="rank below 2: its bias cannot be moved into ln_f"):
-        fc.export_classifier_hf(model, tmp_path / "rank-1")
+        gpt.export_hf(model, tmp_path / "rank-1")
     assert not (tmp_path / "rank-1").exists()
 
 
@@ -2181,14 +2182,14 @@ def test_export_classifier_reads_a_transformers_classifier(tmp_path):
     config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, num_labels=3, pad_token_id=50256)
     reference = GPT2ForSequenceClassification(config).eval()
     reference.save_pretrained(tmp_path / "hf")
-    model, checkpoint = fc.load_classifier_hf(tmp_path / "hf")
-    assert (checkpoint["labels"], checkpoint["max_length"]) == (["LABEL_0", "LABEL_1", "LABEL_2"], 48)
+    model, _, max_length = fc.load_classifier(tmp_path / "hf")
+    assert (model.labels, max_length) == (["LABEL_0", "LABEL_1", "LABEL_2"], 48)
     token_ids = _classify_token_ids([5, 17, 9])
     batch = torch.nn.utils.rnn.pad_sequence(token_ids, batch_first=True, padding_value=50256)
     with torch.no_grad():
         assert (fc.full_pass_logits(model, token_ids) - reference(batch).logits).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match="not a GPT2ForSequenceClassification folder"):
-        fc.load_classifier_hf(gpt.export_hf(tiny_model(context_length=48), tmp_path / "language-model"))
+    with pytest.raises(ValueError, match="is a language model, not a classifier"):
+        fc.load_classifier(gpt.export_hf(tiny_model(context_length=48), tmp_path / "language-model"))
 
 
 # ========================================================================================
@@ -3409,8 +3410,8 @@ def test_classify_saved_lora_classifier_gives_the_same_logits(tmp_path):
     token_ids = _classify_token_ids([5, 9])
     before = fc.full_pass_logits(model, token_ids)
     fc.save_classifier(tmp_path / "lora.pt", model, gpt.get_tokenizer(), max_length=48)
-    loaded, checkpoint = fc.load_classifier(tmp_path / "lora.pt")
-    assert not any("lora" in key for key in checkpoint["model"])  # merged into plain GPT-2 weights
+    loaded, _, _ = fc.load_classifier(tmp_path / "lora.pt")
+    assert not any("lora" in key for key in gpt.load_checkpoint(tmp_path / "lora.pt")["model"])  # merged into plain GPT-2 weights
     torch.testing.assert_close(fc.full_pass_logits(loaded, token_ids), before)
 
 
@@ -3456,8 +3457,8 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
              "--classify-file", str(texts)])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("  ")[-1] for line in lines] == ["Call me later", "Are we meeting at 6?", "WINNER!! Claim your prize now"]
-    model, checkpoint = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
-    assert checkpoint["labels"] == ["not spam", "spam"] and checkpoint["max_length"] == 48
+    model, _, max_length = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
+    assert model.labels == ["not spam", "spam"] and max_length == 48
     spam_probability = fc.classify_texts(model, ["Call me later"], 48)[0]
     assert lines[0] == f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later"
 
@@ -3716,8 +3717,8 @@ def test_classify_full_disk_at_the_final_save_keeps_the_model(tmp_path, monkeypa
     captured = capsys.readouterr()
     assert f"cannot write {tmp_path / 'run' / 'classifier.pt'} (No space left on device); writing {fallback}" in captured.err
     assert f"saved:      {fallback}" in captured.out
-    model, checkpoint = fc.load_classifier(fallback)
-    assert checkpoint["labels"] == ["not spam", "spam"]
+    model, _, _ = fc.load_classifier(fallback)
+    assert model.labels == ["not spam", "spam"]
     assert not (tmp_path / "run" / "classifier.pt").exists()
     assert (tmp_path / "run" / "metrics.json").is_file()
 
@@ -3964,12 +3965,12 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
     fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--epochs", "1", *extra])  # the activation cache; LoRA adapters on the seven projections and the full forward pass
     assert ("activation cache: on" in capsys.readouterr().out) == (not extra)
     checkpoint = gpt.load_checkpoint(run / "classifier.pt")
-    assert checkpoint["tokenizer"] == str(folder.resolve()) and checkpoint["model"]["lm_head.weight"].shape == (2, 64)
-    assert "lm_head.bias" not in checkpoint["model"]  # as transformers' ...ForSequenceClassification
     encoding, eot_id = tokenizer_and_eot(folder)
-    model, _ = fc.load_classifier(run / "classifier.pt")
+    assert checkpoint["tokenizer"] == {"files": encoding.files} and checkpoint["model"]["lm_head.weight"].shape == (2, 64)
+    assert "lm_head.bias" not in checkpoint["model"]  # as transformers' ...ForSequenceClassification
+    model, _, _ = fc.load_classifier(run / "classifier.pt")
     texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
-    token_ids = [torch.tensor(encoding.encode_ordinary(text)) for text in texts]
+    token_ids = [torch.tensor(encoding.encode(text, bos=True)) for text in texts]
     with torch.no_grad():
         probabilities = fc.full_pass_logits(model, token_ids, pad_id=eot_id).softmax(dim=-1)
         alone = model(token_ids[0][None])[0, -1].softmax(dim=-1)  # no padding: the last token's logits
@@ -5184,3 +5185,197 @@ def test_strict_config_refuses_what_is_not_implemented(strict_folders, tmp_path,
 def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, change):
     folder = changed_copy(strict_folders[family], tmp_path, change)
     assert load_lm(folder).cfg == load_lm(strict_folders[family]).cfg
+
+
+# ========================================================================================
+# --- A model travels whole ---
+# (configuration, weights, tokenizer): `gpt.load` of any source, checkpoints and exports
+# that carry the tokenizer by content, one rule for special-token text
+# ========================================================================================
+
+SMOL_CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                      "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                      "{% endif %}")
+
+
+def _smol_instruct_folder(folder, trained_tokenizers, template_file=True):
+    """A tiny random Llama (vocabulary 1024, context 64) saved with save_pretrained beside a
+    SmolLM2-Instruct-style tokenizer: the trained SmolLM2 tokenizer.json with the added tokens
+    <|im_start|> and <|im_end|>, a tokenizer_config.json naming them begin and end (and pad,
+    unk), and the chat template (chat_template.jinja, or an entry of tokenizer_config.json)
+    -> (transformers model, folder)."""
+    from tokenizers import Tokenizer
+
+    reference = save_hf_family(folder, "llama", vocab_size=1024, max_position_embeddings=64, num_key_value_heads=2,
+                               tie_word_embeddings=False)
+    tokenizer = Tokenizer.from_file(str(trained_tokenizers["smollm2"][1] / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+              "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "model_max_length": 64}
+    if template_file:
+        (folder / "chat_template.jinja").write_text(SMOL_CHAT_TEMPLATE)
+    else:
+        config["chat_template"] = SMOL_CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return reference, folder
+
+
+def _llama3_classifier_folder(folder, trained_tokenizers):
+    """A tiny random Llama beside the Llama-3-style tokenizer (its post-processor puts
+    <|begin_of_text|> before a text) -> folder."""
+    save_hf_family(folder, "llama", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
+                   tie_word_embeddings=False)
+    (folder / "tokenizer.json").write_bytes((trained_tokenizers["llama3"][1] / "tokenizer.json").read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    return folder
+
+
+def test_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone(tmp_path, monkeypatch, capsys):
+    _, weights = save_hf_gpt2(tmp_path / "source", n_positions=48, n_embd=32, n_layer=2, n_head=4)
+    run = tmp_path / "run"
+    fc.main(["--model", str(weights), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run),
+             "--max-steps", "2"])
+    for path in (tmp_path / "source").iterdir():
+        path.unlink()  # the weights, config.json, generation_config.json: the classifier needs none of them
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", "WINNER!! Claim your prize now"])
+    assert capsys.readouterr().out.endswith("  WINNER!! Claim your prize now\n")
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv")])
+    assert "accuracy" in capsys.readouterr().out
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
+    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        load_gpt2.main(["--model", str(run / "classifier.pt")])
+    message = str(exit_info.value.code)
+    assert exit_info.value.code not in (0, None) and "is a classifier, not a language model" in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_whole_llama_family_loads_from_its_safetensors_file(family_models, trained_tokenizers, tmp_path):
+    reference = save_hf_family(tmp_path / "model", "llama", vocab_size=1000, max_position_embeddings=64,
+                               num_key_value_heads=2, tie_word_embeddings=False)
+    (tmp_path / "model" / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
+    model, tokenizer = gpt.load(tmp_path / "model" / "model.safetensors")  # config.json beside it
+    assert type(model) is gpt.LlamaModel and tokenizer.n_vocab == 1000
+    idx = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_whole_llama3_classifier_export_gives_transformers_our_probabilities(trained_tokenizers, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, tokenizer = gpt.load(_llama3_classifier_folder(tmp_path / "model", trained_tokenizers))
+    assert tokenizer.add_bos and tokenizer.bos_id == tokenizer.encode("<|begin_of_text|>")[0]
+    torch.manual_seed(1)
+    fc.add_classification_head(model)
+    texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
+    ours = fc.classify_texts(model, texts, 64, tokenizer, tokenizer.eot_id)
+    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer, max_length=64)
+    reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
+    assert problems == []
+    batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
+    assert batch["input_ids"][:, 0].tolist() == [tokenizer.bos_id] * 4  # <|begin_of_text|> first, as ours
+    with torch.no_grad():
+        theirs = reference(**batch).logits.softmax(dim=-1)[:, 1]
+    assert theirs.tolist() == pytest.approx(ours, abs=1e-5)
+
+
+@pytest.mark.parametrize("template_file", [True, False], ids=["chat_template.jinja", "chat_template entry"])
+def test_whole_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path, template_file):
+    from transformers import AutoTokenizer
+
+    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers, template_file)
+    reference = AutoTokenizer.from_pretrained(folder)
+    _, tokenizer = gpt.load(folder)
+    start = reference.convert_tokens_to_ids("<|im_start|>")
+    assert tokenizer.encode("<|im_start|>") == [start]
+
+    def hf(text):
+        return reference(text)["input_ids"]
+
+    text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+    assert start in hf(text)
+    assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
+    pieces = ["Call me <|im_", "start|> later", "<|im_end|>\n<|im_start|>"]  # (2) a pretraining corpus
+    assert [i for ids in gpt.encode_pieces(pieces, tokenizer) for i in ids] == hf("".join(pieces))
+    entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
+    [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
+    assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
+    assert prompt_length == len(hf(instruct.format_prompt(entry))) and ids.count(start) == 2
+    [message] = fc.tokenize_messages(["Free <|im_start|> prize"], 64, tokenizer)  # (4) a classified message
+    assert message.tolist() == hf("Free <|im_start|> prize")
+    context, continuation = load_gpt2.encode_pair("Q: <|im_start|>", " A<|im_end|>", tokenizer)  # (5) a benchmark item
+    assert context == hf("Q: <|im_start|>") and context + continuation == hf("Q: <|im_start|> A<|im_end|>")
+
+
+def test_whole_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
+    model, tokenizer = gpt.load(folder)
+    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
+    start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert config["bos_token_id"] == generation["bos_token_id"] == start != end
+    assert config["eos_token_id"] == generation["eos_token_id"] == end
+    assert config["pad_token_id"] == end and config["unk_token_id"] == tokenizer.encode("<|endoftext|>")[0]
+    chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                             tokenize=False)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+def test_whole_prefix_id_is_the_begin_token_else_the_end_token(trained_tokenizers, tmp_path):
+    _, tokenizer = gpt.load(_smol_instruct_folder(tmp_path / "smol", trained_tokenizers)[1])
+    assert load_gpt2.prefix_id(tokenizer) == tokenizer.encode("<|im_start|>")[0] != tokenizer.eot_id
+    qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
+    assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
+    assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
+    assert load_gpt2.encode_pair("", " Paris", tokenizer)[0] == [tokenizer.encode("<|im_start|>")[0]]
+
+
+def test_whole_checkpoint_carries_its_tokenizer(trained_tokenizers, tmp_path):
+    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
+    model, tokenizer = gpt.load(folder)
+    gpt.save_checkpoint(tmp_path / "model.pt", model, tokenizer)
+    text = "<|im_start|>user\nDon't stop: 12 steps<|im_end|>"
+    expected = tokenizer.encode(text, bos=True)
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    loaded, carried = gpt.load(tmp_path / "model.pt")
+    assert carried.encode(text, bos=True) == expected and carried.bos_id == tokenizer.bos_id
+    assert carried.files == tokenizer.files and carried.eot_id == tokenizer.eot_id
+    idx = torch.tensor([expected])
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+    old_style = {**gpt.load_checkpoint(tmp_path / "model.pt"), "tokenizer": str(folder)}  # a path, as before a2420df
+    torch.save(old_style, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="names its tokenizer by a path .*train it again"):
+        gpt.load(tmp_path / "old.pt")
+
+
+def test_whole_export_hf_reexports_a_transformers_classifier_folder(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, num_labels=2, pad_token_id=50256)
+    reference = GPT2ForSequenceClassification(config).eval()
+    reference.save_pretrained(tmp_path / "theirs")
+    for name, content in gpt.hf_tokenizer_files(gpt.get_tokenizer()).items():  # GPT-2's tokenizer files, copied in
+        path = tmp_path / "theirs" / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(json.dumps(content))
+    fc.main(["--checkpoint", str(tmp_path / "theirs"), "--export-hf", str(tmp_path / "ours")])
+    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
+    exported, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "ours")
+    assert problems == []
+    batch = torch.nn.utils.rnn.pad_sequence(_classify_token_ids([5, 17, 9]), batch_first=True, padding_value=50256)
+    with torch.no_grad():
+        expected = reference(batch).logits.softmax(dim=-1)
+        assert (exported(batch).logits.softmax(dim=-1) - expected).abs().max().item() <= 1e-5
