@@ -3156,7 +3156,7 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
     history = json.loads((tmp_path / "a" / "run" / "history.json").read_text())["evaluations"]
     assert [h["step"] for h in history] == [0, 2, 4] and history[-1]["train_loss"] < history[0]["train_loss"]
     for path in (whole["best"], whole["latest"]):  # the later stages reload the same tokenizer
-        assert gpt.load_checkpoint(path)["tokenizer"] == str((tmp_path / "model").resolve())
+        assert gpt.load_checkpoint(path)["tokenizer"] == {"files": encoding.files}  # the tokenizer itself
         assert tokenizer_and_eot(path)[1] == eot_id and type(load_lm(path)) is gpt.LlamaModel
     pretrain.main(argv("b", "--stop-at-step", "3"))
     resumed = pretrain.main(argv("b", "--resume"))
@@ -4856,16 +4856,16 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
     answer = instruct.generate_response(load_lm(folder), encoding, entries[0], max_new_tokens=20)
     assert answer == (tokenizer.decode(expected[:-1]).strip(), len(expected) - 1)
 
-    # Train, resume, answer: the checkpoints name the tokenizer, so every later command reloads it.
+    # Train, resume, answer: the checkpoints carry the tokenizer, so every later command has it.
     out_dir = tmp_path / "run"
     run = ["--data", str(data), "--out-dir", str(out_dir), "--max-new-tokens", "5"]
     recipe = ["--model", str(folder), "--batch-size", "5", "--eval-batches", "1", "--lora", "--lora-rank", "2"]
     instruct.main(run + recipe + ["--epochs", "1", "--keep-state"])
-    assert gpt.load_checkpoint(out_dir / "train_state.pt")["tokenizer"] == str(folder.resolve())
+    assert gpt.load_checkpoint(out_dir / "train_state.pt")["tokenizer"] == {"files": encoding.files}
     instruct.main(run + ["--resume", "--epochs", "2"])
     assert "resuming at step 2 of 4" in capsys.readouterr().out
     saved = gpt.load_checkpoint(out_dir / "model.pt")
-    assert saved["tokenizer"] == str(folder.resolve()) and saved["config"]["family"] == "llama"
+    assert saved["tokenizer"] == {"files": encoding.files} and saved["config"]["family"] == "llama"
     answered = json.loads((out_dir / "responses.json").read_text())
     model = load_lm(out_dir / "model.pt")
     test_entry = {key: answered[0][key] for key in ("instruction", "input", "output")}
