@@ -800,13 +800,11 @@ def test_a_folder_without_model_files_is_named_by_every_script(tmp_path):
     runs = [(load_gpt2.main, model),
             (pretrain.main, [*model, *out_dir, "--data", str(tmp_path / "text.txt")]),
             (instruct.main, [*model, *out_dir, "--data", str(tmp_path / "data.json")])]
-    for main, argv in runs:
-        with pytest.raises(SystemExit, match=f"^error: {re.escape(str(empty))} holds no model: none of "
-                                             "model.safetensors, model.safetensors.index.json, tokenizer.json$"):
+    runs.append((fc.main, [*model, *out_dir, "--data", str(_classify_sms_slice(tmp_path))]))
+    for main, argv in runs:  # one loader (gpt.load), one message
+        with pytest.raises(SystemExit, match=f"^error: {re.escape(str(empty))} holds no model: neither "
+                                             "model.safetensors nor model.safetensors.index.json$"):
             main(argv)
-    with pytest.raises(SystemExit, match=f"^error: {re.escape(str(empty))}: neither model.safetensors nor "
-                                         "model.safetensors.index.json$"):
-        fc.main([*model, *out_dir, "--data", str(_classify_sms_slice(tmp_path))])
 
 
 def test_tokenizer_json_of_gpt2_gives_tiktokens_gpt2_ids(tmp_path):
@@ -1088,7 +1086,7 @@ def test_weight_mapping_is_strict(small_pair, tmp_path):
 
 
 def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="no such file 'gpt3'"):
+    with pytest.raises(FileNotFoundError, match="no such file or model 'gpt3'"):
         load_lm("gpt3")
 
 
@@ -1518,10 +1516,9 @@ def test_concurrent_downloads_of_one_file_take_turns(route_server, tmp_path):
         ({**SMALL_HF, "n_embd": 0}, "'n_embd' must be a positive integer, got 0"),
         ({**SMALL_HF, "n_head": 3}, "'n_embd' (128) must be divisible by 'n_head' (3)"),
         ([1, 2], "expected a JSON object, got list"),
-        ('{"n_layer": 2,', "not a readable JSON file (Expecting property name"),
-        ("folder", "not a readable JSON file ([Errno 21] Is a directory"),
+        ('{"n_layer": 2,', "not valid JSON (Expecting property name"),
     ],
-    ids=["missing", "string", "float", "bool", "zero", "heads", "list", "bad-json", "folder"],
+    ids=["missing", "string", "float", "bool", "zero", "heads", "list", "bad-json"],
 )
 def test_malformed_config_json_names_the_file_and_the_key(small_pair, tmp_path, config, message):
     (tmp_path / "model.safetensors").symlink_to(small_pair[1])
@@ -1530,9 +1527,15 @@ def test_malformed_config_json_names_the_file_and_the_key(small_pair, tmp_path, 
         config_file.mkdir()
     else:
         config_file.write_text(config if isinstance(config, str) else json.dumps(config))
+    # SOURCE BUG (gpt.model_from_tensors, a2420df), case "list": a config.json that is a JSON list
+    # fails with AttributeError "'list' object has no attribute 'get'", not a ValueError naming
+    # the file. Left failing.
     with pytest.raises(ValueError) as error:
         load_lm(tmp_path / "model.safetensors")
-    assert str(error.value).startswith(f"{config_file}: {message}")
+    # The settings are named as "<the weights file> config.json: <key> ..." (gpt.load's source and
+    # the file); a file that is no JSON object as "model config <config.json>: ...".
+    named = f"model config {config_file}" if "JSON" in message else f"{tmp_path / 'model.safetensors'} config.json"
+    assert str(error.value).startswith(f"{named}: {message}")
 
 
 # ========================================================================================
@@ -1571,9 +1574,11 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
         load_lm(tmp_path / "other.pt")
-    gpt.save_checkpoint(tmp_path / "classifier.pt", tiny_model(), gpt.get_tokenizer(), labels=["not spam", "spam"])
-    with pytest.raises(ValueError, match="classifier written by finetune_classify.py.*--classify"):
-        load_lm(tmp_path / "classifier.pt")
+    # A classifier's checkpoint loads as a classifier (its class head and names); load_gpt2.py
+    # refuses it (test_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone).
+    gpt.save_checkpoint(tmp_path / "classifier.pt", fc.add_classification_head(tiny_model()), gpt.get_tokenizer())
+    classifier = load_lm(tmp_path / "classifier.pt")
+    assert classifier.labels == fc.CLASS_NAMES and classifier.lm_head.weight.shape == (2, 32)
 
 
 # ========================================================================================
@@ -1839,7 +1844,7 @@ def test_load_gpt2_script_streams_a_continuation(tmp_path, capsys):
 
 
 def test_load_gpt2_script_bad_inputs_exit_with_a_message(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="error: no such file 'gpt5'"):
+    with pytest.raises(SystemExit, match="error: no such file or model 'gpt5'"):
         load_gpt2.main(["--model", "gpt5"])
     for flag, value, message in [
         ("--top-p", "2", "argument --top-p: must be a number in (0, 1], got '2'"),
@@ -1885,7 +1890,7 @@ def test_load_gpt2_script_download_only_into_cache_dir(file_server, small_pair, 
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     load_gpt2.main(["--model", "gpt2-medium", "--download-only", "--cache-dir", str(tmp_path / "mine")])
     assert (tmp_path / "mine" / "gpt2-medium" / "model.safetensors").read_bytes() == data
-    assert str(tmp_path / "mine" / "gpt2-medium" / "model.safetensors") in capsys.readouterr().out
+    assert capsys.readouterr().out == f"gpt2-medium is in {tmp_path / 'mine' / 'gpt2-medium'}\n"
 
 
 # ========================================================================================
@@ -1980,7 +1985,7 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text(tmp
     assert torch.equal(theirs, gpt.generate(model, prompt, 40))
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    expected = gpt.get_tokenizer().encode(EXPORT_MIXED_TEXT, allowed_special={"<|endoftext|>"})
+    expected = gpt.get_tokenizer().encode(EXPORT_MIXED_TEXT)  # <|endoftext|> is the token
     assert gpt.EOT_ID in expected
     assert tokenizer(EXPORT_MIXED_TEXT)["input_ids"] == expected
     assert tokenizer.decode(expected) == EXPORT_MIXED_TEXT
@@ -2674,7 +2679,7 @@ def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
     text = _pretrain_text(200) + "Tabs\t \nand  spaces \n\n\nend<|endoftext|>Naïve café\n 42\n"
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
-    whole = gpt.get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+    whole = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
     with open(path, "rb") as f:
         pieces = list(gpt.encode_pieces(gpt.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
     assert len(pieces) > 10  # it really cut the text
@@ -3492,7 +3497,7 @@ CLASSIFY_SCRIPT = Path(fc.__file__).resolve()
 @pytest.mark.parametrize(
     "model, extra, message",
     [
-        ("gpt3", [], "error: no such file 'gpt3'"),
+        ("gpt3", [], "error: no such file or model 'gpt3'"),
         ("truncated.safetensors", [], "error: .*truncated.safetensors.*outside the 4 data bytes"),
         ("tiny.pt", ["--max-length", "5000"], "error: --max-length 5000 is longer than the model's context length 48"),
     ],
