@@ -2909,12 +2909,14 @@ def test_pretrain_lock_of_a_running_process_is_refused_and_a_stale_one_taken_ove
 
 def test_pretrain_model_with_another_vocabulary_is_one_line(tmp_path, pretrain_text_file):
     path = tmp_path / "small-vocab.pt"
-    gpt.save_checkpoint(path, tiny_model(vocab_size=1000), gpt.get_tokenizer())
+    gpt.save_checkpoint(path, tiny_model(vocab_size=1000, context_length=64), gpt.get_tokenizer())
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--model", str(path))
     for flag in ("--n-layers", "--n-heads", "--emb-dim"):
         i = argv.index(flag)
         del argv[i : i + 2]
     message = r"^error: --model .*: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"
+    # SOURCE BUG (gpt.load, a2420df): a checkpoint returns before check_vocabulary (see
+    # test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token). Left failing if it fails.
     with pytest.raises(SystemExit, match=message):
         pretrain.main(argv)
 
@@ -3116,8 +3118,8 @@ def test_pretrain_token_file_holds_ids_above_65535_as_uint32(tmp_path):
     # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
     import tiktoken
 
-    big = tiktoken.Encoding(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
-                            special_tokens={"<|endoftext|>": 69_999})
+    big = gpt.Tokenizer(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                        special_tokens={"<|endoftext|>": 69_999}, eot_id=69_999)
     (tmp_path / "a.txt").write_text("ab")
     (tmp_path / "b.txt").write_text("c<|endoftext|>d")
     token_path, n, _ = gpt.prepare_token_file([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "tokens", big)
@@ -3342,7 +3344,7 @@ def test_classify_download_uses_fallback_then_cache(tmp_path, file_server):
 def test_classify_tokenize_truncates_to_max_length():
     ids = fc.tokenize_messages(["hello world, this is a longer message", "hi <|endoftext|>"], max_length=3)
     assert [len(t) for t in ids] == [3, 3]
-    assert gpt.EOT_ID not in ids[1].tolist()  # the special token's text is plain text in a message
+    assert ids[1].tolist() == [5303, 220, gpt.EOT_ID]  # "hi", " ", and the special token's text is the token
 
 
 # -- model ------------------------------------------------------------------------------
@@ -3471,7 +3473,7 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
 def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="error: --data .*nope.tsv: no such file"):
         fc.main(["--data", str(tmp_path / "nope.tsv")])
-    with pytest.raises(SystemExit, match="error: no classifier checkpoint at .*missing.pt: train one first"):
+    with pytest.raises(SystemExit, match="error: no classifier at .*missing.pt: train one first"):
         fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "missing.pt")])
     gpt.save_checkpoint(tmp_path / "lm.pt", _classify_tiny_model(), gpt.get_tokenizer())
     with pytest.raises(SystemExit, match="error: .*lm.pt: not a classifier checkpoint"):
@@ -3691,7 +3693,7 @@ def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkey
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the run folder was checked")
 
-    monkeypatch.setattr(gpt, "load_model", no_model)
+    monkeypatch.setattr(gpt, "load", no_model)
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SystemExit, match=r"error: --out-dir .*file is a file, not a folder"):
         fc.main(_classify_run_argv(tmp_path, "file"))
@@ -4650,6 +4652,9 @@ def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
         f"error: --model {tmp_path / 'small.pt'}: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses "
         "50257: use a model trained with the GPT-2 tokenizer"
     )
+    # SOURCE BUG (gpt.load, a2420df): a checkpoint returns before check_vocabulary, so this fails
+    # with IndexError "index out of range in self" (see
+    # test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token). Left failing.
     with pytest.raises(SystemExit) as exc:
         instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "small.pt")])
     assert str(exc.value) == message.replace("--model", "--checkpoint")
@@ -4747,7 +4752,7 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
     )
     assert not (tmp_path / "run").exists()
     # A folder is a model folder to --checkpoint: one without a model says so.
-    with pytest.raises(SystemExit, match="answers.json: neither model.safetensors nor model.safetensors.index.json"):
+    with pytest.raises(SystemExit, match="answers.json holds no model: neither model.safetensors nor model.safetensors.index.json"):
         instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "answers.json")])
 
     def out_of_memory(*args):
@@ -5075,7 +5080,9 @@ def test_readme_type_it_live_definitions_run_as_typed():
     assert len(typed) <= 280  # short enough to type: the README says "about 270 lines of code"
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     raw = b"".join(fc.read_sms_bytes(SMS_ZIP).splitlines(keepends=True)[:400])
-    code = code.replace('open("SMSSpamCollection", "rb").read()', "SMS_BYTES").replace('load_lm("gpt2")', "MODEL")
+    code = code.replace('open("SMSSpamCollection", "rb").read()', "SMS_BYTES").replace('gpt.load("gpt2")[0]', "MODEL")
+    # SOURCE BUG (README.md, a2420df): the type-it-live code still calls the removed gpt.load_gpt2("gpt2")
+    # (README.md line 297); it should be gpt.load("gpt2")[0]. Left failing.
     code = code.replace("# ... the definitions above, then:", sources["finetune_classify.py"])
     namespace = {"SMS_BYTES": raw, "MODEL": tiny_model(context_length=256)}
     exec(compile(code, "README.md", "exec"), namespace)  # NameError here: a definition the list lacks
@@ -5091,6 +5098,9 @@ def test_readme_type_it_live_pretraining_loop_runs_as_typed(tmp_path, capsys):
     code = code.replace('"runs/live"', repr(str(tmp_path / "live")))
     code = code.replace("# ... the definitions above, then:", sources["pretrain.py"])
     namespace = {"TEXT": text}
+    # SOURCE BUG (README.md "Type it live", a2420df): its state dict still has tokenizer="gpt2", which
+    # train() passes on to gpt.save_training_state(path, model, tokenizer, optimizer, **state):
+    # TypeError "got multiple values for argument 'tokenizer'". The entry must go. Left failing.
     exec(compile(code, "README.md", "exec"), namespace)  # NameError here: a definition the list lacks
     assert namespace["state"]["step"] == 4 and (tmp_path / "live" / "latest.pt").is_file()
     assert "step 4/4 | loss" in capsys.readouterr().out
@@ -5100,8 +5110,10 @@ def test_readme_gpt_py_example_runs(capsys):
     readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
     section = readme.split("### `gpt.py`: the model", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
-    assert 'load_lm("gpt2")' in code
-    code = code.replace('load_lm("gpt2")', "MODEL")
+    # SOURCE BUG (README.md, a2420df): the example still calls the removed gpt.load_gpt2("gpt2")
+    # (README.md line 62); it should be `model, tokenizer = gpt.load("gpt2")`. Left failing.
+    assert 'model, tokenizer = gpt.load("gpt2")' in code
+    code = code.replace('gpt.load("gpt2")', "(MODEL, gpt.get_tokenizer())")
     exec(compile(code, "README.md", "exec"), {"MODEL": tiny_model(context_length=64)})
     assert capsys.readouterr().out.startswith("Every effort moves you")
 
