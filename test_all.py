@@ -1858,6 +1858,9 @@ def test_load_gpt2_script_bad_inputs_exit_with_a_message(tmp_path, capsys):
         assert message in capsys.readouterr().err
     small_vocabulary = tiny_model(context_length=64, vocab_size=1000)
     gpt.save_checkpoint(tmp_path / "small.pt", small_vocabulary, gpt.get_tokenizer())
+    # SOURCE BUG (gpt.load, a2420df): a checkpoint returns before check_vocabulary: IndexError
+    # "index out of range in self" with a traceback (see
+    # test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token). Left failing.
     with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
         load_gpt2.main(["--model", str(tmp_path / "small.pt")])
 
