@@ -93,6 +93,41 @@ def tiny_model(seed=0, **overrides):
     return gpt.GPTModel(gpt.GPTConfig(**cfg)).eval()
 
 
+def load_lm(source, *, device="cpu", dtype=torch.float32, quiet=False):
+    """The model alone, as `gpt.load` builds it (which also reads its tokenizer, which the
+    model folders of many tests lack): a checkpoint, or `gpt.model_files` -> `model_from_tensors`."""
+    path = Path(source)
+    if path.is_file() and path.suffix != ".safetensors":
+        return gpt.model_from_checkpoint(gpt.load_checkpoint(path), device=device, dtype=dtype)
+    config_json, weight_paths, _ = gpt.model_files(source, quiet=quiet)
+    tensors = {}
+    for weight_path in weight_paths:
+        tensors.update(gpt.read_safetensors(weight_path))
+    return gpt.model_from_tensors(tensors, config_json, source, device=device, dtype=dtype)
+
+
+def tokenizer_and_eot(source):
+    """(the tokenizer `gpt.load` gives with source's model, its end-of-text id). A folder's is
+    read from its tokenizer files as `gpt.model_files` reads them (it may hold no weights);
+    without any, and for "gpt2", it is GPT-2's."""
+    path = Path(source)
+    if path.is_dir():
+        names = gpt.TOKENIZER_FILES if (path / "tokenizer.json").is_file() else ("vocab.json",)
+        files = {name: (path / name).read_text(encoding="utf-8") for name in names if (path / name).is_file()}
+        tokenizer = gpt.tokenizer_from_files(files, path) if files else gpt.get_tokenizer()
+    else:
+        tokenizer = gpt.get_tokenizer() if str(source) == "gpt2" else gpt.load(source)[1]
+    return tokenizer, tokenizer.eot_id
+
+
+def tokenizer_of_json(data, source, **config):
+    """A `gpt.Tokenizer` of a tokenizer.json dict (and tokenizer_config.json entries `config`)."""
+    files = {"tokenizer.json": json.dumps(data)}
+    if config:
+        files["tokenizer_config.json"] = json.dumps(config)
+    return gpt.tokenizer_from_files(files, source)
+
+
 class LocalServer:
     """An HTTP server on 127.0.0.1 in a background thread: tests never touch the network."""
 
@@ -189,7 +224,7 @@ def isolated_caches(tmp_path, monkeypatch):
 
 def test_logits_match_transformers_small(small_pair):
     reference, path = small_pair
-    model = gpt.load_gpt2(path)
+    model = load_lm(path)
     assert model.cfg == gpt.GPTConfig(vocab_size=1000, context_length=64, emb_dim=128, n_heads=2, n_layers=2)
     idx = torch.randint(0, 1000, (3, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -199,7 +234,7 @@ def test_logits_match_transformers_small(small_pair):
 
 def test_logits_match_transformers_124m_shape(tmp_path):
     reference, path = save_hf_gpt2(tmp_path)
-    model = gpt.load_gpt2(path)
+    model = load_lm(path)
     assert model.cfg == gpt.GPT_CONFIGS["gpt2"]
     assert gpt.count_parameters(model) == 124_439_808  # GPT-2 small, embeddings tied
     idx = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -219,7 +254,7 @@ def test_hub_style_file_without_prefix_or_config(small_pair, tmp_path):
     # The hub's files also carry the old causal-mask buffers, which the loader skips.
     stripped["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
     save_file(stripped, tmp_path / "model.safetensors")
-    model = gpt.load_gpt2(tmp_path / "model.safetensors")
+    model = load_lm(tmp_path / "model.safetensors")
     assert model.cfg.n_heads == 2
     idx = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -227,7 +262,7 @@ def test_hub_style_file_without_prefix_or_config(small_pair, tmp_path):
 
 
 def test_kv_cache_logits_equal_full_forward(small_pair):
-    model = gpt.load_gpt2(small_pair[1])
+    model = load_lm(small_pair[1])
     idx = torch.randint(0, 1000, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(idx)
@@ -266,7 +301,7 @@ def test_new_model_is_initialised_as_gpt2():
 
 def test_greedy_generation_equals_transformers(small_pair):
     reference, path = small_pair
-    model = gpt.load_gpt2(path)
+    model = load_lm(path)
     prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(3))
     ours = gpt.generate(model, prompt, 40)
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
@@ -276,7 +311,7 @@ def test_greedy_generation_equals_transformers(small_pair):
 
 
 def test_generation_same_with_and_without_cache(small_pair):
-    model = gpt.load_gpt2(small_pair[1])
+    model = load_lm(small_pair[1])
     prompt = torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(4))
     assert torch.equal(gpt.generate(model, prompt, 30), gpt.generate(model, prompt, 30, use_cache=False))
     sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
@@ -284,7 +319,7 @@ def test_generation_same_with_and_without_cache(small_pair):
 
 
 def test_top_k_1_equals_greedy_and_seeded_sampling_is_reproducible(small_pair):
-    model = gpt.load_gpt2(small_pair[1])
+    model = load_lm(small_pair[1])
     prompt = torch.randint(0, 1000, (1, 4), generator=torch.Generator().manual_seed(5))
     greedy = gpt.generate(model, prompt, 20)
     assert torch.equal(gpt.generate(model, prompt, 20, temperature=1.0, top_k=1, seed=1), greedy)
@@ -307,7 +342,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_eos_stops_generation(small_pair):
-    model = gpt.load_gpt2(small_pair[1])
+    model = load_lm(small_pair[1])
     prompt = torch.randint(0, 1000, (1, 4), generator=torch.Generator().manual_seed(6))
     greedy = gpt.generate(model, prompt, 20)
     eos = greedy[0, 4 + 6].item()  # the 7th new token
@@ -473,7 +508,7 @@ def family_models(tmp_path_factory):
 @pytest.mark.parametrize("name", FAMILY_CONFIGS)
 def test_family_logits_match_transformers(family_models, name):
     reference, folder = family_models[name]
-    model = gpt.load_model(folder)
+    model = load_lm(folder)
     model_type, config = FAMILY_CONFIGS[name]
     assert isinstance(model, gpt.LlamaModel) and model.cfg.family == "llama"
     assert model.cfg.n_kv_heads == config["num_key_value_heads"] and model.cfg.qk_norm == (model_type == "qwen3")
@@ -487,7 +522,7 @@ def test_family_logits_match_transformers(family_models, name):
 
 
 def test_family_rope_scaling_and_head_dim_reach_the_model(family_models):
-    model = gpt.load_model(family_models["llama_gqa_untied_bias_rope_scaling"][1])
+    model = load_lm(family_models["llama_gqa_untied_bias_rope_scaling"][1])
     assert model.cfg.head_dim == 24 and model.layers[0].self_attn.q_proj.out_features == 4 * 24
     assert model.cfg.rope_scaling == dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
     plain = gpt.rope_frequencies(dataclasses.replace(model.cfg, rope_scaling=None), 24)
@@ -509,7 +544,7 @@ def test_family_smollm2_135m_shape_matches_transformers(tmp_path):
         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
         tie_word_embeddings=True,
     )
-    model = gpt.load_model(tmp_path)
+    model = load_lm(tmp_path)
     assert dataclasses.replace(model.cfg, head_dim=None) == preset  # transformers 5 writes head_dim 64
     assert gpt.count_parameters(model) == gpt.count_parameters(gpt.empty_model(preset)) == 134_515_008
     idx = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(1))
@@ -537,7 +572,7 @@ def test_family_presets_have_the_published_sizes():
 
 def test_family_greedy_generation_equals_transformers(family_models):
     reference, folder = family_models["llama_gqa_untied_bias_rope_scaling"]
-    model = gpt.load_model(folder)
+    model = load_lm(folder)
     prompt = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(3))
     ours = gpt.generate(model, prompt, 40)
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
@@ -548,7 +583,7 @@ def test_family_greedy_generation_equals_transformers(family_models):
 
 @pytest.mark.parametrize("name", ["llama_gqa_untied_bias_rope_scaling", "qwen3_gqa_qk_norm_tied_head_dim"])
 def test_family_cache_on_equals_cache_off(family_models, name):
-    model = gpt.load_model(family_models[name][1])
+    model = load_lm(family_models[name][1])
     idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(idx)
@@ -565,7 +600,7 @@ def test_family_cache_on_equals_cache_off(family_models, name):
 
 
 def test_family_lora_wraps_the_seven_projections_and_merges_back(family_models):
-    model = gpt.load_model(family_models["qwen3_gqa_qk_norm_tied_head_dim"][1])
+    model = load_lm(family_models["qwen3_gqa_qk_norm_tied_head_dim"][1])
     targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj"]
     expected = {f"layers.{i}.{t}.lora_{ab}" for i in range(2) for t in targets for ab in "ab"}
@@ -580,8 +615,8 @@ def test_family_new_model_checkpoint_round_trip_and_gpt2_names(tmp_path):
     assert model.h is model.layers and model.ln_f is model.norm and model.wte is model.embed_tokens  # GPT-2's names
     assert not any("c_proj" in name or "wpe" in name for name, _ in model.named_parameters())
     assert model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)  # scaled residual
-    gpt.save_checkpoint(tmp_path / "model.pt", model)
-    loaded = gpt.load_model(tmp_path / "model.pt")
+    gpt.save_checkpoint(tmp_path / "model.pt", model, gpt.get_tokenizer())
+    loaded = load_lm(tmp_path / "model.pt")
     idx = torch.randint(0, 500, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
@@ -595,17 +630,21 @@ def test_family_sharded_hub_download_sends_hf_token(family_models, file_server, 
     shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
     assert len(shards) > 1 and not (folder / "model.safetensors").exists()
     files = {f"/owner/tiny/resolve/main/{p.name}": p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    files["/owner/tiny/resolve/main/tokenizer.json"] = b"{}"  # a Hub model has one (read as text, unused here)
     server = file_server(files)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    model = gpt.load_model("owner/tiny", quiet=True)
+    model = load_lm("owner/tiny", quiet=True)
     idx = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
     assert all(headers.get("Authorization") == "Bearer hf_secret" for _, _, headers in server.requests)
     assert sorted(p.name for p in (tmp_path / "gpt-cache" / "owner" / "tiny").glob("model-*.safetensors")) == shards
     count = len(server.requests)
-    gpt.load_model("owner/tiny", quiet=True)  # the second load reads the cache
+    load_lm("owner/tiny", quiet=True)  # the second load reads the cache
+    # SOURCE BUG (gpt.hub_tokenizer_files, a2420df): the optional tokenizer files the model lacks
+    # (tokenizer_config.json, special_tokens_map.json, chat_template.jinja) are asked for (HEAD)
+    # again on every load: a cached Hub model is not loaded from the cache alone. Left failing.
     assert len(server.requests) == count
 
 
@@ -615,13 +654,18 @@ def test_family_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_m
     snapshot.mkdir(parents=True)
     for name in ("config.json", "model.safetensors"):
         (snapshot / name).write_bytes((folder / name).read_bytes())
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # no chat_template.jinja,
+        (snapshot / name).write_text("{}")  # as a base model has none (read as text, unused here)
+    # SOURCE BUG (gpt.hub_tokenizer_files, a2420df): offline, the absent chat_template.jinja is
+    # asked of the Hub, which cannot be reached: RuntimeError instead of a load from the cache.
+    # Left failing.
     (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs").mkdir()
     (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs" / "main").write_text("abc123")
-    model = gpt.load_model("Qwen/Tiny")  # HF_ENDPOINT is a closed port: only the cache can answer
+    model = load_lm("Qwen/Tiny")  # HF_ENDPOINT is a closed port: only the cache can answer
     assert model.cfg.qk_norm and model.cfg.head_dim == 32
     with pytest.raises(RuntimeError, match="Offline\\? Pass a local folder with the model's files instead of 'Qwen/Other'"):
-        gpt.load_model("Qwen/Other", quiet=True)
-    assert type(gpt.load_model(small_pair[1].parent)) is gpt.GPTModel  # a GPT-2 folder is GPT-2's
+        load_lm("Qwen/Other", quiet=True)
+    assert type(load_lm(small_pair[1].parent)) is gpt.GPTModel  # a GPT-2 folder is GPT-2's
 
 
 @pytest.mark.parametrize("token", [None, "hf_no_access"])
@@ -633,7 +677,7 @@ def test_family_gated_model_says_what_to_do(route_server, monkeypatch, token):
     else:
         monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(RuntimeError) as error:
-        gpt.load_model("meta-llama/Llama-3.2-1B", quiet=True)
+        load_lm("meta-llama/Llama-3.2-1B", quiet=True)
     message = str(error.value)
     assert "meta-llama/Llama-3.2-1B is gated" in message and "accept its licence on https://huggingface.co/meta-llama/Llama-3.2-1B" in message
     assert ("HF_TOKEN is not set" in message) == (token is None)
@@ -655,7 +699,7 @@ def test_family_unsupported_config_is_a_clear_error(family_models, tmp_path, cha
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match=re.escape(message)):
-        gpt.load_model(tmp_path)
+        load_lm(tmp_path)
 
 
 # --- the family's tokenizers: tokenizer.json -> tiktoken ---------------------------------
@@ -716,7 +760,7 @@ def trained_tokenizers(tmp_path_factory):
 @pytest.mark.parametrize("style", ["qwen3", "smollm2", "llama3"])
 def test_tokenizer_json_gives_the_reference_ids_on_held_out_text(trained_tokenizers, style):
     reference, folder = trained_tokenizers[style]
-    encoding = gpt.encoding_from_tokenizer_json(json.loads((folder / "tokenizer.json").read_text()), "tokenizer.json")
+    encoding = tokenizer_of_json(json.loads((folder / "tokenizer.json").read_text()), "tokenizer.json")
     for text in HELD_OUT:
         ids = reference.encode(text).ids
         if style == "llama3":  # the reference prepends <|begin_of_text|> to a whole text, as text_to_token_ids does
@@ -736,15 +780,14 @@ def test_tokenizer_json_gives_the_reference_ids_on_held_out_text(trained_tokeniz
 def test_tokenizer_json_of_a_folder_with_its_end_of_text_from_tokenizer_config(trained_tokenizers, tmp_path):
     reference, folder = trained_tokenizers["qwen3"]
     (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
-    encoding, eot_id = gpt.load_tokenizer(tmp_path)
+    encoding, eot_id = tokenizer_and_eot(tmp_path)
     assert eot_id == encoding.eot_token == reference.token_to_id("<|endoftext|>") and encoding.nfc
     copy = pickle.loads(pickle.dumps(encoding))  # as DataLoader workers receive it
     assert copy.nfc and copy.eot_token == eot_id and copy.encode(HELD_OUT[-1]) == reference.encode(HELD_OUT[-1]).ids
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|nope|>"}}))
-    gpt.load_tokenizer.cache_clear()
     with pytest.raises(ValueError, match="no end-of-text token '<\\|nope\\|>'"):
-        gpt.load_tokenizer(tmp_path)
-    assert gpt.load_tokenizer("gpt2") == (gpt.get_tokenizer(), 50256)
+        tokenizer_and_eot(tmp_path)
+    assert tokenizer_and_eot("gpt2") == (gpt.get_tokenizer(), 50256)
     small = gpt.build_model(dataclasses.replace(gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"], vocab_size=999, n_layers=1))
     with pytest.raises(ValueError, match=f"has 999 tokens, but the tokenizer {re.escape(str(tmp_path))}.* uses 1000"):
         gpt.check_vocabulary(small, "--model x", tokenizer=encoding)
@@ -759,13 +802,11 @@ def test_a_folder_without_model_files_is_named_by_every_script(tmp_path):
     runs = [(load_gpt2.main, model),
             (pretrain.main, [*model, *out_dir, "--data", str(tmp_path / "text.txt")]),
             (instruct.main, [*model, *out_dir, "--data", str(tmp_path / "data.json")])]
-    for main, argv in runs:
-        with pytest.raises(SystemExit, match=f"^error: {re.escape(str(empty))} holds no model: none of "
-                                             "model.safetensors, model.safetensors.index.json, tokenizer.json$"):
+    runs.append((fc.main, [*model, *out_dir, "--data", str(_classify_sms_slice(tmp_path))]))
+    for main, argv in runs:  # one loader (gpt.load), one message
+        with pytest.raises(SystemExit, match=f"^error: {re.escape(str(empty))} holds no model: neither "
+                                             "model.safetensors nor model.safetensors.index.json$"):
             main(argv)
-    with pytest.raises(SystemExit, match=f"^error: {re.escape(str(empty))}: neither model.safetensors nor "
-                                         "model.safetensors.index.json$"):
-        fc.main([*model, *out_dir, "--data", str(_classify_sms_slice(tmp_path))])
 
 
 def test_tokenizer_json_of_gpt2_gives_tiktokens_gpt2_ids(tmp_path):
@@ -776,11 +817,17 @@ def test_tokenizer_json_of_gpt2_gives_tiktokens_gpt2_ids(tmp_path):
     vocab = json.loads((cache / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6").read_text(encoding="utf-8"))
     merges = (cache / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").read_text(encoding="utf-8").split("\n")[1:]
     GPT2TokenizerFast(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges if m]).save_pretrained(tmp_path)
-    encoding = gpt.encoding_from_tokenizer_json(json.loads((tmp_path / "tokenizer.json").read_text()), "gpt2")
+    encoding = tokenizer_of_json(json.loads((tmp_path / "tokenizer.json").read_text()), "gpt2")
     reference = gpt.get_tokenizer()
     assert encoding.n_vocab == reference.n_vocab == 50257 and encoding.eot_token == 50256
     for text in HELD_OUT + ["Hello, world<|endoftext|>"]:
-        assert encoding.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+        assert encoding.encode(text) == reference.encode(text)
+    # SOURCE BUG (gpt.tokenizer_from_files, a2420df): "a tokenizer that is GPT-2's is get_tokenizer()"
+    # compares the pre-tokenizer expression GPT2_SPLIT_PATTERN with tiktoken's own gpt2 _pat_str,
+    # which tiktoken writes differently ('(?:[sdmt]|ll|ve|re)| ?\p{L}++...), so GPT-2's own
+    # tokenizer.json never gives GPT-2's tokenizer: it gets bos_id None (not 50256) and is stored
+    # and exported as files. Left failing.
+    assert encoding is reference  # GPT-2's vocabulary, merges, pattern and special token: GPT-2's tokenizer itself
 
 
 def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(trained_tokenizers):
@@ -792,14 +839,14 @@ def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(traine
     # Merge 10 now makes merge 20's id, so merge 11's id is the first out of order.
     expected = f"makes id {vocab[''.join(merges[11])]}, below the previous merge's {vocab[second]}: ids do not follow"
     with pytest.raises(ValueError, match=expected):
-        gpt.encoding_from_tokenizer_json(swapped, "tokenizer.json")
+        tokenizer_of_json(swapped, "tokenizer.json")
     for change, message in [
         ({"normalizer": {"type": "NFKC"}}, "normalizer 'NFKC' is not supported"),
         ({"pre_tokenizer": {"type": "Whitespace"}}, "pre-tokenizer ['Whitespace'] cannot be written"),
         ({"model": {**data["model"], "type": "Unigram"}}, "not a byte-level BPE tokenizer"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            gpt.encoding_from_tokenizer_json({**data, **change}, "tokenizer.json")
+            tokenizer_of_json({**data, **change}, "tokenizer.json")
 
 
 def test_tokenizer_json_converted_from_tiktoken_lists_every_split_of_a_token(trained_tokenizers, tmp_path):
@@ -820,7 +867,7 @@ def test_tokenizer_json_converted_from_tiktoken_lists_every_split_of_a_token(tra
     data["model"].update(merges=[list(m) for m in listed], ignore_merges=True)
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    encoding = gpt.encoding_from_tokenizer_json(data, "llama3")
+    encoding = tokenizer_of_json(data, "llama3")
     for text in HELD_OUT:
         assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == reference.encode(text).ids
 
@@ -832,7 +879,7 @@ def test_tokenizer_json_drops_bytes_missing_from_the_vocabulary_as_the_reference
     del data["model"]["vocab"][gpt.byte_level_alphabet()[0x01]]  # a byte no merge uses
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    encoding = gpt.encoding_from_tokenizer_json(data, "smol")
+    encoding = tokenizer_of_json(data, "smol")
     text = "a\x01b\x01 c 12"
     assert encoding.encode(text) == reference.encode(text).ids
     assert encoding.encode(text) == encoding.encode("a") + encoding.encode("b") + encoding.encode(" c 12")  # \x01 split them
@@ -869,7 +916,7 @@ def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt, **con
 def test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token(trained_tokenizers, tmp_path, capsys, style):
     prompt = "Every effort moves you"
     reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, prompt)
-    eot = gpt.load_tokenizer(tmp_path / "model")[1]
+    eot = tokenizer_and_eot(tmp_path / "model")[1]
     prompt_ids = torch.tensor([tokenizer.encode(prompt).ids])  # Llama 3: <|begin_of_text|> first
     expected = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=20,
                                   do_sample=False, eos_token_id=eot, pad_token_id=eot)[0, prompt_ids.shape[1] :].tolist()
@@ -877,17 +924,22 @@ def test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token(train
     text = tokenizer.decode(expected[:-1])
     load_gpt2.main(["--model", str(tmp_path / "model"), "--prompt", prompt, "--max-new-tokens", "20"])
     assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")
-    # A checkpoint names its tokenizer; one without the entry is GPT-2's (every older checkpoint).
-    model = gpt.load_model(tmp_path / "model")
-    gpt.save_checkpoint(tmp_path / "named.pt", model, tokenizer=gpt.tokenizer_source(tmp_path / "model"))
+    # A checkpoint carries its tokenizer; one saved with GPT-2's (every older checkpoint without the entry) has GPT-2's.
+    model, tokenizer_of_model = gpt.load(tmp_path / "model")
+    gpt.save_checkpoint(tmp_path / "named.pt", model, tokenizer_of_model)
     load_gpt2.main(["--model", str(tmp_path / "named.pt"), "--prompt", prompt, "--max-new-tokens", "20"])
     assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")
-    gpt.save_checkpoint(tmp_path / "unnamed.pt", model)
+    old_style = {**gpt.load_checkpoint(tmp_path / "named.pt"), "tokenizer": str(tmp_path / "gone")}  # before a2420df
+    torch.save(old_style, tmp_path / "moved.pt")
+    with pytest.raises(SystemExit, match="names its tokenizer by a path .* train it again"):
+        load_gpt2.main(["--model", str(tmp_path / "moved.pt")])
+    gpt.save_checkpoint(tmp_path / "unnamed.pt", model, gpt.get_tokenizer())
+    # SOURCE BUG (gpt.load, a2420df): a checkpoint returns before check_vocabulary, so a model of
+    # 1000 tokens with GPT-2's tokenizer (as every older checkpoint without a "tokenizer" entry
+    # loads) fails later with IndexError "index out of range in self" (a traceback), not this
+    # one-line error. Left failing.
     with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
         load_gpt2.main(["--model", str(tmp_path / "unnamed.pt")])
-    gpt.save_checkpoint(tmp_path / "moved.pt", model, tokenizer=str(tmp_path / "gone"))
-    with pytest.raises(SystemExit, match=f"moved.pt: its tokenizer '{re.escape(str(tmp_path))}/gone' is neither"):
-        load_gpt2.main(["--model", str(tmp_path / "moved.pt")])
 
 
 @pytest.mark.parametrize("style", ["smollm2", "llama3"])
@@ -917,8 +969,8 @@ def test_family_load_gpt2_perplexity_and_hellaswag_equal_transformers(trained_to
         with torch.no_grad():
             logprobs = reference(all_ids[:, :-1]).logits[0].log_softmax(dim=-1)
         lls.append(sum(logprobs[len(context) - 1 + k, t].item() for k, t in enumerate(continuation)))
-    encoding = gpt.load_tokenizer(tmp_path / "model")[0]
-    scored = load_gpt2.score_multiple_choice(gpt.load_model(tmp_path / "model"), [request], tokenizer=encoding)
+    encoding = tokenizer_and_eot(tmp_path / "model")[0]
+    scored = load_gpt2.score_multiple_choice(load_lm(tmp_path / "model"), [request], tokenizer=encoding)
     assert scored[0]["lls"] == pytest.approx(lls, abs=1e-4)
     load_gpt2.main(["--model", str(tmp_path / "model"), "--benchmark", "hellaswag", "--benchmark-file",
                     str(HELLASWAG_TINY), "--limit", "1", "--results", str(tmp_path / "hellaswag.json")])
@@ -950,19 +1002,19 @@ def test_family_load_gpt2_export_hf_is_read_by_transformers(trained_tokenizers, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, "Hi", **config)
-    model = gpt.load_model(tmp_path / "model")
-    gpt.save_checkpoint(tmp_path / "tuned.pt", model, tokenizer=gpt.tokenizer_source(tmp_path / "model"))
+    model, tokenizer_of_model = gpt.load(tmp_path / "model")
+    gpt.save_checkpoint(tmp_path / "tuned.pt", model, tokenizer_of_model)
     load_gpt2.main(["--model", str(tmp_path / "tuned.pt"), "--export-hf", str(tmp_path / "hf")])
     exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
     assert problems == [] and type(exported) is type(reference)
     idx = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (exported(idx).logits - reference(idx).logits).abs().max().item() <= 1e-4
-        assert torch.equal(gpt.load_model(tmp_path / "hf")(idx), model(idx))  # and back
+        assert torch.equal(load_lm(tmp_path / "hf")(idx), model(idx))  # and back
     exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in HELD_OUT:
         assert exported_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
-    end_of_text = gpt.load_tokenizer(tmp_path / "model")[1]
+    end_of_text = tokenizer_and_eot(tmp_path / "model")[1]
     assert exported.generation_config.eos_token_id == exported.config.eos_token_id == end_of_text
 
 
@@ -1028,7 +1080,7 @@ def test_weight_mapping_is_strict(small_pair, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 1000, "n_positions": 64, "n_embd": 128, "n_layer": 2, "n_head": 2}))
     with pytest.raises(ValueError) as error:
-        gpt.load_gpt2(tmp_path / "model.safetensors")
+        load_lm(tmp_path / "model.safetensors")
     text = str(error.value)
     assert "missing: h.1.mlp.c_fc.bias" in text
     assert "unexpected: h.0.extra.weight" in text
@@ -1036,8 +1088,8 @@ def test_weight_mapping_is_strict(small_pair, tmp_path):
 
 
 def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="no such file 'gpt3'"):
-        gpt.load_gpt2("gpt3")
+    with pytest.raises(FileNotFoundError, match="no such file or model 'gpt3'"):
+        load_lm("gpt3")
 
 
 # ========================================================================================
@@ -1094,12 +1146,12 @@ def test_load_gpt2_downloads_from_hf_endpoint(file_server, small_pair, monkeypat
     server = file_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
                          headers={"X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data))})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
-    model = gpt.load_gpt2("gpt2", quiet=True)
+    model = load_lm("gpt2", quiet=True)
     assert model.cfg.emb_dim == 128
     cached = tmp_path / "gpt-cache" / "gpt2" / "model.safetensors"
     assert cached.read_bytes() == data
     count = len(server.requests)
-    gpt.load_gpt2("gpt2", quiet=True)  # the second load reads the cache
+    load_lm("gpt2", quiet=True)  # the second load reads the cache
     assert len(server.requests) == count
 
 
@@ -1109,7 +1161,7 @@ def test_load_gpt2_rejects_a_download_that_does_not_match_the_hub_hash(file_serv
                          headers={"X-Linked-Etag": '"' + "ab" * 32 + '"'})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     with pytest.raises(RuntimeError, match="corrupt"):
-        gpt.load_gpt2("gpt2", quiet=True)
+        load_lm("gpt2", quiet=True)
     assert not (tmp_path / "gpt-cache" / "gpt2" / "model.safetensors").exists()
     assert not (tmp_path / "gpt-cache" / "gpt2" / "model.safetensors.part").exists()
 
@@ -1121,12 +1173,12 @@ def test_existing_hugging_face_cache_is_used(small_pair, tmp_path):
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("abc123")
     assert gpt.download_gpt2("gpt2") == snapshot / "model.safetensors"
-    assert gpt.load_gpt2("gpt2").cfg.emb_dim == 128  # HF_ENDPOINT points nowhere: no download
+    assert load_lm("gpt2").cfg.emb_dim == 128  # HF_ENDPOINT points nowhere: no download
 
 
 def test_offline_name_is_a_clear_error():
     with pytest.raises(RuntimeError, match="Offline\\? Pass a local .safetensors file"):
-        gpt.load_gpt2("gpt2-medium", quiet=True)
+        load_lm("gpt2-medium", quiet=True)
 
 
 def test_fetch_dataset_tries_each_url_and_names_the_flag(file_server, tmp_path):
@@ -1383,7 +1435,7 @@ def test_download_gpt2_fetches_a_truncated_cached_file_again(file_server, small_
     cached = tmp_path / "gpt-cache" / "gpt2" / "model.safetensors"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(data[: len(data) // 2])
-    assert gpt.load_gpt2("gpt2", quiet=True).cfg.emb_dim == 128
+    assert load_lm("gpt2", quiet=True).cfg.emb_dim == 128
     assert cached.read_bytes() == data
     assert f"cached {cached}: not a complete safetensors file" in capsys.readouterr().err
 
@@ -1429,10 +1481,9 @@ def test_concurrent_downloads_of_one_file_need_no_lock(route_server, tmp_path):
         ({**SMALL_HF, "n_embd": 0}, "'n_embd' must be a positive integer, got 0"),
         ({**SMALL_HF, "n_head": 3}, "'n_embd' (128) must be divisible by 'n_head' (3)"),
         ([1, 2], "expected a JSON object, got list"),
-        ('{"n_layer": 2,', "not a readable JSON file (Expecting property name"),
-        ("folder", "not a readable JSON file ([Errno 21] Is a directory"),
+        ('{"n_layer": 2,', "not valid JSON (Expecting property name"),
     ],
-    ids=["missing", "string", "float", "bool", "zero", "heads", "list", "bad-json", "folder"],
+    ids=["missing", "string", "float", "bool", "zero", "heads", "list", "bad-json"],
 )
 def test_malformed_config_json_names_the_file_and_the_key(small_pair, tmp_path, config, message):
     (tmp_path / "model.safetensors").symlink_to(small_pair[1])
@@ -1441,9 +1492,15 @@ def test_malformed_config_json_names_the_file_and_the_key(small_pair, tmp_path, 
         config_file.mkdir()
     else:
         config_file.write_text(config if isinstance(config, str) else json.dumps(config))
+    # SOURCE BUG (gpt.model_from_tensors, a2420df), case "list": a config.json that is a JSON list
+    # fails with AttributeError "'list' object has no attribute 'get'", not a ValueError naming
+    # the file. Left failing.
     with pytest.raises(ValueError) as error:
-        gpt.load_gpt2(tmp_path / "model.safetensors")
-    assert str(error.value).startswith(f"{config_file}: {message}")
+        load_lm(tmp_path / "model.safetensors")
+    # The settings are named as "<the weights file> config.json: <key> ..." (gpt.load's source and
+    # the file); a file that is no JSON object as "model config <config.json>: ...".
+    named = f"model config {config_file}" if "JSON" in message else f"{tmp_path / 'model.safetensors'} config.json"
+    assert str(error.value).startswith(f"{named}: {message}")
 
 
 # ========================================================================================
@@ -1453,9 +1510,9 @@ def test_malformed_config_json_names_the_file_and_the_key(small_pair, tmp_path, 
 
 def test_checkpoint_round_trip_through_load_gpt2(tmp_path):
     model = tiny_model()
-    gpt.save_checkpoint(tmp_path / "ckpt.pt", model, step=7)
+    gpt.save_checkpoint(tmp_path / "ckpt.pt", model, gpt.get_tokenizer(), step=7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
-    loaded = gpt.load_gpt2(tmp_path / "ckpt.pt")
+    loaded = load_lm(tmp_path / "ckpt.pt")
     assert loaded.cfg == model.cfg
     assert gpt.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
     idx = torch.randint(0, 50257, (1, 16))
@@ -1470,7 +1527,7 @@ def test_checkpoint_of_a_compiled_or_ddp_model_has_plain_keys(tmp_path):
             super().__init__()
             self.module = module
 
-    gpt.save_checkpoint(tmp_path / "ckpt.pt", Wrapper(tiny_model()))
+    gpt.save_checkpoint(tmp_path / "ckpt.pt", Wrapper(tiny_model()), gpt.get_tokenizer())
     keys = gpt.load_checkpoint(tmp_path / "ckpt.pt")["model"].keys()
     assert "wte.weight" in keys and not any(k.startswith("module.") for k in keys)
 
@@ -1478,13 +1535,15 @@ def test_checkpoint_of_a_compiled_or_ddp_model_has_plain_keys(tmp_path):
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a .safetensors file or a checkpoint of this project"):
-        gpt.load_gpt2(tmp_path / "junk.pt")
+        load_lm(tmp_path / "junk.pt")
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
-        gpt.load_gpt2(tmp_path / "other.pt")
-    gpt.save_checkpoint(tmp_path / "classifier.pt", tiny_model(), labels=["not spam", "spam"])
-    with pytest.raises(ValueError, match="classifier written by finetune_classify.py.*--classify"):
-        gpt.load_gpt2(tmp_path / "classifier.pt")
+        load_lm(tmp_path / "other.pt")
+    # A classifier's checkpoint loads as a classifier (its class head and names); load_gpt2.py
+    # refuses it (test_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone).
+    gpt.save_checkpoint(tmp_path / "classifier.pt", fc.add_classification_head(tiny_model()), gpt.get_tokenizer())
+    classifier = load_lm(tmp_path / "classifier.pt")
+    assert classifier.labels == fc.CLASS_NAMES and classifier.lm_head.weight.shape == (2, 32)
 
 
 # ========================================================================================
@@ -1698,7 +1757,7 @@ def test_adamw_decays_matrices_only():
 
 def test_load_gpt2_script_streams_a_continuation(tmp_path, capsys):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello", "--max-new-tokens", "12"])
     out = capsys.readouterr().out
     expected = gpt.token_ids_to_text(gpt.generate(model, gpt.text_to_token_ids("Hello"), 12))
@@ -1707,7 +1766,7 @@ def test_load_gpt2_script_streams_a_continuation(tmp_path, capsys):
 
 
 def test_load_gpt2_script_bad_inputs_exit_with_a_message(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="error: no such file 'gpt5'"):
+    with pytest.raises(SystemExit, match="error: no such file or model 'gpt5'"):
         load_gpt2.main(["--model", "gpt5"])
     for flag, value, message in [
         ("--top-p", "2", "argument --top-p: must be a number in (0, 1], got '2'"),
@@ -1720,13 +1779,16 @@ def test_load_gpt2_script_bad_inputs_exit_with_a_message(tmp_path, capsys):
         assert exit_info.value.code == 2  # rejected by the parser, before any work
         assert message in capsys.readouterr().err
     small_vocabulary = tiny_model(context_length=64, vocab_size=1000)
-    gpt.save_checkpoint(tmp_path / "small.pt", small_vocabulary)
+    gpt.save_checkpoint(tmp_path / "small.pt", small_vocabulary, gpt.get_tokenizer())
+    # SOURCE BUG (gpt.load, a2420df): a checkpoint returns before check_vocabulary: IndexError
+    # "index out of range in self" with a traceback (see
+    # test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token). Left failing.
     with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
         load_gpt2.main(["--model", str(tmp_path / "small.pt")])
 
 
 def test_load_gpt2_script_output_into_a_closed_pipe_is_quiet(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     command = f"{sys.executable} {Path(load_gpt2.__file__).resolve()} --model {tmp_path / 'tiny.pt'} | head -c 10"
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
     assert len(result.stdout) == 10
@@ -1734,7 +1796,7 @@ def test_load_gpt2_script_output_into_a_closed_pipe_is_quiet(tmp_path):
 
 
 def test_load_gpt2_script_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -1753,7 +1815,7 @@ def test_load_gpt2_script_download_only_into_cache_dir(file_server, small_pair, 
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     load_gpt2.main(["--model", "gpt2-medium", "--download-only", "--cache-dir", str(tmp_path / "mine")])
     assert (tmp_path / "mine" / "gpt2-medium" / "model.safetensors").read_bytes() == data
-    assert str(tmp_path / "mine" / "gpt2-medium" / "model.safetensors") in capsys.readouterr().out
+    assert capsys.readouterr().out == f"gpt2-medium is in {tmp_path / 'mine' / 'gpt2-medium'}\n"
 
 
 # ========================================================================================
@@ -1848,7 +1910,7 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text(tmp
     assert torch.equal(theirs, gpt.generate(model, prompt, 40))
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    expected = gpt.get_tokenizer().encode(EXPORT_MIXED_TEXT, allowed_special={"<|endoftext|>"})
+    expected = gpt.get_tokenizer().encode(EXPORT_MIXED_TEXT)  # <|endoftext|> is the token
     assert gpt.EOT_ID in expected
     assert tokenizer(EXPORT_MIXED_TEXT)["input_ids"] == expected
     assert tokenizer.decode(expected) == EXPORT_MIXED_TEXT
@@ -1872,7 +1934,7 @@ def test_export_124m_shape_matches_transformers_and_reads_back_identically(tmp_p
     assert torch.equal(theirs, gpt.generate(model, prompt, 40))
     del reference
 
-    back = gpt.load_gpt2(folder)
+    back = load_lm(folder)
     assert back.cfg == model.cfg
     for (name, tensor), read_back in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(tensor, read_back), name
@@ -1890,32 +1952,32 @@ def test_export_lora_model_is_merged_and_the_model_keeps_its_adapters(tmp_path):
         folder = gpt.export_hf(model, tmp_path / "hf")
         assert isinstance(model.h[0].attn.c_attn, gpt.LoRALinear)  # the caller's model keeps its adapters
         assert not [name for name in gpt.read_safetensors(folder / "model.safetensors") if "lora" in name]
-        assert (gpt.load_gpt2(folder)(idx) - expected).abs().max().item() <= 1e-5
+        assert (load_lm(folder)(idx) - expected).abs().max().item() <= 1e-5
 
 
 def test_export_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path):
     torch.manual_seed(0)
     cfg = gpt.GPTConfig(family="llama", context_length=32, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=1)
     model = gpt.build_model(cfg).eval()
-    gpt.save_checkpoint(tmp_path / "model.pt", model)  # no tokenizer entry: GPT-2's
+    gpt.save_checkpoint(tmp_path / "model.pt", model, gpt.get_tokenizer())  # no tokenizer entry: GPT-2's
     folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "hf")
     assert not (folder / "tokenizer.json").exists() and (folder / "vocab.json").exists()
-    assert gpt.load_tokenizer(folder) == (gpt.get_tokenizer(), 50256)
+    assert tokenizer_and_eot(folder) == (gpt.get_tokenizer(), 50256)
     idx = torch.tensor([[15496, 11, 995]])
     with torch.no_grad():
-        assert (gpt.load_model(folder)(idx) - model(idx)).abs().max().item() <= 1e-5
+        assert (load_lm(folder)(idx) - model(idx)).abs().max().item() <= 1e-5
 
 
 def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, capsys):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     export = ["--model", str(tmp_path / "tiny.pt"), "--export-hf"]
     load_gpt2.main([*export, str(tmp_path / "hf"), "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert out == f"exported {tmp_path / 'tiny.pt'} (bfloat16) to {tmp_path / 'hf'}, a folder that transformers reads\n"
     assert {t.dtype for t in gpt.read_safetensors(tmp_path / "hf" / "model.safetensors").values()} == {torch.bfloat16}
     assert gpt.read_json(tmp_path / "hf" / "config.json", "config")["torch_dtype"] == "bfloat16"
-    back = gpt.load_gpt2(tmp_path / "hf", dtype=torch.bfloat16)
+    back = load_lm(tmp_path / "hf", dtype=torch.bfloat16)
     assert all(torch.equal(a.bfloat16(), b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
 
     (tmp_path / "taken").mkdir()
@@ -1937,7 +1999,7 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     (tmp_path / "hf" / "README.md").write_text("an earlier export")
     load_gpt2.main([*export, str(tmp_path / "hf"), "--overwrite"])  # float32 this time
     assert not (tmp_path / "hf" / "README.md").exists()
-    assert torch.equal(gpt.load_gpt2(tmp_path / "hf").wte.weight, model.wte.weight)
+    assert torch.equal(load_lm(tmp_path / "hf").wte.weight, model.wte.weight)
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary folders
 
 
@@ -1997,7 +2059,7 @@ def test_export_classifier_gives_transformers_our_probabilities_and_reads_back(t
     with torch.no_grad():
         logits = fc.full_pass_logits(model, token_ids)
         without_bias = (logits - model.lm_head.bias).softmax(dim=-1)
-    folder = fc.export_classifier_hf(model, tmp_path / "hf")
+    folder = gpt.export_hf(model, tmp_path / "hf")
     reference, problems = _export_from_pretrained(GPT2ForSequenceClassification, folder)
     assert problems == []
     assert reference.config.id2label == {0: "not spam", 1: "spam"} and reference.config.pad_token_id == 50256
@@ -2009,25 +2071,26 @@ def test_export_classifier_gives_transformers_our_probabilities_and_reads_back(t
     assert (probabilities - logits.softmax(dim=-1)).abs().max().item() <= 1e-5
     assert (probabilities - without_bias).abs().max().item() > 1e-2  # the bias was carried, and it matters
 
-    back, checkpoint = fc.load_classifier_hf(folder)
-    assert (checkpoint["labels"], checkpoint["max_length"]) == (fc.CLASS_NAMES, 48)
+    back, _, max_length = fc.load_classifier(folder)
+    assert (back.labels, max_length) == (fc.CLASS_NAMES, 48)
     with torch.no_grad():
         assert (fc.full_pass_logits(back, token_ids) - logits).abs().max().item() <= 1e-5
 
 
 def test_export_classifier_from_a_checkpoint_keeps_its_settings(tmp_path):
     model, _, token_ids = _export_trained_classifier()
-    fc.save_classifier(tmp_path / "classifier.pt", model, max_length=32)
-    folder = fc.export_classifier_hf(tmp_path / "classifier.pt", tmp_path / "hf")
+    fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=32)
+    fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
+    folder = tmp_path / "hf"
     assert gpt.read_json(folder / "tokenizer_config.json", "tokenizer")["model_max_length"] == 32
-    back, checkpoint = fc.load_classifier_hf(folder)
-    assert (checkpoint["labels"], checkpoint["max_length"]) == (fc.CLASS_NAMES, 32)
+    back, _, max_length = fc.load_classifier(folder)
+    assert (back.labels, max_length) == (fc.CLASS_NAMES, 32)
     with torch.no_grad():
         assert (fc.full_pass_logits(back, token_ids) - fc.full_pass_logits(model, token_ids)).abs().max() <= 1e-5
     with torch.no_grad():
         model.lm_head.weight[1] = 2 * model.lm_head.weight[0]  # rank 1: no shift of ln_f gives both biases
     with pytest.raises(ValueError, match="rank below 2: its bias cannot be moved into ln_f"):
-        fc.export_classifier_hf(model, tmp_path / "rank-1")
+        gpt.export_hf(model, tmp_path / "rank-1")
     assert not (tmp_path / "rank-1").exists()
 
 
@@ -2038,14 +2101,14 @@ def test_export_classifier_reads_a_transformers_classifier(tmp_path):
     config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, num_labels=3, pad_token_id=50256)
     reference = GPT2ForSequenceClassification(config).eval()
     reference.save_pretrained(tmp_path / "hf")
-    model, checkpoint = fc.load_classifier_hf(tmp_path / "hf")
-    assert (checkpoint["labels"], checkpoint["max_length"]) == (["LABEL_0", "LABEL_1", "LABEL_2"], 48)
+    model, _, max_length = fc.load_classifier(tmp_path / "hf")
+    assert (model.labels, max_length) == (["LABEL_0", "LABEL_1", "LABEL_2"], 48)
     token_ids = _classify_token_ids([5, 17, 9])
     batch = torch.nn.utils.rnn.pad_sequence(token_ids, batch_first=True, padding_value=50256)
     with torch.no_grad():
         assert (fc.full_pass_logits(model, token_ids) - reference(batch).logits).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match="not a GPT2ForSequenceClassification folder"):
-        fc.load_classifier_hf(gpt.export_hf(tiny_model(context_length=48), tmp_path / "language-model"))
+    with pytest.raises(ValueError, match="is a language model, not a classifier"):
+        fc.load_classifier(gpt.export_hf(tiny_model(context_length=48), tmp_path / "language-model"))
 
 
 # ========================================================================================
@@ -2123,7 +2186,7 @@ def test_benchmark_encode_pair_as_the_harness():
 
 def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     encode = gpt.get_tokenizer().encode
     acc, acc_norm = [], []
     for item in load_gpt2.read_hellaswag(HELLASWAG_TINY):
@@ -2147,7 +2210,7 @@ def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path)
 
 def test_benchmark_mmlu_acc_per_subject_equals_hand_computation(tmp_path):
     model = tiny_model(context_length=128)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     encode = gpt.get_tokenizer().encode
     right = collections.defaultdict(list)
     for item in load_gpt2.read_mmlu(MMLU_TINY, shots=2):
@@ -2190,7 +2253,7 @@ def test_benchmark_batching_and_padding_do_not_change_any_score():
 
 def test_benchmark_loglikelihoods_equal_transformers(small_pair):
     hf_model, path = small_pair
-    model = gpt.load_gpt2(path)
+    model = load_lm(path)
     generator = torch.Generator().manual_seed(0)
     lengths = [(20, 5), (9, 1), (33, 12)]  # (tokens, of which scored)
     requests = [(torch.randint(0, 1000, (length,), generator=generator).tolist(), n) for length, n in lengths]
@@ -2260,7 +2323,7 @@ def test_contamination_finds_exactly_the_planted_overlaps(tmp_path):
 
 
 def test_contamination_reports_the_score_on_clean_items(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     corpus = tmp_path / "corpus.txt"  # holds item 2 (query and gold ending)
     corpus.write_text("Washing a dog: a man lifts a muddy dog into a tub. The dog shakes water everywhere.\n")
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
@@ -2288,7 +2351,7 @@ def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts
     assert same == [load_gpt2.hellaswag_request(stories[2])]
     assert load_gpt2.reorder_sentences(stories[2])["ctx_a"] == (
         "The man laughs. The dog shakes water everywhere. A man lifts a muddy dog into a tub.")
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
                     str(HELLASWAG_TINY), "--probe", "--results", str(tmp_path / "r.json")])
     probe = json.loads((tmp_path / "r.json").read_text())["probe"]
@@ -2297,7 +2360,7 @@ def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts
 
 
 def test_benchmark_is_downloaded_once_and_counted(file_server, monkeypatch, tmp_path, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     server = file_server({"/hellaswag_val.jsonl": HELLASWAG_TINY.read_bytes()})
     monkeypatch.setattr(load_gpt2, "HELLASWAG_URLS", [server.url + "/hellaswag_val.jsonl"])
     argv = ["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag"]
@@ -2310,7 +2373,7 @@ def test_benchmark_is_downloaded_once_and_counted(file_server, monkeypatch, tmp_
 
 
 def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     real_write = gpt.atomic_write_bytes
 
     def disk_full_in_tmp_path(path, data):
@@ -2328,7 +2391,7 @@ def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
 
 
 def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     model = ["--model", str(tmp_path / "tiny.pt")]
     broken = tmp_path / "broken.jsonl"
     broken.write_text(HELLASWAG_TINY.read_text().splitlines()[0] + "\n{not json\n")
@@ -2366,7 +2429,7 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
         assert "Traceback" not in capsys.readouterr().err
     broken_model = tiny_model(context_length=64)
     torch.nn.init.constant_(broken_model.ln_f.weight, float("nan"))
-    gpt.save_checkpoint(tmp_path / "nan.pt", broken_model)
+    gpt.save_checkpoint(tmp_path / "nan.pt", broken_model, gpt.get_tokenizer())
     with pytest.raises(SystemExit, match="error: the model gives NaN log-probabilities"):
         load_gpt2.main(["--model", str(tmp_path / "nan.pt"), "--perplexity", str(HELLASWAG_TINY)])
     for argv, message in [
@@ -2530,7 +2593,7 @@ def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
     text = _pretrain_text(200) + "Tabs\t \nand  spaces \n\n\nend<|endoftext|>Naïve café\n 42\n"
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
-    whole = gpt.get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+    whole = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
     with open(path, "rb") as f:
         pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
     assert len(pieces) > 10  # it really cut the text
@@ -2643,7 +2706,7 @@ def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_fi
     assert history[0]["train_loss"] == pytest.approx(math.log(50257), abs=0.3)  # random start: uniform guess
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 5.0
     assert result["val_loss"] < result["unigram_loss"] - 2.0  # it uses the context, not just word counts
-    model = gpt.load_gpt2(result["best"])  # what load_gpt2.py / finetune_*.py --model read
+    model = load_lm(result["best"])  # what load_gpt2.py / finetune_*.py --model read
     assert model.cfg.n_layers == 2 and model.cfg.context_length == 32
     checkpoint = gpt.load_checkpoint(result["best"])
     assert checkpoint["step"] == 40 and checkpoint["val_loss"] == pytest.approx(result["val_loss"])
@@ -2746,12 +2809,15 @@ def test_pretrain_folder_of_another_run_is_refused_or_overwritten(tmp_path, pret
 
 def test_pretrain_model_with_another_vocabulary_is_one_line(tmp_path, pretrain_text_file):
     path = tmp_path / "small-vocab.pt"
-    gpt.save_checkpoint(path, tiny_model(vocab_size=1000))
+    gpt.save_checkpoint(path, tiny_model(vocab_size=1000, context_length=64), gpt.get_tokenizer())
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--model", str(path))
     for flag in ("--n-layers", "--n-heads", "--emb-dim"):
         i = argv.index(flag)
         del argv[i : i + 2]
     message = r"^error: --model .*: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"
+    # SOURCE BUG (gpt.load, a2420df): a checkpoint returns before check_vocabulary (see
+    # test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token): pretrain.py fails later
+    # with "error: The size of tensor a (1000) must match the size of tensor b (34538)". Left failing.
     with pytest.raises(SystemExit, match=message):
         pretrain.main(argv)
 
@@ -2929,7 +2995,7 @@ def test_pretrain_token_file_of_gpt2_is_not_reused_for_another_tokenizer(trained
     paths = [tmp_path / "text.txt"]
     gpt2_path, _, gpt2_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())
     capsys.readouterr()
-    qwen_path, n, qwen_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.load_tokenizer(folder)[0])
+    qwen_path, n, qwen_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", tokenizer_and_eot(folder)[0])
     assert "reused" not in capsys.readouterr().out  # tokenized again, into another file
     assert qwen_path != gpt2_path and qwen_sha256 != gpt2_sha256 and qwen_path.suffix == ".uint16"  # 1000 ids
     expected = reference.encode(text).ids
@@ -2943,8 +3009,8 @@ def test_pretrain_token_file_holds_ids_above_65535_as_uint32(tmp_path):
     # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
     import tiktoken
 
-    big = tiktoken.Encoding(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
-                            special_tokens={"<|endoftext|>": 69_999})
+    big = gpt.Tokenizer(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                        special_tokens={"<|endoftext|>": 69_999}, eot_id=69_999)
     (tmp_path / "a.txt").write_text("ab")
     (tmp_path / "b.txt").write_text("c<|endoftext|>d")
     token_path, n, _ = pretrain.prepare_token_file([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "tokens", big)
@@ -2980,16 +3046,16 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
     text = pretrain_text_file.read_text()
     assert array.array("I", token_path.read_bytes()).tolist() == tokenizer.encode(text, add_special_tokens=False).ids
     # The sample of step 0 is the loaded model's, in its tokenizer, until its end token at most.
-    encoding, eot_id = gpt.load_tokenizer(tmp_path / "model")
+    encoding, eot_id = tokenizer_and_eot(tmp_path / "model")
     start = gpt.text_to_token_ids(prompt, tokenizer=encoding)  # <|begin_of_text|> first
-    model = gpt.load_model(tmp_path / "model")
+    model = load_lm(tmp_path / "model")
     sample = gpt.generate(model, start, 5, temperature=0.8, top_k=50, seed=123, eot_id=eot_id)
     assert "  sample: " + gpt.token_ids_to_text(sample[0], encoding).replace("\n", "\n          ") + "\n" in out
     history = json.loads((tmp_path / "a" / "run" / "history.json").read_text())["evaluations"]
     assert [h["step"] for h in history] == [0, 2, 4] and history[-1]["train_loss"] < history[0]["train_loss"]
     for path in (whole["best"], whole["latest"]):  # the later stages reload the same tokenizer
-        assert gpt.load_checkpoint(path)["tokenizer"] == str((tmp_path / "model").resolve())
-        assert gpt.load_tokenizer(path)[1] == eot_id and type(gpt.load_model(path)) is gpt.LlamaModel
+        assert gpt.load_checkpoint(path)["tokenizer"] == {"files": encoding.files}  # the tokenizer itself
+        assert tokenizer_and_eot(path)[1] == eot_id and type(load_lm(path)) is gpt.LlamaModel
     pretrain.main(argv("b", "--stop-at-step", "3"))
     resumed = pretrain.main(argv("b", "--resume"))
     assert resumed["steps"] == 4 and resumed["val_loss"] == whole["val_loss"]
@@ -3010,7 +3076,8 @@ def test_pretrain_size_of_a_llama_shape_trains_from_scratch_with_its_hub_tokeniz
     argv[argv.index("--emb-dim") + 1] = "48"
     result = pretrain.main(argv)
     checkpoint = gpt.load_checkpoint(result["best"])
-    assert checkpoint["tokenizer"] == name and checkpoint["step"] == 2
+    assert checkpoint["tokenizer"] == {"files": {"tokenizer.json": (folder / "tokenizer.json").read_text()}}
+    assert checkpoint["step"] == 2  # the Hub tokenizer travels in the checkpoint, not its name
     expected = dict(family="llama", vocab_size=49152, n_layers=2, n_heads=3, n_kv_heads=3, emb_dim=48, hidden_dim=1536)
     assert {key: checkpoint["config"][key] for key in expected} == expected  # the shape, with the flags given
     (token_path,) = (tmp_path / "tokens").glob("*.uint16")
@@ -3070,7 +3137,7 @@ def _classify_tiny_model(n_layers=2, seed=0):
 
 
 def _classify_tiny_classifier(trainable="last-block", n_layers=2, seed=0):
-    model = fc.add_classification_head(_classify_tiny_model(n_layers, seed), 2)
+    model = fc.add_classification_head(_classify_tiny_model(n_layers, seed))
     return fc.set_trainable(model, trainable, lora_rank=2, lora_alpha=4)
 
 
@@ -3130,7 +3197,7 @@ def test_classify_one_class_or_too_few_messages_are_errors(tmp_path):
         fc.random_split(fc.create_balanced_dataset(few, seed=1), seed=1)
     data = tmp_path / "ham_only.tsv"
     data.write_text("ham\thello\nham\tthere\n")
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())  # the model loads before the data is read
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())  # the model loads before the data is read
     with pytest.raises(SystemExit, match="error: the data has 2 ham and 0 spam messages"):
         fc.main(["--data", str(data), "--model", str(tmp_path / "tiny.pt"), "--out-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()  # a rerun is not refused
@@ -3169,7 +3236,7 @@ def test_classify_download_uses_fallback_then_cache(tmp_path, file_server):
 def test_classify_tokenize_truncates_to_max_length():
     ids = fc.tokenize_messages(["hello world, this is a longer message", "hi <|endoftext|>"], max_length=3)
     assert [len(t) for t in ids] == [3, 3]
-    assert gpt.EOT_ID not in ids[1].tolist()  # the special token's text is plain text in a message
+    assert ids[1].tolist() == [5303, 220, gpt.EOT_ID]  # "hi", " ", and the special token's text is the token
 
 
 # -- model ------------------------------------------------------------------------------
@@ -3241,9 +3308,9 @@ def test_classify_saved_lora_classifier_gives_the_same_logits(tmp_path):
                 param.normal_()  # adapters that change the output (they start at zero)
     token_ids = _classify_token_ids([5, 9])
     before = fc.full_pass_logits(model, token_ids)
-    fc.save_classifier(tmp_path / "lora.pt", model, max_length=48)
-    loaded, checkpoint = fc.load_classifier(tmp_path / "lora.pt")
-    assert not any("lora" in key for key in checkpoint["model"])  # merged into plain GPT-2 weights
+    fc.save_classifier(tmp_path / "lora.pt", model, gpt.get_tokenizer(), max_length=48)
+    loaded, _, _ = fc.load_classifier(tmp_path / "lora.pt")
+    assert not any("lora" in key for key in gpt.load_checkpoint(tmp_path / "lora.pt")["model"])  # merged into plain GPT-2 weights
     torch.testing.assert_close(fc.full_pass_logits(loaded, token_ids), before)
 
 
@@ -3262,7 +3329,7 @@ def test_classify_metrics_are_exact():
 
 
 def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     data = _classify_sms_slice(tmp_path)
     common = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--epochs", "2", "--log-every", "5"]
     fc.main(common + ["--out-dir", str(tmp_path / "cached")])
@@ -3289,8 +3356,8 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
              "--classify-file", str(texts)])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("  ")[-1] for line in lines] == ["Call me later", "Are we meeting at 6?", "WINNER!! Claim your prize now"]
-    model, checkpoint = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
-    assert checkpoint["labels"] == ["not spam", "spam"] and checkpoint["max_length"] == 48
+    model, _, max_length = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
+    assert model.labels == ["not spam", "spam"] and max_length == 48
     spam_probability = fc.classify_texts(model, ["Call me later"], 48)[0]
     assert lines[0] == f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later"
 
@@ -3298,10 +3365,10 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
 def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="error: --data .*nope.tsv: no such file"):
         fc.main(["--data", str(tmp_path / "nope.tsv")])
-    with pytest.raises(SystemExit, match="error: no classifier checkpoint at .*missing.pt: train one first"):
+    with pytest.raises(SystemExit, match="error: no classifier at .*missing.pt: train one first"):
         fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "missing.pt")])
-    gpt.save_checkpoint(tmp_path / "lm.pt", _classify_tiny_model())
-    with pytest.raises(SystemExit, match="error: .*lm.pt: not a classifier checkpoint"):
+    gpt.save_checkpoint(tmp_path / "lm.pt", _classify_tiny_model(), gpt.get_tokenizer())
+    with pytest.raises(SystemExit, match="error: .*lm.pt is a language model, not a classifier"):
         fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "lm.pt")])
     data = tmp_path / "sms.tsv"
     data.write_text("".join(f"spam\twin {i}\nham\thello {i}\n" for i in range(20)))
@@ -3324,13 +3391,13 @@ CLASSIFY_SCRIPT = Path(fc.__file__).resolve()
 @pytest.mark.parametrize(
     "model, extra, message",
     [
-        ("gpt3", [], "error: no such file 'gpt3'"),
+        ("gpt3", [], "error: no such file or model 'gpt3'"),
         ("truncated.safetensors", [], "error: .*truncated.safetensors.*does not fit in the 4 data bytes"),
         ("tiny.pt", ["--max-length", "5000"], "error: --max-length 5000 is longer than the model's context length 48"),
     ],
 )
 def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, extra, message):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     header = {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     write_safetensors(tmp_path / "truncated.safetensors", header, b"\0" * 4)  # cut after 4 of its 8 data bytes
     model = model if model == "gpt3" else str(tmp_path / model)
@@ -3386,7 +3453,7 @@ def test_classify_texts_file_is_utf8_with_empty_lines_skipped(tmp_path):
 
 
 def test_classify_ctrl_c_is_one_line_and_exit_code_130(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     data = _classify_sms_slice(tmp_path)
 
     def interrupted(*args, **kwargs):
@@ -3410,7 +3477,7 @@ def test_classify_ctrl_c_is_one_line_and_exit_code_130(tmp_path, monkeypatch, ca
 
 
 def test_classify_sigint_during_training_exits_cleanly(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     data = _classify_sms_slice(tmp_path)
     argv = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run"),
             "--epochs", "100000", "--batch-size", "2", "--log-every", "1", "--eval-every", "100000"]
@@ -3433,7 +3500,7 @@ def test_classify_sigint_during_training_exits_cleanly(tmp_path):
 def _classify_run_argv(tmp_path, out="run", *extra):
     """A run of the tiny model on the first 200 lines of the real data (46 / 6 / 14 split)."""
     if not (tmp_path / "tiny.pt").exists():
-        gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model())
+        gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     data = _classify_sms_slice(tmp_path)
     return ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / out), *extra]
 
@@ -3518,7 +3585,7 @@ def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkey
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the run folder was checked")
 
-    monkeypatch.setattr(gpt, "load_model", no_model)
+    monkeypatch.setattr(gpt, "load", no_model)
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SystemExit, match=r"error: --out-dir .*file is a file, not a folder"):
         fc.main(_classify_run_argv(tmp_path, "file"))
@@ -3549,8 +3616,8 @@ def test_classify_full_disk_at_the_final_save_keeps_the_model(tmp_path, monkeypa
     captured = capsys.readouterr()
     assert f"cannot write {tmp_path / 'run' / 'classifier.pt'} (No space left on device); writing {fallback}" in captured.err
     assert f"saved:      {fallback}" in captured.out
-    model, checkpoint = fc.load_classifier(fallback)
-    assert checkpoint["labels"] == ["not spam", "spam"]
+    model, _, _ = fc.load_classifier(fallback)
+    assert model.labels == ["not spam", "spam"]
     assert not (tmp_path / "run" / "classifier.pt").exists()
     assert (tmp_path / "run" / "metrics.json").is_file()
 
@@ -3601,8 +3668,8 @@ def test_classify_out_of_memory_names_the_batch_size(tmp_path, monkeypatch):
 
 
 def test_classify_output_into_a_closed_pipe_is_quiet(tmp_path):
-    model = fc.add_classification_head(_classify_tiny_model(), 2)
-    fc.save_classifier(tmp_path / "classifier.pt", model, max_length=48)
+    model = fc.add_classification_head(_classify_tiny_model())
+    fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
     texts = tmp_path / "texts.txt"
     texts.write_text("".join(f"message number {i}\n" for i in range(5000)))  # more than a pipe buffer holds
     proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), "--checkpoint", str(tmp_path / "classifier.pt"),
@@ -3672,8 +3739,8 @@ def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(
 
 
 def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
-    model = fc.add_classification_head(_classify_tiny_model(), 2)
-    fc.save_classifier(tmp_path / "classifier.pt", model, max_length=48)
+    model = fc.add_classification_head(_classify_tiny_model())
+    fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
     messages = [("spam", "WINNER!! Claim your prize, call 09061701461"), ("ham", 'He said "ok, fine" then left'),
                 ("ham", "See you at 6?"), ("spam", "Free entry: text WIN to 80086"), ("ham", "ok")]
     fc.write_csv(tmp_path / "labelled.csv", ("text", "label"), [(text, label) for label, text in messages])
@@ -3703,7 +3770,7 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
     ("f.tsv", "\n", r"f.tsv: no labelled messages"),
 ])
 def test_classify_evaluate_bad_file_is_one_line_and_exit_1(tmp_path, capsys, name, content, message):
-    fc.save_classifier(tmp_path / "classifier.pt", fc.add_classification_head(_classify_tiny_model(), 2), max_length=48)
+    fc.save_classifier(tmp_path / "classifier.pt", fc.add_classification_head(_classify_tiny_model()), gpt.get_tokenizer(), max_length=48)
     (tmp_path / name).write_text(content)
     with pytest.raises(SystemExit) as exit_info:
         fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--evaluate", str(tmp_path / name)])
@@ -3752,8 +3819,8 @@ def test_classify_use_refuses_training_flags_it_would_ignore(tmp_path, capsys):
 def test_classify_file_writes_predictions_as_csv_or_json_with_probabilities(tmp_path, capsys):
     import csv
 
-    model = fc.add_classification_head(_classify_tiny_model(), 2)
-    fc.save_classifier(tmp_path / "classifier.pt", model, max_length=48)
+    model = fc.add_classification_head(_classify_tiny_model())
+    fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
     texts = ["Are we meeting at 6?", 'WINNER, "claim" your prize', "ok", "Call 09061701461 now to win £2000"]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     probabilities = fc.classify_texts(model, texts, 48)
@@ -3797,12 +3864,12 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
     fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--epochs", "1", *extra])  # the activation cache; LoRA adapters on the seven projections and the full forward pass
     assert ("activation cache: on" in capsys.readouterr().out) == (not extra)
     checkpoint = gpt.load_checkpoint(run / "classifier.pt")
-    assert checkpoint["tokenizer"] == str(folder.resolve()) and checkpoint["model"]["lm_head.weight"].shape == (2, 64)
+    encoding, eot_id = tokenizer_and_eot(folder)
+    assert checkpoint["tokenizer"] == {"files": encoding.files} and checkpoint["model"]["lm_head.weight"].shape == (2, 64)
     assert "lm_head.bias" not in checkpoint["model"]  # as transformers' ...ForSequenceClassification
-    encoding, eot_id = gpt.load_tokenizer(folder)
-    model, _ = fc.load_classifier(run / "classifier.pt")
+    model, _, _ = fc.load_classifier(run / "classifier.pt")
     texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
-    token_ids = [torch.tensor(encoding.encode_ordinary(text)) for text in texts]
+    token_ids = [torch.tensor(encoding.encode(text, bos=True)) for text in texts]
     with torch.no_grad():
         probabilities = fc.full_pass_logits(model, token_ids, pad_id=eot_id).softmax(dim=-1)
         alone = model(token_ids[0][None])[0, -1].softmax(dim=-1)  # no padding: the last token's logits
@@ -4128,7 +4195,7 @@ def _instruct_tiny_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("instruct")
     torch.manual_seed(0)
     model = gpt.GPTModel(gpt.GPTConfig(context_length=96, emb_dim=32, n_heads=2, n_layers=2))
-    gpt.save_checkpoint(folder / "tiny.pt", model)
+    gpt.save_checkpoint(folder / "tiny.pt", model, gpt.get_tokenizer())
     entries = [
         {"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"{i}", "output": f"{i}"}
         for i in range(12)
@@ -4154,7 +4221,7 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     assert "step 2: train loss" in out
     assert (out_dir / "losses.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
-    model = gpt.load_gpt2(out_dir / "model.pt")  # merged LoRA: a plain GPT checkpoint
+    model = load_lm(out_dir / "model.pt")  # merged LoRA: a plain GPT checkpoint
     assert isinstance(model, gpt.GPTModel) and not any("lora" in k for k in model.state_dict())
     responses = json.loads((out_dir / "responses.json").read_text())
     assert len(responses) == 1
@@ -4178,7 +4245,7 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     capsys.readouterr()
     instruct.main(common + ["--prompt", "Repeat the number 3."])
     printed = capsys.readouterr().out
-    model = gpt.load_gpt2(out_dir / "model.pt")
+    model = load_lm(out_dir / "model.pt")
     expected, _ = instruct.generate_response(
         model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."}, max_new_tokens=3
     )
@@ -4459,11 +4526,14 @@ def test_instruct_bom_and_deep_nesting(tmp_path):
 def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
     torch.manual_seed(0)
     small = gpt.GPTModel(gpt.GPTConfig(vocab_size=1000, context_length=32, emb_dim=32, n_heads=2, n_layers=1))
-    gpt.save_checkpoint(tmp_path / "small.pt", small)
+    gpt.save_checkpoint(tmp_path / "small.pt", small, gpt.get_tokenizer())
     message = (
         f"error: --model {tmp_path / 'small.pt'}: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses "
         "50257: use a model trained with the GPT-2 tokenizer"
     )
+    # SOURCE BUG (gpt.load, a2420df): a checkpoint returns before check_vocabulary, so this fails
+    # with IndexError "index out of range in self" (see
+    # test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token). Left failing.
     with pytest.raises(SystemExit) as exc:
         instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "small.pt")])
     assert str(exc.value) == message.replace("--model", "--checkpoint")
@@ -4541,7 +4611,7 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
     )
     assert not (tmp_path / "run").exists()
     # A folder is a model folder to --checkpoint: one without a model says so.
-    with pytest.raises(SystemExit, match="answers.json: neither model.safetensors nor model.safetensors.index.json"):
+    with pytest.raises(SystemExit, match="answers.json holds no model: neither model.safetensors nor model.safetensors.index.json"):
         instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "answers.json")])
 
     def out_of_memory(*args):
@@ -4560,7 +4630,7 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
     with pytest.raises(SystemExit, match=r"GB .*: choose a smaller --model$"):
         instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))
-    assert asked[0] is None and 0 < asked[1] < gpt.count_parameters(gpt.load_gpt2(folder / "tiny.pt")) / 10
+    assert asked[0] is None and 0 < asked[1] < gpt.count_parameters(load_lm(folder / "tiny.pt")) / 10
     assert not (tmp_path / "run").exists()
     monkeypatch.undo()
     monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
@@ -4629,7 +4699,7 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
     folder = tmp_path / "model"  # config.json, model.safetensors, tokenizer.json; greedy answers end at token 3
     prompt = instruct.format_prompt(entries[0])
     reference, tokenizer = family_model_with_tokenizer(folder, trained_tokenizers, style, prompt)
-    encoding, eot = gpt.load_tokenizer(folder)
+    encoding, eot = tokenizer_and_eot(folder)
     assert eot == tokenizer.token_to_id("<|end_of_text|>" if style == "llama3" else "<|endoftext|>") != gpt.EOT_ID
 
     # Batches end and pad with the family's end-of-text id; Llama 3's <|begin_of_text|> starts the prompt only.
@@ -4652,21 +4722,21 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
                                 do_sample=False, eos_token_id=eot, pad_token_id=eot)
     expected = output[0, prompt_ids.shape[1] :].tolist()
     assert expected[-1] == eot and eot not in expected[:-1]
-    answer = instruct.generate_response(gpt.load_model(folder), encoding, entries[0], max_new_tokens=20)
+    answer = instruct.generate_response(load_lm(folder), encoding, entries[0], max_new_tokens=20)
     assert answer == (tokenizer.decode(expected[:-1]).strip(), len(expected) - 1)
 
-    # Train, resume, answer: the checkpoints name the tokenizer, so every later command reloads it.
+    # Train, resume, answer: the checkpoints carry the tokenizer, so every later command has it.
     out_dir = tmp_path / "run"
     run = ["--data", str(data), "--out-dir", str(out_dir), "--max-new-tokens", "5"]
     recipe = ["--model", str(folder), "--batch-size", "5", "--eval-batches", "1", "--lora", "--lora-rank", "2"]
     instruct.main(run + recipe + ["--epochs", "1", "--keep-state"])
-    assert gpt.load_checkpoint(out_dir / "train_state.pt")["tokenizer"] == str(folder.resolve())
+    assert gpt.load_checkpoint(out_dir / "train_state.pt")["tokenizer"] == {"files": encoding.files}
     instruct.main(run + ["--resume", "--epochs", "2"])
     assert "resuming at step 2 of 4" in capsys.readouterr().out
     saved = gpt.load_checkpoint(out_dir / "model.pt")
-    assert saved["tokenizer"] == str(folder.resolve()) and saved["config"]["family"] == "llama"
+    assert saved["tokenizer"] == {"files": encoding.files} and saved["config"]["family"] == "llama"
     answered = json.loads((out_dir / "responses.json").read_text())
-    model = gpt.load_model(out_dir / "model.pt")
+    model = load_lm(out_dir / "model.pt")
     test_entry = {key: answered[0][key] for key in ("instruction", "input", "output")}
     assert answered[0]["model_response"] == instruct.generate_response(model, encoding, test_entry, max_new_tokens=5)[0]
     (out_dir / "responses.json").unlink()
@@ -4869,7 +4939,9 @@ def test_readme_type_it_live_definitions_run_as_typed():
     assert len(typed) <= 280  # short enough to type: the README says "about 270 lines of code"
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     raw = b"".join(fc.read_sms_bytes(SMS_ZIP).splitlines(keepends=True)[:400])
-    code = code.replace('open("SMSSpamCollection", "rb").read()', "SMS_BYTES").replace('gpt.load_gpt2("gpt2")', "MODEL")
+    code = code.replace('open("SMSSpamCollection", "rb").read()', "SMS_BYTES").replace('gpt.load("gpt2")[0]', "MODEL")
+    # SOURCE BUG (README.md, a2420df): the type-it-live code still calls the removed gpt.load_gpt2("gpt2")
+    # (README.md line 297); it should be gpt.load("gpt2")[0]. Left failing.
     code = code.replace("# ... the definitions above, then:", sources["finetune_classify.py"])
     namespace = {"SMS_BYTES": raw, "MODEL": tiny_model(context_length=256)}
     exec(compile(code, "README.md", "exec"), namespace)  # NameError here: a definition the list lacks
@@ -4885,6 +4957,9 @@ def test_readme_type_it_live_pretraining_loop_runs_as_typed(tmp_path, capsys):
     code = code.replace('"runs/live"', repr(str(tmp_path / "live")))
     code = code.replace("# ... the definitions above, then:", sources["pretrain.py"])
     namespace = {"TEXT": text}
+    # SOURCE BUG (README.md "Type it live", a2420df): its state dict still has tokenizer="gpt2", which
+    # train() passes on to gpt.save_training_state(path, model, tokenizer, optimizer, **state):
+    # TypeError "got multiple values for argument 'tokenizer'". The entry must go. Left failing.
     exec(compile(code, "README.md", "exec"), namespace)  # NameError here: a definition the list lacks
     assert namespace["state"]["step"] == 4 and (tmp_path / "live" / "latest.pt").is_file()
     assert "step 4/4 | loss" in capsys.readouterr().out
@@ -4894,8 +4969,10 @@ def test_readme_gpt_py_example_runs(capsys):
     readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
     section = readme.split("### `gpt.py`: the model", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
-    assert 'gpt.load_gpt2("gpt2")' in code
-    code = code.replace('gpt.load_gpt2("gpt2")', "MODEL")
+    # SOURCE BUG (README.md, a2420df): the example still calls the removed gpt.load_gpt2("gpt2")
+    # (README.md line 62); it should be `model, tokenizer = gpt.load("gpt2")`. Left failing.
+    assert 'model, tokenizer = gpt.load("gpt2")' in code
+    code = code.replace('gpt.load("gpt2")', "(MODEL, gpt.get_tokenizer())")
     exec(compile(code, "README.md", "exec"), {"MODEL": tiny_model(context_length=64)})
     assert capsys.readouterr().out.startswith("Every effort moves you")
 
@@ -4925,7 +5002,7 @@ def changed_copy(folder, dest, change):
 
 def test_strict_gpt2_layer_norm_epsilon_reaches_the_model(tmp_path):
     reference, _ = save_hf_gpt2(tmp_path, **STRICT_GPT2, layer_norm_epsilon=1e-3)
-    model = gpt.load_model(tmp_path)
+    model = load_lm(tmp_path)
     assert model.cfg.norm_eps == 1e-3 and model.h[0].ln_1.eps == model.ln_f.eps == 1e-3
     idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -4935,7 +5012,7 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model(tmp_path):
 def test_strict_gpt2_export_keeps_layer_norm_epsilon(tmp_path):
     folder = gpt.export_hf(tiny_model(norm_eps=1e-3), tmp_path / "hf")
     assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-3
-    assert gpt.load_model(folder).cfg.norm_eps == 1e-3
+    assert load_lm(folder).cfg.norm_eps == 1e-3
 
 
 @pytest.mark.parametrize(
@@ -4968,7 +5045,7 @@ def test_strict_gpt2_export_keeps_layer_norm_epsilon(tmp_path):
 def test_strict_config_refuses_what_is_not_implemented(strict_folders, tmp_path, family, change, key):
     folder = changed_copy(strict_folders[family], tmp_path, change)
     with pytest.raises(ValueError, match=re.escape(f"config.json: {key} is not supported (this implementation: ")):
-        gpt.load_model(folder)
+        load_lm(folder)
 
 
 @pytest.mark.parametrize(
@@ -4983,7 +5060,7 @@ def test_strict_config_refuses_what_is_not_implemented(strict_folders, tmp_path,
 )
 def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, change):
     folder = changed_copy(strict_folders[family], tmp_path, change)
-    assert gpt.load_model(folder).cfg == gpt.load_model(strict_folders[family]).cfg
+    assert load_lm(folder).cfg == load_lm(strict_folders[family]).cfg
 
 
 # --- Small reliability fixes ---
@@ -5088,3 +5165,199 @@ def test_run_that_fails_early_leaves_no_empty_run_folder(tmp_path, script, flags
     with pytest.raises(SystemExit, match=message):
         script.main([*flags, "--out-dir", str(tmp_path / "mine")])
     assert (tmp_path / "mine").is_dir()
+
+
+
+
+# ========================================================================================
+# --- A model travels whole ---
+# (configuration, weights, tokenizer): `gpt.load` of any source, checkpoints and exports
+# that carry the tokenizer by content, one rule for special-token text
+# ========================================================================================
+
+SMOL_CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                      "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                      "{% endif %}")
+
+
+def _smol_instruct_folder(folder, trained_tokenizers, template_file=True):
+    """A tiny random Llama (vocabulary 1024, context 64) saved with save_pretrained beside a
+    SmolLM2-Instruct-style tokenizer: the trained SmolLM2 tokenizer.json with the added tokens
+    <|im_start|> and <|im_end|>, a tokenizer_config.json naming them begin and end (and pad,
+    unk), and the chat template (chat_template.jinja, or an entry of tokenizer_config.json)
+    -> (transformers model, folder)."""
+    from tokenizers import Tokenizer
+
+    reference = save_hf_family(folder, "llama", vocab_size=1024, max_position_embeddings=64, num_key_value_heads=2,
+                               tie_word_embeddings=False)
+    tokenizer = Tokenizer.from_file(str(trained_tokenizers["smollm2"][1] / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+              "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "model_max_length": 64}
+    if template_file:
+        (folder / "chat_template.jinja").write_text(SMOL_CHAT_TEMPLATE)
+    else:
+        config["chat_template"] = SMOL_CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return reference, folder
+
+
+def _llama3_classifier_folder(folder, trained_tokenizers):
+    """A tiny random Llama beside the Llama-3-style tokenizer (its post-processor puts
+    <|begin_of_text|> before a text) -> folder."""
+    save_hf_family(folder, "llama", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
+                   tie_word_embeddings=False)
+    (folder / "tokenizer.json").write_bytes((trained_tokenizers["llama3"][1] / "tokenizer.json").read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    return folder
+
+
+def test_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone(tmp_path, monkeypatch, capsys):
+    _, weights = save_hf_gpt2(tmp_path / "source", n_positions=48, n_embd=32, n_layer=2, n_head=4)
+    run = tmp_path / "run"
+    fc.main(["--model", str(weights), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run),
+             "--max-steps", "2"])
+    for path in (tmp_path / "source").iterdir():
+        path.unlink()  # the weights, config.json, generation_config.json: the classifier needs none of them
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", "WINNER!! Claim your prize now"])
+    assert capsys.readouterr().out.endswith("  WINNER!! Claim your prize now\n")
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv")])
+    assert "accuracy" in capsys.readouterr().out
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
+    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        load_gpt2.main(["--model", str(run / "classifier.pt")])
+    message = str(exit_info.value.code)
+    assert exit_info.value.code not in (0, None) and "is a classifier, not a language model" in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_whole_llama_family_loads_from_its_safetensors_file(family_models, trained_tokenizers, tmp_path):
+    reference = save_hf_family(tmp_path / "model", "llama", vocab_size=1000, max_position_embeddings=64,
+                               num_key_value_heads=2, tie_word_embeddings=False)
+    (tmp_path / "model" / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
+    model, tokenizer = gpt.load(tmp_path / "model" / "model.safetensors")  # config.json beside it
+    assert type(model) is gpt.LlamaModel and tokenizer.n_vocab == 1000
+    idx = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_whole_llama3_classifier_export_gives_transformers_our_probabilities(trained_tokenizers, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, tokenizer = gpt.load(_llama3_classifier_folder(tmp_path / "model", trained_tokenizers))
+    assert tokenizer.add_bos and tokenizer.bos_id == tokenizer.encode("<|begin_of_text|>")[0]
+    torch.manual_seed(1)
+    fc.add_classification_head(model)
+    texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
+    ours = fc.classify_texts(model, texts, 64, tokenizer, tokenizer.eot_id)
+    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer, max_length=64)
+    reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
+    assert problems == []
+    batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
+    assert batch["input_ids"][:, 0].tolist() == [tokenizer.bos_id] * 4  # <|begin_of_text|> first, as ours
+    with torch.no_grad():
+        theirs = reference(**batch).logits.softmax(dim=-1)[:, 1]
+    assert theirs.tolist() == pytest.approx(ours, abs=1e-5)
+
+
+@pytest.mark.parametrize("template_file", [True, False], ids=["chat_template.jinja", "chat_template entry"])
+def test_whole_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path, template_file):
+    from transformers import AutoTokenizer
+
+    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers, template_file)
+    reference = AutoTokenizer.from_pretrained(folder)
+    _, tokenizer = gpt.load(folder)
+    start = reference.convert_tokens_to_ids("<|im_start|>")
+    assert tokenizer.encode("<|im_start|>") == [start]
+
+    def hf(text):
+        return reference(text)["input_ids"]
+
+    text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+    assert start in hf(text)
+    assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
+    pieces = ["Call me <|im_", "start|> later", "<|im_end|>\n<|im_start|>"]  # (2) a pretraining corpus
+    assert [i for ids in gpt.encode_pieces(pieces, tokenizer) for i in ids] == hf("".join(pieces))
+    entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
+    [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
+    assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
+    assert prompt_length == len(hf(instruct.format_prompt(entry))) and ids.count(start) == 2
+    [message] = fc.tokenize_messages(["Free <|im_start|> prize"], 64, tokenizer)  # (4) a classified message
+    assert message.tolist() == hf("Free <|im_start|> prize")
+    context, continuation = load_gpt2.encode_pair("Q: <|im_start|>", " A<|im_end|>", tokenizer)  # (5) a benchmark item
+    assert context == hf("Q: <|im_start|>") and context + continuation == hf("Q: <|im_start|> A<|im_end|>")
+
+
+def test_whole_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
+    model, tokenizer = gpt.load(folder)
+    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
+    start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert config["bos_token_id"] == generation["bos_token_id"] == start != end
+    assert config["eos_token_id"] == generation["eos_token_id"] == end
+    assert config["pad_token_id"] == end and config["unk_token_id"] == tokenizer.encode("<|endoftext|>")[0]
+    chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                             tokenize=False)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+def test_whole_prefix_id_is_the_begin_token_else_the_end_token(trained_tokenizers, tmp_path):
+    _, tokenizer = gpt.load(_smol_instruct_folder(tmp_path / "smol", trained_tokenizers)[1])
+    assert load_gpt2.prefix_id(tokenizer) == tokenizer.encode("<|im_start|>")[0] != tokenizer.eot_id
+    qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
+    assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
+    assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
+    assert load_gpt2.encode_pair("", " Paris", tokenizer)[0] == [tokenizer.encode("<|im_start|>")[0]]
+
+
+def test_whole_checkpoint_carries_its_tokenizer(trained_tokenizers, tmp_path):
+    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
+    model, tokenizer = gpt.load(folder)
+    gpt.save_checkpoint(tmp_path / "model.pt", model, tokenizer)
+    text = "<|im_start|>user\nDon't stop: 12 steps<|im_end|>"
+    expected = tokenizer.encode(text, bos=True)
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    loaded, carried = gpt.load(tmp_path / "model.pt")
+    assert carried.encode(text, bos=True) == expected and carried.bos_id == tokenizer.bos_id
+    assert carried.files == tokenizer.files and carried.eot_id == tokenizer.eot_id
+    idx = torch.tensor([expected])
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+    old_style = {**gpt.load_checkpoint(tmp_path / "model.pt"), "tokenizer": str(folder)}  # a path, as before a2420df
+    torch.save(old_style, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="names its tokenizer by a path .*train it again"):
+        gpt.load(tmp_path / "old.pt")
+
+
+def test_whole_export_hf_reexports_a_transformers_classifier_folder(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, num_labels=2, pad_token_id=50256)
+    reference = GPT2ForSequenceClassification(config).eval()
+    reference.save_pretrained(tmp_path / "theirs")
+    for name, content in gpt.hf_tokenizer_files(gpt.get_tokenizer()).items():  # GPT-2's tokenizer files, copied in
+        path = tmp_path / "theirs" / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(json.dumps(content))
+    fc.main(["--checkpoint", str(tmp_path / "theirs"), "--export-hf", str(tmp_path / "ours")])
+    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
+    exported, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "ours")
+    assert problems == []
+    batch = torch.nn.utils.rnn.pad_sequence(_classify_token_ids([5, 17, 9]), batch_first=True, padding_value=50256)
+    with torch.no_grad():
+        expected = reference(batch).logits.softmax(dim=-1)
+        assert (exported(batch).logits.softmax(dim=-1) - expected).abs().max().item() <= 1e-5
