@@ -49,6 +49,7 @@ from pathlib import Path
 
 import requests
 import tiktoken
+import tiktoken.load
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -943,7 +944,8 @@ def tokenizer_from_files(files, source):
     tokenizer.json or GPT-2's vocab.json.
     """
     if "tokenizer.json" not in files:
-        if "vocab.json" in files and parse_json(files["vocab.json"], f"{source} vocab.json") == gpt2_vocabulary():
+        gpt2_vocab = json.loads(gpt2_vocabulary_files()[0])
+        if "vocab.json" in files and parse_json(files["vocab.json"], f"{source} vocab.json") == gpt2_vocab:
             return get_tokenizer()
         raise FileNotFoundError(f"{source}: no tokenizer.json (nor GPT-2's vocab.json): the model's tokenizer is "
                                 "missing; copy its tokenizer.json beside the weights")
@@ -981,7 +983,7 @@ def tokenizer_from_files(files, source):
         raise ValueError(f"{source}: token or character {e} of the merges is not in the byte-level "
                          "vocabulary") from None
     gpt2 = get_tokenizer()
-    if pattern == gpt2._pat_str and special == gpt2._special_tokens and ranks == gpt2._mergeable_ranks:
+    if pattern == GPT2_SPLIT_PATTERN and special == gpt2._special_tokens and ranks == gpt2._mergeable_ranks:
         return gpt2
     top = max([*ranks.values(), *special.values()])
     lacking = [byte for byte in range(256) if bytes([byte]) not in ranks]
@@ -1057,14 +1059,16 @@ def atomic_write_bytes(path, data):
     previous file stays. data: bytes, or a function that writes them to the open file (no
     copy of them in memory)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a folder where the file goes, ...: one line naming the file
+        raise OSError(f"cannot write {path}: {e.strerror or e} (a file that was there is kept as it was)") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -1699,14 +1703,15 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     if path.is_file() and path.suffix != ".safetensors":
         checkpoint = load_checkpoint(path)
         model = model_from_checkpoint(checkpoint, device=device, dtype=dtype)
-        return model, tokenizer_from_state(checkpoint.get("tokenizer"))
-    config_json, weight_paths, tokenizer_files = model_files(source, quiet=quiet)
-    tensors = {}
-    for weight_path in weight_paths:
-        tensors.update(read_safetensors(weight_path))
-    model = model_from_tensors(tensors, config_json, source, device=device, dtype=dtype)
-    tokenizer = tokenizer_from_files(tokenizer_files, source) if tokenizer_files or model.cfg.family != "gpt2" \
-        else get_tokenizer()
+        tokenizer = tokenizer_from_state(checkpoint.get("tokenizer"))
+    else:
+        config_json, weight_paths, tokenizer_files = model_files(source, quiet=quiet)
+        tensors = {}
+        for weight_path in weight_paths:
+            tensors.update(read_safetensors(weight_path))
+        model = model_from_tensors(tensors, config_json, source, device=device, dtype=dtype)
+        tokenizer = get_tokenizer() if not tokenizer_files and model.cfg.family == "gpt2" \
+            else tokenizer_from_files(tokenizer_files, source)
     check_vocabulary(model, source, tokenizer)
     return model, tokenizer
 
@@ -1755,10 +1760,13 @@ def model_files(source, *, quiet=False):
 
 
 def hub_tokenizer_files(repo, *, quiet=False):
-    """{file name: text} of the tokenizer files (TOKENIZER_FILES) a Hub model has, downloaded once."""
+    """{file name: text} of the tokenizer files (TOKENIZER_FILES) a Hub model has, downloaded
+    together once: when its tokenizer.json is on disk, the files on disk are all it has (the
+    Hub is not asked again for the optional ones it lacks, so a cached model loads offline)."""
+    downloaded = local_hub_file(repo, "tokenizer.json") is None
     files = {}
     for name in TOKENIZER_FILES:
-        file = hub_file(repo, name, quiet=quiet, missing_ok=True)
+        file = hub_file(repo, name, quiet=quiet, missing_ok=True) if downloaded else local_hub_file(repo, name)
         if file is not None:
             files[name] = decode_utf8(file.read_bytes(), file)
     return files
@@ -1774,6 +1782,8 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
     (a dict, or None: GPT-2 sizes from the tensor shapes) -> model in eval mode. A
     ...ForSequenceClassification's `score` becomes a classifier head. Raises ValueError
     naming `source` for a model type this project lacks or tensors that do not fit."""
+    if config_json is not None and not isinstance(config_json, dict):
+        raise ValueError(f"{source}: its config.json holds a {type(config_json).__name__}, not a JSON object")
     tensors = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in tensors.items()}
     model_type = (config_json or {}).get("model_type", "gpt2" if "wte.weight" in tensors else None)
     if model_type is None:
@@ -1914,53 +1924,23 @@ def _tensor_bytes(tensor):
     return buffer
 
 
-def bpe_halves(token, ranks):
-    """The two tokens whose merge makes `token` (bytes, 2 or more): [left, right].
-
-    Byte-pair encoding merges, again and again, the adjacent pair whose joined bytes have
-    the lowest rank. Run on the token's own bytes with only the ranks below its own,
-    the merging stops one step short of the token: at the two parts its last merge joins.
-    ranks: {token bytes: rank} (tiktoken's ranks are the token ids). Raises ValueError when
-    it does not end in two parts (a vocabulary that byte-pair merging did not build).
-    """
-    parts = [bytes([byte]) for byte in token]
-    while len(parts) > 2:
-        rank, i = min((ranks.get(left + right, math.inf), i) for i, (left, right) in enumerate(zip(parts, parts[1:])))
-        if rank >= ranks[token]:
-            break
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-    if len(parts) != 2:
-        raise ValueError(f"token {token!r} is not the merge of two tokens of lower rank")
-    return parts
+# OpenAI's two files of GPT-2's tokenizer (transformers calls them vocab.json and merges.txt),
+# where tiktoken downloads them from, and their SHA-256, which tiktoken checks.
+GPT2_TOKENIZER_FILES = (
+    ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+     "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+)
 
 
-def _visible(token):
-    """Token bytes -> the visible characters byte-level BPE files write it in (`byte_level_alphabet`)."""
-    char = byte_level_alphabet()
-    return "".join(char[byte] for byte in token)
-
-
-@functools.lru_cache(maxsize=1)
-def gpt2_vocabulary():
-    """GPT-2's vocab.json as a dict: each token (`_visible`) -> its id, "<|endoftext|>" -> 50256."""
-    tokenizer = get_tokenizer()
-    tokens = {_visible(tokenizer.decode_single_token_bytes(rank)): rank for rank in range(EOT_ID)}
-    return tokens | {"<|endoftext|>": EOT_ID}
-
-
-@functools.lru_cache(maxsize=1)
 def gpt2_vocabulary_files():
-    """GPT-2's byte-pair vocabulary as transformers reads it -> (vocab.json, merges.txt), bytes.
-
-    Derived from tiktoken's "gpt2" encoding, not downloaded: vocab.json is `gpt2_vocabulary`;
-    merges.txt lists after a version line the merges in rank order, each as "left right"
-    (`bpe_halves`). Both come out byte for byte as the files OpenAI released with GPT-2
-    (encoder.json and vocab.bpe). Takes a few seconds; cached.
-    """
-    tokenizer = get_tokenizer()
-    ranks = {tokenizer.decode_single_token_bytes(rank): rank for rank in range(EOT_ID)}  # all but <|endoftext|>
-    merges = [" ".join(_visible(part) for part in bpe_halves(token, ranks)) for token in ranks if len(token) > 1]
-    return json.dumps(gpt2_vocabulary()).encode("utf-8"), "\n".join(["#version: 0.2", *merges, ""]).encode("utf-8")
+    """GPT-2's tokenizer as transformers reads it -> (vocab.json, merges.txt) as bytes: OpenAI's
+    encoder.json and vocab.bpe, read from tiktoken's cache (`get_tokenizer` needs the same two
+    files: downloaded once, checked by SHA-256; offline, TIKTOKEN_CACHE_DIR points to them)."""
+    get_tokenizer()  # says what to do when the files are neither cached nor downloadable
+    vocab, merges = (tiktoken.load.read_file_cached(url, sha256) for url, sha256 in GPT2_TOKENIZER_FILES)
+    return vocab, merges
 
 
 def hf_tokenizer_files(tokenizer, **settings):
