@@ -335,7 +335,7 @@ def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
 
 def generate_responses(model, tokenizer, entries, path, **options):
     """Answer every entry (options: `generate_response`'s), then write them with a "model_response" each to path in
-    one atomic write (the temporary folder if path cannot be written) -> that list. Interrupted, it writes nothing."""
+    one atomic write -> that list. Interrupted, it writes nothing."""
     results, tokens, started = [], 0, time.time()
     for i, entry in enumerate(entries):
         response, n_tokens = generate_response(model, tokenizer, entry, **options)
@@ -345,8 +345,7 @@ def generate_responses(model, tokenizer, entries, path, **options):
         gpt.show_progress(f"answers {i + 1}/{len(entries)} | {tokens / (time.time() - started):.1f} tok/s | ETA {eta}")
     gpt.end_progress()
     gpt.write_json(path, results)
-    written = path
-    print(f"wrote {len(results)} responses to {written}")
+    print(f"wrote {len(results)} responses to {path}")
     return results
 
 

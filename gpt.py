@@ -2360,13 +2360,14 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
     if not existing.is_dir():
         which = "" if existing == out_dir else f": {existing}"  # "--out-dir notes.txt/run: notes.txt is a file"
         raise ValueError(f"--out-dir {out_dir}{which} is a file, not a folder: choose another --out-dir")
+    paths = [Path(os.path.normpath(out_dir / name)) for name in run_files]  # "run/../x.pt" while run is absent
+    folders = [path for path in paths if path.is_dir()]
+    if folders:
+        raise ValueError(f"{folders[0]} is a folder, but this run writes a file there: move it away")
     if not out_dir.exists():
         return out_dir
     remove_stale_temporary_files(out_dir)
-    found = [name for name in run_files if (out_dir / name).exists()]
-    folders = [name for name in found if (out_dir / name).is_dir()]
-    if folders:
-        raise ValueError(f"{out_dir / folders[0]} is a folder, but this run writes a file there: move it away")
+    found = [name for name, path in zip(run_files, paths) if path.exists()]
     if found and not (resume or overwrite):
         raise ValueError(
             f"{out_dir} holds another run ({', '.join(found)}): "

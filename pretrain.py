@@ -431,37 +431,32 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
         if stop:
             return None if step == total_steps else stopper.signal_name or "stop-at-step"
         speed.resume()
-        loss, norm = train_step(args, train_model, model, optimizer, splits, proc, state, lr, autocast)
+
+        # One optimizer step: forward, loss and backward for each micro-batch, then the update.
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro_step in range(args.grad_accum):
+            starts = micro_batch_starts(splits, state["samples_seen"], micro_step, args.batch_size, proc.rank,
+                                        proc.world_size)
+            inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
+            accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
+            with train_model.no_sync() if accumulate else contextlib.nullcontext():
+                with autocast:
+                    logits = train_model(inputs)  # [batch, seq_len, vocab_size]
+                    loss = gpt.next_token_loss(logits, targets) / args.grad_accum
+                loss.backward()  # adds to the gradients of the earlier micro-batches
+            loss_sum += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.update(step=step + 1, samples_seen=state["samples_seen"] + tokens_per_step // splits.context_length)
+
         if state["step"] % args.log_every == 0 or state["step"] == total_steps:
-            loss_value = float(loss)  # waits for the GPU: only on logging steps
+            loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
             gpt.check_finite_loss(loss_value, state["step"])
             log(f"step {state['step']}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | grad norm {norm:.2f} | "
                 f"{speed.report(state['step'], total_steps)}")
-
-
-def train_step(args, train_model, model, optimizer, splits, proc, state, lr, autocast):
-    """One optimizer step: forward, loss and backward for each of --grad-accum micro-batches, then the update, with
-    the gradient norm clipped to --grad-clip. Advances state -> (mean loss, a tensor; gradient norm before clipping)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss_sum = 0.0
-    for micro_step in range(args.grad_accum):
-        starts = micro_batch_starts(splits, state["samples_seen"], micro_step, args.batch_size, proc.rank,
-                                    proc.world_size)
-        inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
-        accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
-        with train_model.no_sync() if accumulate else contextlib.nullcontext():
-            with autocast:
-                logits = train_model(inputs)  # [batch, seq_len, vocab_size]
-                loss = gpt.next_token_loss(logits, targets) / args.grad_accum
-            loss.backward()  # adds to the gradients of the earlier micro-batches
-        loss_sum += loss.detach()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    global_batch = args.batch_size * args.grad_accum * proc.world_size
-    state.update(step=state["step"] + 1, samples_seen=state["samples_seen"] + global_batch)
-    return loss_sum, norm
 
 
 def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast):

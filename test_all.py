@@ -32,7 +32,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 import unicodedata
@@ -455,7 +454,7 @@ def check_lora_starts_from_the_model_and_merges_back(model, vocab_size, expected
 
 
 def test_lora_starts_from_the_model_and_merges_back():
-    expected = {f"h.{i}.{t}.lora_{ab}" for i in range(2) for t in gpt.LORA_TARGETS for ab in "ab"}
+    expected = {f"h.{i}.{t}.lora_{ab}" for i in range(2) for t in gpt.GPTModel.LORA_TARGETS for ab in "ab"}
     check_lora_starts_from_the_model_and_merges_back(tiny_model(), 50257, expected)
 
 
@@ -642,9 +641,6 @@ def test_family_sharded_hub_download_sends_hf_token(family_models, file_server, 
     assert sorted(p.name for p in (tmp_path / "gpt-cache" / "owner" / "tiny").glob("model-*.safetensors")) == shards
     count = len(server.requests)
     load_lm("owner/tiny", quiet=True)  # the second load reads the cache
-    # SOURCE BUG (gpt.hub_tokenizer_files, a2420df): the optional tokenizer files the model lacks
-    # (tokenizer_config.json, special_tokens_map.json, chat_template.jinja) are asked for (HEAD)
-    # again on every load: a cached Hub model is not loaded from the cache alone. Left failing.
     assert len(server.requests) == count
 
 
@@ -656,14 +652,13 @@ def test_family_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_m
         (snapshot / name).write_bytes((folder / name).read_bytes())
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # no chat_template.jinja,
         (snapshot / name).write_text("{}")  # as a base model has none (read as text, unused here)
-    # SOURCE BUG (gpt.hub_tokenizer_files, a2420df): offline, the absent chat_template.jinja is
-    # asked of the Hub, which cannot be reached: RuntimeError instead of a load from the cache.
-    # Left failing.
     (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs").mkdir()
     (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs" / "main").write_text("abc123")
     model = load_lm("Qwen/Tiny")  # HF_ENDPOINT is a closed port: only the cache can answer
     assert model.cfg.qk_norm and model.cfg.head_dim == 32
-    with pytest.raises(RuntimeError, match="Offline\\? Pass a local folder with the model's files instead of 'Qwen/Other'"):
+    with pytest.raises(RuntimeError, match=r"^cannot reach http://\S+/Qwen/Other/resolve/main/config\.json \(ConnectionError\)\. "
+                       r"Offline\? Pass a local \.safetensors file or a folder with the model's files instead of 'Qwen/Other', "
+                       r"or set HF_ENDPOINT to a mirror$"):
         load_lm("Qwen/Other", quiet=True)
     assert type(load_lm(small_pair[1].parent)) is gpt.GPTModel  # a GPT-2 folder is GPT-2's
 
@@ -822,11 +817,6 @@ def test_tokenizer_json_of_gpt2_gives_tiktokens_gpt2_ids(tmp_path):
     assert encoding.n_vocab == reference.n_vocab == 50257 and encoding.eot_token == 50256
     for text in HELD_OUT + ["Hello, world<|endoftext|>"]:
         assert encoding.encode(text) == reference.encode(text)
-    # SOURCE BUG (gpt.tokenizer_from_files, a2420df): "a tokenizer that is GPT-2's is get_tokenizer()"
-    # compares the pre-tokenizer expression GPT2_SPLIT_PATTERN with tiktoken's own gpt2 _pat_str,
-    # which tiktoken writes differently ('(?:[sdmt]|ll|ve|re)| ?\p{L}++...), so GPT-2's own
-    # tokenizer.json never gives GPT-2's tokenizer: it gets bos_id None (not 50256) and is stored
-    # and exported as files. Left failing.
     assert encoding is reference  # GPT-2's vocabulary, merges, pattern and special token: GPT-2's tokenizer itself
 
 
@@ -934,10 +924,6 @@ def test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token(train
     with pytest.raises(SystemExit, match="names its tokenizer by a path .* train it again"):
         load_gpt2.main(["--model", str(tmp_path / "moved.pt")])
     gpt.save_checkpoint(tmp_path / "unnamed.pt", model, gpt.get_tokenizer())
-    # SOURCE BUG (gpt.load, a2420df): a checkpoint returns before check_vocabulary, so a model of
-    # 1000 tokens with GPT-2's tokenizer (as every older checkpoint without a "tokenizer" entry
-    # loads) fails later with IndexError "index out of range in self" (a traceback), not this
-    # one-line error. Left failing.
     with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
         load_gpt2.main(["--model", str(tmp_path / "unnamed.pt")])
 
@@ -1172,7 +1158,7 @@ def test_existing_hugging_face_cache_is_used(small_pair, tmp_path):
     (snapshot / "model.safetensors").write_bytes(small_pair[1].read_bytes())
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("abc123")
-    assert gpt.download_gpt2("gpt2") == snapshot / "model.safetensors"
+    assert gpt.hub_file("openai-community/gpt2", "model.safetensors") == snapshot / "model.safetensors"
     assert load_lm("gpt2").cfg.emb_dim == 128  # HF_ENDPOINT points nowhere: no download
 
 
@@ -1480,7 +1466,7 @@ def test_concurrent_downloads_of_one_file_need_no_lock(route_server, tmp_path):
         ({**SMALL_HF, "n_layer": True}, "'n_layer' must be a positive integer, got True"),
         ({**SMALL_HF, "n_embd": 0}, "'n_embd' must be a positive integer, got 0"),
         ({**SMALL_HF, "n_head": 3}, "'n_embd' (128) must be divisible by 'n_head' (3)"),
-        ([1, 2], "expected a JSON object, got list"),
+        ([1, 2], "its config.json holds a list, not a JSON object"),
         ('{"n_layer": 2,', "not valid JSON (Expecting property name"),
     ],
     ids=["missing", "string", "float", "bool", "zero", "heads", "list", "bad-json"],
@@ -1492,14 +1478,18 @@ def test_malformed_config_json_names_the_file_and_the_key(small_pair, tmp_path, 
         config_file.mkdir()
     else:
         config_file.write_text(config if isinstance(config, str) else json.dumps(config))
-    # SOURCE BUG (gpt.model_from_tensors, a2420df), case "list": a config.json that is a JSON list
-    # fails with AttributeError "'list' object has no attribute 'get'", not a ValueError naming
-    # the file. Left failing.
     with pytest.raises(ValueError) as error:
         load_lm(tmp_path / "model.safetensors")
     # The settings are named as "<the weights file> config.json: <key> ..." (gpt.load's source and
-    # the file); a file that is no JSON object as "model config <config.json>: ...".
-    named = f"model config {config_file}" if "JSON" in message else f"{tmp_path / 'model.safetensors'} config.json"
+    # the file), a config.json that is no JSON object as "<the weights file>: its config.json ...",
+    # and a file that is no JSON at all as "model config <config.json>: ...".
+    weights = tmp_path / "model.safetensors"
+    if message.startswith("not valid JSON"):
+        named = f"model config {config_file}"
+    elif message.startswith("its config.json"):
+        named = str(weights)
+    else:
+        named = f"{weights} config.json"
     assert str(error.value).startswith(f"{named}: {message}")
 
 
@@ -1780,9 +1770,6 @@ def test_load_gpt2_script_bad_inputs_exit_with_a_message(tmp_path, capsys):
         assert message in capsys.readouterr().err
     small_vocabulary = tiny_model(context_length=64, vocab_size=1000)
     gpt.save_checkpoint(tmp_path / "small.pt", small_vocabulary, gpt.get_tokenizer())
-    # SOURCE BUG (gpt.load, a2420df): a checkpoint returns before check_vocabulary: IndexError
-    # "index out of range in self" with a traceback (see
-    # test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token). Left failing.
     with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
         load_gpt2.main(["--model", str(tmp_path / "small.pt")])
 
@@ -1884,8 +1871,6 @@ def test_export_vocabulary_files_are_openais_byte_for_byte():
     assert merges.count(b"\n") == 1 + 50_000  # the version line, then one line per merge
     table = gpt.byte_level_alphabet()
     assert (table[ord(" ")], table[ord("\n")], table[ord("A")], len(set(table.values()))) == ("Ġ", "Ċ", "A", 256)
-    ranks = {gpt.get_tokenizer().decode_single_token_bytes(i): i for i in range(50256)}
-    assert gpt.bpe_halves(b" the", ranks) == [b" t", b"he"]  # the 7th merge of merges.txt: "Ġt he"
 
 
 def test_export_small_model_loads_in_transformers_with_equal_logits_and_text(tmp_path):
@@ -2079,7 +2064,7 @@ def test_export_classifier_gives_transformers_our_probabilities_and_reads_back(t
 
 def test_export_classifier_from_a_checkpoint_keeps_its_settings(tmp_path):
     model, _, token_ids = _export_trained_classifier()
-    fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=32)
+    gpt.save_checkpoint(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=32)
     fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
     folder = tmp_path / "hf"
     assert gpt.read_json(folder / "tokenizer_config.json", "tokenizer")["model_max_length"] == 32
@@ -2097,17 +2082,26 @@ def test_export_classifier_from_a_checkpoint_keeps_its_settings(tmp_path):
 def test_export_classifier_reads_a_transformers_classifier(tmp_path):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    torch.manual_seed(0)
-    config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, num_labels=3, pad_token_id=50256)
-    reference = GPT2ForSequenceClassification(config).eval()
-    reference.save_pretrained(tmp_path / "hf")
-    model, _, max_length = fc.load_classifier(tmp_path / "hf")
-    assert (model.labels, max_length) == (["LABEL_0", "LABEL_1", "LABEL_2"], 48)
     token_ids = _classify_token_ids([5, 17, 9])
     batch = torch.nn.utils.rnn.pad_sequence(token_ids, batch_first=True, padding_value=50256)
-    with torch.no_grad():
-        assert (fc.full_pass_logits(model, token_ids) - reference(batch).logits).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match="is a language model, not a classifier"):
+    for num_labels in (2, 3):  # gpt.load reads any number of classes; finetune_classify.py's are two
+        torch.manual_seed(0)
+        config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, num_labels=num_labels, pad_token_id=50256)
+        reference = GPT2ForSequenceClassification(config).eval()
+        reference.save_pretrained(tmp_path / f"hf-{num_labels}")
+        if num_labels == 2:
+            model, _, max_length = fc.load_classifier(tmp_path / "hf-2")
+            assert max_length == 48
+        else:
+            model, _ = gpt.load(tmp_path / "hf-3")
+        assert model.labels == [f"LABEL_{i}" for i in range(num_labels)]
+        with torch.no_grad():
+            assert (fc.full_pass_logits(model, token_ids) - reference(batch).logits).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'hf-3'} is no spam classifier of finetune_classify.py "
+                                                   "(class names: ['LABEL_0', 'LABEL_1', 'LABEL_2'])")):
+        fc.load_classifier(tmp_path / "hf-3")
+    with pytest.raises(ValueError, match=re.escape("is no spam classifier of finetune_classify.py "
+                                                   "(class names: none, a language model)")):
         fc.load_classifier(gpt.export_hf(tiny_model(context_length=48), tmp_path / "language-model"))
 
 
@@ -2372,22 +2366,44 @@ def test_benchmark_is_downloaded_once_and_counted(file_server, monkeypatch, tmp_
     assert len(server.requests) == 1  # the second run read the cache
 
 
+def fill_the_disk(monkeypatch, full):
+    """Make gpt.atomic_write_bytes meet a full disk for the paths where full(path) is true:
+    the real function runs, its temporary file gets half the data, then the write fails
+    with ENOSPC (as on a full disk). Returns the list of the paths that failed."""
+    real_write, failed = gpt.atomic_write_bytes, []
+
+    def write(path, data):
+        if not full(Path(path)):
+            return real_write(path, data)
+        failed.append(Path(path))
+
+        def half_then_full(f):
+            f.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return real_write(path, half_then_full)
+
+    monkeypatch.setattr(gpt, "atomic_write_bytes", write)
+    return failed
+
+
+def full_disk_error(path):
+    """The one line a script exits with when `path` met a full disk."""
+    return f"error: cannot write {path}: No space left on device (a file that was there is kept as it was)"
+
+
 def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
     gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
-    real_write = gpt.atomic_write_bytes
-
-    def disk_full_in_tmp_path(path, data):
-        if Path(path).parent == tmp_path:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(path, data)
-
-    monkeypatch.setattr(gpt, "atomic_write_bytes", disk_full_in_tmp_path)
-    with pytest.raises(SystemExit, match=r"error: the run finished, but .*results.json is in .*\(No space left"):
+    results = tmp_path / "results.json"
+    results.write_text('{"an": "earlier run"}\n')
+    failed = fill_the_disk(monkeypatch, lambda path: path.parent == tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
         load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
-                        str(HELLASWAG_TINY), "--results", str(tmp_path / "results.json")])
-    written = Path(re.search(r"results written to (.*)", capsys.readouterr().out)[1])
-    assert written.parent != tmp_path and json.loads(written.read_text())["benchmark"]["items"] == 4
-    written.unlink()
+                        str(HELLASWAG_TINY), "--results", str(results)])
+    assert exit_info.value.code == full_disk_error(results) and failed == [results]  # exit 1, one line
+    assert "hellaswag (0-shot, " in capsys.readouterr().out  # the results were printed before the write
+    assert results.read_text() == '{"an": "earlier run"}\n'  # the previous file is kept as it was
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["results.json", "tiny.pt"]  # nothing half-written
 
 
 def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
@@ -2814,12 +2830,11 @@ def test_pretrain_model_with_another_vocabulary_is_one_line(tmp_path, pretrain_t
     for flag in ("--n-layers", "--n-heads", "--emb-dim"):
         i = argv.index(flag)
         del argv[i : i + 2]
-    message = r"^error: --model .*: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"
-    # SOURCE BUG (gpt.load, a2420df): a checkpoint returns before check_vocabulary (see
-    # test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token): pretrain.py fails later
-    # with "error: The size of tensor a (1000) must match the size of tensor b (34538)". Left failing.
-    with pytest.raises(SystemExit, match=message):
+    message = (f"error: {path}: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257: "
+               "use a model trained with the GPT-2 tokenizer")
+    with pytest.raises(SystemExit) as exc:
         pretrain.main(argv)
+    assert str(exc.value) == message
 
 
 def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, monkeypatch):
@@ -3007,8 +3022,6 @@ def test_pretrain_token_file_of_gpt2_is_not_reused_for_another_tokenizer(trained
 
 def test_pretrain_token_file_holds_ids_above_65535_as_uint32(tmp_path):
     # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
-    import tiktoken
-
     big = gpt.Tokenizer(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
                         special_tokens={"<|endoftext|>": 69_999}, eot_id=69_999)
     (tmp_path / "a.txt").write_text("ab")
@@ -3085,7 +3098,7 @@ def test_pretrain_size_of_a_llama_shape_trains_from_scratch_with_its_hub_tokeniz
 
 
 def test_pretrain_memory_check_says_when_the_weights_alone_do_not_fit(tmp_path, pretrain_text_file, monkeypatch):
-    monkeypatch.setattr(gpt, "training_memory", lambda cfg: 10**15)  # as for a model of 62 trillion parameters
+    monkeypatch.setattr(gpt, "training_memory", lambda model: 10**15)  # as for a model of 62 trillion parameters
     with pytest.raises(SystemExit) as e:
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "1"))
     assert str(e.value).startswith("error: training needs about 1000000.0 GB before activations")
@@ -3308,7 +3321,8 @@ def test_classify_saved_lora_classifier_gives_the_same_logits(tmp_path):
                 param.normal_()  # adapters that change the output (they start at zero)
     token_ids = _classify_token_ids([5, 9])
     before = fc.full_pass_logits(model, token_ids)
-    fc.save_classifier(tmp_path / "lora.pt", model, gpt.get_tokenizer(), max_length=48)
+    gpt.merge_lora(model)  # plain parameter names, no LoRA wrapper needed to load
+    gpt.save_checkpoint(tmp_path / "lora.pt", model, gpt.get_tokenizer(), max_length=48)
     loaded, _, _ = fc.load_classifier(tmp_path / "lora.pt")
     assert not any("lora" in key for key in gpt.load_checkpoint(tmp_path / "lora.pt")["model"])  # merged into plain GPT-2 weights
     torch.testing.assert_close(fc.full_pass_logits(loaded, token_ids), before)
@@ -3352,8 +3366,8 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
 
     texts = tmp_path / "texts.txt"
     texts.write_text("Are we meeting at 6?\n\nWINNER!! Claim your prize now\n")
-    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify", "Call me later",
-             "--classify-file", str(texts)])
+    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify", "Call me later"])
+    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify-file", str(texts)])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("  ")[-1] for line in lines] == ["Call me later", "Are we meeting at 6?", "WINNER!! Claim your prize now"]
     model, _, max_length = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
@@ -3368,8 +3382,10 @@ def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="error: no classifier at .*missing.pt: train one first"):
         fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "missing.pt")])
     gpt.save_checkpoint(tmp_path / "lm.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    with pytest.raises(SystemExit, match="error: .*lm.pt is a language model, not a classifier"):
+    with pytest.raises(SystemExit) as exit_info:
         fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "lm.pt")])
+    assert exit_info.value.code == (f"error: {tmp_path / 'lm.pt'} is no spam classifier of finetune_classify.py "
+                                    "(class names: none, a language model): train one from it with --model")
     data = tmp_path / "sms.tsv"
     data.write_text("".join(f"spam\twin {i}\nham\thello {i}\n" for i in range(20)))
     with pytest.raises(SystemExit, match="error: --max-length 49 is longer than the model's context length 48"):
@@ -3597,29 +3613,16 @@ def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkey
         fc.main(_classify_run_argv(tmp_path, "run2", "--checkpoint", str(tmp_path / "elsewhere.pt")))
 
 
-def test_classify_full_disk_at_the_final_save_keeps_the_model(tmp_path, monkeypatch, capsys):
-    real_write = gpt.atomic_write_bytes
-    failed = []
-
-    def full_disk(path, data):
-        if Path(path).name == "classifier.pt" and not failed:
-            failed.append(path)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(path, data)
-
-    monkeypatch.setattr(gpt, "atomic_write_bytes", full_disk)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    with pytest.raises(SystemExit, match=r"error: the run finished, but .*classifier.pt is in .*classifier-\d+.pt"):
+def test_classify_full_disk_at_the_final_save_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch, capsys):
+    failed = fill_the_disk(monkeypatch, lambda path: path.name == "classifier.pt")
+    with pytest.raises(SystemExit) as exit_info:
         fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2"))
-    fallback = tmp_path / "tmp" / f"classifier-{os.getpid()}.pt"
-    captured = capsys.readouterr()
-    assert f"cannot write {tmp_path / 'run' / 'classifier.pt'} (No space left on device); writing {fallback}" in captured.err
-    assert f"saved:      {fallback}" in captured.out
-    model, _, _ = fc.load_classifier(fallback)
-    assert model.labels == ["not spam", "spam"]
-    assert not (tmp_path / "run" / "classifier.pt").exists()
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert exit_info.value.code == full_disk_error(tmp_path / "run" / "classifier.pt")  # exit 1, one line
+    assert failed == [tmp_path / "run" / "classifier.pt"]
+    assert "test split (" in capsys.readouterr().out  # the test metrics were printed before the save
+    # Nothing half-written: no classifier.pt, no temporary file beside it (and metrics.json comes after it).
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["run.json", "test.csv", "train.csv",
+                                                                           "validation.csv"]
 
 
 def test_classify_damaged_zip_names_the_file(tmp_path):
@@ -3669,7 +3672,7 @@ def test_classify_out_of_memory_names_the_batch_size(tmp_path, monkeypatch):
 
 def test_classify_output_into_a_closed_pipe_is_quiet(tmp_path):
     model = fc.add_classification_head(_classify_tiny_model())
-    fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
+    gpt.save_checkpoint(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
     texts = tmp_path / "texts.txt"
     texts.write_text("".join(f"message number {i}\n" for i in range(5000)))  # more than a pipe buffer holds
     proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), "--checkpoint", str(tmp_path / "classifier.pt"),
@@ -3740,7 +3743,7 @@ def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(
 
 def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
     model = fc.add_classification_head(_classify_tiny_model())
-    fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
+    gpt.save_checkpoint(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
     messages = [("spam", "WINNER!! Claim your prize, call 09061701461"), ("ham", 'He said "ok, fine" then left'),
                 ("ham", "See you at 6?"), ("spam", "Free entry: text WIN to 80086"), ("ham", "ok")]
     fc.write_csv(tmp_path / "labelled.csv", ("text", "label"), [(text, label) for label, text in messages])
@@ -3764,13 +3767,15 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
     ("a.csv", "label,message\nham,hi\n",
      r"a.csv: no text column \(header: \['label', 'message'\]\): a CSV file needs a header with label and text columns"),
     ("b.csv", "text,label\nhi,ham\nyo,spma\n", r"b.csv: 1 bad line\(s\): line 3: unknown label 'spma' \(expected ham or spam\)"),
-    ("c.csv", "text,label\n", r"c.csv: no labelled messages"),
+    ("c.csv", "text,label\n", r"c.csv: no labelled messages: "
+     r"give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
     ("d.tsv", "ham\thi\nspma\tyo\n", r"d.tsv: 1 bad line\(s\): line 2: unknown label 'spma' \(expected ham or spam\)"),
     ("e.tsv", "ham\thi\nno tab\n", r"e.tsv: 1 bad line\(s\): line 2: no tab between label and message"),
-    ("f.tsv", "\n", r"f.tsv: no labelled messages"),
+    ("f.tsv", "\n", r"f.tsv: no labelled messages: "
+     r"give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
 ])
 def test_classify_evaluate_bad_file_is_one_line_and_exit_1(tmp_path, capsys, name, content, message):
-    fc.save_classifier(tmp_path / "classifier.pt", fc.add_classification_head(_classify_tiny_model()), gpt.get_tokenizer(), max_length=48)
+    gpt.save_checkpoint(tmp_path / "classifier.pt", fc.add_classification_head(_classify_tiny_model()), gpt.get_tokenizer(), max_length=48)
     (tmp_path / name).write_text(content)
     with pytest.raises(SystemExit) as exit_info:
         fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--evaluate", str(tmp_path / name)])
@@ -3785,6 +3790,7 @@ def test_classify_evaluate_and_results_flags_are_checked(tmp_path, capsys):
         (["--classify", "hi", "--results", "p.txt"], "--results p.txt: give a .csv or .json file"),
         (["--results", "p.json"], "--results goes with --evaluate, --classify or --classify-file"),
         (["--evaluate", "x.csv", "--classify", "hi"], "argument --classify: not allowed with argument --evaluate"),
+        (["--classify", "hi", "--classify-file", "x.txt"], "argument --classify-file: not allowed with argument --classify"),
         (["--classify", "hi", "--threshold", "1.5"], "argument --threshold: must be a number in [0, 1], got '1.5'"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
@@ -3820,7 +3826,7 @@ def test_classify_file_writes_predictions_as_csv_or_json_with_probabilities(tmp_
     import csv
 
     model = fc.add_classification_head(_classify_tiny_model())
-    fc.save_classifier(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
+    gpt.save_checkpoint(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
     texts = ["Are we meeting at 6?", 'WINNER, "claim" your prize', "ok", "Call 09061701461 now to win £2000"]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     probabilities = fc.classify_texts(model, texts, 48)
@@ -4528,15 +4534,12 @@ def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
     small = gpt.GPTModel(gpt.GPTConfig(vocab_size=1000, context_length=32, emb_dim=32, n_heads=2, n_layers=1))
     gpt.save_checkpoint(tmp_path / "small.pt", small, gpt.get_tokenizer())
     message = (
-        f"error: --model {tmp_path / 'small.pt'}: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses "
+        f"error: {tmp_path / 'small.pt'}: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses "
         "50257: use a model trained with the GPT-2 tokenizer"
     )
-    # SOURCE BUG (gpt.load, a2420df): a checkpoint returns before check_vocabulary, so this fails
-    # with IndexError "index out of range in self" (see
-    # test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token). Left failing.
     with pytest.raises(SystemExit) as exc:
         instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "small.pt")])
-    assert str(exc.value) == message.replace("--model", "--checkpoint")
+    assert str(exc.value) == message
     data = [{"instruction": f"Task {i}.", "output": "Done."} for i in range(10)]
     (tmp_path / "data.json").write_text(json.dumps(data))
     run = ["--data", str(tmp_path / "data.json"), "--model", str(tmp_path / "small.pt")]
@@ -4556,48 +4559,32 @@ def test_instruct_answers_survive_a_full_disk(_instruct_tiny_run, tmp_path, monk
     straight = json.loads((tmp_path / "straight" / "responses.json").read_text())
     assert len(straight) == 4
 
-    # The disk is full when the answers are written: they go to the temporary folder.
-    write_json = gpt.write_json
-
-    def full_disk(path, obj):
-        if Path(path).name == "responses.json":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        write_json(path, obj)
-
-    monkeypatch.setattr(gpt, "write_json", full_disk)
-    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    with pytest.raises(SystemExit, match=r"error: the run finished, but .*responses.json is in"):
-        instruct.main(common + ["--out-dir", str(tmp_path / "run")])
-    assert "No space left on device" in capsys.readouterr().err
-    [fallback] = (tmp_path / "tmp").glob("responses-*.json")
-    assert json.loads(fallback.read_text()) == straight
-    assert not (tmp_path / "run" / "responses.json").exists()
-
-
-def test_instruct_full_disk_at_a_training_state_save_keeps_training(_instruct_tiny_run, tmp_path, monkeypatch):
-    folder = _instruct_tiny_run
-    atomic_save = gpt.atomic_save
-
-    def full_run_folder(obj, path):  # the run's folder is full; the temporary folder is not
-        if Path(path).parent == tmp_path / "run":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        atomic_save(obj, path)
-
-    monkeypatch.setattr(gpt, "atomic_save", full_run_folder)
-    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
+    # The disk is full when the answers are written again: one line, and the earlier answers stay.
+    before = (tmp_path / "straight" / "responses.json").read_bytes()
+    fill_the_disk(monkeypatch, lambda path: path.name == "responses.json")
     with pytest.raises(SystemExit) as exc:
-        instruct.main(_instruct_quick(folder, tmp_path / "run"))
-    # Not "error: [Errno 28] No space left on device" in the middle of training: the state and the model are kept.
-    state, model = tmp_path / "tmp" / f"train_state-{os.getpid()}.pt", tmp_path / "tmp" / f"model-{os.getpid()}.pt"
-    assert str(exc.value) == (
-        f"error: the run finished, but {tmp_path / 'run' / 'train_state.pt'} is in {state} (No space left on device "
-        f"at {tmp_path / 'run'}); {tmp_path / 'run' / 'model.pt'} is in {model} (No space left on device at "
-        f"{tmp_path / 'run'}): move it where it belongs"
-    )
-    assert gpt.load_checkpoint(state)["step"] == 1 and gpt.load_checkpoint(model)["kept"]["step"] == 1
-    assert len(json.loads((tmp_path / "run" / "responses.json").read_text())) == 1
+        instruct.main(common + ["--out-dir", str(tmp_path / "straight")])
+    assert exc.value.code == full_disk_error(tmp_path / "straight" / "responses.json")  # exit 1, one line
+    assert (tmp_path / "straight" / "responses.json").read_bytes() == before
+    assert not [path.name for path in (tmp_path / "straight").iterdir() if path.name.startswith(".")]  # no half file
+
+
+def test_instruct_full_disk_at_a_training_state_save_keeps_the_last_state(_instruct_tiny_run, tmp_path, monkeypatch):
+    folder = _instruct_tiny_run
+    state, saves = tmp_path / "run" / "train_state.pt", []
+
+    def second_state_save(path):  # the disk is full when the state is saved again, at the end of epoch 2
+        saves.append(path)
+        return path == state and saves.count(state) == 2
+
+    failed = fill_the_disk(monkeypatch, second_state_save)
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(_instruct_quick(folder, tmp_path / "run", "--epochs", "2"))  # one step an epoch
+    # One line, exit 1, not "error: [Errno 28] No space left on device"; the state of step 1 is kept as it was.
+    assert str(exc.value) == full_disk_error(state) and failed == [state]
+    assert gpt.load_checkpoint(state)["step"] == 1
+    assert not (tmp_path / "run" / "model.pt").exists()  # the run stopped there
+    assert not [path.name for path in (tmp_path / "run").iterdir() if path.name.startswith(".")]  # no half file
 
 
 def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_path, monkeypatch):
@@ -4618,10 +4605,10 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     # Memory is checked before any run file is written: training that cannot fit says what helps.
-    asked = []
+    asked = []  # the trainable parameters of each model asked about
 
-    def too_much(cfg, trainable=None, dtype=torch.float32):
-        asked.append(trainable)
+    def too_much(model):
+        asked.append(gpt.count_parameters(model, trainable_only=True))
         return 10**15
 
     monkeypatch.setattr(gpt, "training_memory", too_much)
@@ -4630,7 +4617,8 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
     with pytest.raises(SystemExit, match=r"GB .*: choose a smaller --model$"):
         instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))
-    assert asked[0] is None and 0 < asked[1] < gpt.count_parameters(load_lm(folder / "tiny.pt")) / 10
+    everything = gpt.count_parameters(load_lm(folder / "tiny.pt"))
+    assert asked[0] == everything and 0 < asked[1] < everything / 10  # all train, then only the adapters
     assert not (tmp_path / "run").exists()
     monkeypatch.undo()
     monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
@@ -4936,12 +4924,10 @@ def test_readme_type_it_live_definitions_run_as_typed():
     section, sources = type_it_live_sources()
     assert set(sources) == {"finetune_classify.py", "pretrain.py"}
     typed = [line for source in sources.values() for line in strip_docstrings(source).splitlines() if line.strip()]
-    assert len(typed) <= 280  # short enough to type: the README says "about 270 lines of code"
+    assert len(typed) <= 330  # short enough to type: the README says "about 320 lines of code"
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     raw = b"".join(fc.read_sms_bytes(SMS_ZIP).splitlines(keepends=True)[:400])
     code = code.replace('open("SMSSpamCollection", "rb").read()', "SMS_BYTES").replace('gpt.load("gpt2")[0]', "MODEL")
-    # SOURCE BUG (README.md, a2420df): the type-it-live code still calls the removed gpt.load_gpt2("gpt2")
-    # (README.md line 297); it should be gpt.load("gpt2")[0]. Left failing.
     code = code.replace("# ... the definitions above, then:", sources["finetune_classify.py"])
     namespace = {"SMS_BYTES": raw, "MODEL": tiny_model(context_length=256)}
     exec(compile(code, "README.md", "exec"), namespace)  # NameError here: a definition the list lacks
@@ -4957,9 +4943,6 @@ def test_readme_type_it_live_pretraining_loop_runs_as_typed(tmp_path, capsys):
     code = code.replace('"runs/live"', repr(str(tmp_path / "live")))
     code = code.replace("# ... the definitions above, then:", sources["pretrain.py"])
     namespace = {"TEXT": text}
-    # SOURCE BUG (README.md "Type it live", a2420df): its state dict still has tokenizer="gpt2", which
-    # train() passes on to gpt.save_training_state(path, model, tokenizer, optimizer, **state):
-    # TypeError "got multiple values for argument 'tokenizer'". The entry must go. Left failing.
     exec(compile(code, "README.md", "exec"), namespace)  # NameError here: a definition the list lacks
     assert namespace["state"]["step"] == 4 and (tmp_path / "live" / "latest.pt").is_file()
     assert "step 4/4 | loss" in capsys.readouterr().out
@@ -4969,8 +4952,6 @@ def test_readme_gpt_py_example_runs(capsys):
     readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
     section = readme.split("### `gpt.py`: the model", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
-    # SOURCE BUG (README.md, a2420df): the example still calls the removed gpt.load_gpt2("gpt2")
-    # (README.md line 62); it should be `model, tokenizer = gpt.load("gpt2")`. Left failing.
     assert 'model, tokenizer = gpt.load("gpt2")' in code
     code = code.replace('gpt.load("gpt2")', "(MODEL, gpt.get_tokenizer())")
     exec(compile(code, "README.md", "exec"), {"MODEL": tiny_model(context_length=64)})
@@ -5100,7 +5081,7 @@ def test_benchmark_bad_hellaswag_item_is_one_line(tmp_path, line, message):
         line = json.dumps(_HELLASWAG_ITEM)[:-1] + ", " + line.removeprefix("{**ITEM, ")
     path = tmp_path / "items.jsonl"
     path.write_text(line + "\n")
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64))
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     with pytest.raises(SystemExit) as exit_info:
         load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file", str(path)])
     assert exit_info.value.code.startswith(f"error: {path} {message}") and "\n" not in exit_info.value.code
@@ -5256,7 +5237,7 @@ def test_whole_llama3_classifier_export_gives_transformers_our_probabilities(tra
     torch.manual_seed(1)
     fc.add_classification_head(model)
     texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
-    ours = fc.classify_texts(model, texts, 64, tokenizer, tokenizer.eot_id)
+    ours = fc.classify_texts(model, texts, 64, tokenizer)  # padded with tokenizer.eot_id
     gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer, max_length=64)
     reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
     assert problems == []
@@ -5284,7 +5265,7 @@ def test_whole_special_token_text_is_the_token_everywhere(trained_tokenizers, tm
     assert start in hf(text)
     assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
     pieces = ["Call me <|im_", "start|> later", "<|im_end|>\n<|im_start|>"]  # (2) a pretraining corpus
-    assert [i for ids in gpt.encode_pieces(pieces, tokenizer) for i in ids] == hf("".join(pieces))
+    assert [i for ids in pretrain.encode_pieces(pieces, tokenizer) for i in ids] == hf("".join(pieces))
     entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
     [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
     assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
