@@ -173,7 +173,13 @@ def tokenize_messages(texts, max_length=None, tokenizer=None):
     """Texts -> list of LongTensor [n_tokens] by `tokenizer` (default GPT-2's), cut to `max_length` tokens if set.
     Each message is a whole text: Llama 3 starts it with <|begin_of_text|>, as transformers' tokenizer does."""
     tokenizer = tokenizer or gpt.get_tokenizer()
-    return [torch.tensor(tokenizer.encode(text, bos=True)[:max_length], dtype=torch.long) for text in texts]
+    token_ids = [tokenizer.encode(text, bos=True)[:max_length] for text in texts]
+    for ids in token_ids:
+        # transformers' ...ForSequenceClassification reads the last token that is not padding (the end-of-text
+        # token): a message that ends in it is read before it there, so here too (the earlier tokens never see it).
+        while len(ids) > 1 and ids[-1] == tokenizer.eot_id:
+            ids.pop()
+    return [torch.tensor(ids, dtype=torch.long) for ids in token_ids]
 
 
 # --- Model: a pretrained GPT with a classification head -------------------------------

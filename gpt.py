@@ -1067,8 +1067,9 @@ def atomic_write_bytes(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # a full disk, a folder where the file goes, ...: one line naming the file
-        raise OSError(f"cannot write {path}: {e.strerror or e} (a file that was there is kept as it was)") from None
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save's writer raises RuntimeError), a folder there, ...
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed (is the disk full?)"
+        raise OSError(f"cannot write {path}: {reason} (a file that was there is kept as it was)") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -1523,6 +1524,9 @@ def config_from_weights(tensors, config_json=None, source="config.json"):
     n_layers = len({int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))})
     same_width = [c.n_heads for c in GPT_CONFIGS.values() if c.emb_dim == emb_dim]
     n_heads = same_width[0] if same_width else max(1, emb_dim // 64)
+    if not same_width:  # the heads leave no trace in the shapes: say what was assumed
+        print(f"warning: {source} is missing: {n_heads} attention heads assumed (GPT-2's heads of 64); put the "
+              "model's config.json beside its weights if that is wrong", file=sys.stderr)
     return GPTConfig(
         vocab_size=vocab_size,
         context_length=tensors["wpe.weight"].shape[0],
@@ -1642,10 +1646,14 @@ def config_from_hub(config_json, source="config.json"):
         if type(config_json.get(key)) is not int or config_json[key] < 1:
             raise ValueError(f"{source}: {key!r} must be a positive integer, got {config_json.get(key)!r}")
     check_settings(config_json, LLAMA_SETTINGS, source)
-    rope_key = "rope_parameters" if config_json.get("rope_parameters") else "rope_scaling"  # transformers 5 / 4
-    rope = config_json.get(rope_key) or {}
-    check_settings(rope, ROPE_SETTINGS, source, prefix=f"{rope_key}.")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    ropes = {key: config_json[key] for key in ("rope_parameters", "rope_scaling") if config_json.get(key)}  # 5 / 4
+    for key, rope in ropes.items():
+        check_settings(rope, ROPE_SETTINGS, source, prefix=f"{key}.")
+    types = sorted({rope.get("rope_type", rope.get("type", "default")) for rope in ropes.values()})
+    if len(types) > 1:
+        raise ValueError(f"{source}: rope_parameters and rope_scaling name different rope types {types}: keep one")
+    rope = next(iter(ropes.values()), {})
+    rope_type = types[0] if types else "default"
     theta = config_json.get("rope_theta", rope.get("rope_theta", 10000.0))  # 0 is refused above, not a default
     scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     attention_bias = bool(config_json.get("attention_bias", False))
@@ -1785,10 +1793,13 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
     if config_json is not None and not isinstance(config_json, dict):
         raise ValueError(f"{source}: its config.json holds a {type(config_json).__name__}, not a JSON object")
     tensors = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in tensors.items()}
-    model_type = (config_json or {}).get("model_type", "gpt2" if "wte.weight" in tensors else None)
-    if model_type is None:
+    model_type = (config_json or {}).get("model_type") or ("gpt2" if "wte.weight" in tensors else None)
+    if model_type is None and config_json is None:
         raise ValueError(f"{source}: no config.json beside it, and its tensors are not GPT-2's (no wte.weight): "
                          "put the model's config.json beside the weights")
+    if model_type is None:
+        raise ValueError(f"{source}: its config.json names no model_type, and its tensors are not GPT-2's: add "
+                         "\"model_type\" (llama or qwen3) to it")
     score = tensors.pop("score.weight", None)  # a ...ForSequenceClassification: `score` is its head
     if model_type == "gpt2":
         cfg = config_from_weights(tensors, config_json, source=f"{source} config.json")

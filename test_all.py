@@ -3247,9 +3247,11 @@ def test_classify_download_uses_fallback_then_cache(tmp_path, file_server):
 
 
 def test_classify_tokenize_truncates_to_max_length():
-    ids = fc.tokenize_messages(["hello world, this is a longer message", "hi <|endoftext|>"], max_length=3)
-    assert [len(t) for t in ids] == [3, 3]
-    assert ids[1].tolist() == [5303, 220, gpt.EOT_ID]  # "hi", " ", and the special token's text is the token
+    texts = ["hello world, this is a longer message", "hi <|endoftext|> there", "hi <|endoftext|>"]
+    ids = fc.tokenize_messages(texts, max_length=4)
+    assert ids[0].tolist() == [31373, 995, 11, 428]
+    assert ids[1].tolist() == [5303, 220, gpt.EOT_ID, 612]  # "hi", " ", and the special token's text is the token
+    assert ids[2].tolist() == [5303, 220]  # at the end it is dropped, as transformers' classifier skips padding
 
 
 # -- model ------------------------------------------------------------------------------
@@ -5236,7 +5238,7 @@ def test_whole_llama3_classifier_export_gives_transformers_our_probabilities(tra
     assert tokenizer.add_bos and tokenizer.bos_id == tokenizer.encode("<|begin_of_text|>")[0]
     torch.manual_seed(1)
     fc.add_classification_head(model)
-    texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
+    texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Call me <|end_of_text|>"]
     ours = fc.classify_texts(model, texts, 64, tokenizer)  # padded with tokenizer.eot_id
     gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer, max_length=64)
     reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
@@ -5342,3 +5344,34 @@ def test_whole_export_hf_reexports_a_transformers_classifier_folder(tmp_path, ca
     with torch.no_grad():
         expected = reference(batch).logits.softmax(dim=-1)
         assert (exported(batch).logits.softmax(dim=-1) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 32}}, r"name different rope types \['default', 'llama3'\]"),
+    ({"model_type": None}, "its config.json names no model_type"),
+], ids=["rope_scaling-beside-rope_parameters", "two-rope-types", "no-model_type"])
+def test_whole_config_is_read_whole(strict_folders, tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        load_lm(changed_copy(strict_folders["llama"], tmp_path, change))
+
+
+def test_whole_gpt2_file_without_config_says_what_it_assumed(tmp_path, capsys):
+    save_hf_gpt2(tmp_path, n_positions=32, n_embd=64, n_layer=1, n_head=2)
+    (tmp_path / "config.json").unlink()
+    assert load_lm(tmp_path / "model.safetensors").cfg.n_heads == 1  # 64 wide: one head of 64, GPT-2's head size
+    assert "1 attention heads assumed" in capsys.readouterr().err
+
+
+def test_whole_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
+    def save_on_a_full_disk(obj, f):  # torch's zip writer reports a failed write as a RuntimeError
+        f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5568 vs 5462")
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    (tmp_path / "model.pt").write_bytes(b"the earlier checkpoint")
+    with pytest.raises(OSError, match=r"cannot write .*model\.pt: the write failed \(is the disk full\?\)"):
+        gpt.atomic_save({"step": 1}, tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").read_bytes() == b"the earlier checkpoint"
+    assert os.listdir(tmp_path) == ["model.pt"]
