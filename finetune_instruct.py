@@ -470,6 +470,9 @@ def judge(args, responses_path):
     scored_path = responses_path.with_name(responses_path.stem + "-scored.json")
     gpt.write_json(scored_path, scored)
     print(f"wrote the scores to {scored_path}")
+    if entries and not scores:  # a judge that answered without a readable score every time: no result
+        raise RuntimeError(f"the judge {args.judge_model} gave no score 0-100 for any of the {len(entries)} entries "
+                           "(its answers are in the scores file): try another --judge-model")
 
 
 # ----------------------------------------------------------------------------------------

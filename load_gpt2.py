@@ -267,8 +267,8 @@ def hellaswag_item_problem(item):
         if not isinstance(item.get(field), str):
             return f"bad or missing field '{field}': must be a string"
     endings = item.get("endings")
-    if not isinstance(endings, list) or not endings or not all(isinstance(e, str) for e in endings):
-        return "bad or missing field 'endings': must be a non-empty list of strings"
+    if not isinstance(endings, list) or not endings or not all(isinstance(e, str) and e.strip() for e in endings):
+        return "bad or missing field 'endings': must be a non-empty list of non-empty strings"
     label = item.get("label")  # an integer, or a digit string as in Hugging Face's copy: "2" (not True, not 1.7)
     if type(label) not in (int, str) or str(label) not in map(str, range(len(endings))):
         return f"bad or missing field 'label': must be an integer from 0 to {len(endings) - 1}, got {label!r:.40}"

@@ -4110,6 +4110,15 @@ def _instruct_responses_file(tmp_path, n):
     return path, entries
 
 
+def test_instruct_judge_without_any_score_is_an_error(tmp_path, _instruct_ollama):
+    _, url = _instruct_ollama
+    path, _ = _instruct_responses_file(tmp_path, 2)
+    _InstructFakeOllama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
+    with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
+        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
+    assert [e["score"] for e in json.loads((tmp_path / "responses-scored.json").read_text())] == [None, None]
+
+
 def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
     _, url = _instruct_ollama
     path, entries = _instruct_responses_file(tmp_path, 3)
@@ -5071,12 +5080,14 @@ _HELLASWAG_ITEM = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings":
     ('{**ITEM, "label": 1.7}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, got 1.7"),
     ('{**ITEM, "label": true}', "line 1: bad or missing field 'label'"),
     ('{**ITEM, "label": 4}', "line 1: bad or missing field 'label'"),
-    ('{**ITEM, "endings": "abcd"}', "line 1: bad or missing field 'endings': must be a non-empty list of strings"),
+    ('{**ITEM, "endings": "abcd"}', "line 1: bad or missing field 'endings': must be a non-empty list of non-empty "
+                                    "strings"),
+    ('{**ITEM, "endings": ["d", " ", "f", "g"]}', "line 1: bad or missing field 'endings'"),
     ('{**ITEM, "endings": []}', "line 1: bad or missing field 'endings'"),
     ('{**ITEM, "endings": ["d", 5]}', "line 1: bad or missing field 'endings'"),
     ('{**ITEM, "ctx_a": null}', "line 1: bad or missing field 'ctx_a': must be a string"),
     ("[1, 2]", "line 1: expected a JSON object, got list"),
-], ids=["deep", "label-inf", "label-float", "label-bool", "label-range", "endings-str", "endings-empty",
+], ids=["deep", "label-inf", "label-float", "label-bool", "label-range", "endings-str", "ending-blank", "endings-empty",
         "endings-int", "ctx-null", "list"])
 def test_benchmark_bad_hellaswag_item_is_one_line(tmp_path, line, message):
     if line.startswith("{**ITEM"):  # the good item with one field changed, written as JSON would be
