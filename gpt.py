@@ -1054,10 +1054,8 @@ def format_duration(seconds):
 
 
 def atomic_write_bytes(path, data):
-    """Write bytes to path through a temporary file and a rename, so that readers never
-    see a half-written file (os.replace is atomic on POSIX and Windows); on a full disk the
-    previous file stays. data: bytes, or a function that writes them to the open file (no
-    copy of them in memory)."""
+    """Write data (bytes, or a function that writes to the open file) to path through a temporary
+    file and a rename: readers never see a half-written file, and on a full disk the previous one stays."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -1074,8 +1072,7 @@ def atomic_write_bytes(path, data):
 
 
 def atomic_save(obj, path):
-    """torch.save(obj) to path atomically: a temporary file, flushed to disk, then a rename."""
-    # Straight into the file: a buffer in memory would hold a second copy of every weight.
+    """torch.save(obj) to path atomically, straight into the file (no second copy in memory)."""
     atomic_write_bytes(path, lambda f: torch.save(obj, f))
 
 
@@ -1085,9 +1082,8 @@ def write_json(path, obj):
 
 
 def decode_utf8(raw, source):
-    """Bytes of a text file -> str. A byte-order mark is dropped (editors on Windows
-    write one); Windows line endings are left to the reader. Raises ValueError naming
-    `source`, the byte offset and the line of the first byte that is not UTF-8."""
+    """Bytes of a text file -> str, without a byte-order mark (Windows editors write one). Raises
+    ValueError naming `source`, the byte offset and the line of the first byte that is not UTF-8."""
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")  # not "utf-8-sig": offsets count the mark
     except UnicodeDecodeError as e:
@@ -1099,10 +1095,8 @@ def decode_utf8(raw, source):
 
 
 def existing_file(path, flag):
-    """Path(path), after checking that it exists and is not a folder: a regular file, or
-    something read like one (/dev/null, a pipe such as the shell's <(...), /dev/stdin).
-    Raises FileNotFoundError naming `flag`: "FLAG PATH: no such file", or for a folder
-    "FLAG PATH: a folder, not a file"."""
+    """Path(path) when it exists and is no folder (a pipe such as <(...) is fine). Raises
+    FileNotFoundError: "FLAG PATH: no such file" or "FLAG PATH: a folder, not a file"."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{flag} {path}: a folder, not a file")
@@ -1112,8 +1106,7 @@ def existing_file(path, flag):
 
 
 def read_json(path, source):
-    """Parse a UTF-8 JSON file (a byte-order mark is allowed) -> object. Raises
-    FileNotFoundError or ValueError naming `source` and the file."""
+    """Parse a UTF-8 JSON file -> object. Raises FileNotFoundError or ValueError naming `source` and the file."""
     path = existing_file(path, source)
     return parse_json(decode_utf8(path.read_bytes(), f"{source} {path}"), f"{source} {path}")
 
@@ -1130,20 +1123,16 @@ def parse_json(text, source):
 
 # --- Downloads: verified by size and SHA-256, renamed into place whole -------------------
 #
-# Every download is checked before it counts: the files this project names (data sets)
-# carry a pinned size and SHA-256; the Hub's large (LFS) files the SHA-256 the Hub
-# announces; its small files (config.json, tokenizer.json), which have only a git SHA-1,
-# their size and a parse. A wrong hash catches a cut file, a web page sent in its place
-# and a bad resumed range alike. The bytes go to a temporary file of this process and
-# thread, renamed into place (`os.replace`) once checked: a reader never sees a partial
-# file, and processes that fetch the same file at once (torchrun ranks) need no lock.
+# A download counts only once checked: data sets by a pinned size and SHA-256, the Hub's large
+# files by the SHA-256 it announces, its small ones by a parse. A wrong hash catches a cut file,
+# a web page sent instead and a bad resumed range alike. Each process and thread writes its own
+# temporary file, renamed into place: no reader sees a partial file, and torchrun ranks need no lock.
 
 
 def verify_file(path, *, size=None, sha256=None, member=None, check=None):
-    """Raise ValueError naming the file when it is not the expected one: its size (bytes)
-    or SHA-256 (hex) differ from those given, or those of its zip member `member` (a zip
-    made anew may differ byte-wise while the member does not), or `check(path)`, a parse
-    of the file, raises ValueError. Nothing given: nothing checked."""
+    """Raise ValueError naming the file when its size (bytes) or SHA-256 (hex), or those of its zip
+    member `member` (a zip made anew differs while the member does not), differ from those given,
+    or when `check(path)` (a parse) raises ValueError."""
     what = path if member is None else f"{path} (member {member})"
     if check is not None:
         check(path)
@@ -1182,13 +1171,10 @@ def download_file(url, dest, *, size=None, sha256=None, member=None, check=None,
                   retries=3, timeout=30):
     """Download url to dest -> dest as a Path; a dest that passes the checks is used as it is.
 
-    size, sha256, member, check: as `verify_file`, applied to the download before it is
-    renamed to dest and to a cached dest (see `cached_file`). A connection that breaks off
-    is resumed with an HTTP Range request, up to `retries` attempts; `timeout` is in seconds
-    per network read; `headers` are extra HTTP headers (an access token). A progress line
-    goes to stderr unless `quiet`. Whatever fails, Ctrl-C included, deletes the temporary
-    file and the folders made for it. Raises RuntimeError, one line naming the URL: an HTTP
-    error status, a failed request or a download that fails the checks.
+    size, sha256, member, check: see `verify_file`. A broken connection resumes with an HTTP
+    Range request, up to `retries` attempts; `timeout`: seconds per read; `headers`: an access
+    token. Whatever fails, Ctrl-C included, deletes the temporary file and the folders made for it.
+    Raises RuntimeError naming the URL: an HTTP error, a failed request, a download failing the checks.
     """
     dest = Path(dest)
     checks = {"size": size, "sha256": sha256, "member": member, "check": check}
@@ -1223,8 +1209,8 @@ _FATAL_REQUEST_ERRORS = {
 
 
 def _transfer(url, part, label, headers, quiet, retries, timeout):
-    """The network half of `download_file`: bring `part` up to the whole of url, asking for
-    the bytes it lacks (Range) after a break. A body short of its Content-Length is a break."""
+    """The network half of `download_file`: bring `part` up to the whole of url, asking for the
+    bytes it lacks (Range) after a break; a body short of its Content-Length is a break."""
     reason = None
     for attempt in range(retries):
         if reason is not None and not quiet:
@@ -1259,14 +1245,9 @@ def _transfer(url, part, label, headers, quiet, retries, timeout):
 
 
 def fetch_dataset(urls, filename, *, flag="--data", size=None, sha256=None, member=None, quiet=False):
-    """Path of a data file in the cache, downloaded once from the first of `urls` that works.
-
-    The file lands in <cache>/data/<key>/<filename> (see `cache_dir`), where key is the
-    first 12 hex digits of the SHA-256 of urls[0] (the others are mirrors of the same
-    file). size, sha256 and member: see `download_file`; each use checks the cached file
-    again. Raises RuntimeError naming every URL tried and the command-line `flag` that
-    takes a local copy instead, when none of them works.
-    """
+    """Path of a data file in <cache>/data/<hash of urls[0]>/<filename>, downloaded once from the
+    first of `urls` (mirrors) that works; size, sha256, member: see `verify_file`. Raises
+    RuntimeError naming every URL tried and the `flag` that takes a local copy instead."""
     dest = cache_dir() / "data" / hashlib.sha256(urls[0].encode()).hexdigest()[:12] / filename
     errors = []
     for url in urls:
@@ -1279,11 +1260,8 @@ def fetch_dataset(urls, filename, *, flag="--data", size=None, sha256=None, memb
 
 
 def plot_curves(path, panels, xlabel):
-    """Save line plots side by side as a PNG; return the path, or None without matplotlib.
-
-    panels: {panel title: {series label: (x values, y values)}}. matplotlib is an
-    optional extra: without it this prints a one-line note and returns None.
-    """
+    """Save line plots side by side as a PNG -> its path, or None (with a note) without matplotlib.
+    panels: {panel title: {series label: (x values, y values)}}."""
     try:
         import matplotlib
 
@@ -1475,39 +1453,32 @@ GPT2_SETTINGS = {
 }
 
 
-def check_settings(config_json, settings, source, prefix=""):
-    """Raise ValueError naming `source`, the key, its value and what is supported for the
-    first key of `settings` ({key: (test, supported)}) whose value in `config_json` fails
-    its test; `prefix` names the dict the keys are in, when it is not the file itself."""
+def check_settings(config_json, settings, prefix=""):
+    """Raise ValueError naming the key, its value and what is supported for the first key of
+    `settings` ({key: (test, supported)}) whose value in config_json fails its test; `prefix`
+    names the dict the keys are in, when it is not the file itself."""
     for key, (test, supported) in settings.items():
         if key in config_json and not test(config_json[key]):
-            raise ValueError(f"{source}: {prefix}{key} = {config_json[key]!r} is not supported "
-                             f"(this implementation: {supported})")
+            raise ValueError(f"{prefix}{key} = {config_json[key]!r} is not supported (this implementation: {supported})")
 
 
-def config_from_weights(tensors, config_json=None, source="config.json"):
-    """GPTConfig for a dict of GPT-2 tensors (keys without the `transformer.` prefix).
+def check_sizes(config_json, keys):
+    """Raise ValueError naming the first of `keys` whose value in config_json is not a positive integer."""
+    for key in keys:
+        value = config_json.get(key)
+        if type(value) is not int or value < 1:  # not isinstance: JSON's true is an int too
+            raise ValueError(f"{key!r} must be a positive integer, got {value!r}")
 
-    Uses the Hugging Face config.json dict when given; otherwise reads the sizes off the
-    tensor shapes. The number of heads leaves no trace in the shapes: it is taken from the
-    released size with the same width, else emb_dim / 64 (GPT-2's head size). Raises
-    ValueError naming `source` (the config file) and the key for a missing, non-integer
-    or non-positive size, sizes that do not fit together, or a setting this implementation
-    does not have (see `GPT2_SETTINGS`).
-    """
+
+def config_from_weights(tensors, config_json=None):
+    """GPTConfig of GPT-2 from transformers' config.json (a dict), else read off the shapes of the
+    tensors (keys without `transformer.`), where the heads leave no trace: those of the released
+    size of that width, else emb_dim / 64. Raises ValueError naming the key of a bad size or of a
+    setting this implementation does not have (see `GPT2_SETTINGS`)."""
     if config_json is not None:
-        if not isinstance(config_json, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(config_json).__name__}")
-        for key in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"):
-            value = config_json.get(key)
-            if type(value) is not int or value < 1:  # not isinstance: True is an int too
-                raise ValueError(f"{source}: {key!r} must be a positive integer, got {value!r}")
-        if config_json["n_embd"] % config_json["n_head"]:
-            raise ValueError(f"{source}: 'n_embd' ({config_json['n_embd']}) must be divisible by "
-                             f"'n_head' ({config_json['n_head']})")
+        check_sizes(config_json, ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"))
         hidden = 4 * config_json["n_embd"]  # the MLP's width, n_inner, is GPT-2's: null means this
-        inner = {"n_inner": (_is(None, hidden), f"null or 4 * n_embd = {hidden}")}
-        check_settings(config_json, {**GPT2_SETTINGS, **inner}, source)
+        check_settings(config_json, {**GPT2_SETTINGS, "n_inner": (_is(None, hidden), f"null or 4 * n_embd = {hidden}")})
         return GPTConfig(
             vocab_size=config_json["vocab_size"],
             context_length=config_json["n_positions"],
@@ -1516,19 +1487,15 @@ def config_from_weights(tensors, config_json=None, source="config.json"):
             n_layers=config_json["n_layer"],
             norm_eps=float(config_json.get("layer_norm_epsilon", 1e-5)),
         )
-    for key in ("wte.weight", "wpe.weight"):
-        if key not in tensors:
-            raise ValueError(f"not a GPT-2 weights file: no tensor {key!r} (found {sorted(tensors)[:5]} ...)")
     vocab_size, emb_dim = tensors["wte.weight"].shape
-    n_layers = len({int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))})
     same_width = [c.n_heads for c in GPT_CONFIGS.values() if c.emb_dim == emb_dim]
-    n_heads = same_width[0] if same_width else max(1, emb_dim // 64)
     return GPTConfig(
         vocab_size=vocab_size,
-        context_length=tensors["wpe.weight"].shape[0],
+        # without wpe.weight: the strict loader names it as missing
+        context_length=len(tensors["wpe.weight"]) if "wpe.weight" in tensors else 1024,
         emb_dim=emb_dim,
-        n_heads=n_heads,
-        n_layers=n_layers,
+        n_heads=same_width[0] if same_width else max(1, emb_dim // 64),
+        n_layers=len({int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))}),
     )
 
 
@@ -1628,49 +1595,42 @@ ROPE_SETTINGS = {
 }
 
 
-def config_from_hub(config_json, source="config.json"):
-    """GPTConfig of the Llama family from a Hugging Face config.json (a dict) of a Llama
-    (Llama 3.2, SmolLM2) or Qwen3 model. Raises ValueError naming `source` and the key for
-    a missing size or a setting this implementation does not have (see `LLAMA_SETTINGS`
-    and `ROPE_SETTINGS`)."""
+def config_from_hub(config_json):
+    """GPTConfig of the Llama family from the config.json (a dict) of a Llama (Llama 3.2, SmolLM2)
+    or Qwen3 model. Raises ValueError (KeyError for a missing rope_scaling entry) naming the key of
+    a bad size or of a setting this implementation does not have (`LLAMA_SETTINGS`, `ROPE_SETTINGS`)."""
     model_type = config_json.get("model_type")
     if model_type not in HUB_MODEL_TYPES:
-        raise ValueError(f"{source}: model_type {model_type!r} is not supported; "
-                         f"supported: {', '.join(HUB_MODEL_TYPES)}")
-    sizes = ("vocab_size", "max_position_embeddings", "hidden_size", "num_attention_heads", "num_hidden_layers")
-    for key in sizes + ("intermediate_size",):
-        if type(config_json.get(key)) is not int or config_json[key] < 1:
-            raise ValueError(f"{source}: {key!r} must be a positive integer, got {config_json.get(key)!r}")
-    check_settings(config_json, LLAMA_SETTINGS, source)
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(HUB_MODEL_TYPES)}")
+    check_sizes(config_json, ("vocab_size", "max_position_embeddings", "hidden_size", "num_attention_heads",
+                              "num_hidden_layers", "intermediate_size"))
+    check_settings(config_json, LLAMA_SETTINGS)
     rope_key = "rope_parameters" if config_json.get("rope_parameters") else "rope_scaling"  # transformers 5 / 4
     rope = config_json.get(rope_key) or {}
-    check_settings(rope, ROPE_SETTINGS, source, prefix=f"{rope_key}.")
+    check_settings(rope, ROPE_SETTINGS, prefix=f"{rope_key}.")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     theta = config_json.get("rope_theta", rope.get("rope_theta", 10000.0))  # 0 is refused above, not a default
     scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     attention_bias = bool(config_json.get("attention_bias", False))
-    try:
-        return GPTConfig(
-            family="llama",
-            vocab_size=config_json["vocab_size"],
-            context_length=config_json["max_position_embeddings"],
-            emb_dim=config_json["hidden_size"],
-            n_heads=config_json["num_attention_heads"],
-            n_layers=config_json["num_hidden_layers"],
-            n_kv_heads=config_json.get("num_key_value_heads"),
-            head_dim=config_json.get("head_dim"),
-            hidden_dim=config_json["intermediate_size"],
-            rope_theta=float(theta),
-            rope_scaling={key: rope[key] for key in scaling_keys} if rope_type == "llama3" else None,
-            norm_eps=float(config_json.get("rms_norm_eps", 1e-6)),
-            qkv_bias=attention_bias,
-            out_bias=attention_bias,
-            mlp_bias=bool(config_json.get("mlp_bias", False)),
-            tie_embeddings=bool(config_json.get("tie_word_embeddings", False)),
-            **HUB_MODEL_TYPES[model_type],
-        )
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{source}: {e}") from None
+    return GPTConfig(
+        family="llama",
+        vocab_size=config_json["vocab_size"],
+        context_length=config_json["max_position_embeddings"],
+        emb_dim=config_json["hidden_size"],
+        n_heads=config_json["num_attention_heads"],
+        n_layers=config_json["num_hidden_layers"],
+        n_kv_heads=config_json.get("num_key_value_heads"),
+        head_dim=config_json.get("head_dim"),
+        hidden_dim=config_json["intermediate_size"],
+        rope_theta=float(theta),
+        rope_scaling={key: rope[key] for key in scaling_keys} if rope_type == "llama3" else None,
+        norm_eps=float(config_json.get("rms_norm_eps", 1e-6)),
+        qkv_bias=attention_bias,
+        out_bias=attention_bias,
+        mlp_bias=bool(config_json.get("mlp_bias", False)),
+        tie_embeddings=bool(config_json.get("tie_word_embeddings", False)),
+        **HUB_MODEL_TYPES[model_type],
+    )
 
 
 # --- One loader: a model and its tokenizer from any source ------------------------------
@@ -1790,12 +1750,11 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
         raise ValueError(f"{source}: no config.json beside it, and its tensors are not GPT-2's (no wte.weight): "
                          "put the model's config.json beside the weights")
     score = tensors.pop("score.weight", None)  # a ...ForSequenceClassification: `score` is its head
-    if model_type == "gpt2":
-        cfg = config_from_weights(tensors, config_json, source=f"{source} config.json")
-        layout = {}
-    else:
-        cfg = config_from_hub(config_json, source=f"{source} config.json")
-        layout = {"ignored": _LLAMA_IGNORED_KEYS, "transposed": ()}
+    try:
+        cfg = config_from_weights(tensors, config_json) if model_type == "gpt2" else config_from_hub(config_json)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{source} config.json: {e}") from None
+    layout = {} if model_type == "gpt2" else {"ignored": _LLAMA_IGNORED_KEYS, "transposed": ()}
     if score is not None:
         cfg = dataclasses.replace(cfg, tie_embeddings=True)  # no language-model head to load
     model = empty_model(cfg)
