@@ -1305,15 +1305,13 @@ SAFETENSORS_DTYPES = {
 
 
 def read_safetensors(path):
-    """Read a .safetensors file -> dict of name -> tensor, memory-mapped (no copy).
+    """Read a .safetensors file -> {name: tensor}, each a view of a private (copy-on-write) memory
+    mapping of its own bytes: no memory is used until they are touched, and dropping it frees them.
 
-    The format: 8 bytes little-endian header length N, N bytes of JSON mapping each name
-    to {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the end of
-    the header), then the raw little-endian tensor bytes. Each tensor is a view of a
-    private (copy-on-write) memory mapping of its own bytes: reading costs no memory
-    until the bytes are touched, and dropping the tensor releases them. Raises
-    FileNotFoundError when it does not exist, ValueError naming the file and the first
-    problem for a truncated or malformed one (one bounds check per tensor catches both).
+    The format: 8 bytes little-endian header length N, N bytes of JSON mapping each name to
+    {"dtype", "shape", "data_offsets": [begin, end]} (from the end of the header), then the raw
+    little-endian bytes. Raises FileNotFoundError, or ValueError naming the file and the first
+    problem of a truncated or malformed one (one bounds check per tensor catches both).
     """
     path = Path(path)
     file_size = path.stat().st_size
@@ -1330,8 +1328,7 @@ def read_safetensors(path):
 
 
 def _map_tensor(f, name, info, data_start, file_size):
-    """One header entry of an open safetensors file -> its bytes mapped as a tensor,
-    once they are checked to lie inside the file and to hold shape x dtype."""
+    """One header entry -> its bytes mapped as a tensor, once checked to lie in the file and hold shape x dtype."""
     if info["dtype"] not in SAFETENSORS_DTYPES:
         raise ValueError(f"tensor {name!r}: unknown dtype {info['dtype']!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
     dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
@@ -1351,13 +1348,11 @@ def _map_tensor(f, name, info, data_start, file_size):
 def hub_file(repo, filename, *, quiet=False, missing_ok=False):
     """Path of `filename` of the Hub model `repo` ("owner/model"), downloaded once.
 
-    Looks in the Hugging Face cache, then in <cache>/<repo>/<filename> (see `cache_dir`;
-    GPT-2's released sizes in <cache>/<size>/), where a .safetensors or .json file must
-    parse; else downloads it from $HF_ENDPOINT (default https://huggingface.co) with the
-    token in $HF_TOKEN, checked against the SHA-256 and size the Hub announces for large
-    files (X-Linked-Etag, X-Linked-Size) and by that parse. Returns None for a file the
-    Hub does not have when missing_ok. Raises RuntimeError offline (naming what to pass
-    instead), for a gated model (what to do) and as `download_file` does.
+    Looks in the Hugging Face cache and ours (`local_hub_file`), else downloads it from
+    $HF_ENDPOINT (default https://huggingface.co) with the token in $HF_TOKEN, checked by the
+    SHA-256 and size the Hub announces for large files and by a parse. None for a file the Hub
+    lacks when missing_ok. Raises RuntimeError offline, for a gated model (what to do) and as
+    `download_file` does.
     """
     local = local_hub_file(repo, filename)
     if local is not None:
@@ -1399,7 +1394,8 @@ def _parse_check(filename):
 
 
 def local_hub_file(repo, filename):
-    """Path of a file of a Hub model already on disk (see `hub_file`), or None."""
+    """Path of a file of a Hub model on disk, or None: in the Hugging Face cache, else in
+    <cache>/<repo>/ (GPT-2's sizes in <cache>/<size>/), where a .safetensors or .json file must parse."""
     hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" /
                                                       "huggingface") / "hub")
     model = hub / f"models--{repo.replace('/', '--')}"
@@ -1421,14 +1417,11 @@ _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "m
 
 # --- config.json: the settings that change what a model computes ---------------------------
 #
-# A Hugging Face config.json holds sizes, settings that change what the model computes
-# (activation, norm epsilon, attention scaling, ...) and bookkeeping (architectures, dtype,
-# transformers_version, token ids, dropout, initializer_range, ...). The tables below list
-# the settings, as {key: (test of its value, what this implementation supports)}. A model
-# whose file asks for something else is refused, not loaded as a different model that
-# computes other logits without a word. A listed key that is absent takes transformers'
-# default, which is what is implemented. Keys not listed are ignored: bookkeeping changes
-# nothing that loading must reproduce, and the keys a newer transformers adds keep loading.
+# The tables list the settings that change what a model computes (activation, norm epsilon,
+# attention scaling, ...) as {key: (test of its value, what this implementation supports)}. A
+# file asking for something else is refused, not loaded as a model that computes other logits.
+# An absent key means transformers' default, which is implemented; other keys are bookkeeping
+# (architectures, dtype, dropout, ...) and ignored, so keys a newer transformers adds keep loading.
 
 
 def _positive_number(value):
@@ -1501,9 +1494,8 @@ def config_from_weights(tensors, config_json=None):
 
 @contextlib.contextmanager
 def _no_random_initialisation():
-    """While active, torch.nn.init's fills leave tensors as they are (transformers'
-    `no_init_weights` does the same): a model whose weights are about to be loaded needs
-    no random values, and on the meta device the fills would cost seconds of imports."""
+    """While active, torch.nn.init's fills do nothing (as transformers' `no_init_weights`): a model
+    about to be loaded needs no random values, and on the meta device they cost seconds of imports."""
     names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
     saved = {name: getattr(nn.init, name) for name in names}
     for name in names:
@@ -1516,9 +1508,8 @@ def _no_random_initialisation():
 
 
 def empty_model(cfg):
-    """Model of cfg (see `build_model`) whose parameters are placeholders on the meta device,
-    without memory or values, for a loader to assign the real tensors to: nothing is
-    allocated twice."""
+    """Model of cfg (`build_model`) with placeholder parameters on the meta device, without memory or
+    values, for a loader to assign the real tensors to: nothing is allocated twice."""
     with torch.device("meta"), _no_random_initialisation():
         return build_model(cfg)
 
@@ -1527,14 +1518,12 @@ def load_weights_into(
     model, tensors, *, device="cpu", dtype=torch.float32, source="weights",
     ignored=_IGNORED_KEYS, transposed=_TRANSPOSED
 ):
-    """Put GPT-2 tensors (release names, `transformer.` prefix already removed) into model.
+    """Put GPT-2 tensors (release names without `transformer.`; the Llama family's without `model.`,
+    with that family's `ignored` and `transposed`) into model, which may be on the meta device.
 
-    Each tensor is copied once, to `device` in `dtype`, and becomes the parameter, so the
-    model may be built on the meta device: nothing is allocated twice. Consumes `tensors`:
-    each is dropped right after its copy, so a memory-mapped file's pages leave memory one
-    tensor at a time. Strict: raises ValueError listing every missing, unexpected or
-    mis-shaped tensor (before anything is copied). Llama family: its names (`model.`
-    prefix removed), `ignored` and `transposed` of that family (see `model_from_tensors`).
+    Each tensor is copied once, to `device` in `dtype`, and becomes the parameter; `tensors` is
+    consumed, so a memory-mapped file leaves memory one tensor at a time. Strict: raises ValueError
+    listing every missing, unexpected or mis-shaped tensor, before anything is copied.
     """
     tied = model.lm_head.weight is model.wte.weight
     params = {name: p for name, p in model.state_dict(keep_vars=True).items()
@@ -1644,20 +1633,17 @@ HUB_NAME = re.compile(r"\w[\w.-]*/\w[\w.-]*")
 def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     """Load a model and its tokenizer -> (model in eval mode on `device` in `dtype`, `Tokenizer`).
 
-    source, whatever it is, loads the same way (`model(idx)` gives logits, `generate` text):
-    - a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"): its weights
-      downloaded once from openai-community/<size> on the Hugging Face Hub, GPT-2's tokenizer;
-    - a Hub name "owner/model": config.json, weights and tokenizer files, downloaded once
-      (`hub_file`; a gated model needs HF_TOKEN);
+    source, whatever it is, loads the same way:
+    - a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), downloaded once
+      from openai-community/<size> on the Hugging Face Hub;
+    - a Hub name "owner/model", downloaded once (`hub_file`; a gated model needs HF_TOKEN);
     - a folder as transformers' `save_pretrained` or `export_hf` writes it;
-    - a .safetensors file: the config.json and tokenizer files beside it, when there;
-    - a checkpoint of this project (any other file): its config, weights and tokenizer.
-    What a model is is read from its content: config.json's model_type (gpt2, llama,
-    qwen3), else the tensor names (GPT-2's `wte.weight`); a classifier (a checkpoint with
-    class names, or a ...ForSequenceClassification folder) gets its head and `labels`.
-    The model is built on the meta device and each tensor copied once from the
-    memory-mapped file. Raises FileNotFoundError for a missing path or model files,
-    ValueError for a file that does not fit (naming it), RuntimeError when a download fails.
+    - a .safetensors file, with the config.json and tokenizer files beside it, when there;
+    - a checkpoint of this project (any other file).
+    The kind of model is read from config.json's model_type (gpt2, llama, qwen3), else from the
+    tensor names; a classifier (class names, or ...ForSequenceClassification) gets its head and
+    `labels`. Each tensor is copied once from the memory-mapped file. Raises FileNotFoundError
+    for a missing path, ValueError naming a file that does not fit, RuntimeError for a failed download.
     """
     path = Path(source)
     if path.is_file() and path.suffix != ".safetensors":
@@ -1677,10 +1663,9 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
 
 
 def model_files(source, *, quiet=False):
-    """Where a model's parts are -> (config.json as a dict or None, [safetensors paths],
-    {tokenizer file name: text}). A folder, a .safetensors file (its folder's config and
-    tokenizer), a released GPT-2 size or a Hub name, downloading what is missing. Raises
-    FileNotFoundError when `source` is none of these, or a folder holds no weights."""
+    """A model's parts -> (config.json as a dict or None, [safetensors paths], {tokenizer file: text}),
+    for a folder, a .safetensors file, a released GPT-2 size or a Hub name (downloading what is
+    missing). Raises FileNotFoundError when `source` is none of these, or a folder holds no weights."""
     path = Path(source)
     if path.is_dir() or (path.suffix == ".safetensors" and path.is_file()):
         folder = path if path.is_dir() else path.parent
@@ -1720,9 +1705,8 @@ def model_files(source, *, quiet=False):
 
 
 def hub_tokenizer_files(repo, *, quiet=False):
-    """{file name: text} of the tokenizer files (TOKENIZER_FILES) a Hub model has, downloaded
-    together once: when its tokenizer.json is on disk, the files on disk are all it has (the
-    Hub is not asked again for the optional ones it lacks, so a cached model loads offline)."""
+    """{file name: text} of the TOKENIZER_FILES a Hub model has, downloaded together once: with its
+    tokenizer.json on disk, the Hub is not asked for the others again (a cached model loads offline)."""
     downloaded = local_hub_file(repo, "tokenizer.json") is None
     files = {}
     for name in TOKENIZER_FILES:
@@ -1738,10 +1722,9 @@ def shard_names(index):
 
 
 def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torch.float32):
-    """The model of Hugging Face tensors (names as transformers saves them) and config.json
-    (a dict, or None: GPT-2 sizes from the tensor shapes) -> model in eval mode. A
-    ...ForSequenceClassification's `score` becomes a classifier head. Raises ValueError
-    naming `source` for a model type this project lacks or tensors that do not fit."""
+    """Model in eval mode of tensors named as transformers saves them and config.json (a dict, or
+    None: GPT-2 sizes from the shapes); a ...ForSequenceClassification's `score` becomes a classifier
+    head. Raises ValueError naming `source` for a model type this project lacks or tensors that do not fit."""
     if config_json is not None and not isinstance(config_json, dict):
         raise ValueError(f"{source}: its config.json holds a {type(config_json).__name__}, not a JSON object")
     tensors = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in tensors.items()}
@@ -1767,9 +1750,8 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
 
 
 def add_classifier_head(model, labels, bias=True):
-    """Replace the language-model head by nn.Linear(emb_dim, len(labels)): a classifier that
-    reads the last hidden state (finetune_classify.py). The class names travel with the
-    model as `model.labels`. Random initialisation from the global torch seed."""
+    """Replace the language-model head by a random nn.Linear(emb_dim, len(labels)), a classifier
+    (finetune_classify.py); the class names travel with the model as `model.labels`."""
     model.lm_head = nn.Linear(model.cfg.emb_dim, len(labels), bias=bias).to(model.wte.weight.device)
     model.labels = list(labels)
     return model
@@ -1787,11 +1769,9 @@ def unwrap_model(model):
 
 
 def save_checkpoint(path, model, tokenizer, **extra):
-    """Save a model whole, atomically: config, weights, its tokenizer by content
-    (`Tokenizer.state`), a classifier's class names, and any extra entries (optimizer
-    state, step, RNG states, ...). Wrappers are removed first, so the keys never carry
-    `module.` or `_orig_mod.` prefixes. Extra values must be tensors, numbers, strings,
-    or lists/dicts of them, so that `load_checkpoint` can read them with weights_only."""
+    """Save a model whole, atomically: config, weights (without wrappers' `module.` or `_orig_mod.`),
+    its tokenizer by content (`Tokenizer.state`), a classifier's class names and `extra` entries
+    (optimizer state, step, ...: tensors, numbers, strings or lists/dicts of them, for weights_only)."""
     model = unwrap_model(model)
     labels = {"labels": model.labels} if hasattr(model, "labels") else {}
     whole = {"config": dataclasses.asdict(model.cfg), "model": model.state_dict(), "tokenizer": tokenizer.state()}
@@ -1799,10 +1779,7 @@ def save_checkpoint(path, model, tokenizer, **extra):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint written by `save_checkpoint` -> dict (safely: weights_only=True).
-
-    Raises ValueError when the file is not such a checkpoint.
-    """
+    """Read a checkpoint of `save_checkpoint` -> dict (weights_only: safely). Raises ValueError for another file."""
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception:
@@ -1814,9 +1791,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
-    """The model (`GPTModel` or `LlamaModel`, see `build_model`; a classifier when the
-    checkpoint has class names) of a `load_checkpoint` dict, in eval mode. Raises
-    ValueError when the weights do not fit the config, naming the first tensor that does not fit."""
+    """The model of a `load_checkpoint` dict (a classifier when it has class names), in eval mode.
+    Raises ValueError naming the first tensor that does not fit the config."""
     model = empty_model(GPTConfig(**checkpoint["config"]))
     if "labels" in checkpoint:
         add_classifier_head(model, checkpoint["labels"], bias="lm_head.bias" in checkpoint["model"])
@@ -1846,12 +1822,9 @@ _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(path, tensors, metadata=None):
-    """Write {name: tensor} as a .safetensors file, the inverse of `read_safetensors`: the
-    header (each tensor's dtype, shape and data_offsets, and `__metadata__`, a dict of
-    strings, when given), padded with spaces to a multiple of 8 bytes as the reference
-    writer pads it, then each tensor's bytes, row-major, little-endian. Flushed to disk
-    but not atomic: `write_hf_folder` renames. Raises OSError when the file system refuses.
-    """
+    """Write {name: tensor} as a .safetensors file (see `read_safetensors`), with `__metadata__` (a dict
+    of strings) when given, the header padded with spaces to a multiple of 8 bytes as the reference
+    writer pads it. Not atomic: `write_hf_folder` renames. Raises OSError when the file system refuses."""
     header = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, tensor in tensors.items():
@@ -1874,8 +1847,7 @@ def write_safetensors(path, tensors, metadata=None):
 
 
 def _tensor_bytes(tensor):
-    """A tensor's raw bytes, row-major, as a bytearray (torch has no bytes(tensor): the
-    bytes are copied into a bytearray seen as a uint8 tensor; one tensor at a time)."""
+    """A tensor's raw bytes, row-major, as a bytearray (torch has no bytes(tensor))."""
     flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
     buffer = bytearray(flat.numel())
     if buffer:  # torch.frombuffer refuses an empty buffer
@@ -1895,22 +1867,16 @@ GPT2_TOKENIZER_FILES = (
 
 def gpt2_vocabulary_files():
     """GPT-2's tokenizer as transformers reads it -> (vocab.json, merges.txt) as bytes: OpenAI's
-    encoder.json and vocab.bpe, read from tiktoken's cache (`get_tokenizer` needs the same two
-    files: downloaded once, checked by SHA-256; offline, TIKTOKEN_CACHE_DIR points to them)."""
+    encoder.json and vocab.bpe, from tiktoken's cache (downloaded once and checked by SHA-256)."""
     get_tokenizer()  # says what to do when the files are neither cached nor downloadable
     vocab, merges = (tiktoken.load.read_file_cached(url, sha256) for url, sha256 in GPT2_TOKENIZER_FILES)
     return vocab, merges
 
 
 def hf_tokenizer_files(tokenizer, **settings):
-    """A `Tokenizer` as the files transformers reads -> {file name: bytes or JSON-able}.
-
-    GPT-2's: vocab.json and merges.txt (`gpt2_vocabulary_files`) and a tokenizer_config.json
-    naming the class and the special token <|endoftext|> (50256). Any other: the files it
-    was read from, as they were (`Tokenizer.files`: tokenizer.json, tokenizer_config.json,
-    chat_template.jinja, ...). settings: entries of tokenizer_config.json to set, e.g.
-    model_max_length (tokens), or pad_token for a classifier that reads padded batches.
-    """
+    """A `Tokenizer` as the files transformers reads -> {file name: bytes or JSON-able}: GPT-2's
+    vocab.json, merges.txt and a tokenizer_config.json, or any other's files as read
+    (`Tokenizer.files`). settings: tokenizer_config.json entries to set (model_max_length, pad_token)."""
     if not tokenizer.files:
         vocab, merges = gpt2_vocabulary_files()
         config = {
@@ -1931,14 +1897,11 @@ def hf_tokenizer_files(tokenizer, **settings):
 
 
 def hf_tensors(model, dtype=torch.float32):
-    """The weights of a GPTModel under transformers' GPT-2 names -> {name: tensor in dtype}
-    (a LlamaModel: under LlamaForCausalLM's names, `model.` prefix and `lm_head`).
+    """A model's weights under transformers' names -> {name: tensor in dtype}, LoRA merged into a copy.
 
-    Names get the `transformer.` prefix of GPT2LMHeadModel; the four Conv1D weights go
-    back to the release's [in_features, out_features] layout; the head is left out (tied
-    to wte, stored once, as released; a classifier's own head is its exporter's to add).
-    LoRA adapters are merged into a copy: the caller's model keeps them. A model without
-    query/key/value bias gets a zero bias, which transformers' GPT-2 always has.
+    GPT-2: `transformer.` names, the Conv1D weights as released ([in, out]), no head (tied to wte;
+    a classifier's is added by `export_hf`) and a zero query/key/value bias when the model has
+    none, as transformers' GPT-2 always has one. Llama family: `model.` names and `lm_head`.
     """
     model = unwrap_model(model)
     if any(isinstance(module, LoRALinear) for module in model.modules()):
@@ -1962,41 +1925,33 @@ def hf_tensors(model, dtype=torch.float32):
     return tensors
 
 
-def hf_config(cfg, dtype, architecture="GPT2LMHeadModel", **extra):
-    """config.json of transformers' GPT-2 for a GPTConfig -> dict; `extra` entries are added."""
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": [architecture],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.context_length,
-        "n_ctx": cfg.context_length,
-        "n_embd": cfg.emb_dim,
-        "n_layer": cfg.n_layers,
-        "n_head": cfg.n_heads,
-        "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
-        "layer_norm_epsilon": cfg.norm_eps,
-        "resid_pdrop": cfg.drop_rate,
-        "embd_pdrop": cfg.drop_rate,
-        "attn_pdrop": cfg.drop_rate,
-        "tie_word_embeddings": True,
-        "torch_dtype": dtype_name,  # transformers 4 reads this name,
-        "dtype": dtype_name,  # transformers 5 this one
-        **extra,
-    }
-
-
-def hf_llama_config(cfg, dtype):
-    """config.json of transformers' LlamaForCausalLM for a Llama-family GPTConfig, or of
-    Qwen3ForCausalLM when it normalises queries and keys -> dict (`config_from_hub` reads
-    it back). Raises ValueError for biases neither class can express."""
+def hf_config(cfg):
+    """config.json of transformers' GPT2LMHeadModel, LlamaForCausalLM or, when queries and keys are
+    normalised, Qwen3ForCausalLM for a GPTConfig -> dict (`load` reads it back). Raises ValueError
+    for Llama-family biases neither class can express."""
+    if cfg.family == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.context_length,
+            "n_ctx": cfg.context_length,
+            "n_embd": cfg.emb_dim,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.drop_rate,
+            "embd_pdrop": cfg.drop_rate,
+            "attn_pdrop": cfg.drop_rate,
+            "tie_word_embeddings": True,
+        }
     if cfg.qkv_bias != cfg.out_bias or (cfg.qk_norm and cfg.mlp_bias):
         raise ValueError(
             "this model's biases have no Llama or Qwen3 config.json: attention_bias is one switch for the "
             "q, k, v and o projections, and Qwen3 has no MLP biases"
         )
     rope = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else {"rope_type": "default"}
-    dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
         "model_type": "qwen3" if cfg.qk_norm else "llama",
@@ -2016,25 +1971,20 @@ def hf_llama_config(cfg, dtype):
         "attention_bias": cfg.qkv_bias,
         **({} if cfg.qk_norm else {"mlp_bias": cfg.mlp_bias}),
         "tie_word_embeddings": cfg.tie_embeddings,
-        "torch_dtype": dtype_name,
-        "dtype": dtype_name,
     }
 
 
 def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=False, max_length=None):
     """Write a model as a Hugging Face model folder -> its Path.
 
-    model_or_source: a model with its `Tokenizer` (None: GPT-2's), or whatever `load`
-    loads, loaded after the folder is checked. The folder holds what transformers'
-    `AutoModelForCausalLM` (GPT2LMHeadModel; LlamaForCausalLM or Qwen3ForCausalLM, see
-    `hf_llama_config`) and `AutoTokenizer` read: config.json and generation_config.json
-    with the tokenizer's token ids (`Tokenizer.token_ids`), model.safetensors in `dtype`
-    (default the weights' own) and the tokenizer's files (`hf_tokenizer_files`, the chat
-    template among them); `load(folder)` reads it back. A classifier (`model.labels`)
-    becomes a ...ForSequenceClassification (see `classifier_tensors`) that pads with the
-    end-of-text token and reads max_length tokens (default: the context length). Written
-    atomically (`write_hf_folder`). Raises ValueError as `check_vocabulary`,
-    `check_hf_folder`, `classifier_tensors` and `write_hf_folder` do.
+    model_or_source: a model with its `Tokenizer` (None: GPT-2's), or whatever `load` loads,
+    loaded after the folder is checked. The folder holds what transformers' AutoModelForCausalLM
+    (`hf_config`) and AutoTokenizer read: config.json and generation_config.json with the token ids,
+    model.safetensors in `dtype` (default the weights' own) and the tokenizer's files
+    (`hf_tokenizer_files`); `load(folder)` reads it back. A classifier (`model.labels`) becomes a
+    ...ForSequenceClassification (`classifier_tensors`) that pads with the end-of-text token and
+    reads max_length tokens (default: the context length). Written atomically (`write_hf_folder`).
+    Raises ValueError as `check_vocabulary`, `hf_config`, `classifier_tensors` and `write_hf_folder` do.
     """
     if not isinstance(model_or_source, nn.Module):
         check_hf_folder(folder, overwrite)  # before a load that may take minutes
@@ -2044,12 +1994,13 @@ def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=
     check_vocabulary(model, "export", tokenizer)
     dtype = dtype or model.wte.weight.dtype
     ids = tokenizer.token_ids()
-    config = {**(hf_llama_config if model.cfg.family == "llama" else hf_config)(model.cfg, dtype), **ids}
+    dtype_name = str(dtype).removeprefix("torch.")
+    config = {**hf_config(model.cfg), "torch_dtype": dtype_name, "dtype": dtype_name, **ids}  # transformers 4, 5
     tensors = hf_tensors(model, dtype)
     length = max_length or model.cfg.context_length
     settings = {"model_max_length": length}
     if hasattr(model, "labels"):
-        family = "GPT2" if model.cfg.family == "gpt2" else config["architectures"][0].removesuffix("ForCausalLM")
+        family = config["architectures"][0].removesuffix("LMHeadModel").removesuffix("ForCausalLM")
         config.update(architectures=[family + "ForSequenceClassification"], num_labels=len(model.labels),
                       id2label=dict(enumerate(model.labels)), label2id={name: i for i, name in enumerate(model.labels)},
                       pad_token_id=tokenizer.eot_id)
@@ -2078,10 +2029,9 @@ def classifier_tensors(model, dtype):
 
 
 def check_hf_folder(folder, overwrite=False):
-    """The absolute Path of folder, when an export may write it: absent, empty, or with
-    `overwrite` a model folder (one holding model.safetensors: --overwrite never deletes
-    a folder of other things, such as the one a user works in). Raises ValueError
-    naming the path and the fix otherwise."""
+    """The absolute Path of folder, when an export may write it: absent, empty, or with `overwrite`
+    a model folder (--overwrite never deletes a folder of other things). Raises ValueError naming
+    the path and the fix otherwise."""
     folder = Path(os.path.abspath(folder))  # "." and "out/" get a name, for the temporary folder beside them
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file, not a folder: choose another folder for the export")
@@ -2101,14 +2051,12 @@ def check_hf_folder(folder, overwrite=False):
 
 
 def write_hf_folder(folder, tensors, files, *, overwrite=False):
-    """Write model.safetensors (tensors, with the `__metadata__` {"format": "pt"} that
-    transformers checks) and `files` ({name: bytes or a JSON-able object}) as folder -> Path.
+    """Write model.safetensors (tensors) and `files` ({name: bytes or JSON-able}) as folder -> Path.
 
-    Atomic: everything goes to a temporary folder beside it, renamed to folder at the end,
-    so folder is complete or absent, never half-written. With `overwrite` an earlier export
-    is moved aside, the new one renamed in, and the old one deleted (put back when the
-    rename fails). Raises ValueError as `check_hf_folder`, before any work, and OSError
-    when the file system refuses; then nothing is left behind and an earlier export stays.
+    Atomic: all goes to a temporary folder beside it, renamed at the end; with `overwrite` an
+    earlier export is moved aside, then deleted (put back when the rename fails). Raises
+    ValueError as `check_hf_folder`, before any work, and OSError when the file system refuses:
+    then nothing is left behind and an earlier export stays.
     """
     folder = check_hf_folder(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
