@@ -1193,7 +1193,11 @@ def download_file(url, dest, *, size=None, sha256=None, member=None, check=None,
         os.replace(part, dest)
     except BaseException:
         part.unlink(missing_ok=True)
-        remove_empty_folders(made)
+        for folder in made:  # innermost first, while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     return dest
 
@@ -1452,7 +1456,8 @@ def check_settings(config_json, settings, prefix=""):
     names the dict the keys are in, when it is not the file itself."""
     for key, (test, supported) in settings.items():
         if key in config_json and not test(config_json[key]):
-            raise ValueError(f"{prefix}{key} = {config_json[key]!r} is not supported (this implementation: {supported})")
+            value = config_json[key]
+            raise ValueError(f"{prefix}{key} = {value!r} is not supported (this implementation: {supported})")
 
 
 def check_sizes(config_json, keys):
@@ -2119,10 +2124,8 @@ dropout_rate = _checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)"
 
 
 def folder_path(text):
-    """An argparse `type=` for a folder that is made when missing (--cache-dir): the text as
-    given, after checking that neither it nor a folder above it is a file, which would fail
-    later with a bare "[Errno 20] Not a directory". argparse then prints "argument --flag:
-    PATH: is a file, not a folder: ..." and exits 2."""
+    """An argparse `type=` for a folder made when missing (--cache-dir): the text, once neither it nor
+    a folder above it is a file (later a bare "[Errno 20] Not a directory")."""
     path = Path(text)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)  # the nearest that exists
     if existing is not None and not existing.is_dir():
@@ -2181,10 +2184,7 @@ def flag_name(setting):
 
 
 def given_flags(parser, argv=None):
-    """The settings that argv (default: sys.argv[1:]) sets explicitly -> dict.
-
-    Parses argv once more with every default suppressed, so a flag repeated with its
-    default value still counts as given."""
+    """The settings that argv (default: sys.argv[1:]) gives explicitly, even at their default -> dict."""
     parser = copy.deepcopy(parser)  # the caller's parser keeps its defaults
     for action in parser._actions:
         action.default = argparse.SUPPRESS
@@ -2224,43 +2224,25 @@ def print_settings(settings):
 
 
 def remove_stale_temporary_files(folder):
-    """Delete the temporary files (`.NAME.tmpPID...`) that writes of processes that are gone
-    left in folder (killed mid-write); a running process's files stay."""
+    """Delete the temporary files (`.NAME.tmpPID...`) of writes whose process is gone (killed mid-write)."""
     for tmp in Path(folder).glob(".*.tmp*"):
         match = re.fullmatch(r"\..+\.tmp(\d+)(\..*)?", tmp.name)
-        if match and not _process_is_running(int(match.group(1))):
-            tmp.unlink(missing_ok=True)
-
-
-def _process_is_running(pid):
-    """Whether a process with this id runs on this machine (signal 0 tests, sends nothing)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def remove_empty_folders(folders):
-    """rmdir each of folders in turn (innermost first), stopping at the first that is not
-    empty or not there: what a failed download made and left empty goes again."""
-    for folder in folders:
-        try:
-            folder.rmdir()  # only an empty folder: OSError otherwise
-        except OSError:
-            break
+        if match:
+            try:
+                os.kill(int(match.group(1)), 0)  # signal 0 tests whether the process runs, sends nothing
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except PermissionError:  # it runs, under another user
+                pass
 
 
 def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resumable=True):
-    """Check that out_dir can take this run, before any work starts; return it as a Path.
+    """out_dir as a Path, once checked to take this run, before any work starts.
 
-    The one run-folder rule: a folder that holds another run (any of `run_files`) is refused
-    unless `resume` (continue it; then it must hold a run) or `overwrite` (its run files are
-    deleted now). The folder is not made here: the run's first write makes it, so a run that
-    fails before writing leaves no empty folder. Raises ValueError naming the path and the
-    flag that helps. `resumable`: whether the script has --resume to suggest.
+    The one run-folder rule: a folder holding another run (any of `run_files`) is refused unless
+    `resume` (then it must hold one) or `overwrite` (its run files are deleted now). The run's first
+    write makes the folder, so a run failing before leaves none. Raises ValueError naming the path
+    and the flag that helps (--resume only when `resumable`).
     """
     out_dir = Path(out_dir)
     existing = next(p for p in (out_dir, *out_dir.resolve().parents) if p.exists())
@@ -2300,9 +2282,8 @@ def stderr_is_terminal():
 
 
 def show_progress(text):
-    """Overwrite the current status line on stderr with text (a long loop's progress). When
-    stderr is no terminal (a log file, a pipe), print it as a plain line instead, at most
-    every PLAIN_PROGRESS_SECONDS, so that a log holds readable lines, not hundreds of updates."""
+    """Overwrite the status line on stderr with text; without a terminal (a log file), print a plain
+    line at most every PLAIN_PROGRESS_SECONDS instead of hundreds of updates."""
     global _progress_line_open, _last_plain_progress
     if not stderr_is_terminal():
         if time.time() - _last_plain_progress >= PLAIN_PROGRESS_SECONDS:
@@ -2329,14 +2310,9 @@ def eta(started, done, total):
 
 
 def command_line(memory_hint="use a smaller --batch-size"):
-    """Decorator for a script's main(argv): the expected errors become one line.
-
-    ValueError, RuntimeError and OSError (a missing file, a full disk, ...) print
-    "error: <message>" and exit 1; out-of-memory (the GPU's, or a CPU allocation the system
-    refused) says `memory_hint`; Ctrl-C prints "interrupted" and exits 130 (the shell's code
-    for SIGINT); a reader that closed the output pipe (`| head`) ends the script quietly.
-    An open progress line is ended first.
-    """
+    """Decorator for a script's main(argv): ValueError, RuntimeError and OSError print "error: <message>"
+    and exit 1 (out of memory: `memory_hint`); Ctrl-C prints "interrupted" and exits 130; a closed
+    output pipe (`| head`) ends the script quietly."""
 
     def decorate(main):
         @functools.wraps(main)
@@ -2367,11 +2343,8 @@ def command_line(memory_hint="use a smaller --batch-size"):
 
 
 def make_adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
-    """AdamW over the trainable parameters of model, with weight decay on the weight
-    matrices and embeddings (two or more dimensions) only: biases and LayerNorm scales
-    and shifts are not decayed (as nanoGPT's configure_optimizers). Fused into one
-    kernel per step where this torch build has one for the device (CUDA; CPU since torch
-    2.4): the same update with fewer passes over memory."""
+    """AdamW over model's trainable parameters, decaying only matrices and embeddings (not biases and
+    norms, as nanoGPT), fused into one kernel per step where torch has one for the device."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -2462,13 +2435,6 @@ def rng_state():
     return state
 
 
-def set_rng_state(state, device):
-    """Restore what `rng_state` returned (the CUDA state only on a CUDA device)."""
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def training_memory(model):
     """Bytes that training model with AdamW needs before activations: every parameter's
     weight, plus for each trainable one its gradient and AdamW's two moments, in the
@@ -2477,10 +2443,9 @@ def training_memory(model):
 
 
 def check_training_memory(model, device, hint, processes=1):
-    """Raise RuntimeError, naming both sizes and `hint` (the flags that help), when training
-    model (`training_memory`, times `processes` of one machine) exceeds a CUDA device's free
-    memory or, elsewhere, the machine's memory (not checked where the system does not say, as
-    on Windows). A check before the work, as the system kills a process out of memory without a word."""
+    """Raise RuntimeError naming both sizes and `hint` (the flags that help) when `processes` x
+    `training_memory` exceeds the CUDA device's free memory or the machine's: before the work, as the
+    system kills a process out of memory without a word."""
     needed = processes * training_memory(model)
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
@@ -2497,11 +2462,9 @@ def check_training_memory(model, device, hint, processes=1):
 
 
 class StopSignal:
-    """While active, Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current
-    step, to save, instead of killing it: `requested` turns True, `signal_name` says which.
-    A second Ctrl-C stops at once in one process; under torchrun (single_process=False)
-    the launcher forwards the signal it receives, so repeats are ignored (torchrun kills
-    the workers after 30 s)."""
+    """While active, Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current step, to save:
+    `requested` turns True, `signal_name` says which. A second Ctrl-C stops at once in one process
+    (under torchrun, single_process=False, the launcher forwards repeats, so they are ignored)."""
 
     def __init__(self, single_process=True):
         self.requested, self.signal_name, self.single_process, self._previous = False, None, single_process, {}
@@ -2533,17 +2496,9 @@ def autocast_context(device, dtype_name="auto"):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype_name]), dtype_name
 
 
-def save_training_state(path, model, tokenizer, optimizer, **state):
-    """Save what an exact resume needs, atomically: the model and its tokenizer
-    (`save_checkpoint`), the optimizer's state and `state` (step, history, data position,
-    RNG states from `rng_state`, ...). On a full disk the previous file stays and OSError
-    names the file."""
-    save_checkpoint(path, model, tokenizer, optimizer=optimizer.state_dict(), **state)
-
-
 def restore_training_state(checkpoint, optimizer, device, rng):
-    """Load the optimizer's state from a `save_training_state` checkpoint (the model's weights
-    come with `model_from_checkpoint`) and set the RNG states `rng` (see `set_rng_state`)."""
+    """Load the optimizer's state from a checkpoint saved with optimizer=optimizer.state_dict() (the
+    weights come with `model_from_checkpoint`) and set the RNG states `rng` (of `rng_state`)."""
     fused = optimizer.defaults.get("fused")
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:
@@ -2556,4 +2511,6 @@ def restore_training_state(checkpoint, optimizer, device, rng):
                 # them element by element in memory order (and refuses other layouts on CUDA).
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                     state[name] = torch.empty_like(param).copy_(value)
-    set_rng_state(rng, device)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
