@@ -1565,10 +1565,8 @@ def load_weights_into(
 _LLAMA_IGNORED_KEYS = re.compile(r"(layers\.\d+\.self_attn\.rotary_emb\.inv_freq|lm_head\.weight)")
 # config.json's model_type -> the family's switches it turns on beyond Llama's layout
 HUB_MODEL_TYPES = {"llama": {}, "qwen3": {"qk_norm": True}}
-# The settings of the family's config.json (see `GPT2_SETTINGS`). attention_bias, mlp_bias,
-# head_dim and tie_word_embeddings are implemented, and read by `config_from_hub`.
-# pretraining_tp is not listed: transformers 4 split the matrix products into that many
-# slices, the same function, and transformers 5 ignores it.
+# The settings of the family's config.json (see `GPT2_SETTINGS`); the biases, head_dim and
+# tie_word_embeddings are read by `config_from_hub`. pretraining_tp only sliced the same products.
 LLAMA_SETTINGS = {
     "hidden_act": (_is("silu"), "'silu', the SwiGLU feed-forward layer"),
     "rms_norm_eps": (_positive_number, "a finite number > 0"),
@@ -1822,20 +1820,18 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
 # 10. Export to the Hugging Face format
 # ----------------------------------------------------------------------------------------
 
-# torch dtypes -> safetensors dtype names, the inverse of SAFETENSORS_DTYPES
-_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
 
 def write_safetensors(path, tensors, metadata=None):
     """Write {name: tensor} as a .safetensors file (see `read_safetensors`), with `__metadata__` (a dict
     of strings) when given, the header padded with spaces to a multiple of 8 bytes as the reference
     writer pads it. Not atomic: `write_hf_folder` renames. Raises OSError when the file system refuses."""
+    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     header = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, tensor in tensors.items():
         size = tensor.numel() * tensor.element_size()
-        dtype_name = _SAFETENSORS_NAMES[tensor.dtype]
-        header[name] = {"dtype": dtype_name, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": dtype_names[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
@@ -2111,9 +2107,8 @@ def _checked_number(convert, is_valid, requirement):
     return parse
 
 
-# Ranges of flags, declared with the flag: `type=gpt.positive_int`. NaN fails every float
-# check (every comparison with NaN is false) and infinity fails them too. Integers stay below
-# 2**63, torch's seed range, so that a seed is a non-negative integer.
+# Ranges of flags, declared with the flag: `type=gpt.positive_int`. NaN and infinity fail every
+# float check; integers stay below 2**63, torch's seed range.
 positive_int = _checked_number(int, lambda v: 1 <= v < 2**63, "an integer >= 1")
 non_negative_int = _checked_number(int, lambda v: 0 <= v < 2**63, "an integer >= 0")
 positive_float = _checked_number(float, lambda v: 0 < v < math.inf, "a finite number > 0")
@@ -2192,18 +2187,16 @@ def given_flags(parser, argv=None):
 
 
 def refuse_flags(parser, argv, settings, mode):
-    """Exit 2 through parser.error when argv gives any of `settings` (names such as "lr"),
-    flags that `mode` would ignore: "--evaluate does not use --lr, --epochs: drop them".
-    mode: the flag or phrase that decides, as the user typed it."""
+    """Exit 2 through parser.error when argv gives any of `settings` (names such as "lr"), which `mode`
+    (the flag that decides, as typed) would ignore: "--evaluate does not use --lr, --epochs: drop them"."""
     given = [flag_name(name) for name in settings if name in given_flags(parser, argv)]
     if given:
         parser.error(f"{mode} does not use {', '.join(given)}: drop {'them' if len(given) > 1 else 'it'}")
 
 
 def resume_settings(parser, argv, saved, may_change=()):
-    """The settings of a resumed run: the saved ones, plus the flags of `may_change`
-    given now (say --max-steps, to train on). Raises ValueError naming the flag and both
-    values when argv gives another flag a value that differs from the saved run's."""
+    """The settings of a resumed run: the saved ones, plus the flags of `may_change` given now (say
+    --max-steps). Raises ValueError naming the flag and both values when argv changes another one."""
     given = given_flags(parser, argv)
     for name, value in given.items():
         if name in saved and name not in may_change and saved[name] != value:
@@ -2406,9 +2399,8 @@ def set_drop_rate(model, drop_rate):
 
 @functools.lru_cache(maxsize=1)  # the current epoch's order, made once when training enters the epoch
 def epoch_order(n_items, seed, epoch):
-    """The order in which one epoch reads the training items: a permutation of range(n_items),
-    LongTensor [n_items], from (seed, epoch) alone, so that a resumed run reads what an
-    uninterrupted one would."""
+    """One epoch's order of the training items, a LongTensor permutation of range(n_items), from
+    (seed, epoch) alone: a resumed run reads what an uninterrupted one would."""
     # One seed per (seed, epoch) pair, distinct for fewer than 100,003 epochs; torch takes 64 bits.
     generator = torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64)
     return torch.randperm(n_items, generator=generator)
@@ -2436,9 +2428,8 @@ def rng_state():
 
 
 def training_memory(model):
-    """Bytes that training model with AdamW needs before activations: every parameter's
-    weight, plus for each trainable one its gradient and AdamW's two moments, in the
-    parameter's type. Full fine-tuning of Llama 3.2 1B in float32: 1.24e9 * 16 bytes = 19.8 GB."""
+    """Bytes that training with AdamW needs before activations: the weights, and each trainable one's
+    gradient and two moments (Llama 3.2 1B in float32: 1.24e9 * 16 bytes = 19.8 GB)."""
     return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
 
 
@@ -2486,9 +2477,8 @@ class StopSignal:
 
 
 def autocast_context(device, dtype_name="auto"):
-    """(context manager, dtype name) for the forward pass in dtype_name: "float32" (a no-op
-    context), "bfloat16" or "float16" (torch.autocast), or "auto" (bfloat16 on CUDA GPUs
-    that support it, else float32). Weights, gradients and optimizer state stay float32."""
+    """(context manager, dtype name) for the forward pass in "float32" (no-op), "bfloat16" or "float16"
+    (torch.autocast), or "auto" (bfloat16 on CUDA GPUs that have it, else float32)."""
     if dtype_name == "auto":
         dtype_name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype_name == "float32":
