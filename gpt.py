@@ -1428,20 +1428,20 @@ _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "m
 # (architectures, dtype, dropout, ...) and ignored, so keys a newer transformers adds keep loading.
 
 
-def _positive_number(value):
-    """A finite number > 0 (not a bool, which JSON's true would make 1)."""
-    return type(value) in (int, float) and math.isfinite(value) and value > 0
-
-
 def _is(*values):
     """Test that a value is one of `values`, compared by type too (JSON's true is not 1)."""
     return lambda value: any(type(value) is type(v) and value == v for v in values)
 
 
+# A finite number > 0 (by type: JSON's true is not 1)
+POSITIVE_NUMBER = (lambda value: type(value) in (int, float) and math.isfinite(value) and value > 0,
+                   "a finite number > 0")
+
+
 GPT2_SETTINGS = {
     "activation_function": (_is("gelu_new", "gelu_pytorch_tanh"),
                             "'gelu_new' or 'gelu_pytorch_tanh', GELU's tanh approximation"),
-    "layer_norm_epsilon": (_positive_number, "a finite number > 0"),
+    "layer_norm_epsilon": POSITIVE_NUMBER,
     "scale_attn_weights": (_is(True), "true, scores divided by the square root of the head size"),
     "scale_attn_by_inverse_layer_idx": (_is(False), "false"),
     "reorder_and_upcast_attn": (_is(False), "false"),
@@ -1569,8 +1569,8 @@ HUB_MODEL_TYPES = {"llama": {}, "qwen3": {"qk_norm": True}}
 # tie_word_embeddings are read by `config_from_hub`. pretraining_tp only sliced the same products.
 LLAMA_SETTINGS = {
     "hidden_act": (_is("silu"), "'silu', the SwiGLU feed-forward layer"),
-    "rms_norm_eps": (_positive_number, "a finite number > 0"),
-    "rope_theta": (_positive_number, "a finite number > 0"),
+    "rms_norm_eps": POSITIVE_NUMBER,
+    "rope_theta": POSITIVE_NUMBER,
     "head_dim": (lambda value: value is None or (type(value) is int and value > 0), "null or a positive integer"),
     "use_sliding_window": (_is(False), "false, every layer attends to the whole context"),
     "layer_types": (lambda value: value is None or (type(value) is list and all(t == "full_attention" for t in value)),
@@ -1581,9 +1581,11 @@ LLAMA_SETTINGS = {
 ROPE_SETTINGS = {
     "rope_type": (_is("default", "llama3"), "'default' or 'llama3'"),
     "type": (_is("default", "llama3"), "'default' or 'llama3'"),
-    "rope_theta": (_positive_number, "a finite number > 0"),
-    **{key: (_positive_number, "a finite number > 0")
-       for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")},
+    "rope_theta": POSITIVE_NUMBER,
+    "factor": POSITIVE_NUMBER,
+    "low_freq_factor": POSITIVE_NUMBER,
+    "high_freq_factor": POSITIVE_NUMBER,
+    "original_max_position_embeddings": POSITIVE_NUMBER,
 }
 
 
@@ -1672,15 +1674,16 @@ def model_files(source, *, quiet=False):
     path = Path(source)
     if path.is_dir() or (path.suffix == ".safetensors" and path.is_file()):
         folder = path if path.is_dir() else path.parent
-        if path.is_dir():
-            index = folder / "model.safetensors.index.json"
-            weight_paths = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else \
-                [folder / shard for shard in shard_names(index)] if index.is_file() else []
-            if not weight_paths:
-                raise FileNotFoundError(f"{folder} holds no model: neither model.safetensors nor "
-                                        "model.safetensors.index.json")
-        else:
+        index = folder / "model.safetensors.index.json"
+        if not path.is_dir():
             weight_paths = [path]
+        elif (folder / "model.safetensors").is_file():
+            weight_paths = [folder / "model.safetensors"]
+        elif index.is_file():
+            weight_paths = [folder / shard for shard in shard_names(index)]
+        else:
+            raise FileNotFoundError(f"{folder} holds no model: neither model.safetensors nor "
+                                    "model.safetensors.index.json")
         config_path = folder / "config.json"
         config_json = read_json(config_path, "model config") if config_path.is_file() else None
         names = TOKENIZER_FILES if (folder / "tokenizer.json").is_file() else ("vocab.json",)
