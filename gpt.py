@@ -1901,13 +1901,12 @@ def hf_tokenizer_files(tokenizer, **settings):
 
 
 def hf_tensors(model, dtype=torch.float32):
-    """A model's weights under transformers' names -> {name: tensor in dtype}, LoRA merged into a copy.
+    """An unwrapped model's weights under transformers' names -> {name: tensor in dtype}, LoRA merged into a copy.
 
     GPT-2: `transformer.` names, the Conv1D weights as released ([in, out]), no head (tied to wte;
     a classifier's is added by `export_hf`) and a zero query/key/value bias when the model has
     none, as transformers' GPT-2 always has one. Llama family: `model.` names and `lm_head`.
     """
-    model = unwrap_model(model)
     if any(isinstance(module, LoRALinear) for module in model.modules()):
         model = merge_lora(copy.deepcopy(model))
     if model.cfg.family == "llama":  # Hugging Face Llama names already, [out, in]; a tied head stored once
@@ -2376,16 +2375,14 @@ def model_summary(model, name):
     )
 
 
-def check_vocabulary(model, source, tokenizer=None):
-    """Raise ValueError when the tokenizer (GPT-2's unless given) can produce ids that model has
-    no embedding for (a larger vocabulary, such as one padded to 50304, is fine)."""
-    tokenizer = tokenizer or get_tokenizer()
-    n_tokens = tokenizer.n_vocab
+def check_vocabulary(model, source, tokenizer):
+    """Raise ValueError when tokenizer can produce ids that model has no embedding for (a larger
+    vocabulary, such as one padded to 50304, is fine)."""
     which = "the GPT-2 tokenizer" if tokenizer is get_tokenizer() else f"the tokenizer {tokenizer.name}"
-    if model.cfg.vocab_size < n_tokens:
+    if model.cfg.vocab_size < tokenizer.n_vocab:
         raise ValueError(
             f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
-            f"{n_tokens}: use a model trained with {which}"
+            f"{tokenizer.n_vocab}: use a model trained with {which}"
         )
 
 
