@@ -247,7 +247,7 @@ def training_step(model, optimizer, inputs, targets, autocast, step):
 
 def save_state(state_path, model, tokenizer, optimizer, progress, stopper=None):
     """Save the training state; after a stop by `stopper` (Ctrl-C or SIGTERM), say where it went and how to go on."""
-    gpt.save_training_state(state_path, model, tokenizer, optimizer, **progress, rng=gpt.rng_state())
+    gpt.save_checkpoint(state_path, model, tokenizer, optimizer=optimizer.state_dict(), **progress, rng=gpt.rng_state())
     if stopper is not None:
         print(f"stopped at step {progress['step']} ({stopper.signal_name}), the state saved in {state_path}: go on "
               f"with python finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)

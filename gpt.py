@@ -1054,10 +1054,8 @@ def format_duration(seconds):
 
 
 def atomic_write_bytes(path, data):
-    """Write bytes to path through a temporary file and a rename, so that readers never
-    see a half-written file (os.replace is atomic on POSIX and Windows); on a full disk the
-    previous file stays. data: bytes, or a function that writes them to the open file (no
-    copy of them in memory)."""
+    """Write data (bytes, or a function that writes to the open file) to path through a temporary
+    file and a rename: readers never see a half-written file, and on a full disk the previous one stays."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -1075,8 +1073,7 @@ def atomic_write_bytes(path, data):
 
 
 def atomic_save(obj, path):
-    """torch.save(obj) to path atomically: a temporary file, flushed to disk, then a rename."""
-    # Straight into the file: a buffer in memory would hold a second copy of every weight.
+    """torch.save(obj) to path atomically, straight into the file (no second copy in memory)."""
     atomic_write_bytes(path, lambda f: torch.save(obj, f))
 
 
@@ -1086,9 +1083,8 @@ def write_json(path, obj):
 
 
 def decode_utf8(raw, source):
-    """Bytes of a text file -> str. A byte-order mark is dropped (editors on Windows
-    write one); Windows line endings are left to the reader. Raises ValueError naming
-    `source`, the byte offset and the line of the first byte that is not UTF-8."""
+    """Bytes of a text file -> str, without a byte-order mark (Windows editors write one). Raises
+    ValueError naming `source`, the byte offset and the line of the first byte that is not UTF-8."""
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")  # not "utf-8-sig": offsets count the mark
     except UnicodeDecodeError as e:
@@ -1100,10 +1096,8 @@ def decode_utf8(raw, source):
 
 
 def existing_file(path, flag):
-    """Path(path), after checking that it exists and is not a folder: a regular file, or
-    something read like one (/dev/null, a pipe such as the shell's <(...), /dev/stdin).
-    Raises FileNotFoundError naming `flag`: "FLAG PATH: no such file", or for a folder
-    "FLAG PATH: a folder, not a file"."""
+    """Path(path) when it exists and is no folder (a pipe such as <(...) is fine). Raises
+    FileNotFoundError: "FLAG PATH: no such file" or "FLAG PATH: a folder, not a file"."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{flag} {path}: a folder, not a file")
@@ -1113,8 +1107,7 @@ def existing_file(path, flag):
 
 
 def read_json(path, source):
-    """Parse a UTF-8 JSON file (a byte-order mark is allowed) -> object. Raises
-    FileNotFoundError or ValueError naming `source` and the file."""
+    """Parse a UTF-8 JSON file -> object. Raises FileNotFoundError or ValueError naming `source` and the file."""
     path = existing_file(path, source)
     return parse_json(decode_utf8(path.read_bytes(), f"{source} {path}"), f"{source} {path}")
 
@@ -1131,20 +1124,16 @@ def parse_json(text, source):
 
 # --- Downloads: verified by size and SHA-256, renamed into place whole -------------------
 #
-# Every download is checked before it counts: the files this project names (data sets)
-# carry a pinned size and SHA-256; the Hub's large (LFS) files the SHA-256 the Hub
-# announces; its small files (config.json, tokenizer.json), which have only a git SHA-1,
-# their size and a parse. A wrong hash catches a cut file, a web page sent in its place
-# and a bad resumed range alike. The bytes go to a temporary file of this process and
-# thread, renamed into place (`os.replace`) once checked: a reader never sees a partial
-# file, and processes that fetch the same file at once (torchrun ranks) need no lock.
+# A download counts only once checked: data sets by a pinned size and SHA-256, the Hub's large
+# files by the SHA-256 it announces, its small ones by a parse. A wrong hash catches a cut file,
+# a web page sent instead and a bad resumed range alike. Each process and thread writes its own
+# temporary file, renamed into place: no reader sees a partial file, and torchrun ranks need no lock.
 
 
 def verify_file(path, *, size=None, sha256=None, member=None, check=None):
-    """Raise ValueError naming the file when it is not the expected one: its size (bytes)
-    or SHA-256 (hex) differ from those given, or those of its zip member `member` (a zip
-    made anew may differ byte-wise while the member does not), or `check(path)`, a parse
-    of the file, raises ValueError. Nothing given: nothing checked."""
+    """Raise ValueError naming the file when its size (bytes) or SHA-256 (hex), or those of its zip
+    member `member` (a zip made anew differs while the member does not), differ from those given,
+    or when `check(path)` (a parse) raises ValueError."""
     what = path if member is None else f"{path} (member {member})"
     if check is not None:
         check(path)
@@ -1183,13 +1172,10 @@ def download_file(url, dest, *, size=None, sha256=None, member=None, check=None,
                   retries=3, timeout=30):
     """Download url to dest -> dest as a Path; a dest that passes the checks is used as it is.
 
-    size, sha256, member, check: as `verify_file`, applied to the download before it is
-    renamed to dest and to a cached dest (see `cached_file`). A connection that breaks off
-    is resumed with an HTTP Range request, up to `retries` attempts; `timeout` is in seconds
-    per network read; `headers` are extra HTTP headers (an access token). A progress line
-    goes to stderr unless `quiet`. Whatever fails, Ctrl-C included, deletes the temporary
-    file and the folders made for it. Raises RuntimeError, one line naming the URL: an HTTP
-    error status, a failed request or a download that fails the checks.
+    size, sha256, member, check: see `verify_file`. A broken connection resumes with an HTTP
+    Range request, up to `retries` attempts; `timeout`: seconds per read; `headers`: an access
+    token. Whatever fails, Ctrl-C included, deletes the temporary file and the folders made for it.
+    Raises RuntimeError naming the URL: an HTTP error, a failed request, a download failing the checks.
     """
     dest = Path(dest)
     checks = {"size": size, "sha256": sha256, "member": member, "check": check}
@@ -1208,7 +1194,11 @@ def download_file(url, dest, *, size=None, sha256=None, member=None, check=None,
         os.replace(part, dest)
     except BaseException:
         part.unlink(missing_ok=True)
-        remove_empty_folders(made)
+        for folder in made:  # innermost first, while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     return dest
 
@@ -1224,8 +1214,8 @@ _FATAL_REQUEST_ERRORS = {
 
 
 def _transfer(url, part, label, headers, quiet, retries, timeout):
-    """The network half of `download_file`: bring `part` up to the whole of url, asking for
-    the bytes it lacks (Range) after a break. A body short of its Content-Length is a break."""
+    """The network half of `download_file`: bring `part` up to the whole of url, asking for the
+    bytes it lacks (Range) after a break; a body short of its Content-Length is a break."""
     reason = None
     for attempt in range(retries):
         if reason is not None and not quiet:
@@ -1260,14 +1250,9 @@ def _transfer(url, part, label, headers, quiet, retries, timeout):
 
 
 def fetch_dataset(urls, filename, *, flag="--data", size=None, sha256=None, member=None, quiet=False):
-    """Path of a data file in the cache, downloaded once from the first of `urls` that works.
-
-    The file lands in <cache>/data/<key>/<filename> (see `cache_dir`), where key is the
-    first 12 hex digits of the SHA-256 of urls[0] (the others are mirrors of the same
-    file). size, sha256 and member: see `download_file`; each use checks the cached file
-    again. Raises RuntimeError naming every URL tried and the command-line `flag` that
-    takes a local copy instead, when none of them works.
-    """
+    """Path of a data file in <cache>/data/<hash of urls[0]>/<filename>, downloaded once from the
+    first of `urls` (mirrors) that works; size, sha256, member: see `verify_file`. Raises
+    RuntimeError naming every URL tried and the `flag` that takes a local copy instead."""
     dest = cache_dir() / "data" / hashlib.sha256(urls[0].encode()).hexdigest()[:12] / filename
     errors = []
     for url in urls:
@@ -1280,11 +1265,8 @@ def fetch_dataset(urls, filename, *, flag="--data", size=None, sha256=None, memb
 
 
 def plot_curves(path, panels, xlabel):
-    """Save line plots side by side as a PNG; return the path, or None without matplotlib.
-
-    panels: {panel title: {series label: (x values, y values)}}. matplotlib is an
-    optional extra: without it this prints a one-line note and returns None.
-    """
+    """Save line plots side by side as a PNG -> its path, or None (with a note) without matplotlib.
+    panels: {panel title: {series label: (x values, y values)}}."""
     try:
         import matplotlib
 
@@ -1328,15 +1310,13 @@ SAFETENSORS_DTYPES = {
 
 
 def read_safetensors(path):
-    """Read a .safetensors file -> dict of name -> tensor, memory-mapped (no copy).
+    """Read a .safetensors file -> {name: tensor}, each a view of a private (copy-on-write) memory
+    mapping of its own bytes: no memory is used until they are touched, and dropping it frees them.
 
-    The format: 8 bytes little-endian header length N, N bytes of JSON mapping each name
-    to {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the end of
-    the header), then the raw little-endian tensor bytes. Each tensor is a view of a
-    private (copy-on-write) memory mapping of its own bytes: reading costs no memory
-    until the bytes are touched, and dropping the tensor releases them. Raises
-    FileNotFoundError when it does not exist, ValueError naming the file and the first
-    problem for a truncated or malformed one (one bounds check per tensor catches both).
+    The format: 8 bytes little-endian header length N, N bytes of JSON mapping each name to
+    {"dtype", "shape", "data_offsets": [begin, end]} (from the end of the header), then the raw
+    little-endian bytes. Raises FileNotFoundError, or ValueError naming the file and the first
+    problem of a truncated or malformed one (one bounds check per tensor catches both).
     """
     path = Path(path)
     file_size = path.stat().st_size
@@ -1353,8 +1333,7 @@ def read_safetensors(path):
 
 
 def _map_tensor(f, name, info, data_start, file_size):
-    """One header entry of an open safetensors file -> its bytes mapped as a tensor,
-    once they are checked to lie inside the file and to hold shape x dtype."""
+    """One header entry -> its bytes mapped as a tensor, once checked to lie in the file and hold shape x dtype."""
     if info["dtype"] not in SAFETENSORS_DTYPES:
         raise ValueError(f"tensor {name!r}: unknown dtype {info['dtype']!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
     dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
@@ -1374,13 +1353,11 @@ def _map_tensor(f, name, info, data_start, file_size):
 def hub_file(repo, filename, *, quiet=False, missing_ok=False):
     """Path of `filename` of the Hub model `repo` ("owner/model"), downloaded once.
 
-    Looks in the Hugging Face cache, then in <cache>/<repo>/<filename> (see `cache_dir`;
-    GPT-2's released sizes in <cache>/<size>/), where a .safetensors or .json file must
-    parse; else downloads it from $HF_ENDPOINT (default https://huggingface.co) with the
-    token in $HF_TOKEN, checked against the SHA-256 and size the Hub announces for large
-    files (X-Linked-Etag, X-Linked-Size) and by that parse. Returns None for a file the
-    Hub does not have when missing_ok. Raises RuntimeError offline (naming what to pass
-    instead), for a gated model (what to do) and as `download_file` does.
+    Looks in the Hugging Face cache and ours (`local_hub_file`), else downloads it from
+    $HF_ENDPOINT (default https://huggingface.co) with the token in $HF_TOKEN, checked by the
+    SHA-256 and size the Hub announces for large files and by a parse. None for a file the Hub
+    lacks when missing_ok. Raises RuntimeError offline, for a gated model (what to do) and as
+    `download_file` does.
     """
     local = local_hub_file(repo, filename)
     if local is not None:
@@ -1422,7 +1399,8 @@ def _parse_check(filename):
 
 
 def local_hub_file(repo, filename):
-    """Path of a file of a Hub model already on disk (see `hub_file`), or None."""
+    """Path of a file of a Hub model on disk, or None: in the Hugging Face cache, else in
+    <cache>/<repo>/ (GPT-2's sizes in <cache>/<size>/), where a .safetensors or .json file must parse."""
     hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" /
                                                       "huggingface") / "hub")
     model = hub / f"models--{repo.replace('/', '--')}"
@@ -1444,19 +1422,11 @@ _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "m
 
 # --- config.json: the settings that change what a model computes ---------------------------
 #
-# A Hugging Face config.json holds sizes, settings that change what the model computes
-# (activation, norm epsilon, attention scaling, ...) and bookkeeping (architectures, dtype,
-# transformers_version, token ids, dropout, initializer_range, ...). The tables below list
-# the settings, as {key: (test of its value, what this implementation supports)}. A model
-# whose file asks for something else is refused, not loaded as a different model that
-# computes other logits without a word. A listed key that is absent takes transformers'
-# default, which is what is implemented. Keys not listed are ignored: bookkeeping changes
-# nothing that loading must reproduce, and the keys a newer transformers adds keep loading.
-
-
-def _positive_number(value):
-    """A finite number > 0 (not a bool, which JSON's true would make 1)."""
-    return type(value) in (int, float) and math.isfinite(value) and value > 0
+# The tables list the settings that change what a model computes (activation, norm epsilon,
+# attention scaling, ...) as {key: (test of its value, what this implementation supports)}. A
+# file asking for something else is refused, not loaded as a model that computes other logits.
+# An absent key means transformers' default, which is implemented; other keys are bookkeeping
+# (architectures, dtype, dropout, ...) and ignored, so keys a newer transformers adds keep loading.
 
 
 def _is(*values):
@@ -1464,10 +1434,15 @@ def _is(*values):
     return lambda value: any(type(value) is type(v) and value == v for v in values)
 
 
+# A finite number > 0 (by type: JSON's true is not 1)
+POSITIVE_NUMBER = (lambda value: type(value) in (int, float) and math.isfinite(value) and value > 0,
+                   "a finite number > 0")
+
+
 GPT2_SETTINGS = {
     "activation_function": (_is("gelu_new", "gelu_pytorch_tanh"),
                             "'gelu_new' or 'gelu_pytorch_tanh', GELU's tanh approximation"),
-    "layer_norm_epsilon": (_positive_number, "a finite number > 0"),
+    "layer_norm_epsilon": POSITIVE_NUMBER,
     "scale_attn_weights": (_is(True), "true, scores divided by the square root of the head size"),
     "scale_attn_by_inverse_layer_idx": (_is(False), "false"),
     "reorder_and_upcast_attn": (_is(False), "false"),
@@ -1476,39 +1451,33 @@ GPT2_SETTINGS = {
 }
 
 
-def check_settings(config_json, settings, source, prefix=""):
-    """Raise ValueError naming `source`, the key, its value and what is supported for the
-    first key of `settings` ({key: (test, supported)}) whose value in `config_json` fails
-    its test; `prefix` names the dict the keys are in, when it is not the file itself."""
+def check_settings(config_json, settings, prefix=""):
+    """Raise ValueError naming the key, its value and what is supported for the first key of
+    `settings` ({key: (test, supported)}) whose value in config_json fails its test; `prefix`
+    names the dict the keys are in, when it is not the file itself."""
     for key, (test, supported) in settings.items():
         if key in config_json and not test(config_json[key]):
-            raise ValueError(f"{source}: {prefix}{key} = {config_json[key]!r} is not supported "
-                             f"(this implementation: {supported})")
+            value = config_json[key]
+            raise ValueError(f"{prefix}{key} = {value!r} is not supported (this implementation: {supported})")
 
 
-def config_from_weights(tensors, config_json=None, source="config.json"):
-    """GPTConfig for a dict of GPT-2 tensors (keys without the `transformer.` prefix).
+def check_sizes(config_json, keys):
+    """Raise ValueError naming the first of `keys` whose value in config_json is not a positive integer."""
+    for key in keys:
+        value = config_json.get(key)
+        if type(value) is not int or value < 1:  # not isinstance: JSON's true is an int too
+            raise ValueError(f"{key!r} must be a positive integer, got {value!r}")
 
-    Uses the Hugging Face config.json dict when given; otherwise reads the sizes off the
-    tensor shapes. The number of heads leaves no trace in the shapes: it is taken from the
-    released size with the same width, else emb_dim / 64 (GPT-2's head size). Raises
-    ValueError naming `source` (the config file) and the key for a missing, non-integer
-    or non-positive size, sizes that do not fit together, or a setting this implementation
-    does not have (see `GPT2_SETTINGS`).
-    """
+
+def config_from_weights(tensors, config_json=None):
+    """GPTConfig of GPT-2 from transformers' config.json (a dict), else read off the shapes of the
+    tensors (keys without `transformer.`), where the heads leave no trace: those of the released
+    size of that width, else emb_dim / 64. Raises ValueError naming the key of a bad size or of a
+    setting this implementation does not have (see `GPT2_SETTINGS`)."""
     if config_json is not None:
-        if not isinstance(config_json, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(config_json).__name__}")
-        for key in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"):
-            value = config_json.get(key)
-            if type(value) is not int or value < 1:  # not isinstance: True is an int too
-                raise ValueError(f"{source}: {key!r} must be a positive integer, got {value!r}")
-        if config_json["n_embd"] % config_json["n_head"]:
-            raise ValueError(f"{source}: 'n_embd' ({config_json['n_embd']}) must be divisible by "
-                             f"'n_head' ({config_json['n_head']})")
+        check_sizes(config_json, ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"))
         hidden = 4 * config_json["n_embd"]  # the MLP's width, n_inner, is GPT-2's: null means this
-        inner = {"n_inner": (_is(None, hidden), f"null or 4 * n_embd = {hidden}")}
-        check_settings(config_json, {**GPT2_SETTINGS, **inner}, source)
+        check_settings(config_json, {**GPT2_SETTINGS, "n_inner": (_is(None, hidden), f"null or 4 * n_embd = {hidden}")})
         return GPTConfig(
             vocab_size=config_json["vocab_size"],
             context_length=config_json["n_positions"],
@@ -1517,30 +1486,26 @@ def config_from_weights(tensors, config_json=None, source="config.json"):
             n_layers=config_json["n_layer"],
             norm_eps=float(config_json.get("layer_norm_epsilon", 1e-5)),
         )
-    for key in ("wte.weight", "wpe.weight"):
-        if key not in tensors:
-            raise ValueError(f"not a GPT-2 weights file: no tensor {key!r} (found {sorted(tensors)[:5]} ...)")
     vocab_size, emb_dim = tensors["wte.weight"].shape
-    n_layers = len({int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))})
     same_width = [c.n_heads for c in GPT_CONFIGS.values() if c.emb_dim == emb_dim]
     n_heads = same_width[0] if same_width else max(1, emb_dim // 64)
     if not same_width:  # the heads leave no trace in the shapes: say what was assumed
-        print(f"warning: {source} is missing: {n_heads} attention heads assumed (GPT-2's heads of 64); put the "
-              "model's config.json beside its weights if that is wrong", file=sys.stderr)
+        print(f"warning: no config.json beside the weights: {n_heads} attention heads assumed (GPT-2's heads of "
+              "64); put the model's config.json beside its weights if that is wrong", file=sys.stderr)
     return GPTConfig(
         vocab_size=vocab_size,
-        context_length=tensors["wpe.weight"].shape[0],
+        # without wpe.weight: the strict loader names it as missing
+        context_length=len(tensors["wpe.weight"]) if "wpe.weight" in tensors else 1024,
         emb_dim=emb_dim,
-        n_heads=n_heads,
-        n_layers=n_layers,
+        n_heads=same_width[0] if same_width else max(1, emb_dim // 64),
+        n_layers=len({int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))}),
     )
 
 
 @contextlib.contextmanager
 def _no_random_initialisation():
-    """While active, torch.nn.init's fills leave tensors as they are (transformers'
-    `no_init_weights` does the same): a model whose weights are about to be loaded needs
-    no random values, and on the meta device the fills would cost seconds of imports."""
+    """While active, torch.nn.init's fills do nothing (as transformers' `no_init_weights`): a model
+    about to be loaded needs no random values, and on the meta device they cost seconds of imports."""
     names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
     saved = {name: getattr(nn.init, name) for name in names}
     for name in names:
@@ -1553,9 +1518,8 @@ def _no_random_initialisation():
 
 
 def empty_model(cfg):
-    """Model of cfg (see `build_model`) whose parameters are placeholders on the meta device,
-    without memory or values, for a loader to assign the real tensors to: nothing is
-    allocated twice."""
+    """Model of cfg (`build_model`) with placeholder parameters on the meta device, without memory or
+    values, for a loader to assign the real tensors to: nothing is allocated twice."""
     with torch.device("meta"), _no_random_initialisation():
         return build_model(cfg)
 
@@ -1564,14 +1528,12 @@ def load_weights_into(
     model, tensors, *, device="cpu", dtype=torch.float32, source="weights",
     ignored=_IGNORED_KEYS, transposed=_TRANSPOSED
 ):
-    """Put GPT-2 tensors (release names, `transformer.` prefix already removed) into model.
+    """Put GPT-2 tensors (release names without `transformer.`; the Llama family's without `model.`,
+    with that family's `ignored` and `transposed`) into model, which may be on the meta device.
 
-    Each tensor is copied once, to `device` in `dtype`, and becomes the parameter, so the
-    model may be built on the meta device: nothing is allocated twice. Consumes `tensors`:
-    each is dropped right after its copy, so a memory-mapped file's pages leave memory one
-    tensor at a time. Strict: raises ValueError listing every missing, unexpected or
-    mis-shaped tensor (before anything is copied). Llama family: its names (`model.`
-    prefix removed), `ignored` and `transposed` of that family (see `model_from_tensors`).
+    Each tensor is copied once, to `device` in `dtype`, and becomes the parameter; `tensors` is
+    consumed, so a memory-mapped file leaves memory one tensor at a time. Strict: raises ValueError
+    listing every missing, unexpected or mis-shaped tensor, before anything is copied.
     """
     tied = model.lm_head.weight is model.wte.weight
     params = {name: p for name, p in model.state_dict(keep_vars=True).items()
@@ -1608,14 +1570,12 @@ def load_weights_into(
 _LLAMA_IGNORED_KEYS = re.compile(r"(layers\.\d+\.self_attn\.rotary_emb\.inv_freq|lm_head\.weight)")
 # config.json's model_type -> the family's switches it turns on beyond Llama's layout
 HUB_MODEL_TYPES = {"llama": {}, "qwen3": {"qk_norm": True}}
-# The settings of the family's config.json (see `GPT2_SETTINGS`). attention_bias, mlp_bias,
-# head_dim and tie_word_embeddings are implemented, and read by `config_from_hub`.
-# pretraining_tp is not listed: transformers 4 split the matrix products into that many
-# slices, the same function, and transformers 5 ignores it.
+# The settings of the family's config.json (see `GPT2_SETTINGS`); the biases, head_dim and
+# tie_word_embeddings are read by `config_from_hub`. pretraining_tp only sliced the same products.
 LLAMA_SETTINGS = {
     "hidden_act": (_is("silu"), "'silu', the SwiGLU feed-forward layer"),
-    "rms_norm_eps": (_positive_number, "a finite number > 0"),
-    "rope_theta": (_positive_number, "a finite number > 0"),
+    "rms_norm_eps": POSITIVE_NUMBER,
+    "rope_theta": POSITIVE_NUMBER,
     "head_dim": (lambda value: value is None or (type(value) is int and value > 0), "null or a positive integer"),
     "use_sliding_window": (_is(False), "false, every layer attends to the whole context"),
     "layer_types": (lambda value: value is None or (type(value) is list and all(t == "full_attention" for t in value)),
@@ -1626,59 +1586,54 @@ LLAMA_SETTINGS = {
 ROPE_SETTINGS = {
     "rope_type": (_is("default", "llama3"), "'default' or 'llama3'"),
     "type": (_is("default", "llama3"), "'default' or 'llama3'"),
-    "rope_theta": (_positive_number, "a finite number > 0"),
-    **{key: (_positive_number, "a finite number > 0")
-       for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")},
+    "rope_theta": POSITIVE_NUMBER,
+    "factor": POSITIVE_NUMBER,
+    "low_freq_factor": POSITIVE_NUMBER,
+    "high_freq_factor": POSITIVE_NUMBER,
+    "original_max_position_embeddings": POSITIVE_NUMBER,
 }
 
 
-def config_from_hub(config_json, source="config.json"):
-    """GPTConfig of the Llama family from a Hugging Face config.json (a dict) of a Llama
-    (Llama 3.2, SmolLM2) or Qwen3 model. Raises ValueError naming `source` and the key for
-    a missing size or a setting this implementation does not have (see `LLAMA_SETTINGS`
-    and `ROPE_SETTINGS`)."""
+def config_from_hub(config_json):
+    """GPTConfig of the Llama family from the config.json (a dict) of a Llama (Llama 3.2, SmolLM2)
+    or Qwen3 model. Raises ValueError (KeyError for a missing rope_scaling entry) naming the key of
+    a bad size or of a setting this implementation does not have (`LLAMA_SETTINGS`, `ROPE_SETTINGS`)."""
     model_type = config_json.get("model_type")
     if model_type not in HUB_MODEL_TYPES:
-        raise ValueError(f"{source}: model_type {model_type!r} is not supported; "
-                         f"supported: {', '.join(HUB_MODEL_TYPES)}")
-    sizes = ("vocab_size", "max_position_embeddings", "hidden_size", "num_attention_heads", "num_hidden_layers")
-    for key in sizes + ("intermediate_size",):
-        if type(config_json.get(key)) is not int or config_json[key] < 1:
-            raise ValueError(f"{source}: {key!r} must be a positive integer, got {config_json.get(key)!r}")
-    check_settings(config_json, LLAMA_SETTINGS, source)
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(HUB_MODEL_TYPES)}")
+    check_sizes(config_json, ("vocab_size", "max_position_embeddings", "hidden_size", "num_attention_heads",
+                              "num_hidden_layers", "intermediate_size"))
+    check_settings(config_json, LLAMA_SETTINGS)
     ropes = {key: config_json[key] for key in ("rope_parameters", "rope_scaling") if config_json.get(key)}  # 5 / 4
     for key, rope in ropes.items():
-        check_settings(rope, ROPE_SETTINGS, source, prefix=f"{key}.")
+        check_settings(rope, ROPE_SETTINGS, prefix=f"{key}.")
     types = sorted({rope.get("rope_type", rope.get("type", "default")) for rope in ropes.values()})
     if len(types) > 1:
-        raise ValueError(f"{source}: rope_parameters and rope_scaling name different rope types {types}: keep one")
+        raise ValueError(f"rope_parameters and rope_scaling name different rope types {types}: keep one")
     rope = next(iter(ropes.values()), {})
     rope_type = types[0] if types else "default"
     theta = config_json.get("rope_theta", rope.get("rope_theta", 10000.0))  # 0 is refused above, not a default
     scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     attention_bias = bool(config_json.get("attention_bias", False))
-    try:
-        return GPTConfig(
-            family="llama",
-            vocab_size=config_json["vocab_size"],
-            context_length=config_json["max_position_embeddings"],
-            emb_dim=config_json["hidden_size"],
-            n_heads=config_json["num_attention_heads"],
-            n_layers=config_json["num_hidden_layers"],
-            n_kv_heads=config_json.get("num_key_value_heads"),
-            head_dim=config_json.get("head_dim"),
-            hidden_dim=config_json["intermediate_size"],
-            rope_theta=float(theta),
-            rope_scaling={key: rope[key] for key in scaling_keys} if rope_type == "llama3" else None,
-            norm_eps=float(config_json.get("rms_norm_eps", 1e-6)),
-            qkv_bias=attention_bias,
-            out_bias=attention_bias,
-            mlp_bias=bool(config_json.get("mlp_bias", False)),
-            tie_embeddings=bool(config_json.get("tie_word_embeddings", False)),
-            **HUB_MODEL_TYPES[model_type],
-        )
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{source}: {e}") from None
+    return GPTConfig(
+        family="llama",
+        vocab_size=config_json["vocab_size"],
+        context_length=config_json["max_position_embeddings"],
+        emb_dim=config_json["hidden_size"],
+        n_heads=config_json["num_attention_heads"],
+        n_layers=config_json["num_hidden_layers"],
+        n_kv_heads=config_json.get("num_key_value_heads"),
+        head_dim=config_json.get("head_dim"),
+        hidden_dim=config_json["intermediate_size"],
+        rope_theta=float(theta),
+        rope_scaling={key: rope[key] for key in scaling_keys} if rope_type == "llama3" else None,
+        norm_eps=float(config_json.get("rms_norm_eps", 1e-6)),
+        qkv_bias=attention_bias,
+        out_bias=attention_bias,
+        mlp_bias=bool(config_json.get("mlp_bias", False)),
+        tie_embeddings=bool(config_json.get("tie_word_embeddings", False)),
+        **HUB_MODEL_TYPES[model_type],
+    )
 
 
 # --- One loader: a model and its tokenizer from any source ------------------------------
@@ -1692,20 +1647,17 @@ HUB_NAME = re.compile(r"\w[\w.-]*/\w[\w.-]*")
 def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     """Load a model and its tokenizer -> (model in eval mode on `device` in `dtype`, `Tokenizer`).
 
-    source, whatever it is, loads the same way (`model(idx)` gives logits, `generate` text):
-    - a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"): its weights
-      downloaded once from openai-community/<size> on the Hugging Face Hub, GPT-2's tokenizer;
-    - a Hub name "owner/model": config.json, weights and tokenizer files, downloaded once
-      (`hub_file`; a gated model needs HF_TOKEN);
+    source, whatever it is, loads the same way:
+    - a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), downloaded once
+      from openai-community/<size> on the Hugging Face Hub;
+    - a Hub name "owner/model", downloaded once (`hub_file`; a gated model needs HF_TOKEN);
     - a folder as transformers' `save_pretrained` or `export_hf` writes it;
-    - a .safetensors file: the config.json and tokenizer files beside it, when there;
-    - a checkpoint of this project (any other file): its config, weights and tokenizer.
-    What a model is is read from its content: config.json's model_type (gpt2, llama,
-    qwen3), else the tensor names (GPT-2's `wte.weight`); a classifier (a checkpoint with
-    class names, or a ...ForSequenceClassification folder) gets its head and `labels`.
-    The model is built on the meta device and each tensor copied once from the
-    memory-mapped file. Raises FileNotFoundError for a missing path or model files,
-    ValueError for a file that does not fit (naming it), RuntimeError when a download fails.
+    - a .safetensors file, with the config.json and tokenizer files beside it, when there;
+    - a checkpoint of this project (any other file).
+    The kind of model is read from config.json's model_type (gpt2, llama, qwen3), else from the
+    tensor names; a classifier (class names, or ...ForSequenceClassification) gets its head and
+    `labels`. Each tensor is copied once from the memory-mapped file. Raises FileNotFoundError
+    for a missing path, ValueError naming a file that does not fit, RuntimeError for a failed download.
     """
     path = Path(source)
     if path.is_file() and path.suffix != ".safetensors":
@@ -1725,22 +1677,22 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
 
 
 def model_files(source, *, quiet=False):
-    """Where a model's parts are -> (config.json as a dict or None, [safetensors paths],
-    {tokenizer file name: text}). A folder, a .safetensors file (its folder's config and
-    tokenizer), a released GPT-2 size or a Hub name, downloading what is missing. Raises
-    FileNotFoundError when `source` is none of these, or a folder holds no weights."""
+    """A model's parts -> (config.json as a dict or None, [safetensors paths], {tokenizer file: text}),
+    for a folder, a .safetensors file, a released GPT-2 size or a Hub name (downloading what is
+    missing). Raises FileNotFoundError when `source` is none of these, or a folder holds no weights."""
     path = Path(source)
     if path.is_dir() or (path.suffix == ".safetensors" and path.is_file()):
         folder = path if path.is_dir() else path.parent
-        if path.is_dir():
-            index = folder / "model.safetensors.index.json"
-            weight_paths = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else \
-                [folder / shard for shard in shard_names(index)] if index.is_file() else []
-            if not weight_paths:
-                raise FileNotFoundError(f"{folder} holds no model: neither model.safetensors nor "
-                                        "model.safetensors.index.json")
-        else:
+        index = folder / "model.safetensors.index.json"
+        if not path.is_dir():
             weight_paths = [path]
+        elif (folder / "model.safetensors").is_file():
+            weight_paths = [folder / "model.safetensors"]
+        elif index.is_file():
+            weight_paths = [folder / shard for shard in shard_names(index)]
+        else:
+            raise FileNotFoundError(f"{folder} holds no model: neither model.safetensors nor "
+                                    "model.safetensors.index.json")
         config_path = folder / "config.json"
         config_json = read_json(config_path, "model config") if config_path.is_file() else None
         names = TOKENIZER_FILES if (folder / "tokenizer.json").is_file() else ("vocab.json",)
@@ -1768,9 +1720,8 @@ def model_files(source, *, quiet=False):
 
 
 def hub_tokenizer_files(repo, *, quiet=False):
-    """{file name: text} of the tokenizer files (TOKENIZER_FILES) a Hub model has, downloaded
-    together once: when its tokenizer.json is on disk, the files on disk are all it has (the
-    Hub is not asked again for the optional ones it lacks, so a cached model loads offline)."""
+    """{file name: text} of the TOKENIZER_FILES a Hub model has, downloaded together once: with its
+    tokenizer.json on disk, the Hub is not asked for the others again (a cached model loads offline)."""
     downloaded = local_hub_file(repo, "tokenizer.json") is None
     files = {}
     for name in TOKENIZER_FILES:
@@ -1786,10 +1737,9 @@ def shard_names(index):
 
 
 def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torch.float32):
-    """The model of Hugging Face tensors (names as transformers saves them) and config.json
-    (a dict, or None: GPT-2 sizes from the tensor shapes) -> model in eval mode. A
-    ...ForSequenceClassification's `score` becomes a classifier head. Raises ValueError
-    naming `source` for a model type this project lacks or tensors that do not fit."""
+    """Model in eval mode of tensors named as transformers saves them and config.json (a dict, or
+    None: GPT-2 sizes from the shapes); a ...ForSequenceClassification's `score` becomes a classifier
+    head. Raises ValueError naming `source` for a model type this project lacks or tensors that do not fit."""
     if config_json is not None and not isinstance(config_json, dict):
         raise ValueError(f"{source}: its config.json holds a {type(config_json).__name__}, not a JSON object")
     tensors = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in tensors.items()}
@@ -1801,12 +1751,11 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
         raise ValueError(f"{source}: its config.json names no model_type, and its tensors are not GPT-2's: add "
                          "\"model_type\" (llama or qwen3) to it")
     score = tensors.pop("score.weight", None)  # a ...ForSequenceClassification: `score` is its head
-    if model_type == "gpt2":
-        cfg = config_from_weights(tensors, config_json, source=f"{source} config.json")
-        layout = {}
-    else:
-        cfg = config_from_hub(config_json, source=f"{source} config.json")
-        layout = {"ignored": _LLAMA_IGNORED_KEYS, "transposed": ()}
+    try:
+        cfg = config_from_weights(tensors, config_json) if model_type == "gpt2" else config_from_hub(config_json)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{source} config.json: {e}") from None
+    layout = {} if model_type == "gpt2" else {"ignored": _LLAMA_IGNORED_KEYS, "transposed": ()}
     if score is not None:
         cfg = dataclasses.replace(cfg, tie_embeddings=True)  # no language-model head to load
     model = empty_model(cfg)
@@ -1819,9 +1768,8 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
 
 
 def add_classifier_head(model, labels, bias=True):
-    """Replace the language-model head by nn.Linear(emb_dim, len(labels)): a classifier that
-    reads the last hidden state (finetune_classify.py). The class names travel with the
-    model as `model.labels`. Random initialisation from the global torch seed."""
+    """Replace the language-model head by a random nn.Linear(emb_dim, len(labels)), a classifier
+    (finetune_classify.py); the class names travel with the model as `model.labels`."""
     model.lm_head = nn.Linear(model.cfg.emb_dim, len(labels), bias=bias).to(model.wte.weight.device)
     model.labels = list(labels)
     return model
@@ -1839,11 +1787,9 @@ def unwrap_model(model):
 
 
 def save_checkpoint(path, model, tokenizer, **extra):
-    """Save a model whole, atomically: config, weights, its tokenizer by content
-    (`Tokenizer.state`), a classifier's class names, and any extra entries (optimizer
-    state, step, RNG states, ...). Wrappers are removed first, so the keys never carry
-    `module.` or `_orig_mod.` prefixes. Extra values must be tensors, numbers, strings,
-    or lists/dicts of them, so that `load_checkpoint` can read them with weights_only."""
+    """Save a model whole, atomically: config, weights (without wrappers' `module.` or `_orig_mod.`),
+    its tokenizer by content (`Tokenizer.state`), a classifier's class names and `extra` entries
+    (optimizer state, step, ...: tensors, numbers, strings or lists/dicts of them, for weights_only)."""
     model = unwrap_model(model)
     labels = {"labels": model.labels} if hasattr(model, "labels") else {}
     whole = {"config": dataclasses.asdict(model.cfg), "model": model.state_dict(), "tokenizer": tokenizer.state()}
@@ -1851,10 +1797,7 @@ def save_checkpoint(path, model, tokenizer, **extra):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint written by `save_checkpoint` -> dict (safely: weights_only=True).
-
-    Raises ValueError when the file is not such a checkpoint.
-    """
+    """Read a checkpoint of `save_checkpoint` -> dict (weights_only: safely). Raises ValueError for another file."""
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception:
@@ -1866,9 +1809,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
-    """The model (`GPTModel` or `LlamaModel`, see `build_model`; a classifier when the
-    checkpoint has class names) of a `load_checkpoint` dict, in eval mode. Raises
-    ValueError when the weights do not fit the config, naming the first tensor that does not fit."""
+    """The model of a `load_checkpoint` dict (a classifier when it has class names), in eval mode.
+    Raises ValueError naming the first tensor that does not fit the config."""
     model = empty_model(GPTConfig(**checkpoint["config"]))
     if "labels" in checkpoint:
         add_classifier_head(model, checkpoint["labels"], bias="lm_head.bias" in checkpoint["model"])
@@ -1893,23 +1835,18 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
 # 10. Export to the Hugging Face format
 # ----------------------------------------------------------------------------------------
 
-# torch dtypes -> safetensors dtype names, the inverse of SAFETENSORS_DTYPES
-_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
 
 def write_safetensors(path, tensors, metadata=None):
-    """Write {name: tensor} as a .safetensors file, the inverse of `read_safetensors`: the
-    header (each tensor's dtype, shape and data_offsets, and `__metadata__`, a dict of
-    strings, when given), padded with spaces to a multiple of 8 bytes as the reference
-    writer pads it, then each tensor's bytes, row-major, little-endian. Flushed to disk
-    but not atomic: `write_hf_folder` renames. Raises OSError when the file system refuses.
-    """
+    """Write {name: tensor} as a .safetensors file (see `read_safetensors`), with `__metadata__` (a dict
+    of strings) when given, the header padded with spaces to a multiple of 8 bytes as the reference
+    writer pads it. Not atomic: `write_hf_folder` renames. Raises OSError when the file system refuses."""
+    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     header = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, tensor in tensors.items():
         size = tensor.numel() * tensor.element_size()
-        dtype_name = _SAFETENSORS_NAMES[tensor.dtype]
-        header[name] = {"dtype": dtype_name, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": dtype_names[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
@@ -1926,8 +1863,7 @@ def write_safetensors(path, tensors, metadata=None):
 
 
 def _tensor_bytes(tensor):
-    """A tensor's raw bytes, row-major, as a bytearray (torch has no bytes(tensor): the
-    bytes are copied into a bytearray seen as a uint8 tensor; one tensor at a time)."""
+    """A tensor's raw bytes, row-major, as a bytearray (torch has no bytes(tensor))."""
     flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
     buffer = bytearray(flat.numel())
     if buffer:  # torch.frombuffer refuses an empty buffer
@@ -1947,22 +1883,16 @@ GPT2_TOKENIZER_FILES = (
 
 def gpt2_vocabulary_files():
     """GPT-2's tokenizer as transformers reads it -> (vocab.json, merges.txt) as bytes: OpenAI's
-    encoder.json and vocab.bpe, read from tiktoken's cache (`get_tokenizer` needs the same two
-    files: downloaded once, checked by SHA-256; offline, TIKTOKEN_CACHE_DIR points to them)."""
+    encoder.json and vocab.bpe, from tiktoken's cache (downloaded once and checked by SHA-256)."""
     get_tokenizer()  # says what to do when the files are neither cached nor downloadable
     vocab, merges = (tiktoken.load.read_file_cached(url, sha256) for url, sha256 in GPT2_TOKENIZER_FILES)
     return vocab, merges
 
 
 def hf_tokenizer_files(tokenizer, **settings):
-    """A `Tokenizer` as the files transformers reads -> {file name: bytes or JSON-able}.
-
-    GPT-2's: vocab.json and merges.txt (`gpt2_vocabulary_files`) and a tokenizer_config.json
-    naming the class and the special token <|endoftext|> (50256). Any other: the files it
-    was read from, as they were (`Tokenizer.files`: tokenizer.json, tokenizer_config.json,
-    chat_template.jinja, ...). settings: entries of tokenizer_config.json to set, e.g.
-    model_max_length (tokens), or pad_token for a classifier that reads padded batches.
-    """
+    """A `Tokenizer` as the files transformers reads -> {file name: bytes or JSON-able}: GPT-2's
+    vocab.json, merges.txt and a tokenizer_config.json, or any other's files as read
+    (`Tokenizer.files`). settings: tokenizer_config.json entries to set (model_max_length, pad_token)."""
     if not tokenizer.files:
         vocab, merges = gpt2_vocabulary_files()
         config = {
@@ -1983,16 +1913,12 @@ def hf_tokenizer_files(tokenizer, **settings):
 
 
 def hf_tensors(model, dtype=torch.float32):
-    """The weights of a GPTModel under transformers' GPT-2 names -> {name: tensor in dtype}
-    (a LlamaModel: under LlamaForCausalLM's names, `model.` prefix and `lm_head`).
+    """An unwrapped model's weights under transformers' names -> {name: tensor in dtype}, LoRA merged into a copy.
 
-    Names get the `transformer.` prefix of GPT2LMHeadModel; the four Conv1D weights go
-    back to the release's [in_features, out_features] layout; the head is left out (tied
-    to wte, stored once, as released; a classifier's own head is its exporter's to add).
-    LoRA adapters are merged into a copy: the caller's model keeps them. A model without
-    query/key/value bias gets a zero bias, which transformers' GPT-2 always has.
+    GPT-2: `transformer.` names, the Conv1D weights as released ([in, out]), no head (tied to wte;
+    a classifier's is added by `export_hf`) and a zero query/key/value bias when the model has
+    none, as transformers' GPT-2 always has one. Llama family: `model.` names and `lm_head`.
     """
-    model = unwrap_model(model)
     if any(isinstance(module, LoRALinear) for module in model.modules()):
         model = merge_lora(copy.deepcopy(model))
     if model.cfg.family == "llama":  # Hugging Face Llama names already, [out, in]; a tied head stored once
@@ -2014,41 +1940,33 @@ def hf_tensors(model, dtype=torch.float32):
     return tensors
 
 
-def hf_config(cfg, dtype, architecture="GPT2LMHeadModel", **extra):
-    """config.json of transformers' GPT-2 for a GPTConfig -> dict; `extra` entries are added."""
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": [architecture],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.context_length,
-        "n_ctx": cfg.context_length,
-        "n_embd": cfg.emb_dim,
-        "n_layer": cfg.n_layers,
-        "n_head": cfg.n_heads,
-        "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
-        "layer_norm_epsilon": cfg.norm_eps,
-        "resid_pdrop": cfg.drop_rate,
-        "embd_pdrop": cfg.drop_rate,
-        "attn_pdrop": cfg.drop_rate,
-        "tie_word_embeddings": True,
-        "torch_dtype": dtype_name,  # transformers 4 reads this name,
-        "dtype": dtype_name,  # transformers 5 this one
-        **extra,
-    }
-
-
-def hf_llama_config(cfg, dtype):
-    """config.json of transformers' LlamaForCausalLM for a Llama-family GPTConfig, or of
-    Qwen3ForCausalLM when it normalises queries and keys -> dict (`config_from_hub` reads
-    it back). Raises ValueError for biases neither class can express."""
+def hf_config(cfg):
+    """config.json of transformers' GPT2LMHeadModel, LlamaForCausalLM or, when queries and keys are
+    normalised, Qwen3ForCausalLM for a GPTConfig -> dict (`load` reads it back). Raises ValueError
+    for Llama-family biases neither class can express."""
+    if cfg.family == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.context_length,
+            "n_ctx": cfg.context_length,
+            "n_embd": cfg.emb_dim,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.drop_rate,
+            "embd_pdrop": cfg.drop_rate,
+            "attn_pdrop": cfg.drop_rate,
+            "tie_word_embeddings": True,
+        }
     if cfg.qkv_bias != cfg.out_bias or (cfg.qk_norm and cfg.mlp_bias):
         raise ValueError(
             "this model's biases have no Llama or Qwen3 config.json: attention_bias is one switch for the "
             "q, k, v and o projections, and Qwen3 has no MLP biases"
         )
     rope = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else {"rope_type": "default"}
-    dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
         "model_type": "qwen3" if cfg.qk_norm else "llama",
@@ -2068,25 +1986,20 @@ def hf_llama_config(cfg, dtype):
         "attention_bias": cfg.qkv_bias,
         **({} if cfg.qk_norm else {"mlp_bias": cfg.mlp_bias}),
         "tie_word_embeddings": cfg.tie_embeddings,
-        "torch_dtype": dtype_name,
-        "dtype": dtype_name,
     }
 
 
 def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=False, max_length=None):
     """Write a model as a Hugging Face model folder -> its Path.
 
-    model_or_source: a model with its `Tokenizer` (None: GPT-2's), or whatever `load`
-    loads, loaded after the folder is checked. The folder holds what transformers'
-    `AutoModelForCausalLM` (GPT2LMHeadModel; LlamaForCausalLM or Qwen3ForCausalLM, see
-    `hf_llama_config`) and `AutoTokenizer` read: config.json and generation_config.json
-    with the tokenizer's token ids (`Tokenizer.token_ids`), model.safetensors in `dtype`
-    (default the weights' own) and the tokenizer's files (`hf_tokenizer_files`, the chat
-    template among them); `load(folder)` reads it back. A classifier (`model.labels`)
-    becomes a ...ForSequenceClassification (see `classifier_tensors`) that pads with the
-    end-of-text token and reads max_length tokens (default: the context length). Written
-    atomically (`write_hf_folder`). Raises ValueError as `check_vocabulary`,
-    `check_hf_folder`, `classifier_tensors` and `write_hf_folder` do.
+    model_or_source: a model with its `Tokenizer` (None: GPT-2's), or whatever `load` loads,
+    loaded after the folder is checked. The folder holds what transformers' AutoModelForCausalLM
+    (`hf_config`) and AutoTokenizer read: config.json and generation_config.json with the token ids,
+    model.safetensors in `dtype` (default the weights' own) and the tokenizer's files
+    (`hf_tokenizer_files`); `load(folder)` reads it back. A classifier (`model.labels`) becomes a
+    ...ForSequenceClassification (`classifier_tensors`) that pads with the end-of-text token and
+    reads max_length tokens (default: the context length). Written atomically (`write_hf_folder`).
+    Raises ValueError as `check_vocabulary`, `hf_config`, `classifier_tensors` and `write_hf_folder` do.
     """
     if not isinstance(model_or_source, nn.Module):
         check_hf_folder(folder, overwrite)  # before a load that may take minutes
@@ -2096,12 +2009,13 @@ def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=
     check_vocabulary(model, "export", tokenizer)
     dtype = dtype or model.wte.weight.dtype
     ids = tokenizer.token_ids()
-    config = {**(hf_llama_config if model.cfg.family == "llama" else hf_config)(model.cfg, dtype), **ids}
+    dtype_name = str(dtype).removeprefix("torch.")
+    config = {**hf_config(model.cfg), "torch_dtype": dtype_name, "dtype": dtype_name, **ids}  # transformers 4, 5
     tensors = hf_tensors(model, dtype)
     length = max_length or model.cfg.context_length
     settings = {"model_max_length": length}
     if hasattr(model, "labels"):
-        family = "GPT2" if model.cfg.family == "gpt2" else config["architectures"][0].removesuffix("ForCausalLM")
+        family = config["architectures"][0].removesuffix("LMHeadModel").removesuffix("ForCausalLM")
         config.update(architectures=[family + "ForSequenceClassification"], num_labels=len(model.labels),
                       id2label=dict(enumerate(model.labels)), label2id={name: i for i, name in enumerate(model.labels)},
                       pad_token_id=tokenizer.eot_id)
@@ -2130,10 +2044,9 @@ def classifier_tensors(model, dtype):
 
 
 def check_hf_folder(folder, overwrite=False):
-    """The absolute Path of folder, when an export may write it: absent, empty, or with
-    `overwrite` a model folder (one holding model.safetensors: --overwrite never deletes
-    a folder of other things, such as the one a user works in). Raises ValueError
-    naming the path and the fix otherwise."""
+    """The absolute Path of folder, when an export may write it: absent, empty, or with `overwrite`
+    a model folder (--overwrite never deletes a folder of other things). Raises ValueError naming
+    the path and the fix otherwise."""
     folder = Path(os.path.abspath(folder))  # "." and "out/" get a name, for the temporary folder beside them
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file, not a folder: choose another folder for the export")
@@ -2153,14 +2066,12 @@ def check_hf_folder(folder, overwrite=False):
 
 
 def write_hf_folder(folder, tensors, files, *, overwrite=False):
-    """Write model.safetensors (tensors, with the `__metadata__` {"format": "pt"} that
-    transformers checks) and `files` ({name: bytes or a JSON-able object}) as folder -> Path.
+    """Write model.safetensors (tensors) and `files` ({name: bytes or JSON-able}) as folder -> Path.
 
-    Atomic: everything goes to a temporary folder beside it, renamed to folder at the end,
-    so folder is complete or absent, never half-written. With `overwrite` an earlier export
-    is moved aside, the new one renamed in, and the old one deleted (put back when the
-    rename fails). Raises ValueError as `check_hf_folder`, before any work, and OSError
-    when the file system refuses; then nothing is left behind and an earlier export stays.
+    Atomic: all goes to a temporary folder beside it, renamed at the end; with `overwrite` an
+    earlier export is moved aside, then deleted (put back when the rename fails). Raises
+    ValueError as `check_hf_folder`, before any work, and OSError when the file system refuses:
+    then nothing is left behind and an earlier export stays.
     """
     folder = check_hf_folder(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -2210,9 +2121,8 @@ def _checked_number(convert, is_valid, requirement):
     return parse
 
 
-# Ranges of flags, declared with the flag: `type=gpt.positive_int`. NaN fails every float
-# check (every comparison with NaN is false) and infinity fails them too. Integers stay below
-# 2**63, torch's seed range, so that a seed is a non-negative integer.
+# Ranges of flags, declared with the flag: `type=gpt.positive_int`. NaN and infinity fail every
+# float check; integers stay below 2**63, torch's seed range.
 positive_int = _checked_number(int, lambda v: 1 <= v < 2**63, "an integer >= 1")
 non_negative_int = _checked_number(int, lambda v: 0 <= v < 2**63, "an integer >= 0")
 positive_float = _checked_number(float, lambda v: 0 < v < math.inf, "a finite number > 0")
@@ -2223,10 +2133,8 @@ dropout_rate = _checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)"
 
 
 def folder_path(text):
-    """An argparse `type=` for a folder that is made when missing (--cache-dir): the text as
-    given, after checking that neither it nor a folder above it is a file, which would fail
-    later with a bare "[Errno 20] Not a directory". argparse then prints "argument --flag:
-    PATH: is a file, not a folder: ..." and exits 2."""
+    """An argparse `type=` for a folder made when missing (--cache-dir): the text, once neither it nor
+    a folder above it is a file (later a bare "[Errno 20] Not a directory")."""
     path = Path(text)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)  # the nearest that exists
     if existing is not None and not existing.is_dir():
@@ -2285,10 +2193,7 @@ def flag_name(setting):
 
 
 def given_flags(parser, argv=None):
-    """The settings that argv (default: sys.argv[1:]) sets explicitly -> dict.
-
-    Parses argv once more with every default suppressed, so a flag repeated with its
-    default value still counts as given."""
+    """The settings that argv (default: sys.argv[1:]) gives explicitly, even at their default -> dict."""
     parser = copy.deepcopy(parser)  # the caller's parser keeps its defaults
     for action in parser._actions:
         action.default = argparse.SUPPRESS
@@ -2296,18 +2201,16 @@ def given_flags(parser, argv=None):
 
 
 def refuse_flags(parser, argv, settings, mode):
-    """Exit 2 through parser.error when argv gives any of `settings` (names such as "lr"),
-    flags that `mode` would ignore: "--evaluate does not use --lr, --epochs: drop them".
-    mode: the flag or phrase that decides, as the user typed it."""
+    """Exit 2 through parser.error when argv gives any of `settings` (names such as "lr"), which `mode`
+    (the flag that decides, as typed) would ignore: "--evaluate does not use --lr, --epochs: drop them"."""
     given = [flag_name(name) for name in settings if name in given_flags(parser, argv)]
     if given:
         parser.error(f"{mode} does not use {', '.join(given)}: drop {'them' if len(given) > 1 else 'it'}")
 
 
 def resume_settings(parser, argv, saved, may_change=()):
-    """The settings of a resumed run: the saved ones, plus the flags of `may_change`
-    given now (say --max-steps, to train on). Raises ValueError naming the flag and both
-    values when argv gives another flag a value that differs from the saved run's."""
+    """The settings of a resumed run: the saved ones, plus the flags of `may_change` given now (say
+    --max-steps). Raises ValueError naming the flag and both values when argv changes another one."""
     given = given_flags(parser, argv)
     for name, value in given.items():
         if name in saved and name not in may_change and saved[name] != value:
@@ -2328,43 +2231,25 @@ def print_settings(settings):
 
 
 def remove_stale_temporary_files(folder):
-    """Delete the temporary files (`.NAME.tmpPID...`) that writes of processes that are gone
-    left in folder (killed mid-write); a running process's files stay."""
+    """Delete the temporary files (`.NAME.tmpPID...`) of writes whose process is gone (killed mid-write)."""
     for tmp in Path(folder).glob(".*.tmp*"):
         match = re.fullmatch(r"\..+\.tmp(\d+)(\..*)?", tmp.name)
-        if match and not _process_is_running(int(match.group(1))):
-            tmp.unlink(missing_ok=True)
-
-
-def _process_is_running(pid):
-    """Whether a process with this id runs on this machine (signal 0 tests, sends nothing)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def remove_empty_folders(folders):
-    """rmdir each of folders in turn (innermost first), stopping at the first that is not
-    empty or not there: what a failed download made and left empty goes again."""
-    for folder in folders:
-        try:
-            folder.rmdir()  # only an empty folder: OSError otherwise
-        except OSError:
-            break
+        if match:
+            try:
+                os.kill(int(match.group(1)), 0)  # signal 0 tests whether the process runs, sends nothing
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except PermissionError:  # it runs, under another user
+                pass
 
 
 def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resumable=True):
-    """Check that out_dir can take this run, before any work starts; return it as a Path.
+    """out_dir as a Path, once checked to take this run, before any work starts.
 
-    The one run-folder rule: a folder that holds another run (any of `run_files`) is refused
-    unless `resume` (continue it; then it must hold a run) or `overwrite` (its run files are
-    deleted now). The folder is not made here: the run's first write makes it, so a run that
-    fails before writing leaves no empty folder. Raises ValueError naming the path and the
-    flag that helps. `resumable`: whether the script has --resume to suggest.
+    The one run-folder rule: a folder holding another run (any of `run_files`) is refused unless
+    `resume` (then it must hold one) or `overwrite` (its run files are deleted now). The run's first
+    write makes the folder, so a run failing before leaves none. Raises ValueError naming the path
+    and the flag that helps (--resume only when `resumable`).
     """
     out_dir = Path(out_dir)
     existing = next(p for p in (out_dir, *out_dir.resolve().parents) if p.exists())
@@ -2404,9 +2289,8 @@ def stderr_is_terminal():
 
 
 def show_progress(text):
-    """Overwrite the current status line on stderr with text (a long loop's progress). When
-    stderr is no terminal (a log file, a pipe), print it as a plain line instead, at most
-    every PLAIN_PROGRESS_SECONDS, so that a log holds readable lines, not hundreds of updates."""
+    """Overwrite the status line on stderr with text; without a terminal (a log file), print a plain
+    line at most every PLAIN_PROGRESS_SECONDS instead of hundreds of updates."""
     global _progress_line_open, _last_plain_progress
     if not stderr_is_terminal():
         if time.time() - _last_plain_progress >= PLAIN_PROGRESS_SECONDS:
@@ -2433,14 +2317,9 @@ def eta(started, done, total):
 
 
 def command_line(memory_hint="use a smaller --batch-size"):
-    """Decorator for a script's main(argv): the expected errors become one line.
-
-    ValueError, RuntimeError and OSError (a missing file, a full disk, ...) print
-    "error: <message>" and exit 1; out-of-memory (the GPU's, or a CPU allocation the system
-    refused) says `memory_hint`; Ctrl-C prints "interrupted" and exits 130 (the shell's code
-    for SIGINT); a reader that closed the output pipe (`| head`) ends the script quietly.
-    An open progress line is ended first.
-    """
+    """Decorator for a script's main(argv): ValueError, RuntimeError and OSError print "error: <message>"
+    and exit 1 (out of memory: `memory_hint`); Ctrl-C prints "interrupted" and exits 130; a closed
+    output pipe (`| head`) ends the script quietly."""
 
     def decorate(main):
         @functools.wraps(main)
@@ -2471,11 +2350,8 @@ def command_line(memory_hint="use a smaller --batch-size"):
 
 
 def make_adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
-    """AdamW over the trainable parameters of model, with weight decay on the weight
-    matrices and embeddings (two or more dimensions) only: biases and LayerNorm scales
-    and shifts are not decayed (as nanoGPT's configure_optimizers). Fused into one
-    kernel per step where this torch build has one for the device (CUDA; CPU since torch
-    2.4): the same update with fewer passes over memory."""
+    """AdamW over model's trainable parameters, decaying only matrices and embeddings (not biases and
+    norms, as nanoGPT), fused into one kernel per step where torch has one for the device."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -2511,16 +2387,14 @@ def model_summary(model, name):
     )
 
 
-def check_vocabulary(model, source, tokenizer=None):
-    """Raise ValueError when the tokenizer (GPT-2's unless given) can produce ids that model has
-    no embedding for (a larger vocabulary, such as one padded to 50304, is fine)."""
-    tokenizer = tokenizer or get_tokenizer()
-    n_tokens = tokenizer.n_vocab
+def check_vocabulary(model, source, tokenizer):
+    """Raise ValueError when tokenizer can produce ids that model has no embedding for (a larger
+    vocabulary, such as one padded to 50304, is fine)."""
     which = "the GPT-2 tokenizer" if tokenizer is get_tokenizer() else f"the tokenizer {tokenizer.name}"
-    if model.cfg.vocab_size < n_tokens:
+    if model.cfg.vocab_size < tokenizer.n_vocab:
         raise ValueError(
             f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
-            f"{n_tokens}: use a model trained with {which}"
+            f"{tokenizer.n_vocab}: use a model trained with {which}"
         )
 
 
@@ -2537,9 +2411,8 @@ def set_drop_rate(model, drop_rate):
 
 @functools.lru_cache(maxsize=1)  # the current epoch's order, made once when training enters the epoch
 def epoch_order(n_items, seed, epoch):
-    """The order in which one epoch reads the training items: a permutation of range(n_items),
-    LongTensor [n_items], from (seed, epoch) alone, so that a resumed run reads what an
-    uninterrupted one would."""
+    """One epoch's order of the training items, a LongTensor permutation of range(n_items), from
+    (seed, epoch) alone: a resumed run reads what an uninterrupted one would."""
     # One seed per (seed, epoch) pair, distinct for fewer than 100,003 epochs; torch takes 64 bits.
     generator = torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64)
     return torch.randperm(n_items, generator=generator)
@@ -2566,25 +2439,16 @@ def rng_state():
     return state
 
 
-def set_rng_state(state, device):
-    """Restore what `rng_state` returned (the CUDA state only on a CUDA device)."""
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def training_memory(model):
-    """Bytes that training model with AdamW needs before activations: every parameter's
-    weight, plus for each trainable one its gradient and AdamW's two moments, in the
-    parameter's type. Full fine-tuning of Llama 3.2 1B in float32: 1.24e9 * 16 bytes = 19.8 GB."""
+    """Bytes that training with AdamW needs before activations: the weights, and each trainable one's
+    gradient and two moments (Llama 3.2 1B in float32: 1.24e9 * 16 bytes = 19.8 GB)."""
     return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
 
 
 def check_training_memory(model, device, hint, processes=1):
-    """Raise RuntimeError, naming both sizes and `hint` (the flags that help), when training
-    model (`training_memory`, times `processes` of one machine) exceeds a CUDA device's free
-    memory or, elsewhere, the machine's memory (not checked where the system does not say, as
-    on Windows). A check before the work, as the system kills a process out of memory without a word."""
+    """Raise RuntimeError naming both sizes and `hint` (the flags that help) when `processes` x
+    `training_memory` exceeds the CUDA device's free memory or the machine's: before the work, as the
+    system kills a process out of memory without a word."""
     needed = processes * training_memory(model)
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
@@ -2601,11 +2465,9 @@ def check_training_memory(model, device, hint, processes=1):
 
 
 class StopSignal:
-    """While active, Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current
-    step, to save, instead of killing it: `requested` turns True, `signal_name` says which.
-    A second Ctrl-C stops at once in one process; under torchrun (single_process=False)
-    the launcher forwards the signal it receives, so repeats are ignored (torchrun kills
-    the workers after 30 s)."""
+    """While active, Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current step, to save:
+    `requested` turns True, `signal_name` says which. A second Ctrl-C stops at once in one process
+    (under torchrun, single_process=False, the launcher forwards repeats, so they are ignored)."""
 
     def __init__(self, single_process=True):
         self.requested, self.signal_name, self.single_process, self._previous = False, None, single_process, {}
@@ -2627,9 +2489,8 @@ class StopSignal:
 
 
 def autocast_context(device, dtype_name="auto"):
-    """(context manager, dtype name) for the forward pass in dtype_name: "float32" (a no-op
-    context), "bfloat16" or "float16" (torch.autocast), or "auto" (bfloat16 on CUDA GPUs
-    that support it, else float32). Weights, gradients and optimizer state stay float32."""
+    """(context manager, dtype name) for the forward pass in "float32" (no-op), "bfloat16" or "float16"
+    (torch.autocast), or "auto" (bfloat16 on CUDA GPUs that have it, else float32)."""
     if dtype_name == "auto":
         dtype_name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype_name == "float32":
@@ -2637,17 +2498,9 @@ def autocast_context(device, dtype_name="auto"):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype_name]), dtype_name
 
 
-def save_training_state(path, model, tokenizer, optimizer, **state):
-    """Save what an exact resume needs, atomically: the model and its tokenizer
-    (`save_checkpoint`), the optimizer's state and `state` (step, history, data position,
-    RNG states from `rng_state`, ...). On a full disk the previous file stays and OSError
-    names the file."""
-    save_checkpoint(path, model, tokenizer, optimizer=optimizer.state_dict(), **state)
-
-
 def restore_training_state(checkpoint, optimizer, device, rng):
-    """Load the optimizer's state from a `save_training_state` checkpoint (the model's weights
-    come with `model_from_checkpoint`) and set the RNG states `rng` (see `set_rng_state`)."""
+    """Load the optimizer's state from a checkpoint saved with optimizer=optimizer.state_dict() (the
+    weights come with `model_from_checkpoint`) and set the RNG states `rng` (of `rng_state`)."""
     fused = optimizer.defaults.get("fused")
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:
@@ -2660,4 +2513,6 @@ def restore_training_state(checkpoint, optimizer, device, rng):
                 # them element by element in memory order (and refuses other layouts on CUDA).
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                     state[name] = torch.empty_like(param).copy_(value)
-    set_rng_state(rng, device)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)

@@ -485,11 +485,11 @@ def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autoca
 
 
 def save_latest(path, model, tokenizer, optimizer, proc, state):
-    """Save the training state (`gpt.save_training_state`) with every process's RNG states, for the same dropout
-    masks after --resume; every process must call this."""
+    """Save the training state (model, tokenizer, optimizer, `state`) with every process's RNG states, for the
+    same dropout masks after --resume; every process must call this."""
     rng_states = all_rng_states(proc)
     if proc.rank == 0:
-        gpt.save_training_state(path, model, tokenizer, optimizer, rng_states=rng_states, **state)
+        gpt.save_checkpoint(path, model, tokenizer, optimizer=optimizer.state_dict(), rng_states=rng_states, **state)
 
 
 # ----------------------------------------------------------------------------------------

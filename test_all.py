@@ -1465,7 +1465,7 @@ def test_concurrent_downloads_of_one_file_need_no_lock(route_server, tmp_path):
         ({**SMALL_HF, "n_head": 2.0}, "'n_head' must be a positive integer, got 2.0"),
         ({**SMALL_HF, "n_layer": True}, "'n_layer' must be a positive integer, got True"),
         ({**SMALL_HF, "n_embd": 0}, "'n_embd' must be a positive integer, got 0"),
-        ({**SMALL_HF, "n_head": 3}, "'n_embd' (128) must be divisible by 'n_head' (3)"),
+        ({**SMALL_HF, "n_head": 3}, "emb_dim (128) must be divisible by n_heads (3)"),
         ([1, 2], "its config.json holds a list, not a JSON object"),
         ('{"n_layer": 2,', "not valid JSON (Expecting property name"),
     ],

@@ -54,12 +54,12 @@ def write_random_model(cfg, folder, seed=0):
     torch.manual_seed(seed)
     folder = Path(folder)
     if cfg.family == "gpt2":
-        config = transformers.GPT2Config(**gpt.hf_config(cfg, torch.float32))
+        config = transformers.GPT2Config(**gpt.hf_config(cfg))
         transformers.GPT2LMHeadModel(config).save_pretrained(folder)
         return f"{folder}: random weights"
     folder.mkdir(parents=True, exist_ok=True)
     eot_id = standin_tokenizer(cfg.vocab_size, folder)
-    config = {**gpt.hf_llama_config(cfg, torch.float32), "eos_token_id": eot_id}
+    config = {**gpt.hf_config(cfg), "eos_token_id": eot_id}
     model_class = transformers.Qwen3ForCausalLM if cfg.qk_norm else transformers.LlamaForCausalLM
     config_class = transformers.Qwen3Config if cfg.qk_norm else transformers.LlamaConfig
     model_class(config_class(**config)).save_pretrained(folder)
