@@ -54,6 +54,10 @@ TESTDATA = Path(__file__).resolve().parent / "testdata"  # see testdata/README.m
 SMS_ZIP = TESTDATA / "sms+spam+collection.zip"
 # tiktoken's two GPT-2 vocabulary files, so that the tests need no network.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TESTDATA / "tiktoken_cache"))
+# One CPU thread, here and in the scripts the tests start: the tests' small models gain
+# nothing from more, and on a busy machine competing threads make them several times slower.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 # ========================================================================================
 # Shared fixtures
@@ -2422,14 +2426,10 @@ def _pretrain_tiny_argv(tmp_path, text_file, *extra):
 
 @pytest.fixture
 def pretrain_text_file(tmp_path):
-    """A text file of _pretrain_text, and one CPU thread: tiny models gain
-    nothing from more, and on a busy machine competing threads make them 10 times slower."""
+    """A text file of _pretrain_text."""
     path = tmp_path / "text.txt"
     path.write_text(_pretrain_text(), encoding="utf-8")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield path
-    torch.set_num_threads(threads)
+    return path
 
 
 def _pretrain_free_port():
@@ -2771,7 +2771,7 @@ def test_pretrain_ctrl_c_saves_a_checkpoint(tmp_path, pretrain_text_file):
     argv = _pretrain_tiny_argv(
         tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-every", "1", "--eval-every", "100000"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     proc = subprocess.Popen(
         [sys.executable, str(PRETRAIN_SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
@@ -2793,8 +2793,7 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     argv[argv.index("--batch-size") + 1] = "2"  # 2 processes x 2 windows = the same global batch
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_pretrain_free_port()), str(PRETRAIN_SCRIPT), *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("eval step 3") == 1  # rank 0 alone prints
     a = gpt.load_checkpoint(single["latest"])
@@ -3376,7 +3375,7 @@ def test_classify_sigint_during_training_exits_cleanly(tmp_path):
     data = _classify_sms_slice(tmp_path)
     argv = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run"),
             "--epochs", "100000", "--batch-size", "2", "--log-every", "1", "--eval-every", "100000"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
