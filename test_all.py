@@ -1696,21 +1696,6 @@ def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
-def test_load_gpt2_script_bad_inputs_exit_with_a_message(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="error: no such file or model 'gpt5'"):
-        load_gpt2.main(["--model", "gpt5"])
-    for flag, value, message in [
-        ("--top-p", "2", "argument --top-p: must be a number in (0, 1], got '2'"),
-        ("--temperature", "nan", "argument --temperature: must be a finite number >= 0, got 'nan'"),
-        ("--seed", "-1", "argument --seed: must be an integer >= 0, got '-1'"),
-        ("--max-new-tokens", "1e3", "argument --max-new-tokens: must be an integer >= 0, got '1e3'"),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            load_gpt2.main([flag, value])
-        assert exit_info.value.code == 2  # rejected by the parser, before any work
-        assert message in capsys.readouterr().err
-
-
 def test_load_gpt2_script_output_into_a_closed_pipe_is_quiet(tmp_path):
     gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     command = f"{sys.executable} {Path(load_gpt2.__file__).resolve()} --model {tmp_path / 'tiny.pt'} | head -c 10"
@@ -2379,6 +2364,10 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: the model gives NaN log-probabilities"):
         load_gpt2.main(["--model", str(tmp_path / "nan.pt"), "--perplexity", str(HELLASWAG_TINY)])
     for argv, message in [
+        (["--top-p", "2"], "argument --top-p: must be a number in (0, 1], got '2'"),
+        (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0, got 'nan'"),
+        (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
+        (["--max-new-tokens", "1e3"], "argument --max-new-tokens: must be an integer >= 0, got '1e3'"),
         (["--benchmark", "hellaswag", "--shots", "5"], "--shots is for --benchmark mmlu"),
         (["--contamination", "x.txt"], "--contamination needs --benchmark"),
         (["--stride", "8"], "--stride needs --perplexity"),
@@ -2818,7 +2807,6 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
         (["--model", "gpt2", "--n-layers", "2"], "--model (its weights bring the shape) does not use --n-layers: drop it"),
         (["--epochs", "inf"], "argument --epochs: must be a finite number > 0, got 'inf'"),
         (["--grad-clip", "nan"], "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
-        (["--grad-clip", "-1"], "argument --grad-clip: must be a finite number >= 0, got '-1'"),
         (["--weight-decay", "-0.1"], "argument --weight-decay: must be a finite number >= 0, got '-0.1'"),
         (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
         (["--min-lr-ratio", "1.5"], "argument --min-lr-ratio: must be a number in [0, 1], got '1.5'"),
@@ -3298,7 +3286,6 @@ def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, 
     "flags, message",
     [
         (["--lora-alpha", "-1"], "argument --lora-alpha: must be a finite number > 0, got '-1'"),
-        (["--lora-alpha", "0"], "argument --lora-alpha: must be a finite number > 0, got '0'"),
         (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
         (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number >= 0, got 'nan'"),
         (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
@@ -4178,12 +4165,9 @@ def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instr
 # Values that argparse and the `type=` helpers reject (exit 2), and combinations parse_args refuses.
 _INSTRUCT_BAD_FLAGS = [
     (["--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
-    (["--prompt", "hi", "--temperature", "0.8", "--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
     (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got '-1'"),
-    (["--temperature", "inf"], "argument --temperature: must be a finite number >= 0, got 'inf'"),
     (["--weight-decay", "-1"], "argument --weight-decay: must be a finite number >= 0, got '-1'"),
     (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
-    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
     (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
     (["--eval-batches", "-1"], "argument --eval-batches: must be an integer >= 0, got '-1'"),
     (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got '0'"),
@@ -4194,7 +4178,6 @@ _INSTRUCT_BAD_FLAGS = [
     (["--max-length", "0"], "argument --max-length: must be an integer >= 1, got '0'"),
     (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
     (["--top-p", "0"], "argument --top-p: must be a number in (0, 1], got '0'"),
-    (["--top-p", "nan"], "argument --top-p: must be a number in (0, 1], got 'nan'"),
     (["--lora-alpha", "nan"], "argument --lora-alpha: must be a finite number > 0, got 'nan'"),
     (["--drop-rate", "1"], "argument --drop-rate: must be a number in [0, 1), got '1'"),
     (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
