@@ -54,6 +54,10 @@ TESTDATA = Path(__file__).resolve().parent / "testdata"  # see testdata/README.m
 SMS_ZIP = TESTDATA / "sms+spam+collection.zip"
 # tiktoken's two GPT-2 vocabulary files, so that the tests need no network.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TESTDATA / "tiktoken_cache"))
+# One CPU thread, here and in the scripts the tests start: the tests' small models gain
+# nothing from more, and on a busy machine competing threads make them several times slower.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 # ========================================================================================
 # Shared fixtures
@@ -231,17 +235,6 @@ def test_logits_match_transformers_small(small_pair):
     assert diff <= 1e-4
 
 
-def test_logits_match_transformers_124m_shape(tmp_path):
-    reference, path = save_hf_gpt2(tmp_path)
-    model = load_lm(path)
-    assert model.cfg == gpt.GPT_CONFIGS["gpt2"]
-    assert gpt.count_parameters(model) == 124_439_808  # GPT-2 small, embeddings tied
-    idx = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = (model(idx) - reference(idx).logits).abs().max().item()
-    assert diff <= 1e-4
-
-
 def test_hub_style_file_without_prefix_or_config(small_pair, tmp_path):
     """Hub files name tensors without `transformer.`; without config.json the config
     comes from the shapes (heads: emb_dim / 64, which is 2 here)."""
@@ -309,14 +302,6 @@ def test_greedy_generation_equals_transformers(small_pair):
     assert torch.equal(ours, theirs)
 
 
-def test_generation_same_with_and_without_cache(small_pair):
-    model = load_lm(small_pair[1])
-    prompt = torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(4))
-    assert torch.equal(gpt.generate(model, prompt, 30), gpt.generate(model, prompt, 30, use_cache=False))
-    sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
-    assert torch.equal(*sampled)
-
-
 def test_top_k_1_equals_greedy_and_seeded_sampling_is_reproducible(small_pair):
     model = load_lm(small_pair[1])
     prompt = torch.randint(0, 1000, (1, 4), generator=torch.Generator().manual_seed(5))
@@ -350,21 +335,17 @@ def test_eos_stops_generation(small_pair):
     assert torch.equal(stopped, greedy[:, : 4 + first + 1])
 
 
-def test_generation_runs_past_the_context_length():
+def test_generation_runs_past_the_context_length_the_same_with_and_without_cache():
     model = tiny_model(context_length=8)
     prompt = torch.randint(0, 50257, (2, 3), generator=torch.Generator().manual_seed(7))
-    out = gpt.generate(model, prompt, 30)
-    assert out.shape == (2, 33)
+    seen = []
+    out = gpt.generate(model, prompt, 30, on_token=seen.append)
+    assert out.shape == (2, 33) and torch.equal(torch.stack(seen, dim=1), out[:, 3:])  # each token streamed
     assert torch.equal(out, gpt.generate(model, prompt, 30, use_cache=False))
+    sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
+    assert torch.equal(*sampled)
     # Past the context the window moves in steps of half the context length.
     assert [gpt.window_start(n, 8) for n in (8, 9, 12, 13, 16, 17)] == [0, 4, 4, 8, 8, 12]
-
-
-def test_generate_streams_each_token():
-    model = tiny_model()
-    seen = []
-    out = gpt.generate(model, torch.tensor([[1, 2, 3]]), 5, on_token=seen.append)
-    assert torch.equal(torch.stack(seen, dim=1), out[:, 3:])
 
 
 def test_bad_sampling_options_are_clear_errors():
@@ -1073,22 +1054,9 @@ def test_weight_mapping_is_strict(small_pair, tmp_path):
     assert "ln_f.weight: file (5,), model (128,)" in text
 
 
-def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="no such file or model 'gpt3'"):
-        load_lm("gpt3")
-
-
 # ========================================================================================
 # gpt.py: downloads (against a local HTTP server)
 # ========================================================================================
-
-
-def test_download_complete_file(file_server, tmp_path):
-    data = bytes(range(256)) * 4000
-    server = file_server({"/f.bin": data})
-    path = gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
-    assert path.read_bytes() == data
-    assert not (tmp_path / "f.bin.part").exists()
 
 
 def test_download_cut_leaves_nothing_and_the_next_call_starts_over(file_server, tmp_path):
@@ -1112,21 +1080,8 @@ def test_download_retries_a_cut_within_one_call(file_server, tmp_path):
     assert ranges[0] is None and len(ranges) == 2 and ranges[1].startswith("bytes=")
 
 
-def test_download_hash_mismatch_leaves_no_file(file_server, tmp_path):
-    server = file_server({"/f.bin": b"corrupted"})
-    with pytest.raises(RuntimeError, match="SHA-256"):
-        gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256="0" * 64, quiet=True)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_download_404_names_the_url(file_server, tmp_path):
-    server = file_server({})
-    with pytest.raises(RuntimeError, match=f"{server.url}/missing.bin failed: HTTP 404"):
-        gpt.download_file(server.url + "/missing.bin", tmp_path / "m.bin", quiet=True)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_load_gpt2_downloads_from_hf_endpoint(file_server, small_pair, monkeypatch, tmp_path):
+def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(file_server, small_pair, monkeypatch, tmp_path,
+                                                                       capsys):
     data = small_pair[1].read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     server = file_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
@@ -1139,6 +1094,10 @@ def test_load_gpt2_downloads_from_hf_endpoint(file_server, small_pair, monkeypat
     count = len(server.requests)
     load_lm("gpt2", quiet=True)  # the second load reads the cache
     assert len(server.requests) == count
+    cached.write_bytes(data[: len(data) // 2])  # a truncated cached file is fetched again
+    assert load_lm("gpt2", quiet=True).cfg.emb_dim == 128
+    assert cached.read_bytes() == data and len(server.requests) > count
+    assert f"cached {cached}: not a complete safetensors file" in capsys.readouterr().err
 
 
 def test_load_gpt2_rejects_a_download_that_does_not_match_the_hub_hash(file_server, small_pair, monkeypatch, tmp_path):
@@ -1160,11 +1119,6 @@ def test_existing_hugging_face_cache_is_used(small_pair, tmp_path):
     (snapshot.parent.parent / "refs" / "main").write_text("abc123")
     assert gpt.hub_file("openai-community/gpt2", "model.safetensors") == snapshot / "model.safetensors"
     assert load_lm("gpt2").cfg.emb_dim == 128  # HF_ENDPOINT points nowhere: no download
-
-
-def test_offline_name_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="Offline\\? Pass a local .safetensors file"):
-        load_lm("gpt2-medium", quiet=True)
 
 
 def test_fetch_dataset_tries_each_url_and_names_the_flag(file_server, tmp_path):
@@ -1195,7 +1149,7 @@ class RouteServer(LocalServer):
                 server.requests.append((self.command, self.path, dict(self.headers)))
                 routes[self.path](self)
 
-            do_HEAD = do_GET
+            do_HEAD = do_POST = do_GET
 
         self.serve(Handler)
 
@@ -1215,7 +1169,7 @@ def answer(body, status=200, **headers):
         for key, value in headers.items():
             handler.send_header(key.replace("_", "-"), value)
         handler.end_headers()
-        if handler.command == "GET":
+        if handler.command != "HEAD":
             handler.wfile.write(body)
 
     return respond
@@ -1306,11 +1260,12 @@ def test_a_download_that_is_not_the_expected_file_is_deleted(route_server, tmp_p
         ("ftp://127.0.0.1/f.bin", "not an http:// or https:// URL"),
         ("http://", "not a valid URL"),
         ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: no connection, or it broke off)"),
+        ("{server}/missing.bin", "failed: HTTP 404"),
     ],
-    ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused"],
+    ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused", "404"],
 )
 def test_every_request_failure_is_one_line_naming_the_url(route_server, tmp_path, url, message):
-    server = route_server({"/loop": answer(b"", 302, Location="/loop")})
+    server = route_server({"/loop": answer(b"", 302, Location="/loop"), "/missing.bin": answer(b"", 404)})
     url = url.format(server=server.url, port=server.httpd.server_address[1])  # https to plain HTTP: TLS fails
     with pytest.raises(RuntimeError) as error:
         gpt.download_file(url, tmp_path / "f.bin", quiet=True)
@@ -1339,16 +1294,6 @@ def test_fetch_dataset_hash_mismatch_names_url_expected_and_actual(route_server,
     expected = f"download of {url} is corrupt or not the expected file: {path}: SHA-256 {actual}, expected {'ab' * 32}"
     assert expected in str(error.value)
     assert not path.parent.exists()  # no file, no temporary file, not the folder made for them
-
-
-def test_fetch_dataset_cache_is_keyed_by_url(route_server, tmp_path):
-    server = route_server({"/a/data.txt": answer(b"from a"), "/b/data.txt": answer(b"from b")})
-    path_a = gpt.fetch_dataset([server.url + "/a/data.txt"], "data.txt", quiet=True)
-    path_b = gpt.fetch_dataset([server.url + "/b/data.txt"], "data.txt", quiet=True)
-    assert path_a == cached_data_path(tmp_path, server.url + "/a/data.txt", "data.txt")
-    assert path_b == cached_data_path(tmp_path, server.url + "/b/data.txt", "data.txt")
-    assert path_a != path_b
-    assert (path_a.read_bytes(), path_b.read_bytes()) == (b"from a", b"from b")
 
 
 def test_fetch_dataset_reads_a_good_cached_file_without_writing(route_server, monkeypatch):
@@ -1411,19 +1356,6 @@ def test_scripts_check_their_known_downloads(route_server, monkeypatch):
     monkeypatch.setattr(instruct, "DATA_URL", instructions)
     with pytest.raises(RuntimeError, match=f"{instructions} is corrupt or not the expected file: .*: 2 bytes, expected 203524"):
         instruct.data_path(instruct.build_parser().parse_args([]))  # no --data: the download
-
-
-def test_download_gpt2_fetches_a_truncated_cached_file_again(file_server, small_pair, monkeypatch, tmp_path, capsys):
-    data = small_pair[1].read_bytes()
-    server = file_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
-                         headers={"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))})
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    cached = tmp_path / "gpt-cache" / "gpt2" / "model.safetensors"
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(data[: len(data) // 2])
-    assert load_lm("gpt2", quiet=True).cfg.emb_dim == 128
-    assert cached.read_bytes() == data
-    assert f"cached {cached}: not a complete safetensors file" in capsys.readouterr().err
 
 
 def test_concurrent_downloads_of_one_file_need_no_lock(route_server, tmp_path):
@@ -1745,7 +1677,7 @@ def test_adamw_decays_matrices_only():
 # ========================================================================================
 
 
-def test_load_gpt2_script_streams_a_continuation(tmp_path, capsys):
+def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
     model = tiny_model(context_length=64)
     gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello", "--max-new-tokens", "12"])
@@ -1753,37 +1685,6 @@ def test_load_gpt2_script_streams_a_continuation(tmp_path, capsys):
     expected = gpt.token_ids_to_text(gpt.generate(model, gpt.text_to_token_ids("Hello"), 12))
     assert "parameters" in out and "load time" in out
     assert out.rstrip("\n").endswith(expected)
-
-
-def test_load_gpt2_script_bad_inputs_exit_with_a_message(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="error: no such file or model 'gpt5'"):
-        load_gpt2.main(["--model", "gpt5"])
-    for flag, value, message in [
-        ("--top-p", "2", "argument --top-p: must be a number in (0, 1], got '2'"),
-        ("--temperature", "nan", "argument --temperature: must be a finite number >= 0, got 'nan'"),
-        ("--seed", "-1", "argument --seed: must be an integer >= 0, got '-1'"),
-        ("--max-new-tokens", "1e3", "argument --max-new-tokens: must be an integer >= 0, got '1e3'"),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            load_gpt2.main([flag, value])
-        assert exit_info.value.code == 2  # rejected by the parser, before any work
-        assert message in capsys.readouterr().err
-    small_vocabulary = tiny_model(context_length=64, vocab_size=1000)
-    gpt.save_checkpoint(tmp_path / "small.pt", small_vocabulary, gpt.get_tokenizer())
-    with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
-        load_gpt2.main(["--model", str(tmp_path / "small.pt")])
-
-
-def test_load_gpt2_script_output_into_a_closed_pipe_is_quiet(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
-    command = f"{sys.executable} {Path(load_gpt2.__file__).resolve()} --model {tmp_path / 'tiny.pt'} | head -c 10"
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
-    assert len(result.stdout) == 10
-    assert result.stderr == ""  # no BrokenPipeError traceback
-
-
-def test_load_gpt2_script_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -1793,6 +1694,14 @@ def test_load_gpt2_script_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
         load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello"])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_load_gpt2_script_output_into_a_closed_pipe_is_quiet(tmp_path):
+    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
+    command = f"{sys.executable} {Path(load_gpt2.__file__).resolve()} --model {tmp_path / 'tiny.pt'} | head -c 10"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert len(result.stdout) == 10
+    assert result.stderr == ""  # no BrokenPipeError traceback
 
 
 def test_load_gpt2_script_download_only_into_cache_dir(file_server, small_pair, monkeypatch, tmp_path, capsys):
@@ -1902,22 +1811,29 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text(tmp
     assert (tokenizer.model_max_length, tokenizer.eos_token_id, tokenizer.bos_token_id) == (64, 50256, 50256)
 
 
-def test_export_124m_shape_matches_transformers_and_reads_back_identically(tmp_path):
+def test_124m_shape_matches_transformers_both_ways_and_reads_back_identically(tmp_path):
+    """GPT-2 124M's shape, random weights: transformers' model read by ours, then ours exported and read by
+    transformers (logits and greedy tokens), then read back by ours bit for bit."""
     from transformers import GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    model = gpt.GPTModel(gpt.GPT_CONFIGS["gpt2"]).eval()
+    reference, path = save_hf_gpt2(tmp_path / "theirs")
+    model = load_lm(path)
+    assert model.cfg == gpt.GPT_CONFIGS["gpt2"]
+    assert gpt.count_parameters(model) == 124_439_808  # GPT-2 small, embeddings tied
+    idx = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    del reference
     folder = gpt.export_hf(model, tmp_path / "hf")
     assert 124_439_808 * 4 < (folder / "model.safetensors").stat().st_size < 124_439_808 * 4 + 20_000  # float32, once
-    reference, problems = _export_from_pretrained(GPT2LMHeadModel, folder)
+    exported, problems = _export_from_pretrained(GPT2LMHeadModel, folder)
     assert problems == []
-    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     prompt = gpt.text_to_token_ids("Every effort moves you")
     with torch.no_grad():
-        assert (reference(idx).logits - model(idx)).abs().max().item() <= 1e-4
-        theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False)
+        assert (exported(idx).logits - model(idx)).abs().max().item() <= 1e-4
+        theirs = exported.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False)
     assert torch.equal(theirs, gpt.generate(model, prompt, 40))
-    del reference
+    del exported
 
     back = load_lm(folder)
     assert back.cfg == model.cfg
@@ -2184,13 +2100,12 @@ def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path)
     encode = gpt.get_tokenizer().encode
     acc, acc_norm = [], []
     for item in load_gpt2.read_hellaswag(HELLASWAG_TINY):
-        query = f"{item['activity_label']}: {item['ctx_a']} {item['ctx_b'].capitalize()}"
-        query = re.sub(r"\[.*?\]", "", query.replace(" [title]", ". ")).replace("  ", " ")
-        endings = [re.sub(r"\[.*?\]", "", e.replace(" [title]", ". ")).replace("  ", " ") for e in item["endings"]]
+        request = load_gpt2.hellaswag_request(item)  # as the harness prepares it (tested above)
+        query, endings = request["context"], request["choices"]
         lls = [_continuation_logprob(model, encode(query), encode(query + " " + e)[len(encode(query)) :]) for e in endings]
         acc.append(float(max(range(4), key=lambda k: lls[k]) == item["label"]))
         acc_norm.append(float(max(range(4), key=lambda k: lls[k] / len(endings[k])) == item["label"]))
-        scored = load_gpt2.score_multiple_choice(model, [load_gpt2.hellaswag_request(item)])
+        scored = load_gpt2.score_multiple_choice(model, [request])
         assert scored[0]["lls"] == pytest.approx(lls, abs=1e-4)
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
                     str(HELLASWAG_TINY), "--results", str(tmp_path / "results.json")])
@@ -2449,6 +2364,10 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: the model gives NaN log-probabilities"):
         load_gpt2.main(["--model", str(tmp_path / "nan.pt"), "--perplexity", str(HELLASWAG_TINY)])
     for argv, message in [
+        (["--top-p", "2"], "argument --top-p: must be a number in (0, 1], got '2'"),
+        (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0, got 'nan'"),
+        (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
+        (["--max-new-tokens", "1e3"], "argument --max-new-tokens: must be an integer >= 0, got '1e3'"),
         (["--benchmark", "hellaswag", "--shots", "5"], "--shots is for --benchmark mmlu"),
         (["--contamination", "x.txt"], "--contamination needs --benchmark"),
         (["--stride", "8"], "--stride needs --perplexity"),
@@ -2495,14 +2414,10 @@ def _pretrain_tiny_argv(tmp_path, text_file, *extra):
 
 @pytest.fixture
 def pretrain_text_file(tmp_path):
-    """A text file of _pretrain_text, and one CPU thread: tiny models gain
-    nothing from more, and on a busy machine competing threads make them 10 times slower."""
+    """A text file of _pretrain_text."""
     path = tmp_path / "text.txt"
     path.write_text(_pretrain_text(), encoding="utf-8")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield path
-    torch.set_num_threads(threads)
+    return path
 
 
 def _pretrain_free_port():
@@ -2551,7 +2466,7 @@ def test_pretrain_evaluation_windows_do_not_overlap():
 # --- data preparation ------------------------------------------------------------------------
 
 
-def test_pretrain_short_text_error_says_what_would_work():
+def test_pretrain_short_text_error_says_what_would_work(tmp_path):
     tokens = torch.zeros(5145, dtype=torch.int16)  # The Verdict's length
     with pytest.raises(ValueError) as e:
         pretrain.split_tokens(tokens, 0.9, 1024)
@@ -2563,15 +2478,9 @@ def test_pretrain_short_text_error_says_what_would_work():
     assert len(train) == 4630 and len(val) == 515
     with pytest.raises(ValueError, match=r"training split has 1 tokens .* more text"):
         pretrain.split_tokens(torch.zeros(3, dtype=torch.int16), 0.5, 4)
-
-
-def test_pretrain_short_text_is_a_clean_error_from_main(tmp_path):
-    short = tmp_path / "short.txt"
-    short.write_text("Only a few words here.")
-    with pytest.raises(SystemExit) as e:
-        pretrain.main(_pretrain_tiny_argv(tmp_path, short))
-    assert str(e.value).startswith("error: the training split has")
-    assert "context length 32" in str(e.value)
+    (tmp_path / "short.txt").write_text("Only a few words here.")
+    with pytest.raises(SystemExit, match="^error: the training split has .*context length 32"):
+        pretrain.main(_pretrain_tiny_argv(tmp_path, tmp_path / "short.txt"))
 
 
 def test_pretrain_empty_file_and_folder_errors(tmp_path):
@@ -2702,14 +2611,6 @@ def test_pretrain_cosine_with_warmup_values():
     assert lr(14) == pytest.approx(0.1) and lr(100) == pytest.approx(0.1)
 
 
-def test_pretrain_weight_decay_on_matrices_only():
-    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
-    decay, no_decay = gpt.make_adamw(model, 1e-3, 0.1, betas=(0.9, 0.95)).param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    assert sum(p.numel() for p in decay["params"] + no_decay["params"]) == gpt.count_parameters(model)
-
-
 # --- training runs ---------------------------------------------------------------------------
 
 
@@ -2755,21 +2656,6 @@ def test_pretrain_model_flag_continues_from_weights(tmp_path, pretrain_text_file
         pretrain.main(argv + ["--context-length", "64", "--overwrite"])
 
 
-def test_pretrain_resume_reproduces_an_uninterrupted_run(tmp_path, pretrain_text_file):
-    common = ("--max-steps", "8", "--eval-every", "4", "--drop-rate", "0.1", "--grad-accum", "2")
-    whole = pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
-    first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "3"))
-    assert first["stopped"] == "stop-at-step" and first["steps"] == 3
-    resumed = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--resume"))
-    assert resumed["steps"] == 8 and resumed["tokens_seen"] == whole["tokens_seen"]
-    assert resumed["val_loss"] == pytest.approx(whole["val_loss"], abs=1e-6)
-    a = gpt.load_checkpoint(whole["latest"])
-    b = gpt.load_checkpoint(resumed["latest"])
-    for name, tensor in a["model"].items():
-        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-6)
-    assert [h["step"] for h in b["history"]] == [0, 4, 8]
-
-
 def test_pretrain_resume_errors(tmp_path, pretrain_text_file):
     with pytest.raises(SystemExit, match="--resume: .* holds no run.json, so no run to continue"):
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume"))
@@ -2792,18 +2678,33 @@ def test_pretrain_resume_errors(tmp_path, pretrain_text_file):
         pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "4"])
 
 
-def test_pretrain_bare_resume_continues_with_the_saved_settings(tmp_path, pretrain_text_file, capsys):
+def test_pretrain_stopped_runs_resume_to_exactly_the_whole_run(tmp_path, pretrain_text_file, capsys):
     common = ("--max-steps", "8", "--eval-every", "4", "--drop-rate", "0.1", "--lr", "1e-2", "--grad-accum", "2")
     whole = pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
-    pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "3"))
+    # Stopped between evaluations, then a bare --resume: the saved settings, printed.
+    first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "3"))
+    assert first["stopped"] == "stop-at-step" and first["steps"] == 3
     capsys.readouterr()
     resumed = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run")])  # nothing else
-    assert "lr=0.01" in capsys.readouterr().out  # the saved settings, printed
-    assert resumed["steps"] == 8 and resumed["val_loss"] == whole["val_loss"]
-    a, b = (gpt.load_checkpoint(tmp_path / r / "run" / "latest.pt") for r in "ab")
-    assert a["history"] == b["history"]
-    for name, tensor in a["model"].items():
-        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
+    assert "lr=0.01" in capsys.readouterr().out
+    assert resumed["steps"] == 8 and resumed["tokens_seen"] == whole["tokens_seen"]
+    assert resumed["val_loss"] == whole["val_loss"]
+    # Stopped on an evaluation step (after its evaluation), then --resume with the same flags.
+    pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, *common, "--stop-at-step", "4"))
+    assert "eval step 4" in capsys.readouterr().out
+    assert gpt.load_checkpoint(tmp_path / "c" / "run" / "best.pt")["step"] == 4
+    pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, *common, "--resume"))
+    a = gpt.load_checkpoint(tmp_path / "a" / "run" / "latest.pt")
+    best = gpt.load_checkpoint(tmp_path / "a" / "run" / "best.pt")
+    for run in "bc":
+        b = gpt.load_checkpoint(tmp_path / run / "run" / "latest.pt")
+        assert b["history"] == a["history"] and [h["step"] for h in b["history"]] == [0, 4, 8]
+        for name, tensor in a["model"].items():
+            torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
+        history = (tmp_path / run / "run" / "history.json").read_text()
+        assert json.loads(history) == json.loads((tmp_path / "a" / "run" / "history.json").read_text())
+        best_resumed = gpt.load_checkpoint(tmp_path / run / "run" / "best.pt")
+        assert (best_resumed["step"], best_resumed["val_loss"]) == (best["step"], best["val_loss"])
     extended = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run"), "--max-steps", "10"])
     settings = json.loads((tmp_path / "b" / "run" / "run.json").read_text())["settings"]
     assert extended["steps"] == 10 and settings["max_steps"] == 10 and settings["lr"] == 0.01
@@ -2815,26 +2716,13 @@ def test_pretrain_folder_of_another_run_is_refused_or_overwritten(tmp_path, pret
     assert (tmp_path / "run" / "best.pt").exists()
     with pytest.raises(SystemExit, match=r"holds another run \(latest.pt, best.pt, .*--resume.*--overwrite"):
         pretrain.main(argv)
+    old = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
+    with pytest.raises(SystemExit):  # the flags are checked before the old run is deleted
+        pretrain.main(argv + ["--overwrite", "--model", "gpt2", "--size", "gpt2"])
+    assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()} == old
     pretrain.main(argv + ["--overwrite", "--stop-at-step", "1"])  # stops before an evaluation could write best.pt
     assert not (tmp_path / "run" / "best.pt").exists()  # the old run's model is gone with it
     assert gpt.load_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 1
-    (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit, match=r"--out-dir .*file is a file, not a folder"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file) + ["--out-dir", str(tmp_path / "file")])
-
-
-def test_pretrain_model_with_another_vocabulary_is_one_line(tmp_path, pretrain_text_file):
-    path = tmp_path / "small-vocab.pt"
-    gpt.save_checkpoint(path, tiny_model(vocab_size=1000, context_length=64), gpt.get_tokenizer())
-    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--model", str(path))
-    for flag in ("--n-layers", "--n-heads", "--emb-dim"):
-        i = argv.index(flag)
-        del argv[i : i + 2]
-    message = (f"error: {path}: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257: "
-               "use a model trained with the GPT-2 tokenizer")
-    with pytest.raises(SystemExit) as exc:
-        pretrain.main(argv)
-    assert str(exc.value) == message
 
 
 def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, monkeypatch):
@@ -2849,14 +2737,6 @@ def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, mon
             pretrain.main(argv)
     hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
     assert str(e.value) == "error: out of memory: " + hint
-
-
-def test_pretrain_overwrite_that_fails_its_checks_keeps_the_old_run(tmp_path, pretrain_text_file):
-    pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--eval-every", "1"))
-    old = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
-    with pytest.raises(SystemExit):  # the flags are checked before the old run is deleted
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--overwrite", "--model", "gpt2", "--size", "gpt2"))
-    assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()} == old
 
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
@@ -2879,7 +2759,7 @@ def test_pretrain_ctrl_c_saves_a_checkpoint(tmp_path, pretrain_text_file):
     argv = _pretrain_tiny_argv(
         tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-every", "1", "--eval-every", "100000"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     proc = subprocess.Popen(
         [sys.executable, str(PRETRAIN_SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
@@ -2899,21 +2779,9 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     single = pretrain.main(_pretrain_tiny_argv(tmp_path / "one", pretrain_text_file, *common))  # batch 4
     argv = _pretrain_tiny_argv(tmp_path / "two", pretrain_text_file, *common)
     argv[argv.index("--batch-size") + 1] = "2"  # 2 processes x 2 windows = the same global batch
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_pretrain_free_port()),
-        str(PRETRAIN_SCRIPT),
-        *argv,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_pretrain_free_port()), str(PRETRAIN_SCRIPT), *argv]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("eval step 3") == 1  # rank 0 alone prints
     a = gpt.load_checkpoint(single["latest"])
@@ -2939,7 +2807,6 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
         (["--model", "gpt2", "--n-layers", "2"], "--model (its weights bring the shape) does not use --n-layers: drop it"),
         (["--epochs", "inf"], "argument --epochs: must be a finite number > 0, got 'inf'"),
         (["--grad-clip", "nan"], "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
-        (["--grad-clip", "-1"], "argument --grad-clip: must be a finite number >= 0, got '-1'"),
         (["--weight-decay", "-0.1"], "argument --weight-decay: must be a finite number >= 0, got '-0.1'"),
         (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
         (["--min-lr-ratio", "1.5"], "argument --min-lr-ratio: must be a number in [0, 1], got '1.5'"),
@@ -2983,21 +2850,6 @@ def test_pretrain_bfloat16_on_cpu_warns(tmp_path, monkeypatch, capsys):
             pretrain.main(argv + ["--dtype", dtype])
         out = capsys.readouterr().out
         assert ("warning: --dtype bfloat16 is usually much slower than float32 on CPUs" in out) == warned
-
-
-def test_pretrain_stop_on_an_evaluation_step_then_resume_equals_whole_run(tmp_path, pretrain_text_file, capsys):
-    common = ("--max-steps", "8", "--eval-every", "4", "--drop-rate", "0.1", "--lr", "1e-2")
-    pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
-    first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "4"))
-    assert first["stopped"] == "stop-at-step" and first["steps"] == 4
-    assert "eval step 4" in capsys.readouterr().out  # the stop comes after the step's evaluation
-    assert gpt.load_checkpoint(tmp_path / "b" / "run" / "best.pt")["step"] == 4
-    pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--resume"))
-    whole, resumed = (json.loads((tmp_path / r / "run" / "history.json").read_text()) for r in "ab")
-    assert [h["step"] for h in resumed["evaluations"]] == [0, 4, 8]
-    assert resumed == whole
-    best_whole, best_resumed = (gpt.load_checkpoint(tmp_path / r / "run" / "best.pt") for r in "ab")
-    assert best_resumed["step"] == best_whole["step"] and best_resumed["val_loss"] == best_whole["val_loss"]
 
 
 # --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
@@ -3144,9 +2996,7 @@ _CLASSIFY_SMS_BYTES = fc.read_sms_bytes(SMS_ZIP)
 
 
 def _classify_tiny_model(n_layers=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = gpt.GPTConfig(vocab_size=50257, context_length=48, emb_dim=32, n_heads=4, n_layers=n_layers)
-    return gpt.GPTModel(cfg).eval()
+    return tiny_model(seed, context_length=48, n_heads=4, n_layers=n_layers)
 
 
 def _classify_tiny_classifier(trainable="last-block", n_layers=2, seed=0):
@@ -3438,7 +3288,6 @@ def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, 
     "flags, message",
     [
         (["--lora-alpha", "-1"], "argument --lora-alpha: must be a finite number > 0, got '-1'"),
-        (["--lora-alpha", "0"], "argument --lora-alpha: must be a finite number > 0, got '0'"),
         (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
         (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number >= 0, got 'nan'"),
         (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
@@ -3459,7 +3308,7 @@ def test_classify_bad_flags_are_rejected_at_startup(tmp_path, capsys, flags, mes
     assert not (tmp_path / "run").exists()
 
 
-def test_classify_texts_file_is_utf8_with_empty_lines_skipped(tmp_path):
+def test_classify_texts_file_is_utf8_with_empty_lines_skipped_dev_null_pipes_and_closed_input(tmp_path, monkeypatch):
     good = tmp_path / "good.txt"
     good.write_bytes("\ufeffWin a prize\r\n\n   \r\nSee you at 6 \u263a\n".encode("utf-8"))
     assert fc.read_texts_file(good) == ["Win a prize", "See you at 6 \u263a"]
@@ -3468,9 +3317,22 @@ def test_classify_texts_file_is_utf8_with_empty_lines_skipped(tmp_path):
     with pytest.raises(SystemExit, match=r"error: --classify-file .*garbage.bin: not UTF-8 text: byte 0xff at "
                                          r"byte offset 12 \(line 2\)"):
         fc.main(["--classify-file", str(binary), "--checkpoint", str(tmp_path / "unused.pt")])
+    # /dev/null and the shell's <(...) (a pipe, /dev/fd/N) are files to read, not "no such file"
+    with pytest.raises(SystemExit, match="error: nothing to classify"):
+        fc.main(["--classify-file", "/dev/null", "--checkpoint", str(tmp_path / "unused.pt")])
+    read_end, write_end = os.pipe()
+    os.write(write_end, "Win a prize now\n\nsee you at 5\n".encode())
+    os.close(write_end)
+    try:
+        assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
+    finally:
+        os.close(read_end)
+    monkeypatch.setattr(sys, "stdin", None)  # what Python sets for `--classify-file - <&-`
+    with pytest.raises(SystemExit, match="error: --classify-file -: standard input is closed"):
+        fc.main(["--classify-file", "-", "--checkpoint", str(tmp_path / "unused.pt")])
 
 
-def test_classify_ctrl_c_is_one_line_and_exit_code_130(tmp_path, monkeypatch, capsys):
+def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, capsys):
     gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     data = _classify_sms_slice(tmp_path)
 
@@ -3493,13 +3355,21 @@ def test_classify_ctrl_c_is_one_line_and_exit_code_130(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit, match="holds another run .*replace it with --overwrite"):  # the splits stay
         fc.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run")])
 
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fc, "train_classifier", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        fc.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "oom")])
+    assert exit_info.value.code == "error: out of memory: use a smaller --batch-size (or --max-length)"
+
 
 def test_classify_sigint_during_training_exits_cleanly(tmp_path):
     gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     data = _classify_sms_slice(tmp_path)
     argv = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run"),
             "--epochs", "100000", "--batch-size", "2", "--log-every", "1", "--eval-every", "100000"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
@@ -3540,25 +3410,19 @@ def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
     assert full[:7] == history["step_loss"]
 
 
-def test_classify_settings_travel_with_the_run(tmp_path, capsys):
-    fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2", "--seed", "7"))
+def test_classify_lora_trains_only_adapters_and_head_and_settings_travel_with_the_run(tmp_path, capsys):
+    fc.main(_classify_run_argv(tmp_path, "run", "--lora", "--max-steps", "2", "--seed", "7"))
     out = capsys.readouterr().out
     assert "settings: " in out and "seed=7" in out and "max_length=48" in out
-    run = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
-    checkpoint = gpt.load_checkpoint(tmp_path / "run" / "classifier.pt")
-    assert run == checkpoint["settings"]
-    assert (run["seed"], run["max_steps"], run["max_length"], checkpoint["max_length"]) == (7, 2, 48, 48)
-
-
-def test_classify_lora_trains_only_adapters_and_head(tmp_path, capsys):
-    fc.main(_classify_run_argv(tmp_path, "run", "--lora", "--max-steps", "2"))
-    out = capsys.readouterr().out
     # per block, rank 16: c_attn 16*32 + 96*16, attn.c_proj 16*32 + 32*16, c_fc 16*32 + 128*16,
     # mlp.c_proj 16*128 + 32*16 = 8,192; two blocks plus the head (32*2 + 2) = 16,450
     assert "16,450 trainable (--lora)" in out
     assert "activation cache: off (the lower blocks train): full forward pass at every step" in out
     checkpoint = gpt.load_checkpoint(tmp_path / "run" / "classifier.pt")
     assert not any("lora" in key for key in checkpoint["model"])
+    run = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    assert run == checkpoint["settings"]
+    assert (run["seed"], run["max_steps"], run["max_length"], checkpoint["max_length"]) == (7, 2, 48, 48)
 
 
 def test_classify_bfloat16_autocast_trains_and_stays_close():
@@ -3654,22 +3518,6 @@ def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="error: offline"):
         fc.main(argv)
     assert seen == [tmp_path / "my-cache"]
-
-
-def test_classify_closed_standard_input_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", None)  # what Python sets for `--classify-file - <&-`
-    with pytest.raises(SystemExit, match="error: --classify-file -: standard input is closed"):
-        fc.main(["--classify-file", "-", "--checkpoint", str(tmp_path / "unused.pt")])
-
-
-def test_classify_out_of_memory_names_the_batch_size(tmp_path, monkeypatch):
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(fc, "train_classifier", out_of_memory)
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(_classify_run_argv(tmp_path, "run"))
-    assert exit_info.value.code == "error: out of memory: use a smaller --batch-size (or --max-length)"
 
 
 def test_classify_output_into_a_closed_pipe_is_quiet(tmp_path):
@@ -4047,57 +3895,27 @@ def test_instruct_parse_score(reply, expected):
     assert score == expected and type(score) is type(expected)
 
 
-class _InstructFakeOllama(http.server.BaseHTTPRequestHandler):
-    """Answers /api/tags with one model and /api/chat with the next of `answers` (any JSON
-    value as the message content); records each request body. With reject_format it
-    answers a schema in "format" with HTTP 400, as servers before Ollama 0.5 did."""
-
-    answers = []
-    requests = []
-    reject_format = False
-
-    def do_GET(self):
-        self._reply(
-            {"models": [{"name": "llama3:latest"}]} if self.path == "/api/tags" else {},
-            200 if self.path == "/api/tags" else 404,
-        )
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append(body)
-        if type(self).reject_format and isinstance(body.get("format"), dict):
-            message = "json: cannot unmarshal object into Go struct field ChatRequest.format of type string"
-            return self._reply({"error": message}, 400)
-        self._reply(
-            {
-                "model": body["model"],
-                "message": {"role": "assistant", "content": type(self).answers.pop(0)},
-                "done": True,
-            }
-        )
-
-    def _reply(self, obj, status=200):
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def _instruct_ollama():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _InstructFakeOllama)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _InstructFakeOllama.requests = []
-    _InstructFakeOllama.reject_format = False
-    yield server, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def _instruct_ollama(route_server):
+    """A fake Ollama server: /api/tags lists llama3, /api/chat answers with the next of `answers` (any JSON value
+    as the message content) and records each request body. With reject_format it answers a schema in "format"
+    with HTTP 400, as servers before Ollama 0.5 did."""
+    ollama = argparse.Namespace(answers=[], requests=[], reject_format=False)
+
+    def chat(handler):
+        body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+        ollama.requests.append(body)
+        if ollama.reject_format and isinstance(body.get("format"), dict):
+            error = "json: cannot unmarshal object into Go struct field ChatRequest.format of type string"
+            return answer(json.dumps({"error": error}).encode(), 400, Content_Type="application/json")(handler)
+        message = {"role": "assistant", "content": ollama.answers.pop(0)}
+        reply = {"model": body["model"], "message": message, "done": True}
+        answer(json.dumps(reply).encode(), Content_Type="application/json")(handler)
+
+    tags = json.dumps({"models": [{"name": "llama3:latest"}]}).encode()
+    ollama.server = route_server({"/api/tags": answer(tags, Content_Type="application/json"), "/api/chat": chat})
+    ollama.url = ollama.server.url
+    return ollama
 
 
 def _instruct_responses_file(tmp_path, n):
@@ -4120,10 +3938,10 @@ def test_instruct_judge_without_any_score_is_an_error(tmp_path, _instruct_ollama
 
 
 def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
-    _, url = _instruct_ollama
+    url = _instruct_ollama.url
     path, entries = _instruct_responses_file(tmp_path, 3)
     before = path.read_bytes()
-    _InstructFakeOllama.answers = ["80", "Score: 60 - mostly right.", "I cannot judge this."]
+    _instruct_ollama.answers = ["80", "Score: 60 - mostly right.", "I cannot judge this."]
     instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
     out = capsys.readouterr().out
     assert "mean score 70.00 over 2 entries; 1 could not be scored" in out
@@ -4131,7 +3949,7 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
     assert [e["score"] for e in scored] == [80, 60, None]
     assert scored[0]["model_response"] == "Reply 0."
     assert path.read_bytes() == before
-    request = _InstructFakeOllama.requests[0]
+    request = _instruct_ollama.requests[0]
     assert request["model"] == "llama3" and request["stream"] is False
     assert request["options"]["temperature"] == 0 and request["options"]["seed"] == instruct.JUDGE_SEED
     assert request["format"] == {
@@ -4142,27 +3960,16 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
     prompt = request["messages"][0]["content"]
     assert "`Answer 0.`" in prompt and "`Reply 0.`" in prompt and "integer number only" in prompt
 
-    _InstructFakeOllama.answers = []
+    _instruct_ollama.answers = []
     with pytest.raises(SystemExit, match="ollama pull mistral"):
-        instruct.main(
-            [
-                "--judge-only",
-                "--judge",
-                "ollama",
-                "--judge-url",
-                url,
-                "--judge-model",
-                "mistral",
-                "--responses",
-                str(path),
-            ]
-        )
+        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--judge-model", "mistral",
+                       "--responses", str(path)])
 
 
 def test_instruct_judge_any_content_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
-    _, url = _instruct_ollama
+    url = _instruct_ollama.url
     path, _ = _instruct_responses_file(tmp_path, 8)
-    _InstructFakeOllama.answers = [
+    _instruct_ollama.answers = [
         '{"score": 92.5}',  # the text structured output sends
         85,  # JSON values instead of text
         {"score": 80},
@@ -4182,19 +3989,18 @@ def test_instruct_judge_any_content_with_fake_ollama(tmp_path, capsys, _instruct
 
 
 def test_instruct_query_ollama_asks_old_servers_without_schema(_instruct_ollama):
-    _, url = _instruct_ollama
-    _InstructFakeOllama.reject_format = True
-    _InstructFakeOllama.answers = ["Score: 75"]
+    url = _instruct_ollama.url
+    _instruct_ollama.reject_format = True
+    _instruct_ollama.answers = ["Score: 75"]
     assert instruct.query_ollama("grade this", url, "llama3") == "Score: 75"
-    first, second = _InstructFakeOllama.requests
+    first, second = _instruct_ollama.requests
     assert first["format"] == instruct.SCORE_FORMAT and "format" not in second
     assert second["messages"] == first["messages"]
 
 
 def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
-    server, url = _instruct_ollama
-    server.shutdown()
-    server.server_close()  # nothing listens on this port any more
+    url = _instruct_ollama.url
+    _instruct_ollama.server.close()  # nothing listens on this port any more
     path, _ = _instruct_responses_file(tmp_path, 2)
     before = path.read_bytes()
     with pytest.raises(SystemExit) as exc:
@@ -4370,12 +4176,9 @@ def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instr
 # Values that argparse and the `type=` helpers reject (exit 2), and combinations parse_args refuses.
 _INSTRUCT_BAD_FLAGS = [
     (["--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
-    (["--prompt", "hi", "--temperature", "0.8", "--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
     (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got '-1'"),
-    (["--temperature", "inf"], "argument --temperature: must be a finite number >= 0, got 'inf'"),
     (["--weight-decay", "-1"], "argument --weight-decay: must be a finite number >= 0, got '-1'"),
     (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
-    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
     (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
     (["--eval-batches", "-1"], "argument --eval-batches: must be an integer >= 0, got '-1'"),
     (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got '0'"),
@@ -4386,7 +4189,6 @@ _INSTRUCT_BAD_FLAGS = [
     (["--max-length", "0"], "argument --max-length: must be an integer >= 1, got '0'"),
     (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
     (["--top-p", "0"], "argument --top-p: must be a number in (0, 1], got '0'"),
-    (["--top-p", "nan"], "argument --top-p: must be a number in (0, 1], got 'nan'"),
     (["--lora-alpha", "nan"], "argument --lora-alpha: must be a finite number > 0, got 'nan'"),
     (["--drop-rate", "1"], "argument --drop-rate: must be a number in [0, 1), got '1'"),
     (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
@@ -4525,19 +4327,22 @@ def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_pa
     assert (tmp_path / "kept" / "run.json").read_bytes() == settings_before  # a refused resume changes nothing
     instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2"])
     assert gpt.load_checkpoint(tmp_path / "kept" / "train_state.pt")["step"] == 2
+    kept = tmp_path / "kept"
+    (kept / "train_state.pt").write_bytes((kept / "model.pt").read_bytes())  # a model where the state belongs
+    with pytest.raises(SystemExit) as exit_info:
+        instruct.main(["--out-dir", str(kept), "--resume", "--epochs", "3"])
+    assert exit_info.value.code == (f"error: --resume: {kept / 'train_state.pt'} is not a training state (a "
+                                    "finished run keeps it only with --keep-state): train on from "
+                                    f"{kept / 'model.pt'} with --model, or start again with --overwrite")
 
 
-def test_instruct_bom_and_deep_nesting(tmp_path):
+def test_instruct_data_may_start_with_a_bom(tmp_path):
     entry = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     path = tmp_path / "data.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps([entry]).encode())
     assert instruct.load_instruction_data(path) == [entry]
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(entry).encode() + b"\n")  # JSON Lines
     assert instruct.load_instruction_data(path) == [entry]
-    path.write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(["--data", str(path), "--out-dir", str(tmp_path / "run")])
-    assert str(exc.value) == f"error: --data {path}: JSON nested too deeply to read"
 
 
 def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
@@ -4548,9 +4353,6 @@ def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
         f"error: {tmp_path / 'small.pt'}: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses "
         "50257: use a model trained with the GPT-2 tokenizer"
     )
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "small.pt")])
-    assert str(exc.value) == message
     data = [{"instruction": f"Task {i}.", "output": "Done."} for i in range(10)]
     (tmp_path / "data.json").write_text(json.dumps(data))
     run = ["--data", str(tmp_path / "data.json"), "--model", str(tmp_path / "small.pt")]
@@ -4741,21 +4543,6 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
     (out_dir / "responses.json").unlink()
     instruct.main(run + ["--generate-only"])
     assert json.loads((out_dir / "responses.json").read_text()) == answered
-
-
-def test_classify_export_hf_flag_and_a_folder_as_checkpoint(tmp_path, capsys):
-    fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2"))
-    capsys.readouterr()
-    checkpoint = str(tmp_path / "run" / "classifier.pt")
-    texts = ["WINNER! Claim your free prize now", "See you at 6?"]
-    fc.main(["--classify", *texts, "--checkpoint", checkpoint])
-    from_checkpoint = capsys.readouterr().out
-    fc.main(["--checkpoint", checkpoint, "--export-hf", str(tmp_path / "hf")])
-    assert "GPT2ForSequenceClassification folder" in capsys.readouterr().out
-    fc.main(["--classify", *texts, "--checkpoint", str(tmp_path / "hf")])
-    assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
-    with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
-        fc.main(["--checkpoint", checkpoint, "--export-hf", str(tmp_path / "hf")])
 
 
 # ========================================================================================
@@ -4992,16 +4779,13 @@ def changed_copy(folder, dest, change):
     return dest
 
 
-def test_strict_gpt2_layer_norm_epsilon_reaches_the_model(tmp_path):
+def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_path):
     reference, _ = save_hf_gpt2(tmp_path, **STRICT_GPT2, layer_norm_epsilon=1e-3)
     model = load_lm(tmp_path)
     assert model.cfg.norm_eps == 1e-3 and model.h[0].ln_1.eps == model.ln_f.eps == 1e-3
     idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
-
-
-def test_strict_gpt2_export_keeps_layer_norm_epsilon(tmp_path):
     folder = gpt.export_hf(tiny_model(norm_eps=1e-3), tmp_path / "hf")
     assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-3
     assert load_lm(folder).cfg.norm_eps == 1e-3
@@ -5056,19 +4840,6 @@ def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, cha
 
 
 # --- Small reliability fixes ---
-
-
-def test_classify_file_reads_dev_null_and_pipes(tmp_path, capsys):
-    # /dev/null and the shell's <(...) (a pipe, /dev/fd/N) are files to read, not "no such file"
-    with pytest.raises(SystemExit, match="error: nothing to classify"):
-        fc.main(["--classify-file", "/dev/null", "--checkpoint", str(tmp_path / "unused.pt")])
-    read_end, write_end = os.pipe()
-    os.write(write_end, "Win a prize now\n\nsee you at 5\n".encode())
-    os.close(write_end)
-    try:
-        assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
-    finally:
-        os.close(read_end)
 
 
 _HELLASWAG_ITEM = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e", "f", "g"], "label": 1}
@@ -5129,18 +4900,6 @@ def test_folder_flag_that_is_a_file_names_the_flag(tmp_path, capsys, script, fla
         err = capsys.readouterr().err
         assert f"argument {flag}: {tmp_path / given}:{which} is a file, not a folder" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
-
-
-def test_instruct_resume_of_a_model_checkpoint_says_what_it_is(_instruct_tiny_run, capsys):
-    folder, out_dir = _instruct_tiny_run, _instruct_tiny_run / "copied-state"
-    instruct.main(["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--out-dir", str(out_dir),
-                   *"--epochs 1 --batch-size 5 --eval-batches 1 --max-new-tokens 1".split()])
-    (out_dir / "train_state.pt").write_bytes((out_dir / "model.pt").read_bytes())  # a model where the state belongs
-    with pytest.raises(SystemExit) as exit_info:
-        instruct.main(["--out-dir", str(out_dir), "--resume", "--epochs", "2"])
-    assert exit_info.value.code == (f"error: --resume: {out_dir / 'train_state.pt'} is not a training state (a "
-                                    "finished run keeps it only with --keep-state): train on from "
-                                    f"{out_dir / 'model.pt'} with --model, or start again with --overwrite")
 
 
 @pytest.mark.parametrize("script, flags, message", [
@@ -5218,12 +4977,18 @@ def test_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone(t
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     capsys.readouterr()
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", "WINNER!! Claim your prize now"])
-    assert capsys.readouterr().out.endswith("  WINNER!! Claim your prize now\n")
+    texts = ["WINNER!! Claim your prize now", "See you at 6?"]
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", *texts])
+    from_checkpoint = capsys.readouterr().out
+    assert from_checkpoint.endswith("  See you at 6?\n")
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv")])
     assert "accuracy" in capsys.readouterr().out
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
     assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
+    fc.main(["--classify", *texts, "--checkpoint", str(tmp_path / "hf")])
+    assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
+    with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
+        fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
     with pytest.raises(SystemExit) as exit_info:
         load_gpt2.main(["--model", str(run / "classifier.pt")])
     message = str(exit_info.value.code)
