@@ -3929,9 +3929,9 @@ def _instruct_responses_file(tmp_path, n):
 
 
 def test_instruct_judge_without_any_score_is_an_error(tmp_path, _instruct_ollama):
-    _, url = _instruct_ollama
+    url = _instruct_ollama.url
     path, _ = _instruct_responses_file(tmp_path, 2)
-    _InstructFakeOllama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
+    _instruct_ollama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
     with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
         instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
     assert [e["score"] for e in json.loads((tmp_path / "responses-scored.json").read_text())] == [None, None]
