@@ -57,7 +57,7 @@ LABELS = {"ham": 0, "spam": 1}  # the data set's labels -> class index
 CLASS_NAMES = ["not spam", "spam"]  # what --classify prints for class 0 and 1
 SPLIT_FRACTIONS = (0.7, 0.1)  # train, validation; the test set gets the rest (0.2)
 TRAINABLE_CHOICES = ("last-block", "all", "head")  # --trainable; --lora trains adapters instead
-CACHE_BATCH = 32  # messages per batch when filling the activation cache: big matrices run faster
+CACHE_BATCH_TOKENS = 4096  # padded tokens per batch filling the activation cache: big matrices, bounded memory
 MAX_WARNINGS = 5  # bad data lines named in a warning or error; the rest are counted
 HISTORY = ("epoch", "step", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy")  # per epoch
 
@@ -236,11 +236,15 @@ def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, pr
     """Hidden states after the embeddings and the first `n_frozen` blocks, per message: list of LongTensor
     [n_tokens_i] -> list of float [n_tokens_i, emb_dim]; valid while those blocks are frozen and dropout is 0.
     Identical messages (the collection repeats some) are computed once and share one tensor. Batches hold messages
-    of similar length (sorted)."""
+    of similar length (sorted), at most CACHE_BATCH_TOKENS padded tokens."""
     first_of = {}  # token sequence -> index of its first occurrence
     first_index = [first_of.setdefault(tuple(ids.tolist()), i) for i, ids in enumerate(token_ids)]  # per message
     order = sorted(first_of.values(), key=lambda i: len(token_ids[i]))  # similar lengths batch together
-    batches = [order[start : start + CACHE_BATCH] for start in range(0, len(order), CACHE_BATCH)]
+    batches = [[]]
+    for i in order:  # ascending lengths: the newest message is the batch's longest
+        if batches[-1] and (len(batches[-1]) + 1) * len(token_ids[i]) > CACHE_BATCH_TOKENS:
+            batches.append([])
+        batches[-1].append(i)
     activations = {}  # index of a first occurrence -> its hidden states
     total_tokens = sum(len(token_ids[i]) for i in order)
     done_tokens, started = 0, time.time()

@@ -1739,10 +1739,12 @@ def shard_names(index):
 def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torch.float32):
     """Model in eval mode of tensors named as transformers saves them and config.json (a dict, or
     None: GPT-2 sizes from the shapes); a ...ForSequenceClassification's `score` becomes a classifier
-    head. Raises ValueError naming `source` for a model type this project lacks or tensors that do not fit."""
+    head. Consumes `tensors` (each is dropped once copied: a memory-mapped file leaves memory tensor by tensor).
+    Raises ValueError naming `source` for a model type this project lacks or tensors that do not fit."""
     if config_json is not None and not isinstance(config_json, dict):
         raise ValueError(f"{source}: its config.json holds a {type(config_json).__name__}, not a JSON object")
-    tensors = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in tensors.items()}
+    for name in list(tensors):  # renamed in place: the loader drops each tensor from this dict once copied
+        tensors[name.removeprefix("transformer.").removeprefix("model.")] = tensors.pop(name)
     model_type = (config_json or {}).get("model_type") or ("gpt2" if "wte.weight" in tensors else None)
     if model_type is None and config_json is None:
         raise ValueError(f"{source}: no config.json beside it, and its tensors are not GPT-2's (no wte.weight): "
