@@ -2,8 +2,10 @@
 
 Stage "fine-tune a pretrained GPT for classification" of the lifecycle (chapter 6 of "Build a Large Language Model
 (From Scratch)", rasbt/LLMs-from-scratch). The language-model head is replaced by a 2-class linear head that reads the
-hidden state of each message's last token; by default only the last transformer block, the final norm and the new
-head train, and the epoch with the best validation accuracy is kept.
+hidden state of each message's last token (under causal attention the only position that has seen the whole message);
+by default only the last transformer block, the final norm and the new head train, and the epoch with the best
+validation accuracy is kept. Start reading at `train_and_evaluate`: the job in order; the functions above it are its
+steps.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
     python finetune_classify.py --data path/to/SMSSpamCollection --model path/to/model.safetensors
@@ -265,9 +267,10 @@ def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, pr
 
 
 def last_block_at_last_token(block, x, last):
-    """block(x)[arange(B), last] of a GPT-2 block without dropout: float [B, C], computed only where the classifier
-    reads. x: float [B, T, C], right-padded; last: LongTensor [B], each row's last real position. The query, attention
-    output and MLP run at that position alone; keys and values come from every position up to it (later: masked)."""
+    """Speed only (skip it on a first read): block(x)[arange(B), last] of a GPT-2 block without dropout: float [B, C],
+    computed only where the classifier reads (tested equal). x: float [B, T, C], right-padded; last: LongTensor [B],
+    each row's last real position. The query, attention output and MLP run at that position alone; keys and values
+    come from every position up to it (later: masked)."""
     attn = block.attn
     B, T, C = x.shape
     rows = torch.arange(B, device=x.device)
@@ -353,8 +356,9 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
         for name, value in zip(HISTORY, (step / steps_per_epoch, step, *scores)):
             history[name].append(value)
         # Model selection: keep a copy of the trainable weights of the best epoch so far (--keep-last: the last).
-        if keep_last or best is None or (scores[3], -scores[2]) > best:
-            best, kept_weights = (scores[3], -scores[2]), gpt.trainable_weights(model)
+        _, _, validation_loss, validation_accuracy = scores
+        if keep_last or best is None or (validation_accuracy, -validation_loss) > best:  # ties: the lower loss
+            best, kept_weights = (validation_accuracy, -validation_loss), gpt.trainable_weights(model)
             history["kept_epoch"] = history["epoch"][-1]
     model.load_state_dict(kept_weights, strict=False)
     print_kept_epoch(history, keep_last)
@@ -461,9 +465,10 @@ def prepare_data(args, out_dir, device, tokenizer):
     repeated = sum(text in train_texts for _, text in splits[2])  # the collection repeats some messages
     print(f"splits:     {' / '.join(str(len(s)) for s in splits)} (train / validation / test, balanced, seed "
           f"{args.seed}) in {out_dir}/{{train,validation,test}}.csv; {repeated} test messages occur in training")
-    token_ids = [tokenize_messages([text for _, text in split], tokenizer=tokenizer) for split in splits]
-    n_truncated = sum(len(t) > args.max_length for split in token_ids for t in split)
-    token_ids = [[t[: args.max_length].to(device) for t in split] for split in token_ids]
+    # Tokenized as --classify and --evaluate tokenize (`tokenize_messages`): the same ids for the same text.
+    token_ids = [tokenize_messages([text for _, text in split], args.max_length, tokenizer) for split in splits]
+    n_truncated = sum(len(tokenizer.encode(text, bos=True)) > args.max_length for split in splits for _, text in split)
+    token_ids = [[t.to(device) for t in split] for split in token_ids]
     print(f"tokens:     longest message {max(len(t) for split in token_ids for t in split)} tokens after truncation "
           f"to --max-length {args.max_length} ({n_truncated} messages truncated)")
     return token_ids, [torch.tensor([LABELS[label] for label, _ in split], device=device) for split in splits]

@@ -217,7 +217,7 @@ class GPTModel(nn.Module):
     LayerNorm and a language-model head that shares its weight with the token embedding.
 
     Parameter names follow the GPT-2 release (`wte`, `wpe`, `h`, `ln_f`) so that
-    `load_gpt2` can copy the released tensors by name.
+    `load_weights_into` (section 8) can copy the released tensors by name.
     """
 
     def __init__(self, cfg):
@@ -244,8 +244,8 @@ class GPTModel(nn.Module):
     def init_weights(self):
         """GPT-2's initialisation: N(0, 0.02) weights, zero biases, scaled residual projections."""
         self.apply(self._init_weights)
-        # Residual projections add up over 2 * n_layers branches; scale them down so the
-        # residual stream keeps unit variance at initialisation (GPT-2, section 2.3).
+        # Residual projections add up over 2 * n_layers branches; scale them by 1/sqrt(2 * n_layers)
+        # so that the residual stream's variance does not grow with depth (GPT-2 paper, section 2.3).
         for name, param in self.named_parameters():
             if name.endswith(self.RESIDUAL_PROJECTIONS):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
@@ -253,7 +253,7 @@ class GPTModel(nn.Module):
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)  # 0.02 as in GPT-2's code
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)  # 0.02 as in GPT-2's code (nanoGPT's too)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -541,6 +541,12 @@ def generate(model, idx, max_new_tokens, *, seed=None, on_token=None, **options)
 # 5. Tokenizer
 # ----------------------------------------------------------------------------------------
 
+# GPT-2's tokenizer is byte-level byte-pair encoding (BPE): a regular expression cuts the text
+# into pieces (words with their leading space, numbers, punctuation, runs of spaces), each piece
+# becomes its UTF-8 bytes, and the pair of adjacent tokens that ranks lowest in the vocabulary's
+# merge list is merged, again and again, until no pair is in the list. tiktoken runs it fast;
+# section 6 reads other vocabularies (tokenizer.json) into the same machinery.
+#
 # One rule for the text of special tokens, everywhere (prompts, corpora, instruction data,
 # classified messages, benchmark items): text that spells a special or added token, such as
 # "<|endoftext|>" or SmolLM2's "<|im_start|>", IS that token, as in transformers and llama.cpp.
@@ -623,6 +629,7 @@ def get_tokenizer():
             f"cannot download tiktoken's GPT-2 vocabulary files ({e.__class__.__name__}): connect once, or set "
             "TIKTOKEN_CACHE_DIR to a folder holding them (this repository's testdata/tiktoken_cache has them)"
         ) from None
+    # tiktoken has no public accessor for an Encoding's tables: they are copied into our subclass.
     return Tokenizer(name="gpt2", pat_str=encoding._pat_str, mergeable_ranks=encoding._mergeable_ranks,
                      special_tokens=encoding._special_tokens, eot_id=EOT_ID, bos_id=EOT_ID)
 
