@@ -1,40 +1,25 @@
-"""pretrain.py: pretrain a GPT on plain text by next-token prediction.
+"""pretrain.py: the "pretrain" stage: train a GPT on plain text by next-token prediction.
 
-The "pretrain" stage of the GPT-2 lifecycle. With no flag it trains a small GPT from
-random weights on "The Verdict" (Edith Wharton, public domain; the short story of
-chapter 5 of "Build a Large Language Model (From Scratch)"), downloaded once, on the CPU
-in a few minutes:
+With no flag: a small GPT from random weights on "The Verdict" (the short story of chapter 5 of "Build a Large
+Language Model (From Scratch)"), downloaded once, on the CPU in a few minutes:
 
     python pretrain.py
     python pretrain.py --data tinyshakespeare.txt --emb-dim 128 --max-steps 240 --lr 3e-3 --eval-every 40
-    python pretrain.py --model gpt2 --data my_notes/         # continue from released weights
-    python pretrain.py --model HuggingFaceTB/SmolLM2-135M --data my_notes/   # a Llama-family model
+    python pretrain.py --model HuggingFaceTB/SmolLM2-135M --data my_notes/   # continue from released weights
     torchrun --nproc_per_node 8 pretrain.py --data corpus/ --size gpt2 --grad-accum 4   # several GPUs
-    python pretrain.py --resume                              # continue the run in runs/pretrain/ as it was
-    python pretrain.py --resume --max-steps 2000             # ... and extend it
+    python pretrain.py --resume --max-steps 2000             # continue the run in runs/pretrain/, and extend it
 
-The story: the text is tokenized once into a token file, split into training and
-validation tokens and cut into windows; a GPT is built (or loaded); one loop trains it
-with AdamW, warm-up and cosine decay and gradient accumulation, and every --eval-every
-steps measures both losses, prints a sample and saves. Ctrl-C (or SIGTERM) finishes the
-step, saves and exits; --resume continues exactly. Under torchrun each process trains on
-its share of every batch (DistributedDataParallel), as in nanoGPT's train.py.
+The story: the text is tokenized once into a token file (<--cache-dir>/tokens/, 2 or 4 bytes per token), split
+into training and validation windows; a GPT is built or loaded; one loop trains it with AdamW, warm-up, cosine
+decay and gradient accumulation (DistributedDataParallel under torchrun, as nanoGPT's train.py), and every
+--eval-every steps measures both losses, prints a sample and saves. Ctrl-C or SIGTERM saves and exits; --resume
+continues exactly. Every weight trains: AdamW needs 16 bytes per parameter (SmolLM2-135M: 2.2 GB), checked at the
+start; for bigger models use the fine-tunes' LoRA.
 
-Writes to --out-dir (default runs/pretrain/; a folder that holds another run is refused
-unless --resume continues it or --overwrite replaces it):
-    run.json      the settings and the data's fingerprint (1 KB)
-    latest.pt     the training state: model, AdamW moments, step, data position, RNG states
-                  (12 bytes per parameter: 193 MB for the default model, 1.5 GB for --size gpt2)
-    best.pt       the model with the lowest validation loss (4 bytes per parameter: 64 MB,
-                  498 MB), for load_gpt2.py and the fine-tunes: --model runs/pretrain/best.pt
-    history.json  the evaluations: step, tokens seen, learning rate, train and validation loss
-    loss.png      both losses against tokens seen (needs matplotlib)
-The token file goes to <--cache-dir>/tokens/ (2 bytes per token, 4 for a vocabulary of more
-than 65,536 ids), one per text and tokenizer, reused while the text files are unchanged.
-
-Memory: every weight trains, with AdamW 16 bytes per parameter before activations
-(SmolLM2-135M: 2.2 GB, Llama 3.2 1B: 20 GB), checked at the start. To adapt a model too
-big for that, fine-tune it with LoRA (finetune_classify.py, finetune_instruct.py).
+Writes to --out-dir (default runs/pretrain/; another run there is refused unless --resume or --overwrite):
+run.json (settings, data fingerprint), latest.pt (the training state, 12 bytes per parameter), best.pt (the
+model with the lowest validation loss: --model runs/pretrain/best.pt for the other stages), history.json (the
+evaluations) and loss.png (needs matplotlib).
 """
 
 import codecs
@@ -81,9 +66,7 @@ def log(*parts):
 
 
 def resolve_sources(data):
-    """--data -> sorted list of text file Paths: a URL downloaded once into <cache>/data/ (checked when KNOWN_DOWNLOADS
-    lists it), a file, or the non-empty .txt files below a folder (sorted: the same token stream every time). Raises
-    FileNotFoundError or ValueError when there is no text."""
+    """--data (a URL, downloaded once; a file; a folder's non-empty .txt files, sorted) -> list of text file Paths."""
     if urlparse(data).scheme in ("http", "https"):
         name = Path(urlparse(data).path).name or "corpus.txt"
         return [gpt.fetch_dataset([data], name, flag="--data", **KNOWN_DOWNLOADS.get(data, {}))]
@@ -101,9 +84,8 @@ def resolve_sources(data):
 
 
 def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
-    """Yield the text of a UTF-8 file opened in binary mode (f), chunk_bytes at a time (a file larger than memory
-    works). Line endings become "\\n", also when a chunk ends between "\\r" and "\\n"; a leading byte-order mark is
-    dropped. Raises ValueError with the byte offset of the first invalid UTF-8, unless replace_invalid (then U+FFFD)."""
+    """Yield the text of a UTF-8 file opened in binary mode, chunk_bytes at a time, line endings as "\\n", without a
+    byte-order mark. Raises ValueError naming the byte offset of invalid UTF-8, unless replace_invalid (then U+FFFD)."""
     utf8 = codecs.getincrementaldecoder("utf-8")("replace" if replace_invalid else "strict")
     decoder = io.IncrementalNewlineDecoder(utf8, translate=True)  # holds a final "\r" back
     if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
@@ -125,29 +107,20 @@ def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
             return
 
 
-def safe_cut(text, start=0):
-    """Index just after the last newline with non-whitespace on both sides, or 0; newlines before `start` are not
-    looked at. The pre-tokenizers of GPT-2 and the Llama family always end a piece there, so encoding text[:cut] and
-    text[cut:] apart gives exactly the tokens of the whole text."""
-    first = max(1, start)
-    cut = text.rfind("\n", first, len(text) - 1)
-    while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
-        cut = text.rfind("\n", first, cut)
-    return cut + 1 if cut > 0 else 0
-
-
 def encode_pieces(pieces, tokenizer):
     """Token ids of a stream of text pieces: yields lists of ints whose concatenation is the encoding of the joined
-    text. Text that spells a special token ("<|endoftext|>" for GPT-2) becomes its id (`gpt.Tokenizer.encode`)."""
+    text (special-token text becomes its id). The text is cut only after a newline with non-whitespace on both
+    sides: the pre-tokenizers of GPT-2 and the Llama family always end a piece there."""
     buffer = ""
     for piece in pieces:
-        # The buffer held no cut; only its last character may now become one (it gets a right neighbour).
-        searched = max(len(buffer) - 1, 0)
+        first = max(len(buffer) - 1, 1)  # the buffer held no cut; only its last character may now become one
         buffer += piece
-        cut = safe_cut(buffer, searched)
-        if cut:
-            yield tokenizer.encode(buffer[:cut])
-            buffer = buffer[cut:]
+        cut = buffer.rfind("\n", first, len(buffer) - 1)
+        while cut > 0 and (buffer[cut - 1].isspace() or buffer[cut + 1].isspace()):
+            cut = buffer.rfind("\n", first, cut)
+        if cut > 0:
+            yield tokenizer.encode(buffer[: cut + 1])
+            buffer = buffer[cut + 1 :]
     if buffer:
         yield tokenizer.encode(buffer)
 
