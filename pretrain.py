@@ -170,9 +170,8 @@ def write_token_file(paths, token_path, tokenizer, replace_invalid=False, chunk_
 
 
 def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False, quiet=False):
-    """(token file Path, number of tokens, SHA-256) of the corpus, tokenizing only when needed: the file is reused
-    while the JSON record beside it names the same tokenizer (its pickled vocabulary, merges and pattern) and lists
-    the same sources with the same sizes and modification times. Raises ValueError for a text without tokens."""
+    """(token file Path, number of tokens, SHA-256) of the corpus, reused while the JSON record beside it names the
+    same tokenizer (by content) and the same sources (sizes, modification times)."""
     sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
     tokenizer_sha256 = hashlib.sha256(pickle.dumps(tokenizer)).hexdigest()
     dtype = token_type(tokenizer)
@@ -232,16 +231,13 @@ class Splits:
 
 
 def count_windows(n_tokens, context_length, stride):
-    """Windows of context_length + 1 tokens (the inputs, and the targets one further) that start at 0, stride,
-    2 * stride, ... in n_tokens tokens. 10 tokens, context 4, stride 2: starts 0, 2, 4 -> 3 windows."""
+    """Windows of context_length + 1 tokens (inputs and targets) starting at 0, stride, 2 * stride, ... in n_tokens."""
     return max(0, (n_tokens - context_length - 1) // stride + 1)
 
 
 def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
     """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows in the order of epoch
-    i // n_windows (`gpt.epoch_order`), so the data position is one number that a checkpoint stores: the samples seen.
-    A step reads batch_size * grad_accum * world_size samples from samples_seen on; micro-step m of rank r takes
-    samples_seen + (m * world_size + r) * batch_size + [0, batch_size), so the ranks' micro-batches side by side are
+    i // n_windows, so the data position is one number, the samples seen; the ranks' micro-batches side by side are
     one process's micro-batch of batch_size * world_size."""
     first = samples_seen + (micro_step * world_size + rank) * batch_size
     n = splits.n_windows
@@ -267,9 +263,8 @@ def get_batch(tokens, starts, context_length, device):
 
 
 def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_000):
-    """Cross-entropy (nats per token) of the validation tokens under the add-one smoothed token frequencies of the
-    training tokens: the loss of a model that ignores context. Counts at most the first max_tokens of each split, to
-    stay quick on big corpora."""
+    """Loss (nats per token) of the validation tokens under the add-one smoothed token frequencies of the training
+    tokens (at most max_tokens of each): the loss of a model that ignores context."""
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     train_tokens, val_tokens = train_tokens[:max_tokens], val_tokens[:max_tokens]
     step = 1 << 24
@@ -303,17 +298,15 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
 
 
 def model_config(args):
-    """GPTConfig of a new model: --size (default: DEFAULT_SHAPE) with the shape flags given. Raises ValueError for a
-    shape that does not fit together."""
+    """GPTConfig of a new model: --size (default: DEFAULT_SHAPE) with the shape flags given; ValueError if no fit."""
     base = gpt.MODEL_CONFIGS[args.size] if args.size else gpt.GPTConfig(**DEFAULT_SHAPE)
     shape = {name: getattr(args, name) for name in DEFAULT_SHAPE if getattr(args, name) is not None}
     return dataclasses.replace(base, drop_rate=args.drop_rate, **shape)
 
 
 def model_to_train(args, checkpoint=None):
-    """The model to train, float32 on the CPU, in training mode, and its tokenizer -> (model, gpt.Tokenizer): from a
-    --resume checkpoint, from --model (with this run's --drop-rate), or new (`model_config`, initialised as its family
-    is, seeded by --seed; a Llama-family --size brings its Hub tokenizer, else GPT-2's)."""
+    """(model in training mode on the CPU, its gpt.Tokenizer): from a --resume checkpoint, from --model, or new
+    (seeded by --seed; a Llama-family --size brings its Hub tokenizer, else GPT-2's)."""
     if checkpoint is not None:
         return gpt.model_from_checkpoint(checkpoint).train(), gpt.tokenizer_from_state(checkpoint.get("tokenizer"))
     if args.model:
@@ -345,8 +338,7 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
 
 @torch.no_grad()
 def evaluate_loss(model, splits, split, batch_size, autocast, proc):
-    """Mean cross-entropy (nats per token) of the evaluation windows of split ("train" or "val"). Each process (proc:
-    see `distributed_run`) takes every world_size-th window, and the sums are all-reduced."""
+    """Mean loss (nats per token) of the evaluation windows of split ("train" or "val"), shared among the processes."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
     mine = splits.eval_starts[split][proc.rank :: proc.world_size]
@@ -364,9 +356,8 @@ def evaluate_loss(model, splits, split, batch_size, autocast, proc):
 
 
 def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
-    """The prompt and a continuation (temperature 0.8, top-k 50, seeded: successive samples differ only through
-    training), until the model's end-of-text token at most, lines after the first indented for the log. An empty
-    prompt starts from that token."""
+    """The prompt and a seeded continuation (successive samples differ only through training), indented for the log.
+    An empty prompt starts from the end-of-text token."""
     start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_id]])
     out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
                        eot_id=tokenizer.eot_id)
@@ -379,16 +370,12 @@ def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
 
 
 def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
-    """Train from step state["step"] to state["total_steps"], updating state. Evaluates (both losses, a sample, best.pt)
-    at the start, every --eval-every steps and at the end; saves latest.pt then and at a stop (stopper: Ctrl-C or
-    SIGTERM, a gpt.StopSignal; --stop-at-step). Returns None at the end, else "stop-at-step" or the signal's name."""
+    """Train from step state["step"] to state["total_steps"], updating state; evaluate and save on the way, and at a
+    stop (stopper: a gpt.StopSignal; --stop-at-step). Returns None at the end, else "stop-at-step" or the signal."""
     total_steps = state["total_steps"]
     autocast, dtype_name = gpt.autocast_context(proc.device, args.dtype)
     eval_model = torch.compile(model) if args.compile else model
-    train_model = eval_model  # with several processes: DistributedDataParallel all-reduces the gradients in backward
-    if proc.world_size > 1:
-        device_ids = [proc.device] if proc.device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(eval_model, device_ids=device_ids)
+    train_model = data_parallel(eval_model, proc)
     peak = args.peak_flops or peak_flops(proc.device, dtype_name)  # None: no MFU
     tokens_per_step = args.batch_size * args.grad_accum * proc.world_size * splits.context_length
     speed = Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
@@ -433,8 +420,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
 
 
 def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast):
-    """At an evaluation step (every --eval-every, and the last) not evaluated yet: both losses into state["history"]
-    and history.json, a sample in the log, best.pt when the validation loss is the lowest so far. -> whether it did."""
+    """At an evaluation step not evaluated yet: both losses into history.json, a sample, best.pt. -> whether it did."""
     step, history = state["step"], state["history"]
     evaluated = bool(history) and history[-1]["step"] == step  # already, before the run stopped and resumed
     if evaluated or not (step % args.eval_every == 0 or step == state["total_steps"]):
@@ -458,9 +444,11 @@ def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autoca
 
 
 def save_latest(path, model, tokenizer, optimizer, proc, state):
-    """Save the training state (model, tokenizer, optimizer, `state`) with every process's RNG states, for the
-    same dropout masks after --resume; every process must call this."""
-    rng_states = all_rng_states(proc)
+    """Save latest.pt with every process's RNG states (the same dropout after --resume); every process calls it."""
+    rng_states = [gpt.rng_state()]
+    if proc.world_size > 1:  # every process's, in rank order
+        rng_states = [None] * proc.world_size
+        dist.all_gather_object(rng_states, gpt.rng_state())
     if proc.rank == 0:
         gpt.save_checkpoint(path, model, tokenizer, optimizer=optimizer.state_dict(), rng_states=rng_states, **state)
 
@@ -471,8 +459,7 @@ def save_latest(path, model, tokenizer, optimizer, proc, state):
 
 
 def start_run(args, proc):
-    """Everything the loop needs, in the order a run needs it: the run folder, the model and its tokenizer, the token
-    file, AdamW, the step count and the loop's state (new, or from latest.pt with --resume) -> (model,
+    """The run folder, the model, the data, AdamW and the loop's state (new, or latest.pt's with --resume) -> (model,
     optimizer, splits, tokenizer, state)."""
     out_dir = Path(args.out_dir)
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
@@ -531,9 +518,7 @@ def start_run(args, proc):
 
 
 def pretrain(args, proc):
-    """Run the stage with the settings args (see `parse_settings`) in this process (proc: see `distributed_run`).
-    Returns a summary dict: steps, tokens_seen, train_loss, val_loss, best_val_loss, unigram_loss, latest, best,
-    stopped (see `train`)."""
+    """Run the stage with the settings args in this process (proc: see `distributed_run`) -> a summary dict."""
     model, optimizer, splits, tokenizer, state = start_run(args, proc)
     with gpt.StopSignal(single_process=proc.world_size == 1) as stopper:
         stopped = train(args, model, optimizer, splits, tokenizer, proc, state, stopper)
@@ -582,9 +567,8 @@ class Processes:
 
 @contextlib.contextmanager
 def distributed_run(device_name="auto"):
-    """Processes(rank, local_rank, world_size, device) of this run, for a `with` block. Under torchrun (RANK and
-    WORLD_SIZE set) the block runs in the process group: NCCL between GPUs, one GPU per process (cuda:LOCAL_RANK), or
-    Gloo between CPU processes; the group is left at the end. Otherwise one process."""
+    """Processes of this run, for a `with` block: under torchrun in its process group (NCCL, one GPU per process;
+    Gloo between CPU processes), else one process."""
     device = gpt.pick_device(device_name)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         yield Processes(0, 0, 1, device)
@@ -602,6 +586,15 @@ def distributed_run(device_name="auto"):
         dist.destroy_process_group()
 
 
+def data_parallel(model, proc):
+    """The model wrapped in DistributedDataParallel (which all-reduces the gradients in backward) with several
+    processes, else itself."""
+    if proc.world_size == 1:
+        return model
+    device_ids = [proc.device] if proc.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
 def barrier(proc, wait=True):
     """Wait here until every process arrives (with several processes, and when wait)."""
     if proc.world_size > 1 and wait:
@@ -617,15 +610,6 @@ def any_process(flag, proc):
     return bool(value.item())
 
 
-def all_rng_states(proc):
-    """Every process's RNG states (`gpt.rng_state`), in rank order; every process must call this."""
-    states = [None] * proc.world_size
-    if proc.world_size == 1:
-        return [gpt.rng_state()]
-    dist.all_gather_object(states, gpt.rng_state())
-    return states
-
-
 # Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found in
 # torch.cuda.get_device_name() wins, so the PCIe H100 and the H200 NVL come before the SXM ones.
 GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 836e12, "H200": 989e12, "A100": 312e12,
@@ -633,8 +617,7 @@ GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 836e12, "H200
 
 
 def peak_flops(device, dtype_name):
-    """Peak FLOP/s of one device for MFU: the table's for a CUDA GPU training in bfloat16, else None (CPUs: no
-    reliable number, so no MFU)."""
+    """Peak FLOP/s of one device: the table's for a CUDA GPU in bfloat16, else None (no MFU shown)."""
     if device.type != "cuda" or dtype_name != "bfloat16":
         return None
     name = torch.cuda.get_device_name(device)
@@ -642,9 +625,8 @@ def peak_flops(device, dtype_name):
 
 
 def flops_per_token(model, seq_len):
-    """Training FLOPs per token: 6 N for the forward and backward matrix multiplications of N weights (the head
-    included, lookup tables not) plus 12 * n_layers * attention width * seq_len for attention (PaLM, Chowdhery et al.,
-    2022, appendix B)."""
+    """Training FLOPs per token: 6 per multiplying weight plus 12 * n_layers * attention width * seq_len (PaLM,
+    Chowdhery et al., 2022, appendix B)."""
     cfg = model.cfg
     lookups = [] if cfg.family == "llama" else [model.wpe.weight]  # Llama has no position table
     if not cfg.tie_embeddings:
@@ -654,8 +636,7 @@ def flops_per_token(model, seq_len):
 
 
 class Throughput:
-    """The numbers of a progress line: tokens/s and MFU (model FLOPs utilisation, against peak_flops per device; None:
-    none shown) of the steps since the last report, time between `pause` and `resume` (evaluating, saving) not
+    """Tokens/s and MFU (model FLOPs utilisation) since the last report, time between `pause` and `resume` not
     counted, and the ETA."""
 
     def __init__(self, model, seq_len, tokens_per_step, peak_flops=None, world_size=1, first_step=0):
@@ -756,9 +737,8 @@ def build_parser():
 
 
 def parse_settings(argv=None):
-    """The run's settings -> Namespace. A new run: the command line, checked (argparse exits 2). --resume: the settings
-    saved in --out-dir/run.json, THIS_COMMAND's from the command line, MAY_CHANGE's where given; raises ValueError
-    naming the flag and both values when another flag contradicts the saved run."""
+    """The run's settings -> Namespace: the command line, or with --resume those of run.json (THIS_COMMAND's and the
+    MAY_CHANGE flags given from the command line; ValueError when another flag contradicts it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.resume:
@@ -817,8 +797,7 @@ def resume_state(checkpoint, optimizer, proc):
 
 @gpt.command_line(MEMORY_HINT)
 def main(argv=None):
-    """Run the stage from the command line; after a stop by Ctrl-C or SIGTERM (the state saved) exit with the shell's
-    code for the signal, 130 or 143."""
+    """Run the stage from the command line; after Ctrl-C or SIGTERM exit with the shell's code, 130 or 143."""
     args = parse_settings(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # downloads go there
     with distributed_run(args.device) as proc:
