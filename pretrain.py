@@ -275,21 +275,28 @@ def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_00
     return -total / len(val_tokens)
 
 
-def make_splits(token_path, n_tokens, args, cfg, world_size=1):
-    """The Splits of a token file, for a model of config cfg and the settings args."""
+def make_splits(args, tokenizer, cfg, proc):
+    """(Splits of --data for a model of config cfg, the data's fingerprint {"n_tokens", "sha256"}). The first process
+    of each machine tokenizes; the others wait, then reuse its token file."""
+    barrier(proc, wait=proc.local_rank != 0)
+    token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
+    token_path, n_tokens, sha256 = prepare_token_file(resolve_sources(args.data), token_dir, tokenizer,
+                                                      args.replace_invalid_utf8, quiet=proc.rank != 0)
+    barrier(proc, wait=proc.local_rank == 0)
     context_length = gpt.length_within_context(args.context_length, cfg, "--context-length")
     stride = args.stride or context_length
     # Memory-mapped: read on demand, so a corpus larger than memory works.
     tokens = torch.from_file(str(token_path), size=n_tokens, dtype=TOKEN_TYPES[token_path.suffix[1:]][1])
     train, val = split_tokens(tokens, args.train_fraction, context_length)
     n_windows = count_windows(len(train), context_length, stride)
-    eval_windows = args.eval_batches * args.batch_size * world_size
+    eval_windows = args.eval_batches * args.batch_size * proc.world_size
     eval_starts = {"train": evaluation_starts(len(train), context_length, eval_windows)}
     eval_starts["val"] = evaluation_starts(len(val), context_length, eval_windows)
     log(f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
         f"{n_windows:,} training windows of {context_length} tokens, stride {stride}")
     unigram_loss = unigram_baseline(train, val, cfg.vocab_size)
-    return Splits(train, val, context_length, stride, n_windows, args.seed, eval_starts, unigram_loss)
+    splits = Splits(train, val, context_length, stride, n_windows, args.seed, eval_starts, unigram_loss)
+    return splits, {"n_tokens": n_tokens, "sha256": sha256}
 
 
 # ----------------------------------------------------------------------------------------
@@ -469,45 +476,25 @@ def start_run(args, proc):
     if proc.device.type == "cpu" and args.dtype == "bfloat16":  # CPUs without bfloat16 matrix units emulate it
         log("warning: --dtype bfloat16 is usually much slower than float32 on CPUs; --dtype auto picks float32 there")
     checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
-
-    # The model with its tokenizer before the data: a wrong --model fails in seconds.
-    model, tokenizer = model_to_train(args, checkpoint)
-
-    # Data: the first process of each machine tokenizes; the others wait, then reuse its file.
-    barrier(proc, wait=proc.local_rank != 0)
-    token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
-    sources = resolve_sources(args.data)
-    token_path, n_tokens, sha256 = prepare_token_file(sources, token_dir, tokenizer, args.replace_invalid_utf8,
-                                                      quiet=proc.rank != 0)
-    barrier(proc, wait=proc.local_rank == 0)
-    data = {"n_tokens": n_tokens, "sha256": sha256}
+    model, tokenizer = model_to_train(args, checkpoint)  # before the data: a wrong --model fails in seconds
+    splits, data = make_splits(args, tokenizer, model.cfg, proc)
     if checkpoint is not None and checkpoint["data"] != data:
-        raise ValueError(
-            f"--resume: --data {args.data} changed since the run started (SHA-256 of its tokens {sha256[:12]}..., "
-            f"was {checkpoint['data']['sha256'][:12]}...): restore it, or start a new run with --overwrite"
-        )
-
-    # The optimizer: AdamW with betas (0.9, 0.95), as GPT-3 (Brown et al., 2020, appendix B).
-    splits = make_splits(token_path, n_tokens, args, model.cfg, proc.world_size)
+        raise ValueError(f"--resume: --data {args.data} changed since the run started (its tokens' SHA-256 is now "
+                         f"{data['sha256'][:12]}...): restore it, or start a new run with --overwrite")
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if proc.device.type == "cpu" else 1  # share the RAM
     hint = ("pretraining trains every weight: use a smaller model, or a machine with more memory, or adapt this one "
             "with LoRA (the fine-tunes' --lora)")
     gpt.check_training_memory(model, proc.device, hint, processes)
     model.to(proc.device)
-    optimizer = gpt.make_adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))
+    optimizer = gpt.make_adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))  # GPT-3's betas
     global_batch = args.batch_size * args.grad_accum * proc.world_size
     total_steps = args.max_steps or math.ceil(args.epochs * splits.n_windows / global_batch)
     if args.warmup_steps is None:  # 5% of the steps, saved as a number: extending the run keeps it
         args.warmup_steps = round(0.05 * total_steps)
-    if checkpoint is None:
-        state = {"step": 0, "samples_seen": 0, "best_val_loss": math.inf, "history": []}
-        torch.manual_seed(args.seed + proc.rank)  # dropout masks differ between processes
-    else:
-        state = resume_state(checkpoint, optimizer, proc)
-        if state["step"] >= total_steps:
-            raise ValueError(f"--resume: the run in {out_dir} already made {state['step']} of {total_steps} steps; "
-                             "raise --max-steps or --epochs to go on")
-        log(f"resumed from {out_dir / 'latest.pt'} at step {state['step']}")
+    state = {"step": 0, "samples_seen": 0, "best_val_loss": math.inf, "history": []}
+    torch.manual_seed(args.seed + proc.rank)  # dropout masks differ between processes
+    if checkpoint is not None:
+        state = resume_state(checkpoint, optimizer, proc, total_steps, out_dir)
     state.update(total_steps=total_steps, settings=vars(args), data=data)
     if proc.rank == 0:
         gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
@@ -773,7 +760,7 @@ def parse_settings(argv=None):
 
 
 def load_training_state(path):
-    """latest.pt of the run to continue -> dict; ValueError if it is missing or no training state of pretrain.py."""
+    """latest.pt of the run to continue -> dict; ValueError if it is missing or not pretrain.py's."""
     if not path.is_file():
         raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
     checkpoint = gpt.load_checkpoint(path)
@@ -783,15 +770,19 @@ def load_training_state(path):
     return checkpoint
 
 
-def resume_state(checkpoint, optimizer, proc):
-    """AdamW's moments and this process's RNG states from latest.pt (reseeded when it was saved by another number of
-    processes) -> the loop's state."""
+def resume_state(checkpoint, optimizer, proc, total_steps, out_dir):
+    """AdamW's moments and this process's RNG states from latest.pt (reseeded when another number of processes saved
+    it) -> the loop's state."""
+    if checkpoint["step"] >= total_steps:
+        raise ValueError(f"--resume: the run in {out_dir} already made {checkpoint['step']} of {total_steps} steps; "
+                         "raise --max-steps or --epochs to go on")
     rng_states = checkpoint["rng_states"]  # one per process of the saved run
     same_processes = len(rng_states) == proc.world_size
     gpt.restore_training_state(checkpoint, optimizer, proc.device, rng_states[proc.rank if same_processes else 0])
     if not same_processes:
         log(f"note: latest.pt has the RNG states of {len(rng_states)} processes, not {proc.world_size}: reseeding")
         torch.manual_seed(checkpoint["settings"]["seed"] + proc.rank + checkpoint["step"])
+    log(f"resumed from {out_dir / 'latest.pt'} at step {checkpoint['step']}")
     return {key: checkpoint[key] for key in ("step", "samples_seen", "best_val_loss", "history")}
 
 
