@@ -169,7 +169,7 @@ def write_token_file(paths, token_path, tokenizer, replace_invalid=False, chunk_
     return counts[0], digest.hexdigest()
 
 
-def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False, quiet=False):
+def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False):
     """(token file Path, number of tokens, SHA-256) of the corpus, reused while the JSON record beside it names the
     same tokenizer (by content) and the same sources (sizes, modification times)."""
     sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
@@ -184,8 +184,7 @@ def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False, quiet
         saved = json.loads(record_path.read_text())
         size = saved["n_tokens"] * array(TOKEN_TYPES[dtype][0]).itemsize  # bytes
         if {k: saved[k] for k in record} == record and token_path.stat().st_size == size:
-            if not quiet:
-                log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
+            log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
             return token_path, saved["n_tokens"], saved["sha256"]
     except (OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
         pass
@@ -195,8 +194,7 @@ def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False, quiet
     if n_tokens == 0:
         raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
     gpt.write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": sha256})
-    if not quiet:
-        log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
+    log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
     return token_path, n_tokens, sha256
 
 
@@ -280,8 +278,8 @@ def make_splits(args, tokenizer, cfg, proc):
     of each machine tokenizes; the others wait, then reuse its token file."""
     barrier(proc, wait=proc.local_rank != 0)
     token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
-    token_path, n_tokens, sha256 = prepare_token_file(resolve_sources(args.data), token_dir, tokenizer,
-                                                      args.replace_invalid_utf8, quiet=proc.rank != 0)
+    sources = resolve_sources(args.data)
+    token_path, n_tokens, sha256 = prepare_token_file(sources, token_dir, tokenizer, args.replace_invalid_utf8)
     barrier(proc, wait=proc.local_rank == 0)
     context_length = gpt.length_within_context(args.context_length, cfg, "--context-length")
     stride = args.stride or context_length
@@ -524,17 +522,10 @@ def pretrain(args, proc):
         log(f"done: {state['step']} steps, validation loss {history[-1]['val_loss']:.3f} "
             f"(best {state['best_val_loss']:.3f})")
         log(f"try the model: python load_gpt2.py --model {out_dir / 'best.pt'}")
-    return {
-        "steps": state["step"],
-        "tokens_seen": state["samples_seen"] * splits.context_length,
-        "train_loss": history[-1]["train_loss"],
-        "val_loss": history[-1]["val_loss"],
-        "best_val_loss": state["best_val_loss"],
-        "unigram_loss": splits.unigram_loss,
-        "latest": out_dir / "latest.pt",
-        "best": out_dir / "best.pt",
-        "stopped": stopped,
-    }
+    return dict(steps=state["step"], tokens_seen=state["samples_seen"] * splits.context_length, stopped=stopped,
+                train_loss=history[-1]["train_loss"], val_loss=history[-1]["val_loss"],
+                best_val_loss=state["best_val_loss"], unigram_loss=splits.unigram_loss,
+                latest=out_dir / "latest.pt", best=out_dir / "best.pt")
 
 
 # ----------------------------------------------------------------------------------------
@@ -739,14 +730,10 @@ def parse_settings(argv=None):
         return args
     run_file = Path(args.out_dir) / "run.json"
     if not run_file.is_file():
-        raise ValueError(
-            f"--resume: {args.out_dir} holds no run.json, so no run to continue (or one of an earlier pretrain.py): "
-            "start a new run without --resume"
-        )
-    saved = gpt.read_json(run_file, "--resume: the run's settings")
-    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
-        raise ValueError(f"--resume: {run_file} holds no settings of pretrain.py; start a new run with --overwrite")
-    saved = {name: value for name, value in saved["settings"].items() if name not in THIS_COMMAND}
+        raise ValueError(f"--resume: {args.out_dir} holds no run.json, so no run to continue: start a new run without "
+                         "--resume")
+    saved = gpt.read_json(run_file, "--resume: the run's settings")["settings"]
+    saved = {name: value for name, value in saved.items() if name not in THIS_COMMAND}
     settings = gpt.resume_settings(parser, argv, saved, may_change=MAY_CHANGE)
     given = gpt.given_flags(parser, argv)
     if "epochs" in given and "max_steps" not in given:
