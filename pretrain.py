@@ -732,8 +732,10 @@ def parse_settings(argv=None):
     if not run_file.is_file():
         raise ValueError(f"--resume: {args.out_dir} holds no run.json, so no run to continue: start a new run without "
                          "--resume")
-    saved = gpt.read_json(run_file, "--resume: the run's settings")["settings"]
-    saved = {name: value for name, value in saved.items() if name not in THIS_COMMAND}
+    saved = gpt.read_json(run_file, "--resume: the run's settings")
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
+        raise ValueError(f"--resume: {run_file} holds no settings of pretrain.py; start a new run with --overwrite")
+    saved = {name: value for name, value in saved["settings"].items() if name not in THIS_COMMAND}
     settings = gpt.resume_settings(parser, argv, saved, may_change=MAY_CHANGE)
     given = gpt.given_flags(parser, argv)
     if "epochs" in given and "max_steps" not in given:
