@@ -502,6 +502,33 @@ def start_run(args, proc):
     return model, optimizer, splits, tokenizer, state
 
 
+def load_training_state(path):
+    """latest.pt of the run to continue -> dict; ValueError if it is missing or not pretrain.py's."""
+    if not path.is_file():
+        raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
+    checkpoint = gpt.load_checkpoint(path)
+    missing = [k for k in ("optimizer", "step", "samples_seen", "rng_states", "history", "data") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"--resume: {path} is not a training state of this pretrain.py (no {', '.join(missing)})")
+    return checkpoint
+
+
+def resume_state(checkpoint, optimizer, proc, total_steps, out_dir):
+    """AdamW's moments and this process's RNG states from latest.pt (reseeded when another number of processes saved
+    it) -> the loop's state."""
+    if checkpoint["step"] >= total_steps:
+        raise ValueError(f"--resume: the run in {out_dir} already made {checkpoint['step']} of {total_steps} steps; "
+                         "raise --max-steps or --epochs to go on")
+    rng_states = checkpoint["rng_states"]  # one per process of the saved run
+    same_processes = len(rng_states) == proc.world_size
+    gpt.restore_training_state(checkpoint, optimizer, proc.device, rng_states[proc.rank if same_processes else 0])
+    if not same_processes:
+        log(f"note: latest.pt has the RNG states of {len(rng_states)} processes, not {proc.world_size}: reseeding")
+        torch.manual_seed(checkpoint["settings"]["seed"] + proc.rank + checkpoint["step"])
+    log(f"resumed from {out_dir / 'latest.pt'} at step {checkpoint['step']}")
+    return {key: checkpoint[key] for key in ("step", "samples_seen", "best_val_loss", "history")}
+
+
 def pretrain(args, proc):
     """Run the stage with the settings args in this process (proc: see `distributed_run`) -> a summary dict."""
     model, optimizer, splits, tokenizer, state = start_run(args, proc)
@@ -639,7 +666,7 @@ class Throughput:
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Command line and settings
+# 7. Command line and main
 # ----------------------------------------------------------------------------------------
 
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
@@ -741,38 +768,6 @@ def parse_settings(argv=None):
     if "epochs" in given and "max_steps" not in given:
         settings.max_steps = None  # the --epochs given now set the end of the run
     return settings
-
-
-# ----------------------------------------------------------------------------------------
-# 8. Resuming, and main
-# ----------------------------------------------------------------------------------------
-
-
-def load_training_state(path):
-    """latest.pt of the run to continue -> dict; ValueError if it is missing or not pretrain.py's."""
-    if not path.is_file():
-        raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
-    checkpoint = gpt.load_checkpoint(path)
-    missing = [k for k in ("optimizer", "step", "samples_seen", "rng_states", "history", "data") if k not in checkpoint]
-    if missing:
-        raise ValueError(f"--resume: {path} is not a training state of this pretrain.py (no {', '.join(missing)})")
-    return checkpoint
-
-
-def resume_state(checkpoint, optimizer, proc, total_steps, out_dir):
-    """AdamW's moments and this process's RNG states from latest.pt (reseeded when another number of processes saved
-    it) -> the loop's state."""
-    if checkpoint["step"] >= total_steps:
-        raise ValueError(f"--resume: the run in {out_dir} already made {checkpoint['step']} of {total_steps} steps; "
-                         "raise --max-steps or --epochs to go on")
-    rng_states = checkpoint["rng_states"]  # one per process of the saved run
-    same_processes = len(rng_states) == proc.world_size
-    gpt.restore_training_state(checkpoint, optimizer, proc.device, rng_states[proc.rank if same_processes else 0])
-    if not same_processes:
-        log(f"note: latest.pt has the RNG states of {len(rng_states)} processes, not {proc.world_size}: reseeding")
-        torch.manual_seed(checkpoint["settings"]["seed"] + proc.rank + checkpoint["step"])
-    log(f"resumed from {out_dir / 'latest.pt'} at step {checkpoint['step']}")
-    return {key: checkpoint[key] for key in ("step", "samples_seen", "best_val_loss", "history")}
 
 
 @gpt.command_line(MEMORY_HINT)
