@@ -1,40 +1,25 @@
-"""pretrain.py: pretrain a GPT on plain text by next-token prediction.
+"""pretrain.py: the "pretrain" stage: train a GPT on plain text by next-token prediction.
 
-The "pretrain" stage of the GPT-2 lifecycle. With no flag it trains a small GPT from
-random weights on "The Verdict" (Edith Wharton, public domain; the short story of
-chapter 5 of "Build a Large Language Model (From Scratch)"), downloaded once, on the CPU
-in a few minutes:
+With no flag: a small GPT from random weights on "The Verdict" (the short story of chapter 5 of "Build a Large
+Language Model (From Scratch)"), downloaded once, on the CPU in a few minutes:
 
     python pretrain.py
     python pretrain.py --data tinyshakespeare.txt --emb-dim 128 --max-steps 240 --lr 3e-3 --eval-every 40
-    python pretrain.py --model gpt2 --data my_notes/         # continue from released weights
-    python pretrain.py --model HuggingFaceTB/SmolLM2-135M --data my_notes/   # a Llama-family model
+    python pretrain.py --model HuggingFaceTB/SmolLM2-135M --data my_notes/   # continue from released weights
     torchrun --nproc_per_node 8 pretrain.py --data corpus/ --size gpt2 --grad-accum 4   # several GPUs
-    python pretrain.py --resume                              # continue the run in runs/pretrain/ as it was
-    python pretrain.py --resume --max-steps 2000             # ... and extend it
+    python pretrain.py --resume --max-steps 2000             # continue the run in runs/pretrain/, and extend it
 
-The story: the text is tokenized once into a token file, split into training and
-validation tokens and cut into windows; a GPT is built (or loaded); one loop trains it
-with AdamW, warm-up and cosine decay and gradient accumulation, and every --eval-every
-steps measures both losses, prints a sample and saves. Ctrl-C (or SIGTERM) finishes the
-step, saves and exits; --resume continues exactly. Under torchrun each process trains on
-its share of every batch (DistributedDataParallel), as in nanoGPT's train.py.
+The story: the text is tokenized once into a token file (<--cache-dir>/tokens/, 2 or 4 bytes per token), split
+into training and validation windows; a GPT is built or loaded; one loop trains it with AdamW, warm-up, cosine
+decay and gradient accumulation (DistributedDataParallel under torchrun, as nanoGPT's train.py), and every
+--eval-every steps measures both losses, prints a sample and saves. Ctrl-C or SIGTERM saves and exits; --resume
+continues exactly. Every weight trains: AdamW needs 16 bytes per parameter (SmolLM2-135M: 2.2 GB), checked at the
+start; for bigger models use the fine-tunes' LoRA.
 
-Writes to --out-dir (default runs/pretrain/; a folder that holds another run is refused
-unless --resume continues it or --overwrite replaces it):
-    run.json      the settings and the data's fingerprint (1 KB)
-    latest.pt     the training state: model, AdamW moments, step, data position, RNG states
-                  (12 bytes per parameter: 193 MB for the default model, 1.5 GB for --size gpt2)
-    best.pt       the model with the lowest validation loss (4 bytes per parameter: 64 MB,
-                  498 MB), for load_gpt2.py and the fine-tunes: --model runs/pretrain/best.pt
-    history.json  the evaluations: step, tokens seen, learning rate, train and validation loss
-    loss.png      both losses against tokens seen (needs matplotlib)
-The token file goes to <--cache-dir>/tokens/ (2 bytes per token, 4 for a vocabulary of more
-than 65,536 ids), one per text and tokenizer, reused while the text files are unchanged.
-
-Memory: every weight trains, with AdamW 16 bytes per parameter before activations
-(SmolLM2-135M: 2.2 GB, Llama 3.2 1B: 20 GB), checked at the start. To adapt a model too
-big for that, fine-tune it with LoRA (finetune_classify.py, finetune_instruct.py).
+Writes to --out-dir (default runs/pretrain/; another run there is refused unless --resume or --overwrite):
+run.json (settings, data fingerprint), latest.pt (the training state, 12 bytes per parameter), best.pt (the
+model with the lowest validation loss: --model runs/pretrain/best.pt for the other stages), history.json (the
+evaluations) and loss.png (needs matplotlib).
 """
 
 import codecs
@@ -81,9 +66,7 @@ def log(*parts):
 
 
 def resolve_sources(data):
-    """--data -> sorted list of text file Paths: a URL downloaded once into <cache>/data/ (checked when KNOWN_DOWNLOADS
-    lists it), a file, or the non-empty .txt files below a folder (sorted: the same token stream every time). Raises
-    FileNotFoundError or ValueError when there is no text."""
+    """--data (a URL, downloaded once; a file; a folder's non-empty .txt files, sorted) -> list of text file Paths."""
     if urlparse(data).scheme in ("http", "https"):
         name = Path(urlparse(data).path).name or "corpus.txt"
         return [gpt.fetch_dataset([data], name, flag="--data", **KNOWN_DOWNLOADS.get(data, {}))]
@@ -101,9 +84,8 @@ def resolve_sources(data):
 
 
 def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
-    """Yield the text of a UTF-8 file opened in binary mode (f), chunk_bytes at a time (a file larger than memory
-    works). Line endings become "\\n", also when a chunk ends between "\\r" and "\\n"; a leading byte-order mark is
-    dropped. Raises ValueError with the byte offset of the first invalid UTF-8, unless replace_invalid (then U+FFFD)."""
+    """Yield the text of a UTF-8 file opened in binary mode, chunk_bytes at a time, line endings as "\\n", without a
+    byte-order mark. Raises ValueError naming the byte offset of invalid UTF-8, unless replace_invalid (then U+FFFD)."""
     utf8 = codecs.getincrementaldecoder("utf-8")("replace" if replace_invalid else "strict")
     decoder = io.IncrementalNewlineDecoder(utf8, translate=True)  # holds a final "\r" back
     if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
@@ -125,29 +107,20 @@ def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
             return
 
 
-def safe_cut(text, start=0):
-    """Index just after the last newline with non-whitespace on both sides, or 0; newlines before `start` are not
-    looked at. The pre-tokenizers of GPT-2 and the Llama family always end a piece there, so encoding text[:cut] and
-    text[cut:] apart gives exactly the tokens of the whole text."""
-    first = max(1, start)
-    cut = text.rfind("\n", first, len(text) - 1)
-    while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
-        cut = text.rfind("\n", first, cut)
-    return cut + 1 if cut > 0 else 0
-
-
 def encode_pieces(pieces, tokenizer):
     """Token ids of a stream of text pieces: yields lists of ints whose concatenation is the encoding of the joined
-    text. Text that spells a special token ("<|endoftext|>" for GPT-2) becomes its id (`gpt.Tokenizer.encode`)."""
+    text (special-token text becomes its id). The text is cut only after a newline with non-whitespace on both
+    sides: the pre-tokenizers of GPT-2 and the Llama family always end a piece there."""
     buffer = ""
     for piece in pieces:
-        # The buffer held no cut; only its last character may now become one (it gets a right neighbour).
-        searched = max(len(buffer) - 1, 0)
+        first = max(len(buffer) - 1, 1)  # the buffer held no cut; only its last character may now become one
         buffer += piece
-        cut = safe_cut(buffer, searched)
-        if cut:
-            yield tokenizer.encode(buffer[:cut])
-            buffer = buffer[cut:]
+        cut = buffer.rfind("\n", first, len(buffer) - 1)
+        while cut > 0 and (buffer[cut - 1].isspace() or buffer[cut + 1].isspace()):
+            cut = buffer.rfind("\n", first, cut)
+        if cut > 0:
+            yield tokenizer.encode(buffer[: cut + 1])
+            buffer = buffer[cut + 1 :]
     if buffer:
         yield tokenizer.encode(buffer)
 
@@ -196,10 +169,9 @@ def write_token_file(paths, token_path, tokenizer, replace_invalid=False, chunk_
     return counts[0], digest.hexdigest()
 
 
-def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False, quiet=False):
-    """(token file Path, number of tokens, SHA-256) of the corpus, tokenizing only when needed: the file is reused
-    while the JSON record beside it names the same tokenizer (its pickled vocabulary, merges and pattern) and lists
-    the same sources with the same sizes and modification times. Raises ValueError for a text without tokens."""
+def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False):
+    """(token file Path, number of tokens, SHA-256) of the corpus, reused while the JSON record beside it names the
+    same tokenizer (by content) and the same sources (sizes, modification times)."""
     sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
     tokenizer_sha256 = hashlib.sha256(pickle.dumps(tokenizer)).hexdigest()
     dtype = token_type(tokenizer)
@@ -212,8 +184,7 @@ def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False, quiet
         saved = json.loads(record_path.read_text())
         size = saved["n_tokens"] * array(TOKEN_TYPES[dtype][0]).itemsize  # bytes
         if {k: saved[k] for k in record} == record and token_path.stat().st_size == size:
-            if not quiet:
-                log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
+            log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
             return token_path, saved["n_tokens"], saved["sha256"]
     except (OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
         pass
@@ -223,8 +194,7 @@ def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False, quiet
     if n_tokens == 0:
         raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
     gpt.write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": sha256})
-    if not quiet:
-        log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
+    log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
     return token_path, n_tokens, sha256
 
 
@@ -259,16 +229,13 @@ class Splits:
 
 
 def count_windows(n_tokens, context_length, stride):
-    """Windows of context_length + 1 tokens (the inputs, and the targets one further) that start at 0, stride,
-    2 * stride, ... in n_tokens tokens. 10 tokens, context 4, stride 2: starts 0, 2, 4 -> 3 windows."""
+    """Windows of context_length + 1 tokens (inputs and targets) starting at 0, stride, 2 * stride, ... in n_tokens."""
     return max(0, (n_tokens - context_length - 1) // stride + 1)
 
 
 def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
     """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows in the order of epoch
-    i // n_windows (`gpt.epoch_order`), so the data position is one number that a checkpoint stores: the samples seen.
-    A step reads batch_size * grad_accum * world_size samples from samples_seen on; micro-step m of rank r takes
-    samples_seen + (m * world_size + r) * batch_size + [0, batch_size), so the ranks' micro-batches side by side are
+    i // n_windows, so the data position is one number, the samples seen; the ranks' micro-batches side by side are
     one process's micro-batch of batch_size * world_size."""
     first = samples_seen + (micro_step * world_size + rank) * batch_size
     n = splits.n_windows
@@ -294,9 +261,8 @@ def get_batch(tokens, starts, context_length, device):
 
 
 def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_000):
-    """Cross-entropy (nats per token) of the validation tokens under the add-one smoothed token frequencies of the
-    training tokens: the loss of a model that ignores context. Counts at most the first max_tokens of each split, to
-    stay quick on big corpora."""
+    """Loss (nats per token) of the validation tokens under the add-one smoothed token frequencies of the training
+    tokens (at most max_tokens of each): the loss of a model that ignores context."""
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     train_tokens, val_tokens = train_tokens[:max_tokens], val_tokens[:max_tokens]
     step = 1 << 24
@@ -307,21 +273,28 @@ def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_00
     return -total / len(val_tokens)
 
 
-def make_splits(token_path, n_tokens, args, cfg, world_size=1):
-    """The Splits of a token file, for a model of config cfg and the settings args."""
+def make_splits(args, tokenizer, cfg, proc):
+    """(Splits of --data for a model of config cfg, the data's fingerprint {"n_tokens", "sha256"}). The first process
+    of each machine tokenizes; the others wait, then reuse its token file."""
+    barrier(proc, wait=proc.local_rank != 0)
+    token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
+    sources = resolve_sources(args.data)
+    token_path, n_tokens, sha256 = prepare_token_file(sources, token_dir, tokenizer, args.replace_invalid_utf8)
+    barrier(proc, wait=proc.local_rank == 0)
     context_length = gpt.length_within_context(args.context_length, cfg, "--context-length")
     stride = args.stride or context_length
     # Memory-mapped: read on demand, so a corpus larger than memory works.
     tokens = torch.from_file(str(token_path), size=n_tokens, dtype=TOKEN_TYPES[token_path.suffix[1:]][1])
     train, val = split_tokens(tokens, args.train_fraction, context_length)
     n_windows = count_windows(len(train), context_length, stride)
-    eval_windows = args.eval_batches * args.batch_size * world_size
+    eval_windows = args.eval_batches * args.batch_size * proc.world_size
     eval_starts = {"train": evaluation_starts(len(train), context_length, eval_windows)}
     eval_starts["val"] = evaluation_starts(len(val), context_length, eval_windows)
     log(f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
         f"{n_windows:,} training windows of {context_length} tokens, stride {stride}")
     unigram_loss = unigram_baseline(train, val, cfg.vocab_size)
-    return Splits(train, val, context_length, stride, n_windows, args.seed, eval_starts, unigram_loss)
+    splits = Splits(train, val, context_length, stride, n_windows, args.seed, eval_starts, unigram_loss)
+    return splits, {"n_tokens": n_tokens, "sha256": sha256}
 
 
 # ----------------------------------------------------------------------------------------
@@ -330,17 +303,15 @@ def make_splits(token_path, n_tokens, args, cfg, world_size=1):
 
 
 def model_config(args):
-    """GPTConfig of a new model: --size (default: DEFAULT_SHAPE) with the shape flags given. Raises ValueError for a
-    shape that does not fit together."""
+    """GPTConfig of a new model: --size (default: DEFAULT_SHAPE) with the shape flags given; ValueError if no fit."""
     base = gpt.MODEL_CONFIGS[args.size] if args.size else gpt.GPTConfig(**DEFAULT_SHAPE)
     shape = {name: getattr(args, name) for name in DEFAULT_SHAPE if getattr(args, name) is not None}
     return dataclasses.replace(base, drop_rate=args.drop_rate, **shape)
 
 
 def model_to_train(args, checkpoint=None):
-    """The model to train, float32 on the CPU, in training mode, and its tokenizer -> (model, gpt.Tokenizer): from a
-    --resume checkpoint, from --model (with this run's --drop-rate), or new (`model_config`, initialised as its family
-    is, seeded by --seed; a Llama-family --size brings its Hub tokenizer, else GPT-2's)."""
+    """(model in training mode on the CPU, its gpt.Tokenizer): from a --resume checkpoint, from --model, or new
+    (seeded by --seed; a Llama-family --size brings its Hub tokenizer, else GPT-2's)."""
     if checkpoint is not None:
         return gpt.model_from_checkpoint(checkpoint).train(), gpt.tokenizer_from_state(checkpoint.get("tokenizer"))
     if args.model:
@@ -372,8 +343,7 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
 
 @torch.no_grad()
 def evaluate_loss(model, splits, split, batch_size, autocast, proc):
-    """Mean cross-entropy (nats per token) of the evaluation windows of split ("train" or "val"). Each process (proc:
-    see `distributed_run`) takes every world_size-th window, and the sums are all-reduced."""
+    """Mean loss (nats per token) of the evaluation windows of split ("train" or "val"), shared among the processes."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
     mine = splits.eval_starts[split][proc.rank :: proc.world_size]
@@ -391,9 +361,8 @@ def evaluate_loss(model, splits, split, batch_size, autocast, proc):
 
 
 def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
-    """The prompt and a continuation (temperature 0.8, top-k 50, seeded: successive samples differ only through
-    training), until the model's end-of-text token at most, lines after the first indented for the log. An empty
-    prompt starts from that token."""
+    """The prompt and a seeded continuation (successive samples differ only through training), indented for the log.
+    An empty prompt starts from the end-of-text token."""
     start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_id]])
     out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
                        eot_id=tokenizer.eot_id)
@@ -406,16 +375,12 @@ def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
 
 
 def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
-    """Train from step state["step"] to state["total_steps"], updating state. Evaluates (both losses, a sample, best.pt)
-    at the start, every --eval-every steps and at the end; saves latest.pt then and at a stop (stopper: Ctrl-C or
-    SIGTERM, a gpt.StopSignal; --stop-at-step). Returns None at the end, else "stop-at-step" or the signal's name."""
+    """Train from step state["step"] to state["total_steps"], updating state; evaluate and save on the way, and at a
+    stop (stopper: a gpt.StopSignal; --stop-at-step). Returns None at the end, else "stop-at-step" or the signal."""
     total_steps = state["total_steps"]
     autocast, dtype_name = gpt.autocast_context(proc.device, args.dtype)
     eval_model = torch.compile(model) if args.compile else model
-    train_model = eval_model  # with several processes: DistributedDataParallel all-reduces the gradients in backward
-    if proc.world_size > 1:
-        device_ids = [proc.device] if proc.device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(eval_model, device_ids=device_ids)
+    train_model = data_parallel(eval_model, proc)
     peak = args.peak_flops or peak_flops(proc.device, dtype_name)  # None: no MFU
     tokens_per_step = args.batch_size * args.grad_accum * proc.world_size * splits.context_length
     speed = Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
@@ -460,8 +425,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
 
 
 def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast):
-    """At an evaluation step (every --eval-every, and the last) not evaluated yet: both losses into state["history"]
-    and history.json, a sample in the log, best.pt when the validation loss is the lowest so far. -> whether it did."""
+    """At an evaluation step not evaluated yet: both losses into history.json, a sample, best.pt. -> whether it did."""
     step, history = state["step"], state["history"]
     evaluated = bool(history) and history[-1]["step"] == step  # already, before the run stopped and resumed
     if evaluated or not (step % args.eval_every == 0 or step == state["total_steps"]):
@@ -485,9 +449,11 @@ def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autoca
 
 
 def save_latest(path, model, tokenizer, optimizer, proc, state):
-    """Save the training state (model, tokenizer, optimizer, `state`) with every process's RNG states, for the
-    same dropout masks after --resume; every process must call this."""
-    rng_states = all_rng_states(proc)
+    """Save latest.pt with every process's RNG states (the same dropout after --resume); every process calls it."""
+    rng_states = [gpt.rng_state()]
+    if proc.world_size > 1:  # every process's, in rank order
+        rng_states = [None] * proc.world_size
+        dist.all_gather_object(rng_states, gpt.rng_state())
     if proc.rank == 0:
         gpt.save_checkpoint(path, model, tokenizer, optimizer=optimizer.state_dict(), rng_states=rng_states, **state)
 
@@ -498,8 +464,7 @@ def save_latest(path, model, tokenizer, optimizer, proc, state):
 
 
 def start_run(args, proc):
-    """Everything the loop needs, in the order a run needs it: the run folder, the model and its tokenizer, the token
-    file, AdamW, the step count and the loop's state (new, or from latest.pt with --resume) -> (model,
+    """The run folder, the model, the data, AdamW and the loop's state (new, or latest.pt's with --resume) -> (model,
     optimizer, splits, tokenizer, state)."""
     out_dir = Path(args.out_dir)
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
@@ -509,45 +474,25 @@ def start_run(args, proc):
     if proc.device.type == "cpu" and args.dtype == "bfloat16":  # CPUs without bfloat16 matrix units emulate it
         log("warning: --dtype bfloat16 is usually much slower than float32 on CPUs; --dtype auto picks float32 there")
     checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
-
-    # The model with its tokenizer before the data: a wrong --model fails in seconds.
-    model, tokenizer = model_to_train(args, checkpoint)
-
-    # Data: the first process of each machine tokenizes; the others wait, then reuse its file.
-    barrier(proc, wait=proc.local_rank != 0)
-    token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
-    sources = resolve_sources(args.data)
-    token_path, n_tokens, sha256 = prepare_token_file(sources, token_dir, tokenizer, args.replace_invalid_utf8,
-                                                      quiet=proc.rank != 0)
-    barrier(proc, wait=proc.local_rank == 0)
-    data = {"n_tokens": n_tokens, "sha256": sha256}
+    model, tokenizer = model_to_train(args, checkpoint)  # before the data: a wrong --model fails in seconds
+    splits, data = make_splits(args, tokenizer, model.cfg, proc)
     if checkpoint is not None and checkpoint["data"] != data:
-        raise ValueError(
-            f"--resume: --data {args.data} changed since the run started (SHA-256 of its tokens {sha256[:12]}..., "
-            f"was {checkpoint['data']['sha256'][:12]}...): restore it, or start a new run with --overwrite"
-        )
-
-    # The optimizer: AdamW with betas (0.9, 0.95), as GPT-3 (Brown et al., 2020, appendix B).
-    splits = make_splits(token_path, n_tokens, args, model.cfg, proc.world_size)
+        raise ValueError(f"--resume: --data {args.data} changed since the run started (its tokens' SHA-256 is now "
+                         f"{data['sha256'][:12]}...): restore it, or start a new run with --overwrite")
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if proc.device.type == "cpu" else 1  # share the RAM
     hint = ("pretraining trains every weight: use a smaller model, or a machine with more memory, or adapt this one "
             "with LoRA (the fine-tunes' --lora)")
     gpt.check_training_memory(model, proc.device, hint, processes)
     model.to(proc.device)
-    optimizer = gpt.make_adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))
+    optimizer = gpt.make_adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))  # GPT-3's betas
     global_batch = args.batch_size * args.grad_accum * proc.world_size
     total_steps = args.max_steps or math.ceil(args.epochs * splits.n_windows / global_batch)
     if args.warmup_steps is None:  # 5% of the steps, saved as a number: extending the run keeps it
         args.warmup_steps = round(0.05 * total_steps)
-    if checkpoint is None:
-        state = {"step": 0, "samples_seen": 0, "best_val_loss": math.inf, "history": []}
-        torch.manual_seed(args.seed + proc.rank)  # dropout masks differ between processes
-    else:
-        state = resume_state(checkpoint, optimizer, proc)
-        if state["step"] >= total_steps:
-            raise ValueError(f"--resume: the run in {out_dir} already made {state['step']} of {total_steps} steps; "
-                             "raise --max-steps or --epochs to go on")
-        log(f"resumed from {out_dir / 'latest.pt'} at step {state['step']}")
+    state = {"step": 0, "samples_seen": 0, "best_val_loss": math.inf, "history": []}
+    torch.manual_seed(args.seed + proc.rank)  # dropout masks differ between processes
+    if checkpoint is not None:
+        state = resume_state(checkpoint, optimizer, proc, total_steps, out_dir)
     state.update(total_steps=total_steps, settings=vars(args), data=data)
     if proc.rank == 0:
         gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
@@ -557,10 +502,35 @@ def start_run(args, proc):
     return model, optimizer, splits, tokenizer, state
 
 
+def load_training_state(path):
+    """latest.pt of the run to continue -> dict; ValueError if it is missing or not pretrain.py's."""
+    if not path.is_file():
+        raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
+    checkpoint = gpt.load_checkpoint(path)
+    missing = [k for k in ("optimizer", "step", "samples_seen", "rng_states", "history", "data") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"--resume: {path} is not a training state of this pretrain.py (no {', '.join(missing)})")
+    return checkpoint
+
+
+def resume_state(checkpoint, optimizer, proc, total_steps, out_dir):
+    """AdamW's moments and this process's RNG states from latest.pt (reseeded when another number of processes saved
+    it) -> the loop's state."""
+    if checkpoint["step"] >= total_steps:
+        raise ValueError(f"--resume: the run in {out_dir} already made {checkpoint['step']} of {total_steps} steps; "
+                         "raise --max-steps or --epochs to go on")
+    rng_states = checkpoint["rng_states"]  # one per process of the saved run
+    same_processes = len(rng_states) == proc.world_size
+    gpt.restore_training_state(checkpoint, optimizer, proc.device, rng_states[proc.rank if same_processes else 0])
+    if not same_processes:
+        log(f"note: latest.pt has the RNG states of {len(rng_states)} processes, not {proc.world_size}: reseeding")
+        torch.manual_seed(checkpoint["settings"]["seed"] + proc.rank + checkpoint["step"])
+    log(f"resumed from {out_dir / 'latest.pt'} at step {checkpoint['step']}")
+    return {key: checkpoint[key] for key in ("step", "samples_seen", "best_val_loss", "history")}
+
+
 def pretrain(args, proc):
-    """Run the stage with the settings args (see `parse_settings`) in this process (proc: see `distributed_run`).
-    Returns a summary dict: steps, tokens_seen, train_loss, val_loss, best_val_loss, unigram_loss, latest, best,
-    stopped (see `train`)."""
+    """Run the stage with the settings args in this process (proc: see `distributed_run`) -> a summary dict."""
     model, optimizer, splits, tokenizer, state = start_run(args, proc)
     with gpt.StopSignal(single_process=proc.world_size == 1) as stopper:
         stopped = train(args, model, optimizer, splits, tokenizer, proc, state, stopper)
@@ -579,17 +549,10 @@ def pretrain(args, proc):
         log(f"done: {state['step']} steps, validation loss {history[-1]['val_loss']:.3f} "
             f"(best {state['best_val_loss']:.3f})")
         log(f"try the model: python load_gpt2.py --model {out_dir / 'best.pt'}")
-    return {
-        "steps": state["step"],
-        "tokens_seen": state["samples_seen"] * splits.context_length,
-        "train_loss": history[-1]["train_loss"],
-        "val_loss": history[-1]["val_loss"],
-        "best_val_loss": state["best_val_loss"],
-        "unigram_loss": splits.unigram_loss,
-        "latest": out_dir / "latest.pt",
-        "best": out_dir / "best.pt",
-        "stopped": stopped,
-    }
+    return dict(steps=state["step"], tokens_seen=state["samples_seen"] * splits.context_length, stopped=stopped,
+                train_loss=history[-1]["train_loss"], val_loss=history[-1]["val_loss"],
+                best_val_loss=state["best_val_loss"], unigram_loss=splits.unigram_loss,
+                latest=out_dir / "latest.pt", best=out_dir / "best.pt")
 
 
 # ----------------------------------------------------------------------------------------
@@ -609,9 +572,8 @@ class Processes:
 
 @contextlib.contextmanager
 def distributed_run(device_name="auto"):
-    """Processes(rank, local_rank, world_size, device) of this run, for a `with` block. Under torchrun (RANK and
-    WORLD_SIZE set) the block runs in the process group: NCCL between GPUs, one GPU per process (cuda:LOCAL_RANK), or
-    Gloo between CPU processes; the group is left at the end. Otherwise one process."""
+    """Processes of this run, for a `with` block: under torchrun in its process group (NCCL, one GPU per process;
+    Gloo between CPU processes), else one process."""
     device = gpt.pick_device(device_name)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         yield Processes(0, 0, 1, device)
@@ -629,6 +591,15 @@ def distributed_run(device_name="auto"):
         dist.destroy_process_group()
 
 
+def data_parallel(model, proc):
+    """The model wrapped in DistributedDataParallel (which all-reduces the gradients in backward) with several
+    processes, else itself."""
+    if proc.world_size == 1:
+        return model
+    device_ids = [proc.device] if proc.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
 def barrier(proc, wait=True):
     """Wait here until every process arrives (with several processes, and when wait)."""
     if proc.world_size > 1 and wait:
@@ -644,15 +615,6 @@ def any_process(flag, proc):
     return bool(value.item())
 
 
-def all_rng_states(proc):
-    """Every process's RNG states (`gpt.rng_state`), in rank order; every process must call this."""
-    states = [None] * proc.world_size
-    if proc.world_size == 1:
-        return [gpt.rng_state()]
-    dist.all_gather_object(states, gpt.rng_state())
-    return states
-
-
 # Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found in
 # torch.cuda.get_device_name() wins, so the PCIe H100 and the H200 NVL come before the SXM ones.
 GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 836e12, "H200": 989e12, "A100": 312e12,
@@ -660,8 +622,7 @@ GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 836e12, "H200
 
 
 def peak_flops(device, dtype_name):
-    """Peak FLOP/s of one device for MFU: the table's for a CUDA GPU training in bfloat16, else None (CPUs: no
-    reliable number, so no MFU)."""
+    """Peak FLOP/s of one device: the table's for a CUDA GPU in bfloat16, else None (no MFU shown)."""
     if device.type != "cuda" or dtype_name != "bfloat16":
         return None
     name = torch.cuda.get_device_name(device)
@@ -669,9 +630,8 @@ def peak_flops(device, dtype_name):
 
 
 def flops_per_token(model, seq_len):
-    """Training FLOPs per token: 6 N for the forward and backward matrix multiplications of N weights (the head
-    included, lookup tables not) plus 12 * n_layers * attention width * seq_len for attention (PaLM, Chowdhery et al.,
-    2022, appendix B)."""
+    """Training FLOPs per token: 6 per multiplying weight plus 12 * n_layers * attention width * seq_len (PaLM,
+    Chowdhery et al., 2022, appendix B)."""
     cfg = model.cfg
     lookups = [] if cfg.family == "llama" else [model.wpe.weight]  # Llama has no position table
     if not cfg.tie_embeddings:
@@ -681,8 +641,7 @@ def flops_per_token(model, seq_len):
 
 
 class Throughput:
-    """The numbers of a progress line: tokens/s and MFU (model FLOPs utilisation, against peak_flops per device; None:
-    none shown) of the steps since the last report, time between `pause` and `resume` (evaluating, saving) not
+    """Tokens/s and MFU (model FLOPs utilisation) since the last report, time between `pause` and `resume` not
     counted, and the ETA."""
 
     def __init__(self, model, seq_len, tokens_per_step, peak_flops=None, world_size=1, first_step=0):
@@ -707,7 +666,7 @@ class Throughput:
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Command line and settings
+# 7. Command line and main
 # ----------------------------------------------------------------------------------------
 
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
@@ -783,9 +742,8 @@ def build_parser():
 
 
 def parse_settings(argv=None):
-    """The run's settings -> Namespace. A new run: the command line, checked (argparse exits 2). --resume: the settings
-    saved in --out-dir/run.json, THIS_COMMAND's from the command line, MAY_CHANGE's where given; raises ValueError
-    naming the flag and both values when another flag contradicts the saved run."""
+    """The run's settings -> Namespace: the command line, or with --resume those of run.json (THIS_COMMAND's and the
+    MAY_CHANGE flags given from the command line; ValueError when another flag contradicts it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.resume:
@@ -799,12 +757,10 @@ def parse_settings(argv=None):
         return args
     run_file = Path(args.out_dir) / "run.json"
     if not run_file.is_file():
-        raise ValueError(
-            f"--resume: {args.out_dir} holds no run.json, so no run to continue (or one of an earlier pretrain.py): "
-            "start a new run without --resume"
-        )
+        raise ValueError(f"--resume: {args.out_dir} holds no run.json, so no run to continue: start a new run without "
+                         "--resume")
     saved = gpt.read_json(run_file, "--resume: the run's settings")
-    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
         raise ValueError(f"--resume: {run_file} holds no settings of pretrain.py; start a new run with --overwrite")
     saved = {name: value for name, value in saved["settings"].items() if name not in THIS_COMMAND}
     settings = gpt.resume_settings(parser, argv, saved, may_change=MAY_CHANGE)
@@ -814,38 +770,9 @@ def parse_settings(argv=None):
     return settings
 
 
-# ----------------------------------------------------------------------------------------
-# 8. Resuming, and main
-# ----------------------------------------------------------------------------------------
-
-
-def load_training_state(path):
-    """latest.pt of the run to continue -> dict; ValueError if it is missing or no training state of pretrain.py."""
-    if not path.is_file():
-        raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
-    checkpoint = gpt.load_checkpoint(path)
-    missing = [k for k in ("optimizer", "step", "samples_seen", "rng_states", "history", "data") if k not in checkpoint]
-    if missing:
-        raise ValueError(f"--resume: {path} is not a training state of this pretrain.py (no {', '.join(missing)})")
-    return checkpoint
-
-
-def resume_state(checkpoint, optimizer, proc):
-    """AdamW's moments and this process's RNG states from latest.pt (reseeded when it was saved by another number of
-    processes) -> the loop's state."""
-    rng_states = checkpoint["rng_states"]  # one per process of the saved run
-    same_processes = len(rng_states) == proc.world_size
-    gpt.restore_training_state(checkpoint, optimizer, proc.device, rng_states[proc.rank if same_processes else 0])
-    if not same_processes:
-        log(f"note: latest.pt has the RNG states of {len(rng_states)} processes, not {proc.world_size}: reseeding")
-        torch.manual_seed(checkpoint["settings"]["seed"] + proc.rank + checkpoint["step"])
-    return {key: checkpoint[key] for key in ("step", "samples_seen", "best_val_loss", "history")}
-
-
 @gpt.command_line(MEMORY_HINT)
 def main(argv=None):
-    """Run the stage from the command line; after a stop by Ctrl-C or SIGTERM (the state saved) exit with the shell's
-    code for the signal, 130 or 143."""
+    """Run the stage from the command line; after Ctrl-C or SIGTERM exit with the shell's code, 130 or 143."""
     args = parse_settings(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # downloads go there
     with distributed_run(args.device) as proc:
