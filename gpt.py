@@ -305,14 +305,6 @@ def check_context_length(length, cfg):
         )
 
 
-def length_within_context(length, cfg, flag):
-    """The value of a length flag (--max-length, --context-length), or the model's context
-    length when it is None. Raises ValueError naming the flag when it is longer."""
-    if length is not None and length > cfg.context_length:
-        raise ValueError(f"{flag} {length} is longer than the model's context length {cfg.context_length}")
-    return length or cfg.context_length
-
-
 def build_model(cfg):
     """A new model with random weights: `GPTModel` for family "gpt2", `LlamaModel` for "llama"."""
     return LlamaModel(cfg) if cfg.family == "llama" else GPTModel(cfg)
@@ -598,17 +590,6 @@ class Tokenizer(tiktoken.Encoding):
             ids = [i for i in ids if i not in self.missing]
         return [self.bos_id] + ids if bos and self.add_bos else ids
 
-    def token_ids(self):
-        """The ids of its named tokens, as transformers' config.json names them ->
-        {"bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"}: those it has (pad and
-        unk as tokenizer_config.json names them; GPT-2's unknown token is its end-of-text)."""
-        config = json.loads(self.files.get("tokenizer_config.json", "{}"))
-        named = {key: special_token_text(config.get(key)) for key in ("pad_token", "unk_token")}
-        ids = {f"{key}_id": self.encode_single_token(text) for key, text in named.items() if text}
-        if not self.files:
-            ids["unk_token_id"] = self.eot_id
-        return {"bos_token_id": self.bos_id, "eos_token_id": self.eot_id, **ids}
-
     def state(self):
         """What a checkpoint stores to rebuild this tokenizer (`tokenizer_from_state`): its content."""
         return {"files": self.files} if self.files else {"name": "gpt2"}
@@ -650,11 +631,6 @@ def token_ids_to_text(token_ids, tokenizer=None):
         token_ids = token_ids.reshape(-1).tolist()
     tokenizer = tokenizer or get_tokenizer()
     return tokenizer.decode([i for i in token_ids if i <= tokenizer.max_token_value])
-
-
-def special_token_text(entry):
-    """A token of tokenizer_config.json (a string, or older files' {"content": ...}) -> its text."""
-    return entry.get("content") if isinstance(entry, dict) else entry
 
 
 # ----------------------------------------------------------------------------------------
@@ -933,6 +909,11 @@ def split_pattern(pre_tokenizer, source):
             if split.get("behavior") == "Isolated" and not split.get("invert"):
                 return split["pattern"]["Regex"]
     raise ValueError(f"{source}: pre-tokenizer {kinds or None} cannot be written as one tiktoken expression")
+
+
+def special_token_text(entry):
+    """A token of tokenizer_config.json (a string, or older files' {"content": ...}) -> its text."""
+    return entry.get("content") if isinstance(entry, dict) else entry
 
 
 def tokenizer_from_files(files, source):
@@ -1998,6 +1979,18 @@ def hf_config(cfg):
     }
 
 
+def hf_token_ids(tokenizer):
+    """The ids of a `Tokenizer`'s named tokens, as transformers' config.json names them ->
+    {"bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"}: those it has (pad and unk
+    as tokenizer_config.json names them; GPT-2's unknown token is its end-of-text)."""
+    config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
+    named = {key: special_token_text(config.get(key)) for key in ("pad_token", "unk_token")}
+    ids = {f"{key}_id": tokenizer.encode_single_token(text) for key, text in named.items() if text}
+    if not tokenizer.files:
+        ids["unk_token_id"] = tokenizer.eot_id
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id, **ids}
+
+
 def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=False, max_length=None):
     """Write a model as a Hugging Face model folder -> its Path.
 
@@ -2017,7 +2010,7 @@ def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=
     tokenizer = tokenizer or get_tokenizer()
     check_vocabulary(model, "export", tokenizer)
     dtype = dtype or model.wte.weight.dtype
-    ids = tokenizer.token_ids()
+    ids = hf_token_ids(tokenizer)
     dtype_name = str(dtype).removeprefix("torch.")
     config = {**hf_config(model.cfg), "torch_dtype": dtype_name, "dtype": dtype_name, **ids}  # transformers 4, 5
     tensors = hf_tensors(model, dtype)
@@ -2250,6 +2243,14 @@ def remove_stale_temporary_files(folder):
                 tmp.unlink(missing_ok=True)
             except PermissionError:  # it runs, under another user
                 pass
+
+
+def length_within_context(length, cfg, flag):
+    """The value of a length flag (--max-length, --context-length), or the model's context
+    length when it is None. Raises ValueError naming the flag when it is longer."""
+    if length is not None and length > cfg.context_length:
+        raise ValueError(f"{flag} {length} is longer than the model's context length {cfg.context_length}")
+    return length or cfg.context_length
 
 
 def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resumable=True):
