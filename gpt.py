@@ -924,9 +924,9 @@ def tokenizer_from_files(files, source):
     whatever else the model has (special_tokens_map.json, chat_template.jinja), all kept in
     `Tokenizer.files`; or GPT-2's vocab.json (and merges.txt), as GPT-2 exports hold it. A
     tokenizer that is GPT-2's, by its vocabulary, is `get_tokenizer()`.
-    Vocabulary and merges become tiktoken's ranks (the 256 bytes and each merge's result,
-    ids as ranks), added tokens its special tokens, the pre-tokenizer its expression (see
-    `split_pattern`); the post-processor's begin token sets `add_bos`. Raises ValueError
+    Vocabulary and merges become tiktoken's ranks (`bpe_ranks`), added tokens its special
+    tokens, the pre-tokenizer its expression (`split_pattern`); the post-processor's begin
+    token sets `add_bos`. Raises ValueError
     naming `source` for what tiktoken cannot run exactly: another model than byte-level
     BPE, another normalizer, merged ids out of merge order; FileNotFoundError without
     tokenizer.json or GPT-2's vocab.json.
@@ -947,29 +947,8 @@ def tokenizer_from_files(files, source):
     if normalizer not in (None, "NFC"):
         raise ValueError(f"{source}: normalizer {normalizer!r} is not supported (only NFC)")
     pattern = split_pattern(tokenizer_json.get("pre_tokenizer"), source)
-    byte_of = {char: byte for byte, char in byte_level_alphabet().items()}
-    vocab = bpe["vocab"]
-    try:
-        ranks = {bytes([byte_of[char]]): vocab[char] for char in byte_of if char in vocab}
-        previous = -1
-        for merge in bpe["merges"]:
-            left, right = merge.split(" ") if isinstance(merge, str) else merge
-            token_id = vocab[left + right]
-            # Equal ids are one token made from another split: files converted from tiktoken
-            # (Llama 3, Qwen) list every split of a token, one after the other.
-            if token_id < previous:  # tiktoken would apply this merge before the one with `previous`
-                raise ValueError(
-                    f"{source}: merge {left!r} + {right!r} makes id {token_id}, below the previous merge's "
-                    f"{previous}: ids do not follow the merge order, tiktoken cannot reproduce this tokenizer"
-                )
-            ranks[bytes(byte_of[char] for char in left + right)] = previous = token_id
-        special = {token["content"]: token["id"] for token in tokenizer_json.get("added_tokens", [])}
-        if bpe.get("ignore_merges"):  # Llama 3: a piece that is a whole token becomes it, as in tiktoken
-            tokens = {token: i for token, i in vocab.items() if i not in special.values()}
-            ranks.update({bytes(byte_of[char] for char in token): i for token, i in tokens.items()})
-    except KeyError as e:
-        raise ValueError(f"{source}: token or character {e} of the merges is not in the byte-level "
-                         "vocabulary") from None
+    special = {token["content"]: token["id"] for token in tokenizer_json.get("added_tokens", [])}
+    ranks = bpe_ranks(bpe, special, source)
     gpt2 = get_tokenizer()
     if pattern == GPT2_SPLIT_PATTERN and special == gpt2._special_tokens and ranks == gpt2._mergeable_ranks:
         return gpt2
@@ -994,6 +973,36 @@ def tokenizer_from_files(files, source):
         missing=range(top + 1, top + 1 + len(lacking)),
         files=files,
     )
+
+
+def bpe_ranks(bpe, special, source):
+    """tokenizer.json's BPE model (a dict) -> tiktoken's ranks {token bytes: id}: the 256 bytes
+    and each merge's result, ids as ranks. tiktoken merges by rank, the reference by merge
+    order, so the ids must follow the merge order. special: the added tokens {text: id}.
+    Raises ValueError naming `source` when they do not, or a merge's token is not in the vocabulary."""
+    byte_of = {char: byte for byte, char in byte_level_alphabet().items()}
+    vocab = bpe["vocab"]
+    try:
+        ranks = {bytes([byte_of[char]]): vocab[char] for char in byte_of if char in vocab}
+        previous = -1
+        for merge in bpe["merges"]:
+            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            token_id = vocab[left + right]
+            # Equal ids are one token made from another split: files converted from tiktoken
+            # (Llama 3, Qwen) list every split of a token, one after the other.
+            if token_id < previous:  # tiktoken would apply this merge before the one with `previous`
+                raise ValueError(
+                    f"{source}: merge {left!r} + {right!r} makes id {token_id}, below the previous merge's "
+                    f"{previous}: ids do not follow the merge order, tiktoken cannot reproduce this tokenizer"
+                )
+            ranks[bytes(byte_of[char] for char in left + right)] = previous = token_id
+        if bpe.get("ignore_merges"):  # Llama 3: a piece that is a whole token becomes it, as in tiktoken
+            tokens = {token: i for token, i in vocab.items() if i not in special.values()}
+            ranks.update({bytes(byte_of[char] for char in token): i for token, i in tokens.items()})
+    except KeyError as e:
+        raise ValueError(f"{source}: token or character {e} of the merges is not in the byte-level "
+                         "vocabulary") from None
+    return ranks
 
 
 def _prepended_token(post_processor, source):
