@@ -932,8 +932,8 @@ def tokenizer_from_files(files, source):
     tokenizer.json or GPT-2's vocab.json.
     """
     if "tokenizer.json" not in files:
-        gpt2_vocab = json.loads(gpt2_vocabulary_files()[0])
-        if "vocab.json" in files and parse_json(files["vocab.json"], f"{source} vocab.json") == gpt2_vocab:
+        vocab = parse_json(files["vocab.json"], f"{source} vocab.json") if "vocab.json" in files else None
+        if vocab is not None and vocab == json.loads(gpt2_vocabulary_files()[0]):
             return get_tokenizer()
         raise FileNotFoundError(f"{source}: no tokenizer.json (nor GPT-2's vocab.json): the model's tokenizer is "
                                 "missing; copy its tokenizer.json beside the weights")
@@ -2059,11 +2059,10 @@ def check_hf_folder(folder, overwrite=False):
     a model folder (--overwrite never deletes a folder of other things). Raises ValueError naming
     the path and the fix otherwise."""
     folder = Path(os.path.abspath(folder))  # "." and "out/" get a name, for the temporary folder beside them
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file, not a folder: choose another folder for the export")
-    nearest = next(parent for parent in folder.parents if parent.exists())  # "/" at the latest
-    if not nearest.is_dir():  # the folder would go under a file: no folder can be made there
-        raise ValueError(f"{folder}: {nearest} is a file, not a folder: choose another folder for the export")
+    blocker = file_in_the_way(folder)
+    if blocker is not None:
+        which = "" if blocker == folder else f": {blocker}"
+        raise ValueError(f"{folder}{which} is a file, not a folder: choose another folder for the export")
     if folder.is_dir() and any(folder.iterdir()):
         if not overwrite:
             raise ValueError(
@@ -2146,12 +2145,18 @@ dropout_rate = _checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)"
 def folder_path(text):
     """An argparse `type=` for a folder made when missing (--cache-dir): the text, once neither it nor
     a folder above it is a file (later a bare "[Errno 20] Not a directory")."""
-    path = Path(text)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)  # the nearest that exists
-    if existing is not None and not existing.is_dir():
-        which = "" if existing == path else f" {existing}"  # "runs/notes.txt/cache: runs/notes.txt is a file"
+    blocker = file_in_the_way(text)
+    if blocker is not None:
+        which = "" if blocker == Path(os.path.normpath(text)) else f" {blocker}"  # "x/notes.txt/cache: x/notes.txt"
         raise argparse.ArgumentTypeError(f"{text}:{which} is a file, not a folder: choose another folder")
     return text
+
+
+def file_in_the_way(path):
+    """The file at `path` or at a folder above it, which stops a folder from being made there, or None."""
+    path = Path(os.path.normpath(path))
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)  # the nearest that exists
+    return existing if existing is not None and not existing.is_dir() else None
 
 
 # --dtype: the precision the work runs in. Training on a GPU keeps float32 weights and
@@ -2271,9 +2276,9 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
     and the flag that helps (--resume only when `resumable`).
     """
     out_dir = Path(out_dir)
-    existing = next(p for p in (out_dir, *out_dir.resolve().parents) if p.exists())
-    if not existing.is_dir():
-        which = "" if existing == out_dir else f": {existing}"  # "--out-dir notes.txt/run: notes.txt is a file"
+    blocker = file_in_the_way(out_dir)
+    if blocker is not None:
+        which = "" if blocker == Path(os.path.normpath(out_dir)) else f": {blocker}"  # "notes.txt/run: notes.txt"
         raise ValueError(f"--out-dir {out_dir}{which} is a file, not a folder: choose another --out-dir")
     paths = [Path(os.path.normpath(out_dir / name)) for name in run_files]  # "run/../x.pt" while run is absent
     folders = [path for path in paths if path.is_dir()]
