@@ -2303,7 +2303,9 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
 
 
 PLAIN_PROGRESS_SECONDS = 30  # without a terminal: one progress line per this many seconds
+TERMINAL_PROGRESS_SECONDS = 0.1  # on a terminal: a redraw at most this often (a download updates per 64 KiB)
 _last_plain_progress = 0.0  # when show_progress last printed a plain line
+_last_terminal_progress = 0.0  # when show_progress last redrew the status line
 _progress_line_open = False  # a status line of show_progress waits for its end
 
 
@@ -2315,14 +2317,16 @@ def stderr_is_terminal():
 def show_progress(text):
     """Overwrite the status line on stderr with text; without a terminal (a log file), print a plain
     line at most every PLAIN_PROGRESS_SECONDS instead of hundreds of updates."""
-    global _progress_line_open, _last_plain_progress
+    global _progress_line_open, _last_plain_progress, _last_terminal_progress
     if not stderr_is_terminal():
         if time.time() - _last_plain_progress >= PLAIN_PROGRESS_SECONDS:
             print(text, file=sys.stderr, flush=True)
             _last_plain_progress = time.time()
         return
-    print("\r" + text + "\033[K", end="", file=sys.stderr, flush=True)
-    _progress_line_open = True
+    if time.time() - _last_terminal_progress >= TERMINAL_PROGRESS_SECONDS:
+        print("\r" + text + "\033[K", end="", file=sys.stderr, flush=True)
+        _last_terminal_progress = time.time()
+        _progress_line_open = True
 
 
 def end_progress():

@@ -66,8 +66,19 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 @pytest.fixture(autouse=True)
 def progress_as_on_a_terminal(monkeypatch):
-    """Progress lines as a terminal shows them (overwritten in place), whatever pytest's stderr is."""
+    """Progress lines as a terminal shows them (overwritten in place), whatever pytest's stderr is,
+    every one of them (not at most one per TERMINAL_PROGRESS_SECONDS)."""
     monkeypatch.setattr(gpt, "stderr_is_terminal", lambda: True)
+    monkeypatch.setattr(gpt, "TERMINAL_PROGRESS_SECONDS", 0.0)
+
+
+def test_progress_redraws_a_terminal_at_most_ten_times_a_second(monkeypatch, capsys):
+    monkeypatch.setattr(gpt, "TERMINAL_PROGRESS_SECONDS", 0.1)
+    monkeypatch.setattr(gpt, "_last_terminal_progress", 0.0)
+    for done in range(1000):  # a download's updates, one per 64 KiB, in well under 0.1 s
+        gpt.show_progress(f"downloading: {done} chunks")
+    gpt.end_progress()
+    assert capsys.readouterr().err == "\rdownloading: 0 chunks\x1b[K\n"
 
 
 def save_hf_gpt2(folder, seed=0, **config):
