@@ -1,11 +1,10 @@
 """finetune_classify.py: fine-tune a pretrained GPT-2 (or a Llama-family model) into an SMS spam classifier.
 
-Stage "fine-tune a pretrained GPT for classification" of the lifecycle (chapter 6 of "Build a Large Language Model
-(From Scratch)", rasbt/LLMs-from-scratch). The language-model head is replaced by a 2-class linear head that reads the
-hidden state of each message's last token (under causal attention the only position that has seen the whole message);
-by default only the last transformer block, the final norm and the new head train, and the epoch with the best
-validation accuracy is kept. Start reading at `train_and_evaluate`: the job in order; the functions above it are its
-steps.
+Stage "fine-tune for classification" of the lifecycle (chapter 6 of "Build a Large Language Model (From Scratch)",
+rasbt/LLMs-from-scratch): the SMS Spam Collection (UCI data set 228), balanced and split 70/10/20; the head becomes a
+2-class linear layer read at each message's last real token (under causal attention the only position that has seen
+the whole message); the last block, the final norm and the head train (frozen blocks run once per message: the
+"activation cache"); the epoch with the best validation accuracy is kept. `train_and_evaluate` is the job in order.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
     python finetune_classify.py --data path/to/SMSSpamCollection --model path/to/model.safetensors
@@ -15,16 +14,9 @@ steps.
     python finetune_classify.py --evaluate runs/classify/test.csv --results evaluation.json
     python finetune_classify.py --checkpoint runs/classify --export-hf out/classifier
 
-Data: the SMS Spam Collection (UCI Machine Learning Repository, data set 228; Almeida and Gomez Hidalgo, 2011),
-balanced to as many ham as spam messages, shuffled and split 70/10/20.
-
-Writes into --out-dir (default runs/classify/; a folder that holds another run is refused unless --overwrite):
-run.json (the settings), train.csv, validation.csv, test.csv (the splits, columns label and text, as --evaluate
-reads them), classifier.pt (config, settings, tokenizer and all weights of the kept epoch), metrics.json (settings,
-history, kept epoch, test metrics, timings), loss-accuracy.png (with matplotlib).
-
-Speed: frozen lower blocks without dropout give the same outputs at every step: they run once per message (the
-"activation cache") and training runs only the trainable top, with the same logits and gradients as the full model.
+Writes into --out-dir (default runs/classify/; another run there is refused unless --overwrite): run.json (the
+settings), train.csv, validation.csv, test.csv (the splits, as --evaluate reads them), classifier.pt (config,
+settings, tokenizer and all weights of the kept epoch), metrics.json (history, test metrics), loss-accuracy.png.
 """
 
 import csv
@@ -77,7 +69,7 @@ def sms_collection_path(data=None, urls=DATA_URLS):
 
 
 def read_sms_bytes(path):
-    """Raw bytes of a file, or of its `SMSSpamCollection` member when path is a zip file (as UCI distributes the
+    """Raw bytes of a file, or of its SMSSpamCollection member when it is a zip file (as UCI distributes the
     collection). Raises ValueError naming the file for a damaged zip file or one without that member."""
     raw = Path(path).read_bytes()
     if not raw.startswith(b"PK"):  # the zip signature; a data file starts with a label
@@ -94,17 +86,12 @@ def read_sms_bytes(path):
 
 
 def parse_labelled(raw, source="data", strict=False):
-    """Bytes of labelled messages -> list of (label, text), label "ham" or "spam". Two formats, by `source`'s name:
-    a .csv file has a header with label and text columns (as a run writes its splits; the label "not spam", as
-    --classify writes it, is ham), any other file the collection's lines `label TAB text`. A byte-order mark and
-    Windows line endings are accepted, invalid UTF-8 becomes U+FFFD, blank lines are ignored. A line without a tab,
-    with another label or an empty text is skipped with a warning naming it; with `strict` it is a ValueError, as are
-    a CSV header without those columns and no messages at all."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        print(f"warning: {source}: invalid UTF-8 (first at byte {e.start}) replaced by U+FFFD")
-        text = raw.decode("utf-8-sig", errors="replace")
+    """UTF-8 bytes of labelled messages -> list of (label, text), label "ham" or "spam". A .csv `source` has a header
+    with label and text columns (as a run writes its splits; --classify's "not spam" is ham), any other file the
+    collection's lines `label TAB text` (blank ones ignored). A line without a tab, with another label or an empty
+    text is skipped with a warning naming it; ValueError: with `strict`, a CSV file without those columns, no
+    messages, bytes that are not UTF-8 (`gpt.decode_utf8`)."""
+    text = gpt.decode_utf8(raw, source)
     rows = []  # (line number, label, text or None for a line without a tab)
     if str(source).lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -120,7 +107,7 @@ def parse_labelled(raw, source="data", strict=False):
                 rows.append((number, label, message if tab else None))
     messages, bad = [], []
     for number, label, message in rows:
-        label = label.strip().lower()  # strip(): also the "\r" of Windows line endings
+        label = label.strip().lower()  # strip(): also the "\r" of Windows line ends
         label = "ham" if label == CLASS_NAMES[0] else label
         if message is None:
             bad.append(f"line {number}: no tab between label and message")
@@ -130,11 +117,11 @@ def parse_labelled(raw, source="data", strict=False):
             bad.append(f"line {number}: empty message")
         else:
             messages.append((label, message.strip()))
-    named = "; ".join(bad[:MAX_WARNINGS]) + ("; ..." if len(bad) > MAX_WARNINGS else "")
-    summary = f"{source}: {len(bad)} bad line(s): {named}"
-    if bad and strict:
-        raise ValueError(summary)
     if bad:
+        summary = f"{source}: {len(bad)} bad line(s): " + "; ".join(bad[:MAX_WARNINGS])
+        summary += "; ..." if len(bad) > MAX_WARNINGS else ""
+        if strict:
+            raise ValueError(summary)
         print(f"warning: {summary}: skipped (--strict-data makes them an error)")
     if not messages:
         raise ValueError(f"{source}: no labelled messages: give 'ham|spam<TAB>message' lines (the SMS Spam "
@@ -172,16 +159,18 @@ def write_csv(path, header, rows):
 
 
 def tokenize_messages(texts, max_length=None, tokenizer=None):
-    """Texts -> list of LongTensor [n_tokens] by `tokenizer` (default GPT-2's), cut to `max_length` tokens if set.
-    Each message is a whole text: Llama 3 starts it with <|begin_of_text|>, as transformers' tokenizer does."""
+    """Texts -> list of LongTensor [n_tokens] by `tokenizer` (default GPT-2's), each cut to `max_length` tokens if
+    set. Each text is a whole message: Llama 3 starts it with <|begin_of_text|>, as transformers' tokenizer does."""
     tokenizer = tokenizer or gpt.get_tokenizer()
-    token_ids = [tokenizer.encode(text, bos=True)[:max_length] for text in texts]
-    for ids in token_ids:
+    token_ids = []
+    for text in texts:
+        ids = tokenizer.encode(text, bos=True)[:max_length]
         # transformers' ...ForSequenceClassification reads the last token that is not padding (the end-of-text
         # token): a message that ends in it is read before it there, so here too (the earlier tokens never see it).
         while len(ids) > 1 and ids[-1] == tokenizer.eot_id:
             ids.pop()
-    return [torch.tensor(ids, dtype=torch.long) for ids in token_ids]
+        token_ids.append(torch.tensor(ids, dtype=torch.long))
+    return token_ids
 
 
 # --- Model: a pretrained GPT with a classification head -------------------------------
@@ -209,11 +198,11 @@ def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
     return model
 
 
-def full_pass_logits(model, token_ids, pad_id=gpt.EOT_ID):
+def full_pass_logits(model, token_ids):
     """Class logits of a batch through the whole model: float [batch, num_classes]. token_ids: list of LongTensor
-    [n_tokens_i], right-padded with `pad_id` (the tokenizer's end-of-text id: GPT-2's 50256; the Llama family define
-    no padding token). With causal attention no real token sees the padding: each message's last real token is read."""
-    idx = pad_sequence(token_ids, batch_first=True, padding_value=pad_id)  # [B, T]
+    [n_tokens_i], right-padded with id 0 (any id: under causal attention no real token sees the padding). Each
+    message's class is read at its last real token."""
+    idx = pad_sequence(token_ids, batch_first=True)  # [B, T]
     last = torch.tensor([len(t) - 1 for t in token_ids], device=idx.device)  # [B]
     return model(idx)[torch.arange(len(token_ids), device=idx.device), last]  # [B, T, classes] -> [B, classes]
 
@@ -234,7 +223,7 @@ def autocast_logits(logits_fn, device, dtype_name):
 
 
 @torch.no_grad()
-def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, progress=True):
+def compute_frozen_activations(model, token_ids, n_frozen, progress=True):
     """Hidden states after the embeddings and the first `n_frozen` blocks, per message: list of LongTensor
     [n_tokens_i] -> list of float [n_tokens_i, emb_dim]; valid while those blocks are frozen and dropout is 0.
     Identical messages (the collection repeats some) are computed once and share one tensor. Batches hold messages
@@ -251,13 +240,12 @@ def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, pr
     total_tokens = sum(len(token_ids[i]) for i in order)
     done_tokens, started = 0, time.time()
     for batch in batches:
-        seqs = [token_ids[i] for i in batch]
-        x = model.embed(pad_sequence(seqs, batch_first=True, padding_value=pad_id))  # [B, T, C]
+        x = model.embed(pad_sequence([token_ids[i] for i in batch], batch_first=True))  # [B, T, C]
         for block in model.h[:n_frozen]:
             x = block(x)
         for row, i in enumerate(batch):
             activations[i] = x[row, : len(token_ids[i])].clone()  # a copy frees the padded batch
-        done_tokens += sum(len(s) for s in seqs)
+            done_tokens += len(token_ids[i])
         if progress:
             gpt.show_progress(f"activation cache: {done_tokens}/{total_tokens} tokens of {len(order)} distinct "
                               f"messages, {done_tokens / (time.time() - started):.0f} tokens/s, "
@@ -266,39 +254,13 @@ def compute_frozen_activations(model, token_ids, n_frozen, pad_id=gpt.EOT_ID, pr
     return [activations[i] for i in first_index]
 
 
-def last_block_at_last_token(block, x, last):
-    """Speed only (skip it on a first read): block(x)[arange(B), last] of a GPT-2 block without dropout: float [B, C],
-    computed only where the classifier reads (tested equal). x: float [B, T, C], right-padded; last: LongTensor [B],
-    each row's last real position. The query, attention output and MLP run at that position alone; keys and values
-    come from every position up to it (later: masked)."""
-    attn = block.attn
-    B, T, C = x.shape
-    rows = torch.arange(B, device=x.device)
-    h = block.ln_1(x)  # [B, T, C]
-    w_q, w_kv = attn.c_attn.weight.split([C, 2 * C])  # c_attn stacks the q, k, v projections
-    b_q, b_kv = attn.c_attn.bias.split([C, 2 * C]) if attn.c_attn.bias is not None else (None, None)
-    q = F.linear(h[rows, last], w_q, b_q).view(B, attn.n_heads, 1, attn.head_dim)  # (B, nh, 1, hd)
-    k, v = F.linear(h, w_kv, b_kv).split(C, dim=2)
-    k = k.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-    v = v.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-    visible = torch.arange(T, device=x.device) <= last[:, None]  # [B, T]: the keys the last token sees
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])  # (B, nh, 1, hd)
-    x_last = x[rows, last] + attn.c_proj(y.reshape(B, C))
-    return x_last + block.mlp(block.ln_2(x_last))
-
-
 def cached_logits(model, activations, n_frozen):
     """Class logits from cached activations (list of float [n_tokens_i, emb_dim], the states after the first
-    `n_frozen` blocks): float [batch, num_classes], equal to `full_pass_logits` on their messages. The top blocks run
-    on the right-padded batch; GPT-2's last one only at each message's last token."""
+    `n_frozen` blocks): float [batch, num_classes], equal to `full_pass_logits` on their messages."""
     x = pad_sequence(activations, batch_first=True)  # [B, T, C], zero padding after each message
-    last = torch.tensor([len(a) - 1 for a in activations], device=x.device)  # [B]
-    top_blocks = model.h[n_frozen:]
-    shortcut = len(top_blocks) > 0 and model.cfg.family == "gpt2"  # the Llama family runs every position
-    for block in top_blocks[:-1] if shortcut else top_blocks:
+    for block in model.h[n_frozen:]:  # the trainable top
         x = block(x)
-    if shortcut:
-        return model.lm_head(model.ln_f(last_block_at_last_token(top_blocks[-1], x, last)))
+    last = torch.tensor([len(a) - 1 for a in activations], device=x.device)  # [B]
     return model.lm_head(model.ln_f(x[torch.arange(len(activations), device=x.device), last]))
 
 
@@ -330,7 +292,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     model.train()
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train_inputs), generator=generator).tolist()
-        for b in range(min(steps_per_epoch, total_steps - step)):
+        for b in range(min(steps_per_epoch, total_steps - step)):  # the last epoch stops at total_steps
             step_started = time.perf_counter()
             batch = order[b * batch_size : (b + 1) * batch_size]
             loss = F.cross_entropy(logits_fn([train_inputs[i] for i in batch]), train_labels[batch])
@@ -355,10 +317,10 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
         print(f"epoch {epoch}: {line}", flush=True)
         for name, value in zip(HISTORY, (step / steps_per_epoch, step, *scores)):
             history[name].append(value)
-        # Model selection: keep a copy of the trainable weights of the best epoch so far (--keep-last: the last).
-        _, _, validation_loss, validation_accuracy = scores
-        if keep_last or best is None or (validation_accuracy, -validation_loss) > best:  # ties: the lower loss
-            best, kept_weights = (validation_accuracy, -validation_loss), gpt.trainable_weights(model)
+        # Model selection: a copy of the trainable weights of the best epoch so far (--keep-last: the last).
+        score = (scores[3], -scores[2])  # validation accuracy; ties: the lower loss, then the earlier epoch
+        if keep_last or best is None or score > best:
+            best, kept_weights = score, gpt.trainable_weights(model)
             history["kept_epoch"] = history["epoch"][-1]
     model.load_state_dict(kept_weights, strict=False)
     print_kept_epoch(history, keep_last)
@@ -416,11 +378,13 @@ def binary_classification_metrics(predictions, labels):
     return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1, "confusion_matrix": matrix}
 
 
-def labelled_metrics(model, logits_fn, inputs, labels, batch_size, threshold, what):
-    """Messages, loss and `binary_classification_metrics` of labelled messages -> dict, printed as `what`: what a
-    training run reports on its test split and --evaluate on a file, one computation."""
-    loss, _, predictions = evaluate(model, logits_fn, inputs, labels, batch_size, threshold)
-    metrics = {"messages": len(inputs), "loss": loss, **binary_classification_metrics(predictions.cpu(), labels.cpu())}
+def labelled_metrics(model, token_ids, labels, batch_size, threshold, dtype_name, what):
+    """Loss and `binary_classification_metrics` of labelled messages (token ids, LongTensor [n] of labels) through
+    the full forward pass in `dtype_name` -> dict, printed as `what`: what a training run reports on its test split
+    and --evaluate on a file, one computation."""
+    logits_fn = autocast_logits(partial(full_pass_logits, model), labels.device, dtype_name)
+    loss, _, predictions = evaluate(model, logits_fn, token_ids, labels, batch_size, threshold)
+    metrics = {"messages": len(labels), "loss": loss, **binary_classification_metrics(predictions.cpu(), labels.cpu())}
     print(f"{what} ({metrics['messages']} messages, spam at probability >= {threshold}): accuracy "
           f"{100 * metrics['accuracy']:.2f}% | spam precision {metrics['precision']:.4f} | recall "
           f"{metrics['recall']:.4f} | F1 {metrics['f1']:.4f}")
@@ -465,29 +429,27 @@ def prepare_data(args, out_dir, device, tokenizer):
     repeated = sum(text in train_texts for _, text in splits[2])  # the collection repeats some messages
     print(f"splits:     {' / '.join(str(len(s)) for s in splits)} (train / validation / test, balanced, seed "
           f"{args.seed}) in {out_dir}/{{train,validation,test}}.csv; {repeated} test messages occur in training")
-    # Tokenized as --classify and --evaluate tokenize (`tokenize_messages`): the same ids for the same text.
+    # Tokenized as --classify and --evaluate tokenize: the same ids for the same text.
     token_ids = [tokenize_messages([text for _, text in split], args.max_length, tokenizer) for split in splits]
-    n_truncated = sum(len(tokenizer.encode(text, bos=True)) > args.max_length for split in splits for _, text in split)
     token_ids = [[t.to(device) for t in split] for split in token_ids]
-    print(f"tokens:     longest message {max(len(t) for split in token_ids for t in split)} tokens after truncation "
-          f"to --max-length {args.max_length} ({n_truncated} messages truncated)")
+    at_limit = sum(len(t) == args.max_length for split in token_ids for t in split)
+    print(f"tokens:     longest message {max(len(t) for split in token_ids for t in split)} tokens; {at_limit} "
+          f"messages reach --max-length {args.max_length} (longer ones are cut there)")
     return token_ids, [torch.tensor([LABELS[label] for label, _ in split], device=device) for split in splits]
 
 
-def choose_forward_pass(model, token_ids, args, pad_id):
+def choose_forward_pass(model, token_ids, args):
     """The inputs of each split and the function that turns a batch of them into logits: cached activations and the
     trainable top where that is exact, else token ids and the full forward pass -> (inputs, logits_fn, use_cache)."""
-    # Frozen lower blocks without dropout give the same activations at every step: compute
-    # them once (n_frozen: the blocks below the trainable top).
     n_layers = model.cfg.n_layers
     n_frozen = None if args.lora else {"last-block": n_layers - 1, "head": n_layers}.get(args.trainable)
     reasons = {"--no-activation-cache": args.no_activation_cache, f"--drop-rate {args.drop_rate}": args.drop_rate,
                "the lower blocks train": n_frozen is None}
     if any(reasons.values()):
         print(f"activation cache: off ({next(r for r, on in reasons.items() if on)}): full forward pass at every step")
-        return token_ids, partial(full_pass_logits, model, pad_id=pad_id), False
-    print(f"activation cache: on (embeddings and {n_frozen} of {model.cfg.n_layers} blocks frozen, dropout 0)")
-    flat = compute_frozen_activations(model, [t for split in token_ids for t in split], n_frozen, pad_id)
+        return token_ids, partial(full_pass_logits, model), False
+    print(f"activation cache: on (embeddings and {n_frozen} of {n_layers} blocks frozen, dropout 0)")
+    flat = compute_frozen_activations(model, [t for split in token_ids for t in split], n_frozen)
     inputs = [flat[: len(token_ids[0])], flat[len(token_ids[0]) :]]
     return inputs, partial(cached_logits, model, n_frozen=n_frozen), True
 
@@ -506,46 +468,37 @@ def train_and_evaluate(args, device):
     gpt.print_settings(args)
     token_ids, labels = prepare_data(args, out_dir, device, tokenizer)
     gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # after the data: bad data leaves no run behind
-    cache_started = time.time()
-    inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids[:2], args, tokenizer.eot_id)
-    train_started = time.time()
+    inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids[:2], args)
     # --dtype: mixed precision for what runs per step; weights, cache and loss stay float32.
     history = train_classifier(model, autocast_logits(logits_fn, device, args.dtype), (inputs[0], labels[0]),
                                (inputs[1], labels[1]), epochs=args.epochs, max_steps=args.max_steps,
                                batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
                                log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
                                keep_last=args.keep_last)
-    seconds = {"activation_cache": train_started - cache_started, "training": time.time() - train_started}
     del inputs, logits_fn  # the activation cache (held by both): the test split needs the full model only
     # The test split through the full forward pass of the weights as saved (LoRA merged), as
     # --evaluate runs the checkpoint: evaluating OUT_DIR/test.csv gives these numbers again.
     gpt.merge_lora(model)
-    full_pass = autocast_logits(partial(full_pass_logits, model, pad_id=tokenizer.eot_id), device, args.dtype)
-    metrics = labelled_metrics(model, full_pass, token_ids[2], labels[2], args.batch_size, args.threshold, "test split")
-    report = dict(settings=vars(args), activation_cache=use_cache, history=history, test=metrics, seconds=seconds)
-    save_run(args, out_dir, model, tokenizer, report, started)
+    metrics = labelled_metrics(model, token_ids[2], labels[2], args.batch_size, args.threshold, args.dtype,
+                               "test split")
+    report = dict(settings=vars(args), activation_cache=use_cache, history=history, test=metrics)
+    save_run(args, out_dir, model, tokenizer, report)
+    print(f"wall time:  {gpt.format_duration(time.time() - started)}; metrics in {out_dir / 'metrics.json'}")
 
 
-def save_run(args, out_dir, model, tokenizer, report, started):
-    """Write the classifier (all weights, its tokenizer, --max-length, settings and test metrics), metrics.json and the
-    plot."""
+def save_run(args, out_dir, model, tokenizer, report):
+    """Write the classifier (all weights, tokenizer, --max-length, settings, test metrics), metrics.json, the plot."""
     checkpoint = Path(args.checkpoint)
     gpt.save_checkpoint(checkpoint, model, tokenizer, max_length=args.max_length, settings=report["settings"],
                         metrics=report["test"])
     print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB)")
     print(f"try it:     python finetune_classify.py --checkpoint {checkpoint} --classify \"Win a prize now\"")
-    seconds = report["seconds"]
-    seconds["wall"] = time.time() - started
-    metrics_path = out_dir / "metrics.json"
-    gpt.write_json(metrics_path, report)
+    gpt.write_json(out_dir / "metrics.json", report)
     history = report["history"]
     panels = {name: {split: (history["epoch"], history[f"{split}_{name}"]) for split in ("train", "validation")}
               for name in ("loss", "accuracy")}
     if gpt.plot_curves(out_dir / "loss-accuracy.png", panels, xlabel="epoch") is not None:
         print(f"plot:       {out_dir / 'loss-accuracy.png'} (loss and accuracy per epoch, train and validation)")
-    print(f"wall time:  {gpt.format_duration(seconds['wall'])} (activation cache "
-          f"{gpt.format_duration(seconds['activation_cache'])}, training with evaluations "
-          f"{gpt.format_duration(seconds['training'])}); metrics in {metrics_path}")
 
 
 # --- The other modes: classify texts, evaluate on a labelled file (export: in main) -----
@@ -575,10 +528,9 @@ def load_classifier(path, device="cpu"):
 def classify_texts(model, texts, max_length, tokenizer=None, dtype_name="float32", batch_size=16):
     """Spam probability of each text -> list of float, in the texts' order; each text cut to its first `max_length`
     tokens of `tokenizer` (default GPT-2's), the forward pass in `dtype_name` (see `autocast_logits`)."""
-    tokenizer = tokenizer or gpt.get_tokenizer()
     device = model.wte.weight.device
     token_ids = [t.to(device) for t in tokenize_messages(texts, max_length, tokenizer)]
-    logits_fn = autocast_logits(partial(full_pass_logits, model, pad_id=tokenizer.eot_id), device, dtype_name)
+    logits_fn = autocast_logits(partial(full_pass_logits, model), device, dtype_name)
     probabilities = []
     for start in range(0, len(token_ids), batch_size):
         probabilities += logits_fn(token_ids[start : start + batch_size]).softmax(dim=-1)[:, 1].tolist()
@@ -610,13 +562,11 @@ def run_classify(args, device):
         return
     keys = ("text", "label", "spam_probability")
     if Path(args.results).suffix.lower() == ".json":
-        write = partial(gpt.write_json, obj=[dict(zip(keys, row)) for row in rows])
+        gpt.write_json(args.results, [dict(zip(keys, row)) for row in rows])
     else:
-        write = partial(write_csv, header=keys, rows=rows)
-    path = args.results
-    write(path)
+        write_csv(args.results, keys, rows)
     n_spam = sum(p >= args.threshold for p in probabilities)
-    print(f"classified: {len(rows)} texts, {n_spam} spam (probability >= {args.threshold}), written to {path}")
+    print(f"classified: {len(rows)} texts, {n_spam} spam (probability >= {args.threshold}), written to {args.results}")
 
 
 def run_evaluate(args, device):
@@ -627,8 +577,7 @@ def run_evaluate(args, device):
     model, tokenizer, max_length = load_classifier(args.checkpoint, device)
     token_ids = [t.to(device) for t in tokenize_messages([text for _, text in messages], max_length, tokenizer)]
     labels = torch.tensor([LABELS[label] for label, _ in messages], device=device)
-    full_pass = autocast_logits(partial(full_pass_logits, model, pad_id=tokenizer.eot_id), device, args.dtype)
-    metrics = labelled_metrics(model, full_pass, token_ids, labels, args.batch_size, args.threshold, args.evaluate)
+    metrics = labelled_metrics(model, token_ids, labels, args.batch_size, args.threshold, args.dtype, args.evaluate)
     if args.results is not None:
         report = {"checkpoint": args.checkpoint, "file": args.evaluate, "threshold": args.threshold, "metrics": metrics}
         gpt.write_json(args.results, report)
@@ -646,11 +595,10 @@ TRAINING_FLAGS = ("data", "strict_data", "max_length", "model", "trainable", "lo
 
 def parse_args(argv=None):
     parser = gpt.ArgumentParser(description="Fine-tune GPT-2 (or a Llama-family model) as an SMS spam classifier, or "
-                                "classify texts and evaluate on labelled files with a fine-tuned one. A run writes "
-                                "into --out-dir; a folder that holds another run is refused unless --overwrite.")
+                                "classify texts and evaluate on labelled files with a fine-tuned one.")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", help="labelled messages: the UCI zip, the SMSSpamCollection file (label TAB text) or a "
-                      ".csv with label and text columns (default: download the collection once)")
+    data.add_argument("--data", help="the UCI zip, SMSSpamCollection (label TAB text) or a .csv with label and text "
+                      "columns (default: download the collection once)")
     data.add_argument("--strict-data", action="store_true", help="stop at bad data lines instead of skipping them")
     data.add_argument("--max-length", type=gpt.positive_int, help="cut messages to N tokens (default: the context)")
     data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
@@ -670,57 +618,50 @@ def parse_args(argv=None):
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="messages per step or evaluation batch")
     train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
-    train.add_argument("--seed", type=gpt.non_negative_int, default=123,
-                       help="seed of the split, head init and shuffling")
+    train.add_argument("--seed", type=gpt.non_negative_int, default=123, help="seed of the split, head and shuffling")
     train.add_argument("--log-every", type=gpt.positive_int, default=25, help="print a progress line every N steps")
     train.add_argument("--eval-every", type=gpt.positive_int, default=50, help="estimate loss, accuracy every N steps")
     train.add_argument("--eval-batches", type=gpt.positive_int, default=5, help="batches per split for the estimates")
     train.add_argument("--keep-last", action="store_true", help="keep the last epoch, not the best on validation")
     train.add_argument("--no-activation-cache", action="store_true", help="run the frozen blocks at every step")
-    train.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="precision of the work "
-                       "(autocast; the weights stay float32); --export-hf: the type of the weights written")
+    train.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="autocast type of the work (weights stay float32); --export-hf: the weights' type")
     train.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
-    train.add_argument("--out-dir", default="runs/classify", help="folder for the splits, checkpoint, metrics and plot")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace the run in --out-dir (deletes its files), or an earlier --export-hf folder")
+    train.add_argument("--out-dir", default="runs/classify", help="folder of the run (refused unless --overwrite "
+                       "when it holds another run)")
+    train.add_argument("--overwrite", action="store_true", help="replace the run in --out-dir, or the --export-hf one")
     use = parser.add_argument_group("use a fine-tuned classifier (no training)")
     mode = use.add_mutually_exclusive_group()
     mode.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
     mode.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, - for stdin (default: none)")
-    mode.add_argument("--evaluate", metavar="FILE", help="accuracy, precision, recall, F1 on a labelled FILE as "
-                      "--data reads it (OUT_DIR/test.csv gives the run's test metrics) (default: none)")
+    mode.add_argument("--evaluate", metavar="FILE", help="metrics on a labelled FILE, as --data (default: none)")
+    mode.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint for transformers, exit (default: none)")
     use.add_argument("--threshold", type=gpt.fraction, default=0.5, metavar="P",
                      help="spam when its probability is at least this (--classify, --evaluate, the test metrics)")
-    use.add_argument("--results", metavar="FILE", help="write --evaluate's metrics (.json) or the predictions of "
-                     "--classify with spam probabilities (.csv or .json) (default: print only)")
-    use.add_argument("--checkpoint", help="classifier to write or read: a file, a run folder (its classifier.pt) "
-                                          "or a ...ForSequenceClassification folder (default: OUT_DIR/classifier.pt)")
-    mode.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint as a transformers "
-                     "...ForSequenceClassification folder in --dtype and exit (default: none)")
+    use.add_argument("--results", metavar="FILE", help="write the metrics of --evaluate (.json) or the predictions "
+                     "(.csv or .json) (default: print only)")
+    use.add_argument("--checkpoint", help="classifier: a file, a run folder or a ...ForSequenceClassification folder "
+                     "(default: OUT_DIR/classifier.pt)")
     args = parser.parse_args(argv)
     check_args(parser, argv, args)
-    args.checkpoint = args.checkpoint or str(Path(args.out_dir) / "classifier.pt")
-    if (Path(args.checkpoint) / "classifier.pt").is_file():  # a run folder: its classifier
-        args.checkpoint = str(Path(args.checkpoint) / "classifier.pt")
     return args
 
 
 def check_args(parser, argv, args):
-    """Refuse flags that cannot go together (parser.error: one line, exit code 2)."""
+    """Refuse flags that cannot go together (parser.error: one line, exit code 2); resolve --checkpoint."""
     if args.lora and args.trainable != "last-block":
         parser.error(f"--lora trains the adapters and the head: drop --trainable {args.trainable}")
     use = [flag for flag in ("classify", "classify_file", "evaluate", "export_hf") if getattr(args, flag) is not None]
-    ignored = [flag for flag in TRAINING_FLAGS if flag in gpt.given_flags(parser, argv)] if use else []
-    if ignored:
-        hint = "to use another classifier, give --checkpoint PATH" if "model" in ignored else \
-            f"drop {gpt.flag_name(ignored[0])}"
-        parser.error(f"{gpt.flag_name(ignored[0])} is for training; {gpt.flag_name(use[0])} uses the classifier of "
-                     f"--checkpoint as it was trained: {hint}")
+    if use:
+        gpt.refuse_flags(parser, argv, TRAINING_FLAGS, f"{gpt.flag_name(use[0])} (the classifier of --checkpoint)")
     kinds = (".json",) if args.evaluate is not None else (".csv", ".json")
     if args.results is not None and use in ([], ["export_hf"]):
         parser.error("--results goes with --evaluate, --classify or --classify-file (a run writes metrics.json)")
     if args.results is not None and (Path(args.results).suffix.lower() not in kinds or Path(args.results).is_dir()):
         parser.error(f"--results {args.results}: give a {' or '.join(kinds)} file")
+    args.checkpoint = args.checkpoint or str(Path(args.out_dir) / "classifier.pt")
+    if (Path(args.checkpoint) / "classifier.pt").is_file():  # a run folder: its classifier
+        args.checkpoint = str(Path(args.checkpoint) / "classifier.pt")
 
 
 @gpt.command_line(memory_hint="use a smaller --batch-size (or --max-length)")

@@ -3031,11 +3031,12 @@ def _classify_sms_slice(tmp_path, n_lines=200):
 # -- data -------------------------------------------------------------------------------
 
 
-def test_classify_parse_accepts_bom_crlf_and_invalid_utf8(capsys):
-    raw = b"\xef\xbb\xbfham\tHello there\r\nSPAM\tWin \xff cash now\r\n\r\nham\tsecond\ttab kept\r\n"
+def test_classify_parse_accepts_bom_and_crlf_and_names_invalid_utf8():
+    raw = b"\xef\xbb\xbfham\tHello there\r\nSPAM\tWin cash now\r\n\r\nham\tsecond\ttab kept\r\n"
     messages = fc.parse_labelled(raw, source="x.tsv")
-    assert messages == [("ham", "Hello there"), ("spam", "Win \ufffd cash now"), ("ham", "second\ttab kept")]
-    assert "invalid UTF-8" in capsys.readouterr().out
+    assert messages == [("ham", "Hello there"), ("spam", "Win cash now"), ("ham", "second\ttab kept")]
+    with pytest.raises(ValueError, match=r"^x.tsv: not UTF-8 text: byte 0xff at byte offset 29 \(line 2\)"):
+        fc.parse_labelled(raw.replace(b"Win", b"Win \xff"), source="x.tsv")
 
 
 def test_classify_parse_skips_bad_lines_with_line_numbers(capsys):
@@ -3663,14 +3664,14 @@ def test_classify_use_refuses_training_flags_it_would_ignore(tmp_path, capsys):
     # The classifier of --checkpoint is used as trained: a --model or --max-length given with --classify, --evaluate
     # or --export-hf would be silently ignored (another classifier, another message length than the user asked for).
     for flags, message in [
-        (["--classify", "hi", "--model", "other.pt"], "--model is for training; --classify uses the classifier of "
-         "--checkpoint as it was trained: to use another classifier, give --checkpoint PATH (see --help)"),
-        (["--evaluate", "x.csv", "--max-length", "10"], "--max-length is for training; --evaluate uses the "
-         "classifier of --checkpoint as it was trained: drop --max-length (see --help)"),
-        (["--classify-file", "x.txt", "--lora"], "--lora is for training; --classify-file uses the classifier of "
-         "--checkpoint as it was trained: drop --lora (see --help)"),
-        (["--export-hf", "out", "--epochs", "5"], "--epochs is for training; --export-hf uses the classifier of "
-         "--checkpoint as it was trained: drop --epochs (see --help)"),
+        (["--classify", "hi", "--model", "other.pt"], "--classify (the classifier of --checkpoint) does not use "
+         "--model: drop it (see --help)"),
+        (["--evaluate", "x.csv", "--max-length", "10", "--seed", "1"], "--evaluate (the classifier of --checkpoint) "
+         "does not use --max-length, --seed: drop them (see --help)"),
+        (["--classify-file", "x.txt", "--lora"], "--classify-file (the classifier of --checkpoint) does not use "
+         "--lora: drop it (see --help)"),
+        (["--export-hf", "out", "--epochs", "5"], "--export-hf (the classifier of --checkpoint) does not use "
+         "--epochs: drop it (see --help)"),
         (["--export-hf", "out", "--classify", "hi"], "argument --classify: not allowed with argument --export-hf "
          "(see --help)"),
     ]:
@@ -3738,7 +3739,7 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
     texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
     token_ids = [torch.tensor(encoding.encode(text, bos=True)) for text in texts]
     with torch.no_grad():
-        probabilities = fc.full_pass_logits(model, token_ids, pad_id=eot_id).softmax(dim=-1)
+        probabilities = fc.full_pass_logits(model, token_ids).softmax(dim=-1)
         alone = model(token_ids[0][None])[0, -1].softmax(dim=-1)  # no padding: the last token's logits
     torch.testing.assert_close(probabilities[0], alone)
     capsys.readouterr()
