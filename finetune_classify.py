@@ -52,7 +52,7 @@ CLASS_NAMES = ["not spam", "spam"]  # what --classify prints for class 0 and 1
 SPLIT_FRACTIONS = (0.7, 0.1)  # train, validation; the test set gets the rest (0.2)
 TRAINABLE_CHOICES = ("last-block", "all", "head")  # --trainable; --lora trains adapters instead
 CACHE_BATCH_TOKENS = 4096  # padded tokens per batch filling the activation cache: big matrices, bounded memory
-MAX_WARNINGS = 5  # bad data lines named in a warning or error; the rest are counted
+MAX_WARNINGS = 5  # bad data lines named in an error; the rest are counted
 HISTORY = ("epoch", "step", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy")  # per epoch
 
 
@@ -85,12 +85,12 @@ def read_sms_bytes(path):
                          "downloaded zip is fetched again once deleted)") from None
 
 
-def parse_labelled(raw, source="data", strict=False):
+def parse_labelled(raw, source="data"):
     """UTF-8 bytes of labelled messages -> list of (label, text), label "ham" or "spam". A .csv `source` has a header
     with label and text columns (as a run writes its splits; --classify's "not spam" is ham), any other file the
-    collection's lines `label TAB text` (blank ones ignored). A line without a tab, with another label or an empty
-    text is skipped with a warning naming it; ValueError: with `strict`, a CSV file without those columns, no
-    messages, bytes that are not UTF-8 (`gpt.decode_utf8`)."""
+    collection's lines `label TAB text` (blank ones ignored). Raises ValueError naming the file and its first bad
+    lines (no tab, another label, an empty text), for a CSV file without those columns, no messages at all, or
+    bytes that are not UTF-8."""
     text = gpt.decode_utf8(raw, source)
     rows = []  # (line number, label, text or None for a line without a tab)
     if str(source).lower().endswith(".csv"):
@@ -117,15 +117,10 @@ def parse_labelled(raw, source="data", strict=False):
             bad.append(f"line {number}: empty message")
         else:
             messages.append((label, message.strip()))
-    if bad:
-        summary = f"{source}: {len(bad)} bad line(s): " + "; ".join(bad[:MAX_WARNINGS])
-        summary += "; ..." if len(bad) > MAX_WARNINGS else ""
-        if strict:
-            raise ValueError(summary)
-        print(f"warning: {summary}: skipped (--strict-data makes them an error)")
-    if not messages:
-        raise ValueError(f"{source}: no labelled messages: give 'ham|spam<TAB>message' lines (the SMS Spam "
-                         "Collection) or a .csv file with label and text columns")
+    problem = f"{len(bad)} bad line(s): " + "; ".join(bad[:MAX_WARNINGS]) + ("; ..." if len(bad) > MAX_WARNINGS else "")
+    if bad or not messages:
+        raise ValueError(f"{source}: {problem if bad else 'no labelled messages'}: give 'ham|spam<TAB>message' lines "
+                         "(the SMS Spam Collection) or a .csv file with label and text columns")
     return messages
 
 
@@ -226,32 +221,23 @@ def autocast_logits(logits_fn, device, dtype_name):
 def compute_frozen_activations(model, token_ids, n_frozen, progress=True):
     """Hidden states after the embeddings and the first `n_frozen` blocks, per message: list of LongTensor
     [n_tokens_i] -> list of float [n_tokens_i, emb_dim]; valid while those blocks are frozen and dropout is 0.
-    Identical messages (the collection repeats some) are computed once and share one tensor. Batches hold messages
-    of similar length (sorted), at most CACHE_BATCH_TOKENS padded tokens."""
-    first_of = {}  # token sequence -> index of its first occurrence
-    first_index = [first_of.setdefault(tuple(ids.tolist()), i) for i, ids in enumerate(token_ids)]  # per message
-    order = sorted(first_of.values(), key=lambda i: len(token_ids[i]))  # similar lengths batch together
-    batches = [[]]
-    for i in order:  # ascending lengths: the newest message is the batch's longest
-        if batches[-1] and (len(batches[-1]) + 1) * len(token_ids[i]) > CACHE_BATCH_TOKENS:
-            batches.append([])
-        batches[-1].append(i)
-    activations = {}  # index of a first occurrence -> its hidden states
-    total_tokens = sum(len(token_ids[i]) for i in order)
-    done_tokens, started = 0, time.time()
-    for batch in batches:
+    Batches hold messages of similar length (sorted), as many as CACHE_BATCH_TOKENS tokens of the longest allow."""
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))  # little padding
+    batch_size = max(1, CACHE_BATCH_TOKENS // len(token_ids[order[-1]]))
+    activations, started = [None] * len(token_ids), time.time()
+    for done in range(0, len(order), batch_size):
+        batch = order[done : done + batch_size]
         x = model.embed(pad_sequence([token_ids[i] for i in batch], batch_first=True))  # [B, T, C]
         for block in model.h[:n_frozen]:
             x = block(x)
         for row, i in enumerate(batch):
             activations[i] = x[row, : len(token_ids[i])].clone()  # a copy frees the padded batch
-            done_tokens += len(token_ids[i])
         if progress:
-            gpt.show_progress(f"activation cache: {done_tokens}/{total_tokens} tokens of {len(order)} distinct "
-                              f"messages, {done_tokens / (time.time() - started):.0f} tokens/s, "
-                              f"ETA {gpt.eta(started, done_tokens, total_tokens)}")
+            finished = done + len(batch)
+            gpt.show_progress(f"activation cache: {finished}/{len(order)} messages, "
+                              f"ETA {gpt.eta(started, finished, len(order))}")
     gpt.end_progress()
-    return [activations[i] for i in first_index]
+    return activations
 
 
 def cached_logits(model, activations, n_frozen):
@@ -270,14 +256,10 @@ def cached_logits(model, activations, n_frozen):
 def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps=None, batch_size=8, lr=5e-5,
                      weight_decay=0.1, seed=123, log_every=25, eval_every=50, eval_batches=5, keep_last=False):
     """Fine-tune the trainable parameters with AdamW on cross-entropy -> history (HISTORY per epoch, `step_loss` per
-    step, `kept_epoch`).
-
-    train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch shuffles the training split
-    (seeded) and drops the last incomplete batch, as the book does; `max_steps` stops earlier. Every `eval_every`
-    steps: estimates on `eval_batches` batches per split; after each epoch and at the last step: both full splits
-    (epoch: a fraction when stopped within one). The weights of the best epoch on validation (accuracy; ties: lower
-    loss, then earlier) are put back at the end unless `keep_last`.
-    """
+    step, `kept_epoch`). train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch shuffles
+    the training split (seeded) and drops the last incomplete batch, as the book does; `max_steps` stops earlier.
+    Every `eval_every` steps: estimates on `eval_batches` batches per split; after each epoch (a fraction when
+    `max_steps` stops within one): both full splits, and the best epoch's weights are kept unless `keep_last`."""
     train_inputs, train_labels = train
     optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -323,7 +305,11 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
             best, kept_weights = score, gpt.trainable_weights(model)
             history["kept_epoch"] = history["epoch"][-1]
     model.load_state_dict(kept_weights, strict=False)
-    print_kept_epoch(history, keep_last)
+    kept = history["epoch"].index(history["kept_epoch"])
+    print(f"kept:       epoch {history['kept_epoch']:.3g} of {history['epoch'][-1]:.3g} "
+          f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'}): train "
+          f"accuracy {100 * history['train_accuracy'][kept]:.2f}% | validation accuracy "
+          f"{100 * history['validation_accuracy'][kept]:.2f}%, loss {history['validation_loss'][kept]:.4f}")
     return history
 
 
@@ -334,15 +320,6 @@ def split_scores(model, logits_fn, splits, batch_size, digits):
     line = (f"train loss {train_loss:.4f} accuracy {100 * train_acc:.{digits}f}% | "
             f"validation loss {val_loss:.4f} accuracy {100 * val_acc:.{digits}f}%")
     return (train_loss, train_acc, val_loss, val_acc), line
-
-
-def print_kept_epoch(history, keep_last):
-    """Say which epoch's weights `train_classifier` kept, and its scores."""
-    kept = history["epoch"].index(history["kept_epoch"])
-    print(f"kept:       epoch {history['kept_epoch']:.3g} of {history['epoch'][-1]:.3g} "
-          f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'}): train "
-          f"accuracy {100 * history['train_accuracy'][kept]:.2f}% | validation accuracy "
-          f"{100 * history['validation_accuracy'][kept]:.2f}%, loss {history['validation_loss'][kept]:.4f}")
 
 
 # --- Evaluation -------------------------------------------------------------------------
@@ -419,7 +396,7 @@ def prepare_data(args, out_dir, device, tokenizer):
     """Read, balance, split (written as CSV) and tokenize the data -> (token ids, labels) per split: lists of
     LongTensor [n_tokens] cut to --max-length, and LongTensor [n]."""
     path = sms_collection_path(args.data)
-    messages = parse_labelled(read_sms_bytes(path), str(path), strict=args.strict_data)
+    messages = parse_labelled(read_sms_bytes(path), str(path))
     n_spam = sum(label == "spam" for label, _ in messages)
     print(f"data:       {path}: {len(messages)} messages ({len(messages) - n_spam} ham, {n_spam} spam)")
     splits = random_split(create_balanced_dataset(messages, args.seed), args.seed, min_train=args.batch_size)
@@ -573,7 +550,7 @@ def run_evaluate(args, device):
     """--evaluate: `labelled_metrics` of --checkpoint on a labelled file, printed, and written as JSON to --results.
     The test split of a run (OUT_DIR/test.csv) gives its test metrics again, to the last digit."""
     path = gpt.existing_file(args.evaluate, "--evaluate")
-    messages = parse_labelled(read_sms_bytes(path), args.evaluate, strict=True)
+    messages = parse_labelled(read_sms_bytes(path), args.evaluate)
     model, tokenizer, max_length = load_classifier(args.checkpoint, device)
     token_ids = [t.to(device) for t in tokenize_messages([text for _, text in messages], max_length, tokenizer)]
     labels = torch.tensor([LABELS[label] for label, _ in messages], device=device)
@@ -586,11 +563,10 @@ def run_evaluate(args, device):
 
 # --- Command line -----------------------------------------------------------------------
 
-# Flags of a training run. --classify, --classify-file, --evaluate and --export-hf use the classifier of --checkpoint
-# as it was trained (its model, its --max-length): given with them, these flags would be ignored, so they are refused.
-TRAINING_FLAGS = ("data", "strict_data", "max_length", "model", "trainable", "lora", "lora_rank", "lora_alpha",
-                  "drop_rate", "epochs", "max_steps", "lr", "weight_decay", "seed", "log_every", "eval_every",
-                  "eval_batches", "keep_last", "no_activation_cache")
+# The flags that using a classifier reads. --classify, --classify-file, --evaluate and --export-hf use the classifier
+# of --checkpoint as it was trained (its model, its --max-length): any other flag is for training, and refused.
+USE_FLAGS = ("classify", "classify_file", "evaluate", "export_hf", "threshold", "results", "checkpoint", "batch_size",
+             "dtype", "device", "cache_dir", "out_dir", "overwrite")
 
 
 def parse_args(argv=None):
@@ -599,7 +575,6 @@ def parse_args(argv=None):
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="the UCI zip, SMSSpamCollection (label TAB text) or a .csv with label and text "
                       "columns (default: download the collection once)")
-    data.add_argument("--strict-data", action="store_true", help="stop at bad data lines instead of skipping them")
     data.add_argument("--max-length", type=gpt.positive_int, help="cut messages to N tokens (default: the context)")
     data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
                       help="folder for downloaded data and weights")
@@ -653,7 +628,8 @@ def check_args(parser, argv, args):
         parser.error(f"--lora trains the adapters and the head: drop --trainable {args.trainable}")
     use = [flag for flag in ("classify", "classify_file", "evaluate", "export_hf") if getattr(args, flag) is not None]
     if use:
-        gpt.refuse_flags(parser, argv, TRAINING_FLAGS, f"{gpt.flag_name(use[0])} (the classifier of --checkpoint)")
+        training_flags = [name for name in vars(args) if name not in USE_FLAGS]
+        gpt.refuse_flags(parser, argv, training_flags, f"{gpt.flag_name(use[0])} (the classifier of --checkpoint)")
     kinds = (".json",) if args.evaluate is not None else (".csv", ".json")
     if args.results is not None and use in ([], ["export_hf"]):
         parser.error("--results goes with --evaluate, --classify or --classify-file (a run writes metrics.json)")
@@ -685,12 +661,7 @@ def main(argv=None):
     elif args.classify is not None or args.classify_file is not None:
         run_classify(args, device)
     else:
-        try:
-            train_and_evaluate(args, device)
-        except KeyboardInterrupt:
-            print(f"nothing is saved (a run takes minutes): run again with --overwrite --out-dir {args.out_dir}",
-                  file=sys.stderr)
-            raise
+        train_and_evaluate(args, device)
 
 
 if __name__ == "__main__":
