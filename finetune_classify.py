@@ -60,8 +60,7 @@ HISTORY = ("epoch", "step", "train_loss", "train_accuracy", "validation_loss", "
 
 
 def sms_collection_path(data=None, urls=DATA_URLS):
-    """`data` when given, else the cached download from the first of `urls` that works (RuntimeError naming the URLs
-    and --data if none does)."""
+    """`data` when given, else the download from the first of `urls` that works (RuntimeError: none does)."""
     if data is not None:
         return gpt.existing_file(data, "--data")
     return gpt.fetch_dataset(urls, DATA_FILENAME, flag="--data", member=ZIP_MEMBER, size=MEMBER_SIZE,
@@ -69,20 +68,16 @@ def sms_collection_path(data=None, urls=DATA_URLS):
 
 
 def read_sms_bytes(path):
-    """Raw bytes of a file, or of its SMSSpamCollection member when it is a zip file (as UCI distributes the
-    collection). Raises ValueError naming the file for a damaged zip file or one without that member."""
+    """The bytes of a file, or of its SMSSpamCollection member when it is a zip file (as UCI distributes it).
+    Raises ValueError naming the file for a damaged zip file or one without that member."""
     raw = Path(path).read_bytes()
     if not raw.startswith(b"PK"):  # the zip signature; a data file starts with a label
         return raw
     try:
-        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-            members = [name for name in archive.namelist() if Path(name).name == ZIP_MEMBER]
-            if not members:
-                raise ValueError(f"{path}: the zip file has no member {ZIP_MEMBER!r} (it has: {archive.namelist()})")
-            return archive.read(members[0])
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise ValueError(f"{path}: a damaged zip file ({e}): give the extracted {ZIP_MEMBER} file instead (a "
-                         "downloaded zip is fetched again once deleted)") from None
+        return zipfile.ZipFile(io.BytesIO(raw)).read(ZIP_MEMBER)
+    except (KeyError, zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ValueError(f"{path}: a damaged zip file or one without {ZIP_MEMBER} ({e}): give the extracted "
+                         f"{ZIP_MEMBER} file instead") from None
 
 
 def parse_labelled(raw, source="data"):
@@ -172,8 +167,7 @@ def tokenize_messages(texts, max_length=None, tokenizer=None):
 
 
 def add_classification_head(model):
-    """Replace the language-model head (emb_dim -> vocabulary logits) by nn.Linear(emb_dim, 2) for CLASS_NAMES,
-    initialised from the global torch seed. Returns the model."""
+    """Replace the head (emb_dim -> vocabulary) by a random nn.Linear(emb_dim, 2) for CLASS_NAMES -> model."""
     # The Llama family's head has no bias, as transformers' LlamaForSequenceClassification:
     # its RMSNorm has no shift that could carry one into an export (see gpt.classifier_tensors).
     return gpt.add_classifier_head(model, CLASS_NAMES, bias=model.cfg.family == "gpt2")
@@ -194,9 +188,8 @@ def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
 
 
 def full_pass_logits(model, token_ids):
-    """Class logits of a batch through the whole model: float [batch, num_classes]. token_ids: list of LongTensor
-    [n_tokens_i], right-padded with id 0 (any id: under causal attention no real token sees the padding). Each
-    message's class is read at its last real token."""
+    """Class logits of a batch through the whole model, read at each message's last real token: float [batch,
+    num_classes]. token_ids: list of LongTensor [n_tokens_i], right-padded with id 0, which no real token sees."""
     idx = pad_sequence(token_ids, batch_first=True)  # [B, T]
     last = torch.tensor([len(t) - 1 for t in token_ids], device=idx.device)  # [B]
     return model(idx)[torch.arange(len(token_ids), device=idx.device), last]  # [B, T, classes] -> [B, classes]
@@ -356,9 +349,8 @@ def binary_classification_metrics(predictions, labels):
 
 
 def labelled_metrics(model, token_ids, labels, batch_size, threshold, dtype_name, what):
-    """Loss and `binary_classification_metrics` of labelled messages (token ids, LongTensor [n] of labels) through
-    the full forward pass in `dtype_name` -> dict, printed as `what`: what a training run reports on its test split
-    and --evaluate on a file, one computation."""
+    """Loss and `binary_classification_metrics` of labelled messages through the full forward pass -> dict, printed
+    as `what`: a run's test metrics and those of --evaluate, one computation."""
     logits_fn = autocast_logits(partial(full_pass_logits, model), labels.device, dtype_name)
     loss, _, predictions = evaluate(model, logits_fn, token_ids, labels, batch_size, threshold)
     metrics = {"messages": len(labels), "loss": loss, **binary_classification_metrics(predictions.cpu(), labels.cpu())}
@@ -482,9 +474,8 @@ def save_run(args, out_dir, model, tokenizer, report):
 
 
 def load_classifier(path, device="cpu"):
-    """A classifier saved by a run, or a ...ForSequenceClassification folder (our export or transformers') -> (model
-    in eval mode, its tokenizer, the length in tokens it reads messages at). Raises FileNotFoundError for a missing
-    path, ValueError for a model that is no spam classifier."""
+    """A run's classifier or a ...ForSequenceClassification folder -> (model in eval mode, its tokenizer, the length
+    in tokens it reads messages at). FileNotFoundError: no such path; ValueError: no spam classifier."""
     if not Path(path).exists():
         raise FileNotFoundError(f"no classifier at {path}: train one first, or pass --checkpoint PATH")
     model, tokenizer = gpt.load(path, device=device)
@@ -645,7 +636,6 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.py downloads data and weights
     if args.export_hf is not None:
-        gpt.check_hf_folder(args.export_hf, args.overwrite)  # before the load
         model, tokenizer, max_length = load_classifier(args.checkpoint)
         folder = gpt.export_hf(model, args.export_hf, tokenizer=tokenizer, dtype=gpt.DTYPES[args.dtype],
                                overwrite=args.overwrite, max_length=max_length)

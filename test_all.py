@@ -3060,7 +3060,7 @@ def test_classify_reads_zip_and_tsv_alike(tmp_path):
     with zipfile.ZipFile(bad, "w") as z:
         z.writestr("readme", "not data")
     assert fc.read_sms_bytes(good) == fc.read_sms_bytes(tsv) == b"ham\ta\nspam\tb\n"
-    with pytest.raises(ValueError, match="no member 'SMSSpamCollection'.*readme"):
+    with pytest.raises(ValueError, match=r"bad.zip: a damaged zip file or one without SMSSpamCollection \(.*no item"):
         fc.read_sms_bytes(bad)
 
 
@@ -3507,11 +3507,11 @@ def test_classify_damaged_zip_names_the_file(tmp_path):
     truncated.write_bytes(raw[: len(raw) // 2])
     flipped.write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
     for path in (truncated, flipped):
-        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file \(.*\): give the extracted SMSSpamCollection"):
+        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file or one without SMSSpamCollection \(.*\): give the extracted "):
             fc.read_sms_bytes(path)
     argv = _classify_run_argv(tmp_path, "run")
     argv[argv.index("--data") + 1] = str(flipped)
-    with pytest.raises(SystemExit, match=r"error: .*flipped.zip: a damaged zip file"):
+    with pytest.raises(SystemExit, match=r"error: .*flipped.zip: a damaged zip file or one without SMSSpamCollection"):
         fc.main(argv)
 
 
