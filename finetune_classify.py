@@ -428,8 +428,7 @@ def train_and_evaluate(args, device):
     started = time.time()
     if args.data is not None:
         sms_collection_path(args.data)  # a missing --data file fails now, not after a model download
-    # Before any work: the folder is ours, holds no other run, and can be written. The
-    # checkpoint, named relative to it, is checked too (--checkpoint may put it elsewhere).
+    # Before any work: the folder holds no other run, nor does the checkpoint's place (--checkpoint).
     out_dir = gpt.claim_run_folder(args.out_dir, [os.path.relpath(args.checkpoint, args.out_dir), *RUN_FILES],
                                    overwrite=args.overwrite, resumable=False)
     # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
@@ -445,29 +444,21 @@ def train_and_evaluate(args, device):
                                log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
                                keep_last=args.keep_last)
     del inputs, logits_fn  # the activation cache (held by both): the test split needs the full model only
-    # The test split through the full forward pass of the weights as saved (LoRA merged), as
-    # --evaluate runs the checkpoint: evaluating OUT_DIR/test.csv gives these numbers again.
+    # The test split through the full pass of the weights as saved (LoRA merged), as --evaluate runs them.
     gpt.merge_lora(model)
     metrics = labelled_metrics(model, token_ids[2], labels[2], args.batch_size, args.threshold, args.dtype,
                                "test split")
+    # Saving: the classifier (all weights, its tokenizer and --max-length), the metrics, the curves.
+    gpt.save_checkpoint(args.checkpoint, model, tokenizer, max_length=args.max_length, settings=vars(args),
+                        metrics=metrics)
+    print(f"saved:      {args.checkpoint} (config, all weights: {Path(args.checkpoint).stat().st_size / 1e6:.0f} MB)")
+    print(f"try it:     python finetune_classify.py --checkpoint {args.checkpoint} --classify \"Win a prize now\"")
     report = dict(settings=vars(args), activation_cache=use_cache, history=history, test=metrics)
-    save_run(args, out_dir, model, tokenizer, report)
-    print(f"wall time:  {gpt.format_duration(time.time() - started)}; metrics in {out_dir / 'metrics.json'}")
-
-
-def save_run(args, out_dir, model, tokenizer, report):
-    """Write the classifier (all weights, tokenizer, --max-length, settings, test metrics), metrics.json, the plot."""
-    checkpoint = Path(args.checkpoint)
-    gpt.save_checkpoint(checkpoint, model, tokenizer, max_length=args.max_length, settings=report["settings"],
-                        metrics=report["test"])
-    print(f"saved:      {checkpoint} (config, settings and all weights, {checkpoint.stat().st_size / 1e6:.0f} MB)")
-    print(f"try it:     python finetune_classify.py --checkpoint {checkpoint} --classify \"Win a prize now\"")
     gpt.write_json(out_dir / "metrics.json", report)
-    history = report["history"]
     panels = {name: {split: (history["epoch"], history[f"{split}_{name}"]) for split in ("train", "validation")}
               for name in ("loss", "accuracy")}
-    if gpt.plot_curves(out_dir / "loss-accuracy.png", panels, xlabel="epoch") is not None:
-        print(f"plot:       {out_dir / 'loss-accuracy.png'} (loss and accuracy per epoch, train and validation)")
+    gpt.plot_curves(out_dir / "loss-accuracy.png", panels, xlabel="epoch")  # without matplotlib: a note
+    print(f"wall time:  {gpt.format_duration(time.time() - started)}; metrics in {out_dir / 'metrics.json'}")
 
 
 # --- The other modes: classify texts, evaluate on a labelled file (export: in main) -----
