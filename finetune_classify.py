@@ -24,7 +24,6 @@ import io
 import math
 import os
 import random
-import sys
 import time
 import zipfile
 import zlib
@@ -497,18 +496,15 @@ def classify_texts(model, texts, max_length, tokenizer=None, dtype_name="float32
 
 
 def read_texts_file(path):
-    """Non-empty lines, stripped, of a UTF-8 text file or of standard input ("-"). Raises ValueError when standard
-    input is closed, or naming file, byte offset and line of the first byte not UTF-8 (not classifying garbage)."""
-    if path == "-" and sys.stdin is None:
-        raise ValueError("--classify-file -: standard input is closed: pipe the texts in, or give a file name")
-    raw = sys.stdin.buffer.read() if path == "-" else gpt.existing_file(path, "--classify-file").read_bytes()
-    text = gpt.decode_utf8(raw, f"--classify-file {'standard input' if path == '-' else path}")
+    """Non-empty lines, stripped, of a UTF-8 text file, or of a pipe such as /dev/stdin. Raises ValueError naming
+    file, byte offset and line of the first byte not UTF-8 (not classifying garbage)."""
+    text = gpt.decode_utf8(gpt.existing_file(path, "--classify-file").read_bytes(), f"--classify-file {path}")
     return [line.strip() for line in text.split("\n") if line.strip()]
 
 
 def run_classify(args, device):
     """--classify / --classify-file: print `label (p(spam)=probability)  text` per text, or write text, label and spam
-    probability to --results (CSV or JSON, by its extension)."""
+    probability to the CSV file --results."""
     texts = args.classify or read_texts_file(args.classify_file)
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("nothing to classify: give non-empty texts with --classify or lines in --classify-file")
@@ -519,11 +515,7 @@ def run_classify(args, device):
         for text, label, probability in rows:
             print(f"{label:<8} (p(spam)={probability:.3f})  {text}")
         return
-    keys = ("text", "label", "spam_probability")
-    if Path(args.results).suffix.lower() == ".json":
-        gpt.write_json(args.results, [dict(zip(keys, row)) for row in rows])
-    else:
-        write_csv(args.results, keys, rows)
+    write_csv(args.results, ("text", "label", "spam_probability"), rows)
     n_spam = sum(p >= args.threshold for p in probabilities)
     print(f"classified: {len(rows)} texts, {n_spam} spam (probability >= {args.threshold}), written to {args.results}")
 
@@ -590,13 +582,13 @@ def parse_args(argv=None):
     use = parser.add_argument_group("use a fine-tuned classifier (no training)")
     mode = use.add_mutually_exclusive_group()
     mode.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
-    mode.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, - for stdin (default: none)")
+    mode.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, or /dev/stdin (default: none)")
     mode.add_argument("--evaluate", metavar="FILE", help="metrics on a labelled FILE, as --data (default: none)")
     mode.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint for transformers, exit (default: none)")
     use.add_argument("--threshold", type=gpt.fraction, default=0.5, metavar="P",
                      help="spam when its probability is at least this (--classify, --evaluate, the test metrics)")
     use.add_argument("--results", metavar="FILE", help="write the metrics of --evaluate (.json) or the predictions "
-                     "(.csv or .json) (default: print only)")
+                     "(.csv) (default: print only)")
     use.add_argument("--checkpoint", help="classifier: a file, a run folder or a ...ForSequenceClassification folder "
                      "(default: OUT_DIR/classifier.pt)")
     args = parser.parse_args(argv)
@@ -612,11 +604,11 @@ def check_args(parser, argv, args):
     if use:
         training_flags = [name for name in vars(args) if name not in USE_FLAGS]
         gpt.refuse_flags(parser, argv, training_flags, f"{gpt.flag_name(use[0])} (the classifier of --checkpoint)")
-    kinds = (".json",) if args.evaluate is not None else (".csv", ".json")
+    kind = ".json" if args.evaluate is not None else ".csv"
     if args.results is not None and use in ([], ["export_hf"]):
         parser.error("--results goes with --evaluate, --classify or --classify-file (a run writes metrics.json)")
-    if args.results is not None and (Path(args.results).suffix.lower() not in kinds or Path(args.results).is_dir()):
-        parser.error(f"--results {args.results}: give a {' or '.join(kinds)} file")
+    if args.results is not None and (Path(args.results).suffix.lower() != kind or Path(args.results).is_dir()):
+        parser.error(f"--results {args.results}: give a {kind} file")
     args.checkpoint = args.checkpoint or str(Path(args.out_dir) / "classifier.pt")
     if (Path(args.checkpoint) / "classifier.pt").is_file():  # a run folder: its classifier
         args.checkpoint = str(Path(args.checkpoint) / "classifier.pt")
