@@ -86,14 +86,10 @@ def parse_labelled(raw, source="data"):
     lines (no tab, another label, an empty text), for a CSV file without those columns, no messages at all, or
     bytes that are not UTF-8."""
     text = gpt.decode_utf8(raw, source)
-    rows = []  # (line number, label, text or None for a line without a tab)
+    rows = []  # (line number, label, text or None for a line without a tab or a CSV row without a text column)
     if str(source).lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        missing = [column for column in ("label", "text") if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{source}: no {' and no '.join(missing)} column (header: {reader.fieldnames}): "
-                             "a CSV file needs a header with label and text columns")
-        rows = [(reader.line_num, row["label"] or "", row["text"] or "") for row in reader]
+        rows = [(reader.line_num, row.get("label") or "", row.get("text")) for row in reader]
     else:  # split("\n"), not splitlines(): messages may contain other Unicode line separators
         for number, line in enumerate(text.split("\n"), start=1):
             label, tab, message = line.partition("\t")
@@ -104,7 +100,7 @@ def parse_labelled(raw, source="data"):
         label = label.strip().lower()  # strip(): also the "\r" of Windows line ends
         label = "ham" if label == CLASS_NAMES[0] else label
         if message is None:
-            bad.append(f"line {number}: no tab between label and message")
+            bad.append(f"line {number}: no message (no tab after the label, or no text column)")
         elif label not in LABELS:
             bad.append(f"line {number}: unknown label {label[:20]!r} (expected ham or spam)")
         elif not message.strip():
@@ -544,17 +540,14 @@ USE_FLAGS = ("classify", "classify_file", "evaluate", "export_hf", "threshold", 
 
 
 def parse_args(argv=None):
-    parser = gpt.ArgumentParser(description="Fine-tune GPT-2 (or a Llama-family model) as an SMS spam classifier, or "
-                                "classify texts and evaluate on labelled files with a fine-tuned one.")
+    parser = gpt.ArgumentParser(description="Fine-tune GPT-2 (or a Llama-family model) into an SMS spam classifier.")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", help="the UCI zip, SMSSpamCollection (label TAB text) or a .csv with label and text "
-                      "columns (default: download the collection once)")
+    data.add_argument("--data", help="SMSSpamCollection, its UCI zip or a .csv with label, text (default: download)")
     data.add_argument("--max-length", type=gpt.positive_int, help="cut messages to N tokens (default: the context)")
     data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
                       help="folder for downloaded data and weights")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Llama-family Hub name such as "
-                       "HuggingFaceTB/SmolLM2-135M or a folder of one, a .safetensors or .pt file")
+    model.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Hub name, a model folder or file")
     model.add_argument("--trainable", choices=TRAINABLE_CHOICES, default="last-block",
                        help="what trains: last-block (+ final norm + head), all, or head (the new head only)")
     model.add_argument("--lora", action="store_true", help="train LoRA adapters in every block + the head instead")
@@ -576,17 +569,16 @@ def parse_args(argv=None):
     train.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                        help="autocast type of the work (weights stay float32); --export-hf: the weights' type")
     train.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
-    train.add_argument("--out-dir", default="runs/classify", help="folder of the run (refused unless --overwrite "
-                       "when it holds another run)")
+    train.add_argument("--out-dir", default="runs/classify", help="the run's folder; another run there is refused "
+                       "unless --overwrite")
     train.add_argument("--overwrite", action="store_true", help="replace the run in --out-dir, or the --export-hf one")
     use = parser.add_argument_group("use a fine-tuned classifier (no training)")
     mode = use.add_mutually_exclusive_group()
     mode.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
-    mode.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, or /dev/stdin (default: none)")
+    mode.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, a pipe too (default: none)")
     mode.add_argument("--evaluate", metavar="FILE", help="metrics on a labelled FILE, as --data (default: none)")
     mode.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint for transformers, exit (default: none)")
-    use.add_argument("--threshold", type=gpt.fraction, default=0.5, metavar="P",
-                     help="spam when its probability is at least this (--classify, --evaluate, the test metrics)")
+    use.add_argument("--threshold", type=gpt.fraction, default=0.5, metavar="P", help="spam from this probability on")
     use.add_argument("--results", metavar="FILE", help="write the metrics of --evaluate (.json) or the predictions "
                      "(.csv) (default: print only)")
     use.add_argument("--checkpoint", help="classifier: a file, a run folder or a ...ForSequenceClassification folder "

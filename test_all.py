@@ -3043,10 +3043,11 @@ def test_classify_parse_names_bad_lines_with_line_numbers():
     raw = b"ham\tok\nno tab here\nspma\ttypo label\nham\t   \nspam\tfine\n"
     with pytest.raises(ValueError) as error:
         fc.parse_labelled(raw, source="x.tsv")
-    assert str(error.value) == ("x.tsv: 3 bad line(s): line 2: no tab between label and message; line 3: unknown "
+    assert str(error.value) == ("x.tsv: 3 bad line(s): line 2: no message (no tab after the label, or no text "
+                                "column); line 3: unknown "
                                 "label 'spma' (expected ham or spam); line 4: empty message: give 'ham|spam<TAB>"
                                 "message' lines (the SMS Spam Collection) or a .csv file with label and text columns")
-    with pytest.raises(ValueError, match=r"^x.tsv: 7 bad line\(s\): line 1: no tab.*; line 5: no tab.*; \.\.\.: give"):
+    with pytest.raises(ValueError, match=r"^x.tsv: 7 bad line\(s\): line 1: no message.*; line 5: no mes.*; \.\.\.: give"):
         fc.parse_labelled(b"no tab\n" * 7, source="x.tsv")
 
 
@@ -3257,8 +3258,8 @@ def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
     with pytest.raises(SystemExit):
         fc.main(["--batch-size", "0"])
     (tmp_path / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
-    with pytest.raises(SystemExit, match=r"error: .*story.txt: 2 bad line\(s\): line 1: no tab between label and "
-                                         r"message; line 2: .*: give 'ham\|spam<TAB>message' lines"):
+    with pytest.raises(SystemExit, match=r"error: .*story.txt: 2 bad line\(s\): line 1: no message \(no tab after "
+                                         r"the label, or no text column\); line 2: .*: give 'ham\|spam<TAB>message'"):
         fc.main(["--data", str(tmp_path / "story.txt"), "--model", str(tmp_path / "lm.pt"), "--out-dir", str(tmp_path / "r")])
 
 
@@ -3621,15 +3622,16 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("a.csv", "label,message\nham,hi\n",
-     r"a.csv: no text column \(header: \['label', 'message'\]\): a CSV file needs a header with label and text columns"),
+    ("a.csv", "label,message\nham,hi\n", r"a.csv: 1 bad line\(s\): line 2: no message \(no tab after the label, or no "
+     r"text column\): give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text "
+     r"columns"),
     ("b.csv", "text,label\nhi,ham\nyo,spma\n", r"b.csv: 1 bad line\(s\): line 3: unknown label 'spma' \(expected ham or spam\)"
      r": give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
     ("c.csv", "text,label\n", r"c.csv: no labelled messages: "
      r"give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
     ("d.tsv", "ham\thi\nspma\tyo\n", r"d.tsv: 1 bad line\(s\): line 2: unknown label 'spma' \(expected ham or spam\)"
      r": give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
-    ("e.tsv", "ham\thi\nno tab\n", r"e.tsv: 1 bad line\(s\): line 2: no tab between label and message"
+    ("e.tsv", "ham\thi\nno tab\n", r"e.tsv: 1 bad line\(s\): line 2: no message \(no tab after the label, or no text column\)"
      r": give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
     ("f.tsv", "\n", r"f.tsv: no labelled messages: "
      r"give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
