@@ -1,10 +1,9 @@
 """finetune_classify.py: fine-tune a pretrained GPT-2 (or a Llama-family model) into an SMS spam classifier.
 
-Stage "fine-tune for classification" of the lifecycle (chapter 6 of "Build a Large Language Model (From Scratch)",
-rasbt/LLMs-from-scratch): the SMS Spam Collection (UCI data set 228), balanced and split 70/10/20; the head becomes a
-2-class linear layer read at each message's last real token (under causal attention the only position that has seen
-the whole message); the last block, the final norm and the head train (frozen blocks run once per message: the
-"activation cache"); the epoch with the best validation accuracy is kept. `train_and_evaluate` is the job in order.
+Stage "fine-tune for classification" (chapter 6 of "Build a Large Language Model (From Scratch)"): the SMS Spam
+Collection (UCI data set 228), balanced, split 70/10/20; a 2-class head reads each message's last real token (the one
+position that has seen the whole message); the last block, final norm and head train, the frozen blocks run once per
+message (the "activation cache"); the best epoch on validation is kept. `train_and_evaluate` is the job in order.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
     python finetune_classify.py --data path/to/SMSSpamCollection --model path/to/model.safetensors
@@ -158,7 +157,7 @@ def tokenize_messages(texts, max_length=None, tokenizer=None):
     return token_ids
 
 
-# --- Model: a pretrained GPT with a classification head -------------------------------
+# --- Model: a pretrained GPT with a classification head, and the activation cache -----
 
 
 def add_classification_head(model):
@@ -193,16 +192,12 @@ def full_pass_logits(model, token_ids):
 def autocast_logits(logits_fn, device, dtype_name):
     """logits_fn in --dtype: its forward pass under torch.autocast in dtype_name (weights stay float32, matrix
     products run in that type; "float32": no autocast) -> float32 logits."""
-    autocast, _ = gpt.autocast_context(device, dtype_name)
 
     def logits(inputs):
-        with autocast:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype_name == "bfloat16"):
             return logits_fn(inputs).float()
 
     return logits
-
-
-# --- Speed: the activation cache (the same logits; frozen blocks run once per message) --
 
 
 @torch.no_grad()
@@ -238,7 +233,7 @@ def cached_logits(model, activations, n_frozen):
     return model.lm_head(model.ln_f(x[torch.arange(len(activations), device=x.device), last]))
 
 
-# --- Training ---------------------------------------------------------------------------
+# --- Training and evaluation ------------------------------------------------------------
 
 
 def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps=None, batch_size=8, lr=5e-5,
@@ -293,11 +288,8 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
             best, kept_weights = score, gpt.trainable_weights(model)
             history["kept_epoch"] = history["epoch"][-1]
     model.load_state_dict(kept_weights, strict=False)
-    kept = history["epoch"].index(history["kept_epoch"])
     print(f"kept:       epoch {history['kept_epoch']:.3g} of {history['epoch'][-1]:.3g} "
-          f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'}): train "
-          f"accuracy {100 * history['train_accuracy'][kept]:.2f}% | validation accuracy "
-          f"{100 * history['validation_accuracy'][kept]:.2f}%, loss {history['validation_loss'][kept]:.4f}")
+          f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'})")
     return history
 
 
@@ -308,9 +300,6 @@ def split_scores(model, logits_fn, splits, batch_size, digits):
     line = (f"train loss {train_loss:.4f} accuracy {100 * train_acc:.{digits}f}% | "
             f"validation loss {val_loss:.4f} accuracy {100 * val_acc:.{digits}f}%")
     return (train_loss, train_acc, val_loss, val_acc), line
-
-
-# --- Evaluation -------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -372,8 +361,7 @@ def build_classifier(args, device):
     add_classification_head(model)
     gpt.set_drop_rate(model, args.drop_rate)
     set_trainable(model, "lora" if args.lora else args.trainable, args.lora_rank, args.lora_alpha)
-    trains = "--lora" if args.lora else f"--trainable {args.trainable}"
-    print(f"model:      {gpt.model_summary(model, args.model)} ({trains}) on {device}")
+    print(f"model:      {gpt.model_summary(model, args.model)} on {device}")
     # Weights, gradients and AdamW's moments must fit before the work starts (activations come on top).
     gpt.check_training_memory(model, device, "train fewer parameters (--lora, or --trainable last-block or head)")
     return model, tokenizer

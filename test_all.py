@@ -3424,7 +3424,7 @@ def test_classify_lora_trains_only_adapters_and_head_and_settings_travel_with_th
     assert "settings: " in out and "seed=7" in out and "max_length=48" in out
     # per block, rank 16: c_attn 16*32 + 96*16, attn.c_proj 16*32 + 32*16, c_fc 16*32 + 128*16,
     # mlp.c_proj 16*128 + 32*16 = 8,192; two blocks plus the head (32*2 + 2) = 16,450
-    assert "16,450 trainable (--lora)" in out
+    assert "16,450 trainable" in out
     assert "activation cache: off (the lower blocks train): full forward pass at every step" in out
     checkpoint = gpt.load_checkpoint(tmp_path / "run" / "classifier.pt")
     assert not any("lora" in key for key in checkpoint["model"])
