@@ -142,9 +142,9 @@ def write_csv(path, header, rows):
     gpt.atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
 
 
-def tokenize_messages(texts, max_length=None, tokenizer=None):
-    """Texts -> list of LongTensor [n_tokens] by `tokenizer` (default GPT-2's), each cut to `max_length` tokens if
-    set. Each text is a whole message: Llama 3 starts it with <|begin_of_text|>, as transformers' tokenizer does."""
+def tokenize_messages(texts, max_length=None, tokenizer=None, device="cpu"):
+    """Texts -> list of LongTensor [n_tokens] on `device` by `tokenizer` (default GPT-2's), each cut to `max_length`
+    tokens if set. Each is a whole message: Llama 3 starts it with <|begin_of_text|>, as transformers does."""
     tokenizer = tokenizer or gpt.get_tokenizer()
     token_ids = []
     for text in texts:
@@ -153,7 +153,7 @@ def tokenize_messages(texts, max_length=None, tokenizer=None):
         # token): a message that ends in it is read before it there, so here too (the earlier tokens never see it).
         while len(ids) > 1 and ids[-1] == tokenizer.eot_id:
             ids.pop()
-        token_ids.append(torch.tensor(ids, dtype=torch.long))
+        token_ids.append(torch.tensor(ids, dtype=torch.long, device=device))
     return token_ids
 
 
@@ -201,24 +201,22 @@ def autocast_logits(logits_fn, device, dtype_name):
 
 
 @torch.no_grad()
-def compute_frozen_activations(model, token_ids, n_frozen, progress=True):
+def compute_frozen_activations(model, token_ids, n_frozen):
     """Hidden states after the embeddings and the first `n_frozen` blocks, per message: list of LongTensor
     [n_tokens_i] -> list of float [n_tokens_i, emb_dim]; valid while those blocks are frozen and dropout is 0.
     Batches hold messages of similar length (sorted), as many as CACHE_BATCH_TOKENS tokens of the longest allow."""
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))  # little padding
     batch_size = max(1, CACHE_BATCH_TOKENS // len(token_ids[order[-1]]))
     activations, started = [None] * len(token_ids), time.time()
-    for done in range(0, len(order), batch_size):
-        batch = order[done : done + batch_size]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
         x = model.embed(pad_sequence([token_ids[i] for i in batch], batch_first=True))  # [B, T, C]
         for block in model.h[:n_frozen]:
             x = block(x)
         for row, i in enumerate(batch):
             activations[i] = x[row, : len(token_ids[i])].clone()  # a copy frees the padded batch
-        if progress:
-            finished = done + len(batch)
-            gpt.show_progress(f"activation cache: {finished}/{len(order)} messages, "
-                              f"ETA {gpt.eta(started, finished, len(order))}")
+        done = start + len(batch)
+        gpt.show_progress(f"activation cache: {done}/{len(order)} messages, ETA {gpt.eta(started, done, len(order))}")
     gpt.end_progress()
     return activations
 
@@ -237,12 +235,12 @@ def cached_logits(model, activations, n_frozen):
 
 
 def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps=None, batch_size=8, lr=5e-5,
-                     weight_decay=0.1, seed=123, log_every=25, eval_every=50, eval_batches=5, keep_last=False):
+                     weight_decay=0.1, seed=123, log_every=25, keep_last=False):
     """Fine-tune the trainable parameters with AdamW on cross-entropy -> history (HISTORY per epoch, `step_loss` per
     step, `kept_epoch`). train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch shuffles
     the training split (seeded) and drops the last incomplete batch, as the book does; `max_steps` stops earlier.
-    Every `eval_every` steps: estimates on `eval_batches` batches per split; after each epoch (a fraction when
-    `max_steps` stops within one): both full splits, and the best epoch's weights are kept unless `keep_last`."""
+    After each epoch (a fraction when `max_steps` stops within one) both splits are evaluated, and the weights of
+    the best epoch on validation are kept (unless `keep_last`)."""
     train_inputs, train_labels = train
     optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -250,8 +248,6 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     total_steps = min(steps_per_epoch * epochs, max_steps or math.inf)
     epochs = math.ceil(total_steps / steps_per_epoch)  # fewer when max_steps stops earlier
     history = {name: [] for name in (*HISTORY, "step_loss")}
-    n = eval_batches * batch_size  # the estimates run on the first eval_batches batches of each split
-    estimate_splits = [(train_inputs[:n], train_labels[:n]), (validation[0][:n], validation[1][:n])]
     best, kept_weights = None, None
     step, started, window_seconds = 0, time.time(), 0.0  # throughput counts the training steps only
     model.train()
@@ -275,15 +271,14 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
                       f"{examples / window_seconds:.1f} examples/s | ETA {gpt.eta(started, step, total_steps)}",
                       flush=True)
                 window_seconds = 0.0
-            if step % eval_every == 0:
-                _, line = split_scores(model, logits_fn, estimate_splits, batch_size, digits=1)
-                print(f"  step {step} estimate (first {eval_batches} batches per split): {line}")
-        scores, line = split_scores(model, logits_fn, (train, validation), batch_size, digits=2)
-        print(f"epoch {epoch}: {line}", flush=True)
-        for name, value in zip(HISTORY, (step / steps_per_epoch, step, *scores)):
+        train_loss, train_acc, _ = evaluate(model, logits_fn, *train, batch_size)
+        val_loss, val_acc, _ = evaluate(model, logits_fn, *validation, batch_size)
+        print(f"epoch {epoch}: train loss {train_loss:.4f} accuracy {100 * train_acc:.2f}% | validation loss "
+              f"{val_loss:.4f} accuracy {100 * val_acc:.2f}%", flush=True)
+        for name, value in zip(HISTORY, (step / steps_per_epoch, step, train_loss, train_acc, val_loss, val_acc)):
             history[name].append(value)
         # Model selection: a copy of the trainable weights of the best epoch so far (--keep-last: the last).
-        score = (scores[3], -scores[2])  # validation accuracy; ties: the lower loss, then the earlier epoch
+        score = (val_acc, -val_loss)  # ties: the lower loss, then the earlier epoch
         if keep_last or best is None or score > best:
             best, kept_weights = score, gpt.trainable_weights(model)
             history["kept_epoch"] = history["epoch"][-1]
@@ -291,15 +286,6 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     print(f"kept:       epoch {history['kept_epoch']:.3g} of {history['epoch'][-1]:.3g} "
           f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'})")
     return history
-
-
-def split_scores(model, logits_fn, splits, batch_size, digits):
-    """`evaluate` on the training and validation splits -> ((train loss, train accuracy, validation loss,
-    validation accuracy), a line that shows them with `digits` decimals of the accuracies)."""
-    (train_loss, train_acc, _), (val_loss, val_acc, _) = [evaluate(model, logits_fn, *s, batch_size) for s in splits]
-    line = (f"train loss {train_loss:.4f} accuracy {100 * train_acc:.{digits}f}% | "
-            f"validation loss {val_loss:.4f} accuracy {100 * val_acc:.{digits}f}%")
-    return (train_loss, train_acc, val_loss, val_acc), line
 
 
 @torch.no_grad()
@@ -377,13 +363,11 @@ def prepare_data(args, out_dir, device, tokenizer):
     splits = random_split(create_balanced_dataset(messages, args.seed), args.seed, min_train=args.batch_size)
     for name, split in zip(("train", "validation", "test"), splits):
         write_csv(out_dir / f"{name}.csv", ("label", "text"), split)
-    train_texts = {text for _, text in splits[0]}
-    repeated = sum(text in train_texts for _, text in splits[2])  # the collection repeats some messages
+    repeated = len({text for _, text in splits[2]} & {text for _, text in splits[0]})  # the data repeats some texts
     print(f"splits:     {' / '.join(str(len(s)) for s in splits)} (train / validation / test, balanced, seed "
-          f"{args.seed}) in {out_dir}/{{train,validation,test}}.csv; {repeated} test messages occur in training")
+          f"{args.seed}) in {out_dir}/{{train,validation,test}}.csv; {repeated} test texts occur in training")
     # Tokenized as --classify and --evaluate tokenize: the same ids for the same text.
-    token_ids = [tokenize_messages([text for _, text in split], args.max_length, tokenizer) for split in splits]
-    token_ids = [[t.to(device) for t in split] for split in token_ids]
+    token_ids = [tokenize_messages([text for _, text in split], args.max_length, tokenizer, device) for split in splits]
     at_limit = sum(len(t) == args.max_length for split in token_ids for t in split)
     print(f"tokens:     longest message {max(len(t) for split in token_ids for t in split)} tokens; {at_limit} "
           f"messages reach --max-length {args.max_length} (longer ones are cut there)")
@@ -424,14 +408,12 @@ def train_and_evaluate(args, device):
     history = train_classifier(model, autocast_logits(logits_fn, device, args.dtype), (inputs[0], labels[0]),
                                (inputs[1], labels[1]), epochs=args.epochs, max_steps=args.max_steps,
                                batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                               log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
-                               keep_last=args.keep_last)
+                               log_every=args.log_every, keep_last=args.keep_last)
     del inputs, logits_fn  # the activation cache (held by both): the test split needs the full model only
     # The test split through the full pass of the weights as saved (LoRA merged), as --evaluate runs them.
     gpt.merge_lora(model)
     metrics = labelled_metrics(model, token_ids[2], labels[2], args.batch_size, args.threshold, args.dtype,
                                "test split")
-    # Saving: the classifier (all weights, its tokenizer and --max-length), the metrics, the curves.
     gpt.save_checkpoint(args.checkpoint, model, tokenizer, max_length=args.max_length, settings=vars(args),
                         metrics=metrics)
     print(f"saved:      {args.checkpoint} (config, all weights: {Path(args.checkpoint).stat().st_size / 1e6:.0f} MB)")
@@ -456,13 +438,13 @@ def load_classifier(path, device="cpu"):
     if len(getattr(model, "labels", ())) != 2:
         raise ValueError(f"{path} is no spam classifier of finetune_classify.py (class names: "
                          f"{getattr(model, 'labels', 'none, a language model')}): train one from it with --model")
-    # The length the classifier read messages at: saved with it, or as the export's model_max_length.
-    if Path(path).is_dir():
-        config_path = Path(path) / "tokenizer_config.json"
-        max_length = gpt.read_json(config_path, "tokenizer config").get("model_max_length") \
-            if config_path.is_file() else None
+    # The length the classifier read messages at: an export's model_max_length, or saved with a run's checkpoint.
+    config = Path(path) / "tokenizer_config.json"
+    if config.is_file():
+        max_length = gpt.read_json(config, "tokenizer config").get("model_max_length")
     else:  # memory-mapped: the one entry is read, not the weights again
-        max_length = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("max_length")
+        max_length = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("max_length") \
+            if Path(path).is_file() else None
     return model, tokenizer, min(max_length or model.cfg.context_length, model.cfg.context_length)
 
 
@@ -471,7 +453,7 @@ def classify_texts(model, texts, max_length, tokenizer=None, dtype_name="float32
     """Spam probability of each text -> list of float, in the texts' order; each text cut to its first `max_length`
     tokens of `tokenizer` (default GPT-2's), the forward pass in `dtype_name` (see `autocast_logits`)."""
     device = model.wte.weight.device
-    token_ids = [t.to(device) for t in tokenize_messages(texts, max_length, tokenizer)]
+    token_ids = tokenize_messages(texts, max_length, tokenizer, device)
     logits_fn = autocast_logits(partial(full_pass_logits, model), device, dtype_name)
     probabilities = []
     for start in range(0, len(token_ids), batch_size):
@@ -510,7 +492,7 @@ def run_evaluate(args, device):
     path = gpt.existing_file(args.evaluate, "--evaluate")
     messages = parse_labelled(read_sms_bytes(path), args.evaluate)
     model, tokenizer, max_length = load_classifier(args.checkpoint, device)
-    token_ids = [t.to(device) for t in tokenize_messages([text for _, text in messages], max_length, tokenizer)]
+    token_ids = tokenize_messages([text for _, text in messages], max_length, tokenizer, device)
     labels = torch.tensor([LABELS[label] for label, _ in messages], device=device)
     metrics = labelled_metrics(model, token_ids, labels, args.batch_size, args.threshold, args.dtype, args.evaluate)
     if args.results is not None:
@@ -550,8 +532,6 @@ def parse_args(argv=None):
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
     train.add_argument("--seed", type=gpt.non_negative_int, default=123, help="seed of the split, head and shuffling")
     train.add_argument("--log-every", type=gpt.positive_int, default=25, help="print a progress line every N steps")
-    train.add_argument("--eval-every", type=gpt.positive_int, default=50, help="estimate loss, accuracy every N steps")
-    train.add_argument("--eval-batches", type=gpt.positive_int, default=5, help="batches per split for the estimates")
     train.add_argument("--keep-last", action="store_true", help="keep the last epoch, not the best on validation")
     train.add_argument("--no-activation-cache", action="store_true", help="run the frozen blocks at every step")
     train.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -567,10 +547,8 @@ def parse_args(argv=None):
     mode.add_argument("--evaluate", metavar="FILE", help="metrics on a labelled FILE, as --data (default: none)")
     mode.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint for transformers, exit (default: none)")
     use.add_argument("--threshold", type=gpt.fraction, default=0.5, metavar="P", help="spam from this probability on")
-    use.add_argument("--results", metavar="FILE", help="write the metrics of --evaluate (.json) or the predictions "
-                     "(.csv) (default: print only)")
-    use.add_argument("--checkpoint", help="classifier: a file, a run folder or a ...ForSequenceClassification folder "
-                     "(default: OUT_DIR/classifier.pt)")
+    use.add_argument("--results", metavar="FILE", help="metrics (.json) or predictions (.csv) (default: print only)")
+    use.add_argument("--checkpoint", help="a run's file or folder, or an export (default: OUT_DIR/classifier.pt)")
     args = parser.parse_args(argv)
     check_args(parser, argv, args)
     return args

@@ -3126,7 +3126,7 @@ def test_classify_prediction_does_not_depend_on_padding():
     alone = fc.full_pass_logits(model, [short])
     padded = fc.full_pass_logits(model, [short, longer])[:1]
     torch.testing.assert_close(padded, alone)
-    activations = fc.compute_frozen_activations(model, [short, longer], n_frozen=1, progress=False)
+    activations = fc.compute_frozen_activations(model, [short, longer], n_frozen=1)
     torch.testing.assert_close(fc.cached_logits(model, activations, 1)[:1], alone)
     torch.testing.assert_close(fc.cached_logits(model, activations[:1], 1), alone)
 
@@ -3148,7 +3148,7 @@ def test_classify_activation_cache_gives_full_pass_logits_and_gradients(n_frozen
         return logits.detach(), [p.grad.clone() for p in top]
 
     full_logits, full_grads = logits_and_grads(partial(fc.full_pass_logits, model), token_ids)
-    activations = fc.compute_frozen_activations(model, token_ids, n_frozen, progress=False)
+    activations = fc.compute_frozen_activations(model, token_ids, n_frozen)
     assert [a.shape for a in activations] == [(n, 32) for n in (3, 17, 9, 40, 1, 25, 17)]
     cached_logits, cached_grads = logits_and_grads(partial(fc.cached_logits, model, n_frozen=n_frozen), activations)
     torch.testing.assert_close(cached_logits, full_logits)
@@ -3172,7 +3172,7 @@ def test_classify_trainable_trains_exactly_what_it_names(trainable):
     token_ids = _classify_token_ids([4, 9, 6, 12, 3, 8])
     labels = torch.tensor([0, 1, 0, 1, 1, 0])
     fc.train_classifier(model, partial(fc.full_pass_logits, model), (token_ids, labels), (token_ids, labels),
-                        epochs=2, batch_size=3, lr=1e-2, log_every=100, eval_every=100)
+                        epochs=2, batch_size=3, lr=1e-2, log_every=100)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == expected
 
@@ -3376,7 +3376,7 @@ def test_classify_sigint_during_training_exits_cleanly(tmp_path):
     gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     data = _classify_sms_slice(tmp_path)
     argv = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run"),
-            "--epochs", "100000", "--batch-size", "2", "--log-every", "1", "--eval-every", "100000"]
+            "--epochs", "100000", "--batch-size", "2", "--log-every", "1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -3559,7 +3559,7 @@ def _classify_scripted_training(monkeypatch, scores, keep_last=False):
     monkeypatch.setattr(fc, "evaluate", evaluate)
     history = fc.train_classifier(model, partial(fc.full_pass_logits, model), (token_ids, labels),
                                   (token_ids, validation_labels), epochs=len(scores), batch_size=3, lr=1e-2,
-                                  log_every=100, eval_every=100, keep_last=keep_last)
+                                  log_every=100, keep_last=keep_last)
     return model, history
 
 
