@@ -50,7 +50,7 @@ CLASS_NAMES = ["not spam", "spam"]  # what --classify prints for class 0 and 1
 SPLIT_FRACTIONS = (0.7, 0.1)  # train, validation; the test set gets the rest (0.2)
 TRAINABLE_CHOICES = ("last-block", "all", "head")  # --trainable; --lora trains adapters instead
 CACHE_BATCH_TOKENS = 4096  # padded tokens per batch filling the activation cache: big matrices, bounded memory
-MAX_WARNINGS = 5  # bad data lines named in an error; the rest are counted
+MAX_BAD_LINES = 5  # bad data lines an error names; the rest are counted
 HISTORY = ("epoch", "step", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy")  # per epoch
 
 
@@ -106,7 +106,7 @@ def parse_labelled(raw, source="data"):
             bad.append(f"line {number}: empty message")
         else:
             messages.append((label, message.strip()))
-    problem = f"{len(bad)} bad line(s): " + "; ".join(bad[:MAX_WARNINGS]) + ("; ..." if len(bad) > MAX_WARNINGS else "")
+    problem = f"{len(bad)} bad line(s): " + "; ".join(bad[:MAX_BAD_LINES]) + ("; ..." if bad[MAX_BAD_LINES:] else "")
     if bad or not messages:
         raise ValueError(f"{source}: {problem if bad else 'no labelled messages'}: give 'ham|spam<TAB>message' lines "
                          "(the SMS Spam Collection) or a .csv file with label and text columns")
@@ -157,7 +157,7 @@ def tokenize_messages(texts, max_length=None, tokenizer=None, device="cpu"):
     return token_ids
 
 
-# --- Model: a pretrained GPT with a classification head, and the activation cache -----
+# --- Model: a pretrained GPT with a classification head, and the activation cache -------
 
 
 def add_classification_head(model):
