@@ -4639,14 +4639,17 @@ def test_cuda_fused_adamw_steps_equal_the_cpu_steps():
 
 @needs_cuda
 def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones(tmp_path):
+    import csv
+
     runs = {}
     for name, device in (("cpu", "cpu"), ("gpu", "cuda")):
         fc.main(_classify_run_argv(tmp_path, name, "--max-steps", "6", "--device", device))
         report = json.loads((tmp_path / name / "metrics.json").read_text())
         texts = ["WINNER! Claim your prize now", "See you at 6?"]
         fc.main(["--checkpoint", str(tmp_path / name), "--classify", *texts, "--device", device,
-                 "--results", str(tmp_path / f"{name}.json")])
-        runs[name] = report, json.loads((tmp_path / f"{name}.json").read_text())
+                 "--results", str(tmp_path / f"{name}.csv")])
+        with open(tmp_path / f"{name}.csv", newline="", encoding="utf-8") as f:
+            runs[name] = report, list(csv.DictReader(f))
     (cpu_report, cpu_predictions), (gpu_report, gpu_predictions) = runs["cpu"], runs["gpu"]
     assert gpu_report["activation_cache"] and gpu_report["history"]["step"] == cpu_report["history"]["step"]
     assert gpu_report["history"]["step_loss"] == pytest.approx(cpu_report["history"]["step_loss"], abs=1e-4)
@@ -4654,7 +4657,8 @@ def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones(tmp_path):
     assert gpu_report["test"]["loss"] == pytest.approx(cpu_report["test"]["loss"], abs=1e-4)
     assert [p["label"] for p in gpu_predictions] == [p["label"] for p in cpu_predictions]
     for gpu_prediction, cpu_prediction in zip(gpu_predictions, cpu_predictions):
-        assert gpu_prediction["spam_probability"] == pytest.approx(cpu_prediction["spam_probability"], abs=1e-4)
+        assert float(gpu_prediction["spam_probability"]) == pytest.approx(float(cpu_prediction["spam_probability"]),
+                                                                          abs=1e-4)
 
 
 @needs_cuda
