@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import math
 import mmap
@@ -1051,8 +1050,9 @@ def format_duration(seconds):
 
 
 def atomic_write_bytes(path, data):
-    """Write data (bytes, or a function that writes to the open file) to path through a temporary
-    file and a rename: readers never see a half-written file, and on a full disk the previous one stays."""
+    """Write data (bytes, or a function that writes to the open file, as torch.save does) to path
+    through a temporary file and a rename: readers never see a half-written file, and on a full
+    disk the previous one stays. Raises OSError naming the file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -1069,14 +1069,18 @@ def atomic_write_bytes(path, data):
         tmp.unlink(missing_ok=True)
 
 
-def atomic_save(obj, path):
-    """torch.save(obj) to path atomically, straight into the file (no second copy in memory)."""
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
-
-
 def write_json(path, obj):
     """Write obj as indented UTF-8 JSON to path, atomically."""
     atomic_write_bytes(path, json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
+
+
+def existing_file(path, flag):
+    """Path(path) when it exists and is no folder (a pipe such as <(...) is fine). Raises
+    FileNotFoundError: "FLAG PATH: no such file" or "FLAG PATH: a folder, not a file"."""
+    path = Path(path)
+    if path.is_dir() or not path.exists():
+        raise FileNotFoundError(f"{flag} {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
+    return path
 
 
 def decode_utf8(raw, source):
@@ -1086,27 +1090,8 @@ def decode_utf8(raw, source):
         return raw.decode("utf-8").removeprefix("\ufeff")  # not "utf-8-sig": offsets count the mark
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(
-            f"{source}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} (line {line}); "
-            "save it as UTF-8"
-        ) from None
-
-
-def existing_file(path, flag):
-    """Path(path) when it exists and is no folder (a pipe such as <(...) is fine). Raises
-    FileNotFoundError: "FLAG PATH: no such file" or "FLAG PATH: a folder, not a file"."""
-    path = Path(path)
-    if path.is_dir():
-        raise FileNotFoundError(f"{flag} {path}: a folder, not a file")
-    if not path.exists():
-        raise FileNotFoundError(f"{flag} {path}: no such file")
-    return path
-
-
-def read_json(path, source):
-    """Parse a UTF-8 JSON file -> object. Raises FileNotFoundError or ValueError naming `source` and the file."""
-    path = existing_file(path, source)
-    return parse_json(decode_utf8(path.read_bytes(), f"{source} {path}"), f"{source} {path}")
+        raise ValueError(f"{source}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                         f"(line {line}); save it as UTF-8") from None
 
 
 def parse_json(text, source):
@@ -1119,17 +1104,23 @@ def parse_json(text, source):
         raise ValueError(f"{source}: JSON nested too deeply to read") from None
 
 
-# --- Downloads: verified by size and SHA-256, renamed into place whole -------------------
+def read_json(path, source):
+    """Parse a UTF-8 JSON file -> object. Raises FileNotFoundError or ValueError naming `source` and the file."""
+    path = existing_file(path, source)
+    return parse_json(decode_utf8(path.read_bytes(), f"{source} {path}"), f"{source} {path}")
+
+
+# --- Downloads: verified, resumed, renamed into place whole ----------------------------
 #
-# A download counts only once checked: data sets by a pinned size and SHA-256, the Hub's large
-# files by the SHA-256 it announces, its small ones by a parse. A wrong hash catches a cut file,
-# a web page sent instead and a bad resumed range alike. Each process and thread writes its own
-# temporary file, renamed into place: no reader sees a partial file, and torchrun ranks need no lock.
+# A download counts only once checked: files this project names by a pinned size and SHA-256,
+# the Hub's large files by the SHA-256 it announces, its small ones by a parse. A wrong hash
+# catches a cut file, a web page sent instead and a bad resumed range alike. Each process and
+# thread writes its own temporary file, renamed into place: torchrun ranks need no lock.
 
 
 def verify_file(path, *, size=None, sha256=None, member=None, check=None):
     """Raise ValueError naming the file when its size (bytes) or SHA-256 (hex), or those of its zip
-    member `member` (a zip made anew differs while the member does not), differ from those given,
+    member `member` (a zip made anew differs while its member does not), differ from those given,
     or when `check(path)` (a parse) raises ValueError."""
     what = path if member is None else f"{path} (member {member})"
     if check is not None:
@@ -1153,7 +1144,6 @@ def verify_file(path, *, size=None, sha256=None, member=None, check=None):
 def cached_file(path, **checks):
     """path when it exists and passes `verify_file(**checks)`, else None. A file that fails is
     deleted, saying why on stderr, so that it is fetched again instead of failing forever."""
-    path = Path(path)
     if not path.exists():
         return None
     try:
@@ -1165,96 +1155,65 @@ def cached_file(path, **checks):
         return None
 
 
-def download_file(url, dest, *, size=None, sha256=None, member=None, check=None, headers=None, quiet=False,
-                  retries=3, timeout=30):
-    """Download url to dest -> dest as a Path; a dest that passes the checks is used as it is.
+def download_file(url, dest, *, headers=None, quiet=False, retries=3, timeout=30, **checks):
+    """Download url to dest -> dest as a Path; a dest on disk that passes the checks is used as it is.
 
-    size, sha256, member, check: see `verify_file`. A broken connection resumes with an HTTP
+    checks: size, sha256, member, check of `verify_file`. A broken connection resumes with an HTTP
     Range request, up to `retries` attempts; `timeout`: seconds per read; `headers`: an access
-    token. Whatever fails, Ctrl-C included, deletes the temporary file and the folders made for it.
-    Raises RuntimeError naming the URL: an HTTP error, a failed request, a download failing the checks.
+    token. Whatever fails, Ctrl-C included, deletes the temporary file. Raises RuntimeError naming
+    the URL: an HTTP error, a request that cannot succeed, a download failing the checks.
     """
     dest = Path(dest)
-    checks = {"size": size, "sha256": sha256, "member": member, "check": check}
     if cached_file(dest, **checks):
         return dest  # nothing is written: a read-only cache works too
-    made = [folder for folder in (dest.parent, *dest.parent.parents) if not folder.exists()]  # mkdir makes these
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f".{dest.name}.tmp{os.getpid()}.{threading.get_ident()}.part")
     try:
-        _transfer(url, part, f"downloading {dest.name}", headers or {}, quiet, retries, timeout)
+        for attempt in range(1, retries + 1):
+            have = part.stat().st_size if part.exists() else 0
+            resume = {"Range": f"bytes={have}-"} if have else {}  # after a break: only the bytes missing
+            try:
+                with requests.get(url, headers={**(headers or {}), **resume}, stream=True, timeout=timeout) as r:
+                    if r.status_code not in (200, 206):
+                        raise RuntimeError(f"download of {url} failed: HTTP {r.status_code} {r.reason}")
+                    have = have if r.status_code == 206 else 0  # 200: the whole file again
+                    total = have + int(r.headers.get("Content-Length", 0))
+                    done, started = have, time.time()
+                    with open(part, "ab" if have else "wb") as f:
+                        for chunk in r.iter_content(chunk_size=1 << 16):  # a short body raises: a break
+                            done += f.write(chunk)
+                            if not quiet:
+                                left = f" of {total / 1e6:.1f} MB, ETA {eta(started, done - have, total - have)}"
+                                show_progress(f"downloading {dest.name}: {done / 1e6:.1f}{left if total > have else ' MB'}")
+                break
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+                if attempt == retries:  # a cut, a timeout, no connection: the next attempt resumes
+                    raise RuntimeError(f"download of {url} failed after {attempt} attempts ({type(e).__name__}: "
+                                       f"{e}); run again later") from None
+            except requests.RequestException as e:  # a redirect loop, not a URL, ...: another try cannot help
+                raise RuntimeError(f"download of {url} failed: {type(e).__name__}: {e}") from None
+            finally:
+                end_progress()
         try:
             verify_file(part, **checks)
         except ValueError as e:  # named as dest: the temporary name means nothing to the reader
             raise RuntimeError(f"download of {url} is corrupt or not the expected file: "
                                f"{str(e).replace(str(part), str(dest))}; deleted, run again") from None
         os.replace(part, dest)
-    except BaseException:
+        return dest
+    finally:
         part.unlink(missing_ok=True)
-        for folder in made:  # innermost first, while empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
-    return dest
 
 
-# requests failures that another attempt cannot fix -> what they mean, in a few words
-_FATAL_REQUEST_ERRORS = {
-    requests.exceptions.SSLError: "TLS/SSL error (a certificate or proxy problem)",
-    requests.TooManyRedirects: "too many redirects (a redirect loop)",
-    requests.exceptions.MissingSchema: "not a URL (it needs http:// or https://)",
-    requests.exceptions.InvalidSchema: "not an http:// or https:// URL",
-    requests.exceptions.InvalidURL: "not a valid URL",
-}
-
-
-def _transfer(url, part, label, headers, quiet, retries, timeout):
-    """The network half of `download_file`: bring `part` up to the whole of url, asking for the
-    bytes it lacks (Range) after a break; a body short of its Content-Length is a break."""
-    reason = None
-    for attempt in range(retries):
-        if reason is not None and not quiet:
-            print(f"{label}: attempt {attempt} of {retries} failed ({reason}); retrying", file=sys.stderr)
-        have = part.stat().st_size if part.exists() else 0
-        try:
-            with requests.get(url, headers={**headers, **({"Range": f"bytes={have}-"} if have else {})},
-                              stream=True, timeout=timeout) as r:
-                if r.status_code not in (200, 206):
-                    raise RuntimeError(f"download of {url} failed: HTTP {r.status_code} {r.reason}")
-                have = have if r.status_code == 206 else 0  # 200: the whole file again
-                total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-                done, started = have, time.time()
-                with open(part, "ab" if have else "wb") as f:
-                    for chunk in r.iter_content(chunk_size=1 << 16):  # small: a cut loses < 64 KiB
-                        done += f.write(chunk)
-                        if not quiet:
-                            size = f"{done / 1e6:.1f} / {total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
-                            left = f", ETA {eta(started, done - have, total - have)}" if total else ""
-                            show_progress(f"{label}: {size}{left}")
-                if total is None or done >= total:
-                    return
-                reason = f"the connection closed after {done} of {total} bytes"
-        except requests.RequestException as e:
-            fatal = [words for cls, words in _FATAL_REQUEST_ERRORS.items() if isinstance(e, cls)]
-            if fatal:
-                raise RuntimeError(f"download of {url} failed: {fatal[0]}") from None
-            reason = f"{e.__class__.__name__}: no connection, or it broke off"
-        finally:
-            end_progress()
-    raise RuntimeError(f"download of {url} failed after {retries} attempts ({reason}); run again later")
-
-
-def fetch_dataset(urls, filename, *, flag="--data", size=None, sha256=None, member=None, quiet=False):
+def fetch_dataset(urls, filename, *, flag="--data", quiet=False, **checks):
     """Path of a data file in <cache>/data/<hash of urls[0]>/<filename>, downloaded once from the
-    first of `urls` (mirrors) that works; size, sha256, member: see `verify_file`. Raises
-    RuntimeError naming every URL tried and the `flag` that takes a local copy instead."""
+    first of `urls` (mirrors) that works, checked as `verify_file(**checks)`. Raises RuntimeError
+    naming every URL tried and the `flag` that takes a local copy instead."""
     dest = cache_dir() / "data" / hashlib.sha256(urls[0].encode()).hexdigest()[:12] / filename
     errors = []
     for url in urls:
         try:
-            return download_file(url, dest, sha256=sha256, size=size, member=member, quiet=quiet)
+            return download_file(url, dest, quiet=quiet, **checks)
         except RuntimeError as e:
             errors.append(f"  {e}")
     raise RuntimeError(f"could not download {filename}:\n" + "\n".join(errors)
@@ -1280,10 +1239,8 @@ def plot_curves(path, panels, xlabel):
         ax.set_xlabel(xlabel)
         ax.legend()
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    atomic_write_bytes(path, png.getbuffer())
     return Path(path)
 
 
@@ -1292,18 +1249,9 @@ def plot_curves(path, panels, xlabel):
 # ----------------------------------------------------------------------------------------
 
 # safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors)
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_safetensors(path):
@@ -1317,47 +1265,57 @@ def read_safetensors(path):
     """
     path = Path(path)
     file_size = path.stat().st_size
+    tensors = {}
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            if 8 + header_len > file_size:
+            data_start = 8 + header_len
+            if data_start > file_size:
                 raise ValueError(f"a header of {header_len} bytes runs past the end of the {file_size}-byte file")
             header = json.loads(f.read(header_len))
-            return {name: _map_tensor(f, name, info, 8 + header_len, file_size)
-                    for name, info in header.items() if name != "__metadata__"}  # free-form, not a tensor
+            header.pop("__metadata__", None)  # free-form strings, not a tensor
+            for name, info in header.items():
+                if info["dtype"] not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"tensor {name!r}: unknown dtype {info['dtype']!r}")
+                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+                numel = math.prod(shape)
+                if min(shape, default=0) < 0 or not 0 <= begin == end - numel * dtype.itemsize \
+                        or data_start + end > file_size:
+                    raise ValueError(f"tensor {name!r}: {info['dtype']} {shape} at data offsets [{begin}, {end}] "
+                                     f"does not fit in the {file_size - data_start} data bytes (truncated?)")
+                if numel == 0:
+                    tensors[name] = torch.empty(shape, dtype=dtype)
+                    continue
+                start = data_start + begin
+                page = start - start % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+                region = mmap.mmap(f.fileno(), start + end - begin - page, offset=page, access=mmap.ACCESS_COPY)
+                tensors[name] = torch.frombuffer(region, dtype=dtype, count=numel, offset=start - page).view(shape)
     except (struct.error, AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
+    return tensors
 
 
-def _map_tensor(f, name, info, data_start, file_size):
-    """One header entry -> its bytes mapped as a tensor, once checked to lie in the file and hold shape x dtype."""
-    if info["dtype"] not in SAFETENSORS_DTYPES:
-        raise ValueError(f"tensor {name!r}: unknown dtype {info['dtype']!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
-    dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-    numel = math.prod(shape)
-    if min(shape, default=0) < 0 or not 0 <= begin == end - numel * dtype.itemsize or data_start + end > file_size:
-        raise ValueError(f"tensor {name!r}: {info['dtype']} {shape} at data offsets [{begin}, {end}] does not "
-                         f"fit in the {file_size - data_start} data bytes (truncated?)")
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    # Mappings start on a page boundary: map from the page that holds the first byte.
-    start = data_start + begin
-    page_start = start - start % mmap.ALLOCATIONGRANULARITY
-    region = mmap.mmap(f.fileno(), start + end - begin - page_start, offset=page_start, access=mmap.ACCESS_COPY)
-    return torch.frombuffer(region, dtype=dtype, count=numel, offset=start - page_start).view(shape)
-
-
-def hub_file(repo, filename, *, quiet=False, missing_ok=False):
+def hub_file(repo, filename, *, quiet=False, missing_ok=False, cached_only=False):
     """Path of `filename` of the Hub model `repo` ("owner/model"), downloaded once.
 
-    Looks in the Hugging Face cache and ours (`local_hub_file`), else downloads it from
-    $HF_ENDPOINT (default https://huggingface.co) with the token in $HF_TOKEN, checked by the
-    SHA-256 and size the Hub announces for large files and by a parse. None for a file the Hub
-    lacks when missing_ok. Raises RuntimeError offline, for a gated model (what to do) and as
-    `download_file` does.
+    Found in the Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub) or in ours (<cache>/<repo>/,
+    GPT-2's sizes in <cache>/<size>/), else downloaded from $HF_ENDPOINT (default
+    https://huggingface.co) with the token in $HF_TOKEN: a large (LFS) file checked by the SHA-256
+    and size the Hub announces, a .json or .safetensors file (in our cache too) by a parse. None for
+    a file the Hub lacks when missing_ok, or one not on disk when cached_only. Raises RuntimeError
+    offline, for a gated model (saying what to do) and as `download_file` does.
     """
-    local = local_hub_file(repo, filename)
-    if local is not None:
+    hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    model = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub") / f"models--{repo.replace('/', '--')}"
+    ref = model / "refs" / "main"
+    snapshots = [model / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
+    for snapshot in snapshots + sorted(model.glob("snapshots/*")):
+        if (snapshot / filename).is_file():
+            return snapshot / filename
+    parse = {".safetensors": read_safetensors, ".json": functools.partial(read_json, source="Hub file")}
+    checks = {"check": parse.get(Path(filename).suffix)}
+    local = cached_file(cache_dir() / repo.removeprefix("openai-community/") / filename, **checks)
+    if local or cached_only:
         return local
     url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo}/resolve/main/{filename}"
     headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
@@ -1376,37 +1334,10 @@ def hub_file(repo, filename, *, quiet=False, missing_ok=False):
         return None
     if head.status_code >= 400:
         raise RuntimeError(f"download of {url} failed: HTTP {head.status_code} {head.reason}")
-    etag = (head.headers.get("X-Linked-Etag") or head.headers.get("ETag") or "").removeprefix("W/").strip('"')
-    sha256 = etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None  # LFS files: the etag is the SHA-256
-    size = int(head.headers["X-Linked-Size"]) if head.headers.get("X-Linked-Size") else None
-    return download_file(url, _own_hub_path(repo, filename), sha256=sha256, size=size, check=_parse_check(filename),
-                         headers=headers, quiet=quiet)
-
-
-def _own_hub_path(repo, filename):
-    """Where `hub_file` keeps a file it downloaded (GPT-2's released sizes as in earlier versions)."""
-    return cache_dir() / repo.removeprefix("openai-community/") / filename
-
-
-def _parse_check(filename):
-    """The parse that a Hub file of this name must pass (see `verify_file`), or None."""
-    if filename.endswith(".safetensors"):
-        return read_safetensors  # memory maps only: cheap even for gpt2-xl
-    return (lambda path: parse_json(path.read_bytes(), path)) if filename.endswith(".json") else None
-
-
-def local_hub_file(repo, filename):
-    """Path of a file of a Hub model on disk, or None: in the Hugging Face cache, else in
-    <cache>/<repo>/ (GPT-2's sizes in <cache>/<size>/), where a .safetensors or .json file must parse."""
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" /
-                                                      "huggingface") / "hub")
-    model = hub / f"models--{repo.replace('/', '--')}"
-    ref = model / "refs" / "main"
-    snapshots = [model / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
-    for snapshot in snapshots + sorted(model.glob("snapshots/*")):
-        if (snapshot / filename).is_file():
-            return snapshot / filename
-    return cached_file(_own_hub_path(repo, filename), check=_parse_check(filename))
+    if "X-Linked-Etag" in head.headers:  # an LFS file: its etag is its SHA-256
+        checks["sha256"] = head.headers["X-Linked-Etag"].strip('"')
+    return download_file(url, cache_dir() / repo.removeprefix("openai-community/") / filename, headers=headers,
+                         quiet=quiet, **checks)
 
 
 # Keys of the released files that hold no parameters of ours: the causal-mask buffers
@@ -1419,11 +1350,10 @@ _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "m
 
 # --- config.json: the settings that change what a model computes ---------------------------
 #
-# The tables list the settings that change what a model computes (activation, norm epsilon,
-# attention scaling, ...) as {key: (test of its value, what this implementation supports)}. A
-# file asking for something else is refused, not loaded as a model that computes other logits.
-# An absent key means transformers' default, which is implemented; other keys are bookkeeping
-# (architectures, dtype, dropout, ...) and ignored, so keys a newer transformers adds keep loading.
+# Each table maps a setting that changes the logits (activation, norm epsilon, ...) to (test of
+# its value, what this implementation supports): a file asking for anything else is refused, not
+# loaded as a model that computes other logits. An absent key means transformers' default, which
+# is implemented; other keys are bookkeeping (architectures, dtype, dropout, ...) and ignored.
 
 
 def _is(*values):
@@ -1450,12 +1380,10 @@ GPT2_SETTINGS = {
 
 def check_settings(config_json, settings, prefix=""):
     """Raise ValueError naming the key, its value and what is supported for the first key of
-    `settings` ({key: (test, supported)}) whose value in config_json fails its test; `prefix`
-    names the dict the keys are in, when it is not the file itself."""
+    `settings` whose value in config_json fails its test; `prefix` names the dict the keys are in."""
     for key, (test, supported) in settings.items():
         if key in config_json and not test(config_json[key]):
-            value = config_json[key]
-            raise ValueError(f"{prefix}{key} = {value!r} is not supported (this implementation: {supported})")
+            raise ValueError(f"{prefix}{key} = {config_json[key]!r} is not supported (this implementation: {supported})")
 
 
 def check_sizes(config_json, keys):
@@ -1468,57 +1396,48 @@ def check_sizes(config_json, keys):
 
 def config_from_weights(tensors, config_json=None):
     """GPTConfig of GPT-2 from transformers' config.json (a dict), else read off the shapes of the
-    tensors (keys without `transformer.`), where the heads leave no trace: those of the released
-    size of that width, else emb_dim / 64. Raises ValueError naming the key of a bad size or of a
-    setting this implementation does not have (see `GPT2_SETTINGS`)."""
-    if config_json is not None:
-        check_sizes(config_json, ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"))
-        hidden = 4 * config_json["n_embd"]  # the MLP's width, n_inner, is GPT-2's: null means this
-        check_settings(config_json, {**GPT2_SETTINGS, "n_inner": (_is(None, hidden), f"null or 4 * n_embd = {hidden}")})
-        return GPTConfig(
-            vocab_size=config_json["vocab_size"],
-            context_length=config_json["n_positions"],
-            emb_dim=config_json["n_embd"],
-            n_heads=config_json["n_head"],
-            n_layers=config_json["n_layer"],
-            norm_eps=float(config_json.get("layer_norm_epsilon", 1e-5)),
-        )
-    vocab_size, emb_dim = tensors["wte.weight"].shape
-    same_width = [c.n_heads for c in GPT_CONFIGS.values() if c.emb_dim == emb_dim]
-    n_heads = same_width[0] if same_width else max(1, emb_dim // 64)
-    if not same_width:  # the heads leave no trace in the shapes: say what was assumed
-        print(f"warning: no config.json beside the weights: {n_heads} attention heads assumed (GPT-2's heads of "
-              "64); put the model's config.json beside its weights if that is wrong", file=sys.stderr)
+    tensors (names without `transformer.`) with GPT-2's heads of 64, which the shapes do not show.
+    Raises ValueError naming the key of a bad size or of a setting this implementation lacks."""
+    if config_json is None:
+        vocab_size, emb_dim = tensors["wte.weight"].shape
+        if emb_dim not in [cfg.emb_dim for cfg in GPT_CONFIGS.values()]:  # not a released size: say what is assumed
+            print(f"warning: no config.json beside the weights: {max(1, emb_dim // 64)} attention heads assumed "
+                  "(GPT-2's heads of 64); put the model's config.json beside its weights if that is wrong",
+                  file=sys.stderr)
+        config_json = {
+            "vocab_size": vocab_size,
+            "n_positions": len(tensors["wpe.weight"]) if "wpe.weight" in tensors else 1024,  # else named missing
+            "n_embd": emb_dim,
+            "n_head": max(1, emb_dim // 64),
+            "n_layer": len({int(m.group(1)) for name in tensors if (m := re.match(r"h\.(\d+)\.", name))}),
+        }
+    check_sizes(config_json, ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"))
+    hidden = 4 * config_json["n_embd"]  # the MLP's width, n_inner, is GPT-2's: null means this
+    check_settings(config_json, {**GPT2_SETTINGS, "n_inner": (_is(None, hidden), f"null or 4 * n_embd = {hidden}")})
     return GPTConfig(
-        vocab_size=vocab_size,
-        # without wpe.weight: the strict loader names it as missing
-        context_length=len(tensors["wpe.weight"]) if "wpe.weight" in tensors else 1024,
-        emb_dim=emb_dim,
-        n_heads=same_width[0] if same_width else max(1, emb_dim // 64),
-        n_layers=len({int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))}),
+        vocab_size=config_json["vocab_size"],
+        context_length=config_json["n_positions"],
+        emb_dim=config_json["n_embd"],
+        n_heads=config_json["n_head"],
+        n_layers=config_json["n_layer"],
+        norm_eps=float(config_json.get("layer_norm_epsilon", 1e-5)),
     )
 
 
-@contextlib.contextmanager
-def _no_random_initialisation():
-    """While active, torch.nn.init's fills do nothing (as transformers' `no_init_weights`): a model
-    about to be loaded needs no random values, and on the meta device they cost seconds of imports."""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
-    saved = {name: getattr(nn.init, name) for name in names}
-    for name in names:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, fill in saved.items():
-            setattr(nn.init, name, fill)
-
-
 def empty_model(cfg):
-    """Model of cfg (`build_model`) with placeholder parameters on the meta device, without memory or
-    values, for a loader to assign the real tensors to: nothing is allocated twice."""
-    with torch.device("meta"), _no_random_initialisation():
-        return build_model(cfg)
+    """Model of cfg (`build_model`) on the meta device, its parameters placeholders without memory or
+    values, for a loader to assign the real tensors to. torch.nn.init's fills do nothing meanwhile
+    (as in transformers' `no_init_weights`): on the meta device they cost a second of imports."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    fills = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return build_model(cfg)
+    finally:
+        for name, fill in fills.items():
+            setattr(nn.init, name, fill)
 
 
 def load_weights_into(
@@ -1637,8 +1556,6 @@ def config_from_hub(config_json):
 
 # The tokenizer files a model carries along: read, kept in `Tokenizer.files`, exported as they are.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-# A Hub model's name: "owner/model" (a local path is tried first).
-HUB_NAME = re.compile(r"\w[\w.-]*/\w[\w.-]*")
 
 
 def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
@@ -1674,92 +1591,71 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
 
 
 def model_files(source, *, quiet=False):
-    """A model's parts -> (config.json as a dict or None, [safetensors paths], {tokenizer file: text}),
-    for a folder, a .safetensors file, a released GPT-2 size or a Hub name (downloading what is
-    missing). Raises FileNotFoundError when `source` is none of these, or a folder holds no weights."""
-    path = Path(source)
+    """A model's files -> (config.json as a dict or None, [safetensors paths], {tokenizer file: text})
+    of a folder, a .safetensors file, a released GPT-2 size or a Hub name "owner/model", downloading
+    what is missing. Raises FileNotFoundError when `source` is none of these or holds no weights."""
+    path, name = Path(source), str(source)
     if path.is_dir() or (path.suffix == ".safetensors" and path.is_file()):
         folder = path if path.is_dir() else path.parent
-        index = folder / "model.safetensors.index.json"
-        if not path.is_dir():
-            weight_paths = [path]
-        elif (folder / "model.safetensors").is_file():
-            weight_paths = [folder / "model.safetensors"]
-        elif index.is_file():
-            weight_paths = [folder / shard for shard in shard_names(index)]
-        else:
-            raise FileNotFoundError(f"{folder} holds no model: neither model.safetensors nor "
-                                    "model.safetensors.index.json")
-        config_path = folder / "config.json"
-        config_json = read_json(config_path, "model config") if config_path.is_file() else None
-        names = TOKENIZER_FILES if (folder / "tokenizer.json").is_file() else ("vocab.json",)
-        files = {name: decode_utf8((folder / name).read_bytes(), folder / name)
-                 for name in names if (folder / name).is_file()}
-        return config_json, weight_paths, files
-    if str(source) in GPT_CONFIGS:
-        return None, [hub_file(f"openai-community/{source}", "model.safetensors", quiet=quiet)], {}
-    owner = Path(str(source).split("/")[0])
-    if not HUB_NAME.fullmatch(str(source)) or owner.is_dir() or path.suffix in (".pt", ".safetensors"):
+
+        def find(file, missing_ok=True, cached_only=False):  # as hub_file does
+            return folder / file if (folder / file).is_file() or not missing_ok else None
+
+        names = TOKENIZER_FILES if find("tokenizer.json") else ("vocab.json",)  # GPT-2's own vocabulary
+        tokenizer_files = {file: decode_utf8((folder / file).read_bytes(), folder / file) for file in names if find(file)}
+    elif name in GPT_CONFIGS:
+        return None, [hub_file(f"openai-community/{name}", "model.safetensors", quiet=quiet)], {}
+    elif re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name) and not Path(name.split("/")[0]).is_dir() \
+            and path.suffix not in (".pt", ".safetensors"):
+        find = functools.partial(hub_file, name, quiet=quiet, missing_ok=True)
+        tokenizer_files = None
+    else:
         raise FileNotFoundError(
-            f"no such file or model {str(source)!r}: a model is a released GPT-2 size ({', '.join(GPT_CONFIGS)}), "
+            f"no such file or model {name!r}: a model is a released GPT-2 size ({', '.join(GPT_CONFIGS)}), "
             "a Hub name owner/model, a model folder, a .safetensors file or a checkpoint of this project"
         )
-    repo = str(source)
-    config_json = read_json(hub_file(repo, "config.json", quiet=quiet), "model config")
-    index = local_hub_file(repo, "model.safetensors.index.json")  # sharded and cached: no request at all
-    single = None if index else hub_file(repo, "model.safetensors", quiet=quiet, missing_ok=True)
-    if single is not None:
-        weight_paths = [single]
-    else:
-        index = index or hub_file(repo, "model.safetensors.index.json", quiet=quiet)
-        weight_paths = [hub_file(repo, shard, quiet=quiet) for shard in shard_names(index)]
-    return config_json, weight_paths, hub_tokenizer_files(repo, quiet=quiet)
+    config_path = find("config.json")
+    config_json = read_json(config_path, "model config") if config_path else None
+    index = find("model.safetensors.index.json", cached_only=True)  # sharded and on disk: no request
+    weights = path if path.is_file() else None if index else find("model.safetensors")
+    index = index or (None if weights else find("model.safetensors.index.json"))
+    if weights is None and index is None:
+        raise FileNotFoundError(f"{source} holds no model: neither model.safetensors nor model.safetensors.index.json")
+    shards = sorted(set(read_json(index, "weights index")["weight_map"].values())) if index else []
+    weight_paths = [weights] if weights else [find(shard, missing_ok=False) for shard in shards]
+    return config_json, weight_paths, hub_tokenizer_files(name, quiet=quiet) if tokenizer_files is None else tokenizer_files
 
 
 def hub_tokenizer_files(repo, *, quiet=False):
-    """{file name: text} of the TOKENIZER_FILES a Hub model has, downloaded together once: with its
-    tokenizer.json on disk, the Hub is not asked for the others again (a cached model loads offline)."""
-    downloaded = local_hub_file(repo, "tokenizer.json") is None
-    files = {}
-    for name in TOKENIZER_FILES:
-        file = hub_file(repo, name, quiet=quiet, missing_ok=True) if downloaded else local_hub_file(repo, name)
-        if file is not None:
-            files[name] = decode_utf8(file.read_bytes(), file)
-    return files
-
-
-def shard_names(index):
-    """The weight files a model.safetensors.index.json lists, in order."""
-    return sorted(set(read_json(index, "weights index")["weight_map"].values()))
+    """{file name: text} of the TOKENIZER_FILES a Hub model has. Once its tokenizer.json is on disk,
+    the Hub is not asked for the others again: a cached model loads offline."""
+    cached = hub_file(repo, "tokenizer.json", cached_only=True) is not None
+    paths = [hub_file(repo, name, quiet=quiet, missing_ok=True, cached_only=cached) for name in TOKENIZER_FILES]
+    return {path.name: decode_utf8(path.read_bytes(), path) for path in paths if path}
 
 
 def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torch.float32):
     """Model in eval mode of tensors named as transformers saves them and config.json (a dict, or
-    None: GPT-2 sizes from the shapes); a ...ForSequenceClassification's `score` becomes a classifier
-    head. Consumes `tensors` (each is dropped once copied: a memory-mapped file leaves memory tensor by tensor).
-    Raises ValueError naming `source` for a model type this project lacks or tensors that do not fit."""
+    None: GPT-2 from the shapes); a ...ForSequenceClassification's `score` becomes a classifier
+    head. Consumes `tensors`, each dropped once copied. Raises ValueError naming `source` for a
+    model type this project lacks or tensors that do not fit."""
     if config_json is not None and not isinstance(config_json, dict):
         raise ValueError(f"{source}: its config.json holds a {type(config_json).__name__}, not a JSON object")
     for name in list(tensors):  # renamed in place: the loader drops each tensor from this dict once copied
         tensors[name.removeprefix("transformer.").removeprefix("model.")] = tensors.pop(name)
     model_type = (config_json or {}).get("model_type") or ("gpt2" if "wte.weight" in tensors else None)
-    if model_type is None and config_json is None:
-        raise ValueError(f"{source}: no config.json beside it, and its tensors are not GPT-2's (no wte.weight): "
-                         "put the model's config.json beside the weights")
     if model_type is None:
-        raise ValueError(f"{source}: its config.json names no model_type, and its tensors are not GPT-2's: add "
-                         "\"model_type\" (llama or qwen3) to it")
+        raise ValueError(f"{source}: no model_type in a config.json beside it, and its tensors are not GPT-2's (no "
+                         "wte.weight): put the model's config.json, with \"model_type\", beside the weights")
     score = tensors.pop("score.weight", None)  # a ...ForSequenceClassification: `score` is its head
     try:
         cfg = config_from_weights(tensors, config_json) if model_type == "gpt2" else config_from_hub(config_json)
     except (KeyError, ValueError) as e:
         raise ValueError(f"{source} config.json: {e}") from None
     layout = {} if model_type == "gpt2" else {"ignored": _LLAMA_IGNORED_KEYS, "transposed": ()}
-    if score is not None:
-        cfg = dataclasses.replace(cfg, tie_embeddings=True)  # no language-model head to load
-    model = empty_model(cfg)
+    model = empty_model(dataclasses.replace(cfg, tie_embeddings=True) if score is not None else cfg)
     load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source), **layout)
-    if score is not None:
+    if score is not None:  # no language-model head to load: the classifier's takes its place
         labels = (config_json or {}).get("id2label") or {}
         add_classifier_head(model, [labels.get(str(i), f"LABEL_{i}") for i in range(score.shape[0])], bias=False)
         model.lm_head.weight = nn.Parameter(score.to(device=device, dtype=dtype))
@@ -1792,7 +1688,7 @@ def save_checkpoint(path, model, tokenizer, **extra):
     model = unwrap_model(model)
     labels = {"labels": model.labels} if hasattr(model, "labels") else {}
     whole = {"config": dataclasses.asdict(model.cfg), "model": model.state_dict(), "tokenizer": tokenizer.state()}
-    atomic_save({**whole, **labels, **extra}, path)
+    atomic_write_bytes(path, lambda f: torch.save({**whole, **labels, **extra}, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
