@@ -1041,12 +1041,10 @@ def cache_dir():
 
 def format_duration(seconds):
     """Seconds -> "1h02m", "3m05s" or "42s", for ETAs and wall times."""
-    seconds = int(max(0, seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
+    minutes, seconds = divmod(int(max(0, seconds)), 60)
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def atomic_write_bytes(path, data):
@@ -1110,7 +1108,7 @@ def read_json(path, source):
     return parse_json(decode_utf8(path.read_bytes(), f"{source} {path}"), f"{source} {path}")
 
 
-# --- Downloads: verified, resumed, renamed into place whole ----------------------------
+# --- Downloads: checked, resumed, renamed into place whole ----------------------------
 #
 # A download counts only once checked: files this project names by a pinned size and SHA-256,
 # the Hub's large files by the SHA-256 it announces, its small ones by a parse. A wrong hash
@@ -1156,13 +1154,11 @@ def cached_file(path, **checks):
 
 
 def download_file(url, dest, *, headers=None, quiet=False, retries=3, timeout=30, **checks):
-    """Download url to dest -> dest as a Path; a dest on disk that passes the checks is used as it is.
-
-    checks: size, sha256, member, check of `verify_file`. A broken connection resumes with an HTTP
-    Range request, up to `retries` attempts; `timeout`: seconds per read; `headers`: an access
-    token. Whatever fails, Ctrl-C included, deletes the temporary file. Raises RuntimeError naming
-    the URL: an HTTP error, a request that cannot succeed, a download failing the checks.
-    """
+    """Download url to dest -> dest as a Path; a dest on disk that passes the checks (size, sha256,
+    member, check of `verify_file`) is used as it is. A cut, a timeout or a lost connection resumes
+    with an HTTP Range request, up to `retries` attempts; `timeout`: seconds per read; `headers`: an
+    access token. Whatever fails, Ctrl-C included, deletes the temporary file. Raises RuntimeError
+    naming the URL: an HTTP error, a failed request, a download failing the checks."""
     dest = Path(dest)
     if cached_file(dest, **checks):
         return dest  # nothing is written: a read-only cache works too
@@ -1180,17 +1176,17 @@ def download_file(url, dest, *, headers=None, quiet=False, retries=3, timeout=30
                     total = have + int(r.headers.get("Content-Length", 0))
                     done, started = have, time.time()
                     with open(part, "ab" if have else "wb") as f:
-                        for chunk in r.iter_content(chunk_size=1 << 16):  # a short body raises: a break
+                        for chunk in r.iter_content(chunk_size=1 << 16):  # a body cut short raises
                             done += f.write(chunk)
                             if not quiet:
                                 left = f" of {total / 1e6:.1f} MB, ETA {eta(started, done - have, total - have)}"
-                                show_progress(f"downloading {dest.name}: {done / 1e6:.1f}{left if total > have else ' MB'}")
+                                show_progress(f"downloading {dest.name}: {done / 1e6:.1f}{left if total else ' MB'}")
                 break
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-                if attempt == retries:  # a cut, a timeout, no connection: the next attempt resumes
+                if attempt == retries:
                     raise RuntimeError(f"download of {url} failed after {attempt} attempts ({type(e).__name__}: "
                                        f"{e}); run again later") from None
-            except requests.RequestException as e:  # a redirect loop, not a URL, ...: another try cannot help
+            except requests.RequestException as e:  # a redirect loop, not a URL, ...: no attempt can help
                 raise RuntimeError(f"download of {url} failed: {type(e).__name__}: {e}") from None
             finally:
                 end_progress()
@@ -1257,12 +1253,10 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 def read_safetensors(path):
     """Read a .safetensors file -> {name: tensor}, each a view of a private (copy-on-write) memory
     mapping of its own bytes: no memory is used until they are touched, and dropping it frees them.
-
-    The format: 8 bytes little-endian header length N, N bytes of JSON mapping each name to
-    {"dtype", "shape", "data_offsets": [begin, end]} (from the end of the header), then the raw
-    little-endian bytes. Raises FileNotFoundError, or ValueError naming the file and the first
-    problem of a truncated or malformed one (one bounds check per tensor catches both).
-    """
+    The format: an 8-byte little-endian length N, N bytes of JSON giving each name its "dtype",
+    "shape" and "data_offsets" [begin, end] (from the end of the header), then the raw bytes.
+    Raises FileNotFoundError, or ValueError naming the file and the first problem of a truncated
+    or malformed one (one bounds check per tensor catches both)."""
     path = Path(path)
     file_size = path.stat().st_size
     tensors = {}
@@ -1296,15 +1290,12 @@ def read_safetensors(path):
 
 
 def hub_file(repo, filename, *, quiet=False, missing_ok=False, cached_only=False):
-    """Path of `filename` of the Hub model `repo` ("owner/model"), downloaded once.
-
-    Found in the Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub) or in ours (<cache>/<repo>/,
-    GPT-2's sizes in <cache>/<size>/), else downloaded from $HF_ENDPOINT (default
-    https://huggingface.co) with the token in $HF_TOKEN: a large (LFS) file checked by the SHA-256
-    and size the Hub announces, a .json or .safetensors file (in our cache too) by a parse. None for
+    """Path of `filename` of the Hub model `repo` ("owner/model"): in the Hugging Face cache, else
+    in ours (<cache>/<repo>/, GPT-2's sizes in <cache>/<size>/), else downloaded from $HF_ENDPOINT
+    (default huggingface.co) with the token in $HF_TOKEN. A large (LFS) file is checked by the
+    SHA-256 the Hub announces, a .json or .safetensors file (in our cache too) by a parse. None for
     a file the Hub lacks when missing_ok, or one not on disk when cached_only. Raises RuntimeError
-    offline, for a gated model (saying what to do) and as `download_file` does.
-    """
+    offline, for a gated model (saying what to do) and as `download_file` does."""
     hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     model = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub") / f"models--{repo.replace('/', '--')}"
     ref = model / "refs" / "main"
@@ -1312,9 +1303,10 @@ def hub_file(repo, filename, *, quiet=False, missing_ok=False, cached_only=False
     for snapshot in snapshots + sorted(model.glob("snapshots/*")):
         if (snapshot / filename).is_file():
             return snapshot / filename
+    dest = cache_dir() / repo.removeprefix("openai-community/") / filename
     parse = {".safetensors": read_safetensors, ".json": functools.partial(read_json, source="Hub file")}
     checks = {"check": parse.get(Path(filename).suffix)}
-    local = cached_file(cache_dir() / repo.removeprefix("openai-community/") / filename, **checks)
+    local = cached_file(dest, **checks)
     if local or cached_only:
         return local
     url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo}/resolve/main/{filename}"
@@ -1336,13 +1328,11 @@ def hub_file(repo, filename, *, quiet=False, missing_ok=False, cached_only=False
         raise RuntimeError(f"download of {url} failed: HTTP {head.status_code} {head.reason}")
     if "X-Linked-Etag" in head.headers:  # an LFS file: its etag is its SHA-256
         checks["sha256"] = head.headers["X-Linked-Etag"].strip('"')
-    return download_file(url, cache_dir() / repo.removeprefix("openai-community/") / filename, headers=headers,
-                         quiet=quiet, **checks)
+    return download_file(url, dest, headers=headers, quiet=quiet, **checks)
 
 
-# Keys of the released files that hold no parameters of ours: the causal-mask buffers
-# `h.N.attn.bias` / `h.N.attn.masked_bias` (we build the mask on the fly) and
-# `lm_head.weight` (tied to wte).
+# Keys of the released files that hold no parameters of ours: the causal-mask buffers (we build
+# the mask on the fly) and `lm_head.weight` (tied to wte).
 _IGNORED_KEYS = re.compile(r"(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)")
 # The reference implementation stores these as Conv1D weights, [in_features, out_features].
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -1350,10 +1340,9 @@ _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "m
 
 # --- config.json: the settings that change what a model computes ---------------------------
 #
-# Each table maps a setting that changes the logits (activation, norm epsilon, ...) to (test of
-# its value, what this implementation supports): a file asking for anything else is refused, not
-# loaded as a model that computes other logits. An absent key means transformers' default, which
-# is implemented; other keys are bookkeeping (architectures, dtype, dropout, ...) and ignored.
+# Each table maps such a setting to (test of its value, what this implementation supports): a file
+# asking for anything else is refused, not loaded as a model that computes other logits. An absent
+# key means transformers' default, which is implemented; other keys (dropout, ...) are ignored.
 
 
 def _is(*values):
@@ -1364,8 +1353,6 @@ def _is(*values):
 # A finite number > 0 (by type: JSON's true is not 1)
 POSITIVE_NUMBER = (lambda value: type(value) in (int, float) and math.isfinite(value) and value > 0,
                    "a finite number > 0")
-
-
 GPT2_SETTINGS = {
     "activation_function": (_is("gelu_new", "gelu_pytorch_tanh"),
                             "'gelu_new' or 'gelu_pytorch_tanh', GELU's tanh approximation"),
@@ -1395,9 +1382,9 @@ def check_sizes(config_json, keys):
 
 
 def config_from_weights(tensors, config_json=None):
-    """GPTConfig of GPT-2 from transformers' config.json (a dict), else read off the shapes of the
-    tensors (names without `transformer.`) with GPT-2's heads of 64, which the shapes do not show.
-    Raises ValueError naming the key of a bad size or of a setting this implementation lacks."""
+    """GPTConfig of GPT-2 from transformers' config.json (a dict), else from the tensors' shapes (names
+    without `transformer.`) with GPT-2's heads of 64, which shapes do not show. Raises ValueError
+    naming the key of a bad size or of a setting this implementation does not have."""
     if config_json is None:
         vocab_size, emb_dim = tensors["wte.weight"].shape
         if emb_dim not in [cfg.emb_dim for cfg in GPT_CONFIGS.values()]:  # not a released size: say what is assumed
@@ -1425,9 +1412,9 @@ def config_from_weights(tensors, config_json=None):
 
 
 def empty_model(cfg):
-    """Model of cfg (`build_model`) on the meta device, its parameters placeholders without memory or
-    values, for a loader to assign the real tensors to. torch.nn.init's fills do nothing meanwhile
-    (as in transformers' `no_init_weights`): on the meta device they cost a second of imports."""
+    """Model of cfg (`build_model`) on the meta device: placeholder parameters without memory or
+    values, for a loader to assign tensors to. torch.nn.init's fills do nothing meanwhile (as in
+    transformers' `no_init_weights`): on the meta device they cost a second of imports."""
     names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
     fills = {name: getattr(nn.init, name) for name in names}
     try:
@@ -1440,17 +1427,14 @@ def empty_model(cfg):
             setattr(nn.init, name, fill)
 
 
-def load_weights_into(
-    model, tensors, *, device="cpu", dtype=torch.float32, source="weights",
-    ignored=_IGNORED_KEYS, transposed=_TRANSPOSED
-):
-    """Put GPT-2 tensors (release names without `transformer.`; the Llama family's without `model.`,
-    with that family's `ignored` and `transposed`) into model, which may be on the meta device.
-
-    Each tensor is copied once, to `device` in `dtype`, and becomes the parameter; `tensors` is
-    consumed, so a memory-mapped file leaves memory one tensor at a time. Strict: raises ValueError
-    listing every missing, unexpected or mis-shaped tensor, before anything is copied.
-    """
+def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, source="weights"):
+    """Put tensors named as released (GPT-2's without `transformer.`, the Llama family's without
+    `model.`) into model, which may be on the meta device. Each is copied once, to `device` in
+    `dtype`, and becomes the parameter; `tensors` is consumed, so a memory-mapped file leaves memory
+    one tensor at a time. Strict: raises ValueError listing every missing, unexpected or mis-shaped
+    tensor, before anything is copied."""
+    gpt2 = model.cfg.family == "gpt2"
+    ignored, transposed = (_IGNORED_KEYS, _TRANSPOSED) if gpt2 else (_LLAMA_IGNORED_KEYS, ())
     tied = model.lm_head.weight is model.wte.weight
     params = {name: p for name, p in model.state_dict(keep_vars=True).items()
               if not (tied and name == "lm_head.weight")}
@@ -1466,7 +1450,7 @@ def load_weights_into(
         problems = [f"missing: {', '.join(missing)}"] if missing else []
         problems += [f"unexpected: {', '.join(unexpected)}"] if unexpected else []
         problems += [f"wrong shape: {'; '.join(mismatched)}"] if mismatched else []
-        family = "GPT-2" if model.cfg.family == "gpt2" else "Llama-family"
+        family = "GPT-2" if gpt2 else "Llama-family"
         raise ValueError(f"{source} do not fit the {family} model:\n  " + "\n  ".join(problems))
     state = {}
     for name, param in params.items():
@@ -1561,17 +1545,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     """Load a model and its tokenizer -> (model in eval mode on `device` in `dtype`, `Tokenizer`).
 
-    source, whatever it is, loads the same way:
-    - a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), downloaded once
-      from openai-community/<size> on the Hugging Face Hub;
-    - a Hub name "owner/model", downloaded once (`hub_file`; a gated model needs HF_TOKEN);
-    - a folder as transformers' `save_pretrained` or `export_hf` writes it;
-    - a .safetensors file, with the config.json and tokenizer files beside it, when there;
-    - a checkpoint of this project (any other file).
-    The kind of model is read from config.json's model_type (gpt2, llama, qwen3), else from the
-    tensor names; a classifier (class names, or ...ForSequenceClassification) gets its head and
-    `labels`. Each tensor is copied once from the memory-mapped file. Raises FileNotFoundError
-    for a missing path, ValueError naming a file that does not fit, RuntimeError for a failed download.
+    source: a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), a Hugging Face
+    Hub name "owner/model" (both downloaded once; a gated model needs HF_TOKEN), a folder as
+    `save_pretrained` or `export_hf` writes it, a .safetensors file (with the config.json and
+    tokenizer files beside it, when there) or a checkpoint of this project (any other file).
+    config.json's model_type (gpt2, llama, qwen3), else the tensor names, tell the kind of model;
+    a classifier gets its head and `labels`. Raises FileNotFoundError, ValueError naming a file
+    that does not fit, RuntimeError for a failed download.
     """
     path = Path(source)
     if path.is_file() and path.suffix != ".safetensors":
@@ -1597,33 +1577,37 @@ def model_files(source, *, quiet=False):
     path, name = Path(source), str(source)
     if path.is_dir() or (path.suffix == ".safetensors" and path.is_file()):
         folder = path if path.is_dir() else path.parent
-
-        def find(file, missing_ok=True, cached_only=False):  # as hub_file does
-            return folder / file if (folder / file).is_file() or not missing_ok else None
-
-        names = TOKENIZER_FILES if find("tokenizer.json") else ("vocab.json",)  # GPT-2's own vocabulary
-        tokenizer_files = {file: decode_utf8((folder / file).read_bytes(), folder / file) for file in names if find(file)}
-    elif name in GPT_CONFIGS:
+        index = folder / "model.safetensors.index.json"
+        if path.is_file() or (folder / "model.safetensors").is_file():
+            weight_paths = [path if path.is_file() else folder / "model.safetensors"]
+        elif index.is_file():
+            weight_paths = [folder / shard for shard in shard_names(index)]
+        else:
+            raise FileNotFoundError(f"{folder} holds no model: neither model.safetensors nor {index.name}")
+        config = folder / "config.json"
+        names = TOKENIZER_FILES if (folder / "tokenizer.json").is_file() else ("vocab.json",)  # GPT-2's own
+        files = {name: decode_utf8((folder / name).read_bytes(), folder / name)
+                 for name in names if (folder / name).is_file()}
+        return (read_json(config, "model config") if config.is_file() else None), weight_paths, files
+    if name in GPT_CONFIGS:
         return None, [hub_file(f"openai-community/{name}", "model.safetensors", quiet=quiet)], {}
-    elif re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name) and not Path(name.split("/")[0]).is_dir() \
-            and path.suffix not in (".pt", ".safetensors"):
-        find = functools.partial(hub_file, name, quiet=quiet, missing_ok=True)
-        tokenizer_files = None
-    else:
+    if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name) or Path(name.split("/")[0]).is_dir() \
+            or path.suffix in (".pt", ".safetensors"):  # a local path that is not there
         raise FileNotFoundError(
             f"no such file or model {name!r}: a model is a released GPT-2 size ({', '.join(GPT_CONFIGS)}), "
             "a Hub name owner/model, a model folder, a .safetensors file or a checkpoint of this project"
         )
-    config_path = find("config.json")
-    config_json = read_json(config_path, "model config") if config_path else None
-    index = find("model.safetensors.index.json", cached_only=True)  # sharded and on disk: no request
-    weights = path if path.is_file() else None if index else find("model.safetensors")
-    index = index or (None if weights else find("model.safetensors.index.json"))
-    if weights is None and index is None:
-        raise FileNotFoundError(f"{source} holds no model: neither model.safetensors nor model.safetensors.index.json")
-    shards = sorted(set(read_json(index, "weights index")["weight_map"].values())) if index else []
-    weight_paths = [weights] if weights else [find(shard, missing_ok=False) for shard in shards]
-    return config_json, weight_paths, hub_tokenizer_files(name, quiet=quiet) if tokenizer_files is None else tokenizer_files
+    config_json = read_json(hub_file(name, "config.json", quiet=quiet), "model config")
+    index = hub_file(name, "model.safetensors.index.json", cached_only=True)  # sharded and on disk: no request
+    single = None if index else hub_file(name, "model.safetensors", quiet=quiet, missing_ok=True)
+    index = index or (None if single else hub_file(name, "model.safetensors.index.json", quiet=quiet))
+    weight_paths = [single] if single else [hub_file(name, shard, quiet=quiet) for shard in shard_names(index)]
+    return config_json, weight_paths, hub_tokenizer_files(name, quiet=quiet)
+
+
+def shard_names(index):
+    """The weight files a model.safetensors.index.json lists, in order."""
+    return sorted(set(read_json(index, "weights index")["weight_map"].values()))
 
 
 def hub_tokenizer_files(repo, *, quiet=False):
@@ -1636,9 +1620,9 @@ def hub_tokenizer_files(repo, *, quiet=False):
 
 def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torch.float32):
     """Model in eval mode of tensors named as transformers saves them and config.json (a dict, or
-    None: GPT-2 from the shapes); a ...ForSequenceClassification's `score` becomes a classifier
-    head. Consumes `tensors`, each dropped once copied. Raises ValueError naming `source` for a
-    model type this project lacks or tensors that do not fit."""
+    None: GPT-2 from the shapes); a ...ForSequenceClassification's `score` becomes a classifier head.
+    Consumes `tensors`. Raises ValueError naming `source` for a model this project lacks or tensors
+    that do not fit."""
     if config_json is not None and not isinstance(config_json, dict):
         raise ValueError(f"{source}: its config.json holds a {type(config_json).__name__}, not a JSON object")
     for name in list(tensors):  # renamed in place: the loader drops each tensor from this dict once copied
@@ -1652,9 +1636,8 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
         cfg = config_from_weights(tensors, config_json) if model_type == "gpt2" else config_from_hub(config_json)
     except (KeyError, ValueError) as e:
         raise ValueError(f"{source} config.json: {e}") from None
-    layout = {} if model_type == "gpt2" else {"ignored": _LLAMA_IGNORED_KEYS, "transposed": ()}
     model = empty_model(dataclasses.replace(cfg, tie_embeddings=True) if score is not None else cfg)
-    load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source), **layout)
+    load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source))
     if score is not None:  # no language-model head to load: the classifier's takes its place
         labels = (config_json or {}).get("id2label") or {}
         add_classifier_head(model, [labels.get(str(i), f"LABEL_{i}") for i in range(score.shape[0])], bias=False)
