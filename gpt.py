@@ -1282,11 +1282,10 @@ def hub_file(repo, filename, *, quiet=False, missing_ok=False, cached_only=False
     offline, for a gated model (saying what to do) and as `download_file` does."""
     hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     model = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub") / f"models--{repo.replace('/', '--')}"
-    ref = model / "refs" / "main"
-    snapshots = [model / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
-    for snapshot in snapshots + sorted(model.glob("snapshots/*")):
-        if (snapshot / filename).is_file():
-            return snapshot / filename
+    ref = model / "refs" / "main"  # the snapshot of the main branch, as hub_file asks for it
+    snapshot = model / "snapshots" / ref.read_text().strip() / filename if ref.is_file() else None
+    if snapshot is not None and snapshot.is_file():
+        return snapshot
     dest = cache_dir() / repo.removeprefix("openai-community/") / filename
     parse = {".safetensors": read_safetensors, ".json": functools.partial(read_json, source="Hub file")}
     checks = {"check": parse.get(Path(filename).suffix)}
