@@ -1070,7 +1070,7 @@ def test_weight_mapping_is_strict(small_pair, tmp_path):
 # ========================================================================================
 
 
-def test_download_cut_leaves_nothing_and_the_next_call_starts_over(file_server, tmp_path):
+def test_download_cut_leaves_no_file_and_the_next_call_starts_over(file_server, tmp_path):
     data = bytes(range(256)) * 4000
     server = file_server({"/f.bin": data}, cut_after=300_000)
     with pytest.raises(RuntimeError, match=r"failed after 1 attempts \(.*\); run again later$"):
