@@ -2090,19 +2090,19 @@ def length_within_context(length, cfg, flag):
 
 
 def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resumable=True):
-    """out_dir as a Path, made and checked to take this run, before any work starts.
+    """out_dir as a Path, once checked to take this run, before any work starts.
 
     The one run-folder rule: a folder holding another run (any of `run_files`, paths relative to
     it) is refused unless `resume` (then it must hold one) or `overwrite` (its run files are
-    deleted now). Raises ValueError naming the folder and the flags that help (--resume only when
-    `resumable`), OSError when the folder cannot be made.
+    deleted now). The run's first write makes the folder: a run failing before leaves none.
+    Raises ValueError naming the path and the flags that help (--resume only when `resumable`).
     """
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file where it or a folder above it would be, no permission, ...
-        raise OSError(f"cannot make the folder {out_dir}: {e.strerror}; choose another one") from None
-    found = [name for name in run_files if (out_dir / name).exists()]
+    absolute = Path(os.path.abspath(out_dir))
+    existing = next(path for path in (absolute, *absolute.parents) if path.exists())  # "/" at the latest
+    if not existing.is_dir():
+        raise ValueError(f"{existing} is a file, not a folder: choose another folder than {out_dir}")
+    found = [name for name in run_files if Path(os.path.normpath(out_dir / name)).exists()]  # "run/../x.pt"
     if found and not (resume or overwrite):
         raise ValueError(f"{out_dir} holds another run ({', '.join(found)}): "
                          + ("continue it with --resume, " if resumable else "")

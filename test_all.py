@@ -1473,7 +1473,7 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a .safetensors file or a checkpoint of this project"):
         load_lm(tmp_path / "junk.pt")
     torch.save({"weights": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a checkpoint of this project"):
+    with pytest.raises(ValueError, match="other.pt: not a .safetensors file or a checkpoint of this project"):
         load_lm(tmp_path / "other.pt")
     # A classifier's checkpoint loads as a classifier (its class head and names); load_gpt2.py
     # refuses it (test_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone).
@@ -1555,7 +1555,8 @@ def test_resume_settings_restore_the_saved_run_and_name_a_contradiction():
 def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
     out = tmp_path / "run"
     files = ["latest.pt", "history.json"]
-    assert gpt.claim_run_folder(out, files) == out and out.is_dir()
+    assert gpt.claim_run_folder(out, files) == out and not out.exists()  # the run's first write makes it
+    out.mkdir()
     (out / "latest.pt").write_text("old run")
     with pytest.raises(ValueError, match=r"holds another run \(latest.pt\): continue it with --resume, replace it with --overwrite"):
         gpt.claim_run_folder(out, files)
@@ -1566,10 +1567,10 @@ def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
     with pytest.raises(ValueError, match="holds no run to continue"):
         gpt.claim_run_folder(out, files, resume=True)
     (tmp_path / "file").write_text("")
-    with pytest.raises(OSError, match=r"^cannot make the folder .*file: File exists; choose another one$"):
-        gpt.claim_run_folder(tmp_path / "file", files)
-    with pytest.raises(OSError, match=r"^cannot make the folder .*file/below: Not a directory; choose another one$"):
-        gpt.claim_run_folder(tmp_path / "file" / "below", files)
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(ValueError, match=f"^{tmp_path / 'file'} is a file, not a folder: choose another folder "
+                                             f"than {out}$"):
+            gpt.claim_run_folder(out, files)
 
 
 def test_a_folder_or_a_missing_path_given_for_a_file_is_named(tmp_path, capsys):
@@ -1880,8 +1881,8 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     for target, flags, message in [
         ("hf", [], "hf holds another run (model.safetensors, config.json, generation_config.json, vocab.json, "
          "merges.txt, tokenizer_config.json): replace it with --overwrite, or choose another folder"),
-        ("a-file", ["--overwrite"], "a-file: File exists; choose another one"),
-        ("a-file/hf", [], "a-file/hf: Not a directory; choose another one"),
+        ("a-file", ["--overwrite"], f"a-file is a file, not a folder: choose another folder than {tmp_path}/a-file"),
+        ("a-file/hf", [], f"a-file is a file, not a folder: choose another folder than {tmp_path}/a-file/hf"),
     ]:
         with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}$"):
             load_gpt2.main([*export, str(tmp_path / target), *flags])
@@ -1964,7 +1965,7 @@ def test_export_classifier_from_a_checkpoint_keeps_its_settings(tmp_path):
         model.lm_head.weight[1] = 2 * model.lm_head.weight[0]  # rank 1: no shift of ln_f gives both biases
     with pytest.raises(ValueError, match="rank below 2: its bias cannot be moved into ln_f"):
         gpt.export_hf(model, tmp_path / "rank-1")
-    assert not list((tmp_path / "rank-1").iterdir())
+    assert not (tmp_path / "rank-1").exists()
 
 
 def test_export_classifier_reads_a_transformers_classifier(tmp_path):
@@ -3441,7 +3442,7 @@ def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkey
 
     monkeypatch.setattr(gpt, "load", no_model)
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit, match=r"^error: cannot make the folder .*file: File exists; choose another one$"):
+    with pytest.raises(SystemExit, match=r"^error: .*file is a file, not a folder: choose another folder than .*file$"):
         fc.main(_classify_run_argv(tmp_path, "file"))
     (tmp_path / "run" / "classifier.pt").mkdir(parents=True)
     with pytest.raises(SystemExit, match=r"error: .*run holds another run \(classifier.pt\)"):
