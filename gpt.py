@@ -1995,28 +1995,27 @@ def write_safetensors(f, tensors, metadata=None):
 # ----------------------------------------------------------------------------------------
 
 
-def _checked_number(convert, is_valid, requirement):
-    """An argparse `type=`: the flag's text through `convert`, refused ("argument --flag: must be
-    <requirement>, got 'text'", exit status 2) unless `is_valid`."""
+def _checked_number(convert, low, high, requirement):
+    """An argparse `type=`: the flag's text through `convert`, refused unless in [low, high] (NaN never
+    is): "argument --flag: must be <requirement>, got 'text'", exit status 2."""
 
     def parse(text):
         try:
             value = convert(text)
         except ValueError:
-            value = None
-        if value is None or not is_valid(value):
+            value = math.nan
+        if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
         return value
 
     return parse
 
 
-# The ranges of flags, declared with the flag: `type=gpt.positive_int`. NaN and infinity fail
-# every float range; integers stay below 2**63, torch's seed range.
-positive_int = _checked_number(int, lambda v: 1 <= v < 2**63, "an integer >= 1")
-non_negative_int = _checked_number(int, lambda v: 0 <= v < 2**63, "an integer >= 0")
-non_negative_float = _checked_number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-fraction = _checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+# The four ranges of flags, declared with the flag: `type=gpt.positive_int`.
+positive_int = _checked_number(int, 1, 2**63 - 1, "an integer >= 1")  # below 2**63: torch's seed range
+non_negative_int = _checked_number(int, 0, 2**63 - 1, "an integer >= 0")
+non_negative_float = _checked_number(float, 0, sys.float_info.max, "a finite number >= 0")
+fraction = _checked_number(float, 0, 1, "a number in [0, 1]")
 
 # --dtype: the precision the work runs in. Training on a GPU keeps float32 weights and
 # runs the forward pass under autocast in this type; generation converts the weights.
@@ -2195,19 +2194,16 @@ def trainable_weights(model):
 def check_finite_loss(loss, step):
     """Raise RuntimeError when a loss (float or tensor) is NaN or infinite: training has
     diverged, and every later step would only spread NaN through the weights."""
-    value = float(loss)
+    value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)  # .item(): no autograd warning
     if not math.isfinite(value):
         raise RuntimeError(f"the loss became {value} at step {step}: training diverged; lower --lr and run again")
 
 
 def model_summary(model, name):
     """One line for the log: "gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide, context 1024), 0 trainable"."""
-    cfg = model.cfg
-    trainable = count_parameters(model, trainable_only=True)
-    return (
-        f"{name}: {count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
-        f"{cfg.emb_dim} wide, context {cfg.context_length}), {trainable:,} trainable"
-    )
+    cfg, trainable = model.cfg, count_parameters(model, trainable_only=True)
+    return (f"{name}: {count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
+            f"{cfg.emb_dim} wide, context {cfg.context_length}), {trainable:,} trainable")
 
 
 def check_vocabulary(model, source, tokenizer):
@@ -2215,10 +2211,8 @@ def check_vocabulary(model, source, tokenizer):
     vocabulary, such as one padded to 50304, is fine)."""
     which = "the GPT-2 tokenizer" if tokenizer is get_tokenizer() else f"the tokenizer {tokenizer.name}"
     if model.cfg.vocab_size < tokenizer.n_vocab:
-        raise ValueError(
-            f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
-            f"{tokenizer.n_vocab}: use a model trained with {which}"
-        )
+        raise ValueError(f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
+                         f"{tokenizer.n_vocab}: use a model trained with {which}")
 
 
 def set_drop_rate(model, drop_rate):
