@@ -503,7 +503,7 @@ def train_and_evaluate(args, device):
                                    overwrite=args.overwrite, resumable=False)
     # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
     model, tokenizer = build_classifier(args, device)
-    print(f"settings: {vars(args)}")
+    gpt.print_settings(args)
     token_ids, labels = prepare_data(args, out_dir, device, tokenizer)
     gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # after the data: bad data leaves no run behind
     cache_started = time.time()
@@ -662,7 +662,7 @@ def parse_args(argv=None):
                        help="what trains: last-block (+ final norm + head), all, or head (the new head only)")
     model.add_argument("--lora", action="store_true", help="train LoRA adapters in every block + the head instead")
     model.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="rank of the LoRA adapters")
-    model.add_argument("--lora-alpha", type=gpt.non_negative_float, default=16.0, help="LoRA updates scale by alpha/rank")
+    model.add_argument("--lora-alpha", type=gpt.non_negative_float, default=16.0, help="LoRA updates scale: alpha/rank")
     model.add_argument("--drop-rate", type=gpt.fraction, default=0.0, help="dropout (> 0 turns the cache off)")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=gpt.positive_int, default=5, help="passes over the training split")
@@ -728,7 +728,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.py downloads data and weights
     if args.export_hf is not None:
-        gpt.claim_run_folder(args.export_hf, gpt.EXPORT_FILES, overwrite=args.overwrite, resumable=False)  # before the load
+        gpt.claim_run_folder(args.export_hf, gpt.EXPORT_FILES, overwrite=args.overwrite, resumable=False)  # first
         model, tokenizer, max_length = load_classifier(args.checkpoint)
         folder = gpt.export_hf(model, args.export_hf, tokenizer=tokenizer, dtype=gpt.DTYPES[args.dtype],
                                overwrite=args.overwrite, max_length=max_length)

@@ -2080,6 +2080,11 @@ def resume_settings(parser, argv, saved, may_change=()):
     return argparse.Namespace(**{**defaults, **saved, **given})
 
 
+def print_settings(settings):
+    """Print a run's settings (a Namespace) in one line for the log: "settings: lr=0.001, ..."."""
+    print("settings: " + ", ".join(f"{name}={value}" for name, value in vars(settings).items()))
+
+
 def length_within_context(length, cfg, flag):
     """The value of a length flag (--max-length, --context-length), or the model's context
     length when it is None. Raises ValueError naming the flag when it is longer."""

@@ -469,7 +469,7 @@ def start_run(args, proc):
     out_dir = Path(args.out_dir)
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
         gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
-        print(f"settings: {vars(args)}")
+        gpt.print_settings(args)
     barrier(proc)
     if proc.device.type == "cpu" and args.dtype == "bfloat16":  # CPUs without bfloat16 matrix units emulate it
         log("warning: --dtype bfloat16 is usually much slower than float32 on CPUs; --dtype auto picks float32 there")
