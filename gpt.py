@@ -1889,9 +1889,8 @@ def hf_config(cfg):
 
 def hf_tensors(model, dtype):
     """A model's weights under transformers' names -> {name: tensor in dtype}, LoRA merged into a copy,
-    without a tied or classifier head. GPT-2: `transformer.` names, the Conv1D weights as released
-    ([in, out]) and a zero query/key/value bias when the model has none (transformers' GPT-2 always
-    has one). Llama family: `model.` names, and `lm_head` when untied."""
+    with no tied or classifier head. GPT-2: `transformer.` names, the Conv1D weights as released ([in,
+    out]), a zero query/key/value bias if it has none (transformers' always has). Llama: `model.` names."""
     if any(isinstance(module, LoRALinear) for module in model.modules()):
         model = merge_lora(copy.deepcopy(model))
     prefix, transposed = ("transformer.", _TRANSPOSED) if model.cfg.family == "gpt2" else ("model.", ())
@@ -1953,8 +1952,7 @@ def gpt2_vocabulary_files():
 
 def write_safetensors(f, tensors, metadata=None):
     """Write {name: tensor} to the open binary file f as safetensors (see `read_safetensors`), with
-    `__metadata__` (a dict of strings) when given, the header padded with spaces to a multiple of
-    8 bytes as the reference writer pads it."""
+    `__metadata__` (a dict of strings) when given, the header padded to 8 bytes as the reference's."""
     dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     header = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -2078,13 +2076,10 @@ def length_within_context(length, cfg, flag):
 
 
 def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resumable=True):
-    """out_dir as a Path, once checked to take this run, before any work starts.
-
-    The one run-folder rule: a folder holding another run (any of `run_files`, paths relative to
-    it) is refused unless `resume` (then it must hold one) or `overwrite` (its run files are
-    deleted now). The run's first write makes the folder: a run failing before leaves none.
-    Raises ValueError naming the path and the flags that help (--resume only when `resumable`).
-    """
+    """out_dir as a Path, checked before any work: the one run-folder rule. A folder holding another run
+    (any of `run_files`, relative to it) is refused unless `resume` (then it must hold one) or `overwrite`
+    (its run files are deleted now). The run's first write makes the folder: a run failing before leaves
+    none. Raises ValueError naming the path and the flags that help (--resume only when `resumable`)."""
     out_dir = Path(out_dir)
     absolute = Path(os.path.abspath(out_dir))
     existing = next(path for path in (absolute, *absolute.parents) if path.exists())  # "/" at the latest
@@ -2175,8 +2170,8 @@ def make_adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
 
 
 def trainable_weights(model):
-    """A CPU copy of the weights that train, {name: tensor}: all a kept "best" model needs, as
-    the frozen ones do not change. `model.load_state_dict(weights, strict=False)` brings it back."""
+    """A CPU copy of the weights that train, {name: tensor}: all a kept "best" model needs (the frozen
+    ones do not change); `model.load_state_dict(weights, strict=False)` brings it back."""
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
