@@ -2016,15 +2016,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def pick_device(name="auto"):
-    """"auto" -> "cuda" when there is a CUDA GPU, else "mps" (Apple's), else "cpu"; another name
-    passes once torch could make a tensor there. Raises ValueError for a device this machine lacks."""
+    """"auto" -> "cuda" when there is a CUDA GPU, else "mps" (Apple's), else "cpu"; another name passes
+    after a check. Raises ValueError for a name torch does not know or a device this machine lacks."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
-        torch.empty(0, device=name)
-    except (RuntimeError, AssertionError) as e:  # a name torch does not know; a device not here
-        raise ValueError(f"--device {name}: {e}; use --device cpu") from None
-    return torch.device(name)
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not here.get(device.type, True):
+        raise ValueError(f"--device {name}: this machine has no {device.type} device; use --device cpu")
+    return device
 
 
 def flag_name(setting):
