@@ -32,12 +32,9 @@ import mmap
 import os
 import random
 import re
-import shutil
 import signal
 import struct
 import sys
-import tempfile
-import textwrap
 import threading
 import time
 import unicodedata
@@ -1641,17 +1638,12 @@ def add_classifier_head(model, labels, bias=True):
 # ----------------------------------------------------------------------------------------
 
 
-def unwrap_model(model):
-    """The plain model inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 def save_checkpoint(path, model, tokenizer, **extra):
-    """Save a model whole, atomically: config, weights (without wrappers' `module.` or `_orig_mod.`),
-    its tokenizer by content (`Tokenizer.state`), a classifier's class names and `extra` entries
-    (optimizer state, step, ...: tensors, numbers, strings or lists/dicts of them, for weights_only)."""
-    model = unwrap_model(model)
+    """Save a model whole, atomically: config, weights (of the plain model inside DDP's `module` and
+    torch.compile's `_orig_mod`), its tokenizer by content (`Tokenizer.state`), a classifier's class
+    names and `extra` entries (optimizer state, step, ...: what torch.load's weights_only reads)."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
     labels = {"labels": model.labels} if hasattr(model, "labels") else {}
     whole = {"config": dataclasses.asdict(model.cfg), "model": model.state_dict(), "tokenizer": tokenizer.state()}
     atomic_write_bytes(path, lambda f: torch.save({**whole, **labels, **extra}, f))
@@ -1661,32 +1653,24 @@ def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint of `save_checkpoint` -> dict (weights_only: safely). Raises ValueError for another file."""
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:
-        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project "
-                         "(torch.load cannot read it)") from None
+    except Exception:  # torch.load raises many kinds for a file it cannot read
+        checkpoint = None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
-        raise ValueError(f"{path}: not a checkpoint of this project (no 'config' and 'model' entries)")
+        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project")
     return checkpoint
 
 
 def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
     """The model of a `load_checkpoint` dict (a classifier when it has class names), in eval mode.
-    Raises ValueError naming the first tensor that does not fit the config."""
+    Raises ValueError naming each tensor that does not fit the config."""
     model = empty_model(GPTConfig(**checkpoint["config"]))
     if "labels" in checkpoint:
         add_classifier_head(model, checkpoint["labels"], bias="lm_head.bias" in checkpoint["model"])
-    expected = model.state_dict()
-    for name, tensor in checkpoint["model"].items():
-        if name in expected and tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"checkpoint weights do not fit the model of its config: {name} is {tuple(tensor.shape)}, "
-                f"the config makes it {tuple(expected[name].shape)}"
-            )
     try:
         model.load_state_dict(checkpoint["model"], assign=True)
-    except RuntimeError as e:
-        first_line = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise ValueError(f"checkpoint weights do not fit the model of its config: {first_line}") from None
+    except RuntimeError as e:  # torch names each missing, unexpected or mis-shaped tensor on a line
+        problems = "; ".join(line.strip() for line in str(e).splitlines()[1:])
+        raise ValueError(f"checkpoint weights do not fit the model of its config: {problems}") from None
     if "labels" not in checkpoint:
         model.tie_weights()  # assigning untied them: the head uses the token embedding
     return model.to(device=device, dtype=dtype).eval()
@@ -1696,109 +1680,43 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
 # 10. Export to the Hugging Face format
 # ----------------------------------------------------------------------------------------
 
-
-def write_safetensors(path, tensors, metadata=None):
-    """Write {name: tensor} as a .safetensors file (see `read_safetensors`), with `__metadata__` (a dict
-    of strings) when given, the header padded with spaces to a multiple of 8 bytes as the reference
-    writer pads it. Not atomic: `write_hf_folder` renames. Raises OSError when the file system refuses."""
-    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": dtype_names[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        written = 0
-        for tensor in tensors.values():
-            written += f.write(_tensor_bytes(tensor))
-            show_progress(f"writing {Path(path).name}: {written / 1e6:.0f} of {offset / 1e6:.0f} MB")
-        f.flush()
-        os.fsync(f.fileno())
-    end_progress()
+# The files an export writes: the weights, its configs, the tokenizer's files (GPT-2's or those it was read from).
+EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "merges.txt",
+                *TOKENIZER_FILES)
 
 
-def _tensor_bytes(tensor):
-    """A tensor's raw bytes, row-major, as a bytearray (torch has no bytes(tensor))."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    buffer = bytearray(flat.numel())
-    if buffer:  # torch.frombuffer refuses an empty buffer
-        torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat)
-    return buffer
-
-
-# OpenAI's two files of GPT-2's tokenizer (transformers calls them vocab.json and merges.txt),
-# where tiktoken downloads them from, and their SHA-256, which tiktoken checks.
-GPT2_TOKENIZER_FILES = (
-    ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
-    ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-     "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
-)
-
-
-def gpt2_vocabulary_files():
-    """GPT-2's tokenizer as transformers reads it -> (vocab.json, merges.txt) as bytes: OpenAI's
-    encoder.json and vocab.bpe, from tiktoken's cache (downloaded once and checked by SHA-256)."""
-    get_tokenizer()  # says what to do when the files are neither cached nor downloadable
-    vocab, merges = (tiktoken.load.read_file_cached(url, sha256) for url, sha256 in GPT2_TOKENIZER_FILES)
-    return vocab, merges
-
-
-def hf_tokenizer_files(tokenizer, **settings):
-    """A `Tokenizer` as the files transformers reads -> {file name: bytes or JSON-able}: GPT-2's
-    vocab.json, merges.txt and a tokenizer_config.json, or any other's files as read
-    (`Tokenizer.files`). settings: tokenizer_config.json entries to set (model_max_length, pad_token)."""
-    if not tokenizer.files:
-        vocab, merges = gpt2_vocabulary_files()
-        config = {
-            "tokenizer_class": "GPT2Tokenizer",
-            "bos_token": "<|endoftext|>",
-            "eos_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>",
-            "add_prefix_space": False,  # " Hello" and "Hello" are different tokens, as in tiktoken
-            **settings,
-        }
-        return {"vocab.json": vocab, "merges.txt": merges, "tokenizer_config.json": config}
-    files = {name: text.encode("utf-8") for name, text in tokenizer.files.items()}
-    config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
-    end_of_text = tokenizer.decode([tokenizer.eot_id])
-    files["tokenizer_config.json"] = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end_of_text,
-                                      **config, **settings}
-    return files
-
-
-def hf_tensors(model, dtype=torch.float32):
-    """An unwrapped model's weights under transformers' names -> {name: tensor in dtype}, LoRA merged into a copy.
-
-    GPT-2: `transformer.` names, the Conv1D weights as released ([in, out]), no head (tied to wte;
-    a classifier's is added by `export_hf`) and a zero query/key/value bias when the model has
-    none, as transformers' GPT-2 always has one. Llama family: `model.` names and `lm_head`.
-    """
-    if any(isinstance(module, LoRALinear) for module in model.modules()):
-        model = merge_lora(copy.deepcopy(model))
-    if model.cfg.family == "llama":  # Hugging Face Llama names already, [out, in]; a tied head stored once
-        tied = model.cfg.tie_embeddings
-        return {
-            (name if name.startswith("lm_head.") else "model." + name): tensor.to(dtype)
-            for name, tensor in model.state_dict().items()
-            if not (tied and name == "lm_head.weight")
-        }
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("lm_head."):
-            continue
-        if name.endswith(_TRANSPOSED):
-            tensor = tensor.t()  # nn.Linear's [out, in] -> Conv1D's [in, out]
-        tensors["transformer." + name] = tensor.to(dtype)
-        if name.endswith("attn.c_attn.weight") and not model.cfg.qkv_bias:
-            tensors["transformer." + name.replace("weight", "bias")] = tensor.new_zeros(tensor.shape[1], dtype=dtype)
-    return tensors
+def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=False, max_length=None):
+    """Write a model (with its `Tokenizer`, None: GPT-2's), or whatever `load` loads, as the folder
+    that transformers' AutoModelForCausalLM and AutoTokenizer read -> its Path (`load` reads it too):
+    config.json (`hf_config`), generation_config.json, model.safetensors in `dtype` (default: the
+    weights' own) and the tokenizer's files, whose model_max_length is max_length (default: the
+    context length). A classifier becomes a ...ForSequenceClassification (`classifier_tensors`)
+    that pads with the end-of-text token. The folder is claimed as a run's (`claim_run_folder`),
+    each file written atomically, the weights last. Raises ValueError as those functions do."""
+    folder = claim_run_folder(folder, EXPORT_FILES, overwrite=overwrite, resumable=False)
+    if not isinstance(model_or_source, nn.Module):
+        model_or_source, tokenizer = load(model_or_source, dtype=dtype or torch.float32)
+    model, tokenizer = model_or_source, tokenizer or get_tokenizer()
+    dtype = dtype or model.wte.weight.dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.eot_id}
+    config = {**hf_config(model.cfg), "torch_dtype": dtype_name, "dtype": dtype_name, **ids}  # transformers 4, 5
+    tensors = hf_tensors(model, dtype)
+    settings = {"model_max_length": max_length or model.cfg.context_length}
+    if hasattr(model, "labels"):
+        family = config["architectures"][0].removesuffix("LMHeadModel").removesuffix("ForCausalLM")
+        config.update(architectures=[family + "ForSequenceClassification"], id2label=dict(enumerate(model.labels)),
+                      label2id={name: i for i, name in enumerate(model.labels)})
+        tensors.update(classifier_tensors(model, dtype))
+        settings["pad_token"] = tokenizer.decode([tokenizer.eot_id])
+    files = {"config.json": config, "generation_config.json": ids, **hf_tokenizer_files(tokenizer, **settings),
+             "model.safetensors": lambda f: write_safetensors(f, tensors, {"format": "pt"})}
+    for name, content in files.items():  # the weights last: a folder cut short holds no model
+        if isinstance(content, dict):
+            write_json(folder / name, content)
+        else:
+            atomic_write_bytes(folder / name, content)
+    return folder
 
 
 def hf_config(cfg):
@@ -1811,7 +1729,6 @@ def hf_config(cfg):
             "model_type": "gpt2",
             "vocab_size": cfg.vocab_size,
             "n_positions": cfg.context_length,
-            "n_ctx": cfg.context_length,
             "n_embd": cfg.emb_dim,
             "n_layer": cfg.n_layers,
             "n_head": cfg.n_heads,
@@ -1823,10 +1740,8 @@ def hf_config(cfg):
             "tie_word_embeddings": True,
         }
     if cfg.qkv_bias != cfg.out_bias or (cfg.qk_norm and cfg.mlp_bias):
-        raise ValueError(
-            "this model's biases have no Llama or Qwen3 config.json: attention_bias is one switch for the "
-            "q, k, v and o projections, and Qwen3 has no MLP biases"
-        )
+        raise ValueError("this model's biases have no Llama or Qwen3 config.json: attention_bias is one switch "
+                         "for the q, k, v and o projections, and Qwen3 has no MLP biases")
     rope = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else {"rope_type": "default"}
     return {
         "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
@@ -1850,55 +1765,24 @@ def hf_config(cfg):
     }
 
 
-def hf_token_ids(tokenizer):
-    """The ids of a `Tokenizer`'s named tokens, as transformers' config.json names them ->
-    {"bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"}: those it has (pad and unk
-    as tokenizer_config.json names them; GPT-2's unknown token is its end-of-text)."""
-    config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
-    named = {key: special_token_text(config.get(key)) for key in ("pad_token", "unk_token")}
-    ids = {f"{key}_id": tokenizer.encode_single_token(text) for key, text in named.items() if text}
-    if not tokenizer.files:
-        ids["unk_token_id"] = tokenizer.eot_id
-    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id, **ids}
-
-
-def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=False, max_length=None):
-    """Write a model as a Hugging Face model folder -> its Path.
-
-    model_or_source: a model with its `Tokenizer` (None: GPT-2's), or whatever `load` loads,
-    loaded after the folder is checked. The folder holds what transformers' AutoModelForCausalLM
-    (`hf_config`) and AutoTokenizer read: config.json and generation_config.json with the token ids,
-    model.safetensors in `dtype` (default the weights' own) and the tokenizer's files
-    (`hf_tokenizer_files`); `load(folder)` reads it back. A classifier (`model.labels`) becomes a
-    ...ForSequenceClassification (`classifier_tensors`) that pads with the end-of-text token and
-    reads max_length tokens (default: the context length). Written atomically (`write_hf_folder`).
-    Raises ValueError as `check_vocabulary`, `hf_config`, `classifier_tensors` and `write_hf_folder` do.
-    """
-    if not isinstance(model_or_source, nn.Module):
-        check_hf_folder(folder, overwrite)  # before a load that may take minutes
-        model_or_source, tokenizer = load(model_or_source, dtype=dtype or torch.float32)
-    model = unwrap_model(model_or_source)
-    tokenizer = tokenizer or get_tokenizer()
-    check_vocabulary(model, "export", tokenizer)
-    dtype = dtype or model.wte.weight.dtype
-    ids = hf_token_ids(tokenizer)
-    dtype_name = str(dtype).removeprefix("torch.")
-    config = {**hf_config(model.cfg), "torch_dtype": dtype_name, "dtype": dtype_name, **ids}  # transformers 4, 5
-    tensors = hf_tensors(model, dtype)
-    length = max_length or model.cfg.context_length
-    settings = {"model_max_length": length}
-    if hasattr(model, "labels"):
-        family = config["architectures"][0].removesuffix("LMHeadModel").removesuffix("ForCausalLM")
-        config.update(architectures=[family + "ForSequenceClassification"], num_labels=len(model.labels),
-                      id2label=dict(enumerate(model.labels)), label2id={name: i for i, name in enumerate(model.labels)},
-                      pad_token_id=tokenizer.eot_id)
-        tensors = {**{k: v for k, v in tensors.items() if not k.startswith("lm_head.")},
-                   **classifier_tensors(model, dtype)}
-        settings["pad_token"] = tokenizer.decode([tokenizer.eot_id])
-    generation = {key: value for key, value in ids.items() if key != "unk_token_id"}
-    files = {"config.json": config, "generation_config.json": generation,
-             **hf_tokenizer_files(tokenizer, **settings)}
-    return write_hf_folder(folder, tensors, files, overwrite=overwrite)
+def hf_tensors(model, dtype):
+    """A model's weights under transformers' names -> {name: tensor in dtype}, LoRA merged into a copy,
+    with no tied or classifier head. GPT-2: `transformer.` names, the Conv1D weights as released ([in,
+    out]), a zero query/key/value bias if it has none (transformers' always has). Llama: `model.` names."""
+    if any(isinstance(module, LoRALinear) for module in model.modules()):
+        model = merge_lora(copy.deepcopy(model))
+    prefix, transposed = ("transformer.", _TRANSPOSED) if model.cfg.family == "gpt2" else ("model.", ())
+    untied_head = model.cfg.family == "llama" and not model.cfg.tie_embeddings and not hasattr(model, "labels")
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("lm_head."):
+            if untied_head:
+                tensors[name] = tensor.to(dtype)
+            continue
+        tensors[prefix + name] = (tensor.t() if name.endswith(transposed) else tensor).to(dtype)
+        if name.endswith("attn.c_attn.weight") and not model.cfg.qkv_bias:
+            tensors[prefix + name.replace("weight", "bias")] = tensor.new_zeros(len(tensor), dtype=dtype)
+    return tensors
 
 
 def classifier_tensors(model, dtype):
@@ -1916,152 +1800,111 @@ def classifier_tensors(model, dtype):
     return tensors
 
 
-def check_hf_folder(folder, overwrite=False):
-    """The absolute Path of folder, when an export may write it: absent, empty, or with `overwrite`
-    a model folder (--overwrite never deletes a folder of other things). Raises ValueError naming
-    the path and the fix otherwise."""
-    folder = Path(os.path.abspath(folder))  # "." and "out/" get a name, for the temporary folder beside them
-    blocker = file_in_the_way(folder)
-    if blocker is not None:
-        which = "" if blocker == folder else f": {blocker}"
-        raise ValueError(f"{folder}{which} is a file, not a folder: choose another folder for the export")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not overwrite:
-            raise ValueError(
-                f"{folder} is not empty: choose another folder, or replace an earlier export with --overwrite"
-            )
-        if not (folder / "model.safetensors").is_file():
-            raise ValueError(
-                f"{folder} holds no model.safetensors: --overwrite replaces only a model folder; choose another folder"
-            )
-    return folder
+def hf_tokenizer_files(tokenizer, **settings):
+    """A `Tokenizer` as the files transformers reads -> {file name: bytes, or a dict for JSON}: GPT-2's
+    vocab.json, merges.txt and tokenizer_config.json, or the files another was read from
+    (`Tokenizer.files`); `settings` are set in tokenizer_config.json (model_max_length, pad_token)."""
+    end_of_text = tokenizer.decode([tokenizer.eot_id])
+    if tokenizer.files:
+        files = {name: text.encode("utf-8") for name, text in tokenizer.files.items()}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end_of_text,
+                  **json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))}
+    else:
+        files = dict(zip(("vocab.json", "merges.txt"), gpt2_vocabulary_files()))
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": end_of_text, "eos_token": end_of_text,
+                  "unk_token": end_of_text, "add_prefix_space": False}  # " Hi" and "Hi" differ, as in tiktoken
+    return {**files, "tokenizer_config.json": {**config, **settings}}
 
 
-def write_hf_folder(folder, tensors, files, *, overwrite=False):
-    """Write model.safetensors (tensors) and `files` ({name: bytes or JSON-able}) as folder -> Path.
+def gpt2_vocabulary_files():
+    """GPT-2's tokenizer as transformers reads it -> (vocab.json, merges.txt) as bytes: OpenAI's
+    encoder.json and vocab.bpe, from tiktoken's cache (downloaded once, checked by the SHA-256 below)."""
+    get_tokenizer()  # says what to do when the files are neither cached nor downloadable
+    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    vocab = tiktoken.load.read_file_cached(url + "encoder.json",
+                                           "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+    merges = tiktoken.load.read_file_cached(url + "vocab.bpe",
+                                            "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
+    return vocab, merges
 
-    Atomic: all goes to a temporary folder beside it, renamed at the end; with `overwrite` an
-    earlier export is moved aside, then deleted (put back when the rename fails). Raises
-    ValueError as `check_hf_folder`, before any work, and OSError when the file system refuses:
-    then nothing is left behind and an earlier export stays.
-    """
-    folder = check_hf_folder(folder, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    old = partial.with_name(partial.name + ".old")
-    try:
-        write_safetensors(partial / "model.safetensors", tensors, metadata={"format": "pt"})
-        for name, content in files.items():
-            if isinstance(content, bytes):
-                atomic_write_bytes(partial / name, content)
-            else:
-                write_json(partial / name, content)
-        partial.chmod(0o755)  # mkdtemp's folders are private; an export is for others to read
-        if folder.exists():
-            os.rename(folder, old)
-        try:
-            os.rename(partial, folder)
-        except OSError:
-            if old.exists():
-                os.rename(old, folder)  # put the earlier export back
-            raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
+
+def write_safetensors(f, tensors, metadata=None):
+    """Write {name: tensor} to the open binary file f as safetensors (see `read_safetensors`), with
+    `__metadata__` (a dict of strings) when given, the header padded to 8 bytes as the reference's."""
+    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": dtype_names[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+    for tensor in tensors.values():
+        data = bytearray(tensor.numel() * tensor.element_size())  # torch has no bytes(tensor)
+        if data:  # torch.frombuffer refuses an empty buffer
+            flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # row-major
+            torch.frombuffer(data, dtype=torch.uint8).copy_(flat)
+        f.write(data)
 
 
 # ----------------------------------------------------------------------------------------
-# 11. Running a stage: flags, settings, run folders, progress, errors
+# 11. Running a stage: flags, run folders, progress, errors
 # ----------------------------------------------------------------------------------------
 
 
-def _checked_number(convert, is_valid, requirement):
-    """An argparse `type=` that converts a flag's text and checks its range in one place;
-    argparse prints "argument --flag: must be <requirement>, got 'text'" and exits 2."""
+def _checked_number(convert, low, high, requirement):
+    """An argparse `type=`: the flag's text through `convert`, refused unless in [low, high] (NaN never
+    is): "argument --flag: must be <requirement>, got 'text'", exit status 2."""
 
     def parse(text):
         try:
             value = convert(text)
         except ValueError:
-            value = None
-        if value is None or not is_valid(value):
+            value = math.nan
+        if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
         return value
 
-    parse.__name__ = requirement  # argparse names the type by it in some messages
     return parse
 
 
-# Ranges of flags, declared with the flag: `type=gpt.positive_int`. NaN and infinity fail every
-# float check; integers stay below 2**63, torch's seed range.
-positive_int = _checked_number(int, lambda v: 1 <= v < 2**63, "an integer >= 1")
-non_negative_int = _checked_number(int, lambda v: 0 <= v < 2**63, "an integer >= 0")
-positive_float = _checked_number(float, lambda v: 0 < v < math.inf, "a finite number > 0")
-non_negative_float = _checked_number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-fraction = _checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-probability = _checked_number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")  # --top-p
-dropout_rate = _checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")  # 1 would drop everything
-
-
-def folder_path(text):
-    """An argparse `type=` for a folder made when missing (--cache-dir): the text, once neither it nor
-    a folder above it is a file (later a bare "[Errno 20] Not a directory")."""
-    blocker = file_in_the_way(text)
-    if blocker is not None:
-        which = "" if blocker == Path(os.path.normpath(text)) else f" {blocker}"  # "x/notes.txt/cache: x/notes.txt"
-        raise argparse.ArgumentTypeError(f"{text}:{which} is a file, not a folder: choose another folder")
-    return text
-
-
-def file_in_the_way(path):
-    """The file at `path` or at a folder above it, which stops a folder from being made there, or None."""
-    path = Path(os.path.normpath(path))
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)  # the nearest that exists
-    return existing if existing is not None and not existing.is_dir() else None
-
+# The four ranges of flags, declared with the flag: `type=gpt.positive_int`.
+positive_int = _checked_number(int, 1, 2**63 - 1, "an integer >= 1")  # below 2**63: torch's seed range
+non_negative_int = _checked_number(int, 0, 2**63 - 1, "an integer >= 0")
+non_negative_float = _checked_number(float, 0, sys.float_info.max, "a finite number >= 0")
+fraction = _checked_number(float, 0, 1, "a number in [0, 1]")
 
 # --dtype: the precision the work runs in. Training on a GPU keeps float32 weights and
 # runs the forward pass under autocast in this type; generation converts the weights.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's help with "(default: ...)", except for on/off flags and flags whose
-    default is None: their help text says what happens without them."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
-
-
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with `HelpFormatter`, whose errors are one line: "prog: error: ... (see --help)",
-    exit status 2, instead of the usage block and then the error."""
+    """argparse with each flag's default in --help, and errors in one line, "prog: error: ... (see
+    --help)", exit status 2 (not the usage block first)."""
 
     def __init__(self, **options):
-        super().__init__(formatter_class=HelpFormatter, **options)
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **options)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def pick_device(name="auto"):
-    """"auto" -> "cuda" if available, else "mps" (Apple GPUs), else "cpu"; other names pass
-    through after a check. Raises ValueError for a device this machine does not have."""
+    """"auto" -> "cuda" when there is a CUDA GPU, else "mps" (Apple's), else "cpu"; another name passes
+    after a check. Raises ValueError for a name torch does not know or a device this machine lacks."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: MPS is not available here; use --device cpu")
+    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not here.get(device.type, True):
+        raise ValueError(f"--device {name}: this machine has no {device.type} device; use --device cpu")
     return device
 
 
@@ -2101,24 +1944,8 @@ def resume_settings(parser, argv, saved, may_change=()):
 
 
 def print_settings(settings):
-    """Print a run's settings (a Namespace or dict) in one wrapped block, for the log."""
-    items = vars(settings) if isinstance(settings, argparse.Namespace) else settings
-    line = "settings: " + ", ".join(f"{name}={value}" for name, value in items.items())
-    # Whole values on each line: a path or URL broken at a hyphen could not be copied.
-    print("\n          ".join(textwrap.wrap(line, 100, break_on_hyphens=False, break_long_words=False)))
-
-
-def remove_stale_temporary_files(folder):
-    """Delete the temporary files (`.NAME.tmpPID...`) of writes whose process is gone (killed mid-write)."""
-    for tmp in Path(folder).glob(".*.tmp*"):
-        match = re.fullmatch(r"\..+\.tmp(\d+)(\..*)?", tmp.name)
-        if match:
-            try:
-                os.kill(int(match.group(1)), 0)  # signal 0 tests whether the process runs, sends nothing
-            except ProcessLookupError:
-                tmp.unlink(missing_ok=True)
-            except PermissionError:  # it runs, under another user
-                pass
+    """Print a run's settings (a Namespace) in one line for the log: "settings: lr=0.001, ..."."""
+    print("settings: " + ", ".join(f"{name}={value}" for name, value in vars(settings).items()))
 
 
 def length_within_context(length, cfg, flag):
@@ -2130,32 +1957,20 @@ def length_within_context(length, cfg, flag):
 
 
 def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resumable=True):
-    """out_dir as a Path, once checked to take this run, before any work starts.
-
-    The one run-folder rule: a folder holding another run (any of `run_files`) is refused unless
-    `resume` (then it must hold one) or `overwrite` (its run files are deleted now). The run's first
-    write makes the folder, so a run failing before leaves none. Raises ValueError naming the path
-    and the flag that helps (--resume only when `resumable`).
-    """
+    """out_dir as a Path, checked before any work: the one run-folder rule. A folder holding another run
+    (any of `run_files`, relative to it) is refused unless `resume` (then it must hold one) or `overwrite`
+    (its run files are deleted now). The run's first write makes the folder: a run failing before leaves
+    none. Raises ValueError naming the path and the flags that help (--resume only when `resumable`)."""
     out_dir = Path(out_dir)
-    blocker = file_in_the_way(out_dir)
-    if blocker is not None:
-        which = "" if blocker == Path(os.path.normpath(out_dir)) else f": {blocker}"  # "notes.txt/run: notes.txt"
-        raise ValueError(f"--out-dir {out_dir}{which} is a file, not a folder: choose another --out-dir")
-    paths = [Path(os.path.normpath(out_dir / name)) for name in run_files]  # "run/../x.pt" while run is absent
-    folders = [path for path in paths if path.is_dir()]
-    if folders:
-        raise ValueError(f"{folders[0]} is a folder, but this run writes a file there: move it away")
-    if not out_dir.exists():
-        return out_dir
-    remove_stale_temporary_files(out_dir)
-    found = [name for name, path in zip(run_files, paths) if path.exists()]
+    absolute = Path(os.path.abspath(out_dir))
+    existing = next(path for path in (absolute, *absolute.parents) if path.exists())  # "/" at the latest
+    if not existing.is_dir():
+        raise ValueError(f"{existing} is a file, not a folder: choose another folder than {out_dir}")
+    found = [name for name in run_files if Path(os.path.normpath(out_dir / name)).exists()]  # "run/../x.pt"
     if found and not (resume or overwrite):
-        raise ValueError(
-            f"{out_dir} holds another run ({', '.join(found)}): "
-            + ("continue it with --resume, " if resumable else "")
-            + "replace it with --overwrite, or choose another --out-dir"
-        )
+        raise ValueError(f"{out_dir} holds another run ({', '.join(found)}): "
+                         + ("continue it with --resume, " if resumable else "")
+                         + "replace it with --overwrite, or choose another folder")
     if resume and not found:
         raise ValueError(f"--resume: {out_dir} holds no run to continue; start one without --resume")
     if overwrite and not resume:
@@ -2164,39 +1979,24 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
     return out_dir
 
 
-PLAIN_PROGRESS_SECONDS = 30  # without a terminal: one progress line per this many seconds
-TERMINAL_PROGRESS_SECONDS = 0.1  # on a terminal: a redraw at most this often (a download updates per 64 KiB)
-_last_plain_progress = 0.0  # when show_progress last printed a plain line
-_last_terminal_progress = 0.0  # when show_progress last redrew the status line
-_progress_line_open = False  # a status line of show_progress waits for its end
-
-
-def stderr_is_terminal():
-    """Whether standard error is a terminal, which can overwrite a line in place."""
-    return sys.stderr.isatty()
+PROGRESS_SECONDS = {True: 0.1, False: 30}  # the least time between progress lines, on a terminal or in a log
+_progress = {"printed": -math.inf, "open": False}  # when show_progress last printed; whether its line is open
 
 
 def show_progress(text):
-    """Overwrite the status line on stderr with text; without a terminal (a log file), print a plain
-    line at most every PLAIN_PROGRESS_SECONDS instead of hundreds of updates."""
-    global _progress_line_open, _last_plain_progress, _last_terminal_progress
-    if not stderr_is_terminal():
-        if time.time() - _last_plain_progress >= PLAIN_PROGRESS_SECONDS:
-            print(text, file=sys.stderr, flush=True)
-            _last_plain_progress = time.time()
-        return
-    if time.time() - _last_terminal_progress >= TERMINAL_PROGRESS_SECONDS:
-        print("\r" + text + "\033[K", end="", file=sys.stderr, flush=True)
-        _last_terminal_progress = time.time()
-        _progress_line_open = True
+    """Overwrite the status line on stderr with text, at most ten times a second (a download updates
+    per 64 KiB); without a terminal (a log file), print it as a line at most every 30 seconds."""
+    terminal = sys.stderr.isatty()
+    if time.time() - _progress["printed"] >= PROGRESS_SECONDS[terminal]:
+        print("\r" + text + "\033[K" if terminal else text, end="" if terminal else "\n", file=sys.stderr, flush=True)
+        _progress.update(printed=time.time(), open=terminal)
 
 
 def end_progress():
     """End a status line of `show_progress`, so that what follows starts on a new line."""
-    global _progress_line_open
-    if _progress_line_open:
+    if _progress["open"]:
         print(file=sys.stderr, flush=True)
-        _progress_line_open = False
+        _progress["open"] = False
 
 
 def eta(started, done, total):
@@ -2241,21 +2041,18 @@ def command_line(memory_hint="use a smaller --batch-size"):
 
 def make_adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
     """AdamW over model's trainable parameters, decaying only matrices and embeddings (not biases and
-    norms, as nanoGPT), fused into one kernel per step where torch has one for the device."""
+    norms, as nanoGPT), fused into one kernel per step on a CUDA GPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
-    except RuntimeError:  # no fused kernel for this device in this torch version
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=any(p.is_cuda for p in params))
 
 
 def trainable_weights(model):
-    """A CPU copy of the weights that train, {name: tensor}: all a kept "best" model needs, as
-    the frozen ones do not change. `model.load_state_dict(weights, strict=False)` brings it back."""
+    """A CPU copy of the weights that train, {name: tensor}: all a kept "best" model needs (the frozen
+    ones do not change); `model.load_state_dict(weights, strict=False)` brings it back."""
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -2268,13 +2065,10 @@ def check_finite_loss(loss, step):
 
 
 def model_summary(model, name):
-    """One line for the log: "gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide), 1,234 trainable"."""
-    cfg = model.cfg
-    trainable = count_parameters(model, trainable_only=True)
-    return (
-        f"{name}: {count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
-        f"{cfg.emb_dim} wide, context {cfg.context_length}), {trainable:,} trainable"
-    )
+    """One line for the log: "gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide, context 1024), 0 trainable"."""
+    cfg, trainable = model.cfg, count_parameters(model, trainable_only=True)
+    return (f"{name}: {count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
+            f"{cfg.emb_dim} wide, context {cfg.context_length}), {trainable:,} trainable")
 
 
 def check_vocabulary(model, source, tokenizer):
@@ -2282,10 +2076,8 @@ def check_vocabulary(model, source, tokenizer):
     vocabulary, such as one padded to 50304, is fine)."""
     which = "the GPT-2 tokenizer" if tokenizer is get_tokenizer() else f"the tokenizer {tokenizer.name}"
     if model.cfg.vocab_size < tokenizer.n_vocab:
-        raise ValueError(
-            f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
-            f"{tokenizer.n_vocab}: use a model trained with {which}"
-        )
+        raise ValueError(f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
+                         f"{tokenizer.n_vocab}: use a model trained with {which}")
 
 
 def set_drop_rate(model, drop_rate):
@@ -2321,61 +2113,21 @@ def split_by_fractions(items, seed, fractions):
     return parts + [items[start:]]
 
 
-def rng_state():
-    """The random number generators' states (CPU, and CUDA when in use), for exact resume."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def training_memory(model):
-    """Bytes that training with AdamW needs before activations: the weights, and each trainable one's
-    gradient and two moments (Llama 3.2 1B in float32: 1.24e9 * 16 bytes = 19.8 GB)."""
-    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
-
-
 def check_training_memory(model, device, hint, processes=1):
-    """Raise RuntimeError naming both sizes and `hint` (the flags that help) when `processes` x
-    `training_memory` exceeds the CUDA device's free memory or the machine's: before the work, as the
-    system kills a process out of memory without a word."""
-    needed = processes * training_memory(model)
+    """Raise RuntimeError naming both sizes and `hint` (the flags that help) when `processes` times what
+    training with AdamW needs before activations, the weights and each trainable one's gradient and two
+    moments (Llama 3.2 1B in float32: 1.24e9 x 16 bytes = 19.8 GB), exceeds the CUDA device's free
+    memory or the machine's: checked before the work, as a process out of memory is killed without a word."""
+    needed = processes * sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
     else:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-    if available is not None and needed > available:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
+    if needed > available:
         raise RuntimeError(
             f"training needs about {needed / 1e9:.1f} GB before activations (weights, gradients and AdamW's "
             f"moments), but the {device.type} has {available / 1e9:.1f} GB: {hint}"
         )
-
-
-# --- A training run: stop signal, autocast, training state --------------------------------
-
-
-class StopSignal:
-    """While active, Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current step, to save:
-    `requested` turns True, `signal_name` says which. A second Ctrl-C stops at once in one process
-    (under torchrun, single_process=False, the launcher forwards repeats, so they are ignored)."""
-
-    def __init__(self, single_process=True):
-        self.requested, self.signal_name, self.single_process, self._previous = False, None, single_process, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # handlers only work there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc_info):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested and self.single_process and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the last save stays as it was
-        self.requested, self.signal_name = True, signal.Signals(signum).name
 
 
 def autocast_context(device, dtype_name="auto"):
@@ -2388,6 +2140,36 @@ def autocast_context(device, dtype_name="auto"):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype_name]), dtype_name
 
 
+class StopSignal:
+    """While active (`with`), Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current step, to
+    save: `requested` turns True, `signal_name` says which. A second Ctrl-C stops at once in one process
+    (under torchrun, single_process=False, the launcher forwards each Ctrl-C to every process)."""
+
+    def __init__(self, single_process=True):
+        self.requested, self.signal_name, self.single_process = False, None, single_process
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.requested and self.single_process and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the last save stays as it was
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+
+
+def rng_state():
+    """The random number generators' states (CPU, and CUDA when in use), for exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
 def restore_training_state(checkpoint, optimizer, device, rng):
     """Load the optimizer's state from a checkpoint saved with optimizer=optimizer.state_dict() (the
     weights come with `model_from_checkpoint`) and set the RNG states `rng` (of `rng_state`)."""
@@ -2396,13 +2178,11 @@ def restore_training_state(checkpoint, optimizer, device, rng):
     for group in optimizer.param_groups:
         group["fused"] = fused  # the saved flag belongs to the device the run was saved on
         for param in group["params"]:
-            state = optimizer.state[param]
-            for name, value in state.items():
-                # Moments saved beside weights of another memory layout (`load_weights_into` maps
-                # GPT-2's weights as transposed views) take this parameter's: the fused kernel pairs
-                # them element by element in memory order (and refuses other layouts on CUDA).
+            # Moments saved beside weights of another memory layout (`load_weights_into` maps GPT-2's as
+            # transposed views) take this parameter's: the fused kernel pairs them in memory order.
+            for name, value in optimizer.state[param].items():
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                    state[name] = torch.empty_like(param).copy_(value)
+                    optimizer.state[param][name] = torch.empty_like(param).copy_(value)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)

@@ -689,9 +689,9 @@ def build_parser():
     data.add_argument("--train-fraction", type=gpt.fraction, default=0.9, help="share of the tokens for training")
     data.add_argument("--stride", type=gpt.positive_int, help="tokens between window starts (default: no overlap)")
     data.add_argument("--replace-invalid-utf8", action="store_true", help="read bytes that are not UTF-8 as U+FFFD")
-    data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
+    data.add_argument("--cache-dir", default=str(gpt.cache_dir()),
                       help="folder for downloads and token files")
-    data.add_argument("--token-dir", type=gpt.folder_path,
+    data.add_argument("--token-dir",
                       help="folder of the token files (default: <--cache-dir>/tokens)")
 
     model = p.add_argument_group("model")
@@ -704,14 +704,14 @@ def build_parser():
     model.add_argument("--n-heads", type=gpt.positive_int, help="attention heads per block (default: from --size)")
     model.add_argument("--emb-dim", type=gpt.positive_int, help="embedding width (default: from --size)")
     model.add_argument("--context-length", type=gpt.positive_int, help="tokens per window (default: the model's)")
-    model.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout probability")
+    model.add_argument("--drop-rate", type=gpt.fraction, default=0.0, help="dropout probability")
 
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="windows per micro-batch and process")
     train.add_argument("--grad-accum", type=gpt.positive_int, default=1, help="micro-batches per optimizer step")
-    train.add_argument("--epochs", type=gpt.positive_float, default=10.0, help="passes over the training windows")
+    train.add_argument("--epochs", type=gpt.non_negative_float, default=10.0, help="passes over the training windows")
     train.add_argument("--max-steps", type=gpt.positive_int, help="optimizer steps (default: from --epochs)")
-    train.add_argument("--lr", type=gpt.positive_float, default=1e-3, help="peak learning rate")
+    train.add_argument("--lr", type=gpt.non_negative_float, default=1e-3, help="peak learning rate")
     train.add_argument("--min-lr-ratio", type=gpt.fraction, default=0.1, help="final learning rate / --lr")
     train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="linear warm-up steps (default: 5%% of all)")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
@@ -736,7 +736,7 @@ def build_parser():
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="precision of the "
                      "work (autocast; the weights stay float32; auto: bfloat16 on GPUs that have it)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
-    run.add_argument("--peak-flops", type=gpt.positive_float, help="FLOP/s of one device, for the model FLOPs "
+    run.add_argument("--peak-flops", type=gpt.non_negative_float, help="FLOP/s of one device, for the model FLOPs "
                      "utilisation (MFU) in the log (default: known GPUs)")
     return p
 
