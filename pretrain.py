@@ -75,32 +75,26 @@ def resolve_sources(data):
     return [path]
 
 
-def read_text(f, chunk_chars=1 << 20):
-    """Yield the text of f, open as `prepare_token_file` opens it, chunk_chars characters at a time. Raises
-    ValueError naming the byte offset of invalid UTF-8."""
+def encode_text_file(f, tokenizer, chunk_chars=1 << 20):
+    """Token ids of the text of f (open as `prepare_token_file` opens it), read chunk_chars characters at a time:
+    yields lists of ints whose concatenation is the encoding of the whole text (special-token text becomes its id).
+    The text is cut only after a newline with non-whitespace on both sides, where the pre-tokenizers of GPT-2 and the
+    Llama family always end a piece. Raises ValueError naming the byte offset of invalid UTF-8."""
+    buffer = ""
     try:
-        while text := f.read(chunk_chars):
-            yield text
+        while piece := f.read(chunk_chars):
+            first = max(len(buffer) - 1, 1)  # the buffer held no cut; only its last character may now become one
+            buffer += piece
+            cut = buffer.rfind("\n", first, len(buffer) - 1)
+            while cut > 0 and (buffer[cut - 1].isspace() or buffer[cut + 1].isspace()):
+                cut = buffer.rfind("\n", first, cut)
+            if cut > 0:
+                yield tokenizer.encode(buffer[: cut + 1])
+                buffer = buffer[cut + 1 :]
     except UnicodeDecodeError as e:  # e.object: the bytes being decoded, which end where the file is read to
         offset = f.buffer.tell() - len(e.object) + e.start
         raise ValueError(f"{f.name}: invalid UTF-8 at byte {offset} ({e.reason}); fix the file or pass "
                          "--replace-invalid-utf8") from None
-
-
-def encode_pieces(pieces, tokenizer):
-    """Token ids of a stream of text pieces: yields lists of ints whose concatenation is the encoding of the joined
-    text (special-token text becomes its id). The text is cut only after a newline with non-whitespace on both
-    sides: the pre-tokenizers of GPT-2 and the Llama family always end a piece there."""
-    buffer = ""
-    for piece in pieces:
-        first = max(len(buffer) - 1, 1)  # the buffer held no cut; only its last character may now become one
-        buffer += piece
-        cut = buffer.rfind("\n", first, len(buffer) - 1)
-        while cut > 0 and (buffer[cut - 1].isspace() or buffer[cut + 1].isspace()):
-            cut = buffer.rfind("\n", first, cut)
-        if cut > 0:
-            yield tokenizer.encode(buffer[: cut + 1])
-            buffer = buffer[cut + 1 :]
     if buffer:
         yield tokenizer.encode(buffer)
 
@@ -146,7 +140,7 @@ def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False):
         for i, path in enumerate(paths):  # text mode: no byte-order mark, line endings read as "\n"
             with open(path, encoding="utf-8-sig", errors="replace" if replace_invalid else "strict") as f:
                 separator = [[tokenizer.eot_token]] if i > 0 else []  # between documents, not before the first
-                for ids in itertools.chain(separator, encode_pieces(read_text(f), tokenizer)):
+                for ids in itertools.chain(separator, encode_text_file(f, tokenizer)):
                     data = array(typecode, ids).tobytes()  # native byte order
                     out.write(data)
                     digest.update(data)
@@ -210,8 +204,7 @@ def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, wor
 
 
 def evaluation_starts(n_tokens, context_length, max_windows):
-    """Starts of up to max_windows non-overlapping windows spread evenly over a split: the same windows at every
-    evaluation, so that the losses are comparable."""
+    """Starts of up to max_windows non-overlapping windows spread evenly over a split (the same at every evaluation)."""
     available = count_windows(n_tokens, context_length, context_length)
     k = min(available, max_windows)
     return [(j * available // k) * context_length for j in range(k)]
@@ -331,15 +324,6 @@ def barrier(proc, wait=True):
         dist.barrier()
 
 
-def any_process(flag, proc):
-    """Whether flag is true in any process (every process must call this)."""
-    if proc.world_size == 1:
-        return flag
-    value = torch.tensor(float(flag), device=proc.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 # Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found in
 # torch.cuda.get_device_name() wins, so the PCIe H100 and the H200 NVL come before the SXM ones.
 GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 836e12, "H200": 989e12, "A100": 312e12,
@@ -389,7 +373,7 @@ class Throughput:
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Evaluation: both losses, and a sample of text
+# 4. The training loop, and its evaluation (both losses and a sample), stop and save
 # ----------------------------------------------------------------------------------------
 
 
@@ -445,11 +429,6 @@ def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autoca
     return True
 
 
-# ----------------------------------------------------------------------------------------
-# 5. The training loop
-# ----------------------------------------------------------------------------------------
-
-
 def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
     """Train from step state["step"] to state["total_steps"], updating state; evaluate every --eval-every steps, save
     latest.pt then and at a stop. Returns why it stopped (see `stop_reason`)."""
@@ -503,12 +482,15 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
 
 
 def stop_reason(args, state, stopper, proc):
-    """Why training stops at this step: "end", "stop-at-step", the signal ("SIGINT", "SIGTERM"), or None to go on.
-    Every process stops at the same step (every process must call this)."""
+    """Why training stops at this step: "end", "stop-at-step", the signal ("SIGINT", "SIGTERM"), or None to go on."""
     if state["step"] == state["total_steps"]:
         return "end"
     stop = stopper.requested or state["step"] >= (args.stop_at_step or math.inf)
-    return (stopper.signal_name or "stop-at-step") if any_process(stop, proc) else None
+    if proc.world_size > 1:  # every process stops at the same step: a stop in any one stops all
+        flag = torch.tensor(float(stop), device=proc.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return (stopper.signal_name or "stop-at-step") if stop else None
 
 
 def save_latest(path, model, tokenizer, optimizer, proc, state):
@@ -518,7 +500,7 @@ def save_latest(path, model, tokenizer, optimizer, proc, state):
 
 
 # ----------------------------------------------------------------------------------------
-# 6. The stage: start (or resume) the run, train, report
+# 5. The stage: start (or resume) the run, train, report
 # ----------------------------------------------------------------------------------------
 
 
@@ -596,7 +578,7 @@ def load_training_state(path):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Command line and main
+# 6. Command line and main
 # ----------------------------------------------------------------------------------------
 
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]

@@ -2519,7 +2519,7 @@ def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
     for bad, offset in ((path, 42), (big, 16_002), (truncated, 3), (with_bom, 6)):
         with open(bad, encoding="utf-8-sig") as f, pytest.raises(ValueError, match=f"invalid UTF-8 at byte {offset} "):
-            list(pretrain.read_text(f, chunk_chars=5))
+            list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=5))
     with pytest.raises(SystemExit, match=r"bad.txt: invalid UTF-8 at byte 42 .*--replace-invalid-utf8$"):
         pretrain.main(_pretrain_tiny_argv(tmp_path, path))
     token_path, n, _ = pretrain.prepare_token_file([path], tmp_path / "tokens", gpt.get_tokenizer(), replace_invalid=True)
@@ -2533,7 +2533,7 @@ def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
     path.write_text(text, encoding="utf-8")
     whole = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
     with open(path, encoding="utf-8-sig") as f:
-        pieces = list(pretrain.encode_pieces(pretrain.read_text(f, chunk_chars=37), gpt.get_tokenizer()))
+        pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=37))
     assert len(pieces) > 10  # it really cut the text
     assert [i for ids in pieces for i in ids] == whole
 
@@ -2547,7 +2547,7 @@ def test_pretrain_crlf_corpus_streams_and_gives_the_tokens_of_lf(tmp_path):
     expected = gpt.get_tokenizer().encode(text)
     for path in (lf, crlf, cr):
         with open(path, encoding="utf-8-sig") as f:  # as prepare_token_file opens it
-            pieces = list(pretrain.encode_pieces(pretrain.read_text(f, chunk_chars=64), gpt.get_tokenizer()))
+            pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=64))
         assert [i for ids in pieces for i in ids] == expected, path.name
         assert max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text at once
     lf_file = pretrain.prepare_token_file([lf], tmp_path / "tokens", gpt.get_tokenizer())
@@ -2738,11 +2738,11 @@ def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, mon
 
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
-    def interrupted(pieces, tokenizer):
+    def interrupted(f, tokenizer):
         yield [1, 2, 3]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "encode_pieces", interrupted)
+    monkeypatch.setattr(pretrain, "encode_text_file", interrupted)
     with pytest.raises(SystemExit) as e:
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file))
     assert e.value.code == 130
@@ -5028,8 +5028,9 @@ def test_whole_special_token_text_is_the_token_everywhere(trained_tokenizers, tm
     text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
     assert start in hf(text)
     assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
-    pieces = ["Call me <|im_", "start|> later", "<|im_end|>\n<|im_start|>"]  # (2) a pretraining corpus
-    assert [i for ids in pretrain.encode_pieces(pieces, tokenizer) for i in ids] == hf("".join(pieces))
+    corpus = io.StringIO("Call me <|im_start|> later<|im_end|>\n<|im_start|>")  # (2) a pretraining corpus
+    pieces = pretrain.encode_text_file(corpus, tokenizer, chunk_chars=13)  # read as "Call me <|im_", "start|> ..."
+    assert [i for ids in pieces for i in ids] == hf(corpus.getvalue())
     entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
     [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
     assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
