@@ -653,9 +653,13 @@ def parse_settings(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:
-        saved = gpt.read_json(Path(args.out_dir) / "run.json", "--resume: the run's settings")
+        run_file = Path(args.out_dir) / "run.json"
+        if not run_file.is_file():
+            raise ValueError(f"--resume: {args.out_dir} holds no run.json, so no run to continue: start a new run "
+                             "without --resume")
+        saved = gpt.read_json(run_file, "--resume: the run's settings")
         if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
-            raise ValueError(f"--resume: {args.out_dir} holds no run of pretrain.py; start one with --overwrite")
+            raise ValueError(f"--resume: {run_file} holds no settings of pretrain.py; start a new run with --overwrite")
         saved = {name: value for name, value in saved["settings"].items() if name not in THIS_COMMAND}
         given = gpt.given_flags(parser, argv)
         args = gpt.resume_settings(parser, argv, saved, may_change=MAY_CHANGE)
