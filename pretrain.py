@@ -263,8 +263,8 @@ def model_config(args):
 
 
 def model_to_train(args, checkpoint=None):
-    """(model in training mode on the CPU, its gpt.Tokenizer): from a --resume checkpoint, from --model, or new
-    (seeded by --seed; a Llama-family --size brings its Hub tokenizer, else GPT-2's)."""
+    """(model in training mode on the CPU, its tokenizer): from latest.pt, from --model, or new (seeded by --seed; a
+    Llama-family --size brings its Hub tokenizer, else GPT-2's)."""
     if checkpoint is not None:
         return gpt.model_from_checkpoint(checkpoint).train(), gpt.tokenizer_from_state(checkpoint.get("tokenizer"))
     if args.model:
@@ -299,8 +299,7 @@ Processes = collections.namedtuple("Processes", "rank local_rank world_size devi
 
 @contextlib.contextmanager
 def distributed_run(device_name="auto"):
-    """Processes of this run, for a `with` block: under torchrun in its process group (NCCL, one GPU per process;
-    Gloo between CPU processes), else one process."""
+    """Processes of this run, for a `with` block: torchrun's process group (NCCL on GPUs, Gloo on CPUs), else one."""
     device = gpt.pick_device(device_name)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         yield Processes(0, 0, 1, device)
@@ -397,8 +396,7 @@ def evaluate_loss(model, splits, split, batch_size, autocast, proc):
 
 
 def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
-    """The prompt and a seeded continuation (successive samples differ only through training), indented for the log.
-    An empty prompt starts from the end-of-text token."""
+    """The prompt (none: the end-of-text token) and a seeded continuation, the same draw at every evaluation."""
     start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_id]])
     out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
                        eot_id=tokenizer.eot_id)
