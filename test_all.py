@@ -2380,7 +2380,7 @@ def _pretrain_tiny_argv(tmp_path, text_file, *extra):
     """Command-line flags of a tiny run (2 layers of width 32, 32-token windows)."""
     tiny = "--n-layers 2 --n-heads 2 --emb-dim 32 --context-length 32 --batch-size 4 --eval-batches 2"
     quiet = "--sample-tokens 5 --log-every 100 --device cpu"
-    paths = ["--data", str(text_file), "--out-dir", str(tmp_path / "run"), "--token-dir", str(tmp_path / "tokens")]
+    paths = ["--data", str(text_file), "--out-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path)]
     return [*paths, *tiny.split(), *quiet.split(), *extra]
 
 
@@ -2444,8 +2444,7 @@ def test_pretrain_short_text_error_says_what_would_work(tmp_path):
         pretrain.split_tokens(tokens, 0.9, 1024)
     message = str(e.value)
     assert "validation split has 515 tokens" in message
-    assert "--context-length 514 or less" in message
-    assert "--train-fraction between 0.20 and 0.80" in message
+    assert "--context-length 514 or less, another --train-fraction or more text" in message
     train, val = pretrain.split_tokens(tokens, 0.9, 514)
     assert len(train) == 4630 and len(val) == 515
     with pytest.raises(ValueError, match=r"training split has 1 tokens .* more text"):
@@ -2456,9 +2455,11 @@ def test_pretrain_short_text_error_says_what_would_work(tmp_path):
 
 
 def test_pretrain_empty_file_and_folder_errors(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf")  # a byte-order mark alone: no text
+    with pytest.raises(ValueError, match="^--data: no tokens in .*bom.txt$"):
+        pretrain.prepare_token_file([tmp_path / "bom.txt"], tmp_path / "tokens", gpt.get_tokenizer())
+    (tmp_path / "bom.txt").unlink()
     (tmp_path / "empty.txt").write_bytes(b"")
-    with pytest.raises(ValueError, match="the file is empty"):
-        pretrain.resolve_sources(str(tmp_path / "empty.txt"))
     with pytest.raises(ValueError, match="the folder holds no .txt file with text"):
         pretrain.resolve_sources(str(tmp_path))
     (tmp_path / "none").mkdir()
@@ -2471,19 +2472,20 @@ def test_pretrain_empty_file_and_folder_errors(tmp_path):
 def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
-    with open(path, "rb") as f, pytest.raises(ValueError, match=r"invalid UTF-8 at byte 42 .*--replace-invalid-utf8"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=5))  # chunks cut through the é and ö
-    with open(path, "rb") as f:
-        text = "".join(pretrain.read_text_pieces(f, replace_invalid=True, chunk_bytes=5))
-    assert text == "héllo wörld " * 3 + "\ufffd tail"
+    big = tmp_path / "big.txt"  # the bad byte far beyond the first block that Python's text reader decodes
+    big.write_bytes("é".encode() * 5000 + b"ab" * 3001 + b"\xff")
     truncated = tmp_path / "truncated.txt"
     truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
-    with open(truncated, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 3"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=2))
     with_bom = tmp_path / "bom.txt"
     with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
-    with open(with_bom, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 6"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=2))
+    for bad, offset in ((path, 42), (big, 16_002), (truncated, 3), (with_bom, 6)):
+        with open(bad, encoding="utf-8-sig") as f, pytest.raises(ValueError, match=f"invalid UTF-8 at byte {offset} "):
+            list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=5))
+    with pytest.raises(SystemExit, match=r"bad.txt: invalid UTF-8 at byte 42 .*--replace-invalid-utf8$"):
+        pretrain.main(_pretrain_tiny_argv(tmp_path, path))
+    token_path, n, _ = pretrain.prepare_token_file([path], tmp_path / "tokens", gpt.get_tokenizer(), replace_invalid=True)
+    ids = array.array("H", token_path.read_bytes()).tolist()
+    assert n == len(ids) and gpt.get_tokenizer().decode(ids) == "héllo wörld " * 3 + "\ufffd tail"
 
 
 def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
@@ -2491,22 +2493,10 @@ def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
     whole = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
-    with open(path, "rb") as f:
-        pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
+    with open(path, encoding="utf-8-sig") as f:
+        pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=37))
     assert len(pieces) > 10  # it really cut the text
     assert [i for ids in pieces for i in ids] == whole
-
-
-class _CountingFile(io.FileIO):
-    """A binary file that records the size of every read."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.read_sizes = []
-
-    def read(self, size=-1):
-        self.read_sizes.append(size)
-        return super().read(size)
 
 
 def test_pretrain_crlf_corpus_streams_and_gives_the_tokens_of_lf(tmp_path):
@@ -2517,16 +2507,13 @@ def test_pretrain_crlf_corpus_streams_and_gives_the_tokens_of_lf(tmp_path):
     cr.write_bytes(text.replace("\n", "\r").encode())
     expected = gpt.get_tokenizer().encode(text)
     for path in (lf, crlf, cr):
-        f = _CountingFile(path)
-        with f:
-            pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=64), gpt.get_tokenizer()))
+        with open(path, encoding="utf-8-sig") as f:  # as prepare_token_file opens it
+            pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=64))
         assert [i for ids in pieces for i in ids] == expected, path.name
-        assert len(f.read_sizes) > 100 and set(f.read_sizes) <= {3, 64}  # the BOM check, then chunks: never all
         assert max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text at once
-    n_lf = pretrain.write_token_file([lf], tmp_path / "lf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
-    n_crlf = pretrain.write_token_file([crlf], tmp_path / "crlf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
-    assert n_lf == n_crlf and n_lf[0] == len(expected)  # the same tokens, so the same fingerprint
-    assert (tmp_path / "lf.uint16").read_bytes() == (tmp_path / "crlf.uint16").read_bytes()
+    lf_file = pretrain.prepare_token_file([lf], tmp_path / "tokens", gpt.get_tokenizer())
+    crlf_file = pretrain.prepare_token_file([crlf], tmp_path / "tokens", gpt.get_tokenizer())
+    assert lf_file[1:] == crlf_file[1:] and lf_file[1] == len(expected)  # the same tokens, so the same fingerprint
 
 
 def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
@@ -2712,11 +2699,11 @@ def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, mon
 
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
-    def interrupted(pieces, tokenizer):
+    def interrupted(f, tokenizer):
         yield [1, 2, 3]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "encode_pieces", interrupted)
+    monkeypatch.setattr(pretrain, "encode_text_file", interrupted)
     with pytest.raises(SystemExit) as e:
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file))
     assert e.value.code == 130
@@ -2759,7 +2746,6 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     a = gpt.load_checkpoint(single["latest"])
     b = gpt.load_checkpoint(tmp_path / "two" / "run" / "latest.pt")
     assert a["step"] == b["step"] == 3 and a["samples_seen"] == b["samples_seen"] == 24
-    assert len(b["rng_states"]) == 2
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=1e-4, atol=1e-5)
     assert b["history"][-1]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
@@ -2812,16 +2798,6 @@ def test_pretrain_help_says_the_run_folder_rule(capsys):
     assert "refuses an --out-dir that holds another run: --resume continues that run" in help_text
     assert "--overwrite deletes it first" in help_text
     assert "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops" in help_text
-
-
-def test_pretrain_bfloat16_on_cpu_warns(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
-    argv = ["--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
-    for dtype, warned in (("bfloat16", True), ("float32", False), ("auto", False)):
-        with pytest.raises(SystemExit, match="no such file"):  # the warning comes before the data
-            pretrain.main(argv + ["--dtype", dtype])
-        out = capsys.readouterr().out
-        assert ("warning: --dtype bfloat16 is usually much slower than float32 on CPUs" in out) == warned
 
 
 # --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
@@ -2951,11 +2927,10 @@ def test_pretrain_autocast_flops_and_throughput_line_are_exact(monkeypatch):
     model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
     # 5040 parameters; the 8 x 16 position table is only looked up: 6 x 4912 + 12 x 1 layer x 16 wide x 8 tokens
     assert gpt.count_parameters(model) == 5040 and pretrain.flops_per_token(model, 8) == 6 * 4912 + 12 * 16 * 8 == 31008
-    clock = iter([0.0, 10.0, 15.0, 20.0, 20.0, 20.0])  # start, pause, resume, then the report's three readings
+    clock = iter([0.0, 0.0, 5.0, 20.0, 20.0, 20.0])  # start, restart after 5 s, then the report's three readings
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
     speed = pretrain.Throughput(model, 8, tokens_per_step=150, peak_flops=31008 * 100 / 0.5, first_step=0)
-    speed.pause()
-    speed.resume()  # 5 s of evaluation: not counted
+    speed.restart(step=0)  # after 5 s of evaluation: not counted
     assert speed.report(step=10, total_steps=20) == "100 tok/s | MFU 50.0% | ETA 20s"  # 1500 tokens in 15 s
 
 
@@ -5004,8 +4979,9 @@ def test_whole_special_token_text_is_the_token_everywhere(trained_tokenizers, tm
     text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
     assert start in hf(text)
     assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
-    pieces = ["Call me <|im_", "start|> later", "<|im_end|>\n<|im_start|>"]  # (2) a pretraining corpus
-    assert [i for ids in pretrain.encode_pieces(pieces, tokenizer) for i in ids] == hf("".join(pieces))
+    corpus = io.StringIO("Call me <|im_start|> later<|im_end|>\n<|im_start|>")  # (2) a pretraining corpus
+    pieces = pretrain.encode_text_file(corpus, tokenizer, chunk_chars=13)  # read as "Call me <|im_", "start|> ..."
+    assert [i for ids in pieces for i in ids] == hf(corpus.getvalue())
     entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
     [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
     assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
