@@ -3913,16 +3913,12 @@ def test_instruct_parse_score(reply, expected):
 @pytest.fixture
 def _instruct_ollama(route_server):
     """A fake Ollama server: /api/tags lists llama3, /api/chat answers with the next of `answers` (any JSON value
-    as the message content) and records each request body. With reject_format it answers a schema in "format"
-    with HTTP 400, as servers before Ollama 0.5 did."""
-    ollama = argparse.Namespace(answers=[], requests=[], reject_format=False)
+    as the message content) and records each request body."""
+    ollama = argparse.Namespace(answers=[], requests=[])
 
     def chat(handler):
         body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
         ollama.requests.append(body)
-        if ollama.reject_format and isinstance(body.get("format"), dict):
-            error = "json: cannot unmarshal object into Go struct field ChatRequest.format of type string"
-            return answer(json.dumps({"error": error}).encode(), 400, Content_Type="application/json")(handler)
         message = {"role": "assistant", "content": ollama.answers.pop(0)}
         reply = {"model": body["model"], "message": message, "done": True}
         answer(json.dumps(reply).encode(), Content_Type="application/json")(handler)
@@ -4001,16 +3997,6 @@ def test_instruct_judge_any_content_with_fake_ollama(tmp_path, capsys, _instruct
     assert "entry 6: no score 0-100 in the judge's answer ''" in out
     scored = json.loads((tmp_path / "responses-scored.json").read_text())
     assert [e["score"] for e in scored] == [92.5, 85.0, 80.0, None, None, None, None, None]
-
-
-def test_instruct_query_ollama_asks_old_servers_without_schema(_instruct_ollama):
-    url = _instruct_ollama.url
-    _instruct_ollama.reject_format = True
-    _instruct_ollama.answers = ["Score: 75"]
-    assert instruct.query_ollama("grade this", url, "llama3") == "Score: 75"
-    first, second = _instruct_ollama.requests
-    assert first["format"] == instruct.SCORE_FORMAT and "format" not in second
-    assert second["messages"] == first["messages"]
 
 
 def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
@@ -4243,9 +4229,8 @@ def test_instruct_answer_modes_refuse_training_flags_they_would_ignore(tmp_path,
     for flags, message in [
         (["--generate-only", "--model", "gpt2"], "--model is the model that trains; --generate-only answers with "
          "--checkpoint: give --checkpoint gpt2"),
-        (["--prompt", "hi", "--lora"], "--lora is for training, and --prompt does not train: drop it"),
-        (["--judge-only", "--judge", "ollama", "--epochs", "3"], "--epochs is for training, and --judge-only does "
-         "not train: drop it"),
+        (["--prompt", "hi", "--lora"], "--prompt does not use --lora: drop it"),
+        (["--judge-only", "--judge", "ollama", "--epochs", "3"], "--judge-only does not use --epochs: drop it"),
     ]:
         with pytest.raises(SystemExit) as exc:
             instruct.main(["--out-dir", str(tmp_path / "run"), *flags])
