@@ -157,13 +157,6 @@ def collate_instruction_batch(batch, eot_id, *, mask_prompt=False, max_length=No
     return torch.tensor(inputs), torch.tensor(targets)
 
 
-def epoch_batch(examples, batch_size, seed, epoch, index):
-    """Batch `index` of an epoch (the last may be shorter), in the order `gpt.epoch_order` gives the epoch from seed
-    and epoch alone: a resumed run reads what an uninterrupted one would."""
-    order = gpt.epoch_order(len(examples), seed, epoch)[index * batch_size : (index + 1) * batch_size]
-    return [examples[i] for i in order.tolist()]
-
-
 # --- 3. Fine-tuning: the model (+ LoRA), the training loop and its helpers ------------------
 
 
@@ -259,8 +252,11 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
         if step == total_steps:
             break
 
+        # The epoch's order comes from --seed and the epoch alone: a resumed run reads what an uninterrupted one would.
         epoch, index = divmod(step, steps_per_epoch)
-        inputs, targets = collate(epoch_batch(train_examples, args.batch_size, args.seed, epoch, index))
+        first = index * args.batch_size  # the epoch's last batch may be shorter
+        order = gpt.epoch_order(len(train_examples), args.seed, epoch)[first : first + args.batch_size]
+        inputs, targets = collate([train_examples[i] for i in order.tolist()])
         step_started = time.time()
         loss = calc_loss_batch(model, inputs.to(device), targets.to(device), autocast)
         gpt.check_finite_loss(loss.detach(), step + 1)  # before the update: a NaN never reaches the weights
@@ -377,7 +373,7 @@ def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
 
 def generate_responses(model, tokenizer, entries, path, **options):
     """Answer every entry (options: `generate_response`'s), then write them with a "model_response" each to path in
-    one atomic write -> that list. Interrupted, it writes nothing."""
+    one atomic write: interrupted, it writes nothing."""
     results, tokens, started = [], 0, time.time()
     for i, entry in enumerate(entries):
         response, n_tokens = generate_response(model, tokenizer, entry, **options)
@@ -388,7 +384,6 @@ def generate_responses(model, tokenizer, entries, path, **options):
     gpt.end_progress()
     gpt.write_json(path, results)
     print(f"wrote {len(results)} responses to {path}")
-    return results
 
 
 # --- 6. Evaluation: an LLM judge served by Ollama -------------------------------------------
@@ -398,8 +393,6 @@ JUDGE_SEED = 123  # fixed seed (and temperature 0) so the judge gives the same s
 # field constrains the reply to {"score": <0..100>}.
 SCORE_FORMAT = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
                 "required": ["score"]}
-OLLAMA_HELP = ("start the server with `ollama serve` (install it from https://ollama.com) and get the judge with "
-               "`ollama pull {model}`, or point --judge-url at a running server (now {url})")
 # A number standing alone in a judge's reply: 85, 85.5, "85%", "85." at a sentence's end. Not a part of "1,000" or of
 # a decimal comma "7,5" (which is meant cannot be told), nor of a ratio "8/10", a name "GPT-2", or "-5".
 _NUMBER = re.compile(r"(?<![\w.,/-])\d+(?:\.\d+)?(?![\w/]|[.,]\d)")
@@ -436,13 +429,11 @@ def ask_ollama(url, path, model, *keys, kind=object, payload=None):
     (("message", "content") -> reply["message"]["content"]), of type `kind`. Raises RuntimeError saying how to start a
     server when none answers, and quoting the reply for an HTTP error or a reply of another shape (not Ollama's)."""
     try:
-        if payload is None:
-            reply = requests.get(url + path, timeout=5)
-        else:
-            reply = requests.post(url + path, json=payload, timeout=(5, 600))
+        reply = requests.request("POST" if payload else "GET", url + path, json=payload, timeout=(5, 600))
     except requests.RequestException as e:
-        fix = OLLAMA_HELP.format(url=url, model=model)
-        raise RuntimeError(f"no Ollama server answers at {url} ({type(e).__name__}): {fix}") from None
+        raise RuntimeError(f"no Ollama server answers at {url} ({type(e).__name__}): start the server with `ollama "
+                           f"serve` (install it from https://ollama.com) and get the judge with `ollama pull {model}`, "
+                           f"or point --judge-url at a running server (now {url})") from None
     if reply.status_code != 200:
         raise RuntimeError(f"the server at {url} answered HTTP {reply.status_code}: {reply.text[:300]}")
     try:
@@ -512,25 +503,27 @@ def answer_options(args):
     return {**options, "seed": args.seed if args.temperature > 0 else None}
 
 
-def load_for_answers(args, device):
-    """The model of --checkpoint (default <out-dir>/model.pt; any --model value) in --dtype, and its tokenizer."""
+def answer_without_training(args, device, responses):
+    """--prompt: print the answer to one instruction; --generate-only: answer the run's test split (its test.json,
+    else --data's with --seed) into responses. The model: --checkpoint (any --model value), default <out-dir>/model.pt."""
     checkpoint = Path(args.checkpoint or Path(args.out_dir) / "model.pt")
     if args.checkpoint is None and not checkpoint.exists():
         raise FileNotFoundError(f"no {checkpoint}: fine-tune first, or give --checkpoint (any --model value works)")
     print(f"model: {checkpoint}")
-    return gpt.load(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype])
-
-
-def test_split(args, device):
-    """--generate-only: (model, tokenizer, entries): --checkpoint and the run's test.json, else --data's test split."""
-    model, tokenizer = load_for_answers(args, device)
+    model, tokenizer = gpt.load(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype])
+    if args.prompt is not None:
+        entry = {"instruction": args.prompt, "input": args.input}
+        answer = generate_response(model, tokenizer, entry, **answer_options(args))[0]
+        return print(answer or "(an empty answer: the model ended it at once with its end-of-text token)")
     out_dir = gpt.claim_run_folder(args.out_dir, [])  # answering again replaces responses.json, as was asked
     if (out_dir / "test.json").is_file():
         print(f"data: the run's test split, {out_dir / 'test.json'}")
-        return model, tokenizer, load_instruction_data(out_dir / "test.json", "the run's split", SPLIT_FIX)
-    path = data_path(args)
-    print(f"data: {out_dir} holds no test.json: answering the test split of {path} with --seed {args.seed}")
-    return model, tokenizer, split_dataset(load_instruction_data(path), args.seed)[2]
+        test_set = load_instruction_data(out_dir / "test.json", "the run's split", SPLIT_FIX)
+    else:
+        path = data_path(args)
+        print(f"data: {out_dir} holds no test.json: answering the test split of {path} with --seed {args.seed}")
+        test_set = split_dataset(load_instruction_data(path), args.seed)[2]
+    generate_responses(model, tokenizer, test_set, responses, **answer_options(args))
 
 
 # --- 8. Command line ------------------------------------------------------------------------
@@ -551,8 +544,7 @@ def build_parser():
     data.add_argument("--data", help="Alpaca JSON list or JSON Lines (default: the book's, downloaded to --cache-dir)")
     data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
                       help="folder for downloaded data and weights")
-    data.add_argument("--seed", type=gpt.non_negative_int, default=123,
-                      help="seed of the split, the shuffling, LoRA and sampling")
+    data.add_argument("--seed", type=gpt.non_negative_int, default=123, help="seed of split, shuffling, LoRA, sampling")
     data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples (default: the context length)")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
     train = p.add_argument_group("model and training")
@@ -590,8 +582,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """The flags, each value checked by its `type=`; the combinations that cannot work are refused here (parser.error
-    names the flag and exits 2)."""
+    """The flags, each checked by its `type=`; combinations that cannot work exit 2 with one line naming the flag."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():
@@ -639,16 +630,13 @@ def main(argv=None):
         check_ollama(args.judge_url.rstrip("/"), args.judge_model)
     device = gpt.pick_device(args.device)
     if args.prompt is not None:
-        model, tokenizer = load_for_answers(args, device)
-        entry = {"instruction": args.prompt, "input": args.input}
-        answer = generate_response(model, tokenizer, entry, **answer_options(args))[0]
-        return print(answer or "(an empty answer: the model ended it at once with its end-of-text token)")
+        return answer_without_training(args, device, responses)
     if args.generate_only:
-        model, tokenizer, test_set = test_split(args, device)
+        answer_without_training(args, device, responses)
     else:
         args, model, tokenizer, test_set = fine_tune(args, argv, device)
         responses = responses_path(args)  # with --resume, the saved run's
-    generate_responses(model, tokenizer, test_set, responses, **answer_options(args))
+        generate_responses(model, tokenizer, test_set, responses, **answer_options(args))
     if args.judge == "ollama":
         judge(args, responses)
 

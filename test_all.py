@@ -4251,10 +4251,10 @@ def test_instruct_flag_limits_are_accepted():
     args = instruct.parse_args(["--prompt", "Name a color.", "--input", "x", "--top-p", "1e-9", "--temperature", "1"])
     assert (args.prompt, args.input, args.top_p) == ("Name a color.", "x", 1e-9)
     largest_seed = instruct.parse_args(["--seed", str(2**63 - 1)]).seed
-    batches = [instruct.epoch_batch(list(range(5)), 2, largest_seed, 1, index) for index in range(3)]
-    assert sorted(sum(batches, [])) == [0, 1, 2, 3, 4] and [len(b) for b in batches] == [2, 2, 1]
+    order = gpt.epoch_order(5, largest_seed, 1).tolist()  # the order of an epoch of the run's training examples
+    assert sorted(order) == [0, 1, 2, 3, 4]
     gpt.epoch_order.cache_clear()
-    assert [instruct.epoch_batch(list(range(5)), 2, largest_seed, 1, index) for index in range(3)] == batches
+    assert gpt.epoch_order(5, largest_seed, 1).tolist() == order
 
 
 def test_instruct_top_p_reaches_generation(_instruct_tiny_run, capsys, monkeypatch):
