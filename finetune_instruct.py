@@ -136,13 +136,11 @@ def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
 
 
 def collate_instruction_batch(batch, eot_id, *, mask_prompt=False, max_length=None):
-    """Pad a batch of (token ids, prompt length) into inputs and targets: LongTensor [batch, seq_len] each.
-
-    The book's custom_collate_fn (section 7.3, exercise 7.2). Each sequence is padded with the end-of-text token
-    (eot_id: 50256 for GPT-2; the Llama family's own) to one token more than the longest; targets are the inputs
-    shifted left by one. The first end-of-text target stays (the model learns to stop), later ones become -100 (the
-    loss skips them), and so do, with mask_prompt, those that predict prompt tokens; then both are cut to max_length.
-    """
+    """Pad a batch of (token ids, prompt length) into inputs and targets, LongTensor [batch, seq_len] each: the book's
+    custom_collate_fn (section 7.3, exercise 7.2). Sequences are padded with the end-of-text token (eot_id) to one more
+    than the longest; targets are the inputs shifted left by one. The first end-of-text target stays (the model learns
+    to stop); later ones, and with mask_prompt those that predict prompt tokens, become -100 (the loss skips them).
+    Both are then cut to max_length."""
     seq_len = max(len(ids) for ids, _ in batch) + 1  # +1: room for the end-of-text token
     inputs, targets = [], []
     for ids, prompt_length in batch:
@@ -157,12 +155,12 @@ def collate_instruction_batch(batch, eot_id, *, mask_prompt=False, max_length=No
     return torch.tensor(inputs), torch.tensor(targets)
 
 
-# --- 3. Fine-tuning: the model (+ LoRA), the training loop and its helpers ------------------
+# --- 3. Fine-tuning: the model (+ LoRA), the training loop, the stage ----------------------
 
 
 def prepare_model(args, device, state=None):
-    """--model (see gpt.load), or the state's model on --resume (`train` loads its weights), in train mode on device,
-    with --drop-rate and --lora -> (model, gpt.Tokenizer). Raises RuntimeError when training cannot fit."""
+    """--model, or the state's model on --resume (`train` loads its weights), with --drop-rate and --lora, in train
+    mode -> (model, its tokenizer). Raises RuntimeError when training cannot fit in memory."""
     torch.manual_seed(args.seed)  # LoRA's A matrices start random
     if state is None:
         model, tokenizer = gpt.load(args.model, device=device)
@@ -211,7 +209,7 @@ def evaluate(model, train_examples, val_examples, progress, *options):
 
 
 def save_state(state_path, model, tokenizer, optimizer, progress):
-    """Save all that --resume needs: the weights, AdamW's moments, the progress and the random state."""
+    """Save what --resume needs: the weights, AdamW's moments, the progress, the random state."""
     gpt.save_checkpoint(state_path, model, tokenizer, optimizer=optimizer.state_dict(), **progress, rng=gpt.rng_state())
 
 
@@ -264,7 +262,7 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
         loss.backward()
         optimizer.step()
         progress["step"] = step = step + 1
-        window_seconds += time.time() - step_started
+        window_seconds += time.time() - step_started  # training time only, without the evaluations and saves
         window_tokens += inputs.numel()
         if step % args.log_every == 0 or step == total_steps:
             eta = gpt.eta(started, step - start_step, total_steps - start_step)
@@ -286,9 +284,6 @@ def keep_weights(model, progress, keep_last):
     model.load_state_dict(best["weights"], strict=False)  # the trainable part; the rest never changed
     print(f"kept the weights of step {best['step']}, the lowest validation loss ({best['val_loss']:.3f})")
     return {"step": best["step"], "val_loss": best["val_loss"]}
-
-
-# --- 4. The stage: data, model, training, the kept weights saved ----------------------------
 
 
 def resume_run(args, argv, out_dir):
@@ -356,7 +351,7 @@ def fine_tune(args, argv, device):
     return args, model.to(gpt.DTYPES[args.dtype]), tokenizer, splits[2]
 
 
-# --- 5. Answers: a response for each test entry ---------------------------------------------
+# --- 4. Answers: a response for each test entry ---------------------------------------------
 
 
 def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
@@ -386,7 +381,7 @@ def generate_responses(model, tokenizer, entries, path, **options):
     print(f"wrote {len(results)} responses to {path}")
 
 
-# --- 6. Evaluation: an LLM judge served by Ollama -------------------------------------------
+# --- 5. Evaluation: an LLM judge served by Ollama -------------------------------------------
 
 JUDGE_SEED = 123  # fixed seed (and temperature 0) so the judge gives the same score twice
 # Ollama's structured output (https://ollama.com/blog/structured-outputs): the JSON schema in the request's "format"
@@ -400,11 +395,9 @@ _NUMBER = re.compile(r"(?<![\w.,/-])\d+(?:\.\d+)?(?![\w/]|[.,]\d)")
 
 def judge_prompt(entry):
     """The grading request for one response (the book's section 7.8)."""
-    return (
-        f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, "
-        f"score the model response `{entry['model_response']}` on a scale from 0 to 100, where 100 is the best score. "
-        "Respond with the integer number only."
-    )
+    return (f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, score the model response "
+            f"`{entry['model_response']}` on a scale from 0 to 100, where 100 is the best score. Respond with the "
+            "integer number only.")
 
 
 def parse_score(reply):
@@ -468,7 +461,6 @@ def judge(args, responses_path):
     options = {"temperature": 0, "seed": JUDGE_SEED, "num_ctx": 2048}
     request = {"model": args.judge_model, "stream": False, "options": options, "format": SCORE_FORMAT}
     try:
-        check_ollama(url, args.judge_model)
         for i, entry in enumerate(entries):
             payload = {**request, "messages": [{"role": "user", "content": judge_prompt(entry)}]}
             answer = ask_ollama(url, "/api/chat", args.judge_model, "message", "content", payload=payload)
@@ -494,7 +486,7 @@ def judge(args, responses_path):
                            "(its answers are in the scores file): try another --judge-model")
 
 
-# --- 7. The other modes: answers of a saved model (--generate-only, --prompt) ---------------
+# --- 6. The other modes: answers of a saved model (--generate-only, --prompt) ---------------
 
 
 def answer_options(args):
@@ -526,7 +518,7 @@ def answer_without_training(args, device, responses):
     generate_responses(model, tokenizer, test_set, responses, **answer_options(args))
 
 
-# --- 8. Command line ------------------------------------------------------------------------
+# --- 7. Command line ------------------------------------------------------------------------
 
 
 def build_parser():
@@ -624,20 +616,18 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir
     responses = responses_path(args)
-    if args.judge_only:
-        return judge(args, responses)
     if args.judge == "ollama":  # before hours of training and answering: is the judge there?
         check_ollama(args.judge_url.rstrip("/"), args.judge_model)
+    if args.judge_only:
+        return judge(args, responses)
     device = gpt.pick_device(args.device)
-    if args.prompt is not None:
-        return answer_without_training(args, device, responses)
-    if args.generate_only:
+    if args.prompt is not None or args.generate_only:
         answer_without_training(args, device, responses)
     else:
         args, model, tokenizer, test_set = fine_tune(args, argv, device)
         responses = responses_path(args)  # with --resume, the saved run's
         generate_responses(model, tokenizer, test_set, responses, **answer_options(args))
-    if args.judge == "ollama":
+    if args.judge == "ollama" and args.prompt is None:
         judge(args, responses)
 
 
