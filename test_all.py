@@ -3871,7 +3871,7 @@ def test_instruct_split_85_5_10_with_seed():
 @pytest.mark.parametrize(
     "reply, expected",
     [
-        ('{"score": 85}', 85.0),  # the structured output query_ollama asks for
+        ('{"score": 85}', 85.0),  # the structured output the judge asks for
         ('{"score": 92.5}', 92.5),
         ('{"score": 150}', None),  # JSON decides, even out of range
         ('```json\n{"score": 70}\n```', 70.0),
