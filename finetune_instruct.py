@@ -496,8 +496,8 @@ def answer_options(args):
 
 
 def answer_without_training(args, device, responses):
-    """--prompt: print the answer to one instruction; --generate-only: answer the run's test split (its test.json,
-    else --data's with --seed) into responses. The model: --checkpoint (any --model value), default <out-dir>/model.pt."""
+    """With --checkpoint (any --model value; default <out-dir>/model.pt), --prompt: print the answer to one
+    instruction; --generate-only: answer the run's test split (its test.json, else --data's) into responses."""
     checkpoint = Path(args.checkpoint or Path(args.out_dir) / "model.pt")
     if args.checkpoint is None and not checkpoint.exists():
         raise FileNotFoundError(f"no {checkpoint}: fine-tune first, or give --checkpoint (any --model value works)")

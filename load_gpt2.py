@@ -44,20 +44,17 @@ def stream_continuation(model, tokenizer, args):
     end-of-text token (not printed) or --max-new-tokens."""
     print(args.prompt, end="", flush=True)
     prompt_ids = gpt.text_to_token_ids(args.prompt, device=model.wte.weight.device, tokenizer=tokenizer)
+    generator = None if args.seed is None else torch.Generator(prompt_ids.device).manual_seed(args.seed)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
     new_ids, printed = [], ""
-
-    def print_token(token):
-        nonlocal printed
+    for token in gpt.generate_stream(model, prompt_ids, args.max_new_tokens, eot_id=tokenizer.eot_id, **options):
         if token.item() == tokenizer.eot_id:
-            return
+            break
         new_ids.append(token.item())
         text = gpt.token_ids_to_text(new_ids, tokenizer)
         if not text.endswith("\ufffd"):  # a token can end inside a character: wait for the rest
             print(text[len(printed) :], end="", flush=True)
             printed = text
-
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot_id=tokenizer.eot_id)
-    gpt.generate(model, prompt_ids, args.max_new_tokens, seed=args.seed, on_token=print_token, **options)
     print(gpt.token_ids_to_text(new_ids, tokenizer)[len(printed) :])
 
 
@@ -214,7 +211,7 @@ def summarize(scored, requests):
 
 
 def load_benchmark(args):
-    """The items of --benchmark (--benchmark-file, or downloaded once and counted): the first --limit of each subject."""
+    """The items of --benchmark (--benchmark-file, else downloaded once and counted), the first --limit a subject."""
     hellaswag = args.benchmark == "hellaswag"
     path = args.benchmark_file
     if path is None and hellaswag:

@@ -1700,7 +1700,7 @@ def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gpt, "generate", interrupted)
+    monkeypatch.setattr(gpt, "generate_stream", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello"])
     assert exit_info.value.code == 130
