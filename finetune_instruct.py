@@ -417,38 +417,28 @@ def parse_score(reply):
     return None
 
 
-def ask_ollama(url, path, model, *keys, kind=object, payload=None):
-    """GET url + path of Ollama's HTTP API, or POST payload there as JSON -> the value at `keys` of the JSON reply
-    (("message", "content") -> reply["message"]["content"]), of type `kind`. Raises RuntimeError saying how to start a
-    server when none answers, and quoting the reply for an HTTP error or a reply of another shape (not Ollama's)."""
+def ask_judge(prompt, url, model):
+    """One chat request to Ollama (POST /api/chat, not streamed, temperature 0 and a fixed seed, the reply held to
+    SCORE_FORMAT) -> the reply's content: text, normally '{"score": 85}', or whatever JSON value the server sent.
+    Raises RuntimeError saying how to start a server when none answers, and quoting the reply for an HTTP error (such
+    as a model not pulled) or a reply of another shape (a server that is not Ollama)."""
+    options = {"temperature": 0, "seed": JUDGE_SEED, "num_ctx": 2048}
+    messages = [{"role": "user", "content": prompt}]
+    payload = {"model": model, "messages": messages, "stream": False, "options": options, "format": SCORE_FORMAT}
     try:
-        reply = requests.request("POST" if payload else "GET", url + path, json=payload, timeout=(5, 600))
+        reply = requests.post(url + "/api/chat", json=payload, timeout=(5, 600))
     except requests.RequestException as e:
         raise RuntimeError(f"no Ollama server answers at {url} ({type(e).__name__}): start the server with `ollama "
                            f"serve` (install it from https://ollama.com) and get the judge with `ollama pull {model}`, "
-                           f"or point --judge-url at a running server (now {url})") from None
+                           "or point --judge-url at a running server") from None
     if reply.status_code != 200:
-        raise RuntimeError(f"the server at {url} answered HTTP {reply.status_code}: {reply.text[:300]}")
+        raise RuntimeError(f"the server at {url} answered HTTP {reply.status_code}: {reply.text[:300]}; is the judge "
+                           f"there? `ollama pull {model}` gets it, or choose another --judge-model")
     try:
-        value = reply.json()
-        for key in keys:
-            value = value[key]  # TypeError for a list or a number, KeyError for a missing field
-        if isinstance(value, kind):
-            return value
-    except (ValueError, KeyError, TypeError, IndexError):
-        pass
-    raise RuntimeError(f"the server at {url} answered an unexpected reply: {reply.text[:300]!r}; is it an Ollama "
-                       "server? check --judge-url")
-
-
-def check_ollama(url, model):
-    """Raise RuntimeError, with the commands that fix it, unless an Ollama server at url has `model` (GET /api/tags)."""
-    models = ask_ollama(url, "/api/tags", model, "models", kind=list)
-    names = {str(m.get("name")) for m in models if isinstance(m, dict)}  # [{"name": "llama3:latest", ...}, ...]
-    if model not in names and f"{model}:latest" not in names:
-        raise RuntimeError(f"the Ollama server at {url} does not have the model {model!r} (it has: "
-                           f"{', '.join(sorted(names)) or 'none'}); run `ollama pull {model}` or choose another "
-                           "--judge-model")
+        return reply.json()["message"]["content"]  # TypeError for a list or a number, KeyError for a missing field
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeError(f"the server at {url} answered an unexpected reply: {reply.text[:300]!r}; is it an Ollama "
+                           "server? check --judge-url") from None
 
 
 def judge(args, responses_path):
@@ -457,13 +447,9 @@ def judge(args, responses_path):
     entries = load_instruction_data(responses_path, "--responses", "give answers as --generate-only writes them",
                                     keys=("instruction", "output", "model_response"))
     url, scored, started = args.judge_url.rstrip("/"), [], time.time()
-    # Not streamed, temperature 0 and a fixed seed (the same score twice), the reply held to SCORE_FORMAT.
-    options = {"temperature": 0, "seed": JUDGE_SEED, "num_ctx": 2048}
-    request = {"model": args.judge_model, "stream": False, "options": options, "format": SCORE_FORMAT}
     try:
         for i, entry in enumerate(entries):
-            payload = {**request, "messages": [{"role": "user", "content": judge_prompt(entry)}]}
-            answer = ask_ollama(url, "/api/chat", args.judge_model, "message", "content", payload=payload)
+            answer = ask_judge(judge_prompt(entry), url, args.judge_model)
             scored.append({**entry, "score": parse_score(answer)})
             if scored[-1]["score"] is None:
                 print(f"  entry {i}: no score 0-100 in the judge's answer {answer!r:.80}")
@@ -616,8 +602,8 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir
     responses = responses_path(args)
-    if args.judge == "ollama":  # before hours of training and answering: is the judge there?
-        check_ollama(args.judge_url.rstrip("/"), args.judge_model)
+    if args.judge == "ollama" and not args.judge_only:  # before hours of training and answering: is the judge there?
+        ask_judge("Answer with the score 100.", args.judge_url.rstrip("/"), args.judge_model)
     if args.judge_only:
         return judge(args, responses)
     device = gpt.pick_device(args.device)

@@ -3912,19 +3912,21 @@ def test_instruct_parse_score(reply, expected):
 
 @pytest.fixture
 def _instruct_ollama(route_server):
-    """A fake Ollama server: /api/tags lists llama3, /api/chat answers with the next of `answers` (any JSON value
-    as the message content) and records each request body."""
+    """A fake Ollama server that has the model llama3: /api/chat answers with the next of `answers` (any JSON value
+    as the message content), HTTP 404 for another model, as Ollama does, and records each request body."""
     ollama = argparse.Namespace(answers=[], requests=[])
 
     def chat(handler):
         body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
         ollama.requests.append(body)
+        if body["model"] != "llama3":
+            error = json.dumps({"error": f"model '{body['model']}' not found"}).encode()
+            return answer(error, 404, Content_Type="application/json")(handler)
         message = {"role": "assistant", "content": ollama.answers.pop(0)}
         reply = {"model": body["model"], "message": message, "done": True}
         answer(json.dumps(reply).encode(), Content_Type="application/json")(handler)
 
-    tags = json.dumps({"models": [{"name": "llama3:latest"}]}).encode()
-    ollama.server = route_server({"/api/tags": answer(tags, Content_Type="application/json"), "/api/chat": chat})
+    ollama.server = route_server({"/api/chat": chat})
     ollama.url = ollama.server.url
     return ollama
 
@@ -3975,6 +3977,10 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
     with pytest.raises(SystemExit, match="ollama pull mistral"):
         instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--judge-model", "mistral",
                        "--responses", str(path)])
+    with pytest.raises(SystemExit, match="ollama pull mistral"):  # a judge that is not there: before any training
+        instruct.main(["--judge", "ollama", "--judge-url", url, "--judge-model", "mistral", "--out-dir",
+                       str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_instruct_judge_any_content_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
@@ -4878,10 +4884,10 @@ def test_benchmark_hellaswag_label_may_be_a_digit_string(tmp_path):
     assert load_gpt2.read_hellaswag(path)[0]["label"] == "3"
 
 
-@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"models": 5}', b"<html>not Ollama</html>"],
-                         ids=["list", "no-models", "models-number", "not-json"])
+@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"message": 5}', b"<html>not Ollama</html>"],
+                         ids=["list", "no-message", "message-number", "not-json"])
 def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, route_server, body):
-    server = route_server({"/api/tags": answer(body, Content_Type="application/json")})
+    server = route_server({"/api/chat": answer(body, Content_Type="application/json")})
     path, _ = _instruct_responses_file(tmp_path, 1)
     with pytest.raises(SystemExit) as exit_info:
         instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
