@@ -467,7 +467,7 @@ def judge(args, responses_path):
     scored_path = responses_path.with_name(responses_path.stem + "-scored.json")
     gpt.write_json(scored_path, scored)
     print(f"wrote the scores to {scored_path}")
-    if entries and not scores:  # a judge that answered without a readable score every time: no result
+    if not scores:  # a judge that answered without a readable score every time: no result
         raise RuntimeError(f"the judge {args.judge_model} gave no score 0-100 for any of the {len(entries)} entries "
                            "(its answers are in the scores file): try another --judge-model")
 
@@ -476,9 +476,8 @@ def judge(args, responses_path):
 
 
 def answer_options(args):
-    """The generation options of `generate_response` from the flags (sampling seeded by --seed)."""
-    options = {key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_k", "top_p")}
-    return {**options, "seed": args.seed if args.temperature > 0 else None}
+    """The generation options of `generate_response` from the flags (sampling seeded by --seed; greedy needs none)."""
+    return {key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
 
 
 def answer_without_training(args, device, responses):
