@@ -329,8 +329,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     gen = torch.Generator().manual_seed(0)
     picks = {gpt.sample_next_token(logits, 1.0, top_p=0.7, generator=gen).item() for _ in range(300)}
     assert picks == {0, 1}  # 0.5 alone is below 0.7; 0.5 + 0.3 reaches it
-    picks = {gpt.sample_next_token(logits, 1.0, top_p=0.5, generator=gen).item() for _ in range(50)}
-    assert picks == {0}
+    for top_p in (0.5, 0.0):  # 0: only the most likely token, the limit of an ever smaller p
+        picks = {gpt.sample_next_token(logits, 1.0, top_p=top_p, generator=gen).item() for _ in range(50)}
+        assert picks == {0}
     picks = {gpt.sample_next_token(logits, 1.0, top_k=3, generator=gen).item() for _ in range(300)}
     assert picks == {0, 1, 2}
 
