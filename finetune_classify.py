@@ -3,7 +3,9 @@
 Stage "fine-tune for classification" (chapter 6 of "Build a Large Language Model (From Scratch)"): the SMS Spam
 Collection (UCI data set 228), balanced, split 70/10/20; a 2-class head reads each message's last real token (the one
 position that has seen the whole message); the last block, final norm and head train, the frozen blocks run once per
-message (the "activation cache"); the best epoch on validation is kept. `train_and_evaluate` is the job in order.
+message (the "activation cache"); the best epoch on validation is kept. The job, `train_and_evaluate`, in order:
+claim the run folder -> build_classifier -> prepare_data -> choose_forward_pass -> train_classifier -> labelled_metrics
+(the test split) -> save the checkpoint. The functions it calls come first, as the sections below: data, model, training.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
     python finetune_classify.py --data path/to/SMSSpamCollection --model path/to/model.safetensors
@@ -80,10 +82,9 @@ def read_sms_bytes(path):
 
 def parse_labelled(raw, source="data"):
     """UTF-8 bytes of labelled messages -> list of (label, text), label "ham" or "spam". A .csv `source` has a header
-    with label and text columns (as a run writes its splits; --classify's "not spam" is ham), any other file the
-    collection's lines `label TAB text` (blank ones ignored). Raises ValueError naming the file and its first bad
-    lines (no tab, another label, an empty text), for a CSV file without those columns, no messages at all, or
-    bytes that are not UTF-8."""
+    with label and text columns (as a run writes its splits), any other file the collection's lines `label TAB text`
+    (blank ones ignored). Raises ValueError naming the file and its first bad lines (no tab, another label, an empty
+    text), for a CSV file without those columns, no messages at all, or bytes that are not UTF-8."""
     text = gpt.decode_utf8(raw, source)
     rows = []  # (line number, label, text or None for a line without a tab or a CSV row without a text column)
     if str(source).lower().endswith(".csv"):
@@ -97,7 +98,7 @@ def parse_labelled(raw, source="data"):
     messages, bad = [], []
     for number, label, message in rows:
         label = label.strip().lower()  # strip(): also the "\r" of Windows line ends
-        label = "ham" if label == CLASS_NAMES[0] else label
+        label = "ham" if label == CLASS_NAMES[0] else label  # --classify's name: its --results CSV, checked, is data
         if message is None:
             bad.append(f"line {number}: no message (no tab after the label, or no text column)")
         elif label not in LABELS:
@@ -106,8 +107,8 @@ def parse_labelled(raw, source="data"):
             bad.append(f"line {number}: empty message")
         else:
             messages.append((label, message.strip()))
-    problem = f"{len(bad)} bad line(s): " + "; ".join(bad[:MAX_BAD_LINES]) + ("; ..." if bad[MAX_BAD_LINES:] else "")
     if bad or not messages:
+        problem = f"{len(bad)} bad line(s): " + "; ".join(bad[:MAX_BAD_LINES]) + ("; ..." if bad[MAX_BAD_LINES:] else "")
         raise ValueError(f"{source}: {problem if bad else 'no labelled messages'}: give 'ham|spam<TAB>message' lines "
                          "(the SMS Spam Collection) or a .csv file with label and text columns")
     return messages
@@ -149,8 +150,8 @@ def tokenize_messages(texts, max_length=None, tokenizer=None, device="cpu"):
     token_ids = []
     for text in texts:
         ids = tokenizer.encode(text, bos=True)[:max_length]
-        # transformers' ...ForSequenceClassification reads the last token that is not padding (the end-of-text
-        # token): a message that ends in it is read before it there, so here too (the earlier tokens never see it).
+        # transformers pads with end-of-text and reads the last token that is not padding, so it skips a trailing
+        # end-of-text; we drop it, so both read the same token.
         while len(ids) > 1 and ids[-1] == tokenizer.eot_id:
             ids.pop()
         token_ids.append(torch.tensor(ids, dtype=torch.long, device=device))
@@ -161,24 +162,35 @@ def tokenize_messages(texts, max_length=None, tokenizer=None, device="cpu"):
 
 
 def add_classification_head(model):
-    """Replace the head (emb_dim -> vocabulary) by a random nn.Linear(emb_dim, 2) for CLASS_NAMES -> model."""
-    # The Llama family's head has no bias, as transformers' LlamaForSequenceClassification:
-    # its RMSNorm has no shift that could carry one into an export (see gpt.classifier_tensors).
+    """Turn the language model into a classifier -> model: its head `lm_head` (emb_dim -> vocabulary logits) is
+    replaced by a random nn.Linear(emb_dim, 2), so model(idx) now returns class logits [B, T, 2] (CLASS_NAMES, kept
+    as model.labels). The new head no longer shares its weight with the token embedding wte, as GPT-2's head did."""
+    # gpt.py does the swap, because its loaders rebuild a saved classifier the same way. The Llama family's head has
+    # no bias, as in transformers' LlamaForSequenceClassification: its RMSNorm has no shift to carry one in an export.
     return gpt.add_classifier_head(model, CLASS_NAMES, bias=model.cfg.family == "gpt2")
 
 
-def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
-    """Freeze model except what `trainable` names -> model. last-block: the last transformer block, the final norm and
-    the head (the book's choice); all; head; lora (--lora): adapters on every block's linear layers and the head."""
-    if trainable == "lora":
-        gpt.add_lora(model, rank=lora_rank, alpha=lora_alpha)
-    else:
-        model.requires_grad_(trainable == "all")
-    if trainable == "last-block":
-        model.h[-1].requires_grad_(True)
-        model.ln_f.requires_grad_(True)
-    model.lm_head.requires_grad_(True)
+def set_trainable(model, trainable, lora_rank, lora_alpha):
+    """Freeze the model except what `trainable` names -> model. all; last-block: the last transformer block, the final
+    norm and the head (the book's choice); head: the new head only; lora (--lora): the head, and adapters of rank
+    `lora_rank` (updates scaled by lora_alpha / lora_rank) on every block's linear layers."""
+    if trainable == "all":
+        model.requires_grad_(True)
+    elif trainable == "last-block":
+        model.requires_grad_(False)
+        for part in (model.h[-1], model.ln_f, model.lm_head):
+            part.requires_grad_(True)
+    elif trainable == "head":
+        model.requires_grad_(False)
+        model.lm_head.requires_grad_(True)
+    else:  # "lora"
+        gpt.add_lora(model, rank=lora_rank, alpha=lora_alpha)  # freezes every weight it does not add
+        model.lm_head.requires_grad_(True)
     return model
+
+
+# Training and evaluation see the model through a "logits_fn": logits_fn(list of B inputs) -> float32 [B, 2], where an
+# input is one message's token ids [n] (full_pass_logits) or its cached hidden states [n, emb_dim] (cached_logits).
 
 
 def full_pass_logits(model, token_ids):
@@ -190,8 +202,8 @@ def full_pass_logits(model, token_ids):
 
 
 def autocast_logits(logits_fn, device, dtype_name):
-    """logits_fn in --dtype: its forward pass under torch.autocast in dtype_name (weights stay float32, matrix
-    products run in that type; "float32": no autocast) -> float32 logits."""
+    """Wrap a logits_fn for --dtype -> a logits_fn: "bfloat16" runs it under torch.autocast (matrix products in
+    bfloat16, weights stay float32), "float32" as it is; either way the logits come back as float32."""
 
     def logits(inputs):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype_name == "bfloat16"):
@@ -207,7 +219,8 @@ def compute_frozen_activations(model, token_ids, n_frozen):
     Batches hold messages of similar length (sorted), as many as CACHE_BATCH_TOKENS tokens of the longest allow."""
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))  # little padding
     batch_size = max(1, CACHE_BATCH_TOKENS // len(token_ids[order[-1]]))
-    activations, started = [None] * len(token_ids), time.time()
+    activations = [None] * len(token_ids)
+    started = time.time()
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         x = model.embed(pad_sequence([token_ids[i] for i in batch], batch_first=True))  # [B, T, C]
@@ -246,12 +259,16 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(train_inputs) // batch_size
     total_steps = min(steps_per_epoch * epochs, max_steps or math.inf)
-    epochs = math.ceil(total_steps / steps_per_epoch)  # fewer when max_steps stops earlier
+    n_epochs = math.ceil(total_steps / steps_per_epoch)  # fewer than `epochs` when max_steps stops earlier
     history = {name: [] for name in (*HISTORY, "step_loss")}
-    best, kept_weights = None, None
-    step, started, window_seconds = 0, time.time(), 0.0  # throughput counts the training steps only
+    best = None  # (validation accuracy, -validation loss) of the kept epoch
+    kept_weights = None
+    step = 0
+    started = time.time()
+    steps_since_log = 0
+    seconds_since_log = 0.0  # of the training steps alone, for the throughput
     model.train()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, n_epochs + 1):
         order = torch.randperm(len(train_inputs), generator=generator).tolist()
         for b in range(min(steps_per_epoch, total_steps - step)):  # the last epoch stops at total_steps
             step_started = time.perf_counter()
@@ -264,13 +281,14 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
             optimizer.step()
             step += 1
             history["step_loss"].append(loss_value)
-            window_seconds += time.perf_counter() - step_started
+            steps_since_log += 1
+            seconds_since_log += time.perf_counter() - step_started
             if step % log_every == 0 or step == total_steps:
-                examples = ((step - 1) % log_every + 1) * batch_size  # since the last progress line
-                print(f"epoch {epoch}/{epochs} step {step}/{total_steps} | loss {loss_value:.4f} | "
-                      f"{examples / window_seconds:.1f} examples/s | ETA {gpt.eta(started, step, total_steps)}",
-                      flush=True)
-                window_seconds = 0.0
+                print(f"epoch {epoch}/{n_epochs} step {step}/{total_steps} | loss {loss_value:.4f} | "
+                      f"{steps_since_log * batch_size / seconds_since_log:.1f} examples/s | "
+                      f"ETA {gpt.eta(started, step, total_steps)}", flush=True)
+                steps_since_log = 0
+                seconds_since_log = 0.0
         train_loss, train_acc, _ = evaluate(model, logits_fn, *train, batch_size)
         val_loss, val_acc, _ = evaluate(model, logits_fn, *validation, batch_size)
         print(f"epoch {epoch}: train loss {train_loss:.4f} accuracy {100 * train_acc:.2f}% | validation loss "
@@ -310,7 +328,9 @@ def binary_classification_metrics(predictions, labels):
     """Accuracy; precision, recall and F1 of spam (class 1; 0.0 where undefined); the confusion matrix [[true 0
     predicted 0, true 0 predicted 1], [true 1 ..., ...]]. predictions, labels: LongTensor [n] of class indices 0/1."""
     matrix = [[int(((labels == t) & (predictions == p)).sum()) for p in (0, 1)] for t in (0, 1)]
-    true_pos, predicted_pos, actual_pos = matrix[1][1], matrix[0][1] + matrix[1][1], sum(matrix[1])
+    true_pos = matrix[1][1]
+    predicted_pos = matrix[0][1] + matrix[1][1]
+    actual_pos = sum(matrix[1])
     precision = true_pos / predicted_pos if predicted_pos else 0.0
     recall = true_pos / actual_pos if actual_pos else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -374,19 +394,25 @@ def prepare_data(args, out_dir, device, tokenizer):
     return token_ids, [torch.tensor([LABELS[label] for label, _ in split], device=device) for split in splits]
 
 
-def choose_forward_pass(model, token_ids, args):
-    """The inputs of each split and the function that turns a batch of them into logits: cached activations and the
-    trainable top where that is exact, else token ids and the full forward pass -> (inputs, logits_fn, use_cache)."""
-    n_layers = model.cfg.n_layers
-    n_frozen = None if args.lora else {"last-block": n_layers - 1, "head": n_layers}.get(args.trainable)
-    reasons = {"--no-activation-cache": args.no_activation_cache, f"--drop-rate {args.drop_rate}": args.drop_rate,
-               "the lower blocks train": n_frozen is None}
-    if any(reasons.values()):
-        print(f"activation cache: off ({next(r for r, on in reasons.items() if on)}): full forward pass at every step")
-        return token_ids, partial(full_pass_logits, model), False
-    print(f"activation cache: on (embeddings and {n_frozen} of {n_layers} blocks frozen, dropout 0)")
-    flat = compute_frozen_activations(model, [t for split in token_ids for t in split], n_frozen)
-    inputs = [flat[: len(token_ids[0])], flat[len(token_ids[0]) :]]
+def choose_forward_pass(model, train_ids, val_ids, args):
+    """The training and validation inputs, and the logits_fn that reads them -> ([train, validation], logits_fn,
+    use_cache): the frozen blocks' cached activations and `cached_logits` when the frozen blocks always give the same
+    output, else the token ids and `full_pass_logits`."""
+    if args.no_activation_cache:
+        off = "--no-activation-cache"
+    elif args.drop_rate > 0:
+        off = f"--drop-rate {args.drop_rate}"  # dropout changes the frozen blocks' output at every step
+    elif args.lora or args.trainable == "all":
+        off = "the lower blocks train"
+    else:
+        off = None
+    if off is not None:
+        print(f"activation cache: off ({off}): full forward pass at every step")
+        return [train_ids, val_ids], partial(full_pass_logits, model), False
+    n_frozen = model.cfg.n_layers - 1 if args.trainable == "last-block" else model.cfg.n_layers  # "head": all frozen
+    print(f"activation cache: on (embeddings and {n_frozen} of {model.cfg.n_layers} blocks frozen, dropout 0)")
+    activations = compute_frozen_activations(model, train_ids + val_ids, n_frozen)  # both splits in one pass
+    inputs = [activations[: len(train_ids)], activations[len(train_ids) :]]
     return inputs, partial(cached_logits, model, n_frozen=n_frozen), True
 
 
@@ -395,7 +421,8 @@ def train_and_evaluate(args, device):
     started = time.time()
     if args.data is not None:
         sms_collection_path(args.data)  # a missing --data file fails now, not after a model download
-    # Before any work: the folder holds no other run, nor does the checkpoint's place (--checkpoint).
+    # Before any work: the folder holds no other run. The checkpoint's name as seen from the run folder (classifier.pt,
+    # or where --checkpoint puts it) is one of the run's files, so an old checkpoint there is refused too.
     out_dir = gpt.claim_run_folder(args.out_dir, [os.path.relpath(args.checkpoint, args.out_dir), *RUN_FILES],
                                    overwrite=args.overwrite, resumable=False)
     # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
@@ -403,14 +430,16 @@ def train_and_evaluate(args, device):
     gpt.print_settings(args)
     token_ids, labels = prepare_data(args, out_dir, device, tokenizer)
     gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # after the data: bad data leaves no run behind
-    inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids[:2], args)
+    # Training and validation may read the activation cache; the test split always runs the full pass (below).
+    inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids[0], token_ids[1], args)
     # --dtype: mixed precision for what runs per step; weights, cache and loss stay float32.
     history = train_classifier(model, autocast_logits(logits_fn, device, args.dtype), (inputs[0], labels[0]),
                                (inputs[1], labels[1]), epochs=args.epochs, max_steps=args.max_steps,
                                batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
                                log_every=args.log_every, keep_last=args.keep_last)
-    del inputs, logits_fn  # the activation cache (held by both): the test split needs the full model only
-    # The test split through the full pass of the weights as saved (LoRA merged), as --evaluate runs them.
+    # The test split: the full pass of the weights as saved (LoRA merged), as --evaluate runs them. The activation
+    # cache (held by inputs and logits_fn) is not needed any more.
+    del inputs, logits_fn
     gpt.merge_lora(model)
     metrics = labelled_metrics(model, token_ids[2], labels[2], args.batch_size, args.threshold, args.dtype,
                                "test split")
