@@ -3,9 +3,9 @@
 Stage "fine-tune for classification" (chapter 6 of "Build a Large Language Model (From Scratch)"): the SMS Spam
 Collection (UCI data set 228), balanced, split 70/10/20; a 2-class head reads each message's last real token (the one
 position that has seen the whole message); the last block, final norm and head train, the frozen blocks run once per
-message (the "activation cache"); the best epoch on validation is kept. The job, `train_and_evaluate`, in order:
-claim the run folder -> build_classifier -> prepare_data -> choose_forward_pass -> train_classifier -> labelled_metrics
-(the test split) -> save the checkpoint. The functions it calls come first, as the sections below: data, model, training.
+message (the "activation cache"); the best epoch on validation is kept. The job, `train_and_evaluate` (after the
+functions it calls): claim the run folder -> build_classifier -> prepare_data -> choose_forward_pass ->
+train_classifier -> labelled_metrics on the test split -> save the checkpoint.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
     python finetune_classify.py --data path/to/SMSSpamCollection --model path/to/model.safetensors
@@ -159,38 +159,32 @@ def tokenize_messages(texts, max_length=None, tokenizer=None, device="cpu"):
 
 
 # --- Model: a pretrained GPT with a classification head, and the activation cache -------
+# Training and evaluation see the model through a "logits_fn": logits_fn(list of B inputs) -> float32 [B, 2], where an
+# input is one message's token ids [n] (full_pass_logits) or its cached hidden states [n, emb_dim] (cached_logits).
 
 
 def add_classification_head(model):
-    """Turn the language model into a classifier -> model: its head `lm_head` (emb_dim -> vocabulary logits) is
-    replaced by a random nn.Linear(emb_dim, 2), so model(idx) now returns class logits [B, T, 2] (CLASS_NAMES, kept
-    as model.labels). The new head no longer shares its weight with the token embedding wte, as GPT-2's head did."""
-    # gpt.py does the swap, because its loaders rebuild a saved classifier the same way. The Llama family's head has
-    # no bias, as in transformers' LlamaForSequenceClassification: its RMSNorm has no shift to carry one in an export.
+    """Turn the language model into a classifier -> model: its head `lm_head` (emb_dim -> vocabulary logits) becomes a
+    random nn.Linear(emb_dim, 2), so model(idx) returns class logits [B, T, 2] (CLASS_NAMES, kept as model.labels);
+    the head no longer shares its weight with the token embedding wte. gpt.py's loaders rebuild classifiers with it."""
+    # The Llama family's head has no bias, as in transformers: its RMSNorm has no shift to carry one into an export.
     return gpt.add_classifier_head(model, CLASS_NAMES, bias=model.cfg.family == "gpt2")
 
 
 def set_trainable(model, trainable, lora_rank, lora_alpha):
-    """Freeze the model except what `trainable` names -> model. all; last-block: the last transformer block, the final
-    norm and the head (the book's choice); head: the new head only; lora (--lora): the head, and adapters of rank
-    `lora_rank` (updates scaled by lora_alpha / lora_rank) on every block's linear layers."""
+    """Freeze the model except what `trainable` names -> model: all; last-block (the book's choice); head; or lora
+    (--lora): adapters of rank `lora_rank`, updates scaled by lora_alpha / lora_rank, on every block's linear layers."""
     if trainable == "all":
-        model.requires_grad_(True)
-    elif trainable == "last-block":
-        model.requires_grad_(False)
-        for part in (model.h[-1], model.ln_f, model.lm_head):
-            part.requires_grad_(True)
-    elif trainable == "head":
-        model.requires_grad_(False)
-        model.lm_head.requires_grad_(True)
-    else:  # "lora"
+        return model.requires_grad_(True)
+    if trainable == "lora":
         gpt.add_lora(model, rank=lora_rank, alpha=lora_alpha)  # freezes every weight it does not add
-        model.lm_head.requires_grad_(True)
+    else:
+        model.requires_grad_(False)
+    if trainable == "last-block":
+        model.h[-1].requires_grad_(True)
+        model.ln_f.requires_grad_(True)
+    model.lm_head.requires_grad_(True)  # the new head trains in every mode
     return model
-
-
-# Training and evaluation see the model through a "logits_fn": logits_fn(list of B inputs) -> float32 [B, 2], where an
-# input is one message's token ids [n] (full_pass_logits) or its cached hidden states [n, emb_dim] (cached_logits).
 
 
 def full_pass_logits(model, token_ids):
@@ -251,9 +245,8 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
                      weight_decay=0.1, seed=123, log_every=25, keep_last=False):
     """Fine-tune the trainable parameters with AdamW on cross-entropy -> history (HISTORY per epoch, `step_loss` per
     step, `kept_epoch`). train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch shuffles
-    the training split (seeded) and drops the last incomplete batch, as the book does; `max_steps` stops earlier.
-    After each epoch (a fraction when `max_steps` stops within one) both splits are evaluated, and the weights of
-    the best epoch on validation are kept (unless `keep_last`)."""
+    the training split (seeded), drops the last incomplete batch (as the book does), then evaluates both splits (a
+    fractional epoch where `max_steps` stops); the weights of the best epoch on validation are kept, or the last."""
     train_inputs, train_labels = train
     optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -267,8 +260,8 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     started = time.time()
     steps_since_log = 0
     seconds_since_log = 0.0  # of the training steps alone, for the throughput
-    model.train()
     for epoch in range(1, n_epochs + 1):
+        model.train()  # `evaluate` switched to eval mode
         order = torch.randperm(len(train_inputs), generator=generator).tolist()
         for b in range(min(steps_per_epoch, total_steps - step)):  # the last epoch stops at total_steps
             step_started = time.perf_counter()
@@ -309,8 +302,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
 @torch.no_grad()
 def evaluate(model, logits_fn, inputs, labels, batch_size, threshold=0.5):
     """Mean cross-entropy loss, accuracy and predictions (LongTensor [n], in input order: spam where its probability
-    reaches `threshold`). Batches hold messages of similar length (sorted): little compute goes to padding."""
-    was_training = model.training
+    reaches `threshold`), in eval mode. Batches hold messages of similar length (sorted): little padding."""
     model.eval()
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     predictions = torch.empty(len(inputs), dtype=torch.long, device=labels.device)
@@ -320,7 +312,6 @@ def evaluate(model, logits_fn, inputs, labels, batch_size, threshold=0.5):
         logits = logits_fn([inputs[i] for i in batch]).float()
         total_loss += F.cross_entropy(logits, labels[batch], reduction="sum").item()
         predictions[batch] = (logits.softmax(dim=-1)[:, 1] >= threshold).long()
-    model.train(was_training)
     return total_loss / len(inputs), (predictions == labels).sum().item() / len(inputs), predictions
 
 
@@ -328,13 +319,11 @@ def binary_classification_metrics(predictions, labels):
     """Accuracy; precision, recall and F1 of spam (class 1; 0.0 where undefined); the confusion matrix [[true 0
     predicted 0, true 0 predicted 1], [true 1 ..., ...]]. predictions, labels: LongTensor [n] of class indices 0/1."""
     matrix = [[int(((labels == t) & (predictions == p)).sum()) for p in (0, 1)] for t in (0, 1)]
-    true_pos = matrix[1][1]
-    predicted_pos = matrix[0][1] + matrix[1][1]
-    actual_pos = sum(matrix[1])
-    precision = true_pos / predicted_pos if predicted_pos else 0.0
-    recall = true_pos / actual_pos if actual_pos else 0.0
+    (true_neg, false_pos), (false_neg, true_pos) = matrix
+    precision = true_pos / (true_pos + false_pos) if true_pos + false_pos else 0.0
+    recall = true_pos / (true_pos + false_neg) if true_pos + false_neg else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    accuracy = (matrix[0][0] + matrix[1][1]) / len(labels)
+    accuracy = (true_neg + true_pos) / len(labels)
     return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1, "confusion_matrix": matrix}
 
 
@@ -395,17 +384,15 @@ def prepare_data(args, out_dir, device, tokenizer):
 
 
 def choose_forward_pass(model, train_ids, val_ids, args):
-    """The training and validation inputs, and the logits_fn that reads them -> ([train, validation], logits_fn,
-    use_cache): the frozen blocks' cached activations and `cached_logits` when the frozen blocks always give the same
-    output, else the token ids and `full_pass_logits`."""
+    """-> ([training inputs, validation inputs], the logits_fn that reads them, use_cache): the activation cache and
+    `cached_logits` when the frozen blocks' output never changes, else the token ids and `full_pass_logits`."""
+    off = None  # or why the activation cache is off
     if args.no_activation_cache:
         off = "--no-activation-cache"
     elif args.drop_rate > 0:
         off = f"--drop-rate {args.drop_rate}"  # dropout changes the frozen blocks' output at every step
     elif args.lora or args.trainable == "all":
         off = "the lower blocks train"
-    else:
-        off = None
     if off is not None:
         print(f"activation cache: off ({off}): full forward pass at every step")
         return [train_ids, val_ids], partial(full_pass_logits, model), False
@@ -421,8 +408,7 @@ def train_and_evaluate(args, device):
     started = time.time()
     if args.data is not None:
         sms_collection_path(args.data)  # a missing --data file fails now, not after a model download
-    # Before any work: the folder holds no other run. The checkpoint's name as seen from the run folder (classifier.pt,
-    # or where --checkpoint puts it) is one of the run's files, so an old checkpoint there is refused too.
+    # Before any work: the folder holds no other run's files; the checkpoint (named as seen from the folder) is one.
     out_dir = gpt.claim_run_folder(args.out_dir, [os.path.relpath(args.checkpoint, args.out_dir), *RUN_FILES],
                                    overwrite=args.overwrite, resumable=False)
     # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
@@ -430,17 +416,13 @@ def train_and_evaluate(args, device):
     gpt.print_settings(args)
     token_ids, labels = prepare_data(args, out_dir, device, tokenizer)
     gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # after the data: bad data leaves no run behind
-    # Training and validation may read the activation cache; the test split always runs the full pass (below).
     inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids[0], token_ids[1], args)
-    # --dtype: mixed precision for what runs per step; weights, cache and loss stay float32.
     history = train_classifier(model, autocast_logits(logits_fn, device, args.dtype), (inputs[0], labels[0]),
                                (inputs[1], labels[1]), epochs=args.epochs, max_steps=args.max_steps,
                                batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
                                log_every=args.log_every, keep_last=args.keep_last)
-    # The test split: the full pass of the weights as saved (LoRA merged), as --evaluate runs them. The activation
-    # cache (held by inputs and logits_fn) is not needed any more.
-    del inputs, logits_fn
-    gpt.merge_lora(model)
+    del inputs, logits_fn  # they hold the activation cache, which the test split does not use
+    gpt.merge_lora(model)  # the test split runs the weights as saved, in the full pass, as --evaluate does
     metrics = labelled_metrics(model, token_ids[2], labels[2], args.batch_size, args.threshold, args.dtype,
                                "test split")
     gpt.save_checkpoint(args.checkpoint, model, tokenizer, max_length=args.max_length, settings=vars(args),
