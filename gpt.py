@@ -2079,6 +2079,148 @@ def gguf_file(source):
     return None
 
 
+# --- Writing GGUF: a model for llama.cpp and Ollama ----------------------------------------
+
+# --gguf-type -> (the ggml type of the matrices, general.file_type: llama.cpp's LLAMA_FTYPE_ALL_F32,
+# _MOSTLY_F16, _MOSTLY_BF16, _MOSTLY_Q8_0). Vectors (norms, biases) stay F32, as llama.cpp keeps them.
+GGUF_FILE_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
+GGUF_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# The Ollama Modelfile written beside an export: the Alpaca prompt of finetune_instruct.py
+MODELFILE = '''FROM ./{file}
+TEMPLATE """Below is an instruction that describes a task. Write a response that appropriately completes the request.
+
+### Instruction:
+{{{{ .Prompt }}}}
+
+### Response:
+"""
+PARAMETER stop "{stop}"
+'''
+
+
+def quantize_q8_0(weight):
+    """A tensor whose last dimension is a multiple of 32 -> its Q8_0 blocks as bytes (uint8 [n * 34]),
+    bit for bit as ggml-quants.c: per 32 values a float16 scale d = max |x| / 127 and round(x / d) in int8."""
+    blocks = weight.float().reshape(-1, 32)
+    scale = blocks.abs().amax(1, keepdim=True) / 127
+    scaled = blocks * torch.where(scale == 0, 0, 1 / scale)
+    values = (scaled + scaled.sign() / 2).to(torch.int8)  # C's roundf: halves away from 0 (the cast truncates)
+    return torch.cat([scale.half().view(torch.uint8), values.view(torch.uint8)], 1).reshape(-1)
+
+
+def _gguf_value(value, int_kind=4):
+    """A metadata value -> (its GGUF type, its bytes): str, bool, int (uint32; int32 in arrays),
+    float (float32), or a list of one of these."""
+    if isinstance(value, str):
+        data = value.encode("utf-8")
+        return 8, struct.pack("<Q", len(data)) + data
+    if isinstance(value, list):
+        kind = _gguf_value(value[0], 5)[0]
+        return 9, struct.pack("<IQ", kind, len(value)) + b"".join(_gguf_value(item, 5)[1] for item in value)
+    kind = 7 if isinstance(value, bool) else int_kind if isinstance(value, int) else 6
+    return kind, struct.pack("<" + GGUF_SCALARS[kind], value)
+
+
+def gguf_metadata(model, tokenizer, name):
+    """GGUF metadata of a model and its `Tokenizer` -> {key: value}: the architecture and config
+    (GGUF_CONFIG_KEYS, from `hf_config`), and the tokenizer as llama.cpp reads it (tokens, merges,
+    pre-tokenizer, begin/end tokens, chat template). Raises ValueError for what GGUF cannot carry here."""
+    config = {"n_inner": 4 * model.cfg.emb_dim, **hf_config(model.cfg)}
+    arch = config["model_type"]
+    pre = next((key for key, value in GGUF_PRE_TOKENIZERS.items() if split_pattern(value, key) == tokenizer._pat_str),
+               None)
+    if hasattr(model, "labels"):
+        raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
+    if model.cfg.rope_scaling:
+        raise ValueError(f"{name}: Llama 3's rope scaling is not written to GGUF by this project")
+    if pre is None:
+        raise ValueError(f"{name}: its tokenizer's pre-tokenizer is none of llama.cpp's "
+                         f"{', '.join(GGUF_PRE_TOKENIZERS)}")
+    metadata = {"general.architecture": arch, "general.name": str(name), f"{arch}.vocab_size": model.cfg.vocab_size}
+    metadata.update({f"{arch}.{key}": config[hf] for key, hf in GGUF_CONFIG_KEYS[arch].items()})
+    if arch != "gpt2":  # the head size, as llama.cpp (rope.dimension_count) and transformers read it
+        metadata[f"{arch}.rope.dimension_count"] = metadata[f"{arch}.attention.value_length"] = config["head_dim"]
+    files = hf_tokenizer_files(tokenizer)
+    if "tokenizer.json" in files:
+        bpe = json.loads(files["tokenizer.json"])["model"]
+        vocab, merges = bpe["vocab"], [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    else:  # GPT-2's vocab.json and merges.txt (its first line is a version comment)
+        vocab, merges = json.loads(files["vocab.json"]), files["merges.txt"].decode("utf-8").split("\n")[1:-1]
+    special = set(tokenizer.special_tokens_set)
+    tokens = {i: text for text, i in vocab.items()} | {tokenizer.encode_single_token(t): t for t in special}
+    ids = hf_token_ids(tokenizer)
+    metadata.update({
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        # ids without a token (a vocabulary padded to a round size) get a name, as llama.cpp's converter does
+        "tokenizer.ggml.tokens": [tokens.get(i, f"[PAD{i}]") for i in range(model.cfg.vocab_size)],
+        "tokenizer.ggml.token_type": [3 if tokens.get(i) in special else 1 if i in tokens else 5
+                                      for i in range(model.cfg.vocab_size)],  # 3: control, 5: unused
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.add_bos_token": tokenizer.add_bos,
+        **{f"tokenizer.ggml.{key}_token_id": ids[f"{hf}_token_id"]
+           for key, hf in (("bos", "bos"), ("eos", "eos"), ("padding", "pad"), ("unknown", "unk"))
+           if ids.get(f"{hf}_token_id") is not None},
+    })
+    template = tokenizer.files.get("chat_template.jinja") or json.loads(
+        tokenizer.files.get("tokenizer_config.json", "{}")).get("chat_template")
+    if template:
+        metadata["tokenizer.chat_template"] = template
+    return metadata
+
+
+def gguf_tensors(model, kind):
+    """A model's weights under llama.cpp's names (GGUF_TENSOR_NAMES), matrices in ggml type `kind`,
+    vectors F32 -> [(name, type, shape, bytes uint8)], the query and key rows in llama.cpp's order
+    (`rotary_order`) for the llama architecture."""
+    cfg = model.cfg
+    names = {ours: theirs for theirs, ours in GGUF_TENSOR_NAMES[cfg.family].items()}
+    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads or cfg.n_heads} if not cfg.qk_norm else {}
+    tensors = []
+    for name, tensor in hf_tensors(model).items():
+        layer, part, suffix = re.fullmatch(r"(?:(?:h|layers)\.(\d+)\.)?(.+)\.(weight|bias)",
+                                           name.removeprefix("transformer.").removeprefix("model.")).groups()
+        part = names[part]
+        if cfg.family == "gpt2" and name.endswith(_TRANSPOSED):
+            tensor = tensor.t()  # GPT-2's Conv1D [in, out] -> ggml's [out, in]
+        if part in heads:
+            tensor = rotary_order(tensor, heads[part], to_gguf=True)
+        target = "F32" if tensor.dim() == 1 else kind if kind != "Q8_0" or tensor.shape[-1] % 32 == 0 else "F16"
+        data = quantize_q8_0(tensor) if target == "Q8_0" else \
+            tensor.to(GGUF_TORCH_DTYPES[target]).contiguous().view(torch.uint8).reshape(-1)
+        tensors.append((f"blk.{layer}.{part}.{suffix}" if layer else f"{part}.{suffix}", target, tensor.shape, data))
+    return tensors
+
+
+def export_gguf(model, tokenizer, path, gguf_type="f16", name="model"):
+    """Write model (GPT-2 or the Llama family) and its `Tokenizer` as a GGUF file (version 3) that
+    llama.cpp and Ollama run, atomically, and an Ollama Modelfile beside it (`MODELFILE`) ->
+    the Modelfile's path. gguf_type: a key of GGUF_FILE_TYPES. Raises ValueError as `gguf_metadata`."""
+    path = Path(path)
+    kind, file_type = GGUF_FILE_TYPES[gguf_type]
+    metadata = {**gguf_metadata(model, tokenizer, name), "general.file_type": file_type}
+    tensors = gguf_tensors(model, kind)
+
+    def write(f):
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)))
+        for key, value in metadata.items():
+            value_kind, data = _gguf_value(value)
+            f.write(_gguf_value(key)[1] + struct.pack("<I", value_kind) + data)
+        offset = 0
+        for tensor_name, tensor_kind, shape, data in tensors:  # dimensions innermost first, data 32-byte aligned
+            f.write(_gguf_value(tensor_name)[1] + struct.pack(f"<I{len(shape)}QIQ", len(shape), *shape[::-1],
+                                                               GGML_TYPES.index(tensor_kind), offset))
+            offset += -(-len(data) // 32) * 32
+        for *_, data in tensors:
+            f.write(b"\0" * (-f.tell() % 32))  # the data starts aligned, and each tensor in it
+            f.write(data.numpy())
+
+    atomic_write_bytes(path, write)
+    modelfile = path.with_name("Modelfile")
+    atomic_write_bytes(modelfile, MODELFILE.format(file=path.name, stop=tokenizer.decode([tokenizer.eot_id])).encode())
+    return modelfile
+
+
 # ----------------------------------------------------------------------------------------
 # 9. Checkpoints of this project
 # ----------------------------------------------------------------------------------------

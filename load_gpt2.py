@@ -498,7 +498,8 @@ MEASURING = ("benchmark", "perplexity")
 # Flags that mean something only with another: given alone they would be ignored.
 NEEDS = {"benchmark_file": ("benchmark",), "shots": ("benchmark",), "limit": ("benchmark",),
          "contamination": ("benchmark",), "probe": ("benchmark",), "ngram": ("contamination",),
-         "stride": ("perplexity",), "overwrite": ("export_hf",), "results": MEASURING, "batch_size": MEASURING}
+         "stride": ("perplexity",), "overwrite": ("export_hf",), "results": MEASURING, "batch_size": MEASURING,
+         "gguf_type": ("export_gguf",)}
 
 
 def parse_args(argv=None):
@@ -542,6 +543,10 @@ def parse_args(argv=None):
     e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
     e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype "
                    "(default: none)")
+    e.add_argument("--export-gguf", metavar="FILE", help="write --model as a GGUF file for llama.cpp and Ollama, "
+                   "with an Ollama Modelfile beside it")
+    e.add_argument("--gguf-type", choices=list(gpt.GGUF_FILE_TYPES), default="f16",
+                   help="type of the weight matrices of --export-gguf (norms and biases stay f32)")
     e.add_argument("--overwrite", action="store_true", help="let --export-hf replace an earlier export")
     args = p.parse_args(argv)
     check_flags(p, args, gpt.given_flags(p, argv))
@@ -554,10 +559,11 @@ def check_flags(p, args, given):
         if flag in given and not any(getattr(args, name) for name in needed):
             p.error(f"{gpt.flag_name(flag)} needs {' or '.join(map(gpt.flag_name, needed))}")
     measuring = args.benchmark or args.perplexity
-    if sum(map(bool, (args.download_only, args.export_hf, measuring))) > 1:
-        p.error("--download-only, --export-hf and measuring (--benchmark, --perplexity) are separate runs")
+    if sum(map(bool, (args.download_only, args.export_hf, args.export_gguf, measuring))) > 1:
+        p.error("--download-only, --export-hf, --export-gguf and measuring (--benchmark, --perplexity) are "
+                "separate runs")
     sampling = [flag for flag in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
-    if sampling and (measuring or args.download_only or args.export_hf):
+    if sampling and (measuring or args.download_only or args.export_hf or args.export_gguf):
         p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring, downloading or exporting")
     sampling_options = [flag for flag in ("top_k", "top_p", "seed") if flag in given]
     if sampling_options and not args.temperature and not measuring:
@@ -647,6 +653,12 @@ def main(argv=None):
     if args.export_hf:  # export it
         folder = gpt.export_hf(args.model, args.export_hf, dtype=gpt.DTYPES[args.dtype], overwrite=args.overwrite)
         print(f"exported {args.model} ({args.dtype}) to {folder}, a folder that transformers reads")
+        return
+    if args.export_gguf:
+        model, tokenizer = gpt.load(args.model)
+        modelfile = gpt.export_gguf(model, tokenizer, args.export_gguf, args.gguf_type, name=args.model)
+        print(f"exported {args.model} ({args.gguf_type}) to {args.export_gguf}, a GGUF file that llama.cpp reads; "
+              f"for Ollama: ollama create NAME -f {modelfile}")
         return
     items, text = read_inputs(args)
     if args.download_only:  # download it

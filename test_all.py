@@ -2390,8 +2390,8 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
         (["--top-k", "5"], "--top-k is for sampling: give --temperature above 0 as well"),  # greedy would ignore it
         (["--seed", "1"], "--seed is for sampling: give --temperature above 0 as well"),
         (["--batch-size", "4"], "--batch-size needs --benchmark or --perplexity"),
-        (["--perplexity", "t.txt", "--export-hf", "out"], "--download-only, --export-hf and measuring (--benchmark, "
-         "--perplexity) are separate runs"),
+        (["--perplexity", "t.txt", "--export-hf", "out"], "--download-only, --export-hf, --export-gguf and measuring "
+         "(--benchmark, --perplexity) are separate runs"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             load_gpt2.main(model + argv)
