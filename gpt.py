@@ -2127,8 +2127,8 @@ def gguf_metadata(model, tokenizer, name):
     pre-tokenizer, begin/end tokens, chat template). Raises ValueError for what GGUF cannot carry here."""
     config = {"n_inner": 4 * model.cfg.emb_dim, **hf_config(model.cfg)}
     arch = config["model_type"]
-    pre = next((key for key, value in GGUF_PRE_TOKENIZERS.items() if split_pattern(value, key) == tokenizer._pat_str),
-               None)
+    patterns = {split_pattern(value, key): key for key, value in GGUF_PRE_TOKENIZERS.items()}
+    pre = patterns.get(tokenizer._pat_str) if tokenizer.files else "gpt-2"  # no files: tiktoken's GPT-2
     if hasattr(model, "labels"):
         raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
     if model.cfg.rope_scaling:

@@ -5368,3 +5368,91 @@ def test_gguf_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path, m
                     r"a type this project does not read \(it reads F32, .*\): convert or quantize the model")
     _one_line_error(_write_gguf(tmp_path / "mamba.gguf", arch="mamba", tensors=weights),
                     r"mamba\.gguf: architecture 'mamba' is not supported; this project reads gpt2, llama, qwen3")
+
+
+def _transformers_gguf(path):
+    """transformers' model (float32) and tokenizer of a GGUF file, through from_pretrained(folder, gguf_file=...)."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with pytest.MonkeyPatch.context() as patch:  # see smollm2_pair
+        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
+        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _gguf_source(kind, folder, trained_tokenizers):
+    """A tiny model folder of `kind` with its tokenizer: GPT-2 (GPT-2's tokenizer; context 1024, as
+    transformers' GGUF loader assumes), Llama with SmolLM2's or Llama 3's tokenizer style, Qwen3."""
+    if kind == "gpt2":
+        save_hf_gpt2(folder, n_positions=1024, n_embd=32, n_layer=2, n_head=2)
+        return folder
+    if kind == "smollm2":
+        return _smol_instruct_folder(folder, trained_tokenizers)[1]
+    if kind == "llama3":
+        return _llama3_classifier_folder(folder, trained_tokenizers)
+    save_hf_family(folder, "qwen3", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
+                   head_dim=128, tie_word_embeddings=True)  # transformers' GGUF loader reads no head size: 128
+    (folder / "tokenizer.json").write_bytes((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("kind, gguf_type, atol", [("gpt2", "f32", 1e-5), ("smollm2", "q8_0", 0.1),
+                                                   ("llama3", "bf16", 0.1), ("qwen3", "f16", 0.01)])
+def test_gguf_export_is_read_by_gguf_and_transformers(tmp_path, trained_tokenizers, capsys, kind, gguf_type, atol):
+    source = _gguf_source(kind, tmp_path / "source", trained_tokenizers)
+    path = tmp_path / "out" / f"{kind}.gguf"
+    load_gpt2.main(["--model", str(source), "--export-gguf", str(path), "--gguf-type", gguf_type])
+    assert f"exported {source} ({gguf_type}) to {path}" in capsys.readouterr().out
+    assert sorted(os.listdir(path.parent)) == ["Modelfile", f"{kind}.gguf"]  # written whole, no temporary left
+    model, tokenizer = gpt.load(source)
+    stop = tokenizer.decode([tokenizer.eot_id])
+    assert (path.parent / "Modelfile").read_text() == (
+        f'FROM ./{kind}.gguf\nTEMPLATE """{instruct.format_prompt({"instruction": "{{ .Prompt }}"})}"""\n'
+        f'PARAMETER stop "{stop}"\n')  # finetune_instruct.py's prompt
+    assert {kind for kind, shape, _ in gpt.read_gguf(path)[1].values() if len(shape) == 2} == {gguf_type.upper()}
+    read_back, read_tokenizer = gpt.load(path)
+    reference, reference_tokenizer = _transformers_gguf(path)
+    texts = [f"Hello {stop} world 12345, naïve café!\n\n  x", "Hi  there\tthe 3.14"]
+    for text in texts:
+        ids = read_tokenizer.encode(text, bos=True)
+        assert ids == tokenizer.encode(text, bos=True) == reference_tokenizer.encode(text), text
+        with torch.no_grad():
+            logits = read_back(torch.tensor([ids]))
+            torch.testing.assert_close(logits, reference(torch.tensor([ids])).logits, atol=1e-5, rtol=0)
+            torch.testing.assert_close(logits, model(torch.tensor([ids])), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16", "q8_0"])
+def test_gguf_export_gives_the_weights_back(tmp_path, trained_tokenizers, gguf_type):
+    import gguf
+
+    model, tokenizer = gpt.load(_gguf_source("smollm2", tmp_path / "source", trained_tokenizers))
+    gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", gguf_type)
+    back, back_tokenizer = gpt.load(tmp_path / "model.gguf")
+    assert back.cfg.norm_eps == struct.unpack("<f", struct.pack("<f", 1e-5))[0]  # GGUF keeps float32 settings
+    assert dataclasses.replace(back.cfg, norm_eps=1e-5) == model.cfg
+    assert back_tokenizer.files["chat_template.jinja"] == SMOL_CHAT_TEMPLATE
+    for name, weight in model.state_dict().items():
+        if weight.dim() == 1 or gguf_type == "f32":
+            expected = weight
+        elif gguf_type == "q8_0":  # the `gguf` package's Q8_0, bit for bit
+            blocks = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
+            expected = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0))
+        else:
+            expected = weight.to(gpt.GGUF_TORCH_DTYPES[gguf_type.upper()]).float()
+        assert torch.equal(back.state_dict()[name], expected), name
+
+
+def test_gguf_export_runs_from_ollama_and_refuses_what_it_cannot_write(tmp_path, trained_tokenizers, monkeypatch):
+    model, tokenizer = gpt.load(_gguf_source("smollm2", tmp_path / "source", trained_tokenizers))
+    gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f16")
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama"))
+    blob = _ollama_folder(tmp_path / "ollama", "tiny", "f16", (tmp_path / "model.gguf").read_bytes(), "me")
+    from_ollama, _ = gpt.load("ollama:me/tiny:f16")
+    assert gpt.gguf_file("ollama:me/tiny:f16") == blob and from_ollama.cfg.n_kv_heads == model.cfg.n_kv_heads == 2
+    gpt.add_classifier_head(model, ["ham", "spam"])
+    with pytest.raises(ValueError, match="source is a classifier: a GGUF file holds a language model"):
+        gpt.export_gguf(model, tokenizer, tmp_path / "classifier.gguf", name="source")
+    assert not (tmp_path / "classifier.gguf").exists()
