@@ -1844,8 +1844,8 @@ GGUF_BLOCKS = {
 }
 
 
-def dequantize(data, kind, shape):
-    """A tensor's bytes (uint8 [n]) of GGUF_BLOCKS type `kind` -> float32 values of `shape`."""
+def dequantize(kind, shape, data):
+    """A tensor of `read_gguf`: its GGUF_BLOCKS type, shape and bytes (uint8 [n]) -> float32 values of that shape."""
     per_block, block_bytes, unpack = GGUF_BLOCKS[kind]
     return unpack(data.view(-1, block_bytes)).reshape(shape)
 
@@ -1958,6 +1958,17 @@ GGUF_PRE_TOKENIZERS = {
 }
 
 
+# Llama 3's rope scaling as Meta released it (Llama 3.1, 3.2) but for its factor: llama.cpp keeps
+# not the settings but the factor by which each frequency is divided (`rope_factors`)
+LLAMA3_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def rope_factors(cfg, head_dim):
+    """How much Llama 3's rope scaling (cfg.rope_scaling) slows each rotary frequency down -> float32
+    [head_dim / 2], llama.cpp's tensor rope_freqs.weight."""
+    return rope_frequencies(dataclasses.replace(cfg, rope_scaling=None), head_dim) / rope_frequencies(cfg, head_dim)
+
+
 def rotary_order(weight, n_heads, to_gguf=False):
     """A query or key projection (rows [n_heads * head_dim, ...]) from llama.cpp's row order to
     Hugging Face's, or back (to_gguf). Hugging Face's Llama rotates dimension i of a head with
@@ -1984,12 +1995,20 @@ def gguf_model_parts(path, dtype=torch.float32):
     config.update(model_type=arch, vocab_size=embedding[1][0])
     if arch != "gpt2":
         config.update(tie_word_embeddings="output.weight" not in entries, attention_bias="blk.0.attn_q.bias" in entries)
+    if "rope_freqs.weight" in entries:  # Llama 3.1 and 3.2: the factors of Meta's scaling give its settings back
+        factors = dequantize(*entries.pop("rope_freqs.weight"))
+        scaling = {"factor": float(factors.max()), **LLAMA3_ROPE_SCALING}
+        cfg = GPTConfig(rope_theta=config.get("rope_theta", 10000.0), rope_scaling=scaling)
+        if not torch.allclose(rope_factors(cfg, 2 * len(factors)), factors, rtol=1e-5, atol=0):
+            raise ValueError(f"{path}: rope_freqs.weight is not Llama 3's rope scaling with {LLAMA3_ROPE_SCALING}, "
+                             "the one rope scaling this project reads")
+        config["rope_scaling"] = {"rope_type": "llama3", **scaling}
     names = GGUF_TENSOR_NAMES["gpt2" if arch == "gpt2" else "llama"]
     heads = {"attn_q": config.get("num_attention_heads"),
              "attn_k": config.get("num_key_value_heads", config.get("num_attention_heads"))}
     tensors = {}
     for name, (kind, shape, data) in entries.items():
-        tensor = dequantize(data, kind, shape)
+        tensor = dequantize(kind, shape, data)
         match = re.fullmatch(r"(blk\.(\d+)\.)?(\w+)\.(weight|bias)", name)
         if match and match[3] in names:  # others keep their name: the loader lists them as unexpected
             block = f"{'h' if arch == 'gpt2' else 'layers'}.{match[2]}." if match[1] else ""
@@ -2131,8 +2150,6 @@ def gguf_metadata(model, tokenizer, name):
     pre = patterns.get(tokenizer._pat_str) if tokenizer.files else "gpt-2"  # no files: tiktoken's GPT-2
     if hasattr(model, "labels"):
         raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
-    if model.cfg.rope_scaling:
-        raise ValueError(f"{name}: Llama 3's rope scaling is not written to GGUF by this project")
     if pre is None:
         raise ValueError(f"{name}: its tokenizer's pre-tokenizer is none of llama.cpp's "
                          f"{', '.join(GGUF_PRE_TOKENIZERS)}")
@@ -2189,6 +2206,9 @@ def gguf_tensors(model, kind):
         data = quantize_q8_0(tensor) if target == "Q8_0" else \
             tensor.to(GGUF_TORCH_DTYPES[target]).contiguous().view(torch.uint8).reshape(-1)
         tensors.append((f"blk.{layer}.{part}.{suffix}" if layer else f"{part}.{suffix}", target, tensor.shape, data))
+    if cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
+        factors = rope_factors(cfg, cfg.head_dim or cfg.emb_dim // cfg.n_heads)
+        tensors.append(("rope_freqs.weight", "F32", factors.shape, factors.view(torch.uint8)))
     return tensors
 
 

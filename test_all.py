@@ -5258,7 +5258,7 @@ def test_gguf_dequantize_equals_gguf_quants(kind):
 
     blocks = _gguf_blocks(kind, 24)
     expected = gguf.quants.dequantize(blocks.reshape(1, -1), gguf.GGMLQuantizationType[kind]).reshape(-1)
-    ours = gpt.dequantize(torch.from_numpy(blocks.reshape(-1).copy()), kind, (-1,))
+    ours = gpt.dequantize(kind, (-1,), torch.from_numpy(blocks.reshape(-1).copy()))
     assert ours.dtype == torch.float32 and torch.equal(ours, torch.from_numpy(expected.astype("float32")))
 
 
@@ -5302,7 +5302,7 @@ def test_gguf_container_reads_every_value_type_alignment_and_version_2(tmp_path)
     reference = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
     for name, (kind, shape, data) in entries.items():
         expected = gguf.quants.dequantize(reference[name].data, reference[name].tensor_type).reshape(shape)
-        assert torch.equal(gpt.dequantize(data, kind, shape), torch.from_numpy(np.array(expected, dtype=np.float32)))
+        assert torch.equal(gpt.dequantize(kind, shape, data), torch.from_numpy(np.array(expected, dtype=np.float32)))
     assert entries["q"][:2] == ("Q8_0", (2, 32)) and entries["q"][2].data_ptr() % 64 == 0
     raw = bytearray(path.read_bytes())
     raw[4:8] = struct.pack("<I", 2)  # version 2 is version 3 on a little-endian machine
@@ -5353,7 +5353,7 @@ def test_gguf_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path, m
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
     _one_line_error("ollama:smollm2:135m", r"no Ollama model smollm2:135m in .* run `ollama pull smollm2:135m`")
     blob = _ollama_folder(tmp_path, "gone", "latest", None)
-    _one_line_error("ollama:gone", rf"the blob of its model layer, {re.escape(str(blob))}, is missing: run `ollama pull")
+    _one_line_error("ollama:gone", rf"the blob of its model layer, {re.escape(str(blob))}, is missing: run `ollama")
     _ollama_folder(tmp_path, "html", "latest", b"<html>502 Bad Gateway</html>")
     _one_line_error("ollama:html", r"sha256-\w+: not a GGUF file \(it starts with b'<htm', not b'GGUF'\)")
     weights = [("token_embd.weight", np.zeros((8, 32), np.float32), None)]
@@ -5456,3 +5456,24 @@ def test_gguf_export_runs_from_ollama_and_refuses_what_it_cannot_write(tmp_path,
     with pytest.raises(ValueError, match="source is a classifier: a GGUF file holds a language model"):
         gpt.export_gguf(model, tokenizer, tmp_path / "classifier.gguf", name="source")
     assert not (tmp_path / "classifier.gguf").exists()
+
+
+def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trained_tokenizers):
+    folder = _llama3_classifier_folder(tmp_path / "source", trained_tokenizers)
+    scaling = {"rope_type": "llama3", "factor": 8.0, **gpt.LLAMA3_ROPE_SCALING}
+    config = {**json.loads((folder / "config.json").read_text()), "rope_theta": 500000.0,
+              "rope_parameters": {**scaling, "rope_theta": 500000.0}}
+    (folder / "config.json").write_text(json.dumps(config))
+    model, tokenizer = gpt.load(folder)
+    gpt.export_gguf(model, tokenizer, tmp_path / "llama3.gguf", "f32")
+    factors = gpt.dequantize(*gpt.read_gguf(tmp_path / "llama3.gguf")[1]["rope_freqs.weight"])
+    # 1 for the fast pairs, 8 for the slow ones, blended between
+    assert factors[:4].eq(1).all() and 1 < factors[4] < 8 and factors[5:].eq(8).all()  # head size 16: 8 pairs
+    back, _ = gpt.load(tmp_path / "llama3.gguf")
+    assert back.cfg.rope_scaling == {key: value for key, value in scaling.items() if key != "rope_type"}
+    ids = torch.tensor([tokenizer.encode("Hello there, 12345", bos=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids), atol=1e-5, rtol=0)
+    model.cfg.rope_scaling["original_max_position_embeddings"] = 4096  # a scaling whose settings GGUF cannot give back
+    gpt.export_gguf(model, tokenizer, tmp_path / "other.gguf", "f32")
+    _one_line_error(tmp_path / "other.gguf", r"other\.gguf: rope_freqs\.weight is not Llama 3's rope scaling with")
