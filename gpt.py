@@ -1799,7 +1799,7 @@ def _q5(blocks, start):
 
 
 def _k_scales(blocks):
-    """The 8 scales and minimums of a Q4_K or Q5_K block, 6 bits each in bytes 4-15, times the
+    """The 8 scales and minimums of a Q4_K block, 6 bits each in bytes 4-15, times the
     block's two float16 factors -> float32 [n, 8, 1] each."""
     d, m, high = blocks[:, 4:16].reshape(-1, 3, 4).unbind(1)
     scales = torch.cat([d & 63, (high & 15) | (d >> 2 & 48)], 1)
@@ -1812,12 +1812,6 @@ def _q4_k(blocks):
     return scales * _fields(blocks[:, 16:], 4, 32).view(-1, 8, 32) - minimums
 
 
-def _q5_k(blocks):
-    scales, minimums = _k_scales(blocks)
-    values = _fields(blocks[:, 48:], 4, 32) | _fields(blocks[:, 16:48], 1, 32) << 4
-    return scales * values.view(-1, 8, 32) - minimums
-
-
 def _q6_k(blocks):
     values = (_fields(blocks[:, :128], 4, 64) | _fields(blocks[:, 128:192], 2, 32) << 4).to(torch.int8) - 32
     scales = _half(blocks, 208) * blocks[:, 192:208].view(torch.int8)
@@ -1827,8 +1821,8 @@ def _q6_k(blocks):
 # The tensor types read here -> (values per block, bytes per block, unpack: blocks uint8 [n, bytes]
 # -> values float32 [n, values per block]), computed as ggml-quants.c and the `gguf` package do.
 # Q4_0 is a float16 scale d and 32 4-bit values q, each d * (q - 8); Q4_1 adds a float16 offset m,
-# d * q + m; Q5 holds one more bit per value, Q8_0 8 bits; the K types share one factor per 256
-# values, which scales 8 or 16 smaller scales (and minimums) of 6 or 8 bits.
+# d * q + m; Q5 holds one more bit per value, Q8_0 8 bits; the K types share float16 factors per
+# 256 values, which scale 8 or 16 smaller scales (and minimums) of 6 or 8 bits.
 GGUF_BLOCKS = {
     "F32": (1, 4, lambda blocks: blocks.view(torch.float32)),
     "F16": (1, 2, lambda blocks: blocks.view(torch.float16).float()),
@@ -1839,7 +1833,6 @@ GGUF_BLOCKS = {
     "Q5_0": (32, 22, lambda blocks: _half(blocks, 0) * (_q5(blocks, 2).to(torch.int8) - 16)),
     "Q5_1": (32, 24, lambda blocks: _half(blocks, 0) * _q5(blocks, 4) + _half(blocks, 2)),
     "Q4_K": (256, 144, _q4_k),
-    "Q5_K": (256, 176, _q5_k),
     "Q6_K": (256, 210, _q6_k),
 }
 
@@ -1851,13 +1844,10 @@ def dequantize(kind, shape, data):
 
 
 def read_gguf(path):
-    """Read a GGUF file (version 2 or 3) -> (metadata {key: value}, {tensor name: (type, shape, bytes)}).
-
-    type names GGUF_BLOCKS' entry, shape is in torch's order (GGUF lists the innermost dimension
-    first) and bytes is a uint8 view of a private memory mapping of the file, which `dequantize`
-    turns into values. Raises FileNotFoundError, or ValueError naming the file and what is wrong:
-    not GGUF, another version, truncated or malformed, a tensor type GGUF_BLOCKS lacks.
-    """
+    """Read a GGUF file (version 2 or 3) -> (metadata {key: value}, {tensor name: (type, shape, bytes)}):
+    a GGUF_BLOCKS type, torch's order of dimensions, a uint8 view of a private memory mapping of
+    the file (see `dequantize`). Raises FileNotFoundError, or ValueError naming the file and what
+    is wrong: not GGUF, another version, truncated or malformed, a type GGUF_BLOCKS lacks."""
     path = Path(path)
     with open(path, "rb") as f:
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(f.fileno()).st_size else b""
@@ -1984,11 +1974,10 @@ def gguf_model_parts(path, dtype=torch.float32):
     Raises ValueError naming the file for an architecture GGUF_CONFIG_KEYS lacks, and as `read_gguf`."""
     metadata, entries = read_gguf(path)
     arch = metadata.get("general.architecture")
-    if arch not in GGUF_CONFIG_KEYS or metadata.get(f"{arch}.rope.scaling.type", "none") != "none":
-        what = f"rope scaling {metadata.get(f'{arch}.rope.scaling.type')!r}" if arch in GGUF_CONFIG_KEYS else \
-            f"architecture {arch!r}"
-        raise ValueError(f"{path}: {what} is not supported; this project reads {', '.join(GGUF_CONFIG_KEYS)} "
-                         "models without rope scaling")
+    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")  # linear, yarn: positions computed otherwise
+    if arch not in GGUF_CONFIG_KEYS or scaling != "none":
+        raise ValueError(f"{path}: architecture {arch!r} with rope scaling {scaling!r} is not supported; this "
+                         f"project reads {', '.join(GGUF_CONFIG_KEYS)} without rope scaling")
     config = {hf: metadata[f"{arch}.{key}"] for key, hf in GGUF_CONFIG_KEYS[arch].items()
               if f"{arch}.{key}" in metadata}
     embedding = entries.get("token_embd.weight", (None, [None]))
@@ -2032,27 +2021,23 @@ def gguf_tokenizer_files(metadata, source):
                          f"reads byte-level BPE ('gpt2') with the pre-tokenizers {', '.join(GGUF_PRE_TOKENIZERS)}")
     tokens = metadata.get("tokenizer.ggml.tokens", [])
     kinds = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))  # 3: control, 4: user-defined
-    added = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": kind == 3} for i, (token, kind) in enumerate(zip(tokens, kinds)) if kind in (3, 4)]
+    plain = dict.fromkeys(("single_word", "lstrip", "rstrip", "normalized"), False)
+    added = [{"id": i, "content": token, "special": kind == 3, **plain}
+             for i, (token, kind) in enumerate(zip(tokens, kinds)) if kind in (3, 4)]
     config = {f"{name}_token": tokens[metadata[f"tokenizer.ggml.{key}_token_id"]]
               for key, name in (("bos", "bos"), ("eos", "eos"), ("padding", "pad"), ("unknown", "unk"))
               if metadata.get(f"tokenizer.ggml.{key}_token_id", len(tokens)) < len(tokens)}
-    bos = config.get("bos_token")
-    single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
-    tokenizer_json = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": {"type": "NFC"} if pre == "qwen2" else None,
-        "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre],
-        "post_processor": {"type": "TemplateProcessing", "single": single, "pair": single + single[1:],
-                           "special_tokens": {bos: {"id": bos, "ids": [tokens.index(bos)], "tokens": [bos]}}}
-        if metadata.get("tokenizer.ggml.add_bos_token") and bos else None,
-        "decoder": {**_BYTE_LEVEL, "add_prefix_space": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": pre == "llama-bpe",  # as Llama 3's tokenizer.json and llama.cpp
-                  "vocab": {token: i for i, token in enumerate(tokens)},
-                  "merges": metadata.get("tokenizer.ggml.merges", [])},
+    tokenizer_json = {  # what `tokenizer_from_files` and the tokenizers library read
+        "added_tokens": added, "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre], "decoder": _BYTE_LEVEL,
+        "normalizer": {"type": "NFC"} if pre == "qwen2" else None,  # Qwen's
+        "model": {"type": "BPE", "vocab": {token: i for i, token in enumerate(tokens)},
+                  "merges": metadata.get("tokenizer.ggml.merges", []), "ignore_merges": pre == "llama-bpe"},
     }
+    bos = config.get("bos_token")
+    if metadata.get("tokenizer.ggml.add_bos_token") and bos:  # Llama 3: a text starts with the begin token
+        single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+        tokenizer_json["post_processor"] = {"type": "TemplateProcessing", "single": single, "pair": single + single[1:],
+                                            "special_tokens": {bos: {"id": bos, "ids": [tokens.index(bos)]}}}
     files = {"tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False),
              "tokenizer_config.json": json.dumps(config)}
     if "tokenizer.chat_template" in metadata:
@@ -2103,7 +2088,6 @@ def gguf_file(source):
 # --gguf-type -> (the ggml type of the matrices, general.file_type: llama.cpp's LLAMA_FTYPE_ALL_F32,
 # _MOSTLY_F16, _MOSTLY_BF16, _MOSTLY_Q8_0). Vectors (norms, biases) stay F32, as llama.cpp keeps them.
 GGUF_FILE_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
-GGUF_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # The Ollama Modelfile written beside an export: the Alpaca prompt of finetune_instruct.py
 MODELFILE = '''FROM ./{file}
 TEMPLATE """Below is an instruction that describes a task. Write a response that appropriately completes the request.
@@ -2204,7 +2188,7 @@ def gguf_tensors(model, kind):
             tensor = rotary_order(tensor, heads[part], to_gguf=True)
         target = "F32" if tensor.dim() == 1 else kind if kind != "Q8_0" or tensor.shape[-1] % 32 == 0 else "F16"
         data = quantize_q8_0(tensor) if target == "Q8_0" else \
-            tensor.to(GGUF_TORCH_DTYPES[target]).contiguous().view(torch.uint8).reshape(-1)
+            tensor.to(SAFETENSORS_DTYPES[target]).contiguous().view(torch.uint8).reshape(-1)
         tensors.append((f"blk.{layer}.{part}.{suffix}" if layer else f"{part}.{suffix}", target, tensor.shape, data))
     if cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
         factors = rope_factors(cfg, cfg.head_dim or cfg.emb_dim // cfg.n_heads)
