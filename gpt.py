@@ -1634,6 +1634,7 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     - a Hub name "owner/model", downloaded once (`hub_file`; a gated model needs HF_TOKEN);
     - a folder as transformers' `save_pretrained` or `export_hf` writes it;
     - a .safetensors file, with the config.json and tokenizer files beside it, when there;
+    - a GGUF file (llama.cpp's), or "ollama:NAME[:TAG]", a model Ollama has pulled (section 8b);
     - a checkpoint of this project (any other file).
     The kind of model is read from config.json's model_type (gpt2, llama, qwen3), else from the
     tensor names; a classifier (class names, or ...ForSequenceClassification) gets its head and

@@ -1,8 +1,8 @@
 """load_gpt2.py: get a model, try it, measure it.
 
 Stage 1 of the lifecycle. Loads (gpt.load) OpenAI's GPT-2 from the Hugging Face Hub, downloaded
-once, a local .safetensors file or model folder, or a checkpoint of this project; a model of
-the Llama family (SmolLM2, Qwen3, Llama 3.2) the same way, with its own tokenizer.
+once, a local .safetensors file, model folder or GGUF file, or a checkpoint of this project;
+a model of the Llama family (SmolLM2, Qwen3, Llama 3.2) the same way, with its own tokenizer.
 
 Try it: continue a prompt, printing the tokens as they are generated.
 
@@ -11,6 +11,7 @@ Try it: continue a prompt, printing the tokens as they are generated.
     python load_gpt2.py --model path/to/model.safetensors   # offline: a local file
     python load_gpt2.py --model runs/pretrain/best.pt       # a checkpoint of pretrain.py
     python load_gpt2.py --model HuggingFaceTB/SmolLM2-135M   # the Llama family
+    python load_gpt2.py --model ollama:smollm2:135m          # a model Ollama pulled, or a .gguf file
 
 Measure it, as EleutherAI's lm-evaluation-harness does (the same prompts, tokenization and
 metrics). Benchmark files are downloaded once from the original sources, or read from
@@ -27,10 +28,11 @@ Download or export it:
 
     python load_gpt2.py --download-only --model gpt2-xl
     python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # a folder transformers reads
+    python load_gpt2.py --model runs/instruct/model.pt --export-gguf out/model.gguf   # llama.cpp, Ollama
 
 Prints the model and its load time, then the continuation or the measurements. Writes only the
 caches (--cache-dir; a Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is;
-$HF_ENDPOINT names a mirror), --results and --export-hf.
+$HF_ENDPOINT names a mirror), --results, --export-hf, and --export-gguf with a Modelfile beside it.
 """
 
 import collections
@@ -507,7 +509,7 @@ def parse_args(argv=None):
     would be ignored, exit with one line (exit status 2)."""
     p = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2", help=f"{', '.join(gpt.MODEL_CONFIGS)}, a Llama-family Hub name, "
-                   "a .safetensors file, a model folder or a checkpoint (.pt)")
+                   "a .safetensors file, a model folder, a checkpoint (.pt), a GGUF file or ollama:NAME[:TAG]")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of weights and computation")
     p.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
@@ -544,7 +546,7 @@ def parse_args(argv=None):
     e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype "
                    "(default: none)")
     e.add_argument("--export-gguf", metavar="FILE", help="write --model as a GGUF file for llama.cpp and Ollama, "
-                   "with an Ollama Modelfile beside it")
+                   "with an Ollama Modelfile beside it (default: none)")
     e.add_argument("--gguf-type", choices=list(gpt.GGUF_FILE_TYPES), default="f16",
                    help="type of the weight matrices of --export-gguf (norms and biases stay f32)")
     e.add_argument("--overwrite", action="store_true", help="let --export-hf replace an earlier export")
