@@ -2084,6 +2084,32 @@ def gguf_file(source):
     return None
 
 
+# --- Chat formats: an instruct model answers well in the format it was tuned on ------------
+
+# A marker of a chat template -> (the text before a user's message, after it: the assistant's turn begins)
+CHAT_FORMATS = {
+    "<|im_start|>": ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"),  # ChatML: SmolLM2, Qwen
+    "<|start_header_id|>": ("<|start_header_id|>user<|end_header_id|>\n\n",
+                            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),  # Llama 3
+    "<start_of_turn>": ("<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n"),  # Gemma
+    "<|user|>": ("<|user|>\n", "<|end|>\n<|assistant|>\n"),  # Phi-3
+}
+
+
+def chat_prompt(tokenizer, message):
+    """A user's message as the one turn of a chat, in the format of the model's chat template
+    (chat_template.jinja or tokenizer_config.json's entry), chosen by its markers (CHAT_FORMATS)
+    rather than run (no Jinja): without a template's default system prompt. Raises ValueError for
+    a tokenizer without a chat template, or with one in none of these formats."""
+    config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
+    template = tokenizer.files.get("chat_template.jinja") or config.get("chat_template") or ""
+    for marker, (before, after) in CHAT_FORMATS.items():
+        if marker in template:
+            return before + message + after
+    what = "has no chat template" if not template else "has a chat template of none of the formats known here"
+    raise ValueError(f"{tokenizer.name} {what} (ChatML, Llama 3, Gemma, Phi-3): give the prompt as plain text")
+
+
 # --- Writing GGUF: a model for llama.cpp and Ollama ----------------------------------------
 
 # --gguf-type -> (the ggml type of the matrices, general.file_type: llama.cpp's LLAMA_FTYPE_ALL_F32,

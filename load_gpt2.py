@@ -516,6 +516,8 @@ def parse_args(argv=None):
                    help="folder for downloaded weights and data ($GPT_CACHE_DIR)")
     g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
     g.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    g.add_argument("--chat", action="store_true", help="--prompt is a message to an instruct model: wrap it in the "
+                   "model's chat format (ChatML, Llama 3, Gemma, Phi-3, told by its chat template)")
     g.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=50, help="tokens to generate")
     g.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; higher: more random")
     g.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens only (default: all)")
@@ -564,7 +566,7 @@ def check_flags(p, args, given):
     if sum(map(bool, (args.download_only, args.export_hf, args.export_gguf, measuring))) > 1:
         p.error("--download-only, --export-hf, --export-gguf and measuring (--benchmark, --perplexity) are "
                 "separate runs")
-    sampling = [flag for flag in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
+    sampling = [flag for flag in ("prompt", "chat", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
     if sampling and (measuring or args.download_only or args.export_hf or args.export_gguf):
         p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring, downloading or exporting")
     sampling_options = [flag for flag in ("top_k", "top_p", "seed") if flag in given]
@@ -676,8 +678,9 @@ def main(argv=None):
     print(f"load time: {load_seconds:.2f} s on {device}, {args.dtype}")
     print("-" * 80)
     if items is None and text is None:  # try it
-        print(args.prompt, end="", flush=True)
-        prompt_ids = gpt.text_to_token_ids(args.prompt, device=device, tokenizer=tokenizer)
+        prompt = gpt.chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
+        print(prompt, end="", flush=True)
+        prompt_ids = gpt.text_to_token_ids(prompt, device=device, tokenizer=tokenizer)
         stream_continuation(model, prompt_ids, args, tokenizer)
         return
     results = dict(model=args.model, settings=vars(args))  # measure it

@@ -5477,3 +5477,22 @@ def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trai
     model.cfg.rope_scaling["original_max_position_embeddings"] = 4096  # a scaling whose settings GGUF cannot give back
     gpt.export_gguf(model, tokenizer, tmp_path / "other.gguf", "f32")
     _one_line_error(tmp_path / "other.gguf", r"other\.gguf: rope_freqs\.weight is not Llama 3's rope scaling with")
+
+
+def test_chat_prompt_is_the_chat_template_of_the_model_and_load_gpt2_chat_uses_it(tmp_path, trained_tokenizers,
+                                                                                    capsys):
+    from transformers import AutoTokenizer
+
+    folder = _gguf_source("smollm2", tmp_path / "source", trained_tokenizers)
+    gpt.export_gguf(*gpt.load(folder), tmp_path / "chat.gguf")
+    _, tokenizer = gpt.load(tmp_path / "chat.gguf")  # the template travels in the GGUF metadata
+    message = [{"role": "user", "content": "Name a colour."}]
+    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(message, tokenize=False,
+                                                                         add_generation_prompt=True)
+    assert gpt.chat_prompt(tokenizer, "Name a colour.") == expected
+    load_gpt2.main(["--model", str(tmp_path / "chat.gguf"), "--chat", "--prompt", "Name a colour.",
+                    "--max-new-tokens", "1"])
+    assert capsys.readouterr().out.split("-" * 80 + "\n")[1].startswith(expected)
+    with pytest.raises(ValueError, match=r"^gpt2 has no chat template \(ChatML, Llama 3, Gemma, Phi-3\): give the "
+                                         "prompt as plain text$"):
+        gpt.chat_prompt(gpt.get_tokenizer(), "Hi")
