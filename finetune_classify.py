@@ -81,10 +81,9 @@ def read_sms_bytes(path):
 
 
 def parse_labelled(raw, source="data"):
-    """UTF-8 bytes of labelled messages -> list of (label, text), label "ham" or "spam". A .csv `source` has a header
-    with label and text columns (as a run writes its splits), any other file the collection's lines `label TAB text`
-    (blank ones ignored). Raises ValueError naming the file and its first bad lines (no tab, another label, an empty
-    text), for a CSV file without those columns, no messages at all, or bytes that are not UTF-8."""
+    """UTF-8 bytes of labelled messages -> list of (label, text), label "ham" or "spam": a .csv `source` with label and
+    text columns (as a run writes its splits), else the collection's lines `label TAB text`. ValueError names the file
+    and its first bad lines (no tab, another label, an empty text), or a lack of columns, messages or UTF-8."""
     text = gpt.decode_utf8(raw, source)
     rows = []  # (line number, label, text or None for a line without a tab or a CSV row without a text column)
     if str(source).lower().endswith(".csv"):
@@ -108,8 +107,9 @@ def parse_labelled(raw, source="data"):
         else:
             messages.append((label, message.strip()))
     if bad or not messages:
-        problem = f"{len(bad)} bad line(s): " + "; ".join(bad[:MAX_BAD_LINES]) + ("; ..." if bad[MAX_BAD_LINES:] else "")
-        raise ValueError(f"{source}: {problem if bad else 'no labelled messages'}: give 'ham|spam<TAB>message' lines "
+        listed = "; ".join(bad[:MAX_BAD_LINES]) + ("; ..." if bad[MAX_BAD_LINES:] else "")
+        problem = f"{len(bad)} bad line(s): {listed}" if bad else "no labelled messages"
+        raise ValueError(f"{source}: {problem}: give 'ham|spam<TAB>message' lines "
                          "(the SMS Spam Collection) or a .csv file with label and text columns")
     return messages
 
@@ -137,9 +137,7 @@ def random_split(messages, seed, min_train=1):
 def write_csv(path, header, rows):
     """Write rows as CSV (UTF-8, "\\n" line ends) under a header line, atomically."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
+    csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
     gpt.atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
 
 
@@ -258,7 +256,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     kept_weights = None
     step = 0
     started = time.time()
-    steps_since_log = 0
+    logged_step = 0  # the step of the last progress line
     seconds_since_log = 0.0  # of the training steps alone, for the throughput
     for epoch in range(1, n_epochs + 1):
         model.train()  # `evaluate` switched to eval mode
@@ -274,13 +272,12 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
             optimizer.step()
             step += 1
             history["step_loss"].append(loss_value)
-            steps_since_log += 1
             seconds_since_log += time.perf_counter() - step_started
             if step % log_every == 0 or step == total_steps:
+                examples_per_second = (step - logged_step) * batch_size / seconds_since_log
                 print(f"epoch {epoch}/{n_epochs} step {step}/{total_steps} | loss {loss_value:.4f} | "
-                      f"{steps_since_log * batch_size / seconds_since_log:.1f} examples/s | "
-                      f"ETA {gpt.eta(started, step, total_steps)}", flush=True)
-                steps_since_log = 0
+                      f"{examples_per_second:.1f} examples/s | ETA {gpt.eta(started, step, total_steps)}", flush=True)
+                logged_step = step
                 seconds_since_log = 0.0
         train_loss, train_acc, _ = evaluate(model, logits_fn, *train, batch_size)
         val_loss, val_acc, _ = evaluate(model, logits_fn, *validation, batch_size)
@@ -451,11 +448,11 @@ def load_classifier(path, device="cpu"):
                          f"{getattr(model, 'labels', 'none, a language model')}): train one from it with --model")
     # The length the classifier read messages at: an export's model_max_length, or saved with a run's checkpoint.
     config = Path(path) / "tokenizer_config.json"
+    max_length = None
     if config.is_file():
         max_length = gpt.read_json(config, "tokenizer config").get("model_max_length")
-    else:  # memory-mapped: the one entry is read, not the weights again
-        max_length = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("max_length") \
-            if Path(path).is_file() else None
+    elif Path(path).is_file():  # memory-mapped: the one entry is read, not the weights again
+        max_length = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("max_length")
     return model, tokenizer, min(max_length or model.cfg.context_length, model.cfg.context_length)
 
 
@@ -473,8 +470,7 @@ def classify_texts(model, texts, max_length, tokenizer=None, dtype_name="float32
 
 
 def read_texts_file(path):
-    """Non-empty lines, stripped, of a UTF-8 text file, or of a pipe such as /dev/stdin. Raises ValueError naming
-    file, byte offset and line of the first byte not UTF-8 (not classifying garbage)."""
+    """Non-empty lines, stripped, of a UTF-8 text file or a pipe (/dev/stdin). ValueError: a byte that is not UTF-8."""
     text = gpt.decode_utf8(gpt.existing_file(path, "--classify-file").read_bytes(), f"--classify-file {path}")
     return [line.strip() for line in text.split("\n") if line.strip()]
 
