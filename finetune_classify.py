@@ -1,11 +1,10 @@
 """finetune_classify.py: fine-tune a pretrained GPT-2 (or a Llama-family model) into an SMS spam classifier.
 
 Stage "fine-tune for classification" (chapter 6 of "Build a Large Language Model (From Scratch)"): the SMS Spam
-Collection (UCI data set 228), balanced, split 70/10/20; a 2-class head reads each message's last real token (the one
-position that has seen the whole message); the last block, final norm and head train, the frozen blocks run once per
-message (the "activation cache"); the best epoch on validation is kept. The job, `train_and_evaluate` (after the
-functions it calls): claim the run folder -> build_classifier -> prepare_data -> choose_forward_pass ->
-train_classifier -> labelled_metrics on the test split -> save the checkpoint.
+Collection (UCI data set 228), balanced, split 70/10/20; a 2-class head reads each message's last real token (which has
+seen the whole message); the last block, final norm and head train, the frozen blocks run once per message (the
+"activation cache"); the best epoch on validation is kept. The job, `train_and_evaluate` (after its parts): run folder
+-> build_classifier -> prepare_data -> choose_forward_pass -> train_classifier -> labelled_metrics (test split) -> save.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
     python finetune_classify.py --data path/to/SMSSpamCollection --model path/to/model.safetensors
@@ -97,7 +96,7 @@ def parse_labelled(raw, source="data"):
     messages, bad = [], []
     for number, label, message in rows:
         label = label.strip().lower()  # strip(): also the "\r" of Windows line ends
-        label = "ham" if label == CLASS_NAMES[0] else label  # --classify's name: its --results CSV, checked, is data
+        label = "ham" if label == CLASS_NAMES[0] else label  # --classify's name for ham: --evaluate reads its CSV
         if message is None:
             bad.append(f"line {number}: no message (no tab after the label, or no text column)")
         elif label not in LABELS:
@@ -252,8 +251,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     total_steps = min(steps_per_epoch * epochs, max_steps or math.inf)
     n_epochs = math.ceil(total_steps / steps_per_epoch)  # fewer than `epochs` when max_steps stops earlier
     history = {name: [] for name in (*HISTORY, "step_loss")}
-    best = None  # (validation accuracy, -validation loss) of the kept epoch
-    kept_weights = None
+    best = None  # (validation accuracy, -validation loss) of the kept epoch, whose weights are kept_weights
     step = 0
     started = time.time()
     logged_step = 0  # the step of the last progress line
@@ -285,7 +283,6 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
               f"{val_loss:.4f} accuracy {100 * val_acc:.2f}%", flush=True)
         for name, value in zip(HISTORY, (step / steps_per_epoch, step, train_loss, train_acc, val_loss, val_acc)):
             history[name].append(value)
-        # Model selection: a copy of the trainable weights of the best epoch so far (--keep-last: the last).
         score = (val_acc, -val_loss)  # ties: the lower loss, then the earlier epoch
         if keep_last or best is None or score > best:
             best, kept_weights = score, gpt.trainable_weights(model)
@@ -372,7 +369,6 @@ def prepare_data(args, out_dir, device, tokenizer):
     repeated = len({text for _, text in splits[2]} & {text for _, text in splits[0]})  # the data repeats some texts
     print(f"splits:     {' / '.join(str(len(s)) for s in splits)} (train / validation / test, balanced, seed "
           f"{args.seed}) in {out_dir}/{{train,validation,test}}.csv; {repeated} test texts occur in training")
-    # Tokenized as --classify and --evaluate tokenize: the same ids for the same text.
     token_ids = [tokenize_messages([text for _, text in split], args.max_length, tokenizer, device) for split in splits]
     at_limit = sum(len(t) == args.max_length for split in token_ids for t in split)
     print(f"tokens:     longest message {max(len(t) for split in token_ids for t in split)} tokens; {at_limit} "
@@ -405,7 +401,7 @@ def train_and_evaluate(args, device):
     started = time.time()
     if args.data is not None:
         sms_collection_path(args.data)  # a missing --data file fails now, not after a model download
-    # Before any work: the folder holds no other run's files; the checkpoint (named as seen from the folder) is one.
+    # Before any work: the folder holds no other run's files, an old checkpoint too (its name relative to the folder).
     out_dir = gpt.claim_run_folder(args.out_dir, [os.path.relpath(args.checkpoint, args.out_dir), *RUN_FILES],
                                    overwrite=args.overwrite, resumable=False)
     # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
@@ -425,7 +421,6 @@ def train_and_evaluate(args, device):
     gpt.save_checkpoint(args.checkpoint, model, tokenizer, max_length=args.max_length, settings=vars(args),
                         metrics=metrics)
     print(f"saved:      {args.checkpoint} (config, all weights: {Path(args.checkpoint).stat().st_size / 1e6:.0f} MB)")
-    print(f"try it:     python finetune_classify.py --checkpoint {args.checkpoint} --classify \"Win a prize now\"")
     report = dict(settings=vars(args), activation_cache=use_cache, history=history, test=metrics)
     gpt.write_json(out_dir / "metrics.json", report)
     panels = {name: {split: (history["epoch"], history[f"{split}_{name}"]) for split in ("train", "validation")}
