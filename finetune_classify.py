@@ -168,7 +168,7 @@ def add_classification_head(model):
     return gpt.add_classifier_head(model, CLASS_NAMES, bias=model.cfg.family == "gpt2")
 
 
-def set_trainable(model, trainable, lora_rank, lora_alpha):
+def set_trainable(model, trainable, lora_rank=16, lora_alpha=16.0):
     """Freeze the model except what `trainable` names -> model: all; last-block (the book's choice); head; or lora
     (--lora): adapters of rank `lora_rank`, updates scaled by lora_alpha / lora_rank, on every block's linear layers."""
     if trainable == "all":
