@@ -1416,7 +1416,8 @@ def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, sour
     `model.`) into model, which may be on the meta device. Each is copied once, to `device` in
     `dtype`, and becomes the parameter; `tensors` is consumed, so a memory-mapped file leaves memory
     one tensor at a time. Strict: raises ValueError listing every missing, unexpected or mis-shaped
-    tensor, before anything is copied."""
+    tensor, before anything is copied, and naming a tensor that holds NaN or infinite values (a
+    corrupt file: a file's bytes may change in a cache after its download was checked)."""
     gpt2 = model.cfg.family == "gpt2"
     ignored, transposed = (_IGNORED_KEYS, _TRANSPOSED) if gpt2 else (_LLAMA_IGNORED_KEYS, ())
     tied = model.lm_head.weight is model.wte.weight
@@ -1439,6 +1440,9 @@ def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, sour
     state = {}
     for name, param in params.items():
         tensor = tensors.pop(name).to(device=device, dtype=dtype, copy=True)
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: {name} holds NaN or infinite values: the file is corrupt; delete it "
+                             "and download or export it again")
         # nn.Linear wants [out, in]; the release stores [in, out]. `.t()` is that as a view:
         # the memory keeps the release's layout, in which x @ W reads the weights in order
         # (measured about 1.2x faster greedy decoding on a CPU than a transposed copy).

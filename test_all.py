@@ -1743,6 +1743,16 @@ def _export_from_pretrained(model_class, folder):
     return model.eval(), problems
 
 
+def test_weights_that_hold_nan_are_refused_naming_the_tensor(tmp_path):
+    # Bytes that change in a cache after the download was checked (same size, still parses) read as NaN.
+    tensors = gpt.hf_tensors(tiny_model(), torch.float32)  # as released
+    tensors["transformer.h.1.mlp.c_proj.bias"][3] = float("nan")
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        gpt.write_safetensors(f, tensors)
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_proj\.bias holds NaN or infinite values: the file is corrupt"):
+        gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "model.safetensors"), None, "model.safetensors")
+
+
 def test_export_safetensors_writer_is_read_by_the_reference_library(tmp_path):
     from safetensors import safe_open
 
