@@ -1015,17 +1015,16 @@ def special_token_text(entry):
 def tokenizer_from_files(files, source):
     """A model's `Tokenizer` from the text of its Hugging Face tokenizer files.
 
-    files: {file name: text}: tokenizer.json (byte-level BPE), with tokenizer_config.json
-    (end and begin tokens; else "<|endoftext|>" or "<|end_of_text|>" ends texts) and
+    files: {file name: text}: tokenizer.json (byte-level or SentencePiece-style BPE), with
+    tokenizer_config.json (end and begin tokens; else one of `END_TOKENS` ends texts) and
     whatever else the model has (special_tokens_map.json, chat_template.jinja), all kept in
     `Tokenizer.files`; or GPT-2's vocab.json (and merges.txt), as GPT-2 exports hold it. A
     tokenizer that is GPT-2's, by its vocabulary, is `get_tokenizer()`.
-    Vocabulary and merges become tiktoken's ranks (`bpe_ranks`), added tokens its special
-    tokens, the pre-tokenizer its expression (`split_pattern`); the post-processor's begin
-    token sets `add_bos`. Raises ValueError
-    naming `source` for what tiktoken cannot run exactly: another model than byte-level
-    BPE, another normalizer, merged ids out of merge order; FileNotFoundError without
-    tokenizer.json or GPT-2's vocab.json.
+    Vocabulary and merges become tiktoken's ranks (`bpe_ranks`, `sentencepiece_tokenizer`), added
+    tokens its special tokens, the pre-tokenizer its expression (`split_pattern`); the
+    post-processor's begin token sets `add_bos`. Raises ValueError naming `source` for what
+    tiktoken cannot run exactly: another model than BPE, another normalizer, merged ids out of
+    merge order; FileNotFoundError without tokenizer.json or GPT-2's vocab.json.
     """
     if "tokenizer.json" not in files:
         vocab = parse_json(files["vocab.json"], f"{source} vocab.json") if "vocab.json" in files else None
@@ -1036,14 +1035,22 @@ def tokenizer_from_files(files, source):
     tokenizer_json = parse_json(files["tokenizer.json"], f"{source} tokenizer.json")
     config = parse_json(files.get("tokenizer_config.json", "{}"), f"{source} tokenizer_config.json")
     bpe = tokenizer_json.get("model") or {}  # the tokenizer model: BPE
-    if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or bpe.get("continuing_subword_prefix"):
-        raise ValueError(f"{source}: not a byte-level BPE tokenizer (model {bpe.get('type')!r}); "
-                         "tiktoken cannot run it")
+    if bpe.get("type") != "BPE" or bpe.get("continuing_subword_prefix"):
+        raise ValueError(f"{source}: not a BPE tokenizer (model {bpe.get('type')!r}); tiktoken cannot run it")
+    special = {token["content"]: token["id"] for token in tokenizer_json.get("added_tokens", [])}
+    eot_text = special_token_text(config.get("eos_token")) or next((t for t in END_TOKENS if t in special), None)
+    if eot_text not in special:
+        raise ValueError(f"{source}: no end-of-text token {eot_text!r} among the added tokens")
+    prepended = _prepended_token(tokenizer_json.get("post_processor"), source)
+    settings = dict(name=str(source), special_tokens=special, eot_id=special[eot_text], files=files,
+                    bos_id=special.get(special_token_text(config.get("bos_token")), prepended),
+                    add_bos=prepended is not None)
+    if bpe.get("byte_fallback"):
+        return sentencepiece_tokenizer(tokenizer_json, source, **settings)
     normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
     if normalizer not in (None, "NFC"):
         raise ValueError(f"{source}: normalizer {normalizer!r} is not supported (only NFC)")
     pattern = split_pattern(tokenizer_json.get("pre_tokenizer"), source)
-    special = {token["content"]: token["id"] for token in tokenizer_json.get("added_tokens", [])}
     ranks = bpe_ranks(bpe, special, source)
     gpt2 = get_tokenizer()
     if pattern == GPT2_SPLIT_PATTERN and special == gpt2._special_tokens and ranks == gpt2._mergeable_ranks:
@@ -1051,24 +1058,10 @@ def tokenizer_from_files(files, source):
     top = max([*ranks.values(), *special.values()])
     lacking = [byte for byte in range(256) if bytes([byte]) not in ranks]
     ranks.update({bytes([byte]): top + 1 + n for n, byte in enumerate(lacking)})  # stand-ins, dropped by encode
-    eot_text = special_token_text(config.get("eos_token"))
-    eot_text = eot_text or next((name for name in ("<|endoftext|>", "<|end_of_text|>") if name in special), None)
-    if eot_text not in special:
-        raise ValueError(f"{source}: no end-of-text token {eot_text!r} among the added tokens")
-    bos_text = special_token_text(config.get("bos_token"))
-    prepended = _prepended_token(tokenizer_json.get("post_processor"), source)
-    return Tokenizer(
-        name=str(source),
-        pat_str=pattern,
-        mergeable_ranks=ranks,
-        special_tokens=special,
-        eot_id=special[eot_text],
-        bos_id=special.get(bos_text, prepended),
-        add_bos=prepended is not None,
-        nfc=normalizer == "NFC",
-        missing=range(top + 1, top + 1 + len(lacking)),
-        files=files,
-    )
+    settings.update(pat_str=pattern, mergeable_ranks=ranks)
+    if any(a != b and a in b for a in special for b in special):  # CodeGen's (Phi's) runs of spaces and tabs
+        return PieceTokenizer(**settings)
+    return Tokenizer(**settings, nfc=normalizer == "NFC", missing=range(top + 1, top + 1 + len(lacking)))
 
 
 def bpe_ranks(bpe, special, source):
@@ -1113,6 +1106,105 @@ def _prepended_token(post_processor, source):
             if template[0] == "SpecialToken":
                 return processor["special_tokens"][processor["single"][0]["SpecialToken"]["id"]]["ids"][0]
     return None
+
+
+# --- SentencePiece-style tokenizer.json (Llama 2, Mistral, Phi-3, Gemma 3) ----------------
+# SentencePiece's BPE writes a space as "▁" (U+2581), puts one before the text (most models),
+# merges characters, not bytes, and spells a character missing from the vocabulary as its UTF-8
+# bytes, tokens <0x00> .. <0xFF> (byte_fallback). tiktoken runs it on the tokens' text with "▁"
+# as a space when its ranks are the merge order: the bytes (each a character of the vocabulary,
+# else its byte token), the longer characters, then each merge's result. The ids do not follow
+# that order (Llama 2's characters come last), so `PieceTokenizer` maps ranks to ids.
+
+# Texts end with the first of these a tokenizer has, unless tokenizer_config.json names another.
+END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+
+
+class PieceTokenizer(Tokenizer):
+    """A `Tokenizer` that cuts the text at its added tokens itself, the longest first as the reference
+    does (tiktoken tries overlapping ones, such as CodeGen's runs of spaces, in no set order), and maps
+    tiktoken's ranks to the vocabulary's ids (`ids`: rank -> id; None: the same).
+
+    prefix: where the reference puts a space before a piece of text between added tokens:
+    "prepend" (Llama 2's normalizer: before each), "always" (Metaspace: before each that does not
+    start with one), "first" (Metaspace: the first only), or None. `decode` keeps that space
+    (transformers strips it), so that a continuation decodes with the space before it.
+    pieces: {id: bytes} of tokens that no rank stands for (SentencePiece's byte tokens).
+    """
+
+    def __init__(self, *, special_tokens, ids=None, prefix=None, pieces=None, **settings):
+        super().__init__(special_tokens={}, **settings)
+        self.added, self.ids, self.prefix = special_tokens, ids, prefix
+        self.cut = re.compile("(" + "|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True))) + ")")
+        self.pieces = {ids[rank] if ids else rank: text for text, rank in self._mergeable_ranks.items()}
+        self.pieces.update({**(pieces or {}), **{i: text.encode() for text, i in special_tokens.items()}})
+        self.max_token_value = max(self.pieces)
+
+    def __reduce__(self):  # pickled (for DataLoader workers) as its files
+        return tokenizer_from_files, (self.files, self.name)
+
+    def encode(self, text, bos=False):
+        """As `Tokenizer.encode`."""
+        ids = []
+        text = text.replace("\u2581", " ") if self.ids else text  # SentencePiece: "▁" is a space
+        for n, piece in enumerate(self.cut.split(text) if self.added else [text]):
+            if n % 2:  # an added token
+                ids.append(self.added[piece])
+            elif piece:
+                space = {"prepend": True, "always": piece[0] != " ", "first": n == 0 and piece[0] != " "}
+                ranks = self.encode_ordinary(" " * space.get(self.prefix, False) + piece)
+                ids += [self.ids[rank] for rank in ranks] if self.ids else ranks
+        return [self.bos_id] + ids if bos and self.add_bos else ids
+
+    def decode(self, tokens, errors="replace"):
+        """Ids -> text."""
+        return b"".join(self.pieces[i] for i in tokens).decode("utf-8", errors=errors)
+
+    def encode_single_token(self, text):
+        """The id of an added token's text."""
+        return self.added[text]
+
+
+def sentencepiece_tokenizer(tokenizer_json, source, **settings):
+    """A SentencePiece-style BPE tokenizer.json (a dict: "▁" for spaces, byte_fallback) as a
+    `PieceTokenizer` (see above); settings as `tokenizer_from_files` makes them. Raises ValueError
+    naming `source` for a normalizer or pre-tokenizer other than Llama 2's, Metaspace or Gemma's."""
+    vocab, merges = tokenizer_json["model"]["vocab"], tokenizer_json["model"]["merges"]
+    normalizer = tokenizer_json.get("normalizer") or {}
+    steps = [step["type"] for step in normalizer.get("normalizers", [normalizer] if normalizer else [])]
+    pre = tokenizer_json.get("pre_tokenizer") or {}  # Gemma's Split(" ") after the Replace splits nothing
+    if steps not in ([], ["Replace"], ["Prepend", "Replace"]) or pre.get("type", "Split") not in ("Metaspace", "Split") \
+            or (pre.get("type") == "Split" and steps != ["Replace"]):
+        raise ValueError(f"{source}: normalizer {steps} with pre-tokenizer {pre.get('type')!r} is not supported "
+                         "(Llama 2's, Metaspace or Gemma's)")
+    scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space") else None)
+    prefix = "prepend" if steps[:1] == ["Prepend"] else {"always": "always", "first": "first"}.get(scheme)
+
+    def text_of(token):
+        return token.replace("\u2581", " ").encode()
+
+    byte_tokens = {byte: vocab.get(f"<0x{byte:02X}>") for byte in range(256)}
+    ranks, ids = {}, []
+    for byte in range(256):  # a character of the vocabulary, else its byte token (byte_fallback)
+        char = "\u2581" if byte == 32 else chr(byte) if byte < 128 else None
+        ranks[bytes([byte])] = byte
+        ids.append(vocab.get(char, byte_tokens[byte]))
+    characters = [token for token in vocab if len(token) == 1 and len(text_of(token)) > 1]
+    for token in characters + ["".join(m.split(" ") if isinstance(m, str) else m) for m in merges]:
+        if text_of(token) not in ranks:
+            ranks[text_of(token)] = len(ids)
+            ids.append(vocab[token])
+    if None in ids:
+        raise ValueError(f"{source}: byte {ids.index(None)} has neither a character nor a byte token")
+    if pre.get("split"):  # Metaspace cuts before each space
+        pattern = r" [^ ]*|[^ ]+"
+    elif all(re.fullmatch(rb" *[^ ]*", text) for text in ranks):  # no token spans a space after a character:
+        pattern = r" *[^ ]+| +"  # cut there, the same ids and far faster than the text as one piece
+    else:
+        pattern = r"[\s\S]+"
+    pieces = {i: text_of(token) for token, i in vocab.items()}
+    pieces.update({i: bytes([byte]) for byte, i in byte_tokens.items() if i is not None})
+    return PieceTokenizer(pat_str=pattern, mergeable_ranks=ranks, ids=ids, prefix=prefix, pieces=pieces, **settings)
 
 
 def tokenizer_from_state(state):
