@@ -686,15 +686,15 @@ LLAMA_CONFIGS = {
     ),
     "microsoft/phi-1_5": GPTConfig(  # 1418M, MIT
         family="llama", model_type="phi", vocab_size=51200, context_length=2048, emb_dim=2048, n_heads=32,
-        n_layers=24, rotary_fraction=0.5, qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=False,
+        hidden_dim=8192, n_layers=24, rotary_fraction=0.5, qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=False,
     ),
     "microsoft/phi-2": GPTConfig(  # 2780M, MIT
         family="llama", model_type="phi", vocab_size=51200, context_length=2048, emb_dim=2560, n_heads=32,
-        n_layers=32, rotary_fraction=0.4, qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=False,
+        hidden_dim=10240, n_layers=32, rotary_fraction=0.4, qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=False,
     ),
     "microsoft/Phi-3-mini-4k-instruct": GPTConfig(  # 3821M, MIT
         family="llama", model_type="phi3", vocab_size=32064, context_length=4096, emb_dim=3072, n_heads=32,
-        n_layers=32, hidden_dim=8192, sliding_window=2047, tie_embeddings=False,
+        n_kv_heads=32, n_layers=32, hidden_dim=8192, sliding_window=2047, tie_embeddings=False,
     ),
     "google/gemma-3-270m": GPTConfig(  # 268M, Gemma licence, gated
         family="llama", model_type="gemma3_text", vocab_size=262144, context_length=32768, emb_dim=640, n_heads=4,
@@ -1898,11 +1898,12 @@ def hub_config(cfg):
         **({} if cfg.qk_norm else {"mlp_bias": cfg.mlp_bias}),
         "tie_word_embeddings": cfg.tie_embeddings,
         "sliding_window": cfg.sliding_window,
-        "layer_types": hub_layer_types(cfg),
+        "pad_token_id": None,  # not Phi-3's default 32000: the tokenizer's ids follow
     }
     if model_type == "gemma3_text":
         local = {"rope_type": "default", "rope_theta": cfg.local_rope_theta}
         config.update(query_pre_attn_scalar=cfg.query_scale, rope_local_base_freq=cfg.local_rope_theta,
+                      layer_types=hub_layer_types(cfg),
                       rope_parameters={"full_attention": rope, "sliding_attention": local})
     return config
 
@@ -1920,7 +1921,7 @@ def llama_layout(tensors, cfg):
     for name in [name for name in tensors if cfg.model_type in ("phi", "phi3")]:
         tensor = tensors.pop(name)
         for theirs, ours in PHI_NAMES.items() if cfg.model_type == "phi" else ():
-            name = name.replace(theirs, ours)
+            name = re.sub(rf"\b{re.escape(theirs)}", ours, name)
         packed = name.split(".")[-2]
         if packed in PACKED:
             parts = tensor.split(sizes[packed]) if packed in sizes else tensor.chunk(2)
@@ -1934,7 +1935,7 @@ def hub_layout(tensors, cfg):
     for name in [name for name in tensors if cfg.model_type in ("phi", "phi3")]:
         hub_name = name
         for theirs, ours in PHI_NAMES.items() if cfg.model_type == "phi" else ():
-            hub_name = hub_name.replace(ours, theirs)
+            hub_name = re.sub(rf"\b{re.escape(ours)}", theirs, hub_name)
         tensors[hub_name] = tensors.pop(name)
     for packed, parts in PACKED.items() if cfg.model_type == "phi3" else ():
         for name in [name for name in tensors if name.endswith(f"{parts[0]}.weight")]:
