@@ -831,7 +831,7 @@ def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(traine
     for change, message in [
         ({"normalizer": {"type": "NFKC"}}, "normalizer 'NFKC' is not supported"),
         ({"pre_tokenizer": {"type": "Whitespace"}}, "pre-tokenizer ['Whitespace'] cannot be written"),
-        ({"model": {**data["model"], "type": "Unigram"}}, "not a byte-level BPE tokenizer"),
+        ({"model": {**data["model"], "type": "Unigram"}}, "not a BPE tokenizer (model 'Unigram')"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             tokenizer_of_json({**data, **change}, "tokenizer.json")
