@@ -640,13 +640,11 @@ def token_ids_to_text(token_ids, tokenizer=None):
 # "attention sinks" (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks").
 
 # The family's switches in GPTConfig (GPT-2 ignores them):
-#   n_kv_heads    key/value heads, each shared by n_heads / n_kv_heads query heads
-#                 (grouped-query attention); None: n_heads
+#   n_kv_heads    key/value heads, each shared by n_heads / n_kv_heads query heads (GQA); None: n_heads
 #   head_dim      width of one head; None: emb_dim / n_heads (Qwen3-0.6B: 128 with 16 heads of 1024)
 #   hidden_dim    hidden size of the feed-forward layer; None: 4 * emb_dim
 #   rope_theta    base of the rotary position frequencies
-#   rope_scaling  Llama 3's frequency scaling: factor, low_freq_factor, high_freq_factor and
-#                 original_max_position_embeddings; None: none
+#   rope_scaling  Llama 3's frequency scaling (factor, low_/high_freq_factor, original_max_position_embeddings)
 #   qk_norm       RMSNorm on each head's queries and keys before the rotation (Qwen3, Gemma 3)
 #   out_bias, mlp_bias   biases on the attention output and on the feed-forward projections
 #   sliding_window   query i sees keys i - sliding_window < j <= i only (Mistral, Phi-3, Gemma 3;
@@ -686,11 +684,13 @@ LLAMA_CONFIGS = {
     ),
     "microsoft/phi-1_5": GPTConfig(  # 1418M, MIT
         family="llama", model_type="phi", vocab_size=51200, context_length=2048, emb_dim=2048, n_heads=32,
-        hidden_dim=8192, n_layers=24, rotary_fraction=0.5, qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=False,
+        hidden_dim=8192, n_layers=24, rotary_fraction=0.5, qkv_bias=True, out_bias=True, mlp_bias=True,
+        tie_embeddings=False,
     ),
     "microsoft/phi-2": GPTConfig(  # 2780M, MIT
         family="llama", model_type="phi", vocab_size=51200, context_length=2048, emb_dim=2560, n_heads=32,
-        hidden_dim=10240, n_layers=32, rotary_fraction=0.4, qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=False,
+        hidden_dim=10240, n_layers=32, rotary_fraction=0.4, qkv_bias=True, out_bias=True, mlp_bias=True,
+        tie_embeddings=False,
     ),
     "microsoft/Phi-3-mini-4k-instruct": GPTConfig(  # 3821M, MIT
         family="llama", model_type="phi3", vocab_size=32064, context_length=4096, emb_dim=3072, n_heads=32,
@@ -711,10 +711,9 @@ MODEL_CONFIGS = {**GPT_CONFIGS, **LLAMA_CONFIGS}  # every preset name (pretrain.
 
 
 class RMSNorm(nn.Module):
-    """Llama family: x / sqrt(mean(x^2) + eps) * weight, LayerNorm without the mean and the
-    shift (Zhang and Sennrich, 2019, "Root Mean Square Layer Normalization"), in float32
-    whatever the input's type, as the reference. Gemma (`plus_one`) stores weight - 1 and
-    scales by 1 + weight before casting back."""
+    """Llama family: x / sqrt(mean(x^2) + eps) * weight, LayerNorm without the mean and the shift (Zhang and
+    Sennrich, 2019, "Root Mean Square Layer Normalization"), in float32 as the reference. Gemma
+    (`plus_one`) stores weight - 1 and scales by 1 + weight before casting back."""
 
     def __init__(self, dim, eps, plus_one=False):
         super().__init__()
@@ -784,11 +783,9 @@ def window_cache_update(kv_cache, layer, k, v, window):
 class LlamaAttention(nn.Module):
     """Llama family: causal self-attention with rotary positions and grouped-query attention.
 
-    Separate projections `q_proj`, `k_proj`, `v_proj`, `o_proj` (GPT-2 fuses q, k, v in
-    c_attn); n_kv_heads key/value heads, each read by n_heads / n_kv_heads query heads
-    (Ainslie et al., 2023, "GQA"), so the KV cache is that much smaller; queries and keys
-    are rotated by their positions instead of the input getting a position embedding.
-    Layer `layer` sees `cfg.sliding_window` keys unless it is one of Gemma 3's global layers.
+    Separate `q_proj`, `k_proj`, `v_proj`, `o_proj` (GPT-2 fuses q, k, v); n_kv_heads key/value heads, each
+    read by n_heads / n_kv_heads query heads (Ainslie et al., 2023, "GQA"), so the KV cache is that much
+    smaller. Layer `layer` sees `cfg.sliding_window` keys unless it is one of Gemma 3's global layers.
     """
 
     def __init__(self, cfg, layer=0):
@@ -914,15 +911,10 @@ class LlamaBlock(nn.Module):
 
 
 class LlamaModel(GPTModel):
-    """Llama family: token embedding, `n_layers` LlamaBlocks, a final norm and a head, tied to
-    the embedding or not (`cfg.tie_embeddings`; Phi's untied head has a bias). No position
-    table: positions rotate the queries and keys inside each attention layer.
-
-    Parameters are named as Hugging Face's Llama names them without the `model.` prefix
-    (`embed_tokens`, `layers`, `norm`, `lm_head`). `wte`, `h` and `ln_f` name the same
-    parts as GPT-2 does, so that code written for GPT-2 (the stage scripts) runs on both.
-    `forward` is GPT-2's: embed, blocks, final norm, head.
-    """
+    """Llama family: token embedding, `n_layers` LlamaBlocks, a final norm and a head, tied to the embedding
+    or not (`cfg.tie_embeddings`; Phi's untied head has a bias); no position table. Parameters are named as
+    Hugging Face's Llama names them without `model.`; `wte`, `h` and `ln_f` name the same parts as GPT-2 does,
+    so that the stage scripts run on both. `forward` is GPT-2's: embed, blocks, final norm, head."""
 
     RESIDUAL_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "fc2.weight")
 
@@ -967,31 +959,24 @@ class LlamaModel(GPTModel):
 
 # The regular expression of GPT-2's pre-tokenizer (`ByteLevel` with use_regex in tokenizers).
 GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# SmolLM2: `Digits` (each number character alone) and then GPT-2's expression, as one
-# expression. Digits match alone first and no other branch takes one; whitespace before a
-# digit is kept whole, as GPT-2's expression keeps it at the end of a piece, since Digits
-# cut the text there: "a  12 b" -> "a", "  ", "1", "2", " b" (GPT-2: "a", " ", " 12", " b").
+# SmolLM2: `Digits` (each number character alone), then GPT-2's expression, as one; whitespace before a digit
+# stays whole, as Digits cut there: "a  12 b" -> "a", "  ", "1", "2", " b" (GPT-2: "a", " ", " 12", " b").
 DIGITS_SPLIT_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 
 
 def byte_level_alphabet():
-    """GPT-2's table byte -> printable character, in which byte-level BPE vocabularies
-    (vocab.json, merges.txt, tokenizer.json) write their tokens: the 188 printable bytes
-    stand for themselves, the other 68 (control characters, space, ...) for chr(256 + n) in
-    byte order, so every token is a string of visible characters (space "Ġ", newline "Ċ").
-    Source: openai/gpt-2 src/encoder.py, `bytes_to_unicode`."""
+    """GPT-2's table byte -> printable character in which byte-level BPE vocabularies write their tokens: the
+    188 printable bytes stand for themselves, the other 68 for chr(256 + n) in byte order (space "Ġ", newline
+    "Ċ"). Source: openai/gpt-2 src/encoder.py, `bytes_to_unicode`."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = (b for b in range(256) if b not in printable)
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
 def split_pattern(pre_tokenizer, source):
-    """The pre-tokenizer of a tokenizer.json (a dict) as one regular expression for tiktoken.
-
-    Supported: GPT-2's `ByteLevel` (its own expression), `Digits` + `ByteLevel` (SmolLM2)
-    and `Split` by an expression + `ByteLevel` without one (Qwen3, Llama 3). Raises
-    ValueError naming `source` for anything else: it would not split text the same way.
-    """
+    """The pre-tokenizer of a tokenizer.json (a dict) as one regular expression for tiktoken: GPT-2's
+    `ByteLevel`, `Digits` + `ByteLevel` (SmolLM2) or `Split` by an expression + `ByteLevel` (Qwen3, Llama 3).
+    Raises ValueError naming `source` for anything else: it would not split text the same way."""
     steps = (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer] if pre_tokenizer else [])
     kinds = [step.get("type") for step in steps]
     last = steps[-1] if steps else {}
@@ -1108,6 +1093,17 @@ def _prepended_token(post_processor, source):
     return None
 
 
+def tokenizer_from_state(state):
+    """The `Tokenizer` a checkpoint carries (`Tokenizer.state`). Checkpoints without one
+    (written before tokenizers travelled with them) hold GPT-2's."""
+    if isinstance(state, dict) and state.get("files"):
+        return tokenizer_from_files(state["files"], "the checkpoint's tokenizer")
+    if state in (None, "gpt2") or state == {"name": "gpt2"}:
+        return get_tokenizer()
+    raise ValueError(f"the checkpoint names its tokenizer by a path ({state!r}), which may have moved: "
+                     "train it again with this version, which stores the tokenizer itself")
+
+
 # --- SentencePiece-style tokenizer.json (Llama 2, Mistral, Phi-3, Gemma 3) ----------------
 # SentencePiece's BPE writes a space as "▁" (U+2581), puts one before the text (most models),
 # merges characters, not bytes, and spells a character missing from the vocabulary as its UTF-8
@@ -1173,7 +1169,7 @@ def sentencepiece_tokenizer(tokenizer_json, source, **settings):
     normalizer = tokenizer_json.get("normalizer") or {}
     steps = [step["type"] for step in normalizer.get("normalizers", [normalizer] if normalizer else [])]
     pre = tokenizer_json.get("pre_tokenizer") or {}  # Gemma's Split(" ") after the Replace splits nothing
-    if steps not in ([], ["Replace"], ["Prepend", "Replace"]) or pre.get("type", "Split") not in ("Metaspace", "Split") \
+    if steps not in ([], ["Replace"], ["Prepend", "Replace"]) or pre.get("type") not in (None, "Metaspace", "Split") \
             or (pre.get("type") == "Split" and steps != ["Replace"]):
         raise ValueError(f"{source}: normalizer {steps} with pre-tokenizer {pre.get('type')!r} is not supported "
                          "(Llama 2's, Metaspace or Gemma's)")
@@ -1205,17 +1201,6 @@ def sentencepiece_tokenizer(tokenizer_json, source, **settings):
     pieces = {i: text_of(token) for token, i in vocab.items()}
     pieces.update({i: bytes([byte]) for byte, i in byte_tokens.items() if i is not None})
     return PieceTokenizer(pat_str=pattern, mergeable_ranks=ranks, ids=ids, prefix=prefix, pieces=pieces, **settings)
-
-
-def tokenizer_from_state(state):
-    """The `Tokenizer` a checkpoint carries (`Tokenizer.state`). Checkpoints without one
-    (written before tokenizers travelled with them) hold GPT-2's."""
-    if isinstance(state, dict) and state.get("files"):
-        return tokenizer_from_files(state["files"], "the checkpoint's tokenizer")
-    if state in (None, "gpt2") or state == {"name": "gpt2"}:
-        return get_tokenizer()
-    raise ValueError(f"the checkpoint names its tokenizer by a path ({state!r}), which may have moved: "
-                     "train it again with this version, which stores the tokenizer itself")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1810,8 +1795,8 @@ def config_from_hub(config_json):
     parameters = config_json.get("rope_parameters") or {}
     local = parameters.get("sliding_attention", {})  # Gemma 3 in transformers 5: one entry per layer type
     parameters = parameters.get("full_attention", parameters)
-    ropes = {key: rope for key, rope in (("rope_parameters", parameters), ("rope_scaling", config_json.get("rope_scaling")))
-             if rope}
+    ropes = {"rope_parameters": parameters, "rope_scaling": config_json.get("rope_scaling")}  # transformers 5 / 4
+    ropes = {key: rope for key, rope in ropes.items() if rope}
     for key, rope in ropes.items():
         check_settings(rope, ROPE_SETTINGS, prefix=f"{key}.")
     types = sorted({rope.get("rope_type", rope.get("type", "default")) for rope in ropes.values()})
