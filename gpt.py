@@ -952,6 +952,41 @@ class LlamaModel(GPTModel):
         return self.drop(x)
 
 
+# Phi names two of Llama's parameters otherwise; Phi-3 packs q, k, v and gate, up into one matrix each.
+PHI_NAMES = {"self_attn.dense.": "self_attn.o_proj.", "final_layernorm.": "norm."}
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def llama_layout(tensors, cfg):
+    """Tensors of a Phi or Phi-3 file (names without `model.`) under Llama's names, in place: Phi's
+    renamed, Phi-3's packed matrices split into views (nothing is copied)."""
+    head_dim = cfg.head_dim or cfg.emb_dim // cfg.n_heads
+    sizes = {"qkv_proj": [cfg.n_heads * head_dim] + 2 * [(cfg.n_kv_heads or cfg.n_heads) * head_dim]}
+    for name in [name for name in tensors if cfg.model_type in ("phi", "phi3")]:
+        tensor = tensors.pop(name)
+        for theirs, ours in PHI_NAMES.items() if cfg.model_type == "phi" else ():
+            name = re.sub(rf"\b{re.escape(theirs)}", ours, name)
+        packed = name.split(".")[-2]
+        if packed in PACKED:
+            parts = tensor.split(sizes[packed]) if packed in sizes else tensor.chunk(2)
+            tensors.update({name.replace(packed, part_name): part for part_name, part in zip(PACKED[packed], parts)})
+        else:
+            tensors[name] = tensor
+
+
+def hub_layout(tensors, cfg):
+    """Our tensors {name: tensor} under the names of cfg's transformers class: `llama_layout` undone."""
+    for name in [name for name in tensors if cfg.model_type in ("phi", "phi3")]:
+        hub_name = name
+        for theirs, ours in PHI_NAMES.items() if cfg.model_type == "phi" else ():
+            hub_name = re.sub(rf"\b{re.escape(ours)}", theirs, hub_name)
+        tensors[hub_name] = tensors.pop(name)
+    for packed, parts in PACKED.items() if cfg.model_type == "phi3" else ():
+        for name in [name for name in tensors if name.endswith(f"{parts[0]}.weight")]:
+            tensors[name.replace(parts[0], packed)] = torch.cat([tensors.pop(name.replace(parts[0], p)) for p in parts])
+    return tensors
+
+
 # --- The family's tokenizers: a tiktoken Encoding from a Hugging Face tokenizer.json -----
 # SmolLM2, Qwen3 and Llama 3 use byte-level BPE as GPT-2 does: the same algorithm with
 # another vocabulary, merge list and pre-tokenizer. tiktoken can run them when the merged
@@ -1893,41 +1928,6 @@ def hub_config(cfg):
     return config
 
 
-# Phi names two of Llama's parameters otherwise; Phi-3 packs q, k, v and gate, up into one matrix each.
-PHI_NAMES = {"self_attn.dense.": "self_attn.o_proj.", "final_layernorm.": "norm."}
-PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def llama_layout(tensors, cfg):
-    """Tensors of a Phi or Phi-3 file (names without `model.`) under Llama's names, in place: Phi's
-    renamed, Phi-3's packed matrices split into views (nothing is copied)."""
-    head_dim = cfg.head_dim or cfg.emb_dim // cfg.n_heads
-    sizes = {"qkv_proj": [cfg.n_heads * head_dim] + 2 * [(cfg.n_kv_heads or cfg.n_heads) * head_dim]}
-    for name in [name for name in tensors if cfg.model_type in ("phi", "phi3")]:
-        tensor = tensors.pop(name)
-        for theirs, ours in PHI_NAMES.items() if cfg.model_type == "phi" else ():
-            name = re.sub(rf"\b{re.escape(theirs)}", ours, name)
-        packed = name.split(".")[-2]
-        if packed in PACKED:
-            parts = tensor.split(sizes[packed]) if packed in sizes else tensor.chunk(2)
-            tensors.update({name.replace(packed, part_name): part for part_name, part in zip(PACKED[packed], parts)})
-        else:
-            tensors[name] = tensor
-
-
-def hub_layout(tensors, cfg):
-    """Our tensors {name: tensor} under the names of cfg's transformers class: `llama_layout` undone."""
-    for name in [name for name in tensors if cfg.model_type in ("phi", "phi3")]:
-        hub_name = name
-        for theirs, ours in PHI_NAMES.items() if cfg.model_type == "phi" else ():
-            hub_name = re.sub(rf"\b{re.escape(ours)}", theirs, hub_name)
-        tensors[hub_name] = tensors.pop(name)
-    for packed, parts in PACKED.items() if cfg.model_type == "phi3" else ():
-        for name in [name for name in tensors if name.endswith(f"{parts[0]}.weight")]:
-            tensors[name.replace(parts[0], packed)] = torch.cat([tensors.pop(name.replace(parts[0], p)) for p in parts])
-    return tensors
-
-
 # --- One loader: a model and its tokenizer from any source ------------------------------
 
 # The tokenizer files a model carries along: read, kept in `Tokenizer.files`, exported as they are.
@@ -1946,7 +1946,7 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     - a folder as transformers' `save_pretrained` or `export_hf` writes it;
     - a .safetensors file, with the config.json and tokenizer files beside it, when there;
     - a checkpoint of this project (any other file).
-    The kind of model is read from config.json's model_type (gpt2, llama, qwen3), else from the
+    The kind of model is read from config.json's model_type (gpt2, or one of `HUB_MODEL_TYPES`), else from the
     tensor names; a classifier (class names, or ...ForSequenceClassification) gets its head and
     `labels`. Each tensor is copied once from the memory-mapped file. Raises FileNotFoundError
     for a missing path, ValueError naming a file that does not fit, RuntimeError for a failed download.
