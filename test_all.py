@@ -1173,20 +1173,37 @@ def test_sentencepiece_tokenizer_json_gives_the_reference_ids(sentencepiece_toke
     assert encoding.decode([3 + 0xF0, 3 + 0x9F, 3 + 0x98, 3 + 0x80]) == "😀"  # byte tokens
 
 
+def with_whitespace_runs(reference):
+    """A tokenizers.Tokenizer with CodeGen's 38 added tokens: runs of 31 to 2 spaces, then of 9 to 2 tabs
+    -> its tokenizer.json as a dict."""
+    from tokenizers import AddedToken
+
+    runs = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
+    reference.add_tokens([AddedToken(run, normalized=True) for run in runs])
+    return json.loads(reference.to_str())
+
+
 @pytest.fixture(scope="module")
 def codegen_tokenizer_json():
-    """CodeGen's tokenizer.json (Phi-1.5, Phi-2): GPT-2's, plus 38 added tokens for runs of 31 to 2
-    spaces (ids 50257-50286) and of 9 to 2 tabs (50287-50294), as a dict."""
-    from tokenizers import AddedToken, Tokenizer
+    """CodeGen's tokenizer.json (Phi-1.5, Phi-2) as a dict: GPT-2's with the runs of spaces and tabs
+    (`with_whitespace_runs`) as ids 50257-50294."""
     from transformers import GPT2TokenizerFast
 
     cache = TESTDATA / "tiktoken_cache"
     vocab = json.loads((cache / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6").read_text(encoding="utf-8"))
     merges = (cache / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").read_text(encoding="utf-8").split("\n")[1:]
-    reference = GPT2TokenizerFast(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges if m]).backend_tokenizer
-    runs = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
-    reference.add_tokens([AddedToken(run, normalized=True) for run in runs])
-    return json.loads(reference.to_str())
+    return with_whitespace_runs(GPT2TokenizerFast(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges if m])
+                                .backend_tokenizer)
+
+
+def stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers):
+    """The tokenizer.json (a dict) of a stage test: SentencePiece-style, or "codegen": a small byte-level
+    BPE (1000 tokens) with CodeGen's runs of spaces and tabs (ids 1000-1037)."""
+    if style != "codegen":
+        return sentencepiece_tokenizers[style]
+    from tokenizers import Tokenizer
+
+    return with_whitespace_runs(Tokenizer.from_str(trained_tokenizers["smollm2"][0].to_str()))
 
 
 def test_codegen_tokenizer_matches_the_longest_run_of_spaces_and_tabs_first(codegen_tokenizer_json):
@@ -1213,16 +1230,15 @@ STAGE_FAMILIES = {
 
 
 @pytest.mark.parametrize("family", STAGE_FAMILIES)
-def test_new_family_through_every_stage(family, sentencepiece_tokenizers, codegen_tokenizer_json, tmp_path, capsys,
+def test_new_family_through_every_stage(family, sentencepiece_tokenizers, trained_tokenizers, tmp_path, capsys,
                                         _instruct_tiny_run):
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     name, style, classifier = STAGE_FAMILIES[family]
-    tokenizer_json = codegen_tokenizer_json if style == "codegen" else sentencepiece_tokenizers[style]
+    tokenizer_json = stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers)
     folder = tmp_path / "model"
-    sizes = dict(vocab_size=50304, hidden_size=32, intermediate_size=128) if style == "codegen" else {}
-    reference = save_new_family(folder, name, tokenizer_json, **{"vocab_size": 1000, **sizes})
+    reference = save_new_family(folder, name, tokenizer_json, vocab_size=1100)
     tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
     model, encoding = gpt.load(folder)
     prompt = "Every effort moves you"
@@ -1273,13 +1289,12 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, codege
     ("mistralai/Mistral-7B-v0.1", "llama2", 8, 32), ("microsoft/phi-2", "codegen", 2, 32),
     ("microsoft/Phi-3-mini-4k-instruct", "llama2", 32, 64), ("google/gemma-3-270m", "metaspace", 2, 32)])
 def test_new_family_pretrain_size_trains_the_shape_from_scratch(name, tokenizer_style, heads, width,
-                                                                sentencepiece_tokenizers,
-                                                                codegen_tokenizer_json, file_server, monkeypatch,
-                                                                tmp_path, pretrain_text_file):
-    tokenizer_json = codegen_tokenizer_json if tokenizer_style == "codegen" else sentencepiece_tokenizers[tokenizer_style]
+                                                                sentencepiece_tokenizers, trained_tokenizers, file_server,
+                                                                monkeypatch, tmp_path, pretrain_text_file):
+    tokenizer_json = stage_tokenizer_json(tokenizer_style, sentencepiece_tokenizers, trained_tokenizers)
     server = file_server({f"/{name}/resolve/main/tokenizer.json": json.dumps(tokenizer_json).encode()})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
-    small = dataclasses.replace(gpt.LLAMA_CONFIGS[name], vocab_size=50304 if tokenizer_style == "codegen" else 1000)
+    small = dataclasses.replace(gpt.LLAMA_CONFIGS[name], vocab_size=1100)
     monkeypatch.setitem(gpt.MODEL_CONFIGS, name, small)  # the released shape, a small vocabulary
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "1", "--eval-every", "1")
     argv[argv.index("--n-heads") + 1] = str(heads)  # a multiple of the shape's key/value heads
