@@ -962,7 +962,7 @@ def llama_layout(tensors, cfg):
     renamed, Phi-3's packed matrices split into views (nothing is copied)."""
     head_dim = cfg.head_dim or cfg.emb_dim // cfg.n_heads
     sizes = {"qkv_proj": [cfg.n_heads * head_dim] + 2 * [(cfg.n_kv_heads or cfg.n_heads) * head_dim]}
-    for name in [name for name in tensors if cfg.model_type in ("phi", "phi3")]:
+    for name in list(tensors) if cfg.model_type in ("phi", "phi3") else ():
         tensor = tensors.pop(name)
         for theirs, ours in PHI_NAMES.items() if cfg.model_type == "phi" else ():
             name = re.sub(rf"\b{re.escape(theirs)}", ours, name)
@@ -976,11 +976,8 @@ def llama_layout(tensors, cfg):
 
 def hub_layout(tensors, cfg):
     """Our tensors {name: tensor} under the names of cfg's transformers class: `llama_layout` undone."""
-    for name in [name for name in tensors if cfg.model_type in ("phi", "phi3")]:
-        hub_name = name
-        for theirs, ours in PHI_NAMES.items() if cfg.model_type == "phi" else ():
-            hub_name = re.sub(rf"\b{re.escape(ours)}", theirs, hub_name)
-        tensors[hub_name] = tensors.pop(name)
+    for theirs, ours in PHI_NAMES.items() if cfg.model_type == "phi" else ():
+        tensors = {re.sub(rf"\b{re.escape(ours)}", theirs, name): tensor for name, tensor in tensors.items()}
     for packed, parts in PACKED.items() if cfg.model_type == "phi3" else ():
         for name in [name for name in tensors if name.endswith(f"{parts[0]}.weight")]:
             tensors[name.replace(parts[0], packed)] = torch.cat([tensors.pop(name.replace(parts[0], p)) for p in parts])
