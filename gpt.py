@@ -1822,8 +1822,8 @@ def config_from_hub(config_json):
     check_settings(config_json, LLAMA_SETTINGS)
     activation = config_json.get("hidden_act", config_json.get("hidden_activation", "silu"))
     if activation not in ACTIVATIONS.get(model_type, ("silu",)):
-        raise ValueError(f"hidden_act = {activation!r} is not supported for {model_type} (this implementation: "
-                         f"{' or '.join(ACTIVATIONS.get(model_type, ('silu',)))})")
+        raise ValueError(f"hidden_act = {activation!r} is not supported (this implementation: "
+                         f"{' or '.join(ACTIVATIONS.get(model_type, ('silu',)))} for {model_type})")
     parameters = config_json.get("rope_parameters") or {}
     local = parameters.get("sliding_attention", {})  # Gemma 3 in transformers 5: one entry per layer type
     parameters = parameters.get("full_attention", parameters)

@@ -1113,7 +1113,7 @@ def test_new_family_hub_config_files_give_the_presets_and_unsupported_settings_a
         ({**phi3, "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}},
          "rope_scaling.type = 'longrope' is not supported"),  # Phi-3-mini-128k and Phi-4-mini: not implemented
         ({**phi, "qk_layernorm": True}, "qk_layernorm = True is not supported"),
-        ({**phi, "hidden_act": "silu"}, "hidden_act = 'silu' is not supported for phi"),
+        ({**phi, "hidden_act": "silu"}, "hidden_act = 'silu' is not supported (this implementation: gelu_new or gelu_pytorch_tanh for phi)"),
         ({**gemma, "final_logit_softcapping": 30.0}, "final_logit_softcapping = 30.0 is not supported"),
         ({**gemma, "layer_types": ["full_attention"] + gemma["layer_types"][1:]}, "layer_types = ['full_attention', "),
     ]:
