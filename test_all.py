@@ -65,16 +65,15 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)
-def progress_as_on_a_terminal(monkeypatch):
-    """Progress lines as a terminal shows them (overwritten in place), whatever pytest's stderr is,
-    every one of them (not at most one per TERMINAL_PROGRESS_SECONDS)."""
-    monkeypatch.setattr(gpt, "stderr_is_terminal", lambda: True)
-    monkeypatch.setattr(gpt, "TERMINAL_PROGRESS_SECONDS", 0.0)
+def every_progress_line(monkeypatch):
+    """Every progress line printed, not at most one per PROGRESS_SECONDS, from a fresh start."""
+    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.0, False: 0.0})
+    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf, "open": False})
 
 
 def test_progress_redraws_a_terminal_at_most_ten_times_a_second(monkeypatch, capsys):
-    monkeypatch.setattr(gpt, "TERMINAL_PROGRESS_SECONDS", 0.1)
-    monkeypatch.setattr(gpt, "_last_terminal_progress", 0.0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.1, False: 30})
     for done in range(1000):  # a download's updates, one per 64 KiB, in well under 0.1 s
         gpt.show_progress(f"downloading: {done} chunks")
     gpt.end_progress()
@@ -330,8 +329,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     gen = torch.Generator().manual_seed(0)
     picks = {gpt.sample_next_token(logits, 1.0, top_p=0.7, generator=gen).item() for _ in range(300)}
     assert picks == {0, 1}  # 0.5 alone is below 0.7; 0.5 + 0.3 reaches it
-    picks = {gpt.sample_next_token(logits, 1.0, top_p=0.5, generator=gen).item() for _ in range(50)}
-    assert picks == {0}
+    for top_p in (0.5, 0.0):  # 0: only the most likely token, the limit of an ever smaller p
+        picks = {gpt.sample_next_token(logits, 1.0, top_p=top_p, generator=gen).item() for _ in range(50)}
+        assert picks == {0}
     picks = {gpt.sample_next_token(logits, 1.0, top_k=3, generator=gen).item() for _ in range(300)}
     assert picks == {0, 1, 2}
 
@@ -384,17 +384,17 @@ def test_kv_cache_that_is_too_small_is_a_clear_error():
 def test_config_biases_follow_the_family_and_a_mismatching_checkpoint_names_its_tensor():
     assert gpt.GPTConfig().qkv_bias is True and gpt.GPTConfig(family="llama").qkv_bias is False
     checkpoint = {"config": dataclasses.asdict(tiny_model().cfg), "model": dict(tiny_model(emb_dim=16).state_dict())}
-    with pytest.raises(ValueError, match=r"wte.weight is \(50257, 16\), the config makes it \(50257, 32\)$"):
+    with pytest.raises(ValueError, match=r"size mismatch for wte.weight: copying a param with shape torch.Size\(\[50257, 16\]\)"):
         gpt.model_from_checkpoint(checkpoint)
 
 
 def test_argument_parser_errors_are_one_line(capsys):
     parser = gpt.ArgumentParser(prog="stage.py")
-    parser.add_argument("--lr", type=gpt.positive_float, default=1e-3, help="learning rate")
+    parser.add_argument("--lr", type=gpt.non_negative_float, default=1e-3, help="learning rate")
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--lr", "-1"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "stage.py: error: argument --lr: must be a finite number > 0, got '-1' (see --help)\n"
+    assert capsys.readouterr().err == "stage.py: error: argument --lr: must be a finite number >= 0, got '-1' (see --help)\n"
 
 
 def test_tokenizer_round_trip():
@@ -543,7 +543,7 @@ def test_family_smollm2_135m_shape_matches_transformers(tmp_path):
         assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
 
 
-def test_family_presets_have_the_published_sizes():
+def test_family_presets_have_the_published_sizes(monkeypatch):
     counts = {name: gpt.count_parameters(gpt.empty_model(cfg)) for name, cfg in gpt.LLAMA_CONFIGS.items()}
     assert counts == {
         "HuggingFaceTB/SmolLM2-135M": 134_515_008,
@@ -557,14 +557,18 @@ def test_family_presets_have_the_published_sizes():
         "google/gemma-3-270m": 268_098_176,  # 270M,
         "google/gemma-3-1b-pt": 999_885_952,  # 1B
     }
-    # Full fine-tuning of Llama 3.2 1B in float32 with AdamW: 16 bytes per parameter.
+    # Full fine-tuning of Llama 3.2 1B in float32 with AdamW: 16 bytes per parameter; frozen in bfloat16: 2.
     llama = gpt.empty_model(gpt.LLAMA_CONFIGS["meta-llama/Llama-3.2-1B"])
-    assert gpt.training_memory(llama) == 16 * 1_235_814_400
-    assert gpt.training_memory(llama.requires_grad_(False).to(torch.bfloat16)) == 2 * 1_235_814_400
-    small = gpt.build_model(gpt.GPTConfig(vocab_size=10, context_length=4, emb_dim=8, n_heads=2, n_layers=1))
-    with pytest.raises(RuntimeError, match=r"needs about .* GB before activations .* the cpu has \d+\.\d GB: use --lora"):
-        gpt.check_training_memory(small, torch.device("cpu"), "use --lora", processes=10**12)
-    gpt.check_training_memory(small, torch.device("cpu"), "use --lora")  # a few kilobytes fit
+    cpu = torch.device("cpu")
+    for needed in (16 * 1_235_814_400, 2 * 1_235_814_400):
+        if needed < 16 * 1_235_814_400:
+            llama.requires_grad_(False).to(torch.bfloat16)
+        monkeypatch.setattr(gpt.os, "sysconf", lambda name: needed if name == "SC_PHYS_PAGES" else 1)  # bytes of RAM
+        gpt.check_training_memory(llama, cpu, "use --lora")  # fits exactly
+        monkeypatch.setattr(gpt.os, "sysconf", lambda name: needed - 1 if name == "SC_PHYS_PAGES" else 1)
+        with pytest.raises(RuntimeError, match=rf"needs about {needed / 1e9:.1f} GB before activations .* the cpu has "
+                                               rf"{needed / 1e9:.1f} GB: use --lora$"):
+            gpt.check_training_memory(llama, cpu, "use --lora")
 
 
 def test_family_greedy_generation_equals_transformers(family_models):
@@ -1379,12 +1383,12 @@ def test_weight_mapping_is_strict(small_pair, tmp_path):
 # ========================================================================================
 
 
-def test_download_cut_leaves_nothing_and_the_next_call_starts_over(file_server, tmp_path):
+def test_download_cut_leaves_no_file_and_the_next_call_starts_over(file_server, tmp_path):
     data = bytes(range(256)) * 4000
     server = file_server({"/f.bin": data}, cut_after=300_000)
     with pytest.raises(RuntimeError, match=r"failed after 1 attempts \(.*\); run again later$"):
         gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "f.bin", retries=1, quiet=True)
-    assert not (tmp_path / "cache").exists()  # no temporary file, no lock file, no folder made for them
+    assert os.listdir(tmp_path / "cache") == []  # no temporary file, no lock file
     gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "f.bin", sha256=hashlib.sha256(data).hexdigest(),
                       quiet=True)
     assert os.listdir(tmp_path / "cache") == ["f.bin"] and (tmp_path / "cache" / "f.bin").read_bytes() == data
@@ -1405,7 +1409,7 @@ def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(file_serve
     data = small_pair[1].read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     server = file_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
-                         headers={"X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data))})
+                         headers={"X-Linked-Etag": f'"{digest}"'})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     model = load_lm("gpt2", quiet=True)
     assert model.cfg.emb_dim == 128
@@ -1518,14 +1522,13 @@ def tar_bytes(members):
     return buffer.getvalue()
 
 
-def test_download_body_shorter_than_content_length_is_an_error(route_server, tmp_path, capsys):
+def test_download_body_shorter_than_content_length_is_an_error(route_server, tmp_path):
     server = route_server({"/f.bin": answer(b"x" * 500, Content_Length="1000")})
     with pytest.raises(RuntimeError) as error:
         gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", retries=2)
     assert str(error.value).startswith(f"download of {server.url}/f.bin failed after 2 attempts (")
     assert "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []  # never renamed, and deleted
-    assert capsys.readouterr().err.endswith("\n")  # the progress line is ended before the error
 
 
 def test_download_206_with_another_range_is_caught_by_the_hash(route_server, tmp_path):
@@ -1574,12 +1577,12 @@ def test_a_download_that_is_not_the_expected_file_is_deleted(route_server, tmp_p
 @pytest.mark.parametrize(
     "url, message",
     [
-        ("{server}/loop", "too many redirects (a redirect loop)"),
-        ("https://127.0.0.1:{port}/f.bin", "TLS/SSL error (a certificate or proxy problem)"),
-        ("127.0.0.1/f.bin", "not a URL (it needs http:// or https://)"),
-        ("ftp://127.0.0.1/f.bin", "not an http:// or https:// URL"),
-        ("http://", "not a valid URL"),
-        ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: no connection, or it broke off)"),
+        ("{server}/loop", "failed: TooManyRedirects: Exceeded 30 redirects."),
+        ("https://127.0.0.1:{port}/f.bin", "failed after 3 attempts (SSLError: "),
+        ("127.0.0.1/f.bin", "failed: MissingSchema: Invalid URL '127.0.0.1/f.bin': No scheme supplied."),
+        ("ftp://127.0.0.1/f.bin", "failed: InvalidSchema: No connection adapters were found for 'ftp://127.0.0.1/f.bin'"),
+        ("http://", "failed: InvalidURL: Invalid URL 'http://': No host supplied"),
+        ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: "),
         ("{server}/missing.bin", "failed: HTTP 404"),
     ],
     ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused", "404"],
@@ -1601,7 +1604,7 @@ def test_load_gpt2_script_redirect_loop_is_one_error_line(route_server, monkeypa
     with pytest.raises(SystemExit) as exit_info:
         load_gpt2.main(["--model", "gpt2", "--download-only"])
     url = f"{server.url}/openai-community/gpt2/resolve/main/model.safetensors"
-    assert exit_info.value.code == f"error: download of {url} failed: too many redirects (a redirect loop)"
+    assert exit_info.value.code == f"error: download of {url} failed: TooManyRedirects: Exceeded 30 redirects."
 
 
 def test_fetch_dataset_hash_mismatch_names_url_expected_and_actual(route_server, tmp_path):
@@ -1613,7 +1616,7 @@ def test_fetch_dataset_hash_mismatch_names_url_expected_and_actual(route_server,
     path = cached_data_path(tmp_path, url, "d.json")
     expected = f"download of {url} is corrupt or not the expected file: {path}: SHA-256 {actual}, expected {'ab' * 32}"
     assert expected in str(error.value)
-    assert not path.parent.exists()  # no file, no temporary file, not the folder made for them
+    assert os.listdir(path.parent) == []  # no file, no temporary file
 
 
 def test_fetch_dataset_reads_a_good_cached_file_without_writing(route_server, monkeypatch):
@@ -1779,7 +1782,7 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a .safetensors file or a checkpoint of this project"):
         load_lm(tmp_path / "junk.pt")
     torch.save({"weights": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a checkpoint of this project"):
+    with pytest.raises(ValueError, match="other.pt: not a .safetensors file or a checkpoint of this project"):
         load_lm(tmp_path / "other.pt")
     # A classifier's checkpoint loads as a classifier (its class head and names); load_gpt2.py
     # refuses it (test_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone).
@@ -1798,11 +1801,8 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     [
         (gpt.positive_int, {"1": 1, "42": 42}, ["0", "-3", "1.5", "x"]),
         (gpt.non_negative_int, {"0": 0, "7": 7}, ["-1", "nan"]),
-        (gpt.positive_float, {"1e-3": 1e-3, "2": 2.0}, ["0", "-1", "nan", "inf", "-inf"]),
-        (gpt.non_negative_float, {"0": 0.0, "0.5": 0.5}, ["-0.1", "nan", "inf"]),
+        (gpt.non_negative_float, {"0": 0.0, "0.5": 0.5, "1e-3": 1e-3}, ["-0.1", "nan", "inf", "-inf", "x"]),
         (gpt.fraction, {"0": 0.0, "0.9": 0.9, "1": 1.0}, ["-0.1", "1.01", "nan"]),
-        (gpt.probability, {"1": 1.0, "0.9": 0.9}, ["0", "1.01", "nan"]),
-        (gpt.dropout_rate, {"0": 0.0, "0.1": 0.1}, ["1", "-0.1", "nan"]),
         (gpt.non_negative_int, {str(2**63 - 1): 2**63 - 1}, [str(2**63), "1e3"]),  # torch's seed range
     ],
 )
@@ -1816,7 +1816,7 @@ def test_flag_types_accept_their_range_and_reject_the_rest(parse, good, bad):
 
 def _settings_parser():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lr", type=gpt.positive_float, default=1e-3)
+    parser.add_argument("--lr", type=gpt.non_negative_float, default=1e-3)
     parser.add_argument("--max-steps", type=gpt.positive_int, default=10)
     parser.add_argument("--new-flag", default="x")
     parser.add_argument("--resume", action="store_true")
@@ -1875,27 +1875,11 @@ def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
     assert not (out / "latest.pt").exists()  # the old run's files go at once
     with pytest.raises(ValueError, match="holds no run to continue"):
         gpt.claim_run_folder(out, files, resume=True)
-    (out / "history.json").mkdir()
-    with pytest.raises(ValueError, match=r"history.json is a folder"):
-        gpt.claim_run_folder(out, files, overwrite=True)
     (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError, match=r"--out-dir .*file is a file, not a folder"):
-        gpt.claim_run_folder(tmp_path / "file", files)
-    with pytest.raises(ValueError, match=r"--out-dir .*below: .*file is a file, not a folder"):
-        gpt.claim_run_folder(tmp_path / "file" / "below", files)
-
-
-def test_stale_temporary_files_are_removed_but_a_running_process_keeps_its_own(tmp_path):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        (tmp_path / f".latest.pt.tmp{dead.stdout.strip()}").write_text("cut short")
-        (tmp_path / f".best.pt.tmp{sleeper.pid}").write_text("being written")
-        gpt.remove_stale_temporary_files(tmp_path)
-        assert sorted(p.name for p in tmp_path.iterdir()) == [f".best.pt.tmp{sleeper.pid}"]
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(ValueError, match=f"^{tmp_path / 'file'} is a file, not a folder: choose another folder "
+                                             f"than {out}$"):
+            gpt.claim_run_folder(out, files)
 
 
 def test_a_folder_or_a_missing_path_given_for_a_file_is_named(tmp_path, capsys):
@@ -1914,7 +1898,7 @@ def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b)))
-    gpt.atomic_save({"x": torch.ones(2)}, tmp_path / "a.pt")
+    gpt.atomic_write_bytes(tmp_path / "a.pt", lambda f: torch.save({"x": torch.ones(2)}, f))
     assert events == ["fsync", "rename"]
     assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]
 
@@ -1935,6 +1919,7 @@ def test_json_and_text_readers_accept_a_bom_and_name_the_problem(tmp_path):
 
 
 def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
 
     def failing(error):
         @gpt.command_line(memory_hint="use a smaller --batch-size")
@@ -1963,10 +1948,9 @@ def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypa
 
 
 def test_progress_without_a_terminal_is_a_plain_line_every_30_seconds(capsys, monkeypatch):
-    monkeypatch.setattr(gpt, "stderr_is_terminal", lambda: False)
+    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.1, False: 30})
     clock = iter([1000.0, 1000.0, 1010.0, 1031.0, 1031.0])
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
-    monkeypatch.setattr(gpt, "_last_plain_progress", 0.0)
     for text in ("step 1/3", "step 2/3", "step 3/3"):
         gpt.show_progress(text)
     gpt.end_progress()
@@ -2009,7 +1993,7 @@ def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gpt, "generate", interrupted)
+    monkeypatch.setattr(gpt, "generate_stream", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello"])
     assert exit_info.value.code == 130
@@ -2077,7 +2061,8 @@ def test_export_safetensors_writer_is_read_by_the_reference_library(tmp_path):
         "empty": torch.zeros(0, 4),
     }
     path = tmp_path / "x.safetensors"
-    gpt.write_safetensors(path, tensors, metadata={"format": "pt"})
+    with open(path, "wb") as f:
+        gpt.write_safetensors(f, tensors, metadata={"format": "pt"})
     raw = path.read_bytes()
     (header_length,) = struct.unpack("<Q", raw[:8])
     header = raw[8 : 8 + header_length]
@@ -2201,58 +2186,35 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     back = load_lm(tmp_path / "hf", dtype=torch.bfloat16)
     assert all(torch.equal(a.bfloat16(), b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
 
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "notes.txt").write_text("mine")
     (tmp_path / "a-file").write_text("not a folder")
     for target, flags, message in [
-        ("taken", [], "taken is not empty: choose another folder, or replace an earlier export with --overwrite"),
-        ("taken", ["--overwrite"], "taken holds no model.safetensors: --overwrite replaces only a model folder"),
-        ("a-file", ["--overwrite"], "a-file is a file, not a folder: choose another folder for the export"),
-        ("a-file/hf", [], f"a-file/hf: {tmp_path / 'a-file'} is a file, not a folder: choose another folder for the "
-         "export"),
+        ("hf", [], "hf holds another run (model.safetensors, config.json, generation_config.json, vocab.json, "
+         "merges.txt, tokenizer_config.json): replace it with --overwrite, or choose another folder"),
+        ("a-file", ["--overwrite"], f"a-file is a file, not a folder: choose another folder than {tmp_path}/a-file"),
+        ("a-file/hf", [], f"a-file is a file, not a folder: choose another folder than {tmp_path}/a-file/hf"),
     ]:
-        with pytest.raises(SystemExit, match=f"error: .*{re.escape(message)}"):
+        with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}$"):
             load_gpt2.main([*export, str(tmp_path / target), *flags])
-    assert [path.name for path in (tmp_path / "taken").iterdir()] == ["notes.txt"]
-    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "a-file").read_text() == "not a folder"
 
-    (tmp_path / "hf" / "README.md").write_text("an earlier export")
+    (tmp_path / "hf" / "README.md").write_text("the user's notes")
     load_gpt2.main([*export, str(tmp_path / "hf"), "--overwrite"])  # float32 this time
-    assert not (tmp_path / "hf" / "README.md").exists()
+    assert (tmp_path / "hf" / "README.md").read_text() == "the user's notes"  # not a file of the export: kept
     assert torch.equal(load_lm(tmp_path / "hf").wte.weight, model.wte.weight)
-    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary folders
+    assert not [path.name for path in (tmp_path / "hf").iterdir() if path.name.startswith(".")]  # no temporary files
 
 
-def test_export_that_fails_midway_leaves_the_earlier_export_and_no_leftovers(tmp_path, monkeypatch):
-    model = tiny_model(context_length=64)
-    folder = gpt.export_hf(model, tmp_path / "hf")
-    before = {path.name: path.read_bytes() for path in folder.iterdir()}
-
-    def disk_full(path, *args, **kwargs):
-        Path(path).write_bytes(b"half")
+def test_export_that_fails_midway_names_the_file_and_leaves_no_model_or_leftovers(tmp_path, monkeypatch):
+    def disk_full(f, *args, **kwargs):
+        f.write(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with monkeypatch.context() as patch:
-        patch.setattr(gpt, "write_safetensors", disk_full)
-        with pytest.raises(OSError, match="No space left on device"):
-            gpt.export_hf(tiny_model(seed=1, context_length=64), folder, overwrite=True)
-    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]
-
-    rename = os.rename
-
-    def refuse_the_new_folder(source, target):
-        if Path(target) == folder and not str(source).endswith(".old"):  # the new export, not the old put back
-            raise OSError(errno.EACCES, "Permission denied")
-        rename(source, target)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(os, "rename", refuse_the_new_folder)
-        with pytest.raises(OSError, match="Permission denied"):
-            gpt.export_hf(tiny_model(seed=1, context_length=64), folder, overwrite=True)
-    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # moved aside, then put back
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]
+    monkeypatch.setattr(gpt, "write_safetensors", disk_full)
+    with pytest.raises(OSError, match=r"^cannot write .*hf/model.safetensors: No space left on device"):
+        gpt.export_hf(tiny_model(context_length=64), tmp_path / "hf")
+    # The weights come last: a folder cut short holds no model that could load with other files' settings.
+    assert sorted(path.name for path in (tmp_path / "hf").iterdir()) == [
+        "config.json", "generation_config.json", "merges.txt", "tokenizer_config.json", "vocab.json"]
 
 
 def _export_trained_classifier():
@@ -2365,7 +2327,16 @@ def test_every_flag_has_a_help_line_with_its_default(script, capsys):
 # ========================================================================================
 
 HELLASWAG_TINY = TESTDATA / "hellaswag_tiny.jsonl"  # four made-up items in HellaSwag's format
-MMLU_TINY = TESTDATA / "mmlu"  # two made-up subjects laid out as MMLU's data.tar
+MMLU_FOLDER = TESTDATA / "mmlu"  # two made-up subjects laid out as MMLU's data.tar
+
+
+@pytest.fixture(scope="session")
+def mmlu_tiny(tmp_path_factory):
+    """The two made-up subjects of testdata/mmlu packed as MMLU's data.tar, the one format --benchmark-file reads."""
+    path = tmp_path_factory.mktemp("mmlu") / "data.tar"
+    with tarfile.open(path, "w") as archive:
+        archive.add(MMLU_FOLDER / "data", arcname="data")
+    return path
 
 
 def _continuation_logprob(model, context_ids, continuation_ids):
@@ -2389,8 +2360,8 @@ def test_benchmark_hellaswag_items_are_prepared_as_the_harness_prepares_them():
     assert tree["choices"][3] == "under your pillow. and sleep."
 
 
-def test_benchmark_mmlu_prompt_with_shots_and_tar_equal_to_folder(tmp_path):
-    items = load_gpt2.read_mmlu(MMLU_TINY, shots=1)
+def test_benchmark_mmlu_prompt_with_shots(mmlu_tiny):
+    items = load_gpt2.read_mmlu(mmlu_tiny, shots=1)
     assert [item["subject"] for item in items] == ["made_up_arithmetic"] * 3 + ["made_up_geography"] * 2
     request = load_gpt2.mmlu_request(items[0])
     assert request["context"] == (
@@ -2399,16 +2370,14 @@ def test_benchmark_mmlu_prompt_with_shots_and_tar_equal_to_folder(tmp_path):
         "What is 5 + 6?\nA. 10\nB. 12\nC. 11\nD. 13\nAnswer:"
     )
     assert request["choices"] == ["A", "B", "C", "D"] and request["gold"] == 2
-    with tarfile.open(tmp_path / "data.tar", "w") as archive:
-        archive.add(MMLU_TINY / "data", arcname="data")
-    assert load_gpt2.read_mmlu(tmp_path / "data.tar", shots=1) == items
 
 
-def test_benchmark_encode_pair_as_the_harness():
+def test_benchmark_continuation_request_as_the_harness():
     encode = gpt.get_tokenizer().encode
-    assert load_gpt2.encode_pair("Answer:", " A") == (encode("Answer:"), encode(" A"))
-    assert load_gpt2.encode_pair("Hello ", "world") == (encode("Hello"), encode(" world"))  # the space moves
-    assert load_gpt2.encode_pair("", "Hi") == ([gpt.EOT_ID], encode("Hi"))
+    assert load_gpt2.continuation_request("Answer:", " A", 64) == (encode("Answer:") + encode(" A"), 1)
+    hello = load_gpt2.continuation_request("Hello ", "world", 64)  # the space moves to the continuation
+    assert hello == (encode("Hello") + encode(" world"), len(encode(" world")))
+    assert load_gpt2.continuation_request("", "Hi", 64) == ([gpt.EOT_ID] + encode("Hi"), len(encode("Hi")))
     # Longer than the context: cut from the left, the continuation kept whole.
     ids, n_scored = load_gpt2.continuation_request("one two three four five six", " seven eight", 4)
     assert ids == encode("one two three four five six seven eight")[-5:] and n_scored == 2
@@ -2437,22 +2406,22 @@ def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path)
     assert results["random_guess"] == 0.25 and results["items"] == 4
 
 
-def test_benchmark_mmlu_acc_per_subject_equals_hand_computation(tmp_path):
+def test_benchmark_mmlu_acc_per_subject_equals_hand_computation(tmp_path, mmlu_tiny):
     model = tiny_model(context_length=128)
     gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     encode = gpt.get_tokenizer().encode
     right = collections.defaultdict(list)
-    for item in load_gpt2.read_mmlu(MMLU_TINY, shots=2):
+    for item in load_gpt2.read_mmlu(mmlu_tiny, shots=2):
         context = load_gpt2.mmlu_request(item)["context"]
         lls = [_continuation_logprob(model, encode(context), encode(" " + letter)) for letter in "ABCD"]
         right[item["subject"]].append(max(range(4), key=lambda k: lls[k]) == item["answer"])
-    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(MMLU_TINY),
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
                     "--shots", "2", "--results", str(tmp_path / "results.json")])
     results = json.loads((tmp_path / "results.json").read_text())["benchmark"]
     for subject, hits in right.items():
         assert results["subjects"][subject] == {"items": len(hits), "acc": pytest.approx(sum(hits) / len(hits))}
     assert results["acc"] == pytest.approx(sum(map(sum, right.values())) / 5)
-    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(MMLU_TINY),
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
                     "--limit", "1", "--results", str(tmp_path / "limited.json")])
     limited = json.loads((tmp_path / "limited.json").read_text())["benchmark"]
     assert {name: s["items"] for name, s in limited["subjects"].items()} == {name: 1 for name in right}
@@ -2530,25 +2499,21 @@ def test_contamination_finds_exactly_the_planted_overlaps(tmp_path):
         "Nobody expected the small village band to win the national music contest that cold winter.",
         "Photosynthesis needs light.",  # shorter than 13 words: matched whole
     ]
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    # Text 0: 13 of its words with other case and punctuation, across a line break.
-    (corpus / "a.txt").write_text("Blah blah. THE quick, brown fox -- jumps over\nthe lazy dog; while the farmer sleeps!\n")
-    # Text 1: only 12 words in a row; text 3 whole; text 2 cut in two by a document boundary.
-    (corpus / "b.txt").write_text("seven silver spoons lay on the long wooden table beside a bowl. Photosynthesis needs "
-                                  "LIGHT. Nobody expected the small village band to")
-    (corpus / "c.txt").write_text("win the national music contest that cold winter.")
-    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(corpus), n=13) == [0, 3]
-    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(corpus), n=12) == [0, 1, 3]
+    # Text 0: 13 of its words with other case and punctuation, across a line break; text 1: only 12 words in a row;
+    # text 3 whole; text 2: its first 7 words only.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Blah blah. THE quick, brown fox -- jumps over\nthe lazy dog; while the farmer sleeps!\n"
+                      "seven silver spoons lay on the long wooden table beside a bowl. Photosynthesis needs "
+                      "LIGHT. Nobody expected the small village band to")
+    assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(corpus), n=13) == [0, 3]
+    assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(corpus), n=12) == [0, 1, 3]
     clean = tmp_path / "clean.txt"
     clean.write_text("A clean corpus about something else entirely. " * 50)
-    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(clean)) == []
+    assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(clean)) == []
+    # Instruction data read as text: punctuation goes, so its values' words follow each other as in the entries.
     instructions = tmp_path / "instructions.json"
     instructions.write_text(json.dumps([{"instruction": "Say it.", "input": "", "output": texts[2]}]))
-    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(instructions)) == [2]
-    split = tmp_path / "train.csv"
-    split.write_text("label,text\nham,photosynthesis needs light\n")
-    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(split)) == [3]
+    assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(instructions)) == [2]
 
 
 def test_contamination_reports_the_score_on_clean_items(tmp_path):
@@ -2565,9 +2530,9 @@ def test_contamination_reports_the_score_on_clean_items(tmp_path):
     assert results["contamination"]["clean"] == load_gpt2.summarize(load_gpt2.score_multiple_choice(model, clean), clean)
 
 
-def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts(tmp_path):
+def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts(tmp_path, mmlu_tiny):
     model = tiny_model(context_length=128)
-    items = load_gpt2.read_mmlu(MMLU_TINY, shots=1)
+    items = load_gpt2.read_mmlu(mmlu_tiny, shots=1)
     identity = [load_gpt2.mmlu_request(load_gpt2.shuffle_options(item, [0, 1, 2, 3])) for item in items]
     original = [load_gpt2.mmlu_request(item) for item in items]
     assert load_gpt2.score_multiple_choice(model, identity) == load_gpt2.score_multiple_choice(model, original)
@@ -2641,29 +2606,30 @@ def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["results.json", "tiny.pt"]  # nothing half-written
 
 
-def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
+def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys, mmlu_tiny):
     gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
     model = ["--model", str(tmp_path / "tiny.pt")]
     broken = tmp_path / "broken.jsonl"
     broken.write_text(HELLASWAG_TINY.read_text().splitlines()[0] + "\n{not json\n")
     no_label = tmp_path / "no_label.jsonl"
     no_label.write_text(json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e"]}) + "\n")
-    bad_row = tmp_path / "bad_mmlu" / "test"
-    bad_row.mkdir(parents=True)
-    (bad_row / "x_test.csv").write_text("Question?,a,b,c,E\n")
+    (tmp_path / "x_test.csv").write_text("Question?,a,b,c,E\n")
+    with tarfile.open(tmp_path / "bad_mmlu.tar", "w") as archive:
+        archive.add(tmp_path / "x_test.csv", arcname="data/test/x_test.csv")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
-    (tmp_path / "not_mmlu").mkdir()
-    (tmp_path / "not_mmlu" / "notes.csv").write_text("a,b\n")
+    with tarfile.open(tmp_path / "not_mmlu.tar", "w") as archive:
+        archive.add(tmp_path / "empty.txt", arcname="notes.txt")
     for argv, message in [
         (["--benchmark", "hellaswag", "--benchmark-file", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
-        (["--benchmark", "hellaswag", "--benchmark-file", str(TESTDATA / "mmlu")], "mmlu: a folder, not a file"),
+        (["--benchmark", "mmlu", "--benchmark-file", str(MMLU_FOLDER)], "mmlu: a folder, not a file"),
+        (["--benchmark", "mmlu", "--benchmark-file", str(HELLASWAG_TINY)], "not a tar archive: give MMLU's data.tar"),
         (["--benchmark", "mmlu", "--contamination", "no-such-corpus"], "--contamination no-such-corpus: no such file"),
         (["--benchmark", "hellaswag", "--benchmark-file", str(broken)], "broken.jsonl line 2: not valid JSON"),
-        (["--benchmark", "hellaswag", "--benchmark-file", str(no_label)], "no_label.jsonl line 1: bad or missing field"),
-        (["--benchmark", "mmlu", "--benchmark-file", str(tmp_path / "bad_mmlu")], "x_test.csv row 1: expected question"),
-        (["--benchmark", "mmlu", "--benchmark-file", str(tmp_path / "not_mmlu")], "no test/<subject>_test.csv files"),
-        (["--benchmark", "mmlu", "--benchmark-file", str(MMLU_TINY), "--shots", "3"], "made_up_geography has 2 dev items"),
+        (["--benchmark", "hellaswag", "--benchmark-file", str(no_label)], "no_label.jsonl line 1: not a HellaSwag item"),
+        (["--benchmark", "mmlu", "--benchmark-file", str(tmp_path / "bad_mmlu.tar")], "x_test.csv row 1: expected question"),
+        (["--benchmark", "mmlu", "--benchmark-file", str(tmp_path / "not_mmlu.tar")], "no test/<subject>_test.csv files"),
+        (["--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny), "--shots", "3"], "made_up_geography has 2 dev items"),
         (["--perplexity", str(tmp_path / "empty.txt")], "empty.txt: the file is empty"),
         (["--perplexity", str(HELLASWAG_TINY), "--stride", "65"], "--stride 65 must be from 1 to the model's context length"),
         (["--perplexity", str(HELLASWAG_TINY), "--results", str(tmp_path)], "is a folder: give the path of a JSON file"),
@@ -2671,8 +2637,8 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
          "nope: no such file"),
         (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination",
           str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8 text"),
-        (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination",
-          str(tmp_path / "train.csv")], "train.csv: no such file"),
+        (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination", str(tmp_path)],
+         f"--contamination {tmp_path}: a folder, not a file"),  # a folder of text files: concatenate them
     ]:
         with pytest.raises(SystemExit) as exit_info:
             load_gpt2.main(model + argv)
@@ -2684,7 +2650,7 @@ def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: the model gives NaN log-probabilities"):
         load_gpt2.main(["--model", str(tmp_path / "nan.pt"), "--perplexity", str(HELLASWAG_TINY)])
     for argv, message in [
-        (["--top-p", "2"], "argument --top-p: must be a number in (0, 1], got '2'"),
+        (["--top-p", "2"], "argument --top-p: must be a number in [0, 1], got '2'"),
         (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0, got 'nan'"),
         (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
         (["--max-new-tokens", "1e3"], "argument --max-new-tokens: must be an integer >= 0, got '1e3'"),
@@ -2728,7 +2694,7 @@ def _pretrain_tiny_argv(tmp_path, text_file, *extra):
     """Command-line flags of a tiny run (2 layers of width 32, 32-token windows)."""
     tiny = "--n-layers 2 --n-heads 2 --emb-dim 32 --context-length 32 --batch-size 4 --eval-batches 2"
     quiet = "--sample-tokens 5 --log-every 100 --device cpu"
-    paths = ["--data", str(text_file), "--out-dir", str(tmp_path / "run"), "--token-dir", str(tmp_path / "tokens")]
+    paths = ["--data", str(text_file), "--out-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path)]
     return [*paths, *tiny.split(), *quiet.split(), *extra]
 
 
@@ -2792,8 +2758,7 @@ def test_pretrain_short_text_error_says_what_would_work(tmp_path):
         pretrain.split_tokens(tokens, 0.9, 1024)
     message = str(e.value)
     assert "validation split has 515 tokens" in message
-    assert "--context-length 514 or less" in message
-    assert "--train-fraction between 0.20 and 0.80" in message
+    assert "--context-length 514 or less, another --train-fraction or more text" in message
     train, val = pretrain.split_tokens(tokens, 0.9, 514)
     assert len(train) == 4630 and len(val) == 515
     with pytest.raises(ValueError, match=r"training split has 1 tokens .* more text"):
@@ -2804,9 +2769,11 @@ def test_pretrain_short_text_error_says_what_would_work(tmp_path):
 
 
 def test_pretrain_empty_file_and_folder_errors(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf")  # a byte-order mark alone: no text
+    with pytest.raises(ValueError, match="^--data: no tokens in .*bom.txt$"):
+        pretrain.prepare_token_file([tmp_path / "bom.txt"], tmp_path / "tokens", gpt.get_tokenizer())
+    (tmp_path / "bom.txt").unlink()
     (tmp_path / "empty.txt").write_bytes(b"")
-    with pytest.raises(ValueError, match="the file is empty"):
-        pretrain.resolve_sources(str(tmp_path / "empty.txt"))
     with pytest.raises(ValueError, match="the folder holds no .txt file with text"):
         pretrain.resolve_sources(str(tmp_path))
     (tmp_path / "none").mkdir()
@@ -2819,19 +2786,20 @@ def test_pretrain_empty_file_and_folder_errors(tmp_path):
 def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
-    with open(path, "rb") as f, pytest.raises(ValueError, match=r"invalid UTF-8 at byte 42 .*--replace-invalid-utf8"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=5))  # chunks cut through the é and ö
-    with open(path, "rb") as f:
-        text = "".join(pretrain.read_text_pieces(f, replace_invalid=True, chunk_bytes=5))
-    assert text == "héllo wörld " * 3 + "\ufffd tail"
+    big = tmp_path / "big.txt"  # the bad byte far beyond the first block that Python's text reader decodes
+    big.write_bytes("é".encode() * 5000 + b"ab" * 3001 + b"\xff")
     truncated = tmp_path / "truncated.txt"
     truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
-    with open(truncated, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 3"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=2))
     with_bom = tmp_path / "bom.txt"
     with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
-    with open(with_bom, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 6"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=2))
+    for bad, offset in ((path, 42), (big, 16_002), (truncated, 3), (with_bom, 6)):
+        with open(bad, encoding="utf-8-sig") as f, pytest.raises(ValueError, match=f"invalid UTF-8 at byte {offset} "):
+            list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=5))
+    with pytest.raises(SystemExit, match=r"bad.txt: invalid UTF-8 at byte 42 .*--replace-invalid-utf8$"):
+        pretrain.main(_pretrain_tiny_argv(tmp_path, path))
+    token_path, n, _ = pretrain.prepare_token_file([path], tmp_path / "tokens", gpt.get_tokenizer(), replace_invalid=True)
+    ids = array.array("H", token_path.read_bytes()).tolist()
+    assert n == len(ids) and gpt.get_tokenizer().decode(ids) == "héllo wörld " * 3 + "\ufffd tail"
 
 
 def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
@@ -2839,22 +2807,10 @@ def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
     whole = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
-    with open(path, "rb") as f:
-        pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
+    with open(path, encoding="utf-8-sig") as f:
+        pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=37))
     assert len(pieces) > 10  # it really cut the text
     assert [i for ids in pieces for i in ids] == whole
-
-
-class _CountingFile(io.FileIO):
-    """A binary file that records the size of every read."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.read_sizes = []
-
-    def read(self, size=-1):
-        self.read_sizes.append(size)
-        return super().read(size)
 
 
 def test_pretrain_crlf_corpus_streams_and_gives_the_tokens_of_lf(tmp_path):
@@ -2865,16 +2821,13 @@ def test_pretrain_crlf_corpus_streams_and_gives_the_tokens_of_lf(tmp_path):
     cr.write_bytes(text.replace("\n", "\r").encode())
     expected = gpt.get_tokenizer().encode(text)
     for path in (lf, crlf, cr):
-        f = _CountingFile(path)
-        with f:
-            pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=64), gpt.get_tokenizer()))
+        with open(path, encoding="utf-8-sig") as f:  # as prepare_token_file opens it
+            pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=64))
         assert [i for ids in pieces for i in ids] == expected, path.name
-        assert len(f.read_sizes) > 100 and set(f.read_sizes) <= {3, 64}  # the BOM check, then chunks: never all
         assert max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text at once
-    n_lf = pretrain.write_token_file([lf], tmp_path / "lf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
-    n_crlf = pretrain.write_token_file([crlf], tmp_path / "crlf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
-    assert n_lf == n_crlf and n_lf[0] == len(expected)  # the same tokens, so the same fingerprint
-    assert (tmp_path / "lf.uint16").read_bytes() == (tmp_path / "crlf.uint16").read_bytes()
+    lf_file = pretrain.prepare_token_file([lf], tmp_path / "tokens", gpt.get_tokenizer())
+    crlf_file = pretrain.prepare_token_file([crlf], tmp_path / "tokens", gpt.get_tokenizer())
+    assert lf_file[1:] == crlf_file[1:] and lf_file[1] == len(expected)  # the same tokens, so the same fingerprint
 
 
 def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
@@ -3060,11 +3013,11 @@ def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, mon
 
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
-    def interrupted(pieces, tokenizer):
+    def interrupted(f, tokenizer):
         yield [1, 2, 3]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "encode_pieces", interrupted)
+    monkeypatch.setattr(pretrain, "encode_text_file", interrupted)
     with pytest.raises(SystemExit) as e:
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file))
     assert e.value.code == 130
@@ -3107,7 +3060,6 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     a = gpt.load_checkpoint(single["latest"])
     b = gpt.load_checkpoint(tmp_path / "two" / "run" / "latest.pt")
     assert a["step"] == b["step"] == 3 and a["samples_seen"] == b["samples_seen"] == 24
-    assert len(b["rng_states"]) == 2
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=1e-4, atol=1e-5)
     assert b["history"][-1]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
@@ -3119,21 +3071,21 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--drop-rate", "2"], "argument --drop-rate: must be a number in [0, 1), got '2'"),
+        (["--drop-rate", "2"], "argument --drop-rate: must be a number in [0, 1], got '2'"),
         (["--n-heads", "3"], "the model's shape (--size and the shape flags): emb_dim (256) must be divisible by"),
         (["--size", "gpt2", "--n-heads", "5"], "emb_dim (768) must be divisible by n_heads (5)"),
         (["--emb-dim", "30"], "emb_dim (30) must be divisible by n_heads (4)"),
         (["--size", "HuggingFaceTB/SmolLM2-135M", "--n-heads", "4"], "n_heads (4) must be a multiple of n_kv_heads"),
         (["--model", "gpt2", "--n-layers", "2"], "--model (its weights bring the shape) does not use --n-layers: drop it"),
-        (["--epochs", "inf"], "argument --epochs: must be a finite number > 0, got 'inf'"),
+        (["--epochs", "inf"], "argument --epochs: must be a finite number >= 0, got 'inf'"),
         (["--grad-clip", "nan"], "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
         (["--weight-decay", "-0.1"], "argument --weight-decay: must be a finite number >= 0, got '-0.1'"),
-        (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
+        (["--lr", "-1"], "argument --lr: must be a finite number >= 0, got '-1'"),
         (["--min-lr-ratio", "1.5"], "argument --min-lr-ratio: must be a number in [0, 1], got '1.5'"),
         (["--train-fraction", "1.5"], "argument --train-fraction: must be a number in [0, 1], got '1.5'"),
         (["--sample-tokens", "-1"], "argument --sample-tokens: must be an integer >= 0, got '-1'"),
         (["--stop-at-step", "0"], "argument --stop-at-step: must be an integer >= 1, got '0'"),
-        (["--peak-flops", "0"], "argument --peak-flops: must be a finite number > 0, got '0'"),
+        (["--peak-flops", "-1"], "argument --peak-flops: must be a finite number >= 0, got '-1'"),
         (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
         (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
     ],
@@ -3160,16 +3112,6 @@ def test_pretrain_help_says_the_run_folder_rule(capsys):
     assert "refuses an --out-dir that holds another run: --resume continues that run" in help_text
     assert "--overwrite deletes it first" in help_text
     assert "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops" in help_text
-
-
-def test_pretrain_bfloat16_on_cpu_warns(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
-    argv = ["--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
-    for dtype, warned in (("bfloat16", True), ("float32", False), ("auto", False)):
-        with pytest.raises(SystemExit, match="no such file"):  # the warning comes before the data
-            pretrain.main(argv + ["--dtype", dtype])
-        out = capsys.readouterr().out
-        assert ("warning: --dtype bfloat16 is usually much slower than float32 on CPUs" in out) == warned
 
 
 # --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
@@ -3270,10 +3212,10 @@ def test_pretrain_size_of_a_llama_shape_trains_from_scratch_with_its_hub_tokeniz
 
 
 def test_pretrain_memory_check_says_when_the_weights_alone_do_not_fit(tmp_path, pretrain_text_file, monkeypatch):
-    monkeypatch.setattr(gpt, "training_memory", lambda model: 10**15)  # as for a model of 62 trillion parameters
+    monkeypatch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
     with pytest.raises(SystemExit) as e:
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "1"))
-    assert str(e.value).startswith("error: training needs about 1000000.0 GB before activations")
+    assert str(e.value).startswith("error: training needs about 0.0 GB before activations")
     assert str(e.value).endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
                                  "or adapt this one with LoRA (the fine-tunes' --lora)")
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
@@ -3299,11 +3241,10 @@ def test_pretrain_autocast_flops_and_throughput_line_are_exact(monkeypatch):
     model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
     # 5040 parameters; the 8 x 16 position table is only looked up: 6 x 4912 + 12 x 1 layer x 16 wide x 8 tokens
     assert gpt.count_parameters(model) == 5040 and pretrain.flops_per_token(model, 8) == 6 * 4912 + 12 * 16 * 8 == 31008
-    clock = iter([0.0, 10.0, 15.0, 20.0, 20.0, 20.0])  # start, pause, resume, then the report's three readings
+    clock = iter([0.0, 0.0, 5.0, 20.0, 20.0, 20.0])  # start, restart after 5 s, then the report's three readings
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
     speed = pretrain.Throughput(model, 8, tokens_per_step=150, peak_flops=31008 * 100 / 0.5, first_step=0)
-    speed.pause()
-    speed.resume()  # 5 s of evaluation: not counted
+    speed.restart(step=0)  # after 5 s of evaluation: not counted
     assert speed.report(step=10, total_steps=20) == "100 tok/s | MFU 50.0% | ETA 20s"  # 1500 tokens in 15 s
 
 
@@ -3607,12 +3548,12 @@ def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--lora-alpha", "-1"], "argument --lora-alpha: must be a finite number > 0, got '-1'"),
+        (["--lora-alpha", "-1"], "argument --lora-alpha: must be a finite number >= 0, got '-1'"),
         (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
         (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number >= 0, got 'nan'"),
-        (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
+        (["--lr", "inf"], "argument --lr: must be a finite number >= 0, got 'inf'"),
         (["--max-steps", "0"], "argument --max-steps: must be an integer >= 1, got '0'"),
-        (["--drop-rate", "1"], "argument --drop-rate: must be a number in [0, 1), got '1'"),
+        (["--drop-rate", "1.5"], "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
         (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
         (["--seed", str(2**63)], "argument --seed: must be an integer >= 0, got '9223372036854775808'"),
         (["--trainable", "all"], "--lora trains the adapters and the head: drop --trainable all"),
@@ -3789,13 +3730,15 @@ def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkey
 
     monkeypatch.setattr(gpt, "load", no_model)
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit, match=r"error: --out-dir .*file is a file, not a folder"):
+    with pytest.raises(SystemExit, match=r"^error: .*file is a file, not a folder: choose another folder than .*file$"):
         fc.main(_classify_run_argv(tmp_path, "file"))
     (tmp_path / "run" / "classifier.pt").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"error: .*run/classifier.pt is a folder, but this run writes a file there"):
+    with pytest.raises(SystemExit, match=r"error: .*run holds another run \(classifier.pt\)"):
         fc.main(_classify_run_argv(tmp_path, "run"))
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 21\] Is a directory: .*run/classifier.pt'$"):
+        fc.main(_classify_run_argv(tmp_path, "run", "--overwrite"))
     (tmp_path / "elsewhere.pt").mkdir()
-    with pytest.raises(SystemExit, match=r"error: .*elsewhere.pt is a folder"):
+    with pytest.raises(SystemExit, match=r"error: .*run2 holds another run \(../elsewhere.pt\)"):
         fc.main(_classify_run_argv(tmp_path, "run2", "--checkpoint", str(tmp_path / "elsewhere.pt")))
 
 
@@ -4176,7 +4119,7 @@ def test_instruct_split_85_5_10_with_seed():
 @pytest.mark.parametrize(
     "reply, expected",
     [
-        ('{"score": 85}', 85.0),  # the structured output query_ollama asks for
+        ('{"score": 85}', 85.0),  # the structured output the judge asks for
         ('{"score": 92.5}', 92.5),
         ('{"score": 150}', None),  # JSON decides, even out of range
         ('```json\n{"score": 70}\n```', 70.0),
@@ -4217,23 +4160,21 @@ def test_instruct_parse_score(reply, expected):
 
 @pytest.fixture
 def _instruct_ollama(route_server):
-    """A fake Ollama server: /api/tags lists llama3, /api/chat answers with the next of `answers` (any JSON value
-    as the message content) and records each request body. With reject_format it answers a schema in "format"
-    with HTTP 400, as servers before Ollama 0.5 did."""
-    ollama = argparse.Namespace(answers=[], requests=[], reject_format=False)
+    """A fake Ollama server that has the model llama3: /api/chat answers with the next of `answers` (any JSON value
+    as the message content), HTTP 404 for another model, as Ollama does, and records each request body."""
+    ollama = argparse.Namespace(answers=[], requests=[])
 
     def chat(handler):
         body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
         ollama.requests.append(body)
-        if ollama.reject_format and isinstance(body.get("format"), dict):
-            error = "json: cannot unmarshal object into Go struct field ChatRequest.format of type string"
-            return answer(json.dumps({"error": error}).encode(), 400, Content_Type="application/json")(handler)
+        if body["model"] != "llama3":
+            error = json.dumps({"error": f"model '{body['model']}' not found"}).encode()
+            return answer(error, 404, Content_Type="application/json")(handler)
         message = {"role": "assistant", "content": ollama.answers.pop(0)}
         reply = {"model": body["model"], "message": message, "done": True}
         answer(json.dumps(reply).encode(), Content_Type="application/json")(handler)
 
-    tags = json.dumps({"models": [{"name": "llama3:latest"}]}).encode()
-    ollama.server = route_server({"/api/tags": answer(tags, Content_Type="application/json"), "/api/chat": chat})
+    ollama.server = route_server({"/api/chat": chat})
     ollama.url = ollama.server.url
     return ollama
 
@@ -4284,6 +4225,10 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
     with pytest.raises(SystemExit, match="ollama pull mistral"):
         instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--judge-model", "mistral",
                        "--responses", str(path)])
+    with pytest.raises(SystemExit, match="ollama pull mistral"):  # a judge that is not there: before any training
+        instruct.main(["--judge", "ollama", "--judge-url", url, "--judge-model", "mistral", "--out-dir",
+                       str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_instruct_judge_any_content_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
@@ -4306,16 +4251,6 @@ def test_instruct_judge_any_content_with_fake_ollama(tmp_path, capsys, _instruct
     assert "entry 6: no score 0-100 in the judge's answer ''" in out
     scored = json.loads((tmp_path / "responses-scored.json").read_text())
     assert [e["score"] for e in scored] == [92.5, 85.0, 80.0, None, None, None, None, None]
-
-
-def test_instruct_query_ollama_asks_old_servers_without_schema(_instruct_ollama):
-    url = _instruct_ollama.url
-    _instruct_ollama.reject_format = True
-    _instruct_ollama.answers = ["Score: 75"]
-    assert instruct.query_ollama("grade this", url, "llama3") == "Score: 75"
-    first, second = _instruct_ollama.requests
-    assert first["format"] == instruct.SCORE_FORMAT and "format" not in second
-    assert second["messages"] == first["messages"]
 
 
 def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
@@ -4498,7 +4433,7 @@ _INSTRUCT_BAD_FLAGS = [
     (["--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
     (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got '-1'"),
     (["--weight-decay", "-1"], "argument --weight-decay: must be a finite number >= 0, got '-1'"),
-    (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
+    (["--lr", "-1"], "argument --lr: must be a finite number >= 0, got '-1'"),
     (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
     (["--eval-batches", "-1"], "argument --eval-batches: must be an integer >= 0, got '-1'"),
     (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got '0'"),
@@ -4508,9 +4443,9 @@ _INSTRUCT_BAD_FLAGS = [
     (["--max-steps", "0"], "argument --max-steps: must be an integer >= 1, got '0'"),
     (["--max-length", "0"], "argument --max-length: must be an integer >= 1, got '0'"),
     (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
-    (["--top-p", "0"], "argument --top-p: must be a number in (0, 1], got '0'"),
-    (["--lora-alpha", "nan"], "argument --lora-alpha: must be a finite number > 0, got 'nan'"),
-    (["--drop-rate", "1"], "argument --drop-rate: must be a number in [0, 1), got '1'"),
+    (["--top-p", "1.5"], "argument --top-p: must be a number in [0, 1], got '1.5'"),
+    (["--lora-alpha", "nan"], "argument --lora-alpha: must be a finite number >= 0, got 'nan'"),
+    (["--drop-rate", "1.5"], "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
     (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
     (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64' (choose from 'float32', 'bfloat16', "
      "'float16')"),
@@ -4548,9 +4483,8 @@ def test_instruct_answer_modes_refuse_training_flags_they_would_ignore(tmp_path,
     for flags, message in [
         (["--generate-only", "--model", "gpt2"], "--model is the model that trains; --generate-only answers with "
          "--checkpoint: give --checkpoint gpt2"),
-        (["--prompt", "hi", "--lora"], "--lora is for training, and --prompt does not train: drop it"),
-        (["--judge-only", "--judge", "ollama", "--epochs", "3"], "--epochs is for training, and --judge-only does "
-         "not train: drop it"),
+        (["--prompt", "hi", "--lora"], "--prompt does not use --lora: drop it"),
+        (["--judge-only", "--judge", "ollama", "--epochs", "3"], "--judge-only does not use --epochs: drop it"),
     ]:
         with pytest.raises(SystemExit) as exc:
             instruct.main(["--out-dir", str(tmp_path / "run"), *flags])
@@ -4571,10 +4505,10 @@ def test_instruct_flag_limits_are_accepted():
     args = instruct.parse_args(["--prompt", "Name a color.", "--input", "x", "--top-p", "1e-9", "--temperature", "1"])
     assert (args.prompt, args.input, args.top_p) == ("Name a color.", "x", 1e-9)
     largest_seed = instruct.parse_args(["--seed", str(2**63 - 1)]).seed
-    batches = [instruct.epoch_batch(list(range(5)), 2, largest_seed, 1, index) for index in range(3)]
-    assert sorted(sum(batches, [])) == [0, 1, 2, 3, 4] and [len(b) for b in batches] == [2, 2, 1]
+    order = gpt.epoch_order(5, largest_seed, 1).tolist()  # the order of an epoch of the run's training examples
+    assert sorted(order) == [0, 1, 2, 3, 4]
     gpt.epoch_order.cache_clear()
-    assert [instruct.epoch_batch(list(range(5)), 2, largest_seed, 1, index) for index in range(3)] == batches
+    assert gpt.epoch_order(5, largest_seed, 1).tolist() == order
 
 
 def test_instruct_top_p_reaches_generation(_instruct_tiny_run, capsys, monkeypatch):
@@ -4740,12 +4674,15 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
     # Memory is checked before any run file is written: training that cannot fit says what helps.
     asked = []  # the trainable parameters of each model asked about
 
-    def too_much(model):
-        asked.append(gpt.count_parameters(model, trainable_only=True))
-        return 10**15
+    check = gpt.check_training_memory
 
-    monkeypatch.setattr(gpt, "training_memory", too_much)
-    with pytest.raises(SystemExit, match=r"error: training needs about 1000000.0 GB .*: choose a smaller --model, "
+    def too_much(model, *args):
+        asked.append(gpt.count_parameters(model, trainable_only=True))
+        check(model, *args)
+
+    monkeypatch.setattr(gpt, "check_training_memory", too_much)
+    monkeypatch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
+    with pytest.raises(SystemExit, match=r"error: training needs about 0.0 GB .*: choose a smaller --model, "
                        r"or train only low-rank adapters with --lora$"):
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
     with pytest.raises(SystemExit, match=r"GB .*: choose a smaller --model$"):
@@ -5167,17 +5104,18 @@ _HELLASWAG_ITEM = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings":
 
 @pytest.mark.parametrize("line, message", [
     ("[" * 100_000 + "]" * 100_000, "line 1: JSON nested too deeply to read"),
-    ('{**ITEM, "label": Infinity}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, got inf"),
-    ('{**ITEM, "label": 1.7}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, got 1.7"),
-    ('{**ITEM, "label": true}', "line 1: bad or missing field 'label'"),
-    ('{**ITEM, "label": 4}', "line 1: bad or missing field 'label'"),
-    ('{**ITEM, "endings": "abcd"}', "line 1: bad or missing field 'endings': must be a non-empty list of non-empty "
-                                    "strings"),
-    ('{**ITEM, "endings": ["d", " ", "f", "g"]}', "line 1: bad or missing field 'endings'"),
-    ('{**ITEM, "endings": []}', "line 1: bad or missing field 'endings'"),
-    ('{**ITEM, "endings": ["d", 5]}', "line 1: bad or missing field 'endings'"),
-    ('{**ITEM, "ctx_a": null}', "line 1: bad or missing field 'ctx_a': must be a string"),
-    ("[1, 2]", "line 1: expected a JSON object, got list"),
+    ('{**ITEM, "label": Infinity}', "line 1: not a HellaSwag item: each line needs the strings activity_label, "
+                                    "ctx_a and ctx_b, a list of non-empty endings and the label (0, 1, ...) of the "
+                                    "right one"),
+    ('{**ITEM, "label": 1.7}', "line 1: not a HellaSwag item"),
+    ('{**ITEM, "label": true}', "line 1: not a HellaSwag item"),
+    ('{**ITEM, "label": 4}', "line 1: not a HellaSwag item"),
+    ('{**ITEM, "endings": "abcd"}', "line 1: not a HellaSwag item"),
+    ('{**ITEM, "endings": ["d", " ", "f", "g"]}', "line 1: not a HellaSwag item"),
+    ('{**ITEM, "endings": []}', "line 1: not a HellaSwag item"),
+    ('{**ITEM, "endings": ["d", 5]}', "line 1: not a HellaSwag item"),
+    ('{**ITEM, "ctx_a": null}', "line 1: not a HellaSwag item"),
+    ("[1, 2]", "line 1: not a HellaSwag item"),
 ], ids=["deep", "label-inf", "label-float", "label-bool", "label-range", "endings-str", "ending-blank", "endings-empty",
         "endings-int", "ctx-null", "list"])
 def test_benchmark_bad_hellaswag_item_is_one_line(tmp_path, line, message):
@@ -5197,29 +5135,14 @@ def test_benchmark_hellaswag_label_may_be_a_digit_string(tmp_path):
     assert load_gpt2.read_hellaswag(path)[0]["label"] == "3"
 
 
-@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"models": 5}', b"<html>not Ollama</html>"],
-                         ids=["list", "no-models", "models-number", "not-json"])
+@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"message": 5}', b"<html>not Ollama</html>"],
+                         ids=["list", "no-message", "message-number", "not-json"])
 def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, route_server, body):
-    server = route_server({"/api/tags": answer(body, Content_Type="application/json")})
+    server = route_server({"/api/chat": answer(body, Content_Type="application/json")})
     path, _ = _instruct_responses_file(tmp_path, 1)
     with pytest.raises(SystemExit) as exit_info:
         instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
     assert exit_info.value.code.startswith(f"error: the server at {server.url} answered an unexpected reply: ")
-
-
-@pytest.mark.parametrize("script, flag", [(load_gpt2, "--cache-dir"), (pretrain, "--cache-dir"), (pretrain, "--token-dir"),
-                                          (fc, "--cache-dir"), (instruct, "--cache-dir")],
-                         ids=["load_gpt2", "pretrain", "pretrain-tokens", "classify", "instruct"])
-def test_folder_flag_that_is_a_file_names_the_flag(tmp_path, capsys, script, flag):
-    (tmp_path / "notes.txt").write_text("a file")
-    for given, which in [("notes.txt", ""), ("notes.txt/cache", f" {tmp_path / 'notes.txt'}")]:
-        with pytest.raises(SystemExit) as exit_info:
-            script.main([flag, str(tmp_path / given), "--out-dir" if script is not load_gpt2 else "--prompt",
-                         str(tmp_path / "run")])
-        assert exit_info.value.code == 2  # argparse's usage error, before any work
-        err = capsys.readouterr().err
-        assert f"argument {flag}: {tmp_path / given}:{which} is a file, not a folder" in err and "Traceback" not in err
-    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("script, flags, message", [
@@ -5362,16 +5285,17 @@ def test_whole_special_token_text_is_the_token_everywhere(trained_tokenizers, tm
     text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
     assert start in hf(text)
     assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
-    pieces = ["Call me <|im_", "start|> later", "<|im_end|>\n<|im_start|>"]  # (2) a pretraining corpus
-    assert [i for ids in pretrain.encode_pieces(pieces, tokenizer) for i in ids] == hf("".join(pieces))
+    corpus = io.StringIO("Call me <|im_start|> later<|im_end|>\n<|im_start|>")  # (2) a pretraining corpus
+    pieces = pretrain.encode_text_file(corpus, tokenizer, chunk_chars=13)  # read as "Call me <|im_", "start|> ..."
+    assert [i for ids in pieces for i in ids] == hf(corpus.getvalue())
     entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
     [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
     assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
     assert prompt_length == len(hf(instruct.format_prompt(entry))) and ids.count(start) == 2
     [message] = fc.tokenize_messages(["Free <|im_start|> prize"], 64, tokenizer)  # (4) a classified message
     assert message.tolist() == hf("Free <|im_start|> prize")
-    context, continuation = load_gpt2.encode_pair("Q: <|im_start|>", " A<|im_end|>", tokenizer)  # (5) a benchmark item
-    assert context == hf("Q: <|im_start|>") and context + continuation == hf("Q: <|im_start|> A<|im_end|>")
+    ids, n_scored = load_gpt2.continuation_request("Q: <|im_start|>", " A<|im_end|>", 64, tokenizer)  # (5) a benchmark
+    assert ids == hf("Q: <|im_start|> A<|im_end|>") and ids[:-n_scored] == hf("Q: <|im_start|>")  # item
 
 
 def test_whole_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tmp_path):
@@ -5386,7 +5310,7 @@ def test_whole_export_keeps_the_chat_template_and_the_token_ids(trained_tokenize
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert config["bos_token_id"] == generation["bos_token_id"] == start != end
     assert config["eos_token_id"] == generation["eos_token_id"] == end
-    assert config["pad_token_id"] == end and config["unk_token_id"] == tokenizer.encode("<|endoftext|>")[0]
+    assert config["pad_token_id"] == generation["pad_token_id"] == end
     chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
                                                                              tokenize=False)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n"
@@ -5398,7 +5322,7 @@ def test_whole_prefix_id_is_the_begin_token_else_the_end_token(trained_tokenizer
     qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
     assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
     assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
-    assert load_gpt2.encode_pair("", " Paris", tokenizer)[0] == [tokenizer.encode("<|im_start|>")[0]]
+    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == tokenizer.encode("<|im_start|>")[0]
 
 
 def test_whole_checkpoint_carries_its_tokenizer(trained_tokenizers, tmp_path):
@@ -5446,7 +5370,7 @@ def test_whole_export_hf_reexports_a_transformers_classifier_folder(tmp_path, ca
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 32}}, r"name different rope types \['default', 'llama3'\]"),
-    ({"model_type": None}, "its config.json names no model_type"),
+    ({"model_type": None}, "no model_type in a config.json"),
 ], ids=["rope_scaling-beside-rope_parameters", "two-rope-types", "no-model_type"])
 def test_whole_config_is_read_whole(strict_folders, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
@@ -5468,6 +5392,6 @@ def test_whole_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "save", save_on_a_full_disk)
     (tmp_path / "model.pt").write_bytes(b"the earlier checkpoint")
     with pytest.raises(OSError, match=r"cannot write .*model\.pt: the write failed \(is the disk full\?\)"):
-        gpt.atomic_save({"step": 1}, tmp_path / "model.pt")
+        gpt.atomic_write_bytes(tmp_path / "model.pt", lambda f: torch.save({"step": 1}, f))
     assert (tmp_path / "model.pt").read_bytes() == b"the earlier checkpoint"
     assert os.listdir(tmp_path) == ["model.pt"]
