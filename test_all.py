@@ -3281,22 +3281,24 @@ def _classify_sms_slice(tmp_path, n_lines=200):
 # -- data -------------------------------------------------------------------------------
 
 
-def test_classify_parse_accepts_bom_crlf_and_invalid_utf8(capsys):
-    raw = b"\xef\xbb\xbfham\tHello there\r\nSPAM\tWin \xff cash now\r\n\r\nham\tsecond\ttab kept\r\n"
+def test_classify_parse_accepts_bom_and_crlf_and_names_invalid_utf8():
+    raw = b"\xef\xbb\xbfham\tHello there\r\nSPAM\tWin cash now\r\n\r\nham\tsecond\ttab kept\r\n"
     messages = fc.parse_labelled(raw, source="x.tsv")
-    assert messages == [("ham", "Hello there"), ("spam", "Win \ufffd cash now"), ("ham", "second\ttab kept")]
-    assert "invalid UTF-8" in capsys.readouterr().out
+    assert messages == [("ham", "Hello there"), ("spam", "Win cash now"), ("ham", "second\ttab kept")]
+    with pytest.raises(ValueError, match=r"^x.tsv: not UTF-8 text: byte 0xff at byte offset 29 \(line 2\)"):
+        fc.parse_labelled(raw.replace(b"Win", b"Win \xff"), source="x.tsv")
 
 
-def test_classify_parse_skips_bad_lines_with_line_numbers(capsys):
+def test_classify_parse_names_bad_lines_with_line_numbers():
     raw = b"ham\tok\nno tab here\nspma\ttypo label\nham\t   \nspam\tfine\n"
-    assert fc.parse_labelled(raw, source="x.tsv") == [("ham", "ok"), ("spam", "fine")]
-    out = capsys.readouterr().out
-    assert "x.tsv: 3 bad line(s): line 2: no tab" in out
-    assert "line 3: unknown label 'spma'" in out
-    assert "line 4: empty message" in out
-    with pytest.raises(ValueError, match=r"3 bad line\(s\): line 2: no tab"):
-        fc.parse_labelled(raw, source="x.tsv", strict=True)
+    with pytest.raises(ValueError) as error:
+        fc.parse_labelled(raw, source="x.tsv")
+    assert str(error.value) == ("x.tsv: 3 bad line(s): line 2: no message (no tab after the label, or no text "
+                                "column); line 3: unknown "
+                                "label 'spma' (expected ham or spam); line 4: empty message: give 'ham|spam<TAB>"
+                                "message' lines (the SMS Spam Collection) or a .csv file with label and text columns")
+    with pytest.raises(ValueError, match=r"^x.tsv: 7 bad line\(s\): line 1: no message.*; line 5: no mes.*; \.\.\.: give"):
+        fc.parse_labelled(b"no tab\n" * 7, source="x.tsv")
 
 
 def test_classify_reads_zip_and_tsv_alike(tmp_path):
@@ -3309,7 +3311,7 @@ def test_classify_reads_zip_and_tsv_alike(tmp_path):
     with zipfile.ZipFile(bad, "w") as z:
         z.writestr("readme", "not data")
     assert fc.read_sms_bytes(good) == fc.read_sms_bytes(tsv) == b"ham\ta\nspam\tb\n"
-    with pytest.raises(ValueError, match="no member 'SMSSpamCollection'.*readme"):
+    with pytest.raises(ValueError, match=r"bad.zip: a damaged zip file or one without SMSSpamCollection \(.*no item"):
         fc.read_sms_bytes(bad)
 
 
@@ -3374,7 +3376,7 @@ def test_classify_prediction_does_not_depend_on_padding():
     alone = fc.full_pass_logits(model, [short])
     padded = fc.full_pass_logits(model, [short, longer])[:1]
     torch.testing.assert_close(padded, alone)
-    activations = fc.compute_frozen_activations(model, [short, longer], n_frozen=1, progress=False)
+    activations = fc.compute_frozen_activations(model, [short, longer], n_frozen=1)
     torch.testing.assert_close(fc.cached_logits(model, activations, 1)[:1], alone)
     torch.testing.assert_close(fc.cached_logits(model, activations[:1], 1), alone)
 
@@ -3396,9 +3398,8 @@ def test_classify_activation_cache_gives_full_pass_logits_and_gradients(n_frozen
         return logits.detach(), [p.grad.clone() for p in top]
 
     full_logits, full_grads = logits_and_grads(partial(fc.full_pass_logits, model), token_ids)
-    activations = fc.compute_frozen_activations(model, token_ids, n_frozen, progress=False)
+    activations = fc.compute_frozen_activations(model, token_ids, n_frozen)
     assert [a.shape for a in activations] == [(n, 32) for n in (3, 17, 9, 40, 1, 25, 17)]
-    assert activations[6] is activations[1]  # computed once
     cached_logits, cached_grads = logits_and_grads(partial(fc.cached_logits, model, n_frozen=n_frozen), activations)
     torch.testing.assert_close(cached_logits, full_logits)
     for full, cached in zip(full_grads, cached_grads):
@@ -3421,7 +3422,7 @@ def test_classify_trainable_trains_exactly_what_it_names(trainable):
     token_ids = _classify_token_ids([4, 9, 6, 12, 3, 8])
     labels = torch.tensor([0, 1, 0, 1, 1, 0])
     fc.train_classifier(model, partial(fc.full_pass_logits, model), (token_ids, labels), (token_ids, labels),
-                        epochs=2, batch_size=3, lr=1e-2, log_every=100, eval_every=100)
+                        epochs=2, batch_size=3, lr=1e-2, log_every=100)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == expected
 
@@ -3507,7 +3508,8 @@ def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
     with pytest.raises(SystemExit):
         fc.main(["--batch-size", "0"])
     (tmp_path / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
-    with pytest.raises(SystemExit, match=r"error: .*story.txt: no labelled messages: give 'ham\|spam<TAB>message' lines"):
+    with pytest.raises(SystemExit, match=r"error: .*story.txt: 2 bad line\(s\): line 1: no message \(no tab after "
+                                         r"the label, or no text column\); line 2: .*: give 'ham\|spam<TAB>message'"):
         fc.main(["--data", str(tmp_path / "story.txt"), "--model", str(tmp_path / "lm.pt"), "--out-dir", str(tmp_path / "r")])
 
 
@@ -3569,7 +3571,7 @@ def test_classify_bad_flags_are_rejected_at_startup(tmp_path, capsys, flags, mes
     assert not (tmp_path / "run").exists()
 
 
-def test_classify_texts_file_is_utf8_with_empty_lines_skipped_dev_null_pipes_and_closed_input(tmp_path, monkeypatch):
+def test_classify_texts_file_is_utf8_with_empty_lines_skipped_dev_null_and_pipes(tmp_path):
     good = tmp_path / "good.txt"
     good.write_bytes("\ufeffWin a prize\r\n\n   \r\nSee you at 6 \u263a\n".encode("utf-8"))
     assert fc.read_texts_file(good) == ["Win a prize", "See you at 6 \u263a"]
@@ -3588,9 +3590,6 @@ def test_classify_texts_file_is_utf8_with_empty_lines_skipped_dev_null_pipes_and
         assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
     finally:
         os.close(read_end)
-    monkeypatch.setattr(sys, "stdin", None)  # what Python sets for `--classify-file - <&-`
-    with pytest.raises(SystemExit, match="error: --classify-file -: standard input is closed"):
-        fc.main(["--classify-file", "-", "--checkpoint", str(tmp_path / "unused.pt")])
 
 
 def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, capsys):
@@ -3609,11 +3608,9 @@ def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_pa
         assert e.code == 130
     else:
         pytest.fail("main() returned after an interrupt")
-    err = capsys.readouterr().err.splitlines()
-    assert err[-2:] == [f"nothing is saved (a run takes minutes): run again with --overwrite --out-dir {tmp_path / 'run'}",
-                        "interrupted"]
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
     assert not (tmp_path / "run" / "classifier.pt").exists()
-    with pytest.raises(SystemExit, match="holds another run .*replace it with --overwrite"):  # the splits stay
+    with pytest.raises(SystemExit, match="holds another run .*replace it with --overwrite"):  # the rerun says how
         fc.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run")])
 
     def out_of_memory(*args, **kwargs):
@@ -3629,7 +3626,7 @@ def test_classify_sigint_during_training_exits_cleanly(tmp_path):
     gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
     data = _classify_sms_slice(tmp_path)
     argv = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run"),
-            "--epochs", "100000", "--batch-size", "2", "--log-every", "1", "--eval-every", "100000"]
+            "--epochs", "100000", "--batch-size", "2", "--log-every", "1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -3677,7 +3674,7 @@ def test_classify_lora_trains_only_adapters_and_head_and_settings_travel_with_th
     assert "settings: " in out and "seed=7" in out and "max_length=48" in out
     # per block, rank 16: c_attn 16*32 + 96*16, attn.c_proj 16*32 + 32*16, c_fc 16*32 + 128*16,
     # mlp.c_proj 16*128 + 32*16 = 8,192; two blocks plus the head (32*2 + 2) = 16,450
-    assert "16,450 trainable (--lora)" in out
+    assert "16,450 trainable" in out
     assert "activation cache: off (the lower blocks train): full forward pass at every step" in out
     checkpoint = gpt.load_checkpoint(tmp_path / "run" / "classifier.pt")
     assert not any("lora" in key for key in checkpoint["model"])
@@ -3760,11 +3757,11 @@ def test_classify_damaged_zip_names_the_file(tmp_path):
     truncated.write_bytes(raw[: len(raw) // 2])
     flipped.write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
     for path in (truncated, flipped):
-        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file \(.*\): give the extracted SMSSpamCollection"):
+        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file or one without SMSSpamCollection \(.*\): give the extracted "):
             fc.read_sms_bytes(path)
     argv = _classify_run_argv(tmp_path, "run")
     argv[argv.index("--data") + 1] = str(flipped)
-    with pytest.raises(SystemExit, match=r"error: .*flipped.zip: a damaged zip file"):
+    with pytest.raises(SystemExit, match=r"error: .*flipped.zip: a damaged zip file or one without SMSSpamCollection"):
         fc.main(argv)
 
 
@@ -3814,7 +3811,7 @@ def _classify_scripted_training(monkeypatch, scores, keep_last=False):
     monkeypatch.setattr(fc, "evaluate", evaluate)
     history = fc.train_classifier(model, partial(fc.full_pass_logits, model), (token_ids, labels),
                                   (token_ids, validation_labels), epochs=len(scores), batch_size=3, lr=1e-2,
-                                  log_every=100, eval_every=100, keep_last=keep_last)
+                                  log_every=100, keep_last=keep_last)
     return model, history
 
 
@@ -3877,13 +3874,17 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("a.csv", "label,message\nham,hi\n",
-     r"a.csv: no text column \(header: \['label', 'message'\]\): a CSV file needs a header with label and text columns"),
-    ("b.csv", "text,label\nhi,ham\nyo,spma\n", r"b.csv: 1 bad line\(s\): line 3: unknown label 'spma' \(expected ham or spam\)"),
+    ("a.csv", "label,message\nham,hi\n", r"a.csv: 1 bad line\(s\): line 2: no message \(no tab after the label, or no "
+     r"text column\): give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text "
+     r"columns"),
+    ("b.csv", "text,label\nhi,ham\nyo,spma\n", r"b.csv: 1 bad line\(s\): line 3: unknown label 'spma' \(expected ham or spam\)"
+     r": give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
     ("c.csv", "text,label\n", r"c.csv: no labelled messages: "
      r"give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
-    ("d.tsv", "ham\thi\nspma\tyo\n", r"d.tsv: 1 bad line\(s\): line 2: unknown label 'spma' \(expected ham or spam\)"),
-    ("e.tsv", "ham\thi\nno tab\n", r"e.tsv: 1 bad line\(s\): line 2: no tab between label and message"),
+    ("d.tsv", "ham\thi\nspma\tyo\n", r"d.tsv: 1 bad line\(s\): line 2: unknown label 'spma' \(expected ham or spam\)"
+     r": give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
+    ("e.tsv", "ham\thi\nno tab\n", r"e.tsv: 1 bad line\(s\): line 2: no message \(no tab after the label, or no text column\)"
+     r": give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
     ("f.tsv", "\n", r"f.tsv: no labelled messages: "
      r"give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
 ])
@@ -3900,7 +3901,7 @@ def test_classify_evaluate_and_results_flags_are_checked(tmp_path, capsys):
         fc.main(["--evaluate", str(tmp_path / "missing.csv"), "--checkpoint", str(tmp_path / "unused.pt")])
     for flags, message in [
         (["--evaluate", "x.csv", "--results", "m.csv"], "--results m.csv: give a .json file"),
-        (["--classify", "hi", "--results", "p.txt"], "--results p.txt: give a .csv or .json file"),
+        (["--classify", "hi", "--results", "p.json"], "--results p.json: give a .csv file"),
         (["--results", "p.json"], "--results goes with --evaluate, --classify or --classify-file"),
         (["--evaluate", "x.csv", "--classify", "hi"], "argument --classify: not allowed with argument --evaluate"),
         (["--classify", "hi", "--classify-file", "x.txt"], "argument --classify-file: not allowed with argument --classify"),
@@ -3915,14 +3916,14 @@ def test_classify_use_refuses_training_flags_it_would_ignore(tmp_path, capsys):
     # The classifier of --checkpoint is used as trained: a --model or --max-length given with --classify, --evaluate
     # or --export-hf would be silently ignored (another classifier, another message length than the user asked for).
     for flags, message in [
-        (["--classify", "hi", "--model", "other.pt"], "--model is for training; --classify uses the classifier of "
-         "--checkpoint as it was trained: to use another classifier, give --checkpoint PATH (see --help)"),
-        (["--evaluate", "x.csv", "--max-length", "10"], "--max-length is for training; --evaluate uses the "
-         "classifier of --checkpoint as it was trained: drop --max-length (see --help)"),
-        (["--classify-file", "x.txt", "--lora"], "--lora is for training; --classify-file uses the classifier of "
-         "--checkpoint as it was trained: drop --lora (see --help)"),
-        (["--export-hf", "out", "--epochs", "5"], "--epochs is for training; --export-hf uses the classifier of "
-         "--checkpoint as it was trained: drop --epochs (see --help)"),
+        (["--classify", "hi", "--model", "other.pt"], "--classify (the classifier of --checkpoint) does not use "
+         "--model: drop it (see --help)"),
+        (["--evaluate", "x.csv", "--max-length", "10", "--seed", "1"], "--evaluate (the classifier of --checkpoint) "
+         "does not use --max-length, --seed: drop them (see --help)"),
+        (["--classify-file", "x.txt", "--lora"], "--classify-file (the classifier of --checkpoint) does not use "
+         "--lora: drop it (see --help)"),
+        (["--export-hf", "out", "--epochs", "5"], "--export-hf (the classifier of --checkpoint) does not use "
+         "--epochs: drop it (see --help)"),
         (["--export-hf", "out", "--classify", "hi"], "argument --classify: not allowed with argument --export-hf "
          "(see --help)"),
     ]:
@@ -3935,7 +3936,7 @@ def test_classify_use_refuses_training_flags_it_would_ignore(tmp_path, capsys):
     assert (args.batch_size, args.threshold, args.dtype) == (3, 0.4, "bfloat16")
 
 
-def test_classify_file_writes_predictions_as_csv_or_json_with_probabilities(tmp_path, capsys):
+def test_classify_file_writes_predictions_as_csv_with_probabilities(tmp_path, capsys):
     import csv
 
     model = fc.add_classification_head(_classify_tiny_model())
@@ -3955,9 +3956,6 @@ def test_classify_file_writes_predictions_as_csv_or_json_with_probabilities(tmp_
         rows = list(csv.reader(f))
     assert rows[0] == ["text", "label", "spam_probability"]
     assert rows[1:] == [[text, label, repr(p)] for text, label, p in zip(texts, labels, probabilities)]
-    fc.main(common + [str(tmp_path / "predictions.json")])
-    assert json.loads((tmp_path / "predictions.json").read_text()) == [
-        {"text": t, "label": l, "spam_probability": p} for t, l, p in zip(texts, labels, probabilities)]
     # The predictions, as labelled data, evaluate the classifier against itself: every answer right.
     fc.main(["--checkpoint", str(tmp_path), "--evaluate", str(tmp_path / "predictions.csv"), "--threshold", str(threshold)])
     assert "accuracy 100.00%" in capsys.readouterr().out  # "not spam" read as ham; the folder's classifier.pt used
@@ -3990,7 +3988,7 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
     texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
     token_ids = [torch.tensor(encoding.encode(text, bos=True)) for text in texts]
     with torch.no_grad():
-        probabilities = fc.full_pass_logits(model, token_ids, pad_id=eot_id).softmax(dim=-1)
+        probabilities = fc.full_pass_logits(model, token_ids).softmax(dim=-1)
         alone = model(token_ids[0][None])[0, -1].softmax(dim=-1)  # no padding: the last token's logits
     torch.testing.assert_close(probabilities[0], alone)
     capsys.readouterr()
@@ -4887,14 +4885,17 @@ def test_cuda_fused_adamw_steps_equal_the_cpu_steps():
 
 @needs_cuda
 def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones(tmp_path):
+    import csv
+
     runs = {}
     for name, device in (("cpu", "cpu"), ("gpu", "cuda")):
         fc.main(_classify_run_argv(tmp_path, name, "--max-steps", "6", "--device", device))
         report = json.loads((tmp_path / name / "metrics.json").read_text())
         texts = ["WINNER! Claim your prize now", "See you at 6?"]
         fc.main(["--checkpoint", str(tmp_path / name), "--classify", *texts, "--device", device,
-                 "--results", str(tmp_path / f"{name}.json")])
-        runs[name] = report, json.loads((tmp_path / f"{name}.json").read_text())
+                 "--results", str(tmp_path / f"{name}.csv")])
+        with open(tmp_path / f"{name}.csv", newline="", encoding="utf-8") as f:
+            runs[name] = report, list(csv.DictReader(f))
     (cpu_report, cpu_predictions), (gpu_report, gpu_predictions) = runs["cpu"], runs["gpu"]
     assert gpu_report["activation_cache"] and gpu_report["history"]["step"] == cpu_report["history"]["step"]
     assert gpu_report["history"]["step_loss"] == pytest.approx(cpu_report["history"]["step_loss"], abs=1e-4)
@@ -4902,7 +4903,8 @@ def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones(tmp_path):
     assert gpu_report["test"]["loss"] == pytest.approx(cpu_report["test"]["loss"], abs=1e-4)
     assert [p["label"] for p in gpu_predictions] == [p["label"] for p in cpu_predictions]
     for gpu_prediction, cpu_prediction in zip(gpu_predictions, cpu_predictions):
-        assert gpu_prediction["spam_probability"] == pytest.approx(cpu_prediction["spam_probability"], abs=1e-4)
+        assert float(gpu_prediction["spam_probability"]) == pytest.approx(float(cpu_prediction["spam_probability"]),
+                                                                          abs=1e-4)
 
 
 @needs_cuda
