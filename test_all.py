@@ -1272,7 +1272,7 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, traine
 
     run = tmp_path / "classify"
     fc.main(["--model", str(folder), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run),
-             "--max-steps", "2", "--eval-batches", "1"])
+             "--max-steps", "2"])
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf-classifier")])
     exported, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf-classifier")
     assert problems == [] and type(exported).__name__ == classifier
