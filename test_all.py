@@ -2621,7 +2621,7 @@ def test_pretrain_model_flag_continues_from_weights(tmp_path, pretrain_text_file
 
 
 def test_pretrain_resume_errors(tmp_path, pretrain_text_file):
-    with pytest.raises(SystemExit, match="--resume: .* holds no run.json, so no run to continue"):
+    with pytest.raises(SystemExit, match="--resume: .* holds no run.json of this script, so no run to continue"):
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume"))
     pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2"))
     with pytest.raises(SystemExit, match="already made 2 of 2 steps"):
@@ -4142,7 +4142,7 @@ _INSTRUCT_BAD_FLAGS = [
     (["--prompt", ""], "--prompt must hold the instruction to answer, got ''"),
     (["--prompt", " \n "], "--prompt must hold the instruction to answer, got ' \\n '"),
     (["--input", "x"], "--input goes with --prompt: give the instruction too"),
-    (["--resume", "--overwrite"], "choose --resume (continue the run) or --overwrite (replace it)"),
+    (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
     (["--resume", "--generate-only"], "choose one of --generate-only, --judge-only, --prompt and --resume"),
     (["--judge-only"], "--judge-only needs --judge ollama"),
 ]
