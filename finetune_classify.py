@@ -510,7 +510,8 @@ USE_FLAGS = ("classify", "classify_file", "evaluate", "export_hf", "threshold", 
 
 
 def parse_args(argv=None):
-    parser = gpt.ArgumentParser(description="Fine-tune GPT-2 (or a Llama-family model) into an SMS spam classifier.")
+    parser = gpt.ArgumentParser(description="Fine-tune GPT-2 (or a Llama-family model) into an SMS spam classifier. "
+                                "Another run in --out-dir is refused unless --overwrite.")
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="SMSSpamCollection, its UCI zip or a .csv with label, text (default: download)")
     gpt.add_flags(data, "max_length", "cache_dir")

@@ -1540,16 +1540,22 @@ def test_restored_adamw_moments_take_the_layout_of_the_parameters():
     torch.testing.assert_close(plain.weight, transposed.weight, rtol=0, atol=1e-6)
 
 
-def test_resume_settings_restore_the_saved_run_and_name_a_contradiction():
+def test_resume_settings_restore_the_saved_run_and_name_a_contradiction(tmp_path):
     parser = _settings_parser()
-    saved = {"lr": 5e-4, "max_steps": 10, "resume": False}
+    with pytest.raises(ValueError, match=r"^--resume: .* holds no run.json of this script, so no run to continue"):
+        gpt.resume_settings(parser, ["--resume"], tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"settings": {"lr": 5e-4, "max_steps": 10, "resume": False}}))
     assert gpt.given_flags(parser, ["--lr", "1e-3", "--resume"]) == {"lr": 1e-3, "resume": True}
-    settings = gpt.resume_settings(parser, ["--resume", "--max-steps", "20"], saved, may_change={"max_steps", "resume"})
+    settings = gpt.resume_settings(parser, ["--resume", "--max-steps", "20"], tmp_path, may_change={"max_steps"},
+                                   this_command={"resume"})
     assert vars(settings) == {"lr": 5e-4, "max_steps": 20, "new_flag": "x", "resume": True}
     # Repeating a default value that differs from the saved run is still a contradiction.
     with pytest.raises(ValueError, match=r"which used --lr 0.0005, not 0.001: drop --lr"):
-        gpt.resume_settings(parser, ["--resume", "--lr", "1e-3"], saved, may_change={"resume"})
+        gpt.resume_settings(parser, ["--resume", "--lr", "1e-3"], tmp_path, may_change={"resume"})
     assert parser.parse_args([]).lr == 1e-3  # the caller's parser keeps its defaults
+    (tmp_path / "run.json").write_text(json.dumps({"lr": 5e-4}))  # no "settings": not a run of these scripts
+    with pytest.raises(ValueError, match="holds no run.json of this script"):
+        gpt.resume_settings(parser, ["--resume"], tmp_path)
 
 
 def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
