@@ -143,8 +143,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, kv_cache=None, layer=0):
         """x: float [batch, seq_len, emb_dim] -> float [batch, seq_len, emb_dim].
 
-        With a `KVCache`, x holds the positions after the `kv_cache.length` cached ones;
-        this layer's keys and values are appended to the cache at index `layer`.
+        With a `KVCache` (section 4), x holds the positions after the `kv_cache.length` cached
+        ones; this layer's keys and values are appended to the cache at index `layer`.
         """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -169,7 +169,8 @@ def causal_attention(q, k, v, start, dropout_p):
     T = q.shape[2]
     # One query (a decoding step) may see every key: no mask. Several queries after
     # cached ones: query i sits at position start + i and may see keys 0 .. start + i.
-    mask, is_causal = None, T > 1 and start == 0
+    mask = None
+    is_causal = T > 1 and start == 0
     if T > 1 and start > 0:
         mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
@@ -273,7 +274,7 @@ class GPTModel(nn.Module):
         x = self.embed(idx, start)
         for layer, block in enumerate(self.h):
             x = block(x, kv_cache, layer)
-        if kv_cache is not None:
+        if kv_cache is not None:  # every layer wrote at the same positions: advance once, after the last
             kv_cache.length += idx.shape[1]
         return self.lm_head(self.ln_f(x))
 
@@ -431,11 +432,11 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the most likely one stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop_sorted[:, 0] = False
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)  # back to vocabulary order
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the more likely tokens
+        drop_sorted = before >= top_p  # they already reach top_p
+        drop_sorted[:, 0] = False  # the most likely token always stays
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
@@ -474,7 +475,8 @@ def generate_stream(
     ctx = model.cfg.context_length
     tokens = idx
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    cache, cache_start = None, None
+    cache = None
+    cache_start = None  # the window's first position when the cache was filled
     try:
         for _ in range(max_new_tokens):
             start = window_start(tokens.shape[1], ctx)
@@ -533,10 +535,10 @@ def generate(model, idx, max_new_tokens, *, seed=None, on_token=None, **options)
 
 class Tokenizer(tiktoken.Encoding):
     """A model's tokenizer: a tiktoken byte-pair Encoding, plus what tiktoken leaves to the caller.
+    For GPT-2 only eot_id matters; the other fields serve section 6's tokenizers.
 
     eot_id:  the end-of-text token (ends documents and answers, pads batches); `eot_token` too
-    bos_id:  the begin token its configuration names (GPT-2: <|endoftext|>), or None; perplexity
-             and empty benchmark contexts start with it, else with eot_id
+    bos_id:  the begin token its configuration names (GPT-2: <|endoftext|>), or None
     add_bos: whether a whole text starts with bos_id, as Llama 3's <|begin_of_text|> (`encode`)
     nfc:     apply Unicode NFC normalisation before encoding (Qwen's normalizer)
     missing: ids of stand-ins for bytes the vocabulary lacks; `encode` drops them, as the reference
@@ -551,13 +553,6 @@ class Tokenizer(tiktoken.Encoding):
 
     eot_token = property(lambda self: self.eot_id)
     n_vocab = property(lambda self: self.max_token_value + 1 - len(self.missing))  # without the stand-ins
-
-    # Pickled (for DataLoader workers) with its own fields: tiktoken's __setstate__ passes the
-    # state to __init__ as keyword arguments, which takes them.
-    def __getstate__(self):
-        extra = dict(eot_id=self.eot_id, bos_id=self.bos_id, add_bos=self.add_bos, nfc=self.nfc,
-                     missing=self.missing, files=self.files)
-        return {**super().__getstate__(), **extra}
 
     def encode(self, text, bos=False):
         """Text -> list of ids. Text that spells a special token is that token. bos=True: `text`
@@ -576,6 +571,13 @@ class Tokenizer(tiktoken.Encoding):
     def state(self):
         """What a checkpoint stores to rebuild this tokenizer (`tokenizer_from_state`): its content."""
         return {"files": self.files} if self.files else {"name": "gpt2"}
+
+    # Pickled (for DataLoader workers) with its own fields: tiktoken's __setstate__ passes the
+    # state to __init__ as keyword arguments, which takes them.
+    def __getstate__(self):
+        extra = dict(eot_id=self.eot_id, bos_id=self.bos_id, add_bos=self.add_bos, nfc=self.nfc,
+                     missing=self.missing, files=self.files)
+        return {**super().__getstate__(), **extra}
 
 
 @functools.lru_cache(maxsize=1)
