@@ -1923,29 +1923,24 @@ FLAGS = {
     "lora_alpha": dict(type=non_negative_float, default=16.0, help="LoRA updates are scaled by alpha / rank"),
     "epochs": dict(type=positive_int, help="passes over the training data"),
     "max_steps": dict(type=positive_int, help="optimizer steps in all (default: as many as --epochs make)"),
-    "batch_size": dict(type=positive_int, default=8, help="sequences per batch of training (per process) or "
-                       "evaluation"),
+    "batch_size": dict(type=positive_int, default=8, help="sequences per batch of training (per process) or measuring"),
     "lr": dict(type=non_negative_float, default=5e-5, help="AdamW's learning rate (pretraining: its peak)"),
     "weight_decay": dict(type=non_negative_float, default=0.1, help="AdamW's weight decay of matrices"),
-    "seed": dict(type=non_negative_int, default=123, help="seed of all that is random: data split and order, new "
-                 "weights, dropout, sampling"),
+    "seed": dict(type=non_negative_int, default=123, help="seed of the data's split and order, new weights, sampling"),
     "log_every": dict(type=positive_int, default=5, help="print a progress line every N steps"),
     "eval_every": dict(type=positive_int, help="measure the validation loss every N steps"),
     "keep_last": dict(action="store_true", help="keep the last weights, not those that did best on validation"),
     "max_new_tokens": dict(type=non_negative_int, help="the most tokens to generate"),
-    "temperature": dict(type=non_negative_float, default=0.0, help="0: greedy (the likeliest token); above: "
-                        "sampling, more random as it rises"),
+    "temperature": dict(type=non_negative_float, default=0.0, help="0: greedy; above: sampling, more random"),
     "top_k": dict(type=positive_int, help="sample from the k likeliest tokens only (default: all)"),
     "top_p": dict(type=fraction, help="sample from the fewest tokens that reach probability p (default: all)"),
     "out_dir": dict(help="folder of the run's files"),
-    "resume": dict(action="store_true", help="continue the run in --out-dir from its last save, with its saved "
-                   "settings (a flag that would change what it trains is refused)"),
-    "overwrite": dict(action="store_true", help="replace an earlier run in --out-dir, or an earlier --export-hf "
-                      "folder"),
+    "resume": dict(action="store_true", help="continue the run in --out-dir from its last save, with its settings"),
+    "overwrite": dict(action="store_true", help="replace the run in --out-dir, or an earlier --export-hf folder"),
     "cache_dir": dict(default=cache_dir, help="folder of downloaded data and weights"),  # called when added
     "device": dict(default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"),
-    "dtype": dict(choices=list(DTYPES), default="float32", help="precision: of autocast while training (the "
-                  "weights stay float32), of the weights when generating, measuring or exporting"),
+    "dtype": dict(choices=list(DTYPES), default="float32", help="precision: of autocast while training (the weights "
+                  "stay float32), of the weights when generating, measuring or exporting"),
 }
 
 
