@@ -324,7 +324,7 @@ def fine_tune(args, argv, device):
     examples = [tokenize_examples(entries, tokenizer, max_length, args.mask_prompt) for entries in splits[:2]]
     if not all(examples):
         raise ValueError("no training or validation example is left: raise --max-length or drop --mask-prompt")
-    gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # on --resume: with an extended --epochs or --max-steps
+    gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # on --resume: with a new --epochs or --max-steps
     for name, entries in zip(SPLIT_FILES, splits):
         gpt.write_json(out_dir / name, entries)
 

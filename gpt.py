@@ -2426,7 +2426,7 @@ FLAGS = {
     "weight_decay": dict(type=non_negative_float, default=0.1, help="AdamW's weight decay of matrices"),
     "seed": dict(type=non_negative_int, default=123, help="seed of the data's split and order, new weights, sampling"),
     "log_every": dict(type=positive_int, default=5, help="print a progress line every N steps"),
-    "eval_every": dict(type=positive_int, help="measure the validation loss every N steps"),
+    "eval_every": dict(type=positive_int, help="measure the losses every N steps (pretraining saves latest.pt too)"),
     "keep_last": dict(action="store_true", help="keep the last weights, not those that did best on validation"),
     "max_new_tokens": dict(type=non_negative_int, help="the most tokens to generate"),
     "temperature": dict(type=non_negative_float, default=0.0, help="0: greedy; above: sampling, more random"),
@@ -2435,7 +2435,7 @@ FLAGS = {
     "out_dir": dict(help="folder of the run's files"),
     "resume": dict(action="store_true", help="continue the run in --out-dir from its last save, with its settings"),
     "overwrite": dict(action="store_true", help="replace the run in --out-dir, or an earlier export"),
-    "cache_dir": dict(default=cache_dir, help="folder of downloaded data and weights"),  # called when added
+    "cache_dir": dict(default=cache_dir, help="folder of downloaded data and weights, and of token files"),
     "device": dict(default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"),
     "dtype": dict(choices=list(DTYPES), default="float32", help="precision: of autocast while training (the weights "
                   "stay float32), of the weights when generating, measuring or exporting"),
@@ -2447,7 +2447,7 @@ def add_flags(group, *names, **defaults):
     in place of the table's: `add_flags(train, "lr", "seed", lr=1e-3)`."""
     for name in names:
         options = {**FLAGS[name], **({"default": defaults[name]} if name in defaults else {})}
-        if callable(options.get("default")):  # --cache-dir: the folder of this moment's GPT_CACHE_DIR
+        if callable(options.get("default")):  # --cache-dir: the folder GPT_CACHE_DIR names at this moment
             options["default"] = str(options["default"]())
         group.add_argument(flag_name(name), **options)
 

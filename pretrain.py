@@ -590,8 +590,8 @@ MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "peak_flops")
 def build_parser():
     p = gpt.ArgumentParser(description="Pretrain a GPT on plain text (next-token prediction). A new run refuses an "
                            "--out-dir that holds another run: --resume continues that run with its saved settings "
-                           "(only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops, "
-                           "--cache-dir may differ from them), --overwrite deletes it first.")
+                           "(only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, "
+                           "--peak-flops, --cache-dir may differ from them), --overwrite deletes it first.")
     data = p.add_argument_group("data")
     data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files")
     data.add_argument("--train-fraction", type=gpt.fraction, default=0.9, help="share of the tokens for training")
@@ -602,7 +602,7 @@ def build_parser():
     model = p.add_argument_group("model (default: a new one, its shape from --size and the flags after it)")
     gpt.add_flags(model, "model", model=None)
     model.add_argument("--size", choices=list(gpt.MODEL_CONFIGS), metavar="NAME", help="the shape of a new model: "
-                       f"{', '.join(gpt.MODEL_CONFIGS)} ; a Llama-family name brings its Hub tokenizer "
+                       f"{', '.join(gpt.MODEL_CONFIGS)}; a Llama-family name brings its Hub tokenizer "
                        "(default: 4 layers, 4 heads, width 256)")
     model.add_argument("--n-layers", type=gpt.positive_int, help="transformer blocks (default: from --size)")
     model.add_argument("--n-heads", type=gpt.positive_int, help="attention heads per block (default: from --size)")
