@@ -2676,15 +2676,73 @@ fraction = _checked_number(float, 0, 1, "a number in [0, 1]")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each flag's help, "none" for None; not after an on/off flag, nor
+    after a help text that says its default itself ("(default: no overlap)")."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or "(default" in action.help:
+            return action.help
+        return action.help + " (default: none)" if action.default is None else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with each flag's default in --help, and errors in one line, "prog: error: ... (see
     --help)", exit status 2 (not the usage block first)."""
 
     def __init__(self, **options):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **options)
+        super().__init__(formatter_class=_HelpFormatter, **options)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def flag_name(setting):
+    """The command-line flag of a setting: "batch_size" -> "--batch-size"."""
+    return "--" + setting.replace("_", "-")
+
+
+# The flags that mean the same in every script, declared once: name -> add_argument's options.
+FLAGS = {
+    "model": dict(default="gpt2", help="the weights to start from, with their tokenizer: gpt2 (to gpt2-xl), a "
+                  "Llama-family Hub name or folder, a .safetensors or GGUF file, ollama:NAME[:TAG], or a checkpoint "
+                  "of this project"),
+    "max_length": dict(type=positive_int, help="cut each example to N tokens (default: the model's context length)"),
+    "drop_rate": dict(type=fraction, default=0.0, help="dropout probability while training"),
+    "lora": dict(action="store_true", help="train low-rank adapters (LoRA) in every block instead of its weights"),
+    "lora_rank": dict(type=positive_int, default=16, help="rank r of the LoRA adapters"),
+    "lora_alpha": dict(type=non_negative_float, default=16.0, help="LoRA updates are scaled by alpha / rank"),
+    "epochs": dict(type=positive_int, help="passes over the training data"),
+    "max_steps": dict(type=positive_int, help="optimizer steps in all (default: as many as --epochs make)"),
+    "batch_size": dict(type=positive_int, default=8, help="sequences per batch of training (per process) or measuring"),
+    "lr": dict(type=non_negative_float, default=5e-5, help="AdamW's learning rate (pretraining: its peak)"),
+    "weight_decay": dict(type=non_negative_float, default=0.1, help="AdamW's weight decay of matrices"),
+    "seed": dict(type=non_negative_int, default=123, help="seed of the data's split and order, new weights, sampling"),
+    "log_every": dict(type=positive_int, default=5, help="print a progress line every N steps"),
+    "eval_every": dict(type=positive_int, help="measure the losses every N steps (pretraining saves latest.pt too)"),
+    "keep_last": dict(action="store_true", help="keep the last weights, not those that did best on validation"),
+    "max_new_tokens": dict(type=non_negative_int, help="the most tokens to generate"),
+    "temperature": dict(type=non_negative_float, default=0.0, help="0: greedy; above: sampling, more random"),
+    "top_k": dict(type=positive_int, help="sample from the k likeliest tokens only (default: all)"),
+    "top_p": dict(type=fraction, help="sample from the fewest tokens that reach probability p (default: all)"),
+    "out_dir": dict(help="folder of the run's files"),
+    "resume": dict(action="store_true", help="continue the run in --out-dir from its last save, with its settings"),
+    "overwrite": dict(action="store_true", help="replace the run in --out-dir, or an earlier export"),
+    "cache_dir": dict(default=cache_dir, help="folder of downloaded data and weights, and of token files"),
+    "device": dict(default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"),
+    "dtype": dict(choices=list(DTYPES), default="float32", help="precision: of autocast while training (the weights "
+                  "stay float32), of the weights when generating, measuring or exporting"),
+}
+
+
+def add_flags(group, *names, **defaults):
+    """Add the flags `names` of FLAGS to an argparse parser or group, with `defaults` ({name: value})
+    in place of the table's: `add_flags(train, "lr", "seed", lr=1e-3)`."""
+    for name in names:
+        options = {**FLAGS[name], **({"default": defaults[name]} if name in defaults else {})}
+        if callable(options.get("default")):  # --cache-dir: the folder GPT_CACHE_DIR names at this moment
+            options["default"] = str(options["default"]())
+        group.add_argument(flag_name(name), **options)
 
 
 def pick_device(name="auto"):
@@ -2700,11 +2758,6 @@ def pick_device(name="auto"):
     if not here.get(device.type, True):
         raise ValueError(f"--device {name}: this machine has no {device.type} device; use --device cpu")
     return device
-
-
-def flag_name(setting):
-    """The command-line flag of a setting: "batch_size" -> "--batch-size"."""
-    return "--" + setting.replace("_", "-")
 
 
 def given_flags(parser, argv=None):
@@ -2723,9 +2776,17 @@ def refuse_flags(parser, argv, settings, mode):
         parser.error(f"{mode} does not use {', '.join(given)}: drop {'them' if len(given) > 1 else 'it'}")
 
 
-def resume_settings(parser, argv, saved, may_change=()):
-    """The settings of a resumed run: the saved ones, plus the flags of `may_change` given now (say
-    --max-steps). Raises ValueError naming the flag and both values when argv changes another one."""
+def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
+    """The settings of the run in out_dir that --resume continues: those its run.json saved ({"settings":
+    {...}}), but the flags of `may_change` given now (say --max-steps) and of `this_command` (say
+    --stop-at-step), which come from this command line, given or not. Raises ValueError when out_dir
+    holds no run.json of this script, or naming the flag and both values when argv changes another one."""
+    run_file = Path(out_dir) / "run.json"
+    saved = read_json(run_file, "--resume: the run's settings") if run_file.is_file() else {}
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
+        raise ValueError(f"--resume: {out_dir} holds no run.json of this script, so no run to continue: start a new "
+                         "run without --resume (or with --overwrite)")
+    saved = {name: value for name, value in saved["settings"].items() if name not in this_command}
     given = given_flags(parser, argv)
     for name, value in given.items():
         if name in saved and name not in may_change and saved[name] != value:

@@ -1852,16 +1852,22 @@ def test_restored_adamw_moments_take_the_layout_of_the_parameters():
     torch.testing.assert_close(plain.weight, transposed.weight, rtol=0, atol=1e-6)
 
 
-def test_resume_settings_restore_the_saved_run_and_name_a_contradiction():
+def test_resume_settings_restore_the_saved_run_and_name_a_contradiction(tmp_path):
     parser = _settings_parser()
-    saved = {"lr": 5e-4, "max_steps": 10, "resume": False}
+    with pytest.raises(ValueError, match=r"^--resume: .* holds no run.json of this script, so no run to continue"):
+        gpt.resume_settings(parser, ["--resume"], tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"settings": {"lr": 5e-4, "max_steps": 10, "resume": False}}))
     assert gpt.given_flags(parser, ["--lr", "1e-3", "--resume"]) == {"lr": 1e-3, "resume": True}
-    settings = gpt.resume_settings(parser, ["--resume", "--max-steps", "20"], saved, may_change={"max_steps", "resume"})
+    settings = gpt.resume_settings(parser, ["--resume", "--max-steps", "20"], tmp_path, may_change={"max_steps"},
+                                   this_command={"resume"})
     assert vars(settings) == {"lr": 5e-4, "max_steps": 20, "new_flag": "x", "resume": True}
     # Repeating a default value that differs from the saved run is still a contradiction.
     with pytest.raises(ValueError, match=r"which used --lr 0.0005, not 0.001: drop --lr"):
-        gpt.resume_settings(parser, ["--resume", "--lr", "1e-3"], saved, may_change={"resume"})
+        gpt.resume_settings(parser, ["--resume", "--lr", "1e-3"], tmp_path, may_change={"resume"})
     assert parser.parse_args([]).lr == 1e-3  # the caller's parser keeps its defaults
+    (tmp_path / "run.json").write_text(json.dumps({"lr": 5e-4}))  # no "settings": not a run of these scripts
+    with pytest.raises(ValueError, match="holds no run.json of this script"):
+        gpt.resume_settings(parser, ["--resume"], tmp_path)
 
 
 def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
@@ -2943,7 +2949,7 @@ def test_pretrain_model_flag_continues_from_weights(tmp_path, pretrain_text_file
 
 
 def test_pretrain_resume_errors(tmp_path, pretrain_text_file):
-    with pytest.raises(SystemExit, match="--resume: .* holds no run.json, so no run to continue"):
+    with pytest.raises(SystemExit, match="--resume: .* holds no run.json of this script, so no run to continue"):
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume"))
     pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2"))
     with pytest.raises(SystemExit, match="already made 2 of 2 steps"):
@@ -4464,7 +4470,7 @@ _INSTRUCT_BAD_FLAGS = [
     (["--prompt", ""], "--prompt must hold the instruction to answer, got ''"),
     (["--prompt", " \n "], "--prompt must hold the instruction to answer, got ' \\n '"),
     (["--input", "x"], "--input goes with --prompt: give the instruction too"),
-    (["--resume", "--overwrite"], "choose --resume (continue the run) or --overwrite (replace it)"),
+    (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
     (["--resume", "--generate-only"], "choose one of --generate-only, --judge-only, --prompt and --resume"),
     (["--judge-only"], "--judge-only needs --judge ollama"),
 ]
