@@ -644,6 +644,8 @@ def parse_settings(argv=None):
     MAY_CHANGE flags given from the command line; ValueError when another flag contradicts it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.epochs == 0:  # fractions of an epoch are fine; none at all would train nothing
+        parser.error("argument --epochs: must be a number > 0, got '0'")
     if args.resume:
         args = gpt.resume_settings(parser, argv, args.out_dir, MAY_CHANGE, THIS_COMMAND)
         if "epochs" in gpt.given_flags(parser, argv) and "max_steps" not in gpt.given_flags(parser, argv):

@@ -3097,6 +3097,7 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
         (["--size", "HuggingFaceTB/SmolLM2-135M", "--n-heads", "4"], "n_heads (4) must be a multiple of n_kv_heads"),
         (["--model", "gpt2", "--n-layers", "2"], "--model (its weights bring the shape) does not use --n-layers: drop it"),
         (["--epochs", "inf"], "argument --epochs: must be a finite number >= 0, got 'inf'"),
+        (["--epochs", "0"], "argument --epochs: must be a number > 0, got '0'"),  # would train nothing
         (["--grad-clip", "nan"], "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
         (["--weight-decay", "-0.1"], "argument --weight-decay: must be a finite number >= 0, got '-0.1'"),
         (["--lr", "-1"], "argument --lr: must be a finite number >= 0, got '-1'"),
