@@ -251,7 +251,8 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     total_steps = min(steps_per_epoch * epochs, max_steps or math.inf)
     n_epochs = math.ceil(total_steps / steps_per_epoch)  # fewer than `epochs` when max_steps stops earlier
     history = {name: [] for name in (*HISTORY, "step_loss")}
-    best = None  # (validation accuracy, -validation loss) of the kept epoch, whose weights are kept_weights
+    best = None  # (validation accuracy, -validation loss) of the kept epoch
+    kept_weights = None
     step = 0
     started = time.time()
     logged_step = 0  # the step of the last progress line
@@ -283,6 +284,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
               f"{val_loss:.4f} accuracy {100 * val_acc:.2f}%", flush=True)
         for name, value in zip(HISTORY, (step / steps_per_epoch, step, train_loss, train_acc, val_loss, val_acc)):
             history[name].append(value)
+        # Model selection: a copy of the trainable weights of the best epoch so far (--keep-last: the last).
         score = (val_acc, -val_loss)  # ties: the lower loss, then the earlier epoch
         if keep_last or best is None or score > best:
             best, kept_weights = score, gpt.trainable_weights(model)
@@ -369,6 +371,7 @@ def prepare_data(args, out_dir, device, tokenizer):
     repeated = len({text for _, text in splits[2]} & {text for _, text in splits[0]})  # the data repeats some texts
     print(f"splits:     {' / '.join(str(len(s)) for s in splits)} (train / validation / test, balanced, seed "
           f"{args.seed}) in {out_dir}/{{train,validation,test}}.csv; {repeated} test texts occur in training")
+    # Tokenized as --classify and --evaluate tokenize: the same ids for the same text.
     token_ids = [tokenize_messages([text for _, text in split], args.max_length, tokenizer, device) for split in splits]
     at_limit = sum(len(t) == args.max_length for split in token_ids for t in split)
     print(f"tokens:     longest message {max(len(t) for split in token_ids for t in split)} tokens; {at_limit} "
@@ -421,6 +424,7 @@ def train_and_evaluate(args, device):
     gpt.save_checkpoint(args.checkpoint, model, tokenizer, max_length=args.max_length, settings=vars(args),
                         metrics=metrics)
     print(f"saved:      {args.checkpoint} (config, all weights: {Path(args.checkpoint).stat().st_size / 1e6:.0f} MB)")
+    print(f"try it:     python finetune_classify.py --checkpoint {args.checkpoint} --classify \"Win a prize now\"")
     report = dict(settings=vars(args), activation_cache=use_cache, history=history, test=metrics)
     gpt.write_json(out_dir / "metrics.json", report)
     panels = {name: {split: (history["epoch"], history[f"{split}_{name}"]) for split in ("train", "validation")}
