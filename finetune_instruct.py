@@ -165,7 +165,7 @@ def prepare_model(args, device, state=None):
     if state is None:
         model, tokenizer = gpt.load(args.model, device=device)
     else:
-        model = gpt.build_model(gpt.GPTConfig(**state["config"])).to(device)
+        model = gpt.build_model(gpt.config_from_dict(state["config"])).to(device)
         tokenizer = gpt.tokenizer_from_state(state.get("tokenizer"))
     gpt.set_drop_rate(model, args.drop_rate)
     if args.lora:

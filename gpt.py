@@ -58,7 +58,7 @@ EOT_ID = 50256  # id of <|endoftext|>, the last token of GPT-2's vocabulary of 5
 
 @dataclasses.dataclass
 class GPTConfig:
-    """Hyperparameters of a GPT-2-style model (and the switches of section 6's Llama family).
+    """Hyperparameters of a GPT-2 model (section 6's `LlamaConfig` adds the Llama family's switches).
 
     vocab_size:     number of token ids (50257 for GPT-2's byte-pair encoding)
     context_length: longest sequence the model reads, in tokens (position embeddings)
@@ -70,7 +70,7 @@ class GPTConfig:
     qkv_bias:       whether the query/key/value projections have a bias; None: yes for GPT-2
     norm_eps:       epsilon of the layer norms (1e-5 in GPT-2)
     tie_embeddings: whether the output head shares the token embedding's weight (GPT-2: yes)
-    family:         "gpt2" (`GPTModel`) or "llama" (`LlamaModel`, whose switches section 6 lists)
+    family:         "gpt2" (`GPTModel`); `LlamaConfig` sets "llama" (`LlamaModel`)
     """
 
     vocab_size: int = 50257
@@ -83,34 +83,17 @@ class GPTConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     family: str = "gpt2"
-    # The Llama family's switches (section 6)
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-    hidden_dim: int | None = None
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    qk_norm: bool = False
-    out_bias: bool = False
-    mlp_bias: bool = False
-    sliding_window: int | None = None
-    global_every: int | None = None
-    local_rope_theta: float | None = None
-    rotary_fraction: float = 1.0
-    query_scale: float | None = None
-    model_type: str | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be at least 1, got {getattr(self, name)}")
-        if self.family not in ("gpt2", "llama"):
-            raise ValueError(f"GPTConfig.family must be 'gpt2' or 'llama', got {self.family!r}")
+        if self.family != "gpt2" and type(self) is GPTConfig:
+            raise ValueError(f"GPTConfig is GPT-2's; family {self.family!r} takes a LlamaConfig (section 6)")
         if self.qkv_bias is None:
             self.qkv_bias = self.family == "gpt2"
-        if self.emb_dim % self.n_heads and (self.family == "gpt2" or self.head_dim is None):
+        if self.family == "gpt2" and self.emb_dim % self.n_heads:
             raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
-        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
 
@@ -639,70 +622,104 @@ def token_ids_to_text(token_ids, tokenizer=None):
 # sliding one token at a time would drop the first tokens, which these models use as
 # "attention sinks" (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks").
 
-# The family's switches in GPTConfig (GPT-2 ignores them):
-#   n_kv_heads    key/value heads, each shared by n_heads / n_kv_heads query heads (GQA); None: n_heads
-#   head_dim      width of one head; None: emb_dim / n_heads (Qwen3-0.6B: 128 with 16 heads of 1024)
-#   hidden_dim    hidden size of the feed-forward layer; None: 4 * emb_dim
-#   rope_theta    base of the rotary position frequencies
-#   rope_scaling  Llama 3's frequency scaling (factor, low_/high_freq_factor, original_max_position_embeddings)
-#   qk_norm       RMSNorm on each head's queries and keys before the rotation (Qwen3, Gemma 3)
-#   out_bias, mlp_bias   biases on the attention output and on the feed-forward projections
-#   sliding_window   query i sees keys i - sliding_window < j <= i only (Mistral, Phi-3, Gemma 3;
-#                 Beltagy et al., 2020, "Longformer"); None: all keys up to i
-#   global_every  Gemma 3: every global_every-th layer sees all keys, the others the window
-#   local_rope_theta  Gemma 3: the rotary base of the windowed layers
-#   rotary_fraction   Phi: rotary positions on this first fraction of each head only
-#   query_scale   Gemma 3: scores divided by sqrt(query_scale), not sqrt(head_dim)
-#   model_type    config.json's: "phi" turns the block into Phi's, "gemma3_text" into Gemma's;
-#                 the export writes it back (None: "qwen3" with qk_norm, else "llama")
+
+@dataclasses.dataclass
+class LlamaConfig(GPTConfig):
+    """GPTConfig with the family's switches:
+
+    n_kv_heads    key/value heads, each shared by n_heads / n_kv_heads query heads (GQA); None: n_heads
+    head_dim      width of one head; None: emb_dim / n_heads (Qwen3-0.6B: 128 with 16 heads of 1024)
+    hidden_dim    hidden size of the feed-forward layer; None: 4 * emb_dim
+    rope_theta    base of the rotary position frequencies
+    rope_scaling  Llama 3's frequency scaling (factor, low_/high_freq_factor, original_max_position_embeddings)
+    qk_norm       RMSNorm on each head's queries and keys before the rotation (Qwen3, Gemma 3)
+    out_bias, mlp_bias   biases on the attention output and on the feed-forward projections
+    sliding_window   query i sees keys i - sliding_window < j <= i only (Mistral, Phi-3, Gemma 3;
+                  Beltagy et al., 2020, "Longformer"); None: all keys up to i
+    global_every  Gemma 3: every global_every-th layer sees all keys, the others the window
+    local_rope_theta  Gemma 3: the rotary base of the windowed layers
+    rotary_fraction   Phi: rotary positions on this first fraction of each head only
+    query_scale   Gemma 3: scores divided by sqrt(query_scale), not sqrt(head_dim)
+    model_type    config.json's: "phi" turns the block into Phi's, "gemma3_text" into Gemma's;
+                  the export writes it back (None: "qwen3" with qk_norm, else "llama")
+    """
+
+    family: str = "llama"
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    hidden_dim: int | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    qk_norm: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    global_every: int | None = None
+    local_rope_theta: float | None = None
+    rotary_fraction: float = 1.0
+    query_scale: float | None = None
+    model_type: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.head_dim is None and self.emb_dim % self.n_heads:
+            raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+
+def config_from_dict(config):
+    """The GPTConfig or LlamaConfig that dataclasses.asdict gave (checkpoints store it), by its family."""
+    return (LlamaConfig if config.get("family") == "llama" else GPTConfig)(**config)
+
 
 # The presets: the sizes in each model's config.json on the Hugging Face Hub (hidden_size,
 # intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
 # max_position_embeddings, rope_theta, rope_scaling, rms_norm_eps, tie_word_embeddings).
 LLAMA_CONFIGS = {
-    "HuggingFaceTB/SmolLM2-135M": GPTConfig(  # 135M parameters, Apache-2.0
-        family="llama", vocab_size=49152, context_length=8192, emb_dim=576, n_heads=9, n_kv_heads=3, n_layers=30,
+    "HuggingFaceTB/SmolLM2-135M": LlamaConfig(  # 135M parameters, Apache-2.0
+        vocab_size=49152, context_length=8192, emb_dim=576, n_heads=9, n_kv_heads=3, n_layers=30,
         hidden_dim=1536, rope_theta=100000.0,
     ),
-    "HuggingFaceTB/SmolLM2-360M": GPTConfig(  # 362M, Apache-2.0
-        family="llama", vocab_size=49152, context_length=8192, emb_dim=960, n_heads=15, n_kv_heads=5, n_layers=32,
+    "HuggingFaceTB/SmolLM2-360M": LlamaConfig(  # 362M, Apache-2.0
+        vocab_size=49152, context_length=8192, emb_dim=960, n_heads=15, n_kv_heads=5, n_layers=32,
         hidden_dim=2560, rope_theta=100000.0,
     ),
-    "Qwen/Qwen3-0.6B-Base": GPTConfig(  # 596M (440M without the embedding), Apache-2.0
-        family="llama", vocab_size=151936, context_length=32768, emb_dim=1024, n_heads=16, n_kv_heads=8, n_layers=28,
+    "Qwen/Qwen3-0.6B-Base": LlamaConfig(  # 596M (440M without the embedding), Apache-2.0
+        vocab_size=151936, context_length=32768, emb_dim=1024, n_heads=16, n_kv_heads=8, n_layers=28,
         head_dim=128, hidden_dim=3072, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True,
     ),
-    "meta-llama/Llama-3.2-1B": GPTConfig(  # 1236M, Llama 3.2 Community License, gated
-        family="llama", vocab_size=128256, context_length=131072, emb_dim=2048, n_heads=32, n_kv_heads=8, n_layers=16,
+    "meta-llama/Llama-3.2-1B": LlamaConfig(  # 1236M, Llama 3.2 Community License, gated
+        vocab_size=128256, context_length=131072, emb_dim=2048, n_heads=32, n_kv_heads=8, n_layers=16,
         head_dim=64, hidden_dim=8192, rope_theta=500000.0,
         rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192),
     ),
-    "mistralai/Mistral-7B-v0.1": GPTConfig(  # 7242M, Apache-2.0
-        family="llama", model_type="mistral", vocab_size=32000, context_length=32768, emb_dim=4096, n_heads=32,
+    "mistralai/Mistral-7B-v0.1": LlamaConfig(  # 7242M, Apache-2.0
+        model_type="mistral", vocab_size=32000, context_length=32768, emb_dim=4096, n_heads=32,
         n_kv_heads=8, n_layers=32, hidden_dim=14336, sliding_window=4096, tie_embeddings=False,
     ),
-    "microsoft/phi-1_5": GPTConfig(  # 1418M, MIT
-        family="llama", model_type="phi", vocab_size=51200, context_length=2048, emb_dim=2048, n_heads=32,
+    "microsoft/phi-1_5": LlamaConfig(  # 1418M, MIT
+        model_type="phi", vocab_size=51200, context_length=2048, emb_dim=2048, n_heads=32,
         hidden_dim=8192, n_layers=24, rotary_fraction=0.5, qkv_bias=True, out_bias=True, mlp_bias=True,
         tie_embeddings=False,
     ),
-    "microsoft/phi-2": GPTConfig(  # 2780M, MIT
-        family="llama", model_type="phi", vocab_size=51200, context_length=2048, emb_dim=2560, n_heads=32,
+    "microsoft/phi-2": LlamaConfig(  # 2780M, MIT
+        model_type="phi", vocab_size=51200, context_length=2048, emb_dim=2560, n_heads=32,
         hidden_dim=10240, n_layers=32, rotary_fraction=0.4, qkv_bias=True, out_bias=True, mlp_bias=True,
         tie_embeddings=False,
     ),
-    "microsoft/Phi-3-mini-4k-instruct": GPTConfig(  # 3821M, MIT
-        family="llama", model_type="phi3", vocab_size=32064, context_length=4096, emb_dim=3072, n_heads=32,
+    "microsoft/Phi-3-mini-4k-instruct": LlamaConfig(  # 3821M, MIT
+        model_type="phi3", vocab_size=32064, context_length=4096, emb_dim=3072, n_heads=32,
         n_kv_heads=32, n_layers=32, hidden_dim=8192, sliding_window=2047, tie_embeddings=False,
     ),
-    "google/gemma-3-270m": GPTConfig(  # 268M, Gemma licence, gated
-        family="llama", model_type="gemma3_text", vocab_size=262144, context_length=32768, emb_dim=640, n_heads=4,
+    "google/gemma-3-270m": LlamaConfig(  # 268M, Gemma licence, gated
+        model_type="gemma3_text", vocab_size=262144, context_length=32768, emb_dim=640, n_heads=4,
         n_kv_heads=1, head_dim=256, n_layers=18, hidden_dim=2048, norm_eps=1e-6, qk_norm=True, rope_theta=1e6,
         sliding_window=512, global_every=6, local_rope_theta=10000.0, query_scale=256,
     ),
-    "google/gemma-3-1b-pt": GPTConfig(  # 1000M, Gemma licence, gated
-        family="llama", model_type="gemma3_text", vocab_size=262144, context_length=32768, emb_dim=1152, n_heads=4,
+    "google/gemma-3-1b-pt": LlamaConfig(  # 1000M, Gemma licence, gated
+        model_type="gemma3_text", vocab_size=262144, context_length=32768, emb_dim=1152, n_heads=4,
         n_kv_heads=1, head_dim=256, n_layers=26, hidden_dim=6912, norm_eps=1e-6, qk_norm=True, rope_theta=1e6,
         sliding_window=512, global_every=6, local_rope_theta=10000.0, query_scale=256,
     ),
@@ -1750,8 +1767,7 @@ def config_from_hub(config_json):
     pattern = config_json.get("sliding_window_pattern")  # Gemma 3 in transformers 4.50 to 4.52
     global_every = pattern or (layer_types.index("full_attention") + 1 if "sliding_attention" in layer_types
                                and "full_attention" in layer_types else None)
-    cfg = GPTConfig(
-        family="llama",
+    cfg = LlamaConfig(
         model_type=None if model_type in ("llama", "qwen3") else model_type,
         vocab_size=config_json["vocab_size"],
         context_length=config_json["max_position_embeddings"],
@@ -2181,7 +2197,7 @@ def gguf_model_parts(path, dtype=torch.float32):
     if "rope_freqs.weight" in entries:  # Llama 3.1 and 3.2: the factors of Meta's scaling give its settings back
         factors = dequantize(*entries.pop("rope_freqs.weight"))
         scaling = {"factor": float(factors.max()), **LLAMA3_ROPE_SCALING}
-        cfg = GPTConfig(rope_theta=config.get("rope_theta", 10000.0), rope_scaling=scaling)
+        cfg = LlamaConfig(rope_theta=config.get("rope_theta", 10000.0), rope_scaling=scaling)
         if not torch.allclose(rope_factors(cfg, 2 * len(factors)), factors, rtol=1e-5, atol=0):
             raise ValueError(f"{path}: rope_freqs.weight is not Llama 3's rope scaling with {LLAMA3_ROPE_SCALING}, "
                              "the one rope scaling this project reads")
@@ -2398,7 +2414,8 @@ def gguf_tensors(model, kind):
     (`rotary_order`) for the llama architecture."""
     cfg = model.cfg
     names = {ours: theirs for theirs, ours in GGUF_TENSOR_NAMES[cfg.family].items()}
-    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads or cfg.n_heads} if not cfg.qk_norm else {}
+    llama = cfg.family == "llama"
+    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads or cfg.n_heads} if llama and not cfg.qk_norm else {}
     tensors = []
     for name, tensor in hf_tensors(model, torch.float32).items():
         layer, part, suffix = re.fullmatch(r"(?:(?:h|layers)\.(\d+)\.)?(.+)\.(weight|bias)",
@@ -2412,7 +2429,7 @@ def gguf_tensors(model, kind):
         data = quantize_q8_0(tensor) if target == "Q8_0" else \
             tensor.to(SAFETENSORS_DTYPES[target]).contiguous().view(torch.uint8).reshape(-1)
         tensors.append((f"blk.{layer}.{part}.{suffix}" if layer else f"{part}.{suffix}", target, tensor.shape, data))
-    if cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
+    if llama and cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
         factors = rope_factors(cfg, cfg.head_dim or cfg.emb_dim // cfg.n_heads)
         tensors.append(("rope_freqs.weight", "F32", factors.shape, factors.view(torch.uint8)))
     return tensors
@@ -2480,7 +2497,7 @@ def load_checkpoint(path, map_location="cpu"):
 def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
     """The model of a `load_checkpoint` dict (a classifier when it has class names), in eval mode.
     Raises ValueError naming each tensor that does not fit the config."""
-    model = empty_model(GPTConfig(**checkpoint["config"]))
+    model = empty_model(config_from_dict(checkpoint["config"]))
     if "labels" in checkpoint:
         add_classifier_head(model, checkpoint["labels"], bias="lm_head.bias" in checkpoint["model"])
     try:
@@ -2576,6 +2593,8 @@ def hf_tensors(model, dtype):
         tensors[prefix + name] = (tensor.t() if name.endswith(transposed) else tensor).to(dtype)
         if name.endswith("attn.c_attn.weight") and not model.cfg.qkv_bias:
             tensors[prefix + name.replace("weight", "bias")] = tensor.new_zeros(len(tensor), dtype=dtype)
+    if model.cfg.family == "gpt2":
+        return tensors
     return hub_layout(tensors, model.cfg)  # Phi's names, Phi-3's packed matrices
 
 

@@ -345,7 +345,8 @@ def flops_per_token(model, seq_len):
     if not cfg.tie_embeddings:
         lookups.append(model.wte.weight)  # only looked up: the separate head multiplies
     n_params = gpt.count_parameters(model) - sum(table.numel() for table in lookups)
-    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * (cfg.head_dim or cfg.emb_dim // cfg.n_heads) * seq_len
+    head_dim = cfg.head_dim if cfg.family == "llama" and cfg.head_dim else cfg.emb_dim // cfg.n_heads
+    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
 
 
 class Throughput:

@@ -383,7 +383,7 @@ def test_kv_cache_that_is_too_small_is_a_clear_error():
 
 
 def test_config_biases_follow_the_family_and_a_mismatching_checkpoint_names_its_tensor():
-    assert gpt.GPTConfig().qkv_bias is True and gpt.GPTConfig(family="llama").qkv_bias is False
+    assert gpt.GPTConfig().qkv_bias is True and gpt.LlamaConfig().qkv_bias is False
     checkpoint = {"config": dataclasses.asdict(tiny_model().cfg), "model": dict(tiny_model(emb_dim=16).state_dict())}
     with pytest.raises(ValueError, match=r"size mismatch for wte.weight: copying a param with shape torch.Size\(\[50257, 16\]\)"):
         gpt.model_from_checkpoint(checkpoint)
@@ -2182,7 +2182,7 @@ def test_export_lora_model_is_merged_and_the_model_keeps_its_adapters(tmp_path):
 
 def test_export_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path):
     torch.manual_seed(0)
-    cfg = gpt.GPTConfig(family="llama", context_length=32, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=1)
+    cfg = gpt.LlamaConfig(context_length=32, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=1)
     model = gpt.build_model(cfg).eval()
     gpt.save_checkpoint(tmp_path / "model.pt", model, gpt.get_tokenizer())  # no tokenizer entry: GPT-2's
     folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "hf")
@@ -4830,7 +4830,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _cuda_tiny_llama(seed=0):
     torch.manual_seed(seed)
-    cfg = gpt.GPTConfig(family="llama", vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_kv_heads=2,
+    cfg = gpt.LlamaConfig(vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_kv_heads=2,
                         n_layers=2, hidden_dim=96)
     return gpt.build_model(cfg).eval()
 

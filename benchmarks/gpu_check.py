@@ -309,7 +309,7 @@ def write_models(ctx):
         if not (folder / "model.safetensors").exists():
             cfg = gpt.GPT_CONFIGS[name]
             if ctx.args.quick:
-                cfg = gpt.GPTConfig(**{**dataclasses.asdict(cfg), **QUICK_SHAPE})
+                cfg = dataclasses.replace(cfg, **QUICK_SHAPE)
             print(write_random_model(cfg, folder), flush=True)
         ctx.models[size] = folder
 
