@@ -60,7 +60,7 @@ torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
 
 # ========================================================================================
-# Shared fixtures
+# Shared fixtures: the tiny models, the local HTTP server
 # ========================================================================================
 
 
@@ -72,13 +72,26 @@ def progress_as_on_a_terminal(monkeypatch):
     monkeypatch.setattr(gpt, "TERMINAL_PROGRESS_SECONDS", 0.0)
 
 
-def test_progress_redraws_a_terminal_at_most_ten_times_a_second(monkeypatch, capsys):
-    monkeypatch.setattr(gpt, "TERMINAL_PROGRESS_SECONDS", 0.1)
-    monkeypatch.setattr(gpt, "_last_terminal_progress", 0.0)
-    for done in range(1000):  # a download's updates, one per 64 KiB, in well under 0.1 s
-        gpt.show_progress(f"downloading: {done} chunks")
-    gpt.end_progress()
-    assert capsys.readouterr().err == "\rdownloading: 0 chunks\x1b[K\n"
+@pytest.fixture(autouse=True)
+def isolated_caches(tmp_path, monkeypatch):
+    """No test reads or writes the user's caches or reaches the Hugging Face Hub."""
+    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "gpt-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: fails at once
+
+
+def tiny_model(seed=0, **overrides):
+    """The one tiny GPT-2 of the tests (GPT-2's vocabulary, 2 layers of width 32), random, in eval mode."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=2)
+    cfg.update(overrides)
+    return gpt.GPTModel(gpt.GPTConfig(**cfg)).eval()
+
+
+def save_tiny(path, model=None, **entries):
+    """A checkpoint of model (else tiny_model with context 64) with GPT-2's tokenizer -> path."""
+    gpt.save_checkpoint(path, tiny_model(context_length=64) if model is None else model, gpt.get_tokenizer(), **entries)
+    return path
 
 
 def save_hf_gpt2(folder, seed=0, **config):
@@ -98,13 +111,6 @@ SMALL_HF = dict(vocab_size=1000, n_positions=64, n_embd=128, n_layer=2, n_head=2
 def small_pair(tmp_path_factory):
     """(transformers model, path of its model.safetensors) for a small config."""
     return save_hf_gpt2(tmp_path_factory.mktemp("small"), **SMALL_HF)
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=2)
-    cfg.update(overrides)
-    return gpt.GPTModel(gpt.GPTConfig(**cfg)).eval()
 
 
 def load_lm(source, *, device="cpu", dtype=torch.float32, quiet=False):
@@ -142,25 +148,84 @@ def tokenizer_of_json(data, source, **config):
     return gpt.tokenizer_from_files(files, source)
 
 
-class LocalServer:
-    """An HTTP server on 127.0.0.1 in a background thread: tests never touch the network."""
+def exits_with_one_line(main, argv, message, capsys):
+    """main(argv) stops with one line holding `message` and no traceback: a usage error (exit 2,
+    the message on stderr) or a run-time "error: ..." (exit 1, the message as the exit code)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    code, err = exit_info.value.code, capsys.readouterr().err
+    assert "Traceback" not in err
+    if code == 2:
+        assert message in err.strip().splitlines()[-1], (argv, err)
+    else:
+        assert code.startswith("error: ") and message in code and "\n" not in code, (argv, code)
 
-    def serve(self, handler_class):
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+
+class LocalServer:
+    """An HTTP server on 127.0.0.1 in a background thread, so that no test touches the network.
+    routes {url path: bytes, served whole or from a Range, with `headers`; or fn(handler), which
+    writes its own (mis)behaving answer}; other paths get a 404. With `cut_after` the first body
+    sent breaks off after that many bytes. Records (method, path, headers) of every request."""
+
+    def __init__(self, routes, headers=None, cut_after=None):
+        self.routes, self.headers, self.cut_after, self.requests = routes, headers or {}, cut_after, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.command, self.path, dict(self.headers)))
+                route = server.routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                elif callable(route):
+                    route(self)
+                else:
+                    server.send_file(self, route)
+
+            do_HEAD = do_POST = do_GET
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def send_file(self, handler, data):
+        start = 0
+        if "Range" in handler.headers:
+            start = int(handler.headers["Range"].removeprefix("bytes=").split("-")[0])
+            handler.send_response(206)
+            handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            handler.send_response(200)
+        for key, value in self.headers.items():
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(data) - start))
+        handler.end_headers()
+        if handler.command == "HEAD":
+            return
+        body = data[start:]
+        if self.cut_after is not None:  # a dropped connection, once
+            body, self.cut_after = body[: self.cut_after], None
+            handler.wfile.write(body)
+            handler.wfile.flush()
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        handler.wfile.write(body)
 
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
 
 
-def started_servers(server_class):
-    """Fixture body: yields start(*args) -> a new server_class; closes them all after the test."""
+@pytest.fixture
+def local_server():
+    """start(routes, headers=None, cut_after=None) -> a new LocalServer; all are closed after the test."""
     servers = []
 
     def start(*args, **kwargs):
-        servers.append(server_class(*args, **kwargs))
+        servers.append(LocalServer(*args, **kwargs))
         return servers[-1]
 
     yield start
@@ -168,67 +233,34 @@ def started_servers(server_class):
         server.close()
 
 
-class FileServer(LocalServer):
-    """A local HTTP server for download tests: serves `files` {url path: bytes} with
-    Range support; records request headers; can cut the first response short."""
+def answer(body, status=200, **headers):
+    """A route that sends body with Content-Length and the given headers (underscores in
+    names become dashes); a `Content_Length` header overrides the true length."""
 
-    def __init__(self, files, headers=None, cut_after=None):
-        self.files, self.extra_headers, self.cut_after = files, headers or {}, cut_after
-        self.requests = []
-        server = self
+    def respond(handler):
+        handler.send_response(status)
+        headers.setdefault("Content_Length", str(len(body)))
+        for key, value in headers.items():
+            handler.send_header(key.replace("_", "-"), value)
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_HEAD(self):
-                self.respond(body=False)
-
-            def do_GET(self):
-                self.respond(body=True)
-
-            def respond(self, body):
-                server.requests.append((self.command, self.path, dict(self.headers)))
-                data = server.files.get(self.path)
-                if data is None:
-                    self.send_error(404)
-                    return
-                start = 0
-                if "Range" in self.headers:
-                    start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                for key, value in server.extra_headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                if not body:
-                    return
-                payload = data[start:]
-                if server.cut_after is not None:  # simulate a dropped connection, once
-                    payload, server.cut_after = payload[: server.cut_after], None
-                    self.wfile.write(payload)
-                    self.wfile.flush()
-                    self.connection.shutdown(2)
-                    return
-                self.wfile.write(payload)
-
-        self.serve(Handler)
+    return respond
 
 
-@pytest.fixture
-def file_server():
-    yield from started_servers(FileServer)
+def cached_data_path(tmp_path, url, filename):
+    """Where fetch_dataset keeps the file of url: <cache>/data/<12 hex of SHA-256(url)>/<filename>."""
+    return tmp_path / "gpt-cache" / "data" / hashlib.sha256(url.encode()).hexdigest()[:12] / filename
 
 
-@pytest.fixture(autouse=True)
-def isolated_caches(tmp_path, monkeypatch):
-    """No test reads or writes the user's caches or reaches the Hugging Face Hub."""
-    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "gpt-cache"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: fails at once
+def test_progress_redraws_a_terminal_at_most_ten_times_a_second(monkeypatch, capsys):
+    monkeypatch.setattr(gpt, "TERMINAL_PROGRESS_SECONDS", 0.1)
+    monkeypatch.setattr(gpt, "_last_terminal_progress", 0.0)
+    for done in range(1000):  # a download's updates, one per 64 KiB, in well under 0.1 s
+        gpt.show_progress(f"downloading: {done} chunks")
+    gpt.end_progress()
+    assert capsys.readouterr().err == "\rdownloading: 0 chunks\x1b[K\n"
 
 
 # ========================================================================================
@@ -614,7 +646,7 @@ def test_family_new_model_checkpoint_round_trip_and_gpt2_names(tmp_path):
     assert loaded.cfg == cfg and loaded.lm_head.weight is not loaded.embed_tokens.weight
 
 
-def test_family_sharded_hub_download_sends_hf_token(family_models, file_server, monkeypatch, tmp_path):
+def test_family_sharded_hub_download_sends_hf_token(family_models, local_server, monkeypatch, tmp_path):
     reference, _ = family_models["llama_tied_mha_no_bias"]
     folder = tmp_path / "sharded"
     reference.save_pretrained(folder, max_shard_size="40KB")
@@ -622,7 +654,7 @@ def test_family_sharded_hub_download_sends_hf_token(family_models, file_server, 
     assert len(shards) > 1 and not (folder / "model.safetensors").exists()
     files = {f"/owner/tiny/resolve/main/{p.name}": p.read_bytes() for p in folder.iterdir() if p.is_file()}
     files["/owner/tiny/resolve/main/tokenizer.json"] = b"{}"  # a Hub model has one (read as text, unused here)
-    server = file_server(files)
+    server = local_server(files)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     model = load_lm("owner/tiny", quiet=True)
@@ -636,28 +668,9 @@ def test_family_sharded_hub_download_sends_hf_token(family_models, file_server, 
     assert len(server.requests) == count
 
 
-def test_family_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_models, small_pair, tmp_path):
-    reference, folder = family_models["qwen3_gqa_qk_norm_tied_head_dim"]
-    snapshot = tmp_path / "hf-cache" / "models--Qwen--Tiny" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        (snapshot / name).write_bytes((folder / name).read_bytes())
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # no chat_template.jinja,
-        (snapshot / name).write_text("{}")  # as a base model has none (read as text, unused here)
-    (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs").mkdir()
-    (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs" / "main").write_text("abc123")
-    model = load_lm("Qwen/Tiny")  # HF_ENDPOINT is a closed port: only the cache can answer
-    assert model.cfg.qk_norm and model.cfg.head_dim == 32
-    with pytest.raises(RuntimeError, match=r"^cannot reach http://\S+/Qwen/Other/resolve/main/config\.json \(ConnectionError\)\. "
-                       r"Offline\? Pass a local \.safetensors file or a folder with the model's files instead of 'Qwen/Other', "
-                       r"or set HF_ENDPOINT to a mirror$"):
-        load_lm("Qwen/Other", quiet=True)
-    assert type(load_lm(small_pair[1].parent)) is gpt.GPTModel  # a GPT-2 folder is GPT-2's
-
-
 @pytest.mark.parametrize("token", [None, "hf_no_access"])
-def test_family_gated_model_says_what_to_do(route_server, monkeypatch, token):
-    server = route_server({"/meta-llama/Llama-3.2-1B/resolve/main/config.json": answer(b"", status=401 if token is None else 403)})
+def test_family_gated_model_says_what_to_do(local_server, monkeypatch, token):
+    server = local_server({"/meta-llama/Llama-3.2-1B/resolve/main/config.json": answer(b"", status=401 if token is None else 403)})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     if token:
         monkeypatch.setenv("HF_TOKEN", token)
@@ -668,25 +681,6 @@ def test_family_gated_model_says_what_to_do(route_server, monkeypatch, token):
     message = str(error.value)
     assert "meta-llama/Llama-3.2-1B is gated" in message and "accept its licence on https://huggingface.co/meta-llama/Llama-3.2-1B" in message
     assert ("HF_TOKEN is not set" in message) == (token is None)
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
-        ({"hidden_size": 0}, "'hidden_size' must be a positive integer"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}},
-         "rope_parameters.rope_type = 'yarn' is not supported"),
-        ({"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
-    ],
-)
-def test_family_unsupported_config_is_a_clear_error(family_models, tmp_path, change, message):
-    folder = family_models["llama_tied_mha_no_bias"][1]
-    config = {**json.loads((folder / "config.json").read_text()), **change}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    with pytest.raises(ValueError, match=re.escape(message)):
-        load_lm(tmp_path)
 
 
 # --- the family's tokenizers: tokenizer.json -> tiktoken ---------------------------------
@@ -958,11 +952,11 @@ def test_family_load_gpt2_perplexity_and_hellaswag_equal_transformers(trained_to
     assert results["acc_norm"] == float(max(range(4), key=normalised.__getitem__) == item["label"])
 
 
-def test_family_load_gpt2_download_only_fetches_model_and_tokenizer(trained_tokenizers, file_server, monkeypatch,
+def test_family_load_gpt2_download_only_fetches_model_and_tokenizer(trained_tokenizers, local_server, monkeypatch,
                                                                       tmp_path, capsys):
     family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "smollm2", "Hi")
     files = {f"/owner/smol/resolve/main/{p.name}": p.read_bytes() for p in (tmp_path / "model").iterdir()}
-    monkeypatch.setenv("HF_ENDPOINT", file_server(files).url)
+    monkeypatch.setenv("HF_ENDPOINT", local_server(files).url)
     load_gpt2.main(["--model", "owner/smol", "--download-only", "--cache-dir", str(tmp_path / "mine")])
     assert capsys.readouterr().out == f"owner/smol is in {tmp_path / 'mine' / 'owner' / 'smol'}\n"
     downloaded = {p.name for p in (tmp_path / "mine" / "owner" / "smol").iterdir() if p.suffix != ".lock"}
@@ -1066,13 +1060,21 @@ def test_weight_mapping_is_strict(small_pair, tmp_path):
 
 
 # ========================================================================================
-# gpt.py: downloads (against a local HTTP server)
+# gpt.py: downloads (against the local HTTP server)
 # ========================================================================================
 
 
-def test_download_cut_leaves_nothing_and_the_next_call_starts_over(file_server, tmp_path):
+def zip_bytes(members, compression=zipfile.ZIP_STORED):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_download_cut_leaves_nothing_and_the_next_call_starts_over(local_server, tmp_path):
     data = bytes(range(256)) * 4000
-    server = file_server({"/f.bin": data}, cut_after=300_000)
+    server = local_server({"/f.bin": data}, cut_after=300_000)
     with pytest.raises(RuntimeError, match=r"failed after 1 attempts \(.*\); run again later$"):
         gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "f.bin", retries=1, quiet=True)
     assert not (tmp_path / "cache").exists()  # no temporary file, no lock file, no folder made for them
@@ -1082,21 +1084,21 @@ def test_download_cut_leaves_nothing_and_the_next_call_starts_over(file_server, 
     assert "Range" not in server.requests[-1][2]
 
 
-def test_download_retries_a_cut_within_one_call(file_server, tmp_path):
+def test_download_retries_a_cut_within_one_call(local_server, tmp_path):
     data = b"x" * 500_000
-    server = file_server({"/f.bin": data}, cut_after=200_000)
+    server = local_server({"/f.bin": data}, cut_after=200_000)
     gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", size=len(data), quiet=True)
     assert (tmp_path / "f.bin").read_bytes() == data
     ranges = [r[2].get("Range") for r in server.requests]
     assert ranges[0] is None and len(ranges) == 2 and ranges[1].startswith("bytes=")
 
 
-def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(file_server, small_pair, monkeypatch, tmp_path,
+def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(local_server, small_pair, monkeypatch, tmp_path,
                                                                        capsys):
     data = small_pair[1].read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    server = file_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
-                         headers={"X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data))})
+    server = local_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
+                          headers={"X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data))})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     model = load_lm("gpt2", quiet=True)
     assert model.cfg.emb_dim == 128
@@ -1109,108 +1111,38 @@ def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(file_serve
     assert load_lm("gpt2", quiet=True).cfg.emb_dim == 128
     assert cached.read_bytes() == data and len(server.requests) > count
     assert f"cached {cached}: not a complete safetensors file" in capsys.readouterr().err
-
-
-def test_load_gpt2_rejects_a_download_that_does_not_match_the_hub_hash(file_server, small_pair, monkeypatch, tmp_path):
-    data = small_pair[1].read_bytes()
-    server = file_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
-                         headers={"X-Linked-Etag": '"' + "ab" * 32 + '"'})
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    server.headers["X-Linked-Etag"] = '"' + "ab" * 32 + '"'  # a download that is not the file the Hub announces
+    cached.unlink()
     with pytest.raises(RuntimeError, match="corrupt"):
         load_lm("gpt2", quiet=True)
-    assert not (tmp_path / "gpt-cache" / "gpt2" / "model.safetensors").exists()
-    assert not (tmp_path / "gpt-cache" / "gpt2" / "model.safetensors.part").exists()
+    assert os.listdir(cached.parent) == []  # no file, no .part file
 
 
-def test_existing_hugging_face_cache_is_used(small_pair, tmp_path):
-    snapshot = tmp_path / "hf-cache" / "models--openai-community--gpt2" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    (snapshot / "model.safetensors").write_bytes(small_pair[1].read_bytes())
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
-    assert gpt.hub_file("openai-community/gpt2", "model.safetensors") == snapshot / "model.safetensors"
-    assert load_lm("gpt2").cfg.emb_dim == 128  # HF_ENDPOINT points nowhere: no download
+def test_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_models, small_pair, tmp_path):
+    folder = family_models["qwen3_gqa_qk_norm_tied_head_dim"][1]
+    for repo, files in [("openai-community--gpt2", {"model.safetensors": small_pair[1].read_bytes()}),
+                        ("Qwen--Tiny", {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")})]:
+        snapshot = tmp_path / "hf-cache" / f"models--{repo}" / "snapshots" / "abc123"
+        snapshot.mkdir(parents=True)
+        for name, content in files.items():
+            (snapshot / name).write_bytes(content)
+        (snapshot.parent.parent / "refs").mkdir()
+        (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    snapshot = tmp_path / "hf-cache" / "models--Qwen--Tiny" / "snapshots" / "abc123"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # no chat_template.jinja,
+        (snapshot / name).write_text("{}")  # as a base model has none (read as text, unused here)
+    assert gpt.hub_file("openai-community/gpt2", "model.safetensors").parent.name == "abc123"
+    assert load_lm("gpt2").cfg.emb_dim == 128  # HF_ENDPOINT is a closed port: only the cache can answer
+    model = load_lm("Qwen/Tiny")
+    assert model.cfg.qk_norm and model.cfg.head_dim == 32
+    with pytest.raises(RuntimeError, match=r"^cannot reach http://\S+/Qwen/Other/resolve/main/config\.json \(ConnectionError\)\. "
+                       r"Offline\? Pass a local \.safetensors file or a folder with the model's files instead of 'Qwen/Other', "
+                       r"or set HF_ENDPOINT to a mirror$"):
+        load_lm("Qwen/Other", quiet=True)
 
 
-def test_fetch_dataset_tries_each_url_and_names_the_flag(file_server, tmp_path):
-    server = file_server({"/mirror/data.txt": b"hello"})
-    path = gpt.fetch_dataset([server.url + "/main/data.txt", server.url + "/mirror/data.txt"], "data.txt", quiet=True)
-    assert path.read_bytes() == b"hello"
-    assert path == cached_data_path(tmp_path, server.url + "/main/data.txt", "data.txt")  # keyed by the first URL
-    with pytest.raises(RuntimeError, match="(?s)/a/x.txt.*/b/x.txt.*--data PATH"):
-        gpt.fetch_dataset([server.url + "/a/x.txt", server.url + "/b/x.txt"], "x.txt", quiet=True)
-
-
-# --- downloads: every way a server or a cached file can be wrong ------------------------
-
-
-class RouteServer(LocalServer):
-    """A local HTTP server whose answers are functions: routes {url path: fn(handler)},
-    each writing its own (mis)behaving response; records (method, path, headers)."""
-
-    def __init__(self, routes):
-        self.requests = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                server.requests.append((self.command, self.path, dict(self.headers)))
-                routes[self.path](self)
-
-            do_HEAD = do_POST = do_GET
-
-        self.serve(Handler)
-
-
-@pytest.fixture
-def route_server():
-    yield from started_servers(RouteServer)
-
-
-def answer(body, status=200, **headers):
-    """A route that sends body with Content-Length and the given headers (underscores in
-    names become dashes); a `Content_Length` header overrides the true length."""
-
-    def respond(handler):
-        handler.send_response(status)
-        headers.setdefault("Content_Length", str(len(body)))
-        for key, value in headers.items():
-            handler.send_header(key.replace("_", "-"), value)
-        handler.end_headers()
-        if handler.command != "HEAD":
-            handler.wfile.write(body)
-
-    return respond
-
-
-def cached_data_path(tmp_path, url, filename):
-    """Where fetch_dataset keeps the file of url: <cache>/data/<12 hex of SHA-256(url)>/<filename>."""
-    return tmp_path / "gpt-cache" / "data" / hashlib.sha256(url.encode()).hexdigest()[:12] / filename
-
-
-def zip_bytes(members, compression=zipfile.ZIP_STORED):
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-def tar_bytes(members):
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def test_download_body_shorter_than_content_length_is_an_error(route_server, tmp_path, capsys):
-    server = route_server({"/f.bin": answer(b"x" * 500, Content_Length="1000")})
+def test_download_body_shorter_than_content_length_is_an_error(local_server, tmp_path, capsys):
+    server = local_server({"/f.bin": answer(b"x" * 500, Content_Length="1000")})
     with pytest.raises(RuntimeError) as error:
         gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", retries=2)
     assert str(error.value).startswith(f"download of {server.url}/f.bin failed after 2 attempts (")
@@ -1219,7 +1151,7 @@ def test_download_body_shorter_than_content_length_is_an_error(route_server, tmp
     assert capsys.readouterr().err.endswith("\n")  # the progress line is ended before the error
 
 
-def test_download_206_with_another_range_is_caught_by_the_hash(route_server, tmp_path):
+def test_download_206_with_another_range_is_caught_by_the_hash(local_server, tmp_path):
     data = bytes(range(256)) * 400
 
     def cut_then_wrong_range(handler):  # one 64 KiB piece, then for the rest the whole file again, as bytes 0-
@@ -1227,7 +1159,7 @@ def test_download_206_with_another_range_is_caught_by_the_hash(route_server, tmp
             return answer(data[: 1 << 16], Content_Length=str(len(data)))(handler)
         answer(data, 206, Content_Range=f"bytes 0-{len(data) - 1}/{len(data)}")(handler)
 
-    server = route_server({"/f.bin": cut_then_wrong_range})
+    server = local_server({"/f.bin": cut_then_wrong_range})
     with pytest.raises(RuntimeError, match="is corrupt or not the expected file: .*SHA-256"):
         gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
     assert [r[2].get("Range") for r in server.requests] == [None, f"bytes={1 << 16}-"]
@@ -1252,9 +1184,8 @@ def _corrupt_zip():
     ],
     ids=["web-page", "cut", "no-member", "zip-crc", "json", "safetensors"],
 )
-def test_a_download_that_is_not_the_expected_file_is_deleted(route_server, tmp_path, body, checks, problem):
-    server = route_server({"/file": answer(body)})
-    url = server.url + "/file"
+def test_a_download_that_is_not_the_expected_file_is_deleted(local_server, tmp_path, body, checks, problem):
+    url = local_server({"/file": body}).url + "/file"
     with pytest.raises(RuntimeError) as error:
         gpt.download_file(url, tmp_path / "file", **checks, quiet=True)
     assert str(error.value).startswith(f"download of {url} is corrupt or not the expected file: {tmp_path / 'file'}")
@@ -1275,8 +1206,8 @@ def test_a_download_that_is_not_the_expected_file_is_deleted(route_server, tmp_p
     ],
     ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused", "404"],
 )
-def test_every_request_failure_is_one_line_naming_the_url(route_server, tmp_path, url, message):
-    server = route_server({"/loop": answer(b"", 302, Location="/loop"), "/missing.bin": answer(b"", 404)})
+def test_every_request_failure_is_one_line_naming_the_url(local_server, tmp_path, url, message):
+    server = local_server({"/loop": answer(b"", 302, Location="/loop")})
     url = url.format(server=server.url, port=server.httpd.server_address[1])  # https to plain HTTP: TLS fails
     with pytest.raises(RuntimeError) as error:
         gpt.download_file(url, tmp_path / "f.bin", quiet=True)
@@ -1285,30 +1216,25 @@ def test_every_request_failure_is_one_line_naming_the_url(route_server, tmp_path
     assert not (tmp_path / "f.bin").exists()
 
 
-def test_load_gpt2_script_redirect_loop_is_one_error_line(route_server, monkeypatch):
-    server = route_server({"/openai-community/gpt2/resolve/main/model.safetensors": answer(b"", 302, Location="/x"),
-                           "/x": answer(b"", 302, Location="/openai-community/gpt2/resolve/main/model.safetensors")})
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", "gpt2", "--download-only"])
-    url = f"{server.url}/openai-community/gpt2/resolve/main/model.safetensors"
-    assert exit_info.value.code == f"error: download of {url} failed: too many redirects (a redirect loop)"
-
-
-def test_fetch_dataset_hash_mismatch_names_url_expected_and_actual(route_server, tmp_path):
-    server = route_server({"/d.json": answer(b"[]")})
+def test_fetch_dataset_tries_each_url_and_a_mismatch_names_url_expected_and_actual(local_server, tmp_path):
+    server = local_server({"/mirror/data.txt": b"hello", "/d.json": b"[]"})
+    path = gpt.fetch_dataset([server.url + "/main/data.txt", server.url + "/mirror/data.txt"], "data.txt", quiet=True)
+    assert path.read_bytes() == b"hello"
+    assert path == cached_data_path(tmp_path, server.url + "/main/data.txt", "data.txt")  # keyed by the first URL
+    with pytest.raises(RuntimeError, match="(?s)/a/x.txt.*/b/x.txt.*--data PATH"):
+        gpt.fetch_dataset([server.url + "/a/x.txt", server.url + "/b/x.txt"], "x.txt", quiet=True)
     url = server.url + "/d.json"
-    actual = hashlib.sha256(b"[]").hexdigest()
     with pytest.raises(RuntimeError) as error:
         gpt.fetch_dataset([url], "d.json", sha256="ab" * 32, quiet=True)
     path = cached_data_path(tmp_path, url, "d.json")
+    actual = hashlib.sha256(b"[]").hexdigest()
     expected = f"download of {url} is corrupt or not the expected file: {path}: SHA-256 {actual}, expected {'ab' * 32}"
     assert expected in str(error.value)
     assert not path.parent.exists()  # no file, no temporary file, not the folder made for them
 
 
-def test_fetch_dataset_reads_a_good_cached_file_without_writing(route_server, monkeypatch):
-    server = route_server({"/d.json": answer(b"[1]")})
+def test_fetch_dataset_reads_a_good_cached_file_without_writing(local_server, monkeypatch):
+    server = local_server({"/d.json": b"[1]"})
     path = gpt.fetch_dataset([server.url + "/d.json"], "d.json", size=3, quiet=True)
 
     def unwritable(*args, **kwargs):  # root ignores file modes: a read-only cache is simulated here
@@ -1319,8 +1245,8 @@ def test_fetch_dataset_reads_a_good_cached_file_without_writing(route_server, mo
     assert len(server.requests) == 1
 
 
-def test_fetch_dataset_downloads_a_corrupt_cached_file_again(route_server, tmp_path, capsys):
-    server = route_server({"/d.json": answer(b'{"ok": 1}')})
+def test_fetch_dataset_downloads_a_corrupt_cached_file_again(local_server, tmp_path, capsys):
+    server = local_server({"/d.json": b'{"ok": 1}'})
     url = server.url + "/d.json"
     checks = {"size": 9, "sha256": hashlib.sha256(b'{"ok": 1}').hexdigest()}
     path = gpt.fetch_dataset([url], "d.json", **checks, quiet=True)
@@ -1336,12 +1262,12 @@ def test_fetch_dataset_downloads_a_corrupt_cached_file_again(route_server, tmp_p
     assert not path.exists()
 
 
-def test_fetch_dataset_checks_the_zip_member_not_the_zip(route_server, tmp_path, capsys):
+def test_fetch_dataset_checks_the_zip_member_not_the_zip(local_server, tmp_path, capsys):
     real = SMS_ZIP.read_bytes()
     member = zipfile.ZipFile(SMS_ZIP).read(fc.ZIP_MEMBER)
     remade = zip_bytes({"readme": b"another zip, the same member", fc.ZIP_MEMBER: member}, zipfile.ZIP_DEFLATED)
     other = zip_bytes({fc.ZIP_MEMBER: member[:-1]})
-    server = route_server({"/real.zip": answer(real), "/remade.zip": answer(remade), "/other.zip": answer(other)})
+    server = local_server({"/real.zip": real, "/remade.zip": remade, "/other.zip": other})
     for name in ("real", "remade"):
         path = fc.sms_collection_path(urls=[f"{server.url}/{name}.zip"])
         assert fc.read_sms_bytes(path) == member
@@ -1352,14 +1278,11 @@ def test_fetch_dataset_checks_the_zip_member_not_the_zip(route_server, tmp_path,
     assert "not the expected file (File is not a zip file)" in capsys.readouterr().err
 
 
-def test_shipped_checks_match_the_real_data():
+def test_scripts_check_their_known_downloads_and_the_checks_match_the_real_data(local_server, monkeypatch):
     gpt.verify_file(SMS_ZIP, member=fc.ZIP_MEMBER, size=fc.MEMBER_SIZE, sha256=fc.MEMBER_SHA256)
     assert fc.MEMBER_SIZE == 477_907
     assert "/main/" not in instruct.DATA_URL  # pinned to a commit
-
-
-def test_scripts_check_their_known_downloads(route_server, monkeypatch):
-    server = route_server({"/the-verdict.txt": answer(b"other text"), "/instruction-data.json": answer(b"[]")})
+    server = local_server({"/the-verdict.txt": b"other text", "/instruction-data.json": b"[]"})
     verdict, instructions = server.url + "/the-verdict.txt", server.url + "/instruction-data.json"
     monkeypatch.setitem(pretrain.KNOWN_DOWNLOADS, verdict, pretrain.KNOWN_DOWNLOADS[pretrain.VERDICT_URL])
     with pytest.raises(RuntimeError, match=f"{verdict} is corrupt or not the expected file: .*: 10 bytes, expected 20479"):
@@ -1369,7 +1292,7 @@ def test_scripts_check_their_known_downloads(route_server, monkeypatch):
         instruct.data_path(instruct.build_parser().parse_args([]))  # no --data: the download
 
 
-def test_concurrent_downloads_of_one_file_need_no_lock(route_server, tmp_path):
+def test_concurrent_downloads_of_one_file_need_no_lock(local_server, tmp_path):
     data = os.urandom(64 * 1024)
 
     def slow(handler):  # 8 pieces, 50 ms apart: the second caller arrives mid-download
@@ -1381,8 +1304,7 @@ def test_concurrent_downloads_of_one_file_need_no_lock(route_server, tmp_path):
             handler.wfile.flush()
             time.sleep(0.05)
 
-    server = route_server({"/big.bin": slow})
-    url = server.url + "/big.bin"
+    url = local_server({"/big.bin": slow}).url + "/big.bin"
     start = threading.Barrier(2)
     results = [None, None]
 
@@ -1400,40 +1322,116 @@ def test_concurrent_downloads_of_one_file_need_no_lock(route_server, tmp_path):
     assert os.listdir(results[0].parent) == ["big.bin"]  # each renamed its own whole copy: no temporary file left
 
 
+# ========================================================================================
+# gpt.py: config.json, read whole and strictly
+# ========================================================================================
+
+STRICT_GPT2 = dict(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+
+
+@pytest.fixture(scope="module")
+def strict_folders(tmp_path_factory):
+    """{"gpt2": folder, "llama": folder} of tiny models saved with save_pretrained."""
+    gpt2 = tmp_path_factory.mktemp("strict_gpt2")
+    save_hf_gpt2(gpt2, **STRICT_GPT2)
+    llama = tmp_path_factory.mktemp("strict_llama")
+    save_hf_family(llama, "llama", perturb=False, num_key_value_heads=4)
+    return {"gpt2": gpt2, "llama": llama}
+
+
+def changed_copy(folder, dest, change):
+    """A copy of a model folder in dest whose config.json has the entries of `change` (a dict), or
+    is the text `change` (a str) -> dest."""
+    config = change if isinstance(change, str) else json.dumps({**json.loads((folder / "config.json").read_text()), **change})
+    (dest / "config.json").write_text(config)
+    (dest / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    return dest
+
+
+def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_path):
+    reference, _ = save_hf_gpt2(tmp_path, **STRICT_GPT2, layer_norm_epsilon=1e-3)
+    model = load_lm(tmp_path)
+    assert model.cfg.norm_eps == 1e-3 and model.h[0].ln_1.eps == model.ln_f.eps == 1e-3
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    folder = gpt.export_hf(tiny_model(norm_eps=1e-3), tmp_path / "hf")
+    assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-3
+    assert load_lm(folder).cfg.norm_eps == 1e-3
+
+
 @pytest.mark.parametrize(
-    "config, message",
+    "family, change, message",
     [
-        ({"n_positions": 64, "n_embd": 128, "n_layer": 2, "n_head": 2}, "'vocab_size' must be a positive integer, got None"),
-        ({**SMALL_HF, "n_layer": "2"}, "'n_layer' must be a positive integer, got '2'"),
-        ({**SMALL_HF, "n_head": 2.0}, "'n_head' must be a positive integer, got 2.0"),
-        ({**SMALL_HF, "n_layer": True}, "'n_layer' must be a positive integer, got True"),
-        ({**SMALL_HF, "n_embd": 0}, "'n_embd' must be a positive integer, got 0"),
-        ({**SMALL_HF, "n_head": 3}, "emb_dim (128) must be divisible by n_heads (3)"),
-        ([1, 2], "its config.json holds a list, not a JSON object"),
-        ('{"n_layer": 2,', "not valid JSON (Expecting property name"),
+        ("gpt2", json.dumps({k: v for k, v in STRICT_GPT2.items() if k != "vocab_size"}),
+         "config.json: 'vocab_size' must be a positive integer, got None"),
+        ("gpt2", {"n_layer": "2"}, "config.json: 'n_layer' must be a positive integer, got '2'"),
+        ("gpt2", {"n_head": 2.0}, "config.json: 'n_head' must be a positive integer, got 2.0"),
+        ("gpt2", {"n_layer": True}, "config.json: 'n_layer' must be a positive integer, got True"),
+        ("gpt2", {"n_embd": 0}, "config.json: 'n_embd' must be a positive integer, got 0"),
+        ("gpt2", {"n_head": 3}, "emb_dim (32) must be divisible by n_heads (3)"),
+        ("gpt2", "[1, 2]", "its config.json holds a list, not a JSON object"),
+        ("gpt2", '{"n_layer": 2,', "config.json: not valid JSON (Expecting property name"),
+        ("gpt2", {"activation_function": "gelu"}, "activation_function = 'gelu' is not supported"),
+        ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is not supported"),
+        ("gpt2", {"layer_norm_epsilon": 0}, "layer_norm_epsilon = 0 is not supported"),
+        ("gpt2", {"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon = nan is not supported"),
+        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True is not supported"),
+        ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn = True is not supported"),
+        ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights = False is not supported"),
+        ("gpt2", {"add_cross_attention": True}, "add_cross_attention = True is not supported"),
+        ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported"),
+        ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False is not supported"),
+        ("llama", {"model_type": "mistral"}, "model_type 'mistral' is not supported"),
+        ("llama", {"model_type": None}, "its config.json names no model_type"),
+        ("llama", {"hidden_size": 0}, "'hidden_size' must be a positive integer"),
+        ("llama", {"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
+        ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
+        ("llama", {"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06 is not supported"),
+        ("llama", {"rope_theta": 0}, "rope_theta = 0 is not supported"),
+        ("llama", {"rope_theta": -1}, "rope_theta = -1 is not supported"),
+        ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta = 0 is not"),
+        ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}},
+         "rope_parameters.rope_type = 'yarn' is not supported"),
+        ("llama", {"rope_parameters": None, "rope_theta": -1.0}, "rope_theta = -1.0 is not supported"),
+        ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+         "rope_scaling.type = 'dynamic' is not supported"),
+        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not"),
+        ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 32}}, "name different rope types ['default', 'llama3']"),
+        ("llama", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
+        ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
+         "layer_types = ['full_attention', 'sliding_attention'] is not supported"),
+        ("llama", {"head_dim": 0}, "head_dim = 0 is not supported"),
     ],
-    ids=["missing", "string", "float", "bool", "zero", "heads", "list", "bad-json"],
 )
-def test_malformed_config_json_names_the_file_and_the_key(small_pair, tmp_path, config, message):
-    (tmp_path / "model.safetensors").symlink_to(small_pair[1])
-    config_file = tmp_path / "config.json"
-    if config == "folder":
-        config_file.mkdir()
-    else:
-        config_file.write_text(config if isinstance(config, str) else json.dumps(config))
+def test_config_that_this_implementation_cannot_run_exactly_is_one_line(strict_folders, tmp_path, family, change, message):
     with pytest.raises(ValueError) as error:
-        load_lm(tmp_path / "model.safetensors")
-    # The settings are named as "<the weights file> config.json: <key> ..." (gpt.load's source and
-    # the file), a config.json that is no JSON object as "<the weights file>: its config.json ...",
-    # and a file that is no JSON at all as "model config <config.json>: ...".
-    weights = tmp_path / "model.safetensors"
-    if message.startswith("not valid JSON"):
-        named = f"model config {config_file}"
-    elif message.startswith("its config.json"):
-        named = str(weights)
-    else:
-        named = f"{weights} config.json"
-    assert str(error.value).startswith(f"{named}: {message}")
+        load_lm(changed_copy(strict_folders[family], tmp_path, change))
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert str(error.value).startswith((str(tmp_path), "model config"))  # the file is named
+
+
+@pytest.mark.parametrize(
+    "family, change",
+    [
+        ("gpt2", {"some_new_key": 1, "dtype": "bfloat16", "architectures": ["Other"], "summary_type": "mean",
+                  "activation_function": "gelu_pytorch_tanh", "n_inner": 128, "scale_attn_weights": True}),
+        ("llama", {"some_new_key": 1, "dtype": "bfloat16", "transformers_version": "9.0", "pretraining_tp": 2,
+                   "attention_dropout": 0.1, "layer_types": ["full_attention"] * 2, "use_sliding_window": False}),
+        ("llama", {"rope_parameters": None, "rope_scaling": None, "rope_theta": 10000}),  # transformers 4's spelling
+    ],
+)
+def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, change):
+    folder = changed_copy(strict_folders[family], tmp_path, change)
+    assert load_lm(folder).cfg == load_lm(strict_folders[family]).cfg
+
+
+def test_gpt2_file_without_config_says_what_it_assumed(tmp_path, capsys):
+    save_hf_gpt2(tmp_path, n_positions=32, n_embd=64, n_layer=1, n_head=2)
+    (tmp_path / "config.json").unlink()
+    assert load_lm(tmp_path / "model.safetensors").cfg.n_heads == 1  # 64 wide: one head of 64, GPT-2's head size
+    assert "1 attention heads assumed" in capsys.readouterr().err
 
 
 # ========================================================================================
@@ -1715,9 +1713,9 @@ def test_load_gpt2_script_output_into_a_closed_pipe_is_quiet(tmp_path):
     assert result.stderr == ""  # no BrokenPipeError traceback
 
 
-def test_load_gpt2_script_download_only_into_cache_dir(file_server, small_pair, monkeypatch, tmp_path, capsys):
+def test_load_gpt2_script_download_only_into_cache_dir(local_server, small_pair, monkeypatch, tmp_path, capsys):
     data = small_pair[1].read_bytes()
-    server = file_server({"/openai-community/gpt2-medium/resolve/main/model.safetensors": data},
+    server = local_server({"/openai-community/gpt2-medium/resolve/main/model.safetensors": data},
                          headers={"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"'})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     load_gpt2.main(["--model", "gpt2-medium", "--download-only", "--cache-dir", str(tmp_path / "mine")])
@@ -2279,9 +2277,9 @@ def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts
     assert probe["change"] == pytest.approx(probe["acc_probe"] - probe["acc"])
 
 
-def test_benchmark_is_downloaded_once_and_counted(file_server, monkeypatch, tmp_path, capsys):
+def test_benchmark_is_downloaded_once_and_counted(local_server, monkeypatch, tmp_path, capsys):
     gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
-    server = file_server({"/hellaswag_val.jsonl": HELLASWAG_TINY.read_bytes()})
+    server = local_server({"/hellaswag_val.jsonl": HELLASWAG_TINY.read_bytes()})
     monkeypatch.setattr(load_gpt2, "HELLASWAG_URLS", [server.url + "/hellaswag_val.jsonl"])
     argv = ["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag"]
     with pytest.raises(SystemExit, match="4 items, expected 10,042: delete the file to download it again"):
@@ -2593,9 +2591,9 @@ def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
     assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
 
 
-def test_pretrain_url_data_is_downloaded_once(tmp_path, file_server):
+def test_pretrain_url_data_is_downloaded_once(tmp_path, local_server):
     body = _pretrain_text(20).encode()
-    server = file_server({"/files/story.txt": body})
+    server = local_server({"/files/story.txt": body})
     url = f"{server.url}/files/story.txt"
     (path,) = pretrain.resolve_sources(url)
     assert path == cached_data_path(tmp_path, url, "story.txt") and path.read_bytes() == body
@@ -2941,11 +2939,11 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
 
 
 def test_pretrain_size_of_a_llama_shape_trains_from_scratch_with_its_hub_tokenizer(
-    trained_tokenizers, file_server, monkeypatch, tmp_path, pretrain_text_file
+    trained_tokenizers, local_server, monkeypatch, tmp_path, pretrain_text_file
 ):
     reference, folder = trained_tokenizers["smollm2"]  # stands in for SmolLM2's tokenizer.json on the Hub
     name = "HuggingFaceTB/SmolLM2-135M"
-    server = file_server({f"/{name}/resolve/main/tokenizer.json": (folder / "tokenizer.json").read_bytes()})
+    server = local_server({f"/{name}/resolve/main/tokenizer.json": (folder / "tokenizer.json").read_bytes()})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "2", "--eval-every", "2")
     argv[argv.index("--n-heads") + 1] = "3"  # a multiple of the shape's 3 key/value heads
@@ -3095,8 +3093,8 @@ def test_classify_splits_are_balanced_and_deterministic(tmp_path):
     assert first[0].startswith(b"label,text\n")
 
 
-def test_classify_download_uses_fallback_then_cache(tmp_path, file_server):
-    server = file_server({"/sms.zip": SMS_ZIP.read_bytes()})
+def test_classify_download_uses_fallback_then_cache(tmp_path, local_server):
+    server = local_server({"/sms.zip": SMS_ZIP.read_bytes()})
     path = fc.sms_collection_path(urls=[f"{server.url}/missing.zip", f"{server.url}/sms.zip"])
     assert path == cached_data_path(tmp_path, f"{server.url}/missing.zip", fc.DATA_FILENAME)
     assert len(fc.read_sms_bytes(path)) == fc.MEMBER_SIZE
@@ -3907,7 +3905,7 @@ def test_instruct_parse_score(reply, expected):
 
 
 @pytest.fixture
-def _instruct_ollama(route_server):
+def _instruct_ollama(local_server):
     """A fake Ollama server: /api/tags lists llama3, /api/chat answers with the next of `answers` (any JSON value
     as the message content) and records each request body. With reject_format it answers a schema in "format"
     with HTTP 400, as servers before Ollama 0.5 did."""
@@ -3924,7 +3922,7 @@ def _instruct_ollama(route_server):
         answer(json.dumps(reply).encode(), Content_Type="application/json")(handler)
 
     tags = json.dumps({"models": [{"name": "llama3:latest"}]}).encode()
-    ollama.server = route_server({"/api/tags": answer(tags, Content_Type="application/json"), "/api/chat": chat})
+    ollama.server = local_server({"/api/tags": answer(tags, Content_Type="application/json"), "/api/chat": chat})
     ollama.url = ollama.server.url
     return ollama
 
@@ -4767,89 +4765,6 @@ def test_readme_gpt_py_example_runs(capsys):
     assert capsys.readouterr().out.startswith("Every effort moves you")
 
 
-# --- Strict model configs ---
-
-STRICT_GPT2 = dict(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2)
-
-
-@pytest.fixture(scope="module")
-def strict_folders(tmp_path_factory):
-    """{"gpt2": folder, "llama": folder} of tiny models saved with save_pretrained."""
-    gpt2 = tmp_path_factory.mktemp("strict_gpt2")
-    save_hf_gpt2(gpt2, **STRICT_GPT2)
-    llama = tmp_path_factory.mktemp("strict_llama")
-    save_hf_family(llama, "llama", perturb=False, num_key_value_heads=4)
-    return {"gpt2": gpt2, "llama": llama}
-
-
-def changed_copy(folder, dest, change):
-    """A copy of a model folder in dest whose config.json has the entries of `change` -> dest."""
-    config = {**json.loads((folder / "config.json").read_text()), **change}
-    (dest / "config.json").write_text(json.dumps(config))
-    (dest / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    return dest
-
-
-def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_path):
-    reference, _ = save_hf_gpt2(tmp_path, **STRICT_GPT2, layer_norm_epsilon=1e-3)
-    model = load_lm(tmp_path)
-    assert model.cfg.norm_eps == 1e-3 and model.h[0].ln_1.eps == model.ln_f.eps == 1e-3
-    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
-    folder = gpt.export_hf(tiny_model(norm_eps=1e-3), tmp_path / "hf")
-    assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-3
-    assert load_lm(folder).cfg.norm_eps == 1e-3
-
-
-@pytest.mark.parametrize(
-    "family, change, key",
-    [
-        ("gpt2", {"activation_function": "gelu"}, "activation_function = 'gelu'"),
-        ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu'"),
-        ("gpt2", {"layer_norm_epsilon": 0}, "layer_norm_epsilon = 0"),
-        ("gpt2", {"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon = nan"),
-        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True"),
-        ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn = True"),
-        ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights = False"),
-        ("gpt2", {"add_cross_attention": True}, "add_cross_attention = True"),
-        ("gpt2", {"n_inner": 64}, "n_inner = 64"),
-        ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False"),
-        ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
-        ("llama", {"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06"),
-        ("llama", {"rope_theta": 0}, "rope_theta = 0"),
-        ("llama", {"rope_theta": -1}, "rope_theta = -1"),
-        ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta = 0"),
-        ("llama", {"rope_parameters": None, "rope_theta": -1.0}, "rope_theta = -1.0"),
-        ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
-         "rope_scaling.type = 'dynamic'"),
-        ("llama", {"use_sliding_window": True}, "use_sliding_window = True"),
-        ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
-         "layer_types = ['full_attention', 'sliding_attention']"),
-        ("llama", {"head_dim": 0}, "head_dim = 0"),
-    ],
-)
-def test_strict_config_refuses_what_is_not_implemented(strict_folders, tmp_path, family, change, key):
-    folder = changed_copy(strict_folders[family], tmp_path, change)
-    with pytest.raises(ValueError, match=re.escape(f"config.json: {key} is not supported (this implementation: ")):
-        load_lm(folder)
-
-
-@pytest.mark.parametrize(
-    "family, change",
-    [
-        ("gpt2", {"some_new_key": 1, "dtype": "bfloat16", "architectures": ["Other"], "summary_type": "mean",
-                  "activation_function": "gelu_pytorch_tanh", "n_inner": 128, "scale_attn_weights": True}),
-        ("llama", {"some_new_key": 1, "dtype": "bfloat16", "transformers_version": "9.0", "pretraining_tp": 2,
-                   "attention_dropout": 0.1, "layer_types": ["full_attention"] * 2, "use_sliding_window": False}),
-        ("llama", {"rope_parameters": None, "rope_scaling": None, "rope_theta": 10000}),  # transformers 4's spelling
-    ],
-)
-def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, change):
-    folder = changed_copy(strict_folders[family], tmp_path, change)
-    assert load_lm(folder).cfg == load_lm(strict_folders[family]).cfg
-
-
 # --- Small reliability fixes ---
 
 
@@ -4890,8 +4805,8 @@ def test_benchmark_hellaswag_label_may_be_a_digit_string(tmp_path):
 
 @pytest.mark.parametrize("body", [b"[]", b"{}", b'{"models": 5}', b"<html>not Ollama</html>"],
                          ids=["list", "no-models", "models-number", "not-json"])
-def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, route_server, body):
-    server = route_server({"/api/tags": answer(body, Content_Type="application/json")})
+def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, local_server, body):
+    server = local_server({"/api/tags": answer(body, Content_Type="application/json")})
     path, _ = _instruct_responses_file(tmp_path, 1)
     with pytest.raises(SystemExit) as exit_info:
         instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
@@ -5131,24 +5046,6 @@ def test_whole_export_hf_reexports_a_transformers_classifier_folder(tmp_path, ca
     with torch.no_grad():
         expected = reference(batch).logits.softmax(dim=-1)
         assert (exported(batch).logits.softmax(dim=-1) - expected).abs().max().item() <= 1e-5
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not supported"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 32}}, r"name different rope types \['default', 'llama3'\]"),
-    ({"model_type": None}, "its config.json names no model_type"),
-], ids=["rope_scaling-beside-rope_parameters", "two-rope-types", "no-model_type"])
-def test_whole_config_is_read_whole(strict_folders, tmp_path, change, message):
-    with pytest.raises(ValueError, match=message):
-        load_lm(changed_copy(strict_folders["llama"], tmp_path, change))
-
-
-def test_whole_gpt2_file_without_config_says_what_it_assumed(tmp_path, capsys):
-    save_hf_gpt2(tmp_path, n_positions=32, n_embd=64, n_layer=1, n_head=2)
-    (tmp_path / "config.json").unlink()
-    assert load_lm(tmp_path / "model.safetensors").cfg.n_heads == 1  # 64 wide: one head of 64, GPT-2's head size
-    assert "1 attention heads assumed" in capsys.readouterr().err
 
 
 def test_whole_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
