@@ -26,6 +26,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 import signal
 import socket
 import struct
@@ -3002,6 +3003,7 @@ def test_pretrain_autocast_flops_and_throughput_line_are_exact(monkeypatch):
 
 
 _CLASSIFY_SMS_BYTES = fc.read_sms_bytes(SMS_ZIP)
+CLASSIFY_SCRIPT = Path(fc.__file__).resolve()
 
 
 def _classify_tiny_model(n_layers=2, seed=0):
@@ -3026,17 +3028,28 @@ def _classify_sms_slice(tmp_path, n_lines=200):
     return path
 
 
+def _classify_run_argv(tmp_path, out="run", *extra):
+    """A run of the tiny model on the first 200 lines of the real data (46 / 6 / 14 split)."""
+    if not (tmp_path / "tiny.pt").exists():
+        save_tiny(tmp_path / "tiny.pt", _classify_tiny_model())
+    data = _classify_sms_slice(tmp_path)
+    return ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / out), *extra]
+
+
+def _classify_classifier(folder):
+    """A tiny untrained classifier saved in folder/classifier.pt -> (model, path)."""
+    model = fc.add_classification_head(_classify_tiny_model())
+    return model, save_tiny(folder / "classifier.pt", model, max_length=48)
+
+
 # -- data -------------------------------------------------------------------------------
 
 
-def test_classify_parse_accepts_bom_crlf_and_invalid_utf8(capsys):
+def test_classify_parse_accepts_bom_crlf_and_invalid_utf8_and_skips_bad_lines_with_line_numbers(capsys):
     raw = b"\xef\xbb\xbfham\tHello there\r\nSPAM\tWin \xff cash now\r\n\r\nham\tsecond\ttab kept\r\n"
     messages = fc.parse_labelled(raw, source="x.tsv")
     assert messages == [("ham", "Hello there"), ("spam", "Win \ufffd cash now"), ("ham", "second\ttab kept")]
     assert "invalid UTF-8" in capsys.readouterr().out
-
-
-def test_classify_parse_skips_bad_lines_with_line_numbers(capsys):
     raw = b"ham\tok\nno tab here\nspma\ttypo label\nham\t   \nspam\tfine\n"
     assert fc.parse_labelled(raw, source="x.tsv") == [("ham", "ok"), ("spam", "fine")]
     out = capsys.readouterr().out
@@ -3047,7 +3060,7 @@ def test_classify_parse_skips_bad_lines_with_line_numbers(capsys):
         fc.parse_labelled(raw, source="x.tsv", strict=True)
 
 
-def test_classify_reads_zip_and_tsv_alike(tmp_path):
+def test_classify_reads_zip_and_tsv_alike_and_names_a_damaged_zip(tmp_path):
     tsv = tmp_path / "SMSSpamCollection"
     tsv.write_bytes(b"ham\ta\nspam\tb\n")
     good, bad = tmp_path / "good.zip", tmp_path / "bad.zip"
@@ -3059,20 +3072,21 @@ def test_classify_reads_zip_and_tsv_alike(tmp_path):
     assert fc.read_sms_bytes(good) == fc.read_sms_bytes(tsv) == b"ham\ta\nspam\tb\n"
     with pytest.raises(ValueError, match="no member 'SMSSpamCollection'.*readme"):
         fc.read_sms_bytes(bad)
+    raw = SMS_ZIP.read_bytes()
+    truncated, flipped = tmp_path / "truncated.zip", tmp_path / "flipped.zip"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    flipped.write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
+    for path in (truncated, flipped):
+        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file \(.*\): give the extracted SMSSpamCollection"):
+            fc.read_sms_bytes(path)
 
 
-def test_classify_one_class_or_too_few_messages_are_errors(tmp_path):
+def test_classify_one_class_or_too_few_messages_are_errors():
     with pytest.raises(ValueError, match="3 ham and 0 spam messages: a classifier needs both classes"):
         fc.create_balanced_dataset([("ham", "a"), ("ham", "b"), ("ham", "c")], seed=1)
     few = [("spam", f"s{i}") for i in range(4)] + [("ham", f"h{i}") for i in range(9)]
     with pytest.raises(ValueError, match="8 messages after balancing are too few"):
         fc.random_split(fc.create_balanced_dataset(few, seed=1), seed=1)
-    data = tmp_path / "ham_only.tsv"
-    data.write_text("ham\thello\nham\tthere\n")
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())  # the model loads before the data is read
-    with pytest.raises(SystemExit, match="error: the data has 2 ham and 0 spam messages"):
-        fc.main(["--data", str(data), "--model", str(tmp_path / "tiny.pt"), "--out-dir", str(tmp_path / "run")])
-    assert not (tmp_path / "run").exists()  # a rerun is not refused
 
 
 def test_classify_splits_are_balanced_and_deterministic(tmp_path):
@@ -3093,24 +3107,28 @@ def test_classify_splits_are_balanced_and_deterministic(tmp_path):
     assert first[0].startswith(b"label,text\n")
 
 
-def test_classify_download_uses_fallback_then_cache(tmp_path, local_server):
-    server = local_server({"/sms.zip": SMS_ZIP.read_bytes()})
-    path = fc.sms_collection_path(urls=[f"{server.url}/missing.zip", f"{server.url}/sms.zip"])
-    assert path == cached_data_path(tmp_path, f"{server.url}/missing.zip", fc.DATA_FILENAME)
-    assert len(fc.read_sms_bytes(path)) == fc.MEMBER_SIZE
-    server.close()
-    assert fc.sms_collection_path(urls=[f"{server.url}/missing.zip", f"{server.url}/sms.zip"]) == path  # from the cache
-    path.unlink()
-    with pytest.raises(RuntimeError, match=r"(?s)missing\.zip.*--data PATH"):
-        fc.sms_collection_path(urls=[f"{server.url}/missing.zip"])
-
-
 def test_classify_tokenize_truncates_to_max_length():
     texts = ["hello world, this is a longer message", "hi <|endoftext|> there", "hi <|endoftext|>"]
     ids = fc.tokenize_messages(texts, max_length=4)
     assert ids[0].tolist() == [31373, 995, 11, 428]
     assert ids[1].tolist() == [5303, 220, gpt.EOT_ID, 612]  # "hi", " ", and the special token's text is the token
     assert ids[2].tolist() == [5303, 220]  # at the end it is dropped, as transformers' classifier skips padding
+
+
+def test_classify_texts_file_is_utf8_with_empty_lines_skipped_and_pipes_and_closed_input(tmp_path, monkeypatch):
+    good = tmp_path / "good.txt"
+    good.write_bytes("\ufeffWin a prize\r\n\n   \r\nSee you at 6 \u263a\n".encode("utf-8"))
+    assert fc.read_texts_file(good) == ["Win a prize", "See you at 6 \u263a"]
+    read_end, write_end = os.pipe()  # the shell's <(...): a pipe, /dev/fd/N, is a file to read
+    os.write(write_end, "Win a prize now\n\nsee you at 5\n".encode())
+    os.close(write_end)
+    try:
+        assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
+    finally:
+        os.close(read_end)
+    monkeypatch.setattr(sys, "stdin", None)  # what Python sets for `--classify-file - <&-`
+    with pytest.raises(SystemExit, match="error: --classify-file -: standard input is closed"):
+        fc.main(["--classify-file", "-", "--checkpoint", str(tmp_path / "unused.pt")])
 
 
 # -- model ------------------------------------------------------------------------------
@@ -3183,8 +3201,7 @@ def test_classify_saved_lora_classifier_gives_the_same_logits(tmp_path):
     token_ids = _classify_token_ids([5, 9])
     before = fc.full_pass_logits(model, token_ids)
     gpt.merge_lora(model)  # plain parameter names, no LoRA wrapper needed to load
-    gpt.save_checkpoint(tmp_path / "lora.pt", model, gpt.get_tokenizer(), max_length=48)
-    loaded, _, _ = fc.load_classifier(tmp_path / "lora.pt")
+    loaded, _, _ = fc.load_classifier(save_tiny(tmp_path / "lora.pt", model, max_length=48))
     assert not any("lora" in key for key in gpt.load_checkpoint(tmp_path / "lora.pt")["model"])  # merged into plain GPT-2 weights
     torch.testing.assert_close(fc.full_pass_logits(loaded, token_ids), before)
 
@@ -3200,15 +3217,47 @@ def test_classify_metrics_are_exact():
     assert (none_predicted["precision"], none_predicted["recall"], none_predicted["f1"]) == (0.0, 0.0, 0.0)
 
 
+def _classify_scripted_training(monkeypatch, scores, keep_last=False):
+    """train_classifier of the tiny classifier on 6 messages, one epoch per entry of `scores`,
+    where the full validation split scores (loss, accuracy) = that entry -> (model, history)."""
+    model = _classify_tiny_classifier()
+    token_ids = _classify_token_ids([4, 9, 6, 12, 3, 8])
+    labels, validation_labels = torch.tensor([0, 1, 0, 1, 1, 0]), torch.tensor([0, 1, 0, 1, 1, 0])
+    real_evaluate, scripted = fc.evaluate, iter(scores)
+
+    def evaluate(model, logits_fn, inputs, labels, batch_size, threshold=0.5):
+        loss, accuracy, predictions = real_evaluate(model, logits_fn, inputs, labels, batch_size, threshold)
+        return (*next(scripted), predictions) if labels is validation_labels else (loss, accuracy, predictions)
+
+    monkeypatch.setattr(fc, "evaluate", evaluate)
+    history = fc.train_classifier(model, partial(fc.full_pass_logits, model), (token_ids, labels),
+                                  (token_ids, validation_labels), epochs=len(scores), batch_size=3, lr=1e-2,
+                                  log_every=100, eval_every=100, keep_last=keep_last)
+    return model, history
+
+
+def test_classify_keeps_the_epoch_with_the_best_validation_accuracy(monkeypatch, capsys):
+    after_two, _ = _classify_scripted_training(monkeypatch, [(0.5, 0.5), (0.5, 0.5)], keep_last=True)
+    model, history = _classify_scripted_training(monkeypatch, [(0.6, 0.5), (0.4, 0.9), (0.3, 0.7)])
+    assert history["validation_accuracy"] == [0.5, 0.9, 0.7] and history["kept_epoch"] == 2
+    assert "kept:       epoch 2 of 3 (best validation accuracy; --keep-last keeps the last)" in capsys.readouterr().out
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after_two.parameters()))  # epoch 2's weights
+    last, history = _classify_scripted_training(monkeypatch, [(0.6, 0.5), (0.4, 0.9), (0.3, 0.7)], keep_last=True)
+    assert history["kept_epoch"] == 3 and "kept:       epoch 3 of 3 (--keep-last)" in capsys.readouterr().out
+    assert not torch.equal(last.lm_head.weight, after_two.lm_head.weight)
+    # Equal accuracies: the lower validation loss; equal in both: the earlier epoch.
+    assert _classify_scripted_training(monkeypatch, [(0.5, 0.8), (0.3, 0.8), (0.4, 0.8)])[1]["kept_epoch"] == 2
+    assert _classify_scripted_training(monkeypatch, [(0.3, 0.8), (0.3, 0.8), (0.4, 0.5)])[1]["kept_epoch"] == 1
+
+
 # -- the script end to end --------------------------------------------------------------
 
 
 def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    data = _classify_sms_slice(tmp_path)
-    common = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--epochs", "2", "--log-every", "5"]
-    fc.main(common + ["--out-dir", str(tmp_path / "cached")])
-    fc.main(common + ["--out-dir", str(tmp_path / "plain"), "--no-activation-cache"])
+    common = _classify_run_argv(tmp_path, "cached", "--epochs", "2", "--log-every", "5")
+    fc.main(common)
+    common[common.index("--out-dir") + 1] = str(tmp_path / "plain")
+    fc.main(common + ["--no-activation-cache"])
     out = capsys.readouterr().out
     assert "activation cache: on" in out and "activation cache: off (--no-activation-cache)" in out
     assert "step 5/10 | loss" in out and "examples/s | ETA" in out
@@ -3237,120 +3286,113 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
     assert lines[0] == f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later"
 
 
-def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
-    with pytest.raises(SystemExit, match="error: --data .*nope.tsv: no such file"):
-        fc.main(["--data", str(tmp_path / "nope.tsv")])
-    with pytest.raises(SystemExit, match="error: no classifier at .*missing.pt: train one first"):
-        fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "missing.pt")])
-    gpt.save_checkpoint(tmp_path / "lm.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "lm.pt")])
-    assert exit_info.value.code == (f"error: {tmp_path / 'lm.pt'} is no spam classifier of finetune_classify.py "
-                                    "(class names: none, a language model): train one from it with --model")
-    data = tmp_path / "sms.tsv"
-    data.write_text("".join(f"spam\twin {i}\nham\thello {i}\n" for i in range(20)))
-    with pytest.raises(SystemExit, match="error: --max-length 49 is longer than the model's context length 48"):
-        fc.main(["--data", str(data), "--model", str(tmp_path / "lm.pt"), "--max-length", "49",
-                 "--out-dir", str(tmp_path / "run")])
-    with pytest.raises(SystemExit):
-        fc.main(["--batch-size", "0"])
-    (tmp_path / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
-    with pytest.raises(SystemExit, match=r"error: .*story.txt: no labelled messages: give 'ham\|spam<TAB>message' lines"):
-        fc.main(["--data", str(tmp_path / "story.txt"), "--model", str(tmp_path / "lm.pt"), "--out-dir", str(tmp_path / "r")])
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """A folder of the files the scripts' bad-input tables name."""
+    files = tmp_path_factory.mktemp("inputs")
+    save_tiny(files / "tiny.pt")
+    save_tiny(files / "lm48.pt", _classify_tiny_model())
+    _classify_classifier(files)
+    _classify_sms_slice(files)
+    write_safetensors(files / "truncated.safetensors", {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                      b"\0" * 4)  # cut after 4 of its 8 data bytes
+    raw = SMS_ZIP.read_bytes()
+    (files / "flipped.zip").write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
+    (files / "ham_only.tsv").write_text("ham\thello\nham\tthere\n")
+    (files / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
+    (files / "garbage.bin").write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
+    for name, content in [("a.csv", "label,message\nham,hi\n"), ("b.csv", "text,label\nhi,ham\nyo,spma\n"),
+                          ("c.csv", "text,label\n"), ("d.tsv", "ham\thi\nspma\tyo\n"), ("e.tsv", "ham\thi\nno tab\n"),
+                          ("f.tsv", "\n")]:
+        (files / name).write_text(content)
+    (files / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
+    return files
 
 
-# --- startup checks, Ctrl-C, texts files ----------------------------------
-
-
-CLASSIFY_SCRIPT = Path(fc.__file__).resolve()
-
-
-@pytest.mark.parametrize(
-    "model, extra, message",
-    [
-        ("gpt3", [], "error: no such file or model 'gpt3'"),
-        ("truncated.safetensors", [], "error: .*truncated.safetensors.*does not fit in the 4 data bytes"),
-        ("tiny.pt", ["--max-length", "5000"], "error: --max-length 5000 is longer than the model's context length 48"),
-    ],
-)
-def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, extra, message):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    header = {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
-    write_safetensors(tmp_path / "truncated.safetensors", header, b"\0" * 4)  # cut after 4 of its 8 data bytes
-    model = model if model == "gpt3" else str(tmp_path / model)
-    data = _classify_sms_slice(tmp_path)
-    out_dir = tmp_path / "run"
-    with pytest.raises(SystemExit, match=message):
-        fc.main(["--model", model, "--data", str(data), "--out-dir", str(out_dir), *extra])
-    assert not out_dir.exists()  # no splits, no run.json, no empty folder
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("the data was downloaded before the model was checked")
-
-    monkeypatch.setattr(gpt, "fetch_dataset", no_download)
-    with pytest.raises(SystemExit, match=message):
-        fc.main(["--model", model, "--out-dir", str(out_dir), *extra])
-    assert not out_dir.exists()
-
-
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--lora-alpha", "-1"], "argument --lora-alpha: must be a finite number > 0, got '-1'"),
-        (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
-        (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number >= 0, got 'nan'"),
-        (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
-        (["--max-steps", "0"], "argument --max-steps: must be an integer >= 1, got '0'"),
-        (["--drop-rate", "1"], "argument --drop-rate: must be a number in [0, 1), got '1'"),
-        (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
-        (["--seed", str(2**63)], "argument --seed: must be an integer >= 0, got '9223372036854775808'"),
-        (["--trainable", "all"], "--lora trains the adapters and the head: drop --trainable all"),
-        (["--trainable", "lora"], "argument --trainable: invalid choice: 'lora'"),
-    ],
-)
-def test_classify_bad_flags_are_rejected_at_startup(tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(["--lora", *flags, "--model", "gpt3", "--data", str(tmp_path / "unused.tsv"),
-                 "--out-dir", str(tmp_path / "run")])
-    assert exit_info.value.code == 2  # argparse's usage error, before anything is loaded
-    assert message in capsys.readouterr().err
+def check_bad_input(main, argv, message, files, tmp_path, capsys):
+    """main(argv), with {files} and {run} filled in, stops with one line holding message before
+    it makes the run folder {run}."""
+    fill = partial(str.format, files=files, run=tmp_path / "run")
+    exits_with_one_line(main, shlex.split(fill(argv)), fill(message), capsys)
     assert not (tmp_path / "run").exists()
 
 
-def test_classify_texts_file_is_utf8_with_empty_lines_skipped_dev_null_pipes_and_closed_input(tmp_path, monkeypatch):
-    good = tmp_path / "good.txt"
-    good.write_bytes("\ufeffWin a prize\r\n\n   \r\nSee you at 6 \u263a\n".encode("utf-8"))
-    assert fc.read_texts_file(good) == ["Win a prize", "See you at 6 \u263a"]
-    binary = tmp_path / "garbage.bin"
-    binary.write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
-    with pytest.raises(SystemExit, match=r"error: --classify-file .*garbage.bin: not UTF-8 text: byte 0xff at "
-                                         r"byte offset 12 \(line 2\)"):
-        fc.main(["--classify-file", str(binary), "--checkpoint", str(tmp_path / "unused.pt")])
-    # /dev/null and the shell's <(...) (a pipe, /dev/fd/N) are files to read, not "no such file"
-    with pytest.raises(SystemExit, match="error: nothing to classify"):
-        fc.main(["--classify-file", "/dev/null", "--checkpoint", str(tmp_path / "unused.pt")])
-    read_end, write_end = os.pipe()
-    os.write(write_end, "Win a prize now\n\nsee you at 5\n".encode())
-    os.close(write_end)
-    try:
-        assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
-    finally:
-        os.close(read_end)
-    monkeypatch.setattr(sys, "stdin", None)  # what Python sets for `--classify-file - <&-`
-    with pytest.raises(SystemExit, match="error: --classify-file -: standard input is closed"):
-        fc.main(["--classify-file", "-", "--checkpoint", str(tmp_path / "unused.pt")])
+NO_LABELS = "no labelled messages: give 'ham|spam<TAB>message' lines (the SMS Spam Collection) or a .csv file with label and text columns"
+USED_AS_TRAINED = "uses the classifier of --checkpoint as it was trained"
+CLASSIFY_BAD_INPUTS = [
+    # The model and the data, checked before a run folder is made (and before any download).
+    ("--data {files}/nope.tsv", "--data {files}/nope.tsv: no such file"),
+    ("--model gpt3 --out-dir {run}", "no such file or model 'gpt3'"),
+    ("--model {files}/truncated.safetensors --out-dir {run}", "truncated.safetensors: not a complete safetensors file"),
+    ("--model {files}/lm48.pt --max-length 5000 --out-dir {run}", "--max-length 5000 is longer than the model's context length 48"),
+    ("--model {files}/lm48.pt --data {files}/ham_only.tsv --out-dir {run}", "the data has 2 ham and 0 spam messages"),
+    ("--model {files}/lm48.pt --data {files}/story.txt --out-dir {run}", "story.txt: " + NO_LABELS),
+    ("--model {files}/lm48.pt --data {files}/flipped.zip --out-dir {run}", "flipped.zip: a damaged zip file"),
+    # Flags that argparse and the `type=` helpers reject, and combinations parse_args refuses.
+    ("--lora --lora-alpha -1", "argument --lora-alpha: must be a finite number > 0, got '-1'"),
+    ("--lora --lora-rank 0", "argument --lora-rank: must be an integer >= 1, got '0'"),
+    ("--weight-decay nan", "argument --weight-decay: must be a finite number >= 0, got 'nan'"),
+    ("--lr inf", "argument --lr: must be a finite number > 0, got 'inf'"),
+    ("--max-steps 0", "argument --max-steps: must be an integer >= 1, got '0'"),
+    ("--drop-rate 1", "argument --drop-rate: must be a number in [0, 1), got '1'"),
+    ("--batch-size 0", "argument --batch-size: must be an integer >= 1, got '0'"),
+    ("--seed 9223372036854775808", "argument --seed: must be an integer >= 0, got '9223372036854775808'"),
+    ("--lora --trainable all", "--lora trains the adapters and the head: drop --trainable all"),
+    ("--trainable lora", "argument --trainable: invalid choice: 'lora'"),
+    ("--classify hi --threshold 1.5", "argument --threshold: must be a number in [0, 1], got '1.5'"),
+    ("--evaluate x.csv --results m.csv", "--results m.csv: give a .json file"),
+    ("--classify hi --results p.txt", "--results p.txt: give a .csv or .json file"),
+    ("--results p.json", "--results goes with --evaluate, --classify or --classify-file"),
+    ("--evaluate x.csv --classify hi", "argument --classify: not allowed with argument --evaluate"),
+    ("--classify hi --classify-file x.txt", "argument --classify-file: not allowed with argument --classify"),
+    ("--export-hf out --classify hi", "argument --classify: not allowed with argument --export-hf (see --help)"),
+    # Using a classifier: a training flag given with it would be silently ignored.
+    ("--classify hi --model other.pt", f"--model is for training; --classify {USED_AS_TRAINED}: to use another "
+     "classifier, give --checkpoint PATH (see --help)"),
+    ("--evaluate x.csv --max-length 10", f"--max-length is for training; --evaluate {USED_AS_TRAINED}: drop --max-length"),
+    ("--classify-file x.txt --lora", f"--lora is for training; --classify-file {USED_AS_TRAINED}: drop --lora"),
+    ("--export-hf out --epochs 5", f"--epochs is for training; --export-hf {USED_AS_TRAINED}: drop --epochs"),
+    # The classifier and the files it reads.
+    ("--classify hi --checkpoint {files}/missing.pt", "no classifier at {files}/missing.pt: train one first"),
+    ("--classify hi --checkpoint {files}/lm48.pt", "{files}/lm48.pt is no spam classifier of finetune_classify.py "
+     "(class names: none, a language model): train one from it with --model"),
+    ("--classify-file {files} --checkpoint {files}/none.pt", "--classify-file {files}: a folder, not a file"),
+    ("--classify-file {files}/garbage.bin --checkpoint {files}/none.pt",
+     "--classify-file {files}/garbage.bin: not UTF-8 text: byte 0xff at byte offset 12 (line 2)"),
+    ("--classify-file /dev/null --checkpoint {files}/classifier.pt", "nothing to classify"),
+    ("--evaluate {files}/missing.csv --checkpoint {files}/none.pt", "--evaluate {files}/missing.csv: no such file"),
+    ("--evaluate {files}/a.csv", "a.csv: no text column (header: ['label', 'message']): a CSV file needs a header with "
+     "label and text columns"),
+    ("--evaluate {files}/b.csv", "b.csv: 1 bad line(s): line 3: unknown label 'spma' (expected ham or spam)"),
+    ("--evaluate {files}/c.csv", "c.csv: " + NO_LABELS),
+    ("--evaluate {files}/d.tsv", "d.tsv: 1 bad line(s): line 2: unknown label 'spma' (expected ham or spam)"),
+    ("--evaluate {files}/e.tsv", "e.tsv: 1 bad line(s): line 2: no tab between label and message"),
+    ("--evaluate {files}/f.tsv", "f.tsv: " + NO_LABELS),
+]
+
+
+@pytest.mark.parametrize("argv, message", CLASSIFY_BAD_INPUTS)
+def test_classify_bad_input_is_one_line(bad_inputs, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(gpt, "fetch_dataset", lambda *args, **kwargs: pytest.fail("downloaded before the checks"))
+    if argv.startswith("--evaluate {files}/") and "--checkpoint" not in argv:
+        argv += " --checkpoint {files}/classifier.pt"
+    check_bad_input(fc.main, argv, message, bad_inputs, tmp_path, capsys)
+
+
+def test_classify_use_accepts_what_using_a_classifier_reads():
+    args = fc.parse_args(["--classify", "hi", "--batch-size", "3", "--threshold", "0.4", "--dtype", "bfloat16"])
+    assert (args.batch_size, args.threshold, args.dtype) == (3, 0.4, "bfloat16")
 
 
 def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    data = _classify_sms_slice(tmp_path)
+    argv = _classify_run_argv(tmp_path)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fc, "train_classifier", interrupted)
     try:
-        fc.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run")])
+        fc.main(argv)
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped main()")  # else it would stop the whole test session
     except SystemExit as e:
@@ -3362,22 +3404,20 @@ def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_pa
                         "interrupted"]
     assert not (tmp_path / "run" / "classifier.pt").exists()
     with pytest.raises(SystemExit, match="holds another run .*replace it with --overwrite"):  # the splits stay
-        fc.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run")])
+        fc.main(argv)
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(fc, "train_classifier", out_of_memory)
     with pytest.raises(SystemExit) as exit_info:
-        fc.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "oom")])
+        fc.main(_classify_run_argv(tmp_path, "oom"))
     assert exit_info.value.code == "error: out of memory: use a smaller --batch-size (or --max-length)"
 
 
 def test_classify_sigint_during_training_exits_cleanly(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    data = _classify_sms_slice(tmp_path)
-    argv = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run"),
-            "--epochs", "100000", "--batch-size", "2", "--log-every", "1", "--eval-every", "100000"]
+    argv = _classify_run_argv(tmp_path, "run", "--epochs", "100000", "--batch-size", "2", "--log-every", "1",
+                              "--eval-every", "100000")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -3389,17 +3429,6 @@ def test_classify_sigint_during_training_exits_cleanly(tmp_path):
     assert proc.returncode == 130, err
     assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
     assert not (tmp_path / "run" / "classifier.pt").exists()
-
-
-# --- max steps, LoRA, dtype, run folders, full disk, closed input, broken pipe -----------
-
-
-def _classify_run_argv(tmp_path, out="run", *extra):
-    """A run of the tiny model on the first 200 lines of the real data (46 / 6 / 14 split)."""
-    if not (tmp_path / "tiny.pt").exists():
-        gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    data = _classify_sms_slice(tmp_path)
-    return ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / out), *extra]
 
 
 def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
@@ -3434,7 +3463,7 @@ def test_classify_lora_trains_only_adapters_and_head_and_settings_travel_with_th
     assert (run["seed"], run["max_steps"], run["max_length"], checkpoint["max_length"]) == (7, 2, 48, 48)
 
 
-def test_classify_bfloat16_autocast_trains_and_stays_close():
+def test_classify_bfloat16_autocast_trains_and_stays_close(tmp_path):
     model = _classify_tiny_classifier()
     token_ids = _classify_token_ids([5, 30, 12])
     full = partial(fc.full_pass_logits, model)
@@ -3442,12 +3471,8 @@ def test_classify_bfloat16_autocast_trains_and_stays_close():
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, full(token_ids), atol=0.05, rtol=0.05)
     assert torch.equal(fc.autocast_logits(full, torch.device("cpu"), "float32")(token_ids), full(token_ids))
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16"])
-def test_classify_mixed_precision_run_finishes_close_to_float32(tmp_path, dtype):
     fc.main(_classify_run_argv(tmp_path, "full", "--max-steps", "3"))
-    fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", dtype, "--max-steps", "3"))
+    fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "3"))
     full, mixed = (json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("full", "mixed"))
     assert len(mixed["step_loss"]) == 3 and all(math.isfinite(x) for x in mixed["step_loss"])
     assert mixed["step_loss"] != full["step_loss"]  # it did run in the lower precision
@@ -3500,20 +3525,6 @@ def test_classify_full_disk_at_the_final_save_is_one_line_and_leaves_no_half_fil
                                                                            "validation.csv"]
 
 
-def test_classify_damaged_zip_names_the_file(tmp_path):
-    raw = SMS_ZIP.read_bytes()
-    truncated, flipped = tmp_path / "truncated.zip", tmp_path / "flipped.zip"
-    truncated.write_bytes(raw[: len(raw) // 2])
-    flipped.write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
-    for path in (truncated, flipped):
-        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file \(.*\): give the extracted SMSSpamCollection"):
-            fc.read_sms_bytes(path)
-    argv = _classify_run_argv(tmp_path, "run")
-    argv[argv.index("--data") + 1] = str(flipped)
-    with pytest.raises(SystemExit, match=r"error: .*flipped.zip: a damaged zip file"):
-        fc.main(argv)
-
-
 def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatch):
     seen = []
 
@@ -3527,55 +3538,6 @@ def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="error: offline"):
         fc.main(argv)
     assert seen == [tmp_path / "my-cache"]
-
-
-def test_classify_output_into_a_closed_pipe_is_quiet(tmp_path):
-    model = fc.add_classification_head(_classify_tiny_model())
-    gpt.save_checkpoint(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
-    texts = tmp_path / "texts.txt"
-    texts.write_text("".join(f"message number {i}\n" for i in range(5000)))  # more than a pipe buffer holds
-    proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), "--checkpoint", str(tmp_path / "classifier.pt"),
-                             "--classify-file", str(texts)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.read(1)  # as `| head -c1`: read one byte, then close the pipe
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 141 and err == "", err
-
-
-# --- model selection, evaluation on labelled files, predictions files, the Llama family ---
-
-
-def _classify_scripted_training(monkeypatch, scores, keep_last=False):
-    """train_classifier of the tiny classifier on 6 messages, one epoch per entry of `scores`,
-    where the full validation split scores (loss, accuracy) = that entry -> (model, history)."""
-    model = _classify_tiny_classifier()
-    token_ids = _classify_token_ids([4, 9, 6, 12, 3, 8])
-    labels, validation_labels = torch.tensor([0, 1, 0, 1, 1, 0]), torch.tensor([0, 1, 0, 1, 1, 0])
-    real_evaluate, scripted = fc.evaluate, iter(scores)
-
-    def evaluate(model, logits_fn, inputs, labels, batch_size, threshold=0.5):
-        loss, accuracy, predictions = real_evaluate(model, logits_fn, inputs, labels, batch_size, threshold)
-        return (*next(scripted), predictions) if labels is validation_labels else (loss, accuracy, predictions)
-
-    monkeypatch.setattr(fc, "evaluate", evaluate)
-    history = fc.train_classifier(model, partial(fc.full_pass_logits, model), (token_ids, labels),
-                                  (token_ids, validation_labels), epochs=len(scores), batch_size=3, lr=1e-2,
-                                  log_every=100, eval_every=100, keep_last=keep_last)
-    return model, history
-
-
-def test_classify_keeps_the_epoch_with_the_best_validation_accuracy(monkeypatch, capsys):
-    after_two, _ = _classify_scripted_training(monkeypatch, [(0.5, 0.5), (0.5, 0.5)], keep_last=True)
-    model, history = _classify_scripted_training(monkeypatch, [(0.6, 0.5), (0.4, 0.9), (0.3, 0.7)])
-    assert history["validation_accuracy"] == [0.5, 0.9, 0.7] and history["kept_epoch"] == 2
-    assert "kept:       epoch 2 of 3 (best validation accuracy; --keep-last keeps the last)" in capsys.readouterr().out
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after_two.parameters()))  # epoch 2's weights
-    last, history = _classify_scripted_training(monkeypatch, [(0.6, 0.5), (0.4, 0.9), (0.3, 0.7)], keep_last=True)
-    assert history["kept_epoch"] == 3 and "kept:       epoch 3 of 3 (--keep-last)" in capsys.readouterr().out
-    assert not torch.equal(last.lm_head.weight, after_two.lm_head.weight)
-    # Equal accuracies: the lower validation loss; equal in both: the earlier epoch.
-    assert _classify_scripted_training(monkeypatch, [(0.5, 0.8), (0.3, 0.8), (0.4, 0.8)])[1]["kept_epoch"] == 2
-    assert _classify_scripted_training(monkeypatch, [(0.3, 0.8), (0.3, 0.8), (0.4, 0.5)])[1]["kept_epoch"] == 1
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora", "--keep-last"]])
@@ -3601,8 +3563,7 @@ def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(
 
 
 def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
-    model = fc.add_classification_head(_classify_tiny_model())
-    gpt.save_checkpoint(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
+    model, checkpoint = _classify_classifier(tmp_path)
     messages = [("spam", "WINNER!! Claim your prize, call 09061701461"), ("ham", 'He said "ok, fine" then left'),
                 ("ham", "See you at 6?"), ("spam", "Free entry: text WIN to 80086"), ("ham", "ok")]
     fc.write_csv(tmp_path / "labelled.csv", ("text", "label"), [(text, label) for label, text in messages])
@@ -3614,7 +3575,7 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
         predicted = [int(p >= threshold) for p in probabilities]
         matrix = [[sum((t, p) == (i, j) for t, p in zip(truth, predicted)) for j in (0, 1)] for i in (0, 1)]
         for name in ("labelled.csv", "labelled.tsv"):
-            fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--evaluate", str(tmp_path / name),
+            fc.main(["--checkpoint", str(checkpoint), "--evaluate", str(tmp_path / name),
                      "--threshold", str(threshold), "--results", str(tmp_path / "results.json")])
             results = json.loads((tmp_path / "results.json").read_text())
             assert results["threshold"] == threshold and results["metrics"]["confusion_matrix"] == matrix
@@ -3622,77 +3583,17 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
     assert sum(int(p >= middle) for p in probabilities) == 3
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("a.csv", "label,message\nham,hi\n",
-     r"a.csv: no text column \(header: \['label', 'message'\]\): a CSV file needs a header with label and text columns"),
-    ("b.csv", "text,label\nhi,ham\nyo,spma\n", r"b.csv: 1 bad line\(s\): line 3: unknown label 'spma' \(expected ham or spam\)"),
-    ("c.csv", "text,label\n", r"c.csv: no labelled messages: "
-     r"give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
-    ("d.tsv", "ham\thi\nspma\tyo\n", r"d.tsv: 1 bad line\(s\): line 2: unknown label 'spma' \(expected ham or spam\)"),
-    ("e.tsv", "ham\thi\nno tab\n", r"e.tsv: 1 bad line\(s\): line 2: no tab between label and message"),
-    ("f.tsv", "\n", r"f.tsv: no labelled messages: "
-     r"give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
-])
-def test_classify_evaluate_bad_file_is_one_line_and_exit_1(tmp_path, capsys, name, content, message):
-    gpt.save_checkpoint(tmp_path / "classifier.pt", fc.add_classification_head(_classify_tiny_model()), gpt.get_tokenizer(), max_length=48)
-    (tmp_path / name).write_text(content)
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--evaluate", str(tmp_path / name)])
-    assert re.fullmatch(f"error: .*{message}", exit_info.value.code)  # a string: Python prints it and exits 1
-
-
-def test_classify_evaluate_and_results_flags_are_checked(tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"error: --evaluate .*missing.csv: no such file"):
-        fc.main(["--evaluate", str(tmp_path / "missing.csv"), "--checkpoint", str(tmp_path / "unused.pt")])
-    for flags, message in [
-        (["--evaluate", "x.csv", "--results", "m.csv"], "--results m.csv: give a .json file"),
-        (["--classify", "hi", "--results", "p.txt"], "--results p.txt: give a .csv or .json file"),
-        (["--results", "p.json"], "--results goes with --evaluate, --classify or --classify-file"),
-        (["--evaluate", "x.csv", "--classify", "hi"], "argument --classify: not allowed with argument --evaluate"),
-        (["--classify", "hi", "--classify-file", "x.txt"], "argument --classify-file: not allowed with argument --classify"),
-        (["--classify", "hi", "--threshold", "1.5"], "argument --threshold: must be a number in [0, 1], got '1.5'"),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            fc.main(flags)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_classify_use_refuses_training_flags_it_would_ignore(tmp_path, capsys):
-    # The classifier of --checkpoint is used as trained: a --model or --max-length given with --classify, --evaluate
-    # or --export-hf would be silently ignored (another classifier, another message length than the user asked for).
-    for flags, message in [
-        (["--classify", "hi", "--model", "other.pt"], "--model is for training; --classify uses the classifier of "
-         "--checkpoint as it was trained: to use another classifier, give --checkpoint PATH (see --help)"),
-        (["--evaluate", "x.csv", "--max-length", "10"], "--max-length is for training; --evaluate uses the "
-         "classifier of --checkpoint as it was trained: drop --max-length (see --help)"),
-        (["--classify-file", "x.txt", "--lora"], "--lora is for training; --classify-file uses the classifier of "
-         "--checkpoint as it was trained: drop --lora (see --help)"),
-        (["--export-hf", "out", "--epochs", "5"], "--epochs is for training; --export-hf uses the classifier of "
-         "--checkpoint as it was trained: drop --epochs (see --help)"),
-        (["--export-hf", "out", "--classify", "hi"], "argument --classify: not allowed with argument --export-hf "
-         "(see --help)"),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            fc.main(["--checkpoint", str(tmp_path / "unused.pt"), *flags])
-        assert exit_info.value.code == 2
-        assert capsys.readouterr().err.endswith(f": error: {message}\n")
-    # What using a classifier reads is still accepted with it.
-    args = fc.parse_args(["--classify", "hi", "--batch-size", "3", "--threshold", "0.4", "--dtype", "bfloat16"])
-    assert (args.batch_size, args.threshold, args.dtype) == (3, 0.4, "bfloat16")
-
-
 def test_classify_file_writes_predictions_as_csv_or_json_with_probabilities(tmp_path, capsys):
     import csv
 
-    model = fc.add_classification_head(_classify_tiny_model())
-    gpt.save_checkpoint(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
+    model, checkpoint = _classify_classifier(tmp_path)
     texts = ["Are we meeting at 6?", 'WINNER, "claim" your prize', "ok", "Call 09061701461 now to win £2000"]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     probabilities = fc.classify_texts(model, texts, 48)
     threshold = sorted(probabilities)[1]  # spam at >= threshold: all but the least likely
     labels = ["spam" if p >= threshold else "not spam" for p in probabilities]
     assert labels.count("spam") == 3
-    common = ["--checkpoint", str(tmp_path / "classifier.pt"), "--classify-file", str(tmp_path / "texts.txt"),
+    common = ["--checkpoint", str(checkpoint), "--classify-file", str(tmp_path / "texts.txt"),
               "--threshold", str(threshold), "--results"]
     fc.main(common + [str(tmp_path / "predictions.csv")])
     assert capsys.readouterr().out == f"classified: 4 texts, 3 spam (probability >= {threshold}), written to " \
@@ -3709,13 +3610,33 @@ def test_classify_file_writes_predictions_as_csv_or_json_with_probabilities(tmp_
     assert "accuracy 100.00%" in capsys.readouterr().out  # "not spam" read as ham; the folder's classifier.pt used
 
 
-def _classify_llama_folder(folder, trained_tokenizers, model_type):
-    """A tiny random Llama or Qwen3 (vocabulary 1000, context 64, untied head) saved with
-    save_pretrained, beside the SmolLM2-style tokenizer.json trained on SMS messages."""
-    save_hf_family(folder, model_type, vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
-                   tie_word_embeddings=False)
-    (folder / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
-    return folder
+def test_classify_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone(tmp_path, monkeypatch, capsys):
+    _, weights = save_hf_gpt2(tmp_path / "source", n_positions=48, n_embd=32, n_layer=2, n_head=4)
+    run = tmp_path / "run"
+    fc.main(["--model", str(weights), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run),
+             "--max-steps", "2"])
+    for path in (tmp_path / "source").iterdir():
+        path.unlink()  # the weights, config.json, generation_config.json: the classifier needs none of them
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    texts = ["WINNER!! Claim your prize now", "See you at 6?"]
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", *texts])
+    from_checkpoint = capsys.readouterr().out
+    assert from_checkpoint.endswith("  See you at 6?\n")
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv")])
+    assert "accuracy" in capsys.readouterr().out
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
+    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
+    fc.main(["--classify", *texts, "--checkpoint", str(tmp_path / "hf")])
+    assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
+    with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
+        fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
+    with pytest.raises(SystemExit) as exit_info:
+        load_gpt2.main(["--model", str(run / "classifier.pt")])
+    message = str(exit_info.value.code)
+    assert exit_info.value.code not in (0, None) and "is a classifier, not a language model" in message
+    assert "\n" not in message and "Traceback" not in message
 
 
 @pytest.mark.parametrize("model_type, extra", [("llama", []), ("qwen3", ["--lora", "--max-steps", "3"])])
@@ -3723,7 +3644,10 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
                                                                         model_type, extra):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = _classify_llama_folder(tmp_path / "model", trained_tokenizers, model_type)
+    folder = tmp_path / "model"  # vocabulary 1000, context 64, untied head, beside the SmolLM2-style tokenizer
+    save_hf_family(folder, model_type, vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
+                   tie_word_embeddings=False)
+    (folder / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
     run = tmp_path / "run"
     data = _classify_sms_slice(tmp_path)
     fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--epochs", "1", *extra])  # the activation cache; LoRA adapters on the seven projections and the full forward pass
@@ -4891,35 +4815,6 @@ def _llama3_classifier_folder(folder, trained_tokenizers):
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
     return folder
-
-
-def test_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone(tmp_path, monkeypatch, capsys):
-    _, weights = save_hf_gpt2(tmp_path / "source", n_positions=48, n_embd=32, n_layer=2, n_head=4)
-    run = tmp_path / "run"
-    fc.main(["--model", str(weights), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run),
-             "--max-steps", "2"])
-    for path in (tmp_path / "source").iterdir():
-        path.unlink()  # the weights, config.json, generation_config.json: the classifier needs none of them
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
-    capsys.readouterr()
-    texts = ["WINNER!! Claim your prize now", "See you at 6?"]
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", *texts])
-    from_checkpoint = capsys.readouterr().out
-    assert from_checkpoint.endswith("  See you at 6?\n")
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv")])
-    assert "accuracy" in capsys.readouterr().out
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
-    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
-    fc.main(["--classify", *texts, "--checkpoint", str(tmp_path / "hf")])
-    assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
-    with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
-        fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", str(run / "classifier.pt")])
-    message = str(exit_info.value.code)
-    assert exit_info.value.code not in (0, None) and "is a classifier, not a language model" in message
-    assert "\n" not in message and "Traceback" not in message
 
 
 def test_whole_llama_family_loads_from_its_safetensors_file(family_models, trained_tokenizers, tmp_path):
