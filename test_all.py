@@ -157,7 +157,7 @@ def exits_with_one_line(main, argv, message, capsys):
     code, err = exit_info.value.code, capsys.readouterr().err
     assert "Traceback" not in err
     if code == 2:
-        assert message in err.strip().splitlines()[-1], (argv, err)
+        assert message in err.strip().splitlines()[-1] and err.endswith(" (see --help)\n"), (argv, err)
     else:
         assert code.startswith("error: ") and message in code and "\n" not in code, (argv, code)
 
@@ -3291,6 +3291,7 @@ def bad_inputs(tmp_path_factory):
     """A folder of the files the scripts' bad-input tables name."""
     files = tmp_path_factory.mktemp("inputs")
     save_tiny(files / "tiny.pt")
+    save_tiny(files / "vocab1000.pt", tiny_model(vocab_size=1000))
     save_tiny(files / "lm48.pt", _classify_tiny_model())
     _classify_classifier(files)
     _classify_sms_slice(files)
@@ -3749,7 +3750,7 @@ def test_instruct_tokenized_prompt_is_a_prefix(monkeypatch):
     assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=too_short, mask_prompt=True) == []
 
 
-def test_instruct_bad_entries_reported(tmp_path):
+def test_instruct_data_is_a_json_list_or_json_lines_with_one_entry_check(tmp_path):
     good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     path = tmp_path / "data.json"
     for bad, problem in [
@@ -3773,6 +3774,10 @@ def test_instruct_bad_entries_reported(tmp_path):
     path.write_text("[]")
     with pytest.raises(ValueError, match="no entries"):
         instruct.load_instruction_data(path)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([good]).encode())  # a byte-order mark, as Windows editors write
+    assert instruct.load_instruction_data(path) == [good]
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")  # JSON Lines
+    assert instruct.load_instruction_data(path) == [good]
 
 
 def test_instruct_split_85_5_10_with_seed():
@@ -3861,15 +3866,6 @@ def _instruct_responses_file(tmp_path, n):
     return path, entries
 
 
-def test_instruct_judge_without_any_score_is_an_error(tmp_path, _instruct_ollama):
-    url = _instruct_ollama.url
-    path, _ = _instruct_responses_file(tmp_path, 2)
-    _instruct_ollama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
-    with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
-    assert [e["score"] for e in json.loads((tmp_path / "responses-scored.json").read_text())] == [None, None]
-
-
 def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
     url = _instruct_ollama.url
     path, entries = _instruct_responses_file(tmp_path, 3)
@@ -3919,6 +3915,11 @@ def test_instruct_judge_any_content_with_fake_ollama(tmp_path, capsys, _instruct
     assert "entry 6: no score 0-100 in the judge's answer ''" in out
     scored = json.loads((tmp_path / "responses-scored.json").read_text())
     assert [e["score"] for e in scored] == [92.5, 85.0, 80.0, None, None, None, None, None]
+    path, _ = _instruct_responses_file(tmp_path, 2)
+    _instruct_ollama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
+    with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
+        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
+    assert [e["score"] for e in json.loads((tmp_path / "responses-scored.json").read_text())] == [None, None]
 
 
 def test_instruct_query_ollama_asks_old_servers_without_schema(_instruct_ollama):
@@ -4012,19 +4013,6 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     assert capsys.readouterr().out.endswith("\n(an empty answer: the model ended it at once with its end-of-text token)\n")
 
 
-def test_instruct_clear_errors(tmp_path, _instruct_tiny_run):
-    folder = _instruct_tiny_run
-    with pytest.raises(SystemExit, match="--data .*missing.json: no such file"):
-        instruct.main(["--data", str(tmp_path / "missing.json"), "--out-dir", str(tmp_path)])
-    common = ["--data", str(folder / "data.json"), "--out-dir", str(tmp_path)]
-    with pytest.raises(SystemExit, match="no .*model.pt: fine-tune first"):
-        instruct.main(common + ["--generate-only"])
-    with pytest.raises(SystemExit, match="--resume: .* holds no run to continue"):
-        instruct.main(common + ["--model", str(folder / "tiny.pt"), "--resume"])
-    with pytest.raises(SystemExit, match="--max-length 97 is longer than the model's context length 96"):
-        instruct.main(common + ["--model", str(folder / "tiny.pt"), "--max-length", "97"])
-
-
 def _instruct_same_weights(run_a, run_b):
     """Whether two runs saved exactly the same model.pt."""
     a, b = (gpt.load_checkpoint(run / "model.pt")["model"] for run in (run_a, run_b))
@@ -4106,83 +4094,70 @@ def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instr
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
 
 
-# Values that argparse and the `type=` helpers reject (exit 2), and combinations parse_args refuses.
-_INSTRUCT_BAD_FLAGS = [
-    (["--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
-    (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got '-1'"),
-    (["--weight-decay", "-1"], "argument --weight-decay: must be a finite number >= 0, got '-1'"),
-    (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
-    (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
-    (["--eval-batches", "-1"], "argument --eval-batches: must be an integer >= 0, got '-1'"),
-    (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got '0'"),
-    (["--epochs", "inf"], "argument --epochs: must be an integer >= 1, got 'inf'"),
-    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
-    (["--save-every", "0"], "argument --save-every: must be an integer >= 1, got '0'"),
-    (["--max-steps", "0"], "argument --max-steps: must be an integer >= 1, got '0'"),
-    (["--max-length", "0"], "argument --max-length: must be an integer >= 1, got '0'"),
-    (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
-    (["--top-p", "0"], "argument --top-p: must be a number in (0, 1], got '0'"),
-    (["--lora-alpha", "nan"], "argument --lora-alpha: must be a finite number > 0, got 'nan'"),
-    (["--drop-rate", "1"], "argument --drop-rate: must be a number in [0, 1), got '1'"),
-    (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
-    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64' (choose from 'float32', 'bfloat16', "
-     "'float16')"),
-    (["--dtype", "float16"], "--dtype float16 trains without loss scaling: train in bfloat16 or float32"),
-    (["--prompt", ""], "--prompt must hold the instruction to answer, got ''"),
-    (["--prompt", " \n "], "--prompt must hold the instruction to answer, got ' \\n '"),
-    (["--input", "x"], "--input goes with --prompt: give the instruction too"),
-    (["--resume", "--overwrite"], "choose --resume (continue the run) or --overwrite (replace it)"),
-    (["--resume", "--generate-only"], "choose one of --generate-only, --judge-only, --prompt and --resume"),
-    (["--judge-only"], "--judge-only needs --judge ollama"),
+INSTRUCT_RUN = "--data {files}/data.json --model {files}/tiny.pt --out-dir {run}"
+INSTRUCT_BAD_INPUTS = [
+    # Values that argparse and the `type=` helpers reject, and combinations parse_args refuses.
+    (f"{INSTRUCT_RUN} --top-k 0", "argument --top-k: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --temperature -1", "argument --temperature: must be a finite number >= 0, got '-1'"),
+    (f"{INSTRUCT_RUN} --weight-decay -1", "argument --weight-decay: must be a finite number >= 0, got '-1'"),
+    (f"{INSTRUCT_RUN} --lr 0", "argument --lr: must be a finite number > 0, got '0'"),
+    (f"{INSTRUCT_RUN} --max-new-tokens -1", "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
+    (f"{INSTRUCT_RUN} --eval-batches -1", "argument --eval-batches: must be an integer >= 0, got '-1'"),
+    (f"{INSTRUCT_RUN} --epochs 0", "argument --epochs: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --epochs inf", "argument --epochs: must be an integer >= 1, got 'inf'"),
+    (f"{INSTRUCT_RUN} --batch-size 0", "argument --batch-size: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --save-every 0", "argument --save-every: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --max-steps 0", "argument --max-steps: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --max-length 0", "argument --max-length: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --lora-rank 0", "argument --lora-rank: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --top-p 0", "argument --top-p: must be a number in (0, 1], got '0'"),
+    (f"{INSTRUCT_RUN} --lora-alpha nan", "argument --lora-alpha: must be a finite number > 0, got 'nan'"),
+    (f"{INSTRUCT_RUN} --drop-rate 1", "argument --drop-rate: must be a number in [0, 1), got '1'"),
+    (f"{INSTRUCT_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
+    (f"{INSTRUCT_RUN} --dtype float64", "argument --dtype: invalid choice: 'float64' (choose from 'float32', "
+     "'bfloat16', 'float16')"),
+    (f"{INSTRUCT_RUN} --dtype float16", "--dtype float16 trains without loss scaling: train in bfloat16 or float32"),
+    (f"{INSTRUCT_RUN} --prompt ''", "--prompt must hold the instruction to answer, got ''"),
+    (f"{INSTRUCT_RUN} --prompt ' \n '", "--prompt must hold the instruction to answer, got ' \\n '"),
+    (f"{INSTRUCT_RUN} --input x", "--input goes with --prompt: give the instruction too"),
+    (f"{INSTRUCT_RUN} --resume --overwrite", "choose --resume (continue the run) or --overwrite (replace it)"),
+    (f"{INSTRUCT_RUN} --resume --generate-only", "choose one of --generate-only, --judge-only, --prompt and --resume"),
+    (f"{INSTRUCT_RUN} --judge-only", "--judge-only needs --judge ollama"),
+    (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k"),  # greedy decoding would ignore it
+    # Answering does not train: a training flag given with it would be silently ignored.
+    ("--out-dir {run} --generate-only --model gpt2", "--model is the model that trains; --generate-only answers "
+     "with --checkpoint: give --checkpoint gpt2"),
+    ("--out-dir {run} --prompt hi --lora", "--lora is for training, and --prompt does not train: drop it"),
+    ("--out-dir {run} --judge-only --judge ollama --epochs 3", "--epochs is for training, and --judge-only does not "
+     "train: drop it"),
+    # Files and models, checked before the run folder is made.
+    ("--data {files}/missing.json --out-dir {run}", "--data {files}/missing.json: no such file"),
+    ("--data {files}/data.json --out-dir {run} --generate-only", "no {run}/model.pt: fine-tune first"),
+    ("--data {files}/data.json --model {files}/tiny.pt --out-dir {files} --resume",
+     "--resume: {files} holds no run to continue"),
+    (f"{INSTRUCT_RUN} --max-length 65", "--max-length 65 is longer than the model's context length 64"),
+    ("--data {files}/data.json --model {files}/vocab1000.pt --out-dir {run}", "{files}/vocab1000.pt: the model's "
+     "vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257: use a model trained with the GPT-2 tokenizer"),
+    (f"{INSTRUCT_RUN} --responses {{files}}", "{files} is a folder, but a file goes there: move it away, or give "
+     "another --responses"),
+    ("--prompt Hi. --checkpoint {files}", "{files} holds no model: neither model.safetensors nor "
+     "model.safetensors.index.json"),
 ]
 
 
-def test_instruct_bad_flags_rejected_at_startup(tmp_path, capsys, monkeypatch, _instruct_tiny_run):
-    # A valid data file and model: without the startup check, each of these would train
-    # (or load the checkpoint) first.
-    folder = _instruct_tiny_run
-    monkeypatch.setattr(gpt, "pick_device", lambda name: pytest.fail(f"got past the flags to the device {name}"))
-    out_dir = tmp_path / "run"
-    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--out-dir", str(out_dir)]
-    common += ["--checkpoint", str(folder / "tiny.pt"), "--batch-size", "5", "--eval-batches", "1"]
-    for bad, message in _INSTRUCT_BAD_FLAGS:
-        with pytest.raises(SystemExit) as exc:
-            instruct.main(common + bad)
-        assert exc.value.code == 2, bad  # argparse's usage error, not a run-time "error: ..."
-        last_line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last_line.endswith(f": error: {message} (see --help)"), (bad, last_line)
-        assert re.search(r"--[\w-]+", message).group() in bad, message  # the message names a flag given
-    assert not out_dir.exists()
-
-
-def test_instruct_answer_modes_refuse_training_flags_they_would_ignore(tmp_path, capsys, monkeypatch):
-    # --model given with --generate-only or --prompt would silently not be the model that answers (--checkpoint is).
-    monkeypatch.setattr(gpt, "pick_device", lambda name: pytest.fail(f"got past the flags to the device {name}"))
-    for flags, message in [
-        (["--generate-only", "--model", "gpt2"], "--model is the model that trains; --generate-only answers with "
-         "--checkpoint: give --checkpoint gpt2"),
-        (["--prompt", "hi", "--lora"], "--lora is for training, and --prompt does not train: drop it"),
-        (["--judge-only", "--judge", "ollama", "--epochs", "3"], "--epochs is for training, and --judge-only does "
-         "not train: drop it"),
-    ]:
-        with pytest.raises(SystemExit) as exc:
-            instruct.main(["--out-dir", str(tmp_path / "run"), *flags])
-        assert exc.value.code == 2
-        assert capsys.readouterr().err.endswith(f": error: {message} (see --help)\n")
-    # What answering reads is still accepted with it.
-    args = instruct.parse_args(["--generate-only", "--data", "d.json", "--seed", "3", "--max-new-tokens", "2"])
-    assert (args.data, args.seed, args.max_new_tokens) == ("d.json", 3, 2)
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("argv, message", INSTRUCT_BAD_INPUTS)
+def test_instruct_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, message):
+    check_bad_input(instruct.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
 def test_instruct_flag_limits_are_accepted():
     limits = ["--top-k", "1", "--top-p", "1", "--temperature", "1e-9", "--max-new-tokens", "0", "--eval-batches", "0"]
     args = instruct.parse_args(limits + ["--weight-decay", "0"])
     assert (args.top_k, args.top_p, args.temperature, args.max_new_tokens, args.eval_batches) == (1, 1.0, 1e-9, 0, 0)
-    with pytest.raises(SystemExit):  # greedy decoding would ignore top-k
-        instruct.parse_args(["--top-k", "1", "--temperature", "0"])
     args = instruct.parse_args(["--prompt", "Name a color.", "--input", "x", "--top-p", "1e-9", "--temperature", "1"])
     assert (args.prompt, args.input, args.top_p) == ("Name a color.", "x", 1e-9)
+    args = instruct.parse_args(["--generate-only", "--data", "d.json", "--seed", "3", "--max-new-tokens", "2"])
+    assert (args.data, args.seed, args.max_new_tokens) == ("d.json", 3, 2)  # what answering reads
     largest_seed = instruct.parse_args(["--seed", str(2**63 - 1)]).seed
     batches = [instruct.epoch_batch(list(range(5)), 2, largest_seed, 1, index) for index in range(3)]
     assert sorted(sum(batches, [])) == [0, 1, 2, 3, 4] and [len(b) for b in batches] == [2, 2, 1]
@@ -4269,32 +4244,6 @@ def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_pa
                                     f"{kept / 'model.pt'} with --model, or start again with --overwrite")
 
 
-def test_instruct_data_may_start_with_a_bom(tmp_path):
-    entry = {"instruction": "Say hi.", "input": "", "output": "Hi."}
-    path = tmp_path / "data.json"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([entry]).encode())
-    assert instruct.load_instruction_data(path) == [entry]
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(entry).encode() + b"\n")  # JSON Lines
-    assert instruct.load_instruction_data(path) == [entry]
-
-
-def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
-    torch.manual_seed(0)
-    small = gpt.GPTModel(gpt.GPTConfig(vocab_size=1000, context_length=32, emb_dim=32, n_heads=2, n_layers=1))
-    gpt.save_checkpoint(tmp_path / "small.pt", small, gpt.get_tokenizer())
-    message = (
-        f"error: {tmp_path / 'small.pt'}: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses "
-        "50257: use a model trained with the GPT-2 tokenizer"
-    )
-    data = [{"instruction": f"Task {i}.", "output": "Done."} for i in range(10)]
-    (tmp_path / "data.json").write_text(json.dumps(data))
-    run = ["--data", str(tmp_path / "data.json"), "--model", str(tmp_path / "small.pt")]
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(run + ["--out-dir", str(tmp_path / "run")])
-    assert str(exc.value) == message
-    assert not (tmp_path / "run").exists()  # no run files before the checks pass: no --overwrite needed
-
-
 def test_instruct_answers_survive_a_full_disk(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
     folder = _instruct_tiny_run
     entries = [{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
@@ -4333,24 +4282,9 @@ def test_instruct_full_disk_at_a_training_state_save_keeps_the_last_state(_instr
     assert not [path.name for path in (tmp_path / "run").iterdir() if path.name.startswith(".")]  # no half file
 
 
-def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_path, monkeypatch):
+def test_instruct_memory_is_checked_before_the_run_and_out_of_memory_names_the_flags(_instruct_tiny_run, tmp_path,
+                                                                                      monkeypatch):
     folder = _instruct_tiny_run
-    (tmp_path / "answers.json").mkdir()
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(_instruct_quick(folder, tmp_path / "run", "--responses", str(tmp_path / "answers.json")))
-    assert str(exc.value) == (
-        f"error: {tmp_path / 'answers.json'} is a folder, but a file goes there: move it away, or give another "
-        "--responses"
-    )
-    assert not (tmp_path / "run").exists()
-    # A folder is a model folder to --checkpoint: one without a model says so.
-    with pytest.raises(SystemExit, match="answers.json holds no model: neither model.safetensors nor model.safetensors.index.json"):
-        instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "answers.json")])
-
-    def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    # Memory is checked before any run file is written: training that cannot fit says what helps.
     asked = []  # the trainable parameters of each model asked about
 
     def too_much(model):
@@ -4367,6 +4301,10 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
     assert asked[0] == everything and 0 < asked[1] < everything / 10  # all train, then only the adapters
     assert not (tmp_path / "run").exists()
     monkeypatch.undo()
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
     monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
     with pytest.raises(SystemExit) as exc:
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
