@@ -297,25 +297,7 @@ def test_hub_style_file_without_prefix_or_config(small_pair, tmp_path):
         assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
 
 
-def test_kv_cache_logits_equal_full_forward(small_pair):
-    model = load_lm(small_pair[1])
-    idx = torch.randint(0, 1000, (2, 30), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(idx)
-        cache = gpt.KVCache(model.cfg)
-        pieces = [model(idx[:, :10], kv_cache=cache), model(idx[:, 10:25], kv_cache=cache)]
-        pieces += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(25, 30)]
-    assert cache.length == 30
-    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
-
-
-def test_forward_longer_than_context_is_a_clear_error():
-    model = tiny_model()
-    with pytest.raises(ValueError, match="longer than the model's context length \\(16\\)"):
-        model(torch.zeros(1, 17, dtype=torch.long))
-
-
-def test_new_model_is_initialised_as_gpt2():
+def test_new_model_is_initialised_as_gpt2_and_gpt2_small_has_its_size():
     torch.manual_seed(0)
     cfg = gpt.GPTConfig(vocab_size=5000, context_length=256, emb_dim=128, n_heads=4, n_layers=8)
     model = gpt.GPTModel(cfg)
@@ -328,22 +310,84 @@ def test_new_model_is_initialised_as_gpt2():
         elif name.endswith("bias") and "ln_" not in name:
             assert not param.any(), name
     assert model.wte.weight.requires_grad and model.wpe.weight.requires_grad
+    assert gpt.count_parameters(gpt.empty_model(gpt.GPT_CONFIGS["gpt2"])) == 124_439_808  # GPT-2 small, embeddings tied
+
+
+def _overfilled_cache():
+    model = tiny_model()
+    cache = gpt.KVCache(model.cfg, max_length=4)
+    model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
+    model(torch.tensor([[4, 5]]), kv_cache=cache)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: tiny_model()(torch.zeros(1, 17, dtype=torch.long)), "longer than the model's context length (16)"),
+    (_overfilled_cache, "KVCache holds 4 positions, 5 were asked for"),
+    (lambda: gpt.sample_next_token(torch.zeros(1, 10), -1.0), "temperature"),
+    (lambda: gpt.sample_next_token(torch.zeros(1, 10), 1.0, top_k=0), "top_k"),
+    (lambda: gpt.sample_next_token(torch.zeros(1, 10), 1.0, top_p=1.5), "top_p"),
+    (lambda: gpt.generate(tiny_model(), torch.zeros(1, 0, dtype=torch.long), 3), "prompt"),
+    (lambda: gpt.generate(tiny_model(), torch.tensor([[1]]), 3, seed=1, generator=torch.Generator()),
+     "a seed or a generator, not both"),
+    (lambda: gpt.model_from_checkpoint({"config": dataclasses.asdict(tiny_model().cfg),
+                                        "model": dict(tiny_model(emb_dim=16).state_dict())}),
+     "wte.weight is (50257, 16), the config makes it (50257, 32)"),
+], ids=["too-long", "cache-full", "temperature", "top-k", "top-p", "no-prompt", "seed-and-generator", "checkpoint-shape"])
+def test_bad_calls_of_the_model_are_clear_errors(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
 
 
 # ========================================================================================
-# gpt.py: generation
+# gpt.py: generation and the KV cache, GPT-2 and the Llama family
 # ========================================================================================
 
 
-def test_greedy_generation_equals_transformers(small_pair):
-    reference, path = small_pair
-    model = load_lm(path)
-    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(3))
+def reference_and_model(name, small_pair, family_models):
+    """(transformers model, ours read from its files) for "gpt2" (small_pair) or a FAMILY_CONFIGS name."""
+    reference, path = small_pair if name == "gpt2" else family_models[name]
+    return reference, load_lm(path)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa_untied_bias_rope_scaling"])
+def test_greedy_generation_equals_transformers(small_pair, family_models, name):
+    reference, model = reference_and_model(name, small_pair, family_models)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
     ours = gpt.generate(model, prompt, 40)
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
                                 min_new_tokens=40, do_sample=False, pad_token_id=0)
     assert ours.shape == (1, 48)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa_untied_bias_rope_scaling", "qwen3_gqa_qk_norm_tied_head_dim"])
+def test_kv_cache_equals_full_forward_also_past_the_context_length(small_pair, family_models, name):
+    model = reference_and_model(name, small_pair, family_models)[1]
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx)
+        cache = gpt.KVCache(model.cfg, max_length=30)
+        pieces = [model(idx[:, :10], kv_cache=cache), model(idx[:, 10:25], kv_cache=cache)]
+        pieces += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(25, 30)]
+    assert cache.length == 30
+    if name != "gpt2":  # key/value heads only
+        assert cache.keys[0].shape == (2, model.cfg.n_kv_heads, 30, model.layers[0].self_attn.head_dim)
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+    prompt = idx[:, :5]
+    # 5 + 100 tokens run past the context length (64): the window moves, with the cache as without it.
+    assert torch.equal(gpt.generate(model, prompt, 100), gpt.generate(model, prompt, 100, use_cache=False))
+    sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
+    assert torch.equal(*sampled)
+
+
+def test_generation_streams_each_token_and_past_the_context_moves_the_window_by_half():
+    model = tiny_model(context_length=8)
+    prompt = torch.randint(0, 50257, (2, 3), generator=torch.Generator().manual_seed(7))
+    seen = []
+    out = gpt.generate(model, prompt, 30, on_token=seen.append)
+    assert out.shape == (2, 33) and torch.equal(torch.stack(seen, dim=1), out[:, 3:])  # each token streamed
+    assert torch.equal(out, gpt.generate(model, prompt, 30, use_cache=False))
+    assert [gpt.window_start(n, 8) for n in (8, 9, 12, 13, 16, 17)] == [0, 4, 4, 8, 8, 12]
 
 
 def test_top_k_1_equals_greedy_and_seeded_sampling_is_reproducible(small_pair):
@@ -379,46 +423,8 @@ def test_eos_stops_generation(small_pair):
     assert torch.equal(stopped, greedy[:, : 4 + first + 1])
 
 
-def test_generation_runs_past_the_context_length_the_same_with_and_without_cache():
-    model = tiny_model(context_length=8)
-    prompt = torch.randint(0, 50257, (2, 3), generator=torch.Generator().manual_seed(7))
-    seen = []
-    out = gpt.generate(model, prompt, 30, on_token=seen.append)
-    assert out.shape == (2, 33) and torch.equal(torch.stack(seen, dim=1), out[:, 3:])  # each token streamed
-    assert torch.equal(out, gpt.generate(model, prompt, 30, use_cache=False))
-    sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
-    assert torch.equal(*sampled)
-    # Past the context the window moves in steps of half the context length.
-    assert [gpt.window_start(n, 8) for n in (8, 9, 12, 13, 16, 17)] == [0, 4, 4, 8, 8, 12]
-
-
-def test_bad_sampling_options_are_clear_errors():
-    logits = torch.zeros(1, 10)
-    with pytest.raises(ValueError, match="temperature"):
-        gpt.sample_next_token(logits, -1.0)
-    with pytest.raises(ValueError, match="top_k"):
-        gpt.sample_next_token(logits, 1.0, top_k=0)
-    with pytest.raises(ValueError, match="top_p"):
-        gpt.sample_next_token(logits, 1.0, top_p=1.5)
-    with pytest.raises(ValueError, match="prompt"):
-        gpt.generate(tiny_model(), torch.zeros(1, 0, dtype=torch.long), 3)
-    with pytest.raises(ValueError, match="a seed or a generator, not both"):
-        gpt.generate(tiny_model(), torch.tensor([[1]]), 3, seed=1, generator=torch.Generator())
-
-
-def test_kv_cache_that_is_too_small_is_a_clear_error():
-    model = tiny_model()
-    cache = gpt.KVCache(model.cfg, max_length=4)
-    model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
-    with pytest.raises(ValueError, match="KVCache holds 4 positions, 5 were asked for"):
-        model(torch.tensor([[4, 5]]), kv_cache=cache)
-
-
-def test_config_biases_follow_the_family_and_a_mismatching_checkpoint_names_its_tensor():
+def test_config_biases_follow_the_family():
     assert gpt.GPTConfig().qkv_bias is True and gpt.GPTConfig(family="llama").qkv_bias is False
-    checkpoint = {"config": dataclasses.asdict(tiny_model().cfg), "model": dict(tiny_model(emb_dim=16).state_dict())}
-    with pytest.raises(ValueError, match=r"wte.weight is \(50257, 16\), the config makes it \(50257, 32\)$"):
-        gpt.model_from_checkpoint(checkpoint)
 
 
 def test_argument_parser_errors_are_one_line(capsys):
@@ -592,35 +598,6 @@ def test_family_presets_have_the_published_sizes():
     with pytest.raises(RuntimeError, match=r"needs about .* GB before activations .* the cpu has \d+\.\d GB: use --lora"):
         gpt.check_training_memory(small, torch.device("cpu"), "use --lora", processes=10**12)
     gpt.check_training_memory(small, torch.device("cpu"), "use --lora")  # a few kilobytes fit
-
-
-def test_family_greedy_generation_equals_transformers(family_models):
-    reference, folder = family_models["llama_gqa_untied_bias_rope_scaling"]
-    model = load_lm(folder)
-    prompt = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(3))
-    ours = gpt.generate(model, prompt, 40)
-    theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
-                                min_new_tokens=40, do_sample=False, pad_token_id=0)
-    assert ours.shape == (1, 46)
-    assert torch.equal(ours, theirs)
-
-
-@pytest.mark.parametrize("name", ["llama_gqa_untied_bias_rope_scaling", "qwen3_gqa_qk_norm_tied_head_dim"])
-def test_family_cache_on_equals_cache_off(family_models, name):
-    model = load_lm(family_models[name][1])
-    idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(idx)
-        cache = gpt.KVCache(model.cfg, max_length=30)
-        pieces = [model(idx[:, :10], kv_cache=cache), model(idx[:, 10:25], kv_cache=cache)]
-        pieces += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(25, 30)]
-    assert cache.keys[0].shape == (2, model.cfg.n_kv_heads, 30, model.layers[0].self_attn.head_dim)  # kv heads only
-    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
-    prompt = idx[:, :5]
-    # 5 + 100 tokens run past the context length (64): the window rule of GPT-2 applies.
-    assert torch.equal(gpt.generate(model, prompt, 100), gpt.generate(model, prompt, 100, use_cache=False))
-    sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
-    assert torch.equal(*sampled)
 
 
 def test_family_lora_wraps_the_seven_projections_and_merges_back(family_models):
@@ -1792,7 +1769,7 @@ def test_export_vocabulary_files_are_openais_byte_for_byte():
     assert (table[ord(" ")], table[ord("\n")], table[ord("A")], len(set(table.values()))) == ("Ġ", "Ċ", "A", 256)
 
 
-def test_export_small_model_loads_in_transformers_with_equal_logits_and_text(tmp_path):
+def test_export_small_model_loads_in_transformers_with_equal_logits_and_text_and_reads_back(tmp_path):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     model = tiny_model(context_length=64)
@@ -1812,6 +1789,10 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text(tmp
     prompt = gpt.text_to_token_ids("Every effort moves you")
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False)
     assert torch.equal(theirs, gpt.generate(model, prompt, 40))
+    back = load_lm(folder)  # and back, bit for bit
+    assert back.cfg == model.cfg
+    for (name, tensor), read_back in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(tensor, read_back), name
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     expected = gpt.get_tokenizer().encode(EXPORT_MIXED_TEXT)  # <|endoftext|> is the token
@@ -1819,36 +1800,6 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text(tmp
     assert tokenizer(EXPORT_MIXED_TEXT)["input_ids"] == expected
     assert tokenizer.decode(expected) == EXPORT_MIXED_TEXT
     assert (tokenizer.model_max_length, tokenizer.eos_token_id, tokenizer.bos_token_id) == (64, 50256, 50256)
-
-
-def test_124m_shape_matches_transformers_both_ways_and_reads_back_identically(tmp_path):
-    """GPT-2 124M's shape, random weights: transformers' model read by ours, then ours exported and read by
-    transformers (logits and greedy tokens), then read back by ours bit for bit."""
-    from transformers import GPT2LMHeadModel
-
-    reference, path = save_hf_gpt2(tmp_path / "theirs")
-    model = load_lm(path)
-    assert model.cfg == gpt.GPT_CONFIGS["gpt2"]
-    assert gpt.count_parameters(model) == 124_439_808  # GPT-2 small, embeddings tied
-    idx = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
-    del reference
-    folder = gpt.export_hf(model, tmp_path / "hf")
-    assert 124_439_808 * 4 < (folder / "model.safetensors").stat().st_size < 124_439_808 * 4 + 20_000  # float32, once
-    exported, problems = _export_from_pretrained(GPT2LMHeadModel, folder)
-    assert problems == []
-    prompt = gpt.text_to_token_ids("Every effort moves you")
-    with torch.no_grad():
-        assert (exported(idx).logits - model(idx)).abs().max().item() <= 1e-4
-        theirs = exported.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False)
-    assert torch.equal(theirs, gpt.generate(model, prompt, 40))
-    del exported
-
-    back = load_lm(folder)
-    assert back.cfg == model.cfg
-    for (name, tensor), read_back in zip(model.state_dict().items(), back.state_dict().values()):
-        assert torch.equal(tensor, read_back), name
 
 
 def test_export_lora_model_is_merged_and_the_model_keeps_its_adapters(tmp_path):
@@ -2005,7 +1956,7 @@ def test_export_classifier_from_a_checkpoint_keeps_its_settings(tmp_path):
     assert not (tmp_path / "rank-1").exists()
 
 
-def test_export_classifier_reads_a_transformers_classifier(tmp_path):
+def test_export_classifier_reads_and_exports_again_a_transformers_classifier(tmp_path, capsys):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     token_ids = _classify_token_ids([5, 17, 9])
@@ -2029,6 +1980,17 @@ def test_export_classifier_reads_a_transformers_classifier(tmp_path):
     with pytest.raises(ValueError, match=re.escape("is no spam classifier of finetune_classify.py "
                                                    "(class names: none, a language model)")):
         fc.load_classifier(gpt.export_hf(tiny_model(context_length=48), tmp_path / "language-model"))
+    # The two-class folder, with GPT-2's tokenizer files copied in, exported again by finetune_classify.py.
+    for name, content in gpt.hf_tokenizer_files(gpt.get_tokenizer()).items():
+        path = tmp_path / "hf-2" / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(json.dumps(content))
+    fc.main(["--checkpoint", str(tmp_path / "hf-2"), "--export-hf", str(tmp_path / "ours")])
+    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
+    exported, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "ours")
+    assert problems == []
+    reference = GPT2ForSequenceClassification.from_pretrained(tmp_path / "hf-2").eval()
+    with torch.no_grad():
+        assert (exported(batch).logits.softmax(dim=-1) - reference(batch).logits.softmax(dim=-1)).abs().max() <= 1e-5
 
 
 # ========================================================================================
@@ -4859,26 +4821,6 @@ def test_whole_checkpoint_carries_its_tokenizer(trained_tokenizers, tmp_path):
     torch.save(old_style, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="names its tokenizer by a path .*train it again"):
         gpt.load(tmp_path / "old.pt")
-
-
-def test_whole_export_hf_reexports_a_transformers_classifier_folder(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, num_labels=2, pad_token_id=50256)
-    reference = GPT2ForSequenceClassification(config).eval()
-    reference.save_pretrained(tmp_path / "theirs")
-    for name, content in gpt.hf_tokenizer_files(gpt.get_tokenizer()).items():  # GPT-2's tokenizer files, copied in
-        path = tmp_path / "theirs" / name
-        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(json.dumps(content))
-    fc.main(["--checkpoint", str(tmp_path / "theirs"), "--export-hf", str(tmp_path / "ours")])
-    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
-    exported, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "ours")
-    assert problems == []
-    batch = torch.nn.utils.rnn.pad_sequence(_classify_token_ids([5, 17, 9]), batch_first=True, padding_value=50256)
-    with torch.no_grad():
-        expected = reference(batch).logits.softmax(dim=-1)
-        assert (exported(batch).logits.softmax(dim=-1) - expected).abs().max().item() <= 1e-5
 
 
 def test_whole_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
