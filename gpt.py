@@ -1,6 +1,6 @@
-"""gpt.py: the GPT-2 model that every stage of this project stands on, then what the stages share.
+"""gpt.py: the GPT-2 model every stage of this project stands on, then what the stages share.
 
-Read it top to bottom. Sections 1 to 5 are GPT-2, the whole model a learner studies:
+Sections 1 to 5 are GPT-2, the whole model a learner studies, to be read top to bottom:
 
 1. configuration   `GPTConfig`, `GPT_CONFIGS` (the four released sizes)
 2. the model       `CausalSelfAttention`, `MLP`, `TransformerBlock`, `GPTModel`, `next_token_loss`
@@ -10,15 +10,14 @@ Read it top to bottom. Sections 1 to 5 are GPT-2, the whole model a learner stud
 6. Llama family    the same decoder with five parts exchanged (SmolLM2, Qwen3, Llama 3.2),
                    and their tokenizer.json files as tiktoken encodings
 
-The toolbox the stage scripts share follows: files and downloads, `load` (a model and its
-tokenizer from any source), checkpoints, `export_hf`, and the plumbing of a run.
+The toolbox the stages share follows: files, `load` (a model and its tokenizer from any
+source), checkpoints, `export_hf`, and the plumbing of a run.
 
 The model follows OpenAI's GPT-2 release (Radford et al., 2019, "Language Models are
-Unsupervised Multitask Learners", https://github.com/openai/gpt-2) and names its parameters
-as that release and Hugging Face's `GPT2LMHeadModel` do (`wte`, `wpe`, `h.N.attn.c_attn`,
-...), so importing the released weights is a loop with four transposes; the Llama family
-uses Hugging Face Llama's names for the same reason. `test_all.py` checks that the logits
-of both agree with `transformers` to 1e-4.
+Unsupervised Multitask Learners") and names its parameters as Hugging Face's
+`GPT2LMHeadModel` does (`wte`, `wpe`, `h.N.attn.c_attn`, ...), so loading the released
+weights is a loop; the Llama family uses Hugging Face Llama's names for the same reason.
+`test_all.py` checks that the logits of both agree with `transformers` to 1e-4.
 """
 
 import argparse
@@ -121,7 +120,6 @@ GPT_CONFIGS = {
     "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),  # 774M
     "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
 }
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -344,17 +342,22 @@ class LoRALinear(nn.Module):
         return self.linear(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scaling
 
 
+def lora_targets(model):
+    """Yield (parent module, attribute name) of each linear layer LoRA adapts (`LORA_TARGETS`)."""
+    for block in model.h:
+        for target in model.LORA_TARGETS:
+            parent_name, child_name = target.split(".")
+            yield getattr(block, parent_name), child_name
+
+
 def add_lora(model, rank=8, alpha=16):
     """Freeze every parameter of model, then wrap the attention and MLP linear layers of
     each transformer block in `LoRALinear`, whose adapters are the only trainable
     parameters. Unfreeze anything else that should train (a new head, say) afterwards.
     Returns the model (changed in place)."""
     model.requires_grad_(False)
-    for block in model.h:
-        for target in model.LORA_TARGETS:
-            parent_name, child_name = target.split(".")
-            parent = getattr(block, parent_name)
-            setattr(parent, child_name, LoRALinear(getattr(parent, child_name), rank, alpha))
+    for parent, name in lora_targets(model):
+        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
     return model
 
 
@@ -363,14 +366,11 @@ def merge_lora(model):
     """Fold each `LoRALinear` back into a plain nn.Linear (W <- W + (alpha / rank) B A), so
     that the model has its own parameter names again and saves as a plain checkpoint.
     Returns the model (changed in place)."""
-    for block in model.h:
-        for target in model.LORA_TARGETS:
-            parent_name, child_name = target.split(".")
-            parent = getattr(block, parent_name)
-            layer = getattr(parent, child_name)
-            if isinstance(layer, LoRALinear):
-                layer.linear.weight += (layer.lora_b @ layer.lora_a) * layer.scaling
-                setattr(parent, child_name, layer.linear)
+    for parent, name in lora_targets(model):
+        layer = getattr(parent, name)
+        if isinstance(layer, LoRALinear):
+            layer.linear.weight += (layer.lora_b @ layer.lora_a) * layer.scaling
+            setattr(parent, name, layer.linear)
     return model
 
 
@@ -382,13 +382,11 @@ def merge_lora(model):
 class KVCache:
     """Keys and values of the positions a model has already read, one pair per layer.
 
-    Buffers of shape [batch, n_heads, max_length, head_dim] (n_kv_heads for the Llama
-    family's grouped-query attention) are allocated on first use;
-    `length` counts the positions filled. The model advances `length` after each forward
-    pass. max_length: the context length, or fewer positions when fewer will be read (a long
-    context's buffers would take gigabytes). Source:
-    the key/value caching of GPT-2's own sampling code (`past` in openai/gpt-2
-    src/model.py), here in preallocated buffers.
+    Buffers [batch, n_heads (n_kv_heads in the Llama family), max_length, head_dim] are
+    allocated on first use; `length` counts the positions filled, and the model advances it
+    after each forward pass. max_length: the context length, or fewer positions when fewer
+    will be read (a long context's buffers take gigabytes). Source: `past` in GPT-2's own
+    sampling code (openai/gpt-2 src/model.py), here in preallocated buffers.
     """
 
     def __init__(self, cfg, max_length=None):
@@ -448,11 +446,9 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
 def window_start(length, context_length):
     """First position of the window a model reads when a sequence has `length` tokens.
 
-    Up to the context length the model reads everything. Past it, the window moves
-    forward in steps of half the context length rather than one token: with absolute
-    position embeddings every move invalidates the key/value cache, so moving in big
-    steps means the cache is rebuilt once per half-window instead of once per token.
-    The Llama family follows the same rule (section 6 says why).
+    Past the context length the window moves forward by half the context length, not by one
+    token: with absolute position embeddings every move invalidates the KV cache, which is
+    then rebuilt once per half-window instead of once per token (section 6: Llama too).
     """
     if length <= context_length:
         return 0
@@ -468,10 +464,8 @@ def generate_stream(
 
     idx: LongTensor [batch, seq_len], the prompt. Stops after `max_new_tokens` tokens, or
     once every row has produced `eot_id` (a row that finished early repeats `eot_id`).
-    Sampling options as in `sample_next_token`; pass a seeded `torch.Generator` for
-    reproducible sampling. With `use_cache` each step reads one new position through a
-    `KVCache`; without it each step re-reads the whole window (slower, same tokens).
-    Past the context length the window is cropped as `window_start` describes.
+    Sampling options as in `sample_next_token`. With `use_cache` each step reads one new
+    position through a `KVCache`; without, it re-reads the window (slower, same tokens).
     Raises ValueError for an empty prompt.
     """
     if idx.dim() != 2 or idx.shape[1] == 0:
@@ -508,12 +502,10 @@ def generate_stream(
 def generate(model, idx, max_new_tokens, *, seed=None, on_token=None, **options):
     """Continue the prompt idx: LongTensor [batch, seq_len] -> [batch, seq_len + n_new].
 
-    Greedy by default (temperature 0). `seed` makes sampling reproducible (a fresh
-    `torch.Generator` on idx's device); `on_token(token: LongTensor [batch])` is called
-    for each new token as it comes, for streaming. Other options (temperature, top_k,
-    top_p, eot_id, generator, use_cache) as in `generate_stream`. The output includes
-    the end-of-text token when generation stopped at `eot_id`. Raises ValueError when both
-    `seed` and `generator` are given.
+    Greedy by default (temperature 0); `seed` makes sampling reproducible; `on_token(token:
+    LongTensor [batch])` is called for each new token, for streaming. Other options as in
+    `generate_stream`; the output ends with `eot_id` when generation stopped there.
+    Raises ValueError when both `seed` and `generator` are given.
     """
     if seed is not None and "generator" in options:
         raise ValueError("give generate() a seed or a generator, not both")
@@ -535,13 +527,10 @@ def generate(model, idx, max_new_tokens, *, seed=None, on_token=None, **options)
 
 # GPT-2's tokenizer is byte-level byte-pair encoding (BPE): a regular expression cuts the text
 # into pieces (words with their leading space, numbers, punctuation, runs of spaces), each piece
-# becomes its UTF-8 bytes, and the pair of adjacent tokens that ranks lowest in the vocabulary's
-# merge list is merged, again and again, until no pair is in the list. tiktoken runs it fast;
-# section 6 reads other vocabularies (tokenizer.json) into the same machinery.
-#
-# One rule for the text of special tokens, everywhere (prompts, corpora, instruction data,
-# classified messages, benchmark items): text that spells a special or added token, such as
-# "<|endoftext|>" or SmolLM2's "<|im_start|>", IS that token, as in transformers and llama.cpp.
+# becomes its UTF-8 bytes, and the adjacent pair that ranks lowest in the merge list is merged,
+# again and again, until no pair is in the list. tiktoken runs it fast.
+# One rule for special tokens, everywhere: text that spells one, such as "<|endoftext|>" or
+# SmolLM2's "<|im_start|>", IS that token, as in transformers and llama.cpp.
 
 
 class Tokenizer(tiktoken.Encoding):
@@ -549,16 +538,12 @@ class Tokenizer(tiktoken.Encoding):
 
     eot_id:  the end-of-text token (ends documents and answers, pads batches); `eot_token` too
     bos_id:  the begin token its configuration names (GPT-2: <|endoftext|>), or None; perplexity
-             and empty benchmark contexts start with it, else with eot_id (lm-evaluation-harness'
-             prefix token)
-    add_bos: whether a whole text starts with bos_id, as Llama 3's post-processor adds
-             <|begin_of_text|> (see `encode`)
+             and empty benchmark contexts start with it, else with eot_id
+    add_bos: whether a whole text starts with bos_id, as Llama 3's <|begin_of_text|> (`encode`)
     nfc:     apply Unicode NFC normalisation before encoding (Qwen's normalizer)
-    missing: ids of stand-ins for bytes the vocabulary lacks; the reference drops such bytes,
-             so does `encode`, with a warning the first time
-    files:   {file name: text} of the Hugging Face tokenizer files it was read from
-             (tokenizer.json, tokenizer_config.json, chat_template.jinja, ...); {} for GPT-2's.
-             Checkpoints and exports carry them whole (`state`), never a path.
+    missing: ids of stand-ins for bytes the vocabulary lacks; `encode` drops them, as the reference
+    files:   {file name: text} of the Hugging Face tokenizer files it was read from ({} for GPT-2);
+             checkpoints and exports carry them whole (`state`), never a path
     """
 
     def __init__(self, *, eot_id, bos_id=None, add_bos=False, nfc=False, missing=(), files=None, **encoding):
@@ -624,9 +609,8 @@ def text_to_token_ids(text, device=None, tokenizer=None):
 
 def token_ids_to_text(token_ids, tokenizer=None):
     """Token ids (LongTensor [n] or [1, n], or a list of ints) -> text, with GPT-2's tokenizer
-    unless another is given. Ids past the tokenizer's last one have no text and are left out:
-    a model may have more embedding rows than its tokenizer has tokens (Qwen3: 151,936 for
-    151,669), and a random or barely trained one may generate them."""
+    unless another is given. Ids past the tokenizer's last one (a model may have more embedding
+    rows than tokens: Qwen3 151,936 for 151,669) have no text and are left out."""
     if isinstance(token_ids, torch.Tensor):
         token_ids = token_ids.reshape(-1).tolist()
     tokenizer = tokenizer or get_tokenizer()
