@@ -1509,6 +1509,19 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     assert classifier.labels == fc.CLASS_NAMES and classifier.lm_head.weight.shape == (2, 32)
 
 
+def test_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
+    def save_on_a_full_disk(obj, f):  # torch's zip writer reports a failed write as a RuntimeError
+        f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5568 vs 5462")
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    (tmp_path / "model.pt").write_bytes(b"the earlier checkpoint")
+    with pytest.raises(OSError, match=r"cannot write .*model\.pt: the write failed \(is the disk full\?\)"):
+        gpt.atomic_save({"step": 1}, tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").read_bytes() == b"the earlier checkpoint"
+    assert os.listdir(tmp_path) == ["model.pt"]
+
+
 # ========================================================================================
 # gpt.py: the plumbing the stages share (flags, run folders, errors, files)
 # ========================================================================================
@@ -2066,10 +2079,31 @@ def test_every_flag_has_a_help_line_with_its_default(script, capsys):
             assert "default" in entry, entry
 
 
+@pytest.mark.parametrize("script, flag", [(load_gpt2, "--cache-dir"), (pretrain, "--cache-dir"), (pretrain, "--token-dir"),
+                                          (fc, "--cache-dir"), (instruct, "--cache-dir")],
+                         ids=["load_gpt2", "pretrain", "pretrain-tokens", "classify", "instruct"])
+def test_folder_flag_that_is_a_file_names_the_flag(tmp_path, capsys, script, flag):
+    (tmp_path / "notes.txt").write_text("a file")
+    for given, which in [("notes.txt", ""), ("notes.txt/cache", f" {tmp_path / 'notes.txt'}")]:
+        with pytest.raises(SystemExit) as exit_info:
+            script.main([flag, str(tmp_path / given), "--out-dir" if script is not load_gpt2 else "--prompt",
+                         str(tmp_path / "run")])
+        assert exit_info.value.code == 2  # argparse's usage error, before any work
+        err = capsys.readouterr().err
+        assert f"argument {flag}: {tmp_path / given}:{which} is a file, not a folder" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_early_keeps_a_folder_that_was_there_before(tmp_path):
+    (tmp_path / "mine").mkdir()  # a made folder is removed again: each bad-input table checks that
+    with pytest.raises(SystemExit, match="missing.txt"):
+        pretrain.main(["--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "mine")])
+    assert (tmp_path / "mine").is_dir()
+
+
 # ========================================================================================
 # load_gpt2.py: measuring a model (benchmarks, perplexity, contamination, probes)
 # ========================================================================================
-
 
 
 def _continuation_logprob(model, context_ids, continuation_ids):
@@ -3901,6 +3935,16 @@ def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
     assert not (tmp_path / "responses-scored.json").exists()
 
 
+@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"models": 5}', b"<html>not Ollama</html>"],
+                         ids=["list", "no-models", "models-number", "not-json"])
+def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, local_server, body):
+    server = local_server({"/api/tags": answer(body, Content_Type="application/json")})
+    path, _ = _instruct_responses_file(tmp_path, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
+    assert exit_info.value.code.startswith(f"error: the server at {server.url} answered an unexpected reply: ")
+
+
 @pytest.fixture
 def _instruct_tiny_run(tmp_path_factory):
     """A tiny random GPT checkpoint and a 12-entry data file (split 10 / 1 / 1)."""
@@ -4368,6 +4412,151 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
 
 
 # ========================================================================================
+# gpt.load: the tokenizer travels with the model (special tokens, chat templates, checkpoints)
+# ========================================================================================
+
+SMOL_CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                      "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                      "{% endif %}")
+
+
+def _smol_instruct_folder(folder, trained_tokenizers, template_file=True):
+    """A tiny random Llama (vocabulary 1024, context 64) saved with save_pretrained beside a
+    SmolLM2-Instruct-style tokenizer: the trained SmolLM2 tokenizer.json with the added tokens
+    <|im_start|> and <|im_end|>, a tokenizer_config.json naming them begin and end (and pad,
+    unk), and the chat template (chat_template.jinja, or an entry of tokenizer_config.json)
+    -> (transformers model, folder)."""
+    from tokenizers import Tokenizer
+
+    reference = save_hf_family(folder, "llama", vocab_size=1024, max_position_embeddings=64, num_key_value_heads=2,
+                               tie_word_embeddings=False)
+    tokenizer = Tokenizer.from_file(str(trained_tokenizers["smollm2"][1] / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+              "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "model_max_length": 64}
+    if template_file:
+        (folder / "chat_template.jinja").write_text(SMOL_CHAT_TEMPLATE)
+    else:
+        config["chat_template"] = SMOL_CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return reference, folder
+
+
+def _llama3_classifier_folder(folder, trained_tokenizers):
+    """A tiny random Llama beside the Llama-3-style tokenizer (its post-processor puts
+    <|begin_of_text|> before a text) -> folder."""
+    save_hf_family(folder, "llama", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
+                   tie_word_embeddings=False)
+    (folder / "tokenizer.json").write_bytes((trained_tokenizers["llama3"][1] / "tokenizer.json").read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    return folder
+
+
+def test_llama_family_loads_from_its_safetensors_file(family_models, trained_tokenizers, tmp_path):
+    reference = save_hf_family(tmp_path / "model", "llama", vocab_size=1000, max_position_embeddings=64,
+                               num_key_value_heads=2, tie_word_embeddings=False)
+    (tmp_path / "model" / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
+    model, tokenizer = gpt.load(tmp_path / "model" / "model.safetensors")  # config.json beside it
+    assert type(model) is gpt.LlamaModel and tokenizer.n_vocab == 1000
+    idx = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_llama3_classifier_export_gives_transformers_our_probabilities(trained_tokenizers, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, tokenizer = gpt.load(_llama3_classifier_folder(tmp_path / "model", trained_tokenizers))
+    assert tokenizer.add_bos and tokenizer.bos_id == tokenizer.encode("<|begin_of_text|>")[0]
+    torch.manual_seed(1)
+    fc.add_classification_head(model)
+    texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Call me <|end_of_text|>"]
+    ours = fc.classify_texts(model, texts, 64, tokenizer)  # padded with tokenizer.eot_id
+    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer, max_length=64)
+    reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
+    assert problems == []
+    batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
+    assert batch["input_ids"][:, 0].tolist() == [tokenizer.bos_id] * 4  # <|begin_of_text|> first, as ours
+    with torch.no_grad():
+        theirs = reference(**batch).logits.softmax(dim=-1)[:, 1]
+    assert theirs.tolist() == pytest.approx(ours, abs=1e-5)
+
+
+@pytest.mark.parametrize("template_file", [True, False], ids=["chat_template.jinja", "chat_template entry"])
+def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path, template_file):
+    from transformers import AutoTokenizer
+
+    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers, template_file)
+    reference = AutoTokenizer.from_pretrained(folder)
+    _, tokenizer = gpt.load(folder)
+    start = reference.convert_tokens_to_ids("<|im_start|>")
+    assert tokenizer.encode("<|im_start|>") == [start]
+
+    def hf(text):
+        return reference(text)["input_ids"]
+
+    text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+    assert start in hf(text)
+    assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
+    pieces = ["Call me <|im_", "start|> later", "<|im_end|>\n<|im_start|>"]  # (2) a pretraining corpus
+    assert [i for ids in pretrain.encode_pieces(pieces, tokenizer) for i in ids] == hf("".join(pieces))
+    entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
+    [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
+    assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
+    assert prompt_length == len(hf(instruct.format_prompt(entry))) and ids.count(start) == 2
+    [message] = fc.tokenize_messages(["Free <|im_start|> prize"], 64, tokenizer)  # (4) a classified message
+    assert message.tolist() == hf("Free <|im_start|> prize")
+    context, continuation = load_gpt2.encode_pair("Q: <|im_start|>", " A<|im_end|>", tokenizer)  # (5) a benchmark item
+    assert context == hf("Q: <|im_start|>") and context + continuation == hf("Q: <|im_start|> A<|im_end|>")
+
+
+def test_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
+    model, tokenizer = gpt.load(folder)
+    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
+    start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert config["bos_token_id"] == generation["bos_token_id"] == start != end
+    assert config["eos_token_id"] == generation["eos_token_id"] == end
+    assert config["pad_token_id"] == end and config["unk_token_id"] == tokenizer.encode("<|endoftext|>")[0]
+    chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                             tokenize=False)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+def test_prefix_id_is_the_begin_token_else_the_end_token(trained_tokenizers, tmp_path):
+    _, tokenizer = gpt.load(_smol_instruct_folder(tmp_path / "smol", trained_tokenizers)[1])
+    assert load_gpt2.prefix_id(tokenizer) == tokenizer.encode("<|im_start|>")[0] != tokenizer.eot_id
+    qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
+    assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
+    assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
+    assert load_gpt2.encode_pair("", " Paris", tokenizer)[0] == [tokenizer.encode("<|im_start|>")[0]]
+
+
+def test_checkpoint_carries_its_tokenizer(trained_tokenizers, tmp_path):
+    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
+    model, tokenizer = gpt.load(folder)
+    gpt.save_checkpoint(tmp_path / "model.pt", model, tokenizer)
+    text = "<|im_start|>user\nDon't stop: 12 steps<|im_end|>"
+    expected = tokenizer.encode(text, bos=True)
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    loaded, carried = gpt.load(tmp_path / "model.pt")
+    assert carried.encode(text, bos=True) == expected and carried.bos_id == tokenizer.bos_id
+    assert carried.files == tokenizer.files and carried.eot_id == tokenizer.eot_id
+    idx = torch.tensor([expected])
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+# ========================================================================================
 # On a CUDA GPU: what differs there (these run where a GPU is present; CI has none)
 # ========================================================================================
 
@@ -4563,215 +4752,3 @@ def test_readme_gpt_py_example_runs(capsys):
     code = code.replace('gpt.load("gpt2")', "(MODEL, gpt.get_tokenizer())")
     exec(compile(code, "README.md", "exec"), {"MODEL": tiny_model(context_length=64)})
     assert capsys.readouterr().out.startswith("Every effort moves you")
-
-
-# --- Small reliability fixes ---
-
-
-@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"models": 5}', b"<html>not Ollama</html>"],
-                         ids=["list", "no-models", "models-number", "not-json"])
-def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, local_server, body):
-    server = local_server({"/api/tags": answer(body, Content_Type="application/json")})
-    path, _ = _instruct_responses_file(tmp_path, 1)
-    with pytest.raises(SystemExit) as exit_info:
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
-    assert exit_info.value.code.startswith(f"error: the server at {server.url} answered an unexpected reply: ")
-
-
-@pytest.mark.parametrize("script, flag", [(load_gpt2, "--cache-dir"), (pretrain, "--cache-dir"), (pretrain, "--token-dir"),
-                                          (fc, "--cache-dir"), (instruct, "--cache-dir")],
-                         ids=["load_gpt2", "pretrain", "pretrain-tokens", "classify", "instruct"])
-def test_folder_flag_that_is_a_file_names_the_flag(tmp_path, capsys, script, flag):
-    (tmp_path / "notes.txt").write_text("a file")
-    for given, which in [("notes.txt", ""), ("notes.txt/cache", f" {tmp_path / 'notes.txt'}")]:
-        with pytest.raises(SystemExit) as exit_info:
-            script.main([flag, str(tmp_path / given), "--out-dir" if script is not load_gpt2 else "--prompt",
-                         str(tmp_path / "run")])
-        assert exit_info.value.code == 2  # argparse's usage error, before any work
-        err = capsys.readouterr().err
-        assert f"argument {flag}: {tmp_path / given}:{which} is a file, not a folder" in err and "Traceback" not in err
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("script, flags, message", [
-    (pretrain, ["--data", "{tmp}/missing.txt"], "missing.txt"),
-    (fc, ["--data", "{tmp}/sms.tsv", "--model", "{tmp}/missing.pt"], "missing.pt"),
-    (instruct, ["--data", "{tmp}/data.json", "--model", "{tmp}/missing.pt"], "missing.pt"),
-], ids=["pretrain", "classify", "instruct"])
-def test_run_that_fails_early_leaves_no_empty_run_folder(tmp_path, script, flags, message):
-    _classify_sms_slice(tmp_path)
-    (tmp_path / "data.json").write_text(json.dumps([{"instruction": f"Task {i}.", "output": "Done."} for i in range(10)]))
-    flags = [flag.format(tmp=tmp_path) for flag in flags]
-    with pytest.raises(SystemExit, match=message):
-        script.main([*flags, "--out-dir", str(tmp_path / "runs" / "x")])
-    assert not (tmp_path / "runs").exists()  # the run folder, and the folder it made above it
-    (tmp_path / "mine").mkdir()  # a folder that was there before stays
-    with pytest.raises(SystemExit, match=message):
-        script.main([*flags, "--out-dir", str(tmp_path / "mine")])
-    assert (tmp_path / "mine").is_dir()
-
-
-
-
-# ========================================================================================
-# --- A model travels whole ---
-# (configuration, weights, tokenizer): `gpt.load` of any source, checkpoints and exports
-# that carry the tokenizer by content, one rule for special-token text
-# ========================================================================================
-
-SMOL_CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-                      "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-                      "{% endif %}")
-
-
-def _smol_instruct_folder(folder, trained_tokenizers, template_file=True):
-    """A tiny random Llama (vocabulary 1024, context 64) saved with save_pretrained beside a
-    SmolLM2-Instruct-style tokenizer: the trained SmolLM2 tokenizer.json with the added tokens
-    <|im_start|> and <|im_end|>, a tokenizer_config.json naming them begin and end (and pad,
-    unk), and the chat template (chat_template.jinja, or an entry of tokenizer_config.json)
-    -> (transformers model, folder)."""
-    from tokenizers import Tokenizer
-
-    reference = save_hf_family(folder, "llama", vocab_size=1024, max_position_embeddings=64, num_key_value_heads=2,
-                               tie_word_embeddings=False)
-    tokenizer = Tokenizer.from_file(str(trained_tokenizers["smollm2"][1] / "tokenizer.json"))
-    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    tokenizer.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-              "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "model_max_length": 64}
-    if template_file:
-        (folder / "chat_template.jinja").write_text(SMOL_CHAT_TEMPLATE)
-    else:
-        config["chat_template"] = SMOL_CHAT_TEMPLATE
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return reference, folder
-
-
-def _llama3_classifier_folder(folder, trained_tokenizers):
-    """A tiny random Llama beside the Llama-3-style tokenizer (its post-processor puts
-    <|begin_of_text|> before a text) -> folder."""
-    save_hf_family(folder, "llama", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
-                   tie_word_embeddings=False)
-    (folder / "tokenizer.json").write_bytes((trained_tokenizers["llama3"][1] / "tokenizer.json").read_bytes())
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
-    return folder
-
-
-def test_whole_llama_family_loads_from_its_safetensors_file(family_models, trained_tokenizers, tmp_path):
-    reference = save_hf_family(tmp_path / "model", "llama", vocab_size=1000, max_position_embeddings=64,
-                               num_key_value_heads=2, tie_word_embeddings=False)
-    (tmp_path / "model" / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
-    model, tokenizer = gpt.load(tmp_path / "model" / "model.safetensors")  # config.json beside it
-    assert type(model) is gpt.LlamaModel and tokenizer.n_vocab == 1000
-    idx = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
-
-
-def test_whole_llama3_classifier_export_gives_transformers_our_probabilities(trained_tokenizers, tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model, tokenizer = gpt.load(_llama3_classifier_folder(tmp_path / "model", trained_tokenizers))
-    assert tokenizer.add_bos and tokenizer.bos_id == tokenizer.encode("<|begin_of_text|>")[0]
-    torch.manual_seed(1)
-    fc.add_classification_head(model)
-    texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Call me <|end_of_text|>"]
-    ours = fc.classify_texts(model, texts, 64, tokenizer)  # padded with tokenizer.eot_id
-    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer, max_length=64)
-    reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
-    assert problems == []
-    batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
-    assert batch["input_ids"][:, 0].tolist() == [tokenizer.bos_id] * 4  # <|begin_of_text|> first, as ours
-    with torch.no_grad():
-        theirs = reference(**batch).logits.softmax(dim=-1)[:, 1]
-    assert theirs.tolist() == pytest.approx(ours, abs=1e-5)
-
-
-@pytest.mark.parametrize("template_file", [True, False], ids=["chat_template.jinja", "chat_template entry"])
-def test_whole_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path, template_file):
-    from transformers import AutoTokenizer
-
-    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers, template_file)
-    reference = AutoTokenizer.from_pretrained(folder)
-    _, tokenizer = gpt.load(folder)
-    start = reference.convert_tokens_to_ids("<|im_start|>")
-    assert tokenizer.encode("<|im_start|>") == [start]
-
-    def hf(text):
-        return reference(text)["input_ids"]
-
-    text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
-    assert start in hf(text)
-    assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
-    pieces = ["Call me <|im_", "start|> later", "<|im_end|>\n<|im_start|>"]  # (2) a pretraining corpus
-    assert [i for ids in pretrain.encode_pieces(pieces, tokenizer) for i in ids] == hf("".join(pieces))
-    entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
-    [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
-    assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
-    assert prompt_length == len(hf(instruct.format_prompt(entry))) and ids.count(start) == 2
-    [message] = fc.tokenize_messages(["Free <|im_start|> prize"], 64, tokenizer)  # (4) a classified message
-    assert message.tolist() == hf("Free <|im_start|> prize")
-    context, continuation = load_gpt2.encode_pair("Q: <|im_start|>", " A<|im_end|>", tokenizer)  # (5) a benchmark item
-    assert context == hf("Q: <|im_start|>") and context + continuation == hf("Q: <|im_start|> A<|im_end|>")
-
-
-def test_whole_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tmp_path):
-    from transformers import AutoTokenizer
-
-    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
-    model, tokenizer = gpt.load(folder)
-    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
-    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
-    start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
-    assert config["bos_token_id"] == generation["bos_token_id"] == start != end
-    assert config["eos_token_id"] == generation["eos_token_id"] == end
-    assert config["pad_token_id"] == end and config["unk_token_id"] == tokenizer.encode("<|endoftext|>")[0]
-    chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
-                                                                             tokenize=False)
-    assert chat == "<|im_start|>user\nhi<|im_end|>\n"
-
-
-def test_whole_prefix_id_is_the_begin_token_else_the_end_token(trained_tokenizers, tmp_path):
-    _, tokenizer = gpt.load(_smol_instruct_folder(tmp_path / "smol", trained_tokenizers)[1])
-    assert load_gpt2.prefix_id(tokenizer) == tokenizer.encode("<|im_start|>")[0] != tokenizer.eot_id
-    qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
-    assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
-    assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
-    assert load_gpt2.encode_pair("", " Paris", tokenizer)[0] == [tokenizer.encode("<|im_start|>")[0]]
-
-
-def test_whole_checkpoint_carries_its_tokenizer(trained_tokenizers, tmp_path):
-    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
-    model, tokenizer = gpt.load(folder)
-    gpt.save_checkpoint(tmp_path / "model.pt", model, tokenizer)
-    text = "<|im_start|>user\nDon't stop: 12 steps<|im_end|>"
-    expected = tokenizer.encode(text, bos=True)
-    for path in folder.iterdir():
-        path.unlink()
-    folder.rmdir()
-    loaded, carried = gpt.load(tmp_path / "model.pt")
-    assert carried.encode(text, bos=True) == expected and carried.bos_id == tokenizer.bos_id
-    assert carried.files == tokenizer.files and carried.eot_id == tokenizer.eot_id
-    idx = torch.tensor([expected])
-    with torch.no_grad():
-        assert torch.equal(loaded(idx), model(idx))
-    old_style = {**gpt.load_checkpoint(tmp_path / "model.pt"), "tokenizer": str(folder)}  # a path, as before a2420df
-    torch.save(old_style, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match="names its tokenizer by a path .*train it again"):
-        gpt.load(tmp_path / "old.pt")
-
-
-def test_whole_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
-    def save_on_a_full_disk(obj, f):  # torch's zip writer reports a failed write as a RuntimeError
-        f.write(b"half")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5568 vs 5462")
-
-    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
-    (tmp_path / "model.pt").write_bytes(b"the earlier checkpoint")
-    with pytest.raises(OSError, match=r"cannot write .*model\.pt: the write failed \(is the disk full\?\)"):
-        gpt.atomic_save({"step": 1}, tmp_path / "model.pt")
-    assert (tmp_path / "model.pt").read_bytes() == b"the earlier checkpoint"
-    assert os.listdir(tmp_path) == ["model.pt"]
