@@ -984,18 +984,20 @@ def test_family_load_gpt2_perplexity_and_hellaswag_equal_transformers(trained_to
     assert results["acc_norm"] == float(max(range(4), key=normalised.__getitem__) == item["label"])
 
 
-def test_family_load_gpt2_download_only_fetches_model_and_tokenizer(trained_tokenizers, local_server, monkeypatch,
-                                                                      tmp_path, capsys):
+def test_load_gpt2_download_only_fetches_model_and_tokenizer_into_cache_dir(trained_tokenizers, small_pair,
+                                                                             local_server, monkeypatch, tmp_path, capsys):
     family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "smollm2", "Hi")
     files = {f"/owner/smol/resolve/main/{p.name}": p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    data = small_pair[1].read_bytes()
+    files["/openai-community/gpt2-medium/resolve/main/model.safetensors"] = data
     monkeypatch.setenv("HF_ENDPOINT", local_server(files).url)
     load_gpt2.main(["--model", "owner/smol", "--download-only", "--cache-dir", str(tmp_path / "mine")])
     assert capsys.readouterr().out == f"owner/smol is in {tmp_path / 'mine' / 'owner' / 'smol'}\n"
-    downloaded = {p.name for p in (tmp_path / "mine" / "owner" / "smol").iterdir() if p.suffix != ".lock"}
+    downloaded = {p.name for p in (tmp_path / "mine" / "owner" / "smol").iterdir()}
     assert downloaded == {"config.json", "model.safetensors", "tokenizer.json"}
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", str(tmp_path / "model"), "--download-only"])
-    assert exit_info.value.code == 2  # a folder is no name to download
+    load_gpt2.main(["--model", "gpt2-medium", "--download-only", "--cache-dir", str(tmp_path / "mine")])
+    assert (tmp_path / "mine" / "gpt2-medium" / "model.safetensors").read_bytes() == data
+    assert capsys.readouterr().out == f"gpt2-medium is in {tmp_path / 'mine' / 'gpt2-medium'}\n"
 
 
 @pytest.mark.parametrize("style, config", [
@@ -1471,28 +1473,23 @@ def test_gpt2_file_without_config_says_what_it_assumed(tmp_path, capsys):
 # ========================================================================================
 
 
-def test_checkpoint_round_trip_through_load_gpt2(tmp_path):
-    model = tiny_model()
-    gpt.save_checkpoint(tmp_path / "ckpt.pt", model, gpt.get_tokenizer(), step=7)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
-    loaded = load_lm(tmp_path / "ckpt.pt")
-    assert loaded.cfg == model.cfg
-    assert gpt.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
-    idx = torch.randint(0, 50257, (1, 16))
-    with torch.no_grad():
-        assert torch.equal(loaded(idx), model(idx))
-    assert loaded.lm_head.weight is loaded.wte.weight
-
-
-def test_checkpoint_of_a_compiled_or_ddp_model_has_plain_keys(tmp_path):
-    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel
+def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model(tmp_path):
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel and torch.compile
         def __init__(self, module):
             super().__init__()
             self.module = module
 
-    gpt.save_checkpoint(tmp_path / "ckpt.pt", Wrapper(tiny_model()), gpt.get_tokenizer())
-    keys = gpt.load_checkpoint(tmp_path / "ckpt.pt")["model"].keys()
-    assert "wte.weight" in keys and not any(k.startswith("module.") for k in keys)
+    model = tiny_model()
+    gpt.save_checkpoint(tmp_path / "ckpt.pt", Wrapper(model), gpt.get_tokenizer(), step=7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
+    checkpoint = gpt.load_checkpoint(tmp_path / "ckpt.pt")
+    assert checkpoint["step"] == 7 and "wte.weight" in checkpoint["model"]
+    assert not any(k.startswith("module.") for k in checkpoint["model"])
+    loaded = load_lm(tmp_path / "ckpt.pt")
+    assert loaded.cfg == model.cfg and loaded.lm_head.weight is loaded.wte.weight
+    idx = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
@@ -1756,16 +1753,6 @@ def test_load_gpt2_script_output_into_a_closed_pipe_is_quiet(tmp_path):
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
     assert len(result.stdout) == 10
     assert result.stderr == ""  # no BrokenPipeError traceback
-
-
-def test_load_gpt2_script_download_only_into_cache_dir(local_server, small_pair, monkeypatch, tmp_path, capsys):
-    data = small_pair[1].read_bytes()
-    server = local_server({"/openai-community/gpt2-medium/resolve/main/model.safetensors": data},
-                         headers={"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"'})
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    load_gpt2.main(["--model", "gpt2-medium", "--download-only", "--cache-dir", str(tmp_path / "mine")])
-    assert (tmp_path / "mine" / "gpt2-medium" / "model.safetensors").read_bytes() == data
-    assert capsys.readouterr().out == f"gpt2-medium is in {tmp_path / 'mine' / 'gpt2-medium'}\n"
 
 
 # ========================================================================================
@@ -2065,18 +2052,27 @@ def test_export_classifier_reads_and_exports_again_a_transformers_classifier(tmp
 # ========================================================================================
 
 
-@pytest.mark.parametrize("script", [load_gpt2, pretrain, fc, instruct], ids=lambda script: script.__name__)
-def test_every_flag_has_a_help_line_with_its_default(script, capsys):
+@pytest.mark.parametrize("script, rules", [
+    (load_gpt2, []),
+    (pretrain, ["refuses an --out-dir that holds another run: --resume continues that run", "--overwrite deletes it "
+                "first", "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops"]),
+    (fc, ["refused unless --overwrite"]),
+    (instruct, []),
+], ids=lambda value: getattr(value, "__name__", ""))
+def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(script, rules, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
     assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
     # One entry per flag: "  --flag METAVAR  help", continued on lines indented further.
-    entries = re.findall(r"^  (-.*(?:\n   +.*)*)", capsys.readouterr().out, re.M)
+    entries = re.findall(r"^  (-.*(?:\n   +.*)*)", help_text, re.M)
     assert len(entries) > 5
     for entry in entries:
         takes_a_value = re.match(r"(-\w, )?--[\w-]+ [A-Z{]", entry)  # on/off flags show no default
         if takes_a_value:
             assert "default" in entry, entry
+    help_text = " ".join(re.sub(r"-\n +", "-", help_text).split())  # words cut at hyphens joined
+    assert all(rule in help_text for rule in rules)
 
 
 @pytest.mark.parametrize("script, flag", [(load_gpt2, "--cache-dir"), (pretrain, "--cache-dir"), (pretrain, "--token-dir"),
@@ -2543,17 +2539,6 @@ def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
         list(pretrain.read_text_pieces(f, chunk_bytes=2))
 
 
-def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
-    text = _pretrain_text(200) + "Tabs\t \nand  spaces \n\n\nend<|endoftext|>Naïve café\n 42\n"
-    path = tmp_path / "t.txt"
-    path.write_text(text, encoding="utf-8")
-    whole = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
-    with open(path, "rb") as f:
-        pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
-    assert len(pieces) > 10  # it really cut the text
-    assert [i for ids in pieces for i in ids] == whole
-
-
 class _CountingFile(io.FileIO):
     """A binary file that records the size of every read."""
 
@@ -2566,19 +2551,19 @@ class _CountingFile(io.FileIO):
         return super().read(size)
 
 
-def test_pretrain_crlf_corpus_streams_and_gives_the_tokens_of_lf(tmp_path):
-    text = _pretrain_text(200) + "\n\nA last line.\n"
+def test_pretrain_streamed_crlf_and_cr_corpora_give_the_tokens_of_the_whole_lf_text(tmp_path):
+    text = _pretrain_text(200) + "Tabs\t \nand  spaces \n\n\nend<|endoftext|>Naïve café\n 42\n\nA last line.\n"
     lf, crlf, cr = tmp_path / "lf.txt", tmp_path / "crlf.txt", tmp_path / "cr.txt"
     lf.write_bytes(text.encode())
     crlf.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())  # as Windows editors save it
     cr.write_bytes(text.replace("\n", "\r").encode())
-    expected = gpt.get_tokenizer().encode(text)
+    expected = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
     for path in (lf, crlf, cr):
         f = _CountingFile(path)
         with f:
-            pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=64), gpt.get_tokenizer()))
+            pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
         assert [i for ids in pieces for i in ids] == expected, path.name
-        assert len(f.read_sizes) > 100 and set(f.read_sizes) <= {3, 64}  # the BOM check, then chunks: never all
+        assert len(f.read_sizes) > 100 and set(f.read_sizes) <= {3, 37}  # the BOM check, then chunks: never all
         assert max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text at once
     n_lf = pretrain.write_token_file([lf], tmp_path / "lf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
     n_crlf = pretrain.write_token_file([crlf], tmp_path / "crlf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
@@ -2746,20 +2731,6 @@ def test_pretrain_folder_of_another_run_is_refused_or_overwritten(tmp_path, pret
     assert gpt.load_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 1
 
 
-def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, monkeypatch):
-    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--overwrite")
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(pretrain, "evaluate_loss", out_of_memory)
-        with pytest.raises(SystemExit) as e:
-            pretrain.main(argv)
-    hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
-    assert str(e.value) == "error: out of memory: " + hint
-
-
 def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
     def interrupted(pieces, tokenizer):
         yield [1, 2, 3]
@@ -2864,15 +2835,6 @@ def test_pretrain_edge_values_are_accepted():
     argv += ["--min-lr-ratio", "0", "--warmup-steps", "0", "--weight-decay", "0", "--seed", str(2**63 - 1)]
     args = pretrain.parse_settings(argv)
     assert (args.grad_clip, args.min_lr_ratio, args.seed, args.n_heads) == (0.0, 0.0, 2**63 - 1, 8)
-
-
-def test_pretrain_help_says_the_run_folder_rule(capsys):
-    with pytest.raises(SystemExit):
-        pretrain.main(["--help"])
-    help_text = " ".join(re.sub(r"-\n +", "-", capsys.readouterr().out).split())  # words cut at hyphens joined
-    assert "refuses an --out-dir that holds another run: --resume continues that run" in help_text
-    assert "--overwrite deletes it first" in help_text
-    assert "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops" in help_text
 
 
 def test_pretrain_bfloat16_on_cpu_warns(tmp_path, monkeypatch, capsys):
@@ -2982,14 +2944,26 @@ def test_pretrain_size_of_a_llama_shape_trains_from_scratch_with_its_hub_tokeniz
     assert array.array("H", token_path.read_bytes()).tolist() == reference.encode(pretrain_text_file.read_text()).ids
 
 
-def test_pretrain_memory_check_says_when_the_weights_alone_do_not_fit(tmp_path, pretrain_text_file, monkeypatch):
-    monkeypatch.setattr(gpt, "training_memory", lambda model: 10**15)  # as for a model of 62 trillion parameters
-    with pytest.raises(SystemExit) as e:
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "1"))
+def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_flags(tmp_path, pretrain_text_file,
+                                                                                      monkeypatch):
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2")
+    with monkeypatch.context() as patch:
+        patch.setattr(gpt, "training_memory", lambda model: 10**15)  # as for a model of 62 trillion parameters
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(argv)
     assert str(e.value).startswith("error: training needs about 1000000.0 GB before activations")
     assert str(e.value).endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
                                  "or adapt this one with LoRA (the fine-tunes' --lora)")
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(pretrain, "evaluate_loss", out_of_memory)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(argv + ["--overwrite"])
+    hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
+    assert str(e.value) == "error: out of memory: " + hint
 
 
 # --- gpt.py: the training plumbing pretrain.py moved there (autocast, FLOPs, throughput) --
@@ -3473,7 +3447,7 @@ def test_classify_bfloat16_autocast_trains_and_stays_close(tmp_path):
     assert mixed["step_loss"] == pytest.approx(full["step_loss"], abs=0.05)
 
 
-def test_classify_folder_with_another_run_is_refused_unless_overwrite(tmp_path, capsys):
+def test_classify_folder_with_another_run_is_refused_unless_overwrite(tmp_path):
     argv = _classify_run_argv(tmp_path, "run", "--max-steps", "1")
     fc.main(argv)
     before = (tmp_path / "run" / "classifier.pt").read_bytes()
@@ -3486,9 +3460,6 @@ def test_classify_folder_with_another_run_is_refused_unless_overwrite(tmp_path, 
     (tmp_path / "run" / "loss-accuracy.png").unlink(missing_ok=True)  # a run without the plot is replaced as well
     fc.main(argv + ["--overwrite", "--seed", "5"])
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
-    with pytest.raises(SystemExit):
-        fc.main(["--help"])
-    assert "refused unless --overwrite" in " ".join(capsys.readouterr().out.split())
 
 
 def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkeypatch):
