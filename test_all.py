@@ -686,7 +686,7 @@ def test_family_new_model_checkpoint_round_trip_and_gpt2_names(tmp_path):
     assert model.h is model.layers and model.ln_f is model.norm and model.wte is model.embed_tokens  # GPT-2's names
     assert not any("c_proj" in name or "wpe" in name for name, _ in model.named_parameters())
     assert model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)  # scaled residual
-    gpt.save_checkpoint(tmp_path / "model.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "model.pt", model)
     loaded = load_lm(tmp_path / "model.pt")
     idx = torch.randint(0, 500, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -941,7 +941,7 @@ def test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token(train
     torch.save(old_style, tmp_path / "moved.pt")
     with pytest.raises(SystemExit, match="names its tokenizer by a path .* train it again"):
         load_gpt2.main(["--model", str(tmp_path / "moved.pt")])
-    gpt.save_checkpoint(tmp_path / "unnamed.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "unnamed.pt", model)
     with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
         load_gpt2.main(["--model", str(tmp_path / "unnamed.pt")])
 
@@ -1727,7 +1727,7 @@ def test_adamw_decays_matrices_only():
 
 def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt", model)
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello", "--max-new-tokens", "12"])
     out = capsys.readouterr().out
     expected = gpt.token_ids_to_text(gpt.generate(model, gpt.text_to_token_ids("Hello"), 12))
@@ -1745,7 +1745,7 @@ def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path
 
 
 def test_load_gpt2_script_output_into_a_closed_pipe_is_quiet(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt")
     command = f"{sys.executable} {Path(load_gpt2.__file__).resolve()} --model {tmp_path / 'tiny.pt'} | head -c 10"
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
     assert len(result.stdout) == 10
@@ -1872,7 +1872,7 @@ def test_export_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path
     torch.manual_seed(0)
     cfg = gpt.GPTConfig(family="llama", context_length=32, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=1)
     model = gpt.build_model(cfg).eval()
-    gpt.save_checkpoint(tmp_path / "model.pt", model, gpt.get_tokenizer())  # no tokenizer entry: GPT-2's
+    save_tiny(tmp_path / "model.pt", model)  # no tokenizer entry: GPT-2's
     folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "hf")
     assert not (folder / "tokenizer.json").exists() and (folder / "vocab.json").exists()
     assert tokenizer_and_eot(folder) == (gpt.get_tokenizer(), 50256)
@@ -1883,7 +1883,7 @@ def test_export_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path
 
 def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, capsys):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt", model)
     export = ["--model", str(tmp_path / "tiny.pt"), "--export-hf"]
     load_gpt2.main([*export, str(tmp_path / "hf"), "--dtype", "bfloat16"])
     out = capsys.readouterr().out
@@ -2137,7 +2137,7 @@ def test_benchmark_encode_pair_as_the_harness():
 
 def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt", model)
     encode = gpt.get_tokenizer().encode
     acc, acc_norm = [], []
     for item in load_gpt2.read_hellaswag(HELLASWAG_TINY):
@@ -2160,7 +2160,7 @@ def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path)
 
 def test_benchmark_mmlu_acc_per_subject_equals_hand_computation(tmp_path):
     model = tiny_model(context_length=128)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt", model)
     encode = gpt.get_tokenizer().encode
     right = collections.defaultdict(list)
     for item in load_gpt2.read_mmlu(MMLU_TINY, shots=2):
@@ -2273,7 +2273,7 @@ def test_contamination_finds_exactly_the_planted_overlaps(tmp_path):
 
 
 def test_contamination_reports_the_score_on_clean_items(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt")
     corpus = tmp_path / "corpus.txt"  # holds item 2 (query and gold ending)
     corpus.write_text("Washing a dog: a man lifts a muddy dog into a tub. The dog shakes water everywhere.\n")
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
@@ -2301,7 +2301,7 @@ def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts
     assert same == [load_gpt2.hellaswag_request(stories[2])]
     assert load_gpt2.reorder_sentences(stories[2])["ctx_a"] == (
         "The man laughs. The dog shakes water everywhere. A man lifts a muddy dog into a tub.")
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt", model)
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
                     str(HELLASWAG_TINY), "--probe", "--results", str(tmp_path / "r.json")])
     probe = json.loads((tmp_path / "r.json").read_text())["probe"]
@@ -2310,7 +2310,7 @@ def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts
 
 
 def test_benchmark_is_downloaded_once_and_counted(local_server, monkeypatch, tmp_path, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt")
     server = local_server({"/hellaswag_val.jsonl": HELLASWAG_TINY.read_bytes()})
     monkeypatch.setattr(load_gpt2, "HELLASWAG_URLS", [server.url + "/hellaswag_val.jsonl"])
     argv = ["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag"]
@@ -2349,7 +2349,7 @@ def full_disk_error(path):
 
 
 def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt")
     results = tmp_path / "results.json"
     results.write_text('{"an": "earlier run"}\n')
     failed = fill_the_disk(monkeypatch, lambda path: path.parent == tmp_path)
@@ -2776,6 +2776,7 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
 
 
 PRETRAIN_RUN = "--data {files}/story.txt --out-dir {run}"
+PRETRAIN_TINY = "--n-layers 1 --n-heads 2 --emb-dim 32 --context-length 32"  # the model is made before the data is read
 PRETRAIN_BAD_INPUTS = [
     # Flags, checked before any data or model work.
     (f"{PRETRAIN_RUN} --drop-rate 2", "argument --drop-rate: must be a number in [0, 1), got '2'"),
@@ -2796,13 +2797,12 @@ PRETRAIN_BAD_INPUTS = [
     (f"{PRETRAIN_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     # The data and the model.
-    ("--data {files}/missing.txt --out-dir {run}", "no such file or folder"),
-    ("--data {files}/empty.txt --out-dir {run}", "the file is empty"),
-    ("--data {files}/empty --out-dir {run}", "the folder holds no .txt file with text"),
-    ("--data {files}/not_mmlu --out-dir {run}", "the folder holds no .txt file with text"),
-    ("--data {files}/latin1.txt --out-dir {run}", "latin1.txt: invalid UTF-8 at byte 3"),
-    ("--data {files}/short.txt --out-dir {run} --context-length 32 --n-layers 2 --n-heads 2 --emb-dim 32",
-     "the training split has"),
+    (f"{PRETRAIN_TINY} --data {{files}}/missing.txt --out-dir {{run}}", "no such file or folder"),
+    (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "the file is empty"),
+    (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
+    (f"{PRETRAIN_TINY} --data {{files}}/not_mmlu --out-dir {{run}}", "the folder holds no .txt file with text"),
+    (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "latin1.txt: invalid UTF-8 at byte 3"),
+    (f"{PRETRAIN_TINY} --data {{files}}/short.txt --out-dir {{run}}", "the training split has"),
     (f"{PRETRAIN_RUN} --model {{files}}/empty", "{files}/empty holds no model: neither model.safetensors nor "
      "model.safetensors.index.json"),
     (f"{PRETRAIN_RUN} --model {{files}}/tiny.pt --context-length 128", "--context-length 128 is longer than the "
@@ -3909,7 +3909,7 @@ def _instruct_tiny_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("instruct")
     torch.manual_seed(0)
     model = gpt.GPTModel(gpt.GPTConfig(context_length=96, emb_dim=32, n_heads=2, n_layers=2))
-    gpt.save_checkpoint(folder / "tiny.pt", model, gpt.get_tokenizer())
+    save_tiny(folder / "tiny.pt", model)
     entries = [
         {"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"{i}", "output": f"{i}"}
         for i in range(12)
