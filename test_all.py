@@ -2454,7 +2454,7 @@ def _pretrain_free_port():
 # --- windows and batches -------------------------------------------------------------------
 
 
-def test_pretrain_window_count_and_target_shift():
+def test_pretrain_windows_count_shift_their_targets_and_do_not_overlap_in_evaluation():
     assert pretrain.count_windows(10, 4, 2) == 3  # starts 0, 2, 4; the last reads tokens 4..8
     assert pretrain.count_windows(10, 4, 4) == 2  # starts 0, 4
     assert pretrain.count_windows(5, 4, 1) == 1  # exactly context_length + 1 tokens
@@ -2465,6 +2465,9 @@ def test_pretrain_window_count_and_target_shift():
     assert inputs.dtype == torch.long and inputs.shape == targets.shape == (2, 4)
     assert inputs.tolist() == [[0, 1, 2, 3], [5, 6, gpt.EOT_ID, 8]]
     assert targets.tolist() == [[1, 2, 3, 4], [6, gpt.EOT_ID, 8, 9]]
+    # Evaluation windows do not overlap: 9 windows available, 3 spread evenly.
+    assert pretrain.evaluation_starts(n_tokens=100, context_length=10, max_windows=3) == [0, 30, 60]
+    assert pretrain.evaluation_starts(25, 10, 50) == [0, 10]
 
 
 def test_pretrain_rank_offset_batches_equal_one_process_batch():
@@ -2480,12 +2483,6 @@ def test_pretrain_rank_offset_batches_equal_one_process_batch():
     assert single == epoch1[2:6]  # samples 12 to 15
     assert pretrain.micro_batch_starts(splits, 8, 0, 4) == epoch0[8:10] + epoch1[0:2]  # across the epochs' border
     assert epoch0 == [3 * int(i) for i in torch.randperm(10, generator=torch.Generator().manual_seed(100_003))]
-
-
-def test_pretrain_evaluation_windows_do_not_overlap():
-    starts = pretrain.evaluation_starts(n_tokens=100, context_length=10, max_windows=3)
-    assert starts == [0, 30, 60]  # 9 windows available, 3 spread evenly
-    assert pretrain.evaluation_starts(25, 10, 50) == [0, 10]
 
 
 # --- data preparation ------------------------------------------------------------------------
