@@ -646,7 +646,8 @@ def test_family_smollm2_135m_preset_is_what_its_transformers_config_gives():
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
                          tie_word_embeddings=True, rms_norm_eps=1e-5)
     cfg = gpt.config_from_hub(json.loads(config.to_json_string()))
-    assert dataclasses.replace(cfg, head_dim=None) == gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"]  # transformers 5 writes head_dim 64
+    preset = gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"]
+    assert dataclasses.replace(cfg, head_dim=None) == preset  # transformers 5 writes head_dim 64
 
 
 def test_family_presets_have_the_published_sizes():
@@ -3807,16 +3808,24 @@ def _instruct_responses_file(tmp_path, n):
     return path, entries
 
 
-def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
+def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_path, capsys, _instruct_ollama):
     url = _instruct_ollama.url
-    path, entries = _instruct_responses_file(tmp_path, 3)
+    path, entries = _instruct_responses_file(tmp_path, 11)
     before = path.read_bytes()
-    _instruct_ollama.answers = ["80", "Score: 60 - mostly right.", "I cannot judge this."]
+    _instruct_ollama.answers = [
+        "80", "Score: 60 - mostly right.", "I cannot judge this.",
+        '{"score": 92.5}',  # the text structured output sends
+        85, {"score": 80}, None, [85], {"rating": 85},  # JSON values instead of text
+        "",  # an empty reply
+        '{"score": -5}',  # out of range
+    ]
     instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
     out = capsys.readouterr().out
-    assert "mean score 70.00 over 2 entries; 1 could not be scored" in out
+    assert "mean score 79.50 over 5 entries; 6 could not be scored" in out
+    assert "entry 6: no score 0-100 in the judge's answer None" in out
+    assert "entry 9: no score 0-100 in the judge's answer ''" in out
     scored = json.loads((tmp_path / "responses-scored.json").read_text())
-    assert [e["score"] for e in scored] == [80, 60, None]
+    assert [e["score"] for e in scored] == [80, 60, None, 92.5, 85.0, 80.0, None, None, None, None, None]
     assert scored[0]["model_response"] == "Reply 0."
     assert path.read_bytes() == before
     request = _instruct_ollama.requests[0]
@@ -3830,37 +3839,14 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
     prompt = request["messages"][0]["content"]
     assert "`Answer 0.`" in prompt and "`Reply 0.`" in prompt and "integer number only" in prompt
 
-    _instruct_ollama.answers = []
-    with pytest.raises(SystemExit, match="ollama pull mistral"):
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--judge-model", "mistral",
-                       "--responses", str(path)])
-
-
-def test_instruct_judge_any_content_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
-    url = _instruct_ollama.url
-    path, _ = _instruct_responses_file(tmp_path, 8)
-    _instruct_ollama.answers = [
-        '{"score": 92.5}',  # the text structured output sends
-        85,  # JSON values instead of text
-        {"score": 80},
-        None,
-        [85],
-        {"rating": 85},
-        "",  # an empty reply
-        '{"score": -5}',  # out of range
-    ]
-    instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
-    out = capsys.readouterr().out
-    assert "mean score 85.83 over 3 entries; 5 could not be scored" in out
-    assert "entry 3: no score 0-100 in the judge's answer None" in out
-    assert "entry 6: no score 0-100 in the judge's answer ''" in out
-    scored = json.loads((tmp_path / "responses-scored.json").read_text())
-    assert [e["score"] for e in scored] == [92.5, 85.0, 80.0, None, None, None, None, None]
     path, _ = _instruct_responses_file(tmp_path, 2)
     _instruct_ollama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
     with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
         instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
     assert [e["score"] for e in json.loads((tmp_path / "responses-scored.json").read_text())] == [None, None]
+    with pytest.raises(SystemExit, match="ollama pull mistral"):
+        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--judge-model", "mistral",
+                       "--responses", str(path)])
 
 
 def test_instruct_query_ollama_asks_old_servers_without_schema(_instruct_ollama):
@@ -3904,10 +3890,8 @@ def _instruct_tiny_run(tmp_path_factory):
     torch.manual_seed(0)
     model = gpt.GPTModel(gpt.GPTConfig(context_length=96, emb_dim=32, n_heads=2, n_layers=2))
     save_tiny(folder / "tiny.pt", model)
-    entries = [
-        {"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"{i}", "output": f"{i}"}
-        for i in range(12)
-    ]
+    entries = [{"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"{i}", "output": f"{i}"}
+               for i in range(12)]
     (folder / "data.json").write_text(json.dumps(entries))
     return folder
 
@@ -3917,11 +3901,8 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     monkeypatch.setenv("GPT_CACHE_DIR", str(folder / "cache"))
     out_dir = folder / "run"
     common = ["--data", str(folder / "data.json"), "--out-dir", str(out_dir), "--max-new-tokens", "3"]
-    recipe = [
-        "--model",
-        str(folder / "tiny.pt"),
-        *"--batch-size 5 --eval-batches 1 --lora --lora-rank 2 --mask-prompt".split(),
-    ]
+    recipe = ["--model", str(folder / "tiny.pt"), "--batch-size", "5", "--eval-batches", "1", "--lora", "--lora-rank", "2",
+              "--mask-prompt"]
     instruct.main(common + recipe + ["--epochs", "1", "--keep-state"])
     out = capsys.readouterr().out
     assert "10 train, 1 validation, 1 test entries" in out
@@ -3946,9 +3927,8 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     instruct.main(common + ["--prompt", "Repeat the number 3."])
     printed = capsys.readouterr().out
     model = load_lm(out_dir / "model.pt")
-    expected, _ = instruct.generate_response(
-        model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."}, max_new_tokens=3
-    )
+    expected, _ = instruct.generate_response(model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."},
+                                             max_new_tokens=3)
     assert printed.endswith("\n" + expected + "\n")
     with pytest.MonkeyPatch.context() as patch:  # a model that ends its answer at once: said, not a blank line
         patch.setattr(instruct, "generate_response", lambda *args, **options: ("", 1))
