@@ -1540,15 +1540,6 @@ def test_flag_types_accept_their_range_and_reject_the_rest(parse, good, bad):
             parse(text)
 
 
-def _settings_parser():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--lr", type=gpt.positive_float, default=1e-3)
-    parser.add_argument("--max-steps", type=gpt.positive_int, default=10)
-    parser.add_argument("--new-flag", default="x")
-    parser.add_argument("--resume", action="store_true")
-    return parser
-
-
 def test_restored_adamw_moments_take_the_layout_of_the_parameters():
     # A run that trained weights stored transposed (as load_weights_into maps GPT-2's), saved,
     # then resumed into a model whose weights are laid out plainly: the steps must be the same.
@@ -1576,7 +1567,11 @@ def test_restored_adamw_moments_take_the_layout_of_the_parameters():
 
 
 def test_resume_settings_restore_the_saved_run_and_name_a_contradiction():
-    parser = _settings_parser()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lr", type=gpt.positive_float, default=1e-3)
+    parser.add_argument("--max-steps", type=gpt.positive_int, default=10)
+    parser.add_argument("--new-flag", default="x")
+    parser.add_argument("--resume", action="store_true")
     saved = {"lr": 5e-4, "max_steps": 10, "resume": False}
     assert gpt.given_flags(parser, ["--lr", "1e-3", "--resume"]) == {"lr": 1e-3, "resume": True}
     settings = gpt.resume_settings(parser, ["--resume", "--max-steps", "20"], saved, may_change={"max_steps", "resume"})
@@ -1624,26 +1619,13 @@ def test_stale_temporary_files_are_removed_but_a_running_process_keeps_its_own(t
         sleeper.wait()
 
 
-def test_a_folder_or_a_missing_path_given_for_a_file_is_named(tmp_path):
+def test_files_are_read_with_a_bom_and_a_folder_a_missing_path_or_bad_content_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"^--perplexity {re.escape(str(tmp_path))}: a folder, not a file$"):
         gpt.existing_file(tmp_path, "--perplexity")
     with pytest.raises(FileNotFoundError, match="^--evaluate .*missing.csv: no such file$"):
         gpt.existing_file(tmp_path / "missing.csv", "--evaluate")
     (tmp_path / "sms.txt").write_text("hello\n")
     assert gpt.existing_file(tmp_path / "sms.txt", "--classify-file") == tmp_path / "sms.txt"
-
-
-def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
-    events = []
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b)))
-    gpt.atomic_save({"x": torch.ones(2)}, tmp_path / "a.pt")
-    assert events == ["fsync", "rename"]
-    assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]
-
-
-def test_json_and_text_readers_accept_a_bom_and_name_the_problem(tmp_path):
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + b'[{"a": 1}]')
     assert gpt.read_json(tmp_path / "bom.json", "--data") == [{"a": 1}]
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -1656,6 +1638,16 @@ def test_json_and_text_readers_accept_a_bom_and_name_the_problem(tmp_path):
         gpt.read_json(tmp_path / "missing.json", "--data")
     with pytest.raises(ValueError, match=r"x.txt: not UTF-8 text: byte 0xfe at byte offset 7 \(line 3\)"):
         gpt.decode_utf8(b"ab\r\ncd\n\xfe\xff", "x.txt")
+
+
+def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b)))
+    gpt.atomic_save({"x": torch.ones(2)}, tmp_path / "a.pt")
+    assert events == ["fsync", "rename"]
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]
 
 
 def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
