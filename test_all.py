@@ -1027,9 +1027,13 @@ def test_family_load_gpt2_export_hf_is_read_by_transformers(trained_tokenizers, 
 # ========================================================================================
 
 
-def write_safetensors(path, header, data=b""):
+def header_bytes(header, data=b""):
     raw = json.dumps(header).encode()
-    Path(path).write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def write_safetensors(path, header, data=b""):
+    Path(path).write_bytes(header_bytes(header, data))
     return path
 
 
@@ -1043,35 +1047,26 @@ def test_read_safetensors_matches_the_reference_reader(small_pair):
 
 
 @pytest.mark.parametrize(
-    "header, data, message",
+    "content, message",
     [
-        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "does not fit in the 4 data bytes"),
-        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12, r"F32 \[2\] at data offsets \[0, 12\]"),
-        ({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown dtype 'Q4'"),
-        ({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "'data_offsets'"),
-        ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, r"F32 \[-2\] .* does not fit"),
+        (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "does not fit in the 4 data bytes"),
+        (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12), r"F32 \[2\] at data offsets \[0, 12\]"),
+        (header_bytes({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype 'Q4'"),
+        (header_bytes({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8), "'data_offsets'"),
+        (header_bytes({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), r"F32 \[-2\] .* does not fit"),
+        ("first half", "does not fit in the .* data bytes"),
+        ("first 100 bytes", "a header of .* runs past the end"),
+        (b"abc", ""),
+        (struct.pack("<Q", 5) + b"{oops", "Expecting"),
     ],
+    ids=["cut-data", "offsets", "dtype", "no-offsets", "negative-shape", "cut-file", "cut-header", "3-bytes", "json"],
 )
-def test_malformed_safetensors_headers(tmp_path, header, data, message):
-    path = write_safetensors(tmp_path / "bad.safetensors", header, data)
-    with pytest.raises(ValueError, match=f"bad.safetensors: not a complete safetensors file .*{message}"):
-        gpt.read_safetensors(path)
-
-
-def test_truncated_and_garbage_safetensors(tmp_path, small_pair):
+def test_a_safetensors_file_that_is_not_whole_is_named(tmp_path, small_pair, content, message):
     raw = small_pair[1].read_bytes()
-    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(ValueError, match="does not fit in the .* data bytes"):
-        gpt.read_safetensors(tmp_path / "cut.safetensors")
-    (tmp_path / "head.safetensors").write_bytes(raw[:100])
-    with pytest.raises(ValueError, match="a header of .* runs past the end"):
-        gpt.read_safetensors(tmp_path / "head.safetensors")
-    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
-    with pytest.raises(ValueError, match="not a complete safetensors file"):
-        gpt.read_safetensors(tmp_path / "tiny.safetensors")
-    (tmp_path / "json.safetensors").write_bytes(struct.pack("<Q", 5) + b"{oops")
-    with pytest.raises(ValueError, match="not a complete safetensors file .*Expecting"):
-        gpt.read_safetensors(tmp_path / "json.safetensors")
+    content = {"first half": raw[: len(raw) // 2], "first 100 bytes": raw[:100]}.get(content, content)
+    (tmp_path / "bad.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=f"bad.safetensors: not a complete safetensors file.*{message}"):
+        gpt.read_safetensors(tmp_path / "bad.safetensors")
 
 
 def test_weight_mapping_is_strict(small_pair, tmp_path):
