@@ -2597,7 +2597,7 @@ def test_pretrain_cosine_with_warmup_values():
 # --- training runs ---------------------------------------------------------------------------
 
 
-def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_file):
+def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_model(tmp_path, pretrain_text_file):
     result = pretrain.main(
         _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "40", "--eval-every", "20", "--lr", "1e-2")
     )
@@ -2618,19 +2618,14 @@ def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_fi
         [pretrain_text_file], tmp_path / "tokens", gpt.get_tokenizer()
     )[1]
     assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
-
-
-def test_pretrain_model_flag_continues_from_weights(tmp_path, pretrain_text_file):
-    first = pretrain.main(
-        _pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, "--max-steps", "4", "--eval-every", "4", "--lr", "1e-2")
-    )
-    argv = _pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", "--model", str(first["best"]))
-    for flag in ("--n-layers", "--n-heads", "--emb-dim"):  # the shape comes from the weights
+    # --model continues from the weights: the shape comes from them, and step 0 scores what the run ended with.
+    argv = _pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", "--model", str(result["best"]))
+    for flag in ("--n-layers", "--n-heads", "--emb-dim"):
         i = argv.index(flag)
         del argv[i : i + 2]
     pretrain.main(argv)
     history = json.loads((tmp_path / "b" / "run" / "history.json").read_text())["evaluations"]
-    assert history[0]["step"] == 0 and history[0]["val_loss"] == pytest.approx(first["val_loss"], abs=1e-5)
+    assert history[0]["step"] == 0 and history[0]["val_loss"] == pytest.approx(result["val_loss"], abs=1e-5)
 
 
 def test_pretrain_resume_errors(tmp_path, pretrain_text_file):
