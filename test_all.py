@@ -2628,26 +2628,6 @@ def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_mod
     assert history[0]["step"] == 0 and history[0]["val_loss"] == pytest.approx(result["val_loss"], abs=1e-5)
 
 
-def test_pretrain_resume_errors(tmp_path, pretrain_text_file):
-    pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2"))
-    with pytest.raises(SystemExit, match="already made 2 of 2 steps"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--resume"))
-    with pytest.raises(SystemExit, match="^error: --resume continues the saved run, which used --emb-dim 32, not 64"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume", "--emb-dim", "64"))
-    with pytest.raises(SystemExit, match="which used --lr 0.001, not 0.5: drop --lr"):
-        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--lr", "0.5"])
-    other = tmp_path / "other.txt"
-    other.write_text(_pretrain_text(seed=1))
-    with pytest.raises(SystemExit, match=f"which used --data {pretrain_text_file}, not {other}"):
-        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--data", str(other), "--max-steps", "4"])
-    pretrain_text_file.write_text(_pretrain_text(seed=2))  # the same file, other text
-    with pytest.raises(SystemExit, match=f"^error: --resume: --data {pretrain_text_file} changed since the run"):
-        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "4"])
-    (tmp_path / "run" / "latest.pt").unlink()
-    with pytest.raises(SystemExit, match="the run stopped before its first save; start it again with --overwrite"):
-        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "4"])
-
-
 def test_pretrain_stopped_runs_resume_to_exactly_the_whole_run(tmp_path, pretrain_text_file, capsys):
     common = ("--max-steps", "8", "--eval-every", "4", "--drop-rate", "0.1", "--lr", "1e-2", "--grad-accum", "2")
     whole = pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
@@ -2680,12 +2660,22 @@ def test_pretrain_stopped_runs_resume_to_exactly_the_whole_run(tmp_path, pretrai
     assert extended["steps"] == 10 and settings["max_steps"] == 10 and settings["lr"] == 0.01
 
 
-def test_pretrain_folder_of_another_run_is_refused_or_overwritten(tmp_path, pretrain_text_file):
+def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_overwritten(tmp_path, pretrain_text_file):
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "4", "--eval-every", "4")
     pretrain.main(argv)
     assert (tmp_path / "run" / "best.pt").exists()
     with pytest.raises(SystemExit, match=r"holds another run \(latest.pt, best.pt, .*--resume.*--overwrite"):
         pretrain.main(argv)
+    with pytest.raises(SystemExit, match="already made 4 of 4 steps"):
+        pretrain.main(argv + ["--resume"])
+    with pytest.raises(SystemExit, match="^error: --resume continues the saved run, which used --emb-dim 32, not 64"):
+        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume", "--emb-dim", "64"))
+    with pytest.raises(SystemExit, match="which used --lr 0.001, not 0.5: drop --lr"):
+        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--lr", "0.5"])
+    other = tmp_path / "other.txt"
+    other.write_text(_pretrain_text(seed=1))
+    with pytest.raises(SystemExit, match=f"which used --data {pretrain_text_file}, not {other}"):
+        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--data", str(other), "--max-steps", "8"])
     old = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
     with pytest.raises(SystemExit):  # the flags are checked before the old run is deleted
         pretrain.main(argv + ["--overwrite", "--model", "gpt2", "--size", "gpt2"])
@@ -2693,6 +2683,12 @@ def test_pretrain_folder_of_another_run_is_refused_or_overwritten(tmp_path, pret
     pretrain.main(argv + ["--overwrite", "--stop-at-step", "1"])  # stops before an evaluation could write best.pt
     assert not (tmp_path / "run" / "best.pt").exists()  # the old run's model is gone with it
     assert gpt.load_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 1
+    pretrain_text_file.write_text(_pretrain_text(seed=2))  # the same file, other text
+    with pytest.raises(SystemExit, match=f"^error: --resume: --data {pretrain_text_file} changed since the run"):
+        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run")])
+    (tmp_path / "run" / "latest.pt").unlink()
+    with pytest.raises(SystemExit, match="the run stopped before its first save; start it again with --overwrite"):
+        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run")])
 
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
