@@ -4347,17 +4347,6 @@ def _llama3_classifier_folder(folder, trained_tokenizers):
     return folder
 
 
-def test_llama_family_loads_from_its_safetensors_file(family_models, trained_tokenizers, tmp_path):
-    reference = save_hf_family(tmp_path / "model", "llama", vocab_size=1000, max_position_embeddings=64,
-                               num_key_value_heads=2, tie_word_embeddings=False)
-    (tmp_path / "model" / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
-    model, tokenizer = gpt.load(tmp_path / "model" / "model.safetensors")  # config.json beside it
-    assert type(model) is gpt.LlamaModel and tokenizer.n_vocab == 1000
-    idx = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
-
-
 def test_llama3_classifier_export_gives_transformers_our_probabilities(trained_tokenizers, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -4432,9 +4421,14 @@ def test_prefix_id_is_the_begin_token_else_the_end_token(trained_tokenizers, tmp
     assert load_gpt2.encode_pair("", " Paris", tokenizer)[0] == [tokenizer.encode("<|im_start|>")[0]]
 
 
-def test_checkpoint_carries_its_tokenizer(trained_tokenizers, tmp_path):
-    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
-    model, tokenizer = gpt.load(folder)
+def test_a_safetensors_file_loads_with_the_tokenizer_beside_it_and_its_checkpoint_carries_that(trained_tokenizers,
+                                                                                                tmp_path):
+    reference, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
+    model, tokenizer = gpt.load(folder / "model.safetensors")  # config.json and the tokenizer files beside it
+    assert type(model) is gpt.LlamaModel and tokenizer.n_vocab == 1002  # 1000 and <|im_start|>, <|im_end|>
+    idx = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
     gpt.save_checkpoint(tmp_path / "model.pt", model, tokenizer)
     text = "<|im_start|>user\nDon't stop: 12 steps<|im_end|>"
     expected = tokenizer.encode(text, bos=True)
