@@ -65,7 +65,7 @@ torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
 
 # ========================================================================================
-# Shared fixtures: the tiny models, the local HTTP server
+# Shared fixtures: the tiny models, the local HTTP server, the files of the bad-input tables
 # ========================================================================================
 
 
@@ -151,87 +151,6 @@ def tokenizer_of_json(data, source, **config):
     if config:
         files["tokenizer_config.json"] = json.dumps(config)
     return gpt.tokenizer_from_files(files, source)
-
-
-def exits_with_one_line(main, argv, message, capsys):
-    """main(argv) stops with one line holding `message` and no traceback: a usage error (exit 2,
-    the message on stderr) or a run-time "error: ..." (exit 1, the message as the exit code)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    code, err = exit_info.value.code, capsys.readouterr().err
-    assert "Traceback" not in err
-    if code == 2:
-        assert message in err.strip().splitlines()[-1] and err.endswith(" (see --help)\n"), (argv, err)
-    else:
-        assert code.startswith("error: ") and message in code and "\n" not in code, (argv, code)
-
-
-_HELLASWAG_ITEM = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e", "f", "g"], "label": 1}
-# (name, a line of a HellaSwag file, what is wrong with it); {**ITEM, ...}: the good item with a field changed.
-HELLASWAG_BAD_ITEMS = [
-    ("deep", "[" * 100_000 + "]" * 100_000, "line 1: JSON nested too deeply to read"),
-    ("label-inf", '{**ITEM, "label": Infinity}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, "
-     "got inf"),
-    ("label-float", '{**ITEM, "label": 1.7}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, "
-     "got 1.7"),
-    ("label-bool", '{**ITEM, "label": true}', "line 1: bad or missing field 'label'"),
-    ("label-range", '{**ITEM, "label": 4}', "line 1: bad or missing field 'label'"),
-    ("endings-str", '{**ITEM, "endings": "abcd"}', "line 1: bad or missing field 'endings': must be a non-empty list "
-     "of non-empty strings"),
-    ("ending-blank", '{**ITEM, "endings": ["d", " ", "f", "g"]}', "line 1: bad or missing field 'endings'"),
-    ("endings-empty", '{**ITEM, "endings": []}', "line 1: bad or missing field 'endings'"),
-    ("endings-int", '{**ITEM, "endings": ["d", 5]}', "line 1: bad or missing field 'endings'"),
-    ("ctx-null", '{**ITEM, "ctx_a": null}', "line 1: bad or missing field 'ctx_a': must be a string"),
-    ("list", "[1, 2]", "line 1: expected a JSON object, got list"),
-    ("no-label", json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e"]}),
-     "line 1: bad or missing field"),
-    ("broken", HELLASWAG_TINY.read_text().splitlines()[0] + "\n{not json", "line 2: not valid JSON"),
-]
-
-
-@pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory):
-    """A folder of the files that the scripts' bad-input tables name."""
-    files = tmp_path_factory.mktemp("inputs")
-    save_tiny(files / "tiny.pt")
-    save_tiny(files / "vocab1000.pt", tiny_model(vocab_size=1000))
-    broken_model = tiny_model(context_length=64)
-    torch.nn.init.constant_(broken_model.ln_f.weight, float("nan"))
-    save_tiny(files / "nan.pt", broken_model)
-    save_tiny(files / "lm48.pt", _classify_tiny_model())
-    _classify_classifier(files)
-    _classify_sms_slice(files)
-    (files / "empty").mkdir()  # a model folder without the model
-    write_safetensors(files / "truncated.safetensors", {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
-                      b"\0" * 4)  # cut after 4 of its 8 data bytes
-    raw = SMS_ZIP.read_bytes()
-    (files / "flipped.zip").write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
-    (files / "ham_only.tsv").write_text("ham\thello\nham\tthere\n")
-    (files / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
-    (files / "garbage.bin").write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
-    for name, content in [("a.csv", "label,message\nham,hi\n"), ("b.csv", "text,label\nhi,ham\nyo,spma\n"),
-                          ("c.csv", "text,label\n"), ("d.tsv", "ham\thi\nspma\tyo\n"), ("e.tsv", "ham\thi\nno tab\n"),
-                          ("f.tsv", "\n"), ("empty.txt", ""), ("short.txt", "Only a few words here.")]:
-        (files / name).write_text(content)
-    (files / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
-    (files / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
-    (files / "bad_mmlu" / "test").mkdir(parents=True)
-    (files / "bad_mmlu" / "test" / "x_test.csv").write_text("Question?,a,b,c,E\n")
-    (files / "not_mmlu").mkdir()
-    (files / "not_mmlu" / "notes.csv").write_text("a,b\n")
-    for name, line, _ in HELLASWAG_BAD_ITEMS:
-        if line.startswith("{**ITEM"):
-            line = json.dumps(_HELLASWAG_ITEM)[:-1] + ", " + line.removeprefix("{**ITEM, ")
-        (files / f"{name}.jsonl").write_text(line + "\n")
-    return files
-
-
-def check_bad_input(main, argv, message, files, tmp_path, capsys):
-    """main(argv), with {files} and {run} filled in, stops with one line holding message before
-    it makes the run folder {run} or the folder above it."""
-    fill = partial(str.format, files=files, run=tmp_path / "runs" / "run")
-    exits_with_one_line(main, shlex.split(fill(argv)), fill(message), capsys)
-    assert not (tmp_path / "runs").exists()
 
 
 class LocalServer:
@@ -325,6 +244,89 @@ def answer(body, status=200, **headers):
 def cached_data_path(tmp_path, url, filename):
     """Where fetch_dataset keeps the file of url: <cache>/data/<12 hex of SHA-256(url)>/<filename>."""
     return tmp_path / "gpt-cache" / "data" / hashlib.sha256(url.encode()).hexdigest()[:12] / filename
+
+
+def exits_with_one_line(main, argv, message, capsys):
+    """main(argv) stops with one line holding `message` and no traceback: a usage error (exit 2,
+    the message on stderr) or a run-time "error: ..." (exit 1, the message as the exit code)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    code, err = exit_info.value.code, capsys.readouterr().err
+    assert "Traceback" not in err
+    if code == 2:
+        assert message in err.strip().splitlines()[-1] and err.endswith(" (see --help)\n"), (argv, err)
+    else:
+        assert code.startswith("error: ") and message in code and "\n" not in code, (argv, code)
+
+
+_HELLASWAG_ITEM = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e", "f", "g"], "label": 1}
+
+
+# (name, a line of a HellaSwag file, what is wrong with it); {**ITEM, ...}: the good item with a field changed.
+HELLASWAG_BAD_ITEMS = [
+    ("deep", "[" * 100_000 + "]" * 100_000, "line 1: JSON nested too deeply to read"),
+    ("label-inf", '{**ITEM, "label": Infinity}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, "
+     "got inf"),
+    ("label-float", '{**ITEM, "label": 1.7}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, "
+     "got 1.7"),
+    ("label-bool", '{**ITEM, "label": true}', "line 1: bad or missing field 'label'"),
+    ("label-range", '{**ITEM, "label": 4}', "line 1: bad or missing field 'label'"),
+    ("endings-str", '{**ITEM, "endings": "abcd"}', "line 1: bad or missing field 'endings': must be a non-empty list "
+     "of non-empty strings"),
+    ("ending-blank", '{**ITEM, "endings": ["d", " ", "f", "g"]}', "line 1: bad or missing field 'endings'"),
+    ("endings-empty", '{**ITEM, "endings": []}', "line 1: bad or missing field 'endings'"),
+    ("endings-int", '{**ITEM, "endings": ["d", 5]}', "line 1: bad or missing field 'endings'"),
+    ("ctx-null", '{**ITEM, "ctx_a": null}', "line 1: bad or missing field 'ctx_a': must be a string"),
+    ("list", "[1, 2]", "line 1: expected a JSON object, got list"),
+    ("no-label", json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e"]}),
+     "line 1: bad or missing field"),
+    ("broken", HELLASWAG_TINY.read_text().splitlines()[0] + "\n{not json", "line 2: not valid JSON"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """A folder of the files that the scripts' bad-input tables name."""
+    files = tmp_path_factory.mktemp("inputs")
+    save_tiny(files / "tiny.pt")
+    save_tiny(files / "vocab1000.pt", tiny_model(vocab_size=1000))
+    broken_model = tiny_model(context_length=64)
+    torch.nn.init.constant_(broken_model.ln_f.weight, float("nan"))
+    save_tiny(files / "nan.pt", broken_model)
+    save_tiny(files / "lm48.pt", _classify_tiny_model())
+    _classify_classifier(files)
+    _classify_sms_slice(files)
+    (files / "empty").mkdir()  # a model folder without the model
+    header = {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    (files / "truncated.safetensors").write_bytes(header_bytes(header, b"\0" * 4))  # 4 of its 8 data bytes
+    raw = SMS_ZIP.read_bytes()
+    (files / "flipped.zip").write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
+    (files / "ham_only.tsv").write_text("ham\thello\nham\tthere\n")
+    (files / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
+    (files / "garbage.bin").write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
+    for name, content in [("a.csv", "label,message\nham,hi\n"), ("b.csv", "text,label\nhi,ham\nyo,spma\n"),
+                          ("c.csv", "text,label\n"), ("d.tsv", "ham\thi\nspma\tyo\n"), ("e.tsv", "ham\thi\nno tab\n"),
+                          ("f.tsv", "\n"), ("empty.txt", ""), ("short.txt", "Only a few words here.")]:
+        (files / name).write_text(content)
+    (files / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
+    (files / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (files / "bad_mmlu" / "test").mkdir(parents=True)
+    (files / "bad_mmlu" / "test" / "x_test.csv").write_text("Question?,a,b,c,E\n")
+    (files / "not_mmlu").mkdir()
+    (files / "not_mmlu" / "notes.csv").write_text("a,b\n")
+    for name, line, _ in HELLASWAG_BAD_ITEMS:
+        if line.startswith("{**ITEM"):
+            line = json.dumps(_HELLASWAG_ITEM)[:-1] + ", " + line.removeprefix("{**ITEM, ")
+        (files / f"{name}.jsonl").write_text(line + "\n")
+    return files
+
+
+def check_bad_input(main, argv, message, files, tmp_path, capsys):
+    """main(argv), with {files} and {run} filled in, stops with one line holding message before
+    it makes the run folder {run} or the folder above it."""
+    fill = partial(str.format, files=files, run=tmp_path / "runs" / "run")
+    exits_with_one_line(main, shlex.split(fill(argv)), fill(message), capsys)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_progress_redraws_a_terminal_at_most_ten_times_a_second(monkeypatch, capsys):
@@ -1030,11 +1032,6 @@ def test_family_load_gpt2_export_hf_is_read_by_transformers(trained_tokenizers, 
 def header_bytes(header, data=b""):
     raw = json.dumps(header).encode()
     return struct.pack("<Q", len(raw)) + raw + data
-
-
-def write_safetensors(path, header, data=b""):
-    Path(path).write_bytes(header_bytes(header, data))
-    return path
 
 
 def test_read_safetensors_matches_the_reference_reader(small_pair):
