@@ -197,14 +197,11 @@ class LocalServer:
         handler.end_headers()
         if handler.command == "HEAD":
             return
-        body = data[start:]
-        if self.cut_after is not None:  # a dropped connection, once
-            body, self.cut_after = body[: self.cut_after], None
-            handler.wfile.write(body)
+        cut, self.cut_after = self.cut_after, None  # a dropped connection, once
+        handler.wfile.write(data[start:] if cut is None else data[start : start + cut])
+        if cut is not None:
             handler.wfile.flush()
             handler.connection.shutdown(socket.SHUT_RDWR)
-            return
-        handler.wfile.write(body)
 
     def close(self):
         self.httpd.shutdown()
