@@ -350,9 +350,9 @@ def test_logits_match_transformers_small(small_pair):
     assert diff <= 1e-4
 
 
-def test_hub_style_file_without_prefix_or_config(small_pair, tmp_path):
+def test_hub_style_file_without_prefix_or_config_says_what_it_assumed(small_pair, tmp_path, capsys):
     """Hub files name tensors without `transformer.`; without config.json the config
-    comes from the shapes (heads: emb_dim / 64, which is 2 here)."""
+    comes from the shapes (heads: emb_dim / 64, which is 2 here), and says so."""
     from safetensors.torch import save_file
 
     reference, path = small_pair
@@ -362,7 +362,7 @@ def test_hub_style_file_without_prefix_or_config(small_pair, tmp_path):
     stripped["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
     save_file(stripped, tmp_path / "model.safetensors")
     model = load_lm(tmp_path / "model.safetensors")
-    assert model.cfg.n_heads == 2
+    assert model.cfg.n_heads == 2 and "2 attention heads assumed" in capsys.readouterr().err
     idx = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
@@ -381,6 +381,7 @@ def test_new_model_is_initialised_as_gpt2_and_gpt2_small_has_its_size():
         elif name.endswith("bias") and "ln_" not in name:
             assert not param.any(), name
     assert model.wte.weight.requires_grad and model.wpe.weight.requires_grad
+    assert gpt.GPTConfig().qkv_bias is True and gpt.GPTConfig(family="llama").qkv_bias is False  # the family's biases
     assert gpt.count_parameters(gpt.empty_model(gpt.GPT_CONFIGS["gpt2"])) == 124_439_808  # GPT-2 small, embeddings tied
 
 
@@ -495,10 +496,6 @@ def test_eos_stops_generation(small_pair):
     first = (greedy[0, 4:] == eos).nonzero()[0].item()
     stopped = gpt.generate(model, prompt, 20, eot_id=eos)
     assert torch.equal(stopped, greedy[:, : 4 + first + 1])
-
-
-def test_config_biases_follow_the_family():
-    assert gpt.GPTConfig().qkv_bias is True and gpt.GPTConfig(family="llama").qkv_bias is False
 
 
 def test_argument_parser_errors_are_one_line(capsys):
@@ -1446,13 +1443,6 @@ def test_config_that_this_implementation_cannot_run_exactly_is_one_line(strict_f
 def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, change):
     folder = changed_copy(strict_folders[family], tmp_path, change)
     assert load_lm(folder).cfg == load_lm(strict_folders[family]).cfg
-
-
-def test_gpt2_file_without_config_says_what_it_assumed(tmp_path, capsys):
-    save_hf_gpt2(tmp_path, n_positions=32, n_embd=64, n_layer=1, n_head=2)
-    (tmp_path / "config.json").unlink()
-    assert load_lm(tmp_path / "model.safetensors").cfg.n_heads == 1  # 64 wide: one head of 64, GPT-2's head size
-    assert "1 attention heads assumed" in capsys.readouterr().err
 
 
 # ========================================================================================
