@@ -2527,7 +2527,7 @@ def test_pretrain_streamed_crlf_and_cr_corpora_give_the_tokens_of_the_whole_lf_t
     assert (tmp_path / "lf.uint16").read_bytes() == (tmp_path / "crlf.uint16").read_bytes()
 
 
-def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
+def test_pretrain_token_file_round_trip_and_reuse_for_its_tokenizer_only(trained_tokenizers, tmp_path, capsys):
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)
     (folder / "a.txt").write_text("First document.\n")
@@ -2543,8 +2543,16 @@ def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
     assert n == len(expected) and token_path.stat().st_size == 2 * n
     assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()
     assert array.array("H", token_path.read_bytes()).tolist() == expected  # uint16, native byte order
+    assert json.loads(token_path.with_suffix(".json").read_text())["tokenizer"] == "gpt2"
 
     capsys.readouterr()
+    qwen, qwen_folder = trained_tokenizers["qwen3"]
+    encoding, qwen_eot = tokenizer_and_eot(qwen_folder)
+    qwen_path, _, qwen_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", encoding)
+    assert "reused" not in capsys.readouterr().out  # another tokenizer: tokenized again, into another file
+    assert qwen_path != token_path and qwen_sha256 != sha256 and qwen_path.suffix == ".uint16"  # 1000 ids
+    qwen_ids = qwen.encode("First document.\n").ids + [qwen_eot] + qwen.encode("Second one, in a subfolder.\n").ids
+    assert array.array("H", qwen_path.read_bytes()).tolist() == qwen_ids
     assert pretrain.prepare_token_file(paths, tmp_path / "tokens", enc) == (token_path, n, sha256)
     assert "reused" in capsys.readouterr().out
     (folder / "a.txt").write_text("First document, edited and longer.\n")
@@ -2795,23 +2803,6 @@ def test_pretrain_bfloat16_on_cpu_warns(tmp_path, monkeypatch, capsys):
 
 
 # --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
-
-
-def test_pretrain_token_file_of_gpt2_is_not_reused_for_another_tokenizer(trained_tokenizers, tmp_path, capsys):
-    reference, folder = trained_tokenizers["qwen3"]
-    text = _pretrain_text(40) + "Naïve café, 12 steps.\n"
-    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
-    paths = [tmp_path / "text.txt"]
-    gpt2_path, _, gpt2_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())
-    capsys.readouterr()
-    qwen_path, n, qwen_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", tokenizer_and_eot(folder)[0])
-    assert "reused" not in capsys.readouterr().out  # tokenized again, into another file
-    assert qwen_path != gpt2_path and qwen_sha256 != gpt2_sha256 and qwen_path.suffix == ".uint16"  # 1000 ids
-    expected = reference.encode(text).ids
-    assert array.array("H", qwen_path.read_bytes()).tolist() == expected and n == len(expected)
-    assert pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())[0] == gpt2_path
-    assert "reused" in capsys.readouterr().out
-    assert json.loads(gpt2_path.with_suffix(".json").read_text())["tokenizer"] == "gpt2"
 
 
 def test_pretrain_token_file_holds_ids_above_65535_as_uint32(tmp_path):
