@@ -326,13 +326,21 @@ def check_bad_input(main, argv, message, files, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_progress_redraws_a_terminal_at_most_ten_times_a_second(monkeypatch, capsys):
+def test_progress_redraws_a_terminal_ten_times_a_second_and_is_a_plain_line_every_30_seconds_else(monkeypatch, capsys):
     monkeypatch.setattr(gpt, "TERMINAL_PROGRESS_SECONDS", 0.1)
     monkeypatch.setattr(gpt, "_last_terminal_progress", 0.0)
     for done in range(1000):  # a download's updates, one per 64 KiB, in well under 0.1 s
         gpt.show_progress(f"downloading: {done} chunks")
     gpt.end_progress()
     assert capsys.readouterr().err == "\rdownloading: 0 chunks\x1b[K\n"
+    monkeypatch.setattr(gpt, "stderr_is_terminal", lambda: False)
+    clock = iter([1000.0, 1000.0, 1010.0, 1031.0, 1031.0])
+    monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
+    monkeypatch.setattr(gpt, "_last_plain_progress", 0.0)
+    for text in ("step 1/3", "step 2/3", "step 3/3"):
+        gpt.show_progress(text)
+    gpt.end_progress()
+    assert capsys.readouterr().err == "step 1/3\nstep 3/3\n"  # step 2 came 10 s after step 1: not printed
 
 
 # ========================================================================================
@@ -1658,25 +1666,6 @@ def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypa
         else:
             assert exit_info.value.code == f"{message}"
             assert capsys.readouterr().err == "\rstep 3/10\033[K\n"
-
-
-def test_progress_without_a_terminal_is_a_plain_line_every_30_seconds(capsys, monkeypatch):
-    monkeypatch.setattr(gpt, "stderr_is_terminal", lambda: False)
-    clock = iter([1000.0, 1000.0, 1010.0, 1031.0, 1031.0])
-    monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
-    monkeypatch.setattr(gpt, "_last_plain_progress", 0.0)
-    for text in ("step 1/3", "step 2/3", "step 3/3"):
-        gpt.show_progress(text)
-    gpt.end_progress()
-    assert capsys.readouterr().err == "step 1/3\nstep 3/3\n"  # step 2 came 10 s after step 1: not printed
-
-
-def test_split_by_fractions_is_seeded_and_covers_every_item():
-    parts = gpt.split_by_fractions(range(20), seed=123, fractions=(0.7, 0.1))
-    assert [len(p) for p in parts] == [14, 2, 4]
-    assert sorted(sum(parts, [])) == list(range(20))
-    assert parts == gpt.split_by_fractions(range(20), seed=123, fractions=(0.7, 0.1))
-    assert parts != gpt.split_by_fractions(range(20), seed=124, fractions=(0.7, 0.1))
 
 
 def test_adamw_decays_matrices_only():
@@ -3582,7 +3571,7 @@ _INSTRUCT_PREAMBLE = (
 )
 
 
-def test_instruct_format_input_with_and_without_input():
+def test_instruct_prompt_with_and_without_input_and_its_tokens_first():
     with_input = {"instruction": "Translate to French.", "input": "Good morning.", "output": "Bonjour."}
     assert instruct.format_input(with_input) == (
         _INSTRUCT_PREAMBLE + "\n\n### Instruction:\nTranslate to French.\n\n### Input:\nGood morning."
@@ -3594,6 +3583,12 @@ def test_instruct_format_input_with_and_without_input():
     ):
         assert instruct.format_input(no_input) == _INSTRUCT_PREAMBLE + "\n\n### Instruction:\nName a color."
         assert "### Input:" not in instruct.format_prompt(no_input)
+    entry = {"instruction": "Name a color.", "input": "", "output": "Blue."}
+    [(ids, prompt_length)] = instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=1024, mask_prompt=True)
+    assert ids[:prompt_length] == gpt.text_to_token_ids(instruct.format_prompt(entry))[0].tolist()  # the prompt first
+    assert gpt.token_ids_to_text(ids[prompt_length:]) == "Blue."
+    too_short = prompt_length - 1
+    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=too_short, mask_prompt=True) == []
 
 
 def test_instruct_collate_pads_ignores_and_masks_the_prompt():
@@ -3619,16 +3614,6 @@ def test_instruct_collate_pads_ignores_and_masks_the_prompt():
     # A real end-of-text inside a text stays a target: padding is found by position.
     inputs, targets = instruct.collate_instruction_batch([([1, E, 2], 1)], E)
     assert targets.tolist() == [[E, 2, E]]
-
-
-def test_instruct_tokenized_prompt_is_a_prefix(monkeypatch):
-    entry = {"instruction": "Name a color.", "input": "", "output": "Blue."}
-    [(ids, prompt_length)] = instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=1024, mask_prompt=True)
-    prompt_ids = gpt.text_to_token_ids(instruct.format_prompt(entry))[0].tolist()
-    assert ids[:prompt_length] == prompt_ids
-    assert gpt.token_ids_to_text(ids[prompt_length:]) == "Blue."
-    too_short = prompt_length - 1
-    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=too_short, mask_prompt=True) == []
 
 
 def test_instruct_data_is_a_json_list_or_json_lines_with_one_entry_check(tmp_path):
