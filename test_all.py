@@ -14,6 +14,7 @@ import argparse
 import array
 import ast
 import collections
+import concurrent.futures
 import copy
 import dataclasses
 import errno
@@ -1317,17 +1318,13 @@ def test_concurrent_downloads_of_one_file_need_no_lock(local_server, tmp_path):
 
     url = local_server({"/big.bin": slow}).url + "/big.bin"
     start = threading.Barrier(2)
-    results = [None, None]
 
-    def fetch(i):
+    def fetch(_):
         start.wait()
-        results[i] = gpt.fetch_dataset([url], "big.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
+        return gpt.fetch_dataset([url], "big.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
 
-    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=20)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(fetch, range(2), timeout=20))
     assert results[0] == results[1] == cached_data_path(tmp_path, url, "big.bin")
     assert results[0].read_bytes() == data
     assert os.listdir(results[0].parent) == ["big.bin"]  # each renamed its own whole copy: no temporary file left
