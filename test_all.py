@@ -295,6 +295,8 @@ def bad_inputs(tmp_path_factory):
     _classify_classifier(files)
     _classify_sms_slice(files)
     (files / "empty").mkdir()  # a model folder without the model
+    (files / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weights": {}}, files / "other.pt")
     header = {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     (files / "truncated.safetensors").write_bytes(header_bytes(header, b"\0" * 4))  # 4 of its 8 data bytes
     raw = SMS_ZIP.read_bytes()
@@ -1459,20 +1461,6 @@ def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model(tmp_path):
         assert torch.equal(loaded(idx), model(idx))
 
 
-def test_bad_checkpoint_is_a_clear_error(tmp_path):
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a .safetensors file or a checkpoint of this project"):
-        load_lm(tmp_path / "junk.pt")
-    torch.save({"weights": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a checkpoint of this project"):
-        load_lm(tmp_path / "other.pt")
-    # A classifier's checkpoint loads as a classifier (its class head and names); load_gpt2.py
-    # refuses it (test_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone).
-    gpt.save_checkpoint(tmp_path / "classifier.pt", fc.add_classification_head(tiny_model()), gpt.get_tokenizer())
-    classifier = load_lm(tmp_path / "classifier.pt")
-    assert classifier.labels == fc.CLASS_NAMES and classifier.lm_head.weight.shape == (2, 32)
-
-
 def test_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
     def save_on_a_full_disk(obj, f):  # torch's zip writer reports a failed write as a RuntimeError
         f.write(b"half")
@@ -2309,6 +2297,8 @@ HELLASWAG = f"--model {{files}}/tiny.pt --benchmark hellaswag --benchmark-file {
 LOAD_GPT2_BAD_INPUTS = [
     # Files and models, read before anything is measured.
     ("--model {files}/empty", "{files}/empty holds no model: neither model.safetensors nor model.safetensors.index.json"),
+    ("--model {files}/junk.pt", "{files}/junk.pt: not a .safetensors file or a checkpoint of this project"),
+    ("--model {files}/other.pt", "{files}/other.pt: not a checkpoint of this project (no 'config' and 'model' entries)"),
     ("--model {files}/tiny.pt --benchmark hellaswag --benchmark-file {files}/missing.jsonl", "missing.jsonl: no such file"),
     (f"--model {{files}}/tiny.pt --benchmark hellaswag --benchmark-file {MMLU_TINY}", "mmlu: a folder, not a file"),
     ("--model {files}/tiny.pt --benchmark mmlu --contamination no-such-corpus", "--contamination no-such-corpus: no such file"),
