@@ -653,7 +653,7 @@ def parse_args(argv=None):
                       ".csv with label and text columns (default: download the collection once)")
     data.add_argument("--strict-data", action="store_true", help="stop at bad data lines instead of skipping them")
     data.add_argument("--max-length", type=gpt.positive_int, help="cut messages to N tokens (default: the context)")
-    data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
+    data.add_argument("--cache-dir", default=str(gpt.cache_dir()),
                       help="folder for downloaded data and weights")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Llama-family Hub name such as "
@@ -662,13 +662,13 @@ def parse_args(argv=None):
                        help="what trains: last-block (+ final norm + head), all, or head (the new head only)")
     model.add_argument("--lora", action="store_true", help="train LoRA adapters in every block + the head instead")
     model.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="rank of the LoRA adapters")
-    model.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0, help="LoRA updates scale by alpha/rank")
-    model.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout (> 0 turns the cache off)")
+    model.add_argument("--lora-alpha", type=gpt.non_negative_float, default=16.0, help="LoRA updates scale: alpha/rank")
+    model.add_argument("--drop-rate", type=gpt.fraction, default=0.0, help="dropout (> 0 turns the cache off)")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=gpt.positive_int, default=5, help="passes over the training split")
     train.add_argument("--max-steps", type=gpt.positive_int, help="stop after N optimizer steps (default: all epochs)")
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="messages per step or evaluation batch")
-    train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate")
+    train.add_argument("--lr", type=gpt.non_negative_float, default=5e-5, help="AdamW learning rate")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
     train.add_argument("--seed", type=gpt.non_negative_int, default=123,
                        help="seed of the split, head init and shuffling")
@@ -728,7 +728,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir  # where gpt.py downloads data and weights
     if args.export_hf is not None:
-        gpt.check_hf_folder(args.export_hf, args.overwrite)  # before the load
+        gpt.claim_run_folder(args.export_hf, gpt.EXPORT_FILES, overwrite=args.overwrite, resumable=False)  # first
         model, tokenizer, max_length = load_classifier(args.checkpoint)
         folder = gpt.export_hf(model, args.export_hf, tokenizer=tokenizer, dtype=gpt.DTYPES[args.dtype],
                                overwrite=args.overwrite, max_length=max_length)

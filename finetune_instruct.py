@@ -605,7 +605,7 @@ def build_parser():
     what.add_argument("--out-dir", default="runs/instruct", help="folder for all outputs")
     data = p.add_argument_group("data")
     data.add_argument("--data", help="Alpaca JSON list or JSON Lines (default: the book's, downloaded to --cache-dir)")
-    data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
+    data.add_argument("--cache-dir", default=str(gpt.cache_dir()),
                       help="folder for downloaded data and weights")
     data.add_argument("--seed", type=gpt.non_negative_int, default=123,
                       help="seed of the split, the shuffling, LoRA and sampling")
@@ -617,12 +617,12 @@ def build_parser():
                        "meta-llama/Llama-3.2-1B) or folder, a .safetensors file, or a checkpoint of this project")
     train.add_argument("--epochs", type=gpt.positive_int, default=2, help="passes over the training set")
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="examples per optimizer step")
-    train.add_argument("--lr", type=gpt.positive_float, default=5e-5, help="AdamW learning rate, constant")
+    train.add_argument("--lr", type=gpt.non_negative_float, default=5e-5, help="AdamW learning rate, constant")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
-    train.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout probability while training")
+    train.add_argument("--drop-rate", type=gpt.fraction, default=0.0, help="dropout probability while training")
     train.add_argument("--lora", action="store_true", help="train low-rank adapters only (merged before saving)")
     train.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="LoRA rank r")
-    train.add_argument("--lora-alpha", type=gpt.positive_float, default=16.0, help="LoRA scale: alpha / rank")
+    train.add_argument("--lora-alpha", type=gpt.non_negative_float, default=16.0, help="LoRA scale: alpha / rank")
     train.add_argument("--max-steps", type=gpt.positive_int, help="stop after this many steps (default: all epochs)")
     train.add_argument("--log-every", type=gpt.positive_int, default=5, help="steps between progress lines")
     train.add_argument("--eval-every", type=gpt.positive_int, default=25, help="steps between loss estimates")
@@ -637,7 +637,7 @@ def build_parser():
     answers.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=256, help="longest answer in tokens")
     answers.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; above: sampling")
     answers.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens (default: all)")
-    answers.add_argument("--top-p", type=gpt.probability, help="sample from the most likely tokens whose "
+    answers.add_argument("--top-p", type=gpt.fraction, help="sample from the most likely tokens whose "
                          "probabilities add up to p (default: all)")
     answers.add_argument("--responses", help="answers to write, or to grade (default: <out-dir>/responses.json)")
     answers.add_argument("--judge", choices=["none", "ollama"], default="none", help="grade with a local Ollama")

@@ -26,19 +26,15 @@ import copy
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import math
 import mmap
 import os
 import random
 import re
-import shutil
 import signal
 import struct
 import sys
-import tempfile
-import textwrap
 import threading
 import time
 import unicodedata
@@ -1026,17 +1022,16 @@ def cache_dir():
 
 def format_duration(seconds):
     """Seconds -> "1h02m", "3m05s" or "42s", for ETAs and wall times."""
-    seconds = int(max(0, seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
+    minutes, seconds = divmod(int(max(0, seconds)), 60)
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def atomic_write_bytes(path, data):
-    """Write data (bytes, or a function that writes to the open file) to path through a temporary
-    file and a rename: readers never see a half-written file, and on a full disk the previous one stays."""
+    """Write data (bytes, or a function that writes to the open file, as torch.save does) to path
+    through a temporary file and a rename: readers never see a half-written file, and on a full
+    disk the previous one stays. Raises OSError naming the file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -1053,14 +1048,18 @@ def atomic_write_bytes(path, data):
         tmp.unlink(missing_ok=True)
 
 
-def atomic_save(obj, path):
-    """torch.save(obj) to path atomically, straight into the file (no second copy in memory)."""
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
-
-
 def write_json(path, obj):
     """Write obj as indented UTF-8 JSON to path, atomically."""
     atomic_write_bytes(path, json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
+
+
+def existing_file(path, flag):
+    """Path(path) when it exists and is no folder (a pipe such as <(...) is fine). Raises
+    FileNotFoundError: "FLAG PATH: no such file" or "FLAG PATH: a folder, not a file"."""
+    path = Path(path)
+    if path.is_dir() or not path.exists():
+        raise FileNotFoundError(f"{flag} {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
+    return path
 
 
 def decode_utf8(raw, source):
@@ -1070,27 +1069,8 @@ def decode_utf8(raw, source):
         return raw.decode("utf-8").removeprefix("\ufeff")  # not "utf-8-sig": offsets count the mark
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(
-            f"{source}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} (line {line}); "
-            "save it as UTF-8"
-        ) from None
-
-
-def existing_file(path, flag):
-    """Path(path) when it exists and is no folder (a pipe such as <(...) is fine). Raises
-    FileNotFoundError: "FLAG PATH: no such file" or "FLAG PATH: a folder, not a file"."""
-    path = Path(path)
-    if path.is_dir():
-        raise FileNotFoundError(f"{flag} {path}: a folder, not a file")
-    if not path.exists():
-        raise FileNotFoundError(f"{flag} {path}: no such file")
-    return path
-
-
-def read_json(path, source):
-    """Parse a UTF-8 JSON file -> object. Raises FileNotFoundError or ValueError naming `source` and the file."""
-    path = existing_file(path, source)
-    return parse_json(decode_utf8(path.read_bytes(), f"{source} {path}"), f"{source} {path}")
+        raise ValueError(f"{source}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                         f"(line {line}); save it as UTF-8") from None
 
 
 def parse_json(text, source):
@@ -1103,17 +1083,23 @@ def parse_json(text, source):
         raise ValueError(f"{source}: JSON nested too deeply to read") from None
 
 
-# --- Downloads: verified by size and SHA-256, renamed into place whole -------------------
+def read_json(path, source):
+    """Parse a UTF-8 JSON file -> object. Raises FileNotFoundError or ValueError naming `source` and the file."""
+    path = existing_file(path, source)
+    return parse_json(decode_utf8(path.read_bytes(), f"{source} {path}"), f"{source} {path}")
+
+
+# --- Downloads: checked, resumed, renamed into place whole ----------------------------
 #
-# A download counts only once checked: data sets by a pinned size and SHA-256, the Hub's large
-# files by the SHA-256 it announces, its small ones by a parse. A wrong hash catches a cut file,
-# a web page sent instead and a bad resumed range alike. Each process and thread writes its own
-# temporary file, renamed into place: no reader sees a partial file, and torchrun ranks need no lock.
+# A download counts only once checked: files this project names by a pinned size and SHA-256,
+# the Hub's large files by the SHA-256 it announces, its small ones by a parse. A wrong hash
+# catches a cut file, a web page sent instead and a bad resumed range alike. Each process and
+# thread writes its own temporary file, renamed into place: torchrun ranks need no lock.
 
 
 def verify_file(path, *, size=None, sha256=None, member=None, check=None):
     """Raise ValueError naming the file when its size (bytes) or SHA-256 (hex), or those of its zip
-    member `member` (a zip made anew differs while the member does not), differ from those given,
+    member `member` (a zip made anew differs while its member does not), differ from those given,
     or when `check(path)` (a parse) raises ValueError."""
     what = path if member is None else f"{path} (member {member})"
     if check is not None:
@@ -1137,7 +1123,6 @@ def verify_file(path, *, size=None, sha256=None, member=None, check=None):
 def cached_file(path, **checks):
     """path when it exists and passes `verify_file(**checks)`, else None. A file that fails is
     deleted, saying why on stderr, so that it is fetched again instead of failing forever."""
-    path = Path(path)
     if not path.exists():
         return None
     try:
@@ -1149,96 +1134,63 @@ def cached_file(path, **checks):
         return None
 
 
-def download_file(url, dest, *, size=None, sha256=None, member=None, check=None, headers=None, quiet=False,
-                  retries=3, timeout=30):
-    """Download url to dest -> dest as a Path; a dest that passes the checks is used as it is.
-
-    size, sha256, member, check: see `verify_file`. A broken connection resumes with an HTTP
-    Range request, up to `retries` attempts; `timeout`: seconds per read; `headers`: an access
-    token. Whatever fails, Ctrl-C included, deletes the temporary file and the folders made for it.
-    Raises RuntimeError naming the URL: an HTTP error, a failed request, a download failing the checks.
-    """
+def download_file(url, dest, *, headers=None, quiet=False, retries=3, timeout=30, **checks):
+    """Download url to dest -> dest as a Path; a dest on disk that passes the checks (size, sha256,
+    member, check of `verify_file`) is used as it is. A cut, a timeout or a lost connection resumes
+    with an HTTP Range request, up to `retries` attempts; `timeout`: seconds per read; `headers`: an
+    access token. Whatever fails, Ctrl-C included, deletes the temporary file. Raises RuntimeError
+    naming the URL: an HTTP error, a failed request, a download failing the checks."""
     dest = Path(dest)
-    checks = {"size": size, "sha256": sha256, "member": member, "check": check}
     if cached_file(dest, **checks):
         return dest  # nothing is written: a read-only cache works too
-    made = [folder for folder in (dest.parent, *dest.parent.parents) if not folder.exists()]  # mkdir makes these
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f".{dest.name}.tmp{os.getpid()}.{threading.get_ident()}.part")
     try:
-        _transfer(url, part, f"downloading {dest.name}", headers or {}, quiet, retries, timeout)
+        for attempt in range(1, retries + 1):
+            have = part.stat().st_size if part.exists() else 0
+            resume = {"Range": f"bytes={have}-"} if have else {}  # after a break: only the bytes missing
+            try:
+                with requests.get(url, headers={**(headers or {}), **resume}, stream=True, timeout=timeout) as r:
+                    if r.status_code not in (200, 206):
+                        raise RuntimeError(f"download of {url} failed: HTTP {r.status_code} {r.reason}")
+                    have = have if r.status_code == 206 else 0  # 200: the whole file again
+                    total = have + int(r.headers.get("Content-Length", 0))
+                    done, started = have, time.time()
+                    with open(part, "ab" if have else "wb") as f:
+                        for chunk in r.iter_content(chunk_size=1 << 16):  # a body cut short raises
+                            done += f.write(chunk)
+                            if not quiet:
+                                left = f" of {total / 1e6:.1f} MB, ETA {eta(started, done - have, total - have)}"
+                                show_progress(f"downloading {dest.name}: {done / 1e6:.1f}{left if total else ' MB'}")
+                break
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+                if attempt == retries:
+                    raise RuntimeError(f"download of {url} failed after {attempt} attempts ({type(e).__name__}: "
+                                       f"{e}); run again later") from None
+            except requests.RequestException as e:  # a redirect loop, not a URL, ...: no attempt can help
+                raise RuntimeError(f"download of {url} failed: {type(e).__name__}: {e}") from None
+            finally:
+                end_progress()
         try:
             verify_file(part, **checks)
         except ValueError as e:  # named as dest: the temporary name means nothing to the reader
             raise RuntimeError(f"download of {url} is corrupt or not the expected file: "
                                f"{str(e).replace(str(part), str(dest))}; deleted, run again") from None
         os.replace(part, dest)
-    except BaseException:
+        return dest
+    finally:
         part.unlink(missing_ok=True)
-        for folder in made:  # innermost first, while empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
-    return dest
 
 
-# requests failures that another attempt cannot fix -> what they mean, in a few words
-_FATAL_REQUEST_ERRORS = {
-    requests.exceptions.SSLError: "TLS/SSL error (a certificate or proxy problem)",
-    requests.TooManyRedirects: "too many redirects (a redirect loop)",
-    requests.exceptions.MissingSchema: "not a URL (it needs http:// or https://)",
-    requests.exceptions.InvalidSchema: "not an http:// or https:// URL",
-    requests.exceptions.InvalidURL: "not a valid URL",
-}
-
-
-def _transfer(url, part, label, headers, quiet, retries, timeout):
-    """The network half of `download_file`: bring `part` up to the whole of url, asking for the
-    bytes it lacks (Range) after a break; a body short of its Content-Length is a break."""
-    reason = None
-    for attempt in range(retries):
-        if reason is not None and not quiet:
-            print(f"{label}: attempt {attempt} of {retries} failed ({reason}); retrying", file=sys.stderr)
-        have = part.stat().st_size if part.exists() else 0
-        try:
-            with requests.get(url, headers={**headers, **({"Range": f"bytes={have}-"} if have else {})},
-                              stream=True, timeout=timeout) as r:
-                if r.status_code not in (200, 206):
-                    raise RuntimeError(f"download of {url} failed: HTTP {r.status_code} {r.reason}")
-                have = have if r.status_code == 206 else 0  # 200: the whole file again
-                total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-                done, started = have, time.time()
-                with open(part, "ab" if have else "wb") as f:
-                    for chunk in r.iter_content(chunk_size=1 << 16):  # small: a cut loses < 64 KiB
-                        done += f.write(chunk)
-                        if not quiet:
-                            size = f"{done / 1e6:.1f} / {total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
-                            left = f", ETA {eta(started, done - have, total - have)}" if total else ""
-                            show_progress(f"{label}: {size}{left}")
-                if total is None or done >= total:
-                    return
-                reason = f"the connection closed after {done} of {total} bytes"
-        except requests.RequestException as e:
-            fatal = [words for cls, words in _FATAL_REQUEST_ERRORS.items() if isinstance(e, cls)]
-            if fatal:
-                raise RuntimeError(f"download of {url} failed: {fatal[0]}") from None
-            reason = f"{e.__class__.__name__}: no connection, or it broke off"
-        finally:
-            end_progress()
-    raise RuntimeError(f"download of {url} failed after {retries} attempts ({reason}); run again later")
-
-
-def fetch_dataset(urls, filename, *, flag="--data", size=None, sha256=None, member=None, quiet=False):
+def fetch_dataset(urls, filename, *, flag="--data", quiet=False, **checks):
     """Path of a data file in <cache>/data/<hash of urls[0]>/<filename>, downloaded once from the
-    first of `urls` (mirrors) that works; size, sha256, member: see `verify_file`. Raises
-    RuntimeError naming every URL tried and the `flag` that takes a local copy instead."""
+    first of `urls` (mirrors) that works, checked as `verify_file(**checks)`. Raises RuntimeError
+    naming every URL tried and the `flag` that takes a local copy instead."""
     dest = cache_dir() / "data" / hashlib.sha256(urls[0].encode()).hexdigest()[:12] / filename
     errors = []
     for url in urls:
         try:
-            return download_file(url, dest, sha256=sha256, size=size, member=member, quiet=quiet)
+            return download_file(url, dest, quiet=quiet, **checks)
         except RuntimeError as e:
             errors.append(f"  {e}")
     raise RuntimeError(f"could not download {filename}:\n" + "\n".join(errors)
@@ -1264,10 +1216,8 @@ def plot_curves(path, panels, xlabel):
         ax.set_xlabel(xlabel)
         ax.legend()
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    atomic_write_bytes(path, png.getbuffer())
     return Path(path)
 
 
@@ -1276,72 +1226,68 @@ def plot_curves(path, panels, xlabel):
 # ----------------------------------------------------------------------------------------
 
 # safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors)
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_safetensors(path):
     """Read a .safetensors file -> {name: tensor}, each a view of a private (copy-on-write) memory
     mapping of its own bytes: no memory is used until they are touched, and dropping it frees them.
-
-    The format: 8 bytes little-endian header length N, N bytes of JSON mapping each name to
-    {"dtype", "shape", "data_offsets": [begin, end]} (from the end of the header), then the raw
-    little-endian bytes. Raises FileNotFoundError, or ValueError naming the file and the first
-    problem of a truncated or malformed one (one bounds check per tensor catches both).
-    """
+    The format: an 8-byte little-endian length N, N bytes of JSON giving each name its "dtype",
+    "shape" and "data_offsets" [begin, end] (from the end of the header), then the raw bytes.
+    Raises FileNotFoundError, or ValueError naming the file and the first problem of a truncated
+    or malformed one (one bounds check per tensor catches both)."""
     path = Path(path)
     file_size = path.stat().st_size
+    tensors = {}
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            if 8 + header_len > file_size:
+            data_start = 8 + header_len
+            if data_start > file_size:
                 raise ValueError(f"a header of {header_len} bytes runs past the end of the {file_size}-byte file")
             header = json.loads(f.read(header_len))
-            return {name: _map_tensor(f, name, info, 8 + header_len, file_size)
-                    for name, info in header.items() if name != "__metadata__"}  # free-form, not a tensor
+            header.pop("__metadata__", None)  # free-form strings, not a tensor
+            for name, info in header.items():
+                if info["dtype"] not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"tensor {name!r}: unknown dtype {info['dtype']!r}")
+                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+                numel = math.prod(shape)
+                if min(shape, default=0) < 0 or not 0 <= begin == end - numel * dtype.itemsize \
+                        or data_start + end > file_size:
+                    raise ValueError(f"tensor {name!r}: {info['dtype']} {shape} at data offsets [{begin}, {end}] "
+                                     f"does not fit in the {file_size - data_start} data bytes (truncated?)")
+                if numel == 0:
+                    tensors[name] = torch.empty(shape, dtype=dtype)
+                    continue
+                start = data_start + begin
+                page = start - start % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+                region = mmap.mmap(f.fileno(), start + end - begin - page, offset=page, access=mmap.ACCESS_COPY)
+                tensors[name] = torch.frombuffer(region, dtype=dtype, count=numel, offset=start - page).view(shape)
     except (struct.error, AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
+    return tensors
 
 
-def _map_tensor(f, name, info, data_start, file_size):
-    """One header entry -> its bytes mapped as a tensor, once checked to lie in the file and hold shape x dtype."""
-    if info["dtype"] not in SAFETENSORS_DTYPES:
-        raise ValueError(f"tensor {name!r}: unknown dtype {info['dtype']!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
-    dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-    numel = math.prod(shape)
-    if min(shape, default=0) < 0 or not 0 <= begin == end - numel * dtype.itemsize or data_start + end > file_size:
-        raise ValueError(f"tensor {name!r}: {info['dtype']} {shape} at data offsets [{begin}, {end}] does not "
-                         f"fit in the {file_size - data_start} data bytes (truncated?)")
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    # Mappings start on a page boundary: map from the page that holds the first byte.
-    start = data_start + begin
-    page_start = start - start % mmap.ALLOCATIONGRANULARITY
-    region = mmap.mmap(f.fileno(), start + end - begin - page_start, offset=page_start, access=mmap.ACCESS_COPY)
-    return torch.frombuffer(region, dtype=dtype, count=numel, offset=start - page_start).view(shape)
-
-
-def hub_file(repo, filename, *, quiet=False, missing_ok=False):
-    """Path of `filename` of the Hub model `repo` ("owner/model"), downloaded once.
-
-    Looks in the Hugging Face cache and ours (`local_hub_file`), else downloads it from
-    $HF_ENDPOINT (default https://huggingface.co) with the token in $HF_TOKEN, checked by the
-    SHA-256 and size the Hub announces for large files and by a parse. None for a file the Hub
-    lacks when missing_ok. Raises RuntimeError offline, for a gated model (what to do) and as
-    `download_file` does.
-    """
-    local = local_hub_file(repo, filename)
-    if local is not None:
+def hub_file(repo, filename, *, quiet=False, missing_ok=False, cached_only=False):
+    """Path of `filename` of the Hub model `repo` ("owner/model"): in the Hugging Face cache, else
+    in ours (<cache>/<repo>/, GPT-2's sizes in <cache>/<size>/), else downloaded from $HF_ENDPOINT
+    (default huggingface.co) with the token in $HF_TOKEN. A large (LFS) file is checked by the
+    SHA-256 the Hub announces, a .json or .safetensors file (in our cache too) by a parse. None for
+    a file the Hub lacks when missing_ok, or one not on disk when cached_only. Raises RuntimeError
+    offline, for a gated model (saying what to do) and as `download_file` does."""
+    hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    model = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub") / f"models--{repo.replace('/', '--')}"
+    ref = model / "refs" / "main"  # the snapshot of the main branch, as hub_file asks for it
+    snapshot = model / "snapshots" / ref.read_text().strip() / filename if ref.is_file() else None
+    if snapshot is not None and snapshot.is_file():
+        return snapshot
+    dest = cache_dir() / repo.removeprefix("openai-community/") / filename
+    parse = {".safetensors": read_safetensors, ".json": functools.partial(read_json, source="Hub file")}
+    checks = {"check": parse.get(Path(filename).suffix)}
+    local = cached_file(dest, **checks)
+    if local or cached_only:
         return local
     url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo}/resolve/main/{filename}"
     headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
@@ -1360,42 +1306,13 @@ def hub_file(repo, filename, *, quiet=False, missing_ok=False):
         return None
     if head.status_code >= 400:
         raise RuntimeError(f"download of {url} failed: HTTP {head.status_code} {head.reason}")
-    etag = (head.headers.get("X-Linked-Etag") or head.headers.get("ETag") or "").removeprefix("W/").strip('"')
-    sha256 = etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None  # LFS files: the etag is the SHA-256
-    size = int(head.headers["X-Linked-Size"]) if head.headers.get("X-Linked-Size") else None
-    return download_file(url, _own_hub_path(repo, filename), sha256=sha256, size=size, check=_parse_check(filename),
-                         headers=headers, quiet=quiet)
+    if "X-Linked-Etag" in head.headers:  # an LFS file: its etag is its SHA-256
+        checks["sha256"] = head.headers["X-Linked-Etag"].strip('"')
+    return download_file(url, dest, headers=headers, quiet=quiet, **checks)
 
 
-def _own_hub_path(repo, filename):
-    """Where `hub_file` keeps a file it downloaded (GPT-2's released sizes as in earlier versions)."""
-    return cache_dir() / repo.removeprefix("openai-community/") / filename
-
-
-def _parse_check(filename):
-    """The parse that a Hub file of this name must pass (see `verify_file`), or None."""
-    if filename.endswith(".safetensors"):
-        return read_safetensors  # memory maps only: cheap even for gpt2-xl
-    return (lambda path: parse_json(path.read_bytes(), path)) if filename.endswith(".json") else None
-
-
-def local_hub_file(repo, filename):
-    """Path of a file of a Hub model on disk, or None: in the Hugging Face cache, else in
-    <cache>/<repo>/ (GPT-2's sizes in <cache>/<size>/), where a .safetensors or .json file must parse."""
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" /
-                                                      "huggingface") / "hub")
-    model = hub / f"models--{repo.replace('/', '--')}"
-    ref = model / "refs" / "main"
-    snapshots = [model / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
-    for snapshot in snapshots + sorted(model.glob("snapshots/*")):
-        if (snapshot / filename).is_file():
-            return snapshot / filename
-    return cached_file(_own_hub_path(repo, filename), check=_parse_check(filename))
-
-
-# Keys of the released files that hold no parameters of ours: the causal-mask buffers
-# `h.N.attn.bias` / `h.N.attn.masked_bias` (we build the mask on the fly) and
-# `lm_head.weight` (tied to wte).
+# Keys of the released files that hold no parameters of ours: the causal-mask buffers (we build
+# the mask on the fly) and `lm_head.weight` (tied to wte).
 _IGNORED_KEYS = re.compile(r"(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)")
 # The reference implementation stores these as Conv1D weights, [in_features, out_features].
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -1403,11 +1320,9 @@ _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "m
 
 # --- config.json: the settings that change what a model computes ---------------------------
 #
-# The tables list the settings that change what a model computes (activation, norm epsilon,
-# attention scaling, ...) as {key: (test of its value, what this implementation supports)}. A
-# file asking for something else is refused, not loaded as a model that computes other logits.
-# An absent key means transformers' default, which is implemented; other keys are bookkeeping
-# (architectures, dtype, dropout, ...) and ignored, so keys a newer transformers adds keep loading.
+# Each table maps such a setting to (test of its value, what this implementation supports): a file
+# asking for anything else is refused, not loaded as a model that computes other logits. An absent
+# key means transformers' default, which is implemented; other keys (dropout, ...) are ignored.
 
 
 def _is(*values):
@@ -1418,8 +1333,6 @@ def _is(*values):
 # A finite number > 0 (by type: JSON's true is not 1)
 POSITIVE_NUMBER = (lambda value: type(value) in (int, float) and math.isfinite(value) and value > 0,
                    "a finite number > 0")
-
-
 GPT2_SETTINGS = {
     "activation_function": (_is("gelu_new", "gelu_pytorch_tanh"),
                             "'gelu_new' or 'gelu_pytorch_tanh', GELU's tanh approximation"),
@@ -1434,12 +1347,10 @@ GPT2_SETTINGS = {
 
 def check_settings(config_json, settings, prefix=""):
     """Raise ValueError naming the key, its value and what is supported for the first key of
-    `settings` ({key: (test, supported)}) whose value in config_json fails its test; `prefix`
-    names the dict the keys are in, when it is not the file itself."""
+    `settings` whose value in config_json fails its test; `prefix` names the dict the keys are in."""
     for key, (test, supported) in settings.items():
         if key in config_json and not test(config_json[key]):
-            value = config_json[key]
-            raise ValueError(f"{prefix}{key} = {value!r} is not supported (this implementation: {supported})")
+            raise ValueError(f"{prefix}{key} = {config_json[key]!r} is not supported (this implementation: {supported})")
 
 
 def check_sizes(config_json, keys):
@@ -1451,71 +1362,59 @@ def check_sizes(config_json, keys):
 
 
 def config_from_weights(tensors, config_json=None):
-    """GPTConfig of GPT-2 from transformers' config.json (a dict), else read off the shapes of the
-    tensors (keys without `transformer.`), where the heads leave no trace: those of the released
-    size of that width, else emb_dim / 64. Raises ValueError naming the key of a bad size or of a
-    setting this implementation does not have (see `GPT2_SETTINGS`)."""
-    if config_json is not None:
-        check_sizes(config_json, ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"))
-        hidden = 4 * config_json["n_embd"]  # the MLP's width, n_inner, is GPT-2's: null means this
-        check_settings(config_json, {**GPT2_SETTINGS, "n_inner": (_is(None, hidden), f"null or 4 * n_embd = {hidden}")})
-        return GPTConfig(
-            vocab_size=config_json["vocab_size"],
-            context_length=config_json["n_positions"],
-            emb_dim=config_json["n_embd"],
-            n_heads=config_json["n_head"],
-            n_layers=config_json["n_layer"],
-            norm_eps=float(config_json.get("layer_norm_epsilon", 1e-5)),
-        )
-    vocab_size, emb_dim = tensors["wte.weight"].shape
-    same_width = [c.n_heads for c in GPT_CONFIGS.values() if c.emb_dim == emb_dim]
-    n_heads = same_width[0] if same_width else max(1, emb_dim // 64)
-    if not same_width:  # the heads leave no trace in the shapes: say what was assumed
-        print(f"warning: no config.json beside the weights: {n_heads} attention heads assumed (GPT-2's heads of "
-              "64); put the model's config.json beside its weights if that is wrong", file=sys.stderr)
+    """GPTConfig of GPT-2 from transformers' config.json (a dict), else from the tensors' shapes (names
+    without `transformer.`) with GPT-2's heads of 64, which shapes do not show. Raises ValueError
+    naming the key of a bad size or of a setting this implementation does not have."""
+    if config_json is None:
+        vocab_size, emb_dim = tensors["wte.weight"].shape
+        if emb_dim not in [cfg.emb_dim for cfg in GPT_CONFIGS.values()]:  # not a released size: say what is assumed
+            print(f"warning: no config.json beside the weights: {max(1, emb_dim // 64)} attention heads assumed "
+                  "(GPT-2's heads of 64); put the model's config.json beside its weights if that is wrong",
+                  file=sys.stderr)
+        config_json = {
+            "vocab_size": vocab_size,
+            "n_positions": len(tensors["wpe.weight"]) if "wpe.weight" in tensors else 1024,  # else named missing
+            "n_embd": emb_dim,
+            "n_head": max(1, emb_dim // 64),
+            "n_layer": len({int(m.group(1)) for name in tensors if (m := re.match(r"h\.(\d+)\.", name))}),
+        }
+    check_sizes(config_json, ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"))
+    hidden = 4 * config_json["n_embd"]  # the MLP's width, n_inner, is GPT-2's: null means this
+    check_settings(config_json, {**GPT2_SETTINGS, "n_inner": (_is(None, hidden), f"null or 4 * n_embd = {hidden}")})
     return GPTConfig(
-        vocab_size=vocab_size,
-        # without wpe.weight: the strict loader names it as missing
-        context_length=len(tensors["wpe.weight"]) if "wpe.weight" in tensors else 1024,
-        emb_dim=emb_dim,
-        n_heads=same_width[0] if same_width else max(1, emb_dim // 64),
-        n_layers=len({int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))}),
+        vocab_size=config_json["vocab_size"],
+        context_length=config_json["n_positions"],
+        emb_dim=config_json["n_embd"],
+        n_heads=config_json["n_head"],
+        n_layers=config_json["n_layer"],
+        norm_eps=float(config_json.get("layer_norm_epsilon", 1e-5)),
     )
 
 
-@contextlib.contextmanager
-def _no_random_initialisation():
-    """While active, torch.nn.init's fills do nothing (as transformers' `no_init_weights`): a model
-    about to be loaded needs no random values, and on the meta device they cost seconds of imports."""
+def empty_model(cfg):
+    """Model of cfg (`build_model`) on the meta device: placeholder parameters without memory or
+    values, for a loader to assign tensors to. torch.nn.init's fills do nothing meanwhile (as in
+    transformers' `no_init_weights`): on the meta device they cost a second of imports."""
     names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
-    saved = {name: getattr(nn.init, name) for name in names}
-    for name in names:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    fills = {name: getattr(nn.init, name) for name in names}
     try:
-        yield
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return build_model(cfg)
     finally:
-        for name, fill in saved.items():
+        for name, fill in fills.items():
             setattr(nn.init, name, fill)
 
 
-def empty_model(cfg):
-    """Model of cfg (`build_model`) with placeholder parameters on the meta device, without memory or
-    values, for a loader to assign the real tensors to: nothing is allocated twice."""
-    with torch.device("meta"), _no_random_initialisation():
-        return build_model(cfg)
-
-
-def load_weights_into(
-    model, tensors, *, device="cpu", dtype=torch.float32, source="weights",
-    ignored=_IGNORED_KEYS, transposed=_TRANSPOSED
-):
-    """Put GPT-2 tensors (release names without `transformer.`; the Llama family's without `model.`,
-    with that family's `ignored` and `transposed`) into model, which may be on the meta device.
-
-    Each tensor is copied once, to `device` in `dtype`, and becomes the parameter; `tensors` is
-    consumed, so a memory-mapped file leaves memory one tensor at a time. Strict: raises ValueError
-    listing every missing, unexpected or mis-shaped tensor, before anything is copied.
-    """
+def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, source="weights"):
+    """Put tensors named as released (GPT-2's without `transformer.`, the Llama family's without
+    `model.`) into model, which may be on the meta device. Each is copied once, to `device` in
+    `dtype`, and becomes the parameter; `tensors` is consumed, so a memory-mapped file leaves memory
+    one tensor at a time. Strict: raises ValueError listing every missing, unexpected or mis-shaped
+    tensor, before anything is copied."""
+    gpt2 = model.cfg.family == "gpt2"
+    ignored, transposed = (_IGNORED_KEYS, _TRANSPOSED) if gpt2 else (_LLAMA_IGNORED_KEYS, ())
     tied = model.lm_head.weight is model.wte.weight
     params = {name: p for name, p in model.state_dict(keep_vars=True).items()
               if not (tied and name == "lm_head.weight")}
@@ -1531,7 +1430,7 @@ def load_weights_into(
         problems = [f"missing: {', '.join(missing)}"] if missing else []
         problems += [f"unexpected: {', '.join(unexpected)}"] if unexpected else []
         problems += [f"wrong shape: {'; '.join(mismatched)}"] if mismatched else []
-        family = "GPT-2" if model.cfg.family == "gpt2" else "Llama-family"
+        family = "GPT-2" if gpt2 else "Llama-family"
         raise ValueError(f"{source} do not fit the {family} model:\n  " + "\n  ".join(problems))
     state = {}
     for name, param in params.items():
@@ -1621,24 +1520,18 @@ def config_from_hub(config_json):
 
 # The tokenizer files a model carries along: read, kept in `Tokenizer.files`, exported as they are.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-# A Hub model's name: "owner/model" (a local path is tried first).
-HUB_NAME = re.compile(r"\w[\w.-]*/\w[\w.-]*")
 
 
 def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     """Load a model and its tokenizer -> (model in eval mode on `device` in `dtype`, `Tokenizer`).
 
-    source, whatever it is, loads the same way:
-    - a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), downloaded once
-      from openai-community/<size> on the Hugging Face Hub;
-    - a Hub name "owner/model", downloaded once (`hub_file`; a gated model needs HF_TOKEN);
-    - a folder as transformers' `save_pretrained` or `export_hf` writes it;
-    - a .safetensors file, with the config.json and tokenizer files beside it, when there;
-    - a checkpoint of this project (any other file).
-    The kind of model is read from config.json's model_type (gpt2, llama, qwen3), else from the
-    tensor names; a classifier (class names, or ...ForSequenceClassification) gets its head and
-    `labels`. Each tensor is copied once from the memory-mapped file. Raises FileNotFoundError
-    for a missing path, ValueError naming a file that does not fit, RuntimeError for a failed download.
+    source: a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), a Hugging Face
+    Hub name "owner/model" (both downloaded once; a gated model needs HF_TOKEN), a folder as
+    `save_pretrained` or `export_hf` writes it, a .safetensors file (with the config.json and
+    tokenizer files beside it, when there) or a checkpoint of this project (any other file).
+    config.json's model_type (gpt2, llama, qwen3), else the tensor names, tell the kind of model;
+    a classifier gets its head and `labels`. Raises FileNotFoundError, ValueError naming a file
+    that does not fit, RuntimeError for a failed download.
     """
     path = Path(source)
     if path.is_file() and path.suffix != ".safetensors":
@@ -1658,58 +1551,38 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
 
 
 def model_files(source, *, quiet=False):
-    """A model's parts -> (config.json as a dict or None, [safetensors paths], {tokenizer file: text}),
-    for a folder, a .safetensors file, a released GPT-2 size or a Hub name (downloading what is
-    missing). Raises FileNotFoundError when `source` is none of these, or a folder holds no weights."""
-    path = Path(source)
+    """A model's files -> (config.json as a dict or None, [safetensors paths], {tokenizer file: text})
+    of a folder, a .safetensors file, a released GPT-2 size or a Hub name "owner/model", downloading
+    what is missing. Raises FileNotFoundError when `source` is none of these or holds no weights."""
+    path, name = Path(source), str(source)
     if path.is_dir() or (path.suffix == ".safetensors" and path.is_file()):
         folder = path if path.is_dir() else path.parent
         index = folder / "model.safetensors.index.json"
-        if not path.is_dir():
-            weight_paths = [path]
-        elif (folder / "model.safetensors").is_file():
-            weight_paths = [folder / "model.safetensors"]
+        if path.is_file() or (folder / "model.safetensors").is_file():
+            weight_paths = [path if path.is_file() else folder / "model.safetensors"]
         elif index.is_file():
             weight_paths = [folder / shard for shard in shard_names(index)]
         else:
-            raise FileNotFoundError(f"{folder} holds no model: neither model.safetensors nor "
-                                    "model.safetensors.index.json")
-        config_path = folder / "config.json"
-        config_json = read_json(config_path, "model config") if config_path.is_file() else None
-        names = TOKENIZER_FILES if (folder / "tokenizer.json").is_file() else ("vocab.json",)
+            raise FileNotFoundError(f"{folder} holds no model: neither model.safetensors nor {index.name}")
+        config = folder / "config.json"
+        names = TOKENIZER_FILES if (folder / "tokenizer.json").is_file() else ("vocab.json",)  # GPT-2's own
         files = {name: decode_utf8((folder / name).read_bytes(), folder / name)
                  for name in names if (folder / name).is_file()}
-        return config_json, weight_paths, files
-    if str(source) in GPT_CONFIGS:
-        return None, [hub_file(f"openai-community/{source}", "model.safetensors", quiet=quiet)], {}
-    owner = Path(str(source).split("/")[0])
-    if not HUB_NAME.fullmatch(str(source)) or owner.is_dir() or path.suffix in (".pt", ".safetensors"):
+        return (read_json(config, "model config") if config.is_file() else None), weight_paths, files
+    if name in GPT_CONFIGS:
+        return None, [hub_file(f"openai-community/{name}", "model.safetensors", quiet=quiet)], {}
+    if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name) or Path(name.split("/")[0]).is_dir() \
+            or path.suffix in (".pt", ".safetensors"):  # a local path that is not there
         raise FileNotFoundError(
-            f"no such file or model {str(source)!r}: a model is a released GPT-2 size ({', '.join(GPT_CONFIGS)}), "
+            f"no such file or model {name!r}: a model is a released GPT-2 size ({', '.join(GPT_CONFIGS)}), "
             "a Hub name owner/model, a model folder, a .safetensors file or a checkpoint of this project"
         )
-    repo = str(source)
-    config_json = read_json(hub_file(repo, "config.json", quiet=quiet), "model config")
-    index = local_hub_file(repo, "model.safetensors.index.json")  # sharded and cached: no request at all
-    single = None if index else hub_file(repo, "model.safetensors", quiet=quiet, missing_ok=True)
-    if single is not None:
-        weight_paths = [single]
-    else:
-        index = index or hub_file(repo, "model.safetensors.index.json", quiet=quiet)
-        weight_paths = [hub_file(repo, shard, quiet=quiet) for shard in shard_names(index)]
-    return config_json, weight_paths, hub_tokenizer_files(repo, quiet=quiet)
-
-
-def hub_tokenizer_files(repo, *, quiet=False):
-    """{file name: text} of the TOKENIZER_FILES a Hub model has, downloaded together once: with its
-    tokenizer.json on disk, the Hub is not asked for the others again (a cached model loads offline)."""
-    downloaded = local_hub_file(repo, "tokenizer.json") is None
-    files = {}
-    for name in TOKENIZER_FILES:
-        file = hub_file(repo, name, quiet=quiet, missing_ok=True) if downloaded else local_hub_file(repo, name)
-        if file is not None:
-            files[name] = decode_utf8(file.read_bytes(), file)
-    return files
+    config_json = read_json(hub_file(name, "config.json", quiet=quiet), "model config")
+    index = hub_file(name, "model.safetensors.index.json", cached_only=True)  # sharded and on disk: no request
+    single = None if index else hub_file(name, "model.safetensors", quiet=quiet, missing_ok=True)
+    index = index or (None if single else hub_file(name, "model.safetensors.index.json", quiet=quiet))
+    weight_paths = [single] if single else [hub_file(name, shard, quiet=quiet) for shard in shard_names(index)]
+    return config_json, weight_paths, hub_tokenizer_files(name, quiet=quiet)
 
 
 def shard_names(index):
@@ -1717,33 +1590,35 @@ def shard_names(index):
     return sorted(set(read_json(index, "weights index")["weight_map"].values()))
 
 
+def hub_tokenizer_files(repo, *, quiet=False):
+    """{file name: text} of the TOKENIZER_FILES a Hub model has. Once its tokenizer.json is on disk,
+    the Hub is not asked for the others again: a cached model loads offline."""
+    cached = hub_file(repo, "tokenizer.json", cached_only=True) is not None
+    paths = [hub_file(repo, name, quiet=quiet, missing_ok=True, cached_only=cached) for name in TOKENIZER_FILES]
+    return {path.name: decode_utf8(path.read_bytes(), path) for path in paths if path}
+
+
 def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torch.float32):
     """Model in eval mode of tensors named as transformers saves them and config.json (a dict, or
-    None: GPT-2 sizes from the shapes); a ...ForSequenceClassification's `score` becomes a classifier
-    head. Consumes `tensors` (each is dropped once copied: a memory-mapped file leaves memory tensor by tensor).
-    Raises ValueError naming `source` for a model type this project lacks or tensors that do not fit."""
+    None: GPT-2 from the shapes); a ...ForSequenceClassification's `score` becomes a classifier head.
+    Consumes `tensors`. Raises ValueError naming `source` for a model this project lacks or tensors
+    that do not fit."""
     if config_json is not None and not isinstance(config_json, dict):
         raise ValueError(f"{source}: its config.json holds a {type(config_json).__name__}, not a JSON object")
     for name in list(tensors):  # renamed in place: the loader drops each tensor from this dict once copied
         tensors[name.removeprefix("transformer.").removeprefix("model.")] = tensors.pop(name)
     model_type = (config_json or {}).get("model_type") or ("gpt2" if "wte.weight" in tensors else None)
-    if model_type is None and config_json is None:
-        raise ValueError(f"{source}: no config.json beside it, and its tensors are not GPT-2's (no wte.weight): "
-                         "put the model's config.json beside the weights")
     if model_type is None:
-        raise ValueError(f"{source}: its config.json names no model_type, and its tensors are not GPT-2's: add "
-                         "\"model_type\" (llama or qwen3) to it")
+        raise ValueError(f"{source}: no model_type in a config.json beside it, and its tensors are not GPT-2's (no "
+                         "wte.weight): put the model's config.json, with \"model_type\", beside the weights")
     score = tensors.pop("score.weight", None)  # a ...ForSequenceClassification: `score` is its head
     try:
         cfg = config_from_weights(tensors, config_json) if model_type == "gpt2" else config_from_hub(config_json)
     except (KeyError, ValueError) as e:
         raise ValueError(f"{source} config.json: {e}") from None
-    layout = {} if model_type == "gpt2" else {"ignored": _LLAMA_IGNORED_KEYS, "transposed": ()}
-    if score is not None:
-        cfg = dataclasses.replace(cfg, tie_embeddings=True)  # no language-model head to load
-    model = empty_model(cfg)
-    load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source), **layout)
-    if score is not None:
+    model = empty_model(dataclasses.replace(cfg, tie_embeddings=True) if score is not None else cfg)
+    load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source))
+    if score is not None:  # no language-model head to load: the classifier's takes its place
         labels = (config_json or {}).get("id2label") or {}
         add_classifier_head(model, [labels.get(str(i), f"LABEL_{i}") for i in range(score.shape[0])], bias=False)
         model.lm_head.weight = nn.Parameter(score.to(device=device, dtype=dtype))
@@ -1763,52 +1638,39 @@ def add_classifier_head(model, labels, bias=True):
 # ----------------------------------------------------------------------------------------
 
 
-def unwrap_model(model):
-    """The plain model inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 def save_checkpoint(path, model, tokenizer, **extra):
-    """Save a model whole, atomically: config, weights (without wrappers' `module.` or `_orig_mod.`),
-    its tokenizer by content (`Tokenizer.state`), a classifier's class names and `extra` entries
-    (optimizer state, step, ...: tensors, numbers, strings or lists/dicts of them, for weights_only)."""
-    model = unwrap_model(model)
+    """Save a model whole, atomically: config, weights (of the plain model inside DDP's `module` and
+    torch.compile's `_orig_mod`), its tokenizer by content (`Tokenizer.state`), a classifier's class
+    names and `extra` entries (optimizer state, step, ...: what torch.load's weights_only reads)."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
     labels = {"labels": model.labels} if hasattr(model, "labels") else {}
     whole = {"config": dataclasses.asdict(model.cfg), "model": model.state_dict(), "tokenizer": tokenizer.state()}
-    atomic_save({**whole, **labels, **extra}, path)
+    atomic_write_bytes(path, lambda f: torch.save({**whole, **labels, **extra}, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint of `save_checkpoint` -> dict (weights_only: safely). Raises ValueError for another file."""
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:
-        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project "
-                         "(torch.load cannot read it)") from None
+    except Exception:  # torch.load raises many kinds for a file it cannot read
+        checkpoint = None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
-        raise ValueError(f"{path}: not a checkpoint of this project (no 'config' and 'model' entries)")
+        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project")
     return checkpoint
 
 
 def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
     """The model of a `load_checkpoint` dict (a classifier when it has class names), in eval mode.
-    Raises ValueError naming the first tensor that does not fit the config."""
+    Raises ValueError naming each tensor that does not fit the config."""
     model = empty_model(GPTConfig(**checkpoint["config"]))
     if "labels" in checkpoint:
         add_classifier_head(model, checkpoint["labels"], bias="lm_head.bias" in checkpoint["model"])
-    expected = model.state_dict()
-    for name, tensor in checkpoint["model"].items():
-        if name in expected and tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"checkpoint weights do not fit the model of its config: {name} is {tuple(tensor.shape)}, "
-                f"the config makes it {tuple(expected[name].shape)}"
-            )
     try:
         model.load_state_dict(checkpoint["model"], assign=True)
-    except RuntimeError as e:
-        first_line = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise ValueError(f"checkpoint weights do not fit the model of its config: {first_line}") from None
+    except RuntimeError as e:  # torch names each missing, unexpected or mis-shaped tensor on a line
+        problems = "; ".join(line.strip() for line in str(e).splitlines()[1:])
+        raise ValueError(f"checkpoint weights do not fit the model of its config: {problems}") from None
     if "labels" not in checkpoint:
         model.tie_weights()  # assigning untied them: the head uses the token embedding
     return model.to(device=device, dtype=dtype).eval()
@@ -1818,109 +1680,43 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
 # 10. Export to the Hugging Face format
 # ----------------------------------------------------------------------------------------
 
-
-def write_safetensors(path, tensors, metadata=None):
-    """Write {name: tensor} as a .safetensors file (see `read_safetensors`), with `__metadata__` (a dict
-    of strings) when given, the header padded with spaces to a multiple of 8 bytes as the reference
-    writer pads it. Not atomic: `write_hf_folder` renames. Raises OSError when the file system refuses."""
-    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": dtype_names[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        written = 0
-        for tensor in tensors.values():
-            written += f.write(_tensor_bytes(tensor))
-            show_progress(f"writing {Path(path).name}: {written / 1e6:.0f} of {offset / 1e6:.0f} MB")
-        f.flush()
-        os.fsync(f.fileno())
-    end_progress()
+# The files an export writes: the weights, its configs, the tokenizer's files (GPT-2's or those it was read from).
+EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "merges.txt",
+                *TOKENIZER_FILES)
 
 
-def _tensor_bytes(tensor):
-    """A tensor's raw bytes, row-major, as a bytearray (torch has no bytes(tensor))."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    buffer = bytearray(flat.numel())
-    if buffer:  # torch.frombuffer refuses an empty buffer
-        torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat)
-    return buffer
-
-
-# OpenAI's two files of GPT-2's tokenizer (transformers calls them vocab.json and merges.txt),
-# where tiktoken downloads them from, and their SHA-256, which tiktoken checks.
-GPT2_TOKENIZER_FILES = (
-    ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
-    ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-     "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
-)
-
-
-def gpt2_vocabulary_files():
-    """GPT-2's tokenizer as transformers reads it -> (vocab.json, merges.txt) as bytes: OpenAI's
-    encoder.json and vocab.bpe, from tiktoken's cache (downloaded once and checked by SHA-256)."""
-    get_tokenizer()  # says what to do when the files are neither cached nor downloadable
-    vocab, merges = (tiktoken.load.read_file_cached(url, sha256) for url, sha256 in GPT2_TOKENIZER_FILES)
-    return vocab, merges
-
-
-def hf_tokenizer_files(tokenizer, **settings):
-    """A `Tokenizer` as the files transformers reads -> {file name: bytes or JSON-able}: GPT-2's
-    vocab.json, merges.txt and a tokenizer_config.json, or any other's files as read
-    (`Tokenizer.files`). settings: tokenizer_config.json entries to set (model_max_length, pad_token)."""
-    if not tokenizer.files:
-        vocab, merges = gpt2_vocabulary_files()
-        config = {
-            "tokenizer_class": "GPT2Tokenizer",
-            "bos_token": "<|endoftext|>",
-            "eos_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>",
-            "add_prefix_space": False,  # " Hello" and "Hello" are different tokens, as in tiktoken
-            **settings,
-        }
-        return {"vocab.json": vocab, "merges.txt": merges, "tokenizer_config.json": config}
-    files = {name: text.encode("utf-8") for name, text in tokenizer.files.items()}
-    config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
-    end_of_text = tokenizer.decode([tokenizer.eot_id])
-    files["tokenizer_config.json"] = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end_of_text,
-                                      **config, **settings}
-    return files
-
-
-def hf_tensors(model, dtype=torch.float32):
-    """An unwrapped model's weights under transformers' names -> {name: tensor in dtype}, LoRA merged into a copy.
-
-    GPT-2: `transformer.` names, the Conv1D weights as released ([in, out]), no head (tied to wte;
-    a classifier's is added by `export_hf`) and a zero query/key/value bias when the model has
-    none, as transformers' GPT-2 always has one. Llama family: `model.` names and `lm_head`.
-    """
-    if any(isinstance(module, LoRALinear) for module in model.modules()):
-        model = merge_lora(copy.deepcopy(model))
-    if model.cfg.family == "llama":  # Hugging Face Llama names already, [out, in]; a tied head stored once
-        tied = model.cfg.tie_embeddings
-        return {
-            (name if name.startswith("lm_head.") else "model." + name): tensor.to(dtype)
-            for name, tensor in model.state_dict().items()
-            if not (tied and name == "lm_head.weight")
-        }
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("lm_head."):
-            continue
-        if name.endswith(_TRANSPOSED):
-            tensor = tensor.t()  # nn.Linear's [out, in] -> Conv1D's [in, out]
-        tensors["transformer." + name] = tensor.to(dtype)
-        if name.endswith("attn.c_attn.weight") and not model.cfg.qkv_bias:
-            tensors["transformer." + name.replace("weight", "bias")] = tensor.new_zeros(tensor.shape[1], dtype=dtype)
-    return tensors
+def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=False, max_length=None):
+    """Write a model (with its `Tokenizer`, None: GPT-2's), or whatever `load` loads, as the folder
+    that transformers' AutoModelForCausalLM and AutoTokenizer read -> its Path (`load` reads it too):
+    config.json (`hf_config`), generation_config.json, model.safetensors in `dtype` (default: the
+    weights' own) and the tokenizer's files, whose model_max_length is max_length (default: the
+    context length). A classifier becomes a ...ForSequenceClassification (`classifier_tensors`)
+    that pads with the end-of-text token. The folder is claimed as a run's (`claim_run_folder`),
+    each file written atomically, the weights last. Raises ValueError as those functions do."""
+    folder = claim_run_folder(folder, EXPORT_FILES, overwrite=overwrite, resumable=False)
+    if not isinstance(model_or_source, nn.Module):
+        model_or_source, tokenizer = load(model_or_source, dtype=dtype or torch.float32)
+    model, tokenizer = model_or_source, tokenizer or get_tokenizer()
+    dtype = dtype or model.wte.weight.dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.eot_id}
+    config = {**hf_config(model.cfg), "torch_dtype": dtype_name, "dtype": dtype_name, **ids}  # transformers 4, 5
+    tensors = hf_tensors(model, dtype)
+    settings = {"model_max_length": max_length or model.cfg.context_length}
+    if hasattr(model, "labels"):
+        family = config["architectures"][0].removesuffix("LMHeadModel").removesuffix("ForCausalLM")
+        config.update(architectures=[family + "ForSequenceClassification"], id2label=dict(enumerate(model.labels)),
+                      label2id={name: i for i, name in enumerate(model.labels)})
+        tensors.update(classifier_tensors(model, dtype))
+        settings["pad_token"] = tokenizer.decode([tokenizer.eot_id])
+    files = {"config.json": config, "generation_config.json": ids, **hf_tokenizer_files(tokenizer, **settings),
+             "model.safetensors": lambda f: write_safetensors(f, tensors, {"format": "pt"})}
+    for name, content in files.items():  # the weights last: a folder cut short holds no model
+        if isinstance(content, dict):
+            write_json(folder / name, content)
+        else:
+            atomic_write_bytes(folder / name, content)
+    return folder
 
 
 def hf_config(cfg):
@@ -1933,7 +1729,6 @@ def hf_config(cfg):
             "model_type": "gpt2",
             "vocab_size": cfg.vocab_size,
             "n_positions": cfg.context_length,
-            "n_ctx": cfg.context_length,
             "n_embd": cfg.emb_dim,
             "n_layer": cfg.n_layers,
             "n_head": cfg.n_heads,
@@ -1945,10 +1740,8 @@ def hf_config(cfg):
             "tie_word_embeddings": True,
         }
     if cfg.qkv_bias != cfg.out_bias or (cfg.qk_norm and cfg.mlp_bias):
-        raise ValueError(
-            "this model's biases have no Llama or Qwen3 config.json: attention_bias is one switch for the "
-            "q, k, v and o projections, and Qwen3 has no MLP biases"
-        )
+        raise ValueError("this model's biases have no Llama or Qwen3 config.json: attention_bias is one switch "
+                         "for the q, k, v and o projections, and Qwen3 has no MLP biases")
     rope = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else {"rope_type": "default"}
     return {
         "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
@@ -1972,55 +1765,24 @@ def hf_config(cfg):
     }
 
 
-def hf_token_ids(tokenizer):
-    """The ids of a `Tokenizer`'s named tokens, as transformers' config.json names them ->
-    {"bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"}: those it has (pad and unk
-    as tokenizer_config.json names them; GPT-2's unknown token is its end-of-text)."""
-    config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
-    named = {key: special_token_text(config.get(key)) for key in ("pad_token", "unk_token")}
-    ids = {f"{key}_id": tokenizer.encode_single_token(text) for key, text in named.items() if text}
-    if not tokenizer.files:
-        ids["unk_token_id"] = tokenizer.eot_id
-    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id, **ids}
-
-
-def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=False, max_length=None):
-    """Write a model as a Hugging Face model folder -> its Path.
-
-    model_or_source: a model with its `Tokenizer` (None: GPT-2's), or whatever `load` loads,
-    loaded after the folder is checked. The folder holds what transformers' AutoModelForCausalLM
-    (`hf_config`) and AutoTokenizer read: config.json and generation_config.json with the token ids,
-    model.safetensors in `dtype` (default the weights' own) and the tokenizer's files
-    (`hf_tokenizer_files`); `load(folder)` reads it back. A classifier (`model.labels`) becomes a
-    ...ForSequenceClassification (`classifier_tensors`) that pads with the end-of-text token and
-    reads max_length tokens (default: the context length). Written atomically (`write_hf_folder`).
-    Raises ValueError as `check_vocabulary`, `hf_config`, `classifier_tensors` and `write_hf_folder` do.
-    """
-    if not isinstance(model_or_source, nn.Module):
-        check_hf_folder(folder, overwrite)  # before a load that may take minutes
-        model_or_source, tokenizer = load(model_or_source, dtype=dtype or torch.float32)
-    model = unwrap_model(model_or_source)
-    tokenizer = tokenizer or get_tokenizer()
-    check_vocabulary(model, "export", tokenizer)
-    dtype = dtype or model.wte.weight.dtype
-    ids = hf_token_ids(tokenizer)
-    dtype_name = str(dtype).removeprefix("torch.")
-    config = {**hf_config(model.cfg), "torch_dtype": dtype_name, "dtype": dtype_name, **ids}  # transformers 4, 5
-    tensors = hf_tensors(model, dtype)
-    length = max_length or model.cfg.context_length
-    settings = {"model_max_length": length}
-    if hasattr(model, "labels"):
-        family = config["architectures"][0].removesuffix("LMHeadModel").removesuffix("ForCausalLM")
-        config.update(architectures=[family + "ForSequenceClassification"], num_labels=len(model.labels),
-                      id2label=dict(enumerate(model.labels)), label2id={name: i for i, name in enumerate(model.labels)},
-                      pad_token_id=tokenizer.eot_id)
-        tensors = {**{k: v for k, v in tensors.items() if not k.startswith("lm_head.")},
-                   **classifier_tensors(model, dtype)}
-        settings["pad_token"] = tokenizer.decode([tokenizer.eot_id])
-    generation = {key: value for key, value in ids.items() if key != "unk_token_id"}
-    files = {"config.json": config, "generation_config.json": generation,
-             **hf_tokenizer_files(tokenizer, **settings)}
-    return write_hf_folder(folder, tensors, files, overwrite=overwrite)
+def hf_tensors(model, dtype):
+    """A model's weights under transformers' names -> {name: tensor in dtype}, LoRA merged into a copy,
+    with no tied or classifier head. GPT-2: `transformer.` names, the Conv1D weights as released ([in,
+    out]), a zero query/key/value bias if it has none (transformers' always has). Llama: `model.` names."""
+    if any(isinstance(module, LoRALinear) for module in model.modules()):
+        model = merge_lora(copy.deepcopy(model))
+    prefix, transposed = ("transformer.", _TRANSPOSED) if model.cfg.family == "gpt2" else ("model.", ())
+    untied_head = model.cfg.family == "llama" and not model.cfg.tie_embeddings and not hasattr(model, "labels")
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("lm_head."):
+            if untied_head:
+                tensors[name] = tensor.to(dtype)
+            continue
+        tensors[prefix + name] = (tensor.t() if name.endswith(transposed) else tensor).to(dtype)
+        if name.endswith("attn.c_attn.weight") and not model.cfg.qkv_bias:
+            tensors[prefix + name.replace("weight", "bias")] = tensor.new_zeros(len(tensor), dtype=dtype)
+    return tensors
 
 
 def classifier_tensors(model, dtype):
@@ -2038,152 +1800,111 @@ def classifier_tensors(model, dtype):
     return tensors
 
 
-def check_hf_folder(folder, overwrite=False):
-    """The absolute Path of folder, when an export may write it: absent, empty, or with `overwrite`
-    a model folder (--overwrite never deletes a folder of other things). Raises ValueError naming
-    the path and the fix otherwise."""
-    folder = Path(os.path.abspath(folder))  # "." and "out/" get a name, for the temporary folder beside them
-    blocker = file_in_the_way(folder)
-    if blocker is not None:
-        which = "" if blocker == folder else f": {blocker}"
-        raise ValueError(f"{folder}{which} is a file, not a folder: choose another folder for the export")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not overwrite:
-            raise ValueError(
-                f"{folder} is not empty: choose another folder, or replace an earlier export with --overwrite"
-            )
-        if not (folder / "model.safetensors").is_file():
-            raise ValueError(
-                f"{folder} holds no model.safetensors: --overwrite replaces only a model folder; choose another folder"
-            )
-    return folder
+def hf_tokenizer_files(tokenizer, **settings):
+    """A `Tokenizer` as the files transformers reads -> {file name: bytes, or a dict for JSON}: GPT-2's
+    vocab.json, merges.txt and tokenizer_config.json, or the files another was read from
+    (`Tokenizer.files`); `settings` are set in tokenizer_config.json (model_max_length, pad_token)."""
+    end_of_text = tokenizer.decode([tokenizer.eot_id])
+    if tokenizer.files:
+        files = {name: text.encode("utf-8") for name, text in tokenizer.files.items()}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end_of_text,
+                  **json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))}
+    else:
+        files = dict(zip(("vocab.json", "merges.txt"), gpt2_vocabulary_files()))
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": end_of_text, "eos_token": end_of_text,
+                  "unk_token": end_of_text, "add_prefix_space": False}  # " Hi" and "Hi" differ, as in tiktoken
+    return {**files, "tokenizer_config.json": {**config, **settings}}
 
 
-def write_hf_folder(folder, tensors, files, *, overwrite=False):
-    """Write model.safetensors (tensors) and `files` ({name: bytes or JSON-able}) as folder -> Path.
+def gpt2_vocabulary_files():
+    """GPT-2's tokenizer as transformers reads it -> (vocab.json, merges.txt) as bytes: OpenAI's
+    encoder.json and vocab.bpe, from tiktoken's cache (downloaded once, checked by the SHA-256 below)."""
+    get_tokenizer()  # says what to do when the files are neither cached nor downloadable
+    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    vocab = tiktoken.load.read_file_cached(url + "encoder.json",
+                                           "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+    merges = tiktoken.load.read_file_cached(url + "vocab.bpe",
+                                            "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
+    return vocab, merges
 
-    Atomic: all goes to a temporary folder beside it, renamed at the end; with `overwrite` an
-    earlier export is moved aside, then deleted (put back when the rename fails). Raises
-    ValueError as `check_hf_folder`, before any work, and OSError when the file system refuses:
-    then nothing is left behind and an earlier export stays.
-    """
-    folder = check_hf_folder(folder, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    old = partial.with_name(partial.name + ".old")
-    try:
-        write_safetensors(partial / "model.safetensors", tensors, metadata={"format": "pt"})
-        for name, content in files.items():
-            if isinstance(content, bytes):
-                atomic_write_bytes(partial / name, content)
-            else:
-                write_json(partial / name, content)
-        partial.chmod(0o755)  # mkdtemp's folders are private; an export is for others to read
-        if folder.exists():
-            os.rename(folder, old)
-        try:
-            os.rename(partial, folder)
-        except OSError:
-            if old.exists():
-                os.rename(old, folder)  # put the earlier export back
-            raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
+
+def write_safetensors(f, tensors, metadata=None):
+    """Write {name: tensor} to the open binary file f as safetensors (see `read_safetensors`), with
+    `__metadata__` (a dict of strings) when given, the header padded to 8 bytes as the reference's."""
+    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": dtype_names[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+    for tensor in tensors.values():
+        data = bytearray(tensor.numel() * tensor.element_size())  # torch has no bytes(tensor)
+        if data:  # torch.frombuffer refuses an empty buffer
+            flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # row-major
+            torch.frombuffer(data, dtype=torch.uint8).copy_(flat)
+        f.write(data)
 
 
 # ----------------------------------------------------------------------------------------
-# 11. Running a stage: flags, settings, run folders, progress, errors
+# 11. Running a stage: flags, run folders, progress, errors
 # ----------------------------------------------------------------------------------------
 
 
-def _checked_number(convert, is_valid, requirement):
-    """An argparse `type=` that converts a flag's text and checks its range in one place;
-    argparse prints "argument --flag: must be <requirement>, got 'text'" and exits 2."""
+def _checked_number(convert, low, high, requirement):
+    """An argparse `type=`: the flag's text through `convert`, refused unless in [low, high] (NaN never
+    is): "argument --flag: must be <requirement>, got 'text'", exit status 2."""
 
     def parse(text):
         try:
             value = convert(text)
         except ValueError:
-            value = None
-        if value is None or not is_valid(value):
+            value = math.nan
+        if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
         return value
 
-    parse.__name__ = requirement  # argparse names the type by it in some messages
     return parse
 
 
-# Ranges of flags, declared with the flag: `type=gpt.positive_int`. NaN and infinity fail every
-# float check; integers stay below 2**63, torch's seed range.
-positive_int = _checked_number(int, lambda v: 1 <= v < 2**63, "an integer >= 1")
-non_negative_int = _checked_number(int, lambda v: 0 <= v < 2**63, "an integer >= 0")
-positive_float = _checked_number(float, lambda v: 0 < v < math.inf, "a finite number > 0")
-non_negative_float = _checked_number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-fraction = _checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-probability = _checked_number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")  # --top-p
-dropout_rate = _checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")  # 1 would drop everything
-
-
-def folder_path(text):
-    """An argparse `type=` for a folder made when missing (--cache-dir): the text, once neither it nor
-    a folder above it is a file (later a bare "[Errno 20] Not a directory")."""
-    blocker = file_in_the_way(text)
-    if blocker is not None:
-        which = "" if blocker == Path(os.path.normpath(text)) else f" {blocker}"  # "x/notes.txt/cache: x/notes.txt"
-        raise argparse.ArgumentTypeError(f"{text}:{which} is a file, not a folder: choose another folder")
-    return text
-
-
-def file_in_the_way(path):
-    """The file at `path` or at a folder above it, which stops a folder from being made there, or None."""
-    path = Path(os.path.normpath(path))
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)  # the nearest that exists
-    return existing if existing is not None and not existing.is_dir() else None
-
+# The four ranges of flags, declared with the flag: `type=gpt.positive_int`.
+positive_int = _checked_number(int, 1, 2**63 - 1, "an integer >= 1")  # below 2**63: torch's seed range
+non_negative_int = _checked_number(int, 0, 2**63 - 1, "an integer >= 0")
+non_negative_float = _checked_number(float, 0, sys.float_info.max, "a finite number >= 0")
+fraction = _checked_number(float, 0, 1, "a number in [0, 1]")
 
 # --dtype: the precision the work runs in. Training on a GPU keeps float32 weights and
 # runs the forward pass under autocast in this type; generation converts the weights.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's help with "(default: ...)", except for on/off flags and flags whose
-    default is None: their help text says what happens without them."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
-
-
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with `HelpFormatter`, whose errors are one line: "prog: error: ... (see --help)",
-    exit status 2, instead of the usage block and then the error."""
+    """argparse with each flag's default in --help, and errors in one line, "prog: error: ... (see
+    --help)", exit status 2 (not the usage block first)."""
 
     def __init__(self, **options):
-        super().__init__(formatter_class=HelpFormatter, **options)
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **options)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def pick_device(name="auto"):
-    """"auto" -> "cuda" if available, else "mps" (Apple GPUs), else "cpu"; other names pass
-    through after a check. Raises ValueError for a device this machine does not have."""
+    """"auto" -> "cuda" when there is a CUDA GPU, else "mps" (Apple's), else "cpu"; another name passes
+    after a check. Raises ValueError for a name torch does not know or a device this machine lacks."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: MPS is not available here; use --device cpu")
+    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not here.get(device.type, True):
+        raise ValueError(f"--device {name}: this machine has no {device.type} device; use --device cpu")
     return device
 
 
@@ -2223,24 +1944,8 @@ def resume_settings(parser, argv, saved, may_change=()):
 
 
 def print_settings(settings):
-    """Print a run's settings (a Namespace or dict) in one wrapped block, for the log."""
-    items = vars(settings) if isinstance(settings, argparse.Namespace) else settings
-    line = "settings: " + ", ".join(f"{name}={value}" for name, value in items.items())
-    # Whole values on each line: a path or URL broken at a hyphen could not be copied.
-    print("\n          ".join(textwrap.wrap(line, 100, break_on_hyphens=False, break_long_words=False)))
-
-
-def remove_stale_temporary_files(folder):
-    """Delete the temporary files (`.NAME.tmpPID...`) of writes whose process is gone (killed mid-write)."""
-    for tmp in Path(folder).glob(".*.tmp*"):
-        match = re.fullmatch(r"\..+\.tmp(\d+)(\..*)?", tmp.name)
-        if match:
-            try:
-                os.kill(int(match.group(1)), 0)  # signal 0 tests whether the process runs, sends nothing
-            except ProcessLookupError:
-                tmp.unlink(missing_ok=True)
-            except PermissionError:  # it runs, under another user
-                pass
+    """Print a run's settings (a Namespace) in one line for the log: "settings: lr=0.001, ..."."""
+    print("settings: " + ", ".join(f"{name}={value}" for name, value in vars(settings).items()))
 
 
 def length_within_context(length, cfg, flag):
@@ -2252,32 +1957,20 @@ def length_within_context(length, cfg, flag):
 
 
 def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resumable=True):
-    """out_dir as a Path, once checked to take this run, before any work starts.
-
-    The one run-folder rule: a folder holding another run (any of `run_files`) is refused unless
-    `resume` (then it must hold one) or `overwrite` (its run files are deleted now). The run's first
-    write makes the folder, so a run failing before leaves none. Raises ValueError naming the path
-    and the flag that helps (--resume only when `resumable`).
-    """
+    """out_dir as a Path, checked before any work: the one run-folder rule. A folder holding another run
+    (any of `run_files`, relative to it) is refused unless `resume` (then it must hold one) or `overwrite`
+    (its run files are deleted now). The run's first write makes the folder: a run failing before leaves
+    none. Raises ValueError naming the path and the flags that help (--resume only when `resumable`)."""
     out_dir = Path(out_dir)
-    blocker = file_in_the_way(out_dir)
-    if blocker is not None:
-        which = "" if blocker == Path(os.path.normpath(out_dir)) else f": {blocker}"  # "notes.txt/run: notes.txt"
-        raise ValueError(f"--out-dir {out_dir}{which} is a file, not a folder: choose another --out-dir")
-    paths = [Path(os.path.normpath(out_dir / name)) for name in run_files]  # "run/../x.pt" while run is absent
-    folders = [path for path in paths if path.is_dir()]
-    if folders:
-        raise ValueError(f"{folders[0]} is a folder, but this run writes a file there: move it away")
-    if not out_dir.exists():
-        return out_dir
-    remove_stale_temporary_files(out_dir)
-    found = [name for name, path in zip(run_files, paths) if path.exists()]
+    absolute = Path(os.path.abspath(out_dir))
+    existing = next(path for path in (absolute, *absolute.parents) if path.exists())  # "/" at the latest
+    if not existing.is_dir():
+        raise ValueError(f"{existing} is a file, not a folder: choose another folder than {out_dir}")
+    found = [name for name in run_files if Path(os.path.normpath(out_dir / name)).exists()]  # "run/../x.pt"
     if found and not (resume or overwrite):
-        raise ValueError(
-            f"{out_dir} holds another run ({', '.join(found)}): "
-            + ("continue it with --resume, " if resumable else "")
-            + "replace it with --overwrite, or choose another --out-dir"
-        )
+        raise ValueError(f"{out_dir} holds another run ({', '.join(found)}): "
+                         + ("continue it with --resume, " if resumable else "")
+                         + "replace it with --overwrite, or choose another folder")
     if resume and not found:
         raise ValueError(f"--resume: {out_dir} holds no run to continue; start one without --resume")
     if overwrite and not resume:
@@ -2286,39 +1979,24 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
     return out_dir
 
 
-PLAIN_PROGRESS_SECONDS = 30  # without a terminal: one progress line per this many seconds
-TERMINAL_PROGRESS_SECONDS = 0.1  # on a terminal: a redraw at most this often (a download updates per 64 KiB)
-_last_plain_progress = 0.0  # when show_progress last printed a plain line
-_last_terminal_progress = 0.0  # when show_progress last redrew the status line
-_progress_line_open = False  # a status line of show_progress waits for its end
-
-
-def stderr_is_terminal():
-    """Whether standard error is a terminal, which can overwrite a line in place."""
-    return sys.stderr.isatty()
+PROGRESS_SECONDS = {True: 0.1, False: 30}  # the least time between progress lines, on a terminal or in a log
+_progress = {"printed": -math.inf, "open": False}  # when show_progress last printed; whether its line is open
 
 
 def show_progress(text):
-    """Overwrite the status line on stderr with text; without a terminal (a log file), print a plain
-    line at most every PLAIN_PROGRESS_SECONDS instead of hundreds of updates."""
-    global _progress_line_open, _last_plain_progress, _last_terminal_progress
-    if not stderr_is_terminal():
-        if time.time() - _last_plain_progress >= PLAIN_PROGRESS_SECONDS:
-            print(text, file=sys.stderr, flush=True)
-            _last_plain_progress = time.time()
-        return
-    if time.time() - _last_terminal_progress >= TERMINAL_PROGRESS_SECONDS:
-        print("\r" + text + "\033[K", end="", file=sys.stderr, flush=True)
-        _last_terminal_progress = time.time()
-        _progress_line_open = True
+    """Overwrite the status line on stderr with text, at most ten times a second (a download updates
+    per 64 KiB); without a terminal (a log file), print it as a line at most every 30 seconds."""
+    terminal = sys.stderr.isatty()
+    if time.time() - _progress["printed"] >= PROGRESS_SECONDS[terminal]:
+        print("\r" + text + "\033[K" if terminal else text, end="" if terminal else "\n", file=sys.stderr, flush=True)
+        _progress.update(printed=time.time(), open=terminal)
 
 
 def end_progress():
     """End a status line of `show_progress`, so that what follows starts on a new line."""
-    global _progress_line_open
-    if _progress_line_open:
+    if _progress["open"]:
         print(file=sys.stderr, flush=True)
-        _progress_line_open = False
+        _progress["open"] = False
 
 
 def eta(started, done, total):
@@ -2363,21 +2041,18 @@ def command_line(memory_hint="use a smaller --batch-size"):
 
 def make_adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
     """AdamW over model's trainable parameters, decaying only matrices and embeddings (not biases and
-    norms, as nanoGPT), fused into one kernel per step where torch has one for the device."""
+    norms, as nanoGPT), fused into one kernel per step on a CUDA GPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
-    except RuntimeError:  # no fused kernel for this device in this torch version
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=any(p.is_cuda for p in params))
 
 
 def trainable_weights(model):
-    """A CPU copy of the weights that train, {name: tensor}: all a kept "best" model needs, as
-    the frozen ones do not change. `model.load_state_dict(weights, strict=False)` brings it back."""
+    """A CPU copy of the weights that train, {name: tensor}: all a kept "best" model needs (the frozen
+    ones do not change); `model.load_state_dict(weights, strict=False)` brings it back."""
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -2390,13 +2065,10 @@ def check_finite_loss(loss, step):
 
 
 def model_summary(model, name):
-    """One line for the log: "gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide), 1,234 trainable"."""
-    cfg = model.cfg
-    trainable = count_parameters(model, trainable_only=True)
-    return (
-        f"{name}: {count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
-        f"{cfg.emb_dim} wide, context {cfg.context_length}), {trainable:,} trainable"
-    )
+    """One line for the log: "gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide, context 1024), 0 trainable"."""
+    cfg, trainable = model.cfg, count_parameters(model, trainable_only=True)
+    return (f"{name}: {count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
+            f"{cfg.emb_dim} wide, context {cfg.context_length}), {trainable:,} trainable")
 
 
 def check_vocabulary(model, source, tokenizer):
@@ -2404,10 +2076,8 @@ def check_vocabulary(model, source, tokenizer):
     vocabulary, such as one padded to 50304, is fine)."""
     which = "the GPT-2 tokenizer" if tokenizer is get_tokenizer() else f"the tokenizer {tokenizer.name}"
     if model.cfg.vocab_size < tokenizer.n_vocab:
-        raise ValueError(
-            f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
-            f"{tokenizer.n_vocab}: use a model trained with {which}"
-        )
+        raise ValueError(f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
+                         f"{tokenizer.n_vocab}: use a model trained with {which}")
 
 
 def set_drop_rate(model, drop_rate):
@@ -2443,61 +2113,21 @@ def split_by_fractions(items, seed, fractions):
     return parts + [items[start:]]
 
 
-def rng_state():
-    """The random number generators' states (CPU, and CUDA when in use), for exact resume."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def training_memory(model):
-    """Bytes that training with AdamW needs before activations: the weights, and each trainable one's
-    gradient and two moments (Llama 3.2 1B in float32: 1.24e9 * 16 bytes = 19.8 GB)."""
-    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
-
-
 def check_training_memory(model, device, hint, processes=1):
-    """Raise RuntimeError naming both sizes and `hint` (the flags that help) when `processes` x
-    `training_memory` exceeds the CUDA device's free memory or the machine's: before the work, as the
-    system kills a process out of memory without a word."""
-    needed = processes * training_memory(model)
+    """Raise RuntimeError naming both sizes and `hint` (the flags that help) when `processes` times what
+    training with AdamW needs before activations, the weights and each trainable one's gradient and two
+    moments (Llama 3.2 1B in float32: 1.24e9 x 16 bytes = 19.8 GB), exceeds the CUDA device's free
+    memory or the machine's: checked before the work, as a process out of memory is killed without a word."""
+    needed = processes * sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
     else:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-    if available is not None and needed > available:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
+    if needed > available:
         raise RuntimeError(
             f"training needs about {needed / 1e9:.1f} GB before activations (weights, gradients and AdamW's "
             f"moments), but the {device.type} has {available / 1e9:.1f} GB: {hint}"
         )
-
-
-# --- A training run: stop signal, autocast, training state --------------------------------
-
-
-class StopSignal:
-    """While active, Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current step, to save:
-    `requested` turns True, `signal_name` says which. A second Ctrl-C stops at once in one process
-    (under torchrun, single_process=False, the launcher forwards repeats, so they are ignored)."""
-
-    def __init__(self, single_process=True):
-        self.requested, self.signal_name, self.single_process, self._previous = False, None, single_process, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # handlers only work there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc_info):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested and self.single_process and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the last save stays as it was
-        self.requested, self.signal_name = True, signal.Signals(signum).name
 
 
 def autocast_context(device, dtype_name="auto"):
@@ -2510,6 +2140,36 @@ def autocast_context(device, dtype_name="auto"):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype_name]), dtype_name
 
 
+class StopSignal:
+    """While active (`with`), Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current step, to
+    save: `requested` turns True, `signal_name` says which. A second Ctrl-C stops at once in one process
+    (under torchrun, single_process=False, the launcher forwards each Ctrl-C to every process)."""
+
+    def __init__(self, single_process=True):
+        self.requested, self.signal_name, self.single_process = False, None, single_process
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.requested and self.single_process and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the last save stays as it was
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+
+
+def rng_state():
+    """The random number generators' states (CPU, and CUDA when in use), for exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
 def restore_training_state(checkpoint, optimizer, device, rng):
     """Load the optimizer's state from a checkpoint saved with optimizer=optimizer.state_dict() (the
     weights come with `model_from_checkpoint`) and set the RNG states `rng` (of `rng_state`)."""
@@ -2518,13 +2178,11 @@ def restore_training_state(checkpoint, optimizer, device, rng):
     for group in optimizer.param_groups:
         group["fused"] = fused  # the saved flag belongs to the device the run was saved on
         for param in group["params"]:
-            state = optimizer.state[param]
-            for name, value in state.items():
-                # Moments saved beside weights of another memory layout (`load_weights_into` maps
-                # GPT-2's weights as transposed views) take this parameter's: the fused kernel pairs
-                # them element by element in memory order (and refuses other layouts on CUDA).
+            # Moments saved beside weights of another memory layout (`load_weights_into` maps GPT-2's as
+            # transposed views) take this parameter's: the fused kernel pairs them in memory order.
+            for name, value in optimizer.state[param].items():
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                    state[name] = torch.empty_like(param).copy_(value)
+                    optimizer.state[param][name] = torch.empty_like(param).copy_(value)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)

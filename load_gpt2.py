@@ -509,14 +509,14 @@ def parse_args(argv=None):
                    "a .safetensors file, a model folder or a checkpoint (.pt)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of weights and computation")
-    p.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
+    p.add_argument("--cache-dir", default=str(gpt.cache_dir()),
                    help="folder for downloaded weights and data ($GPT_CACHE_DIR)")
     g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
     g.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     g.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=50, help="tokens to generate")
     g.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; higher: more random")
     g.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens only (default: all)")
-    g.add_argument("--top-p", type=gpt.probability, help="sample from the fewest tokens that reach probability p "
+    g.add_argument("--top-p", type=gpt.fraction, help="sample from the fewest tokens that reach probability p "
                    "(default: all)")
     g.add_argument("--seed", type=gpt.non_negative_int,
                    help="seed of the sampling and of --probe (default: fresh; --probe: 0)")

@@ -1,32 +1,28 @@
 """pretrain.py: the "pretrain" stage: train a GPT on plain text by next-token prediction.
 
-With no flag: a small GPT from random weights on "The Verdict" (the short story of chapter 5 of "Build a Large
-Language Model (From Scratch)"), downloaded once, on the CPU in a few minutes:
-
-    python pretrain.py
+    python pretrain.py                                   # a 16M-parameter GPT on "The Verdict", on the CPU, minutes
     python pretrain.py --data tinyshakespeare.txt --emb-dim 128 --max-steps 240 --lr 3e-3 --eval-every 40
     python pretrain.py --model HuggingFaceTB/SmolLM2-135M --data my_notes/   # continue from released weights
     torchrun --nproc_per_node 8 pretrain.py --data corpus/ --size gpt2 --grad-accum 4   # several GPUs
-    python pretrain.py --resume --max-steps 2000             # continue the run in runs/pretrain/, and extend it
+    python pretrain.py --resume --max-steps 2000         # continue the run in runs/pretrain/, and extend it
 
-The story: the text is tokenized once into a token file (<--cache-dir>/tokens/, 2 or 4 bytes per token), split
-into training and validation windows; a GPT is built or loaded; one loop trains it with AdamW, warm-up, cosine
+The story: the text (by default "The Verdict", the short story of chapter 5 of "Build a Large Language Model (From
+Scratch)", downloaded once) is tokenized once into a token file (<--cache-dir>/tokens/, 2 or 4 bytes per token) and
+split into training and validation windows; a GPT is built or loaded; one loop trains it with AdamW, warm-up, cosine
 decay and gradient accumulation (DistributedDataParallel under torchrun, as nanoGPT's train.py), and every
 --eval-every steps measures both losses, prints a sample and saves. Ctrl-C or SIGTERM saves and exits; --resume
-continues exactly. Every weight trains: AdamW needs 16 bytes per parameter (SmolLM2-135M: 2.2 GB), checked at the
-start; for bigger models use the fine-tunes' LoRA.
+continues exactly. Every weight trains (16 bytes per parameter with AdamW, checked at the start).
 
-Writes to --out-dir (default runs/pretrain/; another run there is refused unless --resume or --overwrite):
-run.json (settings, data fingerprint), latest.pt (the training state, 12 bytes per parameter), best.pt (the
-model with the lowest validation loss: --model runs/pretrain/best.pt for the other stages), history.json (the
-evaluations) and loss.png (needs matplotlib).
+Writes to --out-dir (default runs/pretrain/; another run there is refused unless --resume or --overwrite): run.json
+(settings, data fingerprint), latest.pt (the training state), best.pt (the model with the lowest validation loss:
+--model runs/pretrain/best.pt for the other stages), history.json (the evaluations), loss.png (with matplotlib).
 """
 
-import codecs
+import collections
 import contextlib
 import dataclasses
 import hashlib
-import io
+import itertools
 import json
 import math
 import os
@@ -44,10 +40,8 @@ import gpt
 
 VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
 # Checks of the downloads we know (size in bytes, SHA-256), so that `main` moving on is an error, not other data.
-KNOWN_DOWNLOADS = {
-    VERDICT_URL: dict(size=20479,
-                      sha256="b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"),
-}
+KNOWN_DOWNLOADS = {VERDICT_URL: dict(size=20479,
+                                     sha256="b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f")}
 
 # The default model: 4 layers of width 256 (16M parameters, 13M of them the token embedding) and 128-token windows.
 # It trains at hundreds of tokens/s on two CPU cores; 128 + 1 tokens fit in The Verdict's 515-token validation split.
@@ -78,49 +72,29 @@ def resolve_sources(data):
         return files
     if not path.is_file():
         raise FileNotFoundError(f"--data {data}: no such file or folder (give a text file, a folder or a URL)")
-    if path.stat().st_size == 0:
-        raise ValueError(f"--data {data}: the file is empty")
     return [path]
 
 
-def read_text_pieces(f, replace_invalid=False, chunk_bytes=1 << 20):
-    """Yield the text of a UTF-8 file opened in binary mode, chunk_bytes at a time, line endings as "\\n", without a
-    byte-order mark. Raises ValueError naming the byte offset of invalid UTF-8, unless replace_invalid (then U+FFFD)."""
-    utf8 = codecs.getincrementaldecoder("utf-8")("replace" if replace_invalid else "strict")
-    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)  # holds a final "\r" back
-    if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
-        f.seek(0)
-    offset = f.tell()  # bytes of the file handed to the decoder so far
-    while True:
-        chunk = f.read(chunk_bytes)
-        held_back = len(utf8.getstate()[0])  # an incomplete character from the previous chunk
-        try:
-            text = decoder.decode(chunk, final=not chunk)
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{f.name}: invalid UTF-8 at byte {offset - held_back + e.start} ({e.reason}); "
-                "fix the file or pass --replace-invalid-utf8"
-            ) from None
-        offset += len(chunk)
-        yield text
-        if not chunk:
-            return
-
-
-def encode_pieces(pieces, tokenizer):
-    """Token ids of a stream of text pieces: yields lists of ints whose concatenation is the encoding of the joined
-    text (special-token text becomes its id). The text is cut only after a newline with non-whitespace on both
-    sides: the pre-tokenizers of GPT-2 and the Llama family always end a piece there."""
+def encode_text_file(f, tokenizer, chunk_chars=1 << 20):
+    """Token ids of the text of f (open as `prepare_token_file` opens it), read chunk_chars characters at a time:
+    yields lists of ints whose concatenation is the encoding of the whole text (special-token text becomes its id).
+    The text is cut only after a newline with non-whitespace on both sides, where the pre-tokenizers of GPT-2 and the
+    Llama family always end a piece. Raises ValueError naming the byte offset of invalid UTF-8."""
     buffer = ""
-    for piece in pieces:
-        first = max(len(buffer) - 1, 1)  # the buffer held no cut; only its last character may now become one
-        buffer += piece
-        cut = buffer.rfind("\n", first, len(buffer) - 1)
-        while cut > 0 and (buffer[cut - 1].isspace() or buffer[cut + 1].isspace()):
-            cut = buffer.rfind("\n", first, cut)
-        if cut > 0:
-            yield tokenizer.encode(buffer[: cut + 1])
-            buffer = buffer[cut + 1 :]
+    try:
+        while piece := f.read(chunk_chars):
+            first = max(len(buffer) - 1, 1)  # the buffer held no cut; only its last character may now become one
+            buffer += piece
+            cut = buffer.rfind("\n", first, len(buffer) - 1)
+            while cut > 0 and (buffer[cut - 1].isspace() or buffer[cut + 1].isspace()):
+                cut = buffer.rfind("\n", first, cut)
+            if cut > 0:
+                yield tokenizer.encode(buffer[: cut + 1])
+                buffer = buffer[cut + 1 :]
+    except UnicodeDecodeError as e:  # e.object: the bytes being decoded, which end where the file is read to
+        offset = f.buffer.tell() - len(e.object) + e.start
+        raise ValueError(f"{f.name}: invalid UTF-8 at byte {offset} ({e.reason}); fix the file or pass "
+                         "--replace-invalid-utf8") from None
     if buffer:
         yield tokenizer.encode(buffer)
 
@@ -140,80 +114,53 @@ def as_ids(tokens):
     return tokens.long() & 0xFFFF if tokens.dtype == torch.int16 else tokens.long()
 
 
-def write_token_file(paths, token_path, tokenizer, replace_invalid=False, chunk_bytes=1 << 20):
-    """Tokenize the text files (documents) into token_path, atomically, with the end-of-text token between documents
-    as in GPT-2's training data: the ids as `token_type` says, native byte order. Returns (tokens, SHA-256)."""
-    typecode = TOKEN_TYPES[token_type(tokenizer)][0]
-    total_bytes, digest, counts, started = sum(p.stat().st_size for p in paths), hashlib.sha256(), [0, 0], time.time()
-
-    def write(out):  # counts: [tokens written, bytes of the finished files]
-        for path in paths:
-            separator = [tokenizer.eot_token] if counts[0] else []  # between documents, not before the first
-            with open(path, "rb") as f:
-                for ids in encode_pieces(read_text_pieces(f, replace_invalid, chunk_bytes), tokenizer):
-                    if ids and separator:
-                        ids, separator = separator + ids, []
-                    data = array(typecode, ids).tobytes()
-                    out.write(data)
-                    digest.update(data)
-                    counts[0] += len(ids)
-                    done = counts[1] + f.tell()
-                    gpt.show_progress(f"tokenizing: {done / 1e6:,.2f} of {total_bytes / 1e6:,.2f} MB, "
-                                      f"{counts[0]:,} tokens, ETA {gpt.eta(started, done, total_bytes)}")
-            counts[1] += path.stat().st_size
-
-    try:
-        gpt.atomic_write_bytes(token_path, write)  # an interrupted run leaves no half file
-    finally:
-        gpt.end_progress()
-    return counts[0], digest.hexdigest()
-
-
 def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False):
-    """(token file Path, number of tokens, SHA-256) of the corpus, reused while the JSON record beside it names the
-    same tokenizer (by content) and the same sources (sizes, modification times)."""
-    sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-    tokenizer_sha256 = hashlib.sha256(pickle.dumps(tokenizer)).hexdigest()
+    """Tokenize the text files (documents, end-of-text tokens between them as in GPT-2's training data) into one token
+    file, atomically -> (its Path, number of tokens, SHA-256). Reused while the JSON record beside it names the same
+    tokenizer (by content) and the same sources (sizes, modification times)."""
     dtype = token_type(tokenizer)
-    key = hashlib.sha256(json.dumps([[s[0] for s in sources], replace_invalid, tokenizer_sha256]).encode())
-    token_path = Path(token_dir) / f"{paths[0].stem}-{key.hexdigest()[:16]}.{dtype}"
-    record_path = token_path.with_suffix(".json")
-    record = {"tokenizer": tokenizer.name, "tokenizer_sha256": tokenizer_sha256, "dtype": dtype,
+    sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+    record = {"tokenizer": tokenizer.name, "tokenizer_sha256": hashlib.sha256(pickle.dumps(tokenizer)).hexdigest(),
               "replace_invalid_utf8": replace_invalid, "sources": sources}
-    try:
+    key = json.dumps([[s[0] for s in sources], replace_invalid, record["tokenizer_sha256"]]).encode()
+    token_path = Path(token_dir) / f"{paths[0].stem}-{hashlib.sha256(key).hexdigest()[:16]}.{dtype}"
+    typecode, record_path = TOKEN_TYPES[dtype][0], token_path.with_suffix(".json")
+    with contextlib.suppress(OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
         saved = json.loads(record_path.read_text())
-        size = saved["n_tokens"] * array(TOKEN_TYPES[dtype][0]).itemsize  # bytes
+        size = saved["n_tokens"] * array(typecode).itemsize  # bytes
         if {k: saved[k] for k in record} == record and token_path.stat().st_size == size:
             log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
             return token_path, saved["n_tokens"], saved["sha256"]
-    except (OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
-        pass
-    started = time.time()
     record_path.unlink(missing_ok=True)  # the token file is about to change
-    n_tokens, sha256 = write_token_file(paths, token_path, tokenizer, replace_invalid)
+    started, total_bytes, digest, n_tokens = time.time(), sum(s[1] for s in sources), hashlib.sha256(), 0
+
+    def write(out):  # into the temporary file of gpt.atomic_write_bytes: an interrupted run leaves no half file
+        nonlocal n_tokens
+        done_bytes = 0  # of the documents done
+        for i, path in enumerate(paths):  # text mode: no byte-order mark, line endings read as "\n"
+            with open(path, encoding="utf-8-sig", errors="replace" if replace_invalid else "strict") as f:
+                separator = [[tokenizer.eot_token]] if i > 0 else []  # between documents, not before the first
+                for ids in itertools.chain(separator, encode_text_file(f, tokenizer)):
+                    data = array(typecode, ids).tobytes()  # native byte order
+                    out.write(data)
+                    digest.update(data)
+                    n_tokens += len(ids)
+                    done = done_bytes + f.buffer.tell()
+                    gpt.show_progress(f"tokenizing: {done / 1e6:,.2f} of {total_bytes / 1e6:,.2f} MB, "
+                                      f"{n_tokens:,} tokens, ETA {gpt.eta(started, done, total_bytes)}")
+            done_bytes += path.stat().st_size
+
+    try:
+        gpt.atomic_write_bytes(token_path, write)
+    finally:
+        gpt.end_progress()
     if n_tokens == 0:
         raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
-    gpt.write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": sha256})
+    gpt.write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": digest.hexdigest()})
     log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
-    return token_path, n_tokens, sha256
+    return token_path, n_tokens, digest.hexdigest()
 
 
-def split_tokens(tokens, train_fraction, context_length):
-    """tokens [n] -> (train tokens [int(train_fraction * n)], validation tokens [the rest]). Raises ValueError when a
-    split has fewer than context_length + 1 tokens (one window and its shifted target), saying what would work."""
-    n = len(tokens)
-    n_train = int(train_fraction * n)
-    need = context_length + 1
-    if min(n_train, n - n_train) < need:
-        which, have = ("training", n_train) if n_train < need else ("validation", n - n_train)
-        hints = [f"--context-length {min(n_train, n - n_train) - 1} or less"] if min(n_train, n - n_train) >= 2 else []
-        low, high = math.ceil(100 * need / n) / 100, math.floor(100 * (n - need) / n) / 100
-        hints += [f"--train-fraction between {low:.2f} and {high:.2f}"] if low <= high else []
-        raise ValueError(
-            f"the {which} split has {have:,} tokens ({n:,} in all, --train-fraction {train_fraction}), fewer than "
-            f"context length {context_length} + 1 = {need:,}; use " + ", or ".join(hints + ["more text"])
-        )
-    return tokens[:n_train], tokens[n_train:]
 @dataclasses.dataclass
 class Splits:
     """The token splits and the windows that training and evaluation read from them."""
@@ -226,6 +173,19 @@ class Splits:
     seed: int  # of the order of the training windows (`gpt.epoch_order`)
     eval_starts: dict  # {"train": starts, "val": starts}: the same windows at every evaluation
     unigram_loss: float  # validation loss of a model that ignores context, nats per token
+
+
+def split_tokens(tokens, train_fraction, context_length):
+    """tokens [n] -> (train tokens [int(train_fraction * n)], validation tokens [the rest]). Raises ValueError when a
+    split has fewer than context_length + 1 tokens (one window and its shifted target), saying what would work."""
+    n_train = int(train_fraction * len(tokens))
+    for which, have in (("training", n_train), ("validation", len(tokens) - n_train)):
+        if have < context_length + 1:
+            shorter = f"--context-length {have - 1} or less, " if have >= 2 else ""
+            raise ValueError(f"the {which} split has {have:,} tokens ({len(tokens):,} in all, --train-fraction "
+                             f"{train_fraction}), fewer than context length {context_length} + 1; use {shorter}"
+                             "another --train-fraction or more text")
+    return tokens[:n_train], tokens[n_train:]
 
 
 def count_windows(n_tokens, context_length, stride):
@@ -244,8 +204,7 @@ def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, wor
 
 
 def evaluation_starts(n_tokens, context_length, max_windows):
-    """Starts of up to max_windows non-overlapping windows spread evenly over a split: the same windows at every
-    evaluation, so that the losses are comparable."""
+    """Starts of up to max_windows non-overlapping windows spread evenly over a split (the same at every evaluation)."""
     available = count_windows(n_tokens, context_length, context_length)
     k = min(available, max_windows)
     return [(j * available // k) * context_length for j in range(k)]
@@ -260,25 +219,19 @@ def get_batch(tokens, starts, context_length, device):
     return rows[:, :-1], rows[:, 1:]
 
 
-def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=100_000_000):
-    """Loss (nats per token) of the validation tokens under the add-one smoothed token frequencies of the training
-    tokens (at most max_tokens of each): the loss of a model that ignores context."""
-    counts = torch.zeros(vocab_size, dtype=torch.float64)
-    train_tokens, val_tokens = train_tokens[:max_tokens], val_tokens[:max_tokens]
-    step = 1 << 24
-    for i in range(0, len(train_tokens), step):
-        counts += torch.bincount(as_ids(train_tokens[i : i + step]), minlength=vocab_size)
-    log_probs = ((counts + 1) / (counts.sum() + vocab_size)).log()
-    total = sum(log_probs[as_ids(val_tokens[i : i + step])].sum().item() for i in range(0, len(val_tokens), step))
-    return -total / len(val_tokens)
+def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=10_000_000):
+    """Validation loss (nats per token) of a model that ignores context: the add-one smoothed token frequencies of the
+    training tokens (of the first max_tokens of each split)."""
+    counts = torch.bincount(as_ids(train_tokens[:max_tokens]), minlength=vocab_size).double() + 1
+    return -(counts / counts.sum()).log()[as_ids(val_tokens[:max_tokens])].mean().item()
 
 
 def make_splits(args, tokenizer, cfg, proc):
     """(Splits of --data for a model of config cfg, the data's fingerprint {"n_tokens", "sha256"}). The first process
     of each machine tokenizes; the others wait, then reuse its token file."""
     barrier(proc, wait=proc.local_rank != 0)
-    token_dir = Path(args.token_dir or Path(args.cache_dir) / "tokens")
     sources = resolve_sources(args.data)
+    token_dir = Path(args.cache_dir) / "tokens"
     token_path, n_tokens, sha256 = prepare_token_file(sources, token_dir, tokenizer, args.replace_invalid_utf8)
     barrier(proc, wait=proc.local_rank == 0)
     context_length = gpt.length_within_context(args.context_length, cfg, "--context-length")
@@ -288,8 +241,8 @@ def make_splits(args, tokenizer, cfg, proc):
     train, val = split_tokens(tokens, args.train_fraction, context_length)
     n_windows = count_windows(len(train), context_length, stride)
     eval_windows = args.eval_batches * args.batch_size * proc.world_size
-    eval_starts = {"train": evaluation_starts(len(train), context_length, eval_windows)}
-    eval_starts["val"] = evaluation_starts(len(val), context_length, eval_windows)
+    eval_starts = {name: evaluation_starts(len(split), context_length, eval_windows)
+                   for name, split in (("train", train), ("val", val))}
     log(f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
         f"{n_windows:,} training windows of {context_length} tokens, stride {stride}")
     unigram_loss = unigram_baseline(train, val, cfg.vocab_size)
@@ -298,7 +251,7 @@ def make_splits(args, tokenizer, cfg, proc):
 
 
 # ----------------------------------------------------------------------------------------
-# 2. Model and learning-rate schedule (the optimizer: gpt.make_adamw, in `start_run`)
+# 2. The model and the learning-rate schedule (the optimizer: gpt.make_adamw, in `start_run`)
 # ----------------------------------------------------------------------------------------
 
 
@@ -310,8 +263,8 @@ def model_config(args):
 
 
 def model_to_train(args, checkpoint=None):
-    """(model in training mode on the CPU, its gpt.Tokenizer): from a --resume checkpoint, from --model, or new
-    (seeded by --seed; a Llama-family --size brings its Hub tokenizer, else GPT-2's)."""
+    """(model in training mode on the CPU, its tokenizer): from latest.pt, from --model, or new (seeded by --seed; a
+    Llama-family --size brings its Hub tokenizer, else GPT-2's)."""
     if checkpoint is not None:
         return gpt.model_from_checkpoint(checkpoint).train(), gpt.tokenizer_from_state(checkpoint.get("tokenizer"))
     if args.model:
@@ -322,8 +275,7 @@ def model_to_train(args, checkpoint=None):
     if args.size in gpt.LLAMA_CONFIGS:
         tokenizer = gpt.tokenizer_from_files(gpt.hub_tokenizer_files(args.size), args.size)
     torch.manual_seed(args.seed)
-    model = gpt.build_model(model_config(args))
-    return model.train(), tokenizer
+    return gpt.build_model(model_config(args)).train(), tokenizer
 
 
 def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
@@ -337,243 +289,17 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Evaluation: both losses, and a sample of text
+# 3. Several processes under torchrun (as nanoGPT's train.py), and the speed in the log
 # ----------------------------------------------------------------------------------------
 
-
-@torch.no_grad()
-def evaluate_loss(model, splits, split, batch_size, autocast, proc):
-    """Mean loss (nats per token) of the evaluation windows of split ("train" or "val"), shared among the processes."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
-    mine = splits.eval_starts[split][proc.rank :: proc.world_size]
-    for i in range(0, len(mine), batch_size):
-        tokens = getattr(splits, split)
-        inputs, targets = get_batch(tokens, mine[i : i + batch_size], splits.context_length, proc.device)
-        with autocast:
-            logits = model(inputs)  # [batch, seq_len, vocab_size]
-        total[0] += gpt.next_token_loss(logits, targets, reduction="sum").double()
-        total[1] += targets.numel()
-    if proc.world_size > 1:
-        dist.all_reduce(total)
-    model.train()
-    return (total[0] / total[1]).item()
-
-
-def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
-    """The prompt and a seeded continuation (successive samples differ only through training), indented for the log.
-    An empty prompt starts from the end-of-text token."""
-    start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_id]])
-    out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
-                       eot_id=tokenizer.eot_id)
-    return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :], tokenizer).replace("\n", "\n          ")
-
-
-# ----------------------------------------------------------------------------------------
-# 4. The training loop
-# ----------------------------------------------------------------------------------------
-
-
-def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
-    """Train from step state["step"] to state["total_steps"], updating state; evaluate and save on the way, and at a
-    stop (stopper: a gpt.StopSignal; --stop-at-step). Returns None at the end, else "stop-at-step" or the signal."""
-    total_steps = state["total_steps"]
-    autocast, dtype_name = gpt.autocast_context(proc.device, args.dtype)
-    eval_model = torch.compile(model) if args.compile else model
-    train_model = data_parallel(eval_model, proc)
-    peak = args.peak_flops or peak_flops(proc.device, dtype_name)  # None: no MFU
-    tokens_per_step = args.batch_size * args.grad_accum * proc.world_size * splits.context_length
-    speed = Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
-    while True:
-        step = state["step"]
-        lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
-        speed.pause()  # evaluating and saving do not count in tokens/s
-        evaluated = evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast)
-        stop = stopper.requested or step >= (args.stop_at_step or math.inf)
-        stop = step == total_steps or any_process(stop, proc)  # every process stops at the same step
-        if evaluated or stop:
-            save_latest(Path(args.out_dir) / "latest.pt", model, tokenizer, optimizer, proc, state)
-        if stop:
-            return None if step == total_steps else stopper.signal_name or "stop-at-step"
-        speed.resume()
-
-        # One optimizer step: forward, loss and backward for each micro-batch, then the update.
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for micro_step in range(args.grad_accum):
-            starts = micro_batch_starts(splits, state["samples_seen"], micro_step, args.batch_size, proc.rank,
-                                        proc.world_size)
-            inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
-            accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
-            with train_model.no_sync() if accumulate else contextlib.nullcontext():
-                with autocast:
-                    logits = train_model(inputs)  # [batch, seq_len, vocab_size]
-                    loss = gpt.next_token_loss(logits, targets) / args.grad_accum
-                loss.backward()  # adds to the gradients of the earlier micro-batches
-            loss_sum += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.update(step=step + 1, samples_seen=state["samples_seen"] + tokens_per_step // splits.context_length)
-
-        if state["step"] % args.log_every == 0 or state["step"] == total_steps:
-            loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
-            gpt.check_finite_loss(loss_value, state["step"])
-            log(f"step {state['step']}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | grad norm {norm:.2f} | "
-                f"{speed.report(state['step'], total_steps)}")
-
-
-def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast):
-    """At an evaluation step not evaluated yet: both losses into history.json, a sample, best.pt. -> whether it did."""
-    step, history = state["step"], state["history"]
-    evaluated = bool(history) and history[-1]["step"] == step  # already, before the run stopped and resumed
-    if evaluated or not (step % args.eval_every == 0 or step == state["total_steps"]):
-        return False
-    train_loss = evaluate_loss(eval_model, splits, "train", args.batch_size, autocast, proc)
-    val_loss = evaluate_loss(eval_model, splits, "val", args.batch_size, autocast, proc)
-    gpt.check_finite_loss(train_loss + val_loss, step)  # NaN or infinity in either
-    improved = step > 0 and val_loss < state["best_val_loss"]  # the random start is never "best"
-    state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
-    tokens = state["samples_seen"] * splits.context_length
-    history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=train_loss, val_loss=val_loss))
-    log(f"eval step {step} | train loss {train_loss:.3f} | val loss {val_loss:.3f} "
-        f"(perplexity {math.exp(val_loss):,.1f})" + (" | best so far" if improved else ""))
-    if proc.rank == 0:
-        log("  sample: " + sample_text(model, tokenizer, args.prompt, args.sample_tokens, args.seed, proc.device))
-        out_dir = Path(args.out_dir)
-        if improved:
-            gpt.save_checkpoint(out_dir / "best.pt", model, tokenizer, step=step, tokens_seen=tokens, val_loss=val_loss)
-        gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
-    return True
-
-
-def save_latest(path, model, tokenizer, optimizer, proc, state):
-    """Save latest.pt with every process's RNG states (the same dropout after --resume); every process calls it."""
-    rng_states = [gpt.rng_state()]
-    if proc.world_size > 1:  # every process's, in rank order
-        rng_states = [None] * proc.world_size
-        dist.all_gather_object(rng_states, gpt.rng_state())
-    if proc.rank == 0:
-        gpt.save_checkpoint(path, model, tokenizer, optimizer=optimizer.state_dict(), rng_states=rng_states, **state)
-
-
-# ----------------------------------------------------------------------------------------
-# 5. The stage: start (or resume) the run, train, report
-# ----------------------------------------------------------------------------------------
-
-
-def start_run(args, proc):
-    """The run folder, the model, the data, AdamW and the loop's state (new, or latest.pt's with --resume) -> (model,
-    optimizer, splits, tokenizer, state)."""
-    out_dir = Path(args.out_dir)
-    if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
-        gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
-        gpt.print_settings(args)
-    barrier(proc)
-    if proc.device.type == "cpu" and args.dtype == "bfloat16":  # CPUs without bfloat16 matrix units emulate it
-        log("warning: --dtype bfloat16 is usually much slower than float32 on CPUs; --dtype auto picks float32 there")
-    checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
-    model, tokenizer = model_to_train(args, checkpoint)  # before the data: a wrong --model fails in seconds
-    splits, data = make_splits(args, tokenizer, model.cfg, proc)
-    if checkpoint is not None and checkpoint["data"] != data:
-        raise ValueError(f"--resume: --data {args.data} changed since the run started (its tokens' SHA-256 is now "
-                         f"{data['sha256'][:12]}...): restore it, or start a new run with --overwrite")
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if proc.device.type == "cpu" else 1  # share the RAM
-    hint = ("pretraining trains every weight: use a smaller model, or a machine with more memory, or adapt this one "
-            "with LoRA (the fine-tunes' --lora)")
-    gpt.check_training_memory(model, proc.device, hint, processes)
-    model.to(proc.device)
-    optimizer = gpt.make_adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))  # GPT-3's betas
-    global_batch = args.batch_size * args.grad_accum * proc.world_size
-    total_steps = args.max_steps or math.ceil(args.epochs * splits.n_windows / global_batch)
-    if args.warmup_steps is None:  # 5% of the steps, saved as a number: extending the run keeps it
-        args.warmup_steps = round(0.05 * total_steps)
-    state = {"step": 0, "samples_seen": 0, "best_val_loss": math.inf, "history": []}
-    torch.manual_seed(args.seed + proc.rank)  # dropout masks differ between processes
-    if checkpoint is not None:
-        state = resume_state(checkpoint, optimizer, proc, total_steps, out_dir)
-    state.update(total_steps=total_steps, settings=vars(args), data=data)
-    if proc.rank == 0:
-        gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
-    log(gpt.model_summary(model, "model") + f"; {proc.device}, {proc.world_size} process(es)")
-    log(f"training: {total_steps} steps of {global_batch} windows ({global_batch * splits.context_length:,} tokens), "
-        f"{total_steps * global_batch / splits.n_windows:.2f} epochs; unigram baseline {splits.unigram_loss:.3f}")
-    return model, optimizer, splits, tokenizer, state
-
-
-def load_training_state(path):
-    """latest.pt of the run to continue -> dict; ValueError if it is missing or not pretrain.py's."""
-    if not path.is_file():
-        raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
-    checkpoint = gpt.load_checkpoint(path)
-    missing = [k for k in ("optimizer", "step", "samples_seen", "rng_states", "history", "data") if k not in checkpoint]
-    if missing:
-        raise ValueError(f"--resume: {path} is not a training state of this pretrain.py (no {', '.join(missing)})")
-    return checkpoint
-
-
-def resume_state(checkpoint, optimizer, proc, total_steps, out_dir):
-    """AdamW's moments and this process's RNG states from latest.pt (reseeded when another number of processes saved
-    it) -> the loop's state."""
-    if checkpoint["step"] >= total_steps:
-        raise ValueError(f"--resume: the run in {out_dir} already made {checkpoint['step']} of {total_steps} steps; "
-                         "raise --max-steps or --epochs to go on")
-    rng_states = checkpoint["rng_states"]  # one per process of the saved run
-    same_processes = len(rng_states) == proc.world_size
-    gpt.restore_training_state(checkpoint, optimizer, proc.device, rng_states[proc.rank if same_processes else 0])
-    if not same_processes:
-        log(f"note: latest.pt has the RNG states of {len(rng_states)} processes, not {proc.world_size}: reseeding")
-        torch.manual_seed(checkpoint["settings"]["seed"] + proc.rank + checkpoint["step"])
-    log(f"resumed from {out_dir / 'latest.pt'} at step {checkpoint['step']}")
-    return {key: checkpoint[key] for key in ("step", "samples_seen", "best_val_loss", "history")}
-
-
-def pretrain(args, proc):
-    """Run the stage with the settings args in this process (proc: see `distributed_run`) -> a summary dict."""
-    model, optimizer, splits, tokenizer, state = start_run(args, proc)
-    with gpt.StopSignal(single_process=proc.world_size == 1) as stopper:
-        stopped = train(args, model, optimizer, splits, tokenizer, proc, state, stopper)
-    out_dir, history = Path(args.out_dir), state["history"]
-    if proc.rank == 0:
-        tokens = [h["tokens"] for h in history]
-        series = {
-            "train": (tokens, [h["train_loss"] for h in history]),
-            "validation": (tokens, [h["val_loss"] for h in history]),
-            "unigram baseline": ([tokens[0], tokens[-1]], [splits.unigram_loss] * 2),
-        }
-        gpt.plot_curves(out_dir / "loss.png", {"loss (nats per token)": series}, xlabel="tokens seen")
-    if stopped:
-        log(f"stopped at step {state['step']} ({stopped}): go on with python pretrain.py --resume --out-dir {out_dir}")
-    else:
-        log(f"done: {state['step']} steps, validation loss {history[-1]['val_loss']:.3f} "
-            f"(best {state['best_val_loss']:.3f})")
-        log(f"try the model: python load_gpt2.py --model {out_dir / 'best.pt'}")
-    return dict(steps=state["step"], tokens_seen=state["samples_seen"] * splits.context_length, stopped=stopped,
-                train_loss=history[-1]["train_loss"], val_loss=history[-1]["val_loss"],
-                best_val_loss=state["best_val_loss"], unigram_loss=splits.unigram_loss,
-                latest=out_dir / "latest.pt", best=out_dir / "best.pt")
-
-
-# ----------------------------------------------------------------------------------------
-# 6. Several processes under torchrun, and the speed in the log
-# ----------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Processes:
-    """The processes of a run, as this one sees them."""
-
-    rank: int  # 0 to world_size - 1; process 0 prints and writes the files
-    local_rank: int  # the rank among the processes of this machine
-    world_size: int  # how many processes train together
-    device: torch.device  # this process's device
+# This process as it sees the run: its rank (0 prints and writes the files), its rank on this machine, how many
+# processes train together, and its device.
+Processes = collections.namedtuple("Processes", "rank local_rank world_size device")
 
 
 @contextlib.contextmanager
 def distributed_run(device_name="auto"):
-    """Processes of this run, for a `with` block: under torchrun in its process group (NCCL, one GPU per process;
-    Gloo between CPU processes), else one process."""
+    """Processes of this run, for a `with` block: torchrun's process group (NCCL on GPUs, Gloo on CPUs), else one."""
     device = gpt.pick_device(device_name)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         yield Processes(0, 0, 1, device)
@@ -591,28 +317,10 @@ def distributed_run(device_name="auto"):
         dist.destroy_process_group()
 
 
-def data_parallel(model, proc):
-    """The model wrapped in DistributedDataParallel (which all-reduces the gradients in backward) with several
-    processes, else itself."""
-    if proc.world_size == 1:
-        return model
-    device_ids = [proc.device] if proc.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
 def barrier(proc, wait=True):
     """Wait here until every process arrives (with several processes, and when wait)."""
     if proc.world_size > 1 and wait:
         dist.barrier()
-
-
-def any_process(flag, proc):
-    """Whether flag is true in any process (every process must call this)."""
-    if proc.world_size == 1:
-        return flag
-    value = torch.tensor(float(flag), device=proc.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 # Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found in
@@ -641,58 +349,255 @@ def flops_per_token(model, seq_len):
 
 
 class Throughput:
-    """Tokens/s and MFU (model FLOPs utilisation) since the last report, time between `pause` and `resume` not
-    counted, and the ETA."""
+    """Tokens/s and MFU (model FLOPs utilisation) of the steps since the last report or `restart`, and the ETA."""
 
     def __init__(self, model, seq_len, tokens_per_step, peak_flops=None, world_size=1, first_step=0):
-        self.tokens_per_step, self.first_step, self.interval_step = tokens_per_step, first_step, first_step
+        self.tokens_per_step, self.first_step = tokens_per_step, first_step
         self.flops_per_token = flops_per_token(model, seq_len)
         self.peak = peak_flops * world_size if peak_flops else None
-        self.started = self.interval_start = self.paused = time.time()
+        self.started = time.time()
+        self.restart(first_step)
 
-    def pause(self):
-        self.paused = time.time()
-
-    def resume(self):
-        self.interval_start += time.time() - self.paused
+    def restart(self, step):
+        """Measure from now, at step (evaluating and saving do not count in tokens/s)."""
+        self.interval_start, self.interval_step = time.time(), step
 
     def report(self, step, total_steps):
         """"1,234 tok/s | MFU 41.0% | ETA 3m05s" for the steps since the last report."""
         tokens_per_s = (step - self.interval_step) * self.tokens_per_step / (time.time() - self.interval_start)
         mfu = f" | MFU {self.flops_per_token * tokens_per_s / self.peak:.1%}" if self.peak else ""
         remaining = gpt.eta(self.started, step - self.first_step, total_steps - self.first_step)
-        self.interval_start, self.interval_step = time.time(), step
+        self.restart(step)
         return f"{tokens_per_s:,.0f} tok/s{mfu} | ETA {remaining}"
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Command line and main
+# 4. The training loop, and its evaluation (both losses and a sample), stop and save
+# ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_loss(model, splits, split, batch_size, autocast, proc):
+    """Mean loss (nats per token) of the evaluation windows of split ("train" or "val"), shared among the processes."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
+    mine = splits.eval_starts[split][proc.rank :: proc.world_size]
+    for i in range(0, len(mine), batch_size):
+        tokens = getattr(splits, split)
+        inputs, targets = get_batch(tokens, mine[i : i + batch_size], splits.context_length, proc.device)
+        with autocast:
+            logits = model(inputs)  # [batch, seq_len, vocab_size]
+        total[0] += gpt.next_token_loss(logits, targets, reduction="sum").double()
+        total[1] += targets.numel()
+    if proc.world_size > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
+    """The prompt (none: the end-of-text token) and a seeded continuation, the same draw at every evaluation."""
+    start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_id]])
+    out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
+                       eot_id=tokenizer.eot_id)
+    return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :], tokenizer).replace("\n", "\n          ")
+
+
+def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast):
+    """At an evaluation step not evaluated yet: both losses into history.json, a sample, best.pt. -> whether it did."""
+    step, history = state["step"], state["history"]
+    evaluated = bool(history) and history[-1]["step"] == step  # already, before the run stopped and resumed
+    if evaluated or not (step % args.eval_every == 0 or step == state["total_steps"]):
+        return False
+    train_loss = evaluate_loss(eval_model, splits, "train", args.batch_size, autocast, proc)
+    val_loss = evaluate_loss(eval_model, splits, "val", args.batch_size, autocast, proc)
+    gpt.check_finite_loss(train_loss + val_loss, step)  # NaN or infinity in either
+    improved = step > 0 and val_loss < state["best_val_loss"]  # the random start is never "best"
+    state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
+    tokens = state["samples_seen"] * splits.context_length
+    history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=train_loss, val_loss=val_loss))
+    log(f"eval step {step} | train loss {train_loss:.3f} | val loss {val_loss:.3f} "
+        f"(perplexity {math.exp(val_loss):,.1f})" + (" | best so far" if improved else ""))
+    if proc.rank == 0:
+        log("  sample: " + sample_text(model, tokenizer, args.prompt, args.sample_tokens, args.seed, proc.device))
+        out_dir = Path(args.out_dir)
+        if improved:
+            gpt.save_checkpoint(out_dir / "best.pt", model, tokenizer, step=step, tokens_seen=tokens, val_loss=val_loss)
+        gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
+    return True
+
+
+def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
+    """Train from step state["step"] to state["total_steps"], updating state; evaluate every --eval-every steps, save
+    latest.pt then and at a stop. Returns why it stopped (see `stop_reason`)."""
+    total_steps = state["total_steps"]
+    autocast, dtype_name = gpt.autocast_context(proc.device, args.dtype)
+    eval_model = train_model = torch.compile(model) if args.compile else model
+    if proc.world_size > 1:  # DistributedDataParallel all-reduces the gradients in backward
+        device_ids = [proc.device] if proc.device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(eval_model, device_ids=device_ids)
+    peak = args.peak_flops or peak_flops(proc.device, dtype_name)  # None: no MFU
+    tokens_per_step = args.batch_size * args.grad_accum * proc.world_size * splits.context_length
+    speed = Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
+    while True:
+        step = state["step"]
+        lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
+        evaluated = evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast)
+        stopped = stop_reason(args, state, stopper, proc)
+        if evaluated or stopped:
+            save_latest(Path(args.out_dir) / "latest.pt", model, tokenizer, optimizer, proc, state)
+            speed.restart(step)  # evaluating and saving do not count in tokens/s
+        if stopped:
+            return stopped
+
+        # One optimizer step: forward, loss and backward for each micro-batch, then the update. Dropout masks come
+        # from (seed, step, rank) alone (a tuple of ints hashes alike in every run): a resumed run draws the same.
+        torch.manual_seed(hash((args.seed, step, proc.rank)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro_step in range(args.grad_accum):
+            starts = micro_batch_starts(splits, state["samples_seen"], micro_step, args.batch_size, proc.rank,
+                                        proc.world_size)
+            inputs, targets = get_batch(splits.train, starts, splits.context_length, proc.device)
+            accumulate = proc.world_size > 1 and micro_step < args.grad_accum - 1  # all-reduce in the last only
+            with train_model.no_sync() if accumulate else contextlib.nullcontext():
+                with autocast:
+                    logits = train_model(inputs)  # [batch, seq_len, vocab_size]
+                    loss = gpt.next_token_loss(logits, targets) / args.grad_accum
+                loss.backward()  # adds to the gradients of the earlier micro-batches
+            loss_sum += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.update(step=step + 1, samples_seen=state["samples_seen"] + tokens_per_step // splits.context_length)
+
+        if state["step"] % args.log_every == 0 or state["step"] == total_steps:
+            loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
+            gpt.check_finite_loss(loss_value, state["step"])
+            log(f"step {state['step']}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | grad norm {norm:.2f} | "
+                f"{speed.report(state['step'], total_steps)}")
+
+
+def stop_reason(args, state, stopper, proc):
+    """Why training stops at this step: "end", "stop-at-step", the signal ("SIGINT", "SIGTERM"), or None to go on."""
+    if state["step"] == state["total_steps"]:
+        return "end"
+    stop = stopper.requested or state["step"] >= (args.stop_at_step or math.inf)
+    if proc.world_size > 1:  # every process stops at the same step: a stop in any one stops all
+        flag = torch.tensor(float(stop), device=proc.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return (stopper.signal_name or "stop-at-step") if stop else None
+
+
+def save_latest(path, model, tokenizer, optimizer, proc, state):
+    """Save latest.pt: the model, AdamW's moments and the loop's state (from the first process)."""
+    if proc.rank == 0:
+        gpt.save_checkpoint(path, model, tokenizer, optimizer=optimizer.state_dict(), **state)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. The stage: start (or resume) the run, train, report
+# ----------------------------------------------------------------------------------------
+
+
+def pretrain(args, proc):
+    """Run the stage with the settings args in this process (proc: see `distributed_run`) -> a summary dict."""
+    model, optimizer, splits, tokenizer, state = start_run(args, proc)
+    with gpt.StopSignal(single_process=proc.world_size == 1) as stopper:
+        stopped = train(args, model, optimizer, splits, tokenizer, proc, state, stopper)
+    out_dir, history = Path(args.out_dir), state["history"]
+    if proc.rank == 0:
+        tokens = [h["tokens"] for h in history]
+        series = {"train": (tokens, [h["train_loss"] for h in history]),
+                  "validation": (tokens, [h["val_loss"] for h in history]),
+                  "unigram baseline": ([tokens[0], tokens[-1]], [splits.unigram_loss] * 2)}
+        gpt.plot_curves(out_dir / "loss.png", {"loss (nats per token)": series}, xlabel="tokens seen")
+    if stopped == "end":
+        log(f"done: {state['step']} steps, validation loss {history[-1]['val_loss']:.3f} "
+            f"(best {state['best_val_loss']:.3f}); try the model: python load_gpt2.py --model {out_dir / 'best.pt'}")
+    else:
+        log(f"stopped at step {state['step']} ({stopped}): go on with python pretrain.py --resume --out-dir {out_dir}")
+    return dict(steps=state["step"], tokens_seen=state["samples_seen"] * splits.context_length, stopped=stopped,
+                val_loss=history[-1]["val_loss"], unigram_loss=splits.unigram_loss, latest=out_dir / "latest.pt",
+                best=out_dir / "best.pt")
+
+
+def start_run(args, proc):
+    """The run folder, the model, the data, AdamW and the loop's state (new, or latest.pt's with --resume) -> (model,
+    optimizer, splits, tokenizer, state)."""
+    out_dir = Path(args.out_dir)
+    if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
+        gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
+        gpt.print_settings(args)
+    barrier(proc)
+    checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
+    model, tokenizer = model_to_train(args, checkpoint)  # before the data: a wrong --model fails in seconds
+    splits, data = make_splits(args, tokenizer, model.cfg, proc)
+    if checkpoint is not None and checkpoint["data"] != data:
+        raise ValueError(f"--resume: --data {args.data} changed since the run started (its tokens' SHA-256 is now "
+                         f"{data['sha256'][:12]}...): restore it, or start a new run with --overwrite")
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if proc.device.type == "cpu" else 1  # share the RAM
+    hint = ("pretraining trains every weight: use a smaller model, or a machine with more memory, or adapt this one "
+            "with LoRA (the fine-tunes' --lora)")
+    gpt.check_training_memory(model, proc.device, hint, processes)
+    optimizer = gpt.make_adamw(model.to(proc.device), args.lr, args.weight_decay, betas=(0.9, 0.95))  # GPT-3's
+    global_batch = args.batch_size * args.grad_accum * proc.world_size
+    total_steps = args.max_steps or math.ceil(args.epochs * splits.n_windows / global_batch)
+    if args.warmup_steps is None:  # 5% of the steps, saved as a number: extending the run keeps it
+        args.warmup_steps = round(0.05 * total_steps)
+    state = {"step": 0, "samples_seen": 0, "best_val_loss": math.inf, "history": []}
+    if checkpoint is not None:  # the loop's state and AdamW's moments of latest.pt
+        if checkpoint["step"] >= total_steps:
+            raise ValueError(f"--resume: the run in {out_dir} already made {checkpoint['step']} of {total_steps} "
+                             "steps; raise --max-steps or --epochs to go on")
+        state = {key: checkpoint[key] for key in state}
+        gpt.restore_training_state(checkpoint, optimizer, proc.device, gpt.rng_state())  # the loop reseeds each step
+        log(f"resumed from {out_dir / 'latest.pt'} at step {state['step']}")
+    state.update(total_steps=total_steps, settings=vars(args), data=data)
+    if proc.rank == 0:
+        gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
+    log(gpt.model_summary(model, "model") + f"; {proc.device}, {proc.world_size} process(es)")
+    log(f"training: {total_steps} steps of {global_batch} windows ({global_batch * splits.context_length:,} tokens), "
+        f"{total_steps * global_batch / splits.n_windows:.2f} epochs; unigram baseline {splits.unigram_loss:.3f}")
+    return model, optimizer, splits, tokenizer, state
+
+
+def load_training_state(path):
+    """latest.pt of the run to continue -> dict; ValueError if it is missing or not pretrain.py's."""
+    if not path.is_file():
+        raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
+    checkpoint = gpt.load_checkpoint(path)
+    missing = [k for k in ("optimizer", "step", "samples_seen", "history", "data") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"--resume: {path} is not a training state of this pretrain.py (no {', '.join(missing)})")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Command line and main
 # ----------------------------------------------------------------------------------------
 
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
-
 # With --resume these come from the command line, not from the saved run: where the files are and when to stop.
-THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir", "token_dir")
+THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir")
 # With --resume these may differ from the saved run when given: --max-steps or --epochs extend it (the cosine
 # schedule stretches to the new end); the others change the speed.
 MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "peak_flops")
-MEMORY_HINT = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
 
 
 def build_parser():
-    p = gpt.ArgumentParser(
-        description="Pretrain a GPT on plain text (next-token prediction). A new run refuses an --out-dir that holds "
-        "another run: --resume continues that run with its saved settings, --overwrite deletes it first."
-    )
+    p = gpt.ArgumentParser(description="Pretrain a GPT on plain text (next-token prediction). A new run refuses an "
+                           "--out-dir that holds another run: --resume continues that run with its saved settings, "
+                           "--overwrite deletes it first.")
     data = p.add_argument_group("data")
     data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files")
     data.add_argument("--train-fraction", type=gpt.fraction, default=0.9, help="share of the tokens for training")
     data.add_argument("--stride", type=gpt.positive_int, help="tokens between window starts (default: no overlap)")
     data.add_argument("--replace-invalid-utf8", action="store_true", help="read bytes that are not UTF-8 as U+FFFD")
-    data.add_argument("--cache-dir", type=gpt.folder_path, default=str(gpt.cache_dir()),
-                      help="folder for downloads and token files")
-    data.add_argument("--token-dir", type=gpt.folder_path,
-                      help="folder of the token files (default: <--cache-dir>/tokens)")
+    data.add_argument("--cache-dir", default=str(gpt.cache_dir()),
+                      help="folder for downloads and token files (in tokens/)")
 
     model = p.add_argument_group("model")
     model.add_argument("--model", help="start from these weights, with their tokenizer: gpt2 (or another size), a "
@@ -704,20 +609,19 @@ def build_parser():
     model.add_argument("--n-heads", type=gpt.positive_int, help="attention heads per block (default: from --size)")
     model.add_argument("--emb-dim", type=gpt.positive_int, help="embedding width (default: from --size)")
     model.add_argument("--context-length", type=gpt.positive_int, help="tokens per window (default: the model's)")
-    model.add_argument("--drop-rate", type=gpt.dropout_rate, default=0.0, help="dropout probability")
+    model.add_argument("--drop-rate", type=gpt.fraction, default=0.0, help="dropout probability")
 
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="windows per micro-batch and process")
     train.add_argument("--grad-accum", type=gpt.positive_int, default=1, help="micro-batches per optimizer step")
-    train.add_argument("--epochs", type=gpt.positive_float, default=10.0, help="passes over the training windows")
+    train.add_argument("--epochs", type=gpt.non_negative_float, default=10.0, help="passes over the training windows")
     train.add_argument("--max-steps", type=gpt.positive_int, help="optimizer steps (default: from --epochs)")
-    train.add_argument("--lr", type=gpt.positive_float, default=1e-3, help="peak learning rate")
+    train.add_argument("--lr", type=gpt.non_negative_float, default=1e-3, help="peak learning rate")
     train.add_argument("--min-lr-ratio", type=gpt.fraction, default=0.1, help="final learning rate / --lr")
     train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="linear warm-up steps (default: 5%% of all)")
     train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
     train.add_argument("--grad-clip", type=gpt.non_negative_float, default=1.0, help="gradient norm limit (0: none)")
-    train.add_argument("--seed", type=gpt.non_negative_int, default=123,
-                       help="seed of weights, data order, dropout, samples")
+    train.add_argument("--seed", type=gpt.non_negative_int, default=123, help="seed of weights, data order, dropout")
 
     run = p.add_argument_group("evaluation, run folder, devices")
     run.add_argument("--eval-every", type=gpt.positive_int, default=10, help="evaluate and save every N steps")
@@ -729,15 +633,15 @@ def build_parser():
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings; "
                        "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops, "
-                       "--cache-dir and --token-dir may differ from them")
+                       "--cache-dir may differ from them")
     again.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir, start a new one")
     run.add_argument("--stop-at-step", type=gpt.positive_int, help="save and exit after this step (default: the end)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="precision of the "
                      "work (autocast; the weights stay float32; auto: bfloat16 on GPUs that have it)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
-    run.add_argument("--peak-flops", type=gpt.positive_float, help="FLOP/s of one device, for the model FLOPs "
-                     "utilisation (MFU) in the log (default: known GPUs)")
+    run.add_argument("--peak-flops", type=gpt.non_negative_float, help="FLOP/s of one device, for the MFU in the log "
+                     "(default: known GPUs)")
     return p
 
 
@@ -746,31 +650,32 @@ def parse_settings(argv=None):
     MAY_CHANGE flags given from the command line; ValueError when another flag contradicts it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.resume:
-        if args.model:
-            shape = ("size", "n_layers", "n_heads", "emb_dim")
-            gpt.refuse_flags(parser, argv, shape, "--model (its weights bring the shape)")
+    if args.resume:
+        run_file = Path(args.out_dir) / "run.json"
+        if not run_file.is_file():
+            raise ValueError(f"--resume: {args.out_dir} holds no run.json, so no run to continue: start a new run "
+                             "without --resume")
+        saved = gpt.read_json(run_file, "--resume: the run's settings")
+        if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
+            raise ValueError(f"--resume: {run_file} holds no settings of pretrain.py; start a new run with --overwrite")
+        saved = {name: value for name, value in saved["settings"].items() if name not in THIS_COMMAND}
+        given = gpt.given_flags(parser, argv)
+        args = gpt.resume_settings(parser, argv, saved, may_change=MAY_CHANGE)
+        if "epochs" in given and "max_steps" not in given:
+            args.max_steps = None  # the --epochs given now set the end of the run
+    elif args.model:
+        shape = ("size", "n_layers", "n_heads", "emb_dim")
+        gpt.refuse_flags(parser, argv, shape, "--model (its weights bring the shape)")
+    else:
         try:
             model_config(args)
         except ValueError as e:
             parser.error(f"the model's shape (--size and the shape flags): {e}")
-        return args
-    run_file = Path(args.out_dir) / "run.json"
-    if not run_file.is_file():
-        raise ValueError(f"--resume: {args.out_dir} holds no run.json, so no run to continue: start a new run without "
-                         "--resume")
-    saved = gpt.read_json(run_file, "--resume: the run's settings")
-    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
-        raise ValueError(f"--resume: {run_file} holds no settings of pretrain.py; start a new run with --overwrite")
-    saved = {name: value for name, value in saved["settings"].items() if name not in THIS_COMMAND}
-    settings = gpt.resume_settings(parser, argv, saved, may_change=MAY_CHANGE)
-    given = gpt.given_flags(parser, argv)
-    if "epochs" in given and "max_steps" not in given:
-        settings.max_steps = None  # the --epochs given now set the end of the run
-    return settings
+    return args
 
 
-@gpt.command_line(MEMORY_HINT)
+@gpt.command_line("use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter "
+                  "--context-length")
 def main(argv=None):
     """Run the stage from the command line; after Ctrl-C or SIGTERM exit with the shell's code, 130 or 143."""
     args = parse_settings(argv)

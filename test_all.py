@@ -71,11 +71,10 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)
-def progress_as_on_a_terminal(monkeypatch):
-    """Progress lines as a terminal shows them (overwritten in place), whatever pytest's stderr is,
-    every one of them (not at most one per TERMINAL_PROGRESS_SECONDS)."""
-    monkeypatch.setattr(gpt, "stderr_is_terminal", lambda: True)
-    monkeypatch.setattr(gpt, "TERMINAL_PROGRESS_SECONDS", 0.0)
+def every_progress_line(monkeypatch):
+    """Every progress line printed, not at most one per PROGRESS_SECONDS, from a fresh start."""
+    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.0, False: 0.0})
+    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf, "open": False})
 
 
 @pytest.fixture(autouse=True)
@@ -310,6 +309,7 @@ def bad_inputs(tmp_path_factory):
         (files / name).write_text(content)
     (files / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
     (files / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (files / "bom.txt").write_bytes(b"\xef\xbb\xbf")
     (files / "bad_mmlu" / "test").mkdir(parents=True)
     (files / "bad_mmlu" / "test" / "x_test.csv").write_text("Question?,a,b,c,E\n")
     (files / "not_mmlu").mkdir()
@@ -330,16 +330,16 @@ def check_bad_input(main, argv, message, files, tmp_path, capsys):
 
 
 def test_progress_redraws_a_terminal_ten_times_a_second_and_is_a_plain_line_every_30_seconds_else(monkeypatch, capsys):
-    monkeypatch.setattr(gpt, "TERMINAL_PROGRESS_SECONDS", 0.1)
-    monkeypatch.setattr(gpt, "_last_terminal_progress", 0.0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.1, False: 30})
     for done in range(1000):  # a download's updates, one per 64 KiB, in well under 0.1 s
         gpt.show_progress(f"downloading: {done} chunks")
     gpt.end_progress()
     assert capsys.readouterr().err == "\rdownloading: 0 chunks\x1b[K\n"
-    monkeypatch.setattr(gpt, "stderr_is_terminal", lambda: False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf, "open": False})
     clock = iter([1000.0, 1000.0, 1010.0, 1031.0, 1031.0])
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
-    monkeypatch.setattr(gpt, "_last_plain_progress", 0.0)
     for text in ("step 1/3", "step 2/3", "step 3/3"):
         gpt.show_progress(text)
     gpt.end_progress()
@@ -414,7 +414,7 @@ def _overfilled_cache():
      "a seed or a generator, not both"),
     (lambda: gpt.model_from_checkpoint({"config": dataclasses.asdict(tiny_model().cfg),
                                         "model": dict(tiny_model(emb_dim=16).state_dict())}),
-     "wte.weight is (50257, 16), the config makes it (50257, 32)"),
+     "size mismatch for wte.weight: copying a param with shape torch.Size([50257, 16])"),
 ], ids=["too-long", "cache-full", "temperature", "top-k", "top-p", "no-prompt", "seed-and-generator", "checkpoint-shape"])
 def test_bad_calls_of_the_model_are_clear_errors(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -511,11 +511,11 @@ def test_eos_stops_generation(small_pair):
 
 def test_argument_parser_errors_are_one_line(capsys):
     parser = gpt.ArgumentParser(prog="stage.py")
-    parser.add_argument("--lr", type=gpt.positive_float, default=1e-3, help="learning rate")
+    parser.add_argument("--lr", type=gpt.non_negative_float, default=1e-3, help="learning rate")
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--lr", "-1"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "stage.py: error: argument --lr: must be a finite number > 0, got '-1' (see --help)\n"
+    assert capsys.readouterr().err == "stage.py: error: argument --lr: must be a finite number >= 0, got '-1' (see --help)\n"
 
 
 def test_tokenizer_round_trip():
@@ -660,7 +660,7 @@ def test_family_smollm2_135m_preset_is_what_its_transformers_config_gives():
     assert dataclasses.replace(cfg, head_dim=None) == preset  # transformers 5 writes head_dim 64
 
 
-def test_family_presets_have_the_published_sizes():
+def test_family_presets_have_the_published_sizes(monkeypatch):
     counts = {name: gpt.count_parameters(gpt.empty_model(cfg)) for name, cfg in gpt.LLAMA_CONFIGS.items()}
     assert counts == {
         "HuggingFaceTB/SmolLM2-135M": 134_515_008,
@@ -668,14 +668,18 @@ def test_family_presets_have_the_published_sizes():
         "Qwen/Qwen3-0.6B-Base": 596_049_920,
         "meta-llama/Llama-3.2-1B": 1_235_814_400,
     }
-    # Full fine-tuning of Llama 3.2 1B in float32 with AdamW: 16 bytes per parameter.
+    # Full fine-tuning of Llama 3.2 1B in float32 with AdamW: 16 bytes per parameter; frozen in bfloat16: 2.
     llama = gpt.empty_model(gpt.LLAMA_CONFIGS["meta-llama/Llama-3.2-1B"])
-    assert gpt.training_memory(llama) == 16 * 1_235_814_400
-    assert gpt.training_memory(llama.requires_grad_(False).to(torch.bfloat16)) == 2 * 1_235_814_400
-    small = gpt.build_model(gpt.GPTConfig(vocab_size=10, context_length=4, emb_dim=8, n_heads=2, n_layers=1))
-    with pytest.raises(RuntimeError, match=r"needs about .* GB before activations .* the cpu has \d+\.\d GB: use --lora"):
-        gpt.check_training_memory(small, torch.device("cpu"), "use --lora", processes=10**12)
-    gpt.check_training_memory(small, torch.device("cpu"), "use --lora")  # a few kilobytes fit
+    cpu = torch.device("cpu")
+    for needed in (16 * 1_235_814_400, 2 * 1_235_814_400):
+        if needed < 16 * 1_235_814_400:
+            llama.requires_grad_(False).to(torch.bfloat16)
+        monkeypatch.setattr(gpt.os, "sysconf", lambda name: needed if name == "SC_PHYS_PAGES" else 1)  # bytes of RAM
+        gpt.check_training_memory(llama, cpu, "use --lora")  # fits exactly
+        monkeypatch.setattr(gpt.os, "sysconf", lambda name: needed - 1 if name == "SC_PHYS_PAGES" else 1)
+        with pytest.raises(RuntimeError, match=rf"needs about {needed / 1e9:.1f} GB before activations .* the cpu has "
+                                               rf"{needed / 1e9:.1f} GB: use --lora$"):
+            gpt.check_training_memory(llama, cpu, "use --lora")
 
 
 def test_family_lora_wraps_the_seven_projections_and_merges_back(family_models):
@@ -1104,12 +1108,12 @@ def zip_bytes(members, compression=zipfile.ZIP_STORED):
     return buffer.getvalue()
 
 
-def test_download_cut_leaves_nothing_and_the_next_call_starts_over_and_resumes_a_cut_with_a_range(local_server, tmp_path):
+def test_download_cut_leaves_no_file_and_the_next_call_starts_over_and_resumes_a_cut_with_a_range(local_server, tmp_path):
     data = bytes(range(256)) * 4000
     server = local_server({"/f.bin": data}, cut_after=300_000)
     with pytest.raises(RuntimeError, match=r"failed after 1 attempts \(.*\); run again later$"):
         gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "f.bin", retries=1, quiet=True)
-    assert not (tmp_path / "cache").exists()  # no temporary file, no lock file, no folder made for them
+    assert os.listdir(tmp_path / "cache") == []  # no temporary file, no lock file
     server.cut_after = 200_000
     gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "f.bin", sha256=hashlib.sha256(data).hexdigest(),
                       quiet=True)
@@ -1123,7 +1127,7 @@ def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(local_serv
     data = small_pair[1].read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     server = local_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
-                          headers={"X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data))})
+                          headers={"X-Linked-Etag": f'"{digest}"'})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     model = load_lm("gpt2", quiet=True)
     assert model.cfg.emb_dim == 128
@@ -1211,12 +1215,12 @@ def test_a_download_that_is_not_the_expected_file_is_deleted(local_server, tmp_p
 @pytest.mark.parametrize(
     "url, message",
     [
-        ("{server}/loop", "too many redirects (a redirect loop)"),
-        ("https://127.0.0.1:{port}/f.bin", "TLS/SSL error (a certificate or proxy problem)"),
-        ("127.0.0.1/f.bin", "not a URL (it needs http:// or https://)"),
-        ("ftp://127.0.0.1/f.bin", "not an http:// or https:// URL"),
-        ("http://", "not a valid URL"),
-        ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: no connection, or it broke off)"),
+        ("{server}/loop", "failed: TooManyRedirects: Exceeded 30 redirects."),
+        ("https://127.0.0.1:{port}/f.bin", "failed after 3 attempts (SSLError: "),
+        ("127.0.0.1/f.bin", "failed: MissingSchema: Invalid URL '127.0.0.1/f.bin': No scheme supplied."),
+        ("ftp://127.0.0.1/f.bin", "failed: InvalidSchema: No connection adapters were found for 'ftp://127.0.0.1/f.bin'"),
+        ("http://", "failed: InvalidURL: Invalid URL 'http://': No host supplied"),
+        ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: "),
         ("{server}/missing.bin", "failed: HTTP 404"),
         ("{server}/short.bin", "failed after 3 attempts ("),
     ],
@@ -1247,7 +1251,7 @@ def test_fetch_dataset_tries_each_url_and_a_mismatch_names_url_expected_and_actu
     actual = hashlib.sha256(b"[]").hexdigest()
     expected = f"download of {url} is corrupt or not the expected file: {path}: SHA-256 {actual}, expected {'ab' * 32}"
     assert expected in str(error.value)
-    assert not path.parent.exists()  # no file, no temporary file, not the folder made for them
+    assert os.listdir(path.parent) == []  # no file, no temporary file
 
 
 def test_fetch_dataset_reads_a_good_cached_file_without_writing_and_fetches_a_corrupt_one_again(local_server, tmp_path,
@@ -1393,7 +1397,7 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_pat
         ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported"),
         ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False is not supported"),
         ("llama", {"model_type": "mistral"}, "model_type 'mistral' is not supported"),
-        ("llama", {"model_type": None}, "its config.json names no model_type"),
+        ("llama", {"model_type": None}, "no model_type in a config.json"),
         ("llama", {"hidden_size": 0}, "'hidden_size' must be a positive integer"),
         ("llama", {"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
         ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
@@ -1469,7 +1473,7 @@ def test_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", save_on_a_full_disk)
     (tmp_path / "model.pt").write_bytes(b"the earlier checkpoint")
     with pytest.raises(OSError, match=r"cannot write .*model\.pt: the write failed \(is the disk full\?\)"):
-        gpt.atomic_save({"step": 1}, tmp_path / "model.pt")
+        gpt.atomic_write_bytes(tmp_path / "model.pt", lambda f: torch.save({"step": 1}, f))
     assert (tmp_path / "model.pt").read_bytes() == b"the earlier checkpoint"
     assert os.listdir(tmp_path) == ["model.pt"]
 
@@ -1484,11 +1488,8 @@ def test_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
     [
         (gpt.positive_int, {"1": 1, "42": 42}, ["0", "-3", "1.5", "x"]),
         (gpt.non_negative_int, {"0": 0, "7": 7}, ["-1", "nan"]),
-        (gpt.positive_float, {"1e-3": 1e-3, "2": 2.0}, ["0", "-1", "nan", "inf", "-inf"]),
-        (gpt.non_negative_float, {"0": 0.0, "0.5": 0.5}, ["-0.1", "nan", "inf"]),
+        (gpt.non_negative_float, {"0": 0.0, "0.5": 0.5, "1e-3": 1e-3}, ["-0.1", "nan", "inf", "-inf", "x"]),
         (gpt.fraction, {"0": 0.0, "0.9": 0.9, "1": 1.0}, ["-0.1", "1.01", "nan"]),
-        (gpt.probability, {"1": 1.0, "0.9": 0.9}, ["0", "1.01", "nan"]),
-        (gpt.dropout_rate, {"0": 0.0, "0.1": 0.1}, ["1", "-0.1", "nan"]),
         (gpt.non_negative_int, {str(2**63 - 1): 2**63 - 1}, [str(2**63), "1e3"]),  # torch's seed range
     ],
 )
@@ -1528,7 +1529,7 @@ def test_restored_adamw_moments_take_the_layout_of_the_parameters():
 
 def test_resume_settings_restore_the_saved_run_and_name_a_contradiction():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lr", type=gpt.positive_float, default=1e-3)
+    parser.add_argument("--lr", type=gpt.non_negative_float, default=1e-3)
     parser.add_argument("--max-steps", type=gpt.positive_int, default=10)
     parser.add_argument("--new-flag", default="x")
     parser.add_argument("--resume", action="store_true")
@@ -1556,27 +1557,11 @@ def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
     assert not (out / "latest.pt").exists()  # the old run's files go at once
     with pytest.raises(ValueError, match="holds no run to continue"):
         gpt.claim_run_folder(out, files, resume=True)
-    (out / "history.json").mkdir()
-    with pytest.raises(ValueError, match=r"history.json is a folder"):
-        gpt.claim_run_folder(out, files, overwrite=True)
     (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError, match=r"--out-dir .*file is a file, not a folder"):
-        gpt.claim_run_folder(tmp_path / "file", files)
-    with pytest.raises(ValueError, match=r"--out-dir .*below: .*file is a file, not a folder"):
-        gpt.claim_run_folder(tmp_path / "file" / "below", files)
-
-
-def test_stale_temporary_files_are_removed_but_a_running_process_keeps_its_own(tmp_path):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        (tmp_path / f".latest.pt.tmp{dead.stdout.strip()}").write_text("cut short")
-        (tmp_path / f".best.pt.tmp{sleeper.pid}").write_text("being written")
-        gpt.remove_stale_temporary_files(tmp_path)
-        assert sorted(p.name for p in tmp_path.iterdir()) == [f".best.pt.tmp{sleeper.pid}"]
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(ValueError, match=f"^{tmp_path / 'file'} is a file, not a folder: choose another folder "
+                                             f"than {out}$"):
+            gpt.claim_run_folder(out, files)
 
 
 def test_files_are_read_with_a_bom_and_a_folder_a_missing_path_or_bad_content_is_named(tmp_path):
@@ -1605,12 +1590,13 @@ def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b)))
-    gpt.atomic_save({"x": torch.ones(2)}, tmp_path / "a.pt")
+    gpt.atomic_write_bytes(tmp_path / "a.pt", lambda f: torch.save({"x": torch.ones(2)}, f))
     assert events == ["fsync", "rename"]
     assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]
 
 
 def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
 
     def failing(error):
         @gpt.command_line(memory_hint="use a smaller --batch-size")
@@ -1726,7 +1712,8 @@ def test_export_safetensors_writer_is_read_by_the_reference_library(tmp_path):
         "empty": torch.zeros(0, 4),
     }
     path = tmp_path / "x.safetensors"
-    gpt.write_safetensors(path, tensors, metadata={"format": "pt"})
+    with open(path, "wb") as f:
+        gpt.write_safetensors(f, tensors, metadata={"format": "pt"})
     raw = path.read_bytes()
     (header_length,) = struct.unpack("<Q", raw[:8])
     header = raw[8 : 8 + header_length]
@@ -1814,7 +1801,7 @@ def test_export_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path
 
 def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, capsys):
     model = tiny_model(context_length=64)
-    save_tiny(tmp_path / "tiny.pt", model)
+    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
     export = ["--model", str(tmp_path / "tiny.pt"), "--export-hf"]
     load_gpt2.main([*export, str(tmp_path / "hf"), "--dtype", "bfloat16"])
     out = capsys.readouterr().out
@@ -1824,58 +1811,35 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     back = load_lm(tmp_path / "hf", dtype=torch.bfloat16)
     assert all(torch.equal(a.bfloat16(), b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
 
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "notes.txt").write_text("mine")
     (tmp_path / "a-file").write_text("not a folder")
     for target, flags, message in [
-        ("taken", [], "taken is not empty: choose another folder, or replace an earlier export with --overwrite"),
-        ("taken", ["--overwrite"], "taken holds no model.safetensors: --overwrite replaces only a model folder"),
-        ("a-file", ["--overwrite"], "a-file is a file, not a folder: choose another folder for the export"),
-        ("a-file/hf", [], f"a-file/hf: {tmp_path / 'a-file'} is a file, not a folder: choose another folder for the "
-         "export"),
+        ("hf", [], "hf holds another run (model.safetensors, config.json, generation_config.json, vocab.json, "
+         "merges.txt, tokenizer_config.json): replace it with --overwrite, or choose another folder"),
+        ("a-file", ["--overwrite"], f"a-file is a file, not a folder: choose another folder than {tmp_path}/a-file"),
+        ("a-file/hf", [], f"a-file is a file, not a folder: choose another folder than {tmp_path}/a-file/hf"),
     ]:
-        with pytest.raises(SystemExit, match=f"error: .*{re.escape(message)}"):
+        with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}$"):
             load_gpt2.main([*export, str(tmp_path / target), *flags])
-    assert [path.name for path in (tmp_path / "taken").iterdir()] == ["notes.txt"]
-    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "a-file").read_text() == "not a folder"
 
-    (tmp_path / "hf" / "README.md").write_text("an earlier export")
+    (tmp_path / "hf" / "README.md").write_text("the user's notes")
     load_gpt2.main([*export, str(tmp_path / "hf"), "--overwrite"])  # float32 this time
-    assert not (tmp_path / "hf" / "README.md").exists()
+    assert (tmp_path / "hf" / "README.md").read_text() == "the user's notes"  # not a file of the export: kept
     assert torch.equal(load_lm(tmp_path / "hf").wte.weight, model.wte.weight)
-    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary folders
+    assert not [path.name for path in (tmp_path / "hf").iterdir() if path.name.startswith(".")]  # no temporary files
 
 
-def test_export_that_fails_midway_leaves_the_earlier_export_and_no_leftovers(tmp_path, monkeypatch):
-    model = tiny_model(context_length=64)
-    folder = gpt.export_hf(model, tmp_path / "hf")
-    before = {path.name: path.read_bytes() for path in folder.iterdir()}
-
-    def disk_full(path, *args, **kwargs):
-        Path(path).write_bytes(b"half")
+def test_export_that_fails_midway_names_the_file_and_leaves_no_model_or_leftovers(tmp_path, monkeypatch):
+    def disk_full(f, *args, **kwargs):
+        f.write(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with monkeypatch.context() as patch:
-        patch.setattr(gpt, "write_safetensors", disk_full)
-        with pytest.raises(OSError, match="No space left on device"):
-            gpt.export_hf(tiny_model(seed=1, context_length=64), folder, overwrite=True)
-    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]
-
-    rename = os.rename
-
-    def refuse_the_new_folder(source, target):
-        if Path(target) == folder and not str(source).endswith(".old"):  # the new export, not the old put back
-            raise OSError(errno.EACCES, "Permission denied")
-        rename(source, target)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(os, "rename", refuse_the_new_folder)
-        with pytest.raises(OSError, match="Permission denied"):
-            gpt.export_hf(tiny_model(seed=1, context_length=64), folder, overwrite=True)
-    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # moved aside, then put back
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]
+    monkeypatch.setattr(gpt, "write_safetensors", disk_full)
+    with pytest.raises(OSError, match=r"^cannot write .*hf/model.safetensors: No space left on device"):
+        gpt.export_hf(tiny_model(context_length=64), tmp_path / "hf")
+    # The weights come last: a folder cut short holds no model that could load with other files' settings.
+    assert sorted(path.name for path in (tmp_path / "hf").iterdir()) == [
+        "config.json", "generation_config.json", "merges.txt", "tokenizer_config.json", "vocab.json"]
 
 
 def _export_trained_classifier():
@@ -1991,21 +1955,6 @@ def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(scr
             assert "default" in entry, entry
     help_text = " ".join(re.sub(r"-\n +", "-", help_text).split())  # words cut at hyphens joined
     assert all(rule in help_text for rule in rules)
-
-
-@pytest.mark.parametrize("script, flag", [(load_gpt2, "--cache-dir"), (pretrain, "--cache-dir"), (pretrain, "--token-dir"),
-                                          (fc, "--cache-dir"), (instruct, "--cache-dir")],
-                         ids=["load_gpt2", "pretrain", "pretrain-tokens", "classify", "instruct"])
-def test_folder_flag_that_is_a_file_names_the_flag(tmp_path, capsys, script, flag):
-    (tmp_path / "notes.txt").write_text("a file")
-    for given, which in [("notes.txt", ""), ("notes.txt/cache", f" {tmp_path / 'notes.txt'}")]:
-        with pytest.raises(SystemExit) as exit_info:
-            script.main([flag, str(tmp_path / given), "--out-dir" if script is not load_gpt2 else "--prompt",
-                         str(tmp_path / "run")])
-        assert exit_info.value.code == 2  # argparse's usage error, before any work
-        err = capsys.readouterr().err
-        assert f"argument {flag}: {tmp_path / given}:{which} is a file, not a folder" in err and "Traceback" not in err
-    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_that_fails_early_keeps_a_folder_that_was_there_before(tmp_path):
@@ -2298,7 +2247,7 @@ LOAD_GPT2_BAD_INPUTS = [
     # Files and models, read before anything is measured.
     ("--model {files}/empty", "{files}/empty holds no model: neither model.safetensors nor model.safetensors.index.json"),
     ("--model {files}/junk.pt", "{files}/junk.pt: not a .safetensors file or a checkpoint of this project"),
-    ("--model {files}/other.pt", "{files}/other.pt: not a checkpoint of this project (no 'config' and 'model' entries)"),
+    ("--model {files}/other.pt", "{files}/other.pt: not a .safetensors file or a checkpoint of this project"),
     ("--model {files}/tiny.pt --benchmark hellaswag --benchmark-file {files}/missing.jsonl", "missing.jsonl: no such file"),
     (f"--model {{files}}/tiny.pt --benchmark hellaswag --benchmark-file {MMLU_TINY}", "mmlu: a folder, not a file"),
     ("--model {files}/tiny.pt --benchmark mmlu --contamination no-such-corpus", "--contamination no-such-corpus: no such file"),
@@ -2316,7 +2265,7 @@ LOAD_GPT2_BAD_INPUTS = [
     *[(f"--model {{files}}/tiny.pt --benchmark hellaswag --benchmark-file {{files}}/{name}.jsonl",
        f"{{files}}/{name}.jsonl {message}") for name, _, message in HELLASWAG_BAD_ITEMS],
     # Flags that argparse and the `type=` helpers reject, and combinations that would be ignored.
-    ("--model {files}/tiny.pt --top-p 2", "argument --top-p: must be a number in (0, 1], got '2'"),
+    ("--model {files}/tiny.pt --top-p 2", "argument --top-p: must be a number in [0, 1], got '2'"),
     ("--model {files}/tiny.pt --temperature nan", "argument --temperature: must be a finite number >= 0, got 'nan'"),
     ("--model {files}/tiny.pt --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
     ("--model {files}/tiny.pt --max-new-tokens 1e3", "argument --max-new-tokens: must be an integer >= 0, got '1e3'"),
@@ -2369,7 +2318,7 @@ def _pretrain_tiny_argv(tmp_path, text_file, *extra):
     """Command-line flags of a tiny run (2 layers of width 32, 32-token windows)."""
     tiny = "--n-layers 2 --n-heads 2 --emb-dim 32 --context-length 32 --batch-size 4 --eval-batches 2"
     quiet = "--sample-tokens 5 --log-every 100 --device cpu"
-    paths = ["--data", str(text_file), "--out-dir", str(tmp_path / "run"), "--token-dir", str(tmp_path / "tokens")]
+    paths = ["--data", str(text_file), "--out-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path)]
     return [*paths, *tiny.split(), *quiet.split(), *extra]
 
 
@@ -2430,8 +2379,7 @@ def test_pretrain_short_text_error_says_what_would_work():
         pretrain.split_tokens(tokens, 0.9, 1024)
     message = str(e.value)
     assert "validation split has 515 tokens" in message
-    assert "--context-length 514 or less" in message
-    assert "--train-fraction between 0.20 and 0.80" in message
+    assert "--context-length 514 or less, another --train-fraction or more text" in message
     train, val = pretrain.split_tokens(tokens, 0.9, 514)
     assert len(train) == 4630 and len(val) == 515
     with pytest.raises(ValueError, match=r"training split has 1 tokens .* more text"):
@@ -2441,31 +2389,20 @@ def test_pretrain_short_text_error_says_what_would_work():
 def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
-    with open(path, "rb") as f, pytest.raises(ValueError, match=r"invalid UTF-8 at byte 42 .*--replace-invalid-utf8"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=5))  # chunks cut through the é and ö
-    with open(path, "rb") as f:
-        text = "".join(pretrain.read_text_pieces(f, replace_invalid=True, chunk_bytes=5))
-    assert text == "héllo wörld " * 3 + "\ufffd tail"
+    big = tmp_path / "big.txt"  # the bad byte far beyond the first block that Python's text reader decodes
+    big.write_bytes("é".encode() * 5000 + b"ab" * 3001 + b"\xff")
     truncated = tmp_path / "truncated.txt"
     truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
-    with open(truncated, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 3"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=2))
     with_bom = tmp_path / "bom.txt"
     with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
-    with open(with_bom, "rb") as f, pytest.raises(ValueError, match="invalid UTF-8 at byte 6"):
-        list(pretrain.read_text_pieces(f, chunk_bytes=2))
-
-
-class _CountingFile(io.FileIO):
-    """A binary file that records the size of every read."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.read_sizes = []
-
-    def read(self, size=-1):
-        self.read_sizes.append(size)
-        return super().read(size)
+    for bad, offset in ((path, 42), (big, 16_002), (truncated, 3), (with_bom, 6)):
+        with open(bad, encoding="utf-8-sig") as f, pytest.raises(ValueError, match=f"invalid UTF-8 at byte {offset} "):
+            list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=5))
+    with pytest.raises(SystemExit, match=r"bad.txt: invalid UTF-8 at byte 42 .*--replace-invalid-utf8$"):
+        pretrain.main(_pretrain_tiny_argv(tmp_path, path))
+    token_path, n, _ = pretrain.prepare_token_file([path], tmp_path / "tokens", gpt.get_tokenizer(), replace_invalid=True)
+    ids = array.array("H", token_path.read_bytes()).tolist()
+    assert n == len(ids) and gpt.get_tokenizer().decode(ids) == "héllo wörld " * 3 + "\ufffd tail"
 
 
 def test_pretrain_streamed_crlf_and_cr_corpora_give_the_tokens_of_the_whole_lf_text(tmp_path):
@@ -2476,16 +2413,13 @@ def test_pretrain_streamed_crlf_and_cr_corpora_give_the_tokens_of_the_whole_lf_t
     cr.write_bytes(text.replace("\n", "\r").encode())
     expected = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
     for path in (lf, crlf, cr):
-        f = _CountingFile(path)
-        with f:
-            pieces = list(pretrain.encode_pieces(pretrain.read_text_pieces(f, chunk_bytes=37), gpt.get_tokenizer()))
+        with open(path, encoding="utf-8-sig") as f:  # as prepare_token_file opens it
+            pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=37))
         assert [i for ids in pieces for i in ids] == expected, path.name
-        assert len(f.read_sizes) > 100 and set(f.read_sizes) <= {3, 37}  # the BOM check, then chunks: never all
-        assert max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text at once
-    n_lf = pretrain.write_token_file([lf], tmp_path / "lf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
-    n_crlf = pretrain.write_token_file([crlf], tmp_path / "crlf.uint16", gpt.get_tokenizer(), chunk_bytes=64)
-    assert n_lf == n_crlf and n_lf[0] == len(expected)  # the same tokens, so the same fingerprint
-    assert (tmp_path / "lf.uint16").read_bytes() == (tmp_path / "crlf.uint16").read_bytes()
+        assert len(pieces) > 10 and max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text
+    lf_file = pretrain.prepare_token_file([lf], tmp_path / "tokens", gpt.get_tokenizer())
+    crlf_file = pretrain.prepare_token_file([crlf], tmp_path / "tokens", gpt.get_tokenizer())
+    assert lf_file[1:] == crlf_file[1:] and lf_file[1] == len(expected)  # the same tokens, so the same fingerprint
 
 
 def test_pretrain_token_file_round_trip_and_reuse_for_its_tokenizer_only(trained_tokenizers, tmp_path, capsys):
@@ -2648,11 +2582,11 @@ def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_ove
 
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
-    def interrupted(pieces, tokenizer):
+    def interrupted(f, tokenizer):
         yield [1, 2, 3]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "encode_pieces", interrupted)
+    monkeypatch.setattr(pretrain, "encode_text_file", interrupted)
     with pytest.raises(SystemExit) as e:
         pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file))
     assert e.value.code == 130
@@ -2695,7 +2629,6 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     a = gpt.load_checkpoint(single["latest"])
     b = gpt.load_checkpoint(tmp_path / "two" / "run" / "latest.pt")
     assert a["step"] == b["step"] == 3 and a["samples_seen"] == b["samples_seen"] == 24
-    assert len(b["rng_states"]) == 2
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=1e-4, atol=1e-5)
     assert b["history"][-1]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
@@ -2708,26 +2641,27 @@ PRETRAIN_RUN = "--data {files}/story.txt --out-dir {run}"
 PRETRAIN_TINY = "--n-layers 1 --n-heads 2 --emb-dim 32 --context-length 32"  # the model is made before the data is read
 PRETRAIN_BAD_INPUTS = [
     # Flags, checked before any data or model work.
-    (f"{PRETRAIN_RUN} --drop-rate 2", "argument --drop-rate: must be a number in [0, 1), got '2'"),
+    (f"{PRETRAIN_RUN} --drop-rate 2", "argument --drop-rate: must be a number in [0, 1], got '2'"),
     (f"{PRETRAIN_RUN} --n-heads 3", "the model's shape (--size and the shape flags): emb_dim (256) must be divisible by"),
     (f"{PRETRAIN_RUN} --size gpt2 --n-heads 5", "emb_dim (768) must be divisible by n_heads (5)"),
     (f"{PRETRAIN_RUN} --emb-dim 30", "emb_dim (30) must be divisible by n_heads (4)"),
     (f"{PRETRAIN_RUN} --size HuggingFaceTB/SmolLM2-135M --n-heads 4", "n_heads (4) must be a multiple of n_kv_heads"),
     (f"{PRETRAIN_RUN} --model gpt2 --n-layers 2", "--model (its weights bring the shape) does not use --n-layers: drop it"),
-    (f"{PRETRAIN_RUN} --epochs inf", "argument --epochs: must be a finite number > 0, got 'inf'"),
+    (f"{PRETRAIN_RUN} --epochs inf", "argument --epochs: must be a finite number >= 0, got 'inf'"),
     (f"{PRETRAIN_RUN} --grad-clip nan", "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
     (f"{PRETRAIN_RUN} --weight-decay -0.1", "argument --weight-decay: must be a finite number >= 0, got '-0.1'"),
-    (f"{PRETRAIN_RUN} --lr 0", "argument --lr: must be a finite number > 0, got '0'"),
+    (f"{PRETRAIN_RUN} --lr -1", "argument --lr: must be a finite number >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --min-lr-ratio 1.5", "argument --min-lr-ratio: must be a number in [0, 1], got '1.5'"),
     (f"{PRETRAIN_RUN} --train-fraction 1.5", "argument --train-fraction: must be a number in [0, 1], got '1.5'"),
     (f"{PRETRAIN_RUN} --sample-tokens -1", "argument --sample-tokens: must be an integer >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --stop-at-step 0", "argument --stop-at-step: must be an integer >= 1, got '0'"),
-    (f"{PRETRAIN_RUN} --peak-flops 0", "argument --peak-flops: must be a finite number > 0, got '0'"),
+    (f"{PRETRAIN_RUN} --peak-flops -1", "argument --peak-flops: must be a finite number >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     # The data and the model.
     (f"{PRETRAIN_TINY} --data {{files}}/missing.txt --out-dir {{run}}", "no such file or folder"),
-    (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "the file is empty"),
+    (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "--data: no tokens in {files}/empty.txt"),
+    (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "--data: no tokens in {files}/bom.txt"),  # a BOM alone
     (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
     (f"{PRETRAIN_TINY} --data {{files}}/not_mmlu --out-dir {{run}}", "the folder holds no .txt file with text"),
     (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "latin1.txt: invalid UTF-8 at byte 3"),
@@ -2751,16 +2685,6 @@ def test_pretrain_edge_values_are_accepted():
     argv += ["--min-lr-ratio", "0", "--warmup-steps", "0", "--weight-decay", "0", "--seed", str(2**63 - 1)]
     args = pretrain.parse_settings(argv)
     assert (args.grad_clip, args.min_lr_ratio, args.seed, args.n_heads) == (0.0, 0.0, 2**63 - 1, 8)
-
-
-def test_pretrain_bfloat16_on_cpu_warns(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
-    argv = ["--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
-    for dtype, warned in (("bfloat16", True), ("float32", False), ("auto", False)):
-        with pytest.raises(SystemExit, match="no such file"):  # the warning comes before the data
-            pretrain.main(argv + ["--dtype", dtype])
-        out = capsys.readouterr().out
-        assert ("warning: --dtype bfloat16 is usually much slower than float32 on CPUs" in out) == warned
 
 
 # --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
@@ -2847,10 +2771,10 @@ def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
                                                                                       monkeypatch):
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2")
     with monkeypatch.context() as patch:
-        patch.setattr(gpt, "training_memory", lambda model: 10**15)  # as for a model of 62 trillion parameters
+        patch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
         with pytest.raises(SystemExit) as e:
             pretrain.main(argv)
-    assert str(e.value).startswith("error: training needs about 1000000.0 GB before activations")
+    assert str(e.value).startswith("error: training needs about 0.0 GB before activations")
     assert str(e.value).endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
                                  "or adapt this one with LoRA (the fine-tunes' --lora)")
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
@@ -2885,11 +2809,10 @@ def test_pretrain_autocast_flops_and_throughput_line_are_exact(monkeypatch):
     model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
     # 5040 parameters; the 8 x 16 position table is only looked up: 6 x 4912 + 12 x 1 layer x 16 wide x 8 tokens
     assert gpt.count_parameters(model) == 5040 and pretrain.flops_per_token(model, 8) == 6 * 4912 + 12 * 16 * 8 == 31008
-    clock = iter([0.0, 10.0, 15.0, 20.0, 20.0, 20.0])  # start, pause, resume, then the report's three readings
+    clock = iter([0.0, 0.0, 5.0, 20.0, 20.0, 20.0])  # start, restart after 5 s, then the report's three readings
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
     speed = pretrain.Throughput(model, 8, tokens_per_step=150, peak_flops=31008 * 100 / 0.5, first_step=0)
-    speed.pause()
-    speed.resume()  # 5 s of evaluation: not counted
+    speed.restart(step=0)  # after 5 s of evaluation: not counted
     assert speed.report(step=10, total_steps=20) == "100 tok/s | MFU 50.0% | ETA 20s"  # 1500 tokens in 15 s
 
 
@@ -3179,12 +3102,12 @@ CLASSIFY_BAD_INPUTS = [
     ("--model {files}/lm48.pt --data {files}/story.txt --out-dir {run}", "story.txt: " + NO_LABELS),
     ("--model {files}/lm48.pt --data {files}/flipped.zip --out-dir {run}", "flipped.zip: a damaged zip file"),
     # Flags that argparse and the `type=` helpers reject, and combinations parse_args refuses.
-    ("--lora --lora-alpha -1", "argument --lora-alpha: must be a finite number > 0, got '-1'"),
+    ("--lora --lora-alpha -1", "argument --lora-alpha: must be a finite number >= 0, got '-1'"),
     ("--lora --lora-rank 0", "argument --lora-rank: must be an integer >= 1, got '0'"),
     ("--weight-decay nan", "argument --weight-decay: must be a finite number >= 0, got 'nan'"),
-    ("--lr inf", "argument --lr: must be a finite number > 0, got 'inf'"),
+    ("--lr inf", "argument --lr: must be a finite number >= 0, got 'inf'"),
     ("--max-steps 0", "argument --max-steps: must be an integer >= 1, got '0'"),
-    ("--drop-rate 1", "argument --drop-rate: must be a number in [0, 1), got '1'"),
+    ("--drop-rate 1.5", "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
     ("--batch-size 0", "argument --batch-size: must be an integer >= 1, got '0'"),
     ("--seed 9223372036854775808", "argument --seed: must be an integer >= 0, got '9223372036854775808'"),
     ("--lora --trainable all", "--lora trains the adapters and the head: drop --trainable all"),
@@ -3350,13 +3273,15 @@ def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkey
 
     monkeypatch.setattr(gpt, "load", no_model)
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit, match=r"error: --out-dir .*file is a file, not a folder"):
+    with pytest.raises(SystemExit, match=r"^error: .*file is a file, not a folder: choose another folder than .*file$"):
         fc.main(_classify_run_argv(tmp_path, "file"))
     (tmp_path / "run" / "classifier.pt").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"error: .*run/classifier.pt is a folder, but this run writes a file there"):
+    with pytest.raises(SystemExit, match=r"error: .*run holds another run \(classifier.pt\)"):
         fc.main(_classify_run_argv(tmp_path, "run"))
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 21\] Is a directory: .*run/classifier.pt'$"):
+        fc.main(_classify_run_argv(tmp_path, "run", "--overwrite"))
     (tmp_path / "elsewhere.pt").mkdir()
-    with pytest.raises(SystemExit, match=r"error: .*elsewhere.pt is a folder"):
+    with pytest.raises(SystemExit, match=r"error: .*run2 holds another run \(../elsewhere.pt\)"):
         fc.main(_classify_run_argv(tmp_path, "run2", "--checkpoint", str(tmp_path / "elsewhere.pt")))
 
 
@@ -3919,7 +3844,7 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --top-k 0", "argument --top-k: must be an integer >= 1, got '0'"),
     (f"{INSTRUCT_RUN} --temperature -1", "argument --temperature: must be a finite number >= 0, got '-1'"),
     (f"{INSTRUCT_RUN} --weight-decay -1", "argument --weight-decay: must be a finite number >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --lr 0", "argument --lr: must be a finite number > 0, got '0'"),
+    (f"{INSTRUCT_RUN} --lr -1", "argument --lr: must be a finite number >= 0, got '-1'"),
     (f"{INSTRUCT_RUN} --max-new-tokens -1", "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
     (f"{INSTRUCT_RUN} --eval-batches -1", "argument --eval-batches: must be an integer >= 0, got '-1'"),
     (f"{INSTRUCT_RUN} --epochs 0", "argument --epochs: must be an integer >= 1, got '0'"),
@@ -3929,9 +3854,9 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --max-steps 0", "argument --max-steps: must be an integer >= 1, got '0'"),
     (f"{INSTRUCT_RUN} --max-length 0", "argument --max-length: must be an integer >= 1, got '0'"),
     (f"{INSTRUCT_RUN} --lora-rank 0", "argument --lora-rank: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --top-p 0", "argument --top-p: must be a number in (0, 1], got '0'"),
-    (f"{INSTRUCT_RUN} --lora-alpha nan", "argument --lora-alpha: must be a finite number > 0, got 'nan'"),
-    (f"{INSTRUCT_RUN} --drop-rate 1", "argument --drop-rate: must be a number in [0, 1), got '1'"),
+    (f"{INSTRUCT_RUN} --top-p 1.5", "argument --top-p: must be a number in [0, 1], got '1.5'"),
+    (f"{INSTRUCT_RUN} --lora-alpha nan", "argument --lora-alpha: must be a finite number >= 0, got 'nan'"),
+    (f"{INSTRUCT_RUN} --drop-rate 1.5", "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
     (f"{INSTRUCT_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
     (f"{INSTRUCT_RUN} --dtype float64", "argument --dtype: invalid choice: 'float64' (choose from 'float32', "
      "'bfloat16', 'float16')"),
@@ -4109,13 +4034,15 @@ def test_instruct_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
                                                                                       monkeypatch):
     folder = _instruct_tiny_run
     asked = []  # the trainable parameters of each model asked about
+    check = gpt.check_training_memory
 
-    def too_much(model):
+    def too_much(model, *args):
         asked.append(gpt.count_parameters(model, trainable_only=True))
-        return 10**15
+        check(model, *args)
 
-    monkeypatch.setattr(gpt, "training_memory", too_much)
-    with pytest.raises(SystemExit, match=r"error: training needs about 1000000.0 GB .*: choose a smaller --model, "
+    monkeypatch.setattr(gpt, "check_training_memory", too_much)
+    monkeypatch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
+    with pytest.raises(SystemExit, match=r"error: training needs about 0.0 GB .*: choose a smaller --model, "
                        r"or train only low-rank adapters with --lora$"):
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
     with pytest.raises(SystemExit, match=r"GB .*: choose a smaller --model$"):
@@ -4317,8 +4244,9 @@ def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path
     text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
     assert start in hf(text)
     assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
-    pieces = ["Call me <|im_", "start|> later", "<|im_end|>\n<|im_start|>"]  # (2) a pretraining corpus
-    assert [i for ids in pretrain.encode_pieces(pieces, tokenizer) for i in ids] == hf("".join(pieces))
+    corpus = io.StringIO("Call me <|im_start|> later<|im_end|>\n<|im_start|>")  # (2) a pretraining corpus
+    pieces = pretrain.encode_text_file(corpus, tokenizer, chunk_chars=13)  # read as "Call me <|im_", "start|> ..."
+    assert [i for ids in pieces for i in ids] == hf(corpus.getvalue())
     entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
     [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
     assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
@@ -4341,7 +4269,7 @@ def test_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tm
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert config["bos_token_id"] == generation["bos_token_id"] == start != end
     assert config["eos_token_id"] == generation["eos_token_id"] == end
-    assert config["pad_token_id"] == end and config["unk_token_id"] == tokenizer.encode("<|endoftext|>")[0]
+    assert config["pad_token_id"] == generation["pad_token_id"] == end
     chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
                                                                              tokenize=False)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n"

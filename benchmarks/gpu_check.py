@@ -184,7 +184,7 @@ def check_pretrain(ctx, out):
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         # --eval-batches 1: one batch shape in evaluation too, so that --compile compiles no third graph.
         result, output = run_script("pretrain.py", [
-            "--data", ctx.args.text, "--token-dir", ctx.work / "tokens",
+            "--data", ctx.args.text, "--cache-dir", ctx.work,
             "--out-dir", ctx.work / "runs" / f"pretrain-{name}", "--overwrite", *shape,
             "--batch-size", batch_size, "--max-steps", steps, "--epochs", 1000, "--log-every", max(1, steps // 5),
             "--eval-every", 10 * steps, "--eval-batches", 1, "--sample-tokens", 20,
