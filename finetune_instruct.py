@@ -38,10 +38,8 @@ import torch
 import gpt
 
 # The book's file at a fixed commit, checked by size (bytes) and SHA-256 after each download and use.
-DATA_URL = (
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/"
-    "b80e7804b30830a00eb55d2abc7ac25a07f36fdc/ch07/01_main-chapter-code/instruction-data.json"
-)
+DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/b80e7804b30830a00eb55d2abc7ac25a07f36fdc/"
+            "ch07/01_main-chapter-code/instruction-data.json")
 DATA_SIZE = 203524
 DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
 DATA_FIX = "give a JSON list, or JSON Lines, of objects with a string 'instruction' and 'output' (and 'input' or not)"
@@ -49,7 +47,6 @@ SPLIT_FIX = "put back the file the run wrote, or start the run again with --over
 IGNORE_INDEX = -100  # the target value torch.nn.functional.cross_entropy skips by default
 SPLIT_FRACTIONS = (0.85, 0.10)  # train, test; validation gets the rest (5%), as in the book
 SPLIT_FILES = ("train.json", "validation.json", "test.json")
-JUDGE_SEED = 123  # fixed seed (and temperature 0) so the judge gives the same score twice
 RUN_FILES = ("run.json", *SPLIT_FILES, "train_state.pt", "model.pt", "losses.png", "responses.json",
              "responses-scored.json")
 # Flags that may differ from the saved run on --resume: more steps, another machine, other answers.
@@ -62,17 +59,13 @@ TRAINING_FLAGS = ("model", "epochs", "batch_size", "lr", "weight_decay", "drop_r
                   "max_length", "mask_prompt")
 
 
-# ----------------------------------------------------------------------------------------
-# 1. Data: read, check, split
-# ----------------------------------------------------------------------------------------
+# --- 1. Data: read, check, split ------------------------------------------------------------
 
 
 def load_instruction_data(path, source="--data", fix=DATA_FIX, keys=("instruction", "output")):
-    """Read a JSON list or JSON Lines file of Alpaca entries (UTF-8, a byte-order mark allowed) -> list of dicts, as
-    in the file: the one reader of --data, the run's split files and --responses. An entry is a JSON object with a
-    string under each of `keys` and an optional string "input" (missing or null: no input). Raises FileNotFoundError,
-    or ValueError "SOURCE PATH: entry 7: no string 'output': FIX" for the first bad entry (entries of a list count
-    from 0, lines of JSON Lines from 1), for text that is not JSON, and for a file with no entry."""
+    """A JSON list or JSON Lines file of Alpaca entries (UTF-8) -> list of dicts: the one reader of --data, the run's
+    splits and --responses. Each entry needs a string under each of `keys`; "input" is a string, null or missing.
+    Raises ValueError "SOURCE PATH: entry 7: 'output' must be a string, not null: FIX" (lines count from 1)."""
     path = gpt.existing_file(path, source)
     source = f"{source} {path}"
     text = gpt.decode_utf8(path.read_bytes(), source)
@@ -86,8 +79,8 @@ def load_instruction_data(path, source="--data", fix=DATA_FIX, keys=("instructio
             raise ValueError(f"{source}: {where}: not a JSON object but {type(entry).__name__}: {fix}")
         for key in (*keys, "input"):
             if not isinstance(entry.get(key), str) and (key != "input" or entry.get(key) is not None):
-                value = json.dumps(entry.get(key))[:30]
-                raise ValueError(f"{source}: {where}: {key!r} must be a string, not {value}: {fix}")
+                raise ValueError(f"{source}: {where}: {key!r} must be a string, not {json.dumps(entry.get(key)):.30}: "
+                                 f"{fix}")
     if not numbered:
         raise ValueError(f"{source}: no entries: {fix}")
     return [entry for _, entry in numbered]
@@ -97,8 +90,7 @@ def data_path(args):
     """--data, or the book's file downloaded once into the cache."""
     if args.data is not None:
         return Path(args.data)
-    return gpt.fetch_dataset([DATA_URL], "instruction-data.json", flag="--data", size=DATA_SIZE,
-                             sha256=DATA_SHA256)
+    return gpt.fetch_dataset([DATA_URL], "instruction-data.json", flag="--data", size=DATA_SIZE, sha256=DATA_SHA256)
 
 
 def split_dataset(entries, seed):
@@ -110,19 +102,14 @@ def split_dataset(entries, seed):
     return train, val, test
 
 
-# ----------------------------------------------------------------------------------------
-# 2. Prompt format (Alpaca) and batching: tokenize, pad, mask
-# ----------------------------------------------------------------------------------------
+# --- 2. Prompt format (Alpaca) and batching: tokenize, pad, mask ----------------------------
 
 
 def format_input(entry):
-    """The Alpaca prompt of an entry without its response section (the book's format_input); an entry without
-    input (empty, missing or null) leaves out the "### Input:" section."""
-    text = (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request."
-        f"\n\n### Instruction:\n{entry['instruction']}"
-    )
+    """The Alpaca prompt of an entry without its response section (the book's format_input); an entry without input
+    (empty, missing or null) leaves out the "### Input:" section."""
+    text = ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
+            f"\n\n### Instruction:\n{entry['instruction']}")
     if entry.get("input"):
         text += f"\n\n### Input:\n{entry['input']}"
     return text
@@ -134,9 +121,8 @@ def format_prompt(entry):
 
 
 def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
-    """Entries -> list of (token ids, prompt length) with the model's tokenizer. Prompt and response are tokenized
-    separately and joined, so the prompt is exactly the first ids (to mask them). With --mask-prompt an entry whose
-    prompt alone is over max_length has nothing to learn: left out."""
+    """Entries -> list of (token ids, prompt length): prompt and response tokenized apart and joined, so the prompt is
+    exactly the first ids. With mask_prompt an entry whose prompt is over max_length has nothing to learn: left out."""
     examples = []
     for entry in entries:
         prompt_ids = tokenizer.encode(format_prompt(entry), bos=True)  # Llama 3: <|begin_of_text|> first
@@ -150,15 +136,11 @@ def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
 
 
 def collate_instruction_batch(batch, eot_id, *, mask_prompt=False, max_length=None):
-    """Pad a batch of (token ids, prompt length) into inputs and targets: LongTensor [batch, seq_len] each.
-
-    The book's custom_collate_fn (section 7.3, exercise 7.2). Each sequence gets at least one end-of-text token
-    (eot_id: the tokenizer's, 50256 for GPT-2; the Llama family's own, which also pads, as those models define no
-    padding token) and is padded with it to one token more than the longest; targets are the inputs shifted left by
-    one. The first end-of-text target stays (the model learns to stop); later padding targets become -100 (the loss
-    skips them), and so do, with mask_prompt, the targets that predict prompt tokens. Then sequences are cut to
-    max_length. Padding is found by position, not value: a real end-of-text in a text stays a target.
-    """
+    """Pad a batch of (token ids, prompt length) into inputs and targets, LongTensor [batch, seq_len] each: the book's
+    custom_collate_fn (section 7.3, exercise 7.2). Sequences are padded with the end-of-text token (eot_id) to one more
+    than the longest; targets are the inputs shifted left by one. The first end-of-text target stays (the model learns
+    to stop); later ones, and with mask_prompt those that predict prompt tokens, become -100 (the loss skips them).
+    Both are then cut to max_length."""
     seq_len = max(len(ids) for ids, _ in batch) + 1  # +1: room for the end-of-text token
     inputs, targets = [], []
     for ids, prompt_length in batch:
@@ -173,21 +155,12 @@ def collate_instruction_batch(batch, eot_id, *, mask_prompt=False, max_length=No
     return torch.tensor(inputs), torch.tensor(targets)
 
 
-def epoch_batch(examples, batch_size, seed, epoch, index):
-    """Batch `index` of an epoch (a list of examples; the epoch's last batch may be shorter), in the order
-    `gpt.epoch_order` gives the epoch from seed and epoch alone: a resumed run reads what an uninterrupted one would."""
-    order = gpt.epoch_order(len(examples), seed, epoch)[index * batch_size : (index + 1) * batch_size]
-    return [examples[i] for i in order.tolist()]
-
-
-# ----------------------------------------------------------------------------------------
-# 3. Fine-tuning: the model (+ LoRA) and the training loop
-# ----------------------------------------------------------------------------------------
+# --- 3. Fine-tuning: the model (+ LoRA), the training loop, the stage ----------------------
 
 
 def prepare_model(args, device, state=None):
-    """--model (see gpt.load), or the state's model on --resume (`train` loads its weights), in train mode on device,
-    with --drop-rate and --lora -> (model, gpt.Tokenizer). Raises RuntimeError when training cannot fit."""
+    """--model, or the state's model on --resume (`train` loads its weights), with --drop-rate and --lora, in train
+    mode -> (model, its tokenizer). Raises RuntimeError when training cannot fit in memory."""
     torch.manual_seed(args.seed)  # LoRA's A matrices start random
     if state is None:
         model, tokenizer = gpt.load(args.model, device=device)
@@ -235,30 +208,22 @@ def evaluate(model, train_examples, val_examples, progress, *options):
         progress["best"] = {"step": step, "val_loss": losses[1], "weights": gpt.trainable_weights(model)}
 
 
-def training_step(model, optimizer, inputs, targets, autocast, step):
-    """One AdamW update on a batch (the step-th, counted from 0) -> its loss, a detached scalar tensor."""
-    loss = calc_loss_batch(model, inputs, targets, autocast)
-    gpt.check_finite_loss(loss.detach(), step + 1)  # before the update: a NaN never reaches the weights
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-def save_state(state_path, model, tokenizer, optimizer, progress, stopper=None):
-    """Save the training state; after a stop by `stopper` (Ctrl-C or SIGTERM), say where it went and how to go on."""
+def save_state(state_path, model, tokenizer, optimizer, progress):
+    """Save what --resume needs: the weights, AdamW's moments, the progress, the random state."""
     gpt.save_checkpoint(state_path, model, tokenizer, optimizer=optimizer.state_dict(), **progress, rng=gpt.rng_state())
-    if stopper is not None:
-        print(f"stopped at step {progress['step']} ({stopper.signal_name}), the state saved in {state_path}: go on "
-              f"with python finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
+
+
+def stop_training(state_path, stopper, step):
+    """After a stop by `stopper` (Ctrl-C or SIGTERM) and its save: say how to go on, exit with the shell's code."""
+    print(f"stopped at step {step} ({stopper.signal_name}), the state saved in {state_path}: go on with python "
+          f"finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
+    raise SystemExit(128 + signal.Signals[stopper.signal_name])
 
 
 def train(model, tokenizer, train_examples, val_examples, collate, args, device, state_path, stopper, state=None):
-    """Fine-tune model in place with AdamW, one step per batch, for --epochs (or --max-steps) -> (progress {"step",
-    "history": {"step", "train_loss", "val_loss": lists}, "best": {"step", "val_loss", "weights"}}, stopped: None,
-    or the name of the signal that stopped it). The training state goes to state_path every --save-every steps, at
-    each epoch's end and at a stop (stopper: Ctrl-C or SIGTERM, a gpt.StopSignal); given back as `state`, training
-    goes on as if it had not stopped."""
+    """Fine-tune model in place with AdamW for --epochs (or --max-steps) -> progress {"step", "history", "best"}. The
+    state goes to state_path every --save-every steps, at each epoch's end and at a stop (stopper: a gpt.StopSignal);
+    given back as `state`, training goes on as if it had not stopped."""
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
     autocast, _ = gpt.autocast_context(device, args.dtype)
     steps_per_epoch = math.ceil(len(train_examples) / args.batch_size)  # the last batch may be smaller
@@ -279,32 +244,38 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
         stop = stopper.requested and step < total_steps  # a stop saves the steps made since the last save
         if stop or (step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0
                                            or step == total_steps)):
-            save_state(state_path, model, tokenizer, optimizer, progress, stopper if stop else None)
-        if stop or step == total_steps:
+            save_state(state_path, model, tokenizer, optimizer, progress)
+        if stop:
+            stop_training(state_path, stopper, step)
+        if step == total_steps:
             break
 
+        # The epoch's order comes from --seed and the epoch alone: a resumed run reads what an uninterrupted one would.
         epoch, index = divmod(step, steps_per_epoch)
-        inputs, targets = collate(epoch_batch(train_examples, args.batch_size, args.seed, epoch, index))
+        first = index * args.batch_size  # the epoch's last batch may be shorter
+        order = gpt.epoch_order(len(train_examples), args.seed, epoch)[first : first + args.batch_size]
+        inputs, targets = collate([train_examples[i] for i in order.tolist()])
         step_started = time.time()
-        loss = training_step(model, optimizer, inputs.to(device), targets.to(device), autocast, step)
+        loss = calc_loss_batch(model, inputs.to(device), targets.to(device), autocast)
+        gpt.check_finite_loss(loss.detach(), step + 1)  # before the update: a NaN never reaches the weights
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
         progress["step"] = step = step + 1
-        window_seconds += time.time() - step_started
+        window_seconds += time.time() - step_started  # training time only, without the evaluations and saves
         window_tokens += inputs.numel()
         if step % args.log_every == 0 or step == total_steps:
             eta = gpt.eta(started, step - start_step, total_steps - start_step)
             print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} | loss {loss.item():.3f} | "
                   f"{window_tokens / window_seconds:.0f} tok/s | ETA {eta}", flush=True)
             window_seconds, window_tokens = 0.0, 0
-    if stop:
-        return progress, stopper.signal_name
     trained = f"{step - start_step} step" + ("s" if step - start_step != 1 else "")
     print(f"trained {trained} in {gpt.format_duration(time.time() - started)}")
-    return progress, None
+    return progress
 
 
 def keep_weights(model, progress, keep_last):
-    """Load the weights of the lowest validation loss into model (keep_last: keep the last) -> their {"step",
-    "val_loss"}."""
+    """Load the weights of the lowest validation loss into model (keep_last: keep the last) -> their step, loss."""
     history, best = progress["history"], progress["best"]
     if keep_last:  # the end is always evaluated
         print(f"kept the last weights (step {history['step'][-1]}); the lowest validation loss was at step "
@@ -313,171 +284,6 @@ def keep_weights(model, progress, keep_last):
     model.load_state_dict(best["weights"], strict=False)  # the trainable part; the rest never changed
     print(f"kept the weights of step {best['step']}, the lowest validation loss ({best['val_loss']:.3f})")
     return {"step": best["step"], "val_loss": best["val_loss"]}
-
-
-# ----------------------------------------------------------------------------------------
-# 4. Answers: a response for each test entry
-# ----------------------------------------------------------------------------------------
-
-
-def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
-    """The model's answer to one entry -> (response text, number of new tokens): format_prompt(entry) continued by
-    gpt.generate (greedy; `sampling`: temperature, top_k, top_p and seed as there) up to the tokenizer's end-of-text
-    token or max_new_tokens, the new text stripped (the book's section 7.7)."""
-    prompt_ids = gpt.text_to_token_ids(format_prompt(entry), device=model.wte.weight.device, tokenizer=tokenizer)
-    eot_id = tokenizer.eot_id  # 50256 for GPT-2; the Llama family's own
-    output = gpt.generate(model, prompt_ids, max_new_tokens, eot_id=eot_id, **sampling)
-    new_ids = output[0, prompt_ids.shape[1] :].tolist()
-    if eot_id in new_ids:
-        new_ids = new_ids[: new_ids.index(eot_id)]
-    return gpt.token_ids_to_text(new_ids, tokenizer=tokenizer).strip(), len(new_ids)
-
-
-def generate_responses(model, tokenizer, entries, path, **options):
-    """Answer every entry (options: `generate_response`'s), then write them with a "model_response" each to path in
-    one atomic write -> that list. Interrupted, it writes nothing."""
-    results, tokens, started = [], 0, time.time()
-    for i, entry in enumerate(entries):
-        response, n_tokens = generate_response(model, tokenizer, entry, **options)
-        results.append({**entry, "model_response": response})
-        tokens += n_tokens
-        eta = gpt.eta(started, i + 1, len(entries))
-        gpt.show_progress(f"answers {i + 1}/{len(entries)} | {tokens / (time.time() - started):.1f} tok/s | ETA {eta}")
-    gpt.end_progress()
-    gpt.write_json(path, results)
-    print(f"wrote {len(results)} responses to {path}")
-    return results
-
-
-# ----------------------------------------------------------------------------------------
-# 5. Evaluation: an LLM judge served by Ollama
-# ----------------------------------------------------------------------------------------
-
-
-def judge_prompt(entry):
-    """The grading request for one response (the book's section 7.8)."""
-    return (
-        f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, "
-        f"score the model response `{entry['model_response']}` on a scale from 0 to 100, where 100 is the best score. "
-        "Respond with the integer number only."
-    )
-
-
-# A number standing alone in a judge's reply: 85, 85.5, "85%", "85." at a sentence's end. Not a part of "1,000" or of
-# a decimal comma "7,5" (which is meant cannot be told), nor of a ratio "8/10", a name "GPT-2", or "-5".
-_NUMBER = re.compile(r"(?<![\w.,/-])\d+(?:\.\d+)?(?![\w/]|[.,]\d)")
-
-
-def parse_score(reply):
-    """The judge's reply -> its score as a float in 0..100, or None when the reply has no single score. reply is the
-    message content: text, or a JSON value. JSON comes first, the structured output asked for: a number, or an
-    object {"score": x}. Other text scores only when it holds one number, however often ("Score: 85. 85 it is").
-    A value outside 0..100 -> None."""
-    if isinstance(reply, str):
-        try:
-            reply = json.loads(reply)
-        except (ValueError, RecursionError):  # not JSON: prose, or JSON inside prose
-            numbers = {float(number) for number in _NUMBER.findall(reply)}
-            reply = numbers.pop() if len(numbers) == 1 else None
-    if isinstance(reply, dict):
-        reply = reply.get("score")
-    if isinstance(reply, (int, float)) and not isinstance(reply, bool) and 0 <= reply <= 100:  # NaN fails
-        return float(reply)
-    return None
-
-
-# Ollama's structured output (https://ollama.com/blog/structured-outputs, Ollama 0.5+): the
-# JSON schema in the request's "format" field constrains the reply to {"score": <0..100>}.
-SCORE_FORMAT = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
-                "required": ["score"]}
-OLLAMA_HELP = ("start the server with `ollama serve` (install it from https://ollama.com) and get the judge with "
-               "`ollama pull {model}`, or point --judge-url at a running server (now {url})")
-
-
-def ask_ollama(url, path, model, *keys, kind=object, payload=None):
-    """GET url + path of Ollama's HTTP API, or POST payload there as JSON -> the value at `keys` of the JSON reply
-    (("message", "content") -> reply["message"]["content"]), of type `kind`. A server older than Ollama 0.5 refuses
-    a schema in "format" (HTTP 400) and is asked again without. Raises RuntimeError saying how to start a server
-    when none answers, and quoting the reply for an HTTP error or a reply of another shape (not Ollama's)."""
-    try:
-        if payload is None:
-            reply = requests.get(url + path, timeout=5)
-        else:
-            reply = requests.post(url + path, json=payload, timeout=(5, 600))
-    except requests.RequestException as e:
-        fix = OLLAMA_HELP.format(url=url, model=model)
-        raise RuntimeError(f"no Ollama server answers at {url} ({type(e).__name__}): {fix}") from None
-    if reply.status_code == 400 and "format" in reply.text and "format" in (payload or {}):
-        payload = {key: value for key, value in payload.items() if key != "format"}  # parse_score reads the prose
-        return ask_ollama(url, path, model, *keys, kind=kind, payload=payload)
-    if reply.status_code != 200:
-        raise RuntimeError(f"the server at {url} answered HTTP {reply.status_code}: {reply.text[:300]}")
-    try:
-        value = reply.json()
-        for key in keys:
-            value = value[key]  # TypeError for a list or a number, KeyError for a missing field
-        if isinstance(value, kind):
-            return value
-    except (ValueError, KeyError, TypeError, IndexError):
-        pass
-    raise RuntimeError(f"the server at {url} answered an unexpected reply: {reply.text[:300]!r}; is it an Ollama "
-                       "server? check --judge-url")
-
-
-def check_ollama(url, model):
-    """Raise RuntimeError, with the commands that fix it, unless an Ollama server at url has `model` (GET /api/tags)."""
-    models = ask_ollama(url, "/api/tags", model, "models", kind=list)
-    names = {str(m.get("name")) for m in models if isinstance(m, dict)}  # [{"name": "llama3:latest", ...}, ...]
-    if model not in names and f"{model}:latest" not in names:
-        raise RuntimeError(
-            f"the Ollama server at {url} does not have the model {model!r} "
-            f"(it has: {', '.join(sorted(names)) or 'none'}); run `ollama pull {model}` or choose another --judge-model"
-        )
-
-
-def query_ollama(prompt, url, model):
-    """One chat request to Ollama (POST /api/chat, not streamed) with temperature 0, a fixed seed and the SCORE_FORMAT
-    schema -> the reply's content: text (normally '{"score": 85}'), or whatever JSON value the server sent."""
-    options = {"temperature": 0, "seed": JUDGE_SEED, "num_ctx": 2048}
-    payload = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False, "options": options}
-    return ask_ollama(url, "/api/chat", model, "message", "content", payload={**payload, "format": SCORE_FORMAT})
-
-
-def judge(args, responses_path):
-    """Grade each "model_response" of the responses file against its "output"; print the mean score and write the
-    entries with a "score" (0-100, null when unscorable) to <name>-scored.json beside it."""
-    entries = load_instruction_data(responses_path, "--responses", "give answers as --generate-only writes them",
-                                    keys=("instruction", "output", "model_response"))
-    url, scored, started = args.judge_url.rstrip("/"), [], time.time()
-    try:
-        check_ollama(url, args.judge_model)
-        for i, entry in enumerate(entries):
-            answer = query_ollama(judge_prompt(entry), url, args.judge_model)
-            scored.append({**entry, "score": parse_score(answer)})
-            if scored[-1]["score"] is None:
-                print(f"  entry {i}: no score 0-100 in the judge's answer {answer!r:.80}")
-            print(f"judging {i + 1}/{len(entries)} | ETA {gpt.eta(started, i + 1, len(entries))}", flush=True)
-    except RuntimeError as e:
-        if args.judge_only:
-            raise
-        raise RuntimeError(f"{e}; the answers stay in {responses_path}: grade them later with python "
-                           f"finetune_instruct.py --judge-only --judge ollama --responses {responses_path} "
-                           f"--judge-url {url} --judge-model {args.judge_model}") from None
-    scores = [e["score"] for e in scored if e["score"] is not None]
-    mean = f"{sum(scores) / len(scores):.2f}" if scores else "n/a"
-    print(f"judge {args.judge_model}: mean score {mean} over {len(scores)} entries; "
-          f"{len(entries) - len(scores)} could not be scored")
-    scored_path = responses_path.with_name(responses_path.stem + "-scored.json")
-    gpt.write_json(scored_path, scored)
-    print(f"wrote the scores to {scored_path}")
-    if entries and not scores:  # a judge that answered without a readable score every time: no result
-        raise RuntimeError(f"the judge {args.judge_model} gave no score 0-100 for any of the {len(entries)} entries "
-                           "(its answers are in the scores file): try another --judge-model")
-
-
-# ----------------------------------------------------------------------------------------
-# 6. The stage: data, model, training, the kept weights saved
-# ----------------------------------------------------------------------------------------
 
 
 def resume_run(args, argv, out_dir):
@@ -499,24 +305,10 @@ def resume_run(args, argv, out_dir):
     return args, splits, state
 
 
-def train_until_stopped(model, tokenizer, examples, collate, args, device, state_path, state):
-    """`train` with Ctrl-C and SIGTERM turned into a saved stop -> its progress. A stopped run exits with the shell's
-    code for the signal (130 or 143); a second Ctrl-C stops at once, from the last save."""
-    try:
-        with gpt.StopSignal() as stopper:  # Ctrl-C or SIGTERM: finish the step, save, stop
-            progress, stopped = train(model, tokenizer, *examples, collate, args, device, state_path, stopper, state)
-    except KeyboardInterrupt:  # a second Ctrl-C: at once, without saving
-        if state_path.exists():
-            print(f"--resume --out-dir {state_path.parent} goes on from the last save in {state_path}", file=sys.stderr)
-        raise
-    if stopped:
-        raise SystemExit(128 + signal.Signals[stopped])
-    return progress
-
-
 def fine_tune(args, argv, device):
     """Claim --out-dir, split the data (the saved split with --resume), fine-tune, save model.pt -> (settings, model in
-    --dtype, its tokenizer, test entries). Nothing is written before data and model have passed their checks."""
+    --dtype, its tokenizer, test entries); nothing is written before data and model pass their checks. Ctrl-C or
+    SIGTERM saves the state and exits 130 or 143; a second Ctrl-C stops at once, from the last save."""
     out_dir = gpt.claim_run_folder(args.out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         args, splits, state = resume_run(args, argv, out_dir)
@@ -539,61 +331,183 @@ def fine_tune(args, argv, device):
     collate = functools.partial(collate_instruction_batch, eot_id=tokenizer.eot_id, mask_prompt=args.mask_prompt,
                                 max_length=max_length)
     state_path = out_dir / "train_state.pt"
-    progress = train_until_stopped(model, tokenizer, examples, collate, args, device, state_path, state)
+    try:
+        with gpt.StopSignal() as stopper:  # Ctrl-C or SIGTERM: finish the step, save, stop
+            progress = train(model, tokenizer, *examples, collate, args, device, state_path, stopper, state)
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, without saving
+        if state_path.exists():
+            print(f"--resume --out-dir {out_dir} goes on from the last save in {state_path}", file=sys.stderr)
+        raise
     history = progress["history"]
     losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
     gpt.plot_curves(out_dir / "losses.png", {"loss": losses}, "step")
     kept = keep_weights(model, progress, args.keep_last)
     if args.lora:
         gpt.merge_lora(model)  # back to the model's own layers: a plain checkpoint
-    checkpoint = out_dir / "model.pt"
-    gpt.save_checkpoint(checkpoint, model.eval(), tokenizer, settings=vars(args), history=history, kept=kept)
-    print(f"saved the fine-tuned model to {checkpoint}")
+    gpt.save_checkpoint(out_dir / "model.pt", model.eval(), tokenizer, settings=vars(args), history=history, kept=kept)
+    print(f"saved the fine-tuned model to {out_dir / 'model.pt'}")
     if not args.keep_state:
         state_path.unlink(missing_ok=True)  # up to 4x the model; --keep-state keeps it for --resume
     return args, model.to(gpt.DTYPES[args.dtype]), tokenizer, splits[2]
 
 
-# ----------------------------------------------------------------------------------------
-# 7. The other modes: answers of a saved model (--generate-only, --prompt)
-# ----------------------------------------------------------------------------------------
+# --- 4. Answers: a response for each test entry ---------------------------------------------
+
+
+def generate_response(model, tokenizer, entry, max_new_tokens=256, **sampling):
+    """The model's answer to one entry (the book's section 7.7) -> (text, number of new tokens): format_prompt(entry)
+    continued by gpt.generate (`sampling`: as there) up to the end-of-text token or max_new_tokens, stripped."""
+    prompt_ids = gpt.text_to_token_ids(format_prompt(entry), device=model.wte.weight.device, tokenizer=tokenizer)
+    eot_id = tokenizer.eot_id  # 50256 for GPT-2; the Llama family's own
+    output = gpt.generate(model, prompt_ids, max_new_tokens, eot_id=eot_id, **sampling)
+    new_ids = output[0, prompt_ids.shape[1] :].tolist()
+    if eot_id in new_ids:
+        new_ids = new_ids[: new_ids.index(eot_id)]
+    return gpt.token_ids_to_text(new_ids, tokenizer=tokenizer).strip(), len(new_ids)
+
+
+def generate_responses(model, tokenizer, entries, path, **options):
+    """Answer every entry (options: `generate_response`'s), then write them with a "model_response" each to path in
+    one atomic write: interrupted, it writes nothing."""
+    results, tokens, started = [], 0, time.time()
+    for i, entry in enumerate(entries):
+        response, n_tokens = generate_response(model, tokenizer, entry, **options)
+        results.append({**entry, "model_response": response})
+        tokens += n_tokens
+        eta = gpt.eta(started, i + 1, len(entries))
+        gpt.show_progress(f"answers {i + 1}/{len(entries)} | {tokens / (time.time() - started):.1f} tok/s | ETA {eta}")
+    gpt.end_progress()
+    gpt.write_json(path, results)
+    print(f"wrote {len(results)} responses to {path}")
+
+
+# --- 5. Evaluation: an LLM judge served by Ollama -------------------------------------------
+
+JUDGE_SEED = 123  # fixed seed (and temperature 0) so the judge gives the same score twice
+# Ollama's structured output (https://ollama.com/blog/structured-outputs): the JSON schema in the request's "format"
+# field constrains the reply to {"score": <0..100>}.
+SCORE_FORMAT = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
+                "required": ["score"]}
+# A number standing alone in a judge's reply: 85, 85.5, "85%", "85." at a sentence's end. Not a part of "1,000" or of
+# a decimal comma "7,5" (which is meant cannot be told), nor of a ratio "8/10", a name "GPT-2", or "-5".
+_NUMBER = re.compile(r"(?<![\w.,/-])\d+(?:\.\d+)?(?![\w/]|[.,]\d)")
+
+
+def judge_prompt(entry):
+    """The grading request for one response (the book's section 7.8)."""
+    return (f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, score the model response "
+            f"`{entry['model_response']}` on a scale from 0 to 100, where 100 is the best score. Respond with the "
+            "integer number only.")
+
+
+def parse_score(reply):
+    """The judge's reply (text, or a JSON value) -> its score, a float in 0..100, or None. JSON comes first, the
+    structured output asked for: a number, or {"score": x}. Other text scores only when it holds one number, however
+    often ("Score: 85. 85 it is")."""
+    if isinstance(reply, str):
+        try:
+            reply = json.loads(reply)
+        except (ValueError, RecursionError):  # not JSON: prose, or JSON inside prose
+            numbers = {float(number) for number in _NUMBER.findall(reply)}
+            reply = numbers.pop() if len(numbers) == 1 else None
+    if isinstance(reply, dict):
+        reply = reply.get("score")
+    if isinstance(reply, (int, float)) and not isinstance(reply, bool) and 0 <= reply <= 100:  # NaN fails
+        return float(reply)
+    return None
+
+
+def ask_judge(prompt, url, model):
+    """One chat request to Ollama (POST /api/chat, not streamed, temperature 0 and a fixed seed, the reply held to
+    SCORE_FORMAT) -> the reply's content: text, normally '{"score": 85}', or whatever JSON value the server sent.
+    Raises RuntimeError saying how to start a server when none answers, and quoting the reply for an HTTP error (such
+    as a model not pulled) or a reply of another shape (a server that is not Ollama)."""
+    options = {"temperature": 0, "seed": JUDGE_SEED, "num_ctx": 2048}
+    messages = [{"role": "user", "content": prompt}]
+    payload = {"model": model, "messages": messages, "stream": False, "options": options, "format": SCORE_FORMAT}
+    try:
+        reply = requests.post(url + "/api/chat", json=payload, timeout=(5, 600))
+    except requests.RequestException as e:
+        raise RuntimeError(f"no Ollama server answers at {url} ({type(e).__name__}): start the server with `ollama "
+                           f"serve` (install it from https://ollama.com) and get the judge with `ollama pull {model}`, "
+                           "or point --judge-url at a running server") from None
+    if reply.status_code != 200:
+        raise RuntimeError(f"the server at {url} answered HTTP {reply.status_code}: {reply.text[:300]}; is the judge "
+                           f"there? `ollama pull {model}` gets it, or choose another --judge-model")
+    try:
+        return reply.json()["message"]["content"]  # TypeError for a list or a number, KeyError for a missing field
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeError(f"the server at {url} answered an unexpected reply: {reply.text[:300]!r}; is it an Ollama "
+                           "server? check --judge-url") from None
+
+
+def judge(args, responses_path):
+    """Grade each "model_response" of the responses file against its "output"; print the mean score and write the
+    entries with a "score" (0-100, null when unscorable) to <name>-scored.json beside it."""
+    entries = load_instruction_data(responses_path, "--responses", "give answers as --generate-only writes them",
+                                    keys=("instruction", "output", "model_response"))
+    url, scored, started = args.judge_url.rstrip("/"), [], time.time()
+    try:
+        for i, entry in enumerate(entries):
+            answer = ask_judge(judge_prompt(entry), url, args.judge_model)
+            scored.append({**entry, "score": parse_score(answer)})
+            if scored[-1]["score"] is None:
+                print(f"  entry {i}: no score 0-100 in the judge's answer {answer!r:.80}")
+            print(f"judging {i + 1}/{len(entries)} | ETA {gpt.eta(started, i + 1, len(entries))}", flush=True)
+    except RuntimeError as e:
+        if args.judge_only:
+            raise
+        raise RuntimeError(f"{e}; the answers stay in {responses_path}: grade them later with python "
+                           f"finetune_instruct.py --judge-only --judge ollama --responses {responses_path} "
+                           f"--judge-url {url} --judge-model {args.judge_model}") from None
+    scores = [e["score"] for e in scored if e["score"] is not None]
+    mean = f"{sum(scores) / len(scores):.2f}" if scores else "n/a"
+    print(f"judge {args.judge_model}: mean score {mean} over {len(scores)} entries; "
+          f"{len(entries) - len(scores)} could not be scored")
+    scored_path = responses_path.with_name(responses_path.stem + "-scored.json")
+    gpt.write_json(scored_path, scored)
+    print(f"wrote the scores to {scored_path}")
+    if not scores:  # a judge that answered without a readable score every time: no result
+        raise RuntimeError(f"the judge {args.judge_model} gave no score 0-100 for any of the {len(entries)} entries "
+                           "(its answers are in the scores file): try another --judge-model")
+
+
+# --- 6. The other modes: answers of a saved model (--generate-only, --prompt) ---------------
 
 
 def answer_options(args):
-    """The generation options of `generate_response` from the flags (sampling seeded by --seed)."""
-    options = {key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_k", "top_p")}
-    return {**options, "seed": args.seed if args.temperature > 0 else None}
+    """The generation options of `generate_response` from the flags (sampling seeded by --seed; greedy needs none)."""
+    return {key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
 
 
-def load_for_answers(args, device):
-    """The model of --checkpoint (default <out-dir>/model.pt; any --model value) in --dtype, and its tokenizer."""
+def answer_without_training(args, device, responses):
+    """With --checkpoint (any --model value; default <out-dir>/model.pt), --prompt: print the answer to one
+    instruction; --generate-only: answer the run's test split (its test.json, else --data's) into responses."""
     checkpoint = Path(args.checkpoint or Path(args.out_dir) / "model.pt")
     if args.checkpoint is None and not checkpoint.exists():
         raise FileNotFoundError(f"no {checkpoint}: fine-tune first, or give --checkpoint (any --model value works)")
     print(f"model: {checkpoint}")
-    return gpt.load(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype])
-
-
-def test_split(args, device):
-    """--generate-only: (model, tokenizer, entries): --checkpoint and the run's test.json, else --data's test split."""
-    model, tokenizer = load_for_answers(args, device)
+    model, tokenizer = gpt.load(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype])
+    if args.prompt is not None:
+        entry = {"instruction": args.prompt, "input": args.input}
+        answer = generate_response(model, tokenizer, entry, **answer_options(args))[0]
+        return print(answer or "(an empty answer: the model ended it at once with its end-of-text token)")
     out_dir = gpt.claim_run_folder(args.out_dir, [])  # answering again replaces responses.json, as was asked
     if (out_dir / "test.json").is_file():
         print(f"data: the run's test split, {out_dir / 'test.json'}")
-        return model, tokenizer, load_instruction_data(out_dir / "test.json", "the run's split", SPLIT_FIX)
-    path = data_path(args)
-    print(f"data: {out_dir} holds no test.json: answering the test split of {path} with --seed {args.seed}")
-    return model, tokenizer, split_dataset(load_instruction_data(path), args.seed)[2]
+        test_set = load_instruction_data(out_dir / "test.json", "the run's split", SPLIT_FIX)
+    else:
+        path = data_path(args)
+        print(f"data: {out_dir} holds no test.json: answering the test split of {path} with --seed {args.seed}")
+        test_set = split_dataset(load_instruction_data(path), args.seed)[2]
+    generate_responses(model, tokenizer, test_set, responses, **answer_options(args))
 
 
-# ----------------------------------------------------------------------------------------
-# 8. Command line
-# ----------------------------------------------------------------------------------------
+# --- 7. Command line ------------------------------------------------------------------------
 
 
 def build_parser():
-    p = gpt.ArgumentParser(description="Instruction fine-tuning of GPT-2 or a Llama-family model (Alpaca format), "
-                           "answers for the test set, an optional LLM judge.")
+    p = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
     what.add_argument("--generate-only", action="store_true", help="answer the run's test split with --checkpoint")
     what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print it, exit (default: none)")
@@ -607,14 +521,12 @@ def build_parser():
     data.add_argument("--data", help="Alpaca JSON list or JSON Lines (default: the book's, downloaded to --cache-dir)")
     data.add_argument("--cache-dir", default=str(gpt.cache_dir()),
                       help="folder for downloaded data and weights")
-    data.add_argument("--seed", type=gpt.non_negative_int, default=123,
-                      help="seed of the split, the shuffling, LoRA and sampling")
+    data.add_argument("--seed", type=gpt.non_negative_int, default=123, help="seed of split, shuffling, LoRA, sampling")
     data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples (default: the context length)")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
     train = p.add_argument_group("model and training")
-    train.add_argument("--model", default="gpt2-medium", help="starting point: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
-                       "a Llama-family Hub name (HuggingFaceTB/SmolLM2-135M, Qwen/Qwen3-0.6B-Base, "
-                       "meta-llama/Llama-3.2-1B) or folder, a .safetensors file, or a checkpoint of this project")
+    train.add_argument("--model", default="gpt2-medium", help="starting point: gpt2 to gpt2-xl, a Llama-family Hub "
+                       "name (HuggingFaceTB/SmolLM2-135M) or folder, a .safetensors file, a checkpoint")
     train.add_argument("--epochs", type=gpt.positive_int, default=2, help="passes over the training set")
     train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="examples per optimizer step")
     train.add_argument("--lr", type=gpt.non_negative_float, default=5e-5, help="AdamW learning rate, constant")
@@ -637,8 +549,8 @@ def build_parser():
     answers.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=256, help="longest answer in tokens")
     answers.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; above: sampling")
     answers.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens (default: all)")
-    answers.add_argument("--top-p", type=gpt.fraction, help="sample from the most likely tokens whose "
-                         "probabilities add up to p (default: all)")
+    answers.add_argument("--top-p", type=gpt.fraction, help="sample from the fewest tokens that reach probability "
+                         "p (default: all)")
     answers.add_argument("--responses", help="answers to write, or to grade (default: <out-dir>/responses.json)")
     answers.add_argument("--judge", choices=["none", "ollama"], default="none", help="grade with a local Ollama")
     answers.add_argument("--judge-url", default="http://localhost:11434", help="Ollama address")
@@ -647,8 +559,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """The flags, each value checked by its `type=`; the combinations that cannot work are refused here (parser.error
-    names the flag and exits 2)."""
+    """The flags, each checked by its `type=`; combinations that cannot work exit 2 with one line naming the flag."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():
@@ -667,13 +578,12 @@ def parse_args(argv=None):
     modes = [flag for flag in ("generate_only", "judge_only", "prompt") if getattr(args, flag) not in (None, False)]
     if args.dtype == "float16" and not modes:
         parser.error("--dtype float16 trains without loss scaling: train in bfloat16 or float32")
-    ignored = [flag for flag in TRAINING_FLAGS if flag in gpt.given_flags(parser, argv)]
-    if modes and ignored:
+    if modes:
         mode = gpt.flag_name(modes[0])
-        if ignored[0] == "model" and mode != "--judge-only":  # a model to answer with: that is --checkpoint
+        if "model" in gpt.given_flags(parser, argv) and mode != "--judge-only":  # the model that answers: --checkpoint
             parser.error(f"--model is the model that trains; {mode} answers with --checkpoint: give --checkpoint "
                          f"{args.model}")
-        parser.error(f"{gpt.flag_name(ignored[0])} is for training, and {mode} does not train: drop it")
+        gpt.refuse_flags(parser, argv, TRAINING_FLAGS, mode)
     return args
 
 
@@ -691,23 +601,18 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir
     responses = responses_path(args)
+    if args.judge == "ollama" and not args.judge_only:  # before hours of training and answering: is the judge there?
+        ask_judge("Answer with the score 100.", args.judge_url.rstrip("/"), args.judge_model)
     if args.judge_only:
         return judge(args, responses)
-    if args.judge == "ollama":  # before hours of training and answering: is the judge there?
-        check_ollama(args.judge_url.rstrip("/"), args.judge_model)
     device = gpt.pick_device(args.device)
-    if args.prompt is not None:
-        model, tokenizer = load_for_answers(args, device)
-        entry = {"instruction": args.prompt, "input": args.input}
-        answer = generate_response(model, tokenizer, entry, **answer_options(args))[0]
-        return print(answer or "(an empty answer: the model ended it at once with its end-of-text token)")
-    if args.generate_only:
-        model, tokenizer, test_set = test_split(args, device)
+    if args.prompt is not None or args.generate_only:
+        answer_without_training(args, device, responses)
     else:
         args, model, tokenizer, test_set = fine_tune(args, argv, device)
         responses = responses_path(args)  # with --resume, the saved run's
-    generate_responses(model, tokenizer, test_set, responses, **answer_options(args))
-    if args.judge == "ollama":
+        generate_responses(model, tokenizer, test_set, responses, **answer_options(args))
+    if args.judge == "ollama" and args.prompt is None:
         judge(args, responses)
 
 

@@ -414,14 +414,15 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
     temperature, cut to the `top_k` most likely tokens and to the smallest set whose
     probabilities add up to at least `top_p` (nucleus sampling, Holtzman et al., 2019,
     "The Curious Case of Neural Text Degeneration"), then sampled.
-    Raises ValueError for a negative temperature, top_k < 1 or top_p outside (0, 1].
+    top_p = 0 keeps only the most likely token. Raises ValueError for a negative temperature,
+    top_k < 1 or top_p outside [0, 1].
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p is not None and not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -431,8 +432,9 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
     if top_p is not None and top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p (the first one stays).
+        # Drop a token when the tokens before it already reach top_p; the most likely one stays.
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[:, 0] = False
         drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

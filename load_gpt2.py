@@ -1,41 +1,28 @@
-"""load_gpt2.py: get a model, try it, measure it.
+"""load_gpt2.py: get a model, try it, measure it, export it.
 
-Stage 1 of the lifecycle. Loads (gpt.load) OpenAI's GPT-2 from the Hugging Face Hub, downloaded
-once, a local .safetensors file or model folder, or a checkpoint of this project; a model of
-the Llama family (SmolLM2, Qwen3, Llama 3.2) the same way, with its own tokenizer.
+Stage 1 of the lifecycle. `gpt.load` reads GPT-2's released weights from the Hugging Face Hub (downloaded once), a
+Llama-family model (SmolLM2, Qwen3, Llama 3.2) with its own tokenizer, a .safetensors file or model folder, or a
+checkpoint of this project. Measurements follow EleutherAI's lm-evaluation-harness (the same prompts, tokenization
+and metrics); benchmark files are downloaded once from the original sources, or read from --benchmark-file.
 
-Try it: continue a prompt, printing the tokens as they are generated.
-
-    python load_gpt2.py                                      # gpt2 (124M), greedy, 50 tokens
+    python load_gpt2.py                                      # try it: gpt2 (124M) continues a prompt, greedy
     python load_gpt2.py --model gpt2-medium --prompt "The meaning of life is" --temperature 0.8 --top-k 50 --seed 1
-    python load_gpt2.py --model path/to/model.safetensors   # offline: a local file
-    python load_gpt2.py --model runs/pretrain/best.pt       # a checkpoint of pretrain.py
-    python load_gpt2.py --model HuggingFaceTB/SmolLM2-135M   # the Llama family
-
-Measure it, as EleutherAI's lm-evaluation-harness does (the same prompts, tokenization and
-metrics). Benchmark files are downloaded once from the original sources, or read from
---benchmark-file.
-
+    python load_gpt2.py --model HuggingFaceTB/SmolLM2-135M   # or a .safetensors file, a folder, runs/pretrain/best.pt
     python load_gpt2.py --benchmark hellaswag                # 10,042 items: acc and acc_norm
-    python load_gpt2.py --benchmark mmlu --shots 5           # 14,042 items in 57 subjects
-    python load_gpt2.py --benchmark hellaswag --limit 200 --results hellaswag.json
+    python load_gpt2.py --benchmark mmlu --shots 5 --limit 20 --results mmlu.json   # 20 items of each of 57 subjects
     python load_gpt2.py --perplexity held_out.txt --stride 512       # perplexity, bits per byte
     python load_gpt2.py --benchmark mmlu --contamination train.txt   # test items seen in training?
     python load_gpt2.py --benchmark mmlu --probe             # options shuffled: recall or reasoning?
-
-Download or export it:
-
     python load_gpt2.py --download-only --model gpt2-xl
     python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # a folder transformers reads
 
-Prints the model and its load time, then the continuation or the measurements. Writes only the
-caches (--cache-dir; a Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is;
-$HF_ENDPOINT names a mirror), --results and --export-hf.
+Prints the model and its load time, then the continuation or the measurements. Writes only the caches (--cache-dir; a
+Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror), --results and the
+export folder.
 """
 
 import collections
 import csv
-import io
 import itertools
 import math
 import os
@@ -49,47 +36,53 @@ import torch
 
 import gpt
 
-# ----------------------------------------------------------------------------------------
-# Measure it: log-likelihoods, benchmarks, perplexity, contamination, memorisation probes
-# ----------------------------------------------------------------------------------------
-
-# One quantity underlies every measurement here: the log-likelihood of a continuation after a
-# context. A benchmark item's answers continue its question; a text's perplexity comes from
-# each token as the continuation of the tokens before it.
-
-# --- 1. The log-likelihood of a continuation ---------------------------------------------
+# --- 1. Try it: continue a prompt -------------------------------------------------------
 
 
-def encode_pair(context, continuation, tokenizer=None):
-    """(context ids, continuation ids) as lm-evaluation-harness makes them: the pair is tokenized
-    whole and the continuation gets the ids after the context's own, so " Paris" after "capital:"
-    is one token with its space. Spaces ending the context move to the continuation; an empty
-    context becomes [`prefix_id`]; no begin-of-text token is added (the harness's default).
-    tokenizer: the model's; None: GPT-2's."""
-    tokenizer = tokenizer or gpt.get_tokenizer()
-    if not context:
-        return [prefix_id(tokenizer)], tokenizer.encode(continuation)
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
-    return context_ids, whole[len(context_ids) :]
+def stream_continuation(model, tokenizer, args):
+    """Print --prompt and its continuation (sampling flags of args) token by token as they come, up to the tokenizer's
+    end-of-text token (not printed) or --max-new-tokens."""
+    print(args.prompt, end="", flush=True)
+    prompt_ids = gpt.text_to_token_ids(args.prompt, device=model.wte.weight.device, tokenizer=tokenizer)
+    generator = None if args.seed is None else torch.Generator(prompt_ids.device).manual_seed(args.seed)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+    new_ids, printed = [], ""
+    for token in gpt.generate_stream(model, prompt_ids, args.max_new_tokens, eot_id=tokenizer.eot_id, **options):
+        if token.item() == tokenizer.eot_id:
+            break
+        new_ids.append(token.item())
+        text = gpt.token_ids_to_text(new_ids, tokenizer)
+        if not text.endswith("\ufffd"):  # a token can end inside a character: wait for the rest
+            print(text[len(printed) :], end="", flush=True)
+            printed = text
+    print(gpt.token_ids_to_text(new_ids, tokenizer)[len(printed) :])
+
+
+# --- 2. Measure it: the log-likelihood of a continuation --------------------------------
+
+# One quantity underlies every measurement here: the log-likelihood of a continuation after a context. A benchmark
+# item's answers continue its question; a text's perplexity comes from each token as the continuation of those before.
 
 
 def prefix_id(tokenizer):
-    """The token before a text that has nothing before it, as the harness's `prefix_token_id`:
-    the tokenizer's begin token where it names one (GPT-2: <|endoftext|>, 50256; Llama 3:
-    <|begin_of_text|>; SmolLM2-Instruct: <|im_start|>), else its end-of-text token (Qwen3)."""
+    """The token before a text that has nothing before it, as the harness's `prefix_token_id`: the tokenizer's begin
+    token where it names one (Llama 3: <|begin_of_text|>), else its end-of-text token (GPT-2: 50256; Qwen3)."""
     return tokenizer.eot_id if tokenizer.bos_id is None else tokenizer.bos_id
 
 
 def continuation_request(context, continuation, context_length, tokenizer=None):
-    """(token ids, n_scored) for `sum_logprobs`: the pair's ids (`encode_pair`) cut from the
-    left to context_length + 1 tokens (the model reads all but the last), as the harness cuts
-    a context too long for the model; the continuation's n_scored ids come last. Raises
-    ValueError when the continuation alone does not fit."""
-    context_ids, continuation_ids = encode_pair(context, continuation, tokenizer)
+    """(token ids, n_scored) for `sum_logprobs` as lm-evaluation-harness makes them: the pair is tokenized whole, the
+    continuation scored on the ids after the context's own (" Paris" after "capital:" is one token with its space).
+    Spaces ending the context move to the continuation, an empty one becomes [`prefix_id`], a long one is cut from the
+    left. tokenizer: the model's; None: GPT-2's. Raises ValueError when the continuation alone does not fit."""
+    tokenizer = tokenizer or gpt.get_tokenizer()
+    if not context:
+        context_ids, continuation_ids = [prefix_id(tokenizer)], tokenizer.encode(continuation)
+    else:
+        stripped = context.rstrip()
+        continuation = context[len(stripped) :] + continuation
+        context_ids = tokenizer.encode(stripped)
+        continuation_ids = tokenizer.encode(stripped + continuation)[len(context_ids) :]
     if not continuation_ids or len(continuation_ids) > context_length:
         raise ValueError(f"a continuation of {len(continuation_ids)} tokens cannot be scored with a context length "
                          f"of {context_length}: {continuation[:60]!r}")
@@ -98,12 +91,10 @@ def continuation_request(context, continuation, context_length, tokenizer=None):
 
 @torch.no_grad()
 def sum_logprobs(model, requests, batch_size=8, label="scoring"):
-    """Total log-probability (nats) of the last n_scored ids of each (token ids, n_scored) request
-    -> list of floats: minus `gpt.next_token_loss` summed over them. The model reads ids[:-1];
-    requests with the same input (the four " A".." D" of an MMLU item) share one forward pass.
-    Batches are right-padded (causal attention keeps real positions blind to the padding after
-    them, so no score depends on the batch), longest first, so that a batch too large for memory
-    fails at once. Raises ValueError for a request that does not fit the model, or NaN scores."""
+    """Total log-probability (nats) of the last n_scored ids of each (token ids, n_scored) request -> list of floats.
+    Requests with the same input ids[:-1] (an MMLU item's " A" to " D") share a forward pass. Batches are right-padded
+    (causal attention keeps real positions blind to padding after them), longest first, so that a batch too large for
+    memory fails at once. Raises ValueError for a request that does not fit the model, or NaN scores."""
     device = next(model.parameters()).device
     readers = collections.defaultdict(list)  # model input -> the requests that read it
     for i, (ids, n_scored) in enumerate(requests):
@@ -134,26 +125,29 @@ def sum_logprobs(model, requests, batch_size=8, label="scoring"):
     return totals
 
 
-# --- 2. Multiple-choice benchmarks, prepared and scored as the harness does ---------------
+# --- 3. Multiple-choice benchmarks, prepared and scored as the harness does -------------
 
-# HellaSwag (Zellers et al., 2019): a context and four endings, one of them right; its
-# validation split (10,042 items) is scored. MMLU (Hendrycks et al., 2021): questions with
-# four options A-D in 57 subjects; its test split (14,042 items) is scored, its dev split
-# gives the k-shot examples.
+# HellaSwag (Zellers et al., 2019): a context and four endings, one of them right; its validation split (10,042
+# items) is scored. MMLU (Hendrycks et al., 2021): questions with four options A-D in 57 subjects; its test split
+# (14,042 items) is scored, its dev split gives the k-shot examples. A download is checked by its number of items.
+HELLASWAG_URLS = ["https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"]
+HELLASWAG_ITEMS = 10_042
+MMLU_URLS = ["https://people.eecs.berkeley.edu/~hendrycks/data.tar"]  # data/{dev,val,test}/<subject>_<split>.csv
+MMLU_TEST_ITEMS = 14_042
+MMLU_FILE = re.compile(r"(?:^|/)(dev|test)/(\w+)_\1\.csv$")
 LETTERS = "ABCD"
 
 
 def hellaswag_preprocess(text):
-    """The harness's clean-up of HellaSwag text: WikiHow items carry markers like
-    " [title]" (a sentence break) and "[step]" (dropped)."""
+    """The harness's clean-up of HellaSwag text: " [title]" is a sentence break, other [markers] go."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
 
 
 def hellaswag_request(item):
-    """A HellaSwag item as the harness scores it -> dict: context "activity_label: ctx_a Ctx_b",
-    the four endings as choices, gold (the label), and the text contamination looks for."""
+    """A HellaSwag item as the harness scores it -> dict: context "activity_label: ctx_a Ctx_b", the endings as
+    choices, gold (the label), the text contamination looks for."""
     query = hellaswag_preprocess(item["activity_label"] + ": " + item["ctx_a"] + " " + item["ctx_b"].capitalize())
     choices = [hellaswag_preprocess(ending) for ending in item["endings"]]
     gold = int(item["label"])
@@ -167,8 +161,8 @@ def mmlu_question(item):
 
 
 def mmlu_request(item):
-    """An MMLU item as the harness scores it -> dict: context (subject line, the k solved examples,
-    the question), choices "A".."D", gold, the text contamination looks for, subject."""
+    """An MMLU item as the harness scores it -> dict: context (subject line, the k solved examples, the question),
+    choices "A" to "D", gold, the text contamination looks for, subject."""
     subject = item["subject"].replace("_", " ")
     header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
     examples = "".join(mmlu_question(ex) + " " + LETTERS[ex["answer"]] + "\n\n" for ex in item["examples"])
@@ -178,10 +172,9 @@ def mmlu_request(item):
 
 
 def score_multiple_choice(model, requests, batch_size=8, tokenizer=None):
-    """Score each choice by its log-likelihood after the context and one space -> one dict per
-    item: lls (nats); acc, 1 when the gold choice's is the highest; acc_norm, the same with each
-    divided by the choice's length in characters (the space not counted), as the harness
-    defines them. tokenizer: the model's; None: GPT-2's."""
+    """Score each choice by its log-likelihood after the context and one space -> one dict per item: lls (nats); acc,
+    1 when the gold choice's is the highest; acc_norm, the same with each divided by the choice's length in
+    characters (the space not counted), as the harness defines them. tokenizer: the model's; None: GPT-2's."""
     length = model.cfg.context_length
     pairs = [(request["context"], " " + choice) for request in requests for choice in request["choices"]]
     flat = [continuation_request(context, choice, length, tokenizer) for context, choice in pairs]
@@ -200,8 +193,8 @@ def score_multiple_choice(model, requests, batch_size=8, tokenizer=None):
 
 
 def summarize(scored, requests):
-    """Mean acc and acc_norm with the harness's standard error sqrt(p (1 - p) / (n - 1))
-    (None for one item), the random-guess baseline, and acc per subject where items have one."""
+    """Mean acc and acc_norm with the harness's standard error sqrt(p (1 - p) / (n - 1)) (None for one item), the
+    random-guess baseline, and acc per subject where items have one."""
     n = len(scored)
     summary = dict(items=n, random_guess=sum(1 / len(r["choices"]) for r in requests) / n)
     for metric in ("acc", "acc_norm"):
@@ -217,17 +210,8 @@ def summarize(scored, requests):
     return summary
 
 
-# The benchmarks' original files, downloaded once; their item counts tell a complete download.
-HELLASWAG_URLS = ["https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"]
-HELLASWAG_ITEMS = 10_042
-MMLU_URLS = ["https://people.eecs.berkeley.edu/~hendrycks/data.tar"]  # data/{dev,val,test}/<subject>_<split>.csv
-MMLU_TEST_ITEMS = 14_042
-MMLU_FILE = re.compile(r"(?:^|/)(dev|test)/(\w+)_\1\.csv$")
-
-
 def load_benchmark(args):
-    """The items of --benchmark (--benchmark-file, or downloaded once and counted), the first
-    --limit of them (of each MMLU subject)."""
+    """The items of --benchmark (--benchmark-file, else downloaded once and counted), the first --limit a subject."""
     hellaswag = args.benchmark == "hellaswag"
     path = args.benchmark_file
     if path is None and hellaswag:
@@ -243,58 +227,46 @@ def load_benchmark(args):
 
 
 def read_hellaswag(path):
-    """HellaSwag JSON Lines (activity_label, ctx_a, ctx_b, endings, label) -> list of item dicts.
-    Raises ValueError naming the line of a malformed item."""
+    """HellaSwag JSON Lines -> list of item dicts. Each item is checked whole, so that nothing is silently misread
+    (endings "abcd" as four endings, a label 1.7 as 1): ValueError names the first bad line."""
     text = gpt.decode_utf8(gpt.existing_file(path, "--benchmark-file").read_bytes(), f"--benchmark-file {path}")
     items = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             item = gpt.parse_json(line, f"{path} line {number}")  # names the line, also when nested too deeply
-            if problem := hellaswag_item_problem(item):
-                raise ValueError(f"{path} line {number}: {problem}; each line must be one HellaSwag item")
+            if not is_hellaswag_item(item):
+                raise ValueError(f"{path} line {number}: not a HellaSwag item: each line needs the strings "
+                                 "activity_label, ctx_a and ctx_b, a list of non-empty endings and the label (0, 1, "
+                                 "...) of the right one")
             items.append(item)
     if not items:
         raise ValueError(f"{path}: no HellaSwag items in the file")
     return items
 
 
-def hellaswag_item_problem(item):
-    """What is wrong with one parsed HellaSwag line, naming the field, or None. Field by field, so
-    that nothing is silently misread: endings "abcd" as four endings, a label 1.7 as 1."""
-    if not isinstance(item, dict):
-        return f"expected a JSON object, got {type(item).__name__}"
-    for field in ("activity_label", "ctx_a", "ctx_b"):
-        if not isinstance(item.get(field), str):
-            return f"bad or missing field '{field}': must be a string"
-    endings = item.get("endings")
-    if not isinstance(endings, list) or not endings or not all(isinstance(e, str) and e.strip() for e in endings):
-        return "bad or missing field 'endings': must be a non-empty list of non-empty strings"
-    label = item.get("label")  # an integer, or a digit string as in Hugging Face's copy: "2" (not True, not 1.7)
-    if type(label) not in (int, str) or str(label) not in map(str, range(len(endings))):
-        return f"bad or missing field 'label': must be an integer from 0 to {len(endings) - 1}, got {label!r:.40}"
-    return None
+def is_hellaswag_item(item):
+    """Whether a parsed line is a HellaSwag item; its label: an integer, or a digit string as in Hugging Face's copy."""
+    if not isinstance(item, dict) or not isinstance(item.get("endings"), list) or not item["endings"]:
+        return False
+    texts = [item.get(field) for field in ("activity_label", "ctx_a", "ctx_b")]
+    endings, label = item["endings"], item.get("label")
+    texts_ok = all(isinstance(text, str) for text in texts) and all(isinstance(e, str) and e.strip() for e in endings)
+    return texts_ok and type(label) in (int, str) and str(label) in map(str, range(len(endings)))
 
 
 def read_mmlu(path, shots=0):
-    """MMLU's data.tar or its extracted folder -> list of item dicts (subject, question, options,
-    answer, and as examples the subject's first `shots` dev items, as the harness picks them),
-    subjects in alphabetical order. Raises ValueError for another file, a malformed row, or a
-    subject with fewer than `shots` dev items."""
-    path = Path(path)
+    """MMLU's data.tar -> item dicts (subject, question, options, answer, and as examples the subject's first `shots`
+    dev items, as the harness picks them) by subject. Raises ValueError for a bad file, row or too few dev items."""
+    if not tarfile.is_tarfile(gpt.existing_file(path, "--benchmark-file")):
+        raise ValueError(f"--benchmark-file {path}: not a tar archive: give MMLU's data.tar")
     files = {}  # (split, subject) -> CSV text
-    if path.is_dir():
-        for file in sorted(path.rglob("*.csv")):
-            if match := MMLU_FILE.search(file.as_posix()):
-                files[match[1], match[2]] = gpt.decode_utf8(file.read_bytes(), str(file))
-    elif tarfile.is_tarfile(gpt.existing_file(path, "--benchmark-file")):
-        with tarfile.open(path) as archive:
-            for member in archive:
-                if member.isfile() and (match := MMLU_FILE.search(member.name)):
-                    raw = archive.extractfile(member).read()
-                    files[match[1], match[2]] = gpt.decode_utf8(raw, f"{path} ({member.name})")
+    with tarfile.open(path) as archive:
+        for member in archive:
+            if member.isfile() and (match := MMLU_FILE.search(member.name)):
+                files[match[1], match[2]] = gpt.decode_utf8(archive.extractfile(member).read(), f"{path} {member.name}")
     subjects = sorted(subject for split, subject in files if split == "test")
     if not subjects:
-        raise ValueError(f"{path}: no test/<subject>_test.csv files: give MMLU's data.tar or its extracted folder")
+        raise ValueError(f"{path}: no test/<subject>_test.csv files: give MMLU's data.tar")
     items = []
     for subject in subjects:
         examples = read_mmlu_csv(files.get(("dev", subject), ""), f"{path} dev/{subject}_dev.csv")
@@ -308,7 +280,7 @@ def read_mmlu(path, shots=0):
 def read_mmlu_csv(text, source):
     """Rows "question,A,B,C,D,answer" (no header) -> list of {question, options, answer}."""
     items = []
-    for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
+    for number, row in enumerate(csv.reader(text.splitlines(keepends=True)), 1):
         if len(row) != 6 or row[5].strip() not in LETTERS:
             raise ValueError(f"{source} row {number}: expected question, four options and a letter A-D, "
                              f"got {row!r:.120}")
@@ -316,15 +288,13 @@ def read_mmlu_csv(text, source):
     return items
 
 
-# --- 3. Perplexity and bits per byte of a text, with a sliding window ---------------------
+# --- 4. Perplexity and bits per byte of a text, with a sliding window -------------------
 
 
 def perplexity_requests(ids, context_length, stride, first_id=gpt.EOT_ID):
-    """Sliding windows over a text's ids (Hugging Face's perplexity guide) -> (token ids, n_scored)
-    requests for `sum_logprobs`. Windows start `stride` apart and read up to context_length
-    tokens, scoring only those no earlier window scored: each token after the first window
-    has at least context_length - stride tokens of context. first_id (`prefix_id`) goes first,
-    so that the first token is predicted too, as in the harness's rolling log-likelihood."""
+    """Sliding windows over a text's ids (Hugging Face's perplexity guide) -> (token ids, n_scored) requests. Windows
+    start `stride` apart, read up to context_length tokens and score those no earlier window scored (each with at
+    least context_length - stride before it). first_id goes first, so that the first token is scored too."""
     if not 1 <= stride <= context_length:
         raise ValueError(f"--stride {stride} must be from 1 to the model's context length ({context_length})")
     sequence = [first_id] + list(ids)
@@ -339,9 +309,8 @@ def perplexity_requests(ids, context_length, stride, first_id=gpt.EOT_ID):
 
 
 def perplexity(model, text, stride, batch_size=8, tokenizer=None):
-    """Perplexity (e to the mean negative log-likelihood per token) and bits per byte (the total
-    in bits over the UTF-8 bytes: comparable across tokenizers) -> dict. tokenizer: the model's;
-    None: GPT-2's. Raises ValueError for an empty text."""
+    """Perplexity (e to the mean negative log-likelihood per token) and bits per byte (the total in bits over the UTF-8
+    bytes: comparable across tokenizers) -> dict. tokenizer: the model's; None: GPT-2's."""
     if not text:
         raise ValueError("the text to score is empty")
     tokenizer = tokenizer or gpt.get_tokenizer()
@@ -353,19 +322,17 @@ def perplexity(model, text, stride, batch_size=8, tokenizer=None):
                 perplexity=math.exp(nll / len(ids)), bits_per_byte=nll / (n_bytes * math.log(2)))
 
 
-# --- 4. Contamination: test items that occur in a training corpus -------------------------
+# --- 5. Was the test seen in training? Contamination and memorisation probes ------------
 
 
 def normalized_words(text):
-    """Lower-cased words with punctuation removed, as GPT-3's contamination study
-    (Brown et al., 2020, appendix C) and the harness's decontamination compare texts."""
+    """Lower-cased words without punctuation, as GPT-3's contamination study compares texts (Brown et al., 2020, C)."""
     return re.sub(r"[^\w\s]|_", "", text.lower()).split()
 
 
-def find_contamination(texts, documents, n=13):
-    """Indices of the texts that share an n-gram of `normalized_words` with a corpus -> sorted
-    list. documents: iterables of lines, read once as a stream (a corpus larger than memory
-    works; n-grams do not cross documents). A text under n words counts when it occurs whole."""
+def find_contamination(texts, corpus_lines, n=13):
+    """Indices of the texts that share an n-gram of `normalized_words` with a corpus -> sorted list. corpus_lines: read
+    once, as a stream (a corpus larger than memory works). A text under n words counts when it occurs whole."""
     wanted = collections.defaultdict(lambda: collections.defaultdict(set))  # length -> words -> texts
     for i, text in enumerate(texts):
         words = normalized_words(text)
@@ -374,51 +341,22 @@ def find_contamination(texts, documents, n=13):
         length = min(n, len(words))  # a text shorter than n is looked for whole
         for start in range(len(words) - length + 1):
             wanted[length][tuple(words[start : start + length])].add(i)
-    found, words_read = set(), 0
-    for document in documents:
-        window = collections.deque(maxlen=n)
-        for line in document:
-            for word in normalized_words(line):
-                window.append(word)
-                for length, grams in wanted.items():
-                    if len(window) >= length:
-                        found |= grams.get(tuple(window)[-length:], set())
-                words_read += 1
-                if words_read % 1_000_000 == 0:
-                    gpt.show_progress(f"contamination: {words_read / 1e6:.0f}M words of the corpus read")
+    found, window, words_read = set(), collections.deque(maxlen=n), 0
+    for line in corpus_lines:
+        for word in normalized_words(line):
+            window.append(word)
+            for length, grams in wanted.items():
+                if len(window) >= length:
+                    found |= grams.get(tuple(window)[-length:], set())
+            words_read += 1
+            if words_read % 1_000_000 == 0:
+                gpt.show_progress(f"contamination: {words_read / 1e6:.0f}M words of the corpus read")
     gpt.end_progress()
     return sorted(found)
 
 
-def corpus_documents(path):
-    """The corpus of --contamination as documents for `find_contamination`: each .txt file of a
-    folder, each entry of instruction data .json, each row of a .csv with a `text` column (the
-    classifier's splits), or one UTF-8 text file."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if not files:
-            raise ValueError(f"--contamination {path}: no .txt files in the folder")
-        yield from map(read_lines, files)
-    elif path.suffix == ".json":
-        entries = gpt.read_json(path, "--contamination")
-        if not isinstance(entries, list):
-            raise ValueError(f"--contamination {path}: expected a JSON list of entries (instruction data)")
-        for entry in entries:
-            values = entry.values() if isinstance(entry, dict) else [entry]
-            yield [" ".join(str(value) for value in values)]
-    elif path.suffix == ".csv":
-        for row in csv.DictReader(read_lines(path)):
-            if "text" not in row:
-                raise ValueError(f"--contamination {path}: a .csv needs a `text` column (as label,text)")
-            yield [row["text"]]
-    else:
-        yield read_lines(path)
-
-
 def read_lines(path):
-    """The lines of a UTF-8 text file of --contamination, one at a time. Raises FileNotFoundError,
-    or ValueError naming the file at the first byte that is not UTF-8."""
+    """The lines of --contamination's UTF-8 text file, one at a time; ValueError at a byte that is not UTF-8."""
     try:
         with open(gpt.existing_file(path, "--contamination"), encoding="utf-8") as f:
             yield from f
@@ -426,28 +364,23 @@ def read_lines(path):
         raise ValueError(f"--contamination {path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
 
 
-# --- 5. Memorisation probes: the same items, changed where recall would notice ------------
-
-
 def shuffle_options(item, order):
-    """An MMLU item with its options in another order: order[k] is the option now shown
-    at letter k. The letters stay in place and move to other texts; the gold follows its text."""
+    """An MMLU item with its options in another order: order[k] is the option now shown at letter k. The letters stay
+    in place and move to other texts; the gold follows its text."""
     return dict(item, options=[item["options"][k] for k in order], answer=order.index(item["answer"]))
 
 
 def reorder_sentences(item, order=None):
-    """A HellaSwag item with the sentences of its context (ctx_a, cut after . ! or ?) in
-    another order: order[k] is the sentence now at place k (default: reversed). ctx_b,
-    the start of the sentence the endings finish, stays last."""
+    """A HellaSwag item with the sentences of its context (ctx_a, cut after . ! or ?) in another order: order[k] is
+    the sentence now at place k (default: reversed). ctx_b, which the endings finish, stays last."""
     sentences = re.split(r"(?<=[.!?])\s+", item["ctx_a"].strip())
     order = list(reversed(range(len(sentences)))) if order is None else order
     return dict(item, ctx_a=" ".join(sentences[k] for k in order))
 
 
 def probe_memorisation(model, benchmark, items, scored, seed=0, batch_size=8, tokenizer=None):
-    """Score the items again, changed where recall would notice (MMLU: options in a seeded random
-    order; HellaSwag: the context's sentences reversed) -> dict: acc before and after, the change,
-    items right to wrong and wrong to right. scored: `score_multiple_choice` of the items."""
+    """Score the items again, changed where recall would notice (MMLU: options in a seeded random order; HellaSwag: the
+    context's sentences reversed) -> dict: acc before (`scored`) and after, the change, items that flipped."""
     if benchmark == "hellaswag":
         perturbation, to_request = "context sentences reversed", hellaswag_request
         changed_items = [reorder_sentences(item) for item in items]
@@ -465,119 +398,16 @@ def probe_memorisation(model, benchmark, items, scored, seed=0, batch_size=8, to
                 change=after - before, right_to_wrong=flipped[1, 0], wrong_to_right=flipped[0, 1])
 
 
-# ----------------------------------------------------------------------------------------
-# Try it: generation
-# ----------------------------------------------------------------------------------------
-
-
-def stream_continuation(model, prompt_ids, args, tokenizer):
-    """Continue prompt_ids [1, n] with the sampling flags of args, printing each token's text as
-    it comes, until the tokenizer's end-of-text token (not printed) or --max-new-tokens."""
-    new_ids, printed = [], ""
-
-    def print_token(token):
-        nonlocal printed
-        if token.item() == tokenizer.eot_id:
-            return
-        new_ids.append(token.item())
-        text = gpt.token_ids_to_text(new_ids, tokenizer)
-        if not text.endswith("\ufffd"):  # a token can end inside a character: wait for the rest
-            print(text[len(printed) :], end="", flush=True)
-            printed = text
-
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot_id=tokenizer.eot_id)
-    gpt.generate(model, prompt_ids, args.max_new_tokens, seed=args.seed, on_token=print_token, **options)
-    print(gpt.token_ids_to_text(new_ids, tokenizer)[len(printed) :])
-
-
-# ----------------------------------------------------------------------------------------
-# Command line: flags, inputs, printing, main
-# ----------------------------------------------------------------------------------------
-
-MEASURING = ("benchmark", "perplexity")
-# Flags that mean something only with another: given alone they would be ignored.
-NEEDS = {"benchmark_file": ("benchmark",), "shots": ("benchmark",), "limit": ("benchmark",),
-         "contamination": ("benchmark",), "probe": ("benchmark",), "ngram": ("contamination",),
-         "stride": ("perplexity",), "overwrite": ("export_hf",), "results": MEASURING, "batch_size": MEASURING}
-
-
-def parse_args(argv=None):
-    """The settings of the run -> argparse.Namespace. Flags that contradict each other, or that
-    would be ignored, exit with one line (exit status 2)."""
-    p = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gpt2", help=f"{', '.join(gpt.MODEL_CONFIGS)}, a Llama-family Hub name, "
-                   "a .safetensors file, a model folder or a checkpoint (.pt)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of weights and computation")
-    p.add_argument("--cache-dir", default=str(gpt.cache_dir()),
-                   help="folder for downloaded weights and data ($GPT_CACHE_DIR)")
-    g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
-    g.add_argument("--prompt", default="Every effort moves you", help="text to continue")
-    g.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=50, help="tokens to generate")
-    g.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; higher: more random")
-    g.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens only (default: all)")
-    g.add_argument("--top-p", type=gpt.fraction, help="sample from the fewest tokens that reach probability p "
-                   "(default: all)")
-    g.add_argument("--seed", type=gpt.non_negative_int,
-                   help="seed of the sampling and of --probe (default: fresh; --probe: 0)")
-    m = p.add_argument_group("measure it (instead of generating)")
-    m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark by log-likelihood "
-                   "(default: none)")
-    m.add_argument("--benchmark-file", help="hellaswag_val.jsonl, or MMLU's data.tar or its folder (default: download)")
-    m.add_argument("--shots", type=gpt.non_negative_int, default=0, help="MMLU: solved examples before each question")
-    m.add_argument("--limit", metavar="N", type=gpt.positive_int, help="score the first N items (of each MMLU "
-                   "subject) (default: all)")
-    m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 text file "
-                   "(default: none)")
-    m.add_argument("--stride", type=gpt.positive_int, help="tokens between perplexity windows (default: half the "
-                   "context length)")
-    m.add_argument("--contamination", metavar="CORPUS", help="find the items that share an n-gram with a training "
-                   "corpus: a text file, a folder of .txt, instruction .json or label,text .csv (default: none)")
-    m.add_argument("--ngram", type=gpt.positive_int, default=13, help="words per n-gram of --contamination")
-    m.add_argument("--probe", action="store_true", help="score again with MMLU options shuffled or HellaSwag "
-                   "context sentences reversed, and report the change")
-    m.add_argument("--batch-size", type=gpt.positive_int, default=8, help="sequences per forward pass")
-    m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file (default: print only)")
-    e = p.add_argument_group("download or export it (instead of generating)")
-    e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
-    e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype "
-                   "(default: none)")
-    e.add_argument("--overwrite", action="store_true", help="let --export-hf replace an earlier export")
-    args = p.parse_args(argv)
-    check_flags(p, args, gpt.given_flags(p, argv))
-    return args
-
-
-def check_flags(p, args, given):
-    """Exit through parser p with one line for flags that contradict each other or would be ignored."""
-    for flag, needed in NEEDS.items():
-        if flag in given and not any(getattr(args, name) for name in needed):
-            p.error(f"{gpt.flag_name(flag)} needs {' or '.join(map(gpt.flag_name, needed))}")
-    measuring = args.benchmark or args.perplexity
-    if sum(map(bool, (args.download_only, args.export_hf, measuring))) > 1:
-        p.error("--download-only, --export-hf and measuring (--benchmark, --perplexity) are separate runs")
-    sampling = [flag for flag in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
-    if sampling and (measuring or args.download_only or args.export_hf):
-        p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring, downloading or exporting")
-    sampling_options = [flag for flag in ("top_k", "top_p", "seed") if flag in given]
-    if sampling_options and not args.temperature and not measuring:
-        p.error(f"{gpt.flag_name(sampling_options[0])} is for sampling: give --temperature above 0 as well")
-    if args.shots and args.benchmark != "mmlu":
-        p.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
-    if not args.prompt:
-        p.error("--prompt is empty: give at least one character of text to continue")
-    if args.download_only and Path(args.model).exists():
-        names = ", ".join(gpt.MODEL_CONFIGS)
-        p.error(f"--download-only needs a model name ({names}, ...), not the path {args.model!r}")
+# --- 6. Command line: the inputs read first, the scores printed, the flags, main --------
 
 
 def read_inputs(args):
-    """Read every input of the run before the download and the load (cheap, and fails fast) ->
-    (benchmark items or None, --perplexity text or None)."""
+    """Read every input of the run before the download and the load (cheap, and fails fast) -> (benchmark items or
+    None, --perplexity text or None)."""
     if args.results and Path(args.results).is_dir():
         raise ValueError(f"--results {args.results} is a folder: give the path of a JSON file")
-    if args.contamination and not Path(args.contamination).exists():
-        raise FileNotFoundError(f"--contamination {args.contamination}: no such file or folder")
+    if args.contamination:
+        gpt.existing_file(args.contamination, "--contamination")
     text = None
     if args.perplexity:
         raw = gpt.existing_file(args.perplexity, "--perplexity").read_bytes()
@@ -585,15 +415,6 @@ def read_inputs(args):
         if not text:
             raise ValueError(f"--perplexity {args.perplexity}: the file is empty: give a text to score")
     return (load_benchmark(args) if args.benchmark else None), text
-
-
-def download_model(name):
-    """Download what --model needs into the cache, verified -> the folder its weights are in.
-    Its tokenizer is converted once, so that one tiktoken cannot run fails now."""
-    _, weight_paths, tokenizer_files = gpt.model_files(name)
-    if tokenizer_files:
-        gpt.tokenizer_from_files(tokenizer_files, name)
-    return weight_paths[0].parent
 
 
 def print_scores(name, summary):
@@ -611,8 +432,7 @@ def run_benchmark(args, model, items, tokenizer):
     """Score --benchmark, check --contamination and run --probe, printing each -> results dict."""
     requests = [(hellaswag_request if args.benchmark == "hellaswag" else mmlu_request)(item) for item in items]
     if args.contamination:  # before the long scoring, so that a bad corpus fails fast
-        texts = [request["text"] for request in requests]
-        contaminated = find_contamination(texts, corpus_documents(args.contamination), args.ngram)
+        contaminated = find_contamination([r["text"] for r in requests], read_lines(args.contamination), args.ngram)
     started = time.time()
     scored = score_multiple_choice(model, requests, args.batch_size, tokenizer)
     seconds = time.time() - started
@@ -639,6 +459,80 @@ def run_benchmark(args, model, items, tokenizer):
     return results
 
 
+EXPORTS = ("export_hf",)  # each writes --model in another format, as a run of its own
+MEASURING = ("benchmark", "perplexity")
+# Flags that mean something only with another: given alone they would be ignored.
+NEEDS = {"benchmark_file": ("benchmark",), "shots": ("benchmark",), "limit": ("benchmark",),
+         "contamination": ("benchmark",), "probe": ("benchmark",), "ngram": ("contamination",),
+         "stride": ("perplexity",), "overwrite": EXPORTS, "results": MEASURING, "batch_size": MEASURING}
+
+
+def parse_args(argv=None):
+    """The settings of the run; flags that contradict each other, or would be ignored, exit 2 with one line."""
+    p = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gpt2", help="gpt2 to gpt2-xl, a Llama-family Hub name, a file, folder or .pt")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of weights and computation")
+    p.add_argument("--cache-dir", default=str(gpt.cache_dir()),
+                   help="folder for downloaded data and weights")
+    g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
+    g.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    g.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=50, help="tokens to generate")
+    g.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; higher: more random")
+    g.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens only (default: all)")
+    g.add_argument("--top-p", type=gpt.fraction, help="sample from the fewest tokens that reach probability p "
+                   "(default: all)")
+    g.add_argument("--seed", type=gpt.non_negative_int, help="seed of sampling and --probe (default: fresh; --probe 0)")
+    m = p.add_argument_group("measure it (instead of generating)")
+    m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark (default: none)")
+    m.add_argument("--benchmark-file", help="hellaswag_val.jsonl, or MMLU's data.tar (default: download)")
+    m.add_argument("--shots", type=gpt.non_negative_int, default=0, help="MMLU: solved examples before each question")
+    m.add_argument("--limit", metavar="N", type=gpt.positive_int, help="score the first N items of each subject "
+                   "(default: all)")
+    m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 text file "
+                   "(default: none)")
+    m.add_argument("--stride", type=gpt.positive_int, help="tokens between perplexity windows (default: context / 2)")
+    m.add_argument("--contamination", metavar="FILE", help="a training corpus (UTF-8 text): items that share "
+                   "n-grams (default: none)")
+    m.add_argument("--ngram", type=gpt.positive_int, default=13, help="words per n-gram of --contamination")
+    m.add_argument("--probe", action="store_true", help="score again with options or sentences reordered: the change")
+    m.add_argument("--batch-size", type=gpt.positive_int, default=8, help="sequences per forward pass")
+    m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file (default: print only)")
+    e = p.add_argument_group("download or export it (instead of generating)")
+    e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
+    e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype "
+                   "(default: none)")
+    e.add_argument("--overwrite", action="store_true", help="let an export replace an earlier one")
+    args = p.parse_args(argv)
+    check_flags(p, args, gpt.given_flags(p, argv))
+    return args
+
+
+def check_flags(p, args, given):
+    """Exit through parser p with one line for flags that contradict each other or would be ignored."""
+    for flag, needed in NEEDS.items():
+        if flag in given and not any(getattr(args, name) for name in needed):
+            p.error(f"{gpt.flag_name(flag)} needs {' or '.join(map(gpt.flag_name, needed))}")
+    measuring = args.benchmark or args.perplexity
+    runs = [args.download_only, measuring, *(getattr(args, flag) for flag in EXPORTS)]
+    if sum(map(bool, runs)) > 1:
+        exports = ", ".join(map(gpt.flag_name, EXPORTS))
+        p.error(f"--download-only, {exports} and measuring (--benchmark, --perplexity) are separate runs")
+    sampling = [flag for flag in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
+    if sampling and any(runs):
+        p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring, downloading or exporting")
+    sampling_options = [flag for flag in ("top_k", "top_p", "seed") if flag in given]
+    if sampling_options and not args.temperature and not measuring:
+        p.error(f"{gpt.flag_name(sampling_options[0])} is for sampling: give --temperature above 0 as well")
+    if args.shots and args.benchmark != "mmlu":
+        p.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
+    if not args.prompt:
+        p.error("--prompt is empty: give at least one character of text to continue")
+    if args.download_only and Path(args.model).exists():
+        names = ", ".join(gpt.MODEL_CONFIGS)
+        p.error(f"--download-only needs a model name ({names}, ...), not the path {args.model!r}")
+
+
 @gpt.command_line(memory_hint="use a smaller --batch-size or --model, or --dtype bfloat16")
 def main(argv=None):
     args = parse_args(argv)
@@ -646,26 +540,23 @@ def main(argv=None):
     device = gpt.pick_device(args.device)
     if args.export_hf:  # export it
         folder = gpt.export_hf(args.model, args.export_hf, dtype=gpt.DTYPES[args.dtype], overwrite=args.overwrite)
-        print(f"exported {args.model} ({args.dtype}) to {folder}, a folder that transformers reads")
-        return
+        return print(f"exported {args.model} ({args.dtype}) to {folder}, a folder that transformers reads")
     items, text = read_inputs(args)
-    if args.download_only:  # download it
-        print(f"{args.model} is in {download_model(args.model)}")
-        return
+    if args.download_only:  # download it; its tokenizer is converted now, so that one tiktoken cannot run fails here
+        _, weight_paths, tokenizer_files = gpt.model_files(args.model)
+        if tokenizer_files:
+            gpt.tokenizer_from_files(tokenizer_files, args.model)
+        return print(f"{args.model} is in {weight_paths[0].parent}")
     started = time.time()
     model, tokenizer = gpt.load(args.model, device=device, dtype=gpt.DTYPES[args.dtype])  # its own tokenizer
-    load_seconds = time.time() - started
     if hasattr(model, "labels"):
         raise ValueError(f"--model {args.model} is a classifier, not a language model: use it with "
                          f"`python finetune_classify.py --checkpoint {args.model} --classify TEXT`")
     print(gpt.model_summary(model, args.model))
-    print(f"load time: {load_seconds:.2f} s on {device}, {args.dtype}")
+    print(f"load time: {time.time() - started:.2f} s on {device}, {args.dtype}")
     print("-" * 80)
     if items is None and text is None:  # try it
-        print(args.prompt, end="", flush=True)
-        prompt_ids = gpt.text_to_token_ids(args.prompt, device=device, tokenizer=tokenizer)
-        stream_continuation(model, prompt_ids, args, tokenizer)
-        return
+        return stream_continuation(model, tokenizer, args)
     results = dict(model=args.model, settings=vars(args))  # measure it
     if text is not None:
         stride = args.stride or max(1, model.cfg.context_length // 2)

@@ -57,7 +57,7 @@ TESTDATA = Path(__file__).resolve().parent / "testdata"  # see testdata/README.m
 # The real SMS Spam Collection, as UCI distributes it.
 SMS_ZIP = TESTDATA / "sms+spam+collection.zip"
 HELLASWAG_TINY = TESTDATA / "hellaswag_tiny.jsonl"  # four made-up items in HellaSwag's format
-MMLU_TINY = TESTDATA / "mmlu"  # two made-up subjects laid out as MMLU's data.tar
+MMLU_FOLDER = TESTDATA / "mmlu"  # two made-up subjects laid out as MMLU's data.tar
 # tiktoken's two GPT-2 vocabulary files, so that the tests need no network.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TESTDATA / "tiktoken_cache"))
 # One CPU thread, here and in the scripts the tests start: the tests' small models gain
@@ -262,21 +262,19 @@ _HELLASWAG_ITEM = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings":
 # (name, a line of a HellaSwag file, what is wrong with it); {**ITEM, ...}: the good item with a field changed.
 HELLASWAG_BAD_ITEMS = [
     ("deep", "[" * 100_000 + "]" * 100_000, "line 1: JSON nested too deeply to read"),
-    ("label-inf", '{**ITEM, "label": Infinity}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, "
-     "got inf"),
-    ("label-float", '{**ITEM, "label": 1.7}', "line 1: bad or missing field 'label': must be an integer from 0 to 3, "
-     "got 1.7"),
-    ("label-bool", '{**ITEM, "label": true}', "line 1: bad or missing field 'label'"),
-    ("label-range", '{**ITEM, "label": 4}', "line 1: bad or missing field 'label'"),
-    ("endings-str", '{**ITEM, "endings": "abcd"}', "line 1: bad or missing field 'endings': must be a non-empty list "
-     "of non-empty strings"),
-    ("ending-blank", '{**ITEM, "endings": ["d", " ", "f", "g"]}', "line 1: bad or missing field 'endings'"),
-    ("endings-empty", '{**ITEM, "endings": []}', "line 1: bad or missing field 'endings'"),
-    ("endings-int", '{**ITEM, "endings": ["d", 5]}', "line 1: bad or missing field 'endings'"),
-    ("ctx-null", '{**ITEM, "ctx_a": null}', "line 1: bad or missing field 'ctx_a': must be a string"),
-    ("list", "[1, 2]", "line 1: expected a JSON object, got list"),
+    ("label-inf", '{**ITEM, "label": Infinity}', "line 1: not a HellaSwag item: each line needs the strings "
+     "activity_label, ctx_a and ctx_b, a list of non-empty endings and the label (0, 1, ...) of the right one"),
+    ("label-float", '{**ITEM, "label": 1.7}', "line 1: not a HellaSwag item"),
+    ("label-bool", '{**ITEM, "label": true}', "line 1: not a HellaSwag item"),
+    ("label-range", '{**ITEM, "label": 4}', "line 1: not a HellaSwag item"),
+    ("endings-str", '{**ITEM, "endings": "abcd"}', "line 1: not a HellaSwag item"),
+    ("ending-blank", '{**ITEM, "endings": ["d", " ", "f", "g"]}', "line 1: not a HellaSwag item"),
+    ("endings-empty", '{**ITEM, "endings": []}', "line 1: not a HellaSwag item"),
+    ("endings-int", '{**ITEM, "endings": ["d", 5]}', "line 1: not a HellaSwag item"),
+    ("ctx-null", '{**ITEM, "ctx_a": null}', "line 1: not a HellaSwag item"),
+    ("list", "[1, 2]", "line 1: not a HellaSwag item"),
     ("no-label", json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e"]}),
-     "line 1: bad or missing field"),
+     "line 1: not a HellaSwag item"),
     ("broken", HELLASWAG_TINY.read_text().splitlines()[0] + "\n{not json", "line 2: not valid JSON"),
 ]
 
@@ -310,10 +308,11 @@ def bad_inputs(tmp_path_factory):
     (files / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
     (files / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     (files / "bom.txt").write_bytes(b"\xef\xbb\xbf")
-    (files / "bad_mmlu" / "test").mkdir(parents=True)
-    (files / "bad_mmlu" / "test" / "x_test.csv").write_text("Question?,a,b,c,E\n")
-    (files / "not_mmlu").mkdir()
-    (files / "not_mmlu" / "notes.csv").write_text("a,b\n")
+    (files / "x_test.csv").write_text("Question?,a,b,c,E\n")
+    for name, member, arcname in [("mmlu", MMLU_FOLDER / "data", "data"), ("bad_mmlu", files / "x_test.csv",
+                                  "data/test/x_test.csv"), ("not_mmlu", files / "empty.txt", "notes.txt")]:
+        with tarfile.open(files / f"{name}.tar", "w") as archive:
+            archive.add(member, arcname=arcname)
     for name, line, _ in HELLASWAG_BAD_ITEMS:
         if line.startswith("{**ITEM"):
             line = json.dumps(_HELLASWAG_ITEM)[:-1] + ", " + line.removeprefix("{**ITEM, ")
@@ -493,8 +492,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     gen = torch.Generator().manual_seed(0)
     picks = {gpt.sample_next_token(logits, 1.0, top_p=0.7, generator=gen).item() for _ in range(300)}
     assert picks == {0, 1}  # 0.5 alone is below 0.7; 0.5 + 0.3 reaches it
-    picks = {gpt.sample_next_token(logits, 1.0, top_p=0.5, generator=gen).item() for _ in range(50)}
-    assert picks == {0}
+    for top_p in (0.5, 0.0):  # 0: only the most likely token, the limit of an ever smaller p
+        picks = {gpt.sample_next_token(logits, 1.0, top_p=top_p, generator=gen).item() for _ in range(50)}
+        assert picks == {0}
     picks = {gpt.sample_next_token(logits, 1.0, top_k=3, generator=gen).item() for _ in range(300)}
     assert picks == {0, 1, 2}
 
@@ -1652,7 +1652,7 @@ def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gpt, "generate", interrupted)
+    monkeypatch.setattr(gpt, "generate_stream", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello"])
     assert exit_info.value.code == 130
@@ -1990,8 +1990,17 @@ def test_benchmark_hellaswag_items_are_prepared_as_the_harness_prepares_them():
     assert tree["choices"][3] == "under your pillow. and sleep."
 
 
-def test_benchmark_mmlu_prompt_with_shots_and_tar_equal_to_folder(tmp_path):
-    items = load_gpt2.read_mmlu(MMLU_TINY, shots=1)
+@pytest.fixture(scope="session")
+def mmlu_tiny(tmp_path_factory):
+    """The two made-up subjects of testdata/mmlu packed as MMLU's data.tar, the one format --benchmark-file reads."""
+    path = tmp_path_factory.mktemp("mmlu") / "data.tar"
+    with tarfile.open(path, "w") as archive:
+        archive.add(MMLU_FOLDER / "data", arcname="data")
+    return path
+
+
+def test_benchmark_mmlu_prompt_with_shots(mmlu_tiny):
+    items = load_gpt2.read_mmlu(mmlu_tiny, shots=1)
     assert [item["subject"] for item in items] == ["made_up_arithmetic"] * 3 + ["made_up_geography"] * 2
     request = load_gpt2.mmlu_request(items[0])
     assert request["context"] == (
@@ -2000,16 +2009,14 @@ def test_benchmark_mmlu_prompt_with_shots_and_tar_equal_to_folder(tmp_path):
         "What is 5 + 6?\nA. 10\nB. 12\nC. 11\nD. 13\nAnswer:"
     )
     assert request["choices"] == ["A", "B", "C", "D"] and request["gold"] == 2
-    with tarfile.open(tmp_path / "data.tar", "w") as archive:
-        archive.add(MMLU_TINY / "data", arcname="data")
-    assert load_gpt2.read_mmlu(tmp_path / "data.tar", shots=1) == items
 
 
-def test_benchmark_encode_pair_as_the_harness():
+def test_benchmark_continuation_request_as_the_harness():
     encode = gpt.get_tokenizer().encode
-    assert load_gpt2.encode_pair("Answer:", " A") == (encode("Answer:"), encode(" A"))
-    assert load_gpt2.encode_pair("Hello ", "world") == (encode("Hello"), encode(" world"))  # the space moves
-    assert load_gpt2.encode_pair("", "Hi") == ([gpt.EOT_ID], encode("Hi"))
+    assert load_gpt2.continuation_request("Answer:", " A", 64) == (encode("Answer:") + encode(" A"), 1)
+    hello = load_gpt2.continuation_request("Hello ", "world", 64)  # the space moves to the continuation
+    assert hello == (encode("Hello") + encode(" world"), len(encode(" world")))
+    assert load_gpt2.continuation_request("", "Hi", 64) == ([gpt.EOT_ID] + encode("Hi"), len(encode("Hi")))
     # Longer than the context: cut from the left, the continuation kept whole.
     ids, n_scored = load_gpt2.continuation_request("one two three four five six", " seven eight", 4)
     assert ids == encode("one two three four five six seven eight")[-5:] and n_scored == 2
@@ -2038,22 +2045,22 @@ def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path)
     assert results["random_guess"] == 0.25 and results["items"] == 4
 
 
-def test_benchmark_mmlu_acc_per_subject_equals_hand_computation(tmp_path):
+def test_benchmark_mmlu_acc_per_subject_equals_hand_computation(tmp_path, mmlu_tiny):
     model = tiny_model(context_length=128)
     save_tiny(tmp_path / "tiny.pt", model)
     encode = gpt.get_tokenizer().encode
     right = collections.defaultdict(list)
-    for item in load_gpt2.read_mmlu(MMLU_TINY, shots=2):
+    for item in load_gpt2.read_mmlu(mmlu_tiny, shots=2):
         context = load_gpt2.mmlu_request(item)["context"]
         lls = [_continuation_logprob(model, encode(context), encode(" " + letter)) for letter in "ABCD"]
         right[item["subject"]].append(max(range(4), key=lambda k: lls[k]) == item["answer"])
-    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(MMLU_TINY),
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
                     "--shots", "2", "--results", str(tmp_path / "results.json")])
     results = json.loads((tmp_path / "results.json").read_text())["benchmark"]
     for subject, hits in right.items():
         assert results["subjects"][subject] == {"items": len(hits), "acc": pytest.approx(sum(hits) / len(hits))}
     assert results["acc"] == pytest.approx(sum(map(sum, right.values())) / 5)
-    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(MMLU_TINY),
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
                     "--limit", "1", "--results", str(tmp_path / "limited.json")])
     limited = json.loads((tmp_path / "limited.json").read_text())["benchmark"]
     assert {name: s["items"] for name, s in limited["subjects"].items()} == {name: 1 for name in right}
@@ -2131,25 +2138,21 @@ def test_contamination_finds_exactly_the_planted_overlaps(tmp_path):
         "Nobody expected the small village band to win the national music contest that cold winter.",
         "Photosynthesis needs light.",  # shorter than 13 words: matched whole
     ]
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    # Text 0: 13 of its words with other case and punctuation, across a line break.
-    (corpus / "a.txt").write_text("Blah blah. THE quick, brown fox -- jumps over\nthe lazy dog; while the farmer sleeps!\n")
-    # Text 1: only 12 words in a row; text 3 whole; text 2 cut in two by a document boundary.
-    (corpus / "b.txt").write_text("seven silver spoons lay on the long wooden table beside a bowl. Photosynthesis needs "
-                                  "LIGHT. Nobody expected the small village band to")
-    (corpus / "c.txt").write_text("win the national music contest that cold winter.")
-    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(corpus), n=13) == [0, 3]
-    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(corpus), n=12) == [0, 1, 3]
+    # Text 0: 13 of its words with other case and punctuation, across a line break; text 1: only 12 words in a row;
+    # text 3 whole; text 2: its first 7 words only.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Blah blah. THE quick, brown fox -- jumps over\nthe lazy dog; while the farmer sleeps!\n"
+                      "seven silver spoons lay on the long wooden table beside a bowl. Photosynthesis needs "
+                      "LIGHT. Nobody expected the small village band to")
+    assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(corpus), n=13) == [0, 3]
+    assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(corpus), n=12) == [0, 1, 3]
     clean = tmp_path / "clean.txt"
     clean.write_text("A clean corpus about something else entirely. " * 50)
-    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(clean)) == []
+    assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(clean)) == []
+    # Instruction data read as text: punctuation goes, so its values' words follow each other as in the entries.
     instructions = tmp_path / "instructions.json"
     instructions.write_text(json.dumps([{"instruction": "Say it.", "input": "", "output": texts[2]}]))
-    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(instructions)) == [2]
-    split = tmp_path / "train.csv"
-    split.write_text("label,text\nham,photosynthesis needs light\n")
-    assert load_gpt2.find_contamination(texts, load_gpt2.corpus_documents(split)) == [3]
+    assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(instructions)) == [2]
 
 
 def test_contamination_reports_the_score_on_clean_items(tmp_path):
@@ -2166,9 +2169,9 @@ def test_contamination_reports_the_score_on_clean_items(tmp_path):
     assert results["contamination"]["clean"] == load_gpt2.summarize(load_gpt2.score_multiple_choice(model, clean), clean)
 
 
-def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts(tmp_path):
+def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts(tmp_path, mmlu_tiny):
     model = tiny_model(context_length=128)
-    items = load_gpt2.read_mmlu(MMLU_TINY, shots=1)
+    items = load_gpt2.read_mmlu(mmlu_tiny, shots=1)
     identity = [load_gpt2.mmlu_request(load_gpt2.shuffle_options(item, [0, 1, 2, 3])) for item in items]
     original = [load_gpt2.mmlu_request(item) for item in items]
     assert load_gpt2.score_multiple_choice(model, identity) == load_gpt2.score_multiple_choice(model, original)
@@ -2249,18 +2252,19 @@ LOAD_GPT2_BAD_INPUTS = [
     ("--model {files}/junk.pt", "{files}/junk.pt: not a .safetensors file or a checkpoint of this project"),
     ("--model {files}/other.pt", "{files}/other.pt: not a .safetensors file or a checkpoint of this project"),
     ("--model {files}/tiny.pt --benchmark hellaswag --benchmark-file {files}/missing.jsonl", "missing.jsonl: no such file"),
-    (f"--model {{files}}/tiny.pt --benchmark hellaswag --benchmark-file {MMLU_TINY}", "mmlu: a folder, not a file"),
+    (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {MMLU_FOLDER}", "mmlu: a folder, not a file"),
+    (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {HELLASWAG_TINY}", "not a tar archive: give MMLU's data.tar"),
     ("--model {files}/tiny.pt --benchmark mmlu --contamination no-such-corpus", "--contamination no-such-corpus: no such file"),
-    ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/bad_mmlu", "x_test.csv row 1: expected question"),
-    ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/not_mmlu", "no test/<subject>_test.csv files"),
-    (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {MMLU_TINY} --shots 3", "made_up_geography has 2 dev items"),
+    ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/bad_mmlu.tar", "x_test.csv row 1: expected question"),
+    ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/not_mmlu.tar", "no test/<subject>_test.csv files"),
+    ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/mmlu.tar --shots 3", "made_up_geography has 2 dev items"),
     ("--model {files}/tiny.pt --perplexity {files}/empty.txt", "empty.txt: the file is empty"),
     (f"--model {{files}}/tiny.pt --perplexity {HELLASWAG_TINY} --stride 65", "--stride 65 must be from 1 to the model's "
      "context length"),
     (f"--model {{files}}/tiny.pt --perplexity {HELLASWAG_TINY} --results {{files}}", "is a folder: give the path of a JSON file"),
     (f"{HELLASWAG} --contamination {{files}}/nope", "nope: no such file"),
     (f"{HELLASWAG} --contamination {{files}}/latin1.txt", "latin1.txt: not UTF-8 text"),
-    (f"{HELLASWAG} --contamination {{files}}/train.csv", "train.csv: no such file"),
+    (f"{HELLASWAG} --contamination {{files}}", "--contamination {files}: a folder, not a file"),  # not its files
     (f"--model {{files}}/nan.pt --perplexity {HELLASWAG_TINY}", "the model gives NaN log-probabilities"),
     *[(f"--model {{files}}/tiny.pt --benchmark hellaswag --benchmark-file {{files}}/{name}.jsonl",
        f"{{files}}/{name}.jsonl {message}") for name, _, message in HELLASWAG_BAD_ITEMS],
@@ -2663,7 +2667,6 @@ PRETRAIN_BAD_INPUTS = [
     (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "--data: no tokens in {files}/empty.txt"),
     (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "--data: no tokens in {files}/bom.txt"),  # a BOM alone
     (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
-    (f"{PRETRAIN_TINY} --data {{files}}/not_mmlu --out-dir {{run}}", "the folder holds no .txt file with text"),
     (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "latin1.txt: invalid UTF-8 at byte 3"),
     (f"{PRETRAIN_TINY} --data {{files}}/short.txt --out-dir {{run}}", "the training split has"),
     (f"{PRETRAIN_RUN} --model {{files}}/empty", "{files}/empty holds no model: neither model.safetensors nor "
@@ -3557,7 +3560,7 @@ def test_instruct_split_85_5_10_with_seed():
 @pytest.mark.parametrize(
     "reply, expected",
     [
-        ('{"score": 85}', 85.0),  # the structured output query_ollama asks for
+        ('{"score": 85}', 85.0),  # the structured output the judge asks for
         ('{"score": 92.5}', 92.5),
         ('{"score": 150}', None),  # JSON decides, even out of range
         ('```json\n{"score": 70}\n```', 70.0),
@@ -3598,23 +3601,21 @@ def test_instruct_parse_score(reply, expected):
 
 @pytest.fixture
 def _instruct_ollama(local_server):
-    """A fake Ollama server: /api/tags lists llama3, /api/chat answers with the next of `answers` (any JSON value
-    as the message content) and records each request body. With reject_format it answers a schema in "format"
-    with HTTP 400, as servers before Ollama 0.5 did."""
-    ollama = argparse.Namespace(answers=[], requests=[], reject_format=False)
+    """A fake Ollama server that has the model llama3: /api/chat answers with the next of `answers` (any JSON value
+    as the message content), HTTP 404 for another model, as Ollama does, and records each request body."""
+    ollama = argparse.Namespace(answers=[], requests=[])
 
     def chat(handler):
         body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
         ollama.requests.append(body)
-        if ollama.reject_format and isinstance(body.get("format"), dict):
-            error = "json: cannot unmarshal object into Go struct field ChatRequest.format of type string"
-            return answer(json.dumps({"error": error}).encode(), 400, Content_Type="application/json")(handler)
+        if body["model"] != "llama3":
+            error = json.dumps({"error": f"model '{body['model']}' not found"}).encode()
+            return answer(error, 404, Content_Type="application/json")(handler)
         message = {"role": "assistant", "content": ollama.answers.pop(0)}
         reply = {"model": body["model"], "message": message, "done": True}
         answer(json.dumps(reply).encode(), Content_Type="application/json")(handler)
 
-    tags = json.dumps({"models": [{"name": "llama3:latest"}]}).encode()
-    ollama.server = local_server({"/api/tags": answer(tags, Content_Type="application/json"), "/api/chat": chat})
+    ollama.server = local_server({"/api/chat": chat})
     ollama.url = ollama.server.url
     return ollama
 
@@ -3668,16 +3669,10 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
     with pytest.raises(SystemExit, match="ollama pull mistral"):
         instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--judge-model", "mistral",
                        "--responses", str(path)])
-
-
-def test_instruct_query_ollama_asks_old_servers_without_schema(_instruct_ollama):
-    url = _instruct_ollama.url
-    _instruct_ollama.reject_format = True
-    _instruct_ollama.answers = ["Score: 75"]
-    assert instruct.query_ollama("grade this", url, "llama3") == "Score: 75"
-    first, second = _instruct_ollama.requests
-    assert first["format"] == instruct.SCORE_FORMAT and "format" not in second
-    assert second["messages"] == first["messages"]
+    with pytest.raises(SystemExit, match="ollama pull mistral"):  # a judge that is not there: before any training
+        instruct.main(["--judge", "ollama", "--judge-url", url, "--judge-model", "mistral", "--out-dir",
+                       str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
@@ -3694,10 +3689,10 @@ def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
     assert not (tmp_path / "responses-scored.json").exists()
 
 
-@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"models": 5}', b"<html>not Ollama</html>"],
-                         ids=["list", "no-models", "models-number", "not-json"])
+@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"message": 5}', b"<html>not Ollama</html>"],
+                         ids=["list", "no-message", "message-number", "not-json"])
 def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, local_server, body):
-    server = local_server({"/api/tags": answer(body, Content_Type="application/json")})
+    server = local_server({"/api/chat": answer(body, Content_Type="application/json")})
     path, _ = _instruct_responses_file(tmp_path, 1)
     with pytest.raises(SystemExit) as exit_info:
         instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
@@ -3871,9 +3866,8 @@ INSTRUCT_BAD_INPUTS = [
     # Answering does not train: a training flag given with it would be silently ignored.
     ("--out-dir {run} --generate-only --model gpt2", "--model is the model that trains; --generate-only answers "
      "with --checkpoint: give --checkpoint gpt2"),
-    ("--out-dir {run} --prompt hi --lora", "--lora is for training, and --prompt does not train: drop it"),
-    ("--out-dir {run} --judge-only --judge ollama --epochs 3", "--epochs is for training, and --judge-only does not "
-     "train: drop it"),
+    ("--out-dir {run} --prompt hi --lora", "--prompt does not use --lora: drop it"),
+    ("--out-dir {run} --judge-only --judge ollama --epochs 3", "--judge-only does not use --epochs: drop it"),
     # Files and models, checked before the run folder is made.
     ("--data {files}/data.json --model {files}/empty --out-dir {run}", "{files}/empty holds no model: neither "
      "model.safetensors nor model.safetensors.index.json"),
@@ -3905,10 +3899,10 @@ def test_instruct_flag_limits_are_accepted():
     args = instruct.parse_args(["--generate-only", "--data", "d.json", "--seed", "3", "--max-new-tokens", "2"])
     assert (args.data, args.seed, args.max_new_tokens) == ("d.json", 3, 2)  # what answering reads
     largest_seed = instruct.parse_args(["--seed", str(2**63 - 1)]).seed
-    batches = [instruct.epoch_batch(list(range(5)), 2, largest_seed, 1, index) for index in range(3)]
-    assert sorted(sum(batches, [])) == [0, 1, 2, 3, 4] and [len(b) for b in batches] == [2, 2, 1]
+    order = gpt.epoch_order(5, largest_seed, 1).tolist()  # the order of an epoch of the run's training examples
+    assert sorted(order) == [0, 1, 2, 3, 4]
     gpt.epoch_order.cache_clear()
-    assert [instruct.epoch_batch(list(range(5)), 2, largest_seed, 1, index) for index in range(3)] == batches
+    assert gpt.epoch_order(5, largest_seed, 1).tolist() == order
 
 
 def test_instruct_top_p_reaches_generation(_instruct_tiny_run, capsys, monkeypatch):
@@ -4253,8 +4247,8 @@ def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path
     assert prompt_length == len(hf(instruct.format_prompt(entry))) and ids.count(start) == 2
     [message] = fc.tokenize_messages(["Free <|im_start|> prize"], 64, tokenizer)  # (4) a classified message
     assert message.tolist() == hf("Free <|im_start|> prize")
-    context, continuation = load_gpt2.encode_pair("Q: <|im_start|>", " A<|im_end|>", tokenizer)  # (5) a benchmark item
-    assert context == hf("Q: <|im_start|>") and context + continuation == hf("Q: <|im_start|> A<|im_end|>")
+    ids, n_scored = load_gpt2.continuation_request("Q: <|im_start|>", " A<|im_end|>", 64, tokenizer)  # (5) a benchmark
+    assert ids == hf("Q: <|im_start|> A<|im_end|>") and ids[:-n_scored] == hf("Q: <|im_start|>")  # item
 
 
 def test_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tmp_path):
@@ -4281,7 +4275,7 @@ def test_prefix_id_is_the_begin_token_else_the_end_token(trained_tokenizers, tmp
     qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
     assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
     assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
-    assert load_gpt2.encode_pair("", " Paris", tokenizer)[0] == [tokenizer.encode("<|im_start|>")[0]]
+    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == tokenizer.encode("<|im_start|>")[0]
 
 
 def test_a_safetensors_file_loads_with_the_tokenizer_beside_it_and_its_checkpoint_carries_that(trained_tokenizers,
