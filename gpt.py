@@ -143,8 +143,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, kv_cache=None, layer=0):
         """x: float [batch, seq_len, emb_dim] -> float [batch, seq_len, emb_dim].
 
-        With a `KVCache`, x holds the positions after the `kv_cache.length` cached ones;
-        this layer's keys and values are appended to the cache at index `layer`.
+        With a `KVCache` (section 4), x holds the positions after the `kv_cache.length` cached
+        ones; this layer's keys and values are appended to the cache at index `layer`.
         """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -169,7 +169,8 @@ def causal_attention(q, k, v, start, dropout_p):
     T = q.shape[2]
     # One query (a decoding step) may see every key: no mask. Several queries after
     # cached ones: query i sits at position start + i and may see keys 0 .. start + i.
-    mask, is_causal = None, T > 1 and start == 0
+    mask = None
+    is_causal = T > 1 and start == 0
     if T > 1 and start > 0:
         mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
@@ -273,7 +274,7 @@ class GPTModel(nn.Module):
         x = self.embed(idx, start)
         for layer, block in enumerate(self.h):
             x = block(x, kv_cache, layer)
-        if kv_cache is not None:
+        if kv_cache is not None:  # every layer wrote at the same positions: advance once, after the last
             kv_cache.length += idx.shape[1]
         return self.lm_head(self.ln_f(x))
 
@@ -431,11 +432,11 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the most likely one stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop_sorted[:, 0] = False
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)  # back to vocabulary order
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the more likely tokens
+        drop_sorted = before >= top_p  # they already reach top_p
+        drop_sorted[:, 0] = False  # the most likely token always stays
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
@@ -474,7 +475,8 @@ def generate_stream(
     ctx = model.cfg.context_length
     tokens = idx
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    cache, cache_start = None, None
+    cache = None
+    cache_start = None  # the window's first position when the cache was filled
     try:
         for _ in range(max_new_tokens):
             start = window_start(tokens.shape[1], ctx)
@@ -533,10 +535,10 @@ def generate(model, idx, max_new_tokens, *, seed=None, on_token=None, **options)
 
 class Tokenizer(tiktoken.Encoding):
     """A model's tokenizer: a tiktoken byte-pair Encoding, plus what tiktoken leaves to the caller.
+    For GPT-2 only eot_id matters; the other fields serve section 6's tokenizers.
 
     eot_id:  the end-of-text token (ends documents and answers, pads batches); `eot_token` too
-    bos_id:  the begin token its configuration names (GPT-2: <|endoftext|>), or None; perplexity
-             and empty benchmark contexts start with it, else with eot_id
+    bos_id:  the begin token its configuration names (GPT-2: <|endoftext|>), or None
     add_bos: whether a whole text starts with bos_id, as Llama 3's <|begin_of_text|> (`encode`)
     nfc:     apply Unicode NFC normalisation before encoding (Qwen's normalizer)
     missing: ids of stand-ins for bytes the vocabulary lacks; `encode` drops them, as the reference
@@ -551,13 +553,6 @@ class Tokenizer(tiktoken.Encoding):
 
     eot_token = property(lambda self: self.eot_id)
     n_vocab = property(lambda self: self.max_token_value + 1 - len(self.missing))  # without the stand-ins
-
-    # Pickled (for DataLoader workers) with its own fields: tiktoken's __setstate__ passes the
-    # state to __init__ as keyword arguments, which takes them.
-    def __getstate__(self):
-        extra = dict(eot_id=self.eot_id, bos_id=self.bos_id, add_bos=self.add_bos, nfc=self.nfc,
-                     missing=self.missing, files=self.files)
-        return {**super().__getstate__(), **extra}
 
     def encode(self, text, bos=False):
         """Text -> list of ids. Text that spells a special token is that token. bos=True: `text`
@@ -576,6 +571,13 @@ class Tokenizer(tiktoken.Encoding):
     def state(self):
         """What a checkpoint stores to rebuild this tokenizer (`tokenizer_from_state`): its content."""
         return {"files": self.files} if self.files else {"name": "gpt2"}
+
+    # Pickled (for DataLoader workers) with its own fields: tiktoken's __setstate__ passes the
+    # state to __init__ as keyword arguments, which takes them.
+    def __getstate__(self):
+        extra = dict(eot_id=self.eot_id, bos_id=self.bos_id, add_bos=self.add_bos, nfc=self.nfc,
+                     missing=self.missing, files=self.files)
+        return {**super().__getstate__(), **extra}
 
 
 @functools.lru_cache(maxsize=1)
@@ -1530,13 +1532,18 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     source: a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), a Hugging Face
     Hub name "owner/model" (both downloaded once; a gated model needs HF_TOKEN), a folder as
     `save_pretrained` or `export_hf` writes it, a .safetensors file (with the config.json and
-    tokenizer files beside it, when there) or a checkpoint of this project (any other file).
+    tokenizer files beside it, when there), a GGUF file or "ollama:NAME[:TAG]" (section 8b), or a
+    checkpoint of this project (any other file).
     config.json's model_type (gpt2, llama, qwen3), else the tensor names, tell the kind of model;
     a classifier gets its head and `labels`. Raises FileNotFoundError, ValueError naming a file
     that does not fit, RuntimeError for a failed download.
     """
-    path = Path(source)
-    if path.is_file() and path.suffix != ".safetensors":
+    path, gguf = Path(source), gguf_file(source)
+    if gguf is not None:
+        tensors, config_json, tokenizer_files = gguf_model_parts(gguf, dtype)
+        model = model_from_tensors(tensors, config_json, gguf, device=device, dtype=dtype)
+        tokenizer = tokenizer_from_files(tokenizer_files, gguf)
+    elif path.is_file() and path.suffix != ".safetensors":
         checkpoint = load_checkpoint(path)
         model = model_from_checkpoint(checkpoint, device=device, dtype=dtype)
         tokenizer = tokenizer_from_state(checkpoint.get("tokenizer"))
@@ -1633,6 +1640,498 @@ def add_classifier_head(model, labels, bias=True):
     model.lm_head = nn.Linear(model.cfg.emb_dim, len(labels), bias=bias).to(model.wte.weight.device)
     model.labels = list(labels)
     return model
+
+
+# ----------------------------------------------------------------------------------------
+# 8b. GGUF: the files of llama.cpp and Ollama
+# ----------------------------------------------------------------------------------------
+
+# GGUF (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) holds a whole model in one
+# file: b"GGUF", a version, metadata (the config, the tokenizer, the chat template) and a table
+# of tensors, whose bytes follow, aligned. Most tensors are quantized: blocks of 32 or 256
+# values that share a scale (and an offset), each value in 2 to 8 bits. A GGUF file is read
+# into the three parts a Hugging Face folder holds (tensors under transformers' names, a
+# config.json, tokenizer files), which section 8 then loads like any other model.
+
+# Metadata value types -> struct formats (8 is a string, 9 an array)
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+# ggml's tensor types, by id (ggml.h, enum ggml_type)
+GGML_TYPES = ("F32 F16 Q4_0 Q4_1 Q4_2 Q4_3 Q5_0 Q5_1 Q8_0 Q8_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K IQ2_XXS IQ2_XS "
+              "IQ3_XXS IQ1_S IQ4_NL IQ3_S IQ2_S IQ4_XS I8 I16 I32 I64 F64 IQ1_M BF16").split()
+
+
+def _half(blocks, start):
+    """The float16 at byte `start` of each block (uint8 [n, bytes]) -> float32 [n, 1]."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _fields(data, bits, width):
+    """Bytes (uint8 [n, k]) -> their `bits`-wide fields, uint8 [n, k * 8 / bits], in ggml's order:
+    in each run of `width` bytes, the lowest field of every byte, then the next field of every byte
+    (bits 4, width 16: the 16 low nibbles, then the 16 high ones)."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8).view(1, 1, -1, 1)
+    return ((data.reshape(len(data), -1, 1, width) >> shifts) & (2**bits - 1)).reshape(len(data), -1)
+
+
+def _q5(blocks, start):
+    """5-bit values of Q5_0/Q5_1: 32 high bits at `start`, then 16 bytes of low nibbles -> uint8 [n, 32]."""
+    return _fields(blocks[:, start + 4:], 4, 16) | _fields(blocks[:, start:start + 4], 1, 1) << 4
+
+
+def _k_scales(blocks):
+    """The 8 scales and minimums of a Q4_K block, 6 bits each in bytes 4-15, times the
+    block's two float16 factors -> float32 [n, 8, 1] each."""
+    d, m, high = blocks[:, 4:16].reshape(-1, 3, 4).unbind(1)
+    scales = torch.cat([d & 63, (high & 15) | (d >> 2 & 48)], 1)
+    minimums = torch.cat([m & 63, (high >> 4) | (m >> 2 & 48)], 1)
+    return (_half(blocks, 0) * scales).unsqueeze(-1), (_half(blocks, 2) * minimums).unsqueeze(-1)
+
+
+def _q4_k(blocks):
+    scales, minimums = _k_scales(blocks)
+    return scales * _fields(blocks[:, 16:], 4, 32).view(-1, 8, 32) - minimums
+
+
+def _q6_k(blocks):
+    values = (_fields(blocks[:, :128], 4, 64) | _fields(blocks[:, 128:192], 2, 32) << 4).to(torch.int8) - 32
+    scales = _half(blocks, 208) * blocks[:, 192:208].view(torch.int8)
+    return scales.unsqueeze(-1) * values.view(-1, 16, 16)
+
+
+# The tensor types read here -> (values per block, bytes per block, unpack: blocks uint8 [n, bytes]
+# -> values float32 [n, values per block]), computed as ggml-quants.c and the `gguf` package do.
+# Q4_0 is a float16 scale d and 32 4-bit values q, each d * (q - 8); Q4_1 adds a float16 offset m,
+# d * q + m; Q5 holds one more bit per value, Q8_0 8 bits; the K types share float16 factors per
+# 256 values, which scale 8 or 16 smaller scales (and minimums) of 6 or 8 bits.
+GGUF_BLOCKS = {
+    "F32": (1, 4, lambda blocks: blocks.view(torch.float32)),
+    "F16": (1, 2, lambda blocks: blocks.view(torch.float16).float()),
+    "BF16": (1, 2, lambda blocks: blocks.view(torch.bfloat16).float()),
+    "Q8_0": (32, 34, lambda blocks: blocks[:, 2:].contiguous().view(torch.int8) * _half(blocks, 0)),
+    "Q4_0": (32, 18, lambda blocks: _half(blocks, 0) * (_fields(blocks[:, 2:], 4, 16).to(torch.int8) - 8)),
+    "Q4_1": (32, 20, lambda blocks: _half(blocks, 0) * _fields(blocks[:, 4:], 4, 16) + _half(blocks, 2)),
+    "Q5_0": (32, 22, lambda blocks: _half(blocks, 0) * (_q5(blocks, 2).to(torch.int8) - 16)),
+    "Q5_1": (32, 24, lambda blocks: _half(blocks, 0) * _q5(blocks, 4) + _half(blocks, 2)),
+    "Q4_K": (256, 144, _q4_k),
+    "Q6_K": (256, 210, _q6_k),
+}
+
+
+def dequantize(kind, shape, data):
+    """A tensor of `read_gguf`: its GGUF_BLOCKS type, shape and bytes (uint8 [n]) -> float32 values of that shape."""
+    per_block, block_bytes, unpack = GGUF_BLOCKS[kind]
+    return unpack(data.view(-1, block_bytes)).reshape(shape)
+
+
+def read_gguf(path):
+    """Read a GGUF file (version 2 or 3) -> (metadata {key: value}, {tensor name: (type, shape, bytes)}):
+    a GGUF_BLOCKS type, torch's order of dimensions, a uint8 view of a private memory mapping of
+    the file (see `dequantize`). Raises FileNotFoundError, or ValueError naming the file and what
+    is wrong: not GGUF, another version, truncated or malformed, a type GGUF_BLOCKS lacks."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(f.fileno()).st_size else b""
+    if data[:4] != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (it starts with {bytes(data[:4])!r}, not b'GGUF')")
+    position = 4
+
+    def take(fmt):  # the next values of the struct format `fmt`, little-endian
+        nonlocal position
+        values = struct.unpack_from("<" + fmt, data, position)
+        position += struct.calcsize("<" + fmt)
+        return values
+
+    def value(kind):
+        nonlocal position
+        if kind == 8:  # a string: its length in bytes, then UTF-8
+            (length,) = take("Q")
+            position += length
+            if position > len(data):
+                raise struct.error("a string runs past the end of the file")
+            return str(data[position - length:position], "utf-8")
+        if kind == 9:  # an array: the type of its items, their count, the items
+            item_kind, count = take("IQ")
+            if item_kind in GGUF_SCALARS:
+                return list(take(f"{count}{GGUF_SCALARS[item_kind]}"))
+            return [value(item_kind) for _ in range(count)]
+        return take(GGUF_SCALARS[kind])[0]
+
+    try:
+        (version,) = take("I")
+        if version not in (2, 3):  # 1 had 32-bit counts; a big-endian file reads as 33554432 or 50331648
+            raise ValueError(f"{path}: GGUF version {version}; versions 2 and 3, little-endian, are read: "
+                             "convert the model again with a recent llama.cpp")
+        n_tensors, n_keys = take("QQ")
+        metadata = {}
+        for _ in range(n_keys):  # a key, the type of its value, the value
+            key = value(8)
+            metadata[key] = value(take("I")[0])
+        infos = []
+        for _ in range(n_tensors):  # a name, its number of dimensions, the dimensions, its type, its offset
+            name, (n_dims,) = value(8), take("I")
+            infos.append((name, take(f"{n_dims}Q"), *take("IQ")))
+    except (struct.error, KeyError, UnicodeDecodeError, OverflowError) as e:
+        raise ValueError(f"{path}: not a complete GGUF file ({e.__class__.__name__}: {e})") from None
+    alignment = metadata.get("general.alignment", 32)
+    data_start = -(-position // alignment) * alignment
+    buffer = torch.frombuffer(data, dtype=torch.uint8)
+    tensors = {}
+    for name, dims, kind, offset in infos:
+        kind = GGML_TYPES[kind] if kind < len(GGML_TYPES) else f"type {kind}"
+        if kind not in GGUF_BLOCKS:
+            raise ValueError(f"{path}: tensor {name!r} is {kind}, a type this project does not read (it reads "
+                             f"{', '.join(GGUF_BLOCKS)}): convert or quantize the model to one of these with llama.cpp")
+        per_block, block_bytes, _ = GGUF_BLOCKS[kind]
+        start, size = data_start + offset, math.prod(dims) // per_block * block_bytes
+        if (dims and dims[0] % per_block) or start + size > len(data):
+            raise ValueError(f"{path}: tensor {name!r} ({kind}, {list(dims)}) at byte {start} does not fit in the "
+                             f"{len(data)}-byte file (truncated?)")
+        tensors[name] = (kind, dims[::-1], buffer[start:start + size])
+    return metadata, tensors
+
+
+# llama.cpp's tensor names -> transformers' (without `transformer.` or `model.`): "blk.N.<name>"
+# is "h.N.<ours>" for GPT-2 and "layers.N.<ours>" for the Llama family.
+GGUF_TENSOR_NAMES = {
+    "gpt2": {"token_embd": "wte", "position_embd": "wpe", "output_norm": "ln_f", "output": "lm_head",
+             "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+             "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+    "llama": {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+              "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"},
+}
+# The architectures read (general.architecture): metadata "<architecture>.<key>" -> config.json key
+GGUF_CONFIG_KEYS = {
+    "gpt2": {"context_length": "n_positions", "embedding_length": "n_embd", "feed_forward_length": "n_inner",
+             "block_count": "n_layer", "attention.head_count": "n_head",
+             "attention.layer_norm_epsilon": "layer_norm_epsilon"},
+    "llama": {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
+              "feed_forward_length": "intermediate_size", "block_count": "num_hidden_layers",
+              "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+              "attention.key_length": "head_dim", "rope.freq_base": "rope_theta",
+              "attention.layer_norm_rms_epsilon": "rms_norm_eps"},
+}
+GGUF_CONFIG_KEYS["qwen3"] = GGUF_CONFIG_KEYS["llama"]
+# tokenizer.ggml.pre (llama.cpp's name of a pre-tokenizer) -> tokenizer.json's pre_tokenizer
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+GGUF_PRE_TOKENIZERS = {
+    "gpt-2": _BYTE_LEVEL,
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+    **{name: {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False},
+        {**_BYTE_LEVEL, "use_regex": False}]}
+       for name, split in (("qwen2", _QWEN2_SPLIT), ("llama-bpe", _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")))},
+}
+
+
+# Llama 3's rope scaling as Meta released it (Llama 3.1, 3.2) but for its factor: llama.cpp keeps
+# not the settings but the factor by which each frequency is divided (`rope_factors`)
+LLAMA3_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def rope_factors(cfg, head_dim):
+    """How much Llama 3's rope scaling (cfg.rope_scaling) slows each rotary frequency down -> float32
+    [head_dim / 2], llama.cpp's tensor rope_freqs.weight."""
+    return rope_frequencies(dataclasses.replace(cfg, rope_scaling=None), head_dim) / rope_frequencies(cfg, head_dim)
+
+
+def rotary_order(weight, n_heads, to_gguf=False):
+    """A query or key projection (rows [n_heads * head_dim, ...]) from llama.cpp's row order to
+    Hugging Face's, or back (to_gguf). Hugging Face's Llama rotates dimension i of a head with
+    i + head_dim / 2, llama.cpp's with its neighbour, so llama.cpp's converter interleaves the
+    two halves of each head's rows (convert_hf_to_gguf.py, LlamaModel.permute; not Qwen's)."""
+    halves = (n_heads, 2, -1) if to_gguf else (n_heads, -1, 2)
+    return weight.reshape(*halves, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def gguf_model_parts(path, dtype=torch.float32):
+    """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files
+    {name: text}): what `model_from_tensors` and `tokenizer_from_files` read from a model folder.
+    Raises ValueError naming the file for an architecture GGUF_CONFIG_KEYS lacks, and as `read_gguf`."""
+    metadata, entries = read_gguf(path)
+    arch = metadata.get("general.architecture")
+    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")  # linear, yarn: positions computed otherwise
+    if arch not in GGUF_CONFIG_KEYS or scaling != "none":
+        raise ValueError(f"{path}: architecture {arch!r} with rope scaling {scaling!r} is not supported; this "
+                         f"project reads {', '.join(GGUF_CONFIG_KEYS)} without rope scaling")
+    config = {hf: metadata[f"{arch}.{key}"] for key, hf in GGUF_CONFIG_KEYS[arch].items()
+              if f"{arch}.{key}" in metadata}
+    embedding = entries.get("token_embd.weight", (None, [None]))
+    config.update(model_type=arch, vocab_size=embedding[1][0])
+    if arch != "gpt2":
+        config.update(tie_word_embeddings="output.weight" not in entries, attention_bias="blk.0.attn_q.bias" in entries)
+    if "rope_freqs.weight" in entries:  # Llama 3.1 and 3.2: the factors of Meta's scaling give its settings back
+        factors = dequantize(*entries.pop("rope_freqs.weight"))
+        scaling = {"factor": float(factors.max()), **LLAMA3_ROPE_SCALING}
+        cfg = GPTConfig(rope_theta=config.get("rope_theta", 10000.0), rope_scaling=scaling)
+        if not torch.allclose(rope_factors(cfg, 2 * len(factors)), factors, rtol=1e-5, atol=0):
+            raise ValueError(f"{path}: rope_freqs.weight is not Llama 3's rope scaling with {LLAMA3_ROPE_SCALING}, "
+                             "the one rope scaling this project reads")
+        config["rope_scaling"] = {"rope_type": "llama3", **scaling}
+    names = GGUF_TENSOR_NAMES["gpt2" if arch == "gpt2" else "llama"]
+    heads = {"attn_q": config.get("num_attention_heads"),
+             "attn_k": config.get("num_key_value_heads", config.get("num_attention_heads"))}
+    tensors = {}
+    for name, (kind, shape, data) in entries.items():
+        tensor = dequantize(kind, shape, data)
+        match = re.fullmatch(r"(blk\.(\d+)\.)?(\w+)\.(weight|bias)", name)
+        if match and match[3] in names:  # others keep their name: the loader lists them as unexpected
+            block = f"{'h' if arch == 'gpt2' else 'layers'}.{match[2]}." if match[1] else ""
+            name = f"{block}{names[match[3]]}.{match[4]}"
+            if arch == "llama" and match[3] in heads:
+                tensor = rotary_order(tensor, heads[match[3]])
+        if arch == "gpt2" and name.endswith(_TRANSPOSED):
+            tensor = tensor.t()  # ggml stores nn.Linear's [out, in], GPT-2's release Conv1D's [in, out]
+        tensors[name] = tensor.to(dtype)
+    return tensors, config, gguf_tokenizer_files(metadata, path)
+
+
+def gguf_tokenizer_files(metadata, source):
+    """The tokenizer in a GGUF file's metadata -> Hugging Face tokenizer files {name: text}
+    (tokenizer.json, tokenizer_config.json, chat_template.jinja) for `tokenizer_from_files`.
+    Control and user-defined tokens are its added tokens. Raises ValueError naming `source` for
+    another tokenizer than byte-level BPE ("gpt2") with a pre-tokenizer of GGUF_PRE_TOKENIZERS."""
+    model, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre", "default")
+    if model != "gpt2" or pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"{source}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported; this project "
+                         f"reads byte-level BPE ('gpt2') with the pre-tokenizers {', '.join(GGUF_PRE_TOKENIZERS)}")
+    tokens = metadata.get("tokenizer.ggml.tokens", [])
+    kinds = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))  # 3: control, 4: user-defined
+    plain = dict.fromkeys(("single_word", "lstrip", "rstrip", "normalized"), False)
+    added = [{"id": i, "content": token, "special": kind == 3, **plain}
+             for i, (token, kind) in enumerate(zip(tokens, kinds)) if kind in (3, 4)]
+    config = {f"{name}_token": tokens[metadata[f"tokenizer.ggml.{key}_token_id"]]
+              for key, name in (("bos", "bos"), ("eos", "eos"), ("padding", "pad"), ("unknown", "unk"))
+              if metadata.get(f"tokenizer.ggml.{key}_token_id", len(tokens)) < len(tokens)}
+    tokenizer_json = {  # what `tokenizer_from_files` and the tokenizers library read
+        "added_tokens": added, "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre], "decoder": _BYTE_LEVEL,
+        "normalizer": {"type": "NFC"} if pre == "qwen2" else None,  # Qwen's
+        "model": {"type": "BPE", "vocab": {token: i for i, token in enumerate(tokens)},
+                  "merges": metadata.get("tokenizer.ggml.merges", []), "ignore_merges": pre == "llama-bpe"},
+    }
+    bos = config.get("bos_token")
+    if metadata.get("tokenizer.ggml.add_bos_token") and bos:  # Llama 3: a text starts with the begin token
+        single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+        tokenizer_json["post_processor"] = {"type": "TemplateProcessing", "single": single, "pair": single + single[1:],
+                                            "special_tokens": {bos: {"id": bos, "ids": [tokens.index(bos)]}}}
+    files = {"tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False),
+             "tokenizer_config.json": json.dumps(config)}
+    if "tokenizer.chat_template" in metadata:
+        files["chat_template.jinja"] = metadata["tokenizer.chat_template"]
+    return files
+
+
+def ollama_model(name):
+    """Path of the GGUF file of the Ollama model "NAME[:TAG]" (TAG "latest" unless given; NAME may be
+    "namespace/model"): the blob its manifest names as the model layer, in $OLLAMA_MODELS, else
+    ~/.ollama/models, else /usr/share/ollama/.ollama/models (Ollama's folders). Raises
+    FileNotFoundError naming what is missing and what to do."""
+    model, _, tag = name.partition(":")
+    folders = [Path(os.environ["OLLAMA_MODELS"])] if os.environ.get("OLLAMA_MODELS") else \
+        [Path.home() / ".ollama" / "models", Path("/usr/share/ollama/.ollama/models")]
+    folder = next((f for f in folders if f.is_dir()), folders[0])
+    tag = tag or "latest"
+    name = f"{model}:{tag}"
+    manifest = folder / "manifests" / "registry.ollama.ai" / ("" if "/" in model else "library") / model / tag
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no Ollama model {name} in {folder} ({manifest} is missing): run `ollama pull "
+                                f"{name}`, or set OLLAMA_MODELS to Ollama's models folder")
+    layers = read_json(manifest, "Ollama manifest").get("layers", [])
+    digests = [layer.get("digest", "") for layer in layers
+               if layer.get("mediaType") == "application/vnd.ollama.image.model"]
+    blob = folder / "blobs" / (digests[0].replace(":", "-") if digests else "")
+    if not digests or not blob.is_file():
+        raise FileNotFoundError(f"{manifest}: the blob of its model layer, {blob}, is missing: "
+                                f"run `ollama pull {name}`")
+    return blob
+
+
+def gguf_file(source):
+    """The GGUF file a model source names -> Path, or None: "ollama:NAME[:TAG]" (`ollama_model`), a
+    .gguf file, or a file that starts as GGUF files do (Ollama's blobs have no suffix)."""
+    if str(source).startswith("ollama:"):
+        return ollama_model(str(source).removeprefix("ollama:"))
+    path = Path(source)
+    if path.is_file():
+        with open(path, "rb") as f:
+            if path.suffix == ".gguf" or f.read(4) == b"GGUF":
+                return path
+    return None
+
+
+# --- Chat formats: an instruct model answers well in the format it was tuned on ------------
+
+# A marker of a chat template -> (the text before a user's message, after it: the assistant's turn begins)
+CHAT_FORMATS = {
+    "<|im_start|>": ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"),  # ChatML: SmolLM2, Qwen
+    "<|start_header_id|>": ("<|start_header_id|>user<|end_header_id|>\n\n",
+                            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),  # Llama 3
+    "<start_of_turn>": ("<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n"),  # Gemma
+    "<|user|>": ("<|user|>\n", "<|end|>\n<|assistant|>\n"),  # Phi-3
+}
+
+
+def chat_prompt(tokenizer, message):
+    """A user's message as the one turn of a chat, in the format of the model's chat template
+    (chat_template.jinja or tokenizer_config.json's entry), chosen by its markers (CHAT_FORMATS)
+    rather than run (no Jinja): without a template's default system prompt. Raises ValueError for
+    a tokenizer without a chat template, or with one in none of these formats."""
+    config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
+    template = tokenizer.files.get("chat_template.jinja") or config.get("chat_template") or ""
+    for marker, (before, after) in CHAT_FORMATS.items():
+        if marker in template:
+            return before + message + after
+    what = "has no chat template" if not template else "has a chat template of none of the formats known here"
+    raise ValueError(f"{tokenizer.name} {what} (ChatML, Llama 3, Gemma, Phi-3): give the prompt as plain text")
+
+
+# --- Writing GGUF: a model for llama.cpp and Ollama ----------------------------------------
+
+# --gguf-type -> (the ggml type of the matrices, general.file_type: llama.cpp's LLAMA_FTYPE_ALL_F32,
+# _MOSTLY_F16, _MOSTLY_BF16, _MOSTLY_Q8_0). Vectors (norms, biases) stay F32, as llama.cpp keeps them.
+GGUF_FILE_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
+# The Ollama Modelfile written beside an export: the Alpaca prompt of finetune_instruct.py
+MODELFILE = '''FROM ./{file}
+TEMPLATE """Below is an instruction that describes a task. Write a response that appropriately completes the request.
+
+### Instruction:
+{{{{ .Prompt }}}}
+
+### Response:
+"""
+PARAMETER stop "{stop}"
+'''
+
+
+def quantize_q8_0(weight):
+    """A tensor whose last dimension is a multiple of 32 -> its Q8_0 blocks as bytes (uint8 [n * 34]),
+    bit for bit as ggml-quants.c: per 32 values a float16 scale d = max |x| / 127 and round(x / d) in int8."""
+    blocks = weight.float().reshape(-1, 32)
+    scale = blocks.abs().amax(1, keepdim=True) / 127
+    scaled = blocks * torch.where(scale == 0, 0, 1 / scale)
+    values = (scaled + scaled.sign() / 2).to(torch.int8)  # C's roundf: halves away from 0 (the cast truncates)
+    return torch.cat([scale.half().view(torch.uint8), values.view(torch.uint8)], 1).reshape(-1)
+
+
+def _gguf_value(value, int_kind=4):
+    """A metadata value -> (its GGUF type, its bytes): str, bool, int (uint32; int32 in arrays),
+    float (float32), or a list of one of these."""
+    if isinstance(value, str):
+        data = value.encode("utf-8")
+        return 8, struct.pack("<Q", len(data)) + data
+    if isinstance(value, list):
+        kind = _gguf_value(value[0], 5)[0]
+        return 9, struct.pack("<IQ", kind, len(value)) + b"".join(_gguf_value(item, 5)[1] for item in value)
+    kind = 7 if isinstance(value, bool) else int_kind if isinstance(value, int) else 6
+    return kind, struct.pack("<" + GGUF_SCALARS[kind], value)
+
+
+def gguf_metadata(model, tokenizer, name):
+    """GGUF metadata of a model and its `Tokenizer` -> {key: value}: the architecture and config
+    (GGUF_CONFIG_KEYS, from `hf_config`), and the tokenizer as llama.cpp reads it (tokens, merges,
+    pre-tokenizer, begin/end tokens, chat template). Raises ValueError for what GGUF cannot carry here."""
+    config = {"n_inner": 4 * model.cfg.emb_dim, **hf_config(model.cfg)}
+    arch = config["model_type"]
+    patterns = {split_pattern(value, key): key for key, value in GGUF_PRE_TOKENIZERS.items()}
+    pre = patterns.get(tokenizer._pat_str) if tokenizer.files else "gpt-2"  # no files: tiktoken's GPT-2
+    if hasattr(model, "labels"):
+        raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
+    if pre is None:
+        raise ValueError(f"{name}: its tokenizer's pre-tokenizer is none of llama.cpp's "
+                         f"{', '.join(GGUF_PRE_TOKENIZERS)}")
+    metadata = {"general.architecture": arch, "general.name": str(name), f"{arch}.vocab_size": model.cfg.vocab_size}
+    metadata.update({f"{arch}.{key}": config[hf] for key, hf in GGUF_CONFIG_KEYS[arch].items()})
+    if arch != "gpt2":  # the head size, as llama.cpp (rope.dimension_count) and transformers read it
+        metadata[f"{arch}.rope.dimension_count"] = metadata[f"{arch}.attention.value_length"] = config["head_dim"]
+    files = hf_tokenizer_files(tokenizer)
+    if "tokenizer.json" in files:
+        bpe = json.loads(files["tokenizer.json"])["model"]
+        vocab, merges = bpe["vocab"], [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    else:  # GPT-2's vocab.json and merges.txt (its first line is a version comment)
+        vocab, merges = json.loads(files["vocab.json"]), files["merges.txt"].decode("utf-8").split("\n")[1:-1]
+    special = set(tokenizer.special_tokens_set)
+    tokens = {i: text for text, i in vocab.items()} | {tokenizer.encode_single_token(t): t for t in special}
+    settings = files["tokenizer_config.json"]  # a dict: the named tokens (pad, unk), maybe the chat template
+    ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eot_id, **{
+        key: tokenizer.encode_single_token(special_token_text(settings[f"{hf}_token"]))
+        for key, hf in (("padding", "pad"), ("unknown", "unk")) if settings.get(f"{hf}_token")}}
+    metadata.update({
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        # ids without a token (a vocabulary padded to a round size) get a name, as llama.cpp's converter does
+        "tokenizer.ggml.tokens": [tokens.get(i, f"[PAD{i}]") for i in range(model.cfg.vocab_size)],
+        "tokenizer.ggml.token_type": [3 if tokens.get(i) in special else 1 if i in tokens else 5
+                                      for i in range(model.cfg.vocab_size)],  # 3: control, 5: unused
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.add_bos_token": tokenizer.add_bos,
+        **{f"tokenizer.ggml.{key}_token_id": i for key, i in ids.items() if i is not None},
+    })
+    template = tokenizer.files.get("chat_template.jinja") or settings.get("chat_template")
+    if template:
+        metadata["tokenizer.chat_template"] = template
+    return metadata
+
+
+def gguf_tensors(model, kind):
+    """A model's weights under llama.cpp's names (GGUF_TENSOR_NAMES), matrices in ggml type `kind`,
+    vectors F32 -> [(name, type, shape, bytes uint8)], the query and key rows in llama.cpp's order
+    (`rotary_order`) for the llama architecture."""
+    cfg = model.cfg
+    names = {ours: theirs for theirs, ours in GGUF_TENSOR_NAMES[cfg.family].items()}
+    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads or cfg.n_heads} if not cfg.qk_norm else {}
+    tensors = []
+    for name, tensor in hf_tensors(model, torch.float32).items():
+        layer, part, suffix = re.fullmatch(r"(?:(?:h|layers)\.(\d+)\.)?(.+)\.(weight|bias)",
+                                           name.removeprefix("transformer.").removeprefix("model.")).groups()
+        part = names[part]
+        if cfg.family == "gpt2" and name.endswith(_TRANSPOSED):
+            tensor = tensor.t()  # GPT-2's Conv1D [in, out] -> ggml's [out, in]
+        if part in heads:
+            tensor = rotary_order(tensor, heads[part], to_gguf=True)
+        target = "F32" if tensor.dim() == 1 else kind if kind != "Q8_0" or tensor.shape[-1] % 32 == 0 else "F16"
+        data = quantize_q8_0(tensor) if target == "Q8_0" else \
+            tensor.to(SAFETENSORS_DTYPES[target]).contiguous().view(torch.uint8).reshape(-1)
+        tensors.append((f"blk.{layer}.{part}.{suffix}" if layer else f"{part}.{suffix}", target, tensor.shape, data))
+    if cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
+        factors = rope_factors(cfg, cfg.head_dim or cfg.emb_dim // cfg.n_heads)
+        tensors.append(("rope_freqs.weight", "F32", factors.shape, factors.view(torch.uint8)))
+    return tensors
+
+
+def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite=False):
+    """Write model (GPT-2 or the Llama family) and its `Tokenizer` as a GGUF file (version 3) that
+    llama.cpp and Ollama run, atomically, and an Ollama Modelfile beside it (`MODELFILE`) ->
+    the Modelfile's path. gguf_type: a key of GGUF_FILE_TYPES. Raises ValueError as `gguf_metadata`,
+    and FileExistsError for a file already there, unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: give --overwrite to replace it")
+    kind, file_type = GGUF_FILE_TYPES[gguf_type]
+    metadata = {**gguf_metadata(model, tokenizer, name), "general.file_type": file_type}
+    tensors = gguf_tensors(model, kind)
+
+    def write(f):
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)))
+        for key, value in metadata.items():
+            value_kind, data = _gguf_value(value)
+            f.write(_gguf_value(key)[1] + struct.pack("<I", value_kind) + data)
+        offset = 0
+        for tensor_name, tensor_kind, shape, data in tensors:  # dimensions innermost first, data 32-byte aligned
+            f.write(_gguf_value(tensor_name)[1] + struct.pack(f"<I{len(shape)}QIQ", len(shape), *shape[::-1],
+                                                               GGML_TYPES.index(tensor_kind), offset))
+            offset += -(-len(data) // 32) * 32
+        for *_, data in tensors:
+            f.write(b"\0" * (-f.tell() % 32))  # the data starts aligned, and each tensor in it
+            f.write(data.numpy())
+
+    atomic_write_bytes(path, write)
+    modelfile = path.with_name("Modelfile")
+    atomic_write_bytes(modelfile, MODELFILE.format(file=path.name, stop=tokenizer.decode([tokenizer.eot_id])).encode())
+    return modelfile
 
 
 # ----------------------------------------------------------------------------------------

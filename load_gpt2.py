@@ -1,9 +1,10 @@
 """load_gpt2.py: get a model, try it, measure it, export it.
 
 Stage 1 of the lifecycle. `gpt.load` reads GPT-2's released weights from the Hugging Face Hub (downloaded once), a
-Llama-family model (SmolLM2, Qwen3, Llama 3.2) with its own tokenizer, a .safetensors file or model folder, or a
-checkpoint of this project. Measurements follow EleutherAI's lm-evaluation-harness (the same prompts, tokenization
-and metrics); benchmark files are downloaded once from the original sources, or read from --benchmark-file.
+Llama-family model (SmolLM2, Qwen3, Llama 3.2) with its own tokenizer, a .safetensors file or model folder, a GGUF
+file (llama.cpp's; "ollama:NAME[:TAG]" finds one Ollama pulled) or a checkpoint of this project. Measurements follow
+EleutherAI's lm-evaluation-harness (the same prompts, tokenization and metrics); benchmark files are downloaded once
+from the original sources, or read from --benchmark-file.
 
     python load_gpt2.py                                      # try it: gpt2 (124M) continues a prompt, greedy
     python load_gpt2.py --model gpt2-medium --prompt "The meaning of life is" --temperature 0.8 --top-k 50 --seed 1
@@ -14,11 +15,13 @@ and metrics); benchmark files are downloaded once from the original sources, or 
     python load_gpt2.py --benchmark mmlu --contamination train.txt   # test items seen in training?
     python load_gpt2.py --benchmark mmlu --probe             # options shuffled: recall or reasoning?
     python load_gpt2.py --download-only --model gpt2-xl
+    python load_gpt2.py --model ollama:smollm2:135m --chat --prompt "Why is the sky blue?"   # in its chat format
     python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # a folder transformers reads
+    python load_gpt2.py --model runs/instruct/model.pt --export-gguf out/model.gguf   # llama.cpp, Ollama
 
 Prints the model and its load time, then the continuation or the measurements. Writes only the caches (--cache-dir; a
 Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror), --results and the
-export folder.
+export (a GGUF file with an Ollama Modelfile beside it).
 """
 
 import collections
@@ -42,8 +45,9 @@ import gpt
 def stream_continuation(model, tokenizer, args):
     """Print --prompt and its continuation (sampling flags of args) token by token as they come, up to the tokenizer's
     end-of-text token (not printed) or --max-new-tokens."""
-    print(args.prompt, end="", flush=True)
-    prompt_ids = gpt.text_to_token_ids(args.prompt, device=model.wte.weight.device, tokenizer=tokenizer)
+    prompt = gpt.chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
+    print(prompt, end="", flush=True)
+    prompt_ids = gpt.text_to_token_ids(prompt, device=model.wte.weight.device, tokenizer=tokenizer)
     generator = None if args.seed is None else torch.Generator(prompt_ids.device).manual_seed(args.seed)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
     new_ids, printed = [], ""
@@ -459,24 +463,28 @@ def run_benchmark(args, model, items, tokenizer):
     return results
 
 
-EXPORTS = ("export_hf",)  # each writes --model in another format, as a run of its own
+EXPORTS = ("export_hf", "export_gguf")  # each writes --model in another format, as a run of its own
 MEASURING = ("benchmark", "perplexity")
 # Flags that mean something only with another: given alone they would be ignored.
 NEEDS = {"benchmark_file": ("benchmark",), "shots": ("benchmark",), "limit": ("benchmark",),
          "contamination": ("benchmark",), "probe": ("benchmark",), "ngram": ("contamination",),
-         "stride": ("perplexity",), "overwrite": EXPORTS, "results": MEASURING, "batch_size": MEASURING}
+         "stride": ("perplexity",), "overwrite": EXPORTS, "results": MEASURING, "batch_size": MEASURING,
+         "gguf_type": ("export_gguf",)}
 
 
 def parse_args(argv=None):
     """The settings of the run; flags that contradict each other, or would be ignored, exit 2 with one line."""
     p = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gpt2", help="gpt2 to gpt2-xl, a Llama-family Hub name, a file, folder or .pt")
+    p.add_argument("--model", default="gpt2", help="gpt2 to gpt2-xl, a Llama-family Hub name, a file, "
+                   "folder or .pt, or ollama:NAME[:TAG]")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of weights and computation")
     p.add_argument("--cache-dir", default=str(gpt.cache_dir()),
                    help="folder for downloaded data and weights")
     g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
     g.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    g.add_argument("--chat", action="store_true", help="--prompt is a message to an instruct model: wrap it in the "
+                   "model's chat format (ChatML, Llama 3, Gemma, Phi-3, told by its chat template)")
     g.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=50, help="tokens to generate")
     g.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; higher: more random")
     g.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens only (default: all)")
@@ -502,6 +510,10 @@ def parse_args(argv=None):
     e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
     e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype "
                    "(default: none)")
+    e.add_argument("--export-gguf", metavar="FILE", help="write --model as a GGUF file for llama.cpp and Ollama, "
+                   "with an Ollama Modelfile beside it (default: none)")
+    e.add_argument("--gguf-type", choices=list(gpt.GGUF_FILE_TYPES), default="f16",
+                   help="type of the weight matrices of --export-gguf (norms and biases stay f32)")
     e.add_argument("--overwrite", action="store_true", help="let an export replace an earlier one")
     args = p.parse_args(argv)
     check_flags(p, args, gpt.given_flags(p, argv))
@@ -518,7 +530,7 @@ def check_flags(p, args, given):
     if sum(map(bool, runs)) > 1:
         exports = ", ".join(map(gpt.flag_name, EXPORTS))
         p.error(f"--download-only, {exports} and measuring (--benchmark, --perplexity) are separate runs")
-    sampling = [flag for flag in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
+    sampling = [flag for flag in ("prompt", "chat", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
     if sampling and any(runs):
         p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring, downloading or exporting")
     sampling_options = [flag for flag in ("top_k", "top_p", "seed") if flag in given]
@@ -541,6 +553,12 @@ def main(argv=None):
     if args.export_hf:  # export it
         folder = gpt.export_hf(args.model, args.export_hf, dtype=gpt.DTYPES[args.dtype], overwrite=args.overwrite)
         return print(f"exported {args.model} ({args.dtype}) to {folder}, a folder that transformers reads")
+    if args.export_gguf:
+        model, tokenizer = gpt.load(args.model)
+        modelfile = gpt.export_gguf(model, tokenizer, args.export_gguf, args.gguf_type, name=args.model,
+                                    overwrite=args.overwrite)
+        return print(f"exported {args.model} ({args.gguf_type}) to {args.export_gguf}, a GGUF file that llama.cpp "
+                     f"reads; for Ollama: ollama create NAME -f {modelfile}")
     items, text = read_inputs(args)
     if args.download_only:  # download it; its tokenizer is converted now, so that one tiktoken cannot run fails here
         _, weight_paths, tokenizer_files = gpt.model_files(args.model)
