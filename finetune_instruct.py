@@ -289,7 +289,7 @@ def keep_weights(model, progress, keep_last):
 def resume_run(args, argv, out_dir):
     """The saved run in out_dir -> (settings, [train, validation, test], training state). Raises ValueError for a flag
     that differs from the saved one (but RESUME_MAY_CHANGE), no training state, or no step left to train."""
-    args = gpt.resume_settings(build_parser(), argv, gpt.read_json(out_dir / "run.json", "--resume"), RESUME_MAY_CHANGE)
+    args = gpt.resume_settings(build_parser(), argv, out_dir, RESUME_MAY_CHANGE)
     splits = [load_instruction_data(out_dir / name, "the run's split", SPLIT_FIX) for name in SPLIT_FILES]
     state_path = out_dir / "train_state.pt"
     state = gpt.load_checkpoint(state_path) if state_path.is_file() else {}
@@ -324,7 +324,7 @@ def fine_tune(args, argv, device):
     examples = [tokenize_examples(entries, tokenizer, max_length, args.mask_prompt) for entries in splits[:2]]
     if not all(examples):
         raise ValueError("no training or validation example is left: raise --max-length or drop --mask-prompt")
-    gpt.write_json(out_dir / "run.json", vars(args))  # on --resume: with an extended --epochs or --max-steps
+    gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # on --resume: with a new --epochs or --max-steps
     for name, entries in zip(SPLIT_FILES, splits):
         gpt.write_json(out_dir / name, entries)
 
@@ -510,47 +510,26 @@ def build_parser():
     p = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = p.add_argument_group("what to run (default: fine-tune, then answer the test set)")
     what.add_argument("--generate-only", action="store_true", help="answer the run's test split with --checkpoint")
-    what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print it, exit (default: none)")
-    what.add_argument("--input", help="input text for --prompt (the '### Input:' section; default: none)")
+    what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print it, exit")
+    what.add_argument("--input", help="input text for --prompt (the '### Input:' section)")
     what.add_argument("--judge-only", action="store_true", help="no training, no answers: grade --responses")
-    what.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings")
-    what.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir first")
+    gpt.add_flags(what.add_mutually_exclusive_group(), "resume", "overwrite")
     what.add_argument("--keep-state", action="store_true", help="keep train_state.pt after training, for --resume")
-    what.add_argument("--out-dir", default="runs/instruct", help="folder for all outputs")
+    gpt.add_flags(what, "out_dir", out_dir="runs/instruct")
     data = p.add_argument_group("data")
     data.add_argument("--data", help="Alpaca JSON list or JSON Lines (default: the book's, downloaded to --cache-dir)")
-    data.add_argument("--cache-dir", default=str(gpt.cache_dir()),
-                      help="folder for downloaded data and weights")
-    data.add_argument("--seed", type=gpt.non_negative_int, default=123, help="seed of split, shuffling, LoRA, sampling")
-    data.add_argument("--max-length", type=gpt.positive_int, help="truncate examples (default: the context length)")
+    gpt.add_flags(data, "cache_dir", "seed", "max_length")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
     train = p.add_argument_group("model and training")
-    train.add_argument("--model", default="gpt2-medium", help="starting point: gpt2 to gpt2-xl, a Llama-family Hub "
-                       "name (HuggingFaceTB/SmolLM2-135M) or folder, a .safetensors file, a checkpoint")
-    train.add_argument("--epochs", type=gpt.positive_int, default=2, help="passes over the training set")
-    train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="examples per optimizer step")
-    train.add_argument("--lr", type=gpt.non_negative_float, default=5e-5, help="AdamW learning rate, constant")
-    train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
-    train.add_argument("--drop-rate", type=gpt.fraction, default=0.0, help="dropout probability while training")
-    train.add_argument("--lora", action="store_true", help="train low-rank adapters only (merged before saving)")
-    train.add_argument("--lora-rank", type=gpt.positive_int, default=16, help="LoRA rank r")
-    train.add_argument("--lora-alpha", type=gpt.non_negative_float, default=16.0, help="LoRA scale: alpha / rank")
-    train.add_argument("--max-steps", type=gpt.positive_int, help="stop after this many steps (default: all epochs)")
-    train.add_argument("--log-every", type=gpt.positive_int, default=5, help="steps between progress lines")
-    train.add_argument("--eval-every", type=gpt.positive_int, default=25, help="steps between loss estimates")
+    gpt.add_flags(train, "model", "epochs", "batch_size", "lr", "weight_decay", "drop_rate", "lora", "lora_rank",
+                  "lora_alpha", "max_steps", "log_every", "eval_every", model="gpt2-medium", epochs=2, eval_every=25)
     train.add_argument("--eval-batches", type=gpt.non_negative_int, default=5, help="batches per estimate, 0: all")
-    train.add_argument("--keep-last", action="store_true", help="keep the last weights, not the lowest validation loss")
+    gpt.add_flags(train, "keep_last")
     train.add_argument("--save-every", type=gpt.positive_int, default=50, help="steps between train_state.pt saves")
-    train.add_argument("--dtype", choices=gpt.DTYPES, default="float32", help="precision: autocast while training "
-                       "(float32 weights; not float16), the weights' type when answering")
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    gpt.add_flags(train, "dtype", "device")
     answers = p.add_argument_group("answers and evaluation")
     answers.add_argument("--checkpoint", help="model that answers, any --model value (default: <out-dir>/model.pt)")
-    answers.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=256, help="longest answer in tokens")
-    answers.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; above: sampling")
-    answers.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens (default: all)")
-    answers.add_argument("--top-p", type=gpt.fraction, help="sample from the fewest tokens that reach probability "
-                         "p (default: all)")
+    gpt.add_flags(answers, "max_new_tokens", "temperature", "top_k", "top_p", max_new_tokens=256)
     answers.add_argument("--responses", help="answers to write, or to grade (default: <out-dir>/responses.json)")
     answers.add_argument("--judge", choices=["none", "ollama"], default="none", help="grade with a local Ollama")
     answers.add_argument("--judge-url", default="http://localhost:11434", help="Ollama address")
@@ -568,8 +547,6 @@ def parse_args(argv=None):
         parser.error("--input goes with --prompt: give the instruction too")
     if args.generate_only + args.judge_only + (args.prompt is not None) + args.resume > 1:
         parser.error("choose one of --generate-only, --judge-only, --prompt and --resume")
-    if args.resume and args.overwrite:
-        parser.error("choose --resume (continue the run) or --overwrite (replace it)")
     if args.judge_only and args.judge == "none":
         parser.error("--judge-only needs --judge ollama")
     sampling = [flag for flag in ("top_k", "top_p") if getattr(args, flag) is not None]

@@ -92,6 +92,12 @@ class GPTConfig:
     qk_norm: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
+    sliding_window: int | None = None
+    global_every: int | None = None
+    local_rope_theta: float | None = None
+    rotary_fraction: float = 1.0
+    query_scale: float | None = None
+    model_type: str | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -624,27 +630,31 @@ def token_ids_to_text(token_ids, tokenizer=None):
 # Llama 3.2, SmolLM2 and Qwen3 keep GPT-2's pre-norm decoder and change its parts:
 # RMSNorm for LayerNorm, rotary position embeddings for the position table, a SwiGLU
 # feed-forward layer, fewer key/value heads than query heads, and (Qwen3) a norm on the
-# queries and keys. Their classes follow, named as Hugging Face's `LlamaForCausalLM`
-# names its parameters (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so that
-# loading the released weights is a loop, as for GPT-2. The tokenizers follow the model.
+# queries and keys. Mistral, Phi and Gemma 3 are the same decoder with a few more switches.
+# The classes follow, named as Hugging Face's `LlamaForCausalLM` names its parameters
+# (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so that loading the released weights
+# is a loop, as for GPT-2. The tokenizers follow the model.
 #
-# Generation past the context length moves the window as for GPT-2 (`window_start`), though
-# rotary keys would stay valid under a window sliding one token at a time (attention sees
-# only distances): such a window drops the first tokens, which these models use as
-# "attention sinks", a place to put attention that is needed nowhere else (Xiao et al.,
-# 2023, "Efficient Streaming Language Models with Attention Sinks"). A rebuilt window
-# starts at position 0, as every training sequence did.
+# Generation past the context length moves the window as for GPT-2 (`window_start`): a window
+# sliding one token at a time would drop the first tokens, which these models use as
+# "attention sinks" (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks").
 
 # The family's switches in GPTConfig (GPT-2 ignores them):
-#   n_kv_heads    key/value heads, each shared by n_heads / n_kv_heads query heads
-#                 (grouped-query attention); None: n_heads
+#   n_kv_heads    key/value heads, each shared by n_heads / n_kv_heads query heads (GQA); None: n_heads
 #   head_dim      width of one head; None: emb_dim / n_heads (Qwen3-0.6B: 128 with 16 heads of 1024)
-#   hidden_dim    hidden size of the SwiGLU feed-forward layer; None: 4 * emb_dim
+#   hidden_dim    hidden size of the feed-forward layer; None: 4 * emb_dim
 #   rope_theta    base of the rotary position frequencies
-#   rope_scaling  Llama 3's frequency scaling: factor, low_freq_factor, high_freq_factor and
-#                 original_max_position_embeddings; None: none
-#   qk_norm       RMSNorm on each head's queries and keys before the rotation (Qwen3)
-#   out_bias, mlp_bias   biases on the attention output and on the SwiGLU's projections
+#   rope_scaling  Llama 3's frequency scaling (factor, low_/high_freq_factor, original_max_position_embeddings)
+#   qk_norm       RMSNorm on each head's queries and keys before the rotation (Qwen3, Gemma 3)
+#   out_bias, mlp_bias   biases on the attention output and on the feed-forward projections
+#   sliding_window   query i sees keys i - sliding_window < j <= i only (Mistral, Phi-3, Gemma 3;
+#                 Beltagy et al., 2020, "Longformer"); None: all keys up to i
+#   global_every  Gemma 3: every global_every-th layer sees all keys, the others the window
+#   local_rope_theta  Gemma 3: the rotary base of the windowed layers
+#   rotary_fraction   Phi: rotary positions on this first fraction of each head only
+#   query_scale   Gemma 3: scores divided by sqrt(query_scale), not sqrt(head_dim)
+#   model_type    config.json's: "phi" turns the block into Phi's, "gemma3_text" into Gemma's;
+#                 the export writes it back (None: "qwen3" with qk_norm, else "llama")
 
 # The presets: the sizes in each model's config.json on the Hugging Face Hub (hidden_size,
 # intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
@@ -668,36 +678,73 @@ LLAMA_CONFIGS = {
         rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192),
     ),
+    "mistralai/Mistral-7B-v0.1": GPTConfig(  # 7242M, Apache-2.0
+        family="llama", model_type="mistral", vocab_size=32000, context_length=32768, emb_dim=4096, n_heads=32,
+        n_kv_heads=8, n_layers=32, hidden_dim=14336, sliding_window=4096, tie_embeddings=False,
+    ),
+    "microsoft/phi-1_5": GPTConfig(  # 1418M, MIT
+        family="llama", model_type="phi", vocab_size=51200, context_length=2048, emb_dim=2048, n_heads=32,
+        hidden_dim=8192, n_layers=24, rotary_fraction=0.5, qkv_bias=True, out_bias=True, mlp_bias=True,
+        tie_embeddings=False,
+    ),
+    "microsoft/phi-2": GPTConfig(  # 2780M, MIT
+        family="llama", model_type="phi", vocab_size=51200, context_length=2048, emb_dim=2560, n_heads=32,
+        hidden_dim=10240, n_layers=32, rotary_fraction=0.4, qkv_bias=True, out_bias=True, mlp_bias=True,
+        tie_embeddings=False,
+    ),
+    "microsoft/Phi-3-mini-4k-instruct": GPTConfig(  # 3821M, MIT
+        family="llama", model_type="phi3", vocab_size=32064, context_length=4096, emb_dim=3072, n_heads=32,
+        n_kv_heads=32, n_layers=32, hidden_dim=8192, sliding_window=2047, tie_embeddings=False,
+    ),
+    "google/gemma-3-270m": GPTConfig(  # 268M, Gemma licence, gated
+        family="llama", model_type="gemma3_text", vocab_size=262144, context_length=32768, emb_dim=640, n_heads=4,
+        n_kv_heads=1, head_dim=256, n_layers=18, hidden_dim=2048, norm_eps=1e-6, qk_norm=True, rope_theta=1e6,
+        sliding_window=512, global_every=6, local_rope_theta=10000.0, query_scale=256,
+    ),
+    "google/gemma-3-1b-pt": GPTConfig(  # 1000M, Gemma licence, gated
+        family="llama", model_type="gemma3_text", vocab_size=262144, context_length=32768, emb_dim=1152, n_heads=4,
+        n_kv_heads=1, head_dim=256, n_layers=26, hidden_dim=6912, norm_eps=1e-6, qk_norm=True, rope_theta=1e6,
+        sliding_window=512, global_every=6, local_rope_theta=10000.0, query_scale=256,
+    ),
 }
 MODEL_CONFIGS = {**GPT_CONFIGS, **LLAMA_CONFIGS}  # every preset name (pretrain.py --size)
 
 
 class RMSNorm(nn.Module):
-    """Llama family: x / sqrt(mean(x^2) + eps) * weight, LayerNorm without the mean and the
-    shift (Zhang and Sennrich, 2019, "Root Mean Square Layer Normalization"). Computed in
-    float32 whatever the input's type, as the reference implementation does."""
+    """Llama family: x / sqrt(mean(x^2) + eps) * weight, LayerNorm without the mean and the shift (Zhang and
+    Sennrich, 2019, "Root Mean Square Layer Normalization"), in float32 as the reference. Gemma
+    (`plus_one`) stores weight - 1 and scales by 1 + weight before casting back."""
 
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, plus_one=False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
 
     def forward(self, x):
         """x: float [..., dim] -> same shape and dtype."""
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)
 
 
-def rope_frequencies(cfg, head_dim, device=None):
+def family_norm(cfg, dim=None):
+    """The block's norm: Phi's LayerNorm, Gemma's RMSNorm with 1 + weight, else Llama's RMSNorm."""
+    if cfg.model_type == "phi":
+        return nn.LayerNorm(dim or cfg.emb_dim, eps=cfg.norm_eps)
+    return RMSNorm(dim or cfg.emb_dim, cfg.norm_eps, plus_one=cfg.model_type == "gemma3_text")
+
+
+def rope_frequencies(cfg, head_dim, device=None, theta=None):
     """Rotation speeds of rotary position embeddings -> float32 [head_dim / 2], radians per position.
 
-    Pair i of a head turns by theta^(-2i / head_dim) per position (Su et al., 2021, "RoFormer").
-    Llama 3 (`cfg.rope_scaling`) slows the slow pairs down by `factor`, so that positions past
-    the original training length turn them no further than training did, keeps the fast
-    ones and blends in between (Meta's llama-models `apply_scaling`, as in transformers).
+    Pair i of a head turns by theta^(-2i / head_dim) per position (Su et al., 2021, "RoFormer";
+    theta: cfg.rope_theta unless given). Llama 3 (`cfg.rope_scaling`) slows the slow pairs down
+    by `factor`, so that positions past the original training length turn them no further than
+    training did, keeps the fast ones and blends in between (Meta's llama-models `apply_scaling`).
     """
-    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    freqs = 1.0 / ((theta or cfg.rope_theta) ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     if cfg.rope_scaling is None:
         return freqs
     factor = cfg.rope_scaling["factor"]
@@ -712,37 +759,54 @@ def rope_frequencies(cfg, head_dim, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate queries or keys x: [batch, heads, T, head_dim] by their positions' angles
-    (cos, sin: [T, head_dim]). Hugging Face checkpoints pair dimension i with i + head_dim/2
-    (`rotate_half`), not with its neighbour as the RoFormer paper writes it."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rotate_half
-    return x * cos + rotated * sin
+    """Rotate queries or keys x: [batch, heads, T, head_dim] by their positions' angles (cos, sin:
+    [T, rotary dims]), on the first rotary dims only (Phi; the others pass). Hugging Face pairs
+    dimension i with i + dims / 2 (`rotate_half`), not with its neighbour as RoFormer writes it."""
+    dims = cos.shape[-1]
+    x, rest = x[..., :dims], x[..., dims:]
+    rotated = torch.cat([-x[..., dims // 2 :], x[..., : dims // 2]], dim=-1)  # rotate_half
+    return torch.cat([x * cos + rotated * sin, rest], dim=-1)
+
+
+def window_cache_update(kv_cache, layer, k, v, window):
+    """A sliding-window layer's cache: append k, v [batch, kv_heads, T, head_dim] and keep only the
+    last `window` positions, so memory stays flat however long generation runs -> (keys, values:
+    the kept ones then k, v; LongTensor of their positions)."""
+    end = kv_cache.length + k.shape[2]  # positions seen after this step: 0 .. end - 1
+    if kv_cache.keys[layer] is not None:
+        k = torch.cat([kv_cache.keys[layer], k], dim=2)
+        v = torch.cat([kv_cache.values[layer], v], dim=2)
+    kv_cache.keys[layer], kv_cache.values[layer] = k[:, :, -window:], v[:, :, -window:]
+    return k, v, torch.arange(end - k.shape[2], end, device=k.device)
 
 
 class LlamaAttention(nn.Module):
     """Llama family: causal self-attention with rotary positions and grouped-query attention.
 
-    Separate projections `q_proj`, `k_proj`, `v_proj`, `o_proj` (GPT-2 fuses q, k, v in
-    c_attn); n_kv_heads key/value heads, each read by n_heads / n_kv_heads query heads
-    (Ainslie et al., 2023, "GQA"), so the KV cache is that much smaller; queries and keys
-    are rotated by their positions instead of the input getting a position embedding.
+    Separate `q_proj`, `k_proj`, `v_proj`, `o_proj` (GPT-2 fuses q, k, v); n_kv_heads key/value heads, each
+    read by n_heads / n_kv_heads query heads (Ainslie et al., 2023, "GQA"), so the KV cache is that much
+    smaller. Layer `layer` sees `cfg.sliding_window` keys unless it is one of Gemma 3's global layers.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer=0):
         super().__init__()
         self.cfg = cfg
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.head_dim or cfg.emb_dim // cfg.n_heads
+        self.rotary_dim = int(self.head_dim * cfg.rotary_fraction)
+        is_global = cfg.global_every is not None and (layer + 1) % cfg.global_every == 0
+        self.window = None if is_global else cfg.sliding_window
+        self.theta = cfg.local_rope_theta if self.window and cfg.local_rope_theta else cfg.rope_theta
+        self.scale = cfg.query_scale**-0.5 if cfg.query_scale else None  # None: 1 / sqrt(head_dim)
         self.drop_rate = cfg.drop_rate
         self.q_proj = nn.Linear(cfg.emb_dim, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.emb_dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.emb_dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.emb_dim, bias=cfg.out_bias)
-        if cfg.qk_norm:  # Qwen3: each head's queries and keys normalised before the rotation
-            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: each head's queries and keys normalised before the rotation
+            self.q_norm = family_norm(cfg, self.head_dim)
+            self.k_norm = family_norm(cfg, self.head_dim)
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x, kv_cache=None, layer=0):
@@ -758,24 +822,35 @@ class LlamaAttention(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         # Angles of positions start .. start + T - 1, computed in float32 (as the reference
         # does) in every layer: a few small operations that keep a block callable as block(x).
-        positions = torch.arange(start, start + T, device=x.device).float()
-        angles = positions[:, None] * rope_frequencies(self.cfg, self.head_dim, x.device)  # (T, hd / 2)
-        angles = torch.cat([angles, angles], dim=-1)  # (T, hd): pair i with i + hd / 2
+        positions = torch.arange(start, start + T, device=x.device)
+        angles = positions[:, None].float() * rope_frequencies(self.cfg, self.rotary_dim, x.device, self.theta)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, rotary dims): pair i with i + dims / 2
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if kv_cache is not None:
+        key_positions = torch.arange(start + T, device=x.device)
+        if kv_cache is not None and self.window:
+            k, v, key_positions = window_cache_update(kv_cache, layer, k, v, self.window)
+        elif kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, n_kv_heads, start + T, hd): cached once per kv head
         repeats = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)  # (B, nh, start + T, hd)
-        y = causal_attention(q, k, v, start, self.drop_rate if self.training else 0.0)
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)  # (B, nh, keys, hd)
+        dropout = self.drop_rate if self.training else 0.0
+        if self.window is None and self.scale is None:
+            y = causal_attention(q, k, v, start, dropout)
+        else:  # New: the mask says which keys each query sees: itself, the past, within the window
+            seen = key_positions[None, :] <= positions[:, None]  # (T, keys)
+            if self.window:
+                seen &= key_positions[None, :] > positions[:, None] - self.window
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, dropout_p=dropout, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # heads side by side
         return self.resid_drop(self.o_proj(y))
 
 
 class SwiGLU(nn.Module):
     """Llama family feed-forward layer: down(silu(gate(x)) * up(x)), a gated unit in place of
-    GPT-2's Linear -> GELU -> Linear (Shazeer, 2020, "GLU Variants Improve Transformer")."""
+    GPT-2's Linear -> GELU -> Linear (Shazeer, 2020, "GLU Variants Improve Transformer");
+    GeGLU (tanh GELU for silu) in Gemma."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -784,51 +859,76 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(cfg.emb_dim, hidden_dim, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(hidden_dim, cfg.emb_dim, bias=cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.drop_rate)
+        gelu = functools.partial(F.gelu, approximate="tanh")
+        self.activation = gelu if cfg.model_type == "gemma3_text" else F.silu
 
     def forward(self, x):
         """x: float [batch, seq_len, emb_dim] -> same shape."""
-        return self.drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return self.drop(self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x)))
 
 
-class LlamaBlock(nn.Module):
-    """Llama family block: x + attn(norm(x)), then x + mlp(norm(x)), as GPT-2's with RMSNorm."""
+class PhiMLP(nn.Module):
+    """Phi's feed-forward layer: fc2(gelu(fc1(x))) with tanh GELU, GPT-2's MLP under Phi's names."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
-        self.self_attn = LlamaAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.fc1 = nn.Linear(cfg.emb_dim, cfg.hidden_dim or 4 * cfg.emb_dim, bias=cfg.mlp_bias)
+        self.fc2 = nn.Linear(cfg.hidden_dim or 4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.mlp_bias)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x):
+        """x: float [batch, seq_len, emb_dim] -> same shape."""
+        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+class LlamaBlock(nn.Module):
+    """Llama family block: x + attn(norm(x)), then x + mlp(norm(x)), as GPT-2's with RMSNorm.
+    Phi: x + attn(ln(x)) + mlp(ln(x)), both off one LayerNorm (GPT-J's parallel block).
+    Gemma 3: a norm after each branch too, four in all."""
+
+    def __init__(self, cfg, layer=0):
+        super().__init__()
+        self.model_type = cfg.model_type
+        self.input_layernorm = family_norm(cfg)
+        self.self_attn = LlamaAttention(cfg, layer)
+        self.mlp = PhiMLP(cfg) if cfg.model_type == "phi" else SwiGLU(cfg)
+        if cfg.model_type != "phi":
+            self.post_attention_layernorm = family_norm(cfg)
+        if cfg.model_type == "gemma3_text":
+            self.pre_feedforward_layernorm = family_norm(cfg)
+            self.post_feedforward_layernorm = family_norm(cfg)
 
     def forward(self, x, kv_cache=None, layer=0):
         """x: float [batch, seq_len, emb_dim] -> same shape."""
-        x = x + self.self_attn(self.input_layernorm(x), kv_cache, layer)
+        h = self.input_layernorm(x)
+        if self.model_type == "phi":
+            return x + self.self_attn(h, kv_cache, layer) + self.mlp(h)
+        if self.model_type == "gemma3_text":
+            x = x + self.post_attention_layernorm(self.self_attn(h, kv_cache, layer))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(h, kv_cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(GPTModel):
-    """Llama family: token embedding, `n_layers` LlamaBlocks, a final RMSNorm and a head,
-    tied to the embedding or not (`cfg.tie_embeddings`). No position table: positions
-    rotate the queries and keys inside each attention layer.
+    """Llama family: token embedding, `n_layers` LlamaBlocks, a final norm and a head, tied to the embedding
+    or not (`cfg.tie_embeddings`; Phi's untied head has a bias); no position table. Parameters are named as
+    Hugging Face's Llama names them without `model.`; `wte`, `h` and `ln_f` name the same parts as GPT-2 does,
+    so that the stage scripts run on both. `forward` is GPT-2's: embed, blocks, final norm, head."""
 
-    Parameters are named as Hugging Face's Llama names them without the `model.` prefix
-    (`embed_tokens`, `layers`, `norm`, `lm_head`). `wte`, `h` and `ln_f` name the same
-    parts as GPT-2 does, so that code written for GPT-2 (the stage scripts) runs on both.
-    `forward` is GPT-2's: embed, blocks, final norm, head.
-    """
-
-    RESIDUAL_PROJECTIONS = ("o_proj.weight", "down_proj.weight")
-    # All seven linear layers of each block, as Dettmers et al., 2023 ("QLoRA") advise.
-    LORA_TARGETS = tuple(f"self_attn.{n}_proj" for n in "qkvo") + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    RESIDUAL_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "fc2.weight")
 
     def __init__(self, cfg):
         nn.Module.__init__(self)  # GPTModel's parts are replaced, not extended
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.drop = nn.Dropout(cfg.drop_rate)
-        self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.layers = nn.ModuleList(LlamaBlock(cfg, layer) for layer in range(cfg.n_layers))
+        self.norm = family_norm(cfg)
+        head_bias = cfg.model_type == "phi" and not cfg.tie_embeddings
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=head_bias)
+        # LoRA adapts every linear layer of each block, as Dettmers et al., 2023 ("QLoRA") advise.
+        self.LORA_TARGETS = tuple(n for n, m in self.layers[0].named_modules() if isinstance(m, nn.Linear))
         self.tie_weights()
         self.init_weights()
 
@@ -843,9 +943,45 @@ class LlamaModel(GPTModel):
 
     def embed(self, idx, start=0):
         """Token ids [batch, seq_len] -> float [batch, seq_len, emb_dim]: the token embeddings
-        alone (positions enter each attention layer). Raises ValueError past the context length."""
+        alone (positions enter each attention layer); Gemma's times sqrt(emb_dim) in their own
+        dtype. Raises ValueError past the context length."""
         check_context_length(start + idx.shape[1], self.cfg)
-        return self.drop(self.embed_tokens(idx))
+        x = self.embed_tokens(idx)
+        if self.cfg.model_type == "gemma3_text":
+            x = x * torch.tensor(self.cfg.emb_dim**0.5, dtype=x.dtype)
+        return self.drop(x)
+
+
+# Phi names two of Llama's parameters otherwise; Phi-3 packs q, k, v and gate, up into one matrix each.
+PHI_NAMES = {"self_attn.dense.": "self_attn.o_proj.", "final_layernorm.": "norm."}
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def llama_layout(tensors, cfg):
+    """Tensors of a Phi or Phi-3 file (names without `model.`) under Llama's names, in place: Phi's
+    renamed, Phi-3's packed matrices split into views (nothing is copied)."""
+    head_dim = cfg.head_dim or cfg.emb_dim // cfg.n_heads
+    sizes = {"qkv_proj": [cfg.n_heads * head_dim] + 2 * [(cfg.n_kv_heads or cfg.n_heads) * head_dim]}
+    for name in list(tensors) if cfg.model_type in ("phi", "phi3") else ():
+        tensor = tensors.pop(name)
+        for theirs, ours in PHI_NAMES.items() if cfg.model_type == "phi" else ():
+            name = re.sub(rf"\b{re.escape(theirs)}", ours, name)
+        packed = name.split(".")[-2]
+        if packed in PACKED:
+            parts = tensor.split(sizes[packed]) if packed in sizes else tensor.chunk(2)
+            tensors.update({name.replace(packed, part_name): part for part_name, part in zip(PACKED[packed], parts)})
+        else:
+            tensors[name] = tensor
+
+
+def hub_layout(tensors, cfg):
+    """Our tensors {name: tensor} under the names of cfg's transformers class: `llama_layout` undone."""
+    for theirs, ours in PHI_NAMES.items() if cfg.model_type == "phi" else ():
+        tensors = {re.sub(rf"\b{re.escape(ours)}", theirs, name): tensor for name, tensor in tensors.items()}
+    for packed, parts in PACKED.items() if cfg.model_type == "phi3" else ():
+        for name in [name for name in tensors if name.endswith(f"{parts[0]}.weight")]:
+            tensors[name.replace(parts[0], packed)] = torch.cat([tensors.pop(name.replace(parts[0], p)) for p in parts])
+    return tensors
 
 
 # --- The family's tokenizers: a tiktoken Encoding from a Hugging Face tokenizer.json -----
@@ -855,31 +991,24 @@ class LlamaModel(GPTModel):
 
 # The regular expression of GPT-2's pre-tokenizer (`ByteLevel` with use_regex in tokenizers).
 GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# SmolLM2: `Digits` (each number character alone) and then GPT-2's expression, as one
-# expression. Digits match alone first and no other branch takes one; whitespace before a
-# digit is kept whole, as GPT-2's expression keeps it at the end of a piece, since Digits
-# cut the text there: "a  12 b" -> "a", "  ", "1", "2", " b" (GPT-2: "a", " ", " 12", " b").
+# SmolLM2: `Digits` (each number character alone), then GPT-2's expression, as one; whitespace before a digit
+# stays whole, as Digits cut there: "a  12 b" -> "a", "  ", "1", "2", " b" (GPT-2: "a", " ", " 12", " b").
 DIGITS_SPLIT_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 
 
 def byte_level_alphabet():
-    """GPT-2's table byte -> printable character, in which byte-level BPE vocabularies
-    (vocab.json, merges.txt, tokenizer.json) write their tokens: the 188 printable bytes
-    stand for themselves, the other 68 (control characters, space, ...) for chr(256 + n) in
-    byte order, so every token is a string of visible characters (space "Ġ", newline "Ċ").
-    Source: openai/gpt-2 src/encoder.py, `bytes_to_unicode`."""
+    """GPT-2's table byte -> printable character in which byte-level BPE vocabularies write their tokens: the
+    188 printable bytes stand for themselves, the other 68 for chr(256 + n) in byte order (space "Ġ", newline
+    "Ċ"). Source: openai/gpt-2 src/encoder.py, `bytes_to_unicode`."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = (b for b in range(256) if b not in printable)
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
 def split_pattern(pre_tokenizer, source):
-    """The pre-tokenizer of a tokenizer.json (a dict) as one regular expression for tiktoken.
-
-    Supported: GPT-2's `ByteLevel` (its own expression), `Digits` + `ByteLevel` (SmolLM2)
-    and `Split` by an expression + `ByteLevel` without one (Qwen3, Llama 3). Raises
-    ValueError naming `source` for anything else: it would not split text the same way.
-    """
+    """The pre-tokenizer of a tokenizer.json (a dict) as one regular expression for tiktoken: GPT-2's
+    `ByteLevel`, `Digits` + `ByteLevel` (SmolLM2) or `Split` by an expression + `ByteLevel` (Qwen3, Llama 3).
+    Raises ValueError naming `source` for anything else: it would not split text the same way."""
     steps = (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer] if pre_tokenizer else [])
     kinds = [step.get("type") for step in steps]
     last = steps[-1] if steps else {}
@@ -903,17 +1032,16 @@ def special_token_text(entry):
 def tokenizer_from_files(files, source):
     """A model's `Tokenizer` from the text of its Hugging Face tokenizer files.
 
-    files: {file name: text}: tokenizer.json (byte-level BPE), with tokenizer_config.json
-    (end and begin tokens; else "<|endoftext|>" or "<|end_of_text|>" ends texts) and
+    files: {file name: text}: tokenizer.json (byte-level or SentencePiece-style BPE), with
+    tokenizer_config.json (end and begin tokens; else one of `END_TOKENS` ends texts) and
     whatever else the model has (special_tokens_map.json, chat_template.jinja), all kept in
     `Tokenizer.files`; or GPT-2's vocab.json (and merges.txt), as GPT-2 exports hold it. A
     tokenizer that is GPT-2's, by its vocabulary, is `get_tokenizer()`.
-    Vocabulary and merges become tiktoken's ranks (`bpe_ranks`), added tokens its special
-    tokens, the pre-tokenizer its expression (`split_pattern`); the post-processor's begin
-    token sets `add_bos`. Raises ValueError
-    naming `source` for what tiktoken cannot run exactly: another model than byte-level
-    BPE, another normalizer, merged ids out of merge order; FileNotFoundError without
-    tokenizer.json or GPT-2's vocab.json.
+    Vocabulary and merges become tiktoken's ranks (`bpe_ranks`, `sentencepiece_tokenizer`), added
+    tokens its special tokens, the pre-tokenizer its expression (`split_pattern`); the
+    post-processor's begin token sets `add_bos`. Raises ValueError naming `source` for what
+    tiktoken cannot run exactly: another model than BPE, another normalizer, merged ids out of
+    merge order; FileNotFoundError without tokenizer.json or GPT-2's vocab.json.
     """
     if "tokenizer.json" not in files:
         vocab = parse_json(files["vocab.json"], f"{source} vocab.json") if "vocab.json" in files else None
@@ -924,14 +1052,22 @@ def tokenizer_from_files(files, source):
     tokenizer_json = parse_json(files["tokenizer.json"], f"{source} tokenizer.json")
     config = parse_json(files.get("tokenizer_config.json", "{}"), f"{source} tokenizer_config.json")
     bpe = tokenizer_json.get("model") or {}  # the tokenizer model: BPE
-    if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or bpe.get("continuing_subword_prefix"):
-        raise ValueError(f"{source}: not a byte-level BPE tokenizer (model {bpe.get('type')!r}); "
-                         "tiktoken cannot run it")
+    if bpe.get("type") != "BPE" or bpe.get("continuing_subword_prefix"):
+        raise ValueError(f"{source}: not a BPE tokenizer (model {bpe.get('type')!r}); tiktoken cannot run it")
+    special = {token["content"]: token["id"] for token in tokenizer_json.get("added_tokens", [])}
+    eot_text = special_token_text(config.get("eos_token")) or next((t for t in END_TOKENS if t in special), None)
+    if eot_text not in special:
+        raise ValueError(f"{source}: no end-of-text token {eot_text!r} among the added tokens")
+    prepended = _prepended_token(tokenizer_json.get("post_processor"), source)
+    settings = dict(name=str(source), special_tokens=special, eot_id=special[eot_text], files=files,
+                    bos_id=special.get(special_token_text(config.get("bos_token")), prepended),
+                    add_bos=prepended is not None)
+    if bpe.get("byte_fallback"):
+        return sentencepiece_tokenizer(tokenizer_json, source, **settings)
     normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
     if normalizer not in (None, "NFC"):
         raise ValueError(f"{source}: normalizer {normalizer!r} is not supported (only NFC)")
     pattern = split_pattern(tokenizer_json.get("pre_tokenizer"), source)
-    special = {token["content"]: token["id"] for token in tokenizer_json.get("added_tokens", [])}
     ranks = bpe_ranks(bpe, special, source)
     gpt2 = get_tokenizer()
     if pattern == GPT2_SPLIT_PATTERN and special == gpt2._special_tokens and ranks == gpt2._mergeable_ranks:
@@ -939,24 +1075,10 @@ def tokenizer_from_files(files, source):
     top = max([*ranks.values(), *special.values()])
     lacking = [byte for byte in range(256) if bytes([byte]) not in ranks]
     ranks.update({bytes([byte]): top + 1 + n for n, byte in enumerate(lacking)})  # stand-ins, dropped by encode
-    eot_text = special_token_text(config.get("eos_token"))
-    eot_text = eot_text or next((name for name in ("<|endoftext|>", "<|end_of_text|>") if name in special), None)
-    if eot_text not in special:
-        raise ValueError(f"{source}: no end-of-text token {eot_text!r} among the added tokens")
-    bos_text = special_token_text(config.get("bos_token"))
-    prepended = _prepended_token(tokenizer_json.get("post_processor"), source)
-    return Tokenizer(
-        name=str(source),
-        pat_str=pattern,
-        mergeable_ranks=ranks,
-        special_tokens=special,
-        eot_id=special[eot_text],
-        bos_id=special.get(bos_text, prepended),
-        add_bos=prepended is not None,
-        nfc=normalizer == "NFC",
-        missing=range(top + 1, top + 1 + len(lacking)),
-        files=files,
-    )
+    settings.update(pat_str=pattern, mergeable_ranks=ranks)
+    if any(a != b and a in b for a in special for b in special):  # CodeGen's (Phi's) runs of spaces and tabs
+        return PieceTokenizer(**settings)
+    return Tokenizer(**settings, nfc=normalizer == "NFC", missing=range(top + 1, top + 1 + len(lacking)))
 
 
 def bpe_ranks(bpe, special, source):
@@ -1012,6 +1134,105 @@ def tokenizer_from_state(state):
         return get_tokenizer()
     raise ValueError(f"the checkpoint names its tokenizer by a path ({state!r}), which may have moved: "
                      "train it again with this version, which stores the tokenizer itself")
+
+
+# --- SentencePiece-style tokenizer.json (Llama 2, Mistral, Phi-3, Gemma 3) ----------------
+# SentencePiece's BPE writes a space as "▁" (U+2581), puts one before the text (most models),
+# merges characters, not bytes, and spells a character missing from the vocabulary as its UTF-8
+# bytes, tokens <0x00> .. <0xFF> (byte_fallback). tiktoken runs it on the tokens' text with "▁"
+# as a space when its ranks are the merge order: the bytes (each a character of the vocabulary,
+# else its byte token), the longer characters, then each merge's result. The ids do not follow
+# that order (Llama 2's characters come last), so `PieceTokenizer` maps ranks to ids.
+
+# Texts end with the first of these a tokenizer has, unless tokenizer_config.json names another.
+END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+
+
+class PieceTokenizer(Tokenizer):
+    """A `Tokenizer` that cuts the text at its added tokens itself, the longest first as the reference
+    does (tiktoken tries overlapping ones, such as CodeGen's runs of spaces, in no set order), and maps
+    tiktoken's ranks to the vocabulary's ids (`ids`: rank -> id; None: the same).
+
+    prefix: where the reference puts a space before a piece of text between added tokens:
+    "prepend" (Llama 2's normalizer: before each), "always" (Metaspace: before each that does not
+    start with one), "first" (Metaspace: the first only), or None. `decode` keeps that space
+    (transformers strips it), so that a continuation decodes with the space before it.
+    pieces: {id: bytes} of tokens that no rank stands for (SentencePiece's byte tokens).
+    """
+
+    def __init__(self, *, special_tokens, ids=None, prefix=None, pieces=None, **settings):
+        super().__init__(special_tokens={}, **settings)
+        self.added, self.ids, self.prefix = special_tokens, ids, prefix
+        self.cut = re.compile("(" + "|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True))) + ")")
+        self.pieces = {ids[rank] if ids else rank: text for text, rank in self._mergeable_ranks.items()}
+        self.pieces.update({**(pieces or {}), **{i: text.encode() for text, i in special_tokens.items()}})
+        self.max_token_value = max(self.pieces)
+
+    def __reduce__(self):  # pickled (for DataLoader workers) as its files
+        return tokenizer_from_files, (self.files, self.name)
+
+    def encode(self, text, bos=False):
+        """As `Tokenizer.encode`."""
+        ids = []
+        text = text.replace("\u2581", " ") if self.ids else text  # SentencePiece: "▁" is a space
+        for n, piece in enumerate(self.cut.split(text) if self.added else [text]):
+            if n % 2:  # an added token
+                ids.append(self.added[piece])
+            elif piece:
+                space = {"prepend": True, "always": piece[0] != " ", "first": n == 0 and piece[0] != " "}
+                ranks = self.encode_ordinary(" " * space.get(self.prefix, False) + piece)
+                ids += [self.ids[rank] for rank in ranks] if self.ids else ranks
+        return [self.bos_id] + ids if bos and self.add_bos else ids
+
+    def decode(self, tokens, errors="replace"):
+        """Ids -> text."""
+        return b"".join(self.pieces[i] for i in tokens).decode("utf-8", errors=errors)
+
+    def encode_single_token(self, text):
+        """The id of an added token's text."""
+        return self.added[text]
+
+
+def sentencepiece_tokenizer(tokenizer_json, source, **settings):
+    """A SentencePiece-style BPE tokenizer.json (a dict: "▁" for spaces, byte_fallback) as a
+    `PieceTokenizer` (see above); settings as `tokenizer_from_files` makes them. Raises ValueError
+    naming `source` for a normalizer or pre-tokenizer other than Llama 2's, Metaspace or Gemma's."""
+    vocab, merges = tokenizer_json["model"]["vocab"], tokenizer_json["model"]["merges"]
+    normalizer = tokenizer_json.get("normalizer") or {}
+    steps = [step["type"] for step in normalizer.get("normalizers", [normalizer] if normalizer else [])]
+    pre = tokenizer_json.get("pre_tokenizer") or {}  # Gemma's Split(" ") after the Replace splits nothing
+    if steps not in ([], ["Replace"], ["Prepend", "Replace"]) or pre.get("type") not in (None, "Metaspace", "Split") \
+            or (pre.get("type") == "Split" and steps != ["Replace"]):
+        raise ValueError(f"{source}: normalizer {steps} with pre-tokenizer {pre.get('type')!r} is not supported "
+                         "(Llama 2's, Metaspace or Gemma's)")
+    scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space") else None)
+    prefix = "prepend" if steps[:1] == ["Prepend"] else {"always": "always", "first": "first"}.get(scheme)
+
+    def text_of(token):
+        return token.replace("\u2581", " ").encode()
+
+    byte_tokens = {byte: vocab.get(f"<0x{byte:02X}>") for byte in range(256)}
+    ranks, ids = {}, []
+    for byte in range(256):  # a character of the vocabulary, else its byte token (byte_fallback)
+        char = "\u2581" if byte == 32 else chr(byte) if byte < 128 else None
+        ranks[bytes([byte])] = byte
+        ids.append(vocab.get(char, byte_tokens[byte]))
+    characters = [token for token in vocab if len(token) == 1 and len(text_of(token)) > 1]
+    for token in characters + ["".join(m.split(" ") if isinstance(m, str) else m) for m in merges]:
+        if text_of(token) not in ranks:
+            ranks[text_of(token)] = len(ids)
+            ids.append(vocab[token])
+    if None in ids:
+        raise ValueError(f"{source}: byte {ids.index(None)} has neither a character nor a byte token")
+    if pre.get("split"):  # Metaspace cuts before each space
+        pattern = r" [^ ]*|[^ ]+"
+    elif all(re.fullmatch(rb" *[^ ]*", text) for text in ranks):  # no token spans a space after a character:
+        pattern = r" *[^ ]+| +"  # cut there, the same ids and far faster than the text as one piece
+    else:
+        pattern = r"[\s\S]+"
+    pieces = {i: text_of(token) for token, i in vocab.items()}
+    pieces.update({i: bytes([byte]) for byte, i in byte_tokens.items() if i is not None})
+    return PieceTokenizer(pat_str=pattern, mergeable_ranks=ranks, ids=ids, prefix=prefix, pieces=pieces, **settings)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1416,7 +1637,8 @@ def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, sour
     `model.`) into model, which may be on the meta device. Each is copied once, to `device` in
     `dtype`, and becomes the parameter; `tensors` is consumed, so a memory-mapped file leaves memory
     one tensor at a time. Strict: raises ValueError listing every missing, unexpected or mis-shaped
-    tensor, before anything is copied."""
+    tensor, before anything is copied, and naming a tensor that holds NaN or infinite values (a
+    corrupt file: a file's bytes may change in a cache after its download was checked)."""
     gpt2 = model.cfg.family == "gpt2"
     ignored, transposed = (_IGNORED_KEYS, _TRANSPOSED) if gpt2 else (_LLAMA_IGNORED_KEYS, ())
     tied = model.lm_head.weight is model.wte.weight
@@ -1439,6 +1661,9 @@ def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, sour
     state = {}
     for name, param in params.items():
         tensor = tensors.pop(name).to(device=device, dtype=dtype, copy=True)
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: {name} holds NaN or infinite values: the file is corrupt; delete it "
+                             "and download or export it again")
         # nn.Linear wants [out, in]; the release stores [in, out]. `.t()` is that as a view:
         # the memory keeps the release's layout, in which x @ W reads the weights in order
         # (measured about 1.2x faster greedy decoding on a CPU than a transposed copy).
@@ -1452,18 +1677,28 @@ def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, sour
 # Keys of Hugging Face Llama files that hold no parameters of ours: rotary frequencies some
 # older files stored (we compute them) and a tied head's copy of the embedding.
 _LLAMA_IGNORED_KEYS = re.compile(r"(layers\.\d+\.self_attn\.rotary_emb\.inv_freq|lm_head\.weight)")
-# config.json's model_type -> the family's switches it turns on beyond Llama's layout
-HUB_MODEL_TYPES = {"llama": {}, "qwen3": {"qk_norm": True}}
-# The settings of the family's config.json (see `GPT2_SETTINGS`); the biases, head_dim and
-# tie_word_embeddings are read by `config_from_hub`. pretraining_tp only sliced the same products.
+# config.json's model_type -> (its class in transformers, the switches it turns on beyond Llama's layout)
+HUB_MODEL_TYPES = {
+    "llama": ("LlamaForCausalLM", {}),
+    "qwen3": ("Qwen3ForCausalLM", {"qk_norm": True}),
+    "mistral": ("MistralForCausalLM", {}),
+    "phi3": ("Phi3ForCausalLM", {}),
+    "phi": ("PhiForCausalLM", {"qkv_bias": True, "out_bias": True, "mlp_bias": True}),
+    "gemma3_text": ("Gemma3ForCausalLM", {"qk_norm": True}),
+}
+# The settings of the family's config.json (see `GPT2_SETTINGS`); sizes, biases, windows and
+# rotary bases are read by `config_from_hub`. pretraining_tp only sliced the same products.
 LLAMA_SETTINGS = {
-    "hidden_act": (_is("silu"), "'silu', the SwiGLU feed-forward layer"),
     "rms_norm_eps": POSITIVE_NUMBER,
+    "layer_norm_eps": POSITIVE_NUMBER,
     "rope_theta": POSITIVE_NUMBER,
     "head_dim": (lambda value: value is None or (type(value) is int and value > 0), "null or a positive integer"),
+    "sliding_window": (lambda value: value is None or (type(value) is int and value > 0), "null or a positive integer"),
     "use_sliding_window": (_is(False), "false, every layer attends to the whole context"),
-    "layer_types": (lambda value: value is None or (type(value) is list and all(t == "full_attention" for t in value)),
-                    "'full_attention' in every layer"),
+    "qk_layernorm": (_is(False), "false"),
+    "final_logit_softcapping": (_is(None), "null"),
+    "attn_logit_softcapping": (_is(None), "null"),
+    "use_bidirectional_attention": (_is(False), "false"),
 }
 # ... and of its rotary positions, in rope_parameters (transformers 5, with rope_theta) or
 # rope_scaling (transformers 4, which called rope_type type).
@@ -1475,32 +1710,49 @@ ROPE_SETTINGS = {
     "low_freq_factor": POSITIVE_NUMBER,
     "high_freq_factor": POSITIVE_NUMBER,
     "original_max_position_embeddings": POSITIVE_NUMBER,
+    "partial_rotary_factor": POSITIVE_NUMBER,
 }
+# The feed-forward layer's activation each model type computes: silu (SwiGLU) unless named here.
+ACTIVATIONS = {"phi": ("gelu_new", "gelu_pytorch_tanh"), "gemma3_text": ("gelu_pytorch_tanh",)}
 
 
 def config_from_hub(config_json):
-    """GPTConfig of the Llama family from the config.json (a dict) of a Llama (Llama 3.2, SmolLM2)
-    or Qwen3 model. Raises ValueError (KeyError for a missing rope_scaling entry) naming the key of
-    a bad size or of a setting this implementation does not have (`LLAMA_SETTINGS`, `ROPE_SETTINGS`)."""
+    """GPTConfig of the Llama family from the config.json (a dict) of a Llama (Llama 3.2, SmolLM2),
+    Qwen3, Mistral, Phi, Phi-3 or Gemma 3 model, in transformers 4's spelling or 5's. Raises
+    ValueError (KeyError for a missing rope_scaling entry) naming the key of a bad size or of a
+    setting this implementation does not have (`LLAMA_SETTINGS`, `ROPE_SETTINGS`, `ACTIVATIONS`)."""
     model_type = config_json.get("model_type")
     if model_type not in HUB_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(HUB_MODEL_TYPES)}")
     check_sizes(config_json, ("vocab_size", "max_position_embeddings", "hidden_size", "num_attention_heads",
                               "num_hidden_layers", "intermediate_size"))
     check_settings(config_json, LLAMA_SETTINGS)
-    ropes = {key: config_json[key] for key in ("rope_parameters", "rope_scaling") if config_json.get(key)}  # 5 / 4
+    activation = config_json.get("hidden_act", config_json.get("hidden_activation", "silu"))
+    if activation not in ACTIVATIONS.get(model_type, ("silu",)):
+        raise ValueError(f"hidden_act = {activation!r} is not supported (this implementation: "
+                         f"{' or '.join(ACTIVATIONS.get(model_type, ('silu',)))} for {model_type})")
+    parameters = config_json.get("rope_parameters") or {}
+    local = parameters.get("sliding_attention", {})  # Gemma 3 in transformers 5: one entry per layer type
+    parameters = parameters.get("full_attention", parameters)
+    ropes = {"rope_parameters": parameters, "rope_scaling": config_json.get("rope_scaling")}  # transformers 5 / 4
+    ropes = {key: rope for key, rope in ropes.items() if rope}
     for key, rope in ropes.items():
         check_settings(rope, ROPE_SETTINGS, prefix=f"{key}.")
     types = sorted({rope.get("rope_type", rope.get("type", "default")) for rope in ropes.values()})
     if len(types) > 1:
         raise ValueError(f"rope_parameters and rope_scaling name different rope types {types}: keep one")
     rope = next(iter(ropes.values()), {})
-    rope_type = types[0] if types else "default"
     theta = config_json.get("rope_theta", rope.get("rope_theta", 10000.0))  # 0 is refused above, not a default
     scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    window = config_json.get("sliding_window")
     attention_bias = bool(config_json.get("attention_bias", False))
-    return GPTConfig(
+    layer_types = config_json.get("layer_types") or ["full_attention" if window is None else "sliding_attention"]
+    pattern = config_json.get("sliding_window_pattern")  # Gemma 3 in transformers 4.50 to 4.52
+    global_every = pattern or (layer_types.index("full_attention") + 1 if "sliding_attention" in layer_types
+                               and "full_attention" in layer_types else None)
+    cfg = GPTConfig(
         family="llama",
+        model_type=None if model_type in ("llama", "qwen3") else model_type,
         vocab_size=config_json["vocab_size"],
         context_length=config_json["max_position_embeddings"],
         emb_dim=config_json["hidden_size"],
@@ -1510,14 +1762,74 @@ def config_from_hub(config_json):
         head_dim=config_json.get("head_dim"),
         hidden_dim=config_json["intermediate_size"],
         rope_theta=float(theta),
-        rope_scaling={key: rope[key] for key in scaling_keys} if rope_type == "llama3" else None,
-        norm_eps=float(config_json.get("rms_norm_eps", 1e-6)),
-        qkv_bias=attention_bias,
-        out_bias=attention_bias,
-        mlp_bias=bool(config_json.get("mlp_bias", False)),
-        tie_embeddings=bool(config_json.get("tie_word_embeddings", False)),
-        **HUB_MODEL_TYPES[model_type],
+        rope_scaling={key: rope[key] for key in scaling_keys} if types == ["llama3"] else None,
+        norm_eps=float(config_json.get("rms_norm_eps", config_json.get("layer_norm_eps", 1e-6))),
+        tie_embeddings=bool(config_json.get("tie_word_embeddings", model_type == "gemma3_text")),
+        sliding_window=window if "sliding_attention" in layer_types or pattern else None,
+        global_every=global_every,
+        local_rope_theta=config_json.get("rope_local_base_freq", local.get("rope_theta")),
+        rotary_fraction=config_json.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)),
+        query_scale=config_json.get("query_pre_attn_scalar"),
+        **{"qkv_bias": attention_bias, "out_bias": attention_bias, "mlp_bias": bool(config_json.get("mlp_bias")),
+           **HUB_MODEL_TYPES[model_type][1]},
     )
+    if config_json.get("layer_types") and config_json["layer_types"] != hub_layer_types(cfg):
+        raise ValueError(f"layer_types = {config_json['layer_types']} is not supported (this implementation: "
+                         "'full_attention' in every layer, or in every n-th and 'sliding_attention' in the others)")
+    return cfg
+
+
+def hub_layer_types(cfg):
+    """config.json's layer_types for cfg: which layers see all keys, which the sliding window."""
+    is_global = [cfg.global_every is not None and (i + 1) % cfg.global_every == 0 for i in range(cfg.n_layers)]
+    return ["full_attention" if g or cfg.sliding_window is None else "sliding_attention" for g in is_global]
+
+
+def hub_config(cfg):
+    """config.json of the transformers class of a Llama-family GPTConfig (`HUB_MODEL_TYPES`) -> dict
+    in transformers 5's spelling, with transformers 4's keys beside (`config_from_hub` reads it back).
+    Raises ValueError for biases the class cannot express."""
+    if cfg.qkv_bias != cfg.out_bias or (cfg.qk_norm and cfg.mlp_bias):
+        raise ValueError(
+            "this model's biases have no Llama or Qwen3 config.json: attention_bias is one switch for the "
+            "q, k, v and o projections, and Qwen3 has no MLP biases"
+        )
+    model_type = cfg.model_type or ("qwen3" if cfg.qk_norm else "llama")
+    activation = ACTIVATIONS.get(model_type, ("silu",))[0]
+    rope = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else {"rope_type": "default"}
+    rope = {**rope, "rope_theta": cfg.rope_theta, **({"partial_rotary_factor": cfg.rotary_fraction}
+                                                     if cfg.rotary_fraction != 1.0 else {})}
+    config = {
+        "architectures": [HUB_MODEL_TYPES[model_type][0]],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.context_length,
+        "hidden_size": cfg.emb_dim,
+        "intermediate_size": cfg.hidden_dim or 4 * cfg.emb_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+        "head_dim": cfg.head_dim or cfg.emb_dim // cfg.n_heads,
+        "hidden_act": activation,
+        "hidden_activation": activation,  # Gemma's name
+        "rms_norm_eps": cfg.norm_eps,
+        "layer_norm_eps": cfg.norm_eps,  # Phi's name
+        "rope_theta": cfg.rope_theta,  # transformers 4 reads these three,
+        "rope_scaling": rope if cfg.rope_scaling else None,
+        "partial_rotary_factor": cfg.rotary_fraction,
+        "rope_parameters": rope,  # transformers 5 this one
+        "attention_bias": cfg.qkv_bias,
+        **({} if cfg.qk_norm else {"mlp_bias": cfg.mlp_bias}),
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "sliding_window": cfg.sliding_window,
+        "pad_token_id": None,  # not Phi-3's default 32000: the tokenizer's ids follow
+    }
+    if model_type == "gemma3_text":
+        local = {"rope_type": "default", "rope_theta": cfg.local_rope_theta}
+        config.update(query_pre_attn_scalar=cfg.query_scale, rope_local_base_freq=cfg.local_rope_theta,
+                      layer_types=hub_layer_types(cfg),
+                      rope_parameters={"full_attention": rope, "sliding_attention": local})
+    return config
 
 
 # --- One loader: a model and its tokenizer from any source ------------------------------
@@ -1534,7 +1846,7 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     `save_pretrained` or `export_hf` writes it, a .safetensors file (with the config.json and
     tokenizer files beside it, when there), a GGUF file or "ollama:NAME[:TAG]" (section 8b), or a
     checkpoint of this project (any other file).
-    config.json's model_type (gpt2, llama, qwen3), else the tensor names, tell the kind of model;
+    config.json's model_type (gpt2, `HUB_MODEL_TYPES`), else the tensor names, tell the kind of model;
     a classifier gets its head and `labels`. Raises FileNotFoundError, ValueError naming a file
     that does not fit, RuntimeError for a failed download.
     """
@@ -1625,6 +1937,8 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
         cfg = config_from_weights(tensors, config_json) if model_type == "gpt2" else config_from_hub(config_json)
     except (KeyError, ValueError) as e:
         raise ValueError(f"{source} config.json: {e}") from None
+    if model_type != "gpt2":
+        llama_layout(tensors, cfg)  # Phi's names, Phi-3's packed matrices
     model = empty_model(dataclasses.replace(cfg, tie_embeddings=True) if score is not None else cfg)
     load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source))
     if score is not None:  # no language-model head to load: the classifier's takes its place
@@ -2040,6 +2354,8 @@ def gguf_metadata(model, tokenizer, name):
     pre = patterns.get(tokenizer._pat_str) if tokenizer.files else "gpt-2"  # no files: tiktoken's GPT-2
     if hasattr(model, "labels"):
         raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
+    if arch not in GGUF_CONFIG_KEYS:
+        raise ValueError(f"{name}: a {arch} model has no GGUF writer here (only {', '.join(GGUF_CONFIG_KEYS)})")
     if pre is None:
         raise ValueError(f"{name}: its tokenizer's pre-tokenizer is none of llama.cpp's "
                          f"{', '.join(GGUF_PRE_TOKENIZERS)}")
@@ -2206,6 +2522,7 @@ def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=
     settings = {"model_max_length": max_length or model.cfg.context_length}
     if hasattr(model, "labels"):
         family = config["architectures"][0].removesuffix("LMHeadModel").removesuffix("ForCausalLM")
+        family += "Text" if config["model_type"] == "gemma3_text" else ""  # Gemma3For... is the multimodal one
         config.update(architectures=[family + "ForSequenceClassification"], id2label=dict(enumerate(model.labels)),
                       label2id={name: i for i, name in enumerate(model.labels)})
         tensors.update(classifier_tensors(model, dtype))
@@ -2221,9 +2538,8 @@ def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=
 
 
 def hf_config(cfg):
-    """config.json of transformers' GPT2LMHeadModel, LlamaForCausalLM or, when queries and keys are
-    normalised, Qwen3ForCausalLM for a GPTConfig -> dict (`load` reads it back). Raises ValueError
-    for Llama-family biases neither class can express."""
+    """config.json of transformers' GPT2LMHeadModel, or of the Llama family's class (`hub_config`),
+    for a GPTConfig -> dict (`load` reads it back)."""
     if cfg.family == "gpt2":
         return {
             "architectures": ["GPT2LMHeadModel"],
@@ -2240,30 +2556,7 @@ def hf_config(cfg):
             "attn_pdrop": cfg.drop_rate,
             "tie_word_embeddings": True,
         }
-    if cfg.qkv_bias != cfg.out_bias or (cfg.qk_norm and cfg.mlp_bias):
-        raise ValueError("this model's biases have no Llama or Qwen3 config.json: attention_bias is one switch "
-                         "for the q, k, v and o projections, and Qwen3 has no MLP biases")
-    rope = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else {"rope_type": "default"}
-    return {
-        "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
-        "model_type": "qwen3" if cfg.qk_norm else "llama",
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.context_length,
-        "hidden_size": cfg.emb_dim,
-        "intermediate_size": cfg.hidden_dim or 4 * cfg.emb_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
-        "head_dim": cfg.head_dim or cfg.emb_dim // cfg.n_heads,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,  # transformers 4 reads these two,
-        "rope_scaling": rope if cfg.rope_scaling else None,
-        "rope_parameters": {**rope, "rope_theta": cfg.rope_theta},  # transformers 5 this one
-        "attention_bias": cfg.qkv_bias,
-        **({} if cfg.qk_norm else {"mlp_bias": cfg.mlp_bias}),
-        "tie_word_embeddings": cfg.tie_embeddings,
-    }
+    return hub_config(cfg)
 
 
 def hf_tensors(model, dtype):
@@ -2283,7 +2576,7 @@ def hf_tensors(model, dtype):
         tensors[prefix + name] = (tensor.t() if name.endswith(transposed) else tensor).to(dtype)
         if name.endswith("attn.c_attn.weight") and not model.cfg.qkv_bias:
             tensors[prefix + name.replace("weight", "bias")] = tensor.new_zeros(len(tensor), dtype=dtype)
-    return tensors
+    return hub_layout(tensors, model.cfg)  # Phi's names, Phi-3's packed matrices
 
 
 def classifier_tensors(model, dtype):
@@ -2383,15 +2676,73 @@ fraction = _checked_number(float, 0, 1, "a number in [0, 1]")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each flag's help, "none" for None; not after an on/off flag, nor
+    after a help text that says its default itself ("(default: no overlap)")."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or "(default" in action.help:
+            return action.help
+        return action.help + " (default: none)" if action.default is None else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with each flag's default in --help, and errors in one line, "prog: error: ... (see
     --help)", exit status 2 (not the usage block first)."""
 
     def __init__(self, **options):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **options)
+        super().__init__(formatter_class=_HelpFormatter, **options)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def flag_name(setting):
+    """The command-line flag of a setting: "batch_size" -> "--batch-size"."""
+    return "--" + setting.replace("_", "-")
+
+
+# The flags that mean the same in every script, declared once: name -> add_argument's options.
+FLAGS = {
+    "model": dict(default="gpt2", help="the weights to start from, with their tokenizer: gpt2 (to gpt2-xl), a "
+                  "Llama-family Hub name or folder, a .safetensors or GGUF file, ollama:NAME[:TAG], or a checkpoint "
+                  "of this project"),
+    "max_length": dict(type=positive_int, help="cut each example to N tokens (default: the model's context length)"),
+    "drop_rate": dict(type=fraction, default=0.0, help="dropout probability while training"),
+    "lora": dict(action="store_true", help="train low-rank adapters (LoRA) in every block instead of its weights"),
+    "lora_rank": dict(type=positive_int, default=16, help="rank r of the LoRA adapters"),
+    "lora_alpha": dict(type=non_negative_float, default=16.0, help="LoRA updates are scaled by alpha / rank"),
+    "epochs": dict(type=positive_int, help="passes over the training data"),
+    "max_steps": dict(type=positive_int, help="optimizer steps in all (default: as many as --epochs make)"),
+    "batch_size": dict(type=positive_int, default=8, help="sequences per batch of training (per process) or measuring"),
+    "lr": dict(type=non_negative_float, default=5e-5, help="AdamW's learning rate (pretraining: its peak)"),
+    "weight_decay": dict(type=non_negative_float, default=0.1, help="AdamW's weight decay of matrices"),
+    "seed": dict(type=non_negative_int, default=123, help="seed of the data's split and order, new weights, sampling"),
+    "log_every": dict(type=positive_int, default=5, help="print a progress line every N steps"),
+    "eval_every": dict(type=positive_int, help="measure the losses every N steps (pretraining saves latest.pt too)"),
+    "keep_last": dict(action="store_true", help="keep the last weights, not those that did best on validation"),
+    "max_new_tokens": dict(type=non_negative_int, help="the most tokens to generate"),
+    "temperature": dict(type=non_negative_float, default=0.0, help="0: greedy; above: sampling, more random"),
+    "top_k": dict(type=positive_int, help="sample from the k likeliest tokens only (default: all)"),
+    "top_p": dict(type=fraction, help="sample from the fewest tokens that reach probability p (default: all)"),
+    "out_dir": dict(help="folder of the run's files"),
+    "resume": dict(action="store_true", help="continue the run in --out-dir from its last save, with its settings"),
+    "overwrite": dict(action="store_true", help="replace the run in --out-dir, or an earlier export"),
+    "cache_dir": dict(default=cache_dir, help="folder of downloaded data and weights, and of token files"),
+    "device": dict(default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"),
+    "dtype": dict(choices=list(DTYPES), default="float32", help="precision: of autocast while training (the weights "
+                  "stay float32), of the weights when generating, measuring or exporting"),
+}
+
+
+def add_flags(group, *names, **defaults):
+    """Add the flags `names` of FLAGS to an argparse parser or group, with `defaults` ({name: value})
+    in place of the table's: `add_flags(train, "lr", "seed", lr=1e-3)`."""
+    for name in names:
+        options = {**FLAGS[name], **({"default": defaults[name]} if name in defaults else {})}
+        if callable(options.get("default")):  # --cache-dir: the folder GPT_CACHE_DIR names at this moment
+            options["default"] = str(options["default"]())
+        group.add_argument(flag_name(name), **options)
 
 
 def pick_device(name="auto"):
@@ -2407,11 +2758,6 @@ def pick_device(name="auto"):
     if not here.get(device.type, True):
         raise ValueError(f"--device {name}: this machine has no {device.type} device; use --device cpu")
     return device
-
-
-def flag_name(setting):
-    """The command-line flag of a setting: "batch_size" -> "--batch-size"."""
-    return "--" + setting.replace("_", "-")
 
 
 def given_flags(parser, argv=None):
@@ -2430,9 +2776,17 @@ def refuse_flags(parser, argv, settings, mode):
         parser.error(f"{mode} does not use {', '.join(given)}: drop {'them' if len(given) > 1 else 'it'}")
 
 
-def resume_settings(parser, argv, saved, may_change=()):
-    """The settings of a resumed run: the saved ones, plus the flags of `may_change` given now (say
-    --max-steps). Raises ValueError naming the flag and both values when argv changes another one."""
+def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
+    """The settings of the run in out_dir that --resume continues: those its run.json saved ({"settings":
+    {...}}), but the flags of `may_change` given now (say --max-steps) and of `this_command` (say
+    --stop-at-step), which come from this command line, given or not. Raises ValueError when out_dir
+    holds no run.json of this script, or naming the flag and both values when argv changes another one."""
+    run_file = Path(out_dir) / "run.json"
+    saved = read_json(run_file, "--resume: the run's settings") if run_file.is_file() else {}
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
+        raise ValueError(f"--resume: {out_dir} holds no run.json of this script, so no run to continue: start a new "
+                         "run without --resume (or with --overwrite)")
+    saved = {name: value for name, value in saved["settings"].items() if name not in this_command}
     given = given_flags(parser, argv)
     for name, value in given.items():
         if name in saved and name not in may_change and saved[name] != value:

@@ -475,46 +475,34 @@ NEEDS = {"benchmark_file": ("benchmark",), "shots": ("benchmark",), "limit": ("b
 def parse_args(argv=None):
     """The settings of the run; flags that contradict each other, or would be ignored, exit 2 with one line."""
     p = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gpt2", help="gpt2 to gpt2-xl, a Llama-family Hub name, a file, "
-                   "folder or .pt, or ollama:NAME[:TAG]")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", choices=list(gpt.DTYPES), help="precision of weights and computation")
-    p.add_argument("--cache-dir", default=str(gpt.cache_dir()),
-                   help="folder for downloaded data and weights")
+    gpt.add_flags(p, "model", "device", "dtype", "cache_dir")
     g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
     g.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     g.add_argument("--chat", action="store_true", help="--prompt is a message to an instruct model: wrap it in the "
                    "model's chat format (ChatML, Llama 3, Gemma, Phi-3, told by its chat template)")
-    g.add_argument("--max-new-tokens", type=gpt.non_negative_int, default=50, help="tokens to generate")
-    g.add_argument("--temperature", type=gpt.non_negative_float, default=0.0, help="0: greedy; higher: more random")
-    g.add_argument("--top-k", type=gpt.positive_int, help="sample from the k most likely tokens only (default: all)")
-    g.add_argument("--top-p", type=gpt.fraction, help="sample from the fewest tokens that reach probability p "
-                   "(default: all)")
-    g.add_argument("--seed", type=gpt.non_negative_int, help="seed of sampling and --probe (default: fresh; --probe 0)")
+    gpt.add_flags(g, "max_new_tokens", "temperature", "top_k", "top_p", "seed", max_new_tokens=50, seed=None)
     m = p.add_argument_group("measure it (instead of generating)")
-    m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark (default: none)")
+    m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark")
     m.add_argument("--benchmark-file", help="hellaswag_val.jsonl, or MMLU's data.tar (default: download)")
     m.add_argument("--shots", type=gpt.non_negative_int, default=0, help="MMLU: solved examples before each question")
     m.add_argument("--limit", metavar="N", type=gpt.positive_int, help="score the first N items of each subject "
                    "(default: all)")
-    m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 text file "
-                   "(default: none)")
+    m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 text file")
     m.add_argument("--stride", type=gpt.positive_int, help="tokens between perplexity windows (default: context / 2)")
     m.add_argument("--contamination", metavar="FILE", help="a training corpus (UTF-8 text): items that share "
-                   "n-grams (default: none)")
+                   "n-grams")
     m.add_argument("--ngram", type=gpt.positive_int, default=13, help="words per n-gram of --contamination")
     m.add_argument("--probe", action="store_true", help="score again with options or sentences reordered: the change")
-    m.add_argument("--batch-size", type=gpt.positive_int, default=8, help="sequences per forward pass")
+    gpt.add_flags(m, "batch_size")
     m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file (default: print only)")
     e = p.add_argument_group("download or export it (instead of generating)")
     e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
-    e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype "
-                   "(default: none)")
+    e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype")
     e.add_argument("--export-gguf", metavar="FILE", help="write --model as a GGUF file for llama.cpp and Ollama, "
-                   "with an Ollama Modelfile beside it (default: none)")
+                   "with an Ollama Modelfile beside it")
     e.add_argument("--gguf-type", choices=list(gpt.GGUF_FILE_TYPES), default="f16",
                    help="type of the weight matrices of --export-gguf (norms and biases stay f32)")
-    e.add_argument("--overwrite", action="store_true", help="let an export replace an earlier one")
+    gpt.add_flags(e, "overwrite")
     args = p.parse_args(argv)
     check_flags(p, args, gpt.given_flags(p, argv))
     return args

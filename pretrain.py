@@ -589,56 +589,50 @@ MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "peak_flops")
 
 def build_parser():
     p = gpt.ArgumentParser(description="Pretrain a GPT on plain text (next-token prediction). A new run refuses an "
-                           "--out-dir that holds another run: --resume continues that run with its saved settings, "
-                           "--overwrite deletes it first.")
+                           "--out-dir that holds another run: --resume continues that run with its saved settings "
+                           "(only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, "
+                           "--peak-flops, --cache-dir may differ from them), --overwrite deletes it first.")
     data = p.add_argument_group("data")
     data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files")
     data.add_argument("--train-fraction", type=gpt.fraction, default=0.9, help="share of the tokens for training")
     data.add_argument("--stride", type=gpt.positive_int, help="tokens between window starts (default: no overlap)")
     data.add_argument("--replace-invalid-utf8", action="store_true", help="read bytes that are not UTF-8 as U+FFFD")
-    data.add_argument("--cache-dir", default=str(gpt.cache_dir()),
-                      help="folder for downloads and token files (in tokens/)")
+    gpt.add_flags(data, "cache_dir")
 
-    model = p.add_argument_group("model")
-    model.add_argument("--model", help="start from these weights, with their tokenizer: gpt2 (or another size), a "
-                       "Llama-family Hub name or folder, a .safetensors file, a checkpoint (default: random weights)")
+    model = p.add_argument_group("model (default: a new one, its shape from --size and the flags after it)")
+    gpt.add_flags(model, "model", model=None)
     model.add_argument("--size", choices=list(gpt.MODEL_CONFIGS), metavar="NAME", help="the shape of a new model: "
-                       f"{', '.join(gpt.MODEL_CONFIGS)} (a Llama-family name brings its Hub tokenizer; default: "
-                       "4 layers, 4 heads, width 256)")
+                       f"{', '.join(gpt.MODEL_CONFIGS)}; a Llama-family name brings its Hub tokenizer "
+                       "(default: 4 layers, 4 heads, width 256)")
     model.add_argument("--n-layers", type=gpt.positive_int, help="transformer blocks (default: from --size)")
     model.add_argument("--n-heads", type=gpt.positive_int, help="attention heads per block (default: from --size)")
     model.add_argument("--emb-dim", type=gpt.positive_int, help="embedding width (default: from --size)")
     model.add_argument("--context-length", type=gpt.positive_int, help="tokens per window (default: the model's)")
-    model.add_argument("--drop-rate", type=gpt.fraction, default=0.0, help="dropout probability")
+    gpt.add_flags(model, "drop_rate")
 
     train = p.add_argument_group("training")
-    train.add_argument("--batch-size", type=gpt.positive_int, default=8, help="windows per micro-batch and process")
+    gpt.add_flags(train, "batch_size")
     train.add_argument("--grad-accum", type=gpt.positive_int, default=1, help="micro-batches per optimizer step")
-    train.add_argument("--epochs", type=gpt.non_negative_float, default=10.0, help="passes over the training windows")
-    train.add_argument("--max-steps", type=gpt.positive_int, help="optimizer steps (default: from --epochs)")
-    train.add_argument("--lr", type=gpt.non_negative_float, default=1e-3, help="peak learning rate")
+    train.add_argument("--epochs", type=gpt.non_negative_float, default=10.0, help=gpt.FLAGS["epochs"]["help"])
+    gpt.add_flags(train, "max_steps", "lr", lr=1e-3)
     train.add_argument("--min-lr-ratio", type=gpt.fraction, default=0.1, help="final learning rate / --lr")
     train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="linear warm-up steps (default: 5%% of all)")
-    train.add_argument("--weight-decay", type=gpt.non_negative_float, default=0.1, help="AdamW weight decay")
+    gpt.add_flags(train, "weight_decay")
     train.add_argument("--grad-clip", type=gpt.non_negative_float, default=1.0, help="gradient norm limit (0: none)")
-    train.add_argument("--seed", type=gpt.non_negative_int, default=123, help="seed of weights, data order, dropout")
+    gpt.add_flags(train, "seed")
 
     run = p.add_argument_group("evaluation, run folder, devices")
-    run.add_argument("--eval-every", type=gpt.positive_int, default=10, help="evaluate and save every N steps")
+    gpt.add_flags(run, "eval_every", eval_every=10)
     run.add_argument("--eval-batches", type=gpt.positive_int, default=10, help="batches of evaluation per split")
-    run.add_argument("--log-every", type=gpt.positive_int, default=5, help="print a progress line every N steps")
+    gpt.add_flags(run, "log_every")
     run.add_argument("--prompt", default="Every effort moves you", help="start of the sample of each evaluation")
     run.add_argument("--sample-tokens", type=gpt.non_negative_int, default=30, help="tokens of the sample")
-    run.add_argument("--out-dir", default="runs/pretrain", help="folder of the run's files")
-    again = run.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings; "
-                       "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops, "
-                       "--cache-dir may differ from them")
-    again.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir, start a new one")
+    gpt.add_flags(run, "out_dir", out_dir="runs/pretrain")
+    gpt.add_flags(run.add_mutually_exclusive_group(), "resume", "overwrite")
     run.add_argument("--stop-at-step", type=gpt.positive_int, help="save and exit after this step (default: the end)")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="precision of the "
-                     "work (autocast; the weights stay float32; auto: bfloat16 on GPUs that have it)")
+    gpt.add_flags(run, "device")
+    dtype_help = gpt.FLAGS["dtype"]["help"] + "; auto: bfloat16 on a GPU that has it, else float32"
+    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=dtype_help)
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
     run.add_argument("--peak-flops", type=gpt.non_negative_float, help="FLOP/s of one device, for the MFU in the log "
                      "(default: known GPUs)")
@@ -650,18 +644,11 @@ def parse_settings(argv=None):
     MAY_CHANGE flags given from the command line; ValueError when another flag contradicts it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.epochs == 0:  # fractions of an epoch are fine; none at all would train nothing
+        parser.error("argument --epochs: must be a number > 0, got '0'")
     if args.resume:
-        run_file = Path(args.out_dir) / "run.json"
-        if not run_file.is_file():
-            raise ValueError(f"--resume: {args.out_dir} holds no run.json, so no run to continue: start a new run "
-                             "without --resume")
-        saved = gpt.read_json(run_file, "--resume: the run's settings")
-        if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
-            raise ValueError(f"--resume: {run_file} holds no settings of pretrain.py; start a new run with --overwrite")
-        saved = {name: value for name, value in saved["settings"].items() if name not in THIS_COMMAND}
-        given = gpt.given_flags(parser, argv)
-        args = gpt.resume_settings(parser, argv, saved, may_change=MAY_CHANGE)
-        if "epochs" in given and "max_steps" not in given:
+        args = gpt.resume_settings(parser, argv, args.out_dir, MAY_CHANGE, THIS_COMMAND)
+        if "epochs" in gpt.given_flags(parser, argv) and "max_steps" not in gpt.given_flags(parser, argv):
             args.max_steps = None  # the --epochs given now set the end of the run
     elif args.model:
         shape = ("size", "n_layers", "n_heads", "emb_dim")

@@ -668,6 +668,12 @@ def test_family_presets_have_the_published_sizes(monkeypatch):
         "HuggingFaceTB/SmolLM2-360M": 361_821_120,
         "Qwen/Qwen3-0.6B-Base": 596_049_920,
         "meta-llama/Llama-3.2-1B": 1_235_814_400,
+        "mistralai/Mistral-7B-v0.1": 7_241_732_096,  # the model cards: 7.24B,
+        "microsoft/phi-1_5": 1_418_270_720,  # 1.3B (1.42B counted),
+        "microsoft/phi-2": 2_779_683_840,  # 2.7B (2.78B counted),
+        "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552,  # 3.8B,
+        "google/gemma-3-270m": 268_098_176,  # 270M,
+        "google/gemma-3-1b-pt": 999_885_952,  # 1B
     }
     # Full fine-tuning of Llama 3.2 1B in float32 with AdamW: 16 bytes per parameter; frozen in bfloat16: 2.
     llama = gpt.empty_model(gpt.LLAMA_CONFIGS["meta-llama/Llama-3.2-1B"])
@@ -864,7 +870,7 @@ def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(traine
     for change, message in [
         ({"normalizer": {"type": "NFKC"}}, "normalizer 'NFKC' is not supported"),
         ({"pre_tokenizer": {"type": "Whitespace"}}, "pre-tokenizer ['Whitespace'] cannot be written"),
-        ({"model": {**data["model"], "type": "Unigram"}}, "not a byte-level BPE tokenizer"),
+        ({"model": {**data["model"], "type": "Unigram"}}, "not a BPE tokenizer (model 'Unigram')"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             tokenizer_of_json({**data, **change}, "tokenizer.json")
@@ -1035,6 +1041,311 @@ def test_family_load_gpt2_export_hf_is_read_by_transformers(trained_tokenizers, 
         assert exported_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
     end_of_text = tokenizer_and_eot(tmp_path / "model")[1]
     assert exported.generation_config.eos_token_id == exported.config.eos_token_id == end_of_text
+
+
+# ========================================================================================
+# gpt.py: Mistral, Phi, Phi-3 and Gemma 3, switches of the Llama-family decoder
+# ========================================================================================
+
+GEMMA_LAYERS = ["sliding_attention", "sliding_attention", "full_attention"]
+# Small configs of each transformers class, with a sliding window shorter than the test sequences.
+NEW_FAMILIES = {
+    "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
+    "phi_1_5_rotary_half": ("PhiConfig", dict(intermediate_size=256, partial_rotary_factor=0.5)),
+    "phi_2_rotary_0_4": ("PhiConfig", dict(hidden_size=80, intermediate_size=320, partial_rotary_factor=0.4)),
+    "phi3_gqa_window": ("Phi3Config", dict(num_key_value_heads=2, sliding_window=7, pad_token_id=0)),
+    "phi3_no_window": ("Phi3Config", dict(sliding_window=None, pad_token_id=0)),
+    "gemma3_local_global": ("Gemma3TextConfig", dict(num_hidden_layers=3, num_key_value_heads=1, head_dim=32,
+                                                     sliding_window=6, layer_types=GEMMA_LAYERS,
+                                                     query_pre_attn_scalar=24, pad_token_id=0)),
+}
+
+
+def save_new_family(folder, name, tokenizer_json=None, **config):
+    """Random transformers model of NEW_FAMILIES[name] (every parameter moved off its initial value),
+    saved with save_pretrained, beside tokenizer_json (a dict) when given -> the model."""
+    import transformers
+
+    class_name, settings = NEW_FAMILIES[name]
+    sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, class_name)(**sizes | settings | config))
+    with torch.no_grad():
+        for param in model.eval().parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder)
+    if tokenizer_json is not None:
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    return model
+
+
+@pytest.fixture(scope="module")
+def new_family_models(tmp_path_factory):
+    """{name: (transformers model, its save_pretrained folder)} of NEW_FAMILIES."""
+    return {name: (save_new_family(folder := tmp_path_factory.mktemp(name), name), folder) for name in NEW_FAMILIES}
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_new_family_logits_and_greedy_tokens_past_the_window_equal_transformers(new_family_models, name):
+    reference, folder = new_family_models[name]
+    model = load_lm(folder / "model.safetensors" if name == "phi3_gqa_window" else folder)  # a file or a folder
+    assert type(model) is gpt.LlamaModel and gpt.count_parameters(model) == reference.num_parameters()
+    idx = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    prompt = idx[:1, :5]
+    ours = gpt.generate(model, prompt, 30)  # 35 tokens: far past windows of 6, 7 and 8
+    theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30,
+                                min_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs) and torch.equal(ours, gpt.generate(model, prompt, 30, use_cache=False))
+    cache = gpt.KVCache(model.cfg, max_length=40)
+    with torch.no_grad():
+        for t in range(40):
+            model(idx[:1, t : t + 1], kv_cache=cache)
+    windows = [block.self_attn.window for block in model.layers]
+    assert windows == {"mistral_window": [8, 8], "phi3_gqa_window": [7, 7], "gemma3_local_global": [6, 6, None]}.get(
+        name, [None] * model.cfg.n_layers)
+    # A windowed layer keeps its last `window` keys only, however long the generation; a global one keeps all.
+    assert [keys.shape[2] for keys in cache.keys] == [window or 40 for window in windows]
+
+
+HUB_CONFIGS = {  # the config.json files on the Hub (transformers 4's keys), bookkeeping keys left out
+    "mistralai/Mistral-7B-v0.1": dict(
+        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", max_position_embeddings=32768,
+        rms_norm_eps=1e-05, rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False),
+    "microsoft/phi-2": dict(
+        model_type="phi", vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=None, hidden_act="gelu_new", max_position_embeddings=2048,
+        layer_norm_eps=1e-05, partial_rotary_factor=0.4, qk_layernorm=False, rope_scaling=None, rope_theta=10000.0,
+        tie_word_embeddings=False, resid_pdrop=0.1, embd_pdrop=0.0),
+    "microsoft/Phi-3-mini-4k-instruct": dict(
+        model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=4096,
+        original_max_position_embeddings=4096, rms_norm_eps=1e-05, rope_scaling=None, rope_theta=10000.0,
+        sliding_window=2047, tie_word_embeddings=False, attention_bias=False),
+    "google/gemma-3-270m": dict(
+        model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=32768, rms_norm_eps=1e-06, query_pre_attn_scalar=256, rope_local_base_freq=10000.0,
+        rope_scaling=None, rope_theta=1000000.0, sliding_window=512, _sliding_window_pattern=6,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, final_logit_softcapping=None,
+        attn_logit_softcapping=None, attention_bias=False, use_bidirectional_attention=False),
+}
+
+
+def test_new_family_hub_config_files_give_the_presets_and_unsupported_settings_are_named():
+    for name, config_json in HUB_CONFIGS.items():
+        preset = gpt.LLAMA_CONFIGS[name]
+        assert gpt.config_from_hub(config_json) == preset
+        # The export writes transformers 5's rope_parameters (Gemma 3's per layer type) and the sizes in full.
+        explicit = dict(n_kv_heads=preset.n_kv_heads or preset.n_heads, head_dim=preset.head_dim or preset.emb_dim // preset.n_heads)
+        assert gpt.config_from_hub(gpt.hub_config(preset)) == dataclasses.replace(preset, **explicit)
+    gemma_5 = {**HUB_CONFIGS["google/gemma-3-270m"], "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}
+    for key in ("rope_theta", "rope_local_base_freq", "rope_scaling"):
+        del gemma_5[key]
+    assert gpt.config_from_hub(gemma_5) == gpt.LLAMA_CONFIGS["google/gemma-3-270m"]
+    phi3, phi, gemma = (HUB_CONFIGS[n] for n in ("microsoft/Phi-3-mini-4k-instruct", "microsoft/phi-2",
+                                                   "google/gemma-3-270m"))
+    for config_json, message in [
+        ({**phi3, "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}},
+         "rope_scaling.type = 'longrope' is not supported"),  # Phi-3-mini-128k and Phi-4-mini: not implemented
+        ({**phi, "qk_layernorm": True}, "qk_layernorm = True is not supported"),
+        ({**phi, "hidden_act": "silu"}, "hidden_act = 'silu' is not supported (this implementation: gelu_new or gelu_pytorch_tanh for phi)"),
+        ({**gemma, "final_logit_softcapping": 30.0}, "final_logit_softcapping = 30.0 is not supported"),
+        ({**gemma, "layer_types": ["full_attention"] + gemma["layer_types"][1:]}, "layer_types = ['full_attention', "),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            gpt.config_from_hub(config_json)
+
+
+# --- SentencePiece-style tokenizer.json, and CodeGen's runs of spaces ---------------------
+
+MIXED_TEXTS = ["Hello world", " leading space", "  two  spaces   three ", "tabs\tand\nnewlines\n\n", "1234567 3.14",
+               "emoji 😀🎉, CJK 漢字テスト, £5 é ü ñ", "text</s>more<s>x", "Ok lar... Joking wif u oni...", "\u2581 bar"]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizers():
+    """{style: tokenizer.json dict} of a SentencePiece-style BPE (700 tokens, byte_fallback) trained on
+    SMS messages with `tokenizers`, laid out as Llama 2's files are (<unk>, <s>, </s>, the byte tokens
+    <0x00>..<0xFF>, then the rest in shuffled order: ids do not follow the merges), in Llama 2's
+    normalizer style or with a Metaspace pre-tokenizer; <s> begins texts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    lines = zipfile.ZipFile(SMS_ZIP).read("SMSSpamCollection").decode("utf-8", "replace").splitlines()[:3000]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=70,
+                                  show_progress=False)
+    tokenizer.train_from_iterator(lines, trainer)
+    data = json.loads(tokenizer.to_str())
+    rest = [token for token in data["model"]["vocab"] if token not in ("<unk>", "<s>", "</s>")]
+    random.Random(0).shuffle(rest)
+    data["model"]["vocab"] = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)},
+                              **{token: 259 + n for n, token in enumerate(rest)}}
+    begin = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    data["post_processor"] = {"type": "TemplateProcessing", "single": [begin, {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    llama2 = {**data, "pre_tokenizer": None,
+              "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, replace]}}
+    metaspace = {**data, "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first",
+                                           "split": False}}
+    return {"llama2": llama2, "metaspace": metaspace}
+
+
+@pytest.mark.parametrize("style", ["llama2", "metaspace"])
+def test_sentencepiece_tokenizer_json_gives_the_reference_ids(sentencepiece_tokenizers, style):
+    from tokenizers import Tokenizer
+
+    data = sentencepiece_tokenizers[style]
+    reference = Tokenizer.from_str(json.dumps(data))
+    encoding = tokenizer_of_json(data, style)
+    assert (encoding.eot_id, encoding.bos_id, encoding.add_bos, encoding.n_vocab) == (2, 1, True, 956)
+    for text in MIXED_TEXTS + HELD_OUT:
+        assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == reference.encode(text).ids
+        if "\u2581" not in text and "<" not in text:  # the space the encoder puts first stays (transformers strips it)
+            assert encoding.decode(encoding.encode(text)) == (" " + text if style == "llama2" or text[0] != " " else text)
+    assert pickle.loads(pickle.dumps(encoding)).encode(HELD_OUT[0]) == encoding.encode(HELD_OUT[0])
+    assert encoding.decode([3 + 0xF0, 3 + 0x9F, 3 + 0x98, 3 + 0x80]) == "😀"  # byte tokens
+
+
+def with_whitespace_runs(reference):
+    """A tokenizers.Tokenizer with CodeGen's 38 added tokens: runs of 31 to 2 spaces, then of 9 to 2 tabs
+    -> its tokenizer.json as a dict."""
+    from tokenizers import AddedToken
+
+    runs = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
+    reference.add_tokens([AddedToken(run, normalized=True) for run in runs])
+    return json.loads(reference.to_str())
+
+
+@pytest.fixture(scope="module")
+def codegen_tokenizer_json():
+    """CodeGen's tokenizer.json (Phi-1.5, Phi-2) as a dict: GPT-2's with the runs of spaces and tabs
+    (`with_whitespace_runs`) as ids 50257-50294."""
+    from transformers import GPT2TokenizerFast
+
+    cache = TESTDATA / "tiktoken_cache"
+    vocab = json.loads((cache / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6").read_text(encoding="utf-8"))
+    merges = (cache / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").read_text(encoding="utf-8").split("\n")[1:]
+    return with_whitespace_runs(GPT2TokenizerFast(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges if m])
+                                .backend_tokenizer)
+
+
+def stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers):
+    """The tokenizer.json (a dict) of a stage test: SentencePiece-style, or "codegen": a small byte-level
+    BPE (1000 tokens) with CodeGen's runs of spaces and tabs (ids 1000-1037)."""
+    if style != "codegen":
+        return sentencepiece_tokenizers[style]
+    from tokenizers import Tokenizer
+
+    return with_whitespace_runs(Tokenizer.from_str(trained_tokenizers["smollm2"][0].to_str()))
+
+
+def test_codegen_tokenizer_matches_the_longest_run_of_spaces_and_tabs_first(codegen_tokenizer_json):
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_str(json.dumps(codegen_tokenizer_json))
+    encoding = tokenizer_of_json(codegen_tokenizer_json, "codegen")
+    assert reference.token_to_id(" " * 31) == 50257 and reference.token_to_id("\t\t") == 50294
+    assert encoding.n_vocab == 50295 and encoding.eot_id == 50256
+    texts = [f"a{' ' * n}b" for n in range(1, 34)] + [f"x{chr(9) * n}y" for n in range(1, 12)]
+    for text in texts + ["def f():\n    return 1\n\t\treturn  2<|endoftext|>", "  lead", "trail   "]:
+        assert encoding.encode(text) == reference.encode(text).ids and encoding.decode(encoding.encode(text)) == text
+
+
+# --- every stage on each new family ---------------------------------------------------------
+
+# family: (NEW_FAMILIES entry, tokenizer style, the classifier transformers exports to)
+STAGE_FAMILIES = {
+    "mistral": ("mistral_window", "llama2", "MistralForSequenceClassification"),
+    "phi": ("phi_1_5_rotary_half", "codegen", "PhiForSequenceClassification"),
+    "phi3": ("phi3_gqa_window", "llama2", "Phi3ForSequenceClassification"),
+    "gemma3": ("gemma3_local_global", "metaspace", "Gemma3TextForSequenceClassification"),
+}
+
+
+@pytest.mark.parametrize("family", STAGE_FAMILIES)
+def test_new_family_through_every_stage(family, sentencepiece_tokenizers, trained_tokenizers, tmp_path, capsys,
+                                        _instruct_tiny_run):
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    name, style, classifier = STAGE_FAMILIES[family]
+    tokenizer_json = stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers)
+    folder = tmp_path / "model"
+    reference = save_new_family(folder, name, tokenizer_json, vocab_size=1100)
+    tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
+    model, encoding = gpt.load(folder)
+    prompt = "Every effort moves you"
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    assert ids[0].tolist() == encoding.encode(prompt, bos=True)
+    eot = encoding.eot_id
+    expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                  eos_token_id=eot, pad_token_id=eot)[0, ids.shape[1] :].tolist()
+    load_gpt2.main(["--model", str(folder), "--prompt", prompt, "--max-new-tokens", "12"])
+    text = encoding.decode([token for token in expected if token != eot])  # with the space before it
+    assert capsys.readouterr().out.endswith(prompt + text + "\n")
+    load_gpt2.main(["--model", str(folder), "--export-hf", str(tmp_path / "hf")])
+    exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
+    assert problems == [] and type(exported) is type(reference)
+    idx = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (exported(idx).logits - reference(idx).logits).abs().max().item() <= 1e-4
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")(HELD_OUT[0])["input_ids"] == tokenizer.encode(HELD_OUT[0]).ids
+    with pytest.raises(SystemExit, match=f"a {model.cfg.model_type} model has no GGUF writer here"):
+        load_gpt2.main(["--model", str(folder), "--export-gguf", str(tmp_path / "model.gguf")])
+
+    (tmp_path / "text.txt").write_text(_pretrain_text())
+    argv = _pretrain_tiny_argv(tmp_path / "pretrain", tmp_path / "text.txt", "--model", str(folder), "--max-steps", "1")
+    for flag in ("--n-layers", "--n-heads", "--emb-dim"):  # the shape comes from the weights
+        del argv[argv.index(flag) : argv.index(flag) + 2]
+    checkpoint = gpt.load_checkpoint(pretrain.main(argv)["latest"])
+    assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(model.cfg, drop_rate=0.0)
+    assert checkpoint["tokenizer"] == {"files": encoding.files}
+
+    run = tmp_path / "classify"
+    fc.main(["--model", str(folder), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run),
+             "--max-steps", "2"])
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf-classifier")])
+    exported, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf-classifier")
+    assert problems == [] and type(exported).__name__ == classifier
+    classifier_model = fc.load_classifier(run / "classifier.pt")[0]
+    text = torch.tensor([encoding.encode("WINNER!! Claim your free prize now", bos=True)])
+    with torch.no_grad():
+        assert (exported(text).logits - classifier_model(text)[:, -1]).abs().max().item() <= 1e-4
+
+    out_dir = tmp_path / "instruct"
+    instruct.main(["--model", str(folder), "--data", str(_instruct_tiny_run / "data.json"), "--out-dir", str(out_dir),
+                   "--lora", "--lora-rank", "2", "--max-steps", "1", "--batch-size", "5", "--eval-batches", "1",
+                   "--max-new-tokens", "3"])
+    saved = gpt.load_checkpoint(out_dir / "model.pt")
+    assert saved["config"]["model_type"] == model.cfg.model_type and saved["tokenizer"] == {"files": encoding.files}
+
+
+@pytest.mark.parametrize("name, tokenizer_style, heads, width", [
+    ("mistralai/Mistral-7B-v0.1", "llama2", 8, 32), ("microsoft/phi-2", "codegen", 2, 32),
+    ("microsoft/Phi-3-mini-4k-instruct", "llama2", 32, 64), ("google/gemma-3-270m", "metaspace", 2, 32)])
+def test_new_family_pretrain_size_trains_the_shape_from_scratch(name, tokenizer_style, heads, width,
+                                                                sentencepiece_tokenizers, trained_tokenizers, local_server,
+                                                                monkeypatch, tmp_path, pretrain_text_file):
+    tokenizer_json = stage_tokenizer_json(tokenizer_style, sentencepiece_tokenizers, trained_tokenizers)
+    server = local_server({f"/{name}/resolve/main/tokenizer.json": json.dumps(tokenizer_json).encode()})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    small = dataclasses.replace(gpt.LLAMA_CONFIGS[name], vocab_size=1100)
+    monkeypatch.setitem(gpt.MODEL_CONFIGS, name, small)  # the released shape, a small vocabulary
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "1", "--eval-every", "1")
+    argv[argv.index("--n-heads") + 1] = str(heads)  # a multiple of the shape's key/value heads
+    argv[argv.index("--emb-dim") + 1] = str(width)
+    checkpoint = gpt.load_checkpoint(pretrain.main(argv)["best"])
+    shape = dict(n_layers=2, n_heads=heads, emb_dim=width, context_length=32)
+    assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(small, **shape)
+    assert checkpoint["tokenizer"] == {"files": {"tokenizer.json": json.dumps(tokenizer_json)}}
 
 
 # ========================================================================================
@@ -1397,7 +1708,7 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_pat
         ("gpt2", {"add_cross_attention": True}, "add_cross_attention = True is not supported"),
         ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported"),
         ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False is not supported"),
-        ("llama", {"model_type": "mistral"}, "model_type 'mistral' is not supported"),
+        ("llama", {"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
         ("llama", {"model_type": None}, "no model_type in a config.json"),
         ("llama", {"hidden_size": 0}, "'hidden_size' must be a positive integer"),
         ("llama", {"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
@@ -1528,20 +1839,26 @@ def test_restored_adamw_moments_take_the_layout_of_the_parameters():
     torch.testing.assert_close(plain.weight, transposed.weight, rtol=0, atol=1e-6)
 
 
-def test_resume_settings_restore_the_saved_run_and_name_a_contradiction():
+def test_resume_settings_restore_the_saved_run_and_name_a_contradiction(tmp_path):
     parser = argparse.ArgumentParser()
     parser.add_argument("--lr", type=gpt.non_negative_float, default=1e-3)
     parser.add_argument("--max-steps", type=gpt.positive_int, default=10)
     parser.add_argument("--new-flag", default="x")
     parser.add_argument("--resume", action="store_true")
-    saved = {"lr": 5e-4, "max_steps": 10, "resume": False}
+    with pytest.raises(ValueError, match=r"^--resume: .* holds no run.json of this script, so no run to continue"):
+        gpt.resume_settings(parser, ["--resume"], tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"settings": {"lr": 5e-4, "max_steps": 10, "resume": False}}))
     assert gpt.given_flags(parser, ["--lr", "1e-3", "--resume"]) == {"lr": 1e-3, "resume": True}
-    settings = gpt.resume_settings(parser, ["--resume", "--max-steps", "20"], saved, may_change={"max_steps", "resume"})
+    settings = gpt.resume_settings(parser, ["--resume", "--max-steps", "20"], tmp_path, may_change={"max_steps"},
+                                   this_command={"resume"})
     assert vars(settings) == {"lr": 5e-4, "max_steps": 20, "new_flag": "x", "resume": True}
     # Repeating a default value that differs from the saved run is still a contradiction.
     with pytest.raises(ValueError, match=r"which used --lr 0.0005, not 0.001: drop --lr"):
-        gpt.resume_settings(parser, ["--resume", "--lr", "1e-3"], saved, may_change={"resume"})
+        gpt.resume_settings(parser, ["--resume", "--lr", "1e-3"], tmp_path, may_change={"resume"})
     assert parser.parse_args([]).lr == 1e-3  # the caller's parser keeps its defaults
+    (tmp_path / "run.json").write_text(json.dumps({"lr": 5e-4}))  # no "settings": not a run of these scripts
+    with pytest.raises(ValueError, match="holds no run.json of this script"):
+        gpt.resume_settings(parser, ["--resume"], tmp_path)
 
 
 def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
@@ -1701,6 +2018,16 @@ def _export_from_pretrained(model_class, folder):
     problems = [record.getMessage() for record in records]
     problems += [f"{key}: {value}" for key, value in info.items() if value]  # missing, unexpected, mismatched
     return model.eval(), problems
+
+
+def test_weights_that_hold_nan_are_refused_naming_the_tensor(tmp_path):
+    # Bytes that change in a cache after the download was checked (same size, still parses) read as NaN.
+    tensors = gpt.hf_tensors(tiny_model(), torch.float32)  # as released
+    tensors["transformer.h.1.mlp.c_proj.bias"][3] = float("nan")
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        gpt.write_safetensors(f, tensors)
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_proj\.bias holds NaN or infinite values: the file is corrupt"):
+        gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "model.safetensors"), None, "model.safetensors")
 
 
 def test_export_safetensors_writer_is_read_by_the_reference_library(tmp_path):
@@ -2653,6 +2980,7 @@ PRETRAIN_BAD_INPUTS = [
     (f"{PRETRAIN_RUN} --size HuggingFaceTB/SmolLM2-135M --n-heads 4", "n_heads (4) must be a multiple of n_kv_heads"),
     (f"{PRETRAIN_RUN} --model gpt2 --n-layers 2", "--model (its weights bring the shape) does not use --n-layers: drop it"),
     (f"{PRETRAIN_RUN} --epochs inf", "argument --epochs: must be a finite number >= 0, got 'inf'"),
+    (f"{PRETRAIN_RUN} --epochs 0", "argument --epochs: must be a number > 0, got '0'"),  # would train nothing
     (f"{PRETRAIN_RUN} --grad-clip nan", "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
     (f"{PRETRAIN_RUN} --weight-decay -0.1", "argument --weight-decay: must be a finite number >= 0, got '-0.1'"),
     (f"{PRETRAIN_RUN} --lr -1", "argument --lr: must be a finite number >= 0, got '-1'"),
@@ -2674,7 +3002,7 @@ PRETRAIN_BAD_INPUTS = [
      "model.safetensors.index.json"),
     (f"{PRETRAIN_RUN} --model {{files}}/tiny.pt --context-length 128", "--context-length 128 is longer than the "
      "model's context length 64"),
-    ("--data {files}/story.txt --out-dir {files} --resume", "holds no run.json, so no run to continue"),
+    ("--data {files}/story.txt --out-dir {files} --resume", "holds no run.json of this script, so no run to continue"),
 ]
 
 
@@ -3852,7 +4180,7 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --prompt ''", "--prompt must hold the instruction to answer, got ''"),
     (f"{INSTRUCT_RUN} --prompt ' \n '", "--prompt must hold the instruction to answer, got ' \\n '"),
     (f"{INSTRUCT_RUN} --input x", "--input goes with --prompt: give the instruction too"),
-    (f"{INSTRUCT_RUN} --resume --overwrite", "choose --resume (continue the run) or --overwrite (replace it)"),
+    (f"{INSTRUCT_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     (f"{INSTRUCT_RUN} --resume --generate-only", "choose one of --generate-only, --judge-only, --prompt and --resume"),
     (f"{INSTRUCT_RUN} --judge-only", "--judge-only needs --judge ollama"),
     (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k"),  # greedy decoding would ignore it

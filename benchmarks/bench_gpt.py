@@ -3,6 +3,7 @@
     python benchmarks/bench_gpt.py                       # everything, 124M shape, float32
     python benchmarks/bench_gpt.py --only generate --repeats 5
     python benchmarks/bench_gpt.py --family smollm2      # the Llama family: SmolLM2-135M's shape
+    python benchmarks/bench_gpt.py --family gemma3       # Gemma 3 270M's shape (sliding-window layers)
 
 Both models get the same random weights (a 124M-shaped model.safetensors written by
 transformers' save_pretrained into a temporary folder, or --weights; with --family
@@ -45,7 +46,7 @@ def parse_args():
     parser.add_argument("--only", choices=["train", "generate", "load"], action="append",
                         help="run only these measurements (repeatable); default: all")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each measurement per implementation")
-    parser.add_argument("--family", choices=list(FAMILIES), default="gpt2", help="GPT-2 124M, or the Llama family at SmolLM2-135M's shape")
+    parser.add_argument("--family", choices=list(FAMILIES), default="gpt2", help="GPT-2 124M, or the Llama family at SmolLM2-135M's or Gemma 3 270M's shape")
     parser.add_argument("--weights", default=None, help="a model.safetensors of --family's shape with config.json beside it; default: random weights in a temporary folder")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return parser.parse_args()
@@ -58,6 +59,10 @@ FAMILIES = {
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=True)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(  # google/gemma-3-270m's config.json
+        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, sliding_window=512,
+        query_pre_attn_scalar=256, rms_norm_eps=1e-6, pad_token_id=0)),
 }
 
 
@@ -77,7 +82,8 @@ def write_random_weights(folder, family):
 
 
 def load_both(weights, family):
-    ours, _ = gpt.load(weights if family == "gpt2" else Path(weights).parent)
+    config_json, _, _ = gpt.model_files(Path(weights).parent)  # random weights: no tokenizer to load beside them
+    ours = gpt.model_from_tensors(gpt.read_safetensors(weights), config_json, weights)
     reference = reference_class(family).from_pretrained(Path(weights).parent, attn_implementation="sdpa").eval()
     return ours, reference
 
@@ -175,7 +181,8 @@ print(json.dumps({{"seconds": seconds, "process_seconds": time.perf_counter() - 
 def bench_load(weights, repeats, family):
     """Load each way in a fresh process (imports done before the clock starts)."""
     root = Path(__file__).resolve().parent.parent
-    ours = "gpt.load(%r)" % str(weights if family == "gpt2" else Path(weights).parent)
+    config = Path(weights).parent / "config.json"  # random weights: no tokenizer beside them
+    ours = f"gpt.model_from_tensors(gpt.read_safetensors({str(weights)!r}), json.loads(open({str(config)!r}).read()), 'b')"
     name = FAMILIES[family][0]
     ways = {
         "ours": ("sys.path.insert(0, %r); import gpt" % str(root), ours),
