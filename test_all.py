@@ -4,14 +4,17 @@
 
 Sections follow the lifecycle: the core (gpt.py: agreement with Hugging Face
 transformers, generation, weight loading, downloads), load_gpt2.py, pretrain.py,
-finetune_classify.py, finetune_instruct.py. Downloads are tested against a local HTTP
-server on 127.0.0.1 that the tests start; nothing touches the network.
+finetune_classify.py, finetune_instruct.py. Each script has one table of bad inputs: the
+command line and the one line it must stop with. Models are tiny (`tiny_model`); downloads
+are tested against a local HTTP server on 127.0.0.1 (`LocalServer`): nothing touches the
+network.
 """
 
 import argparse
 import array
 import ast
 import collections
+import concurrent.futures
 import copy
 import dataclasses
 import errno
@@ -26,6 +29,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 import signal
 import socket
 import struct
@@ -53,6 +57,8 @@ import pretrain
 TESTDATA = Path(__file__).resolve().parent / "testdata"  # see testdata/README.md
 # The real SMS Spam Collection, as UCI distributes it.
 SMS_ZIP = TESTDATA / "sms+spam+collection.zip"
+HELLASWAG_TINY = TESTDATA / "hellaswag_tiny.jsonl"  # four made-up items in HellaSwag's format
+MMLU_FOLDER = TESTDATA / "mmlu"  # two made-up subjects laid out as MMLU's data.tar
 # tiktoken's two GPT-2 vocabulary files, so that the tests need no network.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TESTDATA / "tiktoken_cache"))
 # One CPU thread, here and in the scripts the tests start: the tests' small models gain
@@ -61,7 +67,7 @@ torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
 
 # ========================================================================================
-# Shared fixtures
+# Shared fixtures: the tiny models, the local HTTP server, the files of the bad-input tables
 # ========================================================================================
 
 
@@ -72,13 +78,26 @@ def every_progress_line(monkeypatch):
     monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf, "open": False})
 
 
-def test_progress_redraws_a_terminal_at_most_ten_times_a_second(monkeypatch, capsys):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.1, False: 30})
-    for done in range(1000):  # a download's updates, one per 64 KiB, in well under 0.1 s
-        gpt.show_progress(f"downloading: {done} chunks")
-    gpt.end_progress()
-    assert capsys.readouterr().err == "\rdownloading: 0 chunks\x1b[K\n"
+@pytest.fixture(autouse=True)
+def isolated_caches(tmp_path, monkeypatch):
+    """No test reads or writes the user's caches or reaches the Hugging Face Hub."""
+    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "gpt-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: fails at once
+
+
+def tiny_model(seed=0, **overrides):
+    """The one tiny GPT-2 of the tests (GPT-2's vocabulary, 2 layers of width 32), random, in eval mode."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=2)
+    cfg.update(overrides)
+    return gpt.GPTModel(gpt.GPTConfig(**cfg)).eval()
+
+
+def save_tiny(path, model=None, **entries):
+    """A checkpoint of model (else tiny_model with context 64) with GPT-2's tokenizer -> path."""
+    gpt.save_checkpoint(path, tiny_model(context_length=64) if model is None else model, gpt.get_tokenizer(), **entries)
+    return path
 
 
 def save_hf_gpt2(folder, seed=0, **config):
@@ -98,13 +117,6 @@ SMALL_HF = dict(vocab_size=1000, n_positions=64, n_embd=128, n_layer=2, n_head=2
 def small_pair(tmp_path_factory):
     """(transformers model, path of its model.safetensors) for a small config."""
     return save_hf_gpt2(tmp_path_factory.mktemp("small"), **SMALL_HF)
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=2)
-    cfg.update(overrides)
-    return gpt.GPTModel(gpt.GPTConfig(**cfg)).eval()
 
 
 def load_lm(source, *, device="cpu", dtype=torch.float32, quiet=False):
@@ -143,24 +155,67 @@ def tokenizer_of_json(data, source, **config):
 
 
 class LocalServer:
-    """An HTTP server on 127.0.0.1 in a background thread: tests never touch the network."""
+    """An HTTP server on 127.0.0.1 in a background thread, so that no test touches the network.
+    routes {url path: bytes, served whole or from a Range, with `headers`; or fn(handler), which
+    writes its own (mis)behaving answer}; other paths get a 404. With `cut_after` the first body
+    sent breaks off after that many bytes. Records (method, path, headers) of every request."""
 
-    def serve(self, handler_class):
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+    def __init__(self, routes, headers=None, cut_after=None):
+        self.routes, self.headers, self.cut_after, self.requests = routes, headers or {}, cut_after, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.command, self.path, dict(self.headers)))
+                route = server.routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                elif callable(route):
+                    route(self)
+                else:
+                    server.send_file(self, route)
+
+            do_HEAD = do_POST = do_GET
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def send_file(self, handler, data):
+        start = 0
+        if "Range" in handler.headers:
+            start = int(handler.headers["Range"].removeprefix("bytes=").split("-")[0])
+            handler.send_response(206)
+            handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            handler.send_response(200)
+        for key, value in self.headers.items():
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(data) - start))
+        handler.end_headers()
+        if handler.command == "HEAD":
+            return
+        cut, self.cut_after = self.cut_after, None  # a dropped connection, once
+        handler.wfile.write(data[start:] if cut is None else data[start : start + cut])
+        if cut is not None:
+            handler.wfile.flush()
+            handler.connection.shutdown(socket.SHUT_RDWR)
 
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
 
 
-def started_servers(server_class):
-    """Fixture body: yields start(*args) -> a new server_class; closes them all after the test."""
+@pytest.fixture
+def local_server():
+    """start(routes, headers=None, cut_after=None) -> a new LocalServer; all are closed after the test."""
     servers = []
 
     def start(*args, **kwargs):
-        servers.append(server_class(*args, **kwargs))
+        servers.append(LocalServer(*args, **kwargs))
         return servers[-1]
 
     yield start
@@ -168,67 +223,127 @@ def started_servers(server_class):
         server.close()
 
 
-class FileServer(LocalServer):
-    """A local HTTP server for download tests: serves `files` {url path: bytes} with
-    Range support; records request headers; can cut the first response short."""
+def answer(body, status=200, **headers):
+    """A route that sends body with Content-Length and the given headers (underscores in
+    names become dashes); a `Content_Length` header overrides the true length."""
 
-    def __init__(self, files, headers=None, cut_after=None):
-        self.files, self.extra_headers, self.cut_after = files, headers or {}, cut_after
-        self.requests = []
-        server = self
+    def respond(handler):
+        handler.send_response(status)
+        headers.setdefault("Content_Length", str(len(body)))
+        for key, value in headers.items():
+            handler.send_header(key.replace("_", "-"), value)
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_HEAD(self):
-                self.respond(body=False)
-
-            def do_GET(self):
-                self.respond(body=True)
-
-            def respond(self, body):
-                server.requests.append((self.command, self.path, dict(self.headers)))
-                data = server.files.get(self.path)
-                if data is None:
-                    self.send_error(404)
-                    return
-                start = 0
-                if "Range" in self.headers:
-                    start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                for key, value in server.extra_headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                if not body:
-                    return
-                payload = data[start:]
-                if server.cut_after is not None:  # simulate a dropped connection, once
-                    payload, server.cut_after = payload[: server.cut_after], None
-                    self.wfile.write(payload)
-                    self.wfile.flush()
-                    self.connection.shutdown(2)
-                    return
-                self.wfile.write(payload)
-
-        self.serve(Handler)
+    return respond
 
 
-@pytest.fixture
-def file_server():
-    yield from started_servers(FileServer)
+def cached_data_path(tmp_path, url, filename):
+    """Where fetch_dataset keeps the file of url: <cache>/data/<12 hex of SHA-256(url)>/<filename>."""
+    return tmp_path / "gpt-cache" / "data" / hashlib.sha256(url.encode()).hexdigest()[:12] / filename
 
 
-@pytest.fixture(autouse=True)
-def isolated_caches(tmp_path, monkeypatch):
-    """No test reads or writes the user's caches or reaches the Hugging Face Hub."""
-    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "gpt-cache"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: fails at once
+def exits_with_one_line(main, argv, message, capsys):
+    """main(argv) stops with one line holding `message` and no traceback: a usage error (exit 2,
+    the message on stderr) or a run-time "error: ..." (exit 1, the message as the exit code)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    code, err = exit_info.value.code, capsys.readouterr().err
+    assert "Traceback" not in err
+    if code == 2:
+        assert message in err.strip().splitlines()[-1] and err.endswith(" (see --help)\n"), (argv, err)
+    else:
+        assert code.startswith("error: ") and message in code and "\n" not in code, (argv, code)
+
+
+_HELLASWAG_ITEM = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e", "f", "g"], "label": 1}
+
+
+# (name, a line of a HellaSwag file, what is wrong with it); {**ITEM, ...}: the good item with a field changed.
+HELLASWAG_BAD_ITEMS = [
+    ("deep", "[" * 100_000 + "]" * 100_000, "line 1: JSON nested too deeply to read"),
+    ("label-inf", '{**ITEM, "label": Infinity}', "line 1: not a HellaSwag item: each line needs the strings "
+     "activity_label, ctx_a and ctx_b, a list of non-empty endings and the label (0, 1, ...) of the right one"),
+    ("label-float", '{**ITEM, "label": 1.7}', "line 1: not a HellaSwag item"),
+    ("label-bool", '{**ITEM, "label": true}', "line 1: not a HellaSwag item"),
+    ("label-range", '{**ITEM, "label": 4}', "line 1: not a HellaSwag item"),
+    ("endings-str", '{**ITEM, "endings": "abcd"}', "line 1: not a HellaSwag item"),
+    ("ending-blank", '{**ITEM, "endings": ["d", " ", "f", "g"]}', "line 1: not a HellaSwag item"),
+    ("endings-empty", '{**ITEM, "endings": []}', "line 1: not a HellaSwag item"),
+    ("endings-int", '{**ITEM, "endings": ["d", 5]}', "line 1: not a HellaSwag item"),
+    ("ctx-null", '{**ITEM, "ctx_a": null}', "line 1: not a HellaSwag item"),
+    ("list", "[1, 2]", "line 1: not a HellaSwag item"),
+    ("no-label", json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e"]}),
+     "line 1: not a HellaSwag item"),
+    ("broken", HELLASWAG_TINY.read_text().splitlines()[0] + "\n{not json", "line 2: not valid JSON"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """A folder of the files that the scripts' bad-input tables name."""
+    files = tmp_path_factory.mktemp("inputs")
+    save_tiny(files / "tiny.pt")
+    save_tiny(files / "vocab1000.pt", tiny_model(vocab_size=1000))
+    broken_model = tiny_model(context_length=64)
+    torch.nn.init.constant_(broken_model.ln_f.weight, float("nan"))
+    save_tiny(files / "nan.pt", broken_model)
+    save_tiny(files / "lm48.pt", _classify_tiny_model())
+    _classify_classifier(files)
+    _classify_sms_slice(files)
+    (files / "empty").mkdir()  # a model folder without the model
+    (files / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weights": {}}, files / "other.pt")
+    header = {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    (files / "truncated.safetensors").write_bytes(header_bytes(header, b"\0" * 4))  # 4 of its 8 data bytes
+    raw = SMS_ZIP.read_bytes()
+    (files / "flipped.zip").write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
+    (files / "ham_only.tsv").write_text("ham\thello\nham\tthere\n")
+    (files / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
+    (files / "garbage.bin").write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
+    for name, content in [("a.csv", "label,message\nham,hi\n"), ("b.csv", "text,label\nhi,ham\nyo,spma\n"),
+                          ("c.csv", "text,label\n"), ("d.tsv", "ham\thi\nspma\tyo\n"), ("e.tsv", "ham\thi\nno tab\n"),
+                          ("f.tsv", "\n"), ("empty.txt", ""), ("short.txt", "Only a few words here.")]:
+        (files / name).write_text(content)
+    (files / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
+    (files / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (files / "bom.txt").write_bytes(b"\xef\xbb\xbf")
+    (files / "x_test.csv").write_text("Question?,a,b,c,E\n")
+    for name, member, arcname in [("mmlu", MMLU_FOLDER / "data", "data"), ("bad_mmlu", files / "x_test.csv",
+                                  "data/test/x_test.csv"), ("not_mmlu", files / "empty.txt", "notes.txt")]:
+        with tarfile.open(files / f"{name}.tar", "w") as archive:
+            archive.add(member, arcname=arcname)
+    for name, line, _ in HELLASWAG_BAD_ITEMS:
+        if line.startswith("{**ITEM"):
+            line = json.dumps(_HELLASWAG_ITEM)[:-1] + ", " + line.removeprefix("{**ITEM, ")
+        (files / f"{name}.jsonl").write_text(line + "\n")
+    return files
+
+
+def check_bad_input(main, argv, message, files, tmp_path, capsys):
+    """main(argv), with {files} and {run} filled in, stops with one line holding message before
+    it makes the run folder {run} or the folder above it."""
+    fill = partial(str.format, files=files, run=tmp_path / "runs" / "run")
+    exits_with_one_line(main, shlex.split(fill(argv)), fill(message), capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_progress_redraws_a_terminal_ten_times_a_second_and_is_a_plain_line_every_30_seconds_else(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.1, False: 30})
+    for done in range(1000):  # a download's updates, one per 64 KiB, in well under 0.1 s
+        gpt.show_progress(f"downloading: {done} chunks")
+    gpt.end_progress()
+    assert capsys.readouterr().err == "\rdownloading: 0 chunks\x1b[K\n"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf, "open": False})
+    clock = iter([1000.0, 1000.0, 1010.0, 1031.0, 1031.0])
+    monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
+    for text in ("step 1/3", "step 2/3", "step 3/3"):
+        gpt.show_progress(text)
+    gpt.end_progress()
+    assert capsys.readouterr().err == "step 1/3\nstep 3/3\n"  # step 2 came 10 s after step 1: not printed
 
 
 # ========================================================================================
@@ -246,9 +361,9 @@ def test_logits_match_transformers_small(small_pair):
     assert diff <= 1e-4
 
 
-def test_hub_style_file_without_prefix_or_config(small_pair, tmp_path):
+def test_hub_style_file_without_prefix_or_config_says_what_it_assumed(small_pair, tmp_path, capsys):
     """Hub files name tensors without `transformer.`; without config.json the config
-    comes from the shapes (heads: emb_dim / 64, which is 2 here)."""
+    comes from the shapes (heads: emb_dim / 64, which is 2 here), and says so."""
     from safetensors.torch import save_file
 
     reference, path = small_pair
@@ -258,31 +373,13 @@ def test_hub_style_file_without_prefix_or_config(small_pair, tmp_path):
     stripped["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
     save_file(stripped, tmp_path / "model.safetensors")
     model = load_lm(tmp_path / "model.safetensors")
-    assert model.cfg.n_heads == 2
+    assert model.cfg.n_heads == 2 and "2 attention heads assumed" in capsys.readouterr().err
     idx = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
 
 
-def test_kv_cache_logits_equal_full_forward(small_pair):
-    model = load_lm(small_pair[1])
-    idx = torch.randint(0, 1000, (2, 30), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(idx)
-        cache = gpt.KVCache(model.cfg)
-        pieces = [model(idx[:, :10], kv_cache=cache), model(idx[:, 10:25], kv_cache=cache)]
-        pieces += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(25, 30)]
-    assert cache.length == 30
-    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
-
-
-def test_forward_longer_than_context_is_a_clear_error():
-    model = tiny_model()
-    with pytest.raises(ValueError, match="longer than the model's context length \\(16\\)"):
-        model(torch.zeros(1, 17, dtype=torch.long))
-
-
-def test_new_model_is_initialised_as_gpt2():
+def test_new_model_is_initialised_as_gpt2_and_gpt2_small_has_its_size():
     torch.manual_seed(0)
     cfg = gpt.GPTConfig(vocab_size=5000, context_length=256, emb_dim=128, n_heads=4, n_layers=8)
     model = gpt.GPTModel(cfg)
@@ -295,22 +392,88 @@ def test_new_model_is_initialised_as_gpt2():
         elif name.endswith("bias") and "ln_" not in name:
             assert not param.any(), name
     assert model.wte.weight.requires_grad and model.wpe.weight.requires_grad
+    assert gpt.GPTConfig().qkv_bias is True and gpt.LlamaConfig().qkv_bias is False  # the family's biases
+    assert gpt.count_parameters(gpt.empty_model(gpt.GPT_CONFIGS["gpt2"])) == 124_439_808  # GPT-2 small, embeddings tied
+
+
+def _overfilled_cache():
+    model = tiny_model()
+    cache = gpt.KVCache(model.cfg, max_length=4)
+    model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
+    model(torch.tensor([[4, 5]]), kv_cache=cache)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: tiny_model()(torch.zeros(1, 17, dtype=torch.long)), "longer than the model's context length (16)"),
+    (_overfilled_cache, "KVCache holds 4 positions, 5 were asked for"),
+    (lambda: gpt.sample_next_token(torch.zeros(1, 10), -1.0), "temperature"),
+    (lambda: gpt.sample_next_token(torch.zeros(1, 10), 1.0, top_k=0), "top_k"),
+    (lambda: gpt.sample_next_token(torch.zeros(1, 10), 1.0, top_p=1.5), "top_p"),
+    (lambda: gpt.generate(tiny_model(), torch.zeros(1, 0, dtype=torch.long), 3), "prompt"),
+    (lambda: gpt.generate(tiny_model(), torch.tensor([[1]]), 3, seed=1, generator=torch.Generator()),
+     "a seed or a generator, not both"),
+    (lambda: gpt.model_from_checkpoint({"config": dataclasses.asdict(tiny_model().cfg),
+                                        "model": dict(tiny_model(emb_dim=16).state_dict())}),
+     "size mismatch for wte.weight: copying a param with shape torch.Size([50257, 16])"),
+], ids=["too-long", "cache-full", "temperature", "top-k", "top-p", "no-prompt", "seed-and-generator", "checkpoint-shape"])
+def test_bad_calls_of_the_model_are_clear_errors(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
 
 
 # ========================================================================================
-# gpt.py: generation
+# gpt.py: generation and the KV cache, GPT-2 and the Llama family
 # ========================================================================================
 
 
-def test_greedy_generation_equals_transformers(small_pair):
-    reference, path = small_pair
-    model = load_lm(path)
-    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(3))
+def reference_and_model(name, small_pair, family_models):
+    """(transformers model, ours read from its files) for "gpt2" (small_pair) or a FAMILY_CONFIGS name."""
+    reference, path = small_pair if name == "gpt2" else family_models[name]
+    return reference, load_lm(path)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa_untied_bias_rope_scaling"])
+def test_greedy_generation_equals_transformers(small_pair, family_models, name):
+    reference, model = reference_and_model(name, small_pair, family_models)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
     ours = gpt.generate(model, prompt, 40)
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
                                 min_new_tokens=40, do_sample=False, pad_token_id=0)
     assert ours.shape == (1, 48)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa_untied_bias_rope_scaling", "qwen3_gqa_qk_norm_tied_head_dim"])
+def test_kv_cache_equals_full_forward_also_past_the_context_length(small_pair, family_models, name):
+    model = reference_and_model(name, small_pair, family_models)[1]
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx)
+        cache = gpt.KVCache(model.cfg, max_length=30)
+        pieces = [model(idx[:, :10], kv_cache=cache), model(idx[:, 10:25], kv_cache=cache)]
+        pieces += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(25, 30)]
+    assert cache.length == 30
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+    if name == "gpt2":
+        return  # GPT-2 past its context: the next test, with a context of 8
+    assert cache.keys[0].shape == (2, model.cfg.n_kv_heads, 30, model.layers[0].self_attn.head_dim)  # key/value heads
+    prompt = idx[:, :5]
+    # 5 + 100 tokens run past the context length (64): the window moves, with the cache as without it.
+    assert torch.equal(gpt.generate(model, prompt, 100), gpt.generate(model, prompt, 100, use_cache=False))
+    sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
+    assert torch.equal(*sampled)
+
+
+def test_generation_streams_each_token_and_past_the_context_moves_the_window_by_half():
+    model = tiny_model(context_length=8)
+    prompt = torch.randint(0, 50257, (2, 3), generator=torch.Generator().manual_seed(7))
+    seen = []
+    out = gpt.generate(model, prompt, 30, on_token=seen.append)
+    assert out.shape == (2, 33) and torch.equal(torch.stack(seen, dim=1), out[:, 3:])  # each token streamed
+    assert torch.equal(out, gpt.generate(model, prompt, 30, use_cache=False))
+    sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
+    assert torch.equal(*sampled)
+    assert [gpt.window_start(n, 8) for n in (8, 9, 12, 13, 16, 17)] == [0, 4, 4, 8, 8, 12]
 
 
 def test_top_k_1_equals_greedy_and_seeded_sampling_is_reproducible(small_pair):
@@ -345,48 +508,6 @@ def test_eos_stops_generation(small_pair):
     first = (greedy[0, 4:] == eos).nonzero()[0].item()
     stopped = gpt.generate(model, prompt, 20, eot_id=eos)
     assert torch.equal(stopped, greedy[:, : 4 + first + 1])
-
-
-def test_generation_runs_past_the_context_length_the_same_with_and_without_cache():
-    model = tiny_model(context_length=8)
-    prompt = torch.randint(0, 50257, (2, 3), generator=torch.Generator().manual_seed(7))
-    seen = []
-    out = gpt.generate(model, prompt, 30, on_token=seen.append)
-    assert out.shape == (2, 33) and torch.equal(torch.stack(seen, dim=1), out[:, 3:])  # each token streamed
-    assert torch.equal(out, gpt.generate(model, prompt, 30, use_cache=False))
-    sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
-    assert torch.equal(*sampled)
-    # Past the context the window moves in steps of half the context length.
-    assert [gpt.window_start(n, 8) for n in (8, 9, 12, 13, 16, 17)] == [0, 4, 4, 8, 8, 12]
-
-
-def test_bad_sampling_options_are_clear_errors():
-    logits = torch.zeros(1, 10)
-    with pytest.raises(ValueError, match="temperature"):
-        gpt.sample_next_token(logits, -1.0)
-    with pytest.raises(ValueError, match="top_k"):
-        gpt.sample_next_token(logits, 1.0, top_k=0)
-    with pytest.raises(ValueError, match="top_p"):
-        gpt.sample_next_token(logits, 1.0, top_p=1.5)
-    with pytest.raises(ValueError, match="prompt"):
-        gpt.generate(tiny_model(), torch.zeros(1, 0, dtype=torch.long), 3)
-    with pytest.raises(ValueError, match="a seed or a generator, not both"):
-        gpt.generate(tiny_model(), torch.tensor([[1]]), 3, seed=1, generator=torch.Generator())
-
-
-def test_kv_cache_that_is_too_small_is_a_clear_error():
-    model = tiny_model()
-    cache = gpt.KVCache(model.cfg, max_length=4)
-    model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
-    with pytest.raises(ValueError, match="KVCache holds 4 positions, 5 were asked for"):
-        model(torch.tensor([[4, 5]]), kv_cache=cache)
-
-
-def test_config_biases_follow_the_family_and_a_mismatching_checkpoint_names_its_tensor():
-    assert gpt.GPTConfig().qkv_bias is True and gpt.LlamaConfig().qkv_bias is False
-    checkpoint = {"config": dataclasses.asdict(tiny_model().cfg), "model": dict(tiny_model(emb_dim=16).state_dict())}
-    with pytest.raises(ValueError, match=r"size mismatch for wte.weight: copying a param with shape torch.Size\(\[50257, 16\]\)"):
-        gpt.model_from_checkpoint(checkpoint)
 
 
 def test_argument_parser_errors_are_one_line(capsys):
@@ -527,21 +648,17 @@ def test_family_rope_scaling_and_head_dim_reach_the_model(family_models):
     assert middle.any() and (scaled[middle] < plain[middle]).all() and (scaled[middle] > plain[middle] / 8).all()
 
 
-def test_family_smollm2_135m_shape_matches_transformers(tmp_path):
-    """The SmolLM2-135M preset (134,515,008 parameters, as published) against transformers
-    at that shape, random weights: once, as it takes a few seconds."""
+def test_family_smollm2_135m_preset_is_what_its_transformers_config_gives():
+    """The SmolLM2-135M preset against transformers' config at that shape (the size of the model
+    is checked by test_family_presets_have_the_published_sizes, its logits at small shapes)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5)
+    cfg = gpt.config_from_hub(json.loads(config.to_json_string()))
     preset = gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"]
-    reference = save_hf_family(
-        tmp_path, "llama", perturb=False, vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
-        tie_word_embeddings=True,
-    )
-    model = load_lm(tmp_path)
-    assert dataclasses.replace(model.cfg, head_dim=None) == preset  # transformers 5 writes head_dim 64
-    assert gpt.count_parameters(model) == gpt.count_parameters(gpt.empty_model(preset)) == 134_515_008
-    idx = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    assert dataclasses.replace(cfg, head_dim=None) == preset  # transformers 5 writes head_dim 64
 
 
 def test_family_presets_have_the_published_sizes(monkeypatch):
@@ -572,35 +689,6 @@ def test_family_presets_have_the_published_sizes(monkeypatch):
             gpt.check_training_memory(llama, cpu, "use --lora")
 
 
-def test_family_greedy_generation_equals_transformers(family_models):
-    reference, folder = family_models["llama_gqa_untied_bias_rope_scaling"]
-    model = load_lm(folder)
-    prompt = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(3))
-    ours = gpt.generate(model, prompt, 40)
-    theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
-                                min_new_tokens=40, do_sample=False, pad_token_id=0)
-    assert ours.shape == (1, 46)
-    assert torch.equal(ours, theirs)
-
-
-@pytest.mark.parametrize("name", ["llama_gqa_untied_bias_rope_scaling", "qwen3_gqa_qk_norm_tied_head_dim"])
-def test_family_cache_on_equals_cache_off(family_models, name):
-    model = load_lm(family_models[name][1])
-    idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(idx)
-        cache = gpt.KVCache(model.cfg, max_length=30)
-        pieces = [model(idx[:, :10], kv_cache=cache), model(idx[:, 10:25], kv_cache=cache)]
-        pieces += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(25, 30)]
-    assert cache.keys[0].shape == (2, model.cfg.n_kv_heads, 30, model.layers[0].self_attn.head_dim)  # kv heads only
-    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
-    prompt = idx[:, :5]
-    # 5 + 100 tokens run past the context length (64): the window rule of GPT-2 applies.
-    assert torch.equal(gpt.generate(model, prompt, 100), gpt.generate(model, prompt, 100, use_cache=False))
-    sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
-    assert torch.equal(*sampled)
-
-
 def test_family_lora_wraps_the_seven_projections_and_merges_back(family_models):
     model = load_lm(family_models["qwen3_gqa_qk_norm_tied_head_dim"][1])
     targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -617,7 +705,7 @@ def test_family_new_model_checkpoint_round_trip_and_gpt2_names(tmp_path):
     assert model.h is model.layers and model.ln_f is model.norm and model.wte is model.embed_tokens  # GPT-2's names
     assert not any("c_proj" in name or "wpe" in name for name, _ in model.named_parameters())
     assert model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)  # scaled residual
-    gpt.save_checkpoint(tmp_path / "model.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "model.pt", model)
     loaded = load_lm(tmp_path / "model.pt")
     idx = torch.randint(0, 500, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -625,7 +713,7 @@ def test_family_new_model_checkpoint_round_trip_and_gpt2_names(tmp_path):
     assert loaded.cfg == cfg and loaded.lm_head.weight is not loaded.embed_tokens.weight
 
 
-def test_family_sharded_hub_download_sends_hf_token(family_models, file_server, monkeypatch, tmp_path):
+def test_family_sharded_hub_download_sends_hf_token(family_models, local_server, monkeypatch, tmp_path):
     reference, _ = family_models["llama_tied_mha_no_bias"]
     folder = tmp_path / "sharded"
     reference.save_pretrained(folder, max_shard_size="40KB")
@@ -633,7 +721,7 @@ def test_family_sharded_hub_download_sends_hf_token(family_models, file_server, 
     assert len(shards) > 1 and not (folder / "model.safetensors").exists()
     files = {f"/owner/tiny/resolve/main/{p.name}": p.read_bytes() for p in folder.iterdir() if p.is_file()}
     files["/owner/tiny/resolve/main/tokenizer.json"] = b"{}"  # a Hub model has one (read as text, unused here)
-    server = file_server(files)
+    server = local_server(files)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     model = load_lm("owner/tiny", quiet=True)
@@ -647,28 +735,9 @@ def test_family_sharded_hub_download_sends_hf_token(family_models, file_server, 
     assert len(server.requests) == count
 
 
-def test_family_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_models, small_pair, tmp_path):
-    reference, folder = family_models["qwen3_gqa_qk_norm_tied_head_dim"]
-    snapshot = tmp_path / "hf-cache" / "models--Qwen--Tiny" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        (snapshot / name).write_bytes((folder / name).read_bytes())
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # no chat_template.jinja,
-        (snapshot / name).write_text("{}")  # as a base model has none (read as text, unused here)
-    (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs").mkdir()
-    (tmp_path / "hf-cache" / "models--Qwen--Tiny" / "refs" / "main").write_text("abc123")
-    model = load_lm("Qwen/Tiny")  # HF_ENDPOINT is a closed port: only the cache can answer
-    assert model.cfg.qk_norm and model.cfg.head_dim == 32
-    with pytest.raises(RuntimeError, match=r"^cannot reach http://\S+/Qwen/Other/resolve/main/config\.json \(ConnectionError\)\. "
-                       r"Offline\? Pass a local \.safetensors file or a folder with the model's files instead of 'Qwen/Other', "
-                       r"or set HF_ENDPOINT to a mirror$"):
-        load_lm("Qwen/Other", quiet=True)
-    assert type(load_lm(small_pair[1].parent)) is gpt.GPTModel  # a GPT-2 folder is GPT-2's
-
-
 @pytest.mark.parametrize("token", [None, "hf_no_access"])
-def test_family_gated_model_says_what_to_do(route_server, monkeypatch, token):
-    server = route_server({"/meta-llama/Llama-3.2-1B/resolve/main/config.json": answer(b"", status=401 if token is None else 403)})
+def test_family_gated_model_says_what_to_do(local_server, monkeypatch, token):
+    server = local_server({"/meta-llama/Llama-3.2-1B/resolve/main/config.json": answer(b"", status=401 if token is None else 403)})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     if token:
         monkeypatch.setenv("HF_TOKEN", token)
@@ -679,25 +748,6 @@ def test_family_gated_model_says_what_to_do(route_server, monkeypatch, token):
     message = str(error.value)
     assert "meta-llama/Llama-3.2-1B is gated" in message and "accept its licence on https://huggingface.co/meta-llama/Llama-3.2-1B" in message
     assert ("HF_TOKEN is not set" in message) == (token is None)
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        ({"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
-        ({"hidden_size": 0}, "'hidden_size' must be a positive integer"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}},
-         "rope_parameters.rope_type = 'yarn' is not supported"),
-        ({"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
-    ],
-)
-def test_family_unsupported_config_is_a_clear_error(family_models, tmp_path, change, message):
-    folder = family_models["llama_tied_mha_no_bias"][1]
-    config = {**json.loads((folder / "config.json").read_text()), **change}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    with pytest.raises(ValueError, match=re.escape(message)):
-        load_lm(tmp_path)
 
 
 # --- the family's tokenizers: tokenizer.json -> tiktoken ---------------------------------
@@ -789,22 +839,6 @@ def test_tokenizer_json_of_a_folder_with_its_end_of_text_from_tokenizer_config(t
     small = gpt.build_model(dataclasses.replace(gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"], vocab_size=999, n_layers=1))
     with pytest.raises(ValueError, match=f"has 999 tokens, but the tokenizer {re.escape(str(tmp_path))}.* uses 1000"):
         gpt.check_vocabulary(small, "--model x", tokenizer=encoding)
-
-
-def test_a_folder_without_model_files_is_named_by_every_script(tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (tmp_path / "text.txt").write_text("Every effort moves you. " * 50)
-    (tmp_path / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
-    model, out_dir = ["--model", str(empty)], ["--out-dir", str(tmp_path / "run")]
-    runs = [(load_gpt2.main, model),
-            (pretrain.main, [*model, *out_dir, "--data", str(tmp_path / "text.txt")]),
-            (instruct.main, [*model, *out_dir, "--data", str(tmp_path / "data.json")])]
-    runs.append((fc.main, [*model, *out_dir, "--data", str(_classify_sms_slice(tmp_path))]))
-    for main, argv in runs:  # one loader (gpt.load), one message
-        with pytest.raises(SystemExit, match=f"^error: {re.escape(str(empty))} holds no model: neither "
-                                             "model.safetensors nor model.safetensors.index.json$"):
-            main(argv)
 
 
 def test_tokenizer_json_of_gpt2_gives_tiktokens_gpt2_ids(tmp_path):
@@ -926,7 +960,7 @@ def test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token(train
     torch.save(old_style, tmp_path / "moved.pt")
     with pytest.raises(SystemExit, match="names its tokenizer by a path .* train it again"):
         load_gpt2.main(["--model", str(tmp_path / "moved.pt")])
-    gpt.save_checkpoint(tmp_path / "unnamed.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "unnamed.pt", model)
     with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
         load_gpt2.main(["--model", str(tmp_path / "unnamed.pt")])
 
@@ -969,18 +1003,20 @@ def test_family_load_gpt2_perplexity_and_hellaswag_equal_transformers(trained_to
     assert results["acc_norm"] == float(max(range(4), key=normalised.__getitem__) == item["label"])
 
 
-def test_family_load_gpt2_download_only_fetches_model_and_tokenizer(trained_tokenizers, file_server, monkeypatch,
-                                                                      tmp_path, capsys):
+def test_load_gpt2_download_only_fetches_model_and_tokenizer_into_cache_dir(trained_tokenizers, small_pair,
+                                                                             local_server, monkeypatch, tmp_path, capsys):
     family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "smollm2", "Hi")
     files = {f"/owner/smol/resolve/main/{p.name}": p.read_bytes() for p in (tmp_path / "model").iterdir()}
-    monkeypatch.setenv("HF_ENDPOINT", file_server(files).url)
+    data = small_pair[1].read_bytes()
+    files["/openai-community/gpt2-medium/resolve/main/model.safetensors"] = data
+    monkeypatch.setenv("HF_ENDPOINT", local_server(files).url)
     load_gpt2.main(["--model", "owner/smol", "--download-only", "--cache-dir", str(tmp_path / "mine")])
     assert capsys.readouterr().out == f"owner/smol is in {tmp_path / 'mine' / 'owner' / 'smol'}\n"
-    downloaded = {p.name for p in (tmp_path / "mine" / "owner" / "smol").iterdir() if p.suffix != ".lock"}
+    downloaded = {p.name for p in (tmp_path / "mine" / "owner" / "smol").iterdir()}
     assert downloaded == {"config.json", "model.safetensors", "tokenizer.json"}
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", str(tmp_path / "model"), "--download-only"])
-    assert exit_info.value.code == 2  # a folder is no name to download
+    load_gpt2.main(["--model", "gpt2-medium", "--download-only", "--cache-dir", str(tmp_path / "mine")])
+    assert (tmp_path / "mine" / "gpt2-medium" / "model.safetensors").read_bytes() == data
+    assert capsys.readouterr().out == f"gpt2-medium is in {tmp_path / 'mine' / 'gpt2-medium'}\n"
 
 
 @pytest.mark.parametrize("style, config", [
@@ -1296,10 +1332,10 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, traine
     ("mistralai/Mistral-7B-v0.1", "llama2", 8, 32), ("microsoft/phi-2", "codegen", 2, 32),
     ("microsoft/Phi-3-mini-4k-instruct", "llama2", 32, 64), ("google/gemma-3-270m", "metaspace", 2, 32)])
 def test_new_family_pretrain_size_trains_the_shape_from_scratch(name, tokenizer_style, heads, width,
-                                                                sentencepiece_tokenizers, trained_tokenizers, file_server,
+                                                                sentencepiece_tokenizers, trained_tokenizers, local_server,
                                                                 monkeypatch, tmp_path, pretrain_text_file):
     tokenizer_json = stage_tokenizer_json(tokenizer_style, sentencepiece_tokenizers, trained_tokenizers)
-    server = file_server({f"/{name}/resolve/main/tokenizer.json": json.dumps(tokenizer_json).encode()})
+    server = local_server({f"/{name}/resolve/main/tokenizer.json": json.dumps(tokenizer_json).encode()})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     small = dataclasses.replace(gpt.LLAMA_CONFIGS[name], vocab_size=1100)
     monkeypatch.setitem(gpt.MODEL_CONFIGS, name, small)  # the released shape, a small vocabulary
@@ -1317,10 +1353,9 @@ def test_new_family_pretrain_size_trains_the_shape_from_scratch(name, tokenizer_
 # ========================================================================================
 
 
-def write_safetensors(path, header, data=b""):
+def header_bytes(header, data=b""):
     raw = json.dumps(header).encode()
-    Path(path).write_bytes(struct.pack("<Q", len(raw)) + raw + data)
-    return path
+    return struct.pack("<Q", len(raw)) + raw + data
 
 
 def test_read_safetensors_matches_the_reference_reader(small_pair):
@@ -1333,35 +1368,26 @@ def test_read_safetensors_matches_the_reference_reader(small_pair):
 
 
 @pytest.mark.parametrize(
-    "header, data, message",
+    "content, message",
     [
-        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "does not fit in the 4 data bytes"),
-        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12, r"F32 \[2\] at data offsets \[0, 12\]"),
-        ({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown dtype 'Q4'"),
-        ({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "'data_offsets'"),
-        ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, r"F32 \[-2\] .* does not fit"),
+        (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "does not fit in the 4 data bytes"),
+        (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12), r"F32 \[2\] at data offsets \[0, 12\]"),
+        (header_bytes({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype 'Q4'"),
+        (header_bytes({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8), "'data_offsets'"),
+        (header_bytes({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), r"F32 \[-2\] .* does not fit"),
+        ("first half", "does not fit in the .* data bytes"),
+        ("first 100 bytes", "a header of .* runs past the end"),
+        (b"abc", ""),
+        (struct.pack("<Q", 5) + b"{oops", "Expecting"),
     ],
+    ids=["cut-data", "offsets", "dtype", "no-offsets", "negative-shape", "cut-file", "cut-header", "3-bytes", "json"],
 )
-def test_malformed_safetensors_headers(tmp_path, header, data, message):
-    path = write_safetensors(tmp_path / "bad.safetensors", header, data)
-    with pytest.raises(ValueError, match=f"bad.safetensors: not a complete safetensors file .*{message}"):
-        gpt.read_safetensors(path)
-
-
-def test_truncated_and_garbage_safetensors(tmp_path, small_pair):
+def test_a_safetensors_file_that_is_not_whole_is_named(tmp_path, small_pair, content, message):
     raw = small_pair[1].read_bytes()
-    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(ValueError, match="does not fit in the .* data bytes"):
-        gpt.read_safetensors(tmp_path / "cut.safetensors")
-    (tmp_path / "head.safetensors").write_bytes(raw[:100])
-    with pytest.raises(ValueError, match="a header of .* runs past the end"):
-        gpt.read_safetensors(tmp_path / "head.safetensors")
-    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
-    with pytest.raises(ValueError, match="not a complete safetensors file"):
-        gpt.read_safetensors(tmp_path / "tiny.safetensors")
-    (tmp_path / "json.safetensors").write_bytes(struct.pack("<Q", 5) + b"{oops")
-    with pytest.raises(ValueError, match="not a complete safetensors file .*Expecting"):
-        gpt.read_safetensors(tmp_path / "json.safetensors")
+    content = {"first half": raw[: len(raw) // 2], "first 100 bytes": raw[:100]}.get(content, content)
+    (tmp_path / "bad.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=f"bad.safetensors: not a complete safetensors file.*{message}"):
+        gpt.read_safetensors(tmp_path / "bad.safetensors")
 
 
 def test_weight_mapping_is_strict(small_pair, tmp_path):
@@ -1382,37 +1408,38 @@ def test_weight_mapping_is_strict(small_pair, tmp_path):
 
 
 # ========================================================================================
-# gpt.py: downloads (against a local HTTP server)
+# gpt.py: downloads (against the local HTTP server)
 # ========================================================================================
 
 
-def test_download_cut_leaves_no_file_and_the_next_call_starts_over(file_server, tmp_path):
+def zip_bytes(members, compression=zipfile.ZIP_STORED):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_download_cut_leaves_no_file_and_the_next_call_starts_over_and_resumes_a_cut_with_a_range(local_server, tmp_path):
     data = bytes(range(256)) * 4000
-    server = file_server({"/f.bin": data}, cut_after=300_000)
+    server = local_server({"/f.bin": data}, cut_after=300_000)
     with pytest.raises(RuntimeError, match=r"failed after 1 attempts \(.*\); run again later$"):
         gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "f.bin", retries=1, quiet=True)
     assert os.listdir(tmp_path / "cache") == []  # no temporary file, no lock file
+    server.cut_after = 200_000
     gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "f.bin", sha256=hashlib.sha256(data).hexdigest(),
                       quiet=True)
     assert os.listdir(tmp_path / "cache") == ["f.bin"] and (tmp_path / "cache" / "f.bin").read_bytes() == data
-    assert "Range" not in server.requests[-1][2]
+    first, second = (request[2].get("Range") for request in server.requests[1:])
+    assert first is None and 0 < int(second.removeprefix("bytes=").removesuffix("-")) <= 200_000  # what it had kept
 
 
-def test_download_retries_a_cut_within_one_call(file_server, tmp_path):
-    data = b"x" * 500_000
-    server = file_server({"/f.bin": data}, cut_after=200_000)
-    gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", size=len(data), quiet=True)
-    assert (tmp_path / "f.bin").read_bytes() == data
-    ranges = [r[2].get("Range") for r in server.requests]
-    assert ranges[0] is None and len(ranges) == 2 and ranges[1].startswith("bytes=")
-
-
-def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(file_server, small_pair, monkeypatch, tmp_path,
+def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(local_server, small_pair, monkeypatch, tmp_path,
                                                                        capsys):
     data = small_pair[1].read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    server = file_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
-                         headers={"X-Linked-Etag": f'"{digest}"'})
+    server = local_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
+                          headers={"X-Linked-Etag": f'"{digest}"'})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     model = load_lm("gpt2", quiet=True)
     assert model.cfg.emb_dim == 128
@@ -1425,116 +1452,37 @@ def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(file_serve
     assert load_lm("gpt2", quiet=True).cfg.emb_dim == 128
     assert cached.read_bytes() == data and len(server.requests) > count
     assert f"cached {cached}: not a complete safetensors file" in capsys.readouterr().err
-
-
-def test_load_gpt2_rejects_a_download_that_does_not_match_the_hub_hash(file_server, small_pair, monkeypatch, tmp_path):
-    data = small_pair[1].read_bytes()
-    server = file_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
-                         headers={"X-Linked-Etag": '"' + "ab" * 32 + '"'})
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    server.headers["X-Linked-Etag"] = '"' + "ab" * 32 + '"'  # a download that is not the file the Hub announces
+    cached.unlink()
     with pytest.raises(RuntimeError, match="corrupt"):
         load_lm("gpt2", quiet=True)
-    assert not (tmp_path / "gpt-cache" / "gpt2" / "model.safetensors").exists()
-    assert not (tmp_path / "gpt-cache" / "gpt2" / "model.safetensors.part").exists()
+    assert os.listdir(cached.parent) == []  # no file, no .part file
 
 
-def test_existing_hugging_face_cache_is_used(small_pair, tmp_path):
-    snapshot = tmp_path / "hf-cache" / "models--openai-community--gpt2" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    (snapshot / "model.safetensors").write_bytes(small_pair[1].read_bytes())
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
-    assert gpt.hub_file("openai-community/gpt2", "model.safetensors") == snapshot / "model.safetensors"
-    assert load_lm("gpt2").cfg.emb_dim == 128  # HF_ENDPOINT points nowhere: no download
+def test_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_models, small_pair, tmp_path):
+    folder = family_models["qwen3_gqa_qk_norm_tied_head_dim"][1]
+    for repo, files in [("openai-community--gpt2", {"model.safetensors": small_pair[1].read_bytes()}),
+                        ("Qwen--Tiny", {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")})]:
+        snapshot = tmp_path / "hf-cache" / f"models--{repo}" / "snapshots" / "abc123"
+        snapshot.mkdir(parents=True)
+        for name, content in files.items():
+            (snapshot / name).write_bytes(content)
+        (snapshot.parent.parent / "refs").mkdir()
+        (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    snapshot = tmp_path / "hf-cache" / "models--Qwen--Tiny" / "snapshots" / "abc123"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # no chat_template.jinja,
+        (snapshot / name).write_text("{}")  # as a base model has none (read as text, unused here)
+    assert gpt.hub_file("openai-community/gpt2", "model.safetensors").parent.name == "abc123"
+    assert load_lm("gpt2").cfg.emb_dim == 128  # HF_ENDPOINT is a closed port: only the cache can answer
+    model = load_lm("Qwen/Tiny")
+    assert model.cfg.qk_norm and model.cfg.head_dim == 32
+    with pytest.raises(RuntimeError, match=r"^cannot reach http://\S+/Qwen/Other/resolve/main/config\.json \(ConnectionError\)\. "
+                       r"Offline\? Pass a local \.safetensors file or a folder with the model's files instead of 'Qwen/Other', "
+                       r"or set HF_ENDPOINT to a mirror$"):
+        load_lm("Qwen/Other", quiet=True)
 
 
-def test_fetch_dataset_tries_each_url_and_names_the_flag(file_server, tmp_path):
-    server = file_server({"/mirror/data.txt": b"hello"})
-    path = gpt.fetch_dataset([server.url + "/main/data.txt", server.url + "/mirror/data.txt"], "data.txt", quiet=True)
-    assert path.read_bytes() == b"hello"
-    assert path == cached_data_path(tmp_path, server.url + "/main/data.txt", "data.txt")  # keyed by the first URL
-    with pytest.raises(RuntimeError, match="(?s)/a/x.txt.*/b/x.txt.*--data PATH"):
-        gpt.fetch_dataset([server.url + "/a/x.txt", server.url + "/b/x.txt"], "x.txt", quiet=True)
-
-
-# --- downloads: every way a server or a cached file can be wrong ------------------------
-
-
-class RouteServer(LocalServer):
-    """A local HTTP server whose answers are functions: routes {url path: fn(handler)},
-    each writing its own (mis)behaving response; records (method, path, headers)."""
-
-    def __init__(self, routes):
-        self.requests = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                server.requests.append((self.command, self.path, dict(self.headers)))
-                routes[self.path](self)
-
-            do_HEAD = do_POST = do_GET
-
-        self.serve(Handler)
-
-
-@pytest.fixture
-def route_server():
-    yield from started_servers(RouteServer)
-
-
-def answer(body, status=200, **headers):
-    """A route that sends body with Content-Length and the given headers (underscores in
-    names become dashes); a `Content_Length` header overrides the true length."""
-
-    def respond(handler):
-        handler.send_response(status)
-        headers.setdefault("Content_Length", str(len(body)))
-        for key, value in headers.items():
-            handler.send_header(key.replace("_", "-"), value)
-        handler.end_headers()
-        if handler.command != "HEAD":
-            handler.wfile.write(body)
-
-    return respond
-
-
-def cached_data_path(tmp_path, url, filename):
-    """Where fetch_dataset keeps the file of url: <cache>/data/<12 hex of SHA-256(url)>/<filename>."""
-    return tmp_path / "gpt-cache" / "data" / hashlib.sha256(url.encode()).hexdigest()[:12] / filename
-
-
-def zip_bytes(members, compression=zipfile.ZIP_STORED):
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-def tar_bytes(members):
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def test_download_body_shorter_than_content_length_is_an_error(route_server, tmp_path):
-    server = route_server({"/f.bin": answer(b"x" * 500, Content_Length="1000")})
-    with pytest.raises(RuntimeError) as error:
-        gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", retries=2)
-    assert str(error.value).startswith(f"download of {server.url}/f.bin failed after 2 attempts (")
-    assert "\n" not in str(error.value)
-    assert list(tmp_path.iterdir()) == []  # never renamed, and deleted
-
-
-def test_download_206_with_another_range_is_caught_by_the_hash(route_server, tmp_path):
+def test_download_206_with_another_range_is_caught_by_the_hash(local_server, tmp_path):
     data = bytes(range(256)) * 400
 
     def cut_then_wrong_range(handler):  # one 64 KiB piece, then for the rest the whole file again, as bytes 0-
@@ -1542,7 +1490,7 @@ def test_download_206_with_another_range_is_caught_by_the_hash(route_server, tmp
             return answer(data[: 1 << 16], Content_Length=str(len(data)))(handler)
         answer(data, 206, Content_Range=f"bytes 0-{len(data) - 1}/{len(data)}")(handler)
 
-    server = route_server({"/f.bin": cut_then_wrong_range})
+    server = local_server({"/f.bin": cut_then_wrong_range})
     with pytest.raises(RuntimeError, match="is corrupt or not the expected file: .*SHA-256"):
         gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
     assert [r[2].get("Range") for r in server.requests] == [None, f"bytes={1 << 16}-"]
@@ -1567,9 +1515,8 @@ def _corrupt_zip():
     ],
     ids=["web-page", "cut", "no-member", "zip-crc", "json", "safetensors"],
 )
-def test_a_download_that_is_not_the_expected_file_is_deleted(route_server, tmp_path, body, checks, problem):
-    server = route_server({"/file": answer(body)})
-    url = server.url + "/file"
+def test_a_download_that_is_not_the_expected_file_is_deleted(local_server, tmp_path, body, checks, problem):
+    url = local_server({"/file": body}).url + "/file"
     with pytest.raises(RuntimeError) as error:
         gpt.download_file(url, tmp_path / "file", **checks, quiet=True)
     assert str(error.value).startswith(f"download of {url} is corrupt or not the expected file: {tmp_path / 'file'}")
@@ -1587,58 +1534,52 @@ def test_a_download_that_is_not_the_expected_file_is_deleted(route_server, tmp_p
         ("http://", "failed: InvalidURL: Invalid URL 'http://': No host supplied"),
         ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: "),
         ("{server}/missing.bin", "failed: HTTP 404"),
+        ("{server}/short.bin", "failed after 3 attempts ("),
     ],
-    ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused", "404"],
+    ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused", "404", "shorter-than-content-length"],
 )
-def test_every_request_failure_is_one_line_naming_the_url(route_server, tmp_path, url, message):
-    server = route_server({"/loop": answer(b"", 302, Location="/loop"), "/missing.bin": answer(b"", 404)})
+def test_every_request_failure_is_one_line_naming_the_url(local_server, tmp_path, url, message):
+    server = local_server({"/loop": answer(b"", 302, Location="/loop"),
+                           "/short.bin": answer(b"x" * 500, Content_Length="1000")})
     url = url.format(server=server.url, port=server.httpd.server_address[1])  # https to plain HTTP: TLS fails
     with pytest.raises(RuntimeError) as error:
         gpt.download_file(url, tmp_path / "f.bin", quiet=True)
     assert str(error.value).startswith(f"download of {url} ")
     assert message in str(error.value) and "\n" not in str(error.value)
-    assert not (tmp_path / "f.bin").exists()
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary file
 
 
-def test_load_gpt2_script_redirect_loop_is_one_error_line(route_server, monkeypatch):
-    server = route_server({"/openai-community/gpt2/resolve/main/model.safetensors": answer(b"", 302, Location="/x"),
-                           "/x": answer(b"", 302, Location="/openai-community/gpt2/resolve/main/model.safetensors")})
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", "gpt2", "--download-only"])
-    url = f"{server.url}/openai-community/gpt2/resolve/main/model.safetensors"
-    assert exit_info.value.code == f"error: download of {url} failed: TooManyRedirects: Exceeded 30 redirects."
-
-
-def test_fetch_dataset_hash_mismatch_names_url_expected_and_actual(route_server, tmp_path):
-    server = route_server({"/d.json": answer(b"[]")})
+def test_fetch_dataset_tries_each_url_and_a_mismatch_names_url_expected_and_actual(local_server, tmp_path):
+    server = local_server({"/mirror/data.txt": b"hello", "/d.json": b"[]"})
+    path = gpt.fetch_dataset([server.url + "/main/data.txt", server.url + "/mirror/data.txt"], "data.txt", quiet=True)
+    assert path.read_bytes() == b"hello"
+    assert path == cached_data_path(tmp_path, server.url + "/main/data.txt", "data.txt")  # keyed by the first URL
+    with pytest.raises(RuntimeError, match="(?s)/a/x.txt.*/b/x.txt.*--data PATH"):
+        gpt.fetch_dataset([server.url + "/a/x.txt", server.url + "/b/x.txt"], "x.txt", quiet=True)
     url = server.url + "/d.json"
-    actual = hashlib.sha256(b"[]").hexdigest()
     with pytest.raises(RuntimeError) as error:
         gpt.fetch_dataset([url], "d.json", sha256="ab" * 32, quiet=True)
     path = cached_data_path(tmp_path, url, "d.json")
+    actual = hashlib.sha256(b"[]").hexdigest()
     expected = f"download of {url} is corrupt or not the expected file: {path}: SHA-256 {actual}, expected {'ab' * 32}"
     assert expected in str(error.value)
     assert os.listdir(path.parent) == []  # no file, no temporary file
 
 
-def test_fetch_dataset_reads_a_good_cached_file_without_writing(route_server, monkeypatch):
-    server = route_server({"/d.json": answer(b"[1]")})
-    path = gpt.fetch_dataset([server.url + "/d.json"], "d.json", size=3, quiet=True)
+def test_fetch_dataset_reads_a_good_cached_file_without_writing_and_fetches_a_corrupt_one_again(local_server, tmp_path,
+                                                                                                 monkeypatch, capsys):
+    server = local_server({"/d.json": b'{"ok": 1}'})
+    url = server.url + "/d.json"
+    checks = {"size": 9, "sha256": hashlib.sha256(b'{"ok": 1}').hexdigest()}
+    path = gpt.fetch_dataset([url], "d.json", **checks, quiet=True)
 
     def unwritable(*args, **kwargs):  # root ignores file modes: a read-only cache is simulated here
         raise PermissionError("[Errno 13] Permission denied")
 
-    monkeypatch.setattr(Path, "mkdir", unwritable)
-    assert gpt.fetch_dataset([server.url + "/d.json"], "d.json", size=3, quiet=True) == path
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "mkdir", unwritable)
+        assert gpt.fetch_dataset([url], "d.json", **checks, quiet=True) == path
     assert len(server.requests) == 1
-
-
-def test_fetch_dataset_downloads_a_corrupt_cached_file_again(route_server, tmp_path, capsys):
-    server = route_server({"/d.json": answer(b'{"ok": 1}')})
-    url = server.url + "/d.json"
-    checks = {"size": 9, "sha256": hashlib.sha256(b'{"ok": 1}').hexdigest()}
-    path = gpt.fetch_dataset([url], "d.json", **checks, quiet=True)
     path.write_bytes(b'{"ok": ')  # cut short in the cache
     assert gpt.fetch_dataset([url], "d.json", **checks, quiet=True).read_bytes() == b'{"ok": 1}'
     assert len(server.requests) == 2
@@ -1651,12 +1592,12 @@ def test_fetch_dataset_downloads_a_corrupt_cached_file_again(route_server, tmp_p
     assert not path.exists()
 
 
-def test_fetch_dataset_checks_the_zip_member_not_the_zip(route_server, tmp_path, capsys):
+def test_fetch_dataset_checks_the_zip_member_not_the_zip(local_server, tmp_path, capsys):
     real = SMS_ZIP.read_bytes()
     member = zipfile.ZipFile(SMS_ZIP).read(fc.ZIP_MEMBER)
     remade = zip_bytes({"readme": b"another zip, the same member", fc.ZIP_MEMBER: member}, zipfile.ZIP_DEFLATED)
     other = zip_bytes({fc.ZIP_MEMBER: member[:-1]})
-    server = route_server({"/real.zip": answer(real), "/remade.zip": answer(remade), "/other.zip": answer(other)})
+    server = local_server({"/real.zip": real, "/remade.zip": remade, "/other.zip": other})
     for name in ("real", "remade"):
         path = fc.sms_collection_path(urls=[f"{server.url}/{name}.zip"])
         assert fc.read_sms_bytes(path) == member
@@ -1667,14 +1608,11 @@ def test_fetch_dataset_checks_the_zip_member_not_the_zip(route_server, tmp_path,
     assert "not the expected file (File is not a zip file)" in capsys.readouterr().err
 
 
-def test_shipped_checks_match_the_real_data():
+def test_scripts_check_their_known_downloads_and_the_checks_match_the_real_data(local_server, monkeypatch):
     gpt.verify_file(SMS_ZIP, member=fc.ZIP_MEMBER, size=fc.MEMBER_SIZE, sha256=fc.MEMBER_SHA256)
     assert fc.MEMBER_SIZE == 477_907
     assert "/main/" not in instruct.DATA_URL  # pinned to a commit
-
-
-def test_scripts_check_their_known_downloads(route_server, monkeypatch):
-    server = route_server({"/the-verdict.txt": answer(b"other text"), "/instruction-data.json": answer(b"[]")})
+    server = local_server({"/the-verdict.txt": b"other text", "/instruction-data.json": b"[]"})
     verdict, instructions = server.url + "/the-verdict.txt", server.url + "/instruction-data.json"
     monkeypatch.setitem(pretrain.KNOWN_DOWNLOADS, verdict, pretrain.KNOWN_DOWNLOADS[pretrain.VERDICT_URL])
     with pytest.raises(RuntimeError, match=f"{verdict} is corrupt or not the expected file: .*: 10 bytes, expected 20479"):
@@ -1684,7 +1622,7 @@ def test_scripts_check_their_known_downloads(route_server, monkeypatch):
         instruct.data_path(instruct.build_parser().parse_args([]))  # no --data: the download
 
 
-def test_concurrent_downloads_of_one_file_need_no_lock(route_server, tmp_path):
+def test_concurrent_downloads_of_one_file_need_no_lock(local_server, tmp_path):
     data = os.urandom(64 * 1024)
 
     def slow(handler):  # 8 pieces, 50 ms apart: the second caller arrives mid-download
@@ -1696,59 +1634,123 @@ def test_concurrent_downloads_of_one_file_need_no_lock(route_server, tmp_path):
             handler.wfile.flush()
             time.sleep(0.05)
 
-    server = route_server({"/big.bin": slow})
-    url = server.url + "/big.bin"
+    url = local_server({"/big.bin": slow}).url + "/big.bin"
     start = threading.Barrier(2)
-    results = [None, None]
 
-    def fetch(i):
+    def fetch(_):
         start.wait()
-        results[i] = gpt.fetch_dataset([url], "big.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
+        return gpt.fetch_dataset([url], "big.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
 
-    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=20)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(fetch, range(2), timeout=20))
     assert results[0] == results[1] == cached_data_path(tmp_path, url, "big.bin")
     assert results[0].read_bytes() == data
     assert os.listdir(results[0].parent) == ["big.bin"]  # each renamed its own whole copy: no temporary file left
 
 
+# ========================================================================================
+# gpt.py: config.json, read whole and strictly
+# ========================================================================================
+
+STRICT_GPT2 = dict(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+
+
+@pytest.fixture(scope="module")
+def strict_folders(tmp_path_factory):
+    """{"gpt2": folder, "llama": folder} of tiny models saved with save_pretrained."""
+    gpt2 = tmp_path_factory.mktemp("strict_gpt2")
+    save_hf_gpt2(gpt2, **STRICT_GPT2)
+    llama = tmp_path_factory.mktemp("strict_llama")
+    save_hf_family(llama, "llama", perturb=False, num_key_value_heads=4)
+    return {"gpt2": gpt2, "llama": llama}
+
+
+def changed_copy(folder, dest, change):
+    """A copy of a model folder in dest whose config.json has the entries of `change` (a dict), or
+    is the text `change` (a str) -> dest."""
+    config = change if isinstance(change, str) else json.dumps({**json.loads((folder / "config.json").read_text()), **change})
+    (dest / "config.json").write_text(config)
+    (dest / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    return dest
+
+
+def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_path):
+    reference, _ = save_hf_gpt2(tmp_path, **STRICT_GPT2, layer_norm_epsilon=1e-3)
+    model = load_lm(tmp_path)
+    assert model.cfg.norm_eps == 1e-3 and model.h[0].ln_1.eps == model.ln_f.eps == 1e-3
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    folder = gpt.export_hf(tiny_model(norm_eps=1e-3), tmp_path / "hf")
+    assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-3
+    assert load_lm(folder).cfg.norm_eps == 1e-3
+
+
 @pytest.mark.parametrize(
-    "config, message",
+    "family, change, message",
     [
-        ({"n_positions": 64, "n_embd": 128, "n_layer": 2, "n_head": 2}, "'vocab_size' must be a positive integer, got None"),
-        ({**SMALL_HF, "n_layer": "2"}, "'n_layer' must be a positive integer, got '2'"),
-        ({**SMALL_HF, "n_head": 2.0}, "'n_head' must be a positive integer, got 2.0"),
-        ({**SMALL_HF, "n_layer": True}, "'n_layer' must be a positive integer, got True"),
-        ({**SMALL_HF, "n_embd": 0}, "'n_embd' must be a positive integer, got 0"),
-        ({**SMALL_HF, "n_head": 3}, "emb_dim (128) must be divisible by n_heads (3)"),
-        ([1, 2], "its config.json holds a list, not a JSON object"),
-        ('{"n_layer": 2,', "not valid JSON (Expecting property name"),
+        ("gpt2", json.dumps({k: v for k, v in STRICT_GPT2.items() if k != "vocab_size"}),
+         "config.json: 'vocab_size' must be a positive integer, got None"),
+        ("gpt2", {"n_layer": "2"}, "config.json: 'n_layer' must be a positive integer, got '2'"),
+        ("gpt2", {"n_head": 2.0}, "config.json: 'n_head' must be a positive integer, got 2.0"),
+        ("gpt2", {"n_layer": True}, "config.json: 'n_layer' must be a positive integer, got True"),
+        ("gpt2", {"n_embd": 0}, "config.json: 'n_embd' must be a positive integer, got 0"),
+        ("gpt2", {"n_head": 3}, "emb_dim (32) must be divisible by n_heads (3)"),
+        ("gpt2", "[1, 2]", "its config.json holds a list, not a JSON object"),
+        ("gpt2", '{"n_layer": 2,', "config.json: not valid JSON (Expecting property name"),
+        ("gpt2", {"activation_function": "gelu"}, "activation_function = 'gelu' is not supported"),
+        ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is not supported"),
+        ("gpt2", {"layer_norm_epsilon": 0}, "layer_norm_epsilon = 0 is not supported"),
+        ("gpt2", {"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon = nan is not supported"),
+        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True is not supported"),
+        ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn = True is not supported"),
+        ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights = False is not supported"),
+        ("gpt2", {"add_cross_attention": True}, "add_cross_attention = True is not supported"),
+        ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported"),
+        ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False is not supported"),
+        ("llama", {"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
+        ("llama", {"model_type": None}, "no model_type in a config.json"),
+        ("llama", {"hidden_size": 0}, "'hidden_size' must be a positive integer"),
+        ("llama", {"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
+        ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
+        ("llama", {"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06 is not supported"),
+        ("llama", {"rope_theta": 0}, "rope_theta = 0 is not supported"),
+        ("llama", {"rope_theta": -1}, "rope_theta = -1 is not supported"),
+        ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta = 0 is not"),
+        ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}},
+         "rope_parameters.rope_type = 'yarn' is not supported"),
+        ("llama", {"rope_parameters": None, "rope_theta": -1.0}, "rope_theta = -1.0 is not supported"),
+        ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+         "rope_scaling.type = 'dynamic' is not supported"),
+        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not"),
+        ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 32}}, "name different rope types ['default', 'llama3']"),
+        ("llama", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
+        ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
+         "layer_types = ['full_attention', 'sliding_attention'] is not supported"),
+        ("llama", {"head_dim": 0}, "head_dim = 0 is not supported"),
     ],
-    ids=["missing", "string", "float", "bool", "zero", "heads", "list", "bad-json"],
 )
-def test_malformed_config_json_names_the_file_and_the_key(small_pair, tmp_path, config, message):
-    (tmp_path / "model.safetensors").symlink_to(small_pair[1])
-    config_file = tmp_path / "config.json"
-    if config == "folder":
-        config_file.mkdir()
-    else:
-        config_file.write_text(config if isinstance(config, str) else json.dumps(config))
+def test_config_that_this_implementation_cannot_run_exactly_is_one_line(strict_folders, tmp_path, family, change, message):
     with pytest.raises(ValueError) as error:
-        load_lm(tmp_path / "model.safetensors")
-    # The settings are named as "<the weights file> config.json: <key> ..." (gpt.load's source and
-    # the file), a config.json that is no JSON object as "<the weights file>: its config.json ...",
-    # and a file that is no JSON at all as "model config <config.json>: ...".
-    weights = tmp_path / "model.safetensors"
-    if message.startswith("not valid JSON"):
-        named = f"model config {config_file}"
-    elif message.startswith("its config.json"):
-        named = str(weights)
-    else:
-        named = f"{weights} config.json"
-    assert str(error.value).startswith(f"{named}: {message}")
+        load_lm(changed_copy(strict_folders[family], tmp_path, change))
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert str(error.value).startswith((str(tmp_path), "model config"))  # the file is named
+
+
+@pytest.mark.parametrize(
+    "family, change",
+    [
+        ("gpt2", {"some_new_key": 1, "dtype": "bfloat16", "architectures": ["Other"], "summary_type": "mean",
+                  "activation_function": "gelu_pytorch_tanh", "n_inner": 128, "scale_attn_weights": True}),
+        ("llama", {"some_new_key": 1, "dtype": "bfloat16", "transformers_version": "9.0", "pretraining_tp": 2,
+                   "attention_dropout": 0.1, "layer_types": ["full_attention"] * 2, "use_sliding_window": False}),
+        ("llama", {"rope_parameters": None, "rope_scaling": None, "rope_theta": 10000}),  # transformers 4's spelling
+    ],
+)
+def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, change):
+    folder = changed_copy(strict_folders[family], tmp_path, change)
+    assert load_lm(folder).cfg == load_lm(strict_folders[family]).cfg
 
 
 # ========================================================================================
@@ -1756,42 +1758,36 @@ def test_malformed_config_json_names_the_file_and_the_key(small_pair, tmp_path, 
 # ========================================================================================
 
 
-def test_checkpoint_round_trip_through_load_gpt2(tmp_path):
-    model = tiny_model()
-    gpt.save_checkpoint(tmp_path / "ckpt.pt", model, gpt.get_tokenizer(), step=7)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
-    loaded = load_lm(tmp_path / "ckpt.pt")
-    assert loaded.cfg == model.cfg
-    assert gpt.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
-    idx = torch.randint(0, 50257, (1, 16))
-    with torch.no_grad():
-        assert torch.equal(loaded(idx), model(idx))
-    assert loaded.lm_head.weight is loaded.wte.weight
-
-
-def test_checkpoint_of_a_compiled_or_ddp_model_has_plain_keys(tmp_path):
-    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel
+def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model(tmp_path):
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel and torch.compile
         def __init__(self, module):
             super().__init__()
             self.module = module
 
-    gpt.save_checkpoint(tmp_path / "ckpt.pt", Wrapper(tiny_model()), gpt.get_tokenizer())
-    keys = gpt.load_checkpoint(tmp_path / "ckpt.pt")["model"].keys()
-    assert "wte.weight" in keys and not any(k.startswith("module.") for k in keys)
+    model = tiny_model()
+    gpt.save_checkpoint(tmp_path / "ckpt.pt", Wrapper(model), gpt.get_tokenizer(), step=7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
+    checkpoint = gpt.load_checkpoint(tmp_path / "ckpt.pt")
+    assert checkpoint["step"] == 7 and "wte.weight" in checkpoint["model"]
+    assert not any(k.startswith("module.") for k in checkpoint["model"])
+    loaded = load_lm(tmp_path / "ckpt.pt")
+    assert loaded.cfg == model.cfg and loaded.lm_head.weight is loaded.wte.weight
+    idx = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
 
 
-def test_bad_checkpoint_is_a_clear_error(tmp_path):
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a .safetensors file or a checkpoint of this project"):
-        load_lm(tmp_path / "junk.pt")
-    torch.save({"weights": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="other.pt: not a .safetensors file or a checkpoint of this project"):
-        load_lm(tmp_path / "other.pt")
-    # A classifier's checkpoint loads as a classifier (its class head and names); load_gpt2.py
-    # refuses it (test_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone).
-    gpt.save_checkpoint(tmp_path / "classifier.pt", fc.add_classification_head(tiny_model()), gpt.get_tokenizer())
-    classifier = load_lm(tmp_path / "classifier.pt")
-    assert classifier.labels == fc.CLASS_NAMES and classifier.lm_head.weight.shape == (2, 32)
+def test_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
+    def save_on_a_full_disk(obj, f):  # torch's zip writer reports a failed write as a RuntimeError
+        f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5568 vs 5462")
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    (tmp_path / "model.pt").write_bytes(b"the earlier checkpoint")
+    with pytest.raises(OSError, match=r"cannot write .*model\.pt: the write failed \(is the disk full\?\)"):
+        gpt.atomic_write_bytes(tmp_path / "model.pt", lambda f: torch.save({"step": 1}, f))
+    assert (tmp_path / "model.pt").read_bytes() == b"the earlier checkpoint"
+    assert os.listdir(tmp_path) == ["model.pt"]
 
 
 # ========================================================================================
@@ -1815,15 +1811,6 @@ def test_flag_types_accept_their_range_and_reject_the_rest(parse, good, bad):
     for text in bad:
         with pytest.raises(argparse.ArgumentTypeError, match=f"must be .*, got {re.escape(repr(text))}"):
             parse(text)
-
-
-def _settings_parser():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--lr", type=gpt.non_negative_float, default=1e-3)
-    parser.add_argument("--max-steps", type=gpt.positive_int, default=10)
-    parser.add_argument("--new-flag", default="x")
-    parser.add_argument("--resume", action="store_true")
-    return parser
 
 
 def test_restored_adamw_moments_take_the_layout_of_the_parameters():
@@ -1853,7 +1840,11 @@ def test_restored_adamw_moments_take_the_layout_of_the_parameters():
 
 
 def test_resume_settings_restore_the_saved_run_and_name_a_contradiction(tmp_path):
-    parser = _settings_parser()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lr", type=gpt.non_negative_float, default=1e-3)
+    parser.add_argument("--max-steps", type=gpt.positive_int, default=10)
+    parser.add_argument("--new-flag", default="x")
+    parser.add_argument("--resume", action="store_true")
     with pytest.raises(ValueError, match=r"^--resume: .* holds no run.json of this script, so no run to continue"):
         gpt.resume_settings(parser, ["--resume"], tmp_path)
     (tmp_path / "run.json").write_text(json.dumps({"settings": {"lr": 5e-4, "max_steps": 10, "resume": False}}))
@@ -1891,28 +1882,13 @@ def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
             gpt.claim_run_folder(out, files)
 
 
-def test_a_folder_or_a_missing_path_given_for_a_file_is_named(tmp_path, capsys):
+def test_files_are_read_with_a_bom_and_a_folder_a_missing_path_or_bad_content_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"^--perplexity {re.escape(str(tmp_path))}: a folder, not a file$"):
         gpt.existing_file(tmp_path, "--perplexity")
     with pytest.raises(FileNotFoundError, match="^--evaluate .*missing.csv: no such file$"):
         gpt.existing_file(tmp_path / "missing.csv", "--evaluate")
     (tmp_path / "sms.txt").write_text("hello\n")
     assert gpt.existing_file(tmp_path / "sms.txt", "--classify-file") == tmp_path / "sms.txt"
-    with pytest.raises(SystemExit, match=f"^error: --classify-file {re.escape(str(tmp_path))}: a folder, not a file$"):
-        fc.main(["--classify-file", str(tmp_path), "--checkpoint", str(tmp_path / "none.pt")])
-
-
-def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
-    events = []
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b)))
-    gpt.atomic_write_bytes(tmp_path / "a.pt", lambda f: torch.save({"x": torch.ones(2)}, f))
-    assert events == ["fsync", "rename"]
-    assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]
-
-
-def test_json_and_text_readers_accept_a_bom_and_name_the_problem(tmp_path):
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + b'[{"a": 1}]')
     assert gpt.read_json(tmp_path / "bom.json", "--data") == [{"a": 1}]
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -1925,6 +1901,16 @@ def test_json_and_text_readers_accept_a_bom_and_name_the_problem(tmp_path):
         gpt.read_json(tmp_path / "missing.json", "--data")
     with pytest.raises(ValueError, match=r"x.txt: not UTF-8 text: byte 0xfe at byte offset 7 \(line 3\)"):
         gpt.decode_utf8(b"ab\r\ncd\n\xfe\xff", "x.txt")
+
+
+def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b)))
+    gpt.atomic_write_bytes(tmp_path / "a.pt", lambda f: torch.save({"x": torch.ones(2)}, f))
+    assert events == ["fsync", "rename"]
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]
 
 
 def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
@@ -1956,24 +1942,6 @@ def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypa
             assert capsys.readouterr().err == "\rstep 3/10\033[K\n"
 
 
-def test_progress_without_a_terminal_is_a_plain_line_every_30_seconds(capsys, monkeypatch):
-    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.1, False: 30})
-    clock = iter([1000.0, 1000.0, 1010.0, 1031.0, 1031.0])
-    monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
-    for text in ("step 1/3", "step 2/3", "step 3/3"):
-        gpt.show_progress(text)
-    gpt.end_progress()
-    assert capsys.readouterr().err == "step 1/3\nstep 3/3\n"  # step 2 came 10 s after step 1: not printed
-
-
-def test_split_by_fractions_is_seeded_and_covers_every_item():
-    parts = gpt.split_by_fractions(range(20), seed=123, fractions=(0.7, 0.1))
-    assert [len(p) for p in parts] == [14, 2, 4]
-    assert sorted(sum(parts, [])) == list(range(20))
-    assert parts == gpt.split_by_fractions(range(20), seed=123, fractions=(0.7, 0.1))
-    assert parts != gpt.split_by_fractions(range(20), seed=124, fractions=(0.7, 0.1))
-
-
 def test_adamw_decays_matrices_only():
     model = tiny_model()
     optimizer = gpt.make_adamw(model, lr=1e-3, weight_decay=0.1)
@@ -1992,7 +1960,7 @@ def test_adamw_decays_matrices_only():
 
 def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt", model)
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello", "--max-new-tokens", "12"])
     out = capsys.readouterr().out
     expected = gpt.token_ids_to_text(gpt.generate(model, gpt.text_to_token_ids("Hello"), 12))
@@ -2009,22 +1977,14 @@ def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
-def test_load_gpt2_script_output_into_a_closed_pipe_is_quiet(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
-    command = f"{sys.executable} {Path(load_gpt2.__file__).resolve()} --model {tmp_path / 'tiny.pt'} | head -c 10"
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
-    assert len(result.stdout) == 10
-    assert result.stderr == ""  # no BrokenPipeError traceback
-
-
-def test_load_gpt2_script_download_only_into_cache_dir(file_server, small_pair, monkeypatch, tmp_path, capsys):
-    data = small_pair[1].read_bytes()
-    server = file_server({"/openai-community/gpt2-medium/resolve/main/model.safetensors": data},
-                         headers={"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"'})
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    load_gpt2.main(["--model", "gpt2-medium", "--download-only", "--cache-dir", str(tmp_path / "mine")])
-    assert (tmp_path / "mine" / "gpt2-medium" / "model.safetensors").read_bytes() == data
-    assert capsys.readouterr().out == f"gpt2-medium is in {tmp_path / 'mine' / 'gpt2-medium'}\n"
+def test_output_into_a_closed_pipe_is_quiet_and_exits_141(tmp_path):
+    command = [sys.executable, str(Path(load_gpt2.__file__).resolve()), "--model", str(save_tiny(tmp_path / "tiny.pt")),
+               "--max-new-tokens", "100000"]  # more than a pipe buffer holds
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1)  # as `| head -c1`: read one byte, then close the pipe
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err  # 128 + SIGPIPE, and no BrokenPipeError traceback
 
 
 # ========================================================================================
@@ -2106,7 +2066,7 @@ def test_export_vocabulary_files_are_openais_byte_for_byte():
     assert (table[ord(" ")], table[ord("\n")], table[ord("A")], len(set(table.values()))) == ("Ġ", "Ċ", "A", 256)
 
 
-def test_export_small_model_loads_in_transformers_with_equal_logits_and_text(tmp_path):
+def test_export_small_model_loads_in_transformers_with_equal_logits_and_text_and_reads_back(tmp_path):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     model = tiny_model(context_length=64)
@@ -2126,6 +2086,10 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text(tmp
     prompt = gpt.text_to_token_ids("Every effort moves you")
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False)
     assert torch.equal(theirs, gpt.generate(model, prompt, 40))
+    back = load_lm(folder)  # and back, bit for bit
+    assert back.cfg == model.cfg
+    for (name, tensor), read_back in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(tensor, read_back), name
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     expected = gpt.get_tokenizer().encode(EXPORT_MIXED_TEXT)  # <|endoftext|> is the token
@@ -2133,36 +2097,6 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text(tmp
     assert tokenizer(EXPORT_MIXED_TEXT)["input_ids"] == expected
     assert tokenizer.decode(expected) == EXPORT_MIXED_TEXT
     assert (tokenizer.model_max_length, tokenizer.eos_token_id, tokenizer.bos_token_id) == (64, 50256, 50256)
-
-
-def test_124m_shape_matches_transformers_both_ways_and_reads_back_identically(tmp_path):
-    """GPT-2 124M's shape, random weights: transformers' model read by ours, then ours exported and read by
-    transformers (logits and greedy tokens), then read back by ours bit for bit."""
-    from transformers import GPT2LMHeadModel
-
-    reference, path = save_hf_gpt2(tmp_path / "theirs")
-    model = load_lm(path)
-    assert model.cfg == gpt.GPT_CONFIGS["gpt2"]
-    assert gpt.count_parameters(model) == 124_439_808  # GPT-2 small, embeddings tied
-    idx = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
-    del reference
-    folder = gpt.export_hf(model, tmp_path / "hf")
-    assert 124_439_808 * 4 < (folder / "model.safetensors").stat().st_size < 124_439_808 * 4 + 20_000  # float32, once
-    exported, problems = _export_from_pretrained(GPT2LMHeadModel, folder)
-    assert problems == []
-    prompt = gpt.text_to_token_ids("Every effort moves you")
-    with torch.no_grad():
-        assert (exported(idx).logits - model(idx)).abs().max().item() <= 1e-4
-        theirs = exported.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False)
-    assert torch.equal(theirs, gpt.generate(model, prompt, 40))
-    del exported
-
-    back = load_lm(folder)
-    assert back.cfg == model.cfg
-    for (name, tensor), read_back in zip(model.state_dict().items(), back.state_dict().values()):
-        assert torch.equal(tensor, read_back), name
 
 
 def test_export_lora_model_is_merged_and_the_model_keeps_its_adapters(tmp_path):
@@ -2184,7 +2118,7 @@ def test_export_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path
     torch.manual_seed(0)
     cfg = gpt.LlamaConfig(context_length=32, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=1)
     model = gpt.build_model(cfg).eval()
-    gpt.save_checkpoint(tmp_path / "model.pt", model, gpt.get_tokenizer())  # no tokenizer entry: GPT-2's
+    save_tiny(tmp_path / "model.pt", model)  # no tokenizer entry: GPT-2's
     folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "hf")
     assert not (folder / "tokenizer.json").exists() and (folder / "vocab.json").exists()
     assert tokenizer_and_eot(folder) == (gpt.get_tokenizer(), 50256)
@@ -2254,18 +2188,21 @@ def _export_trained_classifier():
     return model.eval(), texts, token_ids
 
 
-def test_export_classifier_gives_transformers_our_probabilities_and_reads_back(tmp_path):
+def test_export_classifier_of_a_checkpoint_gives_transformers_our_probabilities_and_reads_back(tmp_path):
     from transformers import AutoTokenizer, GPT2ForSequenceClassification
 
     model, texts, token_ids = _export_trained_classifier()
     with torch.no_grad():
         logits = fc.full_pass_logits(model, token_ids)
         without_bias = (logits - model.lm_head.bias).softmax(dim=-1)
-    folder = gpt.export_hf(model, tmp_path / "hf")
+    fc.main(["--checkpoint", str(save_tiny(tmp_path / "classifier.pt", model, max_length=32)), "--export-hf",
+             str(tmp_path / "hf")])
+    folder = tmp_path / "hf"
     reference, problems = _export_from_pretrained(GPT2ForSequenceClassification, folder)
     assert problems == []
     assert reference.config.id2label == {0: "not spam", 1: "spam"} and reference.config.pad_token_id == 50256
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert tokenizer.model_max_length == 32  # the checkpoint's setting
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     assert batch["input_ids"].tolist()[2][1:] == [50256] * (batch["input_ids"].shape[1] - 1)  # "ok" is padded
     with torch.no_grad():
@@ -2274,29 +2211,16 @@ def test_export_classifier_gives_transformers_our_probabilities_and_reads_back(t
     assert (probabilities - without_bias).abs().max().item() > 1e-2  # the bias was carried, and it matters
 
     back, _, max_length = fc.load_classifier(folder)
-    assert (back.labels, max_length) == (fc.CLASS_NAMES, 48)
-    with torch.no_grad():
-        assert (fc.full_pass_logits(back, token_ids) - logits).abs().max().item() <= 1e-5
-
-
-def test_export_classifier_from_a_checkpoint_keeps_its_settings(tmp_path):
-    model, _, token_ids = _export_trained_classifier()
-    gpt.save_checkpoint(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=32)
-    fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
-    folder = tmp_path / "hf"
-    assert gpt.read_json(folder / "tokenizer_config.json", "tokenizer")["model_max_length"] == 32
-    back, _, max_length = fc.load_classifier(folder)
     assert (back.labels, max_length) == (fc.CLASS_NAMES, 32)
     with torch.no_grad():
-        assert (fc.full_pass_logits(back, token_ids) - fc.full_pass_logits(model, token_ids)).abs().max() <= 1e-5
-    with torch.no_grad():
+        assert (fc.full_pass_logits(back, token_ids) - logits).abs().max().item() <= 1e-5
         model.lm_head.weight[1] = 2 * model.lm_head.weight[0]  # rank 1: no shift of ln_f gives both biases
     with pytest.raises(ValueError, match="rank below 2: its bias cannot be moved into ln_f"):
         gpt.export_hf(model, tmp_path / "rank-1")
     assert not (tmp_path / "rank-1").exists()
 
 
-def test_export_classifier_reads_a_transformers_classifier(tmp_path):
+def test_export_classifier_reads_and_exports_again_a_transformers_classifier(tmp_path, capsys):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     token_ids = _classify_token_ids([5, 17, 9])
@@ -2320,6 +2244,17 @@ def test_export_classifier_reads_a_transformers_classifier(tmp_path):
     with pytest.raises(ValueError, match=re.escape("is no spam classifier of finetune_classify.py "
                                                    "(class names: none, a language model)")):
         fc.load_classifier(gpt.export_hf(tiny_model(context_length=48), tmp_path / "language-model"))
+    # The two-class folder, with GPT-2's tokenizer files copied in, exported again by finetune_classify.py.
+    for name, content in gpt.hf_tokenizer_files(gpt.get_tokenizer()).items():
+        path = tmp_path / "hf-2" / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(json.dumps(content))
+    fc.main(["--checkpoint", str(tmp_path / "hf-2"), "--export-hf", str(tmp_path / "ours")])
+    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
+    exported, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "ours")
+    assert problems == []
+    reference = GPT2ForSequenceClassification.from_pretrained(tmp_path / "hf-2").eval()
+    with torch.no_grad():
+        assert (exported(batch).logits.softmax(dim=-1) - reference(batch).logits.softmax(dim=-1)).abs().max() <= 1e-5
 
 
 # ========================================================================================
@@ -2327,35 +2262,39 @@ def test_export_classifier_reads_a_transformers_classifier(tmp_path):
 # ========================================================================================
 
 
-@pytest.mark.parametrize("script", [load_gpt2, pretrain, fc, instruct], ids=lambda script: script.__name__)
-def test_every_flag_has_a_help_line_with_its_default(script, capsys):
+@pytest.mark.parametrize("script, rules", [
+    (load_gpt2, []),
+    (pretrain, ["refuses an --out-dir that holds another run: --resume continues that run", "--overwrite deletes it "
+                "first", "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops"]),
+    (fc, ["refused unless --overwrite"]),
+    (instruct, []),
+], ids=lambda value: getattr(value, "__name__", ""))
+def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(script, rules, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
     assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
     # One entry per flag: "  --flag METAVAR  help", continued on lines indented further.
-    entries = re.findall(r"^  (-.*(?:\n   +.*)*)", capsys.readouterr().out, re.M)
+    entries = re.findall(r"^  (-.*(?:\n   +.*)*)", help_text, re.M)
     assert len(entries) > 5
     for entry in entries:
         takes_a_value = re.match(r"(-\w, )?--[\w-]+ [A-Z{]", entry)  # on/off flags show no default
         if takes_a_value:
             assert "default" in entry, entry
+    help_text = " ".join(re.sub(r"-\n +", "-", help_text).split())  # words cut at hyphens joined
+    assert all(rule in help_text for rule in rules)
+
+
+def test_a_run_that_fails_early_keeps_a_folder_that_was_there_before(tmp_path):
+    (tmp_path / "mine").mkdir()  # a made folder is removed again: each bad-input table checks that
+    with pytest.raises(SystemExit, match="missing.txt"):
+        pretrain.main(["--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "mine")])
+    assert (tmp_path / "mine").is_dir()
 
 
 # ========================================================================================
 # load_gpt2.py: measuring a model (benchmarks, perplexity, contamination, probes)
 # ========================================================================================
-
-HELLASWAG_TINY = TESTDATA / "hellaswag_tiny.jsonl"  # four made-up items in HellaSwag's format
-MMLU_FOLDER = TESTDATA / "mmlu"  # two made-up subjects laid out as MMLU's data.tar
-
-
-@pytest.fixture(scope="session")
-def mmlu_tiny(tmp_path_factory):
-    """The two made-up subjects of testdata/mmlu packed as MMLU's data.tar, the one format --benchmark-file reads."""
-    path = tmp_path_factory.mktemp("mmlu") / "data.tar"
-    with tarfile.open(path, "w") as archive:
-        archive.add(MMLU_FOLDER / "data", arcname="data")
-    return path
 
 
 def _continuation_logprob(model, context_ids, continuation_ids):
@@ -2377,6 +2316,15 @@ def test_benchmark_hellaswag_items_are_prepared_as_the_harness_prepares_them():
                                "Loosen the soil at the bottom. Place the sapling")
     assert tree["choices"][0] == "in the hole and fill it with soil. Water it well."
     assert tree["choices"][3] == "under your pillow. and sleep."
+
+
+@pytest.fixture(scope="session")
+def mmlu_tiny(tmp_path_factory):
+    """The two made-up subjects of testdata/mmlu packed as MMLU's data.tar, the one format --benchmark-file reads."""
+    path = tmp_path_factory.mktemp("mmlu") / "data.tar"
+    with tarfile.open(path, "w") as archive:
+        archive.add(MMLU_FOLDER / "data", arcname="data")
+    return path
 
 
 def test_benchmark_mmlu_prompt_with_shots(mmlu_tiny):
@@ -2404,7 +2352,7 @@ def test_benchmark_continuation_request_as_the_harness():
 
 def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt", model)
     encode = gpt.get_tokenizer().encode
     acc, acc_norm = [], []
     for item in load_gpt2.read_hellaswag(HELLASWAG_TINY):
@@ -2427,7 +2375,7 @@ def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path)
 
 def test_benchmark_mmlu_acc_per_subject_equals_hand_computation(tmp_path, mmlu_tiny):
     model = tiny_model(context_length=128)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt", model)
     encode = gpt.get_tokenizer().encode
     right = collections.defaultdict(list)
     for item in load_gpt2.read_mmlu(mmlu_tiny, shots=2):
@@ -2536,7 +2484,7 @@ def test_contamination_finds_exactly_the_planted_overlaps(tmp_path):
 
 
 def test_contamination_reports_the_score_on_clean_items(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt")
     corpus = tmp_path / "corpus.txt"  # holds item 2 (query and gold ending)
     corpus.write_text("Washing a dog: a man lifts a muddy dog into a tub. The dog shakes water everywhere.\n")
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
@@ -2564,7 +2512,7 @@ def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts
     assert same == [load_gpt2.hellaswag_request(stories[2])]
     assert load_gpt2.reorder_sentences(stories[2])["ctx_a"] == (
         "The man laughs. The dog shakes water everywhere. A man lifts a muddy dog into a tub.")
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt", model)
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
                     str(HELLASWAG_TINY), "--probe", "--results", str(tmp_path / "r.json")])
     probe = json.loads((tmp_path / "r.json").read_text())["probe"]
@@ -2572,9 +2520,9 @@ def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts
     assert probe["change"] == pytest.approx(probe["acc_probe"] - probe["acc"])
 
 
-def test_benchmark_is_downloaded_once_and_counted(file_server, monkeypatch, tmp_path, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
-    server = file_server({"/hellaswag_val.jsonl": HELLASWAG_TINY.read_bytes()})
+def test_benchmark_is_downloaded_once_and_counted(local_server, monkeypatch, tmp_path, capsys):
+    save_tiny(tmp_path / "tiny.pt")
+    server = local_server({"/hellaswag_val.jsonl": HELLASWAG_TINY.read_bytes()})
     monkeypatch.setattr(load_gpt2, "HELLASWAG_URLS", [server.url + "/hellaswag_val.jsonl"])
     argv = ["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag"]
     with pytest.raises(SystemExit, match="4 items, expected 10,042: delete the file to download it again"):
@@ -2612,7 +2560,7 @@ def full_disk_error(path):
 
 
 def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
+    save_tiny(tmp_path / "tiny.pt")
     results = tmp_path / "results.json"
     results.write_text('{"an": "earlier run"}\n')
     failed = fill_the_disk(monkeypatch, lambda path: path.parent == tmp_path)
@@ -2625,70 +2573,59 @@ def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["results.json", "tiny.pt"]  # nothing half-written
 
 
-def test_benchmark_bad_inputs_give_one_clear_line(tmp_path, capsys, mmlu_tiny):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
-    model = ["--model", str(tmp_path / "tiny.pt")]
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text(HELLASWAG_TINY.read_text().splitlines()[0] + "\n{not json\n")
-    no_label = tmp_path / "no_label.jsonl"
-    no_label.write_text(json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e"]}) + "\n")
-    (tmp_path / "x_test.csv").write_text("Question?,a,b,c,E\n")
-    with tarfile.open(tmp_path / "bad_mmlu.tar", "w") as archive:
-        archive.add(tmp_path / "x_test.csv", arcname="data/test/x_test.csv")
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
-    with tarfile.open(tmp_path / "not_mmlu.tar", "w") as archive:
-        archive.add(tmp_path / "empty.txt", arcname="notes.txt")
-    for argv, message in [
-        (["--benchmark", "hellaswag", "--benchmark-file", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
-        (["--benchmark", "mmlu", "--benchmark-file", str(MMLU_FOLDER)], "mmlu: a folder, not a file"),
-        (["--benchmark", "mmlu", "--benchmark-file", str(HELLASWAG_TINY)], "not a tar archive: give MMLU's data.tar"),
-        (["--benchmark", "mmlu", "--contamination", "no-such-corpus"], "--contamination no-such-corpus: no such file"),
-        (["--benchmark", "hellaswag", "--benchmark-file", str(broken)], "broken.jsonl line 2: not valid JSON"),
-        (["--benchmark", "hellaswag", "--benchmark-file", str(no_label)], "no_label.jsonl line 1: not a HellaSwag item"),
-        (["--benchmark", "mmlu", "--benchmark-file", str(tmp_path / "bad_mmlu.tar")], "x_test.csv row 1: expected question"),
-        (["--benchmark", "mmlu", "--benchmark-file", str(tmp_path / "not_mmlu.tar")], "no test/<subject>_test.csv files"),
-        (["--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny), "--shots", "3"], "made_up_geography has 2 dev items"),
-        (["--perplexity", str(tmp_path / "empty.txt")], "empty.txt: the file is empty"),
-        (["--perplexity", str(HELLASWAG_TINY), "--stride", "65"], "--stride 65 must be from 1 to the model's context length"),
-        (["--perplexity", str(HELLASWAG_TINY), "--results", str(tmp_path)], "is a folder: give the path of a JSON file"),
-        (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination", str(tmp_path / "nope")],
-         "nope: no such file"),
-        (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination",
-          str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8 text"),
-        (["--benchmark", "hellaswag", "--benchmark-file", str(HELLASWAG_TINY), "--contamination", str(tmp_path)],
-         f"--contamination {tmp_path}: a folder, not a file"),  # a folder of text files: concatenate them
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            load_gpt2.main(model + argv)
-        assert str(exit_info.value.code).startswith("error: ") and message in exit_info.value.code, argv
-        assert "Traceback" not in capsys.readouterr().err
-    broken_model = tiny_model(context_length=64)
-    torch.nn.init.constant_(broken_model.ln_f.weight, float("nan"))
-    gpt.save_checkpoint(tmp_path / "nan.pt", broken_model, gpt.get_tokenizer())
-    with pytest.raises(SystemExit, match="error: the model gives NaN log-probabilities"):
-        load_gpt2.main(["--model", str(tmp_path / "nan.pt"), "--perplexity", str(HELLASWAG_TINY)])
-    for argv, message in [
-        (["--top-p", "2"], "argument --top-p: must be a number in [0, 1], got '2'"),
-        (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0, got 'nan'"),
-        (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
-        (["--max-new-tokens", "1e3"], "argument --max-new-tokens: must be an integer >= 0, got '1e3'"),
-        (["--benchmark", "hellaswag", "--shots", "5"], "--shots is for --benchmark mmlu"),
-        (["--contamination", "x.txt"], "--contamination needs --benchmark"),
-        (["--stride", "8"], "--stride needs --perplexity"),
-        (["--benchmark", "mmlu", "--ngram", "8"], "--ngram needs --contamination"),
-        (["--results", "r.json"], "--results needs --benchmark or --perplexity"),  # nothing would be written
-        (["--overwrite"], "--overwrite needs --export-hf"),
-        (["--benchmark", "mmlu", "--temperature", "0.7"], "--temperature is for generating text, not for measuring"),
-        (["--top-k", "5"], "--top-k is for sampling: give --temperature above 0 as well"),  # greedy would ignore it
-        (["--seed", "1"], "--seed is for sampling: give --temperature above 0 as well"),
-        (["--batch-size", "4"], "--batch-size needs --benchmark or --perplexity"),
-        (["--perplexity", "t.txt", "--export-hf", "out"], "--download-only, --export-hf, --export-gguf and measuring "
-         "(--benchmark, --perplexity) are separate runs"),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            load_gpt2.main(model + argv)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+HELLASWAG = f"--model {{files}}/tiny.pt --benchmark hellaswag --benchmark-file {HELLASWAG_TINY}"
+LOAD_GPT2_BAD_INPUTS = [
+    # Files and models, read before anything is measured.
+    ("--model {files}/empty", "{files}/empty holds no model: neither model.safetensors nor model.safetensors.index.json"),
+    ("--model {files}/junk.pt", "{files}/junk.pt: not a .safetensors file or a checkpoint of this project"),
+    ("--model {files}/other.pt", "{files}/other.pt: not a .safetensors file or a checkpoint of this project"),
+    ("--model {files}/tiny.pt --benchmark hellaswag --benchmark-file {files}/missing.jsonl", "missing.jsonl: no such file"),
+    (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {MMLU_FOLDER}", "mmlu: a folder, not a file"),
+    (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {HELLASWAG_TINY}", "not a tar archive: give MMLU's data.tar"),
+    ("--model {files}/tiny.pt --benchmark mmlu --contamination no-such-corpus", "--contamination no-such-corpus: no such file"),
+    ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/bad_mmlu.tar", "x_test.csv row 1: expected question"),
+    ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/not_mmlu.tar", "no test/<subject>_test.csv files"),
+    ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/mmlu.tar --shots 3", "made_up_geography has 2 dev items"),
+    ("--model {files}/tiny.pt --perplexity {files}/empty.txt", "empty.txt: the file is empty"),
+    (f"--model {{files}}/tiny.pt --perplexity {HELLASWAG_TINY} --stride 65", "--stride 65 must be from 1 to the model's "
+     "context length"),
+    (f"--model {{files}}/tiny.pt --perplexity {HELLASWAG_TINY} --results {{files}}", "is a folder: give the path of a JSON file"),
+    (f"{HELLASWAG} --contamination {{files}}/nope", "nope: no such file"),
+    (f"{HELLASWAG} --contamination {{files}}/latin1.txt", "latin1.txt: not UTF-8 text"),
+    (f"{HELLASWAG} --contamination {{files}}", "--contamination {files}: a folder, not a file"),  # not its files
+    (f"--model {{files}}/nan.pt --perplexity {HELLASWAG_TINY}", "the model gives NaN log-probabilities"),
+    *[(f"--model {{files}}/tiny.pt --benchmark hellaswag --benchmark-file {{files}}/{name}.jsonl",
+       f"{{files}}/{name}.jsonl {message}") for name, _, message in HELLASWAG_BAD_ITEMS],
+    # Flags that argparse and the `type=` helpers reject, and combinations that would be ignored.
+    ("--model {files}/tiny.pt --top-p 2", "argument --top-p: must be a number in [0, 1], got '2'"),
+    ("--model {files}/tiny.pt --temperature nan", "argument --temperature: must be a finite number >= 0, got 'nan'"),
+    ("--model {files}/tiny.pt --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
+    ("--model {files}/tiny.pt --max-new-tokens 1e3", "argument --max-new-tokens: must be an integer >= 0, got '1e3'"),
+    ("--model {files}/tiny.pt --benchmark hellaswag --shots 5", "--shots is for --benchmark mmlu"),
+    ("--model {files}/tiny.pt --contamination x.txt", "--contamination needs --benchmark"),
+    ("--model {files}/tiny.pt --stride 8", "--stride needs --perplexity"),
+    ("--model {files}/tiny.pt --benchmark mmlu --ngram 8", "--ngram needs --contamination"),
+    ("--model {files}/tiny.pt --results r.json", "--results needs --benchmark or --perplexity"),  # nothing would be written
+    ("--model {files}/tiny.pt --overwrite", "--overwrite needs --export-hf"),
+    ("--model {files}/tiny.pt --benchmark mmlu --temperature 0.7", "--temperature is for generating text, not for measuring"),
+    ("--model {files}/tiny.pt --top-k 5", "--top-k is for sampling: give --temperature above 0 as well"),  # greedy ignores it
+    ("--model {files}/tiny.pt --seed 1", "--seed is for sampling: give --temperature above 0 as well"),
+    ("--model {files}/tiny.pt --batch-size 4", "--batch-size needs --benchmark or --perplexity"),
+    ("--model {files}/tiny.pt --perplexity t.txt --export-hf out", "--download-only, --export-hf, --export-gguf and "
+     "measuring (--benchmark, --perplexity) are separate runs"),
+    ("--model {files}/empty --download-only", "--download-only"),  # a folder is no name to download
+]
+
+
+@pytest.mark.parametrize("argv, message", LOAD_GPT2_BAD_INPUTS)
+def test_load_gpt2_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, message):
+    check_bad_input(load_gpt2.main, argv, message, bad_inputs, tmp_path, capsys)
+
+
+def test_benchmark_hellaswag_label_may_be_a_digit_string(tmp_path):
+    path = tmp_path / "items.jsonl"  # as Hugging Face's copy of HellaSwag writes it
+    path.write_text(json.dumps({**_HELLASWAG_ITEM, "label": "3"}) + "\n")
+    assert load_gpt2.read_hellaswag(path)[0]["label"] == "3"
 
 
 # ========================================================================================
@@ -2734,7 +2671,7 @@ def _pretrain_free_port():
 # --- windows and batches -------------------------------------------------------------------
 
 
-def test_pretrain_window_count_and_target_shift():
+def test_pretrain_windows_count_shift_their_targets_and_do_not_overlap_in_evaluation():
     assert pretrain.count_windows(10, 4, 2) == 3  # starts 0, 2, 4; the last reads tokens 4..8
     assert pretrain.count_windows(10, 4, 4) == 2  # starts 0, 4
     assert pretrain.count_windows(5, 4, 1) == 1  # exactly context_length + 1 tokens
@@ -2745,6 +2682,9 @@ def test_pretrain_window_count_and_target_shift():
     assert inputs.dtype == torch.long and inputs.shape == targets.shape == (2, 4)
     assert inputs.tolist() == [[0, 1, 2, 3], [5, 6, gpt.EOT_ID, 8]]
     assert targets.tolist() == [[1, 2, 3, 4], [6, gpt.EOT_ID, 8, 9]]
+    # Evaluation windows do not overlap: 9 windows available, 3 spread evenly.
+    assert pretrain.evaluation_starts(n_tokens=100, context_length=10, max_windows=3) == [0, 30, 60]
+    assert pretrain.evaluation_starts(25, 10, 50) == [0, 10]
 
 
 def test_pretrain_rank_offset_batches_equal_one_process_batch():
@@ -2762,16 +2702,10 @@ def test_pretrain_rank_offset_batches_equal_one_process_batch():
     assert epoch0 == [3 * int(i) for i in torch.randperm(10, generator=torch.Generator().manual_seed(100_003))]
 
 
-def test_pretrain_evaluation_windows_do_not_overlap():
-    starts = pretrain.evaluation_starts(n_tokens=100, context_length=10, max_windows=3)
-    assert starts == [0, 30, 60]  # 9 windows available, 3 spread evenly
-    assert pretrain.evaluation_starts(25, 10, 50) == [0, 10]
-
-
 # --- data preparation ------------------------------------------------------------------------
 
 
-def test_pretrain_short_text_error_says_what_would_work(tmp_path):
+def test_pretrain_short_text_error_says_what_would_work():
     tokens = torch.zeros(5145, dtype=torch.int16)  # The Verdict's length
     with pytest.raises(ValueError) as e:
         pretrain.split_tokens(tokens, 0.9, 1024)
@@ -2782,24 +2716,6 @@ def test_pretrain_short_text_error_says_what_would_work(tmp_path):
     assert len(train) == 4630 and len(val) == 515
     with pytest.raises(ValueError, match=r"training split has 1 tokens .* more text"):
         pretrain.split_tokens(torch.zeros(3, dtype=torch.int16), 0.5, 4)
-    (tmp_path / "short.txt").write_text("Only a few words here.")
-    with pytest.raises(SystemExit, match="^error: the training split has .*context length 32"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, tmp_path / "short.txt"))
-
-
-def test_pretrain_empty_file_and_folder_errors(tmp_path):
-    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf")  # a byte-order mark alone: no text
-    with pytest.raises(ValueError, match="^--data: no tokens in .*bom.txt$"):
-        pretrain.prepare_token_file([tmp_path / "bom.txt"], tmp_path / "tokens", gpt.get_tokenizer())
-    (tmp_path / "bom.txt").unlink()
-    (tmp_path / "empty.txt").write_bytes(b"")
-    with pytest.raises(ValueError, match="the folder holds no .txt file with text"):
-        pretrain.resolve_sources(str(tmp_path))
-    (tmp_path / "none").mkdir()
-    with pytest.raises(ValueError, match="the folder holds no .txt file with text"):
-        pretrain.resolve_sources(str(tmp_path / "none"))
-    with pytest.raises(FileNotFoundError, match="no such file or folder"):
-        pretrain.resolve_sources(str(tmp_path / "missing.txt"))
 
 
 def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
@@ -2821,35 +2737,24 @@ def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     assert n == len(ids) and gpt.get_tokenizer().decode(ids) == "héllo wörld " * 3 + "\ufffd tail"
 
 
-def test_pretrain_streamed_tokens_equal_whole_text_tokens(tmp_path):
-    text = _pretrain_text(200) + "Tabs\t \nand  spaces \n\n\nend<|endoftext|>Naïve café\n 42\n"
-    path = tmp_path / "t.txt"
-    path.write_text(text, encoding="utf-8")
-    whole = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
-    with open(path, encoding="utf-8-sig") as f:
-        pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=37))
-    assert len(pieces) > 10  # it really cut the text
-    assert [i for ids in pieces for i in ids] == whole
-
-
-def test_pretrain_crlf_corpus_streams_and_gives_the_tokens_of_lf(tmp_path):
-    text = _pretrain_text(200) + "\n\nA last line.\n"
+def test_pretrain_streamed_crlf_and_cr_corpora_give_the_tokens_of_the_whole_lf_text(tmp_path):
+    text = _pretrain_text(200) + "Tabs\t \nand  spaces \n\n\nend<|endoftext|>Naïve café\n 42\n\nA last line.\n"
     lf, crlf, cr = tmp_path / "lf.txt", tmp_path / "crlf.txt", tmp_path / "cr.txt"
     lf.write_bytes(text.encode())
     crlf.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())  # as Windows editors save it
     cr.write_bytes(text.replace("\n", "\r").encode())
-    expected = gpt.get_tokenizer().encode(text)
+    expected = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
     for path in (lf, crlf, cr):
         with open(path, encoding="utf-8-sig") as f:  # as prepare_token_file opens it
-            pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=64))
+            pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=37))
         assert [i for ids in pieces for i in ids] == expected, path.name
-        assert max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text at once
+        assert len(pieces) > 10 and max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text
     lf_file = pretrain.prepare_token_file([lf], tmp_path / "tokens", gpt.get_tokenizer())
     crlf_file = pretrain.prepare_token_file([crlf], tmp_path / "tokens", gpt.get_tokenizer())
     assert lf_file[1:] == crlf_file[1:] and lf_file[1] == len(expected)  # the same tokens, so the same fingerprint
 
 
-def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
+def test_pretrain_token_file_round_trip_and_reuse_for_its_tokenizer_only(trained_tokenizers, tmp_path, capsys):
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)
     (folder / "a.txt").write_text("First document.\n")
@@ -2865,8 +2770,16 @@ def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
     assert n == len(expected) and token_path.stat().st_size == 2 * n
     assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()
     assert array.array("H", token_path.read_bytes()).tolist() == expected  # uint16, native byte order
+    assert json.loads(token_path.with_suffix(".json").read_text())["tokenizer"] == "gpt2"
 
     capsys.readouterr()
+    qwen, qwen_folder = trained_tokenizers["qwen3"]
+    encoding, qwen_eot = tokenizer_and_eot(qwen_folder)
+    qwen_path, _, qwen_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", encoding)
+    assert "reused" not in capsys.readouterr().out  # another tokenizer: tokenized again, into another file
+    assert qwen_path != token_path and qwen_sha256 != sha256 and qwen_path.suffix == ".uint16"  # 1000 ids
+    qwen_ids = qwen.encode("First document.\n").ids + [qwen_eot] + qwen.encode("Second one, in a subfolder.\n").ids
+    assert array.array("H", qwen_path.read_bytes()).tolist() == qwen_ids
     assert pretrain.prepare_token_file(paths, tmp_path / "tokens", enc) == (token_path, n, sha256)
     assert "reused" in capsys.readouterr().out
     (folder / "a.txt").write_text("First document, edited and longer.\n")
@@ -2874,9 +2787,9 @@ def test_pretrain_token_file_round_trip_and_reuse(tmp_path, capsys):
     assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
 
 
-def test_pretrain_url_data_is_downloaded_once(tmp_path, file_server):
+def test_pretrain_url_data_is_downloaded_once(tmp_path, local_server):
     body = _pretrain_text(20).encode()
-    server = file_server({"/files/story.txt": body})
+    server = local_server({"/files/story.txt": body})
     url = f"{server.url}/files/story.txt"
     (path,) = pretrain.resolve_sources(url)
     assert path == cached_data_path(tmp_path, url, "story.txt") and path.read_bytes() == body
@@ -2906,7 +2819,7 @@ def test_pretrain_cosine_with_warmup_values():
 # --- training runs ---------------------------------------------------------------------------
 
 
-def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_file):
+def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_model(tmp_path, pretrain_text_file):
     result = pretrain.main(
         _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "40", "--eval-every", "20", "--lr", "1e-2")
     )
@@ -2927,47 +2840,14 @@ def test_pretrain_loss_decreases_and_checkpoint_loads(tmp_path, pretrain_text_fi
         [pretrain_text_file], tmp_path / "tokens", gpt.get_tokenizer()
     )[1]
     assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
-
-
-def test_pretrain_model_flag_continues_from_weights(tmp_path, pretrain_text_file, capsys):
-    first = pretrain.main(
-        _pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, "--max-steps", "4", "--eval-every", "4", "--lr", "1e-2")
-    )
-    argv = _pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", "--model", str(first["best"]))
-    for flag in ("--n-layers", "--n-heads", "--emb-dim"):  # the shape comes from the weights
+    # --model continues from the weights: the shape comes from them, and step 0 scores what the run ended with.
+    argv = _pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", "--model", str(result["best"]))
+    for flag in ("--n-layers", "--n-heads", "--emb-dim"):
         i = argv.index(flag)
         del argv[i : i + 2]
     pretrain.main(argv)
     history = json.loads((tmp_path / "b" / "run" / "history.json").read_text())["evaluations"]
-    assert history[0]["step"] == 0 and history[0]["val_loss"] == pytest.approx(first["val_loss"], abs=1e-5)
-    with pytest.raises(SystemExit) as e:
-        pretrain.main(argv + ["--emb-dim", "64"])
-    assert e.value.code == 2
-    assert "--model (its weights bring the shape) does not use --emb-dim: drop it" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--context-length 64 is longer than the model's context length 32"):
-        pretrain.main(argv + ["--context-length", "64", "--overwrite"])
-
-
-def test_pretrain_resume_errors(tmp_path, pretrain_text_file):
-    with pytest.raises(SystemExit, match="--resume: .* holds no run.json of this script, so no run to continue"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume"))
-    pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2"))
-    with pytest.raises(SystemExit, match="already made 2 of 2 steps"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--resume"))
-    with pytest.raises(SystemExit, match="^error: --resume continues the saved run, which used --emb-dim 32, not 64"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume", "--emb-dim", "64"))
-    with pytest.raises(SystemExit, match="which used --lr 0.001, not 0.5: drop --lr"):
-        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--lr", "0.5"])
-    other = tmp_path / "other.txt"
-    other.write_text(_pretrain_text(seed=1))
-    with pytest.raises(SystemExit, match=f"which used --data {pretrain_text_file}, not {other}"):
-        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--data", str(other), "--max-steps", "4"])
-    pretrain_text_file.write_text(_pretrain_text(seed=2))  # the same file, other text
-    with pytest.raises(SystemExit, match=f"^error: --resume: --data {pretrain_text_file} changed since the run"):
-        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "4"])
-    (tmp_path / "run" / "latest.pt").unlink()
-    with pytest.raises(SystemExit, match="the run stopped before its first save; start it again with --overwrite"):
-        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "4"])
+    assert history[0]["step"] == 0 and history[0]["val_loss"] == pytest.approx(result["val_loss"], abs=1e-5)
 
 
 def test_pretrain_stopped_runs_resume_to_exactly_the_whole_run(tmp_path, pretrain_text_file, capsys):
@@ -3002,12 +2882,22 @@ def test_pretrain_stopped_runs_resume_to_exactly_the_whole_run(tmp_path, pretrai
     assert extended["steps"] == 10 and settings["max_steps"] == 10 and settings["lr"] == 0.01
 
 
-def test_pretrain_folder_of_another_run_is_refused_or_overwritten(tmp_path, pretrain_text_file):
+def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_overwritten(tmp_path, pretrain_text_file):
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "4", "--eval-every", "4")
     pretrain.main(argv)
     assert (tmp_path / "run" / "best.pt").exists()
     with pytest.raises(SystemExit, match=r"holds another run \(latest.pt, best.pt, .*--resume.*--overwrite"):
         pretrain.main(argv)
+    with pytest.raises(SystemExit, match="already made 4 of 4 steps"):
+        pretrain.main(argv + ["--resume"])
+    with pytest.raises(SystemExit, match="^error: --resume continues the saved run, which used --emb-dim 32, not 64"):
+        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume", "--emb-dim", "64"))
+    with pytest.raises(SystemExit, match="which used --lr 0.001, not 0.5: drop --lr"):
+        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--lr", "0.5"])
+    other = tmp_path / "other.txt"
+    other.write_text(_pretrain_text(seed=1))
+    with pytest.raises(SystemExit, match=f"which used --data {pretrain_text_file}, not {other}"):
+        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--data", str(other), "--max-steps", "8"])
     old = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
     with pytest.raises(SystemExit):  # the flags are checked before the old run is deleted
         pretrain.main(argv + ["--overwrite", "--model", "gpt2", "--size", "gpt2"])
@@ -3015,20 +2905,12 @@ def test_pretrain_folder_of_another_run_is_refused_or_overwritten(tmp_path, pret
     pretrain.main(argv + ["--overwrite", "--stop-at-step", "1"])  # stops before an evaluation could write best.pt
     assert not (tmp_path / "run" / "best.pt").exists()  # the old run's model is gone with it
     assert gpt.load_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 1
-
-
-def test_pretrain_out_of_memory_names_the_flag(tmp_path, pretrain_text_file, monkeypatch):
-    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--overwrite")
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(pretrain, "evaluate_loss", out_of_memory)
-        with pytest.raises(SystemExit) as e:
-            pretrain.main(argv)
-    hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
-    assert str(e.value) == "error: out of memory: " + hint
+    pretrain_text_file.write_text(_pretrain_text(seed=2))  # the same file, other text
+    with pytest.raises(SystemExit, match=f"^error: --resume: --data {pretrain_text_file} changed since the run"):
+        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run")])
+    (tmp_path / "run" / "latest.pt").unlink()
+    with pytest.raises(SystemExit, match="the run stopped before its first save; start it again with --overwrite"):
+        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run")])
 
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
@@ -3087,35 +2969,47 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
 # --- flags checked at startup, stop and resume -----------------------------
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--drop-rate", "2"], "argument --drop-rate: must be a number in [0, 1], got '2'"),
-        (["--n-heads", "3"], "the model's shape (--size and the shape flags): emb_dim (256) must be divisible by"),
-        (["--size", "gpt2", "--n-heads", "5"], "emb_dim (768) must be divisible by n_heads (5)"),
-        (["--emb-dim", "30"], "emb_dim (30) must be divisible by n_heads (4)"),
-        (["--size", "HuggingFaceTB/SmolLM2-135M", "--n-heads", "4"], "n_heads (4) must be a multiple of n_kv_heads"),
-        (["--model", "gpt2", "--n-layers", "2"], "--model (its weights bring the shape) does not use --n-layers: drop it"),
-        (["--epochs", "inf"], "argument --epochs: must be a finite number >= 0, got 'inf'"),
-        (["--epochs", "0"], "argument --epochs: must be a number > 0, got '0'"),  # would train nothing
-        (["--grad-clip", "nan"], "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
-        (["--weight-decay", "-0.1"], "argument --weight-decay: must be a finite number >= 0, got '-0.1'"),
-        (["--lr", "-1"], "argument --lr: must be a finite number >= 0, got '-1'"),
-        (["--min-lr-ratio", "1.5"], "argument --min-lr-ratio: must be a number in [0, 1], got '1.5'"),
-        (["--train-fraction", "1.5"], "argument --train-fraction: must be a number in [0, 1], got '1.5'"),
-        (["--sample-tokens", "-1"], "argument --sample-tokens: must be an integer >= 0, got '-1'"),
-        (["--stop-at-step", "0"], "argument --stop-at-step: must be an integer >= 1, got '0'"),
-        (["--peak-flops", "-1"], "argument --peak-flops: must be a finite number >= 0, got '-1'"),
-        (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
-        (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
-    ],
-)
-def test_pretrain_bad_flag_is_rejected_at_startup(tmp_path, capsys, flags, message):
-    missing = tmp_path / "missing.txt"  # the check comes before any data or model work
-    with pytest.raises(SystemExit) as e:
-        pretrain.main(["--data", str(missing), "--out-dir", str(tmp_path / "run"), *flags])
-    assert e.value.code == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "run").exists() and not (tmp_path / "gpt-cache").exists()
+PRETRAIN_RUN = "--data {files}/story.txt --out-dir {run}"
+PRETRAIN_TINY = "--n-layers 1 --n-heads 2 --emb-dim 32 --context-length 32"  # the model is made before the data is read
+PRETRAIN_BAD_INPUTS = [
+    # Flags, checked before any data or model work.
+    (f"{PRETRAIN_RUN} --drop-rate 2", "argument --drop-rate: must be a number in [0, 1], got '2'"),
+    (f"{PRETRAIN_RUN} --n-heads 3", "the model's shape (--size and the shape flags): emb_dim (256) must be divisible by"),
+    (f"{PRETRAIN_RUN} --size gpt2 --n-heads 5", "emb_dim (768) must be divisible by n_heads (5)"),
+    (f"{PRETRAIN_RUN} --emb-dim 30", "emb_dim (30) must be divisible by n_heads (4)"),
+    (f"{PRETRAIN_RUN} --size HuggingFaceTB/SmolLM2-135M --n-heads 4", "n_heads (4) must be a multiple of n_kv_heads"),
+    (f"{PRETRAIN_RUN} --model gpt2 --n-layers 2", "--model (its weights bring the shape) does not use --n-layers: drop it"),
+    (f"{PRETRAIN_RUN} --epochs inf", "argument --epochs: must be a finite number >= 0, got 'inf'"),
+    (f"{PRETRAIN_RUN} --epochs 0", "argument --epochs: must be a number > 0, got '0'"),  # would train nothing
+    (f"{PRETRAIN_RUN} --grad-clip nan", "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
+    (f"{PRETRAIN_RUN} --weight-decay -0.1", "argument --weight-decay: must be a finite number >= 0, got '-0.1'"),
+    (f"{PRETRAIN_RUN} --lr -1", "argument --lr: must be a finite number >= 0, got '-1'"),
+    (f"{PRETRAIN_RUN} --min-lr-ratio 1.5", "argument --min-lr-ratio: must be a number in [0, 1], got '1.5'"),
+    (f"{PRETRAIN_RUN} --train-fraction 1.5", "argument --train-fraction: must be a number in [0, 1], got '1.5'"),
+    (f"{PRETRAIN_RUN} --sample-tokens -1", "argument --sample-tokens: must be an integer >= 0, got '-1'"),
+    (f"{PRETRAIN_RUN} --stop-at-step 0", "argument --stop-at-step: must be an integer >= 1, got '0'"),
+    (f"{PRETRAIN_RUN} --peak-flops -1", "argument --peak-flops: must be a finite number >= 0, got '-1'"),
+    (f"{PRETRAIN_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
+    (f"{PRETRAIN_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
+    # The data and the model.
+    (f"{PRETRAIN_TINY} --data {{files}}/missing.txt --out-dir {{run}}", "no such file or folder"),
+    (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "--data: no tokens in {files}/empty.txt"),
+    (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "--data: no tokens in {files}/bom.txt"),  # a BOM alone
+    (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
+    (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "latin1.txt: invalid UTF-8 at byte 3"),
+    (f"{PRETRAIN_TINY} --data {{files}}/short.txt --out-dir {{run}}", "the training split has"),
+    (f"{PRETRAIN_RUN} --model {{files}}/empty", "{files}/empty holds no model: neither model.safetensors nor "
+     "model.safetensors.index.json"),
+    (f"{PRETRAIN_RUN} --model {{files}}/tiny.pt --context-length 128", "--context-length 128 is longer than the "
+     "model's context length 64"),
+    ("--data {files}/story.txt --out-dir {files} --resume", "holds no run.json of this script, so no run to continue"),
+]
+
+
+@pytest.mark.parametrize("argv, message", PRETRAIN_BAD_INPUTS)
+def test_pretrain_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, message):
+    check_bad_input(pretrain.main, argv, message, bad_inputs, tmp_path, capsys)
+    assert not (tmp_path / "gpt-cache").exists() or not message.startswith("argument")  # flags: before any work
 
 
 def test_pretrain_edge_values_are_accepted():
@@ -3125,33 +3019,7 @@ def test_pretrain_edge_values_are_accepted():
     assert (args.grad_clip, args.min_lr_ratio, args.seed, args.n_heads) == (0.0, 0.0, 2**63 - 1, 8)
 
 
-def test_pretrain_help_says_the_run_folder_rule(capsys):
-    with pytest.raises(SystemExit):
-        pretrain.main(["--help"])
-    help_text = " ".join(re.sub(r"-\n +", "-", capsys.readouterr().out).split())  # words cut at hyphens joined
-    assert "refuses an --out-dir that holds another run: --resume continues that run" in help_text
-    assert "--overwrite deletes it first" in help_text
-    assert "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops" in help_text
-
-
 # --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
-
-
-def test_pretrain_token_file_of_gpt2_is_not_reused_for_another_tokenizer(trained_tokenizers, tmp_path, capsys):
-    reference, folder = trained_tokenizers["qwen3"]
-    text = _pretrain_text(40) + "Naïve café, 12 steps.\n"
-    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
-    paths = [tmp_path / "text.txt"]
-    gpt2_path, _, gpt2_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())
-    capsys.readouterr()
-    qwen_path, n, qwen_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", tokenizer_and_eot(folder)[0])
-    assert "reused" not in capsys.readouterr().out  # tokenized again, into another file
-    assert qwen_path != gpt2_path and qwen_sha256 != gpt2_sha256 and qwen_path.suffix == ".uint16"  # 1000 ids
-    expected = reference.encode(text).ids
-    assert array.array("H", qwen_path.read_bytes()).tolist() == expected and n == len(expected)
-    assert pretrain.prepare_token_file(paths, tmp_path / "tokens", gpt.get_tokenizer())[0] == gpt2_path
-    assert "reused" in capsys.readouterr().out
-    assert json.loads(gpt2_path.with_suffix(".json").read_text())["tokenizer"] == "gpt2"
 
 
 def test_pretrain_token_file_holds_ids_above_65535_as_uint32(tmp_path):
@@ -3212,11 +3080,11 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
 
 
 def test_pretrain_size_of_a_llama_shape_trains_from_scratch_with_its_hub_tokenizer(
-    trained_tokenizers, file_server, monkeypatch, tmp_path, pretrain_text_file
+    trained_tokenizers, local_server, monkeypatch, tmp_path, pretrain_text_file
 ):
     reference, folder = trained_tokenizers["smollm2"]  # stands in for SmolLM2's tokenizer.json on the Hub
     name = "HuggingFaceTB/SmolLM2-135M"
-    server = file_server({f"/{name}/resolve/main/tokenizer.json": (folder / "tokenizer.json").read_bytes()})
+    server = local_server({f"/{name}/resolve/main/tokenizer.json": (folder / "tokenizer.json").read_bytes()})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "2", "--eval-every", "2")
     argv[argv.index("--n-heads") + 1] = "3"  # a multiple of the shape's 3 key/value heads
@@ -3231,14 +3099,26 @@ def test_pretrain_size_of_a_llama_shape_trains_from_scratch_with_its_hub_tokeniz
     assert array.array("H", token_path.read_bytes()).tolist() == reference.encode(pretrain_text_file.read_text()).ids
 
 
-def test_pretrain_memory_check_says_when_the_weights_alone_do_not_fit(tmp_path, pretrain_text_file, monkeypatch):
-    monkeypatch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
-    with pytest.raises(SystemExit) as e:
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "1"))
+def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_flags(tmp_path, pretrain_text_file,
+                                                                                      monkeypatch):
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2")
+    with monkeypatch.context() as patch:
+        patch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(argv)
     assert str(e.value).startswith("error: training needs about 0.0 GB before activations")
     assert str(e.value).endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
                                  "or adapt this one with LoRA (the fine-tunes' --lora)")
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(pretrain, "evaluate_loss", out_of_memory)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(argv + ["--overwrite"])
+    hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
+    assert str(e.value) == "error: out of memory: " + hint
 
 
 # --- gpt.py: the training plumbing pretrain.py moved there (autocast, FLOPs, throughput) --
@@ -3274,6 +3154,7 @@ def test_pretrain_autocast_flops_and_throughput_line_are_exact(monkeypatch):
 
 
 _CLASSIFY_SMS_BYTES = fc.read_sms_bytes(SMS_ZIP)
+CLASSIFY_SCRIPT = Path(fc.__file__).resolve()
 
 
 def _classify_tiny_model(n_layers=2, seed=0):
@@ -3298,30 +3179,41 @@ def _classify_sms_slice(tmp_path, n_lines=200):
     return path
 
 
+def _classify_run_argv(tmp_path, out="run", *extra):
+    """A run of the tiny model on the first 200 lines of the real data (46 / 6 / 14 split)."""
+    if not (tmp_path / "tiny.pt").exists():
+        save_tiny(tmp_path / "tiny.pt", _classify_tiny_model())
+    data = _classify_sms_slice(tmp_path)
+    return ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / out), *extra]
+
+
+def _classify_classifier(folder):
+    """A tiny untrained classifier saved in folder/classifier.pt -> (model, path)."""
+    model = fc.add_classification_head(_classify_tiny_model())
+    return model, save_tiny(folder / "classifier.pt", model, max_length=48)
+
+
 # -- data -------------------------------------------------------------------------------
 
 
-def test_classify_parse_accepts_bom_and_crlf_and_names_invalid_utf8():
+def test_classify_parse_accepts_bom_and_crlf_and_names_invalid_utf8_and_bad_lines_with_line_numbers():
     raw = b"\xef\xbb\xbfham\tHello there\r\nSPAM\tWin cash now\r\n\r\nham\tsecond\ttab kept\r\n"
     messages = fc.parse_labelled(raw, source="x.tsv")
     assert messages == [("ham", "Hello there"), ("spam", "Win cash now"), ("ham", "second\ttab kept")]
     with pytest.raises(ValueError, match=r"^x.tsv: not UTF-8 text: byte 0xff at byte offset 29 \(line 2\)"):
         fc.parse_labelled(raw.replace(b"Win", b"Win \xff"), source="x.tsv")
-
-
-def test_classify_parse_names_bad_lines_with_line_numbers():
     raw = b"ham\tok\nno tab here\nspma\ttypo label\nham\t   \nspam\tfine\n"
     with pytest.raises(ValueError) as error:
         fc.parse_labelled(raw, source="x.tsv")
     assert str(error.value) == ("x.tsv: 3 bad line(s): line 2: no message (no tab after the label, or no text "
-                                "column); line 3: unknown "
-                                "label 'spma' (expected ham or spam); line 4: empty message: give 'ham|spam<TAB>"
-                                "message' lines (the SMS Spam Collection) or a .csv file with label and text columns")
+                                "column); line 3: unknown label 'spma' (expected ham or spam); line 4: empty message: "
+                                "give 'ham|spam<TAB>message' lines (the SMS Spam Collection) or a .csv file with label "
+                                "and text columns")
     with pytest.raises(ValueError, match=r"^x.tsv: 7 bad line\(s\): line 1: no message.*; line 5: no mes.*; \.\.\.: give"):
         fc.parse_labelled(b"no tab\n" * 7, source="x.tsv")
 
 
-def test_classify_reads_zip_and_tsv_alike(tmp_path):
+def test_classify_reads_zip_and_tsv_alike_and_names_a_damaged_zip(tmp_path):
     tsv = tmp_path / "SMSSpamCollection"
     tsv.write_bytes(b"ham\ta\nspam\tb\n")
     good, bad = tmp_path / "good.zip", tmp_path / "bad.zip"
@@ -3333,23 +3225,21 @@ def test_classify_reads_zip_and_tsv_alike(tmp_path):
     assert fc.read_sms_bytes(good) == fc.read_sms_bytes(tsv) == b"ham\ta\nspam\tb\n"
     with pytest.raises(ValueError, match=r"bad.zip: a damaged zip file or one without SMSSpamCollection \(.*no item"):
         fc.read_sms_bytes(bad)
+    raw = SMS_ZIP.read_bytes()
+    truncated, flipped = tmp_path / "truncated.zip", tmp_path / "flipped.zip"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    flipped.write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
+    for path in (truncated, flipped):
+        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file or one without SMSSpamCollection \(.*\): give "):
+            fc.read_sms_bytes(path)
 
 
-def test_classify_one_class_or_too_few_messages_are_errors(tmp_path):
+def test_classify_splits_are_balanced_and_deterministic_and_need_both_classes(tmp_path):
     with pytest.raises(ValueError, match="3 ham and 0 spam messages: a classifier needs both classes"):
         fc.create_balanced_dataset([("ham", "a"), ("ham", "b"), ("ham", "c")], seed=1)
     few = [("spam", f"s{i}") for i in range(4)] + [("ham", f"h{i}") for i in range(9)]
     with pytest.raises(ValueError, match="8 messages after balancing are too few"):
         fc.random_split(fc.create_balanced_dataset(few, seed=1), seed=1)
-    data = tmp_path / "ham_only.tsv"
-    data.write_text("ham\thello\nham\tthere\n")
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())  # the model loads before the data is read
-    with pytest.raises(SystemExit, match="error: the data has 2 ham and 0 spam messages"):
-        fc.main(["--data", str(data), "--model", str(tmp_path / "tiny.pt"), "--out-dir", str(tmp_path / "run")])
-    assert not (tmp_path / "run").exists()  # a rerun is not refused
-
-
-def test_classify_splits_are_balanced_and_deterministic(tmp_path):
     messages = fc.parse_labelled(_CLASSIFY_SMS_BYTES)
     assert (len(messages), sum(label == "spam" for label, _ in messages)) == (5574, 747)
 
@@ -3367,24 +3257,25 @@ def test_classify_splits_are_balanced_and_deterministic(tmp_path):
     assert first[0].startswith(b"label,text\n")
 
 
-def test_classify_download_uses_fallback_then_cache(tmp_path, file_server):
-    server = file_server({"/sms.zip": SMS_ZIP.read_bytes()})
-    path = fc.sms_collection_path(urls=[f"{server.url}/missing.zip", f"{server.url}/sms.zip"])
-    assert path == cached_data_path(tmp_path, f"{server.url}/missing.zip", fc.DATA_FILENAME)
-    assert len(fc.read_sms_bytes(path)) == fc.MEMBER_SIZE
-    server.close()
-    assert fc.sms_collection_path(urls=[f"{server.url}/missing.zip", f"{server.url}/sms.zip"]) == path  # from the cache
-    path.unlink()
-    with pytest.raises(RuntimeError, match=r"(?s)missing\.zip.*--data PATH"):
-        fc.sms_collection_path(urls=[f"{server.url}/missing.zip"])
-
-
 def test_classify_tokenize_truncates_to_max_length():
     texts = ["hello world, this is a longer message", "hi <|endoftext|> there", "hi <|endoftext|>"]
     ids = fc.tokenize_messages(texts, max_length=4)
     assert ids[0].tolist() == [31373, 995, 11, 428]
     assert ids[1].tolist() == [5303, 220, gpt.EOT_ID, 612]  # "hi", " ", and the special token's text is the token
     assert ids[2].tolist() == [5303, 220]  # at the end it is dropped, as transformers' classifier skips padding
+
+
+def test_classify_texts_file_is_utf8_with_empty_lines_skipped_and_pipes(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_bytes("\ufeffWin a prize\r\n\n   \r\nSee you at 6 \u263a\n".encode("utf-8"))
+    assert fc.read_texts_file(good) == ["Win a prize", "See you at 6 \u263a"]
+    read_end, write_end = os.pipe()  # the shell's <(...): a pipe, /dev/fd/N, is a file to read
+    os.write(write_end, "Win a prize now\n\nsee you at 5\n".encode())
+    os.close(write_end)
+    try:
+        assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
+    finally:
+        os.close(read_end)
 
 
 # -- model ------------------------------------------------------------------------------
@@ -3447,21 +3338,6 @@ def test_classify_trainable_trains_exactly_what_it_names(trainable):
     assert changed == expected
 
 
-def test_classify_saved_lora_classifier_gives_the_same_logits(tmp_path):
-    model = _classify_tiny_classifier("lora")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("lora_b"):
-                param.normal_()  # adapters that change the output (they start at zero)
-    token_ids = _classify_token_ids([5, 9])
-    before = fc.full_pass_logits(model, token_ids)
-    gpt.merge_lora(model)  # plain parameter names, no LoRA wrapper needed to load
-    gpt.save_checkpoint(tmp_path / "lora.pt", model, gpt.get_tokenizer(), max_length=48)
-    loaded, _, _ = fc.load_classifier(tmp_path / "lora.pt")
-    assert not any("lora" in key for key in gpt.load_checkpoint(tmp_path / "lora.pt")["model"])  # merged into plain GPT-2 weights
-    torch.testing.assert_close(fc.full_pass_logits(loaded, token_ids), before)
-
-
 def test_classify_metrics_are_exact():
     predictions = torch.tensor([1, 1, 0, 0, 1, 0, 1, 1])
     labels = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0])
@@ -3471,349 +3347,6 @@ def test_classify_metrics_are_exact():
     assert metrics["f1"] == pytest.approx(2 / 3) and metrics["accuracy"] == 5 / 8
     none_predicted = fc.binary_classification_metrics(torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 0, 1]))
     assert (none_predicted["precision"], none_predicted["recall"], none_predicted["f1"]) == (0.0, 0.0, 0.0)
-
-
-# -- the script end to end --------------------------------------------------------------
-
-
-def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    data = _classify_sms_slice(tmp_path)
-    common = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--epochs", "2", "--log-every", "5"]
-    fc.main(common + ["--out-dir", str(tmp_path / "cached")])
-    fc.main(common + ["--out-dir", str(tmp_path / "plain"), "--no-activation-cache"])
-    out = capsys.readouterr().out
-    assert "activation cache: on" in out and "activation cache: off (--no-activation-cache)" in out
-    assert "step 5/10 | loss" in out and "examples/s | ETA" in out
-    for name in ("train.csv", "validation.csv", "test.csv", "classifier.pt", "metrics.json"):
-        assert (tmp_path / "cached" / name).is_file()
-    if importlib.util.find_spec("matplotlib") is None:
-        assert "(no plot: pip install matplotlib to get loss-accuracy.png)" in out
-    else:
-        assert (tmp_path / "cached" / "loss-accuracy.png").stat().st_size > 1000
-    cached = json.loads((tmp_path / "cached" / "metrics.json").read_text())
-    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
-    assert (cached["activation_cache"], plain["activation_cache"]) == (True, False)
-    assert cached["test"]["confusion_matrix"] == plain["test"]["confusion_matrix"]
-    assert sum(map(sum, cached["test"]["confusion_matrix"])) == 14  # 33 spam + 33 ham: 46 / 6 / 14
-    assert cached["history"]["train_loss"] == pytest.approx(plain["history"]["train_loss"], abs=1e-5)
-
-    texts = tmp_path / "texts.txt"
-    texts.write_text("Are we meeting at 6?\n\nWINNER!! Claim your prize now\n")
-    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify", "Call me later"])
-    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify-file", str(texts)])
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split("  ")[-1] for line in lines] == ["Call me later", "Are we meeting at 6?", "WINNER!! Claim your prize now"]
-    model, _, max_length = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
-    assert model.labels == ["not spam", "spam"] and max_length == 48
-    spam_probability = fc.classify_texts(model, ["Call me later"], 48)[0]
-    assert lines[0] == f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later"
-
-
-def test_classify_bad_flags_and_files_give_clear_errors(tmp_path):
-    with pytest.raises(SystemExit, match="error: --data .*nope.tsv: no such file"):
-        fc.main(["--data", str(tmp_path / "nope.tsv")])
-    with pytest.raises(SystemExit, match="error: no classifier at .*missing.pt: train one first"):
-        fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "missing.pt")])
-    gpt.save_checkpoint(tmp_path / "lm.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(["--classify", "hi", "--checkpoint", str(tmp_path / "lm.pt")])
-    assert exit_info.value.code == (f"error: {tmp_path / 'lm.pt'} is no spam classifier of finetune_classify.py "
-                                    "(class names: none, a language model): train one from it with --model")
-    data = tmp_path / "sms.tsv"
-    data.write_text("".join(f"spam\twin {i}\nham\thello {i}\n" for i in range(20)))
-    with pytest.raises(SystemExit, match="error: --max-length 49 is longer than the model's context length 48"):
-        fc.main(["--data", str(data), "--model", str(tmp_path / "lm.pt"), "--max-length", "49",
-                 "--out-dir", str(tmp_path / "run")])
-    with pytest.raises(SystemExit):
-        fc.main(["--batch-size", "0"])
-    (tmp_path / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
-    with pytest.raises(SystemExit, match=r"error: .*story.txt: 2 bad line\(s\): line 1: no message \(no tab after "
-                                         r"the label, or no text column\); line 2: .*: give 'ham\|spam<TAB>message'"):
-        fc.main(["--data", str(tmp_path / "story.txt"), "--model", str(tmp_path / "lm.pt"), "--out-dir", str(tmp_path / "r")])
-
-
-# --- startup checks, Ctrl-C, texts files ----------------------------------
-
-
-CLASSIFY_SCRIPT = Path(fc.__file__).resolve()
-
-
-@pytest.mark.parametrize(
-    "model, extra, message",
-    [
-        ("gpt3", [], "error: no such file or model 'gpt3'"),
-        ("truncated.safetensors", [], "error: .*truncated.safetensors.*does not fit in the 4 data bytes"),
-        ("tiny.pt", ["--max-length", "5000"], "error: --max-length 5000 is longer than the model's context length 48"),
-    ],
-)
-def test_classify_bad_model_fails_before_the_data(tmp_path, monkeypatch, model, extra, message):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    header = {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
-    write_safetensors(tmp_path / "truncated.safetensors", header, b"\0" * 4)  # cut after 4 of its 8 data bytes
-    model = model if model == "gpt3" else str(tmp_path / model)
-    data = _classify_sms_slice(tmp_path)
-    out_dir = tmp_path / "run"
-    with pytest.raises(SystemExit, match=message):
-        fc.main(["--model", model, "--data", str(data), "--out-dir", str(out_dir), *extra])
-    assert not out_dir.exists()  # no splits, no run.json, no empty folder
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("the data was downloaded before the model was checked")
-
-    monkeypatch.setattr(gpt, "fetch_dataset", no_download)
-    with pytest.raises(SystemExit, match=message):
-        fc.main(["--model", model, "--out-dir", str(out_dir), *extra])
-    assert not out_dir.exists()
-
-
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--lora-alpha", "-1"], "argument --lora-alpha: must be a finite number >= 0, got '-1'"),
-        (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
-        (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number >= 0, got 'nan'"),
-        (["--lr", "inf"], "argument --lr: must be a finite number >= 0, got 'inf'"),
-        (["--max-steps", "0"], "argument --max-steps: must be an integer >= 1, got '0'"),
-        (["--drop-rate", "1.5"], "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
-        (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
-        (["--seed", str(2**63)], "argument --seed: must be an integer >= 0, got '9223372036854775808'"),
-        (["--trainable", "all"], "--lora trains the adapters and the head: drop --trainable all"),
-        (["--trainable", "lora"], "argument --trainable: invalid choice: 'lora'"),
-    ],
-)
-def test_classify_bad_flags_are_rejected_at_startup(tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(["--lora", *flags, "--model", "gpt3", "--data", str(tmp_path / "unused.tsv"),
-                 "--out-dir", str(tmp_path / "run")])
-    assert exit_info.value.code == 2  # argparse's usage error, before anything is loaded
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-
-
-def test_classify_texts_file_is_utf8_with_empty_lines_skipped_dev_null_and_pipes(tmp_path):
-    good = tmp_path / "good.txt"
-    good.write_bytes("\ufeffWin a prize\r\n\n   \r\nSee you at 6 \u263a\n".encode("utf-8"))
-    assert fc.read_texts_file(good) == ["Win a prize", "See you at 6 \u263a"]
-    binary = tmp_path / "garbage.bin"
-    binary.write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
-    with pytest.raises(SystemExit, match=r"error: --classify-file .*garbage.bin: not UTF-8 text: byte 0xff at "
-                                         r"byte offset 12 \(line 2\)"):
-        fc.main(["--classify-file", str(binary), "--checkpoint", str(tmp_path / "unused.pt")])
-    # /dev/null and the shell's <(...) (a pipe, /dev/fd/N) are files to read, not "no such file"
-    with pytest.raises(SystemExit, match="error: nothing to classify"):
-        fc.main(["--classify-file", "/dev/null", "--checkpoint", str(tmp_path / "unused.pt")])
-    read_end, write_end = os.pipe()
-    os.write(write_end, "Win a prize now\n\nsee you at 5\n".encode())
-    os.close(write_end)
-    try:
-        assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
-    finally:
-        os.close(read_end)
-
-
-def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, capsys):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    data = _classify_sms_slice(tmp_path)
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fc, "train_classifier", interrupted)
-    try:
-        fc.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run")])
-    except KeyboardInterrupt:
-        pytest.fail("KeyboardInterrupt escaped main()")  # else it would stop the whole test session
-    except SystemExit as e:
-        assert e.code == 130
-    else:
-        pytest.fail("main() returned after an interrupt")
-    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
-    assert not (tmp_path / "run" / "classifier.pt").exists()
-    with pytest.raises(SystemExit, match="holds another run .*replace it with --overwrite"):  # the rerun says how
-        fc.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run")])
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(fc, "train_classifier", out_of_memory)
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "oom")])
-    assert exit_info.value.code == "error: out of memory: use a smaller --batch-size (or --max-length)"
-
-
-def test_classify_sigint_during_training_exits_cleanly(tmp_path):
-    gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    data = _classify_sms_slice(tmp_path)
-    argv = ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / "run"),
-            "--epochs", "100000", "--batch-size", "2", "--log-every", "1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
-    proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:
-        if line.startswith("epoch 1/100000 step"):  # training is under way
-            proc.send_signal(signal.SIGINT)
-            break
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
-    assert not (tmp_path / "run" / "classifier.pt").exists()
-
-
-# --- max steps, LoRA, dtype, run folders, full disk, closed input, broken pipe -----------
-
-
-def _classify_run_argv(tmp_path, out="run", *extra):
-    """A run of the tiny model on the first 200 lines of the real data (46 / 6 / 14 split)."""
-    if not (tmp_path / "tiny.pt").exists():
-        gpt.save_checkpoint(tmp_path / "tiny.pt", _classify_tiny_model(), gpt.get_tokenizer())
-    data = _classify_sms_slice(tmp_path)
-    return ["--model", str(tmp_path / "tiny.pt"), "--data", str(data), "--out-dir", str(tmp_path / out), *extra]
-
-
-def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
-    # 46 training messages, batch 8: 5 steps per epoch; 7 steps end 2 steps into epoch 2.
-    fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "7", "--log-every", "1", "--epochs", "3"))
-    out = capsys.readouterr().out
-    assert "epoch 2/2 step 7/7 | loss" in out and "step 8/" not in out
-    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
-    assert len(history["step_loss"]) == 7
-    assert (history["step"], history["epoch"]) == ([5, 7], [1.0, 1.4])  # after epoch 1, and at the stop
-    best = max(range(2), key=lambda i: (history["validation_accuracy"][i], -history["validation_loss"][i], -i))
-    assert history["kept_epoch"] == history["epoch"][best]  # the stop within epoch 2 is a candidate too
-    fc.main(_classify_run_argv(tmp_path, "all", "--max-steps", "1000", "--epochs", "2"))
-    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]["step"] == [5, 10]
-    # The first 7 steps of the 10-step run are the 7 steps of the stopped run: same shuffling, same updates.
-    full = json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]["step_loss"]
-    assert full[:7] == history["step_loss"]
-
-
-def test_classify_lora_trains_only_adapters_and_head_and_settings_travel_with_the_run(tmp_path, capsys):
-    fc.main(_classify_run_argv(tmp_path, "run", "--lora", "--max-steps", "2", "--seed", "7"))
-    out = capsys.readouterr().out
-    assert "settings: " in out and "seed=7" in out and "max_length=48" in out
-    # per block, rank 16: c_attn 16*32 + 96*16, attn.c_proj 16*32 + 32*16, c_fc 16*32 + 128*16,
-    # mlp.c_proj 16*128 + 32*16 = 8,192; two blocks plus the head (32*2 + 2) = 16,450
-    assert "16,450 trainable" in out
-    assert "activation cache: off (the lower blocks train): full forward pass at every step" in out
-    checkpoint = gpt.load_checkpoint(tmp_path / "run" / "classifier.pt")
-    assert not any("lora" in key for key in checkpoint["model"])
-    run = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
-    assert run == checkpoint["settings"]
-    assert (run["seed"], run["max_steps"], run["max_length"], checkpoint["max_length"]) == (7, 2, 48, 48)
-
-
-def test_classify_bfloat16_autocast_trains_and_stays_close():
-    model = _classify_tiny_classifier()
-    token_ids = _classify_token_ids([5, 30, 12])
-    full = partial(fc.full_pass_logits, model)
-    mixed = fc.autocast_logits(full, torch.device("cpu"), "bfloat16")(token_ids)
-    assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, full(token_ids), atol=0.05, rtol=0.05)
-    assert torch.equal(fc.autocast_logits(full, torch.device("cpu"), "float32")(token_ids), full(token_ids))
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16"])
-def test_classify_mixed_precision_run_finishes_close_to_float32(tmp_path, dtype):
-    fc.main(_classify_run_argv(tmp_path, "full", "--max-steps", "3"))
-    fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", dtype, "--max-steps", "3"))
-    full, mixed = (json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("full", "mixed"))
-    assert len(mixed["step_loss"]) == 3 and all(math.isfinite(x) for x in mixed["step_loss"])
-    assert mixed["step_loss"] != full["step_loss"]  # it did run in the lower precision
-    assert mixed["step_loss"] == pytest.approx(full["step_loss"], abs=0.05)
-
-
-def test_classify_folder_with_another_run_is_refused_unless_overwrite(tmp_path, capsys):
-    argv = _classify_run_argv(tmp_path, "run", "--max-steps", "1")
-    fc.main(argv)
-    before = (tmp_path / "run" / "classifier.pt").read_bytes()
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(argv)
-    assert re.fullmatch(r"error: .*run holds another run \(classifier\.pt, run\.json, train\.csv, validation\.csv, "
-                        r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", str(exit_info.value.code))
-    assert "--resume" not in str(exit_info.value.code)  # the classifier has no --resume to suggest
-    assert (tmp_path / "run" / "classifier.pt").read_bytes() == before
-    (tmp_path / "run" / "loss-accuracy.png").unlink(missing_ok=True)  # a run without the plot is replaced as well
-    fc.main(argv + ["--overwrite", "--seed", "5"])
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
-    with pytest.raises(SystemExit):
-        fc.main(["--help"])
-    assert "refused unless --overwrite" in " ".join(capsys.readouterr().out.split())
-
-
-def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkeypatch):
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the run folder was checked")
-
-    monkeypatch.setattr(gpt, "load", no_model)
-    (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit, match=r"^error: .*file is a file, not a folder: choose another folder than .*file$"):
-        fc.main(_classify_run_argv(tmp_path, "file"))
-    (tmp_path / "run" / "classifier.pt").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"error: .*run holds another run \(classifier.pt\)"):
-        fc.main(_classify_run_argv(tmp_path, "run"))
-    with pytest.raises(SystemExit, match=r"^error: \[Errno 21\] Is a directory: .*run/classifier.pt'$"):
-        fc.main(_classify_run_argv(tmp_path, "run", "--overwrite"))
-    (tmp_path / "elsewhere.pt").mkdir()
-    with pytest.raises(SystemExit, match=r"error: .*run2 holds another run \(../elsewhere.pt\)"):
-        fc.main(_classify_run_argv(tmp_path, "run2", "--checkpoint", str(tmp_path / "elsewhere.pt")))
-
-
-def test_classify_full_disk_at_the_final_save_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch, capsys):
-    failed = fill_the_disk(monkeypatch, lambda path: path.name == "classifier.pt")
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2"))
-    assert exit_info.value.code == full_disk_error(tmp_path / "run" / "classifier.pt")  # exit 1, one line
-    assert failed == [tmp_path / "run" / "classifier.pt"]
-    assert "test split (" in capsys.readouterr().out  # the test metrics were printed before the save
-    # Nothing half-written: no classifier.pt, no temporary file beside it (and metrics.json comes after it).
-    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["run.json", "test.csv", "train.csv",
-                                                                           "validation.csv"]
-
-
-def test_classify_damaged_zip_names_the_file(tmp_path):
-    raw = SMS_ZIP.read_bytes()
-    truncated, flipped = tmp_path / "truncated.zip", tmp_path / "flipped.zip"
-    truncated.write_bytes(raw[: len(raw) // 2])
-    flipped.write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
-    for path in (truncated, flipped):
-        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file or one without SMSSpamCollection \(.*\): give the extracted "):
-            fc.read_sms_bytes(path)
-    argv = _classify_run_argv(tmp_path, "run")
-    argv[argv.index("--data") + 1] = str(flipped)
-    with pytest.raises(SystemExit, match=r"error: .*flipped.zip: a damaged zip file or one without SMSSpamCollection"):
-        fc.main(argv)
-
-
-def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatch):
-    seen = []
-
-    def fetch_dataset(urls, filename, **kwargs):
-        seen.append(gpt.cache_dir())
-        raise RuntimeError("offline")
-
-    monkeypatch.setattr(gpt, "fetch_dataset", fetch_dataset)
-    argv = _classify_run_argv(tmp_path, "run", "--cache-dir", str(tmp_path / "my-cache"))
-    del argv[argv.index("--data") : argv.index("--data") + 2]
-    with pytest.raises(SystemExit, match="error: offline"):
-        fc.main(argv)
-    assert seen == [tmp_path / "my-cache"]
-
-
-def test_classify_output_into_a_closed_pipe_is_quiet(tmp_path):
-    model = fc.add_classification_head(_classify_tiny_model())
-    gpt.save_checkpoint(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
-    texts = tmp_path / "texts.txt"
-    texts.write_text("".join(f"message number {i}\n" for i in range(5000)))  # more than a pipe buffer holds
-    proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), "--checkpoint", str(tmp_path / "classifier.pt"),
-                             "--classify-file", str(texts)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.read(1)  # as `| head -c1`: read one byte, then close the pipe
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 141 and err == "", err
-
-
-# --- model selection, evaluation on labelled files, predictions files, the Llama family ---
 
 
 def _classify_scripted_training(monkeypatch, scores, keep_last=False):
@@ -3849,6 +3382,263 @@ def test_classify_keeps_the_epoch_with_the_best_validation_accuracy(monkeypatch,
     assert _classify_scripted_training(monkeypatch, [(0.3, 0.8), (0.3, 0.8), (0.4, 0.5)])[1]["kept_epoch"] == 1
 
 
+# -- the script end to end --------------------------------------------------------------
+
+
+def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys):
+    common = _classify_run_argv(tmp_path, "cached", "--epochs", "2", "--log-every", "5")
+    fc.main(common)
+    common[common.index("--out-dir") + 1] = str(tmp_path / "plain")
+    fc.main(common + ["--no-activation-cache"])
+    out = capsys.readouterr().out
+    assert "activation cache: on" in out and "activation cache: off (--no-activation-cache)" in out
+    assert "step 5/10 | loss" in out and "examples/s | ETA" in out
+    for name in ("train.csv", "validation.csv", "test.csv", "classifier.pt", "metrics.json"):
+        assert (tmp_path / "cached" / name).is_file()
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "(no plot: pip install matplotlib to get loss-accuracy.png)" in out
+    else:
+        assert (tmp_path / "cached" / "loss-accuracy.png").stat().st_size > 1000
+    cached = json.loads((tmp_path / "cached" / "metrics.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert (cached["activation_cache"], plain["activation_cache"]) == (True, False)
+    assert cached["test"]["confusion_matrix"] == plain["test"]["confusion_matrix"]
+    assert sum(map(sum, cached["test"]["confusion_matrix"])) == 14  # 33 spam + 33 ham: 46 / 6 / 14
+    assert cached["history"]["train_loss"] == pytest.approx(plain["history"]["train_loss"], abs=1e-5)
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("Are we meeting at 6?\n\nWINNER!! Claim your prize now\n")
+    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify", "Call me later"])
+    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify-file", str(texts)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[-1] for line in lines] == ["Call me later", "Are we meeting at 6?", "WINNER!! Claim your prize now"]
+    model, _, max_length = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
+    assert model.labels == ["not spam", "spam"] and max_length == 48
+    spam_probability = fc.classify_texts(model, ["Call me later"], 48)[0]
+    assert lines[0] == f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later"
+
+
+NO_LABELS = "no labelled messages: give 'ham|spam<TAB>message' lines (the SMS Spam Collection) or a .csv file with label and text columns"
+USED_AS_TRAINED = "(the classifier of --checkpoint)"
+CLASSIFY_BAD_INPUTS = [
+    # The model and the data, checked before a run folder is made (and before any download).
+    ("--data {files}/nope.tsv", "--data {files}/nope.tsv: no such file"),
+    ("--model gpt3 --out-dir {run}", "no such file or model 'gpt3'"),
+    ("--model {files}/truncated.safetensors --out-dir {run}", "truncated.safetensors: not a complete safetensors file"),
+    ("--model {files}/empty --data {files}/sms.tsv --out-dir {run}", "{files}/empty holds no model: neither "
+     "model.safetensors nor model.safetensors.index.json"),
+    ("--model {files}/lm48.pt --max-length 5000 --out-dir {run}", "--max-length 5000 is longer than the model's context length 48"),
+    ("--model {files}/lm48.pt --data {files}/ham_only.tsv --out-dir {run}", "the data has 2 ham and 0 spam messages"),
+    ("--model {files}/lm48.pt --data {files}/story.txt --out-dir {run}", "story.txt: 2 bad line(s): line 1: no message "
+     "(no tab after the label, or no text column); line 2: "),
+    ("--model {files}/lm48.pt --data {files}/flipped.zip --out-dir {run}", "flipped.zip: a damaged zip file or one "
+     "without SMSSpamCollection"),
+    # Flags that argparse and the `type=` helpers reject, and combinations parse_args refuses.
+    ("--lora --lora-alpha -1", "argument --lora-alpha: must be a finite number >= 0, got '-1'"),
+    ("--lora --lora-rank 0", "argument --lora-rank: must be an integer >= 1, got '0'"),
+    ("--weight-decay nan", "argument --weight-decay: must be a finite number >= 0, got 'nan'"),
+    ("--lr inf", "argument --lr: must be a finite number >= 0, got 'inf'"),
+    ("--max-steps 0", "argument --max-steps: must be an integer >= 1, got '0'"),
+    ("--drop-rate 1.5", "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
+    ("--batch-size 0", "argument --batch-size: must be an integer >= 1, got '0'"),
+    ("--seed 9223372036854775808", "argument --seed: must be an integer >= 0, got '9223372036854775808'"),
+    ("--lora --trainable all", "--lora trains the adapters and the head: drop --trainable all"),
+    ("--trainable lora", "argument --trainable: invalid choice: 'lora'"),
+    ("--classify hi --threshold 1.5", "argument --threshold: must be a number in [0, 1], got '1.5'"),
+    ("--evaluate x.csv --results m.csv", "--results m.csv: give a .json file"),
+    ("--classify hi --results p.json", "--results p.json: give a .csv file"),
+    ("--results p.json", "--results goes with --evaluate, --classify or --classify-file"),
+    ("--evaluate x.csv --classify hi", "argument --classify: not allowed with argument --evaluate"),
+    ("--classify hi --classify-file x.txt", "argument --classify-file: not allowed with argument --classify"),
+    ("--export-hf out --classify hi", "argument --classify: not allowed with argument --export-hf (see --help)"),
+    # Using a classifier: a training flag given with it would be silently ignored.
+    ("--classify hi --model other.pt", f"--classify {USED_AS_TRAINED} does not use --model: drop it"),
+    ("--evaluate x.csv --max-length 10 --seed 1", f"--evaluate {USED_AS_TRAINED} does not use --max-length, --seed: drop them"),
+    ("--classify-file x.txt --lora", f"--classify-file {USED_AS_TRAINED} does not use --lora: drop it"),
+    ("--export-hf out --epochs 5", f"--export-hf {USED_AS_TRAINED} does not use --epochs: drop it"),
+    # The classifier and the files it reads.
+    ("--classify hi --checkpoint {files}/missing.pt", "no classifier at {files}/missing.pt: train one first"),
+    ("--classify hi --checkpoint {files}/lm48.pt", "{files}/lm48.pt is no spam classifier of finetune_classify.py "
+     "(class names: none, a language model): train one from it with --model"),
+    ("--classify-file {files} --checkpoint {files}/none.pt", "--classify-file {files}: a folder, not a file"),
+    ("--classify-file {files}/garbage.bin --checkpoint {files}/none.pt",
+     "--classify-file {files}/garbage.bin: not UTF-8 text: byte 0xff at byte offset 12 (line 2)"),
+    ("--classify-file /dev/null --checkpoint {files}/classifier.pt", "nothing to classify"),
+    ("--evaluate {files}/missing.csv --checkpoint {files}/none.pt", "--evaluate {files}/missing.csv: no such file"),
+    ("--evaluate {files}/a.csv", "a.csv: 1 bad line(s): line 2: no message (no tab after the label, or no text column)"),
+    ("--evaluate {files}/b.csv", "b.csv: 1 bad line(s): line 3: unknown label 'spma' (expected ham or spam)"),
+    ("--evaluate {files}/c.csv", "c.csv: " + NO_LABELS),
+    ("--evaluate {files}/d.tsv", "d.tsv: 1 bad line(s): line 2: unknown label 'spma' (expected ham or spam)"),
+    ("--evaluate {files}/e.tsv", "e.tsv: 1 bad line(s): line 2: no message (no tab after the label, or no text column)"),
+    ("--evaluate {files}/f.tsv", "f.tsv: " + NO_LABELS),
+]
+
+
+@pytest.mark.parametrize("argv, message", CLASSIFY_BAD_INPUTS)
+def test_classify_bad_input_is_one_line(bad_inputs, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(gpt, "fetch_dataset", lambda *args, **kwargs: pytest.fail("downloaded before the checks"))
+    if argv.startswith("--evaluate {files}/") and "--checkpoint" not in argv:
+        argv += " --checkpoint {files}/classifier.pt"
+    check_bad_input(fc.main, argv, message, bad_inputs, tmp_path, capsys)
+
+
+def test_classify_use_accepts_what_using_a_classifier_reads():
+    args = fc.parse_args(["--classify", "hi", "--batch-size", "3", "--threshold", "0.4", "--dtype", "bfloat16"])
+    assert (args.batch_size, args.threshold, args.dtype) == (3, 0.4, "bfloat16")
+
+
+def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, capsys):
+    argv = _classify_run_argv(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fc, "train_classifier", interrupted)
+    try:
+        fc.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main()")  # else it would stop the whole test session
+    except SystemExit as e:
+        assert e.code == 130
+    else:
+        pytest.fail("main() returned after an interrupt")
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
+    assert not (tmp_path / "run" / "classifier.pt").exists()
+    with pytest.raises(SystemExit, match="holds another run .*replace it with --overwrite"):  # the rerun says how
+        fc.main(argv)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fc, "train_classifier", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        fc.main(_classify_run_argv(tmp_path, "oom"))
+    assert exit_info.value.code == "error: out of memory: use a smaller --batch-size (or --max-length)"
+
+
+def test_classify_sigint_during_training_exits_cleanly(tmp_path):
+    argv = _classify_run_argv(tmp_path, "run", "--epochs", "100000", "--batch-size", "2", "--log-every", "1")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
+    proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/100000 step"):  # training is under way
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "classifier.pt").exists()
+
+
+def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
+    # 46 training messages, batch 8: 5 steps per epoch; 7 steps end 2 steps into epoch 2.
+    fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "7", "--log-every", "1", "--epochs", "3"))
+    out = capsys.readouterr().out
+    assert "epoch 2/2 step 7/7 | loss" in out and "step 8/" not in out
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert len(history["step_loss"]) == 7
+    assert (history["step"], history["epoch"]) == ([5, 7], [1.0, 1.4])  # after epoch 1, and at the stop
+    best = max(range(2), key=lambda i: (history["validation_accuracy"][i], -history["validation_loss"][i], -i))
+    assert history["kept_epoch"] == history["epoch"][best]  # the stop within epoch 2 is a candidate too
+    fc.main(_classify_run_argv(tmp_path, "all", "--max-steps", "1000", "--epochs", "2"))
+    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]["step"] == [5, 10]
+    # The first 7 steps of the 10-step run are the 7 steps of the stopped run: same shuffling, same updates.
+    full = json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]["step_loss"]
+    assert full[:7] == history["step_loss"]
+
+
+def test_classify_lora_trains_only_adapters_and_head_and_settings_travel_with_the_run(tmp_path, capsys):
+    fc.main(_classify_run_argv(tmp_path, "run", "--lora", "--max-steps", "2", "--seed", "7"))
+    out = capsys.readouterr().out
+    assert "settings: " in out and "seed=7" in out and "max_length=48" in out
+    # per block, rank 16: c_attn 16*32 + 96*16, attn.c_proj 16*32 + 32*16, c_fc 16*32 + 128*16,
+    # mlp.c_proj 16*128 + 32*16 = 8,192; two blocks plus the head (32*2 + 2) = 16,450
+    assert "16,450 trainable" in out
+    assert "activation cache: off (the lower blocks train): full forward pass at every step" in out
+    checkpoint = gpt.load_checkpoint(tmp_path / "run" / "classifier.pt")
+    assert not any("lora" in key for key in checkpoint["model"])
+    run = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    assert run == checkpoint["settings"]
+    assert (run["seed"], run["max_steps"], run["max_length"], checkpoint["max_length"]) == (7, 2, 48, 48)
+
+
+def test_classify_bfloat16_autocast_trains_and_stays_close(tmp_path):
+    model = _classify_tiny_classifier()
+    token_ids = _classify_token_ids([5, 30, 12])
+    full = partial(fc.full_pass_logits, model)
+    mixed = fc.autocast_logits(full, torch.device("cpu"), "bfloat16")(token_ids)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, full(token_ids), atol=0.05, rtol=0.05)
+    assert torch.equal(fc.autocast_logits(full, torch.device("cpu"), "float32")(token_ids), full(token_ids))
+    fc.main(_classify_run_argv(tmp_path, "full", "--max-steps", "3"))
+    fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "3"))
+    full, mixed = (json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("full", "mixed"))
+    assert len(mixed["step_loss"]) == 3 and all(math.isfinite(x) for x in mixed["step_loss"])
+    assert mixed["step_loss"] != full["step_loss"]  # it did run in the lower precision
+    assert mixed["step_loss"] == pytest.approx(full["step_loss"], abs=0.05)
+
+
+def test_classify_folder_with_another_run_is_refused_unless_overwrite(tmp_path):
+    argv = _classify_run_argv(tmp_path, "run", "--max-steps", "1")
+    fc.main(argv)
+    before = (tmp_path / "run" / "classifier.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        fc.main(argv)
+    assert re.fullmatch(r"error: .*run holds another run \(classifier\.pt, run\.json, train\.csv, validation\.csv, "
+                        r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", str(exit_info.value.code))
+    assert "--resume" not in str(exit_info.value.code)  # the classifier has no --resume to suggest
+    assert (tmp_path / "run" / "classifier.pt").read_bytes() == before
+    (tmp_path / "run" / "loss-accuracy.png").unlink(missing_ok=True)  # a run without the plot is replaced as well
+    fc.main(argv + ["--overwrite", "--seed", "5"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
+
+
+def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the run folder was checked")
+
+    monkeypatch.setattr(gpt, "load", no_model)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"^error: .*file is a file, not a folder: choose another folder than .*file$"):
+        fc.main(_classify_run_argv(tmp_path, "file"))
+    (tmp_path / "run" / "classifier.pt").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"error: .*run holds another run \(classifier.pt\)"):
+        fc.main(_classify_run_argv(tmp_path, "run"))
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 21\] Is a directory: .*run/classifier.pt'$"):
+        fc.main(_classify_run_argv(tmp_path, "run", "--overwrite"))
+    (tmp_path / "elsewhere.pt").mkdir()
+    with pytest.raises(SystemExit, match=r"error: .*run2 holds another run \(../elsewhere.pt\)"):
+        fc.main(_classify_run_argv(tmp_path, "run2", "--checkpoint", str(tmp_path / "elsewhere.pt")))
+
+
+def test_classify_full_disk_at_the_final_save_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch, capsys):
+    failed = fill_the_disk(monkeypatch, lambda path: path.name == "classifier.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2"))
+    assert exit_info.value.code == full_disk_error(tmp_path / "run" / "classifier.pt")  # exit 1, one line
+    assert failed == [tmp_path / "run" / "classifier.pt"]
+    assert "test split (" in capsys.readouterr().out  # the test metrics were printed before the save
+    # Nothing half-written: no classifier.pt, no temporary file beside it (and metrics.json comes after it).
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["run.json", "test.csv", "train.csv",
+                                                                           "validation.csv"]
+
+
+def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatch):
+    seen = []
+
+    def fetch_dataset(urls, filename, **kwargs):
+        seen.append(gpt.cache_dir())
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(gpt, "fetch_dataset", fetch_dataset)
+    argv = _classify_run_argv(tmp_path, "run", "--cache-dir", str(tmp_path / "my-cache"))
+    del argv[argv.index("--data") : argv.index("--data") + 2]
+    with pytest.raises(SystemExit, match="error: offline"):
+        fc.main(argv)
+    assert seen == [tmp_path / "my-cache"]
+
+
 @pytest.mark.parametrize("extra", [[], ["--lora", "--keep-last"]])
 def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(tmp_path, capsys, extra):
     fc.main(_classify_run_argv(tmp_path, "run", "--epochs", "4", "--lr", "3e-3", *extra))
@@ -3872,8 +3662,7 @@ def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(
 
 
 def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
-    model = fc.add_classification_head(_classify_tiny_model())
-    gpt.save_checkpoint(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
+    model, checkpoint = _classify_classifier(tmp_path)
     messages = [("spam", "WINNER!! Claim your prize, call 09061701461"), ("ham", 'He said "ok, fine" then left'),
                 ("ham", "See you at 6?"), ("spam", "Free entry: text WIN to 80086"), ("ham", "ok")]
     fc.write_csv(tmp_path / "labelled.csv", ("text", "label"), [(text, label) for label, text in messages])
@@ -3885,7 +3674,7 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
         predicted = [int(p >= threshold) for p in probabilities]
         matrix = [[sum((t, p) == (i, j) for t, p in zip(truth, predicted)) for j in (0, 1)] for i in (0, 1)]
         for name in ("labelled.csv", "labelled.tsv"):
-            fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--evaluate", str(tmp_path / name),
+            fc.main(["--checkpoint", str(checkpoint), "--evaluate", str(tmp_path / name),
                      "--threshold", str(threshold), "--results", str(tmp_path / "results.json")])
             results = json.loads((tmp_path / "results.json").read_text())
             assert results["threshold"] == threshold and results["metrics"]["confusion_matrix"] == matrix
@@ -3893,81 +3682,17 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
     assert sum(int(p >= middle) for p in probabilities) == 3
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("a.csv", "label,message\nham,hi\n", r"a.csv: 1 bad line\(s\): line 2: no message \(no tab after the label, or no "
-     r"text column\): give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text "
-     r"columns"),
-    ("b.csv", "text,label\nhi,ham\nyo,spma\n", r"b.csv: 1 bad line\(s\): line 3: unknown label 'spma' \(expected ham or spam\)"
-     r": give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
-    ("c.csv", "text,label\n", r"c.csv: no labelled messages: "
-     r"give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
-    ("d.tsv", "ham\thi\nspma\tyo\n", r"d.tsv: 1 bad line\(s\): line 2: unknown label 'spma' \(expected ham or spam\)"
-     r": give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
-    ("e.tsv", "ham\thi\nno tab\n", r"e.tsv: 1 bad line\(s\): line 2: no message \(no tab after the label, or no text column\)"
-     r": give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
-    ("f.tsv", "\n", r"f.tsv: no labelled messages: "
-     r"give 'ham\|spam<TAB>message' lines \(the SMS Spam Collection\) or a \.csv file with label and text columns"),
-])
-def test_classify_evaluate_bad_file_is_one_line_and_exit_1(tmp_path, capsys, name, content, message):
-    gpt.save_checkpoint(tmp_path / "classifier.pt", fc.add_classification_head(_classify_tiny_model()), gpt.get_tokenizer(), max_length=48)
-    (tmp_path / name).write_text(content)
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(["--checkpoint", str(tmp_path / "classifier.pt"), "--evaluate", str(tmp_path / name)])
-    assert re.fullmatch(f"error: .*{message}", exit_info.value.code)  # a string: Python prints it and exits 1
-
-
-def test_classify_evaluate_and_results_flags_are_checked(tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"error: --evaluate .*missing.csv: no such file"):
-        fc.main(["--evaluate", str(tmp_path / "missing.csv"), "--checkpoint", str(tmp_path / "unused.pt")])
-    for flags, message in [
-        (["--evaluate", "x.csv", "--results", "m.csv"], "--results m.csv: give a .json file"),
-        (["--classify", "hi", "--results", "p.json"], "--results p.json: give a .csv file"),
-        (["--results", "p.json"], "--results goes with --evaluate, --classify or --classify-file"),
-        (["--evaluate", "x.csv", "--classify", "hi"], "argument --classify: not allowed with argument --evaluate"),
-        (["--classify", "hi", "--classify-file", "x.txt"], "argument --classify-file: not allowed with argument --classify"),
-        (["--classify", "hi", "--threshold", "1.5"], "argument --threshold: must be a number in [0, 1], got '1.5'"),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            fc.main(flags)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_classify_use_refuses_training_flags_it_would_ignore(tmp_path, capsys):
-    # The classifier of --checkpoint is used as trained: a --model or --max-length given with --classify, --evaluate
-    # or --export-hf would be silently ignored (another classifier, another message length than the user asked for).
-    for flags, message in [
-        (["--classify", "hi", "--model", "other.pt"], "--classify (the classifier of --checkpoint) does not use "
-         "--model: drop it (see --help)"),
-        (["--evaluate", "x.csv", "--max-length", "10", "--seed", "1"], "--evaluate (the classifier of --checkpoint) "
-         "does not use --max-length, --seed: drop them (see --help)"),
-        (["--classify-file", "x.txt", "--lora"], "--classify-file (the classifier of --checkpoint) does not use "
-         "--lora: drop it (see --help)"),
-        (["--export-hf", "out", "--epochs", "5"], "--export-hf (the classifier of --checkpoint) does not use "
-         "--epochs: drop it (see --help)"),
-        (["--export-hf", "out", "--classify", "hi"], "argument --classify: not allowed with argument --export-hf "
-         "(see --help)"),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            fc.main(["--checkpoint", str(tmp_path / "unused.pt"), *flags])
-        assert exit_info.value.code == 2
-        assert capsys.readouterr().err.endswith(f": error: {message}\n")
-    # What using a classifier reads is still accepted with it.
-    args = fc.parse_args(["--classify", "hi", "--batch-size", "3", "--threshold", "0.4", "--dtype", "bfloat16"])
-    assert (args.batch_size, args.threshold, args.dtype) == (3, 0.4, "bfloat16")
-
-
 def test_classify_file_writes_predictions_as_csv_with_probabilities(tmp_path, capsys):
     import csv
 
-    model = fc.add_classification_head(_classify_tiny_model())
-    gpt.save_checkpoint(tmp_path / "classifier.pt", model, gpt.get_tokenizer(), max_length=48)
+    model, checkpoint = _classify_classifier(tmp_path)
     texts = ["Are we meeting at 6?", 'WINNER, "claim" your prize', "ok", "Call 09061701461 now to win £2000"]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     probabilities = fc.classify_texts(model, texts, 48)
     threshold = sorted(probabilities)[1]  # spam at >= threshold: all but the least likely
     labels = ["spam" if p >= threshold else "not spam" for p in probabilities]
     assert labels.count("spam") == 3
-    common = ["--checkpoint", str(tmp_path / "classifier.pt"), "--classify-file", str(tmp_path / "texts.txt"),
+    common = ["--checkpoint", str(checkpoint), "--classify-file", str(tmp_path / "texts.txt"),
               "--threshold", str(threshold), "--results"]
     fc.main(common + [str(tmp_path / "predictions.csv")])
     assert capsys.readouterr().out == f"classified: 4 texts, 3 spam (probability >= {threshold}), written to " \
@@ -3981,13 +3706,33 @@ def test_classify_file_writes_predictions_as_csv_with_probabilities(tmp_path, ca
     assert "accuracy 100.00%" in capsys.readouterr().out  # "not spam" read as ham; the folder's classifier.pt used
 
 
-def _classify_llama_folder(folder, trained_tokenizers, model_type):
-    """A tiny random Llama or Qwen3 (vocabulary 1000, context 64, untied head) saved with
-    save_pretrained, beside the SmolLM2-style tokenizer.json trained on SMS messages."""
-    save_hf_family(folder, model_type, vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
-                   tie_word_embeddings=False)
-    (folder / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
-    return folder
+def test_classify_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone(tmp_path, monkeypatch, capsys):
+    _, weights = save_hf_gpt2(tmp_path / "source", n_positions=48, n_embd=32, n_layer=2, n_head=4)
+    run = tmp_path / "run"
+    fc.main(["--model", str(weights), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run),
+             "--max-steps", "2"])
+    for path in (tmp_path / "source").iterdir():
+        path.unlink()  # the weights, config.json, generation_config.json: the classifier needs none of them
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    texts = ["WINNER!! Claim your prize now", "See you at 6?"]
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", *texts])
+    from_checkpoint = capsys.readouterr().out
+    assert from_checkpoint.endswith("  See you at 6?\n")
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv")])
+    assert "accuracy" in capsys.readouterr().out
+    fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
+    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
+    fc.main(["--classify", *texts, "--checkpoint", str(tmp_path / "hf")])
+    assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
+    with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
+        fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
+    with pytest.raises(SystemExit) as exit_info:
+        load_gpt2.main(["--model", str(run / "classifier.pt")])
+    message = str(exit_info.value.code)
+    assert exit_info.value.code not in (0, None) and "is a classifier, not a language model" in message
+    assert "\n" not in message and "Traceback" not in message
 
 
 @pytest.mark.parametrize("model_type, extra", [("llama", []), ("qwen3", ["--lora", "--max-steps", "3"])])
@@ -3995,7 +3740,10 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
                                                                         model_type, extra):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = _classify_llama_folder(tmp_path / "model", trained_tokenizers, model_type)
+    folder = tmp_path / "model"  # vocabulary 1000, context 64, untied head, beside the SmolLM2-style tokenizer
+    save_hf_family(folder, model_type, vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
+                   tie_word_embeddings=False)
+    (folder / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
     run = tmp_path / "run"
     data = _classify_sms_slice(tmp_path)
     fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--epochs", "1", *extra])  # the activation cache; LoRA adapters on the seven projections and the full forward pass
@@ -4044,7 +3792,7 @@ _INSTRUCT_PREAMBLE = (
 )
 
 
-def test_instruct_format_input_with_and_without_input():
+def test_instruct_prompt_with_and_without_input_and_its_tokens_first():
     with_input = {"instruction": "Translate to French.", "input": "Good morning.", "output": "Bonjour."}
     assert instruct.format_input(with_input) == (
         _INSTRUCT_PREAMBLE + "\n\n### Instruction:\nTranslate to French.\n\n### Input:\nGood morning."
@@ -4056,9 +3804,15 @@ def test_instruct_format_input_with_and_without_input():
     ):
         assert instruct.format_input(no_input) == _INSTRUCT_PREAMBLE + "\n\n### Instruction:\nName a color."
         assert "### Input:" not in instruct.format_prompt(no_input)
+    entry = {"instruction": "Name a color.", "input": "", "output": "Blue."}
+    [(ids, prompt_length)] = instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=1024, mask_prompt=True)
+    assert ids[:prompt_length] == gpt.text_to_token_ids(instruct.format_prompt(entry))[0].tolist()  # the prompt first
+    assert gpt.token_ids_to_text(ids[prompt_length:]) == "Blue."
+    too_short = prompt_length - 1
+    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=too_short, mask_prompt=True) == []
 
 
-def test_instruct_collate_padding_and_ignore_positions():
+def test_instruct_collate_pads_ignores_and_masks_the_prompt():
     # The book's example (section 7.3): three sequences of lengths 5, 2 and 3.
     batch = [([0, 1, 2, 3, 4], 2), ([5, 6], 1), ([7, 8, 9], 2)]
     inputs, targets = instruct.collate_instruction_batch(batch, gpt.EOT_ID)
@@ -4070,10 +3824,6 @@ def test_instruct_collate_padding_and_ignore_positions():
         [8, 9, E, -100, -100],
     ]
     assert inputs.dtype == targets.dtype == torch.long
-
-
-def test_instruct_collate_mask_prompt_and_max_length():
-    E = gpt.EOT_ID
     batch = [([10, 11, 12, 20, 21], 3), ([13, 14, 22], 2)]  # prompt lengths 3 and 2
     inputs, targets = instruct.collate_instruction_batch(batch, gpt.EOT_ID, mask_prompt=True)
     assert inputs.tolist() == [[10, 11, 12, 20, 21], [13, 14, 22, E, E]]
@@ -4087,17 +3837,7 @@ def test_instruct_collate_mask_prompt_and_max_length():
     assert targets.tolist() == [[E, 2, E]]
 
 
-def test_instruct_tokenized_prompt_is_a_prefix(monkeypatch):
-    entry = {"instruction": "Name a color.", "input": "", "output": "Blue."}
-    [(ids, prompt_length)] = instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=1024, mask_prompt=True)
-    prompt_ids = gpt.text_to_token_ids(instruct.format_prompt(entry))[0].tolist()
-    assert ids[:prompt_length] == prompt_ids
-    assert gpt.token_ids_to_text(ids[prompt_length:]) == "Blue."
-    too_short = prompt_length - 1
-    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=too_short, mask_prompt=True) == []
-
-
-def test_instruct_bad_entries_reported(tmp_path):
+def test_instruct_data_is_a_json_list_or_json_lines_with_one_entry_check(tmp_path):
     good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     path = tmp_path / "data.json"
     for bad, problem in [
@@ -4121,6 +3861,10 @@ def test_instruct_bad_entries_reported(tmp_path):
     path.write_text("[]")
     with pytest.raises(ValueError, match="no entries"):
         instruct.load_instruction_data(path)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([good]).encode())  # a byte-order mark, as Windows editors write
+    assert instruct.load_instruction_data(path) == [good]
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")  # JSON Lines
+    assert instruct.load_instruction_data(path) == [good]
 
 
 def test_instruct_split_85_5_10_with_seed():
@@ -4177,7 +3921,7 @@ def test_instruct_parse_score(reply, expected):
 
 
 @pytest.fixture
-def _instruct_ollama(route_server):
+def _instruct_ollama(local_server):
     """A fake Ollama server that has the model llama3: /api/chat answers with the next of `answers` (any JSON value
     as the message content), HTTP 404 for another model, as Ollama does, and records each request body."""
     ollama = argparse.Namespace(answers=[], requests=[])
@@ -4192,7 +3936,7 @@ def _instruct_ollama(route_server):
         reply = {"model": body["model"], "message": message, "done": True}
         answer(json.dumps(reply).encode(), Content_Type="application/json")(handler)
 
-    ollama.server = route_server({"/api/chat": chat})
+    ollama.server = local_server({"/api/chat": chat})
     ollama.url = ollama.server.url
     return ollama
 
@@ -4207,25 +3951,24 @@ def _instruct_responses_file(tmp_path, n):
     return path, entries
 
 
-def test_instruct_judge_without_any_score_is_an_error(tmp_path, _instruct_ollama):
+def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_path, capsys, _instruct_ollama):
     url = _instruct_ollama.url
-    path, _ = _instruct_responses_file(tmp_path, 2)
-    _instruct_ollama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
-    with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
-    assert [e["score"] for e in json.loads((tmp_path / "responses-scored.json").read_text())] == [None, None]
-
-
-def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
-    url = _instruct_ollama.url
-    path, entries = _instruct_responses_file(tmp_path, 3)
+    path, entries = _instruct_responses_file(tmp_path, 11)
     before = path.read_bytes()
-    _instruct_ollama.answers = ["80", "Score: 60 - mostly right.", "I cannot judge this."]
+    _instruct_ollama.answers = [
+        "80", "Score: 60 - mostly right.", "I cannot judge this.",
+        '{"score": 92.5}',  # the text structured output sends
+        85, {"score": 80}, None, [85], {"rating": 85},  # JSON values instead of text
+        "",  # an empty reply
+        '{"score": -5}',  # out of range
+    ]
     instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
     out = capsys.readouterr().out
-    assert "mean score 70.00 over 2 entries; 1 could not be scored" in out
+    assert "mean score 79.50 over 5 entries; 6 could not be scored" in out
+    assert "entry 6: no score 0-100 in the judge's answer None" in out
+    assert "entry 9: no score 0-100 in the judge's answer ''" in out
     scored = json.loads((tmp_path / "responses-scored.json").read_text())
-    assert [e["score"] for e in scored] == [80, 60, None]
+    assert [e["score"] for e in scored] == [80, 60, None, 92.5, 85.0, 80.0, None, None, None, None, None]
     assert scored[0]["model_response"] == "Reply 0."
     assert path.read_bytes() == before
     request = _instruct_ollama.requests[0]
@@ -4239,7 +3982,11 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
     prompt = request["messages"][0]["content"]
     assert "`Answer 0.`" in prompt and "`Reply 0.`" in prompt and "integer number only" in prompt
 
-    _instruct_ollama.answers = []
+    path, _ = _instruct_responses_file(tmp_path, 2)
+    _instruct_ollama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
+    with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
+        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
+    assert [e["score"] for e in json.loads((tmp_path / "responses-scored.json").read_text())] == [None, None]
     with pytest.raises(SystemExit, match="ollama pull mistral"):
         instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--judge-model", "mistral",
                        "--responses", str(path)])
@@ -4247,28 +3994,6 @@ def test_instruct_judge_scores_with_fake_ollama(tmp_path, capsys, _instruct_olla
         instruct.main(["--judge", "ollama", "--judge-url", url, "--judge-model", "mistral", "--out-dir",
                        str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
-
-
-def test_instruct_judge_any_content_with_fake_ollama(tmp_path, capsys, _instruct_ollama):
-    url = _instruct_ollama.url
-    path, _ = _instruct_responses_file(tmp_path, 8)
-    _instruct_ollama.answers = [
-        '{"score": 92.5}',  # the text structured output sends
-        85,  # JSON values instead of text
-        {"score": 80},
-        None,
-        [85],
-        {"rating": 85},
-        "",  # an empty reply
-        '{"score": -5}',  # out of range
-    ]
-    instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
-    out = capsys.readouterr().out
-    assert "mean score 85.83 over 3 entries; 5 could not be scored" in out
-    assert "entry 3: no score 0-100 in the judge's answer None" in out
-    assert "entry 6: no score 0-100 in the judge's answer ''" in out
-    scored = json.loads((tmp_path / "responses-scored.json").read_text())
-    assert [e["score"] for e in scored] == [92.5, 85.0, 80.0, None, None, None, None, None]
 
 
 def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
@@ -4285,17 +4010,25 @@ def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
     assert not (tmp_path / "responses-scored.json").exists()
 
 
+@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"message": 5}', b"<html>not Ollama</html>"],
+                         ids=["list", "no-message", "message-number", "not-json"])
+def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, local_server, body):
+    server = local_server({"/api/chat": answer(body, Content_Type="application/json")})
+    path, _ = _instruct_responses_file(tmp_path, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
+    assert exit_info.value.code.startswith(f"error: the server at {server.url} answered an unexpected reply: ")
+
+
 @pytest.fixture
 def _instruct_tiny_run(tmp_path_factory):
     """A tiny random GPT checkpoint and a 12-entry data file (split 10 / 1 / 1)."""
     folder = tmp_path_factory.mktemp("instruct")
     torch.manual_seed(0)
     model = gpt.GPTModel(gpt.GPTConfig(context_length=96, emb_dim=32, n_heads=2, n_layers=2))
-    gpt.save_checkpoint(folder / "tiny.pt", model, gpt.get_tokenizer())
-    entries = [
-        {"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"{i}", "output": f"{i}"}
-        for i in range(12)
-    ]
+    save_tiny(folder / "tiny.pt", model)
+    entries = [{"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"{i}", "output": f"{i}"}
+               for i in range(12)]
     (folder / "data.json").write_text(json.dumps(entries))
     return folder
 
@@ -4305,11 +4038,8 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     monkeypatch.setenv("GPT_CACHE_DIR", str(folder / "cache"))
     out_dir = folder / "run"
     common = ["--data", str(folder / "data.json"), "--out-dir", str(out_dir), "--max-new-tokens", "3"]
-    recipe = [
-        "--model",
-        str(folder / "tiny.pt"),
-        *"--batch-size 5 --eval-batches 1 --lora --lora-rank 2 --mask-prompt".split(),
-    ]
+    recipe = ["--model", str(folder / "tiny.pt"), "--batch-size", "5", "--eval-batches", "1", "--lora", "--lora-rank", "2",
+              "--mask-prompt"]
     instruct.main(common + recipe + ["--epochs", "1", "--keep-state"])
     out = capsys.readouterr().out
     assert "10 train, 1 validation, 1 test entries" in out
@@ -4326,14 +4056,6 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     state = gpt.load_checkpoint(out_dir / "train_state.pt")
     assert state["step"] == 2 and state["history"]["step"] == [0, 2]
 
-    # --resume with one more epoch continues at step 2; a changed recipe is refused.
-    instruct.main(common + recipe + ["--epochs", "2", "--resume"])
-    out = capsys.readouterr().out
-    assert "resuming at step 2 of 4" in out and "step 4/4" in out and "trained 2 steps" in out
-    assert gpt.load_checkpoint(out_dir / "train_state.pt")["history"]["step"] == [0, 2, 4]
-    with pytest.raises(SystemExit, match="which used --batch-size 5, not 4"):
-        instruct.main(common + recipe + ["--batch-size", "4", "--resume"])
-
     # Answers from the saved model: the test set again, and one prompt.
     (out_dir / "responses.json").unlink()
     instruct.main(common + ["--generate-only"])
@@ -4342,27 +4064,13 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     instruct.main(common + ["--prompt", "Repeat the number 3."])
     printed = capsys.readouterr().out
     model = load_lm(out_dir / "model.pt")
-    expected, _ = instruct.generate_response(
-        model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."}, max_new_tokens=3
-    )
+    expected, _ = instruct.generate_response(model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."},
+                                             max_new_tokens=3)
     assert printed.endswith("\n" + expected + "\n")
     with pytest.MonkeyPatch.context() as patch:  # a model that ends its answer at once: said, not a blank line
         patch.setattr(instruct, "generate_response", lambda *args, **options: ("", 1))
         instruct.main(common + ["--prompt", "Repeat the number 3."])
     assert capsys.readouterr().out.endswith("\n(an empty answer: the model ended it at once with its end-of-text token)\n")
-
-
-def test_instruct_clear_errors(tmp_path, _instruct_tiny_run):
-    folder = _instruct_tiny_run
-    with pytest.raises(SystemExit, match="--data .*missing.json: no such file"):
-        instruct.main(["--data", str(tmp_path / "missing.json"), "--out-dir", str(tmp_path)])
-    common = ["--data", str(folder / "data.json"), "--out-dir", str(tmp_path)]
-    with pytest.raises(SystemExit, match="no .*model.pt: fine-tune first"):
-        instruct.main(common + ["--generate-only"])
-    with pytest.raises(SystemExit, match="--resume: .* holds no run to continue"):
-        instruct.main(common + ["--model", str(folder / "tiny.pt"), "--resume"])
-    with pytest.raises(SystemExit, match="--max-length 97 is longer than the model's context length 96"):
-        instruct.main(common + ["--model", str(folder / "tiny.pt"), "--max-length", "97"])
 
 
 def _instruct_same_weights(run_a, run_b):
@@ -4446,82 +4154,71 @@ def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instr
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
 
 
-# Values that argparse and the `type=` helpers reject (exit 2), and combinations parse_args refuses.
-_INSTRUCT_BAD_FLAGS = [
-    (["--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
-    (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got '-1'"),
-    (["--weight-decay", "-1"], "argument --weight-decay: must be a finite number >= 0, got '-1'"),
-    (["--lr", "-1"], "argument --lr: must be a finite number >= 0, got '-1'"),
-    (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
-    (["--eval-batches", "-1"], "argument --eval-batches: must be an integer >= 0, got '-1'"),
-    (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got '0'"),
-    (["--epochs", "inf"], "argument --epochs: must be an integer >= 1, got 'inf'"),
-    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
-    (["--save-every", "0"], "argument --save-every: must be an integer >= 1, got '0'"),
-    (["--max-steps", "0"], "argument --max-steps: must be an integer >= 1, got '0'"),
-    (["--max-length", "0"], "argument --max-length: must be an integer >= 1, got '0'"),
-    (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1, got '0'"),
-    (["--top-p", "1.5"], "argument --top-p: must be a number in [0, 1], got '1.5'"),
-    (["--lora-alpha", "nan"], "argument --lora-alpha: must be a finite number >= 0, got 'nan'"),
-    (["--drop-rate", "1.5"], "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
-    (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
-    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64' (choose from 'float32', 'bfloat16', "
-     "'float16')"),
-    (["--dtype", "float16"], "--dtype float16 trains without loss scaling: train in bfloat16 or float32"),
-    (["--prompt", ""], "--prompt must hold the instruction to answer, got ''"),
-    (["--prompt", " \n "], "--prompt must hold the instruction to answer, got ' \\n '"),
-    (["--input", "x"], "--input goes with --prompt: give the instruction too"),
-    (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
-    (["--resume", "--generate-only"], "choose one of --generate-only, --judge-only, --prompt and --resume"),
-    (["--judge-only"], "--judge-only needs --judge ollama"),
+INSTRUCT_RUN = "--data {files}/data.json --model {files}/tiny.pt --out-dir {run}"
+INSTRUCT_BAD_INPUTS = [
+    # Values that argparse and the `type=` helpers reject, and combinations parse_args refuses.
+    (f"{INSTRUCT_RUN} --top-k 0", "argument --top-k: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --temperature -1", "argument --temperature: must be a finite number >= 0, got '-1'"),
+    (f"{INSTRUCT_RUN} --weight-decay -1", "argument --weight-decay: must be a finite number >= 0, got '-1'"),
+    (f"{INSTRUCT_RUN} --lr -1", "argument --lr: must be a finite number >= 0, got '-1'"),
+    (f"{INSTRUCT_RUN} --max-new-tokens -1", "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
+    (f"{INSTRUCT_RUN} --eval-batches -1", "argument --eval-batches: must be an integer >= 0, got '-1'"),
+    (f"{INSTRUCT_RUN} --epochs 0", "argument --epochs: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --epochs inf", "argument --epochs: must be an integer >= 1, got 'inf'"),
+    (f"{INSTRUCT_RUN} --batch-size 0", "argument --batch-size: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --save-every 0", "argument --save-every: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --max-steps 0", "argument --max-steps: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --max-length 0", "argument --max-length: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --lora-rank 0", "argument --lora-rank: must be an integer >= 1, got '0'"),
+    (f"{INSTRUCT_RUN} --top-p 1.5", "argument --top-p: must be a number in [0, 1], got '1.5'"),
+    (f"{INSTRUCT_RUN} --lora-alpha nan", "argument --lora-alpha: must be a finite number >= 0, got 'nan'"),
+    (f"{INSTRUCT_RUN} --drop-rate 1.5", "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
+    (f"{INSTRUCT_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
+    (f"{INSTRUCT_RUN} --dtype float64", "argument --dtype: invalid choice: 'float64' (choose from 'float32', "
+     "'bfloat16', 'float16')"),
+    (f"{INSTRUCT_RUN} --dtype float16", "--dtype float16 trains without loss scaling: train in bfloat16 or float32"),
+    (f"{INSTRUCT_RUN} --prompt ''", "--prompt must hold the instruction to answer, got ''"),
+    (f"{INSTRUCT_RUN} --prompt ' \n '", "--prompt must hold the instruction to answer, got ' \\n '"),
+    (f"{INSTRUCT_RUN} --input x", "--input goes with --prompt: give the instruction too"),
+    (f"{INSTRUCT_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
+    (f"{INSTRUCT_RUN} --resume --generate-only", "choose one of --generate-only, --judge-only, --prompt and --resume"),
+    (f"{INSTRUCT_RUN} --judge-only", "--judge-only needs --judge ollama"),
+    (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k"),  # greedy decoding would ignore it
+    # Answering does not train: a training flag given with it would be silently ignored.
+    ("--out-dir {run} --generate-only --model gpt2", "--model is the model that trains; --generate-only answers "
+     "with --checkpoint: give --checkpoint gpt2"),
+    ("--out-dir {run} --prompt hi --lora", "--prompt does not use --lora: drop it"),
+    ("--out-dir {run} --judge-only --judge ollama --epochs 3", "--judge-only does not use --epochs: drop it"),
+    # Files and models, checked before the run folder is made.
+    ("--data {files}/data.json --model {files}/empty --out-dir {run}", "{files}/empty holds no model: neither "
+     "model.safetensors nor model.safetensors.index.json"),
+    ("--data {files}/missing.json --out-dir {run}", "--data {files}/missing.json: no such file"),
+    ("--data {files}/data.json --out-dir {run} --generate-only", "no {run}/model.pt: fine-tune first"),
+    ("--data {files}/data.json --model {files}/tiny.pt --out-dir {files} --resume",
+     "--resume: {files} holds no run to continue"),
+    (f"{INSTRUCT_RUN} --max-length 65", "--max-length 65 is longer than the model's context length 64"),
+    ("--data {files}/data.json --model {files}/vocab1000.pt --out-dir {run}", "{files}/vocab1000.pt: the model's "
+     "vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257: use a model trained with the GPT-2 tokenizer"),
+    (f"{INSTRUCT_RUN} --responses {{files}}", "{files} is a folder, but a file goes there: move it away, or give "
+     "another --responses"),
+    ("--prompt Hi. --checkpoint {files}", "{files} holds no model: neither model.safetensors nor "
+     "model.safetensors.index.json"),
 ]
 
 
-def test_instruct_bad_flags_rejected_at_startup(tmp_path, capsys, monkeypatch, _instruct_tiny_run):
-    # A valid data file and model: without the startup check, each of these would train
-    # (or load the checkpoint) first.
-    folder = _instruct_tiny_run
-    monkeypatch.setattr(gpt, "pick_device", lambda name: pytest.fail(f"got past the flags to the device {name}"))
-    out_dir = tmp_path / "run"
-    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--out-dir", str(out_dir)]
-    common += ["--checkpoint", str(folder / "tiny.pt"), "--batch-size", "5", "--eval-batches", "1"]
-    for bad, message in _INSTRUCT_BAD_FLAGS:
-        with pytest.raises(SystemExit) as exc:
-            instruct.main(common + bad)
-        assert exc.value.code == 2, bad  # argparse's usage error, not a run-time "error: ..."
-        last_line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last_line.endswith(f": error: {message} (see --help)"), (bad, last_line)
-        assert re.search(r"--[\w-]+", message).group() in bad, message  # the message names a flag given
-    assert not out_dir.exists()
-
-
-def test_instruct_answer_modes_refuse_training_flags_they_would_ignore(tmp_path, capsys, monkeypatch):
-    # --model given with --generate-only or --prompt would silently not be the model that answers (--checkpoint is).
-    monkeypatch.setattr(gpt, "pick_device", lambda name: pytest.fail(f"got past the flags to the device {name}"))
-    for flags, message in [
-        (["--generate-only", "--model", "gpt2"], "--model is the model that trains; --generate-only answers with "
-         "--checkpoint: give --checkpoint gpt2"),
-        (["--prompt", "hi", "--lora"], "--prompt does not use --lora: drop it"),
-        (["--judge-only", "--judge", "ollama", "--epochs", "3"], "--judge-only does not use --epochs: drop it"),
-    ]:
-        with pytest.raises(SystemExit) as exc:
-            instruct.main(["--out-dir", str(tmp_path / "run"), *flags])
-        assert exc.value.code == 2
-        assert capsys.readouterr().err.endswith(f": error: {message} (see --help)\n")
-    # What answering reads is still accepted with it.
-    args = instruct.parse_args(["--generate-only", "--data", "d.json", "--seed", "3", "--max-new-tokens", "2"])
-    assert (args.data, args.seed, args.max_new_tokens) == ("d.json", 3, 2)
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("argv, message", INSTRUCT_BAD_INPUTS)
+def test_instruct_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, message):
+    check_bad_input(instruct.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
 def test_instruct_flag_limits_are_accepted():
     limits = ["--top-k", "1", "--top-p", "1", "--temperature", "1e-9", "--max-new-tokens", "0", "--eval-batches", "0"]
     args = instruct.parse_args(limits + ["--weight-decay", "0"])
     assert (args.top_k, args.top_p, args.temperature, args.max_new_tokens, args.eval_batches) == (1, 1.0, 1e-9, 0, 0)
-    with pytest.raises(SystemExit):  # greedy decoding would ignore top-k
-        instruct.parse_args(["--top-k", "1", "--temperature", "0"])
     args = instruct.parse_args(["--prompt", "Name a color.", "--input", "x", "--top-p", "1e-9", "--temperature", "1"])
     assert (args.prompt, args.input, args.top_p) == ("Name a color.", "x", 1e-9)
+    args = instruct.parse_args(["--generate-only", "--data", "d.json", "--seed", "3", "--max-new-tokens", "2"])
+    assert (args.data, args.seed, args.max_new_tokens) == ("d.json", 3, 2)  # what answering reads
     largest_seed = instruct.parse_args(["--seed", str(2**63 - 1)]).seed
     order = gpt.epoch_order(5, largest_seed, 1).tolist()  # the order of an epoch of the run's training examples
     assert sorted(order) == [0, 1, 2, 3, 4]
@@ -4597,8 +4294,10 @@ def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_pa
     with pytest.raises(SystemExit, match=r"the run is complete \(1 step, as --epochs 1 allows\): raise --epochs"):
         instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume"])
     assert (tmp_path / "kept" / "run.json").read_bytes() == settings_before  # a refused resume changes nothing
+    with pytest.raises(SystemExit, match="which used --batch-size 10, not 4"):  # a changed recipe
+        instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2", "--batch-size", "4"])
     instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2"])
-    assert gpt.load_checkpoint(tmp_path / "kept" / "train_state.pt")["step"] == 2
+    assert gpt.load_checkpoint(tmp_path / "kept" / "train_state.pt")["history"]["step"] == [0, 1, 2]
     kept = tmp_path / "kept"
     (kept / "train_state.pt").write_bytes((kept / "model.pt").read_bytes())  # a model where the state belongs
     with pytest.raises(SystemExit) as exit_info:
@@ -4606,32 +4305,6 @@ def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_pa
     assert exit_info.value.code == (f"error: --resume: {kept / 'train_state.pt'} is not a training state (a "
                                     "finished run keeps it only with --keep-state): train on from "
                                     f"{kept / 'model.pt'} with --model, or start again with --overwrite")
-
-
-def test_instruct_data_may_start_with_a_bom(tmp_path):
-    entry = {"instruction": "Say hi.", "input": "", "output": "Hi."}
-    path = tmp_path / "data.json"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([entry]).encode())
-    assert instruct.load_instruction_data(path) == [entry]
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(entry).encode() + b"\n")  # JSON Lines
-    assert instruct.load_instruction_data(path) == [entry]
-
-
-def test_instruct_vocabulary_mismatch_is_one_line(tmp_path):
-    torch.manual_seed(0)
-    small = gpt.GPTModel(gpt.GPTConfig(vocab_size=1000, context_length=32, emb_dim=32, n_heads=2, n_layers=1))
-    gpt.save_checkpoint(tmp_path / "small.pt", small, gpt.get_tokenizer())
-    message = (
-        f"error: {tmp_path / 'small.pt'}: the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses "
-        "50257: use a model trained with the GPT-2 tokenizer"
-    )
-    data = [{"instruction": f"Task {i}.", "output": "Done."} for i in range(10)]
-    (tmp_path / "data.json").write_text(json.dumps(data))
-    run = ["--data", str(tmp_path / "data.json"), "--model", str(tmp_path / "small.pt")]
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(run + ["--out-dir", str(tmp_path / "run")])
-    assert str(exc.value) == message
-    assert not (tmp_path / "run").exists()  # no run files before the checks pass: no --overwrite needed
 
 
 def test_instruct_answers_survive_a_full_disk(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
@@ -4672,26 +4345,10 @@ def test_instruct_full_disk_at_a_training_state_save_keeps_the_last_state(_instr
     assert not [path.name for path in (tmp_path / "run").iterdir() if path.name.startswith(".")]  # no half file
 
 
-def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_path, monkeypatch):
+def test_instruct_memory_is_checked_before_the_run_and_out_of_memory_names_the_flags(_instruct_tiny_run, tmp_path,
+                                                                                      monkeypatch):
     folder = _instruct_tiny_run
-    (tmp_path / "answers.json").mkdir()
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(_instruct_quick(folder, tmp_path / "run", "--responses", str(tmp_path / "answers.json")))
-    assert str(exc.value) == (
-        f"error: {tmp_path / 'answers.json'} is a folder, but a file goes there: move it away, or give another "
-        "--responses"
-    )
-    assert not (tmp_path / "run").exists()
-    # A folder is a model folder to --checkpoint: one without a model says so.
-    with pytest.raises(SystemExit, match="answers.json holds no model: neither model.safetensors nor model.safetensors.index.json"):
-        instruct.main(["--prompt", "Hi.", "--checkpoint", str(tmp_path / "answers.json")])
-
-    def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    # Memory is checked before any run file is written: training that cannot fit says what helps.
     asked = []  # the trainable parameters of each model asked about
-
     check = gpt.check_training_memory
 
     def too_much(model, *args):
@@ -4709,6 +4366,10 @@ def test_instruct_startup_errors_for_paths_and_memory(_instruct_tiny_run, tmp_pa
     assert asked[0] == everything and 0 < asked[1] < everything / 10  # all train, then only the adapters
     assert not (tmp_path / "run").exists()
     monkeypatch.undo()
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
     monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
     with pytest.raises(SystemExit) as exc:
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
@@ -4821,6 +4482,146 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
 
 
 # ========================================================================================
+# gpt.load: the tokenizer travels with the model (special tokens, chat templates, checkpoints)
+# ========================================================================================
+
+SMOL_CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                      "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                      "{% endif %}")
+
+
+def _smol_instruct_folder(folder, trained_tokenizers, template_file=True):
+    """A tiny random Llama (vocabulary 1024, context 64) saved with save_pretrained beside a
+    SmolLM2-Instruct-style tokenizer: the trained SmolLM2 tokenizer.json with the added tokens
+    <|im_start|> and <|im_end|>, a tokenizer_config.json naming them begin and end (and pad,
+    unk), and the chat template (chat_template.jinja, or an entry of tokenizer_config.json)
+    -> (transformers model, folder)."""
+    from tokenizers import Tokenizer
+
+    reference = save_hf_family(folder, "llama", vocab_size=1024, max_position_embeddings=64, num_key_value_heads=2,
+                               tie_word_embeddings=False)
+    tokenizer = Tokenizer.from_file(str(trained_tokenizers["smollm2"][1] / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+              "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "model_max_length": 64}
+    if template_file:
+        (folder / "chat_template.jinja").write_text(SMOL_CHAT_TEMPLATE)
+    else:
+        config["chat_template"] = SMOL_CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return reference, folder
+
+
+def _llama3_classifier_folder(folder, trained_tokenizers):
+    """A tiny random Llama beside the Llama-3-style tokenizer (its post-processor puts
+    <|begin_of_text|> before a text) -> folder."""
+    save_hf_family(folder, "llama", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
+                   tie_word_embeddings=False)
+    (folder / "tokenizer.json").write_bytes((trained_tokenizers["llama3"][1] / "tokenizer.json").read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    return folder
+
+
+def test_llama3_classifier_export_gives_transformers_our_probabilities(trained_tokenizers, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, tokenizer = gpt.load(_llama3_classifier_folder(tmp_path / "model", trained_tokenizers))
+    assert tokenizer.add_bos and tokenizer.bos_id == tokenizer.encode("<|begin_of_text|>")[0]
+    torch.manual_seed(1)
+    fc.add_classification_head(model)
+    texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Call me <|end_of_text|>"]
+    ours = fc.classify_texts(model, texts, 64, tokenizer)  # padded with tokenizer.eot_id
+    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer, max_length=64)
+    reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
+    assert problems == []
+    batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
+    assert batch["input_ids"][:, 0].tolist() == [tokenizer.bos_id] * 4  # <|begin_of_text|> first, as ours
+    with torch.no_grad():
+        theirs = reference(**batch).logits.softmax(dim=-1)[:, 1]
+    assert theirs.tolist() == pytest.approx(ours, abs=1e-5)
+
+
+@pytest.mark.parametrize("template_file", [True, False], ids=["chat_template.jinja", "chat_template entry"])
+def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path, template_file):
+    from transformers import AutoTokenizer
+
+    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers, template_file)
+    reference = AutoTokenizer.from_pretrained(folder)
+    _, tokenizer = gpt.load(folder)
+    start = reference.convert_tokens_to_ids("<|im_start|>")
+    assert tokenizer.encode("<|im_start|>") == [start]
+
+    def hf(text):
+        return reference(text)["input_ids"]
+
+    text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+    assert start in hf(text)
+    assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
+    corpus = io.StringIO("Call me <|im_start|> later<|im_end|>\n<|im_start|>")  # (2) a pretraining corpus
+    pieces = pretrain.encode_text_file(corpus, tokenizer, chunk_chars=13)  # read as "Call me <|im_", "start|> ..."
+    assert [i for ids in pieces for i in ids] == hf(corpus.getvalue())
+    entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
+    [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
+    assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
+    assert prompt_length == len(hf(instruct.format_prompt(entry))) and ids.count(start) == 2
+    [message] = fc.tokenize_messages(["Free <|im_start|> prize"], 64, tokenizer)  # (4) a classified message
+    assert message.tolist() == hf("Free <|im_start|> prize")
+    ids, n_scored = load_gpt2.continuation_request("Q: <|im_start|>", " A<|im_end|>", 64, tokenizer)  # (5) a benchmark
+    assert ids == hf("Q: <|im_start|> A<|im_end|>") and ids[:-n_scored] == hf("Q: <|im_start|>")  # item
+
+
+def test_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
+    model, tokenizer = gpt.load(folder)
+    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
+    start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert config["bos_token_id"] == generation["bos_token_id"] == start != end
+    assert config["eos_token_id"] == generation["eos_token_id"] == end
+    assert config["pad_token_id"] == generation["pad_token_id"] == end
+    chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                             tokenize=False)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+def test_prefix_id_is_the_begin_token_else_the_end_token(trained_tokenizers, tmp_path):
+    _, tokenizer = gpt.load(_smol_instruct_folder(tmp_path / "smol", trained_tokenizers)[1])
+    assert load_gpt2.prefix_id(tokenizer) == tokenizer.encode("<|im_start|>")[0] != tokenizer.eot_id
+    qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
+    assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
+    assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
+    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == tokenizer.encode("<|im_start|>")[0]
+
+
+def test_a_safetensors_file_loads_with_the_tokenizer_beside_it_and_its_checkpoint_carries_that(trained_tokenizers,
+                                                                                                tmp_path):
+    reference, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
+    model, tokenizer = gpt.load(folder / "model.safetensors")  # config.json and the tokenizer files beside it
+    assert type(model) is gpt.LlamaModel and tokenizer.n_vocab == 1002  # 1000 and <|im_start|>, <|im_end|>
+    idx = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    gpt.save_checkpoint(tmp_path / "model.pt", model, tokenizer)
+    text = "<|im_start|>user\nDon't stop: 12 steps<|im_end|>"
+    expected = tokenizer.encode(text, bos=True)
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    loaded, carried = gpt.load(tmp_path / "model.pt")
+    assert carried.encode(text, bos=True) == expected and carried.bos_id == tokenizer.bos_id
+    assert carried.files == tokenizer.files and carried.eot_id == tokenizer.eot_id
+    idx = torch.tensor([expected])
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+# ========================================================================================
 # On a CUDA GPU: what differs there (these run where a GPU is present; CI has none)
 # ========================================================================================
 
@@ -4836,13 +4637,16 @@ def _cuda_tiny_llama(seed=0):
 
 
 @needs_cuda
-def test_cuda_logits_equal_the_cpu_logits():
+def test_cuda_logits_and_greedy_tokens_equal_the_cpu_ones():
     for model in (tiny_model(context_length=32), _cuda_tiny_llama()):
         token_ids = torch.randint(0, model.cfg.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0))
+        on_gpu = copy.deepcopy(model).to(CUDA)
         with torch.no_grad():
-            expected = model(token_ids)
-            on_gpu = copy.deepcopy(model).to(CUDA)(token_ids.to(CUDA)).cpu()
-        torch.testing.assert_close(on_gpu, expected, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(on_gpu(token_ids.to(CUDA)).cpu(), model(token_ids), atol=1e-4, rtol=1e-4)
+        prompt = token_ids[:2, :5]
+        expected = gpt.generate(model, prompt, 40)  # past the context length: the window moves
+        assert torch.equal(gpt.generate(on_gpu, prompt.to(CUDA), 40).cpu(), expected)
+        assert torch.equal(gpt.generate(on_gpu, prompt.to(CUDA), 40, use_cache=False).cpu(), expected)
 
 
 @needs_cuda
@@ -4878,16 +4682,6 @@ def test_cuda_compiled_model_gives_the_same_logits_and_gradients():
 
 
 @needs_cuda
-def test_cuda_greedy_generation_chooses_the_cpu_tokens():
-    for model in (tiny_model(context_length=32), _cuda_tiny_llama()):
-        prompt = torch.randint(0, model.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
-        expected = gpt.generate(model, prompt, 40)  # past the context length: the window moves
-        on_gpu = copy.deepcopy(model).to(CUDA)
-        assert torch.equal(gpt.generate(on_gpu, prompt.to(CUDA), 40).cpu(), expected)
-        assert torch.equal(gpt.generate(on_gpu, prompt.to(CUDA), 40, use_cache=False).cpu(), expected)
-
-
-@needs_cuda
 def test_cuda_fused_adamw_steps_equal_the_cpu_steps():
     models = {"cpu": tiny_model(), "cuda": tiny_model().to(CUDA)}
     token_ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -4904,7 +4698,7 @@ def test_cuda_fused_adamw_steps_equal_the_cpu_steps():
 
 
 @needs_cuda
-def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones(tmp_path):
+def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones_and_bfloat16_is_close(tmp_path):
     import csv
 
     runs = {}
@@ -4925,16 +4719,10 @@ def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones(tmp_path):
     for gpu_prediction, cpu_prediction in zip(gpu_predictions, cpu_predictions):
         assert float(gpu_prediction["spam_probability"]) == pytest.approx(float(cpu_prediction["spam_probability"]),
                                                                           abs=1e-4)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", ["bfloat16"])
-def test_cuda_classifier_in_mixed_precision_trains_close_to_float32(tmp_path, dtype):
-    fc.main(_classify_run_argv(tmp_path, "full", "--max-steps", "3", "--device", "cuda"))
-    fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", dtype, "--max-steps", "3", "--device", "cuda"))
-    full, mixed = (json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("full", "mixed"))
-    assert all(math.isfinite(x) for x in mixed["step_loss"]) and mixed["step_loss"] != full["step_loss"]
-    assert mixed["step_loss"] == pytest.approx(full["step_loss"], abs=0.05)
+    fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "3", "--device", "cuda"))
+    mixed = json.loads((tmp_path / "mixed" / "metrics.json").read_text())["history"]["step_loss"]
+    full = gpu_report["history"]["step_loss"][:3]  # the first steps of a longer run are those of a shorter one
+    assert all(math.isfinite(x) for x in mixed) and mixed != full and mixed == pytest.approx(full, abs=0.05)
 
 
 @needs_cuda
@@ -5033,390 +4821,6 @@ def test_readme_gpt_py_example_runs(capsys):
     code = code.replace('gpt.load("gpt2")', "(MODEL, gpt.get_tokenizer())")
     exec(compile(code, "README.md", "exec"), {"MODEL": tiny_model(context_length=64)})
     assert capsys.readouterr().out.startswith("Every effort moves you")
-
-
-# --- Strict model configs ---
-
-STRICT_GPT2 = dict(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2)
-
-
-@pytest.fixture(scope="module")
-def strict_folders(tmp_path_factory):
-    """{"gpt2": folder, "llama": folder} of tiny models saved with save_pretrained."""
-    gpt2 = tmp_path_factory.mktemp("strict_gpt2")
-    save_hf_gpt2(gpt2, **STRICT_GPT2)
-    llama = tmp_path_factory.mktemp("strict_llama")
-    save_hf_family(llama, "llama", perturb=False, num_key_value_heads=4)
-    return {"gpt2": gpt2, "llama": llama}
-
-
-def changed_copy(folder, dest, change):
-    """A copy of a model folder in dest whose config.json has the entries of `change` -> dest."""
-    config = {**json.loads((folder / "config.json").read_text()), **change}
-    (dest / "config.json").write_text(json.dumps(config))
-    (dest / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    return dest
-
-
-def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_path):
-    reference, _ = save_hf_gpt2(tmp_path, **STRICT_GPT2, layer_norm_epsilon=1e-3)
-    model = load_lm(tmp_path)
-    assert model.cfg.norm_eps == 1e-3 and model.h[0].ln_1.eps == model.ln_f.eps == 1e-3
-    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
-    folder = gpt.export_hf(tiny_model(norm_eps=1e-3), tmp_path / "hf")
-    assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-3
-    assert load_lm(folder).cfg.norm_eps == 1e-3
-
-
-@pytest.mark.parametrize(
-    "family, change, key",
-    [
-        ("gpt2", {"activation_function": "gelu"}, "activation_function = 'gelu'"),
-        ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu'"),
-        ("gpt2", {"layer_norm_epsilon": 0}, "layer_norm_epsilon = 0"),
-        ("gpt2", {"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon = nan"),
-        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True"),
-        ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn = True"),
-        ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights = False"),
-        ("gpt2", {"add_cross_attention": True}, "add_cross_attention = True"),
-        ("gpt2", {"n_inner": 64}, "n_inner = 64"),
-        ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False"),
-        ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
-        ("llama", {"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06"),
-        ("llama", {"rope_theta": 0}, "rope_theta = 0"),
-        ("llama", {"rope_theta": -1}, "rope_theta = -1"),
-        ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta = 0"),
-        ("llama", {"rope_parameters": None, "rope_theta": -1.0}, "rope_theta = -1.0"),
-        ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
-         "rope_scaling.type = 'dynamic'"),
-        ("llama", {"use_sliding_window": True}, "use_sliding_window = True"),
-        ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
-         "layer_types = ['full_attention', 'sliding_attention']"),
-        ("llama", {"head_dim": 0}, "head_dim = 0"),
-    ],
-)
-def test_strict_config_refuses_what_is_not_implemented(strict_folders, tmp_path, family, change, key):
-    folder = changed_copy(strict_folders[family], tmp_path, change)
-    with pytest.raises(ValueError, match=re.escape(f"config.json: {key} is not supported (this implementation: ")):
-        load_lm(folder)
-
-
-@pytest.mark.parametrize(
-    "family, change",
-    [
-        ("gpt2", {"some_new_key": 1, "dtype": "bfloat16", "architectures": ["Other"], "summary_type": "mean",
-                  "activation_function": "gelu_pytorch_tanh", "n_inner": 128, "scale_attn_weights": True}),
-        ("llama", {"some_new_key": 1, "dtype": "bfloat16", "transformers_version": "9.0", "pretraining_tp": 2,
-                   "attention_dropout": 0.1, "layer_types": ["full_attention"] * 2, "use_sliding_window": False}),
-        ("llama", {"rope_parameters": None, "rope_scaling": None, "rope_theta": 10000}),  # transformers 4's spelling
-    ],
-)
-def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, change):
-    folder = changed_copy(strict_folders[family], tmp_path, change)
-    assert load_lm(folder).cfg == load_lm(strict_folders[family]).cfg
-
-
-# --- Small reliability fixes ---
-
-
-_HELLASWAG_ITEM = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e", "f", "g"], "label": 1}
-
-
-@pytest.mark.parametrize("line, message", [
-    ("[" * 100_000 + "]" * 100_000, "line 1: JSON nested too deeply to read"),
-    ('{**ITEM, "label": Infinity}', "line 1: not a HellaSwag item: each line needs the strings activity_label, "
-                                    "ctx_a and ctx_b, a list of non-empty endings and the label (0, 1, ...) of the "
-                                    "right one"),
-    ('{**ITEM, "label": 1.7}', "line 1: not a HellaSwag item"),
-    ('{**ITEM, "label": true}', "line 1: not a HellaSwag item"),
-    ('{**ITEM, "label": 4}', "line 1: not a HellaSwag item"),
-    ('{**ITEM, "endings": "abcd"}', "line 1: not a HellaSwag item"),
-    ('{**ITEM, "endings": ["d", " ", "f", "g"]}', "line 1: not a HellaSwag item"),
-    ('{**ITEM, "endings": []}', "line 1: not a HellaSwag item"),
-    ('{**ITEM, "endings": ["d", 5]}', "line 1: not a HellaSwag item"),
-    ('{**ITEM, "ctx_a": null}', "line 1: not a HellaSwag item"),
-    ("[1, 2]", "line 1: not a HellaSwag item"),
-], ids=["deep", "label-inf", "label-float", "label-bool", "label-range", "endings-str", "ending-blank", "endings-empty",
-        "endings-int", "ctx-null", "list"])
-def test_benchmark_bad_hellaswag_item_is_one_line(tmp_path, line, message):
-    if line.startswith("{**ITEM"):  # the good item with one field changed, written as JSON would be
-        line = json.dumps(_HELLASWAG_ITEM)[:-1] + ", " + line.removeprefix("{**ITEM, ")
-    path = tmp_path / "items.jsonl"
-    path.write_text(line + "\n")
-    gpt.save_checkpoint(tmp_path / "tiny.pt", tiny_model(context_length=64), gpt.get_tokenizer())
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file", str(path)])
-    assert exit_info.value.code.startswith(f"error: {path} {message}") and "\n" not in exit_info.value.code
-
-
-def test_benchmark_hellaswag_label_may_be_a_digit_string(tmp_path):
-    path = tmp_path / "items.jsonl"  # as Hugging Face's copy of HellaSwag writes it
-    path.write_text(json.dumps({**_HELLASWAG_ITEM, "label": "3"}) + "\n")
-    assert load_gpt2.read_hellaswag(path)[0]["label"] == "3"
-
-
-@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"message": 5}', b"<html>not Ollama</html>"],
-                         ids=["list", "no-message", "message-number", "not-json"])
-def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, route_server, body):
-    server = route_server({"/api/chat": answer(body, Content_Type="application/json")})
-    path, _ = _instruct_responses_file(tmp_path, 1)
-    with pytest.raises(SystemExit) as exit_info:
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
-    assert exit_info.value.code.startswith(f"error: the server at {server.url} answered an unexpected reply: ")
-
-
-@pytest.mark.parametrize("script, flags, message", [
-    (pretrain, ["--data", "{tmp}/missing.txt"], "missing.txt"),
-    (fc, ["--data", "{tmp}/sms.tsv", "--model", "{tmp}/missing.pt"], "missing.pt"),
-    (instruct, ["--data", "{tmp}/data.json", "--model", "{tmp}/missing.pt"], "missing.pt"),
-], ids=["pretrain", "classify", "instruct"])
-def test_run_that_fails_early_leaves_no_empty_run_folder(tmp_path, script, flags, message):
-    _classify_sms_slice(tmp_path)
-    (tmp_path / "data.json").write_text(json.dumps([{"instruction": f"Task {i}.", "output": "Done."} for i in range(10)]))
-    flags = [flag.format(tmp=tmp_path) for flag in flags]
-    with pytest.raises(SystemExit, match=message):
-        script.main([*flags, "--out-dir", str(tmp_path / "runs" / "x")])
-    assert not (tmp_path / "runs").exists()  # the run folder, and the folder it made above it
-    (tmp_path / "mine").mkdir()  # a folder that was there before stays
-    with pytest.raises(SystemExit, match=message):
-        script.main([*flags, "--out-dir", str(tmp_path / "mine")])
-    assert (tmp_path / "mine").is_dir()
-
-
-
-
-# ========================================================================================
-# --- A model travels whole ---
-# (configuration, weights, tokenizer): `gpt.load` of any source, checkpoints and exports
-# that carry the tokenizer by content, one rule for special-token text
-# ========================================================================================
-
-SMOL_CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-                      "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-                      "{% endif %}")
-
-
-def _smol_instruct_folder(folder, trained_tokenizers, template_file=True):
-    """A tiny random Llama (vocabulary 1024, context 64) saved with save_pretrained beside a
-    SmolLM2-Instruct-style tokenizer: the trained SmolLM2 tokenizer.json with the added tokens
-    <|im_start|> and <|im_end|>, a tokenizer_config.json naming them begin and end (and pad,
-    unk), and the chat template (chat_template.jinja, or an entry of tokenizer_config.json)
-    -> (transformers model, folder)."""
-    from tokenizers import Tokenizer
-
-    reference = save_hf_family(folder, "llama", vocab_size=1024, max_position_embeddings=64, num_key_value_heads=2,
-                               tie_word_embeddings=False)
-    tokenizer = Tokenizer.from_file(str(trained_tokenizers["smollm2"][1] / "tokenizer.json"))
-    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    tokenizer.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-              "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "model_max_length": 64}
-    if template_file:
-        (folder / "chat_template.jinja").write_text(SMOL_CHAT_TEMPLATE)
-    else:
-        config["chat_template"] = SMOL_CHAT_TEMPLATE
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return reference, folder
-
-
-def _llama3_classifier_folder(folder, trained_tokenizers):
-    """A tiny random Llama beside the Llama-3-style tokenizer (its post-processor puts
-    <|begin_of_text|> before a text) -> folder."""
-    save_hf_family(folder, "llama", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
-                   tie_word_embeddings=False)
-    (folder / "tokenizer.json").write_bytes((trained_tokenizers["llama3"][1] / "tokenizer.json").read_bytes())
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
-    return folder
-
-
-def test_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone(tmp_path, monkeypatch, capsys):
-    _, weights = save_hf_gpt2(tmp_path / "source", n_positions=48, n_embd=32, n_layer=2, n_head=4)
-    run = tmp_path / "run"
-    fc.main(["--model", str(weights), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run),
-             "--max-steps", "2"])
-    for path in (tmp_path / "source").iterdir():
-        path.unlink()  # the weights, config.json, generation_config.json: the classifier needs none of them
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
-    capsys.readouterr()
-    texts = ["WINNER!! Claim your prize now", "See you at 6?"]
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", *texts])
-    from_checkpoint = capsys.readouterr().out
-    assert from_checkpoint.endswith("  See you at 6?\n")
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv")])
-    assert "accuracy" in capsys.readouterr().out
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
-    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
-    fc.main(["--classify", *texts, "--checkpoint", str(tmp_path / "hf")])
-    assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
-    with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
-        fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", str(run / "classifier.pt")])
-    message = str(exit_info.value.code)
-    assert exit_info.value.code not in (0, None) and "is a classifier, not a language model" in message
-    assert "\n" not in message and "Traceback" not in message
-
-
-def test_whole_llama_family_loads_from_its_safetensors_file(family_models, trained_tokenizers, tmp_path):
-    reference = save_hf_family(tmp_path / "model", "llama", vocab_size=1000, max_position_embeddings=64,
-                               num_key_value_heads=2, tie_word_embeddings=False)
-    (tmp_path / "model" / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
-    model, tokenizer = gpt.load(tmp_path / "model" / "model.safetensors")  # config.json beside it
-    assert type(model) is gpt.LlamaModel and tokenizer.n_vocab == 1000
-    idx = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
-
-
-def test_whole_llama3_classifier_export_gives_transformers_our_probabilities(trained_tokenizers, tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model, tokenizer = gpt.load(_llama3_classifier_folder(tmp_path / "model", trained_tokenizers))
-    assert tokenizer.add_bos and tokenizer.bos_id == tokenizer.encode("<|begin_of_text|>")[0]
-    torch.manual_seed(1)
-    fc.add_classification_head(model)
-    texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Call me <|end_of_text|>"]
-    ours = fc.classify_texts(model, texts, 64, tokenizer)  # padded with tokenizer.eot_id
-    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer, max_length=64)
-    reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
-    assert problems == []
-    batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
-    assert batch["input_ids"][:, 0].tolist() == [tokenizer.bos_id] * 4  # <|begin_of_text|> first, as ours
-    with torch.no_grad():
-        theirs = reference(**batch).logits.softmax(dim=-1)[:, 1]
-    assert theirs.tolist() == pytest.approx(ours, abs=1e-5)
-
-
-@pytest.mark.parametrize("template_file", [True, False], ids=["chat_template.jinja", "chat_template entry"])
-def test_whole_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path, template_file):
-    from transformers import AutoTokenizer
-
-    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers, template_file)
-    reference = AutoTokenizer.from_pretrained(folder)
-    _, tokenizer = gpt.load(folder)
-    start = reference.convert_tokens_to_ids("<|im_start|>")
-    assert tokenizer.encode("<|im_start|>") == [start]
-
-    def hf(text):
-        return reference(text)["input_ids"]
-
-    text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
-    assert start in hf(text)
-    assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
-    corpus = io.StringIO("Call me <|im_start|> later<|im_end|>\n<|im_start|>")  # (2) a pretraining corpus
-    pieces = pretrain.encode_text_file(corpus, tokenizer, chunk_chars=13)  # read as "Call me <|im_", "start|> ..."
-    assert [i for ids in pieces for i in ids] == hf(corpus.getvalue())
-    entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
-    [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
-    assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
-    assert prompt_length == len(hf(instruct.format_prompt(entry))) and ids.count(start) == 2
-    [message] = fc.tokenize_messages(["Free <|im_start|> prize"], 64, tokenizer)  # (4) a classified message
-    assert message.tolist() == hf("Free <|im_start|> prize")
-    ids, n_scored = load_gpt2.continuation_request("Q: <|im_start|>", " A<|im_end|>", 64, tokenizer)  # (5) a benchmark
-    assert ids == hf("Q: <|im_start|> A<|im_end|>") and ids[:-n_scored] == hf("Q: <|im_start|>")  # item
-
-
-def test_whole_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tmp_path):
-    from transformers import AutoTokenizer
-
-    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
-    model, tokenizer = gpt.load(folder)
-    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
-    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
-    start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
-    assert config["bos_token_id"] == generation["bos_token_id"] == start != end
-    assert config["eos_token_id"] == generation["eos_token_id"] == end
-    assert config["pad_token_id"] == generation["pad_token_id"] == end
-    chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
-                                                                             tokenize=False)
-    assert chat == "<|im_start|>user\nhi<|im_end|>\n"
-
-
-def test_whole_prefix_id_is_the_begin_token_else_the_end_token(trained_tokenizers, tmp_path):
-    _, tokenizer = gpt.load(_smol_instruct_folder(tmp_path / "smol", trained_tokenizers)[1])
-    assert load_gpt2.prefix_id(tokenizer) == tokenizer.encode("<|im_start|>")[0] != tokenizer.eot_id
-    qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
-    assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
-    assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
-    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == tokenizer.encode("<|im_start|>")[0]
-
-
-def test_whole_checkpoint_carries_its_tokenizer(trained_tokenizers, tmp_path):
-    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
-    model, tokenizer = gpt.load(folder)
-    gpt.save_checkpoint(tmp_path / "model.pt", model, tokenizer)
-    text = "<|im_start|>user\nDon't stop: 12 steps<|im_end|>"
-    expected = tokenizer.encode(text, bos=True)
-    for path in folder.iterdir():
-        path.unlink()
-    folder.rmdir()
-    loaded, carried = gpt.load(tmp_path / "model.pt")
-    assert carried.encode(text, bos=True) == expected and carried.bos_id == tokenizer.bos_id
-    assert carried.files == tokenizer.files and carried.eot_id == tokenizer.eot_id
-    idx = torch.tensor([expected])
-    with torch.no_grad():
-        assert torch.equal(loaded(idx), model(idx))
-    old_style = {**gpt.load_checkpoint(tmp_path / "model.pt"), "tokenizer": str(folder)}  # a path, as before a2420df
-    torch.save(old_style, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match="names its tokenizer by a path .*train it again"):
-        gpt.load(tmp_path / "old.pt")
-
-
-def test_whole_export_hf_reexports_a_transformers_classifier_folder(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, num_labels=2, pad_token_id=50256)
-    reference = GPT2ForSequenceClassification(config).eval()
-    reference.save_pretrained(tmp_path / "theirs")
-    for name, content in gpt.hf_tokenizer_files(gpt.get_tokenizer()).items():  # GPT-2's tokenizer files, copied in
-        path = tmp_path / "theirs" / name
-        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(json.dumps(content))
-    fc.main(["--checkpoint", str(tmp_path / "theirs"), "--export-hf", str(tmp_path / "ours")])
-    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
-    exported, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "ours")
-    assert problems == []
-    batch = torch.nn.utils.rnn.pad_sequence(_classify_token_ids([5, 17, 9]), batch_first=True, padding_value=50256)
-    with torch.no_grad():
-        expected = reference(batch).logits.softmax(dim=-1)
-        assert (exported(batch).logits.softmax(dim=-1) - expected).abs().max().item() <= 1e-5
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not supported"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 32}}, r"name different rope types \['default', 'llama3'\]"),
-    ({"model_type": None}, "no model_type in a config.json"),
-], ids=["rope_scaling-beside-rope_parameters", "two-rope-types", "no-model_type"])
-def test_whole_config_is_read_whole(strict_folders, tmp_path, change, message):
-    with pytest.raises(ValueError, match=message):
-        load_lm(changed_copy(strict_folders["llama"], tmp_path, change))
-
-
-def test_whole_gpt2_file_without_config_says_what_it_assumed(tmp_path, capsys):
-    save_hf_gpt2(tmp_path, n_positions=32, n_embd=64, n_layer=1, n_head=2)
-    (tmp_path / "config.json").unlink()
-    assert load_lm(tmp_path / "model.safetensors").cfg.n_heads == 1  # 64 wide: one head of 64, GPT-2's head size
-    assert "1 attention heads assumed" in capsys.readouterr().err
-
-
-def test_whole_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
-    def save_on_a_full_disk(obj, f):  # torch's zip writer reports a failed write as a RuntimeError
-        f.write(b"half")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5568 vs 5462")
-
-    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
-    (tmp_path / "model.pt").write_bytes(b"the earlier checkpoint")
-    with pytest.raises(OSError, match=r"cannot write .*model\.pt: the write failed \(is the disk full\?\)"):
-        gpt.atomic_write_bytes(tmp_path / "model.pt", lambda f: torch.save({"step": 1}, f))
-    assert (tmp_path / "model.pt").read_bytes() == b"the earlier checkpoint"
-    assert os.listdir(tmp_path) == ["model.pt"]
 
 
 # ========================================================================================
