@@ -225,13 +225,39 @@ def compute_frozen_activations(model, token_ids, n_frozen):
     return activations
 
 
+def last_block_at_last_token(block, x, last):
+    """Speed only (skip it on a first read): block(x)[arange(B), last] of a GPT-2 block without dropout: float [B, C],
+    computed only where the classifier reads (tested equal), about 1.6x faster training of the main job. x: float
+    [B, T, C], right-padded; last: LongTensor [B], each row's last real position. The query, attention output and MLP
+    run at that position alone; keys and values come from every position up to it (later ones masked)."""
+    attn = block.attn
+    B, T, C = x.shape
+    rows = torch.arange(B, device=x.device)
+    h = block.ln_1(x)  # [B, T, C]
+    w_q, w_kv = attn.c_attn.weight.split([C, 2 * C])  # c_attn stacks the q, k, v projections
+    b_q, b_kv = attn.c_attn.bias.split([C, 2 * C]) if attn.c_attn.bias is not None else (None, None)
+    q = F.linear(h[rows, last], w_q, b_q).view(B, attn.n_heads, 1, attn.head_dim)  # (B, nh, 1, hd)
+    k, v = F.linear(h, w_kv, b_kv).split(C, dim=2)
+    k = k.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+    v = v.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+    visible = torch.arange(T, device=x.device) <= last[:, None]  # [B, T]: the keys the last token sees
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])  # (B, nh, 1, hd)
+    x_last = x[rows, last] + attn.c_proj(y.reshape(B, C))
+    return x_last + block.mlp(block.ln_2(x_last))
+
+
 def cached_logits(model, activations, n_frozen):
     """Class logits from cached activations (list of float [n_tokens_i, emb_dim], the states after the first
-    `n_frozen` blocks): float [batch, num_classes], equal to `full_pass_logits` on their messages."""
+    `n_frozen` blocks): float [batch, num_classes], equal to `full_pass_logits` on their messages. GPT-2's last
+    block runs only at each message's last token (`last_block_at_last_token`)."""
     x = pad_sequence(activations, batch_first=True)  # [B, T, C], zero padding after each message
-    for block in model.h[n_frozen:]:  # the trainable top
-        x = block(x)
     last = torch.tensor([len(a) - 1 for a in activations], device=x.device)  # [B]
+    top_blocks = model.h[n_frozen:]  # the trainable top
+    shortcut = len(top_blocks) > 0 and model.cfg.family == "gpt2"  # the Llama family runs every position
+    for block in top_blocks[:-1] if shortcut else top_blocks:
+        x = block(x)
+    if shortcut:
+        return model.lm_head(model.ln_f(last_block_at_last_token(top_blocks[-1], x, last)))
     return model.lm_head(model.ln_f(x[torch.arange(len(activations), device=x.device), last]))
 
 
