@@ -1956,6 +1956,11 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
     if model_type != "gpt2":
         llama_layout(tensors, cfg)  # Phi's names, Phi-3's packed matrices
     model = empty_model(dataclasses.replace(cfg, tie_embeddings=True) if score is not None else cfg)
+    needed = count_parameters(model) * torch.empty(0, dtype=dtype).element_size()
+    if needed > device_memory(torch.device(device)):  # refused before it allocates: an out-of-memory kill says nothing
+        raise ValueError(f"{source}: its weights take {needed / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')}, "
+                         f"more than the {torch.device(device).type}'s {device_memory(torch.device(device)) / 1e9:.1f} "
+                         "GB: use --dtype bfloat16, or a smaller model")
     load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source))
     if score is not None:  # no language-model head to load: the classifier's takes its place
         labels = (config_json or {}).get("id2label") or {}
@@ -2987,16 +2992,20 @@ def split_by_fractions(items, seed, fractions):
     return parts + [items[start:]]
 
 
+def device_memory(device):
+    """Bytes of memory a torch.device offers: a CUDA device's free memory, else the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
+
+
 def check_training_memory(model, device, hint, processes=1):
     """Raise RuntimeError naming both sizes and `hint` (the flags that help) when `processes` times what
     training with AdamW needs before activations, the weights and each trainable one's gradient and two
     moments (Llama 3.2 1B in float32: 1.24e9 x 16 bytes = 19.8 GB), exceeds the CUDA device's free
     memory or the machine's: checked before the work, as a process out of memory is killed without a word."""
     needed = processes * sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-    else:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
+    available = device_memory(device)
     if needed > available:
         raise RuntimeError(
             f"training needs about {needed / 1e9:.1f} GB before activations (weights, gradients and AdamW's "

@@ -2030,6 +2030,19 @@ def test_weights_that_hold_nan_are_refused_naming_the_tensor(tmp_path):
         gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "model.safetensors"), None, "model.safetensors")
 
 
+def test_weights_larger_than_memory_are_refused_before_they_are_allocated(tmp_path, monkeypatch):
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        gpt.write_safetensors(f, gpt.hf_tensors(tiny_model(), torch.float32))
+    n_params = gpt.count_parameters(tiny_model())  # 4 bytes each in float32, 2 in bfloat16
+    monkeypatch.setattr(gpt.os, "sysconf", lambda name: 3 * n_params if name == "SC_PHYS_PAGES" else 1)
+    with pytest.raises(ValueError, match=rf"m.safetensors: its weights take {4 * n_params / 1e9:.1f} GB in float32, more "
+                                         rf"than the cpu's {3 * n_params / 1e9:.1f} GB: use --dtype bfloat16"):
+        gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "model.safetensors"), None, "m.safetensors")
+    model = gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "model.safetensors"), None, "m.safetensors",
+                                   dtype=torch.bfloat16)
+    assert model.wte.weight.dtype == torch.bfloat16
+
+
 def test_export_safetensors_writer_is_read_by_the_reference_library(tmp_path):
     from safetensors import safe_open
 
