@@ -7,17 +7,15 @@ Sections 1 to 5 are GPT-2, the whole model a learner studies, to be read top to 
 3. LoRA            `LoRALinear`, `add_lora`, `merge_lora`
 4. generation      `KVCache`, `sample_next_token`, `generate_stream`, `generate`
 5. tokenizer       `Tokenizer`, `get_tokenizer`, `text_to_token_ids`, `token_ids_to_text`
-6. Llama family    the same decoder with five parts exchanged (SmolLM2, Qwen3, Llama 3.2),
-                   and their tokenizer.json files as tiktoken encodings
+6. other families  the same decoder with parts exchanged (Llama, Qwen3, Mistral, Phi, Gemma 3)
 
 The toolbox the stages share follows: files, `load` (a model and its tokenizer from any
 source), checkpoints, `export_hf`, and the plumbing of a run.
 
-The model follows OpenAI's GPT-2 release (Radford et al., 2019, "Language Models are
-Unsupervised Multitask Learners") and names its parameters as Hugging Face's
-`GPT2LMHeadModel` does (`wte`, `wpe`, `h.N.attn.c_attn`, ...), so loading the released
-weights is a loop; the Llama family uses Hugging Face Llama's names for the same reason.
-`test_all.py` checks that the logits of both agree with `transformers` to 1e-4.
+The model follows OpenAI's GPT-2 release (Radford et al., 2019, "Language Models are Unsupervised
+Multitask Learners") and names its parameters as Hugging Face's `GPT2LMHeadModel` does (`wte`, `wpe`,
+`h.N.attn.c_attn`, ...), so loading the released weights is a loop; the other families use Hugging
+Face's names for the same reason. `test_all.py` checks their logits against `transformers` to 1e-4.
 """
 
 import argparse
@@ -65,8 +63,7 @@ class GPTConfig:
     emb_dim:        embedding dimension, the width of every hidden state
     n_heads:        attention heads per layer; emb_dim must be divisible by n_heads
     n_layers:       number of transformer blocks
-    drop_rate:      dropout probability on embeddings, attention and residual branches
-                    (0.0 for inference and for the released weights' fine-tuning recipes)
+    drop_rate:      dropout probability on embeddings, attention and residual branches (0.0: none)
     qkv_bias:       whether the query/key/value projections have a bias; None: yes for GPT-2
     norm_eps:       epsilon of the layer norms (1e-5 in GPT-2)
     tie_embeddings: whether the output head shares the token embedding's weight (GPT-2: yes)
@@ -283,10 +280,8 @@ def next_token_loss(logits, targets, reduction="mean"):
 def check_context_length(length, cfg):
     """Raise ValueError when a sequence of `length` tokens is longer than the context length."""
     if length > cfg.context_length:
-        raise ValueError(
-            f"sequence of {length} tokens is longer than the model's context length "
-            f"({cfg.context_length}); crop the input to its last {cfg.context_length} tokens"
-        )
+        raise ValueError(f"sequence of {length} tokens is longer than the model's context length "
+                         f"({cfg.context_length}); crop the input to its last {cfg.context_length} tokens")
 
 
 def build_model(cfg):
@@ -457,8 +452,7 @@ def generate_stream(
     Raises ValueError for an empty prompt.
     """
     if idx.dim() != 2 or idx.shape[1] == 0:
-        raise ValueError(f"prompt must be a LongTensor [batch, seq_len] with seq_len >= 1, "
-                         f"got shape {tuple(idx.shape)}")
+        raise ValueError(f"prompt must be a LongTensor [batch, seq_len] with seq_len >= 1, got {tuple(idx.shape)}")
     was_training = model.training
     model.eval()
     ctx = model.cfg.context_length
@@ -572,11 +566,8 @@ class Tokenizer(tiktoken.Encoding):
 @functools.lru_cache(maxsize=1)
 def get_tokenizer():
     """GPT-2's tokenizer: tiktoken's "gpt2" byte-pair encoding (50257 tokens), as a `Tokenizer`.
-
-    tiktoken downloads its two vocabulary files on first use and caches them; set
-    TIKTOKEN_CACHE_DIR to a folder that holds them to work offline (testdata/tiktoken_cache
-    has them). Raises RuntimeError when they are neither cached nor downloadable.
-    """
+    tiktoken downloads its two files once and caches them (TIKTOKEN_CACHE_DIR: a folder that
+    holds them, such as testdata/tiktoken_cache). RuntimeError when neither cached nor downloadable."""
     try:
         encoding = tiktoken.get_encoding("gpt2")
     except requests.RequestException as e:
@@ -607,7 +598,7 @@ def token_ids_to_text(token_ids, tokenizer=None):
 
 
 # ----------------------------------------------------------------------------------------
-# 6. The Llama family: five parts of GPT-2 exchanged
+# 6. The other families: the same decoder with parts exchanged (Llama, Qwen3, Mistral, Phi, Gemma 3)
 # ----------------------------------------------------------------------------------------
 
 # Llama 3.2, SmolLM2 and Qwen3 keep GPT-2's pre-norm decoder and change its parts:
