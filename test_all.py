@@ -3532,8 +3532,11 @@ def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_pa
 def test_classify_sigint_during_training_exits_cleanly(tmp_path):
     argv = _classify_run_argv(tmp_path, "run", "--epochs", "100000", "--batch-size", "2", "--log-every", "1")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
+    # A suite started in the background inherits an ignored SIGINT; the script's Ctrl-C is Python's own handler,
+    # which Python installs only where SIGINT is not ignored: give the child the default, as a terminal does.
     proc = subprocess.Popen([sys.executable, str(CLASSIFY_SCRIPT), *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("epoch 1/100000 step"):  # training is under way
             proc.send_signal(signal.SIGINT)
