@@ -1900,10 +1900,11 @@ def model_files(source, *, quiet=False):
     if name in GPT_CONFIGS:
         return None, [hub_file(f"openai-community/{name}", "model.safetensors", quiet=quiet)], {}
     if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name) or Path(name.split("/")[0]).is_dir() \
-            or path.suffix in (".pt", ".safetensors"):  # a local path that is not there
+            or path.suffix in (".pt", ".safetensors", ".gguf"):  # a local path that is not there
         raise FileNotFoundError(
             f"no such file or model {name!r}: a model is a released GPT-2 size ({', '.join(GPT_CONFIGS)}), "
-            "a Hub name owner/model, a model folder, a .safetensors file or a checkpoint of this project"
+            "a Hub name owner/model, a model folder, a .safetensors or .gguf file, ollama:NAME[:TAG] or a "
+            "checkpoint of this project"
         )
     config_json = read_json(hub_file(name, "config.json", quiet=quiet), "model config")
     index = hub_file(name, "model.safetensors.index.json", cached_only=True)  # sharded and on disk: no request
