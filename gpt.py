@@ -1750,6 +1750,10 @@ def config_from_hub(config_json):
     if len(types) > 1:
         raise ValueError(f"rope_parameters and rope_scaling name different rope types {types}: keep one")
     rope = next(iter(ropes.values()), {})
+    for key in ("rope_theta", "partial_rotary_factor"):  # transformers 4 keeps them at the top, 5 in rope_parameters
+        if key in config_json and key in rope and config_json[key] != rope[key]:
+            raise ValueError(f"{key} is {config_json[key]} at the top level but {rope[key]} in the rope settings: "
+                             "keep one")
     theta = config_json.get("rope_theta", rope.get("rope_theta", 10000.0))  # 0 is refused above, not a default
     scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     window = config_json.get("sliding_window")

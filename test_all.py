@@ -1725,6 +1725,7 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_pat
         ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not"),
         ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                     "original_max_position_embeddings": 32}}, "name different rope types ['default', 'llama3']"),
+        ("llama", {"rope_theta": 12345.0}, "rope_theta is 12345.0 at the top level but 10000.0 in the rope settings"),
         ("llama", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
         ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
          "layer_types = ['full_attention', 'sliding_attention'] is not supported"),
