@@ -1739,21 +1739,7 @@ def config_from_hub(config_json):
     if activation not in ACTIVATIONS.get(model_type, ("silu",)):
         raise ValueError(f"hidden_act = {activation!r} is not supported (this implementation: "
                          f"{' or '.join(ACTIVATIONS.get(model_type, ('silu',)))} for {model_type})")
-    parameters = config_json.get("rope_parameters") or {}
-    local = parameters.get("sliding_attention", {})  # Gemma 3 in transformers 5: one entry per layer type
-    parameters = parameters.get("full_attention", parameters)
-    ropes = {"rope_parameters": parameters, "rope_scaling": config_json.get("rope_scaling")}  # transformers 5 / 4
-    ropes = {key: rope for key, rope in ropes.items() if rope}
-    for key, rope in ropes.items():
-        check_settings(rope, ROPE_SETTINGS, prefix=f"{key}.")
-    types = sorted({rope.get("rope_type", rope.get("type", "default")) for rope in ropes.values()})
-    if len(types) > 1:
-        raise ValueError(f"rope_parameters and rope_scaling name different rope types {types}: keep one")
-    rope = next(iter(ropes.values()), {})
-    for key in ("rope_theta", "partial_rotary_factor"):  # transformers 4 keeps them at the top, 5 in rope_parameters
-        if key in config_json and key in rope and config_json[key] != rope[key]:
-            raise ValueError(f"{key} is {config_json[key]} at the top level but {rope[key]} in the rope settings: "
-                             "keep one")
+    rope, local, rope_type = hub_rope(config_json)
     theta = config_json.get("rope_theta", rope.get("rope_theta", 10000.0))  # 0 is refused above, not a default
     scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     window = config_json.get("sliding_window")
@@ -1773,7 +1759,7 @@ def config_from_hub(config_json):
         head_dim=config_json.get("head_dim"),
         hidden_dim=config_json["intermediate_size"],
         rope_theta=float(theta),
-        rope_scaling={key: rope[key] for key in scaling_keys} if types == ["llama3"] else None,
+        rope_scaling={key: rope[key] for key in scaling_keys} if rope_type == "llama3" else None,
         norm_eps=float(config_json.get("rms_norm_eps", config_json.get("layer_norm_eps", 1e-6))),
         tie_embeddings=bool(config_json.get("tie_word_embeddings", model_type == "gemma3_text")),
         sliding_window=window if "sliding_attention" in layer_types or pattern else None,
@@ -1788,6 +1774,28 @@ def config_from_hub(config_json):
         raise ValueError(f"layer_types = {config_json['layer_types']} is not supported (this implementation: "
                          "'full_attention' in every layer, or in every n-th and 'sliding_attention' in the others)")
     return cfg
+
+
+def hub_rope(config_json):
+    """The rotary settings of a config.json -> (global layers' settings, Gemma 3's windowed layers' settings,
+    rope type): transformers 5 keeps them in rope_parameters (per layer type for Gemma 3), transformers 4 in
+    rope_scaling and at the top level. Raises ValueError for settings `ROPE_SETTINGS` lacks or that disagree."""
+    parameters = config_json.get("rope_parameters") or {}
+    local = parameters.get("sliding_attention", {})
+    parameters = parameters.get("full_attention", parameters)
+    ropes = {"rope_parameters": parameters, "rope_scaling": config_json.get("rope_scaling")}
+    ropes = {key: rope for key, rope in ropes.items() if rope}
+    for key, rope in ropes.items():
+        check_settings(rope, ROPE_SETTINGS, prefix=f"{key}.")
+    types = sorted({rope.get("rope_type", rope.get("type", "default")) for rope in ropes.values()})
+    if len(types) > 1:
+        raise ValueError(f"rope_parameters and rope_scaling name different rope types {types}: keep one")
+    rope = next(iter(ropes.values()), {})
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key in config_json and key in rope and config_json[key] != rope[key]:
+            raise ValueError(f"{key} is {config_json[key]} at the top level but {rope[key]} in the rope settings: "
+                             "keep one")
+    return rope, local, types[0] if types else "default"
 
 
 def hub_layer_types(cfg):
@@ -2101,10 +2109,18 @@ def read_gguf(path):
         for _ in range(n_tensors):  # a name, its number of dimensions, the dimensions, its type, its offset
             name, (n_dims,) = value(8), take("I")
             infos.append((name, take(f"{n_dims}Q"), *take("IQ")))
-    except (struct.error, KeyError, UnicodeDecodeError, OverflowError) as e:
-        raise ValueError(f"{path}: not a complete GGUF file ({e.__class__.__name__}: {e})") from None
+    except struct.error:
+        raise ValueError(f"{path}: not a complete GGUF file (it ends inside its header: truncated?)") from None
+    except (KeyError, UnicodeDecodeError, OverflowError) as e:
+        raise ValueError(f"{path}: not a well-formed GGUF file ({e.__class__.__name__}: {e})") from None
     alignment = metadata.get("general.alignment", 32)
-    data_start = -(-position // alignment) * alignment
+    return metadata, gguf_tensor_table(path, data, infos, data_start=-(-position // alignment) * alignment)
+
+
+def gguf_tensor_table(path, data, infos, data_start):
+    """{tensor name: (type, shape in torch's order, uint8 view of `data`)} from a GGUF file's tensor infos
+    (name, dimensions, type number, offset from data_start). Raises ValueError naming the tensor for a type
+    GGUF_BLOCKS lacks or data past the end of the file."""
     buffer = torch.frombuffer(data, dtype=torch.uint8)
     tensors = {}
     for name, dims, kind, offset in infos:
@@ -2118,7 +2134,7 @@ def read_gguf(path):
             raise ValueError(f"{path}: tensor {name!r} ({kind}, {list(dims)}) at byte {start} does not fit in the "
                              f"{len(data)}-byte file (truncated?)")
         tensors[name] = (kind, dims[::-1], buffer[start:start + size])
-    return metadata, tensors
+    return tensors
 
 
 # llama.cpp's tensor names -> transformers' (without `transformer.` or `model.`): "blk.N.<name>"

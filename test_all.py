@@ -5037,7 +5037,7 @@ def test_gguf_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path, m
     _one_line_error(tmp_path / "cut.gguf", r"cut\.gguf: tensor 'token_embd\.weight' \(F32, \[32, 8\]\) at byte \d+ "
                                            r"does not fit in the \d+-byte file \(truncated\?\)")
     (tmp_path / "header.gguf").write_bytes(whole.read_bytes()[:40])
-    _one_line_error(tmp_path / "header.gguf", r"header\.gguf: not a complete GGUF file \(error: ")
+    _one_line_error(tmp_path / "header.gguf", r"header\.gguf: not a complete GGUF file \(it ends inside its header: truncated\?\)")
     odd = [("token_embd.weight", _gguf_blocks("Q4_0", 2), "IQ4_NL")]  # 18-byte blocks of 32, as Q4_0
     _one_line_error(_write_gguf(tmp_path / "iq.gguf", tensors=odd), r"iq\.gguf: tensor 'token_embd\.weight' is IQ4_NL, "
                     r"a type this project does not read \(it reads F32, .*\): convert or quantize the model")
