@@ -1961,10 +1961,11 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
         llama_layout(tensors, cfg)  # Phi's names, Phi-3's packed matrices
     model = empty_model(dataclasses.replace(cfg, tie_embeddings=True) if score is not None else cfg)
     needed = count_parameters(model) * torch.empty(0, dtype=dtype).element_size()
-    if needed > device_memory(torch.device(device)):  # refused before it allocates: an out-of-memory kill says nothing
+    available = device_memory(torch.device(device))
+    if needed > available:  # refused before it allocates: an out-of-memory kill says nothing
         raise ValueError(f"{source}: its weights take {needed / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')}, "
-                         f"more than the {torch.device(device).type}'s {device_memory(torch.device(device)) / 1e9:.1f} "
-                         "GB: use --dtype bfloat16, or a smaller model")
+                         f"more than the {torch.device(device).type}'s {available / 1e9:.1f} GB: use --dtype bfloat16, "
+                         "or a smaller model")
     load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source))
     if score is not None:  # no language-model head to load: the classifier's takes its place
         labels = (config_json or {}).get("id2label") or {}
