@@ -1871,7 +1871,7 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     """
     path, gguf = Path(source), gguf_file(source)
     if gguf is not None:
-        tensors, config_json, tokenizer_files = gguf_model_parts(gguf, dtype)
+        tensors, config_json, tokenizer_files = gguf_model_parts(gguf, dtype, device)
         model = model_from_tensors(tensors, config_json, gguf, device=device, dtype=dtype)
         tokenizer = tokenizer_from_files(tokenizer_files, gguf)
     elif path.is_file() and path.suffix != ".safetensors":
@@ -1960,12 +1960,7 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
     if model_type != "gpt2":
         llama_layout(tensors, cfg)  # Phi's names, Phi-3's packed matrices
     model = empty_model(dataclasses.replace(cfg, tie_embeddings=True) if score is not None else cfg)
-    needed = count_parameters(model) * torch.empty(0, dtype=dtype).element_size()
-    available = device_memory(torch.device(device))
-    if needed > available:  # refused before it allocates: an out-of-memory kill says nothing
-        raise ValueError(f"{source}: its weights take {needed / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')}, "
-                         f"more than the {torch.device(device).type}'s {available / 1e9:.1f} GB: use --dtype bfloat16, "
-                         "or a smaller model")
+    check_weights_fit(count_parameters(model), dtype, device, source)
     load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source))
     if score is not None:  # no language-model head to load: the classifier's takes its place
         labels = (config_json or {}).get("id2label") or {}
@@ -2196,10 +2191,11 @@ def rotary_order(weight, n_heads, to_gguf=False):
     return weight.reshape(*halves, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def gguf_model_parts(path, dtype=torch.float32):
+def gguf_model_parts(path, dtype=torch.float32, device="cpu"):
     """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files
     {name: text}): what `model_from_tensors` and `tokenizer_from_files` read from a model folder.
-    Raises ValueError naming the file for an architecture GGUF_CONFIG_KEYS lacks, and as `read_gguf`."""
+    Raises ValueError naming the file for an architecture GGUF_CONFIG_KEYS lacks, for weights larger than
+    the device's memory in dtype (checked before any is dequantized), and as `read_gguf`."""
     metadata, entries = read_gguf(path)
     arch = metadata.get("general.architecture")
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")  # linear, yarn: positions computed otherwise
@@ -2223,6 +2219,7 @@ def gguf_model_parts(path, dtype=torch.float32):
     names = GGUF_TENSOR_NAMES["gpt2" if arch == "gpt2" else "llama"]
     heads = {"attn_q": config.get("num_attention_heads"),
              "attn_k": config.get("num_key_value_heads", config.get("num_attention_heads"))}
+    check_weights_fit(sum(math.prod(shape) for _, shape, _ in entries.values()), dtype, device, path)
     tensors = {}
     for name, (kind, shape, data) in entries.items():
         tensor = dequantize(kind, shape, data)
@@ -2808,7 +2805,8 @@ def given_flags(parser, argv=None):
 def refuse_flags(parser, argv, settings, mode):
     """Exit 2 through parser.error when argv gives any of `settings` (names such as "lr"), which `mode`
     (the flag that decides, as typed) would ignore: "--evaluate does not use --lr, --epochs: drop them"."""
-    given = [flag_name(name) for name in settings if name in given_flags(parser, argv)]
+    typed = given_flags(parser, argv)
+    given = [flag_name(name) for name in settings if name in typed]
     if given:
         parser.error(f"{mode} does not use {', '.join(given)}: drop {'them' if len(given) > 1 else 'it'}")
 
@@ -3010,6 +3008,17 @@ def device_memory(device):
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
+
+
+def check_weights_fit(n_values, dtype, device, source):
+    """Raise ValueError naming `source` when n_values weights in dtype exceed `device_memory`: a model
+    is refused before its weights are allocated, as a process out of memory is killed without a word."""
+    needed = n_values * torch.empty(0, dtype=dtype).element_size()
+    available = device_memory(torch.device(device))
+    if needed > available:
+        raise ValueError(f"{source}: its weights take {needed / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')}, "
+                         f"more than the {torch.device(device).type}'s {available / 1e9:.1f} GB: use --dtype bfloat16, "
+                         "or a smaller model")
 
 
 def check_training_memory(model, device, hint, processes=1):

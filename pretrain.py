@@ -649,7 +649,8 @@ def parse_settings(argv=None):
         parser.error("argument --epochs: must be a number > 0, got '0'")
     if args.resume:
         args = gpt.resume_settings(parser, argv, args.out_dir, MAY_CHANGE, THIS_COMMAND)
-        if "epochs" in gpt.given_flags(parser, argv) and "max_steps" not in gpt.given_flags(parser, argv):
+        typed = gpt.given_flags(parser, argv)
+        if "epochs" in typed and "max_steps" not in typed:
             args.max_steps = None  # the --epochs given now set the end of the run
     elif args.model:
         shape = ("size", "n_layers", "n_heads", "emb_dim")

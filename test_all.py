@@ -4901,6 +4901,17 @@ def test_gguf_smollm2_logits_and_token_ids_equal_transformers(smollm2_pair):
     assert tokenizer.files["chat_template.jinja"].startswith("{% for message in messages %}")
 
 
+def test_gguf_larger_than_memory_is_refused_before_any_tensor_is_dequantized(smollm2_gguf, monkeypatch):
+    def no_dequantize(*args):
+        raise AssertionError("a tensor was dequantized before the memory check")
+
+    monkeypatch.setattr(gpt, "dequantize", no_dequantize)
+    monkeypatch.setattr(gpt.os, "sysconf", lambda name: 10**8 if name == "SC_PHYS_PAGES" else 1)  # 0.1 GB of RAM
+    with pytest.raises(ValueError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf: its weights take 0\.5 GB in float32, "
+                                         r"more than the cpu's 0\.1 GB: use --dtype bfloat16"):
+        gpt.load(smollm2_gguf)
+
+
 def test_gguf_smollm2_knows_the_capital_of_france(smollm2_pair):
     (model, tokenizer), _ = smollm2_pair
     ids = gpt.text_to_token_ids("The capital of France is", tokenizer=tokenizer)
