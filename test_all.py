@@ -1302,9 +1302,7 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, traine
         load_gpt2.main(["--model", str(folder), "--export-gguf", str(tmp_path / "model.gguf")])
 
     (tmp_path / "text.txt").write_text(_pretrain_text())
-    argv = _pretrain_tiny_argv(tmp_path / "pretrain", tmp_path / "text.txt", "--model", str(folder), "--max-steps", "1")
-    for flag in ("--n-layers", "--n-heads", "--emb-dim"):  # the shape comes from the weights
-        del argv[argv.index(flag) : argv.index(flag) + 2]
+    argv = _pretrain_tiny_argv(tmp_path / "pretrain", tmp_path / "text.txt", "--max-steps", "1", model=folder)
     checkpoint = gpt.load_checkpoint(pretrain.main(argv)["latest"])
     assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(model.cfg, drop_rate=0.0)
     assert checkpoint["tokenizer"] == {"files": encoding.files}
@@ -2299,6 +2297,24 @@ def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(scr
     assert all(rule in help_text for rule in rules)
 
 
+@pytest.mark.parametrize("parse, argv, expected", [
+    (pretrain.parse_settings, "--grad-clip 0 --sample-tokens 0 --stop-at-step 1 --drop-rate 0.5 --n-heads 8 --min-lr-ratio 0 "
+     "--warmup-steps 0 --weight-decay 0 --seed 9223372036854775807",
+     dict(grad_clip=0.0, min_lr_ratio=0.0, seed=2**63 - 1, n_heads=8)),
+    (fc.parse_args, "--classify hi --batch-size 3 --threshold 0.4 --dtype bfloat16",  # what using a classifier reads
+     dict(batch_size=3, threshold=0.4, dtype="bfloat16")),
+    (instruct.parse_args, "--top-k 1 --top-p 1 --temperature 1e-9 --max-new-tokens 0 --eval-batches 0 --weight-decay 0",
+     dict(top_k=1, top_p=1.0, temperature=1e-9, max_new_tokens=0, eval_batches=0)),
+    (instruct.parse_args, "--prompt 'Name a color.' --input x --top-p 1e-9 --temperature 1",
+     dict(prompt="Name a color.", input="x", top_p=1e-9)),
+    (instruct.parse_args, "--generate-only --data d.json --seed 3 --max-new-tokens 2",  # what answering reads
+     dict(data="d.json", seed=3, max_new_tokens=2)),
+])
+def test_edge_values_are_accepted(parse, argv, expected):
+    args = parse(shlex.split(argv))
+    assert {name: getattr(args, name) for name in expected} == expected
+
+
 def test_a_run_that_fails_early_keeps_a_folder_that_was_there_before(tmp_path):
     (tmp_path / "mine").mkdir()  # a made folder is removed again: each bad-input table checks that
     with pytest.raises(SystemExit, match="missing.txt"):
@@ -2661,9 +2677,11 @@ def _pretrain_text(n_sentences=400, seed=0):
     return "\n".join(" ".join(lines[i : i + 4]) for i in range(0, len(lines), 4)) + "\n"
 
 
-def _pretrain_tiny_argv(tmp_path, text_file, *extra):
-    """Command-line flags of a tiny run (2 layers of width 32, 32-token windows)."""
-    tiny = "--n-layers 2 --n-heads 2 --emb-dim 32 --context-length 32 --batch-size 4 --eval-batches 2"
+def _pretrain_tiny_argv(tmp_path, text_file, *extra, model=None):
+    """Command-line flags of a tiny run (2 layers of width 32, 32-token windows); with `model`,
+    --model model and no shape flags (the shape comes from the weights)."""
+    shape = "--n-layers 2 --n-heads 2 --emb-dim 32 " if model is None else f"--model {model} "
+    tiny = shape + "--context-length 32 --batch-size 4 --eval-batches 2"
     quiet = "--sample-tokens 5 --log-every 100 --device cpu"
     paths = ["--data", str(text_file), "--out-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path)]
     return [*paths, *tiny.split(), *quiet.split(), *extra]
@@ -2745,8 +2763,6 @@ def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     for bad, offset in ((path, 42), (big, 16_002), (truncated, 3), (with_bom, 6)):
         with open(bad, encoding="utf-8-sig") as f, pytest.raises(ValueError, match=f"invalid UTF-8 at byte {offset} "):
             list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=5))
-    with pytest.raises(SystemExit, match=r"bad.txt: invalid UTF-8 at byte 42 .*--replace-invalid-utf8$"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, path))
     token_path, n, _ = pretrain.prepare_token_file([path], tmp_path / "tokens", gpt.get_tokenizer(), replace_invalid=True)
     ids = array.array("H", token_path.read_bytes()).tolist()
     assert n == len(ids) and gpt.get_tokenizer().decode(ids) == "héllo wörld " * 3 + "\ufffd tail"
@@ -2856,11 +2872,7 @@ def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_mod
     )[1]
     assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
     # --model continues from the weights: the shape comes from them, and step 0 scores what the run ended with.
-    argv = _pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", "--model", str(result["best"]))
-    for flag in ("--n-layers", "--n-heads", "--emb-dim"):
-        i = argv.index(flag)
-        del argv[i : i + 2]
-    pretrain.main(argv)
+    pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", model=result["best"]))
     history = json.loads((tmp_path / "b" / "run" / "history.json").read_text())["evaluations"]
     assert history[0]["step"] == 0 and history[0]["val_loss"] == pytest.approx(result["val_loss"], abs=1e-5)
 
@@ -3011,7 +3023,8 @@ PRETRAIN_BAD_INPUTS = [
     (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "--data: no tokens in {files}/empty.txt"),
     (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "--data: no tokens in {files}/bom.txt"),  # a BOM alone
     (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
-    (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "latin1.txt: invalid UTF-8 at byte 3"),
+    (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "latin1.txt: invalid UTF-8 at byte 3 (invalid "
+     "continuation byte); fix the file or pass --replace-invalid-utf8"),
     (f"{PRETRAIN_TINY} --data {{files}}/short.txt --out-dir {{run}}", "the training split has"),
     (f"{PRETRAIN_RUN} --model {{files}}/empty", "{files}/empty holds no model: neither model.safetensors nor "
      "model.safetensors.index.json"),
@@ -3025,13 +3038,6 @@ PRETRAIN_BAD_INPUTS = [
 def test_pretrain_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, message):
     check_bad_input(pretrain.main, argv, message, bad_inputs, tmp_path, capsys)
     assert not (tmp_path / "gpt-cache").exists() or not message.startswith("argument")  # flags: before any work
-
-
-def test_pretrain_edge_values_are_accepted():
-    argv = ["--grad-clip", "0", "--sample-tokens", "0", "--stop-at-step", "1", "--drop-rate", "0.5", "--n-heads", "8"]
-    argv += ["--min-lr-ratio", "0", "--warmup-steps", "0", "--weight-decay", "0", "--seed", str(2**63 - 1)]
-    args = pretrain.parse_settings(argv)
-    assert (args.grad_clip, args.min_lr_ratio, args.seed, args.n_heads) == (0.0, 0.0, 2**63 - 1, 8)
 
 
 # --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
@@ -3064,11 +3070,8 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
     monkeypatch.setattr(pretrain, "token_type", lambda tokenizer: "uint32")  # as for 151,936 ids; 1000 need uint16
 
     def argv(run, *extra):
-        flags = _pretrain_tiny_argv(tmp_path / run, pretrain_text_file, "--model", str(tmp_path / "model"))
-        for flag in ("--n-layers", "--n-heads", "--emb-dim"):  # the shape comes from the weights
-            i = flags.index(flag)
-            del flags[i : i + 2]
-        return flags + ["--max-steps", "4", "--eval-every", "2", "--drop-rate", "0.1", "--lr", "1e-2", *extra]
+        common = ("--max-steps", "4", "--eval-every", "2", "--drop-rate", "0.1", "--lr", "1e-2")
+        return _pretrain_tiny_argv(tmp_path / run, pretrain_text_file, *common, *extra, model=tmp_path / "model")
 
     whole = pretrain.main(argv("a"))
     out = capsys.readouterr().out
@@ -3497,11 +3500,6 @@ def test_classify_bad_input_is_one_line(bad_inputs, tmp_path, capsys, monkeypatc
     check_bad_input(fc.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
-def test_classify_use_accepts_what_using_a_classifier_reads():
-    args = fc.parse_args(["--classify", "hi", "--batch-size", "3", "--threshold", "0.4", "--dtype", "bfloat16"])
-    assert (args.batch_size, args.threshold, args.dtype) == (3, 0.4, "bfloat16")
-
-
 def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, capsys):
     argv = _classify_run_argv(tmp_path)
 
@@ -3894,6 +3892,10 @@ def test_instruct_split_85_5_10_with_seed():
     assert instruct.split_dataset(entries, seed=1)[0] != train
     with pytest.raises(ValueError, match="at least 10"):
         instruct.split_dataset(entries[:9], seed=123)
+    order = gpt.epoch_order(5, 2**63 - 1, 1).tolist()  # an epoch's order of the training examples, the largest seed
+    assert sorted(order) == [0, 1, 2, 3, 4]
+    gpt.epoch_order.cache_clear()
+    assert gpt.epoch_order(5, 2**63 - 1, 1).tolist() == order
 
 
 @pytest.mark.parametrize(
@@ -4229,19 +4231,6 @@ def test_instruct_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     check_bad_input(instruct.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
-def test_instruct_flag_limits_are_accepted():
-    limits = ["--top-k", "1", "--top-p", "1", "--temperature", "1e-9", "--max-new-tokens", "0", "--eval-batches", "0"]
-    args = instruct.parse_args(limits + ["--weight-decay", "0"])
-    assert (args.top_k, args.top_p, args.temperature, args.max_new_tokens, args.eval_batches) == (1, 1.0, 1e-9, 0, 0)
-    args = instruct.parse_args(["--prompt", "Name a color.", "--input", "x", "--top-p", "1e-9", "--temperature", "1"])
-    assert (args.prompt, args.input, args.top_p) == ("Name a color.", "x", 1e-9)
-    args = instruct.parse_args(["--generate-only", "--data", "d.json", "--seed", "3", "--max-new-tokens", "2"])
-    assert (args.data, args.seed, args.max_new_tokens) == ("d.json", 3, 2)  # what answering reads
-    largest_seed = instruct.parse_args(["--seed", str(2**63 - 1)]).seed
-    order = gpt.epoch_order(5, largest_seed, 1).tolist()  # the order of an epoch of the run's training examples
-    assert sorted(order) == [0, 1, 2, 3, 4]
-    gpt.epoch_order.cache_clear()
-    assert gpt.epoch_order(5, largest_seed, 1).tolist() == order
 
 
 def test_instruct_top_p_reaches_generation(_instruct_tiny_run, capsys, monkeypatch):
