@@ -244,12 +244,17 @@ def cached_data_path(tmp_path, url, filename):
     return tmp_path / "gpt-cache" / "data" / hashlib.sha256(url.encode()).hexdigest()[:12] / filename
 
 
+def exit_code(main, argv):
+    """The code main(argv) exits with: a number, or the one line of an error ("error: ...", exit 1)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code
+
+
 def exits_with_one_line(main, argv, message, capsys):
     """main(argv) stops with one line holding `message` and no traceback: a usage error (exit 2,
     the message on stderr) or a run-time "error: ..." (exit 1, the message as the exit code)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    code, err = exit_info.value.code, capsys.readouterr().err
+    code, err = exit_code(main, argv), capsys.readouterr().err
     assert "Traceback" not in err
     if code == 2:
         assert message in err.strip().splitlines()[-1] and err.endswith(" (see --help)\n"), (argv, err)
@@ -513,9 +518,7 @@ def test_eos_stops_generation(small_pair):
 def test_argument_parser_errors_are_one_line(capsys):
     parser = gpt.ArgumentParser(prog="stage.py")
     parser.add_argument("--lr", type=gpt.non_negative_float, default=1e-3, help="learning rate")
-    with pytest.raises(SystemExit) as exit_info:
-        parser.parse_args(["--lr", "-1"])
-    assert exit_info.value.code == 2
+    assert exit_code(parser.parse_args, ["--lr", "-1"]) == 2
     assert capsys.readouterr().err == "stage.py: error: argument --lr: must be a finite number >= 0, got '-1' (see --help)\n"
 
 
@@ -1970,9 +1973,7 @@ def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path
         raise KeyboardInterrupt
 
     monkeypatch.setattr(gpt, "generate_stream", interrupted)
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello"])
-    assert exit_info.value.code == 130
+    assert exit_code(load_gpt2.main, ["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
@@ -2282,9 +2283,7 @@ def test_export_classifier_reads_and_exports_again_a_transformers_classifier(tmp
     (instruct, []),
 ], ids=lambda value: getattr(value, "__name__", ""))
 def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(script, rules, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        script.main(["--help"])
-    assert exit_info.value.code == 0
+    assert exit_code(script.main, ["--help"]) == 0
     help_text = capsys.readouterr().out
     # One entry per flag: "  --flag METAVAR  help", continued on lines indented further.
     entries = re.findall(r"^  (-.*(?:\n   +.*)*)", help_text, re.M)
@@ -2594,10 +2593,9 @@ def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
     results = tmp_path / "results.json"
     results.write_text('{"an": "earlier run"}\n')
     failed = fill_the_disk(monkeypatch, lambda path: path.parent == tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
-                        str(HELLASWAG_TINY), "--results", str(results)])
-    assert exit_info.value.code == full_disk_error(results) and failed == [results]  # exit 1, one line
+    code = exit_code(load_gpt2.main, ["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag",
+                                      "--benchmark-file", str(HELLASWAG_TINY), "--results", str(results)])
+    assert code == full_disk_error(results) and failed == [results]  # exit 1, one line
     assert "hellaswag (0-shot, " in capsys.readouterr().out  # the results were printed before the write
     assert results.read_text() == '{"an": "earlier run"}\n'  # the previous file is kept as it was
     assert sorted(path.name for path in tmp_path.iterdir()) == ["results.json", "tiny.pt"]  # nothing half-written
@@ -2946,9 +2944,7 @@ def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pretrain, "encode_text_file", interrupted)
-    with pytest.raises(SystemExit) as e:
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file))
-    assert e.value.code == 130
+    assert exit_code(pretrain.main, _pretrain_tiny_argv(tmp_path, pretrain_text_file)) == 130
     err = capsys.readouterr().err
     assert "\ninterrupted\n" in err
     assert err.index("tokenizing: ") < err.index("\ninterrupted")  # the progress line was ended first
@@ -3122,10 +3118,9 @@ def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2")
     with monkeypatch.context() as patch:
         patch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
-        with pytest.raises(SystemExit) as e:
-            pretrain.main(argv)
-    assert str(e.value).startswith("error: training needs about 0.0 GB before activations")
-    assert str(e.value).endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
+        code = exit_code(pretrain.main, argv)
+    assert code.startswith("error: training needs about 0.0 GB before activations")
+    assert code.endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
                                  "or adapt this one with LoRA (the fine-tunes' --lora)")
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
 
@@ -3133,10 +3128,9 @@ def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(pretrain, "evaluate_loss", out_of_memory)
-    with pytest.raises(SystemExit) as e:
-        pretrain.main(argv + ["--overwrite"])
+    code = exit_code(pretrain.main, argv + ["--overwrite"])
     hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
-    assert str(e.value) == "error: out of memory: " + hint
+    assert code == "error: out of memory: " + hint
 
 
 # --- gpt.py: the training plumbing pretrain.py moved there (autocast, FLOPs, throughput) --
@@ -3524,9 +3518,8 @@ def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_pa
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(fc, "train_classifier", out_of_memory)
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(_classify_run_argv(tmp_path, "oom"))
-    assert exit_info.value.code == "error: out of memory: use a smaller --batch-size (or --max-length)"
+    code = exit_code(fc.main, _classify_run_argv(tmp_path, "oom"))
+    assert code == "error: out of memory: use a smaller --batch-size (or --max-length)"
 
 
 def test_classify_sigint_during_training_exits_cleanly(tmp_path):
@@ -3599,11 +3592,10 @@ def test_classify_folder_with_another_run_is_refused_unless_overwrite(tmp_path):
     argv = _classify_run_argv(tmp_path, "run", "--max-steps", "1")
     fc.main(argv)
     before = (tmp_path / "run" / "classifier.pt").read_bytes()
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(argv)
+    code = exit_code(fc.main, argv)
     assert re.fullmatch(r"error: .*run holds another run \(classifier\.pt, run\.json, train\.csv, validation\.csv, "
-                        r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", str(exit_info.value.code))
-    assert "--resume" not in str(exit_info.value.code)  # the classifier has no --resume to suggest
+                        r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", code)
+    assert "--resume" not in code  # the classifier has no --resume to suggest
     assert (tmp_path / "run" / "classifier.pt").read_bytes() == before
     (tmp_path / "run" / "loss-accuracy.png").unlink(missing_ok=True)  # a run without the plot is replaced as well
     fc.main(argv + ["--overwrite", "--seed", "5"])
@@ -3630,9 +3622,8 @@ def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkey
 
 def test_classify_full_disk_at_the_final_save_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch, capsys):
     failed = fill_the_disk(monkeypatch, lambda path: path.name == "classifier.pt")
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2"))
-    assert exit_info.value.code == full_disk_error(tmp_path / "run" / "classifier.pt")  # exit 1, one line
+    code = exit_code(fc.main, _classify_run_argv(tmp_path, "run", "--max-steps", "2"))
+    assert code == full_disk_error(tmp_path / "run" / "classifier.pt")  # exit 1, one line
     assert failed == [tmp_path / "run" / "classifier.pt"]
     assert "test split (" in capsys.readouterr().out  # the test metrics were printed before the save
     # Nothing half-written: no classifier.pt, no temporary file beside it (and metrics.json comes after it).
@@ -3744,11 +3735,8 @@ def test_classify_whole_classifier_of_a_safetensors_file_answers_after_the_file_
     assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
     with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
         fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", str(run / "classifier.pt")])
-    message = str(exit_info.value.code)
-    assert exit_info.value.code not in (0, None) and "is a classifier, not a language model" in message
-    assert "\n" not in message and "Traceback" not in message
+    message = exit_code(load_gpt2.main, ["--model", str(run / "classifier.pt")])
+    assert message.startswith("error: ") and "is a classifier, not a language model" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("model_type, extra", [("llama", []), ("qwen3", ["--lora", "--max-steps", "3"])])
@@ -4021,9 +4009,7 @@ def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
     _instruct_ollama.server.close()  # nothing listens on this port any more
     path, _ = _instruct_responses_file(tmp_path, 2)
     before = path.read_bytes()
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
-    message = str(exc.value)
+    message = exit_code(instruct.main, ["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
     assert message.startswith("error: no Ollama server answers at " + url)
     assert "ollama serve" in message and "ollama pull llama3" in message
     assert path.read_bytes() == before
@@ -4035,9 +4021,8 @@ def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
 def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, local_server, body):
     server = local_server({"/api/chat": answer(body, Content_Type="application/json")})
     path, _ = _instruct_responses_file(tmp_path, 1)
-    with pytest.raises(SystemExit) as exit_info:
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
-    assert exit_info.value.code.startswith(f"error: the server at {server.url} answered an unexpected reply: ")
+    code = exit_code(instruct.main, ["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
+    assert code.startswith(f"error: the server at {server.url} answered an unexpected reply: ")
 
 
 @pytest.fixture
@@ -4120,9 +4105,7 @@ def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, m
     instruct.main(common + ["--out-dir", str(folder / "straight")])
     # Ctrl-C in step 3 of 4: the state of step 2 (an epoch's end) is on disk; --resume alone goes on from it.
     check = _instruct_ctrl_c_in_step(monkeypatch, 3)
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(common + ["--out-dir", str(folder / "halves")])
-    assert exc.value.code == 130
+    assert exit_code(instruct.main, common + ["--out-dir", str(folder / "halves")]) == 130
     assert capsys.readouterr().err.endswith(
         f"--resume --out-dir {folder / 'halves'} goes on from the last save in {folder / 'halves' / 'train_state.pt'}"
         "\ninterrupted\n"
@@ -4158,9 +4141,7 @@ def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instr
         check(loss, step)
 
     monkeypatch.setattr(gpt, "check_finite_loss", sigterm_in_step_3)
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(common + ["--out-dir", str(folder / "stopped")])
-    assert exc.value.code == 143
+    assert exit_code(instruct.main, common + ["--out-dir", str(folder / "stopped")]) == 143
     assert capsys.readouterr().err.endswith(
         f"stopped at step 3 (SIGTERM), the state saved in {folder / 'stopped' / 'train_state.pt'}: go on with python "
         f"finetune_instruct.py --resume --out-dir {folder / 'stopped'}\n"
@@ -4277,10 +4258,9 @@ def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_r
     for content, problem in [("[1, 2]", "entry 0: not a JSON object but int"), ("{}", "line 1: 'instruction' must be a string, not null"),
                              ("[]", "no entries")]:
         (run / "test.json").write_text(content)
-        with pytest.raises(SystemExit) as exc:
-            instruct.main(["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
-        assert str(exc.value) == (f"error: the run's split {run / 'test.json'}: {problem}: put back the file the run "
-                                  "wrote, or start the run again with --overwrite")
+        code = exit_code(instruct.main, ["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
+        assert code == (f"error: the run's split {run / 'test.json'}: {problem}: put back the file the run "
+                        "wrote, or start the run again with --overwrite")
     assert json.loads((run / "responses.json").read_text()) == answered
 
 
@@ -4288,9 +4268,8 @@ def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_pa
     folder = _instruct_tiny_run
     instruct.main(_instruct_quick(folder, tmp_path / "run", "--keep-state"))
     before = (tmp_path / "run" / "model.pt").stat().st_mtime_ns
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(_instruct_quick(folder, tmp_path / "run"))
-    assert "holds another run" in str(exc.value) and "--overwrite" in str(exc.value)
+    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run"))
+    assert "holds another run" in code and "--overwrite" in code
     assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns == before
     instruct.main(_instruct_quick(folder, tmp_path / "run", "--overwrite"))
     assert not (tmp_path / "run" / "train_state.pt").exists()  # the old run's state went with --overwrite
@@ -4307,11 +4286,10 @@ def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_pa
     assert gpt.load_checkpoint(tmp_path / "kept" / "train_state.pt")["history"]["step"] == [0, 1, 2]
     kept = tmp_path / "kept"
     (kept / "train_state.pt").write_bytes((kept / "model.pt").read_bytes())  # a model where the state belongs
-    with pytest.raises(SystemExit) as exit_info:
-        instruct.main(["--out-dir", str(kept), "--resume", "--epochs", "3"])
-    assert exit_info.value.code == (f"error: --resume: {kept / 'train_state.pt'} is not a training state (a "
-                                    "finished run keeps it only with --keep-state): train on from "
-                                    f"{kept / 'model.pt'} with --model, or start again with --overwrite")
+    code = exit_code(instruct.main, ["--out-dir", str(kept), "--resume", "--epochs", "3"])
+    assert code == (f"error: --resume: {kept / 'train_state.pt'} is not a training state (a "
+                    "finished run keeps it only with --keep-state): train on from "
+                    f"{kept / 'model.pt'} with --model, or start again with --overwrite")
 
 
 def test_instruct_answers_survive_a_full_disk(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
@@ -4327,9 +4305,8 @@ def test_instruct_answers_survive_a_full_disk(_instruct_tiny_run, tmp_path, monk
     # The disk is full when the answers are written again: one line, and the earlier answers stay.
     before = (tmp_path / "straight" / "responses.json").read_bytes()
     fill_the_disk(monkeypatch, lambda path: path.name == "responses.json")
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(common + ["--out-dir", str(tmp_path / "straight")])
-    assert exc.value.code == full_disk_error(tmp_path / "straight" / "responses.json")  # exit 1, one line
+    code = exit_code(instruct.main, common + ["--out-dir", str(tmp_path / "straight")])
+    assert code == full_disk_error(tmp_path / "straight" / "responses.json")  # exit 1, one line
     assert (tmp_path / "straight" / "responses.json").read_bytes() == before
     assert not [path.name for path in (tmp_path / "straight").iterdir() if path.name.startswith(".")]  # no half file
 
@@ -4343,10 +4320,9 @@ def test_instruct_full_disk_at_a_training_state_save_keeps_the_last_state(_instr
         return path == state and saves.count(state) == 2
 
     failed = fill_the_disk(monkeypatch, second_state_save)
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(_instruct_quick(folder, tmp_path / "run", "--epochs", "2"))  # one step an epoch
+    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run", "--epochs", "2"))  # one step an epoch
     # One line, exit 1, not "error: [Errno 28] No space left on device"; the state of step 1 is kept as it was.
-    assert str(exc.value) == full_disk_error(state) and failed == [state]
+    assert code == full_disk_error(state) and failed == [state]
     assert gpt.load_checkpoint(state)["step"] == 1
     assert not (tmp_path / "run" / "model.pt").exists()  # the run stopped there
     assert not [path.name for path in (tmp_path / "run").iterdir() if path.name.startswith(".")]  # no half file
@@ -4378,9 +4354,8 @@ def test_instruct_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(_instruct_quick(folder, tmp_path / "run"))
-    assert str(exc.value) == "error: out of memory: use a smaller --batch-size or --max-length, or --lora"
+    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run"))
+    assert code == "error: out of memory: use a smaller --batch-size or --max-length, or --lora"
 
 
 # --- the kept model: lowest validation loss, --keep-last, across --resume ---------------------
