@@ -154,6 +154,14 @@ def tokenizer_of_json(data, source, **config):
     return gpt.tokenizer_from_files(files, source)
 
 
+def assert_same_logits(ours, theirs, vocab_size, shape=(2, 40), atol=1e-4, seed=0):
+    """ours and theirs (a model, or a transformers model whose output has .logits) agree within atol on random ids."""
+    idx = torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logits = [getattr(output, "logits", output) for output in (ours(idx), theirs(idx))]
+    assert (logits[0] - logits[1]).abs().max().item() <= atol
+
+
 class LocalServer:
     """An HTTP server on 127.0.0.1 in a background thread, so that no test touches the network.
     routes {url path: bytes, served whole or from a Range, with `headers`; or fn(handler), which
@@ -360,10 +368,7 @@ def test_logits_match_transformers_small(small_pair):
     reference, path = small_pair
     model = load_lm(path)
     assert model.cfg == gpt.GPTConfig(vocab_size=1000, context_length=64, emb_dim=128, n_heads=2, n_layers=2)
-    idx = torch.randint(0, 1000, (3, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = (model(idx) - reference(idx).logits).abs().max().item()
-    assert diff <= 1e-4
+    assert_same_logits(model, reference, 1000, (3, 64))
 
 
 def test_hub_style_file_without_prefix_or_config_says_what_it_assumed(small_pair, tmp_path, capsys):
@@ -379,9 +384,7 @@ def test_hub_style_file_without_prefix_or_config_says_what_it_assumed(small_pair
     save_file(stripped, tmp_path / "model.safetensors")
     model = load_lm(tmp_path / "model.safetensors")
     assert model.cfg.n_heads == 2 and "2 attention heads assumed" in capsys.readouterr().err
-    idx = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    assert_same_logits(model, reference, 1000, (2, 20), seed=1)
 
 
 def test_new_model_is_initialised_as_gpt2_and_gpt2_small_has_its_size():
@@ -631,10 +634,7 @@ def test_family_logits_match_transformers(family_models, name):
     assert model.cfg.tie_embeddings == config["tie_word_embeddings"]
     assert (model.lm_head.weight is model.embed_tokens.weight) == config["tie_word_embeddings"]
     assert gpt.count_parameters(model) == reference.num_parameters()
-    idx = torch.randint(0, 300, (3, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = (model(idx) - reference(idx).logits).abs().max().item()
-    assert diff <= 1e-4
+    assert_same_logits(model, reference, 300, (3, 64))
 
 
 def test_family_rope_scaling_and_head_dim_reach_the_model(family_models):
@@ -728,9 +728,7 @@ def test_family_sharded_hub_download_sends_hf_token(family_models, local_server,
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     model = load_lm("owner/tiny", quiet=True)
-    idx = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    assert_same_logits(model, reference, 300, (1, 16))
     assert all(headers.get("Authorization") == "Bearer hf_secret" for _, _, headers in server.requests)
     assert sorted(p.name for p in (tmp_path / "gpt-cache" / "owner" / "tiny").glob("model-*.safetensors")) == shards
     count = len(server.requests)
@@ -1035,10 +1033,8 @@ def test_family_load_gpt2_export_hf_is_read_by_transformers(trained_tokenizers, 
     load_gpt2.main(["--model", str(tmp_path / "tuned.pt"), "--export-hf", str(tmp_path / "hf")])
     exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
     assert problems == [] and type(exported) is type(reference)
-    idx = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (exported(idx).logits - reference(idx).logits).abs().max().item() <= 1e-4
-        assert torch.equal(load_lm(tmp_path / "hf")(idx), model(idx))  # and back
+    assert_same_logits(exported, reference, 1000)
+    assert_same_logits(load_lm(tmp_path / "hf"), model, 1000, atol=0)  # and back, exactly
     exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in HELD_OUT:
         assert exported_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
@@ -1297,9 +1293,7 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, traine
     load_gpt2.main(["--model", str(folder), "--export-hf", str(tmp_path / "hf")])
     exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
     assert problems == [] and type(exported) is type(reference)
-    idx = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (exported(idx).logits - reference(idx).logits).abs().max().item() <= 1e-4
+    assert_same_logits(exported, reference, 1000)
     assert AutoTokenizer.from_pretrained(tmp_path / "hf")(HELD_OUT[0])["input_ids"] == tokenizer.encode(HELD_OUT[0]).ids
     with pytest.raises(SystemExit, match=f"a {model.cfg.model_type} model has no GGUF writer here"):
         load_gpt2.main(["--model", str(folder), "--export-gguf", str(tmp_path / "model.gguf")])
@@ -1679,9 +1673,7 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_pat
     reference, _ = save_hf_gpt2(tmp_path, **STRICT_GPT2, layer_norm_epsilon=1e-3)
     model = load_lm(tmp_path)
     assert model.cfg.norm_eps == 1e-3 and model.h[0].ln_1.eps == model.ln_f.eps == 1e-3
-    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    assert_same_logits(model, reference, 100, (2, 16))
     folder = gpt.export_hf(tiny_model(norm_eps=1e-3), tmp_path / "hf")
     assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-3
     assert load_lm(folder).cfg.norm_eps == 1e-3
@@ -2093,9 +2085,7 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text_and
     reference, problems = _export_from_pretrained(GPT2LMHeadModel, folder)
     assert problems == []
     assert (reference.config.n_positions, reference.config.n_embd, reference.config.n_layer) == (64, 32, 2)
-    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (reference(idx).logits - model(idx)).abs().max().item() <= 1e-4
+    assert_same_logits(model, reference, 50257, (2, 64))
     prompt = gpt.text_to_token_ids("Every effort moves you")
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False)
     assert torch.equal(theirs, gpt.generate(model, prompt, 40))
@@ -2135,9 +2125,7 @@ def test_export_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path
     folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "hf")
     assert not (folder / "tokenizer.json").exists() and (folder / "vocab.json").exists()
     assert tokenizer_and_eot(folder) == (gpt.get_tokenizer(), 50256)
-    idx = torch.tensor([[15496, 11, 995]])
-    with torch.no_grad():
-        assert (load_lm(folder)(idx) - model(idx)).abs().max().item() <= 1e-5
+    assert_same_logits(load_lm(folder), model, 50257, (1, 3), atol=1e-5)
 
 
 def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, capsys):
@@ -4586,9 +4574,7 @@ def test_a_safetensors_file_loads_with_the_tokenizer_beside_it_and_its_checkpoin
     reference, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
     model, tokenizer = gpt.load(folder / "model.safetensors")  # config.json and the tokenizer files beside it
     assert type(model) is gpt.LlamaModel and tokenizer.n_vocab == 1002  # 1000 and <|im_start|>, <|im_end|>
-    idx = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    assert_same_logits(model, reference, 1024, (2, 20))
     gpt.save_checkpoint(tmp_path / "model.pt", model, tokenizer)
     text = "<|im_start|>user\nDon't stop: 12 steps<|im_end|>"
     expected = tokenizer.encode(text, bos=True)
