@@ -484,7 +484,7 @@ def test_generation_streams_each_token_and_past_the_context_moves_the_window_by_
     assert [gpt.window_start(n, 8) for n in (8, 9, 12, 13, 16, 17)] == [0, 4, 4, 8, 8, 12]
 
 
-def test_top_k_1_equals_greedy_and_seeded_sampling_is_reproducible(small_pair):
+def test_top_k_1_equals_greedy_seeded_sampling_is_reproducible_and_eos_stops(small_pair):
     model = load_lm(small_pair[1])
     prompt = torch.randint(0, 1000, (1, 4), generator=torch.Generator().manual_seed(5))
     greedy = gpt.generate(model, prompt, 20)
@@ -494,6 +494,9 @@ def test_top_k_1_equals_greedy_and_seeded_sampling_is_reproducible(small_pair):
     c = gpt.generate(model, prompt, 20, temperature=1.5, top_k=50, seed=124)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+    eos = greedy[0, 4 + 6].item()  # the 7th new token
+    first = (greedy[0, 4:] == eos).nonzero()[0].item()
+    assert torch.equal(gpt.generate(model, prompt, 20, eot_id=eos), greedy[:, : 4 + first + 1])
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -508,32 +511,13 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert picks == {0, 1, 2}
 
 
-def test_eos_stops_generation(small_pair):
-    model = load_lm(small_pair[1])
-    prompt = torch.randint(0, 1000, (1, 4), generator=torch.Generator().manual_seed(6))
-    greedy = gpt.generate(model, prompt, 20)
-    eos = greedy[0, 4 + 6].item()  # the 7th new token
-    first = (greedy[0, 4:] == eos).nonzero()[0].item()
-    stopped = gpt.generate(model, prompt, 20, eot_id=eos)
-    assert torch.equal(stopped, greedy[:, : 4 + first + 1])
-
-
-def test_argument_parser_errors_are_one_line(capsys):
-    parser = gpt.ArgumentParser(prog="stage.py")
-    parser.add_argument("--lr", type=gpt.non_negative_float, default=1e-3, help="learning rate")
-    assert exit_code(parser.parse_args, ["--lr", "-1"]) == 2
-    assert capsys.readouterr().err == "stage.py: error: argument --lr: must be a finite number >= 0, got '-1' (see --help)\n"
-
-
-def test_tokenizer_round_trip():
+def test_tokenizer_round_trip_and_offline_without_cache_is_a_clear_error(monkeypatch):
     ids = gpt.text_to_token_ids("Hello, world<|endoftext|>")
     assert ids.tolist() == [[15496, 11, 995, 50256]]
     assert gpt.token_ids_to_text(ids) == "Hello, world<|endoftext|>"
     # Embedding rows past the tokenizer's last id (a model of 50,304 rows) have no text.
     assert gpt.token_ids_to_text([15496, 50257, 50303, 11]) == "Hello,"
 
-
-def test_tokenizer_offline_without_cache_is_a_clear_error(monkeypatch):
     def no_network(name):
         raise requests.ConnectionError("no route to openaipublic.blob.core.windows.net")
 
@@ -1771,19 +1755,6 @@ def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model(tmp_path):
         assert torch.equal(loaded(idx), model(idx))
 
 
-def test_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
-    def save_on_a_full_disk(obj, f):  # torch's zip writer reports a failed write as a RuntimeError
-        f.write(b"half")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5568 vs 5462")
-
-    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
-    (tmp_path / "model.pt").write_bytes(b"the earlier checkpoint")
-    with pytest.raises(OSError, match=r"cannot write .*model\.pt: the write failed \(is the disk full\?\)"):
-        gpt.atomic_write_bytes(tmp_path / "model.pt", lambda f: torch.save({"step": 1}, f))
-    assert (tmp_path / "model.pt").read_bytes() == b"the earlier checkpoint"
-    assert os.listdir(tmp_path) == ["model.pt"]
-
-
 # ========================================================================================
 # gpt.py: the plumbing the stages share (flags, run folders, errors, files)
 # ========================================================================================
@@ -1799,12 +1770,16 @@ def test_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
         (gpt.non_negative_int, {str(2**63 - 1): 2**63 - 1}, [str(2**63), "1e3"]),  # torch's seed range
     ],
 )
-def test_flag_types_accept_their_range_and_reject_the_rest(parse, good, bad):
+def test_flag_types_accept_their_range_and_reject_the_rest_in_one_line(parse, good, bad, capsys):
     for text, value in good.items():
         assert parse(text) == value
     for text in bad:
-        with pytest.raises(argparse.ArgumentTypeError, match=f"must be .*, got {re.escape(repr(text))}"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be .*, got {re.escape(repr(text))}") as error:
             parse(text)
+    parser = gpt.ArgumentParser(prog="stage.py")
+    parser.add_argument("--value", type=parse, help="a value")
+    assert exit_code(parser.parse_args, ["--value", text]) == 2
+    assert capsys.readouterr().err == f"stage.py: error: argument --value: {error.value} (see --help)\n"
 
 
 def test_restored_adamw_moments_take_the_layout_of_the_parameters():
@@ -1897,7 +1872,7 @@ def test_files_are_read_with_a_bom_and_a_folder_a_missing_path_or_bad_content_is
         gpt.decode_utf8(b"ab\r\ncd\n\xfe\xff", "x.txt")
 
 
-def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
+def test_atomic_writes_flush_to_disk_before_the_rename_and_a_full_disk_keeps_the_earlier_file(tmp_path, monkeypatch):
     events = []
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
     real_replace = os.replace
@@ -1905,6 +1880,16 @@ def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
     gpt.atomic_write_bytes(tmp_path / "a.pt", lambda f: torch.save({"x": torch.ones(2)}, f))
     assert events == ["fsync", "rename"]
     assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]
+
+    def save_on_a_full_disk(obj, f):  # torch's zip writer reports a failed write as a RuntimeError
+        f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5568 vs 5462")
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*a\.pt: the write failed \(is the disk full\?\)"):
+        gpt.atomic_write_bytes(tmp_path / "a.pt", lambda f: torch.save({"step": 1}, f))
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]  # the earlier file is kept
+    assert os.listdir(tmp_path) == ["a.pt"]
 
 
 def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
@@ -2012,17 +1997,14 @@ def _export_from_pretrained(model_class, folder):
     return model.eval(), problems
 
 
-def test_weights_that_hold_nan_are_refused_naming_the_tensor(tmp_path):
+def test_weights_that_hold_nan_or_are_larger_than_memory_are_refused_before_they_are_allocated(tmp_path, monkeypatch):
     # Bytes that change in a cache after the download was checked (same size, still parses) read as NaN.
     tensors = gpt.hf_tensors(tiny_model(), torch.float32)  # as released
     tensors["transformer.h.1.mlp.c_proj.bias"][3] = float("nan")
-    with open(tmp_path / "model.safetensors", "wb") as f:
+    with open(tmp_path / "nan.safetensors", "wb") as f:
         gpt.write_safetensors(f, tensors)
     with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_proj\.bias holds NaN or infinite values: the file is corrupt"):
-        gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "model.safetensors"), None, "model.safetensors")
-
-
-def test_weights_larger_than_memory_are_refused_before_they_are_allocated(tmp_path, monkeypatch):
+        gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "nan.safetensors"), None, "model.safetensors")
     with open(tmp_path / "model.safetensors", "wb") as f:
         gpt.write_safetensors(f, gpt.hf_tensors(tiny_model(), torch.float32))
     n_params = gpt.count_parameters(tiny_model())  # 4 bytes each in float32, 2 in bfloat16
