@@ -1346,21 +1346,17 @@ def test_read_safetensors_matches_the_reference_reader(small_pair):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "does not fit in the 4 data bytes"),
-        (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12), r"F32 \[2\] at data offsets \[0, 12\]"),
-        (header_bytes({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype 'Q4'"),
-        (header_bytes({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8), "'data_offsets'"),
-        (header_bytes({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), r"F32 \[-2\] .* does not fit"),
-        ("first half", "does not fit in the .* data bytes"),
-        ("first 100 bytes", "a header of .* runs past the end"),
-        (b"abc", ""),
-        (struct.pack("<Q", 5) + b"{oops", "Expecting"),
-    ],
-    ids=["cut-data", "offsets", "dtype", "no-offsets", "negative-shape", "cut-file", "cut-header", "3-bytes", "json"],
-)
+@pytest.mark.parametrize("content, message", [
+    (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "does not fit in the 4 data bytes"),
+    (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12), r"F32 \[2\] at data offsets \[0, 12\]"),
+    (header_bytes({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype 'Q4'"),
+    (header_bytes({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8), "'data_offsets'"),
+    (header_bytes({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), r"F32 \[-2\] .* does not fit"),
+    ("first half", "does not fit in the .* data bytes"),
+    ("first 100 bytes", "a header of .* runs past the end"),
+    (b"abc", ""),
+    (struct.pack("<Q", 5) + b"{oops", "Expecting"),
+], ids=["cut-data", "offsets", "dtype", "no-offsets", "negative-shape", "cut-file", "cut-header", "3-bytes", "json"])
 def test_a_safetensors_file_that_is_not_whole_is_named(tmp_path, small_pair, content, message):
     raw = small_pair[1].read_bytes()
     content = {"first half": raw[: len(raw) // 2], "first 100 bytes": raw[:100]}.get(content, content)
@@ -1482,18 +1478,14 @@ def _corrupt_zip():
     return bytes(data)
 
 
-@pytest.mark.parametrize(
-    "body, checks, problem",
-    [
-        (b"<html>please log in</html>", {"sha256": hashlib.sha256(b"the data").hexdigest()}, "SHA-256 "),
-        (b"the da", {"size": 8}, "6 bytes, expected 8"),
-        (zip_bytes({"a.txt": b"hello"}), {"member": "b.txt", "size": 5}, "no item named 'b.txt'"),
-        (_corrupt_zip(), {"member": "a.txt", "size": 11}, "Bad CRC-32"),
-        (b'{"a": ', {"check": lambda path: gpt.parse_json(path.read_bytes(), path)}, "not valid JSON"),
-        (struct.pack("<Q", 10**6) + b"{}", {"check": gpt.read_safetensors}, "runs past the end"),
-    ],
-    ids=["web-page", "cut", "no-member", "zip-crc", "json", "safetensors"],
-)
+@pytest.mark.parametrize("body, checks, problem", [
+    (b"<html>please log in</html>", {"sha256": hashlib.sha256(b"the data").hexdigest()}, "SHA-256 "),
+    (b"the da", {"size": 8}, "6 bytes, expected 8"),
+    (zip_bytes({"a.txt": b"hello"}), {"member": "b.txt", "size": 5}, "no item named 'b.txt'"),
+    (_corrupt_zip(), {"member": "a.txt", "size": 11}, "Bad CRC-32"),
+    (b'{"a": ', {"check": lambda path: gpt.parse_json(path.read_bytes(), path)}, "not valid JSON"),
+    (struct.pack("<Q", 10**6) + b"{}", {"check": gpt.read_safetensors}, "runs past the end"),
+], ids=["web-page", "cut", "no-member", "zip-crc", "json", "safetensors"])
 def test_a_download_that_is_not_the_expected_file_is_deleted(local_server, tmp_path, body, checks, problem):
     url = local_server({"/file": body}).url + "/file"
     with pytest.raises(RuntimeError) as error:
@@ -1503,20 +1495,16 @@ def test_a_download_that_is_not_the_expected_file_is_deleted(local_server, tmp_p
     assert list(tmp_path.iterdir()) == []  # no file, no temporary file
 
 
-@pytest.mark.parametrize(
-    "url, message",
-    [
-        ("{server}/loop", "failed: TooManyRedirects: Exceeded 30 redirects."),
-        ("https://127.0.0.1:{port}/f.bin", "failed after 3 attempts (SSLError: "),
-        ("127.0.0.1/f.bin", "failed: MissingSchema: Invalid URL '127.0.0.1/f.bin': No scheme supplied."),
-        ("ftp://127.0.0.1/f.bin", "failed: InvalidSchema: No connection adapters were found for 'ftp://127.0.0.1/f.bin'"),
-        ("http://", "failed: InvalidURL: Invalid URL 'http://': No host supplied"),
-        ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: "),
-        ("{server}/missing.bin", "failed: HTTP 404"),
-        ("{server}/short.bin", "failed after 3 attempts ("),
-    ],
-    ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused", "404", "shorter-than-content-length"],
-)
+@pytest.mark.parametrize("url, message", [
+    ("{server}/loop", "failed: TooManyRedirects: Exceeded 30 redirects."),
+    ("https://127.0.0.1:{port}/f.bin", "failed after 3 attempts (SSLError: "),
+    ("127.0.0.1/f.bin", "failed: MissingSchema: Invalid URL '127.0.0.1/f.bin': No scheme supplied."),
+    ("ftp://127.0.0.1/f.bin", "failed: InvalidSchema: No connection adapters were found for 'ftp://127.0.0.1/f.bin'"),
+    ("http://", "failed: InvalidURL: Invalid URL 'http://': No host supplied"),
+    ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: "),
+    ("{server}/missing.bin", "failed: HTTP 404"),
+    ("{server}/short.bin", "failed after 3 attempts ("),
+], ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused", "404", "shorter-than-content-length"])
 def test_every_request_failure_is_one_line_naming_the_url(local_server, tmp_path, url, message):
     server = local_server({"/loop": answer(b"", 302, Location="/loop"),
                            "/short.bin": answer(b"x" * 500, Content_Length="1000")})
@@ -1663,52 +1651,49 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_pat
     assert load_lm(folder).cfg.norm_eps == 1e-3
 
 
-@pytest.mark.parametrize(
-    "family, change, message",
-    [
-        ("gpt2", json.dumps({k: v for k, v in STRICT_GPT2.items() if k != "vocab_size"}),
-         "config.json: 'vocab_size' must be a positive integer, got None"),
-        ("gpt2", {"n_layer": "2"}, "config.json: 'n_layer' must be a positive integer, got '2'"),
-        ("gpt2", {"n_head": 2.0}, "config.json: 'n_head' must be a positive integer, got 2.0"),
-        ("gpt2", {"n_layer": True}, "config.json: 'n_layer' must be a positive integer, got True"),
-        ("gpt2", {"n_embd": 0}, "config.json: 'n_embd' must be a positive integer, got 0"),
-        ("gpt2", {"n_head": 3}, "emb_dim (32) must be divisible by n_heads (3)"),
-        ("gpt2", "[1, 2]", "its config.json holds a list, not a JSON object"),
-        ("gpt2", '{"n_layer": 2,', "config.json: not valid JSON (Expecting property name"),
-        ("gpt2", {"activation_function": "gelu"}, "activation_function = 'gelu' is not supported"),
-        ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is not supported"),
-        ("gpt2", {"layer_norm_epsilon": 0}, "layer_norm_epsilon = 0 is not supported"),
-        ("gpt2", {"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon = nan is not supported"),
-        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True is not supported"),
-        ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn = True is not supported"),
-        ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights = False is not supported"),
-        ("gpt2", {"add_cross_attention": True}, "add_cross_attention = True is not supported"),
-        ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported"),
-        ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False is not supported"),
-        ("llama", {"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
-        ("llama", {"model_type": None}, "no model_type in a config.json"),
-        ("llama", {"hidden_size": 0}, "'hidden_size' must be a positive integer"),
-        ("llama", {"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
-        ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
-        ("llama", {"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06 is not supported"),
-        ("llama", {"rope_theta": 0}, "rope_theta = 0 is not supported"),
-        ("llama", {"rope_theta": -1}, "rope_theta = -1 is not supported"),
-        ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta = 0 is not"),
-        ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}},
-         "rope_parameters.rope_type = 'yarn' is not supported"),
-        ("llama", {"rope_parameters": None, "rope_theta": -1.0}, "rope_theta = -1.0 is not supported"),
-        ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
-         "rope_scaling.type = 'dynamic' is not supported"),
-        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not"),
-        ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                    "original_max_position_embeddings": 32}}, "name different rope types ['default', 'llama3']"),
-        ("llama", {"rope_theta": 12345.0}, "rope_theta is 12345.0 at the top level but 10000.0 in the rope settings"),
-        ("llama", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
-        ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
-         "layer_types = ['full_attention', 'sliding_attention'] is not supported"),
-        ("llama", {"head_dim": 0}, "head_dim = 0 is not supported"),
-    ],
-)
+@pytest.mark.parametrize("family, change, message", [
+    ("gpt2", json.dumps({k: v for k, v in STRICT_GPT2.items() if k != "vocab_size"}),
+     "config.json: 'vocab_size' must be a positive integer, got None"),
+    ("gpt2", {"n_layer": "2"}, "config.json: 'n_layer' must be a positive integer, got '2'"),
+    ("gpt2", {"n_head": 2.0}, "config.json: 'n_head' must be a positive integer, got 2.0"),
+    ("gpt2", {"n_layer": True}, "config.json: 'n_layer' must be a positive integer, got True"),
+    ("gpt2", {"n_embd": 0}, "config.json: 'n_embd' must be a positive integer, got 0"),
+    ("gpt2", {"n_head": 3}, "emb_dim (32) must be divisible by n_heads (3)"),
+    ("gpt2", "[1, 2]", "its config.json holds a list, not a JSON object"),
+    ("gpt2", '{"n_layer": 2,', "config.json: not valid JSON (Expecting property name"),
+    ("gpt2", {"activation_function": "gelu"}, "activation_function = 'gelu' is not supported"),
+    ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is not supported"),
+    ("gpt2", {"layer_norm_epsilon": 0}, "layer_norm_epsilon = 0 is not supported"),
+    ("gpt2", {"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon = nan is not supported"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True is not supported"),
+    ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn = True is not supported"),
+    ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights = False is not supported"),
+    ("gpt2", {"add_cross_attention": True}, "add_cross_attention = True is not supported"),
+    ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported"),
+    ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False is not supported"),
+    ("llama", {"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
+    ("llama", {"model_type": None}, "no model_type in a config.json"),
+    ("llama", {"hidden_size": 0}, "'hidden_size' must be a positive integer"),
+    ("llama", {"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
+    ("llama", {"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06 is not supported"),
+    ("llama", {"rope_theta": 0}, "rope_theta = 0 is not supported"),
+    ("llama", {"rope_theta": -1}, "rope_theta = -1 is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta = 0 is not"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}},
+     "rope_parameters.rope_type = 'yarn' is not supported"),
+    ("llama", {"rope_parameters": None, "rope_theta": -1.0}, "rope_theta = -1.0 is not supported"),
+    ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     "rope_scaling.type = 'dynamic' is not supported"),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not"),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 32}}, "name different rope types ['default', 'llama3']"),
+    ("llama", {"rope_theta": 12345.0}, "rope_theta is 12345.0 at the top level but 10000.0 in the rope settings"),
+    ("llama", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
+    ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
+     "layer_types = ['full_attention', 'sliding_attention'] is not supported"),
+    ("llama", {"head_dim": 0}, "head_dim = 0 is not supported"),
+])
 def test_config_that_this_implementation_cannot_run_exactly_is_one_line(strict_folders, tmp_path, family, change, message):
     with pytest.raises(ValueError) as error:
         load_lm(changed_copy(strict_folders[family], tmp_path, change))
@@ -1716,16 +1701,13 @@ def test_config_that_this_implementation_cannot_run_exactly_is_one_line(strict_f
     assert str(error.value).startswith((str(tmp_path), "model config"))  # the file is named
 
 
-@pytest.mark.parametrize(
-    "family, change",
-    [
-        ("gpt2", {"some_new_key": 1, "dtype": "bfloat16", "architectures": ["Other"], "summary_type": "mean",
-                  "activation_function": "gelu_pytorch_tanh", "n_inner": 128, "scale_attn_weights": True}),
-        ("llama", {"some_new_key": 1, "dtype": "bfloat16", "transformers_version": "9.0", "pretraining_tp": 2,
-                   "attention_dropout": 0.1, "layer_types": ["full_attention"] * 2, "use_sliding_window": False}),
-        ("llama", {"rope_parameters": None, "rope_scaling": None, "rope_theta": 10000}),  # transformers 4's spelling
-    ],
-)
+@pytest.mark.parametrize("family, change", [
+    ("gpt2", {"some_new_key": 1, "dtype": "bfloat16", "architectures": ["Other"], "summary_type": "mean",
+              "activation_function": "gelu_pytorch_tanh", "n_inner": 128, "scale_attn_weights": True}),
+    ("llama", {"some_new_key": 1, "dtype": "bfloat16", "transformers_version": "9.0", "pretraining_tp": 2,
+               "attention_dropout": 0.1, "layer_types": ["full_attention"] * 2, "use_sliding_window": False}),
+    ("llama", {"rope_parameters": None, "rope_scaling": None, "rope_theta": 10000}),  # transformers 4's spelling
+])
 def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, change):
     folder = changed_copy(strict_folders[family], tmp_path, change)
     assert load_lm(folder).cfg == load_lm(strict_folders[family]).cfg
@@ -1760,16 +1742,13 @@ def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model(tmp_path):
 # ========================================================================================
 
 
-@pytest.mark.parametrize(
-    "parse, good, bad",
-    [
-        (gpt.positive_int, {"1": 1, "42": 42}, ["0", "-3", "1.5", "x"]),
-        (gpt.non_negative_int, {"0": 0, "7": 7}, ["-1", "nan"]),
-        (gpt.non_negative_float, {"0": 0.0, "0.5": 0.5, "1e-3": 1e-3}, ["-0.1", "nan", "inf", "-inf", "x"]),
-        (gpt.fraction, {"0": 0.0, "0.9": 0.9, "1": 1.0}, ["-0.1", "1.01", "nan"]),
-        (gpt.non_negative_int, {str(2**63 - 1): 2**63 - 1}, [str(2**63), "1e3"]),  # torch's seed range
-    ],
-)
+@pytest.mark.parametrize("parse, good, bad", [
+    (gpt.positive_int, {"1": 1, "42": 42}, ["0", "-3", "1.5", "x"]),
+    (gpt.non_negative_int, {"0": 0, "7": 7}, ["-1", "nan"]),
+    (gpt.non_negative_float, {"0": 0.0, "0.5": 0.5, "1e-3": 1e-3}, ["-0.1", "nan", "inf", "-inf", "x"]),
+    (gpt.fraction, {"0": 0.0, "0.9": 0.9, "1": 1.0}, ["-0.1", "1.01", "nan"]),
+    (gpt.non_negative_int, {str(2**63 - 1): 2**63 - 1}, [str(2**63), "1e3"]),  # torch's seed range
+])
 def test_flag_types_accept_their_range_and_reject_the_rest_in_one_line(parse, good, bad, capsys):
     for text, value in good.items():
         assert parse(text) == value
@@ -3856,43 +3835,40 @@ def test_instruct_split_85_5_10_with_seed():
     assert gpt.epoch_order(5, 2**63 - 1, 1).tolist() == order
 
 
-@pytest.mark.parametrize(
-    "reply, expected",
-    [
-        ('{"score": 85}', 85.0),  # the structured output the judge asks for
-        ('{"score": 92.5}', 92.5),
-        ('{"score": 150}', None),  # JSON decides, even out of range
-        ('```json\n{"score": 70}\n```', 70.0),
-        ('My grade: {"score": 60, "reason": "mostly right"}', 60.0),
-        ("85", 85.0),
-        (" 66.6\n", 66.6),
-        ("8.5e1", 85.0),
-        ("100", 100.0),
-        ("0", 0.0),
-        ("**Score:** 88", 88.0),
-        ("Score = 85.5. I stand by 85.5", 85.5),  # one number, twice
-        ("85%", 85.0),
-        ("Score: 85.", 85.0),
-        ("150", None),
-        ("-5", None),
-        ("Score: -5", None),
-        ("GPT-2 would give 85", 85.0),  # not the 2 of a name
-        ("On a scale from 0 to 100, I'd give 85", None),  # three numbers: ambiguous
-        ("8/10", None),  # a ratio is not a 0-100 score
-        ("Score: 70. On second thought, final score: 85", None),
-        ("Score: 1,000", None),  # a thousands separator: not 1
-        ("Score: 7,5", None),  # a decimal comma: not 7 nor 5
-        ("7,5/10", None),
-        ("I cannot judge this.", None),
-        ("", None),
-        ("null", None),
-        ("[85]", None),
-        (None, None),
-        (85, 85.0),
-        ({"score": 85}, 85.0),
-        (True, None),
-    ],
-)
+@pytest.mark.parametrize("reply, expected", [
+    ('{"score": 85}', 85.0),  # the structured output the judge asks for
+    ('{"score": 92.5}', 92.5),
+    ('{"score": 150}', None),  # JSON decides, even out of range
+    ('```json\n{"score": 70}\n```', 70.0),
+    ('My grade: {"score": 60, "reason": "mostly right"}', 60.0),
+    ("85", 85.0),
+    (" 66.6\n", 66.6),
+    ("8.5e1", 85.0),
+    ("100", 100.0),
+    ("0", 0.0),
+    ("**Score:** 88", 88.0),
+    ("Score = 85.5. I stand by 85.5", 85.5),  # one number, twice
+    ("85%", 85.0),
+    ("Score: 85.", 85.0),
+    ("150", None),
+    ("-5", None),
+    ("Score: -5", None),
+    ("GPT-2 would give 85", 85.0),  # not the 2 of a name
+    ("On a scale from 0 to 100, I'd give 85", None),  # three numbers: ambiguous
+    ("8/10", None),  # a ratio is not a 0-100 score
+    ("Score: 70. On second thought, final score: 85", None),
+    ("Score: 1,000", None),  # a thousands separator: not 1
+    ("Score: 7,5", None),  # a decimal comma: not 7 nor 5
+    ("7,5/10", None),
+    ("I cannot judge this.", None),
+    ("", None),
+    ("null", None),
+    ("[85]", None),
+    (None, None),
+    (85, 85.0),
+    ({"score": 85}, 85.0),
+    (True, None),
+])
 def test_instruct_parse_score(reply, expected):
     score = instruct.parse_score(reply)
     assert score == expected and type(score) is type(expected)
