@@ -635,9 +635,7 @@ def test_family_rope_scaling_and_head_dim_reach_the_model(family_models):
     assert middle.any() and (scaled[middle] < plain[middle]).all() and (scaled[middle] > plain[middle] / 8).all()
 
 
-def test_family_smollm2_135m_preset_is_what_its_transformers_config_gives():
-    """The SmolLM2-135M preset against transformers' config at that shape (the size of the model
-    is checked by test_family_presets_have_the_published_sizes, its logits at small shapes)."""
+def test_family_presets_have_the_published_sizes_and_smollm2_is_its_transformers_config(monkeypatch):
     from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -646,9 +644,6 @@ def test_family_smollm2_135m_preset_is_what_its_transformers_config_gives():
     cfg = gpt.config_from_hub(json.loads(config.to_json_string()))
     preset = gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"]
     assert dataclasses.replace(cfg, head_dim=None) == preset  # transformers 5 writes head_dim 64
-
-
-def test_family_presets_have_the_published_sizes(monkeypatch):
     counts = {name: gpt.count_parameters(gpt.empty_model(cfg)) for name, cfg in gpt.LLAMA_CONFIGS.items()}
     assert counts == {
         "HuggingFaceTB/SmolLM2-135M": 134_515_008,
@@ -2284,7 +2279,7 @@ def _continuation_logprob(model, context_ids, continuation_ids):
     return sum(logprobs[start + k, token].item() for k, token in enumerate(continuation_ids))
 
 
-def test_benchmark_hellaswag_items_are_prepared_as_the_harness_prepares_them():
+def test_benchmark_hellaswag_items_are_prepared_as_the_harness_prepares_them(tmp_path):
     items = load_gpt2.read_hellaswag(HELLASWAG_TINY)
     tea, tree = load_gpt2.hellaswag_request(items[0]), load_gpt2.hellaswag_request(items[1])
     assert tea["context"] == "Making tea: A woman fills a kettle at the sink. She sets it on the stove. She"
@@ -2294,6 +2289,9 @@ def test_benchmark_hellaswag_items_are_prepared_as_the_harness_prepares_them():
                                "Loosen the soil at the bottom. Place the sapling")
     assert tree["choices"][0] == "in the hole and fill it with soil. Water it well."
     assert tree["choices"][3] == "under your pillow. and sleep."
+    path = tmp_path / "items.jsonl"  # the label a digit string, as Hugging Face's copy of HellaSwag writes it
+    path.write_text(json.dumps({**_HELLASWAG_ITEM, "label": "3"}) + "\n")
+    assert load_gpt2.read_hellaswag(path)[0]["label"] == "3"
 
 
 @pytest.fixture(scope="session")
@@ -2408,7 +2406,7 @@ def test_benchmark_loglikelihoods_equal_transformers(small_pair):
     assert load_gpt2.sum_logprobs(model, requests, batch_size=3) == pytest.approx(expected, abs=1e-4)
 
 
-def test_perplexity_of_a_short_text_is_exp_of_mean_cross_entropy():
+def test_perplexity_is_exp_of_mean_cross_entropy_and_slides_its_window_over_a_long_text():
     model = tiny_model(context_length=64)
     text = "Every effort moves you forward, one step at a time."
     ids = gpt.get_tokenizer().encode(text)
@@ -2419,9 +2417,7 @@ def test_perplexity_of_a_short_text_is_exp_of_mean_cross_entropy():
     assert score["windows"] == 1 and score["tokens"] == len(ids)
     assert score["perplexity"] == pytest.approx(math.exp(cross_entropy), rel=1e-4)
     assert score["bits_per_byte"] == pytest.approx(cross_entropy * len(ids) / (len(text.encode()) * math.log(2)), rel=1e-4)
-
-
-def test_perplexity_sliding_window_matches_a_hand_computation():
+    # A longer text: windows of 16 that start 8 apart score each token once, with up to 15 tokens before it.
     model = tiny_model(context_length=16)
     ids = gpt.get_tokenizer().encode(" ".join(f"word{k}" for k in range(30)))[:50]
     assert len(ids) == 50
@@ -2437,7 +2433,7 @@ def test_perplexity_sliding_window_matches_a_hand_computation():
     assert score["perplexity"] == pytest.approx(math.exp(-total / 50), rel=1e-4)
 
 
-def test_contamination_finds_exactly_the_planted_overlaps(tmp_path):
+def test_contamination_finds_exactly_the_planted_overlaps_and_reports_the_score_on_clean_items(tmp_path):
     texts = [
         "The quick brown fox jumps over the lazy dog while the farmer sleeps under an old oak tree.",
         "Seven silver spoons lay on the long wooden table beside a bowl of ripe green apples today.",
@@ -2459,9 +2455,7 @@ def test_contamination_finds_exactly_the_planted_overlaps(tmp_path):
     instructions = tmp_path / "instructions.json"
     instructions.write_text(json.dumps([{"instruction": "Say it.", "input": "", "output": texts[2]}]))
     assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(instructions)) == [2]
-
-
-def test_contamination_reports_the_score_on_clean_items(tmp_path):
+    # The benchmark's score on its clean items too.
     save_tiny(tmp_path / "tiny.pt")
     corpus = tmp_path / "corpus.txt"  # holds item 2 (query and gold ending)
     corpus.write_text("Washing a dog: a man lifts a muddy dog into a tub. The dog shakes water everywhere.\n")
@@ -2598,12 +2592,6 @@ LOAD_GPT2_BAD_INPUTS = [
 @pytest.mark.parametrize("argv, message", LOAD_GPT2_BAD_INPUTS)
 def test_load_gpt2_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, message):
     check_bad_input(load_gpt2.main, argv, message, bad_inputs, tmp_path, capsys)
-
-
-def test_benchmark_hellaswag_label_may_be_a_digit_string(tmp_path):
-    path = tmp_path / "items.jsonl"  # as Hugging Face's copy of HellaSwag writes it
-    path.write_text(json.dumps({**_HELLASWAG_ITEM, "label": "3"}) + "\n")
-    assert load_gpt2.read_hellaswag(path)[0]["label"] == "3"
 
 
 # ========================================================================================
@@ -3085,16 +3073,13 @@ def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
 # --- gpt.py: the training plumbing pretrain.py moved there (autocast, FLOPs, throughput) --
 
 
-def test_peak_flops_of_a_gpu_come_from_its_name(monkeypatch):
+def test_pretrain_peak_flops_of_a_gpu_autocast_flops_and_throughput_line_are_exact(monkeypatch):
     cuda = torch.device("cuda")
     for name, flops in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200 NVL", 836e12),
                         ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert pretrain.peak_flops(cuda, "bfloat16") == flops, name
     assert pretrain.peak_flops(cuda, "float32") is None and pretrain.peak_flops(torch.device("cpu"), "bfloat16") is None
-
-
-def test_pretrain_autocast_flops_and_throughput_line_are_exact(monkeypatch):
     context, dtype_name = gpt.autocast_context(torch.device("cpu"), "auto")
     assert dtype_name == "float32" and not isinstance(context, torch.autocast)  # CPUs: float32 unless asked
     context, dtype_name = gpt.autocast_context(torch.device("cpu"), "bfloat16")
@@ -4022,6 +4007,15 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
         patch.setattr(instruct, "generate_response", lambda *args, **options: ("", 1))
         instruct.main(common + ["--prompt", "Repeat the number 3."])
     assert capsys.readouterr().out.endswith("\n(an empty answer: the model ended it at once with its end-of-text token)\n")
+    prompt = ["--prompt", "Repeat the number 3.", "--checkpoint", str(folder / "tiny.pt"), "--max-new-tokens", "6"]
+    instruct.main(prompt)
+    greedy = capsys.readouterr().out.splitlines()[-1]
+    # At temperature 5 a random model's tokens are nearly uniform over 50,257: only a
+    # top-p small enough to keep the single most likely token gives the greedy answer.
+    instruct.main(prompt + ["--temperature", "5", "--top-p", "1e-9"])
+    assert capsys.readouterr().out.splitlines()[-1] == greedy
+    instruct.main(prompt + ["--temperature", "5", "--seed", "1"])
+    assert capsys.readouterr().out.splitlines()[-1] != greedy
 
 
 def _instruct_same_weights(run_a, run_b):
@@ -4158,20 +4152,6 @@ def test_instruct_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     check_bad_input(instruct.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
-
-
-def test_instruct_top_p_reaches_generation(_instruct_tiny_run, capsys, monkeypatch):
-    folder = _instruct_tiny_run
-    monkeypatch.setenv("GPT_CACHE_DIR", str(folder / "cache"))
-    prompt = ["--prompt", "Repeat the number 3.", "--checkpoint", str(folder / "tiny.pt"), "--max-new-tokens", "6"]
-    instruct.main(prompt)
-    greedy = capsys.readouterr().out.splitlines()[-1]
-    # At temperature 5 a random model's tokens are nearly uniform over 50,257: only a
-    # top-p small enough to keep the single most likely token gives the greedy answer.
-    instruct.main(prompt + ["--temperature", "5", "--top-p", "1e-9"])
-    assert capsys.readouterr().out.splitlines()[-1] == greedy
-    instruct.main(prompt + ["--temperature", "5", "--seed", "1"])
-    assert capsys.readouterr().out.splitlines()[-1] != greedy
 
 
 # --- run folder, saved split, answers kept, bad inputs -------------------------------------
