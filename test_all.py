@@ -299,6 +299,8 @@ def bad_inputs(tmp_path_factory):
     files = tmp_path_factory.mktemp("inputs")
     save_tiny(files / "tiny.pt")
     save_tiny(files / "vocab1000.pt", tiny_model(vocab_size=1000))
+    # A checkpoint that names its tokenizer by a path, as before a2420df.
+    torch.save({**gpt.load_checkpoint(files / "tiny.pt"), "tokenizer": str(files / "gone")}, files / "moved.pt")
     broken_model = tiny_model(context_length=64)
     torch.nn.init.constant_(broken_model.ln_f.weight, float("nan"))
     save_tiny(files / "nan.pt", broken_model)
@@ -336,10 +338,11 @@ def bad_inputs(tmp_path_factory):
 
 def check_bad_input(main, argv, message, files, tmp_path, capsys):
     """main(argv), with {files} and {run} filled in, stops with one line holding message before
-    it makes the run folder {run} or the folder above it."""
+    it makes the run folder {run} or the folder above it, and changes none of the files."""
     fill = partial(str.format, files=files, run=tmp_path / "runs" / "run")
+    before = {path: path.stat().st_size for path in files.iterdir()}
     exits_with_one_line(main, shlex.split(fill(argv)), fill(message), capsys)
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and {path: path.stat().st_size for path in files.iterdir()} == before
 
 
 def test_progress_redraws_a_terminal_ten_times_a_second_and_is_a_plain_line_every_30_seconds_else(monkeypatch, capsys):
@@ -936,13 +939,6 @@ def test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token(train
     gpt.save_checkpoint(tmp_path / "named.pt", model, tokenizer_of_model)
     load_gpt2.main(["--model", str(tmp_path / "named.pt"), "--prompt", prompt, "--max-new-tokens", "20"])
     assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")
-    old_style = {**gpt.load_checkpoint(tmp_path / "named.pt"), "tokenizer": str(tmp_path / "gone")}  # before a2420df
-    torch.save(old_style, tmp_path / "moved.pt")
-    with pytest.raises(SystemExit, match="names its tokenizer by a path .* train it again"):
-        load_gpt2.main(["--model", str(tmp_path / "moved.pt")])
-    save_tiny(tmp_path / "unnamed.pt", model)
-    with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
-        load_gpt2.main(["--model", str(tmp_path / "unnamed.pt")])
 
 
 @pytest.mark.parametrize("style", ["smollm2", "llama3"])
@@ -2096,16 +2092,10 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     back = load_lm(tmp_path / "hf", dtype=torch.bfloat16)
     assert all(torch.equal(a.bfloat16(), b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
 
-    (tmp_path / "a-file").write_text("not a folder")
-    for target, flags, message in [
-        ("hf", [], "hf holds another run (model.safetensors, config.json, generation_config.json, vocab.json, "
-         "merges.txt, tokenizer_config.json): replace it with --overwrite, or choose another folder"),
-        ("a-file", ["--overwrite"], f"a-file is a file, not a folder: choose another folder than {tmp_path}/a-file"),
-        ("a-file/hf", [], f"a-file is a file, not a folder: choose another folder than {tmp_path}/a-file/hf"),
-    ]:
-        with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}$"):
-            load_gpt2.main([*export, str(tmp_path / target), *flags])
-    assert (tmp_path / "a-file").read_text() == "not a folder"
+    message = ("hf holds another run (model.safetensors, config.json, generation_config.json, vocab.json, "
+               "merges.txt, tokenizer_config.json): replace it with --overwrite, or choose another folder")
+    with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}$"):
+        load_gpt2.main([*export, str(tmp_path / "hf")])
 
     (tmp_path / "hf" / "README.md").write_text("the user's notes")
     load_gpt2.main([*export, str(tmp_path / "hf"), "--overwrite"])  # float32 this time
@@ -2579,6 +2569,13 @@ LOAD_GPT2_BAD_INPUTS = [
     ("--model {files}/tiny.pt --benchmark mmlu --ngram 8", "--ngram needs --contamination"),
     ("--model {files}/tiny.pt --results r.json", "--results needs --benchmark or --perplexity"),  # nothing would be written
     ("--model {files}/tiny.pt --overwrite", "--overwrite needs --export-hf"),
+    ("--model {files}/tiny.pt --export-hf {files}/story.txt --overwrite", "{files}/story.txt is a file, not a folder: "
+     "choose another folder than {files}/story.txt"),
+    ("--model {files}/tiny.pt --export-hf {files}/story.txt/hf", "{files}/story.txt is a file, not a folder: choose "
+     "another folder than {files}/story.txt/hf"),
+    ("--model {files}/moved.pt", "the checkpoint names its tokenizer by a path ('{files}/gone'), which may have moved: "
+     "train it again with this version, which stores the tokenizer itself"),
+    ("--model {files}/vocab1000.pt", "the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"),
     ("--model {files}/tiny.pt --benchmark mmlu --temperature 0.7", "--temperature is for generating text, not for measuring"),
     ("--model {files}/tiny.pt --top-k 5", "--top-k is for sampling: give --temperature above 0 as well"),  # greedy ignores it
     ("--model {files}/tiny.pt --seed 1", "--seed is for sampling: give --temperature above 0 as well"),
@@ -4150,8 +4147,6 @@ INSTRUCT_BAD_INPUTS = [
 @pytest.mark.parametrize("argv, message", INSTRUCT_BAD_INPUTS)
 def test_instruct_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, message):
     check_bad_input(instruct.main, argv, message, bad_inputs, tmp_path, capsys)
-
-
 
 
 # --- run folder, saved split, answers kept, bad inputs -------------------------------------
