@@ -1386,7 +1386,8 @@ def zip_bytes(members, compression=zipfile.ZIP_STORED):
     return buffer.getvalue()
 
 
-def test_download_cut_leaves_no_file_and_the_next_call_starts_over_and_resumes_a_cut_with_a_range(local_server, tmp_path):
+def test_download_cut_leaves_no_file_the_next_call_resumes_with_a_range_and_a_wrong_range_fails_the_hash(local_server,
+                                                                                                         tmp_path):
     data = bytes(range(256)) * 4000
     server = local_server({"/f.bin": data}, cut_after=300_000)
     with pytest.raises(RuntimeError, match=r"failed after 1 attempts \(.*\); run again later$"):
@@ -1398,6 +1399,19 @@ def test_download_cut_leaves_no_file_and_the_next_call_starts_over_and_resumes_a
     assert os.listdir(tmp_path / "cache") == ["f.bin"] and (tmp_path / "cache" / "f.bin").read_bytes() == data
     first, second = (request[2].get("Range") for request in server.requests[1:])
     assert first is None and 0 < int(second.removeprefix("bytes=").removesuffix("-")) <= 200_000  # what it had kept
+    data = bytes(range(256)) * 400  # a 206 of another range than the one asked for: the hash catches it
+
+    def cut_then_wrong_range(handler):  # one 64 KiB piece, then for the rest the whole file again, as bytes 0-
+        if not server.requests[:-1]:
+            return answer(data[: 1 << 16], Content_Length=str(len(data)))(handler)
+        answer(data, 206, Content_Range=f"bytes 0-{len(data) - 1}/{len(data)}")(handler)
+
+    server = local_server({"/f.bin": cut_then_wrong_range})
+    with pytest.raises(RuntimeError, match="is corrupt or not the expected file: .*SHA-256"):
+        gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "g.bin", sha256=hashlib.sha256(data).hexdigest(),
+                          quiet=True)
+    assert [r[2].get("Range") for r in server.requests] == [None, f"bytes={1 << 16}-"]
+    assert os.listdir(tmp_path / "cache") == ["f.bin"]  # no g.bin, no temporary file
 
 
 def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(local_server, small_pair, monkeypatch, tmp_path,
@@ -1446,21 +1460,6 @@ def test_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_models, 
                        r"Offline\? Pass a local \.safetensors file or a folder with the model's files instead of 'Qwen/Other', "
                        r"or set HF_ENDPOINT to a mirror$"):
         load_lm("Qwen/Other", quiet=True)
-
-
-def test_download_206_with_another_range_is_caught_by_the_hash(local_server, tmp_path):
-    data = bytes(range(256)) * 400
-
-    def cut_then_wrong_range(handler):  # one 64 KiB piece, then for the rest the whole file again, as bytes 0-
-        if not server.requests[:-1]:
-            return answer(data[: 1 << 16], Content_Length=str(len(data)))(handler)
-        answer(data, 206, Content_Range=f"bytes 0-{len(data) - 1}/{len(data)}")(handler)
-
-    server = local_server({"/f.bin": cut_then_wrong_range})
-    with pytest.raises(RuntimeError, match="is corrupt or not the expected file: .*SHA-256"):
-        gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
-    assert [r[2].get("Range") for r in server.requests] == [None, f"bytes={1 << 16}-"]
-    assert list(tmp_path.iterdir()) == []
 
 
 def _corrupt_zip():
@@ -1907,7 +1906,7 @@ def test_adamw_decays_matrices_only():
 # ========================================================================================
 
 
-def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+def test_load_gpt2_streams_a_continuation_ctrl_c_is_one_line_and_a_closed_pipe_exits_141(tmp_path, monkeypatch, capsys):
     model = tiny_model(context_length=64)
     save_tiny(tmp_path / "tiny.pt", model)
     load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello", "--max-new-tokens", "12"])
@@ -1922,10 +1921,7 @@ def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path
     monkeypatch.setattr(gpt, "generate_stream", interrupted)
     assert exit_code(load_gpt2.main, ["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
-
-
-def test_output_into_a_closed_pipe_is_quiet_and_exits_141(tmp_path):
-    command = [sys.executable, str(Path(load_gpt2.__file__).resolve()), "--model", str(save_tiny(tmp_path / "tiny.pt")),
+    command = [sys.executable, str(Path(load_gpt2.__file__).resolve()), "--model", str(tmp_path / "tiny.pt"),
                "--max-new-tokens", "100000"]  # more than a pipe buffer holds
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.read(1)  # as `| head -c1`: read one byte, then close the pipe
@@ -2872,7 +2868,8 @@ def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_ove
         pretrain.main(["--resume", "--out-dir", str(tmp_path / "run")])
 
 
-def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
+def test_pretrain_ctrl_c_while_tokenizing_is_honest_and_in_training_saves_a_checkpoint(tmp_path, pretrain_text_file,
+                                                                                        monkeypatch, capsys):
     def interrupted(f, tokenizer):
         yield [1, 2, 3]
         raise KeyboardInterrupt
@@ -2884,9 +2881,7 @@ def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file
     assert err.index("tokenizing: ") < err.index("\ninterrupted")  # the progress line was ended first
     assert list((tmp_path / "tokens").iterdir()) == []  # no token file, partial or whole
     assert not (tmp_path / "run").exists()  # made for the run, left empty: removed
-
-
-def test_pretrain_ctrl_c_saves_a_checkpoint(tmp_path, pretrain_text_file):
+    # Ctrl-C in training (a real SIGINT to a real process): a checkpoint of the step it stopped at.
     argv = _pretrain_tiny_argv(
         tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-every", "1", "--eval-every", "100000"
     )
@@ -3425,7 +3420,8 @@ def test_classify_bad_input_is_one_line(bad_inputs, tmp_path, capsys, monkeypatc
     check_bad_input(fc.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
-def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, capsys):
+def test_classify_ctrl_c_exits_130_also_in_training_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch,
+                                                                                            capsys):
     argv = _classify_run_argv(tmp_path)
 
     def interrupted(*args, **kwargs):
@@ -3451,10 +3447,7 @@ def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_pa
     monkeypatch.setattr(fc, "train_classifier", out_of_memory)
     code = exit_code(fc.main, _classify_run_argv(tmp_path, "oom"))
     assert code == "error: out of memory: use a smaller --batch-size (or --max-length)"
-
-
-def test_classify_sigint_during_training_exits_cleanly(tmp_path):
-    argv = _classify_run_argv(tmp_path, "run", "--epochs", "100000", "--batch-size", "2", "--log-every", "1")
+    argv = _classify_run_argv(tmp_path, "sigint", "--epochs", "100000", "--batch-size", "2", "--log-every", "1")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     # A suite started in the background inherits an ignored SIGINT; the script's Ctrl-C is Python's own handler,
     # which Python installs only where SIGINT is not ignored: give the child the default, as a terminal does.
@@ -3468,7 +3461,7 @@ def test_classify_sigint_during_training_exits_cleanly(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
-    assert not (tmp_path / "run" / "classifier.pt").exists()
+    assert not (tmp_path / "sigint" / "classifier.pt").exists()
 
 
 def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
@@ -3519,7 +3512,7 @@ def test_classify_bfloat16_autocast_trains_and_stays_close(tmp_path):
     assert mixed["step_loss"] == pytest.approx(full["step_loss"], abs=0.05)
 
 
-def test_classify_folder_with_another_run_is_refused_unless_overwrite(tmp_path):
+def test_classify_folder_with_another_run_is_refused_unless_overwrite_and_before_the_model_loads(tmp_path, monkeypatch):
     argv = _classify_run_argv(tmp_path, "run", "--max-steps", "1")
     fc.main(argv)
     before = (tmp_path / "run" / "classifier.pt").read_bytes()
@@ -3531,9 +3524,7 @@ def test_classify_folder_with_another_run_is_refused_unless_overwrite(tmp_path):
     (tmp_path / "run" / "loss-accuracy.png").unlink(missing_ok=True)  # a run without the plot is replaced as well
     fc.main(argv + ["--overwrite", "--seed", "5"])
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
-
-
-def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkeypatch):
+    # A folder that cannot take the run is refused before the model loads.
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the run folder was checked")
 
@@ -3541,11 +3532,11 @@ def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkey
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SystemExit, match=r"^error: .*file is a file, not a folder: choose another folder than .*file$"):
         fc.main(_classify_run_argv(tmp_path, "file"))
-    (tmp_path / "run" / "classifier.pt").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"error: .*run holds another run \(classifier.pt\)"):
-        fc.main(_classify_run_argv(tmp_path, "run"))
-    with pytest.raises(SystemExit, match=r"^error: \[Errno 21\] Is a directory: .*run/classifier.pt'$"):
-        fc.main(_classify_run_argv(tmp_path, "run", "--overwrite"))
+    (tmp_path / "other" / "classifier.pt").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"error: .*other holds another run \(classifier.pt\)"):
+        fc.main(_classify_run_argv(tmp_path, "other"))
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 21\] Is a directory: .*other/classifier.pt'$"):
+        fc.main(_classify_run_argv(tmp_path, "other", "--overwrite"))
     (tmp_path / "elsewhere.pt").mkdir()
     with pytest.raises(SystemExit, match=r"error: .*run2 holds another run \(../elsewhere.pt\)"):
         fc.main(_classify_run_argv(tmp_path, "run2", "--checkpoint", str(tmp_path / "elsewhere.pt")))
@@ -4213,7 +4204,8 @@ def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_pa
                     f"{kept / 'model.pt'} with --model, or start again with --overwrite")
 
 
-def test_instruct_answers_survive_a_full_disk(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
+def test_instruct_full_disk_keeps_the_earlier_answers_and_the_last_training_state(_instruct_tiny_run, tmp_path,
+                                                                                   monkeypatch, capsys):
     folder = _instruct_tiny_run
     entries = [{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
     (tmp_path / "data.json").write_text(json.dumps(entries))  # test split: 4 entries
@@ -4230,10 +4222,6 @@ def test_instruct_answers_survive_a_full_disk(_instruct_tiny_run, tmp_path, monk
     assert code == full_disk_error(tmp_path / "straight" / "responses.json")  # exit 1, one line
     assert (tmp_path / "straight" / "responses.json").read_bytes() == before
     assert not [path.name for path in (tmp_path / "straight").iterdir() if path.name.startswith(".")]  # no half file
-
-
-def test_instruct_full_disk_at_a_training_state_save_keeps_the_last_state(_instruct_tiny_run, tmp_path, monkeypatch):
-    folder = _instruct_tiny_run
     state, saves = tmp_path / "run" / "train_state.pt", []
 
     def second_state_save(path):  # the disk is full when the state is saved again, at the end of epoch 2
