@@ -367,13 +367,6 @@ def test_progress_redraws_a_terminal_ten_times_a_second_and_is_a_plain_line_ever
 # ========================================================================================
 
 
-def test_logits_match_transformers_small(small_pair):
-    reference, path = small_pair
-    model = load_lm(path)
-    assert model.cfg == gpt.GPTConfig(vocab_size=1000, context_length=64, emb_dim=128, n_heads=2, n_layers=2)
-    assert_same_logits(model, reference, 1000, (3, 64))
-
-
 def test_hub_style_file_without_prefix_or_config_says_what_it_assumed(small_pair, tmp_path, capsys):
     """Hub files name tensors without `transformer.`; without config.json the config
     comes from the shapes (heads: emb_dim / 64, which is 2 here), and says so."""
@@ -441,17 +434,6 @@ def reference_and_model(name, small_pair, family_models):
     """(transformers model, ours read from its files) for "gpt2" (small_pair) or a FAMILY_CONFIGS name."""
     reference, path = small_pair if name == "gpt2" else family_models[name]
     return reference, load_lm(path)
-
-
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa_untied_bias_rope_scaling"])
-def test_greedy_generation_equals_transformers(small_pair, family_models, name):
-    reference, model = reference_and_model(name, small_pair, family_models)
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
-    ours = gpt.generate(model, prompt, 40)
-    theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
-                                min_new_tokens=40, do_sample=False, pad_token_id=0)
-    assert ours.shape == (1, 48)
-    assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa_untied_bias_rope_scaling", "qwen3_gqa_qk_norm_tied_head_dim"])
@@ -611,17 +593,24 @@ def family_models(tmp_path_factory):
     return pairs
 
 
-@pytest.mark.parametrize("name", FAMILY_CONFIGS)
-def test_family_logits_match_transformers(family_models, name):
-    reference, folder = family_models[name]
-    model = load_lm(folder)
-    model_type, config = FAMILY_CONFIGS[name]
-    assert isinstance(model, gpt.LlamaModel) and model.cfg.family == "llama"
-    assert model.cfg.n_kv_heads == config["num_key_value_heads"] and model.cfg.qk_norm == (model_type == "qwen3")
-    assert model.cfg.tie_embeddings == config["tie_word_embeddings"]
-    assert (model.lm_head.weight is model.embed_tokens.weight) == config["tie_word_embeddings"]
+@pytest.mark.parametrize("name", ["gpt2", *FAMILY_CONFIGS])
+def test_logits_and_greedy_tokens_equal_transformers(small_pair, family_models, name):
+    reference, model = reference_and_model(name, small_pair, family_models)
+    if name == "gpt2":
+        assert model.cfg == gpt.GPTConfig(vocab_size=1000, context_length=64, emb_dim=128, n_heads=2, n_layers=2)
+    else:
+        model_type, config = FAMILY_CONFIGS[name]
+        assert isinstance(model, gpt.LlamaModel) and model.cfg.family == "llama"
+        assert model.cfg.n_kv_heads == config["num_key_value_heads"] and model.cfg.qk_norm == (model_type == "qwen3")
+        assert model.cfg.tie_embeddings == config["tie_word_embeddings"]
+        assert (model.lm_head.weight is model.embed_tokens.weight) == config["tie_word_embeddings"]
     assert gpt.count_parameters(model) == reference.num_parameters()
-    assert_same_logits(model, reference, 300, (3, 64))
+    assert_same_logits(model, reference, model.cfg.vocab_size, (3, 64))
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
+    ours = gpt.generate(model, prompt, 40)
+    theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
+                                min_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert ours.shape == (1, 48) and torch.equal(ours, theirs)
 
 
 def test_family_rope_scaling_and_head_dim_reach_the_model(family_models):
