@@ -565,21 +565,23 @@ FAMILY_CONFIGS = {
 }
 
 
-def save_hf_family(folder, model_type, seed=0, perturb=True, **config):
-    """Random LlamaForCausalLM / Qwen3ForCausalLM saved with save_pretrained. With `perturb`
-    every parameter, norms and biases too, moves off its initial value, so that no switch
-    hides behind a 1 or a 0."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+def save_hf_family(folder, family, seed=0, perturb=True, tokenizer_json=None, **config):
+    """A random transformers model of family ("llama", "qwen3" or a NEW_FAMILIES name), small sizes changed by
+    config, saved with save_pretrained beside tokenizer_json (a dict) when given -> the model. With `perturb`
+    every parameter, norms and biases too, moves off its initial value, so that no switch hides behind a 1 or a 0."""
+    import transformers
 
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[model_type]
+    class_name, settings = NEW_FAMILIES.get(family, ({"llama": "LlamaConfig", "qwen3": "Qwen3Config"}.get(family), {}))
     sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=64, rms_norm_eps=1e-5)
     torch.manual_seed(seed)
-    model = model_class(config_class(**{**sizes, **config})).eval()
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, class_name)(**sizes | settings | config))
     with torch.no_grad():
-        for param in model.parameters() if perturb else []:
+        for param in model.eval().parameters() if perturb else []:
             param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
+    if tokenizer_json is not None:
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     return model
 
 
@@ -1024,29 +1026,10 @@ NEW_FAMILIES = {
 }
 
 
-def save_new_family(folder, name, tokenizer_json=None, **config):
-    """Random transformers model of NEW_FAMILIES[name] (every parameter moved off its initial value),
-    saved with save_pretrained, beside tokenizer_json (a dict) when given -> the model."""
-    import transformers
-
-    class_name, settings = NEW_FAMILIES[name]
-    sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=64, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, class_name)(**sizes | settings | config))
-    with torch.no_grad():
-        for param in model.eval().parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(folder)
-    if tokenizer_json is not None:
-        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    return model
-
-
 @pytest.fixture(scope="module")
 def new_family_models(tmp_path_factory):
     """{name: (transformers model, its save_pretrained folder)} of NEW_FAMILIES."""
-    return {name: (save_new_family(folder := tmp_path_factory.mktemp(name), name), folder) for name in NEW_FAMILIES}
+    return {name: (save_hf_family(folder := tmp_path_factory.mktemp(name), name), folder) for name in NEW_FAMILIES}
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)
@@ -1242,7 +1225,7 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, traine
     name, style, classifier = STAGE_FAMILIES[family]
     tokenizer_json = stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers)
     folder = tmp_path / "model"
-    reference = save_new_family(folder, name, tokenizer_json, vocab_size=1100)
+    reference = save_hf_family(folder, name, tokenizer_json=tokenizer_json, vocab_size=1100)
     tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
     model, encoding = gpt.load(folder)
     prompt = "Every effort moves you"
