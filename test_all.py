@@ -86,12 +86,12 @@ def isolated_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: fails at once
 
 
-def tiny_model(seed=0, **overrides):
-    """The one tiny GPT-2 of the tests (GPT-2's vocabulary, 2 layers of width 32), random, in eval mode."""
+def tiny_model(seed=0, config=None, **overrides):
+    """The one tiny model of the tests (GPT-2's vocabulary, 2 layers of width 32), random, in eval mode:
+    a GPT-2, or `config` (a gpt.LlamaConfig, a preset) at that size."""
     torch.manual_seed(seed)
     cfg = dict(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=2)
-    cfg.update(overrides)
-    return gpt.GPTModel(gpt.GPTConfig(**cfg)).eval()
+    return gpt.build_model(dataclasses.replace(config or gpt.GPTConfig(), **{**cfg, **overrides})).eval()
 
 
 def save_tiny(path, model=None, **entries):
@@ -674,10 +674,9 @@ def test_family_lora_wraps_the_seven_projections_and_merges_back(family_models):
 
 
 def test_family_new_model_checkpoint_round_trip_and_gpt2_names(tmp_path):
-    cfg = dataclasses.replace(gpt.LLAMA_CONFIGS["Qwen/Qwen3-0.6B-Base"], vocab_size=500, context_length=32, emb_dim=64,
-                              n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=96, n_layers=2, tie_embeddings=False)
-    torch.manual_seed(0)
-    model = gpt.build_model(cfg).eval()
+    model = tiny_model(config=gpt.LLAMA_CONFIGS["Qwen/Qwen3-0.6B-Base"], vocab_size=500, context_length=32, emb_dim=64,
+                       n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=96, tie_embeddings=False)
+    cfg = model.cfg
     assert model.h is model.layers and model.ln_f is model.norm and model.wte is model.embed_tokens  # GPT-2's names
     assert not any("c_proj" in name or "wpe" in name for name, _ in model.named_parameters())
     assert model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)  # scaled residual
@@ -2038,9 +2037,7 @@ def test_export_lora_model_is_merged_and_the_model_keeps_its_adapters(tmp_path):
 
 
 def test_export_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path):
-    torch.manual_seed(0)
-    cfg = gpt.LlamaConfig(context_length=32, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=1)
-    model = gpt.build_model(cfg).eval()
+    model = tiny_model(config=gpt.LlamaConfig(), context_length=32, n_heads=4, n_kv_heads=2, n_layers=1)
     save_tiny(tmp_path / "model.pt", model)  # no tokenizer entry: GPT-2's
     folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "hf")
     assert not (folder / "tokenizer.json").exists() and (folder / "vocab.json").exists()
@@ -3920,9 +3917,7 @@ def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, local_server
 def _instruct_tiny_run(tmp_path_factory):
     """A tiny random GPT checkpoint and a 12-entry data file (split 10 / 1 / 1)."""
     folder = tmp_path_factory.mktemp("instruct")
-    torch.manual_seed(0)
-    model = gpt.GPTModel(gpt.GPTConfig(context_length=96, emb_dim=32, n_heads=2, n_layers=2))
-    save_tiny(folder / "tiny.pt", model)
+    save_tiny(folder / "tiny.pt", tiny_model(context_length=96))
     entries = [{"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"{i}", "output": f"{i}"}
                for i in range(12)]
     (folder / "data.json").write_text(json.dumps(entries))
@@ -4490,16 +4485,11 @@ CUDA = torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _cuda_tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = gpt.LlamaConfig(vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_kv_heads=2,
-                        n_layers=2, hidden_dim=96)
-    return gpt.build_model(cfg).eval()
-
-
 @needs_cuda
 def test_cuda_logits_and_greedy_tokens_equal_the_cpu_ones():
-    for model in (tiny_model(context_length=32), _cuda_tiny_llama()):
+    llama = tiny_model(config=gpt.LlamaConfig(), vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_kv_heads=2,
+                       hidden_dim=96)
+    for model in (tiny_model(context_length=32), llama):
         token_ids = torch.randint(0, model.cfg.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0))
         on_gpu = copy.deepcopy(model).to(CUDA)
         with torch.no_grad():
