@@ -1471,7 +1471,7 @@ def test_every_request_failure_is_one_line_naming_the_url(local_server, tmp_path
     assert list(tmp_path.iterdir()) == []  # no file, no temporary file
 
 
-def test_fetch_dataset_tries_each_url_and_a_mismatch_names_url_expected_and_actual(local_server, tmp_path):
+def test_fetch_dataset_tries_each_url_names_a_mismatch_and_checks_its_cache(local_server, tmp_path, monkeypatch, capsys):
     server = local_server({"/mirror/data.txt": b"hello", "/d.json": b"[]"})
     path = gpt.fetch_dataset([server.url + "/main/data.txt", server.url + "/mirror/data.txt"], "data.txt", quiet=True)
     assert path.read_bytes() == b"hello"
@@ -1486,30 +1486,26 @@ def test_fetch_dataset_tries_each_url_and_a_mismatch_names_url_expected_and_actu
     expected = f"download of {url} is corrupt or not the expected file: {path}: SHA-256 {actual}, expected {'ab' * 32}"
     assert expected in str(error.value)
     assert os.listdir(path.parent) == []  # no file, no temporary file
-
-
-def test_fetch_dataset_reads_a_good_cached_file_without_writing_and_fetches_a_corrupt_one_again(local_server, tmp_path,
-                                                                                                 monkeypatch, capsys):
-    server = local_server({"/d.json": b'{"ok": 1}'})
-    url = server.url + "/d.json"
+    server = local_server({"/ok.json": b'{"ok": 1}'})
+    url = server.url + "/ok.json"
     checks = {"size": 9, "sha256": hashlib.sha256(b'{"ok": 1}').hexdigest()}
-    path = gpt.fetch_dataset([url], "d.json", **checks, quiet=True)
+    path = gpt.fetch_dataset([url], "ok.json", **checks, quiet=True)
 
     def unwritable(*args, **kwargs):  # root ignores file modes: a read-only cache is simulated here
         raise PermissionError("[Errno 13] Permission denied")
 
     with monkeypatch.context() as patch:
         patch.setattr(Path, "mkdir", unwritable)
-        assert gpt.fetch_dataset([url], "d.json", **checks, quiet=True) == path
+        assert gpt.fetch_dataset([url], "ok.json", **checks, quiet=True) == path
     assert len(server.requests) == 1
     path.write_bytes(b'{"ok": ')  # cut short in the cache
-    assert gpt.fetch_dataset([url], "d.json", **checks, quiet=True).read_bytes() == b'{"ok": 1}'
+    assert gpt.fetch_dataset([url], "ok.json", **checks, quiet=True).read_bytes() == b'{"ok": 1}'
     assert len(server.requests) == 2
     assert f"warning: cached {path}: 7 bytes, expected 9" in capsys.readouterr().err
     path.write_bytes(b'{"ok": ')
     server.close()  # offline: the bad file is deleted and named, the next run does not fail the same way
     with pytest.raises(RuntimeError, match="Offline\\?"):
-        gpt.fetch_dataset([url], "d.json", **checks, quiet=True)
+        gpt.fetch_dataset([url], "ok.json", **checks, quiet=True)
     assert f"cached {path}: 7 bytes, expected 9" in capsys.readouterr().err
     assert not path.exists()
 
@@ -1649,7 +1645,8 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_pat
      "layer_types = ['full_attention', 'sliding_attention'] is not supported"),
     ("llama", {"head_dim": 0}, "head_dim = 0 is not supported"),
 ])
-def test_config_that_this_implementation_cannot_run_exactly_is_one_line(strict_folders, tmp_path, family, change, message):
+def test_config_that_this_implementation_cannot_run_exactly_is_one_line(strict_folders, tmp_path, family, change,
+                                                                        message):
     with pytest.raises(ValueError) as error:
         load_lm(changed_copy(strict_folders[family], tmp_path, change))
     assert message in str(error.value) and "\n" not in str(error.value)
@@ -1716,7 +1713,7 @@ def test_flag_types_accept_their_range_and_reject_the_rest_in_one_line(parse, go
     assert capsys.readouterr().err == f"stage.py: error: argument --value: {error.value} (see --help)\n"
 
 
-def test_restored_adamw_moments_take_the_layout_of_the_parameters():
+def test_adamw_decays_matrices_only_and_its_restored_moments_take_the_layout_of_the_parameters():
     # A run that trained weights stored transposed (as load_weights_into maps GPT-2's), saved,
     # then resumed into a model whose weights are laid out plainly: the steps must be the same.
     torch.manual_seed(0)
@@ -1740,9 +1737,17 @@ def test_restored_adamw_moments_take_the_layout_of_the_parameters():
     step(transposed, optimizer)
     step(plain, resumed)
     torch.testing.assert_close(plain.weight, transposed.weight, rtol=0, atol=1e-6)
+    model = tiny_model()
+    optimizer = gpt.make_adamw(model, lr=1e-3, weight_decay=0.1)
+    decayed, not_decayed = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in not_decayed["params"])
+    assert len(decayed["params"]) + len(not_decayed["params"]) == len(list(model.parameters()))
+    with pytest.raises(RuntimeError, match="the loss became nan at step 7: training diverged; lower --lr"):
+        gpt.check_finite_loss(torch.tensor(float("nan")), 7)
 
 
-def test_resume_settings_restore_the_saved_run_and_name_a_contradiction(tmp_path):
+def test_run_folder_refuses_another_run_unless_resume_or_overwrite_and_resume_restores_its_settings(tmp_path):
     parser = argparse.ArgumentParser()
     parser.add_argument("--lr", type=gpt.non_negative_float, default=1e-3)
     parser.add_argument("--max-steps", type=gpt.positive_int, default=10)
@@ -1762,9 +1767,6 @@ def test_resume_settings_restore_the_saved_run_and_name_a_contradiction(tmp_path
     (tmp_path / "run.json").write_text(json.dumps({"lr": 5e-4}))  # no "settings": not a run of these scripts
     with pytest.raises(ValueError, match="holds no run.json of this script"):
         gpt.resume_settings(parser, ["--resume"], tmp_path)
-
-
-def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
     out = tmp_path / "run"
     files = ["latest.pt", "history.json"]
     assert gpt.claim_run_folder(out, files) == out and not out.exists()  # the run's first write makes it
@@ -1853,17 +1855,6 @@ def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypa
         else:
             assert exit_info.value.code == f"{message}"
             assert capsys.readouterr().err == "\rstep 3/10\033[K\n"
-
-
-def test_adamw_decays_matrices_only():
-    model = tiny_model()
-    optimizer = gpt.make_adamw(model, lr=1e-3, weight_decay=0.1)
-    decayed, not_decayed = optimizer.param_groups
-    assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in not_decayed["params"])
-    assert len(decayed["params"]) + len(not_decayed["params"]) == len(list(model.parameters()))
-    with pytest.raises(RuntimeError, match="the loss became nan at step 7: training diverged; lower --lr"):
-        gpt.check_finite_loss(torch.tensor(float("nan")), 7)
 
 
 # ========================================================================================
@@ -2595,7 +2586,7 @@ def _pretrain_free_port():
 # --- windows and batches -------------------------------------------------------------------
 
 
-def test_pretrain_windows_count_shift_their_targets_and_do_not_overlap_in_evaluation():
+def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ranks_split_one_batch():
     assert pretrain.count_windows(10, 4, 2) == 3  # starts 0, 2, 4; the last reads tokens 4..8
     assert pretrain.count_windows(10, 4, 4) == 2  # starts 0, 4
     assert pretrain.count_windows(5, 4, 1) == 1  # exactly context_length + 1 tokens
@@ -2609,9 +2600,7 @@ def test_pretrain_windows_count_shift_their_targets_and_do_not_overlap_in_evalua
     # Evaluation windows do not overlap: 9 windows available, 3 spread evenly.
     assert pretrain.evaluation_starts(n_tokens=100, context_length=10, max_windows=3) == [0, 30, 60]
     assert pretrain.evaluation_starts(25, 10, 50) == [0, 10]
-
-
-def test_pretrain_rank_offset_batches_equal_one_process_batch():
+    # The micro-batches of two processes (ranks) are the one process batch, split.
     splits = argparse.Namespace(n_windows=10, stride=3, seed=1)  # what micro_batch_starts reads of Splits
     single = pretrain.micro_batch_starts(splits, samples_seen=8, micro_step=1, batch_size=4)
     ranks = [pretrain.micro_batch_starts(splits, 8, 1, 2, rank=r, world_size=2) for r in range(2)]
@@ -2676,7 +2665,8 @@ def test_pretrain_streamed_crlf_and_cr_corpora_give_the_tokens_of_the_whole_lf_t
     assert lf_file[1:] == crlf_file[1:] and lf_file[1] == len(expected)  # the same tokens, so the same fingerprint
 
 
-def test_pretrain_token_file_round_trip_and_reuse_for_its_tokenizer_only(trained_tokenizers, tmp_path, capsys):
+def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once(trained_tokenizers, tmp_path, capsys,
+                                                                                 local_server):
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)
     (folder / "a.txt").write_text("First document.\n")
@@ -2707,16 +2697,13 @@ def test_pretrain_token_file_round_trip_and_reuse_for_its_tokenizer_only(trained
     (folder / "a.txt").write_text("First document, edited and longer.\n")
     token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
     assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
-
-
-def test_pretrain_url_data_is_downloaded_once(tmp_path, local_server):
     body = _pretrain_text(20).encode()
     server = local_server({"/files/story.txt": body})
     url = f"{server.url}/files/story.txt"
-    (path,) = pretrain.resolve_sources(url)
-    assert path == cached_data_path(tmp_path, url, "story.txt") and path.read_bytes() == body
+    (downloaded,) = pretrain.resolve_sources(url)
+    assert downloaded == cached_data_path(tmp_path, url, "story.txt") and downloaded.read_bytes() == body
     server.close()
-    assert pretrain.resolve_sources(url) == [path]  # from the cache, the server is gone
+    assert pretrain.resolve_sources(url) == [downloaded]  # from the cache, the server is gone
 
 
 def test_pretrain_unigram_baseline_exact():
