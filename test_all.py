@@ -1471,7 +1471,8 @@ def test_every_request_failure_is_one_line_naming_the_url(local_server, tmp_path
     assert list(tmp_path.iterdir()) == []  # no file, no temporary file
 
 
-def test_fetch_dataset_tries_each_url_names_a_mismatch_and_checks_its_cache(local_server, tmp_path, monkeypatch, capsys):
+def test_fetch_dataset_tries_each_url_names_a_mismatch_and_checks_its_cache(local_server, tmp_path, monkeypatch,
+                                                                            capsys):
     server = local_server({"/mirror/data.txt": b"hello", "/d.json": b"[]"})
     path = gpt.fetch_dataset([server.url + "/main/data.txt", server.url + "/mirror/data.txt"], "data.txt", quiet=True)
     assert path.read_bytes() == b"hello"
@@ -2006,7 +2007,7 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text_and
     assert (tokenizer.model_max_length, tokenizer.eos_token_id, tokenizer.bos_token_id) == (64, 50256, 50256)
 
 
-def test_export_lora_model_is_merged_and_the_model_keeps_its_adapters(tmp_path):
+def test_export_of_a_lora_model_is_merged_and_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path):
     model = gpt.add_lora(tiny_model(context_length=64), rank=2, alpha=4)
     for layer in model.modules():
         if isinstance(layer, gpt.LoRALinear):
@@ -2019,12 +2020,9 @@ def test_export_lora_model_is_merged_and_the_model_keeps_its_adapters(tmp_path):
         assert isinstance(model.h[0].attn.c_attn, gpt.LoRALinear)  # the caller's model keeps its adapters
         assert not [name for name in gpt.read_safetensors(folder / "model.safetensors") if "lora" in name]
         assert (load_lm(folder)(idx) - expected).abs().max().item() <= 1e-5
-
-
-def test_export_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path):
     model = tiny_model(config=gpt.LlamaConfig(), context_length=32, n_heads=4, n_kv_heads=2, n_layers=1)
     save_tiny(tmp_path / "model.pt", model)  # no tokenizer entry: GPT-2's
-    folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "hf")
+    folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "llama-hf")
     assert not (folder / "tokenizer.json").exists() and (folder / "vocab.json").exists()
     assert tokenizer_and_eot(folder) == (gpt.get_tokenizer(), 50256)
     assert_same_logits(load_lm(folder), model, 50257, (1, 3), atol=1e-5)
@@ -2266,7 +2264,7 @@ def test_benchmark_continuation_request_as_the_harness():
     assert ids == encode("one two three four five six seven eight")[-5:] and n_scored == 2
 
 
-def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path):
+def test_benchmark_hellaswag_acc_and_acc_norm_and_mmlu_acc_per_subject_equal_hand_computations(tmp_path, mmlu_tiny):
     model = tiny_model(context_length=64)
     save_tiny(tmp_path / "tiny.pt", model)
     encode = gpt.get_tokenizer().encode
@@ -2287,24 +2285,22 @@ def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path)
     p = sum(acc) / n
     assert results["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
     assert results["random_guess"] == 0.25 and results["items"] == 4
-
-
-def test_benchmark_mmlu_acc_per_subject_equals_hand_computation(tmp_path, mmlu_tiny):
+    # MMLU: the letter of the most likely answer, per subject.
     model = tiny_model(context_length=128)
-    save_tiny(tmp_path / "tiny.pt", model)
+    save_tiny(tmp_path / "tiny128.pt", model)
     encode = gpt.get_tokenizer().encode
     right = collections.defaultdict(list)
     for item in load_gpt2.read_mmlu(mmlu_tiny, shots=2):
         context = load_gpt2.mmlu_request(item)["context"]
         lls = [_continuation_logprob(model, encode(context), encode(" " + letter)) for letter in "ABCD"]
         right[item["subject"]].append(max(range(4), key=lambda k: lls[k]) == item["answer"])
-    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
-                    "--shots", "2", "--results", str(tmp_path / "results.json")])
-    results = json.loads((tmp_path / "results.json").read_text())["benchmark"]
+    load_gpt2.main(["--model", str(tmp_path / "tiny128.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
+                    "--shots", "2", "--results", str(tmp_path / "mmlu.json")])
+    results = json.loads((tmp_path / "mmlu.json").read_text())["benchmark"]
     for subject, hits in right.items():
         assert results["subjects"][subject] == {"items": len(hits), "acc": pytest.approx(sum(hits) / len(hits))}
     assert results["acc"] == pytest.approx(sum(map(sum, right.values())) / 5)
-    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
+    load_gpt2.main(["--model", str(tmp_path / "tiny128.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
                     "--limit", "1", "--results", str(tmp_path / "limited.json")])
     limited = json.loads((tmp_path / "limited.json").read_text())["benchmark"]
     assert {name: s["items"] for name, s in limited["subjects"].items()} == {name: 1 for name in right}
@@ -3540,7 +3536,9 @@ def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(
     assert evaluated.split("\n")[5] == f"metrics in {tmp_path / 'evaluation.json'}"
 
 
-def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
+def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold_and_writes_predictions_as_csv(tmp_path, capsys):
+    import csv
+
     model, checkpoint = _classify_classifier(tmp_path)
     messages = [("spam", "WINNER!! Claim your prize, call 09061701461"), ("ham", 'He said "ok, fine" then left'),
                 ("ham", "See you at 6?"), ("spam", "Free entry: text WIN to 80086"), ("ham", "ok")]
@@ -3559,12 +3557,7 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
             assert results["threshold"] == threshold and results["metrics"]["confusion_matrix"] == matrix
     assert sum(predicted) == 0 and results["metrics"]["precision"] == 0.0  # threshold 1: no message is that sure
     assert sum(int(p >= middle) for p in probabilities) == 3
-
-
-def test_classify_file_writes_predictions_as_csv_with_probabilities(tmp_path, capsys):
-    import csv
-
-    model, checkpoint = _classify_classifier(tmp_path)
+    capsys.readouterr()  # --classify-file writes the predictions as CSV, with the probabilities
     texts = ["Are we meeting at 6?", 'WINNER, "claim" your prize', "ok", "Call 09061701461 now to win £2000"]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     probabilities = fc.classify_texts(model, texts, 48)
@@ -3974,7 +3967,7 @@ def _instruct_ctrl_c_in_step(monkeypatch, stop_step):
     return check
 
 
-def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
+def test_instruct_resume_after_ctrl_c_or_sigterm_matches_the_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
     folder = _instruct_tiny_run
     common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
     common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
@@ -3997,10 +3990,6 @@ def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, m
     )
     with pytest.raises(SystemExit, match="train_state.pt is not there \\(a finished run keeps it only with --keep-state"):
         instruct.main(["--out-dir", str(folder / "halves"), "--resume", "--epochs", "3"])
-
-
-def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instruct_tiny_run, capsys, monkeypatch):
-    folder = _instruct_tiny_run
     # A model folder as save_pretrained writes it: its weights load as transposed views, whose AdamW
     # moments must be restored in the layout of the resumed model's weights.
     save_hf_gpt2(folder / "hf", n_positions=96, n_embd=32, n_layer=2, n_head=2)
