@@ -1511,7 +1511,8 @@ def test_fetch_dataset_tries_each_url_names_a_mismatch_and_checks_its_cache(loca
     assert not path.exists()
 
 
-def test_fetch_dataset_checks_the_zip_member_not_the_zip(local_server, tmp_path, capsys):
+def test_known_downloads_are_checked_the_zip_member_not_the_zip_and_the_checks_match_the_real_data(local_server, tmp_path,
+                                                                                                   capsys, monkeypatch):
     real = SMS_ZIP.read_bytes()
     member = zipfile.ZipFile(SMS_ZIP).read(fc.ZIP_MEMBER)
     remade = zip_bytes({"readme": b"another zip, the same member", fc.ZIP_MEMBER: member}, zipfile.ZIP_DEFLATED)
@@ -1525,9 +1526,6 @@ def test_fetch_dataset_checks_the_zip_member_not_the_zip(local_server, tmp_path,
     path.write_bytes(real[:1000])  # a cut zip in the cache is fetched again
     assert fc.read_sms_bytes(fc.sms_collection_path(urls=[f"{server.url}/remade.zip"])) == member
     assert "not the expected file (File is not a zip file)" in capsys.readouterr().err
-
-
-def test_scripts_check_their_known_downloads_and_the_checks_match_the_real_data(local_server, monkeypatch):
     gpt.verify_file(SMS_ZIP, member=fc.ZIP_MEMBER, size=fc.MEMBER_SIZE, sha256=fc.MEMBER_SHA256)
     assert fc.MEMBER_SIZE == 477_907
     assert "/main/" not in instruct.DATA_URL  # pinned to a commit
@@ -1667,7 +1665,7 @@ def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, cha
 
 
 # ========================================================================================
-# gpt.py: checkpoints
+# gpt.py: the plumbing the stages share (checkpoints, flags, run folders, errors, files)
 # ========================================================================================
 
 
@@ -1688,11 +1686,6 @@ def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model(tmp_path):
     idx = torch.randint(0, 50257, (1, 16))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
-
-
-# ========================================================================================
-# gpt.py: the plumbing the stages share (flags, run folders, errors, files)
-# ========================================================================================
 
 
 @pytest.mark.parametrize("parse, good, bad", [
