@@ -1851,34 +1851,6 @@ def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypa
             assert capsys.readouterr().err == "\rstep 3/10\033[K\n"
 
 
-# ========================================================================================
-# load_gpt2.py
-# ========================================================================================
-
-
-def test_load_gpt2_streams_a_continuation_ctrl_c_is_one_line_and_a_closed_pipe_exits_141(tmp_path, monkeypatch, capsys):
-    model = tiny_model(context_length=64)
-    save_tiny(tmp_path / "tiny.pt", model)
-    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello", "--max-new-tokens", "12"])
-    out = capsys.readouterr().out
-    expected = gpt.token_ids_to_text(gpt.generate(model, gpt.text_to_token_ids("Hello"), 12))
-    assert "parameters" in out and "load time" in out
-    assert out.rstrip("\n").endswith(expected)
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(gpt, "generate_stream", interrupted)
-    assert exit_code(load_gpt2.main, ["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello"]) == 130
-    assert capsys.readouterr().err.strip() == "interrupted"
-    command = [sys.executable, str(Path(load_gpt2.__file__).resolve()), "--model", str(tmp_path / "tiny.pt"),
-               "--max-new-tokens", "100000"]  # more than a pipe buffer holds
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.read(1)  # as `| head -c1`: read one byte, then close the pipe
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 141 and err == "", err  # 128 + SIGPIPE, and no BrokenPipeError traceback
-
 
 # ========================================================================================
 # export to the Hugging Face format (gpt.export_hf, load_gpt2.py --export-hf, classifiers)
@@ -2197,8 +2169,32 @@ def test_a_run_that_fails_early_keeps_a_folder_that_was_there_before(tmp_path):
 
 
 # ========================================================================================
-# load_gpt2.py: measuring a model (benchmarks, perplexity, contamination, probes)
+# load_gpt2.py: generating and measuring (benchmarks, perplexity, contamination, probes)
 # ========================================================================================
+
+
+def test_load_gpt2_streams_a_continuation_ctrl_c_is_one_line_and_a_closed_pipe_exits_141(tmp_path, monkeypatch, capsys):
+    model = tiny_model(context_length=64)
+    save_tiny(tmp_path / "tiny.pt", model)
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello", "--max-new-tokens", "12"])
+    out = capsys.readouterr().out
+    expected = gpt.token_ids_to_text(gpt.generate(model, gpt.text_to_token_ids("Hello"), 12))
+    assert "parameters" in out and "load time" in out
+    assert out.rstrip("\n").endswith(expected)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpt, "generate_stream", interrupted)
+    assert exit_code(load_gpt2.main, ["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    command = [sys.executable, str(Path(load_gpt2.__file__).resolve()), "--model", str(tmp_path / "tiny.pt"),
+               "--max-new-tokens", "100000"]  # more than a pipe buffer holds
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1)  # as `| head -c1`: read one byte, then close the pipe
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err  # 128 + SIGPIPE, and no BrokenPipeError traceback
 
 
 def _continuation_logprob(model, context_ids, continuation_ids):
