@@ -1293,13 +1293,35 @@ def header_bytes(header, data=b""):
     return struct.pack("<Q", len(raw)) + raw + data
 
 
-def test_read_safetensors_matches_the_reference_reader(small_pair):
+def test_safetensors_reader_and_writer_agree_with_the_reference_library(small_pair, tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = small_pair[1]
     ours, theirs = gpt.read_safetensors(path), load_file(path)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    tensors = {
+        "weight": torch.randn(3, 5).t(),  # not contiguous
+        "half": torch.arange(7, dtype=torch.bfloat16),
+        "flags": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "x.safetensors"
+    with open(path, "wb") as f:
+        gpt.write_safetensors(f, tensors, metadata={"format": "pt"})
+    raw = path.read_bytes()
+    (header_length,) = struct.unpack("<Q", raw[:8])
+    header = raw[8 : 8 + header_length]
+    assert header_length % 8 == 0 and header.rstrip(b" ").endswith(b"}")  # padded with spaces
+    assert len(raw) == 8 + header_length + 15 * 4 + 7 * 2 + 3
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            assert f.get_tensor(name).dtype == tensor.dtype and torch.equal(f.get_tensor(name), tensor)
+    ours = gpt.read_safetensors(path)
+    assert all(torch.equal(ours[name], tensor) for name, tensor in tensors.items())
 
 
 @pytest.mark.parametrize("content, message", [
@@ -1851,7 +1873,6 @@ def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypa
             assert capsys.readouterr().err == "\rstep 3/10\033[K\n"
 
 
-
 # ========================================================================================
 # export to the Hugging Face format (gpt.export_hf, load_gpt2.py --export-hf, classifiers)
 # ========================================================================================
@@ -1905,32 +1926,6 @@ def test_weights_that_hold_nan_or_are_larger_than_memory_are_refused_before_they
     assert model.wte.weight.dtype == torch.bfloat16
 
 
-def test_export_safetensors_writer_is_read_by_the_reference_library(tmp_path):
-    from safetensors import safe_open
-
-    tensors = {
-        "weight": torch.randn(3, 5).t(),  # not contiguous
-        "half": torch.arange(7, dtype=torch.bfloat16),
-        "flags": torch.tensor([True, False, True]),
-        "empty": torch.zeros(0, 4),
-    }
-    path = tmp_path / "x.safetensors"
-    with open(path, "wb") as f:
-        gpt.write_safetensors(f, tensors, metadata={"format": "pt"})
-    raw = path.read_bytes()
-    (header_length,) = struct.unpack("<Q", raw[:8])
-    header = raw[8 : 8 + header_length]
-    assert header_length % 8 == 0 and header.rstrip(b" ").endswith(b"}")  # padded with spaces
-    assert len(raw) == 8 + header_length + 15 * 4 + 7 * 2 + 3
-    with safe_open(path, framework="pt") as f:
-        assert f.metadata() == {"format": "pt"}
-        assert sorted(f.keys()) == sorted(tensors)
-        for name, tensor in tensors.items():
-            assert f.get_tensor(name).dtype == tensor.dtype and torch.equal(f.get_tensor(name), tensor)
-    ours = gpt.read_safetensors(path)
-    assert all(torch.equal(ours[name], tensor) for name, tensor in tensors.items())
-
-
 def test_export_vocabulary_files_are_openais_byte_for_byte():
     vocab, merges = gpt.gpt2_vocabulary_files()
     cache = Path(os.environ["TIKTOKEN_CACHE_DIR"])
@@ -1941,7 +1936,8 @@ def test_export_vocabulary_files_are_openais_byte_for_byte():
     assert (table[ord(" ")], table[ord("\n")], table[ord("A")], len(set(table.values()))) == ("Ġ", "Ċ", "A", 256)
 
 
-def test_export_small_model_loads_in_transformers_with_equal_logits_and_text_and_reads_back(tmp_path):
+def test_export_loads_in_transformers_with_equal_logits_and_text_reads_back_and_a_cut_one_leaves_no_model(tmp_path,
+                                                                                                            monkeypatch):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     model = tiny_model(context_length=64)
@@ -1970,6 +1966,17 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text_and
     assert tokenizer(EXPORT_MIXED_TEXT)["input_ids"] == expected
     assert tokenizer.decode(expected) == EXPORT_MIXED_TEXT
     assert (tokenizer.model_max_length, tokenizer.eos_token_id, tokenizer.bos_token_id) == (64, 50256, 50256)
+    # An export that fails midway (a full disk) names the file.
+    def disk_full(f, *args, **kwargs):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gpt, "write_safetensors", disk_full)
+    with pytest.raises(OSError, match=r"^cannot write .*cut/model.safetensors: No space left on device"):
+        gpt.export_hf(tiny_model(context_length=64), tmp_path / "cut")
+    # The weights come last: a folder cut short holds no model that could load with other files' settings.
+    assert sorted(path.name for path in (tmp_path / "cut").iterdir()) == [
+        "config.json", "generation_config.json", "merges.txt", "tokenizer_config.json", "vocab.json"]
 
 
 def test_export_of_a_lora_model_is_merged_and_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path):
@@ -2015,19 +2022,6 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     assert (tmp_path / "hf" / "README.md").read_text() == "the user's notes"  # not a file of the export: kept
     assert torch.equal(load_lm(tmp_path / "hf").wte.weight, model.wte.weight)
     assert not [path.name for path in (tmp_path / "hf").iterdir() if path.name.startswith(".")]  # no temporary files
-
-
-def test_export_that_fails_midway_names_the_file_and_leaves_no_model_or_leftovers(tmp_path, monkeypatch):
-    def disk_full(f, *args, **kwargs):
-        f.write(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(gpt, "write_safetensors", disk_full)
-    with pytest.raises(OSError, match=r"^cannot write .*hf/model.safetensors: No space left on device"):
-        gpt.export_hf(tiny_model(context_length=64), tmp_path / "hf")
-    # The weights come last: a folder cut short holds no model that could load with other files' settings.
-    assert sorted(path.name for path in (tmp_path / "hf").iterdir()) == [
-        "config.json", "generation_config.json", "merges.txt", "tokenizer_config.json", "vocab.json"]
 
 
 def _export_trained_classifier():
@@ -3855,25 +3849,23 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
-    url = _instruct_ollama.url
-    _instruct_ollama.server.close()  # nothing listens on this port any more
+@pytest.mark.parametrize("body, message", [
+    (None, "no Ollama server answers at {url}.*ollama serve.*ollama pull llama3"),  # nothing listens on the port
+    (b"[]", "the server at {url} answered an unexpected reply: "),
+    (b"{}", "the server at {url} answered an unexpected reply: "),
+    (b'{"message": 5}', "the server at {url} answered an unexpected reply: "),
+    (b"<html>not Ollama</html>", "the server at {url} answered an unexpected reply: "),
+], ids=["server-down", "list", "no-message", "message-number", "not-json"])
+def test_instruct_judge_without_a_server_or_with_an_odd_reply_says_so_and_keeps_responses(tmp_path, local_server, body,
+                                                                                          message):
+    server = local_server({"/api/chat": answer(body or b"", Content_Type="application/json")})
+    if body is None:
+        server.close()
     path, _ = _instruct_responses_file(tmp_path, 2)
     before = path.read_bytes()
-    message = exit_code(instruct.main, ["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
-    assert message.startswith("error: no Ollama server answers at " + url)
-    assert "ollama serve" in message and "ollama pull llama3" in message
-    assert path.read_bytes() == before
-    assert not (tmp_path / "responses-scored.json").exists()
-
-
-@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"message": 5}', b"<html>not Ollama</html>"],
-                         ids=["list", "no-message", "message-number", "not-json"])
-def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, local_server, body):
-    server = local_server({"/api/chat": answer(body, Content_Type="application/json")})
-    path, _ = _instruct_responses_file(tmp_path, 1)
     code = exit_code(instruct.main, ["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
-    assert code.startswith(f"error: the server at {server.url} answered an unexpected reply: ")
+    assert re.match("error: " + message.format(url=re.escape(server.url)), code), code
+    assert path.read_bytes() == before and not (tmp_path / "responses-scored.json").exists()
 
 
 @pytest.fixture
