@@ -1960,7 +1960,8 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
     if model_type != "gpt2":
         llama_layout(tensors, cfg)  # Phi's names, Phi-3's packed matrices
     model = empty_model(dataclasses.replace(cfg, tie_embeddings=True) if score is not None else cfg)
-    check_weights_fit(count_parameters(model), dtype, device, source)
+    weights = f"{source}: its weights at {dtype.itemsize} bytes each"
+    check_memory(count_parameters(model) * dtype.itemsize, device, weights)
     load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source))
     if score is not None:  # no language-model head to load: the classifier's takes its place
         labels = (config_json or {}).get("id2label") or {}
@@ -2219,7 +2220,8 @@ def gguf_model_parts(path, dtype=torch.float32, device="cpu"):
     names = GGUF_TENSOR_NAMES["gpt2" if arch == "gpt2" else "llama"]
     heads = {"attn_q": config.get("num_attention_heads"),
              "attn_k": config.get("num_key_value_heads", config.get("num_attention_heads"))}
-    check_weights_fit(sum(math.prod(shape) for _, shape, _ in entries.values()), dtype, device, path)
+    n_values = sum(math.prod(shape) for _, shape, _ in entries.values())
+    check_memory(n_values * dtype.itemsize, device, f"{path}: its weights at {dtype.itemsize} bytes each")
     tensors = {}
     for name, (kind, shape, data) in entries.items():
         tensor = dequantize(kind, shape, data)
@@ -3003,36 +3005,25 @@ def split_by_fractions(items, seed, fractions):
     return parts + [items[start:]]
 
 
-def device_memory(device):
-    """Bytes of memory a torch.device offers: a CUDA device's free memory, else the machine's RAM."""
+def check_memory(needed, device, what, hint="use --dtype bfloat16, or a smaller model"):
+    """Raise ValueError "WHAT: about N GB needed, but the DEVICE has M GB: HINT" when `needed` bytes exceed the memory
+    of `device` (a CUDA device's free memory, else the machine's RAM): checked before the work, as a process out of
+    memory is killed without a word."""
+    device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
-
-
-def check_weights_fit(n_values, dtype, device, source):
-    """Raise ValueError naming `source` when n_values weights in dtype exceed `device_memory`: a model
-    is refused before its weights are allocated, as a process out of memory is killed without a word."""
-    needed = n_values * torch.empty(0, dtype=dtype).element_size()
-    available = device_memory(torch.device(device))
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
     if needed > available:
-        raise ValueError(f"{source}: its weights take {needed / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')}, "
-                         f"more than the {torch.device(device).type}'s {available / 1e9:.1f} GB: use --dtype bfloat16, "
-                         "or a smaller model")
+        raise ValueError(f"{what}: about {needed / 1e9:.1f} GB needed, but the {device.type} has "
+                         f"{available / 1e9:.1f} GB: {hint}")
 
 
 def check_training_memory(model, device, hint, processes=1):
-    """Raise RuntimeError naming both sizes and `hint` (the flags that help) when `processes` times what
-    training with AdamW needs before activations, the weights and each trainable one's gradient and two
-    moments (Llama 3.2 1B in float32: 1.24e9 x 16 bytes = 19.8 GB), exceeds the CUDA device's free
-    memory or the machine's: checked before the work, as a process out of memory is killed without a word."""
+    """`check_memory` of what training model with AdamW needs before activations, `processes` times: the weights and
+    each trainable one's gradient and two moments (Llama 3.2 1B in float32: 1.24e9 x 16 bytes = 19.8 GB)."""
     needed = processes * sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
-    available = device_memory(device)
-    if needed > available:
-        raise RuntimeError(
-            f"training needs about {needed / 1e9:.1f} GB before activations (weights, gradients and AdamW's "
-            f"moments), but the {device.type} has {available / 1e9:.1f} GB: {hint}"
-        )
+    check_memory(needed, device, "training (weights, gradients and AdamW's moments, before activations)", hint)
 
 
 def autocast_context(device, dtype_name="auto"):
