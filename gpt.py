@@ -1563,6 +1563,12 @@ def _is(*values):
     return lambda value: any(type(value) is type(v) and value == v for v in values)
 
 
+# config.json's sizes -> GPTConfig's fields: read by `config_from_weights` and `config_from_hub`, written by
+# `hf_config` and `hub_config`. Each must be a positive integer (`check_sizes`).
+GPT2_SIZES = {"vocab_size": "vocab_size", "n_positions": "context_length", "n_embd": "emb_dim", "n_head": "n_heads",
+              "n_layer": "n_layers"}
+HUB_SIZES = {"vocab_size": "vocab_size", "max_position_embeddings": "context_length", "hidden_size": "emb_dim",
+             "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers", "intermediate_size": "hidden_dim"}
 # A finite number > 0 (by type: JSON's true is not 1)
 POSITIVE_NUMBER = (lambda value: type(value) in (int, float) and math.isfinite(value) and value > 0,
                    "a finite number > 0")
@@ -1611,17 +1617,11 @@ def config_from_weights(tensors, config_json=None):
             "n_head": max(1, emb_dim // 64),
             "n_layer": len({int(m.group(1)) for name in tensors if (m := re.match(r"h\.(\d+)\.", name))}),
         }
-    check_sizes(config_json, ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"))
+    check_sizes(config_json, GPT2_SIZES)
     hidden = 4 * config_json["n_embd"]  # the MLP's width, n_inner, is GPT-2's: null means this
     check_settings(config_json, {**GPT2_SETTINGS, "n_inner": (_is(None, hidden), f"null or 4 * n_embd = {hidden}")})
-    return GPTConfig(
-        vocab_size=config_json["vocab_size"],
-        context_length=config_json["n_positions"],
-        emb_dim=config_json["n_embd"],
-        n_heads=config_json["n_head"],
-        n_layers=config_json["n_layer"],
-        norm_eps=float(config_json.get("layer_norm_epsilon", 1e-5)),
-    )
+    sizes = {field: config_json[key] for key, field in GPT2_SIZES.items()}
+    return GPTConfig(**sizes, norm_eps=float(config_json.get("layer_norm_epsilon", 1e-5)))
 
 
 def empty_model(cfg):
@@ -1732,8 +1732,7 @@ def config_from_hub(config_json):
     model_type = config_json.get("model_type")
     if model_type not in HUB_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(HUB_MODEL_TYPES)}")
-    check_sizes(config_json, ("vocab_size", "max_position_embeddings", "hidden_size", "num_attention_heads",
-                              "num_hidden_layers", "intermediate_size"))
+    check_sizes(config_json, HUB_SIZES)
     check_settings(config_json, LLAMA_SETTINGS)
     activation = config_json.get("hidden_act", config_json.get("hidden_activation", "silu"))
     if activation not in ACTIVATIONS.get(model_type, ("silu",)):
@@ -1750,14 +1749,9 @@ def config_from_hub(config_json):
                                and "full_attention" in layer_types else None)
     cfg = LlamaConfig(
         model_type=None if model_type in ("llama", "qwen3") else model_type,
-        vocab_size=config_json["vocab_size"],
-        context_length=config_json["max_position_embeddings"],
-        emb_dim=config_json["hidden_size"],
-        n_heads=config_json["num_attention_heads"],
-        n_layers=config_json["num_hidden_layers"],
+        **{field: config_json[key] for key, field in HUB_SIZES.items()},
         n_kv_heads=config_json.get("num_key_value_heads"),
         head_dim=config_json.get("head_dim"),
-        hidden_dim=config_json["intermediate_size"],
         rope_theta=float(theta),
         rope_scaling={key: rope[key] for key in scaling_keys} if rope_type == "llama3" else None,
         norm_eps=float(config_json.get("rms_norm_eps", config_json.get("layer_norm_eps", 1e-6))),
@@ -1821,12 +1815,8 @@ def hub_config(cfg):
     config = {
         "architectures": [HUB_MODEL_TYPES[model_type][0]],
         "model_type": model_type,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.context_length,
-        "hidden_size": cfg.emb_dim,
-        "intermediate_size": cfg.hidden_dim or 4 * cfg.emb_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
+        **{key: getattr(cfg, field) for key, field in HUB_SIZES.items()},
+        "intermediate_size": cfg.hidden_dim or 4 * cfg.emb_dim,  # hidden_dim None: 4 * emb_dim
         "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
         "head_dim": cfg.head_dim or cfg.emb_dim // cfg.n_heads,
         "hidden_act": activation,
@@ -2578,11 +2568,7 @@ def hf_config(cfg):
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
-            "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.context_length,
-            "n_embd": cfg.emb_dim,
-            "n_layer": cfg.n_layers,
-            "n_head": cfg.n_heads,
+            **{key: getattr(cfg, field) for key, field in GPT2_SIZES.items()},
             "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
             "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": cfg.drop_rate,
