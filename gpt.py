@@ -2313,15 +2313,17 @@ CHAT_FORMATS = {
 
 
 def chat_prompt(tokenizer, message):
-    """A user's message as the one turn of a chat, in the format of the model's chat template
-    (chat_template.jinja or tokenizer_config.json's entry), chosen by its markers (CHAT_FORMATS)
-    rather than run (no Jinja): without a template's default system prompt. Raises ValueError for
-    a tokenizer without a chat template, or with one in none of these formats."""
+    """A user's message as the one turn of a chat -> (prompt text, the id of the token that ends a
+    turn), in the format of the model's chat template (chat_template.jinja or tokenizer_config.json's
+    entry), chosen by its markers (CHAT_FORMATS) rather than run (no Jinja): without a template's
+    default system prompt. The answer ends with the end-of-turn token (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, <|end|>), which instruct models emit before, or instead of, their end-of-text
+    token. Raises ValueError for a tokenizer without a chat template, or with one in none of these formats."""
     config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
     template = tokenizer.files.get("chat_template.jinja") or config.get("chat_template") or ""
     for marker, (before, after) in CHAT_FORMATS.items():
         if marker in template:
-            return before + message + after
+            return before + message + after, tokenizer.encode(after)[0]  # the user's turn ends as answers do
     what = "has no chat template" if not template else "has a chat template of none of the formats known here"
     raise ValueError(f"{tokenizer.name} {what} (ChatML, Llama 3, Gemma, Phi-3): give the prompt as plain text")
 

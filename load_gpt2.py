@@ -44,15 +44,15 @@ import gpt
 
 def stream_continuation(model, tokenizer, args):
     """Print --prompt and its continuation (sampling flags of args) token by token as they come, up to the tokenizer's
-    end-of-text token (not printed) or --max-new-tokens."""
-    prompt = gpt.chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
+    end-of-text token or, with --chat, the end of the model's turn (neither printed), or --max-new-tokens."""
+    prompt, stop_id = gpt.chat_prompt(tokenizer, args.prompt) if args.chat else (args.prompt, tokenizer.eot_id)
     print(prompt, end="", flush=True)
     prompt_ids = gpt.text_to_token_ids(prompt, device=model.wte.weight.device, tokenizer=tokenizer)
     generator = None if args.seed is None else torch.Generator(prompt_ids.device).manual_seed(args.seed)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
     new_ids, printed = [], ""
     for token in gpt.generate_stream(model, prompt_ids, args.max_new_tokens, eot_id=tokenizer.eot_id, **options):
-        if token.item() == tokenizer.eot_id:
+        if token.item() in (tokenizer.eot_id, stop_id):
             break
         new_ids.append(token.item())
         text = gpt.token_ids_to_text(new_ids, tokenizer)

@@ -5180,7 +5180,7 @@ def test_chat_prompt_is_the_chat_template_of_the_model_and_load_gpt2_chat_uses_i
     message = [{"role": "user", "content": "Name a colour."}]
     expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(message, tokenize=False,
                                                                          add_generation_prompt=True)
-    assert gpt.chat_prompt(tokenizer, "Name a colour.") == expected
+    assert gpt.chat_prompt(tokenizer, "Name a colour.") == (expected, tokenizer.encode("<|im_end|>")[0])
     load_gpt2.main(["--model", str(tmp_path / "chat.gguf"), "--chat", "--prompt", "Name a colour.",
                     "--max-new-tokens", "1"])
     assert capsys.readouterr().out.split("-" * 80 + "\n")[1].startswith(expected)
