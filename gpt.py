@@ -2492,10 +2492,10 @@ def save_checkpoint(path, model, tokenizer, **extra):
     atomic_write_bytes(path, lambda f: torch.save({**whole, **labels, **extra}, f))
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint of `save_checkpoint` -> dict (weights_only: safely). Raises ValueError for another file."""
+def load_checkpoint(path):
+    """Read a checkpoint of `save_checkpoint` -> dict on the CPU (weights_only: safely). ValueError: another file."""
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch.load raises many kinds for a file it cannot read
         checkpoint = None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
