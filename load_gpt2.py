@@ -218,10 +218,9 @@ def load_benchmark(args):
     """The items of --benchmark (--benchmark-file, else downloaded once and counted), the first --limit a subject."""
     hellaswag = args.benchmark == "hellaswag"
     path = args.benchmark_file
-    if path is None and hellaswag:
-        path = gpt.fetch_dataset(HELLASWAG_URLS, "hellaswag_val.jsonl", flag="--benchmark-file")
-    elif path is None:
-        path = gpt.fetch_dataset(MMLU_URLS, "data.tar", flag="--benchmark-file")
+    if path is None:
+        urls, name = (HELLASWAG_URLS, "hellaswag_val.jsonl") if hellaswag else (MMLU_URLS, "data.tar")
+        path = gpt.fetch_dataset(urls, name, flag="--benchmark-file")
     items = read_hellaswag(path) if hellaswag else read_mmlu(path, args.shots)
     expected = HELLASWAG_ITEMS if hellaswag else MMLU_TEST_ITEMS
     if args.benchmark_file is None and len(items) != expected:
@@ -314,9 +313,7 @@ def perplexity_requests(ids, context_length, stride, first_id=gpt.EOT_ID):
 
 def perplexity(model, text, stride, batch_size=8, tokenizer=None):
     """Perplexity (e to the mean negative log-likelihood per token) and bits per byte (the total in bits over the UTF-8
-    bytes: comparable across tokenizers) -> dict. tokenizer: the model's; None: GPT-2's."""
-    if not text:
-        raise ValueError("the text to score is empty")
+    bytes: comparable across tokenizers) of a non-empty text -> dict. tokenizer: the model's; None: GPT-2's."""
     tokenizer = tokenizer or gpt.get_tokenizer()
     ids = tokenizer.encode(text)
     requests = perplexity_requests(ids, model.cfg.context_length, stride, prefix_id(tokenizer))
