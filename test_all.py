@@ -133,9 +133,8 @@ def load_lm(source, *, device="cpu", dtype=torch.float32, quiet=False):
 
 
 def tokenizer_and_eot(source):
-    """(the tokenizer `gpt.load` gives with source's model, its end-of-text id). A folder's is
-    read from its tokenizer files as `gpt.model_files` reads them (it may hold no weights);
-    without any, and for "gpt2", it is GPT-2's."""
+    """(the tokenizer `gpt.load` gives with source's model, its end-of-text id). A folder's is read from its tokenizer
+    files as `gpt.model_files` reads them (it may hold no weights); without any, and for "gpt2", it is GPT-2's."""
     path = Path(source)
     if path.is_dir():
         names = gpt.TOKENIZER_FILES if (path / "tokenizer.json").is_file() else ("vocab.json",)
@@ -733,9 +732,8 @@ HELD_OUT = [
 
 
 def train_byte_level_bpe(style):
-    """A byte-level BPE of 1000 tokens trained on 4000 text messages (the SMS test data) with the
-    `tokenizers` library, with the pre-tokenizer (and normalizer, post-processor) of
-    Qwen3, SmolLM2 or Llama 3 -> the tokenizers.Tokenizer."""
+    """A byte-level BPE of 1000 tokens trained on 4000 text messages (the SMS test data) with the `tokenizers` library,
+    with the pre-tokenizer (and normalizer, post-processor) of Qwen3, SmolLM2 or Llama 3 -> the tokenizers.Tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -887,11 +885,10 @@ FAMILY_STYLES = {"smollm2": "llama", "llama3": "llama", "qwen3": "qwen3"}  # tok
 
 
 def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt, **config):
-    """A random model (vocabulary 1000, context 256) saved with save_pretrained beside the
-    trained tokenizer.json of `style`, whose greedy continuation of `prompt` reaches the
-    end-of-text token early: the untied head's row of that token is, slightly larger, the
-    row of the token greedy decoding picks third (tied: the embedding's row too) -> (transformers
-    model, tokenizers.Tokenizer). config: more of transformers' config."""
+    """A random model (vocabulary 1000, context 256) saved with save_pretrained beside the trained tokenizer.json of
+    `style`, whose greedy continuation of `prompt` reaches the end-of-text token early: the untied head's row of that
+    token is, slightly larger, the row of the token greedy decoding picks third (tied: the embedding's row too) ->
+    (transformers model, tokenizers.Tokenizer). config: more of transformers' config."""
     tokenizer, tokenizer_folder = trained_tokenizers[style]
     sizes = dict(vocab_size=1000, max_position_embeddings=256, num_key_value_heads=2, tie_word_embeddings=False)
     reference = save_hf_family(folder, FAMILY_STYLES[style], **{**sizes, **config})
@@ -4301,11 +4298,10 @@ SMOL_CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['
 
 
 def _smol_instruct_folder(folder, trained_tokenizers, template_file=True):
-    """A tiny random Llama (vocabulary 1024, context 64) saved with save_pretrained beside a
-    SmolLM2-Instruct-style tokenizer: the trained SmolLM2 tokenizer.json with the added tokens
-    <|im_start|> and <|im_end|>, a tokenizer_config.json naming them begin and end (and pad,
-    unk), and the chat template (chat_template.jinja, or an entry of tokenizer_config.json)
-    -> (transformers model, folder)."""
+    """A tiny random Llama (vocabulary 1024, context 64) saved with save_pretrained beside a SmolLM2-Instruct-style
+    tokenizer: the trained SmolLM2 tokenizer.json with the added tokens <|im_start|> and <|im_end|>, a
+    tokenizer_config.json naming them begin and end (and pad, unk), and the chat template (chat_template.jinja, or an
+    entry of tokenizer_config.json) -> (transformers model, folder)."""
     from tokenizers import Tokenizer
 
     reference = save_hf_family(folder, "llama", vocab_size=1024, max_position_embeddings=64, num_key_value_heads=2,
