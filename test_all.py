@@ -1174,8 +1174,10 @@ def codegen_tokenizer_json():
 
 
 def stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers):
-    """The tokenizer.json (a dict) of a stage test: SentencePiece-style, or "codegen": a small byte-level
-    BPE (1000 tokens) with CodeGen's runs of spaces and tabs (ids 1000-1037)."""
+    """The tokenizer.json (a dict) of a stage test: SentencePiece-style, a trained byte-level BPE (`trained_tokenizers`),
+    or "codegen": a small byte-level BPE (1000 tokens) with CodeGen's runs of spaces and tabs (ids 1000-1037)."""
+    if style in trained_tokenizers:
+        return json.loads(trained_tokenizers[style][0].to_str())
     if style != "codegen":
         return sentencepiece_tokenizers[style]
     from tokenizers import Tokenizer
@@ -1260,24 +1262,34 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, traine
     assert saved["config"]["model_type"] == model.cfg.model_type and saved["tokenizer"] == {"files": encoding.files}
 
 
-@pytest.mark.parametrize("name, tokenizer_style, heads, width", [
-    ("mistralai/Mistral-7B-v0.1", "llama2", 8, 32), ("microsoft/phi-2", "codegen", 2, 32),
-    ("microsoft/Phi-3-mini-4k-instruct", "llama2", 32, 64), ("google/gemma-3-270m", "metaspace", 2, 32)])
-def test_new_family_pretrain_size_trains_the_shape_from_scratch(name, tokenizer_style, heads, width,
-                                                                sentencepiece_tokenizers, trained_tokenizers, local_server,
-                                                                monkeypatch, tmp_path, pretrain_text_file):
+@pytest.mark.parametrize("name, tokenizer_style, heads, width", [  # heads: a multiple of the shape's key/value heads
+    ("HuggingFaceTB/SmolLM2-135M", "smollm2", 3, 48), ("mistralai/Mistral-7B-v0.1", "llama2", 8, 32),
+    ("microsoft/phi-2", "codegen", 2, 32), ("microsoft/Phi-3-mini-4k-instruct", "llama2", 32, 64),
+    ("google/gemma-3-270m", "metaspace", 2, 32)])
+def test_pretrain_size_trains_the_shape_from_scratch_with_its_hub_tokenizer(name, tokenizer_style, heads, width,
+                                                                            sentencepiece_tokenizers, trained_tokenizers,
+                                                                            local_server, monkeypatch, tmp_path,
+                                                                            pretrain_text_file):
+    from tokenizers import Tokenizer
+
     tokenizer_json = stage_tokenizer_json(tokenizer_style, sentencepiece_tokenizers, trained_tokenizers)
     server = local_server({f"/{name}/resolve/main/tokenizer.json": json.dumps(tokenizer_json).encode()})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     small = dataclasses.replace(gpt.LLAMA_CONFIGS[name], vocab_size=1100)
     monkeypatch.setitem(gpt.MODEL_CONFIGS, name, small)  # the released shape, a small vocabulary
-    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "1", "--eval-every", "1")
-    argv[argv.index("--n-heads") + 1] = str(heads)  # a multiple of the shape's key/value heads
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "2", "--eval-every", "2")
+    argv[argv.index("--n-heads") + 1] = str(heads)
     argv[argv.index("--emb-dim") + 1] = str(width)
     checkpoint = gpt.load_checkpoint(pretrain.main(argv)["best"])
-    shape = dict(n_layers=2, n_heads=heads, emb_dim=width, context_length=32)
-    assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(small, **shape)
+    assert checkpoint["step"] == 2  # the Hub tokenizer travels in the checkpoint, not its name
     assert checkpoint["tokenizer"] == {"files": {"tokenizer.json": json.dumps(tokenizer_json)}}
+    shape = dict(n_layers=2, n_heads=heads, emb_dim=width, context_length=32)
+    assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(small, **shape)  # the shape, the flags given
+    if tokenizer_style in ("smollm2", "codegen"):  # byte-level BPE: the token file is the reference's whole-text ids
+        (token_path,) = (tmp_path / "tokens").glob("*.uint16")
+        reference = Tokenizer.from_str(json.dumps(tokenizer_json))
+        ids = reference.encode(pretrain_text_file.read_text(), add_special_tokens=False).ids
+        assert array.array("H", token_path.read_bytes()).tolist() == ids
 
 
 # ========================================================================================
@@ -2946,26 +2958,6 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
     a, b = (gpt.load_checkpoint(tmp_path / r / "run" / "latest.pt") for r in "ab")
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
-
-
-def test_pretrain_size_of_a_llama_shape_trains_from_scratch_with_its_hub_tokenizer(
-    trained_tokenizers, local_server, monkeypatch, tmp_path, pretrain_text_file
-):
-    reference, folder = trained_tokenizers["smollm2"]  # stands in for SmolLM2's tokenizer.json on the Hub
-    name = "HuggingFaceTB/SmolLM2-135M"
-    server = local_server({f"/{name}/resolve/main/tokenizer.json": (folder / "tokenizer.json").read_bytes()})
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "2", "--eval-every", "2")
-    argv[argv.index("--n-heads") + 1] = "3"  # a multiple of the shape's 3 key/value heads
-    argv[argv.index("--emb-dim") + 1] = "48"
-    result = pretrain.main(argv)
-    checkpoint = gpt.load_checkpoint(result["best"])
-    assert checkpoint["tokenizer"] == {"files": {"tokenizer.json": (folder / "tokenizer.json").read_text()}}
-    assert checkpoint["step"] == 2  # the Hub tokenizer travels in the checkpoint, not its name
-    expected = dict(family="llama", vocab_size=49152, n_layers=2, n_heads=3, n_kv_heads=3, emb_dim=48, hidden_dim=1536)
-    assert {key: checkpoint["config"][key] for key in expected} == expected  # the shape, with the flags given
-    (token_path,) = (tmp_path / "tokens").glob("*.uint16")
-    assert array.array("H", token_path.read_bytes()).tolist() == reference.encode(pretrain_text_file.read_text()).ids
 
 
 def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_flags(tmp_path, pretrain_text_file,
