@@ -2033,9 +2033,11 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     assert not [path.name for path in (tmp_path / "hf").iterdir() if path.name.startswith(".")]  # no temporary files
 
 
-def _export_trained_classifier():
-    """A tiny classifier after three training steps, with a head bias far from zero,
-    and four messages of different lengths (none holds "<|endoftext|>")."""
+def test_export_classifier_of_a_checkpoint_gives_transformers_our_probabilities_and_reads_back(tmp_path):
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification
+
+    # A tiny classifier after three training steps, with a head bias far from zero, and four messages of different
+    # lengths (none holds "<|endoftext|>").
     model = _classify_tiny_classifier()
     texts = ["Free entry! Text WIN to 80086 now to claim your prize", "See you at 6?", "ok",
              "URGENT: your mobile number has won £2000. Call 09061701461 today"]
@@ -2048,13 +2050,7 @@ def _export_trained_classifier():
         optimizer.zero_grad()
     with torch.no_grad():
         model.lm_head.bias += torch.tensor([0.7, -0.4])  # so that dropping the bias would show
-    return model.eval(), texts, token_ids
-
-
-def test_export_classifier_of_a_checkpoint_gives_transformers_our_probabilities_and_reads_back(tmp_path):
-    from transformers import AutoTokenizer, GPT2ForSequenceClassification
-
-    model, texts, token_ids = _export_trained_classifier()
+    model.eval()
     with torch.no_grad():
         logits = fc.full_pass_logits(model, token_ids)
         without_bias = (logits - model.lm_head.bias).softmax(dim=-1)
@@ -2565,12 +2561,6 @@ def pretrain_text_file(tmp_path):
     return path
 
 
-def _pretrain_free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- windows and batches -------------------------------------------------------------------
 
 
@@ -2843,8 +2833,11 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     single = pretrain.main(_pretrain_tiny_argv(tmp_path / "one", pretrain_text_file, *common))  # batch 4
     argv = _pretrain_tiny_argv(tmp_path / "two", pretrain_text_file, *common)
     argv[argv.index("--batch-size") + 1] = "2"  # 2 processes x 2 windows = the same global batch
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # a free port
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_pretrain_free_port()), str(PRETRAIN_SCRIPT), *argv]
+               "--master_port", str(port), str(PRETRAIN_SCRIPT), *argv]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("eval step 3") == 1  # rank 0 alone prints
