@@ -2684,12 +2684,28 @@ def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once
     assert pretrain.resolve_sources(url) == [downloaded]  # from the cache, the server is gone
 
 
-def test_pretrain_unigram_baseline_exact():
+def test_pretrain_unigram_baseline_is_exact_and_a_token_file_holds_ids_above_65535_as_uint32(tmp_path):
     train = torch.tensor([0, 0, 1], dtype=torch.int16)
     val = torch.tensor([0, 2], dtype=torch.int16)
     # add-one smoothing over 4 ids: counts 2, 1, 0, 0 -> p = 3/7, 2/7, 1/7, 1/7
     expected = -(math.log(3 / 7) + math.log(1 / 7)) / 2
     assert pretrain.unigram_baseline(train, val, vocab_size=4) == pytest.approx(expected, rel=1e-12)
+    # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
+    big = gpt.Tokenizer(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                        special_tokens={"<|endoftext|>": 69_999}, eot_id=69_999)
+    (tmp_path / "a.txt").write_text("ab")
+    (tmp_path / "b.txt").write_text("c<|endoftext|>d")
+    token_path, n, _ = pretrain.prepare_token_file([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "tokens", big)
+    expected = [97, 98, 69_999, 99, 69_999, 100]  # the end-of-text id between the documents, and from the text
+    assert token_path.suffix == ".uint32" and n == 6 and token_path.stat().st_size == 4 * 6
+    assert array.array("I", token_path.read_bytes()).tolist() == expected
+    tokens = torch.from_file(str(token_path), size=n, dtype=pretrain.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
+    inputs, targets = pretrain.get_batch(tokens, [0, 1], 4, torch.device("cpu"))
+    assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
+    # The unigram baseline counts the id too: once in 3 training tokens, add-one over 70,000 ids.
+    baseline = pretrain.unigram_baseline(tokens[:3], tokens[2:3], vocab_size=70_000)
+    assert baseline == pytest.approx(-math.log((1 + 1) / (3 + 70_000)), rel=1e-12)
+    assert pretrain.token_type(gpt.get_tokenizer()) == "uint16"
 
 
 # --- optimizer and schedule ------------------------------------------------------------------
@@ -2897,25 +2913,6 @@ def test_pretrain_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
 
 
 # --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
-
-
-def test_pretrain_token_file_holds_ids_above_65535_as_uint32(tmp_path):
-    # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
-    big = gpt.Tokenizer(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
-                        special_tokens={"<|endoftext|>": 69_999}, eot_id=69_999)
-    (tmp_path / "a.txt").write_text("ab")
-    (tmp_path / "b.txt").write_text("c<|endoftext|>d")
-    token_path, n, _ = pretrain.prepare_token_file([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "tokens", big)
-    expected = [97, 98, 69_999, 99, 69_999, 100]  # the end-of-text id between the documents, and from the text
-    assert token_path.suffix == ".uint32" and n == 6 and token_path.stat().st_size == 4 * 6
-    assert array.array("I", token_path.read_bytes()).tolist() == expected
-    tokens = torch.from_file(str(token_path), size=n, dtype=pretrain.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
-    inputs, targets = pretrain.get_batch(tokens, [0, 1], 4, torch.device("cpu"))
-    assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
-    # The unigram baseline counts the id too: once in 3 training tokens, add-one over 70,000 ids.
-    baseline = pretrain.unigram_baseline(tokens[:3], tokens[2:3], vocab_size=70_000)
-    assert baseline == pytest.approx(-math.log((1 + 1) / (3 + 70_000)), rel=1e-12)
-    assert pretrain.token_type(gpt.get_tokenizer()) == "uint16"
 
 
 def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
@@ -4363,7 +4360,7 @@ def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path
     assert ids == hf("Q: <|im_start|> A<|im_end|>") and ids[:-n_scored] == hf("Q: <|im_start|>")  # item
 
 
-def test_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tmp_path):
+def test_export_keeps_the_chat_template_and_the_token_ids_and_a_text_starts_with_the_begin_token(trained_tokenizers, tmp_path):
     from transformers import AutoTokenizer
 
     _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
@@ -4379,15 +4376,12 @@ def test_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tm
     chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
                                                                              tokenize=False)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n"
-
-
-def test_prefix_id_is_the_begin_token_else_the_end_token(trained_tokenizers, tmp_path):
-    _, tokenizer = gpt.load(_smol_instruct_folder(tmp_path / "smol", trained_tokenizers)[1])
-    assert load_gpt2.prefix_id(tokenizer) == tokenizer.encode("<|im_start|>")[0] != tokenizer.eot_id
+    # A text to score starts with the begin-of-text token, else the end-of-text token.
+    assert load_gpt2.prefix_id(tokenizer) == start != tokenizer.eot_id
     qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
     assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
     assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
-    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == tokenizer.encode("<|im_start|>")[0]
+    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == start
 
 
 def test_a_safetensors_file_loads_with_the_tokenizer_beside_it_and_its_checkpoint_carries_that(trained_tokenizers,
