@@ -2994,12 +2994,12 @@ _CLASSIFY_SMS_BYTES = fc.read_sms_bytes(SMS_ZIP)
 CLASSIFY_SCRIPT = Path(fc.__file__).resolve()
 
 
-def _classify_tiny_model(n_layers=2, seed=0):
-    return tiny_model(seed, context_length=48, n_heads=4, n_layers=n_layers)
+def _classify_tiny_model():
+    return tiny_model(context_length=48, n_heads=4)
 
 
-def _classify_tiny_classifier(trainable="last-block", n_layers=2, seed=0):
-    model = fc.add_classification_head(_classify_tiny_model(n_layers, seed))
+def _classify_tiny_classifier(trainable="last-block"):
+    model = fc.add_classification_head(_classify_tiny_model())
     return fc.set_trainable(model, trainable, lora_rank=2, lora_alpha=4)
 
 
@@ -3131,7 +3131,7 @@ def test_classify_prediction_does_not_depend_on_padding():
 
 @pytest.mark.parametrize("n_frozen", [0, 1, 2])
 def test_classify_activation_cache_gives_full_pass_logits_and_gradients(n_frozen):
-    model = _classify_tiny_classifier(n_layers=2)
+    model = _classify_tiny_classifier()
     model.requires_grad_(True)
     token_ids = _classify_token_ids([3, 17, 9, 40, 1, 25])
     token_ids.append(token_ids[1].clone())  # a repeated message
@@ -3156,7 +3156,7 @@ def test_classify_activation_cache_gives_full_pass_logits_and_gradients(n_frozen
 
 @pytest.mark.parametrize("trainable", [*fc.TRAINABLE_CHOICES, "lora"])
 def test_classify_trainable_trains_exactly_what_it_names(trainable):
-    model = _classify_tiny_classifier(trainable, n_layers=2)
+    model = _classify_tiny_classifier(trainable)
     head = {"lm_head.weight", "lm_head.bias"}
     expected = {
         "head": head,
