@@ -1276,6 +1276,7 @@ def test_pretrain_size_trains_the_shape_from_scratch_with_its_hub_tokenizer(name
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     small = dataclasses.replace(gpt.LLAMA_CONFIGS[name], vocab_size=1100)
     monkeypatch.setitem(gpt.MODEL_CONFIGS, name, small)  # the released shape, a small vocabulary
+    monkeypatch.setattr(pretrain, "encode_text_file", functools.partial(pretrain.encode_text_file, chunk_chars=97))
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "2", "--eval-every", "2")
     argv[argv.index("--n-heads") + 1] = str(heads)
     argv[argv.index("--emb-dim") + 1] = str(width)
@@ -1284,11 +1285,10 @@ def test_pretrain_size_trains_the_shape_from_scratch_with_its_hub_tokenizer(name
     assert checkpoint["tokenizer"] == {"files": {"tokenizer.json": json.dumps(tokenizer_json)}}
     shape = dict(n_layers=2, n_heads=heads, emb_dim=width, context_length=32)
     assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(small, **shape)  # the shape, the flags given
-    if tokenizer_style in ("smollm2", "codegen"):  # byte-level BPE: the token file is the reference's whole-text ids
-        (token_path,) = (tmp_path / "tokens").glob("*.uint16")
-        reference = Tokenizer.from_str(json.dumps(tokenizer_json))
-        ids = reference.encode(pretrain_text_file.read_text(), add_special_tokens=False).ids
-        assert array.array("H", token_path.read_bytes()).tolist() == ids
+    (token_path,) = (tmp_path / "tokens").glob("*.uint16")  # read in chunks, the reference's whole-text ids
+    reference = Tokenizer.from_str(json.dumps(tokenizer_json))
+    ids = reference.encode(pretrain_text_file.read_text(), add_special_tokens=False).ids
+    assert array.array("H", token_path.read_bytes()).tolist() == ids
 
 
 # ========================================================================================
