@@ -15,9 +15,9 @@ that its peak resident memory (ru_maxrss) is that case's alone:
               --seq-len tokens: seconds per step, the median of --steps after one warm-up
 - full:       the same step with every weight trained (AdamW's two moments per weight)
 
-On a CUDA device the memory is torch's peak allocation on the GPU. Then, for every preset, the
-memory computed from the parameter count, with its formula: what a GPU of 8, 24 or 80 GB holds.
-Prints Markdown tables for the README, with the date, the machine and the command.
+With --device cuda the memory is torch's peak allocation on the GPU. Then, for every preset of
+gpt.MODEL_CONFIGS, the memory computed from its parameter count, with the bytes per parameter
+stated. Prints Markdown tables for the README, with the date, the machine and the command.
 """
 
 import argparse
@@ -43,15 +43,15 @@ LORA = dict(rank=gpt.FLAGS["lora_rank"]["default"], alpha=gpt.FLAGS["lora_alpha"
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=list(gpt.MODEL_CONFIGS), default=DEFAULT_MODELS, metavar="NAME",
-                        help="the shapes to measure (names of gpt.MODEL_CONFIGS)")
-    parser.add_argument("--new-tokens", type=int, default=50, help="tokens to generate")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per training step")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--case", nargs=2, metavar=("CASE", "NAME"), help=argparse.SUPPRESS)  # one case, in a child process
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(gpt.MODEL_CONFIGS), default=DEFAULT_MODELS,
+                        metavar="NAME", help="the shapes to measure (names of gpt.MODEL_CONFIGS)")
+    parser.add_argument("--new-tokens", type=gpt.positive_int, default=50, help="tokens to generate")
+    gpt.add_flags(parser, "batch_size", "device", device="cpu")
+    parser.add_argument("--seq-len", type=gpt.positive_int, default=128, help="tokens per training sequence")
+    parser.add_argument("--steps", type=gpt.positive_int, default=3, help="timed training steps (after one warm-up)")
+    parser.add_argument("--case", nargs=2, metavar=("CASE", "NAME"), help=argparse.SUPPRESS)  # one case, in a child
     return parser.parse_args()
 
 
@@ -71,7 +71,7 @@ def synchronized_time(device):
 
 def run_case(case, name, args):
     """Measure one case -> {"rate": tokens/s or s/step, "peak": bytes}."""
-    device = torch.device(args.device)
+    device = gpt.pick_device(args.device)
     torch.manual_seed(0)
     model = gpt.build_model(gpt.MODEL_CONFIGS[name]).to(device)
     if case == "inference":
@@ -83,7 +83,7 @@ def run_case(case, name, args):
     if case == "lora":
         gpt.add_lora(model, **LORA)
     model.train()
-    optimizer = gpt.make_adamw(model, lr=5e-5, weight_decay=0.1)
+    optimizer = gpt.make_adamw(model, gpt.FLAGS["lr"]["default"], gpt.FLAGS["weight_decay"]["default"])
     inputs = torch.randint(0, model.cfg.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
     times = []
     for _ in range(1 + args.steps):  # the step of finetune_instruct.py's loop
@@ -97,12 +97,16 @@ def run_case(case, name, args):
 
 
 def measure_in_child(case, name, argv):
-    """Run one case in a fresh Python process -> its result dict."""
+    """Run one case in a fresh Python process -> a table cell: "rate, peak memory", or why it failed (a process
+    out of memory is killed: exit code -9)."""
     command = [sys.executable, __file__, *argv, "--case", case, name]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"{case} of {name} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{case} of {name} failed (exit code {out.returncode}):\n{out.stderr}", file=sys.stderr)
+        return f"failed (exit code {out.returncode})"
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    rate = f"{result['rate']:.1f} tokens/s" if case == "inference" else f"{result['rate']:.2f} s"
+    return f"{rate}, {result['peak'] / 1e9:.2f} GB"
 
 
 def parameter_counts(name):
@@ -114,7 +118,7 @@ def parameter_counts(name):
 
 
 def machine():
-    """"AMD EPYC 7B13, 2 cores, 23 GB RAM, torch 2.x (2 threads), python 3.x": the CPU's model name from /proc/cpuinfo."""
+    """"AMD EPYC, 2 cores, 25 GB RAM, torch 2.x (2 threads), python 3.x", the CPU's name from /proc/cpuinfo."""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
@@ -126,18 +130,14 @@ def machine():
 
 def measured_table(args, argv):
     """Measure every case of every model, each in its own process, and print the table."""
-    device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, float32"
-    print(f"\n## Measured on {where}\n")
+    device = gpt.pick_device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
+    print(f"\n## Measured on the {where}, float32\n")
     print(f"| model | parameters | inference: tokens/s, peak memory | LoRA step ({args.batch_size} x {args.seq_len}): "
           f"s, peak memory | full fine-tuning step: s, peak memory |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name in args.models:
-        cells = []
-        for case in CASES:
-            result = measure_in_child(case, name, argv)
-            rate = f"{result['rate']:.1f} tokens/s" if case == "inference" else f"{result['rate']:.2f} s"
-            cells.append(f"{rate}, {result['peak'] / 1e9:.2f} GB")
+        cells = [measure_in_child(case, name, argv) for case in CASES]
         print(f"| {name} | {parameter_counts(name)[0] / 1e6:.0f}M | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -149,7 +149,7 @@ def computed_table():
     print(f"- LoRA (rank {LORA['rank']}): the frozen weights x 4 bytes (float32, as the scripts train) + the adapters "
           "x 16 bytes (weight 4, gradient 4, AdamW's two moments 8)")
     print("- full fine-tuning with AdamW: params x 16 bytes (float32 weight 4 + gradient 4 + two moments 8); "
-          "autocast bfloat16 keeps float32 weights, so the same\n")
+          "--dtype bfloat16 (autocast) keeps float32 weights: the same\n")
     print("| model | parameters | inference float32 | inference bfloat16 | LoRA | full fine-tuning |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name in gpt.MODEL_CONFIGS:
@@ -163,6 +163,10 @@ def main():
     if args.case:
         print(json.dumps(run_case(*args.case, args)))
         return
+    try:
+        gpt.pick_device(args.device)
+    except ValueError as error:
+        raise SystemExit(f"bench_machine.py: {error}")
     argv = sys.argv[1:]
     started = time.perf_counter()
     print(f"# {time.strftime('%Y-%m-%d')}, {machine()}")
