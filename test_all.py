@@ -2299,6 +2299,40 @@ def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(scr
     assert all(rule in help_text for rule in rules)
 
 
+# Flags of two or more scripts that differ on purpose -> what differs, and why. A default other than gpt.FLAGS' says
+# why in its help ("(default: 256, a whole answer)").
+SHARED_FLAGS_DIFFER = {
+    "--prompt": "help default",  # a text to continue, to start the samples with, to answer
+    "--data": "help default",  # each stage's own data
+    "--stride": "help",  # between perplexity windows, between training windows
+    "--results": "help", "--export-hf": "help", "--checkpoint": "help",  # of a language model, of a classifier
+    "--epochs": "placeholder",  # pretraining: fractions of an epoch too
+    "--dtype": "choices placeholder help",  # no float16 where the script only trains; pretraining: auto, by default
+}
+
+
+def test_a_flag_of_several_scripts_has_one_placeholder_choices_default_and_help_or_says_why():
+    seen = collections.defaultdict(dict)  # flag -> {script: {field: value}}
+    for script in (load_gpt2, pretrain, fc, instruct):
+        parser = script.build_parser()
+        placeholders = dict(re.findall(r"^  (--[\w-]+) ?(\S*)", parser.format_help(), re.M))
+        for action in parser._actions[1:]:  # after --help
+            flag = action.option_strings[0]
+            fields = dict(placeholder=placeholders[flag], choices=action.choices, default=action.default,
+                          help=action.help.partition(" (default: ")[0])
+            seen[flag][script.__name__] = fields
+            table = gpt.FLAGS.get(flag[2:].replace("-", "_"), {"default": action.default})
+            if action.default != table.get("default", False if action.nargs == 0 else None) and flag != "--cache-dir":
+                assert f"(default: {'none' if action.default is None else action.default}, " in action.help, flag
+    shared = {flag: scripts for flag, scripts in seen.items() if len(scripts) > 1}
+    assert len(shared) == 32
+    for flag, scripts in shared.items():
+        differ = SHARED_FLAGS_DIFFER.get(flag, "") + " default" * (flag[2:].replace("-", "_") in gpt.FLAGS)  # see above
+        for field in ("placeholder", "choices", "default", "help"):
+            values = {script: str(fields[field]) for script, fields in scripts.items()}
+            assert len(set(values.values())) == 1 or field in differ, (flag, field, values)
+
+
 def test_a_run_that_fails_early_keeps_a_folder_that_was_there_before(tmp_path):
     (tmp_path / "mine").mkdir()  # a made folder is removed again: each bad-input table checks that
     with pytest.raises(SystemExit, match="missing.txt"):
