@@ -80,10 +80,18 @@ def every_progress_line(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def isolated_caches(tmp_path, monkeypatch):
-    """No test reads or writes the user's caches or reaches the Hugging Face Hub."""
+    """No test reads or writes the user's caches or reaches the network: requests go to 127.0.0.1 only."""
     monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "gpt-cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: fails at once
+    send = requests.Session.send
+
+    def offline(session, request, **options):  # as on a machine without network
+        if requests.utils.urlparse(request.url).hostname != "127.0.0.1":
+            raise requests.ConnectionError(f"no network in the tests: {request.url}")
+        return send(session, request, **options)
+
+    monkeypatch.setattr(requests.Session, "send", offline)
 
 
 def tiny_model(seed=0, **overrides):
@@ -323,9 +331,17 @@ def bad_inputs(tmp_path_factory):
 
 def check_bad_input(main, argv, message, files, tmp_path, capsys):
     """main(argv), with {files} and {run} filled in, stops with one line holding message before
-    it makes the run folder {run} or the folder above it."""
+    it makes the run folder {run} or the folder above it. NAME=VALUE words first set the environment, as
+    in a shell: TIKTOKEN_CACHE_DIR={files}/empty leaves tiktoken no GPT-2 files (and no network)."""
     fill = partial(str.format, files=files, run=tmp_path / "runs" / "run")
-    exits_with_one_line(main, shlex.split(fill(argv)), fill(message), capsys)
+    words = shlex.split(fill(argv))
+    with pytest.MonkeyPatch.context() as env:
+        while "=" in words[0] and not words[0].startswith("-"):
+            env.setenv(*words.pop(0).split("=", 1))
+            env.setattr(gpt.tiktoken.registry, "ENCODINGS", {})  # tiktoken reads its files again
+            gpt.get_tokenizer.cache_clear()
+        exits_with_one_line(main, words, fill(message), capsys)
+    gpt.get_tokenizer.cache_clear()
     assert not (tmp_path / "runs").exists()
 
 
@@ -2628,6 +2644,8 @@ LOAD_GPT2_BAD_INPUTS = [
     ("--model {files}/junk.pt", "{files}/junk.pt: not a .safetensors file or a checkpoint of this project"),
     ("--model {files}/other.pt", "{files}/other.pt: not a .safetensors file or a checkpoint of this project"),
     ("--model models/missing.gguf", "no such file or model 'models/missing.gguf': a model is a released GPT-2 size"),
+    ("--model gpt2", "(ConnectionError). Offline? Give --model a model folder or a .safetensors or GGUF file instead "
+     "of 'openai-community/gpt2' (README, \"Offline use\"), or set HF_ENDPOINT to a mirror"),  # not in the cache
     ("--model {files}/tiny.pt --benchmark hellaswag --benchmark-file {files}/missing.jsonl", "missing.jsonl: no such file"),
     (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {MMLU_FOLDER}", "mmlu: a folder, not a file"),
     (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {HELLASWAG_TINY}", "not a tar archive: give MMLU's data.tar"),
@@ -3019,6 +3037,7 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
 
 
 PRETRAIN_RUN = "--data {files}/story.txt --out-dir {run}"
+OFFLINE = '); run again later). Offline? Give a copy of it with --data PATH (README, "Offline use")'
 PRETRAIN_TINY = "--n-layers 1 --n-heads 2 --emb-dim 32 --context-length 32"  # the model is made before the data is read
 PRETRAIN_BAD_INPUTS = [
     # Flags, checked before any data or model work.
@@ -3042,6 +3061,11 @@ PRETRAIN_BAD_INPUTS = [
     (f"{PRETRAIN_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     # The data and the model.
     (f"{PRETRAIN_TINY} --data {{files}}/missing.txt --out-dir {{run}}", "no such file or folder"),
+    (f"{PRETRAIN_TINY} --out-dir {{run}}", f"could not download the-verdict.txt (download of {pretrain.VERDICT_URL} "
+     f"failed after 3 attempts (ConnectionError: no network in the tests: {pretrain.VERDICT_URL}{OFFLINE}"),
+    (f"TIKTOKEN_CACHE_DIR={{files}}/empty {PRETRAIN_RUN}", "cannot download tiktoken's GPT-2 vocabulary files "
+     "(ConnectionError): connect once, or set TIKTOKEN_CACHE_DIR to a folder holding them (this repository's "
+     "testdata/tiktoken_cache has them)"),
     (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "--data: no tokens in {files}/empty.txt"),
     (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "--data: no tokens in {files}/bom.txt"),  # a BOM alone
     (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
@@ -3473,6 +3497,7 @@ CLASSIFY_BAD_INPUTS = [
     # The model and the data, checked before a run folder is made (and before any download).
     ("--data {files}/nope.tsv", "--data {files}/nope.tsv: no such file"),
     ("--model gpt3 --out-dir {run}", "no such file or model 'gpt3'"),
+    ("--model {files}/lm48.pt --out-dir {run}", f"(ConnectionError: no network in the tests: {fc.DATA_URLS[1]}{OFFLINE}"),
     ("--model {files}/truncated.safetensors --out-dir {run}", "truncated.safetensors: not a complete safetensors file"),
     ("--model {files}/empty --data {files}/sms.tsv --out-dir {run}", "{files}/empty holds no model: neither "
      "model.safetensors nor model.safetensors.index.json"),
@@ -3524,8 +3549,7 @@ CLASSIFY_BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("argv, message", CLASSIFY_BAD_INPUTS)
-def test_classify_bad_input_is_one_line(bad_inputs, tmp_path, capsys, monkeypatch, argv, message):
-    monkeypatch.setattr(gpt, "fetch_dataset", lambda *args, **kwargs: pytest.fail("downloaded before the checks"))
+def test_classify_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, message):
     if argv.startswith("--evaluate {files}/") and "--checkpoint" not in argv:
         argv += " --checkpoint {files}/classifier.pt"
     check_bad_input(fc.main, argv, message, bad_inputs, tmp_path, capsys)
@@ -4245,6 +4269,8 @@ INSTRUCT_BAD_INPUTS = [
     ("--data {files}/data.json --model {files}/empty --out-dir {run}", "{files}/empty holds no model: neither "
      "model.safetensors nor model.safetensors.index.json"),
     ("--data {files}/missing.json --out-dir {run}", "--data {files}/missing.json: no such file"),
+    ("--model {files}/tiny.pt --out-dir {run}", f"(ConnectionError: no network in the tests: {instruct.DATA_URL}{OFFLINE}"),
+    ("--data {files}/data.json --out-dir {run}", "instead of 'openai-community/gpt2-medium' (README, \"Offline use\")"),
     ("--data {files}/data.json --out-dir {run} --generate-only", "no {run}/model.pt: fine-tune first"),
     ("--data {files}/data.json --model {files}/tiny.pt --out-dir {files} --resume",
      "--resume: {files} holds no run to continue"),
