@@ -3465,7 +3465,7 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
     fc.main(common + ["--no-activation-cache"])
     out = capsys.readouterr().out
     assert "activation cache: on" in out and "activation cache: off (--no-activation-cache)" in out
-    assert "step 5/10 | loss" in out and "examples/s | ETA" in out
+    assert "step 5/10 (epoch 1.00/2.00) | loss" in out and "examples/s | ETA" in out
     for name in ("train.csv", "validation.csv", "test.csv", "classifier.pt", "metrics.json"):
         assert (tmp_path / "cached" / name).is_file()
     if importlib.util.find_spec("matplotlib") is None:
@@ -3598,7 +3598,7 @@ def test_classify_sigint_during_training_exits_cleanly(tmp_path):
                             stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
-        if line.startswith("epoch 1/100000 step"):  # training is under way
+        if line.startswith("step 1/"):  # training is under way
             proc.send_signal(signal.SIGINT)
             break
     _, err = proc.communicate(timeout=60)
@@ -3611,7 +3611,8 @@ def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
     # 46 training messages, batch 8: 5 steps per epoch; 7 steps end 2 steps into epoch 2.
     fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "7", "--log-every", "1", "--epochs", "3"))
     out = capsys.readouterr().out
-    assert "epoch 2/2 step 7/7 | loss" in out and "step 8/" not in out
+    assert "training:   7 steps of 8 messages, 1.40 epochs" in out and "step 7/7 (epoch 1.40/1.40) | loss" in out
+    assert "step 8/" not in out
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert len(history["step_loss"]) == 7
     assert (history["step"], history["epoch"]) == ([5, 7], [1.0, 1.4])  # after epoch 1, and at the stop
@@ -3627,7 +3628,7 @@ def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
 def test_classify_lora_trains_only_adapters_and_head_and_settings_travel_with_the_run(tmp_path, capsys):
     fc.main(_classify_run_argv(tmp_path, "run", "--lora", "--max-steps", "2", "--seed", "7"))
     out = capsys.readouterr().out
-    assert "settings: " in out and "seed=7" in out and "max_length=48" in out
+    assert "lora=True, max_steps=2, seed=7, out_dir=" in out and "(the others: defaults; all in run.json)" in out
     # per block, rank 16: c_attn 16*32 + 96*16, attn.c_proj 16*32 + 32*16, c_fc 16*32 + 128*16,
     # mlp.c_proj 16*128 + 32*16 = 8,192; two blocks plus the head (32*2 + 2) = 16,450
     assert "16,450 trainable" in out
