@@ -4120,7 +4120,8 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     instruct.main(common + recipe + ["--epochs", "1", "--keep-state"])
     out = capsys.readouterr().out
     assert "10 train, 1 validation, 1 test entries" in out
-    assert "step 2/2 | loss" in out and "tok/s" in out and "ETA" in out
+    assert "training: 10 examples, 2 steps (1.00 epochs); then 1 answers of up to 3 tokens (--num-answers)" in out
+    assert "step 2/2 (epoch 1.00/1.00) | loss" in out and "tok/s" in out and "ETA" in out
     assert "step 2: train loss" in out
     assert (out_dir / "losses.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
@@ -4147,7 +4148,12 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     with pytest.MonkeyPatch.context() as patch:  # a model that ends its answer at once: said, not a blank line
         patch.setattr(instruct, "generate_response", lambda *args, **options: ("", 1))
         instruct.main(common + ["--prompt", "Repeat the number 3."])
-    assert capsys.readouterr().out.endswith("\n(an empty answer: the model ended it at once with its end-of-text token)\n")
+        assert capsys.readouterr().out.endswith("\n(an empty answer: the model ended it at once with its end-of-text token)\n")
+        instruct.main(common + ["--generate-only"])
+        assert capsys.readouterr().out.endswith(f"wrote 1 responses to {out_dir / 'responses.json'}; 1 of 1 answers were empty\n")
+    # How many test entries are answered: all, 10 after a short run (--max-steps), or --num-answers.
+    flags = [[], ["--max-steps", "4"], ["--max-steps", "4", "--num-answers", "0"], ["--num-answers", "200"]]
+    assert [len(instruct.answer_entries(instruct.parse_args(f), list(range(110)))) for f in flags] == [110, 10, 0, 110]
 
 
 def _instruct_same_weights(run_a, run_b):
@@ -4260,6 +4266,7 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     (f"{INSTRUCT_RUN} --resume --generate-only", "choose one of --generate-only, --judge-only, --prompt and --resume"),
     (f"{INSTRUCT_RUN} --judge-only", "--judge-only needs --judge ollama"),
+    (f"{INSTRUCT_RUN} --num-answers 0 --judge ollama", "--num-answers 0 leaves --judge nothing to grade"),
     (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k"),  # greedy decoding would ignore it
     # Answering does not train: a training flag given with it would be silently ignored.
     ("--out-dir {run} --generate-only --model gpt2", "--model is the model that trains; --generate-only answers "
