@@ -565,8 +565,7 @@ def build_parser():
     mode.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint in --dtype as a Hugging Face folder")
     use.add_argument("--threshold", type=gpt.fraction, default=0.5, metavar="P", help="spam from this probability on")
     use.add_argument("--results", metavar="FILE", help="metrics (.json) or predictions (.csv) (default: print only)")
-    use.add_argument("--checkpoint", help="a run's file or folder, or an export (default: FOLDER/classifier.pt of "
-                     "--out-dir)")
+    use.add_argument("--checkpoint", help="a run's file or folder, or an export (default: classifier.pt in --out-dir)")
     return parser
 
 

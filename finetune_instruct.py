@@ -208,18 +208,6 @@ def evaluate(model, train_examples, val_examples, progress, *options):
         progress["best"] = {"step": step, "val_loss": losses[1], "weights": gpt.trainable_weights(model)}
 
 
-def save_state(state_path, model, tokenizer, optimizer, progress):
-    """Save what --resume needs: the weights, AdamW's moments, the progress, the random state."""
-    gpt.save_checkpoint(state_path, model, tokenizer, optimizer=optimizer.state_dict(), **progress, rng=gpt.rng_state())
-
-
-def stop_training(state_path, stopper, step):
-    """After a stop by `stopper` (Ctrl-C or SIGTERM) and its save: say how to go on, exit with the shell's code."""
-    print(f"stopped at step {step} ({stopper.signal_name}), the state saved in {state_path}: go on with python "
-          f"finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
-    raise SystemExit(128 + signal.Signals[stopper.signal_name])
-
-
 def planned_steps(args, n_examples):
     """(Steps per epoch, steps in all): --epochs, or --max-steps when fewer; an epoch's last batch may be short."""
     steps_per_epoch = math.ceil(n_examples / args.batch_size)
@@ -248,9 +236,13 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
         stop = stopper.requested and step < total_steps  # a stop saves the steps made since the last save
         if stop or (step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0
                                            or step == total_steps)):
-            save_state(state_path, model, tokenizer, optimizer, progress)
-        if stop:
-            stop_training(state_path, stopper, step)
+            # What --resume needs: the weights, AdamW's moments, the progress, the random state
+            gpt.save_checkpoint(state_path, model, tokenizer, optimizer=optimizer.state_dict(), **progress,
+                                rng=gpt.rng_state())
+        if stop:  # say how to go on; exit with the shell's code
+            print(f"stopped at step {step} ({stopper.signal_name}), the state saved in {state_path}: go on with "
+                  f"python finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
+            raise SystemExit(128 + signal.Signals[stopper.signal_name])
         if step == total_steps:
             break
 
@@ -542,13 +534,11 @@ def build_parser():
     train.add_argument("--save-every", type=gpt.positive_int, default=50, help="steps between train_state.pt saves")
     gpt.add_flags(train, "dtype", "device")
     answers = p.add_argument_group("answers and evaluation")
-    answers.add_argument("--checkpoint", help="model that answers, any --model value (default: FOLDER/model.pt of "
-                         "--out-dir)")
+    answers.add_argument("--checkpoint", help="model that answers, any --model value (default: model.pt in --out-dir)")
     answers.add_argument("--num-answers", type=gpt.non_negative_int, help="answer the first N test entries (default: "
                          "all; 10 with --max-steps, a short try)")
     gpt.add_flags(answers, "max_new_tokens", "temperature", "top_k", "top_p", max_new_tokens=(256, "a whole answer"))
-    answers.add_argument("--responses", help="answers to write, or to grade (default: FOLDER/responses.json of "
-                         "--out-dir)")
+    answers.add_argument("--responses", help="answers to write, or to grade (default: responses.json in --out-dir)")
     answers.add_argument("--judge", choices=["none", "ollama"], default="none", help="grade with a local Ollama")
     answers.add_argument("--judge-url", default="http://localhost:11434", help="Ollama address")
     answers.add_argument("--judge-model", default="llama3", help="Ollama model that grades")
@@ -580,7 +570,7 @@ def parse_args(argv=None):
         if "model" in gpt.given_flags(parser, argv) and mode != "--judge-only":  # the model that answers: --checkpoint
             parser.error(f"--model is the model that trains; {mode} answers with --checkpoint: give --checkpoint "
                          f"{args.model}")
-        gpt.refuse_flags(parser, argv, TRAINING_FLAGS, mode)
+        gpt.refuse_flags(parser, argv, TRAINING_FLAGS + ("num_answers",) * (mode != "--generate-only"), mode)
     return args
 
 
