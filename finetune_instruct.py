@@ -530,7 +530,7 @@ def build_parser():
     gpt.add_flags(train, "model", "epochs", "batch_size", "lr", "weight_decay", "drop_rate", "lora", "lora_rank",
                   "lora_alpha", "max_steps", "log_every", "eval_every", "eval_batches", "keep_last", epochs=(2, "the "
                   "book's"), model=("gpt2-medium", "the book's: gpt2 follows instructions poorly"),
-                  eval_every=(25, "about 10 times in the book's run"))
+                  eval_every=(25, "the book's run has 234 steps"))
     train.add_argument("--save-every", type=gpt.positive_int, default=50, help="steps between train_state.pt saves")
     gpt.add_flags(train, "dtype", "device")
     answers = p.add_argument_group("answers and evaluation")

@@ -624,7 +624,7 @@ def build_parser():
     gpt.add_flags(train, "seed")
 
     run = p.add_argument_group("evaluation, run folder, devices")
-    gpt.add_flags(run, "eval_every", "eval_batches", "log_every", eval_every=(10, "5 times in the default run"))
+    gpt.add_flags(run, "eval_every", "eval_batches", "log_every", eval_every=(10, "the default run has 45 steps"))
     run.add_argument("--prompt", default="Every effort moves you", help="start of the sample of each evaluation")
     run.add_argument("--sample-tokens", type=gpt.non_negative_int, default=30, help="tokens of the sample")
     gpt.add_flags(run, "out_dir", out_dir=("runs/pretrain", "one per stage"))
