@@ -2183,8 +2183,8 @@ def test_a_flag_of_several_scripts_has_one_placeholder_choices_default_and_help_
 
 @pytest.mark.parametrize("parse, argv, expected", [
     (pretrain.parse_settings, "--grad-clip 0 --sample-tokens 0 --stop-at-step 1 --drop-rate 0.5 --n-heads 8 --min-lr-ratio 0 "
-     "--warmup-steps 0 --weight-decay 0 --seed 9223372036854775807",
-     dict(grad_clip=0.0, min_lr_ratio=0.0, seed=2**63 - 1, n_heads=8)),
+     "--warmup-steps 0 --weight-decay 0 --seed 9223372036854775807 --eval-batches 0",  # 0: every window
+     dict(grad_clip=0.0, min_lr_ratio=0.0, seed=2**63 - 1, n_heads=8, eval_batches=0)),
     (fc.parse_args, "--classify hi --batch-size 3 --threshold 0.4 --dtype bfloat16",  # what using a classifier reads
      dict(batch_size=3, threshold=0.4, dtype="bfloat16")),
     (instruct.parse_args, "--top-k 1 --top-p 1 --temperature 1e-9 --max-new-tokens 0 --eval-batches 0 --weight-decay 0",
@@ -2618,7 +2618,7 @@ def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ra
     assert targets.tolist() == [[1, 2, 3, 4], [6, gpt.EOT_ID, 8, 9]]
     # Evaluation windows do not overlap: 9 windows available, 3 spread evenly.
     assert pretrain.evaluation_starts(n_tokens=100, context_length=10, max_windows=3) == [0, 30, 60]
-    assert pretrain.evaluation_starts(25, 10, 50) == [0, 10]
+    assert pretrain.evaluation_starts(25, 10, 50) == pretrain.evaluation_starts(25, 10, 0) == [0, 10]  # 0: all
     # The micro-batches of two processes (ranks) are the one process batch, split.
     splits = argparse.Namespace(n_windows=10, stride=3, seed=1)  # what micro_batch_starts reads of Splits
     single = pretrain.micro_batch_starts(splits, samples_seen=8, micro_step=1, batch_size=4)
