@@ -276,6 +276,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     steps_per_epoch = len(train_inputs) // batch_size
     total_steps = min(steps_per_epoch * epochs, max_steps or math.inf)
     n_epochs = math.ceil(total_steps / steps_per_epoch)  # fewer than `epochs` when max_steps stops earlier
+    print(f"training:   {total_steps} steps of {batch_size} messages, {total_steps / steps_per_epoch:.2f} epochs")
     history = {name: [] for name in (*HISTORY, "step_loss")}
     best = None  # (validation accuracy, -validation loss) of the kept epoch
     kept_weights = None
@@ -297,7 +298,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
             history["step_loss"].append(loss_value)
             if step % log_every == 0 or step == total_steps:
                 examples_per_second = (step - logged_step) * batch_size / (time.perf_counter() - logged_at)
-                print(f"epoch {epoch}/{n_epochs} step {step}/{total_steps} | loss {loss_value:.4f} | "
+                print(f"{gpt.training_position(step, total_steps, steps_per_epoch)} | loss {loss_value:.4f} | "
                       f"{examples_per_second:.1f} examples/s | ETA {gpt.eta(started, step, total_steps)}", flush=True)
                 logged_step, logged_at = step, time.perf_counter()
         train_loss, train_acc, _ = evaluate(model, logits_fn, *train, batch_size)
@@ -431,8 +432,8 @@ def train_and_evaluate(args, device):
     out_dir = gpt.claim_run_folder(args.out_dir, [os.path.relpath(args.checkpoint, args.out_dir), *RUN_FILES],
                                    overwrite=args.overwrite, resumable=False)
     # The model before the data: a wrong --model or --max-length fails in seconds, before the data download.
+    gpt.print_settings(args, parse_args([]))
     model, tokenizer = build_classifier(args, device)
-    gpt.print_settings(args)
     token_ids, labels = prepare_data(args, out_dir, device, tokenizer)
     gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # after the data: bad data leaves no run behind
     inputs, logits_fn, use_cache = choose_forward_pass(model, token_ids[0], token_ids[1], args)
@@ -538,7 +539,7 @@ USE_FLAGS = ("classify", "classify_file", "evaluate", "export_hf", "threshold", 
              "dtype", "device", "cache_dir", "out_dir", "overwrite")
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = gpt.ArgumentParser(description="Fine-tune GPT-2 (or a Llama-family model) into an SMS spam classifier. "
                                 "Another run in --out-dir is refused unless --overwrite.")
     data = parser.add_argument_group("data")
@@ -551,20 +552,25 @@ def parse_args(argv=None):
     gpt.add_flags(model, "lora", "lora_rank", "lora_alpha", "drop_rate")
     train = parser.add_argument_group("training")
     gpt.add_flags(train, "epochs", "max_steps", "batch_size", "lr", "weight_decay", "seed", "log_every", "keep_last",
-                  epochs=5, log_every=25)
+                  epochs=(5, "the book's"), log_every=(25, "as steps on the activation cache are short"))
     train.add_argument("--no-activation-cache", action="store_true", help="run the frozen blocks at every step (as "
                        "a --drop-rate above 0 does)")
     train.add_argument("--dtype", **{**gpt.FLAGS["dtype"], "choices": ["float32", "bfloat16"]})
-    gpt.add_flags(train, "device", "out_dir", "overwrite", out_dir="runs/classify")
+    gpt.add_flags(train, "device", "out_dir", "overwrite", out_dir=("runs/classify", "one per stage"))
     use = parser.add_argument_group("use a fine-tuned classifier (no training)")
     mode = use.add_mutually_exclusive_group()
     mode.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
     mode.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, a pipe too")
     mode.add_argument("--evaluate", metavar="FILE", help="metrics on a labelled FILE, as --data")
-    mode.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint for transformers, exit")
+    mode.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint in --dtype as a Hugging Face folder")
     use.add_argument("--threshold", type=gpt.fraction, default=0.5, metavar="P", help="spam from this probability on")
     use.add_argument("--results", metavar="FILE", help="metrics (.json) or predictions (.csv) (default: print only)")
-    use.add_argument("--checkpoint", help="a run's file or folder, or an export (default: OUT_DIR/classifier.pt)")
+    use.add_argument("--checkpoint", help="a run's file or folder, or an export (default: classifier.pt in --out-dir)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, argv, args)
     return args

@@ -51,8 +51,8 @@ RUN_FILES = ("run.json", *SPLIT_FILES, "train_state.pt", "model.pt", "losses.png
              "responses-scored.json")
 # Flags that may differ from the saved run on --resume: more steps, another machine, other answers.
 RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "keep_last", "device", "cache_dir", "out_dir",
-                     "responses", "max_new_tokens", "temperature", "top_k", "top_p", "judge", "judge_url",
-                     "judge_model")
+                     "responses", "num_answers", "max_new_tokens", "temperature", "top_k", "top_p", "judge",
+                     "judge_url", "judge_model")
 # Flags of training alone: --generate-only, --prompt and --judge-only would ignore them, so they are refused there.
 TRAINING_FLAGS = ("model", "epochs", "batch_size", "lr", "weight_decay", "drop_rate", "lora", "lora_rank", "lora_alpha",
                   "max_steps", "log_every", "eval_every", "eval_batches", "keep_last", "save_every", "keep_state",
@@ -208,16 +208,10 @@ def evaluate(model, train_examples, val_examples, progress, *options):
         progress["best"] = {"step": step, "val_loss": losses[1], "weights": gpt.trainable_weights(model)}
 
 
-def save_state(state_path, model, tokenizer, optimizer, progress):
-    """Save what --resume needs: the weights, AdamW's moments, the progress, the random state."""
-    gpt.save_checkpoint(state_path, model, tokenizer, optimizer=optimizer.state_dict(), **progress, rng=gpt.rng_state())
-
-
-def stop_training(state_path, stopper, step):
-    """After a stop by `stopper` (Ctrl-C or SIGTERM) and its save: say how to go on, exit with the shell's code."""
-    print(f"stopped at step {step} ({stopper.signal_name}), the state saved in {state_path}: go on with python "
-          f"finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
-    raise SystemExit(128 + signal.Signals[stopper.signal_name])
+def planned_steps(args, n_examples):
+    """(Steps per epoch, steps in all): --epochs, or --max-steps when fewer; an epoch's last batch may be short."""
+    steps_per_epoch = math.ceil(n_examples / args.batch_size)
+    return steps_per_epoch, min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
 
 
 def train(model, tokenizer, train_examples, val_examples, collate, args, device, state_path, stopper, state=None):
@@ -226,15 +220,13 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
     given back as `state`, training goes on as if it had not stopped."""
     optimizer = gpt.make_adamw(model, args.lr, args.weight_decay)
     autocast, _ = gpt.autocast_context(device, args.dtype)
-    steps_per_epoch = math.ceil(len(train_examples) / args.batch_size)  # the last batch may be smaller
-    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    steps_per_epoch, total_steps = planned_steps(args, len(train_examples))
     progress = {"step": 0, "history": {"step": [], "train_loss": [], "val_loss": []}, "best": {"val_loss": math.inf}}
     if state is not None:
         model.load_state_dict(state["model"])
         gpt.restore_training_state(state, optimizer, device, state["rng"])  # AdamW's moments, the random state
         progress = {key: state[key] for key in progress}
         print(f"resuming at step {progress['step']} of {total_steps}")
-    print(f"training: {len(train_examples)} examples, {steps_per_epoch} steps per epoch, {total_steps} in all")
     started, start_step, window_seconds, window_tokens = time.time(), progress["step"], 0.0, 0
     while True:
         step = progress["step"]
@@ -244,9 +236,13 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
         stop = stopper.requested and step < total_steps  # a stop saves the steps made since the last save
         if stop or (step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0
                                            or step == total_steps)):
-            save_state(state_path, model, tokenizer, optimizer, progress)
-        if stop:
-            stop_training(state_path, stopper, step)
+            # What --resume needs: the weights, AdamW's moments, the progress, the random state
+            gpt.save_checkpoint(state_path, model, tokenizer, optimizer=optimizer.state_dict(), **progress,
+                                rng=gpt.rng_state())
+        if stop:  # say how to go on; exit with the shell's code
+            print(f"stopped at step {step} ({stopper.signal_name}), the state saved in {state_path}: go on with "
+                  f"python finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
+            raise SystemExit(128 + signal.Signals[stopper.signal_name])
         if step == total_steps:
             break
 
@@ -266,7 +262,7 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
         window_tokens += inputs.numel()
         if step % args.log_every == 0 or step == total_steps:
             eta = gpt.eta(started, step - start_step, total_steps - start_step)
-            print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} | loss {loss.item():.3f} | "
+            print(f"{gpt.training_position(step, total_steps, steps_per_epoch)} | loss {loss.item():.3f} | "
                   f"{window_tokens / window_seconds:.0f} tok/s | ETA {eta}", flush=True)
             window_seconds, window_tokens = 0.0, 0
     trained = f"{step - start_step} step" + ("s" if step - start_step != 1 else "")
@@ -297,7 +293,7 @@ def resume_run(args, argv, out_dir):
         raise ValueError(f"--resume: {state_path} is {'not a training state' if state else 'not there'} (a finished "
                          f"run keeps it only with --keep-state): train on from {out_dir / 'model.pt'} with --model, "
                          "or start again with --overwrite")
-    steps = min(math.ceil(len(splits[0]) / args.batch_size) * args.epochs, args.max_steps or math.inf)
+    steps = planned_steps(args, len(splits[0]))[1]
     if state["step"] >= steps:  # before run.json is written again
         limit = "--max-steps" if steps == args.max_steps else "--epochs"
         raise ValueError(f"--resume: the run is complete ({state['step']} step{'s' * (state['step'] != 1)}, as "
@@ -317,13 +313,17 @@ def fine_tune(args, argv, device):
         source, state = data_path(args), None
         splits = split_dataset(load_instruction_data(source), args.seed)
     print(f"data: {source}: {len(splits[0])} train, {len(splits[1])} validation, {len(splits[2])} test entries")
-    gpt.print_settings(args)
+    gpt.print_settings(args, build_parser().parse_args([]))
     model, tokenizer = prepare_model(args, device, state)  # the model's own tokenizer and end-of-text token
     max_length = gpt.length_within_context(args.max_length, model.cfg, "--max-length")
     print(gpt.model_summary(model, args.model) + f", on {device}")
     examples = [tokenize_examples(entries, tokenizer, max_length, args.mask_prompt) for entries in splits[:2]]
     if not all(examples):
         raise ValueError("no training or validation example is left: raise --max-length or drop --mask-prompt")
+    steps_per_epoch, total_steps = planned_steps(args, len(examples[0]))
+    answers = answer_entries(args, splits[2])
+    print(f"training: {len(examples[0])} examples, {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs); "
+          f"then {len(answers)} answers of up to {args.max_new_tokens} tokens (--num-answers)")
     gpt.write_json(out_dir / "run.json", {"settings": vars(args)})  # on --resume: with a new --epochs or --max-steps
     for name, entries in zip(SPLIT_FILES, splits):
         gpt.write_json(out_dir / name, entries)
@@ -348,7 +348,7 @@ def fine_tune(args, argv, device):
     print(f"saved the fine-tuned model to {out_dir / 'model.pt'}")
     if not args.keep_state:
         state_path.unlink(missing_ok=True)  # up to 4x the model; --keep-state keeps it for --resume
-    return args, model.to(gpt.DTYPES[args.dtype]), tokenizer, splits[2]
+    return args, model.to(gpt.DTYPES[args.dtype]), tokenizer, answers
 
 
 # --- 4. Answers: a response for each test entry ---------------------------------------------
@@ -378,7 +378,8 @@ def generate_responses(model, tokenizer, entries, path, **options):
         gpt.show_progress(f"answers {i + 1}/{len(entries)} | {tokens / (time.time() - started):.1f} tok/s | ETA {eta}")
     gpt.end_progress()
     gpt.write_json(path, results)
-    print(f"wrote {len(results)} responses to {path}")
+    empty = sum(not result["model_response"] for result in results)
+    print(f"wrote {len(results)} responses to {path}" + f"; {empty} of {len(results)} answers were empty" * bool(empty))
 
 
 # --- 5. Evaluation: an LLM judge served by Ollama -------------------------------------------
@@ -475,6 +476,11 @@ def judge(args, responses_path):
 # --- 6. The other modes: answers of a saved model (--generate-only, --prompt) ---------------
 
 
+def answer_entries(args, test_set):
+    """The test entries to answer: the first --num-answers (default: all; 10 after a short run with --max-steps)."""
+    return test_set[: args.num_answers if args.num_answers is not None else 10 if args.max_steps else len(test_set)]
+
+
 def answer_options(args):
     """The generation options of `generate_response` from the flags (sampling seeded by --seed; greedy needs none)."""
     return {key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
@@ -500,7 +506,7 @@ def answer_without_training(args, device, responses):
         path = data_path(args)
         print(f"data: {out_dir} holds no test.json: answering the test split of {path} with --seed {args.seed}")
         test_set = split_dataset(load_instruction_data(path), args.seed)[2]
-    generate_responses(model, tokenizer, test_set, responses, **answer_options(args))
+    generate_responses(model, tokenizer, answer_entries(args, test_set), responses, **answer_options(args))
 
 
 # --- 7. Command line ------------------------------------------------------------------------
@@ -515,22 +521,24 @@ def build_parser():
     what.add_argument("--judge-only", action="store_true", help="no training, no answers: grade --responses")
     gpt.add_flags(what.add_mutually_exclusive_group(), "resume", "overwrite")
     what.add_argument("--keep-state", action="store_true", help="keep train_state.pt after training, for --resume")
-    gpt.add_flags(what, "out_dir", out_dir="runs/instruct")
+    gpt.add_flags(what, "out_dir", out_dir=("runs/instruct", "one per stage"))
     data = p.add_argument_group("data")
     data.add_argument("--data", help="Alpaca JSON list or JSON Lines (default: the book's, downloaded to --cache-dir)")
     gpt.add_flags(data, "cache_dir", "seed", "max_length")
     data.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets become -100")
     train = p.add_argument_group("model and training")
     gpt.add_flags(train, "model", "epochs", "batch_size", "lr", "weight_decay", "drop_rate", "lora", "lora_rank",
-                  "lora_alpha", "max_steps", "log_every", "eval_every", model="gpt2-medium", epochs=2, eval_every=25)
-    train.add_argument("--eval-batches", type=gpt.non_negative_int, default=5, help="batches per estimate, 0: all")
-    gpt.add_flags(train, "keep_last")
+                  "lora_alpha", "max_steps", "log_every", "eval_every", "eval_batches", "keep_last", epochs=(2, "the "
+                  "book's"), model=("gpt2-medium", "the book's: gpt2 follows instructions poorly"),
+                  eval_every=(25, "the book's run has 234 steps"))
     train.add_argument("--save-every", type=gpt.positive_int, default=50, help="steps between train_state.pt saves")
     gpt.add_flags(train, "dtype", "device")
     answers = p.add_argument_group("answers and evaluation")
-    answers.add_argument("--checkpoint", help="model that answers, any --model value (default: <out-dir>/model.pt)")
-    gpt.add_flags(answers, "max_new_tokens", "temperature", "top_k", "top_p", max_new_tokens=256)
-    answers.add_argument("--responses", help="answers to write, or to grade (default: <out-dir>/responses.json)")
+    answers.add_argument("--checkpoint", help="model that answers, any --model value (default: model.pt in --out-dir)")
+    answers.add_argument("--num-answers", type=gpt.non_negative_int, help="answer the first N test entries (default: "
+                         "all; 10 with --max-steps, a short try)")
+    gpt.add_flags(answers, "max_new_tokens", "temperature", "top_k", "top_p", max_new_tokens=(256, "a whole answer"))
+    answers.add_argument("--responses", help="answers to write, or to grade (default: responses.json in --out-dir)")
     answers.add_argument("--judge", choices=["none", "ollama"], default="none", help="grade with a local Ollama")
     answers.add_argument("--judge-url", default="http://localhost:11434", help="Ollama address")
     answers.add_argument("--judge-model", default="llama3", help="Ollama model that grades")
@@ -549,6 +557,8 @@ def parse_args(argv=None):
         parser.error("choose one of --generate-only, --judge-only, --prompt and --resume")
     if args.judge_only and args.judge == "none":
         parser.error("--judge-only needs --judge ollama")
+    if args.num_answers == 0 and args.judge != "none":
+        parser.error("--num-answers 0 leaves --judge nothing to grade")
     sampling = [flag for flag in ("top_k", "top_p") if getattr(args, flag) is not None]
     if sampling and not args.temperature:
         parser.error(f"{gpt.flag_name(sampling[0])} is for sampling: give --temperature above 0 as well")
@@ -560,7 +570,7 @@ def parse_args(argv=None):
         if "model" in gpt.given_flags(parser, argv) and mode != "--judge-only":  # the model that answers: --checkpoint
             parser.error(f"--model is the model that trains; {mode} answers with --checkpoint: give --checkpoint "
                          f"{args.model}")
-        gpt.refuse_flags(parser, argv, TRAINING_FLAGS, mode)
+        gpt.refuse_flags(parser, argv, TRAINING_FLAGS + ("num_answers",) * (mode != "--generate-only"), mode)
     return args
 
 
@@ -586,9 +596,9 @@ def main(argv=None):
     if args.prompt is not None or args.generate_only:
         answer_without_training(args, device, responses)
     else:
-        args, model, tokenizer, test_set = fine_tune(args, argv, device)
+        args, model, tokenizer, answers = fine_tune(args, argv, device)
         responses = responses_path(args)  # with --resume, the saved run's
-        generate_responses(model, tokenizer, test_set, responses, **answer_options(args))
+        generate_responses(model, tokenizer, answers, responses, **answer_options(args))
     if args.judge == "ollama" and args.prompt is None:
         judge(args, responses)
 

@@ -1427,9 +1427,9 @@ def fetch_dataset(urls, filename, *, flag="--data", quiet=False, **checks):
         try:
             return download_file(url, dest, quiet=quiet, **checks)
         except RuntimeError as e:
-            errors.append(f"  {e}")
-    raise RuntimeError(f"could not download {filename}:\n" + "\n".join(errors)
-                       + f"\nOffline? Pass a local copy with {flag} PATH")
+            errors.append(str(e))
+    raise RuntimeError(f"could not download {filename} ({'; '.join(errors)}). Offline? Give a copy of it with {flag} "
+                       'PATH (README, "Offline use")')
 
 
 def plot_curves(path, panels, xlabel):
@@ -1529,9 +1529,9 @@ def hub_file(repo, filename, *, quiet=False, missing_ok=False, cached_only=False
     try:
         head = requests.head(url, headers=headers, allow_redirects=False, timeout=30)
     except requests.RequestException as e:
-        raise RuntimeError(f"cannot reach {url} ({e.__class__.__name__}). Offline? Pass a local .safetensors file "
-                           f"or a folder with the model's files instead of {repo!r}, or set HF_ENDPOINT to a mirror"
-                           ) from None
+        raise RuntimeError(f"cannot reach {url} ({e.__class__.__name__}). Offline? Give --model a model folder or a "
+                           f".safetensors or GGUF file instead of {repo!r} (README, \"Offline use\"), or set "
+                           "HF_ENDPOINT to a mirror") from None
     if head.status_code in (401, 403):
         token = "HF_TOKEN is set, but its account has no access yet" if headers else "HF_TOKEN is not set"
         raise RuntimeError(f"{repo} is gated (HTTP {head.status_code}; {token}): accept its licence on "
@@ -2704,12 +2704,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's "(default: X)" after each flag's help, "none" for None; not after an on/off flag, nor
-    after a help text that says its default itself ("(default: no overlap)")."""
+    after a help text that says its default itself ("(default: no overlap)"). Placeholders: N for a
+    count, P for a fraction, else the flag's name ("--lr LR")."""
 
     def _get_help_string(self, action):
         if action.nargs == 0 or "(default" in action.help:
             return action.help
         return action.help + " (default: none)" if action.default is None else super()._get_help_string(action)
+
+    def _get_default_metavar_for_optional(self, action):
+        placeholders = {positive_int: "N", non_negative_int: "N", fraction: "P"}
+        return placeholders.get(action.type) or super()._get_default_metavar_for_optional(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -2736,8 +2741,8 @@ FLAGS = {
     "max_length": dict(type=positive_int, help="cut each example to N tokens (default: the model's context length)"),
     "drop_rate": dict(type=fraction, default=0.0, help="dropout probability while training"),
     "lora": dict(action="store_true", help="train low-rank adapters (LoRA) in every block instead of its weights"),
-    "lora_rank": dict(type=positive_int, default=16, help="rank r of the LoRA adapters"),
-    "lora_alpha": dict(type=non_negative_float, default=16.0, help="LoRA updates are scaled by alpha / rank"),
+    "lora_rank": dict(type=positive_int, default=16, help="rank N of the LoRA adapters"),
+    "lora_alpha": dict(type=non_negative_float, default=16.0, help="LoRA updates are scaled by LORA_ALPHA / rank"),
     "epochs": dict(type=positive_int, help="passes over the training data"),
     "max_steps": dict(type=positive_int, help="optimizer steps in all (default: as many as --epochs make)"),
     "batch_size": dict(type=positive_int, default=8, help="sequences per batch of training (per process) or measuring"),
@@ -2746,26 +2751,35 @@ FLAGS = {
     "seed": dict(type=non_negative_int, default=123, help="seed of the data's split and order, new weights, sampling"),
     "log_every": dict(type=positive_int, default=5, help="print a progress line every N steps"),
     "eval_every": dict(type=positive_int, help="measure the losses every N steps (pretraining saves latest.pt too)"),
+    "eval_batches": dict(type=non_negative_int, default=5, help="batches of each split per measurement (0: all)"),
     "keep_last": dict(action="store_true", help="keep the last weights, not those that did best on validation"),
     "max_new_tokens": dict(type=non_negative_int, help="the most tokens to generate"),
     "temperature": dict(type=non_negative_float, default=0.0, help="0: greedy; above: sampling, more random"),
-    "top_k": dict(type=positive_int, help="sample from the k likeliest tokens only (default: all)"),
-    "top_p": dict(type=fraction, help="sample from the fewest tokens that reach probability p (default: all)"),
-    "out_dir": dict(help="folder of the run's files"),
+    "top_k": dict(type=positive_int, help="sample from the N likeliest tokens only (default: all)"),
+    "top_p": dict(type=fraction, help="sample from the fewest tokens that reach probability P (default: all)"),
+    "out_dir": dict(metavar="FOLDER", help="folder of the run's files"),
     "resume": dict(action="store_true", help="continue the run in --out-dir from its last save, with its settings"),
     "overwrite": dict(action="store_true", help="replace the run in --out-dir, or an earlier export"),
-    "cache_dir": dict(default=cache_dir, help="folder of downloaded data and weights, and of token files"),
+    "cache_dir": dict(default=cache_dir, metavar="FOLDER", help="folder of downloaded data and weights, and of token "
+                      "files"),
     "device": dict(default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"),
     "dtype": dict(choices=list(DTYPES), default="float32", help="precision: of autocast while training (the weights "
-                  "stay float32), of the weights when generating, measuring or exporting"),
+                  "stay float32; float16 is refused there: it needs loss scaling), of the weights when generating, "
+                  "measuring or exporting"),
 }
 
 
 def add_flags(group, *names, **defaults):
-    """Add the flags `names` of FLAGS to an argparse parser or group, with `defaults` ({name: value})
-    in place of the table's: `add_flags(train, "lr", "seed", lr=1e-3)`."""
+    """Add the flags `names` of FLAGS to an argparse parser or group, with `defaults` ({name: value, or
+    (value, why) for one that differs between the scripts}) in place of the table's: `add_flags(train,
+    "lr", "seed", lr=(1e-3, "new weights"))` helps with "(default: 0.001, new weights)"."""
     for name in names:
-        options = {**FLAGS[name], **({"default": defaults[name]} if name in defaults else {})}
+        options = dict(FLAGS[name])
+        value, why = defaults[name] if isinstance(defaults.get(name), tuple) else (defaults.get(name), None)
+        if name in defaults:
+            options["default"] = value
+        if why:
+            options["help"] += f" (default: {'none' if value is None else value}, {why})"
         if callable(options.get("default")):  # --cache-dir: the folder GPT_CACHE_DIR names at this moment
             options["default"] = str(options["default"]())
         group.add_argument(flag_name(name), **options)
@@ -2825,9 +2839,12 @@ def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
     return argparse.Namespace(**{**defaults, **saved, **given})
 
 
-def print_settings(settings):
-    """Print a run's settings (a Namespace) in one line for the log: "settings: lr=0.001, ..."."""
-    print("settings: " + ", ".join(f"{name}={value}" for name, value in vars(settings).items()))
+def print_settings(settings, defaults):
+    """Print in one line the run's settings (a Namespace) that differ from `defaults` (a Namespace: the
+    command line without flags): "settings: lr=0.001, ... (the others: defaults; all in run.json)"."""
+    changed = [f"{name}={value}" for name, value in vars(settings).items() if getattr(defaults, name, None) != value]
+    others = "the others: defaults; " if changed else ""
+    print(f"settings: {', '.join(changed) or 'the defaults'} ({others}all in run.json)")
 
 
 def length_within_context(length, cfg, flag):
@@ -2879,6 +2896,12 @@ def end_progress():
     if _progress["open"]:
         print(file=sys.stderr, flush=True)
         _progress["open"] = False
+
+
+def training_position(step, total_steps, steps_per_epoch):
+    """"step 7/10 (epoch 1.40/2.00)": the step and epoch reached, and where the run stops (inside an epoch,
+    say, by --max-steps); for the progress lines of the three training stages."""
+    return f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}/{total_steps / steps_per_epoch:.2f})"
 
 
 def eta(started, done, total):

@@ -469,21 +469,20 @@ NEEDS = {"benchmark_file": ("benchmark",), "shots": ("benchmark",), "limit": ("b
          "gguf_type": ("export_gguf",)}
 
 
-def parse_args(argv=None):
-    """The settings of the run; flags that contradict each other, or would be ignored, exit 2 with one line."""
+def build_parser():
     p = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
     gpt.add_flags(p, "model", "device", "dtype", "cache_dir")
     g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
     g.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     g.add_argument("--chat", action="store_true", help="--prompt is a message to an instruct model: wrap it in the "
                    "model's chat format (ChatML, Llama 3, Gemma, Phi-3, told by its chat template)")
-    gpt.add_flags(g, "max_new_tokens", "temperature", "top_k", "top_p", "seed", max_new_tokens=50, seed=None)
+    gpt.add_flags(g, "max_new_tokens", "temperature", "top_k", "top_p", "seed", seed=(None, "a new sample each run"),
+                  max_new_tokens=(50, "a glimpse; an instruct answer needs more"))
     m = p.add_argument_group("measure it (instead of generating)")
     m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark")
     m.add_argument("--benchmark-file", help="hellaswag_val.jsonl, or MMLU's data.tar (default: download)")
     m.add_argument("--shots", type=gpt.non_negative_int, default=0, help="MMLU: solved examples before each question")
-    m.add_argument("--limit", metavar="N", type=gpt.positive_int, help="score the first N items of each subject "
-                   "(default: all)")
+    m.add_argument("--limit", type=gpt.positive_int, help="score the first N items of each subject (default: all)")
     m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 text file")
     m.add_argument("--stride", type=gpt.positive_int, help="tokens between perplexity windows (default: context / 2)")
     m.add_argument("--contamination", metavar="FILE", help="a training corpus (UTF-8 text): items that share "
@@ -491,15 +490,21 @@ def parse_args(argv=None):
     m.add_argument("--ngram", type=gpt.positive_int, default=13, help="words per n-gram of --contamination")
     m.add_argument("--probe", action="store_true", help="score again with options or sentences reordered: the change")
     gpt.add_flags(m, "batch_size")
-    m.add_argument("--results", metavar="PATH", help="write the measurements to this JSON file (default: print only)")
+    m.add_argument("--results", metavar="FILE", help="write the measurements to this JSON file (default: print only)")
     e = p.add_argument_group("download or export it (instead of generating)")
     e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
-    e.add_argument("--export-hf", metavar="FOLDER", help="write --model as a Hugging Face model folder in --dtype")
+    e.add_argument("--export-hf", metavar="FOLDER", help="write --model in --dtype as a Hugging Face folder")
     e.add_argument("--export-gguf", metavar="FILE", help="write --model as a GGUF file for llama.cpp and Ollama, "
                    "with an Ollama Modelfile beside it")
     e.add_argument("--gguf-type", choices=list(gpt.GGUF_FILE_TYPES), default="f16",
                    help="type of the weight matrices of --export-gguf (norms and biases stay f32)")
     gpt.add_flags(e, "overwrite")
+    return p
+
+
+def parse_args(argv=None):
+    """The settings of the run; flags that contradict each other, or would be ignored, exit 2 with one line."""
+    p = build_parser()
     args = p.parse_args(argv)
     check_flags(p, args, gpt.given_flags(p, argv))
     return args

@@ -204,9 +204,9 @@ def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, wor
 
 
 def evaluation_starts(n_tokens, context_length, max_windows):
-    """Starts of up to max_windows non-overlapping windows spread evenly over a split (the same at every evaluation)."""
+    """Starts of up to max_windows (0: all) non-overlapping windows spread evenly over a split, the same each time."""
     available = count_windows(n_tokens, context_length, context_length)
-    k = min(available, max_windows)
+    k = min(available, max_windows or available)  # 0: all
     return [(j * available // k) * context_length for j in range(k)]
 
 
@@ -439,6 +439,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
         train_model = torch.nn.parallel.DistributedDataParallel(eval_model, device_ids=device_ids)
     peak = args.peak_flops or peak_flops(proc.device, dtype_name)  # None: no MFU
     tokens_per_step = args.batch_size * args.grad_accum * proc.world_size * splits.context_length
+    steps_per_epoch = splits.n_windows * splits.context_length / tokens_per_step
     speed = Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
     while True:
         step = state["step"]
@@ -478,8 +479,8 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
         if state["step"] % args.log_every == 0 or state["step"] == total_steps:
             loss_value = float(loss_sum)  # waits for the GPU: only on logging steps
             gpt.check_finite_loss(loss_value, state["step"])
-            log(f"step {state['step']}/{total_steps} | loss {loss_value:.3f} | lr {lr:.2e} | grad norm {norm:.2f} | "
-                f"{speed.report(state['step'], total_steps)}")
+            log(f"{gpt.training_position(state['step'], total_steps, steps_per_epoch)} | loss {loss_value:.3f} | lr "
+                f"{lr:.2e} | grad norm {norm:.2f} | {speed.report(state['step'], total_steps)}")
 
 
 def stop_reason(args, state, stopper, proc):
@@ -527,7 +528,7 @@ def start_run(args, proc):
     out_dir = Path(args.out_dir)
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
         gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
-        gpt.print_settings(args)
+        gpt.print_settings(args, build_parser().parse_args([]))
     barrier(proc)
     checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
     model, tokenizer = model_to_train(args, checkpoint)  # before the data: a wrong --model fails in seconds
@@ -556,8 +557,10 @@ def start_run(args, proc):
     if proc.rank == 0:
         gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
     log(gpt.model_summary(model, "model") + f"; {proc.device}, {proc.world_size} process(es)")
-    log(f"training: {total_steps} steps of {global_batch} windows ({global_batch * splits.context_length:,} tokens), "
-        f"{total_steps * global_batch / splits.n_windows:.2f} epochs; unigram baseline {splits.unigram_loss:.3f}")
+    windows = total_steps * global_batch
+    log(f"training: {total_steps} steps of {global_batch} windows of {splits.context_length} tokens "
+        f"({windows * splits.context_length:,} tokens, {windows / splits.n_windows:.2f} epochs), measured every "
+        f"{args.eval_every}; unigram baseline {splits.unigram_loss:.3f}")
     return model, optimizer, splits, tokenizer, state
 
 
@@ -590,14 +593,15 @@ def build_parser():
                            "(only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, "
                            "--peak-flops, --cache-dir may differ from them), --overwrite deletes it first.")
     data = p.add_argument_group("data")
-    data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files")
+    data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files "
+                      f"(default: The Verdict, {VERDICT_URL})")
     data.add_argument("--train-fraction", type=gpt.fraction, default=0.9, help="share of the tokens for training")
     data.add_argument("--stride", type=gpt.positive_int, help="tokens between window starts (default: no overlap)")
     data.add_argument("--replace-invalid-utf8", action="store_true", help="read bytes that are not UTF-8 as U+FFFD")
     gpt.add_flags(data, "cache_dir")
 
-    model = p.add_argument_group("model (default: a new one, its shape from --size and the flags after it)")
-    gpt.add_flags(model, "model", model=None)
+    model = p.add_argument_group("model")
+    gpt.add_flags(model, "model", model=(None, "a new one, its shape from --size and the flags after it"))
     model.add_argument("--size", choices=list(gpt.MODEL_CONFIGS), metavar="NAME", help="the shape of a new model: "
                        f"{', '.join(gpt.MODEL_CONFIGS)}; a Llama-family name brings its Hub tokenizer "
                        "(default: 4 layers, 4 heads, width 256)")
@@ -610,8 +614,9 @@ def build_parser():
     train = p.add_argument_group("training")
     gpt.add_flags(train, "batch_size")
     train.add_argument("--grad-accum", type=gpt.positive_int, default=1, help="micro-batches per optimizer step")
-    train.add_argument("--epochs", type=gpt.non_negative_float, default=10.0, help=gpt.FLAGS["epochs"]["help"])
-    gpt.add_flags(train, "max_steps", "lr", lr=1e-3)
+    train.add_argument("--epochs", type=gpt.non_negative_float, default=10.0, help=gpt.FLAGS["epochs"]["help"] + " "
+                       "(default: 10.0, as the default text is short; fractions too, for a large corpus)")
+    gpt.add_flags(train, "max_steps", "lr", lr=(1e-3, "for new weights; trained ones are fine-tuned at 5e-05"))
     train.add_argument("--min-lr-ratio", type=gpt.fraction, default=0.1, help="final learning rate / --lr")
     train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="linear warm-up steps (default: 5%% of all)")
     gpt.add_flags(train, "weight_decay")
@@ -619,16 +624,15 @@ def build_parser():
     gpt.add_flags(train, "seed")
 
     run = p.add_argument_group("evaluation, run folder, devices")
-    gpt.add_flags(run, "eval_every", eval_every=10)
-    run.add_argument("--eval-batches", type=gpt.positive_int, default=10, help="batches of evaluation per split")
-    gpt.add_flags(run, "log_every")
+    gpt.add_flags(run, "eval_every", "eval_batches", "log_every", eval_every=(10, "the default run has 45 steps"))
     run.add_argument("--prompt", default="Every effort moves you", help="start of the sample of each evaluation")
     run.add_argument("--sample-tokens", type=gpt.non_negative_int, default=30, help="tokens of the sample")
-    gpt.add_flags(run, "out_dir", out_dir="runs/pretrain")
+    gpt.add_flags(run, "out_dir", out_dir=("runs/pretrain", "one per stage"))
     gpt.add_flags(run.add_mutually_exclusive_group(), "resume", "overwrite")
     run.add_argument("--stop-at-step", type=gpt.positive_int, help="save and exit after this step (default: the end)")
     gpt.add_flags(run, "device")
-    dtype_help = gpt.FLAGS["dtype"]["help"] + "; auto: bfloat16 on a GPU that has it, else float32"
+    dtype_help = gpt.FLAGS["dtype"]["help"] + "; auto: bfloat16 on a GPU that has it, else float32 (default: auto, " \
+        "for speed: pretraining is the long run)"
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=dtype_help)
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
     run.add_argument("--peak-flops", type=gpt.non_negative_float, help="FLOP/s of one device, for the MFU in the log "

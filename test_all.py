@@ -80,10 +80,18 @@ def every_progress_line(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def isolated_caches(tmp_path, monkeypatch):
-    """No test reads or writes the user's caches or reaches the Hugging Face Hub."""
+    """No test reads or writes the user's caches or reaches the network: requests go to 127.0.0.1 only."""
     monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "gpt-cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: fails at once
+    send = requests.Session.send
+
+    def offline(session, request, **options):  # as on a machine without network
+        if requests.utils.urlparse(request.url).hostname != "127.0.0.1":
+            raise requests.ConnectionError(f"no network in the tests: {request.url}")
+        return send(session, request, **options)
+
+    monkeypatch.setattr(requests.Session, "send", offline)
 
 
 def tiny_model(seed=0, config=None, **overrides):
@@ -337,10 +345,18 @@ def bad_inputs(tmp_path_factory):
 
 def check_bad_input(main, argv, message, files, tmp_path, capsys):
     """main(argv), with {files} and {run} filled in, stops with one line holding message before
-    it makes the run folder {run} or the folder above it, and changes none of the files."""
+    it makes the run folder {run} or the folder above it, and changes none of the files. NAME=VALUE words first
+    set the environment, as in a shell: TIKTOKEN_CACHE_DIR={files}/empty leaves tiktoken no GPT-2 files."""
     fill = partial(str.format, files=files, run=tmp_path / "runs" / "run")
     before = {path: path.stat().st_size for path in files.iterdir()}
-    exits_with_one_line(main, shlex.split(fill(argv)), fill(message), capsys)
+    words = shlex.split(fill(argv))
+    with pytest.MonkeyPatch.context() as env:
+        while "=" in words[0] and not words[0].startswith("-"):
+            env.setenv(*words.pop(0).split("=", 1))
+            env.setattr(gpt.tiktoken.registry, "ENCODINGS", {})  # tiktoken reads its files again
+            gpt.get_tokenizer.cache_clear()
+        exits_with_one_line(main, words, fill(message), capsys)
+    gpt.get_tokenizer.cache_clear()
     assert not (tmp_path / "runs").exists() and {path: path.stat().st_size for path in files.iterdir()} == before
 
 
@@ -1435,8 +1451,7 @@ def test_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_models, 
     model = load_lm("Qwen/Tiny")
     assert model.cfg.qk_norm and model.cfg.head_dim == 32
     with pytest.raises(RuntimeError, match=r"^cannot reach http://\S+/Qwen/Other/resolve/main/config\.json \(ConnectionError\)\. "
-                       r"Offline\? Pass a local \.safetensors file or a folder with the model's files instead of 'Qwen/Other', "
-                       r"or set HF_ENDPOINT to a mirror$"):
+                       r"Offline\? Give --model a model folder or a \.safetensors or GGUF file instead of 'Qwen/Other'"):
         load_lm("Qwen/Other", quiet=True)
 
 
@@ -2132,10 +2147,44 @@ def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(scr
     assert all(rule in help_text for rule in rules)
 
 
+# Flags of two or more scripts that differ on purpose -> what differs, and why. A default other than gpt.FLAGS' says
+# why in its help ("(default: 256, a whole answer)").
+SHARED_FLAGS_DIFFER = {
+    "--prompt": "help default",  # a text to continue, to start the samples with, to answer
+    "--data": "help default",  # each stage's own data
+    "--stride": "help",  # between perplexity windows, between training windows
+    "--results": "help", "--export-hf": "help", "--checkpoint": "help",  # of a language model, of a classifier
+    "--epochs": "placeholder",  # pretraining: fractions of an epoch too
+    "--dtype": "choices placeholder help",  # no float16 where the script only trains; pretraining: auto, by default
+}
+
+
+def test_a_flag_of_several_scripts_has_one_placeholder_choices_default_and_help_or_says_why():
+    seen = collections.defaultdict(dict)  # flag -> {script: {field: value}}
+    for script in (load_gpt2, pretrain, fc, instruct):
+        parser = script.build_parser()
+        placeholders = dict(re.findall(r"^  (--[\w-]+) ?(\S*)", parser.format_help(), re.M))
+        for action in parser._actions[1:]:  # after --help
+            flag = action.option_strings[0]
+            fields = dict(placeholder=placeholders[flag], choices=action.choices, default=action.default,
+                          help=action.help.partition(" (default: ")[0])
+            seen[flag][script.__name__] = fields
+            table = gpt.FLAGS.get(flag[2:].replace("-", "_"), {"default": action.default})
+            if action.default != table.get("default", False if action.nargs == 0 else None) and flag != "--cache-dir":
+                assert f"(default: {'none' if action.default is None else action.default}, " in action.help, flag
+    shared = {flag: scripts for flag, scripts in seen.items() if len(scripts) > 1}
+    assert len(shared) == 32
+    for flag, scripts in shared.items():
+        differ = SHARED_FLAGS_DIFFER.get(flag, "") + " default" * (flag[2:].replace("-", "_") in gpt.FLAGS)  # see above
+        for field in ("placeholder", "choices", "default", "help"):
+            values = {script: str(fields[field]) for script, fields in scripts.items()}
+            assert len(set(values.values())) == 1 or field in differ, (flag, field, values)
+
+
 @pytest.mark.parametrize("parse, argv, expected", [
     (pretrain.parse_settings, "--grad-clip 0 --sample-tokens 0 --stop-at-step 1 --drop-rate 0.5 --n-heads 8 --min-lr-ratio 0 "
-     "--warmup-steps 0 --weight-decay 0 --seed 9223372036854775807",
-     dict(grad_clip=0.0, min_lr_ratio=0.0, seed=2**63 - 1, n_heads=8)),
+     "--warmup-steps 0 --weight-decay 0 --seed 9223372036854775807 --eval-batches 0",  # 0: every window
+     dict(grad_clip=0.0, min_lr_ratio=0.0, seed=2**63 - 1, n_heads=8, eval_batches=0)),
     (fc.parse_args, "--classify hi --batch-size 3 --threshold 0.4 --dtype bfloat16",  # what using a classifier reads
      dict(batch_size=3, threshold=0.4, dtype="bfloat16")),
     (instruct.parse_args, "--top-k 1 --top-p 1 --temperature 1e-9 --max-new-tokens 0 --eval-batches 0 --weight-decay 0",
@@ -2465,6 +2514,8 @@ LOAD_GPT2_BAD_INPUTS = [
     ("--model {files}/junk.pt", "{files}/junk.pt: not a .safetensors file or a checkpoint of this project"),
     ("--model {files}/other.pt", "{files}/other.pt: not a .safetensors file or a checkpoint of this project"),
     ("--model models/missing.gguf", "no such file or model 'models/missing.gguf': a model is a released GPT-2 size"),
+    ("--model gpt2", "(ConnectionError). Offline? Give --model a model folder or a .safetensors or GGUF file instead "
+     "of 'openai-community/gpt2' (README, \"Offline use\"), or set HF_ENDPOINT to a mirror"),  # not in the cache
     ("--model {files}/tiny.pt --benchmark hellaswag --benchmark-file {files}/missing.jsonl", "missing.jsonl: no such file"),
     (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {MMLU_FOLDER}", "mmlu: a folder, not a file"),
     (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {HELLASWAG_TINY}", "not a tar archive: give MMLU's data.tar"),
@@ -2567,7 +2618,7 @@ def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ra
     assert targets.tolist() == [[1, 2, 3, 4], [6, gpt.EOT_ID, 8, 9]]
     # Evaluation windows do not overlap: 9 windows available, 3 spread evenly.
     assert pretrain.evaluation_starts(n_tokens=100, context_length=10, max_windows=3) == [0, 30, 60]
-    assert pretrain.evaluation_starts(25, 10, 50) == [0, 10]
+    assert pretrain.evaluation_starts(25, 10, 50) == pretrain.evaluation_starts(25, 10, 0) == [0, 10]  # 0: all
     # The micro-batches of two processes (ranks) are the one process batch, split.
     splits = argparse.Namespace(n_windows=10, stride=3, seed=1)  # what micro_batch_starts reads of Splits
     single = pretrain.micro_batch_starts(splits, samples_seen=8, micro_step=1, batch_size=4)
@@ -2859,6 +2910,7 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
 
 
 PRETRAIN_RUN = "--data {files}/story.txt --out-dir {run}"
+OFFLINE = '); run again later). Offline? Give a copy of it with --data PATH (README, "Offline use")'
 PRETRAIN_TINY = "--n-layers 1 --n-heads 2 --emb-dim 32 --context-length 32"  # the model is made before the data is read
 PRETRAIN_BAD_INPUTS = [
     # Flags, checked before any data or model work.
@@ -2882,6 +2934,11 @@ PRETRAIN_BAD_INPUTS = [
     (f"{PRETRAIN_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     # The data and the model.
     (f"{PRETRAIN_TINY} --data {{files}}/missing.txt --out-dir {{run}}", "no such file or folder"),
+    (f"{PRETRAIN_TINY} --out-dir {{run}}", f"could not download the-verdict.txt (download of {pretrain.VERDICT_URL} "
+     f"failed after 3 attempts (ConnectionError: no network in the tests: {pretrain.VERDICT_URL}{OFFLINE}"),
+    (f"TIKTOKEN_CACHE_DIR={{files}}/empty {PRETRAIN_RUN}", "cannot download tiktoken's GPT-2 vocabulary files "
+     "(ConnectionError): connect once, or set TIKTOKEN_CACHE_DIR to a folder holding them (this repository's "
+     "testdata/tiktoken_cache has them)"),
     (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "--data: no tokens in {files}/empty.txt"),
     (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "--data: no tokens in {files}/bom.txt"),  # a BOM alone
     (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
@@ -3229,7 +3286,7 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
     fc.main(common + ["--no-activation-cache"])
     out = capsys.readouterr().out
     assert "activation cache: on" in out and "activation cache: off (--no-activation-cache)" in out
-    assert "step 5/10 | loss" in out and "examples/s | ETA" in out
+    assert "step 5/10 (epoch 1.00/2.00) | loss" in out and "examples/s | ETA" in out
     for name in ("train.csv", "validation.csv", "test.csv", "classifier.pt", "metrics.json"):
         assert (tmp_path / "cached" / name).is_file()
     if importlib.util.find_spec("matplotlib") is None:
@@ -3261,6 +3318,7 @@ CLASSIFY_BAD_INPUTS = [
     # The model and the data, checked before a run folder is made (and before any download).
     ("--data {files}/nope.tsv", "--data {files}/nope.tsv: no such file"),
     ("--model gpt3 --out-dir {run}", "no such file or model 'gpt3'"),
+    ("--model {files}/lm48.pt --out-dir {run}", f"(ConnectionError: no network in the tests: {fc.DATA_URLS[1]}{OFFLINE}"),
     ("--model {files}/truncated.safetensors --out-dir {run}", "truncated.safetensors: not a complete safetensors file"),
     ("--model {files}/empty --data {files}/sms.tsv --out-dir {run}", "{files}/empty holds no model: neither "
      "model.safetensors nor model.safetensors.index.json"),
@@ -3312,8 +3370,7 @@ CLASSIFY_BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("argv, message", CLASSIFY_BAD_INPUTS)
-def test_classify_bad_input_is_one_line(bad_inputs, tmp_path, capsys, monkeypatch, argv, message):
-    monkeypatch.setattr(gpt, "fetch_dataset", lambda *args, **kwargs: pytest.fail("downloaded before the checks"))
+def test_classify_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, message):
     if argv.startswith("--evaluate {files}/") and "--checkpoint" not in argv:
         argv += " --checkpoint {files}/classifier.pt"
     check_bad_input(fc.main, argv, message, bad_inputs, tmp_path, capsys)
@@ -3354,7 +3411,7 @@ def test_classify_ctrl_c_exits_130_also_in_training_and_out_of_memory_names_the_
                             stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
-        if line.startswith("epoch 1/100000 step"):  # training is under way
+        if line.startswith("step 1/"):  # training is under way
             proc.send_signal(signal.SIGINT)
             break
     _, err = proc.communicate(timeout=60)
@@ -3367,7 +3424,8 @@ def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
     # 46 training messages, batch 8: 5 steps per epoch; 7 steps end 2 steps into epoch 2.
     fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "7", "--log-every", "1", "--epochs", "3"))
     out = capsys.readouterr().out
-    assert "epoch 2/2 step 7/7 | loss" in out and "step 8/" not in out
+    assert "training:   7 steps of 8 messages, 1.40 epochs" in out and "step 7/7 (epoch 1.40/1.40) | loss" in out
+    assert "step 8/" not in out
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert len(history["step_loss"]) == 7
     assert (history["step"], history["epoch"]) == ([5, 7], [1.0, 1.4])  # after epoch 1, and at the stop
@@ -3383,7 +3441,7 @@ def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
 def test_classify_lora_trains_only_adapters_and_head_and_settings_travel_with_the_run(tmp_path, capsys):
     fc.main(_classify_run_argv(tmp_path, "run", "--lora", "--max-steps", "2", "--seed", "7"))
     out = capsys.readouterr().out
-    assert "settings: " in out and "seed=7" in out and "max_length=48" in out
+    assert "lora=True, max_steps=2, seed=7, out_dir=" in out and "(the others: defaults; all in run.json)" in out
     # per block, rank 16: c_attn 16*32 + 96*16, attn.c_proj 16*32 + 32*16, c_fc 16*32 + 128*16,
     # mlp.c_proj 16*128 + 32*16 = 8,192; two blocks plus the head (32*2 + 2) = 16,450
     assert "16,450 trainable" in out
@@ -3859,7 +3917,8 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     instruct.main(common + recipe + ["--epochs", "1", "--keep-state"])
     out = capsys.readouterr().out
     assert "10 train, 1 validation, 1 test entries" in out
-    assert "step 2/2 | loss" in out and "tok/s" in out and "ETA" in out
+    assert "training: 10 examples, 2 steps (1.00 epochs); then 1 answers of up to 3 tokens (--num-answers)" in out
+    assert "step 2/2 (epoch 1.00/1.00) | loss" in out and "tok/s" in out and "ETA" in out
     assert "step 2: train loss" in out
     assert (out_dir / "losses.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
@@ -3886,7 +3945,9 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     with pytest.MonkeyPatch.context() as patch:  # a model that ends its answer at once: said, not a blank line
         patch.setattr(instruct, "generate_response", lambda *args, **options: ("", 1))
         instruct.main(common + ["--prompt", "Repeat the number 3."])
-    assert capsys.readouterr().out.endswith("\n(an empty answer: the model ended it at once with its end-of-text token)\n")
+        assert capsys.readouterr().out.endswith("\n(an empty answer: the model ended it at once with its end-of-text token)\n")
+        instruct.main(common + ["--generate-only"])
+        assert capsys.readouterr().out.endswith(f"wrote 1 responses to {out_dir / 'responses.json'}; 1 of 1 answers were empty\n")
     prompt = ["--prompt", "Repeat the number 3.", "--checkpoint", str(folder / "tiny.pt"), "--max-new-tokens", "6"]
     instruct.main(prompt)
     greedy = capsys.readouterr().out.splitlines()[-1]
@@ -3896,6 +3957,9 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     assert capsys.readouterr().out.splitlines()[-1] == greedy
     instruct.main(prompt + ["--temperature", "5", "--seed", "1"])
     assert capsys.readouterr().out.splitlines()[-1] != greedy
+    # How many test entries are answered: all, 10 after a short run (--max-steps), or --num-answers.
+    flags = [[], ["--max-steps", "4"], ["--max-steps", "4", "--num-answers", "0"], ["--num-answers", "200"]]
+    assert [len(instruct.answer_entries(instruct.parse_args(f), list(range(110)))) for f in flags] == [110, 10, 0, 110]
 
 
 def _instruct_same_weights(run_a, run_b):
@@ -4000,6 +4064,7 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     (f"{INSTRUCT_RUN} --resume --generate-only", "choose one of --generate-only, --judge-only, --prompt and --resume"),
     (f"{INSTRUCT_RUN} --judge-only", "--judge-only needs --judge ollama"),
+    (f"{INSTRUCT_RUN} --num-answers 0 --judge ollama", "--num-answers 0 leaves --judge nothing to grade"),
     (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k"),  # greedy decoding would ignore it
     # Answering does not train: a training flag given with it would be silently ignored.
     ("--out-dir {run} --generate-only --model gpt2", "--model is the model that trains; --generate-only answers "
@@ -4010,6 +4075,8 @@ INSTRUCT_BAD_INPUTS = [
     ("--data {files}/data.json --model {files}/empty --out-dir {run}", "{files}/empty holds no model: neither "
      "model.safetensors nor model.safetensors.index.json"),
     ("--data {files}/missing.json --out-dir {run}", "--data {files}/missing.json: no such file"),
+    ("--model {files}/tiny.pt --out-dir {run}", f"(ConnectionError: no network in the tests: {instruct.DATA_URL}{OFFLINE}"),
+    ("--data {files}/data.json --out-dir {run}", "instead of 'openai-community/gpt2-medium' (README, \"Offline use\")"),
     ("--data {files}/data.json --out-dir {run} --generate-only", "no {run}/model.pt: fine-tune first"),
     ("--data {files}/data.json --model {files}/tiny.pt --out-dir {files} --resume",
      "--resume: {files} holds no run to continue"),
@@ -4577,7 +4644,7 @@ def test_readme_type_it_live_pretraining_loop_runs_as_typed(tmp_path, capsys):
     namespace = {"TEXT": text}
     exec(compile(code, "README.md", "exec"), namespace)  # NameError here: a definition the list lacks
     assert namespace["state"]["step"] == 4 and (tmp_path / "live" / "latest.pt").is_file()
-    assert "step 4/4 | loss" in capsys.readouterr().out
+    assert re.search(r"^step 4/4 \(epoch \d\.\d\d/\d\.\d\d\) \| loss", capsys.readouterr().out, re.M)
 
 
 def test_readme_gpt_py_example_runs(capsys):
