@@ -281,13 +281,11 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     kept_weights = None
     step = 0
     started = time.time()
-    logged_step = 0  # the step of the last progress line
-    seconds_since_log = 0.0  # of the training steps alone, for the throughput
+    logged_step, logged_at = 0, time.perf_counter()  # of the last progress line or evaluation, for the throughput
     for epoch in range(1, n_epochs + 1):
         model.train()  # `evaluate` switched to eval mode
         order = torch.randperm(len(train_inputs), generator=generator).tolist()
         for b in range(min(steps_per_epoch, total_steps - step)):  # the last epoch stops at total_steps
-            step_started = time.perf_counter()
             batch = order[b * batch_size : (b + 1) * batch_size]
             loss = F.cross_entropy(logits_fn([train_inputs[i] for i in batch]), train_labels[batch])
             loss_value = loss.item()  # the one read from the device per step
@@ -297,13 +295,11 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
             optimizer.step()
             step += 1
             history["step_loss"].append(loss_value)
-            seconds_since_log += time.perf_counter() - step_started
             if step % log_every == 0 or step == total_steps:
-                examples_per_second = (step - logged_step) * batch_size / seconds_since_log
+                examples_per_second = (step - logged_step) * batch_size / (time.perf_counter() - logged_at)
                 print(f"epoch {epoch}/{n_epochs} step {step}/{total_steps} | loss {loss_value:.4f} | "
                       f"{examples_per_second:.1f} examples/s | ETA {gpt.eta(started, step, total_steps)}", flush=True)
-                logged_step = step
-                seconds_since_log = 0.0
+                logged_step, logged_at = step, time.perf_counter()
         train_loss, train_acc, _ = evaluate(model, logits_fn, *train, batch_size)
         val_loss, val_acc, _ = evaluate(model, logits_fn, *validation, batch_size)
         print(f"epoch {epoch}: train loss {train_loss:.4f} accuracy {100 * train_acc:.2f}% | validation loss "
@@ -315,6 +311,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
         if keep_last or best is None or score > best:
             best, kept_weights = score, gpt.trainable_weights(model)
             history["kept_epoch"] = history["epoch"][-1]
+        logged_step, logged_at = step, time.perf_counter()  # evaluating does not count in examples/s
     model.load_state_dict(kept_weights, strict=False)
     print(f"kept:       epoch {history['kept_epoch']:.3g} of {history['epoch'][-1]:.3g} "
           f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'})")

@@ -1563,6 +1563,12 @@ def _is(*values):
     return lambda value: any(type(value) is type(v) and value == v for v in values)
 
 
+# config.json's sizes -> GPTConfig's fields: read by `config_from_weights` and `config_from_hub`, written by
+# `hf_config` and `hub_config`. Each must be a positive integer (`check_sizes`).
+GPT2_SIZES = {"vocab_size": "vocab_size", "n_positions": "context_length", "n_embd": "emb_dim", "n_head": "n_heads",
+              "n_layer": "n_layers"}
+HUB_SIZES = {"vocab_size": "vocab_size", "max_position_embeddings": "context_length", "hidden_size": "emb_dim",
+             "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers", "intermediate_size": "hidden_dim"}
 # A finite number > 0 (by type: JSON's true is not 1)
 POSITIVE_NUMBER = (lambda value: type(value) in (int, float) and math.isfinite(value) and value > 0,
                    "a finite number > 0")
@@ -1611,17 +1617,11 @@ def config_from_weights(tensors, config_json=None):
             "n_head": max(1, emb_dim // 64),
             "n_layer": len({int(m.group(1)) for name in tensors if (m := re.match(r"h\.(\d+)\.", name))}),
         }
-    check_sizes(config_json, ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"))
+    check_sizes(config_json, GPT2_SIZES)
     hidden = 4 * config_json["n_embd"]  # the MLP's width, n_inner, is GPT-2's: null means this
     check_settings(config_json, {**GPT2_SETTINGS, "n_inner": (_is(None, hidden), f"null or 4 * n_embd = {hidden}")})
-    return GPTConfig(
-        vocab_size=config_json["vocab_size"],
-        context_length=config_json["n_positions"],
-        emb_dim=config_json["n_embd"],
-        n_heads=config_json["n_head"],
-        n_layers=config_json["n_layer"],
-        norm_eps=float(config_json.get("layer_norm_epsilon", 1e-5)),
-    )
+    sizes = {field: config_json[key] for key, field in GPT2_SIZES.items()}
+    return GPTConfig(**sizes, norm_eps=float(config_json.get("layer_norm_epsilon", 1e-5)))
 
 
 def empty_model(cfg):
@@ -1732,8 +1732,7 @@ def config_from_hub(config_json):
     model_type = config_json.get("model_type")
     if model_type not in HUB_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(HUB_MODEL_TYPES)}")
-    check_sizes(config_json, ("vocab_size", "max_position_embeddings", "hidden_size", "num_attention_heads",
-                              "num_hidden_layers", "intermediate_size"))
+    check_sizes(config_json, HUB_SIZES)
     check_settings(config_json, LLAMA_SETTINGS)
     activation = config_json.get("hidden_act", config_json.get("hidden_activation", "silu"))
     if activation not in ACTIVATIONS.get(model_type, ("silu",)):
@@ -1750,14 +1749,9 @@ def config_from_hub(config_json):
                                and "full_attention" in layer_types else None)
     cfg = LlamaConfig(
         model_type=None if model_type in ("llama", "qwen3") else model_type,
-        vocab_size=config_json["vocab_size"],
-        context_length=config_json["max_position_embeddings"],
-        emb_dim=config_json["hidden_size"],
-        n_heads=config_json["num_attention_heads"],
-        n_layers=config_json["num_hidden_layers"],
+        **{field: config_json[key] for key, field in HUB_SIZES.items()},
         n_kv_heads=config_json.get("num_key_value_heads"),
         head_dim=config_json.get("head_dim"),
-        hidden_dim=config_json["intermediate_size"],
         rope_theta=float(theta),
         rope_scaling={key: rope[key] for key in scaling_keys} if rope_type == "llama3" else None,
         norm_eps=float(config_json.get("rms_norm_eps", config_json.get("layer_norm_eps", 1e-6))),
@@ -1821,12 +1815,8 @@ def hub_config(cfg):
     config = {
         "architectures": [HUB_MODEL_TYPES[model_type][0]],
         "model_type": model_type,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.context_length,
-        "hidden_size": cfg.emb_dim,
-        "intermediate_size": cfg.hidden_dim or 4 * cfg.emb_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
+        **{key: getattr(cfg, field) for key, field in HUB_SIZES.items()},
+        "intermediate_size": cfg.hidden_dim or 4 * cfg.emb_dim,  # hidden_dim None: 4 * emb_dim
         "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
         "head_dim": cfg.head_dim or cfg.emb_dim // cfg.n_heads,
         "hidden_act": activation,
@@ -1960,7 +1950,8 @@ def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torc
     if model_type != "gpt2":
         llama_layout(tensors, cfg)  # Phi's names, Phi-3's packed matrices
     model = empty_model(dataclasses.replace(cfg, tie_embeddings=True) if score is not None else cfg)
-    check_weights_fit(count_parameters(model), dtype, device, source)
+    weights = f"{source}: its weights at {dtype.itemsize} bytes each"
+    check_memory(count_parameters(model) * dtype.itemsize, device, weights)
     load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source))
     if score is not None:  # no language-model head to load: the classifier's takes its place
         labels = (config_json or {}).get("id2label") or {}
@@ -2276,7 +2267,8 @@ def gguf_model_parts(path, dtype=torch.float32, device="cpu"):
     names = GGUF_TENSOR_NAMES[arch]
     heads = {"attn_q": config.get("num_attention_heads"),
              "attn_k": config.get("num_key_value_heads", config.get("num_attention_heads"))}
-    check_weights_fit(sum(math.prod(shape) for _, shape, _ in entries.values()), dtype, device, path)
+    n_values = sum(math.prod(shape) for _, shape, _ in entries.values())
+    check_memory(n_values * dtype.itemsize, device, f"{path}: its weights at {dtype.itemsize} bytes each")
     tensors = {}
     for name, (kind, shape, data) in entries.items():
         tensor = dequantize(kind, shape, data)
@@ -2405,15 +2397,17 @@ CHAT_FORMATS = {
 
 
 def chat_prompt(tokenizer, message):
-    """A user's message as the one turn of a chat, in the format of the model's chat template
-    (chat_template.jinja or tokenizer_config.json's entry), chosen by its markers (CHAT_FORMATS)
-    rather than run (no Jinja): without a template's default system prompt. Raises ValueError for
-    a tokenizer without a chat template, or with one in none of these formats."""
+    """A user's message as the one turn of a chat -> (prompt text, the id of the token that ends a
+    turn), in the format of the model's chat template (chat_template.jinja or tokenizer_config.json's
+    entry), chosen by its markers (CHAT_FORMATS) rather than run (no Jinja): without a template's
+    default system prompt. The answer ends with the end-of-turn token (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, <|end|>), which instruct models emit before, or instead of, their end-of-text
+    token. Raises ValueError for a tokenizer without a chat template, or with one in none of these formats."""
     config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
     template = tokenizer.files.get("chat_template.jinja") or config.get("chat_template") or ""
     for marker, (before, after) in CHAT_FORMATS.items():
         if marker in template:
-            return before + message + after
+            return before + message + after, tokenizer.encode(after)[0]  # the user's turn ends as answers do
     what = "has no chat template" if not template else "has a chat template of none of the formats known here"
     raise ValueError(f"{tokenizer.name} {what} (ChatML, Llama 3, Gemma, Phi-3): give the prompt as plain text")
 
@@ -2623,10 +2617,10 @@ def save_checkpoint(path, model, tokenizer, **extra):
     atomic_write_bytes(path, lambda f: torch.save({**whole, **labels, **extra}, f))
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint of `save_checkpoint` -> dict (weights_only: safely). Raises ValueError for another file."""
+def load_checkpoint(path):
+    """Read a checkpoint of `save_checkpoint` -> dict on the CPU (weights_only: safely). ValueError: another file."""
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch.load raises many kinds for a file it cannot read
         checkpoint = None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
@@ -2701,11 +2695,7 @@ def hf_config(cfg):
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
-            "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.context_length,
-            "n_embd": cfg.emb_dim,
-            "n_layer": cfg.n_layers,
-            "n_head": cfg.n_heads,
+            **{key: getattr(cfg, field) for key, field in GPT2_SIZES.items()},
             "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
             "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": cfg.drop_rate,
@@ -3128,36 +3118,25 @@ def split_by_fractions(items, seed, fractions):
     return parts + [items[start:]]
 
 
-def device_memory(device):
-    """Bytes of memory a torch.device offers: a CUDA device's free memory, else the machine's RAM."""
+def check_memory(needed, device, what, hint="use --dtype bfloat16, or a smaller model"):
+    """Raise ValueError "WHAT: about N GB needed, but the DEVICE has M GB: HINT" when `needed` bytes exceed the memory
+    of `device` (a CUDA device's free memory, else the machine's RAM): checked before the work, as a process out of
+    memory is killed without a word."""
+    device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
-
-
-def check_weights_fit(n_values, dtype, device, source):
-    """Raise ValueError naming `source` when n_values weights in dtype exceed `device_memory`: a model
-    is refused before its weights are allocated, as a process out of memory is killed without a word."""
-    needed = n_values * torch.empty(0, dtype=dtype).element_size()
-    available = device_memory(torch.device(device))
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
     if needed > available:
-        raise ValueError(f"{source}: its weights take {needed / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')}, "
-                         f"more than the {torch.device(device).type}'s {available / 1e9:.1f} GB: use --dtype bfloat16, "
-                         "or a smaller model")
+        raise ValueError(f"{what}: about {needed / 1e9:.1f} GB needed, but the {device.type} has "
+                         f"{available / 1e9:.1f} GB: {hint}")
 
 
 def check_training_memory(model, device, hint, processes=1):
-    """Raise RuntimeError naming both sizes and `hint` (the flags that help) when `processes` times what
-    training with AdamW needs before activations, the weights and each trainable one's gradient and two
-    moments (Llama 3.2 1B in float32: 1.24e9 x 16 bytes = 19.8 GB), exceeds the CUDA device's free
-    memory or the machine's: checked before the work, as a process out of memory is killed without a word."""
+    """`check_memory` of what training model with AdamW needs before activations, `processes` times: the weights and
+    each trainable one's gradient and two moments (Llama 3.2 1B in float32: 1.24e9 x 16 bytes = 19.8 GB)."""
     needed = processes * sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
-    available = device_memory(device)
-    if needed > available:
-        raise RuntimeError(
-            f"training needs about {needed / 1e9:.1f} GB before activations (weights, gradients and AdamW's "
-            f"moments), but the {device.type} has {available / 1e9:.1f} GB: {hint}"
-        )
+    check_memory(needed, device, "training (weights, gradients and AdamW's moments, before activations)", hint)
 
 
 def autocast_context(device, dtype_name="auto"):

@@ -44,15 +44,15 @@ import gpt
 
 def stream_continuation(model, tokenizer, args):
     """Print --prompt and its continuation (sampling flags of args) token by token as they come, up to the tokenizer's
-    end-of-text token (not printed) or --max-new-tokens."""
-    prompt = gpt.chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
+    end-of-text token or, with --chat, the end of the model's turn (neither printed), or --max-new-tokens."""
+    prompt, stop_id = gpt.chat_prompt(tokenizer, args.prompt) if args.chat else (args.prompt, tokenizer.eot_id)
     print(prompt, end="", flush=True)
     prompt_ids = gpt.text_to_token_ids(prompt, device=model.wte.weight.device, tokenizer=tokenizer)
     generator = None if args.seed is None else torch.Generator(prompt_ids.device).manual_seed(args.seed)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
     new_ids, printed = [], ""
     for token in gpt.generate_stream(model, prompt_ids, args.max_new_tokens, eot_id=tokenizer.eot_id, **options):
-        if token.item() == tokenizer.eot_id:
+        if token.item() in (tokenizer.eot_id, stop_id):
             break
         new_ids.append(token.item())
         text = gpt.token_ids_to_text(new_ids, tokenizer)
@@ -218,10 +218,9 @@ def load_benchmark(args):
     """The items of --benchmark (--benchmark-file, else downloaded once and counted), the first --limit a subject."""
     hellaswag = args.benchmark == "hellaswag"
     path = args.benchmark_file
-    if path is None and hellaswag:
-        path = gpt.fetch_dataset(HELLASWAG_URLS, "hellaswag_val.jsonl", flag="--benchmark-file")
-    elif path is None:
-        path = gpt.fetch_dataset(MMLU_URLS, "data.tar", flag="--benchmark-file")
+    if path is None:
+        urls, name = (HELLASWAG_URLS, "hellaswag_val.jsonl") if hellaswag else (MMLU_URLS, "data.tar")
+        path = gpt.fetch_dataset(urls, name, flag="--benchmark-file")
     items = read_hellaswag(path) if hellaswag else read_mmlu(path, args.shots)
     expected = HELLASWAG_ITEMS if hellaswag else MMLU_TEST_ITEMS
     if args.benchmark_file is None and len(items) != expected:
@@ -314,9 +313,7 @@ def perplexity_requests(ids, context_length, stride, first_id=gpt.EOT_ID):
 
 def perplexity(model, text, stride, batch_size=8, tokenizer=None):
     """Perplexity (e to the mean negative log-likelihood per token) and bits per byte (the total in bits over the UTF-8
-    bytes: comparable across tokenizers) -> dict. tokenizer: the model's; None: GPT-2's."""
-    if not text:
-        raise ValueError("the text to score is empty")
+    bytes: comparable across tokenizers) of a non-empty text -> dict. tokenizer: the model's; None: GPT-2's."""
     tokenizer = tokenizer or gpt.get_tokenizer()
     ids = tokenizer.encode(text)
     requests = perplexity_requests(ids, model.cfg.context_length, stride, prefix_id(tokenizer))

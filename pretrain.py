@@ -446,7 +446,9 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
         evaluated = evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast)
         stopped = stop_reason(args, state, stopper, proc)
         if evaluated or stopped:
-            save_latest(Path(args.out_dir) / "latest.pt", model, tokenizer, optimizer, proc, state)
+            if proc.rank == 0:  # latest.pt: the model, AdamW's moments and the loop's state
+                latest = Path(args.out_dir) / "latest.pt"
+                gpt.save_checkpoint(latest, model, tokenizer, optimizer=optimizer.state_dict(), **state)
             speed.restart(step)  # evaluating and saving do not count in tokens/s
         if stopped:
             return stopped
@@ -490,12 +492,6 @@ def stop_reason(args, state, stopper, proc):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stop = bool(flag.item())
     return (stopper.signal_name or "stop-at-step") if stop else None
-
-
-def save_latest(path, model, tokenizer, optimizer, proc, state):
-    """Save latest.pt: the model, AdamW's moments and the loop's state (from the first process)."""
-    if proc.rank == 0:
-        gpt.save_checkpoint(path, model, tokenizer, optimizer=optimizer.state_dict(), **state)
 
 
 # ----------------------------------------------------------------------------------------

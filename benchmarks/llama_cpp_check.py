@@ -141,7 +141,7 @@ def compare(label, path, before=None, gguf_type=None, n_ctx=256):
 
 def greedy_rows(label, llm, model, tokenizer, max_new_tokens):
     """Print table rows: greedy continuations of PROMPTS and CHAT_MESSAGES by us and by llama.cpp."""
-    prompts = PROMPTS + [gpt.chat_prompt(tokenizer, message) for message in CHAT_MESSAGES]
+    prompts = PROMPTS + [gpt.chat_prompt(tokenizer, message)[0] for message in CHAT_MESSAGES]
     for prompt in prompts:
         ids = tokenizer.encode(prompt, bos=True)
         ours = gpt.generate(model, torch.tensor([ids]), max_new_tokens, eot_id=tokenizer.eot_id)[0, len(ids):].tolist()
