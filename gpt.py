@@ -2137,8 +2137,6 @@ def gguf_tensor_table(path, data, infos, data_start):
     return tensors
 
 
-
-
 # general.architecture -> config.json's model_type, where they differ
 GGUF_MODEL_TYPES = {"phi2": "phi", "gemma3": "gemma3_text"}
 # llama.cpp's tensor names -> transformers' (without `transformer.` or `model.`), as gguf-py's
@@ -2214,7 +2212,6 @@ def rotary_order(weight, n_heads, to_gguf=False):
     return weight.reshape(*halves, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-
 def gguf_config(metadata, entries):
     """config.json (a dict) of the model in a GGUF file: its metadata (GGUF_CONFIG_KEYS), what llama.cpp
     assumes (GGUF_ASSUMED) and what its tensors ({name: (type, shape, bytes)}, as `read_gguf` gives them)
@@ -2253,11 +2250,9 @@ def gguf_config(metadata, entries):
 
 def gguf_model_parts(path, dtype=torch.float32, device="cpu"):
     """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files
-    {name: text}): what `model_from_tensors` and `tokenizer_from_files` read from a model folder: the
-    query and key rows of the llama architecture in Hugging Face's order (`rotary_order`), Gemma 3's
-    norms as w (llama.cpp keeps the 1 + w they scale by). Raises ValueError naming the file as
-    `read_gguf` and `gguf_config` do, and for weights larger than the device's memory in dtype
-    (checked before any is dequantized)."""
+    {name: text}): what `model_from_tensors` and `tokenizer_from_files` read from a model folder, with
+    llama.cpp's changes undone (`rotary_order`; Gemma 3's norms hold 1 + w). Raises ValueError naming the
+    file as `read_gguf` and `gguf_config` do, and for weights larger than the device's memory in dtype."""
     metadata, entries = read_gguf(path)
     try:
         config = gguf_config(metadata, entries)
@@ -2319,21 +2314,18 @@ def gguf_tokenizer_files(metadata, source):
         for token, _ in sorted(zip(tokens, scores), key=lambda pair: -pair[1]):  # stable: equal scores in id order
             if token in normal:
                 merges += [[token[:n], token[n:]] for n in range(1, len(token)) if {token[:n], token[n:]} <= normal]
-        prepend = metadata.get("tokenizer.ggml.add_space_prefix", True)
-        space = [{"type": "Prepend", "prepend": "\u2581"}] if prepend else []
-        tokenizer_json = {  # Llama 2's normalizer (a space before each piece of text, as llama.cpp), or Gemma's
-            "added_tokens": added, "pre_tokenizer": None, "decoder": _PIECE_DECODER,
-            "normalizer": {"type": "Sequence", "normalizers": space + [
-                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
-            "model": {"type": "BPE", "vocab": vocab, "merges": merges, "byte_fallback": True},
-        }
+        steps = [{"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
+        if metadata.get("tokenizer.ggml.add_space_prefix", True):  # a space before each piece of text (Llama 2)
+            steps.insert(0, {"type": "Prepend", "prepend": "\u2581"})
+        normalizer = {"type": "Sequence", "normalizers": steps}
+        parts = {"normalizer": normalizer, "pre_tokenizer": None, "decoder": _PIECE_DECODER}
+        bpe = {"merges": merges, "byte_fallback": True}
     else:
-        tokenizer_json = {  # what `tokenizer_from_files` and the tokenizers library read
-            "added_tokens": added, "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre], "decoder": _BYTE_LEVEL,
-            "normalizer": {"type": "NFC"} if pre == "qwen2" else None,  # Qwen's
-            "model": {"type": "BPE", "vocab": vocab, "merges": metadata.get("tokenizer.ggml.merges", []),
-                      "ignore_merges": pre == "llama-bpe"},
-        }
+        parts = {"normalizer": {"type": "NFC"} if pre == "qwen2" else None,  # Qwen's
+                 "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre], "decoder": _BYTE_LEVEL}
+        bpe = {"merges": metadata.get("tokenizer.ggml.merges", []), "ignore_merges": pre == "llama-bpe"}
+    # what `tokenizer_from_files` and the tokenizers library read
+    tokenizer_json = {"added_tokens": added, **parts, "model": {"type": "BPE", "vocab": vocab, **bpe}}
     bos = config.get("bos_token")
     if metadata.get("tokenizer.ggml.add_bos_token", model == "llama") and bos:  # a text starts with the begin token
         single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
@@ -2451,8 +2443,6 @@ def _gguf_value(value, int_kind=4):
         return 9, struct.pack("<IQ", kind, len(value)) + b"".join(_gguf_value(item, 5)[1] for item in value)
     kind = 7 if isinstance(value, bool) else int_kind if isinstance(value, int) else 6
     return kind, struct.pack("<" + GGUF_SCALARS[kind], value)
-
-
 
 
 def gguf_metadata(model, tokenizer, name):
@@ -2575,11 +2565,13 @@ def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite
         config = gguf_config(metadata, {tensor[0]: tensor[1:] for tensor in tensors})
         read = config_from_weights({}, config) if config["model_type"] == "gpt2" else config_from_hub(config)
         expected, got = (hf_config(dataclasses.replace(cfg, drop_rate=0.0)) for cfg in (model.cfg, read))
-        wrong = [f"{key} {got.get(key)!r} for its {value!r}" for key, value in expected.items() if got.get(key) != value]
+        wrong = [f"{key} {got.get(key)!r} for its {value!r}" for key, value in expected.items()
+                 if got.get(key) != value]
         if wrong:
             raise ValueError(f"llama.cpp would read {'; '.join(wrong)}")
     except ValueError as e:
-        raise ValueError(f"{name}: a GGUF file cannot hold this model ({e}): export it with --export-hf instead") from None
+        raise ValueError(f"{name}: a GGUF file cannot hold this model ({e}): export it with --export-hf "
+                         "instead") from None
 
     def write(f):
         f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)))
