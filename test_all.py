@@ -5058,6 +5058,10 @@ def test_gguf_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path, m
     _one_line_error(_write_gguf(tmp_path / "mamba.gguf", arch="mamba", tensors=weights),
                     r"mamba\.gguf: architecture 'mamba' with rope scaling 'none' is not supported; this project reads "
                     r"gpt2, llama, qwen3, phi2, phi3, gemma3 without rope scaling")
+    with pytest.raises(ValueError, match=r"^t5\.gguf: tokenizer 't5' with pre-tokenizer 'default' is not supported; this "
+                                         r"project reads SentencePiece-style BPE \('llama'\) and byte-level BPE \('gpt2'\) "
+                                         r"with the pre-tokenizers gpt-2, smollm, qwen2, llama-bpe$"):
+        gpt.gguf_tokenizer_files({"tokenizer.ggml.model": "t5"}, "t5.gguf")
 
 
 def _transformers_gguf(path):
