@@ -2153,7 +2153,7 @@ GGUF_TENSOR_NAMES = {
     "llama": _LLAMA_TENSORS,
     "qwen3": _LLAMA_TENSORS,
     "phi2": {**_LLAMA_TENSORS, "attn_output": "self_attn.dense", "output_norm": "final_layernorm",
-             "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"},
+             "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2", "attn_qkv": "self_attn.qkv_proj"},  # older files pack q, k, v
     "phi3": {**_LLAMA_TENSORS, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},  # packed in one
     "gemma3": {**_LLAMA_TENSORS, "post_attention_norm": "post_attention_layernorm",
                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},

@@ -5183,7 +5183,8 @@ def test_gguf_export_runs_from_ollama_and_refuses_what_it_cannot_write(tmp_path,
     assert not (tmp_path / "classifier.gguf").exists()
 
 
-def test_gguf_phi2_which_transformers_does_not_read_comes_back_whole_and_gguf_reads_it(tmp_path, trained_tokenizers):
+def test_gguf_phi2_which_transformers_does_not_read_comes_back_whole_and_gguf_reads_it(tmp_path, trained_tokenizers,
+                                                                                      monkeypatch):
     import gguf
 
     model, tokenizer = gpt.load(_gguf_source("phi2", tmp_path / "source", trained_tokenizers))
@@ -5201,6 +5202,21 @@ def test_gguf_phi2_which_transformers_does_not_read_comes_back_whole_and_gguf_re
     assert {"blk.0.attn_output.bias", "blk.1.ffn_up.weight", "output.bias"} < {tensor.name for tensor in reader.tensors}
     for tensor in reader.tensors:
         assert torch.equal(gpt.dequantize(*ours[tensor.name]), torch.from_numpy(tensor.data.copy())), tensor.name
+    writes = gpt.gguf_tensors
+
+    def packed_qkv(*args):  # older Phi-2 files hold q, k, v (and their biases) as one attn_qkv
+        tensors = {name: rest for name, *rest in writes(*args)}
+        for name in [name for name in tensors if ".attn_q." in name]:
+            q, k, v = (tensors.pop(name.replace("attn_q", part)) for part in ("attn_q", "attn_k", "attn_v"))
+            tensors[name.replace("attn_q", "attn_qkv")] = ("F32", (3 * q[1][0], *q[1][1:]), torch.cat([q[2], k[2], v[2]]))
+        return [(name, *rest) for name, rest in tensors.items()]
+
+    monkeypatch.setattr(gpt, "gguf_tensors", packed_qkv)
+    gpt.export_gguf(model, tokenizer, tmp_path / "packed.gguf", "f32")
+    assert "blk.0.attn_qkv.bias" in gpt.read_gguf(tmp_path / "packed.gguf")[1]
+    with torch.no_grad():
+        torch.testing.assert_close(gpt.load(tmp_path / "packed.gguf")[0](torch.tensor([ids])), back(torch.tensor([ids])),
+                                   atol=0, rtol=0)
 
 
 def test_gguf_export_refuses_what_llama_cpp_would_read_otherwise(tmp_path, sentencepiece_tokenizers):
