@@ -882,11 +882,12 @@ class PhiMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.emb_dim, cfg.hidden_dim or 4 * cfg.emb_dim, bias=cfg.mlp_bias)
         self.fc2 = nn.Linear(cfg.hidden_dim or 4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.mlp_bias)
+        self.gelu = nn.GELU(approximate="tanh")
         self.drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x):
         """x: float [batch, seq_len, emb_dim] -> same shape."""
-        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        return self.drop(self.fc2(self.gelu(self.fc1(x))))
 
 
 class LlamaBlock(nn.Module):
