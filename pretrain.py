@@ -80,7 +80,7 @@ def encode_text_file(f, tokenizer, chunk_chars=1 << 20):
     yields lists of ints whose concatenation is the encoding of the whole text (special-token text becomes its id).
     The text is cut only after a newline with non-whitespace on both sides, where the pre-tokenizers of GPT-2 and the
     Llama family always end a piece. Raises ValueError naming the byte offset of invalid UTF-8."""
-    buffer = ""
+    buffer, first_chunk = "", True
     try:
         while piece := f.read(chunk_chars):
             first = max(len(buffer) - 1, 1)  # the buffer held no cut; only its last character may now become one
@@ -89,14 +89,14 @@ def encode_text_file(f, tokenizer, chunk_chars=1 << 20):
             while cut > 0 and (buffer[cut - 1].isspace() or buffer[cut + 1].isspace()):
                 cut = buffer.rfind("\n", first, cut)
             if cut > 0:
-                yield tokenizer.encode(buffer[: cut + 1])
-                buffer = buffer[cut + 1 :]
+                yield tokenizer.encode(buffer[: cut + 1], start=first_chunk)
+                buffer, first_chunk = buffer[cut + 1 :], False
     except UnicodeDecodeError as e:  # e.object: the bytes being decoded, which end where the file is read to
         offset = f.buffer.tell() - len(e.object) + e.start
         raise ValueError(f"{f.name}: invalid UTF-8 at byte {offset} ({e.reason}); fix the file or pass "
                          "--replace-invalid-utf8") from None
     if buffer:
-        yield tokenizer.encode(buffer)
+        yield tokenizer.encode(buffer, start=first_chunk)
 
 
 # Token file types: (array typecode, torch dtype the file is read as). torch before 2.3 has no unsigned types: uint16

@@ -86,12 +86,12 @@ def isolated_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: fails at once
 
 
-def tiny_model(seed=0, **overrides):
-    """The one tiny GPT-2 of the tests (GPT-2's vocabulary, 2 layers of width 32), random, in eval mode."""
+def tiny_model(seed=0, config=None, **overrides):
+    """The one tiny model of the tests (GPT-2's vocabulary, 2 layers of width 32), random, in eval mode:
+    a GPT-2, or `config` (a gpt.LlamaConfig, a preset) at that size."""
     torch.manual_seed(seed)
     cfg = dict(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=2)
-    cfg.update(overrides)
-    return gpt.GPTModel(gpt.GPTConfig(**cfg)).eval()
+    return gpt.build_model(dataclasses.replace(config or gpt.GPTConfig(), **{**cfg, **overrides})).eval()
 
 
 def save_tiny(path, model=None, **entries):
@@ -133,9 +133,8 @@ def load_lm(source, *, device="cpu", dtype=torch.float32, quiet=False):
 
 
 def tokenizer_and_eot(source):
-    """(the tokenizer `gpt.load` gives with source's model, its end-of-text id). A folder's is
-    read from its tokenizer files as `gpt.model_files` reads them (it may hold no weights);
-    without any, and for "gpt2", it is GPT-2's."""
+    """(the tokenizer `gpt.load` gives with source's model, its end-of-text id). A folder's is read from its tokenizer
+    files as `gpt.model_files` reads them (it may hold no weights); without any, and for "gpt2", it is GPT-2's."""
     path = Path(source)
     if path.is_dir():
         names = gpt.TOKENIZER_FILES if (path / "tokenizer.json").is_file() else ("vocab.json",)
@@ -152,6 +151,14 @@ def tokenizer_of_json(data, source, **config):
     if config:
         files["tokenizer_config.json"] = json.dumps(config)
     return gpt.tokenizer_from_files(files, source)
+
+
+def assert_same_logits(ours, theirs, vocab_size, shape=(2, 40), atol=1e-4, seed=0):
+    """ours and theirs (a model, or a transformers model whose output has .logits) agree within atol on random ids."""
+    idx = torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logits = [getattr(output, "logits", output) for output in (ours(idx), theirs(idx))]
+    assert (logits[0] - logits[1]).abs().max().item() <= atol
 
 
 class LocalServer:
@@ -244,12 +251,17 @@ def cached_data_path(tmp_path, url, filename):
     return tmp_path / "gpt-cache" / "data" / hashlib.sha256(url.encode()).hexdigest()[:12] / filename
 
 
+def exit_code(main, argv):
+    """The code main(argv) exits with: a number, or the one line of an error ("error: ...", exit 1)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code
+
+
 def exits_with_one_line(main, argv, message, capsys):
     """main(argv) stops with one line holding `message` and no traceback: a usage error (exit 2,
     the message on stderr) or a run-time "error: ..." (exit 1, the message as the exit code)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    code, err = exit_info.value.code, capsys.readouterr().err
+    code, err = exit_code(main, argv), capsys.readouterr().err
     assert "Traceback" not in err
     if code == 2:
         assert message in err.strip().splitlines()[-1] and err.endswith(" (see --help)\n"), (argv, err)
@@ -286,6 +298,8 @@ def bad_inputs(tmp_path_factory):
     files = tmp_path_factory.mktemp("inputs")
     save_tiny(files / "tiny.pt")
     save_tiny(files / "vocab1000.pt", tiny_model(vocab_size=1000))
+    # A checkpoint that names its tokenizer by a path, as before a2420df.
+    torch.save({**gpt.load_checkpoint(files / "tiny.pt"), "tokenizer": str(files / "gone")}, files / "moved.pt")
     broken_model = tiny_model(context_length=64)
     torch.nn.init.constant_(broken_model.ln_f.weight, float("nan"))
     save_tiny(files / "nan.pt", broken_model)
@@ -323,10 +337,11 @@ def bad_inputs(tmp_path_factory):
 
 def check_bad_input(main, argv, message, files, tmp_path, capsys):
     """main(argv), with {files} and {run} filled in, stops with one line holding message before
-    it makes the run folder {run} or the folder above it."""
+    it makes the run folder {run} or the folder above it, and changes none of the files."""
     fill = partial(str.format, files=files, run=tmp_path / "runs" / "run")
+    before = {path: path.stat().st_size for path in files.iterdir()}
     exits_with_one_line(main, shlex.split(fill(argv)), fill(message), capsys)
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and {path: path.stat().st_size for path in files.iterdir()} == before
 
 
 def test_progress_redraws_a_terminal_ten_times_a_second_and_is_a_plain_line_every_30_seconds_else(monkeypatch, capsys):
@@ -351,17 +366,8 @@ def test_progress_redraws_a_terminal_ten_times_a_second_and_is_a_plain_line_ever
 # ========================================================================================
 
 
-def test_logits_match_transformers_small(small_pair):
-    reference, path = small_pair
-    model = load_lm(path)
-    assert model.cfg == gpt.GPTConfig(vocab_size=1000, context_length=64, emb_dim=128, n_heads=2, n_layers=2)
-    idx = torch.randint(0, 1000, (3, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = (model(idx) - reference(idx).logits).abs().max().item()
-    assert diff <= 1e-4
-
-
-def test_hub_style_file_without_prefix_or_config_says_what_it_assumed(small_pair, tmp_path, capsys):
+def test_hub_style_file_says_what_it_assumed_and_a_file_that_does_not_fit_names_every_mismatch(small_pair, tmp_path,
+                                                                                                capsys):
     """Hub files name tensors without `transformer.`; without config.json the config
     comes from the shapes (heads: emb_dim / 64, which is 2 here), and says so."""
     from safetensors.torch import save_file
@@ -374,9 +380,20 @@ def test_hub_style_file_without_prefix_or_config_says_what_it_assumed(small_pair
     save_file(stripped, tmp_path / "model.safetensors")
     model = load_lm(tmp_path / "model.safetensors")
     assert model.cfg.n_heads == 2 and "2 attention heads assumed" in capsys.readouterr().err
-    idx = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    assert_same_logits(model, reference, 1000, (2, 20), seed=1)
+    (tmp_path / "strict").mkdir()
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    del tensors["transformer.h.1.mlp.c_fc.bias"]
+    tensors["transformer.h.0.extra.weight"] = torch.zeros(3)
+    tensors["transformer.ln_f.weight"] = torch.zeros(5)
+    save_file(tensors, tmp_path / "strict" / "model.safetensors")
+    (tmp_path / "strict" / "config.json").write_text(json.dumps(SMALL_HF))
+    with pytest.raises(ValueError) as error:
+        load_lm(tmp_path / "strict" / "model.safetensors")
+    text = str(error.value)
+    assert "missing: h.1.mlp.c_fc.bias" in text
+    assert "unexpected: h.0.extra.weight" in text
+    assert "ln_f.weight: file (5,), model (128,)" in text
 
 
 def test_new_model_is_initialised_as_gpt2_and_gpt2_small_has_its_size():
@@ -432,17 +449,6 @@ def reference_and_model(name, small_pair, family_models):
     return reference, load_lm(path)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa_untied_bias_rope_scaling"])
-def test_greedy_generation_equals_transformers(small_pair, family_models, name):
-    reference, model = reference_and_model(name, small_pair, family_models)
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
-    ours = gpt.generate(model, prompt, 40)
-    theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
-                                min_new_tokens=40, do_sample=False, pad_token_id=0)
-    assert ours.shape == (1, 48)
-    assert torch.equal(ours, theirs)
-
-
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa_untied_bias_rope_scaling", "qwen3_gqa_qk_norm_tied_head_dim"])
 def test_kv_cache_equals_full_forward_also_past_the_context_length(small_pair, family_models, name):
     model = reference_and_model(name, small_pair, family_models)[1]
@@ -476,7 +482,7 @@ def test_generation_streams_each_token_and_past_the_context_moves_the_window_by_
     assert [gpt.window_start(n, 8) for n in (8, 9, 12, 13, 16, 17)] == [0, 4, 4, 8, 8, 12]
 
 
-def test_top_k_1_equals_greedy_and_seeded_sampling_is_reproducible(small_pair):
+def test_top_k_1_equals_greedy_seeded_sampling_is_reproducible_and_eos_stops(small_pair):
     model = load_lm(small_pair[1])
     prompt = torch.randint(0, 1000, (1, 4), generator=torch.Generator().manual_seed(5))
     greedy = gpt.generate(model, prompt, 20)
@@ -486,6 +492,9 @@ def test_top_k_1_equals_greedy_and_seeded_sampling_is_reproducible(small_pair):
     c = gpt.generate(model, prompt, 20, temperature=1.5, top_k=50, seed=124)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+    eos = greedy[0, 4 + 6].item()  # the 7th new token
+    first = (greedy[0, 4:] == eos).nonzero()[0].item()
+    assert torch.equal(gpt.generate(model, prompt, 20, eot_id=eos), greedy[:, : 4 + first + 1])
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -500,34 +509,13 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert picks == {0, 1, 2}
 
 
-def test_eos_stops_generation(small_pair):
-    model = load_lm(small_pair[1])
-    prompt = torch.randint(0, 1000, (1, 4), generator=torch.Generator().manual_seed(6))
-    greedy = gpt.generate(model, prompt, 20)
-    eos = greedy[0, 4 + 6].item()  # the 7th new token
-    first = (greedy[0, 4:] == eos).nonzero()[0].item()
-    stopped = gpt.generate(model, prompt, 20, eot_id=eos)
-    assert torch.equal(stopped, greedy[:, : 4 + first + 1])
-
-
-def test_argument_parser_errors_are_one_line(capsys):
-    parser = gpt.ArgumentParser(prog="stage.py")
-    parser.add_argument("--lr", type=gpt.non_negative_float, default=1e-3, help="learning rate")
-    with pytest.raises(SystemExit) as exit_info:
-        parser.parse_args(["--lr", "-1"])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "stage.py: error: argument --lr: must be a finite number >= 0, got '-1' (see --help)\n"
-
-
-def test_tokenizer_round_trip():
+def test_tokenizer_round_trip_and_offline_without_cache_is_a_clear_error(monkeypatch):
     ids = gpt.text_to_token_ids("Hello, world<|endoftext|>")
     assert ids.tolist() == [[15496, 11, 995, 50256]]
     assert gpt.token_ids_to_text(ids) == "Hello, world<|endoftext|>"
     # Embedding rows past the tokenizer's last id (a model of 50,304 rows) have no text.
     assert gpt.token_ids_to_text([15496, 50257, 50303, 11]) == "Hello,"
 
-
-def test_tokenizer_offline_without_cache_is_a_clear_error(monkeypatch):
     def no_network(name):
         raise requests.ConnectionError("no route to openaipublic.blob.core.windows.net")
 
@@ -545,15 +533,22 @@ def test_tokenizer_offline_without_cache_is_a_clear_error(monkeypatch):
 # ========================================================================================
 
 
-def check_lora_starts_from_the_model_and_merges_back(model, vocab_size, expected_trainable):
-    """LoRA on model: exactly expected_trainable trains, the output is unchanged at the start, and merging the
-    trained adapters gives the adapted output with the model's own parameter names."""
+@pytest.mark.parametrize("name", ["gpt2", "qwen3_gqa_qk_norm_tied_head_dim"])
+def test_lora_starts_from_the_model_and_merges_back(family_models, name):
+    """LoRA: exactly the adapters train (GPT-2's four projections, the family's seven), the output is unchanged at
+    the start, and merging the trained adapters gives the adapted output with the model's own parameter names."""
+    model = tiny_model() if name == "gpt2" else load_lm(family_models[name][1])
+    targets = gpt.GPTModel.LORA_TARGETS if name == "gpt2" else [
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj"]
+    layers = "h" if name == "gpt2" else "layers"
     names = set(model.state_dict())
-    idx = torch.randint(0, vocab_size, (2, 10), generator=torch.Generator().manual_seed(8))
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         before = model(idx)
     gpt.add_lora(model, rank=4, alpha=8)
-    assert {name for name, p in model.named_parameters() if p.requires_grad} == expected_trainable
+    trainable = {param_name for param_name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{layers}.{i}.{t}.lora_{ab}" for i in range(2) for t in targets for ab in "ab"}
     with torch.no_grad():
         assert torch.allclose(model(idx), before, atol=1e-6)  # B starts at zero
         for p in model.parameters():
@@ -565,11 +560,6 @@ def check_lora_starts_from_the_model_and_merges_back(model, vocab_size, expected
     assert set(model.state_dict()) == names
     with torch.no_grad():
         assert torch.allclose(model(idx), adapted, atol=1e-4)
-
-
-def test_lora_starts_from_the_model_and_merges_back():
-    expected = {f"h.{i}.{t}.lora_{ab}" for i in range(2) for t in gpt.GPTModel.LORA_TARGETS for ab in "ab"}
-    check_lora_starts_from_the_model_and_merges_back(tiny_model(), 50257, expected)
 
 
 # ========================================================================================
@@ -590,21 +580,23 @@ FAMILY_CONFIGS = {
 }
 
 
-def save_hf_family(folder, model_type, seed=0, perturb=True, **config):
-    """Random LlamaForCausalLM / Qwen3ForCausalLM saved with save_pretrained. With `perturb`
-    every parameter, norms and biases too, moves off its initial value, so that no switch
-    hides behind a 1 or a 0."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+def save_hf_family(folder, family, seed=0, perturb=True, tokenizer_json=None, **config):
+    """A random transformers model of family ("llama", "qwen3" or a NEW_FAMILIES name), small sizes changed by
+    config, saved with save_pretrained beside tokenizer_json (a dict) when given -> the model. With `perturb`
+    every parameter, norms and biases too, moves off its initial value, so that no switch hides behind a 1 or a 0."""
+    import transformers
 
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[model_type]
+    class_name, settings = NEW_FAMILIES.get(family, ({"llama": "LlamaConfig", "qwen3": "Qwen3Config"}.get(family), {}))
     sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=64, rms_norm_eps=1e-5)
     torch.manual_seed(seed)
-    model = model_class(config_class(**{**sizes, **config})).eval()
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, class_name)(**sizes | settings | config))
     with torch.no_grad():
-        for param in model.parameters() if perturb else []:
+        for param in model.eval().parameters() if perturb else []:
             param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
+    if tokenizer_json is not None:
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     return model
 
 
@@ -618,20 +610,24 @@ def family_models(tmp_path_factory):
     return pairs
 
 
-@pytest.mark.parametrize("name", FAMILY_CONFIGS)
-def test_family_logits_match_transformers(family_models, name):
-    reference, folder = family_models[name]
-    model = load_lm(folder)
-    model_type, config = FAMILY_CONFIGS[name]
-    assert isinstance(model, gpt.LlamaModel) and model.cfg.family == "llama"
-    assert model.cfg.n_kv_heads == config["num_key_value_heads"] and model.cfg.qk_norm == (model_type == "qwen3")
-    assert model.cfg.tie_embeddings == config["tie_word_embeddings"]
-    assert (model.lm_head.weight is model.embed_tokens.weight) == config["tie_word_embeddings"]
+@pytest.mark.parametrize("name", ["gpt2", *FAMILY_CONFIGS])
+def test_logits_and_greedy_tokens_equal_transformers(small_pair, family_models, name):
+    reference, model = reference_and_model(name, small_pair, family_models)
+    if name == "gpt2":
+        assert model.cfg == gpt.GPTConfig(vocab_size=1000, context_length=64, emb_dim=128, n_heads=2, n_layers=2)
+    else:
+        model_type, config = FAMILY_CONFIGS[name]
+        assert isinstance(model, gpt.LlamaModel) and model.cfg.family == "llama"
+        assert model.cfg.n_kv_heads == config["num_key_value_heads"] and model.cfg.qk_norm == (model_type == "qwen3")
+        assert model.cfg.tie_embeddings == config["tie_word_embeddings"]
+        assert (model.lm_head.weight is model.embed_tokens.weight) == config["tie_word_embeddings"]
     assert gpt.count_parameters(model) == reference.num_parameters()
-    idx = torch.randint(0, 300, (3, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = (model(idx) - reference(idx).logits).abs().max().item()
-    assert diff <= 1e-4
+    assert_same_logits(model, reference, model.cfg.vocab_size, (3, 64))
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
+    ours = gpt.generate(model, prompt, 40)
+    theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
+                                min_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert ours.shape == (1, 48) and torch.equal(ours, theirs)
 
 
 def test_family_rope_scaling_and_head_dim_reach_the_model(family_models):
@@ -648,9 +644,7 @@ def test_family_rope_scaling_and_head_dim_reach_the_model(family_models):
     assert middle.any() and (scaled[middle] < plain[middle]).all() and (scaled[middle] > plain[middle] / 8).all()
 
 
-def test_family_smollm2_135m_preset_is_what_its_transformers_config_gives():
-    """The SmolLM2-135M preset against transformers' config at that shape (the size of the model
-    is checked by test_family_presets_have_the_published_sizes, its logits at small shapes)."""
+def test_family_presets_have_the_published_sizes_and_smollm2_is_its_transformers_config(monkeypatch):
     from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -659,9 +653,6 @@ def test_family_smollm2_135m_preset_is_what_its_transformers_config_gives():
     cfg = gpt.config_from_hub(json.loads(config.to_json_string()))
     preset = gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"]
     assert dataclasses.replace(cfg, head_dim=None) == preset  # transformers 5 writes head_dim 64
-
-
-def test_family_presets_have_the_published_sizes(monkeypatch):
     counts = {name: gpt.count_parameters(gpt.empty_model(cfg)) for name, cfg in gpt.LLAMA_CONFIGS.items()}
     assert counts == {
         "HuggingFaceTB/SmolLM2-135M": 134_515_008,
@@ -689,30 +680,6 @@ def test_family_presets_have_the_published_sizes(monkeypatch):
             gpt.check_training_memory(llama, cpu, "use --lora")
 
 
-def test_family_lora_wraps_the_seven_projections_and_merges_back(family_models):
-    model = load_lm(family_models["qwen3_gqa_qk_norm_tied_head_dim"][1])
-    targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj"]
-    expected = {f"layers.{i}.{t}.lora_{ab}" for i in range(2) for t in targets for ab in "ab"}
-    check_lora_starts_from_the_model_and_merges_back(model, 300, expected)
-
-
-def test_family_new_model_checkpoint_round_trip_and_gpt2_names(tmp_path):
-    cfg = dataclasses.replace(gpt.LLAMA_CONFIGS["Qwen/Qwen3-0.6B-Base"], vocab_size=500, context_length=32, emb_dim=64,
-                              n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=96, n_layers=2, tie_embeddings=False)
-    torch.manual_seed(0)
-    model = gpt.build_model(cfg).eval()
-    assert model.h is model.layers and model.ln_f is model.norm and model.wte is model.embed_tokens  # GPT-2's names
-    assert not any("c_proj" in name or "wpe" in name for name, _ in model.named_parameters())
-    assert model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)  # scaled residual
-    save_tiny(tmp_path / "model.pt", model)
-    loaded = load_lm(tmp_path / "model.pt")
-    idx = torch.randint(0, 500, (1, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(loaded(idx), model(idx))
-    assert loaded.cfg == cfg and loaded.lm_head.weight is not loaded.embed_tokens.weight
-
-
 def test_family_sharded_hub_download_sends_hf_token(family_models, local_server, monkeypatch, tmp_path):
     reference, _ = family_models["llama_tied_mha_no_bias"]
     folder = tmp_path / "sharded"
@@ -725,9 +692,7 @@ def test_family_sharded_hub_download_sends_hf_token(family_models, local_server,
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     model = load_lm("owner/tiny", quiet=True)
-    idx = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    assert_same_logits(model, reference, 300, (1, 16))
     assert all(headers.get("Authorization") == "Bearer hf_secret" for _, _, headers in server.requests)
     assert sorted(p.name for p in (tmp_path / "gpt-cache" / "owner" / "tiny").glob("model-*.safetensors")) == shards
     count = len(server.requests)
@@ -766,9 +731,8 @@ HELD_OUT = [
 
 
 def train_byte_level_bpe(style):
-    """A byte-level BPE of 1000 tokens trained on 4000 text messages (the SMS test data) with the
-    `tokenizers` library, with the pre-tokenizer (and normalizer, post-processor) of
-    Qwen3, SmolLM2 or Llama 3 -> the tokenizers.Tokenizer."""
+    """A byte-level BPE of 1000 tokens trained on 4000 text messages (the SMS test data) with the `tokenizers` library,
+    with the pre-tokenizer (and normalizer, post-processor) of Qwen3, SmolLM2 or Llama 3 -> the tokenizers.Tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -920,11 +884,10 @@ FAMILY_STYLES = {"smollm2": "llama", "llama3": "llama", "qwen3": "qwen3"}  # tok
 
 
 def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt, **config):
-    """A random model (vocabulary 1000, context 256) saved with save_pretrained beside the
-    trained tokenizer.json of `style`, whose greedy continuation of `prompt` reaches the
-    end-of-text token early: the untied head's row of that token is, slightly larger, the
-    row of the token greedy decoding picks third (tied: the embedding's row too) -> (transformers
-    model, tokenizers.Tokenizer). config: more of transformers' config."""
+    """A random model (vocabulary 1000, context 256) saved with save_pretrained beside the trained tokenizer.json of
+    `style`, whose greedy continuation of `prompt` reaches the end-of-text token early: the untied head's row of that
+    token is, slightly larger, the row of the token greedy decoding picks third (tied: the embedding's row too) ->
+    (transformers model, tokenizers.Tokenizer). config: more of transformers' config."""
     tokenizer, tokenizer_folder = trained_tokenizers[style]
     sizes = dict(vocab_size=1000, max_position_embeddings=256, num_key_value_heads=2, tie_word_embeddings=False)
     reference = save_hf_family(folder, FAMILY_STYLES[style], **{**sizes, **config})
@@ -956,13 +919,6 @@ def test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token(train
     gpt.save_checkpoint(tmp_path / "named.pt", model, tokenizer_of_model)
     load_gpt2.main(["--model", str(tmp_path / "named.pt"), "--prompt", prompt, "--max-new-tokens", "20"])
     assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")
-    old_style = {**gpt.load_checkpoint(tmp_path / "named.pt"), "tokenizer": str(tmp_path / "gone")}  # before a2420df
-    torch.save(old_style, tmp_path / "moved.pt")
-    with pytest.raises(SystemExit, match="names its tokenizer by a path .* train it again"):
-        load_gpt2.main(["--model", str(tmp_path / "moved.pt")])
-    save_tiny(tmp_path / "unnamed.pt", model)
-    with pytest.raises(SystemExit, match="vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"):
-        load_gpt2.main(["--model", str(tmp_path / "unnamed.pt")])
 
 
 @pytest.mark.parametrize("style", ["smollm2", "llama3"])
@@ -1032,10 +988,8 @@ def test_family_load_gpt2_export_hf_is_read_by_transformers(trained_tokenizers, 
     load_gpt2.main(["--model", str(tmp_path / "tuned.pt"), "--export-hf", str(tmp_path / "hf")])
     exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
     assert problems == [] and type(exported) is type(reference)
-    idx = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (exported(idx).logits - reference(idx).logits).abs().max().item() <= 1e-4
-        assert torch.equal(load_lm(tmp_path / "hf")(idx), model(idx))  # and back
+    assert_same_logits(exported, reference, 1000)
+    assert_same_logits(load_lm(tmp_path / "hf"), model, 1000, atol=0)  # and back, exactly
     exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in HELD_OUT:
         assert exported_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
@@ -1061,29 +1015,10 @@ NEW_FAMILIES = {
 }
 
 
-def save_new_family(folder, name, tokenizer_json=None, **config):
-    """Random transformers model of NEW_FAMILIES[name] (every parameter moved off its initial value),
-    saved with save_pretrained, beside tokenizer_json (a dict) when given -> the model."""
-    import transformers
-
-    class_name, settings = NEW_FAMILIES[name]
-    sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=64, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, class_name)(**sizes | settings | config))
-    with torch.no_grad():
-        for param in model.eval().parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(folder)
-    if tokenizer_json is not None:
-        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    return model
-
-
 @pytest.fixture(scope="module")
 def new_family_models(tmp_path_factory):
     """{name: (transformers model, its save_pretrained folder)} of NEW_FAMILIES."""
-    return {name: (save_new_family(folder := tmp_path_factory.mktemp(name), name), folder) for name in NEW_FAMILIES}
+    return {name: (save_hf_family(folder := tmp_path_factory.mktemp(name), name), folder) for name in NEW_FAMILIES}
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)
@@ -1238,8 +1173,10 @@ def codegen_tokenizer_json():
 
 
 def stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers):
-    """The tokenizer.json (a dict) of a stage test: SentencePiece-style, or "codegen": a small byte-level
-    BPE (1000 tokens) with CodeGen's runs of spaces and tabs (ids 1000-1037)."""
+    """The tokenizer.json (a dict) of a stage test: SentencePiece-style, a trained byte-level BPE (`trained_tokenizers`),
+    or "codegen": a small byte-level BPE (1000 tokens) with CodeGen's runs of spaces and tabs (ids 1000-1037)."""
+    if style in trained_tokenizers:
+        return json.loads(trained_tokenizers[style][0].to_str())
     if style != "codegen":
         return sentencepiece_tokenizers[style]
     from tokenizers import Tokenizer
@@ -1279,7 +1216,7 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, traine
     name, style, classifier = STAGE_FAMILIES[family]
     tokenizer_json = stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers)
     folder = tmp_path / "model"
-    reference = save_new_family(folder, name, tokenizer_json, vocab_size=1100)
+    reference = save_hf_family(folder, name, tokenizer_json=tokenizer_json, vocab_size=1100)
     tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
     model, encoding = gpt.load(folder)
     prompt = "Every effort moves you"
@@ -1294,18 +1231,14 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, traine
     load_gpt2.main(["--model", str(folder), "--export-hf", str(tmp_path / "hf")])
     exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
     assert problems == [] and type(exported) is type(reference)
-    idx = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (exported(idx).logits - reference(idx).logits).abs().max().item() <= 1e-4
+    assert_same_logits(exported, reference, 1000)
     assert AutoTokenizer.from_pretrained(tmp_path / "hf")(HELD_OUT[0])["input_ids"] == tokenizer.encode(HELD_OUT[0]).ids
     if family == "mistral":  # llama.cpp reads Mistral's files as Llama's, without its sliding window
         with pytest.raises(SystemExit, match="a mistral model has no GGUF writer here"):
             load_gpt2.main(["--model", str(folder), "--export-gguf", str(tmp_path / "model.gguf")])
 
     (tmp_path / "text.txt").write_text(_pretrain_text())
-    argv = _pretrain_tiny_argv(tmp_path / "pretrain", tmp_path / "text.txt", "--model", str(folder), "--max-steps", "1")
-    for flag in ("--n-layers", "--n-heads", "--emb-dim"):  # the shape comes from the weights
-        del argv[argv.index(flag) : argv.index(flag) + 2]
+    argv = _pretrain_tiny_argv(tmp_path / "pretrain", tmp_path / "text.txt", "--max-steps", "1", model=folder)
     checkpoint = gpt.load_checkpoint(pretrain.main(argv)["latest"])
     assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(model.cfg, drop_rate=0.0)
     assert checkpoint["tokenizer"] == {"files": encoding.files}
@@ -1329,24 +1262,34 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, traine
     assert saved["config"]["model_type"] == model.cfg.model_type and saved["tokenizer"] == {"files": encoding.files}
 
 
-@pytest.mark.parametrize("name, tokenizer_style, heads, width", [
-    ("mistralai/Mistral-7B-v0.1", "llama2", 8, 32), ("microsoft/phi-2", "codegen", 2, 32),
-    ("microsoft/Phi-3-mini-4k-instruct", "llama2", 32, 64), ("google/gemma-3-270m", "metaspace", 2, 32)])
-def test_new_family_pretrain_size_trains_the_shape_from_scratch(name, tokenizer_style, heads, width,
-                                                                sentencepiece_tokenizers, trained_tokenizers, local_server,
-                                                                monkeypatch, tmp_path, pretrain_text_file):
+@pytest.mark.parametrize("name, tokenizer_style, heads, width", [  # heads: a multiple of the shape's key/value heads
+    ("HuggingFaceTB/SmolLM2-135M", "smollm2", 3, 48), ("mistralai/Mistral-7B-v0.1", "llama2", 8, 32),
+    ("microsoft/phi-2", "codegen", 2, 32), ("microsoft/Phi-3-mini-4k-instruct", "llama2", 32, 64),
+    ("google/gemma-3-270m", "metaspace", 2, 32)])
+def test_pretrain_size_trains_the_shape_from_scratch_with_its_hub_tokenizer(name, tokenizer_style, heads, width,
+                                                                            sentencepiece_tokenizers, trained_tokenizers,
+                                                                            local_server, monkeypatch, tmp_path,
+                                                                            pretrain_text_file):
+    from tokenizers import Tokenizer
+
     tokenizer_json = stage_tokenizer_json(tokenizer_style, sentencepiece_tokenizers, trained_tokenizers)
     server = local_server({f"/{name}/resolve/main/tokenizer.json": json.dumps(tokenizer_json).encode()})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     small = dataclasses.replace(gpt.LLAMA_CONFIGS[name], vocab_size=1100)
     monkeypatch.setitem(gpt.MODEL_CONFIGS, name, small)  # the released shape, a small vocabulary
-    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "1", "--eval-every", "1")
-    argv[argv.index("--n-heads") + 1] = str(heads)  # a multiple of the shape's key/value heads
+    monkeypatch.setattr(pretrain, "encode_text_file", functools.partial(pretrain.encode_text_file, chunk_chars=97))
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "2", "--eval-every", "2")
+    argv[argv.index("--n-heads") + 1] = str(heads)
     argv[argv.index("--emb-dim") + 1] = str(width)
     checkpoint = gpt.load_checkpoint(pretrain.main(argv)["best"])
-    shape = dict(n_layers=2, n_heads=heads, emb_dim=width, context_length=32)
-    assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(small, **shape)
+    assert checkpoint["step"] == 2  # the Hub tokenizer travels in the checkpoint, not its name
     assert checkpoint["tokenizer"] == {"files": {"tokenizer.json": json.dumps(tokenizer_json)}}
+    shape = dict(n_layers=2, n_heads=heads, emb_dim=width, context_length=32)
+    assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(small, **shape)  # the shape, the flags given
+    (token_path,) = (tmp_path / "tokens").glob("*.uint16")  # read in chunks, the reference's whole-text ids
+    reference = Tokenizer.from_str(json.dumps(tokenizer_json))
+    ids = reference.encode(pretrain_text_file.read_text(), add_special_tokens=False).ids
+    assert array.array("H", token_path.read_bytes()).tolist() == ids
 
 
 # ========================================================================================
@@ -1359,53 +1302,54 @@ def header_bytes(header, data=b""):
     return struct.pack("<Q", len(raw)) + raw + data
 
 
-def test_read_safetensors_matches_the_reference_reader(small_pair):
+def test_safetensors_reader_and_writer_agree_with_the_reference_library(small_pair, tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = small_pair[1]
     ours, theirs = gpt.read_safetensors(path), load_file(path)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    tensors = {
+        "weight": torch.randn(3, 5).t(),  # not contiguous
+        "half": torch.arange(7, dtype=torch.bfloat16),
+        "flags": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "x.safetensors"
+    with open(path, "wb") as f:
+        gpt.write_safetensors(f, tensors, metadata={"format": "pt"})
+    raw = path.read_bytes()
+    (header_length,) = struct.unpack("<Q", raw[:8])
+    header = raw[8 : 8 + header_length]
+    assert header_length % 8 == 0 and header.rstrip(b" ").endswith(b"}")  # padded with spaces
+    assert len(raw) == 8 + header_length + 15 * 4 + 7 * 2 + 3
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            assert f.get_tensor(name).dtype == tensor.dtype and torch.equal(f.get_tensor(name), tensor)
+    ours = gpt.read_safetensors(path)
+    assert all(torch.equal(ours[name], tensor) for name, tensor in tensors.items())
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "does not fit in the 4 data bytes"),
-        (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12), r"F32 \[2\] at data offsets \[0, 12\]"),
-        (header_bytes({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype 'Q4'"),
-        (header_bytes({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8), "'data_offsets'"),
-        (header_bytes({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), r"F32 \[-2\] .* does not fit"),
-        ("first half", "does not fit in the .* data bytes"),
-        ("first 100 bytes", "a header of .* runs past the end"),
-        (b"abc", ""),
-        (struct.pack("<Q", 5) + b"{oops", "Expecting"),
-    ],
-    ids=["cut-data", "offsets", "dtype", "no-offsets", "negative-shape", "cut-file", "cut-header", "3-bytes", "json"],
-)
+@pytest.mark.parametrize("content, message", [
+    (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "does not fit in the 4 data bytes"),
+    (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12), r"F32 \[2\] at data offsets \[0, 12\]"),
+    (header_bytes({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype 'Q4'"),
+    (header_bytes({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8), "'data_offsets'"),
+    (header_bytes({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), r"F32 \[-2\] .* does not fit"),
+    ("first half", "does not fit in the .* data bytes"),
+    ("first 100 bytes", "a header of .* runs past the end"),
+    (b"abc", ""),
+    (struct.pack("<Q", 5) + b"{oops", "Expecting"),
+], ids=["cut-data", "offsets", "dtype", "no-offsets", "negative-shape", "cut-file", "cut-header", "3-bytes", "json"])
 def test_a_safetensors_file_that_is_not_whole_is_named(tmp_path, small_pair, content, message):
     raw = small_pair[1].read_bytes()
     content = {"first half": raw[: len(raw) // 2], "first 100 bytes": raw[:100]}.get(content, content)
     (tmp_path / "bad.safetensors").write_bytes(content)
     with pytest.raises(ValueError, match=f"bad.safetensors: not a complete safetensors file.*{message}"):
         gpt.read_safetensors(tmp_path / "bad.safetensors")
-
-
-def test_weight_mapping_is_strict(small_pair, tmp_path):
-    from safetensors.torch import save_file
-
-    tensors = {k: v.clone() for k, v in gpt.read_safetensors(small_pair[1]).items()}
-    del tensors["transformer.h.1.mlp.c_fc.bias"]
-    tensors["transformer.h.0.extra.weight"] = torch.zeros(3)
-    tensors["transformer.ln_f.weight"] = torch.zeros(5)
-    save_file(tensors, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 1000, "n_positions": 64, "n_embd": 128, "n_layer": 2, "n_head": 2}))
-    with pytest.raises(ValueError) as error:
-        load_lm(tmp_path / "model.safetensors")
-    text = str(error.value)
-    assert "missing: h.1.mlp.c_fc.bias" in text
-    assert "unexpected: h.0.extra.weight" in text
-    assert "ln_f.weight: file (5,), model (128,)" in text
 
 
 # ========================================================================================
@@ -1421,7 +1365,8 @@ def zip_bytes(members, compression=zipfile.ZIP_STORED):
     return buffer.getvalue()
 
 
-def test_download_cut_leaves_no_file_and_the_next_call_starts_over_and_resumes_a_cut_with_a_range(local_server, tmp_path):
+def test_download_cut_leaves_no_file_the_next_call_resumes_with_a_range_and_a_wrong_range_fails_the_hash(local_server,
+                                                                                                         tmp_path):
     data = bytes(range(256)) * 4000
     server = local_server({"/f.bin": data}, cut_after=300_000)
     with pytest.raises(RuntimeError, match=r"failed after 1 attempts \(.*\); run again later$"):
@@ -1433,6 +1378,19 @@ def test_download_cut_leaves_no_file_and_the_next_call_starts_over_and_resumes_a
     assert os.listdir(tmp_path / "cache") == ["f.bin"] and (tmp_path / "cache" / "f.bin").read_bytes() == data
     first, second = (request[2].get("Range") for request in server.requests[1:])
     assert first is None and 0 < int(second.removeprefix("bytes=").removesuffix("-")) <= 200_000  # what it had kept
+    data = bytes(range(256)) * 400  # a 206 of another range than the one asked for: the hash catches it
+
+    def cut_then_wrong_range(handler):  # one 64 KiB piece, then for the rest the whole file again, as bytes 0-
+        if not server.requests[:-1]:
+            return answer(data[: 1 << 16], Content_Length=str(len(data)))(handler)
+        answer(data, 206, Content_Range=f"bytes 0-{len(data) - 1}/{len(data)}")(handler)
+
+    server = local_server({"/f.bin": cut_then_wrong_range})
+    with pytest.raises(RuntimeError, match="is corrupt or not the expected file: .*SHA-256"):
+        gpt.download_file(server.url + "/f.bin", tmp_path / "cache" / "g.bin", sha256=hashlib.sha256(data).hexdigest(),
+                          quiet=True)
+    assert [r[2].get("Range") for r in server.requests] == [None, f"bytes={1 << 16}-"]
+    assert os.listdir(tmp_path / "cache") == ["f.bin"]  # no g.bin, no temporary file
 
 
 def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(local_server, small_pair, monkeypatch, tmp_path,
@@ -1483,39 +1441,20 @@ def test_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_models, 
         load_lm("Qwen/Other", quiet=True)
 
 
-def test_download_206_with_another_range_is_caught_by_the_hash(local_server, tmp_path):
-    data = bytes(range(256)) * 400
-
-    def cut_then_wrong_range(handler):  # one 64 KiB piece, then for the rest the whole file again, as bytes 0-
-        if not server.requests[:-1]:
-            return answer(data[: 1 << 16], Content_Length=str(len(data)))(handler)
-        answer(data, 206, Content_Range=f"bytes 0-{len(data) - 1}/{len(data)}")(handler)
-
-    server = local_server({"/f.bin": cut_then_wrong_range})
-    with pytest.raises(RuntimeError, match="is corrupt or not the expected file: .*SHA-256"):
-        gpt.download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(data).hexdigest(), quiet=True)
-    assert [r[2].get("Range") for r in server.requests] == [None, f"bytes={1 << 16}-"]
-    assert list(tmp_path.iterdir()) == []
-
-
 def _corrupt_zip():
     data = bytearray(zip_bytes({"a.txt": b"hello world"}))
     data[data.index(b"hello")] ^= 1  # the stored bytes no longer match the CRC-32
     return bytes(data)
 
 
-@pytest.mark.parametrize(
-    "body, checks, problem",
-    [
-        (b"<html>please log in</html>", {"sha256": hashlib.sha256(b"the data").hexdigest()}, "SHA-256 "),
-        (b"the da", {"size": 8}, "6 bytes, expected 8"),
-        (zip_bytes({"a.txt": b"hello"}), {"member": "b.txt", "size": 5}, "no item named 'b.txt'"),
-        (_corrupt_zip(), {"member": "a.txt", "size": 11}, "Bad CRC-32"),
-        (b'{"a": ', {"check": lambda path: gpt.parse_json(path.read_bytes(), path)}, "not valid JSON"),
-        (struct.pack("<Q", 10**6) + b"{}", {"check": gpt.read_safetensors}, "runs past the end"),
-    ],
-    ids=["web-page", "cut", "no-member", "zip-crc", "json", "safetensors"],
-)
+@pytest.mark.parametrize("body, checks, problem", [
+    (b"<html>please log in</html>", {"sha256": hashlib.sha256(b"the data").hexdigest()}, "SHA-256 "),
+    (b"the da", {"size": 8}, "6 bytes, expected 8"),
+    (zip_bytes({"a.txt": b"hello"}), {"member": "b.txt", "size": 5}, "no item named 'b.txt'"),
+    (_corrupt_zip(), {"member": "a.txt", "size": 11}, "Bad CRC-32"),
+    (b'{"a": ', {"check": lambda path: gpt.parse_json(path.read_bytes(), path)}, "not valid JSON"),
+    (struct.pack("<Q", 10**6) + b"{}", {"check": gpt.read_safetensors}, "runs past the end"),
+], ids=["web-page", "cut", "no-member", "zip-crc", "json", "safetensors"])
 def test_a_download_that_is_not_the_expected_file_is_deleted(local_server, tmp_path, body, checks, problem):
     url = local_server({"/file": body}).url + "/file"
     with pytest.raises(RuntimeError) as error:
@@ -1525,20 +1464,16 @@ def test_a_download_that_is_not_the_expected_file_is_deleted(local_server, tmp_p
     assert list(tmp_path.iterdir()) == []  # no file, no temporary file
 
 
-@pytest.mark.parametrize(
-    "url, message",
-    [
-        ("{server}/loop", "failed: TooManyRedirects: Exceeded 30 redirects."),
-        ("https://127.0.0.1:{port}/f.bin", "failed after 3 attempts (SSLError: "),
-        ("127.0.0.1/f.bin", "failed: MissingSchema: Invalid URL '127.0.0.1/f.bin': No scheme supplied."),
-        ("ftp://127.0.0.1/f.bin", "failed: InvalidSchema: No connection adapters were found for 'ftp://127.0.0.1/f.bin'"),
-        ("http://", "failed: InvalidURL: Invalid URL 'http://': No host supplied"),
-        ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: "),
-        ("{server}/missing.bin", "failed: HTTP 404"),
-        ("{server}/short.bin", "failed after 3 attempts ("),
-    ],
-    ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused", "404", "shorter-than-content-length"],
-)
+@pytest.mark.parametrize("url, message", [
+    ("{server}/loop", "failed: TooManyRedirects: Exceeded 30 redirects."),
+    ("https://127.0.0.1:{port}/f.bin", "failed after 3 attempts (SSLError: "),
+    ("127.0.0.1/f.bin", "failed: MissingSchema: Invalid URL '127.0.0.1/f.bin': No scheme supplied."),
+    ("ftp://127.0.0.1/f.bin", "failed: InvalidSchema: No connection adapters were found for 'ftp://127.0.0.1/f.bin'"),
+    ("http://", "failed: InvalidURL: Invalid URL 'http://': No host supplied"),
+    ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: "),
+    ("{server}/missing.bin", "failed: HTTP 404"),
+    ("{server}/short.bin", "failed after 3 attempts ("),
+], ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused", "404", "shorter-than-content-length"])
 def test_every_request_failure_is_one_line_naming_the_url(local_server, tmp_path, url, message):
     server = local_server({"/loop": answer(b"", 302, Location="/loop"),
                            "/short.bin": answer(b"x" * 500, Content_Length="1000")})
@@ -1550,7 +1485,8 @@ def test_every_request_failure_is_one_line_naming_the_url(local_server, tmp_path
     assert list(tmp_path.iterdir()) == []  # no file, no temporary file
 
 
-def test_fetch_dataset_tries_each_url_and_a_mismatch_names_url_expected_and_actual(local_server, tmp_path):
+def test_fetch_dataset_tries_each_url_names_a_mismatch_and_checks_its_cache(local_server, tmp_path, monkeypatch,
+                                                                            capsys):
     server = local_server({"/mirror/data.txt": b"hello", "/d.json": b"[]"})
     path = gpt.fetch_dataset([server.url + "/main/data.txt", server.url + "/mirror/data.txt"], "data.txt", quiet=True)
     assert path.read_bytes() == b"hello"
@@ -1565,35 +1501,32 @@ def test_fetch_dataset_tries_each_url_and_a_mismatch_names_url_expected_and_actu
     expected = f"download of {url} is corrupt or not the expected file: {path}: SHA-256 {actual}, expected {'ab' * 32}"
     assert expected in str(error.value)
     assert os.listdir(path.parent) == []  # no file, no temporary file
-
-
-def test_fetch_dataset_reads_a_good_cached_file_without_writing_and_fetches_a_corrupt_one_again(local_server, tmp_path,
-                                                                                                 monkeypatch, capsys):
-    server = local_server({"/d.json": b'{"ok": 1}'})
-    url = server.url + "/d.json"
+    server = local_server({"/ok.json": b'{"ok": 1}'})
+    url = server.url + "/ok.json"
     checks = {"size": 9, "sha256": hashlib.sha256(b'{"ok": 1}').hexdigest()}
-    path = gpt.fetch_dataset([url], "d.json", **checks, quiet=True)
+    path = gpt.fetch_dataset([url], "ok.json", **checks, quiet=True)
 
     def unwritable(*args, **kwargs):  # root ignores file modes: a read-only cache is simulated here
         raise PermissionError("[Errno 13] Permission denied")
 
     with monkeypatch.context() as patch:
         patch.setattr(Path, "mkdir", unwritable)
-        assert gpt.fetch_dataset([url], "d.json", **checks, quiet=True) == path
+        assert gpt.fetch_dataset([url], "ok.json", **checks, quiet=True) == path
     assert len(server.requests) == 1
     path.write_bytes(b'{"ok": ')  # cut short in the cache
-    assert gpt.fetch_dataset([url], "d.json", **checks, quiet=True).read_bytes() == b'{"ok": 1}'
+    assert gpt.fetch_dataset([url], "ok.json", **checks, quiet=True).read_bytes() == b'{"ok": 1}'
     assert len(server.requests) == 2
     assert f"warning: cached {path}: 7 bytes, expected 9" in capsys.readouterr().err
     path.write_bytes(b'{"ok": ')
     server.close()  # offline: the bad file is deleted and named, the next run does not fail the same way
     with pytest.raises(RuntimeError, match="Offline\\?"):
-        gpt.fetch_dataset([url], "d.json", **checks, quiet=True)
+        gpt.fetch_dataset([url], "ok.json", **checks, quiet=True)
     assert f"cached {path}: 7 bytes, expected 9" in capsys.readouterr().err
     assert not path.exists()
 
 
-def test_fetch_dataset_checks_the_zip_member_not_the_zip(local_server, tmp_path, capsys):
+def test_known_downloads_are_checked_the_zip_member_not_the_zip_and_the_checks_match_the_real_data(local_server, tmp_path,
+                                                                                                   capsys, monkeypatch):
     real = SMS_ZIP.read_bytes()
     member = zipfile.ZipFile(SMS_ZIP).read(fc.ZIP_MEMBER)
     remade = zip_bytes({"readme": b"another zip, the same member", fc.ZIP_MEMBER: member}, zipfile.ZIP_DEFLATED)
@@ -1607,9 +1540,6 @@ def test_fetch_dataset_checks_the_zip_member_not_the_zip(local_server, tmp_path,
     path.write_bytes(real[:1000])  # a cut zip in the cache is fetched again
     assert fc.read_sms_bytes(fc.sms_collection_path(urls=[f"{server.url}/remade.zip"])) == member
     assert "not the expected file (File is not a zip file)" in capsys.readouterr().err
-
-
-def test_scripts_check_their_known_downloads_and_the_checks_match_the_real_data(local_server, monkeypatch):
     gpt.verify_file(SMS_ZIP, member=fc.ZIP_MEMBER, size=fc.MEMBER_SIZE, sha256=fc.MEMBER_SHA256)
     assert fc.MEMBER_SIZE == 477_907
     assert "/main/" not in instruct.DATA_URL  # pinned to a commit
@@ -1679,88 +1609,81 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_pat
     reference, _ = save_hf_gpt2(tmp_path, **STRICT_GPT2, layer_norm_epsilon=1e-3)
     model = load_lm(tmp_path)
     assert model.cfg.norm_eps == 1e-3 and model.h[0].ln_1.eps == model.ln_f.eps == 1e-3
-    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    assert_same_logits(model, reference, 100, (2, 16))
     folder = gpt.export_hf(tiny_model(norm_eps=1e-3), tmp_path / "hf")
     assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-3
     assert load_lm(folder).cfg.norm_eps == 1e-3
 
 
-@pytest.mark.parametrize(
-    "family, change, message",
-    [
-        ("gpt2", json.dumps({k: v for k, v in STRICT_GPT2.items() if k != "vocab_size"}),
-         "config.json: 'vocab_size' must be a positive integer, got None"),
-        ("gpt2", {"n_layer": "2"}, "config.json: 'n_layer' must be a positive integer, got '2'"),
-        ("gpt2", {"n_head": 2.0}, "config.json: 'n_head' must be a positive integer, got 2.0"),
-        ("gpt2", {"n_layer": True}, "config.json: 'n_layer' must be a positive integer, got True"),
-        ("gpt2", {"n_embd": 0}, "config.json: 'n_embd' must be a positive integer, got 0"),
-        ("gpt2", {"n_head": 3}, "emb_dim (32) must be divisible by n_heads (3)"),
-        ("gpt2", "[1, 2]", "its config.json holds a list, not a JSON object"),
-        ("gpt2", '{"n_layer": 2,', "config.json: not valid JSON (Expecting property name"),
-        ("gpt2", {"activation_function": "gelu"}, "activation_function = 'gelu' is not supported"),
-        ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is not supported"),
-        ("gpt2", {"layer_norm_epsilon": 0}, "layer_norm_epsilon = 0 is not supported"),
-        ("gpt2", {"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon = nan is not supported"),
-        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True is not supported"),
-        ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn = True is not supported"),
-        ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights = False is not supported"),
-        ("gpt2", {"add_cross_attention": True}, "add_cross_attention = True is not supported"),
-        ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported"),
-        ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False is not supported"),
-        ("llama", {"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
-        ("llama", {"model_type": None}, "no model_type in a config.json"),
-        ("llama", {"hidden_size": 0}, "'hidden_size' must be a positive integer"),
-        ("llama", {"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
-        ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
-        ("llama", {"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06 is not supported"),
-        ("llama", {"rope_theta": 0}, "rope_theta = 0 is not supported"),
-        ("llama", {"rope_theta": -1}, "rope_theta = -1 is not supported"),
-        ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta = 0 is not"),
-        ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}},
-         "rope_parameters.rope_type = 'yarn' is not supported"),
-        ("llama", {"rope_parameters": None, "rope_theta": -1.0}, "rope_theta = -1.0 is not supported"),
-        ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
-         "rope_scaling.type = 'dynamic' is not supported"),
-        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not"),
-        ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                    "original_max_position_embeddings": 32}}, "name different rope types ['default', 'llama3']"),
-        ("llama", {"rope_theta": 12345.0}, "rope_theta is 12345.0 at the top level but 10000.0 in the rope settings"),
-        ("llama", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
-        ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
-         "layer_types = ['full_attention', 'sliding_attention'] is not supported"),
-        ("llama", {"head_dim": 0}, "head_dim = 0 is not supported"),
-    ],
-)
-def test_config_that_this_implementation_cannot_run_exactly_is_one_line(strict_folders, tmp_path, family, change, message):
+@pytest.mark.parametrize("family, change, message", [
+    ("gpt2", json.dumps({k: v for k, v in STRICT_GPT2.items() if k != "vocab_size"}),
+     "config.json: 'vocab_size' must be a positive integer, got None"),
+    ("gpt2", {"n_layer": "2"}, "config.json: 'n_layer' must be a positive integer, got '2'"),
+    ("gpt2", {"n_head": 2.0}, "config.json: 'n_head' must be a positive integer, got 2.0"),
+    ("gpt2", {"n_layer": True}, "config.json: 'n_layer' must be a positive integer, got True"),
+    ("gpt2", {"n_embd": 0}, "config.json: 'n_embd' must be a positive integer, got 0"),
+    ("gpt2", {"n_head": 3}, "emb_dim (32) must be divisible by n_heads (3)"),
+    ("gpt2", "[1, 2]", "its config.json holds a list, not a JSON object"),
+    ("gpt2", '{"n_layer": 2,', "config.json: not valid JSON (Expecting property name"),
+    ("gpt2", {"activation_function": "gelu"}, "activation_function = 'gelu' is not supported"),
+    ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is not supported"),
+    ("gpt2", {"layer_norm_epsilon": 0}, "layer_norm_epsilon = 0 is not supported"),
+    ("gpt2", {"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon = nan is not supported"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True is not supported"),
+    ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn = True is not supported"),
+    ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights = False is not supported"),
+    ("gpt2", {"add_cross_attention": True}, "add_cross_attention = True is not supported"),
+    ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported"),
+    ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False is not supported"),
+    ("llama", {"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
+    ("llama", {"model_type": None}, "no model_type in a config.json"),
+    ("llama", {"hidden_size": 0}, "'hidden_size' must be a positive integer"),
+    ("llama", {"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
+    ("llama", {"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06 is not supported"),
+    ("llama", {"rope_theta": 0}, "rope_theta = 0 is not supported"),
+    ("llama", {"rope_theta": -1}, "rope_theta = -1 is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta = 0 is not"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}},
+     "rope_parameters.rope_type = 'yarn' is not supported"),
+    ("llama", {"rope_parameters": None, "rope_theta": -1.0}, "rope_theta = -1.0 is not supported"),
+    ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     "rope_scaling.type = 'dynamic' is not supported"),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not"),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 32}}, "name different rope types ['default', 'llama3']"),
+    ("llama", {"rope_theta": 12345.0}, "rope_theta is 12345.0 at the top level but 10000.0 in the rope settings"),
+    ("llama", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
+    ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
+     "layer_types = ['full_attention', 'sliding_attention'] is not supported"),
+    ("llama", {"head_dim": 0}, "head_dim = 0 is not supported"),
+])
+def test_config_that_this_implementation_cannot_run_exactly_is_one_line(strict_folders, tmp_path, family, change,
+                                                                        message):
     with pytest.raises(ValueError) as error:
         load_lm(changed_copy(strict_folders[family], tmp_path, change))
     assert message in str(error.value) and "\n" not in str(error.value)
     assert str(error.value).startswith((str(tmp_path), "model config"))  # the file is named
 
 
-@pytest.mark.parametrize(
-    "family, change",
-    [
-        ("gpt2", {"some_new_key": 1, "dtype": "bfloat16", "architectures": ["Other"], "summary_type": "mean",
-                  "activation_function": "gelu_pytorch_tanh", "n_inner": 128, "scale_attn_weights": True}),
-        ("llama", {"some_new_key": 1, "dtype": "bfloat16", "transformers_version": "9.0", "pretraining_tp": 2,
-                   "attention_dropout": 0.1, "layer_types": ["full_attention"] * 2, "use_sliding_window": False}),
-        ("llama", {"rope_parameters": None, "rope_scaling": None, "rope_theta": 10000}),  # transformers 4's spelling
-    ],
-)
+@pytest.mark.parametrize("family, change", [
+    ("gpt2", {"some_new_key": 1, "dtype": "bfloat16", "architectures": ["Other"], "summary_type": "mean",
+              "activation_function": "gelu_pytorch_tanh", "n_inner": 128, "scale_attn_weights": True}),
+    ("llama", {"some_new_key": 1, "dtype": "bfloat16", "transformers_version": "9.0", "pretraining_tp": 2,
+               "attention_dropout": 0.1, "layer_types": ["full_attention"] * 2, "use_sliding_window": False}),
+    ("llama", {"rope_parameters": None, "rope_scaling": None, "rope_theta": 10000}),  # transformers 4's spelling
+])
 def test_strict_config_ignores_bookkeeping(strict_folders, tmp_path, family, change):
     folder = changed_copy(strict_folders[family], tmp_path, change)
     assert load_lm(folder).cfg == load_lm(strict_folders[family]).cfg
 
 
 # ========================================================================================
-# gpt.py: checkpoints
+# gpt.py: the plumbing the stages share (checkpoints, flags, run folders, errors, files)
 # ========================================================================================
 
 
-def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model(tmp_path):
+def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model_and_of_a_new_llama_family_model(tmp_path):
     class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel and torch.compile
         def __init__(self, module):
             super().__init__()
@@ -1774,48 +1697,39 @@ def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model(tmp_path):
     assert not any(k.startswith("module.") for k in checkpoint["model"])
     loaded = load_lm(tmp_path / "ckpt.pt")
     assert loaded.cfg == model.cfg and loaded.lm_head.weight is loaded.wte.weight
-    idx = torch.randint(0, 50257, (1, 16))
-    with torch.no_grad():
-        assert torch.equal(loaded(idx), model(idx))
+    assert_same_logits(loaded, model, 50257, (1, 16), atol=0)
+    # A new Llama-family model: GPT-2's names for its parts, a scaled residual init, and a round trip.
+    model = tiny_model(config=gpt.LLAMA_CONFIGS["Qwen/Qwen3-0.6B-Base"], vocab_size=500, context_length=32, emb_dim=64,
+                       n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=96, tie_embeddings=False)
+    assert model.h is model.layers and model.ln_f is model.norm and model.wte is model.embed_tokens  # GPT-2's names
+    assert not any("c_proj" in name or "wpe" in name for name, _ in model.named_parameters())
+    assert model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)  # scaled residual
+    save_tiny(tmp_path / "model.pt", model)
+    loaded = load_lm(tmp_path / "model.pt")
+    assert_same_logits(loaded, model, 500, (1, 32), atol=0)
+    assert loaded.cfg == model.cfg and loaded.lm_head.weight is not loaded.embed_tokens.weight
 
 
-def test_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
-    def save_on_a_full_disk(obj, f):  # torch's zip writer reports a failed write as a RuntimeError
-        f.write(b"half")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5568 vs 5462")
-
-    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
-    (tmp_path / "model.pt").write_bytes(b"the earlier checkpoint")
-    with pytest.raises(OSError, match=r"cannot write .*model\.pt: the write failed \(is the disk full\?\)"):
-        gpt.atomic_write_bytes(tmp_path / "model.pt", lambda f: torch.save({"step": 1}, f))
-    assert (tmp_path / "model.pt").read_bytes() == b"the earlier checkpoint"
-    assert os.listdir(tmp_path) == ["model.pt"]
-
-
-# ========================================================================================
-# gpt.py: the plumbing the stages share (flags, run folders, errors, files)
-# ========================================================================================
-
-
-@pytest.mark.parametrize(
-    "parse, good, bad",
-    [
-        (gpt.positive_int, {"1": 1, "42": 42}, ["0", "-3", "1.5", "x"]),
-        (gpt.non_negative_int, {"0": 0, "7": 7}, ["-1", "nan"]),
-        (gpt.non_negative_float, {"0": 0.0, "0.5": 0.5, "1e-3": 1e-3}, ["-0.1", "nan", "inf", "-inf", "x"]),
-        (gpt.fraction, {"0": 0.0, "0.9": 0.9, "1": 1.0}, ["-0.1", "1.01", "nan"]),
-        (gpt.non_negative_int, {str(2**63 - 1): 2**63 - 1}, [str(2**63), "1e3"]),  # torch's seed range
-    ],
-)
-def test_flag_types_accept_their_range_and_reject_the_rest(parse, good, bad):
+@pytest.mark.parametrize("parse, good, bad", [
+    (gpt.positive_int, {"1": 1, "42": 42}, ["0", "-3", "1.5", "x"]),
+    (gpt.non_negative_int, {"0": 0, "7": 7}, ["-1", "nan"]),
+    (gpt.non_negative_float, {"0": 0.0, "0.5": 0.5, "1e-3": 1e-3}, ["-0.1", "nan", "inf", "-inf", "x"]),
+    (gpt.fraction, {"0": 0.0, "0.9": 0.9, "1": 1.0}, ["-0.1", "1.01", "nan"]),
+    (gpt.non_negative_int, {str(2**63 - 1): 2**63 - 1}, [str(2**63), "1e3"]),  # torch's seed range
+])
+def test_flag_types_accept_their_range_and_reject_the_rest_in_one_line(parse, good, bad, capsys):
     for text, value in good.items():
         assert parse(text) == value
     for text in bad:
-        with pytest.raises(argparse.ArgumentTypeError, match=f"must be .*, got {re.escape(repr(text))}"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be .*, got {re.escape(repr(text))}") as error:
             parse(text)
+    parser = gpt.ArgumentParser(prog="stage.py")
+    parser.add_argument("--value", type=parse, help="a value")
+    assert exit_code(parser.parse_args, ["--value", text]) == 2
+    assert capsys.readouterr().err == f"stage.py: error: argument --value: {error.value} (see --help)\n"
 
 
-def test_restored_adamw_moments_take_the_layout_of_the_parameters():
+def test_adamw_decays_matrices_only_and_its_restored_moments_take_the_layout_of_the_parameters():
     # A run that trained weights stored transposed (as load_weights_into maps GPT-2's), saved,
     # then resumed into a model whose weights are laid out plainly: the steps must be the same.
     torch.manual_seed(0)
@@ -1839,9 +1753,17 @@ def test_restored_adamw_moments_take_the_layout_of_the_parameters():
     step(transposed, optimizer)
     step(plain, resumed)
     torch.testing.assert_close(plain.weight, transposed.weight, rtol=0, atol=1e-6)
+    model = tiny_model()
+    optimizer = gpt.make_adamw(model, lr=1e-3, weight_decay=0.1)
+    decayed, not_decayed = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in not_decayed["params"])
+    assert len(decayed["params"]) + len(not_decayed["params"]) == len(list(model.parameters()))
+    with pytest.raises(RuntimeError, match="the loss became nan at step 7: training diverged; lower --lr"):
+        gpt.check_finite_loss(torch.tensor(float("nan")), 7)
 
 
-def test_resume_settings_restore_the_saved_run_and_name_a_contradiction(tmp_path):
+def test_run_folder_refuses_another_run_unless_resume_or_overwrite_and_resume_restores_its_settings(tmp_path):
     parser = argparse.ArgumentParser()
     parser.add_argument("--lr", type=gpt.non_negative_float, default=1e-3)
     parser.add_argument("--max-steps", type=gpt.positive_int, default=10)
@@ -1861,9 +1783,6 @@ def test_resume_settings_restore_the_saved_run_and_name_a_contradiction(tmp_path
     (tmp_path / "run.json").write_text(json.dumps({"lr": 5e-4}))  # no "settings": not a run of these scripts
     with pytest.raises(ValueError, match="holds no run.json of this script"):
         gpt.resume_settings(parser, ["--resume"], tmp_path)
-
-
-def test_run_folder_refuses_another_run_unless_resume_or_overwrite(tmp_path):
     out = tmp_path / "run"
     files = ["latest.pt", "history.json"]
     assert gpt.claim_run_folder(out, files) == out and not out.exists()  # the run's first write makes it
@@ -1905,7 +1824,7 @@ def test_files_are_read_with_a_bom_and_a_folder_a_missing_path_or_bad_content_is
         gpt.decode_utf8(b"ab\r\ncd\n\xfe\xff", "x.txt")
 
 
-def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
+def test_atomic_writes_flush_to_disk_before_the_rename_and_a_full_disk_keeps_the_earlier_file(tmp_path, monkeypatch):
     events = []
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
     real_replace = os.replace
@@ -1913,6 +1832,16 @@ def test_atomic_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch):
     gpt.atomic_write_bytes(tmp_path / "a.pt", lambda f: torch.save({"x": torch.ones(2)}, f))
     assert events == ["fsync", "rename"]
     assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]
+
+    def save_on_a_full_disk(obj, f):  # torch's zip writer reports a failed write as a RuntimeError
+        f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5568 vs 5462")
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*a\.pt: the write failed \(is the disk full\?\)"):
+        gpt.atomic_write_bytes(tmp_path / "a.pt", lambda f: torch.save({"step": 1}, f))
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]  # the earlier file is kept
+    assert os.listdir(tmp_path) == ["a.pt"]
 
 
 def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
@@ -1942,51 +1871,6 @@ def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypa
         else:
             assert exit_info.value.code == f"{message}"
             assert capsys.readouterr().err == "\rstep 3/10\033[K\n"
-
-
-def test_adamw_decays_matrices_only():
-    model = tiny_model()
-    optimizer = gpt.make_adamw(model, lr=1e-3, weight_decay=0.1)
-    decayed, not_decayed = optimizer.param_groups
-    assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in not_decayed["params"])
-    assert len(decayed["params"]) + len(not_decayed["params"]) == len(list(model.parameters()))
-    with pytest.raises(RuntimeError, match="the loss became nan at step 7: training diverged; lower --lr"):
-        gpt.check_finite_loss(torch.tensor(float("nan")), 7)
-
-
-# ========================================================================================
-# load_gpt2.py
-# ========================================================================================
-
-
-def test_load_gpt2_script_streams_a_continuation_and_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
-    model = tiny_model(context_length=64)
-    save_tiny(tmp_path / "tiny.pt", model)
-    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello", "--max-new-tokens", "12"])
-    out = capsys.readouterr().out
-    expected = gpt.token_ids_to_text(gpt.generate(model, gpt.text_to_token_ids("Hello"), 12))
-    assert "parameters" in out and "load time" in out
-    assert out.rstrip("\n").endswith(expected)
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(gpt, "generate_stream", interrupted)
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello"])
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err.strip() == "interrupted"
-
-
-def test_output_into_a_closed_pipe_is_quiet_and_exits_141(tmp_path):
-    command = [sys.executable, str(Path(load_gpt2.__file__).resolve()), "--model", str(save_tiny(tmp_path / "tiny.pt")),
-               "--max-new-tokens", "100000"]  # more than a pipe buffer holds
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.read(1)  # as `| head -c1`: read one byte, then close the pipe
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 141 and err == "", err  # 128 + SIGPIPE, and no BrokenPipeError traceback
 
 
 # ========================================================================================
@@ -2022,17 +1906,14 @@ def _export_from_pretrained(model_class, folder):
     return model.eval(), problems
 
 
-def test_weights_that_hold_nan_are_refused_naming_the_tensor(tmp_path):
+def test_weights_that_hold_nan_or_are_larger_than_memory_are_refused_before_they_are_allocated(tmp_path, monkeypatch):
     # Bytes that change in a cache after the download was checked (same size, still parses) read as NaN.
     tensors = gpt.hf_tensors(tiny_model(), torch.float32)  # as released
     tensors["transformer.h.1.mlp.c_proj.bias"][3] = float("nan")
-    with open(tmp_path / "model.safetensors", "wb") as f:
+    with open(tmp_path / "nan.safetensors", "wb") as f:
         gpt.write_safetensors(f, tensors)
     with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_proj\.bias holds NaN or infinite values: the file is corrupt"):
-        gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "model.safetensors"), None, "model.safetensors")
-
-
-def test_weights_larger_than_memory_are_refused_before_they_are_allocated(tmp_path, monkeypatch):
+        gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "nan.safetensors"), None, "model.safetensors")
     with open(tmp_path / "model.safetensors", "wb") as f:
         gpt.write_safetensors(f, gpt.hf_tensors(tiny_model(), torch.float32))
     n_params = gpt.count_parameters(tiny_model())  # 4 bytes each in float32, 2 in bfloat16
@@ -2045,32 +1926,6 @@ def test_weights_larger_than_memory_are_refused_before_they_are_allocated(tmp_pa
     assert model.wte.weight.dtype == torch.bfloat16
 
 
-def test_export_safetensors_writer_is_read_by_the_reference_library(tmp_path):
-    from safetensors import safe_open
-
-    tensors = {
-        "weight": torch.randn(3, 5).t(),  # not contiguous
-        "half": torch.arange(7, dtype=torch.bfloat16),
-        "flags": torch.tensor([True, False, True]),
-        "empty": torch.zeros(0, 4),
-    }
-    path = tmp_path / "x.safetensors"
-    with open(path, "wb") as f:
-        gpt.write_safetensors(f, tensors, metadata={"format": "pt"})
-    raw = path.read_bytes()
-    (header_length,) = struct.unpack("<Q", raw[:8])
-    header = raw[8 : 8 + header_length]
-    assert header_length % 8 == 0 and header.rstrip(b" ").endswith(b"}")  # padded with spaces
-    assert len(raw) == 8 + header_length + 15 * 4 + 7 * 2 + 3
-    with safe_open(path, framework="pt") as f:
-        assert f.metadata() == {"format": "pt"}
-        assert sorted(f.keys()) == sorted(tensors)
-        for name, tensor in tensors.items():
-            assert f.get_tensor(name).dtype == tensor.dtype and torch.equal(f.get_tensor(name), tensor)
-    ours = gpt.read_safetensors(path)
-    assert all(torch.equal(ours[name], tensor) for name, tensor in tensors.items())
-
-
 def test_export_vocabulary_files_are_openais_byte_for_byte():
     vocab, merges = gpt.gpt2_vocabulary_files()
     cache = Path(os.environ["TIKTOKEN_CACHE_DIR"])
@@ -2081,7 +1936,8 @@ def test_export_vocabulary_files_are_openais_byte_for_byte():
     assert (table[ord(" ")], table[ord("\n")], table[ord("A")], len(set(table.values()))) == ("Ġ", "Ċ", "A", 256)
 
 
-def test_export_small_model_loads_in_transformers_with_equal_logits_and_text_and_reads_back(tmp_path):
+def test_export_loads_in_transformers_with_equal_logits_and_text_reads_back_and_a_cut_one_leaves_no_model(tmp_path,
+                                                                                                            monkeypatch):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     model = tiny_model(context_length=64)
@@ -2095,9 +1951,7 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text_and
     reference, problems = _export_from_pretrained(GPT2LMHeadModel, folder)
     assert problems == []
     assert (reference.config.n_positions, reference.config.n_embd, reference.config.n_layer) == (64, 32, 2)
-    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (reference(idx).logits - model(idx)).abs().max().item() <= 1e-4
+    assert_same_logits(model, reference, 50257, (2, 64))
     prompt = gpt.text_to_token_ids("Every effort moves you")
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False)
     assert torch.equal(theirs, gpt.generate(model, prompt, 40))
@@ -2112,9 +1966,20 @@ def test_export_small_model_loads_in_transformers_with_equal_logits_and_text_and
     assert tokenizer(EXPORT_MIXED_TEXT)["input_ids"] == expected
     assert tokenizer.decode(expected) == EXPORT_MIXED_TEXT
     assert (tokenizer.model_max_length, tokenizer.eos_token_id, tokenizer.bos_token_id) == (64, 50256, 50256)
+    # An export that fails midway (a full disk) names the file.
+    def disk_full(f, *args, **kwargs):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gpt, "write_safetensors", disk_full)
+    with pytest.raises(OSError, match=r"^cannot write .*cut/model.safetensors: No space left on device"):
+        gpt.export_hf(tiny_model(context_length=64), tmp_path / "cut")
+    # The weights come last: a folder cut short holds no model that could load with other files' settings.
+    assert sorted(path.name for path in (tmp_path / "cut").iterdir()) == [
+        "config.json", "generation_config.json", "merges.txt", "tokenizer_config.json", "vocab.json"]
 
 
-def test_export_lora_model_is_merged_and_the_model_keeps_its_adapters(tmp_path):
+def test_export_of_a_lora_model_is_merged_and_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path):
     model = gpt.add_lora(tiny_model(context_length=64), rank=2, alpha=4)
     for layer in model.modules():
         if isinstance(layer, gpt.LoRALinear):
@@ -2127,19 +1992,12 @@ def test_export_lora_model_is_merged_and_the_model_keeps_its_adapters(tmp_path):
         assert isinstance(model.h[0].attn.c_attn, gpt.LoRALinear)  # the caller's model keeps its adapters
         assert not [name for name in gpt.read_safetensors(folder / "model.safetensors") if "lora" in name]
         assert (load_lm(folder)(idx) - expected).abs().max().item() <= 1e-5
-
-
-def test_export_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path):
-    torch.manual_seed(0)
-    cfg = gpt.LlamaConfig(context_length=32, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=1)
-    model = gpt.build_model(cfg).eval()
+    model = tiny_model(config=gpt.LlamaConfig(), context_length=32, n_heads=4, n_kv_heads=2, n_layers=1)
     save_tiny(tmp_path / "model.pt", model)  # no tokenizer entry: GPT-2's
-    folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "hf")
+    folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "llama-hf")
     assert not (folder / "tokenizer.json").exists() and (folder / "vocab.json").exists()
     assert tokenizer_and_eot(folder) == (gpt.get_tokenizer(), 50256)
-    idx = torch.tensor([[15496, 11, 995]])
-    with torch.no_grad():
-        assert (load_lm(folder)(idx) - model(idx)).abs().max().item() <= 1e-5
+    assert_same_logits(load_lm(folder), model, 50257, (1, 3), atol=1e-5)
 
 
 def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, capsys):
@@ -2154,16 +2012,10 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     back = load_lm(tmp_path / "hf", dtype=torch.bfloat16)
     assert all(torch.equal(a.bfloat16(), b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
 
-    (tmp_path / "a-file").write_text("not a folder")
-    for target, flags, message in [
-        ("hf", [], "hf holds another run (model.safetensors, config.json, generation_config.json, vocab.json, "
-         "merges.txt, tokenizer_config.json): replace it with --overwrite, or choose another folder"),
-        ("a-file", ["--overwrite"], f"a-file is a file, not a folder: choose another folder than {tmp_path}/a-file"),
-        ("a-file/hf", [], f"a-file is a file, not a folder: choose another folder than {tmp_path}/a-file/hf"),
-    ]:
-        with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}$"):
-            load_gpt2.main([*export, str(tmp_path / target), *flags])
-    assert (tmp_path / "a-file").read_text() == "not a folder"
+    message = ("hf holds another run (model.safetensors, config.json, generation_config.json, vocab.json, "
+               "merges.txt, tokenizer_config.json): replace it with --overwrite, or choose another folder")
+    with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}$"):
+        load_gpt2.main([*export, str(tmp_path / "hf")])
 
     (tmp_path / "hf" / "README.md").write_text("the user's notes")
     load_gpt2.main([*export, str(tmp_path / "hf"), "--overwrite"])  # float32 this time
@@ -2172,22 +2024,11 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
     assert not [path.name for path in (tmp_path / "hf").iterdir() if path.name.startswith(".")]  # no temporary files
 
 
-def test_export_that_fails_midway_names_the_file_and_leaves_no_model_or_leftovers(tmp_path, monkeypatch):
-    def disk_full(f, *args, **kwargs):
-        f.write(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device")
+def test_export_classifier_of_a_checkpoint_gives_transformers_our_probabilities_and_reads_back(tmp_path):
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification
 
-    monkeypatch.setattr(gpt, "write_safetensors", disk_full)
-    with pytest.raises(OSError, match=r"^cannot write .*hf/model.safetensors: No space left on device"):
-        gpt.export_hf(tiny_model(context_length=64), tmp_path / "hf")
-    # The weights come last: a folder cut short holds no model that could load with other files' settings.
-    assert sorted(path.name for path in (tmp_path / "hf").iterdir()) == [
-        "config.json", "generation_config.json", "merges.txt", "tokenizer_config.json", "vocab.json"]
-
-
-def _export_trained_classifier():
-    """A tiny classifier after three training steps, with a head bias far from zero,
-    and four messages of different lengths (none holds "<|endoftext|>")."""
+    # A tiny classifier after three training steps, with a head bias far from zero, and four messages of different
+    # lengths (none holds "<|endoftext|>").
     model = _classify_tiny_classifier()
     texts = ["Free entry! Text WIN to 80086 now to claim your prize", "See you at 6?", "ok",
              "URGENT: your mobile number has won £2000. Call 09061701461 today"]
@@ -2200,13 +2041,7 @@ def _export_trained_classifier():
         optimizer.zero_grad()
     with torch.no_grad():
         model.lm_head.bias += torch.tensor([0.7, -0.4])  # so that dropping the bias would show
-    return model.eval(), texts, token_ids
-
-
-def test_export_classifier_of_a_checkpoint_gives_transformers_our_probabilities_and_reads_back(tmp_path):
-    from transformers import AutoTokenizer, GPT2ForSequenceClassification
-
-    model, texts, token_ids = _export_trained_classifier()
+    model.eval()
     with torch.no_grad():
         logits = fc.full_pass_logits(model, token_ids)
         without_bias = (logits - model.lm_head.bias).softmax(dim=-1)
@@ -2285,9 +2120,7 @@ def test_export_classifier_reads_and_exports_again_a_transformers_classifier(tmp
     (instruct, []),
 ], ids=lambda value: getattr(value, "__name__", ""))
 def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(script, rules, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        script.main(["--help"])
-    assert exit_info.value.code == 0
+    assert exit_code(script.main, ["--help"]) == 0
     help_text = capsys.readouterr().out
     # One entry per flag: "  --flag METAVAR  help", continued on lines indented further.
     entries = re.findall(r"^  (-.*(?:\n   +.*)*)", help_text, re.M)
@@ -2300,6 +2133,24 @@ def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(scr
     assert all(rule in help_text for rule in rules)
 
 
+@pytest.mark.parametrize("parse, argv, expected", [
+    (pretrain.parse_settings, "--grad-clip 0 --sample-tokens 0 --stop-at-step 1 --drop-rate 0.5 --n-heads 8 --min-lr-ratio 0 "
+     "--warmup-steps 0 --weight-decay 0 --seed 9223372036854775807",
+     dict(grad_clip=0.0, min_lr_ratio=0.0, seed=2**63 - 1, n_heads=8)),
+    (fc.parse_args, "--classify hi --batch-size 3 --threshold 0.4 --dtype bfloat16",  # what using a classifier reads
+     dict(batch_size=3, threshold=0.4, dtype="bfloat16")),
+    (instruct.parse_args, "--top-k 1 --top-p 1 --temperature 1e-9 --max-new-tokens 0 --eval-batches 0 --weight-decay 0",
+     dict(top_k=1, top_p=1.0, temperature=1e-9, max_new_tokens=0, eval_batches=0)),
+    (instruct.parse_args, "--prompt 'Name a color.' --input x --top-p 1e-9 --temperature 1",
+     dict(prompt="Name a color.", input="x", top_p=1e-9)),
+    (instruct.parse_args, "--generate-only --data d.json --seed 3 --max-new-tokens 2",  # what answering reads
+     dict(data="d.json", seed=3, max_new_tokens=2)),
+])
+def test_edge_values_are_accepted(parse, argv, expected):
+    args = parse(shlex.split(argv))
+    assert {name: getattr(args, name) for name in expected} == expected
+
+
 def test_a_run_that_fails_early_keeps_a_folder_that_was_there_before(tmp_path):
     (tmp_path / "mine").mkdir()  # a made folder is removed again: each bad-input table checks that
     with pytest.raises(SystemExit, match="missing.txt"):
@@ -2308,8 +2159,32 @@ def test_a_run_that_fails_early_keeps_a_folder_that_was_there_before(tmp_path):
 
 
 # ========================================================================================
-# load_gpt2.py: measuring a model (benchmarks, perplexity, contamination, probes)
+# load_gpt2.py: generating and measuring (benchmarks, perplexity, contamination, probes)
 # ========================================================================================
+
+
+def test_load_gpt2_streams_a_continuation_ctrl_c_is_one_line_and_a_closed_pipe_exits_141(tmp_path, monkeypatch, capsys):
+    model = tiny_model(context_length=64)
+    save_tiny(tmp_path / "tiny.pt", model)
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello", "--max-new-tokens", "12"])
+    out = capsys.readouterr().out
+    expected = gpt.token_ids_to_text(gpt.generate(model, gpt.text_to_token_ids("Hello"), 12))
+    assert "parameters" in out and "load time" in out
+    assert out.rstrip("\n").endswith(expected)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpt, "generate_stream", interrupted)
+    assert exit_code(load_gpt2.main, ["--model", str(tmp_path / "tiny.pt"), "--prompt", "Hello"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    command = [sys.executable, str(Path(load_gpt2.__file__).resolve()), "--model", str(tmp_path / "tiny.pt"),
+               "--max-new-tokens", "100000"]  # more than a pipe buffer holds
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1)  # as `| head -c1`: read one byte, then close the pipe
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err  # 128 + SIGPIPE, and no BrokenPipeError traceback
 
 
 def _continuation_logprob(model, context_ids, continuation_ids):
@@ -2321,7 +2196,7 @@ def _continuation_logprob(model, context_ids, continuation_ids):
     return sum(logprobs[start + k, token].item() for k, token in enumerate(continuation_ids))
 
 
-def test_benchmark_hellaswag_items_are_prepared_as_the_harness_prepares_them():
+def test_benchmark_hellaswag_items_are_prepared_as_the_harness_prepares_them(tmp_path):
     items = load_gpt2.read_hellaswag(HELLASWAG_TINY)
     tea, tree = load_gpt2.hellaswag_request(items[0]), load_gpt2.hellaswag_request(items[1])
     assert tea["context"] == "Making tea: A woman fills a kettle at the sink. She sets it on the stove. She"
@@ -2331,6 +2206,9 @@ def test_benchmark_hellaswag_items_are_prepared_as_the_harness_prepares_them():
                                "Loosen the soil at the bottom. Place the sapling")
     assert tree["choices"][0] == "in the hole and fill it with soil. Water it well."
     assert tree["choices"][3] == "under your pillow. and sleep."
+    path = tmp_path / "items.jsonl"  # the label a digit string, as Hugging Face's copy of HellaSwag writes it
+    path.write_text(json.dumps({**_HELLASWAG_ITEM, "label": "3"}) + "\n")
+    assert load_gpt2.read_hellaswag(path)[0]["label"] == "3"
 
 
 @pytest.fixture(scope="session")
@@ -2365,7 +2243,7 @@ def test_benchmark_continuation_request_as_the_harness():
     assert ids == encode("one two three four five six seven eight")[-5:] and n_scored == 2
 
 
-def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path):
+def test_benchmark_hellaswag_acc_and_acc_norm_and_mmlu_acc_per_subject_equal_hand_computations(tmp_path, mmlu_tiny):
     model = tiny_model(context_length=64)
     save_tiny(tmp_path / "tiny.pt", model)
     encode = gpt.get_tokenizer().encode
@@ -2386,24 +2264,22 @@ def test_benchmark_acc_and_acc_norm_equal_hand_computed_loglikelihoods(tmp_path)
     p = sum(acc) / n
     assert results["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
     assert results["random_guess"] == 0.25 and results["items"] == 4
-
-
-def test_benchmark_mmlu_acc_per_subject_equals_hand_computation(tmp_path, mmlu_tiny):
+    # MMLU: the letter of the most likely answer, per subject.
     model = tiny_model(context_length=128)
-    save_tiny(tmp_path / "tiny.pt", model)
+    save_tiny(tmp_path / "tiny128.pt", model)
     encode = gpt.get_tokenizer().encode
     right = collections.defaultdict(list)
     for item in load_gpt2.read_mmlu(mmlu_tiny, shots=2):
         context = load_gpt2.mmlu_request(item)["context"]
         lls = [_continuation_logprob(model, encode(context), encode(" " + letter)) for letter in "ABCD"]
         right[item["subject"]].append(max(range(4), key=lambda k: lls[k]) == item["answer"])
-    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
-                    "--shots", "2", "--results", str(tmp_path / "results.json")])
-    results = json.loads((tmp_path / "results.json").read_text())["benchmark"]
+    load_gpt2.main(["--model", str(tmp_path / "tiny128.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
+                    "--shots", "2", "--results", str(tmp_path / "mmlu.json")])
+    results = json.loads((tmp_path / "mmlu.json").read_text())["benchmark"]
     for subject, hits in right.items():
         assert results["subjects"][subject] == {"items": len(hits), "acc": pytest.approx(sum(hits) / len(hits))}
     assert results["acc"] == pytest.approx(sum(map(sum, right.values())) / 5)
-    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
+    load_gpt2.main(["--model", str(tmp_path / "tiny128.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
                     "--limit", "1", "--results", str(tmp_path / "limited.json")])
     limited = json.loads((tmp_path / "limited.json").read_text())["benchmark"]
     assert {name: s["items"] for name, s in limited["subjects"].items()} == {name: 1 for name in right}
@@ -2445,7 +2321,7 @@ def test_benchmark_loglikelihoods_equal_transformers(small_pair):
     assert load_gpt2.sum_logprobs(model, requests, batch_size=3) == pytest.approx(expected, abs=1e-4)
 
 
-def test_perplexity_of_a_short_text_is_exp_of_mean_cross_entropy():
+def test_perplexity_is_exp_of_mean_cross_entropy_and_slides_its_window_over_a_long_text():
     model = tiny_model(context_length=64)
     text = "Every effort moves you forward, one step at a time."
     ids = gpt.get_tokenizer().encode(text)
@@ -2456,9 +2332,7 @@ def test_perplexity_of_a_short_text_is_exp_of_mean_cross_entropy():
     assert score["windows"] == 1 and score["tokens"] == len(ids)
     assert score["perplexity"] == pytest.approx(math.exp(cross_entropy), rel=1e-4)
     assert score["bits_per_byte"] == pytest.approx(cross_entropy * len(ids) / (len(text.encode()) * math.log(2)), rel=1e-4)
-
-
-def test_perplexity_sliding_window_matches_a_hand_computation():
+    # A longer text: windows of 16 that start 8 apart score each token once, with up to 15 tokens before it.
     model = tiny_model(context_length=16)
     ids = gpt.get_tokenizer().encode(" ".join(f"word{k}" for k in range(30)))[:50]
     assert len(ids) == 50
@@ -2474,7 +2348,7 @@ def test_perplexity_sliding_window_matches_a_hand_computation():
     assert score["perplexity"] == pytest.approx(math.exp(-total / 50), rel=1e-4)
 
 
-def test_contamination_finds_exactly_the_planted_overlaps(tmp_path):
+def test_contamination_finds_exactly_the_planted_overlaps_and_reports_the_score_on_clean_items(tmp_path):
     texts = [
         "The quick brown fox jumps over the lazy dog while the farmer sleeps under an old oak tree.",
         "Seven silver spoons lay on the long wooden table beside a bowl of ripe green apples today.",
@@ -2496,9 +2370,7 @@ def test_contamination_finds_exactly_the_planted_overlaps(tmp_path):
     instructions = tmp_path / "instructions.json"
     instructions.write_text(json.dumps([{"instruction": "Say it.", "input": "", "output": texts[2]}]))
     assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(instructions)) == [2]
-
-
-def test_contamination_reports_the_score_on_clean_items(tmp_path):
+    # The benchmark's score on its clean items too.
     save_tiny(tmp_path / "tiny.pt")
     corpus = tmp_path / "corpus.txt"  # holds item 2 (query and gold ending)
     corpus.write_text("Washing a dog: a man lifts a muddy dog into a tub. The dog shakes water everywhere.\n")
@@ -2579,10 +2451,9 @@ def test_benchmark_results_survive_a_full_disk(tmp_path, monkeypatch, capsys):
     results = tmp_path / "results.json"
     results.write_text('{"an": "earlier run"}\n')
     failed = fill_the_disk(monkeypatch, lambda path: path.parent == tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag", "--benchmark-file",
-                        str(HELLASWAG_TINY), "--results", str(results)])
-    assert exit_info.value.code == full_disk_error(results) and failed == [results]  # exit 1, one line
+    code = exit_code(load_gpt2.main, ["--model", str(tmp_path / "tiny.pt"), "--benchmark", "hellaswag",
+                                      "--benchmark-file", str(HELLASWAG_TINY), "--results", str(results)])
+    assert code == full_disk_error(results) and failed == [results]  # exit 1, one line
     assert "hellaswag (0-shot, " in capsys.readouterr().out  # the results were printed before the write
     assert results.read_text() == '{"an": "earlier run"}\n'  # the previous file is kept as it was
     assert sorted(path.name for path in tmp_path.iterdir()) == ["results.json", "tiny.pt"]  # nothing half-written
@@ -2623,6 +2494,13 @@ LOAD_GPT2_BAD_INPUTS = [
     ("--model {files}/tiny.pt --benchmark mmlu --ngram 8", "--ngram needs --contamination"),
     ("--model {files}/tiny.pt --results r.json", "--results needs --benchmark or --perplexity"),  # nothing would be written
     ("--model {files}/tiny.pt --overwrite", "--overwrite needs --export-hf"),
+    ("--model {files}/tiny.pt --export-hf {files}/story.txt --overwrite", "{files}/story.txt is a file, not a folder: "
+     "choose another folder than {files}/story.txt"),
+    ("--model {files}/tiny.pt --export-hf {files}/story.txt/hf", "{files}/story.txt is a file, not a folder: choose "
+     "another folder than {files}/story.txt/hf"),
+    ("--model {files}/moved.pt", "the checkpoint names its tokenizer by a path ('{files}/gone'), which may have moved: "
+     "train it again with this version, which stores the tokenizer itself"),
+    ("--model {files}/vocab1000.pt", "the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"),
     ("--model {files}/tiny.pt --benchmark mmlu --temperature 0.7", "--temperature is for generating text, not for measuring"),
     ("--model {files}/tiny.pt --top-k 5", "--top-k is for sampling: give --temperature above 0 as well"),  # greedy ignores it
     ("--model {files}/tiny.pt --seed 1", "--seed is for sampling: give --temperature above 0 as well"),
@@ -2636,12 +2514,6 @@ LOAD_GPT2_BAD_INPUTS = [
 @pytest.mark.parametrize("argv, message", LOAD_GPT2_BAD_INPUTS)
 def test_load_gpt2_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, message):
     check_bad_input(load_gpt2.main, argv, message, bad_inputs, tmp_path, capsys)
-
-
-def test_benchmark_hellaswag_label_may_be_a_digit_string(tmp_path):
-    path = tmp_path / "items.jsonl"  # as Hugging Face's copy of HellaSwag writes it
-    path.write_text(json.dumps({**_HELLASWAG_ITEM, "label": "3"}) + "\n")
-    assert load_gpt2.read_hellaswag(path)[0]["label"] == "3"
 
 
 # ========================================================================================
@@ -2662,9 +2534,11 @@ def _pretrain_text(n_sentences=400, seed=0):
     return "\n".join(" ".join(lines[i : i + 4]) for i in range(0, len(lines), 4)) + "\n"
 
 
-def _pretrain_tiny_argv(tmp_path, text_file, *extra):
-    """Command-line flags of a tiny run (2 layers of width 32, 32-token windows)."""
-    tiny = "--n-layers 2 --n-heads 2 --emb-dim 32 --context-length 32 --batch-size 4 --eval-batches 2"
+def _pretrain_tiny_argv(tmp_path, text_file, *extra, model=None):
+    """Command-line flags of a tiny run (2 layers of width 32, 32-token windows); with `model`,
+    --model model and no shape flags (the shape comes from the weights)."""
+    shape = "--n-layers 2 --n-heads 2 --emb-dim 32 " if model is None else f"--model {model} "
+    tiny = shape + "--context-length 32 --batch-size 4 --eval-batches 2"
     quiet = "--sample-tokens 5 --log-every 100 --device cpu"
     paths = ["--data", str(text_file), "--out-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path)]
     return [*paths, *tiny.split(), *quiet.split(), *extra]
@@ -2678,16 +2552,10 @@ def pretrain_text_file(tmp_path):
     return path
 
 
-def _pretrain_free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- windows and batches -------------------------------------------------------------------
 
 
-def test_pretrain_windows_count_shift_their_targets_and_do_not_overlap_in_evaluation():
+def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ranks_split_one_batch():
     assert pretrain.count_windows(10, 4, 2) == 3  # starts 0, 2, 4; the last reads tokens 4..8
     assert pretrain.count_windows(10, 4, 4) == 2  # starts 0, 4
     assert pretrain.count_windows(5, 4, 1) == 1  # exactly context_length + 1 tokens
@@ -2701,9 +2569,7 @@ def test_pretrain_windows_count_shift_their_targets_and_do_not_overlap_in_evalua
     # Evaluation windows do not overlap: 9 windows available, 3 spread evenly.
     assert pretrain.evaluation_starts(n_tokens=100, context_length=10, max_windows=3) == [0, 30, 60]
     assert pretrain.evaluation_starts(25, 10, 50) == [0, 10]
-
-
-def test_pretrain_rank_offset_batches_equal_one_process_batch():
+    # The micro-batches of two processes (ranks) are the one process batch, split.
     splits = argparse.Namespace(n_windows=10, stride=3, seed=1)  # what micro_batch_starts reads of Splits
     single = pretrain.micro_batch_starts(splits, samples_seen=8, micro_step=1, batch_size=4)
     ranks = [pretrain.micro_batch_starts(splits, 8, 1, 2, rank=r, world_size=2) for r in range(2)]
@@ -2746,8 +2612,6 @@ def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     for bad, offset in ((path, 42), (big, 16_002), (truncated, 3), (with_bom, 6)):
         with open(bad, encoding="utf-8-sig") as f, pytest.raises(ValueError, match=f"invalid UTF-8 at byte {offset} "):
             list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=5))
-    with pytest.raises(SystemExit, match=r"bad.txt: invalid UTF-8 at byte 42 .*--replace-invalid-utf8$"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, path))
     token_path, n, _ = pretrain.prepare_token_file([path], tmp_path / "tokens", gpt.get_tokenizer(), replace_invalid=True)
     ids = array.array("H", token_path.read_bytes()).tolist()
     assert n == len(ids) and gpt.get_tokenizer().decode(ids) == "héllo wörld " * 3 + "\ufffd tail"
@@ -2770,7 +2634,8 @@ def test_pretrain_streamed_crlf_and_cr_corpora_give_the_tokens_of_the_whole_lf_t
     assert lf_file[1:] == crlf_file[1:] and lf_file[1] == len(expected)  # the same tokens, so the same fingerprint
 
 
-def test_pretrain_token_file_round_trip_and_reuse_for_its_tokenizer_only(trained_tokenizers, tmp_path, capsys):
+def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once(trained_tokenizers, tmp_path, capsys,
+                                                                                 local_server):
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)
     (folder / "a.txt").write_text("First document.\n")
@@ -2801,24 +2666,37 @@ def test_pretrain_token_file_round_trip_and_reuse_for_its_tokenizer_only(trained
     (folder / "a.txt").write_text("First document, edited and longer.\n")
     token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
     assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
-
-
-def test_pretrain_url_data_is_downloaded_once(tmp_path, local_server):
     body = _pretrain_text(20).encode()
     server = local_server({"/files/story.txt": body})
     url = f"{server.url}/files/story.txt"
-    (path,) = pretrain.resolve_sources(url)
-    assert path == cached_data_path(tmp_path, url, "story.txt") and path.read_bytes() == body
+    (downloaded,) = pretrain.resolve_sources(url)
+    assert downloaded == cached_data_path(tmp_path, url, "story.txt") and downloaded.read_bytes() == body
     server.close()
-    assert pretrain.resolve_sources(url) == [path]  # from the cache, the server is gone
+    assert pretrain.resolve_sources(url) == [downloaded]  # from the cache, the server is gone
 
 
-def test_pretrain_unigram_baseline_exact():
+def test_pretrain_unigram_baseline_is_exact_and_a_token_file_holds_ids_above_65535_as_uint32(tmp_path):
     train = torch.tensor([0, 0, 1], dtype=torch.int16)
     val = torch.tensor([0, 2], dtype=torch.int16)
     # add-one smoothing over 4 ids: counts 2, 1, 0, 0 -> p = 3/7, 2/7, 1/7, 1/7
     expected = -(math.log(3 / 7) + math.log(1 / 7)) / 2
     assert pretrain.unigram_baseline(train, val, vocab_size=4) == pytest.approx(expected, rel=1e-12)
+    # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
+    big = gpt.Tokenizer(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                        special_tokens={"<|endoftext|>": 69_999}, eot_id=69_999)
+    (tmp_path / "a.txt").write_text("ab")
+    (tmp_path / "b.txt").write_text("c<|endoftext|>d")
+    token_path, n, _ = pretrain.prepare_token_file([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "tokens", big)
+    expected = [97, 98, 69_999, 99, 69_999, 100]  # the end-of-text id between the documents, and from the text
+    assert token_path.suffix == ".uint32" and n == 6 and token_path.stat().st_size == 4 * 6
+    assert array.array("I", token_path.read_bytes()).tolist() == expected
+    tokens = torch.from_file(str(token_path), size=n, dtype=pretrain.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
+    inputs, targets = pretrain.get_batch(tokens, [0, 1], 4, torch.device("cpu"))
+    assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
+    # The unigram baseline counts the id too: once in 3 training tokens, add-one over 70,000 ids.
+    baseline = pretrain.unigram_baseline(tokens[:3], tokens[2:3], vocab_size=70_000)
+    assert baseline == pytest.approx(-math.log((1 + 1) / (3 + 70_000)), rel=1e-12)
+    assert pretrain.token_type(gpt.get_tokenizer()) == "uint16"
 
 
 # --- optimizer and schedule ------------------------------------------------------------------
@@ -2857,11 +2735,7 @@ def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_mod
     )[1]
     assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
     # --model continues from the weights: the shape comes from them, and step 0 scores what the run ended with.
-    argv = _pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", "--model", str(result["best"]))
-    for flag in ("--n-layers", "--n-heads", "--emb-dim"):
-        i = argv.index(flag)
-        del argv[i : i + 2]
-    pretrain.main(argv)
+    pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", model=result["best"]))
     history = json.loads((tmp_path / "b" / "run" / "history.json").read_text())["evaluations"]
     assert history[0]["step"] == 0 and history[0]["val_loss"] == pytest.approx(result["val_loss"], abs=1e-5)
 
@@ -2929,23 +2803,20 @@ def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_ove
         pretrain.main(["--resume", "--out-dir", str(tmp_path / "run")])
 
 
-def test_pretrain_ctrl_c_while_tokenizing_is_honest(tmp_path, pretrain_text_file, monkeypatch, capsys):
+def test_pretrain_ctrl_c_while_tokenizing_is_honest_and_in_training_saves_a_checkpoint(tmp_path, pretrain_text_file,
+                                                                                        monkeypatch, capsys):
     def interrupted(f, tokenizer):
         yield [1, 2, 3]
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pretrain, "encode_text_file", interrupted)
-    with pytest.raises(SystemExit) as e:
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file))
-    assert e.value.code == 130
+    assert exit_code(pretrain.main, _pretrain_tiny_argv(tmp_path, pretrain_text_file)) == 130
     err = capsys.readouterr().err
     assert "\ninterrupted\n" in err
     assert err.index("tokenizing: ") < err.index("\ninterrupted")  # the progress line was ended first
     assert list((tmp_path / "tokens").iterdir()) == []  # no token file, partial or whole
     assert not (tmp_path / "run").exists()  # made for the run, left empty: removed
-
-
-def test_pretrain_ctrl_c_saves_a_checkpoint(tmp_path, pretrain_text_file):
+    # Ctrl-C in training (a real SIGINT to a real process): a checkpoint of the step it stopped at.
     argv = _pretrain_tiny_argv(
         tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-every", "1", "--eval-every", "100000"
     )
@@ -2969,8 +2840,11 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     single = pretrain.main(_pretrain_tiny_argv(tmp_path / "one", pretrain_text_file, *common))  # batch 4
     argv = _pretrain_tiny_argv(tmp_path / "two", pretrain_text_file, *common)
     argv[argv.index("--batch-size") + 1] = "2"  # 2 processes x 2 windows = the same global batch
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # a free port
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_pretrain_free_port()), str(PRETRAIN_SCRIPT), *argv]
+               "--master_port", str(port), str(PRETRAIN_SCRIPT), *argv]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("eval step 3") == 1  # rank 0 alone prints
@@ -3012,7 +2886,8 @@ PRETRAIN_BAD_INPUTS = [
     (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "--data: no tokens in {files}/empty.txt"),
     (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "--data: no tokens in {files}/bom.txt"),  # a BOM alone
     (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
-    (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "latin1.txt: invalid UTF-8 at byte 3"),
+    (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "latin1.txt: invalid UTF-8 at byte 3 (invalid "
+     "continuation byte); fix the file or pass --replace-invalid-utf8"),
     (f"{PRETRAIN_TINY} --data {{files}}/short.txt --out-dir {{run}}", "the training split has"),
     (f"{PRETRAIN_RUN} --model {{files}}/empty", "{files}/empty holds no model: neither model.safetensors nor "
      "model.safetensors.index.json"),
@@ -3028,33 +2903,7 @@ def test_pretrain_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     assert not (tmp_path / "gpt-cache").exists() or not message.startswith("argument")  # flags: before any work
 
 
-def test_pretrain_edge_values_are_accepted():
-    argv = ["--grad-clip", "0", "--sample-tokens", "0", "--stop-at-step", "1", "--drop-rate", "0.5", "--n-heads", "8"]
-    argv += ["--min-lr-ratio", "0", "--warmup-steps", "0", "--weight-decay", "0", "--seed", str(2**63 - 1)]
-    args = pretrain.parse_settings(argv)
-    assert (args.grad_clip, args.min_lr_ratio, args.seed, args.n_heads) == (0.0, 0.0, 2**63 - 1, 8)
-
-
 # --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
-
-
-def test_pretrain_token_file_holds_ids_above_65535_as_uint32(tmp_path):
-    # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
-    big = gpt.Tokenizer(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
-                        special_tokens={"<|endoftext|>": 69_999}, eot_id=69_999)
-    (tmp_path / "a.txt").write_text("ab")
-    (tmp_path / "b.txt").write_text("c<|endoftext|>d")
-    token_path, n, _ = pretrain.prepare_token_file([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "tokens", big)
-    expected = [97, 98, 69_999, 99, 69_999, 100]  # the end-of-text id between the documents, and from the text
-    assert token_path.suffix == ".uint32" and n == 6 and token_path.stat().st_size == 4 * 6
-    assert array.array("I", token_path.read_bytes()).tolist() == expected
-    tokens = torch.from_file(str(token_path), size=n, dtype=pretrain.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
-    inputs, targets = pretrain.get_batch(tokens, [0, 1], 4, torch.device("cpu"))
-    assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
-    # The unigram baseline counts the id too: once in 3 training tokens, add-one over 70,000 ids.
-    baseline = pretrain.unigram_baseline(tokens[:3], tokens[2:3], vocab_size=70_000)
-    assert baseline == pytest.approx(-math.log((1 + 1) / (3 + 70_000)), rel=1e-12)
-    assert pretrain.token_type(gpt.get_tokenizer()) == "uint16"
 
 
 def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
@@ -3065,11 +2914,8 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
     monkeypatch.setattr(pretrain, "token_type", lambda tokenizer: "uint32")  # as for 151,936 ids; 1000 need uint16
 
     def argv(run, *extra):
-        flags = _pretrain_tiny_argv(tmp_path / run, pretrain_text_file, "--model", str(tmp_path / "model"))
-        for flag in ("--n-layers", "--n-heads", "--emb-dim"):  # the shape comes from the weights
-            i = flags.index(flag)
-            del flags[i : i + 2]
-        return flags + ["--max-steps", "4", "--eval-every", "2", "--drop-rate", "0.1", "--lr", "1e-2", *extra]
+        common = ("--max-steps", "4", "--eval-every", "2", "--drop-rate", "0.1", "--lr", "1e-2")
+        return _pretrain_tiny_argv(tmp_path / run, pretrain_text_file, *common, *extra, model=tmp_path / "model")
 
     whole = pretrain.main(argv("a"))
     out = capsys.readouterr().out
@@ -3095,62 +2941,37 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
 
 
-def test_pretrain_size_of_a_llama_shape_trains_from_scratch_with_its_hub_tokenizer(
-    trained_tokenizers, local_server, monkeypatch, tmp_path, pretrain_text_file
-):
-    reference, folder = trained_tokenizers["smollm2"]  # stands in for SmolLM2's tokenizer.json on the Hub
-    name = "HuggingFaceTB/SmolLM2-135M"
-    server = local_server({f"/{name}/resolve/main/tokenizer.json": (folder / "tokenizer.json").read_bytes()})
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "2", "--eval-every", "2")
-    argv[argv.index("--n-heads") + 1] = "3"  # a multiple of the shape's 3 key/value heads
-    argv[argv.index("--emb-dim") + 1] = "48"
-    result = pretrain.main(argv)
-    checkpoint = gpt.load_checkpoint(result["best"])
-    assert checkpoint["tokenizer"] == {"files": {"tokenizer.json": (folder / "tokenizer.json").read_text()}}
-    assert checkpoint["step"] == 2  # the Hub tokenizer travels in the checkpoint, not its name
-    expected = dict(family="llama", vocab_size=49152, n_layers=2, n_heads=3, n_kv_heads=3, emb_dim=48, hidden_dim=1536)
-    assert {key: checkpoint["config"][key] for key in expected} == expected  # the shape, with the flags given
-    (token_path,) = (tmp_path / "tokens").glob("*.uint16")
-    assert array.array("H", token_path.read_bytes()).tolist() == reference.encode(pretrain_text_file.read_text()).ids
-
-
 def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_flags(tmp_path, pretrain_text_file,
                                                                                       monkeypatch):
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2")
     with monkeypatch.context() as patch:
         patch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
-        with pytest.raises(SystemExit) as e:
-            pretrain.main(argv)
-    assert str(e.value).startswith("error: training (weights, gradients and AdamW's moments, before activations): about "
-                                   "0.0 GB needed")
-    assert str(e.value).endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
-                                 "or adapt this one with LoRA (the fine-tunes' --lora)")
+        code = exit_code(pretrain.main, argv)
+    assert code.startswith("error: training (weights, gradients and AdamW's moments, before activations): about "
+                           "0.0 GB needed")
+    assert code.endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
+                         "or adapt this one with LoRA (the fine-tunes' --lora)")
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(pretrain, "evaluate_loss", out_of_memory)
-    with pytest.raises(SystemExit) as e:
-        pretrain.main(argv + ["--overwrite"])
+    code = exit_code(pretrain.main, argv + ["--overwrite"])
     hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
-    assert str(e.value) == "error: out of memory: " + hint
+    assert code == "error: out of memory: " + hint
 
 
 # --- gpt.py: the training plumbing pretrain.py moved there (autocast, FLOPs, throughput) --
 
 
-def test_peak_flops_of_a_gpu_come_from_its_name(monkeypatch):
+def test_pretrain_peak_flops_of_a_gpu_autocast_flops_and_throughput_line_are_exact(monkeypatch):
     cuda = torch.device("cuda")
     for name, flops in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200 NVL", 836e12),
                         ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert pretrain.peak_flops(cuda, "bfloat16") == flops, name
     assert pretrain.peak_flops(cuda, "float32") is None and pretrain.peak_flops(torch.device("cpu"), "bfloat16") is None
-
-
-def test_pretrain_autocast_flops_and_throughput_line_are_exact(monkeypatch):
     context, dtype_name = gpt.autocast_context(torch.device("cpu"), "auto")
     assert dtype_name == "float32" and not isinstance(context, torch.autocast)  # CPUs: float32 unless asked
     context, dtype_name = gpt.autocast_context(torch.device("cpu"), "bfloat16")
@@ -3174,12 +2995,12 @@ _CLASSIFY_SMS_BYTES = fc.read_sms_bytes(SMS_ZIP)
 CLASSIFY_SCRIPT = Path(fc.__file__).resolve()
 
 
-def _classify_tiny_model(n_layers=2, seed=0):
-    return tiny_model(seed, context_length=48, n_heads=4, n_layers=n_layers)
+def _classify_tiny_model():
+    return tiny_model(context_length=48, n_heads=4)
 
 
-def _classify_tiny_classifier(trainable="last-block", n_layers=2, seed=0):
-    model = fc.add_classification_head(_classify_tiny_model(n_layers, seed))
+def _classify_tiny_classifier(trainable="last-block"):
+    model = fc.add_classification_head(_classify_tiny_model())
     return fc.set_trainable(model, trainable, lora_rank=2, lora_alpha=4)
 
 
@@ -3311,7 +3132,7 @@ def test_classify_prediction_does_not_depend_on_padding():
 
 @pytest.mark.parametrize("n_frozen", [0, 1, 2])
 def test_classify_activation_cache_gives_full_pass_logits_and_gradients(n_frozen):
-    model = _classify_tiny_classifier(n_layers=2)
+    model = _classify_tiny_classifier()
     model.requires_grad_(True)
     token_ids = _classify_token_ids([3, 17, 9, 40, 1, 25])
     token_ids.append(token_ids[1].clone())  # a repeated message
@@ -3336,7 +3157,7 @@ def test_classify_activation_cache_gives_full_pass_logits_and_gradients(n_frozen
 
 @pytest.mark.parametrize("trainable", [*fc.TRAINABLE_CHOICES, "lora"])
 def test_classify_trainable_trains_exactly_what_it_names(trainable):
-    model = _classify_tiny_classifier(trainable, n_layers=2)
+    model = _classify_tiny_classifier(trainable)
     head = {"lm_head.weight", "lm_head.bias"}
     expected = {
         "head": head,
@@ -3499,12 +3320,8 @@ def test_classify_bad_input_is_one_line(bad_inputs, tmp_path, capsys, monkeypatc
     check_bad_input(fc.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
-def test_classify_use_accepts_what_using_a_classifier_reads():
-    args = fc.parse_args(["--classify", "hi", "--batch-size", "3", "--threshold", "0.4", "--dtype", "bfloat16"])
-    assert (args.batch_size, args.threshold, args.dtype) == (3, 0.4, "bfloat16")
-
-
-def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, capsys):
+def test_classify_ctrl_c_exits_130_also_in_training_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch,
+                                                                                            capsys):
     argv = _classify_run_argv(tmp_path)
 
     def interrupted(*args, **kwargs):
@@ -3528,13 +3345,9 @@ def test_classify_ctrl_c_exits_130_and_out_of_memory_names_the_batch_size(tmp_pa
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(fc, "train_classifier", out_of_memory)
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(_classify_run_argv(tmp_path, "oom"))
-    assert exit_info.value.code == "error: out of memory: use a smaller --batch-size (or --max-length)"
-
-
-def test_classify_sigint_during_training_exits_cleanly(tmp_path):
-    argv = _classify_run_argv(tmp_path, "run", "--epochs", "100000", "--batch-size", "2", "--log-every", "1")
+    code = exit_code(fc.main, _classify_run_argv(tmp_path, "oom"))
+    assert code == "error: out of memory: use a smaller --batch-size (or --max-length)"
+    argv = _classify_run_argv(tmp_path, "sigint", "--epochs", "100000", "--batch-size", "2", "--log-every", "1")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     # A suite started in the background inherits an ignored SIGINT; the script's Ctrl-C is Python's own handler,
     # which Python installs only where SIGINT is not ignored: give the child the default, as a terminal does.
@@ -3548,7 +3361,7 @@ def test_classify_sigint_during_training_exits_cleanly(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
-    assert not (tmp_path / "run" / "classifier.pt").exists()
+    assert not (tmp_path / "sigint" / "classifier.pt").exists()
 
 
 def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
@@ -3599,22 +3412,19 @@ def test_classify_bfloat16_autocast_trains_and_stays_close(tmp_path):
     assert mixed["step_loss"] == pytest.approx(full["step_loss"], abs=0.05)
 
 
-def test_classify_folder_with_another_run_is_refused_unless_overwrite(tmp_path):
+def test_classify_folder_with_another_run_is_refused_unless_overwrite_and_before_the_model_loads(tmp_path, monkeypatch):
     argv = _classify_run_argv(tmp_path, "run", "--max-steps", "1")
     fc.main(argv)
     before = (tmp_path / "run" / "classifier.pt").read_bytes()
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(argv)
+    code = exit_code(fc.main, argv)
     assert re.fullmatch(r"error: .*run holds another run \(classifier\.pt, run\.json, train\.csv, validation\.csv, "
-                        r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", str(exit_info.value.code))
-    assert "--resume" not in str(exit_info.value.code)  # the classifier has no --resume to suggest
+                        r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", code)
+    assert "--resume" not in code  # the classifier has no --resume to suggest
     assert (tmp_path / "run" / "classifier.pt").read_bytes() == before
     (tmp_path / "run" / "loss-accuracy.png").unlink(missing_ok=True)  # a run without the plot is replaced as well
     fc.main(argv + ["--overwrite", "--seed", "5"])
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
-
-
-def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkeypatch):
+    # A folder that cannot take the run is refused before the model loads.
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the run folder was checked")
 
@@ -3622,11 +3432,11 @@ def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkey
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SystemExit, match=r"^error: .*file is a file, not a folder: choose another folder than .*file$"):
         fc.main(_classify_run_argv(tmp_path, "file"))
-    (tmp_path / "run" / "classifier.pt").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"error: .*run holds another run \(classifier.pt\)"):
-        fc.main(_classify_run_argv(tmp_path, "run"))
-    with pytest.raises(SystemExit, match=r"^error: \[Errno 21\] Is a directory: .*run/classifier.pt'$"):
-        fc.main(_classify_run_argv(tmp_path, "run", "--overwrite"))
+    (tmp_path / "other" / "classifier.pt").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"error: .*other holds another run \(classifier.pt\)"):
+        fc.main(_classify_run_argv(tmp_path, "other"))
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 21\] Is a directory: .*other/classifier.pt'$"):
+        fc.main(_classify_run_argv(tmp_path, "other", "--overwrite"))
     (tmp_path / "elsewhere.pt").mkdir()
     with pytest.raises(SystemExit, match=r"error: .*run2 holds another run \(../elsewhere.pt\)"):
         fc.main(_classify_run_argv(tmp_path, "run2", "--checkpoint", str(tmp_path / "elsewhere.pt")))
@@ -3634,9 +3444,8 @@ def test_classify_unusable_out_dir_fails_before_the_model_loads(tmp_path, monkey
 
 def test_classify_full_disk_at_the_final_save_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch, capsys):
     failed = fill_the_disk(monkeypatch, lambda path: path.name == "classifier.pt")
-    with pytest.raises(SystemExit) as exit_info:
-        fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "2"))
-    assert exit_info.value.code == full_disk_error(tmp_path / "run" / "classifier.pt")  # exit 1, one line
+    code = exit_code(fc.main, _classify_run_argv(tmp_path, "run", "--max-steps", "2"))
+    assert code == full_disk_error(tmp_path / "run" / "classifier.pt")  # exit 1, one line
     assert failed == [tmp_path / "run" / "classifier.pt"]
     assert "test split (" in capsys.readouterr().out  # the test metrics were printed before the save
     # Nothing half-written: no classifier.pt, no temporary file beside it (and metrics.json comes after it).
@@ -3681,7 +3490,9 @@ def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(
     assert evaluated.split("\n")[5] == f"metrics in {tmp_path / 'evaluation.json'}"
 
 
-def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
+def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold_and_writes_predictions_as_csv(tmp_path, capsys):
+    import csv
+
     model, checkpoint = _classify_classifier(tmp_path)
     messages = [("spam", "WINNER!! Claim your prize, call 09061701461"), ("ham", 'He said "ok, fine" then left'),
                 ("ham", "See you at 6?"), ("spam", "Free entry: text WIN to 80086"), ("ham", "ok")]
@@ -3700,12 +3511,7 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path):
             assert results["threshold"] == threshold and results["metrics"]["confusion_matrix"] == matrix
     assert sum(predicted) == 0 and results["metrics"]["precision"] == 0.0  # threshold 1: no message is that sure
     assert sum(int(p >= middle) for p in probabilities) == 3
-
-
-def test_classify_file_writes_predictions_as_csv_with_probabilities(tmp_path, capsys):
-    import csv
-
-    model, checkpoint = _classify_classifier(tmp_path)
+    capsys.readouterr()  # --classify-file writes the predictions as CSV, with the probabilities
     texts = ["Are we meeting at 6?", 'WINNER, "claim" your prize', "ok", "Call 09061701461 now to win £2000"]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     probabilities = fc.classify_texts(model, texts, 48)
@@ -3748,11 +3554,8 @@ def test_classify_whole_classifier_of_a_safetensors_file_answers_after_the_file_
     assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
     with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
         fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
-    with pytest.raises(SystemExit) as exit_info:
-        load_gpt2.main(["--model", str(run / "classifier.pt")])
-    message = str(exit_info.value.code)
-    assert exit_info.value.code not in (0, None) and "is a classifier, not a language model" in message
-    assert "\n" not in message and "Traceback" not in message
+    message = exit_code(load_gpt2.main, ["--model", str(run / "classifier.pt")])
+    assert message.startswith("error: ") and "is a classifier, not a language model" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("model_type, extra", [("llama", []), ("qwen3", ["--lora", "--max-steps", "3"])])
@@ -3896,45 +3699,46 @@ def test_instruct_split_85_5_10_with_seed():
     assert instruct.split_dataset(entries, seed=1)[0] != train
     with pytest.raises(ValueError, match="at least 10"):
         instruct.split_dataset(entries[:9], seed=123)
+    order = gpt.epoch_order(5, 2**63 - 1, 1).tolist()  # an epoch's order of the training examples, the largest seed
+    assert sorted(order) == [0, 1, 2, 3, 4]
+    gpt.epoch_order.cache_clear()
+    assert gpt.epoch_order(5, 2**63 - 1, 1).tolist() == order
 
 
-@pytest.mark.parametrize(
-    "reply, expected",
-    [
-        ('{"score": 85}', 85.0),  # the structured output the judge asks for
-        ('{"score": 92.5}', 92.5),
-        ('{"score": 150}', None),  # JSON decides, even out of range
-        ('```json\n{"score": 70}\n```', 70.0),
-        ('My grade: {"score": 60, "reason": "mostly right"}', 60.0),
-        ("85", 85.0),
-        (" 66.6\n", 66.6),
-        ("8.5e1", 85.0),
-        ("100", 100.0),
-        ("0", 0.0),
-        ("**Score:** 88", 88.0),
-        ("Score = 85.5. I stand by 85.5", 85.5),  # one number, twice
-        ("85%", 85.0),
-        ("Score: 85.", 85.0),
-        ("150", None),
-        ("-5", None),
-        ("Score: -5", None),
-        ("GPT-2 would give 85", 85.0),  # not the 2 of a name
-        ("On a scale from 0 to 100, I'd give 85", None),  # three numbers: ambiguous
-        ("8/10", None),  # a ratio is not a 0-100 score
-        ("Score: 70. On second thought, final score: 85", None),
-        ("Score: 1,000", None),  # a thousands separator: not 1
-        ("Score: 7,5", None),  # a decimal comma: not 7 nor 5
-        ("7,5/10", None),
-        ("I cannot judge this.", None),
-        ("", None),
-        ("null", None),
-        ("[85]", None),
-        (None, None),
-        (85, 85.0),
-        ({"score": 85}, 85.0),
-        (True, None),
-    ],
-)
+@pytest.mark.parametrize("reply, expected", [
+    ('{"score": 85}', 85.0),  # the structured output the judge asks for
+    ('{"score": 92.5}', 92.5),
+    ('{"score": 150}', None),  # JSON decides, even out of range
+    ('```json\n{"score": 70}\n```', 70.0),
+    ('My grade: {"score": 60, "reason": "mostly right"}', 60.0),
+    ("85", 85.0),
+    (" 66.6\n", 66.6),
+    ("8.5e1", 85.0),
+    ("100", 100.0),
+    ("0", 0.0),
+    ("**Score:** 88", 88.0),
+    ("Score = 85.5. I stand by 85.5", 85.5),  # one number, twice
+    ("85%", 85.0),
+    ("Score: 85.", 85.0),
+    ("150", None),
+    ("-5", None),
+    ("Score: -5", None),
+    ("GPT-2 would give 85", 85.0),  # not the 2 of a name
+    ("On a scale from 0 to 100, I'd give 85", None),  # three numbers: ambiguous
+    ("8/10", None),  # a ratio is not a 0-100 score
+    ("Score: 70. On second thought, final score: 85", None),
+    ("Score: 1,000", None),  # a thousands separator: not 1
+    ("Score: 7,5", None),  # a decimal comma: not 7 nor 5
+    ("7,5/10", None),
+    ("I cannot judge this.", None),
+    ("", None),
+    ("null", None),
+    ("[85]", None),
+    (None, None),
+    (85, 85.0),
+    ({"score": 85}, 85.0),
+    (True, None),
+])
 def test_instruct_parse_score(reply, expected):
     score = instruct.parse_score(reply)
     assert score == expected and type(score) is type(expected)
@@ -4016,37 +3820,30 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_instruct_judge_server_down_keeps_responses(tmp_path, _instruct_ollama):
-    url = _instruct_ollama.url
-    _instruct_ollama.server.close()  # nothing listens on this port any more
+@pytest.mark.parametrize("body, message", [
+    (None, "no Ollama server answers at {url}.*ollama serve.*ollama pull llama3"),  # nothing listens on the port
+    (b"[]", "the server at {url} answered an unexpected reply: "),
+    (b"{}", "the server at {url} answered an unexpected reply: "),
+    (b'{"message": 5}', "the server at {url} answered an unexpected reply: "),
+    (b"<html>not Ollama</html>", "the server at {url} answered an unexpected reply: "),
+], ids=["server-down", "list", "no-message", "message-number", "not-json"])
+def test_instruct_judge_without_a_server_or_with_an_odd_reply_says_so_and_keeps_responses(tmp_path, local_server, body,
+                                                                                          message):
+    server = local_server({"/api/chat": answer(body or b"", Content_Type="application/json")})
+    if body is None:
+        server.close()
     path, _ = _instruct_responses_file(tmp_path, 2)
     before = path.read_bytes()
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
-    message = str(exc.value)
-    assert message.startswith("error: no Ollama server answers at " + url)
-    assert "ollama serve" in message and "ollama pull llama3" in message
-    assert path.read_bytes() == before
-    assert not (tmp_path / "responses-scored.json").exists()
-
-
-@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"message": 5}', b"<html>not Ollama</html>"],
-                         ids=["list", "no-message", "message-number", "not-json"])
-def test_instruct_judge_odd_server_reply_is_named_as_such(tmp_path, local_server, body):
-    server = local_server({"/api/chat": answer(body, Content_Type="application/json")})
-    path, _ = _instruct_responses_file(tmp_path, 1)
-    with pytest.raises(SystemExit) as exit_info:
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
-    assert exit_info.value.code.startswith(f"error: the server at {server.url} answered an unexpected reply: ")
+    code = exit_code(instruct.main, ["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
+    assert re.match("error: " + message.format(url=re.escape(server.url)), code), code
+    assert path.read_bytes() == before and not (tmp_path / "responses-scored.json").exists()
 
 
 @pytest.fixture
 def _instruct_tiny_run(tmp_path_factory):
     """A tiny random GPT checkpoint and a 12-entry data file (split 10 / 1 / 1)."""
     folder = tmp_path_factory.mktemp("instruct")
-    torch.manual_seed(0)
-    model = gpt.GPTModel(gpt.GPTConfig(context_length=96, emb_dim=32, n_heads=2, n_layers=2))
-    save_tiny(folder / "tiny.pt", model)
+    save_tiny(folder / "tiny.pt", tiny_model(context_length=96))
     entries = [{"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"{i}", "output": f"{i}"}
                for i in range(12)]
     (folder / "data.json").write_text(json.dumps(entries))
@@ -4091,6 +3888,15 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
         patch.setattr(instruct, "generate_response", lambda *args, **options: ("", 1))
         instruct.main(common + ["--prompt", "Repeat the number 3."])
     assert capsys.readouterr().out.endswith("\n(an empty answer: the model ended it at once with its end-of-text token)\n")
+    prompt = ["--prompt", "Repeat the number 3.", "--checkpoint", str(folder / "tiny.pt"), "--max-new-tokens", "6"]
+    instruct.main(prompt)
+    greedy = capsys.readouterr().out.splitlines()[-1]
+    # At temperature 5 a random model's tokens are nearly uniform over 50,257: only a
+    # top-p small enough to keep the single most likely token gives the greedy answer.
+    instruct.main(prompt + ["--temperature", "5", "--top-p", "1e-9"])
+    assert capsys.readouterr().out.splitlines()[-1] == greedy
+    instruct.main(prompt + ["--temperature", "5", "--seed", "1"])
+    assert capsys.readouterr().out.splitlines()[-1] != greedy
 
 
 def _instruct_same_weights(run_a, run_b):
@@ -4113,16 +3919,14 @@ def _instruct_ctrl_c_in_step(monkeypatch, stop_step):
     return check
 
 
-def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
+def test_instruct_resume_after_ctrl_c_or_sigterm_matches_the_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
     folder = _instruct_tiny_run
     common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
     common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
     instruct.main(common + ["--out-dir", str(folder / "straight")])
     # Ctrl-C in step 3 of 4: the state of step 2 (an epoch's end) is on disk; --resume alone goes on from it.
     check = _instruct_ctrl_c_in_step(monkeypatch, 3)
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(common + ["--out-dir", str(folder / "halves")])
-    assert exc.value.code == 130
+    assert exit_code(instruct.main, common + ["--out-dir", str(folder / "halves")]) == 130
     assert capsys.readouterr().err.endswith(
         f"--resume --out-dir {folder / 'halves'} goes on from the last save in {folder / 'halves' / 'train_state.pt'}"
         "\ninterrupted\n"
@@ -4138,10 +3942,6 @@ def test_instruct_resume_matches_uninterrupted_run(_instruct_tiny_run, capsys, m
     )
     with pytest.raises(SystemExit, match="train_state.pt is not there \\(a finished run keeps it only with --keep-state"):
         instruct.main(["--out-dir", str(folder / "halves"), "--resume", "--epochs", "3"])
-
-
-def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instruct_tiny_run, capsys, monkeypatch):
-    folder = _instruct_tiny_run
     # A model folder as save_pretrained writes it: its weights load as transposed views, whose AdamW
     # moments must be restored in the layout of the resumed model's weights.
     save_hf_gpt2(folder / "hf", n_positions=96, n_embd=32, n_layer=2, n_head=2)
@@ -4158,9 +3958,7 @@ def test_instruct_sigterm_saves_the_step_it_stopped_at_and_resume_matches(_instr
         check(loss, step)
 
     monkeypatch.setattr(gpt, "check_finite_loss", sigterm_in_step_3)
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(common + ["--out-dir", str(folder / "stopped")])
-    assert exc.value.code == 143
+    assert exit_code(instruct.main, common + ["--out-dir", str(folder / "stopped")]) == 143
     assert capsys.readouterr().err.endswith(
         f"stopped at step 3 (SIGTERM), the state saved in {folder / 'stopped' / 'train_state.pt'}: go on with python "
         f"finetune_instruct.py --resume --out-dir {folder / 'stopped'}\n"
@@ -4231,35 +4029,6 @@ def test_instruct_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     check_bad_input(instruct.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
-def test_instruct_flag_limits_are_accepted():
-    limits = ["--top-k", "1", "--top-p", "1", "--temperature", "1e-9", "--max-new-tokens", "0", "--eval-batches", "0"]
-    args = instruct.parse_args(limits + ["--weight-decay", "0"])
-    assert (args.top_k, args.top_p, args.temperature, args.max_new_tokens, args.eval_batches) == (1, 1.0, 1e-9, 0, 0)
-    args = instruct.parse_args(["--prompt", "Name a color.", "--input", "x", "--top-p", "1e-9", "--temperature", "1"])
-    assert (args.prompt, args.input, args.top_p) == ("Name a color.", "x", 1e-9)
-    args = instruct.parse_args(["--generate-only", "--data", "d.json", "--seed", "3", "--max-new-tokens", "2"])
-    assert (args.data, args.seed, args.max_new_tokens) == ("d.json", 3, 2)  # what answering reads
-    largest_seed = instruct.parse_args(["--seed", str(2**63 - 1)]).seed
-    order = gpt.epoch_order(5, largest_seed, 1).tolist()  # the order of an epoch of the run's training examples
-    assert sorted(order) == [0, 1, 2, 3, 4]
-    gpt.epoch_order.cache_clear()
-    assert gpt.epoch_order(5, largest_seed, 1).tolist() == order
-
-
-def test_instruct_top_p_reaches_generation(_instruct_tiny_run, capsys, monkeypatch):
-    folder = _instruct_tiny_run
-    monkeypatch.setenv("GPT_CACHE_DIR", str(folder / "cache"))
-    prompt = ["--prompt", "Repeat the number 3.", "--checkpoint", str(folder / "tiny.pt"), "--max-new-tokens", "6"]
-    instruct.main(prompt)
-    greedy = capsys.readouterr().out.splitlines()[-1]
-    # At temperature 5 a random model's tokens are nearly uniform over 50,257: only a
-    # top-p small enough to keep the single most likely token gives the greedy answer.
-    instruct.main(prompt + ["--temperature", "5", "--top-p", "1e-9"])
-    assert capsys.readouterr().out.splitlines()[-1] == greedy
-    instruct.main(prompt + ["--temperature", "5", "--seed", "1"])
-    assert capsys.readouterr().out.splitlines()[-1] != greedy
-
-
 # --- run folder, saved split, answers kept, bad inputs -------------------------------------
 
 
@@ -4290,10 +4059,9 @@ def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_r
     for content, problem in [("[1, 2]", "entry 0: not a JSON object but int"), ("{}", "line 1: 'instruction' must be a string, not null"),
                              ("[]", "no entries")]:
         (run / "test.json").write_text(content)
-        with pytest.raises(SystemExit) as exc:
-            instruct.main(["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
-        assert str(exc.value) == (f"error: the run's split {run / 'test.json'}: {problem}: put back the file the run "
-                                  "wrote, or start the run again with --overwrite")
+        code = exit_code(instruct.main, ["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
+        assert code == (f"error: the run's split {run / 'test.json'}: {problem}: put back the file the run "
+                        "wrote, or start the run again with --overwrite")
     assert json.loads((run / "responses.json").read_text()) == answered
 
 
@@ -4301,9 +4069,8 @@ def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_pa
     folder = _instruct_tiny_run
     instruct.main(_instruct_quick(folder, tmp_path / "run", "--keep-state"))
     before = (tmp_path / "run" / "model.pt").stat().st_mtime_ns
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(_instruct_quick(folder, tmp_path / "run"))
-    assert "holds another run" in str(exc.value) and "--overwrite" in str(exc.value)
+    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run"))
+    assert "holds another run" in code and "--overwrite" in code
     assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns == before
     instruct.main(_instruct_quick(folder, tmp_path / "run", "--overwrite"))
     assert not (tmp_path / "run" / "train_state.pt").exists()  # the old run's state went with --overwrite
@@ -4320,14 +4087,14 @@ def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_pa
     assert gpt.load_checkpoint(tmp_path / "kept" / "train_state.pt")["history"]["step"] == [0, 1, 2]
     kept = tmp_path / "kept"
     (kept / "train_state.pt").write_bytes((kept / "model.pt").read_bytes())  # a model where the state belongs
-    with pytest.raises(SystemExit) as exit_info:
-        instruct.main(["--out-dir", str(kept), "--resume", "--epochs", "3"])
-    assert exit_info.value.code == (f"error: --resume: {kept / 'train_state.pt'} is not a training state (a "
-                                    "finished run keeps it only with --keep-state): train on from "
-                                    f"{kept / 'model.pt'} with --model, or start again with --overwrite")
+    code = exit_code(instruct.main, ["--out-dir", str(kept), "--resume", "--epochs", "3"])
+    assert code == (f"error: --resume: {kept / 'train_state.pt'} is not a training state (a "
+                    "finished run keeps it only with --keep-state): train on from "
+                    f"{kept / 'model.pt'} with --model, or start again with --overwrite")
 
 
-def test_instruct_answers_survive_a_full_disk(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
+def test_instruct_full_disk_keeps_the_earlier_answers_and_the_last_training_state(_instruct_tiny_run, tmp_path,
+                                                                                   monkeypatch, capsys):
     folder = _instruct_tiny_run
     entries = [{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
     (tmp_path / "data.json").write_text(json.dumps(entries))  # test split: 4 entries
@@ -4340,15 +4107,10 @@ def test_instruct_answers_survive_a_full_disk(_instruct_tiny_run, tmp_path, monk
     # The disk is full when the answers are written again: one line, and the earlier answers stay.
     before = (tmp_path / "straight" / "responses.json").read_bytes()
     fill_the_disk(monkeypatch, lambda path: path.name == "responses.json")
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(common + ["--out-dir", str(tmp_path / "straight")])
-    assert exc.value.code == full_disk_error(tmp_path / "straight" / "responses.json")  # exit 1, one line
+    code = exit_code(instruct.main, common + ["--out-dir", str(tmp_path / "straight")])
+    assert code == full_disk_error(tmp_path / "straight" / "responses.json")  # exit 1, one line
     assert (tmp_path / "straight" / "responses.json").read_bytes() == before
     assert not [path.name for path in (tmp_path / "straight").iterdir() if path.name.startswith(".")]  # no half file
-
-
-def test_instruct_full_disk_at_a_training_state_save_keeps_the_last_state(_instruct_tiny_run, tmp_path, monkeypatch):
-    folder = _instruct_tiny_run
     state, saves = tmp_path / "run" / "train_state.pt", []
 
     def second_state_save(path):  # the disk is full when the state is saved again, at the end of epoch 2
@@ -4356,10 +4118,9 @@ def test_instruct_full_disk_at_a_training_state_save_keeps_the_last_state(_instr
         return path == state and saves.count(state) == 2
 
     failed = fill_the_disk(monkeypatch, second_state_save)
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(_instruct_quick(folder, tmp_path / "run", "--epochs", "2"))  # one step an epoch
+    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run", "--epochs", "2"))  # one step an epoch
     # One line, exit 1, not "error: [Errno 28] No space left on device"; the state of step 1 is kept as it was.
-    assert str(exc.value) == full_disk_error(state) and failed == [state]
+    assert code == full_disk_error(state) and failed == [state]
     assert gpt.load_checkpoint(state)["step"] == 1
     assert not (tmp_path / "run" / "model.pt").exists()  # the run stopped there
     assert not [path.name for path in (tmp_path / "run").iterdir() if path.name.startswith(".")]  # no half file
@@ -4391,9 +4152,8 @@ def test_instruct_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
-    with pytest.raises(SystemExit) as exc:
-        instruct.main(_instruct_quick(folder, tmp_path / "run"))
-    assert str(exc.value) == "error: out of memory: use a smaller --batch-size or --max-length, or --lora"
+    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run"))
+    assert code == "error: out of memory: use a smaller --batch-size or --max-length, or --lora"
 
 
 # --- the kept model: lowest validation loss, --keep-last, across --resume ---------------------
@@ -4511,11 +4271,10 @@ SMOL_CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['
 
 
 def _smol_instruct_folder(folder, trained_tokenizers, template_file=True):
-    """A tiny random Llama (vocabulary 1024, context 64) saved with save_pretrained beside a
-    SmolLM2-Instruct-style tokenizer: the trained SmolLM2 tokenizer.json with the added tokens
-    <|im_start|> and <|im_end|>, a tokenizer_config.json naming them begin and end (and pad,
-    unk), and the chat template (chat_template.jinja, or an entry of tokenizer_config.json)
-    -> (transformers model, folder)."""
+    """A tiny random Llama (vocabulary 1024, context 64) saved with save_pretrained beside a SmolLM2-Instruct-style
+    tokenizer: the trained SmolLM2 tokenizer.json with the added tokens <|im_start|> and <|im_end|>, a
+    tokenizer_config.json naming them begin and end (and pad, unk), and the chat template (chat_template.jinja, or an
+    entry of tokenizer_config.json) -> (transformers model, folder)."""
     from tokenizers import Tokenizer
 
     reference = save_hf_family(folder, "llama", vocab_size=1024, max_position_embeddings=64, num_key_value_heads=2,
@@ -4592,7 +4351,8 @@ def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path
     assert ids == hf("Q: <|im_start|> A<|im_end|>") and ids[:-n_scored] == hf("Q: <|im_start|>")  # item
 
 
-def test_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tmp_path):
+def test_export_keeps_the_chat_template_and_the_token_ids_and_a_text_starts_with_the_begin_token(trained_tokenizers,
+                                                                                                 tmp_path):
     from transformers import AutoTokenizer
 
     _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
@@ -4608,15 +4368,12 @@ def test_export_keeps_the_chat_template_and_the_token_ids(trained_tokenizers, tm
     chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
                                                                              tokenize=False)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n"
-
-
-def test_prefix_id_is_the_begin_token_else_the_end_token(trained_tokenizers, tmp_path):
-    _, tokenizer = gpt.load(_smol_instruct_folder(tmp_path / "smol", trained_tokenizers)[1])
-    assert load_gpt2.prefix_id(tokenizer) == tokenizer.encode("<|im_start|>")[0] != tokenizer.eot_id
+    # A text to score starts with the begin-of-text token, else the end-of-text token.
+    assert load_gpt2.prefix_id(tokenizer) == start != tokenizer.eot_id
     qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
     assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
     assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
-    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == tokenizer.encode("<|im_start|>")[0]
+    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == start
 
 
 def test_a_safetensors_file_loads_with_the_tokenizer_beside_it_and_its_checkpoint_carries_that(trained_tokenizers,
@@ -4624,9 +4381,7 @@ def test_a_safetensors_file_loads_with_the_tokenizer_beside_it_and_its_checkpoin
     reference, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
     model, tokenizer = gpt.load(folder / "model.safetensors")  # config.json and the tokenizer files beside it
     assert type(model) is gpt.LlamaModel and tokenizer.n_vocab == 1002  # 1000 and <|im_start|>, <|im_end|>
-    idx = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+    assert_same_logits(model, reference, 1024, (2, 20))
     gpt.save_checkpoint(tmp_path / "model.pt", model, tokenizer)
     text = "<|im_start|>user\nDon't stop: 12 steps<|im_end|>"
     expected = tokenizer.encode(text, bos=True)
@@ -4636,9 +4391,7 @@ def test_a_safetensors_file_loads_with_the_tokenizer_beside_it_and_its_checkpoin
     loaded, carried = gpt.load(tmp_path / "model.pt")
     assert carried.encode(text, bos=True) == expected and carried.bos_id == tokenizer.bos_id
     assert carried.files == tokenizer.files and carried.eot_id == tokenizer.eot_id
-    idx = torch.tensor([expected])
-    with torch.no_grad():
-        assert torch.equal(loaded(idx), model(idx))
+    assert_same_logits(loaded, model, 1024, (2, 20), atol=0)
 
 
 # ========================================================================================
@@ -4649,16 +4402,11 @@ CUDA = torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _cuda_tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = gpt.LlamaConfig(vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_kv_heads=2,
-                        n_layers=2, hidden_dim=96)
-    return gpt.build_model(cfg).eval()
-
-
 @needs_cuda
 def test_cuda_logits_and_greedy_tokens_equal_the_cpu_ones():
-    for model in (tiny_model(context_length=32), _cuda_tiny_llama()):
+    llama = tiny_model(config=gpt.LlamaConfig(), vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_kv_heads=2,
+                       hidden_dim=96)
+    for model in (tiny_model(context_length=32), llama):
         token_ids = torch.randint(0, model.cfg.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0))
         on_gpu = copy.deepcopy(model).to(CUDA)
         with torch.no_grad():
