@@ -4837,8 +4837,8 @@ def _gemma_style(tokenizer_json):
 
 # kind: (NEW_FAMILIES entry, settings llama.cpp can hold: Gemma 3's global layer every sixth, query scale = head size)
 GGUF_NEW_FAMILIES = {"phi3": ("phi3_no_window", {}), "phi2": ("phi_2_rotary_0_4", {}),
-                     "gemma3": ("gemma3_local_global", dict(num_hidden_layers=6, head_dim=256, query_pre_attn_scalar=256,
-                                                            layer_types=None, sliding_window=4))}
+                     "gemma3": ("gemma3_local_global", dict(num_hidden_layers=6, head_dim=256, layer_types=None,
+                                                            query_pre_attn_scalar=256, sliding_window=4))}
 
 
 def _gguf_source(kind, folder, trained_tokenizers, sentencepiece_tokenizers=None):
@@ -4849,8 +4849,8 @@ def _gguf_source(kind, folder, trained_tokenizers, sentencepiece_tokenizers=None
         name, settings = GGUF_NEW_FAMILIES[kind]
         style = {"phi2": "codegen", "phi3": "llama2", "gemma3": "metaspace"}[kind]
         tokenizer_json = stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers)
-        save_new_family(folder, name, _gemma_style(tokenizer_json) if kind == "gemma3" else tokenizer_json,
-                        vocab_size=1100, **settings)
+        tokenizer_json = _gemma_style(tokenizer_json) if kind == "gemma3" else tokenizer_json
+        save_hf_family(folder, name, tokenizer_json=tokenizer_json, vocab_size=1100, **settings)
         if kind == "phi3":  # transformers' Phi3Config pads with id 32000 unless the file names a padding token
             (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<unk>"}))
         return folder
@@ -4956,27 +4956,29 @@ def test_gguf_phi2_which_transformers_does_not_read_comes_back_whole_and_gguf_re
         tensors = {name: rest for name, *rest in writes(*args)}
         for name in [name for name in tensors if ".attn_q." in name]:
             q, k, v = (tensors.pop(name.replace("attn_q", part)) for part in ("attn_q", "attn_k", "attn_v"))
-            tensors[name.replace("attn_q", "attn_qkv")] = ("F32", (3 * q[1][0], *q[1][1:]), torch.cat([q[2], k[2], v[2]]))
+            shape = (3 * q[1][0], *q[1][1:])
+            tensors[name.replace("attn_q", "attn_qkv")] = ("F32", shape, torch.cat([q[2], k[2], v[2]]))
         return [(name, *rest) for name, rest in tensors.items()]
 
     monkeypatch.setattr(gpt, "gguf_tensors", packed_qkv)
     gpt.export_gguf(model, tokenizer, tmp_path / "packed.gguf", "f32")
     assert "blk.0.attn_qkv.bias" in gpt.read_gguf(tmp_path / "packed.gguf")[1]
+    packed, ids = gpt.load(tmp_path / "packed.gguf")[0], torch.tensor([ids])
     with torch.no_grad():
-        torch.testing.assert_close(gpt.load(tmp_path / "packed.gguf")[0](torch.tensor([ids])), back(torch.tensor([ids])),
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(packed(ids), back(ids), atol=0, rtol=0)
 
 
 def test_gguf_export_refuses_what_llama_cpp_would_read_otherwise(tmp_path, sentencepiece_tokenizers):
-    save_new_family(tmp_path / "gemma3", "gemma3_local_global", _gemma_style(sentencepiece_tokenizers["metaspace"]),
-                    vocab_size=1100)  # a query scale and global layers llama.cpp assumes otherwise
+    save_hf_family(tmp_path / "gemma3", "gemma3_local_global", vocab_size=1100,  # a query scale, global layers
+                   tokenizer_json=_gemma_style(sentencepiece_tokenizers["metaspace"]))  # llama.cpp assumes otherwise
     with pytest.raises(ValueError, match=r"^gemma3: a GGUF file cannot hold this model \(llama\.cpp would read "
                                          r"query_pre_attn_scalar 32 for its 24; layer_types \['sliding_attention', "
                                          r".*\]\): export it with --export-hf instead$"):
         gpt.export_gguf(*gpt.load(tmp_path / "gemma3"), tmp_path / "gemma3.gguf", name="gemma3")
-    save_new_family(tmp_path / "phi3", "phi3_no_window", sentencepiece_tokenizers["metaspace"], vocab_size=1100)
-    with pytest.raises(ValueError, match=r"^phi3: its tokenizer puts a space before text as Metaspace does \('first'\), "
-                                         r"which llama\.cpp does not: it puts one before every piece of text"):
+    save_hf_family(tmp_path / "phi3", "phi3_no_window", tokenizer_json=sentencepiece_tokenizers["metaspace"],
+                   vocab_size=1100)
+    with pytest.raises(ValueError, match=r"^phi3: its tokenizer puts a space before text as Metaspace does "
+                                         r"\('first'\), which llama\.cpp does not: it puts one before every piece"):
         gpt.export_gguf(*gpt.load(tmp_path / "phi3"), tmp_path / "phi3.gguf", name="phi3")
     assert not list(tmp_path.glob("*.gguf"))
 
