@@ -883,11 +883,12 @@ class PhiMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.emb_dim, cfg.hidden_dim or 4 * cfg.emb_dim, bias=cfg.mlp_bias)
         self.fc2 = nn.Linear(cfg.hidden_dim or 4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.mlp_bias)
+        self.gelu = nn.GELU(approximate="tanh")
         self.drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x):
         """x: float [batch, seq_len, emb_dim] -> same shape."""
-        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        return self.drop(self.fc2(self.gelu(self.fc1(x))))
 
 
 class LlamaBlock(nn.Module):
@@ -1979,7 +1980,8 @@ def add_classifier_head(model, labels, bias=True):
 # of tensors, whose bytes follow, aligned. Most tensors are quantized: blocks of 32 or 256
 # values that share a scale (and an offset), each value in 2 to 8 bits. A GGUF file is read
 # into the three parts a Hugging Face folder holds (tensors under transformers' names, a
-# config.json, tokenizer files), which section 8 then loads like any other model.
+# config.json, tokenizer files), which section 8 then loads like any other model; a model is
+# written from the same three parts (section 10's `hf_tensors` and `hf_config`).
 
 # Metadata value types -> struct formats (8 is a string, 9 an array)
 GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -2006,18 +2008,26 @@ def _q5(blocks, start):
     return _fields(blocks[:, start + 4:], 4, 16) | _fields(blocks[:, start:start + 4], 1, 1) << 4
 
 
-def _k_scales(blocks):
-    """The 8 scales and minimums of a Q4_K block, 6 bits each in bytes 4-15, times the
-    block's two float16 factors -> float32 [n, 8, 1] each."""
+def _k_quant(blocks, values):
+    """Q4_K and Q5_K: values (uint8 [n, 256]) times 8 scales, minus 8 minimums, of 6 bits packed in
+    bytes 4-15, each times one of the block's two float16 factors -> float32 [n, 8, 32]."""
     d, m, high = blocks[:, 4:16].reshape(-1, 3, 4).unbind(1)
-    scales = torch.cat([d & 63, (high & 15) | (d >> 2 & 48)], 1)
-    minimums = torch.cat([m & 63, (high >> 4) | (m >> 2 & 48)], 1)
-    return (_half(blocks, 0) * scales).unsqueeze(-1), (_half(blocks, 2) * minimums).unsqueeze(-1)
+    scales = _half(blocks, 0) * torch.cat([d & 63, (high & 15) | (d >> 2 & 48)], 1)
+    minimums = _half(blocks, 2) * torch.cat([m & 63, (high >> 4) | (m >> 2 & 48)], 1)
+    return scales.unsqueeze(-1) * values.view(-1, 8, 32) - minimums.unsqueeze(-1)
 
 
-def _q4_k(blocks):
-    scales, minimums = _k_scales(blocks)
-    return scales * _fields(blocks[:, 16:], 4, 32).view(-1, 8, 32) - minimums
+def _q2_k(blocks):
+    """Q2_K: 16 scales and minimums of 4 bits (bytes 0-15), 2-bit values, two float16 factors at 80 and 82."""
+    scales, minimums = _half(blocks, 80) * (blocks[:, :16] & 15), _half(blocks, 82) * (blocks[:, :16] >> 4)
+    return scales.unsqueeze(-1) * _fields(blocks[:, 16:80], 2, 32).view(-1, 16, 16) - minimums.unsqueeze(-1)
+
+
+def _q3_k(blocks):
+    """Q3_K: a high bit per value (bytes 0-31), 2 low bits (32-95), 16 signed 6-bit scales (96-107), a float16."""
+    scales = (_fields(blocks[:, 96:104], 4, 8) | _fields(blocks[:, 104:108], 2, 4) << 4).to(torch.int8) - 32
+    values = (_fields(blocks[:, 32:96], 2, 32) | _fields(blocks[:, :32], 1, 32) << 2).to(torch.int8) - 4
+    return (_half(blocks, 108) * scales).unsqueeze(-1) * values.view(-1, 16, 16)
 
 
 def _q6_k(blocks):
@@ -2030,7 +2040,7 @@ def _q6_k(blocks):
 # -> values float32 [n, values per block]), computed as ggml-quants.c and the `gguf` package do.
 # Q4_0 is a float16 scale d and 32 4-bit values q, each d * (q - 8); Q4_1 adds a float16 offset m,
 # d * q + m; Q5 holds one more bit per value, Q8_0 8 bits; the K types share float16 factors per
-# 256 values, which scale 8 or 16 smaller scales (and minimums) of 6 or 8 bits.
+# 256 values, which scale 16 (or 8) smaller scales (and minimums) of 4 to 8 bits.
 GGUF_BLOCKS = {
     "F32": (1, 4, lambda blocks: blocks.view(torch.float32)),
     "F16": (1, 2, lambda blocks: blocks.view(torch.float16).float()),
@@ -2040,7 +2050,11 @@ GGUF_BLOCKS = {
     "Q4_1": (32, 20, lambda blocks: _half(blocks, 0) * _fields(blocks[:, 4:], 4, 16) + _half(blocks, 2)),
     "Q5_0": (32, 22, lambda blocks: _half(blocks, 0) * (_q5(blocks, 2).to(torch.int8) - 16)),
     "Q5_1": (32, 24, lambda blocks: _half(blocks, 0) * _q5(blocks, 4) + _half(blocks, 2)),
-    "Q4_K": (256, 144, _q4_k),
+    "Q2_K": (256, 84, _q2_k),
+    "Q3_K": (256, 110, _q3_k),
+    "Q4_K": (256, 144, lambda blocks: _k_quant(blocks, _fields(blocks[:, 16:], 4, 32))),
+    "Q5_K": (256, 176, lambda blocks: _k_quant(blocks, _fields(blocks[:, 48:], 4, 32)
+                                               | _fields(blocks[:, 16:48], 1, 32) << 4)),
     "Q6_K": (256, 210, _q6_k),
 }
 
@@ -2126,30 +2140,47 @@ def gguf_tensor_table(path, data, infos, data_start):
     return tensors
 
 
-# llama.cpp's tensor names -> transformers' (without `transformer.` or `model.`): "blk.N.<name>"
-# is "h.N.<ours>" for GPT-2 and "layers.N.<ours>" for the Llama family.
+# general.architecture -> config.json's model_type, where they differ
+GGUF_MODEL_TYPES = {"phi2": "phi", "gemma3": "gemma3_text"}
+# llama.cpp's tensor names -> transformers' (without `transformer.` or `model.`), as gguf-py's
+# tensor_mapping.py maps them: "blk.N.<name>" is "h.N.<ours>" for GPT-2, "layers.N.<ours>" for the others.
+_LLAMA_TENSORS = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+                  "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                  "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+                  "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm",
+                  "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 GGUF_TENSOR_NAMES = {
     "gpt2": {"token_embd": "wte", "position_embd": "wpe", "output_norm": "ln_f", "output": "lm_head",
              "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
              "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
-    "llama": {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
-              "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-              "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
-              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"},
+    "llama": _LLAMA_TENSORS,
+    "qwen3": _LLAMA_TENSORS,
+    "phi2": {**_LLAMA_TENSORS, "attn_output": "self_attn.dense", "output_norm": "final_layernorm",
+             "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2", "attn_qkv": "self_attn.qkv_proj"},  # older files pack q, k, v
+    "phi3": {**_LLAMA_TENSORS, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},  # packed in one
+    "gemma3": {**_LLAMA_TENSORS, "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
 }
-# The architectures read (general.architecture): metadata "<architecture>.<key>" -> config.json key
+# The architectures read and written: metadata "<architecture>.<key>" -> config.json key
+_LLAMA_KEYS = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
+               "feed_forward_length": "intermediate_size", "block_count": "num_hidden_layers",
+               "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+               "attention.key_length": "head_dim", "rope.freq_base": "rope_theta",
+               "attention.sliding_window": "sliding_window", "attention.layer_norm_rms_epsilon": "rms_norm_eps"}
 GGUF_CONFIG_KEYS = {
     "gpt2": {"context_length": "n_positions", "embedding_length": "n_embd", "feed_forward_length": "n_inner",
              "block_count": "n_layer", "attention.head_count": "n_head",
              "attention.layer_norm_epsilon": "layer_norm_epsilon"},
-    "llama": {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
-              "feed_forward_length": "intermediate_size", "block_count": "num_hidden_layers",
-              "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
-              "attention.key_length": "head_dim", "rope.freq_base": "rope_theta",
-              "attention.layer_norm_rms_epsilon": "rms_norm_eps"},
+    "llama": _LLAMA_KEYS,
+    "qwen3": _LLAMA_KEYS,
+    "phi2": {**_LLAMA_KEYS, "attention.layer_norm_epsilon": "layer_norm_eps"},  # Phi's LayerNorm
+    "phi3": _LLAMA_KEYS,
+    "gemma3": _LLAMA_KEYS,
 }
-GGUF_CONFIG_KEYS["qwen3"] = GGUF_CONFIG_KEYS["llama"]
+# What llama.cpp assumes of an architecture rather than reads (llama-model.cpp), as config.json settings
+GGUF_ASSUMED = {"phi2": {"hidden_act": "gelu_new"},
+                "gemma3": {"hidden_activation": "gelu_pytorch_tanh", "sliding_window_pattern": 6,
+                           "rope_local_base_freq": 10000.0}}
 # tokenizer.ggml.pre (llama.cpp's name of a pre-tokenizer) -> tokenizer.json's pre_tokenizer
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -2184,32 +2215,54 @@ def rotary_order(weight, n_heads, to_gguf=False):
     return weight.reshape(*halves, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def gguf_model_parts(path, dtype=torch.float32, device="cpu"):
-    """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files
-    {name: text}): what `model_from_tensors` and `tokenizer_from_files` read from a model folder.
-    Raises ValueError naming the file for an architecture GGUF_CONFIG_KEYS lacks, for weights larger than
-    the device's memory in dtype (checked before any is dequantized), and as `read_gguf`."""
-    metadata, entries = read_gguf(path)
+def gguf_config(metadata, entries):
+    """config.json (a dict) of the model in a GGUF file: its metadata (GGUF_CONFIG_KEYS), what llama.cpp
+    assumes (GGUF_ASSUMED) and what its tensors ({name: (type, shape, bytes)}, as `read_gguf` gives them)
+    show: the vocabulary, biases, an untied head, Llama 3's rope scaling (rope_freqs.weight, taken out of
+    `entries`). Raises ValueError for an architecture or a rope scaling this project does not read."""
     arch = metadata.get("general.architecture")
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")  # linear, yarn: positions computed otherwise
     if arch not in GGUF_CONFIG_KEYS or scaling != "none":
-        raise ValueError(f"{path}: architecture {arch!r} with rope scaling {scaling!r} is not supported; this "
+        raise ValueError(f"architecture {arch!r} with rope scaling {scaling!r} is not supported; this "
                          f"project reads {', '.join(GGUF_CONFIG_KEYS)} without rope scaling")
     config = {hf: metadata[f"{arch}.{key}"] for key, hf in GGUF_CONFIG_KEYS[arch].items()
               if f"{arch}.{key}" in metadata}
     embedding = entries.get("token_embd.weight", (None, [None]))
-    config.update(model_type=arch, vocab_size=embedding[1][0])
-    if arch != "gpt2":
-        config.update(tie_word_embeddings="output.weight" not in entries, attention_bias="blk.0.attn_q.bias" in entries)
+    config.update(model_type=GGUF_MODEL_TYPES.get(arch, arch), vocab_size=embedding[1][0], **GGUF_ASSUMED.get(arch, {}))
+    if arch == "gpt2":
+        return config
+    check_sizes(config, ("hidden_size", "num_attention_heads"))  # the head size follows from them
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    config.update(tie_word_embeddings="output.weight" not in entries, attention_bias="blk.0.attn_q.bias" in entries,
+                  mlp_bias="blk.0.ffn_down.bias" in entries,
+                  sliding_window=config.get("sliding_window") or None,  # llama.cpp's converter writes none as 0
+                  partial_rotary_factor=metadata.get(f"{arch}.rope.dimension_count", head_dim) / head_dim)
+    if arch == "gemma3":  # llama.cpp scales scores by the head size, Gemma 3 27B's (62 layers) by width / heads
+        config["query_pre_attn_scalar"] = head_dim if config.get("num_hidden_layers") != 62 \
+            else config["hidden_size"] // config["num_attention_heads"]
     if "rope_freqs.weight" in entries:  # Llama 3.1 and 3.2: the factors of Meta's scaling give its settings back
         factors = dequantize(*entries.pop("rope_freqs.weight"))
         scaling = {"factor": float(factors.max()), **LLAMA3_ROPE_SCALING}
         cfg = LlamaConfig(rope_theta=config.get("rope_theta", 10000.0), rope_scaling=scaling)
         if not torch.allclose(rope_factors(cfg, 2 * len(factors)), factors, rtol=1e-5, atol=0):
-            raise ValueError(f"{path}: rope_freqs.weight is not Llama 3's rope scaling with {LLAMA3_ROPE_SCALING}, "
+            raise ValueError(f"rope_freqs.weight is not Llama 3's rope scaling with {LLAMA3_ROPE_SCALING}, "
                              "the one rope scaling this project reads")
         config["rope_scaling"] = {"rope_type": "llama3", **scaling}
-    names = GGUF_TENSOR_NAMES["gpt2" if arch == "gpt2" else "llama"]
+    return config
+
+
+def gguf_model_parts(path, dtype=torch.float32, device="cpu"):
+    """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files
+    {name: text}): what `model_from_tensors` and `tokenizer_from_files` read from a model folder, with
+    llama.cpp's changes undone (`rotary_order`; Gemma 3's norms hold 1 + w). Raises ValueError naming the
+    file as `read_gguf` and `gguf_config` do, and for weights larger than the device's memory in dtype."""
+    metadata, entries = read_gguf(path)
+    try:
+        config = gguf_config(metadata, entries)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    arch = metadata["general.architecture"]
+    names = GGUF_TENSOR_NAMES[arch]
     heads = {"attn_q": config.get("num_attention_heads"),
              "attn_k": config.get("num_key_value_heads", config.get("num_attention_heads"))}
     n_values = sum(math.prod(shape) for _, shape, _ in entries.values())
@@ -2217,6 +2270,8 @@ def gguf_model_parts(path, dtype=torch.float32, device="cpu"):
     tensors = {}
     for name, (kind, shape, data) in entries.items():
         tensor = dequantize(kind, shape, data)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            tensor = tensor - 1
         match = re.fullmatch(r"(blk\.(\d+)\.)?(\w+)\.(weight|bias)", name)
         if match and match[3] in names:  # others keep their name: the loader lists them as unexpected
             block = f"{'h' if arch == 'gpt2' else 'layers'}.{match[2]}." if match[1] else ""
@@ -2229,31 +2284,53 @@ def gguf_model_parts(path, dtype=torch.float32, device="cpu"):
     return tensors, config, gguf_tokenizer_files(metadata, path)
 
 
+# tokenizer.json's decoder of SentencePiece-style tokens, for transformers (`PieceTokenizer` needs none)
+_PIECE_DECODER = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                                                   {"type": "ByteFallback"}, {"type": "Fuse"}]}
+
+
 def gguf_tokenizer_files(metadata, source):
     """The tokenizer in a GGUF file's metadata -> Hugging Face tokenizer files {name: text}
-    (tokenizer.json, tokenizer_config.json, chat_template.jinja) for `tokenizer_from_files`.
-    Control and user-defined tokens are its added tokens. Raises ValueError naming `source` for
-    another tokenizer than byte-level BPE ("gpt2") with a pre-tokenizer of GGUF_PRE_TOKENIZERS."""
+    (tokenizer.json, tokenizer_config.json, chat_template.jinja) for `tokenizer_from_files`: byte-level
+    BPE ("gpt2", tokens and merges, a pre-tokenizer of GGUF_PRE_TOKENIZERS) or SentencePiece-style BPE
+    ("llama", tokens and scores: llama.cpp merges the two pieces that make the best-scored token, so the
+    merges are every cut of each token, best first). Control and user-defined tokens are the added
+    tokens. Raises ValueError naming `source` for another tokenizer."""
     model, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre", "default")
-    if model != "gpt2" or pre not in GGUF_PRE_TOKENIZERS:
+    if model != "llama" and (model != "gpt2" or pre not in GGUF_PRE_TOKENIZERS):
         raise ValueError(f"{source}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported; this project "
-                         f"reads byte-level BPE ('gpt2') with the pre-tokenizers {', '.join(GGUF_PRE_TOKENIZERS)}")
+                         "reads SentencePiece-style BPE ('llama') and byte-level BPE ('gpt2') with the "
+                         f"pre-tokenizers {', '.join(GGUF_PRE_TOKENIZERS)}")
     tokens = metadata.get("tokenizer.ggml.tokens", [])
-    kinds = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))  # 3: control, 4: user-defined
+    kinds = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))  # 1: normal, 3: control, 4: user-defined
     plain = dict.fromkeys(("single_word", "lstrip", "rstrip", "normalized"), False)
     added = [{"id": i, "content": token, "special": kind == 3, **plain}
              for i, (token, kind) in enumerate(zip(tokens, kinds)) if kind in (3, 4)]
     config = {f"{name}_token": tokens[metadata[f"tokenizer.ggml.{key}_token_id"]]
               for key, name in (("bos", "bos"), ("eos", "eos"), ("padding", "pad"), ("unknown", "unk"))
               if metadata.get(f"tokenizer.ggml.{key}_token_id", len(tokens)) < len(tokens)}
-    tokenizer_json = {  # what `tokenizer_from_files` and the tokenizers library read
-        "added_tokens": added, "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre], "decoder": _BYTE_LEVEL,
-        "normalizer": {"type": "NFC"} if pre == "qwen2" else None,  # Qwen's
-        "model": {"type": "BPE", "vocab": {token: i for i, token in enumerate(tokens)},
-                  "merges": metadata.get("tokenizer.ggml.merges", []), "ignore_merges": pre == "llama-bpe"},
-    }
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if model == "llama":
+        normal = {token for token, kind in zip(tokens, kinds) if kind == 1}
+        scores = metadata.get("tokenizer.ggml.scores", [0.0] * len(tokens))
+        merges = []
+        for token, _ in sorted(zip(tokens, scores), key=lambda pair: -pair[1]):  # stable: equal scores in id order
+            if token in normal:
+                merges += [[token[:n], token[n:]] for n in range(1, len(token)) if {token[:n], token[n:]} <= normal]
+        steps = [{"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
+        if metadata.get("tokenizer.ggml.add_space_prefix", True):  # a space before each piece of text (Llama 2)
+            steps.insert(0, {"type": "Prepend", "prepend": "\u2581"})
+        normalizer = {"type": "Sequence", "normalizers": steps}
+        parts = {"normalizer": normalizer, "pre_tokenizer": None, "decoder": _PIECE_DECODER}
+        bpe = {"merges": merges, "byte_fallback": True}
+    else:
+        parts = {"normalizer": {"type": "NFC"} if pre == "qwen2" else None,  # Qwen's
+                 "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre], "decoder": _BYTE_LEVEL}
+        bpe = {"merges": metadata.get("tokenizer.ggml.merges", []), "ignore_merges": pre == "llama-bpe"}
+    # what `tokenizer_from_files` and the tokenizers library read
+    tokenizer_json = {"added_tokens": added, **parts, "model": {"type": "BPE", "vocab": vocab, **bpe}}
     bos = config.get("bos_token")
-    if metadata.get("tokenizer.ggml.add_bos_token") and bos:  # Llama 3: a text starts with the begin token
+    if metadata.get("tokenizer.ggml.add_bos_token", model == "llama") and bos:  # a text starts with the begin token
         single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
         tokenizer_json["post_processor"] = {"type": "TemplateProcessing", "single": single, "pair": single + single[1:],
                                             "special_tokens": {bos: {"id": bos, "ids": [tokens.index(bos)]}}}
@@ -2373,90 +2450,131 @@ def _gguf_value(value, int_kind=4):
 
 def gguf_metadata(model, tokenizer, name):
     """GGUF metadata of a model and its `Tokenizer` -> {key: value}: the architecture and config
-    (GGUF_CONFIG_KEYS, from `hf_config`), and the tokenizer as llama.cpp reads it (tokens, merges,
-    pre-tokenizer, begin/end tokens, chat template). Raises ValueError for what GGUF cannot carry here."""
+    (GGUF_CONFIG_KEYS, from `hf_config`) and the tokenizer (`gguf_tokenizer_metadata`). Raises
+    ValueError naming `name` for a classifier or a model type without a GGUF architecture here."""
     config = {"n_inner": 4 * model.cfg.emb_dim, **hf_config(model.cfg)}
-    arch = config["model_type"]
-    patterns = {split_pattern(value, key): key for key, value in GGUF_PRE_TOKENIZERS.items()}
-    pre = patterns.get(tokenizer._pat_str) if tokenizer.files else "gpt-2"  # no files: tiktoken's GPT-2
+    arch = {hf: arch for arch, hf in GGUF_MODEL_TYPES.items()}.get(config["model_type"], config["model_type"])
     if hasattr(model, "labels"):
         raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
     if arch not in GGUF_CONFIG_KEYS:
-        raise ValueError(f"{name}: a {arch} model has no GGUF writer here (only {', '.join(GGUF_CONFIG_KEYS)})")
-    if pre is None:
-        raise ValueError(f"{name}: its tokenizer's pre-tokenizer is none of llama.cpp's "
-                         f"{', '.join(GGUF_PRE_TOKENIZERS)}")
+        raise ValueError(f"{name}: a {arch} model has no GGUF writer here (it writes {', '.join(GGUF_CONFIG_KEYS)})")
     metadata = {"general.architecture": arch, "general.name": str(name), f"{arch}.vocab_size": model.cfg.vocab_size}
-    metadata.update({f"{arch}.{key}": config[hf] for key, hf in GGUF_CONFIG_KEYS[arch].items()})
-    if arch != "gpt2":  # the head size, as llama.cpp (rope.dimension_count) and transformers read it
-        metadata[f"{arch}.rope.dimension_count"] = metadata[f"{arch}.attention.value_length"] = config["head_dim"]
+    metadata.update({f"{arch}.{key}": config[hf] for key, hf in GGUF_CONFIG_KEYS[arch].items()
+                     if config.get(hf) is not None})
+    if arch != "gpt2":  # the head size, and the rotary dimensions (Phi: the first part of a head)
+        metadata[f"{arch}.attention.value_length"] = config["head_dim"]
+        metadata[f"{arch}.rope.dimension_count"] = int(config["head_dim"] * model.cfg.rotary_fraction)
+    return {**metadata, **gguf_tokenizer_metadata(tokenizer, model.cfg.vocab_size, name)}
+
+
+def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
+    """A `Tokenizer` as llama.cpp reads it -> {key: value}: byte-level BPE as "gpt2" (tokens, merges, the
+    pre-tokenizer's name) or SentencePiece-style BPE as "llama" (tokens scored by merge order, best first,
+    the space before the text), token types, begin/end tokens, chat template. Raises ValueError naming
+    `name` for a pre-tokenizer llama.cpp does not name, or a Metaspace space it does not put."""
     files = hf_tokenizer_files(tokenizer)
     if "tokenizer.json" in files:
-        bpe = json.loads(files["tokenizer.json"])["model"]
-        vocab, merges = bpe["vocab"], [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+        tokenizer_json = json.loads(files["tokenizer.json"])
+        bpe, added = tokenizer_json["model"], tokenizer_json.get("added_tokens", [])
     else:  # GPT-2's vocab.json and merges.txt (its first line is a version comment)
-        vocab, merges = json.loads(files["vocab.json"]), files["merges.txt"].decode("utf-8").split("\n")[1:-1]
-    special = set(tokenizer.special_tokens_set)
-    tokens = {i: text for text, i in vocab.items()} | {tokenizer.encode_single_token(t): t for t in special}
+        merges = files["merges.txt"].decode("utf-8").split("\n")[1:-1]
+        bpe = {"vocab": json.loads(files["vocab.json"]), "merges": merges}
+        added = [{"id": tokenizer.eot_id, "content": "<|endoftext|>"}]
+    tokens = {i: text for text, i in bpe["vocab"].items()} | {token["id"]: token["content"] for token in added}
+    special = {token["id"]: token.get("special", True) for token in added}
+    if bpe.get("byte_fallback"):
+        if tokenizer.prefix not in ("prepend", None):
+            raise ValueError(f"{name}: its tokenizer puts a space before text as Metaspace does ({tokenizer.prefix!r}),"
+                             " which llama.cpp does not: it puts one before every piece of text (Llama 2) or none")
+        merged = ["".join(merge.split(" ") if isinstance(merge, str) else merge) for merge in bpe["merges"]]
+        rank = {token: n for n, token in enumerate(dict.fromkeys(merged))}
+        style = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+                 "tokenizer.ggml.scores": [float(-rank.get(tokens.get(i), len(rank))) for i in range(vocab_size)],
+                 "tokenizer.ggml.add_space_prefix": tokenizer.prefix == "prepend"}
+    else:
+        patterns = {split_pattern(value, key): key for key, value in GGUF_PRE_TOKENIZERS.items()}
+        pre = patterns.get(tokenizer._pat_str) if tokenizer.files else "gpt-2"  # no files: tiktoken's GPT-2
+        if pre is None:
+            raise ValueError(f"{name}: its tokenizer's pre-tokenizer is none of llama.cpp's "
+                             f"{', '.join(GGUF_PRE_TOKENIZERS)}")
+        style = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+                 "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]}
+
+    def kind(i):  # llama.cpp's token types: 1 normal, 3 control, 4 user-defined, 5 unused, 6 byte
+        if i in special:
+            return 3 if special[i] else 4
+        if bpe.get("byte_fallback") and re.fullmatch(r"<0x[0-9A-F]{2}>", tokens.get(i, "")):
+            return 6
+        return 1 if i in tokens else 5
+
     settings = files["tokenizer_config.json"]  # a dict: the named tokens (pad, unk), maybe the chat template
+    by_text = {text: i for i, text in tokens.items()}
     ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eot_id, **{
-        key: tokenizer.encode_single_token(special_token_text(settings[f"{hf}_token"]))
-        for key, hf in (("padding", "pad"), ("unknown", "unk")) if settings.get(f"{hf}_token")}}
-    metadata.update({
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": pre,
+        key: by_text.get(special_token_text(settings.get(f"{hf}_token"))) for key, hf in (("padding", "pad"),
+                                                                                         ("unknown", "unk"))}}
+    template = tokenizer.files.get("chat_template.jinja") or settings.get("chat_template")
+    return {
+        **style,
         # ids without a token (a vocabulary padded to a round size) get a name, as llama.cpp's converter does
-        "tokenizer.ggml.tokens": [tokens.get(i, f"[PAD{i}]") for i in range(model.cfg.vocab_size)],
-        "tokenizer.ggml.token_type": [3 if tokens.get(i) in special else 1 if i in tokens else 5
-                                      for i in range(model.cfg.vocab_size)],  # 3: control, 5: unused
-        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.tokens": [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)],
+        "tokenizer.ggml.token_type": [kind(i) for i in range(vocab_size)],
         "tokenizer.ggml.add_bos_token": tokenizer.add_bos,
         **{f"tokenizer.ggml.{key}_token_id": i for key, i in ids.items() if i is not None},
-    })
-    template = tokenizer.files.get("chat_template.jinja") or settings.get("chat_template")
-    if template:
-        metadata["tokenizer.chat_template"] = template
-    return metadata
+        **({"tokenizer.chat_template": template} if template else {}),
+    }
 
 
-def gguf_tensors(model, kind):
-    """A model's weights under llama.cpp's names (GGUF_TENSOR_NAMES), matrices in ggml type `kind`,
-    vectors F32 -> [(name, type, shape, bytes uint8)], the query and key rows in llama.cpp's order
-    (`rotary_order`) for the llama architecture."""
+def gguf_tensors(model, kind, arch):
+    """A model's weights under llama.cpp's names for `arch` (GGUF_TENSOR_NAMES), matrices in ggml type
+    `kind`, vectors F32 -> [(name, type, shape, bytes uint8)]: the query and key rows in llama.cpp's
+    order for the llama architecture (`rotary_order`), Gemma 3's norms as 1 + w."""
     cfg = model.cfg
-    names = {ours: theirs for theirs, ours in GGUF_TENSOR_NAMES[cfg.family].items()}
-    llama = cfg.family == "llama"
-    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads or cfg.n_heads} if llama and not cfg.qk_norm else {}
+    names = {ours: theirs for theirs, ours in GGUF_TENSOR_NAMES[arch].items()}
+    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads or cfg.n_heads} if arch == "llama" else {}
     tensors = []
     for name, tensor in hf_tensors(model, torch.float32).items():
         layer, part, suffix = re.fullmatch(r"(?:(?:h|layers)\.(\d+)\.)?(.+)\.(weight|bias)",
                                            name.removeprefix("transformer.").removeprefix("model.")).groups()
         part = names[part]
-        if cfg.family == "gpt2" and name.endswith(_TRANSPOSED):
+        if arch == "gpt2" and name.endswith(_TRANSPOSED):
             tensor = tensor.t()  # GPT-2's Conv1D [in, out] -> ggml's [out, in]
         if part in heads:
             tensor = rotary_order(tensor, heads[part], to_gguf=True)
+        if arch == "gemma3" and part.endswith("norm"):
+            tensor = tensor + 1
         target = "F32" if tensor.dim() == 1 else kind if kind != "Q8_0" or tensor.shape[-1] % 32 == 0 else "F16"
         data = quantize_q8_0(tensor) if target == "Q8_0" else \
             tensor.to(SAFETENSORS_DTYPES[target]).contiguous().view(torch.uint8).reshape(-1)
         tensors.append((f"blk.{layer}.{part}.{suffix}" if layer else f"{part}.{suffix}", target, tensor.shape, data))
-    if llama and cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
+    if arch == "llama" and cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
         factors = rope_factors(cfg, cfg.head_dim or cfg.emb_dim // cfg.n_heads)
         tensors.append(("rope_freqs.weight", "F32", factors.shape, factors.view(torch.uint8)))
     return tensors
 
 
 def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite=False):
-    """Write model (GPT-2 or the Llama family) and its `Tokenizer` as a GGUF file (version 3) that
-    llama.cpp and Ollama run, atomically, and an Ollama Modelfile beside it (`MODELFILE`) ->
-    the Modelfile's path. gguf_type: a key of GGUF_FILE_TYPES. Raises ValueError as `gguf_metadata`,
+    """Write model and its `Tokenizer` as a GGUF file (version 3) that llama.cpp and Ollama run,
+    atomically, and an Ollama Modelfile beside it (`MODELFILE`) -> the Modelfile's path. gguf_type:
+    a key of GGUF_FILE_TYPES. Raises ValueError as `gguf_metadata`, or naming each setting the file
+    would give back otherwise (what llama.cpp assumes, such as Gemma 3's every sixth global layer),
     and FileExistsError for a file already there, unless `overwrite`."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists: give --overwrite to replace it")
     kind, file_type = GGUF_FILE_TYPES[gguf_type]
     metadata = {**gguf_metadata(model, tokenizer, name), "general.file_type": file_type}
-    tensors = gguf_tensors(model, kind)
+    tensors = gguf_tensors(model, kind, metadata["general.architecture"])
+    try:  # the file read back must give this model
+        config = gguf_config(metadata, {tensor[0]: tensor[1:] for tensor in tensors})
+        read = config_from_weights({}, config) if config["model_type"] == "gpt2" else config_from_hub(config)
+        expected, got = (hf_config(dataclasses.replace(cfg, drop_rate=0.0)) for cfg in (model.cfg, read))
+        wrong = [f"{key} {got.get(key)!r} for its {value!r}" for key, value in expected.items()
+                 if got.get(key) != value]
+        if wrong:
+            raise ValueError(f"llama.cpp would read {'; '.join(wrong)}")
+    except ValueError as e:
+        raise ValueError(f"{name}: a GGUF file cannot hold this model ({e}): export it with --export-hf "
+                         "instead") from None
 
     def write(f):
         f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)))

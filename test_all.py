@@ -1249,8 +1249,9 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, traine
     assert problems == [] and type(exported) is type(reference)
     assert_same_logits(exported, reference, 1000)
     assert AutoTokenizer.from_pretrained(tmp_path / "hf")(HELD_OUT[0])["input_ids"] == tokenizer.encode(HELD_OUT[0]).ids
-    with pytest.raises(SystemExit, match=f"a {model.cfg.model_type} model has no GGUF writer here"):
-        load_gpt2.main(["--model", str(folder), "--export-gguf", str(tmp_path / "model.gguf")])
+    if family == "mistral":  # llama.cpp reads Mistral's files as Llama's, without its sliding window
+        with pytest.raises(SystemExit, match="a mistral model has no GGUF writer here"):
+            load_gpt2.main(["--model", str(folder), "--export-gguf", str(tmp_path / "model.gguf")])
 
     (tmp_path / "text.txt").write_text(_pretrain_text())
     argv = _pretrain_tiny_argv(tmp_path / "pretrain", tmp_path / "text.txt", "--max-steps", "1", model=folder)
@@ -4748,13 +4749,14 @@ def _gguf_blocks(kind, n_blocks, seed=0):
         return gguf.quants.quantize(values, qtype).view(np.uint8).reshape(n_blocks, block_bytes)
     except NotImplementedError:
         blocks = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
-        at = {"Q4_K": (0, 2), "Q6_K": (208,)}[kind]
+        at = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[kind]
         for start in at:
             blocks[:, start:start + 2] = rng.uniform(-1, 1, (n_blocks, 1)).astype(np.float16).view(np.uint8)
         return blocks
 
 
-@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
+                                  "Q4_K", "Q5_K", "Q6_K"])
 def test_gguf_dequantize_equals_gguf_quants(kind):
     import gguf
 
@@ -4870,7 +4872,11 @@ def test_gguf_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path, m
                     r"a type this project does not read \(it reads F32, .*\): convert or quantize the model")
     _one_line_error(_write_gguf(tmp_path / "mamba.gguf", arch="mamba", tensors=weights),
                     r"mamba\.gguf: architecture 'mamba' with rope scaling 'none' is not supported; this project reads "
-                    r"gpt2, llama, qwen3 without rope scaling")
+                    r"gpt2, llama, qwen3, phi2, phi3, gemma3 without rope scaling")
+    with pytest.raises(ValueError, match=r"^t5\.gguf: tokenizer 't5' with pre-tokenizer 'default' is not supported; this "
+                                         r"project reads SentencePiece-style BPE \('llama'\) and byte-level BPE \('gpt2'\) "
+                                         r"with the pre-tokenizers gpt-2, smollm, qwen2, llama-bpe$"):
+        gpt.gguf_tokenizer_files({"tokenizer.ggml.model": "t5"}, "t5.gguf")
 
 
 def _transformers_gguf(path):
@@ -4885,9 +4891,36 @@ def _transformers_gguf(path):
         return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-def _gguf_source(kind, folder, trained_tokenizers):
+def _gemma_style(tokenizer_json):
+    """A SentencePiece-style tokenizer.json (a dict) as Gemma's: no space before the text, and the merged
+    tokens' ids in merge order (transformers' GGUF reader ranks Gemma's merges by id, llama.cpp by score)."""
+    bpe = tokenizer_json["model"]
+    merged = list(dict.fromkeys("".join(merge) for merge in bpe["merges"]))  # [left, right] pairs
+    rest = [token for token in sorted(bpe["vocab"], key=bpe["vocab"].get) if token not in merged]
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    return {**tokenizer_json, "normalizer": replace, "pre_tokenizer": None,
+            "model": {**bpe, "vocab": {token: i for i, token in enumerate(rest + merged)}}}
+
+
+# kind: (NEW_FAMILIES entry, settings llama.cpp can hold: Gemma 3's global layer every sixth, query scale = head size)
+GGUF_NEW_FAMILIES = {"phi3": ("phi3_no_window", {}), "phi2": ("phi_2_rotary_0_4", {}),
+                     "gemma3": ("gemma3_local_global", dict(num_hidden_layers=6, head_dim=256, layer_types=None,
+                                                            query_pre_attn_scalar=256, sliding_window=4))}
+
+
+def _gguf_source(kind, folder, trained_tokenizers, sentencepiece_tokenizers=None):
     """A tiny model folder of `kind` with its tokenizer: GPT-2 (GPT-2's tokenizer; context 1024, as
-    transformers' GGUF loader assumes), Llama with SmolLM2's or Llama 3's tokenizer style, Qwen3."""
+    transformers' GGUF loader assumes), Llama with SmolLM2's or Llama 3's tokenizer style, Qwen3, and
+    GGUF_NEW_FAMILIES: Phi-3 with Llama 2's SentencePiece style, Gemma 3 with Gemma's, Phi-2 with CodeGen's."""
+    if kind in GGUF_NEW_FAMILIES:
+        name, settings = GGUF_NEW_FAMILIES[kind]
+        style = {"phi2": "codegen", "phi3": "llama2", "gemma3": "metaspace"}[kind]
+        tokenizer_json = stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers)
+        tokenizer_json = _gemma_style(tokenizer_json) if kind == "gemma3" else tokenizer_json
+        save_hf_family(folder, name, tokenizer_json=tokenizer_json, vocab_size=1100, **settings)
+        if kind == "phi3":  # transformers' Phi3Config pads with id 32000 unless the file names a padding token
+            (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<unk>"}))
+        return folder
     if kind == "gpt2":
         save_hf_gpt2(folder, n_positions=1024, n_embd=32, n_layer=2, n_head=2)
         return folder
@@ -4902,9 +4935,11 @@ def _gguf_source(kind, folder, trained_tokenizers):
 
 
 @pytest.mark.parametrize("kind, gguf_type, atol", [("gpt2", "f32", 1e-5), ("smollm2", "q8_0", 0.1),
-                                                   ("llama3", "bf16", 0.1), ("qwen3", "f16", 0.01)])
-def test_gguf_export_is_read_by_gguf_and_transformers(tmp_path, trained_tokenizers, capsys, kind, gguf_type, atol):
-    source = _gguf_source(kind, tmp_path / "source", trained_tokenizers)
+                                                   ("llama3", "bf16", 0.1), ("qwen3", "f16", 0.01),
+                                                   ("phi3", "f32", 1e-5), ("gemma3", "f32", 1e-5)])
+def test_gguf_export_is_read_by_gguf_and_transformers(tmp_path, trained_tokenizers, sentencepiece_tokenizers, capsys,
+                                                      kind, gguf_type, atol):
+    source = _gguf_source(kind, tmp_path / "source", trained_tokenizers, sentencepiece_tokenizers)
     path = tmp_path / "out" / f"{kind}.gguf"
     load_gpt2.main(["--model", str(source), "--export-gguf", str(path), "--gguf-type", gguf_type])
     assert f"exported {source} ({gguf_type}) to {path}" in capsys.readouterr().out
@@ -4917,8 +4952,7 @@ def test_gguf_export_is_read_by_gguf_and_transformers(tmp_path, trained_tokenize
     assert {kind for kind, shape, _ in gpt.read_gguf(path)[1].values() if len(shape) == 2} == {gguf_type.upper()}
     read_back, read_tokenizer = gpt.load(path)
     reference, reference_tokenizer = _transformers_gguf(path)
-    texts = [f"Hello {stop} world 12345, naïve café!\n\n  x", "Hi  there\tthe 3.14"]
-    for text in texts:
+    for text in [f"Hello {stop} world 12345, naïve café!\n\n  x", "Hi  there\tthe 3.14"] + MIXED_TEXTS:
         ids = read_tokenizer.encode(text, bos=True)
         assert ids == tokenizer.encode(text, bos=True) == reference_tokenizer.encode(text), text
         with torch.no_grad():
@@ -4964,7 +4998,59 @@ def test_gguf_export_runs_from_ollama_and_refuses_what_it_cannot_write(tmp_path,
     assert not (tmp_path / "classifier.gguf").exists()
 
 
-def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trained_tokenizers):
+def test_gguf_phi2_which_transformers_does_not_read_comes_back_whole_and_gguf_reads_it(tmp_path, trained_tokenizers,
+                                                                                      monkeypatch):
+    import gguf
+
+    model, tokenizer = gpt.load(_gguf_source("phi2", tmp_path / "source", trained_tokenizers))
+    gpt.export_gguf(model, tokenizer, tmp_path / "phi2.gguf", "f32")
+    back, back_tokenizer = gpt.load(tmp_path / "phi2.gguf")
+    assert dataclasses.replace(back.cfg, norm_eps=1e-5, head_dim=None) == model.cfg  # float32 settings; 80 / 4 heads
+    for text in MIXED_TEXTS:  # CodeGen's runs of spaces and tabs are user-defined tokens, matched first
+        ids = tokenizer.encode(text, bos=True)
+        assert back_tokenizer.encode(text, bos=True) == ids, text
+        with torch.no_grad():
+            torch.testing.assert_close(back(torch.tensor([ids])), model(torch.tensor([ids])), atol=1e-5, rtol=0)
+    reader = gguf.GGUFReader(tmp_path / "phi2.gguf")
+    assert reader.fields["phi2.rope.dimension_count"].contents() == 8  # 0.4 of heads of 20: partial rotary positions
+    ours = gpt.read_gguf(tmp_path / "phi2.gguf")[1]
+    assert {"blk.0.attn_output.bias", "blk.1.ffn_up.weight", "output.bias"} < {tensor.name for tensor in reader.tensors}
+    for tensor in reader.tensors:
+        assert torch.equal(gpt.dequantize(*ours[tensor.name]), torch.from_numpy(tensor.data.copy())), tensor.name
+    writes = gpt.gguf_tensors
+
+    def packed_qkv(*args):  # older Phi-2 files hold q, k, v (and their biases) as one attn_qkv
+        tensors = {name: rest for name, *rest in writes(*args)}
+        for name in [name for name in tensors if ".attn_q." in name]:
+            q, k, v = (tensors.pop(name.replace("attn_q", part)) for part in ("attn_q", "attn_k", "attn_v"))
+            shape = (3 * q[1][0], *q[1][1:])
+            tensors[name.replace("attn_q", "attn_qkv")] = ("F32", shape, torch.cat([q[2], k[2], v[2]]))
+        return [(name, *rest) for name, rest in tensors.items()]
+
+    monkeypatch.setattr(gpt, "gguf_tensors", packed_qkv)
+    gpt.export_gguf(model, tokenizer, tmp_path / "packed.gguf", "f32")
+    assert "blk.0.attn_qkv.bias" in gpt.read_gguf(tmp_path / "packed.gguf")[1]
+    packed, ids = gpt.load(tmp_path / "packed.gguf")[0], torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids), back(ids), atol=0, rtol=0)
+
+
+def test_gguf_export_refuses_what_llama_cpp_would_read_otherwise(tmp_path, sentencepiece_tokenizers):
+    save_hf_family(tmp_path / "gemma3", "gemma3_local_global", vocab_size=1100,  # a query scale, global layers
+                   tokenizer_json=_gemma_style(sentencepiece_tokenizers["metaspace"]))  # llama.cpp assumes otherwise
+    with pytest.raises(ValueError, match=r"^gemma3: a GGUF file cannot hold this model \(llama\.cpp would read "
+                                         r"query_pre_attn_scalar 32 for its 24; layer_types \['sliding_attention', "
+                                         r".*\]\): export it with --export-hf instead$"):
+        gpt.export_gguf(*gpt.load(tmp_path / "gemma3"), tmp_path / "gemma3.gguf", name="gemma3")
+    save_hf_family(tmp_path / "phi3", "phi3_no_window", tokenizer_json=sentencepiece_tokenizers["metaspace"],
+                   vocab_size=1100)
+    with pytest.raises(ValueError, match=r"^phi3: its tokenizer puts a space before text as Metaspace does "
+                                         r"\('first'\), which llama\.cpp does not: it puts one before every piece"):
+        gpt.export_gguf(*gpt.load(tmp_path / "phi3"), tmp_path / "phi3.gguf", name="phi3")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trained_tokenizers, monkeypatch):
     folder = _llama3_classifier_folder(tmp_path / "source", trained_tokenizers)
     scaling = {"rope_type": "llama3", "factor": 8.0, **gpt.LLAMA3_ROPE_SCALING}
     config = {**json.loads((folder / "config.json").read_text()), "rope_theta": 500000.0,
@@ -4981,8 +5067,11 @@ def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trai
     with torch.no_grad():
         torch.testing.assert_close(back(ids), model(ids), atol=1e-5, rtol=0)
     model.cfg.rope_scaling["original_max_position_embeddings"] = 4096  # a scaling whose settings GGUF cannot give back
-    gpt.export_gguf(model, tokenizer, tmp_path / "other.gguf", "f32")
-    _one_line_error(tmp_path / "other.gguf", r"other\.gguf: rope_freqs\.weight is not Llama 3's rope scaling with")
+    with pytest.raises(ValueError, match=r"^source: a GGUF file cannot hold this model \(rope_freqs\.weight is not "
+                                         r"Llama 3's rope scaling with .*\): export it with --export-hf instead$"):
+        gpt.export_gguf(model, tokenizer, tmp_path / "other.gguf", "f32", name="source")
+    monkeypatch.setitem(gpt.LLAMA3_ROPE_SCALING, "original_max_position_embeddings", 4096)  # a file of another one
+    _one_line_error(tmp_path / "llama3.gguf", r"llama3\.gguf: rope_freqs\.weight is not Llama 3's rope scaling with")
 
 
 def test_chat_prompt_is_the_chat_template_of_the_model_and_load_gpt2_chat_uses_it(tmp_path, trained_tokenizers,

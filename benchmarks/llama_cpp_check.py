@@ -8,18 +8,20 @@
 Not run in CI (llama.cpp's build is too slow for it). What it shows:
 
 1. `load_gpt2.py --export-gguf FILE --gguf-type {f32,f16,q8_0}` writes files that llama.cpp loads:
-   a tiny random GPT-2 (GPT-2's tokenizer) and a tiny random Llama-family model (SmolLM2's
-   tokenizer, grouped-query attention), each saved as a checkpoint of this project and exported
-   through the command line, as a user would. Their weights are drawn wider than GPT-2's init
+   a tiny random GPT-2 (GPT-2's tokenizer) and tiny random models of the other architectures
+   written (SmolLM2's tokenizer): Llama (grouped-query attention), Phi-2 (rotary positions on 0.4
+   of each head), Phi-3 (q, k, v packed in one tensor), Gemma 3 (a window of 4 keys, every sixth
+   layer global), each saved as a checkpoint of this project and exported through the command
+   line, as a user would. Their weights are drawn wider than GPT-2's init
    (std 0.1) so that the logits spread over several units and a wrong tensor shows.
 2. For each file, on a few texts: llama.cpp's token ids equal ours (`Llama.tokenize`, special
    tokens on), and its logits (`logits_all=True`) against ours on the same file (`gpt.load`,
    float32; llama.cpp with a float32 key/value cache and without flash attention, whose CPU
    kernel rounds to float16): the largest absolute difference and whether every position picks
-   the same next token. F32 must agree within 1e-3. GPT-2 is compared twice: ggml's CPU GELU
-   reads a float16 table (GGML_GELU_FP16: input and output rounded to float16), which alone
-   moves the tiny GPT-2's logits by ~1e-3; the tolerance applies to ours with that rounding (`Float16GELU`),
-   the plain difference is shown beside it. F16 and Q8_0 files hold the same weights in both
+   the same next token. F32 must agree within 1e-3. GPT-2, Phi-2 and Gemma 3 are compared twice:
+   ggml's CPU GELU reads a float16 table (GGML_GELU_FP16: input and output rounded to float16),
+   which alone moves their tiny models' logits by ~2e-3; the tolerance applies to ours with that
+   rounding (`Float16GELU`), the plain difference is shown beside it. F16 and Q8_0 files hold the same weights in both
    programs, but llama.cpp's CPU kernels also round the activations that meet them (to F16,
    to Q8_0 blocks), which we do not; the "file rounding" column (our logits from the file
    against the model before export) shows the size of that rounding, and the tolerance for
@@ -54,16 +56,27 @@ TINY = {  # the tiny models: 2 layers of 64, vocabularies of their real tokenize
     "gpt2": gpt.GPTConfig(context_length=256, emb_dim=64, n_heads=4, n_layers=2),
     "llama": gpt.LlamaConfig(vocab_size=49152, context_length=256, emb_dim=64, n_heads=4, n_kv_heads=2,
                              n_layers=2, hidden_dim=128, rope_theta=10000.0, tie_embeddings=True),
+    "phi2": gpt.LlamaConfig(model_type="phi", vocab_size=49152, context_length=256, emb_dim=80, n_heads=4, n_layers=2,
+                            hidden_dim=320, rotary_fraction=0.4, qkv_bias=True, out_bias=True, mlp_bias=True,
+                            tie_embeddings=False),
+    "phi3": gpt.LlamaConfig(model_type="phi3", vocab_size=49152, context_length=256, emb_dim=64, n_heads=4,
+                            n_kv_heads=2, n_layers=2, hidden_dim=128, tie_embeddings=False),
+    "gemma3": gpt.LlamaConfig(model_type="gemma3_text", vocab_size=49152, context_length=256, emb_dim=64, n_heads=2,
+                              n_kv_heads=1, head_dim=32, n_layers=6, hidden_dim=128, norm_eps=1e-6, qk_norm=True,
+                              rope_theta=1e6, sliding_window=4, global_every=6, local_rope_theta=10000.0,
+                              query_scale=32),  # what llama.cpp assumes of Gemma 3
 }
 
 
 def tiny_model(family, tokenizer, seed=0):
-    """A tiny model of TINY[family] with random weights: matrices and biases N(0, 0.1), norm weights N(1, 0.1)."""
+    """A tiny model of TINY[family] with random weights: matrices and biases N(0, 0.1), norms scaling by N(1, 0.1)
+    (Gemma's weight w scales by 1 + w)."""
     torch.manual_seed(seed)
     model = gpt.build_model(TINY[family]).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            param.normal_(1.0 if param.dim() == 1 and name.endswith("weight") else 0.0, 0.1)
+            scale = param.dim() == 1 and name.endswith("weight") and family != "gemma3"
+            param.normal_(1.0 if scale else 0.0, 0.1)
     return model, tokenizer
 
 
@@ -75,12 +88,14 @@ class Float16GELU(torch.nn.Module):
 
 
 def with_float16_gelu(model):
-    """A copy of a GPT-2 model whose GELUs are `Float16GELU`; the Llama family (SiLU in float32) as it is."""
-    if model.cfg.family != "gpt2":
+    """A copy of a model whose tanh GELUs are `Float16GELU` (GPT-2's and Phi's, Gemma's gated one); SiLU models as
+    they are."""
+    model_type = getattr(model.cfg, "model_type", "gpt2")
+    if model_type not in ("gpt2", "phi", "gemma3_text"):
         return model
     model = copy.deepcopy(model)
     for block in model.h:
-        block.mlp.gelu = Float16GELU()
+        setattr(block.mlp, "activation" if model_type == "gemma3_text" else "gelu", Float16GELU())
     return model
 
 
@@ -174,13 +189,15 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         real_tokenizer = gpt.load(smollm2)[1] if smollm2 else None
-        for family, tokenizer in (("gpt2", gpt.get_tokenizer()), ("llama", real_tokenizer)):
+        for n, family in enumerate(TINY):
+            tokenizer = gpt.get_tokenizer() if family == "gpt2" else real_tokenizer
             if tokenizer is None:
                 continue
             model, tokenizer = tiny_model(family, tokenizer)
-            gpt.save_checkpoint(tmp / f"{family}.pt", model, tokenizer)
+            source = tmp / f"tiny-{n}.pt"  # its name is the file's: llama.cpp gives a "phi3" Phi-3's token rules
+            gpt.save_checkpoint(source, model, tokenizer)
             for gguf_type in ("f32", "f16", "q8_0"):
-                path = export(tmp / f"{family}.pt", tmp / gguf_type / f"tiny-{family}.gguf", gguf_type)
+                path = export(source, tmp / gguf_type / f"tiny-{family}.gguf", gguf_type)
                 all_ok &= compare(f"tiny {family} {gguf_type}", path, model, gguf_type)[0]
         if smollm2:
             _, llm, model, tokenizer = compare("SmolLM2-135M-Instruct Q4_1 (as released)", smollm2, n_ctx=512)
