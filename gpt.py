@@ -1079,9 +1079,9 @@ def tokenizer_from_files(files, source):
         raise ValueError(f"{source}: normalizer {normalizer!r} is not supported (only NFC)")
     pattern = split_pattern(tokenizer_json.get("pre_tokenizer"), source)
     ranks = bpe_ranks(bpe, special, source)
-    gpt2 = get_tokenizer()
-    if pattern == GPT2_SPLIT_PATTERN and special == gpt2._special_tokens and ranks == gpt2._mergeable_ranks:
-        return gpt2
+    if pattern == GPT2_SPLIT_PATTERN and special == {"<|endoftext|>": EOT_ID} \
+            and ranks == get_tokenizer()._mergeable_ranks:  # tiktoken's files read only for a likely GPT-2
+        return get_tokenizer()
     top = max([*ranks.values(), *special.values()])
     lacking = [byte for byte in range(256) if bytes([byte]) not in ranks]
     ranks.update({bytes([byte]): top + 1 + n for n, byte in enumerate(lacking)})  # stand-ins, dropped by encode
@@ -3097,8 +3097,8 @@ def model_summary(model, name):
 def check_vocabulary(model, source, tokenizer):
     """Raise ValueError when tokenizer can produce ids that model has no embedding for (a larger
     vocabulary, such as one padded to 50304, is fine)."""
-    which = "the GPT-2 tokenizer" if tokenizer is get_tokenizer() else f"the tokenizer {tokenizer.name}"
     if model.cfg.vocab_size < tokenizer.n_vocab:
+        which = "the GPT-2 tokenizer" if tokenizer is get_tokenizer() else f"the tokenizer {tokenizer.name}"
         raise ValueError(f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
                          f"{tokenizer.n_vocab}: use a model trained with {which}")
 

@@ -5074,6 +5074,20 @@ def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trai
     _one_line_error(tmp_path / "llama3.gguf", r"llama3\.gguf: rope_freqs\.weight is not Llama 3's rope scaling with")
 
 
+def test_a_model_with_its_own_tokenizer_needs_no_gpt2_tokenizer_files(tmp_path, trained_tokenizers, monkeypatch):
+    folder = _gguf_source("smollm2", tmp_path / "source", trained_tokenizers)
+    gpt.export_gguf(*gpt.load(folder), tmp_path / "model.gguf")
+
+    def offline():
+        raise RuntimeError("cannot download tiktoken's GPT-2 vocabulary files")
+
+    monkeypatch.setattr(gpt, "get_tokenizer", offline)  # as offline without TIKTOKEN_CACHE_DIR
+    for source in (folder, tmp_path / "model.gguf"):
+        model, tokenizer = gpt.load(source)
+        gpt.check_vocabulary(model, source, tokenizer)
+        assert tokenizer.decode(tokenizer.encode("Hello there")) == "Hello there"
+
+
 def test_chat_prompt_is_the_chat_template_of_the_model_and_load_gpt2_chat_uses_it(tmp_path, trained_tokenizers,
                                                                                     capsys):
     from transformers import AutoTokenizer
