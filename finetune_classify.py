@@ -303,7 +303,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
                 logged_step, logged_at = step, time.perf_counter()
         train_loss, train_acc, _ = evaluate(model, logits_fn, *train, batch_size)
         val_loss, val_acc, _ = evaluate(model, logits_fn, *validation, batch_size)
-        print(f"epoch {epoch}: train loss {train_loss:.4f} accuracy {100 * train_acc:.2f}% | validation loss "
+        print(f"epoch {step / steps_per_epoch:.3g}: train loss {train_loss:.4f} accuracy {100 * train_acc:.2f}% | validation loss "
               f"{val_loss:.4f} accuracy {100 * val_acc:.2f}%", flush=True)
         for name, value in zip(HISTORY, (step / steps_per_epoch, step, train_loss, train_acc, val_loss, val_acc)):
             history[name].append(value)
@@ -315,7 +315,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
         logged_step, logged_at = step, time.perf_counter()  # evaluating does not count in examples/s
     model.load_state_dict(kept_weights, strict=False)
     print(f"kept:       epoch {history['kept_epoch']:.3g} of {history['epoch'][-1]:.3g} "
-          f"({'--keep-last' if keep_last else 'best validation accuracy; --keep-last keeps the last'})")
+          f"({'--keep-last' if keep_last else 'best validation accuracy, then loss; --keep-last keeps the last'})")
     return history
 
 

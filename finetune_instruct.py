@@ -312,8 +312,8 @@ def fine_tune(args, argv, device):
     else:
         source, state = data_path(args), None
         splits = split_dataset(load_instruction_data(source), args.seed)
-    print(f"data: {source}: {len(splits[0])} train, {len(splits[1])} validation, {len(splits[2])} test entries")
     gpt.print_settings(args, build_parser().parse_args([]))
+    print(f"data: {source}: {len(splits[0])} train, {len(splits[1])} validation, {len(splits[2])} test entries")
     model, tokenizer = prepare_model(args, device, state)  # the model's own tokenizer and end-of-text token
     max_length = gpt.length_within_context(args.max_length, model.cfg, "--max-length")
     print(gpt.model_summary(model, args.model) + f", on {device}")

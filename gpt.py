@@ -1429,8 +1429,8 @@ def fetch_dataset(urls, filename, *, flag="--data", quiet=False, **checks):
             return download_file(url, dest, quiet=quiet, **checks)
         except RuntimeError as e:
             errors.append(str(e))
-    raise RuntimeError(f"could not download {filename} ({'; '.join(errors)}). Offline? Give a copy of it with {flag} "
-                       'PATH (README, "Offline use")')
+    raise RuntimeError(f'could not download {filename}: offline? Give a copy of it with {flag} PATH (README, "Offline '
+                       f'use"). Tried: {"; ".join(errors)}')
 
 
 def plot_curves(path, panels, xlabel):
