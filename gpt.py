@@ -1281,7 +1281,8 @@ def atomic_write_bytes(path, data):
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed (is the disk full?)"
         raise OSError(f"cannot write {path}: {reason} (a file that was there is kept as it was)") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # no temporary file, or none can be there (a file where a folder goes)
+            tmp.unlink()
 
 
 def write_json(path, obj):
@@ -2557,10 +2558,11 @@ def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite
     atomically, and an Ollama Modelfile beside it (`MODELFILE`) -> the Modelfile's path. gguf_type:
     a key of GGUF_FILE_TYPES. Raises ValueError as `gguf_metadata`, or naming each setting the file
     would give back otherwise (what llama.cpp assumes, such as Gemma 3's every sixth global layer),
-    and FileExistsError for a file already there, unless `overwrite`."""
+    or for a file where its folder goes, and FileExistsError for a file already there, unless `overwrite`."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists: give --overwrite to replace it")
+    claim_run_folder(path.parent, [])  # a file where its folder goes is refused before the work
     kind, file_type = GGUF_FILE_TYPES[gguf_type]
     metadata = {**gguf_metadata(model, tokenizer, name), "general.file_type": file_type}
     tensors = gguf_tensors(model, kind, metadata["general.architecture"])

@@ -1857,6 +1857,8 @@ def test_atomic_writes_flush_to_disk_before_the_rename_and_a_full_disk_keeps_the
         gpt.atomic_write_bytes(tmp_path / "a.pt", lambda f: torch.save({"step": 1}, f))
     assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].tolist() == [1.0, 1.0]  # the earlier file is kept
     assert os.listdir(tmp_path) == ["a.pt"]
+    with pytest.raises(OSError, match=r"^cannot write .*a\.pt/b\.pt: File exists"):  # not the temporary file's name
+        gpt.atomic_write_bytes(tmp_path / "a.pt" / "b.pt", b"x")
 
 
 def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
@@ -2549,6 +2551,8 @@ LOAD_GPT2_BAD_INPUTS = [
      "choose another folder than {files}/story.txt"),
     ("--model {files}/tiny.pt --export-hf {files}/story.txt/hf", "{files}/story.txt is a file, not a folder: choose "
      "another folder than {files}/story.txt/hf"),
+    ("--model {files}/tiny.pt --export-gguf {files}/story.txt/tiny.gguf", "{files}/story.txt is a file, not a folder: "
+     "choose another folder than {files}/story.txt"),
     ("--model {files}/moved.pt", "the checkpoint names its tokenizer by a path ('{files}/gone'), which may have moved: "
      "train it again with this version, which stores the tokenizer itself"),
     ("--model {files}/vocab1000.pt", "the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"),
