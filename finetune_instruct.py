@@ -598,7 +598,15 @@ def main(argv=None):
     else:
         args, model, tokenizer, answers = fine_tune(args, argv, device)
         responses = responses_path(args)  # with --resume, the saved run's
-        generate_responses(model, tokenizer, answers, responses, **answer_options(args))
+        try:
+            generate_responses(model, tokenizer, answers, responses, **answer_options(args))
+        except KeyboardInterrupt:  # model.pt is saved: --resume would find the training done, answering goes on alone
+            defaults = answer_options(build_parser().parse_args([]))
+            flags = "".join(f" --{key.replace('_', '-')} {value}" for key, value in answer_options(args).items()
+                            if value != defaults[key])
+            print(f"--generate-only --out-dir {args.out_dir} --num-answers {len(answers)}{flags} answers the test "
+                  "split with the saved model", file=sys.stderr)
+            raise
     if args.judge == "ollama" and args.prompt is None:
         judge(args, responses)
 

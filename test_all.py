@@ -3988,6 +3988,27 @@ def _instruct_ctrl_c_in_step(monkeypatch, stop_step):
     return check
 
 
+def test_instruct_ctrl_c_while_answering_names_the_command_that_answers_again(_instruct_tiny_run, capsys, monkeypatch):
+    folder = _instruct_tiny_run
+    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
+    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--out-dir", str(folder / "answers")]
+    instruct.main(common)
+    expected = json.loads((folder / "answers" / "responses.json").read_text())
+    answer = instruct.generate_responses
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(instruct, "generate_responses", ctrl_c)
+    assert exit_code(instruct.main, common + ["--overwrite"]) == 130
+    hint = capsys.readouterr().err.splitlines()[-2]
+    assert hint == (f"--generate-only --out-dir {folder / 'answers'} --num-answers {len(expected)} --max-new-tokens 1 "
+                    "answers the test split with the saved model")
+    monkeypatch.setattr(instruct, "generate_responses", answer)
+    instruct.main(hint.split()[:7])
+    assert json.loads((folder / "answers" / "responses.json").read_text()) == expected
+
+
 def test_instruct_resume_after_ctrl_c_or_sigterm_matches_the_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
     folder = _instruct_tiny_run
     common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
