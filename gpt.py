@@ -3089,11 +3089,12 @@ def check_finite_loss(loss, step):
         raise RuntimeError(f"the loss became {value} at step {step}: training diverged; lower --lr and run again")
 
 
-def model_summary(model, name):
-    """One line for the log: "gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide, context 1024), 0 trainable"."""
+def model_summary(model, name, training=True):
+    """One line for the log: "gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide, context 1024), 0 trainable"
+    (LoRA adapters counted); without training, no trainable count."""
     cfg, trainable = model.cfg, count_parameters(model, trainable_only=True)
     return (f"{name}: {count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
-            f"{cfg.emb_dim} wide, context {cfg.context_length}), {trainable:,} trainable")
+            f"{cfg.emb_dim} wide, context {cfg.context_length})" + (f", {trainable:,} trainable" if training else ""))
 
 
 def check_vocabulary(model, source, tokenizer):

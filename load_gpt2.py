@@ -560,7 +560,7 @@ def main(argv=None):
     if hasattr(model, "labels"):
         raise ValueError(f"--model {args.model} is a classifier, not a language model: use it with "
                          f"`python finetune_classify.py --checkpoint {args.model} --classify TEXT`")
-    print(gpt.model_summary(model, args.model))
+    print(gpt.model_summary(model, args.model, training=False))
     print(f"load time: {time.time() - started:.2f} s on {device}, {args.dtype}")
     print("-" * 80)
     if items is None and text is None:  # try it
