@@ -1665,9 +1665,13 @@ def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, sour
             if tuple(shape) != tuple(param.shape):
                 mismatched.append(f"{name}: file {tuple(tensors[name].shape)}, model {tuple(param.shape)}")
     if missing or unexpected or mismatched:
-        problems = [f"missing: {', '.join(missing)}"] if missing else []
-        problems += [f"unexpected: {', '.join(unexpected)}"] if unexpected else []
-        problems += [f"wrong shape: {'; '.join(mismatched)}"] if mismatched else []
+
+        def listed(names, separator=", "):  # a whole model's names would fill screens: the first ten show the mistake
+            return separator.join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
+
+        problems = [f"missing: {listed(missing)}"] if missing else []
+        problems += [f"unexpected: {listed(unexpected)}"] if unexpected else []
+        problems += [f"wrong shape: {listed(mismatched, '; ')}"] if mismatched else []
         family = "GPT-2" if gpt2 else "Llama-family"
         raise ValueError(f"{source} do not fit the {family} model:\n  " + "\n  ".join(problems))
     state = {}

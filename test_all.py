@@ -382,7 +382,7 @@ def test_progress_redraws_a_terminal_ten_times_a_second_and_is_a_plain_line_ever
 # ========================================================================================
 
 
-def test_hub_style_file_says_what_it_assumed_and_a_file_that_does_not_fit_names_every_mismatch(small_pair, tmp_path,
+def test_hub_style_file_says_what_it_assumed_and_a_file_that_does_not_fit_names_the_mismatches(small_pair, tmp_path,
                                                                                                 capsys):
     """Hub files name tensors without `transformer.`; without config.json the config
     comes from the shapes (heads: emb_dim / 64, which is 2 here), and says so."""
@@ -410,6 +410,12 @@ def test_hub_style_file_says_what_it_assumed_and_a_file_that_does_not_fit_names_
     assert "missing: h.1.mlp.c_fc.bias" in text
     assert "unexpected: h.0.extra.weight" in text
     assert "ln_f.weight: file (5,), model (128,)" in text
+    with pytest.raises(ValueError) as error:  # a whole model missing: its first ten names, and how many
+        gpt.load_weights_into(tiny_model(), {"wte.weight": torch.zeros(0)}, source="blocks.gguf")
+    names = sorted(set(tiny_model().state_dict()) - {"wte.weight", "lm_head.weight"})
+    assert str(error.value).splitlines() == ["blocks.gguf do not fit the GPT-2 model:",
+                                             f"  missing: {', '.join(names[:10])} ... ({len(names)} in all)",
+                                             "  wrong shape: wte.weight: file (0,), model (50257, 32)"]
 
 
 def test_new_model_is_initialised_as_gpt2_and_gpt2_small_has_its_size():
