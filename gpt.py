@@ -1990,7 +1990,7 @@ def add_classifier_head(model, labels, bias=True):
 
 # Metadata value types -> struct formats (8 is a string, 9 an array)
 GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-# ggml's tensor types, by id (ggml.h, enum ggml_type)
+# ggml's tensor types, by id (ggml.h, enum ggml_type; Q4_2 and Q4_3 are gone but keep their ids)
 GGML_TYPES = ("F32 F16 Q4_0 Q4_1 Q4_2 Q4_3 Q5_0 Q5_1 Q8_0 Q8_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K IQ2_XXS IQ2_XS "
               "IQ3_XXS IQ1_S IQ4_NL IQ3_S IQ2_S IQ4_XS I8 I16 I32 I64 F64 IQ1_M BF16").split()
 
@@ -2015,7 +2015,9 @@ def _q5(blocks, start):
 
 def _k_quant(blocks, values):
     """Q4_K and Q5_K: values (uint8 [n, 256]) times 8 scales, minus 8 minimums, of 6 bits packed in
-    bytes 4-15, each times one of the block's two float16 factors -> float32 [n, 8, 32]."""
+    bytes 4-15, each times one of the block's two float16 factors -> float32 [n, 8, 32]. The 12 bytes:
+    4 bytes d and 4 bytes m hold scales and minimums 0-3 in their low 6 bits; scales and minimums 4-7
+    are 4 bits of the last 4 bytes (`high`) under the top 2 bits of d and m."""
     d, m, high = blocks[:, 4:16].reshape(-1, 3, 4).unbind(1)
     scales = _half(blocks, 0) * torch.cat([d & 63, (high & 15) | (d >> 2 & 48)], 1)
     minimums = _half(blocks, 2) * torch.cat([m & 63, (high >> 4) | (m >> 2 & 48)], 1)
@@ -2036,6 +2038,7 @@ def _q3_k(blocks):
 
 
 def _q6_k(blocks):
+    """Q6_K: 4 low bits per value (bytes 0-127), 2 high bits (128-191), 16 signed 8-bit scales, a float16."""
     values = (_fields(blocks[:, :128], 4, 64) | _fields(blocks[:, 128:192], 2, 32) << 4).to(torch.int8) - 32
     scales = _half(blocks, 208) * blocks[:, 192:208].view(torch.int8)
     return scales.unsqueeze(-1) * values.view(-1, 16, 16)
@@ -2065,7 +2068,8 @@ GGUF_BLOCKS = {
 
 
 def dequantize(kind, shape, data):
-    """A tensor of `read_gguf`: its GGUF_BLOCKS type, shape and bytes (uint8 [n]) -> float32 values of that shape."""
+    """A tensor of `read_gguf`: its GGUF_BLOCKS type, shape and bytes (uint8 [n], whole blocks) -> float32 values
+    of that shape. RuntimeError when the bytes are not whole blocks of that shape (`read_gguf` checks them)."""
     per_block, block_bytes, unpack = GGUF_BLOCKS[kind]
     return unpack(data.view(-1, block_bytes)).reshape(shape)
 
@@ -2077,6 +2081,7 @@ def read_gguf(path):
     is wrong: not GGUF, another version, truncated or malformed, a type GGUF_BLOCKS lacks."""
     path = Path(path)
     with open(path, "rb") as f:
+        # ACCESS_COPY: torch.frombuffer needs a writable buffer; writes stay private, never reach the file
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(f.fileno()).st_size else b""
     if data[:4] != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file (it starts with {bytes(data[:4])!r}, not b'GGUF')")
@@ -2101,6 +2106,8 @@ def read_gguf(path):
             if item_kind in GGUF_SCALARS:
                 return list(take(f"{count}{GGUF_SCALARS[item_kind]}"))
             return [value(item_kind) for _ in range(count)]
+        if kind not in GGUF_SCALARS:
+            raise ValueError(f"{path}: not a well-formed GGUF file (a metadata value of unknown type {kind})")
         return take(GGUF_SCALARS[kind])[0]
 
     try:
@@ -2121,7 +2128,7 @@ def read_gguf(path):
         raise ValueError(f"{path}: not a complete GGUF file (it ends inside its header: truncated?)") from None
     except (KeyError, UnicodeDecodeError, OverflowError) as e:
         raise ValueError(f"{path}: not a well-formed GGUF file ({e.__class__.__name__}: {e})") from None
-    alignment = metadata.get("general.alignment", 32)
+    alignment = metadata.get("general.alignment", 32)  # the tensor data starts at the next multiple of it
     return metadata, gguf_tensor_table(path, data, infos, data_start=-(-position // alignment) * alignment)
 
 

@@ -4899,6 +4899,11 @@ def test_gguf_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path, m
                                            r"does not fit in the \d+-byte file \(truncated\?\)")
     (tmp_path / "header.gguf").write_bytes(whole.read_bytes()[:40])
     _one_line_error(tmp_path / "header.gguf", r"header\.gguf: not a complete GGUF file \(it ends inside its header: truncated\?\)")
+    flipped = bytearray(whole.read_bytes())
+    flipped[flipped.index(b"general.architecture") + len("general.architecture")] = 99  # the type of its value
+    (tmp_path / "flipped.gguf").write_bytes(flipped)
+    _one_line_error(tmp_path / "flipped.gguf", r"flipped\.gguf: not a well-formed GGUF file \(a metadata value of "
+                                               r"unknown type 99\)")
     odd = [("token_embd.weight", _gguf_blocks("Q4_0", 2), "IQ4_NL")]  # 18-byte blocks of 32, as Q4_0
     _one_line_error(_write_gguf(tmp_path / "iq.gguf", tensors=odd), r"iq\.gguf: tensor 'token_embd\.weight' is IQ4_NL, "
                     r"a type this project does not read \(it reads F32, .*\): convert or quantize the model")
