@@ -2604,7 +2604,7 @@ def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite
             f.write(data.numpy())
 
     atomic_write_bytes(path, write)
-    modelfile = path.with_name("Modelfile")
+    modelfile = path.with_suffix(".Modelfile")  # model.gguf -> model.Modelfile: one per export in a folder
     atomic_write_bytes(modelfile, MODELFILE.format(file=path.name, stop=tokenizer.decode([tokenizer.eot_id])).encode())
     return modelfile
 

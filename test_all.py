@@ -4980,10 +4980,10 @@ def test_gguf_export_is_read_by_gguf_and_transformers(tmp_path, trained_tokenize
     path = tmp_path / "out" / f"{kind}.gguf"
     load_gpt2.main(["--model", str(source), "--export-gguf", str(path), "--gguf-type", gguf_type])
     assert f"exported {source} ({gguf_type}) to {path}" in capsys.readouterr().out
-    assert sorted(os.listdir(path.parent)) == ["Modelfile", f"{kind}.gguf"]  # written whole, no temporary left
+    assert sorted(os.listdir(path.parent)) == [f"{kind}.Modelfile", f"{kind}.gguf"]  # written whole, no temporary
     model, tokenizer = gpt.load(source)
     stop = tokenizer.decode([tokenizer.eot_id])
-    assert (path.parent / "Modelfile").read_text() == (
+    assert (path.parent / f"{kind}.Modelfile").read_text() == (
         f'FROM ./{kind}.gguf\nTEMPLATE """{instruct.format_prompt({"instruction": "{{ .Prompt }}"})}"""\n'
         f'PARAMETER stop "{stop}"\n')  # finetune_instruct.py's prompt
     assert {kind for kind, shape, _ in gpt.read_gguf(path)[1].values() if len(shape) == 2} == {gguf_type.upper()}
