@@ -60,9 +60,8 @@ def write_random_model(cfg, folder, seed=0):
     folder.mkdir(parents=True, exist_ok=True)
     eot_id = standin_tokenizer(cfg.vocab_size, folder)
     config = {**gpt.hf_config(cfg), "eos_token_id": eot_id}
-    model_class = transformers.Qwen3ForCausalLM if cfg.qk_norm else transformers.LlamaForCausalLM
-    config_class = transformers.Qwen3Config if cfg.qk_norm else transformers.LlamaConfig
-    model_class(config_class(**config)).save_pretrained(folder)
+    config = transformers.AutoConfig.for_model(**config)  # the family's class, by config.json's model_type
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return f"{folder}: random weights, stand-in tokenizer of {eot_id + 1} ids"
 
 
