@@ -303,8 +303,8 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
                 logged_step, logged_at = step, time.perf_counter()
         train_loss, train_acc, _ = evaluate(model, logits_fn, *train, batch_size)
         val_loss, val_acc, _ = evaluate(model, logits_fn, *validation, batch_size)
-        print(f"epoch {step / steps_per_epoch:.3g}: train loss {train_loss:.4f} accuracy {100 * train_acc:.2f}% | validation loss "
-              f"{val_loss:.4f} accuracy {100 * val_acc:.2f}%", flush=True)
+        print(f"epoch {step / steps_per_epoch:.3g}: train loss {train_loss:.4f} accuracy {100 * train_acc:.2f}% | "
+              f"validation loss {val_loss:.4f} accuracy {100 * val_acc:.2f}%", flush=True)
         for name, value in zip(HISTORY, (step / steps_per_epoch, step, train_loss, train_acc, val_loss, val_acc)):
             history[name].append(value)
         # Model selection: a copy of the trainable weights of the best epoch so far (--keep-last: the last).

@@ -379,7 +379,8 @@ def generate_responses(model, tokenizer, entries, path, **options):
     gpt.end_progress()
     gpt.write_json(path, results)
     empty = sum(not result["model_response"] for result in results)
-    print(f"wrote {len(results)} response{'s' * (len(results) != 1)} to {path}" + f"; {empty} of {len(results)} answers were empty" * bool(empty))
+    empty_note = f"; {empty} of {len(results)} answers were empty" if empty else ""
+    print(f"wrote {len(results)} responses to {path}{empty_note}")
 
 
 # --- 5. Evaluation: an LLM judge served by Ollama -------------------------------------------

@@ -1593,7 +1593,8 @@ def check_settings(config_json, settings, prefix=""):
     `settings` whose value in config_json fails its test; `prefix` names the dict the keys are in."""
     for key, (test, supported) in settings.items():
         if key in config_json and not test(config_json[key]):
-            raise ValueError(f"{prefix}{key} = {config_json[key]!r} is not supported (this implementation: {supported})")
+            raise ValueError(f"{prefix}{key} = {config_json[key]!r} is not supported "
+                             f"(this implementation: {supported})")
 
 
 def check_sizes(config_json, keys):
@@ -2877,7 +2878,7 @@ FLAGS = {
     "epochs": dict(type=positive_int, help="passes over the training data"),
     "max_steps": dict(type=positive_int, help="optimizer steps in all (default: as many as --epochs make)"),
     "batch_size": dict(type=positive_int, default=8, help="sequences per batch (per process, when several train)"),
-    "lr": dict(type=non_negative_float, default=5e-5, help="AdamW's learning rate (the peak of the schedule where there is one)"),
+    "lr": dict(type=non_negative_float, default=5e-5, help="AdamW's learning rate (the peak of a schedule)"),
     "weight_decay": dict(type=non_negative_float, default=0.1, help="AdamW's weight decay of matrices"),
     "seed": dict(type=non_negative_int, default=123, help="random seed: the same seed, the same run"),
     "log_every": dict(type=positive_int, default=5, help="print a progress line every N steps"),

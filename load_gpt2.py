@@ -570,7 +570,7 @@ def main(argv=None):
         stride = args.stride or max(1, model.cfg.context_length // 2)
         results["perplexity"] = score = perplexity(model, text, stride, args.batch_size, tokenizer)
         print(f"perplexity of {args.perplexity}: {score['perplexity']:.4f}, {score['bits_per_byte']:.4f} bits per byte "
-              f"({score['tokens']:,} tokens, {score['bytes']:,} bytes, {score['windows']} window{'s' * (score['windows'] != 1)}, stride {stride})")
+              f"({score['tokens']:,} tokens, {score['bytes']:,} bytes, {score['windows']} windows, stride {stride})")
     if items is not None:
         results.update(run_benchmark(args, model, items, tokenizer))
     if args.results:

@@ -418,7 +418,7 @@ def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autoca
     tokens = state["samples_seen"] * splits.context_length
     history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=train_loss, val_loss=val_loss))
     log(f"eval step {step} | train loss {train_loss:.3f} | val loss {val_loss:.3f} "
-        f"(perplexity {math.exp(val_loss):,.1f})" + (" | the lowest after step 0: saved as best.pt" if improved else ""))
+        f"(perplexity {math.exp(val_loss):,.1f})" + (" | lowest after step 0: saved as best.pt" if improved else ""))
     if proc.rank == 0:
         log("  sample: " + sample_text(model, tokenizer, args.prompt, args.sample_tokens, args.seed, proc.device))
         out_dir = Path(args.out_dir)

@@ -3959,7 +3959,7 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
         instruct.main(common + ["--prompt", "Repeat the number 3."])
         assert capsys.readouterr().out.endswith("\n(an empty answer: the model ended it at once with its end-of-text token)\n")
         instruct.main(common + ["--generate-only"])
-        assert capsys.readouterr().out.endswith(f"wrote 1 response to {out_dir / 'responses.json'}; 1 of 1 answers were empty\n")
+        assert capsys.readouterr().out.endswith(f"wrote 1 responses to {out_dir / 'responses.json'}; 1 of 1 answers were empty\n")
     prompt = ["--prompt", "Repeat the number 3.", "--checkpoint", str(folder / "tiny.pt"), "--max-new-tokens", "6"]
     instruct.main(prompt)
     greedy = capsys.readouterr().out.splitlines()[-1]
