@@ -3113,7 +3113,7 @@ def check_vocabulary(model, source, tokenizer):
     """Raise ValueError when tokenizer can produce ids that model has no embedding for (a larger
     vocabulary, such as one padded to 50304, is fine)."""
     if model.cfg.vocab_size < tokenizer.n_vocab:
-        which = "the GPT-2 tokenizer" if tokenizer is get_tokenizer() else f"the tokenizer {tokenizer.name}"
+        which = f"the tokenizer {tokenizer.name}" if tokenizer.files else "the GPT-2 tokenizer"  # GPT-2's has no files
         raise ValueError(f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
                          f"{tokenizer.n_vocab}: use a model trained with {which}")
 
