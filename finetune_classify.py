@@ -195,9 +195,10 @@ def full_pass_logits(model, token_ids):
 def autocast_logits(logits_fn, device, dtype_name):
     """Wrap a logits_fn for --dtype -> a logits_fn: "bfloat16" runs it under torch.autocast (matrix products in
     bfloat16, weights stay float32), "float32" as it is; either way the logits come back as float32."""
+    autocast, _ = gpt.autocast_context(device, dtype_name)
 
     def logits(inputs):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype_name == "bfloat16"):
+        with autocast:
             return logits_fn(inputs).float()
 
     return logits

@@ -295,9 +295,9 @@ def resume_run(args, argv, out_dir):
                          "or start again with --overwrite")
     steps = planned_steps(args, len(splits[0]))[1]
     if state["step"] >= steps:  # before run.json is written again
-        limit = "--max-steps" if steps == args.max_steps else "--epochs"
-        raise ValueError(f"--resume: the run is complete ({state['step']} step{'s' * (state['step'] != 1)}, as "
-                         f"{limit} {getattr(args, limit[2:].replace('-', '_'))} allows): raise {limit} to train on")
+        limit, value = ("--max-steps", args.max_steps) if steps == args.max_steps else ("--epochs", args.epochs)
+        raise ValueError(f"--resume: the run is complete (at step {state['step']}, as {limit} {value} allows): "
+                         f"raise {limit} to train on")
     return args, splits, state
 
 
@@ -603,7 +603,7 @@ def main(argv=None):
             generate_responses(model, tokenizer, answers, responses, **answer_options(args))
         except KeyboardInterrupt:  # model.pt is saved: --resume would find the training done, answering goes on alone
             defaults = answer_options(build_parser().parse_args([]))
-            flags = "".join(f" --{key.replace('_', '-')} {value}" for key, value in answer_options(args).items()
+            flags = "".join(f" {gpt.flag_name(key)} {value}" for key, value in answer_options(args).items()
                             if value != defaults[key])
             print(f"--generate-only --out-dir {args.out_dir} --num-answers {len(answers)}{flags} answers the test "
                   "split with the saved model", file=sys.stderr)

@@ -1189,8 +1189,9 @@ class PieceTokenizer(Tokenizer):
             if n % 2:  # an added token
                 ids.append(self.added[piece])
             elif piece:
+                # a continued text's (start=False) first piece follows text: no space before it
                 space = {"prepend": True, "always": piece[0] != " ", "first": n == 0 and piece[0] != " "}
-                space = space if start or n else {}  # a continued text's first piece follows text, not a start
+                space = space if start or n else {}
                 ranks = self.encode_ordinary(" " * space.get(self.prefix, False) + piece)
                 ids += [self.ids[rank] for rank in ranks] if self.ids else ranks
         return [self.bos_id] + ids if bos and self.add_bos else ids
@@ -2721,7 +2722,8 @@ def hf_tensors(model, dtype):
     out]), a zero query/key/value bias if it has none (transformers' always has). Llama: `model.` names."""
     if any(isinstance(module, LoRALinear) for module in model.modules()):
         model = merge_lora(copy.deepcopy(model))
-    prefix, transposed = ("transformer.", _TRANSPOSED) if model.cfg.family == "gpt2" else ("model.", ())
+    gpt2 = model.cfg.family == "gpt2"
+    prefix = "transformer." if gpt2 else "model."
     untied_head = model.cfg.family == "llama" and not model.cfg.tie_embeddings and not hasattr(model, "labels")
     tensors = {}
     for name, tensor in model.state_dict().items():
@@ -2729,12 +2731,10 @@ def hf_tensors(model, dtype):
             if untied_head:
                 tensors[name] = tensor.to(dtype)
             continue
-        tensors[prefix + name] = (tensor.t() if name.endswith(transposed) else tensor).to(dtype)
-        if name.endswith("attn.c_attn.weight") and not model.cfg.qkv_bias:
+        tensors[prefix + name] = (tensor.t() if gpt2 and name.endswith(_TRANSPOSED) else tensor).to(dtype)
+        if gpt2 and name.endswith("attn.c_attn.weight") and not model.cfg.qkv_bias:  # GPT-2's Conv1D always has one
             tensors[prefix + name.replace("weight", "bias")] = tensor.new_zeros(len(tensor), dtype=dtype)
-    if model.cfg.family == "gpt2":
-        return tensors
-    return hub_layout(tensors, model.cfg)  # Phi's names, Phi-3's packed matrices
+    return tensors if gpt2 else hub_layout(tensors, model.cfg)  # Phi's names, Phi-3's packed matrices
 
 
 def classifier_tensors(model, dtype):

@@ -26,7 +26,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import signal
 import time
 from array import array
@@ -120,7 +119,8 @@ def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False):
     tokenizer (by content) and the same sources (sizes, modification times)."""
     dtype = token_type(tokenizer)
     sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-    record = {"tokenizer": tokenizer.name, "tokenizer_sha256": hashlib.sha256(pickle.dumps(tokenizer)).hexdigest(),
+    tokenizer_content = json.dumps(tokenizer.state(), sort_keys=True).encode()  # what a checkpoint stores of it
+    record = {"tokenizer": tokenizer.name, "tokenizer_sha256": hashlib.sha256(tokenizer_content).hexdigest(),
               "replace_invalid_utf8": replace_invalid, "sources": sources}
     key = json.dumps([[s[0] for s in sources], replace_invalid, record["tokenizer_sha256"]]).encode()
     token_path = Path(token_dir) / f"{paths[0].stem}-{hashlib.sha256(key).hexdigest()[:16]}.{dtype}"
@@ -345,7 +345,7 @@ def flops_per_token(model, seq_len):
     if not cfg.tie_embeddings:
         lookups.append(model.wte.weight)  # only looked up: the separate head multiplies
     n_params = gpt.count_parameters(model) - sum(table.numel() for table in lookups)
-    head_dim = cfg.head_dim if cfg.family == "llama" and cfg.head_dim else cfg.emb_dim // cfg.n_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.emb_dim // cfg.n_heads  # Gemma's heads are wider
     return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
 
 

@@ -4177,7 +4177,7 @@ def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_pa
     # A finished run with its state: --resume needs more steps, and then trains them.
     instruct.main(_instruct_quick(folder, tmp_path / "kept", "--keep-state"))
     settings_before = (tmp_path / "kept" / "run.json").read_bytes()
-    with pytest.raises(SystemExit, match=r"the run is complete \(1 step, as --epochs 1 allows\): raise --epochs"):
+    with pytest.raises(SystemExit, match=r"the run is complete \(at step 1, as --epochs 1 allows\): raise --epochs"):
         instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume"])
     assert (tmp_path / "kept" / "run.json").read_bytes() == settings_before  # a refused resume changes nothing
     with pytest.raises(SystemExit, match="which used --batch-size 10, not 4"):  # a changed recipe
