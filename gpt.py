@@ -1871,7 +1871,7 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     """
     path, gguf = Path(source), gguf_file(source)
     if gguf is not None:
-        tensors, config_json, tokenizer_files = gguf_model_parts(gguf, dtype, device)
+        tensors, config_json, tokenizer_files = gguf_model_parts(gguf, dtype)
         model = model_from_tensors(tensors, config_json, gguf, device=device, dtype=dtype)
         tokenizer = tokenizer_from_files(tokenizer_files, gguf)
     elif path.is_file() and path.suffix != ".safetensors":
@@ -2265,11 +2265,12 @@ def gguf_config(metadata, entries):
     return config
 
 
-def gguf_model_parts(path, dtype=torch.float32, device="cpu"):
+def gguf_model_parts(path, dtype=torch.float32):
     """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files
     {name: text}): what `model_from_tensors` and `tokenizer_from_files` read from a model folder, with
     llama.cpp's changes undone (`rotary_order`; Gemma 3's norms hold 1 + w). Raises ValueError naming the
-    file as `read_gguf` and `gguf_config` do, and for weights larger than the device's memory in dtype."""
+    file as `read_gguf` and `gguf_config` do, and for weights larger in dtype than the machine's memory,
+    where they are dequantized (the device's is checked as for any model, by `model_from_tensors`)."""
     metadata, entries = read_gguf(path)
     try:
         config = gguf_config(metadata, entries)
@@ -2280,7 +2281,7 @@ def gguf_model_parts(path, dtype=torch.float32, device="cpu"):
     heads = {"attn_q": config.get("num_attention_heads"),
              "attn_k": config.get("num_key_value_heads", config.get("num_attention_heads"))}
     n_values = sum(math.prod(shape) for _, shape, _ in entries.values())
-    check_memory(n_values * dtype.itemsize, device, f"{path}: its weights at {dtype.itemsize} bytes each")
+    check_memory(n_values * dtype.itemsize, "cpu", f"{path}: its weights at {dtype.itemsize} bytes each")
     tensors = {}
     for name, (kind, shape, data) in entries.items():
         tensor = dequantize(kind, shape, data)
