@@ -1934,8 +1934,10 @@ def shard_names(index):
 def hub_tokenizer_files(repo, *, quiet=False):
     """{file name: text} of the TOKENIZER_FILES a Hub model has. Once its tokenizer.json is on disk,
     the Hub is not asked for the others again: a cached model loads offline."""
-    cached = hub_file(repo, "tokenizer.json", cached_only=True) is not None
-    paths = [hub_file(repo, name, quiet=quiet, missing_ok=True, cached_only=cached) for name in TOKENIZER_FILES]
+    cached = hub_file(repo, "tokenizer.json", cached_only=True)  # checked once: not asked for again below
+    paths = [cached if name == "tokenizer.json" and cached
+             else hub_file(repo, name, quiet=quiet, missing_ok=True, cached_only=cached is not None)
+             for name in TOKENIZER_FILES]
     return {path.name: decode_utf8(path.read_bytes(), path) for path in paths if path}
 
 
