@@ -2568,7 +2568,7 @@ LOAD_GPT2_BAD_INPUTS = [
     ("--model {files}/tiny.pt --batch-size 4", "--batch-size needs --benchmark or --perplexity"),
     ("--model {files}/tiny.pt --perplexity t.txt --export-hf out", "--download-only, --export-hf, --export-gguf and "
      "measuring (--benchmark, --perplexity) are separate runs"),
-    ("--model {files}/empty --download-only", "--download-only"),  # a folder is no name to download
+    ("--model {files}/empty --download-only", "--download-only needs a model name"),  # a folder is no name to download
 ]
 
 
@@ -2833,7 +2833,8 @@ def test_pretrain_stopped_runs_resume_to_exactly_the_whole_run(tmp_path, pretrai
     assert extended["steps"] == 10 and settings["max_steps"] == 10 and settings["lr"] == 0.01
 
 
-def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_overwritten(tmp_path, pretrain_text_file):
+def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_overwritten(tmp_path, pretrain_text_file,
+                                                                                          capsys):
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "4", "--eval-every", "4")
     pretrain.main(argv)
     assert (tmp_path / "run" / "best.pt").exists()
@@ -2852,6 +2853,7 @@ def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_ove
     old = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
     with pytest.raises(SystemExit):  # the flags are checked before the old run is deleted
         pretrain.main(argv + ["--overwrite", "--model", "gpt2", "--size", "gpt2"])
+    assert "--model (its weights bring the shape) does not use --size" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()} == old
     pretrain.main(argv + ["--overwrite", "--stop-at-step", "1"])  # stops before an evaluation could write best.pt
     assert not (tmp_path / "run" / "best.pt").exists()  # the old run's model is gone with it
@@ -4098,7 +4100,7 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --resume --generate-only", "choose one of --generate-only, --judge-only, --prompt and --resume"),
     (f"{INSTRUCT_RUN} --judge-only", "--judge-only needs --judge ollama"),
     (f"{INSTRUCT_RUN} --num-answers 0 --judge ollama", "--num-answers 0 leaves --judge nothing to grade"),
-    (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k"),  # greedy decoding would ignore it
+    (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k is for sampling: give --temperature above 0"),  # greedy decoding would ignore it
     # Answering does not train: a training flag given with it would be silently ignored.
     ("--out-dir {run} --generate-only --model gpt2", "--model is the model that trains; --generate-only answers "
      "with --checkpoint: give --checkpoint gpt2"),
@@ -4655,8 +4657,10 @@ def strip_docstrings(source):
 def test_readme_type_it_live_definitions_run_as_typed():
     section, sources = type_it_live_sources()
     assert set(sources) == {"finetune_classify.py", "pretrain.py"}
-    typed = [line for source in sources.values() for line in strip_docstrings(source).splitlines() if line.strip()]
-    assert len(typed) <= 330  # short enough to type: the README says "about 330 lines of code"
+    typed = {script: [line for line in strip_docstrings(source).splitlines() if line.strip()]
+             for script, source in sources.items()}
+    stated = re.findall(r"^\| (?:classification|pretraining): .* \| (\d+) \+ \d+ \|", section, flags=re.M)
+    assert [len(typed["finetune_classify.py"]), len(typed["pretrain.py"])] == [int(n) for n in stated]  # the table
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     raw = b"".join(fc.read_sms_bytes(SMS_ZIP).splitlines(keepends=True)[:400])
     code = code.replace('open("SMSSpamCollection", "rb").read()', "SMS_BYTES").replace('gpt.load("gpt2")[0]', "MODEL")
