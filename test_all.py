@@ -1208,16 +1208,11 @@ def test_safetensors_reader_and_writer_agree_with_the_reference_library(small_pa
     (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "does not fit in the 4 data bytes"),
     (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12), r"F32 \[2\] at data offsets \[0, 12\]"),
     (header_bytes({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype 'Q4'"),
-    (header_bytes({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8), "'data_offsets'"),
-    (header_bytes({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), r"F32 \[-2\] .* does not fit"),
-    ("first half", "does not fit in the .* data bytes"),
     ("first 100 bytes", "a header of .* runs past the end"),
-    (b"abc", ""),
     (struct.pack("<Q", 5) + b"{oops", "Expecting"),
-], ids=["cut-data", "offsets", "dtype", "no-offsets", "negative-shape", "cut-file", "cut-header", "3-bytes", "json"])
+], ids=["cut-data", "offsets", "dtype", "cut-header", "json"])
 def test_a_safetensors_file_that_is_not_whole_is_named(tmp_path, small_pair, content, message):
-    raw = small_pair[1].read_bytes()
-    content = {"first half": raw[: len(raw) // 2], "first 100 bytes": raw[:100]}.get(content, content)
+    content = small_pair[1].read_bytes()[:100] if content == "first 100 bytes" else content
     (tmp_path / "bad.safetensors").write_bytes(content)
     with pytest.raises(ValueError, match=f"bad.safetensors: not a complete safetensors file.*{message}"):
         gpt.read_safetensors(tmp_path / "bad.safetensors")
@@ -1291,21 +1286,18 @@ def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(local_serv
 
 def test_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_models, small_pair, tmp_path):
     folder = family_models["qwen3_gqa_qk_norm_tied_head_dim"][1]
-    for repo, files in [("openai-community--gpt2", {"model.safetensors": small_pair[1].read_bytes()}),
-                        ("Qwen--Tiny", {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")})]:
+    # A base model has no chat_template.jinja; tokenizer.json is read as text, unused here.
+    qwen = {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")} | {"tokenizer.json": b"{}"}
+    for repo, files in [("openai-community--gpt2", {"model.safetensors": small_pair[1].read_bytes()}), ("Qwen--Tiny", qwen)]:
         snapshot = tmp_path / "hf-cache" / f"models--{repo}" / "snapshots" / "abc123"
         snapshot.mkdir(parents=True)
         for name, content in files.items():
             (snapshot / name).write_bytes(content)
         (snapshot.parent.parent / "refs").mkdir()
         (snapshot.parent.parent / "refs" / "main").write_text("abc123")
-    snapshot = tmp_path / "hf-cache" / "models--Qwen--Tiny" / "snapshots" / "abc123"
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # no chat_template.jinja,
-        (snapshot / name).write_text("{}")  # as a base model has none (read as text, unused here)
     assert gpt.hub_file("openai-community/gpt2", "model.safetensors").parent.name == "abc123"
     assert load_lm("gpt2").cfg.emb_dim == 128  # HF_ENDPOINT is a closed port: only the cache can answer
-    model = load_lm("Qwen/Tiny")
-    assert model.cfg.qk_norm and model.cfg.head_dim == 32
+    assert load_lm("Qwen/Tiny").cfg.head_dim == 32
     with pytest.raises(RuntimeError, match=r"^cannot reach http://\S+/Qwen/Other/resolve/main/config\.json \(ConnectionError\)\. "
                        r"Offline\? Give --model a model folder or a \.safetensors or GGUF file instead of 'Qwen/Other'"):
         load_lm("Qwen/Other", quiet=True)
@@ -1337,13 +1329,11 @@ def test_a_download_that_is_not_the_expected_file_is_deleted(local_server, tmp_p
 @pytest.mark.parametrize("url, message", [
     ("{server}/loop", "failed: TooManyRedirects: Exceeded 30 redirects."),
     ("https://127.0.0.1:{port}/f.bin", "failed after 3 attempts (SSLError: "),
-    ("127.0.0.1/f.bin", "failed: MissingSchema: Invalid URL '127.0.0.1/f.bin': No scheme supplied."),
     ("ftp://127.0.0.1/f.bin", "failed: InvalidSchema: No connection adapters were found for 'ftp://127.0.0.1/f.bin'"),
-    ("http://", "failed: InvalidURL: Invalid URL 'http://': No host supplied"),
     ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: "),
     ("{server}/missing.bin", "failed: HTTP 404"),
     ("{server}/short.bin", "failed after 3 attempts ("),
-], ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused", "404", "shorter-than-content-length"])
+], ids=["redirect-loop", "tls", "ftp", "refused", "404", "shorter-than-content-length"])
 def test_every_request_failure_is_one_line_naming_the_url(local_server, tmp_path, url, message):
     server = local_server({"/loop": answer(b"", 302, Location="/loop"),
                            "/short.bin": answer(b"x" * 500, Content_Length="1000")})
@@ -1363,14 +1353,6 @@ def test_fetch_dataset_tries_each_url_names_a_mismatch_and_checks_its_cache(loca
     assert path == cached_data_path(tmp_path, server.url + "/main/data.txt", "data.txt")  # keyed by the first URL
     with pytest.raises(RuntimeError, match="(?s)--data PATH.*/a/x.txt.*/b/x.txt"):
         gpt.fetch_dataset([server.url + "/a/x.txt", server.url + "/b/x.txt"], "x.txt", quiet=True)
-    url = server.url + "/d.json"
-    with pytest.raises(RuntimeError) as error:
-        gpt.fetch_dataset([url], "d.json", sha256="ab" * 32, quiet=True)
-    path = cached_data_path(tmp_path, url, "d.json")
-    actual = hashlib.sha256(b"[]").hexdigest()
-    expected = f"download of {url} is corrupt or not the expected file: {path}: SHA-256 {actual}, expected {'ab' * 32}"
-    assert expected in str(error.value)
-    assert os.listdir(path.parent) == []  # no file, no temporary file
     server = local_server({"/ok.json": b'{"ok": 1}'})
     url = server.url + "/ok.json"
     checks = {"size": 9, "sha256": hashlib.sha256(b'{"ok": 1}').hexdigest()}
@@ -1411,8 +1393,6 @@ def test_known_downloads_are_checked_the_zip_member_not_the_zip_and_the_checks_m
     assert fc.read_sms_bytes(fc.sms_collection_path(urls=[f"{server.url}/remade.zip"])) == member
     assert "not the expected file (File is not a zip file)" in capsys.readouterr().err
     gpt.verify_file(SMS_ZIP, member=fc.ZIP_MEMBER, size=fc.MEMBER_SIZE, sha256=fc.MEMBER_SHA256)
-    assert fc.MEMBER_SIZE == 477_907
-    assert "/main/" not in instruct.DATA_URL  # pinned to a commit
     server = local_server({"/the-verdict.txt": b"other text", "/instruction-data.json": b"[]"})
     verdict, instructions = server.url + "/the-verdict.txt", server.url + "/instruction-data.json"
     monkeypatch.setitem(pretrain.KNOWN_DOWNLOADS, verdict, pretrain.KNOWN_DOWNLOADS[pretrain.VERDICT_URL])
@@ -1485,48 +1465,34 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_pat
     assert load_lm(folder).cfg.norm_eps == 1e-3
 
 
+# One row per check of config_from_weights and config_from_hub (their tables of settings: one row per table).
 @pytest.mark.parametrize("family, change, message", [
     ("gpt2", json.dumps({k: v for k, v in STRICT_GPT2.items() if k != "vocab_size"}),
      "config.json: 'vocab_size' must be a positive integer, got None"),
     ("gpt2", {"n_layer": "2"}, "config.json: 'n_layer' must be a positive integer, got '2'"),
-    ("gpt2", {"n_head": 2.0}, "config.json: 'n_head' must be a positive integer, got 2.0"),
     ("gpt2", {"n_layer": True}, "config.json: 'n_layer' must be a positive integer, got True"),
-    ("gpt2", {"n_embd": 0}, "config.json: 'n_embd' must be a positive integer, got 0"),
     ("gpt2", {"n_head": 3}, "emb_dim (32) must be divisible by n_heads (3)"),
     ("gpt2", "[1, 2]", "its config.json holds a list, not a JSON object"),
     ("gpt2", '{"n_layer": 2,', "config.json: not valid JSON (Expecting property name"),
-    ("gpt2", {"activation_function": "gelu"}, "activation_function = 'gelu' is not supported"),
-    ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is not supported"),
-    ("gpt2", {"layer_norm_epsilon": 0}, "layer_norm_epsilon = 0 is not supported"),
+    ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is not supported (this implementation: "
+     "'gelu_new' or 'gelu_pytorch_tanh', GELU's tanh approximation)"),
     ("gpt2", {"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon = nan is not supported"),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True is not supported"),
-    ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn = True is not supported"),
-    ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights = False is not supported"),
-    ("gpt2", {"add_cross_attention": True}, "add_cross_attention = True is not supported"),
-    ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported"),
-    ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False is not supported"),
+    ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported (this implementation: null or 4 * n_embd = 128)"),
     ("llama", {"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
-    ("llama", {"model_type": None}, "no model_type in a config.json"),
-    ("llama", {"hidden_size": 0}, "'hidden_size' must be a positive integer"),
     ("llama", {"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
-    ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
-    ("llama", {"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06 is not supported"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported (this implementation: silu for llama)"),
     ("llama", {"rope_theta": 0}, "rope_theta = 0 is not supported"),
-    ("llama", {"rope_theta": -1}, "rope_theta = -1 is not supported"),
-    ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta = 0 is not"),
+    ("llama", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}},
      "rope_parameters.rope_type = 'yarn' is not supported"),
-    ("llama", {"rope_parameters": None, "rope_theta": -1.0}, "rope_theta = -1.0 is not supported"),
     ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
      "rope_scaling.type = 'dynamic' is not supported"),
-    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not"),
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                 "original_max_position_embeddings": 32}}, "name different rope types ['default', 'llama3']"),
     ("llama", {"rope_theta": 12345.0}, "rope_theta is 12345.0 at the top level but 10000.0 in the rope settings"),
-    ("llama", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
     ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
      "layer_types = ['full_attention', 'sliding_attention'] is not supported"),
-    ("llama", {"head_dim": 0}, "head_dim = 0 is not supported"),
 ])
 def test_config_that_this_implementation_cannot_run_exactly_is_one_line(strict_folders, tmp_path, family, change,
                                                                         message):
