@@ -1527,10 +1527,8 @@ def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model_and_of_a_new_l
 
     model = tiny_model()
     gpt.save_checkpoint(tmp_path / "ckpt.pt", Wrapper(model), gpt.get_tokenizer(), step=7)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
     checkpoint = gpt.load_checkpoint(tmp_path / "ckpt.pt")
-    assert checkpoint["step"] == 7 and "wte.weight" in checkpoint["model"]
-    assert not any(k.startswith("module.") for k in checkpoint["model"])
+    assert checkpoint["step"] == 7 and checkpoint["model"].keys() == model.state_dict().keys()
     loaded = load_lm(tmp_path / "ckpt.pt")
     assert loaded.cfg == model.cfg and loaded.lm_head.weight is loaded.wte.weight
     assert_same_logits(loaded, model, 50257, (1, 16), atol=0)
@@ -1538,12 +1536,10 @@ def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model_and_of_a_new_l
     model = tiny_model(config=gpt.LLAMA_CONFIGS["Qwen/Qwen3-0.6B-Base"], vocab_size=500, context_length=32, emb_dim=64,
                        n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=96, tie_embeddings=False)
     assert model.h is model.layers and model.ln_f is model.norm and model.wte is model.embed_tokens  # GPT-2's names
-    assert not any("c_proj" in name or "wpe" in name for name, _ in model.named_parameters())
     assert model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)  # scaled residual
-    save_tiny(tmp_path / "model.pt", model)
-    loaded = load_lm(tmp_path / "model.pt")
-    assert_same_logits(loaded, model, 500, (1, 32), atol=0)
+    loaded = load_lm(save_tiny(tmp_path / "model.pt", model))
     assert loaded.cfg == model.cfg and loaded.lm_head.weight is not loaded.embed_tokens.weight
+    assert_same_logits(loaded, model, 500, (1, 32), atol=0)
 
 
 @pytest.mark.parametrize("parse, good, bad", [
@@ -1639,27 +1635,6 @@ def test_run_folder_refuses_another_run_unless_resume_or_overwrite_and_resume_re
             gpt.claim_run_folder(out, files)
 
 
-def test_files_are_read_with_a_bom_and_a_folder_a_missing_path_or_bad_content_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"^--perplexity {re.escape(str(tmp_path))}: a folder, not a file$"):
-        gpt.existing_file(tmp_path, "--perplexity")
-    with pytest.raises(FileNotFoundError, match="^--evaluate .*missing.csv: no such file$"):
-        gpt.existing_file(tmp_path / "missing.csv", "--evaluate")
-    (tmp_path / "sms.txt").write_text("hello\n")
-    assert gpt.existing_file(tmp_path / "sms.txt", "--classify-file") == tmp_path / "sms.txt"
-    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + b'[{"a": 1}]')
-    assert gpt.read_json(tmp_path / "bom.json", "--data") == [{"a": 1}]
-    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(ValueError, match="deep.json: JSON nested too deeply"):
-        gpt.read_json(tmp_path / "deep.json", "--data")
-    (tmp_path / "bad.json").write_text('{"a": ')
-    with pytest.raises(ValueError, match="--data .*bad.json: not valid JSON"):
-        gpt.read_json(tmp_path / "bad.json", "--data")
-    with pytest.raises(FileNotFoundError, match="--data .*missing.json: no such file"):
-        gpt.read_json(tmp_path / "missing.json", "--data")
-    with pytest.raises(ValueError, match=r"x.txt: not UTF-8 text: byte 0xfe at byte offset 7 \(line 3\)"):
-        gpt.decode_utf8(b"ab\r\ncd\n\xfe\xff", "x.txt")
-
-
 def test_atomic_writes_flush_to_disk_before_the_rename_and_a_full_disk_keeps_the_earlier_file(tmp_path, monkeypatch):
     events = []
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
@@ -1682,33 +1657,24 @@ def test_atomic_writes_flush_to_disk_before_the_rename_and_a_full_disk_keeps_the
         gpt.atomic_write_bytes(tmp_path / "a.pt" / "b.pt", b"x")
 
 
-def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
+@pytest.mark.parametrize("error, code", [
+    (ValueError("--data x: no such file"), "error: --data x: no such file"),
+    (OSError(errno.ENOSPC, "No space left on device"), "error: [Errno 28] No space left on device"),
+    (torch.OutOfMemoryError("CUDA out of memory"), "error: out of memory: use a smaller --batch-size"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "error: out of memory: use a smaller --batch-size"),
+    (KeyboardInterrupt(), 130),
+], ids=["value", "full-disk", "cuda-memory", "cpu-memory", "ctrl-c"])
+def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch, error, code):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
 
-    def failing(error):
-        @gpt.command_line(memory_hint="use a smaller --batch-size")
-        def main(argv=None):
-            gpt.show_progress("step 3/10")
-            raise error
+    @gpt.command_line(memory_hint="use a smaller --batch-size")
+    def main(argv=None):
+        gpt.show_progress("step 3/10")
+        raise error
 
-        return main
-
-    cases = [
-        (ValueError("--data x: no such file"), 1, "error: --data x: no such file"),
-        (OSError(errno.ENOSPC, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
-        (torch.OutOfMemoryError("CUDA out of memory"), 1, "error: out of memory: use a smaller --batch-size"),
-        (RuntimeError("DefaultCPUAllocator: can't allocate memory"), 1, "error: out of memory: use a smaller --batch-size"),
-        (KeyboardInterrupt(), 130, None),
-    ]
-    for error, code, message in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            failing(error)()
-        if message is None:
-            assert exit_info.value.code == code
-            assert capsys.readouterr().err == "\rstep 3/10\033[K\ninterrupted\n"  # the progress line ended first
-        else:
-            assert exit_info.value.code == f"{message}"
-            assert capsys.readouterr().err == "\rstep 3/10\033[K\n"
+    assert exit_code(main, []) == code
+    # The progress line is ended first.
+    assert capsys.readouterr().err == "\rstep 3/10\033[K\n" + ("interrupted\n" if code == 130 else "")
 
 
 # ========================================================================================
@@ -1785,26 +1751,22 @@ def test_export_loads_in_transformers_with_equal_logits_and_text_reads_back_and_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]  # no temporary folder left
     assert sorted(path.name for path in folder.iterdir()) == names
     assert "lm_head.weight" not in gpt.read_safetensors(folder / "model.safetensors")  # tied: stored once
-
     reference, problems = _export_from_pretrained(GPT2LMHeadModel, folder)
     assert problems == []
-    assert (reference.config.n_positions, reference.config.n_embd, reference.config.n_layer) == (64, 32, 2)
     assert_same_logits(model, reference, 50257, (2, 64))
     prompt = gpt.text_to_token_ids("Every effort moves you")
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False)
     assert torch.equal(theirs, gpt.generate(model, prompt, 40))
     back = load_lm(folder)  # and back, bit for bit
     assert back.cfg == model.cfg
-    for (name, tensor), read_back in zip(model.state_dict().items(), back.state_dict().values()):
-        assert torch.equal(tensor, read_back), name
-
+    assert all(torch.equal(tensor, read_back) for tensor, read_back in zip(model.state_dict().values(),
+                                                                           back.state_dict().values()))
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     expected = gpt.get_tokenizer().encode(EXPORT_MIXED_TEXT)  # <|endoftext|> is the token
-    assert gpt.EOT_ID in expected
-    assert tokenizer(EXPORT_MIXED_TEXT)["input_ids"] == expected
+    assert gpt.EOT_ID in expected and tokenizer(EXPORT_MIXED_TEXT)["input_ids"] == expected
     assert tokenizer.decode(expected) == EXPORT_MIXED_TEXT
     assert (tokenizer.model_max_length, tokenizer.eos_token_id, tokenizer.bos_token_id) == (64, 50256, 50256)
-    # An export that fails midway (a full disk) names the file.
+
     def disk_full(f, *args, **kwargs):
         f.write(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -1813,8 +1775,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_text_reads_back_and_
     with pytest.raises(OSError, match=r"^cannot write .*cut/model.safetensors: No space left on device"):
         gpt.export_hf(tiny_model(context_length=64), tmp_path / "cut")
     # The weights come last: a folder cut short holds no model that could load with other files' settings.
-    assert sorted(path.name for path in (tmp_path / "cut").iterdir()) == [
-        "config.json", "generation_config.json", "merges.txt", "tokenizer_config.json", "vocab.json"]
+    assert sorted(path.name for path in (tmp_path / "cut").iterdir()) == sorted(set(names) - {"model.safetensors"})
 
 
 def test_export_of_a_lora_model_is_merged_and_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path):
@@ -1822,17 +1783,12 @@ def test_export_of_a_lora_model_is_merged_and_of_a_llama_family_model_with_gpt2s
     for layer in model.modules():
         if isinstance(layer, gpt.LoRALinear):
             torch.nn.init.normal_(layer.lora_b, std=0.05)  # a trained adapter: B is no longer zero
-    idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = model(idx)
-        assert (expected - tiny_model(context_length=64)(idx)).abs().max().item() > 1e-3  # the adapters matter
-        folder = gpt.export_hf(model, tmp_path / "hf")
-        assert isinstance(model.h[0].attn.c_attn, gpt.LoRALinear)  # the caller's model keeps its adapters
-        assert not [name for name in gpt.read_safetensors(folder / "model.safetensors") if "lora" in name]
-        assert (load_lm(folder)(idx) - expected).abs().max().item() <= 1e-5
+    folder = gpt.export_hf(model, tmp_path / "hf")
+    assert isinstance(model.h[0].attn.c_attn, gpt.LoRALinear)  # the caller's model keeps its adapters
+    assert not [name for name in gpt.read_safetensors(folder / "model.safetensors") if "lora" in name]
+    assert_same_logits(load_lm(folder), model, 50257, atol=1e-5)
     model = tiny_model(config=gpt.LlamaConfig(), context_length=32, n_heads=4, n_kv_heads=2, n_layers=1)
-    save_tiny(tmp_path / "model.pt", model)  # no tokenizer entry: GPT-2's
-    folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "llama-hf")
+    folder = gpt.export_hf(save_tiny(tmp_path / "model.pt", model), tmp_path / "llama-hf")  # no tokenizer entry: GPT-2's
     assert not (folder / "tokenizer.json").exists() and (folder / "vocab.json").exists()
     assert tokenizer_and_eot(folder) == (gpt.get_tokenizer(), 50256)
     assert_same_logits(load_lm(folder), model, 50257, (1, 3), atol=1e-5)
@@ -1840,21 +1796,17 @@ def test_export_of_a_lora_model_is_merged_and_of_a_llama_family_model_with_gpt2s
 
 def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, capsys):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
-    export = ["--model", str(tmp_path / "tiny.pt"), "--export-hf"]
+    export = ["--model", str(save_tiny(tmp_path / "tiny.pt", model)), "--export-hf"]
     load_gpt2.main([*export, str(tmp_path / "hf"), "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert out == f"exported {tmp_path / 'tiny.pt'} (bfloat16) to {tmp_path / 'hf'}, a folder that transformers reads\n"
-    assert {t.dtype for t in gpt.read_safetensors(tmp_path / "hf" / "model.safetensors").values()} == {torch.bfloat16}
     assert gpt.read_json(tmp_path / "hf" / "config.json", "config")["torch_dtype"] == "bfloat16"
     back = load_lm(tmp_path / "hf", dtype=torch.bfloat16)
     assert all(torch.equal(a.bfloat16(), b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
-
     message = ("hf holds another run (model.safetensors, config.json, generation_config.json, vocab.json, "
                "merges.txt, tokenizer_config.json): replace it with --overwrite, or choose another folder")
     with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}$"):
         load_gpt2.main([*export, str(tmp_path / "hf")])
-
     (tmp_path / "hf" / "README.md").write_text("the user's notes")
     load_gpt2.main([*export, str(tmp_path / "hf"), "--overwrite"])  # float32 this time
     assert (tmp_path / "hf" / "README.md").read_text() == "the user's notes"  # not a file of the export: kept
@@ -1865,40 +1817,30 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
 def test_export_classifier_of_a_checkpoint_gives_transformers_our_probabilities_and_reads_back(tmp_path):
     from transformers import AutoTokenizer, GPT2ForSequenceClassification
 
-    # A tiny classifier after three training steps, with a head bias far from zero, and four messages of different
+    # A classifier with every weight moved off its start and a head bias far from zero, and four messages of different
     # lengths (none holds "<|endoftext|>").
-    model = _classify_tiny_classifier()
+    model = _classify_tiny_classifier("all")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+        model.lm_head.bias += torch.tensor([0.7, -0.4])  # so that dropping the bias would show
     texts = ["Free entry! Text WIN to 80086 now to claim your prize", "See you at 6?", "ok",
              "URGENT: your mobile number has won £2000. Call 09061701461 today"]
     token_ids = fc.tokenize_messages(texts)
-    labels = torch.tensor([1, 0, 0, 1])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        torch.nn.functional.cross_entropy(fc.full_pass_logits(model, token_ids), labels).backward()
-        optimizer.step()
-        optimizer.zero_grad()
     with torch.no_grad():
-        model.lm_head.bias += torch.tensor([0.7, -0.4])  # so that dropping the bias would show
-    model.eval()
-    with torch.no_grad():
-        logits = fc.full_pass_logits(model, token_ids)
-        without_bias = (logits - model.lm_head.bias).softmax(dim=-1)
+        logits = fc.full_pass_logits(model.eval(), token_ids)
     fc.main(["--checkpoint", str(save_tiny(tmp_path / "classifier.pt", model, max_length=32)), "--export-hf",
              str(tmp_path / "hf")])
-    folder = tmp_path / "hf"
-    reference, problems = _export_from_pretrained(GPT2ForSequenceClassification, folder)
+    reference, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "hf")
     assert problems == []
     assert reference.config.id2label == {0: "not spam", 1: "spam"} and reference.config.pad_token_id == 50256
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
     assert tokenizer.model_max_length == 32  # the checkpoint's setting
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     assert batch["input_ids"].tolist()[2][1:] == [50256] * (batch["input_ids"].shape[1] - 1)  # "ok" is padded
     with torch.no_grad():
-        probabilities = reference(**batch).logits.softmax(dim=-1)
-    assert (probabilities - logits.softmax(dim=-1)).abs().max().item() <= 1e-5
-    assert (probabilities - without_bias).abs().max().item() > 1e-2  # the bias was carried, and it matters
-
-    back, _, max_length = fc.load_classifier(folder)
+        assert (reference(**batch).logits - logits).abs().max().item() <= 1e-5  # the bias folded into ln_f exactly
+    back, _, max_length = fc.load_classifier(tmp_path / "hf")
     assert (back.labels, max_length) == (fc.CLASS_NAMES, 32)
     with torch.no_grad():
         assert (fc.full_pass_logits(back, token_ids) - logits).abs().max().item() <= 1e-5
@@ -1913,62 +1855,33 @@ def test_export_classifier_reads_and_exports_again_a_transformers_classifier(tmp
 
     token_ids = _classify_token_ids([5, 17, 9])
     batch = torch.nn.utils.rnn.pad_sequence(token_ids, batch_first=True, padding_value=50256)
-    for num_labels in (2, 3):  # gpt.load reads any number of classes; finetune_classify.py's are two
-        torch.manual_seed(0)
-        config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, num_labels=num_labels, pad_token_id=50256)
-        reference = GPT2ForSequenceClassification(config).eval()
-        reference.save_pretrained(tmp_path / f"hf-{num_labels}")
-        if num_labels == 2:
-            model, _, max_length = fc.load_classifier(tmp_path / "hf-2")
-            assert max_length == 48
-        else:
-            model, _ = gpt.load(tmp_path / "hf-3")
-        assert model.labels == [f"LABEL_{i}" for i in range(num_labels)]
-        with torch.no_grad():
-            assert (fc.full_pass_logits(model, token_ids) - reference(batch).logits).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'hf-3'} is no spam classifier of finetune_classify.py "
-                                                   "(class names: ['LABEL_0', 'LABEL_1', 'LABEL_2'])")):
-        fc.load_classifier(tmp_path / "hf-3")
+    torch.manual_seed(0)
+    config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, pad_token_id=50256)
+    reference = GPT2ForSequenceClassification(config).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    model, _, max_length = fc.load_classifier(tmp_path / "hf")
+    assert max_length == 48 and model.labels == ["LABEL_0", "LABEL_1"]
+    with torch.no_grad():
+        expected = reference(batch).logits
+        assert (fc.full_pass_logits(model, token_ids) - expected).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match=re.escape("is no spam classifier of finetune_classify.py "
                                                    "(class names: none, a language model)")):
         fc.load_classifier(gpt.export_hf(tiny_model(context_length=48), tmp_path / "language-model"))
-    # The two-class folder, with GPT-2's tokenizer files copied in, exported again by finetune_classify.py.
+    # The folder, with GPT-2's tokenizer files copied in, exported again by finetune_classify.py.
     for name, content in gpt.hf_tokenizer_files(gpt.get_tokenizer()).items():
-        path = tmp_path / "hf-2" / name
+        path = tmp_path / "hf" / name
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(json.dumps(content))
-    fc.main(["--checkpoint", str(tmp_path / "hf-2"), "--export-hf", str(tmp_path / "ours")])
+    fc.main(["--checkpoint", str(tmp_path / "hf"), "--export-hf", str(tmp_path / "ours")])
     assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
     exported, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "ours")
     assert problems == []
-    reference = GPT2ForSequenceClassification.from_pretrained(tmp_path / "hf-2").eval()
     with torch.no_grad():
-        assert (exported(batch).logits.softmax(dim=-1) - reference(batch).logits.softmax(dim=-1)).abs().max() <= 1e-5
+        assert (exported(batch).logits - expected).abs().max().item() <= 1e-5
 
 
 # ========================================================================================
 # every script's command line
 # ========================================================================================
-
-
-@pytest.mark.parametrize("script, rules", [
-    (load_gpt2, []),
-    (pretrain, ["refuses an --out-dir that holds another run: --resume continues that run", "--overwrite deletes it "
-                "first", "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops"]),
-    (fc, ["refused unless --overwrite"]),
-    (instruct, []),
-], ids=lambda value: getattr(value, "__name__", ""))
-def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(script, rules, capsys):
-    assert exit_code(script.main, ["--help"]) == 0
-    help_text = capsys.readouterr().out
-    # One entry per flag: "  --flag METAVAR  help", continued on lines indented further.
-    entries = re.findall(r"^  (-.*(?:\n   +.*)*)", help_text, re.M)
-    assert len(entries) > 5
-    for entry in entries:
-        takes_a_value = re.match(r"(-\w, )?--[\w-]+ [A-Z{]", entry)  # on/off flags show no default
-        if takes_a_value:
-            assert "default" in entry, entry
-    help_text = " ".join(re.sub(r"-\n +", "-", help_text).split())  # words cut at hyphens joined
-    assert all(rule in help_text for rule in rules)
 
 
 # Flags of two or more scripts that differ on purpose -> what differs, and why. A default other than gpt.FLAGS' says
@@ -2003,24 +1916,6 @@ def test_a_flag_of_several_scripts_has_one_placeholder_choices_default_and_help_
         for field in ("placeholder", "choices", "default", "help"):
             values = {script: str(fields[field]) for script, fields in scripts.items()}
             assert len(set(values.values())) == 1 or field in differ, (flag, field, values)
-
-
-@pytest.mark.parametrize("parse, argv, expected", [
-    (pretrain.parse_settings, "--grad-clip 0 --sample-tokens 0 --stop-at-step 1 --drop-rate 0.5 --n-heads 8 --min-lr-ratio 0 "
-     "--warmup-steps 0 --weight-decay 0 --seed 9223372036854775807 --eval-batches 0",  # 0: every window
-     dict(grad_clip=0.0, min_lr_ratio=0.0, seed=2**63 - 1, n_heads=8, eval_batches=0)),
-    (fc.parse_args, "--classify hi --batch-size 3 --threshold 0.4 --dtype bfloat16",  # what using a classifier reads
-     dict(batch_size=3, threshold=0.4, dtype="bfloat16")),
-    (instruct.parse_args, "--top-k 1 --top-p 1 --temperature 1e-9 --max-new-tokens 0 --eval-batches 0 --weight-decay 0",
-     dict(top_k=1, top_p=1.0, temperature=1e-9, max_new_tokens=0, eval_batches=0)),
-    (instruct.parse_args, "--prompt 'Name a color.' --input x --top-p 1e-9 --temperature 1",
-     dict(prompt="Name a color.", input="x", top_p=1e-9)),
-    (instruct.parse_args, "--generate-only --data d.json --seed 3 --max-new-tokens 2",  # what answering reads
-     dict(data="d.json", seed=3, max_new_tokens=2)),
-])
-def test_edge_values_are_accepted(parse, argv, expected):
-    args = parse(shlex.split(argv))
-    assert {name: getattr(args, name) for name in expected} == expected
 
 
 def test_a_run_that_fails_early_keeps_a_folder_that_was_there_before(tmp_path):
