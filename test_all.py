@@ -492,23 +492,12 @@ def test_sampling_keeps_the_top_k_or_the_smallest_set_reaching_top_p_is_seeded_a
     assert torch.equal(gpt.generate(model, prompt, 10, eot_id=end), greedy[:, : 4 + first + 1])
 
 
-def test_tokenizer_round_trip_and_offline_without_cache_is_a_clear_error(monkeypatch):
+def test_tokenizer_round_trip_gives_gpt2s_ids():
     ids = gpt.text_to_token_ids("Hello, world<|endoftext|>")
     assert ids.tolist() == [[15496, 11, 995, 50256]]
     assert gpt.token_ids_to_text(ids) == "Hello, world<|endoftext|>"
     # Embedding rows past the tokenizer's last id (a model of 50,304 rows) have no text.
     assert gpt.token_ids_to_text([15496, 50257, 50303, 11]) == "Hello,"
-
-    def no_network(name):
-        raise requests.ConnectionError("no route to openaipublic.blob.core.windows.net")
-
-    monkeypatch.setattr(gpt.tiktoken, "get_encoding", no_network)
-    gpt.get_tokenizer.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
-            gpt.text_to_token_ids("Hello")
-    finally:
-        gpt.get_tokenizer.cache_clear()  # the real tokenizer again for the other tests
 
 
 # ========================================================================================
@@ -922,19 +911,6 @@ def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt, **con
     return reference, tokenizer
 
 
-@pytest.mark.parametrize("style", FAMILY_STYLES)
-def test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token(trained_tokenizers, tmp_path, capsys, style):
-    prompt = "Every effort moves you"
-    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, prompt)
-    eot = tokenizer_and_eot(tmp_path / "model")[1]
-    prompt_ids = torch.tensor([tokenizer.encode(prompt).ids])  # Llama 3: <|begin_of_text|> first
-    expected = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=20,
-                                  do_sample=False, eos_token_id=eot, pad_token_id=eot)[0, prompt_ids.shape[1] :].tolist()
-    assert expected[-1] == eot and len(expected) <= 3 and eot not in expected[:-1]  # stopped at its end token
-    load_gpt2.main(["--model", str(tmp_path / "model"), "--prompt", prompt, "--max-new-tokens", "20"])
-    assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + tokenizer.decode(expected[:-1]) + "\n")
-
-
 @pytest.mark.parametrize("style", ["smollm2", "llama3"])
 def test_family_load_gpt2_perplexity_and_hellaswag_equal_transformers(trained_tokenizers, tmp_path, style):
     reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, "Hi")
@@ -979,28 +955,6 @@ def test_load_gpt2_download_only_fetches_model_and_tokenizer_into_cache_dir(trai
     load_gpt2.main(["--model", "gpt2-medium", "--download-only", "--cache-dir", str(tmp_path / "mine")])
     assert (tmp_path / "mine" / "gpt2-medium" / "model.safetensors").read_bytes() == data
     assert capsys.readouterr().out == f"gpt2-medium is in {tmp_path / 'mine' / 'gpt2-medium'}\n"
-
-
-@pytest.mark.parametrize("style, config", [
-    ("llama3", dict(rope_scaling=dict(LLAMA3_SCALING), attention_bias=True, mlp_bias=True, head_dim=24)),
-    ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
-])
-def test_family_load_gpt2_export_hf_is_read_by_transformers(trained_tokenizers, tmp_path, style, config):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, "Hi", **config)
-    model, tokenizer_of_model = gpt.load(tmp_path / "model")
-    gpt.save_checkpoint(tmp_path / "tuned.pt", model, tokenizer_of_model)
-    load_gpt2.main(["--model", str(tmp_path / "tuned.pt"), "--export-hf", str(tmp_path / "hf")])
-    exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
-    assert problems == [] and type(exported) is type(reference)
-    assert_same_logits(exported, reference, 1000)
-    assert_same_logits(load_lm(tmp_path / "hf"), model, 1000, atol=0)  # and back, exactly
-    exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in HELD_OUT:
-        assert exported_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
-    end_of_text = tokenizer_and_eot(tmp_path / "model")[1]
-    assert exported.generation_config.eos_token_id == exported.config.eos_token_id == end_of_text
 
 
 # --- SentencePiece-style tokenizer.json, and CodeGen's runs of spaces ---------------------
@@ -1067,10 +1021,12 @@ def stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers):
     return with_whitespace_runs(Tokenizer.from_str(trained_tokenizers["smollm2"][0].to_str()))
 
 
-# --- every stage on each new family ---------------------------------------------------------
+# --- each family through load_gpt2.py and the classifier's export ------------------------------
 
 # family: (FAMILY_CONFIGS entry, tokenizer style, the classifier transformers exports to)
 STAGE_FAMILIES = {
+    "llama": ("llama_gqa_untied_bias_rope_scaling", "llama3", "LlamaForSequenceClassification"),
+    "qwen3": ("qwen3_gqa_qk_norm_tied_head_dim", "qwen3", "Qwen3ForSequenceClassification"),
     "mistral": ("mistral_window", "llama2", "MistralForSequenceClassification"),
     "phi": ("phi_1_5_rotary_half", "codegen", "PhiForSequenceClassification"),
     "phi3": ("phi3_gqa_window", "llama2", "Phi3ForSequenceClassification"),
@@ -1079,8 +1035,8 @@ STAGE_FAMILIES = {
 
 
 @pytest.mark.parametrize("family", STAGE_FAMILIES)
-def test_new_family_through_every_stage(family, sentencepiece_tokenizers, trained_tokenizers, tmp_path, capsys,
-                                        _instruct_tiny_run):
+def test_family_generates_with_its_tokenizer_and_exports_its_model_and_classifier(family, sentencepiece_tokenizers,
+                                                                                  trained_tokenizers, tmp_path, capsys):
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -1091,29 +1047,25 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, traine
     tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
     model, encoding = gpt.load(folder)
     prompt = "Every effort moves you"
-    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    ids = torch.tensor([tokenizer.encode(prompt).ids])  # Llama 3, SentencePiece: the begin token first
     assert ids[0].tolist() == encoding.encode(prompt, bos=True)
     eot = encoding.eot_id
     expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                                   eos_token_id=eot, pad_token_id=eot)[0, ids.shape[1] :].tolist()
     load_gpt2.main(["--model", str(folder), "--prompt", prompt, "--max-new-tokens", "12"])
-    text = encoding.decode([token for token in expected if token != eot])  # with the space before it
-    assert capsys.readouterr().out.endswith(prompt + text + "\n")
+    text = gpt.token_ids_to_text([token for token in expected if token != eot], tokenizer=encoding)  # with its space
+    assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")
     load_gpt2.main(["--model", str(folder), "--export-hf", str(tmp_path / "hf")])
     exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
     assert problems == [] and type(exported) is type(reference)
+    assert exported.generation_config.eos_token_id == exported.config.eos_token_id == eot
     assert_same_logits(exported, reference, 1000)
-    assert AutoTokenizer.from_pretrained(tmp_path / "hf")(HELD_OUT[0])["input_ids"] == tokenizer.encode(HELD_OUT[0]).ids
+    assert_same_logits(load_lm(tmp_path / "hf"), model, 1000, atol=0)  # and back, exactly
+    exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert [exported_tokenizer(text)["input_ids"] for text in HELD_OUT] == [tokenizer.encode(text).ids for text in HELD_OUT]
     if family == "mistral":  # llama.cpp reads Mistral's files as Llama's, without its sliding window
         with pytest.raises(SystemExit, match="a mistral model has no GGUF writer here"):
             load_gpt2.main(["--model", str(folder), "--export-gguf", str(tmp_path / "model.gguf")])
-
-    (tmp_path / "text.txt").write_text(_pretrain_text())
-    argv = _pretrain_tiny_argv(tmp_path / "pretrain", tmp_path / "text.txt", "--max-steps", "1", model=folder)
-    checkpoint = gpt.load_checkpoint(pretrain.main(argv)["latest"])
-    assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(model.cfg, drop_rate=0.0)
-    assert checkpoint["tokenizer"] == {"files": encoding.files}
-
     run = tmp_path / "classify"
     fc.main(["--model", str(folder), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run),
              "--max-steps", "2"])
@@ -1124,13 +1076,6 @@ def test_new_family_through_every_stage(family, sentencepiece_tokenizers, traine
     text = torch.tensor([encoding.encode("WINNER!! Claim your free prize now", bos=True)])
     with torch.no_grad():
         assert (exported(text).logits - classifier_model(text)[:, -1]).abs().max().item() <= 1e-4
-
-    out_dir = tmp_path / "instruct"
-    instruct.main(["--model", str(folder), "--data", str(_instruct_tiny_run / "data.json"), "--out-dir", str(out_dir),
-                   "--lora", "--lora-rank", "2", "--max-steps", "1", "--batch-size", "5", "--eval-batches", "1",
-                   "--max-new-tokens", "3"])
-    saved = gpt.load_checkpoint(out_dir / "model.pt")
-    assert saved["config"]["model_type"] == model.cfg.model_type and saved["tokenizer"] == {"files": encoding.files}
 
 
 @pytest.mark.parametrize("name, tokenizer_style, heads, width", [  # heads: a multiple of the shape's key/value heads
