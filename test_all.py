@@ -1118,14 +1118,10 @@ def header_bytes(header, data=b""):
     return struct.pack("<Q", len(raw)) + raw + data
 
 
-def test_safetensors_reader_and_writer_agree_with_the_reference_library(small_pair, tmp_path):
+def test_safetensors_reader_and_writer_agree_with_the_reference_library(tmp_path):
+    """Read back by safetensors' own reader; files of save_pretrained are read by every parity test."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    path = small_pair[1]
-    ours, theirs = gpt.read_safetensors(path), load_file(path)
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     tensors = {
         "weight": torch.randn(3, 5).t(),  # not contiguous
         "half": torch.arange(7, dtype=torch.bfloat16),
@@ -1137,14 +1133,12 @@ def test_safetensors_reader_and_writer_agree_with_the_reference_library(small_pa
         gpt.write_safetensors(f, tensors, metadata={"format": "pt"})
     raw = path.read_bytes()
     (header_length,) = struct.unpack("<Q", raw[:8])
-    header = raw[8 : 8 + header_length]
-    assert header_length % 8 == 0 and header.rstrip(b" ").endswith(b"}")  # padded with spaces
+    assert header_length % 8 == 0 and raw[8 : 8 + header_length].rstrip(b" ").endswith(b"}")  # padded with spaces
     assert len(raw) == 8 + header_length + 15 * 4 + 7 * 2 + 3
     with safe_open(path, framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
-        assert sorted(f.keys()) == sorted(tensors)
-        for name, tensor in tensors.items():
-            assert f.get_tensor(name).dtype == tensor.dtype and torch.equal(f.get_tensor(name), tensor)
+        assert {name: f.get_tensor(name).dtype for name in f.keys()} == {name: t.dtype for name, t in tensors.items()}
+        assert all(torch.equal(f.get_tensor(name), tensor) for name, tensor in tensors.items())
     ours = gpt.read_safetensors(path)
     assert all(torch.equal(ours[name], tensor) for name, tensor in tensors.items())
 
@@ -2055,9 +2049,6 @@ def test_contamination_finds_exactly_the_planted_overlaps_and_reports_the_score_
                       "LIGHT. Nobody expected the small village band to")
     assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(corpus), n=13) == [0, 3]
     assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(corpus), n=12) == [0, 1, 3]
-    clean = tmp_path / "clean.txt"
-    clean.write_text("A clean corpus about something else entirely. " * 50)
-    assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(clean)) == []
     # Instruction data read as text: punctuation goes, so its values' words follow each other as in the entries.
     instructions = tmp_path / "instructions.json"
     instructions.write_text(json.dumps([{"instruction": "Say it.", "input": "", "output": texts[2]}]))
