@@ -759,26 +759,6 @@ def trained_tokenizers(tmp_path_factory):
     return pairs
 
 
-@pytest.mark.parametrize("style", ["qwen3", "smollm2", "llama3"])
-def test_tokenizer_json_gives_the_reference_ids_on_held_out_text(trained_tokenizers, style):
-    reference, folder = trained_tokenizers[style]
-    encoding = tokenizer_of_json(json.loads((folder / "tokenizer.json").read_text()), "tokenizer.json")
-    for text in HELD_OUT:
-        ids = reference.encode(text).ids
-        if style == "llama3":  # the reference prepends <|begin_of_text|> to a whole text, as text_to_token_ids does
-            assert ids[0] == encoding.bos_id == reference.token_to_id("<|begin_of_text|>")
-            assert encoding.encode(text) == ids[1:]
-        else:
-            assert encoding.bos_id is None and encoding.encode(text) == ids
-        assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == ids
-        assert gpt.token_ids_to_text(encoding.encode(text), tokenizer=encoding) == (
-            unicodedata.normalize("NFC", text) if style == "qwen3" else text
-        )
-    end_of_text = "<|end_of_text|>" if style == "llama3" else "<|endoftext|>"
-    assert encoding.eot_token == reference.token_to_id(end_of_text)
-    assert gpt.text_to_token_ids(f"a{end_of_text}", tokenizer=encoding)[0, -1].item() == encoding.eot_token
-
-
 def test_tokenizer_json_of_a_folder_with_its_end_of_text_from_tokenizer_config(trained_tokenizers, tmp_path):
     reference, folder = trained_tokenizers["qwen3"]
     (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
@@ -847,44 +827,6 @@ def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(traine
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             tokenizer_of_json({**data, **change}, "tokenizer.json")
-
-
-def test_tokenizer_json_converted_from_tiktoken_lists_every_split_of_a_token(trained_tokenizers, tmp_path):
-    """Llama 3's and Qwen's tokenizer.json come from tiktoken ranks: each token is listed with
-    every split into two tokens, one merge after the other, and the whole pieces are looked
-    up first (ignore_merges). Such a file gives the reference's ids too."""
-    from tokenizers import Tokenizer
-
-    data = json.loads((trained_tokenizers["llama3"][1] / "tokenizer.json").read_text())
-    vocab, merges = data["model"]["vocab"], [tuple(m) for m in data["model"]["merges"]]
-    listed = []
-    for left, right in merges:
-        token = left + right
-        listed.append((left, right))
-        listed += [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] != left
-                   and vocab.get(token[:i], 1e9) < vocab[token] and vocab.get(token[i:], 1e9) < vocab[token]]
-    assert len(listed) > len(merges) + 50  # many tokens have several splits
-    data["model"].update(merges=[list(m) for m in listed], ignore_merges=True)
-    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
-    reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    encoding = tokenizer_of_json(data, "llama3")
-    for text in HELD_OUT:
-        assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == reference.encode(text).ids
-
-
-def test_tokenizer_json_drops_bytes_missing_from_the_vocabulary_as_the_reference(trained_tokenizers, tmp_path, capsys):
-    from tokenizers import Tokenizer
-
-    data = json.loads((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_text())
-    del data["model"]["vocab"][gpt.byte_level_alphabet()[0x01]]  # a byte no merge uses
-    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
-    reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    encoding = tokenizer_of_json(data, "smol")
-    text = "a\x01b\x01 c 12"
-    assert encoding.encode(text) == reference.encode(text).ids
-    assert encoding.encode(text) == encoding.encode("a") + encoding.encode("b") + encoding.encode(" c 12")  # \x01 split them
-    assert encoding.n_vocab == len(data["model"]["vocab"]) + 1  # + <|endoftext|>; no stand-in counts
-    assert capsys.readouterr().err.count("dropped") == 1
 
 
 # --- the family through load_gpt2.py: its own tokenizer, end token and measurements -------
@@ -957,7 +899,7 @@ def test_load_gpt2_download_only_fetches_model_and_tokenizer_into_cache_dir(trai
     assert capsys.readouterr().out == f"gpt2-medium is in {tmp_path / 'mine' / 'gpt2-medium'}\n"
 
 
-# --- SentencePiece-style tokenizer.json, and CodeGen's runs of spaces ---------------------
+# --- SentencePiece-style tokenizer.json; every tokenizer.json against the reference ----------
 
 MIXED_TEXTS = ["Hello world", " leading space", "  two  spaces   three ", "tabs\tand\nnewlines\n\n", "1234567 3.14",
                "emoji 😀🎉, CJK 漢字テスト, £5 é ü ñ", "text</s>more<s>x", "Ok lar... Joking wif u oni...", "\u2581 bar"]
@@ -993,22 +935,6 @@ def sentencepiece_tokenizers():
     return {"llama2": llama2, "metaspace": metaspace}
 
 
-@pytest.mark.parametrize("style", ["llama2", "metaspace"])
-def test_sentencepiece_tokenizer_json_gives_the_reference_ids(sentencepiece_tokenizers, style):
-    from tokenizers import Tokenizer
-
-    data = sentencepiece_tokenizers[style]
-    reference = Tokenizer.from_str(json.dumps(data))
-    encoding = tokenizer_of_json(data, style)
-    assert (encoding.eot_id, encoding.bos_id, encoding.add_bos, encoding.n_vocab) == (2, 1, True, 956)
-    for text in MIXED_TEXTS + HELD_OUT:
-        assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == reference.encode(text).ids
-        if "\u2581" not in text and "<" not in text:  # the space the encoder puts first stays (transformers strips it)
-            assert encoding.decode(encoding.encode(text)) == (" " + text if style == "llama2" or text[0] != " " else text)
-    assert pickle.loads(pickle.dumps(encoding)).encode(HELD_OUT[0]) == encoding.encode(HELD_OUT[0])
-    assert encoding.decode([3 + 0xF0, 3 + 0x9F, 3 + 0x98, 3 + 0x80]) == "😀"  # byte tokens
-
-
 def stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers):
     """The tokenizer.json (a dict) of a stage test: SentencePiece-style, a trained byte-level BPE (`trained_tokenizers`),
     or "codegen": a small byte-level BPE (1000 tokens) with CodeGen's runs of spaces and tabs (ids 1000-1037)."""
@@ -1019,6 +945,69 @@ def stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers):
     from tokenizers import Tokenizer
 
     return with_whitespace_runs(Tokenizer.from_str(trained_tokenizers["smollm2"][0].to_str()))
+
+
+def every_split_listed(data):
+    """tokenizer.json data as Llama 3's and Qwen's, which come from tiktoken ranks: each token listed with every split
+    into two tokens, one merge after the other, and the whole pieces looked up first (ignore_merges)."""
+    vocab, merges = data["model"]["vocab"], [tuple(m) for m in data["model"]["merges"]]
+    listed = []
+    for left, right in merges:
+        token = left + right
+        listed.append((left, right))
+        listed += [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] != left
+                   and vocab.get(token[:i], 1e9) < vocab[token] and vocab.get(token[i:], 1e9) < vocab[token]]
+    assert len(listed) > len(merges) + 50  # many tokens have several splits
+    return {**data, "model": {**data["model"], "merges": [list(m) for m in listed], "ignore_merges": True}}
+
+
+def without_byte_1(data):
+    """tokenizer.json data without the byte 0x01, which no merge uses, in its vocabulary."""
+    vocab = dict(data["model"]["vocab"])
+    del vocab[gpt.byte_level_alphabet()[0x01]]
+    return {**data, "model": {**data["model"], "vocab": vocab}}
+
+
+# variant: (tokenizer style of `stage_tokenizer_json`, a change of its tokenizer.json or None)
+TOKENIZER_VARIANTS = {
+    "qwen3": ("qwen3", None),
+    "smollm2": ("smollm2", None),
+    "llama3": ("llama3", None),
+    "llama3_every_split": ("llama3", every_split_listed),
+    "smollm2_without_byte_1": ("smollm2", without_byte_1),  # the reference drops the byte from a text
+    "llama2": ("llama2", None),
+    "metaspace": ("metaspace", None),
+}
+
+
+@pytest.mark.parametrize("variant", TOKENIZER_VARIANTS)
+def test_tokenizer_json_gives_the_reference_ids(variant, trained_tokenizers, sentencepiece_tokenizers, capsys):
+    from tokenizers import Tokenizer
+
+    style, change = TOKENIZER_VARIANTS[variant]
+    data = stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers)
+    data = change(data) if change else data
+    reference = Tokenizer.from_str(json.dumps(data))
+    encoding = pickle.loads(pickle.dumps(tokenizer_of_json(data, variant)))  # as DataLoader workers receive it
+    begin, end = {"llama3": ("<|begin_of_text|>", "<|end_of_text|>"), "llama2": ("<s>", "</s>"),
+                  "metaspace": ("<s>", "</s>")}.get(style, (None, "<|endoftext|>"))
+    for text in HELD_OUT + MIXED_TEXTS + ["a\x01b\x01 c 12", f"a{end}b"]:  # the end token's text is the token
+        # The reference puts a begin token first, as text_to_token_ids does.
+        assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == reference.encode(text).ids, text
+    assert (encoding.bos_id, encoding.eot_id) == (reference.token_to_id(begin) if begin else None, reference.token_to_id(end))
+    if style in ("llama2", "metaspace"):
+        assert encoding.n_vocab == 956 and encoding.decode([3 + 0xF0, 3 + 0x9F, 3 + 0x98, 3 + 0x80]) == "😀"  # bytes
+        for text in MIXED_TEXTS + HELD_OUT:  # the space the encoder puts first stays (transformers strips it)
+            if "\u2581" not in text and "<" not in text:
+                expected = " " + text if style == "llama2" or text[0] != " " else text
+                assert encoding.decode(encoding.encode(text)) == expected
+    elif change is None:  # byte-level: the text back, in Qwen3's NFC form
+        for text in HELD_OUT:
+            expected = unicodedata.normalize("NFC", text) if style == "qwen3" else text
+            assert gpt.token_ids_to_text(encoding.encode(text), tokenizer=encoding) == expected
+    if change is without_byte_1:
+        assert encoding.n_vocab == len(data["model"]["vocab"]) + 1  # + <|endoftext|>; no stand-in counts
+        assert capsys.readouterr().err.count("dropped") == 1
 
 
 # --- each family through load_gpt2.py and the classifier's export ------------------------------
@@ -1944,7 +1933,7 @@ def test_benchmark_requests_are_prepared_as_the_harness_prepares_them(tmp_path, 
 
 
 def test_benchmark_hellaswag_acc_and_acc_norm_and_mmlu_acc_per_subject_equal_hand_computations(tmp_path, mmlu_tiny):
-    model = tiny_model(context_length=64)
+    model = tiny_model(context_length=128)
     save_tiny(tmp_path / "tiny.pt", model)
     encode = gpt.get_tokenizer().encode
     acc, acc_norm = [], []
@@ -1965,21 +1954,18 @@ def test_benchmark_hellaswag_acc_and_acc_norm_and_mmlu_acc_per_subject_equal_han
     assert results["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
     assert results["random_guess"] == 0.25 and results["items"] == 4
     # MMLU: the letter of the most likely answer, per subject.
-    model = tiny_model(context_length=128)
-    save_tiny(tmp_path / "tiny128.pt", model)
-    encode = gpt.get_tokenizer().encode
     right = collections.defaultdict(list)
     for item in load_gpt2.read_mmlu(mmlu_tiny, shots=2):
         context = load_gpt2.mmlu_request(item)["context"]
         lls = [_continuation_logprob(model, encode(context), encode(" " + letter)) for letter in "ABCD"]
         right[item["subject"]].append(max(range(4), key=lambda k: lls[k]) == item["answer"])
-    load_gpt2.main(["--model", str(tmp_path / "tiny128.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
                     "--shots", "2", "--results", str(tmp_path / "mmlu.json")])
     results = json.loads((tmp_path / "mmlu.json").read_text())["benchmark"]
     for subject, hits in right.items():
         assert results["subjects"][subject] == {"items": len(hits), "acc": pytest.approx(sum(hits) / len(hits))}
     assert results["acc"] == pytest.approx(sum(map(sum, right.values())) / 5)
-    load_gpt2.main(["--model", str(tmp_path / "tiny128.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
                     "--limit", "1", "--results", str(tmp_path / "limited.json")])
     limited = json.loads((tmp_path / "limited.json").read_text())["benchmark"]
     assert {name: s["items"] for name, s in limited["subjects"].items()} == {name: 1 for name in right}
