@@ -309,7 +309,6 @@ def bad_inputs(tmp_path_factory):
     _classify_sms_slice(files)
     (files / "empty").mkdir()  # a model folder without the model
     (files / "junk.pt").write_bytes(b"not a checkpoint")
-    torch.save({"weights": {}}, files / "other.pt")
     header = {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     (files / "truncated.safetensors").write_bytes(header_bytes(header, b"\0" * 4))  # 4 of its 8 data bytes
     raw = SMS_ZIP.read_bytes()
@@ -1768,43 +1767,18 @@ def test_export_classifier_of_a_checkpoint_gives_transformers_our_probabilities_
     assert batch["input_ids"].tolist()[2][1:] == [50256] * (batch["input_ids"].shape[1] - 1)  # "ok" is padded
     with torch.no_grad():
         assert (reference(**batch).logits - logits).abs().max().item() <= 1e-5  # the bias folded into ln_f exactly
-    back, _, max_length = fc.load_classifier(tmp_path / "hf")
+    back, _, max_length = fc.load_classifier(tmp_path / "hf")  # as any GPT2ForSequenceClassification folder
     assert (back.labels, max_length) == (fc.CLASS_NAMES, 32)
+    fc.main(["--checkpoint", str(tmp_path / "hf"), "--export-hf", str(tmp_path / "again")])
+    again, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "again")
+    assert problems == []
     with torch.no_grad():
         assert (fc.full_pass_logits(back, token_ids) - logits).abs().max().item() <= 1e-5
+        assert (again(**batch).logits - logits).abs().max().item() <= 1e-5
         model.lm_head.weight[1] = 2 * model.lm_head.weight[0]  # rank 1: no shift of ln_f gives both biases
     with pytest.raises(ValueError, match="rank below 2: its bias cannot be moved into ln_f"):
         gpt.export_hf(model, tmp_path / "rank-1")
     assert not (tmp_path / "rank-1").exists()
-
-
-def test_export_classifier_reads_and_exports_again_a_transformers_classifier(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-
-    token_ids = _classify_token_ids([5, 17, 9])
-    batch = torch.nn.utils.rnn.pad_sequence(token_ids, batch_first=True, padding_value=50256)
-    torch.manual_seed(0)
-    config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, pad_token_id=50256)
-    reference = GPT2ForSequenceClassification(config).eval()
-    reference.save_pretrained(tmp_path / "hf")
-    model, _, max_length = fc.load_classifier(tmp_path / "hf")
-    assert max_length == 48 and model.labels == ["LABEL_0", "LABEL_1"]
-    with torch.no_grad():
-        expected = reference(batch).logits
-        assert (fc.full_pass_logits(model, token_ids) - expected).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match=re.escape("is no spam classifier of finetune_classify.py "
-                                                   "(class names: none, a language model)")):
-        fc.load_classifier(gpt.export_hf(tiny_model(context_length=48), tmp_path / "language-model"))
-    # The folder, with GPT-2's tokenizer files copied in, exported again by finetune_classify.py.
-    for name, content in gpt.hf_tokenizer_files(gpt.get_tokenizer()).items():
-        path = tmp_path / "hf" / name
-        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(json.dumps(content))
-    fc.main(["--checkpoint", str(tmp_path / "hf"), "--export-hf", str(tmp_path / "ours")])
-    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
-    exported, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "ours")
-    assert problems == []
-    with torch.no_grad():
-        assert (exported(batch).logits - expected).abs().max().item() <= 1e-5
 
 
 # ========================================================================================
