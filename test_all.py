@@ -127,38 +127,35 @@ def small_pair(tmp_path_factory):
     return save_hf_gpt2(tmp_path_factory.mktemp("small"), **SMALL_HF)
 
 
-def load_lm(source, *, device="cpu", dtype=torch.float32, quiet=False):
+def load_lm(source, *, dtype=torch.float32, quiet=False):
     """The model alone, as `gpt.load` builds it (which also reads its tokenizer, which the
     model folders of many tests lack): a checkpoint, or `gpt.model_files` -> `model_from_tensors`."""
     path = Path(source)
     if path.is_file() and path.suffix != ".safetensors":
-        return gpt.model_from_checkpoint(gpt.load_checkpoint(path), device=device, dtype=dtype)
+        return gpt.model_from_checkpoint(gpt.load_checkpoint(path), dtype=dtype)
     config_json, weight_paths, _ = gpt.model_files(source, quiet=quiet)
     tensors = {}
     for weight_path in weight_paths:
         tensors.update(gpt.read_safetensors(weight_path))
-    return gpt.model_from_tensors(tensors, config_json, source, device=device, dtype=dtype)
+    return gpt.model_from_tensors(tensors, config_json, source, dtype=dtype)
 
 
 def tokenizer_and_eot(source):
     """(the tokenizer `gpt.load` gives with source's model, its end-of-text id). A folder's is read from its tokenizer
-    files as `gpt.model_files` reads them (it may hold no weights); without any, and for "gpt2", it is GPT-2's."""
+    files as `gpt.model_files` reads them (it may hold no weights); without any, it is GPT-2's."""
     path = Path(source)
     if path.is_dir():
         names = gpt.TOKENIZER_FILES if (path / "tokenizer.json").is_file() else ("vocab.json",)
         files = {name: (path / name).read_text(encoding="utf-8") for name in names if (path / name).is_file()}
         tokenizer = gpt.tokenizer_from_files(files, path) if files else gpt.get_tokenizer()
     else:
-        tokenizer = gpt.get_tokenizer() if str(source) == "gpt2" else gpt.load(source)[1]
+        tokenizer = gpt.load(source)[1]
     return tokenizer, tokenizer.eot_id
 
 
-def tokenizer_of_json(data, source, **config):
-    """A `gpt.Tokenizer` of a tokenizer.json dict (and tokenizer_config.json entries `config`)."""
-    files = {"tokenizer.json": json.dumps(data)}
-    if config:
-        files["tokenizer_config.json"] = json.dumps(config)
-    return gpt.tokenizer_from_files(files, source)
+def tokenizer_of_json(data, source):
+    """A `gpt.Tokenizer` of a tokenizer.json dict."""
+    return gpt.tokenizer_from_files({"tokenizer.json": json.dumps(data)}, source)
 
 
 def assert_same_logits(ours, theirs, vocab_size, shape=(2, 40), atol=1e-4, seed=0):
