@@ -376,7 +376,6 @@ def generate_responses(model, tokenizer, entries, path, **options):
         tokens += n_tokens
         eta = gpt.eta(started, i + 1, len(entries))
         gpt.show_progress(f"answers {i + 1}/{len(entries)} | {tokens / (time.time() - started):.1f} tok/s | ETA {eta}")
-    gpt.end_progress()
     gpt.write_json(path, results)
     empty = sum(not result["model_response"] for result in results)
     empty_note = f"; {empty} of {len(results)} answers were empty" if empty else ""

@@ -150,10 +150,7 @@ def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False):
                                       f"{n_tokens:,} tokens, ETA {gpt.eta(started, done, total_bytes)}")
             done_bytes += path.stat().st_size
 
-    try:
-        gpt.atomic_write_bytes(token_path, write)
-    finally:
-        gpt.end_progress()
+    gpt.atomic_write_bytes(token_path, write)
     if n_tokens == 0:
         raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
     gpt.write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": digest.hexdigest()})
