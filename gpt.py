@@ -2662,12 +2662,11 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
 
 
 def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=False, max_length=None):
-    """Write a model (with its `Tokenizer`, None: GPT-2's), or whatever `load` loads, as a folder that
-    transformers' AutoModelForCausalLM and AutoTokenizer read (`load` too) -> its Path: config.json,
-    generation_config.json, model.safetensors in `dtype` (default: the weights' own), the tokenizer's
-    files (model_max_length: max_length, default the context length). A classifier becomes a
-    ...ForSequenceClassification (`classifier_tensors`). The folder is claimed (`claim_run_folder`),
-    each file written atomically, the weights last. Raises ValueError as those functions do."""
+    """Write a model (with its `Tokenizer`, None: GPT-2's), or whatever `load` loads, as a folder that transformers'
+    AutoModelForCausalLM and AutoTokenizer read (`load` too) -> its Path: config.json, generation_config.json,
+    model.safetensors in `dtype` (default: the weights' own), the tokenizer's files (model_max_length: max_length,
+    default the context length). A classifier becomes a ...ForSequenceClassification (`classifier_tensors`). The
+    folder is claimed (`claim_run_folder`), each file written atomically, the weights last."""
     run_files = ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "merges.txt",
                  *TOKENIZER_FILES)
     folder = claim_run_folder(folder, run_files, overwrite=overwrite, resumable=False)
@@ -2690,10 +2689,7 @@ def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=
     files = {"config.json": config, "generation_config.json": ids, **hf_tokenizer_files(tokenizer, **settings),
              "model.safetensors": lambda f: write_safetensors(f, tensors, {"format": "pt"})}
     for name, content in files.items():  # the weights last: a folder cut short holds no model
-        if isinstance(content, dict):
-            write_json(folder / name, content)
-        else:
-            atomic_write_bytes(folder / name, content)
+        (write_json if isinstance(content, dict) else atomic_write_bytes)(folder / name, content)
     return folder
 
 
@@ -2750,10 +2746,9 @@ def classifier_tensors(model, dtype):
 
 
 def hf_tokenizer_files(tokenizer, **settings):
-    """A `Tokenizer` as the files transformers reads -> {file name: bytes, or a dict for JSON}: those it
-    was read from (`Tokenizer.files`), or GPT-2's vocab.json and merges.txt (OpenAI's encoder.json and
-    vocab.bpe, from tiktoken's cache, checked by their SHA-256 below), with tokenizer_config.json, where
-    `settings` are set (model_max_length, pad_token)."""
+    """A `Tokenizer` as the files transformers reads -> {file name: bytes, or a dict for JSON}: those it was read
+    from (`Tokenizer.files`) or GPT-2's (OpenAI's encoder.json and vocab.bpe from tiktoken's cache, checked by
+    SHA-256), and tokenizer_config.json with `settings` (model_max_length, pad_token)."""
     end_of_text = tokenizer.decode([tokenizer.eot_id])
     if tokenizer.files:
         files = {name: text.encode("utf-8") for name, text in tokenizer.files.items()}
@@ -2821,16 +2816,15 @@ non_negative_int = _checked_number(int, 0, 2**63 - 1, "an integer >= 0")
 non_negative_float = _checked_number(float, 0, sys.float_info.max, "a finite number >= 0")
 fraction = _checked_number(float, 0, 1, "a number in [0, 1]")
 
-# --dtype: the precision the work runs in. Training on a GPU keeps float32 weights and
-# runs the forward pass under autocast in this type; generation converts the weights.
+# --dtype: the type of autocast's forward pass in training (the weights stay float32), else of the weights.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)" after each flag's help, but not after one that says its default itself."""
+    """argparse's "(default: X)" after a flag's help, but not an on/off flag's nor one that says it itself."""
 
     def _get_help_string(self, action):
-        return action.help if "(default" in action.help else super()._get_help_string(action)
+        return action.help if action.nargs == 0 or "(default" in action.help else super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -2851,9 +2845,8 @@ def flag_name(setting):
 
 # The flags that mean the same in every script, declared once: name -> add_argument's options.
 FLAGS = {
-    "model": dict(default="gpt2", help="the weights to start from, with their tokenizer: gpt2 (to gpt2-xl), a "
-                  "Llama-family Hub name or folder, a .safetensors or GGUF file, ollama:NAME[:TAG], or a checkpoint "
-                  "of this project"),
+    "model": dict(default="gpt2", help="weights and tokenizer to start from: gpt2 (to gpt2-xl), a Llama-family Hub "
+                  "name or folder, a .safetensors or GGUF file, ollama:NAME[:TAG], or a checkpoint of this project"),
     "max_length": dict(type=positive_int, help="cut each example to this many tokens (default: the context length)"),
     "drop_rate": dict(type=fraction, default=0.0, help="dropout probability while training"),
     "lora": dict(action="store_true", help="train low-rank adapters (LoRA) in every block instead of its weights"),
@@ -2866,8 +2859,7 @@ FLAGS = {
     "weight_decay": dict(type=non_negative_float, default=0.1, help="AdamW's weight decay of matrices"),
     "seed": dict(type=non_negative_int, default=123, help="random seed: the same seed, the same run"),
     "log_every": dict(type=positive_int, default=5, help="steps between progress lines"),
-    "eval_every": dict(type=positive_int, help="steps between measurements of the losses (and saves of what the "
-                       "stage keeps)"),
+    "eval_every": dict(type=positive_int, help="steps between loss measurements (and saves of what the stage keeps)"),
     "eval_batches": dict(type=non_negative_int, default=5, help="batches of each split per measurement (0: all)"),
     "keep_last": dict(action="store_true", help="keep the last weights, not those that did best on validation"),
     "max_new_tokens": dict(type=non_negative_int, help="the most tokens to generate"),
@@ -2877,12 +2869,10 @@ FLAGS = {
     "out_dir": dict(metavar="FOLDER", help="folder of the run's files"),
     "resume": dict(action="store_true", help="continue the run in --out-dir from its last save, with its settings"),
     "overwrite": dict(action="store_true", help="replace an earlier run or export in the same place"),
-    "cache_dir": dict(default=cache_dir, metavar="FOLDER", help="folder of downloaded data and weights, and of token "
-                      "files"),
+    "cache_dir": dict(default=cache_dir, metavar="FOLDER", help="folder of downloads and of token files"),
     "device": dict(default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"),
-    "dtype": dict(choices=list(DTYPES), default="float32", help="precision: of autocast while training (the weights "
-                  "stay float32; float16 is refused there: it needs loss scaling), of the weights when generating, "
-                  "measuring or exporting"),
+    "dtype": dict(choices=list(DTYPES), default="float32", help="precision: of autocast in training (weights stay "
+                  "float32; float16 needs loss scaling: refused), of the weights in generating, measuring, exporting"),
 }
 
 
@@ -2901,9 +2891,8 @@ def add_flags(group, *names, **defaults):
 
 
 def pick_device(name="auto"):
-    """"auto" -> "cuda" when there is a CUDA GPU, else "mps" (Apple's), else "cpu"; another name passes
-    after a check. Raises RuntimeError for a name torch does not know, ValueError for a device this
-    machine lacks."""
+    """"auto" -> cuda when there is a CUDA GPU, else mps (Apple's), else cpu -> torch.device. Raises
+    RuntimeError for a name torch does not know, ValueError for a device this machine lacks."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = torch.device(name)
@@ -2914,10 +2903,8 @@ def pick_device(name="auto"):
 
 def given_flags(parser, argv=None):
     """The settings that argv (default: sys.argv[1:]) gives explicitly, even at their default -> dict."""
-    parser = copy.deepcopy(parser)  # the caller's parser keeps its defaults
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return vars(parser.parse_args(argv))
+    unset = argparse.Namespace(**{action.dest: None for action in parser._actions})  # argparse sets no default there
+    return {name: value for name, value in vars(parser.parse_args(argv, unset)).items() if value is not None}
 
 
 def refuse_flags(parser, argv, settings, mode):
@@ -2929,10 +2916,9 @@ def refuse_flags(parser, argv, settings, mode):
 
 
 def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
-    """The settings of the run in out_dir that --resume continues: those its run.json saved ({"settings":
-    {...}}), but the flags of `may_change` given now (say --max-steps) and of `this_command` (say
-    --stop-at-step), which come from this command line, given or not. Raises ValueError when out_dir
-    holds no run.json of this script, or naming the flag and both values when argv changes another one."""
+    """The settings that --resume continues: those out_dir's run.json saved ({"settings": {...}}), but the flags
+    of `may_change` given now (say --max-steps) and of `this_command` (say --stop-at-step), given or not. Raises
+    ValueError when out_dir holds no run.json of this script, or naming a flag argv changes and both values."""
     run_file = Path(out_dir) / "run.json"
     saved = read_json(run_file, "--resume: the run's settings") if run_file.is_file() else {}
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
@@ -2966,10 +2952,9 @@ def length_within_context(length, cfg, flag):
 
 
 def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resumable=True):
-    """out_dir as a Path, checked before any work: the one run-folder rule. A folder holding another run
-    (any of `run_files`, relative to it) is refused unless `resume` (then it must hold one) or `overwrite`
-    (its run files are deleted now). The run's first write makes the folder: a run failing before leaves
-    none. Raises ValueError naming the path and the flags that help (--resume only when `resumable`)."""
+    """out_dir as a Path, checked before any work: the one run-folder rule. A folder holding another run (any of
+    `run_files`, relative to it) is refused unless `resume` (then it must hold one) or `overwrite` (its run files
+    are deleted now). Raises ValueError naming the path and the flags that help (--resume if `resumable`)."""
     out_dir = Path(out_dir)
     existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())  # "." or "/" at the latest
     if not existing.is_dir():
@@ -3009,9 +2994,8 @@ def eta(started, done, total):
 
 
 def command_line(memory_hint="use a smaller --batch-size"):
-    """Decorator for a script's main(argv): ValueError, RuntimeError and OSError print "error: <message>"
-    and exit 1 (out of memory: `memory_hint`); Ctrl-C prints "interrupted" and exits 130; a closed
-    output pipe (`| head`) ends the script quietly."""
+    """Decorator for a script's main(argv): ValueError, RuntimeError and OSError print "error: <message>" and
+    exit 1 (out of memory: `memory_hint`); Ctrl-C prints "interrupted", exit 130; `| head` ends it quietly."""
 
     def decorate(main):
         @functools.wraps(main)
@@ -3050,8 +3034,7 @@ def make_adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
 
 
 def trainable_weights(model):
-    """A CPU copy of the weights that train, {name: tensor}: all a kept "best" model needs (the frozen
-    ones do not change); `model.load_state_dict(weights, strict=False)` brings it back."""
+    """A CPU copy of the weights that train {name: tensor}, for `model.load_state_dict(weights, strict=False)`."""
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -3063,8 +3046,7 @@ def check_finite_loss(loss, step):
 
 
 def model_summary(model, name, training=True):
-    """"gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide, context 1024), 0 trainable" (LoRA
-    adapters counted); without training, no trainable count."""
+    """"gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide, context 1024), 0 trainable" (without training)."""
     cfg, trainable = model.cfg, count_parameters(model, trainable_only=True)
     return (f"{name}: {count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
             f"{cfg.emb_dim} wide, context {cfg.context_length})" + (f", {trainable:,} trainable" if training else ""))
@@ -3079,8 +3061,7 @@ def check_vocabulary(model, source, tokenizer):
 
 
 def set_drop_rate(model, drop_rate):
-    """Set the dropout probability of model's config, dropout layers and attention layers (which pass
-    their `drop_rate` to scaled_dot_product_attention)."""
+    """Set the dropout probability of model's config, dropout layers and attention (scaled_dot_product_attention's)."""
     model.cfg.drop_rate = drop_rate
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -3091,16 +3072,14 @@ def set_drop_rate(model, drop_rate):
 
 @functools.lru_cache(maxsize=1)  # the current epoch's order, made once when training enters the epoch
 def epoch_order(n_items, seed, epoch):
-    """One epoch's order of the training items, a LongTensor permutation of range(n_items), from
-    (seed, epoch) alone: a resumed run reads what an uninterrupted one would."""
+    """One epoch's order, a LongTensor permutation of range(n_items), from (seed, epoch) alone, as resume needs."""
     # One seed per (seed, epoch) pair, distinct for fewer than 100,003 epochs; torch takes 64 bits.
     generator = torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64)
     return torch.randperm(n_items, generator=generator)
 
 
 def split_by_fractions(items, seed, fractions):
-    """Shuffle a copy of items with `seed` and cut it into len(fractions) + 1 parts: the
-    first parts get int(n * fraction) items each, the last part the rest."""
+    """Shuffle a copy of items with `seed` into len(fractions) + 1 parts: int(n * fraction) items each, the rest."""
     items = list(items)
     random.Random(seed).shuffle(items)
     ends = [0, *itertools.accumulate(int(len(items) * share) for share in fractions), len(items)]
@@ -3108,9 +3087,8 @@ def split_by_fractions(items, seed, fractions):
 
 
 def check_memory(needed, device, what, hint="use --dtype bfloat16, or a smaller model"):
-    """Raise ValueError "WHAT: about N GB needed, but the DEVICE has M GB: HINT" when `needed` bytes
-    exceed a CUDA device's free memory, else the machine's RAM: checked before the work, as a process
-    out of memory is killed without a word."""
+    """Raise ValueError "WHAT: about N GB needed, but the DEVICE has M GB: HINT" when `needed` bytes exceed a CUDA
+    device's free memory, else the RAM: checked before the work, as a process out of memory dies without a word."""
     device = torch.device(device)
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
