@@ -2799,13 +2799,11 @@ def _checked_number(convert, low, high, requirement):
     is): "argument --flag: must be <requirement>, got 'text'", exit status 2."""
 
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):  # not a number: refused below
             value = convert(text)
-        except ValueError:
-            value = math.nan
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
-        return value
+            if low <= value <= high:
+                return value
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
 
     return parse
 
@@ -2927,11 +2925,10 @@ def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
     saved = {name: value for name, value in saved["settings"].items() if name not in this_command}
     given = given_flags(parser, argv)
     for name, value in given.items():
+        flag = flag_name(name)
         if name in saved and name not in may_change and saved[name] != value:
-            raise ValueError(
-                f"--resume continues the saved run, which used {flag_name(name)} {saved[name]}, not {value}: "
-                f"drop {flag_name(name)}, or start a new run with --overwrite or another --out-dir"
-            )
+            raise ValueError(f"--resume continues the saved run, which used {flag} {saved[name]}, not {value}: "
+                             f"drop {flag}, or start a new run with --overwrite or another --out-dir")
     defaults = vars(parser.parse_args([]))  # settings added since the run was saved
     return argparse.Namespace(**{**defaults, **saved, **given})
 
@@ -3138,17 +3135,9 @@ class StopSignal:
             signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
 
 
-def rng_state():
-    """The random number generators' states (CPU, and CUDA when in use), for exact resume."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_training_state(checkpoint, optimizer, device, rng):
-    """Load the optimizer's state from a checkpoint saved with optimizer=optimizer.state_dict() (the
-    weights come with `model_from_checkpoint`) and set the RNG states `rng` (of `rng_state`)."""
+def restore_training_state(checkpoint, optimizer):
+    """Load the optimizer's state from a checkpoint saved with optimizer=optimizer.state_dict() (the weights come
+    with `model_from_checkpoint`; the random state needs nothing saved: the training loops seed each step)."""
     fused = optimizer.defaults.get("fused")
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:
@@ -3159,6 +3148,3 @@ def restore_training_state(checkpoint, optimizer, device, rng):
             for name, value in optimizer.state[param].items():
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                     optimizer.state[param][name] = torch.empty_like(param).copy_(value)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], device)

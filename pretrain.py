@@ -548,7 +548,7 @@ def start_run(args, proc):
             raise ValueError(f"--resume: the run in {out_dir} already made {checkpoint['step']} of {total_steps} "
                              "steps; raise --max-steps or --epochs to go on")
         state = {key: checkpoint[key] for key in state}
-        gpt.restore_training_state(checkpoint, optimizer, proc.device, gpt.rng_state())  # the loop reseeds each step
+        gpt.restore_training_state(checkpoint, optimizer)  # the loop reseeds each step
         log(f"resumed from {out_dir / 'latest.pt'} at step {state['step']}")
     state.update(total_steps=total_steps, settings=vars(args), data=data)
     if proc.rank == 0:
