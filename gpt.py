@@ -2890,10 +2890,13 @@ def add_flags(group, *names, **defaults):
 
 def pick_device(name="auto"):
     """"auto" -> cuda when there is a CUDA GPU, else mps (Apple's), else cpu -> torch.device. Raises
-    RuntimeError for a name torch does not know, ValueError for a device this machine lacks."""
+    ValueError for a name torch does not know or a device this machine lacks."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if not {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(device.type, True):
         raise ValueError(f"--device {name}: this machine has no {device.type} device; use --device cpu")
     return device
@@ -2908,7 +2911,8 @@ def given_flags(parser, argv=None):
 def refuse_flags(parser, argv, settings, mode):
     """Exit 2 through parser.error when argv gives any of `settings` (names such as "lr"), which `mode`
     (the flag that decides, as typed) would ignore: "--evaluate does not use --lr, --epochs: drop them"."""
-    given = [flag_name(name) for name in settings if name in given_flags(parser, argv)]
+    typed = given_flags(parser, argv)
+    given = [flag_name(name) for name in settings if name in typed]
     if given:
         parser.error(f"{mode} does not use {', '.join(given)}: drop {'them' if len(given) > 1 else 'it'}")
 
