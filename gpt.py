@@ -2186,13 +2186,20 @@ def rope_factors(cfg, head_dim):
     return rope_frequencies(dataclasses.replace(cfg, rope_scaling=None), head_dim) / rope_frequencies(cfg, head_dim)
 
 
-def rotary_order(weight, n_heads, to_gguf=False):
-    """A query or key projection (rows [n_heads * head_dim, ...]) from llama.cpp's row order to
-    Hugging Face's, or back (to_gguf). Hugging Face's Llama rotates dimension i of a head with
-    i + head_dim / 2, llama.cpp's with its neighbour, so llama.cpp's converter interleaves the
-    two halves of each head's rows (convert_hf_to_gguf.py, LlamaModel.permute; not Qwen's)."""
-    halves = (n_heads, 2, -1) if to_gguf else (n_heads, -1, 2)
-    return weight.reshape(*halves, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+def gguf_layout(tensor, arch, part, heads, to_gguf=False):
+    """A tensor of llama.cpp's `part` (blk.N.<part>) as llama.cpp stores it -> as transformers does, or back
+    (to_gguf). GPT-2's Conv1D matrices are [in, out], ggml's [out, in]; Gemma 3's norms are stored as
+    1 + w; Hugging Face's Llama rotates dimension i of a head with i + head_dim / 2, llama.cpp's with its
+    neighbour, so llama.cpp's converter interleaves the two halves of each head's query and key rows
+    (convert_hf_to_gguf.py, LlamaModel.permute; llama only). heads: {"attn_q": heads, "attn_k": kv heads}."""
+    if arch == "gpt2" and part in ("attn_qkv", "attn_output", "ffn_up", "ffn_down") and tensor.dim() == 2:
+        return tensor.t()
+    if arch == "gemma3" and part.endswith("norm"):
+        return tensor + 1 if to_gguf else tensor - 1
+    if arch == "llama" and part in heads:
+        halves = (heads[part], 2, -1) if to_gguf else (heads[part], -1, 2)
+        return tensor.reshape(*halves, *tensor.shape[1:]).transpose(1, 2).reshape(tensor.shape)
+    return tensor
 
 
 def gguf_config(metadata, entries):
@@ -2234,8 +2241,8 @@ def gguf_config(metadata, entries):
 def gguf_model_parts(path, dtype=torch.float32):
     """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files
     {name: text}), as `model_from_tensors` and `tokenizer_from_files` read them from a model folder, with
-    llama.cpp's changes undone (`rotary_order`; Gemma 3's norms hold 1 + w). Raises ValueError naming the
-    file as `read_gguf` and `gguf_config` do, or for weights that would not fit in the machine's memory."""
+    llama.cpp's changes undone (`gguf_layout`). Raises ValueError naming the file as `read_gguf` and
+    `gguf_config` do, or for weights that would not fit in the machine's memory."""
     metadata, entries = read_gguf(path)
     try:
         config = gguf_config(metadata, entries)
@@ -2250,16 +2257,11 @@ def gguf_model_parts(path, dtype=torch.float32):
     tensors = {}
     for name, (kind, shape, data) in entries.items():
         tensor = dequantize(kind, shape, data)
-        if arch == "gemma3" and name.endswith("norm.weight"):
-            tensor = tensor - 1
         match = re.fullmatch(r"(blk\.(\d+)\.)?(\w+)\.(weight|bias)", name)
         if match and match[3] in names:  # others keep their name: the loader lists them as unexpected
             block = f"{'h' if arch == 'gpt2' else 'layers'}.{match[2]}." if match[1] else ""
             name = f"{block}{names[match[3]]}.{match[4]}"
-            if arch == "llama" and match[3] in heads:
-                tensor = rotary_order(tensor, heads[match[3]])
-        if arch == "gpt2" and name.endswith(_TRANSPOSED):
-            tensor = tensor.t()  # ggml stores nn.Linear's [out, in], GPT-2's release Conv1D's [in, out]
+            tensor = gguf_layout(tensor, arch, match[3], heads)
         tensors[name] = tensor.to(dtype)
     return tensors, config, gguf_tokenizer_files(metadata, path)
 
@@ -2422,25 +2424,6 @@ def _gguf_value(value, int_kind=4):
     return kind, struct.pack("<" + GGUF_SCALARS[kind], value)
 
 
-def gguf_metadata(model, tokenizer, name):
-    """GGUF metadata of a model and its `Tokenizer` -> {key: value}: the architecture, its config
-    (GGUF_CONFIG_KEYS, from `hf_config`) and the tokenizer (`gguf_tokenizer_metadata`). Raises
-    ValueError naming `name` for a classifier or a model type without a GGUF architecture here."""
-    config = {"n_inner": 4 * model.cfg.emb_dim, **hf_config(model.cfg)}
-    arch = {hf: arch for arch, hf in GGUF_MODEL_TYPES.items()}.get(config["model_type"], config["model_type"])
-    if hasattr(model, "labels"):
-        raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
-    if arch not in GGUF_TENSOR_NAMES:
-        raise ValueError(f"{name}: a {arch} model has no GGUF writer here (it writes {', '.join(GGUF_TENSOR_NAMES)})")
-    metadata = {"general.architecture": arch, "general.name": str(name), f"{arch}.vocab_size": model.cfg.vocab_size}
-    metadata.update({f"{arch}.{key}": config[hf] for key, hf in GGUF_CONFIG_KEYS[arch].items()
-                     if config.get(hf) is not None})
-    if arch != "gpt2":  # the head size, and the rotary dimensions (Phi: the first part of a head)
-        metadata[f"{arch}.attention.value_length"] = config["head_dim"]
-        metadata[f"{arch}.rope.dimension_count"] = int(config["head_dim"] * model.cfg.rotary_fraction)
-    return {**metadata, **gguf_tokenizer_metadata(tokenizer, model.cfg.vocab_size, name)}
-
-
 def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
     """A `Tokenizer` as llama.cpp reads it -> {key: value}: byte-level BPE as "gpt2" (tokens, merges, the
     pre-tokenizer's name) or SentencePiece-style BPE as "llama" (tokens scored by merge order, best first),
@@ -2498,46 +2481,54 @@ def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
     }
 
 
-def gguf_tensors(model, kind, arch):
-    """A model's weights under llama.cpp's names for `arch` (GGUF_TENSOR_NAMES), matrices in ggml type
-    `kind`, vectors F32 -> [(name, type, shape, bytes uint8)]: the query and key rows in llama.cpp's
-    order for the llama architecture (`rotary_order`), Gemma 3's norms as 1 + w."""
-    cfg = model.cfg
+def gguf_contents(model, tokenizer, gguf_type, name):
+    """A model and its `Tokenizer` as llama.cpp reads them -> (metadata {key: value}, tensors [(name, type,
+    shape, bytes uint8)]): the architecture, its config (GGUF_CONFIG_KEYS, from `hf_config`), the tokenizer
+    (`gguf_tokenizer_metadata`), the weights under llama.cpp's names in its layout (`gguf_layout`), matrices
+    in the ggml type of `gguf_type` (GGUF_FILE_TYPES), vectors F32. Raises ValueError naming `name` for a
+    classifier, a model type without a GGUF architecture here, or a tokenizer llama.cpp would run otherwise."""
+    cfg, config = model.cfg, {"n_inner": 4 * model.cfg.emb_dim, **hf_config(model.cfg)}
+    arch = {hf: arch for arch, hf in GGUF_MODEL_TYPES.items()}.get(config["model_type"], config["model_type"])
+    if hasattr(model, "labels"):
+        raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
+    if arch not in GGUF_TENSOR_NAMES:
+        raise ValueError(f"{name}: a {arch} model has no GGUF writer here (it writes {', '.join(GGUF_TENSOR_NAMES)})")
+    kind, file_type = GGUF_FILE_TYPES[gguf_type]
+    metadata = {"general.architecture": arch, "general.name": str(name), "general.file_type": file_type,
+                f"{arch}.vocab_size": cfg.vocab_size}
+    metadata.update({f"{arch}.{key}": config[hf] for key, hf in GGUF_CONFIG_KEYS[arch].items()
+                     if config.get(hf) is not None})
+    if arch != "gpt2":  # the head size, and the rotary dimensions (Phi: the first part of a head)
+        metadata[f"{arch}.attention.value_length"] = config["head_dim"]
+        metadata[f"{arch}.rope.dimension_count"] = int(config["head_dim"] * cfg.rotary_fraction)
     names = {ours: theirs for theirs, ours in GGUF_TENSOR_NAMES[arch].items()}
-    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads or cfg.n_heads} if arch == "llama" else {}
+    heads = {"attn_q": config.get("num_attention_heads"), "attn_k": config.get("num_key_value_heads")}
     tensors = []
-    for name, tensor in hf_tensors(model, torch.float32).items():
+    for hf_name, tensor in hf_tensors(model, torch.float32).items():
         layer, part, suffix = re.fullmatch(r"(?:(?:h|layers)\.(\d+)\.)?(.+)\.(weight|bias)",
-                                           name.removeprefix("transformer.").removeprefix("model.")).groups()
-        part = names[part]
-        if arch == "gpt2" and name.endswith(_TRANSPOSED):
-            tensor = tensor.t()  # GPT-2's Conv1D [in, out] -> ggml's [out, in]
-        if part in heads:
-            tensor = rotary_order(tensor, heads[part], to_gguf=True)
-        if arch == "gemma3" and part.endswith("norm"):
-            tensor = tensor + 1
+                                           hf_name.removeprefix("transformer.").removeprefix("model.")).groups()
+        tensor = gguf_layout(tensor, arch, names[part], heads, to_gguf=True)
         target = "F32" if tensor.dim() == 1 else kind if kind != "Q8_0" or tensor.shape[-1] % 32 == 0 else "F16"
         data = quantize_q8_0(tensor) if target == "Q8_0" else \
             tensor.to(SAFETENSORS_DTYPES[target]).contiguous().view(torch.uint8).reshape(-1)
-        tensors.append((f"blk.{layer}.{part}.{suffix}" if layer else f"{part}.{suffix}", target, tensor.shape, data))
+        block = f"blk.{layer}." if layer else ""
+        tensors.append((f"{block}{names[part]}.{suffix}", target, tensor.shape, data))
     if arch == "llama" and cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
         factors = rope_factors(cfg, cfg.head_dim or cfg.emb_dim // cfg.n_heads)
         tensors.append(("rope_freqs.weight", "F32", factors.shape, factors.view(torch.uint8)))
-    return tensors
+    return {**metadata, **gguf_tokenizer_metadata(tokenizer, cfg.vocab_size, name)}, tensors
 
 
 def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite=False):
     """Write a model and its `Tokenizer` as a GGUF file (version 3) that llama.cpp and Ollama run, and an
     Ollama Modelfile beside it (`MODELFILE`), each atomically -> the Modelfile's path. gguf_type: a key of
     GGUF_FILE_TYPES. Raises ValueError as `claim_run_folder` (another export there, unless `overwrite`) and
-    `gguf_metadata` do, or naming each setting the file would give back otherwise (what llama.cpp assumes,
+    `gguf_contents` do, or naming each setting the file would give back otherwise (what llama.cpp assumes,
     such as Gemma 3's every sixth global layer)."""
     path = Path(path)
     modelfile = path.with_suffix(".Modelfile")  # model.gguf -> model.Modelfile: one per export in a folder
     claim_run_folder(path.parent, [path.name, modelfile.name], overwrite=overwrite, resumable=False)
-    kind, file_type = GGUF_FILE_TYPES[gguf_type]
-    metadata = {**gguf_metadata(model, tokenizer, name), "general.file_type": file_type}
-    tensors = gguf_tensors(model, kind, metadata["general.architecture"])
+    metadata, tensors = gguf_contents(model, tokenizer, gguf_type, name)
     try:  # the file read back must give this model
         config = gguf_config(metadata, {tensor[0]: tensor[1:] for tensor in tensors})
         read = config_from_weights({}, config) if config["model_type"] == "gpt2" else config_from_hub(config)

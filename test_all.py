@@ -5059,17 +5059,18 @@ def test_gguf_phi2_which_transformers_does_not_read_comes_back_whole_and_gguf_re
     assert {"blk.0.attn_output.bias", "blk.1.ffn_up.weight", "output.bias"} < {tensor.name for tensor in reader.tensors}
     for tensor in reader.tensors:
         assert torch.equal(gpt.dequantize(*ours[tensor.name]), torch.from_numpy(tensor.data.copy())), tensor.name
-    writes = gpt.gguf_tensors
+    writes = gpt.gguf_contents
 
     def packed_qkv(*args):  # older Phi-2 files hold q, k, v (and their biases) as one attn_qkv
-        tensors = {name: rest for name, *rest in writes(*args)}
+        metadata, written = writes(*args)
+        tensors = {name: rest for name, *rest in written}
         for name in [name for name in tensors if ".attn_q." in name]:
             q, k, v = (tensors.pop(name.replace("attn_q", part)) for part in ("attn_q", "attn_k", "attn_v"))
             shape = (3 * q[1][0], *q[1][1:])
             tensors[name.replace("attn_q", "attn_qkv")] = ("F32", shape, torch.cat([q[2], k[2], v[2]]))
-        return [(name, *rest) for name, rest in tensors.items()]
+        return metadata, [(name, *rest) for name, rest in tensors.items()]
 
-    monkeypatch.setattr(gpt, "gguf_tensors", packed_qkv)
+    monkeypatch.setattr(gpt, "gguf_contents", packed_qkv)
     gpt.export_gguf(model, tokenizer, tmp_path / "packed.gguf", "f32")
     assert "blk.0.attn_qkv.bias" in gpt.read_gguf(tmp_path / "packed.gguf")[1]
     packed, ids = gpt.load(tmp_path / "packed.gguf")[0], torch.tensor([ids])
