@@ -2005,9 +2005,8 @@ def _half(blocks, start):
 
 
 def _fields(data, bits, width):
-    """Bytes (uint8 [n, k]) -> their `bits`-wide fields, uint8 [n, k * 8 / bits], in ggml's order:
-    in each run of `width` bytes, the lowest field of every byte, then the next field of every byte
-    (bits 4, width 16: the 16 low nibbles, then the 16 high ones)."""
+    """Bytes (uint8 [n, k]) -> their `bits`-wide fields, uint8 [n, k * 8 / bits], in ggml's order: in each run
+    of `width` bytes, the lowest field of every byte, then the next (4 bits, width 16: 16 low nibbles, 16 high)."""
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8).view(1, 1, -1, 1)
     return ((data.reshape(len(data), -1, 1, width) >> shifts) & (2**bits - 1)).reshape(len(data), -1)
 
@@ -2060,10 +2059,9 @@ def dequantize(kind, shape, data):
 
 
 def read_gguf(path):
-    """Read a GGUF file (version 2 or 3) -> (metadata {key: value}, {tensor name: (type, shape, bytes)}):
-    a GGUF_BLOCKS type, torch's order of dimensions, a uint8 view of a private memory mapping of the file.
-    Raises FileNotFoundError, or ValueError naming the file and what is wrong: not GGUF, another
-    version, truncated or malformed, a type GGUF_BLOCKS lacks."""
+    """Read a GGUF file (version 2 or 3) -> (metadata {key: value}, {tensor name: (type, shape, bytes)}): a
+    GGUF_BLOCKS type, torch's order of dimensions, a uint8 view of a private memory mapping of the file. Raises
+    FileNotFoundError, or ValueError naming the file: not GGUF, another version, truncated, malformed."""
     path = Path(path)
     with open(path, "rb") as f:
         # ACCESS_COPY: torch.frombuffer needs a writable buffer; writes stay private, never reach the file
@@ -2078,17 +2076,14 @@ def read_gguf(path):
         position += struct.calcsize("<" + fmt)
         return values
 
-    def value(kind):
+    def values(kind, count):  # `count` metadata values of type `kind`
         if kind == 8:  # a string: its length in bytes, then UTF-8
-            return str(take(f"{take('Q')[0]}s")[0], "utf-8")
+            return [str(take(f"{take('Q')[0]}s")[0], "utf-8") for _ in range(count)]
         if kind == 9:  # an array: the type of its items, their count, the items
-            item_kind, count = take("IQ")
-            if item_kind in GGUF_SCALARS:
-                return list(take(f"{count}{GGUF_SCALARS[item_kind]}"))
-            return [value(item_kind) for _ in range(count)]
+            return [values(*take("IQ")) for _ in range(count)]
         if kind not in GGUF_SCALARS:
             raise ValueError(f"{path}: not a well-formed GGUF file (a metadata value of unknown type {kind})")
-        return take(GGUF_SCALARS[kind])[0]
+        return list(take(f"{count}{GGUF_SCALARS[kind]}"))
 
     try:
         (version,) = take("I")
@@ -2098,11 +2093,11 @@ def read_gguf(path):
         n_tensors, n_keys = take("QQ")
         metadata = {}
         for _ in range(n_keys):  # a key, the type of its value, the value
-            key = value(8)
-            metadata[key] = value(take("I")[0])
+            [key] = values(8, 1)
+            [metadata[key]] = values(take("I")[0], 1)
         infos = []
         for _ in range(n_tensors):  # a name, its number of dimensions, the dimensions, its type, its offset
-            name, (n_dims,) = value(8), take("I")
+            [name], (n_dims,) = values(8, 1), take("I")
             infos.append((name, take(f"{n_dims}Q"), *take("IQ")))
     except struct.error:
         raise ValueError(f"{path}: not a complete GGUF file (it ends inside its header: truncated?)") from None
@@ -2186,27 +2181,28 @@ def rope_factors(cfg, head_dim):
     return rope_frequencies(dataclasses.replace(cfg, rope_scaling=None), head_dim) / rope_frequencies(cfg, head_dim)
 
 
-def gguf_layout(tensor, arch, part, heads, to_gguf=False):
-    """A tensor of llama.cpp's `part` (blk.N.<part>) as llama.cpp stores it -> as transformers does, or back
-    (to_gguf). GPT-2's Conv1D matrices are [in, out], ggml's [out, in]; Gemma 3's norms are stored as
-    1 + w; Hugging Face's Llama rotates dimension i of a head with i + head_dim / 2, llama.cpp's with its
-    neighbour, so llama.cpp's converter interleaves the two halves of each head's query and key rows
-    (convert_hf_to_gguf.py, LlamaModel.permute; llama only). heads: {"attn_q": heads, "attn_k": kv heads}."""
+def gguf_layout(tensor, arch, part, config, to_gguf=False):
+    """A tensor `part` (llama.cpp's name: attn_q, ffn_norm, ...) of a model (config.json dict) as llama.cpp
+    stores it -> as transformers does, or back (to_gguf). GPT-2's Conv1D matrices are [in, out], ggml's
+    [out, in]; Gemma 3's norms are stored as 1 + w; Hugging Face's Llama rotates dimension i of a head with
+    i + head_dim / 2, llama.cpp's with its neighbour, so llama.cpp's converter interleaves the two halves
+    of each head's query and key rows (convert_hf_to_gguf.py, LlamaModel.permute; llama only)."""
     if arch == "gpt2" and part in ("attn_qkv", "attn_output", "ffn_up", "ffn_down") and tensor.dim() == 2:
         return tensor.t()
     if arch == "gemma3" and part.endswith("norm"):
         return tensor + 1 if to_gguf else tensor - 1
-    if arch == "llama" and part in heads:
-        halves = (heads[part], 2, -1) if to_gguf else (heads[part], -1, 2)
+    if arch == "llama" and part in ("attn_q", "attn_k"):
+        heads = config["num_attention_heads"] if part == "attn_q" else \
+            config.get("num_key_value_heads", config["num_attention_heads"])
+        halves = (heads, 2, -1) if to_gguf else (heads, -1, 2)
         return tensor.reshape(*halves, *tensor.shape[1:]).transpose(1, 2).reshape(tensor.shape)
     return tensor
 
 
 def gguf_config(metadata, entries):
-    """config.json (a dict) of the model in a GGUF file: its metadata (GGUF_CONFIG_KEYS), what llama.cpp
-    assumes (GGUF_ASSUMED) and what its tensors (as `read_gguf` gives them) show: the vocabulary, biases,
-    an untied head, Llama 3's rope scaling (rope_freqs.weight, taken out of `entries`). Raises ValueError
-    for an architecture or a rope scaling this project does not read."""
+    """config.json (a dict) of a GGUF file's model: its metadata (GGUF_CONFIG_KEYS), what llama.cpp assumes
+    (GGUF_ASSUMED), what its tensors (`read_gguf`'s) show: vocabulary, biases, an untied head, Llama 3's rope
+    scaling (rope_freqs.weight, taken out of `entries`). Raises ValueError for what it does not read."""
     arch = metadata.get("general.architecture")
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")  # linear, yarn: positions computed otherwise
     if arch not in GGUF_TENSOR_NAMES or scaling != "none":
@@ -2239,10 +2235,9 @@ def gguf_config(metadata, entries):
 
 
 def gguf_model_parts(path, dtype=torch.float32):
-    """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files
-    {name: text}), as `model_from_tensors` and `tokenizer_from_files` read them from a model folder, with
-    llama.cpp's changes undone (`gguf_layout`). Raises ValueError naming the file as `read_gguf` and
-    `gguf_config` do, or for weights that would not fit in the machine's memory."""
+    """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files {name:
+    text}) as a model folder holds them, llama.cpp's layout undone (`gguf_layout`). Raises ValueError naming
+    the file as `read_gguf` and `gguf_config` do, or for weights larger than the machine's memory."""
     metadata, entries = read_gguf(path)
     try:
         config = gguf_config(metadata, entries)
@@ -2250,8 +2245,6 @@ def gguf_model_parts(path, dtype=torch.float32):
         raise ValueError(f"{path}: {e}") from None
     arch = metadata["general.architecture"]
     names = GGUF_TENSOR_NAMES[arch]
-    heads = {"attn_q": config.get("num_attention_heads"),
-             "attn_k": config.get("num_key_value_heads", config.get("num_attention_heads"))}
     n_values = sum(math.prod(shape) for _, shape, _ in entries.values())
     check_memory(n_values * dtype.itemsize, "cpu", f"{path}: its weights at {dtype.itemsize} bytes each")
     tensors = {}
@@ -2261,7 +2254,7 @@ def gguf_model_parts(path, dtype=torch.float32):
         if match and match[3] in names:  # others keep their name: the loader lists them as unexpected
             block = f"{'h' if arch == 'gpt2' else 'layers'}.{match[2]}." if match[1] else ""
             name = f"{block}{names[match[3]]}.{match[4]}"
-            tensor = gguf_layout(tensor, arch, match[3], heads)
+            tensor = gguf_layout(tensor, arch, match[3], config)
         tensors[name] = tensor.to(dtype)
     return tensors, config, gguf_tokenizer_files(metadata, path)
 
@@ -2305,7 +2298,8 @@ def gguf_tokenizer_files(metadata, source):
         parts = {"normalizer": {"type": "Sequence", "normalizers": steps}, "decoder": _PIECE_DECODER}
         bpe = {"merges": merges, "byte_fallback": True}
     else:
-        split = {"type": "Split", "pattern": {"Regex": GGUF_PRE_TOKENIZERS[pre]}, "behavior": "Isolated", "invert": False}
+        split = {"type": "Split", "pattern": {"Regex": GGUF_PRE_TOKENIZERS[pre]}, "behavior": "Isolated",
+                 "invert": False}
         parts = {"normalizer": {"type": "NFC"} if pre == "qwen2" else None, "decoder": _BYTE_LEVEL,
                  "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, _BYTE_LEVEL]}}
         bpe = {"merges": metadata.get("tokenizer.ggml.merges", []), "ignore_merges": pre == "llama-bpe"}
@@ -2315,7 +2309,8 @@ def gguf_tokenizer_files(metadata, source):
         single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
         tokenizer_json["post_processor"] = {"type": "TemplateProcessing", "single": single, "pair": single + single[1:],
                                             "special_tokens": {bos: {"id": bos, "ids": [tokens.index(bos)]}}}
-    files = {"tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False), "tokenizer_config.json": json.dumps(config)}
+    files = {"tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False),
+             "tokenizer_config.json": json.dumps(config)}
     if "tokenizer.chat_template" in metadata:
         files["chat_template.jinja"] = metadata["tokenizer.chat_template"]
     return files
@@ -2323,15 +2318,15 @@ def gguf_tokenizer_files(metadata, source):
 
 def ollama_model(name):
     """Path of the GGUF file of the Ollama model "NAME[:TAG]" (TAG "latest" unless given; NAME may be
-    "namespace/model"): the blob its manifest names as the model layer, in $OLLAMA_MODELS, else
-    ~/.ollama/models, else /usr/share/ollama/.ollama/models. Raises FileNotFoundError naming what is
-    missing and what to do."""
+    "namespace/model"): the blob its manifest names as the model layer, in $OLLAMA_MODELS, else ~/.ollama/models,
+    else /usr/share/ollama/.ollama/models. Raises FileNotFoundError naming what is missing and what to do."""
     model, _, tag = name.partition(":")
-    name = f"{model}:{tag or 'latest'}"
+    tag = tag or "latest"
+    name = f"{model}:{tag}"
     folders = [Path(os.environ["OLLAMA_MODELS"])] if os.environ.get("OLLAMA_MODELS") else \
         [Path.home() / ".ollama" / "models", Path("/usr/share/ollama/.ollama/models")]
     folder = next((f for f in folders if f.is_dir()), folders[0])
-    manifest = folder / "manifests" / "registry.ollama.ai" / ("" if "/" in model else "library") / model / (tag or "latest")
+    manifest = folder / "manifests" / "registry.ollama.ai" / ("" if "/" in model else "library") / model / tag
     if not manifest.is_file():
         raise FileNotFoundError(f"no Ollama model {name} in {folder} ({manifest} is missing): run `ollama pull "
                                 f"{name}`, or set OLLAMA_MODELS to Ollama's models folder")
@@ -2340,7 +2335,8 @@ def ollama_model(name):
                if layer.get("mediaType") == "application/vnd.ollama.image.model"]
     blob = folder / "blobs" / (digests[0].replace(":", "-") if digests else "")
     if not digests or not blob.is_file():
-        raise FileNotFoundError(f"{manifest}: the blob of its model layer, {blob}, is missing: run `ollama pull {name}`")
+        raise FileNotFoundError(f"{manifest}: the blob of its model layer, {blob}, is missing: run `ollama pull "
+                                f"{name}`")
     return blob
 
 
@@ -2370,10 +2366,9 @@ CHAT_FORMATS = {
 
 
 def chat_prompt(tokenizer, message):
-    """A user's message as the one turn of a chat -> (prompt text, id of the token that ends a turn), in
-    the format of the model's chat template, chosen by its markers (CHAT_FORMATS) rather than run (no
-    Jinja; no default system prompt). Instruct models end an answer with the end-of-turn token (<|im_end|>,
-    <|eot_id|>, <end_of_turn>, <|end|>). Raises ValueError for a template of none of these formats."""
+    """A user's message as the one turn of a chat -> (prompt text, id of the end-of-turn token, which ends an
+    instruct model's answer), in the format of the model's chat template, chosen by its markers (CHAT_FORMATS),
+    not run (no Jinja, no default system prompt). Raises ValueError for a template of none of these formats."""
     config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
     template = tokenizer.files.get("chat_template.jinja") or config.get("chat_template") or ""
     for marker, (before, after) in CHAT_FORMATS.items():
@@ -2426,9 +2421,8 @@ def _gguf_value(value, int_kind=4):
 
 def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
     """A `Tokenizer` as llama.cpp reads it -> {key: value}: byte-level BPE as "gpt2" (tokens, merges, the
-    pre-tokenizer's name) or SentencePiece-style BPE as "llama" (tokens scored by merge order, best first),
-    token types, begin/end tokens, chat template. Raises ValueError naming `name` for a pre-tokenizer
-    llama.cpp does not name, or a Metaspace space it does not put."""
+    pre-tokenizer's name) or SentencePiece-style as "llama" (tokens scored by merge order), token types, named
+    tokens, chat template. Raises ValueError naming `name` for a pre-tokenizer or space llama.cpp would not make."""
     files = hf_tokenizer_files(tokenizer)
     if "tokenizer.json" in files:
         tokenizer_json = json.loads(files["tokenizer.json"])
@@ -2456,14 +2450,10 @@ def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
                              f"{', '.join(GGUF_PRE_TOKENIZERS)}")
         style = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
                  "tokenizer.ggml.merges": [" ".join(merge) for merge in merges]}
-
-    def kind(i):  # llama.cpp's token types: 1 normal, 3 control, 4 user-defined, 5 unused, 6 byte
-        if i in special:
-            return 3 if special[i] else 4
-        if bpe.get("byte_fallback") and re.fullmatch(r"<0x[0-9A-F]{2}>", tokens.get(i, "")):
-            return 6
-        return 1 if i in tokens else 5
-
+    # llama.cpp's token types: 1 normal, 3 control, 4 user-defined, 5 unused (an id without a token), 6 byte
+    types = {i: 6 if bpe.get("byte_fallback") and re.fullmatch(r"<0x[0-9A-F]{2}>", text) else 1
+             for i, text in tokens.items()}
+    types.update({i: 3 if control else 4 for i, control in special.items()})
     settings = files["tokenizer_config.json"]  # a dict: the named tokens (pad, unk), maybe the chat template
     by_text = {text: i for i, text in tokens.items()}
     ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eot_id}
@@ -2474,7 +2464,7 @@ def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
         **style,
         # ids without a token (a vocabulary padded to a round size) get a name, as llama.cpp's converter does
         "tokenizer.ggml.tokens": [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)],
-        "tokenizer.ggml.token_type": [kind(i) for i in range(vocab_size)],
+        "tokenizer.ggml.token_type": [types.get(i, 5) for i in range(vocab_size)],
         "tokenizer.ggml.add_bos_token": tokenizer.add_bos,
         **{f"tokenizer.ggml.{key}_token_id": i for key, i in ids.items() if i is not None},
         **({"tokenizer.chat_template": template} if template else {}),
@@ -2483,10 +2473,9 @@ def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
 
 def gguf_contents(model, tokenizer, gguf_type, name):
     """A model and its `Tokenizer` as llama.cpp reads them -> (metadata {key: value}, tensors [(name, type,
-    shape, bytes uint8)]): the architecture, its config (GGUF_CONFIG_KEYS, from `hf_config`), the tokenizer
-    (`gguf_tokenizer_metadata`), the weights under llama.cpp's names in its layout (`gguf_layout`), matrices
-    in the ggml type of `gguf_type` (GGUF_FILE_TYPES), vectors F32. Raises ValueError naming `name` for a
-    classifier, a model type without a GGUF architecture here, or a tokenizer llama.cpp would run otherwise."""
+    shape, bytes uint8)]): the config (GGUF_CONFIG_KEYS), the tokenizer, the weights under llama.cpp's names in
+    its layout, matrices in the type of `gguf_type` (GGUF_FILE_TYPES), vectors F32. Raises ValueError naming
+    `name` for a classifier, a model type without a GGUF architecture, or as `gguf_tokenizer_metadata`."""
     cfg, config = model.cfg, {"n_inner": 4 * model.cfg.emb_dim, **hf_config(model.cfg)}
     arch = {hf: arch for arch, hf in GGUF_MODEL_TYPES.items()}.get(config["model_type"], config["model_type"])
     if hasattr(model, "labels"):
@@ -2502,12 +2491,11 @@ def gguf_contents(model, tokenizer, gguf_type, name):
         metadata[f"{arch}.attention.value_length"] = config["head_dim"]
         metadata[f"{arch}.rope.dimension_count"] = int(config["head_dim"] * cfg.rotary_fraction)
     names = {ours: theirs for theirs, ours in GGUF_TENSOR_NAMES[arch].items()}
-    heads = {"attn_q": config.get("num_attention_heads"), "attn_k": config.get("num_key_value_heads")}
     tensors = []
     for hf_name, tensor in hf_tensors(model, torch.float32).items():
         layer, part, suffix = re.fullmatch(r"(?:(?:h|layers)\.(\d+)\.)?(.+)\.(weight|bias)",
                                            hf_name.removeprefix("transformer.").removeprefix("model.")).groups()
-        tensor = gguf_layout(tensor, arch, names[part], heads, to_gguf=True)
+        tensor = gguf_layout(tensor, arch, names[part], config, to_gguf=True)
         target = "F32" if tensor.dim() == 1 else kind if kind != "Q8_0" or tensor.shape[-1] % 32 == 0 else "F16"
         data = quantize_q8_0(tensor) if target == "Q8_0" else \
             tensor.to(SAFETENSORS_DTYPES[target]).contiguous().view(torch.uint8).reshape(-1)
@@ -2520,11 +2508,9 @@ def gguf_contents(model, tokenizer, gguf_type, name):
 
 
 def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite=False):
-    """Write a model and its `Tokenizer` as a GGUF file (version 3) that llama.cpp and Ollama run, and an
-    Ollama Modelfile beside it (`MODELFILE`), each atomically -> the Modelfile's path. gguf_type: a key of
-    GGUF_FILE_TYPES. Raises ValueError as `claim_run_folder` (another export there, unless `overwrite`) and
-    `gguf_contents` do, or naming each setting the file would give back otherwise (what llama.cpp assumes,
-    such as Gemma 3's every sixth global layer)."""
+    """Write a model and its `Tokenizer` as a GGUF file (version 3) for llama.cpp and Ollama, with an Ollama
+    Modelfile beside it, each atomically -> the Modelfile's path. Raises ValueError as `claim_run_folder` (unless
+    `overwrite`) and `gguf_contents` do, or naming each setting llama.cpp would read otherwise (what it assumes)."""
     path = Path(path)
     modelfile = path.with_suffix(".Modelfile")  # model.gguf -> model.Modelfile: one per export in a folder
     claim_run_folder(path.parent, [path.name, modelfile.name], overwrite=overwrite, resumable=False)
