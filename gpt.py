@@ -2116,7 +2116,7 @@ def gguf_tensor_table(path, data, infos, data_start):
         kind = GGML_TYPES[kind] if kind < len(GGML_TYPES) else f"type {kind}"
         if kind not in GGUF_BLOCKS:
             raise ValueError(f"{path}: tensor {name!r} is {kind}, a type this project does not read (it reads "
-                             f"{', '.join(GGUF_BLOCKS)}): requantize the model with llama.cpp's llama-quantize "
+                             f"{', '.join(GGUF_BLOCKS)}): requantize the model with llama-quantize "
                              "--allow-requantize to Q4_K_M or Q8_0")
         per_block, block_bytes, _ = GGUF_BLOCKS[kind]
         start, size = data_start + offset, math.prod(dims) // per_block * block_bytes
