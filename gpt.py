@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import math
 import mmap
@@ -3015,7 +3014,8 @@ def split_by_fractions(items, seed, fractions):
     """Shuffle a copy of items with `seed` into len(fractions) + 1 parts: int(n * fraction) items each, the rest."""
     items = list(items)
     random.Random(seed).shuffle(items)
-    ends = [0, *itertools.accumulate(int(len(items) * share) for share in fractions), len(items)]
+    sizes = [int(len(items) * share) for share in fractions]
+    ends = [sum(sizes[:i]) for i in range(len(sizes) + 1)] + [len(items)]
     return [items[start:end] for start, end in zip(ends, ends[1:])]
 
 
