@@ -74,8 +74,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 @pytest.fixture(autouse=True)
 def every_progress_line(monkeypatch):
     """Every progress line printed, not at most one per PROGRESS_SECONDS, from a fresh start."""
-    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.0, False: 0.0})
-    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf, "open": False})
+    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf})
 
 
 @pytest.fixture(autouse=True)
@@ -349,21 +349,13 @@ def check_bad_input(main, argv, message, files, tmp_path, capsys):
     assert not (tmp_path / "runs").exists() and {path: path.stat().st_size for path in files.iterdir()} == before
 
 
-def test_progress_redraws_a_terminal_ten_times_a_second_and_is_a_plain_line_every_30_seconds_else(monkeypatch, capsys):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.1, False: 30})
-    for done in range(1000):  # a download's updates, one per 64 KiB, in well under 0.1 s
-        gpt.show_progress(f"downloading: {done} chunks")
-    gpt.end_progress()
-    assert capsys.readouterr().err == "\rdownloading: 0 chunks\x1b[K\n"
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf, "open": False})
-    clock = iter([1000.0, 1000.0, 1010.0, 1031.0, 1031.0])
+def test_progress_is_a_line_at_most_every_10_seconds(monkeypatch, capsys):
+    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", 10)
+    clock = iter([1000.0, 1000.0, 1009.0, 1010.0, 1010.0])
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
     for text in ("step 1/3", "step 2/3", "step 3/3"):
         gpt.show_progress(text)
-    gpt.end_progress()
-    assert capsys.readouterr().err == "step 1/3\nstep 3/3\n"  # step 2 came 10 s after step 1: not printed
+    assert capsys.readouterr().err == "step 1/3\nstep 3/3\n"  # step 2 came 9 s after step 1: not printed
 
 
 # ========================================================================================
@@ -1504,7 +1496,7 @@ def test_adamw_decays_matrices_only_and_its_restored_moments_take_the_layout_of_
     plain = torch.nn.Linear(5, 3, bias=False)
     plain.weight = torch.nn.Parameter(transposed.weight.detach().contiguous())
     resumed = gpt.make_adamw(plain, lr=0.1, weight_decay=0.0)
-    gpt.restore_training_state(saved, resumed, torch.device("cpu"), gpt.rng_state())
+    gpt.restore_training_state(saved, resumed)
     assert resumed.state[plain.weight]["exp_avg"].stride() == plain.weight.stride() == (5, 1)
     step(transposed, optimizer)
     step(plain, resumed)
@@ -1588,17 +1580,14 @@ def test_atomic_writes_flush_to_disk_before_the_rename_and_a_full_disk_keeps_the
     (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "error: out of memory: use a smaller --batch-size"),
     (KeyboardInterrupt(), 130),
 ], ids=["value", "full-disk", "cuda-memory", "cpu-memory", "ctrl-c"])
-def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch, error, code):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-
+def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, error, code):
     @gpt.command_line(memory_hint="use a smaller --batch-size")
     def main(argv=None):
         gpt.show_progress("step 3/10")
         raise error
 
     assert exit_code(main, []) == code
-    # The progress line is ended first.
-    assert capsys.readouterr().err == "\rstep 3/10\033[K\n" + ("interrupted\n" if code == 130 else "")
+    assert capsys.readouterr().err == "step 3/10\n" + ("interrupted\n" if code == 130 else "")
 
 
 # ========================================================================================
@@ -1655,7 +1644,8 @@ def test_weights_that_hold_nan_or_are_larger_than_memory_are_refused_before_they
 
 
 def test_export_vocabulary_files_are_openais_byte_for_byte():
-    vocab, merges = gpt.gpt2_vocabulary_files()
+    files = gpt.hf_tokenizer_files(gpt.get_tokenizer())
+    vocab, merges = files["vocab.json"], files["merges.txt"]
     cache = Path(os.environ["TIKTOKEN_CACHE_DIR"])
     for name, derived in (("encoder.json", vocab), ("vocab.bpe", merges)):
         assert derived == (cache / hashlib.sha1(f"{OPENAI_GPT2_FILES}{name}".encode()).hexdigest()).read_bytes(), name
@@ -1807,7 +1797,7 @@ def test_a_flag_of_several_scripts_has_one_placeholder_choices_default_and_help_
             seen[flag][script.__name__] = fields
             table = gpt.FLAGS.get(flag[2:].replace("-", "_"), {"default": action.default})
             if action.default != table.get("default", False if action.nargs == 0 else None) and flag != "--cache-dir":
-                assert f"(default: {'none' if action.default is None else action.default}, " in action.help, flag
+                assert re.search(r"\(default: [^,]+, ", action.help), flag  # "(default: %(default)s, why)"
     shared = {flag: scripts for flag, scripts in seen.items() if len(scripts) > 1}
     assert len(shared) == 32
     for flag, scripts in shared.items():
@@ -4356,14 +4346,13 @@ def _gguf_blocks(kind, n_blocks, seed=0):
         return gguf.quants.quantize(values, qtype).view(np.uint8).reshape(n_blocks, block_bytes)
     except NotImplementedError:
         blocks = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
-        at = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[kind]
+        at = {"Q4_K": (0, 2), "Q6_K": (208,)}[kind]
         for start in at:
             blocks[:, start:start + 2] = rng.uniform(-1, 1, (n_blocks, 1)).astype(np.float16).view(np.uint8)
         return blocks
 
 
-@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
-                                  "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K"])
 def test_gguf_dequantize_equals_gguf_quants(kind):
     import gguf
 
@@ -4481,7 +4470,7 @@ def test_gguf_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path, m
                                                r"unknown type 99\)")
     odd = [("token_embd.weight", _gguf_blocks("Q4_0", 2), "IQ4_NL")]  # 18-byte blocks of 32, as Q4_0
     _one_line_error(_write_gguf(tmp_path / "iq.gguf", tensors=odd), r"iq\.gguf: tensor 'token_embd\.weight' is IQ4_NL, "
-                    r"a type this project does not read \(it reads F32, .*\): convert or quantize the model")
+                    r"a type this project does not read \(it reads F32, .*\): requantize the model with llama-quantize")
     _one_line_error(_write_gguf(tmp_path / "mamba.gguf", arch="mamba", tensors=weights),
                     r"mamba\.gguf: architecture 'mamba' with rope scaling 'none' is not supported; this project reads "
                     r"gpt2, llama, qwen3, phi2, phi3, gemma3 without rope scaling")
@@ -4597,7 +4586,7 @@ def test_gguf_export_gives_the_weights_back(tmp_path, trained_tokenizers, gguf_t
 def test_gguf_export_runs_from_ollama_and_refuses_what_it_cannot_write(tmp_path, trained_tokenizers, monkeypatch):
     model, tokenizer = gpt.load(_gguf_source("smollm2", tmp_path / "source", trained_tokenizers))
     gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f16")
-    with pytest.raises(FileExistsError, match=r"model\.gguf exists: give --overwrite to replace it"):
+    with pytest.raises(ValueError, match=r"holds another run \(model\.gguf, model\.Modelfile\): replace it with"):
         gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f32")
     gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f16", overwrite=True)
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama"))
@@ -4629,17 +4618,18 @@ def test_gguf_phi2_which_transformers_does_not_read_comes_back_whole_and_gguf_re
     assert {"blk.0.attn_output.bias", "blk.1.ffn_up.weight", "output.bias"} < {tensor.name for tensor in reader.tensors}
     for tensor in reader.tensors:
         assert torch.equal(gpt.dequantize(*ours[tensor.name]), torch.from_numpy(tensor.data.copy())), tensor.name
-    writes = gpt.gguf_tensors
+    writes = gpt.gguf_contents
 
     def packed_qkv(*args):  # older Phi-2 files hold q, k, v (and their biases) as one attn_qkv
-        tensors = {name: rest for name, *rest in writes(*args)}
+        metadata, written = writes(*args)
+        tensors = {name: rest for name, *rest in written}
         for name in [name for name in tensors if ".attn_q." in name]:
             q, k, v = (tensors.pop(name.replace("attn_q", part)) for part in ("attn_q", "attn_k", "attn_v"))
             shape = (3 * q[1][0], *q[1][1:])
             tensors[name.replace("attn_q", "attn_qkv")] = ("F32", shape, torch.cat([q[2], k[2], v[2]]))
-        return [(name, *rest) for name, rest in tensors.items()]
+        return metadata, [(name, *rest) for name, rest in tensors.items()]
 
-    monkeypatch.setattr(gpt, "gguf_tensors", packed_qkv)
+    monkeypatch.setattr(gpt, "gguf_contents", packed_qkv)
     gpt.export_gguf(model, tokenizer, tmp_path / "packed.gguf", "f32")
     assert "blk.0.attn_qkv.bias" in gpt.read_gguf(tmp_path / "packed.gguf")[1]
     packed, ids = gpt.load(tmp_path / "packed.gguf")[0], torch.tensor([ids])
