@@ -841,36 +841,6 @@ def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt, **con
     return reference, tokenizer
 
 
-@pytest.mark.parametrize("style", ["smollm2", "llama3"])
-def test_family_load_gpt2_perplexity_and_hellaswag_equal_transformers(trained_tokenizers, tmp_path, style):
-    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, "Hi")
-    # A text starts after <|endoftext|>, or Llama 3's <|begin_of_text|>, as in the harness.
-    text = "Every effort moves you forward, one step at a time: 12 steps.\nDon't stop."
-    ids = tokenizer.encode(text).ids if style == "llama3" else [tokenizer.token_to_id("<|endoftext|>")] + tokenizer.encode(text).ids
-    with torch.no_grad():
-        logits = reference(torch.tensor([ids[:-1]])).logits[0]
-    cross_entropy = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item()
-    (tmp_path / "text.txt").write_text(text)
-    load_gpt2.main(["--model", str(tmp_path / "model"), "--perplexity", str(tmp_path / "text.txt"),
-                    "--results", str(tmp_path / "perplexity.json")])
-    score = json.loads((tmp_path / "perplexity.json").read_text())["perplexity"]
-    assert score["tokens"] == len(ids) - 1 and score["windows"] == 1
-    assert score["perplexity"] == pytest.approx(math.exp(cross_entropy), rel=1e-4)
-    # One HellaSwag item: the harness's prompt, encoded without a begin-of-text token.
-    request = load_gpt2.hellaswag_request(load_gpt2.read_hellaswag(HELLASWAG_TINY)[0])
-    encode = partial(tokenizer.encode, add_special_tokens=False)
-    context = encode(request["context"]).ids
-    lls = []
-    for choice in request["choices"]:
-        continuation = encode(request["context"] + " " + choice).ids[len(context) :]
-        with torch.no_grad():
-            logprobs = reference(torch.tensor([context + continuation[:-1]])).logits[0].log_softmax(dim=-1)
-        lls.append(sum(logprobs[len(context) - 1 + k, t].item() for k, t in enumerate(continuation)))
-    encoding = tokenizer_and_eot(tmp_path / "model")[0]
-    scored = load_gpt2.score_multiple_choice(load_lm(tmp_path / "model"), [request], tokenizer=encoding)
-    assert scored[0]["lls"] == pytest.approx(lls, abs=1e-4)
-
-
 def test_load_gpt2_download_only_fetches_model_and_tokenizer_into_cache_dir(trained_tokenizers, small_pair,
                                                                              local_server, monkeypatch, tmp_path, capsys):
     family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "smollm2", "Hi")
@@ -1011,31 +981,68 @@ STAGE_FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", STAGE_FAMILIES)
-def test_family_generates_with_its_tokenizer_and_exports_its_model_and_classifier(family, sentencepiece_tokenizers,
-                                                                                  trained_tokenizers, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def stage_models(tmp_path_factory, sentencepiece_tokenizers, trained_tokenizers):
+    """{family: (transformers model, its save_pretrained folder with its tokenizer.json, tokenizers.Tokenizer)}."""
     from tokenizers import Tokenizer
+
+    models = {}
+    for family, (name, style, _) in STAGE_FAMILIES.items():
+        tokenizer_json = stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers)
+        folder = tmp_path_factory.mktemp(family)
+        reference = save_hf_family(folder, name, tokenizer_json=tokenizer_json, vocab_size=1100)
+        models[family] = reference, folder, Tokenizer.from_str(json.dumps(tokenizer_json))
+    return models
+
+
+@pytest.mark.parametrize("family", STAGE_FAMILIES)
+def test_family_load_gpt2_generates_and_measures_with_its_tokenizer_as_transformers(family, stage_models, tmp_path,
+                                                                                    capsys):
+    reference, folder, tokenizer = stage_models[family]
+    encoding, eot = tokenizer_and_eot(folder)
+    prompt = "Every effort moves you"
+    ids = tokenizer.encode(prompt).ids  # Llama 3, SentencePiece: the begin token first
+    assert ids == encoding.encode(prompt, bos=True)
+    expected = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  max_new_tokens=12, do_sample=False, eos_token_id=eot, pad_token_id=eot)[0, len(ids) :]
+    load_gpt2.main(["--model", str(folder), "--prompt", prompt, "--max-new-tokens", "12"])
+    text = gpt.token_ids_to_text([token for token in expected.tolist() if token != eot], tokenizer=encoding)
+    assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")  # with the space before it
+    # A text is scored after the begin token, else after the end-of-text token, as in the harness.
+    text = "Every effort moves you forward, one step at a time: 12 steps.\nDon't stop."
+    ids = tokenizer.encode(text).ids if encoding.bos_id is not None else [eot] + tokenizer.encode(text).ids
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids[:-1]])).logits[0]
+    (tmp_path / "text.txt").write_text(text)
+    load_gpt2.main(["--model", str(folder), "--perplexity", str(tmp_path / "text.txt"), "--results",
+                    str(tmp_path / "perplexity.json")])
+    score = json.loads((tmp_path / "perplexity.json").read_text())["perplexity"]
+    assert score["tokens"] == len(ids) - 1 and score["windows"] == 1
+    cross_entropy = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item()
+    assert score["perplexity"] == pytest.approx(math.exp(cross_entropy), rel=1e-4)
+    # One HellaSwag item: the harness's prompt, encoded without a begin token.
+    request = load_gpt2.hellaswag_request(load_gpt2.read_hellaswag(HELLASWAG_TINY)[0])
+    context = tokenizer.encode(request["context"], add_special_tokens=False).ids
+    lls = []
+    for choice in request["choices"]:
+        continuation = tokenizer.encode(request["context"] + " " + choice, add_special_tokens=False).ids[len(context) :]
+        with torch.no_grad():
+            logprobs = reference(torch.tensor([context + continuation[:-1]])).logits[0].log_softmax(dim=-1)
+        lls.append(sum(logprobs[len(context) - 1 + k, t].item() for k, t in enumerate(continuation)))
+    scored = load_gpt2.score_multiple_choice(load_lm(folder), [request], tokenizer=encoding)
+    assert scored[0]["lls"] == pytest.approx(lls, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", STAGE_FAMILIES)
+def test_family_exports_its_model_and_classifier_which_transformers_reads(family, stage_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    name, style, classifier = STAGE_FAMILIES[family]
-    tokenizer_json = stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers)
-    folder = tmp_path / "model"
-    reference = save_hf_family(folder, name, tokenizer_json=tokenizer_json, vocab_size=1100)
-    tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
+    reference, folder, tokenizer = stage_models[family]
     model, encoding = gpt.load(folder)
-    prompt = "Every effort moves you"
-    ids = torch.tensor([tokenizer.encode(prompt).ids])  # Llama 3, SentencePiece: the begin token first
-    assert ids[0].tolist() == encoding.encode(prompt, bos=True)
-    eot = encoding.eot_id
-    expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                  eos_token_id=eot, pad_token_id=eot)[0, ids.shape[1] :].tolist()
-    load_gpt2.main(["--model", str(folder), "--prompt", prompt, "--max-new-tokens", "12"])
-    text = gpt.token_ids_to_text([token for token in expected if token != eot], tokenizer=encoding)  # with its space
-    assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")
     load_gpt2.main(["--model", str(folder), "--export-hf", str(tmp_path / "hf")])
     exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
     assert problems == [] and type(exported) is type(reference)
-    assert exported.generation_config.eos_token_id == exported.config.eos_token_id == eot
+    assert exported.generation_config.eos_token_id == exported.config.eos_token_id == encoding.eot_id
     assert_same_logits(exported, reference, 1000)
     assert_same_logits(load_lm(tmp_path / "hf"), model, 1000, atol=0)  # and back, exactly
     exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -1048,7 +1055,7 @@ def test_family_generates_with_its_tokenizer_and_exports_its_model_and_classifie
              "--max-steps", "2"])
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf-classifier")])
     exported, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf-classifier")
-    assert problems == [] and type(exported).__name__ == classifier
+    assert problems == [] and type(exported).__name__ == STAGE_FAMILIES[family][2]
     classifier_model = fc.load_classifier(run / "classifier.pt")[0]
     text = torch.tensor([encoding.encode("WINNER!! Claim your free prize now", bos=True)])
     with torch.no_grad():
