@@ -817,19 +817,19 @@ def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(traine
             tokenizer_of_json({**data, **change}, "tokenizer.json")
 
 
-# --- the family through load_gpt2.py: its own tokenizer, end token and measurements -------
+# --- a family model that soon reaches its end token (of the stages' tests); --download-only -----
 
 FAMILY_STYLES = {"smollm2": "llama", "llama3": "llama", "qwen3": "qwen3"}  # tokenizer style -> model_type
 
 
-def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt, **config):
+def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt):
     """A random model (vocabulary 1000, context 256) saved with save_pretrained beside the trained tokenizer.json of
     `style`, whose greedy continuation of `prompt` reaches the end-of-text token early: the untied head's row of that
     token is, slightly larger, the row of the token greedy decoding picks third (tied: the embedding's row too) ->
-    (transformers model, tokenizers.Tokenizer). config: more of transformers' config."""
+    (transformers model, tokenizers.Tokenizer)."""
     tokenizer, tokenizer_folder = trained_tokenizers[style]
     sizes = dict(vocab_size=1000, max_position_embeddings=256, num_key_value_heads=2, tie_word_embeddings=False)
-    reference = save_hf_family(folder, FAMILY_STYLES[style], **{**sizes, **config})
+    reference = save_hf_family(folder, FAMILY_STYLES[style], **sizes)
     (folder / "tokenizer.json").write_bytes((tokenizer_folder / "tokenizer.json").read_bytes())
     prompt_ids = torch.tensor([tokenizer.encode(prompt).ids])
     third = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=3,
@@ -1962,17 +1962,8 @@ def test_benchmark_batching_and_padding_do_not_change_any_score():
 
 
 def test_perplexity_is_exp_of_mean_cross_entropy_and_slides_its_window_over_a_long_text():
-    model = tiny_model(context_length=64)
-    text = "Every effort moves you forward, one step at a time."
-    ids = gpt.get_tokenizer().encode(text)
-    with torch.no_grad():
-        logits = model(torch.tensor([[gpt.EOT_ID] + ids[:-1]]))[0]
-    cross_entropy = torch.nn.functional.cross_entropy(logits, torch.tensor(ids)).item()
-    score = load_gpt2.perplexity(model, text, stride=32)
-    assert score["windows"] == 1 and score["tokens"] == len(ids)
-    assert score["perplexity"] == pytest.approx(math.exp(cross_entropy), rel=1e-4)
-    assert score["bits_per_byte"] == pytest.approx(cross_entropy * len(ids) / (len(text.encode()) * math.log(2)), rel=1e-4)
-    # A longer text: windows of 16 that start 8 apart score each token once, with up to 15 tokens before it.
+    # Windows of 16 that start 8 apart score each token once, with up to 15 tokens before it (one window: the
+    # family test above).
     model = tiny_model(context_length=16)
     ids = gpt.get_tokenizer().encode(" ".join(f"word{k}" for k in range(30)))[:50]
     assert len(ids) == 50
@@ -1985,7 +1976,9 @@ def test_perplexity_is_exp_of_mean_cross_entropy_and_slides_its_window_over_a_lo
         total += _continuation_logprob(model, sequence[begin : j + 1], [token])
     text = gpt.get_tokenizer().decode(ids)
     score = load_gpt2.perplexity(model, text, stride=8, batch_size=3)
+    assert (score["tokens"], score["windows"]) == (50, 6)
     assert score["perplexity"] == pytest.approx(math.exp(-total / 50), rel=1e-4)
+    assert score["bits_per_byte"] == pytest.approx(-total / (len(text.encode()) * math.log(2)), rel=1e-4)
 
 
 def test_contamination_finds_exactly_the_planted_overlaps_and_reports_the_score_on_clean_items(tmp_path):
