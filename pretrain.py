@@ -22,7 +22,6 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -53,9 +52,7 @@ def log(*parts):
         print(*parts, flush=True)
 
 
-# ----------------------------------------------------------------------------------------
-# 1. Data: text files -> token file -> train/validation splits -> windows -> batches
-# ----------------------------------------------------------------------------------------
+# --- 1. Data: text files -> token file -> train/validation splits -> windows -> batches ---
 
 
 def resolve_sources(data):
@@ -74,61 +71,33 @@ def resolve_sources(data):
     return [path]
 
 
-def encode_text_file(f, tokenizer, chunk_chars=1 << 20):
-    """Token ids of the text of f (open as `prepare_token_file` opens it), read chunk_chars characters at a time:
-    yields lists of ints whose concatenation is the encoding of the whole text (special-token text becomes its id).
-    The text is cut only after a newline with non-whitespace on both sides, where the pre-tokenizers of GPT-2 and the
-    Llama family always end a piece. Raises ValueError naming the byte offset of invalid UTF-8."""
-    buffer, first_chunk = "", True
+def read_document(path):
+    """The text of a UTF-8 file, read whole (a document must fit in memory), without a byte-order mark and with Windows
+    and old Mac line ends read as newlines, as Python's text mode reads them. ValueError: the offset of invalid UTF-8."""
     try:
-        while piece := f.read(chunk_chars):
-            first = max(len(buffer) - 1, 1)  # the buffer held no cut; only its last character may now become one
-            buffer += piece
-            cut = buffer.rfind("\n", first, len(buffer) - 1)
-            while cut > 0 and (buffer[cut - 1].isspace() or buffer[cut + 1].isspace()):
-                cut = buffer.rfind("\n", first, cut)
-            if cut > 0:
-                yield tokenizer.encode(buffer[: cut + 1], start=first_chunk)
-                buffer, first_chunk = buffer[cut + 1 :], False
-    except UnicodeDecodeError as e:  # e.object: the bytes being decoded, which end where the file is read to
-        offset = f.buffer.tell() - len(e.object) + e.start
-        raise ValueError(f"{f.name}: invalid UTF-8 at byte {offset} ({e.reason}); fix the file or pass "
-                         "--replace-invalid-utf8") from None
-    if buffer:
-        yield tokenizer.encode(buffer, start=first_chunk)
+        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: invalid UTF-8 at byte {e.start} ({e.reason}); re-save the file as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 # Token file types: (array typecode, torch dtype the file is read as). torch before 2.3 has no unsigned types: uint16
-# ids are read as int16 (`as_ids` undoes it), uint32 ids as int32 (every vocabulary is far below 2**31 ids).
+# ids are read as int16 (`get_batch` undoes it), uint32 ids as int32 (every vocabulary is far below 2**31 ids).
 TOKEN_TYPES = {"uint16": ("H", torch.int16), "uint32": ("I", torch.int32)}
 
 
-def token_type(tokenizer):
-    """"uint16" when every id fits in 2 bytes (GPT-2: 50,257 ids, SmolLM2: 49,152), else "uint32" (Qwen3, Llama 3)."""
-    return "uint16" if tokenizer.max_token_value < 1 << 16 else "uint32"
-
-
-def as_ids(tokens):
-    """Tokens read from a token file -> LongTensor of ids (int16 back to uint16)."""
-    return tokens.long() & 0xFFFF if tokens.dtype == torch.int16 else tokens.long()
-
-
-def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False):
-    """Tokenize the text files (documents, end-of-text tokens between them as in GPT-2's training data) into one token
-    file, atomically -> (its Path, number of tokens, SHA-256). Reused while the JSON record beside it names the same
-    tokenizer (by content) and the same sources (sizes, modification times)."""
-    dtype = token_type(tokenizer)
+def prepare_token_file(paths, token_dir, tokenizer):
+    """Tokenize the text files (documents, each read whole; end-of-text tokens between them as in GPT-2's training
+    data) into one token file, atomically -> (its Path, number of tokens, SHA-256). Its name holds a fingerprint of
+    the tokenizer and the paths; it is reused while the JSON record beside it names the same file sizes and times."""
+    dtype = "uint16" if tokenizer.max_token_value < 1 << 16 else "uint32"  # GPT-2, SmolLM2; Qwen3, Llama 3
     sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-    tokenizer_content = json.dumps(tokenizer.state(), sort_keys=True).encode()  # what a checkpoint stores of it
-    record = {"tokenizer": tokenizer.name, "tokenizer_sha256": hashlib.sha256(tokenizer_content).hexdigest(),
-              "replace_invalid_utf8": replace_invalid, "sources": sources}
-    key = json.dumps([[s[0] for s in sources], replace_invalid, record["tokenizer_sha256"]]).encode()
+    key = json.dumps([tokenizer.state(), [s[0] for s in sources]], sort_keys=True).encode()
     token_path = Path(token_dir) / f"{paths[0].stem}-{hashlib.sha256(key).hexdigest()[:16]}.{dtype}"
     typecode, record_path = TOKEN_TYPES[dtype][0], token_path.with_suffix(".json")
     with contextlib.suppress(OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
         saved = json.loads(record_path.read_text())
-        size = saved["n_tokens"] * array(typecode).itemsize  # bytes
-        if {k: saved[k] for k in record} == record and token_path.stat().st_size == size:
+        if saved["sources"] == sources and token_path.stat().st_size == saved["n_tokens"] * array(typecode).itemsize:
             log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
             return token_path, saved["n_tokens"], saved["sha256"]
     record_path.unlink(missing_ok=True)  # the token file is about to change
@@ -137,17 +106,15 @@ def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False):
     def write(out):  # into the temporary file of gpt.atomic_write_bytes: an interrupted run leaves no half file
         nonlocal n_tokens
         done_bytes = 0  # of the documents done
-        for i, path in enumerate(paths):  # text mode: no byte-order mark, line endings read as "\n"
-            with open(path, encoding="utf-8-sig", errors="replace" if replace_invalid else "strict") as f:
-                separator = [[tokenizer.eot_token]] if i > 0 else []  # between documents, not before the first
-                for ids in itertools.chain(separator, encode_text_file(f, tokenizer)):
-                    data = array(typecode, ids).tobytes()  # native byte order
-                    out.write(data)
-                    digest.update(data)
-                    n_tokens += len(ids)
-                    done = done_bytes + f.buffer.tell()
-                    gpt.show_progress(f"tokenizing: {done / 1e6:,.2f} of {total_bytes / 1e6:,.2f} MB, "
-                                      f"{n_tokens:,} tokens, ETA {gpt.eta(started, done, total_bytes)}")
+        for i, path in enumerate(paths):
+            gpt.show_progress(f"tokenizing: {done_bytes / 1e6:,.2f} of {total_bytes / 1e6:,.2f} MB, {n_tokens:,} "
+                              f"tokens, ETA {gpt.eta(started, done_bytes, total_bytes)}")
+            separator = [tokenizer.eot_token] if i > 0 else []  # between documents, not before the first
+            ids = separator + tokenizer.encode(read_document(path))
+            data = array(typecode, ids).tobytes()  # native byte order
+            out.write(data)
+            digest.update(data)
+            n_tokens += len(ids)
             done_bytes += path.stat().st_size
 
     try:
@@ -156,7 +123,8 @@ def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False):
         gpt.end_progress()
     if n_tokens == 0:
         raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
-    gpt.write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": digest.hexdigest()})
+    record = {"tokenizer": tokenizer.name, "sources": sources, "n_tokens": n_tokens, "sha256": digest.hexdigest()}
+    gpt.write_json(record_path, record)
     log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
     return token_path, n_tokens, digest.hexdigest()
 
@@ -165,14 +133,12 @@ def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False):
 class Splits:
     """The token splits and the windows that training and evaluation read from them."""
 
-    train: torch.Tensor  # [n_train], as the token file holds them (see `as_ids`)
+    train: torch.Tensor  # [n_train], as the token file holds them (see TOKEN_TYPES)
     val: torch.Tensor  # [n_val]
-    context_length: int  # tokens per window
-    stride: int  # tokens between the starts of two training windows
+    context_length: int  # tokens per window; window i starts at token i * context_length (windows do not overlap)
     n_windows: int  # training windows in one epoch
     seed: int  # of the order of the training windows (`gpt.epoch_order`)
     eval_starts: dict  # {"train": starts, "val": starts}: the same windows at every evaluation
-    unigram_loss: float  # validation loss of a model that ignores context, nats per token
 
 
 def split_tokens(tokens, train_fraction, context_length):
@@ -188,11 +154,6 @@ def split_tokens(tokens, train_fraction, context_length):
     return tokens[:n_train], tokens[n_train:]
 
 
-def count_windows(n_tokens, context_length, stride):
-    """Windows of context_length + 1 tokens (inputs and targets) starting at 0, stride, 2 * stride, ... in n_tokens."""
-    return max(0, (n_tokens - context_length - 1) // stride + 1)
-
-
 def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
     """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows in the order of epoch
     i // n_windows, so the data position is one number, the samples seen; the ranks' micro-batches side by side are
@@ -200,12 +161,12 @@ def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, wor
     first = samples_seen + (micro_step * world_size + rank) * batch_size
     n = splits.n_windows
     samples = range(first, first + batch_size)
-    return [int(gpt.epoch_order(n, splits.seed, i // n)[i % n]) * splits.stride for i in samples]
+    return [int(gpt.epoch_order(n, splits.seed, i // n)[i % n]) * splits.context_length for i in samples]
 
 
 def evaluation_starts(n_tokens, context_length, max_windows):
     """Starts of up to max_windows (0: all) non-overlapping windows spread evenly over a split, the same each time."""
-    available = count_windows(n_tokens, context_length, context_length)
+    available = (n_tokens - 1) // context_length  # windows of context_length + 1 tokens (inputs and targets)
     k = min(available, max_windows or available)  # 0: all
     return [(j * available // k) * context_length for j in range(k)]
 
@@ -213,46 +174,37 @@ def evaluation_starts(n_tokens, context_length, max_windows):
 def get_batch(tokens, starts, context_length, device):
     """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length], with
     targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
-    rows = as_ids(torch.stack([tokens[s : s + context_length + 1] for s in starts]))
+    rows = torch.stack([tokens[s : s + context_length + 1] for s in starts]).long()
+    rows = rows & 0xFFFF if tokens.dtype == torch.int16 else rows  # uint16 ids, read as int16, back
     # On a GPU from pinned memory, so that the copy overlaps with compute.
     rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
     return rows[:, :-1], rows[:, 1:]
 
 
-def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=10_000_000):
-    """Validation loss (nats per token) of a model that ignores context: the add-one smoothed token frequencies of the
-    training tokens (of the first max_tokens of each split)."""
-    counts = torch.bincount(as_ids(train_tokens[:max_tokens]), minlength=vocab_size).double() + 1
-    return -(counts / counts.sum()).log()[as_ids(val_tokens[:max_tokens])].mean().item()
-
-
 def make_splits(args, tokenizer, cfg, proc):
     """(Splits of --data for a model of config cfg, the data's fingerprint {"n_tokens", "sha256"}). The first process
     of each machine tokenizes; the others wait, then reuse its token file."""
-    barrier(proc, wait=proc.local_rank != 0)
-    sources = resolve_sources(args.data)
+    if proc.world_size > 1 and proc.local_rank != 0:
+        dist.barrier()  # the first process of each machine tokenizes; the others wait here, then reuse its file
     token_dir = Path(args.cache_dir) / "tokens"
-    token_path, n_tokens, sha256 = prepare_token_file(sources, token_dir, tokenizer, args.replace_invalid_utf8)
-    barrier(proc, wait=proc.local_rank == 0)
+    token_path, n_tokens, sha256 = prepare_token_file(resolve_sources(args.data), token_dir, tokenizer)
+    if proc.world_size > 1 and proc.local_rank == 0:
+        dist.barrier()
     context_length = gpt.length_within_context(args.context_length, cfg, "--context-length")
-    stride = args.stride or context_length
     # Memory-mapped: read on demand, so a corpus larger than memory works.
     tokens = torch.from_file(str(token_path), size=n_tokens, dtype=TOKEN_TYPES[token_path.suffix[1:]][1])
     train, val = split_tokens(tokens, args.train_fraction, context_length)
-    n_windows = count_windows(len(train), context_length, stride)
+    n_windows = (len(train) - 1) // context_length
     eval_windows = args.eval_batches * args.batch_size * proc.world_size
     eval_starts = {name: evaluation_starts(len(split), context_length, eval_windows)
                    for name, split in (("train", train), ("val", val))}
     log(f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
-        f"{n_windows:,} training windows of {context_length} tokens, stride {stride}")
-    unigram_loss = unigram_baseline(train, val, cfg.vocab_size)
-    splits = Splits(train, val, context_length, stride, n_windows, args.seed, eval_starts, unigram_loss)
+        f"{n_windows:,} training windows of {context_length} tokens")
+    splits = Splits(train, val, context_length, n_windows, args.seed, eval_starts)
     return splits, {"n_tokens": n_tokens, "sha256": sha256}
 
 
-# ----------------------------------------------------------------------------------------
-# 2. The model and the learning-rate schedule (the optimizer: gpt.make_adamw, in `start_run`)
-# ----------------------------------------------------------------------------------------
+# --- 2. The model and the learning-rate schedule (the optimizer: gpt.make_adamw, in `start_run`) ---
 
 
 def model_config(args):
@@ -288,9 +240,7 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-# ----------------------------------------------------------------------------------------
-# 3. Several processes under torchrun (as nanoGPT's train.py), and the speed in the log
-# ----------------------------------------------------------------------------------------
+# --- 3. Several processes under torchrun (as nanoGPT's train.py), and the speed in the log ---
 
 # This process as it sees the run: its rank (0 prints and writes the files), its rank on this machine, how many
 # processes train together, and its device.
@@ -315,12 +265,6 @@ def distributed_run(device_name="auto"):
         yield Processes(rank, local_rank, world_size, device)
     finally:
         dist.destroy_process_group()
-
-
-def barrier(proc, wait=True):
-    """Wait here until every process arrives (with several processes, and when wait)."""
-    if proc.world_size > 1 and wait:
-        dist.barrier()
 
 
 # Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found in
@@ -372,9 +316,7 @@ class Throughput:
         return f"{tokens_per_s:,.0f} tok/s{mfu} | ETA {remaining}"
 
 
-# ----------------------------------------------------------------------------------------
-# 4. The training loop, and its evaluation (both losses and a sample), stop and save
-# ----------------------------------------------------------------------------------------
+# --- 4. The training loop, and its evaluation (both losses and a sample), stop and save ---
 
 
 @torch.no_grad()
@@ -424,7 +366,7 @@ def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autoca
         out_dir = Path(args.out_dir)
         if improved:
             gpt.save_checkpoint(out_dir / "best.pt", model, tokenizer, step=step, tokens_seen=tokens, val_loss=val_loss)
-        gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
+        gpt.write_json(out_dir / "history.json", {"evaluations": history})
     return True
 
 
@@ -437,7 +379,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
     if proc.world_size > 1:  # DistributedDataParallel all-reduces the gradients in backward
         device_ids = [proc.device] if proc.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(eval_model, device_ids=device_ids)
-    peak = args.peak_flops or peak_flops(proc.device, dtype_name)  # None: no MFU
+    peak = peak_flops(proc.device, dtype_name)  # None: no MFU
     tokens_per_step = args.batch_size * args.grad_accum * proc.world_size * splits.context_length
     steps_per_epoch = splits.n_windows * splits.context_length / tokens_per_step
     speed = Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
@@ -495,9 +437,7 @@ def stop_reason(args, state, stopper, proc):
     return (stopper.signal_name or "stop-at-step") if stop else None
 
 
-# ----------------------------------------------------------------------------------------
-# 5. The stage: start (or resume) the run, train, report
-# ----------------------------------------------------------------------------------------
+# --- 5. The stage: start (or resume) the run, train, report -----------------------------
 
 
 def pretrain(args, proc):
@@ -509,8 +449,7 @@ def pretrain(args, proc):
     if proc.rank == 0:
         tokens = [h["tokens"] for h in history]
         series = {"train": (tokens, [h["train_loss"] for h in history]),
-                  "validation": (tokens, [h["val_loss"] for h in history]),
-                  "unigram baseline": ([tokens[0], tokens[-1]], [splits.unigram_loss] * 2)}
+                  "validation": (tokens, [h["val_loss"] for h in history])}
         gpt.plot_curves(out_dir / "loss.png", {"loss (nats per token)": series}, xlabel="tokens seen")
     if stopped == "end":
         log(f"done: {state['step']} steps, validation loss {history[-1]['val_loss']:.3f} "
@@ -518,8 +457,7 @@ def pretrain(args, proc):
     else:
         log(f"stopped at step {state['step']} ({stopped}): go on with python pretrain.py --resume --out-dir {out_dir}")
     return dict(steps=state["step"], tokens_seen=state["samples_seen"] * splits.context_length, stopped=stopped,
-                val_loss=history[-1]["val_loss"], unigram_loss=splits.unigram_loss, latest=out_dir / "latest.pt",
-                best=out_dir / "best.pt")
+                val_loss=history[-1]["val_loss"], latest=out_dir / "latest.pt", best=out_dir / "best.pt")
 
 
 def start_run(args, proc):
@@ -529,7 +467,8 @@ def start_run(args, proc):
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
         gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
         gpt.print_settings(args, build_parser().parse_args([]))
-    barrier(proc)
+    if proc.world_size > 1:
+        dist.barrier()
     checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
     model, tokenizer = model_to_train(args, checkpoint)  # before the data: a wrong --model fails in seconds
     splits, data = make_splits(args, tokenizer, model.cfg, proc)
@@ -560,7 +499,7 @@ def start_run(args, proc):
     windows = total_steps * global_batch
     log(f"training: {total_steps} steps of {global_batch} windows of {splits.context_length} tokens "
         f"({windows * splits.context_length:,} tokens, {windows / splits.n_windows:.2f} epochs), measured every "
-        f"{args.eval_every}; unigram baseline {splits.unigram_loss:.3f}")
+        f"{args.eval_every}")
     return model, optimizer, splits, tokenizer, state
 
 
@@ -575,29 +514,25 @@ def load_training_state(path):
     return checkpoint
 
 
-# ----------------------------------------------------------------------------------------
-# 6. Command line and main
-# ----------------------------------------------------------------------------------------
+# --- 6. Command line and main -----------------------------------------------------------
 
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
 # With --resume these come from the command line, not from the saved run: where the files are and when to stop.
 THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir")
 # With --resume these may differ from the saved run when given: --max-steps or --epochs extend it (the cosine
 # schedule stretches to the new end); the others change the speed.
-MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "peak_flops")
+MAY_CHANGE = ("max_steps", "epochs", "device", "compile")
 
 
 def build_parser():
     p = gpt.ArgumentParser(description="Pretrain a GPT on plain text (next-token prediction). A new run refuses an "
                            "--out-dir that holds another run: --resume continues that run with its saved settings "
                            "(only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, "
-                           "--peak-flops, --cache-dir may differ from them), --overwrite deletes it first.")
+                           "--cache-dir may differ from them), --overwrite deletes it first.")
     data = p.add_argument_group("data")
     data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files "
                       f"(default: The Verdict, {VERDICT_URL})")
     data.add_argument("--train-fraction", type=gpt.fraction, default=0.9, help="share of the tokens for training")
-    data.add_argument("--stride", type=gpt.positive_int, help="tokens between window starts (default: no overlap)")
-    data.add_argument("--replace-invalid-utf8", action="store_true", help="read bytes that are not UTF-8 as U+FFFD")
     gpt.add_flags(data, "cache_dir")
 
     model = p.add_argument_group("model")
@@ -635,8 +570,6 @@ def build_parser():
         "for speed: pretraining is the long run)"
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=dtype_help)
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
-    run.add_argument("--peak-flops", type=gpt.non_negative_float, help="FLOP/s of one device, for the MFU in the log "
-                     "(default: known GPUs)")
     return p
 
 
