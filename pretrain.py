@@ -7,11 +7,10 @@
     python pretrain.py --resume --max-steps 2000         # continue the run in runs/pretrain/, and extend it
 
 The story: the text (by default "The Verdict", the short story of chapter 5 of "Build a Large Language Model (From
-Scratch)", downloaded once) is tokenized once into a token file (<--cache-dir>/tokens/, 2 or 4 bytes per token) and
-split into training and validation windows; a GPT is built or loaded; one loop trains it with AdamW, warm-up, cosine
+Scratch)"; or text files, documents each read whole) is tokenized once into a memory-mapped token file and split into
+training and validation windows; a GPT is built or loaded; one loop trains every weight with AdamW, warm-up, cosine
 decay and gradient accumulation (DistributedDataParallel under torchrun, as nanoGPT's train.py), and every
---eval-every steps measures both losses, prints a sample and saves. Ctrl-C or SIGTERM saves and exits; --resume
-continues exactly. Every weight trains (16 bytes per parameter with AdamW, checked at the start).
+--eval-every steps measures both losses, prints a sample and saves. Ctrl-C or SIGTERM saves; --resume continues exactly.
 
 Writes to --out-dir (default runs/pretrain/; another run there is refused unless --resume or --overwrite): run.json
 (settings, data fingerprint), latest.pt (the training state), best.pt (the model with the lowest validation loss:
@@ -52,7 +51,7 @@ def log(*parts):
         print(*parts, flush=True)
 
 
-# --- 1. Data: text files -> token file -> train/validation splits -> windows -> batches ---
+# --- 1. Data: text files -> token file -> splits -> windows -> batches ------------------
 
 
 def resolve_sources(data):
@@ -71,36 +70,26 @@ def resolve_sources(data):
     return [path]
 
 
-def read_document(path):
-    """The text of a UTF-8 file, read whole (a document must fit in memory), without a byte-order mark and with Windows
-    and old Mac line ends read as newlines, as Python's text mode reads them. ValueError: the offset of invalid UTF-8."""
-    try:
-        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: invalid UTF-8 at byte {e.start} ({e.reason}); re-save the file as UTF-8") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
 # Token file types: (array typecode, torch dtype the file is read as). torch before 2.3 has no unsigned types: uint16
 # ids are read as int16 (`get_batch` undoes it), uint32 ids as int32 (every vocabulary is far below 2**31 ids).
 TOKEN_TYPES = {"uint16": ("H", torch.int16), "uint32": ("I", torch.int32)}
 
 
 def prepare_token_file(paths, token_dir, tokenizer):
-    """Tokenize the text files (documents, each read whole; end-of-text tokens between them as in GPT-2's training
-    data) into one token file, atomically -> (its Path, number of tokens, SHA-256). Its name holds a fingerprint of
-    the tokenizer and the paths; it is reused while the JSON record beside it names the same file sizes and times."""
+    """Tokenize the text files (documents, end-of-text tokens between them as in GPT-2's training data) into one token
+    file, atomically -> (its Path, number of tokens, SHA-256). The file's name holds a fingerprint of the tokenizer and
+    the sources (paths, sizes, modification times): it is reused while the record beside it, written last, says how
+    many tokens it holds. A changed source makes a new file (delete <--cache-dir>/tokens/ to free the space)."""
     dtype = "uint16" if tokenizer.max_token_value < 1 << 16 else "uint32"  # GPT-2, SmolLM2; Qwen3, Llama 3
     sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-    key = json.dumps([tokenizer.state(), [s[0] for s in sources]], sort_keys=True).encode()
+    key = json.dumps([tokenizer.state(), sources], sort_keys=True).encode()
     token_path = Path(token_dir) / f"{paths[0].stem}-{hashlib.sha256(key).hexdigest()[:16]}.{dtype}"
     typecode, record_path = TOKEN_TYPES[dtype][0], token_path.with_suffix(".json")
     with contextlib.suppress(OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
         saved = json.loads(record_path.read_text())
-        if saved["sources"] == sources and token_path.stat().st_size == saved["n_tokens"] * array(typecode).itemsize:
+        if token_path.stat().st_size == saved["n_tokens"] * array(typecode).itemsize:
             log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
             return token_path, saved["n_tokens"], saved["sha256"]
-    record_path.unlink(missing_ok=True)  # the token file is about to change
     started, total_bytes, digest, n_tokens = time.time(), sum(s[1] for s in sources), hashlib.sha256(), 0
 
     def write(out):  # into the temporary file of gpt.atomic_write_bytes: an interrupted run leaves no half file
@@ -109,8 +98,10 @@ def prepare_token_file(paths, token_dir, tokenizer):
         for i, path in enumerate(paths):
             gpt.show_progress(f"tokenizing: {done_bytes / 1e6:,.2f} of {total_bytes / 1e6:,.2f} MB, {n_tokens:,} "
                               f"tokens, ETA {gpt.eta(started, done_bytes, total_bytes)}")
+            text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")  # read whole: a document must fit in memory
+            text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac line ends, as text mode reads
             separator = [tokenizer.eot_token] if i > 0 else []  # between documents, not before the first
-            ids = separator + tokenizer.encode(read_document(path))
+            ids = separator + tokenizer.encode(text)
             data = array(typecode, ids).tobytes()  # native byte order
             out.write(data)
             digest.update(data)
@@ -123,22 +114,16 @@ def prepare_token_file(paths, token_dir, tokenizer):
         gpt.end_progress()
     if n_tokens == 0:
         raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
-    record = {"tokenizer": tokenizer.name, "sources": sources, "n_tokens": n_tokens, "sha256": digest.hexdigest()}
-    gpt.write_json(record_path, record)
+    gpt.write_json(record_path, {"sources": sources, "n_tokens": n_tokens, "sha256": digest.hexdigest()})
     log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
     return token_path, n_tokens, digest.hexdigest()
 
 
-@dataclasses.dataclass
-class Splits:
-    """The token splits and the windows that training and evaluation read from them."""
-
-    train: torch.Tensor  # [n_train], as the token file holds them (see TOKEN_TYPES)
-    val: torch.Tensor  # [n_val]
-    context_length: int  # tokens per window; window i starts at token i * context_length (windows do not overlap)
-    n_windows: int  # training windows in one epoch
-    seed: int  # of the order of the training windows (`gpt.epoch_order`)
-    eval_starts: dict  # {"train": starts, "val": starts}: the same windows at every evaluation
+# The splits and the windows read from them: train [n_train] and val [n_val], tokens as the token file holds them
+# (TOKEN_TYPES); windows of context_length tokens (and one more, the last target), window i starting at token
+# i * context_length; n_windows training windows, in epoch e in the order `gpt.epoch_order(n_windows, seed, e)`;
+# eval_starts {"train": starts, "val": starts}, the same windows at every evaluation.
+Splits = collections.namedtuple("Splits", "train val context_length n_windows seed eval_starts")
 
 
 def split_tokens(tokens, train_fraction, context_length):
@@ -156,8 +141,7 @@ def split_tokens(tokens, train_fraction, context_length):
 
 def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
     """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows in the order of epoch
-    i // n_windows, so the data position is one number, the samples seen; the ranks' micro-batches side by side are
-    one process's micro-batch of batch_size * world_size."""
+    i // n_windows (the data position is one number); the ranks' micro-batches side by side make one of them all."""
     first = samples_seen + (micro_step * world_size + rank) * batch_size
     n = splits.n_windows
     samples = range(first, first + batch_size)
@@ -182,8 +166,7 @@ def get_batch(tokens, starts, context_length, device):
 
 
 def make_splits(args, tokenizer, cfg, proc):
-    """(Splits of --data for a model of config cfg, the data's fingerprint {"n_tokens", "sha256"}). The first process
-    of each machine tokenizes; the others wait, then reuse its token file."""
+    """(Splits of --data for a model of config cfg, the data's fingerprint {"n_tokens", "sha256"})."""
     if proc.world_size > 1 and proc.local_rank != 0:
         dist.barrier()  # the first process of each machine tokenizes; the others wait here, then reuse its file
     token_dir = Path(args.cache_dir) / "tokens"
@@ -198,13 +181,12 @@ def make_splits(args, tokenizer, cfg, proc):
     eval_windows = args.eval_batches * args.batch_size * proc.world_size
     eval_starts = {name: evaluation_starts(len(split), context_length, eval_windows)
                    for name, split in (("train", train), ("val", val))}
-    log(f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
-        f"{n_windows:,} training windows of {context_length} tokens")
+    log(f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; {n_windows:,} windows")
     splits = Splits(train, val, context_length, n_windows, args.seed, eval_starts)
     return splits, {"n_tokens": n_tokens, "sha256": sha256}
 
 
-# --- 2. The model and the learning-rate schedule (the optimizer: gpt.make_adamw, in `start_run`) ---
+# --- 2. The model and the learning-rate schedule (AdamW: gpt.make_adamw) -----------------
 
 
 def model_config(args):
@@ -240,10 +222,9 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-# --- 3. Several processes under torchrun (as nanoGPT's train.py), and the speed in the log ---
+# --- 3. Several processes under torchrun (as nanoGPT's train.py); the speed and MFU ------
 
-# This process as it sees the run: its rank (0 prints and writes the files), its rank on this machine, how many
-# processes train together, and its device.
+# This process as it sees the run: its rank (0 prints and saves), its rank on this machine, the processes, its device.
 Processes = collections.namedtuple("Processes", "rank local_rank world_size device")
 
 
@@ -267,8 +248,8 @@ def distributed_run(device_name="auto"):
         dist.destroy_process_group()
 
 
-# Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found in
-# torch.cuda.get_device_name() wins, so the PCIe H100 and the H200 NVL come before the SXM ones.
+# Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets (another GPU: add its own, for the MFU in the
+# log); the first name in torch.cuda.get_device_name() wins, so the PCIe H100 and the H200 NVL come before the SXM.
 GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 836e12, "H200": 989e12, "A100": 312e12,
                   "L40S": 362e12, "L4": 121e12}
 
@@ -297,10 +278,9 @@ class Throughput:
     """Tokens/s and MFU (model FLOPs utilisation) of the steps since the last report or `restart`, and the ETA."""
 
     def __init__(self, model, seq_len, tokens_per_step, peak_flops=None, world_size=1, first_step=0):
-        self.tokens_per_step, self.first_step = tokens_per_step, first_step
+        self.tokens_per_step, self.first_step, self.started = tokens_per_step, first_step, time.time()
         self.flops_per_token = flops_per_token(model, seq_len)
         self.peak = peak_flops * world_size if peak_flops else None
-        self.started = time.time()
         self.restart(first_step)
 
     def restart(self, step):
@@ -316,7 +296,7 @@ class Throughput:
         return f"{tokens_per_s:,.0f} tok/s{mfu} | ETA {remaining}"
 
 
-# --- 4. The training loop, and its evaluation (both losses and a sample), stop and save ---
+# --- 4. The training loop; evaluation (both losses and a sample), stop and save ----------
 
 
 @torch.no_grad()
@@ -461,15 +441,18 @@ def pretrain(args, proc):
 
 
 def start_run(args, proc):
-    """The run folder, the model, the data, AdamW and the loop's state (new, or latest.pt's with --resume) -> (model,
-    optimizer, splits, tokenizer, state)."""
+    """Start the run, or resume it -> (model, optimizer, splits, tokenizer, state: the loop's, new or latest.pt's)."""
     out_dir = Path(args.out_dir)
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
         gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
         gpt.print_settings(args, build_parser().parse_args([]))
     if proc.world_size > 1:
         dist.barrier()
-    checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
+    latest = out_dir / "latest.pt"  # the training state: the model, AdamW's moments and the loop's state
+    checkpoint = gpt.load_checkpoint(latest) if args.resume and latest.is_file() else None
+    if args.resume and (checkpoint is None or "samples_seen" not in checkpoint):
+        raise ValueError(f"--resume: no training state of pretrain.py in {latest}: the run stopped before its first "
+                         "save; start it again with --overwrite")
     model, tokenizer = model_to_train(args, checkpoint)  # before the data: a wrong --model fails in seconds
     splits, data = make_splits(args, tokenizer, model.cfg, proc)
     if checkpoint is not None and checkpoint["data"] != data:
@@ -485,33 +468,21 @@ def start_run(args, proc):
     if args.warmup_steps is None:  # 5% of the steps, saved as a number: extending the run keeps it
         args.warmup_steps = round(0.05 * total_steps)
     state = {"step": 0, "samples_seen": 0, "best_val_loss": math.inf, "history": []}
-    if checkpoint is not None:  # the loop's state and AdamW's moments of latest.pt
+    if checkpoint is not None:
         if checkpoint["step"] >= total_steps:
             raise ValueError(f"--resume: the run in {out_dir} already made {checkpoint['step']} of {total_steps} "
                              "steps; raise --max-steps or --epochs to go on")
         state = {key: checkpoint[key] for key in state}
         gpt.restore_training_state(checkpoint, optimizer, proc.device, gpt.rng_state())  # the loop reseeds each step
-        log(f"resumed from {out_dir / 'latest.pt'} at step {state['step']}")
+        log(f"resumed from {latest} at step {state['step']}")
     state.update(total_steps=total_steps, settings=vars(args), data=data)
     if proc.rank == 0:
         gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
     log(gpt.model_summary(model, "model") + f"; {proc.device}, {proc.world_size} process(es)")
     windows = total_steps * global_batch
     log(f"training: {total_steps} steps of {global_batch} windows of {splits.context_length} tokens "
-        f"({windows * splits.context_length:,} tokens, {windows / splits.n_windows:.2f} epochs), measured every "
-        f"{args.eval_every}")
+        f"({windows * splits.context_length:,} tokens, {windows / splits.n_windows:.2f} epochs)")
     return model, optimizer, splits, tokenizer, state
-
-
-def load_training_state(path):
-    """latest.pt of the run to continue -> dict; ValueError if it is missing or not pretrain.py's."""
-    if not path.is_file():
-        raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
-    checkpoint = gpt.load_checkpoint(path)
-    missing = [k for k in ("optimizer", "step", "samples_seen", "history", "data") if k not in checkpoint]
-    if missing:
-        raise ValueError(f"--resume: {path} is not a training state of this pretrain.py (no {', '.join(missing)})")
-    return checkpoint
 
 
 # --- 6. Command line and main -----------------------------------------------------------
@@ -519,8 +490,8 @@ def load_training_state(path):
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
 # With --resume these come from the command line, not from the saved run: where the files are and when to stop.
 THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir")
-# With --resume these may differ from the saved run when given: --max-steps or --epochs extend it (the cosine
-# schedule stretches to the new end); the others change the speed.
+# With --resume these may differ from the saved run: --max-steps, --epochs extend it (the cosine stretches), the rest
+# change the speed.
 MAY_CHANGE = ("max_steps", "epochs", "device", "compile")
 
 
@@ -530,11 +501,10 @@ def build_parser():
                            "(only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, "
                            "--cache-dir may differ from them), --overwrite deletes it first.")
     data = p.add_argument_group("data")
-    data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files "
-                      f"(default: The Verdict, {VERDICT_URL})")
+    data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files, each "
+                      f"read whole (default: The Verdict, {VERDICT_URL})")
     data.add_argument("--train-fraction", type=gpt.fraction, default=0.9, help="share of the tokens for training")
     gpt.add_flags(data, "cache_dir")
-
     model = p.add_argument_group("model")
     gpt.add_flags(model, "model", model=(None, "a new one, its shape from --size and the flags after it"))
     model.add_argument("--size", choices=list(gpt.MODEL_CONFIGS), metavar="NAME", help="the shape of a new model: "
@@ -545,30 +515,26 @@ def build_parser():
     model.add_argument("--emb-dim", type=gpt.positive_int, help="embedding width (default: from --size)")
     model.add_argument("--context-length", type=gpt.positive_int, help="tokens per window (default: the model's)")
     gpt.add_flags(model, "drop_rate")
-
     train = p.add_argument_group("training")
     gpt.add_flags(train, "batch_size")
     train.add_argument("--grad-accum", type=gpt.positive_int, default=1, help="micro-batches per optimizer step")
     train.add_argument("--epochs", type=gpt.non_negative_float, default=10.0, help=gpt.FLAGS["epochs"]["help"] + " "
                        "(default: 10.0, as the default text is short; fractions too, for a large corpus)")
-    gpt.add_flags(train, "max_steps", "lr", lr=(1e-3, "for new weights; trained ones are fine-tuned at 5e-05"))
+    gpt.add_flags(train, "max_steps", "lr", "weight_decay", "seed", lr=(1e-3, "for new weights; trained ones are "
+                  "fine-tuned at 5e-05"))
     train.add_argument("--min-lr-ratio", type=gpt.fraction, default=0.1, help="final learning rate / --lr")
     train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="linear warm-up steps (default: 5%% of all)")
-    gpt.add_flags(train, "weight_decay")
     train.add_argument("--grad-clip", type=gpt.non_negative_float, default=1.0, help="gradient norm limit (0: none)")
-    gpt.add_flags(train, "seed")
-
     run = p.add_argument_group("evaluation, run folder, devices")
-    gpt.add_flags(run, "eval_every", "eval_batches", "log_every", eval_every=(10, "the default run has 45 steps"))
+    gpt.add_flags(run, "eval_every", "eval_batches", "log_every", "out_dir", eval_every=(10, "the default run has 45 "
+                  "steps"), out_dir=("runs/pretrain", "one per stage"))
     run.add_argument("--prompt", default="Every effort moves you", help="start of the sample of each evaluation")
     run.add_argument("--sample-tokens", type=gpt.non_negative_int, default=30, help="tokens of the sample")
-    gpt.add_flags(run, "out_dir", out_dir=("runs/pretrain", "one per stage"))
     gpt.add_flags(run.add_mutually_exclusive_group(), "resume", "overwrite")
     run.add_argument("--stop-at-step", type=gpt.positive_int, help="save and exit after this step (default: the end)")
     gpt.add_flags(run, "device")
-    dtype_help = gpt.FLAGS["dtype"]["help"] + "; auto: bfloat16 on a GPU that has it, else float32 (default: auto, " \
-        "for speed: pretraining is the long run)"
-    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=dtype_help)
+    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=gpt.FLAGS["dtype"]["help"]
+                     + "; auto: bfloat16 on a GPU that has it, else float32 (default: auto, for speed)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
     return p
 

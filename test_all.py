@@ -1299,7 +1299,6 @@ def test_pretrain_size_trains_the_shape_from_scratch_with_its_hub_tokenizer(name
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     small = dataclasses.replace(gpt.LLAMA_CONFIGS[name], vocab_size=1100)
     monkeypatch.setitem(gpt.MODEL_CONFIGS, name, small)  # the released shape, a small vocabulary
-    monkeypatch.setattr(pretrain, "encode_text_file", functools.partial(pretrain.encode_text_file, chunk_chars=97))
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "2", "--eval-every", "2")
     argv[argv.index("--n-heads") + 1] = str(heads)
     argv[argv.index("--emb-dim") + 1] = str(width)
@@ -1308,7 +1307,7 @@ def test_pretrain_size_trains_the_shape_from_scratch_with_its_hub_tokenizer(name
     assert checkpoint["tokenizer"] == {"files": {"tokenizer.json": json.dumps(tokenizer_json)}}
     shape = dict(n_layers=2, n_heads=heads, emb_dim=width, context_length=32)
     assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(small, **shape)  # the shape, the flags given
-    (token_path,) = (tmp_path / "tokens").glob("*.uint16")  # read in chunks, the reference's whole-text ids
+    (token_path,) = (tmp_path / "tokens").glob("*.uint16")  # the reference's ids
     reference = Tokenizer.from_str(json.dumps(tokenizer_json))
     ids = reference.encode(pretrain_text_file.read_text(), add_special_tokens=False).ids
     assert array.array("H", token_path.read_bytes()).tolist() == ids
@@ -2138,7 +2137,7 @@ def test_export_classifier_reads_and_exports_again_a_transformers_classifier(tmp
 @pytest.mark.parametrize("script, rules", [
     (load_gpt2, []),
     (pretrain, ["refuses an --out-dir that holds another run: --resume continues that run", "--overwrite deletes it "
-                "first", "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops"]),
+                "first", "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --cache-dir"]),
     (fc, ["refused unless --overwrite"]),
     (instruct, []),
 ], ids=lambda value: getattr(value, "__name__", ""))
@@ -2161,7 +2160,6 @@ def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(scr
 SHARED_FLAGS_DIFFER = {
     "--prompt": "help default",  # a text to continue, to start the samples with, to answer
     "--data": "help default",  # each stage's own data
-    "--stride": "help",  # between perplexity windows, between training windows
     "--results": "help", "--export-hf": "help", "--checkpoint": "help",  # of a language model, of a classifier
     "--epochs": "placeholder",  # pretraining: fractions of an epoch too
     "--dtype": "choices placeholder help",  # no float16 where the script only trains; pretraining: auto, by default
@@ -2182,7 +2180,7 @@ def test_a_flag_of_several_scripts_has_one_placeholder_choices_default_and_help_
             if action.default != table.get("default", False if action.nargs == 0 else None) and flag != "--cache-dir":
                 assert f"(default: {'none' if action.default is None else action.default}, " in action.help, flag
     shared = {flag: scripts for flag, scripts in seen.items() if len(scripts) > 1}
-    assert len(shared) == 32
+    assert len(shared) == 31
     for flag, scripts in shared.items():
         differ = SHARED_FLAGS_DIFFER.get(flag, "") + " default" * (flag[2:].replace("-", "_") in gpt.FLAGS)  # see above
         for field in ("placeholder", "choices", "default", "help"):
@@ -2617,10 +2615,6 @@ def pretrain_text_file(tmp_path):
 
 
 def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ranks_split_one_batch():
-    assert pretrain.count_windows(10, 4, 2) == 3  # starts 0, 2, 4; the last reads tokens 4..8
-    assert pretrain.count_windows(10, 4, 4) == 2  # starts 0, 4
-    assert pretrain.count_windows(5, 4, 1) == 1  # exactly context_length + 1 tokens
-    assert pretrain.count_windows(4, 4, 1) == 0
     tokens = torch.arange(100, dtype=torch.int16)
     tokens[7] = gpt.EOT_ID - 65536  # a uint16 id above 32767 as the int16 token file holds it
     inputs, targets = pretrain.get_batch(tokens, [0, 5], 4, torch.device("cpu"))
@@ -2631,7 +2625,7 @@ def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ra
     assert pretrain.evaluation_starts(n_tokens=100, context_length=10, max_windows=3) == [0, 30, 60]
     assert pretrain.evaluation_starts(25, 10, 50) == pretrain.evaluation_starts(25, 10, 0) == [0, 10]  # 0: all
     # The micro-batches of two processes (ranks) are the one process batch, split.
-    splits = argparse.Namespace(n_windows=10, stride=3, seed=1)  # what micro_batch_starts reads of Splits
+    splits = argparse.Namespace(n_windows=10, context_length=3, seed=1)  # what micro_batch_starts reads of Splits
     single = pretrain.micro_batch_starts(splits, samples_seen=8, micro_step=1, batch_size=4)
     ranks = [pretrain.micro_batch_starts(splits, 8, 1, 2, rank=r, world_size=2) for r in range(2)]
     assert ranks[0] + ranks[1] == single
@@ -2664,21 +2658,16 @@ def test_pretrain_short_text_error_says_what_would_work():
 def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
-    big = tmp_path / "big.txt"  # the bad byte far beyond the first block that Python's text reader decodes
-    big.write_bytes("é".encode() * 5000 + b"ab" * 3001 + b"\xff")
     truncated = tmp_path / "truncated.txt"
     truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
     with_bom = tmp_path / "bom.txt"
     with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
-    for bad, offset in ((path, 42), (big, 16_002), (truncated, 3), (with_bom, 6)):
-        with open(bad, encoding="utf-8-sig") as f, pytest.raises(ValueError, match=f"invalid UTF-8 at byte {offset} "):
-            list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=5))
-    token_path, n, _ = pretrain.prepare_token_file([path], tmp_path / "tokens", gpt.get_tokenizer(), replace_invalid=True)
-    ids = array.array("H", token_path.read_bytes()).tolist()
-    assert n == len(ids) and gpt.get_tokenizer().decode(ids) == "héllo wörld " * 3 + "\ufffd tail"
+    for bad, offset in ((path, 42), (truncated, 3), (with_bom, 6)):
+        with pytest.raises(ValueError, match=f"^--data {bad}: not UTF-8 text: byte 0x.. at byte offset {offset} "):
+            pretrain.prepare_token_file([bad], tmp_path / "tokens", gpt.get_tokenizer())
 
 
-def test_pretrain_streamed_crlf_and_cr_corpora_give_the_tokens_of_the_whole_lf_text(tmp_path):
+def test_pretrain_crlf_and_cr_corpora_give_the_tokens_of_the_lf_text(tmp_path):
     text = _pretrain_text(200) + "Tabs\t \nand  spaces \n\n\nend<|endoftext|>Naïve café\n 42\n\nA last line.\n"
     lf, crlf, cr = tmp_path / "lf.txt", tmp_path / "crlf.txt", tmp_path / "cr.txt"
     lf.write_bytes(text.encode())
@@ -2686,13 +2675,9 @@ def test_pretrain_streamed_crlf_and_cr_corpora_give_the_tokens_of_the_whole_lf_t
     cr.write_bytes(text.replace("\n", "\r").encode())
     expected = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
     for path in (lf, crlf, cr):
-        with open(path, encoding="utf-8-sig") as f:  # as prepare_token_file opens it
-            pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=37))
-        assert [i for ids in pieces for i in ids] == expected, path.name
-        assert len(pieces) > 10 and max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text
-    lf_file = pretrain.prepare_token_file([lf], tmp_path / "tokens", gpt.get_tokenizer())
-    crlf_file = pretrain.prepare_token_file([crlf], tmp_path / "tokens", gpt.get_tokenizer())
-    assert lf_file[1:] == crlf_file[1:] and lf_file[1] == len(expected)  # the same tokens, so the same fingerprint
+        token_path, n, sha256 = pretrain.prepare_token_file([path], tmp_path / "tokens", gpt.get_tokenizer())
+        assert array.array("H", token_path.read_bytes()).tolist() == expected, path.name
+        assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()  # the same tokens, the same fingerprint
 
 
 def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once(trained_tokenizers, tmp_path, capsys,
@@ -2712,7 +2697,7 @@ def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once
     assert n == len(expected) and token_path.stat().st_size == 2 * n
     assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()
     assert array.array("H", token_path.read_bytes()).tolist() == expected  # uint16, native byte order
-    assert json.loads(token_path.with_suffix(".json").read_text())["tokenizer"] == "gpt2"
+    assert json.loads(token_path.with_suffix(".json").read_text())["n_tokens"] == n
 
     capsys.readouterr()
     qwen, qwen_folder = trained_tokenizers["qwen3"]
@@ -2726,7 +2711,7 @@ def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once
     assert "reused" in capsys.readouterr().out
     (folder / "a.txt").write_text("First document, edited and longer.\n")
     token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
-    assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
+    assert token_path2 != token_path and n2 > n and "reused" not in capsys.readouterr().out  # a new file
     body = _pretrain_text(20).encode()
     server = local_server({"/files/story.txt": body})
     url = f"{server.url}/files/story.txt"
@@ -2736,12 +2721,7 @@ def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once
     assert pretrain.resolve_sources(url) == [downloaded]  # from the cache, the server is gone
 
 
-def test_pretrain_unigram_baseline_is_exact_and_a_token_file_holds_ids_above_65535_as_uint32(tmp_path):
-    train = torch.tensor([0, 0, 1], dtype=torch.int16)
-    val = torch.tensor([0, 2], dtype=torch.int16)
-    # add-one smoothing over 4 ids: counts 2, 1, 0, 0 -> p = 3/7, 2/7, 1/7, 1/7
-    expected = -(math.log(3 / 7) + math.log(1 / 7)) / 2
-    assert pretrain.unigram_baseline(train, val, vocab_size=4) == pytest.approx(expected, rel=1e-12)
+def test_pretrain_a_token_file_holds_ids_above_65535_as_uint32(tmp_path):
     # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
     big = gpt.Tokenizer(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
                         special_tokens={"<|endoftext|>": 69_999}, eot_id=69_999)
@@ -2754,10 +2734,6 @@ def test_pretrain_unigram_baseline_is_exact_and_a_token_file_holds_ids_above_655
     tokens = torch.from_file(str(token_path), size=n, dtype=pretrain.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
     inputs, targets = pretrain.get_batch(tokens, [0, 1], 4, torch.device("cpu"))
     assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
-    # The unigram baseline counts the id too: once in 3 training tokens, add-one over 70,000 ids.
-    baseline = pretrain.unigram_baseline(tokens[:3], tokens[2:3], vocab_size=70_000)
-    assert baseline == pytest.approx(-math.log((1 + 1) / (3 + 70_000)), rel=1e-12)
-    assert pretrain.token_type(gpt.get_tokenizer()) == "uint16"
 
 
 # --- optimizer and schedule ------------------------------------------------------------------
@@ -2782,7 +2758,9 @@ def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_mod
     assert [h["step"] for h in history] == [0, 20, 40]
     assert history[0]["train_loss"] == pytest.approx(math.log(50257), abs=0.3)  # random start: uniform guess
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 5.0
-    assert result["val_loss"] < result["unigram_loss"] - 2.0  # it uses the context, not just word counts
+    ids = torch.tensor(gpt.get_tokenizer().encode(pretrain_text_file.read_text()))
+    unigram = -(torch.bincount(ids).double() / len(ids))[ids].log().mean().item()  # the best loss without context
+    assert result["val_loss"] < unigram - 0.3  # it uses the context, not just word counts
     model = load_lm(result["best"])  # what load_gpt2.py / finetune_*.py --model read
     assert model.cfg.n_layers == 2 and model.cfg.context_length == 32
     checkpoint = gpt.load_checkpoint(result["best"])
@@ -2868,11 +2846,10 @@ def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_ove
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest_and_in_training_saves_a_checkpoint(tmp_path, pretrain_text_file,
                                                                                         monkeypatch, capsys):
-    def interrupted(f, tokenizer):
-        yield [1, 2, 3]
+    def interrupted(raw, source):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "encode_text_file", interrupted)
+    monkeypatch.setattr(pretrain.gpt, "decode_utf8", interrupted)
     assert exit_code(pretrain.main, _pretrain_tiny_argv(tmp_path, pretrain_text_file)) == 130
     err = capsys.readouterr().err
     assert "\ninterrupted\n" in err
@@ -2942,7 +2919,6 @@ PRETRAIN_BAD_INPUTS = [
     (f"{PRETRAIN_RUN} --train-fraction 1.5", "argument --train-fraction: must be a number in [0, 1], got '1.5'"),
     (f"{PRETRAIN_RUN} --sample-tokens -1", "argument --sample-tokens: must be an integer >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --stop-at-step 0", "argument --stop-at-step: must be an integer >= 1, got '0'"),
-    (f"{PRETRAIN_RUN} --peak-flops -1", "argument --peak-flops: must be a finite number >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     # The data and the model.
@@ -2956,8 +2932,8 @@ PRETRAIN_BAD_INPUTS = [
     (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "--data: no tokens in {files}/empty.txt"),
     (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "--data: no tokens in {files}/bom.txt"),  # a BOM alone
     (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
-    (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "latin1.txt: invalid UTF-8 at byte 3 (invalid "
-     "continuation byte); fix the file or pass --replace-invalid-utf8"),
+    (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "--data {files}/latin1.txt: not UTF-8 text: byte "
+     "0xe9 at byte offset 3 (line 1); save it as UTF-8"),
     (f"{PRETRAIN_TINY} --data {{files}}/short.txt --out-dir {{run}}", "the training split has"),
     (f"{PRETRAIN_RUN} --model {{files}}/empty", "{files}/empty holds no model: neither model.safetensors nor "
      "model.safetensors.index.json"),
@@ -2981,7 +2957,8 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
 ):
     prompt = "Every effort moves you"
     reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
-    monkeypatch.setattr(pretrain, "token_type", lambda tokenizer: "uint32")  # as for 151,936 ids; 1000 need uint16
+    # 4-byte ids, as for 151,936 ids (1000 fit in 2 bytes: the file keeps its .uint16 name)
+    monkeypatch.setitem(pretrain.TOKEN_TYPES, "uint16", pretrain.TOKEN_TYPES["uint32"])
 
     def argv(run, *extra):
         common = ("--max-steps", "4", "--eval-every", "2", "--drop-rate", "0.1", "--lr", "1e-2")
@@ -2989,7 +2966,7 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
 
     whole = pretrain.main(argv("a"))
     out = capsys.readouterr().out
-    (token_path,) = (tmp_path / "a" / "tokens").glob("*.uint32")
+    (token_path,) = (tmp_path / "a" / "tokens").glob("*.uint16")
     text = pretrain_text_file.read_text()
     assert array.array("I", token_path.read_bytes()).tolist() == tokenizer.encode(text, add_special_tokens=False).ids
     # The sample of step 0 is the loaded model's, in its tokenizer, until its end token at most.
@@ -4439,9 +4416,10 @@ def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path
     text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
     assert start in hf(text)
     assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
-    corpus = io.StringIO("Call me <|im_start|> later<|im_end|>\n<|im_start|>")  # (2) a pretraining corpus
-    pieces = pretrain.encode_text_file(corpus, tokenizer, chunk_chars=13)  # read as "Call me <|im_", "start|> ..."
-    assert [i for ids in pieces for i in ids] == hf(corpus.getvalue())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Call me <|im_start|> later<|im_end|>\n<|im_start|>")  # (2) a pretraining corpus
+    token_path, _, _ = pretrain.prepare_token_file([corpus], tmp_path / "tokens", tokenizer)
+    assert array.array("H", token_path.read_bytes()).tolist() == hf(corpus.read_text())
     entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
     [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
     assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
