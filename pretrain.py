@@ -12,9 +12,8 @@ training and validation windows; a GPT is built or loaded; one loop trains every
 decay and gradient accumulation (DistributedDataParallel under torchrun, as nanoGPT's train.py), and every
 --eval-every steps measures both losses, prints a sample and saves. Ctrl-C or SIGTERM saves; --resume continues exactly.
 
-Writes to --out-dir (default runs/pretrain/; another run there is refused unless --resume or --overwrite): run.json
-(settings, data fingerprint), latest.pt (the training state), best.pt (the model with the lowest validation loss:
---model runs/pretrain/best.pt for the other stages), history.json (the evaluations), loss.png (with matplotlib).
+Writes to --out-dir (default runs/pretrain/; another run there is refused unless --resume or --overwrite): run.json,
+latest.pt (the training state), best.pt (lowest validation loss: --model of the other stages), history.json, loss.png.
 """
 
 import collections
@@ -77,9 +76,8 @@ TOKEN_TYPES = {"uint16": ("H", torch.int16), "uint32": ("I", torch.int32)}
 
 def prepare_token_file(paths, token_dir, tokenizer):
     """Tokenize the text files (documents, end-of-text tokens between them as in GPT-2's training data) into one token
-    file, atomically -> (its Path, number of tokens, SHA-256). The file's name holds a fingerprint of the tokenizer and
-    the sources (paths, sizes, modification times): it is reused while the record beside it, written last, says how
-    many tokens it holds. A changed source makes a new file (delete <--cache-dir>/tokens/ to free the space)."""
+    file, atomically -> (its Path, number of tokens, SHA-256). Its name is a fingerprint of the tokenizer and the files
+    (paths, sizes, times); the record beside it, written last, marks it whole. A changed file makes a new token file."""
     dtype = "uint16" if tokenizer.max_token_value < 1 << 16 else "uint32"  # GPT-2, SmolLM2; Qwen3, Llama 3
     sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
     key = json.dumps([tokenizer.state(), sources], sort_keys=True).encode()
@@ -90,14 +88,13 @@ def prepare_token_file(paths, token_dir, tokenizer):
         if token_path.stat().st_size == saved["n_tokens"] * array(typecode).itemsize:
             log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
             return token_path, saved["n_tokens"], saved["sha256"]
-    started, total_bytes, digest, n_tokens = time.time(), sum(s[1] for s in sources), hashlib.sha256(), 0
+    started, digest, n_tokens = time.time(), hashlib.sha256(), 0
 
     def write(out):  # into the temporary file of gpt.atomic_write_bytes: an interrupted run leaves no half file
         nonlocal n_tokens
-        done_bytes = 0  # of the documents done
         for i, path in enumerate(paths):
-            gpt.show_progress(f"tokenizing: {done_bytes / 1e6:,.2f} of {total_bytes / 1e6:,.2f} MB, {n_tokens:,} "
-                              f"tokens, ETA {gpt.eta(started, done_bytes, total_bytes)}")
+            gpt.show_progress(f"tokenizing: document {i + 1:,} of {len(paths):,}, {n_tokens:,} tokens so far, ETA "
+                              f"{gpt.eta(started, i, len(paths))}")
             text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")  # read whole: a document must fit in memory
             text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac line ends, as text mode reads
             separator = [tokenizer.eot_token] if i > 0 else []  # between documents, not before the first
@@ -106,12 +103,9 @@ def prepare_token_file(paths, token_dir, tokenizer):
             out.write(data)
             digest.update(data)
             n_tokens += len(ids)
-            done_bytes += path.stat().st_size
 
-    try:
-        gpt.atomic_write_bytes(token_path, write)
-    finally:
-        gpt.end_progress()
+    gpt.atomic_write_bytes(token_path, write)
+    gpt.end_progress()  # after an error or Ctrl-C, gpt.command_line ends it
     if n_tokens == 0:
         raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
     gpt.write_json(record_path, {"sources": sources, "n_tokens": n_tokens, "sha256": digest.hexdigest()})
@@ -119,10 +113,9 @@ def prepare_token_file(paths, token_dir, tokenizer):
     return token_path, n_tokens, digest.hexdigest()
 
 
-# The splits and the windows read from them: train [n_train] and val [n_val], tokens as the token file holds them
-# (TOKEN_TYPES); windows of context_length tokens (and one more, the last target), window i starting at token
-# i * context_length; n_windows training windows, in epoch e in the order `gpt.epoch_order(n_windows, seed, e)`;
-# eval_starts {"train": starts, "val": starts}, the same windows at every evaluation.
+# The splits and their windows: train [n_train] and val [n_val], tokens as the token file holds them (TOKEN_TYPES);
+# window i: context_length + 1 tokens from i * context_length; n_windows training windows, in epoch e in the order
+# `gpt.epoch_order(n_windows, seed, e)`; eval_starts {"train": starts, "val": starts}, the same at every evaluation.
 Splits = collections.namedtuple("Splits", "train val context_length n_windows seed eval_starts")
 
 
@@ -169,8 +162,8 @@ def make_splits(args, tokenizer, cfg, proc):
     """(Splits of --data for a model of config cfg, the data's fingerprint {"n_tokens", "sha256"})."""
     if proc.world_size > 1 and proc.local_rank != 0:
         dist.barrier()  # the first process of each machine tokenizes; the others wait here, then reuse its file
-    token_dir = Path(args.cache_dir) / "tokens"
-    token_path, n_tokens, sha256 = prepare_token_file(resolve_sources(args.data), token_dir, tokenizer)
+    sources = resolve_sources(args.data)
+    token_path, n_tokens, sha256 = prepare_token_file(sources, Path(args.cache_dir) / "tokens", tokenizer)
     if proc.world_size > 1 and proc.local_rank == 0:
         dist.barrier()
     context_length = gpt.length_within_context(args.context_length, cfg, "--context-length")
@@ -205,9 +198,8 @@ def model_to_train(args, checkpoint=None):
         model, tokenizer = gpt.load(args.model)
         gpt.set_drop_rate(model, args.drop_rate)
         return model.train(), tokenizer
-    tokenizer = gpt.get_tokenizer()
-    if args.size in gpt.LLAMA_CONFIGS:
-        tokenizer = gpt.tokenizer_from_files(gpt.hub_tokenizer_files(args.size), args.size)
+    hub = args.size in gpt.LLAMA_CONFIGS  # a Llama-family shape comes with its tokenizer
+    tokenizer = gpt.tokenizer_from_files(gpt.hub_tokenizer_files(args.size), args.size) if hub else gpt.get_tokenizer()
     torch.manual_seed(args.seed)
     return gpt.build_model(model_config(args)).train(), tokenizer
 
@@ -262,25 +254,21 @@ def peak_flops(device, dtype_name):
     return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
 
 
-def flops_per_token(model, seq_len):
-    """Training FLOPs per token: 6 per multiplying weight plus 12 * n_layers * attention width * seq_len (PaLM,
-    Chowdhery et al., 2022, appendix B)."""
-    cfg = model.cfg
-    lookups = [] if cfg.family == "llama" else [model.wpe.weight]  # Llama has no position table
-    if not cfg.tie_embeddings:
-        lookups.append(model.wte.weight)  # only looked up: the separate head multiplies
-    n_params = gpt.count_parameters(model) - sum(table.numel() for table in lookups)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.emb_dim // cfg.n_heads  # Gemma's heads are wider
-    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
-
-
 class Throughput:
     """Tokens/s and MFU (model FLOPs utilisation) of the steps since the last report or `restart`, and the ETA."""
 
     def __init__(self, model, seq_len, tokens_per_step, peak_flops=None, world_size=1, first_step=0):
         self.tokens_per_step, self.first_step, self.started = tokens_per_step, first_step, time.time()
-        self.flops_per_token = flops_per_token(model, seq_len)
         self.peak = peak_flops * world_size if peak_flops else None
+        # Training FLOPs per token: 6 per multiplying weight plus 12 * n_layers * attention width * seq_len (PaLM,
+        # Chowdhery et al., 2022, appendix B).
+        cfg = model.cfg
+        lookups = [] if cfg.family == "llama" else [model.wpe.weight]  # Llama has no position table
+        if not cfg.tie_embeddings:
+            lookups.append(model.wte.weight)  # only looked up: the separate head multiplies
+        n_params = gpt.count_parameters(model) - sum(table.numel() for table in lookups)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.emb_dim // cfg.n_heads  # Gemma's heads are wider
+        self.flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
         self.restart(first_step)
 
     def restart(self, step):
@@ -318,14 +306,6 @@ def evaluate_loss(model, splits, split, batch_size, autocast, proc):
     return (total[0] / total[1]).item()
 
 
-def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
-    """The prompt (none: the end-of-text token) and a seeded continuation, the same draw at every evaluation."""
-    start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_id]])
-    out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
-                       eot_id=tokenizer.eot_id)
-    return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :], tokenizer).replace("\n", "\n          ")
-
-
 def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast):
     """At an evaluation step not evaluated yet: both losses into history.json, a sample, best.pt. -> whether it did."""
     step, history = state["step"], state["history"]
@@ -341,8 +321,12 @@ def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autoca
     history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=train_loss, val_loss=val_loss))
     log(f"eval step {step} | train loss {train_loss:.3f} | val loss {val_loss:.3f} "
         f"(perplexity {math.exp(val_loss):,.1f})" + (" | lowest after step 0: saved as best.pt" if improved else ""))
-    if proc.rank == 0:
-        log("  sample: " + sample_text(model, tokenizer, args.prompt, args.sample_tokens, args.seed, proc.device))
+    if proc.rank == 0:  # a sample: the prompt (none: the end-of-text token) continued, the same draw each time
+        ids = tokenizer.encode(args.prompt, bos=True) if args.prompt else [tokenizer.eot_id]
+        out = gpt.generate(model, torch.tensor([ids], device=proc.device), args.sample_tokens, temperature=0.8,
+                           top_k=50, seed=args.seed, eot_id=tokenizer.eot_id)
+        text = gpt.token_ids_to_text(out[0, (0 if args.prompt else 1) :], tokenizer)
+        log("  sample: " + text.replace("\n", "\n          "))
         out_dir = Path(args.out_dir)
         if improved:
             gpt.save_checkpoint(out_dir / "best.pt", model, tokenizer, step=step, tokens_seen=tokens, val_loss=val_loss)
@@ -490,8 +474,7 @@ def start_run(args, proc):
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
 # With --resume these come from the command line, not from the saved run: where the files are and when to stop.
 THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir")
-# With --resume these may differ from the saved run: --max-steps, --epochs extend it (the cosine stretches), the rest
-# change the speed.
+# With --resume these may differ from the saved run: --max-steps and --epochs extend it, the others change the speed.
 MAY_CHANGE = ("max_steps", "epochs", "device", "compile")
 
 
@@ -540,8 +523,7 @@ def build_parser():
 
 
 def parse_settings(argv=None):
-    """The run's settings -> Namespace: the command line, or with --resume those of run.json (THIS_COMMAND's and the
-    MAY_CHANGE flags given from the command line; ValueError when another flag contradicts it)."""
+    """The run's settings -> Namespace: the command line, or with --resume run.json's (see THIS_COMMAND, MAY_CHANGE)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.epochs == 0:  # fractions of an epoch are fine; none at all would train nothing
@@ -562,8 +544,7 @@ def parse_settings(argv=None):
     return args
 
 
-@gpt.command_line("use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter "
-                  "--context-length")
+@gpt.command_line("use a smaller --batch-size (and a larger --grad-accum for the same batch) or --context-length")
 def main(argv=None):
     """Run the stage from the command line; after Ctrl-C or SIGTERM exit with the shell's code, 130 or 143."""
     args = parse_settings(argv)

@@ -3005,7 +3005,7 @@ def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
 
     monkeypatch.setattr(pretrain, "evaluate_loss", out_of_memory)
     code = exit_code(pretrain.main, argv + ["--overwrite"])
-    hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
+    hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or --context-length"
     assert code == "error: out of memory: " + hint
 
 
@@ -3025,10 +3025,10 @@ def test_pretrain_peak_flops_of_a_gpu_autocast_flops_and_throughput_line_are_exa
     assert dtype_name == "bfloat16" and context.fast_dtype == torch.bfloat16
     model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
     # 5040 parameters; the 8 x 16 position table is only looked up: 6 x 4912 + 12 x 1 layer x 16 wide x 8 tokens
-    assert gpt.count_parameters(model) == 5040 and pretrain.flops_per_token(model, 8) == 6 * 4912 + 12 * 16 * 8 == 31008
     clock = iter([0.0, 0.0, 5.0, 20.0, 20.0, 20.0])  # start, restart after 5 s, then the report's three readings
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
     speed = pretrain.Throughput(model, 8, tokens_per_step=150, peak_flops=31008 * 100 / 0.5, first_step=0)
+    assert gpt.count_parameters(model) == 5040 and speed.flops_per_token == 6 * 4912 + 12 * 16 * 8 == 31008
     speed.restart(step=0)  # after 5 s of evaluation: not counted
     assert speed.report(step=10, total_steps=20) == "100 tok/s | MFU 50.0% | ETA 20s"  # 1500 tokens in 15 s
 
