@@ -106,8 +106,6 @@ def prepare_token_file(paths, token_dir, tokenizer):
 
     gpt.atomic_write_bytes(token_path, write)
     gpt.end_progress()  # after an error or Ctrl-C, gpt.command_line ends it
-    if n_tokens == 0:
-        raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
     gpt.write_json(record_path, {"sources": sources, "n_tokens": n_tokens, "sha256": digest.hexdigest()})
     log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
     return token_path, n_tokens, digest.hexdigest()
@@ -190,15 +188,14 @@ def model_config(args):
 
 
 def model_to_train(args, checkpoint=None):
-    """(model in training mode on the CPU, its tokenizer): from latest.pt, from --model, or new (seeded by --seed; a
-    Llama-family --size brings its Hub tokenizer, else GPT-2's)."""
+    """(model in training mode on the CPU, its tokenizer): from latest.pt, from --model, or new (seeded by --seed)."""
     if checkpoint is not None:
         return gpt.model_from_checkpoint(checkpoint).train(), gpt.tokenizer_from_state(checkpoint.get("tokenizer"))
     if args.model:
         model, tokenizer = gpt.load(args.model)
         gpt.set_drop_rate(model, args.drop_rate)
         return model.train(), tokenizer
-    hub = args.size in gpt.LLAMA_CONFIGS  # a Llama-family shape comes with its tokenizer
+    hub = args.size in gpt.LLAMA_CONFIGS  # a Llama-family shape comes with its Hub tokenizer, the others GPT-2's
     tokenizer = gpt.tokenizer_from_files(gpt.hub_tokenizer_files(args.size), args.size) if hub else gpt.get_tokenizer()
     torch.manual_seed(args.seed)
     return gpt.build_model(model_config(args)).train(), tokenizer
@@ -246,20 +243,14 @@ GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 836e12, "H200
                   "L40S": 362e12, "L4": 121e12}
 
 
-def peak_flops(device, dtype_name):
-    """Peak FLOP/s of one device: the table's for a CUDA GPU in bfloat16, else None (no MFU shown)."""
-    if device.type != "cuda" or dtype_name != "bfloat16":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
-
-
 class Throughput:
-    """Tokens/s and MFU (model FLOPs utilisation) of the steps since the last report or `restart`, and the ETA."""
+    """Tokens/s, MFU (model FLOPs utilisation: GPU_PEAK_FLOPS, bfloat16) and ETA of the steps since the last report."""
 
-    def __init__(self, model, seq_len, tokens_per_step, peak_flops=None, world_size=1, first_step=0):
+    def __init__(self, model, seq_len, tokens_per_step, device, dtype_name, world_size=1, first_step=0):
         self.tokens_per_step, self.first_step, self.started = tokens_per_step, first_step, time.time()
-        self.peak = peak_flops * world_size if peak_flops else None
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" and dtype_name == "bfloat16" else ""
+        peak = next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)  # of one device
+        self.peak = peak * world_size if peak else None  # None: no MFU
         # Training FLOPs per token: 6 per multiplying weight plus 12 * n_layers * attention width * seq_len (PaLM,
         # Chowdhery et al., 2022, appendix B).
         cfg = model.cfg
@@ -343,10 +334,10 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
     if proc.world_size > 1:  # DistributedDataParallel all-reduces the gradients in backward
         device_ids = [proc.device] if proc.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(eval_model, device_ids=device_ids)
-    peak = peak_flops(proc.device, dtype_name)  # None: no MFU
     tokens_per_step = args.batch_size * args.grad_accum * proc.world_size * splits.context_length
     steps_per_epoch = splits.n_windows * splits.context_length / tokens_per_step
-    speed = Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
+    speed = Throughput(model, splits.context_length, tokens_per_step, proc.device, dtype_name, proc.world_size,
+                       state["step"])
     while True:
         step = state["step"]
         lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
@@ -443,8 +434,7 @@ def start_run(args, proc):
         raise ValueError(f"--resume: --data {args.data} changed since the run started (its tokens' SHA-256 is now "
                          f"{data['sha256'][:12]}...): restore it, or start a new run with --overwrite")
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if proc.device.type == "cpu" else 1  # share the RAM
-    hint = ("pretraining trains every weight: use a smaller model, or a machine with more memory, or adapt this one "
-            "with LoRA (the fine-tunes' --lora)")
+    hint = "pretraining trains every weight: use a smaller model or more memory, or LoRA (the fine-tunes' --lora)"
     gpt.check_training_memory(model, proc.device, hint, processes)
     optimizer = gpt.make_adamw(model.to(proc.device), args.lr, args.weight_decay, betas=(0.9, 0.95))  # GPT-3's
     global_batch = args.batch_size * args.grad_accum * proc.world_size

@@ -2929,8 +2929,8 @@ PRETRAIN_BAD_INPUTS = [
     (f"TIKTOKEN_CACHE_DIR={{files}}/empty {PRETRAIN_RUN}", "cannot download tiktoken's GPT-2 vocabulary files "
      "(ConnectionError): connect once, or set TIKTOKEN_CACHE_DIR to a folder holding them (this repository's "
      "testdata/tiktoken_cache has them)"),
-    (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "--data: no tokens in {files}/empty.txt"),
-    (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "--data: no tokens in {files}/bom.txt"),  # a BOM alone
+    (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "the training split has 0 tokens (0 in all"),
+    (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "the training split has 0 tokens (0 in all"),  # a BOM
     (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
     (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "--data {files}/latin1.txt: not UTF-8 text: byte "
      "0xe9 at byte offset 3 (line 1); save it as UTF-8"),
@@ -2996,8 +2996,8 @@ def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
         code = exit_code(pretrain.main, argv)
     assert code.startswith("error: training (weights, gradients and AdamW's moments, before activations): about "
                            "0.0 GB needed")
-    assert code.endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
-                         "or adapt this one with LoRA (the fine-tunes' --lora)")
+    assert code.endswith("pretraining trains every weight: use a smaller model or more memory, or LoRA (the "
+                         "fine-tunes' --lora)")
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
 
     def out_of_memory(*args, **kwargs):
@@ -3014,20 +3014,23 @@ def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
 
 def test_pretrain_peak_flops_of_a_gpu_autocast_flops_and_throughput_line_are_exact(monkeypatch):
     cuda = torch.device("cuda")
+    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    monkeypatch.setitem(pretrain.GPU_PEAK_FLOPS, "Test GPU", 31008 * 100 / 0.5)  # 100 tok/s of this model: 50%
     for name, flops in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200 NVL", 836e12),
                         ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert pretrain.peak_flops(cuda, "bfloat16") == flops, name
-    assert pretrain.peak_flops(cuda, "float32") is None and pretrain.peak_flops(torch.device("cpu"), "bfloat16") is None
+        assert pretrain.Throughput(model, 8, 150, cuda, "bfloat16").peak == flops, name
+    assert pretrain.Throughput(model, 8, 150, cuda, "float32").peak is None
+    assert pretrain.Throughput(model, 8, 150, torch.device("cpu"), "bfloat16").peak is None
     context, dtype_name = gpt.autocast_context(torch.device("cpu"), "auto")
     assert dtype_name == "float32" and not isinstance(context, torch.autocast)  # CPUs: float32 unless asked
     context, dtype_name = gpt.autocast_context(torch.device("cpu"), "bfloat16")
     assert dtype_name == "bfloat16" and context.fast_dtype == torch.bfloat16
-    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
     # 5040 parameters; the 8 x 16 position table is only looked up: 6 x 4912 + 12 x 1 layer x 16 wide x 8 tokens
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Test GPU")
     clock = iter([0.0, 0.0, 5.0, 20.0, 20.0, 20.0])  # start, restart after 5 s, then the report's three readings
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
-    speed = pretrain.Throughput(model, 8, tokens_per_step=150, peak_flops=31008 * 100 / 0.5, first_step=0)
+    speed = pretrain.Throughput(model, 8, tokens_per_step=150, device=cuda, dtype_name="bfloat16", first_step=0)
     assert gpt.count_parameters(model) == 5040 and speed.flops_per_token == 6 * 4912 + 12 * 16 * 8 == 31008
     speed.restart(step=0)  # after 5 s of evaluation: not counted
     assert speed.report(step=10, total_steps=20) == "100 tok/s | MFU 50.0% | ETA 20s"  # 1500 tokens in 15 s
@@ -4616,8 +4619,8 @@ def type_it_live_sources():
         for name in re.findall(r"`(\w+)`", names):
             if callable(getattr(modules[script], name)):
                 parts.append(inspect.getsource(getattr(modules[script], name)))
-            else:  # a constant: its assignment, as written in the script
-                parts.append(re.search(rf"^{name} = .*$", text, flags=re.M).group(0) + "\n")
+            else:  # a constant: its assignment, as written in the script (with its continued lines)
+                parts.append(re.search(rf"^{name} = .*(\n +.*)*", text, flags=re.M).group(0) + "\n")
         sources[script] = "\n\n".join(parts)
     return section, sources
 
