@@ -96,7 +96,7 @@ def prepare_token_file(paths, token_dir, tokenizer):
             gpt.show_progress(f"tokenizing: document {i + 1:,} of {len(paths):,}, {n_tokens:,} tokens so far, ETA "
                               f"{gpt.eta(started, i, len(paths))}")
             text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")  # read whole: a document must fit in memory
-            text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac line ends, as text mode reads
+            text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac line ends: "\n", as text mode
             separator = [tokenizer.eot_token] if i > 0 else []  # between documents, not before the first
             ids = separator + tokenizer.encode(text)
             data = array(typecode, ids).tobytes()  # native byte order
@@ -493,14 +493,14 @@ def build_parser():
     train.add_argument("--grad-accum", type=gpt.positive_int, default=1, help="micro-batches per optimizer step")
     train.add_argument("--epochs", type=gpt.non_negative_float, default=10.0, help=gpt.FLAGS["epochs"]["help"] + " "
                        "(default: 10.0, as the default text is short; fractions too, for a large corpus)")
-    gpt.add_flags(train, "max_steps", "lr", "weight_decay", "seed", lr=(1e-3, "for new weights; trained ones are "
-                  "fine-tuned at 5e-05"))
+    gpt.add_flags(train, "max_steps", "lr", "weight_decay", "seed",
+                  lr=(1e-3, "for new weights; trained ones are fine-tuned at 5e-05"))
     train.add_argument("--min-lr-ratio", type=gpt.fraction, default=0.1, help="final learning rate / --lr")
     train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="linear warm-up steps (default: 5%% of all)")
     train.add_argument("--grad-clip", type=gpt.non_negative_float, default=1.0, help="gradient norm limit (0: none)")
     run = p.add_argument_group("evaluation, run folder, devices")
-    gpt.add_flags(run, "eval_every", "eval_batches", "log_every", "out_dir", eval_every=(10, "the default run has 45 "
-                  "steps"), out_dir=("runs/pretrain", "one per stage"))
+    gpt.add_flags(run, "eval_every", "eval_batches", "log_every", "out_dir", out_dir=("runs/pretrain", "one per stage"),
+                  eval_every=(10, "the default run has 45 steps"))
     run.add_argument("--prompt", default="Every effort moves you", help="start of the sample of each evaluation")
     run.add_argument("--sample-tokens", type=gpt.non_negative_int, default=30, help="tokens of the sample")
     gpt.add_flags(run.add_mutually_exclusive_group(), "resume", "overwrite")
