@@ -1,20 +1,18 @@
 """load_gpt2.py: get a model, try it, measure it, export it.
 
 Stage 1 of the lifecycle. `gpt.load` reads GPT-2's released weights from the Hugging Face Hub (downloaded once), a
-Llama-family model (SmolLM2, Qwen3, Llama 3.2) with its own tokenizer, a .safetensors file or model folder, a GGUF
-file (llama.cpp's; "ollama:NAME[:TAG]" finds one Ollama pulled) or a checkpoint of this project. Measurements follow
-EleutherAI's lm-evaluation-harness (the same prompts, tokenization and metrics); benchmark files are downloaded once
-from the original sources, or read from --benchmark-file.
+Llama-family model with its own tokenizer, a .safetensors file or model folder, a GGUF file ("ollama:NAME[:TAG]" finds
+one Ollama pulled) or a checkpoint of this project. Measurements follow EleutherAI's lm-evaluation-harness (the same
+prompts, tokenization and metrics) on benchmark files downloaded once from their sources, or --benchmark-file.
 
     python load_gpt2.py                                      # try it: gpt2 (124M) continues a prompt, greedy
     python load_gpt2.py --model gpt2-medium --prompt "The meaning of life is" --temperature 0.8 --top-k 50 --seed 1
-    python load_gpt2.py --model HuggingFaceTB/SmolLM2-135M   # or a .safetensors file, a folder, runs/pretrain/best.pt
+    python load_gpt2.py --model HuggingFaceTB/SmolLM2-135M --max-new-tokens 0   # only download and load it
     python load_gpt2.py --benchmark hellaswag                # 10,042 items: acc and acc_norm
     python load_gpt2.py --benchmark mmlu --shots 5 --limit 20 --results mmlu.json   # 20 items of each of 57 subjects
     python load_gpt2.py --perplexity held_out.txt --stride 512       # perplexity, bits per byte
     python load_gpt2.py --benchmark mmlu --contamination train.txt   # test items seen in training?
     python load_gpt2.py --benchmark mmlu --probe             # options shuffled: recall or reasoning?
-    python load_gpt2.py --download-only --model gpt2-xl
     python load_gpt2.py --model ollama:smollm2:135m --chat --prompt "Why is the sky blue?"   # in its chat format
     python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # a folder transformers reads
     python load_gpt2.py --model runs/instruct/model.pt --export-gguf out/model.gguf   # llama.cpp, Ollama
@@ -399,29 +397,12 @@ def probe_memorisation(model, benchmark, items, scored, seed=0, batch_size=8, to
                 change=after - before, right_to_wrong=flipped[1, 0], wrong_to_right=flipped[0, 1])
 
 
-# --- 6. Command line: the inputs read first, the scores printed, the flags, main --------
-
-
-def read_inputs(args):
-    """Read every input of the run before the download and the load (cheap, and fails fast) -> (benchmark items or
-    None, --perplexity text or None)."""
-    if args.results and Path(args.results).is_dir():
-        raise ValueError(f"--results {args.results} is a folder: give the path of a JSON file")
-    if args.contamination:
-        gpt.existing_file(args.contamination, "--contamination")
-    text = None
-    if args.perplexity:
-        raw = gpt.existing_file(args.perplexity, "--perplexity").read_bytes()
-        text = gpt.decode_utf8(raw, f"--perplexity {args.perplexity}")
-        if not text:
-            raise ValueError(f"--perplexity {args.perplexity}: the file is empty: give a text to score")
-    return (load_benchmark(args) if args.benchmark else None), text
+# --- 6. Command line: the scores printed, the flags, main ------------------------------
 
 
 def print_scores(name, summary):
     """Print a `summarize` dict: items, random guess, acc and acc_norm ± standard error, subjects."""
-    items = f"{summary['items']:,} item" + ("s" if summary["items"] != 1 else "")
-    print(f"{name}: {items}, random guess {summary['random_guess']:.4f}")
+    print(f"{name}: items {summary['items']:,}, random guess {summary['random_guess']:.4f}")
     for metric in ("acc", "acc_norm"):
         stderr = summary[metric + "_stderr"]
         print(f"  {metric:<8} {summary[metric]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
@@ -442,9 +423,8 @@ def run_benchmark(args, model, items, tokenizer):
     results = {"benchmark": dict(name=args.benchmark, shots=args.shots, seconds=round(seconds, 1), **summary)}
     if args.contamination:
         share = len(contaminated) / len(requests)
-        shown = ", ".join(map(str, contaminated[:20])) + (", ..." if len(contaminated) > 20 else "")
         print(f"contamination: {len(contaminated)} of {len(requests)} items ({share:.1%}) share a {args.ngram}-gram "
-              f"with {args.contamination}" + (f": items {shown} (counted from 0)" if contaminated else ""))
+              f"with {args.contamination}" + (" (--results lists them)" if contaminated else ""))
         clean = sorted(set(range(len(requests))) - set(contaminated))
         clean_summary = summarize([scored[i] for i in clean], [requests[i] for i in clean]) if clean else None
         if clean_summary is not None:
@@ -491,8 +471,7 @@ def build_parser():
     m.add_argument("--probe", action="store_true", help="score again with options or sentences reordered: the change")
     gpt.add_flags(m, "batch_size")
     m.add_argument("--results", metavar="FILE", help="write the measurements to this JSON file (default: print only)")
-    e = p.add_argument_group("download or export it (instead of generating)")
-    e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
+    e = p.add_argument_group("export it (instead of generating)")
     e.add_argument("--export-hf", metavar="FOLDER", help="write --model in --dtype as a Hugging Face folder")
     e.add_argument("--export-gguf", metavar="FILE", help="write --model as a GGUF file for llama.cpp and Ollama, "
                    "with an Ollama Modelfile beside it")
@@ -506,23 +485,17 @@ def parse_args(argv=None):
     """The settings of the run; flags that contradict each other, or would be ignored, exit 2 with one line."""
     p = build_parser()
     args = p.parse_args(argv)
-    check_flags(p, args, gpt.given_flags(p, argv))
-    return args
-
-
-def check_flags(p, args, given):
-    """Exit through parser p with one line for flags that contradict each other or would be ignored."""
+    given = gpt.given_flags(p, argv)
     for flag, needed in NEEDS.items():
         if flag in given and not any(getattr(args, name) for name in needed):
             p.error(f"{gpt.flag_name(flag)} needs {' or '.join(map(gpt.flag_name, needed))}")
     measuring = args.benchmark or args.perplexity
-    runs = [args.download_only, measuring, *(getattr(args, flag) for flag in EXPORTS)]
+    runs = [measuring, *(getattr(args, flag) for flag in EXPORTS)]
     if sum(map(bool, runs)) > 1:
-        exports = ", ".join(map(gpt.flag_name, EXPORTS))
-        p.error(f"--download-only, {exports} and measuring (--benchmark, --perplexity) are separate runs")
+        p.error("--export-hf, --export-gguf and measuring (--benchmark, --perplexity) are separate runs")
     sampling = [flag for flag in ("prompt", "chat", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
     if sampling and any(runs):
-        p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring, downloading or exporting")
+        p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring or exporting")
     sampling_options = [flag for flag in ("top_k", "top_p", "seed") if flag in given]
     if sampling_options and not args.temperature and not measuring:
         p.error(f"{gpt.flag_name(sampling_options[0])} is for sampling: give --temperature above 0 as well")
@@ -530,9 +503,7 @@ def check_flags(p, args, given):
         p.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
     if not args.prompt:
         p.error("--prompt is empty: give at least one character of text to continue")
-    if args.download_only and Path(args.model).exists():
-        names = ", ".join(gpt.MODEL_CONFIGS)
-        p.error(f"--download-only needs a model name ({names}, ...), not the path {args.model!r}")
+    return args
 
 
 @gpt.command_line(memory_hint="use a smaller --batch-size or --model, or --dtype bfloat16")
@@ -549,12 +520,18 @@ def main(argv=None):
                                     overwrite=args.overwrite)
         return print(f"exported {args.model} ({args.gguf_type}) to {args.export_gguf}, a GGUF file that llama.cpp "
                      f"reads; for Ollama: ollama create NAME -f {modelfile}")
-    items, text = read_inputs(args)
-    if args.download_only:  # download it; its tokenizer is converted now, so that one tiktoken cannot run fails here
-        _, weight_paths, tokenizer_files = gpt.model_files(args.model)
-        if tokenizer_files:
-            gpt.tokenizer_from_files(tokenizer_files, args.model)
-        return print(f"{args.model} is in {weight_paths[0].parent}")
+    # Every input is read before the download and the load: cheap, and it fails fast.
+    if args.results and Path(args.results).is_dir():
+        raise ValueError(f"--results {args.results} is a folder: give the path of a JSON file")
+    if args.contamination:
+        gpt.existing_file(args.contamination, "--contamination")
+    items = load_benchmark(args) if args.benchmark else None
+    text = None
+    if args.perplexity:
+        raw = gpt.existing_file(args.perplexity, "--perplexity").read_bytes()
+        text = gpt.decode_utf8(raw, f"--perplexity {args.perplexity}")
+        if not text:
+            raise ValueError(f"--perplexity {args.perplexity}: the file is empty: give a text to score")
     started = time.time()
     model, tokenizer = gpt.load(args.model, device=device, dtype=gpt.DTYPES[args.dtype])  # its own tokenizer
     if hasattr(model, "labels"):
