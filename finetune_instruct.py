@@ -509,7 +509,7 @@ def build_parser():
     what.add_argument("--generate-only", action="store_true", help="answer the run's test split with --checkpoint")
     what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print it, exit")
     what.add_argument("--input", help="input text for --prompt (the '### Input:' section)")
-    what.add_argument("--judge-only", action="store_true", help="no training, no answers: grade the answers in --out-dir")
+    what.add_argument("--judge-only", action="store_true", help="no training, no answers: grade --out-dir's answers")
     gpt.add_flags(what.add_mutually_exclusive_group(), "resume", "overwrite")
     what.add_argument("--keep-state", action="store_true", help="keep train_state.pt after training, for --resume")
     gpt.add_flags(what, "out_dir", out_dir=("runs/instruct", "one per stage"))

@@ -11,15 +11,12 @@ prompts, tokenization and metrics) on benchmark files downloaded once from their
     python load_gpt2.py --benchmark hellaswag                # 10,042 items: acc and acc_norm
     python load_gpt2.py --benchmark mmlu --shots 5 --limit 20 --results mmlu.json   # 20 items of each of 57 subjects
     python load_gpt2.py --perplexity held_out.txt --stride 512       # perplexity, bits per byte
-    python load_gpt2.py --benchmark mmlu --contamination train.txt   # test items seen in training?
-    python load_gpt2.py --benchmark mmlu --probe             # options shuffled: recall or reasoning?
+    python load_gpt2.py --benchmark mmlu --contamination train.txt --probe   # seen in training? recalled?
     python load_gpt2.py --model ollama:smollm2:135m --chat --prompt "Why is the sky blue?"   # in its chat format
-    python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # a folder transformers reads
-    python load_gpt2.py --model runs/instruct/model.pt --export-gguf out/model.gguf   # llama.cpp, Ollama
+    python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # or --export-gguf out/model.gguf (llama.cpp)
 
-Prints the model and its load time, then the continuation or the measurements. Writes only the caches (--cache-dir; a
-Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror), --results and the
-export (a GGUF file with an Ollama Modelfile beside it).
+Prints the model and its load time, then the continuation or the measurements. Writes only the caches (--cache-dir;
+a Hugging Face cache is used as is), --results and the export (a GGUF file with an Ollama Modelfile beside it).
 """
 
 import collections
@@ -73,10 +70,10 @@ def prefix_id(tokenizer):
 
 
 def continuation_request(context, continuation, context_length, tokenizer=None):
-    """(token ids, n_scored) for `sum_logprobs` as lm-evaluation-harness makes them: the pair is tokenized whole, the
-    continuation scored on the ids after the context's own (" Paris" after "capital:" is one token with its space).
-    Spaces ending the context move to the continuation, an empty one becomes [`prefix_id`], a long one is cut from the
-    left. tokenizer: the model's; None: GPT-2's. Raises ValueError when the continuation alone does not fit."""
+    """(token ids, n_scored) for `sum_logprobs` as lm-evaluation-harness makes them: the pair tokenized whole, the
+    continuation scored on the ids after the context's own (" Paris" after "capital:" is one token). Spaces ending the
+    context move to the continuation; an empty context becomes [`prefix_id`], a long one is cut from the left.
+    tokenizer: the model's; None: GPT-2's. Raises ValueError when the continuation alone does not fit."""
     tokenizer = tokenizer or gpt.get_tokenizer()
     if not context:
         context_ids, continuation_ids = [prefix_id(tokenizer)], tokenizer.encode(continuation)
@@ -94,9 +91,8 @@ def continuation_request(context, continuation, context_length, tokenizer=None):
 @torch.no_grad()
 def sum_logprobs(model, requests, batch_size=8, label="scoring"):
     """Total log-probability (nats) of the last n_scored ids of each (token ids, n_scored) request -> list of floats.
-    Requests with the same input ids[:-1] (an MMLU item's " A" to " D") share a forward pass. Batches are right-padded
-    (causal attention keeps real positions blind to padding after them), longest first, so that a batch too large for
-    memory fails at once. Raises ValueError for a request that does not fit the model, or NaN scores."""
+    Requests with the same ids[:-1] (an MMLU item's " A" to " D") share a forward pass; batches go longest first (one
+    too large for memory fails at once). ValueError: a request that does not fit the model, or NaN scores."""
     device = next(model.parameters()).device
     readers = collections.defaultdict(list)  # model input -> the requests that read it
     for i, (ids, n_scored) in enumerate(requests):
@@ -108,7 +104,7 @@ def sum_logprobs(model, requests, batch_size=8, label="scoring"):
     started = time.time()
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
-        idx = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)  # padding: any id in the vocabulary
+        idx = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)  # right-padded: causal attention ignores it
         for row, seq in enumerate(batch):
             idx[row, : len(seq)] = torch.tensor(seq)
         logits = model(idx.to(device))  # [batch, longest, vocab]
@@ -174,9 +170,8 @@ def mmlu_request(item):
 
 
 def score_multiple_choice(model, requests, batch_size=8, tokenizer=None):
-    """Score each choice by its log-likelihood after the context and one space -> one dict per item: lls (nats); acc,
-    1 when the gold choice's is the highest; acc_norm, the same with each divided by the choice's length in
-    characters (the space not counted), as the harness defines them. tokenizer: the model's; None: GPT-2's."""
+    """Score each choice by its log-likelihood after the context and one space -> one dict per item, as the harness:
+    lls (nats); acc, 1 when the gold choice's is the highest; acc_norm, the same per character of the choice."""
     length = model.cfg.context_length
     pairs = [(request["context"], " " + choice) for request in requests for choice in request["choices"]]
     flat = [continuation_request(context, choice, length, tokenizer) for context, choice in pairs]
@@ -247,12 +242,11 @@ def read_hellaswag(path):
 
 def is_hellaswag_item(item):
     """Whether a parsed line is a HellaSwag item; its label: an integer, or a digit string as in Hugging Face's copy."""
-    if not isinstance(item, dict) or not isinstance(item.get("endings"), list) or not item["endings"]:
+    endings = item.get("endings") if isinstance(item, dict) else None
+    if not isinstance(endings, list) or not all(isinstance(e, str) and e.strip() for e in endings):
         return False
-    texts = [item.get(field) for field in ("activity_label", "ctx_a", "ctx_b")]
-    endings, label = item["endings"], item.get("label")
-    texts_ok = all(isinstance(text, str) for text in texts) and all(isinstance(e, str) and e.strip() for e in endings)
-    return texts_ok and type(label) in (int, str) and str(label) in map(str, range(len(endings)))
+    texts_ok = all(isinstance(item.get(field), str) for field in ("activity_label", "ctx_a", "ctx_b"))
+    return texts_ok and type(item.get("label")) in (int, str) and str(item["label"]) in map(str, range(len(endings)))
 
 
 def read_mmlu(path, shots=0):
@@ -330,8 +324,8 @@ def normalized_words(text):
 
 
 def find_contamination(texts, corpus_lines, n=13):
-    """Indices of the texts that share an n-gram of `normalized_words` with a corpus -> sorted list. corpus_lines: read
-    once, as a stream (a corpus larger than memory works). A text under n words counts when it occurs whole."""
+    """Indices of the texts that share an n-gram of `normalized_words` with corpus_lines (read once, as a stream) ->
+    sorted list. A text under n words counts when it occurs whole."""
     wanted = collections.defaultdict(lambda: collections.defaultdict(set))  # length -> words -> texts
     for i, text in enumerate(texts):
         words = normalized_words(text)
@@ -440,13 +434,11 @@ def run_benchmark(args, model, items, tokenizer):
     return results
 
 
-EXPORTS = ("export_hf", "export_gguf")  # each writes --model in another format, as a run of its own
-MEASURING = ("benchmark", "perplexity")
 # Flags that mean something only with another: given alone they would be ignored.
 NEEDS = {"benchmark_file": ("benchmark",), "shots": ("benchmark",), "limit": ("benchmark",),
          "contamination": ("benchmark",), "probe": ("benchmark",), "ngram": ("contamination",),
-         "stride": ("perplexity",), "overwrite": EXPORTS, "results": MEASURING, "batch_size": MEASURING,
-         "gguf_type": ("export_gguf",)}
+         "stride": ("perplexity",), "results": ("benchmark", "perplexity"), "batch_size": ("benchmark", "perplexity"),
+         "overwrite": ("export_hf", "export_gguf"), "gguf_type": ("export_gguf",)}
 
 
 def build_parser():
@@ -454,8 +446,7 @@ def build_parser():
     gpt.add_flags(p, "model", "device", "dtype", "cache_dir")
     g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
     g.add_argument("--prompt", default="Every effort moves you", help="text to continue")
-    g.add_argument("--chat", action="store_true", help="--prompt is a message to an instruct model: wrap it in the "
-                   "model's chat format (ChatML, Llama 3, Gemma, Phi-3, told by its chat template)")
+    g.add_argument("--chat", action="store_true", help="--prompt is a message: wrap it in the model's chat format")
     gpt.add_flags(g, "max_new_tokens", "temperature", "top_k", "top_p", "seed", seed=(None, "a new sample each run"),
                   max_new_tokens=(50, "a glimpse; an instruct answer needs more"))
     m = p.add_argument_group("measure it (instead of generating)")
@@ -465,16 +456,14 @@ def build_parser():
     m.add_argument("--limit", type=gpt.positive_int, help="score the first N items of each subject (default: all)")
     m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 text file")
     m.add_argument("--stride", type=gpt.positive_int, help="tokens between perplexity windows (default: context / 2)")
-    m.add_argument("--contamination", metavar="FILE", help="a training corpus (UTF-8 text): items that share "
-                   "n-grams")
+    m.add_argument("--contamination", metavar="FILE", help="a training corpus (UTF-8 text): items that share n-grams")
     m.add_argument("--ngram", type=gpt.positive_int, default=13, help="words per n-gram of --contamination")
     m.add_argument("--probe", action="store_true", help="score again with options or sentences reordered: the change")
     gpt.add_flags(m, "batch_size")
     m.add_argument("--results", metavar="FILE", help="write the measurements to this JSON file (default: print only)")
     e = p.add_argument_group("export it (instead of generating)")
     e.add_argument("--export-hf", metavar="FOLDER", help="write --model in --dtype as a Hugging Face folder")
-    e.add_argument("--export-gguf", metavar="FILE", help="write --model as a GGUF file for llama.cpp and Ollama, "
-                   "with an Ollama Modelfile beside it")
+    e.add_argument("--export-gguf", metavar="FILE", help="write --model as a GGUF file (and an Ollama Modelfile)")
     e.add_argument("--gguf-type", choices=list(gpt.GGUF_FILE_TYPES), default="f16",
                    help="type of the weight matrices of --export-gguf (norms and biases stay f32)")
     gpt.add_flags(e, "overwrite")
@@ -490,7 +479,7 @@ def parse_args(argv=None):
         if flag in given and not any(getattr(args, name) for name in needed):
             p.error(f"{gpt.flag_name(flag)} needs {' or '.join(map(gpt.flag_name, needed))}")
     measuring = args.benchmark or args.perplexity
-    runs = [measuring, *(getattr(args, flag) for flag in EXPORTS)]
+    runs = [measuring, args.export_hf, args.export_gguf]  # each a run of its own
     if sum(map(bool, runs)) > 1:
         p.error("--export-hf, --export-gguf and measuring (--benchmark, --perplexity) are separate runs")
     sampling = [flag for flag in ("prompt", "chat", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
