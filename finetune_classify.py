@@ -1,10 +1,10 @@
 """finetune_classify.py: fine-tune a pretrained GPT-2 (or a Llama-family model) into an SMS spam classifier.
 
-Stage "fine-tune for classification" (chapter 6 of "Build a Large Language Model (From Scratch)"): the SMS Spam
-Collection (UCI data set 228), balanced, split 70/10/20; a 2-class head reads each message's last real token (which has
-seen the whole message); the last block, final norm and head train, the frozen blocks run once per message (the
-"activation cache"); the best epoch on validation is kept. The job, `train_and_evaluate` (after its parts): run folder
--> build_classifier -> prepare_data -> choose_forward_pass -> train_classifier -> labelled_metrics (test split) -> save.
+Chapter 6 of "Build a Large Language Model (From Scratch)": the SMS Spam Collection (UCI data set 228), balanced,
+split 70/10/20; a 2-class head reads each message's last real token (which has seen the whole message); the last block,
+final norm and head train, the frozen blocks run once per message (the "activation cache"); the best epoch on
+validation is kept. The job, `train_and_evaluate` (after its parts): run folder -> build_classifier -> prepare_data ->
+choose_forward_pass -> train_classifier -> labelled_metrics (test split) -> save.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
     python finetune_classify.py --model HuggingFaceTB/SmolLM2-135M --lora --lora-rank 16
@@ -82,15 +82,13 @@ def parse_labelled(raw, source="data"):
     text columns (as a run writes its splits), else the collection's lines `label TAB text`. ValueError names the file
     and its first bad lines (no tab, another label, an empty text), or a lack of columns, messages or UTF-8."""
     text = gpt.decode_utf8(raw, source)
-    rows = []  # (line number, label, text or None for a line without a tab or a CSV row without a text column)
+    # rows: (line number, label, text or None for a line without a tab or a CSV row without a text column)
     if str(source).lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text, newline=""))
         rows = [(reader.line_num, row.get("label") or "", row.get("text")) for row in reader]
     else:  # split("\n"), not splitlines(): messages may contain other Unicode line separators
-        for number, line in enumerate(text.split("\n"), start=1):
-            label, tab, message = line.partition("\t")
-            if line.strip():
-                rows.append((number, label, message if tab else None))
+        lines = [(number, line.partition("\t")) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+        rows = [(number, label, message if tab else None) for number, (label, tab, message) in lines]
     messages, bad = [], []
     for number, label, message in rows:
         label = label.strip().lower()  # strip(): also the "\r" of Windows line ends
@@ -486,15 +484,14 @@ def classify_texts(model, texts, max_length, tokenizer=None, dtype_name="float32
     return probabilities
 
 
-def read_texts_file(path):
-    """Non-empty lines, stripped, of a UTF-8 text file or a pipe (/dev/stdin)."""
-    text = gpt.decode_utf8(gpt.existing_file(path, "--classify-file").read_bytes(), f"--classify-file {path}")
-    return [line.strip() for line in text.split("\n") if line.strip()]
-
-
 def run_classify(args, device):
-    """--classify / --classify-file: print `label (p(spam)=probability)  text` per text."""
-    texts = args.classify or read_texts_file(args.classify_file)
+    """--classify / --classify-file (the non-empty lines of a UTF-8 file or a pipe such as /dev/stdin): print
+    `label (p(spam)=probability)  text` per text."""
+    texts = args.classify
+    if args.classify_file is not None:
+        raw = gpt.existing_file(args.classify_file, "--classify-file").read_bytes()
+        texts = [line.strip() for line in gpt.decode_utf8(raw, f"--classify-file {args.classify_file}").split("\n")
+                 if line.strip()]
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("nothing to classify: give non-empty texts with --classify or lines in --classify-file")
     model, tokenizer, max_length = load_classifier(args.checkpoint, device)
@@ -519,8 +516,7 @@ def run_evaluate(args, device):
 
 # --- Command line -----------------------------------------------------------------------
 
-# The flags that using a classifier reads. --classify, --classify-file, --evaluate and --export-hf use the classifier
-# of --checkpoint as it was trained (its model, its --max-length): any other flag is for training, and refused.
+# What using the classifier of --checkpoint as trained (its model, its --max-length) reads: other flags are refused.
 USE_FLAGS = ("classify", "classify_file", "evaluate", "export_hf", "threshold", "results", "checkpoint", "batch_size",
              "dtype", "device", "cache_dir", "out_dir", "overwrite")
 
@@ -582,8 +578,7 @@ def main(argv=None):
         folder = gpt.export_hf(model, args.export_hf, tokenizer=tokenizer, dtype=gpt.DTYPES[args.dtype],
                                overwrite=args.overwrite, max_length=max_length)
         architecture = gpt.read_json(folder / "config.json", "config")["architectures"][0]
-        print(f"exported {args.checkpoint} ({args.dtype}) to {folder}, a {architecture} folder")
-        return
+        return print(f"exported {args.checkpoint} ({args.dtype}) to {folder}, a {architecture} folder")
     device = gpt.pick_device(args.device)
     if args.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         print("note: this GPU has no bfloat16 (a T4, say): the work runs in float32")

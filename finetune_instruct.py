@@ -555,9 +555,6 @@ def parse_args(argv=None):
         parser.error("--dtype float16 trains without loss scaling: train in bfloat16 or float32")
     if modes:
         mode = gpt.flag_name(modes[0])
-        if "model" in gpt.given_flags(parser, argv) and mode != "--judge-only":  # the model that answers: --checkpoint
-            parser.error(f"--model is the model that trains; {mode} answers with --checkpoint: give --checkpoint "
-                         f"{args.model}")
         gpt.refuse_flags(parser, argv, TRAINING_FLAGS + ("num_answers",) * (mode != "--generate-only"), mode)
     return args
 

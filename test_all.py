@@ -3156,15 +3156,21 @@ def test_classify_tokenize_truncates_to_max_length():
     assert ids[2].tolist() == [5303, 220]  # at the end it is dropped, as transformers' classifier skips padding
 
 
-def test_classify_texts_file_is_utf8_with_empty_lines_skipped_and_pipes(tmp_path):
+def test_classify_texts_file_is_utf8_with_empty_lines_skipped_and_pipes(tmp_path, capsys):
+    _, checkpoint = _classify_classifier(tmp_path)
+
+    def classified(path):  # the texts of the printed lines "label (p(spam)=0.512)  text"
+        fc.main(["--checkpoint", str(checkpoint), "--classify-file", str(path)])
+        return [line.split(")  ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+
     good = tmp_path / "good.txt"
     good.write_bytes("\ufeffWin a prize\r\n\n   \r\nSee you at 6 \u263a\n".encode("utf-8"))
-    assert fc.read_texts_file(good) == ["Win a prize", "See you at 6 \u263a"]
+    assert classified(good) == ["Win a prize", "See you at 6 \u263a"]
     read_end, write_end = os.pipe()  # the shell's <(...): a pipe, /dev/fd/N, is a file to read
     os.write(write_end, "Win a prize now\n\nsee you at 5\n".encode())
     os.close(write_end)
     try:
-        assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
+        assert classified(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
     finally:
         os.close(read_end)
 
@@ -4061,8 +4067,7 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --num-answers 0 --judge ollama", "--num-answers 0 leaves --judge nothing to grade"),
     (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k is for sampling: give --temperature above 0"),  # greedy decoding would ignore it
     # Answering does not train: a training flag given with it would be silently ignored.
-    ("--out-dir {run} --generate-only --model gpt2", "--model is the model that trains; --generate-only answers "
-     "with --checkpoint: give --checkpoint gpt2"),
+    ("--out-dir {run} --generate-only --model gpt2", "--generate-only does not use --model: drop it"),
     ("--out-dir {run} --prompt hi --lora", "--prompt does not use --lora: drop it"),
     ("--out-dir {run} --judge-only --judge ollama --epochs 3", "--judge-only does not use --epochs: drop it"),
     # Files and models, checked before the run folder is made.
