@@ -274,8 +274,8 @@ def keep_weights(model, progress, keep_last):
     if not keep_last:
         model.load_state_dict(best["weights"], strict=False)  # the trainable part; the rest never changed
         kept = {"step": best["step"], "val_loss": best["val_loss"]}
-    print(f"kept the weights of step {kept['step']} (validation loss {kept['val_loss']:.3f}); the lowest validation "
-          f"loss was at step {best['step']}")
+    note = f"; the lowest validation loss was at step {best['step']}" if keep_last else ", the lowest validation loss"
+    print(f"kept the weights of step {kept['step']} (validation loss {kept['val_loss']:.3f}){note}")
     return kept
 
 

@@ -4246,7 +4246,7 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
         return all(torch.equal(saved[name], weights[step][name]) for name in weights[step])
 
     instruct.main(flags + ["--out-dir", str(tmp_path / "best")])
-    assert "kept the weights of step 1 (validation loss 3.000); the lowest" in capsys.readouterr().out
+    assert "kept the weights of step 1 (validation loss 3.000), the lowest validation loss\n" in capsys.readouterr().out
     assert gpt.load_checkpoint(tmp_path / "best" / "model.pt")["kept"] == {"step": 1, "val_loss": 3.0}
     assert saved_weights_equal("best", 1) and not saved_weights_equal("best", 4)  # later steps changed them
 
@@ -4266,7 +4266,7 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     assert (state["step"], state["best"]["step"], state["best"]["val_loss"]) == (2, 1, 3.0)
     monkeypatch.setattr(gpt, "check_finite_loss", check)
     instruct.main(["--out-dir", str(tmp_path / "halves"), "--resume"])
-    assert "kept the weights of step 1 (validation loss 3.000); the lowest" in capsys.readouterr().out
+    assert "kept the weights of step 1 (validation loss 3.000), the lowest validation loss\n" in capsys.readouterr().out
     assert saved_weights_equal("halves", 1)
 
 
