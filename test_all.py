@@ -4536,7 +4536,8 @@ def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones_and_bfloat16
         fc.main(_classify_run_argv(tmp_path, name, "--max-steps", "6", "--device", device))
         report = json.loads((tmp_path / name / "metrics.json").read_text())
         model, tokenizer, max_length = fc.load_classifier(tmp_path / name / "classifier.pt", device)
-        runs[name] = report, fc.classify_texts(model, ["WINNER! Claim your prize now", "See you at 6?"], max_length)
+        texts = ["WINNER! Claim your prize now", "See you at 6?"]
+        runs[name] = report, fc.classify_texts(model, texts, max_length, tokenizer)
     (cpu_report, cpu_predictions), (gpu_report, gpu_predictions) = runs["cpu"], runs["gpu"]
     assert gpu_report["activation_cache"] and gpu_report["history"]["step"] == cpu_report["history"]["step"]
     assert gpu_report["history"]["step_loss"] == pytest.approx(cpu_report["history"]["step_loss"], abs=1e-4)
