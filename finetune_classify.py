@@ -535,7 +535,7 @@ def build_parser():
     train = parser.add_argument_group("training")
     gpt.add_flags(train, "epochs", "max_steps", "batch_size", "lr", "weight_decay", "seed", "log_every", "keep_last",
                   epochs=(5, "the book's"), log_every=(25, "as steps on the activation cache are short"))
-    train.add_argument("--no-activation-cache", action="store_true", help="run the frozen blocks at every step (slower)")
+    train.add_argument("--no-activation-cache", action="store_true", help="run frozen blocks at every step (slower)")
     train.add_argument("--dtype", **{**gpt.FLAGS["dtype"], "choices": ["float32", "bfloat16"]})
     gpt.add_flags(train, "device", "out_dir", "overwrite", out_dir=("runs/classify", "one per stage"))
     use = parser.add_argument_group("use a fine-tuned classifier (no training)")
