@@ -1,10 +1,10 @@
 """finetune_classify.py: fine-tune a pretrained GPT-2 (or a Llama-family model) into an SMS spam classifier.
 
-Chapter 6 of "Build a Large Language Model (From Scratch)": the SMS Spam Collection (UCI data set 228), balanced,
-split 70/10/20; a 2-class head reads each message's last real token (which has seen the whole message); the last block,
-final norm and head train, the frozen blocks run once per message (the "activation cache"); the best epoch on
-validation is kept. The job, `train_and_evaluate` (after its parts): run folder -> build_classifier -> prepare_data ->
-choose_forward_pass -> train_classifier -> labelled_metrics (test split) -> save.
+Stage "fine-tune for classification" (chapter 6 of "Build a Large Language Model (From Scratch)"): the SMS Spam
+Collection (UCI data set 228), balanced, split 70/10/20; a 2-class head reads each message's last real token (which has
+seen the whole message); the last block, final norm and head train, the frozen blocks run once per message (the
+"activation cache"); the best epoch on validation is kept. The job, `train_and_evaluate` (after its parts): run folder
+-> build_classifier -> prepare_data -> choose_forward_pass -> train_classifier -> labelled_metrics (test split) -> save.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
     python finetune_classify.py --model HuggingFaceTB/SmolLM2-135M --lora --lora-rank 16
@@ -261,7 +261,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
                      weight_decay=0.1, seed=123, log_every=25, keep_last=False):
     """Fine-tune the trainable parameters with AdamW on cross-entropy -> history (HISTORY per epoch, `step_loss` per
     step, `kept_epoch`). train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch shuffles
-    (seeded), drops the last short batch (as the book does) and evaluates both splits; the best epoch is kept."""
+    (seeded), drops the last short batch (as the book does), evaluates both splits; the best epoch is kept (or last)."""
     train_inputs, train_labels = train
     optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
