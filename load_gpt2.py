@@ -104,7 +104,7 @@ def sum_logprobs(model, requests, batch_size=8, label="scoring"):
     started = time.time()
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
-        idx = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)  # right-padded: causal attention ignores it
+        idx = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)  # right padding: real positions never see it
         for row, seq in enumerate(batch):
             idx[row, : len(seq)] = torch.tensor(seq)
         logits = model(idx.to(device))  # [batch, longest, vocab]
@@ -171,7 +171,8 @@ def mmlu_request(item):
 
 def score_multiple_choice(model, requests, batch_size=8, tokenizer=None):
     """Score each choice by its log-likelihood after the context and one space -> one dict per item, as the harness:
-    lls (nats); acc, 1 when the gold choice's is the highest; acc_norm, the same per character of the choice."""
+    lls (nats); acc, 1 when the gold choice's is the highest; acc_norm, the same per character of the choice (the space
+    not counted). tokenizer: the model's; None: GPT-2's."""
     length = model.cfg.context_length
     pairs = [(request["context"], " " + choice) for request in requests for choice in request["choices"]]
     flat = [continuation_request(context, choice, length, tokenizer) for context, choice in pairs]
