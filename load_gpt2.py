@@ -364,12 +364,11 @@ def shuffle_options(item, order):
     return dict(item, options=[item["options"][k] for k in order], answer=order.index(item["answer"]))
 
 
-def reorder_sentences(item, order=None):
-    """A HellaSwag item with the sentences of its context (ctx_a, cut after . ! or ?) in another order: order[k] is
-    the sentence now at place k (default: reversed). ctx_b, which the endings finish, stays last."""
+def reorder_sentences(item):
+    """A HellaSwag item with the sentences of its context (ctx_a, cut after . ! or ?) in reverse order; ctx_b, which
+    the endings finish, stays last."""
     sentences = re.split(r"(?<=[.!?])\s+", item["ctx_a"].strip())
-    order = list(reversed(range(len(sentences)))) if order is None else order
-    return dict(item, ctx_a=" ".join(sentences[k] for k in order))
+    return dict(item, ctx_a=" ".join(reversed(sentences)))
 
 
 def probe_memorisation(model, benchmark, items, scored, seed=0, batch_size=8, tokenizer=None):

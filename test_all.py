@@ -2436,8 +2436,8 @@ def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts
     assert shuffled["gold"] == 0  # "11" is now option A
     assert "What is 2 + 2?\nA. 3\nB. 4" in shuffled["context"]  # the example stays as it was
     stories = load_gpt2.read_hellaswag(HELLASWAG_TINY)
-    same = [load_gpt2.hellaswag_request(load_gpt2.reorder_sentences(s, list(range(3)))) for s in stories[2:3]]
-    assert same == [load_gpt2.hellaswag_request(stories[2])]
+    same = [load_gpt2.hellaswag_request(load_gpt2.reorder_sentences(load_gpt2.reorder_sentences(s))) for s in stories]
+    assert same == [load_gpt2.hellaswag_request(s) for s in stories]  # reversed twice: as it was
     assert load_gpt2.reorder_sentences(stories[2])["ctx_a"] == (
         "The man laughs. The dog shakes water everywhere. A man lifts a muddy dog into a tub.")
     save_tiny(tmp_path / "tiny.pt", model)
