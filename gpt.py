@@ -1055,7 +1055,7 @@ def tokenizer_from_files(files, source):
     """
     if "tokenizer.json" not in files:
         vocab = parse_json(files["vocab.json"], f"{source} vocab.json") if "vocab.json" in files else None
-        if vocab is not None and vocab == json.loads(gpt2_vocabulary_files()[0]):
+        if vocab is not None and vocab == json.loads(hf_tokenizer_files(get_tokenizer())["vocab.json"]):
             return get_tokenizer()
         raise FileNotFoundError(f"{source}: no tokenizer.json (nor GPT-2's vocab.json): the model's tokenizer is "
                                 "missing; copy its tokenizer.json beside the weights")
@@ -1407,8 +1407,6 @@ def download_file(url, dest, *, headers=None, quiet=False, retries=3, timeout=30
                                        f"{e}); run again later") from None
             except requests.RequestException as e:  # a redirect loop, not a URL, ...: no attempt can help
                 raise RuntimeError(f"download of {url} failed: {type(e).__name__}: {e}") from None
-            finally:
-                end_progress()
         try:
             verify_file(part, **checks)
         except ValueError as e:  # named as dest: the temporary name means nothing to the reader
@@ -1987,7 +1985,7 @@ def add_classifier_head(model, labels, bias=True):
 # GGUF (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) holds a whole model in one
 # file: b"GGUF", a version, metadata (the config, the tokenizer, the chat template) and a table
 # of tensors, whose bytes follow, aligned. Most tensors are quantized: blocks of 32 or 256
-# values that share a scale (and an offset), each value in 2 to 8 bits. A GGUF file is read
+# values that share a scale (and an offset), each value in 4 to 8 bits. A GGUF file is read
 # into the three parts a Hugging Face folder holds (tensors under transformers' names, a
 # config.json, tokenizer files), which section 8 then loads like any other model; a model is
 # written from the same three parts (section 10's `hf_tensors` and `hf_config`).
@@ -2005,9 +2003,8 @@ def _half(blocks, start):
 
 
 def _fields(data, bits, width):
-    """Bytes (uint8 [n, k]) -> their `bits`-wide fields, uint8 [n, k * 8 / bits], in ggml's order:
-    in each run of `width` bytes, the lowest field of every byte, then the next field of every byte
-    (bits 4, width 16: the 16 low nibbles, then the 16 high ones)."""
+    """Bytes (uint8 [n, k]) -> their `bits`-wide fields, uint8 [n, k * 8 / bits], in ggml's order: in each run
+    of `width` bytes, the lowest field of every byte, then the next (4 bits, width 16: 16 low nibbles, 16 high)."""
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8).view(1, 1, -1, 1)
     return ((data.reshape(len(data), -1, 1, width) >> shifts) & (2**bits - 1)).reshape(len(data), -1)
 
@@ -2017,28 +2014,14 @@ def _q5(blocks, start):
     return _fields(blocks[:, start + 4:], 4, 16) | _fields(blocks[:, start:start + 4], 1, 1) << 4
 
 
-def _k_quant(blocks, values):
-    """Q4_K and Q5_K: values (uint8 [n, 256]) times 8 scales, minus 8 minimums, of 6 bits packed in
-    bytes 4-15, each times one of the block's two float16 factors -> float32 [n, 8, 32]. The 12 bytes:
-    4 bytes d and 4 bytes m hold scales and minimums 0-3 in their low 6 bits; scales and minimums 4-7
-    are 4 bits of the last 4 bytes (`high`) under the top 2 bits of d and m."""
+def _q4_k(blocks):
+    """Q4_K: two float16 factors (bytes 0 and 2), 8 scales and 8 minimums of 6 bits (4-15), 256 4-bit values.
+    Bytes 4-7 (d) and 8-11 (m) hold scales and minimums 0-3 in their low 6 bits; 4-7 are the nibbles of
+    bytes 12-15 (`high`) under the top 2 bits of d and m."""
     d, m, high = blocks[:, 4:16].reshape(-1, 3, 4).unbind(1)
     scales = _half(blocks, 0) * torch.cat([d & 63, (high & 15) | (d >> 2 & 48)], 1)
     minimums = _half(blocks, 2) * torch.cat([m & 63, (high >> 4) | (m >> 2 & 48)], 1)
-    return scales.unsqueeze(-1) * values.view(-1, 8, 32) - minimums.unsqueeze(-1)
-
-
-def _q2_k(blocks):
-    """Q2_K: 16 scales and minimums of 4 bits (bytes 0-15), 2-bit values, two float16 factors at 80 and 82."""
-    scales, minimums = _half(blocks, 80) * (blocks[:, :16] & 15), _half(blocks, 82) * (blocks[:, :16] >> 4)
-    return scales.unsqueeze(-1) * _fields(blocks[:, 16:80], 2, 32).view(-1, 16, 16) - minimums.unsqueeze(-1)
-
-
-def _q3_k(blocks):
-    """Q3_K: a high bit per value (bytes 0-31), 2 low bits (32-95), 16 signed 6-bit scales (96-107), a float16."""
-    scales = (_fields(blocks[:, 96:104], 4, 8) | _fields(blocks[:, 104:108], 2, 4) << 4).to(torch.int8) - 32
-    values = (_fields(blocks[:, 32:96], 2, 32) | _fields(blocks[:, :32], 1, 32) << 2).to(torch.int8) - 4
-    return (_half(blocks, 108) * scales).unsqueeze(-1) * values.view(-1, 16, 16)
+    return scales.unsqueeze(-1) * _fields(blocks[:, 16:], 4, 32).view(-1, 8, 32) - minimums.unsqueeze(-1)
 
 
 def _q6_k(blocks):
@@ -2052,7 +2035,7 @@ def _q6_k(blocks):
 # -> values float32 [n, values per block]), computed as ggml-quants.c and the `gguf` package do.
 # Q4_0 is a float16 scale d and 32 4-bit values q, each d * (q - 8); Q4_1 adds a float16 offset m,
 # d * q + m; Q5 holds one more bit per value, Q8_0 8 bits; the K types share float16 factors per
-# 256 values, which scale 16 (or 8) smaller scales (and minimums) of 4 to 8 bits.
+# 256 values, which scale 16 (or 8) smaller scales (and minimums) of 6 to 8 bits.
 GGUF_BLOCKS = {
     "F32": (1, 4, lambda blocks: blocks.view(torch.float32)),
     "F16": (1, 2, lambda blocks: blocks.view(torch.float16).float()),
@@ -2062,27 +2045,21 @@ GGUF_BLOCKS = {
     "Q4_1": (32, 20, lambda blocks: _half(blocks, 0) * _fields(blocks[:, 4:], 4, 16) + _half(blocks, 2)),
     "Q5_0": (32, 22, lambda blocks: _half(blocks, 0) * (_q5(blocks, 2).to(torch.int8) - 16)),
     "Q5_1": (32, 24, lambda blocks: _half(blocks, 0) * _q5(blocks, 4) + _half(blocks, 2)),
-    "Q2_K": (256, 84, _q2_k),
-    "Q3_K": (256, 110, _q3_k),
-    "Q4_K": (256, 144, lambda blocks: _k_quant(blocks, _fields(blocks[:, 16:], 4, 32))),
-    "Q5_K": (256, 176, lambda blocks: _k_quant(blocks, _fields(blocks[:, 48:], 4, 32)
-                                               | _fields(blocks[:, 16:48], 1, 32) << 4)),
+    "Q4_K": (256, 144, _q4_k),
     "Q6_K": (256, 210, _q6_k),
 }
 
 
 def dequantize(kind, shape, data):
-    """A tensor of `read_gguf`: its GGUF_BLOCKS type, shape and bytes (uint8 [n], whole blocks) -> float32 values
-    of that shape. RuntimeError when the bytes are not whole blocks of that shape (`read_gguf` checks them)."""
-    per_block, block_bytes, unpack = GGUF_BLOCKS[kind]
+    """A tensor of `read_gguf` (a GGUF_BLOCKS type, its shape, bytes uint8 [n]) -> float32 values of that shape."""
+    _, block_bytes, unpack = GGUF_BLOCKS[kind]
     return unpack(data.view(-1, block_bytes)).reshape(shape)
 
 
 def read_gguf(path):
-    """Read a GGUF file (version 2 or 3) -> (metadata {key: value}, {tensor name: (type, shape, bytes)}):
-    a GGUF_BLOCKS type, torch's order of dimensions, a uint8 view of a private memory mapping of
-    the file (see `dequantize`). Raises FileNotFoundError, or ValueError naming the file and what
-    is wrong: not GGUF, another version, truncated or malformed, a type GGUF_BLOCKS lacks."""
+    """Read a GGUF file (version 2 or 3) -> (metadata {key: value}, {tensor name: (type, shape, bytes)}): a
+    GGUF_BLOCKS type, torch's order of dimensions, a uint8 view of a private memory mapping of the file. Raises
+    FileNotFoundError, or ValueError naming the file: not GGUF, another version, truncated, malformed."""
     path = Path(path)
     with open(path, "rb") as f:
         # ACCESS_COPY: torch.frombuffer needs a writable buffer; writes stay private, never reach the file
@@ -2097,22 +2074,14 @@ def read_gguf(path):
         position += struct.calcsize("<" + fmt)
         return values
 
-    def value(kind):
-        nonlocal position
+    def values(kind, count):  # `count` metadata values of type `kind`
         if kind == 8:  # a string: its length in bytes, then UTF-8
-            (length,) = take("Q")
-            position += length
-            if position > len(data):
-                raise struct.error("a string runs past the end of the file")
-            return str(data[position - length:position], "utf-8")
+            return [str(take(f"{take('Q')[0]}s")[0], "utf-8") for _ in range(count)]
         if kind == 9:  # an array: the type of its items, their count, the items
-            item_kind, count = take("IQ")
-            if item_kind in GGUF_SCALARS:
-                return list(take(f"{count}{GGUF_SCALARS[item_kind]}"))
-            return [value(item_kind) for _ in range(count)]
+            return [values(*take("IQ")) for _ in range(count)]
         if kind not in GGUF_SCALARS:
             raise ValueError(f"{path}: not a well-formed GGUF file (a metadata value of unknown type {kind})")
-        return take(GGUF_SCALARS[kind])[0]
+        return list(take(f"{count}{GGUF_SCALARS[kind]}"))
 
     try:
         (version,) = take("I")
@@ -2122,31 +2091,31 @@ def read_gguf(path):
         n_tensors, n_keys = take("QQ")
         metadata = {}
         for _ in range(n_keys):  # a key, the type of its value, the value
-            key = value(8)
-            metadata[key] = value(take("I")[0])
+            [key] = values(8, 1)
+            [metadata[key]] = values(take("I")[0], 1)
         infos = []
         for _ in range(n_tensors):  # a name, its number of dimensions, the dimensions, its type, its offset
-            name, (n_dims,) = value(8), take("I")
+            [name], (n_dims,) = values(8, 1), take("I")
             infos.append((name, take(f"{n_dims}Q"), *take("IQ")))
     except struct.error:
         raise ValueError(f"{path}: not a complete GGUF file (it ends inside its header: truncated?)") from None
-    except (KeyError, UnicodeDecodeError, OverflowError) as e:
+    except (UnicodeDecodeError, OverflowError) as e:
         raise ValueError(f"{path}: not a well-formed GGUF file ({e.__class__.__name__}: {e})") from None
     alignment = metadata.get("general.alignment", 32)  # the tensor data starts at the next multiple of it
     return metadata, gguf_tensor_table(path, data, infos, data_start=-(-position // alignment) * alignment)
 
 
 def gguf_tensor_table(path, data, infos, data_start):
-    """{tensor name: (type, shape in torch's order, uint8 view of `data`)} from a GGUF file's tensor infos
-    (name, dimensions, type number, offset from data_start). Raises ValueError naming the tensor for a type
-    GGUF_BLOCKS lacks or data past the end of the file."""
+    """The tensors of `read_gguf` from their infos (name, dimensions, type id, offset from data_start).
+    Raises ValueError naming the tensor for a type GGUF_BLOCKS lacks or data past the end of the file."""
     buffer = torch.frombuffer(data, dtype=torch.uint8)
     tensors = {}
     for name, dims, kind, offset in infos:
         kind = GGML_TYPES[kind] if kind < len(GGML_TYPES) else f"type {kind}"
         if kind not in GGUF_BLOCKS:
             raise ValueError(f"{path}: tensor {name!r} is {kind}, a type this project does not read (it reads "
-                             f"{', '.join(GGUF_BLOCKS)}): convert or quantize the model to one of these with llama.cpp")
+                             f"{', '.join(GGUF_BLOCKS)}): requantize the model with llama-quantize "
+                             "--allow-requantize to Q4_K_M or Q8_0")
         per_block, block_bytes, _ = GGUF_BLOCKS[kind]
         start, size = data_start + offset, math.prod(dims) // per_block * block_bytes
         if (dims and dims[0] % per_block) or start + size > len(data):
@@ -2156,7 +2125,7 @@ def gguf_tensor_table(path, data, infos, data_start):
     return tensors
 
 
-# general.architecture -> config.json's model_type, where they differ
+# The architectures read and written. general.architecture -> config.json's model_type, where they differ:
 GGUF_MODEL_TYPES = {"phi2": "phi", "gemma3": "gemma3_text"}
 # llama.cpp's tensor names -> transformers' (without `transformer.` or `model.`), as gguf-py's
 # tensor_mapping.py maps them: "blk.N.<name>" is "h.N.<ours>" for GPT-2, "layers.N.<ours>" for the others.
@@ -2177,7 +2146,7 @@ GGUF_TENSOR_NAMES = {
     "gemma3": {**_LLAMA_TENSORS, "post_attention_norm": "post_attention_layernorm",
                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
 }
-# The architectures read and written: metadata "<architecture>.<key>" -> config.json key
+# metadata "<architecture>.<key>" -> config.json key
 _LLAMA_KEYS = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
                "feed_forward_length": "intermediate_size", "block_count": "num_hidden_layers",
                "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
@@ -2187,30 +2156,18 @@ GGUF_CONFIG_KEYS = {
     "gpt2": {"context_length": "n_positions", "embedding_length": "n_embd", "feed_forward_length": "n_inner",
              "block_count": "n_layer", "attention.head_count": "n_head",
              "attention.layer_norm_epsilon": "layer_norm_epsilon"},
-    "llama": _LLAMA_KEYS,
-    "qwen3": _LLAMA_KEYS,
+    **dict.fromkeys(("llama", "qwen3", "phi3", "gemma3"), _LLAMA_KEYS),
     "phi2": {**_LLAMA_KEYS, "attention.layer_norm_epsilon": "layer_norm_eps"},  # Phi's LayerNorm
-    "phi3": _LLAMA_KEYS,
-    "gemma3": _LLAMA_KEYS,
 }
 # What llama.cpp assumes of an architecture rather than reads (llama-model.cpp), as config.json settings
 GGUF_ASSUMED = {"phi2": {"hidden_act": "gelu_new"},
                 "gemma3": {"hidden_activation": "gelu_pytorch_tanh", "sliding_window_pattern": 6,
                            "rope_local_base_freq": 10000.0}}
-# tokenizer.ggml.pre (llama.cpp's name of a pre-tokenizer) -> tokenizer.json's pre_tokenizer
-_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+# tokenizer.ggml.pre, llama.cpp's name of a byte-level pre-tokenizer -> its expression (`split_pattern`)
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                 r"|\s+(?!\S)|\s+")
-GGUF_PRE_TOKENIZERS = {
-    "gpt-2": _BYTE_LEVEL,
-    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
-    **{name: {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False},
-        {**_BYTE_LEVEL, "use_regex": False}]}
-       for name, split in (("qwen2", _QWEN2_SPLIT), ("llama-bpe", _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")))},
-}
-
-
+GGUF_PRE_TOKENIZERS = {"gpt-2": GPT2_SPLIT_PATTERN, "smollm": DIGITS_SPLIT_PATTERN, "qwen2": _QWEN2_SPLIT,
+                       "llama-bpe": _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")}
 # Llama 3's rope scaling as Meta released it (Llama 3.1, 3.2) but for its factor: llama.cpp keeps
 # not the settings but the factor by which each frequency is divided (`rope_factors`)
 LLAMA3_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -2222,25 +2179,33 @@ def rope_factors(cfg, head_dim):
     return rope_frequencies(dataclasses.replace(cfg, rope_scaling=None), head_dim) / rope_frequencies(cfg, head_dim)
 
 
-def rotary_order(weight, n_heads, to_gguf=False):
-    """A query or key projection (rows [n_heads * head_dim, ...]) from llama.cpp's row order to
-    Hugging Face's, or back (to_gguf). Hugging Face's Llama rotates dimension i of a head with
-    i + head_dim / 2, llama.cpp's with its neighbour, so llama.cpp's converter interleaves the
-    two halves of each head's rows (convert_hf_to_gguf.py, LlamaModel.permute; not Qwen's)."""
-    halves = (n_heads, 2, -1) if to_gguf else (n_heads, -1, 2)
-    return weight.reshape(*halves, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+def gguf_layout(tensor, arch, part, config, to_gguf=False):
+    """A tensor `part` (llama.cpp's name: attn_q, ffn_norm, ...) of a model (config.json dict) as llama.cpp
+    stores it -> as transformers does, or back (to_gguf). GPT-2's Conv1D matrices are [in, out], ggml's
+    [out, in]; Gemma 3's norms are stored as 1 + w; Hugging Face's Llama rotates dimension i of a head with
+    i + head_dim / 2, llama.cpp's with its neighbour, so llama.cpp's converter interleaves the two halves
+    of each head's query and key rows (convert_hf_to_gguf.py, LlamaModel.permute; llama only)."""
+    if arch == "gpt2" and part in ("attn_qkv", "attn_output", "ffn_up", "ffn_down") and tensor.dim() == 2:
+        return tensor.t()
+    if arch == "gemma3" and part.endswith("norm"):
+        return tensor + 1 if to_gguf else tensor - 1
+    if arch == "llama" and part in ("attn_q", "attn_k"):
+        heads = config["num_attention_heads"] if part == "attn_q" else \
+            config.get("num_key_value_heads", config["num_attention_heads"])
+        halves = (heads, 2, -1) if to_gguf else (heads, -1, 2)
+        return tensor.reshape(*halves, *tensor.shape[1:]).transpose(1, 2).reshape(tensor.shape)
+    return tensor
 
 
 def gguf_config(metadata, entries):
-    """config.json (a dict) of the model in a GGUF file: its metadata (GGUF_CONFIG_KEYS), what llama.cpp
-    assumes (GGUF_ASSUMED) and what its tensors ({name: (type, shape, bytes)}, as `read_gguf` gives them)
-    show: the vocabulary, biases, an untied head, Llama 3's rope scaling (rope_freqs.weight, taken out of
-    `entries`). Raises ValueError for an architecture or a rope scaling this project does not read."""
+    """config.json (a dict) of a GGUF file's model: its metadata (GGUF_CONFIG_KEYS), what llama.cpp assumes
+    (GGUF_ASSUMED), what its tensors (`read_gguf`'s) show: vocabulary, biases, an untied head, Llama 3's rope
+    scaling (rope_freqs.weight, taken out of `entries`). Raises ValueError for what it does not read."""
     arch = metadata.get("general.architecture")
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")  # linear, yarn: positions computed otherwise
-    if arch not in GGUF_CONFIG_KEYS or scaling != "none":
+    if arch not in GGUF_TENSOR_NAMES or scaling != "none":
         raise ValueError(f"architecture {arch!r} with rope scaling {scaling!r} is not supported; this "
-                         f"project reads {', '.join(GGUF_CONFIG_KEYS)} without rope scaling")
+                         f"project reads {', '.join(GGUF_TENSOR_NAMES)} without rope scaling")
     config = {hf: metadata[f"{arch}.{key}"] for key, hf in GGUF_CONFIG_KEYS[arch].items()
               if f"{arch}.{key}" in metadata}
     embedding = entries.get("token_embd.weight", (None, [None]))
@@ -2268,11 +2233,9 @@ def gguf_config(metadata, entries):
 
 
 def gguf_model_parts(path, dtype=torch.float32):
-    """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files
-    {name: text}): what `model_from_tensors` and `tokenizer_from_files` read from a model folder, with
-    llama.cpp's changes undone (`rotary_order`; Gemma 3's norms hold 1 + w). Raises ValueError naming the
-    file as `read_gguf` and `gguf_config` do, and for weights larger in dtype than the machine's memory,
-    where they are dequantized (the device's is checked as for any model, by `model_from_tensors`)."""
+    """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files {name:
+    text}) as a model folder holds them, llama.cpp's layout undone (`gguf_layout`). Raises ValueError naming
+    the file as `read_gguf` and `gguf_config` do, or for weights larger than the machine's memory."""
     metadata, entries = read_gguf(path)
     try:
         config = gguf_config(metadata, entries)
@@ -2280,39 +2243,32 @@ def gguf_model_parts(path, dtype=torch.float32):
         raise ValueError(f"{path}: {e}") from None
     arch = metadata["general.architecture"]
     names = GGUF_TENSOR_NAMES[arch]
-    heads = {"attn_q": config.get("num_attention_heads"),
-             "attn_k": config.get("num_key_value_heads", config.get("num_attention_heads"))}
     n_values = sum(math.prod(shape) for _, shape, _ in entries.values())
     check_memory(n_values * dtype.itemsize, "cpu", f"{path}: its weights at {dtype.itemsize} bytes each")
     tensors = {}
     for name, (kind, shape, data) in entries.items():
         tensor = dequantize(kind, shape, data)
-        if arch == "gemma3" and name.endswith("norm.weight"):
-            tensor = tensor - 1
         match = re.fullmatch(r"(blk\.(\d+)\.)?(\w+)\.(weight|bias)", name)
         if match and match[3] in names:  # others keep their name: the loader lists them as unexpected
             block = f"{'h' if arch == 'gpt2' else 'layers'}.{match[2]}." if match[1] else ""
             name = f"{block}{names[match[3]]}.{match[4]}"
-            if arch == "llama" and match[3] in heads:
-                tensor = rotary_order(tensor, heads[match[3]])
-        if arch == "gpt2" and name.endswith(_TRANSPOSED):
-            tensor = tensor.t()  # ggml stores nn.Linear's [out, in], GPT-2's release Conv1D's [in, out]
+            tensor = gguf_layout(tensor, arch, match[3], config)
         tensors[name] = tensor.to(dtype)
     return tensors, config, gguf_tokenizer_files(metadata, path)
 
 
-# tokenizer.json's decoder of SentencePiece-style tokens, for transformers (`PieceTokenizer` needs none)
+# tokenizer.json's byte-level steps, and its decoder of SentencePiece-style tokens (for transformers)
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
 _PIECE_DECODER = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
                                                    {"type": "ByteFallback"}, {"type": "Fuse"}]}
 
 
 def gguf_tokenizer_files(metadata, source):
-    """The tokenizer in a GGUF file's metadata -> Hugging Face tokenizer files {name: text}
-    (tokenizer.json, tokenizer_config.json, chat_template.jinja) for `tokenizer_from_files`: byte-level
-    BPE ("gpt2", tokens and merges, a pre-tokenizer of GGUF_PRE_TOKENIZERS) or SentencePiece-style BPE
-    ("llama", tokens and scores: llama.cpp merges the two pieces that make the best-scored token, so the
-    merges are every cut of each token, best first). Control and user-defined tokens are the added
-    tokens. Raises ValueError naming `source` for another tokenizer."""
+    """The tokenizer in a GGUF file's metadata -> Hugging Face tokenizer files {name: text} for
+    `tokenizer_from_files`: byte-level BPE ("gpt2": tokens, merges, a pre-tokenizer of GGUF_PRE_TOKENIZERS)
+    or SentencePiece-style BPE ("llama": tokens and scores; llama.cpp merges the two pieces that make the
+    best-scored token, so the merges are every cut of each token, best first). Control and user-defined
+    tokens are the added tokens. Raises ValueError naming `source` for another tokenizer."""
     model, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre", "default")
     if model != "llama" and (model != "gpt2" or pre not in GGUF_PRE_TOKENIZERS):
         raise ValueError(f"{source}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported; this project "
@@ -2337,14 +2293,14 @@ def gguf_tokenizer_files(metadata, source):
         steps = [{"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
         if metadata.get("tokenizer.ggml.add_space_prefix", True):  # a space before each piece of text (Llama 2)
             steps.insert(0, {"type": "Prepend", "prepend": "\u2581"})
-        normalizer = {"type": "Sequence", "normalizers": steps}
-        parts = {"normalizer": normalizer, "pre_tokenizer": None, "decoder": _PIECE_DECODER}
+        parts = {"normalizer": {"type": "Sequence", "normalizers": steps}, "decoder": _PIECE_DECODER}
         bpe = {"merges": merges, "byte_fallback": True}
     else:
-        parts = {"normalizer": {"type": "NFC"} if pre == "qwen2" else None,  # Qwen's
-                 "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre], "decoder": _BYTE_LEVEL}
+        split = {"type": "Split", "pattern": {"Regex": GGUF_PRE_TOKENIZERS[pre]}, "behavior": "Isolated",
+                 "invert": False}
+        parts = {"normalizer": {"type": "NFC"} if pre == "qwen2" else None, "decoder": _BYTE_LEVEL,
+                 "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, _BYTE_LEVEL]}}
         bpe = {"merges": metadata.get("tokenizer.ggml.merges", []), "ignore_merges": pre == "llama-bpe"}
-    # what `tokenizer_from_files` and the tokenizers library read
     tokenizer_json = {"added_tokens": added, **parts, "model": {"type": "BPE", "vocab": vocab, **bpe}}
     bos = config.get("bos_token")
     if metadata.get("tokenizer.ggml.add_bos_token", model == "llama") and bos:  # a text starts with the begin token
@@ -2360,15 +2316,14 @@ def gguf_tokenizer_files(metadata, source):
 
 def ollama_model(name):
     """Path of the GGUF file of the Ollama model "NAME[:TAG]" (TAG "latest" unless given; NAME may be
-    "namespace/model"): the blob its manifest names as the model layer, in $OLLAMA_MODELS, else
-    ~/.ollama/models, else /usr/share/ollama/.ollama/models (Ollama's folders). Raises
-    FileNotFoundError naming what is missing and what to do."""
+    "namespace/model"): the blob its manifest names as the model layer, in $OLLAMA_MODELS, else ~/.ollama/models,
+    else /usr/share/ollama/.ollama/models. Raises FileNotFoundError naming what is missing and what to do."""
     model, _, tag = name.partition(":")
+    tag = tag or "latest"
+    name = f"{model}:{tag}"
     folders = [Path(os.environ["OLLAMA_MODELS"])] if os.environ.get("OLLAMA_MODELS") else \
         [Path.home() / ".ollama" / "models", Path("/usr/share/ollama/.ollama/models")]
     folder = next((f for f in folders if f.is_dir()), folders[0])
-    tag = tag or "latest"
-    name = f"{model}:{tag}"
     manifest = folder / "manifests" / "registry.ollama.ai" / ("" if "/" in model else "library") / model / tag
     if not manifest.is_file():
         raise FileNotFoundError(f"no Ollama model {name} in {folder} ({manifest} is missing): run `ollama pull "
@@ -2378,8 +2333,8 @@ def ollama_model(name):
                if layer.get("mediaType") == "application/vnd.ollama.image.model"]
     blob = folder / "blobs" / (digests[0].replace(":", "-") if digests else "")
     if not digests or not blob.is_file():
-        raise FileNotFoundError(f"{manifest}: the blob of its model layer, {blob}, is missing: "
-                                f"run `ollama pull {name}`")
+        raise FileNotFoundError(f"{manifest}: the blob of its model layer, {blob}, is missing: run `ollama pull "
+                                f"{name}`")
     return blob
 
 
@@ -2409,12 +2364,9 @@ CHAT_FORMATS = {
 
 
 def chat_prompt(tokenizer, message):
-    """A user's message as the one turn of a chat -> (prompt text, the id of the token that ends a
-    turn), in the format of the model's chat template (chat_template.jinja or tokenizer_config.json's
-    entry), chosen by its markers (CHAT_FORMATS) rather than run (no Jinja): without a template's
-    default system prompt. The answer ends with the end-of-turn token (<|im_end|>, <|eot_id|>,
-    <end_of_turn>, <|end|>), which instruct models emit before, or instead of, their end-of-text
-    token. Raises ValueError for a tokenizer without a chat template, or with one in none of these formats."""
+    """A user's message as the one turn of a chat -> (prompt text, id of the end-of-turn token, which ends an
+    instruct model's answer), in the format of the model's chat template, chosen by its markers (CHAT_FORMATS),
+    not run (no Jinja, no default system prompt). Raises ValueError for a template of none of these formats."""
     config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
     template = tokenizer.files.get("chat_template.jinja") or config.get("chat_template") or ""
     for marker, (before, after) in CHAT_FORMATS.items():
@@ -2465,30 +2417,10 @@ def _gguf_value(value, int_kind=4):
     return kind, struct.pack("<" + GGUF_SCALARS[kind], value)
 
 
-def gguf_metadata(model, tokenizer, name):
-    """GGUF metadata of a model and its `Tokenizer` -> {key: value}: the architecture and config
-    (GGUF_CONFIG_KEYS, from `hf_config`) and the tokenizer (`gguf_tokenizer_metadata`). Raises
-    ValueError naming `name` for a classifier or a model type without a GGUF architecture here."""
-    config = {"n_inner": 4 * model.cfg.emb_dim, **hf_config(model.cfg)}
-    arch = {hf: arch for arch, hf in GGUF_MODEL_TYPES.items()}.get(config["model_type"], config["model_type"])
-    if hasattr(model, "labels"):
-        raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
-    if arch not in GGUF_CONFIG_KEYS:
-        raise ValueError(f"{name}: a {arch} model has no GGUF writer here (it writes {', '.join(GGUF_CONFIG_KEYS)})")
-    metadata = {"general.architecture": arch, "general.name": str(name), f"{arch}.vocab_size": model.cfg.vocab_size}
-    metadata.update({f"{arch}.{key}": config[hf] for key, hf in GGUF_CONFIG_KEYS[arch].items()
-                     if config.get(hf) is not None})
-    if arch != "gpt2":  # the head size, and the rotary dimensions (Phi: the first part of a head)
-        metadata[f"{arch}.attention.value_length"] = config["head_dim"]
-        metadata[f"{arch}.rope.dimension_count"] = int(config["head_dim"] * model.cfg.rotary_fraction)
-    return {**metadata, **gguf_tokenizer_metadata(tokenizer, model.cfg.vocab_size, name)}
-
-
 def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
     """A `Tokenizer` as llama.cpp reads it -> {key: value}: byte-level BPE as "gpt2" (tokens, merges, the
-    pre-tokenizer's name) or SentencePiece-style BPE as "llama" (tokens scored by merge order, best first,
-    the space before the text), token types, begin/end tokens, chat template. Raises ValueError naming
-    `name` for a pre-tokenizer llama.cpp does not name, or a Metaspace space it does not put."""
+    pre-tokenizer's name) or SentencePiece-style as "llama" (tokens scored by merge order), token types, named
+    tokens, chat template. Raises ValueError naming `name` for a pre-tokenizer or space llama.cpp would not make."""
     files = hf_tokenizer_files(tokenizer)
     if "tokenizer.json" in files:
         tokenizer_json = json.loads(files["tokenizer.json"])
@@ -2499,89 +2431,88 @@ def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
         added = [{"id": tokenizer.eot_id, "content": "<|endoftext|>"}]
     tokens = {i: text for text, i in bpe["vocab"].items()} | {token["id"]: token["content"] for token in added}
     special = {token["id"]: token.get("special", True) for token in added}
+    merges = [merge.split(" ") if isinstance(merge, str) else merge for merge in bpe["merges"]]
     if bpe.get("byte_fallback"):
         if tokenizer.prefix not in ("prepend", None):
             raise ValueError(f"{name}: its tokenizer puts a space before text as Metaspace does ({tokenizer.prefix!r}),"
                              " which llama.cpp does not: it puts one before every piece of text (Llama 2) or none")
-        merged = ["".join(merge.split(" ") if isinstance(merge, str) else merge) for merge in bpe["merges"]]
-        rank = {token: n for n, token in enumerate(dict.fromkeys(merged))}
+        rank = {token: n for n, token in enumerate(dict.fromkeys("".join(merge) for merge in merges))}
         style = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
                  "tokenizer.ggml.scores": [float(-rank.get(tokens.get(i), len(rank))) for i in range(vocab_size)],
                  "tokenizer.ggml.add_space_prefix": tokenizer.prefix == "prepend"}
     else:
-        patterns = {split_pattern(value, key): key for key, value in GGUF_PRE_TOKENIZERS.items()}
-        pre = patterns.get(tokenizer._pat_str) if tokenizer.files else "gpt-2"  # no files: tiktoken's GPT-2
+        pattern = tokenizer._pat_str if tokenizer.files else GPT2_SPLIT_PATTERN  # no files: tiktoken's GPT-2
+        pre = {value: key for key, value in GGUF_PRE_TOKENIZERS.items()}.get(pattern)
         if pre is None:
             raise ValueError(f"{name}: its tokenizer's pre-tokenizer is none of llama.cpp's "
                              f"{', '.join(GGUF_PRE_TOKENIZERS)}")
         style = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
-                 "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]}
-
-    def kind(i):  # llama.cpp's token types: 1 normal, 3 control, 4 user-defined, 5 unused, 6 byte
-        if i in special:
-            return 3 if special[i] else 4
-        if bpe.get("byte_fallback") and re.fullmatch(r"<0x[0-9A-F]{2}>", tokens.get(i, "")):
-            return 6
-        return 1 if i in tokens else 5
-
+                 "tokenizer.ggml.merges": [" ".join(merge) for merge in merges]}
+    # llama.cpp's token types: 1 normal, 3 control, 4 user-defined, 5 unused (an id without a token), 6 byte
+    types = {i: 6 if bpe.get("byte_fallback") and re.fullmatch(r"<0x[0-9A-F]{2}>", text) else 1
+             for i, text in tokens.items()}
+    types.update({i: 3 if control else 4 for i, control in special.items()})
     settings = files["tokenizer_config.json"]  # a dict: the named tokens (pad, unk), maybe the chat template
     by_text = {text: i for i, text in tokens.items()}
-    ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eot_id, **{
-        key: by_text.get(special_token_text(settings.get(f"{hf}_token"))) for key, hf in (("padding", "pad"),
-                                                                                         ("unknown", "unk"))}}
+    ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eot_id}
+    for key, hf in (("padding", "pad"), ("unknown", "unk")):
+        ids[key] = by_text.get(special_token_text(settings.get(f"{hf}_token")))
     template = tokenizer.files.get("chat_template.jinja") or settings.get("chat_template")
     return {
         **style,
         # ids without a token (a vocabulary padded to a round size) get a name, as llama.cpp's converter does
         "tokenizer.ggml.tokens": [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)],
-        "tokenizer.ggml.token_type": [kind(i) for i in range(vocab_size)],
+        "tokenizer.ggml.token_type": [types.get(i, 5) for i in range(vocab_size)],
         "tokenizer.ggml.add_bos_token": tokenizer.add_bos,
         **{f"tokenizer.ggml.{key}_token_id": i for key, i in ids.items() if i is not None},
         **({"tokenizer.chat_template": template} if template else {}),
     }
 
 
-def gguf_tensors(model, kind, arch):
-    """A model's weights under llama.cpp's names for `arch` (GGUF_TENSOR_NAMES), matrices in ggml type
-    `kind`, vectors F32 -> [(name, type, shape, bytes uint8)]: the query and key rows in llama.cpp's
-    order for the llama architecture (`rotary_order`), Gemma 3's norms as 1 + w."""
-    cfg = model.cfg
+def gguf_contents(model, tokenizer, gguf_type, name):
+    """A model and its `Tokenizer` as llama.cpp reads them -> (metadata {key: value}, tensors [(name, type,
+    shape, bytes uint8)]): the config (GGUF_CONFIG_KEYS), the tokenizer, the weights under llama.cpp's names in
+    its layout, matrices in the type of `gguf_type` (GGUF_FILE_TYPES), vectors F32. Raises ValueError naming
+    `name` for a classifier, a model type without a GGUF architecture, or as `gguf_tokenizer_metadata`."""
+    cfg, config = model.cfg, {"n_inner": 4 * model.cfg.emb_dim, **hf_config(model.cfg)}
+    arch = {hf: arch for arch, hf in GGUF_MODEL_TYPES.items()}.get(config["model_type"], config["model_type"])
+    if hasattr(model, "labels"):
+        raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
+    if arch not in GGUF_TENSOR_NAMES:
+        raise ValueError(f"{name}: a {arch} model has no GGUF writer here (it writes {', '.join(GGUF_TENSOR_NAMES)})")
+    kind, file_type = GGUF_FILE_TYPES[gguf_type]
+    metadata = {"general.architecture": arch, "general.name": str(name), "general.file_type": file_type,
+                f"{arch}.vocab_size": cfg.vocab_size}
+    metadata.update({f"{arch}.{key}": config[hf] for key, hf in GGUF_CONFIG_KEYS[arch].items()
+                     if config.get(hf) is not None})
+    if arch != "gpt2":  # the head size, and the rotary dimensions (Phi: the first part of a head)
+        metadata[f"{arch}.attention.value_length"] = config["head_dim"]
+        metadata[f"{arch}.rope.dimension_count"] = int(config["head_dim"] * cfg.rotary_fraction)
     names = {ours: theirs for theirs, ours in GGUF_TENSOR_NAMES[arch].items()}
-    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads or cfg.n_heads} if arch == "llama" else {}
     tensors = []
-    for name, tensor in hf_tensors(model, torch.float32).items():
+    for hf_name, tensor in hf_tensors(model, torch.float32).items():
         layer, part, suffix = re.fullmatch(r"(?:(?:h|layers)\.(\d+)\.)?(.+)\.(weight|bias)",
-                                           name.removeprefix("transformer.").removeprefix("model.")).groups()
-        part = names[part]
-        if arch == "gpt2" and name.endswith(_TRANSPOSED):
-            tensor = tensor.t()  # GPT-2's Conv1D [in, out] -> ggml's [out, in]
-        if part in heads:
-            tensor = rotary_order(tensor, heads[part], to_gguf=True)
-        if arch == "gemma3" and part.endswith("norm"):
-            tensor = tensor + 1
+                                           hf_name.removeprefix("transformer.").removeprefix("model.")).groups()
+        tensor = gguf_layout(tensor, arch, names[part], config, to_gguf=True)
         target = "F32" if tensor.dim() == 1 else kind if kind != "Q8_0" or tensor.shape[-1] % 32 == 0 else "F16"
         data = quantize_q8_0(tensor) if target == "Q8_0" else \
             tensor.to(SAFETENSORS_DTYPES[target]).contiguous().view(torch.uint8).reshape(-1)
-        tensors.append((f"blk.{layer}.{part}.{suffix}" if layer else f"{part}.{suffix}", target, tensor.shape, data))
+        block = f"blk.{layer}." if layer else ""
+        tensors.append((f"{block}{names[part]}.{suffix}", target, tensor.shape, data))
     if arch == "llama" and cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
         factors = rope_factors(cfg, cfg.head_dim or cfg.emb_dim // cfg.n_heads)
         tensors.append(("rope_freqs.weight", "F32", factors.shape, factors.view(torch.uint8)))
-    return tensors
+    return {**metadata, **gguf_tokenizer_metadata(tokenizer, cfg.vocab_size, name)}, tensors
 
 
 def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite=False):
-    """Write model and its `Tokenizer` as a GGUF file (version 3) that llama.cpp and Ollama run,
-    atomically, and an Ollama Modelfile beside it (`MODELFILE`) -> the Modelfile's path. gguf_type:
-    a key of GGUF_FILE_TYPES. Raises ValueError as `gguf_metadata`, or naming each setting the file
-    would give back otherwise (what llama.cpp assumes, such as Gemma 3's every sixth global layer),
-    or for a file where its folder goes, and FileExistsError for a file already there, unless `overwrite`."""
+    """Write a model and its `Tokenizer` as a GGUF file (version 3) for llama.cpp and Ollama, with an Ollama
+    Modelfile beside it, each atomically -> the Modelfile's path. Raises ValueError as `claim_run_folder` (unless
+    `overwrite`) and `gguf_contents` do, or naming each setting llama.cpp would read otherwise (what it assumes)."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists: give --overwrite to replace it")
-    claim_run_folder(path.parent, [])  # a file where its folder goes is refused before the work
-    kind, file_type = GGUF_FILE_TYPES[gguf_type]
-    metadata = {**gguf_metadata(model, tokenizer, name), "general.file_type": file_type}
-    tensors = gguf_tensors(model, kind, metadata["general.architecture"])
+    modelfile = path.with_suffix(".Modelfile")  # model.gguf -> model.Modelfile: one per export in a folder
+    claim_run_folder(path.parent, [path.name, modelfile.name], overwrite=overwrite, resumable=False)
+    metadata, tensors = gguf_contents(model, tokenizer, gguf_type, name)
     try:  # the file read back must give this model
         config = gguf_config(metadata, {tensor[0]: tensor[1:] for tensor in tensors})
         read = config_from_weights({}, config) if config["model_type"] == "gpt2" else config_from_hub(config)
@@ -2609,7 +2540,6 @@ def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite
             f.write(data.numpy())
 
     atomic_write_bytes(path, write)
-    modelfile = path.with_suffix(".Modelfile")  # model.gguf -> model.Modelfile: one per export in a folder
     atomic_write_bytes(modelfile, MODELFILE.format(file=path.name, stop=tokenizer.decode([tokenizer.eot_id])).encode())
     return modelfile
 
@@ -2661,20 +2591,16 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
 # 10. Export to the Hugging Face format
 # ----------------------------------------------------------------------------------------
 
-# The files an export writes: the weights, its configs, the tokenizer's files (GPT-2's or those it was read from).
-EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "merges.txt",
-                *TOKENIZER_FILES)
-
 
 def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=False, max_length=None):
-    """Write a model (with its `Tokenizer`, None: GPT-2's), or whatever `load` loads, as the folder
-    that transformers' AutoModelForCausalLM and AutoTokenizer read -> its Path (`load` reads it too):
-    config.json (`hf_config`), generation_config.json, model.safetensors in `dtype` (default: the
-    weights' own) and the tokenizer's files, whose model_max_length is max_length (default: the
-    context length). A classifier becomes a ...ForSequenceClassification (`classifier_tensors`)
-    that pads with the end-of-text token. The folder is claimed as a run's (`claim_run_folder`),
-    each file written atomically, the weights last. Raises ValueError as those functions do."""
-    folder = claim_run_folder(folder, EXPORT_FILES, overwrite=overwrite, resumable=False)
+    """Write a model (with its `Tokenizer`, None: GPT-2's), or whatever `load` loads, as a folder that transformers'
+    AutoModelForCausalLM and AutoTokenizer read (`load` too) -> its Path: config.json, generation_config.json,
+    model.safetensors in `dtype` (default: the weights' own), the tokenizer's files (model_max_length: max_length,
+    default the context length). A classifier becomes a ...ForSequenceClassification (`classifier_tensors`). The
+    folder is claimed (`claim_run_folder`), each file written atomically, the weights last."""
+    run_files = ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "merges.txt",
+                 *TOKENIZER_FILES)
+    folder = claim_run_folder(folder, run_files, overwrite=overwrite, resumable=False)
     if not isinstance(model_or_source, nn.Module):
         model_or_source, tokenizer = load(model_or_source, dtype=dtype or torch.float32)
     model, tokenizer = model_or_source, tokenizer or get_tokenizer()
@@ -2694,29 +2620,24 @@ def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=
     files = {"config.json": config, "generation_config.json": ids, **hf_tokenizer_files(tokenizer, **settings),
              "model.safetensors": lambda f: write_safetensors(f, tensors, {"format": "pt"})}
     for name, content in files.items():  # the weights last: a folder cut short holds no model
-        if isinstance(content, dict):
-            write_json(folder / name, content)
-        else:
-            atomic_write_bytes(folder / name, content)
+        (write_json if isinstance(content, dict) else atomic_write_bytes)(folder / name, content)
     return folder
 
 
 def hf_config(cfg):
     """config.json of transformers' GPT2LMHeadModel, or of the Llama family's class (`hub_config`),
     for a GPTConfig -> dict (`load` reads it back)."""
-    if cfg.family == "gpt2":
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            **{key: getattr(cfg, field) for key, field in GPT2_SIZES.items()},
-            "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
-            "layer_norm_epsilon": cfg.norm_eps,
-            "resid_pdrop": cfg.drop_rate,
-            "embd_pdrop": cfg.drop_rate,
-            "attn_pdrop": cfg.drop_rate,
-            "tie_word_embeddings": True,
-        }
-    return hub_config(cfg)
+    if cfg.family != "gpt2":
+        return hub_config(cfg)
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        **{key: getattr(cfg, field) for key, field in GPT2_SIZES.items()},
+        "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
+        "layer_norm_epsilon": cfg.norm_eps,
+        **dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), cfg.drop_rate),
+        "tie_word_embeddings": True,
+    }
 
 
 def hf_tensors(model, dtype):
@@ -2756,31 +2677,26 @@ def classifier_tensors(model, dtype):
 
 
 def hf_tokenizer_files(tokenizer, **settings):
-    """A `Tokenizer` as the files transformers reads -> {file name: bytes, or a dict for JSON}: GPT-2's
-    vocab.json, merges.txt and tokenizer_config.json, or the files another was read from
-    (`Tokenizer.files`); `settings` are set in tokenizer_config.json (model_max_length, pad_token)."""
+    """A `Tokenizer` as the files transformers reads -> {file name: bytes, or a dict for JSON}: those it was read
+    from (`Tokenizer.files`) or GPT-2's (OpenAI's encoder.json and vocab.bpe from tiktoken's cache, checked by
+    SHA-256), and tokenizer_config.json with `settings` (model_max_length, pad_token)."""
     end_of_text = tokenizer.decode([tokenizer.eot_id])
     if tokenizer.files:
         files = {name: text.encode("utf-8") for name, text in tokenizer.files.items()}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end_of_text,
                   **json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))}
     else:
-        files = dict(zip(("vocab.json", "merges.txt"), gpt2_vocabulary_files()))
+        get_tokenizer()  # says what to do when the files are neither cached nor downloadable
+        url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+        files = {
+            "vocab.json": tiktoken.load.read_file_cached(
+                url + "encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+            "merges.txt": tiktoken.load.read_file_cached(
+                url + "vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+        }
         config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": end_of_text, "eos_token": end_of_text,
                   "unk_token": end_of_text, "add_prefix_space": False}  # " Hi" and "Hi" differ, as in tiktoken
     return {**files, "tokenizer_config.json": {**config, **settings}}
-
-
-def gpt2_vocabulary_files():
-    """GPT-2's tokenizer as transformers reads it -> (vocab.json, merges.txt) as bytes: OpenAI's
-    encoder.json and vocab.bpe, from tiktoken's cache (downloaded once, checked by the SHA-256 below)."""
-    get_tokenizer()  # says what to do when the files are neither cached nor downloadable
-    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    vocab = tiktoken.load.read_file_cached(url + "encoder.json",
-                                           "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
-    merges = tiktoken.load.read_file_cached(url + "vocab.bpe",
-                                            "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
-    return vocab, merges
 
 
 def write_safetensors(f, tensors, metadata=None):
@@ -2790,15 +2706,14 @@ def write_safetensors(f, tensors, metadata=None):
     header = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": dtype_names[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
+                        "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
     f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
     for tensor in tensors.values():
-        data = bytearray(tensor.numel() * tensor.element_size())  # torch has no bytes(tensor)
+        data = bytearray(tensor.nbytes)  # torch has no bytes(tensor)
         if data:  # torch.frombuffer refuses an empty buffer
             flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # row-major
             torch.frombuffer(data, dtype=torch.uint8).copy_(flat)
@@ -2815,13 +2730,11 @@ def _checked_number(convert, low, high, requirement):
     is): "argument --flag: must be <requirement>, got 'text'", exit status 2."""
 
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):  # not a number: refused below
             value = convert(text)
-        except ValueError:
-            value = math.nan
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
-        return value
+            if low <= value <= high:
+                return value
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
 
     return parse
 
@@ -2832,24 +2745,15 @@ non_negative_int = _checked_number(int, 0, 2**63 - 1, "an integer >= 0")
 non_negative_float = _checked_number(float, 0, sys.float_info.max, "a finite number >= 0")
 fraction = _checked_number(float, 0, 1, "a number in [0, 1]")
 
-# --dtype: the precision the work runs in. Training on a GPU keeps float32 weights and
-# runs the forward pass under autocast in this type; generation converts the weights.
+# --dtype: the type of autocast's forward pass in training (the weights stay float32), else of the weights.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)" after each flag's help, "none" for None; not after an on/off flag, nor
-    after a help text that says its default itself ("(default: no overlap)"). Placeholders: N for a
-    count, P for a fraction, else the flag's name ("--lr LR")."""
+    """argparse's "(default: X)" after a flag's help, but not an on/off flag's nor one that says it itself."""
 
     def _get_help_string(self, action):
-        if action.nargs == 0 or "(default" in action.help:
-            return action.help
-        return action.help + " (default: none)" if action.default is None else super()._get_help_string(action)
-
-    def _get_default_metavar_for_optional(self, action):
-        placeholders = {positive_int: "N", non_negative_int: "N", fraction: "P"}
-        return placeholders.get(action.type) or super()._get_default_metavar_for_optional(action)
+        return action.help if action.nargs == 0 or "(default" in action.help else super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -2870,13 +2774,12 @@ def flag_name(setting):
 
 # The flags that mean the same in every script, declared once: name -> add_argument's options.
 FLAGS = {
-    "model": dict(default="gpt2", help="the weights to start from, with their tokenizer: gpt2 (to gpt2-xl), a "
-                  "Llama-family Hub name or folder, a .safetensors or GGUF file, ollama:NAME[:TAG], or a checkpoint "
-                  "of this project"),
-    "max_length": dict(type=positive_int, help="cut each example to N tokens (default: the model's context length)"),
+    "model": dict(default="gpt2", help="weights and tokenizer to start from: gpt2 (to gpt2-xl), a Llama-family Hub "
+                  "name or folder, a .safetensors or GGUF file, ollama:NAME[:TAG], or a checkpoint of this project"),
+    "max_length": dict(type=positive_int, help="cut each example to this many tokens (default: the context length)"),
     "drop_rate": dict(type=fraction, default=0.0, help="dropout probability while training"),
     "lora": dict(action="store_true", help="train low-rank adapters (LoRA) in every block instead of its weights"),
-    "lora_rank": dict(type=positive_int, default=16, help="rank N of the LoRA adapters"),
+    "lora_rank": dict(type=positive_int, default=16, help="rank of the LoRA adapters"),
     "lora_alpha": dict(type=non_negative_float, default=16.0, help="LoRA updates are scaled by LORA_ALPHA / rank"),
     "epochs": dict(type=positive_int, help="passes over the training data"),
     "max_steps": dict(type=positive_int, help="optimizer steps in all (default: as many as --epochs make)"),
@@ -2884,63 +2787,56 @@ FLAGS = {
     "lr": dict(type=non_negative_float, default=5e-5, help="AdamW's learning rate (the peak of a schedule)"),
     "weight_decay": dict(type=non_negative_float, default=0.1, help="AdamW's weight decay of matrices"),
     "seed": dict(type=non_negative_int, default=123, help="random seed: the same seed, the same run"),
-    "log_every": dict(type=positive_int, default=5, help="print a progress line every N steps"),
-    "eval_every": dict(type=positive_int, help="measure the losses every N steps (and save what the stage keeps)"),
+    "log_every": dict(type=positive_int, default=5, help="steps between progress lines"),
+    "eval_every": dict(type=positive_int, help="steps between loss measurements (and saves of what the stage keeps)"),
     "eval_batches": dict(type=non_negative_int, default=5, help="batches of each split per measurement (0: all)"),
     "keep_last": dict(action="store_true", help="keep the last weights, not those that did best on validation"),
     "max_new_tokens": dict(type=non_negative_int, help="the most tokens to generate"),
     "temperature": dict(type=non_negative_float, default=0.0, help="0: greedy; above: sampling, more random"),
-    "top_k": dict(type=positive_int, help="sample from the N likeliest tokens only (default: all)"),
-    "top_p": dict(type=fraction, help="sample from the fewest tokens that reach probability P (default: all)"),
+    "top_k": dict(type=positive_int, help="sample from the TOP_K likeliest tokens only (default: all)"),
+    "top_p": dict(type=fraction, help="sample from the fewest tokens that reach probability TOP_P (default: all)"),
     "out_dir": dict(metavar="FOLDER", help="folder of the run's files"),
     "resume": dict(action="store_true", help="continue the run in --out-dir from its last save, with its settings"),
     "overwrite": dict(action="store_true", help="replace an earlier run or export in the same place"),
-    "cache_dir": dict(default=cache_dir, metavar="FOLDER", help="folder of downloaded data and weights, and of token "
-                      "files"),
+    "cache_dir": dict(default=cache_dir, metavar="FOLDER", help="folder of downloads and of token files"),
     "device": dict(default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"),
-    "dtype": dict(choices=list(DTYPES), default="float32", help="precision: of autocast while training (the weights "
-                  "stay float32; float16 is refused there: it needs loss scaling), of the weights when generating, "
-                  "measuring or exporting"),
+    "dtype": dict(choices=list(DTYPES), default="float32", help="precision: of autocast in training (weights stay "
+                  "float32; float16 needs loss scaling: refused), of the weights in generating, measuring, exporting"),
 }
 
 
 def add_flags(group, *names, **defaults):
-    """Add the flags `names` of FLAGS to an argparse parser or group, with `defaults` ({name: value, or
-    (value, why) for one that differs between the scripts}) in place of the table's: `add_flags(train,
-    "lr", "seed", lr=(1e-3, "new weights"))` helps with "(default: 0.001, new weights)"."""
+    """Add the flags `names` of FLAGS to an argparse parser or group, with `defaults` ({name: (value, why)},
+    for a default that differs between the scripts) in place of the table's: `add_flags(train, "lr",
+    lr=(1e-3, "new weights"))` helps with "(default: 0.001, new weights)"."""
     for name in names:
         options = dict(FLAGS[name])
-        value, why = defaults[name] if isinstance(defaults.get(name), tuple) else (defaults.get(name), None)
         if name in defaults:
-            options["default"] = value
-        if why:
-            options["help"] += f" (default: {'none' if value is None else value}, {why})"
+            options["default"], why = defaults[name]
+            options["help"] += f" (default: %(default)s, {why})"
         if callable(options.get("default")):  # --cache-dir: the folder GPT_CACHE_DIR names at this moment
             options["default"] = str(options["default"]())
         group.add_argument(flag_name(name), **options)
 
 
 def pick_device(name="auto"):
-    """"auto" -> "cuda" when there is a CUDA GPU, else "mps" (Apple's), else "cpu"; another name passes
-    after a check. Raises ValueError for a name torch does not know or a device this machine lacks."""
+    """"auto" -> cuda when there is a CUDA GPU, else mps (Apple's), else cpu -> torch.device. Raises
+    ValueError for a name torch does not know or a device this machine lacks."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not here.get(device.type, True):
+        raise ValueError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if not {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(device.type, True):
         raise ValueError(f"--device {name}: this machine has no {device.type} device; use --device cpu")
     return device
 
 
 def given_flags(parser, argv=None):
     """The settings that argv (default: sys.argv[1:]) gives explicitly, even at their default -> dict."""
-    parser = copy.deepcopy(parser)  # the caller's parser keeps its defaults
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return vars(parser.parse_args(argv))
+    unset = argparse.Namespace(**{action.dest: None for action in parser._actions})  # argparse sets no default there
+    return {name: value for name, value in vars(parser.parse_args(argv, unset)).items() if value is not None}
 
 
 def refuse_flags(parser, argv, settings, mode):
@@ -2953,10 +2849,9 @@ def refuse_flags(parser, argv, settings, mode):
 
 
 def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
-    """The settings of the run in out_dir that --resume continues: those its run.json saved ({"settings":
-    {...}}), but the flags of `may_change` given now (say --max-steps) and of `this_command` (say
-    --stop-at-step), which come from this command line, given or not. Raises ValueError when out_dir
-    holds no run.json of this script, or naming the flag and both values when argv changes another one."""
+    """The settings that --resume continues: those out_dir's run.json saved ({"settings": {...}}), but the flags
+    of `may_change` given now (say --max-steps) and of `this_command` (say --stop-at-step), given or not. Raises
+    ValueError when out_dir holds no run.json of this script, or naming a flag argv changes and both values."""
     run_file = Path(out_dir) / "run.json"
     saved = read_json(run_file, "--resume: the run's settings") if run_file.is_file() else {}
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
@@ -2965,18 +2860,16 @@ def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
     saved = {name: value for name, value in saved["settings"].items() if name not in this_command}
     given = given_flags(parser, argv)
     for name, value in given.items():
+        flag = flag_name(name)
         if name in saved and name not in may_change and saved[name] != value:
-            raise ValueError(
-                f"--resume continues the saved run, which used {flag_name(name)} {saved[name]}, not {value}: "
-                f"drop {flag_name(name)}, or start a new run with --overwrite or another --out-dir"
-            )
+            raise ValueError(f"--resume continues the saved run, which used {flag} {saved[name]}, not {value}: "
+                             f"drop {flag}, or start a new run with --overwrite or another --out-dir")
     defaults = vars(parser.parse_args([]))  # settings added since the run was saved
     return argparse.Namespace(**{**defaults, **saved, **given})
 
 
 def print_settings(settings, defaults):
-    """Print in one line the run's settings (a Namespace) that differ from `defaults` (a Namespace: the
-    command line without flags): "settings: lr=0.001, ... (the others: defaults; all in run.json)"."""
+    """Print in one line the settings (a Namespace) that differ from `defaults` (those of no flags)."""
     changed = [f"{name}={value}" for name, value in vars(settings).items() if getattr(defaults, name, None) != value]
     others = "the others: defaults; " if changed else ""
     print(f"settings: {', '.join(changed) or 'the defaults'} ({others}all in run.json)")
@@ -2991,13 +2884,11 @@ def length_within_context(length, cfg, flag):
 
 
 def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resumable=True):
-    """out_dir as a Path, checked before any work: the one run-folder rule. A folder holding another run
-    (any of `run_files`, relative to it) is refused unless `resume` (then it must hold one) or `overwrite`
-    (its run files are deleted now). The run's first write makes the folder: a run failing before leaves
-    none. Raises ValueError naming the path and the flags that help (--resume only when `resumable`)."""
+    """out_dir as a Path, checked before any work: the one run-folder rule. A folder holding another run (any of
+    `run_files`, relative to it) is refused unless `resume` (then it must hold one) or `overwrite` (its run files
+    are deleted now). Raises ValueError naming the path and the flags that help (--resume if `resumable`)."""
     out_dir = Path(out_dir)
-    absolute = Path(os.path.abspath(out_dir))
-    existing = next(path for path in (absolute, *absolute.parents) if path.exists())  # "/" at the latest
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())  # "." or "/" at the latest
     if not existing.is_dir():
         raise ValueError(f"{existing} is a file, not a folder: choose another folder than {out_dir}")
     found = [name for name in run_files if Path(os.path.normpath(out_dir / name)).exists()]  # "run/../x.pt"
@@ -3013,43 +2904,30 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
     return out_dir
 
 
-PROGRESS_SECONDS = {True: 0.1, False: 30}  # the least time between progress lines, on a terminal or in a log
-_progress = {"printed": -math.inf, "open": False}  # when show_progress last printed; whether its line is open
+PROGRESS_SECONDS = 10  # the least time between progress lines (a download updates per 64 KiB)
+_progress = {"printed": -math.inf}  # when show_progress last printed
 
 
 def show_progress(text):
-    """Overwrite the status line on stderr with text, at most ten times a second (a download updates
-    per 64 KiB); without a terminal (a log file), print it as a line at most every 30 seconds."""
-    terminal = sys.stderr.isatty()
-    if time.time() - _progress["printed"] >= PROGRESS_SECONDS[terminal]:
-        print("\r" + text + "\033[K" if terminal else text, end="" if terminal else "\n", file=sys.stderr, flush=True)
-        _progress.update(printed=time.time(), open=terminal)
-
-
-def end_progress():
-    """End a status line of `show_progress`, so that what follows starts on a new line."""
-    if _progress["open"]:
-        print(file=sys.stderr, flush=True)
-        _progress["open"] = False
+    """Print text as a line on stderr, unless the last one came less than PROGRESS_SECONDS ago."""
+    if time.time() - _progress["printed"] >= PROGRESS_SECONDS:
+        print(text, file=sys.stderr, flush=True)
+        _progress["printed"] = time.time()
 
 
 def training_position(step, total_steps, steps_per_epoch):
-    """"step 7/10 (epoch 1.40/2.00)": the step and epoch reached, and where the run stops (inside an epoch,
-    say, by --max-steps); for the progress lines of the three training stages."""
+    """"step 7/10 (epoch 1.40/2.00)": the step and epoch reached, and those where the run stops."""
     return f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}/{total_steps / steps_per_epoch:.2f})"
 
 
 def eta(started, done, total):
-    """Estimated time left, formatted, when `done` of `total` units took since `started`."""
-    if done <= 0:
-        return "?"
-    return format_duration((time.time() - started) / done * (total - done))
+    """The time left, formatted, when `done` of `total` units took the time since `started` (time.time())."""
+    return format_duration((time.time() - started) / done * (total - done)) if done > 0 else "?"
 
 
 def command_line(memory_hint="use a smaller --batch-size"):
-    """Decorator for a script's main(argv): ValueError, RuntimeError and OSError print "error: <message>"
-    and exit 1 (out of memory: `memory_hint`); Ctrl-C prints "interrupted" and exits 130; a closed
-    output pipe (`| head`) ends the script quietly."""
+    """Decorator for a script's main(argv): ValueError, RuntimeError and OSError print "error: <message>" and
+    exit 1 (out of memory: `memory_hint`); Ctrl-C prints "interrupted", exit 130; `| head` ends it quietly."""
 
     def decorate(main):
         @functools.wraps(main)
@@ -3057,15 +2935,12 @@ def command_line(memory_hint="use a smaller --batch-size"):
             try:
                 return main(argv)
             except KeyboardInterrupt:
-                end_progress()
                 print("interrupted", file=sys.stderr)
                 raise SystemExit(130) from None
             except BrokenPipeError:
-                # Python flushes stdout once more at exit: point it at /dev/null first.
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
                 raise SystemExit(141) from None  # 128 + SIGPIPE, as a shell reports it
             except (ValueError, RuntimeError, OSError) as e:
-                end_progress()
                 out_of_memory = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
                 sys.exit(f"error: {'out of memory: ' + memory_hint if out_of_memory else e}")
 
@@ -3091,39 +2966,34 @@ def make_adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
 
 
 def trainable_weights(model):
-    """A CPU copy of the weights that train, {name: tensor}: all a kept "best" model needs (the frozen
-    ones do not change); `model.load_state_dict(weights, strict=False)` brings it back."""
+    """A CPU copy of the weights that train {name: tensor}, for `model.load_state_dict(weights, strict=False)`."""
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def check_finite_loss(loss, step):
-    """Raise RuntimeError when a loss (float or tensor) is NaN or infinite: training has
-    diverged, and every later step would only spread NaN through the weights."""
+    """Raise RuntimeError when a loss (float or tensor) is NaN or infinite: training has diverged."""
     value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)  # .item(): no autograd warning
     if not math.isfinite(value):
         raise RuntimeError(f"the loss became {value} at step {step}: training diverged; lower --lr and run again")
 
 
 def model_summary(model, name, training=True):
-    """One line for the log: "gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide, context 1024), 0 trainable"
-    (LoRA adapters counted); without training, no trainable count."""
+    """"gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide, context 1024), 0 trainable" (without training)."""
     cfg, trainable = model.cfg, count_parameters(model, trainable_only=True)
     return (f"{name}: {count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
             f"{cfg.emb_dim} wide, context {cfg.context_length})" + (f", {trainable:,} trainable" if training else ""))
 
 
 def check_vocabulary(model, source, tokenizer):
-    """Raise ValueError when tokenizer can produce ids that model has no embedding for (a larger
-    vocabulary, such as one padded to 50304, is fine)."""
-    if model.cfg.vocab_size < tokenizer.n_vocab:
+    """Raise ValueError when tokenizer can produce ids that model has no embedding for."""
+    if model.cfg.vocab_size < tokenizer.n_vocab:  # a larger vocabulary (padded to 50304, say) is fine
         which = f"the tokenizer {tokenizer.name}" if tokenizer.files else "the GPT-2 tokenizer"  # GPT-2's has no files
         raise ValueError(f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
                          f"{tokenizer.n_vocab}: use a model trained with {which}")
 
 
 def set_drop_rate(model, drop_rate):
-    """Set the dropout probability of every dropout layer and of attention (an argument of
-    scaled_dot_product_attention, kept on each attention layer) in model and its config."""
+    """Set the dropout probability of model's config, dropout layers and attention (scaled_dot_product_attention's)."""
     model.cfg.drop_rate = drop_rate
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -3134,30 +3004,24 @@ def set_drop_rate(model, drop_rate):
 
 @functools.lru_cache(maxsize=1)  # the current epoch's order, made once when training enters the epoch
 def epoch_order(n_items, seed, epoch):
-    """One epoch's order of the training items, a LongTensor permutation of range(n_items), from
-    (seed, epoch) alone: a resumed run reads what an uninterrupted one would."""
+    """One epoch's order, a LongTensor permutation of range(n_items), from (seed, epoch) alone, as resume needs."""
     # One seed per (seed, epoch) pair, distinct for fewer than 100,003 epochs; torch takes 64 bits.
     generator = torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64)
     return torch.randperm(n_items, generator=generator)
 
 
 def split_by_fractions(items, seed, fractions):
-    """Shuffle a copy of items with `seed` and cut it into len(fractions) + 1 parts: the
-    first parts get int(n * fraction) items each, the last part the rest."""
+    """Shuffle a copy of items with `seed` into len(fractions) + 1 parts: int(n * fraction) items each, the rest."""
     items = list(items)
     random.Random(seed).shuffle(items)
-    parts, start = [], 0
-    for share in fractions:
-        end = start + int(len(items) * share)
-        parts.append(items[start:end])
-        start = end
-    return parts + [items[start:]]
+    sizes = [int(len(items) * share) for share in fractions]
+    ends = [sum(sizes[:i]) for i in range(len(sizes) + 1)] + [len(items)]
+    return [items[start:end] for start, end in zip(ends, ends[1:])]
 
 
 def check_memory(needed, device, what, hint="use --dtype bfloat16, or a smaller model"):
-    """Raise ValueError "WHAT: about N GB needed, but the DEVICE has M GB: HINT" when `needed` bytes exceed the memory
-    of `device` (a CUDA device's free memory, else the machine's RAM): checked before the work, as a process out of
-    memory is killed without a word."""
+    """Raise ValueError "WHAT: about N GB needed, but the DEVICE has M GB: HINT" when `needed` bytes exceed a CUDA
+    device's free memory, else the RAM: checked before the work, as a process out of memory dies without a word."""
     device = torch.device(device)
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
@@ -3169,8 +3033,8 @@ def check_memory(needed, device, what, hint="use --dtype bfloat16, or a smaller 
 
 
 def check_training_memory(model, device, hint, processes=1):
-    """`check_memory` of what training model with AdamW needs before activations, `processes` times: the weights and
-    each trainable one's gradient and two moments (Llama 3.2 1B in float32: 1.24e9 x 16 bytes = 19.8 GB)."""
+    """`check_memory` of training with AdamW, before activations, `processes` times: the weights and each
+    trainable one's gradient and two moments (Llama 3.2 1B in float32: 1.24e9 x 16 bytes = 19.8 GB)."""
     needed = processes * sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
     check_memory(needed, device, "training (weights, gradients and AdamW's moments, before activations)", hint)
 
@@ -3202,22 +3066,14 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def handle(self, signum, frame):
-        if self.requested and self.single_process and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the last save stays as it was
         self.requested, self.signal_name = True, signal.Signals(signum).name
+        if self.single_process:  # a second Ctrl-C raises KeyboardInterrupt: the last save stays as it was
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
 
 
-def rng_state():
-    """The random number generators' states (CPU, and CUDA when in use), for exact resume."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_training_state(checkpoint, optimizer, device, rng):
-    """Load the optimizer's state from a checkpoint saved with optimizer=optimizer.state_dict() (the
-    weights come with `model_from_checkpoint`) and set the RNG states `rng` (of `rng_state`)."""
+def restore_training_state(checkpoint, optimizer):
+    """Load the optimizer's state from a checkpoint saved with optimizer=optimizer.state_dict() (the weights come
+    with `model_from_checkpoint`; the random state needs nothing saved: the training loops seed each step)."""
     fused = optimizer.defaults.get("fused")
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:
@@ -3228,6 +3084,3 @@ def restore_training_state(checkpoint, optimizer, device, rng):
             for name, value in optimizer.state[param].items():
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                     optimizer.state[param][name] = torch.empty_like(param).copy_(value)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], device)

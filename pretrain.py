@@ -105,7 +105,6 @@ def prepare_token_file(paths, token_dir, tokenizer):
             n_tokens += len(ids)
 
     gpt.atomic_write_bytes(token_path, write)
-    gpt.end_progress()  # after an error or Ctrl-C, gpt.command_line ends it
     gpt.write_json(record_path, {"sources": sources, "n_tokens": n_tokens, "sha256": digest.hexdigest()})
     log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
     return token_path, n_tokens, digest.hexdigest()
@@ -447,7 +446,7 @@ def start_run(args, proc):
             raise ValueError(f"--resume: the run in {out_dir} already made {checkpoint['step']} of {total_steps} "
                              "steps; raise --max-steps or --epochs to go on")
         state = {key: checkpoint[key] for key in state}
-        gpt.restore_training_state(checkpoint, optimizer, proc.device, gpt.rng_state())  # the loop reseeds each step
+        gpt.restore_training_state(checkpoint, optimizer)  # the loop reseeds each step
         log(f"resumed from {latest} at step {state['step']}")
     state.update(total_steps=total_steps, settings=vars(args), data=data)
     if proc.rank == 0:
