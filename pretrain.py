@@ -6,11 +6,11 @@
     torchrun --nproc_per_node 8 pretrain.py --data corpus/ --size gpt2 --grad-accum 4   # several GPUs
     python pretrain.py --resume --max-steps 2000         # continue the run in runs/pretrain/, and extend it
 
-The story: the text (by default "The Verdict", the short story of chapter 5 of "Build a Large Language Model (From
-Scratch)"; or text files, documents each read whole) is tokenized once into a memory-mapped token file and split into
-training and validation windows; a GPT is built or loaded; one loop trains every weight with AdamW, warm-up, cosine
-decay and gradient accumulation (DistributedDataParallel under torchrun, as nanoGPT's train.py), and every
---eval-every steps measures both losses, prints a sample and saves. Ctrl-C or SIGTERM saves; --resume continues exactly.
+The story: the text ("The Verdict", the short story of chapter 5 of "Build a Large Language Model (From Scratch)", or
+your text files: documents, each read whole, so each must fit in memory) is tokenized once into a memory-mapped token
+file and split into training and validation windows; a GPT is built or loaded; one loop trains every weight with AdamW,
+warm-up, cosine decay and gradient accumulation (DistributedDataParallel under torchrun, as nanoGPT's train.py); every
+--eval-every steps it measures both losses, prints a sample and saves. Ctrl-C or SIGTERM saves; --resume continues it exactly.
 
 Writes to --out-dir (default runs/pretrain/; another run there is refused unless --resume or --overwrite): run.json,
 latest.pt (the training state), best.pt (lowest validation loss: --model of the other stages), history.json, loss.png.
@@ -474,7 +474,7 @@ def build_parser():
                            "--cache-dir may differ from them), --overwrite deletes it first.")
     data = p.add_argument_group("data")
     data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files, each "
-                      f"read whole (default: The Verdict, {VERDICT_URL})")
+                      f"read whole: it must fit in memory (default: The Verdict, {VERDICT_URL})")
     data.add_argument("--train-fraction", type=gpt.fraction, default=0.9, help="share of the tokens for training")
     gpt.add_flags(data, "cache_dir")
     model = p.add_argument_group("model")
