@@ -9,8 +9,8 @@
 The story: the text ("The Verdict", the short story of chapter 5 of "Build a Large Language Model (From Scratch)", or
 your text files: documents, each read whole, so each must fit in memory) is tokenized once into a memory-mapped token
 file and split into training and validation windows; a GPT is built or loaded; one loop trains every weight with AdamW,
-warm-up, cosine decay and gradient accumulation (DistributedDataParallel under torchrun, as nanoGPT's train.py); every
---eval-every steps it measures both losses, prints a sample and saves. Ctrl-C or SIGTERM saves; --resume continues it exactly.
+warm-up, cosine decay and gradient accumulation (DistributedDataParallel under torchrun, as nanoGPT's train.py); each
+--eval-every steps it measures both losses, prints a sample and saves. Ctrl-C or SIGTERM saves; --resume is exact.
 
 Writes to --out-dir (default runs/pretrain/; another run there is refused unless --resume or --overwrite): run.json,
 latest.pt (the training state), best.pt (lowest validation loss: --model of the other stages), history.json, loss.png.
