@@ -1044,8 +1044,7 @@ def test_family_exports_its_model_and_classifier_which_transformers_reads(family
 
 
 @pytest.mark.parametrize("name, tokenizer_style, heads, width", [  # heads: a multiple of the shape's key/value heads
-    ("HuggingFaceTB/SmolLM2-135M", "smollm2", 3, 48), ("mistralai/Mistral-7B-v0.1", "llama2", 8, 32),
-    ("microsoft/phi-2", "codegen", 2, 32), ("google/gemma-3-270m", "metaspace", 2, 32)])
+    ("HuggingFaceTB/SmolLM2-135M", "smollm2", 3, 48), ("google/gemma-3-270m", "metaspace", 2, 32)])
 def test_pretrain_size_trains_the_shape_from_scratch_with_its_hub_tokenizer(name, tokenizer_style, heads, width,
                                                                             sentencepiece_tokenizers, trained_tokenizers,
                                                                             local_server, monkeypatch, tmp_path,
