@@ -457,7 +457,8 @@ def test_kv_cache_equals_the_full_forward_and_past_the_context_the_window_moves_
     greedy = gpt.generate(model, prompt, steps, on_token=streamed.append)
     assert torch.equal(torch.stack(streamed, dim=1), greedy[:, 3:])  # each token streamed
     assert torch.equal(greedy, gpt.generate(model, prompt, steps, use_cache=False))
-    sampled = [gpt.generate(model, prompt, steps, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
+    sampled = [gpt.generate(model, prompt, steps, temperature=1.0, top_p=0.9, seed=7, use_cache=cache)
+               for cache in (True, False)]
     assert torch.equal(*sampled)
     assert [gpt.window_start(n, 8) for n in (8, 9, 12, 13, 16, 17)] == [0, 4, 4, 8, 8, 12]
 
@@ -466,7 +467,8 @@ def test_sampling_keeps_the_top_k_or_the_smallest_set_reaching_top_p_is_seeded_a
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     generator = torch.Generator().manual_seed(0)
     # 0.5 alone is below 0.7, 0.5 + 0.3 reaches it; top_p 0: only the most likely token, the limit of an ever smaller p.
-    for option, expected in [({"top_p": 0.7}, {0, 1}), ({"top_p": 0.5}, {0}), ({"top_p": 0.0}, {0}), ({"top_k": 3}, {0, 1, 2})]:
+    options = [({"top_p": 0.7}, {0, 1}), ({"top_p": 0.5}, {0}), ({"top_p": 0.0}, {0}), ({"top_k": 3}, {0, 1, 2})]
+    for option, expected in options:
         picks = {gpt.sample_next_token(logits, 1.0, generator=generator, **option).item() for _ in range(300)}
         assert picks == expected, option
     model = tiny_model()
@@ -536,8 +538,10 @@ FAMILY_CONFIGS = {
     "llama_gqa_untied_bias_rope_scaling": ("LlamaConfig", dict(
         num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
         rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)),
-    "llama_tied_mha_no_bias": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True, rope_theta=100000.0)),
-    "qwen3_gqa_qk_norm_tied_head_dim": ("Qwen3Config", dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)),
+    "llama_tied_mha_no_bias": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True,
+                                                   rope_theta=100000.0)),
+    "qwen3_gqa_qk_norm_tied_head_dim": ("Qwen3Config", dict(num_key_value_heads=1, head_dim=32,
+                                                            tie_word_embeddings=True)),
     "qwen3_untied_attention_bias": ("Qwen3Config", dict(num_key_value_heads=2, tie_word_embeddings=False,
                                                         attention_bias=True)),
     "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
@@ -557,7 +561,8 @@ def save_hf_family(folder, family, seed=0, perturb=True, tokenizer_json=None, **
     every parameter, norms and biases too, moves off its initial value, so that no switch hides behind a 1 or a 0."""
     import transformers
 
-    class_name, settings = FAMILY_CONFIGS.get(family, ({"llama": "LlamaConfig", "qwen3": "Qwen3Config"}.get(family), {}))
+    plain = {"llama": ("LlamaConfig", {}), "qwen3": ("Qwen3Config", {})}
+    class_name, settings = FAMILY_CONFIGS.get(family) or plain[family]
     sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=64, rms_norm_eps=1e-5)
     torch.manual_seed(seed)
@@ -675,10 +680,13 @@ def test_family_sharded_hub_download_sends_hf_token(family_models, local_server,
     assert sorted(p.name for p in (tmp_path / "gpt-cache" / "owner" / "tiny").glob("model-*.safetensors")) == shards
 
 
-@pytest.mark.parametrize("token, status", [(None, "HTTP 401; HF_TOKEN is not set"),
-                                           ("hf_no_access", "HTTP 403; HF_TOKEN is set, but its account has no access yet")])
+@pytest.mark.parametrize("token, status", [
+    (None, "HTTP 401; HF_TOKEN is not set"),
+    ("hf_no_access", "HTTP 403; HF_TOKEN is set, but its account has no access yet"),
+])
 def test_family_gated_model_says_what_to_do(local_server, monkeypatch, token, status):
-    server = local_server({"/meta-llama/Llama-3.2-1B/resolve/main/config.json": answer(b"", 401 if token is None else 403)})
+    gated = answer(b"", 401 if token is None else 403)
+    server = local_server({"/meta-llama/Llama-3.2-1B/resolve/main/config.json": gated})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     if token:
@@ -686,8 +694,8 @@ def test_family_gated_model_says_what_to_do(local_server, monkeypatch, token, st
     with pytest.raises(RuntimeError) as error:
         load_lm("meta-llama/Llama-3.2-1B", quiet=True)
     assert str(error.value) == (f"meta-llama/Llama-3.2-1B is gated ({status}): accept its licence on "
-                                "https://huggingface.co/meta-llama/Llama-3.2-1B while logged in, then set HF_TOKEN to an "
-                                "access token of that account (https://huggingface.co/settings/tokens)")
+                                "https://huggingface.co/meta-llama/Llama-3.2-1B while logged in, then set HF_TOKEN "
+                                "to an access token of that account (https://huggingface.co/settings/tokens)")
 
 
 # --- the family's tokenizers: tokenizer.json -> tiktoken ---------------------------------
@@ -931,7 +939,8 @@ def test_tokenizer_json_gives_the_reference_ids(variant, trained_tokenizers, sen
     for text in HELD_OUT + MIXED_TEXTS + ["a\x01b\x01 c 12", f"a{end}b"]:  # the end token's text is the token
         # The reference puts a begin token first, as text_to_token_ids does.
         assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == reference.encode(text).ids, text
-    assert (encoding.bos_id, encoding.eot_id) == (reference.token_to_id(begin) if begin else None, reference.token_to_id(end))
+    begin_id = reference.token_to_id(begin) if begin else None
+    assert (encoding.bos_id, encoding.eot_id) == (begin_id, reference.token_to_id(end))
     if style in ("llama2", "metaspace"):
         assert encoding.n_vocab == 956 and encoding.decode([3 + 0xF0, 3 + 0x9F, 3 + 0x98, 3 + 0x80]) == "😀"  # bytes
         for text in MIXED_TEXTS + HELD_OUT:  # the space the encoder puts first stays (transformers strips it)
@@ -1025,7 +1034,8 @@ def test_family_exports_its_model_and_classifier_which_transformers_reads(family
     assert_same_logits(exported, reference, 1000)
     assert_same_logits(load_lm(tmp_path / "hf"), model, 1000, atol=0)  # and back, exactly
     exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert [exported_tokenizer(text)["input_ids"] for text in HELD_OUT] == [tokenizer.encode(text).ids for text in HELD_OUT]
+    for text in HELD_OUT:
+        assert exported_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
     if family == "mistral":  # llama.cpp reads Mistral's files as Llama's, without its sliding window
         with pytest.raises(SystemExit, match="a mistral model has no GGUF writer here"):
             load_gpt2.main(["--model", str(folder), "--export-gguf", str(tmp_path / "model.gguf")])
@@ -1186,8 +1196,10 @@ def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(local_serv
 def test_hugging_face_cache_is_used_offline(family_models, small_pair, tmp_path):
     folder = family_models["qwen3_gqa_qk_norm_tied_head_dim"][1]
     # A base model has no chat_template.jinja; tokenizer.json is read as text, unused here.
-    qwen = {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")} | {"tokenizer.json": b"{}"}
-    for repo, files in [("openai-community--gpt2", {"model.safetensors": small_pair[1].read_bytes()}), ("Qwen--Tiny", qwen)]:
+    qwen = {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    qwen["tokenizer.json"] = b"{}"
+    gpt2 = {"model.safetensors": small_pair[1].read_bytes()}
+    for repo, files in [("openai-community--gpt2", gpt2), ("Qwen--Tiny", qwen)]:
         snapshot = tmp_path / "hf-cache" / f"models--{repo}" / "snapshots" / "abc123"
         snapshot.mkdir(parents=True)
         for name, content in files.items():
@@ -1682,7 +1694,8 @@ def test_export_of_a_lora_model_is_merged_and_of_a_llama_family_model_with_gpt2s
     assert not [name for name in gpt.read_safetensors(folder / "model.safetensors") if "lora" in name]
     assert_same_logits(load_lm(folder), model, 50257, atol=1e-5)
     model = tiny_model(config=gpt.LlamaConfig(), context_length=32, n_heads=4, n_kv_heads=2, n_layers=1)
-    folder = gpt.export_hf(save_tiny(tmp_path / "model.pt", model), tmp_path / "llama-hf")  # no tokenizer entry: GPT-2's
+    checkpoint = save_tiny(tmp_path / "model.pt", model)  # no tokenizer entry: GPT-2's
+    folder = gpt.export_hf(checkpoint, tmp_path / "llama-hf")
     assert not (folder / "tokenizer.json").exists() and (folder / "vocab.json").exists()
     assert tokenizer_and_eot(folder) == (gpt.get_tokenizer(), 50256)
     assert_same_logits(load_lm(folder), model, 50257, (1, 3), atol=1e-5)
