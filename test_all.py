@@ -325,8 +325,8 @@ def bad_inputs(tmp_path_factory):
     (files / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
     (files / "garbage.bin").write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
     for name, content in [("a.csv", "label,message\nham,hi\n"), ("b.csv", "text,label\nhi,ham\nyo,spma\n"),
-                          ("c.csv", "text,label\n"), ("d.tsv", "ham\thi\nspma\tyo\n"), ("e.tsv", "ham\thi\nno tab\n"),
-                          ("f.tsv", "\n"), ("empty.txt", ""), ("short.txt", "Only a few words here.")]:
+                          ("c.csv", "text,label\n"), ("f.tsv", "\n"), ("empty.txt", ""),
+                          ("short.txt", "Only a few words here.")]:
         (files / name).write_text(content)
     (files / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
     (files / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
@@ -3234,7 +3234,7 @@ def test_classify_keeps_the_epoch_with_the_best_validation_accuracy(monkeypatch,
 # -- the script end to end --------------------------------------------------------------
 
 
-def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys):
+def test_classify_main_trains_saves_classifies_and_evaluates_as_in_training(tmp_path, capsys):
     common = _classify_run_argv(tmp_path, "cached", "--epochs", "2", "--log-every", "5")
     fc.main(common)
     common[common.index("--out-dir") + 1] = str(tmp_path / "plain")
@@ -3242,29 +3242,26 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert "activation cache: on" in out and "activation cache: off (--no-activation-cache)" in out
     assert "step 5/10 (epoch 1.00/2.00) | loss" in out and "examples/s | ETA" in out
-    for name in ("train.csv", "validation.csv", "test.csv", "classifier.pt", "metrics.json"):
-        assert (tmp_path / "cached" / name).is_file()
-    if importlib.util.find_spec("matplotlib") is None:
-        assert "(no plot: pip install matplotlib to get loss-accuracy.png)" in out
-    else:
-        assert (tmp_path / "cached" / "loss-accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "cached" / "loss-accuracy.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
     cached = json.loads((tmp_path / "cached" / "metrics.json").read_text())
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     assert (cached["activation_cache"], plain["activation_cache"]) == (True, False)
     assert cached["test"]["confusion_matrix"] == plain["test"]["confusion_matrix"]
     assert sum(map(sum, cached["test"]["confusion_matrix"])) == 14  # 33 spam + 33 ham: 46 / 6 / 14
     assert cached["history"]["train_loss"] == pytest.approx(plain["history"]["train_loss"], abs=1e-5)
-
-    texts = tmp_path / "texts.txt"
-    texts.write_text("Are we meeting at 6?\n\nWINNER!! Claim your prize now\n")
-    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify", "Call me later"])
-    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify-file", str(texts)])
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split("  ")[-1] for line in lines] == ["Call me later", "Are we meeting at 6?", "WINNER!! Claim your prize now"]
-    model, _, max_length = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
+    # --evaluate of the saved test split gives the metrics of training, printed alike.
+    classifier, test_split = tmp_path / "cached" / "classifier.pt", tmp_path / "cached" / "test.csv"
+    fc.main(["--checkpoint", str(classifier), "--evaluate", str(test_split), "--results", str(tmp_path / "eval.json")])
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == cached["test"]
+    printed = out[out.index("test split (") :].split("\n")[:5]
+    printed[0] = printed[0].replace("test split", str(test_split))
+    assert capsys.readouterr().out.split("\n")[:6] == printed + [f"metrics in {tmp_path / 'eval.json'}"]
+    fc.main(["--checkpoint", str(classifier), "--classify", "Call me later"])
+    model, _, max_length = fc.load_classifier(classifier)
     assert model.labels == ["not spam", "spam"] and max_length == 48
     spam_probability = fc.classify_texts(model, ["Call me later"], 48)[0]
-    assert lines[0] == f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later"
+    line = f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later\n"
+    assert capsys.readouterr().out == line
 
 
 NO_LABELS = "no labelled messages: give 'ham|spam<TAB>message' lines (the SMS Spam Collection) or a .csv file with label and text columns"
@@ -3283,15 +3280,9 @@ CLASSIFY_BAD_INPUTS = [
      "(no tab after the label, or no text column); line 2: "),
     ("--model {files}/lm48.pt --data {files}/flipped.zip --out-dir {run}", "flipped.zip: a damaged zip file or one "
      "without SMSSpamCollection"),
-    # Flags that argparse and the `type=` helpers reject, and combinations parse_args refuses.
-    ("--lora --lora-alpha -1", "argument --lora-alpha: must be a finite number >= 0, got '-1'"),
+    # Flags that argparse and the `type=` helpers reject (one of each type), and combinations parse_args refuses.
     ("--lora --lora-rank 0", "argument --lora-rank: must be an integer >= 1, got '0'"),
     ("--weight-decay nan", "argument --weight-decay: must be a finite number >= 0, got 'nan'"),
-    ("--lr inf", "argument --lr: must be a finite number >= 0, got 'inf'"),
-    ("--max-steps 0", "argument --max-steps: must be an integer >= 1, got '0'"),
-    ("--drop-rate 1.5", "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
-    ("--batch-size 0", "argument --batch-size: must be an integer >= 1, got '0'"),
-    ("--seed 9223372036854775808", "argument --seed: must be an integer >= 0, got '9223372036854775808'"),
     ("--lora --trainable all", "--lora trains the adapters and the head: drop --trainable all"),
     ("--trainable lora", "argument --trainable: invalid choice: 'lora'"),
     ("--classify hi --threshold 1.5", "argument --threshold: must be a number in [0, 1], got '1.5'"),
@@ -3318,8 +3309,6 @@ CLASSIFY_BAD_INPUTS = [
     ("--evaluate {files}/a.csv", "a.csv: 1 bad line(s): line 2: no message (no tab after the label, or no text column)"),
     ("--evaluate {files}/b.csv", "b.csv: 1 bad line(s): line 3: unknown label 'spma' (expected ham or spam)"),
     ("--evaluate {files}/c.csv", "c.csv: " + NO_LABELS),
-    ("--evaluate {files}/d.tsv", "d.tsv: 1 bad line(s): line 2: unknown label 'spma' (expected ham or spam)"),
-    ("--evaluate {files}/e.tsv", "e.tsv: 1 bad line(s): line 2: no message (no tab after the label, or no text column)"),
     ("--evaluate {files}/f.tsv", "f.tsv: " + NO_LABELS),
 ]
 
@@ -3331,33 +3320,7 @@ def test_classify_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     check_bad_input(fc.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
-def test_classify_ctrl_c_exits_130_also_in_training_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch,
-                                                                                            capsys):
-    argv = _classify_run_argv(tmp_path)
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fc, "train_classifier", interrupted)
-    try:
-        fc.main(argv)
-    except KeyboardInterrupt:
-        pytest.fail("KeyboardInterrupt escaped main()")  # else it would stop the whole test session
-    except SystemExit as e:
-        assert e.code == 130
-    else:
-        pytest.fail("main() returned after an interrupt")
-    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
-    assert not (tmp_path / "run" / "classifier.pt").exists()
-    with pytest.raises(SystemExit, match="holds another run .*replace it with --overwrite"):  # the rerun says how
-        fc.main(argv)
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(fc, "train_classifier", out_of_memory)
-    code = exit_code(fc.main, _classify_run_argv(tmp_path, "oom"))
-    assert code == "error: out of memory: use a smaller --batch-size (or --max-length)"
+def test_classify_ctrl_c_in_training_exits_130_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch):
     argv = _classify_run_argv(tmp_path, "sigint", "--epochs", "100000", "--batch-size", "2", "--log-every", "1")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     # A suite started in the background inherits an ignored SIGINT; the script's Ctrl-C is Python's own handler,
@@ -3373,6 +3336,13 @@ def test_classify_ctrl_c_exits_130_also_in_training_and_out_of_memory_names_the_
     assert proc.returncode == 130, err
     assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
     assert not (tmp_path / "sigint" / "classifier.pt").exists()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fc, "train_classifier", out_of_memory)
+    code = exit_code(fc.main, _classify_run_argv(tmp_path, "oom"))
+    assert code == "error: out of memory: use a smaller --batch-size (or --max-length)"
 
 
 def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
@@ -3409,19 +3379,29 @@ def test_classify_lora_trains_only_adapters_and_head_and_settings_travel_with_th
 
 
 def test_classify_bfloat16_autocast_trains_and_stays_close(tmp_path):
-    model = _classify_tiny_classifier()
-    token_ids = _classify_token_ids([5, 30, 12])
-    full = partial(fc.full_pass_logits, model)
-    mixed = fc.autocast_logits(full, torch.device("cpu"), "bfloat16")(token_ids)
-    assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, full(token_ids), atol=0.05, rtol=0.05)
-    assert torch.equal(fc.autocast_logits(full, torch.device("cpu"), "float32")(token_ids), full(token_ids))
     fc.main(_classify_run_argv(tmp_path, "full", "--max-steps", "3"))
     fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "3"))
     full, mixed = (json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("full", "mixed"))
     assert len(mixed["step_loss"]) == 3 and all(math.isfinite(x) for x in mixed["step_loss"])
     assert mixed["step_loss"] != full["step_loss"]  # it did run in the lower precision
     assert mixed["step_loss"] == pytest.approx(full["step_loss"], abs=0.05)
+
+
+def test_classify_folder_with_another_run_is_refused_unless_overwrite_and_before_the_model_loads(tmp_path, monkeypatch):
+    argv = _classify_run_argv(tmp_path, "run", "--max-steps", "1")
+    fc.main(argv)
+    before = (tmp_path / "run" / "classifier.pt").read_bytes()
+    code = exit_code(fc.main, argv)
+    assert re.fullmatch(r"error: .*run holds another run \(classifier\.pt, run\.json, train\.csv, validation\.csv, "
+                        r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", code)
+    assert "--resume" not in code  # the classifier has no --resume to suggest
+    assert (tmp_path / "run" / "classifier.pt").read_bytes() == before
+    fc.main(argv + ["--overwrite", "--seed", "5"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
+    monkeypatch.setattr(gpt, "load", lambda *args, **kwargs: pytest.fail("the model loaded before the folder's check"))
+    (tmp_path / "other" / "classifier.pt").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"error: .*other holds another run \(classifier.pt\)"):
+        fc.main(_classify_run_argv(tmp_path, "other"))
 
 
 def test_classify_folder_with_another_run_is_refused_unless_overwrite_and_before_the_model_loads(tmp_path, monkeypatch):
@@ -3480,28 +3460,6 @@ def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatc
     assert seen == [tmp_path / "my-cache"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora", "--keep-last"]])
-def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(tmp_path, capsys, extra):
-    fc.main(_classify_run_argv(tmp_path, "run", "--epochs", "4", "--lr", "3e-3", *extra))
-    trained = capsys.readouterr().out
-    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    history = report["history"]
-    if not extra:  # validation accuracy 100% after epochs 2, 3 and 4: epoch 3 has the lowest loss
-        assert history["validation_accuracy"][1:] == [1.0, 1.0, 1.0]
-        assert history["validation_loss"][2] < min(history["validation_loss"][1], history["validation_loss"][3])
-    assert history["kept_epoch"] == (4 if extra else 3)
-    fc.main(["--checkpoint", str(tmp_path / "run" / "classifier.pt"), "--evaluate", str(tmp_path / "run" / "test.csv"),
-             "--results", str(tmp_path / "evaluation.json")])
-    evaluated = capsys.readouterr().out
-    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
-    assert evaluation["metrics"] == report["test"] and report["test"]["messages"] == 14
-    assert sum(map(sum, report["test"]["confusion_matrix"])) == 14
-    printed = trained[trained.index("test split (") :].split("\n")[:5]
-    printed[0] = printed[0].replace("test split", str(tmp_path / "run" / "test.csv"))
-    assert evaluated.split("\n")[:5] == printed
-    assert evaluated.split("\n")[5] == f"metrics in {tmp_path / 'evaluation.json'}"
-
-
 def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold_and_writes_predictions_as_csv(tmp_path, capsys):
     import csv
 
@@ -3511,9 +3469,8 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold_and_writes
     fc.write_csv(tmp_path / "labelled.csv", ("text", "label"), [(text, label) for label, text in messages])
     (tmp_path / "labelled.tsv").write_text("".join(f"{label}\t{text}\n" for label, text in messages))
     probabilities = fc.classify_texts(model, [text for _, text in messages], 48)
-    middle = sorted(probabilities)[2]  # spam at >= threshold: three messages reach it
     truth = [fc.LABELS[label] for label, _ in messages]
-    for threshold in (0.0, middle, 1.0):
+    for threshold in (0.0, sorted(probabilities)[2], 1.0):  # spam at >= threshold: all, three, none of the five
         predicted = [int(p >= threshold) for p in probabilities]
         matrix = [[sum((t, p) == (i, j) for t, p in zip(truth, predicted)) for j in (0, 1)] for i in (0, 1)]
         for name in ("labelled.csv", "labelled.tsv"):
@@ -3521,24 +3478,20 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold_and_writes
                      "--threshold", str(threshold), "--results", str(tmp_path / "results.json")])
             results = json.loads((tmp_path / "results.json").read_text())
             assert results["threshold"] == threshold and results["metrics"]["confusion_matrix"] == matrix
-    assert sum(predicted) == 0 and results["metrics"]["precision"] == 0.0  # threshold 1: no message is that sure
-    assert sum(int(p >= middle) for p in probabilities) == 3
     capsys.readouterr()  # --classify-file writes the predictions as CSV, with the probabilities
     texts = ["Are we meeting at 6?", 'WINNER, "claim" your prize', "ok", "Call 09061701461 now to win £2000"]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     probabilities = fc.classify_texts(model, texts, 48)
     threshold = sorted(probabilities)[1]  # spam at >= threshold: all but the least likely
     labels = ["spam" if p >= threshold else "not spam" for p in probabilities]
-    assert labels.count("spam") == 3
-    common = ["--checkpoint", str(checkpoint), "--classify-file", str(tmp_path / "texts.txt"),
-              "--threshold", str(threshold), "--results"]
-    fc.main(common + [str(tmp_path / "predictions.csv")])
+    fc.main(["--checkpoint", str(checkpoint), "--classify-file", str(tmp_path / "texts.txt"),
+             "--threshold", str(threshold), "--results", str(tmp_path / "predictions.csv")])
     assert capsys.readouterr().out == f"classified: 4 texts, 3 spam (probability >= {threshold}), written to " \
                                       f"{tmp_path / 'predictions.csv'}\n"
     with open(tmp_path / "predictions.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["text", "label", "spam_probability"]
-    assert rows[1:] == [[text, label, repr(p)] for text, label, p in zip(texts, labels, probabilities)]
+    expected = [[text, label, repr(p)] for text, label, p in zip(texts, labels, probabilities)]
+    assert rows == [["text", "label", "spam_probability"], *expected]
     # The predictions, as labelled data, evaluate the classifier against itself: every answer right.
     fc.main(["--checkpoint", str(tmp_path), "--evaluate", str(tmp_path / "predictions.csv"), "--threshold", str(threshold)])
     assert "accuracy 100.00%" in capsys.readouterr().out  # "not spam" read as ham; the folder's classifier.pt used
@@ -3575,13 +3528,16 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
                                                                         model_type, extra):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = tmp_path / "model"  # vocabulary 1000, context 64, untied head, beside the SmolLM2-style tokenizer
-    save_hf_family(folder, model_type, vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
-                   tie_word_embeddings=False)
-    (folder / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
-    run = tmp_path / "run"
+    folder = tmp_path / "model"  # vocabulary 1000, context 64, untied head
+    if model_type == "llama":  # Llama 3's tokenizer: <|begin_of_text|> before each text
+        _llama3_classifier_folder(folder, trained_tokenizers)
+    else:
+        save_hf_family(folder, model_type, vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
+                       tie_word_embeddings=False)
+        (folder / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
+    run = tmp_path / "run"  # the activation cache; or LoRA on the seven projections, with full forward passes
     data = _classify_sms_slice(tmp_path)
-    fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--epochs", "1", *extra])  # the activation cache; LoRA adapters on the seven projections and the full forward pass
+    fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--epochs", "1", *extra])
     assert ("activation cache: on" in capsys.readouterr().out) == (not extra)
     checkpoint = gpt.load_checkpoint(run / "classifier.pt")
     encoding, eot_id = tokenizer_and_eot(folder)
@@ -3598,18 +3554,13 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", texts[0]])
     line = f"{fc.CLASS_NAMES[alone[1].item() >= 0.5]:<8} (p(spam)={alone[1].item():.3f})  {texts[0]}\n"
     assert capsys.readouterr().out == line
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv"),
-             "--results", str(tmp_path / "evaluation.json")])
-    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
-    assert evaluation["metrics"] == json.loads((run / "metrics.json").read_text())["test"]
-
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
     architecture = {"llama": "LlamaForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}[model_type]
     assert f"a {architecture} folder" in capsys.readouterr().out
     reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
     assert problems == [] and type(reference).__name__ == architecture and reference.config.pad_token_id == eot_id
     batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
-    for row, ids in zip(batch["input_ids"].tolist(), token_ids):  # our ids, padded on the right with end-of-text
+    for row, ids in zip(batch["input_ids"].tolist(), token_ids):  # ours (a begin token too), padded with end-of-text
         assert row == ids.tolist() + [eot_id] * (len(row) - len(ids))
     with torch.no_grad():
         assert (reference(**batch).logits.softmax(dim=-1) - probabilities).abs().max().item() <= 1e-5
@@ -4343,25 +4294,6 @@ def _llama3_classifier_folder(folder, trained_tokenizers):
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
     return folder
-
-
-def test_llama3_classifier_export_gives_transformers_our_probabilities(trained_tokenizers, tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model, tokenizer = gpt.load(_llama3_classifier_folder(tmp_path / "model", trained_tokenizers))
-    assert tokenizer.add_bos and tokenizer.bos_id == tokenizer.encode("<|begin_of_text|>")[0]
-    torch.manual_seed(1)
-    fc.add_classification_head(model)
-    texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Call me <|end_of_text|>"]
-    ours = fc.classify_texts(model, texts, 64, tokenizer)  # padded with tokenizer.eot_id
-    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer, max_length=64)
-    reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
-    assert problems == []
-    batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
-    assert batch["input_ids"][:, 0].tolist() == [tokenizer.bos_id] * 4  # <|begin_of_text|> first, as ours
-    with torch.no_grad():
-        theirs = reference(**batch).logits.softmax(dim=-1)[:, 1]
-    assert theirs.tolist() == pytest.approx(ours, abs=1e-5)
 
 
 @pytest.mark.parametrize("template_file", [True, False], ids=["chat_template.jinja", "chat_template entry"])
