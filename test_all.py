@@ -3831,18 +3831,10 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     model = load_lm(out_dir / "model.pt")  # merged LoRA: a plain GPT checkpoint
     assert isinstance(model, gpt.GPTModel) and not any("lora" in k for k in model.state_dict())
     responses = json.loads((out_dir / "responses.json").read_text())
-    assert len(responses) == 1
-    assert set(responses[0]) == {"instruction", "input", "output", "model_response"}
-    assert isinstance(responses[0]["model_response"], str)
+    assert [set(entry) for entry in responses] == [{"instruction", "input", "output", "model_response"}]
     state = gpt.load_checkpoint(out_dir / "train_state.pt")
     assert state["step"] == 2 and state["history"]["step"] == [0, 2]
-
-    # Answers from the saved model: the test set again, and one prompt.
-    (out_dir / "responses.json").unlink()
-    instruct.main(common + ["--generate-only"])
-    assert len(json.loads((out_dir / "responses.json").read_text())) == 1
-    capsys.readouterr()
-    instruct.main(common + ["--prompt", "Repeat the number 3."])
+    instruct.main(common + ["--prompt", "Repeat the number 3."])  # one answer of the saved model
     printed = capsys.readouterr().out
     model = load_lm(out_dir / "model.pt")
     expected, _ = instruct.generate_response(model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."},
@@ -3866,12 +3858,6 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     # How many test entries are answered: all, 10 after a short run (--max-steps), or --num-answers.
     flags = [[], ["--max-steps", "4"], ["--max-steps", "4", "--num-answers", "0"], ["--num-answers", "200"]]
     assert [len(instruct.answer_entries(instruct.parse_args(f), list(range(110)))) for f in flags] == [110, 10, 0, 110]
-
-
-def _instruct_same_weights(run_a, run_b):
-    """Whether two runs saved exactly the same model.pt."""
-    a, b = (gpt.load_checkpoint(run / "model.pt")["model"] for run in (run_a, run_b))
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _instruct_ctrl_c_in_step(monkeypatch, stop_step):
@@ -3909,37 +3895,16 @@ def test_instruct_ctrl_c_while_answering_names_the_command_that_answers_again(_i
     assert json.loads((folder / "answers" / "responses.json").read_text()) == expected
 
 
-def test_instruct_resume_after_ctrl_c_or_sigterm_matches_the_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
+def test_instruct_resume_after_sigterm_matches_the_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
     folder = _instruct_tiny_run
-    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
-    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
-    instruct.main(common + ["--out-dir", str(folder / "straight")])
-    # Ctrl-C in step 3 of 4: the state of step 2 (an epoch's end) is on disk; --resume alone goes on from it.
-    check = _instruct_ctrl_c_in_step(monkeypatch, 3)
-    assert exit_code(instruct.main, common + ["--out-dir", str(folder / "halves")]) == 130
-    assert capsys.readouterr().err.endswith(
-        f"--resume --out-dir {folder / 'halves'} goes on from the last save in {folder / 'halves' / 'train_state.pt'}"
-        "\ninterrupted\n"
-    )
-    assert gpt.load_checkpoint(folder / "halves" / "train_state.pt")["step"] == 2
-    monkeypatch.setattr(gpt, "check_finite_loss", check)
-    instruct.main(["--out-dir", str(folder / "halves"), "--resume"])
-    assert "resuming at step 2 of 4" in capsys.readouterr().out
-    assert _instruct_same_weights(folder / "straight", folder / "halves")
-    assert not (folder / "halves" / "train_state.pt").exists()  # a finished run keeps no training state
-    assert json.loads((folder / "halves" / "responses.json").read_text()) == json.loads(
-        (folder / "straight" / "responses.json").read_text()
-    )
-    with pytest.raises(SystemExit, match="train_state.pt is not there \\(a finished run keeps it only with --keep-state"):
-        instruct.main(["--out-dir", str(folder / "halves"), "--resume", "--epochs", "3"])
     # A model folder as save_pretrained writes it: its weights load as transposed views, whose AdamW
     # moments must be restored in the layout of the resumed model's weights.
     save_hf_gpt2(folder / "hf", n_positions=96, n_embd=32, n_layer=2, n_head=2)
     common = ["--data", str(folder / "data.json"), "--model", str(folder / "hf"), "--epochs", "3"]
     common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
-    instruct.main(common + ["--out-dir", str(folder / "straight3")])
-    # SIGTERM (a job scheduler, `timeout`, `docker stop`) in step 3 of 6, between the saves of steps 2 and 4:
-    # step 3 is finished and saved, not lost.
+    instruct.main(common + ["--out-dir", str(folder / "straight")])
+    # SIGTERM (a job scheduler, `timeout`, `docker stop`; a first Ctrl-C alike) in step 3 of 6, between the saves
+    # of steps 2 and 4: step 3 is finished and saved, not lost.
     check = gpt.check_finite_loss
 
     def sigterm_in_step_3(loss, step):
@@ -3958,34 +3923,24 @@ def test_instruct_resume_after_ctrl_c_or_sigterm_matches_the_uninterrupted_run(_
     monkeypatch.setattr(gpt, "check_finite_loss", check)
     instruct.main(["--out-dir", str(folder / "stopped"), "--resume"])
     assert "resuming at step 3 of 6" in capsys.readouterr().out
-    assert _instruct_same_weights(folder / "straight3", folder / "stopped")
+    assert same_weights(folder / "straight" / "model.pt", folder / "stopped" / "model.pt")
+    assert (folder / "stopped" / "responses.json").read_text() == (folder / "straight" / "responses.json").read_text()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
+    assert not (folder / "stopped" / "train_state.pt").exists()  # a finished run keeps no training state
+    with pytest.raises(SystemExit, match="train_state.pt is not there \\(a finished run keeps it only with --keep-state"):
+        instruct.main(["--out-dir", str(folder / "stopped"), "--resume", "--epochs", "4"])
 
 
 INSTRUCT_RUN = "--data {files}/data.json --model {files}/tiny.pt --out-dir {run}"
 INSTRUCT_BAD_INPUTS = [
-    # Values that argparse and the `type=` helpers reject, and combinations parse_args refuses.
+    # Values that argparse and the `type=` helpers reject (one of each type), and combinations parse_args refuses.
     (f"{INSTRUCT_RUN} --top-k 0", "argument --top-k: must be an integer >= 1, got '0'"),
     (f"{INSTRUCT_RUN} --temperature -1", "argument --temperature: must be a finite number >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --weight-decay -1", "argument --weight-decay: must be a finite number >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --lr -1", "argument --lr: must be a finite number >= 0, got '-1'"),
     (f"{INSTRUCT_RUN} --max-new-tokens -1", "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --eval-batches -1", "argument --eval-batches: must be an integer >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --epochs 0", "argument --epochs: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --epochs inf", "argument --epochs: must be an integer >= 1, got 'inf'"),
-    (f"{INSTRUCT_RUN} --batch-size 0", "argument --batch-size: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --save-every 0", "argument --save-every: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --max-steps 0", "argument --max-steps: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --max-length 0", "argument --max-length: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --lora-rank 0", "argument --lora-rank: must be an integer >= 1, got '0'"),
     (f"{INSTRUCT_RUN} --top-p 1.5", "argument --top-p: must be a number in [0, 1], got '1.5'"),
-    (f"{INSTRUCT_RUN} --lora-alpha nan", "argument --lora-alpha: must be a finite number >= 0, got 'nan'"),
-    (f"{INSTRUCT_RUN} --drop-rate 1.5", "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
-    (f"{INSTRUCT_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
     (f"{INSTRUCT_RUN} --dtype float64", "argument --dtype: invalid choice: 'float64' (choose from 'float32', "
      "'bfloat16', 'float16')"),
     (f"{INSTRUCT_RUN} --dtype float16", "--dtype float16 trains without loss scaling: train in bfloat16 or float32"),
-    (f"{INSTRUCT_RUN} --prompt ''", "--prompt must hold the instruction to answer, got ''"),
     (f"{INSTRUCT_RUN} --prompt ' \n '", "--prompt must hold the instruction to answer, got ' \\n '"),
     (f"{INSTRUCT_RUN} --input x", "--input goes with --prompt: give the instruction too"),
     (f"{INSTRUCT_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
@@ -4058,52 +4013,26 @@ def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_r
     assert json.loads((run / "responses.json").read_text()) == answered
 
 
-def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_path):
-    folder = _instruct_tiny_run
-    instruct.main(_instruct_quick(folder, tmp_path / "run", "--keep-state"))
-    before = (tmp_path / "run" / "model.pt").stat().st_mtime_ns
-    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run"))
-    assert "holds another run" in code and "--overwrite" in code
-    assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns == before
-    instruct.main(_instruct_quick(folder, tmp_path / "run", "--overwrite"))
-    assert not (tmp_path / "run" / "train_state.pt").exists()  # the old run's state went with --overwrite
-    assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns != before
-    # A finished run with its state: --resume needs more steps, and then trains them.
-    instruct.main(_instruct_quick(folder, tmp_path / "kept", "--keep-state"))
-    settings_before = (tmp_path / "kept" / "run.json").read_bytes()
+def test_instruct_run_folder_overwritten_or_resumed_only_with_its_state(_instruct_tiny_run, tmp_path):
+    """What finetune_instruct.py adds to the run-folder rule that gpt.claim_run_folder and gpt.resume_settings apply."""
+    folder, kept = _instruct_tiny_run, tmp_path / "kept"
+    instruct.main(_instruct_quick(folder, kept, "--keep-state"))
+    settings_before = (kept / "run.json").read_bytes()
     with pytest.raises(SystemExit, match=r"the run is complete \(at step 1, as --epochs 1 allows\): raise --epochs"):
-        instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume"])
-    assert (tmp_path / "kept" / "run.json").read_bytes() == settings_before  # a refused resume changes nothing
-    with pytest.raises(SystemExit, match="which used --batch-size 10, not 4"):  # a changed recipe
-        instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2", "--batch-size", "4"])
-    instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2"])
-    assert gpt.load_checkpoint(tmp_path / "kept" / "train_state.pt")["history"]["step"] == [0, 1, 2]
-    kept = tmp_path / "kept"
+        instruct.main(["--out-dir", str(kept), "--resume"])
+    assert (kept / "run.json").read_bytes() == settings_before  # a refused resume changes nothing
+    instruct.main(["--out-dir", str(kept), "--resume", "--epochs", "2"])
+    assert gpt.load_checkpoint(kept / "train_state.pt")["history"]["step"] == [0, 1, 2]
     (kept / "train_state.pt").write_bytes((kept / "model.pt").read_bytes())  # a model where the state belongs
     code = exit_code(instruct.main, ["--out-dir", str(kept), "--resume", "--epochs", "3"])
     assert code == (f"error: --resume: {kept / 'train_state.pt'} is not a training state (a "
                     "finished run keeps it only with --keep-state): train on from "
                     f"{kept / 'model.pt'} with --model, or start again with --overwrite")
+    instruct.main(_instruct_quick(folder, kept, "--overwrite"))
+    assert not (kept / "train_state.pt").exists()  # the old run's state went with --overwrite
 
 
-def test_instruct_full_disk_keeps_the_earlier_answers_and_the_last_training_state(_instruct_tiny_run, tmp_path,
-                                                                                   monkeypatch, capsys):
-    folder = _instruct_tiny_run
-    entries = [{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
-    (tmp_path / "data.json").write_text(json.dumps(entries))  # test split: 4 entries
-    common = ["--data", str(tmp_path / "data.json"), "--checkpoint", str(folder / "tiny.pt"), "--generate-only"]
-    common += ["--max-new-tokens", "2"]
-    instruct.main(common + ["--out-dir", str(tmp_path / "straight")])
-    straight = json.loads((tmp_path / "straight" / "responses.json").read_text())
-    assert len(straight) == 4
-
-    # The disk is full when the answers are written again: one line, and the earlier answers stay.
-    before = (tmp_path / "straight" / "responses.json").read_bytes()
-    fill_the_disk(monkeypatch, lambda path: path.name == "responses.json")
-    code = exit_code(instruct.main, common + ["--out-dir", str(tmp_path / "straight")])
-    assert code == full_disk_error(tmp_path / "straight" / "responses.json")  # exit 1, one line
-    assert (tmp_path / "straight" / "responses.json").read_bytes() == before
-    assert not [path.name for path in (tmp_path / "straight").iterdir() if path.name.startswith(".")]  # no half file
+def test_instruct_full_disk_keeps_the_last_training_state(_instruct_tiny_run, tmp_path, monkeypatch):
     state, saves = tmp_path / "run" / "train_state.pt", []
 
     def second_state_save(path):  # the disk is full when the state is saved again, at the end of epoch 2
@@ -4111,7 +4040,7 @@ def test_instruct_full_disk_keeps_the_earlier_answers_and_the_last_training_stat
         return path == state and saves.count(state) == 2
 
     failed = fill_the_disk(monkeypatch, second_state_save)
-    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run", "--epochs", "2"))  # one step an epoch
+    code = exit_code(instruct.main, _instruct_quick(_instruct_tiny_run, tmp_path / "run", "--epochs", "2"))
     # One line, exit 1, not "error: [Errno 28] No space left on device"; the state of step 1 is kept as it was.
     assert code == full_disk_error(state) and failed == [state]
     assert gpt.load_checkpoint(state)["step"] == 1
@@ -4186,11 +4115,12 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     assert saved_weights_equal("last", 4)
     assert gpt.load_checkpoint(tmp_path / "last" / "model.pt")["kept"] == {"step": 4, "val_loss": 4.2}
 
-    # Ctrl-C in step 3: the state saved at step 2 holds step 1's weights as the best so far.
+    # A second Ctrl-C, in step 3: the state saved at step 2 holds step 1's weights as the best so far.
     next_step[0] = 0
     check = _instruct_ctrl_c_in_step(monkeypatch, 3)
-    with pytest.raises(SystemExit):
-        instruct.main(flags + ["--out-dir", str(tmp_path / "halves"), "--save-every", "1"])
+    assert exit_code(instruct.main, flags + ["--out-dir", str(tmp_path / "halves"), "--save-every", "1"]) == 130
+    assert capsys.readouterr().err.endswith(f"--resume --out-dir {tmp_path / 'halves'} goes on from the last save in "
+                                            f"{tmp_path / 'halves' / 'train_state.pt'}\ninterrupted\n")
     state = gpt.load_checkpoint(tmp_path / "halves" / "train_state.pt")
     assert (state["step"], state["best"]["step"], state["best"]["val_loss"]) == (2, 1, 3.0)
     monkeypatch.setattr(gpt, "check_finite_loss", check)
