@@ -2733,6 +2733,7 @@ def test_pretrain_unigram_baseline_is_exact_and_a_token_file_holds_ids_above_655
     # add-one smoothing over 4 ids: counts 2, 1, 0, 0 -> p = 3/7, 2/7, 1/7, 1/7
     expected = -(math.log(3 / 7) + math.log(1 / 7)) / 2
     assert pretrain.unigram_baseline(train, val, vocab_size=4) == pytest.approx(expected, rel=1e-12)
+    assert pretrain.token_type(gpt.get_tokenizer()) == "uint16"
     # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
     big = gpt.Tokenizer(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
                         special_tokens={"<|endoftext|>": 69_999}, eot_id=69_999)
@@ -2745,10 +2746,6 @@ def test_pretrain_unigram_baseline_is_exact_and_a_token_file_holds_ids_above_655
     tokens = torch.from_file(str(token_path), size=n, dtype=pretrain.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
     inputs, targets = pretrain.get_batch(tokens, [0, 1], 4, torch.device("cpu"))
     assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
-    # The unigram baseline counts the id too: once in 3 training tokens, add-one over 70,000 ids.
-    baseline = pretrain.unigram_baseline(tokens[:3], tokens[2:3], vocab_size=70_000)
-    assert baseline == pytest.approx(-math.log((1 + 1) / (3 + 70_000)), rel=1e-12)
-    assert pretrain.token_type(gpt.get_tokenizer()) == "uint16"
 
 
 # --- optimizer and schedule ------------------------------------------------------------------
@@ -3670,14 +3667,12 @@ def test_instruct_split_85_5_10_with_seed():
 
 @pytest.mark.parametrize("reply, expected", [
     ('{"score": 85}', 85.0),  # the structured output the judge asks for
-    ('{"score": 92.5}', 92.5),
     ('{"score": 150}', None),  # JSON decides, even out of range
     ('```json\n{"score": 70}\n```', 70.0),
     ('My grade: {"score": 60, "reason": "mostly right"}', 60.0),
     ("85", 85.0),
     (" 66.6\n", 66.6),
     ("8.5e1", 85.0),
-    ("100", 100.0),
     ("0", 0.0),
     ("**Score:** 88", 88.0),
     ("Score = 85.5. I stand by 85.5", 85.5),  # one number, twice
@@ -3685,18 +3680,15 @@ def test_instruct_split_85_5_10_with_seed():
     ("Score: 85.", 85.0),
     ("150", None),
     ("-5", None),
-    ("Score: -5", None),
     ("GPT-2 would give 85", 85.0),  # not the 2 of a name
     ("On a scale from 0 to 100, I'd give 85", None),  # three numbers: ambiguous
     ("8/10", None),  # a ratio is not a 0-100 score
     ("Score: 70. On second thought, final score: 85", None),
     ("Score: 1,000", None),  # a thousands separator: not 1
     ("Score: 7,5", None),  # a decimal comma: not 7 nor 5
-    ("7,5/10", None),
     ("I cannot judge this.", None),
     ("", None),
     ("null", None),
-    ("[85]", None),
     (None, None),
     (85, 85.0),
     ({"score": 85}, 85.0),
@@ -3774,9 +3766,6 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
     with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
         instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
     assert [e["score"] for e in json.loads((tmp_path / "responses-scored.json").read_text())] == [None, None]
-    with pytest.raises(SystemExit, match="ollama pull mistral"):
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--judge-model", "mistral",
-                       "--responses", str(path)])
     with pytest.raises(SystemExit, match="ollama pull mistral"):  # a judge that is not there: before any training
         instruct.main(["--judge", "ollama", "--judge-url", url, "--judge-model", "mistral", "--out-dir",
                        str(tmp_path / "run")])
@@ -3872,27 +3861,6 @@ def _instruct_ctrl_c_in_step(monkeypatch, stop_step):
 
     monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c)
     return check
-
-
-def test_instruct_ctrl_c_while_answering_names_the_command_that_answers_again(_instruct_tiny_run, capsys, monkeypatch):
-    folder = _instruct_tiny_run
-    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
-    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--out-dir", str(folder / "answers")]
-    instruct.main(common)
-    expected = json.loads((folder / "answers" / "responses.json").read_text())
-    answer = instruct.generate_responses
-
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(instruct, "generate_responses", ctrl_c)
-    assert exit_code(instruct.main, common + ["--overwrite"]) == 130
-    hint = capsys.readouterr().err.splitlines()[-2]
-    assert hint == (f"--generate-only --out-dir {folder / 'answers'} --num-answers {len(expected)} --max-new-tokens 1 "
-                    "answers the test split with the saved model")
-    monkeypatch.setattr(instruct, "generate_responses", answer)
-    instruct.main(hint.split()[:7])
-    assert json.loads((folder / "answers" / "responses.json").read_text()) == expected
 
 
 def test_instruct_resume_after_sigterm_matches_the_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
@@ -4179,9 +4147,6 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
     model = load_lm(out_dir / "model.pt")
     test_entry = {key: answered[0][key] for key in ("instruction", "input", "output")}
     assert answered[0]["model_response"] == instruct.generate_response(model, encoding, test_entry, max_new_tokens=5)[0]
-    (out_dir / "responses.json").unlink()
-    instruct.main(run + ["--generate-only"])
-    assert json.loads((out_dir / "responses.json").read_text()) == answered
 
 
 # ========================================================================================
@@ -4256,11 +4221,11 @@ def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path
 
 
 def test_export_keeps_the_chat_template_and_the_token_ids_and_a_text_starts_with_the_begin_token(trained_tokenizers,
+                                                                                                 smollm2_export,
                                                                                                  tmp_path):
     from transformers import AutoTokenizer
 
-    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
-    model, tokenizer = gpt.load(folder)
+    model, tokenizer = gpt.load(smollm2_export[0])
     gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
     assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
     start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
@@ -4521,18 +4486,8 @@ def smollm2_gguf():
 
 @pytest.fixture(scope="module")
 def smollm2_pair(smollm2_gguf):
-    """(ours: gpt.load's model and tokenizer, transformers': from_pretrained(folder, gguf_file=...)), loaded once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import gguf
-
-    folder, name = smollm2_gguf.parent, smollm2_gguf.name
-    with pytest.MonkeyPatch.context() as patch:  # the same results, 2-3 times faster: read the file once, not thrice,
-        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))  # and map the names once, not 397 times
-        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
-        reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-        reference_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return gpt.load(smollm2_gguf), (reference, reference_tokenizer)
+    """(ours: gpt.load's model and tokenizer, transformers' model and tokenizer), loaded once."""
+    return gpt.load(smollm2_gguf), _transformers_gguf(smollm2_gguf)
 
 
 def test_gguf_smollm2_weights_equal_transformers_which_dequantizes_with_gguf(smollm2_pair):
@@ -4728,8 +4683,8 @@ def _transformers_gguf(path):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with pytest.MonkeyPatch.context() as patch:  # see smollm2_pair
-        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
+    with pytest.MonkeyPatch.context() as patch:  # the same results, 2-3 times faster: read the file once, not thrice,
+        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))  # and map the names once, not 397 times
         patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
         return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -4805,11 +4760,20 @@ def test_gguf_export_is_read_by_gguf_and_transformers(tmp_path, trained_tokenize
             torch.testing.assert_close(logits, model(torch.tensor([ids])), atol=atol, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def smollm2_export(tmp_path_factory, trained_tokenizers):
+    """A tiny SmolLM2-Instruct-style model folder (see _smol_instruct_folder) and its GGUF export (f16)."""
+    root = tmp_path_factory.mktemp("smollm2-export")
+    folder = _gguf_source("smollm2", root / "source", trained_tokenizers)
+    gpt.export_gguf(*gpt.load(folder), root / "model.gguf", "f16")
+    return folder, root / "model.gguf"
+
+
 @pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16", "q8_0"])
-def test_gguf_export_gives_the_weights_back(tmp_path, trained_tokenizers, gguf_type):
+def test_gguf_export_gives_the_weights_back(tmp_path, smollm2_export, gguf_type):
     import gguf
 
-    model, tokenizer = gpt.load(_gguf_source("smollm2", tmp_path / "source", trained_tokenizers))
+    model, tokenizer = gpt.load(smollm2_export[0])
     gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", gguf_type)
     back, back_tokenizer = gpt.load(tmp_path / "model.gguf")
     assert back.cfg.norm_eps == struct.unpack("<f", struct.pack("<f", 1e-5))[0]  # GGUF keeps float32 settings
@@ -4826,14 +4790,13 @@ def test_gguf_export_gives_the_weights_back(tmp_path, trained_tokenizers, gguf_t
         assert torch.equal(back.state_dict()[name], expected), name
 
 
-def test_gguf_export_runs_from_ollama_and_refuses_what_it_cannot_write(tmp_path, trained_tokenizers, monkeypatch):
-    model, tokenizer = gpt.load(_gguf_source("smollm2", tmp_path / "source", trained_tokenizers))
-    gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f16")
+def test_gguf_export_runs_from_ollama_and_refuses_what_it_cannot_write(tmp_path, smollm2_export, monkeypatch):
+    folder, path = smollm2_export
+    model, tokenizer = gpt.load(folder)
     with pytest.raises(FileExistsError, match=r"model\.gguf exists: give --overwrite to replace it"):
-        gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f32")
-    gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f16", overwrite=True)
+        gpt.export_gguf(model, tokenizer, path, "f32")
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama"))
-    blob = _ollama_folder(tmp_path / "ollama", "tiny", "f16", (tmp_path / "model.gguf").read_bytes(), "me")
+    blob = _ollama_folder(tmp_path / "ollama", "tiny", "f16", path.read_bytes(), "me")
     from_ollama, _ = gpt.load("ollama:me/tiny:f16")
     assert gpt.gguf_file("ollama:me/tiny:f16") == blob and from_ollama.cfg.n_kv_heads == model.cfg.n_kv_heads == 2
     gpt.add_classifier_head(model, ["ham", "spam"])
@@ -4918,34 +4881,25 @@ def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trai
     _one_line_error(tmp_path / "llama3.gguf", r"llama3\.gguf: rope_freqs\.weight is not Llama 3's rope scaling with")
 
 
-def test_a_model_with_its_own_tokenizer_needs_no_gpt2_tokenizer_files(tmp_path, trained_tokenizers, monkeypatch):
-    folder = _gguf_source("smollm2", tmp_path / "source", trained_tokenizers)
-    gpt.export_gguf(*gpt.load(folder), tmp_path / "model.gguf")
+def test_chat_prompt_is_the_chat_template_of_the_model_and_load_gpt2_chat_uses_it(smollm2_export, capsys,
+                                                                                    monkeypatch):
+    from transformers import AutoTokenizer
+
+    folder, path = smollm2_export
+    message = [{"role": "user", "content": "Name a colour."}]
+    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(message, tokenize=False,
+                                                                         add_generation_prompt=True)
+    with pytest.raises(ValueError, match=r"^gpt2 has no chat template \(ChatML, Llama 3, Gemma, Phi-3\): give the "
+                                         "prompt as plain text$"):
+        gpt.chat_prompt(gpt.get_tokenizer(), "Hi")
 
     def offline():
         raise RuntimeError("cannot download tiktoken's GPT-2 vocabulary files")
 
-    monkeypatch.setattr(gpt, "get_tokenizer", offline)  # as offline without TIKTOKEN_CACHE_DIR
-    for source in (folder, tmp_path / "model.gguf"):
+    monkeypatch.setattr(gpt, "get_tokenizer", offline)  # a model with its own tokenizer needs no GPT-2 files
+    for source in (folder, path):  # the template travels in the GGUF metadata
         model, tokenizer = gpt.load(source)
         gpt.check_vocabulary(model, source, tokenizer)
-        assert tokenizer.decode(tokenizer.encode("Hello there")) == "Hello there"
-
-
-def test_chat_prompt_is_the_chat_template_of_the_model_and_load_gpt2_chat_uses_it(tmp_path, trained_tokenizers,
-                                                                                    capsys):
-    from transformers import AutoTokenizer
-
-    folder = _gguf_source("smollm2", tmp_path / "source", trained_tokenizers)
-    gpt.export_gguf(*gpt.load(folder), tmp_path / "chat.gguf")
-    _, tokenizer = gpt.load(tmp_path / "chat.gguf")  # the template travels in the GGUF metadata
-    message = [{"role": "user", "content": "Name a colour."}]
-    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(message, tokenize=False,
-                                                                         add_generation_prompt=True)
-    assert gpt.chat_prompt(tokenizer, "Name a colour.") == (expected, tokenizer.encode("<|im_end|>")[0])
-    load_gpt2.main(["--model", str(tmp_path / "chat.gguf"), "--chat", "--prompt", "Name a colour.",
-                    "--max-new-tokens", "1"])
+        assert gpt.chat_prompt(tokenizer, "Name a colour.") == (expected, tokenizer.encode("<|im_end|>")[0])
+    load_gpt2.main(["--model", str(path), "--chat", "--prompt", "Name a colour.", "--max-new-tokens", "1"])
     assert capsys.readouterr().out.split("-" * 80 + "\n")[1].startswith(expected)
-    with pytest.raises(ValueError, match=r"^gpt2 has no chat template \(ChatML, Llama 3, Gemma, Phi-3\): give the "
-                                         "prompt as plain text$"):
-        gpt.chat_prompt(gpt.get_tokenizer(), "Hi")
