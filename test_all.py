@@ -3570,29 +3570,19 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
 # ========================================================================================
 
 
-_INSTRUCT_PREAMBLE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
-
-
 def test_instruct_prompt_with_and_without_input_and_its_tokens_first():
+    preamble = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     with_input = {"instruction": "Translate to French.", "input": "Good morning.", "output": "Bonjour."}
-    assert instruct.format_input(with_input) == (
-        _INSTRUCT_PREAMBLE + "\n\n### Instruction:\nTranslate to French.\n\n### Input:\nGood morning."
-    )
+    assert instruct.format_prompt(with_input) == (preamble + "\n\n### Instruction:\nTranslate to French.\n\n### "
+                                                  "Input:\nGood morning.\n\n### Response:\n")
     assert instruct.format_prompt(with_input) == instruct.format_input(with_input) + "\n\n### Response:\n"
-    for no_input in (
-        {"instruction": "Name a color.", "input": "", "output": "Blue."},
-        {"instruction": "Name a color.", "output": "Blue."},
-    ):
-        assert instruct.format_input(no_input) == _INSTRUCT_PREAMBLE + "\n\n### Instruction:\nName a color."
-        assert "### Input:" not in instruct.format_prompt(no_input)
-    entry = {"instruction": "Name a color.", "input": "", "output": "Blue."}
+    for entry in ({"instruction": "Name a color.", "output": "Blue."}, {"instruction": "Name a color.", "input": "",
+                                                                       "output": "Blue."}):
+        assert instruct.format_prompt(entry) == preamble + "\n\n### Instruction:\nName a color.\n\n### Response:\n"
     [(ids, prompt_length)] = instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=1024, mask_prompt=True)
     assert ids[:prompt_length] == gpt.text_to_token_ids(instruct.format_prompt(entry))[0].tolist()  # the prompt first
     assert gpt.token_ids_to_text(ids[prompt_length:]) == "Blue."
-    too_short = prompt_length - 1
-    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=too_short, mask_prompt=True) == []
+    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), prompt_length - 1, mask_prompt=True) == []
 
 
 def test_instruct_collate_pads_ignores_and_masks_the_prompt():
@@ -3621,33 +3611,26 @@ def test_instruct_collate_pads_ignores_and_masks_the_prompt():
 
 
 def test_instruct_data_is_a_json_list_or_json_lines_with_one_entry_check(tmp_path):
-    good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
-    path = tmp_path / "data.json"
-    for bad, problem in [
-        ({"instruction": "No output."}, "entry 1: 'output' must be a string, not null"),
-        ({"instruction": "Wrong type.", "input": 3, "output": "x"}, "entry 1: 'input' must be a string, not 3"),
-        ("just a string", "entry 1: not a JSON object but str"),
+    good, no_input = {"instruction": "Say hi.", "input": "", "output": "Hi."}, {"instruction": "Hi.", "output": "Hi."}
+    for name, text, problem in [
+        ("a.json", json.dumps([good, {"instruction": "No output."}]), "entry 1: 'output' must be a string, not null"),
+        ("b.json", json.dumps([good, {"instruction": "x", "input": 3, "output": "x"}]), "entry 1: 'input' must be a "
+         "string, not 3"),
+        ("c.json", json.dumps([good, "just a string"]), "entry 1: not a JSON object but str"),
+        ("d.jsonl", json.dumps(good) + "\n\n" + json.dumps({"output": "x"}), "line 3: 'instruction' must be a string, "
+         "not null"),
     ]:
-        path.write_text(json.dumps([good, bad]))
-        with pytest.raises(ValueError) as exc:
-            instruct.load_instruction_data(path)
-        assert str(exc.value) == f"--data {path}: {problem}: {instruct.DATA_FIX}"
-    path.write_text(json.dumps([good, {"instruction": "No input key is fine.", "output": "Fine."}]))
-    assert instruct.load_instruction_data(path)[0] == good
-    jsonl = tmp_path / "data.jsonl"
-    jsonl.write_text(json.dumps(good) + "\n\n" + json.dumps({"output": "x"}) + "\n")
-    with pytest.raises(ValueError, match="line 3: 'instruction' must be a string, not null"):
-        instruct.load_instruction_data(jsonl)
-    jsonl.write_text(json.dumps(good) + "\n{broken\n")
-    with pytest.raises(ValueError, match="line 2: not valid JSON"):
-        instruct.load_instruction_data(jsonl)
-    path.write_text("[]")
-    with pytest.raises(ValueError, match="no entries"):
-        instruct.load_instruction_data(path)
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([good]).encode())  # a byte-order mark, as Windows editors write
-    assert instruct.load_instruction_data(path) == [good]
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")  # JSON Lines
-    assert instruct.load_instruction_data(path) == [good]
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError) as error:
+            instruct.load_instruction_data(tmp_path / name)
+        assert str(error.value) == f"--data {tmp_path / name}: {problem}: {instruct.DATA_FIX}"
+    for text, problem in [(json.dumps(good) + "\n{broken\n", "line 2: not valid JSON"), ("[]", "no entries")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ValueError, match=problem):
+            instruct.load_instruction_data(tmp_path / "bad.json")
+    for text in (json.dumps([good, no_input]), json.dumps(good) + "\n" + json.dumps(no_input) + "\n"):
+        (tmp_path / "data.json").write_bytes(b"\xef\xbb\xbf" + text.encode())  # a byte-order mark, as Windows writes
+        assert instruct.load_instruction_data(tmp_path / "data.json") == [good, no_input]
 
 
 def test_instruct_split_85_5_10_with_seed():
