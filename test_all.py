@@ -3360,21 +3360,6 @@ def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
     assert full[:7] == history["step_loss"]
 
 
-def test_classify_lora_trains_only_adapters_and_head_and_settings_travel_with_the_run(tmp_path, capsys):
-    fc.main(_classify_run_argv(tmp_path, "run", "--lora", "--max-steps", "2", "--seed", "7"))
-    out = capsys.readouterr().out
-    assert "lora=True, max_steps=2, seed=7, out_dir=" in out and "(the others: defaults; all in run.json)" in out
-    # per block, rank 16: c_attn 16*32 + 96*16, attn.c_proj 16*32 + 32*16, c_fc 16*32 + 128*16,
-    # mlp.c_proj 16*128 + 32*16 = 8,192; two blocks plus the head (32*2 + 2) = 16,450
-    assert "16,450 trainable" in out
-    assert "activation cache: off (the lower blocks train): full forward pass at every step" in out
-    checkpoint = gpt.load_checkpoint(tmp_path / "run" / "classifier.pt")
-    assert not any("lora" in key for key in checkpoint["model"])
-    run = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
-    assert run == checkpoint["settings"]
-    assert (run["seed"], run["max_steps"], run["max_length"], checkpoint["max_length"]) == (7, 2, 48, 48)
-
-
 def test_classify_bfloat16_autocast_trains_and_stays_close(tmp_path):
     fc.main(_classify_run_argv(tmp_path, "full", "--max-steps", "3"))
     fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "3"))
@@ -3536,10 +3521,11 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
     data = _classify_sms_slice(tmp_path)
     fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--epochs", "1", *extra])
     assert ("activation cache: on" in capsys.readouterr().out) == (not extra)
-    checkpoint = gpt.load_checkpoint(run / "classifier.pt")
+    checkpoint = gpt.load_checkpoint(run / "classifier.pt")  # LoRA merged: the model's own names
+    assert checkpoint["settings"] == json.loads((run / "run.json").read_text())["settings"]  # settings travel with it
     encoding, eot_id = tokenizer_and_eot(folder)
     assert checkpoint["tokenizer"] == {"files": encoding.files} and checkpoint["model"]["lm_head.weight"].shape == (2, 64)
-    assert "lm_head.bias" not in checkpoint["model"]  # as transformers' ...ForSequenceClassification
+    assert set(checkpoint["model"]) == set(fc.add_classification_head(load_lm(folder)).state_dict())  # no lm_head.bias
     model, _, _ = fc.load_classifier(run / "classifier.pt")
     texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
     token_ids = [torch.tensor(encoding.encode(text, bos=True)) for text in texts]
@@ -4504,12 +4490,6 @@ def test_gguf_larger_than_memory_is_refused_before_any_tensor_is_dequantized(smo
     with pytest.raises(ValueError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf: its weights at 4 bytes each: about 0\.5 GB "
                                          r"needed, but the cpu has 0\.1 GB: use --dtype bfloat16"):
         gpt.load(smollm2_gguf)
-
-
-def test_gguf_smollm2_knows_the_capital_of_france(smollm2_pair):
-    (model, tokenizer), _ = smollm2_pair
-    ids = gpt.text_to_token_ids("The capital of France is", tokenizer=tokenizer)
-    assert gpt.token_ids_to_text(gpt.generate(model, ids, 2)[0, ids.shape[1]:], tokenizer) == " Paris."
 
 
 def _gguf_blocks(kind, n_blocks, seed=0):
