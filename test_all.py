@@ -3457,16 +3457,9 @@ def test_classify_whole_classifier_of_a_safetensors_file_answers_after_the_file_
     capsys.readouterr()
     texts = ["WINNER!! Claim your prize now", "See you at 6?"]
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", *texts])
-    from_checkpoint = capsys.readouterr().out
-    assert from_checkpoint.endswith("  See you at 6?\n")
+    assert capsys.readouterr().out.endswith("  See you at 6?\n")
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv")])
     assert "accuracy" in capsys.readouterr().out
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
-    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
-    fc.main(["--classify", *texts, "--checkpoint", str(tmp_path / "hf")])
-    assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
-    with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
-        fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
     message = exit_code(load_gpt2.main, ["--model", str(run / "classifier.pt")])
     assert message.startswith("error: ") and "is a classifier, not a language model" in message and "\n" not in message
 
@@ -4125,31 +4118,12 @@ def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path
     assert message.tolist() == hf("Free <|im_start|> prize")
     ids, n_scored = load_gpt2.continuation_request("Q: <|im_start|>", " A<|im_end|>", 64, tokenizer)  # (5) a benchmark
     assert ids == hf("Q: <|im_start|> A<|im_end|>") and ids[:-n_scored] == hf("Q: <|im_start|>")  # item
-
-
-def test_export_keeps_the_chat_template_and_the_token_ids_and_a_text_starts_with_the_begin_token(trained_tokenizers,
-                                                                                                 smollm2_export,
-                                                                                                 tmp_path):
-    from transformers import AutoTokenizer
-
-    model, tokenizer = gpt.load(smollm2_export[0])
-    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
-    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
-    start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
-    assert config["bos_token_id"] == generation["bos_token_id"] == start != end
-    assert config["eos_token_id"] == generation["eos_token_id"] == end
-    assert config["pad_token_id"] == generation["pad_token_id"] == end
-    chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
-                                                                             tokenize=False)
-    assert chat == "<|im_start|>user\nhi<|im_end|>\n"
     # A text to score starts with the begin-of-text token, else the end-of-text token.
     assert load_gpt2.prefix_id(tokenizer) == start != tokenizer.eot_id
+    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == start
     qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
     assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
     assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
-    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == start
 
 
 def test_a_safetensors_file_loads_with_the_tokenizer_beside_it_and_its_checkpoint_carries_that(trained_tokenizers,
@@ -4782,14 +4756,22 @@ def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trai
     _one_line_error(tmp_path / "llama3.gguf", r"llama3\.gguf: rope_freqs\.weight is not Llama 3's rope scaling with")
 
 
-def test_chat_prompt_is_the_chat_template_of_the_model_and_load_gpt2_chat_uses_it(smollm2_export, capsys,
-                                                                                    monkeypatch):
+def test_chat_template_travels_with_the_exports_and_chat_prompt_and_load_gpt2_chat_use_it(smollm2_export, tmp_path,
+                                                                                            capsys, monkeypatch):
     from transformers import AutoTokenizer
 
-    folder, path = smollm2_export
+    folder, path = smollm2_export  # the template in chat_template.jinja; in the GGUF file, in its metadata
+    model, tokenizer = gpt.load(folder)
+    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
+    start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
+    for name in ("config.json", "generation_config.json"):  # the token ids travel too
+        config = json.loads((tmp_path / "hf" / name).read_text())
+        assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (start, end, end)
     message = [{"role": "user", "content": "Name a colour."}]
-    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(message, tokenize=False,
-                                                                         add_generation_prompt=True)
+    expected = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(message, tokenize=False,
+                                                                                 add_generation_prompt=True)
+    assert expected == "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(ValueError, match=r"^gpt2 has no chat template \(ChatML, Llama 3, Gemma, Phi-3\): give the "
                                          "prompt as plain text$"):
         gpt.chat_prompt(gpt.get_tokenizer(), "Hi")
@@ -4798,9 +4780,9 @@ def test_chat_prompt_is_the_chat_template_of_the_model_and_load_gpt2_chat_uses_i
         raise RuntimeError("cannot download tiktoken's GPT-2 vocabulary files")
 
     monkeypatch.setattr(gpt, "get_tokenizer", offline)  # a model with its own tokenizer needs no GPT-2 files
-    for source in (folder, path):  # the template travels in the GGUF metadata
+    for source in (folder, path, tmp_path / "hf"):
         model, tokenizer = gpt.load(source)
         gpt.check_vocabulary(model, source, tokenizer)
-        assert gpt.chat_prompt(tokenizer, "Name a colour.") == (expected, tokenizer.encode("<|im_end|>")[0])
+        assert gpt.chat_prompt(tokenizer, "Name a colour.") == (expected, end)
     load_gpt2.main(["--model", str(path), "--chat", "--prompt", "Name a colour.", "--max-new-tokens", "1"])
     assert capsys.readouterr().out.split("-" * 80 + "\n")[1].startswith(expected)
