@@ -3729,12 +3729,10 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
               "--mask-prompt"]
     instruct.main(common + recipe + ["--epochs", "1", "--keep-state"])
     out = capsys.readouterr().out
-    assert "10 train, 1 validation, 1 test entries" in out
+    assert "10 train, 1 validation, 1 test entries" in out and "step 2: train loss" in out
     assert "training: 10 examples, 2 steps (1.00 epochs); then 1 answers of up to 3 tokens (--num-answers)" in out
     assert "step 2/2 (epoch 1.00/1.00) | loss" in out and "tok/s" in out and "ETA" in out
-    assert "step 2: train loss" in out
     assert (out_dir / "losses.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
-
     model = load_lm(out_dir / "model.pt")  # merged LoRA: a plain GPT checkpoint
     assert isinstance(model, gpt.GPTModel) and not any("lora" in k for k in model.state_dict())
     responses = json.loads((out_dir / "responses.json").read_text())
@@ -3742,11 +3740,9 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     state = gpt.load_checkpoint(out_dir / "train_state.pt")
     assert state["step"] == 2 and state["history"]["step"] == [0, 2]
     instruct.main(common + ["--prompt", "Repeat the number 3."])  # one answer of the saved model
-    printed = capsys.readouterr().out
-    model = load_lm(out_dir / "model.pt")
     expected, _ = instruct.generate_response(model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."},
                                              max_new_tokens=3)
-    assert printed.endswith("\n" + expected + "\n")
+    assert capsys.readouterr().out.endswith("\n" + expected + "\n")
     with pytest.MonkeyPatch.context() as patch:  # a model that ends its answer at once: said, not a blank line
         patch.setattr(instruct, "generate_response", lambda *args, **options: ("", 1))
         instruct.main(common + ["--prompt", "Repeat the number 3."])
@@ -3765,20 +3761,6 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     # How many test entries are answered: all, 10 after a short run (--max-steps), or --num-answers.
     flags = [[], ["--max-steps", "4"], ["--max-steps", "4", "--num-answers", "0"], ["--num-answers", "200"]]
     assert [len(instruct.answer_entries(instruct.parse_args(f), list(range(110)))) for f in flags] == [110, 10, 0, 110]
-
-
-def _instruct_ctrl_c_in_step(monkeypatch, stop_step):
-    """Make training raise KeyboardInterrupt in step `stop_step`, before its update, as a Ctrl-C
-    there would -> the real gpt.check_finite_loss, to put back."""
-    check = gpt.check_finite_loss
-
-    def ctrl_c(loss, step):
-        if step == stop_step:
-            raise KeyboardInterrupt
-        check(loss, step)
-
-    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c)
-    return check
 
 
 def test_instruct_resume_after_sigterm_matches_the_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
@@ -3887,12 +3869,10 @@ def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_r
     assert again == answered
     # A split file edited or damaged since: one line naming it, not a traceback, nor 0 answers written.
     run = tmp_path / "run"
-    for content, problem in [("[1, 2]", "entry 0: not a JSON object but int"), ("{}", "line 1: 'instruction' must be a string, not null"),
-                             ("[]", "no entries")]:
-        (run / "test.json").write_text(content)
-        code = exit_code(instruct.main, ["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
-        assert code == (f"error: the run's split {run / 'test.json'}: {problem}: put back the file the run "
-                        "wrote, or start the run again with --overwrite")
+    (run / "test.json").write_text("[1, 2]")
+    code = exit_code(instruct.main, ["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
+    assert code == (f"error: the run's split {run / 'test.json'}: entry 0: not a JSON object but int: put back the "
+                    "file the run wrote, or start the run again with --overwrite")
     assert json.loads((run / "responses.json").read_text()) == answered
 
 
@@ -3986,9 +3966,16 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     assert saved_weights_equal("last", 4)
     assert gpt.load_checkpoint(tmp_path / "last" / "model.pt")["kept"] == {"step": 4, "val_loss": 4.2}
 
-    # A second Ctrl-C, in step 3: the state saved at step 2 holds step 1's weights as the best so far.
+    # A second Ctrl-C, in step 3 (it stops at once): the state saved at step 2 holds step 1's weights as the best.
     next_step[0] = 0
-    check = _instruct_ctrl_c_in_step(monkeypatch, 3)
+    check = gpt.check_finite_loss
+
+    def ctrl_c_in_step_3(loss, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        check(loss, step)
+
+    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c_in_step_3)
     assert exit_code(instruct.main, flags + ["--out-dir", str(tmp_path / "halves"), "--save-every", "1"]) == 130
     assert capsys.readouterr().err.endswith(f"--resume --out-dir {tmp_path / 'halves'} goes on from the last save in "
                                             f"{tmp_path / 'halves' / 'train_state.pt'}\ninterrupted\n")
