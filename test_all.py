@@ -3987,15 +3987,14 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     assert saved_weights_equal("halves", 1)
 
 
-@pytest.mark.parametrize("style", ["smollm2", "llama3"])
-def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run, tmp_path, capsys, style):
+def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run, tmp_path, capsys):
     data = _instruct_tiny_run / "data.json"
     entries = json.loads(data.read_text())
     folder = tmp_path / "model"  # config.json, model.safetensors, tokenizer.json; greedy answers end at token 3
     prompt = instruct.format_prompt(entries[0])
-    reference, tokenizer = family_model_with_tokenizer(folder, trained_tokenizers, style, prompt)
+    reference, tokenizer = family_model_with_tokenizer(folder, trained_tokenizers, "llama3", prompt)
     encoding, eot = tokenizer_and_eot(folder)
-    assert eot == tokenizer.token_to_id("<|end_of_text|>" if style == "llama3" else "<|endoftext|>") != gpt.EOT_ID
+    assert eot == tokenizer.token_to_id("<|end_of_text|>") != gpt.EOT_ID
 
     # Batches end and pad with the family's end-of-text id; Llama 3's <|begin_of_text|> starts the prompt only.
     prompts = [tokenizer.encode(instruct.format_prompt(e)).ids for e in entries[:2]]
