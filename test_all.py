@@ -74,8 +74,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 @pytest.fixture(autouse=True)
 def every_progress_line(monkeypatch):
     """Every progress line printed, not at most one per PROGRESS_SECONDS, from a fresh start."""
-    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.0, False: 0.0})
-    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf, "open": False})
+    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf})
 
 
 @pytest.fixture(autouse=True)
@@ -360,21 +360,13 @@ def check_bad_input(main, argv, message, files, tmp_path, capsys):
     assert not (tmp_path / "runs").exists() and {path: path.stat().st_size for path in files.iterdir()} == before
 
 
-def test_progress_redraws_a_terminal_ten_times_a_second_and_is_a_plain_line_every_30_seconds_else(monkeypatch, capsys):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.1, False: 30})
-    for done in range(1000):  # a download's updates, one per 64 KiB, in well under 0.1 s
-        gpt.show_progress(f"downloading: {done} chunks")
-    gpt.end_progress()
-    assert capsys.readouterr().err == "\rdownloading: 0 chunks\x1b[K\n"
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf, "open": False})
-    clock = iter([1000.0, 1000.0, 1010.0, 1031.0, 1031.0])
+def test_progress_is_a_line_at_most_every_10_seconds(monkeypatch, capsys):
+    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", 10)
+    clock = iter([1000.0, 1000.0, 1009.0, 1010.0, 1010.0])
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
     for text in ("step 1/3", "step 2/3", "step 3/3"):
         gpt.show_progress(text)
-    gpt.end_progress()
-    assert capsys.readouterr().err == "step 1/3\nstep 3/3\n"  # step 2 came 10 s after step 1: not printed
+    assert capsys.readouterr().err == "step 1/3\nstep 3/3\n"  # step 2 came 9 s after step 1: not printed
 
 
 # ========================================================================================
@@ -979,22 +971,6 @@ def test_family_load_gpt2_perplexity_and_hellaswag_equal_transformers(trained_to
     assert results["items"] == 1 and results["acc"] == float(max(range(4), key=lls.__getitem__) == item["label"])
     normalised = [ll / len(choice) for ll, choice in zip(lls, request["choices"])]
     assert results["acc_norm"] == float(max(range(4), key=normalised.__getitem__) == item["label"])
-
-
-def test_load_gpt2_download_only_fetches_model_and_tokenizer_into_cache_dir(trained_tokenizers, small_pair,
-                                                                             local_server, monkeypatch, tmp_path, capsys):
-    family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "smollm2", "Hi")
-    files = {f"/owner/smol/resolve/main/{p.name}": p.read_bytes() for p in (tmp_path / "model").iterdir()}
-    data = small_pair[1].read_bytes()
-    files["/openai-community/gpt2-medium/resolve/main/model.safetensors"] = data
-    monkeypatch.setenv("HF_ENDPOINT", local_server(files).url)
-    load_gpt2.main(["--model", "owner/smol", "--download-only", "--cache-dir", str(tmp_path / "mine")])
-    assert capsys.readouterr().out == f"owner/smol is in {tmp_path / 'mine' / 'owner' / 'smol'}\n"
-    downloaded = {p.name for p in (tmp_path / "mine" / "owner" / "smol").iterdir()}
-    assert downloaded == {"config.json", "model.safetensors", "tokenizer.json"}
-    load_gpt2.main(["--model", "gpt2-medium", "--download-only", "--cache-dir", str(tmp_path / "mine")])
-    assert (tmp_path / "mine" / "gpt2-medium" / "model.safetensors").read_bytes() == data
-    assert capsys.readouterr().out == f"gpt2-medium is in {tmp_path / 'mine' / 'gpt2-medium'}\n"
 
 
 @pytest.mark.parametrize("style, config", [
@@ -1769,7 +1745,7 @@ def test_adamw_decays_matrices_only_and_its_restored_moments_take_the_layout_of_
     plain = torch.nn.Linear(5, 3, bias=False)
     plain.weight = torch.nn.Parameter(transposed.weight.detach().contiguous())
     resumed = gpt.make_adamw(plain, lr=0.1, weight_decay=0.0)
-    gpt.restore_training_state(saved, resumed, torch.device("cpu"), gpt.rng_state())
+    gpt.restore_training_state(saved, resumed)
     assert resumed.state[plain.weight]["exp_avg"].stride() == plain.weight.stride() == (5, 1)
     step(transposed, optimizer)
     step(plain, resumed)
@@ -1867,9 +1843,7 @@ def test_atomic_writes_flush_to_disk_before_the_rename_and_a_full_disk_keeps_the
         gpt.atomic_write_bytes(tmp_path / "a.pt" / "b.pt", b"x")
 
 
-def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-
+def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys):
     def failing(error):
         @gpt.command_line(memory_hint="use a smaller --batch-size")
         def main(argv=None):
@@ -1890,10 +1864,10 @@ def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypa
             failing(error)()
         if message is None:
             assert exit_info.value.code == code
-            assert capsys.readouterr().err == "\rstep 3/10\033[K\ninterrupted\n"  # the progress line ended first
+            assert capsys.readouterr().err == "step 3/10\ninterrupted\n"
         else:
             assert exit_info.value.code == f"{message}"
-            assert capsys.readouterr().err == "\rstep 3/10\033[K\n"
+            assert capsys.readouterr().err == "step 3/10\n"
 
 
 # ========================================================================================
@@ -1950,7 +1924,8 @@ def test_weights_that_hold_nan_or_are_larger_than_memory_are_refused_before_they
 
 
 def test_export_vocabulary_files_are_openais_byte_for_byte():
-    vocab, merges = gpt.gpt2_vocabulary_files()
+    files = gpt.hf_tokenizer_files(gpt.get_tokenizer())
+    vocab, merges = files["vocab.json"], files["merges.txt"]
     cache = Path(os.environ["TIKTOKEN_CACHE_DIR"])
     for name, derived in (("encoder.json", vocab), ("vocab.bpe", merges)):
         assert derived == (cache / hashlib.sha1(f"{OPENAI_GPT2_FILES}{name}".encode()).hexdigest()).read_bytes(), name
@@ -2180,7 +2155,7 @@ def test_a_flag_of_several_scripts_has_one_placeholder_choices_default_and_help_
             seen[flag][script.__name__] = fields
             table = gpt.FLAGS.get(flag[2:].replace("-", "_"), {"default": action.default})
             if action.default != table.get("default", False if action.nargs == 0 else None) and flag != "--cache-dir":
-                assert f"(default: {'none' if action.default is None else action.default}, " in action.help, flag
+                assert re.search(r"\(default: [^,]+, ", action.help), flag  # "(default: %(default)s, why)"
     shared = {flag: scripts for flag, scripts in seen.items() if len(scripts) > 1}
     assert len(shared) == 32
     for flag, scripts in shared.items():
@@ -2452,8 +2427,8 @@ def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts
     assert shuffled["gold"] == 0  # "11" is now option A
     assert "What is 2 + 2?\nA. 3\nB. 4" in shuffled["context"]  # the example stays as it was
     stories = load_gpt2.read_hellaswag(HELLASWAG_TINY)
-    same = [load_gpt2.hellaswag_request(load_gpt2.reorder_sentences(s, list(range(3)))) for s in stories[2:3]]
-    assert same == [load_gpt2.hellaswag_request(stories[2])]
+    same = [load_gpt2.hellaswag_request(load_gpt2.reorder_sentences(load_gpt2.reorder_sentences(s))) for s in stories]
+    assert same == [load_gpt2.hellaswag_request(s) for s in stories]  # reversed twice: as it was
     assert load_gpt2.reorder_sentences(stories[2])["ctx_a"] == (
         "The man laughs. The dog shakes water everywhere. A man lifts a muddy dog into a tub.")
     save_tiny(tmp_path / "tiny.pt", model)
@@ -2566,9 +2541,8 @@ LOAD_GPT2_BAD_INPUTS = [
     ("--model {files}/tiny.pt --top-k 5", "--top-k is for sampling: give --temperature above 0 as well"),  # greedy ignores it
     ("--model {files}/tiny.pt --seed 1", "--seed is for sampling: give --temperature above 0 as well"),
     ("--model {files}/tiny.pt --batch-size 4", "--batch-size needs --benchmark or --perplexity"),
-    ("--model {files}/tiny.pt --perplexity t.txt --export-hf out", "--download-only, --export-hf, --export-gguf and "
-     "measuring (--benchmark, --perplexity) are separate runs"),
-    ("--model {files}/empty --download-only", "--download-only needs a model name"),  # a folder is no name to download
+    ("--model {files}/tiny.pt --perplexity t.txt --export-hf out", "--export-hf, --export-gguf and measuring "
+     "(--benchmark, --perplexity) are separate runs"),
 ]
 
 
@@ -3099,15 +3073,21 @@ def test_classify_tokenize_truncates_to_max_length():
     assert ids[2].tolist() == [5303, 220]  # at the end it is dropped, as transformers' classifier skips padding
 
 
-def test_classify_texts_file_is_utf8_with_empty_lines_skipped_and_pipes(tmp_path):
+def test_classify_texts_file_is_utf8_with_empty_lines_skipped_and_pipes(tmp_path, capsys):
+    _, checkpoint = _classify_classifier(tmp_path)
+
+    def classified(path):  # the texts of the printed lines "label (p(spam)=0.512)  text"
+        fc.main(["--checkpoint", str(checkpoint), "--classify-file", str(path)])
+        return [line.split(")  ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+
     good = tmp_path / "good.txt"
     good.write_bytes("\ufeffWin a prize\r\n\n   \r\nSee you at 6 \u263a\n".encode("utf-8"))
-    assert fc.read_texts_file(good) == ["Win a prize", "See you at 6 \u263a"]
+    assert classified(good) == ["Win a prize", "See you at 6 \u263a"]
     read_end, write_end = os.pipe()  # the shell's <(...): a pipe, /dev/fd/N, is a file to read
     os.write(write_end, "Win a prize now\n\nsee you at 5\n".encode())
     os.close(write_end)
     try:
-        assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
+        assert classified(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
     finally:
         os.close(read_end)
 
@@ -3256,9 +3236,7 @@ CLASSIFY_BAD_INPUTS = [
     ("--lora --trainable all", "--lora trains the adapters and the head: drop --trainable all"),
     ("--trainable lora", "argument --trainable: invalid choice: 'lora'"),
     ("--classify hi --threshold 1.5", "argument --threshold: must be a number in [0, 1], got '1.5'"),
-    ("--evaluate x.csv --results m.csv", "--results m.csv: give a .json file"),
-    ("--classify hi --results p.json", "--results p.json: give a .csv file"),
-    ("--results p.json", "--results goes with --evaluate, --classify or --classify-file"),
+    ("--classify hi --results p.json", "--results goes with --evaluate (a run writes metrics.json)"),
     ("--evaluate x.csv --classify hi", "argument --classify: not allowed with argument --evaluate"),
     ("--classify hi --classify-file x.txt", "argument --classify-file: not allowed with argument --classify"),
     ("--export-hf out --classify hi", "argument --classify: not allowed with argument --export-hf (see --help)"),
@@ -3408,9 +3386,7 @@ def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatc
     assert seen == [tmp_path / "my-cache"]
 
 
-def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold_and_writes_predictions_as_csv(tmp_path, capsys):
-    import csv
-
+def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path, capsys):
     model, checkpoint = _classify_classifier(tmp_path)
     messages = [("spam", "WINNER!! Claim your prize, call 09061701461"), ("ham", 'He said "ok, fine" then left'),
                 ("ham", "See you at 6?"), ("spam", "Free entry: text WIN to 80086"), ("ham", "ok")]
@@ -3426,23 +3402,6 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold_and_writes
                      "--threshold", str(threshold), "--results", str(tmp_path / "results.json")])
             results = json.loads((tmp_path / "results.json").read_text())
             assert results["threshold"] == threshold and results["metrics"]["confusion_matrix"] == matrix
-    capsys.readouterr()  # --classify-file writes the predictions as CSV, with the probabilities
-    texts = ["Are we meeting at 6?", 'WINNER, "claim" your prize', "ok", "Call 09061701461 now to win £2000"]
-    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
-    probabilities = fc.classify_texts(model, texts, 48)
-    threshold = sorted(probabilities)[1]  # spam at >= threshold: all but the least likely
-    labels = ["spam" if p >= threshold else "not spam" for p in probabilities]
-    fc.main(["--checkpoint", str(checkpoint), "--classify-file", str(tmp_path / "texts.txt"),
-             "--threshold", str(threshold), "--results", str(tmp_path / "predictions.csv")])
-    assert capsys.readouterr().out == f"classified: 4 texts, 3 spam (probability >= {threshold}), written to " \
-                                      f"{tmp_path / 'predictions.csv'}\n"
-    with open(tmp_path / "predictions.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    expected = [[text, label, repr(p)] for text, label, p in zip(texts, labels, probabilities)]
-    assert rows == [["text", "label", "spam_probability"], *expected]
-    # The predictions, as labelled data, evaluate the classifier against itself: every answer right.
-    fc.main(["--checkpoint", str(tmp_path), "--evaluate", str(tmp_path / "predictions.csv"), "--threshold", str(threshold)])
-    assert "accuracy 100.00%" in capsys.readouterr().out  # "not spam" read as ham; the folder's classifier.pt used
 
 
 def test_classify_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone(tmp_path, monkeypatch, capsys):
@@ -3659,7 +3618,7 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
         "",  # an empty reply
         '{"score": -5}',  # out of range
     ]
-    instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
+    instruct.main(["--judge-only", "--judge-url", url, "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "mean score 79.50 over 5 entries; 6 could not be scored" in out
     assert "entry 6: no score 0-100 in the judge's answer None" in out
@@ -3682,7 +3641,7 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
     path, _ = _instruct_responses_file(tmp_path, 2)
     _instruct_ollama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
     with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
+        instruct.main(["--judge-only", "--judge-url", url, "--out-dir", str(tmp_path)])
     assert [e["score"] for e in json.loads((tmp_path / "responses-scored.json").read_text())] == [None, None]
     with pytest.raises(SystemExit, match="ollama pull mistral"):  # a judge that is not there: before any training
         instruct.main(["--judge", "ollama", "--judge-url", url, "--judge-model", "mistral", "--out-dir",
@@ -3704,7 +3663,7 @@ def test_instruct_judge_without_a_server_or_with_an_odd_reply_says_so_and_keeps_
         server.close()
     path, _ = _instruct_responses_file(tmp_path, 2)
     before = path.read_bytes()
-    code = exit_code(instruct.main, ["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
+    code = exit_code(instruct.main, ["--judge-only", "--judge-url", server.url, "--out-dir", str(tmp_path)])
     assert re.match("error: " + message.format(url=re.escape(server.url)), code), code
     assert path.read_bytes() == before and not (tmp_path / "responses-scored.json").exists()
 
@@ -3748,7 +3707,8 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
         instruct.main(common + ["--prompt", "Repeat the number 3."])
         assert capsys.readouterr().out.endswith("\n(an empty answer: the model ended it at once with its end-of-text token)\n")
         instruct.main(common + ["--generate-only"])
-        assert capsys.readouterr().out.endswith(f"wrote 1 responses to {out_dir / 'responses.json'}; 1 of 1 answers were empty\n")
+        assert capsys.readouterr().out.endswith(f"wrote 1 responses to {out_dir / 'responses.json'} (1 empty: ended at "
+                                                "once by the end-of-text token)\n")
     prompt = ["--prompt", "Repeat the number 3.", "--checkpoint", str(folder / "tiny.pt"), "--max-new-tokens", "6"]
     instruct.main(prompt)
     greedy = capsys.readouterr().out.splitlines()[-1]
@@ -3813,12 +3773,10 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --input x", "--input goes with --prompt: give the instruction too"),
     (f"{INSTRUCT_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     (f"{INSTRUCT_RUN} --resume --generate-only", "choose one of --generate-only, --judge-only, --prompt and --resume"),
-    (f"{INSTRUCT_RUN} --judge-only", "--judge-only needs --judge ollama"),
     (f"{INSTRUCT_RUN} --num-answers 0 --judge ollama", "--num-answers 0 leaves --judge nothing to grade"),
     (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k is for sampling: give --temperature above 0"),  # greedy decoding would ignore it
     # Answering does not train: a training flag given with it would be silently ignored.
-    ("--out-dir {run} --generate-only --model gpt2", "--model is the model that trains; --generate-only answers "
-     "with --checkpoint: give --checkpoint gpt2"),
+    ("--out-dir {run} --generate-only --model gpt2", "--generate-only does not use --model: drop it"),
     ("--out-dir {run} --prompt hi --lora", "--prompt does not use --lora: drop it"),
     ("--out-dir {run} --judge-only --judge ollama --epochs 3", "--judge-only does not use --epochs: drop it"),
     # Files and models, checked before the run folder is made.
@@ -3833,8 +3791,6 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --max-length 65", "--max-length 65 is longer than the model's context length 64"),
     ("--data {files}/data.json --model {files}/vocab1000.pt --out-dir {run}", "{files}/vocab1000.pt: the model's "
      "vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257: use a model trained with the GPT-2 tokenizer"),
-    (f"{INSTRUCT_RUN} --responses {{files}}", "{files} is a folder, but a file goes there: move it away, or give "
-     "another --responses"),
     ("--prompt Hi. --checkpoint {files}", "{files} holds no model: neither model.safetensors nor "
      "model.safetensors.index.json"),
 ]
@@ -3956,13 +3912,14 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
         return all(torch.equal(saved[name], weights[step][name]) for name in weights[step])
 
     instruct.main(flags + ["--out-dir", str(tmp_path / "best")])
-    assert "kept the weights of step 1, the lowest validation loss (3.000)" in capsys.readouterr().out
+    assert "kept the weights of step 1 (validation loss 3.000), the lowest validation loss\n" in capsys.readouterr().out
     assert gpt.load_checkpoint(tmp_path / "best" / "model.pt")["kept"] == {"step": 1, "val_loss": 3.0}
     assert saved_weights_equal("best", 1) and not saved_weights_equal("best", 4)  # later steps changed them
 
     next_step[0] = 0
     instruct.main(flags + ["--out-dir", str(tmp_path / "last"), "--keep-last"])
-    assert "kept the last weights (step 4); the lowest validation loss was at step 1" in capsys.readouterr().out
+    assert "kept the weights of step 4 (validation loss 4.200); the lowest validation loss was at step 1" in \
+        capsys.readouterr().out
     assert saved_weights_equal("last", 4)
     assert gpt.load_checkpoint(tmp_path / "last" / "model.pt")["kept"] == {"step": 4, "val_loss": 4.2}
 
@@ -3983,7 +3940,7 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     assert (state["step"], state["best"]["step"], state["best"]["val_loss"]) == (2, 1, 3.0)
     monkeypatch.setattr(gpt, "check_finite_loss", check)
     instruct.main(["--out-dir", str(tmp_path / "halves"), "--resume"])
-    assert "kept the weights of step 1, the lowest validation loss (3.000)" in capsys.readouterr().out
+    assert "kept the weights of step 1 (validation loss 3.000), the lowest validation loss\n" in capsys.readouterr().out
     assert saved_weights_equal("halves", 1)
 
 
@@ -4203,26 +4160,19 @@ def test_cuda_fused_adamw_steps_equal_the_cpu_steps():
 
 @needs_cuda
 def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones_and_bfloat16_is_close(tmp_path):
-    import csv
-
     runs = {}
     for name, device in (("cpu", "cpu"), ("gpu", "cuda")):
         fc.main(_classify_run_argv(tmp_path, name, "--max-steps", "6", "--device", device))
         report = json.loads((tmp_path / name / "metrics.json").read_text())
+        model, tokenizer, max_length = fc.load_classifier(tmp_path / name / "classifier.pt", device)
         texts = ["WINNER! Claim your prize now", "See you at 6?"]
-        fc.main(["--checkpoint", str(tmp_path / name), "--classify", *texts, "--device", device,
-                 "--results", str(tmp_path / f"{name}.csv")])
-        with open(tmp_path / f"{name}.csv", newline="", encoding="utf-8") as f:
-            runs[name] = report, list(csv.DictReader(f))
+        runs[name] = report, fc.classify_texts(model, texts, max_length, tokenizer)
     (cpu_report, cpu_predictions), (gpu_report, gpu_predictions) = runs["cpu"], runs["gpu"]
     assert gpu_report["activation_cache"] and gpu_report["history"]["step"] == cpu_report["history"]["step"]
     assert gpu_report["history"]["step_loss"] == pytest.approx(cpu_report["history"]["step_loss"], abs=1e-4)
     assert gpu_report["test"]["confusion_matrix"] == cpu_report["test"]["confusion_matrix"]
     assert gpu_report["test"]["loss"] == pytest.approx(cpu_report["test"]["loss"], abs=1e-4)
-    assert [p["label"] for p in gpu_predictions] == [p["label"] for p in cpu_predictions]
-    for gpu_prediction, cpu_prediction in zip(gpu_predictions, cpu_predictions):
-        assert float(gpu_prediction["spam_probability"]) == pytest.approx(float(cpu_prediction["spam_probability"]),
-                                                                          abs=1e-4)
+    assert gpu_predictions == pytest.approx(cpu_predictions, abs=1e-4)  # spam probabilities
     fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "3", "--device", "cuda"))
     mixed = json.loads((tmp_path / "mixed" / "metrics.json").read_text())["history"]["step_loss"]
     full = gpu_report["history"]["step_loss"][:3]  # the first steps of a longer run are those of a shorter one
