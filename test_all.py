@@ -325,8 +325,7 @@ def bad_inputs(tmp_path_factory):
     (files / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
     (files / "garbage.bin").write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
     for name, content in [("a.csv", "label,message\nham,hi\n"), ("b.csv", "text,label\nhi,ham\nyo,spma\n"),
-                          ("c.csv", "text,label\n"), ("f.tsv", "\n"), ("empty.txt", ""),
-                          ("short.txt", "Only a few words here.")]:
+                          ("c.csv", "text,label\n"), ("empty.txt", ""), ("short.txt", "Only a few words here.")]:
         (files / name).write_text(content)
     (files / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
     (files / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
@@ -3238,18 +3237,13 @@ CLASSIFY_BAD_INPUTS = [
     ("--classify hi --threshold 1.5", "argument --threshold: must be a number in [0, 1], got '1.5'"),
     ("--classify hi --results p.json", "--results goes with --evaluate (a run writes metrics.json)"),
     ("--evaluate x.csv --classify hi", "argument --classify: not allowed with argument --evaluate"),
-    ("--classify hi --classify-file x.txt", "argument --classify-file: not allowed with argument --classify"),
-    ("--export-hf out --classify hi", "argument --classify: not allowed with argument --export-hf (see --help)"),
     # Using a classifier: a training flag given with it would be silently ignored.
     ("--classify hi --model other.pt", f"--classify {USED_AS_TRAINED} does not use --model: drop it"),
     ("--evaluate x.csv --max-length 10 --seed 1", f"--evaluate {USED_AS_TRAINED} does not use --max-length, --seed: drop them"),
-    ("--classify-file x.txt --lora", f"--classify-file {USED_AS_TRAINED} does not use --lora: drop it"),
-    ("--export-hf out --epochs 5", f"--export-hf {USED_AS_TRAINED} does not use --epochs: drop it"),
     # The classifier and the files it reads.
     ("--classify hi --checkpoint {files}/missing.pt", "no classifier at {files}/missing.pt: train one first"),
     ("--classify hi --checkpoint {files}/lm48.pt", "{files}/lm48.pt is no spam classifier of finetune_classify.py "
      "(class names: none, a language model): train one from it with --model"),
-    ("--classify-file {files} --checkpoint {files}/none.pt", "--classify-file {files}: a folder, not a file"),
     ("--classify-file {files}/garbage.bin --checkpoint {files}/none.pt",
      "--classify-file {files}/garbage.bin: not UTF-8 text: byte 0xff at byte offset 12 (line 2)"),
     ("--classify-file /dev/null --checkpoint {files}/classifier.pt", "nothing to classify"),
@@ -3257,7 +3251,6 @@ CLASSIFY_BAD_INPUTS = [
     ("--evaluate {files}/a.csv", "a.csv: 1 bad line(s): line 2: no message (no tab after the label, or no text column)"),
     ("--evaluate {files}/b.csv", "b.csv: 1 bad line(s): line 3: unknown label 'spma' (expected ham or spam)"),
     ("--evaluate {files}/c.csv", "c.csv: " + NO_LABELS),
-    ("--evaluate {files}/f.tsv", "f.tsv: " + NO_LABELS),
 ]
 
 
@@ -3766,8 +3759,6 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --temperature -1", "argument --temperature: must be a finite number >= 0, got '-1'"),
     (f"{INSTRUCT_RUN} --max-new-tokens -1", "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
     (f"{INSTRUCT_RUN} --top-p 1.5", "argument --top-p: must be a number in [0, 1], got '1.5'"),
-    (f"{INSTRUCT_RUN} --dtype float64", "argument --dtype: invalid choice: 'float64' (choose from 'float32', "
-     "'bfloat16', 'float16')"),
     (f"{INSTRUCT_RUN} --dtype float16", "--dtype float16 trains without loss scaling: train in bfloat16 or float32"),
     (f"{INSTRUCT_RUN} --prompt ' \n '", "--prompt must hold the instruction to answer, got ' \\n '"),
     (f"{INSTRUCT_RUN} --input x", "--input goes with --prompt: give the instruction too"),
@@ -3777,7 +3768,6 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k is for sampling: give --temperature above 0"),  # greedy decoding would ignore it
     # Answering does not train: a training flag given with it would be silently ignored.
     ("--out-dir {run} --generate-only --model gpt2", "--generate-only does not use --model: drop it"),
-    ("--out-dir {run} --prompt hi --lora", "--prompt does not use --lora: drop it"),
     ("--out-dir {run} --judge-only --judge ollama --epochs 3", "--judge-only does not use --epochs: drop it"),
     # Files and models, checked before the run folder is made.
     ("--data {files}/data.json --model {files}/empty --out-dir {run}", "{files}/empty holds no model: neither "
