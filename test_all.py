@@ -4285,18 +4285,14 @@ def smollm2_pair(smollm2_gguf):
     return gpt.load(smollm2_gguf), _transformers_gguf(smollm2_gguf)
 
 
-def test_gguf_smollm2_weights_equal_transformers_which_dequantizes_with_gguf(smollm2_pair):
-    (model, _), (reference, _) = smollm2_pair
+def test_gguf_smollm2_weights_logits_and_token_ids_equal_transformers_which_dequantizes_with_gguf(smollm2_pair):
+    (model, tokenizer), (reference, reference_tokenizer) = smollm2_pair
     assert model.cfg.family == "llama" and (model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.n_layers) == (9, 3, 30)
     theirs = {name.removeprefix("model."): tensor for name, tensor in reference.state_dict().items()}
     ours = model.state_dict()
     assert set(ours) == set(theirs)
     for name, tensor in ours.items():  # the query and key rows in Hugging Face's order again
         assert torch.equal(tensor, theirs[name]), name
-
-
-def test_gguf_smollm2_logits_and_token_ids_equal_transformers(smollm2_pair):
-    (model, tokenizer), (reference, reference_tokenizer) = smollm2_pair
     for text in GGUF_TEXTS:
         ids = tokenizer.encode(text, bos=True)
         assert ids == reference_tokenizer.encode(text), text
