@@ -4138,22 +4138,22 @@ def test_cuda_fused_adamw_steps_equal_the_cpu_steps():
 
 @needs_cuda
 def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones_and_bfloat16_is_close(tmp_path):
-    runs = {}
-    for name, device in (("cpu", "cpu"), ("gpu", "cuda")):
-        fc.main(_classify_run_argv(tmp_path, name, "--max-steps", "6", "--device", device))
-        report = json.loads((tmp_path / name / "metrics.json").read_text())
-        model, tokenizer, max_length = fc.load_classifier(tmp_path / name / "classifier.pt", device)
-        texts = ["WINNER! Claim your prize now", "See you at 6?"]
-        runs[name] = report, fc.classify_texts(model, texts, max_length, tokenizer)
-    (cpu_report, cpu_predictions), (gpu_report, gpu_predictions) = runs["cpu"], runs["gpu"]
-    assert gpu_report["activation_cache"] and gpu_report["history"]["step"] == cpu_report["history"]["step"]
-    assert gpu_report["history"]["step_loss"] == pytest.approx(cpu_report["history"]["step_loss"], abs=1e-4)
-    assert gpu_report["test"]["confusion_matrix"] == cpu_report["test"]["confusion_matrix"]
-    assert gpu_report["test"]["loss"] == pytest.approx(cpu_report["test"]["loss"], abs=1e-4)
-    assert gpu_predictions == pytest.approx(cpu_predictions, abs=1e-4)  # spam probabilities
+    texts = ["WINNER! Claim your prize now", "See you at 6?"]
+    reports, probabilities = {}, {}
+    for device in ("cpu", "cuda"):
+        fc.main(_classify_run_argv(tmp_path, device, "--max-steps", "6", "--device", device))
+        reports[device] = json.loads((tmp_path / device / "metrics.json").read_text())
+        model, tokenizer, max_length = fc.load_classifier(tmp_path / device / "classifier.pt", device)
+        probabilities[device] = fc.classify_texts(model, texts, max_length, tokenizer)
+    cpu, gpu = reports["cpu"], reports["cuda"]
+    assert gpu["activation_cache"] and gpu["history"]["step"] == cpu["history"]["step"]
+    assert gpu["history"]["step_loss"] == pytest.approx(cpu["history"]["step_loss"], abs=1e-4)
+    assert gpu["test"]["confusion_matrix"] == cpu["test"]["confusion_matrix"]
+    assert gpu["test"]["loss"] == pytest.approx(cpu["test"]["loss"], abs=1e-4)
+    assert probabilities["cuda"] == pytest.approx(probabilities["cpu"], abs=1e-4)
     fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "3", "--device", "cuda"))
     mixed = json.loads((tmp_path / "mixed" / "metrics.json").read_text())["history"]["step_loss"]
-    full = gpu_report["history"]["step_loss"][:3]  # the first steps of a longer run are those of a shorter one
+    full = gpu["history"]["step_loss"][:3]  # the first steps of a longer run are those of a shorter one
     assert all(math.isfinite(x) for x in mixed) and mixed != full and mixed == pytest.approx(full, abs=0.05)
 
 
