@@ -1274,7 +1274,6 @@ def test_pretrain_size_trains_the_shape_from_scratch_with_its_hub_tokenizer(name
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     small = dataclasses.replace(gpt.LLAMA_CONFIGS[name], vocab_size=1100)
     monkeypatch.setitem(gpt.MODEL_CONFIGS, name, small)  # the released shape, a small vocabulary
-    monkeypatch.setattr(pretrain, "encode_text_file", functools.partial(pretrain.encode_text_file, chunk_chars=97))
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "2", "--eval-every", "2")
     argv[argv.index("--n-heads") + 1] = str(heads)
     argv[argv.index("--emb-dim") + 1] = str(width)
@@ -1283,7 +1282,7 @@ def test_pretrain_size_trains_the_shape_from_scratch_with_its_hub_tokenizer(name
     assert checkpoint["tokenizer"] == {"files": {"tokenizer.json": json.dumps(tokenizer_json)}}
     shape = dict(n_layers=2, n_heads=heads, emb_dim=width, context_length=32)
     assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(small, **shape)  # the shape, the flags given
-    (token_path,) = (tmp_path / "tokens").glob("*.uint16")  # read in chunks, the reference's whole-text ids
+    (token_path,) = (tmp_path / "tokens").glob("*.uint16")  # the reference's ids
     reference = Tokenizer.from_str(json.dumps(tokenizer_json))
     ids = reference.encode(pretrain_text_file.read_text(), add_special_tokens=False).ids
     assert array.array("H", token_path.read_bytes()).tolist() == ids
@@ -2112,7 +2111,7 @@ def test_export_classifier_reads_and_exports_again_a_transformers_classifier(tmp
 @pytest.mark.parametrize("script, rules", [
     (load_gpt2, []),
     (pretrain, ["refuses an --out-dir that holds another run: --resume continues that run", "--overwrite deletes it "
-                "first", "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops"]),
+                "first", "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --cache-dir"]),
     (fc, ["refused unless --overwrite"]),
     (instruct, []),
 ], ids=lambda value: getattr(value, "__name__", ""))
@@ -2135,7 +2134,6 @@ def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(scr
 SHARED_FLAGS_DIFFER = {
     "--prompt": "help default",  # a text to continue, to start the samples with, to answer
     "--data": "help default",  # each stage's own data
-    "--stride": "help",  # between perplexity windows, between training windows
     "--results": "help", "--export-hf": "help", "--checkpoint": "help",  # of a language model, of a classifier
     "--epochs": "placeholder",  # pretraining: fractions of an epoch too
     "--dtype": "choices placeholder help",  # no float16 where the script only trains; pretraining: auto, by default
@@ -2156,7 +2154,7 @@ def test_a_flag_of_several_scripts_has_one_placeholder_choices_default_and_help_
             if action.default != table.get("default", False if action.nargs == 0 else None) and flag != "--cache-dir":
                 assert re.search(r"\(default: [^,]+, ", action.help), flag  # "(default: %(default)s, why)"
     shared = {flag: scripts for flag, scripts in seen.items() if len(scripts) > 1}
-    assert len(shared) == 32
+    assert len(shared) == 31
     for flag, scripts in shared.items():
         differ = SHARED_FLAGS_DIFFER.get(flag, "") + " default" * (flag[2:].replace("-", "_") in gpt.FLAGS)  # see above
         for field in ("placeholder", "choices", "default", "help"):
@@ -2590,10 +2588,6 @@ def pretrain_text_file(tmp_path):
 
 
 def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ranks_split_one_batch():
-    assert pretrain.count_windows(10, 4, 2) == 3  # starts 0, 2, 4; the last reads tokens 4..8
-    assert pretrain.count_windows(10, 4, 4) == 2  # starts 0, 4
-    assert pretrain.count_windows(5, 4, 1) == 1  # exactly context_length + 1 tokens
-    assert pretrain.count_windows(4, 4, 1) == 0
     tokens = torch.arange(100, dtype=torch.int16)
     tokens[7] = gpt.EOT_ID - 65536  # a uint16 id above 32767 as the int16 token file holds it
     inputs, targets = pretrain.get_batch(tokens, [0, 5], 4, torch.device("cpu"))
@@ -2604,7 +2598,7 @@ def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ra
     assert pretrain.evaluation_starts(n_tokens=100, context_length=10, max_windows=3) == [0, 30, 60]
     assert pretrain.evaluation_starts(25, 10, 50) == pretrain.evaluation_starts(25, 10, 0) == [0, 10]  # 0: all
     # The micro-batches of two processes (ranks) are the one process batch, split.
-    splits = argparse.Namespace(n_windows=10, stride=3, seed=1)  # what micro_batch_starts reads of Splits
+    splits = argparse.Namespace(n_windows=10, context_length=3, seed=1)  # what micro_batch_starts reads of Splits
     single = pretrain.micro_batch_starts(splits, samples_seen=8, micro_step=1, batch_size=4)
     ranks = [pretrain.micro_batch_starts(splits, 8, 1, 2, rank=r, world_size=2) for r in range(2)]
     assert ranks[0] + ranks[1] == single
@@ -2637,35 +2631,28 @@ def test_pretrain_short_text_error_says_what_would_work():
 def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
-    big = tmp_path / "big.txt"  # the bad byte far beyond the first block that Python's text reader decodes
-    big.write_bytes("é".encode() * 5000 + b"ab" * 3001 + b"\xff")
     truncated = tmp_path / "truncated.txt"
     truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
     with_bom = tmp_path / "bom.txt"
     with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
-    for bad, offset in ((path, 42), (big, 16_002), (truncated, 3), (with_bom, 6)):
-        with open(bad, encoding="utf-8-sig") as f, pytest.raises(ValueError, match=f"invalid UTF-8 at byte {offset} "):
-            list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=5))
-    token_path, n, _ = pretrain.prepare_token_file([path], tmp_path / "tokens", gpt.get_tokenizer(), replace_invalid=True)
-    ids = array.array("H", token_path.read_bytes()).tolist()
-    assert n == len(ids) and gpt.get_tokenizer().decode(ids) == "héllo wörld " * 3 + "\ufffd tail"
+    for bad, offset in ((path, 42), (truncated, 3), (with_bom, 6)):
+        with pytest.raises(ValueError, match=f"^--data {bad}: not UTF-8 text: byte 0x.. at byte offset {offset} "):
+            pretrain.prepare_token_file([bad], tmp_path / "tokens", gpt.get_tokenizer())
 
 
-def test_pretrain_streamed_crlf_and_cr_corpora_give_the_tokens_of_the_whole_lf_text(tmp_path):
+def test_pretrain_crlf_and_cr_corpora_give_the_tokens_of_the_lf_text(tmp_path):
     text = _pretrain_text(200) + "Tabs\t \nand  spaces \n\n\nend<|endoftext|>Naïve café\n 42\n\nA last line.\n"
     lf, crlf, cr = tmp_path / "lf.txt", tmp_path / "crlf.txt", tmp_path / "cr.txt"
     lf.write_bytes(text.encode())
     crlf.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())  # as Windows editors save it
     cr.write_bytes(text.replace("\n", "\r").encode())
     expected = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
+    fingerprints = set()  # the data's fingerprint, the SHA-256 of its tokens: the same for all three
     for path in (lf, crlf, cr):
-        with open(path, encoding="utf-8-sig") as f:  # as prepare_token_file opens it
-            pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=37))
-        assert [i for ids in pieces for i in ids] == expected, path.name
-        assert len(pieces) > 10 and max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text
-    lf_file = pretrain.prepare_token_file([lf], tmp_path / "tokens", gpt.get_tokenizer())
-    crlf_file = pretrain.prepare_token_file([crlf], tmp_path / "tokens", gpt.get_tokenizer())
-    assert lf_file[1:] == crlf_file[1:] and lf_file[1] == len(expected)  # the same tokens, so the same fingerprint
+        token_path, n, sha256 = pretrain.prepare_token_file([path], tmp_path / "tokens", gpt.get_tokenizer())
+        assert array.array("H", token_path.read_bytes()).tolist() == expected, path.name
+        fingerprints.add(sha256)
+    assert fingerprints == {hashlib.sha256(array.array("H", expected).tobytes()).hexdigest()}
 
 
 def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once(trained_tokenizers, tmp_path, capsys,
@@ -2683,6 +2670,7 @@ def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once
     expected = enc.encode("First document.\n") + [gpt.EOT_ID] + enc.encode("Second one, in a subfolder.\n")
     assert array.array("H", token_path.read_bytes()).tolist() == expected and n == len(expected)  # uint16
     assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()
+    assert json.loads(token_path.with_suffix(".json").read_text())["n_tokens"] == n
     qwen, _ = tokenizer_and_eot(trained_tokenizers["qwen3"][1])
     qwen_path, _, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", qwen)
     assert qwen_path != token_path  # another tokenizer: tokenized again, into another file
@@ -2691,7 +2679,7 @@ def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once
     assert "reused" in capsys.readouterr().out
     (folder / "a.txt").write_text("First document, edited and longer.\n")
     token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
-    assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
+    assert token_path2 != token_path and n2 > n and "reused" not in capsys.readouterr().out  # a new file
     server = local_server({"/files/story.txt": b"Once upon a time."})
     url = f"{server.url}/files/story.txt"
     (downloaded,) = pretrain.resolve_sources(url)
@@ -2700,13 +2688,7 @@ def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once
     assert pretrain.resolve_sources(url) == [downloaded]  # from the cache, the server is gone
 
 
-def test_pretrain_unigram_baseline_is_exact_and_a_token_file_holds_ids_above_65535_as_uint32(tmp_path):
-    train = torch.tensor([0, 0, 1], dtype=torch.int16)
-    val = torch.tensor([0, 2], dtype=torch.int16)
-    # add-one smoothing over 4 ids: counts 2, 1, 0, 0 -> p = 3/7, 2/7, 1/7, 1/7
-    expected = -(math.log(3 / 7) + math.log(1 / 7)) / 2
-    assert pretrain.unigram_baseline(train, val, vocab_size=4) == pytest.approx(expected, rel=1e-12)
-    assert pretrain.token_type(gpt.get_tokenizer()) == "uint16"
+def test_pretrain_a_token_file_holds_ids_above_65535_as_uint32(tmp_path):
     # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
     big = gpt.Tokenizer(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
                         special_tokens={"<|endoftext|>": 69_999}, eot_id=69_999)
@@ -2743,7 +2725,9 @@ def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_mod
     assert [h["step"] for h in history] == [0, 20, 40]
     assert history[0]["train_loss"] == pytest.approx(math.log(50257), abs=0.3)  # random start: uniform guess
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 5.0
-    assert result["val_loss"] < result["unigram_loss"] - 2.0  # it uses the context, not just word counts
+    ids = torch.tensor(gpt.get_tokenizer().encode(pretrain_text_file.read_text()))
+    unigram = -(torch.bincount(ids).double() / len(ids))[ids].log().mean().item()  # the best loss without context
+    assert result["val_loss"] < unigram - 0.3  # it uses the context, not just word counts
     model = load_lm(result["best"])  # what load_gpt2.py / finetune_*.py --model read
     assert model.cfg.n_layers == 2 and model.cfg.context_length == 32
     checkpoint = gpt.load_checkpoint(result["best"])
@@ -2817,11 +2801,10 @@ def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_ove
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest_and_in_training_saves_a_checkpoint(tmp_path, pretrain_text_file,
                                                                                         monkeypatch, capsys):
-    def interrupted(f, tokenizer):
-        yield [1, 2, 3]
+    def interrupted(raw, source):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "encode_text_file", interrupted)
+    monkeypatch.setattr(pretrain.gpt, "decode_utf8", interrupted)
     assert exit_code(pretrain.main, _pretrain_tiny_argv(tmp_path, pretrain_text_file)) == 130
     err = capsys.readouterr().err
     assert "\ninterrupted\n" in err
@@ -2893,11 +2876,11 @@ PRETRAIN_BAD_INPUTS = [
     (f"TIKTOKEN_CACHE_DIR={{files}}/empty {PRETRAIN_RUN}", "cannot download tiktoken's GPT-2 vocabulary files "
      "(ConnectionError): connect once, or set TIKTOKEN_CACHE_DIR to a folder holding them (this repository's "
      "testdata/tiktoken_cache has them)"),
-    (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "--data: no tokens in {files}/empty.txt"),
-    (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "--data: no tokens in {files}/bom.txt"),  # a BOM alone
+    (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "the training split has 0 tokens (0 in all"),
+    (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "the training split has 0 tokens (0 in all"),  # a BOM
     (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
-    (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "latin1.txt: invalid UTF-8 at byte 3 (invalid "
-     "continuation byte); fix the file or pass --replace-invalid-utf8"),
+    (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "--data {files}/latin1.txt: not UTF-8 text: byte "
+     "0xe9 at byte offset 3 (line 1); save it as UTF-8"),
     (f"{PRETRAIN_TINY} --data {{files}}/short.txt --out-dir {{run}}", "the training split has"),
     (f"{PRETRAIN_RUN} --model {{files}}/empty", "{files}/empty holds no model: neither model.safetensors nor "
      "model.safetensors.index.json"),
@@ -2920,11 +2903,12 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer(trained_tokeni
                                                                    monkeypatch, capsys):
     prompt = "Every effort moves you"
     _, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
-    monkeypatch.setattr(pretrain, "token_type", lambda tokenizer: "uint32")  # as for 151,936 ids; 1000 need uint16
+    # 4-byte ids, as for 151,936 ids (1000 fit in 2 bytes: the file keeps its .uint16 name)
+    monkeypatch.setitem(pretrain.TOKEN_TYPES, "uint16", pretrain.TOKEN_TYPES["uint32"])
     common = ("--max-steps", "4", "--eval-every", "2", "--lr", "1e-2")
     whole = pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common, model=tmp_path / "model"))
     out = capsys.readouterr().out
-    (token_path,) = (tmp_path / "a" / "tokens").glob("*.uint32")
+    (token_path,) = (tmp_path / "a" / "tokens").glob("*.uint16")
     text = pretrain_text_file.read_text()
     assert array.array("I", token_path.read_bytes()).tolist() == tokenizer.encode(text, add_special_tokens=False).ids
     # The sample of step 0 is the loaded model's, in its tokenizer, until its end token at most.
@@ -2946,8 +2930,8 @@ def test_pretrain_memory_is_checked_before_the_run_starts(tmp_path, pretrain_tex
     code = exit_code(pretrain.main, _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2"))
     assert code.startswith("error: training (weights, gradients and AdamW's moments, before activations): about "
                            "0.0 GB needed")
-    assert code.endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
-                         "or adapt this one with LoRA (the fine-tunes' --lora)")
+    assert code.endswith("pretraining trains every weight: use a smaller model or more memory, or LoRA (the "
+                         "fine-tunes' --lora)")
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
 
 
@@ -2956,21 +2940,24 @@ def test_pretrain_memory_is_checked_before_the_run_starts(tmp_path, pretrain_tex
 
 def test_pretrain_peak_flops_of_a_gpu_autocast_flops_and_throughput_line_are_exact(monkeypatch):
     cuda = torch.device("cuda")
+    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    monkeypatch.setitem(pretrain.GPU_PEAK_FLOPS, "Test GPU", 31008 * 100 / 0.5)  # 100 tok/s of this model: 50%
     for name, flops in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200 NVL", 836e12),
                         ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert pretrain.peak_flops(cuda, "bfloat16") == flops, name
-    assert pretrain.peak_flops(cuda, "float32") is None and pretrain.peak_flops(torch.device("cpu"), "bfloat16") is None
+        assert pretrain.Throughput(model, 8, 150, cuda, "bfloat16").peak == flops, name
+    assert pretrain.Throughput(model, 8, 150, cuda, "float32").peak is None
+    assert pretrain.Throughput(model, 8, 150, torch.device("cpu"), "bfloat16").peak is None
     context, dtype_name = gpt.autocast_context(torch.device("cpu"), "auto")
     assert dtype_name == "float32" and not isinstance(context, torch.autocast)  # CPUs: float32 unless asked
     context, dtype_name = gpt.autocast_context(torch.device("cpu"), "bfloat16")
     assert dtype_name == "bfloat16" and context.fast_dtype == torch.bfloat16
-    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
     # 5040 parameters; the 8 x 16 position table is only looked up: 6 x 4912 + 12 x 1 layer x 16 wide x 8 tokens
-    assert gpt.count_parameters(model) == 5040 and pretrain.flops_per_token(model, 8) == 6 * 4912 + 12 * 16 * 8 == 31008
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Test GPU")
     clock = iter([0.0, 0.0, 5.0, 20.0, 20.0, 20.0])  # start, restart after 5 s, then the report's three readings
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
-    speed = pretrain.Throughput(model, 8, tokens_per_step=150, peak_flops=31008 * 100 / 0.5, first_step=0)
+    speed = pretrain.Throughput(model, 8, tokens_per_step=150, device=cuda, dtype_name="bfloat16", first_step=0)
+    assert gpt.count_parameters(model) == 5040 and speed.flops_per_token == 6 * 4912 + 12 * 16 * 8 == 31008
     speed.restart(step=0)  # after 5 s of evaluation: not counted
     assert speed.report(step=10, total_steps=20) == "100 tok/s | MFU 50.0% | ETA 20s"  # 1500 tokens in 15 s
 
@@ -4028,9 +4015,10 @@ def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path
     text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
     assert start in hf(text)
     assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
-    corpus = io.StringIO("Call me <|im_start|> later<|im_end|>\n<|im_start|>")  # (2) a pretraining corpus
-    pieces = pretrain.encode_text_file(corpus, tokenizer, chunk_chars=13)  # read as "Call me <|im_", "start|> ..."
-    assert [i for ids in pieces for i in ids] == hf(corpus.getvalue())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Call me <|im_start|> later<|im_end|>\n<|im_start|>")  # (2) a pretraining corpus
+    token_path, _, _ = pretrain.prepare_token_file([corpus], tmp_path / "tokens", tokenizer)
+    assert array.array("H", token_path.read_bytes()).tolist() == hf(corpus.read_text())
     entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
     [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
     assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
@@ -4201,8 +4189,8 @@ def type_it_live_sources():
         for name in re.findall(r"`(\w+)`", names):
             if callable(getattr(modules[script], name)):
                 parts.append(inspect.getsource(getattr(modules[script], name)))
-            else:  # a constant: its assignment, as written in the script
-                parts.append(re.search(rf"^{name} = .*$", text, flags=re.M).group(0) + "\n")
+            else:  # a constant: its assignment, as written in the script (with its continued lines)
+                parts.append(re.search(rf"^{name} = .*(\n +.*)*", text, flags=re.M).group(0) + "\n")
         sources[script] = "\n\n".join(parts)
     return section, sources
 
