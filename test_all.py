@@ -2584,9 +2584,6 @@ def pretrain_text_file(tmp_path):
     return path
 
 
-# --- windows and batches -------------------------------------------------------------------
-
-
 def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ranks_split_one_batch():
     tokens = torch.arange(100, dtype=torch.int16)
     tokens[7] = gpt.EOT_ID - 65536  # a uint16 id above 32767 as the int16 token file holds it
@@ -2612,9 +2609,6 @@ def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ra
     assert epoch0 == [3 * int(i) for i in torch.randperm(10, generator=torch.Generator().manual_seed(100_003))]
 
 
-# --- data preparation ------------------------------------------------------------------------
-
-
 def test_pretrain_short_text_error_says_what_would_work():
     tokens = torch.zeros(5145, dtype=torch.int16)  # The Verdict's length
     with pytest.raises(ValueError) as e:
@@ -2626,18 +2620,6 @@ def test_pretrain_short_text_error_says_what_would_work():
     assert len(train) == 4630 and len(val) == 515
     with pytest.raises(ValueError, match=r"training split has 1 tokens .* more text"):
         pretrain.split_tokens(torch.zeros(3, dtype=torch.int16), 0.5, 4)
-
-
-def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
-    path = tmp_path / "bad.txt"
-    path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
-    truncated = tmp_path / "truncated.txt"
-    truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
-    with_bom = tmp_path / "bom.txt"
-    with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
-    for bad, offset in ((path, 42), (truncated, 3), (with_bom, 6)):
-        with pytest.raises(ValueError, match=f"^--data {bad}: not UTF-8 text: byte 0x.. at byte offset {offset} "):
-            pretrain.prepare_token_file([bad], tmp_path / "tokens", gpt.get_tokenizer())
 
 
 def test_pretrain_crlf_and_cr_corpora_give_the_tokens_of_the_lf_text(tmp_path):
@@ -2703,18 +2685,12 @@ def test_pretrain_a_token_file_holds_ids_above_65535_as_uint32(tmp_path):
     assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
 
 
-# --- optimizer and schedule ------------------------------------------------------------------
-
-
 def test_pretrain_cosine_with_warmup_values():
     lr = lambda step: pretrain.cosine_with_warmup(step, 1.0, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
     assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr(4) == 1.0
     assert lr(9) == pytest.approx(0.55)  # halfway through the decay: (1 + 0.1) / 2
     assert lr(14) == pytest.approx(0.1) and lr(100) == pytest.approx(0.1)
-
-
-# --- training runs ---------------------------------------------------------------------------
 
 
 def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_model(tmp_path, pretrain_text_file):
@@ -2851,9 +2827,6 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     assert b["history"][-1]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
 
 
-# --- flags checked at startup, stop and resume -----------------------------
-
-
 PRETRAIN_RUN = "--data {files}/story.txt --out-dir {run}"
 OFFLINE = "); run again later"  # the end of "could not download NAME: offline? Give a copy of it with --data ..."'
 PRETRAIN_TINY = "--n-layers 1 --n-heads 2 --emb-dim 32 --context-length 32"  # the model is made before the data is read
@@ -2896,9 +2869,6 @@ def test_pretrain_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     assert not (tmp_path / "gpt-cache").exists() or not message.startswith("argument")  # flags: before any work
 
 
-# --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
-
-
 def test_pretrain_llama_family_model_continues_with_its_tokenizer(trained_tokenizers, tmp_path, pretrain_text_file,
                                                                    monkeypatch, capsys):
     prompt = "Every effort moves you"
@@ -2933,9 +2903,6 @@ def test_pretrain_memory_is_checked_before_the_run_starts(tmp_path, pretrain_tex
     assert code.endswith("pretraining trains every weight: use a smaller model or more memory, or LoRA (the "
                          "fine-tunes' --lora)")
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
-
-
-# --- gpt.py: the training plumbing pretrain.py moved there (autocast, FLOPs, throughput) --
 
 
 def test_pretrain_peak_flops_of_a_gpu_autocast_flops_and_throughput_line_are_exact(monkeypatch):
@@ -3007,12 +2974,10 @@ def _classify_classifier(folder):
     return model, save_tiny(folder / "classifier.pt", model, max_length=48)
 
 
-def test_classify_reads_tsv_and_zip_alike_and_names_bad_bytes_bad_lines_and_damaged_zips(tmp_path):
+def test_classify_reads_tsv_and_zip_alike_and_names_bad_lines_and_damaged_zips(tmp_path):
     raw = b"\xef\xbb\xbfham\tHello there\r\nSPAM\tWin cash now\r\n\r\nham\tsecond\ttab kept\r\n"
     messages = fc.parse_labelled(raw, source="x.tsv")
     assert messages == [("ham", "Hello there"), ("spam", "Win cash now"), ("ham", "second\ttab kept")]
-    with pytest.raises(ValueError, match=r"^x.tsv: not UTF-8 text: byte 0xff at byte offset 29 \(line 2\)"):
-        fc.parse_labelled(raw.replace(b"Win", b"Win \xff"), source="x.tsv")
     raw = b"ham\tok\nno tab here\nspma\ttypo label\nham\t   \nspam\tfine\n"
     with pytest.raises(ValueError) as error:
         fc.parse_labelled(raw, source="x.tsv")
@@ -3834,23 +3799,13 @@ def test_instruct_full_disk_keeps_the_last_training_state(_instruct_tiny_run, tm
 
 def test_instruct_memory_is_checked_for_what_trains_before_the_run(_instruct_tiny_run, tmp_path, monkeypatch):
     folder = _instruct_tiny_run
-    asked = []  # the trainable parameters of each model asked about
-    check = gpt.check_training_memory
-
-    def too_much(model, *args):
-        asked.append(gpt.count_parameters(model, trainable_only=True))
-        check(model, *args)
-
-    monkeypatch.setattr(gpt, "check_training_memory", too_much)
-    monkeypatch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
+    trained = 16 * gpt.count_parameters(load_lm(folder / "tiny.pt"))  # bytes: weights, gradients, AdamW's moments
+    monkeypatch.setattr(gpt.os, "sysconf", lambda name: trained - 1 if name == "SC_PHYS_PAGES" else 1)  # bytes of RAM
     with pytest.raises(SystemExit, match=r"error: training .*: about 0.0 GB needed, .*: choose a smaller --model, "
                        r"or train only low-rank adapters with --lora$"):
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
-    with pytest.raises(SystemExit, match=r"GB .*: choose a smaller --model$"):
-        instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))
-    everything = gpt.count_parameters(load_lm(folder / "tiny.pt"))
-    assert asked[0] == everything and 0 < asked[1] < everything / 10  # all train, then only the adapters
     assert not (tmp_path / "run").exists()
+    instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))  # frozen weights: 4 bytes
 
 
 def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
