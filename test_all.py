@@ -2694,9 +2694,8 @@ def test_pretrain_cosine_with_warmup_values():
 
 
 def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_model(tmp_path, pretrain_text_file):
-    result = pretrain.main(
-        _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "40", "--eval-every", "20", "--lr", "1e-2")
-    )
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "40", "--eval-every", "20", "--lr", "1e-2")
+    result = pretrain.main(argv)
     history = json.loads((tmp_path / "run" / "history.json").read_text())["evaluations"]
     assert [h["step"] for h in history] == [0, 20, 40]
     assert history[0]["train_loss"] == pytest.approx(math.log(50257), abs=0.3)  # random start: uniform guess
@@ -2711,10 +2710,7 @@ def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_mod
     decay, no_decay = gpt.load_checkpoint(result["latest"])["optimizer"]["param_groups"]
     assert decay["betas"] == no_decay["betas"] == (0.9, 0.95)  # GPT-3's, appendix B
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["settings"]["lr"] == 1e-2 and run["data"]["n_tokens"] == pretrain.prepare_token_file(
-        [pretrain_text_file], tmp_path / "tokens", gpt.get_tokenizer()
-    )[1]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["lr"] == 1e-2
     assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
     # --model continues from the weights: the shape comes from them, and step 0 scores what the run ended with.
     pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", model=result["best"]))
@@ -2788,13 +2784,11 @@ def test_pretrain_ctrl_c_while_tokenizing_is_honest_and_in_training_saves_a_chec
     assert list((tmp_path / "tokens").iterdir()) == []  # no token file, partial or whole
     assert not (tmp_path / "run").exists()  # made for the run, left empty: removed
     # Ctrl-C in training (a real SIGINT to a real process): a checkpoint of the step it stopped at.
-    argv = _pretrain_tiny_argv(
-        tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-every", "1", "--eval-every", "100000"
-    )
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-every", "1",
+                               "--eval-every", "100000")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
-    proc = subprocess.Popen(
-        [sys.executable, str(PRETRAIN_SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
+    proc = subprocess.Popen([sys.executable, str(PRETRAIN_SCRIPT), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
     for line in proc.stdout:
         if line.startswith("step"):  # training is under way
             proc.send_signal(signal.SIGINT)
@@ -3537,18 +3531,16 @@ def _instruct_ollama(local_server):
 
 
 def _instruct_responses_file(tmp_path, n):
-    entries = [
-        {"instruction": f"Task {i}.", "input": "", "output": f"Answer {i}.", "model_response": f"Reply {i}."}
-        for i in range(n)
-    ]
+    """responses.json in tmp_path, of n entries with their model's replies -> its path."""
+    entry = {"instruction": "Task {i}.", "input": "", "output": "Answer {i}.", "model_response": "Reply {i}."}
     path = tmp_path / "responses.json"
-    path.write_text(json.dumps(entries, indent=4))
-    return path, entries
+    path.write_text(json.dumps([{key: text.format(i=i) for key, text in entry.items()} for i in range(n)], indent=4))
+    return path
 
 
 def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_path, capsys, _instruct_ollama):
     url = _instruct_ollama.url
-    path, entries = _instruct_responses_file(tmp_path, 11)
+    path = _instruct_responses_file(tmp_path, 11)
     before = path.read_bytes()
     _instruct_ollama.answers = [
         "80", "Score: 60 - mostly right.", "I cannot judge this.",
@@ -3573,7 +3565,7 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
     assert request["format"] == {"type": "object", "properties": {"score": score}, "required": ["score"]}
     prompt = request["messages"][0]["content"]
     assert "`Answer 0.`" in prompt and "`Reply 0.`" in prompt and "integer number only" in prompt
-    path, _ = _instruct_responses_file(tmp_path, 2)
+    path = _instruct_responses_file(tmp_path, 2)
     _instruct_ollama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
     with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
         instruct.main(["--judge-only", "--judge-url", url, "--out-dir", str(tmp_path)])
@@ -3594,7 +3586,7 @@ def test_instruct_judge_without_a_server_or_with_an_odd_reply_says_so_and_keeps_
     server = local_server({"/api/chat": answer(body or b"", Content_Type="application/json")})
     if body is None:
         server.close()
-    path, _ = _instruct_responses_file(tmp_path, 2)
+    path = _instruct_responses_file(tmp_path, 2)
     before = path.read_bytes()
     code = exit_code(instruct.main, ["--judge-only", "--judge-url", server.url, "--out-dir", str(tmp_path)])
     assert re.match("error: " + message.format(url=re.escape(server.url)), code), code
@@ -3675,10 +3667,9 @@ def test_instruct_resume_after_sigterm_matches_the_uninterrupted_run(_instruct_t
 
     monkeypatch.setattr(gpt, "check_finite_loss", sigterm_in_step_3)
     assert exit_code(instruct.main, common + ["--out-dir", str(folder / "stopped")]) == 143
-    assert capsys.readouterr().err.endswith(
-        f"stopped at step 3 (SIGTERM), the state saved in {folder / 'stopped' / 'train_state.pt'}: go on with python "
-        f"finetune_instruct.py --resume --out-dir {folder / 'stopped'}\n"
-    )
+    assert capsys.readouterr().err.endswith(f"stopped at step 3 (SIGTERM), the state saved in {folder / 'stopped'}"
+                                            f"/train_state.pt: go on with python finetune_instruct.py --resume "
+                                            f"--out-dir {folder / 'stopped'}\n")
     assert gpt.load_checkpoint(folder / "stopped" / "train_state.pt")["step"] == 3
     assert not (folder / "stopped" / "model.pt").exists()
     monkeypatch.setattr(gpt, "check_finite_loss", check)
