@@ -3728,48 +3728,43 @@ def _instruct_quick(folder, out_dir, *extra):
             "--batch-size", "10", "--epochs", "1", "--eval-batches", "1", "--max-new-tokens", "2", *extra]
 
 
-def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_run, tmp_path, monkeypatch):
-    folder = _instruct_tiny_run
-    instruct.main(_instruct_quick(folder, tmp_path / "run", "--seed", "7"))
+def test_instruct_a_finished_run_answers_its_split_offline_and_resumes_only_with_its_state(_instruct_tiny_run, tmp_path,
+                                                                                            monkeypatch):
+    """What finetune_instruct.py adds to the run-folder rule that gpt.claim_run_folder and gpt.resume_settings apply."""
+    folder, run = _instruct_tiny_run, tmp_path / "run"
+    instruct.main(_instruct_quick(folder, run, "--seed", "7", "--keep-state"))
     entries = json.loads((folder / "data.json").read_text())
     train, val, test = instruct.split_dataset(entries, seed=7)
-    saved = [json.loads((tmp_path / "run" / name).read_text()) for name in instruct.SPLIT_FILES]
-    assert saved == [train, val, test]
+    assert [json.loads((run / name).read_text()) for name in instruct.SPLIT_FILES] == [train, val, test]
     assert instruct.split_dataset(entries, seed=123)[2] != test  # the default --seed would answer another entry
-    answered = json.loads((tmp_path / "run" / "responses.json").read_text())
+    answered = json.loads((run / "responses.json").read_text())
     # Offline, with the default --seed and no --data: the run's own test split, no download.
     monkeypatch.setattr(gpt, "fetch_dataset", lambda *a, **k: pytest.fail("--generate-only tried to download"))
-    (tmp_path / "run" / "responses.json").unlink()
-    instruct.main(["--generate-only", "--out-dir", str(tmp_path / "run"), "--max-new-tokens", "2"])
-    again = json.loads((tmp_path / "run" / "responses.json").read_text())
-    assert [{k: e[k] for k in ("instruction", "input", "output")} for e in again] == test
-    assert again == answered
+    (run / "responses.json").unlink()
+    instruct.main(["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
+    again = json.loads((run / "responses.json").read_text())
+    assert [{k: e[k] for k in ("instruction", "input", "output")} for e in again] == test and again == answered
     # A split file edited or damaged since: one line naming it, not a traceback, nor 0 answers written.
-    run = tmp_path / "run"
+    split = (run / "test.json").read_bytes()
     (run / "test.json").write_text("[1, 2]")
     code = exit_code(instruct.main, ["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
     assert code == (f"error: the run's split {run / 'test.json'}: entry 0: not a JSON object but int: put back the "
                     "file the run wrote, or start the run again with --overwrite")
     assert json.loads((run / "responses.json").read_text()) == answered
-
-
-def test_instruct_run_folder_overwritten_or_resumed_only_with_its_state(_instruct_tiny_run, tmp_path):
-    """What finetune_instruct.py adds to the run-folder rule that gpt.claim_run_folder and gpt.resume_settings apply."""
-    folder, kept = _instruct_tiny_run, tmp_path / "kept"
-    instruct.main(_instruct_quick(folder, kept, "--keep-state"))
-    settings_before = (kept / "run.json").read_bytes()
+    (run / "test.json").write_bytes(split)
+    settings_before = (run / "run.json").read_bytes()
     with pytest.raises(SystemExit, match=r"the run is complete \(at step 1, as --epochs 1 allows\): raise --epochs"):
-        instruct.main(["--out-dir", str(kept), "--resume"])
-    assert (kept / "run.json").read_bytes() == settings_before  # a refused resume changes nothing
-    instruct.main(["--out-dir", str(kept), "--resume", "--epochs", "2"])
-    assert gpt.load_checkpoint(kept / "train_state.pt")["history"]["step"] == [0, 1, 2]
-    (kept / "train_state.pt").write_bytes((kept / "model.pt").read_bytes())  # a model where the state belongs
-    code = exit_code(instruct.main, ["--out-dir", str(kept), "--resume", "--epochs", "3"])
-    assert code == (f"error: --resume: {kept / 'train_state.pt'} is not a training state (a "
-                    "finished run keeps it only with --keep-state): train on from "
-                    f"{kept / 'model.pt'} with --model, or start again with --overwrite")
-    instruct.main(_instruct_quick(folder, kept, "--overwrite"))
-    assert not (kept / "train_state.pt").exists()  # the old run's state went with --overwrite
+        instruct.main(["--out-dir", str(run), "--resume"])
+    assert (run / "run.json").read_bytes() == settings_before  # a refused resume changes nothing
+    instruct.main(["--out-dir", str(run), "--resume", "--epochs", "2"])
+    assert gpt.load_checkpoint(run / "train_state.pt")["history"]["step"] == [0, 1, 2]
+    (run / "train_state.pt").write_bytes((run / "model.pt").read_bytes())  # a model where the state belongs
+    code = exit_code(instruct.main, ["--out-dir", str(run), "--resume", "--epochs", "3"])
+    assert code == (f"error: --resume: {run / 'train_state.pt'} is not a training state (a finished run keeps it "
+                    f"only with --keep-state): train on from {run / 'model.pt'} with --model, or start again with "
+                    "--overwrite")
+    instruct.main(_instruct_quick(folder, run, "--overwrite"))
+    assert not (run / "train_state.pt").exists()  # the old run's state went with --overwrite
 
 
 def test_instruct_full_disk_keeps_the_last_training_state(_instruct_tiny_run, tmp_path, monkeypatch):
