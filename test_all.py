@@ -3246,62 +3246,28 @@ def test_classify_max_steps_stops_after_exactly_n_steps_and_bfloat16_stays_close
     assert mixed == pytest.approx(history["step_loss"], abs=0.05)
 
 
-def test_classify_folder_with_another_run_is_refused_unless_overwrite_and_before_the_model_loads(tmp_path, monkeypatch):
+def test_classify_full_disk_leaves_no_half_file_and_another_run_is_refused_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                                   capsys):
     argv = _classify_run_argv(tmp_path, "run", "--max-steps", "1")
-    fc.main(argv)
-    before = (tmp_path / "run" / "classifier.pt").read_bytes()
+    with monkeypatch.context() as patch:
+        failed = fill_the_disk(patch, lambda path: path.name == "classifier.pt")
+        code = exit_code(fc.main, argv)
+    assert code == full_disk_error(tmp_path / "run" / "classifier.pt")  # exit 1, one line
+    assert failed == [tmp_path / "run" / "classifier.pt"]
+    assert "test split (" in capsys.readouterr().out  # the test metrics were printed before the save
+    # Nothing half-written: no classifier.pt, no temporary file beside it (and metrics.json comes after it).
+    run_files = ["run.json", "test.csv", "train.csv", "validation.csv"]
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == run_files
     code = exit_code(fc.main, argv)
-    assert re.fullmatch(r"error: .*run holds another run \(classifier\.pt, run\.json, train\.csv, validation\.csv, "
-                        r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", code)
+    assert re.fullmatch(r"error: .*run holds another run \(run\.json, train\.csv, validation\.csv, test\.csv\): "
+                        r".*replace it with --overwrite.*", code)
     assert "--resume" not in code  # the classifier has no --resume to suggest
-    assert (tmp_path / "run" / "classifier.pt").read_bytes() == before
     fc.main(argv + ["--overwrite", "--seed", "5"])
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
     monkeypatch.setattr(gpt, "load", lambda *args, **kwargs: pytest.fail("the model loaded before the folder's check"))
     (tmp_path / "other" / "classifier.pt").mkdir(parents=True)
     with pytest.raises(SystemExit, match=r"error: .*other holds another run \(classifier.pt\)"):
         fc.main(_classify_run_argv(tmp_path, "other"))
-
-
-def test_classify_folder_with_another_run_is_refused_unless_overwrite_and_before_the_model_loads(tmp_path, monkeypatch):
-    argv = _classify_run_argv(tmp_path, "run", "--max-steps", "1")
-    fc.main(argv)
-    before = (tmp_path / "run" / "classifier.pt").read_bytes()
-    code = exit_code(fc.main, argv)
-    assert re.fullmatch(r"error: .*run holds another run \(classifier\.pt, run\.json, train\.csv, validation\.csv, "
-                        r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", code)
-    assert "--resume" not in code  # the classifier has no --resume to suggest
-    assert (tmp_path / "run" / "classifier.pt").read_bytes() == before
-    (tmp_path / "run" / "loss-accuracy.png").unlink(missing_ok=True)  # a run without the plot is replaced as well
-    fc.main(argv + ["--overwrite", "--seed", "5"])
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
-    # A folder that cannot take the run is refused before the model loads.
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the run folder was checked")
-
-    monkeypatch.setattr(gpt, "load", no_model)
-    (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit, match=r"^error: .*file is a file, not a folder: choose another folder than .*file$"):
-        fc.main(_classify_run_argv(tmp_path, "file"))
-    (tmp_path / "other" / "classifier.pt").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"error: .*other holds another run \(classifier.pt\)"):
-        fc.main(_classify_run_argv(tmp_path, "other"))
-    with pytest.raises(SystemExit, match=r"^error: \[Errno 21\] Is a directory: .*other/classifier.pt'$"):
-        fc.main(_classify_run_argv(tmp_path, "other", "--overwrite"))
-    (tmp_path / "elsewhere.pt").mkdir()
-    with pytest.raises(SystemExit, match=r"error: .*run2 holds another run \(../elsewhere.pt\)"):
-        fc.main(_classify_run_argv(tmp_path, "run2", "--checkpoint", str(tmp_path / "elsewhere.pt")))
-
-
-def test_classify_full_disk_at_the_final_save_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch, capsys):
-    failed = fill_the_disk(monkeypatch, lambda path: path.name == "classifier.pt")
-    code = exit_code(fc.main, _classify_run_argv(tmp_path, "run", "--max-steps", "2"))
-    assert code == full_disk_error(tmp_path / "run" / "classifier.pt")  # exit 1, one line
-    assert failed == [tmp_path / "run" / "classifier.pt"]
-    assert "test split (" in capsys.readouterr().out  # the test metrics were printed before the save
-    # Nothing half-written: no classifier.pt, no temporary file beside it (and metrics.json comes after it).
-    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["run.json", "test.csv", "train.csv",
-                                                                           "validation.csv"]
 
 
 def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatch):
