@@ -4306,7 +4306,16 @@ def _ollama_folder(root, name, tag, blob_bytes, namespace="library"):
     return blob
 
 
-def test_gguf_ollama_names_find_the_model_blob(tmp_path, monkeypatch):
+def _one_line_error(source, match):
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        gpt.load(source)
+    assert re.search(match, str(error.value)) and "\n" not in str(error.value), str(error.value)
+
+
+def test_gguf_ollama_names_find_the_model_blob_and_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path,
+                                                                                                           monkeypatch):
+    import numpy as np
+
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
     latest = _ollama_folder(tmp_path, "smollm2", "latest", b"GGUF latest")
     tagged = _ollama_folder(tmp_path, "smollm2", "135m", b"GGUF 135m")
@@ -4316,19 +4325,7 @@ def test_gguf_ollama_names_find_the_model_blob(tmp_path, monkeypatch):
     (tmp_path / "copied-blob").write_bytes(b"GGUF copied")
     assert gpt.gguf_file(tmp_path / "copied-blob") == tmp_path / "copied-blob"  # by content: a blob has no suffix
     assert gpt.gguf_file(tmp_path / "blobs") is None
-
-
-def _one_line_error(source, match):
-    with pytest.raises((ValueError, FileNotFoundError)) as error:
-        gpt.load(source)
-    assert re.search(match, str(error.value)) and "\n" not in str(error.value), str(error.value)
-
-
-def test_gguf_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path, monkeypatch):
-    import numpy as np
-
-    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
-    _one_line_error("ollama:smollm2:135m", r"no Ollama model smollm2:135m in .* run `ollama pull smollm2:135m`")
+    _one_line_error("ollama:smollm2:360m", r"no Ollama model smollm2:360m in .* run `ollama pull smollm2:360m`")
     blob = _ollama_folder(tmp_path, "gone", "latest", None)
     _one_line_error("ollama:gone", rf"the blob of its model layer, {re.escape(str(blob))}, is missing: run `ollama")
     _ollama_folder(tmp_path, "html", "latest", b"<html>502 Bad Gateway</html>")
