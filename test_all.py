@@ -2733,7 +2733,8 @@ def test_pretrain_stopped_runs_resume_to_exactly_the_whole_run(tmp_path, pretrai
     capsys.readouterr()
     resumed = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run")])  # nothing else
     assert "lr=0.01" in capsys.readouterr().out
-    assert (resumed["steps"], resumed["tokens_seen"], resumed["val_loss"]) == (8, whole["tokens_seen"], whole["val_loss"])
+    assert resumed["steps"] == 8 and resumed["tokens_seen"] == whole["tokens_seen"]
+    assert resumed["val_loss"] == whole["val_loss"]
     # Stopped on an evaluation step (after its evaluation), then --resume with the same flags.
     pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, *common, "--stop-at-step", "4"))
     assert "eval step 4" in capsys.readouterr().out
@@ -3364,7 +3365,8 @@ def test_classify_llama_family_with_lora_trains_classifies_and_exports_for_padde
 
 
 def test_instruct_prompt_with_and_without_input_and_its_tokens_first():
-    preamble = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    preamble = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                "request.")
     with_input = {"instruction": "Translate to French.", "input": "Good morning.", "output": "Bonjour."}
     assert instruct.format_prompt(with_input) == (preamble + "\n\n### Instruction:\nTranslate to French.\n\n### "
                                                   "Input:\nGood morning.\n\n### Response:\n")
