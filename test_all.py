@@ -2864,29 +2864,18 @@ def test_pretrain_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     assert not (tmp_path / "gpt-cache").exists() or not message.startswith("argument")  # flags: before any work
 
 
-def test_pretrain_llama_family_model_continues_with_its_tokenizer(trained_tokenizers, tmp_path, pretrain_text_file,
-                                                                   monkeypatch, capsys):
+def test_pretrain_llama_family_model_samples_in_its_own_tokenizer(trained_tokenizers, tmp_path, pretrain_text_file,
+                                                                   capsys):
+    """(Token files and checkpoints of a family's model: test_new_family_through_every_stage, and the --size test.)"""
     prompt = "Every effort moves you"
-    _, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
-    # 4-byte ids, as for 151,936 ids (1000 fit in 2 bytes: the file keeps its .uint16 name)
-    monkeypatch.setitem(pretrain.TOKEN_TYPES, "uint16", pretrain.TOKEN_TYPES["uint32"])
-    common = ("--max-steps", "4", "--eval-every", "2", "--lr", "1e-2")
-    whole = pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common, model=tmp_path / "model"))
-    out = capsys.readouterr().out
-    (token_path,) = (tmp_path / "a" / "tokens").glob("*.uint16")
-    text = pretrain_text_file.read_text()
-    assert array.array("I", token_path.read_bytes()).tolist() == tokenizer.encode(text, add_special_tokens=False).ids
+    family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
+    pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "1", model=tmp_path / "model"))
     # The sample of step 0 is the loaded model's, in its tokenizer, until its end token at most.
     encoding, eot_id = tokenizer_and_eot(tmp_path / "model")
     start = gpt.text_to_token_ids(prompt, tokenizer=encoding)  # <|begin_of_text|> first
-    model = load_lm(tmp_path / "model")
-    sample = gpt.generate(model, start, 5, temperature=0.8, top_k=50, seed=123, eot_id=eot_id)
-    assert "  sample: " + gpt.token_ids_to_text(sample[0], encoding).replace("\n", "\n          ") + "\n" in out
-    history = json.loads((tmp_path / "a" / "run" / "history.json").read_text())["evaluations"]
-    assert [h["step"] for h in history] == [0, 2, 4] and history[-1]["train_loss"] < history[0]["train_loss"]
-    for path in (whole["best"], whole["latest"]):  # the later stages reload the same tokenizer
-        assert gpt.load_checkpoint(path)["tokenizer"] == {"files": encoding.files}  # the tokenizer itself
-        assert tokenizer_and_eot(path)[1] == eot_id and type(load_lm(path)) is gpt.LlamaModel
+    sample = gpt.generate(load_lm(tmp_path / "model"), start, 5, temperature=0.8, top_k=50, seed=123, eot_id=eot_id)
+    expected = "  sample: " + gpt.token_ids_to_text(sample[0], encoding).replace("\n", "\n          ") + "\n"
+    assert expected in capsys.readouterr().out
 
 
 def test_pretrain_memory_is_checked_before_the_run_starts(tmp_path, pretrain_text_file, monkeypatch):
