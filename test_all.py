@@ -3318,7 +3318,8 @@ def test_classify_llama_family_with_lora_trains_classifies_and_exports_for_padde
     our export on a padded batch, each text led by Llama 3's <|begin_of_text|>."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = _llama3_classifier_folder(tmp_path / "model", trained_tokenizers)  # vocabulary 1000, context 64
+    folder = tmp_path / "model"  # vocabulary 1000, untied head, beside Llama 3's tokenizer.json
+    family_model_with_tokenizer(folder, trained_tokenizers, "llama3", "Hi", max_position_embeddings=64)
     run = tmp_path / "run"
     data = _classify_sms_slice(tmp_path)
     fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--lora", "--max-steps", "3"])
@@ -3886,17 +3887,6 @@ def _smol_instruct_folder(folder, trained_tokenizers, template_file=True):
     return reference, folder
 
 
-def _llama3_classifier_folder(folder, trained_tokenizers):
-    """A tiny random Llama beside the Llama-3-style tokenizer (its post-processor puts
-    <|begin_of_text|> before a text) -> folder."""
-    save_hf_family(folder, "llama", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
-                   tie_word_embeddings=False)
-    (folder / "tokenizer.json").write_bytes((trained_tokenizers["llama3"][1] / "tokenizer.json").read_bytes())
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
-    return folder
-
-
 @pytest.mark.parametrize("template_file", [True, False], ids=["chat_template.jinja", "chat_template entry"])
 def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path, template_file):
     from transformers import AutoTokenizer
@@ -4393,7 +4383,8 @@ def _gguf_source(kind, folder, trained_tokenizers, sentencepiece_tokenizers=None
     if kind == "smollm2":
         return _smol_instruct_folder(folder, trained_tokenizers)[1]
     if kind == "llama3":
-        return _llama3_classifier_folder(folder, trained_tokenizers)
+        family_model_with_tokenizer(folder, trained_tokenizers, "llama3", "Hi", max_position_embeddings=64)
+        return folder
     save_hf_family(folder, "qwen3", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
                    head_dim=128, tie_word_embeddings=True)  # transformers' GGUF loader reads no head size: 128
     (folder / "tokenizer.json").write_bytes((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_bytes())
@@ -4526,7 +4517,8 @@ def test_gguf_export_refuses_what_llama_cpp_would_read_otherwise(tmp_path, sente
 
 
 def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trained_tokenizers, monkeypatch):
-    folder = _llama3_classifier_folder(tmp_path / "source", trained_tokenizers)
+    folder = tmp_path / "source"
+    family_model_with_tokenizer(folder, trained_tokenizers, "llama3", "Hi", max_position_embeddings=64)
     scaling = {"rope_type": "llama3", "factor": 8.0, **gpt.LLAMA3_ROPE_SCALING}
     config = {**json.loads((folder / "config.json").read_text()), "rope_theta": 500000.0,
               "rope_parameters": {**scaling, "rope_theta": 500000.0}}
