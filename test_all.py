@@ -3764,7 +3764,6 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
 
     instruct.main(flags + ["--out-dir", str(tmp_path / "best")])
     assert "kept the weights of step 1 (validation loss 3.000), the lowest validation loss\n" in capsys.readouterr().out
-    assert gpt.load_checkpoint(tmp_path / "best" / "model.pt")["kept"] == {"step": 1, "val_loss": 3.0}
     assert saved_weights_equal("best", 1) and not saved_weights_equal("best", 4)  # later steps changed them
 
     next_step[0] = 0
@@ -3772,7 +3771,6 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     assert "kept the weights of step 4 (validation loss 4.200); the lowest validation loss was at step 1" in \
         capsys.readouterr().out
     assert saved_weights_equal("last", 4)
-    assert gpt.load_checkpoint(tmp_path / "last" / "model.pt")["kept"] == {"step": 4, "val_loss": 4.2}
 
     # A second Ctrl-C, in step 3 (it stops at once): the state saved at step 2 holds step 1's weights as the best.
     next_step[0] = 0
