@@ -3833,8 +3833,6 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
     assert gpt.load_checkpoint(out_dir / "train_state.pt")["tokenizer"] == {"files": encoding.files}
     instruct.main(run + ["--resume", "--epochs", "2"])
     assert "resuming at step 2 of 4" in capsys.readouterr().out
-    saved = gpt.load_checkpoint(out_dir / "model.pt")
-    assert saved["tokenizer"] == {"files": encoding.files} and saved["config"]["family"] == "llama"
     answered = json.loads((out_dir / "responses.json").read_text())
     model = load_lm(out_dir / "model.pt")
     test_entry = {key: answered[0][key] for key in ("instruction", "input", "output")}
