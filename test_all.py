@@ -2711,19 +2711,19 @@ def same_weights(checkpoint_a, checkpoint_b):
 
 
 def test_pretrain_stopped_runs_resume_to_exactly_the_whole_run(tmp_path, pretrain_text_file, capsys):
-    common = ("--max-steps", "8", "--eval-every", "4", "--drop-rate", "0.1", "--lr", "1e-2", "--grad-accum", "2")
+    common = ("--max-steps", "6", "--eval-every", "3", "--drop-rate", "0.1", "--lr", "1e-2", "--grad-accum", "2")
     whole = pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
     # Stopped between evaluations, then a bare --resume: the saved settings, printed.
-    first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "3"))
-    assert first["stopped"] == "stop-at-step" and first["steps"] == 3
+    first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "2"))
+    assert first["stopped"] == "stop-at-step" and first["steps"] == 2
     capsys.readouterr()
     resumed = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run")])  # nothing else
     assert "lr=0.01" in capsys.readouterr().out
-    assert resumed["steps"] == 8 and resumed["tokens_seen"] == whole["tokens_seen"]
+    assert resumed["steps"] == 6 and resumed["tokens_seen"] == whole["tokens_seen"]
     assert resumed["val_loss"] == whole["val_loss"]
     # Stopped on an evaluation step (after its evaluation), then --resume with the same flags.
-    pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, *common, "--stop-at-step", "4"))
-    assert "eval step 4" in capsys.readouterr().out
+    pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, *common, "--stop-at-step", "3"))
+    assert "eval step 3" in capsys.readouterr().out
     pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, *common, "--resume"))
     for name in ("latest.pt", "best.pt", "history.json"):
         for run in "bc":
@@ -2731,9 +2731,9 @@ def test_pretrain_stopped_runs_resume_to_exactly_the_whole_run(tmp_path, pretrai
                 assert same_weights(tmp_path / "a" / "run" / name, tmp_path / run / "run" / name), (run, name)
             else:
                 assert (tmp_path / run / "run" / name).read_text() == (tmp_path / "a" / "run" / name).read_text()
-    extended = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run"), "--max-steps", "10"])
+    extended = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run"), "--max-steps", "8"])
     settings = json.loads((tmp_path / "b" / "run" / "run.json").read_text())["settings"]
-    assert extended["steps"] == 10 and settings["max_steps"] == 10 and settings["lr"] == 0.01
+    assert extended["steps"] == 8 and settings["max_steps"] == 8 and settings["lr"] == 0.01
 
 
 def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_overwritten(tmp_path, pretrain_text_file,
