@@ -2739,9 +2739,9 @@ def test_pretrain_stopped_runs_resume_to_exactly_the_whole_run(tmp_path, pretrai
 def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_overwritten(tmp_path, pretrain_text_file,
                                                                                           capsys):
     """What pretrain.py adds to the run-folder rule that gpt.claim_run_folder and gpt.resume_settings apply."""
-    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "4", "--eval-every", "4")
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--eval-every", "2")
     pretrain.main(argv)
-    with pytest.raises(SystemExit, match="already made 4 of 4 steps"):
+    with pytest.raises(SystemExit, match="already made 2 of 2 steps"):
         pretrain.main(argv + ["--resume"])
     old = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
     with pytest.raises(SystemExit):  # the flags are checked before the old run is deleted
