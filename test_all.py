@@ -314,12 +314,10 @@ def bad_inputs(tmp_path_factory):
     (files / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
     (files / "garbage.bin").write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
     for name, content in [("a.csv", "label,message\nham,hi\n"), ("b.csv", "text,label\nhi,ham\nyo,spma\n"),
-                          ("c.csv", "text,label\n"), ("d.tsv", "ham\thi\nspma\tyo\n"), ("e.tsv", "ham\thi\nno tab\n"),
-                          ("f.tsv", "\n"), ("empty.txt", ""), ("short.txt", "Only a few words here.")]:
+                          ("c.csv", "text,label\n"), ("empty.txt", ""), ("short.txt", "Only a few words here.")]:
         (files / name).write_text(content)
     (files / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
     (files / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
-    (files / "bom.txt").write_bytes(b"\xef\xbb\xbf")
     (files / "x_test.csv").write_text("Question?,a,b,c,E\n")
     for name, member, arcname in [("mmlu", MMLU_FOLDER / "data", "data"), ("bad_mmlu", files / "x_test.csv",
                                   "data/test/x_test.csv"), ("not_mmlu", files / "empty.txt", "notes.txt")]:
@@ -2158,9 +2156,6 @@ def pretrain_text_file(tmp_path):
     return path
 
 
-# --- windows and batches -------------------------------------------------------------------
-
-
 def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ranks_split_one_batch():
     tokens = torch.arange(100, dtype=torch.int16)
     tokens[7] = gpt.EOT_ID - 65536  # a uint16 id above 32767 as the int16 token file holds it
@@ -2184,34 +2179,6 @@ def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ra
     assert single == epoch1[2:6]  # samples 12 to 15
     assert pretrain.micro_batch_starts(splits, 8, 0, 4) == epoch0[8:10] + epoch1[0:2]  # across the epochs' border
     assert epoch0 == [3 * int(i) for i in torch.randperm(10, generator=torch.Generator().manual_seed(100_003))]
-
-
-# --- data preparation ------------------------------------------------------------------------
-
-
-def test_pretrain_short_text_error_says_what_would_work():
-    tokens = torch.zeros(5145, dtype=torch.int16)  # The Verdict's length
-    with pytest.raises(ValueError) as e:
-        pretrain.split_tokens(tokens, 0.9, 1024)
-    message = str(e.value)
-    assert "validation split has 515 tokens" in message
-    assert "--context-length 514 or less, another --train-fraction or more text" in message
-    train, val = pretrain.split_tokens(tokens, 0.9, 514)
-    assert len(train) == 4630 and len(val) == 515
-    with pytest.raises(ValueError, match=r"training split has 1 tokens .* more text"):
-        pretrain.split_tokens(torch.zeros(3, dtype=torch.int16), 0.5, 4)
-
-
-def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
-    path = tmp_path / "bad.txt"
-    path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
-    truncated = tmp_path / "truncated.txt"
-    truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
-    with_bom = tmp_path / "bom.txt"
-    with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
-    for bad, offset in ((path, 42), (truncated, 3), (with_bom, 6)):
-        with pytest.raises(ValueError, match=f"^--data {bad}: not UTF-8 text: byte 0x.. at byte offset {offset} "):
-            pretrain.prepare_token_file([bad], tmp_path / "tokens", gpt.get_tokenizer())
 
 
 def test_pretrain_crlf_and_cr_corpora_give_the_tokens_of_the_lf_text(tmp_path):
@@ -2239,33 +2206,25 @@ def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once
     (folder / "notes.md").write_text("not a .txt file")
     paths = pretrain.resolve_sources(str(folder))
     assert [p.name for p in paths] == ["a.txt", "b.txt"]
-
     enc = gpt.get_tokenizer()
     token_path, n, sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
     expected = enc.encode("First document.\n") + [gpt.EOT_ID] + enc.encode("Second one, in a subfolder.\n")
-    assert n == len(expected) and token_path.stat().st_size == 2 * n
+    assert array.array("H", token_path.read_bytes()).tolist() == expected and n == len(expected)  # uint16
     assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()
-    assert array.array("H", token_path.read_bytes()).tolist() == expected  # uint16, native byte order
     assert json.loads(token_path.with_suffix(".json").read_text())["n_tokens"] == n
-
+    qwen, _ = tokenizer_and_eot(trained_tokenizers["qwen3"][1])
+    qwen_path, _, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", qwen)
+    assert qwen_path != token_path  # another tokenizer: tokenized again, into another file
     capsys.readouterr()
-    qwen, qwen_folder = trained_tokenizers["qwen3"]
-    encoding, qwen_eot = tokenizer_and_eot(qwen_folder)
-    qwen_path, _, qwen_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", encoding)
-    assert "reused" not in capsys.readouterr().out  # another tokenizer: tokenized again, into another file
-    assert qwen_path != token_path and qwen_sha256 != sha256 and qwen_path.suffix == ".uint16"  # 1000 ids
-    qwen_ids = qwen.encode("First document.\n").ids + [qwen_eot] + qwen.encode("Second one, in a subfolder.\n").ids
-    assert array.array("H", qwen_path.read_bytes()).tolist() == qwen_ids
     assert pretrain.prepare_token_file(paths, tmp_path / "tokens", enc) == (token_path, n, sha256)
     assert "reused" in capsys.readouterr().out
     (folder / "a.txt").write_text("First document, edited and longer.\n")
     token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
     assert token_path2 != token_path and n2 > n and "reused" not in capsys.readouterr().out  # a new file
-    body = _pretrain_text(20).encode()
-    server = local_server({"/files/story.txt": body})
+    server = local_server({"/files/story.txt": b"Once upon a time."})
     url = f"{server.url}/files/story.txt"
     (downloaded,) = pretrain.resolve_sources(url)
-    assert downloaded == cached_data_path(tmp_path, url, "story.txt") and downloaded.read_bytes() == body
+    assert downloaded == cached_data_path(tmp_path, url, "story.txt") and downloaded.read_bytes() == b"Once upon a time."
     server.close()
     assert pretrain.resolve_sources(url) == [downloaded]  # from the cache, the server is gone
 
@@ -2285,9 +2244,6 @@ def test_pretrain_a_token_file_holds_ids_above_65535_as_uint32(tmp_path):
     assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
 
 
-# --- optimizer and schedule ------------------------------------------------------------------
-
-
 def test_pretrain_cosine_with_warmup_values():
     lr = lambda step: pretrain.cosine_with_warmup(step, 1.0, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
     assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -2296,13 +2252,9 @@ def test_pretrain_cosine_with_warmup_values():
     assert lr(14) == pytest.approx(0.1) and lr(100) == pytest.approx(0.1)
 
 
-# --- training runs ---------------------------------------------------------------------------
-
-
 def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_model(tmp_path, pretrain_text_file):
-    result = pretrain.main(
-        _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "40", "--eval-every", "20", "--lr", "1e-2")
-    )
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "40", "--eval-every", "20", "--lr", "1e-2")
+    result = pretrain.main(argv)
     history = json.loads((tmp_path / "run" / "history.json").read_text())["evaluations"]
     assert [h["step"] for h in history] == [0, 20, 40]
     assert history[0]["train_loss"] == pytest.approx(math.log(50257), abs=0.3)  # random start: uniform guess
@@ -2317,10 +2269,7 @@ def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_mod
     decay, no_decay = gpt.load_checkpoint(result["latest"])["optimizer"]["param_groups"]
     assert decay["betas"] == no_decay["betas"] == (0.9, 0.95)  # GPT-3's, appendix B
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["settings"]["lr"] == 1e-2 and run["data"]["n_tokens"] == pretrain.prepare_token_file(
-        [pretrain_text_file], tmp_path / "tokens", gpt.get_tokenizer()
-    )[1]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["lr"] == 1e-2
     assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
     # --model continues from the weights: the shape comes from them, and step 0 scores what the run ended with.
     pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", model=result["best"]))
@@ -2328,55 +2277,45 @@ def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_mod
     assert history[0]["step"] == 0 and history[0]["val_loss"] == pytest.approx(result["val_loss"], abs=1e-5)
 
 
+def same_weights(checkpoint_a, checkpoint_b):
+    """Whether two checkpoint files hold exactly the same model weights."""
+    a, b = (gpt.load_checkpoint(path)["model"] for path in (checkpoint_a, checkpoint_b))
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_pretrain_stopped_runs_resume_to_exactly_the_whole_run(tmp_path, pretrain_text_file, capsys):
-    common = ("--max-steps", "8", "--eval-every", "4", "--drop-rate", "0.1", "--lr", "1e-2", "--grad-accum", "2")
+    common = ("--max-steps", "6", "--eval-every", "3", "--drop-rate", "0.1", "--lr", "1e-2", "--grad-accum", "2")
     whole = pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
     # Stopped between evaluations, then a bare --resume: the saved settings, printed.
-    first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "3"))
-    assert first["stopped"] == "stop-at-step" and first["steps"] == 3
+    first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "2"))
+    assert first["stopped"] == "stop-at-step" and first["steps"] == 2
     capsys.readouterr()
     resumed = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run")])  # nothing else
     assert "lr=0.01" in capsys.readouterr().out
-    assert resumed["steps"] == 8 and resumed["tokens_seen"] == whole["tokens_seen"]
+    assert resumed["steps"] == 6 and resumed["tokens_seen"] == whole["tokens_seen"]
     assert resumed["val_loss"] == whole["val_loss"]
     # Stopped on an evaluation step (after its evaluation), then --resume with the same flags.
-    pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, *common, "--stop-at-step", "4"))
-    assert "eval step 4" in capsys.readouterr().out
-    assert gpt.load_checkpoint(tmp_path / "c" / "run" / "best.pt")["step"] == 4
+    pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, *common, "--stop-at-step", "3"))
+    assert "eval step 3" in capsys.readouterr().out
     pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, *common, "--resume"))
-    a = gpt.load_checkpoint(tmp_path / "a" / "run" / "latest.pt")
-    best = gpt.load_checkpoint(tmp_path / "a" / "run" / "best.pt")
-    for run in "bc":
-        b = gpt.load_checkpoint(tmp_path / run / "run" / "latest.pt")
-        assert b["history"] == a["history"] and [h["step"] for h in b["history"]] == [0, 4, 8]
-        for name, tensor in a["model"].items():
-            torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
-        history = (tmp_path / run / "run" / "history.json").read_text()
-        assert json.loads(history) == json.loads((tmp_path / "a" / "run" / "history.json").read_text())
-        best_resumed = gpt.load_checkpoint(tmp_path / run / "run" / "best.pt")
-        assert (best_resumed["step"], best_resumed["val_loss"]) == (best["step"], best["val_loss"])
-    extended = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run"), "--max-steps", "10"])
+    for name in ("latest.pt", "best.pt", "history.json"):
+        for run in "bc":
+            if name.endswith(".pt"):
+                assert same_weights(tmp_path / "a" / "run" / name, tmp_path / run / "run" / name), (run, name)
+            else:
+                assert (tmp_path / run / "run" / name).read_text() == (tmp_path / "a" / "run" / name).read_text()
+    extended = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run"), "--max-steps", "8"])
     settings = json.loads((tmp_path / "b" / "run" / "run.json").read_text())["settings"]
-    assert extended["steps"] == 10 and settings["max_steps"] == 10 and settings["lr"] == 0.01
+    assert extended["steps"] == 8 and settings["max_steps"] == 8 and settings["lr"] == 0.01
 
 
 def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_overwritten(tmp_path, pretrain_text_file,
                                                                                           capsys):
-    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "4", "--eval-every", "4")
+    """What pretrain.py adds to the run-folder rule that gpt.claim_run_folder and gpt.resume_settings apply."""
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--eval-every", "2")
     pretrain.main(argv)
-    assert (tmp_path / "run" / "best.pt").exists()
-    with pytest.raises(SystemExit, match=r"holds another run \(latest.pt, best.pt, .*--resume.*--overwrite"):
-        pretrain.main(argv)
-    with pytest.raises(SystemExit, match="already made 4 of 4 steps"):
+    with pytest.raises(SystemExit, match="already made 2 of 2 steps"):
         pretrain.main(argv + ["--resume"])
-    with pytest.raises(SystemExit, match="^error: --resume continues the saved run, which used --emb-dim 32, not 64"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume", "--emb-dim", "64"))
-    with pytest.raises(SystemExit, match="which used --lr 0.001, not 0.5: drop --lr"):
-        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--lr", "0.5"])
-    other = tmp_path / "other.txt"
-    other.write_text(_pretrain_text(seed=1))
-    with pytest.raises(SystemExit, match=f"which used --data {pretrain_text_file}, not {other}"):
-        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--data", str(other), "--max-steps", "8"])
     old = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
     with pytest.raises(SystemExit):  # the flags are checked before the old run is deleted
         pretrain.main(argv + ["--overwrite", "--model", "gpt2", "--size", "gpt2"])
@@ -2384,7 +2323,6 @@ def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_ove
     assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()} == old
     pretrain.main(argv + ["--overwrite", "--stop-at-step", "1"])  # stops before an evaluation could write best.pt
     assert not (tmp_path / "run" / "best.pt").exists()  # the old run's model is gone with it
-    assert gpt.load_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 1
     pretrain_text_file.write_text(_pretrain_text(seed=2))  # the same file, other text
     with pytest.raises(SystemExit, match=f"^error: --resume: --data {pretrain_text_file} changed since the run"):
         pretrain.main(["--resume", "--out-dir", str(tmp_path / "run")])
@@ -2406,13 +2344,11 @@ def test_pretrain_ctrl_c_while_tokenizing_is_honest_and_in_training_saves_a_chec
     assert list((tmp_path / "tokens").iterdir()) == []  # no token file, partial or whole
     assert not (tmp_path / "run").exists()  # made for the run, left empty: removed
     # Ctrl-C in training (a real SIGINT to a real process): a checkpoint of the step it stopped at.
-    argv = _pretrain_tiny_argv(
-        tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-every", "1", "--eval-every", "100000"
-    )
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-every", "1",
+                               "--eval-every", "100000")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
-    proc = subprocess.Popen(
-        [sys.executable, str(PRETRAIN_SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
+    proc = subprocess.Popen([sys.executable, str(PRETRAIN_SCRIPT), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
     for line in proc.stdout:
         if line.startswith("step"):  # training is under way
             proc.send_signal(signal.SIGINT)
@@ -2445,30 +2381,19 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     assert b["history"][-1]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
 
 
-# --- flags checked at startup, stop and resume -----------------------------
-
-
 PRETRAIN_RUN = "--data {files}/story.txt --out-dir {run}"
 OFFLINE = "); run again later"  # the end of "could not download NAME: offline? Give a copy of it with --data ..."'
 PRETRAIN_TINY = "--n-layers 1 --n-heads 2 --emb-dim 32 --context-length 32"  # the model is made before the data is read
 PRETRAIN_BAD_INPUTS = [
-    # Flags, checked before any data or model work.
-    (f"{PRETRAIN_RUN} --drop-rate 2", "argument --drop-rate: must be a number in [0, 1], got '2'"),
+    # Flags, checked before any data or model work: one of each number type (the types: test_flag_types_...).
     (f"{PRETRAIN_RUN} --n-heads 3", "the model's shape (--size and the shape flags): emb_dim (256) must be divisible by"),
-    (f"{PRETRAIN_RUN} --size gpt2 --n-heads 5", "emb_dim (768) must be divisible by n_heads (5)"),
-    (f"{PRETRAIN_RUN} --emb-dim 30", "emb_dim (30) must be divisible by n_heads (4)"),
     (f"{PRETRAIN_RUN} --size HuggingFaceTB/SmolLM2-135M --n-heads 4", "n_heads (4) must be a multiple of n_kv_heads"),
     (f"{PRETRAIN_RUN} --model gpt2 --n-layers 2", "--model (its weights bring the shape) does not use --n-layers: drop it"),
-    (f"{PRETRAIN_RUN} --epochs inf", "argument --epochs: must be a finite number >= 0, got 'inf'"),
     (f"{PRETRAIN_RUN} --epochs 0", "argument --epochs: must be a number > 0, got '0'"),  # would train nothing
     (f"{PRETRAIN_RUN} --grad-clip nan", "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
-    (f"{PRETRAIN_RUN} --weight-decay -0.1", "argument --weight-decay: must be a finite number >= 0, got '-0.1'"),
-    (f"{PRETRAIN_RUN} --lr -1", "argument --lr: must be a finite number >= 0, got '-1'"),
-    (f"{PRETRAIN_RUN} --min-lr-ratio 1.5", "argument --min-lr-ratio: must be a number in [0, 1], got '1.5'"),
     (f"{PRETRAIN_RUN} --train-fraction 1.5", "argument --train-fraction: must be a number in [0, 1], got '1.5'"),
     (f"{PRETRAIN_RUN} --sample-tokens -1", "argument --sample-tokens: must be an integer >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --stop-at-step 0", "argument --stop-at-step: must be an integer >= 1, got '0'"),
-    (f"{PRETRAIN_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     # The data and the model.
     (f"{PRETRAIN_TINY} --data {{files}}/missing.txt --out-dir {{run}}", "no such file or folder"),
@@ -2479,11 +2404,12 @@ PRETRAIN_BAD_INPUTS = [
      "(ConnectionError): connect once, or set TIKTOKEN_CACHE_DIR to a folder holding them (this repository's "
      "testdata/tiktoken_cache has them)"),
     (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "the training split has 0 tokens (0 in all"),
-    (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "the training split has 0 tokens (0 in all"),  # a BOM
     (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
     (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "--data {files}/latin1.txt: not UTF-8 text: byte "
      "0xe9 at byte offset 3 (line 1); save it as UTF-8"),
-    (f"{PRETRAIN_TINY} --data {{files}}/short.txt --out-dir {{run}}", "the training split has"),
+    (f"{PRETRAIN_TINY} --data {{files}}/short.txt --out-dir {{run}}", "the training split has 5 tokens (6 in all, "
+     "--train-fraction 0.9), fewer than context length 32 + 1; use --context-length 4 or less, another "
+     "--train-fraction or more text"),
     (f"{PRETRAIN_RUN} --model {{files}}/empty", "{files}/empty holds no model: neither model.safetensors nor "
      "model.safetensors.index.json"),
     (f"{PRETRAIN_RUN} --model {{files}}/tiny.pt --context-length 128", "--context-length 128 is longer than the "
@@ -2498,67 +2424,29 @@ def test_pretrain_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     assert not (tmp_path / "gpt-cache").exists() or not message.startswith("argument")  # flags: before any work
 
 
-# --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
-
-
-def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
-    trained_tokenizers, tmp_path, pretrain_text_file, monkeypatch, capsys
-):
+def test_pretrain_llama_family_model_samples_in_its_own_tokenizer(trained_tokenizers, tmp_path, pretrain_text_file,
+                                                                   capsys):
+    """(Token files and checkpoints of a family's model: test_new_family_through_every_stage, and the --size test.)"""
     prompt = "Every effort moves you"
-    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
-    # 4-byte ids, as for 151,936 ids (1000 fit in 2 bytes: the file keeps its .uint16 name)
-    monkeypatch.setitem(pretrain.TOKEN_TYPES, "uint16", pretrain.TOKEN_TYPES["uint32"])
-
-    def argv(run, *extra):
-        common = ("--max-steps", "4", "--eval-every", "2", "--drop-rate", "0.1", "--lr", "1e-2")
-        return _pretrain_tiny_argv(tmp_path / run, pretrain_text_file, *common, *extra, model=tmp_path / "model")
-
-    whole = pretrain.main(argv("a"))
-    out = capsys.readouterr().out
-    (token_path,) = (tmp_path / "a" / "tokens").glob("*.uint16")
-    text = pretrain_text_file.read_text()
-    assert array.array("I", token_path.read_bytes()).tolist() == tokenizer.encode(text, add_special_tokens=False).ids
+    family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
+    pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "1", model=tmp_path / "model"))
     # The sample of step 0 is the loaded model's, in its tokenizer, until its end token at most.
     encoding, eot_id = tokenizer_and_eot(tmp_path / "model")
     start = gpt.text_to_token_ids(prompt, tokenizer=encoding)  # <|begin_of_text|> first
-    model = load_lm(tmp_path / "model")
-    sample = gpt.generate(model, start, 5, temperature=0.8, top_k=50, seed=123, eot_id=eot_id)
-    assert "  sample: " + gpt.token_ids_to_text(sample[0], encoding).replace("\n", "\n          ") + "\n" in out
-    history = json.loads((tmp_path / "a" / "run" / "history.json").read_text())["evaluations"]
-    assert [h["step"] for h in history] == [0, 2, 4] and history[-1]["train_loss"] < history[0]["train_loss"]
-    for path in (whole["best"], whole["latest"]):  # the later stages reload the same tokenizer
-        assert gpt.load_checkpoint(path)["tokenizer"] == {"files": encoding.files}  # the tokenizer itself
-        assert tokenizer_and_eot(path)[1] == eot_id and type(load_lm(path)) is gpt.LlamaModel
-    pretrain.main(argv("b", "--stop-at-step", "3"))
-    resumed = pretrain.main(argv("b", "--resume"))
-    assert resumed["steps"] == 4 and resumed["val_loss"] == whole["val_loss"]
-    a, b = (gpt.load_checkpoint(tmp_path / r / "run" / "latest.pt") for r in "ab")
-    for name, tensor in a["model"].items():
-        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
+    sample = gpt.generate(load_lm(tmp_path / "model"), start, 5, temperature=0.8, top_k=50, seed=123, eot_id=eot_id)
+    expected = "  sample: " + gpt.token_ids_to_text(sample[0], encoding).replace("\n", "\n          ") + "\n"
+    assert expected in capsys.readouterr().out
 
 
-def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_flags(tmp_path, pretrain_text_file,
-                                                                                      monkeypatch):
-    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2")
-    with monkeypatch.context() as patch:
-        patch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
-        code = exit_code(pretrain.main, argv)
+def test_pretrain_memory_is_checked_before_the_run_starts(tmp_path, pretrain_text_file, monkeypatch):
+    """(Out of memory later: gpt.command_line, with the hint each script gives it.)"""
+    monkeypatch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
+    code = exit_code(pretrain.main, _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2"))
     assert code.startswith("error: training (weights, gradients and AdamW's moments, before activations): about "
                            "0.0 GB needed")
     assert code.endswith("pretraining trains every weight: use a smaller model or more memory, or LoRA (the "
                          "fine-tunes' --lora)")
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    monkeypatch.setattr(pretrain, "evaluate_loss", out_of_memory)
-    code = exit_code(pretrain.main, argv + ["--overwrite"])
-    hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or --context-length"
-    assert code == "error: out of memory: " + hint
-
-
-# --- gpt.py: the training plumbing pretrain.py moved there (autocast, FLOPs, throughput) --
 
 
 def test_pretrain_peak_flops_of_a_gpu_autocast_flops_and_throughput_line_are_exact(monkeypatch):
@@ -2630,15 +2518,10 @@ def _classify_classifier(folder):
     return model, save_tiny(folder / "classifier.pt", model, max_length=48)
 
 
-# -- data -------------------------------------------------------------------------------
-
-
-def test_classify_parse_accepts_bom_and_crlf_and_names_invalid_utf8_and_bad_lines_with_line_numbers():
+def test_classify_reads_tsv_and_zip_alike_and_names_bad_lines_and_damaged_zips(tmp_path):
     raw = b"\xef\xbb\xbfham\tHello there\r\nSPAM\tWin cash now\r\n\r\nham\tsecond\ttab kept\r\n"
     messages = fc.parse_labelled(raw, source="x.tsv")
     assert messages == [("ham", "Hello there"), ("spam", "Win cash now"), ("ham", "second\ttab kept")]
-    with pytest.raises(ValueError, match=r"^x.tsv: not UTF-8 text: byte 0xff at byte offset 29 \(line 2\)"):
-        fc.parse_labelled(raw.replace(b"Win", b"Win \xff"), source="x.tsv")
     raw = b"ham\tok\nno tab here\nspma\ttypo label\nham\t   \nspam\tfine\n"
     with pytest.raises(ValueError) as error:
         fc.parse_labelled(raw, source="x.tsv")
@@ -2648,30 +2531,21 @@ def test_classify_parse_accepts_bom_and_crlf_and_names_invalid_utf8_and_bad_line
                                 "and text columns")
     with pytest.raises(ValueError, match=r"^x.tsv: 7 bad line\(s\): line 1: no message.*; line 5: no mes.*; \.\.\.: give"):
         fc.parse_labelled(b"no tab\n" * 7, source="x.tsv")
-
-
-def test_classify_reads_zip_and_tsv_alike_and_names_a_damaged_zip(tmp_path):
     tsv = tmp_path / "SMSSpamCollection"
     tsv.write_bytes(b"ham\ta\nspam\tb\n")
-    good, bad = tmp_path / "good.zip", tmp_path / "bad.zip"
-    with zipfile.ZipFile(good, "w") as z:
-        z.write(tsv, "SMSSpamCollection")
-        z.writestr("readme", "not data")
-    with zipfile.ZipFile(bad, "w") as z:
-        z.writestr("readme", "not data")
-    assert fc.read_sms_bytes(good) == fc.read_sms_bytes(tsv) == b"ham\ta\nspam\tb\n"
-    with pytest.raises(ValueError, match=r"bad.zip: a damaged zip file or one without SMSSpamCollection \(.*no item"):
-        fc.read_sms_bytes(bad)
-    raw = SMS_ZIP.read_bytes()
-    truncated, flipped = tmp_path / "truncated.zip", tmp_path / "flipped.zip"
-    truncated.write_bytes(raw[: len(raw) // 2])
-    flipped.write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
-    for path in (truncated, flipped):
-        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file or one without SMSSpamCollection \(.*\): give "):
-            fc.read_sms_bytes(path)
+    with zipfile.ZipFile(tmp_path / "good.zip", "w") as archive:
+        archive.write(tsv, "SMSSpamCollection")
+        archive.writestr("readme", "not data")
+    with zipfile.ZipFile(tmp_path / "no-data.zip", "w") as archive:
+        archive.writestr("readme", "not data")
+    assert fc.read_sms_bytes(tmp_path / "good.zip") == fc.read_sms_bytes(tsv) == b"ham\ta\nspam\tb\n"
+    (tmp_path / "cut.zip").write_bytes(SMS_ZIP.read_bytes()[:100_000])  # flipped bytes: the bad-input table
+    for name in ("no-data.zip", "cut.zip"):
+        with pytest.raises(ValueError, match=rf"{name}: a damaged zip file or one without SMSSpamCollection \(.*\): give "):
+            fc.read_sms_bytes(tmp_path / name)
 
 
-def test_classify_splits_are_balanced_and_deterministic_and_need_both_classes(tmp_path):
+def test_classify_splits_are_balanced_and_deterministic_and_need_both_classes():
     with pytest.raises(ValueError, match="3 ham and 0 spam messages: a classifier needs both classes"):
         fc.create_balanced_dataset([("ham", "a"), ("ham", "b"), ("ham", "c")], seed=1)
     few = [("spam", f"s{i}") for i in range(4)] + [("ham", f"h{i}") for i in range(9)]
@@ -2679,19 +2553,11 @@ def test_classify_splits_are_balanced_and_deterministic_and_need_both_classes(tm
         fc.random_split(fc.create_balanced_dataset(few, seed=1), seed=1)
     messages = fc.parse_labelled(_CLASSIFY_SMS_BYTES)
     assert (len(messages), sum(label == "spam" for label, _ in messages)) == (5574, 747)
-
-    def csv_bytes(seed, folder):
-        splits = fc.random_split(fc.create_balanced_dataset(messages, seed), seed)
-        for name, split in zip(("train", "validation", "test"), splits):
-            fc.write_csv(tmp_path / folder / f"{name}.csv", ("label", "text"), split)
-        return splits, [(tmp_path / folder / f"{n}.csv").read_bytes() for n in ("train", "validation", "test")]
-
-    splits, first = csv_bytes(123, "a")
+    splits = fc.random_split(fc.create_balanced_dataset(messages, 123), 123)
     assert [len(s) for s in splits] == [1045, 149, 300]  # 747 spam + 747 ham, 70/10/20 as in the book
     assert sum(label == "spam" for split in splits for label, _ in split) == 747
-    assert csv_bytes(123, "b")[1] == first
-    assert csv_bytes(7, "c")[1] != first
-    assert first[0].startswith(b"label,text\n")
+    assert fc.random_split(fc.create_balanced_dataset(messages, 123), 123) == splits
+    assert fc.random_split(fc.create_balanced_dataset(messages, 7), 7) != splits
 
 
 def test_classify_tokenize_truncates_to_max_length():
@@ -2721,22 +2587,8 @@ def test_classify_texts_file_is_utf8_with_empty_lines_skipped_and_pipes(tmp_path
         os.close(read_end)
 
 
-# -- model ------------------------------------------------------------------------------
-
-
-def test_classify_prediction_does_not_depend_on_padding():
-    model = _classify_tiny_classifier()
-    short, longer = _classify_token_ids([5, 30])
-    alone = fc.full_pass_logits(model, [short])
-    padded = fc.full_pass_logits(model, [short, longer])[:1]
-    torch.testing.assert_close(padded, alone)
-    activations = fc.compute_frozen_activations(model, [short, longer], n_frozen=1)
-    torch.testing.assert_close(fc.cached_logits(model, activations, 1)[:1], alone)
-    torch.testing.assert_close(fc.cached_logits(model, activations[:1], 1), alone)
-
-
 @pytest.mark.parametrize("n_frozen", [0, 1, 2])
-def test_classify_activation_cache_gives_full_pass_logits_and_gradients(n_frozen):
+def test_classify_activation_cache_gives_full_pass_logits_and_gradients_of_any_padding(n_frozen):
     model = _classify_tiny_classifier()
     model.requires_grad_(True)
     token_ids = _classify_token_ids([3, 17, 9, 40, 1, 25])
@@ -2758,6 +2610,8 @@ def test_classify_activation_cache_gives_full_pass_logits_and_gradients(n_frozen
     torch.testing.assert_close(cached_logits, full_logits)
     for full, cached in zip(full_grads, cached_grads):
         torch.testing.assert_close(cached, full)
+    with torch.no_grad():  # the prediction does not depend on the padding of the batch
+        torch.testing.assert_close(fc.full_pass_logits(model, token_ids[:1]), full_logits[:1])
 
 
 @pytest.mark.parametrize("trainable", [*fc.TRAINABLE_CHOICES, "lora"])
@@ -2825,10 +2679,7 @@ def test_classify_keeps_the_epoch_with_the_best_validation_accuracy(monkeypatch,
     assert _classify_scripted_training(monkeypatch, [(0.3, 0.8), (0.3, 0.8), (0.4, 0.5)])[1]["kept_epoch"] == 1
 
 
-# -- the script end to end --------------------------------------------------------------
-
-
-def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys):
+def test_classify_main_trains_saves_classifies_and_evaluates_as_in_training(tmp_path, capsys):
     common = _classify_run_argv(tmp_path, "cached", "--epochs", "2", "--log-every", "5")
     fc.main(common)
     common[common.index("--out-dir") + 1] = str(tmp_path / "plain")
@@ -2836,29 +2687,26 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert "activation cache: on" in out and "activation cache: off (--no-activation-cache)" in out
     assert "step 5/10 (epoch 1.00/2.00) | loss" in out and "examples/s | ETA" in out
-    for name in ("train.csv", "validation.csv", "test.csv", "classifier.pt", "metrics.json"):
-        assert (tmp_path / "cached" / name).is_file()
-    if importlib.util.find_spec("matplotlib") is None:
-        assert "(no plot: pip install matplotlib to get loss-accuracy.png)" in out
-    else:
-        assert (tmp_path / "cached" / "loss-accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "cached" / "loss-accuracy.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
     cached = json.loads((tmp_path / "cached" / "metrics.json").read_text())
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     assert (cached["activation_cache"], plain["activation_cache"]) == (True, False)
     assert cached["test"]["confusion_matrix"] == plain["test"]["confusion_matrix"]
     assert sum(map(sum, cached["test"]["confusion_matrix"])) == 14  # 33 spam + 33 ham: 46 / 6 / 14
     assert cached["history"]["train_loss"] == pytest.approx(plain["history"]["train_loss"], abs=1e-5)
-
-    texts = tmp_path / "texts.txt"
-    texts.write_text("Are we meeting at 6?\n\nWINNER!! Claim your prize now\n")
-    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify", "Call me later"])
-    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify-file", str(texts)])
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split("  ")[-1] for line in lines] == ["Call me later", "Are we meeting at 6?", "WINNER!! Claim your prize now"]
-    model, _, max_length = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
+    # --evaluate of the saved test split gives the metrics of training, printed alike.
+    classifier, test_split = tmp_path / "cached" / "classifier.pt", tmp_path / "cached" / "test.csv"
+    fc.main(["--checkpoint", str(classifier), "--evaluate", str(test_split), "--results", str(tmp_path / "eval.json")])
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == cached["test"]
+    printed = out[out.index("test split (") :].split("\n")[:5]
+    printed[0] = printed[0].replace("test split", str(test_split))
+    assert capsys.readouterr().out.split("\n")[:6] == printed + [f"metrics in {tmp_path / 'eval.json'}"]
+    fc.main(["--checkpoint", str(classifier), "--classify", "Call me later"])
+    model, _, max_length = fc.load_classifier(classifier)
     assert model.labels == ["not spam", "spam"] and max_length == 48
     spam_probability = fc.classify_texts(model, ["Call me later"], 48)[0]
-    assert lines[0] == f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later"
+    line = f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later\n"
+    assert capsys.readouterr().out == line
 
 
 NO_LABELS = "no labelled messages: give 'ham|spam<TAB>message' lines (the SMS Spam Collection) or a .csv file with label and text columns"
@@ -2877,32 +2725,21 @@ CLASSIFY_BAD_INPUTS = [
      "(no tab after the label, or no text column); line 2: "),
     ("--model {files}/lm48.pt --data {files}/flipped.zip --out-dir {run}", "flipped.zip: a damaged zip file or one "
      "without SMSSpamCollection"),
-    # Flags that argparse and the `type=` helpers reject, and combinations parse_args refuses.
-    ("--lora --lora-alpha -1", "argument --lora-alpha: must be a finite number >= 0, got '-1'"),
+    # Flags that argparse and the `type=` helpers reject (one of each type), and combinations parse_args refuses.
     ("--lora --lora-rank 0", "argument --lora-rank: must be an integer >= 1, got '0'"),
     ("--weight-decay nan", "argument --weight-decay: must be a finite number >= 0, got 'nan'"),
-    ("--lr inf", "argument --lr: must be a finite number >= 0, got 'inf'"),
-    ("--max-steps 0", "argument --max-steps: must be an integer >= 1, got '0'"),
-    ("--drop-rate 1.5", "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
-    ("--batch-size 0", "argument --batch-size: must be an integer >= 1, got '0'"),
-    ("--seed 9223372036854775808", "argument --seed: must be an integer >= 0, got '9223372036854775808'"),
     ("--lora --trainable all", "--lora trains the adapters and the head: drop --trainable all"),
     ("--trainable lora", "argument --trainable: invalid choice: 'lora'"),
     ("--classify hi --threshold 1.5", "argument --threshold: must be a number in [0, 1], got '1.5'"),
     ("--classify hi --results p.json", "--results goes with --evaluate (a run writes metrics.json)"),
     ("--evaluate x.csv --classify hi", "argument --classify: not allowed with argument --evaluate"),
-    ("--classify hi --classify-file x.txt", "argument --classify-file: not allowed with argument --classify"),
-    ("--export-hf out --classify hi", "argument --classify: not allowed with argument --export-hf (see --help)"),
     # Using a classifier: a training flag given with it would be silently ignored.
     ("--classify hi --model other.pt", f"--classify {USED_AS_TRAINED} does not use --model: drop it"),
     ("--evaluate x.csv --max-length 10 --seed 1", f"--evaluate {USED_AS_TRAINED} does not use --max-length, --seed: drop them"),
-    ("--classify-file x.txt --lora", f"--classify-file {USED_AS_TRAINED} does not use --lora: drop it"),
-    ("--export-hf out --epochs 5", f"--export-hf {USED_AS_TRAINED} does not use --epochs: drop it"),
     # The classifier and the files it reads.
     ("--classify hi --checkpoint {files}/missing.pt", "no classifier at {files}/missing.pt: train one first"),
     ("--classify hi --checkpoint {files}/lm48.pt", "{files}/lm48.pt is no spam classifier of finetune_classify.py "
      "(class names: none, a language model): train one from it with --model"),
-    ("--classify-file {files} --checkpoint {files}/none.pt", "--classify-file {files}: a folder, not a file"),
     ("--classify-file {files}/garbage.bin --checkpoint {files}/none.pt",
      "--classify-file {files}/garbage.bin: not UTF-8 text: byte 0xff at byte offset 12 (line 2)"),
     ("--classify-file /dev/null --checkpoint {files}/classifier.pt", "nothing to classify"),
@@ -2910,9 +2747,6 @@ CLASSIFY_BAD_INPUTS = [
     ("--evaluate {files}/a.csv", "a.csv: 1 bad line(s): line 2: no message (no tab after the label, or no text column)"),
     ("--evaluate {files}/b.csv", "b.csv: 1 bad line(s): line 3: unknown label 'spma' (expected ham or spam)"),
     ("--evaluate {files}/c.csv", "c.csv: " + NO_LABELS),
-    ("--evaluate {files}/d.tsv", "d.tsv: 1 bad line(s): line 2: unknown label 'spma' (expected ham or spam)"),
-    ("--evaluate {files}/e.tsv", "e.tsv: 1 bad line(s): line 2: no message (no tab after the label, or no text column)"),
-    ("--evaluate {files}/f.tsv", "f.tsv: " + NO_LABELS),
 ]
 
 
@@ -2923,33 +2757,7 @@ def test_classify_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     check_bad_input(fc.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
-def test_classify_ctrl_c_exits_130_also_in_training_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch,
-                                                                                            capsys):
-    argv = _classify_run_argv(tmp_path)
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fc, "train_classifier", interrupted)
-    try:
-        fc.main(argv)
-    except KeyboardInterrupt:
-        pytest.fail("KeyboardInterrupt escaped main()")  # else it would stop the whole test session
-    except SystemExit as e:
-        assert e.code == 130
-    else:
-        pytest.fail("main() returned after an interrupt")
-    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
-    assert not (tmp_path / "run" / "classifier.pt").exists()
-    with pytest.raises(SystemExit, match="holds another run .*replace it with --overwrite"):  # the rerun says how
-        fc.main(argv)
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(fc, "train_classifier", out_of_memory)
-    code = exit_code(fc.main, _classify_run_argv(tmp_path, "oom"))
-    assert code == "error: out of memory: use a smaller --batch-size (or --max-length)"
+def test_classify_ctrl_c_in_training_exits_130_and_leaves_no_classifier(tmp_path):
     argv = _classify_run_argv(tmp_path, "sigint", "--epochs", "100000", "--batch-size", "2", "--log-every", "1")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     # A suite started in the background inherits an ignored SIGINT; the script's Ctrl-C is Python's own handler,
@@ -2967,7 +2775,7 @@ def test_classify_ctrl_c_exits_130_also_in_training_and_out_of_memory_names_the_
     assert not (tmp_path / "sigint" / "classifier.pt").exists()
 
 
-def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
+def test_classify_max_steps_stops_after_exactly_n_steps_and_bfloat16_stays_close(tmp_path, capsys):
     # 46 training messages, batch 8: 5 steps per epoch; 7 steps end 2 steps into epoch 2.
     fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "7", "--log-every", "1", "--epochs", "3"))
     out = capsys.readouterr().out
@@ -2979,82 +2787,37 @@ def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
     best = max(range(2), key=lambda i: (history["validation_accuracy"][i], -history["validation_loss"][i], -i))
     assert history["kept_epoch"] == history["epoch"][best]  # the stop within epoch 2 is a candidate too
     fc.main(_classify_run_argv(tmp_path, "all", "--max-steps", "1000", "--epochs", "2"))
-    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]["step"] == [5, 10]
+    full = json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]
     # The first 7 steps of the 10-step run are the 7 steps of the stopped run: same shuffling, same updates.
-    full = json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]["step_loss"]
-    assert full[:7] == history["step_loss"]
+    assert full["step"] == [5, 10] and full["step_loss"][:7] == history["step_loss"]
+    fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "7", "--epochs", "3"))
+    mixed = json.loads((tmp_path / "mixed" / "metrics.json").read_text())["history"]["step_loss"]
+    assert mixed != history["step_loss"]  # it did run in the lower precision
+    assert mixed == pytest.approx(history["step_loss"], abs=0.05)
 
 
-def test_classify_lora_trains_only_adapters_and_head_and_settings_travel_with_the_run(tmp_path, capsys):
-    fc.main(_classify_run_argv(tmp_path, "run", "--lora", "--max-steps", "2", "--seed", "7"))
-    out = capsys.readouterr().out
-    assert "lora=True, max_steps=2, seed=7, out_dir=" in out and "(the others: defaults; all in run.json)" in out
-    # per block, rank 16: c_attn 16*32 + 96*16, attn.c_proj 16*32 + 32*16, c_fc 16*32 + 128*16,
-    # mlp.c_proj 16*128 + 32*16 = 8,192; two blocks plus the head (32*2 + 2) = 16,450
-    assert "16,450 trainable" in out
-    assert "activation cache: off (the lower blocks train): full forward pass at every step" in out
-    checkpoint = gpt.load_checkpoint(tmp_path / "run" / "classifier.pt")
-    assert not any("lora" in key for key in checkpoint["model"])
-    run = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
-    assert run == checkpoint["settings"]
-    assert (run["seed"], run["max_steps"], run["max_length"], checkpoint["max_length"]) == (7, 2, 48, 48)
-
-
-def test_classify_bfloat16_autocast_trains_and_stays_close(tmp_path):
-    model = _classify_tiny_classifier()
-    token_ids = _classify_token_ids([5, 30, 12])
-    full = partial(fc.full_pass_logits, model)
-    mixed = fc.autocast_logits(full, torch.device("cpu"), "bfloat16")(token_ids)
-    assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, full(token_ids), atol=0.05, rtol=0.05)
-    assert torch.equal(fc.autocast_logits(full, torch.device("cpu"), "float32")(token_ids), full(token_ids))
-    fc.main(_classify_run_argv(tmp_path, "full", "--max-steps", "3"))
-    fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "3"))
-    full, mixed = (json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("full", "mixed"))
-    assert len(mixed["step_loss"]) == 3 and all(math.isfinite(x) for x in mixed["step_loss"])
-    assert mixed["step_loss"] != full["step_loss"]  # it did run in the lower precision
-    assert mixed["step_loss"] == pytest.approx(full["step_loss"], abs=0.05)
-
-
-def test_classify_folder_with_another_run_is_refused_unless_overwrite_and_before_the_model_loads(tmp_path, monkeypatch):
+def test_classify_full_disk_leaves_no_half_file_and_another_run_is_refused_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                                   capsys):
     argv = _classify_run_argv(tmp_path, "run", "--max-steps", "1")
-    fc.main(argv)
-    before = (tmp_path / "run" / "classifier.pt").read_bytes()
-    code = exit_code(fc.main, argv)
-    assert re.fullmatch(r"error: .*run holds another run \(classifier\.pt, run\.json, train\.csv, validation\.csv, "
-                        r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", code)
-    assert "--resume" not in code  # the classifier has no --resume to suggest
-    assert (tmp_path / "run" / "classifier.pt").read_bytes() == before
-    (tmp_path / "run" / "loss-accuracy.png").unlink(missing_ok=True)  # a run without the plot is replaced as well
-    fc.main(argv + ["--overwrite", "--seed", "5"])
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
-    # A folder that cannot take the run is refused before the model loads.
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the run folder was checked")
-
-    monkeypatch.setattr(gpt, "load", no_model)
-    (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit, match=r"^error: .*file is a file, not a folder: choose another folder than .*file$"):
-        fc.main(_classify_run_argv(tmp_path, "file"))
-    (tmp_path / "other" / "classifier.pt").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"error: .*other holds another run \(classifier.pt\)"):
-        fc.main(_classify_run_argv(tmp_path, "other"))
-    with pytest.raises(SystemExit, match=r"^error: \[Errno 21\] Is a directory: .*other/classifier.pt'$"):
-        fc.main(_classify_run_argv(tmp_path, "other", "--overwrite"))
-    (tmp_path / "elsewhere.pt").mkdir()
-    with pytest.raises(SystemExit, match=r"error: .*run2 holds another run \(../elsewhere.pt\)"):
-        fc.main(_classify_run_argv(tmp_path, "run2", "--checkpoint", str(tmp_path / "elsewhere.pt")))
-
-
-def test_classify_full_disk_at_the_final_save_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch, capsys):
-    failed = fill_the_disk(monkeypatch, lambda path: path.name == "classifier.pt")
-    code = exit_code(fc.main, _classify_run_argv(tmp_path, "run", "--max-steps", "2"))
+    with monkeypatch.context() as patch:
+        failed = fill_the_disk(patch, lambda path: path.name == "classifier.pt")
+        code = exit_code(fc.main, argv)
     assert code == full_disk_error(tmp_path / "run" / "classifier.pt")  # exit 1, one line
     assert failed == [tmp_path / "run" / "classifier.pt"]
     assert "test split (" in capsys.readouterr().out  # the test metrics were printed before the save
     # Nothing half-written: no classifier.pt, no temporary file beside it (and metrics.json comes after it).
-    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["run.json", "test.csv", "train.csv",
-                                                                           "validation.csv"]
+    run_files = ["run.json", "test.csv", "train.csv", "validation.csv"]
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == run_files
+    code = exit_code(fc.main, argv)
+    assert re.fullmatch(r"error: .*run holds another run \(run\.json, train\.csv, validation\.csv, test\.csv\): "
+                        r".*replace it with --overwrite.*", code)
+    assert "--resume" not in code  # the classifier has no --resume to suggest
+    fc.main(argv + ["--overwrite", "--seed", "5"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
+    monkeypatch.setattr(gpt, "load", lambda *args, **kwargs: pytest.fail("the model loaded before the folder's check"))
+    (tmp_path / "other" / "classifier.pt").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"error: .*other holds another run \(classifier.pt\)"):
+        fc.main(_classify_run_argv(tmp_path, "other"))
 
 
 def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatch):
@@ -3072,28 +2835,6 @@ def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatc
     assert seen == [tmp_path / "my-cache"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora", "--keep-last"]])
-def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(tmp_path, capsys, extra):
-    fc.main(_classify_run_argv(tmp_path, "run", "--epochs", "4", "--lr", "3e-3", *extra))
-    trained = capsys.readouterr().out
-    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    history = report["history"]
-    if not extra:  # validation accuracy 100% after epochs 2, 3 and 4: epoch 3 has the lowest loss
-        assert history["validation_accuracy"][1:] == [1.0, 1.0, 1.0]
-        assert history["validation_loss"][2] < min(history["validation_loss"][1], history["validation_loss"][3])
-    assert history["kept_epoch"] == (4 if extra else 3)
-    fc.main(["--checkpoint", str(tmp_path / "run" / "classifier.pt"), "--evaluate", str(tmp_path / "run" / "test.csv"),
-             "--results", str(tmp_path / "evaluation.json")])
-    evaluated = capsys.readouterr().out
-    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
-    assert evaluation["metrics"] == report["test"] and report["test"]["messages"] == 14
-    assert sum(map(sum, report["test"]["confusion_matrix"])) == 14
-    printed = trained[trained.index("test split (") :].split("\n")[:5]
-    printed[0] = printed[0].replace("test split", str(tmp_path / "run" / "test.csv"))
-    assert evaluated.split("\n")[:5] == printed
-    assert evaluated.split("\n")[5] == f"metrics in {tmp_path / 'evaluation.json'}"
-
-
 def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path, capsys):
     model, checkpoint = _classify_classifier(tmp_path)
     messages = [("spam", "WINNER!! Claim your prize, call 09061701461"), ("ham", 'He said "ok, fine" then left'),
@@ -3101,9 +2842,8 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path, 
     fc.write_csv(tmp_path / "labelled.csv", ("text", "label"), [(text, label) for label, text in messages])
     (tmp_path / "labelled.tsv").write_text("".join(f"{label}\t{text}\n" for label, text in messages))
     probabilities = fc.classify_texts(model, [text for _, text in messages], 48)
-    middle = sorted(probabilities)[2]  # spam at >= threshold: three messages reach it
     truth = [fc.LABELS[label] for label, _ in messages]
-    for threshold in (0.0, middle, 1.0):
+    for threshold in (0.0, sorted(probabilities)[2], 1.0):  # spam at >= threshold: all, three, none of the five
         predicted = [int(p >= threshold) for p in probabilities]
         matrix = [[sum((t, p) == (i, j) for t, p in zip(truth, predicted)) for j in (0, 1)] for i in (0, 1)]
         for name in ("labelled.csv", "labelled.tsv"):
@@ -3111,8 +2851,6 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path, 
                      "--threshold", str(threshold), "--results", str(tmp_path / "results.json")])
             results = json.loads((tmp_path / "results.json").read_text())
             assert results["threshold"] == threshold and results["metrics"]["confusion_matrix"] == matrix
-    assert sum(predicted) == 0 and results["metrics"]["precision"] == 0.0  # threshold 1: no message is that sure
-    assert sum(int(p >= middle) for p in probabilities) == 3
 
 
 def test_classify_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone(tmp_path, monkeypatch, capsys):
@@ -3127,63 +2865,46 @@ def test_classify_whole_classifier_of_a_safetensors_file_answers_after_the_file_
     capsys.readouterr()
     texts = ["WINNER!! Claim your prize now", "See you at 6?"]
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", *texts])
-    from_checkpoint = capsys.readouterr().out
-    assert from_checkpoint.endswith("  See you at 6?\n")
+    assert capsys.readouterr().out.endswith("  See you at 6?\n")
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv")])
     assert "accuracy" in capsys.readouterr().out
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
-    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
-    fc.main(["--classify", *texts, "--checkpoint", str(tmp_path / "hf")])
-    assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
-    with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
-        fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
     message = exit_code(load_gpt2.main, ["--model", str(run / "classifier.pt")])
     assert message.startswith("error: ") and "is a classifier, not a language model" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("model_type, extra", [("llama", []), ("qwen3", ["--lora", "--max-steps", "3"])])
-def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_tokenizers, tmp_path, capsys,
-                                                                        model_type, extra):
+def test_classify_llama_family_with_lora_trains_classifies_and_exports_for_padded_batches(trained_tokenizers, tmp_path,
+                                                                                          capsys):
+    """What test_new_family_through_every_stage leaves out: LoRA on the seven projections, and transformers reading
+    our export on a padded batch, each text led by Llama 3's <|begin_of_text|>."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = tmp_path / "model"  # vocabulary 1000, context 64, untied head, beside the SmolLM2-style tokenizer
-    save_hf_family(folder, model_type, vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
-                   tie_word_embeddings=False)
-    (folder / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
+    folder = tmp_path / "model"  # vocabulary 1000, untied head, beside Llama 3's tokenizer.json
+    family_model_with_tokenizer(folder, trained_tokenizers, "llama3", "Hi", max_position_embeddings=64)
     run = tmp_path / "run"
     data = _classify_sms_slice(tmp_path)
-    fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--epochs", "1", *extra])  # the activation cache; LoRA adapters on the seven projections and the full forward pass
-    assert ("activation cache: on" in capsys.readouterr().out) == (not extra)
-    checkpoint = gpt.load_checkpoint(run / "classifier.pt")
+    fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--lora", "--max-steps", "3"])
+    checkpoint = gpt.load_checkpoint(run / "classifier.pt")  # LoRA merged: the model's own names, no head bias
+    assert set(checkpoint["model"]) == set(fc.add_classification_head(load_lm(folder)).state_dict())
+    assert checkpoint["settings"] == json.loads((run / "run.json").read_text())["settings"]  # settings travel with it
     encoding, eot_id = tokenizer_and_eot(folder)
-    assert checkpoint["tokenizer"] == {"files": encoding.files} and checkpoint["model"]["lm_head.weight"].shape == (2, 64)
-    assert "lm_head.bias" not in checkpoint["model"]  # as transformers' ...ForSequenceClassification
+    assert checkpoint["tokenizer"] == {"files": encoding.files}
     model, _, _ = fc.load_classifier(run / "classifier.pt")
     texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
     token_ids = [torch.tensor(encoding.encode(text, bos=True)) for text in texts]
     with torch.no_grad():
         probabilities = fc.full_pass_logits(model, token_ids).softmax(dim=-1)
-        alone = model(token_ids[0][None])[0, -1].softmax(dim=-1)  # no padding: the last token's logits
-    torch.testing.assert_close(probabilities[0], alone)
     capsys.readouterr()
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", texts[0]])
-    line = f"{fc.CLASS_NAMES[alone[1].item() >= 0.5]:<8} (p(spam)={alone[1].item():.3f})  {texts[0]}\n"
-    assert capsys.readouterr().out == line
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv"),
-             "--results", str(tmp_path / "evaluation.json")])
-    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
-    assert evaluation["metrics"] == json.loads((run / "metrics.json").read_text())["test"]
-
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
-    architecture = {"llama": "LlamaForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}[model_type]
-    assert f"a {architecture} folder" in capsys.readouterr().out
+    assert "a LlamaForSequenceClassification folder" in capsys.readouterr().out
     reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
-    assert problems == [] and type(reference).__name__ == architecture and reference.config.pad_token_id == eot_id
+    assert problems == [] and reference.config.pad_token_id == eot_id
     batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
-    for row, ids in zip(batch["input_ids"].tolist(), token_ids):  # our ids, padded on the right with end-of-text
+    for row, ids in zip(batch["input_ids"].tolist(), token_ids):  # ours (a begin token first), padded with end-of-text
         assert row == ids.tolist() + [eot_id] * (len(row) - len(ids))
     with torch.no_grad():
         assert (reference(**batch).logits.softmax(dim=-1) - probabilities).abs().max().item() <= 1e-5
+    spam = probabilities[0, 1].item()
+    line = f"{fc.CLASS_NAMES[spam >= 0.5]:<8} (p(spam)={spam:.3f})  {texts[0]}\n"
     fc.main(["--checkpoint", str(tmp_path / "hf"), "--classify", texts[0]])  # the folder reads back
     assert capsys.readouterr().out == line
 
@@ -3193,29 +2914,20 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
 # ========================================================================================
 
 
-_INSTRUCT_PREAMBLE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
-
-
 def test_instruct_prompt_with_and_without_input_and_its_tokens_first():
+    preamble = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                "request.")
     with_input = {"instruction": "Translate to French.", "input": "Good morning.", "output": "Bonjour."}
-    assert instruct.format_input(with_input) == (
-        _INSTRUCT_PREAMBLE + "\n\n### Instruction:\nTranslate to French.\n\n### Input:\nGood morning."
-    )
+    assert instruct.format_prompt(with_input) == (preamble + "\n\n### Instruction:\nTranslate to French.\n\n### "
+                                                  "Input:\nGood morning.\n\n### Response:\n")
     assert instruct.format_prompt(with_input) == instruct.format_input(with_input) + "\n\n### Response:\n"
-    for no_input in (
-        {"instruction": "Name a color.", "input": "", "output": "Blue."},
-        {"instruction": "Name a color.", "output": "Blue."},
-    ):
-        assert instruct.format_input(no_input) == _INSTRUCT_PREAMBLE + "\n\n### Instruction:\nName a color."
-        assert "### Input:" not in instruct.format_prompt(no_input)
-    entry = {"instruction": "Name a color.", "input": "", "output": "Blue."}
+    for entry in ({"instruction": "Name a color.", "output": "Blue."}, {"instruction": "Name a color.", "input": "",
+                                                                       "output": "Blue."}):
+        assert instruct.format_prompt(entry) == preamble + "\n\n### Instruction:\nName a color.\n\n### Response:\n"
     [(ids, prompt_length)] = instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=1024, mask_prompt=True)
     assert ids[:prompt_length] == gpt.text_to_token_ids(instruct.format_prompt(entry))[0].tolist()  # the prompt first
     assert gpt.token_ids_to_text(ids[prompt_length:]) == "Blue."
-    too_short = prompt_length - 1
-    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=too_short, mask_prompt=True) == []
+    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), prompt_length - 1, mask_prompt=True) == []
 
 
 def test_instruct_collate_pads_ignores_and_masks_the_prompt():
@@ -3244,33 +2956,26 @@ def test_instruct_collate_pads_ignores_and_masks_the_prompt():
 
 
 def test_instruct_data_is_a_json_list_or_json_lines_with_one_entry_check(tmp_path):
-    good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
-    path = tmp_path / "data.json"
-    for bad, problem in [
-        ({"instruction": "No output."}, "entry 1: 'output' must be a string, not null"),
-        ({"instruction": "Wrong type.", "input": 3, "output": "x"}, "entry 1: 'input' must be a string, not 3"),
-        ("just a string", "entry 1: not a JSON object but str"),
+    good, no_input = {"instruction": "Say hi.", "input": "", "output": "Hi."}, {"instruction": "Hi.", "output": "Hi."}
+    for name, text, problem in [
+        ("a.json", json.dumps([good, {"instruction": "No output."}]), "entry 1: 'output' must be a string, not null"),
+        ("b.json", json.dumps([good, {"instruction": "x", "input": 3, "output": "x"}]), "entry 1: 'input' must be a "
+         "string, not 3"),
+        ("c.json", json.dumps([good, "just a string"]), "entry 1: not a JSON object but str"),
+        ("d.jsonl", json.dumps(good) + "\n\n" + json.dumps({"output": "x"}), "line 3: 'instruction' must be a string, "
+         "not null"),
     ]:
-        path.write_text(json.dumps([good, bad]))
-        with pytest.raises(ValueError) as exc:
-            instruct.load_instruction_data(path)
-        assert str(exc.value) == f"--data {path}: {problem}: {instruct.DATA_FIX}"
-    path.write_text(json.dumps([good, {"instruction": "No input key is fine.", "output": "Fine."}]))
-    assert instruct.load_instruction_data(path)[0] == good
-    jsonl = tmp_path / "data.jsonl"
-    jsonl.write_text(json.dumps(good) + "\n\n" + json.dumps({"output": "x"}) + "\n")
-    with pytest.raises(ValueError, match="line 3: 'instruction' must be a string, not null"):
-        instruct.load_instruction_data(jsonl)
-    jsonl.write_text(json.dumps(good) + "\n{broken\n")
-    with pytest.raises(ValueError, match="line 2: not valid JSON"):
-        instruct.load_instruction_data(jsonl)
-    path.write_text("[]")
-    with pytest.raises(ValueError, match="no entries"):
-        instruct.load_instruction_data(path)
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([good]).encode())  # a byte-order mark, as Windows editors write
-    assert instruct.load_instruction_data(path) == [good]
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")  # JSON Lines
-    assert instruct.load_instruction_data(path) == [good]
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError) as error:
+            instruct.load_instruction_data(tmp_path / name)
+        assert str(error.value) == f"--data {tmp_path / name}: {problem}: {instruct.DATA_FIX}"
+    for text, problem in [(json.dumps(good) + "\n{broken\n", "line 2: not valid JSON"), ("[]", "no entries")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ValueError, match=problem):
+            instruct.load_instruction_data(tmp_path / "bad.json")
+    for text in (json.dumps([good, no_input]), json.dumps(good) + "\n" + json.dumps(no_input) + "\n"):
+        (tmp_path / "data.json").write_bytes(b"\xef\xbb\xbf" + text.encode())  # a byte-order mark, as Windows writes
+        assert instruct.load_instruction_data(tmp_path / "data.json") == [good, no_input]
 
 
 def test_instruct_split_85_5_10_with_seed():
@@ -3290,14 +2995,12 @@ def test_instruct_split_85_5_10_with_seed():
 
 @pytest.mark.parametrize("reply, expected", [
     ('{"score": 85}', 85.0),  # the structured output the judge asks for
-    ('{"score": 92.5}', 92.5),
     ('{"score": 150}', None),  # JSON decides, even out of range
     ('```json\n{"score": 70}\n```', 70.0),
     ('My grade: {"score": 60, "reason": "mostly right"}', 60.0),
     ("85", 85.0),
     (" 66.6\n", 66.6),
     ("8.5e1", 85.0),
-    ("100", 100.0),
     ("0", 0.0),
     ("**Score:** 88", 88.0),
     ("Score = 85.5. I stand by 85.5", 85.5),  # one number, twice
@@ -3305,18 +3008,15 @@ def test_instruct_split_85_5_10_with_seed():
     ("Score: 85.", 85.0),
     ("150", None),
     ("-5", None),
-    ("Score: -5", None),
     ("GPT-2 would give 85", 85.0),  # not the 2 of a name
     ("On a scale from 0 to 100, I'd give 85", None),  # three numbers: ambiguous
     ("8/10", None),  # a ratio is not a 0-100 score
     ("Score: 70. On second thought, final score: 85", None),
     ("Score: 1,000", None),  # a thousands separator: not 1
     ("Score: 7,5", None),  # a decimal comma: not 7 nor 5
-    ("7,5/10", None),
     ("I cannot judge this.", None),
     ("", None),
     ("null", None),
-    ("[85]", None),
     (None, None),
     (85, 85.0),
     ({"score": 85}, 85.0),
@@ -3349,18 +3049,16 @@ def _instruct_ollama(local_server):
 
 
 def _instruct_responses_file(tmp_path, n):
-    entries = [
-        {"instruction": f"Task {i}.", "input": "", "output": f"Answer {i}.", "model_response": f"Reply {i}."}
-        for i in range(n)
-    ]
+    """responses.json in tmp_path, of n entries with their model's replies -> its path."""
+    entry = {"instruction": "Task {i}.", "input": "", "output": "Answer {i}.", "model_response": "Reply {i}."}
     path = tmp_path / "responses.json"
-    path.write_text(json.dumps(entries, indent=4))
-    return path, entries
+    path.write_text(json.dumps([{key: text.format(i=i) for key, text in entry.items()} for i in range(n)], indent=4))
+    return path
 
 
 def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_path, capsys, _instruct_ollama):
     url = _instruct_ollama.url
-    path, entries = _instruct_responses_file(tmp_path, 11)
+    path = _instruct_responses_file(tmp_path, 11)
     before = path.read_bytes()
     _instruct_ollama.answers = [
         "80", "Score: 60 - mostly right.", "I cannot judge this.",
@@ -3381,21 +3079,15 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
     request = _instruct_ollama.requests[0]
     assert request["model"] == "llama3" and request["stream"] is False
     assert request["options"]["temperature"] == 0 and request["options"]["seed"] == instruct.JUDGE_SEED
-    assert request["format"] == {
-        "type": "object",
-        "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
-        "required": ["score"],
-    }
+    score = {"type": "integer", "minimum": 0, "maximum": 100}
+    assert request["format"] == {"type": "object", "properties": {"score": score}, "required": ["score"]}
     prompt = request["messages"][0]["content"]
     assert "`Answer 0.`" in prompt and "`Reply 0.`" in prompt and "integer number only" in prompt
-
-    path, _ = _instruct_responses_file(tmp_path, 2)
+    path = _instruct_responses_file(tmp_path, 2)
     _instruct_ollama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
     with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
         instruct.main(["--judge-only", "--judge-url", url, "--out-dir", str(tmp_path)])
     assert [e["score"] for e in json.loads((tmp_path / "responses-scored.json").read_text())] == [None, None]
-    with pytest.raises(SystemExit, match="ollama pull mistral"):
-        instruct.main(["--judge-only", "--judge-url", url, "--judge-model", "mistral", "--out-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="ollama pull mistral"):  # a judge that is not there: before any training
         instruct.main(["--judge", "ollama", "--judge-url", url, "--judge-model", "mistral", "--out-dir",
                        str(tmp_path / "run")])
@@ -3404,17 +3096,15 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
 
 @pytest.mark.parametrize("body, message", [
     (None, "no Ollama server answers at {url}.*ollama serve.*ollama pull llama3"),  # nothing listens on the port
-    (b"[]", "the server at {url} answered an unexpected reply: "),
-    (b"{}", "the server at {url} answered an unexpected reply: "),
     (b'{"message": 5}', "the server at {url} answered an unexpected reply: "),
     (b"<html>not Ollama</html>", "the server at {url} answered an unexpected reply: "),
-], ids=["server-down", "list", "no-message", "message-number", "not-json"])
+], ids=["server-down", "message-number", "not-json"])
 def test_instruct_judge_without_a_server_or_with_an_odd_reply_says_so_and_keeps_responses(tmp_path, local_server, body,
                                                                                           message):
     server = local_server({"/api/chat": answer(body or b"", Content_Type="application/json")})
     if body is None:
         server.close()
-    path, _ = _instruct_responses_file(tmp_path, 2)
+    path = _instruct_responses_file(tmp_path, 2)
     before = path.read_bytes()
     code = exit_code(instruct.main, ["--judge-only", "--judge-url", server.url, "--out-dir", str(tmp_path)])
     assert re.match("error: " + message.format(url=re.escape(server.url)), code), code
@@ -3441,32 +3131,20 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
               "--mask-prompt"]
     instruct.main(common + recipe + ["--epochs", "1", "--keep-state"])
     out = capsys.readouterr().out
-    assert "10 train, 1 validation, 1 test entries" in out
+    assert "10 train, 1 validation, 1 test entries" in out and "step 2: train loss" in out
     assert "training: 10 examples, 2 steps (1.00 epochs); then 1 answers of up to 3 tokens (--num-answers)" in out
     assert "step 2/2 (epoch 1.00/1.00) | loss" in out and "tok/s" in out and "ETA" in out
-    assert "step 2: train loss" in out
     assert (out_dir / "losses.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
-
     model = load_lm(out_dir / "model.pt")  # merged LoRA: a plain GPT checkpoint
     assert isinstance(model, gpt.GPTModel) and not any("lora" in k for k in model.state_dict())
     responses = json.loads((out_dir / "responses.json").read_text())
-    assert len(responses) == 1
-    assert set(responses[0]) == {"instruction", "input", "output", "model_response"}
-    assert isinstance(responses[0]["model_response"], str)
+    assert [set(entry) for entry in responses] == [{"instruction", "input", "output", "model_response"}]
     state = gpt.load_checkpoint(out_dir / "train_state.pt")
     assert state["step"] == 2 and state["history"]["step"] == [0, 2]
-
-    # Answers from the saved model: the test set again, and one prompt.
-    (out_dir / "responses.json").unlink()
-    instruct.main(common + ["--generate-only"])
-    assert len(json.loads((out_dir / "responses.json").read_text())) == 1
-    capsys.readouterr()
-    instruct.main(common + ["--prompt", "Repeat the number 3."])
-    printed = capsys.readouterr().out
-    model = load_lm(out_dir / "model.pt")
+    instruct.main(common + ["--prompt", "Repeat the number 3."])  # one answer of the saved model
     expected, _ = instruct.generate_response(model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."},
                                              max_new_tokens=3)
-    assert printed.endswith("\n" + expected + "\n")
+    assert capsys.readouterr().out.endswith("\n" + expected + "\n")
     with pytest.MonkeyPatch.context() as patch:  # a model that ends its answer at once: said, not a blank line
         patch.setattr(instruct, "generate_response", lambda *args, **options: ("", 1))
         instruct.main(common + ["--prompt", "Repeat the number 3."])
@@ -3488,78 +3166,16 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     assert [len(instruct.answer_entries(instruct.parse_args(f), list(range(110)))) for f in flags] == [110, 10, 0, 110]
 
 
-def _instruct_same_weights(run_a, run_b):
-    """Whether two runs saved exactly the same model.pt."""
-    a, b = (gpt.load_checkpoint(run / "model.pt")["model"] for run in (run_a, run_b))
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _instruct_ctrl_c_in_step(monkeypatch, stop_step):
-    """Make training raise KeyboardInterrupt in step `stop_step`, before its update, as a Ctrl-C
-    there would -> the real gpt.check_finite_loss, to put back."""
-    check = gpt.check_finite_loss
-
-    def ctrl_c(loss, step):
-        if step == stop_step:
-            raise KeyboardInterrupt
-        check(loss, step)
-
-    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c)
-    return check
-
-
-def test_instruct_ctrl_c_while_answering_names_the_command_that_answers_again(_instruct_tiny_run, capsys, monkeypatch):
+def test_instruct_resume_after_sigterm_matches_the_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
     folder = _instruct_tiny_run
-    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
-    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--out-dir", str(folder / "answers")]
-    instruct.main(common)
-    expected = json.loads((folder / "answers" / "responses.json").read_text())
-    answer = instruct.generate_responses
-
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(instruct, "generate_responses", ctrl_c)
-    assert exit_code(instruct.main, common + ["--overwrite"]) == 130
-    hint = capsys.readouterr().err.splitlines()[-2]
-    assert hint == (f"--generate-only --out-dir {folder / 'answers'} --num-answers {len(expected)} --max-new-tokens 1 "
-                    "answers the test split with the saved model")
-    monkeypatch.setattr(instruct, "generate_responses", answer)
-    instruct.main(hint.split()[:7])
-    assert json.loads((folder / "answers" / "responses.json").read_text()) == expected
-
-
-def test_instruct_resume_after_ctrl_c_or_sigterm_matches_the_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
-    folder = _instruct_tiny_run
-    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
-    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
-    instruct.main(common + ["--out-dir", str(folder / "straight")])
-    # Ctrl-C in step 3 of 4: the state of step 2 (an epoch's end) is on disk; --resume alone goes on from it.
-    check = _instruct_ctrl_c_in_step(monkeypatch, 3)
-    assert exit_code(instruct.main, common + ["--out-dir", str(folder / "halves")]) == 130
-    assert capsys.readouterr().err.endswith(
-        f"--resume --out-dir {folder / 'halves'} goes on from the last save in {folder / 'halves' / 'train_state.pt'}"
-        "\ninterrupted\n"
-    )
-    assert gpt.load_checkpoint(folder / "halves" / "train_state.pt")["step"] == 2
-    monkeypatch.setattr(gpt, "check_finite_loss", check)
-    instruct.main(["--out-dir", str(folder / "halves"), "--resume"])
-    assert "resuming at step 2 of 4" in capsys.readouterr().out
-    assert _instruct_same_weights(folder / "straight", folder / "halves")
-    assert not (folder / "halves" / "train_state.pt").exists()  # a finished run keeps no training state
-    assert json.loads((folder / "halves" / "responses.json").read_text()) == json.loads(
-        (folder / "straight" / "responses.json").read_text()
-    )
-    with pytest.raises(SystemExit, match="train_state.pt is not there \\(a finished run keeps it only with --keep-state"):
-        instruct.main(["--out-dir", str(folder / "halves"), "--resume", "--epochs", "3"])
     # A model folder as save_pretrained writes it: its weights load as transposed views, whose AdamW
     # moments must be restored in the layout of the resumed model's weights.
     save_hf_gpt2(folder / "hf", n_positions=96, n_embd=32, n_layer=2, n_head=2)
     common = ["--data", str(folder / "data.json"), "--model", str(folder / "hf"), "--epochs", "3"]
     common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
-    instruct.main(common + ["--out-dir", str(folder / "straight3")])
-    # SIGTERM (a job scheduler, `timeout`, `docker stop`) in step 3 of 6, between the saves of steps 2 and 4:
-    # step 3 is finished and saved, not lost.
+    instruct.main(common + ["--out-dir", str(folder / "straight")])
+    # SIGTERM (a job scheduler, `timeout`, `docker stop`; a first Ctrl-C alike) in step 3 of 6, between the saves
+    # of steps 2 and 4: step 3 is finished and saved, not lost.
     check = gpt.check_finite_loss
 
     def sigterm_in_step_3(loss, step):
@@ -3569,43 +3185,30 @@ def test_instruct_resume_after_ctrl_c_or_sigterm_matches_the_uninterrupted_run(_
 
     monkeypatch.setattr(gpt, "check_finite_loss", sigterm_in_step_3)
     assert exit_code(instruct.main, common + ["--out-dir", str(folder / "stopped")]) == 143
-    assert capsys.readouterr().err.endswith(
-        f"stopped at step 3 (SIGTERM), the state saved in {folder / 'stopped' / 'train_state.pt'}: go on with python "
-        f"finetune_instruct.py --resume --out-dir {folder / 'stopped'}\n"
-    )
+    assert capsys.readouterr().err.endswith(f"stopped at step 3 (SIGTERM), the state saved in {folder / 'stopped'}"
+                                            f"/train_state.pt: go on with python finetune_instruct.py --resume "
+                                            f"--out-dir {folder / 'stopped'}\n")
     assert gpt.load_checkpoint(folder / "stopped" / "train_state.pt")["step"] == 3
     assert not (folder / "stopped" / "model.pt").exists()
     monkeypatch.setattr(gpt, "check_finite_loss", check)
     instruct.main(["--out-dir", str(folder / "stopped"), "--resume"])
     assert "resuming at step 3 of 6" in capsys.readouterr().out
-    assert _instruct_same_weights(folder / "straight3", folder / "stopped")
+    assert same_weights(folder / "straight" / "model.pt", folder / "stopped" / "model.pt")
+    assert (folder / "stopped" / "responses.json").read_text() == (folder / "straight" / "responses.json").read_text()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
+    assert not (folder / "stopped" / "train_state.pt").exists()  # a finished run keeps no training state
+    with pytest.raises(SystemExit, match="train_state.pt is not there \\(a finished run keeps it only with --keep-state"):
+        instruct.main(["--out-dir", str(folder / "stopped"), "--resume", "--epochs", "4"])
 
 
 INSTRUCT_RUN = "--data {files}/data.json --model {files}/tiny.pt --out-dir {run}"
 INSTRUCT_BAD_INPUTS = [
-    # Values that argparse and the `type=` helpers reject, and combinations parse_args refuses.
+    # Values that argparse and the `type=` helpers reject (one of each type), and combinations parse_args refuses.
     (f"{INSTRUCT_RUN} --top-k 0", "argument --top-k: must be an integer >= 1, got '0'"),
     (f"{INSTRUCT_RUN} --temperature -1", "argument --temperature: must be a finite number >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --weight-decay -1", "argument --weight-decay: must be a finite number >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --lr -1", "argument --lr: must be a finite number >= 0, got '-1'"),
     (f"{INSTRUCT_RUN} --max-new-tokens -1", "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --eval-batches -1", "argument --eval-batches: must be an integer >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --epochs 0", "argument --epochs: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --epochs inf", "argument --epochs: must be an integer >= 1, got 'inf'"),
-    (f"{INSTRUCT_RUN} --batch-size 0", "argument --batch-size: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --save-every 0", "argument --save-every: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --max-steps 0", "argument --max-steps: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --max-length 0", "argument --max-length: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --lora-rank 0", "argument --lora-rank: must be an integer >= 1, got '0'"),
     (f"{INSTRUCT_RUN} --top-p 1.5", "argument --top-p: must be a number in [0, 1], got '1.5'"),
-    (f"{INSTRUCT_RUN} --lora-alpha nan", "argument --lora-alpha: must be a finite number >= 0, got 'nan'"),
-    (f"{INSTRUCT_RUN} --drop-rate 1.5", "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
-    (f"{INSTRUCT_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --dtype float64", "argument --dtype: invalid choice: 'float64' (choose from 'float32', "
-     "'bfloat16', 'float16')"),
     (f"{INSTRUCT_RUN} --dtype float16", "--dtype float16 trains without loss scaling: train in bfloat16 or float32"),
-    (f"{INSTRUCT_RUN} --prompt ''", "--prompt must hold the instruction to answer, got ''"),
     (f"{INSTRUCT_RUN} --prompt ' \n '", "--prompt must hold the instruction to answer, got ' \\n '"),
     (f"{INSTRUCT_RUN} --input x", "--input goes with --prompt: give the instruction too"),
     (f"{INSTRUCT_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
@@ -3614,7 +3217,6 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k is for sampling: give --temperature above 0"),  # greedy decoding would ignore it
     # Answering does not train: a training flag given with it would be silently ignored.
     ("--out-dir {run} --generate-only --model gpt2", "--generate-only does not use --model: drop it"),
-    ("--out-dir {run} --prompt hi --lora", "--prompt does not use --lora: drop it"),
     ("--out-dir {run} --judge-only --judge ollama --epochs 3", "--judge-only does not use --epochs: drop it"),
     # Files and models, checked before the run folder is made.
     ("--data {files}/data.json --model {files}/empty --out-dir {run}", "{files}/empty holds no model: neither "
@@ -3638,88 +3240,52 @@ def test_instruct_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     check_bad_input(instruct.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
-# --- run folder, saved split, answers kept, bad inputs -------------------------------------
-
-
 def _instruct_quick(folder, out_dir, *extra):
     """Flags for a 1-step run of the tiny model on the 12-entry data."""
     return ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--out-dir", str(out_dir),
             "--batch-size", "10", "--epochs", "1", "--eval-batches", "1", "--max-new-tokens", "2", *extra]
 
 
-def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_run, tmp_path, monkeypatch):
-    folder = _instruct_tiny_run
-    instruct.main(_instruct_quick(folder, tmp_path / "run", "--seed", "7"))
+def test_instruct_a_finished_run_answers_its_split_offline_and_resumes_only_with_its_state(_instruct_tiny_run, tmp_path,
+                                                                                            monkeypatch):
+    """What finetune_instruct.py adds to the run-folder rule that gpt.claim_run_folder and gpt.resume_settings apply."""
+    folder, run = _instruct_tiny_run, tmp_path / "run"
+    instruct.main(_instruct_quick(folder, run, "--seed", "7", "--keep-state"))
     entries = json.loads((folder / "data.json").read_text())
     train, val, test = instruct.split_dataset(entries, seed=7)
-    saved = [json.loads((tmp_path / "run" / name).read_text()) for name in instruct.SPLIT_FILES]
-    assert saved == [train, val, test]
+    assert [json.loads((run / name).read_text()) for name in instruct.SPLIT_FILES] == [train, val, test]
     assert instruct.split_dataset(entries, seed=123)[2] != test  # the default --seed would answer another entry
-    answered = json.loads((tmp_path / "run" / "responses.json").read_text())
+    answered = json.loads((run / "responses.json").read_text())
     # Offline, with the default --seed and no --data: the run's own test split, no download.
     monkeypatch.setattr(gpt, "fetch_dataset", lambda *a, **k: pytest.fail("--generate-only tried to download"))
-    (tmp_path / "run" / "responses.json").unlink()
-    instruct.main(["--generate-only", "--out-dir", str(tmp_path / "run"), "--max-new-tokens", "2"])
-    again = json.loads((tmp_path / "run" / "responses.json").read_text())
-    assert [{k: e[k] for k in ("instruction", "input", "output")} for e in again] == test
-    assert again == answered
+    (run / "responses.json").unlink()
+    instruct.main(["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
+    again = json.loads((run / "responses.json").read_text())
+    assert [{k: e[k] for k in ("instruction", "input", "output")} for e in again] == test and again == answered
     # A split file edited or damaged since: one line naming it, not a traceback, nor 0 answers written.
-    run = tmp_path / "run"
-    for content, problem in [("[1, 2]", "entry 0: not a JSON object but int"), ("{}", "line 1: 'instruction' must be a string, not null"),
-                             ("[]", "no entries")]:
-        (run / "test.json").write_text(content)
-        code = exit_code(instruct.main, ["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
-        assert code == (f"error: the run's split {run / 'test.json'}: {problem}: put back the file the run "
-                        "wrote, or start the run again with --overwrite")
+    split = (run / "test.json").read_bytes()
+    (run / "test.json").write_text("[1, 2]")
+    code = exit_code(instruct.main, ["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
+    assert code == (f"error: the run's split {run / 'test.json'}: entry 0: not a JSON object but int: put back the "
+                    "file the run wrote, or start the run again with --overwrite")
     assert json.loads((run / "responses.json").read_text()) == answered
-
-
-def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_path):
-    folder = _instruct_tiny_run
-    instruct.main(_instruct_quick(folder, tmp_path / "run", "--keep-state"))
-    before = (tmp_path / "run" / "model.pt").stat().st_mtime_ns
-    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run"))
-    assert "holds another run" in code and "--overwrite" in code
-    assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns == before
-    instruct.main(_instruct_quick(folder, tmp_path / "run", "--overwrite"))
-    assert not (tmp_path / "run" / "train_state.pt").exists()  # the old run's state went with --overwrite
-    assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns != before
-    # A finished run with its state: --resume needs more steps, and then trains them.
-    instruct.main(_instruct_quick(folder, tmp_path / "kept", "--keep-state"))
-    settings_before = (tmp_path / "kept" / "run.json").read_bytes()
+    (run / "test.json").write_bytes(split)
+    settings_before = (run / "run.json").read_bytes()
     with pytest.raises(SystemExit, match=r"the run is complete \(at step 1, as --epochs 1 allows\): raise --epochs"):
-        instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume"])
-    assert (tmp_path / "kept" / "run.json").read_bytes() == settings_before  # a refused resume changes nothing
-    with pytest.raises(SystemExit, match="which used --batch-size 10, not 4"):  # a changed recipe
-        instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2", "--batch-size", "4"])
-    instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2"])
-    assert gpt.load_checkpoint(tmp_path / "kept" / "train_state.pt")["history"]["step"] == [0, 1, 2]
-    kept = tmp_path / "kept"
-    (kept / "train_state.pt").write_bytes((kept / "model.pt").read_bytes())  # a model where the state belongs
-    code = exit_code(instruct.main, ["--out-dir", str(kept), "--resume", "--epochs", "3"])
-    assert code == (f"error: --resume: {kept / 'train_state.pt'} is not a training state (a "
-                    "finished run keeps it only with --keep-state): train on from "
-                    f"{kept / 'model.pt'} with --model, or start again with --overwrite")
+        instruct.main(["--out-dir", str(run), "--resume"])
+    assert (run / "run.json").read_bytes() == settings_before  # a refused resume changes nothing
+    instruct.main(["--out-dir", str(run), "--resume", "--epochs", "2"])
+    assert gpt.load_checkpoint(run / "train_state.pt")["history"]["step"] == [0, 1, 2]
+    (run / "train_state.pt").write_bytes((run / "model.pt").read_bytes())  # a model where the state belongs
+    code = exit_code(instruct.main, ["--out-dir", str(run), "--resume", "--epochs", "3"])
+    assert code == (f"error: --resume: {run / 'train_state.pt'} is not a training state (a finished run keeps it "
+                    f"only with --keep-state): train on from {run / 'model.pt'} with --model, or start again with "
+                    "--overwrite")
+    instruct.main(_instruct_quick(folder, run, "--overwrite"))
+    assert not (run / "train_state.pt").exists()  # the old run's state went with --overwrite
 
 
-def test_instruct_full_disk_keeps_the_earlier_answers_and_the_last_training_state(_instruct_tiny_run, tmp_path,
-                                                                                   monkeypatch, capsys):
-    folder = _instruct_tiny_run
-    entries = [{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
-    (tmp_path / "data.json").write_text(json.dumps(entries))  # test split: 4 entries
-    common = ["--data", str(tmp_path / "data.json"), "--checkpoint", str(folder / "tiny.pt"), "--generate-only"]
-    common += ["--max-new-tokens", "2"]
-    instruct.main(common + ["--out-dir", str(tmp_path / "straight")])
-    straight = json.loads((tmp_path / "straight" / "responses.json").read_text())
-    assert len(straight) == 4
-
-    # The disk is full when the answers are written again: one line, and the earlier answers stay.
-    before = (tmp_path / "straight" / "responses.json").read_bytes()
-    fill_the_disk(monkeypatch, lambda path: path.name == "responses.json")
-    code = exit_code(instruct.main, common + ["--out-dir", str(tmp_path / "straight")])
-    assert code == full_disk_error(tmp_path / "straight" / "responses.json")  # exit 1, one line
-    assert (tmp_path / "straight" / "responses.json").read_bytes() == before
-    assert not [path.name for path in (tmp_path / "straight").iterdir() if path.name.startswith(".")]  # no half file
+def test_instruct_full_disk_keeps_the_last_training_state(_instruct_tiny_run, tmp_path, monkeypatch):
     state, saves = tmp_path / "run" / "train_state.pt", []
 
     def second_state_save(path):  # the disk is full when the state is saved again, at the end of epoch 2
@@ -3727,7 +3293,7 @@ def test_instruct_full_disk_keeps_the_earlier_answers_and_the_last_training_stat
         return path == state and saves.count(state) == 2
 
     failed = fill_the_disk(monkeypatch, second_state_save)
-    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run", "--epochs", "2"))  # one step an epoch
+    code = exit_code(instruct.main, _instruct_quick(_instruct_tiny_run, tmp_path / "run", "--epochs", "2"))
     # One line, exit 1, not "error: [Errno 28] No space left on device"; the state of step 1 is kept as it was.
     assert code == full_disk_error(state) and failed == [state]
     assert gpt.load_checkpoint(state)["step"] == 1
@@ -3735,37 +3301,15 @@ def test_instruct_full_disk_keeps_the_earlier_answers_and_the_last_training_stat
     assert not [path.name for path in (tmp_path / "run").iterdir() if path.name.startswith(".")]  # no half file
 
 
-def test_instruct_memory_is_checked_before_the_run_and_out_of_memory_names_the_flags(_instruct_tiny_run, tmp_path,
-                                                                                      monkeypatch):
+def test_instruct_memory_is_checked_for_what_trains_before_the_run(_instruct_tiny_run, tmp_path, monkeypatch):
     folder = _instruct_tiny_run
-    asked = []  # the trainable parameters of each model asked about
-    check = gpt.check_training_memory
-
-    def too_much(model, *args):
-        asked.append(gpt.count_parameters(model, trainable_only=True))
-        check(model, *args)
-
-    monkeypatch.setattr(gpt, "check_training_memory", too_much)
-    monkeypatch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
+    trained = 16 * gpt.count_parameters(load_lm(folder / "tiny.pt"))  # bytes: weights, gradients, AdamW's moments
+    monkeypatch.setattr(gpt.os, "sysconf", lambda name: trained - 1 if name == "SC_PHYS_PAGES" else 1)  # bytes of RAM
     with pytest.raises(SystemExit, match=r"error: training .*: about 0.0 GB needed, .*: choose a smaller --model, "
                        r"or train only low-rank adapters with --lora$"):
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
-    with pytest.raises(SystemExit, match=r"GB .*: choose a smaller --model$"):
-        instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))
-    everything = gpt.count_parameters(load_lm(folder / "tiny.pt"))
-    assert asked[0] == everything and 0 < asked[1] < everything / 10  # all train, then only the adapters
     assert not (tmp_path / "run").exists()
-    monkeypatch.undo()
-
-    def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
-    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run"))
-    assert code == "error: out of memory: use a smaller --batch-size or --max-length, or --lora"
-
-
-# --- the kept model: lowest validation loss, --keep-last, across --resume ---------------------
+    instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))  # frozen weights: 4 bytes
 
 
 def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
@@ -3793,7 +3337,6 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
 
     instruct.main(flags + ["--out-dir", str(tmp_path / "best")])
     assert "kept the weights of step 1 (validation loss 3.000), the lowest validation loss\n" in capsys.readouterr().out
-    assert gpt.load_checkpoint(tmp_path / "best" / "model.pt")["kept"] == {"step": 1, "val_loss": 3.0}
     assert saved_weights_equal("best", 1) and not saved_weights_equal("best", 4)  # later steps changed them
 
     next_step[0] = 0
@@ -3801,13 +3344,20 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     assert "kept the weights of step 4 (validation loss 4.200); the lowest validation loss was at step 1" in \
         capsys.readouterr().out
     assert saved_weights_equal("last", 4)
-    assert gpt.load_checkpoint(tmp_path / "last" / "model.pt")["kept"] == {"step": 4, "val_loss": 4.2}
 
-    # Ctrl-C in step 3: the state saved at step 2 holds step 1's weights as the best so far.
+    # A second Ctrl-C, in step 3 (it stops at once): the state saved at step 2 holds step 1's weights as the best.
     next_step[0] = 0
-    check = _instruct_ctrl_c_in_step(monkeypatch, 3)
-    with pytest.raises(SystemExit):
-        instruct.main(flags + ["--out-dir", str(tmp_path / "halves"), "--save-every", "1"])
+    check = gpt.check_finite_loss
+
+    def ctrl_c_in_step_3(loss, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        check(loss, step)
+
+    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c_in_step_3)
+    assert exit_code(instruct.main, flags + ["--out-dir", str(tmp_path / "halves"), "--save-every", "1"]) == 130
+    assert capsys.readouterr().err.endswith(f"--resume --out-dir {tmp_path / 'halves'} goes on from the last save in "
+                                            f"{tmp_path / 'halves' / 'train_state.pt'}\ninterrupted\n")
     state = gpt.load_checkpoint(tmp_path / "halves" / "train_state.pt")
     assert (state["step"], state["best"]["step"], state["best"]["val_loss"]) == (2, 1, 3.0)
     monkeypatch.setattr(gpt, "check_finite_loss", check)
@@ -3816,18 +3366,14 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     assert saved_weights_equal("halves", 1)
 
 
-# --- the Llama family -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("style", ["smollm2", "llama3"])
-def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run, tmp_path, capsys, style):
+def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run, tmp_path, capsys):
     data = _instruct_tiny_run / "data.json"
     entries = json.loads(data.read_text())
     folder = tmp_path / "model"  # config.json, model.safetensors, tokenizer.json; greedy answers end at token 3
     prompt = instruct.format_prompt(entries[0])
-    reference, tokenizer = family_model_with_tokenizer(folder, trained_tokenizers, style, prompt)
+    reference, tokenizer = family_model_with_tokenizer(folder, trained_tokenizers, "llama3", prompt)
     encoding, eot = tokenizer_and_eot(folder)
-    assert eot == tokenizer.token_to_id("<|end_of_text|>" if style == "llama3" else "<|endoftext|>") != gpt.EOT_ID
+    assert eot == tokenizer.token_to_id("<|end_of_text|>") != gpt.EOT_ID
 
     # Batches end and pad with the family's end-of-text id; Llama 3's <|begin_of_text|> starts the prompt only.
     prompts = [tokenizer.encode(instruct.format_prompt(e)).ids for e in entries[:2]]
@@ -3860,15 +3406,10 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
     assert gpt.load_checkpoint(out_dir / "train_state.pt")["tokenizer"] == {"files": encoding.files}
     instruct.main(run + ["--resume", "--epochs", "2"])
     assert "resuming at step 2 of 4" in capsys.readouterr().out
-    saved = gpt.load_checkpoint(out_dir / "model.pt")
-    assert saved["tokenizer"] == {"files": encoding.files} and saved["config"]["family"] == "llama"
     answered = json.loads((out_dir / "responses.json").read_text())
     model = load_lm(out_dir / "model.pt")
     test_entry = {key: answered[0][key] for key in ("instruction", "input", "output")}
     assert answered[0]["model_response"] == instruct.generate_response(model, encoding, test_entry, max_new_tokens=5)[0]
-    (out_dir / "responses.json").unlink()
-    instruct.main(run + ["--generate-only"])
-    assert json.loads((out_dir / "responses.json").read_text()) == answered
 
 
 # ========================================================================================
@@ -3902,36 +3443,6 @@ def _smol_instruct_folder(folder, trained_tokenizers, template_file=True):
     return reference, folder
 
 
-def _llama3_classifier_folder(folder, trained_tokenizers):
-    """A tiny random Llama beside the Llama-3-style tokenizer (its post-processor puts
-    <|begin_of_text|> before a text) -> folder."""
-    save_hf_family(folder, "llama", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
-                   tie_word_embeddings=False)
-    (folder / "tokenizer.json").write_bytes((trained_tokenizers["llama3"][1] / "tokenizer.json").read_bytes())
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
-    return folder
-
-
-def test_llama3_classifier_export_gives_transformers_our_probabilities(trained_tokenizers, tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model, tokenizer = gpt.load(_llama3_classifier_folder(tmp_path / "model", trained_tokenizers))
-    assert tokenizer.add_bos and tokenizer.bos_id == tokenizer.encode("<|begin_of_text|>")[0]
-    torch.manual_seed(1)
-    fc.add_classification_head(model)
-    texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Call me <|end_of_text|>"]
-    ours = fc.classify_texts(model, texts, 64, tokenizer)  # padded with tokenizer.eot_id
-    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer, max_length=64)
-    reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
-    assert problems == []
-    batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
-    assert batch["input_ids"][:, 0].tolist() == [tokenizer.bos_id] * 4  # <|begin_of_text|> first, as ours
-    with torch.no_grad():
-        theirs = reference(**batch).logits.softmax(dim=-1)[:, 1]
-    assert theirs.tolist() == pytest.approx(ours, abs=1e-5)
-
-
 @pytest.mark.parametrize("template_file", [True, False], ids=["chat_template.jinja", "chat_template entry"])
 def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path, template_file):
     from transformers import AutoTokenizer
@@ -3960,31 +3471,12 @@ def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path
     assert message.tolist() == hf("Free <|im_start|> prize")
     ids, n_scored = load_gpt2.continuation_request("Q: <|im_start|>", " A<|im_end|>", 64, tokenizer)  # (5) a benchmark
     assert ids == hf("Q: <|im_start|> A<|im_end|>") and ids[:-n_scored] == hf("Q: <|im_start|>")  # item
-
-
-def test_export_keeps_the_chat_template_and_the_token_ids_and_a_text_starts_with_the_begin_token(trained_tokenizers,
-                                                                                                 tmp_path):
-    from transformers import AutoTokenizer
-
-    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
-    model, tokenizer = gpt.load(folder)
-    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
-    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
-    start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
-    assert config["bos_token_id"] == generation["bos_token_id"] == start != end
-    assert config["eos_token_id"] == generation["eos_token_id"] == end
-    assert config["pad_token_id"] == generation["pad_token_id"] == end
-    chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
-                                                                             tokenize=False)
-    assert chat == "<|im_start|>user\nhi<|im_end|>\n"
     # A text to score starts with the begin-of-text token, else the end-of-text token.
     assert load_gpt2.prefix_id(tokenizer) == start != tokenizer.eot_id
+    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == start
     qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
     assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
     assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
-    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == start
 
 
 def test_a_safetensors_file_loads_with_the_tokenizer_beside_it_and_its_checkpoint_carries_that(trained_tokenizers,
@@ -4078,22 +3570,22 @@ def test_cuda_fused_adamw_steps_equal_the_cpu_steps():
 
 @needs_cuda
 def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones_and_bfloat16_is_close(tmp_path):
-    runs = {}
-    for name, device in (("cpu", "cpu"), ("gpu", "cuda")):
-        fc.main(_classify_run_argv(tmp_path, name, "--max-steps", "6", "--device", device))
-        report = json.loads((tmp_path / name / "metrics.json").read_text())
-        model, tokenizer, max_length = fc.load_classifier(tmp_path / name / "classifier.pt", device)
-        texts = ["WINNER! Claim your prize now", "See you at 6?"]
-        runs[name] = report, fc.classify_texts(model, texts, max_length, tokenizer)
-    (cpu_report, cpu_predictions), (gpu_report, gpu_predictions) = runs["cpu"], runs["gpu"]
-    assert gpu_report["activation_cache"] and gpu_report["history"]["step"] == cpu_report["history"]["step"]
-    assert gpu_report["history"]["step_loss"] == pytest.approx(cpu_report["history"]["step_loss"], abs=1e-4)
-    assert gpu_report["test"]["confusion_matrix"] == cpu_report["test"]["confusion_matrix"]
-    assert gpu_report["test"]["loss"] == pytest.approx(cpu_report["test"]["loss"], abs=1e-4)
-    assert gpu_predictions == pytest.approx(cpu_predictions, abs=1e-4)  # spam probabilities
+    texts = ["WINNER! Claim your prize now", "See you at 6?"]
+    reports, probabilities = {}, {}
+    for device in ("cpu", "cuda"):
+        fc.main(_classify_run_argv(tmp_path, device, "--max-steps", "6", "--device", device))
+        reports[device] = json.loads((tmp_path / device / "metrics.json").read_text())
+        model, tokenizer, max_length = fc.load_classifier(tmp_path / device / "classifier.pt", device)
+        probabilities[device] = fc.classify_texts(model, texts, max_length, tokenizer)
+    cpu, gpu = reports["cpu"], reports["cuda"]
+    assert gpu["activation_cache"] and gpu["history"]["step"] == cpu["history"]["step"]
+    assert gpu["history"]["step_loss"] == pytest.approx(cpu["history"]["step_loss"], abs=1e-4)
+    assert gpu["test"]["confusion_matrix"] == cpu["test"]["confusion_matrix"]
+    assert gpu["test"]["loss"] == pytest.approx(cpu["test"]["loss"], abs=1e-4)
+    assert probabilities["cuda"] == pytest.approx(probabilities["cpu"], abs=1e-4)
     fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "3", "--device", "cuda"))
     mixed = json.loads((tmp_path / "mixed" / "metrics.json").read_text())["history"]["step_loss"]
-    full = gpu_report["history"]["step_loss"][:3]  # the first steps of a longer run are those of a shorter one
+    full = gpu["history"]["step_loss"][:3]  # the first steps of a longer run are those of a shorter one
     assert all(math.isfinite(x) for x in mixed) and mixed != full and mixed == pytest.approx(full, abs=0.05)
 
 
@@ -4221,32 +3713,18 @@ def smollm2_gguf():
 
 @pytest.fixture(scope="module")
 def smollm2_pair(smollm2_gguf):
-    """(ours: gpt.load's model and tokenizer, transformers': from_pretrained(folder, gguf_file=...)), loaded once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import gguf
-
-    folder, name = smollm2_gguf.parent, smollm2_gguf.name
-    with pytest.MonkeyPatch.context() as patch:  # the same results, 2-3 times faster: read the file once, not thrice,
-        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))  # and map the names once, not 397 times
-        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
-        reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-        reference_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return gpt.load(smollm2_gguf), (reference, reference_tokenizer)
+    """(ours: gpt.load's model and tokenizer, transformers' model and tokenizer), loaded once."""
+    return gpt.load(smollm2_gguf), _transformers_gguf(smollm2_gguf)
 
 
-def test_gguf_smollm2_weights_equal_transformers_which_dequantizes_with_gguf(smollm2_pair):
-    (model, _), (reference, _) = smollm2_pair
+def test_gguf_smollm2_weights_logits_and_token_ids_equal_transformers_which_dequantizes_with_gguf(smollm2_pair):
+    (model, tokenizer), (reference, reference_tokenizer) = smollm2_pair
     assert model.cfg.family == "llama" and (model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.n_layers) == (9, 3, 30)
     theirs = {name.removeprefix("model."): tensor for name, tensor in reference.state_dict().items()}
     ours = model.state_dict()
     assert set(ours) == set(theirs)
     for name, tensor in ours.items():  # the query and key rows in Hugging Face's order again
         assert torch.equal(tensor, theirs[name]), name
-
-
-def test_gguf_smollm2_logits_and_token_ids_equal_transformers(smollm2_pair):
-    (model, tokenizer), (reference, reference_tokenizer) = smollm2_pair
     for text in GGUF_TEXTS:
         ids = tokenizer.encode(text, bos=True)
         assert ids == reference_tokenizer.encode(text), text
@@ -4266,12 +3744,6 @@ def test_gguf_larger_than_memory_is_refused_before_any_tensor_is_dequantized(smo
     with pytest.raises(ValueError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf: its weights at 4 bytes each: about 0\.5 GB "
                                          r"needed, but the cpu has 0\.1 GB: use --dtype bfloat16"):
         gpt.load(smollm2_gguf)
-
-
-def test_gguf_smollm2_knows_the_capital_of_france(smollm2_pair):
-    (model, tokenizer), _ = smollm2_pair
-    ids = gpt.text_to_token_ids("The capital of France is", tokenizer=tokenizer)
-    assert gpt.token_ids_to_text(gpt.generate(model, ids, 2)[0, ids.shape[1]:], tokenizer) == " Paris."
 
 
 def _gguf_blocks(kind, n_blocks, seed=0):
@@ -4371,7 +3843,16 @@ def _ollama_folder(root, name, tag, blob_bytes, namespace="library"):
     return blob
 
 
-def test_gguf_ollama_names_find_the_model_blob(tmp_path, monkeypatch):
+def _one_line_error(source, match):
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        gpt.load(source)
+    assert re.search(match, str(error.value)) and "\n" not in str(error.value), str(error.value)
+
+
+def test_gguf_ollama_names_find_the_model_blob_and_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path,
+                                                                                                           monkeypatch):
+    import numpy as np
+
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
     latest = _ollama_folder(tmp_path, "smollm2", "latest", b"GGUF latest")
     tagged = _ollama_folder(tmp_path, "smollm2", "135m", b"GGUF 135m")
@@ -4381,19 +3862,7 @@ def test_gguf_ollama_names_find_the_model_blob(tmp_path, monkeypatch):
     (tmp_path / "copied-blob").write_bytes(b"GGUF copied")
     assert gpt.gguf_file(tmp_path / "copied-blob") == tmp_path / "copied-blob"  # by content: a blob has no suffix
     assert gpt.gguf_file(tmp_path / "blobs") is None
-
-
-def _one_line_error(source, match):
-    with pytest.raises((ValueError, FileNotFoundError)) as error:
-        gpt.load(source)
-    assert re.search(match, str(error.value)) and "\n" not in str(error.value), str(error.value)
-
-
-def test_gguf_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path, monkeypatch):
-    import numpy as np
-
-    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
-    _one_line_error("ollama:smollm2:135m", r"no Ollama model smollm2:135m in .* run `ollama pull smollm2:135m`")
+    _one_line_error("ollama:smollm2:360m", r"no Ollama model smollm2:360m in .* run `ollama pull smollm2:360m`")
     blob = _ollama_folder(tmp_path, "gone", "latest", None)
     _one_line_error("ollama:gone", rf"the blob of its model layer, {re.escape(str(blob))}, is missing: run `ollama")
     _ollama_folder(tmp_path, "html", "latest", b"<html>502 Bad Gateway</html>")
@@ -4427,8 +3896,8 @@ def _transformers_gguf(path):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with pytest.MonkeyPatch.context() as patch:  # see smollm2_pair
-        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
+    with pytest.MonkeyPatch.context() as patch:  # the same results, 2-3 times faster: read the file once, not thrice,
+        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))  # and map the names once, not 397 times
         patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
         return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -4470,7 +3939,8 @@ def _gguf_source(kind, folder, trained_tokenizers, sentencepiece_tokenizers=None
     if kind == "smollm2":
         return _smol_instruct_folder(folder, trained_tokenizers)[1]
     if kind == "llama3":
-        return _llama3_classifier_folder(folder, trained_tokenizers)
+        family_model_with_tokenizer(folder, trained_tokenizers, "llama3", "Hi", max_position_embeddings=64)
+        return folder
     save_hf_family(folder, "qwen3", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
                    head_dim=128, tie_word_embeddings=True)  # transformers' GGUF loader reads no head size: 128
     (folder / "tokenizer.json").write_bytes((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_bytes())
@@ -4504,11 +3974,20 @@ def test_gguf_export_is_read_by_gguf_and_transformers(tmp_path, trained_tokenize
             torch.testing.assert_close(logits, model(torch.tensor([ids])), atol=atol, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def smollm2_export(tmp_path_factory, trained_tokenizers):
+    """A tiny SmolLM2-Instruct-style model folder (see _smol_instruct_folder) and its GGUF export (f16)."""
+    root = tmp_path_factory.mktemp("smollm2-export")
+    folder = _gguf_source("smollm2", root / "source", trained_tokenizers)
+    gpt.export_gguf(*gpt.load(folder), root / "model.gguf", "f16")
+    return folder, root / "model.gguf"
+
+
 @pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16", "q8_0"])
-def test_gguf_export_gives_the_weights_back(tmp_path, trained_tokenizers, gguf_type):
+def test_gguf_export_gives_the_weights_back(tmp_path, smollm2_export, gguf_type):
     import gguf
 
-    model, tokenizer = gpt.load(_gguf_source("smollm2", tmp_path / "source", trained_tokenizers))
+    model, tokenizer = gpt.load(smollm2_export[0])
     gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", gguf_type)
     back, back_tokenizer = gpt.load(tmp_path / "model.gguf")
     assert back.cfg.norm_eps == struct.unpack("<f", struct.pack("<f", 1e-5))[0]  # GGUF keeps float32 settings
@@ -4525,14 +4004,13 @@ def test_gguf_export_gives_the_weights_back(tmp_path, trained_tokenizers, gguf_t
         assert torch.equal(back.state_dict()[name], expected), name
 
 
-def test_gguf_export_runs_from_ollama_and_refuses_what_it_cannot_write(tmp_path, trained_tokenizers, monkeypatch):
-    model, tokenizer = gpt.load(_gguf_source("smollm2", tmp_path / "source", trained_tokenizers))
-    gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f16")
+def test_gguf_export_runs_from_ollama_and_refuses_what_it_cannot_write(tmp_path, smollm2_export, monkeypatch):
+    folder, path = smollm2_export
+    model, tokenizer = gpt.load(folder)
     with pytest.raises(ValueError, match=r"holds another run \(model\.gguf, model\.Modelfile\): replace it with"):
-        gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f32")
-    gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f16", overwrite=True)
+        gpt.export_gguf(model, tokenizer, path, "f32")
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama"))
-    blob = _ollama_folder(tmp_path / "ollama", "tiny", "f16", (tmp_path / "model.gguf").read_bytes(), "me")
+    blob = _ollama_folder(tmp_path / "ollama", "tiny", "f16", path.read_bytes(), "me")
     from_ollama, _ = gpt.load("ollama:me/tiny:f16")
     assert gpt.gguf_file("ollama:me/tiny:f16") == blob and from_ollama.cfg.n_kv_heads == model.cfg.n_kv_heads == 2
     gpt.add_classifier_head(model, ["ham", "spam"])
@@ -4595,7 +4073,8 @@ def test_gguf_export_refuses_what_llama_cpp_would_read_otherwise(tmp_path, sente
 
 
 def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trained_tokenizers, monkeypatch):
-    folder = _llama3_classifier_folder(tmp_path / "source", trained_tokenizers)
+    folder = tmp_path / "source"
+    family_model_with_tokenizer(folder, trained_tokenizers, "llama3", "Hi", max_position_embeddings=64)
     scaling = {"rope_type": "llama3", "factor": 8.0, **gpt.LLAMA3_ROPE_SCALING}
     config = {**json.loads((folder / "config.json").read_text()), "rope_theta": 500000.0,
               "rope_parameters": {**scaling, "rope_theta": 500000.0}}
@@ -4618,34 +4097,33 @@ def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trai
     _one_line_error(tmp_path / "llama3.gguf", r"llama3\.gguf: rope_freqs\.weight is not Llama 3's rope scaling with")
 
 
-def test_a_model_with_its_own_tokenizer_needs_no_gpt2_tokenizer_files(tmp_path, trained_tokenizers, monkeypatch):
-    folder = _gguf_source("smollm2", tmp_path / "source", trained_tokenizers)
-    gpt.export_gguf(*gpt.load(folder), tmp_path / "model.gguf")
+def test_chat_template_travels_with_the_exports_and_chat_prompt_and_load_gpt2_chat_use_it(smollm2_export, tmp_path,
+                                                                                            capsys, monkeypatch):
+    from transformers import AutoTokenizer
+
+    folder, path = smollm2_export  # the template in chat_template.jinja; in the GGUF file, in its metadata
+    model, tokenizer = gpt.load(folder)
+    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
+    start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
+    for name in ("config.json", "generation_config.json"):  # the token ids travel too
+        config = json.loads((tmp_path / "hf" / name).read_text())
+        assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (start, end, end)
+    message = [{"role": "user", "content": "Name a colour."}]
+    expected = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(message, tokenize=False,
+                                                                                 add_generation_prompt=True)
+    assert expected == "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match=r"^gpt2 has no chat template \(ChatML, Llama 3, Gemma, Phi-3\): give the "
+                                         "prompt as plain text$"):
+        gpt.chat_prompt(gpt.get_tokenizer(), "Hi")
 
     def offline():
         raise RuntimeError("cannot download tiktoken's GPT-2 vocabulary files")
 
-    monkeypatch.setattr(gpt, "get_tokenizer", offline)  # as offline without TIKTOKEN_CACHE_DIR
-    for source in (folder, tmp_path / "model.gguf"):
+    monkeypatch.setattr(gpt, "get_tokenizer", offline)  # a model with its own tokenizer needs no GPT-2 files
+    for source in (folder, path, tmp_path / "hf"):
         model, tokenizer = gpt.load(source)
         gpt.check_vocabulary(model, source, tokenizer)
-        assert tokenizer.decode(tokenizer.encode("Hello there")) == "Hello there"
-
-
-def test_chat_prompt_is_the_chat_template_of_the_model_and_load_gpt2_chat_uses_it(tmp_path, trained_tokenizers,
-                                                                                    capsys):
-    from transformers import AutoTokenizer
-
-    folder = _gguf_source("smollm2", tmp_path / "source", trained_tokenizers)
-    gpt.export_gguf(*gpt.load(folder), tmp_path / "chat.gguf")
-    _, tokenizer = gpt.load(tmp_path / "chat.gguf")  # the template travels in the GGUF metadata
-    message = [{"role": "user", "content": "Name a colour."}]
-    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(message, tokenize=False,
-                                                                         add_generation_prompt=True)
-    assert gpt.chat_prompt(tokenizer, "Name a colour.") == (expected, tokenizer.encode("<|im_end|>")[0])
-    load_gpt2.main(["--model", str(tmp_path / "chat.gguf"), "--chat", "--prompt", "Name a colour.",
-                    "--max-new-tokens", "1"])
+        assert gpt.chat_prompt(tokenizer, "Name a colour.") == (expected, end)
+    load_gpt2.main(["--model", str(path), "--chat", "--prompt", "Name a colour.", "--max-new-tokens", "1"])
     assert capsys.readouterr().out.split("-" * 80 + "\n")[1].startswith(expected)
-    with pytest.raises(ValueError, match=r"^gpt2 has no chat template \(ChatML, Llama 3, Gemma, Phi-3\): give the "
-                                         "prompt as plain text$"):
-        gpt.chat_prompt(gpt.get_tokenizer(), "Hi")
