@@ -1336,14 +1336,14 @@ def read_json(path, source):
 
 
 def verify_file(path, *, size=None, sha256=None, member=None, check=None):
-    """Raise ValueError naming the file when its size (bytes) or SHA-256 (hex), or those of its zip
-    member `member` (a zip made anew differs while its member does not), differ from those given,
-    or when `check(path)` (a parse) raises ValueError."""
-    what = path if member is None else f"{path} (member {member})"
+    """Raise ValueError naming the file when `check(path)` (a parse) raises it, or when the size (bytes)
+    or SHA-256 (hex) of the file, or of its zip member `member` (a zip made anew differs while its
+    member does not), differ from those given."""
     if check is not None:
         check(path)
     if size is None and sha256 is None:
         return
+    what = path if member is None else f"{path} (member {member})"
     digest, actual_size = hashlib.sha256(), 0
     try:
         with zipfile.ZipFile(path).open(member) if member else open(path, "rb") as f:
@@ -1358,28 +1358,14 @@ def verify_file(path, *, size=None, sha256=None, member=None, check=None):
         raise ValueError(f"{what}: SHA-256 {digest.hexdigest()}, expected {sha256}")
 
 
-def cached_file(path, **checks):
-    """path when it exists and passes `verify_file(**checks)`, else None. A file that fails is
-    deleted, saying why on stderr, so that it is fetched again instead of failing forever."""
-    if not path.exists():
-        return None
-    try:
-        verify_file(path, **checks)
-        return path
-    except ValueError as e:
-        print(f"warning: cached {e}; deleting it to download it again", file=sys.stderr)
-        path.unlink()
-        return None
-
-
 def download_file(url, dest, *, headers=None, quiet=False, retries=3, timeout=30, **checks):
-    """Download url to dest -> dest as a Path; a dest on disk that passes the checks (size, sha256,
-    member, check of `verify_file`) is used as it is. A cut, a timeout or a lost connection resumes
-    with an HTTP Range request, up to `retries` attempts; `timeout`: seconds per read; `headers`: an
-    access token. Whatever fails, Ctrl-C included, deletes the temporary file. Raises RuntimeError
-    naming the URL: an HTTP error, a failed request, a download failing the checks."""
+    """Download url to dest -> dest as a Path, or dest as it is when there (it was checked before it
+    was renamed there). A cut, a timeout or a lost connection resumes with an HTTP Range request, up
+    to `retries` attempts; `timeout`: seconds per read; `headers`: an access token; `checks`: those
+    of `verify_file`. Raises RuntimeError naming the URL: an HTTP error, a failed request, a download
+    failing the checks (deleted, as is the temporary file whatever fails, Ctrl-C included)."""
     dest = Path(dest)
-    if cached_file(dest, **checks):
+    if dest.is_file():
         return dest  # nothing is written: a read-only cache works too
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f".{dest.name}.tmp{os.getpid()}.{threading.get_ident()}.part")
@@ -1509,24 +1495,22 @@ def read_safetensors(path):
 
 
 def hub_file(repo, filename, *, quiet=False, missing_ok=False, cached_only=False):
-    """Path of `filename` of the Hub model `repo` ("owner/model"): in the Hugging Face cache, else
-    in ours (<cache>/<repo>/, GPT-2's sizes in <cache>/<size>/), else downloaded from $HF_ENDPOINT
-    (default huggingface.co) with the token in $HF_TOKEN. A large (LFS) file is checked by the
-    SHA-256 the Hub announces, a .json or .safetensors file (in our cache too) by a parse. None for
-    a file the Hub lacks when missing_ok, or one not on disk when cached_only. Raises RuntimeError
-    offline, for a gated model (saying what to do) and as `download_file` does."""
+    """Path of `filename` of the Hub model `repo` ("owner/model"): in the Hugging Face cache, else in
+    ours (<cache>/<repo>/, GPT-2's sizes in <cache>/<size>/), else downloaded from $HF_ENDPOINT (default
+    huggingface.co) with the token in $HF_TOKEN and checked: a large (LFS) file by the SHA-256 the Hub
+    announces, a .json or .safetensors file by a parse. None for a file the Hub lacks when missing_ok,
+    or one not on disk when cached_only. Raises RuntimeError offline, for a gated model (saying what
+    to do) and as `download_file` does."""
     hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     model = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub") / f"models--{repo.replace('/', '--')}"
     ref = model / "refs" / "main"  # the snapshot of the main branch, as hub_file asks for it
     snapshot = model / "snapshots" / ref.read_text().strip() / filename if ref.is_file() else None
-    if snapshot is not None and snapshot.is_file():
-        return snapshot
     dest = cache_dir() / repo.removeprefix("openai-community/") / filename
-    parse = {".safetensors": read_safetensors, ".json": functools.partial(read_json, source="Hub file")}
-    checks = {"check": parse.get(Path(filename).suffix)}
-    local = cached_file(dest, **checks)
+    local = next((path for path in (snapshot, dest) if path is not None and path.is_file()), None)
     if local or cached_only:
         return local
+    parse = {".safetensors": read_safetensors, ".json": functools.partial(read_json, source="Hub file")}
+    checks = {"check": parse.get(Path(filename).suffix)}
     url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo}/resolve/main/{filename}"
     headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
     try:
@@ -1568,7 +1552,7 @@ def _is(*values):
     return lambda value: any(type(value) is type(v) and value == v for v in values)
 
 
-# config.json's sizes -> GPTConfig's fields: read by `config_from_weights` and `config_from_hub`, written by
+# config.json's sizes -> GPTConfig's fields: read by `config_from_json` and `config_from_hub`, written by
 # `hf_config` and `hub_config`. Each must be a positive integer (`check_sizes`).
 GPT2_SIZES = {"vocab_size": "vocab_size", "n_positions": "context_length", "n_embd": "emb_dim", "n_head": "n_heads",
               "n_layer": "n_layers"}
@@ -1606,23 +1590,13 @@ def check_sizes(config_json, keys):
             raise ValueError(f"{key!r} must be a positive integer, got {value!r}")
 
 
-def config_from_weights(tensors, config_json=None):
-    """GPTConfig of GPT-2 from transformers' config.json (a dict), else from the tensors' shapes (names
-    without `transformer.`) with GPT-2's heads of 64, which shapes do not show. Raises ValueError
-    naming the key of a bad size or of a setting this implementation does not have."""
-    if config_json is None:
-        vocab_size, emb_dim = tensors["wte.weight"].shape
-        if emb_dim not in [cfg.emb_dim for cfg in GPT_CONFIGS.values()]:  # not a released size: say what is assumed
-            print(f"warning: no config.json beside the weights: {max(1, emb_dim // 64)} attention heads assumed "
-                  "(GPT-2's heads of 64); put the model's config.json beside its weights if that is wrong",
-                  file=sys.stderr)
-        config_json = {
-            "vocab_size": vocab_size,
-            "n_positions": len(tensors["wpe.weight"]) if "wpe.weight" in tensors else 1024,  # else named missing
-            "n_embd": emb_dim,
-            "n_head": max(1, emb_dim // 64),
-            "n_layer": len({int(m.group(1)) for name in tensors if (m := re.match(r"h\.(\d+)\.", name))}),
-        }
+def config_from_json(config_json):
+    """GPTConfig of a transformers config.json (a dict): GPT-2's, else the Llama family's (`config_from_hub`).
+    Raises ValueError naming the key of a bad size or of a setting this implementation does not have."""
+    if not isinstance(config_json, dict):
+        raise ValueError(f"a {type(config_json).__name__}, not a JSON object")
+    if config_json.get("model_type") != "gpt2":
+        return config_from_hub(config_json)
     check_sizes(config_json, GPT2_SIZES)
     hidden = 4 * config_json["n_embd"]  # the MLP's width, n_inner, is GPT-2's: null means this
     check_settings(config_json, {**GPT2_SETTINGS, "n_inner": (_is(None, hidden), f"null or 4 * n_embd = {hidden}")})
@@ -1631,19 +1605,15 @@ def config_from_weights(tensors, config_json=None):
 
 
 def empty_model(cfg):
-    """Model of cfg (`build_model`) on the meta device: placeholder parameters without memory or
-    values, for a loader to assign tensors to. torch.nn.init's fills do nothing meanwhile (as in
-    transformers' `no_init_weights`): on the meta device they cost a second of imports."""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
-    fills = {name: getattr(nn.init, name) for name in names}
+    """Model of cfg (`build_model`) on the meta device: placeholder parameters without memory or values,
+    for a loader to assign tensors to. Its random init is skipped: on the meta device normal_ costs a second."""
+    normal = nn.init.normal_
+    nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
     try:
-        for name in names:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
         with torch.device("meta"):
             return build_model(cfg)
     finally:
-        for name, fill in fills.items():
-            setattr(nn.init, name, fill)
+        nn.init.normal_ = normal
 
 
 def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, source="weights"):
@@ -1741,7 +1711,7 @@ def config_from_hub(config_json):
     setting this implementation does not have (`LLAMA_SETTINGS`, `ROPE_SETTINGS`, `ACTIVATIONS`)."""
     model_type = config_json.get("model_type")
     if model_type not in HUB_MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(HUB_MODEL_TYPES)}")
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: gpt2, {', '.join(HUB_MODEL_TYPES)}")
     check_sizes(config_json, HUB_SIZES)
     check_settings(config_json, LLAMA_SETTINGS)
     activation = config_json.get("hidden_act", config_json.get("hidden_activation", "silu"))
@@ -1749,7 +1719,7 @@ def config_from_hub(config_json):
         raise ValueError(f"hidden_act = {activation!r} is not supported (this implementation: "
                          f"{' or '.join(ACTIVATIONS.get(model_type, ('silu',)))} for {model_type})")
     rope, local, rope_type = hub_rope(config_json)
-    theta = config_json.get("rope_theta", rope.get("rope_theta", 10000.0))  # 0 is refused above, not a default
+    theta = rope.get("rope_theta", config_json.get("rope_theta", 10000.0))  # 0 is refused above, not a default
     scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     window = config_json.get("sliding_window")
     attention_bias = bool(config_json.get("attention_bias", False))
@@ -1769,7 +1739,7 @@ def config_from_hub(config_json):
         sliding_window=window if "sliding_attention" in layer_types or pattern else None,
         global_every=global_every,
         local_rope_theta=config_json.get("rope_local_base_freq", local.get("rope_theta")),
-        rotary_fraction=config_json.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)),
+        rotary_fraction=rope.get("partial_rotary_factor", config_json.get("partial_rotary_factor", 1.0)),
         query_scale=config_json.get("query_pre_attn_scalar"),
         **{"qkv_bias": attention_bias, "out_bias": attention_bias, "mlp_bias": bool(config_json.get("mlp_bias")),
            **HUB_MODEL_TYPES[model_type][1]},
@@ -1783,23 +1753,15 @@ def config_from_hub(config_json):
 def hub_rope(config_json):
     """The rotary settings of a config.json -> (global layers' settings, Gemma 3's windowed layers' settings,
     rope type): transformers 5 keeps them in rope_parameters (per layer type for Gemma 3), transformers 4 in
-    rope_scaling and at the top level. Raises ValueError for settings `ROPE_SETTINGS` lacks or that disagree."""
+    rope_scaling and at the top level. Raises ValueError for settings `ROPE_SETTINGS` lacks."""
     parameters = config_json.get("rope_parameters") or {}
     local = parameters.get("sliding_attention", {})
-    parameters = parameters.get("full_attention", parameters)
-    ropes = {"rope_parameters": parameters, "rope_scaling": config_json.get("rope_scaling")}
-    ropes = {key: rope for key, rope in ropes.items() if rope}
+    ropes = {"rope_parameters": parameters.get("full_attention", parameters),
+             "rope_scaling": config_json.get("rope_scaling") or {}}
     for key, rope in ropes.items():
         check_settings(rope, ROPE_SETTINGS, prefix=f"{key}.")
-    types = sorted({rope.get("rope_type", rope.get("type", "default")) for rope in ropes.values()})
-    if len(types) > 1:
-        raise ValueError(f"rope_parameters and rope_scaling name different rope types {types}: keep one")
-    rope = next(iter(ropes.values()), {})
-    for key in ("rope_theta", "partial_rotary_factor"):
-        if key in config_json and key in rope and config_json[key] != rope[key]:
-            raise ValueError(f"{key} is {config_json[key]} at the top level but {rope[key]} in the rope settings: "
-                             "keep one")
-    return rope, local, types[0] if types else "default"
+    rope = {**ropes["rope_parameters"], **ropes["rope_scaling"]}  # as transformers 5 reads a file with both
+    return rope, local, rope.get("rope_type", rope.get("type", "default"))
 
 
 def hub_layer_types(cfg):
@@ -1810,7 +1772,7 @@ def hub_layer_types(cfg):
 
 def hub_config(cfg):
     """config.json of the transformers class of a Llama-family GPTConfig (`HUB_MODEL_TYPES`) -> dict
-    in transformers 5's spelling, with transformers 4's keys beside (`config_from_hub` reads it back).
+    in transformers 4's spelling, which transformers 5 reads too (`config_from_hub` reads it back).
     Raises ValueError for biases the class cannot express."""
     if cfg.qkv_bias != cfg.out_bias or (cfg.qk_norm and cfg.mlp_bias):
         raise ValueError(
@@ -1819,9 +1781,6 @@ def hub_config(cfg):
         )
     model_type = cfg.model_type or ("qwen3" if cfg.qk_norm else "llama")
     activation = ACTIVATIONS.get(model_type, ("silu",))[0]
-    rope = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else {"rope_type": "default"}
-    rope = {**rope, "rope_theta": cfg.rope_theta, **({"partial_rotary_factor": cfg.rotary_fraction}
-                                                     if cfg.rotary_fraction != 1.0 else {})}
     config = {
         "architectures": [HUB_MODEL_TYPES[model_type][0]],
         "model_type": model_type,
@@ -1833,10 +1792,9 @@ def hub_config(cfg):
         "hidden_activation": activation,  # Gemma's name
         "rms_norm_eps": cfg.norm_eps,
         "layer_norm_eps": cfg.norm_eps,  # Phi's name
-        "rope_theta": cfg.rope_theta,  # transformers 4 reads these three,
-        "rope_scaling": rope if cfg.rope_scaling else None,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None,
         "partial_rotary_factor": cfg.rotary_fraction,
-        "rope_parameters": rope,  # transformers 5 this one
         "attention_bias": cfg.qkv_bias,
         **({} if cfg.qk_norm else {"mlp_bias": cfg.mlp_bias}),
         "tie_word_embeddings": cfg.tie_embeddings,
@@ -1844,10 +1802,8 @@ def hub_config(cfg):
         "pad_token_id": None,  # not Phi-3's default 32000: the tokenizer's ids follow
     }
     if model_type == "gemma3_text":
-        local = {"rope_type": "default", "rope_theta": cfg.local_rope_theta}
         config.update(query_pre_attn_scalar=cfg.query_scale, rope_local_base_freq=cfg.local_rope_theta,
-                      layer_types=hub_layer_types(cfg),
-                      rope_parameters={"full_attention": rope, "sliding_attention": local})
+                      layer_types=hub_layer_types(cfg))
     return config
 
 
@@ -1865,8 +1821,8 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     `save_pretrained` or `export_hf` writes it, a .safetensors file (with the config.json and
     tokenizer files beside it, when there), a GGUF file or "ollama:NAME[:TAG]" (section 8b), or a
     checkpoint of this project (any other file).
-    config.json's model_type (gpt2, `HUB_MODEL_TYPES`), else the tensor names, tell the kind of model;
-    a classifier gets its head and `labels`. Raises FileNotFoundError, ValueError naming a file
+    config.json's model_type (gpt2, `HUB_MODEL_TYPES`) tells the kind of model; a classifier gets its
+    head and `labels`. Raises FileNotFoundError, ValueError naming a file
     that does not fit, RuntimeError for a failed download.
     """
     path, gguf = Path(source), gguf_file(source)
@@ -1909,8 +1865,9 @@ def model_files(source, *, quiet=False):
         files = {name: decode_utf8((folder / name).read_bytes(), folder / name)
                  for name in names if (folder / name).is_file()}
         return (read_json(config, "model config") if config.is_file() else None), weight_paths, files
-    if name in GPT_CONFIGS:
-        return None, [hub_file(f"openai-community/{name}", "model.safetensors", quiet=quiet)], {}
+    if name in GPT_CONFIGS:  # a released size: its config is GPT_CONFIGS'
+        weights = hub_file(f"openai-community/{name}", "model.safetensors", quiet=quiet)
+        return hf_config(GPT_CONFIGS[name]), [weights], {}
     if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name) or Path(name.split("/")[0]).is_dir() \
             or path.suffix in (".pt", ".safetensors", ".gguf"):  # a local path that is not there
         raise FileNotFoundError(
@@ -1942,31 +1899,29 @@ def hub_tokenizer_files(repo, *, quiet=False):
 
 
 def model_from_tensors(tensors, config_json, source, *, device="cpu", dtype=torch.float32):
-    """Model in eval mode of tensors named as transformers saves them and config.json (a dict, or
-    None: GPT-2 from the shapes); a ...ForSequenceClassification's `score` becomes a classifier head.
-    Consumes `tensors`. Raises ValueError naming `source` for a model this project lacks or tensors
-    that do not fit."""
-    if config_json is not None and not isinstance(config_json, dict):
-        raise ValueError(f"{source}: its config.json holds a {type(config_json).__name__}, not a JSON object")
+    """Model in eval mode of tensors named as transformers saves them and their config.json (a dict);
+    a ...ForSequenceClassification's `score` becomes a classifier head. Consumes `tensors`. Raises
+    ValueError naming `source` for a model this project lacks or tensors that do not fit, FileNotFoundError
+    for a config_json of None (none beside the weights)."""
+    if config_json is None:
+        raise FileNotFoundError(f"{source}: no config.json beside it: put the model's config.json beside its weights")
     for name in list(tensors):  # renamed in place: the loader drops each tensor from this dict once copied
         tensors[name.removeprefix("transformer.").removeprefix("model.")] = tensors.pop(name)
-    model_type = (config_json or {}).get("model_type") or ("gpt2" if "wte.weight" in tensors else None)
-    if model_type is None:
-        raise ValueError(f"{source}: no model_type in a config.json beside it, and its tensors are not GPT-2's (no "
-                         "wte.weight): put the model's config.json, with \"model_type\", beside the weights")
+    if isinstance(config_json, dict) and not config_json.get("model_type") and "wte.weight" in tensors:
+        config_json = {**config_json, "model_type": "gpt2"}  # GPT-2's files from before config.json named it
     score = tensors.pop("score.weight", None)  # a ...ForSequenceClassification: `score` is its head
     try:
-        cfg = config_from_weights(tensors, config_json) if model_type == "gpt2" else config_from_hub(config_json)
+        cfg = config_from_json(config_json)
     except (KeyError, ValueError) as e:
         raise ValueError(f"{source} config.json: {e}") from None
-    if model_type != "gpt2":
+    if cfg.family != "gpt2":
         llama_layout(tensors, cfg)  # Phi's names, Phi-3's packed matrices
     model = empty_model(dataclasses.replace(cfg, tie_embeddings=True) if score is not None else cfg)
     weights = f"{source}: its weights at {dtype.itemsize} bytes each"
     check_memory(count_parameters(model) * dtype.itemsize, device, weights)
     load_weights_into(model, tensors, device=device, dtype=dtype, source=str(source))
     if score is not None:  # no language-model head to load: the classifier's takes its place
-        labels = (config_json or {}).get("id2label") or {}
+        labels = config_json.get("id2label") or {}
         add_classifier_head(model, [labels.get(str(i), f"LABEL_{i}") for i in range(score.shape[0])], bias=False)
         model.lm_head.weight = nn.Parameter(score.to(device=device, dtype=dtype))
     return model.eval()
@@ -2584,7 +2539,7 @@ def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite
     tensors = gguf_tensors(model, kind, metadata["general.architecture"])
     try:  # the file read back must give this model
         config = gguf_config(metadata, {tensor[0]: tensor[1:] for tensor in tensors})
-        read = config_from_weights({}, config) if config["model_type"] == "gpt2" else config_from_hub(config)
+        read = config_from_json(config)
         expected, got = (hf_config(dataclasses.replace(cfg, drop_rate=0.0)) for cfg in (model.cfg, read))
         wrong = [f"{key} {got.get(key)!r} for its {value!r}" for key, value in expected.items()
                  if got.get(key) != value]
