@@ -1358,11 +1358,10 @@ def verify_file(path, *, size=None, sha256=None, member=None, check=None):
 
 
 def download_file(url, dest, *, headers=None, quiet=False, retries=3, timeout=30, **checks):
-    """Download url to dest -> dest as a Path, or dest as it is when there (it was checked before it
-    was renamed there). A cut, a timeout or a lost connection resumes with an HTTP Range request, up
-    to `retries` attempts; `timeout`: seconds per read; `headers`: an access token; `checks`: those
-    of `verify_file`. Raises RuntimeError naming the URL: an HTTP error, a failed request, a download
-    failing the checks (deleted, as is the temporary file whatever fails, Ctrl-C included)."""
+    """Download url to dest, checked by `verify_file(**checks)` -> dest as a Path (as it is when there:
+    only a checked file is renamed there). A cut, a timeout or a lost connection resumes with an HTTP
+    Range request, up to `retries` attempts of `timeout` seconds per read; `headers`: an access token.
+    Raises RuntimeError naming the URL; whatever fails, Ctrl-C included, deletes the temporary file."""
     dest = Path(dest)
     if dest.is_file():
         return dest  # nothing is written: a read-only cache works too
@@ -1458,8 +1457,8 @@ def read_safetensors(path):
     """Read a .safetensors file -> {name: tensor}, each a view of a private (copy-on-write) memory
     mapping of its own bytes: no memory is used until they are touched, and dropping it frees them.
     The format: an 8-byte little-endian length N, N bytes of JSON giving each name its "dtype",
-    "shape" and "data_offsets" [begin, end] (from the end of the header), then the raw bytes.
-    Raises ValueError naming the file and the first problem of a truncated or malformed one."""
+    "shape" and "data_offsets" [begin, end] (from the end of the header), then the raw bytes. Raises
+    ValueError naming the file and the first problem of a truncated or malformed one."""
     path = Path(path)
     file_size = path.stat().st_size
     tensors = {}
@@ -1497,8 +1496,7 @@ def hub_file(repo, filename, *, quiet=False, missing_ok=False, cached_only=False
     ours (<cache>/<repo>/, GPT-2's sizes in <cache>/<size>/), else downloaded from $HF_ENDPOINT (default
     huggingface.co) with the token in $HF_TOKEN and checked: a large (LFS) file by the SHA-256 the Hub
     announces, a .json or .safetensors file by a parse. None for a file the Hub lacks when missing_ok,
-    or one not on disk when cached_only. Raises RuntimeError offline, for a gated model (saying what
-    to do) and as `download_file` does."""
+    or one not on disk when cached_only. Raises RuntimeError offline, for a gated model, as `download_file`."""
     hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     model = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub") / f"models--{repo.replace('/', '--')}"
     ref = model / "refs" / "main"  # the snapshot of the main branch, as hub_file asks for it
@@ -1520,8 +1518,7 @@ def hub_file(repo, filename, *, quiet=False, missing_ok=False, cached_only=False
     if head.status_code in (401, 403):
         token = "HF_TOKEN is set, but its account has no access yet" if headers else "HF_TOKEN is not set"
         raise RuntimeError(f"{repo} is gated (HTTP {head.status_code}; {token}): accept its licence on "
-                           f"https://huggingface.co/{repo} while logged in, then set HF_TOKEN to an access token "
-                           "of that account (https://huggingface.co/settings/tokens)")
+                           f"https://huggingface.co/{repo}, then set HF_TOKEN to an access token of that account")
     if head.status_code == 404 and missing_ok:
         return None
     if head.status_code >= 400:
@@ -1632,10 +1629,9 @@ def config_from_json(config_json):
 
 
 def config_from_hub(config_json):
-    """GPTConfig of the Llama family from the config.json (a dict) of a Llama (Llama 3.2, SmolLM2),
-    Qwen3, Mistral, Phi, Phi-3 or Gemma 3 model, in transformers 4's spelling or 5's (rope_parameters,
-    per layer type for Gemma 3). Raises ValueError (KeyError for a missing rope_scaling entry) naming
-    the key of a bad size or of a setting this implementation does not have."""
+    """GPTConfig of the config.json (a dict) of a Llama (Llama 3.2, SmolLM2), Qwen3, Mistral, Phi, Phi-3
+    or Gemma 3 model, in transformers 4's spelling or 5's (rope_parameters, per layer type for Gemma 3).
+    Raises ValueError (KeyError: a rope_scaling entry missing) naming a bad size or unsupported setting."""
     model_type = config_json.get("model_type")
     if model_type not in HUB_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: gpt2, {', '.join(HUB_MODEL_TYPES)}")
@@ -1820,10 +1816,9 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
 
 
 def model_files(source, *, quiet=False):
-    """A model's files -> (config.json as a dict, [safetensors paths], {tokenizer file: text}) of a
-    folder, a .safetensors file, a released GPT-2 size (its config: GPT_CONFIGS') or a Hub name
-    "owner/model", downloading what is missing. Raises FileNotFoundError when `source` is none of
-    these or lacks its weights or config.json."""
+    """A model's files -> (config.json as a dict, [safetensors paths], {tokenizer file: text}) of a folder,
+    a .safetensors file, a released GPT-2 size (its config: GPT_CONFIGS') or a Hub name "owner/model",
+    downloading what is missing. FileNotFoundError: none of these, or no weights or config.json."""
     path, name = Path(source), str(source)
     if path.is_dir() or (path.suffix == ".safetensors" and path.is_file()):
         folder = path if path.is_dir() else path.parent
