@@ -1829,6 +1829,8 @@ def model_files(source, *, quiet=False):
             weight_paths = [folder / shard for shard in shard_names(index)]
         else:
             raise FileNotFoundError(f"{folder} holds no model: neither model.safetensors nor {index.name}")
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} holds no config.json: put the model's config.json beside its weights")
         names = TOKENIZER_FILES if (folder / "tokenizer.json").is_file() else ("vocab.json",)  # GPT-2's own
         files = {name: decode_utf8((folder / name).read_bytes(), folder / name)
                  for name in names if (folder / name).is_file()}
