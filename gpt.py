@@ -1642,11 +1642,13 @@ def config_from_hub(config_json):
         raise ValueError(f"hidden_act = {activation!r} is not supported (this implementation: "
                          f"{' or '.join(ACTIVATIONS.get(model_type, ('silu',)))} for {model_type})")
     parameters = config_json.get("rope_parameters") or {}
+    local = parameters.get("sliding_attention", {})  # Gemma 3's windowed layers, in transformers 5
     ropes = {"rope_parameters": parameters.get("full_attention", parameters),
              "rope_scaling": config_json.get("rope_scaling") or {}}
     for key, settings in ropes.items():
         check_settings(settings, ROPE_SETTINGS, prefix=f"{key}.")
     rope = {**ropes["rope_parameters"], **ropes["rope_scaling"]}  # as transformers 5 reads a file with both
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     window = config_json.get("sliding_window")
     attention_bias = bool(config_json.get("attention_bias", False))
@@ -1660,14 +1662,12 @@ def config_from_hub(config_json):
         n_kv_heads=config_json.get("num_key_value_heads"),
         head_dim=config_json.get("head_dim"),
         rope_theta=float(rope.get("rope_theta", config_json.get("rope_theta", 10000.0))),  # 0 is refused above
-        rope_scaling={key: rope[key] for key in scaling_keys} if rope.get("rope_type", rope.get("type")) == "llama3"
-        else None,
+        rope_scaling={key: rope[key] for key in scaling_keys} if rope_type == "llama3" else None,
         norm_eps=float(config_json.get("rms_norm_eps", config_json.get("layer_norm_eps", 1e-6))),
         tie_embeddings=bool(config_json.get("tie_word_embeddings", model_type == "gemma3_text")),
         sliding_window=window if "sliding_attention" in layer_types or pattern else None,
         global_every=global_every,
-        local_rope_theta=config_json.get("rope_local_base_freq",
-                                         parameters.get("sliding_attention", {}).get("rope_theta")),
+        local_rope_theta=config_json.get("rope_local_base_freq", local.get("rope_theta")),
         rotary_fraction=rope.get("partial_rotary_factor", config_json.get("partial_rotary_factor", 1.0)),
         query_scale=config_json.get("query_pre_attn_scalar"),
         **{"qkv_bias": attention_bias, "out_bias": attention_bias, "mlp_bias": bool(config_json.get("mlp_bias")),
