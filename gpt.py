@@ -1907,7 +1907,7 @@ def add_classifier_head(model, labels, bias=True):
 # GGUF (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) holds a whole model in one
 # file: b"GGUF", a version, metadata (the config, the tokenizer, the chat template) and a table
 # of tensors, whose bytes follow, aligned. Most tensors are quantized: blocks of 32 or 256
-# values that share a scale (and an offset), each value in 2 to 8 bits. A GGUF file is read
+# values that share a scale (and an offset), each value in 4 to 8 bits. A GGUF file is read
 # into the three parts a Hugging Face folder holds (tensors under transformers' names, a
 # config.json, tokenizer files), which section 8 then loads like any other model; a model is
 # written from the same three parts (section 10's `hf_tensors` and `hf_config`).
@@ -1925,9 +1925,8 @@ def _half(blocks, start):
 
 
 def _fields(data, bits, width):
-    """Bytes (uint8 [n, k]) -> their `bits`-wide fields, uint8 [n, k * 8 / bits], in ggml's order:
-    in each run of `width` bytes, the lowest field of every byte, then the next field of every byte
-    (bits 4, width 16: the 16 low nibbles, then the 16 high ones)."""
+    """Bytes (uint8 [n, k]) -> their `bits`-wide fields, uint8 [n, k * 8 / bits], in ggml's order: in each run
+    of `width` bytes, the lowest field of every byte, then the next (4 bits, width 16: 16 low nibbles, 16 high)."""
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8).view(1, 1, -1, 1)
     return ((data.reshape(len(data), -1, 1, width) >> shifts) & (2**bits - 1)).reshape(len(data), -1)
 
@@ -1937,28 +1936,14 @@ def _q5(blocks, start):
     return _fields(blocks[:, start + 4:], 4, 16) | _fields(blocks[:, start:start + 4], 1, 1) << 4
 
 
-def _k_quant(blocks, values):
-    """Q4_K and Q5_K: values (uint8 [n, 256]) times 8 scales, minus 8 minimums, of 6 bits packed in
-    bytes 4-15, each times one of the block's two float16 factors -> float32 [n, 8, 32]. The 12 bytes:
-    4 bytes d and 4 bytes m hold scales and minimums 0-3 in their low 6 bits; scales and minimums 4-7
-    are 4 bits of the last 4 bytes (`high`) under the top 2 bits of d and m."""
+def _q4_k(blocks):
+    """Q4_K: two float16 factors (bytes 0 and 2), 8 scales and 8 minimums of 6 bits (4-15), 256 4-bit values.
+    Bytes 4-7 (d) and 8-11 (m) hold scales and minimums 0-3 in their low 6 bits; 4-7 are the nibbles of
+    bytes 12-15 (`high`) under the top 2 bits of d and m."""
     d, m, high = blocks[:, 4:16].reshape(-1, 3, 4).unbind(1)
     scales = _half(blocks, 0) * torch.cat([d & 63, (high & 15) | (d >> 2 & 48)], 1)
     minimums = _half(blocks, 2) * torch.cat([m & 63, (high >> 4) | (m >> 2 & 48)], 1)
-    return scales.unsqueeze(-1) * values.view(-1, 8, 32) - minimums.unsqueeze(-1)
-
-
-def _q2_k(blocks):
-    """Q2_K: 16 scales and minimums of 4 bits (bytes 0-15), 2-bit values, two float16 factors at 80 and 82."""
-    scales, minimums = _half(blocks, 80) * (blocks[:, :16] & 15), _half(blocks, 82) * (blocks[:, :16] >> 4)
-    return scales.unsqueeze(-1) * _fields(blocks[:, 16:80], 2, 32).view(-1, 16, 16) - minimums.unsqueeze(-1)
-
-
-def _q3_k(blocks):
-    """Q3_K: a high bit per value (bytes 0-31), 2 low bits (32-95), 16 signed 6-bit scales (96-107), a float16."""
-    scales = (_fields(blocks[:, 96:104], 4, 8) | _fields(blocks[:, 104:108], 2, 4) << 4).to(torch.int8) - 32
-    values = (_fields(blocks[:, 32:96], 2, 32) | _fields(blocks[:, :32], 1, 32) << 2).to(torch.int8) - 4
-    return (_half(blocks, 108) * scales).unsqueeze(-1) * values.view(-1, 16, 16)
+    return scales.unsqueeze(-1) * _fields(blocks[:, 16:], 4, 32).view(-1, 8, 32) - minimums.unsqueeze(-1)
 
 
 def _q6_k(blocks):
@@ -1972,7 +1957,7 @@ def _q6_k(blocks):
 # -> values float32 [n, values per block]), computed as ggml-quants.c and the `gguf` package do.
 # Q4_0 is a float16 scale d and 32 4-bit values q, each d * (q - 8); Q4_1 adds a float16 offset m,
 # d * q + m; Q5 holds one more bit per value, Q8_0 8 bits; the K types share float16 factors per
-# 256 values, which scale 16 (or 8) smaller scales (and minimums) of 4 to 8 bits.
+# 256 values, which scale 16 (or 8) smaller scales (and minimums) of 6 to 8 bits.
 GGUF_BLOCKS = {
     "F32": (1, 4, lambda blocks: blocks.view(torch.float32)),
     "F16": (1, 2, lambda blocks: blocks.view(torch.float16).float()),
@@ -1982,27 +1967,21 @@ GGUF_BLOCKS = {
     "Q4_1": (32, 20, lambda blocks: _half(blocks, 0) * _fields(blocks[:, 4:], 4, 16) + _half(blocks, 2)),
     "Q5_0": (32, 22, lambda blocks: _half(blocks, 0) * (_q5(blocks, 2).to(torch.int8) - 16)),
     "Q5_1": (32, 24, lambda blocks: _half(blocks, 0) * _q5(blocks, 4) + _half(blocks, 2)),
-    "Q2_K": (256, 84, _q2_k),
-    "Q3_K": (256, 110, _q3_k),
-    "Q4_K": (256, 144, lambda blocks: _k_quant(blocks, _fields(blocks[:, 16:], 4, 32))),
-    "Q5_K": (256, 176, lambda blocks: _k_quant(blocks, _fields(blocks[:, 48:], 4, 32)
-                                               | _fields(blocks[:, 16:48], 1, 32) << 4)),
+    "Q4_K": (256, 144, _q4_k),
     "Q6_K": (256, 210, _q6_k),
 }
 
 
 def dequantize(kind, shape, data):
-    """A tensor of `read_gguf`: its GGUF_BLOCKS type, shape and bytes (uint8 [n], whole blocks) -> float32 values
-    of that shape. RuntimeError when the bytes are not whole blocks of that shape (`read_gguf` checks them)."""
-    per_block, block_bytes, unpack = GGUF_BLOCKS[kind]
+    """A tensor of `read_gguf` (a GGUF_BLOCKS type, its shape, bytes uint8 [n]) -> float32 values of that shape."""
+    _, block_bytes, unpack = GGUF_BLOCKS[kind]
     return unpack(data.view(-1, block_bytes)).reshape(shape)
 
 
 def read_gguf(path):
-    """Read a GGUF file (version 2 or 3) -> (metadata {key: value}, {tensor name: (type, shape, bytes)}):
-    a GGUF_BLOCKS type, torch's order of dimensions, a uint8 view of a private memory mapping of
-    the file (see `dequantize`). Raises FileNotFoundError, or ValueError naming the file and what
-    is wrong: not GGUF, another version, truncated or malformed, a type GGUF_BLOCKS lacks."""
+    """Read a GGUF file (version 2 or 3) -> (metadata {key: value}, {tensor name: (type, shape, bytes)}): a
+    GGUF_BLOCKS type, torch's order of dimensions, a uint8 view of a private memory mapping of the file. Raises
+    FileNotFoundError, or ValueError naming the file: not GGUF, another version, truncated, malformed."""
     path = Path(path)
     with open(path, "rb") as f:
         # ACCESS_COPY: torch.frombuffer needs a writable buffer; writes stay private, never reach the file
@@ -2017,22 +1996,14 @@ def read_gguf(path):
         position += struct.calcsize("<" + fmt)
         return values
 
-    def value(kind):
-        nonlocal position
+    def values(kind, count):  # `count` metadata values of type `kind`
         if kind == 8:  # a string: its length in bytes, then UTF-8
-            (length,) = take("Q")
-            position += length
-            if position > len(data):
-                raise struct.error("a string runs past the end of the file")
-            return str(data[position - length:position], "utf-8")
+            return [str(take(f"{take('Q')[0]}s")[0], "utf-8") for _ in range(count)]
         if kind == 9:  # an array: the type of its items, their count, the items
-            item_kind, count = take("IQ")
-            if item_kind in GGUF_SCALARS:
-                return list(take(f"{count}{GGUF_SCALARS[item_kind]}"))
-            return [value(item_kind) for _ in range(count)]
+            return [values(*take("IQ")) for _ in range(count)]
         if kind not in GGUF_SCALARS:
             raise ValueError(f"{path}: not a well-formed GGUF file (a metadata value of unknown type {kind})")
-        return take(GGUF_SCALARS[kind])[0]
+        return list(take(f"{count}{GGUF_SCALARS[kind]}"))
 
     try:
         (version,) = take("I")
@@ -2042,31 +2013,31 @@ def read_gguf(path):
         n_tensors, n_keys = take("QQ")
         metadata = {}
         for _ in range(n_keys):  # a key, the type of its value, the value
-            key = value(8)
-            metadata[key] = value(take("I")[0])
+            [key] = values(8, 1)
+            [metadata[key]] = values(take("I")[0], 1)
         infos = []
         for _ in range(n_tensors):  # a name, its number of dimensions, the dimensions, its type, its offset
-            name, (n_dims,) = value(8), take("I")
+            [name], (n_dims,) = values(8, 1), take("I")
             infos.append((name, take(f"{n_dims}Q"), *take("IQ")))
     except struct.error:
         raise ValueError(f"{path}: not a complete GGUF file (it ends inside its header: truncated?)") from None
-    except (KeyError, UnicodeDecodeError, OverflowError) as e:
+    except (UnicodeDecodeError, OverflowError) as e:
         raise ValueError(f"{path}: not a well-formed GGUF file ({e.__class__.__name__}: {e})") from None
     alignment = metadata.get("general.alignment", 32)  # the tensor data starts at the next multiple of it
     return metadata, gguf_tensor_table(path, data, infos, data_start=-(-position // alignment) * alignment)
 
 
 def gguf_tensor_table(path, data, infos, data_start):
-    """{tensor name: (type, shape in torch's order, uint8 view of `data`)} from a GGUF file's tensor infos
-    (name, dimensions, type number, offset from data_start). Raises ValueError naming the tensor for a type
-    GGUF_BLOCKS lacks or data past the end of the file."""
+    """The tensors of `read_gguf` from their infos (name, dimensions, type id, offset from data_start).
+    Raises ValueError naming the tensor for a type GGUF_BLOCKS lacks or data past the end of the file."""
     buffer = torch.frombuffer(data, dtype=torch.uint8)
     tensors = {}
     for name, dims, kind, offset in infos:
         kind = GGML_TYPES[kind] if kind < len(GGML_TYPES) else f"type {kind}"
         if kind not in GGUF_BLOCKS:
             raise ValueError(f"{path}: tensor {name!r} is {kind}, a type this project does not read (it reads "
-                             f"{', '.join(GGUF_BLOCKS)}): convert or quantize the model to one of these with llama.cpp")
+                             f"{', '.join(GGUF_BLOCKS)}): requantize the model with llama-quantize "
+                             "--allow-requantize to Q4_K_M or Q8_0")
         per_block, block_bytes, _ = GGUF_BLOCKS[kind]
         start, size = data_start + offset, math.prod(dims) // per_block * block_bytes
         if (dims and dims[0] % per_block) or start + size > len(data):
@@ -2076,7 +2047,7 @@ def gguf_tensor_table(path, data, infos, data_start):
     return tensors
 
 
-# general.architecture -> config.json's model_type, where they differ
+# The architectures read and written. general.architecture -> config.json's model_type, where they differ:
 GGUF_MODEL_TYPES = {"phi2": "phi", "gemma3": "gemma3_text"}
 # llama.cpp's tensor names -> transformers' (without `transformer.` or `model.`), as gguf-py's
 # tensor_mapping.py maps them: "blk.N.<name>" is "h.N.<ours>" for GPT-2, "layers.N.<ours>" for the others.
@@ -2097,7 +2068,7 @@ GGUF_TENSOR_NAMES = {
     "gemma3": {**_LLAMA_TENSORS, "post_attention_norm": "post_attention_layernorm",
                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
 }
-# The architectures read and written: metadata "<architecture>.<key>" -> config.json key
+# metadata "<architecture>.<key>" -> config.json key
 _LLAMA_KEYS = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
                "feed_forward_length": "intermediate_size", "block_count": "num_hidden_layers",
                "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
@@ -2107,30 +2078,18 @@ GGUF_CONFIG_KEYS = {
     "gpt2": {"context_length": "n_positions", "embedding_length": "n_embd", "feed_forward_length": "n_inner",
              "block_count": "n_layer", "attention.head_count": "n_head",
              "attention.layer_norm_epsilon": "layer_norm_epsilon"},
-    "llama": _LLAMA_KEYS,
-    "qwen3": _LLAMA_KEYS,
+    **dict.fromkeys(("llama", "qwen3", "phi3", "gemma3"), _LLAMA_KEYS),
     "phi2": {**_LLAMA_KEYS, "attention.layer_norm_epsilon": "layer_norm_eps"},  # Phi's LayerNorm
-    "phi3": _LLAMA_KEYS,
-    "gemma3": _LLAMA_KEYS,
 }
 # What llama.cpp assumes of an architecture rather than reads (llama-model.cpp), as config.json settings
 GGUF_ASSUMED = {"phi2": {"hidden_act": "gelu_new"},
                 "gemma3": {"hidden_activation": "gelu_pytorch_tanh", "sliding_window_pattern": 6,
                            "rope_local_base_freq": 10000.0}}
-# tokenizer.ggml.pre (llama.cpp's name of a pre-tokenizer) -> tokenizer.json's pre_tokenizer
-_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+# tokenizer.ggml.pre, llama.cpp's name of a byte-level pre-tokenizer -> its expression (`split_pattern`)
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                 r"|\s+(?!\S)|\s+")
-GGUF_PRE_TOKENIZERS = {
-    "gpt-2": _BYTE_LEVEL,
-    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
-    **{name: {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False},
-        {**_BYTE_LEVEL, "use_regex": False}]}
-       for name, split in (("qwen2", _QWEN2_SPLIT), ("llama-bpe", _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")))},
-}
-
-
+GGUF_PRE_TOKENIZERS = {"gpt-2": GPT2_SPLIT_PATTERN, "smollm": DIGITS_SPLIT_PATTERN, "qwen2": _QWEN2_SPLIT,
+                       "llama-bpe": _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")}
 # Llama 3's rope scaling as Meta released it (Llama 3.1, 3.2) but for its factor: llama.cpp keeps
 # not the settings but the factor by which each frequency is divided (`rope_factors`)
 LLAMA3_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -2142,25 +2101,33 @@ def rope_factors(cfg, head_dim):
     return rope_frequencies(dataclasses.replace(cfg, rope_scaling=None), head_dim) / rope_frequencies(cfg, head_dim)
 
 
-def rotary_order(weight, n_heads, to_gguf=False):
-    """A query or key projection (rows [n_heads * head_dim, ...]) from llama.cpp's row order to
-    Hugging Face's, or back (to_gguf). Hugging Face's Llama rotates dimension i of a head with
-    i + head_dim / 2, llama.cpp's with its neighbour, so llama.cpp's converter interleaves the
-    two halves of each head's rows (convert_hf_to_gguf.py, LlamaModel.permute; not Qwen's)."""
-    halves = (n_heads, 2, -1) if to_gguf else (n_heads, -1, 2)
-    return weight.reshape(*halves, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+def gguf_layout(tensor, arch, part, config, to_gguf=False):
+    """A tensor `part` (llama.cpp's name: attn_q, ffn_norm, ...) of a model (config.json dict) as llama.cpp
+    stores it -> as transformers does, or back (to_gguf). GPT-2's Conv1D matrices are [in, out], ggml's
+    [out, in]; Gemma 3's norms are stored as 1 + w; Hugging Face's Llama rotates dimension i of a head with
+    i + head_dim / 2, llama.cpp's with its neighbour, so llama.cpp's converter interleaves the two halves
+    of each head's query and key rows (convert_hf_to_gguf.py, LlamaModel.permute; llama only)."""
+    if arch == "gpt2" and part in ("attn_qkv", "attn_output", "ffn_up", "ffn_down") and tensor.dim() == 2:
+        return tensor.t()
+    if arch == "gemma3" and part.endswith("norm"):
+        return tensor + 1 if to_gguf else tensor - 1
+    if arch == "llama" and part in ("attn_q", "attn_k"):
+        heads = config["num_attention_heads"] if part == "attn_q" else \
+            config.get("num_key_value_heads", config["num_attention_heads"])
+        halves = (heads, 2, -1) if to_gguf else (heads, -1, 2)
+        return tensor.reshape(*halves, *tensor.shape[1:]).transpose(1, 2).reshape(tensor.shape)
+    return tensor
 
 
 def gguf_config(metadata, entries):
-    """config.json (a dict) of the model in a GGUF file: its metadata (GGUF_CONFIG_KEYS), what llama.cpp
-    assumes (GGUF_ASSUMED) and what its tensors ({name: (type, shape, bytes)}, as `read_gguf` gives them)
-    show: the vocabulary, biases, an untied head, Llama 3's rope scaling (rope_freqs.weight, taken out of
-    `entries`). Raises ValueError for an architecture or a rope scaling this project does not read."""
+    """config.json (a dict) of a GGUF file's model: its metadata (GGUF_CONFIG_KEYS), what llama.cpp assumes
+    (GGUF_ASSUMED), what its tensors (`read_gguf`'s) show: vocabulary, biases, an untied head, Llama 3's rope
+    scaling (rope_freqs.weight, taken out of `entries`). Raises ValueError for what it does not read."""
     arch = metadata.get("general.architecture")
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")  # linear, yarn: positions computed otherwise
-    if arch not in GGUF_CONFIG_KEYS or scaling != "none":
+    if arch not in GGUF_TENSOR_NAMES or scaling != "none":
         raise ValueError(f"architecture {arch!r} with rope scaling {scaling!r} is not supported; this "
-                         f"project reads {', '.join(GGUF_CONFIG_KEYS)} without rope scaling")
+                         f"project reads {', '.join(GGUF_TENSOR_NAMES)} without rope scaling")
     config = {hf: metadata[f"{arch}.{key}"] for key, hf in GGUF_CONFIG_KEYS[arch].items()
               if f"{arch}.{key}" in metadata}
     embedding = entries.get("token_embd.weight", (None, [None]))
@@ -2188,11 +2155,9 @@ def gguf_config(metadata, entries):
 
 
 def gguf_model_parts(path, dtype=torch.float32):
-    """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files
-    {name: text}): what `model_from_tensors` and `tokenizer_from_files` read from a model folder, with
-    llama.cpp's changes undone (`rotary_order`; Gemma 3's norms hold 1 + w). Raises ValueError naming the
-    file as `read_gguf` and `gguf_config` do, and for weights larger in dtype than the machine's memory,
-    where they are dequantized (the device's is checked as for any model, by `model_from_tensors`)."""
+    """A GGUF file -> (tensors {transformers' name: tensor in dtype}, config.json dict, tokenizer files {name:
+    text}) as a model folder holds them, llama.cpp's layout undone (`gguf_layout`). Raises ValueError naming
+    the file as `read_gguf` and `gguf_config` do, or for weights larger than the machine's memory."""
     metadata, entries = read_gguf(path)
     try:
         config = gguf_config(metadata, entries)
@@ -2200,39 +2165,32 @@ def gguf_model_parts(path, dtype=torch.float32):
         raise ValueError(f"{path}: {e}") from None
     arch = metadata["general.architecture"]
     names = GGUF_TENSOR_NAMES[arch]
-    heads = {"attn_q": config.get("num_attention_heads"),
-             "attn_k": config.get("num_key_value_heads", config.get("num_attention_heads"))}
     n_values = sum(math.prod(shape) for _, shape, _ in entries.values())
     check_memory(n_values * dtype.itemsize, "cpu", f"{path}: its weights at {dtype.itemsize} bytes each")
     tensors = {}
     for name, (kind, shape, data) in entries.items():
         tensor = dequantize(kind, shape, data)
-        if arch == "gemma3" and name.endswith("norm.weight"):
-            tensor = tensor - 1
         match = re.fullmatch(r"(blk\.(\d+)\.)?(\w+)\.(weight|bias)", name)
         if match and match[3] in names:  # others keep their name: the loader lists them as unexpected
             block = f"{'h' if arch == 'gpt2' else 'layers'}.{match[2]}." if match[1] else ""
             name = f"{block}{names[match[3]]}.{match[4]}"
-            if arch == "llama" and match[3] in heads:
-                tensor = rotary_order(tensor, heads[match[3]])
-        if arch == "gpt2" and name.endswith(_TRANSPOSED):
-            tensor = tensor.t()  # ggml stores nn.Linear's [out, in], GPT-2's release Conv1D's [in, out]
+            tensor = gguf_layout(tensor, arch, match[3], config)
         tensors[name] = tensor.to(dtype)
     return tensors, config, gguf_tokenizer_files(metadata, path)
 
 
-# tokenizer.json's decoder of SentencePiece-style tokens, for transformers (`PieceTokenizer` needs none)
+# tokenizer.json's byte-level steps, and its decoder of SentencePiece-style tokens (for transformers)
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
 _PIECE_DECODER = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
                                                    {"type": "ByteFallback"}, {"type": "Fuse"}]}
 
 
 def gguf_tokenizer_files(metadata, source):
-    """The tokenizer in a GGUF file's metadata -> Hugging Face tokenizer files {name: text}
-    (tokenizer.json, tokenizer_config.json, chat_template.jinja) for `tokenizer_from_files`: byte-level
-    BPE ("gpt2", tokens and merges, a pre-tokenizer of GGUF_PRE_TOKENIZERS) or SentencePiece-style BPE
-    ("llama", tokens and scores: llama.cpp merges the two pieces that make the best-scored token, so the
-    merges are every cut of each token, best first). Control and user-defined tokens are the added
-    tokens. Raises ValueError naming `source` for another tokenizer."""
+    """The tokenizer in a GGUF file's metadata -> Hugging Face tokenizer files {name: text} for
+    `tokenizer_from_files`: byte-level BPE ("gpt2": tokens, merges, a pre-tokenizer of GGUF_PRE_TOKENIZERS)
+    or SentencePiece-style BPE ("llama": tokens and scores; llama.cpp merges the two pieces that make the
+    best-scored token, so the merges are every cut of each token, best first). Control and user-defined
+    tokens are the added tokens. Raises ValueError naming `source` for another tokenizer."""
     model, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre", "default")
     if model != "llama" and (model != "gpt2" or pre not in GGUF_PRE_TOKENIZERS):
         raise ValueError(f"{source}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported; this project "
@@ -2257,14 +2215,14 @@ def gguf_tokenizer_files(metadata, source):
         steps = [{"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
         if metadata.get("tokenizer.ggml.add_space_prefix", True):  # a space before each piece of text (Llama 2)
             steps.insert(0, {"type": "Prepend", "prepend": "\u2581"})
-        normalizer = {"type": "Sequence", "normalizers": steps}
-        parts = {"normalizer": normalizer, "pre_tokenizer": None, "decoder": _PIECE_DECODER}
+        parts = {"normalizer": {"type": "Sequence", "normalizers": steps}, "decoder": _PIECE_DECODER}
         bpe = {"merges": merges, "byte_fallback": True}
     else:
-        parts = {"normalizer": {"type": "NFC"} if pre == "qwen2" else None,  # Qwen's
-                 "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre], "decoder": _BYTE_LEVEL}
+        split = {"type": "Split", "pattern": {"Regex": GGUF_PRE_TOKENIZERS[pre]}, "behavior": "Isolated",
+                 "invert": False}
+        parts = {"normalizer": {"type": "NFC"} if pre == "qwen2" else None, "decoder": _BYTE_LEVEL,
+                 "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, _BYTE_LEVEL]}}
         bpe = {"merges": metadata.get("tokenizer.ggml.merges", []), "ignore_merges": pre == "llama-bpe"}
-    # what `tokenizer_from_files` and the tokenizers library read
     tokenizer_json = {"added_tokens": added, **parts, "model": {"type": "BPE", "vocab": vocab, **bpe}}
     bos = config.get("bos_token")
     if metadata.get("tokenizer.ggml.add_bos_token", model == "llama") and bos:  # a text starts with the begin token
@@ -2280,15 +2238,14 @@ def gguf_tokenizer_files(metadata, source):
 
 def ollama_model(name):
     """Path of the GGUF file of the Ollama model "NAME[:TAG]" (TAG "latest" unless given; NAME may be
-    "namespace/model"): the blob its manifest names as the model layer, in $OLLAMA_MODELS, else
-    ~/.ollama/models, else /usr/share/ollama/.ollama/models (Ollama's folders). Raises
-    FileNotFoundError naming what is missing and what to do."""
+    "namespace/model"): the blob its manifest names as the model layer, in $OLLAMA_MODELS, else ~/.ollama/models,
+    else /usr/share/ollama/.ollama/models. Raises FileNotFoundError naming what is missing and what to do."""
     model, _, tag = name.partition(":")
+    tag = tag or "latest"
+    name = f"{model}:{tag}"
     folders = [Path(os.environ["OLLAMA_MODELS"])] if os.environ.get("OLLAMA_MODELS") else \
         [Path.home() / ".ollama" / "models", Path("/usr/share/ollama/.ollama/models")]
     folder = next((f for f in folders if f.is_dir()), folders[0])
-    tag = tag or "latest"
-    name = f"{model}:{tag}"
     manifest = folder / "manifests" / "registry.ollama.ai" / ("" if "/" in model else "library") / model / tag
     if not manifest.is_file():
         raise FileNotFoundError(f"no Ollama model {name} in {folder} ({manifest} is missing): run `ollama pull "
@@ -2298,8 +2255,8 @@ def ollama_model(name):
                if layer.get("mediaType") == "application/vnd.ollama.image.model"]
     blob = folder / "blobs" / (digests[0].replace(":", "-") if digests else "")
     if not digests or not blob.is_file():
-        raise FileNotFoundError(f"{manifest}: the blob of its model layer, {blob}, is missing: "
-                                f"run `ollama pull {name}`")
+        raise FileNotFoundError(f"{manifest}: the blob of its model layer, {blob}, is missing: run `ollama pull "
+                                f"{name}`")
     return blob
 
 
@@ -2329,12 +2286,9 @@ CHAT_FORMATS = {
 
 
 def chat_prompt(tokenizer, message):
-    """A user's message as the one turn of a chat -> (prompt text, the id of the token that ends a
-    turn), in the format of the model's chat template (chat_template.jinja or tokenizer_config.json's
-    entry), chosen by its markers (CHAT_FORMATS) rather than run (no Jinja): without a template's
-    default system prompt. The answer ends with the end-of-turn token (<|im_end|>, <|eot_id|>,
-    <end_of_turn>, <|end|>), which instruct models emit before, or instead of, their end-of-text
-    token. Raises ValueError for a tokenizer without a chat template, or with one in none of these formats."""
+    """A user's message as the one turn of a chat -> (prompt text, id of the end-of-turn token, which ends an
+    instruct model's answer), in the format of the model's chat template, chosen by its markers (CHAT_FORMATS),
+    not run (no Jinja, no default system prompt). Raises ValueError for a template of none of these formats."""
     config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
     template = tokenizer.files.get("chat_template.jinja") or config.get("chat_template") or ""
     for marker, (before, after) in CHAT_FORMATS.items():
@@ -2385,30 +2339,10 @@ def _gguf_value(value, int_kind=4):
     return kind, struct.pack("<" + GGUF_SCALARS[kind], value)
 
 
-def gguf_metadata(model, tokenizer, name):
-    """GGUF metadata of a model and its `Tokenizer` -> {key: value}: the architecture and config
-    (GGUF_CONFIG_KEYS, from `hf_config`) and the tokenizer (`gguf_tokenizer_metadata`). Raises
-    ValueError naming `name` for a classifier or a model type without a GGUF architecture here."""
-    config = {"n_inner": 4 * model.cfg.emb_dim, **hf_config(model.cfg)}
-    arch = {hf: arch for arch, hf in GGUF_MODEL_TYPES.items()}.get(config["model_type"], config["model_type"])
-    if hasattr(model, "labels"):
-        raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
-    if arch not in GGUF_CONFIG_KEYS:
-        raise ValueError(f"{name}: a {arch} model has no GGUF writer here (it writes {', '.join(GGUF_CONFIG_KEYS)})")
-    metadata = {"general.architecture": arch, "general.name": str(name), f"{arch}.vocab_size": model.cfg.vocab_size}
-    metadata.update({f"{arch}.{key}": config[hf] for key, hf in GGUF_CONFIG_KEYS[arch].items()
-                     if config.get(hf) is not None})
-    if arch != "gpt2":  # the head size, and the rotary dimensions (Phi: the first part of a head)
-        metadata[f"{arch}.attention.value_length"] = config["head_dim"]
-        metadata[f"{arch}.rope.dimension_count"] = int(config["head_dim"] * model.cfg.rotary_fraction)
-    return {**metadata, **gguf_tokenizer_metadata(tokenizer, model.cfg.vocab_size, name)}
-
-
 def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
     """A `Tokenizer` as llama.cpp reads it -> {key: value}: byte-level BPE as "gpt2" (tokens, merges, the
-    pre-tokenizer's name) or SentencePiece-style BPE as "llama" (tokens scored by merge order, best first,
-    the space before the text), token types, begin/end tokens, chat template. Raises ValueError naming
-    `name` for a pre-tokenizer llama.cpp does not name, or a Metaspace space it does not put."""
+    pre-tokenizer's name) or SentencePiece-style as "llama" (tokens scored by merge order), token types, named
+    tokens, chat template. Raises ValueError naming `name` for a pre-tokenizer or space llama.cpp would not make."""
     files = hf_tokenizer_files(tokenizer)
     if "tokenizer.json" in files:
         tokenizer_json = json.loads(files["tokenizer.json"])
@@ -2419,89 +2353,88 @@ def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
         added = [{"id": tokenizer.eot_id, "content": "<|endoftext|>"}]
     tokens = {i: text for text, i in bpe["vocab"].items()} | {token["id"]: token["content"] for token in added}
     special = {token["id"]: token.get("special", True) for token in added}
+    merges = [merge.split(" ") if isinstance(merge, str) else merge for merge in bpe["merges"]]
     if bpe.get("byte_fallback"):
         if tokenizer.prefix not in ("prepend", None):
             raise ValueError(f"{name}: its tokenizer puts a space before text as Metaspace does ({tokenizer.prefix!r}),"
                              " which llama.cpp does not: it puts one before every piece of text (Llama 2) or none")
-        merged = ["".join(merge.split(" ") if isinstance(merge, str) else merge) for merge in bpe["merges"]]
-        rank = {token: n for n, token in enumerate(dict.fromkeys(merged))}
+        rank = {token: n for n, token in enumerate(dict.fromkeys("".join(merge) for merge in merges))}
         style = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
                  "tokenizer.ggml.scores": [float(-rank.get(tokens.get(i), len(rank))) for i in range(vocab_size)],
                  "tokenizer.ggml.add_space_prefix": tokenizer.prefix == "prepend"}
     else:
-        patterns = {split_pattern(value, key): key for key, value in GGUF_PRE_TOKENIZERS.items()}
-        pre = patterns.get(tokenizer._pat_str) if tokenizer.files else "gpt-2"  # no files: tiktoken's GPT-2
+        pattern = tokenizer._pat_str if tokenizer.files else GPT2_SPLIT_PATTERN  # no files: tiktoken's GPT-2
+        pre = {value: key for key, value in GGUF_PRE_TOKENIZERS.items()}.get(pattern)
         if pre is None:
             raise ValueError(f"{name}: its tokenizer's pre-tokenizer is none of llama.cpp's "
                              f"{', '.join(GGUF_PRE_TOKENIZERS)}")
         style = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
-                 "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]}
-
-    def kind(i):  # llama.cpp's token types: 1 normal, 3 control, 4 user-defined, 5 unused, 6 byte
-        if i in special:
-            return 3 if special[i] else 4
-        if bpe.get("byte_fallback") and re.fullmatch(r"<0x[0-9A-F]{2}>", tokens.get(i, "")):
-            return 6
-        return 1 if i in tokens else 5
-
+                 "tokenizer.ggml.merges": [" ".join(merge) for merge in merges]}
+    # llama.cpp's token types: 1 normal, 3 control, 4 user-defined, 5 unused (an id without a token), 6 byte
+    types = {i: 6 if bpe.get("byte_fallback") and re.fullmatch(r"<0x[0-9A-F]{2}>", text) else 1
+             for i, text in tokens.items()}
+    types.update({i: 3 if control else 4 for i, control in special.items()})
     settings = files["tokenizer_config.json"]  # a dict: the named tokens (pad, unk), maybe the chat template
     by_text = {text: i for i, text in tokens.items()}
-    ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eot_id, **{
-        key: by_text.get(special_token_text(settings.get(f"{hf}_token"))) for key, hf in (("padding", "pad"),
-                                                                                         ("unknown", "unk"))}}
+    ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eot_id}
+    for key, hf in (("padding", "pad"), ("unknown", "unk")):
+        ids[key] = by_text.get(special_token_text(settings.get(f"{hf}_token")))
     template = tokenizer.files.get("chat_template.jinja") or settings.get("chat_template")
     return {
         **style,
         # ids without a token (a vocabulary padded to a round size) get a name, as llama.cpp's converter does
         "tokenizer.ggml.tokens": [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)],
-        "tokenizer.ggml.token_type": [kind(i) for i in range(vocab_size)],
+        "tokenizer.ggml.token_type": [types.get(i, 5) for i in range(vocab_size)],
         "tokenizer.ggml.add_bos_token": tokenizer.add_bos,
         **{f"tokenizer.ggml.{key}_token_id": i for key, i in ids.items() if i is not None},
         **({"tokenizer.chat_template": template} if template else {}),
     }
 
 
-def gguf_tensors(model, kind, arch):
-    """A model's weights under llama.cpp's names for `arch` (GGUF_TENSOR_NAMES), matrices in ggml type
-    `kind`, vectors F32 -> [(name, type, shape, bytes uint8)]: the query and key rows in llama.cpp's
-    order for the llama architecture (`rotary_order`), Gemma 3's norms as 1 + w."""
-    cfg = model.cfg
+def gguf_contents(model, tokenizer, gguf_type, name):
+    """A model and its `Tokenizer` as llama.cpp reads them -> (metadata {key: value}, tensors [(name, type,
+    shape, bytes uint8)]): the config (GGUF_CONFIG_KEYS), the tokenizer, the weights under llama.cpp's names in
+    its layout, matrices in the type of `gguf_type` (GGUF_FILE_TYPES), vectors F32. Raises ValueError naming
+    `name` for a classifier, a model type without a GGUF architecture, or as `gguf_tokenizer_metadata`."""
+    cfg, config = model.cfg, {"n_inner": 4 * model.cfg.emb_dim, **hf_config(model.cfg)}
+    arch = {hf: arch for arch, hf in GGUF_MODEL_TYPES.items()}.get(config["model_type"], config["model_type"])
+    if hasattr(model, "labels"):
+        raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
+    if arch not in GGUF_TENSOR_NAMES:
+        raise ValueError(f"{name}: a {arch} model has no GGUF writer here (it writes {', '.join(GGUF_TENSOR_NAMES)})")
+    kind, file_type = GGUF_FILE_TYPES[gguf_type]
+    metadata = {"general.architecture": arch, "general.name": str(name), "general.file_type": file_type,
+                f"{arch}.vocab_size": cfg.vocab_size}
+    metadata.update({f"{arch}.{key}": config[hf] for key, hf in GGUF_CONFIG_KEYS[arch].items()
+                     if config.get(hf) is not None})
+    if arch != "gpt2":  # the head size, and the rotary dimensions (Phi: the first part of a head)
+        metadata[f"{arch}.attention.value_length"] = config["head_dim"]
+        metadata[f"{arch}.rope.dimension_count"] = int(config["head_dim"] * cfg.rotary_fraction)
     names = {ours: theirs for theirs, ours in GGUF_TENSOR_NAMES[arch].items()}
-    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads or cfg.n_heads} if arch == "llama" else {}
     tensors = []
-    for name, tensor in hf_tensors(model, torch.float32).items():
+    for hf_name, tensor in hf_tensors(model, torch.float32).items():
         layer, part, suffix = re.fullmatch(r"(?:(?:h|layers)\.(\d+)\.)?(.+)\.(weight|bias)",
-                                           name.removeprefix("transformer.").removeprefix("model.")).groups()
-        part = names[part]
-        if arch == "gpt2" and name.endswith(_TRANSPOSED):
-            tensor = tensor.t()  # GPT-2's Conv1D [in, out] -> ggml's [out, in]
-        if part in heads:
-            tensor = rotary_order(tensor, heads[part], to_gguf=True)
-        if arch == "gemma3" and part.endswith("norm"):
-            tensor = tensor + 1
+                                           hf_name.removeprefix("transformer.").removeprefix("model.")).groups()
+        tensor = gguf_layout(tensor, arch, names[part], config, to_gguf=True)
         target = "F32" if tensor.dim() == 1 else kind if kind != "Q8_0" or tensor.shape[-1] % 32 == 0 else "F16"
         data = quantize_q8_0(tensor) if target == "Q8_0" else \
             tensor.to(SAFETENSORS_DTYPES[target]).contiguous().view(torch.uint8).reshape(-1)
-        tensors.append((f"blk.{layer}.{part}.{suffix}" if layer else f"{part}.{suffix}", target, tensor.shape, data))
+        block = f"blk.{layer}." if layer else ""
+        tensors.append((f"{block}{names[part]}.{suffix}", target, tensor.shape, data))
     if arch == "llama" and cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
         factors = rope_factors(cfg, cfg.head_dim or cfg.emb_dim // cfg.n_heads)
         tensors.append(("rope_freqs.weight", "F32", factors.shape, factors.view(torch.uint8)))
-    return tensors
+    return {**metadata, **gguf_tokenizer_metadata(tokenizer, cfg.vocab_size, name)}, tensors
 
 
 def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite=False):
-    """Write model and its `Tokenizer` as a GGUF file (version 3) that llama.cpp and Ollama run,
-    atomically, and an Ollama Modelfile beside it (`MODELFILE`) -> the Modelfile's path. gguf_type:
-    a key of GGUF_FILE_TYPES. Raises ValueError as `gguf_metadata`, or naming each setting the file
-    would give back otherwise (what llama.cpp assumes, such as Gemma 3's every sixth global layer),
-    or for a file where its folder goes, and FileExistsError for a file already there, unless `overwrite`."""
+    """Write a model and its `Tokenizer` as a GGUF file (version 3) for llama.cpp and Ollama, with an Ollama
+    Modelfile beside it, each atomically -> the Modelfile's path. Raises ValueError as `claim_run_folder` (unless
+    `overwrite`) and `gguf_contents` do, or naming each setting llama.cpp would read otherwise (what it assumes)."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists: give --overwrite to replace it")
-    claim_run_folder(path.parent, [])  # a file where its folder goes is refused before the work
-    kind, file_type = GGUF_FILE_TYPES[gguf_type]
-    metadata = {**gguf_metadata(model, tokenizer, name), "general.file_type": file_type}
-    tensors = gguf_tensors(model, kind, metadata["general.architecture"])
+    modelfile = path.with_suffix(".Modelfile")  # model.gguf -> model.Modelfile: one per export in a folder
+    claim_run_folder(path.parent, [path.name, modelfile.name], overwrite=overwrite, resumable=False)
+    metadata, tensors = gguf_contents(model, tokenizer, gguf_type, name)
     try:  # the file read back must give this model
         config = gguf_config(metadata, {tensor[0]: tensor[1:] for tensor in tensors})
         read = config_from_json(config)
@@ -2529,7 +2462,6 @@ def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite
             f.write(data.numpy())
 
     atomic_write_bytes(path, write)
-    modelfile = path.with_suffix(".Modelfile")  # model.gguf -> model.Modelfile: one per export in a folder
     atomic_write_bytes(modelfile, MODELFILE.format(file=path.name, stop=tokenizer.decode([tokenizer.eot_id])).encode())
     return modelfile
 
