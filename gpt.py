@@ -1690,10 +1690,8 @@ def hub_config(cfg):
     in transformers 4's spelling, which transformers 5 reads too (`config_from_hub` reads it back).
     Raises ValueError for biases the class cannot express."""
     if cfg.qkv_bias != cfg.out_bias or (cfg.qk_norm and cfg.mlp_bias):
-        raise ValueError(
-            "this model's biases have no Llama or Qwen3 config.json: attention_bias is one switch for the "
-            "q, k, v and o projections, and Qwen3 has no MLP biases"
-        )
+        raise ValueError("this model's biases have no Llama or Qwen3 config.json: attention_bias is one switch "
+                         "for the q, k, v and o projections, and Qwen3 has no MLP biases")
     model_type = cfg.model_type or ("qwen3" if cfg.qk_norm else "llama")
     activation = ACTIVATIONS.get(model_type, ("silu",))[0]
     config = {
@@ -1703,10 +1701,8 @@ def hub_config(cfg):
         "intermediate_size": cfg.hidden_dim or 4 * cfg.emb_dim,  # hidden_dim None: 4 * emb_dim
         "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
         "head_dim": cfg.head_dim or cfg.emb_dim // cfg.n_heads,
-        "hidden_act": activation,
-        "hidden_activation": activation,  # Gemma's name
-        "rms_norm_eps": cfg.norm_eps,
-        "layer_norm_eps": cfg.norm_eps,  # Phi's name
+        "hidden_activation" if model_type == "gemma3_text" else "hidden_act": activation,  # as each class names them
+        "layer_norm_eps" if model_type == "phi" else "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_scaling": {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None,
         "partial_rotary_factor": cfg.rotary_fraction,
@@ -1840,11 +1836,9 @@ def model_files(source, *, quiet=False):
         return hf_config(GPT_CONFIGS[name]), [weights], {}
     if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name) or Path(name.split("/")[0]).is_dir() \
             or path.suffix in (".pt", ".safetensors", ".gguf"):  # a local path that is not there
-        raise FileNotFoundError(
-            f"no such file or model {name!r}: a model is a released GPT-2 size ({', '.join(GPT_CONFIGS)}), "
-            "a Hub name owner/model, a model folder, a .safetensors or .gguf file, ollama:NAME[:TAG] or a "
-            "checkpoint of this project"
-        )
+        raise FileNotFoundError(f"no such file or model {name!r}: a model is a released GPT-2 size "
+                                f"({', '.join(GPT_CONFIGS)}), a Hub name owner/model, a model folder, a .safetensors "
+                                "or .gguf file, ollama:NAME[:TAG] or a checkpoint of this project")
     config_json = read_json(hub_file(name, "config.json", quiet=quiet), "model config")
     index = hub_file(name, "model.safetensors.index.json", cached_only=True)  # sharded and on disk: no request
     single = None if index else hub_file(name, "model.safetensors", quiet=quiet, missing_ok=True)
