@@ -222,7 +222,6 @@ def compute_frozen_activations(model, token_ids, n_frozen):
             activations[i] = x[row, : len(token_ids[i])].clone()  # a copy frees the padded batch
         done = start + len(batch)
         gpt.show_progress(f"activation cache: {done}/{len(order)} messages, ETA {gpt.eta(started, done, len(order))}")
-    gpt.end_progress()
     return activations
 
 

@@ -224,7 +224,7 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
     progress = {"step": 0, "history": {"step": [], "train_loss": [], "val_loss": []}, "best": {"val_loss": math.inf}}
     if state is not None:
         model.load_state_dict(state["model"])
-        gpt.restore_training_state(state, optimizer, device, state["rng"])  # AdamW's moments, the random state
+        gpt.restore_training_state(state, optimizer)  # AdamW's moments
         progress = {key: state[key] for key in progress}
         print(f"resuming at step {progress['step']} of {total_steps}")
     started, start_step, window_seconds, window_tokens = time.time(), progress["step"], 0.0, 0
@@ -236,9 +236,8 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
         stop = stopper.requested and step < total_steps  # a stop saves the steps made since the last save
         if stop or (step > start_step and (step % args.save_every == 0 or step % steps_per_epoch == 0
                                            or step == total_steps)):
-            # What --resume needs: the weights, AdamW's moments, the progress, the random state
-            gpt.save_checkpoint(state_path, model, tokenizer, optimizer=optimizer.state_dict(), **progress,
-                                rng=gpt.rng_state())
+            # What --resume needs: the weights, AdamW's moments, the progress (each step seeds the random state)
+            gpt.save_checkpoint(state_path, model, tokenizer, optimizer=optimizer.state_dict(), **progress)
         if stop:  # say how to go on; exit with the shell's code
             print(f"stopped at step {step} ({stopper.signal_name}), the state saved in {state_path}: go on with "
                   f"python finetune_instruct.py --resume --out-dir {state_path.parent}", file=sys.stderr)
@@ -252,6 +251,7 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
         order = gpt.epoch_order(len(train_examples), args.seed, epoch)[first : first + args.batch_size]
         inputs, targets = collate([train_examples[i] for i in order.tolist()])
         step_started = time.time()
+        torch.manual_seed(hash((args.seed, step)))  # dropout's masks from (seed, step) alone, as the order
         loss = calc_loss_batch(model, inputs.to(device), targets.to(device), autocast)
         gpt.check_finite_loss(loss.detach(), step + 1)  # before the update: a NaN never reaches the weights
         optimizer.zero_grad(set_to_none=True)
@@ -289,7 +289,7 @@ def resume_run(args, argv, out_dir):
     splits = [load_instruction_data(out_dir / name, "the run's split", SPLIT_FIX) for name in SPLIT_FILES]
     state_path = out_dir / "train_state.pt"
     state = gpt.load_checkpoint(state_path) if state_path.is_file() else {}
-    if not {"optimizer", "step", "history", "rng"} <= state.keys():  # none, or a model checkpoint (model.pt copied)
+    if not {"optimizer", "step", "history"} <= state.keys():  # none, or a model checkpoint (model.pt copied)
         raise ValueError(f"--resume: {state_path} is {'not a training state' if state else 'not there'} (a finished "
                          f"run keeps it only with --keep-state): train on from {out_dir / 'model.pt'} with --model, "
                          "or start again with --overwrite")
@@ -376,7 +376,6 @@ def generate_responses(model, tokenizer, entries, path, **options):
         tokens += n_tokens
         eta = gpt.eta(started, i + 1, len(entries))
         gpt.show_progress(f"answers {i + 1}/{len(entries)} | {tokens / (time.time() - started):.1f} tok/s | ETA {eta}")
-    gpt.end_progress()
     gpt.write_json(path, results)
     empty = sum(not result["model_response"] for result in results)
     empty_note = f"; {empty} of {len(results)} answers were empty" if empty else ""

@@ -1055,7 +1055,7 @@ def tokenizer_from_files(files, source):
     """
     if "tokenizer.json" not in files:
         vocab = parse_json(files["vocab.json"], f"{source} vocab.json") if "vocab.json" in files else None
-        if vocab is not None and vocab == json.loads(gpt2_vocabulary_files()[0]):
+        if vocab is not None and vocab == json.loads(hf_tokenizer_files(get_tokenizer())["vocab.json"]):
             return get_tokenizer()
         raise FileNotFoundError(f"{source}: no tokenizer.json (nor GPT-2's vocab.json): the model's tokenizer is "
                                 "missing; copy its tokenizer.json beside the weights")
@@ -1391,8 +1391,6 @@ def download_file(url, dest, *, headers=None, quiet=False, retries=3, timeout=30
                                        f"{e}); run again later") from None
             except requests.RequestException as e:  # a redirect loop, not a URL, ...: no attempt can help
                 raise RuntimeError(f"download of {url} failed: {type(e).__name__}: {e}") from None
-            finally:
-                end_progress()
         try:
             verify_file(part, **checks)
         except ValueError as e:  # named as dest: the temporary name means nothing to the reader
@@ -2507,20 +2505,16 @@ def model_from_checkpoint(checkpoint, *, device="cpu", dtype=torch.float32):
 # 10. Export to the Hugging Face format
 # ----------------------------------------------------------------------------------------
 
-# The files an export writes: the weights, its configs, the tokenizer's files (GPT-2's or those it was read from).
-EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "merges.txt",
-                *TOKENIZER_FILES)
-
 
 def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=False, max_length=None):
-    """Write a model (with its `Tokenizer`, None: GPT-2's), or whatever `load` loads, as the folder
-    that transformers' AutoModelForCausalLM and AutoTokenizer read -> its Path (`load` reads it too):
-    config.json (`hf_config`), generation_config.json, model.safetensors in `dtype` (default: the
-    weights' own) and the tokenizer's files, whose model_max_length is max_length (default: the
-    context length). A classifier becomes a ...ForSequenceClassification (`classifier_tensors`)
-    that pads with the end-of-text token. The folder is claimed as a run's (`claim_run_folder`),
-    each file written atomically, the weights last. Raises ValueError as those functions do."""
-    folder = claim_run_folder(folder, EXPORT_FILES, overwrite=overwrite, resumable=False)
+    """Write a model (with its `Tokenizer`, None: GPT-2's), or whatever `load` loads, as a folder that transformers'
+    AutoModelForCausalLM and AutoTokenizer read (`load` too) -> its Path: config.json, generation_config.json,
+    model.safetensors in `dtype` (default: the weights' own), the tokenizer's files (model_max_length: max_length,
+    default the context length). A classifier becomes a ...ForSequenceClassification (`classifier_tensors`). The
+    folder is claimed (`claim_run_folder`), each file written atomically, the weights last."""
+    run_files = ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "merges.txt",
+                 *TOKENIZER_FILES)
+    folder = claim_run_folder(folder, run_files, overwrite=overwrite, resumable=False)
     if not isinstance(model_or_source, nn.Module):
         model_or_source, tokenizer = load(model_or_source, dtype=dtype or torch.float32)
     model, tokenizer = model_or_source, tokenizer or get_tokenizer()
@@ -2540,29 +2534,24 @@ def export_hf(model_or_source, folder, *, tokenizer=None, dtype=None, overwrite=
     files = {"config.json": config, "generation_config.json": ids, **hf_tokenizer_files(tokenizer, **settings),
              "model.safetensors": lambda f: write_safetensors(f, tensors, {"format": "pt"})}
     for name, content in files.items():  # the weights last: a folder cut short holds no model
-        if isinstance(content, dict):
-            write_json(folder / name, content)
-        else:
-            atomic_write_bytes(folder / name, content)
+        (write_json if isinstance(content, dict) else atomic_write_bytes)(folder / name, content)
     return folder
 
 
 def hf_config(cfg):
     """config.json of transformers' GPT2LMHeadModel, or of the Llama family's class (`hub_config`),
     for a GPTConfig -> dict (`load` reads it back)."""
-    if cfg.family == "gpt2":
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            **{key: getattr(cfg, field) for key, field in GPT2_SIZES.items()},
-            "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
-            "layer_norm_epsilon": cfg.norm_eps,
-            "resid_pdrop": cfg.drop_rate,
-            "embd_pdrop": cfg.drop_rate,
-            "attn_pdrop": cfg.drop_rate,
-            "tie_word_embeddings": True,
-        }
-    return hub_config(cfg)
+    if cfg.family != "gpt2":
+        return hub_config(cfg)
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        **{key: getattr(cfg, field) for key, field in GPT2_SIZES.items()},
+        "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
+        "layer_norm_epsilon": cfg.norm_eps,
+        **dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), cfg.drop_rate),
+        "tie_word_embeddings": True,
+    }
 
 
 def hf_tensors(model, dtype):
@@ -2602,31 +2591,26 @@ def classifier_tensors(model, dtype):
 
 
 def hf_tokenizer_files(tokenizer, **settings):
-    """A `Tokenizer` as the files transformers reads -> {file name: bytes, or a dict for JSON}: GPT-2's
-    vocab.json, merges.txt and tokenizer_config.json, or the files another was read from
-    (`Tokenizer.files`); `settings` are set in tokenizer_config.json (model_max_length, pad_token)."""
+    """A `Tokenizer` as the files transformers reads -> {file name: bytes, or a dict for JSON}: those it was read
+    from (`Tokenizer.files`) or GPT-2's (OpenAI's encoder.json and vocab.bpe from tiktoken's cache, checked by
+    SHA-256), and tokenizer_config.json with `settings` (model_max_length, pad_token)."""
     end_of_text = tokenizer.decode([tokenizer.eot_id])
     if tokenizer.files:
         files = {name: text.encode("utf-8") for name, text in tokenizer.files.items()}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end_of_text,
                   **json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))}
     else:
-        files = dict(zip(("vocab.json", "merges.txt"), gpt2_vocabulary_files()))
+        get_tokenizer()  # says what to do when the files are neither cached nor downloadable
+        url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+        files = {
+            "vocab.json": tiktoken.load.read_file_cached(
+                url + "encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+            "merges.txt": tiktoken.load.read_file_cached(
+                url + "vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+        }
         config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": end_of_text, "eos_token": end_of_text,
                   "unk_token": end_of_text, "add_prefix_space": False}  # " Hi" and "Hi" differ, as in tiktoken
     return {**files, "tokenizer_config.json": {**config, **settings}}
-
-
-def gpt2_vocabulary_files():
-    """GPT-2's tokenizer as transformers reads it -> (vocab.json, merges.txt) as bytes: OpenAI's
-    encoder.json and vocab.bpe, from tiktoken's cache (downloaded once, checked by the SHA-256 below)."""
-    get_tokenizer()  # says what to do when the files are neither cached nor downloadable
-    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    vocab = tiktoken.load.read_file_cached(url + "encoder.json",
-                                           "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
-    merges = tiktoken.load.read_file_cached(url + "vocab.bpe",
-                                            "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
-    return vocab, merges
 
 
 def write_safetensors(f, tensors, metadata=None):
@@ -2636,15 +2620,14 @@ def write_safetensors(f, tensors, metadata=None):
     header = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": dtype_names[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
+                        "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
     f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
     for tensor in tensors.values():
-        data = bytearray(tensor.numel() * tensor.element_size())  # torch has no bytes(tensor)
+        data = bytearray(tensor.nbytes)  # torch has no bytes(tensor)
         if data:  # torch.frombuffer refuses an empty buffer
             flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # row-major
             torch.frombuffer(data, dtype=torch.uint8).copy_(flat)
@@ -2661,13 +2644,11 @@ def _checked_number(convert, low, high, requirement):
     is): "argument --flag: must be <requirement>, got 'text'", exit status 2."""
 
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):  # not a number: refused below
             value = convert(text)
-        except ValueError:
-            value = math.nan
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
-        return value
+            if low <= value <= high:
+                return value
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
 
     return parse
 
@@ -2678,24 +2659,15 @@ non_negative_int = _checked_number(int, 0, 2**63 - 1, "an integer >= 0")
 non_negative_float = _checked_number(float, 0, sys.float_info.max, "a finite number >= 0")
 fraction = _checked_number(float, 0, 1, "a number in [0, 1]")
 
-# --dtype: the precision the work runs in. Training on a GPU keeps float32 weights and
-# runs the forward pass under autocast in this type; generation converts the weights.
+# --dtype: the type of autocast's forward pass in training (the weights stay float32), else of the weights.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)" after each flag's help, "none" for None; not after an on/off flag, nor
-    after a help text that says its default itself ("(default: no overlap)"). Placeholders: N for a
-    count, P for a fraction, else the flag's name ("--lr LR")."""
+    """argparse's "(default: X)" after a flag's help, but not an on/off flag's nor one that says it itself."""
 
     def _get_help_string(self, action):
-        if action.nargs == 0 or "(default" in action.help:
-            return action.help
-        return action.help + " (default: none)" if action.default is None else super()._get_help_string(action)
-
-    def _get_default_metavar_for_optional(self, action):
-        placeholders = {positive_int: "N", non_negative_int: "N", fraction: "P"}
-        return placeholders.get(action.type) or super()._get_default_metavar_for_optional(action)
+        return action.help if action.nargs == 0 or "(default" in action.help else super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -2716,13 +2688,12 @@ def flag_name(setting):
 
 # The flags that mean the same in every script, declared once: name -> add_argument's options.
 FLAGS = {
-    "model": dict(default="gpt2", help="the weights to start from, with their tokenizer: gpt2 (to gpt2-xl), a "
-                  "Llama-family Hub name or folder, a .safetensors or GGUF file, ollama:NAME[:TAG], or a checkpoint "
-                  "of this project"),
-    "max_length": dict(type=positive_int, help="cut each example to N tokens (default: the model's context length)"),
+    "model": dict(default="gpt2", help="weights and tokenizer to start from: gpt2 (to gpt2-xl), a Llama-family Hub "
+                  "name or folder, a .safetensors or GGUF file, ollama:NAME[:TAG], or a checkpoint of this project"),
+    "max_length": dict(type=positive_int, help="cut each example to this many tokens (default: the context length)"),
     "drop_rate": dict(type=fraction, default=0.0, help="dropout probability while training"),
     "lora": dict(action="store_true", help="train low-rank adapters (LoRA) in every block instead of its weights"),
-    "lora_rank": dict(type=positive_int, default=16, help="rank N of the LoRA adapters"),
+    "lora_rank": dict(type=positive_int, default=16, help="rank of the LoRA adapters"),
     "lora_alpha": dict(type=non_negative_float, default=16.0, help="LoRA updates are scaled by LORA_ALPHA / rank"),
     "epochs": dict(type=positive_int, help="passes over the training data"),
     "max_steps": dict(type=positive_int, help="optimizer steps in all (default: as many as --epochs make)"),
@@ -2730,63 +2701,56 @@ FLAGS = {
     "lr": dict(type=non_negative_float, default=5e-5, help="AdamW's learning rate (the peak of a schedule)"),
     "weight_decay": dict(type=non_negative_float, default=0.1, help="AdamW's weight decay of matrices"),
     "seed": dict(type=non_negative_int, default=123, help="random seed: the same seed, the same run"),
-    "log_every": dict(type=positive_int, default=5, help="print a progress line every N steps"),
-    "eval_every": dict(type=positive_int, help="measure the losses every N steps (and save what the stage keeps)"),
+    "log_every": dict(type=positive_int, default=5, help="steps between progress lines"),
+    "eval_every": dict(type=positive_int, help="steps between loss measurements (and saves of what the stage keeps)"),
     "eval_batches": dict(type=non_negative_int, default=5, help="batches of each split per measurement (0: all)"),
     "keep_last": dict(action="store_true", help="keep the last weights, not those that did best on validation"),
     "max_new_tokens": dict(type=non_negative_int, help="the most tokens to generate"),
     "temperature": dict(type=non_negative_float, default=0.0, help="0: greedy; above: sampling, more random"),
-    "top_k": dict(type=positive_int, help="sample from the N likeliest tokens only (default: all)"),
-    "top_p": dict(type=fraction, help="sample from the fewest tokens that reach probability P (default: all)"),
+    "top_k": dict(type=positive_int, help="sample from the TOP_K likeliest tokens only (default: all)"),
+    "top_p": dict(type=fraction, help="sample from the fewest tokens that reach probability TOP_P (default: all)"),
     "out_dir": dict(metavar="FOLDER", help="folder of the run's files"),
     "resume": dict(action="store_true", help="continue the run in --out-dir from its last save, with its settings"),
     "overwrite": dict(action="store_true", help="replace an earlier run or export in the same place"),
-    "cache_dir": dict(default=cache_dir, metavar="FOLDER", help="folder of downloaded data and weights, and of token "
-                      "files"),
+    "cache_dir": dict(default=cache_dir, metavar="FOLDER", help="folder of downloads and of token files"),
     "device": dict(default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"),
-    "dtype": dict(choices=list(DTYPES), default="float32", help="precision: of autocast while training (the weights "
-                  "stay float32; float16 is refused there: it needs loss scaling), of the weights when generating, "
-                  "measuring or exporting"),
+    "dtype": dict(choices=list(DTYPES), default="float32", help="precision: of autocast in training (weights stay "
+                  "float32; float16 needs loss scaling: refused), of the weights in generating, measuring, exporting"),
 }
 
 
 def add_flags(group, *names, **defaults):
-    """Add the flags `names` of FLAGS to an argparse parser or group, with `defaults` ({name: value, or
-    (value, why) for one that differs between the scripts}) in place of the table's: `add_flags(train,
-    "lr", "seed", lr=(1e-3, "new weights"))` helps with "(default: 0.001, new weights)"."""
+    """Add the flags `names` of FLAGS to an argparse parser or group, with `defaults` ({name: (value, why)},
+    for a default that differs between the scripts) in place of the table's: `add_flags(train, "lr",
+    lr=(1e-3, "new weights"))` helps with "(default: 0.001, new weights)"."""
     for name in names:
         options = dict(FLAGS[name])
-        value, why = defaults[name] if isinstance(defaults.get(name), tuple) else (defaults.get(name), None)
         if name in defaults:
-            options["default"] = value
-        if why:
-            options["help"] += f" (default: {'none' if value is None else value}, {why})"
+            options["default"], why = defaults[name]
+            options["help"] += f" (default: %(default)s, {why})"
         if callable(options.get("default")):  # --cache-dir: the folder GPT_CACHE_DIR names at this moment
             options["default"] = str(options["default"]())
         group.add_argument(flag_name(name), **options)
 
 
 def pick_device(name="auto"):
-    """"auto" -> "cuda" when there is a CUDA GPU, else "mps" (Apple's), else "cpu"; another name passes
-    after a check. Raises ValueError for a name torch does not know or a device this machine lacks."""
+    """"auto" -> cuda when there is a CUDA GPU, else mps (Apple's), else cpu -> torch.device. Raises
+    ValueError for a name torch does not know or a device this machine lacks."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not here.get(device.type, True):
+        raise ValueError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if not {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(device.type, True):
         raise ValueError(f"--device {name}: this machine has no {device.type} device; use --device cpu")
     return device
 
 
 def given_flags(parser, argv=None):
     """The settings that argv (default: sys.argv[1:]) gives explicitly, even at their default -> dict."""
-    parser = copy.deepcopy(parser)  # the caller's parser keeps its defaults
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return vars(parser.parse_args(argv))
+    unset = argparse.Namespace(**{action.dest: None for action in parser._actions})  # argparse sets no default there
+    return {name: value for name, value in vars(parser.parse_args(argv, unset)).items() if value is not None}
 
 
 def refuse_flags(parser, argv, settings, mode):
@@ -2799,10 +2763,9 @@ def refuse_flags(parser, argv, settings, mode):
 
 
 def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
-    """The settings of the run in out_dir that --resume continues: those its run.json saved ({"settings":
-    {...}}), but the flags of `may_change` given now (say --max-steps) and of `this_command` (say
-    --stop-at-step), which come from this command line, given or not. Raises ValueError when out_dir
-    holds no run.json of this script, or naming the flag and both values when argv changes another one."""
+    """The settings that --resume continues: those out_dir's run.json saved ({"settings": {...}}), but the flags
+    of `may_change` given now (say --max-steps) and of `this_command` (say --stop-at-step), given or not. Raises
+    ValueError when out_dir holds no run.json of this script, or naming a flag argv changes and both values."""
     run_file = Path(out_dir) / "run.json"
     saved = read_json(run_file, "--resume: the run's settings") if run_file.is_file() else {}
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
@@ -2811,18 +2774,16 @@ def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
     saved = {name: value for name, value in saved["settings"].items() if name not in this_command}
     given = given_flags(parser, argv)
     for name, value in given.items():
+        flag = flag_name(name)
         if name in saved and name not in may_change and saved[name] != value:
-            raise ValueError(
-                f"--resume continues the saved run, which used {flag_name(name)} {saved[name]}, not {value}: "
-                f"drop {flag_name(name)}, or start a new run with --overwrite or another --out-dir"
-            )
+            raise ValueError(f"--resume continues the saved run, which used {flag} {saved[name]}, not {value}: "
+                             f"drop {flag}, or start a new run with --overwrite or another --out-dir")
     defaults = vars(parser.parse_args([]))  # settings added since the run was saved
     return argparse.Namespace(**{**defaults, **saved, **given})
 
 
 def print_settings(settings, defaults):
-    """Print in one line the run's settings (a Namespace) that differ from `defaults` (a Namespace: the
-    command line without flags): "settings: lr=0.001, ... (the others: defaults; all in run.json)"."""
+    """Print in one line the settings (a Namespace) that differ from `defaults` (those of no flags)."""
     changed = [f"{name}={value}" for name, value in vars(settings).items() if getattr(defaults, name, None) != value]
     others = "the others: defaults; " if changed else ""
     print(f"settings: {', '.join(changed) or 'the defaults'} ({others}all in run.json)")
@@ -2837,13 +2798,11 @@ def length_within_context(length, cfg, flag):
 
 
 def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resumable=True):
-    """out_dir as a Path, checked before any work: the one run-folder rule. A folder holding another run
-    (any of `run_files`, relative to it) is refused unless `resume` (then it must hold one) or `overwrite`
-    (its run files are deleted now). The run's first write makes the folder: a run failing before leaves
-    none. Raises ValueError naming the path and the flags that help (--resume only when `resumable`)."""
+    """out_dir as a Path, checked before any work: the one run-folder rule. A folder holding another run (any of
+    `run_files`, relative to it) is refused unless `resume` (then it must hold one) or `overwrite` (its run files
+    are deleted now). Raises ValueError naming the path and the flags that help (--resume if `resumable`)."""
     out_dir = Path(out_dir)
-    absolute = Path(os.path.abspath(out_dir))
-    existing = next(path for path in (absolute, *absolute.parents) if path.exists())  # "/" at the latest
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())  # "." or "/" at the latest
     if not existing.is_dir():
         raise ValueError(f"{existing} is a file, not a folder: choose another folder than {out_dir}")
     found = [name for name in run_files if Path(os.path.normpath(out_dir / name)).exists()]  # "run/../x.pt"
@@ -2859,43 +2818,30 @@ def claim_run_folder(out_dir, run_files, *, resume=False, overwrite=False, resum
     return out_dir
 
 
-PROGRESS_SECONDS = {True: 0.1, False: 30}  # the least time between progress lines, on a terminal or in a log
-_progress = {"printed": -math.inf, "open": False}  # when show_progress last printed; whether its line is open
+PROGRESS_SECONDS = 10  # the least time between progress lines (a download updates per 64 KiB)
+_progress = {"printed": -math.inf}  # when show_progress last printed
 
 
 def show_progress(text):
-    """Overwrite the status line on stderr with text, at most ten times a second (a download updates
-    per 64 KiB); without a terminal (a log file), print it as a line at most every 30 seconds."""
-    terminal = sys.stderr.isatty()
-    if time.time() - _progress["printed"] >= PROGRESS_SECONDS[terminal]:
-        print("\r" + text + "\033[K" if terminal else text, end="" if terminal else "\n", file=sys.stderr, flush=True)
-        _progress.update(printed=time.time(), open=terminal)
-
-
-def end_progress():
-    """End a status line of `show_progress`, so that what follows starts on a new line."""
-    if _progress["open"]:
-        print(file=sys.stderr, flush=True)
-        _progress["open"] = False
+    """Print text as a line on stderr, unless the last one came less than PROGRESS_SECONDS ago."""
+    if time.time() - _progress["printed"] >= PROGRESS_SECONDS:
+        print(text, file=sys.stderr, flush=True)
+        _progress["printed"] = time.time()
 
 
 def training_position(step, total_steps, steps_per_epoch):
-    """"step 7/10 (epoch 1.40/2.00)": the step and epoch reached, and where the run stops (inside an epoch,
-    say, by --max-steps); for the progress lines of the three training stages."""
+    """"step 7/10 (epoch 1.40/2.00)": the step and epoch reached, and those where the run stops."""
     return f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}/{total_steps / steps_per_epoch:.2f})"
 
 
 def eta(started, done, total):
-    """Estimated time left, formatted, when `done` of `total` units took since `started`."""
-    if done <= 0:
-        return "?"
-    return format_duration((time.time() - started) / done * (total - done))
+    """The time left, formatted, when `done` of `total` units took the time since `started` (time.time())."""
+    return format_duration((time.time() - started) / done * (total - done)) if done > 0 else "?"
 
 
 def command_line(memory_hint="use a smaller --batch-size"):
-    """Decorator for a script's main(argv): ValueError, RuntimeError and OSError print "error: <message>"
-    and exit 1 (out of memory: `memory_hint`); Ctrl-C prints "interrupted" and exits 130; a closed
-    output pipe (`| head`) ends the script quietly."""
+    """Decorator for a script's main(argv): ValueError, RuntimeError and OSError print "error: <message>" and
+    exit 1 (out of memory: `memory_hint`); Ctrl-C prints "interrupted", exit 130; `| head` ends it quietly."""
 
     def decorate(main):
         @functools.wraps(main)
@@ -2903,15 +2849,12 @@ def command_line(memory_hint="use a smaller --batch-size"):
             try:
                 return main(argv)
             except KeyboardInterrupt:
-                end_progress()
                 print("interrupted", file=sys.stderr)
                 raise SystemExit(130) from None
             except BrokenPipeError:
-                # Python flushes stdout once more at exit: point it at /dev/null first.
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
                 raise SystemExit(141) from None  # 128 + SIGPIPE, as a shell reports it
             except (ValueError, RuntimeError, OSError) as e:
-                end_progress()
                 out_of_memory = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
                 sys.exit(f"error: {'out of memory: ' + memory_hint if out_of_memory else e}")
 
@@ -2937,39 +2880,34 @@ def make_adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
 
 
 def trainable_weights(model):
-    """A CPU copy of the weights that train, {name: tensor}: all a kept "best" model needs (the frozen
-    ones do not change); `model.load_state_dict(weights, strict=False)` brings it back."""
+    """A CPU copy of the weights that train {name: tensor}, for `model.load_state_dict(weights, strict=False)`."""
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def check_finite_loss(loss, step):
-    """Raise RuntimeError when a loss (float or tensor) is NaN or infinite: training has
-    diverged, and every later step would only spread NaN through the weights."""
+    """Raise RuntimeError when a loss (float or tensor) is NaN or infinite: training has diverged."""
     value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)  # .item(): no autograd warning
     if not math.isfinite(value):
         raise RuntimeError(f"the loss became {value} at step {step}: training diverged; lower --lr and run again")
 
 
 def model_summary(model, name, training=True):
-    """One line for the log: "gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide, context 1024), 0 trainable"
-    (LoRA adapters counted); without training, no trainable count."""
+    """"gpt2: 124.4M parameters (12 layers, 12 heads, 768 wide, context 1024), 0 trainable" (without training)."""
     cfg, trainable = model.cfg, count_parameters(model, trainable_only=True)
     return (f"{name}: {count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
             f"{cfg.emb_dim} wide, context {cfg.context_length})" + (f", {trainable:,} trainable" if training else ""))
 
 
 def check_vocabulary(model, source, tokenizer):
-    """Raise ValueError when tokenizer can produce ids that model has no embedding for (a larger
-    vocabulary, such as one padded to 50304, is fine)."""
-    if model.cfg.vocab_size < tokenizer.n_vocab:
+    """Raise ValueError when tokenizer can produce ids that model has no embedding for."""
+    if model.cfg.vocab_size < tokenizer.n_vocab:  # a larger vocabulary (padded to 50304, say) is fine
         which = f"the tokenizer {tokenizer.name}" if tokenizer.files else "the GPT-2 tokenizer"  # GPT-2's has no files
         raise ValueError(f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
                          f"{tokenizer.n_vocab}: use a model trained with {which}")
 
 
 def set_drop_rate(model, drop_rate):
-    """Set the dropout probability of every dropout layer and of attention (an argument of
-    scaled_dot_product_attention, kept on each attention layer) in model and its config."""
+    """Set the dropout probability of model's config, dropout layers and attention (scaled_dot_product_attention's)."""
     model.cfg.drop_rate = drop_rate
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -2980,30 +2918,24 @@ def set_drop_rate(model, drop_rate):
 
 @functools.lru_cache(maxsize=1)  # the current epoch's order, made once when training enters the epoch
 def epoch_order(n_items, seed, epoch):
-    """One epoch's order of the training items, a LongTensor permutation of range(n_items), from
-    (seed, epoch) alone: a resumed run reads what an uninterrupted one would."""
+    """One epoch's order, a LongTensor permutation of range(n_items), from (seed, epoch) alone, as resume needs."""
     # One seed per (seed, epoch) pair, distinct for fewer than 100,003 epochs; torch takes 64 bits.
     generator = torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64)
     return torch.randperm(n_items, generator=generator)
 
 
 def split_by_fractions(items, seed, fractions):
-    """Shuffle a copy of items with `seed` and cut it into len(fractions) + 1 parts: the
-    first parts get int(n * fraction) items each, the last part the rest."""
+    """Shuffle a copy of items with `seed` into len(fractions) + 1 parts: int(n * fraction) items each, the rest."""
     items = list(items)
     random.Random(seed).shuffle(items)
-    parts, start = [], 0
-    for share in fractions:
-        end = start + int(len(items) * share)
-        parts.append(items[start:end])
-        start = end
-    return parts + [items[start:]]
+    sizes = [int(len(items) * share) for share in fractions]
+    ends = [sum(sizes[:i]) for i in range(len(sizes) + 1)] + [len(items)]
+    return [items[start:end] for start, end in zip(ends, ends[1:])]
 
 
 def check_memory(needed, device, what, hint="use --dtype bfloat16, or a smaller model"):
-    """Raise ValueError "WHAT: about N GB needed, but the DEVICE has M GB: HINT" when `needed` bytes exceed the memory
-    of `device` (a CUDA device's free memory, else the machine's RAM): checked before the work, as a process out of
-    memory is killed without a word."""
+    """Raise ValueError "WHAT: about N GB needed, but the DEVICE has M GB: HINT" when `needed` bytes exceed a CUDA
+    device's free memory, else the RAM: checked before the work, as a process out of memory dies without a word."""
     device = torch.device(device)
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
@@ -3015,8 +2947,8 @@ def check_memory(needed, device, what, hint="use --dtype bfloat16, or a smaller 
 
 
 def check_training_memory(model, device, hint, processes=1):
-    """`check_memory` of what training model with AdamW needs before activations, `processes` times: the weights and
-    each trainable one's gradient and two moments (Llama 3.2 1B in float32: 1.24e9 x 16 bytes = 19.8 GB)."""
+    """`check_memory` of training with AdamW, before activations, `processes` times: the weights and each
+    trainable one's gradient and two moments (Llama 3.2 1B in float32: 1.24e9 x 16 bytes = 19.8 GB)."""
     needed = processes * sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
     check_memory(needed, device, "training (weights, gradients and AdamW's moments, before activations)", hint)
 
@@ -3048,22 +2980,14 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def handle(self, signum, frame):
-        if self.requested and self.single_process and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the last save stays as it was
         self.requested, self.signal_name = True, signal.Signals(signum).name
+        if self.single_process:  # a second Ctrl-C raises KeyboardInterrupt: the last save stays as it was
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
 
 
-def rng_state():
-    """The random number generators' states (CPU, and CUDA when in use), for exact resume."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_training_state(checkpoint, optimizer, device, rng):
-    """Load the optimizer's state from a checkpoint saved with optimizer=optimizer.state_dict() (the
-    weights come with `model_from_checkpoint`) and set the RNG states `rng` (of `rng_state`)."""
+def restore_training_state(checkpoint, optimizer):
+    """Load the optimizer's state from a checkpoint saved with optimizer=optimizer.state_dict() (the weights come
+    with `model_from_checkpoint`; the random state needs nothing saved: the training loops seed each step)."""
     fused = optimizer.defaults.get("fused")
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:
@@ -3074,6 +2998,3 @@ def restore_training_state(checkpoint, optimizer, device, rng):
             for name, value in optimizer.state[param].items():
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                     optimizer.state[param][name] = torch.empty_like(param).copy_(value)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], device)

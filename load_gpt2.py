@@ -125,7 +125,6 @@ def sum_logprobs(model, requests, batch_size=8, label="scoring"):
         done = start + len(batch)
         remaining = gpt.eta(started, done, len(inputs))
         gpt.show_progress(f"{label}: {done:,}/{len(inputs):,} forward passes, ETA {remaining}")
-    gpt.end_progress()
     return totals
 
 
@@ -352,7 +351,6 @@ def find_contamination(texts, corpus_lines, n=13):
             words_read += 1
             if words_read % 1_000_000 == 0:
                 gpt.show_progress(f"contamination: {words_read / 1e6:.0f}M words of the corpus read")
-    gpt.end_progress()
     return sorted(found)
 
 

@@ -150,10 +150,7 @@ def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False):
                                       f"{n_tokens:,} tokens, ETA {gpt.eta(started, done, total_bytes)}")
             done_bytes += path.stat().st_size
 
-    try:
-        gpt.atomic_write_bytes(token_path, write)
-    finally:
-        gpt.end_progress()
+    gpt.atomic_write_bytes(token_path, write)
     if n_tokens == 0:
         raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
     gpt.write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": digest.hexdigest()})
@@ -551,7 +548,7 @@ def start_run(args, proc):
             raise ValueError(f"--resume: the run in {out_dir} already made {checkpoint['step']} of {total_steps} "
                              "steps; raise --max-steps or --epochs to go on")
         state = {key: checkpoint[key] for key in state}
-        gpt.restore_training_state(checkpoint, optimizer, proc.device, gpt.rng_state())  # the loop reseeds each step
+        gpt.restore_training_state(checkpoint, optimizer)  # the loop reseeds each step
         log(f"resumed from {out_dir / 'latest.pt'} at step {state['step']}")
     state.update(total_steps=total_steps, settings=vars(args), data=data)
     if proc.rank == 0:

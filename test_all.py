@@ -74,8 +74,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 @pytest.fixture(autouse=True)
 def every_progress_line(monkeypatch):
     """Every progress line printed, not at most one per PROGRESS_SECONDS, from a fresh start."""
-    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.0, False: 0.0})
-    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf, "open": False})
+    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf})
 
 
 @pytest.fixture(autouse=True)
@@ -361,21 +361,13 @@ def check_bad_input(main, argv, message, files, tmp_path, capsys):
     assert not (tmp_path / "runs").exists() and {path: path.stat().st_size for path in files.iterdir()} == before
 
 
-def test_progress_redraws_a_terminal_ten_times_a_second_and_is_a_plain_line_every_30_seconds_else(monkeypatch, capsys):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", {True: 0.1, False: 30})
-    for done in range(1000):  # a download's updates, one per 64 KiB, in well under 0.1 s
-        gpt.show_progress(f"downloading: {done} chunks")
-    gpt.end_progress()
-    assert capsys.readouterr().err == "\rdownloading: 0 chunks\x1b[K\n"
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    monkeypatch.setattr(gpt, "_progress", {"printed": -math.inf, "open": False})
-    clock = iter([1000.0, 1000.0, 1010.0, 1031.0, 1031.0])
+def test_progress_is_a_line_at_most_every_10_seconds(monkeypatch, capsys):
+    monkeypatch.setattr(gpt, "PROGRESS_SECONDS", 10)
+    clock = iter([1000.0, 1000.0, 1009.0, 1010.0, 1010.0])
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
     for text in ("step 1/3", "step 2/3", "step 3/3"):
         gpt.show_progress(text)
-    gpt.end_progress()
-    assert capsys.readouterr().err == "step 1/3\nstep 3/3\n"  # step 2 came 10 s after step 1: not printed
+    assert capsys.readouterr().err == "step 1/3\nstep 3/3\n"  # step 2 came 9 s after step 1: not printed
 
 
 # ========================================================================================
@@ -1752,7 +1744,7 @@ def test_adamw_decays_matrices_only_and_its_restored_moments_take_the_layout_of_
     plain = torch.nn.Linear(5, 3, bias=False)
     plain.weight = torch.nn.Parameter(transposed.weight.detach().contiguous())
     resumed = gpt.make_adamw(plain, lr=0.1, weight_decay=0.0)
-    gpt.restore_training_state(saved, resumed, torch.device("cpu"), gpt.rng_state())
+    gpt.restore_training_state(saved, resumed)
     assert resumed.state[plain.weight]["exp_avg"].stride() == plain.weight.stride() == (5, 1)
     step(transposed, optimizer)
     step(plain, resumed)
@@ -1850,9 +1842,7 @@ def test_atomic_writes_flush_to_disk_before_the_rename_and_a_full_disk_keeps_the
         gpt.atomic_write_bytes(tmp_path / "a.pt" / "b.pt", b"x")
 
 
-def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-
+def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys):
     def failing(error):
         @gpt.command_line(memory_hint="use a smaller --batch-size")
         def main(argv=None):
@@ -1873,10 +1863,10 @@ def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, monkeypa
             failing(error)()
         if message is None:
             assert exit_info.value.code == code
-            assert capsys.readouterr().err == "\rstep 3/10\033[K\ninterrupted\n"  # the progress line ended first
+            assert capsys.readouterr().err == "step 3/10\ninterrupted\n"
         else:
             assert exit_info.value.code == f"{message}"
-            assert capsys.readouterr().err == "\rstep 3/10\033[K\n"
+            assert capsys.readouterr().err == "step 3/10\n"
 
 
 # ========================================================================================
@@ -1934,7 +1924,8 @@ def test_weights_that_hold_nan_or_are_larger_than_memory_are_refused_before_they
 
 
 def test_export_vocabulary_files_are_openais_byte_for_byte():
-    vocab, merges = gpt.gpt2_vocabulary_files()
+    files = gpt.hf_tokenizer_files(gpt.get_tokenizer())
+    vocab, merges = files["vocab.json"], files["merges.txt"]
     cache = Path(os.environ["TIKTOKEN_CACHE_DIR"])
     for name, derived in (("encoder.json", vocab), ("vocab.bpe", merges)):
         assert derived == (cache / hashlib.sha1(f"{OPENAI_GPT2_FILES}{name}".encode()).hexdigest()).read_bytes(), name
@@ -2164,7 +2155,7 @@ def test_a_flag_of_several_scripts_has_one_placeholder_choices_default_and_help_
             seen[flag][script.__name__] = fields
             table = gpt.FLAGS.get(flag[2:].replace("-", "_"), {"default": action.default})
             if action.default != table.get("default", False if action.nargs == 0 else None) and flag != "--cache-dir":
-                assert f"(default: {'none' if action.default is None else action.default}, " in action.help, flag
+                assert re.search(r"\(default: [^,]+, ", action.help), flag  # "(default: %(default)s, why)"
     shared = {flag: scripts for flag, scripts in seen.items() if len(scripts) > 1}
     assert len(shared) == 32
     for flag, scripts in shared.items():
