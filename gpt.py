@@ -1749,12 +1749,12 @@ def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, sour
     tied = model.lm_head.weight is model.wte.weight
     params = {name: p for name, p in model.state_dict(keep_vars=True).items()
               if not (tied and name == "lm_head.weight")}
+    shapes = {name: t.shape[::-1] if name.endswith(transposed) else t.shape for name, t in tensors.items()}  # in our layout
     problems = {
         "missing": sorted(set(params) - set(tensors)),
         "unexpected": sorted(k for k in tensors if k not in params and not _IGNORED_KEYS.fullmatch(k)),
         "wrong shape": [f"{name}: file {tuple(tensors[name].shape)}, model {tuple(param.shape)}"
-                        for name, param in params.items() if name in tensors and param.shape !=
-                        (tensors[name].shape[::-1] if name.endswith(transposed) else tensors[name].shape)],
+                        for name, param in params.items() if name in shapes and shapes[name] != param.shape],
     }
     if any(problems.values()):  # a whole model's names would fill screens: the first ten show the mistake
         lines = [f"{kind}: {'; '.join(names[:10])}" + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
