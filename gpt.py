@@ -1749,7 +1749,8 @@ def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, sour
     tied = model.lm_head.weight is model.wte.weight
     params = {name: p for name, p in model.state_dict(keep_vars=True).items()
               if not (tied and name == "lm_head.weight")}
-    shapes = {name: t.shape[::-1] if name.endswith(transposed) else t.shape for name, t in tensors.items()}  # in our layout
+    # the file's shapes in our layout
+    shapes = {name: t.shape[::-1] if name.endswith(transposed) else t.shape for name, t in tensors.items()}
     problems = {
         "missing": sorted(set(params) - set(tensors)),
         "unexpected": sorted(k for k in tensors if k not in params and not _IGNORED_KEYS.fullmatch(k)),
