@@ -1485,7 +1485,7 @@ def read_safetensors(path):
                 region = mmap.mmap(f.fileno(), start + end - begin - page, offset=page, access=mmap.ACCESS_COPY)
                 tensors[name] = torch.frombuffer(region, dtype=dtype, count=numel, offset=start - page).view(shape)
     except (struct.error, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
+        raise ValueError(f"{path}: not a complete safetensors file ({e}); download or export it again") from None
     return tensors
 
 
