@@ -7,10 +7,9 @@ seen the whole message); the last block, final norm and head train, the frozen b
 -> build_classifier -> prepare_data -> choose_forward_pass -> train_classifier -> labelled_metrics (test split) -> save.
 
     python finetune_classify.py                              # download data and GPT-2, train, evaluate, save
-    python finetune_classify.py --data path/to/SMSSpamCollection --model path/to/model.safetensors
     python finetune_classify.py --model HuggingFaceTB/SmolLM2-135M --lora --lora-rank 16
     python finetune_classify.py --classify "You won a prize! Call now" "See you at 6?"
-    python finetune_classify.py --classify-file messages.txt --results predictions.csv --threshold 0.8
+    python finetune_classify.py --classify-file messages.txt --threshold 0.8
     python finetune_classify.py --evaluate runs/classify/test.csv --results evaluation.json
     python finetune_classify.py --checkpoint runs/classify --export-hf out/classifier
 
@@ -41,7 +40,6 @@ DATA_URLS = [
     "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
     "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
 ]
-DATA_FILENAME = "sms+spam+collection.zip"
 ZIP_MEMBER = "SMSSpamCollection"
 # The extracted member is checked (size in bytes, SHA-256), not the zip: a zip made anew differs byte-wise.
 MEMBER_SIZE = 477907
@@ -62,7 +60,7 @@ def sms_collection_path(data=None, urls=DATA_URLS):
     """`data` when given, else the download from the first of `urls` that works (RuntimeError: none does)."""
     if data is not None:
         return gpt.existing_file(data, "--data")
-    return gpt.fetch_dataset(urls, DATA_FILENAME, flag="--data", member=ZIP_MEMBER, size=MEMBER_SIZE,
+    return gpt.fetch_dataset(urls, "sms+spam+collection.zip", flag="--data", member=ZIP_MEMBER, size=MEMBER_SIZE,
                              sha256=MEMBER_SHA256)
 
 
@@ -84,19 +82,16 @@ def parse_labelled(raw, source="data"):
     text columns (as a run writes its splits), else the collection's lines `label TAB text`. ValueError names the file
     and its first bad lines (no tab, another label, an empty text), or a lack of columns, messages or UTF-8."""
     text = gpt.decode_utf8(raw, source)
-    rows = []  # (line number, label, text or None for a line without a tab or a CSV row without a text column)
+    # rows: (line number, label, text or None for a line without a tab or a CSV row without a text column)
     if str(source).lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text, newline=""))
         rows = [(reader.line_num, row.get("label") or "", row.get("text")) for row in reader]
     else:  # split("\n"), not splitlines(): messages may contain other Unicode line separators
-        for number, line in enumerate(text.split("\n"), start=1):
-            label, tab, message = line.partition("\t")
-            if line.strip():
-                rows.append((number, label, message if tab else None))
+        lines = [(number, line.partition("\t")) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+        rows = [(number, label, message if tab else None) for number, (label, tab, message) in lines]
     messages, bad = [], []
     for number, label, message in rows:
         label = label.strip().lower()  # strip(): also the "\r" of Windows line ends
-        label = "ham" if label == CLASS_NAMES[0] else label  # --classify's name for ham: --evaluate reads its CSV
         if message is None:
             bad.append(f"line {number}: no message (no tab after the label, or no text column)")
         elif label not in LABELS:
@@ -161,9 +156,8 @@ def tokenize_messages(texts, max_length=None, tokenizer=None, device="cpu"):
 
 
 def add_classification_head(model):
-    """Turn the language model into a classifier -> model: its head `lm_head` (emb_dim -> vocabulary logits) becomes a
-    random nn.Linear(emb_dim, 2), so model(idx) returns class logits [B, T, 2] (CLASS_NAMES, kept as model.labels);
-    the head no longer shares its weight with the token embedding wte. gpt.py's loaders rebuild classifiers with it."""
+    """Turn the language model into a classifier -> model: its head `lm_head` becomes a random nn.Linear(emb_dim, 2),
+    untied from wte, so model(idx) returns class logits [B, T, 2] (CLASS_NAMES, kept as model.labels)."""
     # The Llama family's head has no bias, as in transformers: its RMSNorm has no shift to carry one into an export.
     return gpt.add_classifier_head(model, CLASS_NAMES, bias=model.cfg.family == "gpt2")
 
@@ -206,9 +200,8 @@ def autocast_logits(logits_fn, device, dtype_name):
 
 @torch.no_grad()
 def compute_frozen_activations(model, token_ids, n_frozen):
-    """Hidden states after the embeddings and the first `n_frozen` blocks, per message: list of LongTensor
-    [n_tokens_i] -> list of float [n_tokens_i, emb_dim]; valid while those blocks are frozen and dropout is 0.
-    Batches hold messages of similar length (sorted), as many as CACHE_BATCH_TOKENS tokens of the longest allow."""
+    """Hidden states after the embeddings and the first `n_frozen` blocks (frozen, dropout 0), per message: list of
+    LongTensor [n_tokens_i] -> list of float [n_tokens_i, emb_dim]. Batches: similar lengths, CACHE_BATCH_TOKENS."""
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))  # little padding
     batch_size = max(1, CACHE_BATCH_TOKENS // len(token_ids[order[-1]]))
     activations = [None] * len(token_ids)
@@ -226,10 +219,9 @@ def compute_frozen_activations(model, token_ids, n_frozen):
 
 
 def last_block_at_last_token(block, x, last):
-    """Speed only (skip it on a first read): block(x)[arange(B), last] of a GPT-2 block without dropout: float [B, C],
-    computed only where the classifier reads (tested equal), about 1.6x faster training of the main job. x: float
-    [B, T, C], right-padded; last: LongTensor [B], each row's last real position. The query, attention output and MLP
-    run at that position alone; keys and values come from every position up to it (later ones masked)."""
+    """Speed only (skip it on a first read; 1.6x faster training): block(x)[arange(B), last] of a GPT-2 block without
+    dropout, float [B, C], tested equal. x: float [B, T, C], right-padded; last: LongTensor [B]. The query, attention
+    output and MLP run at the last position alone; keys and values come from every position up to it."""
     attn = block.attn
     B, T, C = x.shape
     rows = torch.arange(B, device=x.device)
@@ -268,8 +260,7 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
                      weight_decay=0.1, seed=123, log_every=25, keep_last=False):
     """Fine-tune the trainable parameters with AdamW on cross-entropy -> history (HISTORY per epoch, `step_loss` per
     step, `kept_epoch`). train, validation: (inputs for `logits_fn`, LongTensor [n] of labels). Each epoch shuffles
-    the training split (seeded), drops the last incomplete batch (as the book does), then evaluates both splits (a
-    fractional epoch where `max_steps` stops); the weights of the best epoch on validation are kept, or the last."""
+    (seeded), drops the last short batch (as the book does), evaluates both splits; the best epoch is kept (or last)."""
     train_inputs, train_labels = train
     optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -492,28 +483,19 @@ def classify_texts(model, texts, max_length, tokenizer=None, dtype_name="float32
     return probabilities
 
 
-def read_texts_file(path):
-    """Non-empty lines, stripped, of a UTF-8 text file or a pipe (/dev/stdin). ValueError: a byte that is not UTF-8."""
-    text = gpt.decode_utf8(gpt.existing_file(path, "--classify-file").read_bytes(), f"--classify-file {path}")
-    return [line.strip() for line in text.split("\n") if line.strip()]
-
-
 def run_classify(args, device):
-    """--classify / --classify-file: print `label (p(spam)=probability)  text` per text, or write text, label and spam
-    probability to the CSV file --results."""
-    texts = args.classify or read_texts_file(args.classify_file)
+    """--classify / --classify-file (the non-empty lines of a UTF-8 file or a pipe such as /dev/stdin): print
+    `label (p(spam)=probability)  text` per text."""
+    texts = args.classify
+    if args.classify_file is not None:
+        raw = gpt.existing_file(args.classify_file, "--classify-file").read_bytes()
+        texts = [line.strip() for line in gpt.decode_utf8(raw, f"--classify-file {args.classify_file}").split("\n")
+                 if line.strip()]
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("nothing to classify: give non-empty texts with --classify or lines in --classify-file")
     model, tokenizer, max_length = load_classifier(args.checkpoint, device)
-    probabilities = classify_texts(model, texts, max_length, tokenizer, args.dtype)
-    rows = [(text, model.labels[p >= args.threshold], p) for text, p in zip(texts, probabilities)]
-    if args.results is None:
-        for text, label, probability in rows:
-            print(f"{label:<8} (p(spam)={probability:.3f})  {text}")
-        return
-    write_csv(args.results, ("text", "label", "spam_probability"), rows)
-    n_spam = sum(p >= args.threshold for p in probabilities)
-    print(f"classified: {len(rows)} texts, {n_spam} spam (probability >= {args.threshold}), written to {args.results}")
+    for text, probability in zip(texts, classify_texts(model, texts, max_length, tokenizer, args.dtype)):
+        print(f"{model.labels[probability >= args.threshold]:<8} (p(spam)={probability:.3f})  {text}")
 
 
 def run_evaluate(args, device):
@@ -533,8 +515,7 @@ def run_evaluate(args, device):
 
 # --- Command line -----------------------------------------------------------------------
 
-# The flags that using a classifier reads. --classify, --classify-file, --evaluate and --export-hf use the classifier
-# of --checkpoint as it was trained (its model, its --max-length): any other flag is for training, and refused.
+# What using the classifier of --checkpoint as trained (its model, its --max-length) reads: other flags are refused.
 USE_FLAGS = ("classify", "classify_file", "evaluate", "export_hf", "threshold", "results", "checkpoint", "batch_size",
              "dtype", "device", "cache_dir", "out_dir", "overwrite")
 
@@ -553,8 +534,7 @@ def build_parser():
     train = parser.add_argument_group("training")
     gpt.add_flags(train, "epochs", "max_steps", "batch_size", "lr", "weight_decay", "seed", "log_every", "keep_last",
                   epochs=(5, "the book's"), log_every=(25, "as steps on the activation cache are short"))
-    train.add_argument("--no-activation-cache", action="store_true", help="run the frozen blocks at every step (as "
-                       "a --drop-rate above 0 does)")
+    train.add_argument("--no-activation-cache", action="store_true", help="run frozen blocks at every step (slower)")
     train.add_argument("--dtype", **{**gpt.FLAGS["dtype"], "choices": ["float32", "bfloat16"]})
     gpt.add_flags(train, "device", "out_dir", "overwrite", out_dir=("runs/classify", "one per stage"))
     use = parser.add_argument_group("use a fine-tuned classifier (no training)")
@@ -564,34 +544,27 @@ def build_parser():
     mode.add_argument("--evaluate", metavar="FILE", help="metrics on a labelled FILE, as --data")
     mode.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint in --dtype as a Hugging Face folder")
     use.add_argument("--threshold", type=gpt.fraction, default=0.5, metavar="P", help="spam from this probability on")
-    use.add_argument("--results", metavar="FILE", help="metrics (.json) or predictions (.csv) (default: print only)")
+    use.add_argument("--results", metavar="FILE", help="write the metrics of --evaluate to this JSON file")
     use.add_argument("--checkpoint", help="a run's file or folder, or an export (default: classifier.pt in --out-dir)")
     return parser
 
 
 def parse_args(argv=None):
+    """The flags; those that cannot go together exit 2 with one line (parser.error). Resolves --checkpoint."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(parser, argv, args)
-    return args
-
-
-def check_args(parser, argv, args):
-    """Refuse flags that cannot go together (parser.error: one line, exit code 2); resolve --checkpoint."""
     if args.lora and args.trainable != "last-block":
         parser.error(f"--lora trains the adapters and the head: drop --trainable {args.trainable}")
     use = [flag for flag in ("classify", "classify_file", "evaluate", "export_hf") if getattr(args, flag) is not None]
     if use:
         training_flags = [name for name in vars(args) if name not in USE_FLAGS]
         gpt.refuse_flags(parser, argv, training_flags, f"{gpt.flag_name(use[0])} (the classifier of --checkpoint)")
-    kind = ".json" if args.evaluate is not None else ".csv"
-    if args.results is not None and use in ([], ["export_hf"]):
-        parser.error("--results goes with --evaluate, --classify or --classify-file (a run writes metrics.json)")
-    if args.results is not None and (Path(args.results).suffix.lower() != kind or Path(args.results).is_dir()):
-        parser.error(f"--results {args.results}: give a {kind} file")
+    if args.results is not None and args.evaluate is None:
+        parser.error("--results goes with --evaluate (a run writes metrics.json)")
     args.checkpoint = args.checkpoint or str(Path(args.out_dir) / "classifier.pt")
     if (Path(args.checkpoint) / "classifier.pt").is_file():  # a run folder: its classifier
         args.checkpoint = str(Path(args.checkpoint) / "classifier.pt")
+    return args
 
 
 @gpt.command_line(memory_hint="use a smaller --batch-size (or --max-length)")
@@ -603,8 +576,7 @@ def main(argv=None):
         folder = gpt.export_hf(model, args.export_hf, tokenizer=tokenizer, dtype=gpt.DTYPES[args.dtype],
                                overwrite=args.overwrite, max_length=max_length)
         architecture = gpt.read_json(folder / "config.json", "config")["architectures"][0]
-        print(f"exported {args.checkpoint} ({args.dtype}) to {folder}, a {architecture} folder")
-        return
+        return print(f"exported {args.checkpoint} ({args.dtype}) to {folder}, a {architecture} folder")
     device = gpt.pick_device(args.device)
     if args.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         print("note: this GPU has no bfloat16 (a T4, say): the work runs in float32")

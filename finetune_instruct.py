@@ -3,16 +3,15 @@
 Chapter 7 of "Build a Large Language Model (From Scratch)" (S. Raschka, 2024;
 https://github.com/rasbt/LLMs-from-scratch/tree/main/ch07): the book's 1,100 instruction/response pairs in the Alpaca
 prompt format (Taori et al., 2023, https://github.com/tatsu-lab/stanford_alpaca), GPT-2 medium, AdamW at lr 5e-5 with
-weight decay 0.1, batch size 8, 2 epochs. The weights of the evaluation with the lowest validation loss are kept; they
-answer every test instruction, and a local LLM served by Ollama can grade the answers (0-100). A Llama-family model
-(SmolLM2, Qwen3, Llama 3.2) trains the same way, with its own tokenizer and end-of-text token.
+weight decay 0.1, batch size 8, 2 epochs. The weights with the lowest validation loss are kept; they answer every test
+instruction, and a local LLM served by Ollama can grade the answers (0-100). A Llama-family model trains the same way.
 
     python finetune_instruct.py                                  # the book's recipe (downloads data and gpt2-medium)
     python finetune_instruct.py --model HuggingFaceTB/SmolLM2-135M --lora --mask-prompt
     python finetune_instruct.py --resume                         # continue an interrupted run
     python finetune_instruct.py --generate-only                  # answer the run's test split again
     python finetune_instruct.py --prompt "Rewrite the sentence in passive voice." --input "The cat ate the fish."
-    python finetune_instruct.py --judge-only --judge ollama      # grade runs/instruct/responses.json
+    python finetune_instruct.py --judge-only                     # grade runs/instruct/responses.json with Ollama
 
 Writes to --out-dir (default runs/instruct/; one that holds another run is refused unless --resume or --overwrite):
     run.json, train.json, validation.json, test.json   the settings and the split, for --resume and --generate-only
@@ -51,7 +50,7 @@ RUN_FILES = ("run.json", *SPLIT_FILES, "train_state.pt", "model.pt", "losses.png
              "responses-scored.json")
 # Flags that may differ from the saved run on --resume: more steps, another machine, other answers.
 RESUME_MAY_CHANGE = ("resume", "epochs", "max_steps", "keep_state", "keep_last", "device", "cache_dir", "out_dir",
-                     "responses", "num_answers", "max_new_tokens", "temperature", "top_k", "top_p", "judge",
+                     "num_answers", "max_new_tokens", "temperature", "top_k", "top_p", "judge",
                      "judge_url", "judge_model")
 # Flags of training alone: --generate-only, --prompt and --judge-only would ignore them, so they are refused there.
 TRAINING_FLAGS = ("model", "epochs", "batch_size", "lr", "weight_decay", "drop_rate", "lora", "lora_rank", "lora_alpha",
@@ -64,7 +63,7 @@ TRAINING_FLAGS = ("model", "epochs", "batch_size", "lr", "weight_decay", "drop_r
 
 def load_instruction_data(path, source="--data", fix=DATA_FIX, keys=("instruction", "output")):
     """A JSON list or JSON Lines file of Alpaca entries (UTF-8) -> list of dicts: the one reader of --data, the run's
-    splits and --responses. Each entry needs a string under each of `keys`; "input" is a string, null or missing.
+    splits and the answers. Each entry needs a string under each of `keys`; "input" is a string, null or missing.
     Raises ValueError "SOURCE PATH: entry 7: 'output' must be a string, not null: FIX" (lines count from 1)."""
     path = gpt.existing_file(path, source)
     source = f"{source} {path}"
@@ -136,11 +135,10 @@ def tokenize_examples(entries, tokenizer, max_length, mask_prompt):
 
 
 def collate_instruction_batch(batch, eot_id, *, mask_prompt=False, max_length=None):
-    """Pad a batch of (token ids, prompt length) into inputs and targets, LongTensor [batch, seq_len] each: the book's
-    custom_collate_fn (section 7.3, exercise 7.2). Sequences are padded with the end-of-text token (eot_id) to one more
-    than the longest; targets are the inputs shifted left by one. The first end-of-text target stays (the model learns
-    to stop); later ones, and with mask_prompt those that predict prompt tokens, become -100 (the loss skips them).
-    Both are then cut to max_length."""
+    """Pad a batch of (token ids, prompt length) into inputs and targets, LongTensor [batch, seq_len] each, cut to
+    max_length: the book's custom_collate_fn (section 7.3, exercise 7.2). Padded with eot_id to one more than the
+    longest; targets are the inputs shifted left by one. The first end-of-text target stays (the model learns to
+    stop); later ones, and with mask_prompt those that predict prompt tokens, become -100 (the loss skips them)."""
     seq_len = max(len(ids) for ids, _ in batch) + 1  # +1: room for the end-of-text token
     inputs, targets = [], []
     for ids, prompt_length in batch:
@@ -265,21 +263,20 @@ def train(model, tokenizer, train_examples, val_examples, collate, args, device,
             print(f"{gpt.training_position(step, total_steps, steps_per_epoch)} | loss {loss.item():.3f} | "
                   f"{window_tokens / window_seconds:.0f} tok/s | ETA {eta}", flush=True)
             window_seconds, window_tokens = 0.0, 0
-    trained = f"{step - start_step} step" + ("s" if step - start_step != 1 else "")
-    print(f"trained {trained} in {gpt.format_duration(time.time() - started)}")
+    print(f"trained to step {step} in {gpt.format_duration(time.time() - started)}")
     return progress
 
 
 def keep_weights(model, progress, keep_last):
     """Load the weights of the lowest validation loss into model (keep_last: keep the last) -> their step, loss."""
     history, best = progress["history"], progress["best"]
-    if keep_last:  # the end is always evaluated
-        print(f"kept the last weights (step {history['step'][-1]}); the lowest validation loss was at step "
-              f"{best['step']}")
-        return {"step": history["step"][-1], "val_loss": history["val_loss"][-1]}
-    model.load_state_dict(best["weights"], strict=False)  # the trainable part; the rest never changed
-    print(f"kept the weights of step {best['step']}, the lowest validation loss ({best['val_loss']:.3f})")
-    return {"step": best["step"], "val_loss": best["val_loss"]}
+    kept = {"step": history["step"][-1], "val_loss": history["val_loss"][-1]}  # the end is always evaluated
+    if not keep_last:
+        model.load_state_dict(best["weights"], strict=False)  # the trainable part; the rest never changed
+        kept = {"step": best["step"], "val_loss": best["val_loss"]}
+    note = f"; the lowest validation loss was at step {best['step']}" if keep_last else ", the lowest validation loss"
+    print(f"kept the weights of step {kept['step']} (validation loss {kept['val_loss']:.3f}){note}")
+    return kept
 
 
 def resume_run(args, argv, out_dir):
@@ -342,8 +339,7 @@ def fine_tune(args, argv, device):
     losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
     gpt.plot_curves(out_dir / "losses.png", {"loss": losses}, "step")
     kept = keep_weights(model, progress, args.keep_last)
-    if args.lora:
-        gpt.merge_lora(model)  # back to the model's own layers: a plain checkpoint
+    gpt.merge_lora(model)  # LoRA's adapters folded into the model's own layers: a plain checkpoint
     gpt.save_checkpoint(out_dir / "model.pt", model.eval(), tokenizer, settings=vars(args), history=history, kept=kept)
     print(f"saved the fine-tuned model to {out_dir / 'model.pt'}")
     if not args.keep_state:
@@ -378,8 +374,7 @@ def generate_responses(model, tokenizer, entries, path, **options):
         gpt.show_progress(f"answers {i + 1}/{len(entries)} | {tokens / (time.time() - started):.1f} tok/s | ETA {eta}")
     gpt.write_json(path, results)
     empty = sum(not result["model_response"] for result in results)
-    empty_note = f"; {empty} of {len(results)} answers were empty" if empty else ""
-    print(f"wrote {len(results)} responses to {path}{empty_note}")
+    print(f"wrote {len(results)} responses to {path} ({empty} empty: ended at once by the end-of-text token)")
 
 
 # --- 5. Evaluation: an LLM judge served by Ollama -------------------------------------------
@@ -419,10 +414,9 @@ def parse_score(reply):
 
 
 def ask_judge(prompt, url, model):
-    """One chat request to Ollama (POST /api/chat, not streamed, temperature 0 and a fixed seed, the reply held to
-    SCORE_FORMAT) -> the reply's content: text, normally '{"score": 85}', or whatever JSON value the server sent.
-    Raises RuntimeError saying how to start a server when none answers, and quoting the reply for an HTTP error (such
-    as a model not pulled) or a reply of another shape (a server that is not Ollama)."""
+    """One chat request to Ollama (POST /api/chat, not streamed, temperature 0, a fixed seed, the reply held to
+    SCORE_FORMAT) -> the reply's content: normally '{"score": 85}'. RuntimeError: no server (how to start one), an
+    HTTP error such as a model not pulled, or a reply of another shape (a server that is not Ollama)."""
     options = {"temperature": 0, "seed": JUDGE_SEED, "num_ctx": 2048}
     messages = [{"role": "user", "content": prompt}]
     payload = {"model": model, "messages": messages, "stream": False, "options": options, "format": SCORE_FORMAT}
@@ -445,7 +439,7 @@ def ask_judge(prompt, url, model):
 def judge(args, responses_path):
     """Grade each "model_response" of the responses file against its "output"; print the mean score and write the
     entries with a "score" (0-100, null when unscorable) to <name>-scored.json beside it."""
-    entries = load_instruction_data(responses_path, "--responses", "give answers as --generate-only writes them",
+    entries = load_instruction_data(responses_path, "the answers", "give answers as --generate-only writes them",
                                     keys=("instruction", "output", "model_response"))
     url, scored, started = args.judge_url.rstrip("/"), [], time.time()
     try:
@@ -455,22 +449,18 @@ def judge(args, responses_path):
             if scored[-1]["score"] is None:
                 print(f"  entry {i}: no score 0-100 in the judge's answer {answer!r:.80}")
             print(f"judging {i + 1}/{len(entries)} | ETA {gpt.eta(started, i + 1, len(entries))}", flush=True)
-    except RuntimeError as e:
-        if args.judge_only:
-            raise
+    except RuntimeError as e:  # the answers are kept: say how to grade them once the judge is there
         raise RuntimeError(f"{e}; the answers stay in {responses_path}: grade them later with python "
-                           f"finetune_instruct.py --judge-only --judge ollama --responses {responses_path} "
+                           f"finetune_instruct.py --judge-only --out-dir {responses_path.parent} "
                            f"--judge-url {url} --judge-model {args.judge_model}") from None
-    scores = [e["score"] for e in scored if e["score"] is not None]
-    mean = f"{sum(scores) / len(scores):.2f}" if scores else "n/a"
-    print(f"judge {args.judge_model}: mean score {mean} over {len(scores)} entries; "
-          f"{len(entries) - len(scores)} could not be scored")
     scored_path = responses_path.with_name(responses_path.stem + "-scored.json")
     gpt.write_json(scored_path, scored)
-    print(f"wrote the scores to {scored_path}")
+    scores = [e["score"] for e in scored if e["score"] is not None]
     if not scores:  # a judge that answered without a readable score every time: no result
         raise RuntimeError(f"the judge {args.judge_model} gave no score 0-100 for any of the {len(entries)} entries "
-                           "(its answers are in the scores file): try another --judge-model")
+                           f"(its answers are in {scored_path}): try another --judge-model")
+    print(f"judge {args.judge_model}: mean score {sum(scores) / len(scores):.2f} over {len(scores)} entries; "
+          f"{len(entries) - len(scores)} could not be scored; the scores are in {scored_path}")
 
 
 # --- 6. The other modes: answers of a saved model (--generate-only, --prompt) ---------------
@@ -518,7 +508,7 @@ def build_parser():
     what.add_argument("--generate-only", action="store_true", help="answer the run's test split with --checkpoint")
     what.add_argument("--prompt", help="answer this one instruction with --checkpoint, print it, exit")
     what.add_argument("--input", help="input text for --prompt (the '### Input:' section)")
-    what.add_argument("--judge-only", action="store_true", help="no training, no answers: grade --responses")
+    what.add_argument("--judge-only", action="store_true", help="no training, no answers: grade --out-dir's answers")
     gpt.add_flags(what.add_mutually_exclusive_group(), "resume", "overwrite")
     what.add_argument("--keep-state", action="store_true", help="keep train_state.pt after training, for --resume")
     gpt.add_flags(what, "out_dir", out_dir=("runs/instruct", "one per stage"))
@@ -538,7 +528,6 @@ def build_parser():
     answers.add_argument("--num-answers", type=gpt.non_negative_int, help="answer the first N test entries (default: "
                          "all; 10 with --max-steps, a short try)")
     gpt.add_flags(answers, "max_new_tokens", "temperature", "top_k", "top_p", max_new_tokens=(256, "a whole answer"))
-    answers.add_argument("--responses", help="answers to write, or to grade (default: responses.json in --out-dir)")
     answers.add_argument("--judge", choices=["none", "ollama"], default="none", help="grade with a local Ollama")
     answers.add_argument("--judge-url", default="http://localhost:11434", help="Ollama address")
     answers.add_argument("--judge-model", default="llama3", help="Ollama model that grades")
@@ -555,8 +544,6 @@ def parse_args(argv=None):
         parser.error("--input goes with --prompt: give the instruction too")
     if args.generate_only + args.judge_only + (args.prompt is not None) + args.resume > 1:
         parser.error("choose one of --generate-only, --judge-only, --prompt and --resume")
-    if args.judge_only and args.judge == "none":
-        parser.error("--judge-only needs --judge ollama")
     if args.num_answers == 0 and args.judge != "none":
         parser.error("--num-answers 0 leaves --judge nothing to grade")
     sampling = [flag for flag in ("top_k", "top_p") if getattr(args, flag) is not None]
@@ -567,27 +554,15 @@ def parse_args(argv=None):
         parser.error("--dtype float16 trains without loss scaling: train in bfloat16 or float32")
     if modes:
         mode = gpt.flag_name(modes[0])
-        if "model" in gpt.given_flags(parser, argv) and mode != "--judge-only":  # the model that answers: --checkpoint
-            parser.error(f"--model is the model that trains; {mode} answers with --checkpoint: give --checkpoint "
-                         f"{args.model}")
         gpt.refuse_flags(parser, argv, TRAINING_FLAGS + ("num_answers",) * (mode != "--generate-only"), mode)
     return args
-
-
-def responses_path(args):
-    """--responses (default <out-dir>/responses.json); ValueError before any work when it or the scores are a folder."""
-    path = Path(args.responses or Path(args.out_dir) / "responses.json")
-    for target in (path, path.with_name(path.stem + "-scored.json")):
-        if target.is_dir():
-            raise ValueError(f"{target} is a folder, but a file goes there: move it away, or give another --responses")
-    return path
 
 
 @gpt.command_line(memory_hint="use a smaller --batch-size or --max-length, or --lora")
 def main(argv=None):
     args = parse_args(argv)
     os.environ["GPT_CACHE_DIR"] = args.cache_dir
-    responses = responses_path(args)
+    responses = Path(args.out_dir) / "responses.json"
     if args.judge == "ollama" and not args.judge_only:  # before hours of training and answering: is the judge there?
         ask_judge("Answer with the score 100.", args.judge_url.rstrip("/"), args.judge_model)
     if args.judge_only:
@@ -597,7 +572,6 @@ def main(argv=None):
         answer_without_training(args, device, responses)
     else:
         args, model, tokenizer, answers = fine_tune(args, argv, device)
-        responses = responses_path(args)  # with --resume, the saved run's
         try:
             generate_responses(model, tokenizer, answers, responses, **answer_options(args))
         except KeyboardInterrupt:  # model.pt is saved: --resume would find the training done, answering goes on alone

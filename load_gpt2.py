@@ -1,27 +1,22 @@
 """load_gpt2.py: get a model, try it, measure it, export it.
 
 Stage 1 of the lifecycle. `gpt.load` reads GPT-2's released weights from the Hugging Face Hub (downloaded once), a
-Llama-family model (SmolLM2, Qwen3, Llama 3.2) with its own tokenizer, a .safetensors file or model folder, a GGUF
-file (llama.cpp's; "ollama:NAME[:TAG]" finds one Ollama pulled) or a checkpoint of this project. Measurements follow
-EleutherAI's lm-evaluation-harness (the same prompts, tokenization and metrics); benchmark files are downloaded once
-from the original sources, or read from --benchmark-file.
+Llama-family model with its own tokenizer, a .safetensors file or model folder, a GGUF file ("ollama:NAME[:TAG]" finds
+one Ollama pulled) or a checkpoint of this project. Measurements follow EleutherAI's lm-evaluation-harness (the same
+prompts, tokenization and metrics) on benchmark files downloaded once from their sources, or --benchmark-file.
 
     python load_gpt2.py                                      # try it: gpt2 (124M) continues a prompt, greedy
     python load_gpt2.py --model gpt2-medium --prompt "The meaning of life is" --temperature 0.8 --top-k 50 --seed 1
-    python load_gpt2.py --model HuggingFaceTB/SmolLM2-135M   # or a .safetensors file, a folder, runs/pretrain/best.pt
+    python load_gpt2.py --model HuggingFaceTB/SmolLM2-135M --max-new-tokens 0   # only download and load it
     python load_gpt2.py --benchmark hellaswag                # 10,042 items: acc and acc_norm
     python load_gpt2.py --benchmark mmlu --shots 5 --limit 20 --results mmlu.json   # 20 items of each of 57 subjects
     python load_gpt2.py --perplexity held_out.txt --stride 512       # perplexity, bits per byte
-    python load_gpt2.py --benchmark mmlu --contamination train.txt   # test items seen in training?
-    python load_gpt2.py --benchmark mmlu --probe             # options shuffled: recall or reasoning?
-    python load_gpt2.py --download-only --model gpt2-xl
+    python load_gpt2.py --benchmark mmlu --contamination train.txt --probe   # seen in training? recalled?
     python load_gpt2.py --model ollama:smollm2:135m --chat --prompt "Why is the sky blue?"   # in its chat format
-    python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # a folder transformers reads
-    python load_gpt2.py --model runs/instruct/model.pt --export-gguf out/model.gguf   # llama.cpp, Ollama
+    python load_gpt2.py --model runs/instruct/model.pt --export-hf out/   # or --export-gguf out/model.gguf (llama.cpp)
 
-Prints the model and its load time, then the continuation or the measurements. Writes only the caches (--cache-dir; a
-Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub, is used as is; $HF_ENDPOINT names a mirror), --results and the
-export (a GGUF file with an Ollama Modelfile beside it).
+Prints the model and its load time, then the continuation or the measurements. Writes only the caches (--cache-dir;
+a Hugging Face cache is used as is), --results and the export (a GGUF file with an Ollama Modelfile beside it).
 """
 
 import collections
@@ -75,10 +70,10 @@ def prefix_id(tokenizer):
 
 
 def continuation_request(context, continuation, context_length, tokenizer=None):
-    """(token ids, n_scored) for `sum_logprobs` as lm-evaluation-harness makes them: the pair is tokenized whole, the
-    continuation scored on the ids after the context's own (" Paris" after "capital:" is one token with its space).
-    Spaces ending the context move to the continuation, an empty one becomes [`prefix_id`], a long one is cut from the
-    left. tokenizer: the model's; None: GPT-2's. Raises ValueError when the continuation alone does not fit."""
+    """(token ids, n_scored) for `sum_logprobs` as lm-evaluation-harness makes them: the pair tokenized whole, the
+    continuation scored on the ids after the context's own (" Paris" after "capital:" is one token). Spaces ending the
+    context move to the continuation; an empty context becomes [`prefix_id`], a long one is cut from the left.
+    tokenizer: the model's; None: GPT-2's. Raises ValueError when the continuation alone does not fit."""
     tokenizer = tokenizer or gpt.get_tokenizer()
     if not context:
         context_ids, continuation_ids = [prefix_id(tokenizer)], tokenizer.encode(continuation)
@@ -96,9 +91,8 @@ def continuation_request(context, continuation, context_length, tokenizer=None):
 @torch.no_grad()
 def sum_logprobs(model, requests, batch_size=8, label="scoring"):
     """Total log-probability (nats) of the last n_scored ids of each (token ids, n_scored) request -> list of floats.
-    Requests with the same input ids[:-1] (an MMLU item's " A" to " D") share a forward pass. Batches are right-padded
-    (causal attention keeps real positions blind to padding after them), longest first, so that a batch too large for
-    memory fails at once. Raises ValueError for a request that does not fit the model, or NaN scores."""
+    Requests with the same ids[:-1] (an MMLU item's " A" to " D") share a forward pass; batches go longest first (one
+    too large for memory fails at once). ValueError: a request that does not fit the model, or NaN scores."""
     device = next(model.parameters()).device
     readers = collections.defaultdict(list)  # model input -> the requests that read it
     for i, (ids, n_scored) in enumerate(requests):
@@ -110,7 +104,7 @@ def sum_logprobs(model, requests, batch_size=8, label="scoring"):
     started = time.time()
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
-        idx = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)  # padding: any id in the vocabulary
+        idx = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)  # right padding: real positions never see it
         for row, seq in enumerate(batch):
             idx[row, : len(seq)] = torch.tensor(seq)
         logits = model(idx.to(device))  # [batch, longest, vocab]
@@ -175,9 +169,9 @@ def mmlu_request(item):
 
 
 def score_multiple_choice(model, requests, batch_size=8, tokenizer=None):
-    """Score each choice by its log-likelihood after the context and one space -> one dict per item: lls (nats); acc,
-    1 when the gold choice's is the highest; acc_norm, the same with each divided by the choice's length in
-    characters (the space not counted), as the harness defines them. tokenizer: the model's; None: GPT-2's."""
+    """Score each choice by its log-likelihood after the context and one space -> one dict per item, as the harness:
+    lls (nats); acc, 1 when the gold choice's is the highest; acc_norm, the same per character of the choice (the space
+    not counted). tokenizer: the model's; None: GPT-2's."""
     length = model.cfg.context_length
     pairs = [(request["context"], " " + choice) for request in requests for choice in request["choices"]]
     flat = [continuation_request(context, choice, length, tokenizer) for context, choice in pairs]
@@ -248,12 +242,11 @@ def read_hellaswag(path):
 
 def is_hellaswag_item(item):
     """Whether a parsed line is a HellaSwag item; its label: an integer, or a digit string as in Hugging Face's copy."""
-    if not isinstance(item, dict) or not isinstance(item.get("endings"), list) or not item["endings"]:
+    endings = item.get("endings") if isinstance(item, dict) else None
+    if not isinstance(endings, list) or not all(isinstance(e, str) and e.strip() for e in endings):
         return False
-    texts = [item.get(field) for field in ("activity_label", "ctx_a", "ctx_b")]
-    endings, label = item["endings"], item.get("label")
-    texts_ok = all(isinstance(text, str) for text in texts) and all(isinstance(e, str) and e.strip() for e in endings)
-    return texts_ok and type(label) in (int, str) and str(label) in map(str, range(len(endings)))
+    texts_ok = all(isinstance(item.get(field), str) for field in ("activity_label", "ctx_a", "ctx_b"))
+    return texts_ok and type(item.get("label")) in (int, str) and str(item["label"]) in map(str, range(len(endings)))
 
 
 def read_mmlu(path, shots=0):
@@ -331,8 +324,8 @@ def normalized_words(text):
 
 
 def find_contamination(texts, corpus_lines, n=13):
-    """Indices of the texts that share an n-gram of `normalized_words` with a corpus -> sorted list. corpus_lines: read
-    once, as a stream (a corpus larger than memory works). A text under n words counts when it occurs whole."""
+    """Indices of the texts that share an n-gram of `normalized_words` with corpus_lines (read once, as a stream) ->
+    sorted list. A text under n words counts when it occurs whole."""
     wanted = collections.defaultdict(lambda: collections.defaultdict(set))  # length -> words -> texts
     for i, text in enumerate(texts):
         words = normalized_words(text)
@@ -369,12 +362,11 @@ def shuffle_options(item, order):
     return dict(item, options=[item["options"][k] for k in order], answer=order.index(item["answer"]))
 
 
-def reorder_sentences(item, order=None):
-    """A HellaSwag item with the sentences of its context (ctx_a, cut after . ! or ?) in another order: order[k] is
-    the sentence now at place k (default: reversed). ctx_b, which the endings finish, stays last."""
+def reorder_sentences(item):
+    """A HellaSwag item with the sentences of its context (ctx_a, cut after . ! or ?) in reverse order; ctx_b, which
+    the endings finish, stays last."""
     sentences = re.split(r"(?<=[.!?])\s+", item["ctx_a"].strip())
-    order = list(reversed(range(len(sentences)))) if order is None else order
-    return dict(item, ctx_a=" ".join(sentences[k] for k in order))
+    return dict(item, ctx_a=" ".join(reversed(sentences)))
 
 
 def probe_memorisation(model, benchmark, items, scored, seed=0, batch_size=8, tokenizer=None):
@@ -397,29 +389,12 @@ def probe_memorisation(model, benchmark, items, scored, seed=0, batch_size=8, to
                 change=after - before, right_to_wrong=flipped[1, 0], wrong_to_right=flipped[0, 1])
 
 
-# --- 6. Command line: the inputs read first, the scores printed, the flags, main --------
-
-
-def read_inputs(args):
-    """Read every input of the run before the download and the load (cheap, and fails fast) -> (benchmark items or
-    None, --perplexity text or None)."""
-    if args.results and Path(args.results).is_dir():
-        raise ValueError(f"--results {args.results} is a folder: give the path of a JSON file")
-    if args.contamination:
-        gpt.existing_file(args.contamination, "--contamination")
-    text = None
-    if args.perplexity:
-        raw = gpt.existing_file(args.perplexity, "--perplexity").read_bytes()
-        text = gpt.decode_utf8(raw, f"--perplexity {args.perplexity}")
-        if not text:
-            raise ValueError(f"--perplexity {args.perplexity}: the file is empty: give a text to score")
-    return (load_benchmark(args) if args.benchmark else None), text
+# --- 6. Command line: the scores printed, the flags, main ------------------------------
 
 
 def print_scores(name, summary):
     """Print a `summarize` dict: items, random guess, acc and acc_norm ± standard error, subjects."""
-    items = f"{summary['items']:,} item" + ("s" if summary["items"] != 1 else "")
-    print(f"{name}: {items}, random guess {summary['random_guess']:.4f}")
+    print(f"{name}: items {summary['items']:,}, random guess {summary['random_guess']:.4f}")
     for metric in ("acc", "acc_norm"):
         stderr = summary[metric + "_stderr"]
         print(f"  {metric:<8} {summary[metric]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
@@ -440,9 +415,8 @@ def run_benchmark(args, model, items, tokenizer):
     results = {"benchmark": dict(name=args.benchmark, shots=args.shots, seconds=round(seconds, 1), **summary)}
     if args.contamination:
         share = len(contaminated) / len(requests)
-        shown = ", ".join(map(str, contaminated[:20])) + (", ..." if len(contaminated) > 20 else "")
         print(f"contamination: {len(contaminated)} of {len(requests)} items ({share:.1%}) share a {args.ngram}-gram "
-              f"with {args.contamination}" + (f": items {shown} (counted from 0)" if contaminated else ""))
+              f"with {args.contamination}" + (" (--results lists them)" if contaminated else ""))
         clean = sorted(set(range(len(requests))) - set(contaminated))
         clean_summary = summarize([scored[i] for i in clean], [requests[i] for i in clean]) if clean else None
         if clean_summary is not None:
@@ -458,13 +432,11 @@ def run_benchmark(args, model, items, tokenizer):
     return results
 
 
-EXPORTS = ("export_hf", "export_gguf")  # each writes --model in another format, as a run of its own
-MEASURING = ("benchmark", "perplexity")
 # Flags that mean something only with another: given alone they would be ignored.
 NEEDS = {"benchmark_file": ("benchmark",), "shots": ("benchmark",), "limit": ("benchmark",),
          "contamination": ("benchmark",), "probe": ("benchmark",), "ngram": ("contamination",),
-         "stride": ("perplexity",), "overwrite": EXPORTS, "results": MEASURING, "batch_size": MEASURING,
-         "gguf_type": ("export_gguf",)}
+         "stride": ("perplexity",), "results": ("benchmark", "perplexity"), "batch_size": ("benchmark", "perplexity"),
+         "overwrite": ("export_hf", "export_gguf"), "gguf_type": ("export_gguf",)}
 
 
 def build_parser():
@@ -472,8 +444,7 @@ def build_parser():
     gpt.add_flags(p, "model", "device", "dtype", "cache_dir")
     g = p.add_argument_group("try it: continue a prompt (unless a flag below asks for another run)")
     g.add_argument("--prompt", default="Every effort moves you", help="text to continue")
-    g.add_argument("--chat", action="store_true", help="--prompt is a message to an instruct model: wrap it in the "
-                   "model's chat format (ChatML, Llama 3, Gemma, Phi-3, told by its chat template)")
+    g.add_argument("--chat", action="store_true", help="--prompt is a message: wrap it in the model's chat format")
     gpt.add_flags(g, "max_new_tokens", "temperature", "top_k", "top_p", "seed", seed=(None, "a new sample each run"),
                   max_new_tokens=(50, "a glimpse; an instruct answer needs more"))
     m = p.add_argument_group("measure it (instead of generating)")
@@ -483,17 +454,14 @@ def build_parser():
     m.add_argument("--limit", type=gpt.positive_int, help="score the first N items of each subject (default: all)")
     m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 text file")
     m.add_argument("--stride", type=gpt.positive_int, help="tokens between perplexity windows (default: context / 2)")
-    m.add_argument("--contamination", metavar="FILE", help="a training corpus (UTF-8 text): items that share "
-                   "n-grams")
+    m.add_argument("--contamination", metavar="FILE", help="a training corpus (UTF-8 text): items that share n-grams")
     m.add_argument("--ngram", type=gpt.positive_int, default=13, help="words per n-gram of --contamination")
     m.add_argument("--probe", action="store_true", help="score again with options or sentences reordered: the change")
     gpt.add_flags(m, "batch_size")
     m.add_argument("--results", metavar="FILE", help="write the measurements to this JSON file (default: print only)")
-    e = p.add_argument_group("download or export it (instead of generating)")
-    e.add_argument("--download-only", action="store_true", help="download --model (a name) into the cache")
+    e = p.add_argument_group("export it (instead of generating)")
     e.add_argument("--export-hf", metavar="FOLDER", help="write --model in --dtype as a Hugging Face folder")
-    e.add_argument("--export-gguf", metavar="FILE", help="write --model as a GGUF file for llama.cpp and Ollama, "
-                   "with an Ollama Modelfile beside it")
+    e.add_argument("--export-gguf", metavar="FILE", help="write --model as a GGUF file (and an Ollama Modelfile)")
     e.add_argument("--gguf-type", choices=list(gpt.GGUF_FILE_TYPES), default="f16",
                    help="type of the weight matrices of --export-gguf (norms and biases stay f32)")
     gpt.add_flags(e, "overwrite")
@@ -504,23 +472,17 @@ def parse_args(argv=None):
     """The settings of the run; flags that contradict each other, or would be ignored, exit 2 with one line."""
     p = build_parser()
     args = p.parse_args(argv)
-    check_flags(p, args, gpt.given_flags(p, argv))
-    return args
-
-
-def check_flags(p, args, given):
-    """Exit through parser p with one line for flags that contradict each other or would be ignored."""
+    given = gpt.given_flags(p, argv)
     for flag, needed in NEEDS.items():
         if flag in given and not any(getattr(args, name) for name in needed):
             p.error(f"{gpt.flag_name(flag)} needs {' or '.join(map(gpt.flag_name, needed))}")
     measuring = args.benchmark or args.perplexity
-    runs = [args.download_only, measuring, *(getattr(args, flag) for flag in EXPORTS)]
+    runs = [measuring, args.export_hf, args.export_gguf]  # each a run of its own
     if sum(map(bool, runs)) > 1:
-        exports = ", ".join(map(gpt.flag_name, EXPORTS))
-        p.error(f"--download-only, {exports} and measuring (--benchmark, --perplexity) are separate runs")
+        p.error("--export-hf, --export-gguf and measuring (--benchmark, --perplexity) are separate runs")
     sampling = [flag for flag in ("prompt", "chat", "max_new_tokens", "temperature", "top_k", "top_p") if flag in given]
     if sampling and any(runs):
-        p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring, downloading or exporting")
+        p.error(f"{gpt.flag_name(sampling[0])} is for generating text, not for measuring or exporting")
     sampling_options = [flag for flag in ("top_k", "top_p", "seed") if flag in given]
     if sampling_options and not args.temperature and not measuring:
         p.error(f"{gpt.flag_name(sampling_options[0])} is for sampling: give --temperature above 0 as well")
@@ -528,9 +490,7 @@ def check_flags(p, args, given):
         p.error("--shots is for --benchmark mmlu (HellaSwag is scored zero-shot, as the harness does)")
     if not args.prompt:
         p.error("--prompt is empty: give at least one character of text to continue")
-    if args.download_only and Path(args.model).exists():
-        names = ", ".join(gpt.MODEL_CONFIGS)
-        p.error(f"--download-only needs a model name ({names}, ...), not the path {args.model!r}")
+    return args
 
 
 @gpt.command_line(memory_hint="use a smaller --batch-size or --model, or --dtype bfloat16")
@@ -547,12 +507,18 @@ def main(argv=None):
                                     overwrite=args.overwrite)
         return print(f"exported {args.model} ({args.gguf_type}) to {args.export_gguf}, a GGUF file that llama.cpp "
                      f"reads; for Ollama: ollama create NAME -f {modelfile}")
-    items, text = read_inputs(args)
-    if args.download_only:  # download it; its tokenizer is converted now, so that one tiktoken cannot run fails here
-        _, weight_paths, tokenizer_files = gpt.model_files(args.model)
-        if tokenizer_files:
-            gpt.tokenizer_from_files(tokenizer_files, args.model)
-        return print(f"{args.model} is in {weight_paths[0].parent}")
+    # Every input is read before the download and the load: cheap, and it fails fast.
+    if args.results and Path(args.results).is_dir():
+        raise ValueError(f"--results {args.results} is a folder: give the path of a JSON file")
+    if args.contamination:
+        gpt.existing_file(args.contamination, "--contamination")
+    items = load_benchmark(args) if args.benchmark else None
+    text = None
+    if args.perplexity:
+        raw = gpt.existing_file(args.perplexity, "--perplexity").read_bytes()
+        text = gpt.decode_utf8(raw, f"--perplexity {args.perplexity}")
+        if not text:
+            raise ValueError(f"--perplexity {args.perplexity}: the file is empty: give a text to score")
     started = time.time()
     model, tokenizer = gpt.load(args.model, device=device, dtype=gpt.DTYPES[args.dtype])  # its own tokenizer
     if hasattr(model, "labels"):

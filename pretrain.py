@@ -6,23 +6,20 @@
     torchrun --nproc_per_node 8 pretrain.py --data corpus/ --size gpt2 --grad-accum 4   # several GPUs
     python pretrain.py --resume --max-steps 2000         # continue the run in runs/pretrain/, and extend it
 
-The story: the text (by default "The Verdict", the short story of chapter 5 of "Build a Large Language Model (From
-Scratch)", downloaded once) is tokenized once into a token file (<--cache-dir>/tokens/, 2 or 4 bytes per token) and
-split into training and validation windows; a GPT is built or loaded; one loop trains it with AdamW, warm-up, cosine
-decay and gradient accumulation (DistributedDataParallel under torchrun, as nanoGPT's train.py), and every
---eval-every steps measures both losses, prints a sample and saves. Ctrl-C or SIGTERM saves and exits; --resume
-continues exactly. Every weight trains (16 bytes per parameter with AdamW, checked at the start).
+The story: the text ("The Verdict", the short story of chapter 5 of "Build a Large Language Model (From Scratch)", or
+your text files: documents, each read whole, so each must fit in memory) is tokenized once into a memory-mapped token
+file and split into training and validation windows; a GPT is built or loaded; one loop trains every weight with AdamW,
+warm-up, cosine decay and gradient accumulation (DistributedDataParallel under torchrun, as nanoGPT's train.py); each
+--eval-every steps it measures both losses, prints a sample and saves. Ctrl-C or SIGTERM saves; --resume is exact.
 
-Writes to --out-dir (default runs/pretrain/; another run there is refused unless --resume or --overwrite): run.json
-(settings, data fingerprint), latest.pt (the training state), best.pt (the model with the lowest validation loss:
---model runs/pretrain/best.pt for the other stages), history.json (the evaluations), loss.png (with matplotlib).
+Writes to --out-dir (default runs/pretrain/; another run there is refused unless --resume or --overwrite): run.json,
+latest.pt (the training state), best.pt (lowest validation loss: --model of the other stages), history.json, loss.png.
 """
 
 import collections
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -53,9 +50,7 @@ def log(*parts):
         print(*parts, flush=True)
 
 
-# ----------------------------------------------------------------------------------------
-# 1. Data: text files -> token file -> train/validation splits -> windows -> batches
-# ----------------------------------------------------------------------------------------
+# --- 1. Data: text files -> token file -> splits -> windows -> batches ------------------
 
 
 def resolve_sources(data):
@@ -74,102 +69,51 @@ def resolve_sources(data):
     return [path]
 
 
-def encode_text_file(f, tokenizer, chunk_chars=1 << 20):
-    """Token ids of the text of f (open as `prepare_token_file` opens it), read chunk_chars characters at a time:
-    yields lists of ints whose concatenation is the encoding of the whole text (special-token text becomes its id).
-    The text is cut only after a newline with non-whitespace on both sides, where the pre-tokenizers of GPT-2 and the
-    Llama family always end a piece. Raises ValueError naming the byte offset of invalid UTF-8."""
-    buffer, first_chunk = "", True
-    try:
-        while piece := f.read(chunk_chars):
-            first = max(len(buffer) - 1, 1)  # the buffer held no cut; only its last character may now become one
-            buffer += piece
-            cut = buffer.rfind("\n", first, len(buffer) - 1)
-            while cut > 0 and (buffer[cut - 1].isspace() or buffer[cut + 1].isspace()):
-                cut = buffer.rfind("\n", first, cut)
-            if cut > 0:
-                yield tokenizer.encode(buffer[: cut + 1], start=first_chunk)
-                buffer, first_chunk = buffer[cut + 1 :], False
-    except UnicodeDecodeError as e:  # e.object: the bytes being decoded, which end where the file is read to
-        offset = f.buffer.tell() - len(e.object) + e.start
-        raise ValueError(f"{f.name}: invalid UTF-8 at byte {offset} ({e.reason}); fix the file or pass "
-                         "--replace-invalid-utf8") from None
-    if buffer:
-        yield tokenizer.encode(buffer, start=first_chunk)
-
-
 # Token file types: (array typecode, torch dtype the file is read as). torch before 2.3 has no unsigned types: uint16
-# ids are read as int16 (`as_ids` undoes it), uint32 ids as int32 (every vocabulary is far below 2**31 ids).
+# ids are read as int16 (`get_batch` undoes it), uint32 ids as int32 (every vocabulary is far below 2**31 ids).
 TOKEN_TYPES = {"uint16": ("H", torch.int16), "uint32": ("I", torch.int32)}
 
 
-def token_type(tokenizer):
-    """"uint16" when every id fits in 2 bytes (GPT-2: 50,257 ids, SmolLM2: 49,152), else "uint32" (Qwen3, Llama 3)."""
-    return "uint16" if tokenizer.max_token_value < 1 << 16 else "uint32"
-
-
-def as_ids(tokens):
-    """Tokens read from a token file -> LongTensor of ids (int16 back to uint16)."""
-    return tokens.long() & 0xFFFF if tokens.dtype == torch.int16 else tokens.long()
-
-
-def prepare_token_file(paths, token_dir, tokenizer, replace_invalid=False):
+def prepare_token_file(paths, token_dir, tokenizer):
     """Tokenize the text files (documents, end-of-text tokens between them as in GPT-2's training data) into one token
-    file, atomically -> (its Path, number of tokens, SHA-256). Reused while the JSON record beside it names the same
-    tokenizer (by content) and the same sources (sizes, modification times)."""
-    dtype = token_type(tokenizer)
+    file, atomically -> (its Path, number of tokens, SHA-256). Its name is a fingerprint of the tokenizer and the files
+    (paths, sizes, times); the record beside it, written last, marks it whole. A changed file makes a new token file."""
+    dtype = "uint16" if tokenizer.max_token_value < 1 << 16 else "uint32"  # GPT-2, SmolLM2; Qwen3, Llama 3
     sources = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-    tokenizer_content = json.dumps(tokenizer.state(), sort_keys=True).encode()  # what a checkpoint stores of it
-    record = {"tokenizer": tokenizer.name, "tokenizer_sha256": hashlib.sha256(tokenizer_content).hexdigest(),
-              "replace_invalid_utf8": replace_invalid, "sources": sources}
-    key = json.dumps([[s[0] for s in sources], replace_invalid, record["tokenizer_sha256"]]).encode()
+    key = json.dumps([tokenizer.state(), sources], sort_keys=True).encode()
     token_path = Path(token_dir) / f"{paths[0].stem}-{hashlib.sha256(key).hexdigest()[:16]}.{dtype}"
     typecode, record_path = TOKEN_TYPES[dtype][0], token_path.with_suffix(".json")
     with contextlib.suppress(OSError, ValueError, KeyError):  # not tokenized yet, or an unreadable record
         saved = json.loads(record_path.read_text())
-        size = saved["n_tokens"] * array(typecode).itemsize  # bytes
-        if {k: saved[k] for k in record} == record and token_path.stat().st_size == size:
+        if token_path.stat().st_size == saved["n_tokens"] * array(typecode).itemsize:
             log(f"token file: {token_path} ({saved['n_tokens']:,} tokens, reused)")
             return token_path, saved["n_tokens"], saved["sha256"]
-    record_path.unlink(missing_ok=True)  # the token file is about to change
-    started, total_bytes, digest, n_tokens = time.time(), sum(s[1] for s in sources), hashlib.sha256(), 0
+    started, digest, n_tokens = time.time(), hashlib.sha256(), 0
 
     def write(out):  # into the temporary file of gpt.atomic_write_bytes: an interrupted run leaves no half file
         nonlocal n_tokens
-        done_bytes = 0  # of the documents done
-        for i, path in enumerate(paths):  # text mode: no byte-order mark, line endings read as "\n"
-            with open(path, encoding="utf-8-sig", errors="replace" if replace_invalid else "strict") as f:
-                separator = [[tokenizer.eot_token]] if i > 0 else []  # between documents, not before the first
-                for ids in itertools.chain(separator, encode_text_file(f, tokenizer)):
-                    data = array(typecode, ids).tobytes()  # native byte order
-                    out.write(data)
-                    digest.update(data)
-                    n_tokens += len(ids)
-                    done = done_bytes + f.buffer.tell()
-                    gpt.show_progress(f"tokenizing: {done / 1e6:,.2f} of {total_bytes / 1e6:,.2f} MB, "
-                                      f"{n_tokens:,} tokens, ETA {gpt.eta(started, done, total_bytes)}")
-            done_bytes += path.stat().st_size
+        for i, path in enumerate(paths):
+            gpt.show_progress(f"tokenizing: document {i + 1:,} of {len(paths):,}, {n_tokens:,} tokens so far, ETA "
+                              f"{gpt.eta(started, i, len(paths))}")
+            text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")  # read whole: a document must fit in memory
+            text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac line ends: "\n", as text mode
+            separator = [tokenizer.eot_token] if i > 0 else []  # between documents, not before the first
+            ids = separator + tokenizer.encode(text)
+            data = array(typecode, ids).tobytes()  # native byte order
+            out.write(data)
+            digest.update(data)
+            n_tokens += len(ids)
 
     gpt.atomic_write_bytes(token_path, write)
-    if n_tokens == 0:
-        raise ValueError(f"--data: no tokens in {', '.join(str(p) for p in paths[:3])}")
-    gpt.write_json(record_path, {**record, "n_tokens": n_tokens, "sha256": digest.hexdigest()})
+    gpt.write_json(record_path, {"sources": sources, "n_tokens": n_tokens, "sha256": digest.hexdigest()})
     log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
     return token_path, n_tokens, digest.hexdigest()
 
 
-@dataclasses.dataclass
-class Splits:
-    """The token splits and the windows that training and evaluation read from them."""
-
-    train: torch.Tensor  # [n_train], as the token file holds them (see `as_ids`)
-    val: torch.Tensor  # [n_val]
-    context_length: int  # tokens per window
-    stride: int  # tokens between the starts of two training windows
-    n_windows: int  # training windows in one epoch
-    seed: int  # of the order of the training windows (`gpt.epoch_order`)
-    eval_starts: dict  # {"train": starts, "val": starts}: the same windows at every evaluation
-    unigram_loss: float  # validation loss of a model that ignores context, nats per token
+# The splits and their windows: train [n_train] and val [n_val], tokens as the token file holds them (TOKEN_TYPES);
+# window i: context_length + 1 tokens from i * context_length; n_windows training windows, in epoch e in the order
+# `gpt.epoch_order(n_windows, seed, e)`; eval_starts {"train": starts, "val": starts}, the same at every evaluation.
+Splits = collections.namedtuple("Splits", "train val context_length n_windows seed eval_starts")
 
 
 def split_tokens(tokens, train_fraction, context_length):
@@ -185,24 +129,18 @@ def split_tokens(tokens, train_fraction, context_length):
     return tokens[:n_train], tokens[n_train:]
 
 
-def count_windows(n_tokens, context_length, stride):
-    """Windows of context_length + 1 tokens (inputs and targets) starting at 0, stride, 2 * stride, ... in n_tokens."""
-    return max(0, (n_tokens - context_length - 1) // stride + 1)
-
-
 def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
     """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows in the order of epoch
-    i // n_windows, so the data position is one number, the samples seen; the ranks' micro-batches side by side are
-    one process's micro-batch of batch_size * world_size."""
+    i // n_windows (the data position is one number); the ranks' micro-batches side by side make one of them all."""
     first = samples_seen + (micro_step * world_size + rank) * batch_size
     n = splits.n_windows
     samples = range(first, first + batch_size)
-    return [int(gpt.epoch_order(n, splits.seed, i // n)[i % n]) * splits.stride for i in samples]
+    return [int(gpt.epoch_order(n, splits.seed, i // n)[i % n]) * splits.context_length for i in samples]
 
 
 def evaluation_starts(n_tokens, context_length, max_windows):
     """Starts of up to max_windows (0: all) non-overlapping windows spread evenly over a split, the same each time."""
-    available = count_windows(n_tokens, context_length, context_length)
+    available = (n_tokens - 1) // context_length  # windows of context_length + 1 tokens (inputs and targets)
     k = min(available, max_windows or available)  # 0: all
     return [(j * available // k) * context_length for j in range(k)]
 
@@ -210,46 +148,35 @@ def evaluation_starts(n_tokens, context_length, max_windows):
 def get_batch(tokens, starts, context_length, device):
     """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length], with
     targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
-    rows = as_ids(torch.stack([tokens[s : s + context_length + 1] for s in starts]))
+    rows = torch.stack([tokens[s : s + context_length + 1] for s in starts]).long()
+    rows = rows & 0xFFFF if tokens.dtype == torch.int16 else rows  # uint16 ids, read as int16, back
     # On a GPU from pinned memory, so that the copy overlaps with compute.
     rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
     return rows[:, :-1], rows[:, 1:]
 
 
-def unigram_baseline(train_tokens, val_tokens, vocab_size, max_tokens=10_000_000):
-    """Validation loss (nats per token) of a model that ignores context: the add-one smoothed token frequencies of the
-    training tokens (of the first max_tokens of each split)."""
-    counts = torch.bincount(as_ids(train_tokens[:max_tokens]), minlength=vocab_size).double() + 1
-    return -(counts / counts.sum()).log()[as_ids(val_tokens[:max_tokens])].mean().item()
-
-
 def make_splits(args, tokenizer, cfg, proc):
-    """(Splits of --data for a model of config cfg, the data's fingerprint {"n_tokens", "sha256"}). The first process
-    of each machine tokenizes; the others wait, then reuse its token file."""
-    barrier(proc, wait=proc.local_rank != 0)
+    """(Splits of --data for a model of config cfg, the data's fingerprint {"n_tokens", "sha256"})."""
+    if proc.world_size > 1 and proc.local_rank != 0:
+        dist.barrier()  # the first process of each machine tokenizes; the others wait here, then reuse its file
     sources = resolve_sources(args.data)
-    token_dir = Path(args.cache_dir) / "tokens"
-    token_path, n_tokens, sha256 = prepare_token_file(sources, token_dir, tokenizer, args.replace_invalid_utf8)
-    barrier(proc, wait=proc.local_rank == 0)
+    token_path, n_tokens, sha256 = prepare_token_file(sources, Path(args.cache_dir) / "tokens", tokenizer)
+    if proc.world_size > 1 and proc.local_rank == 0:
+        dist.barrier()
     context_length = gpt.length_within_context(args.context_length, cfg, "--context-length")
-    stride = args.stride or context_length
     # Memory-mapped: read on demand, so a corpus larger than memory works.
     tokens = torch.from_file(str(token_path), size=n_tokens, dtype=TOKEN_TYPES[token_path.suffix[1:]][1])
     train, val = split_tokens(tokens, args.train_fraction, context_length)
-    n_windows = count_windows(len(train), context_length, stride)
+    n_windows = (len(train) - 1) // context_length
     eval_windows = args.eval_batches * args.batch_size * proc.world_size
     eval_starts = {name: evaluation_starts(len(split), context_length, eval_windows)
                    for name, split in (("train", train), ("val", val))}
-    log(f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; "
-        f"{n_windows:,} training windows of {context_length} tokens, stride {stride}")
-    unigram_loss = unigram_baseline(train, val, cfg.vocab_size)
-    splits = Splits(train, val, context_length, stride, n_windows, args.seed, eval_starts, unigram_loss)
+    log(f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; {n_windows:,} windows")
+    splits = Splits(train, val, context_length, n_windows, args.seed, eval_starts)
     return splits, {"n_tokens": n_tokens, "sha256": sha256}
 
 
-# ----------------------------------------------------------------------------------------
-# 2. The model and the learning-rate schedule (the optimizer: gpt.make_adamw, in `start_run`)
-# ----------------------------------------------------------------------------------------
+# --- 2. The model and the learning-rate schedule (AdamW: gpt.make_adamw) -----------------
 
 
 def model_config(args):
@@ -260,17 +187,15 @@ def model_config(args):
 
 
 def model_to_train(args, checkpoint=None):
-    """(model in training mode on the CPU, its tokenizer): from latest.pt, from --model, or new (seeded by --seed; a
-    Llama-family --size brings its Hub tokenizer, else GPT-2's)."""
+    """(model in training mode on the CPU, its tokenizer): from latest.pt, from --model, or new (seeded by --seed)."""
     if checkpoint is not None:
         return gpt.model_from_checkpoint(checkpoint).train(), gpt.tokenizer_from_state(checkpoint.get("tokenizer"))
     if args.model:
         model, tokenizer = gpt.load(args.model)
         gpt.set_drop_rate(model, args.drop_rate)
         return model.train(), tokenizer
-    tokenizer = gpt.get_tokenizer()
-    if args.size in gpt.LLAMA_CONFIGS:
-        tokenizer = gpt.tokenizer_from_files(gpt.hub_tokenizer_files(args.size), args.size)
+    hub = args.size in gpt.LLAMA_CONFIGS  # a Llama-family shape comes with its Hub tokenizer, the others GPT-2's
+    tokenizer = gpt.tokenizer_from_files(gpt.hub_tokenizer_files(args.size), args.size) if hub else gpt.get_tokenizer()
     torch.manual_seed(args.seed)
     return gpt.build_model(model_config(args)).train(), tokenizer
 
@@ -285,12 +210,9 @@ def cosine_with_warmup(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-# ----------------------------------------------------------------------------------------
-# 3. Several processes under torchrun (as nanoGPT's train.py), and the speed in the log
-# ----------------------------------------------------------------------------------------
+# --- 3. Several processes under torchrun (as nanoGPT's train.py); the speed and MFU ------
 
-# This process as it sees the run: its rank (0 prints and writes the files), its rank on this machine, how many
-# processes train together, and its device.
+# This process as it sees the run: its rank (0 prints and saves), its rank on this machine, the processes, its device.
 Processes = collections.namedtuple("Processes", "rank local_rank world_size device")
 
 
@@ -314,46 +236,29 @@ def distributed_run(device_name="auto"):
         dist.destroy_process_group()
 
 
-def barrier(proc, wait=True):
-    """Wait here until every process arrives (with several processes, and when wait)."""
-    if proc.world_size > 1 and wait:
-        dist.barrier()
-
-
-# Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets; the first name found in
-# torch.cuda.get_device_name() wins, so the PCIe H100 and the H200 NVL come before the SXM ones.
+# Dense bfloat16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets (another GPU: add its own, for the MFU in the
+# log); the first name in torch.cuda.get_device_name() wins, so the PCIe H100 and the H200 NVL come before the SXM.
 GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 836e12, "H200": 989e12, "A100": 312e12,
                   "L40S": 362e12, "L4": 121e12}
 
 
-def peak_flops(device, dtype_name):
-    """Peak FLOP/s of one device: the table's for a CUDA GPU in bfloat16, else None (no MFU shown)."""
-    if device.type != "cuda" or dtype_name != "bfloat16":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
-
-
-def flops_per_token(model, seq_len):
-    """Training FLOPs per token: 6 per multiplying weight plus 12 * n_layers * attention width * seq_len (PaLM,
-    Chowdhery et al., 2022, appendix B)."""
-    cfg = model.cfg
-    lookups = [] if cfg.family == "llama" else [model.wpe.weight]  # Llama has no position table
-    if not cfg.tie_embeddings:
-        lookups.append(model.wte.weight)  # only looked up: the separate head multiplies
-    n_params = gpt.count_parameters(model) - sum(table.numel() for table in lookups)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.emb_dim // cfg.n_heads  # Gemma's heads are wider
-    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
-
-
 class Throughput:
-    """Tokens/s and MFU (model FLOPs utilisation) of the steps since the last report or `restart`, and the ETA."""
+    """Tokens/s, MFU (model FLOPs utilisation: GPU_PEAK_FLOPS, bfloat16) and ETA of the steps since the last report."""
 
-    def __init__(self, model, seq_len, tokens_per_step, peak_flops=None, world_size=1, first_step=0):
-        self.tokens_per_step, self.first_step = tokens_per_step, first_step
-        self.flops_per_token = flops_per_token(model, seq_len)
-        self.peak = peak_flops * world_size if peak_flops else None
-        self.started = time.time()
+    def __init__(self, model, seq_len, tokens_per_step, device, dtype_name, world_size=1, first_step=0):
+        self.tokens_per_step, self.first_step, self.started = tokens_per_step, first_step, time.time()
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" and dtype_name == "bfloat16" else ""
+        peak = next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)  # of one device
+        self.peak = peak * world_size if peak else None  # None: no MFU
+        # Training FLOPs per token: 6 per multiplying weight plus 12 * n_layers * attention width * seq_len (PaLM,
+        # Chowdhery et al., 2022, appendix B).
+        cfg = model.cfg
+        lookups = [] if cfg.family == "llama" else [model.wpe.weight]  # Llama has no position table
+        if not cfg.tie_embeddings:
+            lookups.append(model.wte.weight)  # only looked up: the separate head multiplies
+        n_params = gpt.count_parameters(model) - sum(table.numel() for table in lookups)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.emb_dim // cfg.n_heads  # Gemma's heads are wider
+        self.flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
         self.restart(first_step)
 
     def restart(self, step):
@@ -369,9 +274,7 @@ class Throughput:
         return f"{tokens_per_s:,.0f} tok/s{mfu} | ETA {remaining}"
 
 
-# ----------------------------------------------------------------------------------------
-# 4. The training loop, and its evaluation (both losses and a sample), stop and save
-# ----------------------------------------------------------------------------------------
+# --- 4. The training loop; evaluation (both losses and a sample), stop and save ----------
 
 
 @torch.no_grad()
@@ -393,14 +296,6 @@ def evaluate_loss(model, splits, split, batch_size, autocast, proc):
     return (total[0] / total[1]).item()
 
 
-def sample_text(model, tokenizer, prompt, max_new_tokens, seed, device):
-    """The prompt (none: the end-of-text token) and a seeded continuation, the same draw at every evaluation."""
-    start = gpt.text_to_token_ids(prompt, device, tokenizer) if prompt else torch.tensor([[tokenizer.eot_id]])
-    out = gpt.generate(model, start.to(device), max_new_tokens, temperature=0.8, top_k=50, seed=seed,
-                       eot_id=tokenizer.eot_id)
-    return gpt.token_ids_to_text(out[0, (0 if prompt else 1) :], tokenizer).replace("\n", "\n          ")
-
-
 def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast):
     """At an evaluation step not evaluated yet: both losses into history.json, a sample, best.pt. -> whether it did."""
     step, history = state["step"], state["history"]
@@ -416,12 +311,16 @@ def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autoca
     history.append(dict(step=step, tokens=tokens, lr=lr, train_loss=train_loss, val_loss=val_loss))
     log(f"eval step {step} | train loss {train_loss:.3f} | val loss {val_loss:.3f} "
         f"(perplexity {math.exp(val_loss):,.1f})" + (" | lowest after step 0: saved as best.pt" if improved else ""))
-    if proc.rank == 0:
-        log("  sample: " + sample_text(model, tokenizer, args.prompt, args.sample_tokens, args.seed, proc.device))
+    if proc.rank == 0:  # a sample: the prompt (none: the end-of-text token) continued, the same draw each time
+        ids = tokenizer.encode(args.prompt, bos=True) if args.prompt else [tokenizer.eot_id]
+        out = gpt.generate(model, torch.tensor([ids], device=proc.device), args.sample_tokens, temperature=0.8,
+                           top_k=50, seed=args.seed, eot_id=tokenizer.eot_id)
+        text = gpt.token_ids_to_text(out[0, (0 if args.prompt else 1) :], tokenizer)
+        log("  sample: " + text.replace("\n", "\n          "))
         out_dir = Path(args.out_dir)
         if improved:
             gpt.save_checkpoint(out_dir / "best.pt", model, tokenizer, step=step, tokens_seen=tokens, val_loss=val_loss)
-        gpt.write_json(out_dir / "history.json", dict(unigram_loss=splits.unigram_loss, evaluations=history))
+        gpt.write_json(out_dir / "history.json", {"evaluations": history})
     return True
 
 
@@ -434,10 +333,10 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
     if proc.world_size > 1:  # DistributedDataParallel all-reduces the gradients in backward
         device_ids = [proc.device] if proc.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(eval_model, device_ids=device_ids)
-    peak = args.peak_flops or peak_flops(proc.device, dtype_name)  # None: no MFU
     tokens_per_step = args.batch_size * args.grad_accum * proc.world_size * splits.context_length
     steps_per_epoch = splits.n_windows * splits.context_length / tokens_per_step
-    speed = Throughput(model, splits.context_length, tokens_per_step, peak, proc.world_size, state["step"])
+    speed = Throughput(model, splits.context_length, tokens_per_step, proc.device, dtype_name, proc.world_size,
+                       state["step"])
     while True:
         step = state["step"]
         lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
@@ -492,9 +391,7 @@ def stop_reason(args, state, stopper, proc):
     return (stopper.signal_name or "stop-at-step") if stop else None
 
 
-# ----------------------------------------------------------------------------------------
-# 5. The stage: start (or resume) the run, train, report
-# ----------------------------------------------------------------------------------------
+# --- 5. The stage: start (or resume) the run, train, report -----------------------------
 
 
 def pretrain(args, proc):
@@ -506,8 +403,7 @@ def pretrain(args, proc):
     if proc.rank == 0:
         tokens = [h["tokens"] for h in history]
         series = {"train": (tokens, [h["train_loss"] for h in history]),
-                  "validation": (tokens, [h["val_loss"] for h in history]),
-                  "unigram baseline": ([tokens[0], tokens[-1]], [splits.unigram_loss] * 2)}
+                  "validation": (tokens, [h["val_loss"] for h in history])}
         gpt.plot_curves(out_dir / "loss.png", {"loss (nats per token)": series}, xlabel="tokens seen")
     if stopped == "end":
         log(f"done: {state['step']} steps, validation loss {history[-1]['val_loss']:.3f} "
@@ -515,27 +411,29 @@ def pretrain(args, proc):
     else:
         log(f"stopped at step {state['step']} ({stopped}): go on with python pretrain.py --resume --out-dir {out_dir}")
     return dict(steps=state["step"], tokens_seen=state["samples_seen"] * splits.context_length, stopped=stopped,
-                val_loss=history[-1]["val_loss"], unigram_loss=splits.unigram_loss, latest=out_dir / "latest.pt",
-                best=out_dir / "best.pt")
+                val_loss=history[-1]["val_loss"], latest=out_dir / "latest.pt", best=out_dir / "best.pt")
 
 
 def start_run(args, proc):
-    """The run folder, the model, the data, AdamW and the loop's state (new, or latest.pt's with --resume) -> (model,
-    optimizer, splits, tokenizer, state)."""
+    """Start the run, or resume it -> (model, optimizer, splits, tokenizer, state: the loop's, new or latest.pt's)."""
     out_dir = Path(args.out_dir)
     if proc.rank == 0:  # before any long work: a folder that cannot be used fails now
         gpt.claim_run_folder(out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
         gpt.print_settings(args, build_parser().parse_args([]))
-    barrier(proc)
-    checkpoint = load_training_state(out_dir / "latest.pt") if args.resume else None
+    if proc.world_size > 1:
+        dist.barrier()
+    latest = out_dir / "latest.pt"  # the training state: the model, AdamW's moments and the loop's state
+    checkpoint = gpt.load_checkpoint(latest) if args.resume and latest.is_file() else None
+    if args.resume and (checkpoint is None or "samples_seen" not in checkpoint):
+        raise ValueError(f"--resume: no training state of pretrain.py in {latest}: the run stopped before its first "
+                         "save; start it again with --overwrite")
     model, tokenizer = model_to_train(args, checkpoint)  # before the data: a wrong --model fails in seconds
     splits, data = make_splits(args, tokenizer, model.cfg, proc)
     if checkpoint is not None and checkpoint["data"] != data:
         raise ValueError(f"--resume: --data {args.data} changed since the run started (its tokens' SHA-256 is now "
                          f"{data['sha256'][:12]}...): restore it, or start a new run with --overwrite")
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if proc.device.type == "cpu" else 1  # share the RAM
-    hint = ("pretraining trains every weight: use a smaller model, or a machine with more memory, or adapt this one "
-            "with LoRA (the fine-tunes' --lora)")
+    hint = "pretraining trains every weight: use a smaller model or more memory, or LoRA (the fine-tunes' --lora)"
     gpt.check_training_memory(model, proc.device, hint, processes)
     optimizer = gpt.make_adamw(model.to(proc.device), args.lr, args.weight_decay, betas=(0.9, 0.95))  # GPT-3's
     global_batch = args.batch_size * args.grad_accum * proc.world_size
@@ -543,60 +441,42 @@ def start_run(args, proc):
     if args.warmup_steps is None:  # 5% of the steps, saved as a number: extending the run keeps it
         args.warmup_steps = round(0.05 * total_steps)
     state = {"step": 0, "samples_seen": 0, "best_val_loss": math.inf, "history": []}
-    if checkpoint is not None:  # the loop's state and AdamW's moments of latest.pt
+    if checkpoint is not None:
         if checkpoint["step"] >= total_steps:
             raise ValueError(f"--resume: the run in {out_dir} already made {checkpoint['step']} of {total_steps} "
                              "steps; raise --max-steps or --epochs to go on")
         state = {key: checkpoint[key] for key in state}
         gpt.restore_training_state(checkpoint, optimizer)  # the loop reseeds each step
-        log(f"resumed from {out_dir / 'latest.pt'} at step {state['step']}")
+        log(f"resumed from {latest} at step {state['step']}")
     state.update(total_steps=total_steps, settings=vars(args), data=data)
     if proc.rank == 0:
         gpt.write_json(out_dir / "run.json", {"settings": vars(args), "data": data})
     log(gpt.model_summary(model, "model") + f"; {proc.device}, {proc.world_size} process(es)")
     windows = total_steps * global_batch
     log(f"training: {total_steps} steps of {global_batch} windows of {splits.context_length} tokens "
-        f"({windows * splits.context_length:,} tokens, {windows / splits.n_windows:.2f} epochs), measured every "
-        f"{args.eval_every}; unigram baseline {splits.unigram_loss:.3f}")
+        f"({windows * splits.context_length:,} tokens, {windows / splits.n_windows:.2f} epochs)")
     return model, optimizer, splits, tokenizer, state
 
 
-def load_training_state(path):
-    """latest.pt of the run to continue -> dict; ValueError if it is missing or not pretrain.py's."""
-    if not path.is_file():
-        raise ValueError(f"--resume: no {path}: the run stopped before its first save; start it again with --overwrite")
-    checkpoint = gpt.load_checkpoint(path)
-    missing = [k for k in ("optimizer", "step", "samples_seen", "history", "data") if k not in checkpoint]
-    if missing:
-        raise ValueError(f"--resume: {path} is not a training state of this pretrain.py (no {', '.join(missing)})")
-    return checkpoint
-
-
-# ----------------------------------------------------------------------------------------
-# 6. Command line and main
-# ----------------------------------------------------------------------------------------
+# --- 6. Command line and main -----------------------------------------------------------
 
 RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
 # With --resume these come from the command line, not from the saved run: where the files are and when to stop.
 THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir")
-# With --resume these may differ from the saved run when given: --max-steps or --epochs extend it (the cosine
-# schedule stretches to the new end); the others change the speed.
-MAY_CHANGE = ("max_steps", "epochs", "device", "compile", "peak_flops")
+# With --resume these may differ from the saved run: --max-steps and --epochs extend it, the others change the speed.
+MAY_CHANGE = ("max_steps", "epochs", "device", "compile")
 
 
 def build_parser():
     p = gpt.ArgumentParser(description="Pretrain a GPT on plain text (next-token prediction). A new run refuses an "
                            "--out-dir that holds another run: --resume continues that run with its saved settings "
                            "(only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, "
-                           "--peak-flops, --cache-dir may differ from them), --overwrite deletes it first.")
+                           "--cache-dir may differ from them), --overwrite deletes it first.")
     data = p.add_argument_group("data")
-    data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files "
-                      f"(default: The Verdict, {VERDICT_URL})")
+    data.add_argument("--data", default=VERDICT_URL, help="a URL, a UTF-8 text file, or a folder of .txt files, each "
+                      f"read whole: it must fit in memory (default: The Verdict, {VERDICT_URL})")
     data.add_argument("--train-fraction", type=gpt.fraction, default=0.9, help="share of the tokens for training")
-    data.add_argument("--stride", type=gpt.positive_int, help="tokens between window starts (default: no overlap)")
-    data.add_argument("--replace-invalid-utf8", action="store_true", help="read bytes that are not UTF-8 as U+FFFD")
     gpt.add_flags(data, "cache_dir")
-
     model = p.add_argument_group("model")
     gpt.add_flags(model, "model", model=(None, "a new one, its shape from --size and the flags after it"))
     model.add_argument("--size", choices=list(gpt.MODEL_CONFIGS), metavar="NAME", help="the shape of a new model: "
@@ -607,39 +487,32 @@ def build_parser():
     model.add_argument("--emb-dim", type=gpt.positive_int, help="embedding width (default: from --size)")
     model.add_argument("--context-length", type=gpt.positive_int, help="tokens per window (default: the model's)")
     gpt.add_flags(model, "drop_rate")
-
     train = p.add_argument_group("training")
     gpt.add_flags(train, "batch_size")
     train.add_argument("--grad-accum", type=gpt.positive_int, default=1, help="micro-batches per optimizer step")
     train.add_argument("--epochs", type=gpt.non_negative_float, default=10.0, help=gpt.FLAGS["epochs"]["help"] + " "
                        "(default: 10.0, as the default text is short; fractions too, for a large corpus)")
-    gpt.add_flags(train, "max_steps", "lr", lr=(1e-3, "for new weights; trained ones are fine-tuned at 5e-05"))
+    gpt.add_flags(train, "max_steps", "lr", "weight_decay", "seed",
+                  lr=(1e-3, "for new weights; trained ones are fine-tuned at 5e-05"))
     train.add_argument("--min-lr-ratio", type=gpt.fraction, default=0.1, help="final learning rate / --lr")
     train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="linear warm-up steps (default: 5%% of all)")
-    gpt.add_flags(train, "weight_decay")
     train.add_argument("--grad-clip", type=gpt.non_negative_float, default=1.0, help="gradient norm limit (0: none)")
-    gpt.add_flags(train, "seed")
-
     run = p.add_argument_group("evaluation, run folder, devices")
-    gpt.add_flags(run, "eval_every", "eval_batches", "log_every", eval_every=(10, "the default run has 45 steps"))
+    gpt.add_flags(run, "eval_every", "eval_batches", "log_every", "out_dir", out_dir=("runs/pretrain", "one per stage"),
+                  eval_every=(10, "the default run has 45 steps"))
     run.add_argument("--prompt", default="Every effort moves you", help="start of the sample of each evaluation")
     run.add_argument("--sample-tokens", type=gpt.non_negative_int, default=30, help="tokens of the sample")
-    gpt.add_flags(run, "out_dir", out_dir=("runs/pretrain", "one per stage"))
     gpt.add_flags(run.add_mutually_exclusive_group(), "resume", "overwrite")
     run.add_argument("--stop-at-step", type=gpt.positive_int, help="save and exit after this step (default: the end)")
     gpt.add_flags(run, "device")
-    dtype_help = gpt.FLAGS["dtype"]["help"] + "; auto: bfloat16 on a GPU that has it, else float32 (default: auto, " \
-        "for speed: pretraining is the long run)"
-    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=dtype_help)
+    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=gpt.FLAGS["dtype"]["help"]
+                     + "; auto: bfloat16 on a GPU that has it, else float32 (default: auto, for speed)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a C++ compiler on CPU)")
-    run.add_argument("--peak-flops", type=gpt.non_negative_float, help="FLOP/s of one device, for the MFU in the log "
-                     "(default: known GPUs)")
     return p
 
 
 def parse_settings(argv=None):
-    """The run's settings -> Namespace: the command line, or with --resume those of run.json (THIS_COMMAND's and the
-    MAY_CHANGE flags given from the command line; ValueError when another flag contradicts it)."""
+    """The run's settings -> Namespace: the command line, or with --resume run.json's (see THIS_COMMAND, MAY_CHANGE)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.epochs == 0:  # fractions of an epoch are fine; none at all would train nothing
@@ -660,8 +533,7 @@ def parse_settings(argv=None):
     return args
 
 
-@gpt.command_line("use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter "
-                  "--context-length")
+@gpt.command_line("use a smaller --batch-size (and a larger --grad-accum for the same batch) or --context-length")
 def main(argv=None):
     """Run the stage from the command line; after Ctrl-C or SIGTERM exit with the shell's code, 130 or 143."""
     args = parse_settings(argv)

@@ -974,22 +974,6 @@ def test_family_load_gpt2_perplexity_and_hellaswag_equal_transformers(trained_to
     assert results["acc_norm"] == float(max(range(4), key=normalised.__getitem__) == item["label"])
 
 
-def test_load_gpt2_download_only_fetches_model_and_tokenizer_into_cache_dir(trained_tokenizers, small_pair,
-                                                                             local_server, monkeypatch, tmp_path, capsys):
-    family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "smollm2", "Hi")
-    files = {f"/owner/smol/resolve/main/{p.name}": p.read_bytes() for p in (tmp_path / "model").iterdir()}
-    data = small_pair[1].read_bytes()
-    files["/openai-community/gpt2-medium/resolve/main/model.safetensors"] = data
-    monkeypatch.setenv("HF_ENDPOINT", local_server(files).url)
-    load_gpt2.main(["--model", "owner/smol", "--download-only", "--cache-dir", str(tmp_path / "mine")])
-    assert capsys.readouterr().out == f"owner/smol is in {tmp_path / 'mine' / 'owner' / 'smol'}\n"
-    downloaded = {p.name for p in (tmp_path / "mine" / "owner" / "smol").iterdir()}
-    assert downloaded == {"config.json", "model.safetensors", "tokenizer.json"}
-    load_gpt2.main(["--model", "gpt2-medium", "--download-only", "--cache-dir", str(tmp_path / "mine")])
-    assert (tmp_path / "mine" / "gpt2-medium" / "model.safetensors").read_bytes() == data
-    assert capsys.readouterr().out == f"gpt2-medium is in {tmp_path / 'mine' / 'gpt2-medium'}\n"
-
-
 @pytest.mark.parametrize("style, config", [
     ("llama3", dict(rope_scaling=dict(LLAMA3_SCALING), attention_bias=True, mlp_bias=True, head_dim=24)),
     ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
@@ -1292,7 +1276,6 @@ def test_pretrain_size_trains_the_shape_from_scratch_with_its_hub_tokenizer(name
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     small = dataclasses.replace(gpt.LLAMA_CONFIGS[name], vocab_size=1100)
     monkeypatch.setitem(gpt.MODEL_CONFIGS, name, small)  # the released shape, a small vocabulary
-    monkeypatch.setattr(pretrain, "encode_text_file", functools.partial(pretrain.encode_text_file, chunk_chars=97))
     argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--size", name, "--max-steps", "2", "--eval-every", "2")
     argv[argv.index("--n-heads") + 1] = str(heads)
     argv[argv.index("--emb-dim") + 1] = str(width)
@@ -1301,7 +1284,7 @@ def test_pretrain_size_trains_the_shape_from_scratch_with_its_hub_tokenizer(name
     assert checkpoint["tokenizer"] == {"files": {"tokenizer.json": json.dumps(tokenizer_json)}}
     shape = dict(n_layers=2, n_heads=heads, emb_dim=width, context_length=32)
     assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(small, **shape)  # the shape, the flags given
-    (token_path,) = (tmp_path / "tokens").glob("*.uint16")  # read in chunks, the reference's whole-text ids
+    (token_path,) = (tmp_path / "tokens").glob("*.uint16")  # the reference's ids
     reference = Tokenizer.from_str(json.dumps(tokenizer_json))
     ids = reference.encode(pretrain_text_file.read_text(), add_special_tokens=False).ids
     assert array.array("H", token_path.read_bytes()).tolist() == ids
@@ -2113,7 +2096,7 @@ def test_export_classifier_reads_and_exports_again_a_transformers_classifier(tmp
 @pytest.mark.parametrize("script, rules", [
     (load_gpt2, []),
     (pretrain, ["refuses an --out-dir that holds another run: --resume continues that run", "--overwrite deletes it "
-                "first", "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --peak-flops"]),
+                "first", "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --cache-dir"]),
     (fc, ["refused unless --overwrite"]),
     (instruct, []),
 ], ids=lambda value: getattr(value, "__name__", ""))
@@ -2136,7 +2119,6 @@ def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(scr
 SHARED_FLAGS_DIFFER = {
     "--prompt": "help default",  # a text to continue, to start the samples with, to answer
     "--data": "help default",  # each stage's own data
-    "--stride": "help",  # between perplexity windows, between training windows
     "--results": "help", "--export-hf": "help", "--checkpoint": "help",  # of a language model, of a classifier
     "--epochs": "placeholder",  # pretraining: fractions of an epoch too
     "--dtype": "choices placeholder help",  # no float16 where the script only trains; pretraining: auto, by default
@@ -2157,7 +2139,7 @@ def test_a_flag_of_several_scripts_has_one_placeholder_choices_default_and_help_
             if action.default != table.get("default", False if action.nargs == 0 else None) and flag != "--cache-dir":
                 assert re.search(r"\(default: [^,]+, ", action.help), flag  # "(default: %(default)s, why)"
     shared = {flag: scripts for flag, scripts in seen.items() if len(scripts) > 1}
-    assert len(shared) == 32
+    assert len(shared) == 31
     for flag, scripts in shared.items():
         differ = SHARED_FLAGS_DIFFER.get(flag, "") + " default" * (flag[2:].replace("-", "_") in gpt.FLAGS)  # see above
         for field in ("placeholder", "choices", "default", "help"):
@@ -2427,8 +2409,8 @@ def test_probe_identity_restores_the_score_and_a_shuffle_moves_letters_not_texts
     assert shuffled["gold"] == 0  # "11" is now option A
     assert "What is 2 + 2?\nA. 3\nB. 4" in shuffled["context"]  # the example stays as it was
     stories = load_gpt2.read_hellaswag(HELLASWAG_TINY)
-    same = [load_gpt2.hellaswag_request(load_gpt2.reorder_sentences(s, list(range(3)))) for s in stories[2:3]]
-    assert same == [load_gpt2.hellaswag_request(stories[2])]
+    same = [load_gpt2.hellaswag_request(load_gpt2.reorder_sentences(load_gpt2.reorder_sentences(s))) for s in stories]
+    assert same == [load_gpt2.hellaswag_request(s) for s in stories]  # reversed twice: as it was
     assert load_gpt2.reorder_sentences(stories[2])["ctx_a"] == (
         "The man laughs. The dog shakes water everywhere. A man lifts a muddy dog into a tub.")
     save_tiny(tmp_path / "tiny.pt", model)
@@ -2541,9 +2523,8 @@ LOAD_GPT2_BAD_INPUTS = [
     ("--model {files}/tiny.pt --top-k 5", "--top-k is for sampling: give --temperature above 0 as well"),  # greedy ignores it
     ("--model {files}/tiny.pt --seed 1", "--seed is for sampling: give --temperature above 0 as well"),
     ("--model {files}/tiny.pt --batch-size 4", "--batch-size needs --benchmark or --perplexity"),
-    ("--model {files}/tiny.pt --perplexity t.txt --export-hf out", "--download-only, --export-hf, --export-gguf and "
-     "measuring (--benchmark, --perplexity) are separate runs"),
-    ("--model {files}/empty --download-only", "--download-only needs a model name"),  # a folder is no name to download
+    ("--model {files}/tiny.pt --perplexity t.txt --export-hf out", "--export-hf, --export-gguf and measuring "
+     "(--benchmark, --perplexity) are separate runs"),
 ]
 
 
@@ -2592,10 +2573,6 @@ def pretrain_text_file(tmp_path):
 
 
 def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ranks_split_one_batch():
-    assert pretrain.count_windows(10, 4, 2) == 3  # starts 0, 2, 4; the last reads tokens 4..8
-    assert pretrain.count_windows(10, 4, 4) == 2  # starts 0, 4
-    assert pretrain.count_windows(5, 4, 1) == 1  # exactly context_length + 1 tokens
-    assert pretrain.count_windows(4, 4, 1) == 0
     tokens = torch.arange(100, dtype=torch.int16)
     tokens[7] = gpt.EOT_ID - 65536  # a uint16 id above 32767 as the int16 token file holds it
     inputs, targets = pretrain.get_batch(tokens, [0, 5], 4, torch.device("cpu"))
@@ -2606,7 +2583,7 @@ def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ra
     assert pretrain.evaluation_starts(n_tokens=100, context_length=10, max_windows=3) == [0, 30, 60]
     assert pretrain.evaluation_starts(25, 10, 50) == pretrain.evaluation_starts(25, 10, 0) == [0, 10]  # 0: all
     # The micro-batches of two processes (ranks) are the one process batch, split.
-    splits = argparse.Namespace(n_windows=10, stride=3, seed=1)  # what micro_batch_starts reads of Splits
+    splits = argparse.Namespace(n_windows=10, context_length=3, seed=1)  # what micro_batch_starts reads of Splits
     single = pretrain.micro_batch_starts(splits, samples_seen=8, micro_step=1, batch_size=4)
     ranks = [pretrain.micro_batch_starts(splits, 8, 1, 2, rank=r, world_size=2) for r in range(2)]
     assert ranks[0] + ranks[1] == single
@@ -2639,35 +2616,28 @@ def test_pretrain_short_text_error_says_what_would_work():
 def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
-    big = tmp_path / "big.txt"  # the bad byte far beyond the first block that Python's text reader decodes
-    big.write_bytes("é".encode() * 5000 + b"ab" * 3001 + b"\xff")
     truncated = tmp_path / "truncated.txt"
     truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
     with_bom = tmp_path / "bom.txt"
     with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
-    for bad, offset in ((path, 42), (big, 16_002), (truncated, 3), (with_bom, 6)):
-        with open(bad, encoding="utf-8-sig") as f, pytest.raises(ValueError, match=f"invalid UTF-8 at byte {offset} "):
-            list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=5))
-    token_path, n, _ = pretrain.prepare_token_file([path], tmp_path / "tokens", gpt.get_tokenizer(), replace_invalid=True)
-    ids = array.array("H", token_path.read_bytes()).tolist()
-    assert n == len(ids) and gpt.get_tokenizer().decode(ids) == "héllo wörld " * 3 + "\ufffd tail"
+    for bad, offset in ((path, 42), (truncated, 3), (with_bom, 6)):
+        with pytest.raises(ValueError, match=f"^--data {bad}: not UTF-8 text: byte 0x.. at byte offset {offset} "):
+            pretrain.prepare_token_file([bad], tmp_path / "tokens", gpt.get_tokenizer())
 
 
-def test_pretrain_streamed_crlf_and_cr_corpora_give_the_tokens_of_the_whole_lf_text(tmp_path):
+def test_pretrain_crlf_and_cr_corpora_give_the_tokens_of_the_lf_text(tmp_path):
     text = _pretrain_text(200) + "Tabs\t \nand  spaces \n\n\nend<|endoftext|>Naïve café\n 42\n\nA last line.\n"
     lf, crlf, cr = tmp_path / "lf.txt", tmp_path / "crlf.txt", tmp_path / "cr.txt"
     lf.write_bytes(text.encode())
     crlf.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())  # as Windows editors save it
     cr.write_bytes(text.replace("\n", "\r").encode())
     expected = gpt.get_tokenizer().encode(text)  # <|endoftext|> is the token
+    fingerprints = set()  # the data's fingerprint, the SHA-256 of its tokens: the same for all three
     for path in (lf, crlf, cr):
-        with open(path, encoding="utf-8-sig") as f:  # as prepare_token_file opens it
-            pieces = list(pretrain.encode_text_file(f, gpt.get_tokenizer(), chunk_chars=37))
-        assert [i for ids in pieces for i in ids] == expected, path.name
-        assert len(pieces) > 10 and max(len(ids) for ids in pieces) < 100  # cut as it goes: never the whole text
-    lf_file = pretrain.prepare_token_file([lf], tmp_path / "tokens", gpt.get_tokenizer())
-    crlf_file = pretrain.prepare_token_file([crlf], tmp_path / "tokens", gpt.get_tokenizer())
-    assert lf_file[1:] == crlf_file[1:] and lf_file[1] == len(expected)  # the same tokens, so the same fingerprint
+        token_path, n, sha256 = pretrain.prepare_token_file([path], tmp_path / "tokens", gpt.get_tokenizer())
+        assert array.array("H", token_path.read_bytes()).tolist() == expected, path.name
+        fingerprints.add(sha256)
+    assert fingerprints == {hashlib.sha256(array.array("H", expected).tobytes()).hexdigest()}
 
 
 def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once(trained_tokenizers, tmp_path, capsys,
@@ -2687,7 +2657,7 @@ def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once
     assert n == len(expected) and token_path.stat().st_size == 2 * n
     assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()
     assert array.array("H", token_path.read_bytes()).tolist() == expected  # uint16, native byte order
-    assert json.loads(token_path.with_suffix(".json").read_text())["tokenizer"] == "gpt2"
+    assert json.loads(token_path.with_suffix(".json").read_text())["n_tokens"] == n
 
     capsys.readouterr()
     qwen, qwen_folder = trained_tokenizers["qwen3"]
@@ -2701,7 +2671,7 @@ def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once
     assert "reused" in capsys.readouterr().out
     (folder / "a.txt").write_text("First document, edited and longer.\n")
     token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
-    assert token_path2 == token_path and n2 > n and "reused" not in capsys.readouterr().out
+    assert token_path2 != token_path and n2 > n and "reused" not in capsys.readouterr().out  # a new file
     body = _pretrain_text(20).encode()
     server = local_server({"/files/story.txt": body})
     url = f"{server.url}/files/story.txt"
@@ -2711,12 +2681,7 @@ def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once
     assert pretrain.resolve_sources(url) == [downloaded]  # from the cache, the server is gone
 
 
-def test_pretrain_unigram_baseline_is_exact_and_a_token_file_holds_ids_above_65535_as_uint32(tmp_path):
-    train = torch.tensor([0, 0, 1], dtype=torch.int16)
-    val = torch.tensor([0, 2], dtype=torch.int16)
-    # add-one smoothing over 4 ids: counts 2, 1, 0, 0 -> p = 3/7, 2/7, 1/7, 1/7
-    expected = -(math.log(3 / 7) + math.log(1 / 7)) / 2
-    assert pretrain.unigram_baseline(train, val, vocab_size=4) == pytest.approx(expected, rel=1e-12)
+def test_pretrain_a_token_file_holds_ids_above_65535_as_uint32(tmp_path):
     # A stand-in for Qwen3's 151,936 or Llama 3's 128,256 ids: single bytes and an end-of-text id 69,999.
     big = gpt.Tokenizer(name="stand-in", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
                         special_tokens={"<|endoftext|>": 69_999}, eot_id=69_999)
@@ -2729,10 +2694,6 @@ def test_pretrain_unigram_baseline_is_exact_and_a_token_file_holds_ids_above_655
     tokens = torch.from_file(str(token_path), size=n, dtype=pretrain.TOKEN_TYPES["uint32"][1])  # as make_splits reads it
     inputs, targets = pretrain.get_batch(tokens, [0, 1], 4, torch.device("cpu"))
     assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
-    # The unigram baseline counts the id too: once in 3 training tokens, add-one over 70,000 ids.
-    baseline = pretrain.unigram_baseline(tokens[:3], tokens[2:3], vocab_size=70_000)
-    assert baseline == pytest.approx(-math.log((1 + 1) / (3 + 70_000)), rel=1e-12)
-    assert pretrain.token_type(gpt.get_tokenizer()) == "uint16"
 
 
 # --- optimizer and schedule ------------------------------------------------------------------
@@ -2757,7 +2718,9 @@ def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_mod
     assert [h["step"] for h in history] == [0, 20, 40]
     assert history[0]["train_loss"] == pytest.approx(math.log(50257), abs=0.3)  # random start: uniform guess
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 5.0
-    assert result["val_loss"] < result["unigram_loss"] - 2.0  # it uses the context, not just word counts
+    ids = torch.tensor(gpt.get_tokenizer().encode(pretrain_text_file.read_text()))
+    unigram = -(torch.bincount(ids).double() / len(ids))[ids].log().mean().item()  # the best loss without context
+    assert result["val_loss"] < unigram - 0.3  # it uses the context, not just word counts
     model = load_lm(result["best"])  # what load_gpt2.py / finetune_*.py --model read
     assert model.cfg.n_layers == 2 and model.cfg.context_length == 32
     checkpoint = gpt.load_checkpoint(result["best"])
@@ -2843,11 +2806,10 @@ def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_ove
 
 def test_pretrain_ctrl_c_while_tokenizing_is_honest_and_in_training_saves_a_checkpoint(tmp_path, pretrain_text_file,
                                                                                         monkeypatch, capsys):
-    def interrupted(f, tokenizer):
-        yield [1, 2, 3]
+    def interrupted(raw, source):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "encode_text_file", interrupted)
+    monkeypatch.setattr(pretrain.gpt, "decode_utf8", interrupted)
     assert exit_code(pretrain.main, _pretrain_tiny_argv(tmp_path, pretrain_text_file)) == 130
     err = capsys.readouterr().err
     assert "\ninterrupted\n" in err
@@ -2917,7 +2879,6 @@ PRETRAIN_BAD_INPUTS = [
     (f"{PRETRAIN_RUN} --train-fraction 1.5", "argument --train-fraction: must be a number in [0, 1], got '1.5'"),
     (f"{PRETRAIN_RUN} --sample-tokens -1", "argument --sample-tokens: must be an integer >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --stop-at-step 0", "argument --stop-at-step: must be an integer >= 1, got '0'"),
-    (f"{PRETRAIN_RUN} --peak-flops -1", "argument --peak-flops: must be a finite number >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     # The data and the model.
@@ -2928,11 +2889,11 @@ PRETRAIN_BAD_INPUTS = [
     (f"TIKTOKEN_CACHE_DIR={{files}}/empty {PRETRAIN_RUN}", "cannot download tiktoken's GPT-2 vocabulary files "
      "(ConnectionError): connect once, or set TIKTOKEN_CACHE_DIR to a folder holding them (this repository's "
      "testdata/tiktoken_cache has them)"),
-    (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "--data: no tokens in {files}/empty.txt"),
-    (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "--data: no tokens in {files}/bom.txt"),  # a BOM alone
+    (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "the training split has 0 tokens (0 in all"),
+    (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "the training split has 0 tokens (0 in all"),  # a BOM
     (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
-    (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "latin1.txt: invalid UTF-8 at byte 3 (invalid "
-     "continuation byte); fix the file or pass --replace-invalid-utf8"),
+    (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "--data {files}/latin1.txt: not UTF-8 text: byte "
+     "0xe9 at byte offset 3 (line 1); save it as UTF-8"),
     (f"{PRETRAIN_TINY} --data {{files}}/short.txt --out-dir {{run}}", "the training split has"),
     (f"{PRETRAIN_RUN} --model {{files}}/empty", "{files}/empty holds no model: neither model.safetensors nor "
      "model.safetensors.index.json"),
@@ -2956,7 +2917,8 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
 ):
     prompt = "Every effort moves you"
     reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
-    monkeypatch.setattr(pretrain, "token_type", lambda tokenizer: "uint32")  # as for 151,936 ids; 1000 need uint16
+    # 4-byte ids, as for 151,936 ids (1000 fit in 2 bytes: the file keeps its .uint16 name)
+    monkeypatch.setitem(pretrain.TOKEN_TYPES, "uint16", pretrain.TOKEN_TYPES["uint32"])
 
     def argv(run, *extra):
         common = ("--max-steps", "4", "--eval-every", "2", "--drop-rate", "0.1", "--lr", "1e-2")
@@ -2964,7 +2926,7 @@ def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
 
     whole = pretrain.main(argv("a"))
     out = capsys.readouterr().out
-    (token_path,) = (tmp_path / "a" / "tokens").glob("*.uint32")
+    (token_path,) = (tmp_path / "a" / "tokens").glob("*.uint16")
     text = pretrain_text_file.read_text()
     assert array.array("I", token_path.read_bytes()).tolist() == tokenizer.encode(text, add_special_tokens=False).ids
     # The sample of step 0 is the loaded model's, in its tokenizer, until its end token at most.
@@ -2994,8 +2956,8 @@ def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
         code = exit_code(pretrain.main, argv)
     assert code.startswith("error: training (weights, gradients and AdamW's moments, before activations): about "
                            "0.0 GB needed")
-    assert code.endswith("pretraining trains every weight: use a smaller model, or a machine with more memory, "
-                         "or adapt this one with LoRA (the fine-tunes' --lora)")
+    assert code.endswith("pretraining trains every weight: use a smaller model or more memory, or LoRA (the "
+                         "fine-tunes' --lora)")
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
 
     def out_of_memory(*args, **kwargs):
@@ -3003,7 +2965,7 @@ def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
 
     monkeypatch.setattr(pretrain, "evaluate_loss", out_of_memory)
     code = exit_code(pretrain.main, argv + ["--overwrite"])
-    hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or a shorter --context-length"
+    hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or --context-length"
     assert code == "error: out of memory: " + hint
 
 
@@ -3012,21 +2974,24 @@ def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_f
 
 def test_pretrain_peak_flops_of_a_gpu_autocast_flops_and_throughput_line_are_exact(monkeypatch):
     cuda = torch.device("cuda")
+    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    monkeypatch.setitem(pretrain.GPU_PEAK_FLOPS, "Test GPU", 31008 * 100 / 0.5)  # 100 tok/s of this model: 50%
     for name, flops in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200 NVL", 836e12),
                         ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert pretrain.peak_flops(cuda, "bfloat16") == flops, name
-    assert pretrain.peak_flops(cuda, "float32") is None and pretrain.peak_flops(torch.device("cpu"), "bfloat16") is None
+        assert pretrain.Throughput(model, 8, 150, cuda, "bfloat16").peak == flops, name
+    assert pretrain.Throughput(model, 8, 150, cuda, "float32").peak is None
+    assert pretrain.Throughput(model, 8, 150, torch.device("cpu"), "bfloat16").peak is None
     context, dtype_name = gpt.autocast_context(torch.device("cpu"), "auto")
     assert dtype_name == "float32" and not isinstance(context, torch.autocast)  # CPUs: float32 unless asked
     context, dtype_name = gpt.autocast_context(torch.device("cpu"), "bfloat16")
     assert dtype_name == "bfloat16" and context.fast_dtype == torch.bfloat16
-    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=100, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
     # 5040 parameters; the 8 x 16 position table is only looked up: 6 x 4912 + 12 x 1 layer x 16 wide x 8 tokens
-    assert gpt.count_parameters(model) == 5040 and pretrain.flops_per_token(model, 8) == 6 * 4912 + 12 * 16 * 8 == 31008
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Test GPU")
     clock = iter([0.0, 0.0, 5.0, 20.0, 20.0, 20.0])  # start, restart after 5 s, then the report's three readings
     monkeypatch.setattr(gpt.time, "time", lambda: next(clock))
-    speed = pretrain.Throughput(model, 8, tokens_per_step=150, peak_flops=31008 * 100 / 0.5, first_step=0)
+    speed = pretrain.Throughput(model, 8, tokens_per_step=150, device=cuda, dtype_name="bfloat16", first_step=0)
+    assert gpt.count_parameters(model) == 5040 and speed.flops_per_token == 6 * 4912 + 12 * 16 * 8 == 31008
     speed.restart(step=0)  # after 5 s of evaluation: not counted
     assert speed.report(step=10, total_steps=20) == "100 tok/s | MFU 50.0% | ETA 20s"  # 1500 tokens in 15 s
 
@@ -3148,15 +3113,21 @@ def test_classify_tokenize_truncates_to_max_length():
     assert ids[2].tolist() == [5303, 220]  # at the end it is dropped, as transformers' classifier skips padding
 
 
-def test_classify_texts_file_is_utf8_with_empty_lines_skipped_and_pipes(tmp_path):
+def test_classify_texts_file_is_utf8_with_empty_lines_skipped_and_pipes(tmp_path, capsys):
+    _, checkpoint = _classify_classifier(tmp_path)
+
+    def classified(path):  # the texts of the printed lines "label (p(spam)=0.512)  text"
+        fc.main(["--checkpoint", str(checkpoint), "--classify-file", str(path)])
+        return [line.split(")  ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+
     good = tmp_path / "good.txt"
     good.write_bytes("\ufeffWin a prize\r\n\n   \r\nSee you at 6 \u263a\n".encode("utf-8"))
-    assert fc.read_texts_file(good) == ["Win a prize", "See you at 6 \u263a"]
+    assert classified(good) == ["Win a prize", "See you at 6 \u263a"]
     read_end, write_end = os.pipe()  # the shell's <(...): a pipe, /dev/fd/N, is a file to read
     os.write(write_end, "Win a prize now\n\nsee you at 5\n".encode())
     os.close(write_end)
     try:
-        assert fc.read_texts_file(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
+        assert classified(f"/dev/fd/{read_end}") == ["Win a prize now", "see you at 5"]
     finally:
         os.close(read_end)
 
@@ -3329,9 +3300,7 @@ CLASSIFY_BAD_INPUTS = [
     ("--lora --trainable all", "--lora trains the adapters and the head: drop --trainable all"),
     ("--trainable lora", "argument --trainable: invalid choice: 'lora'"),
     ("--classify hi --threshold 1.5", "argument --threshold: must be a number in [0, 1], got '1.5'"),
-    ("--evaluate x.csv --results m.csv", "--results m.csv: give a .json file"),
-    ("--classify hi --results p.json", "--results p.json: give a .csv file"),
-    ("--results p.json", "--results goes with --evaluate, --classify or --classify-file"),
+    ("--classify hi --results p.json", "--results goes with --evaluate (a run writes metrics.json)"),
     ("--evaluate x.csv --classify hi", "argument --classify: not allowed with argument --evaluate"),
     ("--classify hi --classify-file x.txt", "argument --classify-file: not allowed with argument --classify"),
     ("--export-hf out --classify hi", "argument --classify: not allowed with argument --export-hf (see --help)"),
@@ -3536,9 +3505,7 @@ def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(
     assert evaluated.split("\n")[5] == f"metrics in {tmp_path / 'evaluation.json'}"
 
 
-def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold_and_writes_predictions_as_csv(tmp_path, capsys):
-    import csv
-
+def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path, capsys):
     model, checkpoint = _classify_classifier(tmp_path)
     messages = [("spam", "WINNER!! Claim your prize, call 09061701461"), ("ham", 'He said "ok, fine" then left'),
                 ("ham", "See you at 6?"), ("spam", "Free entry: text WIN to 80086"), ("ham", "ok")]
@@ -3557,25 +3524,6 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold_and_writes
             assert results["threshold"] == threshold and results["metrics"]["confusion_matrix"] == matrix
     assert sum(predicted) == 0 and results["metrics"]["precision"] == 0.0  # threshold 1: no message is that sure
     assert sum(int(p >= middle) for p in probabilities) == 3
-    capsys.readouterr()  # --classify-file writes the predictions as CSV, with the probabilities
-    texts = ["Are we meeting at 6?", 'WINNER, "claim" your prize', "ok", "Call 09061701461 now to win £2000"]
-    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
-    probabilities = fc.classify_texts(model, texts, 48)
-    threshold = sorted(probabilities)[1]  # spam at >= threshold: all but the least likely
-    labels = ["spam" if p >= threshold else "not spam" for p in probabilities]
-    assert labels.count("spam") == 3
-    common = ["--checkpoint", str(checkpoint), "--classify-file", str(tmp_path / "texts.txt"),
-              "--threshold", str(threshold), "--results"]
-    fc.main(common + [str(tmp_path / "predictions.csv")])
-    assert capsys.readouterr().out == f"classified: 4 texts, 3 spam (probability >= {threshold}), written to " \
-                                      f"{tmp_path / 'predictions.csv'}\n"
-    with open(tmp_path / "predictions.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    assert rows[0] == ["text", "label", "spam_probability"]
-    assert rows[1:] == [[text, label, repr(p)] for text, label, p in zip(texts, labels, probabilities)]
-    # The predictions, as labelled data, evaluate the classifier against itself: every answer right.
-    fc.main(["--checkpoint", str(tmp_path), "--evaluate", str(tmp_path / "predictions.csv"), "--threshold", str(threshold)])
-    assert "accuracy 100.00%" in capsys.readouterr().out  # "not spam" read as ham; the folder's classifier.pt used
 
 
 def test_classify_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone(tmp_path, monkeypatch, capsys):
@@ -3832,7 +3780,7 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
         "",  # an empty reply
         '{"score": -5}',  # out of range
     ]
-    instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
+    instruct.main(["--judge-only", "--judge-url", url, "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "mean score 79.50 over 5 entries; 6 could not be scored" in out
     assert "entry 6: no score 0-100 in the judge's answer None" in out
@@ -3855,11 +3803,10 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
     path, _ = _instruct_responses_file(tmp_path, 2)
     _instruct_ollama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
     with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--responses", str(path)])
+        instruct.main(["--judge-only", "--judge-url", url, "--out-dir", str(tmp_path)])
     assert [e["score"] for e in json.loads((tmp_path / "responses-scored.json").read_text())] == [None, None]
     with pytest.raises(SystemExit, match="ollama pull mistral"):
-        instruct.main(["--judge-only", "--judge", "ollama", "--judge-url", url, "--judge-model", "mistral",
-                       "--responses", str(path)])
+        instruct.main(["--judge-only", "--judge-url", url, "--judge-model", "mistral", "--out-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="ollama pull mistral"):  # a judge that is not there: before any training
         instruct.main(["--judge", "ollama", "--judge-url", url, "--judge-model", "mistral", "--out-dir",
                        str(tmp_path / "run")])
@@ -3880,7 +3827,7 @@ def test_instruct_judge_without_a_server_or_with_an_odd_reply_says_so_and_keeps_
         server.close()
     path, _ = _instruct_responses_file(tmp_path, 2)
     before = path.read_bytes()
-    code = exit_code(instruct.main, ["--judge-only", "--judge", "ollama", "--judge-url", server.url, "--responses", str(path)])
+    code = exit_code(instruct.main, ["--judge-only", "--judge-url", server.url, "--out-dir", str(tmp_path)])
     assert re.match("error: " + message.format(url=re.escape(server.url)), code), code
     assert path.read_bytes() == before and not (tmp_path / "responses-scored.json").exists()
 
@@ -3936,7 +3883,8 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
         instruct.main(common + ["--prompt", "Repeat the number 3."])
         assert capsys.readouterr().out.endswith("\n(an empty answer: the model ended it at once with its end-of-text token)\n")
         instruct.main(common + ["--generate-only"])
-        assert capsys.readouterr().out.endswith(f"wrote 1 responses to {out_dir / 'responses.json'}; 1 of 1 answers were empty\n")
+        assert capsys.readouterr().out.endswith(f"wrote 1 responses to {out_dir / 'responses.json'} (1 empty: ended at "
+                                                "once by the end-of-text token)\n")
     prompt = ["--prompt", "Repeat the number 3.", "--checkpoint", str(folder / "tiny.pt"), "--max-new-tokens", "6"]
     instruct.main(prompt)
     greedy = capsys.readouterr().out.splitlines()[-1]
@@ -4073,12 +4021,10 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --input x", "--input goes with --prompt: give the instruction too"),
     (f"{INSTRUCT_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     (f"{INSTRUCT_RUN} --resume --generate-only", "choose one of --generate-only, --judge-only, --prompt and --resume"),
-    (f"{INSTRUCT_RUN} --judge-only", "--judge-only needs --judge ollama"),
     (f"{INSTRUCT_RUN} --num-answers 0 --judge ollama", "--num-answers 0 leaves --judge nothing to grade"),
     (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k is for sampling: give --temperature above 0"),  # greedy decoding would ignore it
     # Answering does not train: a training flag given with it would be silently ignored.
-    ("--out-dir {run} --generate-only --model gpt2", "--model is the model that trains; --generate-only answers "
-     "with --checkpoint: give --checkpoint gpt2"),
+    ("--out-dir {run} --generate-only --model gpt2", "--generate-only does not use --model: drop it"),
     ("--out-dir {run} --prompt hi --lora", "--prompt does not use --lora: drop it"),
     ("--out-dir {run} --judge-only --judge ollama --epochs 3", "--judge-only does not use --epochs: drop it"),
     # Files and models, checked before the run folder is made.
@@ -4093,8 +4039,6 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --max-length 65", "--max-length 65 is longer than the model's context length 64"),
     ("--data {files}/data.json --model {files}/vocab1000.pt --out-dir {run}", "{files}/vocab1000.pt: the model's "
      "vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257: use a model trained with the GPT-2 tokenizer"),
-    (f"{INSTRUCT_RUN} --responses {{files}}", "{files} is a folder, but a file goes there: move it away, or give "
-     "another --responses"),
     ("--prompt Hi. --checkpoint {files}", "{files} holds no model: neither model.safetensors nor "
      "model.safetensors.index.json"),
 ]
@@ -4259,13 +4203,14 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
         return all(torch.equal(saved[name], weights[step][name]) for name in weights[step])
 
     instruct.main(flags + ["--out-dir", str(tmp_path / "best")])
-    assert "kept the weights of step 1, the lowest validation loss (3.000)" in capsys.readouterr().out
+    assert "kept the weights of step 1 (validation loss 3.000), the lowest validation loss\n" in capsys.readouterr().out
     assert gpt.load_checkpoint(tmp_path / "best" / "model.pt")["kept"] == {"step": 1, "val_loss": 3.0}
     assert saved_weights_equal("best", 1) and not saved_weights_equal("best", 4)  # later steps changed them
 
     next_step[0] = 0
     instruct.main(flags + ["--out-dir", str(tmp_path / "last"), "--keep-last"])
-    assert "kept the last weights (step 4); the lowest validation loss was at step 1" in capsys.readouterr().out
+    assert "kept the weights of step 4 (validation loss 4.200); the lowest validation loss was at step 1" in \
+        capsys.readouterr().out
     assert saved_weights_equal("last", 4)
     assert gpt.load_checkpoint(tmp_path / "last" / "model.pt")["kept"] == {"step": 4, "val_loss": 4.2}
 
@@ -4278,7 +4223,7 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     assert (state["step"], state["best"]["step"], state["best"]["val_loss"]) == (2, 1, 3.0)
     monkeypatch.setattr(gpt, "check_finite_loss", check)
     instruct.main(["--out-dir", str(tmp_path / "halves"), "--resume"])
-    assert "kept the weights of step 1, the lowest validation loss (3.000)" in capsys.readouterr().out
+    assert "kept the weights of step 1 (validation loss 3.000), the lowest validation loss\n" in capsys.readouterr().out
     assert saved_weights_equal("halves", 1)
 
 
@@ -4414,9 +4359,10 @@ def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path
     text = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
     assert start in hf(text)
     assert gpt.text_to_token_ids(text, tokenizer=tokenizer)[0].tolist() == hf(text)  # (1) a prompt
-    corpus = io.StringIO("Call me <|im_start|> later<|im_end|>\n<|im_start|>")  # (2) a pretraining corpus
-    pieces = pretrain.encode_text_file(corpus, tokenizer, chunk_chars=13)  # read as "Call me <|im_", "start|> ..."
-    assert [i for ids in pieces for i in ids] == hf(corpus.getvalue())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Call me <|im_start|> later<|im_end|>\n<|im_start|>")  # (2) a pretraining corpus
+    token_path, _, _ = pretrain.prepare_token_file([corpus], tmp_path / "tokens", tokenizer)
+    assert array.array("H", token_path.read_bytes()).tolist() == hf(corpus.read_text())
     entry = {"instruction": "Say <|im_start|> once.", "input": "", "output": "<|im_start|> done"}  # (3) instruction data
     [(ids, prompt_length)] = instruct.tokenize_examples([entry], tokenizer, 64, mask_prompt=False)
     assert ids == hf(instruct.format_prompt(entry)) + hf(entry["output"])
@@ -4543,26 +4489,19 @@ def test_cuda_fused_adamw_steps_equal_the_cpu_steps():
 
 @needs_cuda
 def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones_and_bfloat16_is_close(tmp_path):
-    import csv
-
     runs = {}
     for name, device in (("cpu", "cpu"), ("gpu", "cuda")):
         fc.main(_classify_run_argv(tmp_path, name, "--max-steps", "6", "--device", device))
         report = json.loads((tmp_path / name / "metrics.json").read_text())
+        model, tokenizer, max_length = fc.load_classifier(tmp_path / name / "classifier.pt", device)
         texts = ["WINNER! Claim your prize now", "See you at 6?"]
-        fc.main(["--checkpoint", str(tmp_path / name), "--classify", *texts, "--device", device,
-                 "--results", str(tmp_path / f"{name}.csv")])
-        with open(tmp_path / f"{name}.csv", newline="", encoding="utf-8") as f:
-            runs[name] = report, list(csv.DictReader(f))
+        runs[name] = report, fc.classify_texts(model, texts, max_length, tokenizer)
     (cpu_report, cpu_predictions), (gpu_report, gpu_predictions) = runs["cpu"], runs["gpu"]
     assert gpu_report["activation_cache"] and gpu_report["history"]["step"] == cpu_report["history"]["step"]
     assert gpu_report["history"]["step_loss"] == pytest.approx(cpu_report["history"]["step_loss"], abs=1e-4)
     assert gpu_report["test"]["confusion_matrix"] == cpu_report["test"]["confusion_matrix"]
     assert gpu_report["test"]["loss"] == pytest.approx(cpu_report["test"]["loss"], abs=1e-4)
-    assert [p["label"] for p in gpu_predictions] == [p["label"] for p in cpu_predictions]
-    for gpu_prediction, cpu_prediction in zip(gpu_predictions, cpu_predictions):
-        assert float(gpu_prediction["spam_probability"]) == pytest.approx(float(cpu_prediction["spam_probability"]),
-                                                                          abs=1e-4)
+    assert gpu_predictions == pytest.approx(cpu_predictions, abs=1e-4)  # spam probabilities
     fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "3", "--device", "cuda"))
     mixed = json.loads((tmp_path / "mixed" / "metrics.json").read_text())["history"]["step_loss"]
     full = gpu_report["history"]["step_loss"][:3]  # the first steps of a longer run are those of a shorter one
@@ -4613,8 +4552,8 @@ def type_it_live_sources():
         for name in re.findall(r"`(\w+)`", names):
             if callable(getattr(modules[script], name)):
                 parts.append(inspect.getsource(getattr(modules[script], name)))
-            else:  # a constant: its assignment, as written in the script
-                parts.append(re.search(rf"^{name} = .*$", text, flags=re.M).group(0) + "\n")
+            else:  # a constant: its assignment, as written in the script (with its continued lines)
+                parts.append(re.search(rf"^{name} = .*(\n +.*)*", text, flags=re.M).group(0) + "\n")
         sources[script] = "\n\n".join(parts)
     return section, sources
 

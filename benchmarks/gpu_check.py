@@ -285,10 +285,10 @@ class Context:
         self.log = self.work / "log.txt"
         self.deadline = time.time() + args.time_limit
         self.models, self.matmul_peak = {}, None
-        self.sheet_peak = pretrain.peak_flops(torch.device(args.device), "bfloat16")
         shape = dict(QUICK_SHAPE) if args.quick else dict(context_length=1024)
         model = gpt.build_model(gpt.GPTConfig(**{**dataclasses.asdict(gpt.GPT_CONFIGS["gpt2"]), **shape}))
-        self.flops_per_token = pretrain.flops_per_token(model, shape["context_length"])
+        speed = pretrain.Throughput(model, shape["context_length"], 1, torch.device(args.device), "bfloat16")
+        self.sheet_peak, self.flops_per_token = speed.peak, speed.flops_per_token
 
     def quick_args(self, args):
         return args if self.args.quick else []
