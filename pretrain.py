@@ -2,7 +2,7 @@
 
     python pretrain.py                                   # a 16M-parameter GPT on "The Verdict", on the CPU, minutes
     python pretrain.py --data tinyshakespeare.txt --emb-dim 128 --max-steps 240 --lr 3e-3 --eval-every 40
-    python pretrain.py --model HuggingFaceTB/SmolLM2-135M --data my_notes/   # continue from released weights
+    python pretrain.py --model HuggingFaceTB/SmolLM2-135M --data my_notes/ --lr 5e-5   # continue released weights
     torchrun --nproc_per_node 8 pretrain.py --data corpus/ --size gpt2 --grad-accum 4   # several GPUs
     python pretrain.py --resume --max-steps 2000         # continue the run in runs/pretrain/, and extend it
 
@@ -35,7 +35,7 @@ import torch.distributed as dist
 import gpt
 
 VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
-# Checks of the downloads we know (size in bytes, SHA-256), so that `main` moving on is an error, not other data.
+# Size in bytes and SHA-256 of the downloads we know: if the file on the `main` branch changes, that is an error.
 KNOWN_DOWNLOADS = {VERDICT_URL: dict(size=20479,
                                      sha256="b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f")}
 
@@ -97,7 +97,7 @@ def prepare_token_file(paths, token_dir, tokenizer):
                               f"{gpt.eta(started, i, len(paths))}")
             text = gpt.decode_utf8(path.read_bytes(), f"--data {path}")  # read whole: a document must fit in memory
             text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac line ends: "\n", as text mode
-            separator = [tokenizer.eot_token] if i > 0 else []  # between documents, not before the first
+            separator = [tokenizer.eot_id] if i > 0 else []  # between documents, not before the first
             ids = separator + tokenizer.encode(text)
             data = array(typecode, ids).tobytes()  # native byte order
             out.write(data)
@@ -108,12 +108,6 @@ def prepare_token_file(paths, token_dir, tokenizer):
     gpt.write_json(record_path, {"sources": sources, "n_tokens": n_tokens, "sha256": digest.hexdigest()})
     log(f"token file: {token_path} ({n_tokens:,} tokens, in {gpt.format_duration(time.time() - started)})")
     return token_path, n_tokens, digest.hexdigest()
-
-
-# The splits and their windows: train [n_train] and val [n_val], tokens as the token file holds them (TOKEN_TYPES);
-# window i: context_length + 1 tokens from i * context_length; n_windows training windows, in epoch e in the order
-# `gpt.epoch_order(n_windows, seed, e)`; eval_starts {"train": starts, "val": starts}, the same at every evaluation.
-Splits = collections.namedtuple("Splits", "train val context_length n_windows seed eval_starts")
 
 
 def split_tokens(tokens, train_fraction, context_length):
@@ -129,15 +123,6 @@ def split_tokens(tokens, train_fraction, context_length):
     return tokens[:n_train], tokens[n_train:]
 
 
-def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
-    """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows in the order of epoch
-    i // n_windows (the data position is one number); the ranks' micro-batches side by side make one of them all."""
-    first = samples_seen + (micro_step * world_size + rank) * batch_size
-    n = splits.n_windows
-    samples = range(first, first + batch_size)
-    return [int(gpt.epoch_order(n, splits.seed, i // n)[i % n]) * splits.context_length for i in samples]
-
-
 def evaluation_starts(n_tokens, context_length, max_windows):
     """Starts of up to max_windows (0: all) non-overlapping windows spread evenly over a split, the same each time."""
     available = (n_tokens - 1) // context_length  # windows of context_length + 1 tokens (inputs and targets)
@@ -145,14 +130,10 @@ def evaluation_starts(n_tokens, context_length, max_windows):
     return [(j * available // k) * context_length for j in range(k)]
 
 
-def get_batch(tokens, starts, context_length, device):
-    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length], with
-    targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
-    rows = torch.stack([tokens[s : s + context_length + 1] for s in starts]).long()
-    rows = rows & 0xFFFF if tokens.dtype == torch.int16 else rows  # uint16 ids, read as int16, back
-    # On a GPU from pinned memory, so that the copy overlaps with compute.
-    rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
-    return rows[:, :-1], rows[:, 1:]
+# The splits and their windows: train [n_train] and val [n_val], tokens as the token file holds them (TOKEN_TYPES);
+# window i: context_length + 1 tokens from i * context_length; n_windows training windows, in epoch e in the order
+# `gpt.epoch_order(n_windows, seed, e)`; eval_starts {"train": starts, "val": starts}, the same at every evaluation.
+Splits = collections.namedtuple("Splits", "train val context_length n_windows seed eval_starts")
 
 
 def make_splits(args, tokenizer, cfg, proc):
@@ -176,11 +157,30 @@ def make_splits(args, tokenizer, cfg, proc):
     return splits, {"n_tokens": n_tokens, "sha256": sha256}
 
 
+def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
+    """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows in the order of epoch
+    i // n_windows: samples_seen alone says where the run is; each micro-step takes the next samples, rank by rank."""
+    first = samples_seen + (micro_step * world_size + rank) * batch_size
+    n = splits.n_windows
+    samples = range(first, first + batch_size)
+    return [int(gpt.epoch_order(n, splits.seed, i // n)[i % n]) * splits.context_length for i in samples]
+
+
+def get_batch(tokens, starts, context_length, device):
+    """Windows of tokens -> (inputs, targets), LongTensors [len(starts), context_length], with
+    targets[b, t] = inputs[b, t + 1]: the model learns to predict each next token."""
+    rows = torch.stack([tokens[s : s + context_length + 1] for s in starts]).long()
+    rows = rows & 0xFFFF if tokens.dtype == torch.int16 else rows  # uint16 ids, read as int16, back
+    # On a GPU from pinned memory, so that the copy overlaps with compute.
+    rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
+    return rows[:, :-1], rows[:, 1:]
+
+
 # --- 2. The model and the learning-rate schedule (AdamW: gpt.make_adamw) -----------------
 
 
 def model_config(args):
-    """GPTConfig of a new model: --size (default: DEFAULT_SHAPE) with the shape flags given; ValueError if no fit."""
+    """GPTConfig of a new model: --size (default: DEFAULT_SHAPE) with the shape flags; ValueError if impossible."""
     base = gpt.MODEL_CONFIGS[args.size] if args.size else gpt.GPTConfig(**DEFAULT_SHAPE)
     shape = {name: getattr(args, name) for name in DEFAULT_SHAPE if getattr(args, name) is not None}
     return dataclasses.replace(base, drop_rate=args.drop_rate, **shape)
@@ -283,8 +283,8 @@ def evaluate_loss(model, splits, split, batch_size, autocast, proc):
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=proc.device)  # [sum of losses, tokens]
     mine = splits.eval_starts[split][proc.rank :: proc.world_size]
+    tokens = getattr(splits, split)  # splits.train or splits.val
     for i in range(0, len(mine), batch_size):
-        tokens = getattr(splits, split)
         inputs, targets = get_batch(tokens, mine[i : i + batch_size], splits.context_length, proc.device)
         with autocast:
             logits = model(inputs)  # [batch, seq_len, vocab_size]
@@ -297,7 +297,7 @@ def evaluate_loss(model, splits, split, batch_size, autocast, proc):
 
 
 def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast):
-    """At an evaluation step not evaluated yet: both losses into history.json, a sample, best.pt. -> whether it did."""
+    """At a due step not evaluated yet: eval_model's losses into history.json, model's sample, best.pt -> if it did."""
     step, history = state["step"], state["history"]
     evaluated = bool(history) and history[-1]["step"] == step  # already, before the run stopped and resumed
     if evaluated or not (step % args.eval_every == 0 or step == state["total_steps"]):
@@ -324,6 +324,18 @@ def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autoca
     return True
 
 
+def stop_reason(args, state, stopper, proc):
+    """Why training stops at this step: "end", "stop-at-step", the signal ("SIGINT", "SIGTERM"), or None to go on."""
+    if state["step"] == state["total_steps"]:
+        return "end"
+    stop = stopper.requested or state["step"] >= (args.stop_at_step or math.inf)
+    if proc.world_size > 1:  # every process stops at the same step: a stop in any one stops all
+        flag = torch.tensor(float(stop), device=proc.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return (stopper.signal_name or "stop-at-step") if stop else None
+
+
 def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
     """Train from step state["step"] to state["total_steps"], updating state; evaluate every --eval-every steps, save
     latest.pt then and at a stop. Returns why it stopped (see `stop_reason`)."""
@@ -337,7 +349,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
     steps_per_epoch = splits.n_windows * splits.context_length / tokens_per_step
     speed = Throughput(model, splits.context_length, tokens_per_step, proc.device, dtype_name, proc.world_size,
                        state["step"])
-    while True:
+    while True:  # at each step: evaluate and save if due, stop if asked, else one optimizer step
         step = state["step"]
         lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
         evaluated = evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autocast)
@@ -379,39 +391,9 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
                 f"{lr:.2e} | grad norm {norm:.2f} | {speed.report(state['step'], total_steps)}")
 
 
-def stop_reason(args, state, stopper, proc):
-    """Why training stops at this step: "end", "stop-at-step", the signal ("SIGINT", "SIGTERM"), or None to go on."""
-    if state["step"] == state["total_steps"]:
-        return "end"
-    stop = stopper.requested or state["step"] >= (args.stop_at_step or math.inf)
-    if proc.world_size > 1:  # every process stops at the same step: a stop in any one stops all
-        flag = torch.tensor(float(stop), device=proc.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
-    return (stopper.signal_name or "stop-at-step") if stop else None
-
-
 # --- 5. The stage: start (or resume) the run, train, report -----------------------------
 
-
-def pretrain(args, proc):
-    """Run the stage with the settings args in this process (proc: see `distributed_run`) -> a summary dict."""
-    model, optimizer, splits, tokenizer, state = start_run(args, proc)
-    with gpt.StopSignal(single_process=proc.world_size == 1) as stopper:
-        stopped = train(args, model, optimizer, splits, tokenizer, proc, state, stopper)
-    out_dir, history = Path(args.out_dir), state["history"]
-    if proc.rank == 0:
-        tokens = [h["tokens"] for h in history]
-        series = {"train": (tokens, [h["train_loss"] for h in history]),
-                  "validation": (tokens, [h["val_loss"] for h in history])}
-        gpt.plot_curves(out_dir / "loss.png", {"loss (nats per token)": series}, xlabel="tokens seen")
-    if stopped == "end":
-        log(f"done: {state['step']} steps, validation loss {history[-1]['val_loss']:.3f} "
-            f"(best {state['best_val_loss']:.3f}); try the model: python load_gpt2.py --model {out_dir / 'best.pt'}")
-    else:
-        log(f"stopped at step {state['step']} ({stopped}): go on with python pretrain.py --resume --out-dir {out_dir}")
-    return dict(steps=state["step"], tokens_seen=state["samples_seen"] * splits.context_length, stopped=stopped,
-                val_loss=history[-1]["val_loss"], latest=out_dir / "latest.pt", best=out_dir / "best.pt")
+RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
 
 
 def start_run(args, proc):
@@ -446,7 +428,7 @@ def start_run(args, proc):
             raise ValueError(f"--resume: the run in {out_dir} already made {checkpoint['step']} of {total_steps} "
                              "steps; raise --max-steps or --epochs to go on")
         state = {key: checkpoint[key] for key in state}
-        gpt.restore_training_state(checkpoint, optimizer)  # the loop reseeds each step
+        gpt.restore_training_state(checkpoint, optimizer)  # no random state: the loop reseeds each step
         log(f"resumed from {latest} at step {state['step']}")
     state.update(total_steps=total_steps, settings=vars(args), data=data)
     if proc.rank == 0:
@@ -458,9 +440,28 @@ def start_run(args, proc):
     return model, optimizer, splits, tokenizer, state
 
 
+def pretrain(args, proc):
+    """Run the stage with the settings args in this process (proc: see `distributed_run`) -> a summary dict."""
+    model, optimizer, splits, tokenizer, state = start_run(args, proc)
+    with gpt.StopSignal(single_process=proc.world_size == 1) as stopper:
+        stopped = train(args, model, optimizer, splits, tokenizer, proc, state, stopper)
+    out_dir, history = Path(args.out_dir), state["history"]
+    if proc.rank == 0:
+        tokens = [h["tokens"] for h in history]
+        series = {"train": (tokens, [h["train_loss"] for h in history]),
+                  "validation": (tokens, [h["val_loss"] for h in history])}
+        gpt.plot_curves(out_dir / "loss.png", {"loss (nats per token)": series}, xlabel="tokens seen")
+    if stopped == "end":
+        log(f"done: {state['step']} steps, validation loss {history[-1]['val_loss']:.3f} "
+            f"(best {state['best_val_loss']:.3f}); try the model: python load_gpt2.py --model {out_dir / 'best.pt'}")
+    else:
+        log(f"stopped at step {state['step']} ({stopped}): go on with python pretrain.py --resume --out-dir {out_dir}")
+    return dict(steps=state["step"], tokens_seen=state["samples_seen"] * splits.context_length, stopped=stopped,
+                val_loss=history[-1]["val_loss"], latest=out_dir / "latest.pt", best=out_dir / "best.pt")
+
+
 # --- 6. Command line and main -----------------------------------------------------------
 
-RUN_FILES = ["latest.pt", "best.pt", "history.json", "loss.png", "run.json"]
 # With --resume these come from the command line, not from the saved run: where the files are and when to stop.
 THIS_COMMAND = ("resume", "overwrite", "stop_at_step", "out_dir", "cache_dir")
 # With --resume these may differ from the saved run: --max-steps and --epochs extend it, the others change the speed.
@@ -493,7 +494,7 @@ def build_parser():
     train.add_argument("--epochs", type=gpt.non_negative_float, default=10.0, help=gpt.FLAGS["epochs"]["help"] + " "
                        "(default: 10.0, as the default text is short; fractions too, for a large corpus)")
     gpt.add_flags(train, "max_steps", "lr", "weight_decay", "seed",
-                  lr=(1e-3, "for new weights; trained ones are fine-tuned at 5e-05"))
+                  lr=(1e-3, "for new weights; with --model try 5e-05, as the fine-tunes"))
     train.add_argument("--min-lr-ratio", type=gpt.fraction, default=0.1, help="final learning rate / --lr")
     train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="linear warm-up steps (default: 5%% of all)")
     train.add_argument("--grad-clip", type=gpt.non_negative_float, default=1.0, help="gradient norm limit (0: none)")
