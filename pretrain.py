@@ -149,7 +149,7 @@ def make_splits(args, tokenizer, cfg, proc):
     tokens = torch.from_file(str(token_path), size=n_tokens, dtype=TOKEN_TYPES[token_path.suffix[1:]][1])
     train, val = split_tokens(tokens, args.train_fraction, context_length)
     n_windows = (len(train) - 1) // context_length
-    eval_windows = args.eval_batches * args.batch_size * proc.world_size
+    eval_windows = args.eval_batches * args.batch_size * proc.world_size  # --eval-batches in each process
     eval_starts = {name: evaluation_starts(len(split), context_length, eval_windows)
                    for name, split in (("train", train), ("val", val))}
     log(f"data: {n_tokens:,} tokens = {len(train):,} training + {len(val):,} validation; {n_windows:,} windows")
@@ -315,7 +315,7 @@ def evaluate(args, eval_model, model, splits, tokenizer, proc, state, lr, autoca
         ids = tokenizer.encode(args.prompt, bos=True) if args.prompt else [tokenizer.eot_id]
         out = gpt.generate(model, torch.tensor([ids], device=proc.device), args.sample_tokens, temperature=0.8,
                            top_k=50, seed=args.seed, eot_id=tokenizer.eot_id)
-        text = gpt.token_ids_to_text(out[0, (0 if args.prompt else 1) :], tokenizer)
+        text = gpt.token_ids_to_text(out[0, (0 if args.prompt else 1) :], tokenizer)  # without a start end-of-text
         log("  sample: " + text.replace("\n", "\n          "))
         out_dir = Path(args.out_dir)
         if improved:
