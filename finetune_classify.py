@@ -265,8 +265,8 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(train_inputs) // batch_size
-    total_steps = min(steps_per_epoch * epochs, max_steps or math.inf)
-    n_epochs = math.ceil(total_steps / steps_per_epoch)  # fewer than `epochs` when max_steps stops earlier
+    total_steps = max_steps or steps_per_epoch * epochs  # --max-steps, when given, whatever --epochs says
+    n_epochs = math.ceil(total_steps / steps_per_epoch)  # the last may be cut short
     print(f"training:   {total_steps} steps of {batch_size} messages, {total_steps / steps_per_epoch:.2f} epochs")
     history = {name: [] for name in (*HISTORY, "step_loss")}
     best = None  # (validation accuracy, -validation loss) of the kept epoch

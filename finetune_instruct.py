@@ -207,9 +207,9 @@ def evaluate(model, train_examples, val_examples, progress, *options):
 
 
 def planned_steps(args, n_examples):
-    """(Steps per epoch, steps in all): --epochs, or --max-steps when fewer; an epoch's last batch may be short."""
+    """(Steps per epoch, steps in all): --max-steps when given, else --epochs; an epoch's last batch may be short."""
     steps_per_epoch = math.ceil(n_examples / args.batch_size)
-    return steps_per_epoch, min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    return steps_per_epoch, args.max_steps or steps_per_epoch * args.epochs
 
 
 def train(model, tokenizer, train_examples, val_examples, collate, args, device, state_path, stopper, state=None):
