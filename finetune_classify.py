@@ -84,8 +84,13 @@ def parse_labelled(raw, source="data"):
     text = gpt.decode_utf8(raw, source)
     # rows: (line number, label, text or None for a line without a tab or a CSV row without a text column)
     if str(source).lower().endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows = [(reader.line_num, row.get("label") or "", row.get("text")) for row in reader]
+        # strict: a quote left open is an error, not one message that runs to the end of the file
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        try:
+            rows = [(reader.line_num, row.get("label") or "", row.get("text")) for row in reader]
+        except csv.Error as e:
+            raise ValueError(f"{source}: not valid CSV in the row after line {reader.line_num} ({e}): close its "
+                             'quote, or write a quote inside a quoted text as ""') from None
     else:  # split("\n"), not splitlines(): messages may contain other Unicode line separators
         lines = [(number, line.partition("\t")) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
         rows = [(number, label, message if tab else None) for number, (label, tab, message) in lines]

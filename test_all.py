@@ -326,7 +326,8 @@ def bad_inputs(tmp_path_factory):
     (files / "garbage.bin").write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
     for name, content in [("a.csv", "label,message\nham,hi\n"), ("b.csv", "text,label\nhi,ham\nyo,spma\n"),
                           ("c.csv", "text,label\n"), ("d.tsv", "ham\thi\nspma\tyo\n"), ("e.tsv", "ham\thi\nno tab\n"),
-                          ("f.tsv", "\n"), ("empty.txt", ""), ("short.txt", "Only a few words here.")]:
+                          ("f.tsv", "\n"), ("g.csv", 'label,text\nham,hi\nspam,"open\nham,yo\n'), ("empty.txt", ""),
+                          ("short.txt", "Only a few words here.")]:
         (files / name).write_text(content)
     (files / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
     (files / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
@@ -3340,6 +3341,7 @@ CLASSIFY_BAD_INPUTS = [
     ("--evaluate {files}/d.tsv", "d.tsv: 1 bad line(s): line 2: unknown label 'spma' (expected ham or spam)"),
     ("--evaluate {files}/e.tsv", "e.tsv: 1 bad line(s): line 2: no message (no tab after the label, or no text column)"),
     ("--evaluate {files}/f.tsv", "f.tsv: " + NO_LABELS),
+    ("--evaluate {files}/g.csv", "g.csv: not valid CSV in the row after line 2 (unexpected end of data): close its quote"),
 ]
 
 
