@@ -287,9 +287,12 @@ def resume_run(args, argv, out_dir):
     state_path = out_dir / "train_state.pt"
     state = gpt.load_checkpoint(state_path) if state_path.is_file() else {}
     if not {"optimizer", "step", "history"} <= state.keys():  # none, or a model checkpoint (model.pt copied)
-        raise ValueError(f"--resume: {state_path} is {'not a training state' if state else 'not there'} (a finished "
-                         f"run keeps it only with --keep-state): train on from {out_dir / 'model.pt'} with --model, "
-                         "or start again with --overwrite")
+        model_path = out_dir / "model.pt"
+        why = "the run stopped before its first save): "  # on a full disk, say
+        if model_path.is_file():
+            why = f"a finished run keeps it only with --keep-state): train on from {model_path} with --model, or "
+        raise ValueError(f"--resume: {state_path} is {'not a training state' if state else 'not there'} ({why}"
+                         "start again with --overwrite")
     steps = planned_steps(args, len(splits[0]))[1]
     if state["step"] >= steps:  # before run.json is written again
         limit, value = ("--max-steps", args.max_steps) if steps == args.max_steps else ("--epochs", args.epochs)
