@@ -545,7 +545,7 @@ def build_parser():
     use = parser.add_argument_group("use a fine-tuned classifier (no training)")
     mode = use.add_mutually_exclusive_group()
     mode.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
-    mode.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, a pipe too")
+    mode.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE (/dev/stdin for a pipe)")
     mode.add_argument("--evaluate", metavar="FILE", help="metrics on a labelled FILE, as --data")
     mode.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint in --dtype as a Hugging Face folder")
     use.add_argument("--threshold", type=gpt.fraction, default=0.5, metavar="P", help="spam from this probability on")
