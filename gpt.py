@@ -2567,7 +2567,7 @@ def load_checkpoint(path):
     except Exception:  # torch.load raises many kinds for a file it cannot read
         checkpoint = None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
-        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project")
+        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project (or a damaged one)")
     return checkpoint
 
 
