@@ -161,7 +161,7 @@ def prepare_model(args, device, state=None):
     mode -> (model, its tokenizer). Raises RuntimeError when training cannot fit in memory."""
     torch.manual_seed(args.seed)  # LoRA's A matrices start random
     if state is None:
-        model, tokenizer = gpt.load(args.model, device=device)
+        model, tokenizer = gpt.load(args.model, device=device, language_model=True)
     else:
         model = gpt.build_model(gpt.config_from_dict(state["config"])).to(device)
         tokenizer = gpt.tokenizer_from_state(state.get("tokenizer"))
@@ -486,7 +486,7 @@ def answer_without_training(args, device, responses):
     if args.checkpoint is None and not checkpoint.exists():
         raise FileNotFoundError(f"no {checkpoint}: fine-tune first, or give --checkpoint (any --model value works)")
     print(f"model: {checkpoint}")
-    model, tokenizer = gpt.load(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype])
+    model, tokenizer = gpt.load(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype], language_model=True)
     if args.prompt is not None:
         entry = {"instruction": args.prompt, "input": args.input}
         answer = generate_response(model, tokenizer, entry, **answer_options(args))[0]

@@ -1855,7 +1855,7 @@ def hub_config(cfg):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
+def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False, language_model=False):
     """Load a model and its tokenizer -> (model in eval mode on `device` in `dtype`, `Tokenizer`).
 
     source: a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), a Hugging Face
@@ -1864,8 +1864,8 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
     tokenizer files beside it, when there), a GGUF file or "ollama:NAME[:TAG]" (section 8b), or a
     checkpoint of this project (any other file).
     config.json's model_type (gpt2, `HUB_MODEL_TYPES`), else the tensor names, tell the kind of model;
-    a classifier gets its head and `labels`. Raises FileNotFoundError, ValueError naming a file
-    that does not fit, RuntimeError for a failed download.
+    a classifier gets its head and `labels` (refused when `language_model`). Raises FileNotFoundError,
+    ValueError naming a file that does not fit, RuntimeError for a failed download.
     """
     path, gguf = Path(source), gguf_file(source)
     if gguf is not None:
@@ -1884,6 +1884,9 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
         model = model_from_tensors(tensors, config_json, source, device=device, dtype=dtype)
         tokenizer = get_tokenizer() if not tokenizer_files and model.cfg.family == "gpt2" \
             else tokenizer_from_files(tokenizer_files, source)
+    if language_model and hasattr(model, "labels"):  # its 2 outputs would pass for 2 tokens
+        raise ValueError(f"{source} is a classifier, not a language model: use it with `python finetune_classify.py "
+                         f"--checkpoint {source} --classify TEXT`")
     check_vocabulary(model, source, tokenizer)
     return model, tokenizer
 

@@ -520,10 +520,7 @@ def main(argv=None):
         if not text:
             raise ValueError(f"--perplexity {args.perplexity}: the file is empty: give a text to score")
     started = time.time()
-    model, tokenizer = gpt.load(args.model, device=device, dtype=gpt.DTYPES[args.dtype])  # its own tokenizer
-    if hasattr(model, "labels"):
-        raise ValueError(f"--model {args.model} is a classifier, not a language model: use it with "
-                         f"`python finetune_classify.py --checkpoint {args.model} --classify TEXT`")
+    model, tokenizer = gpt.load(args.model, device=device, dtype=gpt.DTYPES[args.dtype], language_model=True)
     print(gpt.model_summary(model, args.model, training=False))
     print(f"load time: {time.time() - started:.2f} s on {device}, {args.dtype}")
     print("-" * 80)

@@ -2900,6 +2900,7 @@ PRETRAIN_BAD_INPUTS = [
     (f"{PRETRAIN_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     # The data and the model.
     (f"{PRETRAIN_TINY} --data {{files}}/missing.txt --out-dir {{run}}", "no such file or folder"),
+    ("--data {files}/story.txt --model {files}/classifier.pt --out-dir {run}", "is a classifier, not a language model"),
     (f"{PRETRAIN_TINY} --out-dir {{run}}", 'could not download the-verdict.txt: offline? Give a copy of it with --data '
      f'PATH (README, "Offline use"). Tried: download of {pretrain.VERDICT_URL} failed after 3 attempts (ConnectionError: '
      f"no network in the tests: {pretrain.VERDICT_URL}{OFFLINE}"),
@@ -3341,7 +3342,7 @@ CLASSIFY_BAD_INPUTS = [
     ("--evaluate {files}/d.tsv", "d.tsv: 1 bad line(s): line 2: unknown label 'spma' (expected ham or spam)"),
     ("--evaluate {files}/e.tsv", "e.tsv: 1 bad line(s): line 2: no message (no tab after the label, or no text column)"),
     ("--evaluate {files}/f.tsv", "f.tsv: " + NO_LABELS),
-    ("--evaluate {files}/g.csv", "g.csv: not valid CSV in the row after line 2 (unexpected end of data): close its quote"),
+    ("--evaluate {files}/g.csv", "g.csv: not valid CSV in the row after line 2 (unexpected end of data): close"),
 ]
 
 
@@ -4052,6 +4053,9 @@ INSTRUCT_BAD_INPUTS = [
     ("--model {files}/tiny.pt --out-dir {run}", f"(ConnectionError: no network in the tests: {instruct.DATA_URL}{OFFLINE}"),
     ("--data {files}/data.json --out-dir {run}", "instead of 'openai-community/gpt2-medium' (README, \"Offline use\")"),
     ("--data {files}/data.json --out-dir {run} --generate-only", "no {run}/model.pt: fine-tune first"),
+    ("--data {files}/data.json --model {files}/classifier.pt --out-dir {run}",
+     "{files}/classifier.pt is a classifier, not a language model"),
+    ("--prompt hi --checkpoint {files}/classifier.pt", "{files}/classifier.pt is a classifier, not a language model"),
     ("--data {files}/data.json --model {files}/tiny.pt --out-dir {files} --resume",
      "--resume: {files} holds no run to continue"),
     (f"{INSTRUCT_RUN} --max-length 65", "--max-length 65 is longer than the model's context length 64"),
