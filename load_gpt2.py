@@ -252,13 +252,15 @@ def is_hellaswag_item(item):
 def read_mmlu(path, shots=0):
     """MMLU's data.tar -> item dicts (subject, question, options, answer, and as examples the subject's first `shots`
     dev items, as the harness picks them) by subject. Raises ValueError for a bad file, row or too few dev items."""
-    if not tarfile.is_tarfile(gpt.existing_file(path, "--benchmark-file")):
-        raise ValueError(f"--benchmark-file {path}: not a tar archive: give MMLU's data.tar")
     files = {}  # (split, subject) -> CSV text
-    with tarfile.open(path) as archive:
-        for member in archive:
-            if member.isfile() and (match := MMLU_FILE.search(member.name)):
-                files[match[1], match[2]] = gpt.decode_utf8(archive.extractfile(member).read(), f"{path} {member.name}")
+    try:
+        with tarfile.open(gpt.existing_file(path, "--benchmark-file")) as archive:
+            for member in archive:
+                if member.isfile() and (match := MMLU_FILE.search(member.name)):
+                    raw = archive.extractfile(member).read()
+                    files[match[1], match[2]] = gpt.decode_utf8(raw, f"{path} {member.name}")
+    except (tarfile.TarError, EOFError):
+        raise ValueError(f"--benchmark-file {path}: not a tar archive, or one cut short: give MMLU's data.tar") from None
     subjects = sorted(subject for split, subject in files if split == "test")
     if not subjects:
         raise ValueError(f"{path}: no test/<subject>_test.csv files: give MMLU's data.tar")
