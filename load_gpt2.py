@@ -260,7 +260,7 @@ def read_mmlu(path, shots=0):
                     raw = archive.extractfile(member).read()
                     files[match[1], match[2]] = gpt.decode_utf8(raw, f"{path} {member.name}")
     except (tarfile.TarError, EOFError):
-        raise ValueError(f"--benchmark-file {path}: not a tar archive, or one cut short: give MMLU's data.tar") from None
+        raise ValueError(f"--benchmark-file {path}: not a tar archive or cut short: give MMLU's data.tar") from None
     subjects = sorted(subject for split, subject in files if split == "test")
     if not subjects:
         raise ValueError(f"{path}: no test/<subject>_test.csv files: give MMLU's data.tar")

@@ -2502,11 +2502,11 @@ LOAD_GPT2_BAD_INPUTS = [
      "of 'openai-community/gpt2' (README, \"Offline use\"), or set HF_ENDPOINT to a mirror"),  # not in the cache
     ("--model {files}/tiny.pt --benchmark hellaswag --benchmark-file {files}/missing.jsonl", "missing.jsonl: no such file"),
     (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {MMLU_FOLDER}", "mmlu: a folder, not a file"),
-    (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {HELLASWAG_TINY}", "not a tar archive, or one cut short: give MMLU's data.tar"),
+    (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {HELLASWAG_TINY}", "not a tar archive or cut short: give MMLU's data.tar"),
     ("--model {files}/tiny.pt --benchmark mmlu --contamination no-such-corpus", "--contamination no-such-corpus: no such file"),
     ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/bad_mmlu.tar", "x_test.csv row 1: expected question"),
     ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/not_mmlu.tar", "no test/<subject>_test.csv files"),
-    ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/cut_mmlu.tar", "not a tar archive, or one cut short"),
+    ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/cut_mmlu.tar", "not a tar archive or cut short"),
     ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/mmlu.tar --shots 3", "made_up_geography has 2 dev items"),
     ("--model {files}/tiny.pt --perplexity {files}/empty.txt", "empty.txt: the file is empty"),
     (f"--model {{files}}/tiny.pt --perplexity {HELLASWAG_TINY} --stride 65", "--stride 65 must be from 1 to the model's "
