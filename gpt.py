@@ -2510,9 +2510,12 @@ def gguf_contents(model, tokenizer, gguf_type, name):
 
 def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite=False):
     """Write a model and its `Tokenizer` as a GGUF file (version 3) for llama.cpp and Ollama, with an Ollama
-    Modelfile beside it, each atomically -> the Modelfile's path. Raises ValueError as `claim_run_folder` (unless
-    `overwrite`) and `gguf_contents` do, or naming each setting llama.cpp would read otherwise (what it assumes)."""
+    Modelfile beside it, each atomically -> the Modelfile's path. Raises ValueError for a folder `path`, as
+    `claim_run_folder` (unless `overwrite`) and `gguf_contents` do, or naming each setting llama.cpp would read
+    otherwise (what it assumes)."""
     path = Path(path)
+    if path.is_dir():  # --export-hf takes a folder, --export-gguf a file
+        raise ValueError(f"{path} is a folder: give a GGUF file's name, such as {path / 'model.gguf'}")
     modelfile = path.with_suffix(".Modelfile")  # model.gguf -> model.Modelfile: one per export in a folder
     claim_run_folder(path.parent, [path.name, modelfile.name], overwrite=overwrite, resumable=False)
     metadata, tensors = gguf_contents(model, tokenizer, gguf_type, name)

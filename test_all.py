@@ -2498,6 +2498,7 @@ LOAD_GPT2_BAD_INPUTS = [
     ("--model {files}/junk.pt", "{files}/junk.pt: not a .safetensors file or a checkpoint of this project"),
     ("--model {files}/other.pt", "{files}/other.pt: not a .safetensors file or a checkpoint of this project"),
     ("--model models/missing.gguf", "no such file or model 'models/missing.gguf': a model is a released GPT-2 size"),
+    ("--model {files}/tiny.pt --export-gguf {files}/empty --overwrite", "{files}/empty is a folder: give a GGUF file's name"),
     ("--model gpt2", "(ConnectionError). Offline? Give --model a model folder or a .safetensors or GGUF file instead "
      "of 'openai-community/gpt2' (README, \"Offline use\"), or set HF_ENDPOINT to a mirror"),  # not in the cache
     ("--model {files}/tiny.pt --benchmark hellaswag --benchmark-file {files}/missing.jsonl", "missing.jsonl: no such file"),
