@@ -87,6 +87,7 @@ def parse_labelled(raw, source="data"):
         # strict: a quote left open is an error, not one message that runs to the end of the file
         reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         try:
+            reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]  # "Label", "Text" too
             rows = [(reader.line_num, row.get("label") or "", row.get("text")) for row in reader]
         except csv.Error as e:
             raise ValueError(f"{source}: not valid CSV in the row after line {reader.line_num} ({e}): close its "
