@@ -43,8 +43,7 @@ LORA = dict(rank=gpt.FLAGS["lora_rank"]["default"], alpha=gpt.FLAGS["lora_alpha"
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(gpt.MODEL_CONFIGS), default=DEFAULT_MODELS,
                         metavar="NAME", help="the shapes to measure (names of gpt.MODEL_CONFIGS)")
     parser.add_argument("--new-tokens", type=gpt.positive_int, default=50, help="tokens to generate")
