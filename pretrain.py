@@ -493,7 +493,7 @@ def build_parser():
     train.add_argument("--epochs", type=gpt.non_negative_float, default=10.0, help=gpt.FLAGS["epochs"]["help"] + " "
                        "(default: 10.0, as the default text is short; fractions too, for a large corpus)")
     gpt.add_flags(train, "max_steps", "lr", "weight_decay", "seed",
-                  lr=(1e-3, "for new weights; trained ones are fine-tuned at 5e-05"))
+                  lr=(1e-3, "for new weights; with --model give a smaller one, such as 1e-4"))
     train.add_argument("--min-lr-ratio", type=gpt.fraction, default=0.1, help="final learning rate / --lr")
     train.add_argument("--warmup-steps", type=gpt.non_negative_int, help="linear warm-up steps (default: 5%% of all)")
     train.add_argument("--grad-clip", type=gpt.non_negative_float, default=1.0, help="gradient norm limit (0: none)")
