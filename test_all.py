@@ -127,38 +127,35 @@ def small_pair(tmp_path_factory):
     return save_hf_gpt2(tmp_path_factory.mktemp("small"), **SMALL_HF)
 
 
-def load_lm(source, *, device="cpu", dtype=torch.float32, quiet=False):
+def load_lm(source, *, dtype=torch.float32, quiet=False):
     """The model alone, as `gpt.load` builds it (which also reads its tokenizer, which the
     model folders of many tests lack): a checkpoint, or `gpt.model_files` -> `model_from_tensors`."""
     path = Path(source)
     if path.is_file() and path.suffix != ".safetensors":
-        return gpt.model_from_checkpoint(gpt.load_checkpoint(path), device=device, dtype=dtype)
+        return gpt.model_from_checkpoint(gpt.load_checkpoint(path), dtype=dtype)
     config_json, weight_paths, _ = gpt.model_files(source, quiet=quiet)
     tensors = {}
     for weight_path in weight_paths:
         tensors.update(gpt.read_safetensors(weight_path))
-    return gpt.model_from_tensors(tensors, config_json, source, device=device, dtype=dtype)
+    return gpt.model_from_tensors(tensors, config_json, source, dtype=dtype)
 
 
 def tokenizer_and_eot(source):
     """(the tokenizer `gpt.load` gives with source's model, its end-of-text id). A folder's is read from its tokenizer
-    files as `gpt.model_files` reads them (it may hold no weights); without any, and for "gpt2", it is GPT-2's."""
+    files as `gpt.model_files` reads them (it may hold no weights); without any, it is GPT-2's."""
     path = Path(source)
     if path.is_dir():
         names = gpt.TOKENIZER_FILES if (path / "tokenizer.json").is_file() else ("vocab.json",)
         files = {name: (path / name).read_text(encoding="utf-8") for name in names if (path / name).is_file()}
         tokenizer = gpt.tokenizer_from_files(files, path) if files else gpt.get_tokenizer()
     else:
-        tokenizer = gpt.get_tokenizer() if str(source) == "gpt2" else gpt.load(source)[1]
+        tokenizer = gpt.load(source)[1]
     return tokenizer, tokenizer.eot_id
 
 
-def tokenizer_of_json(data, source, **config):
-    """A `gpt.Tokenizer` of a tokenizer.json dict (and tokenizer_config.json entries `config`)."""
-    files = {"tokenizer.json": json.dumps(data)}
-    if config:
-        files["tokenizer_config.json"] = json.dumps(config)
-    return gpt.tokenizer_from_files(files, source)
+def tokenizer_of_json(data, source):
+    """A `gpt.Tokenizer` of a tokenizer.json dict."""
+    return gpt.tokenizer_from_files({"tokenizer.json": json.dumps(data)}, source)
 
 
 def assert_same_logits(ours, theirs, vocab_size, shape=(2, 40), atol=1e-4, seed=0):
@@ -283,19 +280,12 @@ _HELLASWAG_ITEM = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings":
 # (name, a line of a HellaSwag file, what is wrong with it); {**ITEM, ...}: the good item with a field changed.
 HELLASWAG_BAD_ITEMS = [
     ("deep", "[" * 100_000 + "]" * 100_000, "line 1: JSON nested too deeply to read"),
-    ("label-inf", '{**ITEM, "label": Infinity}', "line 1: not a HellaSwag item: each line needs the strings "
+    ("label-float", '{**ITEM, "label": 1.7}', "line 1: not a HellaSwag item: each line needs the strings "
      "activity_label, ctx_a and ctx_b, a list of non-empty endings and the label (0, 1, ...) of the right one"),
-    ("label-float", '{**ITEM, "label": 1.7}', "line 1: not a HellaSwag item"),
     ("label-bool", '{**ITEM, "label": true}', "line 1: not a HellaSwag item"),
     ("label-range", '{**ITEM, "label": 4}', "line 1: not a HellaSwag item"),
     ("endings-str", '{**ITEM, "endings": "abcd"}', "line 1: not a HellaSwag item"),
     ("ending-blank", '{**ITEM, "endings": ["d", " ", "f", "g"]}', "line 1: not a HellaSwag item"),
-    ("endings-empty", '{**ITEM, "endings": []}', "line 1: not a HellaSwag item"),
-    ("endings-int", '{**ITEM, "endings": ["d", 5]}', "line 1: not a HellaSwag item"),
-    ("ctx-null", '{**ITEM, "ctx_a": null}', "line 1: not a HellaSwag item"),
-    ("list", "[1, 2]", "line 1: not a HellaSwag item"),
-    ("no-label", json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e"]}),
-     "line 1: not a HellaSwag item"),
     ("broken", HELLASWAG_TINY.read_text().splitlines()[0] + "\n{not json", "line 2: not valid JSON"),
 ]
 
@@ -316,7 +306,6 @@ def bad_inputs(tmp_path_factory):
     _classify_sms_slice(files)
     (files / "empty").mkdir()  # a model folder without the model
     (files / "junk.pt").write_bytes(b"not a checkpoint")
-    torch.save({"weights": {}}, files / "other.pt")
     header = {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     (files / "truncated.safetensors").write_bytes(header_bytes(header, b"\0" * 4))  # 4 of its 8 data bytes
     raw = SMS_ZIP.read_bytes()
@@ -325,13 +314,11 @@ def bad_inputs(tmp_path_factory):
     (files / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
     (files / "garbage.bin").write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
     for name, content in [("a.csv", "label,message\nham,hi\n"), ("b.csv", "text,label\nhi,ham\nyo,spma\n"),
-                          ("c.csv", "text,label\n"), ("d.tsv", "ham\thi\nspma\tyo\n"), ("e.tsv", "ham\thi\nno tab\n"),
-                          ("f.tsv", "\n"), ("g.csv", 'label,text\nham,hi\nspam,"open\nham,yo\n'), ("empty.txt", ""),
-                          ("short.txt", "Only a few words here.")]:
+                          ("c.csv", "text,label\n"), ("g.csv", 'label,text\nham,hi\nspam,"open\nham,yo\n'),
+                          ("empty.txt", ""), ("short.txt", "Only a few words here.")]:
         (files / name).write_text(content)
     (files / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
     (files / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
-    (files / "bom.txt").write_bytes(b"\xef\xbb\xbf")
     (files / "x_test.csv").write_text("Question?,a,b,c,E\n")
     for name, member, arcname in [("mmlu", MMLU_FOLDER / "data", "data"), ("bad_mmlu", files / "x_test.csv",
                                   "data/test/x_test.csv"), ("not_mmlu", files / "empty.txt", "notes.txt")]:
@@ -414,8 +401,7 @@ def test_hub_style_file_says_what_it_assumed_and_a_file_that_does_not_fit_names_
 
 def test_new_model_is_initialised_as_gpt2_and_gpt2_small_has_its_size():
     torch.manual_seed(0)
-    cfg = gpt.GPTConfig(vocab_size=5000, context_length=256, emb_dim=128, n_heads=4, n_layers=8)
-    model = gpt.GPTModel(cfg)
+    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=5000, context_length=256, emb_dim=128, n_heads=4, n_layers=8))
     assert model.lm_head.weight is model.wte.weight
     for name, param in model.named_parameters():
         if name.endswith("c_proj.weight"):  # residual projections: 0.02 / sqrt(2 * n_layers)
@@ -424,8 +410,6 @@ def test_new_model_is_initialised_as_gpt2_and_gpt2_small_has_its_size():
             assert param.std().item() == pytest.approx(0.02, rel=0.05) and abs(param.mean().item()) < 1e-3, name
         elif name.endswith("bias") and "ln_" not in name:
             assert not param.any(), name
-    assert model.wte.weight.requires_grad and model.wpe.weight.requires_grad
-    assert gpt.GPTConfig().qkv_bias is True and gpt.LlamaConfig().qkv_bias is False  # the family's biases
     assert gpt.count_parameters(gpt.empty_model(gpt.GPT_CONFIGS["gpt2"])) == 124_439_808  # GPT-2 small, embeddings tied
 
 
@@ -459,89 +443,51 @@ def test_bad_calls_of_the_model_are_clear_errors(call, message):
 # ========================================================================================
 
 
-def reference_and_model(name, small_pair, family_models):
-    """(transformers model, ours read from its files) for "gpt2" (small_pair) or a FAMILY_CONFIGS name."""
-    reference, path = small_pair if name == "gpt2" else family_models[name]
-    return reference, load_lm(path)
-
-
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa_untied_bias_rope_scaling", "qwen3_gqa_qk_norm_tied_head_dim"])
-def test_kv_cache_equals_full_forward_also_past_the_context_length(small_pair, family_models, name):
-    model = reference_and_model(name, small_pair, family_models)[1]
-    idx = torch.randint(0, model.cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
+def test_kv_cache_equals_the_full_forward_and_past_the_context_the_window_moves_by_half(family_models, name):
+    model = tiny_model(context_length=8) if name == "gpt2" else load_lm(family_models[name][1])
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(idx)
-        cache = gpt.KVCache(model.cfg, max_length=30)
-        pieces = [model(idx[:, :10], kv_cache=cache), model(idx[:, 10:25], kv_cache=cache)]
-        pieces += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(25, 30)]
-    assert cache.length == 30
-    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
-    if name == "gpt2":
-        return  # GPT-2 past its context: the next test, with a context of 8
-    assert cache.keys[0].shape == (2, model.cfg.n_kv_heads, 30, model.layers[0].self_attn.head_dim)  # key/value heads
-    prompt = idx[:, :5]
-    # 5 + 100 tokens run past the context length (64): the window moves, with the cache as without it.
-    assert torch.equal(gpt.generate(model, prompt, 100), gpt.generate(model, prompt, 100, use_cache=False))
-    sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
-    assert torch.equal(*sampled)
-
-
-def test_generation_streams_each_token_and_past_the_context_moves_the_window_by_half():
-    model = tiny_model(context_length=8)
-    prompt = torch.randint(0, 50257, (2, 3), generator=torch.Generator().manual_seed(7))
-    seen = []
-    out = gpt.generate(model, prompt, 30, on_token=seen.append)
-    assert out.shape == (2, 33) and torch.equal(torch.stack(seen, dim=1), out[:, 3:])  # each token streamed
-    assert torch.equal(out, gpt.generate(model, prompt, 30, use_cache=False))
-    sampled = [gpt.generate(model, prompt, 30, temperature=1.0, top_p=0.9, seed=7, use_cache=c) for c in (True, False)]
+        cache = gpt.KVCache(model.cfg, max_length=8)
+        pieces = [model(idx[:, start:end], kv_cache=cache) for start, end in [(0, 3), (3, 7), (7, 8)]]
+    assert cache.length == 8 and torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+    prompt, steps = idx[:, :3], model.cfg.context_length + 20  # past the context length: the window moves
+    streamed = []
+    greedy = gpt.generate(model, prompt, steps, on_token=streamed.append)
+    assert torch.equal(torch.stack(streamed, dim=1), greedy[:, 3:])  # each token streamed
+    assert torch.equal(greedy, gpt.generate(model, prompt, steps, use_cache=False))
+    sampled = [gpt.generate(model, prompt, steps, temperature=1.0, top_p=0.9, seed=7, use_cache=cache)
+               for cache in (True, False)]
     assert torch.equal(*sampled)
     assert [gpt.window_start(n, 8) for n in (8, 9, 12, 13, 16, 17)] == [0, 4, 4, 8, 8, 12]
 
 
-def test_top_k_1_equals_greedy_seeded_sampling_is_reproducible_and_eos_stops(small_pair):
-    model = load_lm(small_pair[1])
-    prompt = torch.randint(0, 1000, (1, 4), generator=torch.Generator().manual_seed(5))
-    greedy = gpt.generate(model, prompt, 20)
-    assert torch.equal(gpt.generate(model, prompt, 20, temperature=1.0, top_k=1, seed=1), greedy)
-    a = gpt.generate(model, prompt, 20, temperature=1.5, top_k=50, seed=123)
-    b = gpt.generate(model, prompt, 20, temperature=1.5, top_k=50, seed=123)
-    c = gpt.generate(model, prompt, 20, temperature=1.5, top_k=50, seed=124)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
-    eos = greedy[0, 4 + 6].item()  # the 7th new token
-    first = (greedy[0, 4:] == eos).nonzero()[0].item()
-    assert torch.equal(gpt.generate(model, prompt, 20, eot_id=eos), greedy[:, : 4 + first + 1])
-
-
-def test_top_p_keeps_the_smallest_set_reaching_p():
+def test_sampling_keeps_the_top_k_or_the_smallest_set_reaching_top_p_is_seeded_and_stops_at_the_end_token():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    gen = torch.Generator().manual_seed(0)
-    picks = {gpt.sample_next_token(logits, 1.0, top_p=0.7, generator=gen).item() for _ in range(300)}
-    assert picks == {0, 1}  # 0.5 alone is below 0.7; 0.5 + 0.3 reaches it
-    for top_p in (0.5, 0.0):  # 0: only the most likely token, the limit of an ever smaller p
-        picks = {gpt.sample_next_token(logits, 1.0, top_p=top_p, generator=gen).item() for _ in range(50)}
-        assert picks == {0}
-    picks = {gpt.sample_next_token(logits, 1.0, top_k=3, generator=gen).item() for _ in range(300)}
-    assert picks == {0, 1, 2}
+    generator = torch.Generator().manual_seed(0)
+    # 0.5 alone is below 0.7, 0.5 + 0.3 reaches it; top_p 0: only the most likely token, the limit of an ever smaller p.
+    options = [({"top_p": 0.7}, {0, 1}), ({"top_p": 0.5}, {0}), ({"top_p": 0.0}, {0}), ({"top_k": 3}, {0, 1, 2})]
+    for option, expected in options:
+        picks = {gpt.sample_next_token(logits, 1.0, generator=generator, **option).item() for _ in range(300)}
+        assert picks == expected, option
+    model = tiny_model()
+    prompt = torch.randint(0, 50257, (1, 4), generator=torch.Generator().manual_seed(5))
+    greedy = gpt.generate(model, prompt, 10)
+    assert torch.equal(gpt.generate(model, prompt, 10, temperature=1.0, top_k=1, seed=1), greedy)
+    sampled = [gpt.generate(model, prompt, 10, temperature=1.5, top_k=50, seed=seed) for seed in (123, 123, 124)]
+    assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])
+    end = greedy[0, 4 + 6].item()  # the 7th new token
+    first = (greedy[0, 4:] == end).nonzero()[0].item()
+    assert torch.equal(gpt.generate(model, prompt, 10, eot_id=end), greedy[:, : 4 + first + 1])
 
 
-def test_tokenizer_round_trip_and_offline_without_cache_is_a_clear_error(monkeypatch):
+def test_tokenizer_round_trip_gives_gpt2s_ids():
     ids = gpt.text_to_token_ids("Hello, world<|endoftext|>")
     assert ids.tolist() == [[15496, 11, 995, 50256]]
     assert gpt.token_ids_to_text(ids) == "Hello, world<|endoftext|>"
     # Embedding rows past the tokenizer's last id (a model of 50,304 rows) have no text.
     assert gpt.token_ids_to_text([15496, 50257, 50303, 11]) == "Hello,"
-
-    def no_network(name):
-        raise requests.ConnectionError("no route to openaipublic.blob.core.windows.net")
-
-    monkeypatch.setattr(gpt.tiktoken, "get_encoding", no_network)
-    gpt.get_tokenizer.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
-            gpt.text_to_token_ids("Hello")
-    finally:
-        gpt.get_tokenizer.cache_clear()  # the real tokenizer again for the other tests
 
 
 # ========================================================================================
@@ -579,33 +525,48 @@ def test_lora_starts_from_the_model_and_merges_back(family_models, name):
 
 
 # ========================================================================================
-# gpt.py: the Llama family (SmolLM2, Qwen3, Llama 3.2) against Hugging Face transformers
+# gpt.py: the Llama family (Llama, SmolLM2, Qwen3, Mistral, Phi, Gemma 3) against Hugging Face transformers
 # ========================================================================================
 
 LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=16)
-# Small configs that together turn every switch: GQA, QK-norm, tied and untied heads, head
-# size != width / heads, Llama 3 rope scaling, attention and MLP biases.
+GEMMA_LAYERS = ["sliding_attention", "sliding_attention", "full_attention"]
+# name: (transformers' config class, settings). Small configs that together turn every switch: GQA, QK-norm, tied and
+# untied heads, head size != width / heads, Llama 3 rope scaling, attention and MLP biases, partial rotary positions,
+# and sliding windows shorter than the test sequences.
 FAMILY_CONFIGS = {
-    "llama_gqa_untied_bias_rope_scaling": ("llama", dict(
+    "llama_gqa_untied_bias_rope_scaling": ("LlamaConfig", dict(
         num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
-        rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))),  # a copy: transformers adds to it
-    "llama_tied_mha_no_bias": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True, rope_theta=100000.0)),
-    "qwen3_gqa_qk_norm_tied_head_dim": ("qwen3", dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)),
-    "qwen3_untied_attention_bias": ("qwen3", dict(num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True)),
+        rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)),
+    "llama_tied_mha_no_bias": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True,
+                                                   rope_theta=100000.0)),
+    "qwen3_gqa_qk_norm_tied_head_dim": ("Qwen3Config", dict(num_key_value_heads=1, head_dim=32,
+                                                            tie_word_embeddings=True)),
+    "qwen3_untied_attention_bias": ("Qwen3Config", dict(num_key_value_heads=2, tie_word_embeddings=False,
+                                                        attention_bias=True)),
+    "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
+    "phi_1_5_rotary_half": ("PhiConfig", dict(intermediate_size=256, partial_rotary_factor=0.5)),
+    "phi_2_rotary_0_4": ("PhiConfig", dict(hidden_size=80, intermediate_size=320, partial_rotary_factor=0.4)),
+    "phi3_gqa_window": ("Phi3Config", dict(num_key_value_heads=2, sliding_window=7, pad_token_id=0)),
+    "phi3_no_window": ("Phi3Config", dict(sliding_window=None, pad_token_id=0)),
+    "gemma3_local_global": ("Gemma3TextConfig", dict(num_hidden_layers=3, num_key_value_heads=1, head_dim=32,
+                                                     sliding_window=6, layer_types=GEMMA_LAYERS,
+                                                     query_pre_attn_scalar=24, pad_token_id=0)),
 }
 
 
 def save_hf_family(folder, family, seed=0, perturb=True, tokenizer_json=None, **config):
-    """A random transformers model of family ("llama", "qwen3" or a NEW_FAMILIES name), small sizes changed by
+    """A random transformers model of family ("llama", "qwen3" or a FAMILY_CONFIGS name), small sizes changed by
     config, saved with save_pretrained beside tokenizer_json (a dict) when given -> the model. With `perturb`
     every parameter, norms and biases too, moves off its initial value, so that no switch hides behind a 1 or a 0."""
     import transformers
 
-    class_name, settings = NEW_FAMILIES.get(family, ({"llama": "LlamaConfig", "qwen3": "Qwen3Config"}.get(family), {}))
+    plain = {"llama": ("LlamaConfig", {}), "qwen3": ("Qwen3Config", {})}
+    class_name, settings = FAMILY_CONFIGS.get(family) or plain[family]
     sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=64, rms_norm_eps=1e-5)
     torch.manual_seed(seed)
+    settings = copy.deepcopy(settings)  # transformers adds to a rope_scaling dict
     model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, class_name)(**sizes | settings | config))
     with torch.no_grad():
         for param in model.eval().parameters() if perturb else []:
@@ -618,57 +579,62 @@ def save_hf_family(folder, family, seed=0, perturb=True, tokenizer_json=None, **
 
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory):
-    """{config name: (transformers model, folder written by save_pretrained)}."""
-    pairs = {}
-    for name, (model_type, config) in FAMILY_CONFIGS.items():
-        folder = tmp_path_factory.mktemp(name)
-        pairs[name] = save_hf_family(folder, model_type, **config), folder
-    return pairs
+    """{FAMILY_CONFIGS name: (transformers model, folder written by save_pretrained)}."""
+    return {name: (save_hf_family(folder := tmp_path_factory.mktemp(name), name), folder) for name in FAMILY_CONFIGS}
 
 
 @pytest.mark.parametrize("name", ["gpt2", *FAMILY_CONFIGS])
-def test_logits_and_greedy_tokens_equal_transformers(small_pair, family_models, name):
-    reference, model = reference_and_model(name, small_pair, family_models)
-    if name == "gpt2":
-        assert model.cfg == gpt.GPTConfig(vocab_size=1000, context_length=64, emb_dim=128, n_heads=2, n_layers=2)
-    else:
-        model_type, config = FAMILY_CONFIGS[name]
-        assert isinstance(model, gpt.LlamaModel) and model.cfg.family == "llama"
-        assert model.cfg.n_kv_heads == config["num_key_value_heads"] and model.cfg.qk_norm == (model_type == "qwen3")
-        assert model.cfg.tie_embeddings == config["tie_word_embeddings"]
-        assert (model.lm_head.weight is model.embed_tokens.weight) == config["tie_word_embeddings"]
+def test_logits_and_greedy_tokens_past_the_window_equal_transformers(small_pair, family_models, name):
+    reference, source = small_pair if name == "gpt2" else family_models[name]  # a model.safetensors file, or a folder
+    model = load_lm(source)
     assert gpt.count_parameters(model) == reference.num_parameters()
     assert_same_logits(model, reference, model.cfg.vocab_size, (3, 64))
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
-    ours = gpt.generate(model, prompt, 40)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
+    ours = gpt.generate(model, prompt, 40)  # 45 tokens: far past windows of 6, 7 and 8
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
                                 min_new_tokens=40, do_sample=False, pad_token_id=0)
-    assert ours.shape == (1, 48) and torch.equal(ours, theirs)
+    assert ours.shape == (1, 45) and torch.equal(ours, theirs)
+    assert torch.equal(ours, gpt.generate(model, prompt, 40, use_cache=False))
+    windows = {"mistral_window": [8, 8], "phi3_gqa_window": [7, 7], "gemma3_local_global": [6, 6, None]}.get(name)
+    if windows:  # a windowed layer keeps its last `window` keys only, however long the generation; a global one all
+        assert [block.self_attn.window for block in model.layers] == windows
+        cache = gpt.KVCache(model.cfg, max_length=45)
+        with torch.no_grad():
+            for t in range(45):
+                model(ours[:, t : t + 1], kv_cache=cache)
+        assert [keys.shape[2] for keys in cache.keys] == [window or 45 for window in windows]
 
 
-def test_family_rope_scaling_and_head_dim_reach_the_model(family_models):
-    model = load_lm(family_models["llama_gqa_untied_bias_rope_scaling"][1])
-    assert model.cfg.head_dim == 24 and model.layers[0].self_attn.q_proj.out_features == 4 * 24
-    assert model.cfg.rope_scaling == dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
-    plain = gpt.rope_frequencies(dataclasses.replace(model.cfg, rope_scaling=None), 24)
-    scaled = gpt.rope_frequencies(model.cfg, 24)
-    # Wavelengths under 16 / 4 positions stay, over 16 / 1 are slowed down 8 times, in between blend.
-    wavelength = 2 * math.pi / plain
-    assert torch.equal(scaled[wavelength < 4], plain[wavelength < 4])
-    assert torch.allclose(scaled[wavelength > 16], plain[wavelength > 16] / 8)
-    middle = (wavelength > 4) & (wavelength < 16)
-    assert middle.any() and (scaled[middle] < plain[middle]).all() and (scaled[middle] > plain[middle] / 8).all()
+HUB_CONFIGS = {  # the config.json files on the Hub (transformers 4's keys), bookkeeping keys left out
+    "HuggingFaceTB/SmolLM2-135M": dict(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, hidden_act="silu", max_position_embeddings=8192,
+        rms_norm_eps=1e-05, rope_theta=100000.0, tie_word_embeddings=True),
+    "mistralai/Mistral-7B-v0.1": dict(
+        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", max_position_embeddings=32768,
+        rms_norm_eps=1e-05, rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False),
+    "microsoft/phi-2": dict(
+        model_type="phi", vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=None, hidden_act="gelu_new", max_position_embeddings=2048,
+        layer_norm_eps=1e-05, partial_rotary_factor=0.4, qk_layernorm=False, rope_scaling=None, rope_theta=10000.0,
+        tie_word_embeddings=False, resid_pdrop=0.1, embd_pdrop=0.0),
+    "microsoft/Phi-3-mini-4k-instruct": dict(
+        model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=4096,
+        original_max_position_embeddings=4096, rms_norm_eps=1e-05, rope_scaling=None, rope_theta=10000.0,
+        sliding_window=2047, tie_word_embeddings=False, attention_bias=False),
+    "google/gemma-3-270m": dict(
+        model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=32768, rms_norm_eps=1e-06, query_pre_attn_scalar=256, rope_local_base_freq=10000.0,
+        rope_scaling=None, rope_theta=1000000.0, sliding_window=512, _sliding_window_pattern=6,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, final_logit_softcapping=None,
+        attn_logit_softcapping=None, attention_bias=False, use_bidirectional_attention=False),
+}
 
 
-def test_family_presets_have_the_published_sizes_and_smollm2_is_its_transformers_config(monkeypatch):
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5)
-    cfg = gpt.config_from_hub(json.loads(config.to_json_string()))
-    preset = gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"]
-    assert dataclasses.replace(cfg, head_dim=None) == preset  # transformers 5 writes head_dim 64
+def test_family_presets_have_the_published_sizes_and_are_the_hub_config_files():
     counts = {name: gpt.count_parameters(gpt.empty_model(cfg)) for name, cfg in gpt.LLAMA_CONFIGS.items()}
     assert counts == {
         "HuggingFaceTB/SmolLM2-135M": 134_515_008,
@@ -682,18 +648,19 @@ def test_family_presets_have_the_published_sizes_and_smollm2_is_its_transformers
         "google/gemma-3-270m": 268_098_176,  # 270M,
         "google/gemma-3-1b-pt": 999_885_952,  # 1B
     }
-    # Full fine-tuning of Llama 3.2 1B in float32 with AdamW: 16 bytes per parameter; frozen in bfloat16: 2.
-    llama = gpt.empty_model(gpt.LLAMA_CONFIGS["meta-llama/Llama-3.2-1B"])
-    cpu = torch.device("cpu")
-    for needed in (16 * 1_235_814_400, 2 * 1_235_814_400):
-        if needed < 16 * 1_235_814_400:
-            llama.requires_grad_(False).to(torch.bfloat16)
-        monkeypatch.setattr(gpt.os, "sysconf", lambda name: needed if name == "SC_PHYS_PAGES" else 1)  # bytes of RAM
-        gpt.check_training_memory(llama, cpu, "use --lora")  # fits exactly
-        monkeypatch.setattr(gpt.os, "sysconf", lambda name: needed - 1 if name == "SC_PHYS_PAGES" else 1)
-        with pytest.raises(ValueError, match=rf"before activations\): about {needed / 1e9:.1f} GB needed, but the cpu has "
-                                             rf"{needed / 1e9:.1f} GB: use --lora$"):
-            gpt.check_training_memory(llama, cpu, "use --lora")
+    for name, config_json in HUB_CONFIGS.items():
+        preset = gpt.LLAMA_CONFIGS[name]
+        assert gpt.config_from_hub(config_json) == preset
+        # The export writes transformers 5's rope_parameters (Gemma 3's per layer type) and the sizes in full.
+        explicit = dict(n_kv_heads=preset.n_kv_heads or preset.n_heads,
+                        head_dim=preset.head_dim or preset.emb_dim // preset.n_heads)
+        assert gpt.config_from_hub(gpt.hub_config(preset)) == dataclasses.replace(preset, **explicit)
+    gemma_5 = {**HUB_CONFIGS["google/gemma-3-270m"], "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}
+    for key in ("rope_theta", "rope_local_base_freq", "rope_scaling"):
+        del gemma_5[key]
+    assert gpt.config_from_hub(gemma_5) == gpt.LLAMA_CONFIGS["google/gemma-3-270m"]
 
 
 def test_family_sharded_hub_download_sends_hf_token(family_models, local_server, monkeypatch, tmp_path):
@@ -711,24 +678,24 @@ def test_family_sharded_hub_download_sends_hf_token(family_models, local_server,
     assert_same_logits(model, reference, 300, (1, 16))
     assert all(headers.get("Authorization") == "Bearer hf_secret" for _, _, headers in server.requests)
     assert sorted(p.name for p in (tmp_path / "gpt-cache" / "owner" / "tiny").glob("model-*.safetensors")) == shards
-    count = len(server.requests)
-    load_lm("owner/tiny", quiet=True)  # the second load reads the cache
-    assert len(server.requests) == count
 
 
-@pytest.mark.parametrize("token", [None, "hf_no_access"])
-def test_family_gated_model_says_what_to_do(local_server, monkeypatch, token):
-    server = local_server({"/meta-llama/Llama-3.2-1B/resolve/main/config.json": answer(b"", status=401 if token is None else 403)})
+@pytest.mark.parametrize("token, status", [
+    (None, "HTTP 401; HF_TOKEN is not set"),
+    ("hf_no_access", "HTTP 403; HF_TOKEN is set, but its account has no access yet"),
+])
+def test_family_gated_model_says_what_to_do(local_server, monkeypatch, token, status):
+    gated = answer(b"", 401 if token is None else 403)
+    server = local_server({"/meta-llama/Llama-3.2-1B/resolve/main/config.json": gated})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     if token:
         monkeypatch.setenv("HF_TOKEN", token)
-    else:
-        monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(RuntimeError) as error:
         load_lm("meta-llama/Llama-3.2-1B", quiet=True)
-    message = str(error.value)
-    assert "meta-llama/Llama-3.2-1B is gated" in message and "accept its licence on https://huggingface.co/meta-llama/Llama-3.2-1B" in message
-    assert ("HF_TOKEN is not set" in message) == (token is None)
+    assert str(error.value) == (f"meta-llama/Llama-3.2-1B is gated ({status}): accept its licence on "
+                                "https://huggingface.co/meta-llama/Llama-3.2-1B while logged in, then set HF_TOKEN "
+                                "to an access token of that account (https://huggingface.co/settings/tokens)")
 
 
 # --- the family's tokenizers: tokenizer.json -> tiktoken ---------------------------------
@@ -785,56 +752,53 @@ def trained_tokenizers(tmp_path_factory):
     return pairs
 
 
-@pytest.mark.parametrize("style", ["qwen3", "smollm2", "llama3"])
-def test_tokenizer_json_gives_the_reference_ids_on_held_out_text(trained_tokenizers, style):
-    reference, folder = trained_tokenizers[style]
-    encoding = tokenizer_of_json(json.loads((folder / "tokenizer.json").read_text()), "tokenizer.json")
-    for text in HELD_OUT:
-        ids = reference.encode(text).ids
-        if style == "llama3":  # the reference prepends <|begin_of_text|> to a whole text, as text_to_token_ids does
-            assert ids[0] == encoding.bos_id == reference.token_to_id("<|begin_of_text|>")
-            assert encoding.encode(text) == ids[1:]
-        else:
-            assert encoding.bos_id is None and encoding.encode(text) == ids
-        assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == ids
-        assert gpt.token_ids_to_text(encoding.encode(text), tokenizer=encoding) == (
-            unicodedata.normalize("NFC", text) if style == "qwen3" else text
-        )
-    end_of_text = "<|end_of_text|>" if style == "llama3" else "<|endoftext|>"
-    assert encoding.eot_token == reference.token_to_id(end_of_text)
-    assert gpt.text_to_token_ids(f"a{end_of_text}", tokenizer=encoding)[0, -1].item() == encoding.eot_token
-
-
 def test_tokenizer_json_of_a_folder_with_its_end_of_text_from_tokenizer_config(trained_tokenizers, tmp_path):
     reference, folder = trained_tokenizers["qwen3"]
     (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
     encoding, eot_id = tokenizer_and_eot(tmp_path)
     assert eot_id == encoding.eot_token == reference.token_to_id("<|endoftext|>") and encoding.nfc
-    copy = pickle.loads(pickle.dumps(encoding))  # as DataLoader workers receive it
-    assert copy.nfc and copy.eot_token == eot_id and copy.encode(HELD_OUT[-1]) == reference.encode(HELD_OUT[-1]).ids
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|nope|>"}}))
     with pytest.raises(ValueError, match="no end-of-text token '<\\|nope\\|>'"):
         tokenizer_and_eot(tmp_path)
-    assert tokenizer_and_eot("gpt2") == (gpt.get_tokenizer(), 50256)
-    small = gpt.build_model(dataclasses.replace(gpt.LLAMA_CONFIGS["HuggingFaceTB/SmolLM2-135M"], vocab_size=999, n_layers=1))
-    with pytest.raises(ValueError, match=f"has 999 tokens, but the tokenizer {re.escape(str(tmp_path))}.* uses 1000"):
-        gpt.check_vocabulary(small, "--model x", tokenizer=encoding)
 
 
-def test_tokenizer_json_of_gpt2_gives_tiktokens_gpt2_ids(tmp_path):
+@pytest.fixture(scope="module")
+def gpt2_tokenizer_json():
+    """GPT-2's tokenizer.json (a dict), written by transformers from the two files in tiktoken's cache (encoder.json
+    and vocab.bpe, see testdata/README.md)."""
     from transformers import GPT2TokenizerFast
 
-    # GPT-2's two files in tiktoken's cache: encoder.json and vocab.bpe (see testdata/README.md).
     cache = TESTDATA / "tiktoken_cache"
     vocab = json.loads((cache / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6").read_text(encoding="utf-8"))
     merges = (cache / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").read_text(encoding="utf-8").split("\n")[1:]
-    GPT2TokenizerFast(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges if m]).save_pretrained(tmp_path)
-    encoding = tokenizer_of_json(json.loads((tmp_path / "tokenizer.json").read_text()), "gpt2")
-    reference = gpt.get_tokenizer()
-    assert encoding.n_vocab == reference.n_vocab == 50257 and encoding.eot_token == 50256
-    for text in HELD_OUT + ["Hello, world<|endoftext|>"]:
-        assert encoding.encode(text) == reference.encode(text)
-    assert encoding is reference  # GPT-2's vocabulary, merges, pattern and special token: GPT-2's tokenizer itself
+    return json.loads(GPT2TokenizerFast(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges if m])
+                      .backend_tokenizer.to_str())
+
+
+def with_whitespace_runs(reference):
+    """A tokenizers.Tokenizer with CodeGen's 38 added tokens: runs of 31 to 2 spaces, then of 9 to 2 tabs
+    -> its tokenizer.json as a dict."""
+    from tokenizers import AddedToken
+
+    runs = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
+    reference.add_tokens([AddedToken(run, normalized=True) for run in runs])
+    return json.loads(reference.to_str())
+
+
+def test_tokenizer_json_of_gpt2_is_tiktokens_and_codegens_matches_the_longest_run_of_spaces_first(gpt2_tokenizer_json):
+    """CodeGen's tokenizer.json (Phi-1.5, Phi-2): GPT-2's with runs of spaces and tabs as ids 50257-50294."""
+    from tokenizers import Tokenizer
+
+    # GPT-2's vocabulary, merges, pattern and special token: GPT-2's tokenizer itself.
+    assert tokenizer_of_json(gpt2_tokenizer_json, "gpt2") is gpt.get_tokenizer()
+    codegen = with_whitespace_runs(Tokenizer.from_str(json.dumps(gpt2_tokenizer_json)))
+    reference = Tokenizer.from_str(json.dumps(codegen))
+    encoding = tokenizer_of_json(codegen, "codegen")
+    assert reference.token_to_id(" " * 31) == 50257 and reference.token_to_id("\t\t") == 50294
+    assert encoding.n_vocab == 50295 and encoding.eot_id == 50256
+    texts = [f"a{' ' * n}b" for n in range(1, 34)] + [f"x{chr(9) * n}y" for n in range(1, 12)]
+    for text in texts + ["def f():\n    return 1\n\t\treturn  2<|endoftext|>", "  lead", "trail   "]:
+        assert encoding.encode(text) == reference.encode(text).ids and encoding.decode(encoding.encode(text)) == text
 
 
 def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(trained_tokenizers):
@@ -856,57 +820,19 @@ def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(traine
             tokenizer_of_json({**data, **change}, "tokenizer.json")
 
 
-def test_tokenizer_json_converted_from_tiktoken_lists_every_split_of_a_token(trained_tokenizers, tmp_path):
-    """Llama 3's and Qwen's tokenizer.json come from tiktoken ranks: each token is listed with
-    every split into two tokens, one merge after the other, and the whole pieces are looked
-    up first (ignore_merges). Such a file gives the reference's ids too."""
-    from tokenizers import Tokenizer
-
-    data = json.loads((trained_tokenizers["llama3"][1] / "tokenizer.json").read_text())
-    vocab, merges = data["model"]["vocab"], [tuple(m) for m in data["model"]["merges"]]
-    listed = []
-    for left, right in merges:
-        token = left + right
-        listed.append((left, right))
-        listed += [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] != left
-                   and vocab.get(token[:i], 1e9) < vocab[token] and vocab.get(token[i:], 1e9) < vocab[token]]
-    assert len(listed) > len(merges) + 50  # many tokens have several splits
-    data["model"].update(merges=[list(m) for m in listed], ignore_merges=True)
-    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
-    reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    encoding = tokenizer_of_json(data, "llama3")
-    for text in HELD_OUT:
-        assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == reference.encode(text).ids
-
-
-def test_tokenizer_json_drops_bytes_missing_from_the_vocabulary_as_the_reference(trained_tokenizers, tmp_path, capsys):
-    from tokenizers import Tokenizer
-
-    data = json.loads((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_text())
-    del data["model"]["vocab"][gpt.byte_level_alphabet()[0x01]]  # a byte no merge uses
-    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
-    reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    encoding = tokenizer_of_json(data, "smol")
-    text = "a\x01b\x01 c 12"
-    assert encoding.encode(text) == reference.encode(text).ids
-    assert encoding.encode(text) == encoding.encode("a") + encoding.encode("b") + encoding.encode(" c 12")  # \x01 split them
-    assert encoding.n_vocab == len(data["model"]["vocab"]) + 1  # + <|endoftext|>; no stand-in counts
-    assert capsys.readouterr().err.count("dropped") == 1
-
-
-# --- the family through load_gpt2.py: its own tokenizer, end token and measurements -------
+# --- a family model that soon reaches its end token (for the stages' tests) ------------------
 
 FAMILY_STYLES = {"smollm2": "llama", "llama3": "llama", "qwen3": "qwen3"}  # tokenizer style -> model_type
 
 
-def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt, **config):
+def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt):
     """A random model (vocabulary 1000, context 256) saved with save_pretrained beside the trained tokenizer.json of
     `style`, whose greedy continuation of `prompt` reaches the end-of-text token early: the untied head's row of that
     token is, slightly larger, the row of the token greedy decoding picks third (tied: the embedding's row too) ->
-    (transformers model, tokenizers.Tokenizer). config: more of transformers' config."""
+    (transformers model, tokenizers.Tokenizer)."""
     tokenizer, tokenizer_folder = trained_tokenizers[style]
     sizes = dict(vocab_size=1000, max_position_embeddings=256, num_key_value_heads=2, tie_word_embeddings=False)
-    reference = save_hf_family(folder, FAMILY_STYLES[style], **{**sizes, **config})
+    reference = save_hf_family(folder, FAMILY_STYLES[style], **sizes)
     (folder / "tokenizer.json").write_bytes((tokenizer_folder / "tokenizer.json").read_bytes())
     prompt_ids = torch.tensor([tokenizer.encode(prompt).ids])
     third = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=3,
@@ -918,186 +844,7 @@ def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt, **con
     return reference, tokenizer
 
 
-@pytest.mark.parametrize("style", FAMILY_STYLES)
-def test_family_load_gpt2_generates_with_its_tokenizer_until_its_end_token(trained_tokenizers, tmp_path, capsys, style):
-    prompt = "Every effort moves you"
-    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, prompt)
-    eot = tokenizer_and_eot(tmp_path / "model")[1]
-    prompt_ids = torch.tensor([tokenizer.encode(prompt).ids])  # Llama 3: <|begin_of_text|> first
-    expected = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=20,
-                                  do_sample=False, eos_token_id=eot, pad_token_id=eot)[0, prompt_ids.shape[1] :].tolist()
-    assert expected[-1] == eot and len(expected) <= 3 and eot not in expected[:-1]  # stopped at its end token
-    text = tokenizer.decode(expected[:-1])
-    load_gpt2.main(["--model", str(tmp_path / "model"), "--prompt", prompt, "--max-new-tokens", "20"])
-    assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")
-    # A checkpoint carries its tokenizer; one saved with GPT-2's (every older checkpoint without the entry) has GPT-2's.
-    model, tokenizer_of_model = gpt.load(tmp_path / "model")
-    gpt.save_checkpoint(tmp_path / "named.pt", model, tokenizer_of_model)
-    load_gpt2.main(["--model", str(tmp_path / "named.pt"), "--prompt", prompt, "--max-new-tokens", "20"])
-    assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")
-
-
-@pytest.mark.parametrize("style", ["smollm2", "llama3"])
-def test_family_load_gpt2_perplexity_and_hellaswag_equal_transformers(trained_tokenizers, tmp_path, style):
-    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, "Hi")
-    # A text starts after <|endoftext|>, or Llama 3's <|begin_of_text|>, as in the harness.
-    text = "Every effort moves you forward, one step at a time: 12 steps.\nDon't stop."
-    ids = tokenizer.encode(text).ids if style == "llama3" else [tokenizer.token_to_id("<|endoftext|>")] + tokenizer.encode(text).ids
-    with torch.no_grad():
-        logits = reference(torch.tensor([ids[:-1]])).logits[0]
-    cross_entropy = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item()
-    (tmp_path / "text.txt").write_text(text)
-    load_gpt2.main(["--model", str(tmp_path / "model"), "--perplexity", str(tmp_path / "text.txt"),
-                    "--results", str(tmp_path / "perplexity.json")])
-    score = json.loads((tmp_path / "perplexity.json").read_text())["perplexity"]
-    assert score["tokens"] == len(ids) - 1 and score["windows"] == 1
-    assert score["perplexity"] == pytest.approx(math.exp(cross_entropy), rel=1e-4)
-    # One HellaSwag item: the harness's prompt, encoded without a begin-of-text token.
-    item = load_gpt2.read_hellaswag(HELLASWAG_TINY)[0]
-    request = load_gpt2.hellaswag_request(item)
-    encode = partial(tokenizer.encode, add_special_tokens=False)
-    context = encode(request["context"]).ids
-    lls = []
-    for choice in request["choices"]:
-        continuation = encode(request["context"] + " " + choice).ids[len(context) :]
-        all_ids = torch.tensor([context + continuation])
-        with torch.no_grad():
-            logprobs = reference(all_ids[:, :-1]).logits[0].log_softmax(dim=-1)
-        lls.append(sum(logprobs[len(context) - 1 + k, t].item() for k, t in enumerate(continuation)))
-    encoding = tokenizer_and_eot(tmp_path / "model")[0]
-    scored = load_gpt2.score_multiple_choice(load_lm(tmp_path / "model"), [request], tokenizer=encoding)
-    assert scored[0]["lls"] == pytest.approx(lls, abs=1e-4)
-    load_gpt2.main(["--model", str(tmp_path / "model"), "--benchmark", "hellaswag", "--benchmark-file",
-                    str(HELLASWAG_TINY), "--limit", "1", "--results", str(tmp_path / "hellaswag.json")])
-    results = json.loads((tmp_path / "hellaswag.json").read_text())["benchmark"]
-    assert results["items"] == 1 and results["acc"] == float(max(range(4), key=lls.__getitem__) == item["label"])
-    normalised = [ll / len(choice) for ll, choice in zip(lls, request["choices"])]
-    assert results["acc_norm"] == float(max(range(4), key=normalised.__getitem__) == item["label"])
-
-
-@pytest.mark.parametrize("style, config", [
-    ("llama3", dict(rope_scaling=dict(LLAMA3_SCALING), attention_bias=True, mlp_bias=True, head_dim=24)),
-    ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
-])
-def test_family_load_gpt2_export_hf_is_read_by_transformers(trained_tokenizers, tmp_path, style, config):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, style, "Hi", **config)
-    model, tokenizer_of_model = gpt.load(tmp_path / "model")
-    gpt.save_checkpoint(tmp_path / "tuned.pt", model, tokenizer_of_model)
-    load_gpt2.main(["--model", str(tmp_path / "tuned.pt"), "--export-hf", str(tmp_path / "hf")])
-    exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
-    assert problems == [] and type(exported) is type(reference)
-    assert_same_logits(exported, reference, 1000)
-    assert_same_logits(load_lm(tmp_path / "hf"), model, 1000, atol=0)  # and back, exactly
-    exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in HELD_OUT:
-        assert exported_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
-    end_of_text = tokenizer_and_eot(tmp_path / "model")[1]
-    assert exported.generation_config.eos_token_id == exported.config.eos_token_id == end_of_text
-
-
-# ========================================================================================
-# gpt.py: Mistral, Phi, Phi-3 and Gemma 3, switches of the Llama-family decoder
-# ========================================================================================
-
-GEMMA_LAYERS = ["sliding_attention", "sliding_attention", "full_attention"]
-# Small configs of each transformers class, with a sliding window shorter than the test sequences.
-NEW_FAMILIES = {
-    "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
-    "phi_1_5_rotary_half": ("PhiConfig", dict(intermediate_size=256, partial_rotary_factor=0.5)),
-    "phi_2_rotary_0_4": ("PhiConfig", dict(hidden_size=80, intermediate_size=320, partial_rotary_factor=0.4)),
-    "phi3_gqa_window": ("Phi3Config", dict(num_key_value_heads=2, sliding_window=7, pad_token_id=0)),
-    "phi3_no_window": ("Phi3Config", dict(sliding_window=None, pad_token_id=0)),
-    "gemma3_local_global": ("Gemma3TextConfig", dict(num_hidden_layers=3, num_key_value_heads=1, head_dim=32,
-                                                     sliding_window=6, layer_types=GEMMA_LAYERS,
-                                                     query_pre_attn_scalar=24, pad_token_id=0)),
-}
-
-
-@pytest.fixture(scope="module")
-def new_family_models(tmp_path_factory):
-    """{name: (transformers model, its save_pretrained folder)} of NEW_FAMILIES."""
-    return {name: (save_hf_family(folder := tmp_path_factory.mktemp(name), name), folder) for name in NEW_FAMILIES}
-
-
-@pytest.mark.parametrize("name", NEW_FAMILIES)
-def test_new_family_logits_and_greedy_tokens_past_the_window_equal_transformers(new_family_models, name):
-    reference, folder = new_family_models[name]
-    model = load_lm(folder / "model.safetensors" if name == "phi3_gqa_window" else folder)  # a file or a folder
-    assert type(model) is gpt.LlamaModel and gpt.count_parameters(model) == reference.num_parameters()
-    idx = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(idx) - reference(idx).logits).abs().max().item() <= 1e-4
-    prompt = idx[:1, :5]
-    ours = gpt.generate(model, prompt, 30)  # 35 tokens: far past windows of 6, 7 and 8
-    theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30,
-                                min_new_tokens=30, do_sample=False, pad_token_id=0)
-    assert torch.equal(ours, theirs) and torch.equal(ours, gpt.generate(model, prompt, 30, use_cache=False))
-    cache = gpt.KVCache(model.cfg, max_length=40)
-    with torch.no_grad():
-        for t in range(40):
-            model(idx[:1, t : t + 1], kv_cache=cache)
-    windows = [block.self_attn.window for block in model.layers]
-    assert windows == {"mistral_window": [8, 8], "phi3_gqa_window": [7, 7], "gemma3_local_global": [6, 6, None]}.get(
-        name, [None] * model.cfg.n_layers)
-    # A windowed layer keeps its last `window` keys only, however long the generation; a global one keeps all.
-    assert [keys.shape[2] for keys in cache.keys] == [window or 40 for window in windows]
-
-
-HUB_CONFIGS = {  # the config.json files on the Hub (transformers 4's keys), bookkeeping keys left out
-    "mistralai/Mistral-7B-v0.1": dict(
-        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", max_position_embeddings=32768,
-        rms_norm_eps=1e-05, rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False),
-    "microsoft/phi-2": dict(
-        model_type="phi", vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=None, hidden_act="gelu_new", max_position_embeddings=2048,
-        layer_norm_eps=1e-05, partial_rotary_factor=0.4, qk_layernorm=False, rope_scaling=None, rope_theta=10000.0,
-        tie_word_embeddings=False, resid_pdrop=0.1, embd_pdrop=0.0),
-    "microsoft/Phi-3-mini-4k-instruct": dict(
-        model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=4096,
-        original_max_position_embeddings=4096, rms_norm_eps=1e-05, rope_scaling=None, rope_theta=10000.0,
-        sliding_window=2047, tie_word_embeddings=False, attention_bias=False),
-    "google/gemma-3-270m": dict(
-        model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_activation="gelu_pytorch_tanh",
-        max_position_embeddings=32768, rms_norm_eps=1e-06, query_pre_attn_scalar=256, rope_local_base_freq=10000.0,
-        rope_scaling=None, rope_theta=1000000.0, sliding_window=512, _sliding_window_pattern=6,
-        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, final_logit_softcapping=None,
-        attn_logit_softcapping=None, attention_bias=False, use_bidirectional_attention=False),
-}
-
-
-def test_new_family_hub_config_files_give_the_presets_and_unsupported_settings_are_named():
-    for name, config_json in HUB_CONFIGS.items():
-        preset = gpt.LLAMA_CONFIGS[name]
-        assert gpt.config_from_hub(config_json) == preset
-        # The export writes transformers 5's rope_parameters (Gemma 3's per layer type) and the sizes in full.
-        explicit = dict(n_kv_heads=preset.n_kv_heads or preset.n_heads, head_dim=preset.head_dim or preset.emb_dim // preset.n_heads)
-        assert gpt.config_from_hub(gpt.hub_config(preset)) == dataclasses.replace(preset, **explicit)
-    gemma_5 = {**HUB_CONFIGS["google/gemma-3-270m"], "rope_parameters": {
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}
-    for key in ("rope_theta", "rope_local_base_freq", "rope_scaling"):
-        del gemma_5[key]
-    assert gpt.config_from_hub(gemma_5) == gpt.LLAMA_CONFIGS["google/gemma-3-270m"]
-    phi3, phi, gemma = (HUB_CONFIGS[n] for n in ("microsoft/Phi-3-mini-4k-instruct", "microsoft/phi-2",
-                                                   "google/gemma-3-270m"))
-    for config_json, message in [
-        ({**phi3, "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}},
-         "rope_scaling.type = 'longrope' is not supported"),  # Phi-3-mini-128k and Phi-4-mini: not implemented
-        ({**phi, "qk_layernorm": True}, "qk_layernorm = True is not supported"),
-        ({**phi, "hidden_act": "silu"}, "hidden_act = 'silu' is not supported (this implementation: gelu_new or gelu_pytorch_tanh for phi)"),
-        ({**gemma, "final_logit_softcapping": 30.0}, "final_logit_softcapping = 30.0 is not supported"),
-        ({**gemma, "layer_types": ["full_attention"] + gemma["layer_types"][1:]}, "layer_types = ['full_attention', "),
-    ]:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            gpt.config_from_hub(config_json)
-
-
-# --- SentencePiece-style tokenizer.json, and CodeGen's runs of spaces ---------------------
+# --- SentencePiece-style tokenizer.json; every tokenizer.json against the reference ----------
 
 MIXED_TEXTS = ["Hello world", " leading space", "  two  spaces   three ", "tabs\tand\nnewlines\n\n", "1234567 3.14",
                "emoji 😀🎉, CJK 漢字テスト, £5 é ü ñ", "text</s>more<s>x", "Ok lar... Joking wif u oni...", "\u2581 bar"]
@@ -1133,45 +880,6 @@ def sentencepiece_tokenizers():
     return {"llama2": llama2, "metaspace": metaspace}
 
 
-@pytest.mark.parametrize("style", ["llama2", "metaspace"])
-def test_sentencepiece_tokenizer_json_gives_the_reference_ids(sentencepiece_tokenizers, style):
-    from tokenizers import Tokenizer
-
-    data = sentencepiece_tokenizers[style]
-    reference = Tokenizer.from_str(json.dumps(data))
-    encoding = tokenizer_of_json(data, style)
-    assert (encoding.eot_id, encoding.bos_id, encoding.add_bos, encoding.n_vocab) == (2, 1, True, 956)
-    for text in MIXED_TEXTS + HELD_OUT:
-        assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == reference.encode(text).ids
-        if "\u2581" not in text and "<" not in text:  # the space the encoder puts first stays (transformers strips it)
-            assert encoding.decode(encoding.encode(text)) == (" " + text if style == "llama2" or text[0] != " " else text)
-    assert pickle.loads(pickle.dumps(encoding)).encode(HELD_OUT[0]) == encoding.encode(HELD_OUT[0])
-    assert encoding.decode([3 + 0xF0, 3 + 0x9F, 3 + 0x98, 3 + 0x80]) == "😀"  # byte tokens
-
-
-def with_whitespace_runs(reference):
-    """A tokenizers.Tokenizer with CodeGen's 38 added tokens: runs of 31 to 2 spaces, then of 9 to 2 tabs
-    -> its tokenizer.json as a dict."""
-    from tokenizers import AddedToken
-
-    runs = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
-    reference.add_tokens([AddedToken(run, normalized=True) for run in runs])
-    return json.loads(reference.to_str())
-
-
-@pytest.fixture(scope="module")
-def codegen_tokenizer_json():
-    """CodeGen's tokenizer.json (Phi-1.5, Phi-2) as a dict: GPT-2's with the runs of spaces and tabs
-    (`with_whitespace_runs`) as ids 50257-50294."""
-    from transformers import GPT2TokenizerFast
-
-    cache = TESTDATA / "tiktoken_cache"
-    vocab = json.loads((cache / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6").read_text(encoding="utf-8"))
-    merges = (cache / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").read_text(encoding="utf-8").split("\n")[1:]
-    return with_whitespace_runs(GPT2TokenizerFast(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges if m])
-                                .backend_tokenizer)
-
-
 def stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers):
     """The tokenizer.json (a dict) of a stage test: SentencePiece-style, a trained byte-level BPE (`trained_tokenizers`),
     or "codegen": a small byte-level BPE (1000 tokens) with CodeGen's runs of spaces and tabs (ids 1000-1037)."""
@@ -1184,22 +892,76 @@ def stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers):
     return with_whitespace_runs(Tokenizer.from_str(trained_tokenizers["smollm2"][0].to_str()))
 
 
-def test_codegen_tokenizer_matches_the_longest_run_of_spaces_and_tabs_first(codegen_tokenizer_json):
+def every_split_listed(data):
+    """tokenizer.json data as Llama 3's and Qwen's, which come from tiktoken ranks: each token listed with every split
+    into two tokens, one merge after the other, and the whole pieces looked up first (ignore_merges)."""
+    vocab, merges = data["model"]["vocab"], [tuple(m) for m in data["model"]["merges"]]
+    listed = []
+    for left, right in merges:
+        token = left + right
+        listed.append((left, right))
+        listed += [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] != left
+                   and vocab.get(token[:i], 1e9) < vocab[token] and vocab.get(token[i:], 1e9) < vocab[token]]
+    assert len(listed) > len(merges) + 50  # many tokens have several splits
+    return {**data, "model": {**data["model"], "merges": [list(m) for m in listed], "ignore_merges": True}}
+
+
+def without_byte_1(data):
+    """tokenizer.json data without the byte 0x01, which no merge uses, in its vocabulary."""
+    vocab = dict(data["model"]["vocab"])
+    del vocab[gpt.byte_level_alphabet()[0x01]]
+    return {**data, "model": {**data["model"], "vocab": vocab}}
+
+
+# variant: (tokenizer style of `stage_tokenizer_json`, a change of its tokenizer.json or None)
+TOKENIZER_VARIANTS = {
+    "qwen3": ("qwen3", None),
+    "smollm2": ("smollm2", None),
+    "llama3": ("llama3", None),
+    "llama3_every_split": ("llama3", every_split_listed),
+    "smollm2_without_byte_1": ("smollm2", without_byte_1),  # the reference drops the byte from a text
+    "llama2": ("llama2", None),
+    "metaspace": ("metaspace", None),
+}
+
+
+@pytest.mark.parametrize("variant", TOKENIZER_VARIANTS)
+def test_tokenizer_json_gives_the_reference_ids(variant, trained_tokenizers, sentencepiece_tokenizers, capsys):
     from tokenizers import Tokenizer
 
-    reference = Tokenizer.from_str(json.dumps(codegen_tokenizer_json))
-    encoding = tokenizer_of_json(codegen_tokenizer_json, "codegen")
-    assert reference.token_to_id(" " * 31) == 50257 and reference.token_to_id("\t\t") == 50294
-    assert encoding.n_vocab == 50295 and encoding.eot_id == 50256
-    texts = [f"a{' ' * n}b" for n in range(1, 34)] + [f"x{chr(9) * n}y" for n in range(1, 12)]
-    for text in texts + ["def f():\n    return 1\n\t\treturn  2<|endoftext|>", "  lead", "trail   "]:
-        assert encoding.encode(text) == reference.encode(text).ids and encoding.decode(encoding.encode(text)) == text
+    style, change = TOKENIZER_VARIANTS[variant]
+    data = stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers)
+    data = change(data) if change else data
+    reference = Tokenizer.from_str(json.dumps(data))
+    encoding = pickle.loads(pickle.dumps(tokenizer_of_json(data, variant)))  # as DataLoader workers receive it
+    begin, end = {"llama3": ("<|begin_of_text|>", "<|end_of_text|>"), "llama2": ("<s>", "</s>"),
+                  "metaspace": ("<s>", "</s>")}.get(style, (None, "<|endoftext|>"))
+    for text in HELD_OUT + MIXED_TEXTS + ["a\x01b\x01 c 12", f"a{end}b"]:  # the end token's text is the token
+        # The reference puts a begin token first, as text_to_token_ids does.
+        assert gpt.text_to_token_ids(text, tokenizer=encoding)[0].tolist() == reference.encode(text).ids, text
+    begin_id = reference.token_to_id(begin) if begin else None
+    assert (encoding.bos_id, encoding.eot_id) == (begin_id, reference.token_to_id(end))
+    if style in ("llama2", "metaspace"):
+        assert encoding.n_vocab == 956 and encoding.decode([3 + 0xF0, 3 + 0x9F, 3 + 0x98, 3 + 0x80]) == "😀"  # bytes
+        for text in MIXED_TEXTS + HELD_OUT:  # the space the encoder puts first stays (transformers strips it)
+            if "\u2581" not in text and "<" not in text:
+                expected = " " + text if style == "llama2" or text[0] != " " else text
+                assert encoding.decode(encoding.encode(text)) == expected
+    elif change is None:  # byte-level: the text back, in Qwen3's NFC form
+        for text in HELD_OUT:
+            expected = unicodedata.normalize("NFC", text) if style == "qwen3" else text
+            assert gpt.token_ids_to_text(encoding.encode(text), tokenizer=encoding) == expected
+    if change is without_byte_1:
+        assert encoding.n_vocab == len(data["model"]["vocab"]) + 1  # + <|endoftext|>; no stand-in counts
+        assert capsys.readouterr().err.count("dropped") == 1
 
 
-# --- every stage on each new family ---------------------------------------------------------
+# --- each family through load_gpt2.py and the classifier's export ------------------------------
 
-# family: (NEW_FAMILIES entry, tokenizer style, the classifier transformers exports to)
+# family: (FAMILY_CONFIGS entry, tokenizer style, the classifier transformers exports to)
 STAGE_FAMILIES = {
+    "llama": ("llama_gqa_untied_bias_rope_scaling", "llama3", "LlamaForSequenceClassification"),
+    "qwen3": ("qwen3_gqa_qk_norm_tied_head_dim", "qwen3", "Qwen3ForSequenceClassification"),
     "mistral": ("mistral_window", "llama2", "MistralForSequenceClassification"),
     "phi": ("phi_1_5_rotary_half", "codegen", "PhiForSequenceClassification"),
     "phi3": ("phi3_gqa_window", "llama2", "Phi3ForSequenceClassification"),
@@ -1207,65 +969,90 @@ STAGE_FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", STAGE_FAMILIES)
-def test_new_family_through_every_stage(family, sentencepiece_tokenizers, trained_tokenizers, tmp_path, capsys,
-                                        _instruct_tiny_run):
+@pytest.fixture(scope="module")
+def stage_models(tmp_path_factory, sentencepiece_tokenizers, trained_tokenizers):
+    """{family: (transformers model, its save_pretrained folder with its tokenizer.json, tokenizers.Tokenizer)}."""
     from tokenizers import Tokenizer
+
+    models = {}
+    for family, (name, style, _) in STAGE_FAMILIES.items():
+        tokenizer_json = stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers)
+        folder = tmp_path_factory.mktemp(family)
+        reference = save_hf_family(folder, name, tokenizer_json=tokenizer_json, vocab_size=1100)
+        models[family] = reference, folder, Tokenizer.from_str(json.dumps(tokenizer_json))
+    return models
+
+
+@pytest.mark.parametrize("family", STAGE_FAMILIES)
+def test_family_load_gpt2_generates_and_measures_with_its_tokenizer_as_transformers(family, stage_models, tmp_path,
+                                                                                    capsys):
+    reference, folder, tokenizer = stage_models[family]
+    encoding, eot = tokenizer_and_eot(folder)
+    prompt = "Every effort moves you"
+    ids = tokenizer.encode(prompt).ids  # Llama 3, SentencePiece: the begin token first
+    assert ids == encoding.encode(prompt, bos=True)
+    expected = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  max_new_tokens=12, do_sample=False, eos_token_id=eot, pad_token_id=eot)[0, len(ids) :]
+    load_gpt2.main(["--model", str(folder), "--prompt", prompt, "--max-new-tokens", "12"])
+    text = gpt.token_ids_to_text([token for token in expected.tolist() if token != eot], tokenizer=encoding)
+    assert capsys.readouterr().out.endswith("-" * 80 + "\n" + prompt + text + "\n")  # with the space before it
+    # A text is scored after the begin token, else after the end-of-text token, as in the harness.
+    text = "Every effort moves you forward, one step at a time: 12 steps.\nDon't stop."
+    ids = tokenizer.encode(text).ids if encoding.bos_id is not None else [eot] + tokenizer.encode(text).ids
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids[:-1]])).logits[0]
+    (tmp_path / "text.txt").write_text(text)
+    load_gpt2.main(["--model", str(folder), "--perplexity", str(tmp_path / "text.txt"), "--results",
+                    str(tmp_path / "perplexity.json")])
+    score = json.loads((tmp_path / "perplexity.json").read_text())["perplexity"]
+    assert score["tokens"] == len(ids) - 1 and score["windows"] == 1
+    cross_entropy = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item()
+    assert score["perplexity"] == pytest.approx(math.exp(cross_entropy), rel=1e-4)
+    # One HellaSwag item: the harness's prompt, encoded without a begin token.
+    request = load_gpt2.hellaswag_request(load_gpt2.read_hellaswag(HELLASWAG_TINY)[0])
+    context = tokenizer.encode(request["context"], add_special_tokens=False).ids
+    lls = []
+    for choice in request["choices"]:
+        continuation = tokenizer.encode(request["context"] + " " + choice, add_special_tokens=False).ids[len(context) :]
+        with torch.no_grad():
+            logprobs = reference(torch.tensor([context + continuation[:-1]])).logits[0].log_softmax(dim=-1)
+        lls.append(sum(logprobs[len(context) - 1 + k, t].item() for k, t in enumerate(continuation)))
+    scored = load_gpt2.score_multiple_choice(load_lm(folder), [request], tokenizer=encoding)
+    assert scored[0]["lls"] == pytest.approx(lls, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", STAGE_FAMILIES)
+def test_family_exports_its_model_and_classifier_which_transformers_reads(family, stage_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    name, style, classifier = STAGE_FAMILIES[family]
-    tokenizer_json = stage_tokenizer_json(style, sentencepiece_tokenizers, trained_tokenizers)
-    folder = tmp_path / "model"
-    reference = save_hf_family(folder, name, tokenizer_json=tokenizer_json, vocab_size=1100)
-    tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
+    reference, folder, tokenizer = stage_models[family]
     model, encoding = gpt.load(folder)
-    prompt = "Every effort moves you"
-    ids = torch.tensor([tokenizer.encode(prompt).ids])
-    assert ids[0].tolist() == encoding.encode(prompt, bos=True)
-    eot = encoding.eot_id
-    expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                  eos_token_id=eot, pad_token_id=eot)[0, ids.shape[1] :].tolist()
-    load_gpt2.main(["--model", str(folder), "--prompt", prompt, "--max-new-tokens", "12"])
-    text = encoding.decode([token for token in expected if token != eot])  # with the space before it
-    assert capsys.readouterr().out.endswith(prompt + text + "\n")
     load_gpt2.main(["--model", str(folder), "--export-hf", str(tmp_path / "hf")])
     exported, problems = _export_from_pretrained(AutoModelForCausalLM, tmp_path / "hf")
     assert problems == [] and type(exported) is type(reference)
+    assert exported.generation_config.eos_token_id == exported.config.eos_token_id == encoding.eot_id
     assert_same_logits(exported, reference, 1000)
-    assert AutoTokenizer.from_pretrained(tmp_path / "hf")(HELD_OUT[0])["input_ids"] == tokenizer.encode(HELD_OUT[0]).ids
+    assert_same_logits(load_lm(tmp_path / "hf"), model, 1000, atol=0)  # and back, exactly
+    exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in HELD_OUT:
+        assert exported_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
     if family == "mistral":  # llama.cpp reads Mistral's files as Llama's, without its sliding window
         with pytest.raises(SystemExit, match="a mistral model has no GGUF writer here"):
             load_gpt2.main(["--model", str(folder), "--export-gguf", str(tmp_path / "model.gguf")])
-
-    (tmp_path / "text.txt").write_text(_pretrain_text())
-    argv = _pretrain_tiny_argv(tmp_path / "pretrain", tmp_path / "text.txt", "--max-steps", "1", model=folder)
-    checkpoint = gpt.load_checkpoint(pretrain.main(argv)["latest"])
-    assert gpt.model_from_checkpoint(checkpoint).cfg == dataclasses.replace(model.cfg, drop_rate=0.0)
-    assert checkpoint["tokenizer"] == {"files": encoding.files}
-
     run = tmp_path / "classify"
     fc.main(["--model", str(folder), "--data", str(_classify_sms_slice(tmp_path)), "--out-dir", str(run),
              "--max-steps", "2"])
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf-classifier")])
     exported, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf-classifier")
-    assert problems == [] and type(exported).__name__ == classifier
+    assert problems == [] and type(exported).__name__ == STAGE_FAMILIES[family][2]
     classifier_model = fc.load_classifier(run / "classifier.pt")[0]
     text = torch.tensor([encoding.encode("WINNER!! Claim your free prize now", bos=True)])
     with torch.no_grad():
         assert (exported(text).logits - classifier_model(text)[:, -1]).abs().max().item() <= 1e-4
 
-    out_dir = tmp_path / "instruct"
-    instruct.main(["--model", str(folder), "--data", str(_instruct_tiny_run / "data.json"), "--out-dir", str(out_dir),
-                   "--lora", "--lora-rank", "2", "--max-steps", "1", "--batch-size", "5", "--eval-batches", "1",
-                   "--max-new-tokens", "3"])
-    saved = gpt.load_checkpoint(out_dir / "model.pt")
-    assert saved["config"]["model_type"] == model.cfg.model_type and saved["tokenizer"] == {"files": encoding.files}
-
 
 @pytest.mark.parametrize("name, tokenizer_style, heads, width", [  # heads: a multiple of the shape's key/value heads
-    ("HuggingFaceTB/SmolLM2-135M", "smollm2", 3, 48), ("mistralai/Mistral-7B-v0.1", "llama2", 8, 32),
-    ("microsoft/phi-2", "codegen", 2, 32), ("microsoft/Phi-3-mini-4k-instruct", "llama2", 32, 64),
-    ("google/gemma-3-270m", "metaspace", 2, 32)])
+    ("HuggingFaceTB/SmolLM2-135M", "smollm2", 3, 48), ("google/gemma-3-270m", "metaspace", 2, 32)])
 def test_pretrain_size_trains_the_shape_from_scratch_with_its_hub_tokenizer(name, tokenizer_style, heads, width,
                                                                             sentencepiece_tokenizers, trained_tokenizers,
                                                                             local_server, monkeypatch, tmp_path,
@@ -1301,14 +1088,10 @@ def header_bytes(header, data=b""):
     return struct.pack("<Q", len(raw)) + raw + data
 
 
-def test_safetensors_reader_and_writer_agree_with_the_reference_library(small_pair, tmp_path):
+def test_safetensors_reader_and_writer_agree_with_the_reference_library(tmp_path):
+    """Read back by safetensors' own reader; files of save_pretrained are read by every parity test."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    path = small_pair[1]
-    ours, theirs = gpt.read_safetensors(path), load_file(path)
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     tensors = {
         "weight": torch.randn(3, 5).t(),  # not contiguous
         "half": torch.arange(7, dtype=torch.bfloat16),
@@ -1320,14 +1103,12 @@ def test_safetensors_reader_and_writer_agree_with_the_reference_library(small_pa
         gpt.write_safetensors(f, tensors, metadata={"format": "pt"})
     raw = path.read_bytes()
     (header_length,) = struct.unpack("<Q", raw[:8])
-    header = raw[8 : 8 + header_length]
-    assert header_length % 8 == 0 and header.rstrip(b" ").endswith(b"}")  # padded with spaces
+    assert header_length % 8 == 0 and raw[8 : 8 + header_length].rstrip(b" ").endswith(b"}")  # padded with spaces
     assert len(raw) == 8 + header_length + 15 * 4 + 7 * 2 + 3
     with safe_open(path, framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
-        assert sorted(f.keys()) == sorted(tensors)
-        for name, tensor in tensors.items():
-            assert f.get_tensor(name).dtype == tensor.dtype and torch.equal(f.get_tensor(name), tensor)
+        assert {name: f.get_tensor(name).dtype for name in f.keys()} == {name: t.dtype for name, t in tensors.items()}
+        assert all(torch.equal(f.get_tensor(name), tensor) for name, tensor in tensors.items())
     ours = gpt.read_safetensors(path)
     assert all(torch.equal(ours[name], tensor) for name, tensor in tensors.items())
 
@@ -1336,16 +1117,11 @@ def test_safetensors_reader_and_writer_agree_with_the_reference_library(small_pa
     (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "does not fit in the 4 data bytes"),
     (header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12), r"F32 \[2\] at data offsets \[0, 12\]"),
     (header_bytes({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype 'Q4'"),
-    (header_bytes({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8), "'data_offsets'"),
-    (header_bytes({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), r"F32 \[-2\] .* does not fit"),
-    ("first half", "does not fit in the .* data bytes"),
     ("first 100 bytes", "a header of .* runs past the end"),
-    (b"abc", ""),
     (struct.pack("<Q", 5) + b"{oops", "Expecting"),
-], ids=["cut-data", "offsets", "dtype", "no-offsets", "negative-shape", "cut-file", "cut-header", "3-bytes", "json"])
+], ids=["cut-data", "offsets", "dtype", "cut-header", "json"])
 def test_a_safetensors_file_that_is_not_whole_is_named(tmp_path, small_pair, content, message):
-    raw = small_pair[1].read_bytes()
-    content = {"first half": raw[: len(raw) // 2], "first 100 bytes": raw[:100]}.get(content, content)
+    content = small_pair[1].read_bytes()[:100] if content == "first 100 bytes" else content
     (tmp_path / "bad.safetensors").write_bytes(content)
     with pytest.raises(ValueError, match=f"bad.safetensors: not a complete safetensors file.*{message}"):
         gpt.read_safetensors(tmp_path / "bad.safetensors")
@@ -1417,26 +1193,22 @@ def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(local_serv
     assert os.listdir(cached.parent) == []  # no file, no .part file
 
 
-def test_hugging_face_cache_is_used_and_offline_is_a_clear_error(family_models, small_pair, tmp_path):
+def test_hugging_face_cache_is_used_offline(family_models, small_pair, tmp_path):
     folder = family_models["qwen3_gqa_qk_norm_tied_head_dim"][1]
-    for repo, files in [("openai-community--gpt2", {"model.safetensors": small_pair[1].read_bytes()}),
-                        ("Qwen--Tiny", {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")})]:
+    # A base model has no chat_template.jinja; tokenizer.json is read as text, unused here.
+    qwen = {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    qwen["tokenizer.json"] = b"{}"
+    gpt2 = {"model.safetensors": small_pair[1].read_bytes()}
+    for repo, files in [("openai-community--gpt2", gpt2), ("Qwen--Tiny", qwen)]:
         snapshot = tmp_path / "hf-cache" / f"models--{repo}" / "snapshots" / "abc123"
         snapshot.mkdir(parents=True)
         for name, content in files.items():
             (snapshot / name).write_bytes(content)
         (snapshot.parent.parent / "refs").mkdir()
         (snapshot.parent.parent / "refs" / "main").write_text("abc123")
-    snapshot = tmp_path / "hf-cache" / "models--Qwen--Tiny" / "snapshots" / "abc123"
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # no chat_template.jinja,
-        (snapshot / name).write_text("{}")  # as a base model has none (read as text, unused here)
     assert gpt.hub_file("openai-community/gpt2", "model.safetensors").parent.name == "abc123"
     assert load_lm("gpt2").cfg.emb_dim == 128  # HF_ENDPOINT is a closed port: only the cache can answer
-    model = load_lm("Qwen/Tiny")
-    assert model.cfg.qk_norm and model.cfg.head_dim == 32
-    with pytest.raises(RuntimeError, match=r"^cannot reach http://\S+/Qwen/Other/resolve/main/config\.json \(ConnectionError\)\. "
-                       r"Offline\? Give --model a model folder or a \.safetensors or GGUF file instead of 'Qwen/Other'"):
-        load_lm("Qwen/Other", quiet=True)
+    assert load_lm("Qwen/Tiny").cfg.head_dim == 32
 
 
 def _corrupt_zip():
@@ -1465,13 +1237,11 @@ def test_a_download_that_is_not_the_expected_file_is_deleted(local_server, tmp_p
 @pytest.mark.parametrize("url, message", [
     ("{server}/loop", "failed: TooManyRedirects: Exceeded 30 redirects."),
     ("https://127.0.0.1:{port}/f.bin", "failed after 3 attempts (SSLError: "),
-    ("127.0.0.1/f.bin", "failed: MissingSchema: Invalid URL '127.0.0.1/f.bin': No scheme supplied."),
     ("ftp://127.0.0.1/f.bin", "failed: InvalidSchema: No connection adapters were found for 'ftp://127.0.0.1/f.bin'"),
-    ("http://", "failed: InvalidURL: Invalid URL 'http://': No host supplied"),
     ("http://127.0.0.1:9/f.bin", "failed after 3 attempts (ConnectionError: "),
     ("{server}/missing.bin", "failed: HTTP 404"),
     ("{server}/short.bin", "failed after 3 attempts ("),
-], ids=["redirect-loop", "tls", "no-scheme", "ftp", "no-host", "refused", "404", "shorter-than-content-length"])
+], ids=["redirect-loop", "tls", "ftp", "refused", "404", "shorter-than-content-length"])
 def test_every_request_failure_is_one_line_naming_the_url(local_server, tmp_path, url, message):
     server = local_server({"/loop": answer(b"", 302, Location="/loop"),
                            "/short.bin": answer(b"x" * 500, Content_Length="1000")})
@@ -1491,14 +1261,6 @@ def test_fetch_dataset_tries_each_url_names_a_mismatch_and_checks_its_cache(loca
     assert path == cached_data_path(tmp_path, server.url + "/main/data.txt", "data.txt")  # keyed by the first URL
     with pytest.raises(RuntimeError, match="(?s)--data PATH.*/a/x.txt.*/b/x.txt"):
         gpt.fetch_dataset([server.url + "/a/x.txt", server.url + "/b/x.txt"], "x.txt", quiet=True)
-    url = server.url + "/d.json"
-    with pytest.raises(RuntimeError) as error:
-        gpt.fetch_dataset([url], "d.json", sha256="ab" * 32, quiet=True)
-    path = cached_data_path(tmp_path, url, "d.json")
-    actual = hashlib.sha256(b"[]").hexdigest()
-    expected = f"download of {url} is corrupt or not the expected file: {path}: SHA-256 {actual}, expected {'ab' * 32}"
-    assert expected in str(error.value)
-    assert os.listdir(path.parent) == []  # no file, no temporary file
     server = local_server({"/ok.json": b'{"ok": 1}'})
     url = server.url + "/ok.json"
     checks = {"size": 9, "sha256": hashlib.sha256(b'{"ok": 1}').hexdigest()}
@@ -1539,8 +1301,6 @@ def test_known_downloads_are_checked_the_zip_member_not_the_zip_and_the_checks_m
     assert fc.read_sms_bytes(fc.sms_collection_path(urls=[f"{server.url}/remade.zip"])) == member
     assert "not the expected file (File is not a zip file)" in capsys.readouterr().err
     gpt.verify_file(SMS_ZIP, member=fc.ZIP_MEMBER, size=fc.MEMBER_SIZE, sha256=fc.MEMBER_SHA256)
-    assert fc.MEMBER_SIZE == 477_907
-    assert "/main/" not in instruct.DATA_URL  # pinned to a commit
     server = local_server({"/the-verdict.txt": b"other text", "/instruction-data.json": b"[]"})
     verdict, instructions = server.url + "/the-verdict.txt", server.url + "/instruction-data.json"
     monkeypatch.setitem(pretrain.KNOWN_DOWNLOADS, verdict, pretrain.KNOWN_DOWNLOADS[pretrain.VERDICT_URL])
@@ -1613,48 +1373,34 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_pat
     assert load_lm(folder).cfg.norm_eps == 1e-3
 
 
+# One row per check of config_from_weights and config_from_hub (their tables of settings: one row per table).
 @pytest.mark.parametrize("family, change, message", [
     ("gpt2", json.dumps({k: v for k, v in STRICT_GPT2.items() if k != "vocab_size"}),
      "config.json: 'vocab_size' must be a positive integer, got None"),
     ("gpt2", {"n_layer": "2"}, "config.json: 'n_layer' must be a positive integer, got '2'"),
-    ("gpt2", {"n_head": 2.0}, "config.json: 'n_head' must be a positive integer, got 2.0"),
     ("gpt2", {"n_layer": True}, "config.json: 'n_layer' must be a positive integer, got True"),
-    ("gpt2", {"n_embd": 0}, "config.json: 'n_embd' must be a positive integer, got 0"),
     ("gpt2", {"n_head": 3}, "emb_dim (32) must be divisible by n_heads (3)"),
     ("gpt2", "[1, 2]", "its config.json holds a list, not a JSON object"),
     ("gpt2", '{"n_layer": 2,', "config.json: not valid JSON (Expecting property name"),
-    ("gpt2", {"activation_function": "gelu"}, "activation_function = 'gelu' is not supported"),
-    ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is not supported"),
-    ("gpt2", {"layer_norm_epsilon": 0}, "layer_norm_epsilon = 0 is not supported"),
+    ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is not supported (this implementation: "
+     "'gelu_new' or 'gelu_pytorch_tanh', GELU's tanh approximation)"),
     ("gpt2", {"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon = nan is not supported"),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True is not supported"),
-    ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn = True is not supported"),
-    ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights = False is not supported"),
-    ("gpt2", {"add_cross_attention": True}, "add_cross_attention = True is not supported"),
-    ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported"),
-    ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings = False is not supported"),
+    ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported (this implementation: null or 4 * n_embd = 128)"),
     ("llama", {"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
-    ("llama", {"model_type": None}, "no model_type in a config.json"),
-    ("llama", {"hidden_size": 0}, "'hidden_size' must be a positive integer"),
     ("llama", {"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
-    ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
-    ("llama", {"rms_norm_eps": -1e-6}, "rms_norm_eps = -1e-06 is not supported"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported (this implementation: silu for llama)"),
     ("llama", {"rope_theta": 0}, "rope_theta = 0 is not supported"),
-    ("llama", {"rope_theta": -1}, "rope_theta = -1 is not supported"),
-    ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta = 0 is not"),
+    ("llama", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}},
      "rope_parameters.rope_type = 'yarn' is not supported"),
-    ("llama", {"rope_parameters": None, "rope_theta": -1.0}, "rope_theta = -1.0 is not supported"),
     ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
      "rope_scaling.type = 'dynamic' is not supported"),
-    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not"),
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                 "original_max_position_embeddings": 32}}, "name different rope types ['default', 'llama3']"),
     ("llama", {"rope_theta": 12345.0}, "rope_theta is 12345.0 at the top level but 10000.0 in the rope settings"),
-    ("llama", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
     ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
      "layer_types = ['full_attention', 'sliding_attention'] is not supported"),
-    ("llama", {"head_dim": 0}, "head_dim = 0 is not supported"),
 ])
 def test_config_that_this_implementation_cannot_run_exactly_is_one_line(strict_folders, tmp_path, family, change,
                                                                         message):
@@ -1689,10 +1435,8 @@ def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model_and_of_a_new_l
 
     model = tiny_model()
     gpt.save_checkpoint(tmp_path / "ckpt.pt", Wrapper(model), gpt.get_tokenizer(), step=7)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
     checkpoint = gpt.load_checkpoint(tmp_path / "ckpt.pt")
-    assert checkpoint["step"] == 7 and "wte.weight" in checkpoint["model"]
-    assert not any(k.startswith("module.") for k in checkpoint["model"])
+    assert checkpoint["step"] == 7 and checkpoint["model"].keys() == model.state_dict().keys()
     loaded = load_lm(tmp_path / "ckpt.pt")
     assert loaded.cfg == model.cfg and loaded.lm_head.weight is loaded.wte.weight
     assert_same_logits(loaded, model, 50257, (1, 16), atol=0)
@@ -1700,12 +1444,10 @@ def test_checkpoint_round_trip_with_plain_keys_of_a_wrapped_model_and_of_a_new_l
     model = tiny_model(config=gpt.LLAMA_CONFIGS["Qwen/Qwen3-0.6B-Base"], vocab_size=500, context_length=32, emb_dim=64,
                        n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=96, tie_embeddings=False)
     assert model.h is model.layers and model.ln_f is model.norm and model.wte is model.embed_tokens  # GPT-2's names
-    assert not any("c_proj" in name or "wpe" in name for name, _ in model.named_parameters())
     assert model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)  # scaled residual
-    save_tiny(tmp_path / "model.pt", model)
-    loaded = load_lm(tmp_path / "model.pt")
-    assert_same_logits(loaded, model, 500, (1, 32), atol=0)
+    loaded = load_lm(save_tiny(tmp_path / "model.pt", model))
     assert loaded.cfg == model.cfg and loaded.lm_head.weight is not loaded.embed_tokens.weight
+    assert_same_logits(loaded, model, 500, (1, 32), atol=0)
 
 
 @pytest.mark.parametrize("parse, good, bad", [
@@ -1801,27 +1543,6 @@ def test_run_folder_refuses_another_run_unless_resume_or_overwrite_and_resume_re
             gpt.claim_run_folder(out, files)
 
 
-def test_files_are_read_with_a_bom_and_a_folder_a_missing_path_or_bad_content_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"^--perplexity {re.escape(str(tmp_path))}: a folder, not a file$"):
-        gpt.existing_file(tmp_path, "--perplexity")
-    with pytest.raises(FileNotFoundError, match="^--evaluate .*missing.csv: no such file$"):
-        gpt.existing_file(tmp_path / "missing.csv", "--evaluate")
-    (tmp_path / "sms.txt").write_text("hello\n")
-    assert gpt.existing_file(tmp_path / "sms.txt", "--classify-file") == tmp_path / "sms.txt"
-    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + b'[{"a": 1}]')
-    assert gpt.read_json(tmp_path / "bom.json", "--data") == [{"a": 1}]
-    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(ValueError, match="deep.json: JSON nested too deeply"):
-        gpt.read_json(tmp_path / "deep.json", "--data")
-    (tmp_path / "bad.json").write_text('{"a": ')
-    with pytest.raises(ValueError, match="--data .*bad.json: not valid JSON"):
-        gpt.read_json(tmp_path / "bad.json", "--data")
-    with pytest.raises(FileNotFoundError, match="--data .*missing.json: no such file"):
-        gpt.read_json(tmp_path / "missing.json", "--data")
-    with pytest.raises(ValueError, match=r"x.txt: not UTF-8 text: byte 0xfe at byte offset 7 \(line 3\)"):
-        gpt.decode_utf8(b"ab\r\ncd\n\xfe\xff", "x.txt")
-
-
 def test_atomic_writes_flush_to_disk_before_the_rename_and_a_full_disk_keeps_the_earlier_file(tmp_path, monkeypatch):
     events = []
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
@@ -1844,31 +1565,21 @@ def test_atomic_writes_flush_to_disk_before_the_rename_and_a_full_disk_keeps_the
         gpt.atomic_write_bytes(tmp_path / "a.pt" / "b.pt", b"x")
 
 
-def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys):
-    def failing(error):
-        @gpt.command_line(memory_hint="use a smaller --batch-size")
-        def main(argv=None):
-            gpt.show_progress("step 3/10")
-            raise error
+@pytest.mark.parametrize("error, code", [
+    (ValueError("--data x: no such file"), "error: --data x: no such file"),
+    (OSError(errno.ENOSPC, "No space left on device"), "error: [Errno 28] No space left on device"),
+    (torch.OutOfMemoryError("CUDA out of memory"), "error: out of memory: use a smaller --batch-size"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "error: out of memory: use a smaller --batch-size"),
+    (KeyboardInterrupt(), 130),
+], ids=["value", "full-disk", "cuda-memory", "cpu-memory", "ctrl-c"])
+def test_command_line_turns_errors_into_one_line_and_exit_codes(capsys, error, code):
+    @gpt.command_line(memory_hint="use a smaller --batch-size")
+    def main(argv=None):
+        gpt.show_progress("step 3/10")
+        raise error
 
-        return main
-
-    cases = [
-        (ValueError("--data x: no such file"), 1, "error: --data x: no such file"),
-        (OSError(errno.ENOSPC, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
-        (torch.OutOfMemoryError("CUDA out of memory"), 1, "error: out of memory: use a smaller --batch-size"),
-        (RuntimeError("DefaultCPUAllocator: can't allocate memory"), 1, "error: out of memory: use a smaller --batch-size"),
-        (KeyboardInterrupt(), 130, None),
-    ]
-    for error, code, message in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            failing(error)()
-        if message is None:
-            assert exit_info.value.code == code
-            assert capsys.readouterr().err == "step 3/10\ninterrupted\n"
-        else:
-            assert exit_info.value.code == f"{message}"
-            assert capsys.readouterr().err == "step 3/10\n"
+    assert exit_code(main, []) == code
+    assert capsys.readouterr().err == "step 3/10\n" + ("interrupted\n" if code == 130 else "")
 
 
 # ========================================================================================
@@ -1946,26 +1657,22 @@ def test_export_loads_in_transformers_with_equal_logits_and_text_reads_back_and_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]  # no temporary folder left
     assert sorted(path.name for path in folder.iterdir()) == names
     assert "lm_head.weight" not in gpt.read_safetensors(folder / "model.safetensors")  # tied: stored once
-
     reference, problems = _export_from_pretrained(GPT2LMHeadModel, folder)
     assert problems == []
-    assert (reference.config.n_positions, reference.config.n_embd, reference.config.n_layer) == (64, 32, 2)
     assert_same_logits(model, reference, 50257, (2, 64))
     prompt = gpt.text_to_token_ids("Every effort moves you")
     theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False)
     assert torch.equal(theirs, gpt.generate(model, prompt, 40))
     back = load_lm(folder)  # and back, bit for bit
     assert back.cfg == model.cfg
-    for (name, tensor), read_back in zip(model.state_dict().items(), back.state_dict().values()):
-        assert torch.equal(tensor, read_back), name
-
+    assert all(torch.equal(tensor, read_back) for tensor, read_back in zip(model.state_dict().values(),
+                                                                           back.state_dict().values()))
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     expected = gpt.get_tokenizer().encode(EXPORT_MIXED_TEXT)  # <|endoftext|> is the token
-    assert gpt.EOT_ID in expected
-    assert tokenizer(EXPORT_MIXED_TEXT)["input_ids"] == expected
+    assert gpt.EOT_ID in expected and tokenizer(EXPORT_MIXED_TEXT)["input_ids"] == expected
     assert tokenizer.decode(expected) == EXPORT_MIXED_TEXT
     assert (tokenizer.model_max_length, tokenizer.eos_token_id, tokenizer.bos_token_id) == (64, 50256, 50256)
-    # An export that fails midway (a full disk) names the file.
+
     def disk_full(f, *args, **kwargs):
         f.write(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -1974,8 +1681,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_text_reads_back_and_
     with pytest.raises(OSError, match=r"^cannot write .*cut/model.safetensors: No space left on device"):
         gpt.export_hf(tiny_model(context_length=64), tmp_path / "cut")
     # The weights come last: a folder cut short holds no model that could load with other files' settings.
-    assert sorted(path.name for path in (tmp_path / "cut").iterdir()) == [
-        "config.json", "generation_config.json", "merges.txt", "tokenizer_config.json", "vocab.json"]
+    assert sorted(path.name for path in (tmp_path / "cut").iterdir()) == sorted(set(names) - {"model.safetensors"})
 
 
 def test_export_of_a_lora_model_is_merged_and_of_a_llama_family_model_with_gpt2s_tokenizer_reads_back(tmp_path):
@@ -1983,17 +1689,13 @@ def test_export_of_a_lora_model_is_merged_and_of_a_llama_family_model_with_gpt2s
     for layer in model.modules():
         if isinstance(layer, gpt.LoRALinear):
             torch.nn.init.normal_(layer.lora_b, std=0.05)  # a trained adapter: B is no longer zero
-    idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = model(idx)
-        assert (expected - tiny_model(context_length=64)(idx)).abs().max().item() > 1e-3  # the adapters matter
-        folder = gpt.export_hf(model, tmp_path / "hf")
-        assert isinstance(model.h[0].attn.c_attn, gpt.LoRALinear)  # the caller's model keeps its adapters
-        assert not [name for name in gpt.read_safetensors(folder / "model.safetensors") if "lora" in name]
-        assert (load_lm(folder)(idx) - expected).abs().max().item() <= 1e-5
+    folder = gpt.export_hf(model, tmp_path / "hf")
+    assert isinstance(model.h[0].attn.c_attn, gpt.LoRALinear)  # the caller's model keeps its adapters
+    assert not [name for name in gpt.read_safetensors(folder / "model.safetensors") if "lora" in name]
+    assert_same_logits(load_lm(folder), model, 50257, atol=1e-5)
     model = tiny_model(config=gpt.LlamaConfig(), context_length=32, n_heads=4, n_kv_heads=2, n_layers=1)
-    save_tiny(tmp_path / "model.pt", model)  # no tokenizer entry: GPT-2's
-    folder = gpt.export_hf(tmp_path / "model.pt", tmp_path / "llama-hf")
+    checkpoint = save_tiny(tmp_path / "model.pt", model)  # no tokenizer entry: GPT-2's
+    folder = gpt.export_hf(checkpoint, tmp_path / "llama-hf")
     assert not (folder / "tokenizer.json").exists() and (folder / "vocab.json").exists()
     assert tokenizer_and_eot(folder) == (gpt.get_tokenizer(), 50256)
     assert_same_logits(load_lm(folder), model, 50257, (1, 3), atol=1e-5)
@@ -2001,21 +1703,17 @@ def test_export_of_a_lora_model_is_merged_and_of_a_llama_family_model_with_gpt2s
 
 def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, capsys):
     model = tiny_model(context_length=64)
-    gpt.save_checkpoint(tmp_path / "tiny.pt", model, gpt.get_tokenizer())
-    export = ["--model", str(tmp_path / "tiny.pt"), "--export-hf"]
+    export = ["--model", str(save_tiny(tmp_path / "tiny.pt", model)), "--export-hf"]
     load_gpt2.main([*export, str(tmp_path / "hf"), "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert out == f"exported {tmp_path / 'tiny.pt'} (bfloat16) to {tmp_path / 'hf'}, a folder that transformers reads\n"
-    assert {t.dtype for t in gpt.read_safetensors(tmp_path / "hf" / "model.safetensors").values()} == {torch.bfloat16}
     assert gpt.read_json(tmp_path / "hf" / "config.json", "config")["torch_dtype"] == "bfloat16"
     back = load_lm(tmp_path / "hf", dtype=torch.bfloat16)
     assert all(torch.equal(a.bfloat16(), b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
-
     message = ("hf holds another run (model.safetensors, config.json, generation_config.json, vocab.json, "
                "merges.txt, tokenizer_config.json): replace it with --overwrite, or choose another folder")
     with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}$"):
         load_gpt2.main([*export, str(tmp_path / "hf")])
-
     (tmp_path / "hf" / "README.md").write_text("the user's notes")
     load_gpt2.main([*export, str(tmp_path / "hf"), "--overwrite"])  # float32 this time
     assert (tmp_path / "hf" / "README.md").read_text() == "the user's notes"  # not a file of the export: kept
@@ -2026,110 +1724,46 @@ def test_export_script_writes_the_chosen_dtype_and_refuses_to_clobber(tmp_path, 
 def test_export_classifier_of_a_checkpoint_gives_transformers_our_probabilities_and_reads_back(tmp_path):
     from transformers import AutoTokenizer, GPT2ForSequenceClassification
 
-    # A tiny classifier after three training steps, with a head bias far from zero, and four messages of different
+    # A classifier with every weight moved off its start and a head bias far from zero, and four messages of different
     # lengths (none holds "<|endoftext|>").
-    model = _classify_tiny_classifier()
+    model = _classify_tiny_classifier("all")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+        model.lm_head.bias += torch.tensor([0.7, -0.4])  # so that dropping the bias would show
     texts = ["Free entry! Text WIN to 80086 now to claim your prize", "See you at 6?", "ok",
              "URGENT: your mobile number has won £2000. Call 09061701461 today"]
     token_ids = fc.tokenize_messages(texts)
-    labels = torch.tensor([1, 0, 0, 1])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        torch.nn.functional.cross_entropy(fc.full_pass_logits(model, token_ids), labels).backward()
-        optimizer.step()
-        optimizer.zero_grad()
     with torch.no_grad():
-        model.lm_head.bias += torch.tensor([0.7, -0.4])  # so that dropping the bias would show
-    model.eval()
-    with torch.no_grad():
-        logits = fc.full_pass_logits(model, token_ids)
-        without_bias = (logits - model.lm_head.bias).softmax(dim=-1)
+        logits = fc.full_pass_logits(model.eval(), token_ids)
     fc.main(["--checkpoint", str(save_tiny(tmp_path / "classifier.pt", model, max_length=32)), "--export-hf",
              str(tmp_path / "hf")])
-    folder = tmp_path / "hf"
-    reference, problems = _export_from_pretrained(GPT2ForSequenceClassification, folder)
+    reference, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "hf")
     assert problems == []
     assert reference.config.id2label == {0: "not spam", 1: "spam"} and reference.config.pad_token_id == 50256
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
     assert tokenizer.model_max_length == 32  # the checkpoint's setting
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     assert batch["input_ids"].tolist()[2][1:] == [50256] * (batch["input_ids"].shape[1] - 1)  # "ok" is padded
     with torch.no_grad():
-        probabilities = reference(**batch).logits.softmax(dim=-1)
-    assert (probabilities - logits.softmax(dim=-1)).abs().max().item() <= 1e-5
-    assert (probabilities - without_bias).abs().max().item() > 1e-2  # the bias was carried, and it matters
-
-    back, _, max_length = fc.load_classifier(folder)
+        assert (reference(**batch).logits - logits).abs().max().item() <= 1e-5  # the bias folded into ln_f exactly
+    back, _, max_length = fc.load_classifier(tmp_path / "hf")  # as any GPT2ForSequenceClassification folder
     assert (back.labels, max_length) == (fc.CLASS_NAMES, 32)
+    fc.main(["--checkpoint", str(tmp_path / "hf"), "--export-hf", str(tmp_path / "again")])
+    again, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "again")
+    assert problems == []
     with torch.no_grad():
         assert (fc.full_pass_logits(back, token_ids) - logits).abs().max().item() <= 1e-5
+        assert (again(**batch).logits - logits).abs().max().item() <= 1e-5
         model.lm_head.weight[1] = 2 * model.lm_head.weight[0]  # rank 1: no shift of ln_f gives both biases
     with pytest.raises(ValueError, match="rank below 2: its bias cannot be moved into ln_f"):
         gpt.export_hf(model, tmp_path / "rank-1")
     assert not (tmp_path / "rank-1").exists()
 
 
-def test_export_classifier_reads_and_exports_again_a_transformers_classifier(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-
-    token_ids = _classify_token_ids([5, 17, 9])
-    batch = torch.nn.utils.rnn.pad_sequence(token_ids, batch_first=True, padding_value=50256)
-    for num_labels in (2, 3):  # gpt.load reads any number of classes; finetune_classify.py's are two
-        torch.manual_seed(0)
-        config = GPT2Config(n_positions=48, n_embd=32, n_layer=2, n_head=4, num_labels=num_labels, pad_token_id=50256)
-        reference = GPT2ForSequenceClassification(config).eval()
-        reference.save_pretrained(tmp_path / f"hf-{num_labels}")
-        if num_labels == 2:
-            model, _, max_length = fc.load_classifier(tmp_path / "hf-2")
-            assert max_length == 48
-        else:
-            model, _ = gpt.load(tmp_path / "hf-3")
-        assert model.labels == [f"LABEL_{i}" for i in range(num_labels)]
-        with torch.no_grad():
-            assert (fc.full_pass_logits(model, token_ids) - reference(batch).logits).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'hf-3'} is no spam classifier of finetune_classify.py "
-                                                   "(class names: ['LABEL_0', 'LABEL_1', 'LABEL_2'])")):
-        fc.load_classifier(tmp_path / "hf-3")
-    with pytest.raises(ValueError, match=re.escape("is no spam classifier of finetune_classify.py "
-                                                   "(class names: none, a language model)")):
-        fc.load_classifier(gpt.export_hf(tiny_model(context_length=48), tmp_path / "language-model"))
-    # The two-class folder, with GPT-2's tokenizer files copied in, exported again by finetune_classify.py.
-    for name, content in gpt.hf_tokenizer_files(gpt.get_tokenizer()).items():
-        path = tmp_path / "hf-2" / name
-        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(json.dumps(content))
-    fc.main(["--checkpoint", str(tmp_path / "hf-2"), "--export-hf", str(tmp_path / "ours")])
-    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
-    exported, problems = _export_from_pretrained(GPT2ForSequenceClassification, tmp_path / "ours")
-    assert problems == []
-    reference = GPT2ForSequenceClassification.from_pretrained(tmp_path / "hf-2").eval()
-    with torch.no_grad():
-        assert (exported(batch).logits.softmax(dim=-1) - reference(batch).logits.softmax(dim=-1)).abs().max() <= 1e-5
-
-
 # ========================================================================================
 # every script's command line
 # ========================================================================================
-
-
-@pytest.mark.parametrize("script, rules", [
-    (load_gpt2, []),
-    (pretrain, ["refuses an --out-dir that holds another run: --resume continues that run", "--overwrite deletes it "
-                "first", "only --max-steps/--epochs (to extend it), --stop-at-step, --device, --compile, --cache-dir"]),
-    (fc, ["refused unless --overwrite"]),
-    (instruct, []),
-], ids=lambda value: getattr(value, "__name__", ""))
-def test_every_flag_has_a_help_line_with_its_default_and_the_run_folder_rule(script, rules, capsys):
-    assert exit_code(script.main, ["--help"]) == 0
-    help_text = capsys.readouterr().out
-    # One entry per flag: "  --flag METAVAR  help", continued on lines indented further.
-    entries = re.findall(r"^  (-.*(?:\n   +.*)*)", help_text, re.M)
-    assert len(entries) > 5
-    for entry in entries:
-        takes_a_value = re.match(r"(-\w, )?--[\w-]+ [A-Z{]", entry)  # on/off flags show no default
-        if takes_a_value:
-            assert "default" in entry, entry
-    help_text = " ".join(re.sub(r"-\n +", "-", help_text).split())  # words cut at hyphens joined
-    assert all(rule in help_text for rule in rules)
 
 
 # Flags of two or more scripts that differ on purpose -> what differs, and why. A default other than gpt.FLAGS' says
@@ -2163,24 +1797,6 @@ def test_a_flag_of_several_scripts_has_one_placeholder_choices_default_and_help_
         for field in ("placeholder", "choices", "default", "help"):
             values = {script: str(fields[field]) for script, fields in scripts.items()}
             assert len(set(values.values())) == 1 or field in differ, (flag, field, values)
-
-
-@pytest.mark.parametrize("parse, argv, expected", [
-    (pretrain.parse_settings, "--grad-clip 0 --sample-tokens 0 --stop-at-step 1 --drop-rate 0.5 --n-heads 8 --min-lr-ratio 0 "
-     "--warmup-steps 0 --weight-decay 0 --seed 9223372036854775807 --eval-batches 0",  # 0: every window
-     dict(grad_clip=0.0, min_lr_ratio=0.0, seed=2**63 - 1, n_heads=8, eval_batches=0)),
-    (fc.parse_args, "--classify hi --batch-size 3 --threshold 0.4 --dtype bfloat16",  # what using a classifier reads
-     dict(batch_size=3, threshold=0.4, dtype="bfloat16")),
-    (instruct.parse_args, "--top-k 1 --top-p 1 --temperature 1e-9 --max-new-tokens 0 --eval-batches 0 --weight-decay 0",
-     dict(top_k=1, top_p=1.0, temperature=1e-9, max_new_tokens=0, eval_batches=0)),
-    (instruct.parse_args, "--prompt 'Name a color.' --input x --top-p 1e-9 --temperature 1",
-     dict(prompt="Name a color.", input="x", top_p=1e-9)),
-    (instruct.parse_args, "--generate-only --data d.json --seed 3 --max-new-tokens 2",  # what answering reads
-     dict(data="d.json", seed=3, max_new_tokens=2)),
-])
-def test_edge_values_are_accepted(parse, argv, expected):
-    args = parse(shlex.split(argv))
-    assert {name: getattr(args, name) for name in expected} == expected
 
 
 def test_a_run_that_fails_early_keeps_a_folder_that_was_there_before(tmp_path):
@@ -2228,7 +1844,16 @@ def _continuation_logprob(model, context_ids, continuation_ids):
     return sum(logprobs[start + k, token].item() for k, token in enumerate(continuation_ids))
 
 
-def test_benchmark_hellaswag_items_are_prepared_as_the_harness_prepares_them(tmp_path):
+@pytest.fixture(scope="session")
+def mmlu_tiny(tmp_path_factory):
+    """The two made-up subjects of testdata/mmlu packed as MMLU's data.tar, the one format --benchmark-file reads."""
+    path = tmp_path_factory.mktemp("mmlu") / "data.tar"
+    with tarfile.open(path, "w") as archive:
+        archive.add(MMLU_FOLDER / "data", arcname="data")
+    return path
+
+
+def test_benchmark_requests_are_prepared_as_the_harness_prepares_them(tmp_path, mmlu_tiny):
     items = load_gpt2.read_hellaswag(HELLASWAG_TINY)
     tea, tree = load_gpt2.hellaswag_request(items[0]), load_gpt2.hellaswag_request(items[1])
     assert tea["context"] == "Making tea: A woman fills a kettle at the sink. She sets it on the stove. She"
@@ -2241,18 +1866,6 @@ def test_benchmark_hellaswag_items_are_prepared_as_the_harness_prepares_them(tmp
     path = tmp_path / "items.jsonl"  # the label a digit string, as Hugging Face's copy of HellaSwag writes it
     path.write_text(json.dumps({**_HELLASWAG_ITEM, "label": "3"}) + "\n")
     assert load_gpt2.read_hellaswag(path)[0]["label"] == "3"
-
-
-@pytest.fixture(scope="session")
-def mmlu_tiny(tmp_path_factory):
-    """The two made-up subjects of testdata/mmlu packed as MMLU's data.tar, the one format --benchmark-file reads."""
-    path = tmp_path_factory.mktemp("mmlu") / "data.tar"
-    with tarfile.open(path, "w") as archive:
-        archive.add(MMLU_FOLDER / "data", arcname="data")
-    return path
-
-
-def test_benchmark_mmlu_prompt_with_shots(mmlu_tiny):
     items = load_gpt2.read_mmlu(mmlu_tiny, shots=1)
     assert [item["subject"] for item in items] == ["made_up_arithmetic"] * 3 + ["made_up_geography"] * 2
     request = load_gpt2.mmlu_request(items[0])
@@ -2262,9 +1875,6 @@ def test_benchmark_mmlu_prompt_with_shots(mmlu_tiny):
         "What is 5 + 6?\nA. 10\nB. 12\nC. 11\nD. 13\nAnswer:"
     )
     assert request["choices"] == ["A", "B", "C", "D"] and request["gold"] == 2
-
-
-def test_benchmark_continuation_request_as_the_harness():
     encode = gpt.get_tokenizer().encode
     assert load_gpt2.continuation_request("Answer:", " A", 64) == (encode("Answer:") + encode(" A"), 1)
     hello = load_gpt2.continuation_request("Hello ", "world", 64)  # the space moves to the continuation
@@ -2276,7 +1886,7 @@ def test_benchmark_continuation_request_as_the_harness():
 
 
 def test_benchmark_hellaswag_acc_and_acc_norm_and_mmlu_acc_per_subject_equal_hand_computations(tmp_path, mmlu_tiny):
-    model = tiny_model(context_length=64)
+    model = tiny_model(context_length=128)
     save_tiny(tmp_path / "tiny.pt", model)
     encode = gpt.get_tokenizer().encode
     acc, acc_norm = [], []
@@ -2297,21 +1907,18 @@ def test_benchmark_hellaswag_acc_and_acc_norm_and_mmlu_acc_per_subject_equal_han
     assert results["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
     assert results["random_guess"] == 0.25 and results["items"] == 4
     # MMLU: the letter of the most likely answer, per subject.
-    model = tiny_model(context_length=128)
-    save_tiny(tmp_path / "tiny128.pt", model)
-    encode = gpt.get_tokenizer().encode
     right = collections.defaultdict(list)
     for item in load_gpt2.read_mmlu(mmlu_tiny, shots=2):
         context = load_gpt2.mmlu_request(item)["context"]
         lls = [_continuation_logprob(model, encode(context), encode(" " + letter)) for letter in "ABCD"]
         right[item["subject"]].append(max(range(4), key=lambda k: lls[k]) == item["answer"])
-    load_gpt2.main(["--model", str(tmp_path / "tiny128.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
                     "--shots", "2", "--results", str(tmp_path / "mmlu.json")])
     results = json.loads((tmp_path / "mmlu.json").read_text())["benchmark"]
     for subject, hits in right.items():
         assert results["subjects"][subject] == {"items": len(hits), "acc": pytest.approx(sum(hits) / len(hits))}
     assert results["acc"] == pytest.approx(sum(map(sum, right.values())) / 5)
-    load_gpt2.main(["--model", str(tmp_path / "tiny128.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
+    load_gpt2.main(["--model", str(tmp_path / "tiny.pt"), "--benchmark", "mmlu", "--benchmark-file", str(mmlu_tiny),
                     "--limit", "1", "--results", str(tmp_path / "limited.json")])
     limited = json.loads((tmp_path / "limited.json").read_text())["benchmark"]
     assert {name: s["items"] for name, s in limited["subjects"].items()} == {name: 1 for name in right}
@@ -2339,32 +1946,9 @@ def test_benchmark_batching_and_padding_do_not_change_any_score():
         assert load_gpt2.sum_logprobs(model, requests, batch_size=batch_size) == pytest.approx(alone, abs=1e-5)
 
 
-def test_benchmark_loglikelihoods_equal_transformers(small_pair):
-    hf_model, path = small_pair
-    model = load_lm(path)
-    generator = torch.Generator().manual_seed(0)
-    lengths = [(20, 5), (9, 1), (33, 12)]  # (tokens, of which scored)
-    requests = [(torch.randint(0, 1000, (length,), generator=generator).tolist(), n) for length, n in lengths]
-    expected = []
-    for ids, n_scored in requests:
-        with torch.no_grad():
-            logprobs = hf_model(torch.tensor([ids[:-1]])).logits[0].log_softmax(dim=-1)
-        expected.append(sum(logprobs[p - 1, ids[p]].item() for p in range(len(ids) - n_scored, len(ids))))
-    assert load_gpt2.sum_logprobs(model, requests, batch_size=3) == pytest.approx(expected, abs=1e-4)
-
-
 def test_perplexity_is_exp_of_mean_cross_entropy_and_slides_its_window_over_a_long_text():
-    model = tiny_model(context_length=64)
-    text = "Every effort moves you forward, one step at a time."
-    ids = gpt.get_tokenizer().encode(text)
-    with torch.no_grad():
-        logits = model(torch.tensor([[gpt.EOT_ID] + ids[:-1]]))[0]
-    cross_entropy = torch.nn.functional.cross_entropy(logits, torch.tensor(ids)).item()
-    score = load_gpt2.perplexity(model, text, stride=32)
-    assert score["windows"] == 1 and score["tokens"] == len(ids)
-    assert score["perplexity"] == pytest.approx(math.exp(cross_entropy), rel=1e-4)
-    assert score["bits_per_byte"] == pytest.approx(cross_entropy * len(ids) / (len(text.encode()) * math.log(2)), rel=1e-4)
-    # A longer text: windows of 16 that start 8 apart score each token once, with up to 15 tokens before it.
+    # Windows of 16 that start 8 apart score each token once, with up to 15 tokens before it (one window: the
+    # family test above).
     model = tiny_model(context_length=16)
     ids = gpt.get_tokenizer().encode(" ".join(f"word{k}" for k in range(30)))[:50]
     assert len(ids) == 50
@@ -2377,7 +1961,9 @@ def test_perplexity_is_exp_of_mean_cross_entropy_and_slides_its_window_over_a_lo
         total += _continuation_logprob(model, sequence[begin : j + 1], [token])
     text = gpt.get_tokenizer().decode(ids)
     score = load_gpt2.perplexity(model, text, stride=8, batch_size=3)
+    assert (score["tokens"], score["windows"]) == (50, 6)
     assert score["perplexity"] == pytest.approx(math.exp(-total / 50), rel=1e-4)
+    assert score["bits_per_byte"] == pytest.approx(-total / (len(text.encode()) * math.log(2)), rel=1e-4)
 
 
 def test_contamination_finds_exactly_the_planted_overlaps_and_reports_the_score_on_clean_items(tmp_path):
@@ -2395,9 +1981,6 @@ def test_contamination_finds_exactly_the_planted_overlaps_and_reports_the_score_
                       "LIGHT. Nobody expected the small village band to")
     assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(corpus), n=13) == [0, 3]
     assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(corpus), n=12) == [0, 1, 3]
-    clean = tmp_path / "clean.txt"
-    clean.write_text("A clean corpus about something else entirely. " * 50)
-    assert load_gpt2.find_contamination(texts, load_gpt2.read_lines(clean)) == []
     # Instruction data read as text: punctuation goes, so its values' words follow each other as in the entries.
     instructions = tmp_path / "instructions.json"
     instructions.write_text(json.dumps([{"instruction": "Say it.", "input": "", "output": texts[2]}]))
@@ -2496,7 +2079,6 @@ LOAD_GPT2_BAD_INPUTS = [
     # Files and models, read before anything is measured.
     ("--model {files}/empty", "{files}/empty holds no model: neither model.safetensors nor model.safetensors.index.json"),
     ("--model {files}/junk.pt", "{files}/junk.pt: not a .safetensors file or a checkpoint of this project"),
-    ("--model {files}/other.pt", "{files}/other.pt: not a .safetensors file or a checkpoint of this project"),
     ("--model models/missing.gguf", "no such file or model 'models/missing.gguf': a model is a released GPT-2 size"),
     ("--model {files}/tiny.pt --export-gguf {files}/empty --overwrite", "{files}/empty is a folder: give a GGUF file's name"),
     ("--model gpt2", "(ConnectionError). Offline? Give --model a model folder or a .safetensors or GGUF file instead "
@@ -2504,7 +2086,6 @@ LOAD_GPT2_BAD_INPUTS = [
     ("--model {files}/tiny.pt --benchmark hellaswag --benchmark-file {files}/missing.jsonl", "missing.jsonl: no such file"),
     (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {MMLU_FOLDER}", "mmlu: a folder, not a file"),
     (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {HELLASWAG_TINY}", "not a tar archive or cut short: give MMLU's data.tar"),
-    ("--model {files}/tiny.pt --benchmark mmlu --contamination no-such-corpus", "--contamination no-such-corpus: no such file"),
     ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/bad_mmlu.tar", "x_test.csv row 1: expected question"),
     ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/not_mmlu.tar", "no test/<subject>_test.csv files"),
     ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/cut_mmlu.tar", "not a tar archive or cut short"),
@@ -2521,17 +2102,9 @@ LOAD_GPT2_BAD_INPUTS = [
        f"{{files}}/{name}.jsonl {message}") for name, _, message in HELLASWAG_BAD_ITEMS],
     # Flags that argparse and the `type=` helpers reject, and combinations that would be ignored.
     ("--model {files}/tiny.pt --top-p 2", "argument --top-p: must be a number in [0, 1], got '2'"),
-    ("--model {files}/tiny.pt --temperature nan", "argument --temperature: must be a finite number >= 0, got 'nan'"),
-    ("--model {files}/tiny.pt --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
-    ("--model {files}/tiny.pt --max-new-tokens 1e3", "argument --max-new-tokens: must be an integer >= 0, got '1e3'"),
     ("--model {files}/tiny.pt --benchmark hellaswag --shots 5", "--shots is for --benchmark mmlu"),
-    ("--model {files}/tiny.pt --contamination x.txt", "--contamination needs --benchmark"),
-    ("--model {files}/tiny.pt --stride 8", "--stride needs --perplexity"),
-    ("--model {files}/tiny.pt --benchmark mmlu --ngram 8", "--ngram needs --contamination"),
     ("--model {files}/tiny.pt --results r.json", "--results needs --benchmark or --perplexity"),  # nothing would be written
     ("--model {files}/tiny.pt --overwrite", "--overwrite needs --export-hf"),
-    ("--model {files}/tiny.pt --export-hf {files}/story.txt --overwrite", "{files}/story.txt is a file, not a folder: "
-     "choose another folder than {files}/story.txt"),
     ("--model {files}/tiny.pt --export-hf {files}/story.txt/hf", "{files}/story.txt is a file, not a folder: choose "
      "another folder than {files}/story.txt/hf"),
     ("--model {files}/tiny.pt --export-gguf {files}/story.txt/tiny.gguf", "{files}/story.txt is a file, not a folder: "
@@ -2541,8 +2114,6 @@ LOAD_GPT2_BAD_INPUTS = [
     ("--model {files}/vocab1000.pt", "the model's vocabulary has 1000 tokens, but the GPT-2 tokenizer uses 50257"),
     ("--model {files}/tiny.pt --benchmark mmlu --temperature 0.7", "--temperature is for generating text, not for measuring"),
     ("--model {files}/tiny.pt --top-k 5", "--top-k is for sampling: give --temperature above 0 as well"),  # greedy ignores it
-    ("--model {files}/tiny.pt --seed 1", "--seed is for sampling: give --temperature above 0 as well"),
-    ("--model {files}/tiny.pt --batch-size 4", "--batch-size needs --benchmark or --perplexity"),
     ("--model {files}/tiny.pt --perplexity t.txt --export-hf out", "--export-hf, --export-gguf and measuring "
      "(--benchmark, --perplexity) are separate runs"),
 ]
@@ -2589,9 +2160,6 @@ def pretrain_text_file(tmp_path):
     return path
 
 
-# --- windows and batches -------------------------------------------------------------------
-
-
 def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ranks_split_one_batch():
     tokens = torch.arange(100, dtype=torch.int16)
     tokens[7] = gpt.EOT_ID - 65536  # a uint16 id above 32767 as the int16 token file holds it
@@ -2615,34 +2183,6 @@ def test_pretrain_windows_shift_their_targets_evaluation_does_not_overlap_and_ra
     assert single == epoch1[2:6]  # samples 12 to 15
     assert pretrain.micro_batch_starts(splits, 8, 0, 4) == epoch0[8:10] + epoch1[0:2]  # across the epochs' border
     assert epoch0 == [3 * int(i) for i in torch.randperm(10, generator=torch.Generator().manual_seed(100_003))]
-
-
-# --- data preparation ------------------------------------------------------------------------
-
-
-def test_pretrain_short_text_error_says_what_would_work():
-    tokens = torch.zeros(5145, dtype=torch.int16)  # The Verdict's length
-    with pytest.raises(ValueError) as e:
-        pretrain.split_tokens(tokens, 0.9, 1024)
-    message = str(e.value)
-    assert "validation split has 515 tokens" in message
-    assert "--context-length 514 or less, another --train-fraction or more text" in message
-    train, val = pretrain.split_tokens(tokens, 0.9, 514)
-    assert len(train) == 4630 and len(val) == 515
-    with pytest.raises(ValueError, match=r"training split has 1 tokens .* more text"):
-        pretrain.split_tokens(torch.zeros(3, dtype=torch.int16), 0.5, 4)
-
-
-def test_pretrain_invalid_utf8_names_the_byte_offset(tmp_path):
-    path = tmp_path / "bad.txt"
-    path.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")  # 'héllo wörld ' is 14 bytes
-    truncated = tmp_path / "truncated.txt"
-    truncated.write_bytes(b"ok \xc3")  # the first byte of a two-byte character, then the end
-    with_bom = tmp_path / "bom.txt"
-    with_bom.write_bytes(b"\xef\xbb\xbfok \xff")  # the byte-order mark is dropped, but counts in offsets
-    for bad, offset in ((path, 42), (truncated, 3), (with_bom, 6)):
-        with pytest.raises(ValueError, match=f"^--data {bad}: not UTF-8 text: byte 0x.. at byte offset {offset} "):
-            pretrain.prepare_token_file([bad], tmp_path / "tokens", gpt.get_tokenizer())
 
 
 def test_pretrain_crlf_and_cr_corpora_give_the_tokens_of_the_lf_text(tmp_path):
@@ -2670,33 +2210,25 @@ def test_pretrain_sources_token_files_per_tokenizer_and_url_data_downloaded_once
     (folder / "notes.md").write_text("not a .txt file")
     paths = pretrain.resolve_sources(str(folder))
     assert [p.name for p in paths] == ["a.txt", "b.txt"]
-
     enc = gpt.get_tokenizer()
     token_path, n, sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
     expected = enc.encode("First document.\n") + [gpt.EOT_ID] + enc.encode("Second one, in a subfolder.\n")
-    assert n == len(expected) and token_path.stat().st_size == 2 * n
+    assert array.array("H", token_path.read_bytes()).tolist() == expected and n == len(expected)  # uint16
     assert sha256 == hashlib.sha256(token_path.read_bytes()).hexdigest()
-    assert array.array("H", token_path.read_bytes()).tolist() == expected  # uint16, native byte order
     assert json.loads(token_path.with_suffix(".json").read_text())["n_tokens"] == n
-
+    qwen, _ = tokenizer_and_eot(trained_tokenizers["qwen3"][1])
+    qwen_path, _, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", qwen)
+    assert qwen_path != token_path  # another tokenizer: tokenized again, into another file
     capsys.readouterr()
-    qwen, qwen_folder = trained_tokenizers["qwen3"]
-    encoding, qwen_eot = tokenizer_and_eot(qwen_folder)
-    qwen_path, _, qwen_sha256 = pretrain.prepare_token_file(paths, tmp_path / "tokens", encoding)
-    assert "reused" not in capsys.readouterr().out  # another tokenizer: tokenized again, into another file
-    assert qwen_path != token_path and qwen_sha256 != sha256 and qwen_path.suffix == ".uint16"  # 1000 ids
-    qwen_ids = qwen.encode("First document.\n").ids + [qwen_eot] + qwen.encode("Second one, in a subfolder.\n").ids
-    assert array.array("H", qwen_path.read_bytes()).tolist() == qwen_ids
     assert pretrain.prepare_token_file(paths, tmp_path / "tokens", enc) == (token_path, n, sha256)
     assert "reused" in capsys.readouterr().out
     (folder / "a.txt").write_text("First document, edited and longer.\n")
     token_path2, n2, _ = pretrain.prepare_token_file(paths, tmp_path / "tokens", enc)
     assert token_path2 != token_path and n2 > n and "reused" not in capsys.readouterr().out  # a new file
-    body = _pretrain_text(20).encode()
-    server = local_server({"/files/story.txt": body})
+    server = local_server({"/files/story.txt": b"Once upon a time."})
     url = f"{server.url}/files/story.txt"
     (downloaded,) = pretrain.resolve_sources(url)
-    assert downloaded == cached_data_path(tmp_path, url, "story.txt") and downloaded.read_bytes() == body
+    assert downloaded == cached_data_path(tmp_path, url, "story.txt") and downloaded.read_bytes() == b"Once upon a time."
     server.close()
     assert pretrain.resolve_sources(url) == [downloaded]  # from the cache, the server is gone
 
@@ -2716,9 +2248,6 @@ def test_pretrain_a_token_file_holds_ids_above_65535_as_uint32(tmp_path):
     assert inputs.tolist() == [expected[0:4], expected[1:5]] and targets.tolist() == [expected[1:5], expected[2:6]]
 
 
-# --- optimizer and schedule ------------------------------------------------------------------
-
-
 def test_pretrain_cosine_with_warmup_values():
     lr = lambda step: pretrain.cosine_with_warmup(step, 1.0, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
     assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -2727,13 +2256,9 @@ def test_pretrain_cosine_with_warmup_values():
     assert lr(14) == pytest.approx(0.1) and lr(100) == pytest.approx(0.1)
 
 
-# --- training runs ---------------------------------------------------------------------------
-
-
 def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_model(tmp_path, pretrain_text_file):
-    result = pretrain.main(
-        _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "40", "--eval-every", "20", "--lr", "1e-2")
-    )
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "40", "--eval-every", "20", "--lr", "1e-2")
+    result = pretrain.main(argv)
     history = json.loads((tmp_path / "run" / "history.json").read_text())["evaluations"]
     assert [h["step"] for h in history] == [0, 20, 40]
     assert history[0]["train_loss"] == pytest.approx(math.log(50257), abs=0.3)  # random start: uniform guess
@@ -2748,10 +2273,7 @@ def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_mod
     decay, no_decay = gpt.load_checkpoint(result["latest"])["optimizer"]["param_groups"]
     assert decay["betas"] == no_decay["betas"] == (0.9, 0.95)  # GPT-3's, appendix B
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["settings"]["lr"] == 1e-2 and run["data"]["n_tokens"] == pretrain.prepare_token_file(
-        [pretrain_text_file], tmp_path / "tokens", gpt.get_tokenizer()
-    )[1]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["lr"] == 1e-2
     assert (tmp_path / "run" / "loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
     # --model continues from the weights: the shape comes from them, and step 0 scores what the run ended with.
     pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, "--max-steps", "1", model=result["best"]))
@@ -2759,55 +2281,45 @@ def test_pretrain_loss_decreases_and_the_checkpoint_loads_and_continues_with_mod
     assert history[0]["step"] == 0 and history[0]["val_loss"] == pytest.approx(result["val_loss"], abs=1e-5)
 
 
+def same_weights(checkpoint_a, checkpoint_b):
+    """Whether two checkpoint files hold exactly the same model weights."""
+    a, b = (gpt.load_checkpoint(path)["model"] for path in (checkpoint_a, checkpoint_b))
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_pretrain_stopped_runs_resume_to_exactly_the_whole_run(tmp_path, pretrain_text_file, capsys):
-    common = ("--max-steps", "8", "--eval-every", "4", "--drop-rate", "0.1", "--lr", "1e-2", "--grad-accum", "2")
+    common = ("--max-steps", "6", "--eval-every", "3", "--drop-rate", "0.1", "--lr", "1e-2", "--grad-accum", "2")
     whole = pretrain.main(_pretrain_tiny_argv(tmp_path / "a", pretrain_text_file, *common))
     # Stopped between evaluations, then a bare --resume: the saved settings, printed.
-    first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "3"))
-    assert first["stopped"] == "stop-at-step" and first["steps"] == 3
+    first = pretrain.main(_pretrain_tiny_argv(tmp_path / "b", pretrain_text_file, *common, "--stop-at-step", "2"))
+    assert first["stopped"] == "stop-at-step" and first["steps"] == 2
     capsys.readouterr()
     resumed = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run")])  # nothing else
     assert "lr=0.01" in capsys.readouterr().out
-    assert resumed["steps"] == 8 and resumed["tokens_seen"] == whole["tokens_seen"]
+    assert resumed["steps"] == 6 and resumed["tokens_seen"] == whole["tokens_seen"]
     assert resumed["val_loss"] == whole["val_loss"]
     # Stopped on an evaluation step (after its evaluation), then --resume with the same flags.
-    pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, *common, "--stop-at-step", "4"))
-    assert "eval step 4" in capsys.readouterr().out
-    assert gpt.load_checkpoint(tmp_path / "c" / "run" / "best.pt")["step"] == 4
+    pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, *common, "--stop-at-step", "3"))
+    assert "eval step 3" in capsys.readouterr().out
     pretrain.main(_pretrain_tiny_argv(tmp_path / "c", pretrain_text_file, *common, "--resume"))
-    a = gpt.load_checkpoint(tmp_path / "a" / "run" / "latest.pt")
-    best = gpt.load_checkpoint(tmp_path / "a" / "run" / "best.pt")
-    for run in "bc":
-        b = gpt.load_checkpoint(tmp_path / run / "run" / "latest.pt")
-        assert b["history"] == a["history"] and [h["step"] for h in b["history"]] == [0, 4, 8]
-        for name, tensor in a["model"].items():
-            torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
-        history = (tmp_path / run / "run" / "history.json").read_text()
-        assert json.loads(history) == json.loads((tmp_path / "a" / "run" / "history.json").read_text())
-        best_resumed = gpt.load_checkpoint(tmp_path / run / "run" / "best.pt")
-        assert (best_resumed["step"], best_resumed["val_loss"]) == (best["step"], best["val_loss"])
-    extended = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run"), "--max-steps", "10"])
+    for name in ("latest.pt", "best.pt", "history.json"):
+        for run in "bc":
+            if name.endswith(".pt"):
+                assert same_weights(tmp_path / "a" / "run" / name, tmp_path / run / "run" / name), (run, name)
+            else:
+                assert (tmp_path / run / "run" / name).read_text() == (tmp_path / "a" / "run" / name).read_text()
+    extended = pretrain.main(["--resume", "--out-dir", str(tmp_path / "b" / "run"), "--max-steps", "8"])
     settings = json.loads((tmp_path / "b" / "run" / "run.json").read_text())["settings"]
-    assert extended["steps"] == 10 and settings["max_steps"] == 10 and settings["lr"] == 0.01
+    assert extended["steps"] == 8 and settings["max_steps"] == 8 and settings["lr"] == 0.01
 
 
 def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_overwritten(tmp_path, pretrain_text_file,
                                                                                           capsys):
-    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "4", "--eval-every", "4")
+    """What pretrain.py adds to the run-folder rule that gpt.claim_run_folder and gpt.resume_settings apply."""
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2", "--eval-every", "2")
     pretrain.main(argv)
-    assert (tmp_path / "run" / "best.pt").exists()
-    with pytest.raises(SystemExit, match=r"holds another run \(latest.pt, best.pt, .*--resume.*--overwrite"):
-        pretrain.main(argv)
-    with pytest.raises(SystemExit, match="already made 4 of 4 steps"):
+    with pytest.raises(SystemExit, match="already made 2 of 2 steps"):
         pretrain.main(argv + ["--resume"])
-    with pytest.raises(SystemExit, match="^error: --resume continues the saved run, which used --emb-dim 32, not 64"):
-        pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--resume", "--emb-dim", "64"))
-    with pytest.raises(SystemExit, match="which used --lr 0.001, not 0.5: drop --lr"):
-        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--lr", "0.5"])
-    other = tmp_path / "other.txt"
-    other.write_text(_pretrain_text(seed=1))
-    with pytest.raises(SystemExit, match=f"which used --data {pretrain_text_file}, not {other}"):
-        pretrain.main(["--resume", "--out-dir", str(tmp_path / "run"), "--data", str(other), "--max-steps", "8"])
     old = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
     with pytest.raises(SystemExit):  # the flags are checked before the old run is deleted
         pretrain.main(argv + ["--overwrite", "--model", "gpt2", "--size", "gpt2"])
@@ -2815,7 +2327,6 @@ def test_pretrain_folder_of_another_run_is_refused_resumed_only_as_it_was_or_ove
     assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()} == old
     pretrain.main(argv + ["--overwrite", "--stop-at-step", "1"])  # stops before an evaluation could write best.pt
     assert not (tmp_path / "run" / "best.pt").exists()  # the old run's model is gone with it
-    assert gpt.load_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 1
     pretrain_text_file.write_text(_pretrain_text(seed=2))  # the same file, other text
     with pytest.raises(SystemExit, match=f"^error: --resume: --data {pretrain_text_file} changed since the run"):
         pretrain.main(["--resume", "--out-dir", str(tmp_path / "run")])
@@ -2837,13 +2348,11 @@ def test_pretrain_ctrl_c_while_tokenizing_is_honest_and_in_training_saves_a_chec
     assert list((tmp_path / "tokens").iterdir()) == []  # no token file, partial or whole
     assert not (tmp_path / "run").exists()  # made for the run, left empty: removed
     # Ctrl-C in training (a real SIGINT to a real process): a checkpoint of the step it stopped at.
-    argv = _pretrain_tiny_argv(
-        tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-every", "1", "--eval-every", "100000"
-    )
+    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "100000", "--log-every", "1",
+                               "--eval-every", "100000")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
-    proc = subprocess.Popen(
-        [sys.executable, str(PRETRAIN_SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
+    proc = subprocess.Popen([sys.executable, str(PRETRAIN_SCRIPT), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
     for line in proc.stdout:
         if line.startswith("step"):  # training is under way
             proc.send_signal(signal.SIGINT)
@@ -2876,30 +2385,19 @@ def test_pretrain_torchrun_two_processes_equal_one_process(tmp_path, pretrain_te
     assert b["history"][-1]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
 
 
-# --- flags checked at startup, stop and resume -----------------------------
-
-
 PRETRAIN_RUN = "--data {files}/story.txt --out-dir {run}"
 OFFLINE = "); run again later"  # the end of "could not download NAME: offline? Give a copy of it with --data ..."'
 PRETRAIN_TINY = "--n-layers 1 --n-heads 2 --emb-dim 32 --context-length 32"  # the model is made before the data is read
 PRETRAIN_BAD_INPUTS = [
-    # Flags, checked before any data or model work.
-    (f"{PRETRAIN_RUN} --drop-rate 2", "argument --drop-rate: must be a number in [0, 1], got '2'"),
+    # Flags, checked before any data or model work: one of each number type (the types: test_flag_types_...).
     (f"{PRETRAIN_RUN} --n-heads 3", "the model's shape (--size and the shape flags): emb_dim (256) must be divisible by"),
-    (f"{PRETRAIN_RUN} --size gpt2 --n-heads 5", "emb_dim (768) must be divisible by n_heads (5)"),
-    (f"{PRETRAIN_RUN} --emb-dim 30", "emb_dim (30) must be divisible by n_heads (4)"),
     (f"{PRETRAIN_RUN} --size HuggingFaceTB/SmolLM2-135M --n-heads 4", "n_heads (4) must be a multiple of n_kv_heads"),
     (f"{PRETRAIN_RUN} --model gpt2 --n-layers 2", "--model (its weights bring the shape) does not use --n-layers: drop it"),
-    (f"{PRETRAIN_RUN} --epochs inf", "argument --epochs: must be a finite number >= 0, got 'inf'"),
     (f"{PRETRAIN_RUN} --epochs 0", "argument --epochs: must be a number > 0, got '0'"),  # would train nothing
     (f"{PRETRAIN_RUN} --grad-clip nan", "argument --grad-clip: must be a finite number >= 0, got 'nan'"),
-    (f"{PRETRAIN_RUN} --weight-decay -0.1", "argument --weight-decay: must be a finite number >= 0, got '-0.1'"),
-    (f"{PRETRAIN_RUN} --lr -1", "argument --lr: must be a finite number >= 0, got '-1'"),
-    (f"{PRETRAIN_RUN} --min-lr-ratio 1.5", "argument --min-lr-ratio: must be a number in [0, 1], got '1.5'"),
     (f"{PRETRAIN_RUN} --train-fraction 1.5", "argument --train-fraction: must be a number in [0, 1], got '1.5'"),
     (f"{PRETRAIN_RUN} --sample-tokens -1", "argument --sample-tokens: must be an integer >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --stop-at-step 0", "argument --stop-at-step: must be an integer >= 1, got '0'"),
-    (f"{PRETRAIN_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
     (f"{PRETRAIN_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     # The data and the model.
     (f"{PRETRAIN_TINY} --data {{files}}/missing.txt --out-dir {{run}}", "no such file or folder"),
@@ -2911,11 +2409,12 @@ PRETRAIN_BAD_INPUTS = [
      "(ConnectionError): connect once, or set TIKTOKEN_CACHE_DIR to a folder holding them (this repository's "
      "testdata/tiktoken_cache has them)"),
     (f"{PRETRAIN_TINY} --data {{files}}/empty.txt --out-dir {{run}}", "the training split has 0 tokens (0 in all"),
-    (f"{PRETRAIN_TINY} --data {{files}}/bom.txt --out-dir {{run}}", "the training split has 0 tokens (0 in all"),  # a BOM
     (f"{PRETRAIN_TINY} --data {{files}}/empty --out-dir {{run}}", "the folder holds no .txt file with text"),
     (f"{PRETRAIN_TINY} --data {{files}}/latin1.txt --out-dir {{run}}", "--data {files}/latin1.txt: not UTF-8 text: byte "
      "0xe9 at byte offset 3 (line 1); save it as UTF-8"),
-    (f"{PRETRAIN_TINY} --data {{files}}/short.txt --out-dir {{run}}", "the training split has"),
+    (f"{PRETRAIN_TINY} --data {{files}}/short.txt --out-dir {{run}}", "the training split has 5 tokens (6 in all, "
+     "--train-fraction 0.9), fewer than context length 32 + 1; use --context-length 4 or less, another "
+     "--train-fraction or more text"),
     (f"{PRETRAIN_RUN} --model {{files}}/empty", "{files}/empty holds no model: neither model.safetensors nor "
      "model.safetensors.index.json"),
     (f"{PRETRAIN_RUN} --model {{files}}/tiny.pt --context-length 128", "--context-length 128 is longer than the "
@@ -2930,67 +2429,29 @@ def test_pretrain_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     assert not (tmp_path / "gpt-cache").exists() or not message.startswith("argument")  # flags: before any work
 
 
-# --- the Llama family: its own tokenizer, token files keyed by tokenizer, uint32 ids -------
-
-
-def test_pretrain_llama_family_model_continues_with_its_tokenizer_and_resumes(
-    trained_tokenizers, tmp_path, pretrain_text_file, monkeypatch, capsys
-):
+def test_pretrain_llama_family_model_samples_in_its_own_tokenizer(trained_tokenizers, tmp_path, pretrain_text_file,
+                                                                   capsys):
+    """(Token files and checkpoints of a family's model: test_new_family_through_every_stage, and the --size test.)"""
     prompt = "Every effort moves you"
-    reference, tokenizer = family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
-    # 4-byte ids, as for 151,936 ids (1000 fit in 2 bytes: the file keeps its .uint16 name)
-    monkeypatch.setitem(pretrain.TOKEN_TYPES, "uint16", pretrain.TOKEN_TYPES["uint32"])
-
-    def argv(run, *extra):
-        common = ("--max-steps", "4", "--eval-every", "2", "--drop-rate", "0.1", "--lr", "1e-2")
-        return _pretrain_tiny_argv(tmp_path / run, pretrain_text_file, *common, *extra, model=tmp_path / "model")
-
-    whole = pretrain.main(argv("a"))
-    out = capsys.readouterr().out
-    (token_path,) = (tmp_path / "a" / "tokens").glob("*.uint16")
-    text = pretrain_text_file.read_text()
-    assert array.array("I", token_path.read_bytes()).tolist() == tokenizer.encode(text, add_special_tokens=False).ids
+    family_model_with_tokenizer(tmp_path / "model", trained_tokenizers, "llama3", prompt)
+    pretrain.main(_pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "1", model=tmp_path / "model"))
     # The sample of step 0 is the loaded model's, in its tokenizer, until its end token at most.
     encoding, eot_id = tokenizer_and_eot(tmp_path / "model")
     start = gpt.text_to_token_ids(prompt, tokenizer=encoding)  # <|begin_of_text|> first
-    model = load_lm(tmp_path / "model")
-    sample = gpt.generate(model, start, 5, temperature=0.8, top_k=50, seed=123, eot_id=eot_id)
-    assert "  sample: " + gpt.token_ids_to_text(sample[0], encoding).replace("\n", "\n          ") + "\n" in out
-    history = json.loads((tmp_path / "a" / "run" / "history.json").read_text())["evaluations"]
-    assert [h["step"] for h in history] == [0, 2, 4] and history[-1]["train_loss"] < history[0]["train_loss"]
-    for path in (whole["best"], whole["latest"]):  # the later stages reload the same tokenizer
-        assert gpt.load_checkpoint(path)["tokenizer"] == {"files": encoding.files}  # the tokenizer itself
-        assert tokenizer_and_eot(path)[1] == eot_id and type(load_lm(path)) is gpt.LlamaModel
-    pretrain.main(argv("b", "--stop-at-step", "3"))
-    resumed = pretrain.main(argv("b", "--resume"))
-    assert resumed["steps"] == 4 and resumed["val_loss"] == whole["val_loss"]
-    a, b = (gpt.load_checkpoint(tmp_path / r / "run" / "latest.pt") for r in "ab")
-    for name, tensor in a["model"].items():
-        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
+    sample = gpt.generate(load_lm(tmp_path / "model"), start, 5, temperature=0.8, top_k=50, seed=123, eot_id=eot_id)
+    expected = "  sample: " + gpt.token_ids_to_text(sample[0], encoding).replace("\n", "\n          ") + "\n"
+    assert expected in capsys.readouterr().out
 
 
-def test_pretrain_memory_is_checked_before_the_run_and_out_of_memory_names_the_flags(tmp_path, pretrain_text_file,
-                                                                                      monkeypatch):
-    argv = _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2")
-    with monkeypatch.context() as patch:
-        patch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
-        code = exit_code(pretrain.main, argv)
+def test_pretrain_memory_is_checked_before_the_run_starts(tmp_path, pretrain_text_file, monkeypatch):
+    """(Out of memory later: gpt.command_line, with the hint each script gives it.)"""
+    monkeypatch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
+    code = exit_code(pretrain.main, _pretrain_tiny_argv(tmp_path, pretrain_text_file, "--max-steps", "2"))
     assert code.startswith("error: training (weights, gradients and AdamW's moments, before activations): about "
                            "0.0 GB needed")
     assert code.endswith("pretraining trains every weight: use a smaller model or more memory, or LoRA (the "
                          "fine-tunes' --lora)")
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run started
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    monkeypatch.setattr(pretrain, "evaluate_loss", out_of_memory)
-    code = exit_code(pretrain.main, argv + ["--overwrite"])
-    hint = "use a smaller --batch-size (and a larger --grad-accum for the same batch) or --context-length"
-    assert code == "error: out of memory: " + hint
-
-
-# --- gpt.py: the training plumbing pretrain.py moved there (autocast, FLOPs, throughput) --
 
 
 def test_pretrain_peak_flops_of_a_gpu_autocast_flops_and_throughput_line_are_exact(monkeypatch):
@@ -3062,15 +2523,10 @@ def _classify_classifier(folder):
     return model, save_tiny(folder / "classifier.pt", model, max_length=48)
 
 
-# -- data -------------------------------------------------------------------------------
-
-
-def test_classify_parse_accepts_bom_and_crlf_and_names_invalid_utf8_and_bad_lines_with_line_numbers():
+def test_classify_reads_tsv_and_zip_alike_and_names_bad_lines_and_damaged_zips(tmp_path):
     raw = b"\xef\xbb\xbfham\tHello there\r\nSPAM\tWin cash now\r\n\r\nham\tsecond\ttab kept\r\n"
     messages = fc.parse_labelled(raw, source="x.tsv")
     assert messages == [("ham", "Hello there"), ("spam", "Win cash now"), ("ham", "second\ttab kept")]
-    with pytest.raises(ValueError, match=r"^x.tsv: not UTF-8 text: byte 0xff at byte offset 29 \(line 2\)"):
-        fc.parse_labelled(raw.replace(b"Win", b"Win \xff"), source="x.tsv")
     raw = b"ham\tok\nno tab here\nspma\ttypo label\nham\t   \nspam\tfine\n"
     with pytest.raises(ValueError) as error:
         fc.parse_labelled(raw, source="x.tsv")
@@ -3080,30 +2536,21 @@ def test_classify_parse_accepts_bom_and_crlf_and_names_invalid_utf8_and_bad_line
                                 "and text columns")
     with pytest.raises(ValueError, match=r"^x.tsv: 7 bad line\(s\): line 1: no message.*; line 5: no mes.*; \.\.\.: give"):
         fc.parse_labelled(b"no tab\n" * 7, source="x.tsv")
-
-
-def test_classify_reads_zip_and_tsv_alike_and_names_a_damaged_zip(tmp_path):
     tsv = tmp_path / "SMSSpamCollection"
     tsv.write_bytes(b"ham\ta\nspam\tb\n")
-    good, bad = tmp_path / "good.zip", tmp_path / "bad.zip"
-    with zipfile.ZipFile(good, "w") as z:
-        z.write(tsv, "SMSSpamCollection")
-        z.writestr("readme", "not data")
-    with zipfile.ZipFile(bad, "w") as z:
-        z.writestr("readme", "not data")
-    assert fc.read_sms_bytes(good) == fc.read_sms_bytes(tsv) == b"ham\ta\nspam\tb\n"
-    with pytest.raises(ValueError, match=r"bad.zip: a damaged zip file or one without SMSSpamCollection \(.*no item"):
-        fc.read_sms_bytes(bad)
-    raw = SMS_ZIP.read_bytes()
-    truncated, flipped = tmp_path / "truncated.zip", tmp_path / "flipped.zip"
-    truncated.write_bytes(raw[: len(raw) // 2])
-    flipped.write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
-    for path in (truncated, flipped):
-        with pytest.raises(ValueError, match=rf"{path.name}: a damaged zip file or one without SMSSpamCollection \(.*\): give "):
-            fc.read_sms_bytes(path)
+    with zipfile.ZipFile(tmp_path / "good.zip", "w") as archive:
+        archive.write(tsv, "SMSSpamCollection")
+        archive.writestr("readme", "not data")
+    with zipfile.ZipFile(tmp_path / "no-data.zip", "w") as archive:
+        archive.writestr("readme", "not data")
+    assert fc.read_sms_bytes(tmp_path / "good.zip") == fc.read_sms_bytes(tsv) == b"ham\ta\nspam\tb\n"
+    (tmp_path / "cut.zip").write_bytes(SMS_ZIP.read_bytes()[:100_000])  # flipped bytes: the bad-input table
+    for name in ("no-data.zip", "cut.zip"):
+        with pytest.raises(ValueError, match=rf"{name}: a damaged zip file or one without SMSSpamCollection \(.*\): give "):
+            fc.read_sms_bytes(tmp_path / name)
 
 
-def test_classify_splits_are_balanced_and_deterministic_and_need_both_classes(tmp_path):
+def test_classify_splits_are_balanced_and_deterministic_and_need_both_classes():
     with pytest.raises(ValueError, match="3 ham and 0 spam messages: a classifier needs both classes"):
         fc.create_balanced_dataset([("ham", "a"), ("ham", "b"), ("ham", "c")], seed=1)
     few = [("spam", f"s{i}") for i in range(4)] + [("ham", f"h{i}") for i in range(9)]
@@ -3111,19 +2558,11 @@ def test_classify_splits_are_balanced_and_deterministic_and_need_both_classes(tm
         fc.random_split(fc.create_balanced_dataset(few, seed=1), seed=1)
     messages = fc.parse_labelled(_CLASSIFY_SMS_BYTES)
     assert (len(messages), sum(label == "spam" for label, _ in messages)) == (5574, 747)
-
-    def csv_bytes(seed, folder):
-        splits = fc.random_split(fc.create_balanced_dataset(messages, seed), seed)
-        for name, split in zip(("train", "validation", "test"), splits):
-            fc.write_csv(tmp_path / folder / f"{name}.csv", ("label", "text"), split)
-        return splits, [(tmp_path / folder / f"{n}.csv").read_bytes() for n in ("train", "validation", "test")]
-
-    splits, first = csv_bytes(123, "a")
+    splits = fc.random_split(fc.create_balanced_dataset(messages, 123), 123)
     assert [len(s) for s in splits] == [1045, 149, 300]  # 747 spam + 747 ham, 70/10/20 as in the book
     assert sum(label == "spam" for split in splits for label, _ in split) == 747
-    assert csv_bytes(123, "b")[1] == first
-    assert csv_bytes(7, "c")[1] != first
-    assert first[0].startswith(b"label,text\n")
+    assert fc.random_split(fc.create_balanced_dataset(messages, 123), 123) == splits
+    assert fc.random_split(fc.create_balanced_dataset(messages, 7), 7) != splits
 
 
 def test_classify_tokenize_truncates_to_max_length():
@@ -3153,22 +2592,8 @@ def test_classify_texts_file_is_utf8_with_empty_lines_skipped_and_pipes(tmp_path
         os.close(read_end)
 
 
-# -- model ------------------------------------------------------------------------------
-
-
-def test_classify_prediction_does_not_depend_on_padding():
-    model = _classify_tiny_classifier()
-    short, longer = _classify_token_ids([5, 30])
-    alone = fc.full_pass_logits(model, [short])
-    padded = fc.full_pass_logits(model, [short, longer])[:1]
-    torch.testing.assert_close(padded, alone)
-    activations = fc.compute_frozen_activations(model, [short, longer], n_frozen=1)
-    torch.testing.assert_close(fc.cached_logits(model, activations, 1)[:1], alone)
-    torch.testing.assert_close(fc.cached_logits(model, activations[:1], 1), alone)
-
-
 @pytest.mark.parametrize("n_frozen", [0, 1, 2])
-def test_classify_activation_cache_gives_full_pass_logits_and_gradients(n_frozen):
+def test_classify_activation_cache_gives_full_pass_logits_and_gradients_of_any_padding(n_frozen):
     model = _classify_tiny_classifier()
     model.requires_grad_(True)
     token_ids = _classify_token_ids([3, 17, 9, 40, 1, 25])
@@ -3190,6 +2615,8 @@ def test_classify_activation_cache_gives_full_pass_logits_and_gradients(n_frozen
     torch.testing.assert_close(cached_logits, full_logits)
     for full, cached in zip(full_grads, cached_grads):
         torch.testing.assert_close(cached, full)
+    with torch.no_grad():  # the prediction does not depend on the padding of the batch
+        torch.testing.assert_close(fc.full_pass_logits(model, token_ids[:1]), full_logits[:1])
 
 
 @pytest.mark.parametrize("trainable", [*fc.TRAINABLE_CHOICES, "lora"])
@@ -3257,10 +2684,7 @@ def test_classify_keeps_the_epoch_with_the_best_validation_accuracy(monkeypatch,
     assert _classify_scripted_training(monkeypatch, [(0.3, 0.8), (0.3, 0.8), (0.4, 0.5)])[1]["kept_epoch"] == 1
 
 
-# -- the script end to end --------------------------------------------------------------
-
-
-def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys):
+def test_classify_main_trains_saves_classifies_and_evaluates_as_in_training(tmp_path, capsys):
     common = _classify_run_argv(tmp_path, "cached", "--epochs", "2", "--log-every", "5")
     fc.main(common)
     common[common.index("--out-dir") + 1] = str(tmp_path / "plain")
@@ -3268,29 +2692,26 @@ def test_classify_main_trains_saves_and_classifies(tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert "activation cache: on" in out and "activation cache: off (--no-activation-cache)" in out
     assert "step 5/10 (epoch 1.00/2.00) | loss" in out and "examples/s | ETA" in out
-    for name in ("train.csv", "validation.csv", "test.csv", "classifier.pt", "metrics.json"):
-        assert (tmp_path / "cached" / name).is_file()
-    if importlib.util.find_spec("matplotlib") is None:
-        assert "(no plot: pip install matplotlib to get loss-accuracy.png)" in out
-    else:
-        assert (tmp_path / "cached" / "loss-accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "cached" / "loss-accuracy.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
     cached = json.loads((tmp_path / "cached" / "metrics.json").read_text())
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     assert (cached["activation_cache"], plain["activation_cache"]) == (True, False)
     assert cached["test"]["confusion_matrix"] == plain["test"]["confusion_matrix"]
     assert sum(map(sum, cached["test"]["confusion_matrix"])) == 14  # 33 spam + 33 ham: 46 / 6 / 14
     assert cached["history"]["train_loss"] == pytest.approx(plain["history"]["train_loss"], abs=1e-5)
-
-    texts = tmp_path / "texts.txt"
-    texts.write_text("Are we meeting at 6?\n\nWINNER!! Claim your prize now\n")
-    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify", "Call me later"])
-    fc.main(["--checkpoint", str(tmp_path / "cached" / "classifier.pt"), "--classify-file", str(texts)])
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split("  ")[-1] for line in lines] == ["Call me later", "Are we meeting at 6?", "WINNER!! Claim your prize now"]
-    model, _, max_length = fc.load_classifier(tmp_path / "cached" / "classifier.pt")
+    # --evaluate of the saved test split gives the metrics of training, printed alike.
+    classifier, test_split = tmp_path / "cached" / "classifier.pt", tmp_path / "cached" / "test.csv"
+    fc.main(["--checkpoint", str(classifier), "--evaluate", str(test_split), "--results", str(tmp_path / "eval.json")])
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == cached["test"]
+    printed = out[out.index("test split (") :].split("\n")[:5]
+    printed[0] = printed[0].replace("test split", str(test_split))
+    assert capsys.readouterr().out.split("\n")[:6] == printed + [f"metrics in {tmp_path / 'eval.json'}"]
+    fc.main(["--checkpoint", str(classifier), "--classify", "Call me later"])
+    model, _, max_length = fc.load_classifier(classifier)
     assert model.labels == ["not spam", "spam"] and max_length == 48
     spam_probability = fc.classify_texts(model, ["Call me later"], 48)[0]
-    assert lines[0] == f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later"
+    line = f"{fc.CLASS_NAMES[spam_probability >= 0.5]:<8} (p(spam)={spam_probability:.3f})  Call me later\n"
+    assert capsys.readouterr().out == line
 
 
 NO_LABELS = "no labelled messages: give 'ham|spam<TAB>message' lines (the SMS Spam Collection) or a .csv file with label and text columns"
@@ -3309,32 +2730,21 @@ CLASSIFY_BAD_INPUTS = [
      "(no tab after the label, or no text column); line 2: "),
     ("--model {files}/lm48.pt --data {files}/flipped.zip --out-dir {run}", "flipped.zip: a damaged zip file or one "
      "without SMSSpamCollection"),
-    # Flags that argparse and the `type=` helpers reject, and combinations parse_args refuses.
-    ("--lora --lora-alpha -1", "argument --lora-alpha: must be a finite number >= 0, got '-1'"),
+    # Flags that argparse and the `type=` helpers reject (one of each type), and combinations parse_args refuses.
     ("--lora --lora-rank 0", "argument --lora-rank: must be an integer >= 1, got '0'"),
     ("--weight-decay nan", "argument --weight-decay: must be a finite number >= 0, got 'nan'"),
-    ("--lr inf", "argument --lr: must be a finite number >= 0, got 'inf'"),
-    ("--max-steps 0", "argument --max-steps: must be an integer >= 1, got '0'"),
-    ("--drop-rate 1.5", "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
-    ("--batch-size 0", "argument --batch-size: must be an integer >= 1, got '0'"),
-    ("--seed 9223372036854775808", "argument --seed: must be an integer >= 0, got '9223372036854775808'"),
     ("--lora --trainable all", "--lora trains the adapters and the head: drop --trainable all"),
     ("--trainable lora", "argument --trainable: invalid choice: 'lora'"),
     ("--classify hi --threshold 1.5", "argument --threshold: must be a number in [0, 1], got '1.5'"),
     ("--classify hi --results p.json", "--results goes with --evaluate (a run writes metrics.json)"),
     ("--evaluate x.csv --classify hi", "argument --classify: not allowed with argument --evaluate"),
-    ("--classify hi --classify-file x.txt", "argument --classify-file: not allowed with argument --classify"),
-    ("--export-hf out --classify hi", "argument --classify: not allowed with argument --export-hf (see --help)"),
     # Using a classifier: a training flag given with it would be silently ignored.
     ("--classify hi --model other.pt", f"--classify {USED_AS_TRAINED} does not use --model: drop it"),
     ("--evaluate x.csv --max-length 10 --seed 1", f"--evaluate {USED_AS_TRAINED} does not use --max-length, --seed: drop them"),
-    ("--classify-file x.txt --lora", f"--classify-file {USED_AS_TRAINED} does not use --lora: drop it"),
-    ("--export-hf out --epochs 5", f"--export-hf {USED_AS_TRAINED} does not use --epochs: drop it"),
     # The classifier and the files it reads.
     ("--classify hi --checkpoint {files}/missing.pt", "no classifier at {files}/missing.pt: train one first"),
     ("--classify hi --checkpoint {files}/lm48.pt", "{files}/lm48.pt is no spam classifier of finetune_classify.py "
      "(class names: none, a language model): train one from it with --model"),
-    ("--classify-file {files} --checkpoint {files}/none.pt", "--classify-file {files}: a folder, not a file"),
     ("--classify-file {files}/garbage.bin --checkpoint {files}/none.pt",
      "--classify-file {files}/garbage.bin: not UTF-8 text: byte 0xff at byte offset 12 (line 2)"),
     ("--classify-file /dev/null --checkpoint {files}/classifier.pt", "nothing to classify"),
@@ -3342,9 +2752,6 @@ CLASSIFY_BAD_INPUTS = [
     ("--evaluate {files}/a.csv", "a.csv: 1 bad line(s): line 2: no message (no tab after the label, or no text column)"),
     ("--evaluate {files}/b.csv", "b.csv: 1 bad line(s): line 3: unknown label 'spma' (expected ham or spam)"),
     ("--evaluate {files}/c.csv", "c.csv: " + NO_LABELS),
-    ("--evaluate {files}/d.tsv", "d.tsv: 1 bad line(s): line 2: unknown label 'spma' (expected ham or spam)"),
-    ("--evaluate {files}/e.tsv", "e.tsv: 1 bad line(s): line 2: no message (no tab after the label, or no text column)"),
-    ("--evaluate {files}/f.tsv", "f.tsv: " + NO_LABELS),
     ("--evaluate {files}/g.csv", "g.csv: not valid CSV in the row after line 2 (unexpected end of data): close"),
 ]
 
@@ -3356,33 +2763,7 @@ def test_classify_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     check_bad_input(fc.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
-def test_classify_ctrl_c_exits_130_also_in_training_and_out_of_memory_names_the_batch_size(tmp_path, monkeypatch,
-                                                                                            capsys):
-    argv = _classify_run_argv(tmp_path)
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fc, "train_classifier", interrupted)
-    try:
-        fc.main(argv)
-    except KeyboardInterrupt:
-        pytest.fail("KeyboardInterrupt escaped main()")  # else it would stop the whole test session
-    except SystemExit as e:
-        assert e.code == 130
-    else:
-        pytest.fail("main() returned after an interrupt")
-    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
-    assert not (tmp_path / "run" / "classifier.pt").exists()
-    with pytest.raises(SystemExit, match="holds another run .*replace it with --overwrite"):  # the rerun says how
-        fc.main(argv)
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(fc, "train_classifier", out_of_memory)
-    code = exit_code(fc.main, _classify_run_argv(tmp_path, "oom"))
-    assert code == "error: out of memory: use a smaller --batch-size (or --max-length)"
+def test_classify_ctrl_c_in_training_exits_130_and_leaves_no_classifier(tmp_path):
     argv = _classify_run_argv(tmp_path, "sigint", "--epochs", "100000", "--batch-size", "2", "--log-every", "1")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is printed
     # A suite started in the background inherits an ignored SIGINT; the script's Ctrl-C is Python's own handler,
@@ -3400,7 +2781,7 @@ def test_classify_ctrl_c_exits_130_also_in_training_and_out_of_memory_names_the_
     assert not (tmp_path / "sigint" / "classifier.pt").exists()
 
 
-def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
+def test_classify_max_steps_stops_after_exactly_n_steps_and_bfloat16_stays_close(tmp_path, capsys):
     # 46 training messages, batch 8: 5 steps per epoch; 7 steps end 2 steps into epoch 2, whatever --epochs says.
     fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "7", "--log-every", "1", "--epochs", "1"))
     out = capsys.readouterr().out
@@ -3412,82 +2793,37 @@ def test_classify_max_steps_stops_after_exactly_n_steps(tmp_path, capsys):
     best = max(range(2), key=lambda i: (history["validation_accuracy"][i], -history["validation_loss"][i], -i))
     assert history["kept_epoch"] == history["epoch"][best]  # the stop within epoch 2 is a candidate too
     fc.main(_classify_run_argv(tmp_path, "all", "--epochs", "2"))
-    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]["step"] == [5, 10]
+    full = json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]
     # The first 7 steps of the 10-step run are the 7 steps of the stopped run: same shuffling, same updates.
-    full = json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]["step_loss"]
-    assert full[:7] == history["step_loss"]
+    assert full["step"] == [5, 10] and full["step_loss"][:7] == history["step_loss"]
+    fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "7", "--epochs", "3"))
+    mixed = json.loads((tmp_path / "mixed" / "metrics.json").read_text())["history"]["step_loss"]
+    assert mixed != history["step_loss"]  # it did run in the lower precision
+    assert mixed == pytest.approx(history["step_loss"], abs=0.05)
 
 
-def test_classify_lora_trains_only_adapters_and_head_and_settings_travel_with_the_run(tmp_path, capsys):
-    fc.main(_classify_run_argv(tmp_path, "run", "--lora", "--max-steps", "2", "--seed", "7"))
-    out = capsys.readouterr().out
-    assert "lora=True, max_steps=2, seed=7, out_dir=" in out and "(the others: defaults; all in run.json)" in out
-    # per block, rank 16: c_attn 16*32 + 96*16, attn.c_proj 16*32 + 32*16, c_fc 16*32 + 128*16,
-    # mlp.c_proj 16*128 + 32*16 = 8,192; two blocks plus the head (32*2 + 2) = 16,450
-    assert "16,450 trainable" in out
-    assert "activation cache: off (the lower blocks train): full forward pass at every step" in out
-    checkpoint = gpt.load_checkpoint(tmp_path / "run" / "classifier.pt")
-    assert not any("lora" in key for key in checkpoint["model"])
-    run = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
-    assert run == checkpoint["settings"]
-    assert (run["seed"], run["max_steps"], run["max_length"], checkpoint["max_length"]) == (7, 2, 48, 48)
-
-
-def test_classify_bfloat16_autocast_trains_and_stays_close(tmp_path):
-    model = _classify_tiny_classifier()
-    token_ids = _classify_token_ids([5, 30, 12])
-    full = partial(fc.full_pass_logits, model)
-    mixed = fc.autocast_logits(full, torch.device("cpu"), "bfloat16")(token_ids)
-    assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, full(token_ids), atol=0.05, rtol=0.05)
-    assert torch.equal(fc.autocast_logits(full, torch.device("cpu"), "float32")(token_ids), full(token_ids))
-    fc.main(_classify_run_argv(tmp_path, "full", "--max-steps", "3"))
-    fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "3"))
-    full, mixed = (json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("full", "mixed"))
-    assert len(mixed["step_loss"]) == 3 and all(math.isfinite(x) for x in mixed["step_loss"])
-    assert mixed["step_loss"] != full["step_loss"]  # it did run in the lower precision
-    assert mixed["step_loss"] == pytest.approx(full["step_loss"], abs=0.05)
-
-
-def test_classify_folder_with_another_run_is_refused_unless_overwrite_and_before_the_model_loads(tmp_path, monkeypatch):
+def test_classify_full_disk_leaves_no_half_file_and_another_run_is_refused_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                                   capsys):
     argv = _classify_run_argv(tmp_path, "run", "--max-steps", "1")
-    fc.main(argv)
-    before = (tmp_path / "run" / "classifier.pt").read_bytes()
-    code = exit_code(fc.main, argv)
-    assert re.fullmatch(r"error: .*run holds another run \(classifier\.pt, run\.json, train\.csv, validation\.csv, "
-                        r"test\.csv, metrics\.json.*\): .*replace it with --overwrite.*", code)
-    assert "--resume" not in code  # the classifier has no --resume to suggest
-    assert (tmp_path / "run" / "classifier.pt").read_bytes() == before
-    (tmp_path / "run" / "loss-accuracy.png").unlink(missing_ok=True)  # a run without the plot is replaced as well
-    fc.main(argv + ["--overwrite", "--seed", "5"])
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
-    # A folder that cannot take the run is refused before the model loads.
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the run folder was checked")
-
-    monkeypatch.setattr(gpt, "load", no_model)
-    (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit, match=r"^error: .*file is a file, not a folder: choose another folder than .*file$"):
-        fc.main(_classify_run_argv(tmp_path, "file"))
-    (tmp_path / "other" / "classifier.pt").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"error: .*other holds another run \(classifier.pt\)"):
-        fc.main(_classify_run_argv(tmp_path, "other"))
-    with pytest.raises(SystemExit, match=r"^error: \[Errno 21\] Is a directory: .*other/classifier.pt'$"):
-        fc.main(_classify_run_argv(tmp_path, "other", "--overwrite"))
-    (tmp_path / "elsewhere.pt").mkdir()
-    with pytest.raises(SystemExit, match=r"error: .*run2 holds another run \(../elsewhere.pt\)"):
-        fc.main(_classify_run_argv(tmp_path, "run2", "--checkpoint", str(tmp_path / "elsewhere.pt")))
-
-
-def test_classify_full_disk_at_the_final_save_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch, capsys):
-    failed = fill_the_disk(monkeypatch, lambda path: path.name == "classifier.pt")
-    code = exit_code(fc.main, _classify_run_argv(tmp_path, "run", "--max-steps", "2"))
+    with monkeypatch.context() as patch:
+        failed = fill_the_disk(patch, lambda path: path.name == "classifier.pt")
+        code = exit_code(fc.main, argv)
     assert code == full_disk_error(tmp_path / "run" / "classifier.pt")  # exit 1, one line
     assert failed == [tmp_path / "run" / "classifier.pt"]
     assert "test split (" in capsys.readouterr().out  # the test metrics were printed before the save
     # Nothing half-written: no classifier.pt, no temporary file beside it (and metrics.json comes after it).
-    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["run.json", "test.csv", "train.csv",
-                                                                           "validation.csv"]
+    run_files = ["run.json", "test.csv", "train.csv", "validation.csv"]
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == run_files
+    code = exit_code(fc.main, argv)
+    assert re.fullmatch(r"error: .*run holds another run \(run\.json, train\.csv, validation\.csv, test\.csv\): "
+                        r".*replace it with --overwrite.*", code)
+    assert "--resume" not in code  # the classifier has no --resume to suggest
+    fc.main(argv + ["--overwrite", "--seed", "5"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == 5
+    monkeypatch.setattr(gpt, "load", lambda *args, **kwargs: pytest.fail("the model loaded before the folder's check"))
+    (tmp_path / "other" / "classifier.pt").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"error: .*other holds another run \(classifier.pt\)"):
+        fc.main(_classify_run_argv(tmp_path, "other"))
 
 
 def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatch):
@@ -3505,28 +2841,6 @@ def test_classify_cache_dir_is_where_the_data_is_downloaded(tmp_path, monkeypatc
     assert seen == [tmp_path / "my-cache"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora", "--keep-last"]])
-def test_classify_evaluate_on_the_test_split_reproduces_the_metrics_of_training(tmp_path, capsys, extra):
-    fc.main(_classify_run_argv(tmp_path, "run", "--epochs", "4", "--lr", "3e-3", *extra))
-    trained = capsys.readouterr().out
-    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    history = report["history"]
-    if not extra:  # validation accuracy 100% after epochs 2, 3 and 4: epoch 3 has the lowest loss
-        assert history["validation_accuracy"][1:] == [1.0, 1.0, 1.0]
-        assert history["validation_loss"][2] < min(history["validation_loss"][1], history["validation_loss"][3])
-    assert history["kept_epoch"] == (4 if extra else 3)
-    fc.main(["--checkpoint", str(tmp_path / "run" / "classifier.pt"), "--evaluate", str(tmp_path / "run" / "test.csv"),
-             "--results", str(tmp_path / "evaluation.json")])
-    evaluated = capsys.readouterr().out
-    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
-    assert evaluation["metrics"] == report["test"] and report["test"]["messages"] == 14
-    assert sum(map(sum, report["test"]["confusion_matrix"])) == 14
-    printed = trained[trained.index("test split (") :].split("\n")[:5]
-    printed[0] = printed[0].replace("test split", str(tmp_path / "run" / "test.csv"))
-    assert evaluated.split("\n")[:5] == printed
-    assert evaluated.split("\n")[5] == f"metrics in {tmp_path / 'evaluation.json'}"
-
-
 def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path, capsys):
     model, checkpoint = _classify_classifier(tmp_path)
     messages = [("spam", "WINNER!! Claim your prize, call 09061701461"), ("ham", 'He said "ok, fine" then left'),
@@ -3534,9 +2848,8 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path, 
     fc.write_csv(tmp_path / "labelled.csv", ("text", "label"), [(text, label) for label, text in messages])
     (tmp_path / "labelled.tsv").write_text("".join(f"{label}\t{text}\n" for label, text in messages))
     probabilities = fc.classify_texts(model, [text for _, text in messages], 48)
-    middle = sorted(probabilities)[2]  # spam at >= threshold: three messages reach it
     truth = [fc.LABELS[label] for label, _ in messages]
-    for threshold in (0.0, middle, 1.0):
+    for threshold in (0.0, sorted(probabilities)[2], 1.0):  # spam at >= threshold: all, three, none of the five
         predicted = [int(p >= threshold) for p in probabilities]
         matrix = [[sum((t, p) == (i, j) for t, p in zip(truth, predicted)) for j in (0, 1)] for i in (0, 1)]
         for name in ("labelled.csv", "labelled.tsv"):
@@ -3544,8 +2857,6 @@ def test_classify_evaluate_reads_csv_and_sms_files_with_the_threshold(tmp_path, 
                      "--threshold", str(threshold), "--results", str(tmp_path / "results.json")])
             results = json.loads((tmp_path / "results.json").read_text())
             assert results["threshold"] == threshold and results["metrics"]["confusion_matrix"] == matrix
-    assert sum(predicted) == 0 and results["metrics"]["precision"] == 0.0  # threshold 1: no message is that sure
-    assert sum(int(p >= middle) for p in probabilities) == 3
 
 
 def test_classify_whole_classifier_of_a_safetensors_file_answers_after_the_file_is_gone(tmp_path, monkeypatch, capsys):
@@ -3560,63 +2871,46 @@ def test_classify_whole_classifier_of_a_safetensors_file_answers_after_the_file_
     capsys.readouterr()
     texts = ["WINNER!! Claim your prize now", "See you at 6?"]
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", *texts])
-    from_checkpoint = capsys.readouterr().out
-    assert from_checkpoint.endswith("  See you at 6?\n")
+    assert capsys.readouterr().out.endswith("  See you at 6?\n")
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv")])
     assert "accuracy" in capsys.readouterr().out
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
-    assert "a GPT2ForSequenceClassification folder" in capsys.readouterr().out
-    fc.main(["--classify", *texts, "--checkpoint", str(tmp_path / "hf")])
-    assert capsys.readouterr().out == from_checkpoint  # the same labels and probabilities, to 3 decimals
-    with pytest.raises(SystemExit, match="error: .*hf"):  # an existing export is kept without --overwrite
-        fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
     message = exit_code(load_gpt2.main, ["--model", str(run / "classifier.pt")])
     assert message.startswith("error: ") and "is a classifier, not a language model" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("model_type, extra", [("llama", []), ("qwen3", ["--lora", "--max-steps", "3"])])
-def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_tokenizers, tmp_path, capsys,
-                                                                        model_type, extra):
+def test_classify_llama_family_with_lora_trains_classifies_and_exports_for_padded_batches(trained_tokenizers, tmp_path,
+                                                                                          capsys):
+    """What test_new_family_through_every_stage leaves out: LoRA on the seven projections, and transformers reading
+    our export on a padded batch, each text led by Llama 3's <|begin_of_text|>."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = tmp_path / "model"  # vocabulary 1000, context 64, untied head, beside the SmolLM2-style tokenizer
-    save_hf_family(folder, model_type, vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
-                   tie_word_embeddings=False)
-    (folder / "tokenizer.json").write_bytes((trained_tokenizers["smollm2"][1] / "tokenizer.json").read_bytes())
+    folder = tmp_path / "model"  # vocabulary 1000, untied head, beside Llama 3's tokenizer.json
+    family_model_with_tokenizer(folder, trained_tokenizers, "llama3", "Hi", max_position_embeddings=64)
     run = tmp_path / "run"
     data = _classify_sms_slice(tmp_path)
-    fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--epochs", "1", *extra])  # the activation cache; LoRA adapters on the seven projections and the full forward pass
-    assert ("activation cache: on" in capsys.readouterr().out) == (not extra)
-    checkpoint = gpt.load_checkpoint(run / "classifier.pt")
+    fc.main(["--model", str(folder), "--data", str(data), "--out-dir", str(run), "--lora", "--max-steps", "3"])
+    checkpoint = gpt.load_checkpoint(run / "classifier.pt")  # LoRA merged: the model's own names, no head bias
+    assert set(checkpoint["model"]) == set(fc.add_classification_head(load_lm(folder)).state_dict())
+    assert checkpoint["settings"] == json.loads((run / "run.json").read_text())["settings"]  # settings travel with it
     encoding, eot_id = tokenizer_and_eot(folder)
-    assert checkpoint["tokenizer"] == {"files": encoding.files} and checkpoint["model"]["lm_head.weight"].shape == (2, 64)
-    assert "lm_head.bias" not in checkpoint["model"]  # as transformers' ...ForSequenceClassification
+    assert checkpoint["tokenizer"] == {"files": encoding.files}
     model, _, _ = fc.load_classifier(run / "classifier.pt")
     texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Sorry, I'll call later"]
     token_ids = [torch.tensor(encoding.encode(text, bos=True)) for text in texts]
     with torch.no_grad():
         probabilities = fc.full_pass_logits(model, token_ids).softmax(dim=-1)
-        alone = model(token_ids[0][None])[0, -1].softmax(dim=-1)  # no padding: the last token's logits
-    torch.testing.assert_close(probabilities[0], alone)
     capsys.readouterr()
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--classify", texts[0]])
-    line = f"{fc.CLASS_NAMES[alone[1].item() >= 0.5]:<8} (p(spam)={alone[1].item():.3f})  {texts[0]}\n"
-    assert capsys.readouterr().out == line
-    fc.main(["--checkpoint", str(run / "classifier.pt"), "--evaluate", str(run / "test.csv"),
-             "--results", str(tmp_path / "evaluation.json")])
-    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
-    assert evaluation["metrics"] == json.loads((run / "metrics.json").read_text())["test"]
-
     fc.main(["--checkpoint", str(run / "classifier.pt"), "--export-hf", str(tmp_path / "hf")])
-    architecture = {"llama": "LlamaForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}[model_type]
-    assert f"a {architecture} folder" in capsys.readouterr().out
+    assert "a LlamaForSequenceClassification folder" in capsys.readouterr().out
     reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
-    assert problems == [] and type(reference).__name__ == architecture and reference.config.pad_token_id == eot_id
+    assert problems == [] and reference.config.pad_token_id == eot_id
     batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
-    for row, ids in zip(batch["input_ids"].tolist(), token_ids):  # our ids, padded on the right with end-of-text
+    for row, ids in zip(batch["input_ids"].tolist(), token_ids):  # ours (a begin token first), padded with end-of-text
         assert row == ids.tolist() + [eot_id] * (len(row) - len(ids))
     with torch.no_grad():
         assert (reference(**batch).logits.softmax(dim=-1) - probabilities).abs().max().item() <= 1e-5
+    spam = probabilities[0, 1].item()
+    line = f"{fc.CLASS_NAMES[spam >= 0.5]:<8} (p(spam)={spam:.3f})  {texts[0]}\n"
     fc.main(["--checkpoint", str(tmp_path / "hf"), "--classify", texts[0]])  # the folder reads back
     assert capsys.readouterr().out == line
 
@@ -3626,29 +2920,20 @@ def test_classify_llama_family_trains_classifies_evaluates_and_exports(trained_t
 # ========================================================================================
 
 
-_INSTRUCT_PREAMBLE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
-
-
 def test_instruct_prompt_with_and_without_input_and_its_tokens_first():
+    preamble = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                "request.")
     with_input = {"instruction": "Translate to French.", "input": "Good morning.", "output": "Bonjour."}
-    assert instruct.format_input(with_input) == (
-        _INSTRUCT_PREAMBLE + "\n\n### Instruction:\nTranslate to French.\n\n### Input:\nGood morning."
-    )
+    assert instruct.format_prompt(with_input) == (preamble + "\n\n### Instruction:\nTranslate to French.\n\n### "
+                                                  "Input:\nGood morning.\n\n### Response:\n")
     assert instruct.format_prompt(with_input) == instruct.format_input(with_input) + "\n\n### Response:\n"
-    for no_input in (
-        {"instruction": "Name a color.", "input": "", "output": "Blue."},
-        {"instruction": "Name a color.", "output": "Blue."},
-    ):
-        assert instruct.format_input(no_input) == _INSTRUCT_PREAMBLE + "\n\n### Instruction:\nName a color."
-        assert "### Input:" not in instruct.format_prompt(no_input)
-    entry = {"instruction": "Name a color.", "input": "", "output": "Blue."}
+    for entry in ({"instruction": "Name a color.", "output": "Blue."}, {"instruction": "Name a color.", "input": "",
+                                                                       "output": "Blue."}):
+        assert instruct.format_prompt(entry) == preamble + "\n\n### Instruction:\nName a color.\n\n### Response:\n"
     [(ids, prompt_length)] = instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=1024, mask_prompt=True)
     assert ids[:prompt_length] == gpt.text_to_token_ids(instruct.format_prompt(entry))[0].tolist()  # the prompt first
     assert gpt.token_ids_to_text(ids[prompt_length:]) == "Blue."
-    too_short = prompt_length - 1
-    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), max_length=too_short, mask_prompt=True) == []
+    assert instruct.tokenize_examples([entry], gpt.get_tokenizer(), prompt_length - 1, mask_prompt=True) == []
 
 
 def test_instruct_collate_pads_ignores_and_masks_the_prompt():
@@ -3677,33 +2962,26 @@ def test_instruct_collate_pads_ignores_and_masks_the_prompt():
 
 
 def test_instruct_data_is_a_json_list_or_json_lines_with_one_entry_check(tmp_path):
-    good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
-    path = tmp_path / "data.json"
-    for bad, problem in [
-        ({"instruction": "No output."}, "entry 1: 'output' must be a string, not null"),
-        ({"instruction": "Wrong type.", "input": 3, "output": "x"}, "entry 1: 'input' must be a string, not 3"),
-        ("just a string", "entry 1: not a JSON object but str"),
+    good, no_input = {"instruction": "Say hi.", "input": "", "output": "Hi."}, {"instruction": "Hi.", "output": "Hi."}
+    for name, text, problem in [
+        ("a.json", json.dumps([good, {"instruction": "No output."}]), "entry 1: 'output' must be a string, not null"),
+        ("b.json", json.dumps([good, {"instruction": "x", "input": 3, "output": "x"}]), "entry 1: 'input' must be a "
+         "string, not 3"),
+        ("c.json", json.dumps([good, "just a string"]), "entry 1: not a JSON object but str"),
+        ("d.jsonl", json.dumps(good) + "\n\n" + json.dumps({"output": "x"}), "line 3: 'instruction' must be a string, "
+         "not null"),
     ]:
-        path.write_text(json.dumps([good, bad]))
-        with pytest.raises(ValueError) as exc:
-            instruct.load_instruction_data(path)
-        assert str(exc.value) == f"--data {path}: {problem}: {instruct.DATA_FIX}"
-    path.write_text(json.dumps([good, {"instruction": "No input key is fine.", "output": "Fine."}]))
-    assert instruct.load_instruction_data(path)[0] == good
-    jsonl = tmp_path / "data.jsonl"
-    jsonl.write_text(json.dumps(good) + "\n\n" + json.dumps({"output": "x"}) + "\n")
-    with pytest.raises(ValueError, match="line 3: 'instruction' must be a string, not null"):
-        instruct.load_instruction_data(jsonl)
-    jsonl.write_text(json.dumps(good) + "\n{broken\n")
-    with pytest.raises(ValueError, match="line 2: not valid JSON"):
-        instruct.load_instruction_data(jsonl)
-    path.write_text("[]")
-    with pytest.raises(ValueError, match="no entries"):
-        instruct.load_instruction_data(path)
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([good]).encode())  # a byte-order mark, as Windows editors write
-    assert instruct.load_instruction_data(path) == [good]
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")  # JSON Lines
-    assert instruct.load_instruction_data(path) == [good]
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError) as error:
+            instruct.load_instruction_data(tmp_path / name)
+        assert str(error.value) == f"--data {tmp_path / name}: {problem}: {instruct.DATA_FIX}"
+    for text, problem in [(json.dumps(good) + "\n{broken\n", "line 2: not valid JSON"), ("[]", "no entries")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ValueError, match=problem):
+            instruct.load_instruction_data(tmp_path / "bad.json")
+    for text in (json.dumps([good, no_input]), json.dumps(good) + "\n" + json.dumps(no_input) + "\n"):
+        (tmp_path / "data.json").write_bytes(b"\xef\xbb\xbf" + text.encode())  # a byte-order mark, as Windows writes
+        assert instruct.load_instruction_data(tmp_path / "data.json") == [good, no_input]
 
 
 def test_instruct_split_85_5_10_with_seed():
@@ -3723,14 +3001,12 @@ def test_instruct_split_85_5_10_with_seed():
 
 @pytest.mark.parametrize("reply, expected", [
     ('{"score": 85}', 85.0),  # the structured output the judge asks for
-    ('{"score": 92.5}', 92.5),
     ('{"score": 150}', None),  # JSON decides, even out of range
     ('```json\n{"score": 70}\n```', 70.0),
     ('My grade: {"score": 60, "reason": "mostly right"}', 60.0),
     ("85", 85.0),
     (" 66.6\n", 66.6),
     ("8.5e1", 85.0),
-    ("100", 100.0),
     ("0", 0.0),
     ("**Score:** 88", 88.0),
     ("Score = 85.5. I stand by 85.5", 85.5),  # one number, twice
@@ -3738,18 +3014,15 @@ def test_instruct_split_85_5_10_with_seed():
     ("Score: 85.", 85.0),
     ("150", None),
     ("-5", None),
-    ("Score: -5", None),
     ("GPT-2 would give 85", 85.0),  # not the 2 of a name
     ("On a scale from 0 to 100, I'd give 85", None),  # three numbers: ambiguous
     ("8/10", None),  # a ratio is not a 0-100 score
     ("Score: 70. On second thought, final score: 85", None),
     ("Score: 1,000", None),  # a thousands separator: not 1
     ("Score: 7,5", None),  # a decimal comma: not 7 nor 5
-    ("7,5/10", None),
     ("I cannot judge this.", None),
     ("", None),
     ("null", None),
-    ("[85]", None),
     (None, None),
     (85, 85.0),
     ({"score": 85}, 85.0),
@@ -3782,18 +3055,16 @@ def _instruct_ollama(local_server):
 
 
 def _instruct_responses_file(tmp_path, n):
-    entries = [
-        {"instruction": f"Task {i}.", "input": "", "output": f"Answer {i}.", "model_response": f"Reply {i}."}
-        for i in range(n)
-    ]
+    """responses.json in tmp_path, of n entries with their model's replies -> its path."""
+    entry = {"instruction": "Task {i}.", "input": "", "output": "Answer {i}.", "model_response": "Reply {i}."}
     path = tmp_path / "responses.json"
-    path.write_text(json.dumps(entries, indent=4))
-    return path, entries
+    path.write_text(json.dumps([{key: text.format(i=i) for key, text in entry.items()} for i in range(n)], indent=4))
+    return path
 
 
 def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_path, capsys, _instruct_ollama):
     url = _instruct_ollama.url
-    path, entries = _instruct_responses_file(tmp_path, 11)
+    path = _instruct_responses_file(tmp_path, 11)
     before = path.read_bytes()
     _instruct_ollama.answers = [
         "80", "Score: 60 - mostly right.", "I cannot judge this.",
@@ -3814,21 +3085,15 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
     request = _instruct_ollama.requests[0]
     assert request["model"] == "llama3" and request["stream"] is False
     assert request["options"]["temperature"] == 0 and request["options"]["seed"] == instruct.JUDGE_SEED
-    assert request["format"] == {
-        "type": "object",
-        "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
-        "required": ["score"],
-    }
+    score = {"type": "integer", "minimum": 0, "maximum": 100}
+    assert request["format"] == {"type": "object", "properties": {"score": score}, "required": ["score"]}
     prompt = request["messages"][0]["content"]
     assert "`Answer 0.`" in prompt and "`Reply 0.`" in prompt and "integer number only" in prompt
-
-    path, _ = _instruct_responses_file(tmp_path, 2)
+    path = _instruct_responses_file(tmp_path, 2)
     _instruct_ollama.answers = ["Score: 1,000", "7,5/10"]  # no unambiguous 0-100 number
     with pytest.raises(SystemExit, match="error: the judge .* gave no score 0-100 for any of the 2 entries"):
         instruct.main(["--judge-only", "--judge-url", url, "--out-dir", str(tmp_path)])
     assert [e["score"] for e in json.loads((tmp_path / "responses-scored.json").read_text())] == [None, None]
-    with pytest.raises(SystemExit, match="ollama pull mistral"):
-        instruct.main(["--judge-only", "--judge-url", url, "--judge-model", "mistral", "--out-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="ollama pull mistral"):  # a judge that is not there: before any training
         instruct.main(["--judge", "ollama", "--judge-url", url, "--judge-model", "mistral", "--out-dir",
                        str(tmp_path / "run")])
@@ -3837,17 +3102,15 @@ def test_instruct_judge_scores_any_reply_of_ollama_and_asks_with_a_schema(tmp_pa
 
 @pytest.mark.parametrize("body, message", [
     (None, "no Ollama server answers at {url}.*ollama serve.*ollama pull llama3"),  # nothing listens on the port
-    (b"[]", "the server at {url} answered an unexpected reply: "),
-    (b"{}", "the server at {url} answered an unexpected reply: "),
     (b'{"message": 5}', "the server at {url} answered an unexpected reply: "),
     (b"<html>not Ollama</html>", "the server at {url} answered an unexpected reply: "),
-], ids=["server-down", "list", "no-message", "message-number", "not-json"])
+], ids=["server-down", "message-number", "not-json"])
 def test_instruct_judge_without_a_server_or_with_an_odd_reply_says_so_and_keeps_responses(tmp_path, local_server, body,
                                                                                           message):
     server = local_server({"/api/chat": answer(body or b"", Content_Type="application/json")})
     if body is None:
         server.close()
-    path, _ = _instruct_responses_file(tmp_path, 2)
+    path = _instruct_responses_file(tmp_path, 2)
     before = path.read_bytes()
     code = exit_code(instruct.main, ["--judge-only", "--judge-url", server.url, "--out-dir", str(tmp_path)])
     assert re.match("error: " + message.format(url=re.escape(server.url)), code), code
@@ -3874,32 +3137,20 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
               "--mask-prompt"]
     instruct.main(common + recipe + ["--epochs", "1", "--keep-state"])
     out = capsys.readouterr().out
-    assert "10 train, 1 validation, 1 test entries" in out
+    assert "10 train, 1 validation, 1 test entries" in out and "step 2: train loss" in out
     assert "training: 10 examples, 2 steps (1.00 epochs); then 1 answers of up to 3 tokens (--num-answers)" in out
     assert "step 2/2 (epoch 1.00/1.00) | loss" in out and "tok/s" in out and "ETA" in out
-    assert "step 2: train loss" in out
     assert (out_dir / "losses.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
-
     model = load_lm(out_dir / "model.pt")  # merged LoRA: a plain GPT checkpoint
     assert isinstance(model, gpt.GPTModel) and not any("lora" in k for k in model.state_dict())
     responses = json.loads((out_dir / "responses.json").read_text())
-    assert len(responses) == 1
-    assert set(responses[0]) == {"instruction", "input", "output", "model_response"}
-    assert isinstance(responses[0]["model_response"], str)
+    assert [set(entry) for entry in responses] == [{"instruction", "input", "output", "model_response"}]
     state = gpt.load_checkpoint(out_dir / "train_state.pt")
     assert state["step"] == 2 and state["history"]["step"] == [0, 2]
-
-    # Answers from the saved model: the test set again, and one prompt.
-    (out_dir / "responses.json").unlink()
-    instruct.main(common + ["--generate-only"])
-    assert len(json.loads((out_dir / "responses.json").read_text())) == 1
-    capsys.readouterr()
-    instruct.main(common + ["--prompt", "Repeat the number 3."])
-    printed = capsys.readouterr().out
-    model = load_lm(out_dir / "model.pt")
+    instruct.main(common + ["--prompt", "Repeat the number 3."])  # one answer of the saved model
     expected, _ = instruct.generate_response(model, gpt.get_tokenizer(), {"instruction": "Repeat the number 3."},
                                              max_new_tokens=3)
-    assert printed.endswith("\n" + expected + "\n")
+    assert capsys.readouterr().out.endswith("\n" + expected + "\n")
     with pytest.MonkeyPatch.context() as patch:  # a model that ends its answer at once: said, not a blank line
         patch.setattr(instruct, "generate_response", lambda *args, **options: ("", 1))
         instruct.main(common + ["--prompt", "Repeat the number 3."])
@@ -3921,78 +3172,16 @@ def test_instruct_end_to_end_tiny(_instruct_tiny_run, capsys, monkeypatch):
     assert [len(instruct.answer_entries(instruct.parse_args(f), list(range(110)))) for f in flags] == [110, 10, 0, 110]
 
 
-def _instruct_same_weights(run_a, run_b):
-    """Whether two runs saved exactly the same model.pt."""
-    a, b = (gpt.load_checkpoint(run / "model.pt")["model"] for run in (run_a, run_b))
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _instruct_ctrl_c_in_step(monkeypatch, stop_step):
-    """Make training raise KeyboardInterrupt in step `stop_step`, before its update, as a Ctrl-C
-    there would -> the real gpt.check_finite_loss, to put back."""
-    check = gpt.check_finite_loss
-
-    def ctrl_c(loss, step):
-        if step == stop_step:
-            raise KeyboardInterrupt
-        check(loss, step)
-
-    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c)
-    return check
-
-
-def test_instruct_ctrl_c_while_answering_names_the_command_that_answers_again(_instruct_tiny_run, capsys, monkeypatch):
+def test_instruct_resume_after_sigterm_matches_the_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
     folder = _instruct_tiny_run
-    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
-    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--out-dir", str(folder / "answers")]
-    instruct.main(common)
-    expected = json.loads((folder / "answers" / "responses.json").read_text())
-    answer = instruct.generate_responses
-
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(instruct, "generate_responses", ctrl_c)
-    assert exit_code(instruct.main, common + ["--overwrite"]) == 130
-    hint = capsys.readouterr().err.splitlines()[-2]
-    assert hint == (f"--generate-only --out-dir {folder / 'answers'} --num-answers {len(expected)} --max-new-tokens 1 "
-                    "answers the test split with the saved model")
-    monkeypatch.setattr(instruct, "generate_responses", answer)
-    instruct.main(hint.split()[:7])
-    assert json.loads((folder / "answers" / "responses.json").read_text()) == expected
-
-
-def test_instruct_resume_after_ctrl_c_or_sigterm_matches_the_uninterrupted_run(_instruct_tiny_run, capsys, monkeypatch):
-    folder = _instruct_tiny_run
-    common = ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--epochs", "2"]
-    common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
-    instruct.main(common + ["--out-dir", str(folder / "straight")])
-    # Ctrl-C in step 3 of 4: the state of step 2 (an epoch's end) is on disk; --resume alone goes on from it.
-    check = _instruct_ctrl_c_in_step(monkeypatch, 3)
-    assert exit_code(instruct.main, common + ["--out-dir", str(folder / "halves")]) == 130
-    assert capsys.readouterr().err.endswith(
-        f"--resume --out-dir {folder / 'halves'} goes on from the last save in {folder / 'halves' / 'train_state.pt'}"
-        "\ninterrupted\n"
-    )
-    assert gpt.load_checkpoint(folder / "halves" / "train_state.pt")["step"] == 2
-    monkeypatch.setattr(gpt, "check_finite_loss", check)
-    instruct.main(["--out-dir", str(folder / "halves"), "--resume"])
-    assert "resuming at step 2 of 4" in capsys.readouterr().out
-    assert _instruct_same_weights(folder / "straight", folder / "halves")
-    assert not (folder / "halves" / "train_state.pt").exists()  # a finished run keeps no training state
-    assert json.loads((folder / "halves" / "responses.json").read_text()) == json.loads(
-        (folder / "straight" / "responses.json").read_text()
-    )
-    with pytest.raises(SystemExit, match="train_state.pt is not there \\(a finished run keeps it only with --keep-state"):
-        instruct.main(["--out-dir", str(folder / "halves"), "--resume", "--epochs", "3"])
     # A model folder as save_pretrained writes it: its weights load as transposed views, whose AdamW
     # moments must be restored in the layout of the resumed model's weights.
     save_hf_gpt2(folder / "hf", n_positions=96, n_embd=32, n_layer=2, n_head=2)
     common = ["--data", str(folder / "data.json"), "--model", str(folder / "hf"), "--epochs", "3"]
     common += ["--batch-size", "5", "--eval-batches", "1", "--max-new-tokens", "1", "--drop-rate", "0.1"]
-    instruct.main(common + ["--out-dir", str(folder / "straight3")])
-    # SIGTERM (a job scheduler, `timeout`, `docker stop`) in step 3 of 6, between the saves of steps 2 and 4:
-    # step 3 is finished and saved, not lost.
+    instruct.main(common + ["--out-dir", str(folder / "straight")])
+    # SIGTERM (a job scheduler, `timeout`, `docker stop`; a first Ctrl-C alike) in step 3 of 6, between the saves
+    # of steps 2 and 4: step 3 is finished and saved, not lost.
     check = gpt.check_finite_loss
 
     def sigterm_in_step_3(loss, step):
@@ -4002,43 +3191,30 @@ def test_instruct_resume_after_ctrl_c_or_sigterm_matches_the_uninterrupted_run(_
 
     monkeypatch.setattr(gpt, "check_finite_loss", sigterm_in_step_3)
     assert exit_code(instruct.main, common + ["--out-dir", str(folder / "stopped")]) == 143
-    assert capsys.readouterr().err.endswith(
-        f"stopped at step 3 (SIGTERM), the state saved in {folder / 'stopped' / 'train_state.pt'}: go on with python "
-        f"finetune_instruct.py --resume --out-dir {folder / 'stopped'}\n"
-    )
+    assert capsys.readouterr().err.endswith(f"stopped at step 3 (SIGTERM), the state saved in {folder / 'stopped'}"
+                                            f"/train_state.pt: go on with python finetune_instruct.py --resume "
+                                            f"--out-dir {folder / 'stopped'}\n")
     assert gpt.load_checkpoint(folder / "stopped" / "train_state.pt")["step"] == 3
     assert not (folder / "stopped" / "model.pt").exists()
     monkeypatch.setattr(gpt, "check_finite_loss", check)
     instruct.main(["--out-dir", str(folder / "stopped"), "--resume"])
     assert "resuming at step 3 of 6" in capsys.readouterr().out
-    assert _instruct_same_weights(folder / "straight3", folder / "stopped")
+    assert same_weights(folder / "straight" / "model.pt", folder / "stopped" / "model.pt")
+    assert (folder / "stopped" / "responses.json").read_text() == (folder / "straight" / "responses.json").read_text()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
+    assert not (folder / "stopped" / "train_state.pt").exists()  # a finished run keeps no training state
+    with pytest.raises(SystemExit, match="train_state.pt is not there \\(a finished run keeps it only with --keep-state"):
+        instruct.main(["--out-dir", str(folder / "stopped"), "--resume", "--epochs", "4"])
 
 
 INSTRUCT_RUN = "--data {files}/data.json --model {files}/tiny.pt --out-dir {run}"
 INSTRUCT_BAD_INPUTS = [
-    # Values that argparse and the `type=` helpers reject, and combinations parse_args refuses.
+    # Values that argparse and the `type=` helpers reject (one of each type), and combinations parse_args refuses.
     (f"{INSTRUCT_RUN} --top-k 0", "argument --top-k: must be an integer >= 1, got '0'"),
     (f"{INSTRUCT_RUN} --temperature -1", "argument --temperature: must be a finite number >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --weight-decay -1", "argument --weight-decay: must be a finite number >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --lr -1", "argument --lr: must be a finite number >= 0, got '-1'"),
     (f"{INSTRUCT_RUN} --max-new-tokens -1", "argument --max-new-tokens: must be an integer >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --eval-batches -1", "argument --eval-batches: must be an integer >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --epochs 0", "argument --epochs: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --epochs inf", "argument --epochs: must be an integer >= 1, got 'inf'"),
-    (f"{INSTRUCT_RUN} --batch-size 0", "argument --batch-size: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --save-every 0", "argument --save-every: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --max-steps 0", "argument --max-steps: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --max-length 0", "argument --max-length: must be an integer >= 1, got '0'"),
-    (f"{INSTRUCT_RUN} --lora-rank 0", "argument --lora-rank: must be an integer >= 1, got '0'"),
     (f"{INSTRUCT_RUN} --top-p 1.5", "argument --top-p: must be a number in [0, 1], got '1.5'"),
-    (f"{INSTRUCT_RUN} --lora-alpha nan", "argument --lora-alpha: must be a finite number >= 0, got 'nan'"),
-    (f"{INSTRUCT_RUN} --drop-rate 1.5", "argument --drop-rate: must be a number in [0, 1], got '1.5'"),
-    (f"{INSTRUCT_RUN} --seed -1", "argument --seed: must be an integer >= 0, got '-1'"),
-    (f"{INSTRUCT_RUN} --dtype float64", "argument --dtype: invalid choice: 'float64' (choose from 'float32', "
-     "'bfloat16', 'float16')"),
     (f"{INSTRUCT_RUN} --dtype float16", "--dtype float16 trains without loss scaling: train in bfloat16 or float32"),
-    (f"{INSTRUCT_RUN} --prompt ''", "--prompt must hold the instruction to answer, got ''"),
     (f"{INSTRUCT_RUN} --prompt ' \n '", "--prompt must hold the instruction to answer, got ' \\n '"),
     (f"{INSTRUCT_RUN} --input x", "--input goes with --prompt: give the instruction too"),
     (f"{INSTRUCT_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
@@ -4047,7 +3223,6 @@ INSTRUCT_BAD_INPUTS = [
     (f"{INSTRUCT_RUN} --top-k 1 --temperature 0", "--top-k is for sampling: give --temperature above 0"),  # greedy decoding would ignore it
     # Answering does not train: a training flag given with it would be silently ignored.
     ("--out-dir {run} --generate-only --model gpt2", "--generate-only does not use --model: drop it"),
-    ("--out-dir {run} --prompt hi --lora", "--prompt does not use --lora: drop it"),
     ("--out-dir {run} --judge-only --judge ollama --epochs 3", "--judge-only does not use --epochs: drop it"),
     # Files and models, checked before the run folder is made.
     ("--data {files}/data.json --model {files}/empty --out-dir {run}", "{files}/empty holds no model: neither "
@@ -4074,88 +3249,52 @@ def test_instruct_bad_input_is_one_line(bad_inputs, tmp_path, capsys, argv, mess
     check_bad_input(instruct.main, argv, message, bad_inputs, tmp_path, capsys)
 
 
-# --- run folder, saved split, answers kept, bad inputs -------------------------------------
-
-
 def _instruct_quick(folder, out_dir, *extra):
     """Flags for a 1-step run of the tiny model on the 12-entry data."""
     return ["--data", str(folder / "data.json"), "--model", str(folder / "tiny.pt"), "--out-dir", str(out_dir),
             "--batch-size", "10", "--epochs", "1", "--eval-batches", "1", "--max-new-tokens", "2", *extra]
 
 
-def test_instruct_generate_only_answers_the_saved_split_offline(_instruct_tiny_run, tmp_path, monkeypatch):
-    folder = _instruct_tiny_run
-    instruct.main(_instruct_quick(folder, tmp_path / "run", "--seed", "7"))
+def test_instruct_a_finished_run_answers_its_split_offline_and_resumes_only_with_its_state(_instruct_tiny_run, tmp_path,
+                                                                                            monkeypatch):
+    """What finetune_instruct.py adds to the run-folder rule that gpt.claim_run_folder and gpt.resume_settings apply."""
+    folder, run = _instruct_tiny_run, tmp_path / "run"
+    instruct.main(_instruct_quick(folder, run, "--seed", "7", "--keep-state"))
     entries = json.loads((folder / "data.json").read_text())
     train, val, test = instruct.split_dataset(entries, seed=7)
-    saved = [json.loads((tmp_path / "run" / name).read_text()) for name in instruct.SPLIT_FILES]
-    assert saved == [train, val, test]
+    assert [json.loads((run / name).read_text()) for name in instruct.SPLIT_FILES] == [train, val, test]
     assert instruct.split_dataset(entries, seed=123)[2] != test  # the default --seed would answer another entry
-    answered = json.loads((tmp_path / "run" / "responses.json").read_text())
+    answered = json.loads((run / "responses.json").read_text())
     # Offline, with the default --seed and no --data: the run's own test split, no download.
     monkeypatch.setattr(gpt, "fetch_dataset", lambda *a, **k: pytest.fail("--generate-only tried to download"))
-    (tmp_path / "run" / "responses.json").unlink()
-    instruct.main(["--generate-only", "--out-dir", str(tmp_path / "run"), "--max-new-tokens", "2"])
-    again = json.loads((tmp_path / "run" / "responses.json").read_text())
-    assert [{k: e[k] for k in ("instruction", "input", "output")} for e in again] == test
-    assert again == answered
+    (run / "responses.json").unlink()
+    instruct.main(["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
+    again = json.loads((run / "responses.json").read_text())
+    assert [{k: e[k] for k in ("instruction", "input", "output")} for e in again] == test and again == answered
     # A split file edited or damaged since: one line naming it, not a traceback, nor 0 answers written.
-    run = tmp_path / "run"
-    for content, problem in [("[1, 2]", "entry 0: not a JSON object but int"), ("{}", "line 1: 'instruction' must be a string, not null"),
-                             ("[]", "no entries")]:
-        (run / "test.json").write_text(content)
-        code = exit_code(instruct.main, ["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
-        assert code == (f"error: the run's split {run / 'test.json'}: {problem}: put back the file the run "
-                        "wrote, or start the run again with --overwrite")
+    split = (run / "test.json").read_bytes()
+    (run / "test.json").write_text("[1, 2]")
+    code = exit_code(instruct.main, ["--generate-only", "--out-dir", str(run), "--max-new-tokens", "2"])
+    assert code == (f"error: the run's split {run / 'test.json'}: entry 0: not a JSON object but int: put back the "
+                    "file the run wrote, or start the run again with --overwrite")
     assert json.loads((run / "responses.json").read_text()) == answered
-
-
-def test_instruct_run_folder_refused_then_overwritten(_instruct_tiny_run, tmp_path):
-    folder = _instruct_tiny_run
-    instruct.main(_instruct_quick(folder, tmp_path / "run", "--keep-state"))
-    before = (tmp_path / "run" / "model.pt").stat().st_mtime_ns
-    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run"))
-    assert "holds another run" in code and "--overwrite" in code
-    assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns == before
-    instruct.main(_instruct_quick(folder, tmp_path / "run", "--overwrite"))
-    assert not (tmp_path / "run" / "train_state.pt").exists()  # the old run's state went with --overwrite
-    assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns != before
-    # A finished run with its state: --resume needs more steps, and then trains them.
-    instruct.main(_instruct_quick(folder, tmp_path / "kept", "--keep-state"))
-    settings_before = (tmp_path / "kept" / "run.json").read_bytes()
+    (run / "test.json").write_bytes(split)
+    settings_before = (run / "run.json").read_bytes()
     with pytest.raises(SystemExit, match=r"the run is complete \(at step 1, as --epochs 1 allows\): raise --epochs"):
-        instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume"])
-    assert (tmp_path / "kept" / "run.json").read_bytes() == settings_before  # a refused resume changes nothing
-    with pytest.raises(SystemExit, match="which used --batch-size 10, not 4"):  # a changed recipe
-        instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2", "--batch-size", "4"])
-    instruct.main(["--out-dir", str(tmp_path / "kept"), "--resume", "--epochs", "2"])
-    assert gpt.load_checkpoint(tmp_path / "kept" / "train_state.pt")["history"]["step"] == [0, 1, 2]
-    kept = tmp_path / "kept"
-    (kept / "train_state.pt").write_bytes((kept / "model.pt").read_bytes())  # a model where the state belongs
-    code = exit_code(instruct.main, ["--out-dir", str(kept), "--resume", "--epochs", "3"])
-    assert code == (f"error: --resume: {kept / 'train_state.pt'} is not a training state (a "
-                    "finished run keeps it only with --keep-state): train on from "
-                    f"{kept / 'model.pt'} with --model, or start again with --overwrite")
+        instruct.main(["--out-dir", str(run), "--resume"])
+    assert (run / "run.json").read_bytes() == settings_before  # a refused resume changes nothing
+    instruct.main(["--out-dir", str(run), "--resume", "--epochs", "2"])
+    assert gpt.load_checkpoint(run / "train_state.pt")["history"]["step"] == [0, 1, 2]
+    (run / "train_state.pt").write_bytes((run / "model.pt").read_bytes())  # a model where the state belongs
+    code = exit_code(instruct.main, ["--out-dir", str(run), "--resume", "--epochs", "3"])
+    assert code == (f"error: --resume: {run / 'train_state.pt'} is not a training state (a finished run keeps it "
+                    f"only with --keep-state): train on from {run / 'model.pt'} with --model, or start again with "
+                    "--overwrite")
+    instruct.main(_instruct_quick(folder, run, "--overwrite"))
+    assert not (run / "train_state.pt").exists()  # the old run's state went with --overwrite
 
 
-def test_instruct_full_disk_keeps_the_earlier_answers_and_the_last_training_state(_instruct_tiny_run, tmp_path,
-                                                                                   monkeypatch, capsys):
-    folder = _instruct_tiny_run
-    entries = [{"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
-    (tmp_path / "data.json").write_text(json.dumps(entries))  # test split: 4 entries
-    common = ["--data", str(tmp_path / "data.json"), "--checkpoint", str(folder / "tiny.pt"), "--generate-only"]
-    common += ["--max-new-tokens", "2"]
-    instruct.main(common + ["--out-dir", str(tmp_path / "straight")])
-    straight = json.loads((tmp_path / "straight" / "responses.json").read_text())
-    assert len(straight) == 4
-
-    # The disk is full when the answers are written again: one line, and the earlier answers stay.
-    before = (tmp_path / "straight" / "responses.json").read_bytes()
-    fill_the_disk(monkeypatch, lambda path: path.name == "responses.json")
-    code = exit_code(instruct.main, common + ["--out-dir", str(tmp_path / "straight")])
-    assert code == full_disk_error(tmp_path / "straight" / "responses.json")  # exit 1, one line
-    assert (tmp_path / "straight" / "responses.json").read_bytes() == before
-    assert not [path.name for path in (tmp_path / "straight").iterdir() if path.name.startswith(".")]  # no half file
+def test_instruct_full_disk_keeps_the_last_training_state(_instruct_tiny_run, tmp_path, monkeypatch):
     state, saves = tmp_path / "run" / "train_state.pt", []
 
     def second_state_save(path):  # the disk is full when the state is saved again, at the end of epoch 2
@@ -4163,7 +3302,7 @@ def test_instruct_full_disk_keeps_the_earlier_answers_and_the_last_training_stat
         return path == state and saves.count(state) == 2
 
     failed = fill_the_disk(monkeypatch, second_state_save)
-    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run", "--epochs", "2"))  # one step an epoch
+    code = exit_code(instruct.main, _instruct_quick(_instruct_tiny_run, tmp_path / "run", "--epochs", "2"))
     # One line, exit 1, not "error: [Errno 28] No space left on device"; the state of step 1 is kept as it was.
     assert code == full_disk_error(state) and failed == [state]
     assert gpt.load_checkpoint(state)["step"] == 1
@@ -4171,37 +3310,15 @@ def test_instruct_full_disk_keeps_the_earlier_answers_and_the_last_training_stat
     assert not [path.name for path in (tmp_path / "run").iterdir() if path.name.startswith(".")]  # no half file
 
 
-def test_instruct_memory_is_checked_before_the_run_and_out_of_memory_names_the_flags(_instruct_tiny_run, tmp_path,
-                                                                                      monkeypatch):
+def test_instruct_memory_is_checked_for_what_trains_before_the_run(_instruct_tiny_run, tmp_path, monkeypatch):
     folder = _instruct_tiny_run
-    asked = []  # the trainable parameters of each model asked about
-    check = gpt.check_training_memory
-
-    def too_much(model, *args):
-        asked.append(gpt.count_parameters(model, trainable_only=True))
-        check(model, *args)
-
-    monkeypatch.setattr(gpt, "check_training_memory", too_much)
-    monkeypatch.setattr(gpt.os, "sysconf", lambda name: 1)  # a machine of one byte
+    trained = 16 * gpt.count_parameters(load_lm(folder / "tiny.pt"))  # bytes: weights, gradients, AdamW's moments
+    monkeypatch.setattr(gpt.os, "sysconf", lambda name: trained - 1 if name == "SC_PHYS_PAGES" else 1)  # bytes of RAM
     with pytest.raises(SystemExit, match=r"error: training .*: about 0.0 GB needed, .*: choose a smaller --model, "
                        r"or train only low-rank adapters with --lora$"):
         instruct.main(_instruct_quick(folder, tmp_path / "run"))
-    with pytest.raises(SystemExit, match=r"GB .*: choose a smaller --model$"):
-        instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))
-    everything = gpt.count_parameters(load_lm(folder / "tiny.pt"))
-    assert asked[0] == everything and 0 < asked[1] < everything / 10  # all train, then only the adapters
     assert not (tmp_path / "run").exists()
-    monkeypatch.undo()
-
-    def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(instruct, "calc_loss_batch", out_of_memory)
-    code = exit_code(instruct.main, _instruct_quick(folder, tmp_path / "run"))
-    assert code == "error: out of memory: use a smaller --batch-size or --max-length, or --lora"
-
-
-# --- the kept model: lowest validation loss, --keep-last, across --resume ---------------------
+    instruct.main(_instruct_quick(folder, tmp_path / "run", "--lora", "--lora-rank", "2"))  # frozen weights: 4 bytes
 
 
 def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny_run, tmp_path, monkeypatch, capsys):
@@ -4229,7 +3346,6 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
 
     instruct.main(flags + ["--out-dir", str(tmp_path / "best")])
     assert "kept the weights of step 1 (validation loss 3.000), the lowest validation loss\n" in capsys.readouterr().out
-    assert gpt.load_checkpoint(tmp_path / "best" / "model.pt")["kept"] == {"step": 1, "val_loss": 3.0}
     assert saved_weights_equal("best", 1) and not saved_weights_equal("best", 4)  # later steps changed them
 
     next_step[0] = 0
@@ -4237,13 +3353,20 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     assert "kept the weights of step 4 (validation loss 4.200); the lowest validation loss was at step 1" in \
         capsys.readouterr().out
     assert saved_weights_equal("last", 4)
-    assert gpt.load_checkpoint(tmp_path / "last" / "model.pt")["kept"] == {"step": 4, "val_loss": 4.2}
 
-    # Ctrl-C in step 3: the state saved at step 2 holds step 1's weights as the best so far.
+    # A second Ctrl-C, in step 3 (it stops at once): the state saved at step 2 holds step 1's weights as the best.
     next_step[0] = 0
-    check = _instruct_ctrl_c_in_step(monkeypatch, 3)
-    with pytest.raises(SystemExit):
-        instruct.main(flags + ["--out-dir", str(tmp_path / "halves"), "--save-every", "1"])
+    check = gpt.check_finite_loss
+
+    def ctrl_c_in_step_3(loss, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        check(loss, step)
+
+    monkeypatch.setattr(gpt, "check_finite_loss", ctrl_c_in_step_3)
+    assert exit_code(instruct.main, flags + ["--out-dir", str(tmp_path / "halves"), "--save-every", "1"]) == 130
+    assert capsys.readouterr().err.endswith(f"--resume --out-dir {tmp_path / 'halves'} goes on from the last save in "
+                                            f"{tmp_path / 'halves' / 'train_state.pt'}\ninterrupted\n")
     state = gpt.load_checkpoint(tmp_path / "halves" / "train_state.pt")
     assert (state["step"], state["best"]["step"], state["best"]["val_loss"]) == (2, 1, 3.0)
     monkeypatch.setattr(gpt, "check_finite_loss", check)
@@ -4252,18 +3375,14 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     assert saved_weights_equal("halves", 1)
 
 
-# --- the Llama family -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("style", ["smollm2", "llama3"])
-def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run, tmp_path, capsys, style):
+def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run, tmp_path, capsys):
     data = _instruct_tiny_run / "data.json"
     entries = json.loads(data.read_text())
     folder = tmp_path / "model"  # config.json, model.safetensors, tokenizer.json; greedy answers end at token 3
     prompt = instruct.format_prompt(entries[0])
-    reference, tokenizer = family_model_with_tokenizer(folder, trained_tokenizers, style, prompt)
+    reference, tokenizer = family_model_with_tokenizer(folder, trained_tokenizers, "llama3", prompt)
     encoding, eot = tokenizer_and_eot(folder)
-    assert eot == tokenizer.token_to_id("<|end_of_text|>" if style == "llama3" else "<|endoftext|>") != gpt.EOT_ID
+    assert eot == tokenizer.token_to_id("<|end_of_text|>") != gpt.EOT_ID
 
     # Batches end and pad with the family's end-of-text id; Llama 3's <|begin_of_text|> starts the prompt only.
     prompts = [tokenizer.encode(instruct.format_prompt(e)).ids for e in entries[:2]]
@@ -4296,15 +3415,10 @@ def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run
     assert gpt.load_checkpoint(out_dir / "train_state.pt")["tokenizer"] == {"files": encoding.files}
     instruct.main(run + ["--resume", "--epochs", "2"])
     assert "resuming at step 2 of 4" in capsys.readouterr().out
-    saved = gpt.load_checkpoint(out_dir / "model.pt")
-    assert saved["tokenizer"] == {"files": encoding.files} and saved["config"]["family"] == "llama"
     answered = json.loads((out_dir / "responses.json").read_text())
     model = load_lm(out_dir / "model.pt")
     test_entry = {key: answered[0][key] for key in ("instruction", "input", "output")}
     assert answered[0]["model_response"] == instruct.generate_response(model, encoding, test_entry, max_new_tokens=5)[0]
-    (out_dir / "responses.json").unlink()
-    instruct.main(run + ["--generate-only"])
-    assert json.loads((out_dir / "responses.json").read_text()) == answered
 
 
 # ========================================================================================
@@ -4338,36 +3452,6 @@ def _smol_instruct_folder(folder, trained_tokenizers, template_file=True):
     return reference, folder
 
 
-def _llama3_classifier_folder(folder, trained_tokenizers):
-    """A tiny random Llama beside the Llama-3-style tokenizer (its post-processor puts
-    <|begin_of_text|> before a text) -> folder."""
-    save_hf_family(folder, "llama", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
-                   tie_word_embeddings=False)
-    (folder / "tokenizer.json").write_bytes((trained_tokenizers["llama3"][1] / "tokenizer.json").read_bytes())
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
-    return folder
-
-
-def test_llama3_classifier_export_gives_transformers_our_probabilities(trained_tokenizers, tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model, tokenizer = gpt.load(_llama3_classifier_folder(tmp_path / "model", trained_tokenizers))
-    assert tokenizer.add_bos and tokenizer.bos_id == tokenizer.encode("<|begin_of_text|>")[0]
-    torch.manual_seed(1)
-    fc.add_classification_head(model)
-    texts = ["WINNER!! Claim your free prize now, call 09061701461", "See you at 6?", "ok", "Call me <|end_of_text|>"]
-    ours = fc.classify_texts(model, texts, 64, tokenizer)  # padded with tokenizer.eot_id
-    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer, max_length=64)
-    reference, problems = _export_from_pretrained(AutoModelForSequenceClassification, tmp_path / "hf")
-    assert problems == []
-    batch = AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
-    assert batch["input_ids"][:, 0].tolist() == [tokenizer.bos_id] * 4  # <|begin_of_text|> first, as ours
-    with torch.no_grad():
-        theirs = reference(**batch).logits.softmax(dim=-1)[:, 1]
-    assert theirs.tolist() == pytest.approx(ours, abs=1e-5)
-
-
 @pytest.mark.parametrize("template_file", [True, False], ids=["chat_template.jinja", "chat_template entry"])
 def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path, template_file):
     from transformers import AutoTokenizer
@@ -4396,31 +3480,12 @@ def test_special_token_text_is_the_token_everywhere(trained_tokenizers, tmp_path
     assert message.tolist() == hf("Free <|im_start|> prize")
     ids, n_scored = load_gpt2.continuation_request("Q: <|im_start|>", " A<|im_end|>", 64, tokenizer)  # (5) a benchmark
     assert ids == hf("Q: <|im_start|> A<|im_end|>") and ids[:-n_scored] == hf("Q: <|im_start|>")  # item
-
-
-def test_export_keeps_the_chat_template_and_the_token_ids_and_a_text_starts_with_the_begin_token(trained_tokenizers,
-                                                                                                 tmp_path):
-    from transformers import AutoTokenizer
-
-    _, folder = _smol_instruct_folder(tmp_path / "model", trained_tokenizers)
-    model, tokenizer = gpt.load(folder)
-    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
-    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
-    start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
-    assert config["bos_token_id"] == generation["bos_token_id"] == start != end
-    assert config["eos_token_id"] == generation["eos_token_id"] == end
-    assert config["pad_token_id"] == generation["pad_token_id"] == end
-    chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template([{"role": "user", "content": "hi"}],
-                                                                             tokenize=False)
-    assert chat == "<|im_start|>user\nhi<|im_end|>\n"
     # A text to score starts with the begin-of-text token, else the end-of-text token.
     assert load_gpt2.prefix_id(tokenizer) == start != tokenizer.eot_id
+    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == start
     qwen = tokenizer_of_json(json.loads((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_text()), "qwen")
     assert qwen.bos_id is None and load_gpt2.prefix_id(qwen) == qwen.eot_id == qwen.encode("<|endoftext|>")[0]
     assert load_gpt2.prefix_id(gpt.get_tokenizer()) == 50256
-    assert load_gpt2.continuation_request("", " Paris", 64, tokenizer)[0][0] == start
 
 
 def test_a_safetensors_file_loads_with_the_tokenizer_beside_it_and_its_checkpoint_carries_that(trained_tokenizers,
@@ -4514,22 +3579,22 @@ def test_cuda_fused_adamw_steps_equal_the_cpu_steps():
 
 @needs_cuda
 def test_cuda_classifier_run_and_its_predictions_equal_the_cpu_ones_and_bfloat16_is_close(tmp_path):
-    runs = {}
-    for name, device in (("cpu", "cpu"), ("gpu", "cuda")):
-        fc.main(_classify_run_argv(tmp_path, name, "--max-steps", "6", "--device", device))
-        report = json.loads((tmp_path / name / "metrics.json").read_text())
-        model, tokenizer, max_length = fc.load_classifier(tmp_path / name / "classifier.pt", device)
-        texts = ["WINNER! Claim your prize now", "See you at 6?"]
-        runs[name] = report, fc.classify_texts(model, texts, max_length, tokenizer)
-    (cpu_report, cpu_predictions), (gpu_report, gpu_predictions) = runs["cpu"], runs["gpu"]
-    assert gpu_report["activation_cache"] and gpu_report["history"]["step"] == cpu_report["history"]["step"]
-    assert gpu_report["history"]["step_loss"] == pytest.approx(cpu_report["history"]["step_loss"], abs=1e-4)
-    assert gpu_report["test"]["confusion_matrix"] == cpu_report["test"]["confusion_matrix"]
-    assert gpu_report["test"]["loss"] == pytest.approx(cpu_report["test"]["loss"], abs=1e-4)
-    assert gpu_predictions == pytest.approx(cpu_predictions, abs=1e-4)  # spam probabilities
+    texts = ["WINNER! Claim your prize now", "See you at 6?"]
+    reports, probabilities = {}, {}
+    for device in ("cpu", "cuda"):
+        fc.main(_classify_run_argv(tmp_path, device, "--max-steps", "6", "--device", device))
+        reports[device] = json.loads((tmp_path / device / "metrics.json").read_text())
+        model, tokenizer, max_length = fc.load_classifier(tmp_path / device / "classifier.pt", device)
+        probabilities[device] = fc.classify_texts(model, texts, max_length, tokenizer)
+    cpu, gpu = reports["cpu"], reports["cuda"]
+    assert gpu["activation_cache"] and gpu["history"]["step"] == cpu["history"]["step"]
+    assert gpu["history"]["step_loss"] == pytest.approx(cpu["history"]["step_loss"], abs=1e-4)
+    assert gpu["test"]["confusion_matrix"] == cpu["test"]["confusion_matrix"]
+    assert gpu["test"]["loss"] == pytest.approx(cpu["test"]["loss"], abs=1e-4)
+    assert probabilities["cuda"] == pytest.approx(probabilities["cpu"], abs=1e-4)
     fc.main(_classify_run_argv(tmp_path, "mixed", "--dtype", "bfloat16", "--max-steps", "3", "--device", "cuda"))
     mixed = json.loads((tmp_path / "mixed" / "metrics.json").read_text())["history"]["step_loss"]
-    full = gpu_report["history"]["step_loss"][:3]  # the first steps of a longer run are those of a shorter one
+    full = gpu["history"]["step_loss"][:3]  # the first steps of a longer run are those of a shorter one
     assert all(math.isfinite(x) for x in mixed) and mixed != full and mixed == pytest.approx(full, abs=0.05)
 
 
@@ -4657,32 +3722,18 @@ def smollm2_gguf():
 
 @pytest.fixture(scope="module")
 def smollm2_pair(smollm2_gguf):
-    """(ours: gpt.load's model and tokenizer, transformers': from_pretrained(folder, gguf_file=...)), loaded once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import gguf
-
-    folder, name = smollm2_gguf.parent, smollm2_gguf.name
-    with pytest.MonkeyPatch.context() as patch:  # the same results, 2-3 times faster: read the file once, not thrice,
-        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))  # and map the names once, not 397 times
-        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
-        reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-        reference_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return gpt.load(smollm2_gguf), (reference, reference_tokenizer)
+    """(ours: gpt.load's model and tokenizer, transformers' model and tokenizer), loaded once."""
+    return gpt.load(smollm2_gguf), _transformers_gguf(smollm2_gguf)
 
 
-def test_gguf_smollm2_weights_equal_transformers_which_dequantizes_with_gguf(smollm2_pair):
-    (model, _), (reference, _) = smollm2_pair
+def test_gguf_smollm2_weights_logits_and_token_ids_equal_transformers_which_dequantizes_with_gguf(smollm2_pair):
+    (model, tokenizer), (reference, reference_tokenizer) = smollm2_pair
     assert model.cfg.family == "llama" and (model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.n_layers) == (9, 3, 30)
     theirs = {name.removeprefix("model."): tensor for name, tensor in reference.state_dict().items()}
     ours = model.state_dict()
     assert set(ours) == set(theirs)
     for name, tensor in ours.items():  # the query and key rows in Hugging Face's order again
         assert torch.equal(tensor, theirs[name]), name
-
-
-def test_gguf_smollm2_logits_and_token_ids_equal_transformers(smollm2_pair):
-    (model, tokenizer), (reference, reference_tokenizer) = smollm2_pair
     for text in GGUF_TEXTS:
         ids = tokenizer.encode(text, bos=True)
         assert ids == reference_tokenizer.encode(text), text
@@ -4702,12 +3753,6 @@ def test_gguf_larger_than_memory_is_refused_before_any_tensor_is_dequantized(smo
     with pytest.raises(ValueError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf: its weights at 4 bytes each: about 0\.5 GB "
                                          r"needed, but the cpu has 0\.1 GB: use --dtype bfloat16"):
         gpt.load(smollm2_gguf)
-
-
-def test_gguf_smollm2_knows_the_capital_of_france(smollm2_pair):
-    (model, tokenizer), _ = smollm2_pair
-    ids = gpt.text_to_token_ids("The capital of France is", tokenizer=tokenizer)
-    assert gpt.token_ids_to_text(gpt.generate(model, ids, 2)[0, ids.shape[1]:], tokenizer) == " Paris."
 
 
 def _gguf_blocks(kind, n_blocks, seed=0):
@@ -4807,7 +3852,16 @@ def _ollama_folder(root, name, tag, blob_bytes, namespace="library"):
     return blob
 
 
-def test_gguf_ollama_names_find_the_model_blob(tmp_path, monkeypatch):
+def _one_line_error(source, match):
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        gpt.load(source)
+    assert re.search(match, str(error.value)) and "\n" not in str(error.value), str(error.value)
+
+
+def test_gguf_ollama_names_find_the_model_blob_and_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path,
+                                                                                                           monkeypatch):
+    import numpy as np
+
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
     latest = _ollama_folder(tmp_path, "smollm2", "latest", b"GGUF latest")
     tagged = _ollama_folder(tmp_path, "smollm2", "135m", b"GGUF 135m")
@@ -4817,19 +3871,7 @@ def test_gguf_ollama_names_find_the_model_blob(tmp_path, monkeypatch):
     (tmp_path / "copied-blob").write_bytes(b"GGUF copied")
     assert gpt.gguf_file(tmp_path / "copied-blob") == tmp_path / "copied-blob"  # by content: a blob has no suffix
     assert gpt.gguf_file(tmp_path / "blobs") is None
-
-
-def _one_line_error(source, match):
-    with pytest.raises((ValueError, FileNotFoundError)) as error:
-        gpt.load(source)
-    assert re.search(match, str(error.value)) and "\n" not in str(error.value), str(error.value)
-
-
-def test_gguf_bad_files_fail_in_one_line_naming_the_file_and_the_fix(tmp_path, monkeypatch):
-    import numpy as np
-
-    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
-    _one_line_error("ollama:smollm2:135m", r"no Ollama model smollm2:135m in .* run `ollama pull smollm2:135m`")
+    _one_line_error("ollama:smollm2:360m", r"no Ollama model smollm2:360m in .* run `ollama pull smollm2:360m`")
     blob = _ollama_folder(tmp_path, "gone", "latest", None)
     _one_line_error("ollama:gone", rf"the blob of its model layer, {re.escape(str(blob))}, is missing: run `ollama")
     _ollama_folder(tmp_path, "html", "latest", b"<html>502 Bad Gateway</html>")
@@ -4863,8 +3905,8 @@ def _transformers_gguf(path):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with pytest.MonkeyPatch.context() as patch:  # see smollm2_pair
-        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
+    with pytest.MonkeyPatch.context() as patch:  # the same results, 2-3 times faster: read the file once, not thrice,
+        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))  # and map the names once, not 397 times
         patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
         return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -4906,7 +3948,8 @@ def _gguf_source(kind, folder, trained_tokenizers, sentencepiece_tokenizers=None
     if kind == "smollm2":
         return _smol_instruct_folder(folder, trained_tokenizers)[1]
     if kind == "llama3":
-        return _llama3_classifier_folder(folder, trained_tokenizers)
+        family_model_with_tokenizer(folder, trained_tokenizers, "llama3", "Hi", max_position_embeddings=64)
+        return folder
     save_hf_family(folder, "qwen3", vocab_size=1000, max_position_embeddings=64, num_key_value_heads=2,
                    head_dim=128, tie_word_embeddings=True)  # transformers' GGUF loader reads no head size: 128
     (folder / "tokenizer.json").write_bytes((trained_tokenizers["qwen3"][1] / "tokenizer.json").read_bytes())
@@ -4940,11 +3983,20 @@ def test_gguf_export_is_read_by_gguf_and_transformers(tmp_path, trained_tokenize
             torch.testing.assert_close(logits, model(torch.tensor([ids])), atol=atol, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def smollm2_export(tmp_path_factory, trained_tokenizers):
+    """A tiny SmolLM2-Instruct-style model folder (see _smol_instruct_folder) and its GGUF export (f16)."""
+    root = tmp_path_factory.mktemp("smollm2-export")
+    folder = _gguf_source("smollm2", root / "source", trained_tokenizers)
+    gpt.export_gguf(*gpt.load(folder), root / "model.gguf", "f16")
+    return folder, root / "model.gguf"
+
+
 @pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16", "q8_0"])
-def test_gguf_export_gives_the_weights_back(tmp_path, trained_tokenizers, gguf_type):
+def test_gguf_export_gives_the_weights_back(tmp_path, smollm2_export, gguf_type):
     import gguf
 
-    model, tokenizer = gpt.load(_gguf_source("smollm2", tmp_path / "source", trained_tokenizers))
+    model, tokenizer = gpt.load(smollm2_export[0])
     gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", gguf_type)
     back, back_tokenizer = gpt.load(tmp_path / "model.gguf")
     assert back.cfg.norm_eps == struct.unpack("<f", struct.pack("<f", 1e-5))[0]  # GGUF keeps float32 settings
@@ -4961,14 +4013,13 @@ def test_gguf_export_gives_the_weights_back(tmp_path, trained_tokenizers, gguf_t
         assert torch.equal(back.state_dict()[name], expected), name
 
 
-def test_gguf_export_runs_from_ollama_and_refuses_what_it_cannot_write(tmp_path, trained_tokenizers, monkeypatch):
-    model, tokenizer = gpt.load(_gguf_source("smollm2", tmp_path / "source", trained_tokenizers))
-    gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f16")
+def test_gguf_export_runs_from_ollama_and_refuses_what_it_cannot_write(tmp_path, smollm2_export, monkeypatch):
+    folder, path = smollm2_export
+    model, tokenizer = gpt.load(folder)
     with pytest.raises(ValueError, match=r"holds another run \(model\.gguf, model\.Modelfile\): replace it with"):
-        gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f32")
-    gpt.export_gguf(model, tokenizer, tmp_path / "model.gguf", "f16", overwrite=True)
+        gpt.export_gguf(model, tokenizer, path, "f32")
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama"))
-    blob = _ollama_folder(tmp_path / "ollama", "tiny", "f16", (tmp_path / "model.gguf").read_bytes(), "me")
+    blob = _ollama_folder(tmp_path / "ollama", "tiny", "f16", path.read_bytes(), "me")
     from_ollama, _ = gpt.load("ollama:me/tiny:f16")
     assert gpt.gguf_file("ollama:me/tiny:f16") == blob and from_ollama.cfg.n_kv_heads == model.cfg.n_kv_heads == 2
     gpt.add_classifier_head(model, ["ham", "spam"])
@@ -5031,7 +4082,8 @@ def test_gguf_export_refuses_what_llama_cpp_would_read_otherwise(tmp_path, sente
 
 
 def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trained_tokenizers, monkeypatch):
-    folder = _llama3_classifier_folder(tmp_path / "source", trained_tokenizers)
+    folder = tmp_path / "source"
+    family_model_with_tokenizer(folder, trained_tokenizers, "llama3", "Hi", max_position_embeddings=64)
     scaling = {"rope_type": "llama3", "factor": 8.0, **gpt.LLAMA3_ROPE_SCALING}
     config = {**json.loads((folder / "config.json").read_text()), "rope_theta": 500000.0,
               "rope_parameters": {**scaling, "rope_theta": 500000.0}}
@@ -5054,34 +4106,33 @@ def test_gguf_llama3_rope_scaling_travels_as_llama_cpp_rope_freqs(tmp_path, trai
     _one_line_error(tmp_path / "llama3.gguf", r"llama3\.gguf: rope_freqs\.weight is not Llama 3's rope scaling with")
 
 
-def test_a_model_with_its_own_tokenizer_needs_no_gpt2_tokenizer_files(tmp_path, trained_tokenizers, monkeypatch):
-    folder = _gguf_source("smollm2", tmp_path / "source", trained_tokenizers)
-    gpt.export_gguf(*gpt.load(folder), tmp_path / "model.gguf")
+def test_chat_template_travels_with_the_exports_and_chat_prompt_and_load_gpt2_chat_use_it(smollm2_export, tmp_path,
+                                                                                            capsys, monkeypatch):
+    from transformers import AutoTokenizer
+
+    folder, path = smollm2_export  # the template in chat_template.jinja; in the GGUF file, in its metadata
+    model, tokenizer = gpt.load(folder)
+    gpt.export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == SMOL_CHAT_TEMPLATE
+    start, end = tokenizer.encode("<|im_start|>")[0], tokenizer.encode("<|im_end|>")[0]
+    for name in ("config.json", "generation_config.json"):  # the token ids travel too
+        config = json.loads((tmp_path / "hf" / name).read_text())
+        assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (start, end, end)
+    message = [{"role": "user", "content": "Name a colour."}]
+    expected = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(message, tokenize=False,
+                                                                                 add_generation_prompt=True)
+    assert expected == "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match=r"^gpt2 has no chat template \(ChatML, Llama 3, Gemma, Phi-3\): give the "
+                                         "prompt as plain text$"):
+        gpt.chat_prompt(gpt.get_tokenizer(), "Hi")
 
     def offline():
         raise RuntimeError("cannot download tiktoken's GPT-2 vocabulary files")
 
-    monkeypatch.setattr(gpt, "get_tokenizer", offline)  # as offline without TIKTOKEN_CACHE_DIR
-    for source in (folder, tmp_path / "model.gguf"):
+    monkeypatch.setattr(gpt, "get_tokenizer", offline)  # a model with its own tokenizer needs no GPT-2 files
+    for source in (folder, path, tmp_path / "hf"):
         model, tokenizer = gpt.load(source)
         gpt.check_vocabulary(model, source, tokenizer)
-        assert tokenizer.decode(tokenizer.encode("Hello there")) == "Hello there"
-
-
-def test_chat_prompt_is_the_chat_template_of_the_model_and_load_gpt2_chat_uses_it(tmp_path, trained_tokenizers,
-                                                                                    capsys):
-    from transformers import AutoTokenizer
-
-    folder = _gguf_source("smollm2", tmp_path / "source", trained_tokenizers)
-    gpt.export_gguf(*gpt.load(folder), tmp_path / "chat.gguf")
-    _, tokenizer = gpt.load(tmp_path / "chat.gguf")  # the template travels in the GGUF metadata
-    message = [{"role": "user", "content": "Name a colour."}]
-    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(message, tokenize=False,
-                                                                         add_generation_prompt=True)
-    assert gpt.chat_prompt(tokenizer, "Name a colour.") == (expected, tokenizer.encode("<|im_end|>")[0])
-    load_gpt2.main(["--model", str(tmp_path / "chat.gguf"), "--chat", "--prompt", "Name a colour.",
-                    "--max-new-tokens", "1"])
+        assert gpt.chat_prompt(tokenizer, "Name a colour.") == (expected, end)
+    load_gpt2.main(["--model", str(path), "--chat", "--prompt", "Name a colour.", "--max-new-tokens", "1"])
     assert capsys.readouterr().out.split("-" * 80 + "\n")[1].startswith(expected)
-    with pytest.raises(ValueError, match=r"^gpt2 has no chat template \(ChatML, Llama 3, Gemma, Phi-3\): give the "
-                                         "prompt as plain text$"):
-        gpt.chat_prompt(gpt.get_tokenizer(), "Hi")
