@@ -825,13 +825,14 @@ def test_tokenizer_json_that_tiktoken_cannot_run_exactly_is_a_clear_error(traine
 FAMILY_STYLES = {"smollm2": "llama", "llama3": "llama", "qwen3": "qwen3"}  # tokenizer style -> model_type
 
 
-def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt):
+def family_model_with_tokenizer(folder, trained_tokenizers, style, prompt, **sizes):
     """A random model (vocabulary 1000, context 256) saved with save_pretrained beside the trained tokenizer.json of
     `style`, whose greedy continuation of `prompt` reaches the end-of-text token early: the untied head's row of that
     token is, slightly larger, the row of the token greedy decoding picks third (tied: the embedding's row too) ->
-    (transformers model, tokenizers.Tokenizer)."""
+    (transformers model, tokenizers.Tokenizer); `sizes` change config.json's."""
     tokenizer, tokenizer_folder = trained_tokenizers[style]
-    sizes = dict(vocab_size=1000, max_position_embeddings=256, num_key_value_heads=2, tie_word_embeddings=False)
+    sizes = {**dict(vocab_size=1000, max_position_embeddings=256, num_key_value_heads=2, tie_word_embeddings=False),
+             **sizes}
     reference = save_hf_family(folder, FAMILY_STYLES[style], **sizes)
     (folder / "tokenizer.json").write_bytes((tokenizer_folder / "tokenizer.json").read_bytes())
     prompt_ids = torch.tensor([tokenizer.encode(prompt).ids])
