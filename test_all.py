@@ -308,6 +308,7 @@ def bad_inputs(tmp_path_factory):
     (files / "junk.pt").write_bytes(b"not a checkpoint")
     header = {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     (files / "truncated.safetensors").write_bytes(header_bytes(header, b"\0" * 4))  # 4 of its 8 data bytes
+    (files / "config.json").write_text("{}")  # read before the weights, which fail
     raw = SMS_ZIP.read_bytes()
     (files / "flipped.zip").write_bytes(raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:1100]) + raw[1100:])
     (files / "ham_only.tsv").write_text("ham\thello\nham\tthere\n")
@@ -363,10 +364,8 @@ def test_progress_is_a_line_at_most_every_10_seconds(monkeypatch, capsys):
 # ========================================================================================
 
 
-def test_hub_style_file_says_what_it_assumed_and_a_file_that_does_not_fit_names_the_mismatches(small_pair, tmp_path,
-                                                                                                capsys):
-    """Hub files name tensors without `transformer.`; without config.json the config
-    comes from the shapes (heads: emb_dim / 64, which is 2 here), and says so."""
+def test_hub_style_file_needs_its_config_and_a_file_that_does_not_fit_names_the_mismatches(small_pair, tmp_path):
+    """Hub files name tensors without `transformer.`; the config.json beside them gives the config."""
     from safetensors.torch import save_file
 
     reference, path = small_pair
@@ -375,8 +374,10 @@ def test_hub_style_file_says_what_it_assumed_and_a_file_that_does_not_fit_names_
     # The hub's files also carry the old causal-mask buffers, which the loader skips.
     stripped["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
     save_file(stripped, tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path} holds no config.json: put the model's config.json beside"):
+        load_lm(tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(SMALL_HF))  # no model_type: GPT-2's tensors tell it
     model = load_lm(tmp_path / "model.safetensors")
-    assert model.cfg.n_heads == 2 and "2 attention heads assumed" in capsys.readouterr().err
     assert_same_logits(model, reference, 1000, (2, 20), seed=1)
     (tmp_path / "strict").mkdir()
     tensors = {k: v.clone() for k, v in tensors.items()}
@@ -395,7 +396,7 @@ def test_hub_style_file_says_what_it_assumed_and_a_file_that_does_not_fit_names_
         gpt.load_weights_into(tiny_model(), {"wte.weight": torch.zeros(0)}, source="blocks.gguf")
     names = sorted(set(tiny_model().state_dict()) - {"wte.weight", "lm_head.weight"})
     assert str(error.value).splitlines() == ["blocks.gguf do not fit the GPT-2 model:",
-                                             f"  missing: {', '.join(names[:10])} ... ({len(names)} in all)",
+                                             f"  missing: {'; '.join(names[:10])} ... ({len(names)} in all)",
                                              "  wrong shape: wte.weight: file (0,), model (50257, 32)"]
 
 
@@ -1169,8 +1170,9 @@ def test_download_cut_leaves_no_file_the_next_call_resumes_with_a_range_and_a_wr
     assert os.listdir(tmp_path / "cache") == ["f.bin"]  # no g.bin, no temporary file
 
 
-def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(local_server, small_pair, monkeypatch, tmp_path,
-                                                                       capsys):
+def test_load_gpt2_downloads_from_hf_endpoint_once_and_checks_the_announced_sha256(local_server, small_pair,
+                                                                                    monkeypatch, tmp_path):
+    monkeypatch.setitem(gpt.GPT_CONFIGS, "gpt2", gpt.config_from_json({**SMALL_HF, "model_type": "gpt2"}))
     data = small_pair[1].read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     server = local_server({"/openai-community/gpt2/resolve/main/model.safetensors": data},
@@ -1183,10 +1185,6 @@ def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(local_serv
     count = len(server.requests)
     load_lm("gpt2", quiet=True)  # the second load reads the cache
     assert len(server.requests) == count
-    cached.write_bytes(data[: len(data) // 2])  # a truncated cached file is fetched again
-    assert load_lm("gpt2", quiet=True).cfg.emb_dim == 128
-    assert cached.read_bytes() == data and len(server.requests) > count
-    assert f"cached {cached}: not a complete safetensors file" in capsys.readouterr().err
     server.headers["X-Linked-Etag"] = '"' + "ab" * 32 + '"'  # a download that is not the file the Hub announces
     cached.unlink()
     with pytest.raises(RuntimeError, match="corrupt"):
@@ -1194,7 +1192,8 @@ def test_load_gpt2_downloads_from_hf_endpoint_once_and_again_when_cut(local_serv
     assert os.listdir(cached.parent) == []  # no file, no .part file
 
 
-def test_hugging_face_cache_is_used_offline(family_models, small_pair, tmp_path):
+def test_hugging_face_cache_is_used_offline(family_models, small_pair, tmp_path, monkeypatch):
+    monkeypatch.setitem(gpt.GPT_CONFIGS, "gpt2", gpt.config_from_json({**SMALL_HF, "model_type": "gpt2"}))
     folder = family_models["qwen3_gqa_qk_norm_tied_head_dim"][1]
     # A base model has no chat_template.jinja; tokenizer.json is read as text, unused here.
     qwen = {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
@@ -1254,8 +1253,8 @@ def test_every_request_failure_is_one_line_naming_the_url(local_server, tmp_path
     assert list(tmp_path.iterdir()) == []  # no file, no temporary file
 
 
-def test_fetch_dataset_tries_each_url_names_a_mismatch_and_checks_its_cache(local_server, tmp_path, monkeypatch,
-                                                                            capsys):
+def test_fetch_dataset_tries_each_url_names_a_mismatch_and_reads_its_cache_read_only(local_server, tmp_path,
+                                                                                     monkeypatch):
     server = local_server({"/mirror/data.txt": b"hello", "/d.json": b"[]"})
     path = gpt.fetch_dataset([server.url + "/main/data.txt", server.url + "/mirror/data.txt"], "data.txt", quiet=True)
     assert path.read_bytes() == b"hello"
@@ -1274,20 +1273,10 @@ def test_fetch_dataset_tries_each_url_names_a_mismatch_and_checks_its_cache(loca
         patch.setattr(Path, "mkdir", unwritable)
         assert gpt.fetch_dataset([url], "ok.json", **checks, quiet=True) == path
     assert len(server.requests) == 1
-    path.write_bytes(b'{"ok": ')  # cut short in the cache
-    assert gpt.fetch_dataset([url], "ok.json", **checks, quiet=True).read_bytes() == b'{"ok": 1}'
-    assert len(server.requests) == 2
-    assert f"warning: cached {path}: 7 bytes, expected 9" in capsys.readouterr().err
-    path.write_bytes(b'{"ok": ')
-    server.close()  # offline: the bad file is deleted and named, the next run does not fail the same way
-    with pytest.raises(RuntimeError, match="offline\\?"):
-        gpt.fetch_dataset([url], "ok.json", **checks, quiet=True)
-    assert f"cached {path}: 7 bytes, expected 9" in capsys.readouterr().err
-    assert not path.exists()
 
 
 def test_known_downloads_are_checked_the_zip_member_not_the_zip_and_the_checks_match_the_real_data(local_server, tmp_path,
-                                                                                                   capsys, monkeypatch):
+                                                                                                   monkeypatch):
     real = SMS_ZIP.read_bytes()
     member = zipfile.ZipFile(SMS_ZIP).read(fc.ZIP_MEMBER)
     remade = zip_bytes({"readme": b"another zip, the same member", fc.ZIP_MEMBER: member}, zipfile.ZIP_DEFLATED)
@@ -1298,9 +1287,6 @@ def test_known_downloads_are_checked_the_zip_member_not_the_zip_and_the_checks_m
         assert fc.read_sms_bytes(path) == member
     with pytest.raises(RuntimeError, match=f"{fc.ZIP_MEMBER}\\): {fc.MEMBER_SIZE - 1} bytes, expected {fc.MEMBER_SIZE}"):
         fc.sms_collection_path(urls=[f"{server.url}/other.zip"])
-    path.write_bytes(real[:1000])  # a cut zip in the cache is fetched again
-    assert fc.read_sms_bytes(fc.sms_collection_path(urls=[f"{server.url}/remade.zip"])) == member
-    assert "not the expected file (File is not a zip file)" in capsys.readouterr().err
     gpt.verify_file(SMS_ZIP, member=fc.ZIP_MEMBER, size=fc.MEMBER_SIZE, sha256=fc.MEMBER_SHA256)
     server = local_server({"/the-verdict.txt": b"other text", "/instruction-data.json": b"[]"})
     verdict, instructions = server.url + "/the-verdict.txt", server.url + "/instruction-data.json"
@@ -1381,7 +1367,7 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_pat
     ("gpt2", {"n_layer": "2"}, "config.json: 'n_layer' must be a positive integer, got '2'"),
     ("gpt2", {"n_layer": True}, "config.json: 'n_layer' must be a positive integer, got True"),
     ("gpt2", {"n_head": 3}, "emb_dim (32) must be divisible by n_heads (3)"),
-    ("gpt2", "[1, 2]", "its config.json holds a list, not a JSON object"),
+    ("gpt2", "[1, 2]", "config.json: a list, not a JSON object"),
     ("gpt2", '{"n_layer": 2,', "config.json: not valid JSON (Expecting property name"),
     ("gpt2", {"activation_function": "relu"}, "activation_function = 'relu' is not supported (this implementation: "
      "'gelu_new' or 'gelu_pytorch_tanh', GELU's tanh approximation)"),
@@ -1389,6 +1375,8 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_pat
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True is not supported"),
     ("gpt2", {"n_inner": 64}, "n_inner = 64 is not supported (this implementation: null or 4 * n_embd = 128)"),
     ("llama", {"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
+    ("llama", {"model_type": None}, "model_type None is not supported; supported: gpt2, llama, "),
+    ("llama", {"hidden_size": 0}, "'hidden_size' must be a positive integer"),
     ("llama", {"num_key_value_heads": 3}, "must be a multiple of n_kv_heads"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported (this implementation: silu for llama)"),
     ("llama", {"rope_theta": 0}, "rope_theta = 0 is not supported"),
@@ -1397,9 +1385,7 @@ def test_strict_gpt2_layer_norm_epsilon_reaches_the_model_and_its_export(tmp_pat
      "rope_parameters.rope_type = 'yarn' is not supported"),
     ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
      "rope_scaling.type = 'dynamic' is not supported"),
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 32}}, "name different rope types ['default', 'llama3']"),
-    ("llama", {"rope_theta": 12345.0}, "rope_theta is 12345.0 at the top level but 10000.0 in the rope settings"),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear' is not"),
     ("llama", {"layer_types": ["full_attention", "sliding_attention"]},
      "layer_types = ['full_attention', 'sliding_attention'] is not supported"),
 ])
@@ -1622,16 +1608,17 @@ def test_weights_that_hold_nan_or_are_larger_than_memory_are_refused_before_they
     tensors["transformer.h.1.mlp.c_proj.bias"][3] = float("nan")
     with open(tmp_path / "nan.safetensors", "wb") as f:
         gpt.write_safetensors(f, tensors)
+    config = gpt.hf_config(tiny_model().cfg)
     with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_proj\.bias holds NaN or infinite values: the file is corrupt"):
-        gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "nan.safetensors"), None, "model.safetensors")
+        gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "nan.safetensors"), config, "model.safetensors")
     with open(tmp_path / "model.safetensors", "wb") as f:
         gpt.write_safetensors(f, gpt.hf_tensors(tiny_model(), torch.float32))
     n_params = gpt.count_parameters(tiny_model())  # 4 bytes each in float32, 2 in bfloat16
     monkeypatch.setattr(gpt.os, "sysconf", lambda name: 3 * n_params if name == "SC_PHYS_PAGES" else 1)
     with pytest.raises(ValueError, match=rf"m.safetensors: its weights at 4 bytes each: about {4 * n_params / 1e9:.1f} GB "
                                          rf"needed, but the cpu has {3 * n_params / 1e9:.1f} GB: use --dtype bfloat16"):
-        gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "model.safetensors"), None, "m.safetensors")
-    model = gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "model.safetensors"), None, "m.safetensors",
+        gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "model.safetensors"), config, "m.safetensors")
+    model = gpt.model_from_tensors(gpt.read_safetensors(tmp_path / "model.safetensors"), config, "m.safetensors",
                                    dtype=torch.bfloat16)
     assert model.wte.weight.dtype == torch.bfloat16
 
