@@ -537,11 +537,10 @@ class Tokenizer(tiktoken.Encoding):
     eot_token = property(lambda self: self.eot_id)
     n_vocab = property(lambda self: self.max_token_value + 1 - len(self.missing))  # without the stand-ins
 
-    def encode(self, text, bos=False, start=True):
+    def encode(self, text, bos=False):
         """Text -> list of ids. Text that spells a special token is that token. bos=True: `text`
         is a whole text (a prompt, a message, a document), which starts with bos_id when the
-        tokenizer adds one (`add_bos`); pieces of a text are encoded without. start=False: `text`
-        continues one (a file read in chunks): section 6's tokenizers put no space before it."""
+        tokenizer adds one (`add_bos`); pieces of a text are encoded without."""
         text = unicodedata.normalize("NFC", text) if self.nfc else text
         ids = super().encode(text, allowed_special="all")
         if self.missing and not self.missing.isdisjoint(ids):
@@ -1181,7 +1180,7 @@ class PieceTokenizer(Tokenizer):
     def __reduce__(self):  # pickled (for DataLoader workers) as its files
         return tokenizer_from_files, (self.files, self.name)
 
-    def encode(self, text, bos=False, start=True):
+    def encode(self, text, bos=False):
         """As `Tokenizer.encode`."""
         ids = []
         text = text.replace("\u2581", " ") if self.ids else text  # SentencePiece: "▁" is a space
@@ -1189,9 +1188,7 @@ class PieceTokenizer(Tokenizer):
             if n % 2:  # an added token
                 ids.append(self.added[piece])
             elif piece:
-                # a continued text's (start=False) first piece follows text: no space before it
                 space = {"prepend": True, "always": piece[0] != " ", "first": n == 0 and piece[0] != " "}
-                space = space if start or n else {}
                 ranks = self.encode_ordinary(" " * space.get(self.prefix, False) + piece)
                 ids += [self.ids[rank] for rank in ranks] if self.ids else ranks
         return [self.bos_id] + ids if bos and self.add_bos else ids
