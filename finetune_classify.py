@@ -84,8 +84,14 @@ def parse_labelled(raw, source="data"):
     text = gpt.decode_utf8(raw, source)
     # rows: (line number, label, text or None for a line without a tab or a CSV row without a text column)
     if str(source).lower().endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows = [(reader.line_num, row.get("label") or "", row.get("text")) for row in reader]
+        # strict: a quote left open is an error, not one message that runs to the end of the file
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        try:
+            reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]  # "Label", "Text" too
+            rows = [(reader.line_num, row.get("label") or "", row.get("text")) for row in reader]
+        except csv.Error as e:
+            raise ValueError(f"{source}: not valid CSV in the row after line {reader.line_num} ({e}): close its "
+                             'quote, or write a quote inside a quoted text as ""') from None
     else:  # split("\n"), not splitlines(): messages may contain other Unicode line separators
         lines = [(number, line.partition("\t")) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
         rows = [(number, label, message if tab else None) for number, (label, tab, message) in lines]
@@ -265,8 +271,8 @@ def train_classifier(model, logits_fn, train, validation, *, epochs=5, max_steps
     optimizer = gpt.make_adamw(model, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(train_inputs) // batch_size
-    total_steps = min(steps_per_epoch * epochs, max_steps or math.inf)
-    n_epochs = math.ceil(total_steps / steps_per_epoch)  # fewer than `epochs` when max_steps stops earlier
+    total_steps = max_steps or steps_per_epoch * epochs  # --max-steps, when given, whatever --epochs says
+    n_epochs = math.ceil(total_steps / steps_per_epoch)  # the last may be cut short
     print(f"training:   {total_steps} steps of {batch_size} messages, {total_steps / steps_per_epoch:.2f} epochs")
     history = {name: [] for name in (*HISTORY, "step_loss")}
     best = None  # (validation accuracy, -validation loss) of the kept epoch
@@ -540,7 +546,7 @@ def build_parser():
     use = parser.add_argument_group("use a fine-tuned classifier (no training)")
     mode = use.add_mutually_exclusive_group()
     mode.add_argument("--classify", nargs="+", metavar="TEXT", help="texts to classify (default: none: train)")
-    mode.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE, a pipe too")
+    mode.add_argument("--classify-file", metavar="FILE", help="classify each line of FILE (/dev/stdin for a pipe)")
     mode.add_argument("--evaluate", metavar="FILE", help="metrics on a labelled FILE, as --data")
     mode.add_argument("--export-hf", metavar="FOLDER", help="write --checkpoint in --dtype as a Hugging Face folder")
     use.add_argument("--threshold", type=gpt.fraction, default=0.5, metavar="P", help="spam from this probability on")

@@ -161,7 +161,7 @@ def prepare_model(args, device, state=None):
     mode -> (model, its tokenizer). Raises RuntimeError when training cannot fit in memory."""
     torch.manual_seed(args.seed)  # LoRA's A matrices start random
     if state is None:
-        model, tokenizer = gpt.load(args.model, device=device)
+        model, tokenizer = gpt.load(args.model, device=device, language_model=True)
     else:
         model = gpt.build_model(gpt.config_from_dict(state["config"])).to(device)
         tokenizer = gpt.tokenizer_from_state(state.get("tokenizer"))
@@ -207,9 +207,9 @@ def evaluate(model, train_examples, val_examples, progress, *options):
 
 
 def planned_steps(args, n_examples):
-    """(Steps per epoch, steps in all): --epochs, or --max-steps when fewer; an epoch's last batch may be short."""
+    """(Steps per epoch, steps in all): --max-steps when given, else --epochs; an epoch's last batch may be short."""
     steps_per_epoch = math.ceil(n_examples / args.batch_size)
-    return steps_per_epoch, min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    return steps_per_epoch, args.max_steps or steps_per_epoch * args.epochs
 
 
 def train(model, tokenizer, train_examples, val_examples, collate, args, device, state_path, stopper, state=None):
@@ -287,9 +287,12 @@ def resume_run(args, argv, out_dir):
     state_path = out_dir / "train_state.pt"
     state = gpt.load_checkpoint(state_path) if state_path.is_file() else {}
     if not {"optimizer", "step", "history"} <= state.keys():  # none, or a model checkpoint (model.pt copied)
-        raise ValueError(f"--resume: {state_path} is {'not a training state' if state else 'not there'} (a finished "
-                         f"run keeps it only with --keep-state): train on from {out_dir / 'model.pt'} with --model, "
-                         "or start again with --overwrite")
+        model_path = out_dir / "model.pt"
+        why = "the run stopped before its first save): "  # on a full disk, say
+        if model_path.is_file():
+            why = f"a finished run keeps it only with --keep-state): train on from {model_path} with --model, or "
+        raise ValueError(f"--resume: {state_path} is {'not a training state' if state else 'not there'} ({why}"
+                         "start again with --overwrite")
     steps = planned_steps(args, len(splits[0]))[1]
     if state["step"] >= steps:  # before run.json is written again
         limit, value = ("--max-steps", args.max_steps) if steps == args.max_steps else ("--epochs", args.epochs)
@@ -483,7 +486,7 @@ def answer_without_training(args, device, responses):
     if args.checkpoint is None and not checkpoint.exists():
         raise FileNotFoundError(f"no {checkpoint}: fine-tune first, or give --checkpoint (any --model value works)")
     print(f"model: {checkpoint}")
-    model, tokenizer = gpt.load(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype])
+    model, tokenizer = gpt.load(checkpoint, device=device, dtype=gpt.DTYPES[args.dtype], language_model=True)
     if args.prompt is not None:
         entry = {"instruction": args.prompt, "input": args.input}
         answer = generate_response(model, tokenizer, entry, **answer_options(args))[0]

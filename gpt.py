@@ -1780,13 +1780,14 @@ def load_weights_into(model, tensors, *, device="cpu", dtype=torch.float32, sour
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
+def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False, language_model=False):
     """Load a model and its tokenizer -> (model in eval mode on `device` in `dtype`, `Tokenizer`).
     source: a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") or a Hugging Face
     Hub name "owner/model" (both downloaded once; a gated model needs HF_TOKEN), a model folder as
     `save_pretrained` or `export_hf` writes it or a .safetensors file in one, a GGUF file or
     "ollama:NAME[:TAG]" (section 8b), or a checkpoint of this project (any other file). Raises
-    FileNotFoundError, ValueError naming a file that does not fit, RuntimeError for a failed download."""
+    FileNotFoundError, ValueError naming a file that does not fit (or a classifier, when `language_model`),
+    RuntimeError for a failed download."""
     path, gguf = Path(source), gguf_file(source)
     if gguf is not None:
         tensors, config_json, tokenizer_files = gguf_model_parts(gguf, dtype)
@@ -1804,6 +1805,9 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False):
         model = model_from_tensors(tensors, config_json, source, device=device, dtype=dtype)
         tokenizer = get_tokenizer() if not tokenizer_files and model.cfg.family == "gpt2" \
             else tokenizer_from_files(tokenizer_files, source)
+    if language_model and hasattr(model, "labels"):  # its 2 outputs would pass for 2 tokens
+        raise ValueError(f"{source} is a classifier, not a language model: use it with `python finetune_classify.py "
+                         f"--checkpoint {source} --classify TEXT`")
     check_vocabulary(model, source, tokenizer)
     return model, tokenizer
 
@@ -2420,9 +2424,12 @@ def gguf_contents(model, tokenizer, gguf_type, name):
 
 def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite=False):
     """Write a model and its `Tokenizer` as a GGUF file (version 3) for llama.cpp and Ollama, with an Ollama
-    Modelfile beside it, each atomically -> the Modelfile's path. Raises ValueError as `claim_run_folder` (unless
-    `overwrite`) and `gguf_contents` do, or naming each setting llama.cpp would read otherwise (what it assumes)."""
+    Modelfile beside it, each atomically -> the Modelfile's path. Raises ValueError for a folder `path`, as
+    `claim_run_folder` (unless `overwrite`) and `gguf_contents` do, or naming each setting llama.cpp would read
+    otherwise (what it assumes)."""
     path = Path(path)
+    if path.is_dir():  # --export-hf takes a folder, --export-gguf a file
+        raise ValueError(f"{path} is a folder: give a GGUF file's name, such as {path / 'model.gguf'}")
     modelfile = path.with_suffix(".Modelfile")  # model.gguf -> model.Modelfile: one per export in a folder
     claim_run_folder(path.parent, [path.name, modelfile.name], overwrite=overwrite, resumable=False)
     metadata, tensors = gguf_contents(model, tokenizer, gguf_type, name)
@@ -2480,7 +2487,7 @@ def load_checkpoint(path):
     except Exception:  # torch.load raises many kinds for a file it cannot read
         checkpoint = None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
-        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project")
+        raise ValueError(f"{path}: not a .safetensors file or a checkpoint of this project (or a damaged one)")
     return checkpoint
 
 

@@ -252,13 +252,15 @@ def is_hellaswag_item(item):
 def read_mmlu(path, shots=0):
     """MMLU's data.tar -> item dicts (subject, question, options, answer, and as examples the subject's first `shots`
     dev items, as the harness picks them) by subject. Raises ValueError for a bad file, row or too few dev items."""
-    if not tarfile.is_tarfile(gpt.existing_file(path, "--benchmark-file")):
-        raise ValueError(f"--benchmark-file {path}: not a tar archive: give MMLU's data.tar")
     files = {}  # (split, subject) -> CSV text
-    with tarfile.open(path) as archive:
-        for member in archive:
-            if member.isfile() and (match := MMLU_FILE.search(member.name)):
-                files[match[1], match[2]] = gpt.decode_utf8(archive.extractfile(member).read(), f"{path} {member.name}")
+    try:
+        with tarfile.open(gpt.existing_file(path, "--benchmark-file")) as archive:
+            for member in archive:
+                if member.isfile() and (match := MMLU_FILE.search(member.name)):
+                    raw = archive.extractfile(member).read()
+                    files[match[1], match[2]] = gpt.decode_utf8(raw, f"{path} {member.name}")
+    except (tarfile.TarError, EOFError):
+        raise ValueError(f"--benchmark-file {path}: not a tar archive or cut short: give MMLU's data.tar") from None
     subjects = sorted(subject for split, subject in files if split == "test")
     if not subjects:
         raise ValueError(f"{path}: no test/<subject>_test.csv files: give MMLU's data.tar")
@@ -520,10 +522,7 @@ def main(argv=None):
         if not text:
             raise ValueError(f"--perplexity {args.perplexity}: the file is empty: give a text to score")
     started = time.time()
-    model, tokenizer = gpt.load(args.model, device=device, dtype=gpt.DTYPES[args.dtype])  # its own tokenizer
-    if hasattr(model, "labels"):
-        raise ValueError(f"--model {args.model} is a classifier, not a language model: use it with "
-                         f"`python finetune_classify.py --checkpoint {args.model} --classify TEXT`")
+    model, tokenizer = gpt.load(args.model, device=device, dtype=gpt.DTYPES[args.dtype], language_model=True)
     print(gpt.model_summary(model, args.model, training=False))
     print(f"load time: {time.time() - started:.2f} s on {device}, {args.dtype}")
     print("-" * 80)

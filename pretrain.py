@@ -191,7 +191,7 @@ def model_to_train(args, checkpoint=None):
     if checkpoint is not None:
         return gpt.model_from_checkpoint(checkpoint).train(), gpt.tokenizer_from_state(checkpoint.get("tokenizer"))
     if args.model:
-        model, tokenizer = gpt.load(args.model)
+        model, tokenizer = gpt.load(args.model, language_model=True)
         gpt.set_drop_rate(model, args.drop_rate)
         return model.train(), tokenizer
     hub = args.size in gpt.LLAMA_CONFIGS  # a Llama-family shape comes with its Hub tokenizer, the others GPT-2's

@@ -315,7 +315,8 @@ def bad_inputs(tmp_path_factory):
     (files / "story.txt").write_text("It had always been his fate.\nTo have been rich, and then not.\n")
     (files / "garbage.bin").write_bytes(b"\xef\xbb\xbfhello\nok \xff\xfe\x00\x01\n")
     for name, content in [("a.csv", "label,message\nham,hi\n"), ("b.csv", "text,label\nhi,ham\nyo,spma\n"),
-                          ("c.csv", "text,label\n"), ("empty.txt", ""), ("short.txt", "Only a few words here.")]:
+                          ("c.csv", "text,label\n"), ("g.csv", 'label,text\nham,hi\nspam,"open\nham,yo\n'),
+                          ("empty.txt", ""), ("short.txt", "Only a few words here.")]:
         (files / name).write_text(content)
     (files / "data.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]))
     (files / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
@@ -324,6 +325,7 @@ def bad_inputs(tmp_path_factory):
                                   "data/test/x_test.csv"), ("not_mmlu", files / "empty.txt", "notes.txt")]:
         with tarfile.open(files / f"{name}.tar", "w") as archive:
             archive.add(member, arcname=arcname)
+    (files / "cut_mmlu.tar").write_bytes((files / "mmlu.tar").read_bytes()[:3000])  # inside a member's data
     for name, line, _ in HELLASWAG_BAD_ITEMS:
         if line.startswith("{**ITEM"):
             line = json.dumps(_HELLASWAG_ITEM)[:-1] + ", " + line.removeprefix("{**ITEM, ")
@@ -2066,13 +2068,15 @@ LOAD_GPT2_BAD_INPUTS = [
     ("--model {files}/empty", "{files}/empty holds no model: neither model.safetensors nor model.safetensors.index.json"),
     ("--model {files}/junk.pt", "{files}/junk.pt: not a .safetensors file or a checkpoint of this project"),
     ("--model models/missing.gguf", "no such file or model 'models/missing.gguf': a model is a released GPT-2 size"),
+    ("--model {files}/tiny.pt --export-gguf {files}/empty --overwrite", "{files}/empty is a folder: give a GGUF file's name"),
     ("--model gpt2", "(ConnectionError). Offline? Give --model a model folder or a .safetensors or GGUF file instead "
      "of 'openai-community/gpt2' (README, \"Offline use\"), or set HF_ENDPOINT to a mirror"),  # not in the cache
     ("--model {files}/tiny.pt --benchmark hellaswag --benchmark-file {files}/missing.jsonl", "missing.jsonl: no such file"),
     (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {MMLU_FOLDER}", "mmlu: a folder, not a file"),
-    (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {HELLASWAG_TINY}", "not a tar archive: give MMLU's data.tar"),
+    (f"--model {{files}}/tiny.pt --benchmark mmlu --benchmark-file {HELLASWAG_TINY}", "not a tar archive or cut short: give MMLU's data.tar"),
     ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/bad_mmlu.tar", "x_test.csv row 1: expected question"),
     ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/not_mmlu.tar", "no test/<subject>_test.csv files"),
+    ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/cut_mmlu.tar", "not a tar archive or cut short"),
     ("--model {files}/tiny.pt --benchmark mmlu --benchmark-file {files}/mmlu.tar --shots 3", "made_up_geography has 2 dev items"),
     ("--model {files}/tiny.pt --perplexity {files}/empty.txt", "empty.txt: the file is empty"),
     (f"--model {{files}}/tiny.pt --perplexity {HELLASWAG_TINY} --stride 65", "--stride 65 must be from 1 to the model's "
@@ -2385,6 +2389,7 @@ PRETRAIN_BAD_INPUTS = [
     (f"{PRETRAIN_RUN} --resume --overwrite", "argument --overwrite: not allowed with argument --resume"),
     # The data and the model.
     (f"{PRETRAIN_TINY} --data {{files}}/missing.txt --out-dir {{run}}", "no such file or folder"),
+    ("--data {files}/story.txt --model {files}/classifier.pt --out-dir {run}", "is a classifier, not a language model"),
     (f"{PRETRAIN_TINY} --out-dir {{run}}", 'could not download the-verdict.txt: offline? Give a copy of it with --data '
      f'PATH (README, "Offline use"). Tried: download of {pretrain.VERDICT_URL} failed after 3 attempts (ConnectionError: '
      f"no network in the tests: {pretrain.VERDICT_URL}{OFFLINE}"),
@@ -2735,6 +2740,7 @@ CLASSIFY_BAD_INPUTS = [
     ("--evaluate {files}/a.csv", "a.csv: 1 bad line(s): line 2: no message (no tab after the label, or no text column)"),
     ("--evaluate {files}/b.csv", "b.csv: 1 bad line(s): line 3: unknown label 'spma' (expected ham or spam)"),
     ("--evaluate {files}/c.csv", "c.csv: " + NO_LABELS),
+    ("--evaluate {files}/g.csv", "g.csv: not valid CSV in the row after line 2 (unexpected end of data): close"),
 ]
 
 
@@ -2764,8 +2770,8 @@ def test_classify_ctrl_c_in_training_exits_130_and_leaves_no_classifier(tmp_path
 
 
 def test_classify_max_steps_stops_after_exactly_n_steps_and_bfloat16_stays_close(tmp_path, capsys):
-    # 46 training messages, batch 8: 5 steps per epoch; 7 steps end 2 steps into epoch 2.
-    fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "7", "--log-every", "1", "--epochs", "3"))
+    # 46 training messages, batch 8: 5 steps per epoch; 7 steps end 2 steps into epoch 2, whatever --epochs says.
+    fc.main(_classify_run_argv(tmp_path, "run", "--max-steps", "7", "--log-every", "1", "--epochs", "1"))
     out = capsys.readouterr().out
     assert "training:   7 steps of 8 messages, 1.40 epochs" in out and "step 7/7 (epoch 1.40/1.40) | loss" in out
     assert "step 8/" not in out
@@ -2774,7 +2780,7 @@ def test_classify_max_steps_stops_after_exactly_n_steps_and_bfloat16_stays_close
     assert (history["step"], history["epoch"]) == ([5, 7], [1.0, 1.4])  # after epoch 1, and at the stop
     best = max(range(2), key=lambda i: (history["validation_accuracy"][i], -history["validation_loss"][i], -i))
     assert history["kept_epoch"] == history["epoch"][best]  # the stop within epoch 2 is a candidate too
-    fc.main(_classify_run_argv(tmp_path, "all", "--max-steps", "1000", "--epochs", "2"))
+    fc.main(_classify_run_argv(tmp_path, "all", "--epochs", "2"))
     full = json.loads((tmp_path / "all" / "metrics.json").read_text())["history"]
     # The first 7 steps of the 10-step run are the 7 steps of the stopped run: same shuffling, same updates.
     assert full["step"] == [5, 10] and full["step_loss"][:7] == history["step_loss"]
@@ -3213,6 +3219,9 @@ INSTRUCT_BAD_INPUTS = [
     ("--model {files}/tiny.pt --out-dir {run}", f"(ConnectionError: no network in the tests: {instruct.DATA_URL}{OFFLINE}"),
     ("--data {files}/data.json --out-dir {run}", "instead of 'openai-community/gpt2-medium' (README, \"Offline use\")"),
     ("--data {files}/data.json --out-dir {run} --generate-only", "no {run}/model.pt: fine-tune first"),
+    ("--data {files}/data.json --model {files}/classifier.pt --out-dir {run}",
+     "{files}/classifier.pt is a classifier, not a language model"),
+    ("--prompt hi --checkpoint {files}/classifier.pt", "{files}/classifier.pt is a classifier, not a language model"),
     ("--data {files}/data.json --model {files}/tiny.pt --out-dir {files} --resume",
      "--resume: {files} holds no run to continue"),
     (f"{INSTRUCT_RUN} --max-length 65", "--max-length 65 is longer than the model's context length 64"),

@@ -22,7 +22,6 @@ compared, which keeps the ratios meaningful on a noisy machine. Measures:
 Needs the test requirements (transformers). Prints a Markdown table for the README.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -42,12 +41,12 @@ import gpt  # noqa: E402
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["train", "generate", "load"], action="append",
-                        help="run only these measurements (repeatable); default: all")
+                        help="run only these measurements (repeatable) (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each measurement per implementation")
     parser.add_argument("--family", choices=list(FAMILIES), default="gpt2", help="GPT-2 124M, or the Llama family at SmolLM2-135M's or Gemma 3 270M's shape")
-    parser.add_argument("--weights", default=None, help="a model.safetensors of --family's shape with config.json beside it; default: random weights in a temporary folder")
+    parser.add_argument("--weights", default=None, help="a model.safetensors of --family's shape with config.json beside it (default: random weights in a temporary folder)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return parser.parse_args()
 

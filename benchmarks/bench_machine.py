@@ -43,12 +43,11 @@ LORA = dict(rank=gpt.FLAGS["lora_rank"]["default"], alpha=gpt.FLAGS["lora_alpha"
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = gpt.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(gpt.MODEL_CONFIGS), default=DEFAULT_MODELS,
                         metavar="NAME", help="the shapes to measure (names of gpt.MODEL_CONFIGS)")
     parser.add_argument("--new-tokens", type=gpt.positive_int, default=50, help="tokens to generate")
-    gpt.add_flags(parser, "batch_size", "device", device="cpu")
+    gpt.add_flags(parser, "batch_size", "device", device=("cpu", "this machine's processor"))
     parser.add_argument("--seq-len", type=gpt.positive_int, default=128, help="tokens per training sequence")
     parser.add_argument("--steps", type=gpt.positive_int, default=3, help="timed training steps (after one warm-up)")
     parser.add_argument("--case", nargs=2, metavar=("CASE", "NAME"), help=argparse.SUPPRESS)  # one case, in a child

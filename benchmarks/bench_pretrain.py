@@ -15,7 +15,6 @@ in one process, so both see the same machine load.
 Prints tokens/s (median over the timed steps) of each and their ratio.
 """
 
-import argparse
 import dataclasses
 import math
 import statistics
@@ -137,7 +136,7 @@ def train_step(model, optimizer, inputs, targets):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = gpt.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=list(gpt.GPT_CONFIGS), default="gpt2", help="model shape")
     p.add_argument("--context-length", type=int, default=256, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=2, help="windows per step")

@@ -29,9 +29,9 @@ def standin_tokenizer(vocab_size, folder):
     """Write tokenizer.json and tokenizer_config.json: GPT-2's BPE cut to vocab_size ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab_json, merges_txt = gpt.gpt2_vocabulary_files()
-    vocab = json.loads(vocab_json)
-    merges = [tuple(line.split(" ")) for line in merges_txt.decode("utf-8").splitlines()[1:] if line]
+    gpt2_files = gpt.hf_tokenizer_files(gpt.get_tokenizer())  # GPT-2's vocab.json and merges.txt, as bytes
+    vocab = json.loads(gpt2_files["vocab.json"])
+    merges = [tuple(line.split(" ")) for line in gpt2_files["merges.txt"].decode("utf-8").splitlines()[1:] if line]
     size = min(vocab_size, len(vocab)) - 1  # the last id is the end-of-text token
     kept = {token: i for token, i in vocab.items() if i < size}
     kept_merges = [merge for merge in merges if "".join(merge) in kept]
