@@ -2670,10 +2670,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)" after a flag's help, but not an on/off flag's nor one that says it itself."""
+    """argparse's "(default: X)" after a flag's help, but not an on/off flag's, one without a default, nor
+    one that says it itself."""
 
     def _get_help_string(self, action):
-        return action.help if action.nargs == 0 or "(default" in action.help else super()._get_help_string(action)
+        said = action.nargs == 0 or action.default is None or "(default" in action.help
+        return action.help if said else super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
