@@ -2773,13 +2773,24 @@ def refuse_flags(parser, argv, settings, mode):
 def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
     """The settings that --resume continues: those out_dir's run.json saved ({"settings": {...}}), but the flags
     of `may_change` given now (say --max-steps) and of `this_command` (say --stop-at-step), given or not. Raises
-    ValueError when out_dir holds no run.json of this script, or naming a flag argv changes and both values."""
+    ValueError when out_dir holds no run.json of this script (a value its flag would refuse: another script's
+    run, or an edited one), or naming a flag argv changes and both values."""
     run_file = Path(out_dir) / "run.json"
     saved = read_json(run_file, "--resume: the run's settings") if run_file.is_file() else {}
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
         raise ValueError(f"--resume: {out_dir} holds no run.json of this script, so no run to continue: start a new "
                          "run without --resume (or with --overwrite)")
     saved = {name: value for name, value in saved["settings"].items() if name not in this_command}
+    actions = {action.dest: action for action in parser._actions}
+    for name, value in saved.items():  # run.json may be another script's, or edited by hand
+        action = actions.get(name)
+        try:  # each value as its flag would take it
+            fits = action is not None and (value is None or action.type is None or action.type(str(value)) == value)
+        except argparse.ArgumentTypeError:
+            fits = False
+        if not fits or (value is not None and action.choices and value not in action.choices):
+            raise ValueError(f"--resume: {run_file} holds {name} = {value!r}, which is no setting of this "
+                             "script: start a new run with --overwrite or another --out-dir")
     given = given_flags(parser, argv)
     for name, value in given.items():
         flag = flag_name(name)

@@ -1510,6 +1510,12 @@ def test_run_folder_refuses_another_run_unless_resume_or_overwrite_and_resume_re
     (tmp_path / "run.json").write_text(json.dumps({"lr": 5e-4}))  # no "settings": not a run of these scripts
     with pytest.raises(ValueError, match="holds no run.json of this script"):
         gpt.resume_settings(parser, ["--resume"], tmp_path)
+    # Another script's run (a setting this parser lacks), and values edited into what their flags refuse
+    for settings, named in (({"threshold": 0.5}, "threshold = 0.5"), ({"lr": "x"}, "lr = 'x'"),
+                            ({"max_steps": 0}, "max_steps = 0"), ({"max_steps": True}, "max_steps = True")):
+        (tmp_path / "run.json").write_text(json.dumps({"settings": settings}))
+        with pytest.raises(ValueError, match=rf"^--resume: .*run.json holds {re.escape(named)}, which is no setting of"):
+            gpt.resume_settings(parser, ["--resume"], tmp_path)
     out = tmp_path / "run"
     files = ["latest.pt", "history.json"]
     assert gpt.claim_run_folder(out, files) == out and not out.exists()  # the run's first write makes it
