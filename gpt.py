@@ -2789,8 +2789,8 @@ def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
         except argparse.ArgumentTypeError:
             fits = False
         if not fits or (value is not None and action.choices and value not in action.choices):
-            raise ValueError(f"--resume: {run_file} holds {name} = {value!r}, which is no setting of this "
-                             "script: start a new run with --overwrite or another --out-dir")
+            raise ValueError(f"--resume: {run_file} holds {name} = {value!r}, which this script's flags do not "
+                             "take (another script's run, or an edited one): start a new run with --overwrite")
     given = given_flags(parser, argv)
     for name, value in given.items():
         flag = flag_name(name)

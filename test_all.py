@@ -1514,7 +1514,7 @@ def test_run_folder_refuses_another_run_unless_resume_or_overwrite_and_resume_re
     for settings, named in (({"threshold": 0.5}, "threshold = 0.5"), ({"lr": "x"}, "lr = 'x'"),
                             ({"max_steps": 0}, "max_steps = 0"), ({"max_steps": True}, "max_steps = True")):
         (tmp_path / "run.json").write_text(json.dumps({"settings": settings}))
-        with pytest.raises(ValueError, match=rf"^--resume: .*run.json holds {re.escape(named)}, which is no setting of"):
+        with pytest.raises(ValueError, match=rf"^--resume: .*run.json holds {re.escape(named)}, which this script's flags do not take"):
             gpt.resume_settings(parser, ["--resume"], tmp_path)
     out = tmp_path / "run"
     files = ["latest.pt", "history.json"]
