@@ -1812,6 +1812,14 @@ def load(source="gpt2", *, device="cpu", dtype=torch.float32, quiet=False, langu
     return model, tokenizer
 
 
+def check_vocabulary(model, source, tokenizer):
+    """Raise ValueError when tokenizer can produce ids that model has no embedding for."""
+    if model.cfg.vocab_size < tokenizer.n_vocab:  # a larger vocabulary (padded to 50304, say) is fine
+        which = f"the tokenizer {tokenizer.name}" if tokenizer.files else "the GPT-2 tokenizer"  # GPT-2's has no files
+        raise ValueError(f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
+                         f"{tokenizer.n_vocab}: use a model trained with {which}")
+
+
 def model_files(source, *, quiet=False):
     """A model's files -> (config.json as a dict, [safetensors paths], {tokenizer file: text}) of a folder,
     a .safetensors file, a released GPT-2 size (its config: GPT_CONFIGS') or a Hub name "owner/model",
@@ -2915,14 +2923,6 @@ def model_summary(model, name, training=True):
     cfg, trainable = model.cfg, count_parameters(model, trainable_only=True)
     return (f"{name}: {count_parameters(model) / 1e6:.1f}M parameters ({cfg.n_layers} layers, {cfg.n_heads} heads, "
             f"{cfg.emb_dim} wide, context {cfg.context_length})" + (f", {trainable:,} trainable" if training else ""))
-
-
-def check_vocabulary(model, source, tokenizer):
-    """Raise ValueError when tokenizer can produce ids that model has no embedding for."""
-    if model.cfg.vocab_size < tokenizer.n_vocab:  # a larger vocabulary (padded to 50304, say) is fine
-        which = f"the tokenizer {tokenizer.name}" if tokenizer.files else "the GPT-2 tokenizer"  # GPT-2's has no files
-        raise ValueError(f"{source}: the model's vocabulary has {model.cfg.vocab_size} tokens, but {which} uses "
-                         f"{tokenizer.n_vocab}: use a model trained with {which}")
 
 
 def set_drop_rate(model, drop_rate):

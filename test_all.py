@@ -4125,8 +4125,7 @@ def test_chat_template_travels_with_the_exports_and_chat_prompt_and_load_gpt2_ch
 
     monkeypatch.setattr(gpt, "get_tokenizer", offline)  # a model with its own tokenizer needs no GPT-2 files
     for source in (folder, path, tmp_path / "hf"):
-        model, tokenizer = gpt.load(source)
-        gpt.check_vocabulary(model, source, tokenizer)
+        model, tokenizer = gpt.load(source)  # load checks the vocabulary against the tokenizer
         assert gpt.chat_prompt(tokenizer, "Name a colour.") == (expected, end)
     load_gpt2.main(["--model", str(path), "--chat", "--prompt", "Name a colour.", "--max-new-tokens", "1"])
     assert capsys.readouterr().out.split("-" * 80 + "\n")[1].startswith(expected)
