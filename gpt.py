@@ -1494,7 +1494,7 @@ def hub_file(repo, filename, *, quiet=False, missing_ok=False, cached_only=False
     or one not on disk when cached_only. Raises RuntimeError offline, for a gated model, as `download_file`."""
     hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     model = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub") / f"models--{repo.replace('/', '--')}"
-    ref = model / "refs" / "main"  # the snapshot of the main branch, as hub_file asks for it
+    ref = model / "refs" / "main"  # the main branch's snapshot: the revision downloaded below (resolve/main)
     snapshot = model / "snapshots" / ref.read_text().strip() / filename if ref.is_file() else None
     dest = cache_dir() / repo.removeprefix("openai-community/") / filename
     local = next((path for path in (snapshot, dest) if path is not None and path.is_file()), None)
@@ -1837,8 +1837,8 @@ def model_files(source, *, quiet=False):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} holds no config.json: put the model's config.json beside its weights")
         names = TOKENIZER_FILES if (folder / "tokenizer.json").is_file() else ("vocab.json",)  # GPT-2's own
-        files = {name: decode_utf8((folder / name).read_bytes(), folder / name)
-                 for name in names if (folder / name).is_file()}
+        files = {file: decode_utf8((folder / file).read_bytes(), folder / file)
+                 for file in names if (folder / file).is_file()}
         return read_json(folder / "config.json", "model config"), weight_paths, files
     if name in GPT_CONFIGS:
         weights = hub_file(f"openai-community/{name}", "model.safetensors", quiet=quiet)
@@ -2781,8 +2781,8 @@ def refuse_flags(parser, argv, settings, mode):
 def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
     """The settings that --resume continues: those out_dir's run.json saved ({"settings": {...}}), but the flags
     of `may_change` given now (say --max-steps) and of `this_command` (say --stop-at-step), given or not. Raises
-    ValueError when out_dir holds no run.json of this script (a value its flag would refuse: another script's
-    run, or an edited one), or naming a flag argv changes and both values."""
+    ValueError when out_dir holds no run.json of this script (none, another script's, or one edited into a value
+    its flag refuses), or naming a flag argv changes and both values."""
     run_file = Path(out_dir) / "run.json"
     saved = read_json(run_file, "--resume: the run's settings") if run_file.is_file() else {}
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):  # say, another stage's run
@@ -2801,8 +2801,8 @@ def resume_settings(parser, argv, out_dir, may_change=(), this_command=()):
                              "take (another script's run, or an edited one): start a new run with --overwrite")
     given = given_flags(parser, argv)
     for name, value in given.items():
-        flag = flag_name(name)
         if name in saved and name not in may_change and saved[name] != value:
+            flag = flag_name(name)
             raise ValueError(f"--resume continues the saved run, which used {flag} {saved[name]}, not {value}: "
                              f"drop {flag}, or start a new run with --overwrite or another --out-dir")
     defaults = vars(parser.parse_args([]))  # settings added since the run was saved
