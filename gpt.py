@@ -10,7 +10,7 @@ Sections 1 to 5 are GPT-2, the whole model a learner studies, to be read top to 
 6. other families  the same decoder with parts exchanged (Llama, Qwen3, Mistral, Phi, Gemma 3)
 
 The toolbox the stages share follows: files, `load` (a model and its tokenizer from any
-source), checkpoints, `export_hf`, and the plumbing of a run.
+source, a GGUF file too), checkpoints, `export_hf` and `export_gguf`, and the plumbing of a run.
 
 The model follows OpenAI's GPT-2 release (Radford et al., 2019, "Language Models are Unsupervised
 Multitask Learners") and names its parameters as Hugging Face's `GPT2LMHeadModel` does (`wte`, `wpe`,
@@ -2280,12 +2280,17 @@ CHAT_FORMATS = {
 }
 
 
+def chat_template(tokenizer):
+    """A `Tokenizer`'s chat template: chat_template.jinja, or tokenizer_config.json's entry -> text ("": none)."""
+    config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
+    return tokenizer.files.get("chat_template.jinja") or config.get("chat_template") or ""
+
+
 def chat_prompt(tokenizer, message):
     """A user's message as the one turn of a chat -> (prompt text, id of the end-of-turn token, which ends an
     instruct model's answer), in the format of the model's chat template, chosen by its markers (CHAT_FORMATS),
     not run (no Jinja, no default system prompt). Raises ValueError for a template of none of these formats."""
-    config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
-    template = tokenizer.files.get("chat_template.jinja") or config.get("chat_template") or ""
+    template = chat_template(tokenizer)
     for marker, (before, after) in CHAT_FORMATS.items():
         if marker in template:
             return before + message + after, tokenizer.encode(after)[0]  # the user's turn ends as answers do
@@ -2369,12 +2374,12 @@ def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
     types = {i: 6 if bpe.get("byte_fallback") and re.fullmatch(r"<0x[0-9A-F]{2}>", text) else 1
              for i, text in tokens.items()}
     types.update({i: 3 if control else 4 for i, control in special.items()})
-    settings = files["tokenizer_config.json"]  # a dict: the named tokens (pad, unk), maybe the chat template
+    settings = files["tokenizer_config.json"]  # a dict: the named tokens (pad, unk)
     by_text = {text: i for i, text in tokens.items()}
     ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eot_id}
     for key, hf in (("padding", "pad"), ("unknown", "unk")):
         ids[key] = by_text.get(special_token_text(settings.get(f"{hf}_token")))
-    template = tokenizer.files.get("chat_template.jinja") or settings.get("chat_template")
+    template = chat_template(tokenizer)
     return {
         **style,
         # ids without a token (a vocabulary padded to a round size) get a name, as llama.cpp's converter does
@@ -2417,7 +2422,7 @@ def gguf_contents(model, tokenizer, gguf_type, name):
         block = f"blk.{layer}." if layer else ""
         tensors.append((f"{block}{names[part]}.{suffix}", target, tensor.shape, data))
     if arch == "llama" and cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
-        factors = rope_factors(cfg, cfg.head_dim or cfg.emb_dim // cfg.n_heads)
+        factors = rope_factors(cfg, config["head_dim"])
         tensors.append(("rope_freqs.weight", "F32", factors.shape, factors.view(torch.uint8)))
     return {**metadata, **gguf_tokenizer_metadata(tokenizer, cfg.vocab_size, name)}, tensors
 
