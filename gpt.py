@@ -1090,6 +1090,11 @@ def tokenizer_from_files(files, source):
     return Tokenizer(**settings, nfc=normalizer == "NFC", missing=range(top + 1, top + 1 + len(lacking)))
 
 
+def merge_pairs(merges):
+    """tokenizer.json's merges, "left right" strings or (newer files) [left, right] lists -> pairs."""
+    return [merge.split(" ") if isinstance(merge, str) else merge for merge in merges]
+
+
 def bpe_ranks(bpe, special, source):
     """tokenizer.json's BPE model (a dict) -> tiktoken's ranks {token bytes: id}: the 256 bytes
     and each merge's result, ids as ranks. tiktoken merges by rank, the reference by merge
@@ -1100,8 +1105,7 @@ def bpe_ranks(bpe, special, source):
     try:
         ranks = {bytes([byte_of[char]]): vocab[char] for char in byte_of if char in vocab}
         previous = -1
-        for merge in bpe["merges"]:
-            left, right = merge.split(" ") if isinstance(merge, str) else merge
+        for left, right in merge_pairs(bpe["merges"]):
             token_id = vocab[left + right]
             # Equal ids are one token made from another split: files converted from tiktoken
             # (Llama 3, Qwen) list every split of a token, one after the other.
@@ -1227,7 +1231,7 @@ def sentencepiece_tokenizer(tokenizer_json, source, **settings):
         ranks[bytes([byte])] = byte
         ids.append(vocab.get(char, byte_tokens[byte]))
     characters = [token for token in vocab if len(token) == 1 and len(text_of(token)) > 1]
-    for token in characters + ["".join(m.split(" ") if isinstance(m, str) else m) for m in merges]:
+    for token in characters + ["".join(pair) for pair in merge_pairs(merges)]:
         if text_of(token) not in ranks:
             ranks[text_of(token)] = len(ids)
             ids.append(vocab[token])
@@ -2353,7 +2357,7 @@ def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
         added = [{"id": tokenizer.eot_id, "content": "<|endoftext|>"}]
     tokens = {i: text for text, i in bpe["vocab"].items()} | {token["id"]: token["content"] for token in added}
     special = {token["id"]: token.get("special", True) for token in added}
-    merges = [merge.split(" ") if isinstance(merge, str) else merge for merge in bpe["merges"]]
+    merges = merge_pairs(bpe["merges"])
     if bpe.get("byte_fallback"):
         if tokenizer.prefix not in ("prepend", None):
             raise ValueError(f"{name}: its tokenizer puts a space before text as Metaspace does ({tokenizer.prefix!r}),"
