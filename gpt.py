@@ -2406,6 +2406,7 @@ def gguf_contents(model, tokenizer, gguf_type, name):
         raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
     if arch not in GGUF_TENSOR_NAMES:
         raise ValueError(f"{name}: a {arch} model has no GGUF writer here (it writes {', '.join(GGUF_TENSOR_NAMES)})")
+    tokenizer_metadata = gguf_tokenizer_metadata(tokenizer, cfg.vocab_size, name)  # refused before any weight is converted
     kind, file_type = GGUF_FILE_TYPES[gguf_type]
     metadata = {"general.architecture": arch, "general.name": str(name), "general.file_type": file_type,
                 f"{arch}.vocab_size": cfg.vocab_size}
@@ -2428,7 +2429,7 @@ def gguf_contents(model, tokenizer, gguf_type, name):
     if arch == "llama" and cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
         factors = rope_factors(cfg, config["head_dim"])
         tensors.append(("rope_freqs.weight", "F32", factors.shape, factors.view(torch.uint8)))
-    return {**metadata, **gguf_tokenizer_metadata(tokenizer, cfg.vocab_size, name)}, tensors
+    return {**metadata, **tokenizer_metadata}, tensors
 
 
 def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite=False):
