@@ -2406,7 +2406,8 @@ def gguf_contents(model, tokenizer, gguf_type, name):
         raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
     if arch not in GGUF_TENSOR_NAMES:
         raise ValueError(f"{name}: a {arch} model has no GGUF writer here (it writes {', '.join(GGUF_TENSOR_NAMES)})")
-    tokenizer_metadata = gguf_tokenizer_metadata(tokenizer, cfg.vocab_size, name)  # refused before any weight is converted
+    # checked first: a tokenizer llama.cpp cannot read is refused before any weight is converted
+    tokenizer_metadata = gguf_tokenizer_metadata(tokenizer, cfg.vocab_size, name)
     kind, file_type = GGUF_FILE_TYPES[gguf_type]
     metadata = {"general.architecture": arch, "general.name": str(name), "general.file_type": file_type,
                 f"{arch}.vocab_size": cfg.vocab_size}
