@@ -10,7 +10,7 @@ Sections 1 to 5 are GPT-2, the whole model a learner studies, to be read top to 
 6. other families  the same decoder with parts exchanged (Llama, Qwen3, Mistral, Phi, Gemma 3)
 
 The toolbox the stages share follows: files, `load` (a model and its tokenizer from any
-source), checkpoints, `export_hf`, and the plumbing of a run.
+source, a GGUF file too), checkpoints, `export_hf` and `export_gguf`, and the plumbing of a run.
 
 The model follows OpenAI's GPT-2 release (Radford et al., 2019, "Language Models are Unsupervised
 Multitask Learners") and names its parameters as Hugging Face's `GPT2LMHeadModel` does (`wte`, `wpe`,
@@ -1090,6 +1090,11 @@ def tokenizer_from_files(files, source):
     return Tokenizer(**settings, nfc=normalizer == "NFC", missing=range(top + 1, top + 1 + len(lacking)))
 
 
+def merge_pairs(merges):
+    """tokenizer.json's merges, "left right" strings or (newer files) [left, right] lists -> pairs."""
+    return [merge.split(" ") if isinstance(merge, str) else merge for merge in merges]
+
+
 def bpe_ranks(bpe, special, source):
     """tokenizer.json's BPE model (a dict) -> tiktoken's ranks {token bytes: id}: the 256 bytes
     and each merge's result, ids as ranks. tiktoken merges by rank, the reference by merge
@@ -1100,8 +1105,7 @@ def bpe_ranks(bpe, special, source):
     try:
         ranks = {bytes([byte_of[char]]): vocab[char] for char in byte_of if char in vocab}
         previous = -1
-        for merge in bpe["merges"]:
-            left, right = merge.split(" ") if isinstance(merge, str) else merge
+        for left, right in merge_pairs(bpe["merges"]):
             token_id = vocab[left + right]
             # Equal ids are one token made from another split: files converted from tiktoken
             # (Llama 3, Qwen) list every split of a token, one after the other.
@@ -1227,7 +1231,7 @@ def sentencepiece_tokenizer(tokenizer_json, source, **settings):
         ranks[bytes([byte])] = byte
         ids.append(vocab.get(char, byte_tokens[byte]))
     characters = [token for token in vocab if len(token) == 1 and len(text_of(token)) > 1]
-    for token in characters + ["".join(m.split(" ") if isinstance(m, str) else m) for m in merges]:
+    for token in characters + ["".join(pair) for pair in merge_pairs(merges)]:
         if text_of(token) not in ranks:
             ranks[text_of(token)] = len(ids)
             ids.append(vocab[token])
@@ -2288,12 +2292,17 @@ CHAT_FORMATS = {
 }
 
 
+def chat_template(tokenizer):
+    """A `Tokenizer`'s chat template: chat_template.jinja, or tokenizer_config.json's entry -> text ("": none)."""
+    config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
+    return tokenizer.files.get("chat_template.jinja") or config.get("chat_template") or ""
+
+
 def chat_prompt(tokenizer, message):
     """A user's message as the one turn of a chat -> (prompt text, id of the end-of-turn token, which ends an
     instruct model's answer), in the format of the model's chat template, chosen by its markers (CHAT_FORMATS),
     not run (no Jinja, no default system prompt). Raises ValueError for a template of none of these formats."""
-    config = json.loads(tokenizer.files.get("tokenizer_config.json", "{}"))
-    template = tokenizer.files.get("chat_template.jinja") or config.get("chat_template") or ""
+    template = chat_template(tokenizer)
     for marker, (before, after) in CHAT_FORMATS.items():
         if marker in template:
             return before + message + after, tokenizer.encode(after)[0]  # the user's turn ends as answers do
@@ -2356,7 +2365,7 @@ def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
         added = [{"id": tokenizer.eot_id, "content": "<|endoftext|>"}]
     tokens = {i: text for text, i in bpe["vocab"].items()} | {token["id"]: token["content"] for token in added}
     special = {token["id"]: token.get("special", True) for token in added}
-    merges = [merge.split(" ") if isinstance(merge, str) else merge for merge in bpe["merges"]]
+    merges = merge_pairs(bpe["merges"])
     if bpe.get("byte_fallback"):
         if tokenizer.prefix not in ("prepend", None):
             raise ValueError(f"{name}: its tokenizer puts a space before text as Metaspace does ({tokenizer.prefix!r}),"
@@ -2377,12 +2386,12 @@ def gguf_tokenizer_metadata(tokenizer, vocab_size, name):
     types = {i: 6 if bpe.get("byte_fallback") and re.fullmatch(r"<0x[0-9A-F]{2}>", text) else 1
              for i, text in tokens.items()}
     types.update({i: 3 if control else 4 for i, control in special.items()})
-    settings = files["tokenizer_config.json"]  # a dict: the named tokens (pad, unk), maybe the chat template
+    settings = files["tokenizer_config.json"]  # a dict: the named tokens (pad, unk)
     by_text = {text: i for i, text in tokens.items()}
     ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eot_id}
     for key, hf in (("padding", "pad"), ("unknown", "unk")):
         ids[key] = by_text.get(special_token_text(settings.get(f"{hf}_token")))
-    template = tokenizer.files.get("chat_template.jinja") or settings.get("chat_template")
+    template = chat_template(tokenizer)
     return {
         **style,
         # ids without a token (a vocabulary padded to a round size) get a name, as llama.cpp's converter does
@@ -2405,6 +2414,8 @@ def gguf_contents(model, tokenizer, gguf_type, name):
         raise ValueError(f"{name} is a classifier: a GGUF file holds a language model")
     if arch not in GGUF_TENSOR_NAMES:
         raise ValueError(f"{name}: a {arch} model has no GGUF writer here (it writes {', '.join(GGUF_TENSOR_NAMES)})")
+    # checked first: a tokenizer llama.cpp cannot read is refused before any weight is converted
+    tokenizer_metadata = gguf_tokenizer_metadata(tokenizer, cfg.vocab_size, name)
     kind, file_type = GGUF_FILE_TYPES[gguf_type]
     metadata = {"general.architecture": arch, "general.name": str(name), "general.file_type": file_type,
                 f"{arch}.vocab_size": cfg.vocab_size}
@@ -2425,9 +2436,9 @@ def gguf_contents(model, tokenizer, gguf_type, name):
         block = f"blk.{layer}." if layer else ""
         tensors.append((f"{block}{names[part]}.{suffix}", target, tensor.shape, data))
     if arch == "llama" and cfg.rope_scaling:  # Llama 3's, as llama.cpp's converter writes it
-        factors = rope_factors(cfg, cfg.head_dim or cfg.emb_dim // cfg.n_heads)
+        factors = rope_factors(cfg, config["head_dim"])
         tensors.append(("rope_freqs.weight", "F32", factors.shape, factors.view(torch.uint8)))
-    return {**metadata, **gguf_tokenizer_metadata(tokenizer, cfg.vocab_size, name)}, tensors
+    return {**metadata, **tokenizer_metadata}, tensors
 
 
 def export_gguf(model, tokenizer, path, gguf_type="f16", name="model", overwrite=False):
