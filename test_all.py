@@ -3657,9 +3657,12 @@ def test_readme_type_it_live_definitions_run_as_typed():
     assert set(sources) == {"finetune_classify.py", "pretrain.py"}
     typed = {script: [line for line in strip_docstrings(source).splitlines() if line.strip()]
              for script, source in sources.items()}
-    stated = re.findall(r"^\| (?:classification|pretraining): .* \| (\d+) \+ \d+ \|", section, flags=re.M)
-    assert [len(typed["finetune_classify.py"]), len(typed["pretrain.py"])] == [int(n) for n in stated]  # the table
-    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    counted = [len(typed["finetune_classify.py"]), len([line for line in blocks[0].splitlines() if line.strip()]) - 1,
+               len(typed["pretrain.py"]), len([line for line in blocks[1].splitlines() if line.strip()]) - 1]
+    stated = re.findall(r"^\| (?:classification|pretraining): .* \| (\d+) \+ (\d+) \|", section, flags=re.M)
+    assert counted == [int(n) for pair in stated for n in pair]  # the table (a block's "# ..." line is not typed)
+    code = blocks[0]
     raw = b"".join(fc.read_sms_bytes(SMS_ZIP).splitlines(keepends=True)[:400])
     code = code.replace('open("SMSSpamCollection", "rb").read()', "SMS_BYTES").replace('gpt.load("gpt2")[0]', "MODEL")
     code = code.replace("# ... the definitions above, then:", sources["finetune_classify.py"])
