@@ -2730,7 +2730,8 @@ CLASSIFY_BAD_INPUTS = [
     ("--lora --trainable all", "--lora trains the adapters and the head: drop --trainable all"),
     ("--trainable lora", "argument --trainable: invalid choice: 'lora'"),
     ("--classify hi --threshold 1.5", "argument --threshold: must be a number in [0, 1], got '1.5'"),
-    ("--classify hi --results p.json", "--results goes with --evaluate (a run writes metrics.json)"),
+    ("--classify hi --results p.json", "--results goes with --evaluate and names a JSON file (a run writes metrics.json)"),
+    ("--evaluate x.csv --results {files}", "--results goes with --evaluate and names a JSON file"),
     ("--evaluate x.csv --classify hi", "argument --classify: not allowed with argument --evaluate"),
     # Using a classifier: a training flag given with it would be silently ignored.
     ("--classify hi --model other.pt", f"--classify {USED_AS_TRAINED} does not use --model: drop it"),
