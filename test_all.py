@@ -3369,6 +3369,21 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     assert "kept the weights of step 1 (validation loss 3.000), the lowest validation loss\n" in capsys.readouterr().out
     assert saved_weights_equal("halves", 1)
 
+    # Ctrl-C while answering, after model.pt is saved: the hint runs as printed, with the answers' flags as given.
+    next_step[0], answer = 0, instruct.generate_responses
+
+    def ctrl_c_in_answers(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(instruct, "generate_responses", ctrl_c_in_answers)
+    assert exit_code(instruct.main, flags + ["--out-dir", str(tmp_path / "answers"), "--temperature", "0.5"]) == 130
+    hint = capsys.readouterr().err.split("\n")[-3]
+    assert hint.startswith("python finetune_instruct.py --generate-only --out-dir ") and \
+        hint.endswith("--max-new-tokens 1 --temperature 0.5 answers the test split with the saved model")
+    monkeypatch.setattr(instruct, "generate_responses", answer)
+    instruct.main(hint.split(" answers the test split")[0].split()[2:])
+    assert (tmp_path / "answers" / "responses.json").is_file()
+
 
 def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run, tmp_path, capsys):
     data = _instruct_tiny_run / "data.json"
