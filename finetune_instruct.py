@@ -303,8 +303,8 @@ def resume_run(args, argv, out_dir):
 
 def fine_tune(args, argv, device):
     """Claim --out-dir, split the data (the saved split with --resume), fine-tune, save model.pt -> (settings, model in
-    --dtype, its tokenizer, the test entries to answer); nothing is written before data and model pass their checks. Ctrl-C or
-    SIGTERM saves the state and exits 130 or 143; a second Ctrl-C stops at once, from the last save."""
+    --dtype, its tokenizer, the test entries to answer); nothing is written before data and model pass their checks.
+    Ctrl-C or SIGTERM saves the state and exits 130 or 143; a second Ctrl-C stops at once, from the last save."""
     out_dir = gpt.claim_run_folder(args.out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         args, splits, state = resume_run(args, argv, out_dir)
