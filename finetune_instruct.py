@@ -18,7 +18,8 @@ Writes to --out-dir (default runs/instruct/; one that holds another run is refus
     model.pt          the kept weights, LoRA merged, with their tokenizer (1.4 GB for gpt2-medium): gpt.load() reads it
     train_state.pt    all --resume needs (4x the model; about 1x with --lora), while training or with --keep-state
     losses.png        train and validation loss per step (with matplotlib installed)
-    responses.json    the test entries with a "model_response" each; responses-scored.json adds a "score" (--judge)
+    responses.json    the test entries answered (--num-answers), each with a "model_response"; with --judge,
+                      responses-scored.json adds a "score" to each
 """
 
 import functools
