@@ -565,8 +565,8 @@ def parse_args(argv=None):
     if use:
         training_flags = [name for name in vars(args) if name not in USE_FLAGS]
         gpt.refuse_flags(parser, argv, training_flags, f"{gpt.flag_name(use[0])} (the classifier of --checkpoint)")
-    if args.results is not None and args.evaluate is None:
-        parser.error("--results goes with --evaluate (a run writes metrics.json)")
+    if args.results is not None and (args.evaluate is None or Path(args.results).is_dir()):  # before the work
+        parser.error("--results goes with --evaluate and names a JSON file (a run writes metrics.json)")
     args.checkpoint = args.checkpoint or str(Path(args.out_dir) / "classifier.pt")
     if (Path(args.checkpoint) / "classifier.pt").is_file():  # a run folder: its classifier
         args.checkpoint = str(Path(args.checkpoint) / "classifier.pt")

@@ -18,7 +18,8 @@ Writes to --out-dir (default runs/instruct/; one that holds another run is refus
     model.pt          the kept weights, LoRA merged, with their tokenizer (1.4 GB for gpt2-medium): gpt.load() reads it
     train_state.pt    all --resume needs (4x the model; about 1x with --lora), while training or with --keep-state
     losses.png        train and validation loss per step (with matplotlib installed)
-    responses.json    the test entries with a "model_response" each; responses-scored.json adds a "score" (--judge)
+    responses.json    the test entries answered (--num-answers), each with a "model_response"; with --judge,
+                      responses-scored.json adds a "score" to each
 """
 
 import functools
@@ -303,8 +304,8 @@ def resume_run(args, argv, out_dir):
 
 def fine_tune(args, argv, device):
     """Claim --out-dir, split the data (the saved split with --resume), fine-tune, save model.pt -> (settings, model in
-    --dtype, its tokenizer, test entries); nothing is written before data and model pass their checks. Ctrl-C or
-    SIGTERM saves the state and exits 130 or 143; a second Ctrl-C stops at once, from the last save."""
+    --dtype, its tokenizer, the test entries to answer); nothing is written before data and model pass their checks.
+    Ctrl-C or SIGTERM saves the state and exits 130 or 143; a second Ctrl-C stops at once, from the last save."""
     out_dir = gpt.claim_run_folder(args.out_dir, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         args, splits, state = resume_run(args, argv, out_dir)
@@ -336,7 +337,8 @@ def fine_tune(args, argv, device):
             progress = train(model, tokenizer, *examples, collate, args, device, state_path, stopper, state)
     except KeyboardInterrupt:  # a second Ctrl-C: at once, without saving
         if state_path.exists():
-            print(f"--resume --out-dir {out_dir} goes on from the last save in {state_path}", file=sys.stderr)
+            print(f"python finetune_instruct.py --resume --out-dir {out_dir} goes on from the last save in "
+                  f"{state_path}", file=sys.stderr)
         raise
     history = progress["history"]
     losses = {"train": (history["step"], history["train_loss"]), "validation": (history["step"], history["val_loss"])}
@@ -581,8 +583,8 @@ def main(argv=None):
             defaults = answer_options(build_parser().parse_args([]))
             flags = "".join(f" {gpt.flag_name(key)} {value}" for key, value in answer_options(args).items()
                             if value != defaults[key])
-            print(f"--generate-only --out-dir {args.out_dir} --num-answers {len(answers)}{flags} answers the test "
-                  "split with the saved model", file=sys.stderr)
+            print(f"python finetune_instruct.py --generate-only --out-dir {args.out_dir} --num-answers {len(answers)}"
+                  f"{flags} answers the test split with the saved model", file=sys.stderr)
             raise
     if args.judge == "ollama" and args.prompt is None:
         judge(args, responses)

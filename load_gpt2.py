@@ -453,7 +453,7 @@ def build_parser():
     m.add_argument("--benchmark", choices=["hellaswag", "mmlu"], help="score a benchmark")
     m.add_argument("--benchmark-file", help="hellaswag_val.jsonl, or MMLU's data.tar (default: download)")
     m.add_argument("--shots", type=gpt.non_negative_int, default=0, help="MMLU: solved examples before each question")
-    m.add_argument("--limit", type=gpt.positive_int, help="score the first N items of each subject (default: all)")
+    m.add_argument("--limit", type=gpt.positive_int, help="score the first LIMIT items of each subject (default: all)")
     m.add_argument("--perplexity", metavar="FILE", help="perplexity and bits per byte of a UTF-8 text file")
     m.add_argument("--stride", type=gpt.positive_int, help="tokens between perplexity windows (default: context / 2)")
     m.add_argument("--contamination", metavar="FILE", help="a training corpus (UTF-8 text): items that share n-grams")

@@ -160,10 +160,10 @@ def make_splits(args, tokenizer, cfg, proc):
 def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, world_size=1):
     """Window starts of one process's micro-batch. Sample i of the run is window i % n_windows in the order of epoch
     i // n_windows: samples_seen alone says where the run is; each micro-step takes the next samples, rank by rank."""
-    first = samples_seen + (micro_step * world_size + rank) * batch_size
-    n = splits.n_windows
+    first, n = samples_seen + (micro_step * world_size + rank) * batch_size, splits.n_windows
     samples = range(first, first + batch_size)
-    return [int(gpt.epoch_order(n, splits.seed, i // n)[i % n]) * splits.context_length for i in samples]
+    orders = {e: gpt.epoch_order(n, splits.seed, e) for e in {i // n for i in samples}}  # one shuffle per epoch
+    return [int(orders[i // n][i % n]) * splits.context_length for i in samples]
 
 
 def get_batch(tokens, starts, context_length, device):
@@ -345,10 +345,10 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
     if proc.world_size > 1:  # DistributedDataParallel all-reduces the gradients in backward
         device_ids = [proc.device] if proc.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(eval_model, device_ids=device_ids)
-    tokens_per_step = args.batch_size * args.grad_accum * proc.world_size * splits.context_length
-    steps_per_epoch = splits.n_windows * splits.context_length / tokens_per_step
-    speed = Throughput(model, splits.context_length, tokens_per_step, proc.device, dtype_name, proc.world_size,
-                       state["step"])
+    global_batch = args.batch_size * args.grad_accum * proc.world_size  # windows per optimizer step
+    steps_per_epoch = splits.n_windows / global_batch
+    speed = Throughput(model, splits.context_length, global_batch * splits.context_length, proc.device, dtype_name,
+                       proc.world_size, state["step"])
     while True:  # at each step: evaluate and save if due, stop if asked, else one optimizer step
         step = state["step"]
         lr = cosine_with_warmup(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
@@ -382,7 +382,7 @@ def train(args, model, optimizer, splits, tokenizer, proc, state, stopper):
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # 0: no clipping
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        state.update(step=step + 1, samples_seen=state["samples_seen"] + tokens_per_step // splits.context_length)
+        state.update(step=step + 1, samples_seen=state["samples_seen"] + global_batch)
 
         if state["step"] % args.log_every == 0 or state["step"] == total_steps:
             loss_value = float(loss_sum)  # waits for the GPU: only on logging steps

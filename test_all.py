@@ -2730,7 +2730,8 @@ CLASSIFY_BAD_INPUTS = [
     ("--lora --trainable all", "--lora trains the adapters and the head: drop --trainable all"),
     ("--trainable lora", "argument --trainable: invalid choice: 'lora'"),
     ("--classify hi --threshold 1.5", "argument --threshold: must be a number in [0, 1], got '1.5'"),
-    ("--classify hi --results p.json", "--results goes with --evaluate (a run writes metrics.json)"),
+    ("--classify hi --results p.json", "--results goes with --evaluate and names a JSON file (a run writes metrics.json)"),
+    ("--evaluate x.csv --results {files}", "--results goes with --evaluate and names a JSON file"),
     ("--evaluate x.csv --classify hi", "argument --classify: not allowed with argument --evaluate"),
     # Using a classifier: a training flag given with it would be silently ignored.
     ("--classify hi --model other.pt", f"--classify {USED_AS_TRAINED} does not use --model: drop it"),
@@ -3367,6 +3368,21 @@ def test_instruct_keeps_the_weights_of_the_lowest_validation_loss(_instruct_tiny
     instruct.main(["--out-dir", str(tmp_path / "halves"), "--resume"])
     assert "kept the weights of step 1 (validation loss 3.000), the lowest validation loss\n" in capsys.readouterr().out
     assert saved_weights_equal("halves", 1)
+
+    # Ctrl-C while answering, after model.pt is saved: the hint runs as printed, with the answers' flags as given.
+    next_step[0], answer = 0, instruct.generate_responses
+
+    def ctrl_c_in_answers(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(instruct, "generate_responses", ctrl_c_in_answers)
+    assert exit_code(instruct.main, flags + ["--out-dir", str(tmp_path / "answers"), "--temperature", "0.5"]) == 130
+    hint = capsys.readouterr().err.split("\n")[-3]
+    assert hint.startswith("python finetune_instruct.py --generate-only --out-dir ") and \
+        hint.endswith("--max-new-tokens 1 --temperature 0.5 answers the test split with the saved model")
+    monkeypatch.setattr(instruct, "generate_responses", answer)
+    instruct.main(hint.split(" answers the test split")[0].split()[2:])
+    assert (tmp_path / "answers" / "responses.json").is_file()
 
 
 def test_instruct_llama_family_end_to_end(trained_tokenizers, _instruct_tiny_run, tmp_path, capsys):

@@ -40,6 +40,7 @@ import runpy
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 import traceback
 from pathlib import Path
@@ -213,7 +214,7 @@ def check_instruct(ctx, out):
         out[size], _ = run_script("finetune_instruct.py", [
             "--model", ctx.models[size], "--data", data, "--out-dir", run_dir, "--overwrite",
             "--max-steps", 5 if ctx.args.quick else 20, "--eval-every", 10, "--eval-batches", 2,
-            "--max-new-tokens", 64, "--device", ctx.device], ctx, ctx.time_left(180, least=45))
+            "--num-answers", 20, "--max-new-tokens", 64, "--device", ctx.device], ctx, ctx.time_left(180, least=45))
         if (run_dir / "responses.json").exists():
             out[size]["answers"] = len(json.loads((run_dir / "responses.json").read_text()))
 
@@ -222,13 +223,16 @@ def check_load(ctx, out):
     """load_gpt2.py on the GPU: try the model, then measure it, in float32 and in bfloat16."""
     text = ctx.work / "text-100k.txt"
     text.write_text(Path(ctx.args.text).read_text(encoding="utf-8")[:100_000], encoding="utf-8")
+    mmlu = ctx.work / "mmlu.tar"  # testdata/mmlu packed as MMLU's data.tar, the one form --benchmark-file reads
+    with tarfile.open(mmlu, "w") as archive:
+        archive.add(ROOT / "testdata" / "mmlu" / "data", arcname="data")
     for dtype in ("float32", "bfloat16"):
         common = ["--model", ctx.models["124M"], "--device", ctx.device, "--dtype", dtype]
         for name, extra in (("prompt", ["--prompt", "Every effort moves you", "--max-new-tokens", 50]),
                             ("perplexity", ["--perplexity", text]),
                             ("hellaswag", ["--benchmark", "hellaswag", "--benchmark-file",
                                            ROOT / "testdata" / "hellaswag_tiny.jsonl"]),
-                            ("mmlu", ["--benchmark", "mmlu", "--benchmark-file", ROOT / "testdata" / "mmlu"])):
+                            ("mmlu", ["--benchmark", "mmlu", "--benchmark-file", mmlu])):
             out[f"{name} {dtype}"], _ = run_script("load_gpt2.py", common + extra, ctx, ctx.time_left(60))
 
 
