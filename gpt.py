@@ -2754,7 +2754,7 @@ def add_flags(group, *names, **defaults):
         options = dict(FLAGS[name])
         if name in defaults:
             options["default"], why = defaults[name]
-            options["help"] += f" (default: %(default)s, {why})"
+            options["help"] += f" (default: {why})" if options["default"] is None else f" (default: %(default)s, {why})"
         if callable(options.get("default")):  # --cache-dir: the folder GPT_CACHE_DIR names at this moment
             options["default"] = str(options["default"]())
         group.add_argument(flag_name(name), **options)
