@@ -1784,7 +1784,7 @@ def test_a_flag_of_several_scripts_has_one_placeholder_choices_default_and_help_
             table = gpt.FLAGS.get(flag[2:].replace("-", "_"), {"default": action.default})
             if action.default != table.get("default", False if action.nargs == 0 else None) and flag != "--cache-dir":
                 # "(default: VALUE, why)", or "(default: why)" for None
-                assert re.search(r"\(default: ([^,]+, )?\w", action.help), flag
+                assert re.search(r"\(default: ([^,]+, )?\w", action.help) and "(default: None" not in action.help, flag
     shared = {flag: scripts for flag, scripts in seen.items() if len(scripts) > 1}
     assert len(shared) == 31
     for flag, scripts in shared.items():
