@@ -494,9 +494,8 @@ def run_classify(args, device):
     `label (p(spam)=probability)  text` per text."""
     texts = args.classify
     if args.classify_file is not None:
-        raw = gpt.existing_file(args.classify_file, "--classify-file").read_bytes()
-        texts = [line.strip() for line in gpt.decode_utf8(raw, f"--classify-file {args.classify_file}").split("\n")
-                 if line.strip()]
+        text = gpt.read_text(args.classify_file, "--classify-file")
+        texts = [line.strip() for line in text.split("\n") if line.strip()]
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("nothing to classify: give non-empty texts with --classify or lines in --classify-file")
     model, tokenizer, max_length = load_classifier(args.checkpoint, device)

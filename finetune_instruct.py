@@ -66,9 +66,8 @@ def load_instruction_data(path, source="--data", fix=DATA_FIX, keys=("instructio
     """A JSON list or JSON Lines file of Alpaca entries (UTF-8) -> list of dicts: the one reader of --data, the run's
     splits and the answers. Each entry needs a string under each of `keys`; "input" is a string, null or missing.
     Raises ValueError "SOURCE PATH: entry 7: 'output' must be a string, not null: FIX" (lines count from 1)."""
-    path = gpt.existing_file(path, source)
+    text = gpt.read_text(path, source)
     source = f"{source} {path}"
-    text = gpt.decode_utf8(path.read_bytes(), source)
     if text.lstrip().startswith("["):
         numbered = [(f"entry {i}", entry) for i, entry in enumerate(gpt.parse_json(text, source))]
     else:  # JSON Lines: one entry a line, blank lines skipped

@@ -1321,10 +1321,15 @@ def parse_json(text, source):
         raise ValueError(f"{source}: JSON nested too deeply to read") from None
 
 
+def read_text(path, source):
+    """A UTF-8 text file -> str (`decode_utf8`). Raises FileNotFoundError or ValueError naming `source` and the file."""
+    path = existing_file(path, source)
+    return decode_utf8(path.read_bytes(), f"{source} {path}")
+
+
 def read_json(path, source):
     """A UTF-8 JSON file, parsed. Raises FileNotFoundError or ValueError naming `source` and the file."""
-    path = existing_file(path, source)
-    return parse_json(decode_utf8(path.read_bytes(), f"{source} {path}"), f"{source} {path}")
+    return parse_json(read_text(path, source), f"{source} {path}")
 
 
 # --- Downloads: checked, then renamed into place whole ----------------------------------

@@ -225,7 +225,7 @@ def load_benchmark(args):
 def read_hellaswag(path):
     """HellaSwag JSON Lines -> list of item dicts. Each item is checked whole, so that nothing is silently misread
     (endings "abcd" as four endings, a label 1.7 as 1): ValueError names the first bad line."""
-    text = gpt.decode_utf8(gpt.existing_file(path, "--benchmark-file").read_bytes(), f"--benchmark-file {path}")
+    text = gpt.read_text(path, "--benchmark-file")
     items = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -517,8 +517,7 @@ def main(argv=None):
     items = load_benchmark(args) if args.benchmark else None
     text = None
     if args.perplexity:
-        raw = gpt.existing_file(args.perplexity, "--perplexity").read_bytes()
-        text = gpt.decode_utf8(raw, f"--perplexity {args.perplexity}")
+        text = gpt.read_text(args.perplexity, "--perplexity")
         if not text:
             raise ValueError(f"--perplexity {args.perplexity}: the file is empty: give a text to score")
     started = time.time()
