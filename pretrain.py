@@ -162,8 +162,8 @@ def micro_batch_starts(splits, samples_seen, micro_step, batch_size, rank=0, wor
     i // n_windows: samples_seen alone says where the run is; each micro-step takes the next samples, rank by rank."""
     first, n = samples_seen + (micro_step * world_size + rank) * batch_size, splits.n_windows
     samples = range(first, first + batch_size)
-    orders = {e: gpt.epoch_order(n, splits.seed, e) for e in {i // n for i in samples}}  # one shuffle per epoch
-    return [int(orders[i // n][i % n]) * splits.context_length for i in samples]
+    # gpt.epoch_order keeps the current epoch's order: one shuffle per epoch
+    return [int(gpt.epoch_order(n, splits.seed, i // n)[i % n]) * splits.context_length for i in samples]
 
 
 def get_batch(tokens, starts, context_length, device):
